@@ -1,0 +1,335 @@
+//! ADD: plug a pod into the bridge, with an address from the node's lease.
+
+use std::net::IpAddr;
+
+use flannel_net::netlink::{Link, Netlink, NlError, Route};
+use flannel_net::netns::NetNs;
+use flannel_net::MacAddr;
+use ipnet::IpNet;
+
+use super::{load_lease, networks, open_netns, ranges, veth_name};
+use crate::config::{BridgeSettings, NetConf};
+use crate::env::CniEnv;
+use crate::error::{code, CniError};
+use crate::ipam::{Range, Store};
+use crate::masq;
+use crate::result::{CniResult, Interface, IpConfig, RouteEntry};
+
+/// Runs ADD. On failure, everything this call created is removed again.
+pub async fn run(conf: &NetConf, env: &CniEnv) -> Result<CniResult, CniError> {
+    let lease = load_lease(&conf.subnet_file())?;
+    let settings = conf.bridge_settings(lease.mtu, lease.ipmasq);
+    let ranges = ranges(&lease);
+    let networks = networks(&lease);
+    let netns = open_netns(&env.netns)?;
+    let host = Netlink::connect()?;
+
+    let bridge = ensure_bridge(&host, &settings, &ranges).await?;
+    if settings.is_gateway {
+        enable_forwarding(&ranges)?;
+    }
+
+    // Allocate first: undoing an allocation is a file removal, while a link
+    // made before a failed allocation would need netlink to clean up.
+    let allocated = {
+        let store = Store::open(&conf.data_dir(), &conf.name)?;
+        let mut ips = Vec::new();
+        for r in &ranges {
+            match store.allocate(r, &env.container_id, &env.ifname, settings.ip_masq, env.args.ip) {
+                Ok(ip) => ips.push((ip, *r)),
+                Err(e) => {
+                    let _ = store.release(&env.container_id, &env.ifname);
+                    return Err(e.into());
+                }
+            }
+        }
+        ips
+    };
+
+    let veth = veth_name(&env.container_id, &env.ifname);
+    let plugged = plug(&host, &netns, env, &settings, &bridge, &veth, &allocated, &networks, conf).await;
+    match plugged {
+        Ok(result) => Ok(result),
+        Err(err) => {
+            undo(&host, conf, env, &veth, &allocated, settings.ip_masq).await;
+            Err(err)
+        }
+    }
+}
+
+/// Removes what a failed ADD made; keeps going past errors, which are
+/// reported on stderr (the runtime shows the original error).
+async fn undo(host: &Netlink, conf: &NetConf, env: &CniEnv, veth: &str, allocated: &[(IpAddr, Range)], masq_on: bool) {
+    // Deleting the host end destroys the pod end with it.
+    if let Err(e) = host.del_link_by_name(veth).await {
+        eprintln!("flannel: rollback: {e}");
+    }
+    match Store::open(&conf.data_dir(), &conf.name) {
+        Ok(store) => {
+            if let Err(e) = store.release(&env.container_id, &env.ifname) {
+                eprintln!("flannel: rollback: {e}");
+            }
+        }
+        Err(e) => eprintln!("flannel: rollback: {e}"),
+    }
+    if masq_on {
+        let ips: Vec<IpAddr> = allocated.iter().map(|(ip, _)| *ip).collect();
+        if let Err(e) = masq::apply(&masq::remove_script(&ips)) {
+            eprintln!("flannel: rollback: {e}");
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn plug(
+    host: &Netlink,
+    netns: &NetNs,
+    env: &CniEnv,
+    settings: &BridgeSettings,
+    bridge: &Link,
+    veth: &str,
+    allocated: &[(IpAddr, Range)],
+    networks: &[IpNet],
+    conf: &NetConf,
+) -> Result<CniResult, CniError> {
+    create_veth(host, netns, env, settings, bridge, veth).await?;
+    let host_link = host
+        .link_by_name(veth)
+        .await?
+        .ok_or_else(|| CniError::new(code::INTERNAL, format!("veth {veth} vanished right after it was created")))?;
+    if settings.hairpin {
+        host.set_hairpin(host_link.index, veth, true).await?;
+    }
+
+    let pod = Netlink::connect_in(netns)?;
+    let pod_link = pod.link_by_name(&env.ifname).await?.ok_or_else(|| {
+        CniError::new(code::INTERNAL, format!("{} vanished from {} right after it was created", env.ifname, env.netns))
+    })?;
+    if !pod_link.up {
+        pod.set_up(pod_link.index, &env.ifname).await?;
+    }
+
+    let mut ips = Vec::new();
+    for (ip, range) in allocated {
+        let addr = IpNet::new(*ip, range.subnet.prefix_len()).expect("prefix from a valid subnet");
+        pod.add_addr(pod_link.index, &env.ifname, addr).await?;
+        ips.push(IpConfig { address: addr, gateway: Some(range.gateway), interface: Some(2) });
+    }
+
+    let routes = pod_routes(settings, allocated, networks, conf);
+    for r in &routes {
+        let route = Route { dst: r.dst, gateway: r.gw, oif: Some(pod_link.index) };
+        match pod.add_route(&route, &env.ifname).await {
+            Ok(()) => {}
+            Err(e) if e.is_exists() => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+
+    if settings.ip_masq {
+        let pod_ips: Vec<IpAddr> = allocated.iter().map(|(ip, _)| *ip).collect();
+        masq::apply(&masq::add_script(&pod_ips, networks))?;
+    }
+
+    let iface = |l: &Link, sandbox: Option<String>| Interface {
+        name: l.name.clone(),
+        mac: l.mac.map(|m| m.to_string()),
+        sandbox,
+        mtu: Some(l.mtu),
+    };
+    Ok(CniResult {
+        interfaces: vec![iface(bridge, None), iface(&host_link, None), iface(&pod_link, Some(env.netns.clone()))],
+        ips,
+        routes,
+    })
+}
+
+/// Creates the veth pair with the pod end directly in the pod's namespace. A
+/// host end of the same name is a leftover of an interrupted ADD of this very
+/// attachment (the name is derived from it): it is replaced.
+async fn create_veth(
+    host: &Netlink,
+    netns: &NetNs,
+    env: &CniEnv,
+    settings: &BridgeSettings,
+    bridge: &Link,
+    veth: &str,
+) -> Result<(), CniError> {
+    let attempt = || host.add_veth_into_netns(veth, &env.ifname, settings.mtu, bridge.index, netns);
+    match attempt().await {
+        Ok(()) => Ok(()),
+        Err(e) if e.is_exists() => {
+            if host.del_link_by_name(veth).await? {
+                attempt().await.map_err(|e| exists_in_pod(e, env))
+            } else {
+                Err(exists_in_pod(e, env))
+            }
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn exists_in_pod(e: NlError, env: &CniEnv) -> CniError {
+    if e.is_exists() {
+        CniError::new(code::INTERNAL, format!("{}: interface {} already exists in {}", e.op, env.ifname, env.netns))
+    } else {
+        e.into()
+    }
+}
+
+/// The pod's routes: every cluster network via the gateway, a default route
+/// when `isDefaultGateway`, then `ipam.routes`; no destination twice.
+fn pod_routes(
+    settings: &BridgeSettings,
+    allocated: &[(IpAddr, Range)],
+    networks: &[IpNet],
+    conf: &NetConf,
+) -> Vec<RouteEntry> {
+    let gateway_for =
+        |dst: &IpNet| allocated.iter().find(|(ip, _)| ip.is_ipv4() == dst.addr().is_ipv4()).map(|(_, r)| r.gateway);
+    let mut out: Vec<RouteEntry> = Vec::new();
+    let mut push = |dst: IpNet, gw: Option<IpAddr>| {
+        if gw.is_some() && !out.iter().any(|r| r.dst == dst) {
+            out.push(RouteEntry { dst, gw });
+        }
+    };
+    for n in networks {
+        push(*n, gateway_for(n));
+    }
+    if settings.is_default_gateway {
+        for (ip, r) in allocated {
+            let default: IpNet = if ip.is_ipv4() { "0.0.0.0/0".parse().unwrap() } else { "::/0".parse().unwrap() };
+            push(default, Some(r.gateway));
+        }
+    }
+    for r in conf.ipam.iter().flat_map(|i| i.routes.iter()) {
+        push(r.dst, r.gw.or_else(|| gateway_for(&r.dst)));
+    }
+    out
+}
+
+/// Makes sure the bridge exists, is up and (with `isGateway`) holds the
+/// gateway address of every range.
+async fn ensure_bridge(host: &Netlink, settings: &BridgeSettings, ranges: &[Range]) -> Result<Link, CniError> {
+    let name = &settings.bridge;
+    let link = match host.link_by_name(name).await? {
+        Some(l) => l,
+        None => {
+            match host.add_bridge(name, settings.mtu, bridge_mac(ranges)).await {
+                Ok(()) => {}
+                // Another ADD running at the same moment created it.
+                Err(e) if e.is_exists() => {}
+                Err(e) => return Err(e.into()),
+            }
+            host.link_by_name(name).await?.ok_or_else(|| {
+                CniError::new(code::INTERNAL, format!("bridge {name} vanished right after it was created"))
+            })?
+        }
+    };
+    if link.kind.as_deref() != Some("bridge") {
+        return Err(CniError::new(
+            code::INTERNAL,
+            format!(
+                "{name} exists but is a {} device, not a bridge: rename it or set delegate.bridge",
+                link.kind.as_deref().unwrap_or("plain")
+            ),
+        ));
+    }
+    if !link.up {
+        host.set_up(link.index, name).await?;
+    }
+    if settings.is_gateway {
+        ensure_gateway_addrs(host, &link, ranges).await?;
+    }
+    Ok(link)
+}
+
+/// Gives the bridge the gateway address of each range. An address left from an
+/// earlier lease is replaced when no pod is attached any more; with pods still
+/// attached that would cut them off, so ADD fails and says why.
+async fn ensure_gateway_addrs(host: &Netlink, bridge: &Link, ranges: &[Range]) -> Result<(), CniError> {
+    let have = host.addrs(bridge.index).await?;
+    for r in ranges {
+        let want = IpNet::new(r.gateway, r.subnet.prefix_len()).expect("valid prefix");
+        if have.contains(&want) {
+            continue;
+        }
+        let stale: Vec<IpNet> = have
+            .iter()
+            .copied()
+            .filter(|a| a.addr().is_ipv4() == want.addr().is_ipv4() && !is_link_local(a.addr()))
+            .collect();
+        if !stale.is_empty() {
+            let attached: Vec<String> =
+                host.links().await?.into_iter().filter(|l| l.master == Some(bridge.index)).map(|l| l.name).collect();
+            if !attached.is_empty() {
+                let stale_list: Vec<String> = stale.iter().map(|a| a.to_string()).collect();
+                return Err(CniError::new(
+                    code::INTERNAL,
+                    format!(
+                        "bridge {} carries {} from an earlier lease but the node's lease is now {want}, and {} pod interface(s) are still attached ({}): delete those pods (or the bridge) and retry",
+                        bridge.name,
+                        stale_list.join(", "),
+                        attached.len(),
+                        attached.join(", ")
+                    ),
+                ));
+            }
+            for a in stale {
+                match host.del_addr(bridge.index, &bridge.name, a).await {
+                    Ok(()) => {}
+                    Err(e) if e.is_not_found() => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        }
+        match host.add_addr(bridge.index, &bridge.name, want).await {
+            Ok(()) => {}
+            Err(e) if e.is_exists() => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
+/// A fixed MAC for the bridge, `0a:58:` and the gateway's IPv4 address. Left to
+/// itself a bridge takes its MAC from its ports and changes it as pods come
+/// and go, which makes every pod's ARP entry for the gateway go stale; an
+/// explicitly set address never changes. The prefix is the locally
+/// administered one the reference CNI plugins use for the same purpose.
+fn bridge_mac(ranges: &[Range]) -> MacAddr {
+    let tail = match ranges.first().map(|r| r.gateway) {
+        Some(IpAddr::V4(v4)) => v4.octets(),
+        Some(IpAddr::V6(v6)) => {
+            let o = v6.octets();
+            [o[12], o[13], o[14], o[15]]
+        }
+        None => [0, 0, 0, 1],
+    };
+    MacAddr([0x0a, 0x58, tail[0], tail[1], tail[2], tail[3]])
+}
+
+fn is_link_local(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => v4.is_link_local(),
+        IpAddr::V6(v6) => (v6.segments()[0] & 0xffc0) == 0xfe80,
+    }
+}
+
+/// A gateway forwards: turn on forwarding for each family in use, writing only
+/// when it is off (the common case costs one read).
+fn enable_forwarding(ranges: &[Range]) -> Result<(), CniError> {
+    for r in ranges {
+        let path = if r.subnet.addr().is_ipv4() {
+            "/proc/sys/net/ipv4/ip_forward"
+        } else {
+            "/proc/sys/net/ipv6/conf/all/forwarding"
+        };
+        let on = std::fs::read_to_string(path).map(|v| v.trim() == "1").unwrap_or(false);
+        if !on {
+            std::fs::write(path, "1")
+                .map_err(|e| CniError::new(code::IO, format!("enable forwarding: write 1 to {path}: {e}")))?;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,55 @@
+//! GC: release every allocation (and its host veth) that belongs to no
+//! attachment the runtime still holds.
+
+use std::collections::HashSet;
+
+use flannel_net::netlink::Netlink;
+
+use super::veth_name;
+use crate::config::NetConf;
+use crate::error::{code, CniError};
+use crate::ipam::Store;
+use crate::masq;
+
+/// Runs GC; reports on stderr what it released.
+pub async fn run(conf: &NetConf) -> Result<(), CniError> {
+    let valid = conf.valid_attachments.as_ref().ok_or_else(|| {
+        CniError::new(code::INVALID_CONFIG, "network configuration: GC needs cni.dev/valid-attachments")
+    })?;
+    let valid: HashSet<(&str, &str)> = valid.iter().map(|a| (a.container_id.as_str(), a.ifname.as_str())).collect();
+    let Some(store) = Store::open_existing(&conf.data_dir(), &conf.name)? else {
+        return Ok(());
+    };
+    let stale: Vec<_> = store
+        .records()?
+        .into_iter()
+        .filter(|r| !valid.contains(&(r.container_id.as_str(), r.ifname.as_str())))
+        .collect();
+    if stale.is_empty() {
+        return Ok(());
+    }
+    let host = Netlink::connect()?;
+    let mut errors = Vec::new();
+    for r in &stale {
+        // Keep going past errors: one stuck link must not pin every other address.
+        let veth = veth_name(&r.container_id, &r.ifname);
+        if let Err(e) = host.del_link_by_name(&veth).await {
+            errors.push(e.to_string());
+            continue;
+        }
+        if let Err(e) = store.remove(r.ip) {
+            errors.push(e.to_string());
+            continue;
+        }
+        eprintln!("flannel: GC released {} of {}/{}", r.ip, r.container_id, r.ifname);
+    }
+    let masqueraded: Vec<_> = stale.iter().filter(|r| r.masq).map(|r| r.ip).collect();
+    if let Err(e) = masq::apply(&masq::remove_script(&masqueraded)) {
+        errors.push(e.msg);
+    }
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(CniError::new(code::INTERNAL, format!("GC: {}", errors.join("; "))))
+    }
+}

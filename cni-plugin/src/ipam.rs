@@ -1,0 +1,468 @@
+//! IP address management on disk, safe across concurrent plugin processes.
+//!
+//! Layout (host-local's, so operators' habits and tools carry over):
+//! `<dataDir>/networks/<network name>/` holds one file per allocated address,
+//! named by the address, containing `<container id>\r\n<ifname>` (plus a line
+//! `masq` when the pod's traffic is masqueraded by the plugin); `last_reserved_ip.0`
+//! (IPv4) and `last_reserved_ip.1` (IPv6) remember where the last allocation
+//! stopped, so a just-freed address is not handed out again at once (a new pod
+//! must not receive traffic meant for the old one); `lock` is taken with
+//! `flock` by every process that reads or changes the directory.
+
+use std::collections::HashSet;
+use std::fs::{File, OpenOptions};
+use std::io::{self, Write};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use ipnet::IpNet;
+
+use crate::error::{code, CniError};
+
+/// How long to wait for another plugin process to release the lock before
+/// telling the runtime to try again later.
+const LOCK_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The addresses a node may hand to pods: its subnet less the network address,
+/// the gateway and (IPv4) the broadcast address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Range {
+    /// The subnet (host bits zero).
+    pub subnet: IpNet,
+    /// The bridge's address, never given to a pod.
+    pub gateway: IpAddr,
+}
+
+impl Range {
+    /// From a lease as written in subnet.env: gateway address / prefix.
+    pub fn from_lease(lease: IpNet) -> Range {
+        Range { subnet: lease.trunc(), gateway: lease.addr() }
+    }
+
+    fn base(&self) -> u128 {
+        to_u128(self.subnet.network())
+    }
+
+    fn size(&self) -> u128 {
+        let bits = self.subnet.max_prefix_len() - self.subnet.prefix_len();
+        if bits >= 128 {
+            u128::MAX
+        } else {
+            1u128 << bits
+        }
+    }
+
+    /// Whether `ip` may be given to a pod.
+    pub fn is_usable(&self, ip: IpAddr) -> bool {
+        self.subnet.contains(&ip)
+            && ip != self.subnet.network()
+            && ip != self.gateway
+            && !(ip.is_ipv4() && ip == self.subnet.broadcast())
+    }
+
+    /// How many addresses pods can get in all.
+    pub fn capacity(&self) -> u128 {
+        let reserved = if self.subnet.addr().is_ipv4() { 3 } else { 2 };
+        self.size().saturating_sub(reserved)
+    }
+
+    fn slot_file(&self) -> &'static str {
+        if self.subnet.addr().is_ipv4() {
+            "last_reserved_ip.0"
+        } else {
+            "last_reserved_ip.1"
+        }
+    }
+}
+
+fn to_u128(ip: IpAddr) -> u128 {
+    match ip {
+        IpAddr::V4(v4) => u32::from(v4) as u128,
+        IpAddr::V6(v6) => u128::from(v6),
+    }
+}
+
+fn from_u128(v: u128, v4: bool) -> IpAddr {
+    if v4 {
+        IpAddr::V4(Ipv4Addr::from(v as u32))
+    } else {
+        IpAddr::V6(Ipv6Addr::from(v))
+    }
+}
+
+/// One allocation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    /// The address.
+    pub ip: IpAddr,
+    /// Container that holds it.
+    pub container_id: String,
+    /// Interface in that container.
+    pub ifname: String,
+    /// The plugin masquerades this pod's traffic (remove the rule on release).
+    pub masq: bool,
+}
+
+/// IPAM failures.
+#[derive(Debug, thiserror::Error)]
+pub enum IpamError {
+    /// A file operation failed.
+    #[error("IPAM: {op}: {source}")]
+    Io {
+        /// What was attempted, with the path.
+        op: String,
+        /// The error.
+        source: io::Error,
+    },
+    /// Another process held the lock for too long.
+    #[error("IPAM: {dir} is locked by another plugin process for more than {secs} s", secs = LOCK_TIMEOUT.as_secs())]
+    Busy {
+        /// The locked directory.
+        dir: PathBuf,
+    },
+    /// No address left.
+    #[error("IPAM: no free address in {range}: all {capacity} pod addresses are allocated (see {dir})")]
+    Exhausted {
+        /// The subnet.
+        range: IpNet,
+        /// How many addresses pods can get.
+        capacity: u128,
+        /// The state directory.
+        dir: PathBuf,
+    },
+    /// A specific address was asked for (`CNI_ARGS` IP=) and cannot be given.
+    #[error("IPAM: requested address {ip} {reason}")]
+    Unavailable {
+        /// The address.
+        ip: IpAddr,
+        /// Why not.
+        reason: String,
+    },
+}
+
+impl From<IpamError> for CniError {
+    fn from(e: IpamError) -> CniError {
+        let c = match &e {
+            IpamError::Io { .. } => code::IO,
+            // Both clear up by themselves: the lock holder finishes, pods go away.
+            IpamError::Busy { .. } | IpamError::Exhausted { .. } => code::TRY_AGAIN,
+            IpamError::Unavailable { .. } => code::INVALID_ENV,
+        };
+        CniError::new(c, e.to_string())
+    }
+}
+
+fn io_err(op: impl Into<String>) -> impl FnOnce(io::Error) -> IpamError {
+    let op = op.into();
+    move |source| IpamError::Io { op, source }
+}
+
+/// The locked state directory of one network. The lock is held until drop.
+pub struct Store {
+    dir: PathBuf,
+    _lock: File,
+}
+
+impl Store {
+    /// The directory for `network` under `data_dir`.
+    pub fn dir_for(data_dir: &Path, network: &str) -> PathBuf {
+        data_dir.join("networks").join(network)
+    }
+
+    /// Opens (creating it if needed) and locks the directory.
+    pub fn open(data_dir: &Path, network: &str) -> Result<Store, IpamError> {
+        let dir = Self::dir_for(data_dir, network);
+        std::fs::create_dir_all(&dir).map_err(io_err(format!("create {}", dir.display())))?;
+        Self::lock(dir)
+    }
+
+    /// Opens and locks the directory if it exists; `None` means nothing was
+    /// ever allocated (DEL and GC must not create state).
+    pub fn open_existing(data_dir: &Path, network: &str) -> Result<Option<Store>, IpamError> {
+        let dir = Self::dir_for(data_dir, network);
+        if !dir.is_dir() {
+            return Ok(None);
+        }
+        Self::lock(dir).map(Some)
+    }
+
+    fn lock(dir: PathBuf) -> Result<Store, IpamError> {
+        let path = dir.join("lock");
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(io_err(format!("open {}", path.display())))?;
+        let deadline = Instant::now() + LOCK_TIMEOUT;
+        let mut pause = Duration::from_micros(50);
+        loop {
+            // SAFETY: flock on a descriptor we own.
+            let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+            if rc == 0 {
+                break;
+            }
+            let err = io::Error::last_os_error();
+            if err.raw_os_error() != Some(libc::EWOULDBLOCK) {
+                return Err(IpamError::Io { op: format!("lock {}", path.display()), source: err });
+            }
+            if Instant::now() >= deadline {
+                return Err(IpamError::Busy { dir });
+            }
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(Duration::from_millis(2));
+        }
+        Ok(Store { dir, _lock: file })
+    }
+
+    /// The state directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Every allocation.
+    pub fn records(&self) -> Result<Vec<Record>, IpamError> {
+        let mut out = Vec::new();
+        let entries = std::fs::read_dir(&self.dir).map_err(io_err(format!("list {}", self.dir.display())))?;
+        for entry in entries {
+            let entry = entry.map_err(io_err(format!("list {}", self.dir.display())))?;
+            let name = entry.file_name();
+            let Some(ip) = name.to_str().and_then(|n| n.parse::<IpAddr>().ok()) else {
+                continue;
+            };
+            let path = entry.path();
+            let text = match std::fs::read_to_string(&path) {
+                Ok(t) => t,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(io_err(format!("read {}", path.display()))(e)),
+            };
+            let mut lines = text.split(['\r', '\n']).filter(|l| !l.is_empty());
+            out.push(Record {
+                ip,
+                container_id: lines.next().unwrap_or_default().trim().to_string(),
+                ifname: lines.next().unwrap_or_default().trim().to_string(),
+                masq: lines.any(|l| l.trim() == "masq"),
+            });
+        }
+        Ok(out)
+    }
+
+    /// Allocations of one attachment.
+    pub fn find(&self, container_id: &str, ifname: &str) -> Result<Vec<Record>, IpamError> {
+        Ok(self.records()?.into_iter().filter(|r| r.container_id == container_id && r.ifname == ifname).collect())
+    }
+
+    /// Allocates an address in `range` for the attachment. Returns the address
+    /// it already holds in the range, if any (a retried ADD), so one attachment
+    /// never holds two.
+    pub fn allocate(
+        &self,
+        range: &Range,
+        container_id: &str,
+        ifname: &str,
+        masq: bool,
+        requested: Option<IpAddr>,
+    ) -> Result<IpAddr, IpamError> {
+        let records = self.records()?;
+        if let Some(r) = records
+            .iter()
+            .find(|r| r.container_id == container_id && r.ifname == ifname && range.subnet.contains(&r.ip))
+        {
+            return Ok(r.ip);
+        }
+        let used: HashSet<IpAddr> = records.iter().map(|r| r.ip).collect();
+        let v4 = range.subnet.addr().is_ipv4();
+        let chosen = if let Some(ip) = requested.filter(|ip| ip.is_ipv4() == v4) {
+            if !range.is_usable(ip) {
+                return Err(IpamError::Unavailable {
+                    ip,
+                    reason: format!("is not a pod address of {} (gateway {})", range.subnet, range.gateway),
+                });
+            }
+            if used.contains(&ip) {
+                return Err(IpamError::Unavailable { ip, reason: "is already allocated".into() });
+            }
+            ip
+        } else {
+            self.next_free(range, &used)?
+        };
+        let path = self.dir.join(chosen.to_string());
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .map_err(io_err(format!("create {}", path.display())))?;
+        let mut content = format!("{container_id}\r\n{ifname}");
+        if masq {
+            content.push_str("\r\nmasq");
+        }
+        file.write_all(content.as_bytes()).map_err(io_err(format!("write {}", path.display())))?;
+        let slot = self.dir.join(range.slot_file());
+        std::fs::write(&slot, chosen.to_string()).map_err(io_err(format!("write {}", slot.display())))?;
+        Ok(chosen)
+    }
+
+    /// Walks the range from just after the last allocation, wrapping around.
+    fn next_free(&self, range: &Range, used: &HashSet<IpAddr>) -> Result<IpAddr, IpamError> {
+        let v4 = range.subnet.addr().is_ipv4();
+        let size = range.size();
+        let base = range.base();
+        let last = std::fs::read_to_string(self.dir.join(range.slot_file()))
+            .ok()
+            .and_then(|t| t.trim().parse::<IpAddr>().ok())
+            .filter(|ip| range.subnet.contains(ip));
+        let start = match last {
+            Some(ip) => (to_u128(ip) - base + 1) % size,
+            None => 0,
+        };
+        // Every probe that fails hits a used or reserved address, so after
+        // used + 4 probes one must have succeeded unless the range is full:
+        // this bounds the walk through a huge IPv6 range.
+        let in_range = used.iter().filter(|ip| range.subnet.contains(*ip)).count() as u128;
+        let probes = size.min(in_range + 4);
+        for step in 0..probes {
+            let candidate = from_u128(base + (start + step) % size, v4);
+            if range.is_usable(candidate) && !used.contains(&candidate) {
+                return Ok(candidate);
+            }
+        }
+        Err(IpamError::Exhausted { range: range.subnet, capacity: range.capacity(), dir: self.dir.clone() })
+    }
+
+    /// Releases every address of the attachment; returns what was released.
+    pub fn release(&self, container_id: &str, ifname: &str) -> Result<Vec<Record>, IpamError> {
+        let found = self.find(container_id, ifname)?;
+        for r in &found {
+            self.remove(r.ip)?;
+        }
+        Ok(found)
+    }
+
+    /// Removes the record of `ip`; absent is fine.
+    pub fn remove(&self, ip: IpAddr) -> Result<(), IpamError> {
+        let path = self.dir.join(ip.to_string());
+        match std::fs::remove_file(&path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io_err(format!("remove {}", path.display()))(e)),
+        }
+    }
+
+    /// Whether at least one pod address in `range` is free.
+    pub fn has_free(&self, range: &Range) -> Result<bool, IpamError> {
+        let used = self.records()?.iter().filter(|r| range.is_usable(r.ip)).count() as u128;
+        Ok(used < range.capacity())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn range(lease: &str) -> Range {
+        Range::from_lease(lease.parse().unwrap())
+    }
+
+    #[test]
+    fn never_hands_out_network_gateway_or_broadcast_and_exhausts_clearly() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path(), "cbr0").unwrap();
+        let r = range("10.244.1.1/29");
+        let mut got = Vec::new();
+        for i in 0..5 {
+            got.push(s.allocate(&r, &format!("c{i}"), "eth0", false, None).unwrap().to_string());
+        }
+        assert_eq!(got, ["10.244.1.2", "10.244.1.3", "10.244.1.4", "10.244.1.5", "10.244.1.6"]);
+        let e = s.allocate(&r, "c9", "eth0", false, None).unwrap_err();
+        assert!(matches!(e, IpamError::Exhausted { .. }));
+        assert!(e.to_string().contains("10.244.1.0/29"), "{e}");
+        assert_eq!(CniError::from(e).code, code::TRY_AGAIN);
+        assert!(!s.has_free(&r).unwrap());
+    }
+
+    #[test]
+    fn rotates_instead_of_reusing_a_just_freed_address() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path(), "cbr0").unwrap();
+        let r = range("10.244.1.1/24");
+        let a = s.allocate(&r, "a", "eth0", false, None).unwrap();
+        assert_eq!(s.release("a", "eth0").unwrap().len(), 1);
+        let b = s.allocate(&r, "b", "eth0", false, None).unwrap();
+        assert_ne!(a, b);
+        assert_eq!(b.to_string(), "10.244.1.3");
+    }
+
+    #[test]
+    fn wraps_around_to_the_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path(), "cbr0").unwrap();
+        let r = range("10.244.1.1/29");
+        std::fs::write(s.dir().join("last_reserved_ip.0"), "10.244.1.6").unwrap();
+        assert_eq!(s.allocate(&r, "a", "eth0", false, None).unwrap().to_string(), "10.244.1.2");
+    }
+
+    #[test]
+    fn retried_add_gets_the_same_address_and_records_are_host_local_style() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path(), "cbr0").unwrap();
+        let r = range("10.244.1.1/24");
+        let a = s.allocate(&r, "ctr", "eth0", true, None).unwrap();
+        assert_eq!(s.allocate(&r, "ctr", "eth0", true, None).unwrap(), a);
+        assert_eq!(std::fs::read_to_string(s.dir().join(a.to_string())).unwrap(), "ctr\r\neth0\r\nmasq");
+        assert!(s.find("ctr", "eth0").unwrap()[0].masq);
+        assert!(s.find("ctr", "eth1").unwrap().is_empty());
+    }
+
+    #[test]
+    fn requested_address() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path(), "cbr0").unwrap();
+        let r = range("10.244.1.1/24");
+        let want: IpAddr = "10.244.1.77".parse().unwrap();
+        assert_eq!(s.allocate(&r, "a", "eth0", false, Some(want)).unwrap(), want);
+        assert!(matches!(s.allocate(&r, "b", "eth0", false, Some(want)), Err(IpamError::Unavailable { .. })));
+        let gw: IpAddr = "10.244.1.1".parse().unwrap();
+        assert!(matches!(s.allocate(&r, "c", "eth0", false, Some(gw)), Err(IpamError::Unavailable { .. })));
+    }
+
+    #[test]
+    fn ipv6_ranges_walk_without_enumerating() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path(), "cbr0").unwrap();
+        let r = range("fc00:0:0:1::1/64");
+        assert_eq!(s.allocate(&r, "a", "eth0", false, None).unwrap().to_string(), "fc00:0:0:1::2");
+        assert_eq!(s.allocate(&r, "b", "eth0", false, None).unwrap().to_string(), "fc00:0:0:1::3");
+        assert!(s.has_free(&r).unwrap());
+    }
+
+    #[test]
+    fn open_existing_does_not_create_state() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(Store::open_existing(dir.path(), "cbr0").unwrap().is_none());
+        assert!(!dir.path().join("networks").exists());
+    }
+
+    #[test]
+    fn concurrent_processes_get_distinct_addresses() {
+        // Threads stand in for processes here: flock locks belong to the open
+        // file description, so each Store::open contends like a process would.
+        let dir = tempfile::tempdir().unwrap();
+        let r = range("10.244.1.1/24");
+        let ips: Vec<IpAddr> = std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..40)
+                .map(|i| {
+                    let path = dir.path();
+                    scope.spawn(move || {
+                        let s = Store::open(path, "cbr0").unwrap();
+                        s.allocate(&r, &format!("c{i}"), "eth0", false, None).unwrap()
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let distinct: HashSet<_> = ips.iter().collect();
+        assert_eq!(distinct.len(), 40);
+    }
+}

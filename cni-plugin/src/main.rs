@@ -1,0 +1,90 @@
+//! `flannel`: flannel-rs's CNI plugin, a drop-in for flannel's.
+//!
+//! One process per call, no daemon round trip and no second exec: ADD is a
+//! handful of netlink requests and an IPAM file operation under a lock.
+
+mod cmd;
+mod config;
+mod env;
+mod error;
+mod ipam;
+mod masq;
+mod result;
+mod version;
+
+use std::io::{Read, Write};
+
+use serde_json::{json, Value};
+
+use config::NetConf;
+use env::Command;
+use error::{code, CniError};
+
+fn main() {
+    let mut stdin = Vec::new();
+    let read = std::io::stdin().read_to_end(&mut stdin);
+    let get = |k: &str| std::env::var(k).ok();
+    let outcome = match read {
+        Ok(_) => run(&get, &stdin),
+        Err(e) => Err(CniError::new(code::IO, format!("read network configuration from stdin: {e}"))),
+    };
+    let mut out = std::io::stdout().lock();
+    let status = match outcome {
+        Ok(Some(v)) => {
+            let _ = writeln!(out, "{v}");
+            0
+        }
+        Ok(None) => 0,
+        Err(e) => {
+            let _ = writeln!(out, "{}", e.to_json(&error_version(&stdin)));
+            1
+        }
+    };
+    let _ = out.flush();
+    std::process::exit(status);
+}
+
+/// The version to report an error in: the configuration's when we support it.
+fn error_version(stdin: &[u8]) -> String {
+    serde_json::from_slice::<Value>(stdin)
+        .ok()
+        .and_then(|v| v["cniVersion"].as_str().map(str::to_string))
+        .filter(|v| version::SUPPORTED.contains(&v.as_str()))
+        .unwrap_or_else(|| version::LATEST.to_string())
+}
+
+fn run(get: &dyn Fn(&str) -> Option<String>, stdin: &[u8]) -> Result<Option<Value>, CniError> {
+    let cmd = env::command(get)?;
+    if cmd == Command::Version {
+        return Ok(Some(json!({
+            "cniVersion": error_version(stdin),
+            "supportedVersions": version::SUPPORTED,
+        })));
+    }
+    let env = env::load(cmd, get)?;
+    let conf = NetConf::parse(stdin)?;
+    match cmd {
+        Command::Check => version::require(&conf.cni_version, "CHECK", "0.4.0")?,
+        Command::Status => version::require(&conf.cni_version, "STATUS", "1.1.0")?,
+        Command::Gc => version::require(&conf.cni_version, "GC", "1.1.0")?,
+        _ => {}
+    }
+    if cmd == Command::Status {
+        return cmd::status::run(&conf).map(|()| None);
+    }
+    // A single-threaded runtime: the plugin does one thing at a time, and a
+    // current-thread runtime starts in microseconds with no worker threads.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()
+        .map_err(|e| CniError::new(code::IO, format!("start async runtime: {e}")))?;
+    rt.block_on(async {
+        match cmd {
+            Command::Add => cmd::add::run(&conf, &env).await.map(|r| Some(r.encode(&conf.cni_version))),
+            Command::Del => cmd::del::run(&conf, &env).await.map(|()| None),
+            Command::Check => cmd::check::run(&conf, &env).await.map(|()| None),
+            Command::Gc => cmd::gc::run(&conf).await.map(|()| None),
+            Command::Status | Command::Version => unreachable!("handled above"),
+        }
+    })
+}
