@@ -1,0 +1,44 @@
+# Shared by the README's commands and the benchmarks: install what is missing,
+# and make sure a Rust toolchain is there. Source it; it changes nothing else.
+
+# Debian packages the demo, tests and benchmarks need at run time.
+FLANNEL_RS_PACKAGES=(iproute2 iputils-ping nftables iptables containernetworking-plugins socat iperf3 procps jq util-linux)
+
+need_root() {
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "$0: must run as root (it creates network namespaces)" >&2
+    exit 1
+  fi
+}
+
+install_packages() {
+  local missing=()
+  for p in "$@"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+  done
+  if [ ${#missing[@]} -gt 0 ]; then
+    echo "installing: ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq "${missing[@]}" >/dev/null
+  fi
+}
+
+ensure_rust() {
+  if ! command -v cargo >/dev/null 2>&1; then
+    [ -x "$HOME/.cargo/bin/cargo" ] && export PATH="$HOME/.cargo/bin:$PATH"
+  fi
+  if ! command -v cargo >/dev/null 2>&1; then
+    echo "cargo not found: installing Debian's (the workspace needs Rust >= 1.85)" >&2
+    install_packages cargo rustc
+  fi
+  if ! cargo fmt --version >/dev/null 2>&1 || ! cargo clippy --version >/dev/null 2>&1; then
+    command -v rustup >/dev/null 2>&1 && rustup component add rustfmt clippy >/dev/null 2>&1 || true
+  fi
+}
+
+# Removes namespaces left by killed test or demo runs (names start with flt-).
+cleanup_leftovers() {
+  local bin="$1"
+  [ -x "$bin" ] && "$bin" cleanup || true
+}

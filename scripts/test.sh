@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Runs every test of flannel-rs, as root, on a fresh Debian machine: installs
+# what it needs, then cargo fmt --check, clippy with warnings denied, and every
+# test including the root-only ones (which build their own network namespaces
+# and never touch the root namespace).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/lib/common.sh
+need_root
+install_packages "${FLANNEL_RS_PACKAGES[@]}"
+ensure_rust
+
+echo "== cargo fmt --check"
+cargo fmt --all -- --check
+echo "== cargo clippy"
+cargo clippy --workspace --all-targets --quiet -- -D warnings
+echo "== cargo build"
+cargo build --workspace --bins --quiet
+fixture=target/debug/netns-fixture
+cleanup_leftovers "$fixture"
+trap 'cleanup_leftovers "$fixture"' EXIT
+
+echo "== cargo test"
+log=$(mktemp)
+set +e
+cargo test --workspace --no-fail-fast 2>&1 | tee "$log"
+status=${PIPESTATUS[0]}
+set -e
+read -r passed failed < <(awk '/^test result:/ { for (i = 1; i < NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } } END { print p + 0, f + 0 }' "$log")
+rm -f "$log"
+echo
+echo "tests: ${passed:-0} passed, ${failed:-0} failed"
+leftover=$(ip netns list | grep -c '^flt-' || true)
+if [ "$leftover" -gt 0 ]; then
+  echo "error: $leftover test namespace(s) left behind:" >&2
+  ip netns list | grep '^flt-' >&2
+  exit 1
+fi
+exit "$status"

@@ -1,0 +1,234 @@
+//! `cni-bench`: CNI ADD/DEL latency of flannel-rs's plugin against Debian's
+//! reference `bridge` + `host-local`, in one run, on identical fresh nodes.
+//!
+//! Each plugin call is timed from fork to exit, and its peak RSS is read from
+//! the kernel's rusage of that very process (wait4), so both sides pay the
+//! same process start-up costs and are measured the same way.
+
+use std::io::Write;
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use netns_fixtures::Netns;
+use serde_json::{json, Value};
+
+#[derive(Parser)]
+#[command(about = "CNI ADD/DEL latency: flannel-rs against the reference bridge + host-local")]
+struct Args {
+    /// Our plugin binary.
+    #[arg(long)]
+    plugin: PathBuf,
+    /// Directory holding the reference plugins (bridge, host-local).
+    #[arg(long, default_value = "/usr/lib/cni")]
+    reference_dir: PathBuf,
+    /// Sequential ADDs (then as many DELs).
+    #[arg(long, default_value_t = 200)]
+    count: usize,
+    /// Concurrent ADDs.
+    #[arg(long, default_value_t = 20)]
+    concurrent: usize,
+}
+
+const LEASE: &str =
+    "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.1.1/24\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=true\n";
+
+struct Impl {
+    label: &'static str,
+    binary: PathBuf,
+    conf: Value,
+    env: Vec<(String, String)>,
+}
+
+struct Call {
+    elapsed: Duration,
+    max_rss_kib: i64,
+}
+
+/// Spawns the plugin in `node` and waits for it with wait4 to get its rusage.
+fn spawn(node: &Netns, imp: &Impl, verb: &str, id: &str, pod: &Path) -> (Child, Instant) {
+    let mut cmd = node.command(&imp.binary);
+    cmd.env_clear()
+        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+        .env("CNI_COMMAND", verb)
+        .env("CNI_CONTAINERID", id)
+        .env("CNI_NETNS", pod)
+        .env("CNI_IFNAME", "eth0")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    for (k, v) in &imp.env {
+        cmd.env(k, v);
+    }
+    let start = Instant::now();
+    let mut child = cmd.spawn().expect("spawn plugin");
+    child.stdin.take().unwrap().write_all(imp.conf.to_string().as_bytes()).unwrap();
+    (child, start)
+}
+
+fn finish(mut child: Child, start: Instant, what: &str) -> Call {
+    let mut status = 0;
+    // SAFETY: a zeroed rusage is a valid out-parameter.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    let pid = child.id() as libc::pid_t;
+    // SAFETY: waiting for our own child; std never reaps it since we do not call wait().
+    let rc = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+    let elapsed = start.elapsed();
+    assert_eq!(rc, pid, "wait4: {}", std::io::Error::last_os_error());
+    if std::process::ExitStatus::from_raw(status).code() != Some(0) {
+        let mut out = String::new();
+        let _ = std::io::Read::read_to_string(child.stdout.as_mut().unwrap(), &mut out);
+        let mut err = String::new();
+        let _ = std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err);
+        panic!("{what} failed: {out} {err}");
+    }
+    Call { elapsed, max_rss_kib: usage.ru_maxrss }
+}
+
+fn call(node: &Netns, imp: &Impl, verb: &str, id: &str, pod: &Path) -> Call {
+    let (child, start) = spawn(node, imp, verb, id, pod);
+    finish(child, start, &format!("{} {verb} {id}", imp.label))
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[idx]
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+struct Figures {
+    add: Vec<Duration>,
+    del: Vec<Duration>,
+    concurrent_wall: Duration,
+    max_rss_kib: i64,
+}
+
+fn measure(imp: &Impl, count: usize, concurrent: usize, pods: &[Netns]) -> Figures {
+    let node = netns_fixtures::single_node().expect("node namespace");
+    let mut max_rss = 0;
+    // Warm-up: page cache, bridge creation, nft/iptables modules.
+    for i in 0..3 {
+        let id = format!("warm{i}");
+        max_rss = max_rss.max(call(&node, imp, "ADD", &id, &pods[0].path()).max_rss_kib);
+        call(&node, imp, "DEL", &id, &pods[0].path());
+    }
+    let mut add = Vec::with_capacity(count);
+    for (i, pod) in pods.iter().take(count).enumerate() {
+        let c = call(&node, imp, "ADD", &format!("seq{i}"), &pod.path());
+        add.push(c.elapsed);
+        max_rss = max_rss.max(c.max_rss_kib);
+    }
+    let mut del = Vec::with_capacity(count);
+    for (i, pod) in pods.iter().take(count).enumerate() {
+        let c = call(&node, imp, "DEL", &format!("seq{i}"), &pod.path());
+        del.push(c.elapsed);
+        max_rss = max_rss.max(c.max_rss_kib);
+    }
+    let wall_start = Instant::now();
+    let children: Vec<(Child, Instant)> = pods
+        .iter()
+        .take(concurrent)
+        .enumerate()
+        .map(|(i, pod)| spawn(&node, imp, "ADD", &format!("par{i}"), &pod.path()))
+        .collect();
+    for (i, (child, start)) in children.into_iter().enumerate() {
+        max_rss = max_rss.max(finish(child, start, &format!("{} concurrent ADD {i}", imp.label)).max_rss_kib);
+    }
+    let concurrent_wall = wall_start.elapsed();
+    for (i, pod) in pods.iter().take(concurrent).enumerate() {
+        call(&node, imp, "DEL", &format!("par{i}"), &pod.path());
+    }
+    add.sort();
+    del.sort();
+    Figures { add, del, concurrent_wall, max_rss_kib: max_rss }
+}
+
+fn main() {
+    let args = Args::parse();
+    if !netns_fixtures::require_root() {
+        std::process::exit(1);
+    }
+    let dir = tempfile_dir();
+    std::fs::write(dir.join("subnet.env"), LEASE).unwrap();
+    let ours = Impl {
+        label: "flannel-rs",
+        binary: args.plugin.clone(),
+        conf: json!({
+            "cniVersion": "1.0.0", "name": "cbr0", "type": "flannel",
+            "subnetFile": dir.join("subnet.env"), "dataDir": dir.join("ours"),
+            "delegate": { "hairpinMode": true, "isDefaultGateway": true }
+        }),
+        env: vec![],
+    };
+    // The configuration flannel's plugin would hand to the bridge plugin.
+    let reference = Impl {
+        label: "bridge+host-local",
+        binary: args.reference_dir.join("bridge"),
+        conf: json!({
+            "cniVersion": "1.0.0", "name": "cbr0", "type": "bridge",
+            "bridge": "cni0", "isGateway": true, "isDefaultGateway": true, "hairpinMode": true,
+            "ipMasq": false, "mtu": 1450,
+            "ipam": {
+                "type": "host-local", "dataDir": dir.join("reference"),
+                "ranges": [[{ "subnet": "10.244.1.0/24" }]],
+                "routes": [{ "dst": "10.244.0.0/16" }]
+            }
+        }),
+        env: vec![("CNI_PATH".into(), args.reference_dir.display().to_string())],
+    };
+    let n = args.count.max(args.concurrent);
+    eprintln!("creating {n} pod namespaces...");
+    let pods: Vec<Netns> = (0..n).map(|i| Netns::new(&format!("bp{i}")).expect("pod namespace")).collect();
+
+    let a = measure(&ours, args.count, args.concurrent, &pods);
+    let b = measure(&reference, args.count, args.concurrent, &pods);
+
+    println!(
+        "CNI latency, {} sequential ADDs then DELs, {} concurrent ADDs (same run, same machine)",
+        args.count, args.concurrent
+    );
+    println!("{:<22} {:>9} {:>9} {:>9}", "", "p50 ms", "p95 ms", "p99 ms");
+    for (verb, ours_v, ref_v) in [("ADD", &a.add, &b.add), ("DEL", &a.del, &b.del)] {
+        for (label, v) in [(ours.label, ours_v), (reference.label, ref_v)] {
+            println!(
+                "{:<22} {:>9.3} {:>9.3} {:>9.3}",
+                format!("{verb} {label}"),
+                ms(percentile(v, 0.5)),
+                ms(percentile(v, 0.95)),
+                ms(percentile(v, 0.99))
+            );
+        }
+        println!(
+            "{:<22} {:>8.1}x {:>8.1}x {:>8.1}x   (reference / flannel-rs)",
+            format!("{verb} speed-up"),
+            ms(percentile(ref_v, 0.5)) / ms(percentile(ours_v, 0.5)),
+            ms(percentile(ref_v, 0.95)) / ms(percentile(ours_v, 0.95)),
+            ms(percentile(ref_v, 0.99)) / ms(percentile(ours_v, 0.99)),
+        );
+    }
+    println!(
+        "{} concurrent ADDs wall: flannel-rs {:.1} ms, reference {:.1} ms ({:.1}x)",
+        args.concurrent,
+        ms(a.concurrent_wall),
+        ms(b.concurrent_wall),
+        ms(b.concurrent_wall) / ms(a.concurrent_wall)
+    );
+    println!(
+        "peak RSS of one plugin process: flannel-rs {:.1} MB, reference bridge {:.1} MB",
+        a.max_rss_kib as f64 / 1024.0,
+        b.max_rss_kib as f64 / 1024.0
+    );
+    drop(pods);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn tempfile_dir() -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("cni-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}

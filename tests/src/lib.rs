@@ -1,0 +1,118 @@
+//! Helpers for the end-to-end tests in `tests/` and the benchmark harnesses in
+//! `src/bin/`: finding the workspace's binaries, running CNI plugins inside a
+//! node namespace, and moving bytes over TCP between namespaces.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use flannel_net::netns::NetNs;
+use netns_fixtures::Netns;
+use serde_json::Value;
+
+/// A binary of this workspace, built next to the running test or harness
+/// (`target/<profile>/<name>`). `scripts/test.sh` builds them first.
+pub fn workspace_bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    // target/<profile>/deps/<test> for tests, target/<profile>/<bin> for bins.
+    let mut dir = exe.parent().expect("exe dir").to_path_buf();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    let bin = dir.join(name);
+    assert!(bin.exists(), "{} is missing: run `cargo build --workspace --bins` first", bin.display());
+    bin
+}
+
+/// What a CNI plugin call returned.
+#[derive(Debug)]
+pub struct CniOutput {
+    /// Exit status 0.
+    pub ok: bool,
+    /// Its stdout as JSON (`Null` when empty).
+    pub json: Value,
+    /// Its stderr.
+    pub stderr: String,
+}
+
+/// Runs CNI plugin `plugin` inside `node` with `env` and `stdin`.
+pub fn cni(node: &Netns, plugin: &std::path::Path, env: &[(&str, &str)], stdin: &str) -> CniOutput {
+    let mut cmd = node.command(plugin);
+    cmd.env_clear()
+        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {}: {e}", plugin.display()));
+    child.stdin.take().unwrap().write_all(stdin.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    CniOutput {
+        ok: out.status.success(),
+        json: if text.trim().is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&text).unwrap_or(Value::String(text))
+        },
+        stderr: String::from_utf8_lossy(&out.stderr).to_string(),
+    }
+}
+
+/// The environment of a CNI call on an attachment.
+pub fn cni_env<'a>(verb: &'a str, id: &'a str, netns: &'a str) -> Vec<(&'a str, &'a str)> {
+    vec![
+        ("CNI_COMMAND", verb),
+        ("CNI_CONTAINERID", id),
+        ("CNI_NETNS", netns),
+        ("CNI_IFNAME", "eth0"),
+        ("CNI_PATH", "/usr/lib/cni"),
+    ]
+}
+
+/// Accepts one TCP connection on `addr` inside `ns`, echoes what it reads, and
+/// returns the peer address it saw. The socket is bound before this returns.
+pub fn echo_server(ns: &Netns, addr: SocketAddr) -> std::thread::JoinHandle<SocketAddr> {
+    let listener = NetNs::open(ns.path())
+        .unwrap()
+        .run(move || TcpListener::bind(addr))
+        .unwrap()
+        .unwrap_or_else(|e| panic!("bind {addr} in {}: {e}", ns.name()));
+    std::thread::spawn(move || {
+        let (mut s, peer) = listener.accept().unwrap();
+        let mut buf = [0u8; 64];
+        let n = s.read(&mut buf).unwrap();
+        s.write_all(&buf[..n]).unwrap();
+        peer
+    })
+}
+
+/// Connects from inside `ns` to `addr`, sends `ping\n`, returns the reply.
+pub fn tcp_round_trip(ns: &Netns, addr: SocketAddr) -> String {
+    let mut s = NetNs::open(ns.path())
+        .unwrap()
+        .run(move || TcpStream::connect_timeout(&addr, Duration::from_secs(5)))
+        .unwrap()
+        .unwrap_or_else(|e| panic!("connect from {} to {addr}: {e}", ns.name()));
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(b"ping\n").unwrap();
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).unwrap();
+    buf
+}
+
+/// Runs `cmd` and returns stdout, panicking with everything on failure.
+pub fn run_ok(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
