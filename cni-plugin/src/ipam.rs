@@ -8,6 +8,12 @@
 //! stopped, so a just-freed address is not handed out again at once (a new pod
 //! must not receive traffic meant for the old one); `lock` is taken with
 //! `flock` by every process that reads or changes the directory.
+//!
+//! `attachments/<container id>:<ifname>` is a symlink whose target lists the
+//! attachment's addresses (`10.244.1.5` or `10.244.1.5,fc00::5`): an index, so
+//! ADD and DEL cost the same with 200 pods on the node as with one, instead of
+//! reading every record. `:` can appear in neither a container ID nor an
+//! interface name, so the name is unambiguous.
 
 use std::collections::HashSet;
 use std::fs::{File, OpenOptions};
@@ -24,6 +30,9 @@ use crate::error::{code, CniError};
 /// How long to wait for another plugin process to release the lock before
 /// telling the runtime to try again later.
 const LOCK_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Subdirectory holding the attachment index.
+const INDEX_DIR: &str = "attachments";
 
 /// The addresses a node may hand to pods: its subnet less the network address,
 /// the gateway and (IPv4) the broadcast address.
@@ -222,36 +231,95 @@ impl Store {
         &self.dir
     }
 
-    /// Every allocation.
-    pub fn records(&self) -> Result<Vec<Record>, IpamError> {
-        let mut out = Vec::new();
+    fn index_path(&self, container_id: &str, ifname: &str) -> PathBuf {
+        self.dir.join(INDEX_DIR).join(format!("{container_id}:{ifname}"))
+    }
+
+    /// The addresses the index lists for an attachment.
+    fn indexed(&self, container_id: &str, ifname: &str) -> Result<Vec<IpAddr>, IpamError> {
+        let path = self.index_path(container_id, ifname);
+        match std::fs::read_link(&path) {
+            Ok(target) => Ok(target.to_string_lossy().split(',').filter_map(|ip| ip.parse().ok()).collect()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Vec::new()),
+            Err(e) => Err(io_err(format!("read {}", path.display()))(e)),
+        }
+    }
+
+    /// Points the attachment's index entry at `ips` (removes it when empty).
+    fn set_index(&self, container_id: &str, ifname: &str, ips: &[IpAddr]) -> Result<(), IpamError> {
+        let path = self.index_path(container_id, ifname);
+        match std::fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err(format!("remove {}", path.display()))(e)),
+        }
+        if ips.is_empty() {
+            return Ok(());
+        }
+        let target = ips.iter().map(|ip| ip.to_string()).collect::<Vec<_>>().join(",");
+        let create = || std::os::unix::fs::symlink(&target, &path);
+        match create() {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                let parent = self.dir.join(INDEX_DIR);
+                std::fs::create_dir_all(&parent).map_err(io_err(format!("create {}", parent.display())))?;
+                create()
+            }
+            other => other,
+        }
+        .map_err(io_err(format!("create {}", path.display())))
+    }
+
+    /// The addresses that have a record (file names only: no record is read).
+    fn used(&self) -> Result<HashSet<IpAddr>, IpamError> {
         let entries = std::fs::read_dir(&self.dir).map_err(io_err(format!("list {}", self.dir.display())))?;
+        let mut out = HashSet::new();
         for entry in entries {
             let entry = entry.map_err(io_err(format!("list {}", self.dir.display())))?;
-            let name = entry.file_name();
-            let Some(ip) = name.to_str().and_then(|n| n.parse::<IpAddr>().ok()) else {
-                continue;
-            };
-            let path = entry.path();
-            let text = match std::fs::read_to_string(&path) {
-                Ok(t) => t,
-                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-                Err(e) => return Err(io_err(format!("read {}", path.display()))(e)),
-            };
-            let mut lines = text.split(['\r', '\n']).filter(|l| !l.is_empty());
-            out.push(Record {
-                ip,
-                container_id: lines.next().unwrap_or_default().trim().to_string(),
-                ifname: lines.next().unwrap_or_default().trim().to_string(),
-                masq: lines.any(|l| l.trim() == "masq"),
-            });
+            if let Some(ip) = entry.file_name().to_str().and_then(|n| n.parse::<IpAddr>().ok()) {
+                out.insert(ip);
+            }
         }
         Ok(out)
     }
 
-    /// Allocations of one attachment.
+    fn read_record(&self, ip: IpAddr) -> Result<Option<Record>, IpamError> {
+        let path = self.dir.join(ip.to_string());
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io_err(format!("read {}", path.display()))(e)),
+        };
+        let mut lines = text.split(['\r', '\n']).filter(|l| !l.is_empty());
+        Ok(Some(Record {
+            ip,
+            container_id: lines.next().unwrap_or_default().trim().to_string(),
+            ifname: lines.next().unwrap_or_default().trim().to_string(),
+            masq: lines.any(|l| l.trim() == "masq"),
+        }))
+    }
+
+    /// Every allocation. Reads every record: for GC, never on ADD or DEL.
+    pub fn records(&self) -> Result<Vec<Record>, IpamError> {
+        let mut out = Vec::new();
+        for ip in self.used()? {
+            out.extend(self.read_record(ip)?);
+        }
+        Ok(out)
+    }
+
+    /// Allocations of one attachment, found through the index.
     pub fn find(&self, container_id: &str, ifname: &str) -> Result<Vec<Record>, IpamError> {
-        Ok(self.records()?.into_iter().filter(|r| r.container_id == container_id && r.ifname == ifname).collect())
+        let mut out = Vec::new();
+        for ip in self.indexed(container_id, ifname)? {
+            // The record is the truth: an index entry whose address now
+            // belongs to another attachment is ignored.
+            if let Some(r) = self.read_record(ip)? {
+                if r.container_id == container_id && r.ifname == ifname {
+                    out.push(r);
+                }
+            }
+        }
+        Ok(out)
     }
 
     /// Allocates an address in `range` for the attachment. Returns the address
@@ -265,14 +333,11 @@ impl Store {
         masq: bool,
         requested: Option<IpAddr>,
     ) -> Result<IpAddr, IpamError> {
-        let records = self.records()?;
-        if let Some(r) = records
-            .iter()
-            .find(|r| r.container_id == container_id && r.ifname == ifname && range.subnet.contains(&r.ip))
-        {
+        let held = self.find(container_id, ifname)?;
+        if let Some(r) = held.iter().find(|r| range.subnet.contains(&r.ip)) {
             return Ok(r.ip);
         }
-        let used: HashSet<IpAddr> = records.iter().map(|r| r.ip).collect();
+        let used = self.used()?;
         let v4 = range.subnet.addr().is_ipv4();
         let chosen = if let Some(ip) = requested.filter(|ip| ip.is_ipv4() == v4) {
             if !range.is_usable(ip) {
@@ -299,6 +364,9 @@ impl Store {
             content.push_str("\r\nmasq");
         }
         file.write_all(content.as_bytes()).map_err(io_err(format!("write {}", path.display())))?;
+        let mut ips: Vec<IpAddr> = held.iter().map(|r| r.ip).collect();
+        ips.push(chosen);
+        self.set_index(container_id, ifname, &ips)?;
         let slot = self.dir.join(range.slot_file());
         std::fs::write(&slot, chosen.to_string()).map_err(io_err(format!("write {}", slot.display())))?;
         Ok(chosen)
@@ -335,13 +403,22 @@ impl Store {
     pub fn release(&self, container_id: &str, ifname: &str) -> Result<Vec<Record>, IpamError> {
         let found = self.find(container_id, ifname)?;
         for r in &found {
-            self.remove(r.ip)?;
+            self.remove_record(r.ip)?;
         }
+        self.set_index(container_id, ifname, &[])?;
         Ok(found)
     }
 
-    /// Removes the record of `ip`; absent is fine.
-    pub fn remove(&self, ip: IpAddr) -> Result<(), IpamError> {
+    /// Releases one record found by [`Store::records`] (GC): the record and
+    /// its attachment's index entry.
+    pub fn release_record(&self, r: &Record) -> Result<(), IpamError> {
+        self.remove_record(r.ip)?;
+        let rest: Vec<IpAddr> =
+            self.indexed(&r.container_id, &r.ifname)?.into_iter().filter(|ip| *ip != r.ip).collect();
+        self.set_index(&r.container_id, &r.ifname, &rest)
+    }
+
+    fn remove_record(&self, ip: IpAddr) -> Result<(), IpamError> {
         let path = self.dir.join(ip.to_string());
         match std::fs::remove_file(&path) {
             Ok(()) => Ok(()),
@@ -352,7 +429,7 @@ impl Store {
 
     /// Whether at least one pod address in `range` is free.
     pub fn has_free(&self, range: &Range) -> Result<bool, IpamError> {
-        let used = self.records()?.iter().filter(|r| range.is_usable(r.ip)).count() as u128;
+        let used = self.used()?.iter().filter(|ip| range.is_usable(**ip)).count() as u128;
         Ok(used < range.capacity())
     }
 }
@@ -435,6 +512,22 @@ mod tests {
         assert_eq!(s.allocate(&r, "a", "eth0", false, None).unwrap().to_string(), "fc00:0:0:1::2");
         assert_eq!(s.allocate(&r, "b", "eth0", false, None).unwrap().to_string(), "fc00:0:0:1::3");
         assert!(s.has_free(&r).unwrap());
+    }
+
+    #[test]
+    fn index_finds_dual_stack_attachments_and_release_clears_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path(), "cbr0").unwrap();
+        let v4 = s.allocate(&range("10.244.1.1/24"), "c", "eth0", false, None).unwrap();
+        let v6 = s.allocate(&range("fc00:0:0:1::1/64"), "c", "eth0", false, None).unwrap();
+        let link = std::fs::read_link(s.dir().join("attachments/c:eth0")).unwrap();
+        assert_eq!(link.to_str().unwrap(), format!("{v4},{v6}"));
+        let found: Vec<IpAddr> = s.find("c", "eth0").unwrap().iter().map(|r| r.ip).collect();
+        assert_eq!(found, vec![v4, v6]);
+        assert_eq!(s.release("c", "eth0").unwrap().len(), 2);
+        assert!(!s.dir().join("attachments/c:eth0").exists());
+        assert!(s.records().unwrap().is_empty());
+        assert!(s.release("c", "eth0").unwrap().is_empty());
     }
 
     #[test]

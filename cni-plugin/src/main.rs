@@ -21,6 +21,11 @@ use env::Command;
 use error::{code, CniError};
 
 fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some(cmd::del::TEARDOWN_ARG) {
+        // The detached half of DEL (see cmd::del): nobody reads its output.
+        std::process::exit(i32::from(cmd::del::teardown(&args[1..]).is_err()));
+    }
     let mut stdin = Vec::new();
     let read = std::io::stdin().read_to_end(&mut stdin);
     let get = |k: &str| std::env::var(k).ok();

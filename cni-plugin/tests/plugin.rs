@@ -8,7 +8,7 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::time::Duration;
 
-use common::{ipv4_of, pod_links, Node, LEASE};
+use common::{ipv4_of, pod_links, wait_pod_empty, Node, LEASE};
 use flannel_net::netns::NetNs;
 use netns_fixtures::Netns;
 use serde_json::{json, Value};
@@ -83,9 +83,15 @@ fn add_builds_exactly_the_expected_links_addresses_and_routes() {
     let record = std::fs::read_to_string(node.data_dir().join("networks/cbr0/10.244.1.2")).unwrap();
     assert_eq!(record, "ctr-a\r\neth0");
 
+    // When DEL returns, the host end no longer passes traffic (it is down or
+    // already deleted); the deletion itself completes in the background.
     node.del("ctr-a", &p);
+    let after = node.ns.ip_json(&["link", "show", "type", "veth"]);
+    for l in after.as_array().unwrap() {
+        assert!(!l["flags"].as_array().unwrap().contains(&json!("UP")), "veth still up after DEL: {l}");
+    }
     node.assert_clean();
-    assert!(pod_links(&p).is_empty());
+    wait_pod_empty(&p);
 }
 
 /// Accepts one connection in `ns` on `addr` and echoes one line back.
@@ -147,7 +153,7 @@ fn two_hundred_sequential_add_del_leave_nothing_behind() {
         node.del(&id, &p);
     }
     node.assert_clean();
-    assert!(pod_links(&p).is_empty());
+    wait_pod_empty(&p);
     // Rotation: the freed address is not reused at once, so 200 cycles walk
     // through (almost) the whole /24 instead of reusing .2.
     assert_eq!(seen.len(), 200, "a freed address was reused before the range was walked");
@@ -330,7 +336,7 @@ fn bad_input_gets_the_right_code_and_leaves_nothing_behind() {
     std::fs::remove_file(node.subnet_file()).unwrap();
     node.verb("ADD", "x", path(&q), "eth0", &conf).expect_error(11, "flanneld");
 
-    assert!(pod_links(&q).is_empty());
+    wait_pod_empty(&q);
     node.assert_clean();
 }
 

@@ -77,6 +77,8 @@ pub struct Link {
     pub master: Option<u32>,
     /// `IFLA_INFO_KIND` (`bridge`, `veth`, `vxlan`...), when it has one.
     pub kind: Option<String>,
+    /// `IFLA_LINK`: for a veth, the peer's index (in the peer's namespace).
+    pub peer_index: Option<u32>,
     /// Administratively up.
     pub up: bool,
 }
@@ -90,6 +92,7 @@ impl Link {
             mtu: 0,
             master: None,
             kind: None,
+            peer_index: None,
             up: msg.header.flags.contains(LinkFlags::Up),
         };
         for attr in &msg.attributes {
@@ -98,6 +101,7 @@ impl Link {
                 LinkAttribute::Address(a) => link.mac = MacAddr::from_slice(a),
                 LinkAttribute::Mtu(m) => link.mtu = *m,
                 LinkAttribute::Controller(m) => link.master = Some(*m),
+                LinkAttribute::Link(i) => link.peer_index = Some(*i),
                 LinkAttribute::LinkInfo(infos) => {
                     for info in infos {
                         if let LinkInfo::Kind(k) = info {
@@ -241,12 +245,14 @@ impl Netlink {
     /// appears in this namespace, so a crash cannot strand it here). The peer
     /// cannot be brought up in the same request: the kernel configures it
     /// before the pair is joined, and opening a veth without a peer fails with
-    /// `ENOTCONN`; the caller sets it up from inside the namespace.
+    /// `ENOTCONN`; the caller sets it up from inside the namespace. The peer
+    /// gets hardware address `peer_mac`, so the caller knows it without asking.
     /// `ip link add HOST mtu MTU master M up type veth peer name PEER netns NS`.
     pub async fn add_veth_into_netns(
         &self,
         host_name: &str,
         peer_name: &str,
+        peer_mac: MacAddr,
         mtu: u32,
         master: u32,
         peer_ns: &NetNs,
@@ -254,6 +260,7 @@ impl Netlink {
         let peer = LinkMessageBuilder::<LinkUnspec>::new()
             .name(peer_name.to_string())
             .mtu(mtu)
+            .address(peer_mac.0.to_vec())
             .setns_by_fd(peer_ns.fd().as_raw_fd())
             .build();
         let msg = LinkMessageBuilder::<LinkUnspec>::new_with_info_kind(InfoKind::Veth)
@@ -286,21 +293,33 @@ impl Netlink {
         self.handle.link().set(msg).execute().await.map_err(|e| NlError::new(format!("set link {name} up"), e))
     }
 
+    /// Brings link `index` down (`ip link set DEV down`).
+    pub async fn set_down(&self, index: u32, name: &str) -> NlResult<()> {
+        let msg = LinkUnspec::new_with_index(index).down().build();
+        self.handle.link().set(msg).execute().await.map_err(|e| NlError::new(format!("set link {name} down"), e))
+    }
+
+    /// Deletes link `index` (`ip link del DEV`). Returns `false` when there was
+    /// no such link.
+    pub async fn del_link(&self, index: u32, name: &str) -> NlResult<bool> {
+        match self.handle.link().del(index).execute().await {
+            Ok(()) => Ok(true),
+            Err(e) => {
+                let e = NlError::new(format!("delete link {name}"), e);
+                if e.is_not_found() {
+                    Ok(false)
+                } else {
+                    Err(e)
+                }
+            }
+        }
+    }
+
     /// Deletes link `name`. Returns `false` when there was no such link.
     pub async fn del_link_by_name(&self, name: &str) -> NlResult<bool> {
         match self.link_by_name(name).await? {
             None => Ok(false),
-            Some(link) => match self.handle.link().del(link.index).execute().await {
-                Ok(()) => Ok(true),
-                Err(e) => {
-                    let e = NlError::new(format!("delete link {name}"), e);
-                    if e.is_not_found() {
-                        Ok(false)
-                    } else {
-                        Err(e)
-                    }
-                }
-            },
+            Some(link) => self.del_link(link.index, name).await,
         }
     }
 

@@ -1,10 +1,12 @@
-//! `netns-fixture`: build and remove the throw-away topologies of
-//! `netns-fixtures` from shell scripts (the demo, benchmarks).
+//! `netns-fixture`: builds and removes the throw-away topologies of
+//! `netns-fixtures` from shell scripts (the demo, benchmarks, test.sh).
+
+use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(about = "Throw-away multi-node topologies in network namespaces")]
+#[command(name = "netns-fixture", about = "Throw-away multi-node topologies in network namespaces")]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -12,66 +14,68 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Builds an underlay with N nodes (and an outside host) and leaves it up;
-    /// prints `<role> <namespace>` lines.
+    /// Builds an underlay (192.0.2.0/24) with N nodes, and optionally an
+    /// outside host, and leaves it up. Prints one `<role> <namespace>` line
+    /// per namespace (`switch`, `node0`..., `outside`).
     Up {
-        /// Number of nodes.
+        /// Number of nodes: node i gets eth0 = 192.0.2.(10+i)/24.
         #[arg(long, default_value_t = 1)]
         nodes: usize,
-        /// Also an outside host at 192.0.2.200.
+        /// Also an outside host at 192.0.2.200/24.
         #[arg(long)]
         outside: bool,
-        /// Tag in the namespace names (`flt-<TAG>-node0`); `down` takes it.
+        /// Tag in the namespace names (`flt-<TAG>-node0`): a letter, then
+        /// letters, digits or `_`. `down --name TAG` removes them.
         #[arg(long)]
         name: String,
     },
-    /// Removes every namespace of a tag, including pods made under it.
+    /// Removes every namespace of a tag (`flt-<TAG>-*`), pods included.
     Down {
         /// The tag given to `up`.
         #[arg(long)]
         name: String,
     },
-    /// Removes namespaces left by processes that died (`--all`: every `flt-` one).
+    /// Removes namespaces left by processes that no longer run.
     Cleanup {
-        /// Remove every flt- namespace, not only those of dead processes.
+        /// Removes every `flt-` namespace, also those of running tests and
+        /// of clusters kept by `up`.
         #[arg(long)]
         all: bool,
     },
 }
 
-fn main() {
-    let cli = Cli::parse();
-    match cli.cmd {
+fn main() -> ExitCode {
+    match Cli::parse().cmd {
         Cmd::Up { nodes, outside, name } => {
-            if name.is_empty() || name.contains(['/', ' ']) {
-                eprintln!("netns-fixture: --name {name:?}: want a short word");
-                std::process::exit(2);
-            }
             let cluster = match netns_fixtures::Cluster::new_named(&name, nodes, outside) {
                 Ok(c) => c,
                 Err(e) => {
-                    eprintln!("netns-fixture: up: {e}");
-                    std::process::exit(1);
+                    // Whatever was built before the error is already gone
+                    // (dropped), so a failed `up` leaves nothing behind.
+                    eprintln!("netns-fixture up: {e}");
+                    return ExitCode::FAILURE;
                 }
             };
             println!("switch {}", cluster.switch().name());
-            for n in cluster.nodes() {
-                println!("node{} {} {}", n.index, n.ns.name(), n.underlay_ip);
+            for node in cluster.nodes() {
+                println!("node{} {}", node.index, node.ns.name());
             }
-            if let Some(o) = cluster.outside() {
-                println!("outside {} {}", o.name(), netns_fixtures::OUTSIDE_IP);
+            if let Some(outside) = cluster.outside() {
+                println!("outside {}", outside.name());
             }
             cluster.keep();
         }
-        Cmd::Down { name } => {
-            let n = netns_fixtures::cleanup_tag(&name);
-            eprintln!("netns-fixture: removed {n} namespace(s) of {name}");
-        }
+        Cmd::Down { name } => match netns_fixtures::cleanup_tag(&name) {
+            Ok(n) => eprintln!("netns-fixture: removed {n} namespace(s) of {name}"),
+            Err(e) => {
+                eprintln!("netns-fixture down: {e}");
+                return ExitCode::FAILURE;
+            }
+        },
         Cmd::Cleanup { all } => {
             let n = if all { netns_fixtures::cleanup_all() } else { netns_fixtures::cleanup_leftovers() };
-            if n > 0 {
-                eprintln!("netns-fixture: removed {n} leftover namespace(s)");
-            }
+            eprintln!("netns-fixture: removed {n} leftover namespace(s)");
         }
     }
+    ExitCode::SUCCESS
 }

@@ -92,7 +92,8 @@ async fn plug(
     networks: &[IpNet],
     conf: &NetConf,
 ) -> Result<CniResult, CniError> {
-    create_veth(host, netns, env, settings, bridge, veth).await?;
+    let pod_mac = pod_mac(allocated);
+    create_veth(host, netns, env, settings, bridge, veth, pod_mac).await?;
     let host_link = host
         .link_by_name(veth)
         .await?
@@ -102,23 +103,28 @@ async fn plug(
     }
 
     let pod = Netlink::connect_in(netns)?;
-    let pod_link = pod.link_by_name(&env.ifname).await?.ok_or_else(|| {
-        CniError::new(code::INTERNAL, format!("{} vanished from {} right after it was created", env.ifname, env.netns))
-    })?;
-    if !pod_link.up {
-        pod.set_up(pod_link.index, &env.ifname).await?;
-    }
+    // The host end names its peer's index; no need to ask the pod's namespace.
+    let pod_index = match host_link.peer_index {
+        Some(i) => i,
+        None => pod.link_by_name(&env.ifname).await?.map(|l| l.index).ok_or_else(|| {
+            CniError::new(
+                code::INTERNAL,
+                format!("{} vanished from {} right after it was created", env.ifname, env.netns),
+            )
+        })?,
+    };
+    pod.set_up(pod_index, &env.ifname).await?;
 
     let mut ips = Vec::new();
     for (ip, range) in allocated {
         let addr = IpNet::new(*ip, range.subnet.prefix_len()).expect("prefix from a valid subnet");
-        pod.add_addr(pod_link.index, &env.ifname, addr).await?;
+        pod.add_addr(pod_index, &env.ifname, addr).await?;
         ips.push(IpConfig { address: addr, gateway: Some(range.gateway), interface: Some(2) });
     }
 
     let routes = pod_routes(settings, allocated, networks, conf);
     for r in &routes {
-        let route = Route { dst: r.dst, gateway: r.gw, oif: Some(pod_link.index) };
+        let route = Route { dst: r.dst, gateway: r.gw, oif: Some(pod_index) };
         match pod.add_route(&route, &env.ifname).await {
             Ok(()) => {}
             Err(e) if e.is_exists() => {}
@@ -138,7 +144,16 @@ async fn plug(
         mtu: Some(l.mtu),
     };
     Ok(CniResult {
-        interfaces: vec![iface(bridge, None), iface(&host_link, None), iface(&pod_link, Some(env.netns.clone()))],
+        interfaces: vec![
+            iface(bridge, None),
+            iface(&host_link, None),
+            Interface {
+                name: env.ifname.clone(),
+                mac: Some(pod_mac.to_string()),
+                sandbox: Some(env.netns.clone()),
+                mtu: Some(settings.mtu),
+            },
+        ],
         ips,
         routes,
     })
@@ -154,8 +169,9 @@ async fn create_veth(
     settings: &BridgeSettings,
     bridge: &Link,
     veth: &str,
+    pod_mac: MacAddr,
 ) -> Result<(), CniError> {
-    let attempt = || host.add_veth_into_netns(veth, &env.ifname, settings.mtu, bridge.index, netns);
+    let attempt = || host.add_veth_into_netns(veth, &env.ifname, pod_mac, settings.mtu, bridge.index, netns);
     match attempt().await {
         Ok(()) => Ok(()),
         Err(e) if e.is_exists() => {
@@ -248,48 +264,70 @@ async fn ensure_bridge(host: &Netlink, settings: &BridgeSettings, ranges: &[Rang
 /// earlier lease is replaced when no pod is attached any more; with pods still
 /// attached that would cut them off, so ADD fails and says why.
 async fn ensure_gateway_addrs(host: &Netlink, bridge: &Link, ranges: &[Range]) -> Result<(), CniError> {
-    let have = host.addrs(bridge.index).await?;
     for r in ranges {
         let want = IpNet::new(r.gateway, r.subnet.prefix_len()).expect("valid prefix");
-        if have.contains(&want) {
-            continue;
-        }
-        let stale: Vec<IpNet> = have
-            .iter()
-            .copied()
-            .filter(|a| a.addr().is_ipv4() == want.addr().is_ipv4() && !is_link_local(a.addr()))
-            .collect();
-        if !stale.is_empty() {
-            let attached: Vec<String> =
-                host.links().await?.into_iter().filter(|l| l.master == Some(bridge.index)).map(|l| l.name).collect();
-            if !attached.is_empty() {
-                let stale_list: Vec<String> = stale.iter().map(|a| a.to_string()).collect();
-                return Err(CniError::new(
-                    code::INTERNAL,
-                    format!(
-                        "bridge {} carries {} from an earlier lease but the node's lease is now {want}, and {} pod interface(s) are still attached ({}): delete those pods (or the bridge) and retry",
-                        bridge.name,
-                        stale_list.join(", "),
-                        attached.len(),
-                        attached.join(", ")
-                    ),
-                ));
-            }
-            for a in stale {
-                match host.del_addr(bridge.index, &bridge.name, a).await {
-                    Ok(()) => {}
-                    Err(e) if e.is_not_found() => {}
-                    Err(e) => return Err(e.into()),
-                }
-            }
-        }
+        // The common case costs one request and no dump: the address is
+        // already there (EEXIST). Only when we just added it can an address of
+        // an earlier lease be on the bridge too.
         match host.add_addr(bridge.index, &bridge.name, want).await {
             Ok(()) => {}
-            Err(e) if e.is_exists() => {}
+            Err(e) if e.is_exists() => continue,
             Err(e) => return Err(e.into()),
+        }
+        let stale: Vec<IpNet> = host
+            .addrs(bridge.index)
+            .await?
+            .into_iter()
+            .filter(|a| *a != want && a.addr().is_ipv4() == want.addr().is_ipv4() && !is_link_local(a.addr()))
+            .collect();
+        if stale.is_empty() {
+            continue;
+        }
+        let attached: Vec<String> =
+            host.links().await?.into_iter().filter(|l| l.master == Some(bridge.index)).map(|l| l.name).collect();
+        if !attached.is_empty() {
+            // Pods still use the old gateway: take our address back off and refuse.
+            match host.del_addr(bridge.index, &bridge.name, want).await {
+                Ok(()) => {}
+                Err(e) if e.is_not_found() => {}
+                Err(e) => return Err(e.into()),
+            }
+            let stale_list: Vec<String> = stale.iter().map(|a| a.to_string()).collect();
+            return Err(CniError::new(
+                code::INTERNAL,
+                format!(
+                    "bridge {} carries {} from an earlier lease but the node's lease is now {want}, and {} pod interface(s) are still attached ({}): delete those pods (or the bridge) and retry",
+                    bridge.name,
+                    stale_list.join(", "),
+                    attached.len(),
+                    attached.join(", ")
+                ),
+            ));
+        }
+        for a in stale {
+            match host.del_addr(bridge.index, &bridge.name, a).await {
+                Ok(()) => {}
+                Err(e) if e.is_not_found() => {}
+                Err(e) => return Err(e.into()),
+            }
         }
     }
     Ok(())
+}
+
+/// The pod's MAC: `0a:58:` and its IPv4 address (the reference plugins' old
+/// habit). Known before the link exists, so nobody has to read it back, and a
+/// person can tell a pod's address from its MAC in `ip neigh` or a capture.
+fn pod_mac(allocated: &[(IpAddr, Range)]) -> MacAddr {
+    let tail = match allocated.first().map(|(ip, _)| *ip) {
+        Some(IpAddr::V4(v4)) => v4.octets(),
+        Some(IpAddr::V6(v6)) => {
+            let o = v6.octets();
+            [o[12], o[13], o[14], o[15]]
+        }
+        None => [0, 0, 0, 2],
+    };
+    MacAddr([0x0a, 0x58, tail[0], tail[1], tail[2], tail[3]])
 }
 
 /// A fixed MAC for the bridge, `0a:58:` and the gateway's IPv4 address. Left to

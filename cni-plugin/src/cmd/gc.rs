@@ -37,7 +37,7 @@ pub async fn run(conf: &NetConf) -> Result<(), CniError> {
             errors.push(e.to_string());
             continue;
         }
-        if let Err(e) = store.remove(r.ip) {
+        if let Err(e) = store.release_record(r) {
             errors.push(e.to_string());
             continue;
         }

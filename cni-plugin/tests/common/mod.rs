@@ -5,6 +5,7 @@
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::Stdio;
+use std::time::Duration;
 
 use netns_fixtures::Netns;
 use serde_json::{json, Value};
@@ -148,11 +149,21 @@ impl Node {
         out
     }
 
-    /// Panics unless the node holds no veth and no allocation.
+    /// Panics unless the node holds no allocation and, once DEL's detached
+    /// teardown has finished, no veth.
     pub fn assert_clean(&self) {
-        assert_eq!(self.veths(), Vec::<String>::new(), "veths left behind");
         assert_eq!(self.allocations(), Vec::<String>::new(), "allocations left behind");
+        netns_fixtures::wait_until(Duration::from_secs(10), "the node's veths to be deleted", || {
+            self.veths().is_empty()
+        });
     }
+}
+
+/// Waits until the pod has no interface but `lo` (DEL deletes in the background).
+pub fn wait_pod_empty(pod: &Netns) {
+    netns_fixtures::wait_until(Duration::from_secs(10), "the pod's interface to be deleted", || {
+        pod_links(pod).is_empty()
+    });
 }
 
 /// The pod's interfaces as `ip -j addr` shows them, excluding `lo`.
