@@ -124,7 +124,7 @@ async fn plug(
 
     let routes = pod_routes(settings, allocated, networks, conf);
     for r in &routes {
-        let route = Route { dst: r.dst, gateway: r.gw, oif: Some(pod_index) };
+        let route = Route { dst: r.dst, gateway: r.gw, oif: Some(pod_index), onlink: false };
         match pod.add_route(&route, &env.ifname).await {
             Ok(()) => {}
             Err(e) if e.is_exists() => {}

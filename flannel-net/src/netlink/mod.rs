@@ -13,13 +13,16 @@ use ipnet::IpNet;
 use rtnetlink::packet_route::address::{AddressAttribute, AddressFlags, AddressMessage};
 use rtnetlink::packet_route::link::{InfoData, InfoKind, InfoVeth, LinkAttribute, LinkFlags, LinkInfo, LinkMessage};
 use rtnetlink::packet_route::route::{
-    RouteAddress, RouteAttribute, RouteMessage, RouteProtocol, RouteScope, RouteType,
+    RouteAddress, RouteAttribute, RouteFlags, RouteMessage, RouteProtocol, RouteScope, RouteType,
 };
 use rtnetlink::packet_route::AddressFamily;
 use rtnetlink::{LinkBridge, LinkBridgePort, LinkMessageBuilder, LinkUnspec, RouteMessageBuilder};
 
 use crate::netns::NetNs;
 use crate::MacAddr;
+
+mod overlay;
+pub use overlay::{Fdb, Neigh, VxlanLink, VxlanSpec, DEFAULT_VXLAN_PORT};
 
 /// A failed netlink operation: what was attempted, on what, and why.
 #[derive(Debug, thiserror::Error)]
@@ -33,7 +36,7 @@ pub struct NlError {
 }
 
 impl NlError {
-    fn new(op: impl Into<String>, err: rtnetlink::Error) -> NlError {
+    pub(crate) fn new(op: impl Into<String>, err: rtnetlink::Error) -> NlError {
         let (errno, detail) = match &err {
             rtnetlink::Error::NetlinkError(msg) if msg.raw_code() != 0 => {
                 let code = -msg.raw_code();
@@ -44,7 +47,7 @@ impl NlError {
         NlError { op: op.into(), errno, detail }
     }
 
-    fn io(op: impl Into<String>, err: std::io::Error) -> NlError {
+    pub(crate) fn io(op: impl Into<String>, err: std::io::Error) -> NlError {
         NlError { op: op.into(), errno: err.raw_os_error(), detail: err.to_string() }
     }
 
@@ -125,6 +128,9 @@ pub struct Route {
     pub gateway: Option<IpAddr>,
     /// Output interface index.
     pub oif: Option<u32>,
+    /// The next hop is on the link even though no address covers it
+    /// (`onlink`): how flannel routes to a peer's VTEP address.
+    pub onlink: bool,
 }
 
 impl Route {
@@ -147,7 +153,8 @@ impl Route {
             (None, AddressFamily::Inet6) => IpNet::new(IpAddr::V6(0.into()), 0).ok()?,
             _ => return None,
         };
-        Some(Route { dst, gateway, oif })
+        let onlink = msg.header.flags.contains(RouteFlags::Onlink);
+        Some(Route { dst, gateway, oif, onlink })
     }
 }
 
@@ -162,7 +169,7 @@ fn route_addr(a: &RouteAddress) -> Option<IpAddr> {
 /// A handle on one namespace's routing netlink socket.
 #[derive(Clone)]
 pub struct Netlink {
-    handle: rtnetlink::Handle,
+    pub(crate) handle: rtnetlink::Handle,
 }
 
 impl Netlink {
@@ -355,6 +362,68 @@ impl Netlink {
         Ok(out)
     }
 
+    /// Every address in the namespace with its link index (`ip addr show`).
+    pub async fn all_addrs(&self) -> NlResult<Vec<(u32, IpNet)>> {
+        let msgs: Vec<AddressMessage> =
+            self.handle.address().get().execute().try_collect().await.map_err(|e| NlError::new("dump addresses", e))?;
+        let mut out = Vec::new();
+        for msg in &msgs {
+            let addr = msg
+                .attributes
+                .iter()
+                .find_map(|a| match a {
+                    AddressAttribute::Local(ip) => Some(*ip),
+                    _ => None,
+                })
+                .or_else(|| {
+                    msg.attributes.iter().find_map(|a| match a {
+                        AddressAttribute::Address(ip) => Some(*ip),
+                        _ => None,
+                    })
+                });
+            if let Some(ip) = addr {
+                if let Ok(net) = IpNet::new(ip, msg.header.prefix_len) {
+                    out.push((msg.header.index, net));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// The route the kernel would take to `dst` (`ip route get DST`): output
+    /// interface and preferred source address.
+    pub async fn route_get(&self, dst: IpAddr) -> NlResult<Option<(u32, Option<IpAddr>)>> {
+        let op = || format!("route get {dst}");
+        let msg = RouteMessageBuilder::<IpAddr>::new()
+            .destination_prefix(dst, if dst.is_ipv4() { 32 } else { 128 })
+            .map_err(|e| NlError::io(op(), std::io::Error::other(e.to_string())))?
+            .build();
+        let mut stream = self.handle.route().get(msg).execute();
+        match stream.try_next().await {
+            Ok(Some(m)) => {
+                let mut oif = None;
+                let mut src = None;
+                for a in &m.attributes {
+                    match a {
+                        RouteAttribute::Oif(i) => oif = Some(*i),
+                        RouteAttribute::PrefSource(p) => src = route_addr(p),
+                        _ => {}
+                    }
+                }
+                Ok(oif.map(|o| (o, src)))
+            }
+            Ok(None) => Ok(None),
+            Err(e) => {
+                let e = NlError::new(op(), e);
+                if e.errno == Some(libc::ENETUNREACH) || e.is_not_found() {
+                    Ok(None)
+                } else {
+                    Err(e)
+                }
+            }
+        }
+    }
+
     /// Adds `addr` to link `index` (`ip addr add ADDR dev DEV`). IPv6 addresses
     /// skip duplicate address detection: IPAM already made them unique, and a
     /// tentative address would delay the pod's first packets.
@@ -409,23 +478,103 @@ impl Netlink {
         Ok(out)
     }
 
-    /// Adds a unicast route in the main table (`ip route add DST [via GW] dev DEV`).
+    /// Adds a unicast route in the main table (`ip route add DST [via GW] dev DEV [onlink]`).
     pub async fn add_route(&self, route: &Route, dev_name: &str) -> NlResult<()> {
-        let op = || {
-            let via = route.gateway.map(|g| format!(" via {g}")).unwrap_or_default();
-            format!("add route {}{via} dev {dev_name}", route.dst)
-        };
-        let mut b = RouteMessageBuilder::<IpAddr>::new()
-            .destination_prefix(route.dst.addr(), route.dst.prefix_len())
-            .map_err(|e| NlError::io(op(), std::io::Error::other(e.to_string())))?;
-        if let Some(gw) = route.gateway {
-            b = b.gateway(gw).map_err(|e| NlError::io(op(), std::io::Error::other(e.to_string())))?;
-        }
-        if let Some(oif) = route.oif {
-            b = b.output_interface(oif);
-        }
-        let scope = if route.gateway.is_some() { RouteScope::Universe } else { RouteScope::Link };
-        let msg = b.protocol(RouteProtocol::Boot).scope(scope).build();
-        self.handle.route().add(msg).execute().await.map_err(|e| NlError::new(op(), e))
+        let msg = route_message(route, &route_op("add", route, dev_name))?;
+        self.handle.route().add(msg).execute().await.map_err(|e| NlError::new(route_op("add", route, dev_name), e))
     }
+
+    /// Adds or replaces a route (`ip route replace ...`).
+    pub async fn replace_route(&self, route: &Route, dev_name: &str) -> NlResult<()> {
+        let msg = route_message(route, &route_op("replace", route, dev_name))?;
+        self.handle
+            .route()
+            .add(msg)
+            .replace()
+            .execute()
+            .await
+            .map_err(|e| NlError::new(route_op("replace", route, dev_name), e))
+    }
+
+    /// Deletes a route (`ip route del ...`).
+    pub async fn del_route(&self, route: &Route, dev_name: &str) -> NlResult<()> {
+        let msg = route_message(route, &route_op("delete", route, dev_name))?;
+        self.handle.route().del(msg).execute().await.map_err(|e| NlError::new(route_op("delete", route, dev_name), e))
+    }
+}
+
+fn route_op(verb: &str, route: &Route, dev_name: &str) -> String {
+    let via = route.gateway.map(|g| format!(" via {g}")).unwrap_or_default();
+    let onlink = if route.onlink { " onlink" } else { "" };
+    format!("{verb} route {}{via} dev {dev_name}{onlink}", route.dst)
+}
+
+fn route_message(route: &Route, op: &str) -> NlResult<RouteMessage> {
+    let bad = |e: String| NlError::io(op, std::io::Error::other(e));
+    let mut b = RouteMessageBuilder::<IpAddr>::new()
+        .destination_prefix(route.dst.addr(), route.dst.prefix_len())
+        .map_err(|e| bad(e.to_string()))?;
+    if let Some(gw) = route.gateway {
+        b = b.gateway(gw).map_err(|e| bad(e.to_string()))?;
+    }
+    if let Some(oif) = route.oif {
+        b = b.output_interface(oif);
+    }
+    if route.onlink {
+        b = b.onlink();
+    }
+    let scope = if route.gateway.is_some() { RouteScope::Universe } else { RouteScope::Link };
+    Ok(b.protocol(RouteProtocol::Boot).scope(scope).build())
+}
+
+/// What a change notification is about, as far as a reconcile loop cares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Change {
+    /// A link appeared, changed or vanished (its index).
+    Link(u32),
+    /// A route through this output interface changed.
+    Route(Option<u32>),
+    /// A neighbour or FDB entry on this link changed.
+    Neigh(u32),
+    /// An address on this link changed.
+    Addr(u32),
+}
+
+/// Subscribes to link, IPv4 address, IPv4 route and neighbour (which carries
+/// FDB changes too) notifications of the calling thread's namespace (`ip
+/// monitor`). Must be called inside a tokio runtime.
+pub fn monitor() -> NlResult<tokio::sync::mpsc::UnboundedReceiver<Change>> {
+    use futures_util::StreamExt;
+    use rtnetlink::packet_core::NetlinkPayload;
+    use rtnetlink::packet_route::RouteNetlinkMessage as M;
+    use rtnetlink::MulticastGroup as G;
+    let (conn, _handle, mut messages) =
+        rtnetlink::new_multicast_connection(&[G::Link, G::Ipv4Ifaddr, G::Ipv4Route, G::Neigh])
+            .map_err(|e| NlError::io("subscribe to netlink notifications", e))?;
+    tokio::spawn(conn);
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Some((msg, _)) = messages.next().await {
+            let change = match msg.payload {
+                NetlinkPayload::InnerMessage(M::NewLink(l) | M::DelLink(l)) => Some(Change::Link(l.header.index)),
+                NetlinkPayload::InnerMessage(M::NewAddress(a) | M::DelAddress(a)) => Some(Change::Addr(a.header.index)),
+                NetlinkPayload::InnerMessage(M::NewRoute(r) | M::DelRoute(r)) => {
+                    Some(Change::Route(r.attributes.iter().find_map(|a| match a {
+                        RouteAttribute::Oif(i) => Some(*i),
+                        _ => None,
+                    })))
+                }
+                NetlinkPayload::InnerMessage(M::NewNeighbour(n) | M::DelNeighbour(n)) => {
+                    Some(Change::Neigh(n.header.ifindex))
+                }
+                _ => None,
+            };
+            if let Some(c) = change {
+                if tx.send(c).is_err() {
+                    break;
+                }
+            }
+        }
+    });
+    Ok(rx)
 }

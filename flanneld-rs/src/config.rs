@@ -1,0 +1,301 @@
+//! The network configuration: `net-conf.json` in Kubernetes mode, the etcd key
+//! `<prefix>/config` in etcd mode. flannel's field names, matched without
+//! regard to case as flannel's Go decoder does, and flannel's defaults.
+//!
+//! ```json
+//! {"Network":"10.244.0.0/16","SubnetLen":24,"Backend":{"Type":"vxlan","VNI":1}}
+//! ```
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+
+use ipnet::{Ipv4Net, Ipv6Net};
+use serde_json::Value;
+
+/// The validated network configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetworkConfig {
+    /// The cluster network (`Network`).
+    pub network: Ipv4Net,
+    /// Prefix length of each node's subnet (`SubnetLen`).
+    pub subnet_len: u8,
+    /// First subnet that may be leased (`SubnetMin`).
+    pub subnet_min: Ipv4Addr,
+    /// Last subnet that may be leased (`SubnetMax`).
+    pub subnet_max: Ipv4Addr,
+    /// `IPv6Network`, kept for subnet.env; IPv6 leases are not implemented yet.
+    pub ipv6_network: Option<Ipv6Net>,
+    /// `EnableIPv6`.
+    pub enable_ipv6: bool,
+    /// The backend and its options.
+    pub backend: BackendConfig,
+}
+
+/// `Backend`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BackendConfig {
+    /// `{"Type":"vxlan", ...}`
+    Vxlan(VxlanConfig),
+    /// `{"Type":"udp","Port":8285}`
+    Udp {
+        /// UDP port of the tunnel.
+        port: u16,
+    },
+    /// `{"Type":"host-gw"}`
+    HostGw,
+}
+
+/// The VXLAN backend's options.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VxlanConfig {
+    /// `VNI` (default 1).
+    pub vni: u32,
+    /// `Port` (0: the kernel's default, 8472).
+    pub port: u16,
+    /// `MTU` of the underlay to derive from, when set.
+    pub mtu: Option<u32>,
+    /// `GBP`: group-based policy extension.
+    pub gbp: bool,
+    /// `Learning`: let the kernel learn FDB entries.
+    pub learning: bool,
+    /// `DirectRouting`: plain routes to peers on the same L2 segment.
+    pub direct_routing: bool,
+}
+
+impl BackendConfig {
+    /// The type name flannel uses in leases and annotations.
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            BackendConfig::Vxlan(_) => "vxlan",
+            BackendConfig::Udp { .. } => "udp",
+            BackendConfig::HostGw => "host-gw",
+        }
+    }
+}
+
+/// A configuration that cannot be used; the message names the field and value.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("network configuration {source_name}: {msg}")]
+pub struct ConfigError {
+    /// Where the configuration came from (a path or an etcd key).
+    pub source_name: String,
+    /// What is wrong, naming the field and the value.
+    pub msg: String,
+}
+
+/// Lower-cased keys, so `"network"`, `"Network"` and `"NETWORK"` all match.
+fn fold(v: &Value) -> BTreeMap<String, Value> {
+    v.as_object().map(|o| o.iter().map(|(k, v)| (k.to_ascii_lowercase(), v.clone())).collect()).unwrap_or_default()
+}
+
+impl NetworkConfig {
+    /// Parses and validates `text`; `source` names it in errors.
+    pub fn parse(text: &str, source: &str) -> Result<NetworkConfig, ConfigError> {
+        let err = |msg: String| ConfigError { source_name: source.to_string(), msg };
+        let root: Value = serde_json::from_str(text).map_err(|e| err(format!("not JSON: {e}")))?;
+        if !root.is_object() {
+            return Err(err(format!("want a JSON object, got {root}")));
+        }
+        let f = fold(&root);
+        let get_str = |key: &str, name: &str| -> Result<Option<String>, ConfigError> {
+            match f.get(key) {
+                None | Some(Value::Null) => Ok(None),
+                Some(Value::String(s)) => Ok(Some(s.clone())),
+                Some(other) => Err(err(format!("{name} {other} is not a string"))),
+            }
+        };
+        let get_bool =
+            |map: &BTreeMap<String, Value>, key: &str, name: &str, default: bool| -> Result<bool, ConfigError> {
+                match map.get(key) {
+                    None | Some(Value::Null) => Ok(default),
+                    Some(Value::Bool(b)) => Ok(*b),
+                    Some(other) => Err(err(format!("{name} {other} is not true or false"))),
+                }
+            };
+        let get_u =
+            |map: &BTreeMap<String, Value>, key: &str, name: &str, max: u64| -> Result<Option<u64>, ConfigError> {
+                match map.get(key) {
+                    None | Some(Value::Null) => Ok(None),
+                    Some(v) => match v.as_u64() {
+                        Some(n) if n <= max => Ok(Some(n)),
+                        _ => Err(err(format!("{name} {v} is not an integer in 0..={max}"))),
+                    },
+                }
+            };
+
+        let enable_ipv4 = get_bool(&f, "enableipv4", "EnableIPv4", true)?;
+        let enable_ipv6 = get_bool(&f, "enableipv6", "EnableIPv6", false)?;
+        if !enable_ipv4 {
+            return Err(err("EnableIPv4 false (IPv6-only clusters) is not supported yet".into()));
+        }
+        let network_raw = get_str("network", "Network")?.ok_or_else(|| err("Network is missing".into()))?;
+        let network: Ipv4Net =
+            network_raw.parse().map_err(|_| err(format!("Network {network_raw:?} is not an IPv4 CIDR")))?;
+        if network.trunc() != network {
+            return Err(err(format!("Network {network_raw:?} has host bits set (did you mean {}?)", network.trunc())));
+        }
+        let ipv6_network = match get_str("ipv6network", "IPv6Network")? {
+            None => None,
+            Some(s) => Some(s.parse::<Ipv6Net>().map_err(|_| err(format!("IPv6Network {s:?} is not an IPv6 CIDR")))?),
+        };
+        if enable_ipv6 && ipv6_network.is_none() {
+            return Err(err("EnableIPv6 is true but IPv6Network is missing".into()));
+        }
+
+        let prefix = network.prefix_len();
+        let subnet_len = match get_u(&f, "subnetlen", "SubnetLen", 32)? {
+            Some(n) => n as u8,
+            None if prefix <= 22 => 24,
+            None => prefix + 2,
+        };
+        if subnet_len > 30 {
+            return Err(err(format!("SubnetLen {subnet_len} is longer than 30: a subnet needs room for pods")));
+        }
+        if subnet_len < prefix + 2 {
+            return Err(err(format!(
+                "SubnetLen {subnet_len} leaves fewer than 4 subnets in Network {network} (want at least /{})",
+                prefix + 2
+            )));
+        }
+        let size = 1u32 << (32 - subnet_len);
+        let net_start = u32::from(network.network());
+        let net_last_subnet = u32::from(network.broadcast()) - size + 1;
+        let parse_bound = |key: &str, name: &str, default: u32| -> Result<Ipv4Addr, ConfigError> {
+            let Some(s) = get_str(key, name)? else {
+                return Ok(Ipv4Addr::from(default));
+            };
+            let ip: Ipv4Addr = s.parse().map_err(|_| err(format!("{name} {s:?} is not an IPv4 address")))?;
+            let v = u32::from(ip);
+            if !network.contains(&ip) {
+                return Err(err(format!("{name} {s} is outside Network {network}")));
+            }
+            if (v - net_start) % size != 0 {
+                return Err(err(format!("{name} {s} is not the start of a /{subnet_len} subnet")));
+            }
+            Ok(ip)
+        };
+        let subnet_min = parse_bound("subnetmin", "SubnetMin", net_start + size)?;
+        let subnet_max = parse_bound("subnetmax", "SubnetMax", net_last_subnet)?;
+        if u32::from(subnet_min) > u32::from(subnet_max) {
+            return Err(err(format!("SubnetMin {subnet_min} is after SubnetMax {subnet_max}")));
+        }
+
+        let backend_v = f.get("backend").cloned().unwrap_or(Value::Null);
+        let b = fold(&backend_v);
+        let btype = match b.get("type") {
+            None | Some(Value::Null) => "udp".to_string(),
+            Some(Value::String(s)) => s.to_ascii_lowercase(),
+            Some(other) => return Err(err(format!("Backend.Type {other} is not a string"))),
+        };
+        let backend = match btype.as_str() {
+            "vxlan" => BackendConfig::Vxlan(VxlanConfig {
+                vni: get_u(&b, "vni", "Backend.VNI", 0xff_ffff)?.unwrap_or(1) as u32,
+                port: get_u(&b, "port", "Backend.Port", 65535)?.unwrap_or(0) as u16,
+                mtu: get_u(&b, "mtu", "Backend.MTU", 65535)?.map(|m| m as u32),
+                gbp: get_bool(&b, "gbp", "Backend.GBP", false)?,
+                learning: get_bool(&b, "learning", "Backend.Learning", false)?,
+                direct_routing: get_bool(&b, "directrouting", "Backend.DirectRouting", false)?,
+            }),
+            "udp" => BackendConfig::Udp { port: get_u(&b, "port", "Backend.Port", 65535)?.unwrap_or(8285) as u16 },
+            "host-gw" => BackendConfig::HostGw,
+            other => {
+                return Err(err(format!("Backend.Type {other:?} is not one of vxlan, udp, host-gw")));
+            }
+        };
+        Ok(NetworkConfig { network, subnet_len, subnet_min, subnet_max, ipv6_network, enable_ipv6, backend })
+    }
+
+    /// Every subnet that may be leased, in order.
+    pub fn subnets(&self) -> impl Iterator<Item = Ipv4Net> + '_ {
+        let size = 1u32 << (32 - self.subnet_len);
+        let (min, max) = (u32::from(self.subnet_min), u32::from(self.subnet_max));
+        (0..=(max - min) / size)
+            .map(move |i| Ipv4Net::new(Ipv4Addr::from(min + i * size), self.subnet_len).expect("valid prefix"))
+    }
+
+    /// The VXLAN options, when that is the backend.
+    pub fn vxlan(&self) -> Option<&VxlanConfig> {
+        match &self.backend {
+            BackendConfig::Vxlan(v) => Some(v),
+            _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(t: &str) -> Result<NetworkConfig, ConfigError> {
+        NetworkConfig::parse(t, "/etc/kube-flannel/net-conf.json")
+    }
+
+    #[test]
+    fn flannels_defaults() {
+        let c = parse(r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#).unwrap();
+        assert_eq!(c.subnet_len, 24);
+        assert_eq!(c.subnet_min.to_string(), "10.244.1.0");
+        assert_eq!(c.subnet_max.to_string(), "10.244.255.0");
+        assert_eq!(
+            c.backend,
+            BackendConfig::Vxlan(VxlanConfig {
+                vni: 1,
+                port: 0,
+                mtu: None,
+                gbp: false,
+                learning: false,
+                direct_routing: false
+            })
+        );
+        assert_eq!(c.subnets().count(), 255);
+        // A small network gets prefix+2.
+        let c = parse(r#"{"Network":"10.5.0.0/24"}"#).unwrap();
+        assert_eq!(c.subnet_len, 26);
+        assert_eq!(c.backend, BackendConfig::Udp { port: 8285 });
+        assert_eq!(
+            c.subnets().map(|s| s.to_string()).collect::<Vec<_>>(),
+            ["10.5.0.64/26", "10.5.0.128/26", "10.5.0.192/26"]
+        );
+    }
+
+    #[test]
+    fn keys_match_without_case_and_backend_options_parse() {
+        let c = parse(r#"{"network":"10.1.0.0/16","SUBNETLEN":26,"subnetMin":"10.1.1.0","backend":{"type":"VXLAN","vni":4096,"Port":4789,"DirectRouting":true,"GBP":true}}"#).unwrap();
+        assert_eq!(c.subnet_len, 26);
+        assert_eq!(c.subnet_min.to_string(), "10.1.1.0");
+        let v = c.vxlan().unwrap();
+        assert_eq!((v.vni, v.port, v.direct_routing, v.gbp, v.learning), (4096, 4789, true, true, false));
+        assert_eq!(
+            parse(r#"{"Network":"10.1.0.0/16","Backend":{"Type":"host-gw"}}"#).unwrap().backend,
+            BackendConfig::HostGw
+        );
+    }
+
+    #[test]
+    fn errors_name_field_and_value() {
+        let cases = [
+            ("nope", "not JSON"),
+            (r#"{"Backend":{"Type":"vxlan"}}"#, "Network is missing"),
+            (r#"{"Network":"10.244.0.0/33"}"#, "Network \"10.244.0.0/33\""),
+            (r#"{"Network":"10.244.1.0/16"}"#, "host bits"),
+            (r#"{"Network":"10.244.0.0/16","SubnetLen":31}"#, "SubnetLen 31"),
+            (r#"{"Network":"10.244.0.0/16","SubnetLen":17}"#, "SubnetLen 17"),
+            (r#"{"Network":"10.244.0.0/16","SubnetLen":"24"}"#, "SubnetLen \"24\""),
+            (r#"{"Network":"10.244.0.0/16","SubnetMin":"10.245.1.0"}"#, "SubnetMin 10.245.1.0 is outside"),
+            (r#"{"Network":"10.244.0.0/16","SubnetMax":"10.244.1.7"}"#, "SubnetMax 10.244.1.7 is not the start"),
+            (r#"{"Network":"10.244.0.0/16","SubnetMin":"10.244.9.0","SubnetMax":"10.244.3.0"}"#, "after SubnetMax"),
+            (r#"{"Network":"10.244.0.0/16","Backend":{"Type":"wireguard"}}"#, "Backend.Type \"wireguard\""),
+            (r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan","VNI":-1}}"#, "Backend.VNI -1"),
+            (
+                r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan","DirectRouting":"yes"}}"#,
+                "Backend.DirectRouting \"yes\"",
+            ),
+            (r#"{"Network":"10.244.0.0/16","EnableIPv6":true}"#, "IPv6Network is missing"),
+        ];
+        for (text, want) in cases {
+            let e = parse(text).unwrap_err().to_string();
+            assert!(e.contains(want), "{e:?} lacks {want:?}");
+            assert!(e.contains("net-conf.json"), "{e}");
+        }
+    }
+}

@@ -1,0 +1,313 @@
+//! The daemon: take a lease, set up the node, then keep the kernel in line
+//! with the lease set for as long as it runs.
+//!
+//! Every trigger (a lease snapshot, a netlink notification about our device,
+//! a timer) runs the same full reconcile: observe, plan, apply. Deletes are
+//! never assumed to have been seen; a missed event is repaired by the next run.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::{bail, Context};
+use flannel_net::netlink::{Change, Netlink, VxlanSpec, DEFAULT_VXLAN_PORT};
+use flannel_net::{MacAddr, SubnetEnv};
+use ipnet::Ipv4Net;
+use log::{error, info, warn};
+
+use crate::config::NetworkConfig;
+use crate::firewall::{self, FirewallSpec};
+use crate::flags::Opts;
+use crate::health::{self, Metrics};
+use crate::iface::{self, ExtIface};
+use crate::lease::{Lease, LeaseAttrs, LeaseEvent, VxlanData};
+use crate::reconcile::{desired, kernel, plan};
+use crate::subnet::etcd::{AcquiredLease, EtcdOptions, EtcdSubnetManager};
+
+/// How often to reconcile when nothing else asks for it: a safety net for
+/// missed notifications (netlink overruns) and hand edits.
+const PERIODIC: Duration = Duration::from_secs(10);
+
+/// Notifications arriving this close together are handled by one reconcile.
+const DEBOUNCE: Duration = Duration::from_millis(20);
+
+/// The etcd options from the flags.
+pub fn etcd_options(opts: &Opts) -> EtcdOptions {
+    EtcdOptions {
+        endpoints: opts.etcd_endpoints.clone(),
+        prefix: opts.etcd_prefix.clone(),
+        keyfile: opts.etcd_keyfile.clone(),
+        certfile: opts.etcd_certfile.clone(),
+        cafile: opts.etcd_cafile.clone(),
+        username: opts.etcd_username.clone(),
+        password: opts.etcd_password.clone(),
+    }
+}
+
+/// What the node was set up with.
+pub struct Node {
+    /// The network configuration.
+    pub cfg: NetworkConfig,
+    /// The underlay interface.
+    pub ext: ExtIface,
+    /// Our VTEP.
+    pub vtep: VxlanSpec,
+}
+
+/// The VTEP we want: attributes from the configuration and the interface,
+/// and a MAC that survives restarts (the existing device's, else the one in
+/// our own lease, else a new random one).
+pub fn vtep_spec(cfg: &NetworkConfig, ext: &ExtIface, mac: MacAddr) -> anyhow::Result<VxlanSpec> {
+    let Some(vx) = cfg.vxlan() else {
+        bail!("Backend.Type {:?}: only vxlan is implemented so far", cfg.backend.type_name());
+    };
+    let underlay_mtu = vx.mtu.unwrap_or(ext.mtu);
+    Ok(VxlanSpec {
+        name: format!("flannel.{}", vx.vni),
+        vni: vx.vni,
+        local: ext.public_ip,
+        dev: ext.index,
+        port: if vx.port == 0 { DEFAULT_VXLAN_PORT } else { vx.port },
+        learning: vx.learning,
+        gbp: vx.gbp,
+        // VXLAN adds 50 bytes: outer IPv4 (20), UDP (8), VXLAN (8), inner Ethernet (14).
+        mtu: underlay_mtu - 50,
+        mac,
+    })
+}
+
+/// A random locally administered unicast MAC.
+pub fn random_mac() -> MacAddr {
+    let mut b = [0u8; 6];
+    if std::fs::File::open("/dev/urandom").and_then(|mut f| std::io::Read::read_exact(&mut f, &mut b)).is_err() {
+        let t = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_nanos();
+        b.copy_from_slice(&t.to_le_bytes()[..6]);
+    }
+    b[0] = (b[0] & 0xfe) | 0x02;
+    MacAddr(b)
+}
+
+/// subnet.env for our lease.
+pub fn subnet_env(cfg: &NetworkConfig, subnet: Ipv4Net, mtu: u32, ipmasq: bool) -> SubnetEnv {
+    let first_host = std::net::Ipv4Addr::from(u32::from(subnet.network()) + 1);
+    SubnetEnv {
+        networks: vec![cfg.network],
+        subnet: Some(Ipv4Net::new(first_host, subnet.prefix_len()).expect("valid prefix")),
+        ipv6_networks: Vec::new(),
+        ipv6_subnet: None,
+        mtu,
+        ipmasq,
+    }
+}
+
+fn enable_ip_forward() -> anyhow::Result<()> {
+    let path = "/proc/sys/net/ipv4/ip_forward";
+    if std::fs::read_to_string(path).map(|v| v.trim() == "1").unwrap_or(false) {
+        return Ok(());
+    }
+    std::fs::write(path, "1").with_context(|| format!("enable IPv4 forwarding: write 1 to {path}"))
+}
+
+struct Loop {
+    nl: Netlink,
+    node: Node,
+    own: Lease,
+    leases: Vec<Lease>,
+    last_rejected: Vec<String>,
+    metrics: Arc<Metrics>,
+    /// Our VTEP's index as last observed, to tell which notifications concern us.
+    vtep_index: Option<u32>,
+}
+
+impl Loop {
+    async fn reconcile(&mut self, why: &str) {
+        let start = Instant::now();
+        let (want, rejected) = desired::desired(&self.node.cfg, &self.own, self.node.vtep.clone(), &self.leases);
+        let rejected_text: Vec<String> = rejected.iter().map(|r| format!("{}: {}", r.source, r.reason)).collect();
+        if rejected_text != self.last_rejected {
+            for r in &rejected_text {
+                warn!("lease not programmed: {r}");
+            }
+            self.last_rejected = rejected_text;
+        }
+        self.metrics.rejected_leases.store(rejected.len() as u64, Ordering::Relaxed);
+        let observed = match kernel::observe(&self.nl, &self.node.vtep.name).await {
+            Ok(o) => o,
+            Err(e) => {
+                error!("reconcile ({why}): {e}");
+                self.metrics.netlink_errors.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+        };
+        self.vtep_index = observed.vtep.as_ref().map(|v| v.index);
+        let ops = plan::plan(&want, &observed);
+        for op in &ops {
+            info!("reconcile ({why}): {op:?}");
+        }
+        let errors = kernel::apply(&self.nl, &want, &observed, &ops).await;
+        for e in &errors {
+            error!("reconcile ({why}): {e}");
+        }
+        let m = &self.metrics;
+        m.netlink_errors.fetch_add(errors.len() as u64, Ordering::Relaxed);
+        m.reconcile_runs.fetch_add(1, Ordering::Relaxed);
+        m.reconcile_ops.fetch_add(ops.len() as u64, Ordering::Relaxed);
+        m.reconcile_micros.fetch_add(start.elapsed().as_micros() as u64, Ordering::Relaxed);
+        m.peers.store(want.peers.len() as u64, Ordering::Relaxed);
+        if ops.iter().any(|op| matches!(op, plan::Op::CreateVtep | plan::Op::RecreateVtep(_))) {
+            self.vtep_index = self.nl.link_by_name(&self.node.vtep.name).await.ok().flatten().map(|l| l.index);
+        }
+    }
+}
+
+/// Runs the daemon until SIGTERM/SIGINT (exit 0, kernel state left in place
+/// so pods keep talking across a restart) or a fatal error.
+pub async fn run(opts: Opts) -> anyhow::Result<()> {
+    if opts.kube_subnet_mgr {
+        bail!("--kube-subnet-mgr: the Kubernetes subnet manager is not implemented yet; use etcd (--etcd-endpoints)");
+    }
+    let metrics = Arc::new(Metrics::default());
+    if opts.healthz_port != 0 {
+        let addr = std::net::SocketAddr::from((opts.healthz_ip, opts.healthz_port));
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("listen on {addr} (--healthz-ip/--healthz-port)"))?;
+        tokio::spawn(health::serve(listener, metrics.clone()));
+        info!("serving /healthz, /readyz and /metrics on {addr}");
+    }
+
+    let nl = Netlink::connect()?;
+    let ext = iface::select(&nl, &opts).await?;
+    info!("using interface {} ({}), public IP {}", ext.name, ext.addr, ext.public_ip);
+
+    let mgr = EtcdSubnetManager::connect(&etcd_options(&opts)).await?;
+    let cfg = mgr.network_config().await?;
+    info!("network {} (subnets /{}), backend {}", cfg.network, cfg.subnet_len, cfg.backend.type_name());
+
+    // The VTEP MAC survives restarts: peers keep their FDB entries valid.
+    let vni = cfg.vxlan().map(|v| v.vni).unwrap_or(1);
+    let existing = nl.vxlan_by_name(&format!("flannel.{vni}")).await?.and_then(|v| v.mac);
+    let (leases, _) = mgr.list_leases(&cfg).await?;
+    let from_lease = leases.iter().find(|l| l.public_ip == ext.public_ip).and_then(|l| l.vxlan).map(|d| d.vtep_mac);
+    let mac = existing.or(from_lease).unwrap_or_else(random_mac);
+    let vtep = vtep_spec(&cfg, &ext, mac)?;
+
+    let previous = SubnetEnv::load(&opts.subnet_file).ok().and_then(|e| e.subnet).map(|s| s.trunc());
+    let attrs = LeaseAttrs {
+        public_ip: ext.public_ip,
+        backend_type: cfg.backend.type_name().to_string(),
+        vxlan: Some(VxlanData { vni: vtep.vni, vtep_mac: vtep.mac }),
+    };
+    let mut acquired = mgr.acquire_lease(&cfg, &attrs, previous).await?;
+    let own = acquired.lease.clone();
+    info!("lease {} ({}), VTEP {} {}", own.subnet, acquired.key, vtep.name, vtep.mac);
+
+    let node = Node { cfg: cfg.clone(), ext, vtep };
+    let mut lp = Loop {
+        nl: nl.clone(),
+        node,
+        own: own.clone(),
+        leases,
+        last_rejected: Vec::new(),
+        metrics: metrics.clone(),
+        vtep_index: None,
+    };
+    lp.reconcile("start").await;
+
+    enable_ip_forward()?;
+    let env = subnet_env(&cfg, own.subnet, lp.node.vtep.mtu, opts.ip_masq);
+    env.write_atomic(&opts.subnet_file).with_context(|| format!("write {}", opts.subnet_file.display()))?;
+    let fw = FirewallSpec {
+        network: cfg.network,
+        subnet: own.subnet,
+        masquerade: opts.ip_masq,
+        fully_random: !opts.ip_masq_fully_random_disable,
+        forward: opts.iptables_forward_rules,
+    };
+    firewall::apply(&fw).map_err(|e| anyhow::anyhow!("nftables table {}: {e}", firewall::TABLE))?;
+    metrics.ready.store(true, Ordering::Relaxed);
+    info!("ready: {} written, rules in place", opts.subnet_file.display());
+
+    let (tx, mut events) = tokio::sync::mpsc::channel(16);
+    let _watcher = mgr.spawn_watcher(cfg.clone(), acquired.key.clone(), tx);
+    let mut changes = flannel_net::netlink::monitor()?;
+    let mut periodic = tokio::time::interval(PERIODIC);
+    periodic.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut resync = tokio::time::interval(Duration::from_secs(opts.iptables_resync.max(1)));
+    resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let margin = Duration::from_secs(u64::from(opts.subnet_lease_renew_margin) * 60);
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+
+    loop {
+        let renew_in = renew_delay(&acquired, margin);
+        tokio::select! {
+            ev = events.recv() => match ev {
+                Some(LeaseEvent::Snapshot(leases)) => {
+                    lp.leases = leases;
+                    lp.reconcile("lease change").await;
+                }
+                Some(LeaseEvent::Revoked(key)) => {
+                    bail!("our lease {key} was deleted from etcd (revoked); exiting so that a restart acquires a new one");
+                }
+                None => bail!("the etcd lease watcher stopped"),
+            },
+            Some(change) = changes.recv() => {
+                if concerns_us(lp.vtep_index, change) {
+                    // Coalesce the burst our own changes (or a hand edit) cause.
+                    tokio::time::sleep(DEBOUNCE).await;
+                    while changes.try_recv().is_ok() {}
+                    lp.reconcile("kernel change").await;
+                }
+            }
+            _ = periodic.tick() => lp.reconcile("periodic").await,
+            _ = resync.tick() => {
+                if let Err(e) = firewall::apply(&fw) {
+                    error!("re-assert nftables table {}: {e}", firewall::TABLE);
+                }
+            }
+            _ = tokio::time::sleep(renew_in) => match mgr.renew_lease(&acquired).await {
+                Ok(renewed) => {
+                    acquired = renewed;
+                    metrics.lease_renewals.fetch_add(1, Ordering::Relaxed);
+                    info!("renewed lease {}", acquired.key);
+                }
+                Err(e) => {
+                    error!("renew lease {}: {e}; retrying in a minute", acquired.key);
+                    acquired.expires = SystemTime::now() + margin + Duration::from_secs(60);
+                }
+            },
+            _ = term.recv() => {
+                info!("SIGTERM: exiting; kernel state stays so that pods keep talking");
+                return Ok(());
+            }
+            _ = int.recv() => {
+                info!("SIGINT: exiting; kernel state stays");
+                return Ok(());
+            }
+        }
+    }
+}
+
+fn renew_delay(acquired: &AcquiredLease, margin: Duration) -> Duration {
+    if acquired.etcd_lease_id.is_none() {
+        // A reservation never expires.
+        return Duration::from_secs(86400 * 365);
+    }
+    acquired
+        .expires
+        .checked_sub(margin)
+        .and_then(|t| t.duration_since(SystemTime::now()).ok())
+        .unwrap_or(Duration::ZERO)
+}
+
+/// Whether a kernel notification is about our VTEP. Without a VTEP every
+/// link event matters: it may be the device coming back or going.
+fn concerns_us(vtep_index: Option<u32>, change: Change) -> bool {
+    match (vtep_index, change) {
+        (None, Change::Link(_)) => true,
+        (None, _) => false,
+        (Some(idx), Change::Link(i) | Change::Neigh(i) | Change::Addr(i)) => i == idx,
+        (Some(idx), Change::Route(oif)) => oif == Some(idx),
+    }
+}

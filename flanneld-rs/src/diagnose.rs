@@ -1,0 +1,213 @@
+//! `flanneld-rs diagnose`: plan against the current kernel and lease state
+//! without applying anything, and say every difference in words a person can
+//! act on. Exit status 0 only when the node is converged.
+
+use std::collections::BTreeMap;
+
+use anyhow::Context;
+use flannel_net::netlink::Netlink;
+use flannel_net::SubnetEnv;
+use serde_json::json;
+
+use crate::daemon::{etcd_options, subnet_env, vtep_spec};
+use crate::firewall::{self, FirewallSpec};
+use crate::flags::Opts;
+use crate::iface;
+use crate::reconcile::plan::{Observed, Op};
+use crate::reconcile::{desired, kernel, plan};
+use crate::subnet::etcd::EtcdSubnetManager;
+
+/// One finding.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Finding {
+    /// `missing`, `wrong`, `stale`, `note`.
+    pub kind: &'static str,
+    /// What differs.
+    pub what: String,
+    /// What the daemon would do (or what the person should do).
+    pub fix: String,
+}
+
+fn describe(op: &Op, observed: &Observed, sources: &BTreeMap<String, String>, dev: &str) -> Finding {
+    let peer = |dst: String| sources.get(&dst).map(|s| format!(" (lease {s})")).unwrap_or_default();
+    let f = |kind, what: String, fix: String| Finding { kind, what, fix };
+    match op {
+        Op::CreateVtep => f("missing", format!("device {dev} does not exist"), format!("create {dev}")),
+        Op::RecreateVtep(why) => f("wrong", format!("device {dev}: {}", why.join("; ")), format!("recreate {dev}")),
+        Op::SetMtu(m) => f(
+            "wrong",
+            format!("{dev} has MTU {}, want {m}", observed.vtep.as_ref().map(|v| v.mtu).unwrap_or(0)),
+            format!("ip link set {dev} mtu {m}"),
+        ),
+        Op::SetUp => f("wrong", format!("{dev} is down"), format!("ip link set {dev} up")),
+        Op::AddAddr(a) => f("missing", format!("{dev} lacks address {a}"), format!("ip addr add {a} dev {dev}")),
+        Op::DelAddr(a) => f(
+            "stale",
+            format!("{dev} carries address {a}, which is not our lease's"),
+            format!("ip addr del {a} dev {dev}"),
+        ),
+        Op::SetNeigh(n) => {
+            let have = observed.neighs.iter().find(|x| x.ip == n.ip);
+            let src = peer(format!("{}/", n.ip));
+            match have {
+                Some(h) => f(
+                    "wrong",
+                    format!("neighbour {} on {dev} has MAC {}, the lease says {}{src}", n.ip, h.mac, n.mac),
+                    format!("ip neigh replace {} lladdr {} dev {dev} nud permanent", n.ip, n.mac),
+                ),
+                None => f(
+                    "missing",
+                    format!("neighbour {} lladdr {} on {dev} is missing{src}", n.ip, n.mac),
+                    format!("ip neigh replace {} lladdr {} dev {dev} nud permanent", n.ip, n.mac),
+                ),
+            }
+        }
+        Op::DelNeigh(n) => f(
+            "stale",
+            format!("neighbour {} lladdr {} on {dev} belongs to no lease", n.ip, n.mac),
+            format!("ip neigh del {} dev {dev}", n.ip),
+        ),
+        Op::SetFdb(x) => f(
+            "missing",
+            format!("FDB entry {} dst {} on {dev} is missing", x.mac, x.dst),
+            format!("bridge fdb replace {} dev {dev} dst {} self permanent", x.mac, x.dst),
+        ),
+        Op::DelFdb(x) => f(
+            "stale",
+            format!("FDB entry {} dst {} on {dev} belongs to no lease", x.mac, x.dst),
+            format!("bridge fdb del {} dev {dev} dst {}", x.mac, x.dst),
+        ),
+        Op::SetRoute(r) => {
+            let via = r.gateway.map(|g| g.to_string()).unwrap_or_default();
+            let have = observed.routes.iter().find(|x| x.dst == r.dst);
+            let src = peer(r.dst.to_string());
+            match have {
+                Some(h) => f(
+                    "wrong",
+                    format!(
+                        "route {} goes via {}, want via {via} dev {dev} onlink{src}",
+                        r.dst,
+                        h.gateway.map(|g| g.to_string()).unwrap_or("-".into())
+                    ),
+                    format!("ip route replace {} via {via} dev {dev} onlink", r.dst),
+                ),
+                None => f(
+                    "missing",
+                    format!("route {} via {via} dev {dev} onlink is missing{src}", r.dst),
+                    format!("ip route replace {} via {via} dev {dev} onlink", r.dst),
+                ),
+            }
+        }
+        Op::DelRoute(r) => f(
+            "stale",
+            format!("route {} on {dev} belongs to no lease", r.dst),
+            format!("ip route del {} dev {dev}", r.dst),
+        ),
+    }
+}
+
+/// Runs the diagnosis; prints it; returns whether the node is converged.
+pub async fn run(opts: &Opts, json_out: bool) -> anyhow::Result<bool> {
+    let nl = Netlink::connect()?;
+    let ext = iface::select(&nl, opts).await?;
+    let mgr = EtcdSubnetManager::connect(&etcd_options(opts)).await?;
+    let cfg = mgr.network_config().await?;
+    let (leases, _) = mgr.list_leases(&cfg).await?;
+    let mut findings = Vec::new();
+    let Some(own) = leases.iter().find(|l| l.public_ip == ext.public_ip).cloned() else {
+        findings.push(Finding {
+            kind: "missing",
+            what: format!("no lease in etcd ({}/subnets/) has PublicIP {}", opts.etcd_prefix, ext.public_ip),
+            fix: "start flanneld-rs on this node (or check --iface/--public-ip)".into(),
+        });
+        return report(&findings, json_out);
+    };
+    let vni = cfg.vxlan().map(|v| v.vni).unwrap_or(1);
+    let existing = nl.vxlan_by_name(&format!("flannel.{vni}")).await?.and_then(|v| v.mac);
+    let mac = existing.or(own.vxlan.map(|d| d.vtep_mac)).context("our lease has no VtepMAC and there is no VTEP")?;
+    let spec = vtep_spec(&cfg, &ext, mac)?;
+    if let Some(d) = own.vxlan {
+        if existing.is_some_and(|m| m != d.vtep_mac) {
+            findings.push(Finding {
+                kind: "wrong",
+                what: format!("{} has MAC {}, our lease ({}) says {}", spec.name, mac, own.source, d.vtep_mac),
+                fix: "restart flanneld-rs so that it re-advertises the device's MAC".into(),
+            });
+        }
+    }
+    let (want, rejected) = desired::desired(&cfg, &own, spec.clone(), &leases);
+    let observed = kernel::observe(&nl, &spec.name).await?;
+    let mut sources = BTreeMap::new();
+    for l in &leases {
+        sources.insert(l.subnet.to_string(), l.source.clone());
+        sources.insert(format!("{}/", l.subnet.network()), l.source.clone());
+    }
+    for op in plan::plan(&want, &observed) {
+        findings.push(describe(&op, &observed, &sources, &spec.name));
+    }
+    for r in rejected {
+        findings.push(Finding {
+            kind: "note",
+            what: format!("lease {} is not programmed: {}", r.source, r.reason),
+            fix: "fix or delete that lease".into(),
+        });
+    }
+
+    let want_env = subnet_env(&cfg, own.subnet, spec.mtu, opts.ip_masq);
+    match SubnetEnv::load(&opts.subnet_file) {
+        Ok(have) => {
+            if have.subnet != want_env.subnet || have.networks != want_env.networks || have.mtu != want_env.mtu {
+                findings.push(Finding {
+                    kind: "wrong",
+                    what: format!(
+                        "{} says subnet {} mtu {}, the lease is {} mtu {}",
+                        opts.subnet_file.display(),
+                        have.subnet.map(|s| s.to_string()).unwrap_or("-".into()),
+                        have.mtu,
+                        want_env.subnet.map(|s| s.to_string()).unwrap_or_default(),
+                        want_env.mtu
+                    ),
+                    fix: "restart flanneld-rs to rewrite it".into(),
+                });
+            }
+        }
+        Err(e) => findings.push(Finding { kind: "missing", what: e.to_string(), fix: "start flanneld-rs".into() }),
+    }
+    let fw = FirewallSpec {
+        network: cfg.network,
+        subnet: own.subnet,
+        masquerade: opts.ip_masq,
+        fully_random: !opts.ip_masq_fully_random_disable,
+        forward: opts.iptables_forward_rules,
+    };
+    if (fw.masquerade || fw.forward) && !firewall::present(&fw).unwrap_or(false) {
+        findings.push(Finding {
+            kind: "missing",
+            what: format!("nftables table ip {} is missing or lacks its rules", firewall::TABLE),
+            fix: "flanneld-rs re-asserts it every --iptables-resync seconds; is it running?".into(),
+        });
+    }
+    if std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward").map(|v| v.trim() != "1").unwrap_or(true) {
+        findings.push(Finding {
+            kind: "wrong",
+            what: "net.ipv4.ip_forward is not 1".into(),
+            fix: "sysctl -w net.ipv4.ip_forward=1".into(),
+        });
+    }
+    report(&findings, json_out)
+}
+
+fn report(findings: &[Finding], json_out: bool) -> anyhow::Result<bool> {
+    let converged = findings.iter().all(|f| f.kind == "note");
+    if json_out {
+        println!("{}", serde_json::to_string_pretty(&json!({ "converged": converged, "findings": findings }))?);
+    } else if findings.is_empty() {
+        println!("converged: the kernel matches every lease");
+    } else {
+        for f in findings {
+            println!("{:<8} {}\n         fix: {}", f.kind, f.what, f.fix);
+        }
+        println!("{}", if converged { "converged (with notes)" } else { "NOT converged" });
+    }
+    Ok(converged)
+}

@@ -1,0 +1,98 @@
+//! `/healthz`, `/readyz` and Prometheus `/metrics` on one small listener.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+/// Counters and gauges, updated by the daemon, read by `/metrics`.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    /// Ready: rules in place and subnet.env written.
+    pub ready: AtomicBool,
+    /// Peers currently programmed.
+    pub peers: AtomicU64,
+    /// Leases rejected (bad data) in the last snapshot.
+    pub rejected_leases: AtomicU64,
+    /// Reconcile runs.
+    pub reconcile_runs: AtomicU64,
+    /// Kernel changes made.
+    pub reconcile_ops: AtomicU64,
+    /// Sum of reconcile durations, microseconds.
+    pub reconcile_micros: AtomicU64,
+    /// Netlink requests that failed.
+    pub netlink_errors: AtomicU64,
+    /// Lease renewals done.
+    pub lease_renewals: AtomicU64,
+}
+
+impl Metrics {
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut s = String::new();
+        let mut metric = |name: &str, kind: &str, help: &str, v: String| {
+            let _ = write!(s, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}\n");
+        };
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed).to_string();
+        metric("flannel_peers", "gauge", "Peers whose route, neighbour and FDB entry are programmed.", g(&self.peers));
+        metric(
+            "flannel_rejected_leases",
+            "gauge",
+            "Leases not programmed because their data is invalid.",
+            g(&self.rejected_leases),
+        );
+        metric("flannel_reconcile_runs_total", "counter", "Reconcile runs.", g(&self.reconcile_runs));
+        metric(
+            "flannel_reconcile_ops_total",
+            "counter",
+            "Kernel changes made by reconcile runs.",
+            g(&self.reconcile_ops),
+        );
+        metric(
+            "flannel_reconcile_duration_seconds_total",
+            "counter",
+            "Time spent in reconcile runs.",
+            format!("{:.6}", self.reconcile_micros.load(Ordering::Relaxed) as f64 / 1e6),
+        );
+        metric("flannel_netlink_errors_total", "counter", "Netlink requests that failed.", g(&self.netlink_errors));
+        metric("flannel_lease_renewals_total", "counter", "Subnet lease renewals.", g(&self.lease_renewals));
+        metric(
+            "flannel_ready",
+            "gauge",
+            "1 once rules are in place and subnet.env is written.",
+            u8::from(self.ready.load(Ordering::Relaxed)).to_string(),
+        );
+        s
+    }
+}
+
+/// Serves the endpoints on `listener` until the task is dropped.
+pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
+    loop {
+        let Ok((mut sock, _)) = listener.accept().await else { continue };
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 2048];
+            let n = match sock.read(&mut buf).await {
+                Ok(n) => n,
+                Err(_) => return,
+            };
+            let req = String::from_utf8_lossy(&buf[..n]);
+            let path = req.split_whitespace().nth(1).unwrap_or("/");
+            let (status, body, ctype) = match path {
+                "/healthz" => ("200 OK", "ok\n".to_string(), "text/plain"),
+                "/readyz" if metrics.ready.load(Ordering::Relaxed) => ("200 OK", "ok\n".to_string(), "text/plain"),
+                "/readyz" => ("503 Service Unavailable", "not ready\n".to_string(), "text/plain"),
+                "/metrics" => ("200 OK", metrics.render(), "text/plain; version=0.0.4"),
+                _ => ("404 Not Found", "not found\n".to_string(), "text/plain"),
+            };
+            let resp = format!(
+                "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = sock.write_all(resp.as_bytes()).await;
+        });
+    }
+}

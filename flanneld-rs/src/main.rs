@@ -1,0 +1,38 @@
+//! `flanneld-rs`: the per-node daemon (and its `diagnose` tool).
+
+use clap::Parser;
+
+use flanneld_rs::flags::{Cli, Cmd};
+
+fn main() {
+    flanneld_rs::logger::init();
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("flanneld-rs: start async runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    let code = rt.block_on(async move {
+        match cli.cmd {
+            Some(Cmd::Diagnose { json }) => match flanneld_rs::diagnose::run(&cli.opts, json).await {
+                Ok(true) => 0,
+                Ok(false) => 1,
+                Err(e) => {
+                    eprintln!("flanneld-rs diagnose: {e:#}");
+                    2
+                }
+            },
+            None => match flanneld_rs::daemon::run(cli.opts).await {
+                Ok(()) => 0,
+                Err(e) => {
+                    log::error!("{e:#}");
+                    1
+                }
+            },
+        }
+    });
+    // Do not wait for background tasks (watchers, servers) to wind down.
+    std::process::exit(code);
+}

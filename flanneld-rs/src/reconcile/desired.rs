@@ -1,0 +1,166 @@
+//! From the lease set to the kernel state we want (VXLAN backend).
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr};
+
+use flannel_net::netlink::{Fdb, Neigh, Route, VxlanSpec};
+use ipnet::{IpNet, Ipv4Net};
+
+use super::plan::{Desired, PeerEntries};
+use crate::config::NetworkConfig;
+use crate::lease::Lease;
+
+/// A peer lease that will not be programmed, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejected {
+    /// Where the lease came from (etcd key, node name).
+    pub source: String,
+    /// Why, in words that name the offending value.
+    pub reason: String,
+}
+
+/// The VTEP address: the first address of the subnet, as a /32.
+pub fn vtep_addr(subnet: Ipv4Net) -> Ipv4Net {
+    Ipv4Net::new(subnet.network(), 32).expect("a /32 is valid")
+}
+
+/// Builds the desired state for our lease `own` and VTEP `vtep` from
+/// `leases` (which may include our own). Leases that must not be programmed
+/// are returned with the reason, never half-programmed.
+pub fn desired(cfg: &NetworkConfig, own: &Lease, vtep: VxlanSpec, leases: &[Lease]) -> (Desired, Vec<Rejected>) {
+    let mut peers = BTreeMap::new();
+    let mut rejected = Vec::new();
+    for l in leases {
+        if l.subnet == own.subnet {
+            if l.public_ip != own.public_ip {
+                rejected.push(Rejected {
+                    source: l.source.clone(),
+                    reason: format!("claims our subnet {} for {}", l.subnet, l.public_ip),
+                });
+            }
+            continue;
+        }
+        match check(cfg, own, &vtep, l) {
+            Ok(entries) => {
+                peers.insert(l.subnet, entries);
+            }
+            Err(reason) => rejected.push(Rejected { source: l.source.clone(), reason }),
+        }
+    }
+    (Desired { addr: vtep_addr(own.subnet), vtep, peers }, rejected)
+}
+
+fn bad_public_ip(ip: Ipv4Addr) -> Option<&'static str> {
+    if ip.is_loopback() {
+        Some("a loopback address")
+    } else if ip.is_multicast() {
+        Some("a multicast address")
+    } else if ip.is_unspecified() || ip.is_broadcast() {
+        Some("not a unicast address")
+    } else {
+        None
+    }
+}
+
+fn check(cfg: &NetworkConfig, own: &Lease, vtep: &VxlanSpec, l: &Lease) -> Result<PeerEntries, String> {
+    if !cfg.network.contains(&l.subnet) {
+        return Err(format!("subnet {} is outside Network {}", l.subnet, cfg.network));
+    }
+    if l.subnet.prefix_len() != cfg.subnet_len {
+        return Err(format!("subnet {} is not a /{} (SubnetLen)", l.subnet, cfg.subnet_len));
+    }
+    if let Some(why) = bad_public_ip(l.public_ip) {
+        return Err(format!("PublicIP {} is {why}", l.public_ip));
+    }
+    if l.public_ip == own.public_ip {
+        return Err(format!("PublicIP {} is our own address", l.public_ip));
+    }
+    if l.backend_type != "vxlan" {
+        return Err(format!("BackendType {:?} is not vxlan", l.backend_type));
+    }
+    let Some(data) = l.vxlan else {
+        return Err("BackendData has no VtepMAC".into());
+    };
+    if data.vni != vtep.vni {
+        return Err(format!("VNI {} differs from ours ({})", data.vni, vtep.vni));
+    }
+    let gw = l.subnet.network();
+    Ok(PeerEntries {
+        route: Route { dst: IpNet::V4(l.subnet), gateway: Some(IpAddr::V4(gw)), oif: None, onlink: true },
+        neigh: Some(Neigh { ip: gw, mac: data.vtep_mac }),
+        fdb: Some(Fdb { mac: data.vtep_mac, dst: l.public_ip }),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::lease::VxlanData;
+
+    fn cfg() -> NetworkConfig {
+        NetworkConfig::parse(r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#, "test").unwrap()
+    }
+
+    fn lease(subnet: &str, ip: &str, mac: Option<&str>) -> Lease {
+        Lease {
+            subnet: subnet.parse().unwrap(),
+            public_ip: ip.parse().unwrap(),
+            backend_type: "vxlan".into(),
+            vxlan: mac.map(|m| VxlanData { vni: 1, vtep_mac: m.parse().unwrap() }),
+            source: format!("/coreos.com/network/subnets/{}", subnet.replace('/', "-")),
+        }
+    }
+
+    fn spec() -> VxlanSpec {
+        VxlanSpec {
+            name: "flannel.1".into(),
+            vni: 1,
+            local: "192.0.2.10".parse().unwrap(),
+            dev: 2,
+            port: 8472,
+            learning: false,
+            gbp: false,
+            mtu: 1450,
+            mac: "02:00:00:00:00:10".parse().unwrap(),
+        }
+    }
+
+    #[test]
+    fn bad_leases_are_rejected_with_reasons_and_the_rest_programmed() {
+        let own = lease("10.244.1.0/24", "192.0.2.10", Some("02:00:00:00:00:10"));
+        let mut other_backend = lease("10.244.6.0/24", "192.0.2.16", Some("02:00:00:00:00:16"));
+        other_backend.backend_type = "host-gw".into();
+        let leases = vec![
+            own.clone(),
+            lease("10.244.2.0/24", "192.0.2.11", Some("02:00:00:00:00:11")),
+            lease("10.244.3.0/24", "127.0.0.1", Some("02:00:00:00:00:12")),
+            lease("10.244.4.0/24", "224.0.0.5", Some("02:00:00:00:00:13")),
+            lease("10.244.5.0/24", "192.0.2.10", Some("02:00:00:00:00:14")),
+            lease("10.9.0.0/24", "192.0.2.15", Some("02:00:00:00:00:15")),
+            other_backend,
+            lease("10.244.7.0/24", "192.0.2.17", None),
+            lease("10.244.1.0/24", "192.0.2.99", Some("02:00:00:00:00:99")),
+        ];
+        let (d, rejected) = desired(&cfg(), &own, spec(), &leases);
+        assert_eq!(d.peers.keys().map(|k| k.to_string()).collect::<Vec<_>>(), ["10.244.2.0/24"]);
+        assert_eq!(d.addr.to_string(), "10.244.1.0/32");
+        let reasons: Vec<String> = rejected.iter().map(|r| format!("{}: {}", r.source, r.reason)).collect();
+        let want = [
+            "10.244.3.0-24: PublicIP 127.0.0.1 is a loopback address",
+            "10.244.4.0-24: PublicIP 224.0.0.5 is a multicast address",
+            "10.244.5.0-24: PublicIP 192.0.2.10 is our own address",
+            "10.9.0.0-24: subnet 10.9.0.0/24 is outside Network 10.244.0.0/16",
+            "10.244.6.0-24: BackendType \"host-gw\" is not vxlan",
+            "10.244.7.0-24: BackendData has no VtepMAC",
+            "10.244.1.0-24: claims our subnet 10.244.1.0/24 for 192.0.2.99",
+        ];
+        assert_eq!(reasons.len(), want.len(), "{reasons:#?}");
+        for (r, w) in reasons.iter().zip(want) {
+            assert!(r.ends_with(w), "{r} does not end with {w}");
+        }
+        let p = &d.peers[&"10.244.2.0/24".parse().unwrap()];
+        assert_eq!(p.neigh.unwrap().ip.to_string(), "10.244.2.0");
+        assert_eq!(p.fdb.unwrap().dst.to_string(), "192.0.2.11");
+        assert!(p.route.onlink);
+    }
+}

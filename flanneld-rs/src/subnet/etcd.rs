@@ -1,0 +1,1170 @@
+//! The etcd subnet manager: flannel's lease store in etcd (v3 API).
+//!
+//! Layout, as flannel writes it:
+//!
+//! - `<prefix>/config`: the network configuration (JSON, see [`crate::config`]).
+//! - `<prefix>/subnets/10.5.52.0-24` (dual stack: `10.5.52.0-24&fc00::-64`):
+//!   one node's lease, value
+//!   `{"PublicIP":"192.0.2.3","PublicIPv6":null,"BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"aa:bb:cc:dd:ee:ff"}}`,
+//!   bound to an etcd lease with a 24 h TTL. A key without an etcd lease is a
+//!   permanent reservation: no node takes it except the one whose `PublicIP`
+//!   it names.
+//!
+//! Creating a lease is a transaction that succeeds only if the key does not
+//! exist yet (`create_revision == 0`), so two nodes never get the same subnet.
+//! The watcher hands the reconcile loop full snapshots of the valid leases; it
+//! resumes its watch from the last revision it saw after a connection error,
+//! and relists when etcd has compacted that revision away, so no change (in
+//! particular no delete) is ever lost.
+
+use std::collections::hash_map::RandomState;
+use std::collections::{BTreeMap, HashSet};
+use std::fmt;
+use std::future::Future;
+use std::hash::{BuildHasher, Hash, Hasher};
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime};
+
+use etcd_client::{
+    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, KeyValue, LeaseTimeToLiveOptions, PutOptions,
+    Txn, TxnOp, WatchOptions,
+};
+use flannel_net::MacAddr;
+use ipnet::Ipv4Net;
+use serde_json::Value;
+use tokio::sync::mpsc;
+
+use crate::config::{ConfigError, NetworkConfig};
+use crate::lease::{Lease, LeaseAttrs, LeaseEvent, VxlanData};
+
+/// flannel's default etcd prefix.
+pub const DEFAULT_PREFIX: &str = "/coreos.com/network";
+
+/// TTL of the etcd lease a subnet key is bound to (flannel's 24 h).
+pub const LEASE_TTL: Duration = Duration::from_secs(24 * 60 * 60);
+
+/// How long one etcd request may take before it counts as failed.
+const RPC_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// How many times acquisition picks again when other nodes keep winning the race.
+const ACQUIRE_ATTEMPTS: usize = 64;
+
+/// The watcher's wait after an error: doubles from the first to the second.
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// How much of a value error messages show.
+const MAX_SHOWN_VALUE: usize = 300;
+
+/// How to reach etcd (flanneld's `--etcd-*` flags).
+#[derive(Clone)]
+pub struct EtcdOptions {
+    /// `http://127.0.0.1:2379`, ...
+    pub endpoints: Vec<String>,
+    /// Key prefix, default [`DEFAULT_PREFIX`].
+    pub prefix: String,
+    /// Client key for TLS.
+    pub keyfile: Option<PathBuf>,
+    /// Client certificate for TLS.
+    pub certfile: Option<PathBuf>,
+    /// CA that signed etcd's certificate.
+    pub cafile: Option<PathBuf>,
+    /// User for etcd authentication.
+    pub username: Option<String>,
+    /// Password of `username`.
+    pub password: Option<String>,
+}
+
+impl Default for EtcdOptions {
+    fn default() -> Self {
+        EtcdOptions {
+            endpoints: vec!["http://127.0.0.1:2379".to_string()],
+            prefix: DEFAULT_PREFIX.to_string(),
+            keyfile: None,
+            certfile: None,
+            cafile: None,
+            username: None,
+            password: None,
+        }
+    }
+}
+
+impl fmt::Debug for EtcdOptions {
+    // By hand, so that the password never reaches a log.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EtcdOptions")
+            .field("endpoints", &self.endpoints)
+            .field("prefix", &self.prefix)
+            .field("keyfile", &self.keyfile)
+            .field("certfile", &self.certfile)
+            .field("cafile", &self.cafile)
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
+}
+
+/// What can go wrong talking to the lease store.
+#[derive(Debug, thiserror::Error)]
+pub enum SubnetError {
+    /// etcd did not answer or refused the request.
+    #[error("etcd at {endpoints}: {op}: {source}")]
+    Etcd {
+        /// The endpoints, comma separated.
+        endpoints: String,
+        /// What was being done, naming the key (`get /coreos.com/network/config`).
+        op: String,
+        /// The client's error.
+        #[source]
+        source: etcd_client::Error,
+    },
+    /// etcd did not answer in time.
+    #[error("etcd at {endpoints}: {op}: no answer within {after:?}")]
+    Timeout {
+        /// The endpoints, comma separated.
+        endpoints: String,
+        /// What was being done, naming the key.
+        op: String,
+        /// How long we waited.
+        after: Duration,
+    },
+    /// The options or the lease attributes cannot be used.
+    #[error("{0}")]
+    Invalid(String),
+    /// `<prefix>/config` does not exist.
+    #[error("etcd at {endpoints}: the network configuration key {key} does not exist (write it first, e.g. etcdctl put {key} '{{\"Network\":\"10.244.0.0/16\",\"Backend\":{{\"Type\":\"vxlan\"}}}}')")]
+    ConfigMissing {
+        /// The endpoints, comma separated.
+        endpoints: String,
+        /// The configuration key.
+        key: String,
+    },
+    /// `<prefix>/config` holds an unusable configuration (the error names the key and the field).
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// Every subnet is taken.
+    #[error("out of subnets: all {count} subnets of Network {network} between SubnetMin {min} and SubnetMax {max} are leased")]
+    OutOfSubnets {
+        /// How many subnets the range holds.
+        count: usize,
+        /// `Network`.
+        network: Ipv4Net,
+        /// `SubnetMin`.
+        min: Ipv4Addr,
+        /// `SubnetMax`.
+        max: Ipv4Addr,
+    },
+    /// Other nodes won every race for the subnets we picked.
+    #[error("no subnet lease after {attempts} attempts: other nodes kept creating the keys picked (last {last_key})")]
+    Contention {
+        /// How many times we picked.
+        attempts: usize,
+        /// The last key we lost.
+        last_key: String,
+    },
+    /// Our lease is gone from the store (deleted, expired, or taken over).
+    #[error("lease {key} was revoked: {why}")]
+    Revoked {
+        /// The lease's key.
+        key: String,
+        /// What we found instead.
+        why: String,
+    },
+}
+
+/// A lease this node holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AcquiredLease {
+    /// The lease as the store holds it (source = the key).
+    pub lease: Lease,
+    /// `<prefix>/subnets/10.5.52.0-24`.
+    pub key: String,
+    /// The etcd lease the key is bound to; `None` for a reservation.
+    pub etcd_lease_id: Option<i64>,
+    /// When the lease expires unless renewed. For a reservation, which never
+    /// expires, one [`LEASE_TTL`] from the last check, so that the caller
+    /// renews (re-checks) it like any other lease.
+    pub expires: SystemTime,
+}
+
+/// `<prefix>/subnets/10.5.52.0-24`.
+pub fn subnet_key(prefix: &str, subnet: Ipv4Net) -> String {
+    format!("{}/subnets/{}-{}", prefix.trim_end_matches('/'), subnet.network(), subnet.prefix_len())
+}
+
+/// The subnet a key names, from the part after `<prefix>/subnets/`:
+/// `10.5.52.0-24`, or for dual stack `10.5.52.0-24&fc00::-64` (the IPv4 part).
+/// `None` unless it is a canonical IPv4 CIDR (no host bits, length 0..=32).
+pub fn parse_subnet_key(key_tail: &str) -> Option<Ipv4Net> {
+    let v4 = key_tail.split('&').next()?;
+    let (ip, len) = v4.split_once('-')?;
+    if len.is_empty() || len.len() > 2 || !len.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let ip: Ipv4Addr = ip.parse().ok()?;
+    let net = Ipv4Net::new(ip, len.parse().ok()?).ok()?;
+    (net.trunc() == net).then_some(net)
+}
+
+/// flannel's JSON for a lease value, byte for byte:
+/// `{"PublicIP":"192.0.2.3","PublicIPv6":null,"BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"aa:bb:cc:dd:ee:ff"}}`
+/// (`"BackendData":null` when there is no VXLAN data).
+pub fn encode_lease_value(attrs: &LeaseAttrs) -> String {
+    let data = match &attrs.vxlan {
+        Some(v) => format!("{{\"VNI\":{},\"VtepMAC\":\"{}\"}}", v.vni, v.vtep_mac),
+        None => "null".to_string(),
+    };
+    format!(
+        "{{\"PublicIP\":\"{}\",\"PublicIPv6\":null,\"BackendType\":{},\"BackendData\":{}}}",
+        attrs.public_ip,
+        Value::String(attrs.backend_type.clone()),
+        data
+    )
+}
+
+/// A value for messages: lossy UTF-8, cut when long.
+fn shown(value: &[u8]) -> String {
+    let s = String::from_utf8_lossy(value);
+    if s.chars().count() > MAX_SHOWN_VALUE {
+        format!("{}...", s.chars().take(MAX_SHOWN_VALUE).collect::<String>())
+    } else {
+        s.into_owned()
+    }
+}
+
+/// Why an address cannot be a node's public (underlay) address.
+fn unusable_public_ip(ip: Ipv4Addr) -> Option<&'static str> {
+    if ip.is_unspecified() {
+        Some("unspecified")
+    } else if ip.is_loopback() {
+        Some("loopback")
+    } else if ip.is_multicast() {
+        Some("multicast")
+    } else if ip.is_broadcast() {
+        Some("broadcast")
+    } else {
+        None
+    }
+}
+
+/// Decodes a lease value (flannel's JSON; field names without regard to case,
+/// as Go's decoder matches them). `key` and `subnet` say where it came from.
+/// The error names the key and the value.
+pub fn decode_lease(key: &str, subnet: Ipv4Net, value: &[u8]) -> Result<Lease, String> {
+    let err = |msg: String| format!("lease {key} = {}: {msg}", shown(value));
+    let root: Value = serde_json::from_slice(value).map_err(|e| err(format!("not JSON: {e}")))?;
+    let Value::Object(obj) = root else {
+        return Err(err("not a JSON object".into()));
+    };
+    let field = |obj: &serde_json::Map<String, Value>, name: &str| -> Option<Value> {
+        obj.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.clone()).filter(|v| !v.is_null())
+    };
+
+    let public_ip = match field(&obj, "PublicIP") {
+        None => return Err(err("PublicIP is missing".into())),
+        Some(Value::String(s)) => {
+            s.parse::<Ipv4Addr>().map_err(|_| err(format!("PublicIP {s:?} is not an IPv4 address")))?
+        }
+        Some(other) => return Err(err(format!("PublicIP {other} is not a string"))),
+    };
+    if let Some(why) = unusable_public_ip(public_ip) {
+        return Err(err(format!("PublicIP {public_ip} is {why}, not a node's address")));
+    }
+    let backend_type = match field(&obj, "BackendType") {
+        None => return Err(err("BackendType is missing".into())),
+        Some(Value::String(s)) => s,
+        Some(other) => return Err(err(format!("BackendType {other} is not a string"))),
+    };
+    let vxlan = if backend_type.eq_ignore_ascii_case("vxlan") {
+        let data = match field(&obj, "BackendData") {
+            Some(Value::Object(d)) => d,
+            None => return Err(err("a vxlan lease needs BackendData with VtepMAC".into())),
+            Some(other) => return Err(err(format!("BackendData {other} is not an object"))),
+        };
+        let vni = match field(&data, "VNI") {
+            None => 0,
+            Some(v) => match v.as_u64() {
+                Some(n) if n <= 0xff_ffff => n as u32,
+                _ => return Err(err(format!("BackendData.VNI {v} is not an integer in 0..=16777215"))),
+            },
+        };
+        let vtep_mac = match field(&data, "VtepMAC") {
+            None => return Err(err("BackendData.VtepMAC is missing".into())),
+            Some(Value::String(s)) => {
+                let mac: MacAddr = s
+                    .replace('-', ":")
+                    .parse()
+                    .map_err(|_| err(format!("BackendData.VtepMAC {s:?} is not a MAC address")))?;
+                if mac.0 == [0; 6] || mac.0[0] & 1 == 1 {
+                    return Err(err(format!("BackendData.VtepMAC {s} is not a unicast MAC address")));
+                }
+                mac
+            }
+            Some(other) => return Err(err(format!("BackendData.VtepMAC {other} is not a string"))),
+        };
+        Some(VxlanData { vni, vtep_mac })
+    } else {
+        None
+    };
+    Ok(Lease { subnet, public_ip, backend_type, vxlan, source: key.to_string() })
+}
+
+/// Decodes one entry of `<prefix>/subnets/`: the key must name a subnet inside
+/// the configuration's Network and the value must decode. The error names the
+/// key and the value.
+pub fn decode_entry(prefix: &str, cfg: &NetworkConfig, key: &str, value: &[u8]) -> Result<Lease, String> {
+    let dir = format!("{}/subnets/", prefix.trim_end_matches('/'));
+    let subnet = key.strip_prefix(&dir).and_then(parse_subnet_key).ok_or_else(|| {
+        format!("lease {key} = {}: the key does not name a subnet (want {dir}<a.b.c.d>-<len>)", shown(value))
+    })?;
+    if !cfg.network.contains(&subnet) {
+        return Err(format!("lease {key} = {}: subnet {subnet} is outside Network {}", shown(value), cfg.network));
+    }
+    decode_lease(key, subnet, value)
+}
+
+/// A raw entry of `<prefix>/subnets/`.
+struct Entry {
+    key: String,
+    /// The subnet the key names, if it names one.
+    subnet: Option<Ipv4Net>,
+    value: Vec<u8>,
+    /// The etcd lease, 0 for none (a reservation).
+    lease_id: i64,
+    mod_revision: i64,
+}
+
+impl Entry {
+    fn from_kv(kv: &KeyValue) -> Option<Entry> {
+        let Ok(key) = kv.key_str() else {
+            log::warn!("skipping lease key {:?}: not UTF-8", String::from_utf8_lossy(kv.key()));
+            return None;
+        };
+        let subnet = key.rsplit_once("/subnets/").and_then(|(_, tail)| parse_subnet_key(tail));
+        Some(Entry {
+            key: key.to_string(),
+            subnet,
+            value: kv.value().to_vec(),
+            lease_id: kv.lease(),
+            mod_revision: kv.mod_revision(),
+        })
+    }
+}
+
+/// A random number, different on every call (std's randomly keyed hasher).
+fn random_u64(seed: impl Hash) -> u64 {
+    let mut h = RandomState::new().build_hasher();
+    seed.hash(&mut h);
+    SystemTime::now().hash(&mut h);
+    h.finish()
+}
+
+/// Whether `s` is a subnet the configuration lets a node lease.
+fn in_range(cfg: &NetworkConfig, s: Ipv4Net) -> bool {
+    let v = u32::from(s.network());
+    s.prefix_len() == cfg.subnet_len
+        && s.trunc() == s
+        && cfg.network.contains(&s)
+        && v >= u32::from(cfg.subnet_min)
+        && v <= u32::from(cfg.subnet_max)
+}
+
+/// The `subnet_len`-sized subnets the existing keys occupy (also the ones with
+/// malformed values: the key exists, so creating it would fail).
+fn occupied(cfg: &NetworkConfig, entries: &[Entry]) -> HashSet<Ipv4Net> {
+    let mut out = HashSet::new();
+    for s in entries.iter().filter_map(|e| e.subnet) {
+        if s.prefix_len() >= cfg.subnet_len {
+            if let Ok(n) = Ipv4Net::new(s.network(), cfg.subnet_len) {
+                out.insert(n.trunc());
+            }
+        } else if cfg.subnet_len - s.prefix_len() <= 16 {
+            if let Ok(subs) = s.subnets(cfg.subnet_len) {
+                out.extend(subs);
+            }
+        }
+    }
+    out
+}
+
+/// The pieces needed to (re)build a client.
+#[derive(Clone)]
+struct Connector {
+    endpoints: Vec<String>,
+    /// Comma separated, for messages.
+    shown: String,
+    options: ConnectOptions,
+}
+
+impl Connector {
+    async fn connect(&self) -> Result<Client, SubnetError> {
+        let op = "connect".to_string();
+        match tokio::time::timeout(RPC_TIMEOUT, Client::connect(&self.endpoints, Some(self.options.clone()))).await {
+            Ok(Ok(c)) => Ok(c),
+            Ok(Err(source)) => Err(SubnetError::Etcd { endpoints: self.shown.clone(), op, source }),
+            Err(_) => Err(SubnetError::Timeout { endpoints: self.shown.clone(), op, after: RPC_TIMEOUT }),
+        }
+    }
+
+    /// Runs one request with a deadline, naming `op` in errors.
+    async fn call<T>(
+        &self,
+        op: impl FnOnce() -> String,
+        fut: impl Future<Output = Result<T, etcd_client::Error>>,
+    ) -> Result<T, SubnetError> {
+        match tokio::time::timeout(RPC_TIMEOUT, fut).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(source)) => Err(SubnetError::Etcd { endpoints: self.shown.clone(), op: op(), source }),
+            Err(_) => Err(SubnetError::Timeout { endpoints: self.shown.clone(), op: op(), after: RPC_TIMEOUT }),
+        }
+    }
+}
+
+/// The etcd lease store.
+pub struct EtcdSubnetManager {
+    conn: Connector,
+    client: Client,
+    /// The prefix without a trailing `/`.
+    prefix: String,
+}
+
+impl fmt::Debug for EtcdSubnetManager {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EtcdSubnetManager").field("endpoints", &self.conn.shown).field("prefix", &self.prefix).finish()
+    }
+}
+
+impl EtcdSubnetManager {
+    /// Builds a client for `opts.endpoints`. The connection itself is made by
+    /// the first request (and made again after it breaks), so this fails only
+    /// on bad options or bad credentials.
+    pub async fn connect(opts: &EtcdOptions) -> Result<Self, SubnetError> {
+        if opts.endpoints.is_empty() {
+            return Err(SubnetError::Invalid("no etcd endpoints given".into()));
+        }
+        let tls: Vec<String> = [("cafile", &opts.cafile), ("certfile", &opts.certfile), ("keyfile", &opts.keyfile)]
+            .iter()
+            .filter_map(|(name, v)| v.as_ref().map(|p| format!("{name} {}", p.display())))
+            .collect();
+        if !tls.is_empty() {
+            // etcd-client's TLS support (ConnectOptions::with_tls) exists only
+            // with one of its TLS features, which this build does not enable.
+            return Err(SubnetError::Invalid(format!(
+                "etcd TLS ({}) needs flanneld-rs built with etcd-client's \"tls\" feature; this build speaks plain HTTP only",
+                tls.join(", ")
+            )));
+        }
+        if let Some(https) = opts.endpoints.iter().find(|e| e.starts_with("https://")) {
+            return Err(SubnetError::Invalid(format!(
+                "etcd endpoint {https} needs TLS, which needs flanneld-rs built with etcd-client's \"tls\" feature"
+            )));
+        }
+        let mut options = ConnectOptions::new()
+            .with_connect_timeout(Duration::from_secs(5))
+            .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5))
+            .with_keep_alive_while_idle(false);
+        match (&opts.username, &opts.password) {
+            (Some(user), password) => {
+                options = options.with_user(user.clone(), password.clone().unwrap_or_default());
+            }
+            (None, Some(_)) => return Err(SubnetError::Invalid("etcd password given without a username".into())),
+            (None, None) => {}
+        }
+        let conn = Connector { endpoints: opts.endpoints.clone(), shown: opts.endpoints.join(","), options };
+        let client = conn.connect().await?;
+        let prefix = opts.prefix.trim_end_matches('/').to_string();
+        Ok(EtcdSubnetManager { conn, client, prefix })
+    }
+
+    /// The prefix, without a trailing `/`.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// `<prefix>/config`.
+    pub fn config_key(&self) -> String {
+        format!("{}/config", self.prefix)
+    }
+
+    fn subnets_dir(&self) -> String {
+        format!("{}/subnets/", self.prefix)
+    }
+
+    /// Reads and validates `<prefix>/config`.
+    pub async fn network_config(&self) -> Result<NetworkConfig, SubnetError> {
+        let key = self.config_key();
+        let mut c = self.client.clone();
+        let resp = self.conn.call(|| format!("get {key}"), c.get(key.clone(), None)).await?;
+        let Some(kv) = resp.kvs().first() else {
+            return Err(SubnetError::ConfigMissing { endpoints: self.conn.shown.clone(), key });
+        };
+        let text = std::str::from_utf8(kv.value()).map_err(|_| ConfigError {
+            source_name: key.clone(),
+            msg: format!("value {:?} is not UTF-8", shown(kv.value())),
+        })?;
+        Ok(NetworkConfig::parse(text, &key)?)
+    }
+
+    /// Every entry of `<prefix>/subnets/` and the store revision.
+    async fn list_raw(&self) -> Result<(Vec<Entry>, i64), SubnetError> {
+        list_raw(&self.conn, &self.client, &self.subnets_dir()).await
+    }
+
+    /// All valid leases (sorted by subnet) and the store revision. Entries that
+    /// fail to parse are logged (key and value) and skipped.
+    pub async fn list_leases(&self, cfg: &NetworkConfig) -> Result<(Vec<Lease>, i64), SubnetError> {
+        let (entries, rev) = self.list_raw().await?;
+        let mut leases: Vec<Lease> = entries
+            .iter()
+            .filter_map(|e| match decode_entry(&self.prefix, cfg, &e.key, &e.value) {
+                Ok(l) => Some(l),
+                Err(msg) => {
+                    log::warn!("skipping {msg}");
+                    None
+                }
+            })
+            .collect();
+        leases.sort_by_key(|l| (u32::from(l.subnet.network()), l.subnet.prefix_len()));
+        Ok((leases, rev))
+    }
+
+    async fn grant(&self) -> Result<(i64, SystemTime), SubnetError> {
+        let now = SystemTime::now();
+        let mut c = self.client.clone();
+        let resp =
+            self.conn.call(|| "grant a lease".to_string(), c.lease_grant(LEASE_TTL.as_secs() as i64, None)).await?;
+        Ok((resp.id(), now + Duration::from_secs(resp.ttl().max(0) as u64)))
+    }
+
+    /// Revokes an etcd lease we granted and did not use (best effort).
+    async fn revoke_unused(&self, id: i64) {
+        let mut c = self.client.clone();
+        if let Err(e) = self.conn.call(|| format!("revoke lease {id:x}"), c.lease_revoke(id)).await {
+            log::debug!("{e}");
+        }
+    }
+
+    /// Revokes an etcd lease if no key is attached to it any more (best effort).
+    async fn revoke_if_orphan(&self, id: i64) {
+        let mut c = self.client.clone();
+        let ttl = self
+            .conn
+            .call(
+                || format!("time-to-live of lease {id:x}"),
+                c.lease_time_to_live(id, Some(LeaseTimeToLiveOptions::new().with_keys())),
+            )
+            .await;
+        match ttl {
+            Ok(r) if r.ttl() > 0 && r.keys().is_empty() => self.revoke_unused(id).await,
+            Ok(_) => {}
+            Err(e) => log::debug!("{e}"),
+        }
+    }
+
+    /// Acquires a subnet lease, flannel's way: the lease whose PublicIP is
+    /// ours, else `previous` (from our old subnet.env) if it is in range and
+    /// free, else a free subnet in [SubnetMin, SubnetMax] picked at random.
+    pub async fn acquire_lease(
+        &self,
+        cfg: &NetworkConfig,
+        attrs: &LeaseAttrs,
+        previous: Option<Ipv4Net>,
+    ) -> Result<AcquiredLease, SubnetError> {
+        if let Some(why) = unusable_public_ip(attrs.public_ip) {
+            return Err(SubnetError::Invalid(format!(
+                "public IP {} is {why}: other nodes could not reach this one",
+                attrs.public_ip
+            )));
+        }
+        let value = encode_lease_value(attrs);
+        // A lease granted in an earlier attempt and not used yet.
+        let mut granted: Option<(i64, SystemTime)> = None;
+        let mut last_key = String::new();
+        let result = 'attempts: {
+            for attempt in 0..ACQUIRE_ATTEMPTS {
+                let (entries, _) = match self.list_raw().await {
+                    Ok(v) => v,
+                    Err(e) => break 'attempts Err(e),
+                };
+                // (1) A lease whose PublicIP is ours; reservations first.
+                let mut mine: Vec<(&Entry, Lease)> = entries
+                    .iter()
+                    .filter_map(|e| match decode_entry(&self.prefix, cfg, &e.key, &e.value) {
+                        Ok(l) if l.public_ip == attrs.public_ip => Some((e, l)),
+                        Ok(_) => None,
+                        Err(msg) => {
+                            log::debug!("not considering {msg}");
+                            None
+                        }
+                    })
+                    .collect();
+                mine.sort_by_key(|(e, _)| e.lease_id != 0);
+                if let Some((entry, lease)) = mine.into_iter().next() {
+                    match self.take_over(entry, lease, attrs, &value, &mut granted).await {
+                        Ok(Some(acquired)) => break 'attempts Ok(acquired),
+                        Ok(None) => {
+                            log::info!("lease {} changed while we updated it; looking again", entry.key);
+                            last_key = entry.key.clone();
+                            continue;
+                        }
+                        Err(e) => break 'attempts Err(e),
+                    }
+                }
+                // (2) The previous subnet, (3) a free one.
+                let taken = occupied(cfg, &entries);
+                let candidate =
+                    previous.map(|p| p.trunc()).filter(|p| in_range(cfg, *p) && !taken.contains(p)).or_else(|| {
+                        let free: Vec<Ipv4Net> = cfg.subnets().filter(|s| !taken.contains(s)).collect();
+                        if free.is_empty() {
+                            return None;
+                        }
+                        let i = random_u64((attrs.public_ip, attempt)) % free.len() as u64;
+                        Some(free[i as usize])
+                    });
+                let Some(subnet) = candidate else {
+                    break 'attempts Err(SubnetError::OutOfSubnets {
+                        count: cfg.subnets().count(),
+                        network: cfg.network,
+                        min: cfg.subnet_min,
+                        max: cfg.subnet_max,
+                    });
+                };
+                let (lease_id, expires) = match granted {
+                    Some(g) => g,
+                    None => match self.grant().await {
+                        Ok(g) => {
+                            granted = Some(g);
+                            g
+                        }
+                        Err(e) => break 'attempts Err(e),
+                    },
+                };
+                let key = subnet_key(&self.prefix, subnet);
+                let txn = Txn::new()
+                    .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
+                    .and_then([TxnOp::put(key.clone(), value.clone(), Some(PutOptions::new().with_lease(lease_id)))]);
+                let mut c = self.client.clone();
+                let resp = match self.conn.call(|| format!("create {key} = {value}"), c.txn(txn)).await {
+                    Ok(r) => r,
+                    Err(e) => break 'attempts Err(e),
+                };
+                if resp.succeeded() {
+                    granted = None;
+                    log::info!("acquired lease {key} = {value} (etcd lease {lease_id:x})");
+                    let lease = lease_from_attrs(subnet, attrs, &key);
+                    break 'attempts Ok(AcquiredLease { lease, key, etcd_lease_id: Some(lease_id), expires });
+                }
+                log::info!("{key} was created by another node meanwhile; picking again");
+                last_key = key;
+            }
+            Err(SubnetError::Contention { attempts: ACQUIRE_ATTEMPTS, last_key })
+        };
+        if let Some((id, _)) = granted {
+            self.revoke_unused(id).await;
+        }
+        result
+    }
+
+    /// Makes an existing lease with our PublicIP ours again: writes our
+    /// attributes (e.g. a new VTEP MAC) and, unless it is a reservation, binds
+    /// it to a fresh 24 h etcd lease. `Ok(None)`: it changed meanwhile.
+    async fn take_over(
+        &self,
+        entry: &Entry,
+        found: Lease,
+        attrs: &LeaseAttrs,
+        value: &str,
+        granted: &mut Option<(i64, SystemTime)>,
+    ) -> Result<Option<AcquiredLease>, SubnetError> {
+        let key = entry.key.clone();
+        let lease = Lease { source: key.clone(), ..lease_from_attrs(found.subnet, attrs, &key) };
+        let unchanged = Compare::mod_revision(key.clone(), CompareOp::Equal, entry.mod_revision);
+        let mut c = self.client.clone();
+        if entry.lease_id == 0 {
+            // A reservation: ours to use, never bound to a TTL.
+            if entry.value != value.as_bytes() {
+                let txn = Txn::new().when([unchanged]).and_then([TxnOp::put(key.clone(), value, None)]);
+                let resp = self.conn.call(|| format!("update reservation {key} = {value}"), c.txn(txn)).await?;
+                if !resp.succeeded() {
+                    return Ok(None);
+                }
+            }
+            log::info!("using reservation {key} = {value}");
+            return Ok(Some(AcquiredLease { lease, key, etcd_lease_id: None, expires: SystemTime::now() + LEASE_TTL }));
+        }
+        let (lease_id, expires) = match *granted {
+            Some(g) => g,
+            None => {
+                let g = self.grant().await?;
+                *granted = Some(g);
+                g
+            }
+        };
+        let txn = Txn::new().when([unchanged]).and_then([TxnOp::put(
+            key.clone(),
+            value,
+            Some(PutOptions::new().with_lease(lease_id)),
+        )]);
+        let resp = self.conn.call(|| format!("renew {key} = {value}"), c.txn(txn)).await?;
+        if !resp.succeeded() {
+            return Ok(None);
+        }
+        *granted = None;
+        if entry.lease_id != lease_id {
+            self.revoke_if_orphan(entry.lease_id).await;
+        }
+        log::info!("reusing lease {key} = {value} (etcd lease {lease_id:x})");
+        Ok(Some(AcquiredLease { lease, key, etcd_lease_id: Some(lease_id), expires }))
+    }
+
+    /// Extends the lease's TTL (one etcd keep-alive) after checking that the
+    /// key still exists and is still bound to our etcd lease; returns the
+    /// lease with its new expiry. A reservation is only checked.
+    pub async fn renew_lease(&self, lease: &AcquiredLease) -> Result<AcquiredLease, SubnetError> {
+        let key = &lease.key;
+        let mut c = self.client.clone();
+        let resp = self.conn.call(|| format!("get {key}"), c.get(key.clone(), None)).await?;
+        let Some(kv) = resp.kvs().first() else {
+            return Err(SubnetError::Revoked { key: key.clone(), why: "the key is gone from etcd".into() });
+        };
+        let Some(id) = lease.etcd_lease_id else {
+            return Ok(AcquiredLease { expires: SystemTime::now() + LEASE_TTL, ..lease.clone() });
+        };
+        if kv.lease() != id {
+            return Err(SubnetError::Revoked {
+                key: key.clone(),
+                why: format!(
+                    "the key is now bound to etcd lease {:x}, not ours ({id:x}); value {}",
+                    kv.lease(),
+                    shown(kv.value())
+                ),
+            });
+        }
+        let now = SystemTime::now();
+        // One keep-alive: lease_keep_alive sends a request and reads its
+        // answer, failing when the lease is gone; the stream ends when dropped.
+        let kept = self
+            .conn
+            .call(|| format!("keep etcd lease {id:x} of {key} alive"), async { c.lease_keep_alive(id).await.map(drop) })
+            .await;
+        match kept {
+            Ok(()) => {}
+            Err(SubnetError::Etcd { source: etcd_client::Error::LeaseKeepAliveError(msg), .. }) => {
+                return Err(SubnetError::Revoked { key: key.clone(), why: format!("etcd lease {id:x}: {msg}") });
+            }
+            Err(e) => return Err(e),
+        }
+        let mut c = self.client.clone();
+        let left = self
+            .conn
+            .call(|| format!("time-to-live of etcd lease {id:x} of {key}"), c.lease_time_to_live(id, None))
+            .await?;
+        if left.ttl() <= 0 {
+            return Err(SubnetError::Revoked { key: key.clone(), why: format!("etcd lease {id:x} has expired") });
+        }
+        Ok(AcquiredLease { expires: now + Duration::from_secs(left.ttl() as u64), ..lease.clone() })
+    }
+
+    /// Starts the lease watcher (see the module documentation): a snapshot at
+    /// start and after every change of the valid lease set, `Revoked(own_key)`
+    /// when our own key disappears. The task ends when `tx` is closed.
+    pub fn spawn_watcher(
+        &self,
+        cfg: NetworkConfig,
+        own_key: String,
+        tx: mpsc::Sender<LeaseEvent>,
+    ) -> tokio::task::JoinHandle<()> {
+        let w = Watcher {
+            conn: self.conn.clone(),
+            client: self.client.clone(),
+            prefix: self.prefix.clone(),
+            dir: self.subnets_dir(),
+            cfg,
+            own_key,
+            tx,
+            state: BTreeMap::new(),
+            own_present: false,
+            last_sent: None,
+        };
+        tokio::spawn(w.run())
+    }
+}
+
+fn lease_from_attrs(subnet: Ipv4Net, attrs: &LeaseAttrs, key: &str) -> Lease {
+    Lease {
+        subnet,
+        public_ip: attrs.public_ip,
+        backend_type: attrs.backend_type.clone(),
+        vxlan: attrs.vxlan,
+        source: key.to_string(),
+    }
+}
+
+async fn list_raw(conn: &Connector, client: &Client, dir: &str) -> Result<(Vec<Entry>, i64), SubnetError> {
+    let mut c = client.clone();
+    let resp = conn.call(|| format!("list {dir}"), c.get(dir, Some(GetOptions::new().with_prefix()))).await?;
+    let rev = resp.header().map(|h| h.revision()).unwrap_or(0);
+    Ok((resp.kvs().iter().filter_map(Entry::from_kv).collect(), rev))
+}
+
+/// Doubling waits between `BACKOFF_MIN` and `BACKOFF_MAX`.
+struct Backoff(Duration);
+
+impl Backoff {
+    fn next(&mut self) -> Duration {
+        let d = self.0;
+        self.0 = (self.0 * 2).min(BACKOFF_MAX);
+        d
+    }
+    fn reset(&mut self) {
+        self.0 = BACKOFF_MIN;
+    }
+}
+
+/// How a watch ended.
+enum WatchEnd {
+    /// Start over from a fresh list (compacted, or canceled by etcd).
+    Relist,
+    /// Connection trouble: wait, then watch again from this revision.
+    Resume(i64),
+    /// The receiver is gone.
+    Closed,
+}
+
+struct Watcher {
+    conn: Connector,
+    client: Client,
+    prefix: String,
+    dir: String,
+    cfg: NetworkConfig,
+    own_key: String,
+    tx: mpsc::Sender<LeaseEvent>,
+    /// The valid leases by key.
+    state: BTreeMap<String, Lease>,
+    /// Whether our own key existed when last seen.
+    own_present: bool,
+    last_sent: Option<Vec<Lease>>,
+}
+
+impl Watcher {
+    async fn run(mut self) {
+        let mut backoff = Backoff(BACKOFF_MIN);
+        let mut resume: Option<i64> = None;
+        loop {
+            let start = match resume.take() {
+                Some(rev) => rev,
+                None => match self.relist().await {
+                    Ok(Some(rev)) => rev + 1,
+                    Ok(None) => return,
+                    Err(e) => {
+                        log::warn!("lease watcher: {e}; retrying");
+                        if !self.pause(&mut backoff).await {
+                            return;
+                        }
+                        continue;
+                    }
+                },
+            };
+            match self.watch_from(start, &mut backoff).await {
+                WatchEnd::Closed => return,
+                WatchEnd::Relist => {}
+                WatchEnd::Resume(rev) => resume = Some(rev),
+            }
+            if !self.pause(&mut backoff).await {
+                return;
+            }
+        }
+    }
+
+    /// Waits the next backoff; false if the receiver went away meanwhile.
+    async fn pause(&mut self, backoff: &mut Backoff) -> bool {
+        let d = backoff.next();
+        tokio::select! {
+            _ = tokio::time::sleep(d) => {}
+            _ = self.tx.closed() => return false,
+        }
+        // A fresh client, so that a broken connection is not reused.
+        match self.conn.connect().await {
+            Ok(c) => self.client = c,
+            Err(e) => log::debug!("lease watcher: {e}"),
+        }
+        true
+    }
+
+    /// Replaces the state with a fresh list; returns its revision, or None if
+    /// the receiver is gone.
+    async fn relist(&mut self) -> Result<Option<i64>, SubnetError> {
+        let (entries, rev) = list_raw(&self.conn, &self.client, &self.dir).await?;
+        let mut state = BTreeMap::new();
+        let mut own_present = false;
+        for e in &entries {
+            own_present |= e.key == self.own_key;
+            match decode_entry(&self.prefix, &self.cfg, &e.key, &e.value) {
+                Ok(l) => {
+                    state.insert(e.key.clone(), l);
+                }
+                Err(msg) => log::warn!("skipping {msg}"),
+            }
+        }
+        self.state = state;
+        let revoked = std::mem::replace(&mut self.own_present, own_present) && !own_present;
+        log::debug!("lease watcher: listed {} leases at revision {rev}", self.state.len());
+        if !self.publish(revoked).await {
+            return Ok(None);
+        }
+        Ok(Some(rev))
+    }
+
+    /// Sends a snapshot if the set changed (always the first time), then
+    /// `Revoked` if asked; false if the receiver is gone.
+    async fn publish(&mut self, revoked: bool) -> bool {
+        let mut snap: Vec<Lease> = self.state.values().cloned().collect();
+        snap.sort_by_key(|l| (u32::from(l.subnet.network()), l.subnet.prefix_len()));
+        if self.last_sent.as_ref() != Some(&snap) {
+            self.last_sent = Some(snap.clone());
+            if self.tx.send(LeaseEvent::Snapshot(snap)).await.is_err() {
+                return false;
+            }
+        }
+        if revoked {
+            log::warn!("our lease {} was deleted from etcd: revoked", self.own_key);
+            if self.tx.send(LeaseEvent::Revoked(self.own_key.clone())).await.is_err() {
+                return false;
+            }
+        }
+        true
+    }
+
+    async fn watch_from(&mut self, start: i64, backoff: &mut Backoff) -> WatchEnd {
+        let opts = WatchOptions::new().with_prefix().with_start_revision(start);
+        let mut c = self.client.clone();
+        let dir = self.dir.clone();
+        let mut stream = match self
+            .conn
+            .call(|| format!("watch {dir} from revision {start}"), c.watch(dir.clone(), Some(opts)))
+            .await
+        {
+            Ok(s) => s,
+            Err(e) => {
+                log::warn!("lease watcher: {e}; retrying");
+                return WatchEnd::Resume(start);
+            }
+        };
+        let mut next = start;
+        loop {
+            let msg = tokio::select! {
+                m = stream.message() => m,
+                _ = self.tx.closed() => return WatchEnd::Closed,
+            };
+            let resp = match msg {
+                Ok(Some(r)) => r,
+                Ok(None) => {
+                    log::warn!("lease watcher: etcd at {} ended the watch of {dir}; resuming", self.conn.shown);
+                    return WatchEnd::Resume(next);
+                }
+                Err(e) => {
+                    log::warn!("lease watcher: etcd at {}: watch {dir}: {e}; resuming", self.conn.shown);
+                    return WatchEnd::Resume(next);
+                }
+            };
+            if resp.canceled() {
+                if resp.compact_revision() > 0 {
+                    log::info!(
+                        "lease watcher: revision {next} of {dir} was compacted (oldest left: {}); relisting",
+                        resp.compact_revision()
+                    );
+                } else {
+                    log::warn!("lease watcher: etcd canceled the watch of {dir} ({}); relisting", resp.cancel_reason());
+                }
+                return WatchEnd::Relist;
+            }
+            if resp.created() {
+                backoff.reset();
+            }
+            let mut revoked = false;
+            for ev in resp.events() {
+                let Some(kv) = ev.kv() else { continue };
+                next = next.max(kv.mod_revision() + 1);
+                let Ok(key) = kv.key_str() else {
+                    log::warn!("skipping lease key {:?}: not UTF-8", String::from_utf8_lossy(kv.key()));
+                    continue;
+                };
+                match ev.event_type() {
+                    EventType::Put => {
+                        if key == self.own_key {
+                            self.own_present = true;
+                        }
+                        match decode_entry(&self.prefix, &self.cfg, key, kv.value()) {
+                            Ok(l) => {
+                                self.state.insert(key.to_string(), l);
+                            }
+                            Err(msg) => {
+                                log::warn!("skipping {msg}");
+                                self.state.remove(key);
+                            }
+                        }
+                    }
+                    EventType::Delete => {
+                        self.state.remove(key);
+                        if key == self.own_key && self.own_present {
+                            self.own_present = false;
+                            revoked = true;
+                        }
+                    }
+                }
+            }
+            if !self.publish(revoked).await {
+                return WatchEnd::Closed;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> NetworkConfig {
+        NetworkConfig::parse(r#"{"Network":"10.5.0.0/16","Backend":{"Type":"vxlan"}}"#, "test").unwrap()
+    }
+
+    fn vxlan_attrs() -> LeaseAttrs {
+        LeaseAttrs {
+            public_ip: "192.0.2.3".parse().unwrap(),
+            backend_type: "vxlan".into(),
+            vxlan: Some(VxlanData { vni: 1, vtep_mac: "aa:bb:cc:dd:ee:ff".parse().unwrap() }),
+        }
+    }
+
+    const P: &str = "/coreos.com/network";
+
+    #[test]
+    fn key_naming_and_parsing() {
+        let s: Ipv4Net = "10.5.52.0/24".parse().unwrap();
+        assert_eq!(subnet_key(P, s), "/coreos.com/network/subnets/10.5.52.0-24");
+        assert_eq!(subnet_key("/x/", s), "/x/subnets/10.5.52.0-24");
+        assert_eq!(parse_subnet_key("10.5.52.0-24"), Some(s));
+        assert_eq!(parse_subnet_key("10.5.52.0-24&fc00::-64"), Some(s));
+        assert_eq!(parse_subnet_key("10.5.52.64-26"), Some("10.5.52.64/26".parse().unwrap()));
+        for bad in
+            ["10.5.52.0", "10.5.52.0-", "10.5.52.0-33", "10.5.52.1-24", "10.5.52-24", "x-24", "10.5.52.0-+4", "", "&"]
+        {
+            assert_eq!(parse_subnet_key(bad), None, "{bad}");
+        }
+        for s in ["10.5.52.0/24", "10.244.255.128/25", "0.0.0.0/0"] {
+            let net: Ipv4Net = s.parse().unwrap();
+            let key = subnet_key(P, net);
+            assert_eq!(parse_subnet_key(key.rsplit_once("/subnets/").unwrap().1), Some(net));
+        }
+    }
+
+    #[test]
+    fn encode_is_flannels_exact_json() {
+        assert_eq!(
+            encode_lease_value(&vxlan_attrs()),
+            r#"{"PublicIP":"192.0.2.3","PublicIPv6":null,"BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"aa:bb:cc:dd:ee:ff"}}"#
+        );
+        let hostgw = LeaseAttrs { backend_type: "host-gw".into(), vxlan: None, ..vxlan_attrs() };
+        assert_eq!(
+            encode_lease_value(&hostgw),
+            r#"{"PublicIP":"192.0.2.3","PublicIPv6":null,"BackendType":"host-gw","BackendData":null}"#
+        );
+    }
+
+    #[test]
+    fn decode_roundtrips_and_tolerates_case_and_extra_fields() {
+        let key = "/coreos.com/network/subnets/10.5.52.0-24";
+        let s: Ipv4Net = "10.5.52.0/24".parse().unwrap();
+        let l = decode_lease(key, s, encode_lease_value(&vxlan_attrs()).as_bytes()).unwrap();
+        assert_eq!(l, lease_from_attrs(s, &vxlan_attrs(), key));
+        let v = br#"{"publicip":"192.0.2.9","PublicIPv6":"fc00::9","backendtype":"vxlan","BackendData":{"vni":4096,"vtepmac":"0A:1B:2C:3D:4E:5F"},"BackendV6Data":null}"#;
+        let l = decode_lease(key, s, v).unwrap();
+        assert_eq!(l.public_ip.to_string(), "192.0.2.9");
+        assert_eq!(l.vxlan.unwrap().vni, 4096);
+        assert_eq!(l.vxlan.unwrap().vtep_mac.to_string(), "0a:1b:2c:3d:4e:5f");
+        let l =
+            decode_lease(key, s, br#"{"PublicIP":"192.0.2.9","BackendType":"host-gw","BackendData":null}"#).unwrap();
+        assert_eq!((l.backend_type.as_str(), l.vxlan), ("host-gw", None));
+        let l = decode_entry(P, &cfg(), key, encode_lease_value(&vxlan_attrs()).as_bytes()).unwrap();
+        assert_eq!(l.source, key);
+    }
+
+    #[test]
+    fn decode_errors_name_key_and_value() {
+        let key = "/coreos.com/network/subnets/10.5.52.0-24";
+        let s: Ipv4Net = "10.5.52.0/24".parse().unwrap();
+        let cases: &[(&str, &str)] = &[
+            ("{not json", "not JSON"),
+            ("[1,2]", "not a JSON object"),
+            (r#"{"BackendType":"vxlan"}"#, "PublicIP is missing"),
+            (r#"{"PublicIP":"300.1.1.1","BackendType":"udp"}"#, "PublicIP \"300.1.1.1\" is not an IPv4"),
+            (r#"{"PublicIP":"127.0.0.1","BackendType":"udp"}"#, "PublicIP 127.0.0.1 is loopback"),
+            (r#"{"PublicIP":"224.0.0.5","BackendType":"udp"}"#, "PublicIP 224.0.0.5 is multicast"),
+            (r#"{"PublicIP":"0.0.0.0","BackendType":"udp"}"#, "PublicIP 0.0.0.0 is unspecified"),
+            (r#"{"PublicIP":"192.0.2.3"}"#, "BackendType is missing"),
+            (r#"{"PublicIP":"192.0.2.3","BackendType":"vxlan","BackendData":null}"#, "needs BackendData"),
+            (
+                r#"{"PublicIP":"192.0.2.3","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"zz:bb:cc:dd:ee:ff"}}"#,
+                "VtepMAC \"zz:bb:cc:dd:ee:ff\" is not a MAC",
+            ),
+            (
+                r#"{"PublicIP":"192.0.2.3","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"ff:ff:ff:ff:ff:ff"}}"#,
+                "not a unicast MAC",
+            ),
+            (r#"{"PublicIP":"192.0.2.3","BackendType":"vxlan","BackendData":{"VNI":1}}"#, "VtepMAC is missing"),
+            (
+                r#"{"PublicIP":"192.0.2.3","BackendType":"vxlan","BackendData":{"VNI":-1,"VtepMAC":"aa:bb:cc:dd:ee:ff"}}"#,
+                "VNI -1",
+            ),
+        ];
+        for (value, want) in cases {
+            let e = decode_lease(key, s, value.as_bytes()).unwrap_err();
+            assert!(e.contains(want), "{e:?} lacks {want:?}");
+            assert!(e.contains(key), "{e:?} lacks the key");
+            assert!(e.contains(value), "{e:?} lacks the value");
+        }
+    }
+
+    #[test]
+    fn decode_entry_checks_key_and_network() {
+        let v = encode_lease_value(&vxlan_attrs());
+        let outside = "/coreos.com/network/subnets/10.6.1.0-24";
+        let e = decode_entry(P, &cfg(), outside, v.as_bytes()).unwrap_err();
+        assert!(e.contains("outside Network 10.5.0.0/16") && e.contains(outside) && e.contains(&v), "{e}");
+        let badkey = "/coreos.com/network/subnets/10.5.1.0";
+        let e = decode_entry(P, &cfg(), badkey, v.as_bytes()).unwrap_err();
+        assert!(e.contains("does not name a subnet") && e.contains(badkey) && e.contains(&v), "{e}");
+        let dual = "/coreos.com/network/subnets/10.5.1.0-24&fc00::-64";
+        assert_eq!(decode_entry(P, &cfg(), dual, v.as_bytes()).unwrap().subnet.to_string(), "10.5.1.0/24");
+    }
+
+    #[test]
+    fn long_values_are_cut_in_messages() {
+        let v = format!("{{\"x\":\"{}\"", "a".repeat(10_000));
+        let e = decode_lease("k", "10.5.1.0/24".parse().unwrap(), v.as_bytes()).unwrap_err();
+        assert!(e.len() < 1000, "{}", e.len());
+    }
+
+    #[test]
+    fn range_and_occupancy() {
+        let c = cfg();
+        assert!(in_range(&c, "10.5.1.0/24".parse().unwrap()));
+        assert!(!in_range(&c, "10.5.0.0/24".parse().unwrap())); // below SubnetMin
+        assert!(!in_range(&c, "10.5.1.0/25".parse().unwrap()));
+        assert!(!in_range(&c, "10.6.1.0/24".parse().unwrap()));
+        let e =
+            |k: &str| Entry { key: k.into(), subnet: parse_subnet_key(k), value: vec![], lease_id: 0, mod_revision: 1 };
+        let taken = occupied(&c, &[e("10.5.3.0-24"), e("10.5.4.128-25"), e("10.5.8.0-23"), e("junk")]);
+        let mut t: Vec<String> = taken.iter().map(|s| s.to_string()).collect();
+        t.sort();
+        assert_eq!(t, ["10.5.3.0/24", "10.5.4.0/24", "10.5.8.0/24", "10.5.9.0/24"]);
+    }
+
+    #[test]
+    fn options_debug_hides_the_password() {
+        let o = EtcdOptions { password: Some("hunter2".into()), username: Some("root".into()), ..Default::default() };
+        let d = format!("{o:?}");
+        assert!(!d.contains("hunter2") && d.contains("root"), "{d}");
+    }
+}
