@@ -2,6 +2,8 @@
 //! `src/bin/`: finding the workspace's binaries, running CNI plugins inside a
 //! node namespace, and moving bytes over TCP between namespaces.
 
+pub mod overlay;
+
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;

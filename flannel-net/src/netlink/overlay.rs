@@ -149,6 +149,12 @@ pub struct Fdb {
     pub dst: Ipv4Addr,
 }
 
+/// `NUD_PERMANENT` is one bit of the state; `bridge fdb append` sets
+/// `NUD_NOARP` beside it, which the typed enum reports as "other".
+fn is_permanent(state: NeighbourState) -> bool {
+    u16::from(state) & 0x80 != 0
+}
+
 impl Netlink {
     /// The VXLAN device called `name`, or `None`.
     pub async fn vxlan_by_name(&self, name: &str) -> NlResult<Option<VxlanLink>> {
@@ -210,7 +216,7 @@ impl Netlink {
             .await
             .map_err(|e| NlError::new(format!("dump neighbours of link #{index}"), e))?;
         let mut out = Vec::new();
-        for m in msgs.iter().filter(|m| m.header.ifindex == index && m.header.state == NeighbourState::Permanent) {
+        for m in msgs.iter().filter(|m| m.header.ifindex == index && is_permanent(m.header.state)) {
             let mut ip = None;
             let mut mac = None;
             for a in &m.attributes {
@@ -266,7 +272,7 @@ impl Netlink {
             .await
             .map_err(|e| NlError::new(format!("dump fdb of link #{index}"), e))?;
         let mut out = Vec::new();
-        for m in msgs.iter().filter(|m| m.header.ifindex == index && m.header.state == NeighbourState::Permanent) {
+        for m in msgs.iter().filter(|m| m.header.ifindex == index && is_permanent(m.header.state)) {
             let mut dst = None;
             let mut mac = None;
             for a in &m.attributes {

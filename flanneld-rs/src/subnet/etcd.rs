@@ -370,6 +370,27 @@ fn in_range(cfg: &NetworkConfig, s: Ipv4Net) -> bool {
         && v <= u32::from(cfg.subnet_max)
 }
 
+/// How many subnets [SubnetMin, SubnetMax] holds.
+fn range_count(cfg: &NetworkConfig) -> u64 {
+    let size = 1u64 << (32 - cfg.subnet_len);
+    (u64::from(u32::from(cfg.subnet_max)) - u64::from(u32::from(cfg.subnet_min))) / size + 1
+}
+
+/// A free subnet of the range: the first one from a random starting point on
+/// (wrapping around), so that nodes starting together rarely pick the same.
+fn pick_free(cfg: &NetworkConfig, taken: &HashSet<Ipv4Net>, random: u64) -> Option<Ipv4Net> {
+    let n = range_count(cfg);
+    let size = 1u64 << (32 - cfg.subnet_len);
+    let min = u64::from(u32::from(cfg.subnet_min));
+    let start = random % n;
+    (0..n)
+        .map(|i| {
+            let addr = Ipv4Addr::from((min + ((start + i) % n) * size) as u32);
+            Ipv4Net::new(addr, cfg.subnet_len).expect("valid prefix length")
+        })
+        .find(|s| !taken.contains(s))
+}
+
 /// The `subnet_len`-sized subnets the existing keys occupy (also the ones with
 /// malformed values: the key exists, so creating it would fail).
 fn occupied(cfg: &NetworkConfig, entries: &[Entry]) -> HashSet<Ipv4Net> {
@@ -466,7 +487,10 @@ impl EtcdSubnetManager {
             .with_keep_alive_while_idle(false);
         match (&opts.username, &opts.password) {
             (Some(user), password) => {
-                options = options.with_user(user.clone(), password.clone().unwrap_or_default());
+                // etcd's simple tokens expire (--auth-token-ttl, 5 min idle):
+                // a daemon that renews once a day needs fresh ones.
+                options =
+                    options.with_user(user.clone(), password.clone().unwrap_or_default()).with_auto_token_refresh(true);
             }
             (None, Some(_)) => return Err(SubnetError::Invalid("etcd password given without a username".into())),
             (None, None) => {}
@@ -613,18 +637,13 @@ impl EtcdSubnetManager {
                 }
                 // (2) The previous subnet, (3) a free one.
                 let taken = occupied(cfg, &entries);
-                let candidate =
-                    previous.map(|p| p.trunc()).filter(|p| in_range(cfg, *p) && !taken.contains(p)).or_else(|| {
-                        let free: Vec<Ipv4Net> = cfg.subnets().filter(|s| !taken.contains(s)).collect();
-                        if free.is_empty() {
-                            return None;
-                        }
-                        let i = random_u64((attrs.public_ip, attempt)) % free.len() as u64;
-                        Some(free[i as usize])
-                    });
+                let candidate = previous
+                    .map(|p| p.trunc())
+                    .filter(|p| in_range(cfg, *p) && !taken.contains(p))
+                    .or_else(|| pick_free(cfg, &taken, random_u64((attrs.public_ip, attempt))));
                 let Some(subnet) = candidate else {
                     break 'attempts Err(SubnetError::OutOfSubnets {
-                        count: cfg.subnets().count(),
+                        count: range_count(cfg) as usize,
                         network: cfg.network,
                         min: cfg.subnet_min,
                         max: cfg.subnet_max,
@@ -729,6 +748,23 @@ impl EtcdSubnetManager {
             return Err(SubnetError::Revoked { key: key.clone(), why: "the key is gone from etcd".into() });
         };
         let Some(id) = lease.etcd_lease_id else {
+            // A reservation: still ours as long as it names our PublicIP.
+            let holder = serde_json::from_slice::<Value>(kv.value()).ok().and_then(|v| {
+                let obj = v.as_object()?.clone();
+                obj.into_iter()
+                    .find(|(k, _)| k.eq_ignore_ascii_case("PublicIP"))
+                    .and_then(|(_, v)| v.as_str().and_then(|s| s.parse::<Ipv4Addr>().ok()))
+            });
+            if holder != Some(lease.lease.public_ip) {
+                return Err(SubnetError::Revoked {
+                    key: key.clone(),
+                    why: format!(
+                        "the reservation now holds {}, not PublicIP {}",
+                        shown(kv.value()),
+                        lease.lease.public_ip
+                    ),
+                });
+            }
             return Ok(AcquiredLease { expires: SystemTime::now() + LEASE_TTL, ..lease.clone() });
         };
         if kv.lease() != id {
@@ -1159,6 +1195,25 @@ mod tests {
         let mut t: Vec<String> = taken.iter().map(|s| s.to_string()).collect();
         t.sort();
         assert_eq!(t, ["10.5.3.0/24", "10.5.4.0/24", "10.5.8.0/24", "10.5.9.0/24"]);
+    }
+
+    #[test]
+    fn free_subnets_are_picked_from_the_range_only() {
+        let c =
+            NetworkConfig::parse(r#"{"Network":"10.5.0.0/16","SubnetMin":"10.5.3.0","SubnetMax":"10.5.6.0"}"#, "test")
+                .unwrap();
+        assert_eq!(range_count(&c), 4);
+        assert_eq!(range_count(&cfg()), 255);
+        let mut taken: HashSet<Ipv4Net> = ["10.5.3.0/24", "10.5.5.0/24"].iter().map(|s| s.parse().unwrap()).collect();
+        for r in 0..16 {
+            let s = pick_free(&c, &taken, r).unwrap().to_string();
+            assert!(s == "10.5.4.0/24" || s == "10.5.6.0/24", "{s}");
+        }
+        assert_eq!(pick_free(&c, &taken, 1).unwrap().to_string(), "10.5.4.0/24");
+        assert_eq!(pick_free(&c, &taken, 2).unwrap().to_string(), "10.5.6.0/24");
+        assert_eq!(pick_free(&c, &taken, 3).unwrap().to_string(), "10.5.6.0/24");
+        taken.extend(["10.5.4.0/24", "10.5.6.0/24"].iter().map(|s| s.parse::<Ipv4Net>().unwrap()));
+        assert_eq!(pick_free(&c, &taken, 7), None);
     }
 
     #[test]

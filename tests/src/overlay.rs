@@ -1,0 +1,360 @@
+//! A whole overlay in namespaces: a Cluster whose outside host runs a real
+//! etcd, a real flanneld-rs per node, pods plugged in by the real plugin.
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::time::Duration;
+
+use netns_fixtures::{wait_until, Cluster, Netns};
+use serde_json::{json, Value};
+
+use crate::{cni, cni_env, workspace_bin};
+
+/// The etcd endpoint every node uses (etcd runs on the outside host).
+pub const ETCD: &str = "http://192.0.2.200:2379";
+/// Default network configuration.
+pub const NET_CONF: &str = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#;
+
+/// A child process killed (and reaped) on drop.
+pub struct Proc(pub Option<Child>);
+
+impl Proc {
+    /// Sends SIGTERM and waits for the exit.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            // SAFETY: signalling our own child.
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+            let deadline = std::time::Instant::now() + Duration::from_secs(5);
+            while std::time::Instant::now() < deadline {
+                if let Ok(Some(_)) = c.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// A real etcd on the outside host.
+pub struct Etcd {
+    proc: Proc,
+    dir: tempfile::TempDir,
+}
+
+impl Etcd {
+    fn args(dir: &Path) -> Vec<String> {
+        vec![
+            "--data-dir".into(),
+            dir.join("data").display().to_string(),
+            "--listen-client-urls".into(),
+            ETCD.into(),
+            "--advertise-client-urls".into(),
+            ETCD.into(),
+            "--listen-peer-urls".into(),
+            "http://127.0.0.1:2380".into(),
+            "--initial-advertise-peer-urls".into(),
+            "http://127.0.0.1:2380".into(),
+            "--initial-cluster".into(),
+            "default=http://127.0.0.1:2380".into(),
+        ]
+    }
+
+    /// Starts etcd in `ns` and waits until it answers.
+    pub fn start(ns: &Netns) -> Etcd {
+        let dir = tempfile::tempdir().unwrap();
+        let mut e = Etcd { proc: Proc(None), dir };
+        e.restart(ns);
+        e
+    }
+
+    /// (Re)starts etcd on the same data directory.
+    pub fn restart(&mut self, ns: &Netns) {
+        let log = std::fs::File::create(self.dir.path().join("etcd.log")).unwrap();
+        let child =
+            ns.command("etcd").args(Self::args(self.dir.path())).stdout(Stdio::null()).stderr(log).spawn().unwrap();
+        self.proc = Proc(Some(child));
+        wait_until(Duration::from_secs(20), "etcd to answer", || etcdctl(ns, &["endpoint", "health"]).status.success());
+    }
+
+    /// Stops etcd (SIGTERM).
+    pub fn stop(&mut self) {
+        self.proc.stop();
+    }
+}
+
+/// Runs `etcdctl` (v3 API) against [`ETCD`] from inside `ns`.
+pub fn etcdctl(ns: &Netns, args: &[&str]) -> std::process::Output {
+    ns.command("etcdctl")
+        .env("ETCDCTL_API", "3")
+        .args(["--endpoints", ETCD, "--dial-timeout", "2s", "--command-timeout", "3s"])
+        .args(args)
+        .output()
+        .expect("run etcdctl (Debian package etcd-client)")
+}
+
+/// `etcdctl` that must succeed; returns stdout.
+pub fn etcdctl_ok(ns: &Netns, args: &[&str]) -> String {
+    let out = etcdctl(ns, args);
+    assert!(out.status.success(), "etcdctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+/// The leases in etcd: key -> value.
+pub fn leases(ns: &Netns) -> BTreeMap<String, Value> {
+    let text = etcdctl_ok(ns, &["get", "--prefix", "/coreos.com/network/subnets/"]);
+    let lines: Vec<&str> = text.lines().collect();
+    lines
+        .chunks(2)
+        .filter(|c| c.len() == 2)
+        .map(|c| (c[0].to_string(), serde_json::from_str(c[1]).unwrap_or(Value::Null)))
+        .collect()
+}
+
+/// One node's daemon and files.
+pub struct Daemon {
+    /// The running process, if any.
+    pub proc: Proc,
+    /// Its subnet.env.
+    pub subnet_file: PathBuf,
+    /// Its log.
+    pub log: PathBuf,
+    extra: Vec<String>,
+}
+
+/// The overlay.
+pub struct Overlay {
+    /// Nodes, switch and the outside host (etcd).
+    pub cluster: Cluster,
+    /// etcd.
+    pub etcd: Etcd,
+    /// One per node.
+    pub daemons: Vec<Daemon>,
+    /// Files of this overlay.
+    pub dir: tempfile::TempDir,
+}
+
+impl Overlay {
+    /// `nodes` nodes and etcd with [`NET_CONF`]; daemons not started.
+    pub fn new(nodes: usize) -> Overlay {
+        Self::with_conf(nodes, NET_CONF)
+    }
+
+    /// With a given network configuration.
+    pub fn with_conf(nodes: usize, conf: &str) -> Overlay {
+        let cluster = Cluster::with_outside(nodes).unwrap();
+        let etcd = Etcd::start(cluster.outside().unwrap());
+        etcdctl_ok(cluster.outside().unwrap(), &["put", "/coreos.com/network/config", conf]);
+        let dir = tempfile::tempdir().unwrap();
+        let daemons = (0..nodes)
+            .map(|i| Daemon {
+                proc: Proc(None),
+                subnet_file: dir.path().join(format!("subnet{i}.env")),
+                log: dir.path().join(format!("flanneld{i}.log")),
+                extra: Vec::new(),
+            })
+            .collect();
+        Overlay { cluster, etcd, daemons, dir }
+    }
+
+    /// The outside host (where etcd runs).
+    pub fn outside(&self) -> &Netns {
+        self.cluster.outside().unwrap()
+    }
+
+    /// Extra daemon flags for node `i` (from its next start on).
+    pub fn set_flags(&mut self, i: usize, flags: &[&str]) {
+        self.daemons[i].extra = flags.iter().map(|s| s.to_string()).collect();
+    }
+
+    /// Starts the daemon of node `i` and waits for its subnet.env.
+    pub fn start(&mut self, i: usize) {
+        let d = &mut self.daemons[i];
+        let ready_before = std::fs::read_to_string(&d.log).unwrap_or_default().matches("INFO  ready:").count();
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&d.log).unwrap();
+        let child = self
+            .cluster
+            .node(i)
+            .ns
+            .command(workspace_bin("flanneld-rs"))
+            .args(["--etcd-endpoints", ETCD, "--subnet-file"])
+            .arg(&d.subnet_file)
+            .args(&d.extra)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        d.proc = Proc(Some(child));
+        let logp = d.log.clone();
+        wait_until(Duration::from_secs(20), &format!("node{i}'s daemon to be ready ({})", logp.display()), || {
+            std::fs::read_to_string(&logp).unwrap_or_default().matches("INFO  ready:").count() > ready_before
+        });
+    }
+
+    /// Starts every daemon.
+    pub fn start_all(&mut self) {
+        for i in 0..self.daemons.len() {
+            self.start(i);
+        }
+    }
+
+    /// Stops node `i`'s daemon with SIGTERM.
+    pub fn stop(&mut self, i: usize) {
+        self.daemons[i].proc.stop();
+    }
+
+    /// Node `i`'s subnet (from its subnet.env).
+    pub fn subnet(&self, i: usize) -> ipnet::Ipv4Net {
+        let text = std::fs::read_to_string(&self.daemons[i].subnet_file).unwrap();
+        let line = text.lines().find(|l| l.starts_with("FLANNEL_SUBNET=")).unwrap();
+        line["FLANNEL_SUBNET=".len()..].parse::<ipnet::Ipv4Net>().unwrap().trunc()
+    }
+
+    /// The etcd key of node `i`'s lease.
+    pub fn lease_key(&self, i: usize) -> String {
+        let s = self.subnet(i);
+        format!("/coreos.com/network/subnets/{}-{}", s.network(), s.prefix_len())
+    }
+
+    /// Node `i`'s daemon log.
+    pub fn log(&self, i: usize) -> String {
+        std::fs::read_to_string(&self.daemons[i].log).unwrap_or_default()
+    }
+
+    /// Node `i`'s flannel.1 state: routes, neighbours, FDB entries, as sorted
+    /// strings from `ip -j` and `bridge -j`.
+    pub fn vtep_state(&self, i: usize) -> VtepState {
+        let ns = &self.cluster.node(i).ns;
+        let exists = ns.ip_json(&["link", "show"]).as_array().unwrap().iter().any(|l| l["ifname"] == "flannel.1");
+        if !exists {
+            return VtepState::default();
+        }
+        let mut routes: Vec<String> = ns
+            .ip_json(&["route", "show", "dev", "flannel.1"])
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| {
+                let onlink = r["flags"].as_array().is_some_and(|f| f.contains(&json!("onlink")));
+                format!(
+                    "{} via {}{}",
+                    r["dst"].as_str().unwrap(),
+                    r["gateway"].as_str().unwrap_or("-"),
+                    if onlink { " onlink" } else { "" }
+                )
+            })
+            .collect();
+        routes.sort();
+        let mut neighs: Vec<String> = ns
+            .ip_json(&["neigh", "show", "dev", "flannel.1"])
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| format!("{} {}", n["dst"].as_str().unwrap(), n["lladdr"].as_str().unwrap_or("-")))
+            .collect();
+        neighs.sort();
+        let mut fdbs: Vec<String> = ns
+            .bridge_json(&["fdb", "show", "dev", "flannel.1"])
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|f| f.get("dst").is_some())
+            .map(|f| format!("{} {}", f["mac"].as_str().unwrap(), f["dst"].as_str().unwrap()))
+            .collect();
+        fdbs.sort();
+        VtepState { routes, neighs, fdbs }
+    }
+
+    /// What node `i`'s flannel.1 must hold given the leases in etcd.
+    pub fn expected_state(&self, i: usize) -> VtepState {
+        let own = self.cluster.node(i).underlay_ip.to_string();
+        let mut st = VtepState::default();
+        for (key, v) in leases(self.outside()) {
+            if v["PublicIP"] == own.as_str() {
+                continue;
+            }
+            let tail = key.rsplit('/').next().unwrap();
+            let (net, len) = tail.split_once('-').unwrap();
+            let mac = v["BackendData"]["VtepMAC"].as_str().unwrap();
+            st.routes.push(format!("{net}/{len} via {net} onlink"));
+            st.neighs.push(format!("{net} {mac}"));
+            st.fdbs.push(format!("{mac} {}", v["PublicIP"].as_str().unwrap()));
+        }
+        st.routes.sort();
+        st.neighs.sort();
+        st.fdbs.sort();
+        st
+    }
+
+    /// Waits until node `i`'s kernel state is exactly what etcd says.
+    pub fn wait_converged(&self, i: usize) {
+        wait_until(Duration::from_secs(10), &format!("node{i} to converge"), || {
+            self.vtep_state(i) == self.expected_state(i)
+        });
+    }
+
+    /// A pod on node `i` plugged in by the real plugin; returns its namespace
+    /// and address.
+    pub fn add_pod(&self, i: usize, name: &str) -> (Netns, Ipv4Addr) {
+        let node = self.cluster.node(i);
+        let pod = node.add_pod_netns(name).unwrap();
+        let conf = json!({
+            "cniVersion": "1.0.0", "name": "cbr0", "type": "flannel",
+            "subnetFile": self.daemons[i].subnet_file,
+            "dataDir": self.dir.path().join(format!("cni{i}")),
+            "delegate": { "isDefaultGateway": true }
+        });
+        let path = pod.path().display().to_string();
+        let out = cni(&node.ns, &workspace_bin("flannel"), &cni_env("ADD", name, &path), &conf.to_string());
+        assert!(out.ok, "ADD {name} on node{i}: {:?}", out);
+        let addr = out.json["ips"][0]["address"].as_str().unwrap().split('/').next().unwrap().parse().unwrap();
+        (pod, addr)
+    }
+
+    /// Runs `flanneld-rs diagnose` on node `i` with extra flags.
+    pub fn diagnose(&self, i: usize, extra: &[&str]) -> (bool, Value) {
+        let d = &self.daemons[i];
+        let out = self
+            .cluster
+            .node(i)
+            .ns
+            .command(workspace_bin("flanneld-rs"))
+            .args(["--etcd-endpoints", ETCD, "--subnet-file"])
+            .arg(&d.subnet_file)
+            .args(extra)
+            .args(["diagnose", "--json"])
+            .output()
+            .unwrap();
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "diagnose printed no JSON ({e}): {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
+        (out.status.success(), v)
+    }
+}
+
+/// Routes, neighbours and FDB entries of a node's flannel.1.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct VtepState {
+    /// `dst via gw onlink`.
+    pub routes: Vec<String>,
+    /// `ip mac`.
+    pub neighs: Vec<String>,
+    /// `mac dst`.
+    pub fdbs: Vec<String>,
+}

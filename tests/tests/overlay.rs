@@ -1,0 +1,383 @@
+//! The overlay end to end: a real etcd, real flanneld-rs daemons on three
+//! nodes in namespaces, pods plugged in by the real plugin, real traffic.
+
+use std::net::{SocketAddr, UdpSocket};
+use std::time::Duration;
+
+use e2e_tests::overlay::{etcdctl_ok, leases, Overlay};
+use e2e_tests::{echo_server, tcp_round_trip};
+use flannel_net::netns::NetNs;
+use netns_fixtures::{require_root, wait_until};
+
+#[test]
+fn pods_on_every_node_reach_pods_on_every_other_node_and_state_is_exact() {
+    if !require_root() {
+        return;
+    }
+    let mut o = Overlay::new(3);
+    o.start_all();
+    for i in 0..3 {
+        o.wait_converged(i);
+        assert_eq!(o.vtep_state(i).routes.len(), 2, "node{i}: {:?}", o.vtep_state(i));
+    }
+    let pods: Vec<_> = (0..3).map(|i| o.add_pod(i, &format!("p{i}"))).collect();
+    for (i, (from, _)) in pods.iter().enumerate() {
+        for (j, (to, addr)) in pods.iter().enumerate() {
+            if i == j {
+                continue;
+            }
+            let target = SocketAddr::new((*addr).into(), 7000 + (i * 3 + j) as u16);
+            let server = echo_server(to, target);
+            assert_eq!(tcp_round_trip(from, target), "ping\n", "pod on node{i} -> pod on node{j}");
+            // Pod-to-pod traffic keeps the pod's source address (no masquerade).
+            assert_eq!(server.join().unwrap().ip(), std::net::IpAddr::V4(pods[i].1));
+        }
+    }
+    // Each node's flannel.1 in detail: address, MTU, VNI, port, learning off.
+    let link = &o.cluster.node(0).ns.ip_json(&["-d", "link", "show", "flannel.1"])[0];
+    assert_eq!(link["mtu"], 1450);
+    let info = &link["linkinfo"]["info_data"];
+    assert_eq!(info["id"], 1);
+    assert_eq!(info["port"], 8472);
+    assert_eq!(info["learning"], false);
+    assert_eq!(info["local"], "192.0.2.10");
+    let addrs = o.cluster.node(0).ns.ip_json(&["-4", "addr", "show", "dev", "flannel.1"]);
+    let s0 = o.subnet(0);
+    assert_eq!(addrs[0]["addr_info"][0]["local"], s0.network().to_string());
+    assert_eq!(addrs[0]["addr_info"][0]["prefixlen"], 32);
+}
+
+#[test]
+fn a_leaving_node_is_removed_and_stale_entries_are_swept_on_restart() {
+    if !require_root() {
+        return;
+    }
+    let mut o = Overlay::new(3);
+    o.start_all();
+    for i in 0..3 {
+        o.wait_converged(i);
+    }
+    // Node 2 leaves: daemon stopped, lease deleted. Node 1 sees it go.
+    let key2 = o.lease_key(2);
+    o.stop(2);
+    // Meanwhile node 0's daemon is down too: it must not miss the delete.
+    o.stop(0);
+    etcdctl_ok(o.outside(), &["del", &key2]);
+    wait_until(Duration::from_secs(10), "node1 to drop node2's entries", || o.vtep_state(1).routes.len() == 1);
+    o.wait_converged(1);
+    // flannel leaks these; we sweep them when the daemon comes back.
+    assert_eq!(o.vtep_state(0).routes.len(), 2, "node0's kernel changed while its daemon was down");
+    o.start(0);
+    o.wait_converged(0);
+    assert_eq!(o.vtep_state(0).routes.len(), 1);
+}
+
+#[test]
+fn a_daemon_restart_loses_no_packet() {
+    if !require_root() {
+        return;
+    }
+    let mut o = Overlay::new(2);
+    o.start_all();
+    o.wait_converged(0);
+    o.wait_converged(1);
+    let (a, _) = o.add_pod(0, "tx");
+    let (b, b_addr) = o.add_pod(1, "rx");
+    let target = SocketAddr::new(b_addr.into(), 9999);
+    let rx = NetNs::open(b.path()).unwrap().run(move || UdpSocket::bind(target)).unwrap().unwrap();
+    rx.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+    let tx = NetNs::open(a.path()).unwrap().run(|| UdpSocket::bind("0.0.0.0:0")).unwrap().unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sender = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut seq: u32 = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                tx.send_to(&seq.to_be_bytes(), target).unwrap();
+                seq += 1;
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            seq
+        })
+    };
+    let received = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let receiver = {
+        let received = received.clone();
+        std::thread::spawn(move || {
+            let mut got = std::collections::BTreeSet::new();
+            let mut buf = [0u8; 4];
+            let mut idle = 0;
+            while idle < 5 {
+                match rx.recv(&mut buf) {
+                    Ok(4) => {
+                        got.insert(u32::from_be_bytes(buf));
+                        received.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        idle = 0;
+                    }
+                    _ => idle += 1,
+                }
+            }
+            got
+        })
+    };
+    let count = || received.load(std::sync::atomic::Ordering::Relaxed);
+    wait_until(Duration::from_secs(5), "traffic to flow", || count() > 50);
+    for _ in 0..2 {
+        o.stop(0);
+        o.stop(1);
+        o.start(0);
+        o.start(1);
+        o.wait_converged(0);
+    }
+    let after = count();
+    wait_until(Duration::from_secs(5), "traffic to keep flowing after the restarts", || count() > after + 50);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let sent = sender.join().unwrap();
+    let got = receiver.join().unwrap();
+    assert!(sent > 100, "only {sent} datagrams sent");
+    let missing: Vec<u32> = (0..sent).filter(|s| !got.contains(s)).collect();
+    assert!(
+        missing.is_empty(),
+        "{} of {sent} datagrams lost across restarts: {:?}",
+        missing.len(),
+        &missing[..missing.len().min(20)]
+    );
+    // And the restart adopted the kernel state instead of rebuilding it.
+    assert!(o.log(0).contains("reusing lease"), "{}", o.log(0));
+}
+
+#[test]
+fn entries_and_the_device_deleted_by_hand_come_back_and_traffic_resumes() {
+    if !require_root() {
+        return;
+    }
+    let mut o = Overlay::new(2);
+    o.start_all();
+    o.wait_converged(0);
+    o.wait_converged(1);
+    let (a, _) = o.add_pod(0, "a");
+    let (b, b_addr) = o.add_pod(1, "b");
+    let ns = &o.cluster.node(0).ns;
+    let s1 = o.subnet(1);
+    let state = o.vtep_state(0);
+    let mac = state.fdbs[0].split(' ').next().unwrap().to_string();
+    let faults: Vec<Vec<String>> = vec![
+        vec!["ip".into(), "route".into(), "del".into(), s1.to_string()],
+        vec!["ip".into(), "neigh".into(), "del".into(), s1.network().to_string(), "dev".into(), "flannel.1".into()],
+        vec![
+            "bridge".into(),
+            "fdb".into(),
+            "del".into(),
+            mac.clone(),
+            "dev".into(),
+            "flannel.1".into(),
+            "dst".into(),
+            "192.0.2.11".into(),
+        ],
+        vec!["ip".into(), "link".into(), "del".into(), "flannel.1".into()],
+    ];
+    for (n, fault) in faults.iter().enumerate() {
+        let args: Vec<&str> = fault[1..].iter().map(String::as_str).collect();
+        ns.run_ok(&fault[0], &args);
+        // Within a second (the daemon reacts to the kernel's notification).
+        wait_until(Duration::from_secs(1), &format!("{fault:?} to be repaired"), || {
+            o.vtep_state(0) == o.expected_state(0)
+        });
+        let port = 8100 + n as u16;
+        let target = SocketAddr::new(b_addr.into(), port);
+        let server = echo_server(&b, target);
+        assert_eq!(tcp_round_trip(&a, target), "ping\n", "after {fault:?}");
+        server.join().unwrap();
+    }
+}
+
+#[test]
+fn a_peer_whose_vtep_mac_changes_gets_its_old_fdb_entry_removed() {
+    if !require_root() {
+        return;
+    }
+    let mut o = Overlay::new(2);
+    o.start_all();
+    o.wait_converged(0);
+    let (a, _) = o.add_pod(0, "a");
+    let (b, b_addr) = o.add_pod(1, "b");
+    let old = o.vtep_state(0).fdbs.clone();
+    // Node 1 loses its VTEP and its lease (as after a reinstall): it comes
+    // back with a new MAC, in the same subnet (from its subnet.env).
+    let subnet_before = o.subnet(1);
+    let key = o.lease_key(1);
+    let env = std::fs::read(&o.daemons[1].subnet_file).unwrap();
+    o.stop(1);
+    o.cluster.node(1).ns.run_ok("ip", &["link", "del", "flannel.1"]);
+    etcdctl_ok(o.outside(), &["del", &key]);
+    // Keep the old subnet.env so the node asks for the same subnet again.
+    let keep = o.dir.path().join("keep.env");
+    std::fs::write(&keep, &env).unwrap();
+    o.daemons[1].subnet_file = keep;
+    o.start(1);
+    assert_eq!(o.subnet(1), subnet_before);
+    o.wait_converged(0);
+    let new = o.vtep_state(0).fdbs.clone();
+    assert_eq!(new.len(), 1);
+    assert_ne!(new, old, "the MAC did not change");
+    let target = SocketAddr::new(b_addr.into(), 8200);
+    let server = echo_server(&b, target);
+    assert_eq!(tcp_round_trip(&a, target), "ping\n");
+    server.join().unwrap();
+}
+
+#[test]
+fn masquerade_hides_pods_from_the_outside_but_not_from_each_other() {
+    if !require_root() {
+        return;
+    }
+    let mut o = Overlay::new(2);
+    o.set_flags(0, &["--ip-masq"]);
+    o.start_all();
+    o.wait_converged(0);
+    o.wait_converged(1);
+    let (a, a_addr) = o.add_pod(0, "a");
+    let (b, b_addr) = o.add_pod(1, "b");
+    let out = SocketAddr::from(([192, 0, 2, 200], 9300));
+    let server = echo_server(o.outside(), out);
+    assert_eq!(tcp_round_trip(&a, out), "ping\n");
+    assert_eq!(server.join().unwrap().ip().to_string(), "192.0.2.10", "the outside host must see the node's address");
+    let target = SocketAddr::new(b_addr.into(), 9301);
+    let server = echo_server(&b, target);
+    assert_eq!(tcp_round_trip(&a, target), "ping\n");
+    assert_eq!(
+        server.join().unwrap().ip(),
+        std::net::IpAddr::V4(a_addr),
+        "pod-to-pod traffic must keep the pod's address"
+    );
+    // The rules live in our own table, and subnet.env says the daemon masquerades.
+    let table = o.cluster.node(0).ns.run_ok("nft", &["list", "table", "ip", "flannel-rs"]);
+    assert!(table.contains("masquerade"), "{table}");
+    let env = std::fs::read_to_string(&o.daemons[0].subnet_file).unwrap();
+    assert!(env.contains("FLANNEL_IPMASQ=true"), "{env}");
+}
+
+#[test]
+fn twenty_daemons_racing_for_leases_get_twenty_distinct_subnets() {
+    if !require_root() {
+        return;
+    }
+    let mut o = Overlay::with_conf(
+        20,
+        r#"{"Network":"10.244.0.0/16","SubnetLen":24,"SubnetMax":"10.244.40.0","Backend":{"Type":"vxlan"}}"#,
+    );
+    // Start all at once, then wait for each.
+    for i in 0..20 {
+        let d = &mut o.daemons[i];
+        let log = std::fs::File::create(&d.log).unwrap();
+        let child = o
+            .cluster
+            .node(i)
+            .ns
+            .command(e2e_tests::workspace_bin("flanneld-rs"))
+            .args(["--etcd-endpoints", e2e_tests::overlay::ETCD, "--subnet-file"])
+            .arg(&d.subnet_file)
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        d.proc = e2e_tests::overlay::Proc(Some(child));
+    }
+    for i in 0..20 {
+        let p = o.daemons[i].subnet_file.clone();
+        wait_until(Duration::from_secs(30), &format!("node{i}'s subnet.env"), || p.exists());
+    }
+    let subnets: std::collections::BTreeSet<_> = (0..20).map(|i| o.subnet(i)).collect();
+    assert_eq!(subnets.len(), 20, "{subnets:?}");
+    assert_eq!(leases(o.outside()).len(), 20);
+}
+
+#[test]
+fn pod_traffic_survives_an_etcd_outage_and_the_daemon_recovers() {
+    if !require_root() {
+        return;
+    }
+    let mut o = Overlay::new(3);
+    o.start(0);
+    o.start(1);
+    o.wait_converged(0);
+    let (a, _) = o.add_pod(0, "a");
+    let (b, b_addr) = o.add_pod(1, "b");
+    let outside = o.cluster.outside().unwrap();
+    o.etcd.stop();
+    for n in 0..3 {
+        std::thread::sleep(Duration::from_secs(10));
+        let target = SocketAddr::new(b_addr.into(), 8400 + n);
+        let server = echo_server(&b, target);
+        assert_eq!(tcp_round_trip(&a, target), "ping\n", "during the etcd outage");
+        server.join().unwrap();
+    }
+    o.etcd.restart(outside);
+    // The daemon is still there and sees a node that joins after the outage.
+    o.start(2);
+    o.wait_converged(0);
+    assert_eq!(o.vtep_state(0).routes.len(), 2);
+    assert!(o.daemons[0].proc.0.as_mut().unwrap().try_wait().unwrap().is_none(), "node0's daemon died: {}", o.log(0));
+}
+
+#[test]
+fn diagnose_is_quiet_on_a_healthy_node_and_names_each_injected_fault() {
+    if !require_root() {
+        return;
+    }
+    let mut o = Overlay::new(3);
+    o.set_flags(0, &["--ip-masq"]);
+    o.start_all();
+    for i in 0..3 {
+        o.wait_converged(i);
+    }
+    let (ok, v) = o.diagnose(0, &["--ip-masq"]);
+    assert!(ok, "{v}");
+    assert_eq!(v["findings"], serde_json::json!([]), "{v}");
+    // Stop the daemon (state stays) so that faults are not repaired.
+    o.stop(0);
+    let ns = &o.cluster.node(0).ns;
+    let (s1, s2) = (o.subnet(1), o.subnet(2));
+    ns.run_ok("ip", &["route", "del", &s1.to_string()]);
+    ns.run_ok(
+        "ip",
+        &[
+            "neigh",
+            "replace",
+            &s2.network().to_string(),
+            "lladdr",
+            "02:11:22:33:44:55",
+            "dev",
+            "flannel.1",
+            "nud",
+            "permanent",
+        ],
+    );
+    ns.run_ok(
+        "bridge",
+        &["fdb", "append", "02:aa:bb:cc:dd:ee", "dev", "flannel.1", "dst", "192.0.2.99", "self", "permanent"],
+    );
+    ns.run_ok("ip", &["link", "set", "flannel.1", "mtu", "1400"]);
+    ns.run_ok("nft", &["delete", "table", "ip", "flannel-rs"]);
+    let env =
+        std::fs::read_to_string(&o.daemons[0].subnet_file).unwrap().replace("FLANNEL_MTU=1450", "FLANNEL_MTU=1300");
+    std::fs::write(&o.daemons[0].subnet_file, env).unwrap();
+    let (ok, v) = o.diagnose(0, &["--ip-masq"]);
+    assert!(!ok, "{v}");
+    let text = v["findings"].to_string();
+    for want in [
+        format!("route {s1} via {} dev flannel.1 onlink is missing", s1.network()),
+        format!("neighbour {} on flannel.1 has MAC 02:11:22:33:44:55", s2.network()),
+        "FDB entry 02:aa:bb:cc:dd:ee dst 192.0.2.99 on flannel.1 belongs to no lease".to_string(),
+        "flannel.1 has MTU 1400, want 1450".to_string(),
+        "nftables table ip flannel-rs is missing".to_string(),
+        "mtu 1300".to_string(),
+    ] {
+        assert!(text.contains(&want), "diagnose does not say {want:?}: {v:#}");
+    }
+    // Starting the daemon repairs all of it.
+    o.start(0);
+    o.wait_converged(0);
+    let (ok, v) = o.diagnose(0, &["--ip-masq"]);
+    assert!(ok, "{v}");
+}
