@@ -1,83 +1,100 @@
 #!/usr/bin/env bash
-# The demo: one node in a network namespace, two pods plugged in by the
-# flannel-rs CNI plugin, traffic between them; prints the bridge and the
-# addresses, then removes everything (also when a step fails).
+# The demo: a flannel-rs overlay in network namespaces. A real etcd, three
+# nodes each running flanneld-rs (VXLAN), two pods per node plugged in by the
+# flannel-rs CNI plugin, traffic across nodes; then one node's kernel state
+# and `flanneld-rs diagnose`. Everything is removed at the end, also on failure.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/lib/common.sh
 need_root
 install_packages "${FLANNEL_RS_PACKAGES[@]}"
 ensure_rust
-cargo build --release --quiet -p cni-plugin -p netns-fixtures
+cargo build --release --quiet -p cni-plugin -p flanneld-rs -p netns-fixtures
 
-fixture=target/release/netns-fixture
-plugin=$PWD/target/release/flannel
+bin=$PWD/target/release
 tag="demo$$"
 work=$(mktemp -d)
+etcd_ep=http://192.0.2.200:2379
+pids=()
 teardown() {
-  "$fixture" down --name "$tag" >/dev/null 2>&1 || true
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  "$bin/netns-fixture" down --name "$tag" >/dev/null 2>&1 || true
   rm -rf "$work"
 }
 trap teardown EXIT
-
 say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+in_ns() { local ns=$1; shift; ip netns exec "$ns" "$@"; }
 
-say "a node (network namespace) on an underlay"
-"$fixture" up --nodes 1 --name "$tag"
-node="flt-$tag-node0"
-ip netns list | grep -qw "$node" || { echo "node namespace $node not found" >&2; exit 1; }
+say "an underlay (192.0.2.0/24) with three nodes and a host for etcd"
+"$bin/netns-fixture" up --nodes 3 --outside --name "$tag"
+out="flt-$tag-outside"
 
-# What flanneld writes once it holds a lease (flannel's format).
-cat > "$work/subnet.env" <<ENV
-FLANNEL_NETWORK=10.244.0.0/16
-FLANNEL_SUBNET=10.244.1.1/24
-FLANNEL_MTU=1450
-FLANNEL_IPMASQ=true
-ENV
-conf=$(cat <<JSON
-{"cniVersion":"1.0.0","name":"cbr0","type":"flannel",
- "subnetFile":"$work/subnet.env","dataDir":"$work/data",
- "delegate":{"hairpinMode":true,"isDefaultGateway":true}}
-JSON
-)
-
-cni() { # verb pod
-  echo "$conf" | CNI_COMMAND="$1" CNI_CONTAINERID="$2" CNI_NETNS="/run/netns/flt-$tag-$2" \
-    CNI_IFNAME=eth0 CNI_PATH=/usr/lib/cni ip netns exec "$node" "$plugin"
-}
-
-declare -A ip
-for pod in pod-a pod-b; do
-  ip netns add "flt-$tag-$pod"
-  say "CNI ADD $pod"
-  result=$(cni ADD "$pod")
-  echo "$result" | jq -c .
-  ip[$pod]=$(echo "$result" | jq -r '.ips[0].address | split("/")[0]')
-done
-
-say "pod-a (${ip[pod-a]}) pings pod-b (${ip[pod-b]})"
-ip netns exec "flt-$tag-pod-a" ping -c 3 -i 0.2 "${ip[pod-b]}"
-
-say "TCP from pod-b to pod-a"
-ip netns exec "flt-$tag-pod-a" socat -T 5 TCP-LISTEN:8080,reuseaddr SYSTEM:'echo hello from pod-a' &
-server=$!
-for _ in $(seq 50); do
-  ip netns exec "flt-$tag-pod-a" ss -Hltn 'sport = :8080' | grep -q . && break
+say "etcd on 192.0.2.200, with flannel's network configuration"
+in_ns "$out" etcd --data-dir "$work/etcd" --listen-client-urls "$etcd_ep" --advertise-client-urls "$etcd_ep" \
+  --listen-peer-urls http://127.0.0.1:2380 >"$work/etcd.log" 2>&1 &
+pids+=($!)
+for _ in $(seq 100); do
+  ETCDCTL_API=3 in_ns "$out" etcdctl --endpoints "$etcd_ep" endpoint health >/dev/null 2>&1 && break
   sleep 0.1
 done
-ip netns exec "flt-$tag-pod-b" socat -T 5 - TCP:"${ip[pod-a]}":8080 </dev/null
-wait "$server"
+ETCDCTL_API=3 in_ns "$out" etcdctl --endpoints "$etcd_ep" put /coreos.com/network/config \
+  '{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}'
 
-say "the node's bridge and the pods' addresses"
-ip -n "$node" -br addr show dev cni0
-ip -n "$node" -br link show master cni0
-for pod in pod-a pod-b; do
-  printf '%s: ' "$pod"; ip -n "flt-$tag-$pod" -br addr show dev eth0
-  ip -n "flt-$tag-$pod" route | sed 's/^/    /'
+say "flanneld-rs on every node"
+for i in 0 1 2; do
+  in_ns "flt-$tag-node$i" "$bin/flanneld-rs" --etcd-endpoints "$etcd_ep" --subnet-file "$work/subnet$i.env" \
+    --ip-masq >"$work/flanneld$i.log" 2>&1 &
+  pids+=($!)
+done
+for i in 0 1 2; do
+  for _ in $(seq 200); do grep -q "INFO  ready" "$work/flanneld$i.log" && break; sleep 0.05; done
+  grep -q "INFO  ready" "$work/flanneld$i.log" || { cat "$work/flanneld$i.log"; exit 1; }
+  printf 'node%s: ' "$i"; grep FLANNEL_SUBNET "$work/subnet$i.env"
 done
 
-say "CNI DEL both pods"
-for pod in pod-a pod-b; do cni DEL "$pod"; done
-ip -n "$node" -br link show master cni0 | wc -l | xargs echo "veths left on cni0:"
-ls "$work/data/networks/cbr0"
-say "done; removing the namespaces"
+say "two pods per node, plugged in by the CNI plugin"
+declare -A addr
+for i in 0 1 2; do
+  for p in a b; do
+    pod="flt-$tag-n$i-$p"
+    ip netns add "$pod"
+    conf="{\"cniVersion\":\"1.0.0\",\"name\":\"cbr0\",\"type\":\"flannel\",\"subnetFile\":\"$work/subnet$i.env\",\"dataDir\":\"$work/cni$i\",\"delegate\":{\"hairpinMode\":true,\"isDefaultGateway\":true}}"
+    res=$(echo "$conf" | CNI_COMMAND=ADD CNI_CONTAINERID="n$i$p" CNI_NETNS="/run/netns/$pod" CNI_IFNAME=eth0 \
+      CNI_PATH=/usr/lib/cni in_ns "flt-$tag-node$i" "$bin/flannel")
+    addr[$i$p]=$(echo "$res" | jq -r '.ips[0].address | split("/")[0]')
+    echo "node$i pod $p: ${addr[$i$p]}"
+  done
+done
+
+say "every pod pings a pod on every other node"
+for i in 0 1 2; do
+  for j in 0 1 2; do
+    [ "$i" = "$j" ] && continue
+    for p in a b; do
+      printf 'node%s/a -> node%s/%s (%s): ' "$i" "$j" "$p" "${addr[$j$p]}"
+      in_ns "flt-$tag-n$i-a" ping -c 1 -W 2 "${addr[$j$p]}" | grep -o 'time=.*' || { echo FAILED; exit 1; }
+    done
+  done
+done
+
+say "TCP across nodes: node2/b serves, node0/a fetches"
+in_ns "flt-$tag-n2-b" socat -T 5 TCP-LISTEN:8080,reuseaddr SYSTEM:'echo hello from node2' &
+server=$!
+for _ in $(seq 50); do in_ns "flt-$tag-n2-b" ss -Hltn 'sport = :8080' | grep -q . && break; sleep 0.1; done
+in_ns "flt-$tag-n0-a" socat -T 5 - TCP:"${addr[2b]}":8080 </dev/null
+wait "$server"
+
+say "node0: ip route show dev flannel.1"
+ip -n "flt-$tag-node0" route show dev flannel.1
+say "node0: ip neigh show dev flannel.1"
+ip -n "flt-$tag-node0" neigh show dev flannel.1
+say "node0: bridge fdb show dev flannel.1"
+in_ns "flt-$tag-node0" bridge fdb show dev flannel.1
+say "node0: a route deleted by hand comes back"
+ip -n "flt-$tag-node0" route del "$(ip -n "flt-$tag-node0" route show dev flannel.1 | head -1 | cut -d' ' -f1)"
+sleep 0.2
+ip -n "flt-$tag-node0" route show dev flannel.1
+say "node0: flanneld-rs diagnose"
+in_ns "flt-$tag-node0" "$bin/flanneld-rs" --etcd-endpoints "$etcd_ep" --subnet-file "$work/subnet0.env" --ip-masq diagnose
+say "done; removing everything"

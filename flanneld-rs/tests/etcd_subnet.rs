@@ -247,10 +247,10 @@ fn config_is_read_and_validation_errors_name_key_and_field() {
         let msg = down.network_config().await.unwrap_err().to_string();
         assert!(msg.contains("http://127.0.0.1:1") && msg.contains("/coreos.com/network/config"), "{msg}");
 
-        // TLS without the feature: a clear error.
+        // A CA file that does not exist: the error names the flag and the path.
         let tls = EtcdOptions { cafile: Some("/etc/ca.pem".into()), ..opts(CLIENT) };
         let msg = EtcdSubnetManager::connect(&tls).await.unwrap_err().to_string();
-        assert!(msg.contains("TLS") && msg.contains("/etc/ca.pem"), "{msg}");
+        assert!(msg.contains("--etcd-cafile") && msg.contains("/etc/ca.pem"), "{msg}");
     });
 }
 
@@ -769,5 +769,150 @@ fn username_and_password_are_used() {
         assert!(msg.contains("http://127.0.0.1:2379") && msg.contains("connect"), "{msg}");
         let printed = format!("{creds:?}");
         assert!(!printed.contains("s3cret"), "{printed}");
+    });
+}
+
+/// Runs openssl in `dir`, panicking with its output on failure.
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = std::process::Command::new("openssl").current_dir(dir).args(args).output().expect("run openssl");
+    assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// A CA, a server certificate for 127.0.0.1 and a client certificate.
+fn make_pki(dir: &Path) {
+    openssl(
+        dir,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-subj",
+            "/CN=flt-test-ca",
+            "-days",
+            "2",
+        ],
+    );
+    std::fs::write(dir.join("server.ext"), "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n").unwrap();
+    std::fs::write(dir.join("client.ext"), "extendedKeyUsage=clientAuth\n").unwrap();
+    for who in ["server", "client"] {
+        let (key, csr, pem, ext) =
+            (format!("{who}.key"), format!("{who}.csr"), format!("{who}.pem"), format!("{who}.ext"));
+        openssl(
+            dir,
+            &[
+                "req",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-keyout",
+                &key,
+                "-out",
+                &csr,
+                "-subj",
+                &format!("/CN=flt-{who}"),
+            ],
+        );
+        openssl(
+            dir,
+            &[
+                "x509",
+                "-req",
+                "-in",
+                &csr,
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-out",
+                &pem,
+                "-days",
+                "2",
+                "-extfile",
+                &ext,
+            ],
+        );
+    }
+}
+
+#[test]
+fn tls_with_a_client_certificate() {
+    if !netns_fixtures::require_root() {
+        return;
+    }
+    let ns = Netns::new("etcdtls").expect("create namespace");
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_path_buf();
+    make_pki(&d);
+    let url = format!("https://{CLIENT}");
+    let peer_url = format!("http://{PEER}");
+    let log = File::create(d.join("etcd.log")).unwrap();
+    let child = ns
+        .command("etcd")
+        .arg("--name=t")
+        .arg(format!("--data-dir={}", d.join("data").display()))
+        .arg(format!("--listen-client-urls={url}"))
+        .arg(format!("--advertise-client-urls={url}"))
+        .arg(format!("--listen-peer-urls={peer_url}"))
+        .arg(format!("--initial-advertise-peer-urls={peer_url}"))
+        .arg(format!("--initial-cluster=t={peer_url}"))
+        .arg(format!("--cert-file={}", d.join("server.pem").display()))
+        .arg(format!("--key-file={}", d.join("server.key").display()))
+        .arg(format!("--trusted-ca-file={}", d.join("ca.pem").display()))
+        .arg("--client-cert-auth")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("spawn etcd");
+    let _etcd = Etcd { child, dir };
+    in_netns(&ns, move || async move {
+        let tls = EtcdOptions {
+            endpoints: vec![url.clone()],
+            cafile: Some(d.join("ca.pem")),
+            certfile: Some(d.join("client.pem")),
+            keyfile: Some(d.join("client.key")),
+            ..Default::default()
+        };
+        // Put the configuration over TLS with etcd's own client options.
+        let raw_tls = etcd_client::TlsOptions::new()
+            .ca_certificate(etcd_client::Certificate::from_pem(std::fs::read(d.join("ca.pem")).unwrap()))
+            .identity(etcd_client::Identity::from_pem(
+                std::fs::read(d.join("client.pem")).unwrap(),
+                std::fs::read(d.join("client.key")).unwrap(),
+            ));
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut c = loop {
+            let attempt = Client::connect([url.as_str()], Some(ConnectOptions::new().with_tls(raw_tls.clone()))).await;
+            if let Ok(mut c) = attempt {
+                if c.put(format!("{PREFIX}/config"), CONFIG, None).await.is_ok() {
+                    break c;
+                }
+            }
+            assert!(Instant::now() < deadline, "etcd with TLS did not answer");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        let _ = &mut c;
+        let m = EtcdSubnetManager::connect(&tls).await.unwrap();
+        let cfg = m.network_config().await.unwrap();
+        assert_eq!(cfg.network, net("10.5.0.0/16"));
+        // Without the client certificate, etcd refuses us and the error says where.
+        let no_cert = EtcdOptions { certfile: None, keyfile: None, ..tls.clone() };
+        match EtcdSubnetManager::connect(&no_cert).await {
+            Ok(m) => {
+                let e = m.network_config().await.unwrap_err().to_string();
+                assert!(e.contains(&url), "{e}");
+            }
+            Err(e) => assert!(e.to_string().contains(&url), "{e}"),
+        }
+        let half = EtcdOptions { keyfile: None, ..tls };
+        let e = EtcdSubnetManager::connect(&half).await.unwrap_err().to_string();
+        assert!(e.contains("--etcd-certfile needs --etcd-keyfile"), "{e}");
     });
 }

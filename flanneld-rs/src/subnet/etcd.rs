@@ -442,6 +442,32 @@ impl Connector {
     }
 }
 
+/// TLS settings from `--etcd-cafile/--etcd-certfile/--etcd-keyfile`; `None`
+/// when none is given and no endpoint is `https://`.
+fn tls_options(opts: &EtcdOptions) -> Result<Option<etcd_client::TlsOptions>, SubnetError> {
+    let https = opts.endpoints.iter().any(|e| e.starts_with("https://"));
+    if opts.cafile.is_none() && opts.certfile.is_none() && opts.keyfile.is_none() && !https {
+        return Ok(None);
+    }
+    let read = |flag: &str, p: &std::path::Path| {
+        std::fs::read(p).map_err(|e| SubnetError::Invalid(format!("--{flag} {}: {e}", p.display())))
+    };
+    let mut tls = etcd_client::TlsOptions::new();
+    if let Some(ca) = &opts.cafile {
+        tls = tls.ca_certificate(etcd_client::Certificate::from_pem(read("etcd-cafile", ca)?));
+    }
+    match (&opts.certfile, &opts.keyfile) {
+        (Some(cert), Some(key)) => {
+            tls =
+                tls.identity(etcd_client::Identity::from_pem(read("etcd-certfile", cert)?, read("etcd-keyfile", key)?));
+        }
+        (None, None) => {}
+        (Some(_), None) => return Err(SubnetError::Invalid("--etcd-certfile needs --etcd-keyfile".into())),
+        (None, Some(_)) => return Err(SubnetError::Invalid("--etcd-keyfile needs --etcd-certfile".into())),
+    }
+    Ok(Some(tls))
+}
+
 /// The etcd lease store.
 pub struct EtcdSubnetManager {
     conn: Connector,
@@ -464,27 +490,13 @@ impl EtcdSubnetManager {
         if opts.endpoints.is_empty() {
             return Err(SubnetError::Invalid("no etcd endpoints given".into()));
         }
-        let tls: Vec<String> = [("cafile", &opts.cafile), ("certfile", &opts.certfile), ("keyfile", &opts.keyfile)]
-            .iter()
-            .filter_map(|(name, v)| v.as_ref().map(|p| format!("{name} {}", p.display())))
-            .collect();
-        if !tls.is_empty() {
-            // etcd-client's TLS support (ConnectOptions::with_tls) exists only
-            // with one of its TLS features, which this build does not enable.
-            return Err(SubnetError::Invalid(format!(
-                "etcd TLS ({}) needs flanneld-rs built with etcd-client's \"tls\" feature; this build speaks plain HTTP only",
-                tls.join(", ")
-            )));
-        }
-        if let Some(https) = opts.endpoints.iter().find(|e| e.starts_with("https://")) {
-            return Err(SubnetError::Invalid(format!(
-                "etcd endpoint {https} needs TLS, which needs flanneld-rs built with etcd-client's \"tls\" feature"
-            )));
-        }
         let mut options = ConnectOptions::new()
             .with_connect_timeout(Duration::from_secs(5))
             .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5))
             .with_keep_alive_while_idle(false);
+        if let Some(tls) = tls_options(opts)? {
+            options = options.with_tls(tls);
+        }
         match (&opts.username, &opts.password) {
             (Some(user), password) => {
                 // etcd's simple tokens expire (--auth-token-ttl, 5 min idle):
