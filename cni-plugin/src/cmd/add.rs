@@ -175,13 +175,35 @@ async fn create_veth(
     match attempt().await {
         Ok(()) => Ok(()),
         Err(e) if e.is_exists() => {
-            if host.del_link_by_name(veth).await? {
+            if host.del_link_by_name(veth).await? || wait_for_pending_teardown(netns, env).await? {
                 attempt().await.map_err(|e| exists_in_pod(e, env))
             } else {
                 Err(exists_in_pod(e, env))
             }
         }
         Err(e) => Err(e.into()),
+    }
+}
+
+/// DEL leaves the deletion of a veth to a detached child (see `cmd::del`), so
+/// a runtime that reuses a namespace right away can find the old pod end still
+/// there, without carrier (its host end is down). Such an interface goes away
+/// by itself within tens of milliseconds: wait for it (up to two seconds).
+/// Returns whether the name became free; an interface that is up and running
+/// is somebody else's and is left alone.
+async fn wait_for_pending_teardown(netns: &NetNs, env: &CniEnv) -> Result<bool, CniError> {
+    let pod = Netlink::connect_in(netns)?;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    loop {
+        match pod.link_by_name(&env.ifname).await? {
+            None => return Ok(true),
+            Some(l) if l.kind.as_deref() == Some("veth") && !l.lower_up => {}
+            Some(_) => return Ok(false),
+        }
+        if std::time::Instant::now() >= deadline {
+            return Ok(false);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
     }
 }
 

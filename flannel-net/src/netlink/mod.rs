@@ -84,6 +84,8 @@ pub struct Link {
     pub peer_index: Option<u32>,
     /// Administratively up.
     pub up: bool,
+    /// Has carrier (`LOWER_UP`): for a veth, its peer is up.
+    pub lower_up: bool,
 }
 
 impl Link {
@@ -97,6 +99,7 @@ impl Link {
             kind: None,
             peer_index: None,
             up: msg.header.flags.contains(LinkFlags::Up),
+            lower_up: msg.header.flags.contains(LinkFlags::LowerUp),
         };
         for attr in &msg.attributes {
             match attr {

@@ -1,0 +1,372 @@
+//! `overlay-bench`: flanneld-rs's control plane and data path, each beside a
+//! reference measured in the same run on the same machine.
+//!
+//! - Start-up: with N peer leases in etcd, time from starting the daemon to
+//!   every route, neighbour and FDB entry being in the kernel, against `ip
+//!   -batch` programming the same entries into an identical device.
+//! - Convergence: time from a new lease written to etcd until its route is in
+//!   the kernel, over many leases.
+//! - Footprint: the daemon's RSS with N peers, and its CPU use while idle.
+//! - Data path: iperf3 and ping between pods on two nodes through the overlay,
+//!   against the same topology with VXLAN programmed by hand.
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use e2e_tests::overlay::{Overlay, ETCD};
+use e2e_tests::workspace_bin;
+use flannel_net::netlink::Netlink;
+use flannel_net::netns::NetNs;
+use flannel_net::MacAddr;
+use flanneld_rs::lease::{LeaseAttrs, VxlanData};
+use flanneld_rs::subnet::etcd::{encode_lease_value, subnet_key};
+use ipnet::Ipv4Net;
+use netns_fixtures::{wait_until, Cluster, Netns};
+
+#[derive(Parser)]
+#[command(about = "flanneld-rs control-plane and data-path benchmarks")]
+struct Args {
+    /// Peer counts for the start-up benchmark.
+    #[arg(long, value_delimiter = ',', default_value = "1000,5000")]
+    peers: Vec<usize>,
+    /// New leases for the convergence benchmark.
+    #[arg(long, default_value_t = 200)]
+    leases: usize,
+    /// iperf3 seconds per run.
+    #[arg(long, default_value_t = 5)]
+    seconds: u32,
+    /// Skip the data-path part.
+    #[arg(long)]
+    no_data_path: bool,
+}
+
+const NET: &str = r#"{"Network":"10.0.0.0/8","SubnetLen":24,"Backend":{"Type":"vxlan"}}"#;
+
+/// Peer `i`: subnet, VTEP MAC, public IP (TEST-NET-2/3; nothing is ever sent there).
+fn peer(i: usize) -> (Ipv4Net, MacAddr, Ipv4Addr) {
+    let n = i + 256; // skip 10.0.x.0
+    let subnet = Ipv4Net::new(Ipv4Addr::new(10, (n >> 8) as u8, (n & 0xff) as u8, 0), 24).unwrap();
+    let mac = MacAddr([0x02, 0xbe, 0, (i >> 16) as u8, (i >> 8) as u8, i as u8]);
+    let public = if i.is_multiple_of(2) {
+        Ipv4Addr::new(198, 51, 100, (i / 2 % 250 + 1) as u8)
+    } else {
+        Ipv4Addr::new(203, 0, 113, (i / 2 % 250 + 1) as u8)
+    };
+    (subnet, mac, public)
+}
+
+/// Runs `f` on a runtime whose sockets live in `ns`.
+fn in_ns<T: Send>(ns: &Netns, f: impl std::future::Future<Output = T> + Send) -> T {
+    NetNs::open(ns.path())
+        .unwrap()
+        .run(|| tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(f))
+        .unwrap()
+}
+
+async fn etcd_client() -> etcd_client::Client {
+    etcd_client::Client::connect([ETCD], None).await.expect("connect to etcd")
+}
+
+async fn put_peer(c: &mut etcd_client::Client, i: usize) {
+    let (subnet, mac, public) = peer(i);
+    let attrs = LeaseAttrs {
+        public_ip: public,
+        backend_type: "vxlan".into(),
+        vxlan: Some(VxlanData { vni: 1, vtep_mac: mac }),
+    };
+    c.put(subnet_key("/coreos.com/network", subnet), encode_lease_value(&attrs), None).await.expect("put lease");
+}
+
+/// Counts routes, neighbours and FDB entries on flannel.1 in `ns`.
+fn counts(ns: &Netns) -> (usize, usize, usize) {
+    in_ns(ns, async {
+        let nl = Netlink::connect().unwrap();
+        let Some(v) = nl.vxlan_by_name("flannel.1").await.unwrap() else { return (0, 0, 0) };
+        let routes = nl.routes().await.unwrap().iter().filter(|r| r.oif == Some(v.index)).count();
+        (routes, nl.neighs(v.index).await.unwrap().len(), nl.fdbs(v.index).await.unwrap().len())
+    })
+}
+
+fn pct(sorted: &[f64], p: f64) -> f64 {
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+fn proc_stat(pid: u32) -> (u64, f64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let rss_kib = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let fields: Vec<&str> = stat.rsplit(')').next().unwrap().split_whitespace().collect();
+    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    (rss_kib, ticks / hz)
+}
+
+/// `ip -batch` programming of the same entries into an identical device.
+fn reference_startup(n: usize) -> Duration {
+    let ns = Netns::new("ref").unwrap();
+    ns.run_ok("ip", &["link", "add", "eth0", "type", "bridge"]);
+    ns.run_ok("ip", &["addr", "add", "192.0.2.10/24", "dev", "eth0"]);
+    ns.run_ok("ip", &["link", "set", "eth0", "up"]);
+    ns.run_ok(
+        "ip",
+        &[
+            "link",
+            "add",
+            "flannel.1",
+            "type",
+            "vxlan",
+            "id",
+            "1",
+            "local",
+            "192.0.2.10",
+            "dev",
+            "eth0",
+            "dstport",
+            "8472",
+            "nolearning",
+        ],
+    );
+    ns.run_ok("ip", &["link", "set", "flannel.1", "mtu", "1450", "up"]);
+    let mut ip_batch = String::new();
+    let mut fdb_batch = String::new();
+    for i in 0..n {
+        let (s, mac, public) = peer(i);
+        ip_batch += &format!("neigh replace {} lladdr {mac} dev flannel.1 nud permanent\n", s.network());
+        fdb_batch += &format!("fdb append {mac} dev flannel.1 dst {public} self permanent\n");
+    }
+    for i in 0..n {
+        let (s, _, _) = peer(i);
+        ip_batch += &format!("route replace {s} via {} dev flannel.1 onlink\n", s.network());
+    }
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("ip"), &ip_batch).unwrap();
+    std::fs::write(dir.path().join("fdb"), &fdb_batch).unwrap();
+    let start = Instant::now();
+    ns.run_ok("bridge", &["-batch", dir.path().join("fdb").to_str().unwrap()]);
+    ns.run_ok("ip", &["-batch", dir.path().join("ip").to_str().unwrap()]);
+    start.elapsed()
+}
+
+fn startup(n: usize, leases: usize) {
+    let mut o = Overlay::with_conf(1, NET);
+    in_ns(o.outside(), async {
+        let mut c = etcd_client().await;
+        for i in 0..n {
+            put_peer(&mut c, i).await;
+        }
+    });
+    let node = o.cluster.node(0).ns.name().to_string();
+    let t0 = Instant::now();
+    o.start(0);
+    let ns = &o.cluster.node(0).ns;
+    wait_until(Duration::from_secs(120), &format!("{n} routes on {node}"), || counts(ns).0 >= n);
+    let ours = t0.elapsed();
+    let c = counts(ns);
+    assert_eq!(c, (n, n, n), "routes, neighbours, FDB entries");
+    let reference = reference_startup(n);
+    println!(
+        "start-up, {n} peers: flanneld-rs {:.3} s (daemon start to every entry in the kernel), ip -batch {:.3} s: ratio {:.2}x",
+        ours.as_secs_f64(),
+        reference.as_secs_f64(),
+        ours.as_secs_f64() / reference.as_secs_f64()
+    );
+    let pid = o.daemons[0].proc.0.as_ref().unwrap().id();
+    let (rss, cpu0) = proc_stat(pid);
+    std::thread::sleep(Duration::from_secs(10));
+    let (_, cpu1) = proc_stat(pid);
+    println!(
+        "footprint, {n} peers: RSS {:.1} MB, idle CPU {:.2}% over 10 s",
+        rss as f64 / 1024.0,
+        (cpu1 - cpu0) / 10.0 * 100.0
+    );
+
+    if leases > 0 {
+        // Convergence: one new lease at a time, until its route is in the kernel.
+        let mut lat = Vec::new();
+        let index =
+            in_ns(ns, async { Netlink::connect().unwrap().vxlan_by_name("flannel.1").await.unwrap().unwrap().index });
+        let results: Vec<f64> = NetNs::open(ns.path())
+            .unwrap()
+            .run(|| {
+                let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+                rt.block_on(async {
+                    let mut c = etcd_client().await;
+                    let nl = Netlink::connect().unwrap();
+                    let mut out = Vec::new();
+                    for k in 0..leases {
+                        let i = n + k;
+                        let (subnet, _, _) = peer(i);
+                        let probe = IpAddr::V4(Ipv4Addr::from(u32::from(subnet.network()) + 5));
+                        let start = Instant::now();
+                        put_peer(&mut c, i).await;
+                        loop {
+                            if let Ok(Some((oif, _))) = nl.route_get(probe).await {
+                                if oif == index {
+                                    break;
+                                }
+                            }
+                            assert!(start.elapsed() < Duration::from_secs(10), "route for {subnet} never appeared");
+                            tokio::time::sleep(Duration::from_micros(200)).await;
+                        }
+                        out.push(start.elapsed().as_secs_f64() * 1000.0);
+                    }
+                    out
+                })
+            })
+            .unwrap();
+        lat.extend(results);
+        lat.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        println!(
+            "convergence, {leases} new leases with {n} peers: etcd put to route in the kernel p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+            pct(&lat, 0.5),
+            pct(&lat, 0.99),
+            lat[lat.len() - 1]
+        );
+    }
+}
+
+/// iperf3 between two pods, `streams` parallel streams: Gbit/s.
+fn iperf(client: &Netns, server: &Netns, addr: Ipv4Addr, streams: u32, seconds: u32) -> f64 {
+    let mut srv = server
+        .command("iperf3")
+        .args(["-s", "-1", "-p", "5201"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_until(Duration::from_secs(5), "iperf3 server", || {
+        server.run_ok("ss", &["-Hltn", "sport = :5201"]).contains("5201")
+    });
+    let out = client.run_ok(
+        "iperf3",
+        &["-c", &addr.to_string(), "-p", "5201", "-t", &seconds.to_string(), "-P", &streams.to_string(), "-J"],
+    );
+    let _ = srv.wait();
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    v["end"]["sum_received"]["bits_per_second"].as_f64().unwrap() / 1e9
+}
+
+/// Round-trip times of 200 pings, p50 and p99 in ms.
+fn ping(client: &Netns, addr: Ipv4Addr) -> (f64, f64) {
+    let out = client.run_ok("ping", &["-c", "200", "-i", "0.005", &addr.to_string()]);
+    let mut rtt: Vec<f64> =
+        out.lines().filter_map(|l| l.split("time=").nth(1)).filter_map(|t| t.split(' ').next()?.parse().ok()).collect();
+    rtt.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    (pct(&rtt, 0.5), pct(&rtt, 0.99))
+}
+
+/// Two nodes with one pod each, VXLAN programmed by hand with `ip`.
+fn hand_programmed() -> (Cluster, Netns, Netns, Ipv4Addr) {
+    let c = Cluster::new(2).unwrap();
+    let mut pods = Vec::new();
+    let macs = ["02:aa:00:00:00:01", "02:aa:00:00:00:02"];
+    for i in 0..2usize {
+        let ns = &c.node(i).ns;
+        let me = 1 + i;
+        let peer = 2 - i;
+        let cmds = [
+            format!(
+                "link add flannel.1 address {} type vxlan id 1 local 192.0.2.{} dev eth0 dstport 8472 nolearning",
+                macs[i],
+                10 + i
+            ),
+            "link set flannel.1 mtu 1450 up".to_string(),
+            format!("addr add 10.244.{me}.0/32 dev flannel.1"),
+            format!("neigh replace 10.244.{peer}.0 lladdr {} dev flannel.1 nud permanent", macs[1 - i]),
+            format!("route replace 10.244.{peer}.0/24 via 10.244.{peer}.0 dev flannel.1 onlink"),
+            "link add cni0 mtu 1450 type bridge".to_string(),
+            format!("addr add 10.244.{me}.1/24 dev cni0"),
+            "link set cni0 up".to_string(),
+        ];
+        for cmd in cmds {
+            let args: Vec<&str> = cmd.split(' ').collect();
+            ns.run_ok("ip", &args);
+        }
+        ns.run_ok(
+            "bridge",
+            &[
+                "fdb",
+                "append",
+                macs[1 - i],
+                "dev",
+                "flannel.1",
+                "dst",
+                &format!("192.0.2.{}", 10 + 1 - i),
+                "self",
+                "permanent",
+            ],
+        );
+        let pod = c.node(i).add_pod_netns("hp").unwrap();
+        ns.run_ok(
+            "ip",
+            &[
+                "link",
+                "add",
+                "vh0",
+                "mtu",
+                "1450",
+                "master",
+                "cni0",
+                "up",
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "eth0",
+                "mtu",
+                "1450",
+                "netns",
+                pod.name(),
+            ],
+        );
+        pod.run_ok("ip", &["addr", "add", &format!("10.244.{me}.2/24"), "dev", "eth0"]);
+        pod.run_ok("ip", &["link", "set", "eth0", "up"]);
+        pod.run_ok("ip", &["route", "add", "default", "via", &format!("10.244.{me}.1")]);
+        pods.push(pod);
+    }
+    let b = pods.pop().unwrap();
+    let a = pods.pop().unwrap();
+    (c, a, b, "10.244.2.2".parse().unwrap())
+}
+
+fn data_path(seconds: u32) {
+    let mut o = Overlay::new(2);
+    o.start_all();
+    o.wait_converged(0);
+    o.wait_converged(1);
+    let (a, _) = o.add_pod(0, "ba");
+    let (b, b_addr) = o.add_pod(1, "bb");
+    let (hc, ha, hb, hb_addr) = hand_programmed();
+    let _ = &hc;
+    for streams in [1, 4] {
+        let ours = iperf(&a, &b, b_addr, streams, seconds);
+        let hand = iperf(&ha, &hb, hb_addr, streams, seconds);
+        println!("iperf3 pod to pod across nodes, {streams} stream(s): flanneld-rs {ours:.2} Gbit/s, hand-programmed VXLAN {hand:.2} Gbit/s: {:.1}%", ours / hand * 100.0);
+    }
+    let (p50, p99) = ping(&a, b_addr);
+    let (h50, h99) = ping(&ha, hb_addr);
+    println!("ping pod to pod across nodes: flanneld-rs p50 {p50:.3} ms p99 {p99:.3} ms, hand-programmed p50 {h50:.3} ms p99 {h99:.3} ms: p50 ratio {:.2}", p50 / h50);
+}
+
+fn main() {
+    let args = Args::parse();
+    if !netns_fixtures::require_root() {
+        std::process::exit(1);
+    }
+    let _ = workspace_bin("flanneld-rs");
+    for (k, n) in args.peers.iter().enumerate() {
+        // Convergence is measured once, on the first size.
+        startup(*n, if k == 0 { args.leases } else { 0 });
+    }
+    if !args.no_data_path {
+        data_path(args.seconds);
+    }
+}
