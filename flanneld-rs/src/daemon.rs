@@ -122,7 +122,13 @@ struct Loop {
 impl Loop {
     async fn reconcile(&mut self, why: &str) {
         let start = Instant::now();
-        let (want, rejected) = desired::desired(&self.node.cfg, &self.own, self.node.vtep.clone(), &self.leases);
+        let (want, rejected) = desired::desired(
+            &self.node.cfg,
+            &self.own,
+            self.node.vtep.clone(),
+            self.node.ext.addr.trunc(),
+            &self.leases,
+        );
         let rejected_text: Vec<String> = rejected.iter().map(|r| format!("{}: {}", r.source, r.reason)).collect();
         if rejected_text != self.last_rejected {
             for r in &rejected_text {
@@ -131,7 +137,7 @@ impl Loop {
             self.last_rejected = rejected_text;
         }
         self.metrics.rejected_leases.store(rejected.len() as u64, Ordering::Relaxed);
-        let observed = match kernel::observe(&self.nl, &self.node.vtep.name).await {
+        let observed = match kernel::observe(&self.nl, &self.node.vtep, self.node.cfg.network).await {
             Ok(o) => o,
             Err(e) => {
                 error!("reconcile ({why}): {e}");
@@ -141,8 +147,16 @@ impl Loop {
         };
         self.vtep_index = observed.vtep.as_ref().map(|v| v.index);
         let ops = plan::plan(&want, &observed);
-        for op in &ops {
-            info!("reconcile ({why}): {op:?}");
+        if ops.len() <= 20 {
+            for op in &ops {
+                info!("reconcile ({why}): {op:?}");
+            }
+        } else {
+            let mut kinds: std::collections::BTreeMap<&str, usize> = std::collections::BTreeMap::new();
+            for op in &ops {
+                *kinds.entry(op.kind()).or_default() += 1;
+            }
+            info!("reconcile ({why}): {} changes: {kinds:?}", ops.len());
         }
         let errors = kernel::apply(&self.nl, &want, &observed, &ops).await;
         for e in &errors {
@@ -239,6 +253,8 @@ pub async fn run(opts: Opts) -> anyhow::Result<()> {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
 
+    // When a kernel notification about our device asks for a reconcile.
+    let mut kernel_due: Option<tokio::time::Instant> = None;
     loop {
         let renew_in = renew_delay(&acquired, margin);
         tokio::select! {
@@ -253,12 +269,15 @@ pub async fn run(opts: Opts) -> anyhow::Result<()> {
                 None => bail!("the etcd lease watcher stopped"),
             },
             Some(change) = changes.recv() => {
-                if concerns_us(lp.vtep_index, change) {
-                    // Coalesce the burst our own changes (or a hand edit) cause.
-                    tokio::time::sleep(DEBOUNCE).await;
-                    while changes.try_recv().is_ok() {}
-                    lp.reconcile("kernel change").await;
+                // Coalesce the burst a hand edit (or our own changes) cause,
+                // without holding up lease events meanwhile.
+                if concerns_us(lp.vtep_index, lp.node.vtep.dev, change) && kernel_due.is_none() {
+                    kernel_due = Some(tokio::time::Instant::now() + DEBOUNCE);
                 }
+            }
+            _ = tokio::time::sleep_until(kernel_due.unwrap_or_else(tokio::time::Instant::now)), if kernel_due.is_some() => {
+                kernel_due = None;
+                lp.reconcile("kernel change").await;
             }
             _ = periodic.tick() => lp.reconcile("periodic").await,
             _ = resync.tick() => {
@@ -301,10 +320,12 @@ fn renew_delay(acquired: &AcquiredLease, margin: Duration) -> Duration {
         .unwrap_or(Duration::ZERO)
 }
 
-/// Whether a kernel notification is about our VTEP. Without a VTEP every
-/// link event matters: it may be the device coming back or going.
-fn concerns_us(vtep_index: Option<u32>, change: Change) -> bool {
+/// Whether a kernel notification is about our VTEP, or about a route through
+/// the underlay (direct routes). Without a VTEP every link event matters: it
+/// may be the device coming back or going.
+fn concerns_us(vtep_index: Option<u32>, underlay: u32, change: Change) -> bool {
     match (vtep_index, change) {
+        (_, Change::Route(oif)) if oif == Some(underlay) => true,
         (None, Change::Link(_)) => true,
         (None, _) => false,
         (Some(idx), Change::Link(i) | Change::Neigh(i) | Change::Addr(i)) => i == idx,

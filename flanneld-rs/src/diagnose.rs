@@ -77,6 +77,14 @@ fn describe(op: &Op, observed: &Observed, sources: &BTreeMap<String, String>, de
             format!("FDB entry {} dst {} on {dev} belongs to no lease", x.mac, x.dst),
             format!("bridge fdb del {} dev {dev} dst {}", x.mac, x.dst),
         ),
+        Op::SetRoute(r) if !r.onlink => {
+            let via = r.gateway.map(|g| g.to_string()).unwrap_or_default();
+            f(
+                "missing",
+                format!("direct route {} via {via} on the underlay is missing{}", r.dst, peer(r.dst.to_string())),
+                format!("ip route replace {} via {via}", r.dst),
+            )
+        }
         Op::SetRoute(r) => {
             let via = r.gateway.map(|g| g.to_string()).unwrap_or_default();
             let have = observed.routes.iter().find(|x| x.dst == r.dst);
@@ -135,8 +143,8 @@ pub async fn run(opts: &Opts, json_out: bool) -> anyhow::Result<bool> {
             });
         }
     }
-    let (want, rejected) = desired::desired(&cfg, &own, spec.clone(), &leases);
-    let observed = kernel::observe(&nl, &spec.name).await?;
+    let (want, rejected) = desired::desired(&cfg, &own, spec.clone(), ext.addr.trunc(), &leases);
+    let observed = kernel::observe(&nl, &spec, cfg.network).await?;
     let mut sources = BTreeMap::new();
     for l in &leases {
         sources.insert(l.subnet.to_string(), l.source.clone());

@@ -381,3 +381,44 @@ fn diagnose_is_quiet_on_a_healthy_node_and_names_each_injected_fault() {
     let (ok, v) = o.diagnose(0, &["--ip-masq"]);
     assert!(ok, "{v}");
 }
+
+#[test]
+fn direct_routing_reaches_peers_on_the_same_segment_without_the_tunnel() {
+    if !require_root() {
+        return;
+    }
+    let mut o = Overlay::with_conf(2, r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan","DirectRouting":true}}"#);
+    o.start_all();
+    let s1 = o.subnet(1);
+    let ns = &o.cluster.node(0).ns;
+    let want = format!("{s1} via 192.0.2.11 dev eth0");
+    wait_until(Duration::from_secs(10), "node0's direct route to node1", || {
+        ns.ip_json(&["route", "show", &s1.to_string()]).to_string().contains("192.0.2.11")
+    });
+    let r = &ns.ip_json(&["route", "show", &s1.to_string()])[0];
+    assert_eq!(
+        format!(
+            "{} via {} dev {}",
+            r["dst"].as_str().unwrap(),
+            r["gateway"].as_str().unwrap(),
+            r["dev"].as_str().unwrap()
+        ),
+        want
+    );
+    // No tunnel entries for a peer reached directly.
+    let st = o.vtep_state(0);
+    assert!(st.fdbs.is_empty() && st.neighs.is_empty() && st.routes.is_empty(), "{st:?}");
+    let (a, _) = o.add_pod(0, "a");
+    let (b, b_addr) = o.add_pod(1, "b");
+    let target = SocketAddr::new(b_addr.into(), 8500);
+    let server = echo_server(&b, target);
+    assert_eq!(tcp_round_trip(&a, target), "ping\n");
+    server.join().unwrap();
+    // A direct route deleted by hand comes back too; diagnose agrees.
+    ns.run_ok("ip", &["route", "del", &s1.to_string()]);
+    wait_until(Duration::from_secs(1), "the direct route to come back", || {
+        ns.ip_json(&["route", "show", &s1.to_string()]).to_string().contains("192.0.2.11")
+    });
+    let (ok, v) = o.diagnose(0, &[]);
+    assert!(ok, "{v}");
+}

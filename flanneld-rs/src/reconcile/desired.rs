@@ -26,8 +26,16 @@ pub fn vtep_addr(subnet: Ipv4Net) -> Ipv4Net {
 
 /// Builds the desired state for our lease `own` and VTEP `vtep` from
 /// `leases` (which may include our own). Leases that must not be programmed
-/// are returned with the reason, never half-programmed.
-pub fn desired(cfg: &NetworkConfig, own: &Lease, vtep: VxlanSpec, leases: &[Lease]) -> (Desired, Vec<Rejected>) {
+/// are returned with the reason, never half-programmed. `segment` is the
+/// underlay interface's subnet: with `DirectRouting`, a peer whose public IP
+/// is on it is reached with a plain route through the underlay (no tunnel).
+pub fn desired(
+    cfg: &NetworkConfig,
+    own: &Lease,
+    vtep: VxlanSpec,
+    segment: Ipv4Net,
+    leases: &[Lease],
+) -> (Desired, Vec<Rejected>) {
     let mut peers = BTreeMap::new();
     let mut rejected = Vec::new();
     for l in leases {
@@ -40,7 +48,7 @@ pub fn desired(cfg: &NetworkConfig, own: &Lease, vtep: VxlanSpec, leases: &[Leas
             }
             continue;
         }
-        match check(cfg, own, &vtep, l) {
+        match check(cfg, own, &vtep, segment, l) {
             Ok(entries) => {
                 peers.insert(l.subnet, entries);
             }
@@ -62,7 +70,13 @@ fn bad_public_ip(ip: Ipv4Addr) -> Option<&'static str> {
     }
 }
 
-fn check(cfg: &NetworkConfig, own: &Lease, vtep: &VxlanSpec, l: &Lease) -> Result<PeerEntries, String> {
+fn check(
+    cfg: &NetworkConfig,
+    own: &Lease,
+    vtep: &VxlanSpec,
+    segment: Ipv4Net,
+    l: &Lease,
+) -> Result<PeerEntries, String> {
     if !cfg.network.contains(&l.subnet) {
         return Err(format!("subnet {} is outside Network {}", l.subnet, cfg.network));
     }
@@ -83,6 +97,18 @@ fn check(cfg: &NetworkConfig, own: &Lease, vtep: &VxlanSpec, l: &Lease) -> Resul
     };
     if data.vni != vtep.vni {
         return Err(format!("VNI {} differs from ours ({})", data.vni, vtep.vni));
+    }
+    if cfg.vxlan().is_some_and(|v| v.direct_routing) && segment.contains(&l.public_ip) {
+        return Ok(PeerEntries {
+            route: Route {
+                dst: IpNet::V4(l.subnet),
+                gateway: Some(IpAddr::V4(l.public_ip)),
+                oif: Some(vtep.dev),
+                onlink: false,
+            },
+            neigh: None,
+            fdb: None,
+        });
     }
     let gw = l.subnet.network();
     Ok(PeerEntries {
@@ -141,7 +167,7 @@ mod tests {
             lease("10.244.7.0/24", "192.0.2.17", None),
             lease("10.244.1.0/24", "192.0.2.99", Some("02:00:00:00:00:99")),
         ];
-        let (d, rejected) = desired(&cfg(), &own, spec(), &leases);
+        let (d, rejected) = desired(&cfg(), &own, spec(), "192.0.2.0/24".parse().unwrap(), &leases);
         assert_eq!(d.peers.keys().map(|k| k.to_string()).collect::<Vec<_>>(), ["10.244.2.0/24"]);
         assert_eq!(d.addr.to_string(), "10.244.1.0/32");
         let reasons: Vec<String> = rejected.iter().map(|r| format!("{}: {}", r.source, r.reason)).collect();
@@ -162,5 +188,24 @@ mod tests {
         assert_eq!(p.neigh.unwrap().ip.to_string(), "10.244.2.0");
         assert_eq!(p.fdb.unwrap().dst.to_string(), "192.0.2.11");
         assert!(p.route.onlink);
+    }
+
+    #[test]
+    fn direct_routing_uses_the_underlay_for_peers_on_the_same_segment() {
+        let cfg =
+            NetworkConfig::parse(r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan","DirectRouting":true}}"#, "t")
+                .unwrap();
+        let own = lease("10.244.1.0/24", "192.0.2.10", Some("02:00:00:00:00:10"));
+        let near = lease("10.244.2.0/24", "192.0.2.11", Some("02:00:00:00:00:11"));
+        let far = lease("10.244.3.0/24", "198.51.100.7", Some("02:00:00:00:00:12"));
+        let (d, rejected) = desired(&cfg, &own, spec(), "192.0.2.0/24".parse().unwrap(), &[own.clone(), near, far]);
+        assert!(rejected.is_empty());
+        let near = &d.peers[&"10.244.2.0/24".parse().unwrap()];
+        assert_eq!(near.route.gateway, Some("192.0.2.11".parse().unwrap()));
+        assert_eq!(near.route.oif, Some(2));
+        assert!(near.neigh.is_none() && near.fdb.is_none());
+        let far = &d.peers[&"10.244.3.0/24".parse().unwrap()];
+        assert_eq!(far.route.gateway, Some("10.244.3.0".parse().unwrap()));
+        assert!(far.fdb.is_some());
     }
 }

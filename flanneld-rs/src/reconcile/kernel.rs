@@ -1,58 +1,80 @@
 //! The thin side of the reconcile loop: dump what we own, apply ops (one
 //! netlink request each).
 
-use flannel_net::netlink::{Netlink, NlError, NlResult, Route};
+use flannel_net::netlink::{Netlink, NlError, NlResult, Route, VxlanSpec};
+use futures_util::StreamExt;
 use ipnet::IpNet;
+use ipnet::Ipv4Net;
 
 use super::plan::{Desired, Observed, Op};
 
-/// Dumps the state of our VTEP: the device, its IPv4 addresses, the main-table
-/// routes through it, and its permanent neighbours and FDB entries.
-pub async fn observe(nl: &Netlink, vtep_name: &str) -> NlResult<Observed> {
-    let Some(vtep) = nl.vxlan_by_name(vtep_name).await? else {
-        return Ok(Observed::default());
+/// Dumps the state we own: our VTEP, its IPv4 addresses, the main-table
+/// routes through it, its permanent neighbours and FDB entries, and (for
+/// `DirectRouting`) routes through the underlay `vtep.dev` to subnets of
+/// `cluster` that have a next hop.
+pub async fn observe(nl: &Netlink, vtep: &VxlanSpec, cluster: Ipv4Net) -> NlResult<Observed> {
+    let all_routes = nl.routes().await?;
+    let direct = |r: &Route| {
+        r.oif == Some(vtep.dev)
+            && r.gateway.is_some()
+            && matches!(r.dst, IpNet::V4(d) if cluster.contains(&d) && d.prefix_len() > cluster.prefix_len())
     };
-    let index = vtep.index;
+    let Some(link) = nl.vxlan_by_name(&vtep.name).await? else {
+        return Ok(Observed { routes: all_routes.into_iter().filter(direct).collect(), ..Observed::default() });
+    };
+    let index = link.index;
     let addrs = nl.addrs(index).await?.into_iter().filter(|a| matches!(a, IpNet::V4(_))).collect();
-    let routes =
-        nl.routes().await?.into_iter().filter(|r| r.oif == Some(index) && matches!(r.dst, IpNet::V4(_))).collect();
+    let routes = all_routes
+        .into_iter()
+        .filter(|r| (r.oif == Some(index) && matches!(r.dst, IpNet::V4(_))) || direct(r))
+        .collect();
     let neighs = nl.neighs(index).await?;
     let fdbs = nl.fdbs(index).await?;
-    Ok(Observed { vtep: Some(vtep), addrs, routes, neighs, fdbs })
+    Ok(Observed { vtep: Some(link), addrs, routes, neighs, fdbs })
 }
 
-/// Applies `ops` in order. Keeps going past a failed op (a later reconcile
-/// retries it) and returns every error; "already there" on add and "already
-/// gone" on delete count as success.
+/// Requests in flight at once within a phase. The kernel handles them one by
+/// one anyway; pipelining saves the round trip between each.
+const PIPELINE: usize = 64;
+
+/// Applies `ops` in order. Consecutive ops of the same kind (a phase of the
+/// plan) are pipelined: their order among themselves does not matter, and a
+/// phase finishes before the next starts, so each peer's neighbour, FDB entry
+/// and route still go in that order. Keeps going past a failed op (a later
+/// reconcile retries it) and returns every error; "already there" on add and
+/// "already gone" on delete count as success.
 pub async fn apply(nl: &Netlink, desired: &Desired, observed: &Observed, ops: &[Op]) -> Vec<NlError> {
     let name = desired.vtep.name.as_str();
     let mut index = observed.vtep.as_ref().map(|v| v.index);
     let mut errors = Vec::new();
-    for op in ops {
-        let result: NlResult<()> = async {
-            match op {
-                Op::CreateVtep | Op::RecreateVtep(_) => {
-                    if matches!(op, Op::RecreateVtep(_)) {
-                        nl.del_link_by_name(name).await?;
-                    }
-                    nl.add_vxlan(&desired.vtep).await?;
-                    index = nl.link_by_name(name).await?.map(|l| l.index);
-                    Ok(())
+    let mut rest = ops;
+    while let Some(first) = rest.first() {
+        if let Op::CreateVtep | Op::RecreateVtep(_) = first {
+            let result: NlResult<()> = async {
+                if matches!(first, Op::RecreateVtep(_)) {
+                    nl.del_link_by_name(name).await?;
                 }
-                _ => {
-                    let Some(idx) = index else {
-                        // The device is missing and could not be created; the
-                        // create's error is already reported.
-                        return Ok(());
-                    };
-                    apply_one(nl, name, idx, op).await
-                }
+                nl.add_vxlan(&desired.vtep).await?;
+                index = nl.link_by_name(name).await?.map(|l| l.index);
+                Ok(())
             }
+            .await;
+            errors.extend(result.err());
+            rest = &rest[1..];
+            continue;
         }
-        .await;
-        if let Err(e) = result {
-            errors.push(e);
-        }
+        let len = rest.iter().take_while(|op| std::mem::discriminant(*op) == std::mem::discriminant(first)).count();
+        let (phase, tail) = rest.split_at(len);
+        rest = tail;
+        // Without a device (it could not be created) there is nothing to do;
+        // the create's error is already reported.
+        let Some(idx) = index else { continue };
+        let results: Vec<NlResult<()>> =
+            futures_util::stream::iter(phase.iter().map(|op| apply_one(nl, name, idx, op)))
+                .buffer_unordered(PIPELINE)
+                .collect()
+                .await;
+        errors.extend(results.into_iter().filter_map(Result::err));
     }
     errors
 }
@@ -72,12 +94,13 @@ async fn apply_one(nl: &Netlink, name: &str, idx: u32, op: &Op) -> NlResult<()> 
         Op::DelNeigh(n) => tolerate(nl.del_neigh(idx, name, n).await, NlError::is_not_found),
         Op::SetFdb(f) => nl.set_fdb(idx, name, f).await,
         Op::DelFdb(f) => tolerate(nl.del_fdb(idx, name, f).await, NlError::is_not_found),
+        // A route without a device goes through the VTEP; direct routes name the underlay.
         Op::SetRoute(r) => {
-            let r = Route { oif: Some(idx), ..r.clone() };
+            let r = Route { oif: r.oif.or(Some(idx)), ..r.clone() };
             nl.replace_route(&r, name).await
         }
         Op::DelRoute(r) => {
-            let r = Route { oif: Some(idx), ..r.clone() };
+            let r = Route { oif: r.oif.or(Some(idx)), ..r.clone() };
             tolerate(nl.del_route(&r, name).await, NlError::is_not_found)
         }
     }

@@ -1,7 +1,9 @@
 //! `plan(desired, observed) -> ops`: the pure heart of the reconcile loop.
 //!
 //! Ordering rules (from flannel's hard-won experience):
-//! - For a peer being added: ARP neighbour, then FDB entry, then route. With
+//! - For a peer being added: ARP neighbour, then FDB entry, then route (the
+//!   plan emits them in phases, all neighbours before all FDB entries before
+//!   all routes, which keeps every peer's order and lets a phase be pipelined). With
 //!   the route last, the kernel never has a route to a peer whose VTEP MAC it
 //!   does not know, so it never ARPs for the gateway.
 //! - For a peer being removed: route, then ARP neighbour, then FDB entry.
@@ -82,6 +84,26 @@ pub enum Op {
 /// Observed routes are already those through our device, and desired routes
 /// get the device's index only when applied (it changes when the device is
 /// recreated), so destination and next hop decide.
+impl Op {
+    /// The op's name, for summaries (`SetRoute`).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Op::CreateVtep => "CreateVtep",
+            Op::RecreateVtep(_) => "RecreateVtep",
+            Op::SetMtu(_) => "SetMtu",
+            Op::SetUp => "SetUp",
+            Op::AddAddr(_) => "AddAddr",
+            Op::DelAddr(_) => "DelAddr",
+            Op::SetNeigh(_) => "SetNeigh",
+            Op::DelNeigh(_) => "DelNeigh",
+            Op::SetFdb(_) => "SetFdb",
+            Op::DelFdb(_) => "DelFdb",
+            Op::SetRoute(_) => "SetRoute",
+            Op::DelRoute(_) => "DelRoute",
+        }
+    }
+}
+
 fn same_route(a: &Route, b: &Route) -> bool {
     a.dst == b.dst && a.gateway == b.gateway
 }
@@ -119,23 +141,30 @@ pub fn plan(desired: &Desired, observed: &Observed) -> Vec<Op> {
         ops.push(Op::AddAddr(want_addr));
     }
 
+    // In phases (every neighbour, then every FDB entry, then every route) so
+    // that the executor can pipeline each phase; each peer's own order holds.
     let neighs: BTreeMap<_, _> = observed.neighs.iter().map(|n| (n.ip, n.mac)).collect();
     let fdbs: BTreeSet<Fdb> = observed.fdbs.iter().copied().collect();
+    let routes: BTreeMap<IpNet, &Route> = observed.routes.iter().map(|r| (r.dst, r)).collect();
+    let (mut set_neighs, mut set_fdbs, mut set_routes) = (Vec::new(), Vec::new(), Vec::new());
     for peer in desired.peers.values() {
         if let Some(n) = peer.neigh {
             if neighs.get(&n.ip) != Some(&n.mac) {
-                ops.push(Op::SetNeigh(n));
+                set_neighs.push(Op::SetNeigh(n));
             }
         }
         if let Some(f) = peer.fdb {
             if !fdbs.contains(&f) {
-                ops.push(Op::SetFdb(f));
+                set_fdbs.push(Op::SetFdb(f));
             }
         }
-        if !observed.routes.iter().any(|r| same_route(r, &peer.route)) {
-            ops.push(Op::SetRoute(peer.route.clone()));
+        if !routes.get(&peer.route.dst).is_some_and(|r| same_route(r, &peer.route)) {
+            set_routes.push(Op::SetRoute(peer.route.clone()));
         }
     }
+    ops.extend(set_neighs);
+    ops.extend(set_fdbs);
+    ops.extend(set_routes);
 
     for a in &observed.addrs {
         if *a != want_addr && a.addr().is_ipv4() {

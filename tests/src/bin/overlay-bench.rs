@@ -84,7 +84,8 @@ fn counts(ns: &Netns) -> (usize, usize, usize) {
     in_ns(ns, async {
         let nl = Netlink::connect().unwrap();
         let Some(v) = nl.vxlan_by_name("flannel.1").await.unwrap() else { return (0, 0, 0) };
-        let routes = nl.routes().await.unwrap().iter().filter(|r| r.oif == Some(v.index)).count();
+        let routes =
+            nl.routes().await.unwrap().iter().filter(|r| r.oif == Some(v.index) && r.dst.addr().is_ipv4()).count();
         (routes, nl.neighs(v.index).await.unwrap().len(), nl.fdbs(v.index).await.unwrap().len())
     })
 }
@@ -205,8 +206,9 @@ fn startup(n: usize, leases: usize) {
                         let i = n + k;
                         let (subnet, _, _) = peer(i);
                         let probe = IpAddr::V4(Ipv4Addr::from(u32::from(subnet.network()) + 5));
-                        let start = Instant::now();
+                        // From the moment etcd has committed the write.
                         put_peer(&mut c, i).await;
+                        let start = Instant::now();
                         loop {
                             if let Ok(Some((oif, _))) = nl.route_get(probe).await {
                                 if oif == index {
