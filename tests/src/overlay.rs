@@ -348,6 +348,15 @@ impl Overlay {
     }
 }
 
+impl VtepState {
+    /// The state without entries mentioning any of `needles` (leases that
+    /// must not be programmed).
+    pub fn clone_without(&self, needles: &[&str]) -> VtepState {
+        let keep = |v: &Vec<String>| v.iter().filter(|e| !needles.iter().any(|n| e.contains(n))).cloned().collect();
+        VtepState { routes: keep(&self.routes), neighs: keep(&self.neighs), fdbs: keep(&self.fdbs) }
+    }
+}
+
 /// Routes, neighbours and FDB entries of a node's flannel.1.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct VtepState {

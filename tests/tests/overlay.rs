@@ -422,3 +422,81 @@ fn direct_routing_reaches_peers_on_the_same_segment_without_the_tunnel() {
     let (ok, v) = o.diagnose(0, &[]);
     assert!(ok, "{v}");
 }
+
+/// Sends `GET path` to `addr` from inside `ns`; returns the whole response.
+fn http_get(ns: &netns_fixtures::Netns, addr: SocketAddr, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = NetNs::open(ns.path())
+        .unwrap()
+        .run(move || std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)))
+        .unwrap()
+        .unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
+#[test]
+fn health_metrics_firewall_resync_and_bad_leases() {
+    if !require_root() {
+        return;
+    }
+    let mut o = Overlay::new(2);
+    o.set_flags(0, &["--ip-masq", "--healthz-ip", "127.0.0.1", "--healthz-port", "9102", "--iptables-resync", "1"]);
+    // A lease with a bad MAC and one with a loopback public IP, beside a good peer.
+    let out = o.outside();
+    etcdctl_ok(
+        out,
+        &[
+            "put",
+            "/coreos.com/network/subnets/10.244.250.0-24",
+            r#"{"PublicIP":"192.0.2.50","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"not-a-mac"}}"#,
+        ],
+    );
+    etcdctl_ok(
+        out,
+        &[
+            "put",
+            "/coreos.com/network/subnets/10.244.251.0-24",
+            r#"{"PublicIP":"127.0.0.1","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"02:00:00:00:00:51"}}"#,
+        ],
+    );
+    o.start_all();
+    wait_until(Duration::from_secs(10), "node0 to program node1 only", || o.vtep_state(0).routes.len() == 1);
+    let log = o.log(0);
+    assert!(
+        log.contains("10.244.250.0-24") && log.contains("not-a-mac"),
+        "the bad MAC is not named in the log:\n{log}"
+    );
+    assert!(
+        log.contains("10.244.251.0-24") && log.contains("127.0.0.1"),
+        "the loopback lease is not named in the log:\n{log}"
+    );
+
+    let ns = &o.cluster.node(0).ns;
+    let addr = SocketAddr::from(([127, 0, 0, 1], 9102));
+    assert!(http_get(ns, addr, "/healthz").starts_with("HTTP/1.1 200"));
+    assert!(http_get(ns, addr, "/readyz").starts_with("HTTP/1.1 200"));
+    let metrics = http_get(ns, addr, "/metrics");
+    for want in [
+        "flannel_peers 1",
+        "flannel_ready 1",
+        "flannel_reconcile_runs_total",
+        "flannel_netlink_errors_total 0",
+        "flannel_lease_renewals_total",
+    ] {
+        assert!(metrics.contains(want), "/metrics lacks {want}:\n{metrics}");
+    }
+    assert!(http_get(ns, addr, "/nope").starts_with("HTTP/1.1 404"));
+
+    // Our nftables table deleted by hand is back within --iptables-resync.
+    ns.run_ok("nft", &["delete", "table", "ip", "flannel-rs"]);
+    wait_until(Duration::from_secs(5), "the nftables table to be re-asserted", || {
+        ns.run("nft", &["list", "table", "ip", "flannel-rs"]).map(|o| o.status.success()).unwrap_or(false)
+    });
+    // The bad leases never reached the kernel; the good one did.
+    let st = o.vtep_state(0);
+    let bad = ["10.244.250.", "10.244.251.", "192.0.2.50", "127.0.0.1"];
+    assert_eq!(st, o.expected_state(0).clone_without(&bad), "{st:?}");
+}
