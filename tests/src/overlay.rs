@@ -314,7 +314,8 @@ impl Overlay {
             "cniVersion": "1.0.0", "name": "cbr0", "type": "flannel",
             "subnetFile": self.daemons[i].subnet_file,
             "dataDir": self.dir.path().join(format!("cni{i}")),
-            "delegate": { "isDefaultGateway": true }
+            // The daemon decides about masquerading (--ip-masq); the plugin stays out of it.
+            "delegate": { "isDefaultGateway": true, "ipMasq": false }
         });
         let path = pod.path().display().to_string();
         let out = cni(&node.ns, &workspace_bin("flannel"), &cni_env("ADD", name, &path), &conf.to_string());
