@@ -268,13 +268,20 @@ pub async fn run(opts: Opts) -> anyhow::Result<()> {
                 }
                 None => bail!("the etcd lease watcher stopped"),
             },
-            Some(change) = changes.recv() => {
+            change = changes.recv() => match change {
                 // Coalesce the burst a hand edit (or our own changes) cause,
                 // without holding up lease events meanwhile.
-                if concerns_us(lp.vtep_index, lp.node.vtep.dev, change) && kernel_due.is_none() {
-                    kernel_due = Some(tokio::time::Instant::now() + DEBOUNCE);
+                Some(c) => {
+                    if concerns_us(lp.vtep_index, lp.node.vtep.dev, c) && kernel_due.is_none() {
+                        kernel_due = Some(tokio::time::Instant::now() + DEBOUNCE);
+                    }
                 }
-            }
+                None => {
+                    warn!("netlink notifications stopped; subscribing again");
+                    changes = flannel_net::netlink::monitor()?;
+                    kernel_due = Some(tokio::time::Instant::now());
+                }
+            },
             _ = tokio::time::sleep_until(kernel_due.unwrap_or_else(tokio::time::Instant::now)), if kernel_due.is_some() => {
                 kernel_due = None;
                 lp.reconcile("kernel change").await;
@@ -325,6 +332,7 @@ fn renew_delay(acquired: &AcquiredLease, margin: Duration) -> Duration {
 /// may be the device coming back or going.
 fn concerns_us(vtep_index: Option<u32>, underlay: u32, change: Change) -> bool {
     match (vtep_index, change) {
+        (_, Change::Overrun) => true,
         (_, Change::Route(oif)) if oif == Some(underlay) => true,
         (None, Change::Link(_)) => true,
         (None, _) => false,

@@ -541,6 +541,8 @@ pub enum Change {
     Neigh(u32),
     /// An address on this link changed.
     Addr(u32),
+    /// The kernel dropped notifications (`ENOBUFS`): anything may have changed.
+    Overrun,
 }
 
 /// Subscribes to link, IPv4 address, IPv4 route and neighbour (which carries
@@ -570,6 +572,7 @@ pub fn monitor() -> NlResult<tokio::sync::mpsc::UnboundedReceiver<Change>> {
                 NetlinkPayload::InnerMessage(M::NewNeighbour(n) | M::DelNeighbour(n)) => {
                     Some(Change::Neigh(n.header.ifindex))
                 }
+                NetlinkPayload::Overrun(_) => Some(Change::Overrun),
                 _ => None,
             };
             if let Some(c) = change {
