@@ -74,12 +74,18 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
         let Ok((mut sock, _)) = listener.accept().await else { continue };
         let metrics = metrics.clone();
         tokio::spawn(async move {
-            let mut buf = vec![0u8; 2048];
-            let n = match sock.read(&mut buf).await {
-                Ok(n) => n,
-                Err(_) => return,
-            };
-            let req = String::from_utf8_lossy(&buf[..n]);
+            // Read the request head (up to the blank line); a request may
+            // arrive in several segments.
+            let mut buf = Vec::with_capacity(1024);
+            let mut chunk = [0u8; 1024];
+            while !buf.windows(4).any(|w| w == b"\r\n\r\n") && buf.len() < 8192 {
+                let read = tokio::time::timeout(std::time::Duration::from_secs(5), sock.read(&mut chunk)).await;
+                match read {
+                    Ok(Ok(0)) | Ok(Err(_)) | Err(_) => break,
+                    Ok(Ok(n)) => buf.extend_from_slice(&chunk[..n]),
+                }
+            }
+            let req = String::from_utf8_lossy(&buf);
             let path = req.split_whitespace().nth(1).unwrap_or("/");
             let (status, body, ctype) = match path {
                 "/healthz" => ("200 OK", "ok\n".to_string(), "text/plain"),

@@ -432,7 +432,7 @@ fn http_get(ns: &netns_fixtures::Netns, addr: SocketAddr, path: &str) -> String 
         .run(move || std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)))
         .unwrap()
         .unwrap();
-    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes()).unwrap();
     let mut out = String::new();
     s.read_to_string(&mut out).unwrap();
     out
