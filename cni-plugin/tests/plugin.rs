@@ -4,13 +4,10 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::time::Duration;
+use std::net::SocketAddr;
 
 use common::{ipv4_of, pod_links, wait_pod_empty, Node, LEASE};
-use flannel_net::netns::NetNs;
-use netns_fixtures::Netns;
+use netns_fixtures::{echo_server, tcp_round_trip, Netns};
 use serde_json::{json, Value};
 
 fn pod(node: &Node, name: &str) -> Netns {
@@ -92,32 +89,6 @@ fn add_builds_exactly_the_expected_links_addresses_and_routes() {
     }
     node.assert_clean();
     wait_pod_empty(&p);
-}
-
-/// Accepts one connection in `ns` on `addr` and echoes one line back.
-fn echo_server(ns: &Netns, addr: SocketAddr) -> std::thread::JoinHandle<SocketAddr> {
-    let listener = NetNs::open(ns.path()).unwrap().run(move || TcpListener::bind(addr)).unwrap().unwrap();
-    std::thread::spawn(move || {
-        let (mut s, peer) = listener.accept().unwrap();
-        let mut buf = [0u8; 64];
-        let n = s.read(&mut buf).unwrap();
-        s.write_all(&buf[..n]).unwrap();
-        peer
-    })
-}
-
-/// Connects from `ns` to `addr`, sends a line and returns the echo.
-fn tcp_round_trip(ns: &Netns, addr: SocketAddr) -> String {
-    let mut s = NetNs::open(ns.path())
-        .unwrap()
-        .run(move || TcpStream::connect_timeout(&addr, Duration::from_secs(5)))
-        .unwrap()
-        .unwrap_or_else(|e| panic!("connect to {addr}: {e}"));
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    s.write_all(b"ping\n").unwrap();
-    let mut buf = String::new();
-    s.read_to_string(&mut buf).unwrap();
-    buf
 }
 
 #[test]

@@ -29,10 +29,12 @@ use std::time::{Duration, Instant};
 mod cleanup;
 mod cluster;
 mod netns;
+mod traffic;
 
 pub use cleanup::{cleanup_all, cleanup_leftovers, cleanup_tag};
 pub use cluster::{single_node, Cluster, Node, MAX_NODES};
 pub use netns::Netns;
+pub use traffic::{echo_server, tcp_round_trip};
 
 /// Prefix of every namespace this crate creates; cleanup only ever touches
 /// names that start with it.

@@ -340,6 +340,22 @@ impl Netns {
         }
     }
 
+    /// Runs `f` on a short-lived thread inside the namespace and returns its
+    /// result. Sockets `f` creates belong to the namespace for their whole
+    /// life and can be used from any thread afterwards; this is how tests
+    /// talk TCP or UDP from inside a pod without spawning a program.
+    pub fn in_thread<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
+        let fd = self.fd.as_fd();
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                setns(fd, CloneFlags::CLONE_NEWNET).expect("setns into the fixture's namespace");
+                f()
+            })
+            .join()
+            .unwrap_or_else(|p| std::panic::resume_unwind(p))
+        })
+    }
+
     /// Device and inode of the namespace: what `/proc/<pid>/ns/net` of a
     /// process inside it resolves to.
     fn identity(&self) -> io::Result<(u64, u64)> {

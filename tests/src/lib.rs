@@ -4,13 +4,12 @@
 
 pub mod overlay;
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+pub use netns_fixtures::{echo_server, tcp_round_trip};
+
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
-use std::time::Duration;
 
-use flannel_net::netns::NetNs;
 use netns_fixtures::Netns;
 use serde_json::Value;
 
@@ -74,37 +73,6 @@ pub fn cni_env<'a>(verb: &'a str, id: &'a str, netns: &'a str) -> Vec<(&'a str, 
         ("CNI_IFNAME", "eth0"),
         ("CNI_PATH", "/usr/lib/cni"),
     ]
-}
-
-/// Accepts one TCP connection on `addr` inside `ns`, echoes what it reads, and
-/// returns the peer address it saw. The socket is bound before this returns.
-pub fn echo_server(ns: &Netns, addr: SocketAddr) -> std::thread::JoinHandle<SocketAddr> {
-    let listener = NetNs::open(ns.path())
-        .unwrap()
-        .run(move || TcpListener::bind(addr))
-        .unwrap()
-        .unwrap_or_else(|e| panic!("bind {addr} in {}: {e}", ns.name()));
-    std::thread::spawn(move || {
-        let (mut s, peer) = listener.accept().unwrap();
-        let mut buf = [0u8; 64];
-        let n = s.read(&mut buf).unwrap();
-        s.write_all(&buf[..n]).unwrap();
-        peer
-    })
-}
-
-/// Connects from inside `ns` to `addr`, sends `ping\n`, returns the reply.
-pub fn tcp_round_trip(ns: &Netns, addr: SocketAddr) -> String {
-    let mut s = NetNs::open(ns.path())
-        .unwrap()
-        .run(move || TcpStream::connect_timeout(&addr, Duration::from_secs(5)))
-        .unwrap()
-        .unwrap_or_else(|e| panic!("connect from {} to {addr}: {e}", ns.name()));
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    s.write_all(b"ping\n").unwrap();
-    let mut buf = String::new();
-    s.read_to_string(&mut buf).unwrap();
-    buf
 }
 
 /// Runs `cmd` and returns stdout, panicking with everything on failure.
