@@ -231,13 +231,7 @@ pub async fn run(opts: Opts) -> anyhow::Result<()> {
     enable_ip_forward()?;
     let env = subnet_env(&cfg, own.subnet, lp.node.vtep.mtu, opts.ip_masq);
     env.write_atomic(&opts.subnet_file).with_context(|| format!("write {}", opts.subnet_file.display()))?;
-    let fw = FirewallSpec {
-        network: cfg.network,
-        subnet: own.subnet,
-        masquerade: opts.ip_masq,
-        fully_random: !opts.ip_masq_fully_random_disable,
-        forward: opts.iptables_forward_rules,
-    };
+    let fw = FirewallSpec::from_opts(&opts, cfg.network, own.subnet);
     firewall::apply(&fw).map_err(|e| anyhow::anyhow!("nftables table {}: {e}", firewall::TABLE))?;
     metrics.ready.store(true, Ordering::Relaxed);
     info!("ready: {} written, rules in place", opts.subnet_file.display());

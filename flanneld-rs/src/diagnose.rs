@@ -181,13 +181,7 @@ pub async fn run(opts: &Opts, json_out: bool) -> anyhow::Result<bool> {
         }
         Err(e) => findings.push(Finding { kind: "missing", what: e.to_string(), fix: "start flanneld-rs".into() }),
     }
-    let fw = FirewallSpec {
-        network: cfg.network,
-        subnet: own.subnet,
-        masquerade: opts.ip_masq,
-        fully_random: !opts.ip_masq_fully_random_disable,
-        forward: opts.iptables_forward_rules,
-    };
+    let fw = FirewallSpec::from_opts(opts, cfg.network, own.subnet);
     if (fw.masquerade || fw.forward) && !firewall::present(&fw).unwrap_or(false) {
         findings.push(Finding {
             kind: "missing",

@@ -26,6 +26,19 @@ pub struct FirewallSpec {
     pub forward: bool,
 }
 
+impl FirewallSpec {
+    /// The rules the flags ask for, for cluster network `network` and our `subnet`.
+    pub fn from_opts(opts: &crate::flags::Opts, network: Ipv4Net, subnet: Ipv4Net) -> FirewallSpec {
+        FirewallSpec {
+            network,
+            subnet,
+            masquerade: opts.ip_masq,
+            fully_random: !opts.ip_masq_fully_random_disable,
+            forward: opts.iptables_forward_rules,
+        }
+    }
+}
+
 /// The transaction: declare the table (so that deleting it cannot fail),
 /// delete it, and create it with the chains we want.
 pub fn ruleset(s: &FirewallSpec) -> String {

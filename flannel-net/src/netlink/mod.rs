@@ -195,12 +195,11 @@ impl Netlink {
         Ok(Netlink { handle })
     }
 
-    /// The link called `name`, or `None`.
-    pub async fn link_by_name(&self, name: &str) -> NlResult<Option<Link>> {
+    /// The raw message of the link called `name`, or `None`.
+    pub(crate) async fn link_message(&self, name: &str) -> NlResult<Option<LinkMessage>> {
         let mut req = self.handle.link().get().match_name(name.to_string()).execute();
         match req.try_next().await {
-            Ok(Some(msg)) => Ok(Some(Link::from_message(&msg))),
-            Ok(None) => Ok(None),
+            Ok(found) => Ok(found),
             Err(e) => {
                 let e = NlError::new(format!("get link {name}"), e);
                 if e.is_not_found() {
@@ -210,6 +209,11 @@ impl Netlink {
                 }
             }
         }
+    }
+
+    /// The link called `name`, or `None`.
+    pub async fn link_by_name(&self, name: &str) -> NlResult<Option<Link>> {
+        Ok(self.link_message(name).await?.as_ref().map(Link::from_message))
     }
 
     /// The link with index `index`, or `None`.

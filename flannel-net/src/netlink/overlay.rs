@@ -158,19 +158,7 @@ fn is_permanent(state: NeighbourState) -> bool {
 impl Netlink {
     /// The VXLAN device called `name`, or `None`.
     pub async fn vxlan_by_name(&self, name: &str) -> NlResult<Option<VxlanLink>> {
-        let mut req = self.handle.link().get().match_name(name.to_string()).execute();
-        match req.try_next().await {
-            Ok(Some(msg)) => Ok(Some(VxlanLink::from_message(&msg))),
-            Ok(None) => Ok(None),
-            Err(e) => {
-                let e = NlError::new(format!("get link {name}"), e);
-                if e.is_not_found() {
-                    Ok(None)
-                } else {
-                    Err(e)
-                }
-            }
-        }
+        Ok(self.link_message(name).await?.as_ref().map(VxlanLink::from_message))
     }
 
     /// Creates the VTEP, up (`ip link add NAME address MAC mtu MTU type vxlan
