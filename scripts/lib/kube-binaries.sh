@@ -20,7 +20,7 @@ if ! grep -rqs '^Types:.*deb-src' /etc/apt/sources.list.d/; then
   sed 's/^Types: deb$/Types: deb-src/' /etc/apt/sources.list.d/debian.sources > "$src_list"
 fi
 apt-get update -qq >&2
-apt-get install -y -qq golang-1.19 dpkg-dev etcd-server >/dev/null
+apt-get install -y -qq golang-1.19 dpkg-dev etcd-server rsync make >/dev/null
 
 work=/var/cache/flannel-rs/src
 mkdir -p "$work"
