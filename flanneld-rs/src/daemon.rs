@@ -62,6 +62,10 @@ pub fn vtep_spec(cfg: &NetworkConfig, ext: &ExtIface, mac: MacAddr) -> anyhow::R
         bail!("Backend.Type {:?}: only vxlan is implemented so far", cfg.backend.type_name());
     };
     let underlay_mtu = vx.mtu.unwrap_or(ext.mtu);
+    if underlay_mtu < 68 + 50 {
+        let what = if vx.mtu.is_some() { "Backend.MTU" } else { "the interface MTU" };
+        bail!("{what} {underlay_mtu} leaves no room for VXLAN's 50 bytes (need at least 118)");
+    }
     Ok(VxlanSpec {
         name: format!("flannel.{}", vx.vni),
         vni: vx.vni,

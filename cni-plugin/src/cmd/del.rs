@@ -4,8 +4,8 @@
 //! Deleting a network device is slow in the kernel, and not because of work:
 //! `unregister_netdevice` waits for RCU grace periods before it returns, about
 //! 20 ms on our test machines (`ip link del` alone takes as long). DEL
-//! therefore takes the host veth down (the pod is cut off from that moment),
-//! releases the address, and leaves the deletion itself, by interface index,
+//! therefore takes the host veth down and off the bridge (the pod is cut off
+//! from that moment), releases the address, and leaves the deletion itself, by interface index,
 //! to a detached child process, [`teardown`], so the runtime is not kept
 //! waiting for the grace period. The index, unlike the name, is never reused
 //! soon, so the child cannot hit a veth that a quick re-ADD of the same pod
@@ -33,9 +33,11 @@ pub async fn run(conf: &NetConf, env: &CniEnv) -> Result<(), CniError> {
     let veth = veth_name(&env.container_id, &env.ifname);
     match host.link_by_name(&veth).await? {
         Some(link) => {
-            // Down first: no packet crosses the pod's interface after DEL
-            // returns, whether or not the deletion has finished by then.
-            match host.set_down(link.index, &veth).await {
+            // Down and off the bridge first: no packet crosses the pod's
+            // interface after DEL returns, and the bridge has no port left for
+            // it (an ADD that checks whether pods still use the bridge must
+            // not count it), whether or not the deletion has finished by then.
+            match host.set_down_detached(link.index, &veth).await {
                 Ok(()) => {}
                 Err(e) if e.is_not_found() => {}
                 Err(e) => return Err(e.into()),

@@ -307,10 +307,16 @@ impl Netlink {
         self.handle.link().set(msg).execute().await.map_err(|e| NlError::new(format!("set link {name} up"), e))
     }
 
-    /// Brings link `index` down (`ip link set DEV down`).
-    pub async fn set_down(&self, index: u32, name: &str) -> NlResult<()> {
-        let msg = LinkUnspec::new_with_index(index).down().build();
-        self.handle.link().set(msg).execute().await.map_err(|e| NlError::new(format!("set link {name} down"), e))
+    /// Brings link `index` down and takes it off its bridge, in one request
+    /// (`ip link set DEV down nomaster`).
+    pub async fn set_down_detached(&self, index: u32, name: &str) -> NlResult<()> {
+        let msg = LinkUnspec::new_with_index(index).down().nocontroller().build();
+        self.handle
+            .link()
+            .set(msg)
+            .execute()
+            .await
+            .map_err(|e| NlError::new(format!("set link {name} down nomaster"), e))
     }
 
     /// Deletes link `index` (`ip link del DEV`). Returns `false` when there was
