@@ -1,0 +1,220 @@
+//! Kubernetes mode's lease format: a Node's `spec.podCIDR` plus flannel's
+//! annotations (prefix `flannel.alpha.coreos.com/` unless
+//! `--kube-annotation-prefix` says otherwise). Pure conversions, so that the
+//! exact formats flannel writes and reads are tested without an API server;
+//! the API client that fetches and patches Nodes builds on these.
+//!
+//! Written by a node on itself (on `nodes/status`):
+//! `kube-subnet-manager: "true"`, `backend-type: "vxlan"`,
+//! `backend-data: {"VNI":1,"VtepMAC":"aa:bb:cc:dd:ee:ff"}`, `public-ip`.
+//! Set by users: `public-ip-overwrite` (advertised instead of the detected
+//! address) and `node-public-ip` (used instead of `--public-ip` at start).
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+
+use flannel_net::MacAddr;
+use ipnet::Ipv4Net;
+
+use crate::config::NetworkConfig;
+use crate::lease::{Lease, LeaseAttrs, VxlanData};
+
+/// flannel's default annotation prefix.
+pub const DEFAULT_PREFIX: &str = "flannel.alpha.coreos.com";
+
+/// Annotation names (without the prefix).
+pub mod keys {
+    /// `"true"` on nodes whose lease is managed this way; others are ignored.
+    pub const SUBNET_MANAGER: &str = "kube-subnet-manager";
+    /// `vxlan`, `udp`, `host-gw`.
+    pub const BACKEND_TYPE: &str = "backend-type";
+    /// Backend data JSON (`{"VNI":1,"VtepMAC":"..."}`, `null` for host-gw).
+    pub const BACKEND_DATA: &str = "backend-data";
+    /// The node's advertised IPv4 address.
+    pub const PUBLIC_IP: &str = "public-ip";
+    /// Set by users: advertise this instead of the detected address.
+    pub const PUBLIC_IP_OVERWRITE: &str = "public-ip-overwrite";
+    /// Set by users: use this instead of `--public-ip` at start.
+    pub const NODE_PUBLIC_IP: &str = "node-public-ip";
+}
+
+fn key(prefix: &str, name: &str) -> String {
+    format!("{}/{name}", prefix.trim_end_matches('/'))
+}
+
+/// The annotations a node writes on itself (flannel's exact formats).
+/// `public-ip-overwrite`, when the user set it, is what gets advertised.
+pub fn own_annotations(prefix: &str, attrs: &LeaseAttrs, overwrite: Option<Ipv4Addr>) -> BTreeMap<String, String> {
+    let data = match &attrs.vxlan {
+        Some(v) => format!("{{\"VNI\":{},\"VtepMAC\":\"{}\"}}", v.vni, v.vtep_mac),
+        None => "null".to_string(),
+    };
+    BTreeMap::from([
+        (key(prefix, keys::SUBNET_MANAGER), "true".to_string()),
+        (key(prefix, keys::BACKEND_TYPE), attrs.backend_type.clone()),
+        (key(prefix, keys::BACKEND_DATA), data),
+        (key(prefix, keys::PUBLIC_IP), overwrite.unwrap_or(attrs.public_ip).to_string()),
+    ])
+}
+
+/// A user's `node-public-ip` or `public-ip-overwrite`, when set and valid.
+pub fn user_ip(prefix: &str, name: &str, annotations: &BTreeMap<String, String>) -> Result<Option<Ipv4Addr>, String> {
+    match annotations.get(&key(prefix, name)) {
+        None => Ok(None),
+        Some(v) if v.trim().is_empty() => Ok(None),
+        Some(v) => v
+            .trim()
+            .parse()
+            .map(Some)
+            .map_err(|_| format!("annotation {} = {v:?} is not an IPv4 address", key(prefix, name))),
+    }
+}
+
+/// The lease a Node stands for. `Ok(None)` for nodes that do not take part
+/// (no `kube-subnet-manager: "true"`, no podCIDR yet); `Err` names the node,
+/// the annotation and the value that do not parse.
+pub fn lease_from_node(
+    node: &str,
+    pod_cidr: Option<&str>,
+    annotations: &BTreeMap<String, String>,
+    prefix: &str,
+    cfg: &NetworkConfig,
+) -> Result<Option<Lease>, String> {
+    let get = |name: &str| annotations.get(&key(prefix, name));
+    if get(keys::SUBNET_MANAGER).map(String::as_str) != Some("true") {
+        return Ok(None);
+    }
+    let Some(cidr) = pod_cidr.filter(|c| !c.is_empty()) else {
+        return Ok(None);
+    };
+    let bad = |what: String| format!("node {node}: {what}");
+    let subnet: Ipv4Net = cidr.parse().map_err(|_| bad(format!("spec.podCIDR {cidr:?} is not an IPv4 CIDR")))?;
+    if !cfg.network.contains(&subnet) {
+        return Err(bad(format!("spec.podCIDR {subnet} is outside Network {}", cfg.network)));
+    }
+    let ip_raw =
+        get(keys::PUBLIC_IP).ok_or_else(|| bad(format!("annotation {} is missing", key(prefix, keys::PUBLIC_IP))))?;
+    let public_ip: Ipv4Addr = ip_raw
+        .parse()
+        .map_err(|_| bad(format!("annotation {} = {ip_raw:?} is not an IPv4 address", key(prefix, keys::PUBLIC_IP))))?;
+    let backend_type = get(keys::BACKEND_TYPE)
+        .cloned()
+        .ok_or_else(|| bad(format!("annotation {} is missing", key(prefix, keys::BACKEND_TYPE))))?;
+    let data_raw = get(keys::BACKEND_DATA).map(String::as_str).unwrap_or("null");
+    let data: serde_json::Value = serde_json::from_str(data_raw)
+        .map_err(|e| bad(format!("annotation {} = {data_raw:?} is not JSON: {e}", key(prefix, keys::BACKEND_DATA))))?;
+    let vxlan = if backend_type == "vxlan" {
+        // Go's decoder matches field names without regard to case.
+        let field = |name: &str| {
+            data.as_object().and_then(|o| o.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v))
+        };
+        let mac_raw = field("VtepMAC").and_then(|v| v.as_str()).unwrap_or_default();
+        let vtep_mac: MacAddr = mac_raw.parse().map_err(|_| {
+            bad(format!(
+                "annotation {} = {data_raw:?}: VtepMAC {mac_raw:?} is not a MAC address",
+                key(prefix, keys::BACKEND_DATA)
+            ))
+        })?;
+        let vni = match field("VNI") {
+            None => 1,
+            Some(v) => v.as_u64().filter(|n| *n <= 0xff_ffff).ok_or_else(|| {
+                bad(format!("annotation {} = {data_raw:?}: VNI {v} is not a VNI", key(prefix, keys::BACKEND_DATA)))
+            })? as u32,
+        };
+        Some(VxlanData { vni, vtep_mac })
+    } else {
+        None
+    };
+    Ok(Some(Lease { subnet, public_ip, backend_type, vxlan, source: format!("node {node}") }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> NetworkConfig {
+        NetworkConfig::parse(r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#, "net-conf.json").unwrap()
+    }
+
+    fn ann(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs.iter().map(|(k, v)| (format!("flannel.alpha.coreos.com/{k}"), v.to_string())).collect()
+    }
+
+    #[test]
+    fn a_node_annotated_the_way_flannel_annotates_it() {
+        // As flannel v0.2x writes them (kubectl get node -o yaml).
+        let a = ann(&[
+            ("backend-data", r#"{"VNI":1,"VtepMAC":"9a:4f:7e:12:34:56"}"#),
+            ("backend-type", "vxlan"),
+            ("kube-subnet-manager", "true"),
+            ("public-ip", "192.0.2.11"),
+        ]);
+        let l = lease_from_node("worker-1", Some("10.244.1.0/24"), &a, DEFAULT_PREFIX, &cfg()).unwrap().unwrap();
+        assert_eq!(l.subnet.to_string(), "10.244.1.0/24");
+        assert_eq!(l.public_ip.to_string(), "192.0.2.11");
+        assert_eq!(l.vxlan, Some(VxlanData { vni: 1, vtep_mac: "9a:4f:7e:12:34:56".parse().unwrap() }));
+        assert_eq!(l.source, "node worker-1");
+    }
+
+    #[test]
+    fn we_write_flannels_exact_formats_and_read_them_back() {
+        let attrs = LeaseAttrs {
+            public_ip: "192.0.2.10".parse().unwrap(),
+            backend_type: "vxlan".into(),
+            vxlan: Some(VxlanData { vni: 1, vtep_mac: "02:00:00:00:00:10".parse().unwrap() }),
+        };
+        let a = own_annotations(DEFAULT_PREFIX, &attrs, None);
+        assert_eq!(a["flannel.alpha.coreos.com/backend-data"], r#"{"VNI":1,"VtepMAC":"02:00:00:00:00:10"}"#);
+        assert_eq!(a["flannel.alpha.coreos.com/backend-type"], "vxlan");
+        assert_eq!(a["flannel.alpha.coreos.com/kube-subnet-manager"], "true");
+        assert_eq!(a["flannel.alpha.coreos.com/public-ip"], "192.0.2.10");
+        assert_eq!(a.len(), 4);
+        let back = lease_from_node("me", Some("10.244.9.0/24"), &a, DEFAULT_PREFIX, &cfg()).unwrap().unwrap();
+        assert_eq!(back.vxlan, attrs.vxlan);
+        // public-ip-overwrite is what gets advertised; host-gw has null data.
+        let over = own_annotations(DEFAULT_PREFIX, &attrs, Some("203.0.113.5".parse().unwrap()));
+        assert_eq!(over["flannel.alpha.coreos.com/public-ip"], "203.0.113.5");
+        let hg = LeaseAttrs { backend_type: "host-gw".into(), vxlan: None, ..attrs };
+        assert_eq!(own_annotations("example.com/", &hg, None)["example.com/backend-data"], "null");
+    }
+
+    #[test]
+    fn nodes_that_do_not_take_part_are_ignored() {
+        let a = ann(&[("public-ip", "192.0.2.11")]);
+        assert_eq!(lease_from_node("n", Some("10.244.1.0/24"), &a, DEFAULT_PREFIX, &cfg()).unwrap(), None);
+        let a = ann(&[("kube-subnet-manager", "true"), ("public-ip", "192.0.2.11"), ("backend-type", "vxlan")]);
+        assert_eq!(lease_from_node("n", None, &a, DEFAULT_PREFIX, &cfg()).unwrap(), None);
+        // Another prefix: flannel's annotations are not ours.
+        assert_eq!(lease_from_node("n", Some("10.244.1.0/24"), &a, "example.com", &cfg()).unwrap(), None);
+    }
+
+    #[test]
+    fn bad_annotations_name_the_node_the_key_and_the_value() {
+        let base = [("kube-subnet-manager", "true"), ("backend-type", "vxlan"), ("public-ip", "192.0.2.11")];
+        let with = |extra: &[(&str, &str)]| {
+            let mut a = ann(&base);
+            a.extend(ann(extra));
+            a
+        };
+        let cases: Vec<(BTreeMap<String, String>, &str, &str)> = vec![
+            (with(&[("backend-data", r#"{"VNI":1,"VtepMAC":"nope"}"#)]), "10.244.1.0/24", "VtepMAC \"nope\""),
+            (with(&[("backend-data", "{not json")]), "10.244.1.0/24", "is not JSON"),
+            (with(&[("backend-data", r#"{"VNI":-3,"VtepMAC":"02:00:00:00:00:01"}"#)]), "10.244.1.0/24", "VNI -3"),
+            (
+                with(&[("public-ip", "somewhere"), ("backend-data", r#"{"VtepMAC":"02:00:00:00:00:01"}"#)]),
+                "10.244.1.0/24",
+                "public-ip = \"somewhere\"",
+            ),
+            (with(&[("backend-data", r#"{"VtepMAC":"02:00:00:00:00:01"}"#)]), "10.9.1.0/24", "outside Network"),
+            (with(&[("backend-data", r#"{"VtepMAC":"02:00:00:00:00:01"}"#)]), "bogus", "spec.podCIDR \"bogus\""),
+        ];
+        for (a, cidr, want) in cases {
+            let e = lease_from_node("worker-7", Some(cidr), &a, DEFAULT_PREFIX, &cfg()).unwrap_err();
+            assert!(e.contains("worker-7") && e.contains(want), "{e:?} lacks {want:?}");
+        }
+        let a = ann(&[("node-public-ip", "203.0.113.9"), ("public-ip-overwrite", "x")]);
+        assert_eq!(user_ip(DEFAULT_PREFIX, keys::NODE_PUBLIC_IP, &a).unwrap(), Some("203.0.113.9".parse().unwrap()));
+        assert!(user_ip(DEFAULT_PREFIX, keys::PUBLIC_IP_OVERWRITE, &a).unwrap_err().contains("public-ip-overwrite"));
+        assert_eq!(user_ip(DEFAULT_PREFIX, keys::PUBLIC_IP, &BTreeMap::new()).unwrap(), None);
+    }
+}
