@@ -194,8 +194,10 @@ pub async fn run(opts: Opts) -> anyhow::Result<()> {
         info!("serving /healthz, /readyz and /metrics on {addr}");
     }
 
+    let started = Instant::now();
     let nl = Netlink::connect()?;
     let ext = iface::select(&nl, &opts).await?;
+    let t_iface = started.elapsed();
     info!("using interface {} ({}), public IP {}", ext.name, ext.addr, ext.public_ip);
 
     let mgr = EtcdSubnetManager::connect(&etcd_options(&opts)).await?;
@@ -216,7 +218,9 @@ pub async fn run(opts: Opts) -> anyhow::Result<()> {
         backend_type: cfg.backend.type_name().to_string(),
         vxlan: Some(VxlanData { vni: vtep.vni, vtep_mac: vtep.mac }),
     };
+    let t_list = started.elapsed();
     let mut acquired = mgr.acquire_lease(&cfg, &attrs, previous).await?;
+    let t_lease = started.elapsed();
     let own = acquired.lease.clone();
     info!("lease {} ({}), VTEP {} {}", own.subnet, acquired.key, vtep.name, vtep.mac);
 
@@ -231,6 +235,7 @@ pub async fn run(opts: Opts) -> anyhow::Result<()> {
         vtep_index: None,
     };
     lp.reconcile("start").await;
+    let t_kernel = started.elapsed();
 
     enable_ip_forward()?;
     let env = subnet_env(&cfg, own.subnet, lp.node.vtep.mtu, opts.ip_masq);
@@ -238,7 +243,17 @@ pub async fn run(opts: Opts) -> anyhow::Result<()> {
     let fw = FirewallSpec::from_opts(&opts, cfg.network, own.subnet);
     firewall::apply(&fw).map_err(|e| anyhow::anyhow!("nftables table {}: {e}", firewall::TABLE))?;
     metrics.ready.store(true, Ordering::Relaxed);
-    info!("ready: {} written, rules in place", opts.subnet_file.display());
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    info!(
+        "ready: {} written, rules in place ({:.0} ms: interface {:.0}, etcd config and leases {:.0}, lease {:.0}, kernel {:.0}, files and rules {:.0})",
+        opts.subnet_file.display(),
+        ms(started.elapsed()),
+        ms(t_iface),
+        ms(t_list - t_iface),
+        ms(t_lease - t_list),
+        ms(t_kernel - t_lease),
+        ms(started.elapsed() - t_kernel)
+    );
 
     let (tx, mut events) = tokio::sync::mpsc::channel(16);
     let _watcher = mgr.spawn_watcher(cfg.clone(), acquired.key.clone(), tx);
