@@ -81,7 +81,6 @@ fn run(get: &dyn Fn(&str) -> Option<String>, stdin: &[u8]) -> Result<Option<Valu
     // current-thread runtime starts in microseconds with no worker threads.
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_io()
-        .enable_time()
         .build()
         .map_err(|e| CniError::new(code::IO, format!("start async runtime: {e}")))?;
     rt.block_on(async {
