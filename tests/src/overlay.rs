@@ -187,23 +187,12 @@ impl Overlay {
 
     /// Starts the daemon of node `i` and waits for its subnet.env.
     pub fn start(&mut self, i: usize) {
-        let d = &mut self.daemons[i];
-        let ready_before = std::fs::read_to_string(&d.log).unwrap_or_default().matches("INFO  ready:").count();
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(&d.log).unwrap();
-        let child = self
-            .cluster
-            .node(i)
-            .ns
-            .command(workspace_bin("flanneld-rs"))
-            .args(["--etcd-endpoints", ETCD, "--subnet-file"])
-            .arg(&d.subnet_file)
-            .args(&d.extra)
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        d.proc = Proc(Some(child));
-        let logp = d.log.clone();
+        let logp = self.daemons[i].log.clone();
+        let ready_before = std::fs::read_to_string(&logp).unwrap_or_default().matches("INFO  ready:").count();
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&logp).unwrap();
+        let child =
+            self.daemon_command(i).args(&self.daemons[i].extra).stdout(Stdio::null()).stderr(log).spawn().unwrap();
+        self.daemons[i].proc = Proc(Some(child));
         wait_until(Duration::from_secs(20), &format!("node{i}'s daemon to be ready ({})", logp.display()), || {
             std::fs::read_to_string(&logp).unwrap_or_default().matches("INFO  ready:").count() > ready_before
         });
@@ -330,20 +319,16 @@ impl Overlay {
         (pod, addr)
     }
 
+    /// `flanneld-rs` inside node `i`, pointed at etcd and the node's subnet.env.
+    pub fn daemon_command(&self, i: usize) -> std::process::Command {
+        let mut cmd = self.cluster.node(i).ns.command(workspace_bin("flanneld-rs"));
+        cmd.args(["--etcd-endpoints", ETCD, "--subnet-file"]).arg(&self.daemons[i].subnet_file);
+        cmd
+    }
+
     /// Runs `flanneld-rs diagnose` on node `i` with extra flags.
     pub fn diagnose(&self, i: usize, extra: &[&str]) -> (bool, Value) {
-        let d = &self.daemons[i];
-        let out = self
-            .cluster
-            .node(i)
-            .ns
-            .command(workspace_bin("flanneld-rs"))
-            .args(["--etcd-endpoints", ETCD, "--subnet-file"])
-            .arg(&d.subnet_file)
-            .args(extra)
-            .args(["diagnose", "--json"])
-            .output()
-            .unwrap();
+        let out = self.daemon_command(i).args(extra).args(["diagnose", "--json"]).output().unwrap();
         let v: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
             panic!(
                 "diagnose printed no JSON ({e}): {}{}",

@@ -268,20 +268,9 @@ fn twenty_daemons_racing_for_leases_get_twenty_distinct_subnets() {
     );
     // Start all at once, then wait for each.
     for i in 0..20 {
-        let d = &mut o.daemons[i];
-        let log = std::fs::File::create(&d.log).unwrap();
-        let child = o
-            .cluster
-            .node(i)
-            .ns
-            .command(e2e_tests::workspace_bin("flanneld-rs"))
-            .args(["--etcd-endpoints", e2e_tests::overlay::ETCD, "--subnet-file"])
-            .arg(&d.subnet_file)
-            .stdout(std::process::Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        d.proc = e2e_tests::overlay::Proc(Some(child));
+        let log = std::fs::File::create(&o.daemons[i].log).unwrap();
+        let child = o.daemon_command(i).stdout(std::process::Stdio::null()).stderr(log).spawn().unwrap();
+        o.daemons[i].proc = e2e_tests::overlay::Proc(Some(child));
     }
     for i in 0..20 {
         let p = o.daemons[i].subnet_file.clone();

@@ -137,19 +137,7 @@ mod tests {
         }
     }
 
-    fn spec() -> VxlanSpec {
-        VxlanSpec {
-            name: "flannel.1".into(),
-            vni: 1,
-            local: "192.0.2.10".parse().unwrap(),
-            dev: 2,
-            port: 8472,
-            learning: false,
-            gbp: false,
-            mtu: 1450,
-            mac: "02:00:00:00:00:10".parse().unwrap(),
-        }
-    }
+    use crate::reconcile::test_vtep_spec as spec;
 
     #[test]
     fn bad_leases_are_rejected_with_reasons_and_the_rest_programmed() {

@@ -247,19 +247,7 @@ mod tests {
     use flannel_net::MacAddr;
     use std::net::{IpAddr, Ipv4Addr};
 
-    fn spec() -> VxlanSpec {
-        VxlanSpec {
-            name: "flannel.1".into(),
-            vni: 1,
-            local: "192.0.2.10".parse().unwrap(),
-            dev: 2,
-            port: 8472,
-            learning: false,
-            gbp: false,
-            mtu: 1450,
-            mac: "02:00:00:00:00:10".parse().unwrap(),
-        }
-    }
+    use crate::reconcile::test_vtep_spec as spec;
 
     fn peer(subnet: &str, mac: &str, public: &str) -> (Ipv4Net, PeerEntries) {
         let net: Ipv4Net = subnet.parse().unwrap();
