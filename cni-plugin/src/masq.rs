@@ -7,9 +7,7 @@
 //! runs when the daemon does not masquerade (`FLANNEL_IPMASQ=false`) or the
 //! configuration asks for it: flannel's default setup never pays for the exec.
 
-use std::io::Write;
 use std::net::IpAddr;
-use std::process::{Command, Stdio};
 
 use ipnet::IpNet;
 
@@ -69,39 +67,14 @@ pub fn remove_script(ips: &[IpAddr]) -> String {
     s
 }
 
-fn nft_binary() -> &'static str {
-    ["/usr/sbin/nft", "/sbin/nft", "/usr/bin/nft"]
-        .into_iter()
-        .find(|p| std::path::Path::new(p).exists())
-        .unwrap_or("nft")
-}
-
 /// Applies `script` with `nft -f -` (one transaction).
 pub fn apply(script: &str) -> Result<(), CniError> {
     if script.is_empty() {
         return Ok(());
     }
-    let fail = |why: String| {
+    flannel_net::host::nft_apply(script).map_err(|why| {
         CniError::new(code::INTERNAL, format!("nftables table {TABLE}: {why}")).with_details(script.to_string())
-    };
-    let mut child = Command::new(nft_binary())
-        .args(["-f", "-"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| fail(format!("run nft: {e} (is the nftables package installed?)")))?;
-    child
-        .stdin
-        .take()
-        .expect("piped stdin")
-        .write_all(script.as_bytes())
-        .map_err(|e| fail(format!("write to nft: {e}")))?;
-    let out = child.wait_with_output().map_err(|e| fail(format!("wait for nft: {e}")))?;
-    if !out.status.success() {
-        return Err(fail(format!("nft -f failed: {}", String::from_utf8_lossy(&out.stderr).trim())));
-    }
-    Ok(())
+    })
 }
 
 #[cfg(test)]

@@ -104,14 +104,6 @@ pub fn subnet_env(cfg: &NetworkConfig, subnet: Ipv4Net, mtu: u32, ipmasq: bool) 
     }
 }
 
-fn enable_ip_forward() -> anyhow::Result<()> {
-    let path = "/proc/sys/net/ipv4/ip_forward";
-    if std::fs::read_to_string(path).map(|v| v.trim() == "1").unwrap_or(false) {
-        return Ok(());
-    }
-    std::fs::write(path, "1").with_context(|| format!("enable IPv4 forwarding: write 1 to {path}"))
-}
-
 struct Loop {
     nl: Netlink,
     node: Node,
@@ -237,7 +229,8 @@ pub async fn run(opts: Opts) -> anyhow::Result<()> {
     lp.reconcile("start").await;
     let t_kernel = started.elapsed();
 
-    enable_ip_forward()?;
+    flannel_net::host::ensure_sysctl_on(flannel_net::host::IPV4_FORWARD)
+        .map_err(|e| anyhow::anyhow!("enable IPv4 forwarding: {e}"))?;
     let env = subnet_env(&cfg, own.subnet, lp.node.vtep.mtu, opts.ip_masq);
     env.write_atomic(&opts.subnet_file).with_context(|| format!("write {}", opts.subnet_file.display()))?;
     let fw = FirewallSpec::from_opts(&opts, cfg.network, own.subnet);

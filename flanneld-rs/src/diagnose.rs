@@ -189,7 +189,7 @@ pub async fn run(opts: &Opts, json_out: bool) -> anyhow::Result<bool> {
             fix: "flanneld-rs re-asserts it every --iptables-resync seconds; is it running?".into(),
         });
     }
-    if std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward").map(|v| v.trim() != "1").unwrap_or(true) {
+    if std::fs::read_to_string(flannel_net::host::IPV4_FORWARD).map(|v| v.trim() != "1").unwrap_or(true) {
         findings.push(Finding {
             kind: "wrong",
             what: "net.ipv4.ip_forward is not 1".into(),

@@ -3,7 +3,6 @@
 //! `nft -f` transaction that replaces the whole table, so the rules are never
 //! half there.
 
-use std::io::Write;
 use std::process::{Command, Stdio};
 
 use ipnet::Ipv4Net;
@@ -66,35 +65,14 @@ pub fn ruleset(s: &FirewallSpec) -> String {
     out
 }
 
-fn nft() -> &'static str {
-    ["/usr/sbin/nft", "/sbin/nft", "/usr/bin/nft"]
-        .into_iter()
-        .find(|p| std::path::Path::new(p).exists())
-        .unwrap_or("nft")
-}
-
 /// Applies the ruleset in one transaction.
 pub fn apply(s: &FirewallSpec) -> Result<(), String> {
-    let script = ruleset(s);
-    let mut child = Command::new(nft())
-        .args(["-f", "-"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("run nft: {e} (is the nftables package installed?)"))?;
-    child.stdin.take().expect("piped").write_all(script.as_bytes()).map_err(|e| format!("write to nft: {e}"))?;
-    let out = child.wait_with_output().map_err(|e| format!("wait for nft: {e}"))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!("nft -f failed: {}", String::from_utf8_lossy(&out.stderr).trim()))
-    }
+    flannel_net::host::nft_apply(&ruleset(s))
 }
 
 /// Whether our table exists with the chains `s` asks for (for diagnose).
 pub fn present(s: &FirewallSpec) -> Result<bool, String> {
-    let out = Command::new(nft())
+    let out = Command::new(flannel_net::host::nft_binary())
         .args(["-j", "list", "table", "ip", TABLE])
         .stderr(Stdio::null())
         .output()

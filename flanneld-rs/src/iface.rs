@@ -156,7 +156,7 @@ pub async fn select(nl: &Netlink, opts: &Opts) -> Result<ExtIface, IfaceError> {
         }
     }
 
-    let default = nl.routes().await?.into_iter().find(|r| matches!(r.dst, IpNet::V4(n) if n.prefix_len() == 0));
+    let default = nl.routes_v4().await?.into_iter().find(|r| matches!(r.dst, IpNet::V4(n) if n.prefix_len() == 0));
     let Some(oif) = default.and_then(|r| r.oif) else {
         return Err(IfaceError::NotFound(format!(
             "no --iface, --iface-regex or --iface-can-reach given, {}and no default route to pick an interface from (interfaces: {})",

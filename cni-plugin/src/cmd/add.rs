@@ -381,17 +381,10 @@ fn is_link_local(ip: IpAddr) -> bool {
 /// A gateway forwards: turn on forwarding for each family in use, writing only
 /// when it is off (the common case costs one read).
 fn enable_forwarding(ranges: &[Range]) -> Result<(), CniError> {
+    use flannel_net::host::{ensure_sysctl_on, IPV4_FORWARD, IPV6_FORWARD};
     for r in ranges {
-        let path = if r.subnet.addr().is_ipv4() {
-            "/proc/sys/net/ipv4/ip_forward"
-        } else {
-            "/proc/sys/net/ipv6/conf/all/forwarding"
-        };
-        let on = std::fs::read_to_string(path).map(|v| v.trim() == "1").unwrap_or(false);
-        if !on {
-            std::fs::write(path, "1")
-                .map_err(|e| CniError::new(code::IO, format!("enable forwarding: write 1 to {path}: {e}")))?;
-        }
+        let path = if r.subnet.addr().is_ipv4() { IPV4_FORWARD } else { IPV6_FORWARD };
+        ensure_sysctl_on(path).map_err(|e| CniError::new(code::IO, format!("enable forwarding: {e}")))?;
     }
     Ok(())
 }

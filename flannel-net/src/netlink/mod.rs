@@ -469,26 +469,27 @@ impl Netlink {
 
     /// Routes of the main table in both families (`ip route show; ip -6 route show`).
     pub async fn routes(&self) -> NlResult<Vec<Route>> {
-        let mut out = Vec::new();
-        for msg in [
-            RouteMessageBuilder::<std::net::Ipv4Addr>::new().build(),
-            RouteMessageBuilder::<std::net::Ipv6Addr>::new().build(),
-        ] {
-            let msgs: Vec<RouteMessage> = self
-                .handle
-                .route()
-                .get(msg)
-                .execute()
-                .try_collect()
-                .await
-                .map_err(|e| NlError::new("dump routes", e))?;
-            out.extend(
-                msgs.iter()
-                    .filter(|m| m.header.table == libc::RT_TABLE_MAIN && m.header.kind == RouteType::Unicast)
-                    .filter_map(Route::from_message),
-            );
-        }
+        let mut out = self.routes_v4().await?;
+        out.extend(
+            self.dump_routes(RouteMessageBuilder::<std::net::Ipv6Addr>::new().build(), "dump IPv6 routes").await?,
+        );
         Ok(out)
+    }
+
+    /// IPv4 routes of the main table only (`ip route show`): what the daemon
+    /// reconciles, without the cost of an IPv6 dump on every run.
+    pub async fn routes_v4(&self) -> NlResult<Vec<Route>> {
+        self.dump_routes(RouteMessageBuilder::<std::net::Ipv4Addr>::new().build(), "dump IPv4 routes").await
+    }
+
+    async fn dump_routes(&self, msg: RouteMessage, op: &str) -> NlResult<Vec<Route>> {
+        let msgs: Vec<RouteMessage> =
+            self.handle.route().get(msg).execute().try_collect().await.map_err(|e| NlError::new(op, e))?;
+        Ok(msgs
+            .iter()
+            .filter(|m| m.header.table == libc::RT_TABLE_MAIN && m.header.kind == RouteType::Unicast)
+            .filter_map(Route::from_message)
+            .collect())
     }
 
     /// Adds a unicast route in the main table (`ip route add DST [via GW] dev DEV [onlink]`).

@@ -13,7 +13,7 @@ use super::plan::{Desired, Observed, Op};
 /// `DirectRouting`) routes through the underlay `vtep.dev` to subnets of
 /// `cluster` that have a next hop.
 pub async fn observe(nl: &Netlink, vtep: &VxlanSpec, cluster: Ipv4Net) -> NlResult<Observed> {
-    let all_routes = nl.routes().await?;
+    let all_routes = nl.routes_v4().await?;
     let direct = |r: &Route| {
         r.oif == Some(vtep.dev)
             && r.gateway.is_some()
