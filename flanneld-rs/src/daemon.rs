@@ -23,6 +23,7 @@ use crate::iface::{self, ExtIface};
 use crate::lease::{Lease, LeaseAttrs, LeaseEvent, VxlanData};
 use crate::reconcile::{desired, kernel, plan};
 use crate::subnet::etcd::{AcquiredLease, EtcdOptions, EtcdSubnetManager};
+use crate::subnet::kube::{KubeOptions, KubeSubnetManager};
 
 /// How often to reconcile when nothing else asks for it: a safety net for
 /// missed notifications (netlink overruns) and hand edits.
@@ -69,7 +70,7 @@ pub fn vtep_spec(cfg: &NetworkConfig, ext: &ExtIface, mac: MacAddr) -> anyhow::R
     Ok(VxlanSpec {
         name: format!("flannel.{}", vx.vni),
         vni: vx.vni,
-        local: ext.public_ip,
+        local: ext.addr.addr(),
         dev: ext.index,
         port: if vx.port == 0 { DEFAULT_VXLAN_PORT } else { vx.port },
         learning: vx.learning,
@@ -170,12 +171,138 @@ impl Loop {
     }
 }
 
+/// Where the leases come from, and what that source needs over time.
+enum Store {
+    /// etcd: our lease has a TTL and is renewed.
+    Etcd { mgr: Box<EtcdSubnetManager>, acquired: AcquiredLease },
+    /// The Kubernetes API: the lease is the Node's podCIDR and never expires.
+    Kube { mgr: KubeSubnetManager },
+}
+
+/// What start-up established.
+struct Started {
+    cfg: NetworkConfig,
+    ext: ExtIface,
+    vtep: VxlanSpec,
+    own: Lease,
+    leases: Vec<Lease>,
+    store: Store,
+    /// Interface chosen, configuration and leases read, lease taken.
+    marks: [Duration; 3],
+}
+
+/// The kube options from the flags.
+pub fn kube_options(opts: &Opts) -> KubeOptions {
+    KubeOptions {
+        api_url: opts.kube_api_url.clone(),
+        kubeconfig: opts.kubeconfig_file.clone(),
+        prefix: opts.kube_annotation_prefix.clone(),
+    }
+}
+
+/// The VTEP MAC survives restarts, so that peers' FDB entries stay valid:
+/// the existing device's, else the one our lease advertises, else a new one.
+async fn vtep_mac(nl: &Netlink, cfg: &NetworkConfig, advertised: Option<MacAddr>) -> anyhow::Result<MacAddr> {
+    let vni = cfg.vxlan().map(|v| v.vni).unwrap_or(1);
+    let existing = nl.vxlan_by_name(&format!("flannel.{vni}")).await?.and_then(|v| v.mac);
+    Ok(existing.or(advertised).unwrap_or_else(random_mac))
+}
+
+fn lease_attrs(cfg: &NetworkConfig, ext: &ExtIface, vtep: &VxlanSpec) -> LeaseAttrs {
+    LeaseAttrs {
+        public_ip: ext.public_ip,
+        backend_type: cfg.backend.type_name().to_string(),
+        vxlan: Some(VxlanData { vni: vtep.vni, vtep_mac: vtep.mac }),
+    }
+}
+
+async fn start_etcd(nl: &Netlink, opts: &Opts, started: Instant) -> anyhow::Result<Started> {
+    let ext = iface::select(nl, opts).await?;
+    let t_iface = started.elapsed();
+    info!("using interface {} ({}), public IP {}", ext.name, ext.addr, ext.public_ip);
+    let mgr = EtcdSubnetManager::connect(&etcd_options(opts)).await?;
+    let cfg = mgr.network_config().await?;
+    info!("network {} (subnets /{}), backend {}", cfg.network, cfg.subnet_len, cfg.backend.type_name());
+    let (leases, _) = mgr.list_leases(&cfg).await?;
+    let from_lease = leases.iter().find(|l| l.public_ip == ext.public_ip).and_then(|l| l.vxlan).map(|d| d.vtep_mac);
+    let vtep = vtep_spec(&cfg, &ext, vtep_mac(nl, &cfg, from_lease).await?)?;
+    let previous = SubnetEnv::load(&opts.subnet_file).ok().and_then(|e| e.subnet).map(|s| s.trunc());
+    let t_list = started.elapsed();
+    let acquired = mgr.acquire_lease(&cfg, &lease_attrs(&cfg, &ext, &vtep), previous).await?;
+    let own = acquired.lease.clone();
+    info!("lease {} ({}), VTEP {} {}", own.subnet, acquired.key, vtep.name, vtep.mac);
+    Ok(Started {
+        cfg,
+        ext,
+        vtep,
+        own,
+        leases,
+        store: Store::Etcd { mgr: Box::new(mgr), acquired },
+        marks: [t_iface, t_list, started.elapsed()],
+    })
+}
+
+async fn start_kube(nl: &Netlink, opts: &Opts, started: Instant) -> anyhow::Result<Started> {
+    let path = &opts.net_config_path;
+    let text = std::fs::read_to_string(path).with_context(|| format!("read --net-config-path {}", path.display()))?;
+    let cfg = NetworkConfig::parse(&text, &path.display().to_string())?;
+    info!("network {} (subnets /{}), backend {}", cfg.network, cfg.subnet_len, cfg.backend.type_name());
+    let mgr = KubeSubnetManager::connect(&kube_options(opts)).await?;
+    let (node, cidr) = mgr.wait_for_pod_cidr().await?;
+    let subnet = crate::subnet::kube::own_subnet(&mgr.node_name, &cidr, &cfg)?;
+
+    // The Node may name the address to use (node-public-ip) and the one to
+    // advertise (public-ip-overwrite).
+    let (node_ip, overwrite) = mgr.user_ips(&node)?;
+    let mut sel = opts.clone();
+    if let Some(ip) = node_ip {
+        info!("node {}: using node-public-ip {ip}", mgr.node_name);
+        sel.public_ip = Some(ip);
+    }
+    let mut ext = iface::select(nl, &sel).await?;
+    if let Some(ip) = overwrite {
+        info!("node {}: advertising public-ip-overwrite {ip} instead of {}", mgr.node_name, ext.public_ip);
+        ext.public_ip = ip;
+    }
+    let t_iface = started.elapsed();
+    info!("using interface {} ({}), public IP {}", ext.name, ext.addr, ext.public_ip);
+
+    let prefix = &opts.kube_annotation_prefix;
+    let advertised = crate::subnet::kube_annotations::lease_from_node(
+        &mgr.node_name,
+        Some(&cidr),
+        &crate::subnet::kube::annotations(&node),
+        prefix,
+        &cfg,
+    )
+    .ok()
+    .flatten()
+    .and_then(|l| l.vxlan)
+    .map(|d| d.vtep_mac);
+    let vtep = vtep_spec(&cfg, &ext, vtep_mac(nl, &cfg, advertised).await?)?;
+    let attrs = lease_attrs(&cfg, &ext, &vtep);
+    let t_list = started.elapsed();
+    if mgr.publish(&node, &attrs).await? {
+        info!("node {}: annotations written (nodes/status)", mgr.node_name);
+    }
+    let (leases, errors) = mgr.list_leases(&cfg).await?;
+    for e in errors {
+        warn!("lease not usable: {e}");
+    }
+    let own = Lease {
+        subnet,
+        public_ip: ext.public_ip,
+        backend_type: attrs.backend_type,
+        vxlan: attrs.vxlan,
+        source: format!("node {}", mgr.node_name),
+    };
+    info!("lease {} (node {}), VTEP {} {}", own.subnet, mgr.node_name, vtep.name, vtep.mac);
+    Ok(Started { cfg, ext, vtep, own, leases, store: Store::Kube { mgr }, marks: [t_iface, t_list, started.elapsed()] })
+}
+
 /// Runs the daemon until SIGTERM/SIGINT (exit 0, kernel state left in place
 /// so pods keep talking across a restart) or a fatal error.
 pub async fn run(opts: Opts) -> anyhow::Result<()> {
-    if opts.kube_subnet_mgr {
-        bail!("--kube-subnet-mgr: the Kubernetes subnet manager is not implemented yet; use etcd (--etcd-endpoints)");
-    }
     let metrics = Arc::new(Metrics::default());
     if opts.healthz_port != 0 {
         let addr = std::net::SocketAddr::from((opts.healthz_ip, opts.healthz_port));
@@ -188,40 +315,19 @@ pub async fn run(opts: Opts) -> anyhow::Result<()> {
 
     let started = Instant::now();
     let nl = Netlink::connect()?;
-    let ext = iface::select(&nl, &opts).await?;
-    let t_iface = started.elapsed();
-    info!("using interface {} ({}), public IP {}", ext.name, ext.addr, ext.public_ip);
-
-    let mgr = EtcdSubnetManager::connect(&etcd_options(&opts)).await?;
-    let cfg = mgr.network_config().await?;
-    info!("network {} (subnets /{}), backend {}", cfg.network, cfg.subnet_len, cfg.backend.type_name());
-
-    // The VTEP MAC survives restarts: peers keep their FDB entries valid.
-    let vni = cfg.vxlan().map(|v| v.vni).unwrap_or(1);
-    let existing = nl.vxlan_by_name(&format!("flannel.{vni}")).await?.and_then(|v| v.mac);
-    let (leases, _) = mgr.list_leases(&cfg).await?;
-    let from_lease = leases.iter().find(|l| l.public_ip == ext.public_ip).and_then(|l| l.vxlan).map(|d| d.vtep_mac);
-    let mac = existing.or(from_lease).unwrap_or_else(random_mac);
-    let vtep = vtep_spec(&cfg, &ext, mac)?;
-
-    let previous = SubnetEnv::load(&opts.subnet_file).ok().and_then(|e| e.subnet).map(|s| s.trunc());
-    let attrs = LeaseAttrs {
-        public_ip: ext.public_ip,
-        backend_type: cfg.backend.type_name().to_string(),
-        vxlan: Some(VxlanData { vni: vtep.vni, vtep_mac: vtep.mac }),
+    let st = if opts.kube_subnet_mgr {
+        start_kube(&nl, &opts, started).await?
+    } else {
+        start_etcd(&nl, &opts, started).await?
     };
-    let t_list = started.elapsed();
-    let mut acquired = mgr.acquire_lease(&cfg, &attrs, previous).await?;
-    let t_lease = started.elapsed();
-    let own = acquired.lease.clone();
-    info!("lease {} ({}), VTEP {} {}", own.subnet, acquired.key, vtep.name, vtep.mac);
-
-    let node = Node { cfg: cfg.clone(), ext, vtep };
+    let [t_iface, t_list, t_lease] = st.marks;
+    let (cfg, own, mut store) = (st.cfg, st.own, st.store);
+    let node = Node { cfg: cfg.clone(), ext: st.ext, vtep: st.vtep };
     let mut lp = Loop {
         nl: nl.clone(),
         node,
         own: own.clone(),
-        leases,
+        leases: st.leases,
         last_rejected: Vec::new(),
         metrics: metrics.clone(),
         vtep_index: None,
@@ -235,10 +341,15 @@ pub async fn run(opts: Opts) -> anyhow::Result<()> {
     env.write_atomic(&opts.subnet_file).with_context(|| format!("write {}", opts.subnet_file.display()))?;
     let fw = FirewallSpec::from_opts(&opts, cfg.network, own.subnet);
     firewall::apply(&fw).map_err(|e| anyhow::anyhow!("nftables table {}: {e}", firewall::TABLE))?;
+    if let Store::Kube { mgr } = &store {
+        if opts.set_node_network_unavailable {
+            mgr.set_network_available().await?;
+        }
+    }
     metrics.ready.store(true, Ordering::Relaxed);
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
     info!(
-        "ready: {} written, rules in place ({:.0} ms: interface {:.0}, etcd config and leases {:.0}, lease {:.0}, kernel {:.0}, files and rules {:.0})",
+        "ready: {} written, rules in place ({:.0} ms: interface {:.0}, configuration and leases {:.0}, lease {:.0}, kernel {:.0}, files and rules {:.0})",
         opts.subnet_file.display(),
         ms(started.elapsed()),
         ms(t_iface),
@@ -249,7 +360,10 @@ pub async fn run(opts: Opts) -> anyhow::Result<()> {
     );
 
     let (tx, mut events) = tokio::sync::mpsc::channel(16);
-    let _watcher = mgr.spawn_watcher(cfg.clone(), acquired.key.clone(), tx);
+    let _watcher = match &store {
+        Store::Etcd { mgr, acquired } => mgr.spawn_watcher(cfg.clone(), acquired.key.clone(), tx),
+        Store::Kube { mgr } => mgr.spawn_watcher(cfg.clone(), tx),
+    };
     let mut changes = flannel_net::netlink::monitor()?;
     let mut periodic = tokio::time::interval(PERIODIC);
     periodic.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -262,7 +376,10 @@ pub async fn run(opts: Opts) -> anyhow::Result<()> {
     // When a kernel notification about our device asks for a reconcile.
     let mut kernel_due: Option<tokio::time::Instant> = None;
     loop {
-        let renew_in = renew_delay(&acquired, margin);
+        let renew_in = match &store {
+            Store::Etcd { acquired, .. } => renew_delay(acquired, margin),
+            Store::Kube { .. } => Duration::from_secs(86400 * 365),
+        };
         tokio::select! {
             ev = events.recv() => match ev {
                 Some(LeaseEvent::Snapshot(leases)) => {
@@ -272,7 +389,7 @@ pub async fn run(opts: Opts) -> anyhow::Result<()> {
                 Some(LeaseEvent::Revoked(key)) => {
                     bail!("our lease {key} was deleted from etcd (revoked); exiting so that a restart acquires a new one");
                 }
-                None => bail!("the etcd lease watcher stopped"),
+                None => bail!("the lease watcher stopped"),
             },
             change = changes.recv() => match change {
                 // Coalesce the burst a hand edit (or our own changes) cause,
@@ -298,17 +415,21 @@ pub async fn run(opts: Opts) -> anyhow::Result<()> {
                     error!("re-assert nftables table {}: {e}", firewall::TABLE);
                 }
             }
-            _ = tokio::time::sleep(renew_in) => match mgr.renew_lease(&acquired).await {
-                Ok(renewed) => {
-                    acquired = renewed;
-                    metrics.lease_renewals.fetch_add(1, Ordering::Relaxed);
-                    info!("renewed lease {}", acquired.key);
+            _ = tokio::time::sleep(renew_in), if matches!(store, Store::Etcd { .. }) => {
+                if let Store::Etcd { mgr, acquired } = &mut store {
+                    match mgr.renew_lease(acquired).await {
+                        Ok(renewed) => {
+                            *acquired = renewed;
+                            metrics.lease_renewals.fetch_add(1, Ordering::Relaxed);
+                            info!("renewed lease {}", acquired.key);
+                        }
+                        Err(e) => {
+                            error!("renew lease {}: {e}; retrying in a minute", acquired.key);
+                            acquired.expires = SystemTime::now() + margin + Duration::from_secs(60);
+                        }
+                    }
                 }
-                Err(e) => {
-                    error!("renew lease {}: {e}; retrying in a minute", acquired.key);
-                    acquired.expires = SystemTime::now() + margin + Duration::from_secs(60);
-                }
-            },
+            }
             _ = term.recv() => {
                 info!("SIGTERM: exiting; kernel state stays so that pods keep talking");
                 return Ok(());

@@ -9,13 +9,15 @@ use flannel_net::netlink::Netlink;
 use flannel_net::SubnetEnv;
 use serde_json::json;
 
-use crate::daemon::{etcd_options, subnet_env, vtep_spec};
+use crate::config::NetworkConfig;
+use crate::daemon::{etcd_options, kube_options, subnet_env, vtep_spec};
 use crate::firewall::{self, FirewallSpec};
 use crate::flags::Opts;
 use crate::iface;
 use crate::reconcile::plan::{Observed, Op};
 use crate::reconcile::{desired, kernel, plan};
 use crate::subnet::etcd::EtcdSubnetManager;
+use crate::subnet::kube::KubeSubnetManager;
 
 /// One finding.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -117,17 +119,55 @@ fn describe(op: &Op, observed: &Observed, sources: &BTreeMap<String, String>, de
 /// Runs the diagnosis; prints it; returns whether the node is converged.
 pub async fn run(opts: &Opts, json_out: bool) -> anyhow::Result<bool> {
     let nl = Netlink::connect()?;
-    let ext = iface::select(&nl, opts).await?;
-    let mgr = EtcdSubnetManager::connect(&etcd_options(opts)).await?;
-    let cfg = mgr.network_config().await?;
-    let (leases, _) = mgr.list_leases(&cfg).await?;
     let mut findings = Vec::new();
-    let Some(own) = leases.iter().find(|l| l.public_ip == ext.public_ip).cloned() else {
-        findings.push(Finding {
-            kind: "missing",
-            what: format!("no lease in etcd ({}/subnets/) has PublicIP {}", opts.etcd_prefix, ext.public_ip),
-            fix: "start flanneld-rs on this node (or check --iface/--public-ip)".into(),
-        });
+    let (cfg, ext, leases, own) = if opts.kube_subnet_mgr {
+        let path = &opts.net_config_path;
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("read --net-config-path {}", path.display()))?;
+        let cfg = NetworkConfig::parse(&text, &path.display().to_string())?;
+        let mgr = KubeSubnetManager::connect(&kube_options(opts)).await?;
+        let node = mgr.own_node().await?;
+        let (node_ip, overwrite) = mgr.user_ips(&node)?;
+        let mut sel = opts.clone();
+        sel.public_ip = node_ip.or(opts.public_ip);
+        let mut ext = iface::select(&nl, &sel).await?;
+        ext.public_ip = overwrite.unwrap_or(ext.public_ip);
+        let (leases, errors) = mgr.list_leases(&cfg).await?;
+        for e in errors {
+            findings.push(Finding {
+                kind: "note",
+                what: format!("lease not usable: {e}"),
+                fix: "fix that Node's annotations".into(),
+            });
+        }
+        let own = leases.iter().find(|l| l.source == format!("node {}", mgr.node_name)).cloned();
+        if own.is_none() {
+            findings.push(Finding {
+                kind: "missing",
+                what: format!(
+                    "node {} has no podCIDR or no flannel annotations ({}/)",
+                    mgr.node_name, opts.kube_annotation_prefix
+                ),
+                fix: "start flanneld-rs on this node (it writes them once the node has a podCIDR)".into(),
+            });
+        }
+        (cfg, ext, leases, own)
+    } else {
+        let ext = iface::select(&nl, opts).await?;
+        let mgr = EtcdSubnetManager::connect(&etcd_options(opts)).await?;
+        let cfg = mgr.network_config().await?;
+        let (leases, _) = mgr.list_leases(&cfg).await?;
+        let own = leases.iter().find(|l| l.public_ip == ext.public_ip).cloned();
+        if own.is_none() {
+            findings.push(Finding {
+                kind: "missing",
+                what: format!("no lease in etcd ({}/subnets/) has PublicIP {}", opts.etcd_prefix, ext.public_ip),
+                fix: "start flanneld-rs on this node (or check --iface/--public-ip)".into(),
+            });
+        }
+        (cfg, ext, leases, own)
+    };
+    let Some(own) = own else {
         return report(&findings, json_out);
     };
     let vni = cfg.vxlan().map(|v| v.vni).unwrap_or(1);

@@ -59,7 +59,7 @@ pub struct Opts {
     /// IPv6 public address (accepted; IPv6 is not implemented yet).
     #[arg(long, env = "FLANNELD_PUBLIC_IPV6", global = true)]
     pub public_ipv6: Option<String>,
-    /// Take leases from the Kubernetes API (not implemented yet: etcd only).
+    /// Take the lease from the Kubernetes API (the Node's podCIDR) instead of etcd.
     #[arg(long, env = "FLANNELD_KUBE_SUBNET_MGR", global = true, action = go_bool!(), num_args = 0..=1, require_equals = true, default_value_t = false, default_missing_value = "true")]
     pub kube_subnet_mgr: bool,
     /// Kubernetes API server URL.

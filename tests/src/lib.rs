@@ -2,6 +2,7 @@
 //! `src/bin/`: finding the workspace's binaries, running CNI plugins inside a
 //! node namespace, and moving bytes over TCP between namespaces.
 
+pub mod kube;
 pub mod overlay;
 
 pub use netns_fixtures::{echo_server, tcp_round_trip};

@@ -138,6 +138,7 @@ pub struct Daemon {
     /// Its log.
     pub log: PathBuf,
     extra: Vec<String>,
+    env: Vec<(String, String)>,
 }
 
 /// The overlay.
@@ -170,6 +171,7 @@ impl Overlay {
                 subnet_file: dir.path().join(format!("subnet{i}.env")),
                 log: dir.path().join(format!("flanneld{i}.log")),
                 extra: Vec::new(),
+                env: Vec::new(),
             })
             .collect();
         Overlay { cluster, etcd, daemons, dir }
@@ -185,13 +187,25 @@ impl Overlay {
         self.daemons[i].extra = flags.iter().map(|s| s.to_string()).collect();
     }
 
+    /// Extra environment of node `i`'s daemon (from its next start on).
+    pub fn set_env(&mut self, i: usize, env: &[(&str, &str)]) {
+        self.daemons[i].env = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    }
+
     /// Starts the daemon of node `i` and waits for its subnet.env.
     pub fn start(&mut self, i: usize) {
         let logp = self.daemons[i].log.clone();
         let ready_before = std::fs::read_to_string(&logp).unwrap_or_default().matches("INFO  ready:").count();
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&logp).unwrap();
-        let child =
-            self.daemon_command(i).args(&self.daemons[i].extra).stdout(Stdio::null()).stderr(log).spawn().unwrap();
+        let d = &self.daemons[i];
+        let child = self
+            .daemon_command(i)
+            .args(&d.extra)
+            .envs(d.env.iter().map(|(k, v)| (k, v)))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
         self.daemons[i].proc = Proc(Some(child));
         wait_until(Duration::from_secs(20), &format!("node{i}'s daemon to be ready ({})", logp.display()), || {
             std::fs::read_to_string(&logp).unwrap_or_default().matches("INFO  ready:").count() > ready_before
@@ -274,18 +288,32 @@ impl Overlay {
 
     /// What node `i`'s flannel.1 must hold given the leases in etcd.
     pub fn expected_state(&self, i: usize) -> VtepState {
-        let own = self.cluster.node(i).underlay_ip.to_string();
-        let mut st = VtepState::default();
-        for (key, v) in leases(self.outside()) {
-            if v["PublicIP"] == own.as_str() {
-                continue;
-            }
+        let peers = leases(self.outside()).into_iter().map(|(key, v)| {
             let tail = key.rsplit('/').next().unwrap();
             let (net, len) = tail.split_once('-').unwrap();
-            let mac = v["BackendData"]["VtepMAC"].as_str().unwrap();
-            st.routes.push(format!("{net}/{len} via {net} onlink"));
+            let mac = v["BackendData"]["VtepMAC"].as_str().unwrap().to_string();
+            (format!("{net}/{len}"), mac, v["PublicIP"].as_str().unwrap().to_string())
+        });
+        self.expected_state_for(i, peers)
+    }
+
+    /// What node `i`'s flannel.1 must hold for these leases (subnet, VTEP
+    /// MAC, public IP); node `i`'s own lease among them is skipped.
+    pub fn expected_state_for(
+        &self,
+        i: usize,
+        leases: impl IntoIterator<Item = (String, String, String)>,
+    ) -> VtepState {
+        let own = self.cluster.node(i).underlay_ip.to_string();
+        let mut st = VtepState::default();
+        for (subnet, mac, public_ip) in leases {
+            if public_ip == own {
+                continue;
+            }
+            let net = subnet.split('/').next().unwrap();
+            st.routes.push(format!("{subnet} via {net} onlink"));
             st.neighs.push(format!("{net} {mac}"));
-            st.fdbs.push(format!("{mac} {}", v["PublicIP"].as_str().unwrap()));
+            st.fdbs.push(format!("{mac} {public_ip}"));
         }
         st.routes.sort();
         st.neighs.sort();
@@ -326,9 +354,13 @@ impl Overlay {
         cmd
     }
 
-    /// Runs `flanneld-rs diagnose` on node `i` with extra flags.
+    /// Runs `flanneld-rs diagnose` on node `i` with the daemon's flags and
+    /// environment (see [`Overlay::set_flags`]) and `extra` flags.
     pub fn diagnose(&self, i: usize, extra: &[&str]) -> (bool, Value) {
-        let out = self.daemon_command(i).args(extra).args(["diagnose", "--json"]).output().unwrap();
+        let d = &self.daemons[i];
+        let mut cmd = self.daemon_command(i);
+        cmd.args(&d.extra).args(extra).envs(d.env.iter().map(|(k, v)| (k, v)));
+        let out = cmd.args(["diagnose", "--json"]).output().unwrap();
         let v: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
             panic!(
                 "diagnose printed no JSON ({e}): {}{}",

@@ -321,7 +321,7 @@ fn diagnose_is_quiet_on_a_healthy_node_and_names_each_injected_fault() {
     for i in 0..3 {
         o.wait_converged(i);
     }
-    let (ok, v) = o.diagnose(0, &["--ip-masq"]);
+    let (ok, v) = o.diagnose(0, &[]);
     assert!(ok, "{v}");
     assert_eq!(v["findings"], serde_json::json!([]), "{v}");
     // Stop the daemon (state stays) so that faults are not repaired.
@@ -352,7 +352,7 @@ fn diagnose_is_quiet_on_a_healthy_node_and_names_each_injected_fault() {
     let env =
         std::fs::read_to_string(&o.daemons[0].subnet_file).unwrap().replace("FLANNEL_MTU=1450", "FLANNEL_MTU=1300");
     std::fs::write(&o.daemons[0].subnet_file, env).unwrap();
-    let (ok, v) = o.diagnose(0, &["--ip-masq"]);
+    let (ok, v) = o.diagnose(0, &[]);
     assert!(!ok, "{v}");
     let text = v["findings"].to_string();
     for want in [
@@ -368,7 +368,7 @@ fn diagnose_is_quiet_on_a_healthy_node_and_names_each_injected_fault() {
     // Starting the daemon repairs all of it.
     o.start(0);
     o.wait_converged(0);
-    let (ok, v) = o.diagnose(0, &["--ip-masq"]);
+    let (ok, v) = o.diagnose(0, &[]);
     assert!(ok, "{v}");
 }
 

@@ -1,6 +1,6 @@
-//! Lease stores ("subnet managers"): etcd now, the Kubernetes API later. Each
-//! hands the reconcile loop full snapshots of the lease set. `kube_annotations`
-//! holds Kubernetes mode's formats (the API client is not written yet).
+//! Lease stores ("subnet managers"): etcd, and the Kubernetes API. Each hands
+//! the reconcile loop full snapshots of the lease set.
 
 pub mod etcd;
+pub mod kube;
 pub mod kube_annotations;

@@ -1,0 +1,368 @@
+//! A real Kubernetes API server for the tests: Debian's `kubernetes` source
+//! package built once by `scripts/lib/kube-binaries.sh` and cached outside
+//! the repository, run on the overlay's outside host (192.0.2.200) against
+//! the overlay's etcd. TLS with a CA made here, token authentication, and
+//! Node+RBAC authorization, so that RBAC in tests is the real thing.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+use netns_fixtures::{wait_until, Netns};
+use serde_json::Value;
+
+use crate::overlay::{Proc, ETCD};
+
+/// The outside host's address, where the API server listens.
+pub const HOST: &str = "192.0.2.200";
+/// The admin's bearer token (group system:masters).
+const ADMIN_TOKEN: &str = "flannel-rs-test-admin";
+
+/// Debian's package version the binaries are built from (see
+/// `scripts/lib/kube-binaries.sh`).
+pub const KUBE_VERSION: &str = "1.20.5+really1.20.2-1.1+deb12u1";
+
+/// Where the cached Kubernetes binaries are: `$FLANNEL_RS_KUBE_DIR`, else
+/// the cache directory of `scripts/lib/kube-binaries.sh`.
+pub fn kube_dir() -> PathBuf {
+    std::env::var_os("FLANNEL_RS_KUBE_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(format!("/var/cache/flannel-rs/kubernetes-{KUBE_VERSION}")))
+}
+
+/// `kubectl`: on `$PATH`, else built into the cache.
+pub fn kubectl_bin() -> Option<PathBuf> {
+    let on_path = std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .map(|d| d.join("kubectl"))
+        .find(|p| p.is_file());
+    on_path.or_else(|| Some(kube_dir().join("kubectl")).filter(|p| p.is_file()))
+}
+
+/// Whether the API server and kubectl are here. Without them a test skips on
+/// a developer's machine and fails under `CI=true` (scripts/test.sh builds
+/// them first).
+pub fn require_kube() -> bool {
+    let missing: Vec<String> = [
+        (kube_dir().join("kube-apiserver").is_file(), format!("{}/kube-apiserver", kube_dir().display())),
+        (kubectl_bin().is_some(), "kubectl".to_string()),
+        (which("openssl"), "openssl".to_string()),
+    ]
+    .into_iter()
+    .filter(|(ok, _)| !ok)
+    .map(|(_, what)| what)
+    .collect();
+    if missing.is_empty() {
+        return true;
+    }
+    let why = format!("missing {} (run scripts/lib/kube-binaries.sh cmd/kube-apiserver)", missing.join(", "));
+    if std::env::var("CI").is_ok_and(|v| v.eq_ignore_ascii_case("true") || v == "1") {
+        panic!("CI=true: this test needs a real kube-apiserver: {why}");
+    }
+    eprintln!("skipping: {why}");
+    false
+}
+
+fn which(cmd: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {cmd}")])
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl").current_dir(dir).args(args).output().expect("run openssl");
+    assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// A running kube-apiserver.
+pub struct ApiServer {
+    proc: Proc,
+    /// Its files: certificates, keys, kubeconfigs, log.
+    pub dir: PathBuf,
+    /// `https://192.0.2.200:<port>`.
+    pub url: String,
+    /// The admin's kubeconfig.
+    pub admin: PathBuf,
+    ns_path: PathBuf,
+    args: Vec<String>,
+}
+
+impl ApiServer {
+    /// Starts kube-apiserver in `ns` (the outside host) on `port`, with its
+    /// files in `dir`, against the overlay's etcd; waits for `/readyz`.
+    /// Several servers on the same etcd form one control plane.
+    pub fn start(ns: &Netns, dir: &Path, port: u16) -> ApiServer {
+        let dir = dir.join(format!("apiserver-{port}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        make_pki(&dir);
+        std::fs::write(dir.join("tokens.csv"), format!("{ADMIN_TOKEN},admin,1,\"system:masters\"\n")).unwrap();
+        let url = format!("https://{HOST}:{port}");
+        let p = |f: &str| dir.join(f).display().to_string();
+        let args: Vec<String> = [
+            format!("--etcd-servers={ETCD}"),
+            format!("--bind-address={HOST}"),
+            format!("--advertise-address={HOST}"),
+            format!("--secure-port={port}"),
+            format!("--cert-dir={}", p("certs")),
+            format!("--tls-cert-file={}", p("server.crt")),
+            format!("--tls-private-key-file={}", p("server.key")),
+            format!("--client-ca-file={}", p("ca.crt")),
+            format!("--token-auth-file={}", p("tokens.csv")),
+            "--authorization-mode=Node,RBAC".into(),
+            "--service-account-issuer=https://kubernetes.default.svc.cluster.local".into(),
+            format!("--service-account-key-file={}", p("sa.pub")),
+            format!("--service-account-signing-key-file={}", p("sa.key")),
+            "--api-audiences=https://kubernetes.default.svc.cluster.local".into(),
+            "--service-cluster-ip-range=10.96.0.0/16".into(),
+            "--allow-privileged=true".into(),
+            "--endpoint-reconciler-type=none".into(),
+            "--enable-priority-and-fairness=false".into(),
+            "--profiling=false".into(),
+        ]
+        .into();
+        let admin = dir.join("admin.kubeconfig");
+        write_kubeconfig(&admin, &url, &dir.join("ca.crt"), ADMIN_TOKEN);
+        let mut s = ApiServer { proc: Proc(None), dir, url, admin, ns_path: ns.path().to_path_buf(), args };
+        s.restart(ns);
+        s
+    }
+
+    /// (Re)starts the server process and waits for `/readyz`.
+    pub fn restart(&mut self, ns: &Netns) {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join("apiserver.log")).unwrap();
+        let bin = kube_dir().join("kube-apiserver");
+        let child = ns.command(&bin).args(&self.args).stdout(Stdio::null()).stderr(log).spawn().unwrap();
+        self.proc = Proc(Some(child));
+        wait_until(Duration::from_secs(60), &format!("kube-apiserver at {} to be ready", self.url), || {
+            self.kubectl(&["get", "--raw", "/readyz"]).status.success()
+        });
+        // The bootstrap RBAC roles (system:node and friends) are in place once
+        // the default ClusterRoles answer.
+        wait_until(Duration::from_secs(30), "bootstrap RBAC", || {
+            self.kubectl(&["get", "clusterrole", "system:node"]).status.success()
+        });
+    }
+
+    /// Stops the server (SIGTERM).
+    pub fn stop(&mut self) {
+        self.proc.stop();
+    }
+
+    /// Runs kubectl as the admin, from inside the outside host.
+    pub fn kubectl(&self, args: &[&str]) -> Output {
+        self.kubectl_as(&self.admin, args, None)
+    }
+
+    /// Runs kubectl with a given kubeconfig, optionally feeding stdin.
+    pub fn kubectl_as(&self, kubeconfig: &Path, args: &[&str], stdin: Option<&str>) -> Output {
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net={}", self.ns_path.display())).arg(kubectl_bin().expect("kubectl"));
+        cmd.arg("--kubeconfig").arg(kubeconfig).args(["--request-timeout", "10s"]).args(args);
+        cmd.stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() });
+        cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("run kubectl");
+        if let Some(text) = stdin {
+            use std::io::Write;
+            child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+        }
+        child.wait_with_output().unwrap()
+    }
+
+    /// kubectl as the admin; must succeed; returns stdout.
+    pub fn kubectl_ok(&self, args: &[&str]) -> String {
+        let out = self.kubectl(args);
+        assert!(out.status.success(), "kubectl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// `kubectl apply -f -` of a JSON or YAML text as the admin.
+    pub fn apply(&self, text: &str) {
+        let out = self.kubectl_as(&self.admin, &["apply", "-f", "-"], Some(text));
+        assert!(out.status.success(), "kubectl apply: {}\n{text}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    /// `kubectl get <what> -o json`.
+    pub fn get_json(&self, what: &[&str]) -> Value {
+        let mut args = vec!["get"];
+        args.extend_from_slice(what);
+        args.extend_from_slice(&["-o", "json"]);
+        serde_json::from_str(&self.kubectl_ok(&args)).unwrap()
+    }
+
+    /// Creates a Node object (no kubelet behind it) with a podCIDR and
+    /// annotations.
+    pub fn create_node(&self, name: &str, pod_cidr: Option<&str>, annotations: &[(&str, &str)]) {
+        let ann: serde_json::Map<String, Value> =
+            annotations.iter().map(|(k, v)| (k.to_string(), Value::String(v.to_string()))).collect();
+        let mut node = serde_json::json!({
+            "apiVersion": "v1", "kind": "Node",
+            "metadata": { "name": name, "annotations": ann },
+            "spec": {}
+        });
+        if let Some(c) = pod_cidr {
+            node["spec"]["podCIDR"] = c.into();
+            node["spec"]["podCIDRs"] = serde_json::json!([c]);
+        }
+        self.apply(&node.to_string());
+    }
+
+    /// A kubeconfig for a bearer token (a ServiceAccount's), written to `path`.
+    pub fn kubeconfig_for_token(&self, path: &Path, token: &str) {
+        write_kubeconfig(path, &self.url, &self.dir.join("ca.crt"), token);
+    }
+
+    /// A token of ServiceAccount `ns/name` from the TokenRequest API.
+    pub fn service_account_token(&self, ns: &str, name: &str) -> String {
+        self.kubectl_ok(&["create", "token", name, "-n", ns, "--duration", "1h"]).trim().to_string()
+    }
+}
+
+/// A CA, a serving certificate for the API server (valid for its address
+/// and the in-cluster names) and the ServiceAccount signing key pair.
+fn make_pki(dir: &Path) {
+    openssl(dir, &["genrsa", "-out", "ca.key", "2048"]);
+    openssl(
+        dir,
+        &["req", "-x509", "-new", "-key", "ca.key", "-subj", "/CN=flannel-rs-test-ca", "-days", "2", "-out", "ca.crt"],
+    );
+    openssl(dir, &["genrsa", "-out", "server.key", "2048"]);
+    openssl(dir, &["req", "-new", "-key", "server.key", "-subj", "/CN=kube-apiserver", "-out", "server.csr"]);
+    std::fs::write(
+        dir.join("san.ext"),
+        format!(
+            "subjectAltName=IP:{HOST},IP:127.0.0.1,IP:10.96.0.1,DNS:kubernetes,DNS:kubernetes.default.svc,DNS:localhost\n\
+             extendedKeyUsage=serverAuth\nkeyUsage=digitalSignature,keyEncipherment\n"
+        ),
+    )
+    .unwrap();
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            "san.ext",
+            "-out",
+            "server.crt",
+        ],
+    );
+    openssl(dir, &["genrsa", "-out", "sa.key", "2048"]);
+    openssl(dir, &["rsa", "-in", "sa.key", "-pubout", "-out", "sa.pub"]);
+}
+
+fn write_kubeconfig(path: &Path, url: &str, ca: &Path, token: &str) {
+    let text = format!(
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: test\n  cluster:\n    server: {url}\n    certificate-authority: {}\n\
+         users:\n- name: user\n  user:\n    token: {token}\ncontexts:\n- name: test\n  context:\n    cluster: test\n    user: user\n\
+         current-context: test\n",
+        ca.display()
+    );
+    std::fs::write(path, text).unwrap();
+}
+
+/// The annotation prefix flannel uses.
+pub const PREFIX: &str = "flannel.alpha.coreos.com";
+
+/// The overlay in Kubernetes mode: the etcd-backed [`Overlay`] fixture whose
+/// etcd now serves a real API server; every node's daemon runs with
+/// `--kube-subnet-mgr`, authenticated by a token of the ServiceAccount that
+/// `deploy/kube-flannel-rs.yml` ships, bound to the ClusterRole it ships.
+pub struct KubeOverlay {
+    /// Nodes, etcd, daemons.
+    pub o: crate::overlay::Overlay,
+    /// The API server.
+    pub api: ApiServer,
+    /// The daemons' kubeconfig (the ServiceAccount's token).
+    pub kubeconfig: PathBuf,
+    /// net-conf.json, as the shipped ConfigMap has it.
+    pub net_conf: PathBuf,
+}
+
+/// The repository's `deploy/kube-flannel-rs.yml` (`$FLANNEL_RS_MANIFEST`
+/// when set, to try a variant).
+pub fn manifest_path() -> PathBuf {
+    std::env::var_os("FLANNEL_RS_MANIFEST")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/kube-flannel-rs.yml"))
+}
+
+impl KubeOverlay {
+    /// `nodes` node namespaces, etcd and kube-apiserver on the outside host,
+    /// the deploy bundle applied; no Node objects yet, daemons not started.
+    pub fn new(nodes: usize) -> KubeOverlay {
+        let mut o = crate::overlay::Overlay::new(nodes);
+        let api = ApiServer::start(o.outside(), o.dir.path(), 6443);
+        let manifest = std::fs::read_to_string(manifest_path()).expect("deploy/kube-flannel-rs.yml");
+        api.apply(&manifest);
+        let cm = api.get_json(&["configmap", "kube-flannel-rs-cfg", "-n", "kube-flannel"]);
+        let net_conf = o.dir.path().join("net-conf.json");
+        std::fs::write(&net_conf, cm["data"]["net-conf.json"].as_str().expect("net-conf.json in the ConfigMap"))
+            .unwrap();
+        let token = api.service_account_token("kube-flannel", "flannel-rs");
+        let kubeconfig = o.dir.path().join("flannel-rs.kubeconfig");
+        api.kubeconfig_for_token(&kubeconfig, &token);
+        for i in 0..nodes {
+            let (kc, nc) = (kubeconfig.display().to_string(), net_conf.display().to_string());
+            o.set_flags(i, &["--kube-subnet-mgr", "--kubeconfig-file", &kc, "--net-config-path", &nc]);
+            o.set_env(i, &[("NODE_NAME", &Self::node_name(i))]);
+        }
+        KubeOverlay { o, api, kubeconfig, net_conf }
+    }
+
+    /// Node `i`'s Node object name.
+    pub fn node_name(i: usize) -> String {
+        format!("node{i}")
+    }
+
+    /// Creates Node `i` with podCIDR 10.244.(i+1).0/24.
+    pub fn create_node(&self, i: usize) {
+        self.api.create_node(&Self::node_name(i), Some(&format!("10.244.{}.0/24", i + 1)), &[]);
+    }
+
+    /// Every Node's lease as the API server has it: (podCIDR, VtepMAC, public-ip)
+    /// for nodes that carry `kube-subnet-manager: "true"`.
+    pub fn leases(&self) -> Vec<(String, String, String)> {
+        let nodes = self.api.get_json(&["nodes"]);
+        let mut out = Vec::new();
+        for n in nodes["items"].as_array().unwrap() {
+            let a = &n["metadata"]["annotations"];
+            let get = |k: &str| a[format!("{PREFIX}/{k}")].as_str().map(str::to_string);
+            if get("kube-subnet-manager").as_deref() != Some("true") {
+                continue;
+            }
+            let (Some(cidr), Some(data), Some(ip)) =
+                (n["spec"]["podCIDR"].as_str(), get("backend-data"), get("public-ip"))
+            else {
+                continue;
+            };
+            let Ok(data) = serde_json::from_str::<Value>(&data) else { continue };
+            let Some(mac) = data["VtepMAC"].as_str() else { continue };
+            out.push((cidr.to_string(), mac.to_string(), ip));
+        }
+        out
+    }
+
+    /// Waits until node `i`'s flannel.1 holds exactly the Nodes' leases.
+    pub fn wait_converged(&self, i: usize) {
+        wait_until(Duration::from_secs(15), &format!("node{i} to match the Node objects"), || {
+            self.o.vtep_state(i) == self.o.expected_state_for(i, self.leases())
+        });
+    }
+
+    /// kubectl with the daemons' credentials (the ServiceAccount's token).
+    pub fn kubectl_as_daemon(&self, args: &[&str]) -> Output {
+        self.api.kubectl_as(&self.kubeconfig, args, None)
+    }
+}

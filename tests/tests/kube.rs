@@ -1,0 +1,275 @@
+//! Kubernetes mode end to end: a real kube-apiserver (built from Debian's
+//! `kubernetes` source package) on a real etcd, the shipped deploy bundle
+//! applied with kubectl, flanneld-rs on three node namespaces with
+//! `--kube-subnet-mgr` and the shipped ServiceAccount's token, pods plugged
+//! in by the real plugin, real traffic.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::process::Stdio;
+use std::time::Duration;
+
+use e2e_tests::kube::{require_kube, ApiServer, KubeOverlay, PREFIX};
+use e2e_tests::{echo_server, tcp_round_trip};
+use netns_fixtures::{require_root, wait_until};
+use serde_json::json;
+
+fn ready() -> bool {
+    require_root() && require_kube()
+}
+
+fn annotations(ko: &KubeOverlay, node: &str) -> BTreeMap<String, String> {
+    let n = ko.api.get_json(&["node", node]);
+    let a = n["metadata"]["annotations"].as_object().cloned().unwrap_or_default();
+    a.into_iter()
+        .filter(|(k, _)| k.starts_with(PREFIX))
+        .map(|(k, v)| (k[PREFIX.len() + 1..].to_string(), v.as_str().unwrap().to_string()))
+        .collect()
+}
+
+fn vtep_mac(ko: &KubeOverlay, i: usize) -> String {
+    ko.o.cluster.node(i).ns.ip_json(&["link", "show", "flannel.1"])[0]["address"].as_str().unwrap().to_string()
+}
+
+#[test]
+fn kube_mode_pods_talk_across_nodes_with_the_shipped_rbac() {
+    if !ready() {
+        return;
+    }
+    let mut ko = KubeOverlay::new(3);
+
+    // The shipped RBAC, read back from the server: exactly what the daemon needs.
+    let role = ko.api.get_json(&["clusterrole", "flannel-rs"]);
+    let mut rules = Vec::new();
+    for r in role["rules"].as_array().unwrap() {
+        for res in r["resources"].as_array().unwrap() {
+            for v in r["verbs"].as_array().unwrap() {
+                rules.push(format!("{}:{}", res.as_str().unwrap(), v.as_str().unwrap()));
+            }
+        }
+    }
+    rules.sort();
+    assert_eq!(rules, ["nodes/status:patch", "nodes:get", "nodes:list", "nodes:watch", "pods:get"]);
+    let binding = ko.api.get_json(&["clusterrolebinding", "flannel-rs"]);
+    assert_eq!(binding["roleRef"]["name"], "flannel-rs");
+    assert_eq!(
+        binding["subjects"][0],
+        json!({"kind": "ServiceAccount", "name": "flannel-rs", "namespace": "kube-flannel"})
+    );
+
+    // The token can read nodes and cannot do more.
+    assert!(ko.kubectl_as_daemon(&["get", "nodes"]).status.success());
+    let pods = ko.kubectl_as_daemon(&["get", "pods", "-A"]);
+    assert!(!pods.status.success());
+    assert!(String::from_utf8_lossy(&pods.stderr).contains("forbidden"), "{:?}", pods);
+    let del = ko.kubectl_as_daemon(&["delete", "node", "node0"]);
+    assert!(String::from_utf8_lossy(&del.stderr).contains("forbidden"), "{:?}", del);
+
+    for i in 0..3 {
+        ko.create_node(i);
+    }
+    ko.o.start_all();
+    for i in 0..3 {
+        ko.wait_converged(i);
+        assert_eq!(ko.o.vtep_state(i).routes.len(), 2, "node{i}: {:?}", ko.o.vtep_state(i));
+        let env = std::fs::read_to_string(&ko.o.daemons[i].subnet_file).unwrap();
+        assert!(env.contains(&format!("FLANNEL_SUBNET=10.244.{}.1/24\n", i + 1)), "{env}");
+        assert!(env.contains("FLANNEL_NETWORK=10.244.0.0/16\n"), "{env}");
+    }
+
+    // Each Node carries flannel's annotations, in flannel's exact formats.
+    for i in 0..3 {
+        let name = KubeOverlay::node_name(i);
+        let want = BTreeMap::from([
+            ("backend-data".to_string(), format!("{{\"VNI\":1,\"VtepMAC\":\"{}\"}}", vtep_mac(&ko, i))),
+            ("backend-type".to_string(), "vxlan".to_string()),
+            ("kube-subnet-manager".to_string(), "true".to_string()),
+            ("public-ip".to_string(), format!("192.0.2.{}", 10 + i)),
+        ]);
+        assert_eq!(annotations(&ko, &name), want, "{name}");
+        let node = ko.api.get_json(&["node", &name]);
+        let cond = node["status"]["conditions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["type"] == "NetworkUnavailable")
+            .cloned()
+            .unwrap_or_else(|| panic!("{name} has no NetworkUnavailable condition: {node}"));
+        assert_eq!(cond["status"], "False", "{cond}");
+    }
+
+    // Pods on every node reach pods on every other node.
+    let pods: Vec<_> = (0..3).map(|i| ko.o.add_pod(i, &format!("k{i}"))).collect();
+    for (i, (from, _)) in pods.iter().enumerate() {
+        for (j, (to, addr)) in pods.iter().enumerate() {
+            if i != j {
+                let target = SocketAddr::new((*addr).into(), 7100 + (i * 3 + j) as u16);
+                let server = echo_server(to, target);
+                assert_eq!(tcp_round_trip(from, target), "ping\n", "pod on node{i} -> pod on node{j}");
+                assert_eq!(server.join().unwrap().ip(), std::net::IpAddr::V4(pods[i].1));
+            }
+        }
+    }
+
+    // diagnose in Kubernetes mode agrees.
+    let (ok, report) = ko.o.diagnose(0, &[]);
+    assert!(ok, "{report}");
+
+    // A restart reuses the VTEP MAC and the annotations stay as they were.
+    let mac = vtep_mac(&ko, 0);
+    let before = annotations(&ko, "node0");
+    ko.o.stop(0);
+    ko.o.start(0);
+    ko.wait_converged(0);
+    assert_eq!(vtep_mac(&ko, 0), mac);
+    assert_eq!(annotations(&ko, "node0"), before);
+
+    // Deleting a Node removes its entries on the others.
+    ko.api.kubectl_ok(&["delete", "node", "node2"]);
+    for i in 0..2 {
+        ko.wait_converged(i);
+        let st = ko.o.vtep_state(i);
+        assert_eq!(st.routes.len(), 1, "node{i}: {st:?}");
+        assert!(!st.routes.iter().any(|r| r.contains("10.244.3.0")), "node{i}: {st:?}");
+    }
+}
+
+#[test]
+fn nodes_annotated_by_flannel_are_read_and_ours_have_flannels_formats() {
+    if !ready() {
+        return;
+    }
+    let mut ko = KubeOverlay::new(1);
+    // A node running flannel (Go), annotated the way flannel annotates it.
+    let p = |k: &str| format!("{PREFIX}/{k}");
+    let go = [
+        (p("backend-data"), r#"{"VNI":1,"VtepMAC":"6e:5c:3a:00:11:22"}"#),
+        (p("backend-type"), "vxlan"),
+        (p("kube-subnet-manager"), "true"),
+        (p("public-ip"), "192.0.2.31"),
+    ];
+    let go: Vec<(&str, &str)> = go.iter().map(|(k, v)| (k.as_str(), *v)).collect();
+    ko.api.create_node("flannel-go", Some("10.244.31.0/24"), &go);
+    // A node that does not take part, and one whose annotation is broken.
+    ko.api.create_node("other-cni", Some("10.244.32.0/24"), &[(&p("public-ip"), "192.0.2.32")]);
+    let mut broken = go.clone();
+    broken[0].1 = r#"{"VNI":1,"VtepMAC":"not-a-mac"}"#;
+    broken[3].1 = "192.0.2.33";
+    ko.api.create_node("broken", Some("10.244.33.0/24"), &broken);
+    // Our node: advertise another address (public-ip-overwrite).
+    ko.api.create_node("node0", Some("10.244.1.0/24"), &[(&p("public-ip-overwrite"), "198.51.100.7")]);
+    ko.o.start(0);
+
+    let want = ko.o.expected_state_for(
+        0,
+        [("10.244.31.0/24".to_string(), "6e:5c:3a:00:11:22".to_string(), "192.0.2.31".to_string())],
+    );
+    wait_until(Duration::from_secs(10), "node0 to program the flannel node", || ko.o.vtep_state(0) == want);
+    assert_eq!(want.routes.len(), 1, "{want:?}");
+    let log = ko.o.log(0);
+    assert!(log.contains("node broken") && log.contains("not-a-mac"), "{log}");
+    assert!(!log.contains("other-cni"), "{log}");
+    // Advertised: the overwrite; the VTEP itself still sends from the interface address.
+    let a = annotations(&ko, "node0");
+    assert_eq!(a["public-ip"], "198.51.100.7");
+    assert_eq!(a["backend-type"], "vxlan");
+    let link = &ko.o.cluster.node(0).ns.ip_json(&["-d", "link", "show", "flannel.1"])[0];
+    assert_eq!(link["linkinfo"]["info_data"]["local"], "192.0.2.10");
+
+    // A flannel node changing its VTEP MAC is followed.
+    let mut moved = go.clone();
+    moved[0].1 = r#"{"VNI":1,"VtepMAC":"6e:5c:3a:00:11:33"}"#;
+    ko.api.create_node("flannel-go", Some("10.244.31.0/24"), &moved);
+    let want = ko.o.expected_state_for(
+        0,
+        [("10.244.31.0/24".to_string(), "6e:5c:3a:00:11:33".to_string(), "192.0.2.31".to_string())],
+    );
+    wait_until(Duration::from_secs(10), "node0 to follow the new MAC", || ko.o.vtep_state(0) == want);
+}
+
+#[test]
+fn waits_for_a_pod_cidr_and_refuses_one_outside_the_network() {
+    if !ready() {
+        return;
+    }
+    let ko = KubeOverlay::new(2);
+    // node0 exists without a podCIDR: the daemon says what it waits for.
+    ko.api.create_node("node0", None, &[]);
+    let log = std::fs::File::create(&ko.o.daemons[0].log).unwrap();
+    let flags = ["--kube-subnet-mgr", "--kubeconfig-file"];
+    let mut cmd = ko.o.daemon_command(0);
+    cmd.args(flags).arg(&ko.kubeconfig).arg("--net-config-path").arg(&ko.net_conf).env("NODE_NAME", "node0");
+    let child = cmd.stdout(Stdio::null()).stderr(log).spawn().unwrap();
+    let mut proc = e2e_tests::overlay::Proc(Some(child));
+    wait_until(Duration::from_secs(15), "the daemon to say it waits for a podCIDR", || {
+        ko.o.log(0).contains("waiting for node node0")
+    });
+    assert!(!ko.o.daemons[0].subnet_file.exists());
+    ko.api.kubectl_ok(&["patch", "node", "node0", "-p", r#"{"spec":{"podCIDR":"10.244.7.0/24"}}"#]);
+    wait_until(Duration::from_secs(15), "subnet.env after the podCIDR appears", || {
+        std::fs::read_to_string(&ko.o.daemons[0].subnet_file).is_ok_and(|t| t.contains("FLANNEL_SUBNET=10.244.7.1/24"))
+    });
+    proc.stop();
+
+    // A podCIDR outside Network: a clear error, and nothing written.
+    ko.api.create_node("node1", Some("10.9.0.0/24"), &[]);
+    let out =
+        ko.o.daemon_command(1)
+            .args(flags)
+            .arg(&ko.kubeconfig)
+            .arg("--net-config-path")
+            .arg(&ko.net_conf)
+            .env("NODE_NAME", "node1")
+            .output()
+            .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("node node1") && err.contains("10.9.0.0/24") && err.contains("10.244.0.0/16"), "{err}");
+    assert!(!ko.o.daemons[1].subnet_file.exists());
+    assert!(annotations(&ko, "node1").is_empty());
+
+    // No node name: a clear error.
+    let out =
+        ko.o.daemon_command(1)
+            .args(flags)
+            .arg(&ko.kubeconfig)
+            .arg("--net-config-path")
+            .arg(&ko.net_conf)
+            .output()
+            .unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("NODE_NAME"), "{out:?}");
+}
+
+#[test]
+fn a_node_deleted_while_the_watch_is_down_is_removed_after_the_relist() {
+    if !ready() {
+        return;
+    }
+    let mut ko = KubeOverlay::new(3);
+    for i in 0..3 {
+        ko.create_node(i);
+    }
+    ko.o.start_all();
+    for i in 0..3 {
+        ko.wait_converged(i);
+    }
+    // A second API server on the same etcd: the control plane stays up while
+    // the one the daemons watch is down.
+    let other = ApiServer::start(ko.o.outside(), ko.o.dir.path(), 6444);
+    ko.api.stop();
+    let (pa, a) = ko.o.add_pod(0, "wa");
+    let (pb, b) = ko.o.add_pod(1, "wb");
+    other.kubectl_ok(&["delete", "node", "node2"]);
+    // Without the API server, the overlay keeps working on what it knows.
+    let target = SocketAddr::new(b.into(), 7300);
+    let server = echo_server(&pb, target);
+    assert_eq!(tcp_round_trip(&pa, target), "ping\n");
+    assert_eq!(server.join().unwrap().ip(), std::net::IpAddr::V4(a));
+    assert_eq!(ko.o.vtep_state(0).routes.len(), 2);
+
+    ko.api.restart(ko.o.outside());
+    for i in 0..2 {
+        ko.wait_converged(i);
+        assert_eq!(ko.o.vtep_state(i).routes.len(), 1, "node{i}: {:?}", ko.o.vtep_state(i));
+    }
+}
