@@ -187,6 +187,10 @@ struct Started {
     own: Lease,
     leases: Vec<Lease>,
     store: Store,
+    /// Lease snapshots from the store's watcher.
+    events: tokio::sync::mpsc::Receiver<LeaseEvent>,
+    /// The watcher task (it stops when the receiver is dropped).
+    watcher: tokio::task::JoinHandle<()>,
     /// Interface chosen, configuration and leases read, lease taken.
     marks: [Duration; 3],
 }
@@ -231,6 +235,8 @@ async fn start_etcd(nl: &Netlink, opts: &Opts, started: Instant) -> anyhow::Resu
     let acquired = mgr.acquire_lease(&cfg, &lease_attrs(&cfg, &ext, &vtep), previous).await?;
     let own = acquired.lease.clone();
     info!("lease {} ({}), VTEP {} {}", own.subnet, acquired.key, vtep.name, vtep.mac);
+    let (tx, events) = tokio::sync::mpsc::channel(16);
+    let watcher = mgr.spawn_watcher(cfg.clone(), acquired.key.clone(), tx);
     Ok(Started {
         cfg,
         ext,
@@ -238,6 +244,8 @@ async fn start_etcd(nl: &Netlink, opts: &Opts, started: Instant) -> anyhow::Resu
         own,
         leases,
         store: Store::Etcd { mgr: Box::new(mgr), acquired },
+        events,
+        watcher,
         marks: [t_iface, t_list, started.elapsed()],
     })
 }
@@ -285,10 +293,14 @@ async fn start_kube(nl: &Netlink, opts: &Opts, started: Instant) -> anyhow::Resu
     if mgr.publish(&node, &attrs).await? {
         info!("node {}: annotations written (nodes/status)", mgr.node_name);
     }
-    let (leases, errors) = mgr.list_leases(&cfg).await?;
-    for e in errors {
-        warn!("lease not usable: {e}");
-    }
+    // The watcher's first complete list is the starting lease set (one list
+    // of all Nodes, not two).
+    let (tx, mut events) = tokio::sync::mpsc::channel(16);
+    let watcher = mgr.spawn_watcher(cfg.clone(), tx);
+    let leases = match events.recv().await {
+        Some(LeaseEvent::Snapshot(l)) => l,
+        _ => bail!("the node watcher stopped before its first list"),
+    };
     let own = Lease {
         subnet,
         public_ip: ext.public_ip,
@@ -297,7 +309,17 @@ async fn start_kube(nl: &Netlink, opts: &Opts, started: Instant) -> anyhow::Resu
         source: format!("node {}", mgr.node_name),
     };
     info!("lease {} (node {}), VTEP {} {}", own.subnet, mgr.node_name, vtep.name, vtep.mac);
-    Ok(Started { cfg, ext, vtep, own, leases, store: Store::Kube { mgr }, marks: [t_iface, t_list, started.elapsed()] })
+    Ok(Started {
+        cfg,
+        ext,
+        vtep,
+        own,
+        leases,
+        store: Store::Kube { mgr },
+        events,
+        watcher,
+        marks: [t_iface, t_list, started.elapsed()],
+    })
 }
 
 /// Runs the daemon until SIGTERM/SIGINT (exit 0, kernel state left in place
@@ -321,7 +343,7 @@ pub async fn run(opts: Opts) -> anyhow::Result<()> {
         start_etcd(&nl, &opts, started).await?
     };
     let [t_iface, t_list, t_lease] = st.marks;
-    let (cfg, own, mut store) = (st.cfg, st.own, st.store);
+    let (cfg, own, mut store, mut events, _watcher) = (st.cfg, st.own, st.store, st.events, st.watcher);
     let node = Node { cfg: cfg.clone(), ext: st.ext, vtep: st.vtep };
     let mut lp = Loop {
         nl: nl.clone(),
@@ -359,11 +381,6 @@ pub async fn run(opts: Opts) -> anyhow::Result<()> {
         ms(started.elapsed() - t_kernel)
     );
 
-    let (tx, mut events) = tokio::sync::mpsc::channel(16);
-    let _watcher = match &store {
-        Store::Etcd { mgr, acquired } => mgr.spawn_watcher(cfg.clone(), acquired.key.clone(), tx),
-        Store::Kube { mgr } => mgr.spawn_watcher(cfg.clone(), tx),
-    };
     let mut changes = flannel_net::netlink::monitor()?;
     let mut periodic = tokio::time::interval(PERIODIC);
     periodic.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -302,14 +302,24 @@ impl KubeOverlay {
     /// `nodes` node namespaces, etcd and kube-apiserver on the outside host,
     /// the deploy bundle applied; no Node objects yet, daemons not started.
     pub fn new(nodes: usize) -> KubeOverlay {
-        let mut o = crate::overlay::Overlay::new(nodes);
+        Self::build(nodes, None)
+    }
+
+    /// With this net-conf.json (also put into etcd, for daemons in etcd mode)
+    /// instead of the shipped ConfigMap's.
+    pub fn with_conf(nodes: usize, conf: &str) -> KubeOverlay {
+        Self::build(nodes, Some(conf))
+    }
+
+    fn build(nodes: usize, conf: Option<&str>) -> KubeOverlay {
+        let mut o = crate::overlay::Overlay::with_conf(nodes, conf.unwrap_or(crate::overlay::NET_CONF));
         let api = ApiServer::start(o.outside(), o.dir.path(), 6443);
         let manifest = std::fs::read_to_string(manifest_path()).expect("deploy/kube-flannel-rs.yml");
         api.apply(&manifest);
         let cm = api.get_json(&["configmap", "kube-flannel-rs-cfg", "-n", "kube-flannel"]);
         let net_conf = o.dir.path().join("net-conf.json");
-        std::fs::write(&net_conf, cm["data"]["net-conf.json"].as_str().expect("net-conf.json in the ConfigMap"))
-            .unwrap();
+        let shipped = cm["data"]["net-conf.json"].as_str().expect("net-conf.json in the ConfigMap");
+        std::fs::write(&net_conf, conf.unwrap_or(shipped)).unwrap();
         let token = api.service_account_token("kube-flannel", "flannel-rs");
         let kubeconfig = o.dir.path().join("flannel-rs.kubeconfig");
         api.kubeconfig_for_token(&kubeconfig, &token);

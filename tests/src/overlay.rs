@@ -207,9 +207,16 @@ impl Overlay {
             .spawn()
             .unwrap();
         self.daemons[i].proc = Proc(Some(child));
-        wait_until(Duration::from_secs(20), &format!("node{i}'s daemon to be ready ({})", logp.display()), || {
-            std::fs::read_to_string(&logp).unwrap_or_default().matches("INFO  ready:").count() > ready_before
-        });
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while std::fs::read_to_string(&logp).unwrap_or_default().matches("INFO  ready:").count() <= ready_before {
+            let exited = self.daemons[i].proc.0.as_mut().and_then(|c| c.try_wait().ok().flatten());
+            if exited.is_some() || std::time::Instant::now() >= deadline {
+                let log = std::fs::read_to_string(&logp).unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(30).collect::<Vec<_>>().into_iter().rev().collect();
+                panic!("node{i}'s daemon is not ready ({exited:?}); its log ends:\n{}", tail.join("\n"));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 
     /// Starts every daemon.

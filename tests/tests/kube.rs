@@ -115,10 +115,18 @@ fn kube_mode_pods_talk_across_nodes_with_the_shipped_rbac() {
     let (ok, report) = ko.o.diagnose(0, &[]);
     assert!(ok, "{report}");
 
-    // A restart reuses the VTEP MAC and the annotations stay as they were.
+    // A restart reuses the VTEP MAC and the annotations stay as they were;
+    // so does a restart after the device is gone (a reboot): the MAC then
+    // comes from our own backend-data annotation.
     let mac = vtep_mac(&ko, 0);
     let before = annotations(&ko, "node0");
     ko.o.stop(0);
+    ko.o.start(0);
+    ko.wait_converged(0);
+    assert_eq!(vtep_mac(&ko, 0), mac);
+    assert_eq!(annotations(&ko, "node0"), before);
+    ko.o.stop(0);
+    ko.o.cluster.node(0).ns.run_ok("ip", &["link", "del", "flannel.1"]);
     ko.o.start(0);
     ko.wait_converged(0);
     assert_eq!(vtep_mac(&ko, 0), mac);
@@ -197,8 +205,17 @@ fn waits_for_a_pod_cidr_and_refuses_one_outside_the_network() {
     ko.api.create_node("node0", None, &[]);
     let log = std::fs::File::create(&ko.o.daemons[0].log).unwrap();
     let flags = ["--kube-subnet-mgr", "--kubeconfig-file"];
+    // --kube-api-url replaces the kubeconfig's server (here a wrong one).
+    let text = std::fs::read_to_string(&ko.kubeconfig).unwrap();
+    let wrong = ko.o.dir.path().join("wrong-server.kubeconfig");
+    std::fs::write(&wrong, text.replace(&ko.api.url, "https://192.0.2.200:1")).unwrap();
     let mut cmd = ko.o.daemon_command(0);
-    cmd.args(flags).arg(&ko.kubeconfig).arg("--net-config-path").arg(&ko.net_conf).env("NODE_NAME", "node0");
+    cmd.args(flags)
+        .arg(&wrong)
+        .args(["--kube-api-url", &ko.api.url])
+        .arg("--net-config-path")
+        .arg(&ko.net_conf)
+        .env("NODE_NAME", "node0");
     let child = cmd.stdout(Stdio::null()).stderr(log).spawn().unwrap();
     let mut proc = e2e_tests::overlay::Proc(Some(child));
     wait_until(Duration::from_secs(15), "the daemon to say it waits for a podCIDR", || {
@@ -272,4 +289,66 @@ fn a_node_deleted_while_the_watch_is_down_is_removed_after_the_relist() {
         ko.wait_converged(i);
         assert_eq!(ko.o.vtep_state(i).routes.len(), 1, "node{i}: {:?}", ko.o.vtep_state(i));
     }
+}
+
+#[test]
+fn in_cluster_configuration_and_the_node_found_through_our_pod() {
+    if !ready() {
+        return;
+    }
+    let ko = KubeOverlay::new(1);
+    ko.create_node(0);
+    // Our pod, bound to node0 (no kubelet runs it; the daemon only reads its spec.nodeName).
+    ko.api.apply(
+        &json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": { "name": "kube-flannel-rs-ds-abcde", "namespace": "kube-flannel" },
+            "spec": {
+                "nodeName": "node0", "serviceAccountName": "flannel-rs", "automountServiceAccountToken": false,
+                "containers": [{ "name": "flanneld-rs", "image": "flannel-rs:0.1.0" }]
+            }
+        })
+        .to_string(),
+    );
+    // The service account files where in-cluster clients look for them, in a
+    // private mount namespace (a tmpfs over /run), and the Service's address
+    // in the environment, as the kubelet provides them.
+    let sa = ko.o.dir.path().join("sa");
+    std::fs::create_dir_all(&sa).unwrap();
+    std::fs::write(sa.join("token"), ko.api.service_account_token("kube-flannel", "flannel-rs")).unwrap();
+    std::fs::copy(ko.api.dir.join("ca.crt"), sa.join("ca.crt")).unwrap();
+    std::fs::write(sa.join("namespace"), "kube-flannel").unwrap();
+    let script = format!(
+        "mount -t tmpfs tmpfs /run && mkdir -p /run/secrets/kubernetes.io && cp -r {} /run/secrets/kubernetes.io/serviceaccount && exec \"$@\"",
+        sa.display()
+    );
+    let d = &ko.o.daemons[0];
+    let log = std::fs::File::create(&d.log).unwrap();
+    let child =
+        ko.o.cluster
+            .node(0)
+            .ns
+            .command("unshare")
+            .args(["--mount", "--propagation", "private", "sh", "-c", &script, "sh"])
+            .arg(e2e_tests::workspace_bin("flanneld-rs"))
+            .args(["--kube-subnet-mgr", "--net-config-path"])
+            .arg(&ko.net_conf)
+            .arg("--subnet-file")
+            .arg(&d.subnet_file)
+            .envs([
+                ("KUBERNETES_SERVICE_HOST", "192.0.2.200"),
+                ("KUBERNETES_SERVICE_PORT", "6443"),
+                ("POD_NAME", "kube-flannel-rs-ds-abcde"),
+                ("POD_NAMESPACE", "kube-flannel"),
+            ])
+            .env_remove("NODE_NAME")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+    let mut proc = e2e_tests::overlay::Proc(Some(child));
+    wait_until(Duration::from_secs(20), "the in-cluster daemon to be ready", || ko.o.log(0).contains("INFO  ready:"));
+    assert!(ko.o.log(0).contains("node node0"), "{}", ko.o.log(0));
+    assert_eq!(annotations(&ko, "node0")["public-ip"], "192.0.2.10");
+    proc.stop();
 }

@@ -43,26 +43,18 @@ pub struct KubeOptions {
     pub prefix: String,
 }
 
-/// The lease-relevant part of a Node: what the store keeps.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct NodeView {
-    pod_cidr: Option<String>,
-    /// Only the annotations under our prefix.
-    annotations: BTreeMap<String, String>,
-}
+/// What the store keeps of a Node: its lease, parsed once when the Node
+/// changes (`Ok(None)` for Nodes that do not take part, `Err` with the message
+/// for ones whose annotations do not parse).
+type NodeLease = Result<Option<Lease>, String>;
 
-fn view(node: &Node, prefix: &str) -> Option<(String, NodeView)> {
+fn view(node: &Node, prefix: &str, cfg: &NetworkConfig) -> Option<(String, NodeLease)> {
     let name = node.metadata.name.clone()?;
-    let pfx = format!("{}/", prefix.trim_end_matches('/'));
-    let annotations = node
-        .metadata
-        .annotations
-        .iter()
-        .flatten()
-        .filter(|(k, _)| k.starts_with(&pfx))
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
-    Some((name, NodeView { pod_cidr: pod_cidr(node), annotations }))
+    let cidr = pod_cidr(node);
+    let empty = BTreeMap::new();
+    let annotations = node.metadata.annotations.as_ref().unwrap_or(&empty);
+    let lease = ann::lease_from_node(&name, cidr.as_deref(), annotations, prefix, cfg);
+    Some((name, lease))
 }
 
 /// The node's IPv4 pod CIDR: `spec.podCIDR`, else the first IPv4 entry of
@@ -250,8 +242,8 @@ impl KubeSubnetManager {
     /// parse.
     pub async fn list_leases(&self, cfg: &NetworkConfig) -> anyhow::Result<(Vec<Lease>, Vec<String>)> {
         let list = self.nodes.list(&Default::default()).await.context("list nodes")?;
-        let store: BTreeMap<String, NodeView> = list.items.iter().filter_map(|n| view(n, &self.prefix)).collect();
-        Ok(leases_of(&store, &self.prefix, cfg))
+        let store: BTreeMap<String, NodeLease> = list.items.iter().filter_map(|n| view(n, &self.prefix, cfg)).collect();
+        Ok(leases_of(&store))
     }
 
     /// Watches all Nodes and sends a full lease snapshot whenever the lease
@@ -264,8 +256,8 @@ impl KubeSubnetManager {
         let api = self.nodes.clone();
         let prefix = self.prefix.clone();
         tokio::spawn(async move {
-            let mut store: BTreeMap<String, NodeView> = BTreeMap::new();
-            let mut listing: Option<BTreeMap<String, NodeView>> = None;
+            let mut store: BTreeMap<String, NodeLease> = BTreeMap::new();
+            let mut listing: Option<BTreeMap<String, NodeLease>> = None;
             let mut last: Option<Vec<Lease>> = None;
             let mut reported: Vec<String> = Vec::new();
             let stream = watcher::watcher(api, watcher::Config::default()).backoff(WatchBackoff::default());
@@ -281,7 +273,7 @@ impl KubeSubnetManager {
                         false
                     }
                     Ok(Event::InitApply(n)) => {
-                        if let (Some(l), Some((k, v))) = (listing.as_mut(), view(&n, &prefix)) {
+                        if let (Some(l), Some((k, v))) = (listing.as_mut(), view(&n, &prefix, &cfg)) {
                             l.insert(k, v);
                         }
                         false
@@ -292,7 +284,7 @@ impl KubeSubnetManager {
                         last = None;
                         true
                     }
-                    Ok(Event::Apply(n)) => match view(&n, &prefix) {
+                    Ok(Event::Apply(n)) => match view(&n, &prefix, &cfg) {
                         Some((k, v)) => store.insert(k, v.clone()) != Some(v),
                         None => false,
                     },
@@ -301,7 +293,7 @@ impl KubeSubnetManager {
                 if !changed {
                     continue;
                 }
-                let (leases, errors) = leases_of(&store, &prefix, &cfg);
+                let (leases, errors) = leases_of(&store);
                 for e in errors.iter().filter(|e| !reported.contains(e)) {
                     warn!("lease not usable: {e}");
                 }
@@ -347,14 +339,14 @@ impl kube::runtime::utils::Backoff for WatchBackoff {
 }
 
 /// The leases of a store of Nodes, sorted by subnet, and the parse errors.
-fn leases_of(store: &BTreeMap<String, NodeView>, prefix: &str, cfg: &NetworkConfig) -> (Vec<Lease>, Vec<String>) {
+fn leases_of(store: &BTreeMap<String, NodeLease>) -> (Vec<Lease>, Vec<String>) {
     let mut leases = Vec::new();
     let mut errors = Vec::new();
-    for (name, v) in store {
-        match ann::lease_from_node(name, v.pod_cidr.as_deref(), &v.annotations, prefix, cfg) {
-            Ok(Some(l)) => leases.push(l),
+    for lease in store.values() {
+        match lease {
+            Ok(Some(l)) => leases.push(l.clone()),
             Ok(None) => {}
-            Err(e) => errors.push(e),
+            Err(e) => errors.push(e.clone()),
         }
     }
     leases.sort_by_key(|l| (l.subnet, l.public_ip));
@@ -405,7 +397,7 @@ mod tests {
     }
 
     #[test]
-    fn the_store_keeps_only_our_annotations_and_yields_sorted_leases() {
+    fn the_store_keeps_leases_parsed_once_and_yields_them_sorted() {
         let good = [
             ("flannel.alpha.coreos.com/kube-subnet-manager", "true"),
             ("flannel.alpha.coreos.com/backend-type", "vxlan"),
@@ -413,18 +405,22 @@ mod tests {
             ("flannel.alpha.coreos.com/public-ip", "192.0.2.11"),
             ("node.alpha.kubernetes.io/ttl", "0"),
         ];
-        let (k, v) = view(&node("b", Some("10.244.2.0/24"), &[], &good), ann::DEFAULT_PREFIX).unwrap();
+        let p = ann::DEFAULT_PREFIX;
+        let (k, v) = view(&node("b", Some("10.244.2.0/24"), &[], &good), p, &cfg()).unwrap();
         assert_eq!(k, "b");
-        assert_eq!(v.annotations.len(), 4);
+        // Annotations of others do not make a Node differ.
+        let mut other = good;
+        other[4].1 = "30";
+        assert_eq!(view(&node("b", Some("10.244.2.0/24"), &[], &other), p, &cfg()).unwrap().1, v);
         let mut store = BTreeMap::from([(k, v)]);
         let mut a = good;
         a[3].1 = "192.0.2.10";
-        store.insert("a".into(), view(&node("a", Some("10.244.1.0/24"), &[], &a), ann::DEFAULT_PREFIX).unwrap().1);
+        store.insert("a".into(), view(&node("a", Some("10.244.1.0/24"), &[], &a), p, &cfg()).unwrap().1);
         let mut bad = good;
         bad[2].1 = "{";
-        store.insert("c".into(), view(&node("c", Some("10.244.5.0/24"), &[], &bad), ann::DEFAULT_PREFIX).unwrap().1);
-        store.insert("d".into(), view(&node("d", Some("10.244.6.0/24"), &[], &[]), ann::DEFAULT_PREFIX).unwrap().1);
-        let (leases, errors) = leases_of(&store, ann::DEFAULT_PREFIX, &cfg());
+        store.insert("c".into(), view(&node("c", Some("10.244.5.0/24"), &[], &bad), p, &cfg()).unwrap().1);
+        store.insert("d".into(), view(&node("d", Some("10.244.6.0/24"), &[], &[]), p, &cfg()).unwrap().1);
+        let (leases, errors) = leases_of(&store);
         let subnets: Vec<String> = leases.iter().map(|l| l.subnet.to_string()).collect();
         assert_eq!(subnets, ["10.244.1.0/24", "10.244.2.0/24"]);
         assert_eq!(errors.len(), 1);

@@ -1,0 +1,228 @@
+//! `kube-bench`: flanneld-rs's Kubernetes mode against its etcd mode, in the
+//! same run, on the same machine, with the same peers.
+//!
+//! node0 runs `--kube-subnet-mgr` against a real kube-apiserver; node1 runs
+//! in etcd mode against the etcd that the API server itself stores in. N
+//! peers exist both as annotated Node objects and as etcd leases.
+//! - Start-up: daemon start to every peer's route, neighbour and FDB entry in
+//!   the kernel.
+//! - Convergence: a new peer (a Node created through the API server, or a
+//!   lease put into etcd) until its route is in the kernel, interleaved.
+//! - Footprint: each daemon's RSS with N peers.
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use e2e_tests::kube::{KubeOverlay, PREFIX};
+use e2e_tests::overlay::ETCD;
+use flannel_net::netlink::Netlink;
+use flannel_net::netns::NetNs;
+use flannel_net::MacAddr;
+use flanneld_rs::lease::{LeaseAttrs, VxlanData};
+use flanneld_rs::subnet::etcd::{encode_lease_value, subnet_key};
+use futures_util::{stream, StreamExt};
+use ipnet::Ipv4Net;
+use k8s_openapi::api::core::v1::Node;
+use kube::api::{Api, PostParams};
+use netns_fixtures::{wait_until, Netns};
+use serde_json::json;
+
+#[derive(Parser)]
+#[command(about = "flanneld-rs: Kubernetes mode against etcd mode")]
+struct Args {
+    /// Peers present at start-up.
+    #[arg(long, default_value_t = 1000)]
+    peers: usize,
+    /// New peers for the convergence part (each mode).
+    #[arg(long, default_value_t = 100)]
+    new: usize,
+}
+
+const NET: &str = r#"{"Network":"10.0.0.0/8","SubnetLen":24,"Backend":{"Type":"vxlan"}}"#;
+
+/// Peer `i`: subnet, VTEP MAC, public IP (TEST-NET-2/3; nothing is sent there).
+fn peer(i: usize) -> (Ipv4Net, MacAddr, Ipv4Addr) {
+    let n = i + 256;
+    let subnet = Ipv4Net::new(Ipv4Addr::new(10, (n >> 8) as u8, (n & 0xff) as u8, 0), 24).unwrap();
+    let mac = MacAddr([0x02, 0xbe, 0, (i >> 16) as u8, (i >> 8) as u8, i as u8]);
+    let public = if i.is_multiple_of(2) {
+        Ipv4Addr::new(198, 51, 100, (i / 2 % 250 + 1) as u8)
+    } else {
+        Ipv4Addr::new(203, 0, 113, (i / 2 % 250 + 1) as u8)
+    };
+    (subnet, mac, public)
+}
+
+fn peer_node(i: usize) -> Node {
+    let (subnet, mac, public) = peer(i);
+    serde_json::from_value(json!({
+        "metadata": {
+            "name": format!("peer-{i}"),
+            "annotations": {
+                format!("{PREFIX}/kube-subnet-manager"): "true",
+                format!("{PREFIX}/backend-type"): "vxlan",
+                format!("{PREFIX}/backend-data"): format!("{{\"VNI\":1,\"VtepMAC\":\"{mac}\"}}"),
+                format!("{PREFIX}/public-ip"): public.to_string(),
+            }
+        },
+        "spec": { "podCIDR": subnet.to_string(), "podCIDRs": [subnet.to_string()] }
+    }))
+    .unwrap()
+}
+
+async fn put_lease(c: &mut etcd_client::Client, i: usize) {
+    let (subnet, mac, public) = peer(i);
+    let attrs = LeaseAttrs {
+        public_ip: public,
+        backend_type: "vxlan".into(),
+        vxlan: Some(VxlanData { vni: 1, vtep_mac: mac }),
+    };
+    c.put(subnet_key("/coreos.com/network", subnet), encode_lease_value(&attrs), None).await.expect("put lease");
+}
+
+async fn nodes_api(kubeconfig: &std::path::Path) -> Api<Node> {
+    let kc = kube::config::Kubeconfig::read_from(kubeconfig).unwrap();
+    let cfg = kube::Config::from_custom_kubeconfig(kc, &Default::default()).await.unwrap();
+    Api::all(kube::Client::try_from(cfg).unwrap())
+}
+
+/// Runs `f` on a runtime whose sockets live in `ns`.
+fn in_ns<T: Send>(ns: &Netns, f: impl std::future::Future<Output = T> + Send) -> T {
+    NetNs::open(ns.path())
+        .unwrap()
+        .run(|| tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(f))
+        .unwrap()
+}
+
+fn routes(ns: &Netns) -> usize {
+    in_ns(ns, async {
+        let nl = Netlink::connect().unwrap();
+        let Some(v) = nl.vxlan_by_name("flannel.1").await.unwrap() else { return 0 };
+        nl.routes().await.unwrap().iter().filter(|r| r.oif == Some(v.index) && r.dst.addr().is_ipv4()).count()
+    })
+}
+
+fn rss_mb(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kib: f64 = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0);
+    kib / 1024.0
+}
+
+fn pct(sorted: &[f64], p: f64) -> f64 {
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+/// Polls until `ns` routes `probe` through flannel.1; returns the wait.
+async fn route_appears(nl: &Netlink, index: u32, probe: IpAddr, start: Instant) -> f64 {
+    loop {
+        if let Ok(Some((oif, _))) = nl.route_get(probe).await {
+            if oif == index {
+                return start.elapsed().as_secs_f64() * 1000.0;
+            }
+        }
+        assert!(start.elapsed() < Duration::from_secs(10), "route to {probe} never appeared");
+        tokio::time::sleep(Duration::from_micros(200)).await;
+    }
+}
+
+fn main() {
+    let args = Args::parse();
+    assert!(netns_fixtures::require_root(), "kube-bench needs root");
+    assert!(e2e_tests::kube::require_kube(), "kube-bench needs kube-apiserver and kubectl");
+    let n = args.peers;
+    let mut ko = KubeOverlay::with_conf(2, NET);
+    // node1 runs in etcd mode.
+    ko.o.set_flags(1, &[]);
+    let admin = ko.api.admin.clone();
+    let t = Instant::now();
+    in_ns(ko.o.outside(), async {
+        let api = nodes_api(&admin).await;
+        stream::iter(0..n)
+            .map(|i| {
+                let api = api.clone();
+                async move { api.create(&PostParams::default(), &peer_node(i)).await.expect("create Node") }
+            })
+            .buffer_unordered(16)
+            .collect::<Vec<_>>()
+            .await;
+        let mut c = etcd_client::Client::connect([ETCD], None).await.unwrap();
+        for i in 0..n {
+            put_lease(&mut c, i).await;
+        }
+    });
+    println!("setup: {n} Nodes and {n} etcd leases written in {:.1} s", t.elapsed().as_secs_f64());
+    ko.api.create_node("node0", Some("10.0.0.0/24"), &[]);
+
+    let mut startup = [0.0; 2];
+    for (i, s) in startup.iter_mut().enumerate() {
+        let t0 = Instant::now();
+        ko.o.start(i);
+        let ns = &ko.o.cluster.node(i).ns;
+        wait_until(Duration::from_secs(120), &format!("{n} routes on node{i}"), || routes(ns) >= n);
+        *s = t0.elapsed().as_secs_f64();
+    }
+    println!(
+        "start-up, {n} peers: kube mode {:.3} s, etcd mode {:.3} s (daemon start to every route in the kernel): ratio {:.2}x",
+        startup[0],
+        startup[1],
+        startup[0] / startup[1]
+    );
+    let rss: Vec<f64> = (0..2).map(|i| rss_mb(ko.o.daemons[i].proc.0.as_ref().unwrap().id())).collect();
+    println!("footprint, {n} peers: RSS kube mode {:.1} MB, etcd mode {:.1} MB", rss[0], rss[1]);
+
+    // Convergence, interleaved: a Node through the API server to node0's
+    // kernel; a lease into etcd to node1's kernel. Timed from the moment the
+    // write returned (API server / etcd committed it).
+    let (ns0, ns1) = (ko.o.cluster.node(0).ns.path(), ko.o.cluster.node(1).ns.path());
+    let outside = ko.o.outside().path();
+    let new = args.new;
+    let (kube_lat, etcd_lat) = NetNs::open(&outside)
+        .unwrap()
+        .run(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(async move {
+                let api = nodes_api(&admin).await;
+                let mut c = etcd_client::Client::connect([ETCD], None).await.unwrap();
+                // Netlink sockets inside each node.
+                let (nl0, idx0) = node_netlink(&ns0).await;
+                let (nl1, idx1) = node_netlink(&ns1).await;
+                let (mut k, mut e) = (Vec::new(), Vec::new());
+                for j in 0..new {
+                    let i = n + j;
+                    let probe = IpAddr::V4(Ipv4Addr::from(u32::from(peer(i).0.network()) + 5));
+                    api.create(&PostParams::default(), &peer_node(i)).await.expect("create Node");
+                    k.push(route_appears(&nl0, idx0, probe, Instant::now()).await);
+                    put_lease(&mut c, i).await;
+                    e.push(route_appears(&nl1, idx1, probe, Instant::now()).await);
+                }
+                (k, e)
+            })
+        })
+        .unwrap();
+    let report = |name: &str, mut v: Vec<f64>| {
+        v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        println!(
+            "convergence, {new} new peers with {n} present, {name}: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+            pct(&v, 0.5),
+            pct(&v, 0.99),
+            v[v.len() - 1]
+        );
+        pct(&v, 0.5)
+    };
+    let k50 = report("kube mode (Node created -> route)", kube_lat);
+    let e50 = report("etcd mode (lease put -> route)", etcd_lat);
+    println!("convergence p50 ratio kube/etcd: {:.2}x", k50 / e50);
+}
+
+/// A netlink connection inside the node at `path`, and its flannel.1 index.
+async fn node_netlink(path: &std::path::Path) -> (Netlink, u32) {
+    let nl = Netlink::connect_in(&NetNs::open(path).unwrap()).unwrap();
+    let idx = nl.vxlan_by_name("flannel.1").await.unwrap().expect("flannel.1").index;
+    (nl, idx)
+}
