@@ -21,7 +21,7 @@ use crate::flags::Opts;
 use crate::health::{self, Metrics};
 use crate::iface::{self, ExtIface};
 use crate::lease::{Lease, LeaseAttrs, LeaseEvent, VxlanData};
-use crate::reconcile::{desired, kernel, plan};
+use crate::reconcile::{desired, kernel, plan, Backend};
 use crate::subnet::etcd::{AcquiredLease, EtcdOptions, EtcdSubnetManager};
 use crate::subnet::kube::{KubeOptions, KubeSubnetManager};
 
@@ -51,8 +51,8 @@ pub struct Node {
     pub cfg: NetworkConfig,
     /// The underlay interface.
     pub ext: ExtIface,
-    /// Our VTEP.
-    pub vtep: VxlanSpec,
+    /// How peers are reached.
+    pub backend: Backend,
 }
 
 /// The VTEP we want: attributes from the configuration and the interface,
@@ -79,6 +79,29 @@ pub fn vtep_spec(cfg: &NetworkConfig, ext: &ExtIface, mac: MacAddr) -> anyhow::R
         mtu: underlay_mtu - 50,
         mac,
     })
+}
+
+/// The backend for the configuration: VXLAN with [`vtep_spec`], or host-gw
+/// on the chosen interface (which must hold the public IP: peers route to us
+/// through it).
+pub fn backend_for(cfg: &NetworkConfig, ext: &ExtIface, mac: MacAddr) -> anyhow::Result<Backend> {
+    match cfg.backend.type_name() {
+        "vxlan" => Ok(Backend::Vxlan(vtep_spec(cfg, ext, mac)?)),
+        "host-gw" => {
+            if ext.public_ip != ext.addr.addr() {
+                bail!(
+                    "Backend.Type host-gw: the public IP {} is not the address of interface {} ({}); peers route \
+                     to our pods through that address, so it must be on the interface (check --public-ip, \
+                     --iface, public-ip-overwrite)",
+                    ext.public_ip,
+                    ext.name,
+                    ext.addr
+                );
+            }
+            Ok(Backend::HostGw { dev: ext.index, name: ext.name.clone(), mtu: ext.mtu })
+        }
+        other => bail!("Backend.Type {other:?}: not implemented yet (vxlan and host-gw are)"),
+    }
 }
 
 /// A random locally administered unicast MAC.
@@ -119,13 +142,8 @@ struct Loop {
 impl Loop {
     async fn reconcile(&mut self, why: &str) {
         let start = Instant::now();
-        let (want, rejected) = desired::desired(
-            &self.node.cfg,
-            &self.own,
-            self.node.vtep.clone(),
-            self.node.ext.addr.trunc(),
-            &self.leases,
-        );
+        let (want, rejected) =
+            desired::desired(&self.node.cfg, &self.own, &self.node.backend, self.node.ext.addr.trunc(), &self.leases);
         let rejected_text: Vec<String> = rejected.iter().map(|r| format!("{}: {}", r.source, r.reason)).collect();
         if rejected_text != self.last_rejected {
             for r in &rejected_text {
@@ -134,7 +152,7 @@ impl Loop {
             self.last_rejected = rejected_text;
         }
         self.metrics.rejected_leases.store(rejected.len() as u64, Ordering::Relaxed);
-        let observed = match kernel::observe(&self.nl, &self.node.vtep, self.node.cfg.network).await {
+        let observed = match kernel::observe(&self.nl, &self.node.backend, self.node.cfg.network).await {
             Ok(o) => o,
             Err(e) => {
                 error!("reconcile ({why}): {e}");
@@ -166,7 +184,8 @@ impl Loop {
         m.reconcile_micros.fetch_add(start.elapsed().as_micros() as u64, Ordering::Relaxed);
         m.peers.store(want.peers.len() as u64, Ordering::Relaxed);
         if ops.iter().any(|op| matches!(op, plan::Op::CreateVtep | plan::Op::RecreateVtep(_))) {
-            self.vtep_index = self.nl.link_by_name(&self.node.vtep.name).await.ok().flatten().map(|l| l.index);
+            let name = self.node.backend.device_name();
+            self.vtep_index = self.nl.link_by_name(name).await.ok().flatten().map(|l| l.index);
         }
     }
 }
@@ -183,7 +202,7 @@ enum Store {
 struct Started {
     cfg: NetworkConfig,
     ext: ExtIface,
-    vtep: VxlanSpec,
+    backend: Backend,
     own: Lease,
     leases: Vec<Lease>,
     store: Store,
@@ -212,11 +231,18 @@ async fn vtep_mac(nl: &Netlink, cfg: &NetworkConfig, advertised: Option<MacAddr>
     Ok(existing.or(advertised).unwrap_or_else(random_mac))
 }
 
-fn lease_attrs(cfg: &NetworkConfig, ext: &ExtIface, vtep: &VxlanSpec) -> LeaseAttrs {
+fn lease_attrs(cfg: &NetworkConfig, ext: &ExtIface, backend: &Backend) -> LeaseAttrs {
     LeaseAttrs {
         public_ip: ext.public_ip,
         backend_type: cfg.backend.type_name().to_string(),
-        vxlan: Some(VxlanData { vni: vtep.vni, vtep_mac: vtep.mac }),
+        vxlan: backend.vtep().map(|v| VxlanData { vni: v.vni, vtep_mac: v.mac }),
+    }
+}
+
+fn describe(backend: &Backend) -> String {
+    match backend {
+        Backend::Vxlan(v) => format!("VTEP {} {}", v.name, v.mac),
+        Backend::HostGw { name, .. } => format!("host-gw routes on {name}"),
     }
 }
 
@@ -229,18 +255,18 @@ async fn start_etcd(nl: &Netlink, opts: &Opts, started: Instant) -> anyhow::Resu
     info!("network {} (subnets /{}), backend {}", cfg.network, cfg.subnet_len, cfg.backend.type_name());
     let (leases, _) = mgr.list_leases(&cfg).await?;
     let from_lease = leases.iter().find(|l| l.public_ip == ext.public_ip).and_then(|l| l.vxlan).map(|d| d.vtep_mac);
-    let vtep = vtep_spec(&cfg, &ext, vtep_mac(nl, &cfg, from_lease).await?)?;
+    let backend = backend_for(&cfg, &ext, vtep_mac(nl, &cfg, from_lease).await?)?;
     let previous = SubnetEnv::load(&opts.subnet_file).ok().and_then(|e| e.subnet).map(|s| s.trunc());
     let t_list = started.elapsed();
-    let acquired = mgr.acquire_lease(&cfg, &lease_attrs(&cfg, &ext, &vtep), previous).await?;
+    let acquired = mgr.acquire_lease(&cfg, &lease_attrs(&cfg, &ext, &backend), previous).await?;
     let own = acquired.lease.clone();
-    info!("lease {} ({}), VTEP {} {}", own.subnet, acquired.key, vtep.name, vtep.mac);
+    info!("lease {} ({}), {}", own.subnet, acquired.key, describe(&backend));
     let (tx, events) = tokio::sync::mpsc::channel(16);
     let watcher = mgr.spawn_watcher(cfg.clone(), acquired.key.clone(), tx);
     Ok(Started {
         cfg,
         ext,
-        vtep,
+        backend,
         own,
         leases,
         store: Store::Etcd { mgr: Box::new(mgr), acquired },
@@ -287,8 +313,8 @@ async fn start_kube(nl: &Netlink, opts: &Opts, started: Instant) -> anyhow::Resu
     .flatten()
     .and_then(|l| l.vxlan)
     .map(|d| d.vtep_mac);
-    let vtep = vtep_spec(&cfg, &ext, vtep_mac(nl, &cfg, advertised).await?)?;
-    let attrs = lease_attrs(&cfg, &ext, &vtep);
+    let backend = backend_for(&cfg, &ext, vtep_mac(nl, &cfg, advertised).await?)?;
+    let attrs = lease_attrs(&cfg, &ext, &backend);
     let t_list = started.elapsed();
     if mgr.publish(&node, &attrs).await? {
         info!("node {}: annotations written (nodes/status)", mgr.node_name);
@@ -308,11 +334,11 @@ async fn start_kube(nl: &Netlink, opts: &Opts, started: Instant) -> anyhow::Resu
         vxlan: attrs.vxlan,
         source: format!("node {}", mgr.node_name),
     };
-    info!("lease {} (node {}), VTEP {} {}", own.subnet, mgr.node_name, vtep.name, vtep.mac);
+    info!("lease {} (node {}), {}", own.subnet, mgr.node_name, describe(&backend));
     Ok(Started {
         cfg,
         ext,
-        vtep,
+        backend,
         own,
         leases,
         store: Store::Kube { mgr },
@@ -344,7 +370,7 @@ pub async fn run(opts: Opts) -> anyhow::Result<()> {
     };
     let [t_iface, t_list, t_lease] = st.marks;
     let (cfg, own, mut store, mut events, _watcher) = (st.cfg, st.own, st.store, st.events, st.watcher);
-    let node = Node { cfg: cfg.clone(), ext: st.ext, vtep: st.vtep };
+    let node = Node { cfg: cfg.clone(), ext: st.ext, backend: st.backend };
     let mut lp = Loop {
         nl: nl.clone(),
         node,
@@ -359,7 +385,7 @@ pub async fn run(opts: Opts) -> anyhow::Result<()> {
 
     flannel_net::host::ensure_sysctl_on(flannel_net::host::IPV4_FORWARD)
         .map_err(|e| anyhow::anyhow!("enable IPv4 forwarding: {e}"))?;
-    let env = subnet_env(&cfg, own.subnet, lp.node.vtep.mtu, opts.ip_masq);
+    let env = subnet_env(&cfg, own.subnet, lp.node.backend.pod_mtu(), opts.ip_masq);
     env.write_atomic(&opts.subnet_file).with_context(|| format!("write {}", opts.subnet_file.display()))?;
     let fw = FirewallSpec::from_opts(&opts, cfg.network, own.subnet);
     firewall::apply(&fw).map_err(|e| anyhow::anyhow!("nftables table {}: {e}", firewall::TABLE))?;
@@ -412,7 +438,7 @@ pub async fn run(opts: Opts) -> anyhow::Result<()> {
                 // Coalesce the burst a hand edit (or our own changes) cause,
                 // without holding up lease events meanwhile.
                 Some(c) => {
-                    if concerns_us(lp.vtep_index, lp.node.vtep.dev, c) && kernel_due.is_none() {
+                    if concerns_us(lp.vtep_index, lp.node.backend.underlay(), c) && kernel_due.is_none() {
                         kernel_due = Some(tokio::time::Instant::now() + DEBOUNCE);
                     }
                 }

@@ -10,14 +10,16 @@ use flannel_net::SubnetEnv;
 use serde_json::json;
 
 use crate::config::NetworkConfig;
-use crate::daemon::{etcd_options, kube_options, subnet_env, vtep_spec};
+use crate::daemon::{backend_for, etcd_options, kube_options, subnet_env};
 use crate::firewall::{self, FirewallSpec};
 use crate::flags::Opts;
 use crate::iface;
+use crate::lease::VxlanData;
 use crate::reconcile::plan::{Observed, Op};
 use crate::reconcile::{desired, kernel, plan};
 use crate::subnet::etcd::EtcdSubnetManager;
 use crate::subnet::kube::KubeSubnetManager;
+use flannel_net::MacAddr;
 
 /// One finding.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -172,26 +174,31 @@ pub async fn run(opts: &Opts, json_out: bool) -> anyhow::Result<bool> {
     };
     let vni = cfg.vxlan().map(|v| v.vni).unwrap_or(1);
     let existing = nl.vxlan_by_name(&format!("flannel.{vni}")).await?.and_then(|v| v.mac);
-    let mac = existing.or(own.vxlan.map(|d| d.vtep_mac)).context("our lease has no VtepMAC and there is no VTEP")?;
-    let spec = vtep_spec(&cfg, &ext, mac)?;
-    if let Some(d) = own.vxlan {
+    let mac = match (existing, own.vxlan, cfg.vxlan()) {
+        (Some(m), _, _) | (None, Some(VxlanData { vtep_mac: m, .. }), _) => m,
+        (None, None, Some(_)) => anyhow::bail!("our lease has no VtepMAC and there is no VTEP"),
+        // Not VXLAN: no MAC is used.
+        (None, None, None) => MacAddr([0; 6]),
+    };
+    let backend = backend_for(&cfg, &ext, mac)?;
+    if let (Some(d), Some(v)) = (own.vxlan, backend.vtep()) {
         if existing.is_some_and(|m| m != d.vtep_mac) {
             findings.push(Finding {
                 kind: "wrong",
-                what: format!("{} has MAC {}, our lease ({}) says {}", spec.name, mac, own.source, d.vtep_mac),
+                what: format!("{} has MAC {}, our lease ({}) says {}", v.name, mac, own.source, d.vtep_mac),
                 fix: "restart flanneld-rs so that it re-advertises the device's MAC".into(),
             });
         }
     }
-    let (want, rejected) = desired::desired(&cfg, &own, spec.clone(), ext.addr.trunc(), &leases);
-    let observed = kernel::observe(&nl, &spec, cfg.network).await?;
+    let (want, rejected) = desired::desired(&cfg, &own, &backend, ext.addr.trunc(), &leases);
+    let observed = kernel::observe(&nl, &backend, cfg.network).await?;
     let mut sources = BTreeMap::new();
     for l in &leases {
         sources.insert(l.subnet.to_string(), l.source.clone());
         sources.insert(format!("{}/", l.subnet.network()), l.source.clone());
     }
     for op in plan::plan(&want, &observed) {
-        findings.push(describe(&op, &observed, &sources, &spec.name));
+        findings.push(describe(&op, &observed, &sources, backend.device_name()));
     }
     for r in rejected {
         findings.push(Finding {
@@ -201,7 +208,7 @@ pub async fn run(opts: &Opts, json_out: bool) -> anyhow::Result<bool> {
         });
     }
 
-    let want_env = subnet_env(&cfg, own.subnet, spec.mtu, opts.ip_masq);
+    let want_env = subnet_env(&cfg, own.subnet, backend.pod_mtu(), opts.ip_masq);
     match SubnetEnv::load(&opts.subnet_file) {
         Ok(have) => {
             if have.subnet != want_env.subnet || have.networks != want_env.networks || have.mtu != want_env.mtu {

@@ -4,6 +4,7 @@
 
 pub mod kube;
 pub mod overlay;
+pub mod stream;
 
 pub use netns_fixtures::{echo_server, tcp_round_trip};
 

@@ -328,6 +328,38 @@ impl Overlay {
         st
     }
 
+    /// Node `i`'s routes through the underlay to subnets of 10.0.0.0/8
+    /// (host-gw's and DirectRouting's), as sorted `dst via gw`.
+    pub fn underlay_routes(&self, i: usize) -> Vec<String> {
+        let node = self.cluster.node(i);
+        let mut v: Vec<String> = node
+            .ns
+            .ip_json(&["route", "show", "dev", &node.underlay_if])
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|r| r["dst"].as_str().is_some_and(|d| d.starts_with("10.")) && r["gateway"].is_string())
+            .map(|r| format!("{} via {}", r["dst"].as_str().unwrap(), r["gateway"].as_str().unwrap()))
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// What node `i`'s host-gw routes must be given the leases in etcd.
+    pub fn expected_underlay_routes(&self, i: usize) -> Vec<String> {
+        let own = self.cluster.node(i).underlay_ip.to_string();
+        let mut v: Vec<String> = leases(self.outside())
+            .into_iter()
+            .filter(|(_, l)| l["PublicIP"] != own.as_str())
+            .map(|(key, l)| {
+                let (net, len) = key.rsplit('/').next().unwrap().split_once('-').unwrap().to_owned();
+                format!("{net}/{len} via {}", l["PublicIP"].as_str().unwrap())
+            })
+            .collect();
+        v.sort();
+        v
+    }
+
     /// Waits until node `i`'s kernel state is exactly what etcd says.
     pub fn wait_converged(&self, i: usize) {
         wait_until(Duration::from_secs(10), &format!("node{i} to converge"), || {

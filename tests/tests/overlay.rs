@@ -1,10 +1,11 @@
 //! The overlay end to end: a real etcd, real flanneld-rs daemons on three
 //! nodes in namespaces, pods plugged in by the real plugin, real traffic.
 
-use std::net::{SocketAddr, UdpSocket};
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use e2e_tests::overlay::{etcdctl_ok, leases, Overlay};
+use e2e_tests::stream::UdpStream;
 use e2e_tests::{echo_server, tcp_round_trip};
 use flannel_net::netns::NetNs;
 use netns_fixtures::{require_root, wait_until};
@@ -83,45 +84,7 @@ fn a_daemon_restart_loses_no_packet() {
     o.wait_converged(1);
     let (a, _) = o.add_pod(0, "tx");
     let (b, b_addr) = o.add_pod(1, "rx");
-    let target = SocketAddr::new(b_addr.into(), 9999);
-    let rx = NetNs::open(b.path()).unwrap().run(move || UdpSocket::bind(target)).unwrap().unwrap();
-    rx.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
-    let tx = NetNs::open(a.path()).unwrap().run(|| UdpSocket::bind("0.0.0.0:0")).unwrap().unwrap();
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let sender = {
-        let stop = stop.clone();
-        std::thread::spawn(move || {
-            let mut seq: u32 = 0;
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                tx.send_to(&seq.to_be_bytes(), target).unwrap();
-                seq += 1;
-                std::thread::sleep(Duration::from_millis(2));
-            }
-            seq
-        })
-    };
-    let received = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let receiver = {
-        let received = received.clone();
-        std::thread::spawn(move || {
-            let mut got = std::collections::BTreeSet::new();
-            let mut buf = [0u8; 4];
-            let mut idle = 0;
-            while idle < 5 {
-                match rx.recv(&mut buf) {
-                    Ok(4) => {
-                        got.insert(u32::from_be_bytes(buf));
-                        received.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        idle = 0;
-                    }
-                    _ => idle += 1,
-                }
-            }
-            got
-        })
-    };
-    let count = || received.load(std::sync::atomic::Ordering::Relaxed);
-    wait_until(Duration::from_secs(5), "traffic to flow", || count() > 50);
+    let stream = UdpStream::start(&a, &b, SocketAddr::new(b_addr.into(), 9999));
     for _ in 0..2 {
         o.stop(0);
         o.stop(1);
@@ -129,19 +92,8 @@ fn a_daemon_restart_loses_no_packet() {
         o.start(1);
         o.wait_converged(0);
     }
-    let after = count();
-    wait_until(Duration::from_secs(5), "traffic to keep flowing after the restarts", || count() > after + 50);
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let sent = sender.join().unwrap();
-    let got = receiver.join().unwrap();
-    assert!(sent > 100, "only {sent} datagrams sent");
-    let missing: Vec<u32> = (0..sent).filter(|s| !got.contains(s)).collect();
-    assert!(
-        missing.is_empty(),
-        "{} of {sent} datagrams lost across restarts: {:?}",
-        missing.len(),
-        &missing[..missing.len().min(20)]
-    );
+    stream.wait_flowing("traffic to keep flowing after the restarts");
+    stream.stop_and_check_none_lost("across restarts");
     // And the restart adopted the kernel state instead of rebuilding it.
     assert!(o.log(0).contains("reusing lease"), "{}", o.log(0));
 }

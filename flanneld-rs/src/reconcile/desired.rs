@@ -1,4 +1,4 @@
-//! From the lease set to the kernel state we want (VXLAN backend).
+//! From the lease set to the kernel state we want (VXLAN and host-gw).
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr};
@@ -7,6 +7,7 @@ use flannel_net::netlink::{Fdb, Neigh, Route, VxlanSpec};
 use ipnet::{IpNet, Ipv4Net};
 
 use super::plan::{Desired, PeerEntries};
+use super::Backend;
 use crate::config::NetworkConfig;
 use crate::lease::Lease;
 
@@ -24,15 +25,16 @@ pub fn vtep_addr(subnet: Ipv4Net) -> Ipv4Net {
     Ipv4Net::new(subnet.network(), 32).expect("a /32 is valid")
 }
 
-/// Builds the desired state for our lease `own` and VTEP `vtep` from
-/// `leases` (which may include our own). Leases that must not be programmed
-/// are returned with the reason, never half-programmed. `segment` is the
-/// underlay interface's subnet: with `DirectRouting`, a peer whose public IP
-/// is on it is reached with a plain route through the underlay (no tunnel).
+/// Builds the desired state for our lease `own` and `backend` from `leases`
+/// (which may include our own). Leases that must not be programmed are
+/// returned with the reason, never half-programmed. `segment` is the underlay
+/// interface's subnet: with VXLAN's `DirectRouting`, a peer whose public IP is
+/// on it is reached with a plain route through the underlay (no tunnel); with
+/// host-gw every peer must be on it.
 pub fn desired(
     cfg: &NetworkConfig,
     own: &Lease,
-    vtep: VxlanSpec,
+    backend: &Backend,
     segment: Ipv4Net,
     leases: &[Lease],
 ) -> (Desired, Vec<Rejected>) {
@@ -48,14 +50,20 @@ pub fn desired(
             }
             continue;
         }
-        match check(cfg, own, &vtep, segment, l) {
+        let entries = check(cfg, own, l).and_then(|()| match backend {
+            Backend::Vxlan(vtep) => vxlan_entries(cfg, vtep, segment, l),
+            Backend::HostGw { dev, .. } => host_gw_entries(*dev, segment, l),
+        });
+        match entries {
             Ok(entries) => {
                 peers.insert(l.subnet, entries);
             }
             Err(reason) => rejected.push(Rejected { source: l.source.clone(), reason }),
         }
     }
-    (Desired { addr: vtep_addr(own.subnet), vtep, peers }, rejected)
+    let vtep = backend.vtep().cloned();
+    let addr = vtep.as_ref().map(|_| vtep_addr(own.subnet));
+    (Desired { addr, vtep, peers }, rejected)
 }
 
 fn bad_public_ip(ip: Ipv4Addr) -> Option<&'static str> {
@@ -70,13 +78,8 @@ fn bad_public_ip(ip: Ipv4Addr) -> Option<&'static str> {
     }
 }
 
-fn check(
-    cfg: &NetworkConfig,
-    own: &Lease,
-    vtep: &VxlanSpec,
-    segment: Ipv4Net,
-    l: &Lease,
-) -> Result<PeerEntries, String> {
+/// What every backend asks of a peer lease.
+fn check(cfg: &NetworkConfig, own: &Lease, l: &Lease) -> Result<(), String> {
     if !cfg.network.contains(&l.subnet) {
         return Err(format!("subnet {} is outside Network {}", l.subnet, cfg.network));
     }
@@ -89,6 +92,34 @@ fn check(
     if l.public_ip == own.public_ip {
         return Err(format!("PublicIP {} is our own address", l.public_ip));
     }
+    Ok(())
+}
+
+/// host-gw: a route to the peer's subnet via its public IP, which must be on
+/// our segment (the kernel could not resolve the next hop otherwise).
+fn host_gw_entries(dev: u32, segment: Ipv4Net, l: &Lease) -> Result<PeerEntries, String> {
+    if l.backend_type != "host-gw" {
+        return Err(format!("BackendType {:?} is not host-gw", l.backend_type));
+    }
+    if !segment.contains(&l.public_ip) {
+        return Err(format!(
+            "PublicIP {} is not on our segment {segment}: host-gw needs every node on one L2 network",
+            l.public_ip
+        ));
+    }
+    Ok(PeerEntries {
+        route: Route {
+            dst: IpNet::V4(l.subnet),
+            gateway: Some(IpAddr::V4(l.public_ip)),
+            oif: Some(dev),
+            onlink: false,
+        },
+        neigh: None,
+        fdb: None,
+    })
+}
+
+fn vxlan_entries(cfg: &NetworkConfig, vtep: &VxlanSpec, segment: Ipv4Net, l: &Lease) -> Result<PeerEntries, String> {
     if l.backend_type != "vxlan" {
         return Err(format!("BackendType {:?} is not vxlan", l.backend_type));
     }
@@ -155,9 +186,9 @@ mod tests {
             lease("10.244.7.0/24", "192.0.2.17", None),
             lease("10.244.1.0/24", "192.0.2.99", Some("02:00:00:00:00:99")),
         ];
-        let (d, rejected) = desired(&cfg(), &own, spec(), "192.0.2.0/24".parse().unwrap(), &leases);
+        let (d, rejected) = desired(&cfg(), &own, &Backend::Vxlan(spec()), "192.0.2.0/24".parse().unwrap(), &leases);
         assert_eq!(d.peers.keys().map(|k| k.to_string()).collect::<Vec<_>>(), ["10.244.2.0/24"]);
-        assert_eq!(d.addr.to_string(), "10.244.1.0/32");
+        assert_eq!(d.addr.unwrap().to_string(), "10.244.1.0/32");
         let reasons: Vec<String> = rejected.iter().map(|r| format!("{}: {}", r.source, r.reason)).collect();
         let want = [
             "10.244.3.0-24: PublicIP 127.0.0.1 is a loopback address",
@@ -186,7 +217,8 @@ mod tests {
         let own = lease("10.244.1.0/24", "192.0.2.10", Some("02:00:00:00:00:10"));
         let near = lease("10.244.2.0/24", "192.0.2.11", Some("02:00:00:00:00:11"));
         let far = lease("10.244.3.0/24", "198.51.100.7", Some("02:00:00:00:00:12"));
-        let (d, rejected) = desired(&cfg, &own, spec(), "192.0.2.0/24".parse().unwrap(), &[own.clone(), near, far]);
+        let (d, rejected) =
+            desired(&cfg, &own, &Backend::Vxlan(spec()), "192.0.2.0/24".parse().unwrap(), &[own.clone(), near, far]);
         assert!(rejected.is_empty());
         let near = &d.peers[&"10.244.2.0/24".parse().unwrap()];
         assert_eq!(near.route.gateway, Some("192.0.2.11".parse().unwrap()));
@@ -195,5 +227,40 @@ mod tests {
         let far = &d.peers[&"10.244.3.0/24".parse().unwrap()];
         assert_eq!(far.route.gateway, Some("10.244.3.0".parse().unwrap()));
         assert!(far.fdb.is_some());
+    }
+
+    #[test]
+    fn host_gw_routes_via_peers_on_the_segment_and_rejects_the_rest() {
+        let cfg = NetworkConfig::parse(r#"{"Network":"10.244.0.0/16","Backend":{"Type":"host-gw"}}"#, "t").unwrap();
+        let hg = |subnet: &str, ip: &str| Lease { backend_type: "host-gw".into(), ..lease(subnet, ip, None) };
+        let own = hg("10.244.1.0/24", "192.0.2.10");
+        let leases = [
+            own.clone(),
+            hg("10.244.2.0/24", "192.0.2.11"),
+            hg("10.244.3.0/24", "198.51.100.7"),
+            lease("10.244.4.0/24", "192.0.2.13", Some("02:00:00:00:00:13")),
+        ];
+        let backend = Backend::HostGw { dev: 2, name: "eth0".into(), mtu: 1500 };
+        let (d, rejected) = desired(&cfg, &own, &backend, "192.0.2.0/24".parse().unwrap(), &leases);
+        assert_eq!(d.vtep, None);
+        assert_eq!(d.addr, None);
+        assert_eq!(d.peers.len(), 1);
+        let p = &d.peers[&"10.244.2.0/24".parse().unwrap()];
+        assert_eq!(p.route.gateway, Some("192.0.2.11".parse().unwrap()));
+        assert_eq!((p.route.oif, p.route.onlink, p.neigh, p.fdb), (Some(2), false, None, None));
+        let reasons: Vec<&str> = rejected.iter().map(|r| r.reason.as_str()).collect();
+        assert_eq!(
+            reasons,
+            [
+                "PublicIP 198.51.100.7 is not on our segment 192.0.2.0/24: host-gw needs every node on one L2 network",
+                "BackendType \"vxlan\" is not host-gw"
+            ]
+        );
+        // Planned from scratch: only routes, and planning again yields nothing.
+        let ops = crate::reconcile::plan::plan(&d, &Default::default());
+        assert_eq!(ops, [crate::reconcile::plan::Op::SetRoute(p.route.clone())]);
+        let mut o = Default::default();
+        crate::reconcile::plan::simulate(&d, &mut o, &ops);
+        assert!(crate::reconcile::plan::plan(&d, &o).is_empty());
     }
 }

@@ -1,25 +1,31 @@
 //! The thin side of the reconcile loop: dump what we own, apply ops (one
 //! netlink request each).
 
-use flannel_net::netlink::{Netlink, NlError, NlResult, Route, VxlanSpec};
+use flannel_net::netlink::{Netlink, NlError, NlResult, Route};
 use futures_util::StreamExt;
 use ipnet::IpNet;
 use ipnet::Ipv4Net;
 
 use super::plan::{Desired, Observed, Op};
+use super::Backend;
 
 /// Dumps the state we own: our VTEP, its IPv4 addresses, the main-table
 /// routes through it, its permanent neighbours and FDB entries, and (for
-/// `DirectRouting`) routes through the underlay `vtep.dev` to subnets of
+/// host-gw and `DirectRouting`) routes through the underlay to subnets of
 /// `cluster` that have a next hop.
-pub async fn observe(nl: &Netlink, vtep: &VxlanSpec, cluster: Ipv4Net) -> NlResult<Observed> {
+pub async fn observe(nl: &Netlink, backend: &Backend, cluster: Ipv4Net) -> NlResult<Observed> {
     let all_routes = nl.routes_v4().await?;
+    let underlay = backend.underlay();
     let direct = |r: &Route| {
-        r.oif == Some(vtep.dev)
+        r.oif == Some(underlay)
             && r.gateway.is_some()
             && matches!(r.dst, IpNet::V4(d) if cluster.contains(&d) && d.prefix_len() > cluster.prefix_len())
     };
-    let Some(link) = nl.vxlan_by_name(&vtep.name).await? else {
+    let link = match backend.vtep() {
+        Some(vtep) => nl.vxlan_by_name(&vtep.name).await?,
+        None => None,
+    };
+    let Some(link) = link else {
         return Ok(Observed { routes: all_routes.into_iter().filter(direct).collect(), ..Observed::default() });
     };
     let index = link.index;
@@ -44,8 +50,12 @@ const PIPELINE: usize = 64;
 /// reconcile retries it) and returns every error; "already there" on add and
 /// "already gone" on delete count as success.
 pub async fn apply(nl: &Netlink, desired: &Desired, observed: &Observed, ops: &[Op]) -> Vec<NlError> {
-    let name = desired.vtep.name.as_str();
-    let mut index = observed.vtep.as_ref().map(|v| v.index);
+    let name = desired.vtep.as_ref().map(|v| v.name.as_str()).unwrap_or("the underlay");
+    // Without a device of ours (host-gw) every route names its interface.
+    let mut index = match &desired.vtep {
+        Some(_) => observed.vtep.as_ref().map(|v| v.index),
+        None => Some(0),
+    };
     let mut errors = Vec::new();
     let mut rest = ops;
     while let Some(first) = rest.first() {
@@ -54,7 +64,7 @@ pub async fn apply(nl: &Netlink, desired: &Desired, observed: &Observed, ops: &[
                 if matches!(first, Op::RecreateVtep(_)) {
                     nl.del_link_by_name(name).await?;
                 }
-                nl.add_vxlan(&desired.vtep).await?;
+                nl.add_vxlan(desired.vtep.as_ref().expect("only VXLAN plans create a device")).await?;
                 index = nl.link_by_name(name).await?.map(|l| l.index);
                 Ok(())
             }

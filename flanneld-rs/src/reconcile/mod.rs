@@ -5,6 +5,59 @@ pub mod desired;
 pub mod kernel;
 pub mod plan;
 
+use flannel_net::netlink::VxlanSpec;
+
+/// How traffic reaches peers, as far as the kernel is concerned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Backend {
+    /// VXLAN: our VTEP; per peer an ARP neighbour, an FDB entry and a route.
+    Vxlan(VxlanSpec),
+    /// host-gw: per peer a route to its subnet via its public IP on the
+    /// underlay interface (every node on one L2 segment, no encapsulation).
+    HostGw {
+        /// The underlay interface's index.
+        dev: u32,
+        /// Its name, for messages.
+        name: String,
+        /// Its MTU (pods get the same: nothing is added to their packets).
+        mtu: u32,
+    },
+}
+
+impl Backend {
+    /// The VTEP, for VXLAN.
+    pub fn vtep(&self) -> Option<&VxlanSpec> {
+        match self {
+            Backend::Vxlan(v) => Some(v),
+            Backend::HostGw { .. } => None,
+        }
+    }
+
+    /// The underlay interface's index.
+    pub fn underlay(&self) -> u32 {
+        match self {
+            Backend::Vxlan(v) => v.dev,
+            Backend::HostGw { dev, .. } => *dev,
+        }
+    }
+
+    /// The device the entries live on, for messages (`flannel.1`, `eth0`).
+    pub fn device_name(&self) -> &str {
+        match self {
+            Backend::Vxlan(v) => &v.name,
+            Backend::HostGw { name, .. } => name,
+        }
+    }
+
+    /// The MTU pods get (subnet.env's FLANNEL_MTU).
+    pub fn pod_mtu(&self) -> u32 {
+        match self {
+            Backend::Vxlan(v) => v.mtu,
+            Backend::HostGw { mtu, .. } => *mtu,
+        }
+    }
+}
+
 /// The VTEP the unit tests of this module plan for.
 #[cfg(test)]
 pub(crate) fn test_vtep_spec() -> flannel_net::netlink::VxlanSpec {

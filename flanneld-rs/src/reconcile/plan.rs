@@ -29,10 +29,10 @@ pub struct PeerEntries {
 /// The kernel state the lease set asks for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Desired {
-    /// Our VTEP.
-    pub vtep: VxlanSpec,
+    /// Our VTEP (VXLAN); `None` for backends without a device of ours (host-gw).
+    pub vtep: Option<VxlanSpec>,
     /// Its address: `<our subnet>.0/32`.
-    pub addr: Ipv4Net,
+    pub addr: Option<Ipv4Net>,
     /// Per peer subnet.
     pub peers: BTreeMap<Ipv4Net, PeerEntries>,
 }
@@ -111,16 +111,17 @@ fn same_route(a: &Route, b: &Route) -> bool {
 /// Computes the changes that bring `observed` to `desired`. Pure: no I/O.
 pub fn plan(desired: &Desired, observed: &Observed) -> Vec<Op> {
     let mut ops = Vec::new();
-    let fresh = match &observed.vtep {
-        None => {
+    let fresh = match (&desired.vtep, &observed.vtep) {
+        (None, _) => false,
+        (Some(_), None) => {
             ops.push(Op::CreateVtep);
             true
         }
-        Some(link) => {
-            let why = link.incompatibilities(&desired.vtep);
+        (Some(spec), Some(link)) => {
+            let why = link.incompatibilities(spec);
             if why.is_empty() {
-                if link.mtu != desired.vtep.mtu {
-                    ops.push(Op::SetMtu(desired.vtep.mtu));
+                if link.mtu != spec.mtu {
+                    ops.push(Op::SetMtu(spec.mtu));
                 }
                 if !link.up {
                     ops.push(Op::SetUp);
@@ -136,9 +137,11 @@ pub fn plan(desired: &Desired, observed: &Observed) -> Vec<Op> {
     let empty = Observed::default();
     let observed = if fresh { &empty } else { observed };
 
-    let want_addr = IpNet::V4(desired.addr);
-    if !observed.addrs.contains(&want_addr) {
-        ops.push(Op::AddAddr(want_addr));
+    let want_addr = desired.addr.map(IpNet::V4);
+    if let Some(a) = want_addr {
+        if !observed.addrs.contains(&a) {
+            ops.push(Op::AddAddr(a));
+        }
     }
 
     // In phases (every neighbour, then every FDB entry, then every route) so
@@ -167,7 +170,7 @@ pub fn plan(desired: &Desired, observed: &Observed) -> Vec<Op> {
     ops.extend(set_routes);
 
     for a in &observed.addrs {
-        if *a != want_addr && a.addr().is_ipv4() {
+        if Some(*a) != want_addr && a.addr().is_ipv4() {
             ops.push(Op::DelAddr(*a));
         }
     }
@@ -199,7 +202,7 @@ pub fn simulate(desired: &Desired, observed: &mut Observed, ops: &[Op]) {
     for op in ops {
         match op {
             Op::CreateVtep | Op::RecreateVtep(_) => {
-                let s = &desired.vtep;
+                let s = desired.vtep.as_ref().expect("only VXLAN plans create a device");
                 *observed = Observed {
                     vtep: Some(VxlanLink {
                         index: 100,
@@ -265,8 +268,8 @@ mod tests {
 
     fn desired(peers: &[(&str, &str, &str)]) -> Desired {
         Desired {
-            vtep: spec(),
-            addr: "10.244.1.0/32".parse().unwrap(),
+            vtep: Some(spec()),
+            addr: Some("10.244.1.0/32".parse().unwrap()),
             peers: peers.iter().map(|(s, m, p)| peer(s, m, p)).collect(),
         }
     }
