@@ -40,6 +40,13 @@ struct Args {
     /// Skip the data-path part.
     #[arg(long)]
     no_data_path: bool,
+    /// Skip the start-up, convergence and footprint part.
+    #[arg(long)]
+    no_control_plane: bool,
+    /// Backend of the data-path part: vxlan (against hand-programmed VXLAN)
+    /// or host-gw (against hand-programmed routes).
+    #[arg(long, default_value = "vxlan", value_parser = ["vxlan", "host-gw"])]
+    backend: String,
 }
 
 const NET: &str = r#"{"Network":"10.0.0.0/8","SubnetLen":24,"Backend":{"Type":"vxlan"}}"#;
@@ -265,47 +272,59 @@ fn ping(client: &Netns, addr: Ipv4Addr) -> (f64, f64) {
     (pct(&rtt, 0.5), pct(&rtt, 0.99))
 }
 
-/// Two nodes with one pod each, VXLAN programmed by hand with `ip`.
-fn hand_programmed() -> (Cluster, Netns, Netns, Ipv4Addr) {
+/// Two nodes with one pod each, VXLAN (or host-gw routes) programmed by hand with `ip`.
+fn hand_programmed(host_gw: bool) -> (Cluster, Netns, Netns, Ipv4Addr) {
     let c = Cluster::new(2).unwrap();
     let mut pods = Vec::new();
     let macs = ["02:aa:00:00:00:01", "02:aa:00:00:00:02"];
+    let mtu = if host_gw { "1500" } else { "1450" };
     for i in 0..2usize {
         let ns = &c.node(i).ns;
         let me = 1 + i;
         let peer = 2 - i;
-        let cmds = [
-            format!(
-                "link add flannel.1 address {} type vxlan id 1 local 192.0.2.{} dev eth0 dstport 8472 nolearning",
-                macs[i],
-                10 + i
-            ),
-            "link set flannel.1 mtu 1450 up".to_string(),
-            format!("addr add 10.244.{me}.0/32 dev flannel.1"),
-            format!("neigh replace 10.244.{peer}.0 lladdr {} dev flannel.1 nud permanent", macs[1 - i]),
-            format!("route replace 10.244.{peer}.0/24 via 10.244.{peer}.0 dev flannel.1 onlink"),
-            "link add cni0 mtu 1450 type bridge".to_string(),
-            format!("addr add 10.244.{me}.1/24 dev cni0"),
-            "link set cni0 up".to_string(),
-        ];
+        let cmds = if host_gw {
+            vec![
+                format!("route replace 10.244.{peer}.0/24 via 192.0.2.{} dev eth0", 10 + 1 - i),
+                "link add cni0 mtu 1500 type bridge".to_string(),
+                format!("addr add 10.244.{me}.1/24 dev cni0"),
+                "link set cni0 up".to_string(),
+            ]
+        } else {
+            vec![
+                format!(
+                    "link add flannel.1 address {} type vxlan id 1 local 192.0.2.{} dev eth0 dstport 8472 nolearning",
+                    macs[i],
+                    10 + i
+                ),
+                "link set flannel.1 mtu 1450 up".to_string(),
+                format!("addr add 10.244.{me}.0/32 dev flannel.1"),
+                format!("neigh replace 10.244.{peer}.0 lladdr {} dev flannel.1 nud permanent", macs[1 - i]),
+                format!("route replace 10.244.{peer}.0/24 via 10.244.{peer}.0 dev flannel.1 onlink"),
+                "link add cni0 mtu 1450 type bridge".to_string(),
+                format!("addr add 10.244.{me}.1/24 dev cni0"),
+                "link set cni0 up".to_string(),
+            ]
+        };
         for cmd in cmds {
             let args: Vec<&str> = cmd.split(' ').collect();
             ns.run_ok("ip", &args);
         }
-        ns.run_ok(
-            "bridge",
-            &[
-                "fdb",
-                "append",
-                macs[1 - i],
-                "dev",
-                "flannel.1",
-                "dst",
-                &format!("192.0.2.{}", 10 + 1 - i),
-                "self",
-                "permanent",
-            ],
-        );
+        if !host_gw {
+            ns.run_ok(
+                "bridge",
+                &[
+                    "fdb",
+                    "append",
+                    macs[1 - i],
+                    "dev",
+                    "flannel.1",
+                    "dst",
+                    &format!("192.0.2.{}", 10 + 1 - i),
+                    "self",
+                    "permanent",
+                ],
+            );
+        }
         let pod = c.node(i).add_pod_netns("hp").unwrap();
         ns.run_ok(
             "ip",
@@ -314,7 +333,7 @@ fn hand_programmed() -> (Cluster, Netns, Netns, Ipv4Addr) {
                 "add",
                 "vh0",
                 "mtu",
-                "1450",
+                mtu,
                 "master",
                 "cni0",
                 "up",
@@ -324,7 +343,7 @@ fn hand_programmed() -> (Cluster, Netns, Netns, Ipv4Addr) {
                 "name",
                 "eth0",
                 "mtu",
-                "1450",
+                mtu,
                 "netns",
                 pod.name(),
             ],
@@ -339,14 +358,26 @@ fn hand_programmed() -> (Cluster, Netns, Netns, Ipv4Addr) {
     (c, a, b, "10.244.2.2".parse().unwrap())
 }
 
-fn data_path(seconds: u32) {
-    let mut o = Overlay::new(2);
+fn data_path(seconds: u32, backend: &str) {
+    let host_gw = backend == "host-gw";
+    let mut o = if host_gw {
+        Overlay::with_conf(2, r#"{"Network":"10.244.0.0/16","Backend":{"Type":"host-gw"}}"#)
+    } else {
+        Overlay::new(2)
+    };
     o.start_all();
-    o.wait_converged(0);
-    o.wait_converged(1);
+    if host_gw {
+        for i in 0..2 {
+            wait_until(Duration::from_secs(10), "host-gw routes", || o.underlay_routes(i).len() == 1);
+        }
+    } else {
+        o.wait_converged(0);
+        o.wait_converged(1);
+    }
     let (a, _) = o.add_pod(0, "ba");
     let (b, b_addr) = o.add_pod(1, "bb");
-    let (hc, ha, hb, hb_addr) = hand_programmed();
+    let (hc, ha, hb, hb_addr) = hand_programmed(host_gw);
+    let what = if host_gw { "hand-programmed routes" } else { "hand-programmed VXLAN" };
     let _ = &hc;
     for streams in [1, 4] {
         // Three rounds, alternating which side goes first: on two cores the
@@ -366,13 +397,13 @@ fn data_path(seconds: u32) {
         hand.sort_by(|x, y| x.partial_cmp(y).unwrap());
         let (o, h) = (ours[1], hand[1]);
         println!(
-            "iperf3 pod to pod across nodes, {streams} stream(s), median of 3: flanneld-rs {o:.2} Gbit/s {ours:.2?}, hand-programmed VXLAN {h:.2} Gbit/s {hand:.2?}: {:.1}%",
+            "iperf3 pod to pod across nodes, {backend}, {streams} stream(s), median of 3: flanneld-rs {o:.2} Gbit/s {ours:.2?}, {what} {h:.2} Gbit/s {hand:.2?}: {:.1}%",
             o / h * 100.0
         );
     }
     let (p50, p99) = ping(&a, b_addr);
     let (h50, h99) = ping(&ha, hb_addr);
-    println!("ping pod to pod across nodes: flanneld-rs p50 {p50:.3} ms p99 {p99:.3} ms, hand-programmed p50 {h50:.3} ms p99 {h99:.3} ms: p50 ratio {:.2}", p50 / h50);
+    println!("ping pod to pod across nodes, {backend}: flanneld-rs p50 {p50:.3} ms p99 {p99:.3} ms, {what} p50 {h50:.3} ms p99 {h99:.3} ms: p50 ratio {:.2}", p50 / h50);
 }
 
 fn main() {
@@ -381,11 +412,13 @@ fn main() {
         std::process::exit(1);
     }
     let _ = workspace_bin("flanneld-rs");
-    for (k, n) in args.peers.iter().enumerate() {
-        // Convergence is measured once, on the first size.
-        startup(*n, if k == 0 { args.leases } else { 0 });
+    if !args.no_control_plane {
+        for (k, n) in args.peers.iter().enumerate() {
+            // Convergence is measured once, on the first size.
+            startup(*n, if k == 0 { args.leases } else { 0 });
+        }
     }
     if !args.no_data_path {
-        data_path(args.seconds);
+        data_path(args.seconds, &args.backend);
     }
 }
