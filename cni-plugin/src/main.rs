@@ -7,6 +7,7 @@ mod cmd;
 mod config;
 mod env;
 mod error;
+mod install;
 mod ipam;
 mod masq;
 mod result;
@@ -25,6 +26,11 @@ fn main() {
     if args.first().map(String::as_str) == Some(cmd::del::TEARDOWN_ARG) {
         // The detached half of DEL (see cmd::del): nobody reads its output.
         std::process::exit(i32::from(cmd::del::teardown(&args[1..]).is_err()));
+    }
+    if args.first().map(String::as_str) == Some(install::INSTALL_ARG) {
+        // The DaemonSet's init containers: copy this binary or the conflist
+        // onto the host atomically (the image has no shell).
+        std::process::exit(install::main(&args[1..]));
     }
     let mut stdin = Vec::new();
     let read = std::io::stdin().read_to_end(&mut stdin);

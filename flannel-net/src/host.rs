@@ -37,6 +37,16 @@ pub fn nft_apply(script: &str) -> Result<(), String> {
     }
 }
 
+/// Whether the nftables table `family name` exists (in the caller's namespace).
+pub fn nft_table_exists(family: &str, name: &str) -> bool {
+    Command::new(nft_binary())
+        .args(["list", "table", family, name])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
 /// Sysctl that turns on IPv4 forwarding (of the caller's namespace).
 pub const IPV4_FORWARD: &str = "/proc/sys/net/ipv4/ip_forward";
 /// Sysctl that turns on IPv6 forwarding.

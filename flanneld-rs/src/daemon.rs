@@ -195,7 +195,7 @@ enum Store {
     /// etcd: our lease has a TTL and is renewed.
     Etcd { mgr: Box<EtcdSubnetManager>, acquired: AcquiredLease },
     /// The Kubernetes API: the lease is the Node's podCIDR and never expires.
-    Kube { mgr: KubeSubnetManager },
+    Kube { mgr: Box<KubeSubnetManager> },
 }
 
 /// What start-up established.
@@ -341,7 +341,7 @@ async fn start_kube(nl: &Netlink, opts: &Opts, started: Instant) -> anyhow::Resu
         backend,
         own,
         leases,
-        store: Store::Kube { mgr },
+        store: Store::Kube { mgr: Box::new(mgr) },
         events,
         watcher,
         marks: [t_iface, t_list, started.elapsed()],

@@ -187,6 +187,11 @@ impl Overlay {
         self.daemons[i].extra = flags.iter().map(|s| s.to_string()).collect();
     }
 
+    /// Node `i`'s extra daemon flags.
+    pub fn flags(&self, i: usize) -> Vec<String> {
+        self.daemons[i].extra.clone()
+    }
+
     /// Extra environment of node `i`'s daemon (from its next start on).
     pub fn set_env(&mut self, i: usize, env: &[(&str, &str)]) {
         self.daemons[i].env = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();

@@ -141,6 +141,7 @@ pub fn own_subnet(node: &str, cidr: &str, cfg: &NetworkConfig) -> anyhow::Result
 
 /// The Kubernetes subnet manager of one node.
 pub struct KubeSubnetManager {
+    client: Client,
     nodes: Api<Node>,
     /// This node's name.
     pub node_name: String,
@@ -156,7 +157,12 @@ impl KubeSubnetManager {
         let client = Client::try_from(config).with_context(|| format!("Kubernetes client for {server}"))?;
         let node_name = node_name(&client).await?;
         info!("Kubernetes API {server}, node {node_name}");
-        Ok(KubeSubnetManager { nodes: Api::all(client), node_name, prefix: opts.prefix.clone() })
+        Ok(KubeSubnetManager { nodes: Api::all(client.clone()), client, node_name, prefix: opts.prefix.clone() })
+    }
+
+    /// The API client (shared with the NetworkPolicy agent).
+    pub fn client(&self) -> Client {
+        self.client.clone()
     }
 
     /// Our Node.
