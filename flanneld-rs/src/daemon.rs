@@ -393,6 +393,31 @@ pub async fn run(opts: Opts) -> anyhow::Result<()> {
         if opts.set_node_network_unavailable {
             mgr.set_network_available().await?;
         }
+        if opts.network_policy {
+            // The node's own addresses: traffic between a pod and its node
+            // (kubelet's probes) stays allowed.
+            let mut node_ips: Vec<std::net::Ipv4Addr> = nl
+                .all_addrs()
+                .await
+                .map_err(|e| anyhow::anyhow!("list the node's addresses: {e}"))?
+                .into_iter()
+                .filter_map(|(_, a)| match a.addr() {
+                    std::net::IpAddr::V4(v4) if !v4.is_loopback() => Some(v4),
+                    _ => None,
+                })
+                .collect();
+            // The bridge's address may not exist yet (the plugin makes it with
+            // the first pod): it is the first address of our subnet.
+            node_ips.push(std::net::Ipv4Addr::from(u32::from(own.subnet.network()) + 1));
+            node_ips.sort();
+            node_ips.dedup();
+            tokio::spawn(crate::netpol::run(mgr.client(), mgr.node_name.clone(), node_ips, metrics.policy.clone()));
+        }
+    } else if opts.network_policy {
+        bail!("--network-policy needs --kube-subnet-mgr (policies come from the Kubernetes API)");
+    }
+    if !opts.network_policy {
+        crate::netpol::remove_leftover_table();
     }
     metrics.ready.store(true, Ordering::Relaxed);
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;

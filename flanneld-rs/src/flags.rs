@@ -128,6 +128,10 @@ pub struct Opts {
     /// Set the NetworkUnavailable node condition (Kubernetes mode).
     #[arg(long, env = "FLANNELD_SET_NODE_NETWORK_UNAVAILABLE", global = true, action = go_bool!(), num_args = 0..=1, require_equals = true, default_value_t = true, default_missing_value = "true")]
     pub set_node_network_unavailable: bool,
+    /// Enforce Kubernetes NetworkPolicy for this node's pods (Kubernetes mode;
+    /// needs the extra RBAC of deploy/network-policy.yml).
+    #[arg(long, env = "FLANNELD_NETWORK_POLICY", global = true, action = go_bool!(), num_args = 0..=1, require_equals = true, default_value_t = false, default_missing_value = "true")]
+    pub network_policy: bool,
     /// Install a blackhole route for the node's subnet.
     #[arg(long, env = "FLANNELD_IP_BLACKHOLE_ROUTE", global = true, action = go_bool!(), num_args = 0..=1, require_equals = true, default_value_t = false, default_missing_value = "true")]
     pub ip_blackhole_route: bool,

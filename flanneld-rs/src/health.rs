@@ -26,6 +26,8 @@ pub struct Metrics {
     pub netlink_errors: AtomicU64,
     /// Lease renewals done.
     pub lease_renewals: AtomicU64,
+    /// The NetworkPolicy agent's counters (zero when it is off).
+    pub policy: Arc<crate::netpol::PolicyMetrics>,
 }
 
 impl Metrics {
@@ -58,6 +60,21 @@ impl Metrics {
         );
         metric("flannel_netlink_errors_total", "counter", "Netlink requests that failed.", g(&self.netlink_errors));
         metric("flannel_lease_renewals_total", "counter", "Subnet lease renewals.", g(&self.lease_renewals));
+        let p = &self.policy;
+        metric("flannel_policy_rulesets_applied_total", "counter", "NetworkPolicy rulesets applied.", g(&p.applied));
+        metric(
+            "flannel_policy_unchanged_total",
+            "counter",
+            "NetworkPolicy compiles that changed nothing (not applied).",
+            g(&p.unchanged),
+        );
+        metric("flannel_policy_errors_total", "counter", "NetworkPolicy rulesets nft rejected.", g(&p.errors));
+        metric(
+            "flannel_policy_duration_seconds_total",
+            "counter",
+            "Time spent compiling and applying NetworkPolicy rulesets.",
+            format!("{:.6}", p.micros.load(Ordering::Relaxed) as f64 / 1e6),
+        );
         metric(
             "flannel_ready",
             "gauge",

@@ -10,5 +10,7 @@ pub mod health;
 pub mod iface;
 pub mod lease;
 pub mod logger;
+pub mod netpol;
+pub mod policy;
 pub mod reconcile;
 pub mod subnet;

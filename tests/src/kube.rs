@@ -181,7 +181,8 @@ impl ApiServer {
     /// `kubectl apply -f -` of a JSON or YAML text as the admin.
     pub fn apply(&self, text: &str) {
         let out = self.kubectl_as(&self.admin, &["apply", "-f", "-"], Some(text));
-        assert!(out.status.success(), "kubectl apply: {}\n{text}", String::from_utf8_lossy(&out.stderr));
+        let shown: String = text.chars().take(600).collect();
+        assert!(out.status.success(), "kubectl apply: {}\n{shown}", String::from_utf8_lossy(&out.stderr));
     }
 
     /// `kubectl get <what> -o json`.

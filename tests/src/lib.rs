@@ -3,7 +3,9 @@
 //! node namespace, and moving bytes over TCP between namespaces.
 
 pub mod kube;
+pub mod netpol;
 pub mod overlay;
+pub mod perf;
 pub mod stream;
 
 pub use netns_fixtures::{echo_server, tcp_round_trip};

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use e2e_tests::kube::{KubeOverlay, PREFIX};
 use e2e_tests::overlay::ETCD;
+use e2e_tests::perf::pct;
 use flannel_net::netlink::Netlink;
 use flannel_net::netns::NetNs;
 use flannel_net::MacAddr;
@@ -112,10 +113,6 @@ fn rss_mb(pid: u32) -> f64 {
         .and_then(|v| v.parse().ok())
         .unwrap_or(0.0);
     kib / 1024.0
-}
-
-fn pct(sorted: &[f64], p: f64) -> f64 {
-    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }
 
 /// Polls until `ns` routes `probe` through flannel.1; returns the wait.

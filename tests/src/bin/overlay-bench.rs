@@ -11,11 +11,11 @@
 //!   against the same topology with VXLAN programmed by hand.
 
 use std::net::{IpAddr, Ipv4Addr};
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
 use e2e_tests::overlay::{Overlay, ETCD};
+use e2e_tests::perf::{iperf, pct, ping};
 use e2e_tests::workspace_bin;
 use flannel_net::netlink::Netlink;
 use flannel_net::netns::NetNs;
@@ -95,10 +95,6 @@ fn counts(ns: &Netns) -> (usize, usize, usize) {
             nl.routes().await.unwrap().iter().filter(|r| r.oif == Some(v.index) && r.dst.addr().is_ipv4()).count();
         (routes, nl.neighs(v.index).await.unwrap().len(), nl.fdbs(v.index).await.unwrap().len())
     })
-}
-
-fn pct(sorted: &[f64], p: f64) -> f64 {
-    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }
 
 fn proc_stat(pid: u32) -> (u64, f64) {
@@ -240,36 +236,6 @@ fn startup(n: usize, leases: usize) {
             lat[lat.len() - 1]
         );
     }
-}
-
-/// iperf3 between two pods, `streams` parallel streams: Gbit/s.
-fn iperf(client: &Netns, server: &Netns, addr: Ipv4Addr, streams: u32, seconds: u32) -> f64 {
-    let mut srv = server
-        .command("iperf3")
-        .args(["-s", "-1", "-p", "5201"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    wait_until(Duration::from_secs(5), "iperf3 server", || {
-        server.run_ok("ss", &["-Hltn", "sport = :5201"]).contains("5201")
-    });
-    let out = client.run_ok(
-        "iperf3",
-        &["-c", &addr.to_string(), "-p", "5201", "-t", &seconds.to_string(), "-P", &streams.to_string(), "-J"],
-    );
-    let _ = srv.wait();
-    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
-    v["end"]["sum_received"]["bits_per_second"].as_f64().unwrap() / 1e9
-}
-
-/// Round-trip times of 200 pings, p50 and p99 in ms.
-fn ping(client: &Netns, addr: Ipv4Addr) -> (f64, f64) {
-    let out = client.run_ok("ping", &["-c", "200", "-i", "0.005", &addr.to_string()]);
-    let mut rtt: Vec<f64> =
-        out.lines().filter_map(|l| l.split("time=").nth(1)).filter_map(|t| t.split(' ').next()?.parse().ok()).collect();
-    rtt.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    (pct(&rtt, 0.5), pct(&rtt, 0.99))
 }
 
 /// Two nodes with one pod each, VXLAN (or host-gw routes) programmed by hand with `ip`.
