@@ -1,0 +1,165 @@
+/* A tiny HTTP/1.0 server and client for the k8s end-to-end script, built with
+ * `gcc -static` so the workload image is this one file.
+ *
+ *   http serve [PORT]          answers every request with "<name> <Host>\n",
+ *                              where <name> is $POD_NAME (else the hostname);
+ *                              one process, one connection at a time.
+ *   http get IP PORT [HOST] [PATH]
+ *                              one GET; prints the body; exits 0 on 200, 1
+ *                              otherwise (3 s timeout for connect and read).
+ */
+#define _GNU_SOURCE
+#include <arpa/inet.h>
+#include <errno.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/time.h>
+#include <unistd.h>
+
+static void die(const char *what) {
+    fprintf(stderr, "http: %s: %s\n", what, strerror(errno));
+    exit(1);
+}
+
+static int write_all(int fd, const char *buf, size_t len) {
+    while (len > 0) {
+        ssize_t n = write(fd, buf, len);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            return -1;
+        }
+        buf += n;
+        len -= (size_t)n;
+    }
+    return 0;
+}
+
+/* The value of the Host header in REQ, or "-". */
+static void host_of(const char *req, char *out, size_t cap) {
+    const char *h = strcasestr(req, "\r\nHost:");
+    snprintf(out, cap, "-");
+    if (!h)
+        return;
+    h += 7;
+    while (*h == ' ')
+        h++;
+    size_t n = strcspn(h, "\r\n");
+    if (n >= cap)
+        n = cap - 1;
+    memcpy(out, h, n);
+    out[n] = 0;
+}
+
+static _Noreturn void serve(int port) {
+    char name[256];
+    const char *pod = getenv("POD_NAME");
+    if (pod && *pod)
+        snprintf(name, sizeof name, "%s", pod);
+    else if (gethostname(name, sizeof name) != 0)
+        snprintf(name, sizeof name, "unknown");
+    signal(SIGPIPE, SIG_IGN);
+    int s = socket(AF_INET, SOCK_STREAM, 0);
+    if (s < 0)
+        die("socket");
+    int one = 1;
+    setsockopt(s, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+    struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons(port), .sin_addr.s_addr = htonl(INADDR_ANY)};
+    if (bind(s, (struct sockaddr *)&a, sizeof a) != 0)
+        die("bind");
+    if (listen(s, 128) != 0)
+        die("listen");
+    fprintf(stderr, "http: %s serving on :%d\n", name, port);
+    for (;;) {
+        int c = accept(s, NULL, NULL);
+        if (c < 0) {
+            if (errno == EINTR)
+                continue;
+            die("accept");
+        }
+        struct timeval tv = {.tv_sec = 3};
+        setsockopt(c, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+        char req[4096];
+        size_t got = 0;
+        /* Read up to the end of the headers (or a full buffer). */
+        while (got < sizeof req - 1) {
+            ssize_t n = read(c, req + got, sizeof req - 1 - got);
+            if (n <= 0)
+                break;
+            got += (size_t)n;
+            req[got] = 0;
+            if (strstr(req, "\r\n\r\n"))
+                break;
+        }
+        req[got] = 0;
+        char host[256], body[600], resp[1024];
+        host_of(req, host, sizeof host);
+        int blen = snprintf(body, sizeof body, "%s %s\n", name, host);
+        int rlen = snprintf(resp, sizeof resp,
+                            "HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n"
+                            "Connection: close\r\n\r\n%s",
+                            blen, body);
+        write_all(c, resp, (size_t)rlen);
+        close(c);
+    }
+}
+
+static int get(const char *ip, int port, const char *host, const char *path) {
+    int s = socket(AF_INET, SOCK_STREAM, 0);
+    if (s < 0)
+        die("socket");
+    struct timeval tv = {.tv_sec = 3};
+    setsockopt(s, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+    setsockopt(s, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
+    struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons(port)};
+    if (inet_pton(AF_INET, ip, &a.sin_addr) != 1) {
+        fprintf(stderr, "http: %s: not an IPv4 address\n", ip);
+        return 2;
+    }
+    if (connect(s, (struct sockaddr *)&a, sizeof a) != 0) {
+        fprintf(stderr, "http: connect %s:%d: %s\n", ip, port, strerror(errno));
+        return 1;
+    }
+    char req[512];
+    int n = snprintf(req, sizeof req, "GET %s HTTP/1.0\r\nHost: %s\r\n\r\n", path, host);
+    if (write_all(s, req, (size_t)n) != 0) {
+        fprintf(stderr, "http: write %s:%d: %s\n", ip, port, strerror(errno));
+        return 1;
+    }
+    char resp[8192];
+    size_t got = 0;
+    for (;;) {
+        ssize_t r = read(s, resp + got, sizeof resp - 1 - got);
+        if (r < 0) {
+            fprintf(stderr, "http: read %s:%d: %s\n", ip, port, strerror(errno));
+            return 1;
+        }
+        if (r == 0 || got + (size_t)r >= sizeof resp - 1) {
+            got += (size_t)r;
+            break;
+        }
+        got += (size_t)r;
+    }
+    resp[got] = 0;
+    const char *body = strstr(resp, "\r\n\r\n");
+    fputs(body ? body + 4 : resp, stdout);
+    if (strncmp(resp, "HTTP/1.0 200", 12) != 0 && strncmp(resp, "HTTP/1.1 200", 12) != 0) {
+        fprintf(stderr, "http: %s:%d: %.*s\n", ip, port, (int)strcspn(resp, "\r\n"), resp);
+        return 1;
+    }
+    return 0;
+}
+
+int main(int argc, char **argv) {
+    if (argc >= 2 && strcmp(argv[1], "serve") == 0)
+        serve(argc >= 3 ? atoi(argv[2]) : 8080);
+    if (argc >= 4 && strcmp(argv[1], "get") == 0)
+        return get(argv[2], atoi(argv[3]), argc >= 5 ? argv[4] : argv[2], argc >= 6 ? argv[5] : "/");
+    fprintf(stderr, "usage: http serve [PORT] | http get IP PORT [HOST] [PATH]\n");
+    return 2;
+}
