@@ -14,3 +14,4 @@ pub mod netpol;
 pub mod policy;
 pub mod reconcile;
 pub mod subnet;
+pub mod udp;

@@ -1,0 +1,202 @@
+//! Transmit side offload work: finishing a checksum the kernel left to us,
+//! and cutting a TCP super-packet read from the TUN into MTU-sized IPv4/TCP
+//! packets, the way a NIC's TSO would.
+//!
+//! Nothing is copied but headers: each segment is its own fresh header
+//! (written into a caller's slot) plus a range of the super-packet's
+//! payload, which the sender passes to the kernel as two iovecs.
+
+use std::ops::Range;
+
+use super::checksum;
+use super::packet::{self, PROTO_TCP, PROTO_UDP};
+
+/// Largest IPv4 plus TCP header: both may carry 40 bytes of options.
+pub const MAX_HEADERS: usize = 120;
+
+/// TCP flags that belong on one segment only.
+const FIN: u8 = 0x01;
+const PSH: u8 = 0x08;
+const CWR: u8 = 0x80;
+
+/// Computes the checksum that `F_NEEDS_CSUM` left undone: the one's
+/// complement of the sum from `start` to the end of `pkt` (the field at
+/// `start + offset` already holds the pseudo-header sum), stored at
+/// `start + offset`. Returns false when the offsets do not fit the packet.
+pub fn complete_checksum(pkt: &mut [u8], start: usize, offset: usize) -> bool {
+    let at = start + offset;
+    if at + 2 > pkt.len() {
+        return false;
+    }
+    let mut c = checksum::finish(checksum::sum(&pkt[start..]));
+    // In UDP a zero checksum means "none"; a computed zero is sent as ones.
+    if c == 0 && offset == 6 && packet::protocol(pkt) == PROTO_UDP {
+        c = 0xffff;
+    }
+    pkt[at..at + 2].copy_from_slice(&c.to_be_bytes());
+    true
+}
+
+/// A TCP/IPv4 super-packet and how to cut it.
+#[derive(Debug)]
+pub struct TcpSuper<'a> {
+    pkt: &'a [u8],
+    ihl: usize,
+    hl: usize,
+    mss: usize,
+    segments: usize,
+}
+
+impl<'a> TcpSuper<'a> {
+    /// Checks `pkt` (an IPv4/TCP packet, without virtio header) and the
+    /// segment size; `None` when it is not something we can cut.
+    pub fn parse(pkt: &'a [u8], mss: usize) -> Option<TcpSuper<'a>> {
+        let ihl = packet::ipv4_header_len(pkt)?;
+        if packet::protocol(pkt) != PROTO_TCP || mss == 0 || pkt.len() < ihl + 20 {
+            return None;
+        }
+        let thl = usize::from(pkt[ihl + 12] >> 4) * 4;
+        let hl = ihl + thl;
+        if thl < 20 || pkt.len() <= hl || hl > MAX_HEADERS {
+            return None;
+        }
+        let segments = (pkt.len() - hl).div_ceil(mss);
+        Some(TcpSuper { pkt, ihl, hl, mss, segments })
+    }
+
+    /// How many packets it makes.
+    pub fn segments(&self) -> usize {
+        self.segments
+    }
+
+    /// Length of every segment's headers.
+    pub fn header_len(&self) -> usize {
+        self.hl
+    }
+
+    /// Length of the largest segment (headers and payload).
+    pub fn segment_len(&self) -> usize {
+        self.hl + self.mss.min(self.pkt.len() - self.hl)
+    }
+
+    /// Writes segment `i`'s headers into `out[..header_len()]` and returns
+    /// the range of the super-packet that is its payload. IP: total length,
+    /// identification (incremented per segment, as Linux's TSO does) and
+    /// checksum. TCP: sequence number, FIN and PSH on the last segment only,
+    /// CWR on the first only, and the full checksum.
+    pub fn segment(&self, i: usize, out: &mut [u8]) -> Range<usize> {
+        let (ihl, hl) = (self.ihl, self.hl);
+        let start = hl + i * self.mss;
+        let end = (start + self.mss).min(self.pkt.len());
+        let h = &mut out[..hl];
+        h.copy_from_slice(&self.pkt[..hl]);
+        let tot = (hl + end - start) as u16;
+        h[2..4].copy_from_slice(&tot.to_be_bytes());
+        let id = u16::from_be_bytes([h[4], h[5]]).wrapping_add(i as u16);
+        h[4..6].copy_from_slice(&id.to_be_bytes());
+        packet::set_header_checksum(h, ihl);
+
+        let tcp = &mut h[ihl..];
+        let seq = u32::from_be_bytes([tcp[4], tcp[5], tcp[6], tcp[7]]).wrapping_add((i * self.mss) as u32);
+        tcp[4..8].copy_from_slice(&seq.to_be_bytes());
+        if i + 1 != self.segments {
+            tcp[13] &= !(FIN | PSH);
+        }
+        if i != 0 {
+            tcp[13] &= !CWR;
+        }
+        tcp[16] = 0;
+        tcp[17] = 0;
+        let tcp_len = (hl - ihl + end - start) as u16;
+        let src = [self.pkt[12], self.pkt[13], self.pkt[14], self.pkt[15]];
+        let dst = [self.pkt[16], self.pkt[17], self.pkt[18], self.pkt[19]];
+        let s = checksum::add(
+            checksum::pseudo_header(src, dst, PROTO_TCP, tcp_len),
+            checksum::add(checksum::sum(tcp), checksum::sum(&self.pkt[start..end])),
+        );
+        tcp[16..18].copy_from_slice(&checksum::finish(s).to_be_bytes());
+        start..end
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// A TCP/IPv4 packet with timestamps, valid checksums, and `payload`.
+    pub(crate) fn tcp_packet(seq: u32, flags: u8, payload: &[u8]) -> Vec<u8> {
+        let mut p = vec![0x45, 0, 0, 0, 0x10, 0x00, 0x40, 0, 64, PROTO_TCP, 0, 0, 10, 244, 1, 2, 10, 244, 2, 2];
+        let mut tcp = vec![0x9c, 0x40, 0x14, 0x51];
+        tcp.extend_from_slice(&seq.to_be_bytes());
+        tcp.extend_from_slice(&7u32.to_be_bytes());
+        tcp.extend_from_slice(&[0x80, flags, 0x01, 0xf5, 0, 0, 0, 0]);
+        tcp.extend_from_slice(&[1, 1, 8, 10, 0, 0, 0, 1, 0, 0, 0, 2]);
+        p.extend_from_slice(&tcp);
+        p.extend_from_slice(payload);
+        let len = p.len() as u16;
+        p[2..4].copy_from_slice(&len.to_be_bytes());
+        packet::set_header_checksum(&mut p, 20);
+        let s = checksum::add(
+            checksum::pseudo_header([10, 244, 1, 2], [10, 244, 2, 2], PROTO_TCP, (len - 20) as u16),
+            checksum::sum(&p[20..]),
+        );
+        p[36..38].copy_from_slice(&checksum::finish(s).to_be_bytes());
+        p
+    }
+
+    /// Whether `p`'s IP and TCP checksums verify.
+    pub(crate) fn tcp_ok(p: &[u8]) -> bool {
+        let tcp_len = (p.len() - 20) as u16;
+        packet::header_checksum_ok(p, 20)
+            && checksum::add(
+                checksum::pseudo_header([p[12], p[13], p[14], p[15]], [p[16], p[17], p[18], p[19]], PROTO_TCP, tcp_len),
+                checksum::sum(&p[20..]),
+            ) == 0xffff
+    }
+
+    #[test]
+    fn cuts_like_tso() {
+        let payload: Vec<u8> = (0..10_000u32).map(|i| (i * 31 + 7) as u8).collect();
+        let sup = tcp_packet(1000, 0x18 | FIN, &payload);
+        let cut = TcpSuper::parse(&sup, 1400).unwrap();
+        assert_eq!(cut.segments(), 8);
+        assert_eq!(cut.header_len(), 52);
+        let mut joined = Vec::new();
+        for i in 0..cut.segments() {
+            let mut hdr = [0u8; MAX_HEADERS];
+            let r = cut.segment(i, &mut hdr);
+            let mut seg = hdr[..52].to_vec();
+            seg.extend_from_slice(&sup[r.clone()]);
+            assert_eq!(packet::total_len(&seg), seg.len());
+            assert!(tcp_ok(&seg), "segment {i}");
+            assert_eq!(u32::from_be_bytes([seg[24], seg[25], seg[26], seg[27]]), 1000 + (i * 1400) as u32);
+            assert_eq!(u16::from_be_bytes([seg[4], seg[5]]), 0x1000 + i as u16);
+            let last = i + 1 == cut.segments();
+            assert_eq!(seg[33] & (FIN | PSH) != 0, last, "segment {i} flags {:#x}", seg[33]);
+            assert!(seg[33] & 0x10 != 0, "ACK stays");
+            joined.extend_from_slice(&seg[52..]);
+        }
+        assert_eq!(joined, payload);
+    }
+
+    #[test]
+    fn completes_a_partial_checksum() {
+        let mut p = tcp_packet(1, 0x10, b"hello, world!");
+        let want = [p[36], p[37]];
+        // What the kernel hands over with F_NEEDS_CSUM: the pseudo-header sum.
+        let ph = checksum::pseudo_header([10, 244, 1, 2], [10, 244, 2, 2], PROTO_TCP, (p.len() - 20) as u16);
+        p[36..38].copy_from_slice(&ph.to_be_bytes());
+        assert!(complete_checksum(&mut p, 20, 16));
+        assert_eq!([p[36], p[37]], want);
+        assert!(!complete_checksum(&mut p, 20, 100));
+    }
+
+    #[test]
+    fn refuses_what_it_cannot_cut() {
+        assert!(TcpSuper::parse(&[0x45; 10], 1400).is_none());
+        let mut udp = tcp_packet(1, 0x10, &[0; 100]);
+        udp[9] = PROTO_UDP;
+        assert!(TcpSuper::parse(&udp, 1400).is_none());
+        assert!(TcpSuper::parse(&tcp_packet(1, 0x10, &[0; 100]), 0).is_none());
+    }
+}

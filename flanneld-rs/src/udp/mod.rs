@@ -1,0 +1,422 @@
+//! flannel's `udp` backend data path: a TUN device `flannel0` whose packets
+//! travel to peers as UDP datagrams (payload = the raw inner IPv4 packet, one
+//! per datagram, port 8285 by default), wire-compatible with flannel.
+//!
+//! flannel does this with one poll loop that moves one packet per system
+//! call each way. Here the cost per byte is cut by:
+//!
+//! - batching: one `recvmmsg`/`sendmmsg` per batch of datagrams;
+//! - a multi-queue TUN (`IFF_MULTI_QUEUE`), one worker thread per queue,
+//!   each with its own `SO_REUSEPORT` socket;
+//! - TUN offloads (`IFF_VNET_HDR`, `TUN_F_TSO4 | TUN_F_CSUM`): one read
+//!   returns a TCP super-packet of up to 64 KB, which [`gso`] cuts into
+//!   MTU-sized packets (headers only are written; payloads are sent from
+//!   the read buffer), and all of them go to the peer in one `sendmsg` as a
+//!   UDP GSO train (`UDP_SEGMENT`);
+//! - UDP GRO (`UDP_GRO`) on receive, and [`gro`] merging consecutive TCP
+//!   segments of a flow back into one super-packet, written to the TUN in
+//!   one `writev` with a virtio header asking the kernel for TSO;
+//! - no allocation per packet: every buffer is allocated when a worker
+//!   starts.
+//!
+//! Each of these falls back on its own when the kernel refuses it (no UDP
+//! GSO/GRO, no TUN offloads, no multi-queue), down to flannel's own
+//! behaviour; [`Tuning`] turns them off one by one for measurements.
+
+pub mod checksum;
+pub mod gro;
+pub mod gso;
+pub mod kernel;
+pub mod packet;
+pub mod peers;
+pub mod sock;
+pub mod tun;
+pub mod vnet;
+mod worker;
+
+use std::net::Ipv4Addr;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use anyhow::{bail, Context};
+use flannel_net::netns::NetNs;
+use ipnet::Ipv4Net;
+use log::{info, warn};
+
+use kernel::DeviceSpec;
+use peers::PeerTable;
+use sock::UdpSocket;
+use tun::TunOptions;
+use worker::{Counters, Shared, Worker, WorkerOptions};
+
+/// flannel's default UDP port for the udp backend.
+pub const DEFAULT_PORT: u16 = 8285;
+
+/// The device name flannel uses.
+pub const DEFAULT_TUN_NAME: &str = "flannel0";
+
+/// Bytes of encapsulation: outer IPv4 (20) and UDP (8) headers. The TUN's
+/// MTU is the underlay's minus this, so one inner packet fits a datagram.
+pub const OVERHEAD: u32 = 28;
+
+/// What the data path needs to know.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UdpConfig {
+    /// The TUN device, `flannel0`.
+    pub tun_name: String,
+    /// Our lease, e.g. 10.244.1.0/24.
+    pub subnet: Ipv4Net,
+    /// The cluster Network, e.g. 10.244.0.0/16, routed through the TUN.
+    pub network: Ipv4Net,
+    /// The TUN's MTU: the underlay's minus [`OVERHEAD`].
+    pub mtu: u32,
+    /// The UDP port, ours and every peer's (`Backend.Port`, default 8285).
+    pub port: u16,
+    /// Our underlay address, which the socket binds.
+    pub bind: Ipv4Addr,
+    /// Worker threads (one TUN queue and socket each); 0 = one per CPU.
+    pub queues: usize,
+}
+
+/// Which speed-ups to use; all on by default. Turning them off one by one
+/// is how the benchmark measures what each buys; the daemon uses the
+/// default. Whatever the kernel lacks is turned off regardless.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Tuning {
+    /// Packets per TUN read round and datagrams per `recvmmsg`; 1 moves one
+    /// packet per system call each way, as flannel does.
+    pub batch: usize,
+    /// Several TUN queues and workers (`UdpConfig::queues`); off = one
+    /// (the device is multi-queue either way).
+    pub multi_queue: bool,
+    /// TUN offloads: virtio header, TSO and checksum offload.
+    pub offload: bool,
+    /// UDP GSO on send.
+    pub udp_gso: bool,
+    /// UDP GRO on receive.
+    pub udp_gro: bool,
+    /// Merge received TCP segments into super-packets (needs `offload`).
+    pub coalesce: bool,
+}
+
+impl Default for Tuning {
+    fn default() -> Self {
+        Tuning { batch: 16, multi_queue: true, offload: true, udp_gso: true, udp_gro: true, coalesce: true }
+    }
+}
+
+impl Tuning {
+    /// flannel's way: one packet per system call, one queue, no offloads.
+    pub fn per_packet() -> Tuning {
+        Tuning { batch: 1, multi_queue: false, offload: false, udp_gso: false, udp_gro: false, coalesce: false }
+    }
+}
+
+/// Counters since start, summed over the workers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Inner packets sent to peers (after cutting super-packets).
+    pub tx_packets: u64,
+    /// Their bytes (inner IP packets, without UDP/IP encapsulation).
+    pub tx_bytes: u64,
+    /// Inner packets received from peers and written to the TUN.
+    pub rx_packets: u64,
+    /// Their bytes.
+    pub rx_bytes: u64,
+    /// Packets from the TUN to a destination no peer owns (each answered
+    /// with ICMP net unreachable where allowed).
+    pub dropped_no_peer: u64,
+    /// Datagrams whose source address is not a current peer's public IP.
+    pub dropped_not_peer: u64,
+    /// Malformed packets (not IPv4, bad header, lengths that do not add up).
+    pub dropped_bad: u64,
+    /// Packets whose TTL ran out here.
+    pub dropped_ttl: u64,
+    /// ICMP net unreachable messages written back into the TUN.
+    pub icmp_unreachable_sent: u64,
+    /// IPv6 packets from the TUN (the kernel's router solicitations on
+    /// the device's link-local address): ignored, the overlay is IPv4.
+    pub ignored_ipv6: u64,
+    /// Inner packets the kernel refused to send (peer unreachable...).
+    pub send_errors: u64,
+    /// Writes to the TUN that failed.
+    pub tun_write_errors: u64,
+}
+
+/// What the data path ended up using, after the kernel had its say.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Features {
+    /// Worker threads, TUN queues and sockets.
+    pub queues: usize,
+    /// Multi-queue TUN.
+    pub multi_queue: bool,
+    /// TUN offloads (virtio header, TSO).
+    pub offload: bool,
+    /// UDP GSO.
+    pub udp_gso: bool,
+    /// UDP GRO.
+    pub udp_gro: bool,
+    /// Receive-side TCP merging.
+    pub coalesce: bool,
+    /// Packets per batch.
+    pub batch: usize,
+}
+
+/// The running data path: the device, its queues and the worker threads.
+/// Dropping it stops the workers; the device stays (it is persistent, like
+/// the VXLAN device of the vxlan backend) with its address and route, so a
+/// restarted data path adopts it and traffic resumes at once.
+pub struct UdpDataPath {
+    cfg: UdpConfig,
+    spec: DeviceSpec,
+    netns: NetNs,
+    features: Features,
+    shared: Arc<Shared>,
+    stop: OwnedFd,
+    workers: Vec<JoinHandle<()>>,
+    tids: Arc<Mutex<Vec<i32>>>,
+}
+
+impl std::fmt::Debug for UdpDataPath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UdpDataPath").field("cfg", &self.cfg).field("features", &self.features).finish()
+    }
+}
+
+impl UdpDataPath {
+    /// Starts the data path with every speed-up the kernel offers.
+    ///
+    /// Creates `cfg.tun_name` (or adopts it; one of another kind or with
+    /// other queue flags is deleted and recreated), makes it persistent, sets
+    /// its MTU, address `<subnet>.0/32`, up, and a route to `cfg.network`
+    /// through it; binds the UDP sockets; spawns the workers. Everything is
+    /// created in the calling thread's network namespace, which the worker
+    /// threads inherit. No peer is known until [`UdpDataPath::set_peers`].
+    pub fn start(cfg: UdpConfig) -> anyhow::Result<UdpDataPath> {
+        Self::start_with(cfg, Tuning::default())
+    }
+
+    /// [`UdpDataPath::start`] with chosen speed-ups.
+    pub fn start_with(cfg: UdpConfig, tuning: Tuning) -> anyhow::Result<UdpDataPath> {
+        if !cfg.network.contains(&cfg.subnet) {
+            bail!("udp backend: subnet {} is not inside the Network {}", cfg.subnet, cfg.network);
+        }
+        if cfg.mtu < 68 || cfg.mtu > 65_000 {
+            bail!("udp backend: MTU {} out of range (68..65000)", cfg.mtu);
+        }
+        if cfg.port == 0 {
+            bail!("udp backend: port 0");
+        }
+        let netns = NetNs::current().context("open the current network namespace")?;
+        let spec = DeviceSpec { name: cfg.tun_name.clone(), subnet: cfg.subnet, network: cfg.network, mtu: cfg.mtu };
+        let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+        let wanted = if !tuning.multi_queue {
+            1
+        } else if cfg.queues == 0 {
+            cpus
+        } else {
+            cfg.queues
+        };
+        // The device is always multi-queue (when the kernel allows), so that
+        // any number of queues can attach to it later without recreating it.
+        let mut opts = TunOptions { multi_queue: true, offload: tuning.offload };
+        let queues = open_queues(&netns, &cfg.tun_name, wanted, &mut opts)?;
+        tun::set_persist(&queues[0], &cfg.tun_name, true)?;
+        let fixed = kernel::ensure_in(&netns, &spec)?;
+        if !fixed.is_empty() {
+            info!("udp backend: {}", fixed.join("; "));
+        }
+
+        let mut socks = Vec::with_capacity(queues.len());
+        for _ in 0..queues.len() {
+            socks.push(UdpSocket::bind(cfg.bind, cfg.port)?);
+        }
+        let udp_gso = tuning.udp_gso && socks[0].gso_supported();
+        let udp_gro = tuning.udp_gro && socks.iter().all(UdpSocket::enable_gro);
+        let features = Features {
+            queues: queues.len(),
+            multi_queue: opts.multi_queue,
+            offload: opts.offload,
+            udp_gso,
+            udp_gro,
+            coalesce: tuning.coalesce && opts.offload,
+            batch: tuning.batch.max(1),
+        };
+        info!("udp backend on {}: {features:?}", cfg.tun_name);
+
+        // SAFETY: plain eventfd(2) call.
+        let raw = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+        if raw < 0 {
+            return Err(std::io::Error::last_os_error()).context("eventfd");
+        }
+        // SAFETY: a fresh descriptor we own.
+        let stop = unsafe { OwnedFd::from_raw_fd(raw) };
+        let shared = Arc::new(Shared {
+            peers: Default::default(),
+            counters: (0..queues.len()).map(|_| Counters::default()).collect(),
+        });
+        let wopts = WorkerOptions {
+            batch: features.batch,
+            offload: features.offload,
+            coalesce: features.coalesce,
+            mtu: cfg.mtu as usize,
+            icmp_source: icmp_source(&cfg).octets(),
+            port: cfg.port,
+            udp_gso,
+        };
+        let tids = Arc::new(Mutex::new(Vec::new()));
+        let mut dp = UdpDataPath { cfg, spec, netns, features, shared, stop, workers: Vec::new(), tids };
+        for (i, (q, s)) in queues.into_iter().zip(socks).enumerate() {
+            let (stop, shared) = (dp.stop.as_raw_fd(), Arc::clone(&dp.shared));
+            let tids = Arc::clone(&dp.tids);
+            let handle = std::thread::Builder::new()
+                .name(format!("flannel-udp-{i}"))
+                .spawn(move || {
+                    // SAFETY: gettid has no preconditions.
+                    let tid = unsafe { libc::gettid() };
+                    tids.lock().unwrap_or_else(|p| p.into_inner()).push(tid);
+                    // Built here: its batches hold raw pointers for the
+                    // system calls and so never cross threads.
+                    Worker::new(i, q, s, stop, shared, wopts).run()
+                })
+                .context("spawn a udp worker thread")?;
+            dp.workers.push(handle);
+        }
+        Ok(dp)
+    }
+
+    /// Replaces the peer table (subnet -> peer's public IP; peers listen on
+    /// our port, as in flannel) in one step. Workers pick it up at their next
+    /// batch; traffic never pauses.
+    pub fn set_peers(&self, peers: &[(Ipv4Net, Ipv4Addr)]) {
+        self.shared.peers.store(PeerTable::new(peers));
+    }
+
+    /// Re-asserts the device's MTU, address, up state and route, and says
+    /// what had to be fixed (empty when nothing). Fails when the device is
+    /// gone: then drop this data path and start a new one.
+    pub fn ensure_kernel(&self) -> anyhow::Result<Vec<String>> {
+        kernel::ensure_in(&self.netns, &self.spec)
+    }
+
+    /// Counters since start.
+    pub fn stats(&self) -> Stats {
+        let mut s = Stats::default();
+        for c in &self.shared.counters {
+            let g = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+            s.tx_packets += g(&c.tx_packets);
+            s.tx_bytes += g(&c.tx_bytes);
+            s.rx_packets += g(&c.rx_packets);
+            s.rx_bytes += g(&c.rx_bytes);
+            s.dropped_no_peer += g(&c.no_peer);
+            s.dropped_not_peer += g(&c.not_from_peer);
+            s.dropped_bad += g(&c.bad);
+            s.dropped_ttl += g(&c.ttl_expired);
+            s.icmp_unreachable_sent += g(&c.icmp_sent);
+            s.ignored_ipv6 += g(&c.ipv6);
+            s.send_errors += g(&c.send_errors);
+            s.tun_write_errors += g(&c.tun_write_errors);
+        }
+        s
+    }
+
+    /// What is in use.
+    pub fn features(&self) -> Features {
+        self.features
+    }
+
+    /// The configuration it runs with.
+    pub fn config(&self) -> &UdpConfig {
+        &self.cfg
+    }
+
+    /// Kernel thread ids of the workers (for `/proc/self/task/<tid>/stat`).
+    pub fn thread_ids(&self) -> Vec<i32> {
+        self.tids.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Stops the workers and deletes the device (with its address and
+    /// route): for switching a node away from the udp backend.
+    pub fn remove(mut self) -> anyhow::Result<()> {
+        self.stop_workers();
+        kernel::delete_in(&self.netns, &self.cfg.tun_name).map(drop)
+    }
+
+    fn stop_workers(&mut self) {
+        if self.workers.is_empty() {
+            return;
+        }
+        let one: u64 = 1;
+        // SAFETY: writes 8 bytes from a local to our eventfd.
+        let rc = unsafe { libc::write(self.stop.as_raw_fd(), (&one as *const u64).cast(), 8) };
+        if rc != 8 {
+            warn!("udp backend: signal workers to stop: {}", std::io::Error::last_os_error());
+        }
+        for w in self.workers.drain(..) {
+            let _ = w.join();
+        }
+    }
+}
+
+impl Drop for UdpDataPath {
+    fn drop(&mut self) {
+        self.stop_workers();
+    }
+}
+
+/// The source of our ICMP errors. flannel uses the TUN's own address,
+/// `<subnet>.0`, but that address is local to the node, so Linux drops the
+/// error as a martian when it comes out of the TUN (unless `accept_local`)
+/// and the sender never sees it. The Network's own address (10.244.0.0) is
+/// not local, is routed back through the TUN, and is never a pod's; should
+/// our subnet start there (SubnetMin set to the first subnet), the
+/// Network's broadcast address serves instead.
+fn icmp_source(cfg: &UdpConfig) -> Ipv4Addr {
+    if cfg.network.network() == cfg.subnet.network() {
+        cfg.network.broadcast()
+    } else {
+        cfg.network.network()
+    }
+}
+
+/// Opens `n` queues of the device, in `netns` (the calling thread's). When
+/// the device exists with flags we cannot attach to (single-queue, or not a
+/// TUN at all), it is deleted and created anew; when multi-queue is refused
+/// outright, one plain queue is used; when offloads are refused, none.
+fn open_queues(netns: &NetNs, name: &str, n: usize, opts: &mut TunOptions) -> anyhow::Result<Vec<OwnedFd>> {
+    let first = match tun::open_queue(name, *opts) {
+        Ok(q) => q,
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) || e.raw_os_error() == Some(libc::EBUSY) => {
+            warn!("udp backend: {e}; deleting {name} and creating it anew");
+            kernel::delete_in(netns, name)?;
+            match tun::open_queue(name, *opts) {
+                Ok(q) => q,
+                Err(e) if opts.offload => {
+                    warn!("udp backend: {e}; trying without TUN offloads");
+                    opts.offload = false;
+                    tun::open_queue(name, *opts)?
+                }
+                Err(e) if opts.multi_queue => {
+                    warn!("udp backend: {e}; trying a single-queue TUN");
+                    opts.multi_queue = false;
+                    tun::open_queue(name, *opts)?
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(e) => return Err(e).context("open the TUN device"),
+    };
+    let mut queues = vec![first];
+    while opts.multi_queue && queues.len() < n {
+        match tun::open_queue(name, *opts) {
+            Ok(q) => queues.push(q),
+            Err(e) => {
+                warn!("udp backend: {e}; running {} queue(s)", queues.len());
+                break;
+            }
+        }
+    }
+    Ok(queues)
+}

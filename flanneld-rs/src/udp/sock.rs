@@ -1,0 +1,461 @@
+//! The UDP side: a socket bound to our underlay address and port, a send
+//! batch that becomes one `sendmmsg` (each message a UDP GSO train of equal
+//! segments to one peer), and a receive batch filled by one `recvmmsg` (each
+//! message possibly a UDP GRO train of equal segments from one peer).
+
+use std::io;
+use std::mem;
+use std::net::Ipv4Addr;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+
+/// Messages in one `sendmmsg`.
+pub const TX_MSGS: usize = 64;
+/// iovecs of all messages of one `sendmmsg` (each segment takes one or two).
+pub const TX_IOVS: usize = 1024;
+/// Header slots for cut segments; each holds one IP+TCP header.
+pub const HDR_SLOTS: usize = 512;
+/// Size of a header slot: the largest IP+TCP header, rounded up.
+pub const HDR_SLOT: usize = 128;
+/// Segments in one UDP GSO message: the kernel's limit was 64 before 6.x
+/// raised it to 128; 64 works everywhere.
+pub const GSO_SEGS: usize = 64;
+/// Bytes in one UDP GSO message: a UDP datagram's payload limit (65507)
+/// applies to the train as a whole, less some slack.
+pub const GSO_BYTES: usize = 65_000;
+/// Size of a receive buffer: the largest UDP payload, which is also the
+/// largest train UDP GRO builds.
+pub const RX_BUF: usize = 65_536;
+
+/// Socket buffer sizes we ask for: a GRO train is charged as ~64 KB, so
+/// the default (~200 KB) would hold three and drop the rest of a burst.
+const SOCKET_BUFFER: libc::c_int = 8 << 20;
+
+fn setsockopt_int(fd: RawFd, level: libc::c_int, name: libc::c_int, value: libc::c_int) -> io::Result<()> {
+    // SAFETY: passes a pointer to an int and its size, as these options take.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            level,
+            name,
+            &value as *const libc::c_int as *const libc::c_void,
+            mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+fn sockaddr(ip: u32, port: u16) -> libc::sockaddr_in {
+    libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: port.to_be(),
+        sin_addr: libc::in_addr { s_addr: ip.to_be() },
+        sin_zero: [0; 8],
+    }
+}
+
+/// Our UDP socket. Blocking for sends (a full send buffer is back-pressure,
+/// not a reason to drop); receives never block (`MSG_DONTWAIT`).
+#[derive(Debug)]
+pub struct UdpSocket {
+    fd: OwnedFd,
+}
+
+impl UdpSocket {
+    /// Binds `addr:port`, with `SO_REUSEPORT` so that each worker has its own
+    /// socket on the same port (the kernel spreads peers over them).
+    pub fn bind(addr: Ipv4Addr, port: u16) -> io::Result<UdpSocket> {
+        // SAFETY: plain socket(2) call.
+        let raw = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+        if raw < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `raw` is a fresh descriptor that we own from here on.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        setsockopt_int(raw, libc::SOL_SOCKET, libc::SO_REUSEPORT, 1)?;
+        for (force, plain) in [(libc::SO_SNDBUFFORCE, libc::SO_SNDBUF), (libc::SO_RCVBUFFORCE, libc::SO_RCVBUF)] {
+            // The FORCE variants ignore net.core.[rw]mem_max but need
+            // CAP_NET_ADMIN; without it, take what the limit allows.
+            if setsockopt_int(raw, libc::SOL_SOCKET, force, SOCKET_BUFFER).is_err() {
+                let _ = setsockopt_int(raw, libc::SOL_SOCKET, plain, SOCKET_BUFFER);
+            }
+        }
+        let sa = sockaddr(u32::from(addr), port);
+        // SAFETY: `sa` is a valid sockaddr_in of the given size.
+        let rc = unsafe {
+            libc::bind(
+                raw,
+                &sa as *const libc::sockaddr_in as *const libc::sockaddr,
+                mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+            )
+        };
+        if rc < 0 {
+            let e = io::Error::last_os_error();
+            return Err(io::Error::new(e.kind(), format!("bind UDP {addr}:{port}: {e}")));
+        }
+        Ok(UdpSocket { fd })
+    }
+
+    /// Turns on UDP GRO (`UDP_GRO`, Linux 5.0): trains of equal datagrams
+    /// from one sender arrive as one message. False when the kernel lacks it.
+    pub fn enable_gro(&self) -> bool {
+        setsockopt_int(self.fd.as_raw_fd(), libc::SOL_UDP, libc::UDP_GRO, 1).is_ok()
+    }
+
+    /// Whether the kernel knows UDP GSO (`UDP_SEGMENT`, Linux 4.18).
+    pub fn gso_supported(&self) -> bool {
+        setsockopt_int(self.fd.as_raw_fd(), libc::SOL_UDP, libc::UDP_SEGMENT, 0).is_ok()
+    }
+
+    /// The descriptor, for poll.
+    pub fn raw(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+}
+
+/// One message being assembled.
+#[derive(Debug, Clone, Copy)]
+struct Msg {
+    dest: u32,
+    iov_start: usize,
+    /// iovecs per segment (1: a packet as read; 2: cut header + payload).
+    iov_per_seg: usize,
+    /// Size of each segment but the last, which may be shorter.
+    seg: usize,
+    segs: usize,
+    bytes: usize,
+    /// A shorter segment ended the train.
+    closed: bool,
+}
+
+/// What a flush achieved.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Sent {
+    /// Inner packets that left.
+    pub packets: u64,
+    /// Their bytes.
+    pub bytes: u64,
+    /// Inner packets the kernel refused (unreachable peer, no buffer...).
+    pub errors: u64,
+}
+
+/// A batch of datagrams for one `sendmmsg`. The iovecs point into buffers
+/// the caller owns (see [`TxBatch::push`]) and into this batch's header
+/// slots; all memory is allocated once, here.
+pub struct TxBatch {
+    port: u16,
+    gso: bool,
+    msgs: Vec<Msg>,
+    iovs: Box<[libc::iovec]>,
+    niov: usize,
+    hdrs: Box<[u8]>,
+    nhdr: usize,
+    mmsgs: Box<[libc::mmsghdr]>,
+    addrs: Box<[libc::sockaddr_in]>,
+    cmsgs: Box<[[u64; 4]]>,
+    /// Totals since the caller last took them.
+    pub sent: Sent,
+    /// Set when the kernel refused a GSO send, so GSO was turned off.
+    pub gso_failed: Option<io::Error>,
+}
+
+impl TxBatch {
+    /// An empty batch for peers listening on `port`, using UDP GSO if `gso`.
+    pub fn new(port: u16, gso: bool) -> TxBatch {
+        let empty_iov = libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 };
+        TxBatch {
+            port,
+            gso,
+            msgs: Vec::with_capacity(TX_MSGS),
+            iovs: vec![empty_iov; TX_IOVS].into_boxed_slice(),
+            niov: 0,
+            hdrs: vec![0u8; HDR_SLOTS * HDR_SLOT].into_boxed_slice(),
+            nhdr: 0,
+            // SAFETY: mmsghdr is plain data for which all-zero is valid.
+            mmsgs: (0..TX_MSGS).map(|_| unsafe { mem::zeroed() }).collect(),
+            addrs: vec![sockaddr(0, 0); TX_MSGS].into_boxed_slice(),
+            cmsgs: vec![[0u64; 4]; TX_MSGS].into_boxed_slice(),
+            sent: Sent::default(),
+            gso_failed: None,
+        }
+    }
+
+    /// Bytes queued.
+    pub fn queued_bytes(&self) -> usize {
+        self.msgs.iter().map(|m| m.bytes).sum()
+    }
+
+    /// Whether nothing is queued.
+    pub fn is_empty(&self) -> bool {
+        self.msgs.is_empty()
+    }
+
+    /// Makes room for one more segment (a message, two iovecs and a header
+    /// slot), sending what is queued if needed.
+    pub fn reserve(&mut self, sock: &UdpSocket) {
+        if self.msgs.len() == TX_MSGS || self.niov + 2 > TX_IOVS || self.nhdr == HDR_SLOTS {
+            self.flush(sock);
+        }
+    }
+
+    /// The next free header slot. Call [`TxBatch::reserve`] first; the slot
+    /// is used by the next [`TxBatch::push`] with a non-zero `hdr_len`.
+    pub fn header(&mut self) -> &mut [u8] {
+        &mut self.hdrs[self.nhdr * HDR_SLOT..][..HDR_SLOT]
+    }
+
+    /// Queues one inner packet for `dest`: `hdr_len` bytes of the header slot
+    /// (0 for none) followed by `data`. Joins the previous message as one more
+    /// GSO segment when it goes to the same peer with the same layout and
+    /// size (or is shorter, which closes that train).
+    ///
+    /// # Safety
+    ///
+    /// `data` must stay valid and unchanged until the next flush (the next
+    /// [`TxBatch::flush`], or a [`TxBatch::reserve`] that flushes): only a
+    /// pointer to it is kept. Call [`TxBatch::reserve`] before each push.
+    pub unsafe fn push(&mut self, dest: u32, hdr_len: usize, data: &[u8]) {
+        let len = hdr_len + data.len();
+        let per_seg = if hdr_len > 0 { 2 } else { 1 };
+        if hdr_len > 0 {
+            let slot = self.hdrs[self.nhdr * HDR_SLOT..].as_mut_ptr();
+            self.iovs[self.niov] = libc::iovec { iov_base: slot.cast(), iov_len: hdr_len };
+            self.niov += 1;
+            self.nhdr += 1;
+        }
+        self.iovs[self.niov] = libc::iovec { iov_base: data.as_ptr() as *mut libc::c_void, iov_len: data.len() };
+        self.niov += 1;
+        let joins = self.gso
+            && self.msgs.last().is_some_and(|m| {
+                m.dest == dest
+                    && !m.closed
+                    && m.iov_per_seg == per_seg
+                    && len <= m.seg
+                    && m.segs < GSO_SEGS
+                    && m.bytes + len <= GSO_BYTES
+            });
+        if joins {
+            let m = self.msgs.last_mut().expect("checked");
+            m.segs += 1;
+            m.bytes += len;
+            m.closed = len < m.seg;
+        } else {
+            self.msgs.push(Msg {
+                dest,
+                iov_start: self.niov - per_seg,
+                iov_per_seg: per_seg,
+                seg: len,
+                segs: 1,
+                bytes: len,
+                closed: false,
+            });
+        }
+    }
+
+    /// Sends everything queued with as few `sendmmsg` calls as the kernel
+    /// allows, and empties the batch.
+    pub fn flush(&mut self, sock: &UdpSocket) {
+        let n = self.msgs.len();
+        for (i, m) in self.msgs.iter().enumerate() {
+            self.addrs[i] = sockaddr(m.dest, self.port);
+            let hdr = &mut self.mmsgs[i].msg_hdr;
+            hdr.msg_name = (&mut self.addrs[i] as *mut libc::sockaddr_in).cast();
+            hdr.msg_namelen = mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+            hdr.msg_iov = self.iovs[m.iov_start..].as_mut_ptr();
+            hdr.msg_iovlen = m.segs * m.iov_per_seg;
+            if m.segs > 1 {
+                let buf = self.cmsgs[i].as_mut_ptr() as *mut u8;
+                // SAFETY: `buf` has room for CMSG_SPACE(2) = 24 bytes (it is
+                // 32) and is 8-byte aligned, as cmsghdr requires.
+                unsafe {
+                    let c = buf as *mut libc::cmsghdr;
+                    (*c).cmsg_level = libc::SOL_UDP;
+                    (*c).cmsg_type = libc::UDP_SEGMENT;
+                    (*c).cmsg_len = libc::CMSG_LEN(2) as _;
+                    std::ptr::write_unaligned(libc::CMSG_DATA(c) as *mut u16, m.seg as u16);
+                    hdr.msg_control = buf.cast();
+                    hdr.msg_controllen = libc::CMSG_SPACE(2) as _;
+                }
+            } else {
+                hdr.msg_control = std::ptr::null_mut();
+                hdr.msg_controllen = 0;
+            }
+        }
+        let mut i = 0;
+        while i < n {
+            // SAFETY: mmsgs[i..n] were filled above; every pointer in them
+            // points into this batch or into buffers the caller keeps alive
+            // until now (the contract of `push`).
+            let rc = unsafe { libc::sendmmsg(sock.raw(), self.mmsgs[i..].as_mut_ptr(), (n - i) as libc::c_uint, 0) };
+            if rc > 0 {
+                for m in &self.msgs[i..i + rc as usize] {
+                    self.sent.packets += m.segs as u64;
+                    self.sent.bytes += m.bytes as u64;
+                }
+                i += rc as usize;
+                continue;
+            }
+            let err = io::Error::last_os_error();
+            if err.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            let m = self.msgs[i];
+            // A device without checksum offload refuses GSO with EIO; a path
+            // MTU below a segment makes it EINVAL. Send that train packet by
+            // packet (the kernel fragments if it must) and stop using GSO.
+            if m.segs > 1 && matches!(err.raw_os_error(), Some(libc::EIO) | Some(libc::EINVAL)) {
+                self.gso = false;
+                self.gso_failed.get_or_insert(err);
+                self.send_one_by_one(sock, i);
+            } else {
+                self.sent.errors += m.segs as u64;
+            }
+            i += 1;
+        }
+        self.msgs.clear();
+        self.niov = 0;
+        self.nhdr = 0;
+    }
+
+    fn send_one_by_one(&mut self, sock: &UdpSocket, i: usize) {
+        let m = self.msgs[i];
+        for s in 0..m.segs {
+            let hdr = &mut self.mmsgs[i].msg_hdr;
+            hdr.msg_iov = self.iovs[m.iov_start + s * m.iov_per_seg..].as_mut_ptr();
+            hdr.msg_iovlen = m.iov_per_seg;
+            hdr.msg_control = std::ptr::null_mut();
+            hdr.msg_controllen = 0;
+            let len: usize = (0..m.iov_per_seg).map(|k| self.iovs[m.iov_start + s * m.iov_per_seg + k].iov_len).sum();
+            // SAFETY: as in `flush`.
+            let rc = unsafe { libc::sendmsg(sock.raw(), hdr, 0) };
+            if rc < 0 {
+                self.sent.errors += 1;
+            } else {
+                self.sent.packets += 1;
+                self.sent.bytes += len as u64;
+            }
+        }
+    }
+}
+
+/// What one received message holds.
+#[derive(Debug, Clone, Copy)]
+pub struct Received {
+    /// The sender's address.
+    pub src: u32,
+    /// Bytes received.
+    pub len: usize,
+    /// Size of each datagram of a GRO train (the last may be shorter), or
+    /// `len` for a single datagram.
+    pub seg: usize,
+}
+
+/// Buffers and headers for one `recvmmsg`, allocated once.
+pub struct RxBatch {
+    bufs: Vec<Box<[u8]>>,
+    mmsgs: Box<[libc::mmsghdr]>,
+    iovs: Box<[libc::iovec]>,
+    addrs: Box<[libc::sockaddr_in]>,
+    cmsgs: Box<[[u64; 8]]>,
+    n: usize,
+}
+
+impl RxBatch {
+    /// Room for `msgs` messages of up to [`RX_BUF`] bytes each.
+    pub fn new(msgs: usize) -> RxBatch {
+        let msgs = msgs.max(1);
+        let empty_iov = libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 };
+        RxBatch {
+            bufs: (0..msgs).map(|_| vec![0u8; RX_BUF].into_boxed_slice()).collect(),
+            // SAFETY: mmsghdr is plain data for which all-zero is valid.
+            mmsgs: (0..msgs).map(|_| unsafe { mem::zeroed() }).collect(),
+            iovs: vec![empty_iov; msgs].into_boxed_slice(),
+            addrs: vec![sockaddr(0, 0); msgs].into_boxed_slice(),
+            cmsgs: vec![[0u64; 8]; msgs].into_boxed_slice(),
+            n: 0,
+        }
+    }
+
+    /// Receives what is waiting, up to the batch size, without blocking.
+    /// Returns how many messages arrived (0 when none).
+    pub fn recv(&mut self, sock: &UdpSocket) -> io::Result<usize> {
+        let cap = self.bufs.len();
+        for i in 0..cap {
+            self.iovs[i] = libc::iovec { iov_base: self.bufs[i].as_mut_ptr().cast(), iov_len: RX_BUF };
+            let hdr = &mut self.mmsgs[i].msg_hdr;
+            hdr.msg_name = (&mut self.addrs[i] as *mut libc::sockaddr_in).cast();
+            hdr.msg_namelen = mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+            hdr.msg_iov = &mut self.iovs[i];
+            hdr.msg_iovlen = 1;
+            hdr.msg_control = self.cmsgs[i].as_mut_ptr().cast();
+            hdr.msg_controllen = mem::size_of::<[u64; 8]>() as _;
+            hdr.msg_flags = 0;
+        }
+        loop {
+            // SAFETY: every mmsghdr points into this batch's own buffers.
+            let rc = unsafe {
+                libc::recvmmsg(
+                    sock.raw(),
+                    self.mmsgs.as_mut_ptr(),
+                    cap as libc::c_uint,
+                    libc::MSG_DONTWAIT,
+                    std::ptr::null_mut(),
+                )
+            };
+            if rc >= 0 {
+                self.n = rc as usize;
+                return Ok(self.n);
+            }
+            let e = io::Error::last_os_error();
+            match e.kind() {
+                io::ErrorKind::Interrupted => continue,
+                io::ErrorKind::WouldBlock => {
+                    self.n = 0;
+                    return Ok(0);
+                }
+                _ => return Err(e),
+            }
+        }
+    }
+
+    /// Message `i` of the last [`RxBatch::recv`].
+    pub fn get(&self, i: usize) -> Received {
+        let m = &self.mmsgs[i];
+        let len = m.msg_len as usize;
+        let src = u32::from_be(self.addrs[i].sin_addr.s_addr);
+        let mut seg = len;
+        // SAFETY: walks the control messages the kernel wrote into our
+        // buffer, within msg_controllen, with the libc helpers.
+        unsafe {
+            let mut c = libc::CMSG_FIRSTHDR(&m.msg_hdr);
+            while !c.is_null() {
+                if (*c).cmsg_level == libc::SOL_UDP && (*c).cmsg_type == libc::UDP_GRO {
+                    let v = std::ptr::read_unaligned(libc::CMSG_DATA(c) as *const libc::c_int);
+                    if v > 0 {
+                        seg = v as usize;
+                    }
+                }
+                c = libc::CMSG_NXTHDR(&m.msg_hdr, c);
+            }
+        }
+        Received { src, len, seg: seg.max(1) }
+    }
+
+    /// The buffer of message `i`.
+    pub fn buf(&self, i: usize) -> &[u8] {
+        &self.bufs[i]
+    }
+
+    /// The buffer of message `i`, to patch packets in place.
+    pub fn buf_mut(&mut self, i: usize) -> &mut [u8] {
+        &mut self.bufs[i]
+    }
+
+    /// Every buffer, to resolve packet references.
+    pub fn bufs(&self) -> &[Box<[u8]>] {
+        &self.bufs
+    }
+}
