@@ -15,10 +15,7 @@ cargo fmt --all -- --check
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 echo "== Kubernetes binaries (built once from Debian's source package, then cached)"
-kube_whats=(cmd/kube-apiserver)
-command -v kubectl >/dev/null || kube_whats+=(cmd/kubectl)
-FLANNEL_RS_KUBE_DIR=$(scripts/lib/kube-binaries.sh "${kube_whats[@]}")
-export FLANNEL_RS_KUBE_DIR
+ensure_kube_binaries
 echo "using $FLANNEL_RS_KUBE_DIR"
 echo "== cargo build"
 cargo build --workspace --bins --quiet

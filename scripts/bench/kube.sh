@@ -9,10 +9,7 @@ source scripts/lib/common.sh
 need_root
 install_packages "${FLANNEL_RS_PACKAGES[@]}"
 ensure_rust
-kube_whats=(cmd/kube-apiserver)
-command -v kubectl >/dev/null || kube_whats+=(cmd/kubectl)
-FLANNEL_RS_KUBE_DIR=$(scripts/lib/kube-binaries.sh "${kube_whats[@]}")
-export FLANNEL_RS_KUBE_DIR
+ensure_kube_binaries
 cargo build --release --quiet -p flanneld-rs -p cni-plugin -p e2e-tests -p netns-fixtures
 trap 'target/release/netns-fixture cleanup >/dev/null 2>&1 || true' EXIT
 target/release/kube-bench "$@"

@@ -42,3 +42,12 @@ cleanup_leftovers() {
   local bin="$1"
   [ -x "$bin" ] && "$bin" cleanup || true
 }
+
+# Builds (once, cached) kube-apiserver, and kubectl when the machine has none,
+# from Debian's kubernetes source package; exports FLANNEL_RS_KUBE_DIR.
+ensure_kube_binaries() {
+  local whats=(cmd/kube-apiserver)
+  command -v kubectl >/dev/null || whats+=(cmd/kubectl)
+  FLANNEL_RS_KUBE_DIR=$(scripts/lib/kube-binaries.sh "${whats[@]}")
+  export FLANNEL_RS_KUBE_DIR
+}

@@ -17,13 +17,12 @@ use clap::Parser;
 use e2e_tests::kube::{KubeOverlay, PREFIX};
 use e2e_tests::overlay::ETCD;
 use e2e_tests::perf::pct;
+use e2e_tests::perf::{in_ns, peer, NET};
 use flannel_net::netlink::Netlink;
 use flannel_net::netns::NetNs;
-use flannel_net::MacAddr;
 use flanneld_rs::lease::{LeaseAttrs, VxlanData};
 use flanneld_rs::subnet::etcd::{encode_lease_value, subnet_key};
 use futures_util::{stream, StreamExt};
-use ipnet::Ipv4Net;
 use k8s_openapi::api::core::v1::Node;
 use kube::api::{Api, PostParams};
 use netns_fixtures::{wait_until, Netns};
@@ -38,21 +37,6 @@ struct Args {
     /// New peers for the convergence part (each mode).
     #[arg(long, default_value_t = 100)]
     new: usize,
-}
-
-const NET: &str = r#"{"Network":"10.0.0.0/8","SubnetLen":24,"Backend":{"Type":"vxlan"}}"#;
-
-/// Peer `i`: subnet, VTEP MAC, public IP (TEST-NET-2/3; nothing is sent there).
-fn peer(i: usize) -> (Ipv4Net, MacAddr, Ipv4Addr) {
-    let n = i + 256;
-    let subnet = Ipv4Net::new(Ipv4Addr::new(10, (n >> 8) as u8, (n & 0xff) as u8, 0), 24).unwrap();
-    let mac = MacAddr([0x02, 0xbe, 0, (i >> 16) as u8, (i >> 8) as u8, i as u8]);
-    let public = if i.is_multiple_of(2) {
-        Ipv4Addr::new(198, 51, 100, (i / 2 % 250 + 1) as u8)
-    } else {
-        Ipv4Addr::new(203, 0, 113, (i / 2 % 250 + 1) as u8)
-    };
-    (subnet, mac, public)
 }
 
 fn peer_node(i: usize) -> Node {
@@ -86,14 +70,6 @@ async fn nodes_api(kubeconfig: &std::path::Path) -> Api<Node> {
     let kc = kube::config::Kubeconfig::read_from(kubeconfig).unwrap();
     let cfg = kube::Config::from_custom_kubeconfig(kc, &Default::default()).await.unwrap();
     Api::all(kube::Client::try_from(cfg).unwrap())
-}
-
-/// Runs `f` on a runtime whose sockets live in `ns`.
-fn in_ns<T: Send>(ns: &Netns, f: impl std::future::Future<Output = T> + Send) -> T {
-    NetNs::open(ns.path())
-        .unwrap()
-        .run(|| tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(f))
-        .unwrap()
 }
 
 fn routes(ns: &Netns) -> usize {

@@ -15,14 +15,13 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use e2e_tests::overlay::{Overlay, ETCD};
+use e2e_tests::perf::{in_ns, peer, NET};
 use e2e_tests::perf::{iperf, pct, ping};
 use e2e_tests::workspace_bin;
 use flannel_net::netlink::Netlink;
 use flannel_net::netns::NetNs;
-use flannel_net::MacAddr;
 use flanneld_rs::lease::{LeaseAttrs, VxlanData};
 use flanneld_rs::subnet::etcd::{encode_lease_value, subnet_key};
-use ipnet::Ipv4Net;
 use netns_fixtures::{wait_until, Cluster, Netns};
 
 #[derive(Parser)]
@@ -47,29 +46,6 @@ struct Args {
     /// or host-gw (against hand-programmed routes).
     #[arg(long, default_value = "vxlan", value_parser = ["vxlan", "host-gw"])]
     backend: String,
-}
-
-const NET: &str = r#"{"Network":"10.0.0.0/8","SubnetLen":24,"Backend":{"Type":"vxlan"}}"#;
-
-/// Peer `i`: subnet, VTEP MAC, public IP (TEST-NET-2/3; nothing is ever sent there).
-fn peer(i: usize) -> (Ipv4Net, MacAddr, Ipv4Addr) {
-    let n = i + 256; // skip 10.0.x.0
-    let subnet = Ipv4Net::new(Ipv4Addr::new(10, (n >> 8) as u8, (n & 0xff) as u8, 0), 24).unwrap();
-    let mac = MacAddr([0x02, 0xbe, 0, (i >> 16) as u8, (i >> 8) as u8, i as u8]);
-    let public = if i.is_multiple_of(2) {
-        Ipv4Addr::new(198, 51, 100, (i / 2 % 250 + 1) as u8)
-    } else {
-        Ipv4Addr::new(203, 0, 113, (i / 2 % 250 + 1) as u8)
-    };
-    (subnet, mac, public)
-}
-
-/// Runs `f` on a runtime whose sockets live in `ns`.
-fn in_ns<T: Send>(ns: &Netns, f: impl std::future::Future<Output = T> + Send) -> T {
-    NetNs::open(ns.path())
-        .unwrap()
-        .run(|| tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(f))
-        .unwrap()
 }
 
 async fn etcd_client() -> etcd_client::Client {
