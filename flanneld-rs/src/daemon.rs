@@ -276,18 +276,23 @@ async fn start_etcd(nl: &Netlink, opts: &Opts, started: Instant) -> anyhow::Resu
     })
 }
 
-async fn start_kube(nl: &Netlink, opts: &Opts, started: Instant) -> anyhow::Result<Started> {
+/// Kubernetes mode's network configuration: `--net-config-path`.
+pub fn read_net_conf(opts: &Opts) -> anyhow::Result<NetworkConfig> {
     let path = &opts.net_config_path;
     let text = std::fs::read_to_string(path).with_context(|| format!("read --net-config-path {}", path.display()))?;
-    let cfg = NetworkConfig::parse(&text, &path.display().to_string())?;
-    info!("network {} (subnets /{}), backend {}", cfg.network, cfg.subnet_len, cfg.backend.type_name());
-    let mgr = KubeSubnetManager::connect(&kube_options(opts)).await?;
-    let (node, cidr) = mgr.wait_for_pod_cidr().await?;
-    let subnet = crate::subnet::kube::own_subnet(&mgr.node_name, &cidr, &cfg)?;
+    Ok(NetworkConfig::parse(&text, &path.display().to_string())?)
+}
 
-    // The Node may name the address to use (node-public-ip) and the one to
-    // advertise (public-ip-overwrite).
-    let (node_ip, overwrite) = mgr.user_ips(&node)?;
+/// The underlay interface in Kubernetes mode: the Node may name the address
+/// to use (`node-public-ip`, instead of `--public-ip`) and the one to
+/// advertise (`public-ip-overwrite`).
+pub async fn kube_ext_iface(
+    nl: &Netlink,
+    opts: &Opts,
+    mgr: &KubeSubnetManager,
+    node: &k8s_openapi::api::core::v1::Node,
+) -> anyhow::Result<ExtIface> {
+    let (node_ip, overwrite) = mgr.user_ips(node)?;
     let mut sel = opts.clone();
     if let Some(ip) = node_ip {
         info!("node {}: using node-public-ip {ip}", mgr.node_name);
@@ -298,6 +303,16 @@ async fn start_kube(nl: &Netlink, opts: &Opts, started: Instant) -> anyhow::Resu
         info!("node {}: advertising public-ip-overwrite {ip} instead of {}", mgr.node_name, ext.public_ip);
         ext.public_ip = ip;
     }
+    Ok(ext)
+}
+
+async fn start_kube(nl: &Netlink, opts: &Opts, started: Instant) -> anyhow::Result<Started> {
+    let cfg = read_net_conf(opts)?;
+    info!("network {} (subnets /{}), backend {}", cfg.network, cfg.subnet_len, cfg.backend.type_name());
+    let mgr = KubeSubnetManager::connect(&kube_options(opts)).await?;
+    let (node, cidr) = mgr.wait_for_pod_cidr().await?;
+    let subnet = crate::subnet::kube::own_subnet(&mgr.node_name, &cidr, &cfg)?;
+    let ext = kube_ext_iface(nl, opts, &mgr, &node).await?;
     let t_iface = started.elapsed();
     info!("using interface {} ({}), public IP {}", ext.name, ext.addr, ext.public_ip);
 

@@ -4,13 +4,11 @@
 
 use std::collections::BTreeMap;
 
-use anyhow::Context;
 use flannel_net::netlink::Netlink;
 use flannel_net::SubnetEnv;
 use serde_json::json;
 
-use crate::config::NetworkConfig;
-use crate::daemon::{backend_for, etcd_options, kube_options, subnet_env};
+use crate::daemon::{backend_for, etcd_options, kube_ext_iface, kube_options, read_net_conf, subnet_env};
 use crate::firewall::{self, FirewallSpec};
 use crate::flags::Opts;
 use crate::iface;
@@ -123,17 +121,10 @@ pub async fn run(opts: &Opts, json_out: bool) -> anyhow::Result<bool> {
     let nl = Netlink::connect()?;
     let mut findings = Vec::new();
     let (cfg, ext, leases, own) = if opts.kube_subnet_mgr {
-        let path = &opts.net_config_path;
-        let text =
-            std::fs::read_to_string(path).with_context(|| format!("read --net-config-path {}", path.display()))?;
-        let cfg = NetworkConfig::parse(&text, &path.display().to_string())?;
+        let cfg = read_net_conf(opts)?;
         let mgr = KubeSubnetManager::connect(&kube_options(opts)).await?;
         let node = mgr.own_node().await?;
-        let (node_ip, overwrite) = mgr.user_ips(&node)?;
-        let mut sel = opts.clone();
-        sel.public_ip = node_ip.or(opts.public_ip);
-        let mut ext = iface::select(&nl, &sel).await?;
-        ext.public_ip = overwrite.unwrap_or(ext.public_ip);
+        let ext = kube_ext_iface(&nl, opts, &mgr, &node).await?;
         let (leases, errors) = mgr.list_leases(&cfg).await?;
         for e in errors {
             findings.push(Finding {
