@@ -119,23 +119,65 @@ pub async fn run(client: Client, node: String, node_ips: Vec<Ipv4Addr>, metrics:
         }
     }
     info!("network policy: enforcing for pods on node {node}");
-    let mut applied: Option<String> = None;
-    let mut notes: Vec<String> = Vec::new();
+    let node_ips: Arc<[Ipv4Addr]> = node_ips.into();
+    let mut pass = Pass::default();
     loop {
+        // Compiling and `nft -f` are blocking work: off the async runtime.
+        // The stores hand out shared references; nothing is copied.
+        let (policies, pods, namespaces) = (stores.policies.state(), stores.pods.state(), stores.namespaces.state());
+        let (node, node_ips, m) = (node.clone(), node_ips.clone(), metrics.clone());
+        pass = tokio::task::spawn_blocking(move || pass.run(&policies, &pods, &namespaces, &node, &node_ips, &m))
+            .await
+            .expect("a NetworkPolicy pass panicked");
+        // Wait for a change; after a failure, or every RESYNC, apply again
+        // anyway (the table may have been removed by hand).
+        let wait = if pass.applied.is_some() { RESYNC } else { Duration::from_secs(5) };
+        tokio::select! {
+            _ = wake.notified() => tokio::time::sleep(DEBOUNCE).await,
+            _ = tokio::time::sleep(wait) => {
+                let present = tokio::task::spawn_blocking(|| flannel_net::host::nft_table_exists("inet", crate::policy::TABLE))
+                    .await
+                    .unwrap_or(false);
+                if !present {
+                    warn!("network policy: the table is gone; applying it again");
+                    pass.applied = None;
+                }
+            }
+        }
+    }
+}
+
+/// What one compile remembers for the next.
+#[derive(Default)]
+struct Pass {
+    /// The ruleset text last applied.
+    applied: Option<String>,
+    /// The compiler's notes last logged.
+    notes: Vec<String>,
+}
+
+impl Pass {
+    /// Compiles, logs new notes, and applies the ruleset if its text changed.
+    fn run(
+        mut self,
+        policies: &[Arc<NetworkPolicy>],
+        pods: &[Arc<Pod>],
+        namespaces: &[Arc<Namespace>],
+        node: &str,
+        node_ips: &[Ipv4Addr],
+        metrics: &PolicyMetrics,
+    ) -> Pass {
         let start = Instant::now();
-        let policies: Vec<NetworkPolicy> = stores.policies.state().iter().map(|p| (**p).clone()).collect();
-        let pods: Vec<Pod> = stores.pods.state().iter().map(|p| (**p).clone()).collect();
-        let namespaces: Vec<Namespace> = stores.namespaces.state().iter().map(|n| (**n).clone()).collect();
-        let input = crate::policy::model_from_k8s(&policies, &pods, &namespaces, &node, &node_ips);
+        let input = crate::policy::model_from_k8s(policies, pods, namespaces, node, node_ips);
         let ruleset = crate::policy::compile(&input);
-        if ruleset.notes != notes {
-            for n in ruleset.notes.iter().filter(|n| !notes.contains(n)) {
+        if ruleset.notes != self.notes {
+            for n in ruleset.notes.iter().filter(|n| !self.notes.contains(n)) {
                 warn!("network policy: {n}");
             }
-            notes = ruleset.notes.clone();
+            self.notes = ruleset.notes.clone();
         }
         let text = ruleset.render();
-        if applied.as_deref() == Some(text.as_str()) {
+        if self.applied.as_deref() == Some(text.as_str()) {
             metrics.unchanged.fetch_add(1, Ordering::Relaxed);
         } else {
             match flannel_net::host::nft_apply(&text) {
@@ -147,7 +189,7 @@ pub async fn run(client: Client, node: String, node_ips: Vec<Ipv4Addr>, metrics:
                         pods.len(),
                         start.elapsed().as_secs_f64() * 1000.0
                     );
-                    applied = Some(text);
+                    self.applied = Some(text);
                 }
                 Err(e) => {
                     metrics.errors.fetch_add(1, Ordering::Relaxed);
@@ -156,17 +198,6 @@ pub async fn run(client: Client, node: String, node_ips: Vec<Ipv4Addr>, metrics:
             }
         }
         metrics.micros.fetch_add(start.elapsed().as_micros() as u64, Ordering::Relaxed);
-        // Wait for a change; after a failure, or every RESYNC, apply again
-        // anyway (the table may have been removed by hand).
-        let wait = if applied.is_some() { RESYNC } else { Duration::from_secs(5) };
-        tokio::select! {
-            _ = wake.notified() => tokio::time::sleep(DEBOUNCE).await,
-            _ = tokio::time::sleep(wait) => {
-                if !flannel_net::host::nft_table_exists("inet", crate::policy::TABLE) {
-                    warn!("network policy: the table is gone; applying it again");
-                    applied = None;
-                }
-            }
-        }
+        self
     }
 }

@@ -3,6 +3,7 @@
 //! applies them; what it would have rejected, and what flannel-rs does not
 //! enforce yet (IPv6), matches nothing and leaves a note.
 
+use std::borrow::Borrow;
 use std::net::{IpAddr, Ipv4Addr};
 
 use ipnet::IpNet;
@@ -18,17 +19,19 @@ use super::model::{
 
 /// The compiler's input for node `node` (whose own addresses are
 /// `node_ips`) from the current lists of the three kinds.
-pub fn model_from_k8s(
-    policies: &[NetworkPolicy],
-    pods: &[Pod],
-    namespaces: &[Namespace],
+/// The lists may hold the objects or shared references to them (a
+/// reflector's `Arc`s), so that nothing is copied to compile.
+pub fn model_from_k8s<P: Borrow<NetworkPolicy>, Q: Borrow<Pod>, N: Borrow<Namespace>>(
+    policies: &[P],
+    pods: &[Q],
+    namespaces: &[N],
     node: &str,
     node_ips: &[Ipv4Addr],
 ) -> PolicyInput {
     let mut notes = Vec::new();
-    let namespaces = namespaces.iter().filter_map(namespace_info).collect();
-    let pods = pods.iter().filter_map(pod_info).collect();
-    let policies = policies.iter().filter_map(|p| policy_info(p, &mut notes)).collect();
+    let namespaces = namespaces.iter().filter_map(|n| namespace_info(n.borrow())).collect();
+    let pods = pods.iter().filter_map(|p| pod_info(p.borrow())).collect();
+    let policies = policies.iter().filter_map(|p| policy_info(p.borrow(), &mut notes)).collect();
     PolicyInput {
         node: node.to_string(),
         node_ips: node_ips.to_vec(),

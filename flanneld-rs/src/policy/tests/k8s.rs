@@ -3,6 +3,7 @@
 use std::net::Ipv4Addr;
 
 use k8s_openapi::api::core::v1::{Namespace, Pod};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use serde_json::json;
 
 use super::policies;
@@ -12,7 +13,7 @@ use crate::policy::{
 
 fn one_policy(spec: serde_json::Value) -> (PolicyInfo, Vec<String>) {
     let p = policies(&[json!({"metadata": {"namespace": "x", "name": "p"}, "spec": spec})]);
-    let input = model_from_k8s(&p, &[], &[], "n1", &[]);
+    let input = model_from_k8s::<_, Pod, Namespace>(&p, &[], &[], "n1", &[]);
     (input.policies[0].clone(), input.notes)
 }
 
@@ -34,7 +35,7 @@ fn policy_types_default_as_the_api_server_does() {
     }
     // No spec at all is the zero spec: every pod, ingress denied.
     let p = policies(&[json!({"metadata": {"namespace": "x", "name": "p"}})]);
-    let input = model_from_k8s(&p, &[], &[], "n1", &[]);
+    let input = model_from_k8s::<_, Pod, Namespace>(&p, &[], &[], "n1", &[]);
     assert_eq!(input.policies[0].ingress, Some(vec![]));
     assert_eq!(input.policies[0].pod_selector, Selector::everything());
 }
@@ -129,7 +130,7 @@ fn policy_pods_and_namespaces_convert() {
             .into_iter()
             .map(|v| serde_json::from_value(v).unwrap())
             .collect();
-    let input = model_from_k8s(&[], &pods, &nss, "n1", &[Ipv4Addr::new(192, 0, 2, 11)]);
+    let input = model_from_k8s::<NetworkPolicy, _, _>(&[], &pods, &nss, "n1", &[Ipv4Addr::new(192, 0, 2, 11)]);
     let names: Vec<&str> = input.pods.iter().map(|p| p.name.as_str()).collect();
     assert_eq!(names, ["web", "legacy", "host", "pending"], "finished pods are left out");
     let web = &input.pods[0];
