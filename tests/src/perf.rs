@@ -35,8 +35,11 @@ pub fn in_ns<T: Send>(ns: &Netns, f: impl std::future::Future<Output = T> + Send
         .unwrap()
 }
 
-/// The `p` quantile (0..=1) of an ascending slice.
+/// The `p` quantile (0..=1) of an ascending slice (NaN when empty).
 pub fn pct(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }
 
@@ -68,9 +71,10 @@ pub fn iperf(client: &Netns, server: &Netns, addr: Ipv4Addr, streams: u32, secon
     v["end"]["sum_received"]["bits_per_second"].as_f64().unwrap() / 1e9
 }
 
-/// Round-trip times of 200 pings, p50 and p99 in ms.
-pub fn ping(client: &Netns, addr: Ipv4Addr) -> (f64, f64) {
-    let out = client.run_ok("ping", &["-c", "200", "-i", "0.005", &addr.to_string()]);
+/// Round-trip times of 200 pings, p50 and p99 in ms (NaN when none came back).
+pub fn ping(client: &Netns, addr: impl std::fmt::Display) -> (f64, f64) {
+    let out = client.run("ping", &["-c", "200", "-i", "0.005", "-W", "1", &addr.to_string()]).unwrap();
+    let out = String::from_utf8_lossy(&out.stdout);
     let mut rtt: Vec<f64> =
         out.lines().filter_map(|l| l.split("time=").nth(1)).filter_map(|t| t.split(' ').next()?.parse().ok()).collect();
     rtt.sort_by(|a, b| a.partial_cmp(b).unwrap());

@@ -18,6 +18,7 @@ use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
+use e2e_tests::perf::ping;
 use flanneld_rs::udp::{Tuning, UdpConfig, UdpDataPath};
 use netns_fixtures::{wait_until, Cluster, Netns};
 
@@ -211,26 +212,6 @@ fn iperf(client: &Netns, server: &Netns, addr: &str, streams: u32, seconds: u32,
     let gbps = v["end"]["sum_received"]["bits_per_second"].as_f64().unwrap_or(0.0) / 1e9;
     let gbit = (gbps * f64::from(seconds)).max(1e-9);
     (gbps, (r1 - r0) / gbit, (m1 - m0) / gbit)
-}
-
-fn pct(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
-}
-
-/// 200 pings: p50, p99 in ms.
-fn ping(client: &Netns, addr: &str) -> (f64, f64) {
-    let out = client.run("ping", &["-c", "200", "-i", "0.005", "-W", "1", addr]).unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    let mut rtt: Vec<f64> = text
-        .lines()
-        .filter_map(|l| l.split("time=").nth(1))
-        .filter_map(|t| t.split(' ').next()?.parse().ok())
-        .collect();
-    rtt.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    (pct(&rtt, 0.5), pct(&rtt, 0.99))
 }
 
 #[derive(Clone, Copy, Default)]
