@@ -145,6 +145,23 @@ pub struct Stats {
     pub tun_write_errors: u64,
 }
 
+impl std::ops::AddAssign for Stats {
+    fn add_assign(&mut self, o: Stats) {
+        self.tx_packets += o.tx_packets;
+        self.tx_bytes += o.tx_bytes;
+        self.rx_packets += o.rx_packets;
+        self.rx_bytes += o.rx_bytes;
+        self.dropped_no_peer += o.dropped_no_peer;
+        self.dropped_not_peer += o.dropped_not_peer;
+        self.dropped_bad += o.dropped_bad;
+        self.dropped_ttl += o.dropped_ttl;
+        self.icmp_unreachable_sent += o.icmp_unreachable_sent;
+        self.ignored_ipv6 += o.ignored_ipv6;
+        self.send_errors += o.send_errors;
+        self.tun_write_errors += o.tun_write_errors;
+    }
+}
+
 /// What the data path ended up using, after the kernel had its say.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Features {
@@ -221,18 +238,35 @@ impl UdpDataPath {
         };
         // The device is always multi-queue (when the kernel allows), so that
         // any number of queues can attach to it later without recreating it.
-        let mut opts = TunOptions { multi_queue: true, offload: tuning.offload };
-        let queues = open_queues(&netns, &cfg.tun_name, wanted, &mut opts)?;
-        tun::set_persist(&queues[0], &cfg.tun_name, true)?;
-        let fixed = kernel::ensure_in(&netns, &spec)?;
-        if !fixed.is_empty() {
-            info!("udp backend: {}", fixed.join("; "));
-        }
-
-        let mut socks = Vec::with_capacity(queues.len());
-        for _ in 0..queues.len() {
+        // The sockets first: a port another program holds is the likeliest
+        // failure, and it then leaves nothing behind.
+        let mut socks = Vec::with_capacity(wanted);
+        for _ in 0..wanted {
             socks.push(UdpSocket::bind(cfg.bind, cfg.port)?);
         }
+        let existed = device_exists(&cfg.tun_name);
+        let mut opts = TunOptions { multi_queue: true, offload: tuning.offload };
+        let device = open_queues(&netns, &cfg.tun_name, wanted, &mut opts).and_then(|queues| {
+            tun::set_persist(&queues[0], &cfg.tun_name, true)?;
+            let fixed = kernel::ensure_in(&netns, &spec)?;
+            if !fixed.is_empty() {
+                info!("udp backend: {}", fixed.join("; "));
+            }
+            Ok(queues)
+        });
+        let queues = match device {
+            Ok(q) => q,
+            Err(e) => {
+                // A device we made and could not finish is not left half-made.
+                if !existed && device_exists(&cfg.tun_name) {
+                    if let Err(d) = kernel::delete_in(&netns, &cfg.tun_name) {
+                        warn!("udp backend: delete the half-made {}: {d:#}", cfg.tun_name);
+                    }
+                }
+                return Err(e);
+            }
+        };
+        socks.truncate(queues.len());
         let udp_gso = tuning.udp_gso && socks[0].gso_supported();
         let udp_gro = tuning.udp_gro && socks.iter().all(UdpSocket::enable_gro);
         let features = Features {
@@ -303,23 +337,14 @@ impl UdpDataPath {
 
     /// Counters since start.
     pub fn stats(&self) -> Stats {
-        let mut s = Stats::default();
-        for c in &self.shared.counters {
-            let g = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
-            s.tx_packets += g(&c.tx_packets);
-            s.tx_bytes += g(&c.tx_bytes);
-            s.rx_packets += g(&c.rx_packets);
-            s.rx_bytes += g(&c.rx_bytes);
-            s.dropped_no_peer += g(&c.no_peer);
-            s.dropped_not_peer += g(&c.not_from_peer);
-            s.dropped_bad += g(&c.bad);
-            s.dropped_ttl += g(&c.ttl_expired);
-            s.icmp_unreachable_sent += g(&c.icmp_sent);
-            s.ignored_ipv6 += g(&c.ipv6);
-            s.send_errors += g(&c.send_errors);
-            s.tun_write_errors += g(&c.tun_write_errors);
-        }
-        s
+        sum(&self.shared)
+    }
+
+    /// A reader of the counters that outlives borrows of the data path
+    /// (for `/metrics`); it reads the final counts once the data path stops.
+    pub fn stats_reader(&self) -> impl Fn() -> Stats + Send + Sync + 'static {
+        let shared = Arc::clone(&self.shared);
+        move || sum(&shared)
     }
 
     /// What is in use.
@@ -360,6 +385,27 @@ impl UdpDataPath {
     }
 }
 
+/// The workers' counters, summed.
+fn sum(shared: &Shared) -> Stats {
+    let mut s = Stats::default();
+    for c in &shared.counters {
+        let g = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+        s.tx_packets += g(&c.tx_packets);
+        s.tx_bytes += g(&c.tx_bytes);
+        s.rx_packets += g(&c.rx_packets);
+        s.rx_bytes += g(&c.rx_bytes);
+        s.dropped_no_peer += g(&c.no_peer);
+        s.dropped_not_peer += g(&c.not_from_peer);
+        s.dropped_bad += g(&c.bad);
+        s.dropped_ttl += g(&c.ttl_expired);
+        s.icmp_unreachable_sent += g(&c.icmp_sent);
+        s.ignored_ipv6 += g(&c.ipv6);
+        s.send_errors += g(&c.send_errors);
+        s.tun_write_errors += g(&c.tun_write_errors);
+    }
+    s
+}
+
 impl Drop for UdpDataPath {
     fn drop(&mut self) {
         self.stop_workers();
@@ -379,6 +425,14 @@ fn icmp_source(cfg: &UdpConfig) -> Ipv4Addr {
     } else {
         cfg.network.network()
     }
+}
+
+/// Whether a network device of that name exists in the calling thread's
+/// network namespace.
+fn device_exists(name: &str) -> bool {
+    let Ok(c) = std::ffi::CString::new(name) else { return false };
+    // SAFETY: a valid NUL-terminated string.
+    unsafe { libc::if_nametoindex(c.as_ptr()) != 0 }
 }
 
 /// Opens `n` queues of the device, in `netns` (the calling thread's). When

@@ -2,6 +2,8 @@
 //! ICMP error that flannel's udp mode performs, as small pure functions over
 //! byte slices (no allocation, no copies beyond what is asked for).
 
+use std::net::SocketAddrV4;
+
 use super::checksum;
 
 /// IP protocol numbers the data path looks at.
@@ -131,6 +133,23 @@ pub fn net_unreachable(offender: &[u8], from: [u8; 4], out: &mut [u8; ICMP_ERROR
     let c = checksum::finish(checksum::sum(icmp));
     icmp[2..4].copy_from_slice(&c.to_be_bytes());
     Some(len)
+}
+
+/// An IPv4/UDP packet from `src:sport` to `dst:dport` carrying `payload`
+/// (TTL 64, no UDP checksum): for tests and tools that forge traffic.
+pub fn build_udp(src: SocketAddrV4, dst: SocketAddrV4, payload: &[u8]) -> Vec<u8> {
+    let len = (20 + 8 + payload.len()) as u16;
+    let mut p = vec![0x45, 0, 0, 0, 0, 1, 0x40, 0, 64, PROTO_UDP, 0, 0];
+    p[2..4].copy_from_slice(&len.to_be_bytes());
+    p.extend_from_slice(&src.ip().octets());
+    p.extend_from_slice(&dst.ip().octets());
+    p.extend_from_slice(&src.port().to_be_bytes());
+    p.extend_from_slice(&dst.port().to_be_bytes());
+    p.extend_from_slice(&(len - 20).to_be_bytes());
+    p.extend_from_slice(&[0, 0]);
+    p.extend_from_slice(payload);
+    set_header_checksum(&mut p, 20);
+    p
 }
 
 #[cfg(test)]
