@@ -21,9 +21,10 @@ use crate::flags::Opts;
 use crate::health::{self, Metrics};
 use crate::iface::{self, ExtIface};
 use crate::lease::{Lease, LeaseAttrs, LeaseEvent, VxlanData};
-use crate::reconcile::{desired, kernel, plan, Backend};
+use crate::reconcile::{desired, kernel, plan, Backend, UdpSpec};
 use crate::subnet::etcd::{AcquiredLease, EtcdOptions, EtcdSubnetManager};
 use crate::subnet::kube::{KubeOptions, KubeSubnetManager};
+use crate::udp::{self, UdpConfig, UdpDataPath};
 
 /// How often to reconcile when nothing else asks for it: a safety net for
 /// missed notifications (netlink overruns) and hand edits.
@@ -100,8 +101,48 @@ pub fn backend_for(cfg: &NetworkConfig, ext: &ExtIface, mac: MacAddr) -> anyhow:
             }
             Ok(Backend::HostGw { dev: ext.index, name: ext.name.clone(), mtu: ext.mtu })
         }
-        other => bail!("Backend.Type {other:?}: not implemented yet (vxlan and host-gw are)"),
+        "udp" => {
+            let crate::config::BackendConfig::Udp { port } = cfg.backend else { unreachable!("type_name is udp") };
+            if ext.mtu < 68 + udp::OVERHEAD {
+                bail!(
+                    "Backend.Type udp: interface {} has MTU {}, which leaves no room for the 28 bytes of UDP \
+                     encapsulation (need at least {})",
+                    ext.name,
+                    ext.mtu,
+                    68 + udp::OVERHEAD
+                );
+            }
+            if port == 0 {
+                bail!("Backend.Port 0: the udp backend needs a UDP port (default 8285)");
+            }
+            Ok(Backend::Udp(UdpSpec {
+                name: udp::DEFAULT_TUN_NAME.into(),
+                dev: ext.index,
+                bind: ext.addr.addr(),
+                port,
+                mtu: ext.mtu - udp::OVERHEAD,
+            }))
+        }
+        other => bail!("Backend.Type {other:?} is not one of vxlan, host-gw, udp"),
     }
+}
+
+/// The udp data path's configuration for our lease.
+pub fn udp_config(spec: &UdpSpec, subnet: Ipv4Net, network: Ipv4Net) -> UdpConfig {
+    UdpConfig {
+        tun_name: spec.name.clone(),
+        subnet,
+        network,
+        mtu: spec.mtu,
+        port: spec.port,
+        bind: spec.bind,
+        queues: 0,
+    }
+}
+
+/// What the udp data path's device must look like for our lease.
+pub fn udp_device(spec: &UdpSpec, subnet: Ipv4Net, network: Ipv4Net) -> udp::kernel::DeviceSpec {
+    udp::kernel::DeviceSpec { name: spec.name.clone(), subnet, network, mtu: spec.mtu }
 }
 
 /// A random locally administered unicast MAC.
@@ -135,8 +176,12 @@ struct Loop {
     leases: Vec<Lease>,
     last_rejected: Vec<String>,
     metrics: Arc<Metrics>,
-    /// Our VTEP's index as last observed, to tell which notifications concern us.
+    /// Our VTEP's (or TUN's) index as last observed, to tell which
+    /// notifications concern us.
     vtep_index: Option<u32>,
+    /// The udp backend's data path, and the peer table last given to it.
+    udp: Option<UdpDataPath>,
+    udp_peers: Vec<(Ipv4Net, std::net::Ipv4Addr)>,
 }
 
 impl Loop {
@@ -182,10 +227,67 @@ impl Loop {
         m.reconcile_runs.fetch_add(1, Ordering::Relaxed);
         m.reconcile_ops.fetch_add(ops.len() as u64, Ordering::Relaxed);
         m.reconcile_micros.fetch_add(start.elapsed().as_micros() as u64, Ordering::Relaxed);
-        m.peers.store(want.peers.len() as u64, Ordering::Relaxed);
+        m.peers.store((want.peers.len() + want.tunnel.len()) as u64, Ordering::Relaxed);
         if ops.iter().any(|op| matches!(op, plan::Op::CreateVtep | plan::Op::RecreateVtep(_))) {
             let name = self.node.backend.device_name();
             self.vtep_index = self.nl.link_by_name(name).await.ok().flatten().map(|l| l.index);
+        }
+        if let Backend::Udp(spec) = &self.node.backend {
+            let spec = spec.clone();
+            self.sync_udp(&spec, &want, why).await;
+        }
+    }
+
+    /// udp: the device repaired (or, when it is gone, the data path started
+    /// anew, which recreates it), and the peer table brought up to date.
+    async fn sync_udp(&mut self, spec: &UdpSpec, want: &plan::Desired, why: &str) {
+        let (subnet, network) = (self.own.subnet, self.node.cfg.network);
+        let dev = udp_device(spec, subnet, network);
+        if self.udp.is_some() {
+            match udp::kernel::repair(&self.nl, &dev).await {
+                Ok(Some((index, fixed))) => {
+                    self.vtep_index = Some(index);
+                    self.metrics.reconcile_ops.fetch_add(fixed.len() as u64, Ordering::Relaxed);
+                    for f in fixed {
+                        info!("reconcile ({why}): {f}");
+                    }
+                }
+                Ok(None) => {
+                    warn!("reconcile ({why}): {} is gone; restarting the udp data path", spec.name);
+                    let old = self.udp.take();
+                    tokio::task::block_in_place(|| drop(old));
+                    self.metrics.udp.restarts.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(e) => {
+                    error!("reconcile ({why}): {}: {e:#}", spec.name);
+                    self.metrics.netlink_errors.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+        if self.udp.is_none() {
+            let cfg = udp_config(spec, subnet, network);
+            match tokio::task::block_in_place(|| UdpDataPath::start(cfg)) {
+                Ok(dp) => {
+                    self.metrics.udp.attach(dp.stats_reader());
+                    self.vtep_index = self.nl.link_by_name(&spec.name).await.ok().flatten().map(|l| l.index);
+                    self.udp = Some(dp);
+                    self.udp_peers.clear();
+                }
+                Err(e) => {
+                    // Retried by the next reconcile (at the latest the periodic one).
+                    error!("reconcile ({why}): start the udp data path: {e:#}");
+                    return;
+                }
+            }
+        }
+        let peers: Vec<_> = want.tunnel.iter().map(|(s, ip)| (*s, *ip)).collect();
+        if let Some(dp) = &self.udp {
+            // A new data path starts with an empty table.
+            if peers != self.udp_peers {
+                info!("reconcile ({why}): udp peer table: {} peer(s)", peers.len());
+                dp.set_peers(&peers);
+                self.udp_peers = peers;
+            }
         }
     }
 }
@@ -243,6 +345,7 @@ fn describe(backend: &Backend) -> String {
     match backend {
         Backend::Vxlan(v) => format!("VTEP {} {}", v.name, v.mac),
         Backend::HostGw { name, .. } => format!("host-gw routes on {name}"),
+        Backend::Udp(u) => format!("udp data path on {} (UDP port {}, MTU {})", u.name, u.port, u.mtu),
     }
 }
 
@@ -394,7 +497,17 @@ pub async fn run(opts: Opts) -> anyhow::Result<()> {
         last_rejected: Vec::new(),
         metrics: metrics.clone(),
         vtep_index: None,
+        udp: None,
+        udp_peers: Vec::new(),
     };
+    if let Backend::Udp(spec) = &lp.node.backend {
+        // At start a data path that cannot run (the port is taken, no TUN)
+        // is fatal; later the reconcile restarts it when its device goes.
+        let dp = tokio::task::block_in_place(|| UdpDataPath::start(udp_config(spec, own.subnet, cfg.network)))
+            .context("start the udp data path")?;
+        metrics.udp.attach(dp.stats_reader());
+        lp.udp = Some(dp);
+    }
     lp.reconcile("start").await;
     let t_kernel = started.elapsed();
 

@@ -191,6 +191,9 @@ pub async fn run(opts: &Opts, json_out: bool) -> anyhow::Result<bool> {
     for op in plan::plan(&want, &observed) {
         findings.push(describe(&op, &observed, &sources, backend.device_name()));
     }
+    if let crate::reconcile::Backend::Udp(spec) = &backend {
+        udp_findings(&nl, spec, own.subnet, cfg.network, &mut findings).await?;
+    }
     for r in rejected {
         findings.push(Finding {
             kind: "note",
@@ -235,6 +238,54 @@ pub async fn run(opts: &Opts, json_out: bool) -> anyhow::Result<bool> {
         });
     }
     report(&findings, json_out)
+}
+
+/// udp: the TUN device as the data path keeps it, and a socket on the port.
+/// (The peer table lives in the daemon's memory; `/metrics` counts it.)
+async fn udp_findings(
+    nl: &Netlink,
+    spec: &crate::reconcile::UdpSpec,
+    subnet: ipnet::Ipv4Net,
+    network: ipnet::Ipv4Net,
+    findings: &mut Vec<Finding>,
+) -> anyhow::Result<()> {
+    let dev = crate::daemon::udp_device(spec, subnet, network);
+    match crate::udp::kernel::inspect(nl, &dev).await? {
+        None => findings.push(Finding {
+            kind: "missing",
+            what: format!("device {} does not exist", spec.name),
+            fix: "start flanneld-rs (its udp data path creates the device)".into(),
+        }),
+        Some((_, faults)) => {
+            for fault in faults {
+                let kind = match fault {
+                    crate::udp::kernel::Fault::StaleAddr(_) => "stale",
+                    crate::udp::kernel::Fault::MissingAddr | crate::udp::kernel::Fault::MissingRoute => "missing",
+                    _ => "wrong",
+                };
+                let (what, fix) = fault.describe(&dev);
+                findings.push(Finding { kind, what, fix });
+            }
+        }
+    }
+    if !udp_listening(spec.bind, spec.port) {
+        findings.push(Finding {
+            kind: "missing",
+            what: format!("nothing listens on UDP {}:{}: the udp data path is not running", spec.bind, spec.port),
+            fix: "start flanneld-rs (or look in its log for why the data path stopped)".into(),
+        });
+    }
+    Ok(())
+}
+
+/// Whether a socket in this network namespace is bound to `ip:port` (or
+/// the wildcard address), from `/proc/net/udp`.
+fn udp_listening(ip: std::net::Ipv4Addr, port: u16) -> bool {
+    let Ok(table) = std::fs::read_to_string("/proc/net/udp") else { return false };
+    // "sl local_address ...": the address is the in-memory u32 in hex,
+    // the port big-endian hex.
+    let want = [format!("{:08X}:{port:04X}", u32::from_ne_bytes(ip.octets())), format!("00000000:{port:04X}")];
+    table.lines().skip(1).filter_map(|l| l.split_whitespace().nth(1)).any(|local| want.iter().any(|w| w == local))
 }
 
 fn report(findings: &[Finding], json_out: bool) -> anyhow::Result<bool> {

@@ -28,6 +28,46 @@ pub struct Metrics {
     pub lease_renewals: AtomicU64,
     /// The NetworkPolicy agent's counters (zero when it is off).
     pub policy: Arc<crate::netpol::PolicyMetrics>,
+    /// The udp data path's counters (absent with other backends).
+    pub udp: UdpMetrics,
+}
+
+type StatsReader = Box<dyn Fn() -> crate::udp::Stats + Send + Sync>;
+
+/// The udp data path's counters, kept monotonic across data path restarts.
+#[derive(Default)]
+pub struct UdpMetrics {
+    /// What earlier data paths counted, and a reader of the current one's.
+    inner: std::sync::Mutex<(crate::udp::Stats, Option<StatsReader>)>,
+    /// Data path restarts (its device had gone).
+    pub restarts: AtomicU64,
+}
+
+impl std::fmt::Debug for UdpMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UdpMetrics").field("stats", &self.read()).finish()
+    }
+}
+
+impl UdpMetrics {
+    /// Reads a (new) data path from now on; the previous one's final counts
+    /// are kept.
+    pub fn attach(&self, reader: impl Fn() -> crate::udp::Stats + Send + Sync + 'static) {
+        let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(old) = g.1.take() {
+            g.0 += old();
+        }
+        g.1 = Some(Box::new(reader));
+    }
+
+    /// The counts so far, if a data path ever ran.
+    pub fn read(&self) -> Option<crate::udp::Stats> {
+        let g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let reader = g.1.as_ref()?;
+        let mut s = g.0;
+        s += reader();
+        Some(s)
+    }
 }
 
 impl Metrics {
@@ -38,7 +78,12 @@ impl Metrics {
             let _ = write!(s, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}\n");
         };
         let g = |a: &AtomicU64| a.load(Ordering::Relaxed).to_string();
-        metric("flannel_peers", "gauge", "Peers whose route, neighbour and FDB entry are programmed.", g(&self.peers));
+        metric(
+            "flannel_peers",
+            "gauge",
+            "Peers programmed (in the kernel, or in the udp data path's table).",
+            g(&self.peers),
+        );
         metric(
             "flannel_rejected_leases",
             "gauge",
@@ -75,6 +120,26 @@ impl Metrics {
             "Time spent compiling and applying NetworkPolicy rulesets.",
             format!("{:.6}", p.micros.load(Ordering::Relaxed) as f64 / 1e6),
         );
+        if let Some(u) = self.udp.read() {
+            let counters: [(&str, &str, u64); 13] = [
+                ("tx_packets", "Inner packets sent to peers.", u.tx_packets),
+                ("tx_bytes", "Bytes of inner packets sent to peers.", u.tx_bytes),
+                ("rx_packets", "Inner packets received from peers.", u.rx_packets),
+                ("rx_bytes", "Bytes of inner packets received from peers.", u.rx_bytes),
+                ("dropped_no_peer", "Packets to a destination no peer owns.", u.dropped_no_peer),
+                ("dropped_not_peer", "Datagrams from an address that is not a peer's.", u.dropped_not_peer),
+                ("dropped_bad", "Malformed packets.", u.dropped_bad),
+                ("dropped_ttl", "Packets whose TTL ran out here.", u.dropped_ttl),
+                ("icmp_unreachable", "ICMP net unreachable messages sent.", u.icmp_unreachable_sent),
+                ("ignored_ipv6", "IPv6 packets from the TUN, ignored.", u.ignored_ipv6),
+                ("send_errors", "Inner packets the kernel refused to send.", u.send_errors),
+                ("tun_write_errors", "Writes to the TUN that failed.", u.tun_write_errors),
+                ("restarts", "Data path restarts (its device had gone).", self.udp.restarts.load(Ordering::Relaxed)),
+            ];
+            for (name, help, v) in counters {
+                metric(&format!("flannel_udp_{name}_total"), "counter", help, v.to_string());
+            }
+        }
         metric(
             "flannel_ready",
             "gauge",

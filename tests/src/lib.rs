@@ -90,3 +90,22 @@ pub fn run_ok(cmd: &mut Command) -> String {
     );
     String::from_utf8_lossy(&out.stdout).to_string()
 }
+
+/// A plain HTTP/1.1 GET from inside `ns`; the whole response, head and body.
+pub fn http_get(ns: &Netns, addr: std::net::SocketAddr, path: &str) -> String {
+    use std::io::Read;
+    let mut s = flannel_net::netns::NetNs::open(ns.path())
+        .unwrap()
+        .run(move || std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(2)))
+        .unwrap()
+        .unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes()).unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
+/// The value of the Prometheus sample `name` in a `/metrics` text.
+pub fn metric(text: &str, name: &str) -> Option<f64> {
+    text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}

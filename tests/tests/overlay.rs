@@ -6,8 +6,7 @@ use std::time::Duration;
 
 use e2e_tests::overlay::{etcdctl_ok, leases, Overlay};
 use e2e_tests::stream::UdpStream;
-use e2e_tests::{echo_server, tcp_round_trip};
-use flannel_net::netns::NetNs;
+use e2e_tests::{echo_server, http_get, tcp_round_trip};
 use netns_fixtures::{require_root, wait_until};
 
 #[test]
@@ -366,19 +365,6 @@ fn direct_routing_reaches_peers_on_the_same_segment_without_the_tunnel() {
 }
 
 /// Sends `GET path` to `addr` from inside `ns`; returns the whole response.
-fn http_get(ns: &netns_fixtures::Netns, addr: SocketAddr, path: &str) -> String {
-    use std::io::{Read, Write};
-    let mut s = NetNs::open(ns.path())
-        .unwrap()
-        .run(move || std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)))
-        .unwrap()
-        .unwrap();
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes()).unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    out
-}
-
 #[test]
 fn health_metrics_firewall_resync_and_bad_leases() {
     if !require_root() {

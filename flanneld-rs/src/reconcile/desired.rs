@@ -1,4 +1,5 @@
-//! From the lease set to the kernel state we want (VXLAN and host-gw).
+//! From the lease set to the kernel state we want (VXLAN, host-gw), and to
+//! the udp data path's peer table.
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr};
@@ -39,6 +40,7 @@ pub fn desired(
     leases: &[Lease],
 ) -> (Desired, Vec<Rejected>) {
     let mut peers = BTreeMap::new();
+    let mut tunnel = BTreeMap::new();
     let mut rejected = Vec::new();
     for l in leases {
         if l.subnet == own.subnet {
@@ -50,9 +52,19 @@ pub fn desired(
             }
             continue;
         }
+        if let Backend::Udp(_) = backend {
+            match check(cfg, own, l).and_then(|()| udp_peer(l)) {
+                Ok(ip) => {
+                    tunnel.insert(l.subnet, ip);
+                }
+                Err(reason) => rejected.push(Rejected { source: l.source.clone(), reason }),
+            }
+            continue;
+        }
         let entries = check(cfg, own, l).and_then(|()| match backend {
             Backend::Vxlan(vtep) => vxlan_entries(cfg, vtep, segment, l),
             Backend::HostGw { dev, .. } => host_gw_entries(*dev, segment, l),
+            Backend::Udp(_) => unreachable!("handled above"),
         });
         match entries {
             Ok(entries) => {
@@ -63,7 +75,16 @@ pub fn desired(
     }
     let vtep = backend.vtep().cloned();
     let addr = vtep.as_ref().map(|_| vtep_addr(own.subnet));
-    (Desired { addr, vtep, peers }, rejected)
+    (Desired { addr, vtep, peers, tunnel }, rejected)
+}
+
+/// udp: the peer's public IP, where its data path listens (on our port:
+/// flannel's udp leases carry no port, every node uses the configured one).
+fn udp_peer(l: &Lease) -> Result<Ipv4Addr, String> {
+    if l.backend_type != "udp" {
+        return Err(format!("BackendType {:?} is not udp", l.backend_type));
+    }
+    Ok(l.public_ip)
 }
 
 fn bad_public_ip(ip: Ipv4Addr) -> Option<&'static str> {
@@ -262,5 +283,33 @@ mod tests {
         let mut o = Default::default();
         crate::reconcile::plan::simulate(&d, &mut o, &ops);
         assert!(crate::reconcile::plan::plan(&d, &o).is_empty());
+    }
+
+    #[test]
+    fn udp_peers_go_to_the_data_path_with_nothing_in_the_kernel() {
+        let cfg = NetworkConfig::parse(r#"{"Network":"10.244.0.0/16","Backend":{"Type":"udp"}}"#, "t").unwrap();
+        let udp = |subnet: &str, ip: &str| Lease { backend_type: "udp".into(), ..lease(subnet, ip, None) };
+        let own = udp("10.244.1.0/24", "192.0.2.10");
+        let leases = [
+            own.clone(),
+            udp("10.244.2.0/24", "192.0.2.11"),
+            // Off our segment is fine: datagrams are routed like any other.
+            udp("10.244.3.0/24", "198.51.100.7"),
+            lease("10.244.4.0/24", "192.0.2.13", Some("02:00:00:00:00:13")),
+            udp("10.244.5.0/24", "127.0.0.1"),
+        ];
+        let backend = Backend::Udp(crate::reconcile::UdpSpec {
+            name: "flannel0".into(),
+            dev: 2,
+            bind: "192.0.2.10".parse().unwrap(),
+            port: 8285,
+            mtu: 1472,
+        });
+        let (d, rejected) = desired(&cfg, &own, &backend, "192.0.2.0/24".parse().unwrap(), &leases);
+        assert_eq!((d.vtep, d.addr, d.peers.len()), (None, None, 0));
+        let tunnel: Vec<String> = d.tunnel.iter().map(|(s, ip)| format!("{s} {ip}")).collect();
+        assert_eq!(tunnel, ["10.244.2.0/24 192.0.2.11", "10.244.3.0/24 198.51.100.7"]);
+        let reasons: Vec<&str> = rejected.iter().map(|r| r.reason.as_str()).collect();
+        assert_eq!(reasons, ["BackendType \"vxlan\" is not udp", "PublicIP 127.0.0.1 is a loopback address"]);
     }
 }

@@ -12,12 +12,16 @@ use super::Backend;
 /// Dumps the state we own: our VTEP, its IPv4 addresses, the main-table
 /// routes through it, its permanent neighbours and FDB entries, and (for
 /// host-gw and `DirectRouting`) routes through the underlay to subnets of
-/// `cluster` that have a next hop.
+/// `cluster` that have a next hop (for udp: such routes through any device).
 pub async fn observe(nl: &Netlink, backend: &Backend, cluster: Ipv4Net) -> NlResult<Observed> {
     let all_routes = nl.routes_v4().await?;
     let underlay = backend.underlay();
+    // With udp no route to a part of the Network has a next hop: any such
+    // route (a host-gw or VXLAN backend's leftover, on any device) would
+    // take traffic away from the data path.
+    let any_device = matches!(backend, Backend::Udp(_));
     let direct = |r: &Route| {
-        r.oif == Some(underlay)
+        (any_device || r.oif == Some(underlay))
             && r.gateway.is_some()
             && matches!(r.dst, IpNet::V4(d) if cluster.contains(&d) && d.prefix_len() > cluster.prefix_len())
     };

@@ -22,6 +22,26 @@ pub enum Backend {
         /// Its MTU (pods get the same: nothing is added to their packets).
         mtu: u32,
     },
+    /// udp: a TUN device whose packets a user-space data path carries to
+    /// peers in UDP datagrams; the kernel holds one route to the whole
+    /// Network through the device, nothing per peer (the data path keeps the
+    /// peer table).
+    Udp(UdpSpec),
+}
+
+/// The udp backend's device and socket.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UdpSpec {
+    /// The TUN device, `flannel0`.
+    pub name: String,
+    /// The underlay interface's index.
+    pub dev: u32,
+    /// The address the socket binds (the underlay interface's).
+    pub bind: std::net::Ipv4Addr,
+    /// The UDP port, ours and every peer's (`Backend.Port`, default 8285).
+    pub port: u16,
+    /// The device's MTU: the underlay's minus 28 (outer IPv4 and UDP headers).
+    pub mtu: u32,
 }
 
 impl Backend {
@@ -29,7 +49,7 @@ impl Backend {
     pub fn vtep(&self) -> Option<&VxlanSpec> {
         match self {
             Backend::Vxlan(v) => Some(v),
-            Backend::HostGw { .. } => None,
+            Backend::HostGw { .. } | Backend::Udp(_) => None,
         }
     }
 
@@ -38,14 +58,16 @@ impl Backend {
         match self {
             Backend::Vxlan(v) => v.dev,
             Backend::HostGw { dev, .. } => *dev,
+            Backend::Udp(u) => u.dev,
         }
     }
 
-    /// The device the entries live on, for messages (`flannel.1`, `eth0`).
+    /// The device the entries live on, for messages (`flannel.1`, `eth0`, `flannel0`).
     pub fn device_name(&self) -> &str {
         match self {
             Backend::Vxlan(v) => &v.name,
             Backend::HostGw { name, .. } => name,
+            Backend::Udp(u) => &u.name,
         }
     }
 
@@ -54,6 +76,7 @@ impl Backend {
         match self {
             Backend::Vxlan(v) => v.mtu,
             Backend::HostGw { mtu, .. } => *mtu,
+            Backend::Udp(u) => u.mtu,
         }
     }
 }

@@ -35,6 +35,9 @@ pub struct Desired {
     pub addr: Option<Ipv4Net>,
     /// Per peer subnet.
     pub peers: BTreeMap<Ipv4Net, PeerEntries>,
+    /// udp: peers reached through the user-space data path, subnet -> public
+    /// IP. They need nothing in the kernel; the plan ignores them.
+    pub tunnel: BTreeMap<Ipv4Net, std::net::Ipv4Addr>,
 }
 
 /// The kernel state we own, as dumped.
@@ -271,6 +274,7 @@ mod tests {
             vtep: Some(spec()),
             addr: Some("10.244.1.0/32".parse().unwrap()),
             peers: peers.iter().map(|(s, m, p)| peer(s, m, p)).collect(),
+            tunnel: BTreeMap::new(),
         }
     }
 

@@ -30,45 +30,107 @@ impl DeviceSpec {
     }
 }
 
+/// One way the device differs from its [`DeviceSpec`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Fault {
+    /// Another MTU (the one it has).
+    Mtu(u32),
+    /// An IPv4 address that is not ours (an earlier lease's).
+    StaleAddr(IpNet),
+    /// Our address is missing.
+    MissingAddr,
+    /// The device is down.
+    Down,
+    /// The route to the whole Network through the device is missing.
+    MissingRoute,
+}
+
+impl Fault {
+    /// What differs, and the `ip` command that fixes it.
+    pub fn describe(&self, spec: &DeviceSpec) -> (String, String) {
+        let name = &spec.name;
+        match self {
+            Fault::Mtu(have) => {
+                (format!("{name} has MTU {have}, want {}", spec.mtu), format!("ip link set {name} mtu {}", spec.mtu))
+            }
+            Fault::StaleAddr(a) => {
+                (format!("{name} carries address {a}, which is not our lease's"), format!("ip addr del {a} dev {name}"))
+            }
+            Fault::MissingAddr => {
+                let a = spec.address();
+                (format!("{name} lacks address {a}"), format!("ip addr add {a} dev {name}"))
+            }
+            Fault::Down => (format!("{name} is down"), format!("ip link set {name} up")),
+            Fault::MissingRoute => (
+                format!("route {} dev {name} is missing", spec.network),
+                format!("ip route replace {} dev {name}", spec.network),
+            ),
+        }
+    }
+}
+
+/// Compares the device with `spec`: `None` when it does not exist, else its
+/// index and the faults, in the order [`ensure`] fixes them.
+pub async fn inspect(nl: &Netlink, spec: &DeviceSpec) -> anyhow::Result<Option<(u32, Vec<Fault>)>> {
+    let Some(link) = nl.link_by_name(&spec.name).await? else {
+        return Ok(None);
+    };
+    let index = link.index;
+    let mut faults = Vec::new();
+    if link.mtu != spec.mtu {
+        faults.push(Fault::Mtu(link.mtu));
+    }
+    let want = IpNet::V4(spec.address());
+    let addrs = nl.addrs(index).await?;
+    // The device is ours alone: any other IPv4 address is an earlier lease's.
+    faults.extend(addrs.iter().filter(|a| a.addr().is_ipv4() && **a != want).map(|a| Fault::StaleAddr(*a)));
+    if !addrs.contains(&want) {
+        faults.push(Fault::MissingAddr);
+    }
+    if !link.up {
+        faults.push(Fault::Down);
+    }
+    // Last: the kernel refuses a route through a device that is down.
+    let dst = IpNet::V4(spec.network);
+    let routes = nl.routes_v4().await?;
+    if !routes.iter().any(|r| r.dst == dst && r.oif == Some(index) && r.gateway.is_none()) {
+        faults.push(Fault::MissingRoute);
+    }
+    Ok(Some((index, faults)))
+}
+
 /// Brings the device in line with `spec` and says what it changed, in `ip`
 /// words. Fails when the device does not exist (the TUN queues own it; the
 /// data path must be restarted to recreate it).
 pub async fn ensure(nl: &Netlink, spec: &DeviceSpec) -> anyhow::Result<Vec<String>> {
-    let name = &spec.name;
-    let mut fixed = Vec::new();
-    let link = nl
-        .link_by_name(name)
+    let (_, fixed) = repair(nl, spec)
         .await?
-        .with_context(|| format!("device {name} is gone: restart the udp data path to recreate it"))?;
-    let index = link.index;
-    if link.mtu != spec.mtu {
-        nl.set_mtu(index, name, spec.mtu).await?;
-        fixed.push(format!("ip link set {name} mtu {} (was {})", spec.mtu, link.mtu));
-    }
-    let want = IpNet::V4(spec.address());
-    let addrs = nl.addrs(index).await?;
-    for stale in addrs.iter().filter(|a| a.addr().is_ipv4() && **a != want) {
-        // An address of an earlier lease: the device is ours alone.
-        nl.del_addr(index, name, *stale).await?;
-        fixed.push(format!("ip addr del {stale} dev {name}"));
-    }
-    if !addrs.contains(&want) {
-        nl.add_addr(index, name, want).await?;
-        fixed.push(format!("ip addr add {want} dev {name}"));
-    }
-    if !link.up {
-        nl.set_up(index, name).await?;
-        fixed.push(format!("ip link set {name} up"));
-    }
-    // After "up": the kernel refuses a route through a device that is down.
-    let dst = IpNet::V4(spec.network);
-    let routes = nl.routes_v4().await?;
-    if !routes.iter().any(|r| r.dst == dst && r.oif == Some(index) && r.gateway.is_none()) {
-        let route = Route { dst, gateway: None, oif: Some(index), onlink: false };
-        nl.replace_route(&route, name).await?;
-        fixed.push(format!("ip route replace {dst} dev {name}"));
-    }
+        .with_context(|| format!("device {} is gone: restart the udp data path to recreate it", spec.name))?;
     Ok(fixed)
+}
+
+/// [`ensure`] for a caller that handles a missing device itself: `None`
+/// when it does not exist, else its index and what was fixed.
+pub async fn repair(nl: &Netlink, spec: &DeviceSpec) -> anyhow::Result<Option<(u32, Vec<String>)>> {
+    let name = &spec.name;
+    let Some((index, faults)) = inspect(nl, spec).await? else {
+        return Ok(None);
+    };
+    let mut fixed = Vec::new();
+    for fault in faults {
+        match &fault {
+            Fault::Mtu(_) => nl.set_mtu(index, name, spec.mtu).await?,
+            Fault::StaleAddr(a) => nl.del_addr(index, name, *a).await?,
+            Fault::MissingAddr => nl.add_addr(index, name, IpNet::V4(spec.address())).await?,
+            Fault::Down => nl.set_up(index, name).await?,
+            Fault::MissingRoute => {
+                let route = Route { dst: IpNet::V4(spec.network), gateway: None, oif: Some(index), onlink: false };
+                nl.replace_route(&route, name).await?
+            }
+        }
+        fixed.push(fault.describe(spec).1);
+    }
+    Ok(Some((index, fixed)))
 }
 
 /// Runs [`ensure`] inside `ns` from any thread (also from inside a tokio
