@@ -255,3 +255,34 @@ fn udp_refuses_a_taken_port_and_an_underlay_too_small() {
     assert!(err.contains("MTU 90") && err.contains("tiny0") && err.contains("udp"), "{err}");
     assert!(ns.ip(&["link", "show", "flannel0"]).is_err(), "a refused start left flannel0 behind");
 }
+
+#[test]
+fn udp_in_kubernetes_mode() {
+    if !require_root() || !e2e_tests::kube::require_kube() {
+        return;
+    }
+    let mut ko = e2e_tests::kube::KubeOverlay::with_conf(2, UDP);
+    for i in 0..2 {
+        let mut flags = ko.o.flags(i);
+        flags.extend(HEALTH.iter().map(|s| s.to_string()));
+        ko.o.set_flags(i, &flags.iter().map(String::as_str).collect::<Vec<_>>());
+        ko.create_node(i);
+    }
+    ko.o.start_all();
+    wait_peers(&ko.o, 2);
+    // The Node carries flannel's udp annotations: no backend data.
+    let node = ko.api.get_json(&["node", "node0"]);
+    let a = &node["metadata"]["annotations"];
+    let prefix = e2e_tests::kube::PREFIX;
+    assert_eq!(a[format!("{prefix}/backend-type")], "udp", "{a}");
+    assert_eq!(a[format!("{prefix}/backend-data")], "null", "{a}");
+    assert_eq!(flannel0(&ko.o.cluster.node(1).ns), want_flannel0(&ko.o, 1));
+    let (a, _) = ko.o.add_pod(0, "ka");
+    let (b, b_addr) = ko.o.add_pod(1, "kb");
+    let target = SocketAddr::new(b_addr.into(), 7400);
+    let server = echo_server(&b, target);
+    assert_eq!(tcp_round_trip(&a, target), "ping\n");
+    server.join().unwrap();
+    let (ok, report) = ko.o.diagnose(1, &[]);
+    assert!(ok, "{report}");
+}
