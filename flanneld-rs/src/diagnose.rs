@@ -226,7 +226,12 @@ pub async fn run(opts: &Opts, json_out: bool) -> anyhow::Result<bool> {
     if (fw.masquerade || fw.forward) && !firewall::present(&fw).unwrap_or(false) {
         findings.push(Finding {
             kind: "missing",
-            what: format!("nftables table ip {} is missing or lacks its rules", firewall::TABLE),
+            what: format!(
+                "nftables table ip {} is missing or lacks its rules, or iptables' FORWARD chain lacks our accept \
+                 rules (comment {:?})",
+                firewall::TABLE,
+                firewall::FORWARD_COMMENT
+            ),
             fix: "flanneld-rs re-asserts it every --iptables-resync seconds; is it running?".into(),
         });
     }

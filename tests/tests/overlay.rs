@@ -428,3 +428,72 @@ fn health_metrics_firewall_resync_and_bad_leases() {
     let bad = ["10.244.250.", "10.244.251.", "192.0.2.50", "127.0.0.1"];
     assert_eq!(st, o.expected_state(0).clone_without(&bad), "{st:?}");
 }
+
+/// A host whose forwarding is closed, as Docker leaves it (iptables'
+/// FORWARD policy DROP, which iptables-nft keeps in `table ip filter`):
+/// without our accept rules pods cannot reach each other across nodes; the
+/// daemon puts them first in that chain, and back when they are removed.
+#[test]
+fn forward_rules_open_a_closed_iptables_forward_chain() {
+    if !require_root() {
+        return;
+    }
+    let mut o = Overlay::new(2);
+    for i in 0..2 {
+        let ns = &o.cluster.node(i).ns;
+        ns.run_ok("nft", &["add", "table", "ip", "filter"]);
+        ns.run_ok(
+            "nft",
+            &["add", "chain", "ip", "filter", "FORWARD", "{ type filter hook forward priority 0; policy drop; }"],
+        );
+        o.set_flags(i, &["--iptables-forward-rules=false"]);
+    }
+    o.start_all();
+    o.wait_converged(0);
+    o.wait_converged(1);
+    let (a, _) = o.add_pod(0, "fa");
+    let (_b, b_addr) = o.add_pod(1, "fb");
+    let ping = |a: &netns_fixtures::Netns| {
+        a.command("ping").args(["-c", "1", "-W", "1", &b_addr.to_string()]).status().unwrap().success()
+    };
+    assert!(!ping(&a), "the closed FORWARD chain lets pod traffic through: the test shows nothing");
+    let ns = &o.cluster.node(0).ns;
+    assert!(!ns.run_ok("nft", &["list", "chain", "ip", "filter", "FORWARD"]).contains("flannel-rs"));
+
+    for i in 0..2 {
+        o.stop(i);
+        o.set_flags(i, &["--iptables-resync", "1"]);
+        o.start(i);
+    }
+    assert!(ping(&a), "pod traffic is still dropped with the forward rules");
+    let ns = &o.cluster.node(0).ns;
+    let chain = ns.run_ok("nft", &["list", "chain", "ip", "filter", "FORWARD"]);
+    let ours: Vec<&str> = chain.lines().filter(|l| l.contains("flannel-rs forward")).map(str::trim).collect();
+    assert_eq!(ours.len(), 2, "{chain}");
+    assert!(ours[0].starts_with("ip saddr 10.244.0.0/16") && ours[1].starts_with("ip daddr 10.244.0.0/16"), "{chain}");
+    let (ok, report) = o.diagnose(0, &[]);
+    assert!(ok, "{report}");
+
+    // Flushed by hand (as `iptables -F FORWARD` would) while the daemon is
+    // down: diagnose says so.
+    o.stop(0);
+    let ns = &o.cluster.node(0).ns;
+    ns.run_ok("nft", &["flush", "chain", "ip", "filter", "FORWARD"]);
+    let (ok, report) = o.diagnose(0, &[]);
+    assert!(!ok && report.to_string().contains("FORWARD"), "{report}");
+    o.start(0);
+    // Flushed while it runs: back within --iptables-resync.
+    let ns = &o.cluster.node(0).ns;
+    ns.run_ok("nft", &["flush", "chain", "ip", "filter", "FORWARD"]);
+    wait_until(Duration::from_secs(10), "the forward rules to be re-asserted", || {
+        ns.run_ok("nft", &["list", "chain", "ip", "filter", "FORWARD"]).matches("flannel-rs forward").count() == 2
+    });
+    assert!(ping(&a));
+
+    // Turned off again: the next start takes them out.
+    o.stop(0);
+    o.set_flags(0, &["--iptables-forward-rules=false"]);
+    o.start(0);
+    let ns = &o.cluster.node(0).ns;
+    assert!(!ns.run_ok("nft", &["list", "chain", "ip", "filter", "FORWARD"]).contains("flannel-rs"));
+}
