@@ -109,3 +109,20 @@ pub fn http_get(ns: &Netns, addr: std::net::SocketAddr, path: &str) -> String {
 pub fn metric(text: &str, name: &str) -> Option<f64> {
     text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
 }
+
+/// Every pod reaches every other pod over TCP on `port_base + i * n + j`,
+/// keeping its own source address (no masquerade between pods).
+pub fn all_pods_talk(pods: &[(Netns, std::net::Ipv4Addr)], port_base: u16) {
+    let n = pods.len();
+    for (i, (from, _)) in pods.iter().enumerate() {
+        for (j, (to, addr)) in pods.iter().enumerate() {
+            if i == j {
+                continue;
+            }
+            let target = std::net::SocketAddr::new((*addr).into(), port_base + (i * n + j) as u16);
+            let server = echo_server(to, target);
+            assert_eq!(tcp_round_trip(from, target), "ping\n", "pod on node{i} -> pod on node{j}");
+            assert_eq!(server.join().unwrap().ip(), std::net::IpAddr::V4(pods[i].1), "pod on node{i} -> node{j}");
+        }
+    }
+}

@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use e2e_tests::overlay::{etcdctl_ok, Overlay};
 use e2e_tests::stream::UdpStream;
-use e2e_tests::{echo_server, tcp_round_trip};
 use netns_fixtures::{require_root, wait_until};
 
 const HOST_GW: &str = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"host-gw"}}"#;
@@ -40,16 +39,7 @@ fn host_gw_pods_talk_across_nodes_with_one_route_per_peer() {
     assert_eq!((v["BackendType"].as_str(), &v["BackendData"]), (Some("host-gw"), &serde_json::Value::Null));
 
     let pods: Vec<_> = (0..3).map(|i| o.add_pod(i, &format!("h{i}"))).collect();
-    for (i, (from, _)) in pods.iter().enumerate() {
-        for (j, (to, addr)) in pods.iter().enumerate() {
-            if i != j {
-                let target = SocketAddr::new((*addr).into(), 7200 + (i * 3 + j) as u16);
-                let server = echo_server(to, target);
-                assert_eq!(tcp_round_trip(from, target), "ping\n", "pod on node{i} -> pod on node{j}");
-                assert_eq!(server.join().unwrap().ip(), std::net::IpAddr::V4(pods[i].1));
-            }
-        }
-    }
+    e2e_tests::all_pods_talk(&pods, 7200);
     // No encapsulation: the packet crosses the underlay with pod addresses.
     let route = o.cluster.node(0).ns.run_ok("ip", &["route", "get", &pods[1].1.to_string()]);
     assert!(route.contains("via 192.0.2.11 dev eth0"), "{route}");

@@ -100,16 +100,7 @@ fn kube_mode_pods_talk_across_nodes_with_the_shipped_rbac() {
 
     // Pods on every node reach pods on every other node.
     let pods: Vec<_> = (0..3).map(|i| ko.o.add_pod(i, &format!("k{i}"))).collect();
-    for (i, (from, _)) in pods.iter().enumerate() {
-        for (j, (to, addr)) in pods.iter().enumerate() {
-            if i != j {
-                let target = SocketAddr::new((*addr).into(), 7100 + (i * 3 + j) as u16);
-                let server = echo_server(to, target);
-                assert_eq!(tcp_round_trip(from, target), "ping\n", "pod on node{i} -> pod on node{j}");
-                assert_eq!(server.join().unwrap().ip(), std::net::IpAddr::V4(pods[i].1));
-            }
-        }
-    }
+    e2e_tests::all_pods_talk(&pods, 7100);
 
     // diagnose in Kubernetes mode agrees.
     let (ok, report) = ko.o.diagnose(0, &[]);

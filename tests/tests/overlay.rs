@@ -21,18 +21,7 @@ fn pods_on_every_node_reach_pods_on_every_other_node_and_state_is_exact() {
         assert_eq!(o.vtep_state(i).routes.len(), 2, "node{i}: {:?}", o.vtep_state(i));
     }
     let pods: Vec<_> = (0..3).map(|i| o.add_pod(i, &format!("p{i}"))).collect();
-    for (i, (from, _)) in pods.iter().enumerate() {
-        for (j, (to, addr)) in pods.iter().enumerate() {
-            if i == j {
-                continue;
-            }
-            let target = SocketAddr::new((*addr).into(), 7000 + (i * 3 + j) as u16);
-            let server = echo_server(to, target);
-            assert_eq!(tcp_round_trip(from, target), "ping\n", "pod on node{i} -> pod on node{j}");
-            // Pod-to-pod traffic keeps the pod's source address (no masquerade).
-            assert_eq!(server.join().unwrap().ip(), std::net::IpAddr::V4(pods[i].1));
-        }
-    }
+    e2e_tests::all_pods_talk(&pods, 7000);
     // Each node's flannel.1 in detail: address, MTU, VNI, port, learning off.
     let link = &o.cluster.node(0).ns.ip_json(&["-d", "link", "show", "flannel.1"])[0];
     assert_eq!(link["mtu"], 1450);

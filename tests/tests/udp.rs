@@ -84,16 +84,7 @@ fn udp_pods_talk_across_three_nodes_through_flannel0() {
     assert_eq!((v["BackendType"].as_str(), &v["BackendData"]), (Some("udp"), &serde_json::Value::Null));
 
     let pods: Vec<_> = (0..3).map(|i| o.add_pod(i, &format!("u{i}"))).collect();
-    for (i, (from, _)) in pods.iter().enumerate() {
-        for (j, (to, addr)) in pods.iter().enumerate() {
-            if i != j {
-                let target = SocketAddr::new((*addr).into(), 7300 + (i * 3 + j) as u16);
-                let server = echo_server(to, target);
-                assert_eq!(tcp_round_trip(from, target), "ping\n", "pod on node{i} -> pod on node{j}");
-                assert_eq!(server.join().unwrap().ip(), std::net::IpAddr::V4(pods[i].1));
-            }
-        }
-    }
+    e2e_tests::all_pods_talk(&pods, 7300);
     let (a, b) = (&pods[0].0, pods[1].1);
     // The pod's MTU is the underlay's minus 28: the largest packet that does
     // not fragment crosses whole, one byte more is refused at the pod.
