@@ -238,11 +238,22 @@ impl Loop {
         }
     }
 
+    /// Stops the udp data path (joining its threads) for a restart.
+    fn stop_udp(&mut self) {
+        let old = self.udp.take();
+        tokio::task::block_in_place(|| drop(old));
+        self.metrics.udp.restarts.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// udp: the device repaired (or, when it is gone, the data path started
     /// anew, which recreates it), and the peer table brought up to date.
     async fn sync_udp(&mut self, spec: &UdpSpec, want: &plan::Desired, why: &str) {
         let (subnet, network) = (self.own.subnet, self.node.cfg.network);
         let dev = udp_device(spec, subnet, network);
+        if self.udp.as_ref().is_some_and(|dp| !dp.running()) {
+            warn!("reconcile ({why}): a udp worker thread stopped; restarting the udp data path");
+            self.stop_udp();
+        }
         if self.udp.is_some() {
             match udp::kernel::repair(&self.nl, &dev).await {
                 Ok(Some((index, fixed))) => {
@@ -254,9 +265,7 @@ impl Loop {
                 }
                 Ok(None) => {
                     warn!("reconcile ({why}): {} is gone; restarting the udp data path", spec.name);
-                    let old = self.udp.take();
-                    tokio::task::block_in_place(|| drop(old));
-                    self.metrics.udp.restarts.fetch_add(1, Ordering::Relaxed);
+                    self.stop_udp();
                 }
                 Err(e) => {
                     error!("reconcile ({why}): {}: {e:#}", spec.name);

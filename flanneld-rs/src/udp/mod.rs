@@ -347,6 +347,12 @@ impl UdpDataPath {
         move || sum(&shared)
     }
 
+    /// Whether every worker thread is still running (one that panicked or
+    /// gave up on an error has not: then restart the data path).
+    pub fn running(&self) -> bool {
+        self.workers.iter().all(|w| !w.is_finished())
+    }
+
     /// What is in use.
     pub fn features(&self) -> Features {
         self.features
