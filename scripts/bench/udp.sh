@@ -1,15 +1,22 @@
 #!/usr/bin/env bash
-# The udp backend's data path beside kernel VXLAN and a per-packet socat
-# relay, same fixture, same run: iperf3 pod to pod (1 and 4 streams), CPU
-# seconds per gigabit, ping p50/p99; --stages also measures our data path
-# with its speed-ups turned on one at a time.
-# Usage: scripts/bench/udp.sh [--seconds 4] [--rounds 3] [--stages]
+# The udp backend through the real daemon (two flanneld-rs in udp mode, real
+# etcd, pods plugged in by the real CNI plugin) beside our VXLAN (two
+# flanneld-rs in vxlan mode) and a per-packet socat relay, same run: iperf3
+# pod to pod (1 and 4 streams), CPU seconds per gigabit, ping p50/p99, and the
+# time traffic takes to resume after a udp daemon restart. The udp data path
+# started by hand and kernel VXLAN programmed by hand are extra reference
+# lines; --stages also measures the data path with its speed-ups turned on
+# one at a time.
+# Usage: scripts/bench/udp.sh [--seconds 4] [--rounds 3] [--restarts 5] [--stages] [--ours-only]
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 source scripts/lib/common.sh
 need_root
-install_packages iproute2 iputils-ping iperf3 socat procps
+install_packages "${FLANNEL_RS_PACKAGES[@]}"
 ensure_rust
-cargo build --release --quiet -p e2e-tests --bin udp-bench -p netns-fixtures
+# Two builds: a --bin filter would apply to every -p and skip the daemon's
+# and the plugin's binaries, which the benchmark runs.
+cargo build --release --quiet -p flanneld-rs -p cni-plugin -p netns-fixtures --bins
+cargo build --release --quiet -p e2e-tests --bin udp-bench
 trap 'target/release/netns-fixture cleanup >/dev/null 2>&1 || true' EXIT
 target/release/udp-bench "$@"

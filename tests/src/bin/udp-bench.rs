@@ -1,29 +1,47 @@
-//! `udp-bench`: the udp backend's data path beside two references, on the
-//! same two-node fixture in the same run:
+//! `udp-bench`: the udp backend as the daemon runs it, beside our VXLAN and a
+//! per-packet user-space relay, in the same run:
 //!
-//! - flanneld-rs's `UdpDataPath` (overlay 10.244.0.0/16, `flannel0`, port 8285);
-//! - kernel VXLAN programmed by hand (10.245.0.0/16, `flannel.1`, port 8472);
-//! - a per-packet user-space relay, socat between a TUN and a UDP socket
+//! - ours: two `flanneld-rs` daemons with `{"Backend":{"Type":"udp"}}`
+//!   (`flannel0`, port 8285) in an [`Overlay`] (real etcd, pods plugged in by
+//!   the real CNI plugin);
+//! - our VXLAN: two `flanneld-rs` daemons with the vxlan backend in a second
+//!   [`Overlay`], pods plugged in the same way;
+//! - a per-packet relay, socat between a TUN and a UDP socket on each node
 //!   (10.246.0.0/16, `socat0`, port 8286): what flannel's udp mode is like.
 //!
-//! All three live side by side in the same node namespaces, each with its
-//! own pod per node, so rounds can alternate between them. Figures: iperf3
-//! pod to pod with 1 and 4 streams (median of the rounds), CPU seconds per
-//! gigabit (the relay's own threads or processes, and the whole machine from
-//! /proc/stat), ping p50/p99. `--stages` also measures our data path with
-//! its speed-ups turned on one at a time.
+//! Two more reference lines come from the socat fixture's nodes: the udp data
+//! path started by hand (`UdpDataPath`, 10.244.0.0/16, pods on plain veths),
+//! which shows what the daemon adds or loses, and kernel VXLAN programmed by
+//! hand (10.245.0.0/16).
+//!
+//! Rounds rotate through the modes. Figures: iperf3 pod to pod with 1 and 4
+//! streams (median of the rounds), CPU seconds per gigabit (the relay's own
+//! processes or threads, the daemons' whole processes for ours, and the
+//! whole machine from /proc/stat), ping p50/p99. Then node1's udp daemon is
+//! restarted a few times under a steady probe stream (a numbered datagram
+//! every millisecond each way between the pods): time from the start of the
+//! new daemon to the first datagram through, and the gap in reception.
+//! `--stages` also measures the data path with its speed-ups turned on one
+//! at a time (started by hand with [`Tuning`]).
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
 use std::process::{Child, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{channel, Receiver};
+use std::sync::Arc;
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
+use e2e_tests::overlay::Overlay;
 use e2e_tests::perf::ping;
+use e2e_tests::{http_get, metric};
+use flannel_net::netns::NetNs;
 use flanneld_rs::udp::{Tuning, UdpConfig, UdpDataPath};
 use netns_fixtures::{wait_until, Cluster, Netns};
 
 #[derive(Parser)]
-#[command(about = "udp backend data path against kernel VXLAN and a socat relay")]
+#[command(about = "the udp backend through flanneld-rs against our VXLAN and a socat relay")]
 struct Args {
     /// iperf3 seconds per run.
     #[arg(long, default_value_t = 4)]
@@ -31,26 +49,33 @@ struct Args {
     /// Rounds per figure (the median is reported).
     #[arg(long, default_value_t = 3)]
     rounds: usize,
-    /// Also measure our data path stage by stage (speed-ups added one at a time).
+    /// Daemon restarts to measure.
+    #[arg(long, default_value_t = 5)]
+    restarts: usize,
+    /// Also measure the data path stage by stage (speed-ups added one at a time).
     #[arg(long)]
     stages: bool,
     /// Only the stages.
     #[arg(long)]
     stages_only: bool,
-    /// Only our data path with everything on (quick iteration).
+    /// Only the udp daemons, iperf3 and restarts (quick iteration).
     #[arg(long)]
     ours_only: bool,
 }
 
+const UDP_CONF: &str = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"udp"}}"#;
+const METRICS_PORT: u16 = 9105;
 const UDP_MTU: u32 = 1500 - 28;
 const VXLAN_MTU: u32 = 1500 - 50;
+/// The probe stream's port in the pods.
+const PROBE_PORT: u16 = 9300;
 
 fn underlay(i: usize) -> Ipv4Addr {
     Ipv4Addr::new(192, 0, 2, 10 + i as u8)
 }
 
-/// A pod of overlay `net` (10.<net>.0.0/16) on node `i`: a veth `<dev>` in
-/// the node with `.1`, `eth0` in the pod with `.2`.
+/// A pod of overlay `net` (10.<net>.0.0/16) on node `i` of a hand-built
+/// fixture: a veth `<dev>` in the node with `.1`, `eth0` in the pod with `.2`.
 fn add_pod(c: &Cluster, i: usize, net: u8, dev: &str, mtu: u32) -> Netns {
     let node = c.node(i);
     let pod = node.add_pod_netns(dev).unwrap();
@@ -68,7 +93,8 @@ fn add_pod(c: &Cluster, i: usize, net: u8, dev: &str, mtu: u32) -> Netns {
     pod
 }
 
-fn start_ours(c: &Cluster, i: usize, tuning: Tuning) -> UdpDataPath {
+/// The udp data path started by hand on node `i` of a hand-built fixture.
+fn start_by_hand(c: &Cluster, i: usize, tuning: Tuning) -> UdpDataPath {
     let cfg = UdpConfig {
         tun_name: "flannel0".into(),
         subnet: format!("10.244.{}.0/24", i + 1).parse().unwrap(),
@@ -84,7 +110,7 @@ fn start_ours(c: &Cluster, i: usize, tuning: Tuning) -> UdpDataPath {
     dp
 }
 
-fn vxlan(c: &Cluster) {
+fn vxlan_by_hand(c: &Cluster) {
     let macs = ["02:aa:00:00:00:01", "02:aa:00:00:00:02"];
     for i in 0..2usize {
         let (me, peer) = (i + 1, 2 - i);
@@ -143,6 +169,42 @@ fn socat(c: &Cluster) -> Vec<Child> {
     kids
 }
 
+/// Two daemons with the udp backend, their metrics on 127.0.0.1:9105 in
+/// their nodes, started and knowing each other; a pod on each node.
+fn udp_overlay() -> (Overlay, [(Netns, Ipv4Addr); 2]) {
+    let mut o = Overlay::with_conf(2, UDP_CONF);
+    for i in 0..2 {
+        o.set_flags(i, &["--healthz-ip", "127.0.0.1", "--healthz-port", &METRICS_PORT.to_string()]);
+    }
+    o.start_all();
+    for i in 0..2 {
+        wait_until(Duration::from_secs(10), &format!("node{i}'s udp peer table"), || {
+            metric(&metrics(&o, i), "flannel_peers") == Some(1.0)
+        });
+    }
+    let pods = [o.add_pod(0, "ua"), o.add_pod(1, "ub")];
+    (o, pods)
+}
+
+/// Two daemons with the vxlan backend, converged; a pod on each node.
+fn vxlan_overlay() -> (Overlay, [(Netns, Ipv4Addr); 2]) {
+    let mut o = Overlay::new(2);
+    o.start_all();
+    o.wait_converged(0);
+    o.wait_converged(1);
+    let pods = [o.add_pod(0, "xa"), o.add_pod(1, "xb")];
+    (o, pods)
+}
+
+/// Node `i`'s `/metrics` text.
+fn metrics(o: &Overlay, i: usize) -> String {
+    http_get(&o.cluster.node(i).ns, SocketAddr::from(([127, 0, 0, 1], METRICS_PORT)), "/metrics")
+}
+
+fn daemon_pids(o: &Overlay) -> Vec<u32> {
+    o.daemons.iter().map(|d| d.proc.0.as_ref().expect("daemon running").id()).collect()
+}
+
 /// Busy CPU seconds of the whole machine so far (/proc/stat: all but idle
 /// and iowait).
 fn machine_cpu() -> f64 {
@@ -157,7 +219,8 @@ fn hz() -> f64 {
     unsafe { libc::sysconf(libc::_SC_CLK_TCK) as f64 }
 }
 
-/// utime + stime of a /proc/.../stat file, in seconds.
+/// utime + stime of a /proc/.../stat file, in seconds (a process's file
+/// counts all its threads).
 fn stat_cpu(path: &str) -> f64 {
     let stat = std::fs::read_to_string(path).unwrap_or_default();
     let Some(rest) = stat.rsplit(')').next() else { return 0.0 };
@@ -170,27 +233,30 @@ fn stat_cpu(path: &str) -> f64 {
 
 /// Who to charge the relay's CPU to.
 enum Relay<'a> {
-    Ours(&'a [UdpDataPath]),
-    Procs(&'a [Child]),
+    /// Threads of this process (the data path started by hand).
+    Threads(&'a [UdpDataPath]),
+    /// Whole processes: the daemons, or socat.
+    Procs(Vec<u32>),
+    /// The kernel does the work: only the machine-wide figure applies.
     Kernel,
 }
 
 impl Relay<'_> {
     fn cpu(&self) -> f64 {
         match self {
-            Relay::Ours(dps) => dps
+            Relay::Threads(dps) => dps
                 .iter()
                 .flat_map(|d| d.thread_ids())
                 .map(|tid| stat_cpu(&format!("/proc/self/task/{tid}/stat")))
                 .sum(),
-            Relay::Procs(kids) => kids.iter().map(|k| stat_cpu(&format!("/proc/{}/stat", k.id()))).sum(),
+            Relay::Procs(pids) => pids.iter().map(|p| stat_cpu(&format!("/proc/{p}/stat"))).sum(),
             Relay::Kernel => 0.0,
         }
     }
 }
 
 /// One iperf3 run: Gbit/s, relay CPU s/Gbit, machine CPU s/Gbit.
-fn iperf(client: &Netns, server: &Netns, addr: &str, streams: u32, seconds: u32, relay: &Relay) -> (f64, f64, f64) {
+fn iperf(client: &Netns, server: &Netns, addr: &str, streams: u32, seconds: u32, relay: &Relay) -> Figure {
     let mut srv = server
         .command("iperf3")
         .args(["-s", "-1", "-p", "5201"])
@@ -211,7 +277,7 @@ fn iperf(client: &Netns, server: &Netns, addr: &str, streams: u32, seconds: u32,
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
     let gbps = v["end"]["sum_received"]["bits_per_second"].as_f64().unwrap_or(0.0) / 1e9;
     let gbit = (gbps * f64::from(seconds)).max(1e-9);
-    (gbps, (r1 - r0) / gbit, (m1 - m0) / gbit)
+    Figure { gbps, relay_cpu: (r1 - r0) / gbit, machine_cpu: (m1 - m0) / gbit }
 }
 
 #[derive(Clone, Copy, Default)]
@@ -241,22 +307,18 @@ fn stages(c: &Cluster, pods: &[Netns], seconds: u32, rounds: usize) {
         ),
         ("+ TCP coalescing into the TUN (all on)", Tuning::default()),
     ];
-    println!("\nstages of our data path (iperf3 pod to pod, median of {rounds}; CPU = our threads, s/Gbit):");
+    println!("\nstages of the data path, started by hand (iperf3 pod to pod, median of {rounds}; CPU = its threads, s/Gbit):");
     let mut prev: Option<f64> = None;
     for (name, tuning) in list {
-        let dps = [start_ours(c, 0, tuning), start_ours(c, 1, tuning)];
-        wait_until(Duration::from_secs(5), "ping through our data path", || {
+        let dps = [start_by_hand(c, 0, tuning), start_by_hand(c, 1, tuning)];
+        wait_until(Duration::from_secs(5), "ping through the data path", || {
             pods[0].run("ping", &["-c", "1", "-W", "1", "10.244.2.2"]).map(|o| o.status.success()).unwrap_or(false)
         });
         let mut line = format!("  {name:<52}");
         for streams in [1, 4] {
             let f = median(
                 (0..rounds)
-                    .map(|_| {
-                        let (gbps, relay_cpu, machine_cpu) =
-                            iperf(&pods[0], &pods[1], "10.244.2.2", streams, seconds, &Relay::Ours(&dps));
-                        Figure { gbps, relay_cpu, machine_cpu }
-                    })
+                    .map(|_| iperf(&pods[0], &pods[1], "10.244.2.2", streams, seconds, &Relay::Threads(&dps)))
                     .collect(),
             );
             line += &format!("  {streams}x: {:6.2} Gbit/s ({:.3} CPU-s/Gbit)", f.gbps, f.relay_cpu);
@@ -272,87 +334,342 @@ fn stages(c: &Cluster, pods: &[Netns], seconds: u32, rounds: usize) {
     }
 }
 
+/// One mode of the comparison.
+struct Mode<'a> {
+    name: &'static str,
+    client: &'a Netns,
+    server: &'a Netns,
+    addr: String,
+    relay: Relay<'a>,
+}
+
+fn compare(modes: &[Mode], seconds: u32, rounds: usize) {
+    println!(
+        "\niperf3 pod to pod across two nodes, {seconds} s per run, median of {rounds} (rounds rotate the order):"
+    );
+    let n = modes.len();
+    for streams in [1u32, 4] {
+        let mut runs: Vec<Vec<Figure>> = vec![Vec::new(); n];
+        for round in 0..rounds {
+            for k in 0..n {
+                let m = (k + round) % n;
+                let md = &modes[m];
+                runs[m].push(iperf(md.client, md.server, &md.addr, streams, seconds, &md.relay));
+            }
+        }
+        let f: Vec<Figure> = runs.into_iter().map(median).collect();
+        for (m, md) in modes.iter().enumerate() {
+            let relay = match md.relay {
+                Relay::Kernel => "    -    ".to_string(),
+                _ => format!("{:.3}", f[m].relay_cpu),
+            };
+            println!(
+                "  {streams} stream(s)  {:<26} {:6.2} Gbit/s  CPU-s/Gbit: relay {relay:>9}, machine {:.3}",
+                md.name, f[m].gbps, f[m].machine_cpu
+            );
+        }
+        if n >= 3 {
+            println!(
+                "  {streams} stream(s)  ours/our VXLAN {:.1}%  ours/socat {:.1}x  (targets: >= 50%, >= 10x)",
+                f[0].gbps / f[1].gbps * 100.0,
+                f[0].gbps / f[2].gbps
+            );
+        }
+        if n >= 4 {
+            println!("  {streams} stream(s)  ours/udp data path by hand {:.1}%", f[0].gbps / f[3].gbps * 100.0);
+        }
+    }
+    println!("\nping pod to pod (200 x 5 ms):");
+    let mut lat = Vec::new();
+    for md in modes {
+        let (p50, p99) = ping(md.client, &md.addr);
+        println!("  {:<26} p50 {p50:.3} ms  p99 {p99:.3} ms", md.name);
+        lat.push(p50);
+    }
+    if n >= 3 {
+        println!("  p50 ours/our VXLAN {:.2}x, ours/socat {:.2}x", lat[0] / lat[1], lat[0] / lat[2]);
+    }
+}
+
+/// A numbered datagram every millisecond from one pod to another; every
+/// arrival goes to a channel with its time.
+struct Probe {
+    stop: Arc<AtomicBool>,
+    sender: JoinHandle<()>,
+    receiver: JoinHandle<()>,
+    arrivals: Receiver<(u32, Instant)>,
+}
+
+impl Probe {
+    fn start(from: &Netns, to: &Netns, target: SocketAddr) -> Probe {
+        let rx = NetNs::open(to.path()).unwrap().run(move || UdpSocket::bind(target)).unwrap().unwrap();
+        rx.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+        let tx = NetNs::open(from.path()).unwrap().run(|| UdpSocket::bind("0.0.0.0:0")).unwrap().unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let sender = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut next = Instant::now();
+                let mut seq: u32 = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    // Errors (an ICMP error reported on the socket) only mean
+                    // this datagram is lost, which is what is measured.
+                    let _ = tx.send_to(&seq.to_be_bytes(), target);
+                    seq += 1;
+                    next += Duration::from_millis(1);
+                    // The stream's pace, not a wait for a condition.
+                    std::thread::sleep(next.saturating_duration_since(Instant::now()));
+                }
+            })
+        };
+        let (arrived, arrivals) = channel();
+        let receiver = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 16];
+                while !stop.load(Ordering::Relaxed) {
+                    if let Ok(4) = rx.recv(&mut buf) {
+                        let seq = u32::from_be_bytes(buf[..4].try_into().unwrap());
+                        if arrived.send((seq, Instant::now())).is_err() {
+                            return;
+                        }
+                    }
+                }
+            })
+        };
+        Probe { stop, sender, receiver, arrivals }
+    }
+
+    /// Waits for `n` arrivals in a row, none more than `timeout` apart;
+    /// returns the last (`None` when the stream stalled).
+    fn flowing(&self, n: usize, timeout: Duration) -> Option<(u32, Instant)> {
+        let mut last = None;
+        for _ in 0..n {
+            last = Some(self.arrivals.recv_timeout(timeout).ok()?);
+        }
+        last
+    }
+
+    /// The last arrival so far (`None` when nothing is queued).
+    fn drain(&self) -> Option<(u32, Instant)> {
+        self.arrivals.try_iter().last()
+    }
+
+    fn stop(self) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.sender.join().unwrap();
+        self.receiver.join().unwrap();
+    }
+}
+
+/// One direction of one restart.
+#[derive(Clone, Copy)]
+struct Resume {
+    /// From the start of the new daemon to the first datagram through.
+    after_start: Duration,
+    /// From the last datagram before to the first after.
+    gap: Duration,
+    /// Datagrams sent in between that never arrived.
+    lost: u32,
+}
+
+/// The probe's arrivals around a restart that began (o.start) at `t0`; the
+/// last arrival before it was `before`. `None` when nothing came through
+/// within 10 s.
+fn resumed(p: &Probe, before: Option<(u32, Instant)>, t0: Instant) -> Option<Resume> {
+    let mut last = before;
+    let deadline = t0 + Duration::from_secs(10);
+    loop {
+        let (seq, at) = p.arrivals.recv_timeout(deadline.saturating_duration_since(Instant::now())).ok()?;
+        if at < t0 {
+            last = Some((seq, at));
+            continue;
+        }
+        let (last_seq, last_at) = last.unwrap_or((seq, at));
+        return Some(Resume {
+            after_start: at - t0,
+            gap: at - last_at,
+            lost: seq.saturating_sub(last_seq).saturating_sub(1),
+        });
+    }
+}
+
+fn restarts(o: &mut Overlay, pods: &[(Netns, Ipv4Addr); 2], n: usize) {
+    if n == 0 {
+        return;
+    }
+    println!(
+        "\ndaemon restart, {n} times: node1's flanneld-rs stopped (SIGTERM) and started again under a \
+         probe stream (a datagram every 1 ms each way between the pods):"
+    );
+    let names = ["node0 pod -> node1 pod", "node1 pod -> node0 pod"];
+    let probes = [
+        Probe::start(&pods[0].0, &pods[1].0, SocketAddr::new(pods[1].1.into(), PROBE_PORT)),
+        Probe::start(&pods[1].0, &pods[0].0, SocketAddr::new(pods[0].1.into(), PROBE_PORT)),
+    ];
+    let mut ready = Vec::new();
+    let mut got: [Vec<Resume>; 2] = [Vec::new(), Vec::new()];
+    let mut failed = 0;
+    for _ in 0..n {
+        let flowing: Vec<_> = probes.iter().map(|p| p.flowing(200, Duration::from_secs(2))).collect();
+        if flowing.iter().any(Option::is_none) {
+            println!("  the probe stream is not flowing before the restart; giving up");
+            failed += 1;
+            break;
+        }
+        o.stop(1);
+        let before: Vec<_> = probes.iter().zip(flowing).map(|(p, f)| p.drain().or(f)).collect();
+        let t0 = Instant::now();
+        o.start(1);
+        ready.push(t0.elapsed());
+        for d in 0..2 {
+            match resumed(&probes[d], before[d], t0) {
+                Some(r) => got[d].push(r),
+                None => {
+                    println!("  {}: nothing came through within 10 s of the start", names[d]);
+                    failed += 1;
+                }
+            }
+        }
+    }
+    for p in probes {
+        p.stop();
+    }
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    let med_max = |mut v: Vec<f64>| -> (f64, f64) {
+        v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        (v.get(v.len() / 2).copied().unwrap_or(f64::NAN), v.last().copied().unwrap_or(f64::NAN))
+    };
+    let (r50, rmax) = med_max(ready.iter().map(|d| ms(*d)).collect());
+    println!("  start to \"ready\" log line:          median {r50:7.1} ms  max {rmax:7.1} ms");
+    let mut worst = 0.0f64;
+    for d in 0..2 {
+        let (a50, amax) = med_max(got[d].iter().map(|r| ms(r.after_start)).collect());
+        let (g50, gmax) = med_max(got[d].iter().map(|r| ms(r.gap)).collect());
+        let (l50, lmax) = med_max(got[d].iter().map(|r| f64::from(r.lost)).collect());
+        println!(
+            "  {}: first datagram after the start median {a50:7.1} ms  max {amax:7.1} ms; \
+             gap in reception median {g50:7.1} ms  max {gmax:7.1} ms; lost median {l50:.0}  max {lmax:.0}",
+            names[d]
+        );
+        worst = worst.max(amax);
+    }
+    let verdict = if failed == 0 && worst < 1000.0 { "met" } else { "NOT met" };
+    println!("  target: traffic resumes within 1 s of the start: {verdict} (worst {worst:.1} ms, {failed} failure(s))");
+}
+
+/// The udp counters of node `i`'s daemon that are not zero.
+fn udp_counters(o: &Overlay, i: usize) -> String {
+    let text = metrics(o, i);
+    let v: Vec<String> = text
+        .lines()
+        .filter(|l| l.starts_with("flannel_udp_") && !l.ends_with(" 0"))
+        .map(|l| l.trim_start_matches("flannel_udp_").to_string())
+        .collect();
+    v.join(", ")
+}
+
+/// What the daemon's data path uses, from its log.
+fn daemon_features(o: &Overlay, i: usize) -> String {
+    let log = o.log(i);
+    let line = log.lines().rev().find(|l| l.contains("udp backend on flannel0:")).unwrap_or("(not in the log)");
+    line.split("flannel0: ").nth(1).unwrap_or(line).to_string()
+}
+
 fn main() {
     let args = Args::parse();
     if !netns_fixtures::require_root() {
         std::process::exit(1);
     }
-    let c = Cluster::new(2).unwrap();
-    let ours_pods = [add_pod(&c, 0, 244, "vu0", UDP_MTU), add_pod(&c, 1, 244, "vu0", UDP_MTU)];
-    if args.ours_only {
-        let dps = [start_ours(&c, 0, Tuning::default()), start_ours(&c, 1, Tuning::default())];
-        for streams in [1, 4] {
-            let runs: Vec<f64> = (0..args.rounds)
-                .map(|_| iperf(&ours_pods[0], &ours_pods[1], "10.244.2.2", streams, args.seconds, &Relay::Ours(&dps)).0)
-                .collect();
-            println!("ours, {streams} stream(s): {runs:.2?} Gbit/s");
-        }
-        return;
-    }
     if args.stages || args.stages_only {
-        stages(&c, &ours_pods, args.seconds, args.rounds);
+        let c = Cluster::new(2).unwrap();
+        let pods = [add_pod(&c, 0, 244, "vu0", UDP_MTU), add_pod(&c, 1, 244, "vu0", UDP_MTU)];
+        stages(&c, &pods, args.seconds, args.rounds);
         if args.stages_only {
             return;
         }
     }
-    let dps = vec![start_ours(&c, 0, Tuning::default()), start_ours(&c, 1, Tuning::default())];
-    println!("\nour data path uses: {:?}", dps[0].features());
-    let vx_pods = [add_pod(&c, 0, 245, "vx0", VXLAN_MTU), add_pod(&c, 1, 245, "vx0", VXLAN_MTU)];
-    vxlan(&c);
-    let so_pods = [add_pod(&c, 0, 246, "vs0", UDP_MTU), add_pod(&c, 1, 246, "vs0", UDP_MTU)];
-    let kids = socat(&c);
-    let modes: [(&str, &[Netns; 2], &str, Relay); 3] = [
-        ("flanneld-rs udp", &ours_pods, "10.244.2.2", Relay::Ours(&dps)),
-        ("kernel VXLAN", &vx_pods, "10.245.2.2", Relay::Kernel),
-        ("socat relay", &so_pods, "10.246.2.2", Relay::Procs(&kids)),
-    ];
-    for (name, pods, addr, _) in &modes {
-        let t0 = Instant::now();
-        wait_until(Duration::from_secs(10), &format!("{name}: first ping"), || {
-            pods[0].run("ping", &["-c", "1", "-W", "1", addr]).map(|o| o.status.success()).unwrap_or(false)
-        });
-        let _ = t0;
+
+    let (mut udp, upods) = udp_overlay();
+    println!("\nthe udp daemons' data path uses: {}", daemon_features(&udp, 0));
+    if args.ours_only {
+        let modes = [Mode {
+            name: "ours (udp daemon)",
+            client: &upods[0].0,
+            server: &upods[1].0,
+            addr: upods[1].1.to_string(),
+            relay: Relay::Procs(daemon_pids(&udp)),
+        }];
+        compare(&modes, args.seconds, args.rounds);
+        restarts(&mut udp, &upods, args.restarts);
+        return;
     }
-    println!(
-        "\niperf3 pod to pod across two nodes, {} s per run, median of {} (rounds rotate the order):",
-        args.seconds, args.rounds
-    );
-    for streams in [1u32, 4] {
-        let mut runs: Vec<Vec<Figure>> = vec![Vec::new(); modes.len()];
-        for round in 0..args.rounds {
-            for k in 0..modes.len() {
-                let m = (k + round) % modes.len();
-                let (_, pods, addr, relay) = &modes[m];
-                let (gbps, relay_cpu, machine_cpu) = iperf(&pods[0], &pods[1], addr, streams, args.seconds, relay);
-                runs[m].push(Figure { gbps, relay_cpu, machine_cpu });
-            }
-        }
-        let f: Vec<Figure> = runs.into_iter().map(median).collect();
-        for (m, (name, ..)) in modes.iter().enumerate() {
-            let relay = if m == 1 { "    -    ".to_string() } else { format!("{:.3}", f[m].relay_cpu) };
-            println!(
-                "  {streams} stream(s)  {name:<16} {:6.2} Gbit/s  CPU-s/Gbit: relay {relay:>9}, machine {:.3}",
-                f[m].gbps, f[m].machine_cpu
-            );
+    let (vx, xpods) = vxlan_overlay();
+    // The references by hand and socat share one plain two-node fixture.
+    let c = Cluster::new(2).unwrap();
+    let hpods = [add_pod(&c, 0, 244, "vu0", UDP_MTU), add_pod(&c, 1, 244, "vu0", UDP_MTU)];
+    let dps = vec![start_by_hand(&c, 0, Tuning::default()), start_by_hand(&c, 1, Tuning::default())];
+    let kpods = [add_pod(&c, 0, 245, "vx0", VXLAN_MTU), add_pod(&c, 1, 245, "vx0", VXLAN_MTU)];
+    vxlan_by_hand(&c);
+    let spods = [add_pod(&c, 0, 246, "vs0", UDP_MTU), add_pod(&c, 1, 246, "vs0", UDP_MTU)];
+    let kids = socat(&c);
+    let socat_pids = kids.iter().map(Child::id).collect();
+    {
+        let modes = [
+            Mode {
+                name: "ours (udp daemon)",
+                client: &upods[0].0,
+                server: &upods[1].0,
+                addr: upods[1].1.to_string(),
+                relay: Relay::Procs(daemon_pids(&udp)),
+            },
+            Mode {
+                name: "our VXLAN (vxlan daemon)",
+                client: &xpods[0].0,
+                server: &xpods[1].0,
+                addr: xpods[1].1.to_string(),
+                relay: Relay::Kernel,
+            },
+            Mode {
+                name: "socat relay",
+                client: &spods[0],
+                server: &spods[1],
+                addr: "10.246.2.2".into(),
+                relay: Relay::Procs(socat_pids),
+            },
+            Mode {
+                name: "udp data path, by hand",
+                client: &hpods[0],
+                server: &hpods[1],
+                addr: "10.244.2.2".into(),
+                relay: Relay::Threads(&dps),
+            },
+            Mode {
+                name: "kernel VXLAN, by hand",
+                client: &kpods[0],
+                server: &kpods[1],
+                addr: "10.245.2.2".into(),
+                relay: Relay::Kernel,
+            },
+        ];
+        for md in &modes {
+            wait_until(Duration::from_secs(10), &format!("{}: first ping", md.name), || {
+                md.client.run("ping", &["-c", "1", "-W", "1", &md.addr]).map(|o| o.status.success()).unwrap_or(false)
+            });
         }
         println!(
-            "  {streams} stream(s)  ours/VXLAN {:.1}%  ours/socat {:.1}x  (targets: >= 50%, >= 10x)",
-            f[0].gbps / f[1].gbps * 100.0,
-            f[0].gbps / f[2].gbps
+            "(CPU relay column: ours = both flanneld-rs processes, socat = both socat processes, \
+             by hand = the data path's threads; VXLAN: the kernel, machine-wide only)"
         );
+        compare(&modes, args.seconds, args.rounds);
     }
-    println!("\nping pod to pod (200 x 5 ms):");
-    let mut lat = Vec::new();
-    for (name, pods, addr, _) in &modes {
-        let (p50, p99) = ping(&pods[0], addr);
-        println!("  {name:<16} p50 {p50:.3} ms  p99 {p99:.3} ms");
-        lat.push(p50);
-    }
-    println!("  p50 ours/VXLAN {:.2}x, ours/socat {:.2}x", lat[0] / lat[1], lat[0] / lat[2]);
-    let s = dps[0].stats();
-    println!("\nnode 0 counters: {s:?}");
+    println!("\nudp daemons' counters (non-zero): node0: {}", udp_counters(&udp, 0));
+    println!("                                  node1: {}", udp_counters(&udp, 1));
+    println!("udp data path by hand, node 0: {:?}", dps[0].stats());
+    restarts(&mut udp, &upods, args.restarts);
     for mut k in kids {
         let _ = k.kill();
         let _ = k.wait();
     }
+    drop(vx);
 }
