@@ -50,7 +50,7 @@ impl NetNs {
             s.spawn(move || -> io::Result<OwnedFd> {
                 // This thread is ours alone and ends right after, so switching
                 // its namespace affects nothing else.
-                setns(fd.as_fd(), CloneFlags::CLONE_NEWNET).map_err(io::Error::from)?;
+                enter(fd.as_fd())?;
                 let sock = netlink_sys::Socket::new(netlink_sys::protocols::NETLINK_ROUTE)?;
                 // SAFETY: into_raw_fd transfers ownership of a valid descriptor.
                 Ok(unsafe { OwnedFd::from_raw_fd(sock.into_raw_fd()) })
@@ -68,11 +68,24 @@ impl NetNs {
             s.spawn(move || -> io::Result<T> {
                 // SAFETY: the descriptor outlives the scoped thread.
                 let fd = unsafe { BorrowedFd::borrow_raw(fd) };
-                setns(fd, CloneFlags::CLONE_NEWNET).map_err(io::Error::from)?;
+                enter(fd)?;
                 Ok(f())
             })
             .join()
             .unwrap_or_else(|_| Err(io::Error::other("namespace thread panicked")))
         })
     }
+}
+
+/// Moves the calling thread into the namespace `fd`, unless it is in it
+/// already: `setns` needs CAP_SYS_ADMIN even then, which a daemon in a
+/// container with only NET_ADMIN lacks.
+fn enter(fd: BorrowedFd<'_>) -> io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let target = File::from(fd.try_clone_to_owned()?).metadata()?;
+    let here = std::fs::metadata("/proc/thread-self/ns/net")?;
+    if (target.dev(), target.ino()) == (here.dev(), here.ino()) {
+        return Ok(());
+    }
+    setns(fd, CloneFlags::CLONE_NEWNET).map_err(io::Error::from)
 }

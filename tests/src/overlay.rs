@@ -139,6 +139,7 @@ pub struct Daemon {
     pub log: PathBuf,
     extra: Vec<String>,
     env: Vec<(String, String)>,
+    wrap: Vec<String>,
 }
 
 /// The overlay.
@@ -172,6 +173,7 @@ impl Overlay {
                 log: dir.path().join(format!("flanneld{i}.log")),
                 extra: Vec::new(),
                 env: Vec::new(),
+                wrap: Vec::new(),
             })
             .collect();
         Overlay { cluster, etcd, daemons, dir }
@@ -195,6 +197,12 @@ impl Overlay {
     /// Extra environment of node `i`'s daemon (from its next start on).
     pub fn set_env(&mut self, i: usize, env: &[(&str, &str)]) {
         self.daemons[i].env = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    }
+
+    /// Runs node `i`'s daemon through `wrapper` (a program and its
+    /// arguments, e.g. `setpriv` with fewer capabilities), from its next start on.
+    pub fn set_wrapper(&mut self, i: usize, wrapper: &[&str]) {
+        self.daemons[i].wrap = wrapper.iter().map(|s| s.to_string()).collect();
     }
 
     /// Starts the daemon of node `i` and waits for its subnet.env.
@@ -393,7 +401,15 @@ impl Overlay {
 
     /// `flanneld-rs` inside node `i`, pointed at etcd and the node's subnet.env.
     pub fn daemon_command(&self, i: usize) -> std::process::Command {
-        let mut cmd = self.cluster.node(i).ns.command(workspace_bin("flanneld-rs"));
+        let ns = &self.cluster.node(i).ns;
+        let mut cmd = match self.daemons[i].wrap.split_first() {
+            None => ns.command(workspace_bin("flanneld-rs")),
+            Some((program, args)) => {
+                let mut c = ns.command(program);
+                c.args(args).arg(workspace_bin("flanneld-rs"));
+                c
+            }
+        };
         cmd.args(["--etcd-endpoints", ETCD, "--subnet-file"]).arg(&self.daemons[i].subnet_file);
         cmd
     }

@@ -12,6 +12,7 @@ use flanneld_rs::udp::packet::build_udp;
 use netns_fixtures::{require_root, wait_until, Netns};
 
 const UDP: &str = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"udp"}}"#;
+const DAEMONSET_CAPS: &[&str] = &["setpriv", "--bounding-set=-all,+net_admin,+net_raw", "--"];
 const HEALTH: &[&str] = &["--healthz-ip", "127.0.0.1", "--healthz-port", "9105"];
 
 fn overlay(nodes: usize) -> Overlay {
@@ -67,6 +68,9 @@ fn udp_pods_talk_across_three_nodes_through_flannel0() {
         return;
     }
     let mut o = overlay(3);
+    // Node 0's daemon has only the capabilities the DaemonSet grants
+    // (NET_ADMIN, NET_RAW): no setns, no CAP_SYS_ADMIN.
+    o.set_wrapper(0, DAEMONSET_CAPS);
     o.start_all();
     wait_peers(&o, 3);
     for i in 0..3 {
