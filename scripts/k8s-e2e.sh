@@ -14,6 +14,8 @@
 #   LATENCY_PODS=8     pods per plugin in the start latency comparison
 #   K8S_E2E_IMAGE=F    use this image archive instead of running scripts/build-image.sh
 #   K8S_E2E_KEEP=1     on a terminal: leave the cluster up until Enter is pressed
+#   K8S_E2E_BACKEND=B  the backend in the ConfigMap's net-conf.json: vxlan (as
+#                      shipped, the default), host-gw or udp
 # The Kubernetes binaries come from scripts/lib/kube-binaries.sh (built once,
 # about 5 minutes each, then cached under /var/cache/flannel-rs/). With them
 # cached, a run takes about 4 minutes on the 2-core development machine.
@@ -253,9 +255,20 @@ for _ in $(seq 120); do
 done
 kc get nodes -o custom-columns=NAME:.metadata.name,PODCIDR:.spec.podCIDR,READY:'.status.conditions[?(@.type=="Ready")].status'
 
-say "kubectl apply -f deploy/kube-flannel-rs.yml"
+backend=${K8S_E2E_BACKEND:-vxlan}
+manifest=deploy/kube-flannel-rs.yml
+case "$backend" in
+  vxlan) ;;
+  host-gw|udp)
+    manifest=$work/kube-flannel-rs-$backend.yml
+    sed 's/"Type": "vxlan"/"Type": "'"$backend"'"/' deploy/kube-flannel-rs.yml >"$manifest"
+    grep -q '"Type": "'"$backend"'"' "$manifest" || fail "could not set the backend in the manifest's net-conf.json"
+    ;;
+  *) fail "K8S_E2E_BACKEND=$backend: not one of vxlan, host-gw, udp" ;;
+esac
+say "kubectl apply -f deploy/kube-flannel-rs.yml (backend $backend)"
 t_apply=$(ms_now)
-kc apply -f deploy/kube-flannel-rs.yml
+kc apply -f "$manifest"
 all_ready() {
   local ready
   ready=$(kcq get nodes -o jsonpath='{range .items[*]}{.status.conditions[?(@.type=="Ready")].status}{"\n"}{end}' | grep -c '^True$')
@@ -292,6 +305,21 @@ apply_to_files=$((t_files - t_apply))
 echo "kubectl apply -> plugin, conflist and subnet.env on every node: $apply_to_files ms"
 echo "kubectl apply -> every flanneld-rs pod ready: $apply_to_ds_ready ms"
 echo "kubectl apply -> every node Ready: $apply_to_ready ms (kubelet reports node status every 10 s)"
+# The backend's own device (or none) on every node.
+for i in $(seq 0 $((nodes - 1))); do
+  links=$(ip -n "flt-$tag-node$i" -o link show)
+  case "$backend" in
+    vxlan) want=flannel.1 ;;
+    udp) want=flannel0 ;;
+    host-gw) want= ;;
+  esac
+  if [ -n "$want" ]; then
+    grep -q " $want[:@]" <<<"$links" || fail "node$i has no $want (backend $backend)"
+  elif grep -qE " flannel(\.1|0)[:@]" <<<"$links"; then
+    fail "node$i has a tunnel device with backend host-gw"
+  fi
+done
+echo "backend $backend: ${want:-no tunnel device} on every node"
 
 # A workload pod pinned to a node.
 pod_yaml() { # NAME NODE [APP-LABEL]

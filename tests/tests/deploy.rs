@@ -249,6 +249,8 @@ fn the_daemonset_runs_flanneld_rs_in_kube_mode_with_its_files_in_place() {
     let subnet = opts.subnet_file.to_str().unwrap();
     assert_eq!(backing(pod, daemon, subnet), Backing::Host("/run/flannel/subnet.env".into()));
     assert_eq!(backing(pod, daemon, "/run/xtables.lock"), Backing::Host("/run/xtables.lock".into()));
+    // The udp backend opens the node's TUN device.
+    assert_eq!(backing(pod, daemon, "/dev/net/tun"), Backing::Host("/dev/net/tun".into()));
 
     let env: BTreeMap<&str, &Value> =
         daemon["env"].as_array().unwrap().iter().map(|e| (e["name"].as_str().unwrap(), &e["valueFrom"])).collect();
