@@ -145,6 +145,51 @@ pub fn udp_device(spec: &UdpSpec, subnet: Ipv4Net, network: Ipv4Net) -> udp::ker
     udp::kernel::DeviceSpec { name: spec.name.clone(), subnet, network, mtu: spec.mtu }
 }
 
+/// Devices that an earlier run of this Network with another backend left
+/// behind: `flannel0` (a TUN, udp) or `flannel.<VNI>` (VXLAN) that is not
+/// the device of the backend in use and carries an address inside Network
+/// (which makes it this Network's, not another flannel's). Their routes
+/// would shadow ours. Index and name of each.
+pub async fn leftover_devices(
+    nl: &Netlink,
+    backend: &Backend,
+    network: Ipv4Net,
+) -> flannel_net::netlink::NlResult<Vec<(u32, String)>> {
+    let ours = match backend {
+        Backend::Vxlan(v) => Some(v.name.as_str()),
+        Backend::Udp(u) => Some(u.name.as_str()),
+        Backend::HostGw { .. } => None,
+    };
+    let mut found = Vec::new();
+    for link in nl.links().await? {
+        let kind = link.kind.as_deref();
+        let flannels = (link.name == "flannel0" && kind == Some("tun"))
+            || (link.name.starts_with("flannel.") && kind == Some("vxlan"));
+        if !flannels || Some(link.name.as_str()) == ours {
+            continue;
+        }
+        let addrs = nl.addrs(link.index).await?;
+        if addrs.iter().any(|a| matches!(a, ipnet::IpNet::V4(v) if network.contains(&v.addr()))) {
+            found.push((link.index, link.name));
+        }
+    }
+    Ok(found)
+}
+
+/// Deletes [`leftover_devices`] (with their addresses and routes).
+async fn remove_leftover_devices(nl: &Netlink, backend: &Backend, network: Ipv4Net) {
+    let found = match leftover_devices(nl, backend, network).await {
+        Ok(f) => f,
+        Err(e) => return warn!("look for devices of an earlier backend: {e}"),
+    };
+    for (index, name) in found {
+        info!("deleting {name}: an earlier backend's device for Network {network} (now {})", describe(backend));
+        if let Err(e) = nl.del_link(index, &name).await {
+            warn!("delete {name}: {e}");
+        }
+    }
+}
+
 /// A random locally administered unicast MAC.
 pub fn random_mac() -> MacAddr {
     let mut b = [0u8; 6];
@@ -509,6 +554,7 @@ pub async fn run(opts: Opts) -> anyhow::Result<()> {
         udp: None,
         udp_peers: Vec::new(),
     };
+    remove_leftover_devices(&nl, &lp.node.backend, cfg.network).await;
     if let Backend::Udp(spec) = &lp.node.backend {
         // At start a data path that cannot run (the port is taken, no TUN)
         // is fatal; later the reconcile restarts it when its device goes.

@@ -191,6 +191,13 @@ pub async fn run(opts: &Opts, json_out: bool) -> anyhow::Result<bool> {
     for op in plan::plan(&want, &observed) {
         findings.push(describe(&op, &observed, &sources, backend.device_name()));
     }
+    for (_, name) in crate::daemon::leftover_devices(&nl, &backend, cfg.network).await? {
+        findings.push(Finding {
+            kind: "stale",
+            what: format!("device {name} is an earlier backend's (it carries an address in {})", cfg.network),
+            fix: format!("ip link del {name} (flanneld-rs does at start)"),
+        });
+    }
     if let crate::reconcile::Backend::Udp(spec) = &backend {
         udp_findings(&nl, spec, own.subnet, cfg.network, &mut findings).await?;
     }

@@ -84,16 +84,22 @@ fn host_gw_node_leaving_stale_sweep_restart_and_diagnose() {
     ns.run_ok("ip", &["route", "add", "10.244.99.0/24", "via", "192.0.2.50", "dev", "eth0"]);
     // Outside the cluster network: not ours, left alone.
     ns.run_ok("ip", &["route", "add", "172.31.0.0/24", "via", "192.0.2.50", "dev", "eth0"]);
+    // The udp backend's device from a run before the switch to host-gw.
+    for cmd in ["tuntap add flannel0 mode tun", "addr add 10.244.55.0/32 dev flannel0", "link set flannel0 up"] {
+        ns.run_ok("ip", &cmd.split(' ').collect::<Vec<_>>());
+    }
     // diagnose on the stopped node names both stale routes.
     let (ok, report) = o.diagnose(0, &[]);
     assert!(!ok);
     let text = report.to_string();
     assert!(text.contains("10.244.99.0/24") && text.contains(&format!("{}", o.subnet(2))), "{report}");
+    assert!(text.contains("device flannel0 is an earlier backend's"), "{report}");
     o.start(0);
     wait_routes(&o, 0);
     assert_eq!(o.underlay_routes(0).len(), 1);
     let ns = &o.cluster.node(0).ns;
     assert!(ns.run_ok("ip", &["route", "show", "172.31.0.0/24"]).contains("via 192.0.2.50"));
+    assert!(ns.ip(&["link", "show", "flannel0"]).is_err(), "flannel0 is left");
     let (ok, report) = o.diagnose(0, &[]);
     assert!(ok, "{report}");
 

@@ -172,9 +172,10 @@ fn udp_restart_device_loss_node_leaving_stale_sweep_and_diagnose() {
     assert!(!ok && text.contains("Destination Net Unreachable"), "{text}");
 
     // Stale state on the stopped node 0: an address of an earlier lease, a
-    // wrong MTU, the Network route gone, a host-gw leftover on the underlay
-    // and a VXLAN leftover on flannel.1 (a node switched from vxlan). A
-    // route outside the Network is not ours.
+    // wrong MTU, the Network route gone, a host-gw leftover on the underlay,
+    // a next-hop route through flannel0, and the VXLAN backend's device with
+    // a route (a node switched from vxlan). A route outside the Network is
+    // not ours.
     let ns = &o.cluster.node(0).ns;
     for cmd in [
         "addr add 10.244.77.0/32 dev flannel0",
@@ -183,15 +184,24 @@ fn udp_restart_device_loss_node_leaving_stale_sweep_and_diagnose() {
         "route add 10.244.99.0/24 via 192.0.2.50 dev eth0",
         "route add 172.31.0.0/24 via 192.0.2.50 dev eth0",
         "link add flannel.1 type vxlan id 1 dev eth0 dstport 8472",
+        "addr add 10.244.55.0/32 dev flannel.1",
         "link set flannel.1 up",
         "route add 10.244.88.0/24 via 10.244.88.0 dev flannel.1 onlink",
+        "route add 10.244.66.0/24 via 10.244.66.0 dev flannel0 onlink",
     ] {
         ns.run_ok("ip", &cmd.split(' ').collect::<Vec<_>>());
     }
     let (ok, report) = o.diagnose(0, &[]);
     assert!(!ok, "{report}");
     let text = report.to_string();
-    for want in ["10.244.77.0/32", "MTU 1400", "route 10.244.0.0/16 dev flannel0", "10.244.99.0/24", "10.244.88.0/24"] {
+    for want in [
+        "10.244.77.0/32",
+        "MTU 1400",
+        "route 10.244.0.0/16 dev flannel0",
+        "10.244.99.0/24",
+        "10.244.66.0/24",
+        "device flannel.1 is an earlier backend's",
+    ] {
         assert!(text.contains(want), "diagnose does not mention {want}: {report}");
     }
     assert!(text.contains("nothing listens on UDP 192.0.2.10:8285"), "{report}");
@@ -202,8 +212,11 @@ fn udp_restart_device_loss_node_leaving_stale_sweep_and_diagnose() {
     wait_until(Duration::from_secs(10), "node0's flannel0 to be repaired", || flannel0(ns) == want_flannel0(&o, 0));
     wait_until(Duration::from_secs(10), "node0's stale routes to go", || {
         let routes = ns.run_ok("ip", &["-4", "route", "show"]);
-        !routes.contains("10.244.99.0/24") && !routes.contains("10.244.88.0/24")
+        !routes.contains("10.244.99.0/24") && !routes.contains("10.244.66.0/24")
     });
+    // The VXLAN backend's device, with its routes, is gone.
+    assert!(ns.ip(&["link", "show", "flannel.1"]).is_err(), "flannel.1 is left");
+    assert!(!ns.run_ok("ip", &["-4", "route", "show"]).contains("10.244.88.0/24"));
     assert!(ns.run_ok("ip", &["route", "show", "172.31.0.0/24"]).contains("via 192.0.2.50"));
     let (ok, report) = o.diagnose(0, &[]);
     assert!(ok, "{report}");
