@@ -36,6 +36,9 @@ struct Args {
     /// iperf3 seconds per run.
     #[arg(long, default_value_t = 4)]
     seconds: u32,
+    /// iperf3 rounds per figure (odd; the median is reported).
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
     /// Skip the data-path part.
     #[arg(long)]
     no_data_path: bool,
@@ -300,7 +303,7 @@ fn hand_programmed(host_gw: bool) -> (Cluster, Netns, Netns, Ipv4Addr) {
     (c, a, b, "10.244.2.2".parse().unwrap())
 }
 
-fn data_path(seconds: u32, backend: &str) {
+fn data_path(seconds: u32, rounds: usize, backend: &str) {
     let host_gw = backend == "host-gw";
     let mut o = if host_gw {
         Overlay::with_conf(2, r#"{"Network":"10.244.0.0/16","Backend":{"Type":"host-gw"}}"#)
@@ -322,11 +325,11 @@ fn data_path(seconds: u32, backend: &str) {
     let what = if host_gw { "hand-programmed routes" } else { "hand-programmed VXLAN" };
     let _ = &hc;
     for streams in [1, 4] {
-        // Three rounds, alternating which side goes first: on two cores the
-        // second of two back-to-back runs is measurably faster, and the
-        // alternation cancels that out. Medians are reported.
+        // Rounds alternate which side goes first: on two cores the second of
+        // two back-to-back runs is measurably faster, and the alternation
+        // cancels that out. Medians are reported.
         let (mut ours, mut hand) = (Vec::new(), Vec::new());
-        for round in 0..3 {
+        for round in 0..rounds {
             if round % 2 == 0 {
                 ours.push(iperf(&a, &b, b_addr, streams, seconds));
                 hand.push(iperf(&ha, &hb, hb_addr, streams, seconds));
@@ -335,12 +338,17 @@ fn data_path(seconds: u32, backend: &str) {
                 ours.push(iperf(&a, &b, b_addr, streams, seconds));
             }
         }
+        // Also per round (the two runs of a round are back to back, so they
+        // share the machine's state): the median of those ratios.
+        let mut paired: Vec<f64> = ours.iter().zip(&hand).map(|(o, h)| o / h * 100.0).collect();
+        paired.sort_by(|x, y| x.partial_cmp(y).unwrap());
         ours.sort_by(|x, y| x.partial_cmp(y).unwrap());
         hand.sort_by(|x, y| x.partial_cmp(y).unwrap());
-        let (o, h) = (ours[1], hand[1]);
+        let (o, h) = (ours[rounds / 2], hand[rounds / 2]);
         println!(
-            "iperf3 pod to pod across nodes, {backend}, {streams} stream(s), median of 3: flanneld-rs {o:.2} Gbit/s {ours:.2?}, {what} {h:.2} Gbit/s {hand:.2?}: {:.1}%",
-            o / h * 100.0
+            "iperf3 pod to pod across nodes, {backend}, {streams} stream(s), median of {rounds}: flanneld-rs {o:.2} Gbit/s {ours:.2?}, {what} {h:.2} Gbit/s {hand:.2?}: {:.1}%; per-round ratios {paired:.1?}, median {:.1}%",
+            o / h * 100.0,
+            paired[rounds / 2]
         );
     }
     let (p50, p99) = ping(&a, b_addr);
@@ -361,6 +369,10 @@ fn main() {
         }
     }
     if !args.no_data_path {
-        data_path(args.seconds, &args.backend);
+        if args.rounds % 2 == 0 {
+            eprintln!("--rounds {}: give an odd number (the median is reported)", args.rounds);
+            std::process::exit(2);
+        }
+        data_path(args.seconds, args.rounds, &args.backend);
     }
 }
