@@ -96,16 +96,21 @@ struct ForwardRule {
 /// iptables' FORWARD chain (`table ip filter`, iptables-nft's), if it
 /// exists: our rules in it.
 fn forward_chain() -> Result<Option<Vec<ForwardRule>>, String> {
+    Ok(nft_list(&["chain", "ip", "filter", "FORWARD"])?.map(|v| parse_forward_rules(&v)))
+}
+
+/// `nft -j list <what>` as JSON; `None` when nft says it does not exist.
+fn nft_list(what: &[&str]) -> Result<Option<serde_json::Value>, String> {
     let out = Command::new(flannel_net::host::nft_binary())
-        .args(["-j", "list", "chain", "ip", "filter", "FORWARD"])
+        .args(["-j", "list"])
+        .args(what)
         .stderr(Stdio::null())
         .output()
         .map_err(|e| format!("run nft: {e}"))?;
     if !out.status.success() {
         return Ok(None);
     }
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).map_err(|e| format!("nft -j output: {e}"))?;
-    Ok(Some(parse_forward_rules(&v)))
+    serde_json::from_slice(&out.stdout).map(Some).map_err(|e| format!("nft -j output: {e}"))
 }
 
 fn parse_forward_rules(v: &serde_json::Value) -> Vec<ForwardRule> {
@@ -166,15 +171,7 @@ pub fn ensure_forward(s: &FirewallSpec) -> Result<Option<String>, String> {
 /// Whether our table exists with the chains `s` asks for, and our rules are
 /// in iptables' FORWARD chain if it exists (for diagnose).
 pub fn present(s: &FirewallSpec) -> Result<bool, String> {
-    let out = Command::new(flannel_net::host::nft_binary())
-        .args(["-j", "list", "table", "ip", TABLE])
-        .stderr(Stdio::null())
-        .output()
-        .map_err(|e| format!("run nft: {e}"))?;
-    if !out.status.success() {
-        return Ok(false);
-    }
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).map_err(|e| format!("nft -j output: {e}"))?;
+    let Some(v) = nft_list(&["table", "ip", TABLE])? else { return Ok(false) };
     let chains: Vec<String> = v["nftables"]
         .as_array()
         .into_iter()
