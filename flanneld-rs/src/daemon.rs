@@ -571,7 +571,7 @@ pub async fn run(opts: Opts) -> anyhow::Result<()> {
     let env = subnet_env(&cfg, own.subnet, lp.node.backend.pod_mtu(), opts.ip_masq);
     env.write_atomic(&opts.subnet_file).with_context(|| format!("write {}", opts.subnet_file.display()))?;
     let fw = FirewallSpec::from_opts(&opts, cfg.network, own.subnet);
-    firewall::apply(&fw).map_err(|e| anyhow::anyhow!("nftables table {}: {e}", firewall::TABLE))?;
+    apply_firewall(fw).await.map_err(|e| anyhow::anyhow!("nftables table {}: {e}", firewall::TABLE))?;
     if let Store::Kube { mgr } = &store {
         if opts.set_node_network_unavailable {
             mgr.set_network_available().await?;
@@ -662,7 +662,7 @@ pub async fn run(opts: Opts) -> anyhow::Result<()> {
             }
             _ = periodic.tick() => lp.reconcile("periodic").await,
             _ = resync.tick() => {
-                if let Err(e) = firewall::apply(&fw) {
+                if let Err(e) = apply_firewall(fw).await {
                     error!("re-assert nftables table {}: {e}", firewall::TABLE);
                 }
             }
@@ -691,6 +691,12 @@ pub async fn run(opts: Opts) -> anyhow::Result<()> {
             }
         }
     }
+}
+
+/// [`firewall::apply`] runs `nft` (twice, with iptables' FORWARD chain):
+/// on the blocking pool, not on a runtime worker.
+async fn apply_firewall(fw: FirewallSpec) -> Result<(), String> {
+    tokio::task::spawn_blocking(move || firewall::apply(&fw)).await.unwrap_or_else(|e| Err(format!("nft task: {e}")))
 }
 
 fn renew_delay(acquired: &AcquiredLease, margin: Duration) -> Duration {
