@@ -80,3 +80,30 @@ pub fn ping(client: &Netns, addr: impl std::fmt::Display) -> (f64, f64) {
     rtt.sort_by(|a, b| a.partial_cmp(b).unwrap());
     (pct(&rtt, 0.5), pct(&rtt, 0.99))
 }
+
+/// The reference the benchmarks measure our VXLAN against: kernel VXLAN
+/// between nodes 0 and 1 of `c` programmed by hand with `ip` and `bridge`,
+/// the objects flanneld-rs would make. Overlay 10.`net`.0.0/16; node `i`
+/// holds 10.`net`.(i+1).0/24 on `flannel.1` (MTU 1450, VNI 1, port 8472).
+pub fn vxlan_by_hand(c: &netns_fixtures::Cluster, net: u8) {
+    let macs = ["02:aa:00:00:00:01", "02:aa:00:00:00:02"];
+    let underlay = |i: usize| Ipv4Addr::new(192, 0, 2, 10 + i as u8);
+    for i in 0..2usize {
+        let (me, peer) = (i + 1, 2 - i);
+        let ns = &c.node(i).ns;
+        ns.ip_batch(&[
+            format!(
+                "link add flannel.1 address {} type vxlan id 1 local {} dev eth0 dstport 8472 nolearning",
+                macs[i],
+                underlay(i)
+            ),
+            "link set flannel.1 mtu 1450 up".to_string(),
+            format!("addr add 10.{net}.{me}.0/32 dev flannel.1"),
+            format!("neigh replace 10.{net}.{peer}.0 lladdr {} dev flannel.1 nud permanent", macs[1 - i]),
+            format!("route replace 10.{net}.{peer}.0/24 via 10.{net}.{peer}.0 dev flannel.1 onlink"),
+        ])
+        .unwrap();
+        let dst = underlay(1 - i).to_string();
+        ns.run_ok("bridge", &["fdb", "append", macs[1 - i], "dev", "flannel.1", "dst", &dst, "self", "permanent"]);
+    }
+}

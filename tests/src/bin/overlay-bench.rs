@@ -221,54 +221,25 @@ fn startup(n: usize, leases: usize) {
 fn hand_programmed(host_gw: bool) -> (Cluster, Netns, Netns, Ipv4Addr) {
     let c = Cluster::new(2).unwrap();
     let mut pods = Vec::new();
-    let macs = ["02:aa:00:00:00:01", "02:aa:00:00:00:02"];
     let mtu = if host_gw { "1500" } else { "1450" };
+    if !host_gw {
+        e2e_tests::perf::vxlan_by_hand(&c, 244);
+    }
     for i in 0..2usize {
         let ns = &c.node(i).ns;
         let me = 1 + i;
         let peer = 2 - i;
-        let cmds = if host_gw {
-            vec![
-                format!("route replace 10.244.{peer}.0/24 via 192.0.2.{} dev eth0", 10 + 1 - i),
-                "link add cni0 mtu 1500 type bridge".to_string(),
-                format!("addr add 10.244.{me}.1/24 dev cni0"),
-                "link set cni0 up".to_string(),
-            ]
-        } else {
-            vec![
-                format!(
-                    "link add flannel.1 address {} type vxlan id 1 local 192.0.2.{} dev eth0 dstport 8472 nolearning",
-                    macs[i],
-                    10 + i
-                ),
-                "link set flannel.1 mtu 1450 up".to_string(),
-                format!("addr add 10.244.{me}.0/32 dev flannel.1"),
-                format!("neigh replace 10.244.{peer}.0 lladdr {} dev flannel.1 nud permanent", macs[1 - i]),
-                format!("route replace 10.244.{peer}.0/24 via 10.244.{peer}.0 dev flannel.1 onlink"),
-                "link add cni0 mtu 1450 type bridge".to_string(),
-                format!("addr add 10.244.{me}.1/24 dev cni0"),
-                "link set cni0 up".to_string(),
-            ]
-        };
+        let mut cmds = vec![
+            format!("link add cni0 mtu {mtu} type bridge"),
+            format!("addr add 10.244.{me}.1/24 dev cni0"),
+            "link set cni0 up".to_string(),
+        ];
+        if host_gw {
+            cmds.insert(0, format!("route replace 10.244.{peer}.0/24 via 192.0.2.{} dev eth0", 10 + 1 - i));
+        }
         for cmd in cmds {
             let args: Vec<&str> = cmd.split(' ').collect();
             ns.run_ok("ip", &args);
-        }
-        if !host_gw {
-            ns.run_ok(
-                "bridge",
-                &[
-                    "fdb",
-                    "append",
-                    macs[1 - i],
-                    "dev",
-                    "flannel.1",
-                    "dst",
-                    &format!("192.0.2.{}", 10 + 1 - i),
-                    "self",
-                    "permanent",
-                ],
-            );
         }
         let pod = c.node(i).add_pod_netns("hp").unwrap();
         ns.run_ok(

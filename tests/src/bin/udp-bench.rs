@@ -110,41 +110,6 @@ fn start_by_hand(c: &Cluster, i: usize, tuning: Tuning) -> UdpDataPath {
     dp
 }
 
-fn vxlan_by_hand(c: &Cluster) {
-    let macs = ["02:aa:00:00:00:01", "02:aa:00:00:00:02"];
-    for i in 0..2usize {
-        let (me, peer) = (i + 1, 2 - i);
-        c.node(i)
-            .ns
-            .ip_batch(&[
-                format!(
-                    "link add flannel.1 address {} type vxlan id 1 local {} dev eth0 dstport 8472 nolearning",
-                    macs[i],
-                    underlay(i)
-                ),
-                format!("link set flannel.1 mtu {VXLAN_MTU} up"),
-                format!("addr add 10.245.{me}.0/32 dev flannel.1"),
-                format!("neigh replace 10.245.{peer}.0 lladdr {} dev flannel.1 nud permanent", macs[1 - i]),
-                format!("route replace 10.245.{peer}.0/24 via 10.245.{peer}.0 dev flannel.1 onlink"),
-            ])
-            .unwrap();
-        c.node(i).ns.run_ok(
-            "bridge",
-            &[
-                "fdb",
-                "append",
-                macs[1 - i],
-                "dev",
-                "flannel.1",
-                "dst",
-                &underlay(1 - i).to_string(),
-                "self",
-                "permanent",
-            ],
-        );
-    }
-}
-
 /// socat relaying between a TUN and a UDP socket on each node, one packet
 /// per read and per write (`socat TUN:... UDP-DATAGRAM:peer:port,bind=...`).
 fn socat(c: &Cluster) -> Vec<Child> {
@@ -610,7 +575,7 @@ fn main() {
     let hpods = [add_pod(&c, 0, 244, "vu0", UDP_MTU), add_pod(&c, 1, 244, "vu0", UDP_MTU)];
     let dps = vec![start_by_hand(&c, 0, Tuning::default()), start_by_hand(&c, 1, Tuning::default())];
     let kpods = [add_pod(&c, 0, 245, "vx0", VXLAN_MTU), add_pod(&c, 1, 245, "vx0", VXLAN_MTU)];
-    vxlan_by_hand(&c);
+    e2e_tests::perf::vxlan_by_hand(&c, 245);
     let spods = [add_pod(&c, 0, 246, "vs0", UDP_MTU), add_pod(&c, 1, 246, "vs0", UDP_MTU)];
     let kids = socat(&c);
     let socat_pids = kids.iter().map(Child::id).collect();
