@@ -52,23 +52,39 @@ pub fn summary(mut v: Vec<f64>) -> (f64, f64, f64) {
 /// iperf3 from `client` to a one-shot server in `server` listening on
 /// `addr`:5201, `streams` parallel streams: Gbit/s received.
 pub fn iperf(client: &Netns, server: &Netns, addr: Ipv4Addr, streams: u32, seconds: u32) -> f64 {
+    iperf_sampled(client, server, addr, streams, seconds, || ()).0
+}
+
+/// [`iperf`], with `sample` taken right before and right after the client
+/// runs (CPU counters, for CPU seconds per gigabit): Gbit/s, before, after.
+pub fn iperf_sampled<T>(
+    client: &Netns,
+    server: &Netns,
+    addr: Ipv4Addr,
+    streams: u32,
+    seconds: u32,
+    sample: impl Fn() -> T,
+) -> (f64, T, T) {
     let mut srv = server
         .command("iperf3")
         .args(["-s", "-1", "-p", "5201"])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
-        .unwrap();
+        .expect("iperf3 (apt-get install iperf3)");
     wait_until(Duration::from_secs(5), "iperf3 server", || {
         server.run_ok("ss", &["-Hltn", "sport = :5201"]).contains("5201")
     });
+    let before = sample();
     let out = client.run_ok(
         "iperf3",
         &["-c", &addr.to_string(), "-p", "5201", "-t", &seconds.to_string(), "-P", &streams.to_string(), "-J"],
     );
+    let after = sample();
     let _ = srv.wait();
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
-    v["end"]["sum_received"]["bits_per_second"].as_f64().unwrap() / 1e9
+    let gbps = v["end"]["sum_received"]["bits_per_second"].as_f64().unwrap() / 1e9;
+    (gbps, before, after)
 }
 
 /// Round-trip times of 200 pings, p50 and p99 in ms (NaN when none came back).

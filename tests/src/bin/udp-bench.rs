@@ -222,25 +222,9 @@ impl Relay<'_> {
 
 /// One iperf3 run: Gbit/s, relay CPU s/Gbit, machine CPU s/Gbit.
 fn iperf(client: &Netns, server: &Netns, addr: &str, streams: u32, seconds: u32, relay: &Relay) -> Figure {
-    let mut srv = server
-        .command("iperf3")
-        .args(["-s", "-1", "-p", "5201"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("iperf3 (apt-get install iperf3)");
-    wait_until(Duration::from_secs(5), "iperf3 server", || {
-        server.run_ok("ss", &["-Hltn", "sport = :5201"]).contains("5201")
-    });
-    let (r0, m0) = (relay.cpu(), machine_cpu());
-    let out = client
-        .run("iperf3", &["-c", addr, "-p", "5201", "-t", &seconds.to_string(), "-P", &streams.to_string(), "-J"])
-        .unwrap();
-    let (r1, m1) = (relay.cpu(), machine_cpu());
-    let _ = srv.kill();
-    let _ = srv.wait();
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-    let gbps = v["end"]["sum_received"]["bits_per_second"].as_f64().unwrap_or(0.0) / 1e9;
+    let addr: Ipv4Addr = addr.parse().expect("an IPv4 address");
+    let sample = || (relay.cpu(), machine_cpu());
+    let (gbps, (r0, m0), (r1, m1)) = e2e_tests::perf::iperf_sampled(client, server, addr, streams, seconds, sample);
     let gbit = (gbps * f64::from(seconds)).max(1e-9);
     Figure { gbps, relay_cpu: (r1 - r0) / gbit, machine_cpu: (m1 - m0) / gbit }
 }
