@@ -8,16 +8,15 @@ use flannel_net::netlink::Netlink;
 use flannel_net::SubnetEnv;
 use serde_json::json;
 
-use crate::daemon::{backend_for, etcd_options, kube_ext_iface, kube_options, read_net_conf, subnet_env};
+use crate::backend::{self, Backend};
+use crate::daemon::{etcd_options, kube_options, start, subnet_env, Prepared};
 use crate::firewall::{self, FirewallSpec};
 use crate::flags::Opts;
-use crate::iface;
-use crate::lease::VxlanData;
-use crate::reconcile::plan::{Observed, Op};
+use crate::reconcile::plan::{Device, Observed, Op};
 use crate::reconcile::{desired, kernel, plan};
-use crate::subnet::etcd::EtcdSubnetManager;
-use crate::subnet::kube::KubeSubnetManager;
-use flannel_net::MacAddr;
+use crate::subnet::etcd::EtcdStore;
+use crate::subnet::kube::KubeStore;
+use crate::subnet::LeaseStore;
 
 /// One finding.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -32,66 +31,41 @@ pub struct Finding {
 
 fn describe(op: &Op, observed: &Observed, sources: &BTreeMap<String, String>, dev: &str) -> Finding {
     let peer = |dst: String| sources.get(&dst).map(|s| format!(" (lease {s})")).unwrap_or_default();
-    let f = |kind, what: String, fix: String| Finding { kind, what, fix };
+    let fix = op.as_ip(dev);
+    let f = |kind, what: String| Finding { kind, what, fix: fix.clone() };
     match op {
-        Op::CreateVtep => f("missing", format!("device {dev} does not exist"), format!("create {dev}")),
-        Op::RecreateVtep(why) => f("wrong", format!("device {dev}: {}", why.join("; ")), format!("recreate {dev}")),
-        Op::SetMtu(m) => f(
-            "wrong",
-            format!("{dev} has MTU {}, want {m}", observed.vtep.as_ref().map(|v| v.mtu).unwrap_or(0)),
-            format!("ip link set {dev} mtu {m}"),
-        ),
-        Op::SetUp => f("wrong", format!("{dev} is down"), format!("ip link set {dev} up")),
-        Op::AddAddr(a) => f("missing", format!("{dev} lacks address {a}"), format!("ip addr add {a} dev {dev}")),
-        Op::DelAddr(a) => f(
-            "stale",
-            format!("{dev} carries address {a}, which is not our lease's"),
-            format!("ip addr del {a} dev {dev}"),
-        ),
+        Op::CreateDevice => f("missing", format!("device {dev} does not exist")),
+        Op::RecreateDevice(why) => f("wrong", format!("device {dev}: {}", why.join("; "))),
+        Op::SetMtu(m) => {
+            f("wrong", format!("{dev} has MTU {}, want {m}", observed.device.as_ref().map(|v| v.mtu).unwrap_or(0)))
+        }
+        Op::SetUp => f("wrong", format!("{dev} is down")),
+        Op::AddAddr(a) => f("missing", format!("{dev} lacks address {a}")),
+        Op::DelAddr(a) => f("stale", format!("{dev} carries address {a}, which is not our lease's")),
         Op::SetNeigh(n) => {
-            let have = observed.neighs.iter().find(|x| x.ip == n.ip);
             let src = peer(format!("{}/", n.ip));
-            match have {
-                Some(h) => f(
-                    "wrong",
-                    format!("neighbour {} on {dev} has MAC {}, the lease says {}{src}", n.ip, h.mac, n.mac),
-                    format!("ip neigh replace {} lladdr {} dev {dev} nud permanent", n.ip, n.mac),
-                ),
-                None => f(
-                    "missing",
-                    format!("neighbour {} lladdr {} on {dev} is missing{src}", n.ip, n.mac),
-                    format!("ip neigh replace {} lladdr {} dev {dev} nud permanent", n.ip, n.mac),
-                ),
+            match observed.neighs.iter().find(|x| x.ip == n.ip) {
+                Some(h) => {
+                    f("wrong", format!("neighbour {} on {dev} has MAC {}, the lease says {}{src}", n.ip, h.mac, n.mac))
+                }
+                None => f("missing", format!("neighbour {} lladdr {} on {dev} is missing{src}", n.ip, n.mac)),
             }
         }
-        Op::DelNeigh(n) => f(
-            "stale",
-            format!("neighbour {} lladdr {} on {dev} belongs to no lease", n.ip, n.mac),
-            format!("ip neigh del {} dev {dev}", n.ip),
-        ),
-        Op::SetFdb(x) => f(
-            "missing",
-            format!("FDB entry {} dst {} on {dev} is missing", x.mac, x.dst),
-            format!("bridge fdb replace {} dev {dev} dst {} self permanent", x.mac, x.dst),
-        ),
-        Op::DelFdb(x) => f(
-            "stale",
-            format!("FDB entry {} dst {} on {dev} belongs to no lease", x.mac, x.dst),
-            format!("bridge fdb del {} dev {dev} dst {}", x.mac, x.dst),
-        ),
+        Op::DelNeigh(n) => f("stale", format!("neighbour {} lladdr {} on {dev} belongs to no lease", n.ip, n.mac)),
+        Op::SetFdb(x) => f("missing", format!("FDB entry {} dst {} on {dev} is missing", x.mac, x.dst)),
+        Op::DelFdb(x) => f("stale", format!("FDB entry {} dst {} on {dev} belongs to no lease", x.mac, x.dst)),
+        Op::SetRoute(r) if r.gateway.is_none() => f("missing", format!("route {} dev {dev} is missing", r.dst)),
         Op::SetRoute(r) if !r.onlink => {
             let via = r.gateway.map(|g| g.to_string()).unwrap_or_default();
             f(
                 "missing",
                 format!("direct route {} via {via} on the underlay is missing{}", r.dst, peer(r.dst.to_string())),
-                format!("ip route replace {} via {via}", r.dst),
             )
         }
         Op::SetRoute(r) => {
             let via = r.gateway.map(|g| g.to_string()).unwrap_or_default();
-            let have = observed.routes.iter().find(|x| x.dst == r.dst);
             let src = peer(r.dst.to_string());
-            match have {
+            match observed.routes.iter().find(|x| x.dst == r.dst) {
                 Some(h) => f(
                     "wrong",
                     format!(
@@ -99,107 +73,83 @@ fn describe(op: &Op, observed: &Observed, sources: &BTreeMap<String, String>, de
                         r.dst,
                         h.gateway.map(|g| g.to_string()).unwrap_or("-".into())
                     ),
-                    format!("ip route replace {} via {via} dev {dev} onlink", r.dst),
                 ),
-                None => f(
-                    "missing",
-                    format!("route {} via {via} dev {dev} onlink is missing{src}", r.dst),
-                    format!("ip route replace {} via {via} dev {dev} onlink", r.dst),
-                ),
+                None => f("missing", format!("route {} via {via} dev {dev} onlink is missing{src}", r.dst)),
             }
         }
-        Op::DelRoute(r) => f(
-            "stale",
-            format!("route {} on {dev} belongs to no lease", r.dst),
-            format!("ip route del {} dev {dev}", r.dst),
-        ),
+        Op::DelRoute(r) => f("stale", format!("route {} on {dev} belongs to no lease", r.dst)),
     }
 }
 
 /// Runs the diagnosis; prints it; returns whether the node is converged.
 pub async fn run(opts: &Opts, json_out: bool) -> anyhow::Result<bool> {
+    if opts.kube_subnet_mgr {
+        let store = KubeStore::connect(&kube_options(opts), opts.net_config_path.clone()).await?.without_waiting();
+        run_with(opts, json_out, store).await
+    } else {
+        run_with(opts, json_out, EtcdStore::connect(&etcd_options(opts)).await?).await
+    }
+}
+
+async fn run_with(opts: &Opts, json_out: bool, mut store: impl LeaseStore) -> anyhow::Result<bool> {
     let nl = Netlink::connect()?;
     let mut findings = Vec::new();
-    let (cfg, ext, leases, own) = if opts.kube_subnet_mgr {
-        let cfg = read_net_conf(opts)?;
-        let mgr = KubeSubnetManager::connect(&kube_options(opts)).await?;
-        let node = mgr.own_node().await?;
-        let ext = kube_ext_iface(&nl, opts, &mgr, &node).await?;
-        let (leases, errors) = mgr.list_leases(&cfg).await?;
-        for e in errors {
-            findings.push(Finding {
-                kind: "note",
-                what: format!("lease not usable: {e}"),
-                fix: "fix that Node's annotations".into(),
-            });
-        }
-        let own = leases.iter().find(|l| l.source == format!("node {}", mgr.node_name)).cloned();
-        if own.is_none() {
-            findings.push(Finding {
-                kind: "missing",
-                what: format!(
-                    "node {} has no podCIDR or no flannel annotations ({}/)",
-                    mgr.node_name, opts.kube_annotation_prefix
-                ),
-                fix: "start flanneld-rs on this node (it writes them once the node has a podCIDR)".into(),
-            });
-        }
-        (cfg, ext, leases, own)
-    } else {
-        let ext = iface::select(&nl, opts).await?;
-        let mgr = EtcdSubnetManager::connect(&etcd_options(opts)).await?;
-        let cfg = mgr.network_config().await?;
-        let (leases, _) = mgr.list_leases(&cfg).await?;
-        let own = leases.iter().find(|l| l.public_ip == ext.public_ip).cloned();
-        if own.is_none() {
-            findings.push(Finding {
-                kind: "missing",
-                what: format!("no lease in etcd ({}/subnets/) has PublicIP {}", opts.etcd_prefix, ext.public_ip),
-                fix: "start flanneld-rs on this node (or check --iface/--public-ip)".into(),
-            });
-        }
-        (cfg, ext, leases, own)
-    };
-    let Some(own) = own else {
+    // The daemon's own start-up, up to the lease.
+    let Prepared { cfg, ext, backend } = start(&nl, opts, &mut store).await?;
+    let listing = store.list(&cfg).await?;
+    for e in listing.unusable {
+        findings.push(Finding { kind: "note", what: format!("lease not usable: {e}"), fix: "fix or delete it".into() });
+    }
+    let leases = listing.leases;
+    let Some(own) = store.own(&leases, ext.public_ip).cloned() else {
+        let (what, fix) = store.own_missing(ext.public_ip);
+        findings.push(Finding { kind: "missing", what, fix });
         return report(&findings, json_out);
     };
-    let vni = cfg.vxlan().map(|v| v.vni).unwrap_or(1);
-    let existing = nl.vxlan_by_name(&format!("flannel.{vni}")).await?.and_then(|v| v.mac);
-    let mac = match (existing, own.vxlan, cfg.vxlan()) {
-        (Some(m), _, _) | (None, Some(VxlanData { vtep_mac: m, .. }), _) => m,
-        (None, None, Some(_)) => anyhow::bail!("our lease has no VtepMAC and there is no VTEP"),
-        // Not VXLAN: no MAC is used.
-        (None, None, None) => MacAddr([0; 6]),
-    };
-    let backend = backend_for(&cfg, &ext, mac)?;
     if let (Some(d), Some(v)) = (own.vxlan, backend.vtep()) {
-        if existing.is_some_and(|m| m != d.vtep_mac) {
+        if v.mac != d.vtep_mac {
             findings.push(Finding {
                 kind: "wrong",
-                what: format!("{} has MAC {}, our lease ({}) says {}", v.name, mac, own.source, d.vtep_mac),
+                what: format!("{} has MAC {}, our lease ({}) says {}", v.name, v.mac, own.source, d.vtep_mac),
                 fix: "restart flanneld-rs so that it re-advertises the device's MAC".into(),
             });
         }
     }
     let (want, rejected) = desired::desired(&cfg, &own, &backend, ext.addr.trunc(), &leases);
-    let observed = kernel::observe(&nl, &backend, cfg.network).await?;
+    let device = want.device.as_ref().map(|d| d.name().to_string());
+    let observed = kernel::observe(&nl, device.as_deref(), backend.sweep(), cfg.network).await?;
     let mut sources = BTreeMap::new();
     for l in &leases {
         sources.insert(l.subnet.to_string(), l.source.clone());
         sources.insert(format!("{}/", l.subnet.network()), l.source.clone());
     }
-    for op in plan::plan(&want, &observed) {
-        findings.push(describe(&op, &observed, &sources, backend.device_name()));
+    let ops = plan::plan(&want, &observed);
+    if let (Some(Device::Tun(_)), Some(Op::CreateDevice)) = (&want.device, ops.first()) {
+        findings.push(Finding {
+            kind: "missing",
+            what: format!("device {} does not exist", backend.device_name()),
+            fix: "start flanneld-rs (its data path creates the device)".into(),
+        });
+    } else {
+        for op in &ops {
+            findings.push(describe(op, &observed, &sources, backend.device_name()));
+        }
     }
-    for (_, name) in crate::daemon::leftover_devices(&nl, &backend, cfg.network).await? {
+    for (_, name) in backend::leftover_devices(&nl, &backend, cfg.network).await? {
         findings.push(Finding {
             kind: "stale",
             what: format!("device {name} is an earlier backend's (it carries an address in {})", cfg.network),
             fix: format!("ip link del {name} (flanneld-rs does at start)"),
         });
     }
-    if let crate::reconcile::Backend::Udp(spec) = &backend {
-        udp_findings(&nl, spec, own.subnet, cfg.network, &mut findings).await?;
+    if let Backend::Udp(spec) = &backend {
+        if !udp_listening(spec.bind, spec.port) {
+            findings.push(Finding {
+                kind: "missing",
+                what: format!("nothing listens on UDP {}:{}: the udp data path is not running", spec.bind, spec.port),
+                fix: "start flanneld-rs (or look in its log for why the data path stopped)".into(),
+            });
+        }
     }
     for r in rejected {
         findings.push(Finding {
@@ -250,44 +200,6 @@ pub async fn run(opts: &Opts, json_out: bool) -> anyhow::Result<bool> {
         });
     }
     report(&findings, json_out)
-}
-
-/// udp: the TUN device as the data path keeps it, and a socket on the port.
-/// (The peer table lives in the daemon's memory; `/metrics` counts it.)
-async fn udp_findings(
-    nl: &Netlink,
-    spec: &crate::reconcile::UdpSpec,
-    subnet: ipnet::Ipv4Net,
-    network: ipnet::Ipv4Net,
-    findings: &mut Vec<Finding>,
-) -> anyhow::Result<()> {
-    let dev = crate::daemon::udp_device(spec, subnet, network);
-    match crate::udp::kernel::inspect(nl, &dev).await? {
-        None => findings.push(Finding {
-            kind: "missing",
-            what: format!("device {} does not exist", spec.name),
-            fix: "start flanneld-rs (its udp data path creates the device)".into(),
-        }),
-        Some((_, faults)) => {
-            for fault in faults {
-                let kind = match fault {
-                    crate::udp::kernel::Fault::StaleAddr(_) => "stale",
-                    crate::udp::kernel::Fault::MissingAddr | crate::udp::kernel::Fault::MissingRoute => "missing",
-                    _ => "wrong",
-                };
-                let (what, fix) = fault.describe(&dev);
-                findings.push(Finding { kind, what, fix });
-            }
-        }
-    }
-    if !udp_listening(spec.bind, spec.port) {
-        findings.push(Finding {
-            kind: "missing",
-            what: format!("nothing listens on UDP {}:{}: the udp data path is not running", spec.bind, spec.port),
-            fix: "start flanneld-rs (or look in its log for why the data path stopped)".into(),
-        });
-    }
-    Ok(())
 }
 
 /// Whether a socket in this network namespace is bound to `ip:port` (or

@@ -16,10 +16,9 @@ use std::time::{Duration, Instant, SystemTime};
 
 use etcd_client::{Client, CompactionOptions, ConnectOptions, GetOptions, LeaseTimeToLiveOptions, PutOptions};
 use flanneld_rs::config::NetworkConfig;
-use flanneld_rs::lease::{Lease, LeaseAttrs, LeaseEvent, VxlanData};
-use flanneld_rs::subnet::etcd::{
-    encode_lease_value, subnet_key, AcquiredLease, EtcdOptions, EtcdSubnetManager, SubnetError,
-};
+use flanneld_rs::lease::{encode_value, BackendType, Lease, LeaseAttrs, LeaseEvent, VxlanData};
+use flanneld_rs::subnet::etcd::{subnet_key, AcquiredLease, EtcdOptions, EtcdSubnetManager};
+use flanneld_rs::subnet::StoreError;
 use ipnet::Ipv4Net;
 use netns_fixtures::Netns;
 use nix::sched::{setns, CloneFlags};
@@ -166,7 +165,7 @@ async fn put_config(c: &mut Client, text: &str) -> NetworkConfig {
 fn attrs(host: u8) -> LeaseAttrs {
     LeaseAttrs {
         public_ip: Ipv4Addr::new(192, 0, 2, host),
-        backend_type: "vxlan".into(),
+        backend: BackendType::Vxlan,
         vxlan: Some(VxlanData { vni: 1, vtep_mac: format!("02:00:00:00:00:{host:02x}").parse().unwrap() }),
     }
 }
@@ -182,7 +181,7 @@ async fn get_value(c: &mut Client, key: &str) -> Option<(String, i64)> {
 
 async fn put_lease(c: &mut Client, subnet: &str, host: u8) -> String {
     let key = subnet_key(PREFIX, net(subnet));
-    c.put(key.clone(), encode_lease_value(&attrs(host)), None).await.expect("put lease");
+    c.put(key.clone(), encode_value(&attrs(host)), None).await.expect("put lease");
     key
 }
 
@@ -200,7 +199,7 @@ async fn snapshot_where(rx: &mut mpsc::Receiver<LeaseEvent>, what: &str, ok: imp
             .unwrap_or_else(|_| panic!("no snapshot where {what} in time"))
             .expect("watcher ended");
         match ev {
-            LeaseEvent::Snapshot(s) if ok(&s) => return s,
+            LeaseEvent::Snapshot(s) if ok(&s.to_vec()) => return s.to_vec(),
             LeaseEvent::Snapshot(_) => {}
             LeaseEvent::Revoked(k) => panic!("unexpected Revoked({k}) while waiting for {what}"),
         }
@@ -223,13 +222,13 @@ fn config_is_read_and_validation_errors_name_key_and_field() {
     with_etcd(|| async {
         let m = manager().await;
         let e = m.network_config().await.unwrap_err();
-        assert!(matches!(e, SubnetError::ConfigMissing { .. }), "{e:?}");
+        assert!(matches!(e, StoreError::ConfigMissing { .. }), "{e:?}");
         assert!(e.to_string().contains("/coreos.com/network/config"), "{e}");
 
         let mut c = raw_client().await;
         c.put(format!("{PREFIX}/config"), r#"{"Network":"10.5.0.0/16","SubnetLen":31}"#, None).await.unwrap();
         let e = m.network_config().await.unwrap_err();
-        assert!(matches!(e, SubnetError::Config(_)), "{e:?}");
+        assert!(matches!(e, StoreError::Config(_)), "{e:?}");
         let msg = e.to_string();
         assert!(msg.contains("/coreos.com/network/config") && msg.contains("SubnetLen 31"), "{msg}");
 
@@ -288,7 +287,7 @@ fn acquire_writes_flannels_json_with_a_24h_lease_and_is_idempotent() {
         assert_eq!((b.lease.subnet, &b.key), (a.lease.subnet, &a.key));
         assert_eq!(b.lease.vxlan.unwrap().vtep_mac.to_string(), "02:aa:00:00:00:0a");
         let (value, lease_id) = get_value(&mut c, &b.key).await.unwrap();
-        assert_eq!(value, encode_lease_value(&again_attrs));
+        assert_eq!(value, encode_value(&again_attrs));
         assert_eq!(Some(lease_id), b.etcd_lease_id);
         assert_eq!(c.lease_time_to_live(lease_id, None).await.unwrap().granted_ttl(), 86400);
         // The old etcd lease, now without keys, was revoked: one lease left.
@@ -346,7 +345,7 @@ fn reservations_are_kept_for_their_owner() {
         let a = m.acquire_lease(&cfg, &attrs(10), Some(net("10.5.9.0/24"))).await.unwrap();
         assert_eq!(a.lease.subnet, net("10.5.10.0/24"), "the reservation must not be taken");
         let e = m.acquire_lease(&cfg, &attrs(11), None).await.unwrap_err();
-        assert!(matches!(e, SubnetError::OutOfSubnets { .. }), "{e:?}");
+        assert!(matches!(e, StoreError::OutOfSubnets { .. }), "{e:?}");
 
         // Its owner uses it (with a new MAC), and it stays a reservation.
         let mut owner = attrs(50);
@@ -354,7 +353,7 @@ fn reservations_are_kept_for_their_owner() {
         let r = m.acquire_lease(&cfg, &owner, None).await.unwrap();
         assert_eq!((r.lease.subnet, &r.key, r.etcd_lease_id), (net("10.5.9.0/24"), &reserved, None));
         let (value, lease_id) = get_value(&mut c, &reserved).await.unwrap();
-        assert_eq!((value, lease_id), (encode_lease_value(&owner), 0));
+        assert_eq!((value, lease_id), (encode_value(&owner), 0));
         // Renewing a reservation checks it is still there.
         let r2 = m.renew_lease(&r).await.unwrap();
         assert_eq!(r2.etcd_lease_id, None);
@@ -362,7 +361,7 @@ fn reservations_are_kept_for_their_owner() {
         // Re-reserved for another node: revoked.
         put_lease(&mut c, "10.5.9.0/24", 51).await;
         let e = m.renew_lease(&r2).await.unwrap_err();
-        assert!(matches!(e, SubnetError::Revoked { .. }), "{e:?}");
+        assert!(matches!(e, StoreError::Revoked { .. }), "{e:?}");
         assert!(e.to_string().contains("192.0.2.51"), "{e}");
     });
 }
@@ -433,7 +432,7 @@ fn out_of_subnets_is_a_clear_error() {
         c2.delete(subnet_key(PREFIX, net("10.5.3.0/24")), None).await.unwrap();
         c2.put(subnet_key(PREFIX, net("10.5.3.0/24")), "garbage", None).await.unwrap();
         let e = m.acquire_lease(&cfg, &attrs(12), None).await.unwrap_err();
-        assert!(matches!(e, SubnetError::OutOfSubnets { .. }), "{e:?}");
+        assert!(matches!(e, StoreError::OutOfSubnets { .. }), "{e:?}");
     });
 }
 
@@ -467,17 +466,17 @@ fn renew_extends_the_ttl_and_notices_revocation() {
         let other = c.lease_grant(600, None).await.unwrap().id();
         c.put(a.key.clone(), "x", Some(PutOptions::new().with_lease(other))).await.unwrap();
         let e = m.renew_lease(&r).await.unwrap_err();
-        assert!(matches!(e, SubnetError::Revoked { .. }), "{e:?}");
+        assert!(matches!(e, StoreError::Revoked { .. }), "{e:?}");
         // Deleted: revoked.
         c.delete(a.key.clone(), None).await.unwrap();
         let e = m.renew_lease(&r).await.unwrap_err();
-        assert!(matches!(&e, SubnetError::Revoked { key, .. } if key == &a.key), "{e:?}");
+        assert!(matches!(&e, StoreError::Revoked { key, .. } if key == &a.key), "{e:?}");
         assert!(e.to_string().contains(&a.key), "{e}");
         // Its etcd lease revoked (the key goes with it): revoked.
         let b = m.acquire_lease(&cfg, &attrs(11), None).await.unwrap();
         c.lease_revoke(b.etcd_lease_id.unwrap()).await.unwrap();
         let e = m.renew_lease(&b).await.unwrap_err();
-        assert!(matches!(e, SubnetError::Revoked { .. }), "{e:?}");
+        assert!(matches!(e, StoreError::Revoked { .. }), "{e:?}");
         let ttl = c.lease_time_to_live(b.etcd_lease_id.unwrap(), Some(LeaseTimeToLiveOptions::new())).await;
         assert!(ttl.map(|t| t.ttl() <= 0).unwrap_or(true));
     });
@@ -496,12 +495,12 @@ fn watcher_sends_snapshots_skips_malformed_and_reports_revocation() {
         // Malformed from the start: skipped by the initial list.
         let bad1 = subnet_key(PREFIX, net("10.5.66.0/24"));
         c.put(bad1.clone(), r#"{"PublicIP":"127.0.0.1","BackendType":"vxlan"}"#, None).await.unwrap();
-        c.put(format!("{PREFIX}/subnets/not-a-subnet"), encode_lease_value(&attrs(66)), None).await.unwrap();
+        c.put(format!("{PREFIX}/subnets/not-a-subnet"), encode_value(&attrs(66)), None).await.unwrap();
 
         let (tx, mut rx) = mpsc::channel(16);
         let task = m.spawn_watcher(cfg.clone(), own.key.clone(), tx);
         match next_event(&mut rx).await {
-            LeaseEvent::Snapshot(s) => assert_eq!(s, vec![own.lease.clone()]),
+            LeaseEvent::Snapshot(s) => assert_eq!(s.to_vec(), vec![own.lease.clone()]),
             other => panic!("first event {other:?}"),
         }
 
@@ -521,7 +520,7 @@ fn watcher_sends_snapshots_skips_malformed_and_reports_revocation() {
         )
         .await
         .unwrap();
-        c.put(subnet_key(PREFIX, net("10.6.4.0/24")), encode_lease_value(&attrs(12)), None).await.unwrap();
+        c.put(subnet_key(PREFIX, net("10.6.4.0/24")), encode_value(&attrs(12)), None).await.unwrap();
         put_lease(&mut c, "10.5.5.0/24", 13).await;
         let s = snapshot_where(&mut rx, "10.5.5.0/24 is in", |s| has(s, "10.5.5.0/24")).await;
         assert_eq!(subnets(&s), ["10.5.1.0/24", "10.5.2.0/24", "10.5.5.0/24"]);
@@ -546,7 +545,7 @@ fn watcher_sends_snapshots_skips_malformed_and_reports_revocation() {
                     assert_eq!(k, own.key);
                     revoked += 1;
                 }
-                LeaseEvent::Snapshot(s) => saw_without_own |= !has(&s, "10.5.1.0/24"),
+                LeaseEvent::Snapshot(s) => saw_without_own |= !has(&s.to_vec(), "10.5.1.0/24"),
             }
         }
         assert!(saw_without_own);

@@ -1,14 +1,13 @@
-//! From the lease set to the kernel state we want (VXLAN, host-gw), and to
-//! the udp data path's peer table.
+//! From the lease set to the kernel state we want, and to a user-space data
+//! path's peer table. The backend says what each peer asks for; this module
+//! applies the checks every backend shares and gathers the result.
 
 use std::collections::BTreeMap;
-use std::net::{IpAddr, Ipv4Addr};
 
-use flannel_net::netlink::{Fdb, Neigh, Route, VxlanSpec};
-use ipnet::{IpNet, Ipv4Net};
+use ipnet::Ipv4Net;
 
-use super::plan::{Desired, PeerEntries};
-use super::Backend;
+use super::plan::Desired;
+use crate::backend::{check_peer, Backend, PeerWant};
 use crate::config::NetworkConfig;
 use crate::lease::Lease;
 
@@ -21,7 +20,7 @@ pub struct Rejected {
     pub reason: String,
 }
 
-/// The VTEP address: the first address of the subnet, as a /32.
+/// The device address: the first address of the subnet, as a /32.
 pub fn vtep_addr(subnet: Ipv4Net) -> Ipv4Net {
     Ipv4Net::new(subnet.network(), 32).expect("a /32 is valid")
 }
@@ -32,12 +31,12 @@ pub fn vtep_addr(subnet: Ipv4Net) -> Ipv4Net {
 /// interface's subnet: with VXLAN's `DirectRouting`, a peer whose public IP is
 /// on it is reached with a plain route through the underlay (no tunnel); with
 /// host-gw every peer must be on it.
-pub fn desired(
+pub fn desired<'a>(
     cfg: &NetworkConfig,
     own: &Lease,
     backend: &Backend,
     segment: Ipv4Net,
-    leases: &[Lease],
+    leases: impl IntoIterator<Item = &'a Lease>,
 ) -> (Desired, Vec<Rejected>) {
     let mut peers = BTreeMap::new();
     let mut tunnel = BTreeMap::new();
@@ -52,128 +51,28 @@ pub fn desired(
             }
             continue;
         }
-        if let Backend::Udp(_) = backend {
-            match check(cfg, own, l).and_then(|()| udp_peer(l)) {
-                Ok(ip) => {
-                    tunnel.insert(l.subnet, ip);
-                }
-                Err(reason) => rejected.push(Rejected { source: l.source.clone(), reason }),
-            }
-            continue;
-        }
-        let entries = check(cfg, own, l).and_then(|()| match backend {
-            Backend::Vxlan(vtep) => vxlan_entries(cfg, vtep, segment, l),
-            Backend::HostGw { dev, .. } => host_gw_entries(*dev, segment, l),
-            Backend::Udp(_) => unreachable!("handled above"),
-        });
-        match entries {
-            Ok(entries) => {
+        match check_peer(cfg, own, backend, l).and_then(|()| backend.peer(segment, l)) {
+            Ok(PeerWant::Kernel(entries)) => {
                 peers.insert(l.subnet, entries);
+            }
+            Ok(PeerWant::Tunnel(ip)) => {
+                tunnel.insert(l.subnet, ip);
             }
             Err(reason) => rejected.push(Rejected { source: l.source.clone(), reason }),
         }
     }
-    let vtep = backend.vtep().cloned();
-    let addr = vtep.as_ref().map(|_| vtep_addr(own.subnet));
-    (Desired { addr, vtep, peers, tunnel }, rejected)
-}
-
-/// udp: the peer's public IP, where its data path listens (on our port:
-/// flannel's udp leases carry no port, every node uses the configured one).
-fn udp_peer(l: &Lease) -> Result<Ipv4Addr, String> {
-    if l.backend_type != "udp" {
-        return Err(format!("BackendType {:?} is not udp", l.backend_type));
-    }
-    Ok(l.public_ip)
-}
-
-fn bad_public_ip(ip: Ipv4Addr) -> Option<&'static str> {
-    if ip.is_loopback() {
-        Some("a loopback address")
-    } else if ip.is_multicast() {
-        Some("a multicast address")
-    } else if ip.is_unspecified() || ip.is_broadcast() {
-        Some("not a unicast address")
-    } else {
-        None
-    }
-}
-
-/// What every backend asks of a peer lease.
-fn check(cfg: &NetworkConfig, own: &Lease, l: &Lease) -> Result<(), String> {
-    if !cfg.network.contains(&l.subnet) {
-        return Err(format!("subnet {} is outside Network {}", l.subnet, cfg.network));
-    }
-    if l.subnet.prefix_len() != cfg.subnet_len {
-        return Err(format!("subnet {} is not a /{} (SubnetLen)", l.subnet, cfg.subnet_len));
-    }
-    if let Some(why) = bad_public_ip(l.public_ip) {
-        return Err(format!("PublicIP {} is {why}", l.public_ip));
-    }
-    if l.public_ip == own.public_ip {
-        return Err(format!("PublicIP {} is our own address", l.public_ip));
-    }
-    Ok(())
-}
-
-/// host-gw: a route to the peer's subnet via its public IP, which must be on
-/// our segment (the kernel could not resolve the next hop otherwise).
-fn host_gw_entries(dev: u32, segment: Ipv4Net, l: &Lease) -> Result<PeerEntries, String> {
-    if l.backend_type != "host-gw" {
-        return Err(format!("BackendType {:?} is not host-gw", l.backend_type));
-    }
-    if !segment.contains(&l.public_ip) {
-        return Err(format!(
-            "PublicIP {} is not on our segment {segment}: host-gw needs every node on one L2 network",
-            l.public_ip
-        ));
-    }
-    Ok(PeerEntries {
-        route: Route {
-            dst: IpNet::V4(l.subnet),
-            gateway: Some(IpAddr::V4(l.public_ip)),
-            oif: Some(dev),
-            onlink: false,
-        },
-        neigh: None,
-        fdb: None,
-    })
-}
-
-fn vxlan_entries(cfg: &NetworkConfig, vtep: &VxlanSpec, segment: Ipv4Net, l: &Lease) -> Result<PeerEntries, String> {
-    if l.backend_type != "vxlan" {
-        return Err(format!("BackendType {:?} is not vxlan", l.backend_type));
-    }
-    let Some(data) = l.vxlan else {
-        return Err("BackendData has no VtepMAC".into());
-    };
-    if data.vni != vtep.vni {
-        return Err(format!("VNI {} differs from ours ({})", data.vni, vtep.vni));
-    }
-    if cfg.vxlan().is_some_and(|v| v.direct_routing) && segment.contains(&l.public_ip) {
-        return Ok(PeerEntries {
-            route: Route {
-                dst: IpNet::V4(l.subnet),
-                gateway: Some(IpAddr::V4(l.public_ip)),
-                oif: Some(vtep.dev),
-                onlink: false,
-            },
-            neigh: None,
-            fdb: None,
-        });
-    }
-    let gw = l.subnet.network();
-    Ok(PeerEntries {
-        route: Route { dst: IpNet::V4(l.subnet), gateway: Some(IpAddr::V4(gw)), oif: None, onlink: true },
-        neigh: Some(Neigh { ip: gw, mac: data.vtep_mac }),
-        fdb: Some(Fdb { mac: data.vtep_mac, dst: l.public_ip }),
-    })
+    let device = backend.device();
+    let addr = device.as_ref().map(|_| vtep_addr(own.subnet));
+    let routes = backend.device_routes(cfg.network);
+    (Desired { device, addr, peers, tunnel, routes }, rejected)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::lease::VxlanData;
+    use crate::backend::{HostGwSpec, UdpSpec};
+    use crate::lease::{BackendType, VxlanData};
+    use crate::reconcile::plan::Device;
 
     fn cfg() -> NetworkConfig {
         NetworkConfig::parse(r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#, "test").unwrap()
@@ -183,7 +82,7 @@ mod tests {
         Lease {
             subnet: subnet.parse().unwrap(),
             public_ip: ip.parse().unwrap(),
-            backend_type: "vxlan".into(),
+            backend: BackendType::Vxlan,
             vxlan: mac.map(|m| VxlanData { vni: 1, vtep_mac: m.parse().unwrap() }),
             source: format!("/coreos.com/network/subnets/{}", subnet.replace('/', "-")),
         }
@@ -195,7 +94,7 @@ mod tests {
     fn bad_leases_are_rejected_with_reasons_and_the_rest_programmed() {
         let own = lease("10.244.1.0/24", "192.0.2.10", Some("02:00:00:00:00:10"));
         let mut other_backend = lease("10.244.6.0/24", "192.0.2.16", Some("02:00:00:00:00:16"));
-        other_backend.backend_type = "host-gw".into();
+        other_backend.backend = BackendType::HostGw;
         let leases = vec![
             own.clone(),
             lease("10.244.2.0/24", "192.0.2.11", Some("02:00:00:00:00:11")),
@@ -207,7 +106,13 @@ mod tests {
             lease("10.244.7.0/24", "192.0.2.17", None),
             lease("10.244.1.0/24", "192.0.2.99", Some("02:00:00:00:00:99")),
         ];
-        let (d, rejected) = desired(&cfg(), &own, &Backend::Vxlan(spec()), "192.0.2.0/24".parse().unwrap(), &leases);
+        let (d, rejected) = desired(
+            &cfg(),
+            &own,
+            &Backend::Vxlan { vtep: spec(), direct_routing: false },
+            "192.0.2.0/24".parse().unwrap(),
+            &leases,
+        );
         assert_eq!(d.peers.keys().map(|k| k.to_string()).collect::<Vec<_>>(), ["10.244.2.0/24"]);
         assert_eq!(d.addr.unwrap().to_string(), "10.244.1.0/32");
         let reasons: Vec<String> = rejected.iter().map(|r| format!("{}: {}", r.source, r.reason)).collect();
@@ -238,8 +143,13 @@ mod tests {
         let own = lease("10.244.1.0/24", "192.0.2.10", Some("02:00:00:00:00:10"));
         let near = lease("10.244.2.0/24", "192.0.2.11", Some("02:00:00:00:00:11"));
         let far = lease("10.244.3.0/24", "198.51.100.7", Some("02:00:00:00:00:12"));
-        let (d, rejected) =
-            desired(&cfg, &own, &Backend::Vxlan(spec()), "192.0.2.0/24".parse().unwrap(), &[own.clone(), near, far]);
+        let (d, rejected) = desired(
+            &cfg,
+            &own,
+            &Backend::Vxlan { vtep: spec(), direct_routing: true },
+            "192.0.2.0/24".parse().unwrap(),
+            &[own.clone(), near, far],
+        );
         assert!(rejected.is_empty());
         let near = &d.peers[&"10.244.2.0/24".parse().unwrap()];
         assert_eq!(near.route.gateway, Some("192.0.2.11".parse().unwrap()));
@@ -253,7 +163,7 @@ mod tests {
     #[test]
     fn host_gw_routes_via_peers_on_the_segment_and_rejects_the_rest() {
         let cfg = NetworkConfig::parse(r#"{"Network":"10.244.0.0/16","Backend":{"Type":"host-gw"}}"#, "t").unwrap();
-        let hg = |subnet: &str, ip: &str| Lease { backend_type: "host-gw".into(), ..lease(subnet, ip, None) };
+        let hg = |subnet: &str, ip: &str| Lease { backend: BackendType::HostGw, ..lease(subnet, ip, None) };
         let own = hg("10.244.1.0/24", "192.0.2.10");
         let leases = [
             own.clone(),
@@ -261,9 +171,9 @@ mod tests {
             hg("10.244.3.0/24", "198.51.100.7"),
             lease("10.244.4.0/24", "192.0.2.13", Some("02:00:00:00:00:13")),
         ];
-        let backend = Backend::HostGw { dev: 2, name: "eth0".into(), mtu: 1500 };
+        let backend = Backend::HostGw(HostGwSpec { dev: 2, name: "eth0".into(), mtu: 1500 });
         let (d, rejected) = desired(&cfg, &own, &backend, "192.0.2.0/24".parse().unwrap(), &leases);
-        assert_eq!(d.vtep, None);
+        assert_eq!(d.device, None);
         assert_eq!(d.addr, None);
         assert_eq!(d.peers.len(), 1);
         let p = &d.peers[&"10.244.2.0/24".parse().unwrap()];
@@ -288,7 +198,7 @@ mod tests {
     #[test]
     fn udp_peers_go_to_the_data_path_with_nothing_in_the_kernel() {
         let cfg = NetworkConfig::parse(r#"{"Network":"10.244.0.0/16","Backend":{"Type":"udp"}}"#, "t").unwrap();
-        let udp = |subnet: &str, ip: &str| Lease { backend_type: "udp".into(), ..lease(subnet, ip, None) };
+        let udp = |subnet: &str, ip: &str| Lease { backend: BackendType::Udp, ..lease(subnet, ip, None) };
         let own = udp("10.244.1.0/24", "192.0.2.10");
         let leases = [
             own.clone(),
@@ -298,7 +208,7 @@ mod tests {
             lease("10.244.4.0/24", "192.0.2.13", Some("02:00:00:00:00:13")),
             udp("10.244.5.0/24", "127.0.0.1"),
         ];
-        let backend = Backend::Udp(crate::reconcile::UdpSpec {
+        let backend = Backend::Udp(UdpSpec {
             name: "flannel0".into(),
             dev: 2,
             bind: "192.0.2.10".parse().unwrap(),
@@ -306,7 +216,9 @@ mod tests {
             mtu: 1472,
         });
         let (d, rejected) = desired(&cfg, &own, &backend, "192.0.2.0/24".parse().unwrap(), &leases);
-        assert_eq!((d.vtep, d.addr, d.peers.len()), (None, None, 0));
+        assert_eq!(d.peers.len(), 0);
+        assert_eq!(d.device, Some(Device::Tun(crate::reconcile::plan::TunSpec { name: "flannel0".into(), mtu: 1472 })));
+        assert_eq!(d.routes.len(), 1);
         let tunnel: Vec<String> = d.tunnel.iter().map(|(s, ip)| format!("{s} {ip}")).collect();
         assert_eq!(tunnel, ["10.244.2.0/24 192.0.2.11", "10.244.3.0/24 198.51.100.7"]);
         let reasons: Vec<&str> = rejected.iter().map(|r| r.reason.as_str()).collect();

@@ -6,27 +6,38 @@ use futures_util::StreamExt;
 use ipnet::IpNet;
 use ipnet::Ipv4Net;
 
-use super::plan::{Desired, Observed, Op};
-use super::Backend;
+use super::plan::{Desired, Device, Observed, Op};
 
-/// Dumps the state we own: our VTEP, its IPv4 addresses, the main-table
-/// routes through it, its permanent neighbours and FDB entries, and (for
-/// host-gw and `DirectRouting`) routes through the underlay to subnets of
-/// `cluster` that have a next hop (for udp: such routes through any device).
-pub async fn observe(nl: &Netlink, backend: &Backend, cluster: Ipv4Net) -> NlResult<Observed> {
+/// Which routes with a next hop into the cluster network, besides those
+/// through our device, are ours to keep in line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sweep {
+    /// None (only routes through our device are ours).
+    None,
+    /// Those through the underlay interface with this index (host-gw, and
+    /// VXLAN's `DirectRouting`).
+    Underlay(u32),
+    /// Those through any device (udp: any such route takes traffic away from
+    /// its data path).
+    AnyDevice,
+}
+
+/// Dumps the state we own: our device (`device`, by name), its IPv4
+/// addresses, the main-table routes through it, its permanent neighbours and
+/// FDB entries, and the routes `sweep` names to subnets of `cluster`.
+pub async fn observe(nl: &Netlink, device: Option<&str>, sweep: Sweep, cluster: Ipv4Net) -> NlResult<Observed> {
     let all_routes = nl.routes_v4().await?;
-    let underlay = backend.underlay();
-    // With udp no route to a part of the Network has a next hop: any such
-    // route (a host-gw or VXLAN backend's leftover, on any device) would
-    // take traffic away from the data path.
-    let any_device = matches!(backend, Backend::Udp(_));
     let direct = |r: &Route| {
-        (any_device || r.oif == Some(underlay))
-            && r.gateway.is_some()
+        let ours = match sweep {
+            Sweep::None => false,
+            Sweep::Underlay(u) => r.oif == Some(u),
+            Sweep::AnyDevice => true,
+        };
+        ours && r.gateway.is_some()
             && matches!(r.dst, IpNet::V4(d) if cluster.contains(&d) && d.prefix_len() > cluster.prefix_len())
     };
-    let link = match backend.vtep() {
-        Some(vtep) => nl.vxlan_by_name(&vtep.name).await?,
+    let link = match device {
+        Some(name) => nl.vxlan_by_name(name).await?,
         None => None,
     };
     let Some(link) = link else {
@@ -38,9 +49,10 @@ pub async fn observe(nl: &Netlink, backend: &Backend, cluster: Ipv4Net) -> NlRes
         .into_iter()
         .filter(|r| (r.oif == Some(index) && matches!(r.dst, IpNet::V4(_))) || direct(r))
         .collect();
+    // A TUN has no neighbours or FDB; the dumps are cheap and keep one path.
     let neighs = nl.neighs(index).await?;
     let fdbs = nl.fdbs(index).await?;
-    Ok(Observed { vtep: Some(link), addrs, routes, neighs, fdbs })
+    Ok(Observed { device: Some(link), addrs, routes, neighs, fdbs })
 }
 
 /// Requests in flight at once within a phase. The kernel handles them one by
@@ -54,22 +66,30 @@ const PIPELINE: usize = 64;
 /// reconcile retries it) and returns every error; "already there" on add and
 /// "already gone" on delete count as success.
 pub async fn apply(nl: &Netlink, desired: &Desired, observed: &Observed, ops: &[Op]) -> Vec<NlError> {
-    let name = desired.vtep.as_ref().map(|v| v.name.as_str()).unwrap_or("the underlay");
+    let name = desired.device.as_ref().map(|d| d.name()).unwrap_or("the underlay");
     // Without a device of ours (host-gw) every route names its interface.
-    let mut index = match &desired.vtep {
-        Some(_) => observed.vtep.as_ref().map(|v| v.index),
+    let mut index = match &desired.device {
+        Some(_) => observed.device.as_ref().map(|v| v.index),
         None => Some(0),
     };
     let mut errors = Vec::new();
     let mut rest = ops;
     while let Some(first) = rest.first() {
-        if let Op::CreateVtep | Op::RecreateVtep(_) = first {
+        if let Op::CreateDevice | Op::RecreateDevice(_) = first {
             let result: NlResult<()> = async {
-                if matches!(first, Op::RecreateVtep(_)) {
+                if matches!(first, Op::RecreateDevice(_)) {
                     nl.del_link_by_name(name).await?;
                 }
-                nl.add_vxlan(desired.vtep.as_ref().expect("only VXLAN plans create a device")).await?;
-                index = nl.link_by_name(name).await?.map(|l| l.index);
+                match desired.device.as_ref().expect("only plans with a device create one") {
+                    Device::Vxlan(spec) => {
+                        nl.add_vxlan(spec).await?;
+                        index = nl.link_by_name(name).await?.map(|l| l.index);
+                    }
+                    // A TUN is made by the data path that owns its queues
+                    // (the driver starts it before applying); without it
+                    // there is nothing to apply to.
+                    Device::Tun(_) => index = None,
+                }
                 Ok(())
             }
             .await;
@@ -99,7 +119,7 @@ async fn apply_one(nl: &Netlink, name: &str, idx: u32, op: &Op) -> NlResult<()> 
         other => other,
     };
     match op {
-        Op::CreateVtep | Op::RecreateVtep(_) => unreachable!("handled by apply"),
+        Op::CreateDevice | Op::RecreateDevice(_) => unreachable!("handled by apply"),
         Op::SetMtu(m) => nl.set_mtu(idx, name, *m).await,
         Op::SetUp => nl.set_up(idx, name).await,
         Op::AddAddr(a) => tolerate(nl.add_addr(idx, name, *a).await, NlError::is_exists),

@@ -26,11 +26,59 @@ pub struct PeerEntries {
     pub fdb: Option<Fdb>,
 }
 
+/// A device of ours.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Device {
+    /// A VXLAN VTEP (`flannel.<VNI>`), which the executor creates.
+    Vxlan(VxlanSpec),
+    /// The udp backend's TUN (`flannel0`), which its data path creates
+    /// (its queues own it); the plan keeps its MTU, address, state and route.
+    Tun(TunSpec),
+}
+
+/// A TUN device as the plan sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TunSpec {
+    /// Its name.
+    pub name: String,
+    /// Its MTU.
+    pub mtu: u32,
+}
+
+impl Device {
+    /// The device's name.
+    pub fn name(&self) -> &str {
+        match self {
+            Device::Vxlan(v) => &v.name,
+            Device::Tun(t) => &t.name,
+        }
+    }
+
+    /// The device's MTU.
+    pub fn mtu(&self) -> u32 {
+        match self {
+            Device::Vxlan(v) => v.mtu,
+            Device::Tun(t) => t.mtu,
+        }
+    }
+
+    /// Why `link` cannot serve as this device without being created anew
+    /// (empty: it can).
+    pub fn incompatibilities(&self, link: &VxlanLink) -> Vec<String> {
+        match self {
+            Device::Vxlan(spec) => link.incompatibilities(spec),
+            Device::Tun(_) if link.kind.as_deref() == Some("tun") => Vec::new(),
+            Device::Tun(_) => vec![format!("it is a {} device, not a TUN", link.kind.as_deref().unwrap_or("plain"))],
+        }
+    }
+}
+
 /// The kernel state the lease set asks for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Desired {
-    /// Our VTEP (VXLAN); `None` for backends without a device of ours (host-gw).
-    pub vtep: Option<VxlanSpec>,
+    /// Our device: a VTEP (VXLAN), a TUN (udp), or `None` for backends
+    /// without one (host-gw).
+    pub device: Option<Device>,
     /// Its address: `<our subnet>.0/32`.
     pub addr: Option<Ipv4Net>,
     /// Per peer subnet.
@@ -38,13 +86,16 @@ pub struct Desired {
     /// udp: peers reached through the user-space data path, subnet -> public
     /// IP. They need nothing in the kernel; the plan ignores them.
     pub tunnel: BTreeMap<Ipv4Net, std::net::Ipv4Addr>,
+    /// Routes through our device that are not a peer's (udp: the whole
+    /// Network into the TUN).
+    pub routes: Vec<Route>,
 }
 
 /// The kernel state we own, as dumped.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Observed {
-    /// Our VTEP, if it exists.
-    pub vtep: Option<VxlanLink>,
+    /// Our device, if it exists.
+    pub device: Option<VxlanLink>,
     /// IPv4 addresses on it.
     pub addrs: Vec<IpNet>,
     /// Main-table routes through it (and, with direct routing, our routes on the underlay).
@@ -58,17 +109,17 @@ pub struct Observed {
 /// One kernel change; [`super::kernel::apply`] turns each into one netlink request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Op {
-    /// Create the VTEP (it does not exist).
-    CreateVtep,
-    /// Delete and create the VTEP: its attributes cannot be changed in place.
-    RecreateVtep(Vec<String>),
-    /// Set the VTEP's MTU.
+    /// Create our device (it does not exist).
+    CreateDevice,
+    /// Delete and create our device: its attributes cannot be changed in place.
+    RecreateDevice(Vec<String>),
+    /// Set our device's MTU.
     SetMtu(u32),
-    /// Bring the VTEP up.
+    /// Bring our device up.
     SetUp,
-    /// Add an address to the VTEP.
+    /// Add an address to our device.
     AddAddr(IpNet),
-    /// Remove an address from the VTEP.
+    /// Remove an address from our device.
     DelAddr(IpNet),
     /// Add or replace an ARP neighbour.
     SetNeigh(Neigh),
@@ -91,8 +142,8 @@ impl Op {
     /// The op's name, for summaries (`SetRoute`).
     pub fn kind(&self) -> &'static str {
         match self {
-            Op::CreateVtep => "CreateVtep",
-            Op::RecreateVtep(_) => "RecreateVtep",
+            Op::CreateDevice => "CreateDevice",
+            Op::RecreateDevice(_) => "RecreateDevice",
             Op::SetMtu(_) => "SetMtu",
             Op::SetUp => "SetUp",
             Op::AddAddr(_) => "AddAddr",
@@ -107,6 +158,30 @@ impl Op {
     }
 }
 
+impl Op {
+    /// The op as an `ip` (or `bridge`) command on device `dev`, for logs
+    /// and `diagnose`.
+    pub fn as_ip(&self, dev: &str) -> String {
+        let via = |r: &Route| r.gateway.map(|g| g.to_string()).unwrap_or_default();
+        match self {
+            Op::CreateDevice => format!("create {dev}"),
+            Op::RecreateDevice(_) => format!("recreate {dev}"),
+            Op::SetMtu(m) => format!("ip link set {dev} mtu {m}"),
+            Op::SetUp => format!("ip link set {dev} up"),
+            Op::AddAddr(a) => format!("ip addr add {a} dev {dev}"),
+            Op::DelAddr(a) => format!("ip addr del {a} dev {dev}"),
+            Op::SetNeigh(n) => format!("ip neigh replace {} lladdr {} dev {dev} nud permanent", n.ip, n.mac),
+            Op::DelNeigh(n) => format!("ip neigh del {} dev {dev}", n.ip),
+            Op::SetFdb(f) => format!("bridge fdb replace {} dev {dev} dst {} self permanent", f.mac, f.dst),
+            Op::DelFdb(f) => format!("bridge fdb del {} dev {dev} dst {}", f.mac, f.dst),
+            Op::SetRoute(r) if r.gateway.is_none() => format!("ip route replace {} dev {dev}", r.dst),
+            Op::SetRoute(r) if r.onlink => format!("ip route replace {} via {} dev {dev} onlink", r.dst, via(r)),
+            Op::SetRoute(r) => format!("ip route replace {} via {}", r.dst, via(r)),
+            Op::DelRoute(r) => format!("ip route del {} dev {dev}", r.dst),
+        }
+    }
+}
+
 fn same_route(a: &Route, b: &Route) -> bool {
     a.dst == b.dst && a.gateway == b.gateway
 }
@@ -114,28 +189,34 @@ fn same_route(a: &Route, b: &Route) -> bool {
 /// Computes the changes that bring `observed` to `desired`. Pure: no I/O.
 pub fn plan(desired: &Desired, observed: &Observed) -> Vec<Op> {
     let mut ops = Vec::new();
-    let fresh = match (&desired.vtep, &observed.vtep) {
+    let fresh = match (&desired.device, &observed.device) {
         (None, _) => false,
         (Some(_), None) => {
-            ops.push(Op::CreateVtep);
+            ops.push(Op::CreateDevice);
             true
         }
         (Some(spec), Some(link)) => {
-            let why = link.incompatibilities(spec);
+            let why = spec.incompatibilities(link);
             if why.is_empty() {
-                if link.mtu != spec.mtu {
-                    ops.push(Op::SetMtu(spec.mtu));
+                if link.mtu != spec.mtu() {
+                    ops.push(Op::SetMtu(spec.mtu()));
                 }
                 if !link.up {
                     ops.push(Op::SetUp);
                 }
                 false
             } else {
-                ops.push(Op::RecreateVtep(why));
+                ops.push(Op::RecreateDevice(why));
                 true
             }
         }
     };
+    if let (true, Some(Device::Tun(t))) = (fresh, &desired.device) {
+        // A TUN is made down and with the default MTU (a VTEP is made with
+        // both set).
+        ops.push(Op::SetMtu(t.mtu));
+        ops.push(Op::SetUp);
+    }
     // A new device starts empty: everything is to be added, nothing to delete.
     let empty = Observed::default();
     let observed = if fresh { &empty } else { observed };
@@ -168,6 +249,11 @@ pub fn plan(desired: &Desired, observed: &Observed) -> Vec<Op> {
             set_routes.push(Op::SetRoute(peer.route.clone()));
         }
     }
+    for r in &desired.routes {
+        if !routes.get(&r.dst).is_some_and(|have| same_route(have, r)) {
+            set_routes.push(Op::SetRoute(r.clone()));
+        }
+    }
     ops.extend(set_neighs);
     ops.extend(set_fdbs);
     ops.extend(set_routes);
@@ -177,7 +263,8 @@ pub fn plan(desired: &Desired, observed: &Observed) -> Vec<Op> {
             ops.push(Op::DelAddr(*a));
         }
     }
-    let want_routes: BTreeSet<IpNet> = desired.peers.values().map(|p| p.route.dst).collect();
+    let want_routes: BTreeSet<IpNet> =
+        desired.peers.values().map(|p| p.route.dst).chain(desired.routes.iter().map(|r| r.dst)).collect();
     for r in &observed.routes {
         if !want_routes.contains(&r.dst) {
             ops.push(Op::DelRoute(r.clone()));
@@ -204,10 +291,9 @@ pub fn plan(desired: &Desired, observed: &Observed) -> Vec<Op> {
 pub fn simulate(desired: &Desired, observed: &mut Observed, ops: &[Op]) {
     for op in ops {
         match op {
-            Op::CreateVtep | Op::RecreateVtep(_) => {
-                let s = desired.vtep.as_ref().expect("only VXLAN plans create a device");
-                *observed = Observed {
-                    vtep: Some(VxlanLink {
+            Op::CreateDevice | Op::RecreateDevice(_) => {
+                let link = match desired.device.as_ref().expect("only plans with a device create one") {
+                    Device::Vxlan(s) => VxlanLink {
                         index: 100,
                         mac: Some(s.mac),
                         mtu: s.mtu,
@@ -219,12 +305,26 @@ pub fn simulate(desired: &Desired, observed: &mut Observed, ops: &[Op]) {
                         port: Some(s.port),
                         learning: Some(s.learning),
                         gbp: s.gbp,
-                    }),
-                    ..Observed::default()
+                    },
+                    // A new TUN is down, without address or route.
+                    Device::Tun(t) => VxlanLink {
+                        index: 100,
+                        mac: None,
+                        mtu: t.mtu,
+                        up: false,
+                        kind: Some("tun".into()),
+                        vni: None,
+                        local: None,
+                        dev: None,
+                        port: None,
+                        learning: None,
+                        gbp: false,
+                    },
                 };
+                *observed = Observed { device: Some(link), ..Observed::default() };
             }
-            Op::SetMtu(m) => observed.vtep.as_mut().expect("vtep").mtu = *m,
-            Op::SetUp => observed.vtep.as_mut().expect("vtep").up = true,
+            Op::SetMtu(m) => observed.device.as_mut().expect("device").mtu = *m,
+            Op::SetUp => observed.device.as_mut().expect("device").up = true,
             Op::AddAddr(a) => observed.addrs.push(*a),
             Op::DelAddr(a) => observed.addrs.retain(|x| x != a),
             Op::SetNeigh(n) => {
@@ -271,10 +371,11 @@ mod tests {
 
     fn desired(peers: &[(&str, &str, &str)]) -> Desired {
         Desired {
-            vtep: Some(spec()),
+            device: Some(Device::Vxlan(spec())),
             addr: Some("10.244.1.0/32".parse().unwrap()),
             peers: peers.iter().map(|(s, m, p)| peer(s, m, p)).collect(),
             tunnel: BTreeMap::new(),
+            routes: Vec::new(),
         }
     }
 
@@ -289,6 +390,36 @@ mod tests {
     const B: (&str, &str, &str) = ("10.244.3.0/24", "02:00:00:00:00:03", "192.0.2.12");
 
     #[test]
+    fn a_tun_device_goes_through_the_same_plan() {
+        let network: IpNet = "10.244.0.0/16".parse().unwrap();
+        let d = Desired {
+            device: Some(Device::Tun(TunSpec { name: "flannel0".into(), mtu: 1472 })),
+            addr: Some("10.244.1.0/32".parse().unwrap()),
+            peers: BTreeMap::new(),
+            tunnel: BTreeMap::new(),
+            routes: vec![Route { dst: network, gateway: None, oif: None, onlink: false }],
+        };
+        // Made by the data path: down, default MTU; then address, up, route.
+        let ops = plan(&d, &Observed::default());
+        assert_eq!(
+            ops.iter().map(Op::kind).collect::<Vec<_>>(),
+            ["CreateDevice", "SetMtu", "SetUp", "AddAddr", "SetRoute"]
+        );
+        let mut o = Observed::default();
+        simulate(&d, &mut o, &ops);
+        assert!(plan(&d, &o).is_empty());
+        // A stray address and a route through the device go; a VXLAN device
+        // under the TUN's name is made anew.
+        o.addrs.push("10.244.77.0/32".parse().unwrap());
+        let stray = Route { dst: "10.244.66.0/24".parse().unwrap(), gateway: None, oif: Some(100), onlink: false };
+        o.routes.push(stray.clone());
+        assert_eq!(plan(&d, &o), [Op::DelAddr("10.244.77.0/32".parse().unwrap()), Op::DelRoute(stray)]);
+        o.device.as_mut().unwrap().kind = Some("vxlan".into());
+        assert!(matches!(&plan(&d, &o)[0], Op::RecreateDevice(why) if why[0].contains("not a TUN")));
+        assert_eq!(Op::SetRoute(d.routes[0].clone()).as_ip("flannel0"), "ip route replace 10.244.0.0/16 dev flannel0");
+    }
+
+    #[test]
     fn fresh_node_creates_vtep_then_arp_fdb_route_per_peer() {
         let d = desired(&[A]);
         let ops = plan(&d, &Observed::default());
@@ -297,7 +428,7 @@ mod tests {
         assert_eq!(
             ops,
             vec![
-                Op::CreateVtep,
+                Op::CreateDevice,
                 Op::AddAddr("10.244.1.0/32".parse().unwrap()),
                 Op::SetNeigh(p.neigh.unwrap()),
                 Op::SetFdb(p.fdb.unwrap()),
@@ -360,10 +491,10 @@ mod tests {
     fn incompatible_vtep_is_recreated_and_refilled() {
         let d = desired(&[A]);
         let mut o = converged(&d);
-        o.vtep.as_mut().unwrap().port = Some(4789);
+        o.device.as_mut().unwrap().port = Some(4789);
         let ops = plan(&d, &o);
         assert!(
-            matches!(&ops[0], Op::RecreateVtep(why) if why == &vec!["UDP port is 4789, want 8472".to_string()]),
+            matches!(&ops[0], Op::RecreateDevice(why) if why == &vec!["UDP port is 4789, want 8472".to_string()]),
             "{ops:?}"
         );
         assert_eq!(ops.len(), 5, "{ops:?}");
@@ -373,7 +504,7 @@ mod tests {
     fn mtu_and_down_device_are_fixed_in_place_and_stale_address_removed() {
         let d = desired(&[A]);
         let mut o = converged(&d);
-        let v = o.vtep.as_mut().unwrap();
+        let v = o.device.as_mut().unwrap();
         v.mtu = 1400;
         v.up = false;
         o.addrs.push("10.244.7.0/32".parse().unwrap());

@@ -18,7 +18,7 @@
 //! particular no delete) is ever lost.
 
 use std::collections::hash_map::RandomState;
-use std::collections::{BTreeMap, HashSet};
+use std::collections::HashSet;
 use std::fmt;
 use std::future::Future;
 use std::hash::{BuildHasher, Hash, Hasher};
@@ -30,13 +30,13 @@ use etcd_client::{
     Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, KeyValue, LeaseTimeToLiveOptions, PutOptions,
     Txn, TxnOp, WatchOptions,
 };
-use flannel_net::MacAddr;
 use ipnet::Ipv4Net;
 use serde_json::Value;
 use tokio::sync::mpsc;
 
+use super::{Backoff, StoreError};
 use crate::config::{ConfigError, NetworkConfig};
-use crate::lease::{Lease, LeaseAttrs, LeaseEvent, VxlanData};
+use crate::lease::{decode_value, encode_value, shown, unusable_public_ip, Lease, LeaseAttrs, LeaseEvent, LeaseSet};
 
 /// flannel's default etcd prefix.
 pub const DEFAULT_PREFIX: &str = "/coreos.com/network";
@@ -47,15 +47,11 @@ pub const LEASE_TTL: Duration = Duration::from_secs(24 * 60 * 60);
 /// How long one etcd request may take before it counts as failed.
 const RPC_TIMEOUT: Duration = Duration::from_secs(15);
 
+/// After a failed renewal, when to try again.
+const RENEW_RETRY: Duration = Duration::from_secs(60);
+
 /// How many times acquisition picks again when other nodes keep winning the race.
 const ACQUIRE_ATTEMPTS: usize = 64;
-
-/// The watcher's wait after an error: doubles from the first to the second.
-const BACKOFF_MIN: Duration = Duration::from_millis(100);
-const BACKOFF_MAX: Duration = Duration::from_secs(5);
-
-/// How much of a value error messages show.
-const MAX_SHOWN_VALUE: usize = 300;
 
 /// How to reach etcd (flanneld's `--etcd-*` flags).
 #[derive(Clone)]
@@ -105,74 +101,6 @@ impl fmt::Debug for EtcdOptions {
     }
 }
 
-/// What can go wrong talking to the lease store.
-#[derive(Debug, thiserror::Error)]
-pub enum SubnetError {
-    /// etcd did not answer or refused the request.
-    #[error("etcd at {endpoints}: {op}: {source}")]
-    Etcd {
-        /// The endpoints, comma separated.
-        endpoints: String,
-        /// What was being done, naming the key (`get /coreos.com/network/config`).
-        op: String,
-        /// The client's error.
-        #[source]
-        source: etcd_client::Error,
-    },
-    /// etcd did not answer in time.
-    #[error("etcd at {endpoints}: {op}: no answer within {after:?}")]
-    Timeout {
-        /// The endpoints, comma separated.
-        endpoints: String,
-        /// What was being done, naming the key.
-        op: String,
-        /// How long we waited.
-        after: Duration,
-    },
-    /// The options or the lease attributes cannot be used.
-    #[error("{0}")]
-    Invalid(String),
-    /// `<prefix>/config` does not exist.
-    #[error("etcd at {endpoints}: the network configuration key {key} does not exist (write it first, e.g. etcdctl put {key} '{{\"Network\":\"10.244.0.0/16\",\"Backend\":{{\"Type\":\"vxlan\"}}}}')")]
-    ConfigMissing {
-        /// The endpoints, comma separated.
-        endpoints: String,
-        /// The configuration key.
-        key: String,
-    },
-    /// `<prefix>/config` holds an unusable configuration (the error names the key and the field).
-    #[error(transparent)]
-    Config(#[from] ConfigError),
-    /// Every subnet is taken.
-    #[error("out of subnets: all {count} subnets of Network {network} between SubnetMin {min} and SubnetMax {max} are leased")]
-    OutOfSubnets {
-        /// How many subnets the range holds.
-        count: usize,
-        /// `Network`.
-        network: Ipv4Net,
-        /// `SubnetMin`.
-        min: Ipv4Addr,
-        /// `SubnetMax`.
-        max: Ipv4Addr,
-    },
-    /// Other nodes won every race for the subnets we picked.
-    #[error("no subnet lease after {attempts} attempts: other nodes kept creating the keys picked (last {last_key})")]
-    Contention {
-        /// How many times we picked.
-        attempts: usize,
-        /// The last key we lost.
-        last_key: String,
-    },
-    /// Our lease is gone from the store (deleted, expired, or taken over).
-    #[error("lease {key} was revoked: {why}")]
-    Revoked {
-        /// The lease's key.
-        key: String,
-        /// What we found instead.
-        why: String,
-    },
-}
-
 /// A lease this node holds.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AcquiredLease {
@@ -207,109 +135,6 @@ pub fn parse_subnet_key(key_tail: &str) -> Option<Ipv4Net> {
     (net.trunc() == net).then_some(net)
 }
 
-/// flannel's JSON for a lease value, byte for byte:
-/// `{"PublicIP":"192.0.2.3","PublicIPv6":null,"BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"aa:bb:cc:dd:ee:ff"}}`
-/// (`"BackendData":null` when there is no VXLAN data).
-pub fn encode_lease_value(attrs: &LeaseAttrs) -> String {
-    let data = match &attrs.vxlan {
-        Some(v) => format!("{{\"VNI\":{},\"VtepMAC\":\"{}\"}}", v.vni, v.vtep_mac),
-        None => "null".to_string(),
-    };
-    format!(
-        "{{\"PublicIP\":\"{}\",\"PublicIPv6\":null,\"BackendType\":{},\"BackendData\":{}}}",
-        attrs.public_ip,
-        Value::String(attrs.backend_type.clone()),
-        data
-    )
-}
-
-/// A value for messages: lossy UTF-8, cut when long.
-fn shown(value: &[u8]) -> String {
-    let s = String::from_utf8_lossy(value);
-    if s.chars().count() > MAX_SHOWN_VALUE {
-        format!("{}...", s.chars().take(MAX_SHOWN_VALUE).collect::<String>())
-    } else {
-        s.into_owned()
-    }
-}
-
-/// Why an address cannot be a node's public (underlay) address.
-fn unusable_public_ip(ip: Ipv4Addr) -> Option<&'static str> {
-    if ip.is_unspecified() {
-        Some("unspecified")
-    } else if ip.is_loopback() {
-        Some("loopback")
-    } else if ip.is_multicast() {
-        Some("multicast")
-    } else if ip.is_broadcast() {
-        Some("broadcast")
-    } else {
-        None
-    }
-}
-
-/// Decodes a lease value (flannel's JSON; field names without regard to case,
-/// as Go's decoder matches them). `key` and `subnet` say where it came from.
-/// The error names the key and the value.
-pub fn decode_lease(key: &str, subnet: Ipv4Net, value: &[u8]) -> Result<Lease, String> {
-    let err = |msg: String| format!("lease {key} = {}: {msg}", shown(value));
-    let root: Value = serde_json::from_slice(value).map_err(|e| err(format!("not JSON: {e}")))?;
-    let Value::Object(obj) = root else {
-        return Err(err("not a JSON object".into()));
-    };
-    let field = |obj: &serde_json::Map<String, Value>, name: &str| -> Option<Value> {
-        obj.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.clone()).filter(|v| !v.is_null())
-    };
-
-    let public_ip = match field(&obj, "PublicIP") {
-        None => return Err(err("PublicIP is missing".into())),
-        Some(Value::String(s)) => {
-            s.parse::<Ipv4Addr>().map_err(|_| err(format!("PublicIP {s:?} is not an IPv4 address")))?
-        }
-        Some(other) => return Err(err(format!("PublicIP {other} is not a string"))),
-    };
-    if let Some(why) = unusable_public_ip(public_ip) {
-        return Err(err(format!("PublicIP {public_ip} is {why}, not a node's address")));
-    }
-    let backend_type = match field(&obj, "BackendType") {
-        None => return Err(err("BackendType is missing".into())),
-        Some(Value::String(s)) => s,
-        Some(other) => return Err(err(format!("BackendType {other} is not a string"))),
-    };
-    let vxlan = if backend_type.eq_ignore_ascii_case("vxlan") {
-        let data = match field(&obj, "BackendData") {
-            Some(Value::Object(d)) => d,
-            None => return Err(err("a vxlan lease needs BackendData with VtepMAC".into())),
-            Some(other) => return Err(err(format!("BackendData {other} is not an object"))),
-        };
-        let vni = match field(&data, "VNI") {
-            None => 0,
-            Some(v) => match v.as_u64() {
-                Some(n) if n <= 0xff_ffff => n as u32,
-                _ => return Err(err(format!("BackendData.VNI {v} is not an integer in 0..=16777215"))),
-            },
-        };
-        let vtep_mac = match field(&data, "VtepMAC") {
-            None => return Err(err("BackendData.VtepMAC is missing".into())),
-            Some(Value::String(s)) => {
-                let mac: MacAddr = s
-                    .replace('-', ":")
-                    .parse()
-                    .map_err(|_| err(format!("BackendData.VtepMAC {s:?} is not a MAC address")))?;
-                if mac.0 == [0; 6] || mac.0[0] & 1 == 1 {
-                    return Err(err(format!("BackendData.VtepMAC {s} is not a unicast MAC address")));
-                }
-                mac
-            }
-            Some(other) => return Err(err(format!("BackendData.VtepMAC {other} is not a string"))),
-        };
-        Some(VxlanData { vni, vtep_mac })
-    } else {
-        None
-    };
-    Ok(Lease { subnet, public_ip, backend_type, vxlan, source: key.to_string() })
-}
-
 /// Decodes one entry of `<prefix>/subnets/`: the key must name a subnet inside
 /// the configuration's Network and the value must decode. The error names the
 /// key and the value.
@@ -321,7 +146,7 @@ pub fn decode_entry(prefix: &str, cfg: &NetworkConfig, key: &str, value: &[u8]) 
     if !cfg.network.contains(&subnet) {
         return Err(format!("lease {key} = {}: subnet {subnet} is outside Network {}", shown(value), cfg.network));
     }
-    decode_lease(key, subnet, value)
+    decode_value(key, subnet, value)
 }
 
 /// A raw entry of `<prefix>/subnets/`.
@@ -419,12 +244,12 @@ struct Connector {
 }
 
 impl Connector {
-    async fn connect(&self) -> Result<Client, SubnetError> {
+    async fn connect(&self) -> Result<Client, StoreError> {
         let op = "connect".to_string();
         match tokio::time::timeout(RPC_TIMEOUT, Client::connect(&self.endpoints, Some(self.options.clone()))).await {
             Ok(Ok(c)) => Ok(c),
-            Ok(Err(source)) => Err(SubnetError::Etcd { endpoints: self.shown.clone(), op, source }),
-            Err(_) => Err(SubnetError::Timeout { endpoints: self.shown.clone(), op, after: RPC_TIMEOUT }),
+            Ok(Err(source)) => Err(StoreError::Etcd { endpoints: self.shown.clone(), op, source }),
+            Err(_) => Err(StoreError::Timeout { endpoints: self.shown.clone(), op, after: RPC_TIMEOUT }),
         }
     }
 
@@ -433,24 +258,24 @@ impl Connector {
         &self,
         op: impl FnOnce() -> String,
         fut: impl Future<Output = Result<T, etcd_client::Error>>,
-    ) -> Result<T, SubnetError> {
+    ) -> Result<T, StoreError> {
         match tokio::time::timeout(RPC_TIMEOUT, fut).await {
             Ok(Ok(v)) => Ok(v),
-            Ok(Err(source)) => Err(SubnetError::Etcd { endpoints: self.shown.clone(), op: op(), source }),
-            Err(_) => Err(SubnetError::Timeout { endpoints: self.shown.clone(), op: op(), after: RPC_TIMEOUT }),
+            Ok(Err(source)) => Err(StoreError::Etcd { endpoints: self.shown.clone(), op: op(), source }),
+            Err(_) => Err(StoreError::Timeout { endpoints: self.shown.clone(), op: op(), after: RPC_TIMEOUT }),
         }
     }
 }
 
 /// TLS settings from `--etcd-cafile/--etcd-certfile/--etcd-keyfile`; `None`
 /// when none is given and no endpoint is `https://`.
-fn tls_options(opts: &EtcdOptions) -> Result<Option<etcd_client::TlsOptions>, SubnetError> {
+fn tls_options(opts: &EtcdOptions) -> Result<Option<etcd_client::TlsOptions>, StoreError> {
     let https = opts.endpoints.iter().any(|e| e.starts_with("https://"));
     if opts.cafile.is_none() && opts.certfile.is_none() && opts.keyfile.is_none() && !https {
         return Ok(None);
     }
     let read = |flag: &str, p: &std::path::Path| {
-        std::fs::read(p).map_err(|e| SubnetError::Invalid(format!("--{flag} {}: {e}", p.display())))
+        std::fs::read(p).map_err(|e| StoreError::Invalid(format!("--{flag} {}: {e}", p.display())))
     };
     let mut tls = etcd_client::TlsOptions::new();
     if let Some(ca) = &opts.cafile {
@@ -462,8 +287,8 @@ fn tls_options(opts: &EtcdOptions) -> Result<Option<etcd_client::TlsOptions>, Su
                 tls.identity(etcd_client::Identity::from_pem(read("etcd-certfile", cert)?, read("etcd-keyfile", key)?));
         }
         (None, None) => {}
-        (Some(_), None) => return Err(SubnetError::Invalid("--etcd-certfile needs --etcd-keyfile".into())),
-        (None, Some(_)) => return Err(SubnetError::Invalid("--etcd-keyfile needs --etcd-certfile".into())),
+        (Some(_), None) => return Err(StoreError::Invalid("--etcd-certfile needs --etcd-keyfile".into())),
+        (None, Some(_)) => return Err(StoreError::Invalid("--etcd-keyfile needs --etcd-certfile".into())),
     }
     Ok(Some(tls))
 }
@@ -486,9 +311,9 @@ impl EtcdSubnetManager {
     /// Builds a client for `opts.endpoints`. The connection itself is made by
     /// the first request (and made again after it breaks), so this fails only
     /// on bad options or bad credentials.
-    pub async fn connect(opts: &EtcdOptions) -> Result<Self, SubnetError> {
+    pub async fn connect(opts: &EtcdOptions) -> Result<Self, StoreError> {
         if opts.endpoints.is_empty() {
-            return Err(SubnetError::Invalid("no etcd endpoints given".into()));
+            return Err(StoreError::Invalid("no etcd endpoints given".into()));
         }
         let mut options = ConnectOptions::new()
             .with_connect_timeout(Duration::from_secs(5))
@@ -504,7 +329,7 @@ impl EtcdSubnetManager {
                 options =
                     options.with_user(user.clone(), password.clone().unwrap_or_default()).with_auto_token_refresh(true);
             }
-            (None, Some(_)) => return Err(SubnetError::Invalid("etcd password given without a username".into())),
+            (None, Some(_)) => return Err(StoreError::Invalid("etcd password given without a username".into())),
             (None, None) => {}
         }
         let conn = Connector { endpoints: opts.endpoints.clone(), shown: opts.endpoints.join(","), options };
@@ -528,12 +353,12 @@ impl EtcdSubnetManager {
     }
 
     /// Reads and validates `<prefix>/config`.
-    pub async fn network_config(&self) -> Result<NetworkConfig, SubnetError> {
+    pub async fn network_config(&self) -> Result<NetworkConfig, StoreError> {
         let key = self.config_key();
         let mut c = self.client.clone();
         let resp = self.conn.call(|| format!("get {key}"), c.get(key.clone(), None)).await?;
         let Some(kv) = resp.kvs().first() else {
-            return Err(SubnetError::ConfigMissing { endpoints: self.conn.shown.clone(), key });
+            return Err(StoreError::ConfigMissing { endpoints: self.conn.shown.clone(), key });
         };
         let text = std::str::from_utf8(kv.value()).map_err(|_| ConfigError {
             source_name: key.clone(),
@@ -543,13 +368,13 @@ impl EtcdSubnetManager {
     }
 
     /// Every entry of `<prefix>/subnets/` and the store revision.
-    async fn list_raw(&self) -> Result<(Vec<Entry>, i64), SubnetError> {
+    async fn list_raw(&self) -> Result<(Vec<Entry>, i64), StoreError> {
         list_raw(&self.conn, &self.client, &self.subnets_dir()).await
     }
 
     /// All valid leases (sorted by subnet) and the store revision. Entries that
     /// fail to parse are logged (key and value) and skipped.
-    pub async fn list_leases(&self, cfg: &NetworkConfig) -> Result<(Vec<Lease>, i64), SubnetError> {
+    pub async fn list_leases(&self, cfg: &NetworkConfig) -> Result<(Vec<Lease>, i64), StoreError> {
         let (entries, rev) = self.list_raw().await?;
         let mut leases: Vec<Lease> = entries
             .iter()
@@ -565,7 +390,7 @@ impl EtcdSubnetManager {
         Ok((leases, rev))
     }
 
-    async fn grant(&self) -> Result<(i64, SystemTime), SubnetError> {
+    async fn grant(&self) -> Result<(i64, SystemTime), StoreError> {
         let now = SystemTime::now();
         let mut c = self.client.clone();
         let resp =
@@ -606,14 +431,14 @@ impl EtcdSubnetManager {
         cfg: &NetworkConfig,
         attrs: &LeaseAttrs,
         previous: Option<Ipv4Net>,
-    ) -> Result<AcquiredLease, SubnetError> {
+    ) -> Result<AcquiredLease, StoreError> {
         if let Some(why) = unusable_public_ip(attrs.public_ip) {
-            return Err(SubnetError::Invalid(format!(
+            return Err(StoreError::Invalid(format!(
                 "public IP {} is {why}: other nodes could not reach this one",
                 attrs.public_ip
             )));
         }
-        let value = encode_lease_value(attrs);
+        let value = encode_value(attrs);
         // A lease granted in an earlier attempt and not used yet.
         let mut granted: Option<(i64, SystemTime)> = None;
         let mut last_key = String::new();
@@ -654,7 +479,7 @@ impl EtcdSubnetManager {
                     .filter(|p| in_range(cfg, *p) && !taken.contains(p))
                     .or_else(|| pick_free(cfg, &taken, random_u64((attrs.public_ip, attempt))));
                 let Some(subnet) = candidate else {
-                    break 'attempts Err(SubnetError::OutOfSubnets {
+                    break 'attempts Err(StoreError::OutOfSubnets {
                         count: range_count(cfg) as usize,
                         network: cfg.network,
                         min: cfg.subnet_min,
@@ -683,13 +508,13 @@ impl EtcdSubnetManager {
                 if resp.succeeded() {
                     granted = None;
                     log::info!("acquired lease {key} = {value} (etcd lease {lease_id:x})");
-                    let lease = lease_from_attrs(subnet, attrs, &key);
+                    let lease = attrs.lease(subnet, key.clone());
                     break 'attempts Ok(AcquiredLease { lease, key, etcd_lease_id: Some(lease_id), expires });
                 }
                 log::info!("{key} was created by another node meanwhile; picking again");
                 last_key = key;
             }
-            Err(SubnetError::Contention { attempts: ACQUIRE_ATTEMPTS, last_key })
+            Err(StoreError::Contention { attempts: ACQUIRE_ATTEMPTS, last_key })
         };
         if let Some((id, _)) = granted {
             self.revoke_unused(id).await;
@@ -707,9 +532,9 @@ impl EtcdSubnetManager {
         attrs: &LeaseAttrs,
         value: &str,
         granted: &mut Option<(i64, SystemTime)>,
-    ) -> Result<Option<AcquiredLease>, SubnetError> {
+    ) -> Result<Option<AcquiredLease>, StoreError> {
         let key = entry.key.clone();
-        let lease = Lease { source: key.clone(), ..lease_from_attrs(found.subnet, attrs, &key) };
+        let lease = attrs.lease(found.subnet, key.clone());
         let unchanged = Compare::mod_revision(key.clone(), CompareOp::Equal, entry.mod_revision);
         let mut c = self.client.clone();
         if entry.lease_id == 0 {
@@ -752,12 +577,12 @@ impl EtcdSubnetManager {
     /// Extends the lease's TTL (one etcd keep-alive) after checking that the
     /// key still exists and is still bound to our etcd lease; returns the
     /// lease with its new expiry. A reservation is only checked.
-    pub async fn renew_lease(&self, lease: &AcquiredLease) -> Result<AcquiredLease, SubnetError> {
+    pub async fn renew_lease(&self, lease: &AcquiredLease) -> Result<AcquiredLease, StoreError> {
         let key = &lease.key;
         let mut c = self.client.clone();
         let resp = self.conn.call(|| format!("get {key}"), c.get(key.clone(), None)).await?;
         let Some(kv) = resp.kvs().first() else {
-            return Err(SubnetError::Revoked { key: key.clone(), why: "the key is gone from etcd".into() });
+            return Err(StoreError::Revoked { key: key.clone(), why: "the key is gone from etcd".into() });
         };
         let Some(id) = lease.etcd_lease_id else {
             // A reservation: still ours as long as it names our PublicIP.
@@ -768,7 +593,7 @@ impl EtcdSubnetManager {
                     .and_then(|(_, v)| v.as_str().and_then(|s| s.parse::<Ipv4Addr>().ok()))
             });
             if holder != Some(lease.lease.public_ip) {
-                return Err(SubnetError::Revoked {
+                return Err(StoreError::Revoked {
                     key: key.clone(),
                     why: format!(
                         "the reservation now holds {}, not PublicIP {}",
@@ -780,7 +605,7 @@ impl EtcdSubnetManager {
             return Ok(AcquiredLease { expires: SystemTime::now() + LEASE_TTL, ..lease.clone() });
         };
         if kv.lease() != id {
-            return Err(SubnetError::Revoked {
+            return Err(StoreError::Revoked {
                 key: key.clone(),
                 why: format!(
                     "the key is now bound to etcd lease {:x}, not ours ({id:x}); value {}",
@@ -798,8 +623,8 @@ impl EtcdSubnetManager {
             .await;
         match kept {
             Ok(()) => {}
-            Err(SubnetError::Etcd { source: etcd_client::Error::LeaseKeepAliveError(msg), .. }) => {
-                return Err(SubnetError::Revoked { key: key.clone(), why: format!("etcd lease {id:x}: {msg}") });
+            Err(StoreError::Etcd { source: etcd_client::Error::LeaseKeepAliveError(msg), .. }) => {
+                return Err(StoreError::Revoked { key: key.clone(), why: format!("etcd lease {id:x}: {msg}") });
             }
             Err(e) => return Err(e),
         }
@@ -809,7 +634,7 @@ impl EtcdSubnetManager {
             .call(|| format!("time-to-live of etcd lease {id:x} of {key}"), c.lease_time_to_live(id, None))
             .await?;
         if left.ttl() <= 0 {
-            return Err(SubnetError::Revoked { key: key.clone(), why: format!("etcd lease {id:x} has expired") });
+            return Err(StoreError::Revoked { key: key.clone(), why: format!("etcd lease {id:x} has expired") });
         }
         Ok(AcquiredLease { expires: now + Duration::from_secs(left.ttl() as u64), ..lease.clone() })
     }
@@ -831,43 +656,19 @@ impl EtcdSubnetManager {
             cfg,
             own_key,
             tx,
-            state: BTreeMap::new(),
+            state: LeaseSet::new(),
             own_present: false,
-            last_sent: None,
+            dirty: true,
         };
         tokio::spawn(w.run())
     }
 }
 
-fn lease_from_attrs(subnet: Ipv4Net, attrs: &LeaseAttrs, key: &str) -> Lease {
-    Lease {
-        subnet,
-        public_ip: attrs.public_ip,
-        backend_type: attrs.backend_type.clone(),
-        vxlan: attrs.vxlan,
-        source: key.to_string(),
-    }
-}
-
-async fn list_raw(conn: &Connector, client: &Client, dir: &str) -> Result<(Vec<Entry>, i64), SubnetError> {
+async fn list_raw(conn: &Connector, client: &Client, dir: &str) -> Result<(Vec<Entry>, i64), StoreError> {
     let mut c = client.clone();
     let resp = conn.call(|| format!("list {dir}"), c.get(dir, Some(GetOptions::new().with_prefix()))).await?;
     let rev = resp.header().map(|h| h.revision()).unwrap_or(0);
     Ok((resp.kvs().iter().filter_map(Entry::from_kv).collect(), rev))
-}
-
-/// Doubling waits between `BACKOFF_MIN` and `BACKOFF_MAX`.
-struct Backoff(Duration);
-
-impl Backoff {
-    fn next(&mut self) -> Duration {
-        let d = self.0;
-        self.0 = (self.0 * 2).min(BACKOFF_MAX);
-        d
-    }
-    fn reset(&mut self) {
-        self.0 = BACKOFF_MIN;
-    }
 }
 
 /// How a watch ended.
@@ -889,15 +690,17 @@ struct Watcher {
     own_key: String,
     tx: mpsc::Sender<LeaseEvent>,
     /// The valid leases by key.
-    state: BTreeMap<String, Lease>,
+    state: LeaseSet,
     /// Whether our own key existed when last seen.
     own_present: bool,
-    last_sent: Option<Vec<Lease>>,
+    /// Whether `state` changed since it was last handed over (true until the
+    /// first snapshot is sent).
+    dirty: bool,
 }
 
 impl Watcher {
     async fn run(mut self) {
-        let mut backoff = Backoff(BACKOFF_MIN);
+        let mut backoff = Backoff::default();
         let mut resume: Option<i64> = None;
         loop {
             let start = match resume.take() {
@@ -927,7 +730,7 @@ impl Watcher {
 
     /// Waits the next backoff; false if the receiver went away meanwhile.
     async fn pause(&mut self, backoff: &mut Backoff) -> bool {
-        let d = backoff.next();
+        let d = backoff.next_delay();
         tokio::select! {
             _ = tokio::time::sleep(d) => {}
             _ = self.tx.closed() => return false,
@@ -942,20 +745,23 @@ impl Watcher {
 
     /// Replaces the state with a fresh list; returns its revision, or None if
     /// the receiver is gone.
-    async fn relist(&mut self) -> Result<Option<i64>, SubnetError> {
+    async fn relist(&mut self) -> Result<Option<i64>, StoreError> {
         let (entries, rev) = list_raw(&self.conn, &self.client, &self.dir).await?;
-        let mut state = BTreeMap::new();
+        let mut state = LeaseSet::new();
         let mut own_present = false;
         for e in &entries {
             own_present |= e.key == self.own_key;
             match decode_entry(&self.prefix, &self.cfg, &e.key, &e.value) {
                 Ok(l) => {
-                    state.insert(e.key.clone(), l);
+                    state.upsert(&e.key, l);
                 }
                 Err(msg) => log::warn!("skipping {msg}"),
             }
         }
-        self.state = state;
+        if state != self.state {
+            self.dirty = true;
+            self.state = state;
+        }
         let revoked = std::mem::replace(&mut self.own_present, own_present) && !own_present;
         log::debug!("lease watcher: listed {} leases at revision {rev}", self.state.len());
         if !self.publish(revoked).await {
@@ -967,13 +773,8 @@ impl Watcher {
     /// Sends a snapshot if the set changed (always the first time), then
     /// `Revoked` if asked; false if the receiver is gone.
     async fn publish(&mut self, revoked: bool) -> bool {
-        let mut snap: Vec<Lease> = self.state.values().cloned().collect();
-        snap.sort_by_key(|l| (u32::from(l.subnet.network()), l.subnet.prefix_len()));
-        if self.last_sent.as_ref() != Some(&snap) {
-            self.last_sent = Some(snap.clone());
-            if self.tx.send(LeaseEvent::Snapshot(snap)).await.is_err() {
-                return false;
-            }
+        if std::mem::take(&mut self.dirty) && !super::send_snapshot(&self.tx, &self.state).await {
+            return false;
         }
         if revoked {
             log::warn!("our lease {} was deleted from etcd: revoked", self.own_key);
@@ -1043,18 +844,16 @@ impl Watcher {
                         if key == self.own_key {
                             self.own_present = true;
                         }
-                        match decode_entry(&self.prefix, &self.cfg, key, kv.value()) {
-                            Ok(l) => {
-                                self.state.insert(key.to_string(), l);
-                            }
+                        self.dirty |= match decode_entry(&self.prefix, &self.cfg, key, kv.value()) {
+                            Ok(l) => self.state.upsert(key, l),
                             Err(msg) => {
                                 log::warn!("skipping {msg}");
-                                self.state.remove(key);
+                                self.state.remove(key)
                             }
-                        }
+                        };
                     }
                     EventType::Delete => {
-                        self.state.remove(key);
+                        self.dirty |= self.state.remove(key);
                         if key == self.own_key && self.own_present {
                             self.own_present = false;
                             revoked = true;
@@ -1069,9 +868,134 @@ impl Watcher {
     }
 }
 
+/// The etcd store as the daemon uses it: the manager and the lease it holds.
+pub struct EtcdStore {
+    mgr: EtcdSubnetManager,
+    acquired: Option<AcquiredLease>,
+    /// After a failed renewal: when to try again.
+    retry_at: Option<SystemTime>,
+}
+
+impl EtcdStore {
+    /// Builds the client (see [`EtcdSubnetManager::connect`]).
+    pub async fn connect(opts: &EtcdOptions) -> Result<EtcdStore, StoreError> {
+        Ok(EtcdStore { mgr: EtcdSubnetManager::connect(opts).await?, acquired: None, retry_at: None })
+    }
+
+    /// The lease taken by [`LeaseStore::acquire`].
+    pub fn acquired(&self) -> Option<&AcquiredLease> {
+        self.acquired.as_ref()
+    }
+
+    fn not_acquired() -> StoreError {
+        StoreError::Invalid("no lease acquired yet".into())
+    }
+}
+
+impl super::LeaseStore for EtcdStore {
+    fn describe(&self) -> String {
+        format!("etcd at {} (prefix {})", self.mgr.conn.shown, self.mgr.prefix)
+    }
+
+    async fn network_config(&mut self) -> Result<NetworkConfig, StoreError> {
+        self.mgr.network_config().await
+    }
+
+    async fn hints(&mut self, _cfg: &NetworkConfig) -> Result<super::NodeHints, StoreError> {
+        Ok(super::NodeHints::default())
+    }
+
+    async fn advertised_mac(
+        &mut self,
+        cfg: &NetworkConfig,
+        public_ip: Ipv4Addr,
+    ) -> Result<Option<flannel_net::MacAddr>, StoreError> {
+        let (leases, _) = self.mgr.list_leases(cfg).await?;
+        Ok(leases.iter().find(|l| l.public_ip == public_ip).and_then(|l| l.vxlan).map(|d| d.vtep_mac))
+    }
+
+    async fn acquire(
+        &mut self,
+        cfg: &NetworkConfig,
+        attrs: &LeaseAttrs,
+        previous: Option<Ipv4Net>,
+    ) -> Result<Lease, StoreError> {
+        let acquired = self.mgr.acquire_lease(cfg, attrs, previous).await?;
+        let lease = acquired.lease.clone();
+        self.acquired = Some(acquired);
+        Ok(lease)
+    }
+
+    fn watch(&mut self, cfg: &NetworkConfig) -> mpsc::Receiver<LeaseEvent> {
+        let (tx, rx) = super::channel();
+        let own_key = self.acquired.as_ref().map(|a| a.key.clone()).unwrap_or_default();
+        // The task ends when the receiver is dropped.
+        drop(self.mgr.spawn_watcher(cfg.clone(), own_key, tx));
+        rx
+    }
+
+    fn renew_at(&self, margin: Duration) -> Option<SystemTime> {
+        // A reservation never expires.
+        let acquired = self.acquired.as_ref().filter(|a| a.etcd_lease_id.is_some())?;
+        if let Some(t) = self.retry_at {
+            return Some(t);
+        }
+        Some(acquired.expires.checked_sub(margin).unwrap_or(SystemTime::UNIX_EPOCH))
+    }
+
+    async fn renew(&mut self) -> Result<(), StoreError> {
+        let acquired = self.acquired.as_mut().ok_or_else(Self::not_acquired)?;
+        match self.mgr.renew_lease(acquired).await {
+            Ok(renewed) => {
+                log::info!("renewed lease {}", renewed.key);
+                *acquired = renewed;
+                self.retry_at = None;
+                Ok(())
+            }
+            Err(e) => {
+                self.retry_at = Some(SystemTime::now() + RENEW_RETRY);
+                Err(e)
+            }
+        }
+    }
+
+    async fn node_ready(&mut self, _set_unavailable: bool) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    async fn list(&mut self, cfg: &NetworkConfig) -> Result<super::Listing, StoreError> {
+        let (entries, _) = self.mgr.list_raw().await?;
+        let mut listing = super::Listing::default();
+        for e in &entries {
+            match decode_entry(&self.mgr.prefix, cfg, &e.key, &e.value) {
+                Ok(l) => listing.leases.push(l),
+                Err(msg) => listing.unusable.push(msg),
+            }
+        }
+        listing.leases.sort_by_key(|l| (l.subnet, l.public_ip));
+        Ok(listing)
+    }
+
+    fn own<'a>(&self, leases: &'a [Lease], public_ip: Ipv4Addr) -> Option<&'a Lease> {
+        leases.iter().find(|l| l.public_ip == public_ip)
+    }
+
+    fn own_missing(&self, public_ip: Ipv4Addr) -> (String, String) {
+        (
+            format!("no lease in etcd ({}/subnets/) has PublicIP {public_ip}", self.mgr.prefix),
+            "start flanneld-rs on this node (or check --iface/--public-ip)".into(),
+        )
+    }
+
+    fn kube_client(&self) -> Option<(::kube::Client, String)> {
+        None
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::lease::{BackendType, VxlanData};
 
     fn cfg() -> NetworkConfig {
         NetworkConfig::parse(r#"{"Network":"10.5.0.0/16","Backend":{"Type":"vxlan"}}"#, "test").unwrap()
@@ -1080,7 +1004,7 @@ mod tests {
     fn vxlan_attrs() -> LeaseAttrs {
         LeaseAttrs {
             public_ip: "192.0.2.3".parse().unwrap(),
-            backend_type: "vxlan".into(),
+            backend: BackendType::Vxlan,
             vxlan: Some(VxlanData { vni: 1, vtep_mac: "aa:bb:cc:dd:ee:ff".parse().unwrap() }),
         }
     }
@@ -1110,12 +1034,12 @@ mod tests {
     #[test]
     fn encode_is_flannels_exact_json() {
         assert_eq!(
-            encode_lease_value(&vxlan_attrs()),
+            encode_value(&vxlan_attrs()),
             r#"{"PublicIP":"192.0.2.3","PublicIPv6":null,"BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"aa:bb:cc:dd:ee:ff"}}"#
         );
-        let hostgw = LeaseAttrs { backend_type: "host-gw".into(), vxlan: None, ..vxlan_attrs() };
+        let hostgw = LeaseAttrs { backend: BackendType::HostGw, vxlan: None, ..vxlan_attrs() };
         assert_eq!(
-            encode_lease_value(&hostgw),
+            encode_value(&hostgw),
             r#"{"PublicIP":"192.0.2.3","PublicIPv6":null,"BackendType":"host-gw","BackendData":null}"#
         );
     }
@@ -1124,17 +1048,17 @@ mod tests {
     fn decode_roundtrips_and_tolerates_case_and_extra_fields() {
         let key = "/coreos.com/network/subnets/10.5.52.0-24";
         let s: Ipv4Net = "10.5.52.0/24".parse().unwrap();
-        let l = decode_lease(key, s, encode_lease_value(&vxlan_attrs()).as_bytes()).unwrap();
-        assert_eq!(l, lease_from_attrs(s, &vxlan_attrs(), key));
+        let l = decode_value(key, s, encode_value(&vxlan_attrs()).as_bytes()).unwrap();
+        assert_eq!(l, vxlan_attrs().lease(s, key));
         let v = br#"{"publicip":"192.0.2.9","PublicIPv6":"fc00::9","backendtype":"vxlan","BackendData":{"vni":4096,"vtepmac":"0A:1B:2C:3D:4E:5F"},"BackendV6Data":null}"#;
-        let l = decode_lease(key, s, v).unwrap();
+        let l = decode_value(key, s, v).unwrap();
         assert_eq!(l.public_ip.to_string(), "192.0.2.9");
         assert_eq!(l.vxlan.unwrap().vni, 4096);
         assert_eq!(l.vxlan.unwrap().vtep_mac.to_string(), "0a:1b:2c:3d:4e:5f");
         let l =
-            decode_lease(key, s, br#"{"PublicIP":"192.0.2.9","BackendType":"host-gw","BackendData":null}"#).unwrap();
-        assert_eq!((l.backend_type.as_str(), l.vxlan), ("host-gw", None));
-        let l = decode_entry(P, &cfg(), key, encode_lease_value(&vxlan_attrs()).as_bytes()).unwrap();
+            decode_value(key, s, br#"{"PublicIP":"192.0.2.9","BackendType":"host-gw","BackendData":null}"#).unwrap();
+        assert_eq!((l.backend.as_str(), l.vxlan), ("host-gw", None));
+        let l = decode_entry(P, &cfg(), key, encode_value(&vxlan_attrs()).as_bytes()).unwrap();
         assert_eq!(l.source, key);
     }
 
@@ -1150,7 +1074,6 @@ mod tests {
             (r#"{"PublicIP":"127.0.0.1","BackendType":"udp"}"#, "PublicIP 127.0.0.1 is loopback"),
             (r#"{"PublicIP":"224.0.0.5","BackendType":"udp"}"#, "PublicIP 224.0.0.5 is multicast"),
             (r#"{"PublicIP":"0.0.0.0","BackendType":"udp"}"#, "PublicIP 0.0.0.0 is unspecified"),
-            (r#"{"PublicIP":"192.0.2.3"}"#, "BackendType is missing"),
             (r#"{"PublicIP":"192.0.2.3","BackendType":"vxlan","BackendData":null}"#, "needs BackendData"),
             (
                 r#"{"PublicIP":"192.0.2.3","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"zz:bb:cc:dd:ee:ff"}}"#,
@@ -1166,8 +1089,11 @@ mod tests {
                 "VNI -1",
             ),
         ];
+        // No BackendType is not an error: flannel's udp backend writes none.
+        let udp = decode_value(key, s, br#"{"PublicIP":"192.0.2.3"}"#).unwrap();
+        assert_eq!(udp.backend, BackendType::Udp);
         for (value, want) in cases {
-            let e = decode_lease(key, s, value.as_bytes()).unwrap_err();
+            let e = decode_value(key, s, value.as_bytes()).unwrap_err();
             assert!(e.contains(want), "{e:?} lacks {want:?}");
             assert!(e.contains(key), "{e:?} lacks the key");
             assert!(e.contains(value), "{e:?} lacks the value");
@@ -1176,7 +1102,7 @@ mod tests {
 
     #[test]
     fn decode_entry_checks_key_and_network() {
-        let v = encode_lease_value(&vxlan_attrs());
+        let v = encode_value(&vxlan_attrs());
         let outside = "/coreos.com/network/subnets/10.6.1.0-24";
         let e = decode_entry(P, &cfg(), outside, v.as_bytes()).unwrap_err();
         assert!(e.contains("outside Network 10.5.0.0/16") && e.contains(outside) && e.contains(&v), "{e}");
@@ -1190,7 +1116,7 @@ mod tests {
     #[test]
     fn long_values_are_cut_in_messages() {
         let v = format!("{{\"x\":\"{}\"", "a".repeat(10_000));
-        let e = decode_lease("k", "10.5.1.0/24".parse().unwrap(), v.as_bytes()).unwrap_err();
+        let e = decode_value("k", "10.5.1.0/24".parse().unwrap(), v.as_bytes()).unwrap_err();
         assert!(e.len() < 1000, "{}", e.len());
     }
 

@@ -4,18 +4,18 @@
 //! and the lease set is every Node that carries them.
 //!
 //! A watch on all Nodes keeps a store of the few fields that matter (podCIDR
-//! and our annotations); after every change that alters a lease it hands the
-//! reconcile loop a full snapshot, exactly as the etcd manager does. When the
-//! watch breaks or expires (410 Gone), kube-runtime's watcher lists again and
-//! the store is replaced as a whole at the end of that list, so a Node deleted
-//! while the watch was down disappears from the next snapshot.
+//! and our annotations), parsed once per Node change; after every change that
+//! alters a lease it hands the reconcile loop a full snapshot, exactly as the
+//! etcd manager does. When the watch breaks or expires (410 Gone),
+//! kube-runtime's watcher lists again and the store is replaced as a whole at
+//! the end of that list, so a Node deleted while the watch was down
+//! disappears from the next snapshot.
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
-use anyhow::{anyhow, bail, Context};
 use futures_util::StreamExt;
 use ipnet::Ipv4Net;
 use k8s_openapi::api::core::v1::{Node, Pod};
@@ -27,10 +27,12 @@ use kube::runtime::WatchStreamExt;
 use kube::{Api, Client, Config};
 use log::{info, warn};
 use serde_json::json;
+use tokio::sync::mpsc;
 
 use super::kube_annotations::{self as ann, keys};
+use super::{Backoff, StoreError};
 use crate::config::NetworkConfig;
-use crate::lease::{Lease, LeaseAttrs, LeaseEvent};
+use crate::lease::{Lease, LeaseAttrs, LeaseEvent, LeaseSet};
 
 /// How to reach the API server and which node we are.
 #[derive(Debug, Clone, Default)]
@@ -70,29 +72,57 @@ pub fn annotations(node: &Node) -> BTreeMap<String, String> {
     node.metadata.annotations.clone().unwrap_or_default()
 }
 
+/// An error and its causes, `: ` between them (the Kubernetes client's
+/// errors say little without their sources).
+fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let t = c.to_string();
+        if !s.contains(&t) {
+            s.push_str(": ");
+            s.push_str(&t);
+        }
+        cur = c.source();
+    }
+    s
+}
+
+fn invalid(what: impl std::fmt::Display) -> impl FnOnce(&(dyn std::error::Error + 'static)) -> StoreError {
+    move |e| StoreError::Invalid(format!("{what}: {}", chain(e)))
+}
+
+/// A failed API request, naming what it did.
+fn api(op: impl Into<String>) -> impl FnOnce(kube::Error) -> StoreError {
+    let op = op.into();
+    move |source| StoreError::Kube { op, source }
+}
+
 /// The client configuration: `--kubeconfig-file`, else in-cluster (service
 /// account), else `$KUBECONFIG`/`~/.kube/config`; `--kube-api-url` replaces
 /// the server address of whichever was found (or is used alone, without
 /// credentials, when none was).
-pub async fn client_config(opts: &KubeOptions) -> anyhow::Result<Config> {
+pub async fn client_config(opts: &KubeOptions) -> Result<Config, StoreError> {
     let url = match &opts.api_url {
-        Some(u) => Some(u.parse::<http::Uri>().map_err(|e| anyhow!("--kube-api-url {u:?}: {e}"))?),
+        Some(u) => Some(u.parse::<http::Uri>().map_err(|e| StoreError::Invalid(format!("--kube-api-url {u:?}: {e}")))?),
         None => None,
     };
     let mut config = if let Some(path) = &opts.kubeconfig {
-        let kc = Kubeconfig::read_from(path).with_context(|| format!("--kubeconfig-file {}", path.display()))?;
-        Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
-            .await
-            .with_context(|| format!("--kubeconfig-file {}", path.display()))?
+        let what = format!("--kubeconfig-file {}", path.display());
+        let kc = Kubeconfig::read_from(path).map_err(|e| invalid(&what)(&e))?;
+        Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await.map_err(|e| invalid(&what)(&e))?
     } else if std::env::var_os("KUBERNETES_SERVICE_HOST").is_some() {
-        Config::incluster().context("in-cluster configuration (service account token and KUBERNETES_SERVICE_HOST)")?
+        Config::incluster()
+            .map_err(|e| invalid("in-cluster configuration (service account token and KUBERNETES_SERVICE_HOST)")(&e))?
     } else if let Some(u) = &url {
         Config::new(u.clone())
     } else {
-        Config::infer().await.context(
-            "no Kubernetes API configuration: give --kubeconfig-file or --kube-api-url, or run in a pod with a \
-             service account",
-        )?
+        Config::infer().await.map_err(|e| {
+            invalid(
+                "no Kubernetes API configuration: give --kubeconfig-file or --kube-api-url, or run in a pod with a \
+                 service account",
+            )(&e)
+        })?
     };
     if let Some(u) = url {
         config.cluster_url = u;
@@ -105,36 +135,38 @@ pub async fn client_config(opts: &KubeOptions) -> anyhow::Result<Config> {
 
 /// Our node's name: `NODE_NAME`, else the node of the pod `POD_NAME` in
 /// `POD_NAMESPACE` (flannel's order).
-pub async fn node_name(client: &Client) -> anyhow::Result<String> {
+pub async fn node_name(client: &Client) -> Result<String, StoreError> {
     if let Some(n) = std::env::var("NODE_NAME").ok().filter(|n| !n.is_empty()) {
         return Ok(n);
     }
     let (Ok(pod), Ok(ns)) = (std::env::var("POD_NAME"), std::env::var("POD_NAMESPACE")) else {
-        bail!("set NODE_NAME (the downward API's spec.nodeName), or POD_NAME and POD_NAMESPACE, to name this node");
+        return Err(StoreError::Invalid(
+            "set NODE_NAME (the downward API's spec.nodeName), or POD_NAME and POD_NAMESPACE, to name this node".into(),
+        ));
     };
     let p = Api::<Pod>::namespaced(client.clone(), &ns)
         .get(&pod)
         .await
-        .with_context(|| format!("get pod {ns}/{pod} (POD_NAMESPACE/POD_NAME) to learn our node"))?;
+        .map_err(api(format!("get pod {ns}/{pod} (POD_NAMESPACE/POD_NAME) to learn our node")))?;
     p.spec
         .and_then(|s| s.node_name)
         .filter(|n| !n.is_empty())
-        .ok_or_else(|| anyhow!("pod {ns}/{pod} has no spec.nodeName yet"))
+        .ok_or_else(|| StoreError::Invalid(format!("pod {ns}/{pod} has no spec.nodeName yet")))
 }
 
 /// Parses a podCIDR that must lie inside the cluster network.
-pub fn own_subnet(node: &str, cidr: &str, cfg: &NetworkConfig) -> anyhow::Result<Ipv4Net> {
-    let subnet: Ipv4Net =
-        cidr.parse().map_err(|_| anyhow!("node {node}: spec.podCIDR {cidr:?} is not an IPv4 CIDR"))?;
+pub fn own_subnet(node: &str, cidr: &str, cfg: &NetworkConfig) -> Result<Ipv4Net, StoreError> {
+    let bad = |msg: String| StoreError::Invalid(format!("node {node}: {msg}"));
+    let subnet: Ipv4Net = cidr.parse().map_err(|_| bad(format!("spec.podCIDR {cidr:?} is not an IPv4 CIDR")))?;
     if subnet != subnet.trunc() {
-        bail!("node {node}: spec.podCIDR {cidr} has host bits set");
+        return Err(bad(format!("spec.podCIDR {cidr} has host bits set")));
     }
     if !cfg.network.contains(&subnet) {
-        bail!(
-            "node {node}: spec.podCIDR {subnet} is not inside Network {} (net-conf.json); kube-controller-manager's \
+        return Err(bad(format!(
+            "spec.podCIDR {subnet} is not inside Network {} (net-conf.json); kube-controller-manager's \
              --cluster-cidr must match Network",
             cfg.network
-        );
+        )));
     }
     Ok(subnet)
 }
@@ -146,18 +178,25 @@ pub struct KubeSubnetManager {
     /// This node's name.
     pub node_name: String,
     prefix: String,
+    server: String,
 }
 
 impl KubeSubnetManager {
     /// Connects and learns our node's name (no request to the server unless
     /// the name comes from our pod).
-    pub async fn connect(opts: &KubeOptions) -> anyhow::Result<KubeSubnetManager> {
+    pub async fn connect(opts: &KubeOptions) -> Result<KubeSubnetManager, StoreError> {
         let config = client_config(opts).await?;
         let server = config.cluster_url.to_string();
-        let client = Client::try_from(config).with_context(|| format!("Kubernetes client for {server}"))?;
+        let client = Client::try_from(config).map_err(api(format!("Kubernetes client for {server}")))?;
         let node_name = node_name(&client).await?;
         info!("Kubernetes API {server}, node {node_name}");
-        Ok(KubeSubnetManager { nodes: Api::all(client.clone()), client, node_name, prefix: opts.prefix.clone() })
+        Ok(KubeSubnetManager {
+            nodes: Api::all(client.clone()),
+            client,
+            node_name,
+            prefix: opts.prefix.clone(),
+            server,
+        })
     }
 
     /// The API client (shared with the NetworkPolicy agent).
@@ -166,13 +205,13 @@ impl KubeSubnetManager {
     }
 
     /// Our Node.
-    pub async fn own_node(&self) -> anyhow::Result<Node> {
-        self.nodes.get(&self.node_name).await.with_context(|| format!("get node {}", self.node_name))
+    pub async fn own_node(&self) -> Result<Node, StoreError> {
+        self.nodes.get(&self.node_name).await.map_err(api(format!("get node {}", self.node_name)))
     }
 
     /// Waits until our Node exists and has a podCIDR; says what it waits
     /// for every 30 seconds.
-    pub async fn wait_for_pod_cidr(&self) -> anyhow::Result<(Node, String)> {
+    pub async fn wait_for_pod_cidr(&self) -> Result<(Node, String), StoreError> {
         let mut said = false;
         loop {
             match self.nodes.get_opt(&self.node_name).await {
@@ -201,18 +240,19 @@ impl KubeSubnetManager {
     }
 
     /// A user's `node-public-ip` or `public-ip-overwrite` on our Node.
-    pub fn user_ip(&self, node: &Node, name: &str) -> anyhow::Result<Option<Ipv4Addr>> {
-        ann::user_ip(&self.prefix, name, &annotations(node)).map_err(|e| anyhow!("node {}: {e}", self.node_name))
+    pub fn user_ip(&self, node: &Node, name: &str) -> Result<Option<Ipv4Addr>, StoreError> {
+        ann::user_ip(&self.prefix, name, &annotations(node))
+            .map_err(|e| StoreError::Invalid(format!("node {}: {e}", self.node_name)))
     }
 
     /// `node-public-ip` and `public-ip-overwrite` of our Node.
-    pub fn user_ips(&self, node: &Node) -> anyhow::Result<(Option<Ipv4Addr>, Option<Ipv4Addr>)> {
+    pub fn user_ips(&self, node: &Node) -> Result<(Option<Ipv4Addr>, Option<Ipv4Addr>), StoreError> {
         Ok((self.user_ip(node, keys::NODE_PUBLIC_IP)?, self.user_ip(node, keys::PUBLIC_IP_OVERWRITE)?))
     }
 
     /// Writes our annotations on `nodes/status` when they differ from what
     /// the Node carries; returns whether it patched.
-    pub async fn publish(&self, node: &Node, attrs: &LeaseAttrs) -> anyhow::Result<bool> {
+    pub async fn publish(&self, node: &Node, attrs: &LeaseAttrs) -> Result<bool, StoreError> {
         let want = ann::own_annotations(&self.prefix, attrs, None);
         let have = annotations(node);
         if want.iter().all(|(k, v)| have.get(k) == Some(v)) {
@@ -222,12 +262,12 @@ impl KubeSubnetManager {
         self.nodes
             .patch_status(&self.node_name, &PatchParams::default(), &Patch::Merge(&patch))
             .await
-            .with_context(|| format!("patch node {} (nodes/status) with our annotations", self.node_name))?;
+            .map_err(api(format!("patch node {} (nodes/status) with our annotations", self.node_name)))?;
         Ok(true)
     }
 
     /// Sets the Node's `NetworkUnavailable` condition to False.
-    pub async fn set_network_available(&self) -> anyhow::Result<()> {
+    pub async fn set_network_available(&self) -> Result<(), StoreError> {
         let now = Time(k8s_openapi::jiff::Timestamp::now());
         let patch = json!({ "status": { "conditions": [{
             "type": "NetworkUnavailable",
@@ -240,33 +280,27 @@ impl KubeSubnetManager {
         self.nodes
             .patch_status(&self.node_name, &PatchParams::default(), &Patch::Strategic(&patch))
             .await
-            .with_context(|| format!("set condition NetworkUnavailable=False on node {}", self.node_name))?;
+            .map_err(api(format!("set condition NetworkUnavailable=False on node {}", self.node_name)))?;
         Ok(())
     }
 
     /// Every Node's lease, and a message for each Node whose lease does not
     /// parse.
-    pub async fn list_leases(&self, cfg: &NetworkConfig) -> anyhow::Result<(Vec<Lease>, Vec<String>)> {
-        let list = self.nodes.list(&Default::default()).await.context("list nodes")?;
+    pub async fn list_leases(&self, cfg: &NetworkConfig) -> Result<(Vec<Lease>, Vec<String>), StoreError> {
+        let list = self.nodes.list(&Default::default()).await.map_err(api("list nodes"))?;
         let store: BTreeMap<String, NodeLease> = list.items.iter().filter_map(|n| view(n, &self.prefix, cfg)).collect();
         Ok(leases_of(&store))
     }
 
     /// Watches all Nodes and sends a full lease snapshot whenever the lease
     /// set changes (and once after every complete list).
-    pub fn spawn_watcher(
-        &self,
-        cfg: NetworkConfig,
-        tx: tokio::sync::mpsc::Sender<LeaseEvent>,
-    ) -> tokio::task::JoinHandle<()> {
+    pub fn spawn_watcher(&self, cfg: NetworkConfig, tx: mpsc::Sender<LeaseEvent>) -> tokio::task::JoinHandle<()> {
         let api = self.nodes.clone();
         let prefix = self.prefix.clone();
         tokio::spawn(async move {
-            let mut store: BTreeMap<String, NodeLease> = BTreeMap::new();
+            let mut watch = NodeWatch::default();
             let mut listing: Option<BTreeMap<String, NodeLease>> = None;
-            let mut last: Option<Vec<Lease>> = None;
-            let mut reported: Vec<String> = Vec::new();
-            let stream = watcher::watcher(api, watcher::Config::default()).backoff(WatchBackoff::default());
+            let stream = watcher::watcher(api, watcher::Config::default()).backoff(Backoff::default());
             let mut stream = std::pin::pin!(stream);
             while let Some(ev) = stream.next().await {
                 let changed = match ev {
@@ -285,62 +319,75 @@ impl KubeSubnetManager {
                         false
                     }
                     Ok(Event::InitDone) => {
-                        store = listing.take().unwrap_or_default();
+                        watch.replace(listing.take().unwrap_or_default());
                         // After a relist, always hand over a snapshot.
-                        last = None;
                         true
                     }
                     Ok(Event::Apply(n)) => match view(&n, &prefix, &cfg) {
-                        Some((k, v)) => store.insert(k, v.clone()) != Some(v),
+                        Some((k, v)) => watch.apply(k, v),
                         None => false,
                     },
-                    Ok(Event::Delete(n)) => n.metadata.name.is_some_and(|k| store.remove(&k).is_some()),
+                    Ok(Event::Delete(n)) => n.metadata.name.is_some_and(|k| watch.delete(&k)),
                 };
-                if !changed {
-                    continue;
-                }
-                let (leases, errors) = leases_of(&store);
-                for e in errors.iter().filter(|e| !reported.contains(e)) {
-                    warn!("lease not usable: {e}");
-                }
-                reported = errors;
-                if last.as_ref() != Some(&leases) {
-                    last = Some(leases.clone());
-                    if tx.send(LeaseEvent::Snapshot(leases)).await.is_err() {
-                        return;
-                    }
+                if changed && !super::send_snapshot(&tx, &watch.leases).await {
+                    return;
                 }
             }
         })
     }
 }
 
-/// Retry delays after a watch error: 0.2 s doubling up to 5 s, back to
-/// 0.2 s once a watch works again. kube-runtime's default climbs to 30 s,
-/// which after an API server restart would leave peers' changes unseen for
-/// that long; one list and watch every 5 s is cheap for the server.
-#[derive(Debug)]
-struct WatchBackoff(Duration);
-
-impl Default for WatchBackoff {
-    fn default() -> Self {
-        WatchBackoff(Duration::from_millis(200))
-    }
+/// The watcher's state: each Node's parsed lease, and the lease set they
+/// make, both updated per event in O(log n).
+#[derive(Default)]
+struct NodeWatch {
+    nodes: BTreeMap<String, NodeLease>,
+    leases: LeaseSet,
 }
 
-impl Iterator for WatchBackoff {
-    type Item = Duration;
-
-    fn next(&mut self) -> Option<Duration> {
-        let d = self.0;
-        self.0 = (d * 2).min(Duration::from_secs(5));
-        Some(d)
+impl NodeWatch {
+    /// A Node added or changed; whether the lease set changed.
+    fn apply(&mut self, name: String, lease: NodeLease) -> bool {
+        if self.nodes.get(&name) == Some(&lease) {
+            return false;
+        }
+        if let Err(e) = &lease {
+            warn!("lease not usable: {e}");
+        }
+        let changed = match &lease {
+            Ok(Some(l)) => self.leases.upsert(&name, l.clone()),
+            _ => self.leases.remove(&name),
+        };
+        self.nodes.insert(name, lease);
+        changed
     }
-}
 
-impl kube::runtime::utils::Backoff for WatchBackoff {
-    fn reset(&mut self) {
-        *self = WatchBackoff::default();
+    /// A Node deleted; whether the lease set changed.
+    fn delete(&mut self, name: &str) -> bool {
+        self.nodes.remove(name);
+        self.leases.remove(name)
+    }
+
+    /// The store replaced after a complete list.
+    fn replace(&mut self, nodes: BTreeMap<String, NodeLease>) {
+        for (name, lease) in &nodes {
+            if let Err(e) = lease {
+                if self.nodes.get(name) != Some(lease) {
+                    warn!("lease not usable: {e}");
+                }
+            }
+        }
+        self.leases = nodes
+            .iter()
+            .filter_map(|(name, l)| match l {
+                Ok(Some(l)) => Some((name, l)),
+                _ => None,
+            })
+            .fold(LeaseSet::new(), |mut set, (name, l)| {
+                set.upsert(name, l.clone());
+                set
+            });
+        self.nodes = nodes;
     }
 }
 
@@ -357,6 +404,155 @@ fn leases_of(store: &BTreeMap<String, NodeLease>) -> (Vec<Lease>, Vec<String>) {
     }
     leases.sort_by_key(|l| (l.subnet, l.public_ip));
     (leases, errors)
+}
+
+/// The Kubernetes store as the daemon uses it: the manager, our Node as
+/// last read, and our subnet once taken.
+pub struct KubeStore {
+    mgr: KubeSubnetManager,
+    opts: KubeOptions,
+    net_config_path: PathBuf,
+    /// Whether to wait for our Node to have a podCIDR (the daemon does;
+    /// `diagnose` reports what it finds instead).
+    wait: bool,
+    node: Option<(Node, Option<String>)>,
+}
+
+impl KubeStore {
+    /// Connects (see [`KubeSubnetManager::connect`]); the network
+    /// configuration comes from `net_config_path` (`--net-config-path`).
+    pub async fn connect(opts: &KubeOptions, net_config_path: PathBuf) -> Result<KubeStore, StoreError> {
+        let mgr = KubeSubnetManager::connect(opts).await?;
+        Ok(KubeStore { mgr, opts: opts.clone(), net_config_path, wait: true, node: None })
+    }
+
+    /// Does not wait for our Node's podCIDR (for `diagnose`).
+    pub fn without_waiting(mut self) -> KubeStore {
+        self.wait = false;
+        self
+    }
+
+    /// The manager.
+    pub fn manager(&self) -> &KubeSubnetManager {
+        &self.mgr
+    }
+
+    /// Our Node with its podCIDR: waited for once (unless
+    /// [`KubeStore::without_waiting`]), then as read.
+    async fn own_node(&mut self) -> Result<(Node, Option<String>), StoreError> {
+        if self.node.is_none() {
+            self.node = Some(if self.wait {
+                let (node, cidr) = self.mgr.wait_for_pod_cidr().await?;
+                (node, Some(cidr))
+            } else {
+                let node = self.mgr.own_node().await?;
+                let cidr = pod_cidr(&node);
+                (node, cidr)
+            });
+        }
+        Ok(self.node.clone().expect("set above"))
+    }
+}
+
+/// Kubernetes mode's network configuration: the file `--net-config-path`.
+pub fn read_net_conf(path: &std::path::Path) -> Result<NetworkConfig, StoreError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| StoreError::Invalid(format!("read --net-config-path {}: {e}", path.display())))?;
+    Ok(NetworkConfig::parse(&text, &path.display().to_string())?)
+}
+
+impl super::LeaseStore for KubeStore {
+    fn describe(&self) -> String {
+        format!("Kubernetes API {}, node {}", self.mgr.server, self.mgr.node_name)
+    }
+
+    async fn network_config(&mut self) -> Result<NetworkConfig, StoreError> {
+        read_net_conf(&self.net_config_path)
+    }
+
+    async fn hints(&mut self, _cfg: &NetworkConfig) -> Result<super::NodeHints, StoreError> {
+        let (node, _) = self.own_node().await?;
+        let (public_ip, advertise) = self.mgr.user_ips(&node)?;
+        if let Some(ip) = public_ip {
+            info!("node {}: using node-public-ip {ip}", self.mgr.node_name);
+        }
+        if let Some(ip) = advertise {
+            info!("node {}: advertising public-ip-overwrite {ip}", self.mgr.node_name);
+        }
+        Ok(super::NodeHints { public_ip, advertise })
+    }
+
+    async fn advertised_mac(
+        &mut self,
+        cfg: &NetworkConfig,
+        _public_ip: Ipv4Addr,
+    ) -> Result<Option<flannel_net::MacAddr>, StoreError> {
+        let (node, cidr) = self.own_node().await?;
+        let lease =
+            ann::lease_from_node(&self.mgr.node_name, cidr.as_deref(), &annotations(&node), &self.opts.prefix, cfg);
+        Ok(lease.ok().flatten().and_then(|l| l.vxlan).map(|d| d.vtep_mac))
+    }
+
+    async fn acquire(
+        &mut self,
+        cfg: &NetworkConfig,
+        attrs: &LeaseAttrs,
+        _previous: Option<Ipv4Net>,
+    ) -> Result<Lease, StoreError> {
+        let (node, cidr) = self.own_node().await?;
+        let Some(cidr) = cidr else {
+            return Err(StoreError::Invalid(format!("node {} has no spec.podCIDR", self.mgr.node_name)));
+        };
+        let subnet = own_subnet(&self.mgr.node_name, &cidr, cfg)?;
+        if self.mgr.publish(&node, attrs).await? {
+            info!("node {}: annotations written (nodes/status)", self.mgr.node_name);
+        }
+        Ok(attrs.lease(subnet, format!("node {}", self.mgr.node_name)))
+    }
+
+    fn watch(&mut self, cfg: &NetworkConfig) -> mpsc::Receiver<LeaseEvent> {
+        let (tx, rx) = super::channel();
+        // The task ends when the receiver is dropped.
+        drop(self.mgr.spawn_watcher(cfg.clone(), tx));
+        rx
+    }
+
+    fn renew_at(&self, _margin: Duration) -> Option<SystemTime> {
+        // The podCIDR is the Node's for as long as the Node exists.
+        None
+    }
+
+    async fn renew(&mut self) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    async fn node_ready(&mut self, set_unavailable: bool) -> Result<(), StoreError> {
+        if set_unavailable {
+            self.mgr.set_network_available().await?;
+        }
+        Ok(())
+    }
+
+    async fn list(&mut self, cfg: &NetworkConfig) -> Result<super::Listing, StoreError> {
+        let (leases, unusable) = self.mgr.list_leases(cfg).await?;
+        Ok(super::Listing { leases, unusable })
+    }
+
+    fn own<'a>(&self, leases: &'a [Lease], _public_ip: Ipv4Addr) -> Option<&'a Lease> {
+        let me = format!("node {}", self.mgr.node_name);
+        leases.iter().find(|l| l.source == me)
+    }
+
+    fn own_missing(&self, _public_ip: Ipv4Addr) -> (String, String) {
+        (
+            format!("node {} has no podCIDR or no flannel annotations ({}/)", self.mgr.node_name, self.opts.prefix),
+            "start flanneld-rs on this node (it writes them once the node has a podCIDR)".into(),
+        )
+    }
+
+    fn kube_client(&self) -> Option<(Client, String)> {
+        Some((self.mgr.client(), self.mgr.node_name.clone()))
+    }
 }
 
 #[cfg(test)]

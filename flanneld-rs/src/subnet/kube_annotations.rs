@@ -13,11 +13,10 @@
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 
-use flannel_net::MacAddr;
 use ipnet::Ipv4Net;
 
 use crate::config::NetworkConfig;
-use crate::lease::{Lease, LeaseAttrs, VxlanData};
+use crate::lease::{decode_backend_data, encode_backend_data, parse_public_ip, BackendType, Lease, LeaseAttrs};
 
 /// flannel's default annotation prefix.
 pub const DEFAULT_PREFIX: &str = "flannel.alpha.coreos.com";
@@ -45,14 +44,10 @@ fn key(prefix: &str, name: &str) -> String {
 /// The annotations a node writes on itself (flannel's exact formats).
 /// `public-ip-overwrite`, when the user set it, is what gets advertised.
 pub fn own_annotations(prefix: &str, attrs: &LeaseAttrs, overwrite: Option<Ipv4Addr>) -> BTreeMap<String, String> {
-    let data = match &attrs.vxlan {
-        Some(v) => format!("{{\"VNI\":{},\"VtepMAC\":\"{}\"}}", v.vni, v.vtep_mac),
-        None => "null".to_string(),
-    };
     BTreeMap::from([
         (key(prefix, keys::SUBNET_MANAGER), "true".to_string()),
-        (key(prefix, keys::BACKEND_TYPE), attrs.backend_type.clone()),
-        (key(prefix, keys::BACKEND_DATA), data),
+        (key(prefix, keys::BACKEND_TYPE), attrs.backend.as_str().to_string()),
+        (key(prefix, keys::BACKEND_DATA), encode_backend_data(attrs)),
         (key(prefix, keys::PUBLIC_IP), overwrite.unwrap_or(attrs.public_ip).to_string()),
     ])
 }
@@ -94,43 +89,22 @@ pub fn lease_from_node(
     }
     let ip_raw =
         get(keys::PUBLIC_IP).ok_or_else(|| bad(format!("annotation {} is missing", key(prefix, keys::PUBLIC_IP))))?;
-    let public_ip: Ipv4Addr = ip_raw
-        .parse()
-        .map_err(|_| bad(format!("annotation {} = {ip_raw:?} is not an IPv4 address", key(prefix, keys::PUBLIC_IP))))?;
-    let backend_type = get(keys::BACKEND_TYPE)
-        .cloned()
-        .ok_or_else(|| bad(format!("annotation {} is missing", key(prefix, keys::BACKEND_TYPE))))?;
+    let public_ip = parse_public_ip(ip_raw, &format!("annotation {} =", key(prefix, keys::PUBLIC_IP))).map_err(bad)?;
+    // flannel's udp backend annotates an empty type; a missing one is read the same way.
+    let backend = BackendType::parse(get(keys::BACKEND_TYPE).map(String::as_str));
+    let data_key = key(prefix, keys::BACKEND_DATA);
     let data_raw = get(keys::BACKEND_DATA).map(String::as_str).unwrap_or("null");
     let data: serde_json::Value = serde_json::from_str(data_raw)
-        .map_err(|e| bad(format!("annotation {} = {data_raw:?} is not JSON: {e}", key(prefix, keys::BACKEND_DATA))))?;
-    let vxlan = if backend_type == "vxlan" {
-        // Go's decoder matches field names without regard to case.
-        let field = |name: &str| {
-            data.as_object().and_then(|o| o.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v))
-        };
-        let mac_raw = field("VtepMAC").and_then(|v| v.as_str()).unwrap_or_default();
-        let vtep_mac: MacAddr = mac_raw.parse().map_err(|_| {
-            bad(format!(
-                "annotation {} = {data_raw:?}: VtepMAC {mac_raw:?} is not a MAC address",
-                key(prefix, keys::BACKEND_DATA)
-            ))
-        })?;
-        let vni = match field("VNI") {
-            None => 1,
-            Some(v) => v.as_u64().filter(|n| *n <= 0xff_ffff).ok_or_else(|| {
-                bad(format!("annotation {} = {data_raw:?}: VNI {v} is not a VNI", key(prefix, keys::BACKEND_DATA)))
-            })? as u32,
-        };
-        Some(VxlanData { vni, vtep_mac })
-    } else {
-        None
-    };
-    Ok(Some(Lease { subnet, public_ip, backend_type, vxlan, source: format!("node {node}") }))
+        .map_err(|e| bad(format!("annotation {data_key} = {data_raw:?} is not JSON: {e}")))?;
+    let vxlan = decode_backend_data(&backend, Some(&data).filter(|d| !d.is_null()), &format!("annotation {data_key}"))
+        .map_err(|e| bad(format!("{e} (value {data_raw:?})")))?;
+    Ok(Some(Lease { subnet, public_ip, backend, vxlan, source: format!("node {node}") }))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::lease::VxlanData;
 
     fn cfg() -> NetworkConfig {
         NetworkConfig::parse(r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#, "net-conf.json").unwrap()
@@ -160,7 +134,7 @@ mod tests {
     fn we_write_flannels_exact_formats_and_read_them_back() {
         let attrs = LeaseAttrs {
             public_ip: "192.0.2.10".parse().unwrap(),
-            backend_type: "vxlan".into(),
+            backend: BackendType::Vxlan,
             vxlan: Some(VxlanData { vni: 1, vtep_mac: "02:00:00:00:00:10".parse().unwrap() }),
         };
         let a = own_annotations(DEFAULT_PREFIX, &attrs, None);
@@ -174,7 +148,7 @@ mod tests {
         // public-ip-overwrite is what gets advertised; host-gw has null data.
         let over = own_annotations(DEFAULT_PREFIX, &attrs, Some("203.0.113.5".parse().unwrap()));
         assert_eq!(over["flannel.alpha.coreos.com/public-ip"], "203.0.113.5");
-        let hg = LeaseAttrs { backend_type: "host-gw".into(), vxlan: None, ..attrs };
+        let hg = LeaseAttrs { backend: BackendType::HostGw, vxlan: None, ..attrs };
         assert_eq!(own_annotations("example.com/", &hg, None)["example.com/backend-data"], "null");
     }
 

@@ -20,8 +20,8 @@ use e2e_tests::perf::pct;
 use e2e_tests::perf::{in_ns, peer, NET};
 use flannel_net::netlink::Netlink;
 use flannel_net::netns::NetNs;
-use flanneld_rs::lease::{LeaseAttrs, VxlanData};
-use flanneld_rs::subnet::etcd::{encode_lease_value, subnet_key};
+use flanneld_rs::lease::{encode_value, BackendType, LeaseAttrs, VxlanData};
+use flanneld_rs::subnet::etcd::subnet_key;
 use futures_util::{stream, StreamExt};
 use k8s_openapi::api::core::v1::Node;
 use kube::api::{Api, PostParams};
@@ -58,12 +58,9 @@ fn peer_node(i: usize) -> Node {
 
 async fn put_lease(c: &mut etcd_client::Client, i: usize) {
     let (subnet, mac, public) = peer(i);
-    let attrs = LeaseAttrs {
-        public_ip: public,
-        backend_type: "vxlan".into(),
-        vxlan: Some(VxlanData { vni: 1, vtep_mac: mac }),
-    };
-    c.put(subnet_key("/coreos.com/network", subnet), encode_lease_value(&attrs), None).await.expect("put lease");
+    let attrs =
+        LeaseAttrs { public_ip: public, backend: BackendType::Vxlan, vxlan: Some(VxlanData { vni: 1, vtep_mac: mac }) };
+    c.put(subnet_key("/coreos.com/network", subnet), encode_value(&attrs), None).await.expect("put lease");
 }
 
 async fn nodes_api(kubeconfig: &std::path::Path) -> Api<Node> {

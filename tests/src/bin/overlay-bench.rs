@@ -20,8 +20,8 @@ use e2e_tests::perf::{iperf, pct, ping};
 use e2e_tests::workspace_bin;
 use flannel_net::netlink::Netlink;
 use flannel_net::netns::NetNs;
-use flanneld_rs::lease::{LeaseAttrs, VxlanData};
-use flanneld_rs::subnet::etcd::{encode_lease_value, subnet_key};
+use flanneld_rs::lease::{encode_value, BackendType, LeaseAttrs, VxlanData};
+use flanneld_rs::subnet::etcd::subnet_key;
 use netns_fixtures::{wait_until, Cluster, Netns};
 
 #[derive(Parser)]
@@ -57,12 +57,9 @@ async fn etcd_client() -> etcd_client::Client {
 
 async fn put_peer(c: &mut etcd_client::Client, i: usize) {
     let (subnet, mac, public) = peer(i);
-    let attrs = LeaseAttrs {
-        public_ip: public,
-        backend_type: "vxlan".into(),
-        vxlan: Some(VxlanData { vni: 1, vtep_mac: mac }),
-    };
-    c.put(subnet_key("/coreos.com/network", subnet), encode_lease_value(&attrs), None).await.expect("put lease");
+    let attrs =
+        LeaseAttrs { public_ip: public, backend: BackendType::Vxlan, vxlan: Some(VxlanData { vni: 1, vtep_mac: mac }) };
+    c.put(subnet_key("/coreos.com/network", subnet), encode_value(&attrs), None).await.expect("put lease");
 }
 
 /// Counts routes, neighbours and FDB entries on flannel.1 in `ns`.

@@ -30,6 +30,7 @@ pub mod kernel;
 pub mod packet;
 pub mod peers;
 pub mod sock;
+pub mod spec;
 pub mod tun;
 pub mod vnet;
 mod worker;
@@ -479,4 +480,14 @@ fn open_queues(netns: &NetNs, name: &str, n: usize, opts: &mut TunOptions) -> an
         }
     }
     Ok(queues)
+}
+
+impl crate::backend::DataPath for UdpDataPath {
+    fn running(&self) -> bool {
+        UdpDataPath::running(self)
+    }
+
+    fn set_peers(&self, peers: &[(Ipv4Net, Ipv4Addr)]) {
+        UdpDataPath::set_peers(self, peers)
+    }
 }

@@ -1,0 +1,334 @@
+//! The driver: runs the same full reconcile (observe, plan, apply) on every
+//! trigger, a new lease snapshot, a kernel notification about what we own,
+//! a timer, and keeps the store's lease and the firewall asserted meanwhile.
+//! Deletes are never assumed to have been seen; a missed event is repaired
+//! by the next run.
+//!
+//! It knows the store and the backend only through their interfaces
+//! ([`LeaseStore`], [`Backend`]), so a new store or backend never touches it.
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::bail;
+use flannel_net::netlink::{Change, Netlink};
+use ipnet::Ipv4Net;
+use log::{error, info, warn};
+use tokio::sync::mpsc;
+
+use super::{desired, kernel, plan};
+use crate::backend::{Backend, DataPath};
+use crate::config::NetworkConfig;
+use crate::firewall::{self, FirewallSpec};
+use crate::health::Metrics;
+use crate::iface::ExtIface;
+use crate::lease::{Lease, LeaseEvent, LeaseSet};
+use crate::subnet::LeaseStore;
+
+/// How often to reconcile when nothing else asks for it: a safety net for
+/// missed notifications (netlink overruns) and hand edits.
+const PERIODIC: Duration = Duration::from_secs(10);
+
+/// Notifications arriving this close together are handled by one reconcile.
+const DEBOUNCE: Duration = Duration::from_millis(20);
+
+/// A wait that never ends, for timers that are off.
+const NEVER: Duration = Duration::from_secs(86400 * 365);
+
+/// What the node was set up with.
+pub struct Node {
+    /// The network configuration.
+    pub cfg: NetworkConfig,
+    /// The underlay interface.
+    pub ext: ExtIface,
+    /// How peers are reached.
+    pub backend: Backend,
+    /// Our lease.
+    pub own: Lease,
+}
+
+/// How often the driver re-asserts things besides the kernel entries.
+#[derive(Debug, Clone)]
+pub struct Timers {
+    /// `--iptables-resync`: the firewall.
+    pub resync: Duration,
+    /// `--subnet-lease-renew-margin`: renew this long before the lease expires.
+    pub renew_margin: Duration,
+}
+
+/// The reconcile loop of one node.
+pub struct Driver<S: LeaseStore> {
+    nl: Netlink,
+    store: S,
+    node: Node,
+    leases: LeaseSet,
+    metrics: Arc<Metrics>,
+    fw: FirewallSpec,
+    timers: Timers,
+    last_rejected: Vec<String>,
+    /// Our device's index as last observed, to tell which notifications
+    /// concern us.
+    device_index: Option<u32>,
+    /// The backend's user-space data path, and the peer table last given to it.
+    data_path: Option<Box<dyn DataPath>>,
+    data_path_peers: Vec<(Ipv4Net, Ipv4Addr)>,
+}
+
+impl<S: LeaseStore> Driver<S> {
+    /// A driver for `node`, taking its leases from `store`.
+    pub fn new(nl: Netlink, store: S, node: Node, metrics: Arc<Metrics>, fw: FirewallSpec, timers: Timers) -> Self {
+        Driver {
+            nl,
+            store,
+            node,
+            leases: LeaseSet::new(),
+            metrics,
+            fw,
+            timers,
+            last_rejected: Vec::new(),
+            device_index: None,
+            data_path: None,
+            data_path_peers: Vec::new(),
+        }
+    }
+
+    /// The store (for what start-up does after the first reconcile).
+    pub fn store_mut(&mut self) -> &mut S {
+        &mut self.store
+    }
+
+    /// Starts the backend's data path, if it has one. At start a data path
+    /// that cannot run (its port is taken, no TUN) is fatal; later the
+    /// reconcile restarts it when it stops or its device goes.
+    pub fn start_data_path(&mut self) -> anyhow::Result<()> {
+        let (subnet, network) = (self.node.own.subnet, self.node.cfg.network);
+        let started =
+            tokio::task::block_in_place(|| self.node.backend.start_data_path(subnet, network, &self.metrics))?;
+        self.data_path = started;
+        self.data_path_peers.clear();
+        Ok(())
+    }
+
+    /// Reconciles with the lease set `leases` (the watcher's first snapshot).
+    pub async fn reconcile_with(&mut self, leases: LeaseSet, why: &str) {
+        self.leases = leases;
+        self.reconcile(why).await;
+    }
+
+    /// One full reconcile: desired state from the leases, observed state from
+    /// the kernel, the plan between them, applied. Errors are logged and
+    /// counted; the next reconcile retries.
+    pub async fn reconcile(&mut self, why: &str) {
+        let start = Instant::now();
+        let node = &self.node;
+        let (want, rejected) =
+            desired::desired(&node.cfg, &node.own, &node.backend, node.ext.addr.trunc(), self.leases.iter());
+        let rejected_text: Vec<String> = rejected.iter().map(|r| format!("{}: {}", r.source, r.reason)).collect();
+        if rejected_text != self.last_rejected {
+            for r in &rejected_text {
+                warn!("lease not programmed: {r}");
+            }
+            self.last_rejected = rejected_text;
+        }
+        self.metrics.rejected_leases.store(rejected.len() as u64, Ordering::Relaxed);
+        let Some((observed, ops)) = self.observe_and_plan(&want, why).await else { return };
+        log_ops(&ops, why);
+        let errors = kernel::apply(&self.nl, &want, &observed, &ops).await;
+        for e in &errors {
+            error!("reconcile ({why}): {e}");
+        }
+        let m = &self.metrics;
+        m.netlink_errors.fetch_add(errors.len() as u64, Ordering::Relaxed);
+        m.reconcile_runs.fetch_add(1, Ordering::Relaxed);
+        m.reconcile_ops.fetch_add(ops.len() as u64, Ordering::Relaxed);
+        m.reconcile_micros.fetch_add(start.elapsed().as_micros() as u64, Ordering::Relaxed);
+        m.peers.store((want.peers.len() + want.tunnel.len()) as u64, Ordering::Relaxed);
+        if ops.iter().any(|op| matches!(op, plan::Op::CreateDevice | plan::Op::RecreateDevice(_))) {
+            let name = self.node.backend.device_name();
+            self.device_index = self.nl.link_by_name(name).await.ok().flatten().map(|l| l.index);
+        }
+        self.sync_data_path(&want.tunnel, why);
+    }
+
+    /// Observes and plans; with a data path, (re)starts it first when it
+    /// stopped or its device is gone (the data path makes its device), then
+    /// observes again.
+    async fn observe_and_plan(&mut self, want: &plan::Desired, why: &str) -> Option<(plan::Observed, Vec<plan::Op>)> {
+        let device = want.device.as_ref().map(|d| d.name().to_string());
+        for attempt in 0..2 {
+            let observed =
+                match kernel::observe(&self.nl, device.as_deref(), self.node.backend.sweep(), self.node.cfg.network)
+                    .await
+                {
+                    Ok(o) => o,
+                    Err(e) => {
+                        error!("reconcile ({why}): {e}");
+                        self.metrics.netlink_errors.fetch_add(1, Ordering::Relaxed);
+                        return None;
+                    }
+                };
+            self.device_index = observed.device.as_ref().map(|v| v.index);
+            let ops = plan::plan(want, &observed);
+            if !self.node.backend.has_data_path() || attempt > 0 {
+                return Some((observed, ops));
+            }
+            let gone = ops.iter().any(|op| matches!(op, plan::Op::CreateDevice | plan::Op::RecreateDevice(_)));
+            let stopped = self.data_path.as_ref().is_some_and(|dp| !dp.running());
+            if !(gone || stopped || self.data_path.is_none()) {
+                return Some((observed, ops));
+            }
+            if self.data_path.is_some() {
+                let what = if stopped { "a data path thread stopped" } else { "its device is gone" };
+                warn!("reconcile ({why}): {what}; restarting the data path");
+                let old = self.data_path.take();
+                tokio::task::block_in_place(|| drop(old));
+                self.metrics.udp.restarts.fetch_add(1, Ordering::Relaxed);
+            }
+            if let Err(e) = self.start_data_path() {
+                // Retried by the next reconcile (at the latest the periodic one).
+                error!("reconcile ({why}): start the data path: {e:#}");
+                return None;
+            }
+        }
+        unreachable!("the loop returns on its second pass")
+    }
+
+    /// Hands the data path its peer table when it changed.
+    fn sync_data_path(&mut self, tunnel: &BTreeMap<Ipv4Net, Ipv4Addr>, why: &str) {
+        let Some(dp) = &self.data_path else { return };
+        let peers: Vec<_> = tunnel.iter().map(|(s, ip)| (*s, *ip)).collect();
+        // A new data path starts with an empty table.
+        if peers != self.data_path_peers {
+            info!("reconcile ({why}): data path peer table: {} peer(s)", peers.len());
+            dp.set_peers(&peers);
+            self.data_path_peers = peers;
+        }
+    }
+
+    /// Runs until SIGTERM/SIGINT (then `Ok`, kernel state left in place so
+    /// pods keep talking across a restart) or a fatal error (our lease
+    /// revoked, the watcher gone).
+    pub async fn run(mut self, mut events: mpsc::Receiver<LeaseEvent>) -> anyhow::Result<()> {
+        let mut changes = flannel_net::netlink::monitor()?;
+        let mut periodic = tokio::time::interval(PERIODIC);
+        periodic.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut resync = tokio::time::interval(self.timers.resync.max(Duration::from_secs(1)));
+        resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+
+        // When a kernel notification about our device asks for a reconcile.
+        let mut kernel_due: Option<tokio::time::Instant> = None;
+        loop {
+            let renew_at = self.store.renew_at(self.timers.renew_margin);
+            let renew_in = renew_at.map(|t| t.duration_since(SystemTime::now()).unwrap_or(Duration::ZERO));
+            tokio::select! {
+                ev = events.recv() => match ev {
+                    Some(LeaseEvent::Snapshot(leases)) => {
+                        self.leases = leases;
+                        self.reconcile("lease change").await;
+                    }
+                    Some(LeaseEvent::Revoked(key)) => {
+                        bail!("our lease {key} was deleted from the store (revoked); exiting so that a restart acquires a new one");
+                    }
+                    None => bail!("the lease watcher stopped"),
+                },
+                change = changes.recv() => match change {
+                    // Coalesce the burst a hand edit (or our own changes) cause,
+                    // without holding up lease events meanwhile.
+                    Some(c) => {
+                        if concerns_us(self.device_index, self.node.backend.underlay(), c) && kernel_due.is_none() {
+                            kernel_due = Some(tokio::time::Instant::now() + DEBOUNCE);
+                        }
+                    }
+                    None => {
+                        warn!("netlink notifications stopped; subscribing again");
+                        changes = flannel_net::netlink::monitor()?;
+                        kernel_due = Some(tokio::time::Instant::now());
+                    }
+                },
+                _ = tokio::time::sleep_until(kernel_due.unwrap_or_else(tokio::time::Instant::now)), if kernel_due.is_some() => {
+                    kernel_due = None;
+                    self.reconcile("kernel change").await;
+                }
+                _ = periodic.tick() => self.reconcile("periodic").await,
+                _ = resync.tick() => {
+                    if let Err(e) = apply_firewall(self.fw).await {
+                        error!("re-assert nftables table {}: {e}", firewall::TABLE);
+                    }
+                }
+                _ = tokio::time::sleep(renew_in.unwrap_or(NEVER)), if renew_in.is_some() => {
+                    match self.store.renew().await {
+                        Ok(()) => {
+                            self.metrics.lease_renewals.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Err(e) => error!("renew our lease ({}): {e}; retrying in a minute", self.store.describe()),
+                    }
+                }
+                _ = term.recv() => {
+                    info!("SIGTERM: exiting; kernel state stays so that pods keep talking");
+                    return Ok(());
+                }
+                _ = int.recv() => {
+                    info!("SIGINT: exiting; kernel state stays");
+                    return Ok(());
+                }
+            }
+        }
+    }
+}
+
+fn log_ops(ops: &[plan::Op], why: &str) {
+    if ops.len() <= 20 {
+        for op in ops {
+            info!("reconcile ({why}): {op:?}");
+        }
+    } else {
+        let mut kinds: BTreeMap<&str, usize> = BTreeMap::new();
+        for op in ops {
+            *kinds.entry(op.kind()).or_default() += 1;
+        }
+        info!("reconcile ({why}): {} changes: {kinds:?}", ops.len());
+    }
+}
+
+/// [`firewall::apply`] runs `nft` (twice, with iptables' FORWARD chain):
+/// on the blocking pool, not on a runtime worker.
+pub async fn apply_firewall(fw: FirewallSpec) -> Result<(), String> {
+    tokio::task::spawn_blocking(move || firewall::apply(&fw)).await.unwrap_or_else(|e| Err(format!("nft task: {e}")))
+}
+
+/// Whether a kernel notification is about our device, or about a route
+/// through the underlay (direct routes). Without a device every link event
+/// matters: it may be the device coming back or going.
+fn concerns_us(device_index: Option<u32>, underlay: u32, change: Change) -> bool {
+    match (device_index, change) {
+        (_, Change::Overrun) => true,
+        (_, Change::Route(oif)) if oif == Some(underlay) => true,
+        (None, Change::Link(_)) => true,
+        (None, _) => false,
+        (Some(idx), Change::Link(i) | Change::Neigh(i) | Change::Addr(i)) => i == idx,
+        (Some(idx), Change::Route(oif)) => oif == Some(idx),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::concerns_us;
+    use flannel_net::netlink::Change;
+
+    #[test]
+    fn notifications_about_our_device_and_the_underlays_routes_concern_us() {
+        assert!(concerns_us(Some(7), 2, Change::Link(7)));
+        assert!(!concerns_us(Some(7), 2, Change::Link(8)));
+        assert!(concerns_us(Some(7), 2, Change::Route(Some(2))));
+        assert!(concerns_us(Some(7), 2, Change::Route(Some(7))));
+        assert!(!concerns_us(Some(7), 2, Change::Route(Some(9))));
+        assert!(concerns_us(None, 2, Change::Link(9)), "without a device any link may be it coming back");
+        assert!(!concerns_us(None, 2, Change::Neigh(9)));
+        assert!(concerns_us(Some(7), 2, Change::Overrun));
+    }
+}
