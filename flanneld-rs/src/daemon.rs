@@ -67,6 +67,8 @@ pub struct Prepared {
     pub ext: ExtIface,
     /// The backend.
     pub backend: Backend,
+    /// How the interface was chosen (the reconcile loop chooses again when it changes).
+    pub selection: iface::Selection,
 }
 
 /// Start-up up to the lease, for any store: the configuration, the
@@ -76,18 +78,16 @@ pub async fn start(nl: &Netlink, opts: &Opts, store: &mut impl LeaseStore) -> an
     let cfg = store.network_config().await?;
     info!("network {} (subnets /{}), backend {}", cfg.network, cfg.subnet_len, cfg.backend.type_name());
     let hints = store.hints(&cfg).await?;
-    let mut sel = opts.clone();
+    let mut selection = iface::Selection::from_opts(opts);
     if hints.public_ip.is_some() {
-        sel.public_ip = hints.public_ip;
+        selection.public_ip = hints.public_ip;
     }
-    let mut ext = iface::select(nl, &sel).await?;
-    if let Some(ip) = hints.advertise {
-        ext.public_ip = ip;
-    }
+    selection.advertise = hints.advertise;
+    let ext = selection.select(nl).await?;
     info!("using interface {} ({}), public IP {}", ext.name, ext.addr, ext.public_ip);
     let advertised = store.advertised_mac(&cfg, ext.public_ip).await?;
     let backend = Backend::for_config(&cfg, &ext, backend::vtep_mac(nl, &cfg, advertised).await?)?;
-    Ok(Prepared { cfg, ext, backend })
+    Ok(Prepared { cfg, ext, backend, selection })
 }
 
 /// Runs the daemon until SIGTERM/SIGINT (exit 0, kernel state left in place
@@ -118,7 +118,7 @@ pub async fn run(opts: Opts) -> anyhow::Result<()> {
 async fn run_with(opts: Opts, mut store: impl LeaseStore, metrics: Arc<Metrics>) -> anyhow::Result<()> {
     let started = Instant::now();
     let nl = Netlink::connect()?;
-    let Prepared { cfg, ext, backend } = start(&nl, &opts, &mut store).await?;
+    let Prepared { cfg, ext, backend, selection } = start(&nl, &opts, &mut store).await?;
     let t_prepared = started.elapsed();
 
     let previous = SubnetEnv::load(&opts.subnet_file).ok().and_then(|e| e.subnet).map(|s| s.trunc());
@@ -140,7 +140,7 @@ async fn run_with(opts: Opts, mut store: impl LeaseStore, metrics: Arc<Metrics>)
         renew_margin: Duration::from_secs(u64::from(opts.subnet_lease_renew_margin) * 60),
     };
     let (pod_mtu, subnet) = (backend.pod_mtu(), own.subnet);
-    let node = Node { cfg: cfg.clone(), ext, backend, own };
+    let node = Node { cfg: cfg.clone(), ext, backend, own, selection };
     let mut driver = Driver::new(nl.clone(), store, node, metrics.clone(), fw, timers);
     driver.start_data_path().context("start the data path")?;
     driver.reconcile_with(leases, "start").await;

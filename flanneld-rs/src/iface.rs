@@ -60,8 +60,47 @@ fn pick(link: &Link, addrs: &[(u32, IpNet)], want: Option<Ipv4Addr>, public: Opt
     })
 }
 
+/// How the underlay interface is chosen: the flags, with what the lease
+/// store says about this node. Kept by the reconcile loop, which chooses
+/// again when the interface goes, comes back or changes its address.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Selection {
+    /// `--iface`.
+    pub iface: Vec<String>,
+    /// `--iface-regex`.
+    pub iface_regex: Vec<String>,
+    /// `--iface-can-reach`.
+    pub iface_can_reach: Option<Ipv4Addr>,
+    /// `--public-ip` (or the Node's `node-public-ip`).
+    pub public_ip: Option<Ipv4Addr>,
+    /// Advertised instead of the chosen address (the Node's `public-ip-overwrite`).
+    pub advertise: Option<Ipv4Addr>,
+}
+
+impl Selection {
+    /// The selection the flags ask for.
+    pub fn from_opts(opts: &Opts) -> Selection {
+        Selection {
+            iface: opts.iface.clone(),
+            iface_regex: opts.iface_regex.clone(),
+            iface_can_reach: opts.iface_can_reach,
+            public_ip: opts.public_ip,
+            advertise: None,
+        }
+    }
+
+    /// Chooses the interface (see [`select`]), advertising `advertise` when set.
+    pub async fn select(&self, nl: &Netlink) -> Result<ExtIface, IfaceError> {
+        let mut ext = select(nl, self).await?;
+        if let Some(ip) = self.advertise {
+            ext.public_ip = ip;
+        }
+        Ok(ext)
+    }
+}
+
 /// Selects the interface as flannel does.
-pub async fn select(nl: &Netlink, opts: &Opts) -> Result<ExtIface, IfaceError> {
+pub async fn select(nl: &Netlink, opts: &Selection) -> Result<ExtIface, IfaceError> {
     let links = nl.links().await?;
     let addrs = nl.all_addrs().await?;
     let public = opts.public_ip;

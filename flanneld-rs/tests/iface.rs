@@ -27,7 +27,7 @@ fn pick(ns: &Netns, args: &[&str]) -> Result<ExtIface, String> {
         .run(|| {
             tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
                 let nl = Netlink::connect().unwrap();
-                select(&nl, &cli.opts).await.map_err(|e| e.to_string())
+                select(&nl, &flanneld_rs::iface::Selection::from_opts(&cli.opts)).await.map_err(|e| e.to_string())
             })
         })
         .unwrap()

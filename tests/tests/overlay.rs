@@ -486,3 +486,101 @@ fn forward_rules_open_a_closed_iptables_forward_chain() {
     let ns = &o.cluster.node(0).ns;
     assert!(!ns.run_ok("nft", &["list", "chain", "ip", "filter", "FORWARD"]).contains("flannel-rs"));
 }
+
+/// The underlay interface deleted and added again (another ifindex; the
+/// kernel deletes a VTEP with its underlay), then its address changed: the
+/// VTEP is made again on the new interface, every peer is programmed again,
+/// and the new address is advertised in the lease and used by the peers.
+#[test]
+fn the_underlay_deleted_re_added_and_readdressed_is_followed() {
+    if !require_root() {
+        return;
+    }
+    let mut o = Overlay::new(3);
+    o.start_all();
+    let pods: Vec<_> = (0..3).map(|i| o.add_pod(i, &format!("u{i}"))).collect();
+    for i in 0..3 {
+        o.wait_converged(i);
+    }
+    let ns = &o.cluster.node(0).ns;
+    let ifindex = |name: &str| -> Option<u64> {
+        ns.ip_json(&["link", "show"])
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|l| l["ifname"] == name)
+            .map(|l| l["ifindex"].as_u64().unwrap())
+    };
+    let (eth0_before, vtep_before) = (ifindex("eth0").unwrap(), ifindex("flannel.1").unwrap());
+
+    // Deleted: the kernel takes flannel.1 with it.
+    ns.run_ok("ip", &["link", "del", "eth0"]);
+    wait_until(Duration::from_secs(10), "flannel.1 to go with eth0", || ifindex("flannel.1").is_none());
+    // Added again, as the fixture plugs a node in.
+    let switch = o.cluster.switch();
+    switch.run_ok("ip", &["link", "add", "p-n0", "type", "veth", "peer", "name", "eth0", "netns", ns.name()]);
+    switch.run_ok("ip", &["link", "set", "p-n0", "master", "br0", "up"]);
+    for cmd in ["addr add 192.0.2.10/24 dev eth0", "link set eth0 up", "route add default via 192.0.2.1 dev eth0"] {
+        ns.run_ok("ip", &cmd.split(' ').collect::<Vec<_>>());
+    }
+    let eth0_after = ifindex("eth0").unwrap();
+    assert_ne!(eth0_before, eth0_after);
+    wait_until(Duration::from_secs(30), "flannel.1 to be made again on the new eth0 with every peer", || {
+        ifindex("flannel.1").is_some() && o.vtep_state(0) == o.expected_state(0)
+    });
+    assert_ne!(ifindex("flannel.1"), Some(vtep_before));
+    let link = &ns.ip_json(&["-d", "link", "show", "flannel.1"])[0];
+    assert_eq!(link["linkinfo"]["info_data"]["link"], "eth0", "{link}");
+    assert_eq!(link["linkinfo"]["info_data"]["local"], "192.0.2.10", "{link}");
+    e2e_tests::all_pods_talk(&pods, 7400);
+
+    // Readdressed: 192.0.2.10 -> 192.0.2.30 (no --public-ip: the lease follows).
+    let mac = link["address"].as_str().unwrap().to_string();
+    for cmd in [
+        "addr del 192.0.2.10/24 dev eth0",
+        "addr add 192.0.2.30/24 dev eth0",
+        "route add default via 192.0.2.1 dev eth0",
+    ] {
+        ns.run_ok("ip", &cmd.split(' ').collect::<Vec<_>>());
+    }
+    let key = o.lease_key(0);
+    wait_until(Duration::from_secs(30), "node0's lease to advertise 192.0.2.30", || {
+        leases(o.outside()).get(&key).is_some_and(|v| v["PublicIP"] == "192.0.2.30")
+    });
+    for i in 1..3 {
+        let peer_ns = &o.cluster.node(i).ns;
+        wait_until(Duration::from_secs(30), "the peers' FDB entry for node0 to point to 192.0.2.30", || {
+            peer_ns
+                .bridge_json(&["fdb", "show", "dev", "flannel.1"])
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|f| f["mac"].as_str() == Some(mac.as_str()) && f["dst"] == "192.0.2.30")
+        });
+    }
+    // The VTEP's local address is fixed at creation: it is made anew.
+    wait_until(Duration::from_secs(30), "flannel.1 to send from 192.0.2.30", || {
+        ifindex("flannel.1").is_some()
+            && ns
+                .ip_json(&["-d", "link", "show"])
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|l| l["ifname"] == "flannel.1" && l["linkinfo"]["info_data"]["local"] == "192.0.2.30")
+    });
+    for i in 1..3 {
+        wait_until(Duration::from_secs(30), "every peer to converge", || o.vtep_state(i) == o.expected_state(i));
+    }
+    let others = || {
+        leases(o.outside()).into_iter().filter(|(k, _)| *k != key).map(|(k, v)| {
+            let tail = k.rsplit('/').next().unwrap().replacen('-', "/", 1);
+            (
+                tail,
+                v["BackendData"]["VtepMAC"].as_str().unwrap().to_string(),
+                v["PublicIP"].as_str().unwrap().to_string(),
+            )
+        })
+    };
+    wait_until(Duration::from_secs(30), "node0 to converge", || o.vtep_state(0) == o.expected_state_for(0, others()));
+    e2e_tests::all_pods_talk(&pods, 7500);
+}

@@ -24,7 +24,7 @@ use crate::backend::{Backend, DataPath};
 use crate::config::NetworkConfig;
 use crate::firewall::{self, FirewallSpec};
 use crate::health::Metrics;
-use crate::iface::ExtIface;
+use crate::iface::{ExtIface, Selection};
 use crate::lease::{Lease, LeaseEvent, LeaseSet};
 use crate::subnet::LeaseStore;
 
@@ -48,6 +48,9 @@ pub struct Node {
     pub backend: Backend,
     /// Our lease.
     pub own: Lease,
+    /// How the underlay interface was chosen, to choose it again when it
+    /// changes.
+    pub selection: Selection,
 }
 
 /// How often the driver re-asserts things besides the kernel entries.
@@ -75,6 +78,11 @@ pub struct Driver<S: LeaseStore> {
     /// The backend's user-space data path, and the peer table last given to it.
     data_path: Option<Box<dyn DataPath>>,
     data_path_peers: Vec<(Ipv4Net, Ipv4Addr)>,
+    /// The underlay must be chosen again before the next reconcile (it
+    /// changed, or the periodic check is due).
+    underlay_due: bool,
+    /// The underlay was gone at the last check (then any new link may be it).
+    underlay_missing: bool,
 }
 
 impl<S: LeaseStore> Driver<S> {
@@ -92,6 +100,8 @@ impl<S: LeaseStore> Driver<S> {
             device_index: None,
             data_path: None,
             data_path_peers: Vec::new(),
+            underlay_due: false,
+            underlay_missing: false,
         }
     }
 
@@ -123,6 +133,9 @@ impl<S: LeaseStore> Driver<S> {
     /// counted; the next reconcile retries.
     pub async fn reconcile(&mut self, why: &str) {
         let start = Instant::now();
+        if std::mem::take(&mut self.underlay_due) {
+            self.check_underlay(why).await;
+        }
         let node = &self.node;
         let (want, rejected) =
             desired::desired(&node.cfg, &node.own, &node.backend, node.ext.addr.trunc(), self.leases.iter());
@@ -151,6 +164,83 @@ impl<S: LeaseStore> Driver<S> {
             self.device_index = self.nl.link_by_name(name).await.ok().flatten().map(|l| l.index);
         }
         self.sync_data_path(&want.tunnel, why);
+    }
+
+    /// Chooses the underlay interface again. When it is gone, everything
+    /// stays as it is (the kernel deletes a VTEP with its underlay; it is
+    /// made again once the interface is back). When it changed (another
+    /// index after being deleted and added, another address or MTU), the
+    /// backend is rebuilt on it, which the plan turns into a new device and
+    /// every peer's entries, and a changed public address is published in
+    /// our lease.
+    async fn check_underlay(&mut self, why: &str) {
+        let ext = match self.node.selection.select(&self.nl).await {
+            Ok(ext) => ext,
+            Err(e) => {
+                if !self.underlay_missing {
+                    warn!(
+                        "reconcile ({why}): the underlay interface {} is gone ({e}); waiting for it",
+                        self.node.ext.name
+                    );
+                }
+                self.underlay_missing = true;
+                return;
+            }
+        };
+        if self.underlay_missing {
+            info!("reconcile ({why}): underlay interface {} (#{}) is back", ext.name, ext.index);
+            self.underlay_missing = false;
+        }
+        if ext == self.node.ext {
+            return;
+        }
+        let old = &self.node.ext;
+        info!(
+            "reconcile ({why}): underlay changed: {} #{} {} (public IP {}, MTU {}) -> {} #{} {} (public IP {}, MTU {})",
+            old.name,
+            old.index,
+            old.addr,
+            old.public_ip,
+            old.mtu,
+            ext.name,
+            ext.index,
+            ext.addr,
+            ext.public_ip,
+            ext.mtu
+        );
+        let mac = self.node.backend.vtep().map(|v| v.mac).unwrap_or_else(crate::backend::random_mac);
+        let backend = match Backend::for_config(&self.node.cfg, &ext, mac) {
+            Ok(b) => b,
+            Err(e) => {
+                error!("reconcile ({why}): the changed underlay cannot carry the backend: {e:#}; keeping the old one");
+                return;
+            }
+        };
+        if backend.pod_mtu() != self.node.backend.pod_mtu() {
+            warn!(
+                "reconcile ({why}): the pod MTU is now {} (was {}); pods keep theirs until they are restarted",
+                backend.pod_mtu(),
+                self.node.backend.pod_mtu()
+            );
+        }
+        if ext.public_ip != self.node.own.public_ip {
+            match self.store.publish(&self.node.cfg, &backend.lease_attrs(ext.public_ip)).await {
+                Ok(lease) => self.node.own = lease,
+                Err(e) => {
+                    // Keep the old state; the next check tries again.
+                    error!("reconcile ({why}): advertise the new public IP {}: {e}", ext.public_ip);
+                    self.underlay_due = true;
+                    return;
+                }
+            }
+        }
+        if backend != self.node.backend && self.data_path.is_some() {
+            // Its sockets are bound to the old address.
+            let old = self.data_path.take();
+            tokio::task::block_in_place(|| drop(old));
+        }
+        self.node.backend = backend;
+        self.node.ext = ext;
     }
 
     /// Observes and plans; with a data path, (re)starts it first when it
@@ -240,7 +330,9 @@ impl<S: LeaseStore> Driver<S> {
                     // Coalesce the burst a hand edit (or our own changes) cause,
                     // without holding up lease events meanwhile.
                     Some(c) => {
-                        if concerns_us(self.device_index, self.node.backend.underlay(), c) && kernel_due.is_none() {
+                        let underlay = concerns_underlay(self.node.ext.index, self.underlay_missing, c);
+                        self.underlay_due |= underlay;
+                        if (underlay || concerns_us(self.device_index, self.node.backend.underlay(), c)) && kernel_due.is_none() {
                             kernel_due = Some(tokio::time::Instant::now() + DEBOUNCE);
                         }
                     }
@@ -254,7 +346,11 @@ impl<S: LeaseStore> Driver<S> {
                     kernel_due = None;
                     self.reconcile("kernel change").await;
                 }
-                _ = periodic.tick() => self.reconcile("periodic").await,
+                _ = periodic.tick() => {
+                    // Also the safety net for a missed notification about the underlay.
+                    self.underlay_due = true;
+                    self.reconcile("periodic").await
+                }
                 _ = resync.tick() => {
                     if let Err(e) = apply_firewall(self.fw).await {
                         error!("re-assert nftables table {}: {e}", firewall::TABLE);
@@ -315,9 +411,22 @@ fn concerns_us(device_index: Option<u32>, underlay: u32, change: Change) -> bool
     }
 }
 
+/// Whether a kernel notification may mean the underlay changed: a link or
+/// address event on it, an overrun, or, while it is gone, any new link.
+fn concerns_underlay(underlay: u32, missing: bool, change: Change) -> bool {
+    match change {
+        Change::Overrun => true,
+        Change::Link(i) => i == underlay || missing,
+        Change::Addr(i) => i == underlay || missing,
+        // A default route coming back may be what the choice waits for.
+        Change::Route(_) => missing,
+        Change::Neigh(_) => false,
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use super::concerns_us;
+    use super::{concerns_underlay, concerns_us};
     use flannel_net::netlink::Change;
 
     #[test]
@@ -330,5 +439,14 @@ mod tests {
         assert!(concerns_us(None, 2, Change::Link(9)), "without a device any link may be it coming back");
         assert!(!concerns_us(None, 2, Change::Neigh(9)));
         assert!(concerns_us(Some(7), 2, Change::Overrun));
+    }
+
+    #[test]
+    fn link_and_address_events_on_the_underlay_ask_for_a_new_choice() {
+        assert!(concerns_underlay(2, false, Change::Link(2)));
+        assert!(concerns_underlay(2, false, Change::Addr(2)));
+        assert!(!concerns_underlay(2, false, Change::Link(9)));
+        assert!(concerns_underlay(2, true, Change::Link(9)), "while it is gone, a new link may be it");
+        assert!(!concerns_underlay(2, false, Change::Route(Some(2))));
     }
 }

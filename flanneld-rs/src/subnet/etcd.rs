@@ -639,6 +639,29 @@ impl EtcdSubnetManager {
         Ok(AcquiredLease { expires: now + Duration::from_secs(left.ttl() as u64), ..lease.clone() })
     }
 
+    /// Rewrites our lease's value with `attrs` (same key, same etcd lease),
+    /// if the key still exists.
+    pub async fn update_lease(&self, lease: &AcquiredLease, attrs: &LeaseAttrs) -> Result<AcquiredLease, StoreError> {
+        let key = &lease.key;
+        let value = encode_value(attrs);
+        let put = match lease.etcd_lease_id {
+            Some(id) => PutOptions::new().with_lease(id),
+            None => PutOptions::new(),
+        };
+        let txn = Txn::new().when([Compare::version(key.clone(), CompareOp::Greater, 0)]).and_then([TxnOp::put(
+            key.clone(),
+            value.clone(),
+            Some(put),
+        )]);
+        let mut c = self.client.clone();
+        let resp = self.conn.call(|| format!("update {key} = {value}"), c.txn(txn)).await?;
+        if !resp.succeeded() {
+            return Err(StoreError::Revoked { key: key.clone(), why: "the key is gone from etcd".into() });
+        }
+        log::info!("updated lease {key} = {value}");
+        Ok(AcquiredLease { lease: attrs.lease(lease.lease.subnet, key.clone()), ..lease.clone() })
+    }
+
     /// Starts the lease watcher (see the module documentation): a snapshot at
     /// start and after every change of the valid lease set, `Revoked(own_key)`
     /// when our own key disappears. The task ends when `tx` is closed.
@@ -924,6 +947,12 @@ impl super::LeaseStore for EtcdStore {
         let lease = acquired.lease.clone();
         self.acquired = Some(acquired);
         Ok(lease)
+    }
+
+    async fn publish(&mut self, _cfg: &NetworkConfig, attrs: &LeaseAttrs) -> Result<Lease, StoreError> {
+        let acquired = self.acquired.as_mut().ok_or_else(Self::not_acquired)?;
+        *acquired = self.mgr.update_lease(acquired, attrs).await?;
+        Ok(acquired.lease.clone())
     }
 
     fn watch(&mut self, cfg: &NetworkConfig) -> mpsc::Receiver<LeaseEvent> {

@@ -510,6 +510,18 @@ impl super::LeaseStore for KubeStore {
         Ok(attrs.lease(subnet, format!("node {}", self.mgr.node_name)))
     }
 
+    async fn publish(&mut self, cfg: &NetworkConfig, attrs: &LeaseAttrs) -> Result<Lease, StoreError> {
+        let node = self.mgr.own_node().await?;
+        let cidr = pod_cidr(&node)
+            .ok_or_else(|| StoreError::Invalid(format!("node {} has no spec.podCIDR", self.mgr.node_name)))?;
+        let subnet = own_subnet(&self.mgr.node_name, &cidr, cfg)?;
+        if self.mgr.publish(&node, attrs).await? {
+            info!("node {}: annotations updated (nodes/status)", self.mgr.node_name);
+        }
+        self.node = Some((node, Some(cidr)));
+        Ok(attrs.lease(subnet, format!("node {}", self.mgr.node_name)))
+    }
+
     fn watch(&mut self, cfg: &NetworkConfig) -> mpsc::Receiver<LeaseEvent> {
         let (tx, rx) = super::channel();
         // The task ends when the receiver is dropped.

@@ -160,6 +160,10 @@ pub trait LeaseStore {
         previous: Option<Ipv4Net>,
     ) -> Result<Lease, StoreError>;
 
+    /// Changes what our lease advertises (the underlay address changed):
+    /// same subnet, same lease, new attributes.
+    async fn publish(&mut self, cfg: &NetworkConfig, attrs: &LeaseAttrs) -> Result<Lease, StoreError>;
+
     /// Starts watching the lease set: a [`LeaseEvent::Snapshot`] after the
     /// first complete list and after every change, and
     /// [`LeaseEvent::Revoked`] when our own lease disappears. The watch
