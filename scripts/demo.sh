@@ -48,8 +48,8 @@ for i in 0 1 2; do
   pids+=($!)
 done
 for i in 0 1 2; do
-  for _ in $(seq 200); do grep -q "INFO  ready" "$work/flanneld$i.log" && break; sleep 0.05; done
-  grep -q "INFO  ready" "$work/flanneld$i.log" || { cat "$work/flanneld$i.log"; exit 1; }
+  for _ in $(seq 200); do grep -q " INFO .*: ready: " "$work/flanneld$i.log" && break; sleep 0.05; done
+  grep -q " INFO .*: ready: " "$work/flanneld$i.log" || { cat "$work/flanneld$i.log"; exit 1; }
   printf 'node%s: ' "$i"; grep FLANNEL_SUBNET "$work/subnet$i.env"
 done
 

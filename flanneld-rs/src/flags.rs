@@ -6,6 +6,8 @@ use std::path::PathBuf;
 
 use clap::{ArgAction, Args, Parser, Subcommand};
 
+use crate::logger::LogFormat;
+
 /// flanneld-rs: flannel's per-node daemon, as a self-healing reconcile loop.
 #[derive(Debug, Parser)]
 #[command(name = "flanneld-rs", version, about, disable_version_flag = true)]
@@ -135,6 +137,15 @@ pub struct Opts {
     /// Install a blackhole route for the node's subnet.
     #[arg(long, env = "FLANNELD_IP_BLACKHOLE_ROUTE", global = true, action = go_bool!(), num_args = 0..=1, require_equals = true, default_value_t = false, default_missing_value = "true")]
     pub ip_blackhole_route: bool,
+    /// Log line format: `text` (timestamp, level, target, message) or `json`
+    /// (one object per line). The filter comes from FLANNELD_LOG or RUST_LOG.
+    #[arg(long, env = "FLANNELD_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
+    pub log_format: LogFormat,
+    /// klog's verbosity for flanneld-rs's own lines (`-v 4`, `--v=4`): 0-3
+    /// info, 4-5 debug, 6 and more trace; wins over FLANNELD_LOG. A klog flag,
+    /// so, as in flannel, not read from the environment.
+    #[arg(short = 'v', long = "v", value_name = "N", global = true)]
+    pub v: Option<u8>,
 }
 
 #[cfg(test)]
@@ -171,5 +182,24 @@ mod tests {
         assert!(parse(&["--subnet-lease-renew-margin", "0"]).is_err());
         let e = parse(&["--public-ip", "nope"]).unwrap_err().to_string();
         assert!(e.contains("--public-ip") && e.contains("nope"), "{e}");
+    }
+
+    #[test]
+    fn log_format_and_klog_verbosity() {
+        let o = parse(&[]).unwrap().opts;
+        assert_eq!((o.log_format, o.v), (LogFormat::Text, None));
+        assert_eq!(parse(&["--log-format", "json"]).unwrap().opts.log_format, LogFormat::Json);
+        assert_eq!(parse(&["--log-format=text"]).unwrap().opts.log_format, LogFormat::Text);
+        let e = parse(&["--log-format", "xml"]).unwrap_err().to_string();
+        assert!(e.contains("--log-format") && e.contains("xml"), "{e}");
+        for args in [&["-v", "4"][..], &["-v4"], &["-v=4"], &["--v=4"], &["--v", "4"]] {
+            assert_eq!(parse(args).unwrap().opts.v, Some(4), "{args:?}");
+        }
+        // Global, like every daemon flag: also after the subcommand.
+        let cli = parse(&["diagnose", "-v", "6", "--log-format", "json"]).unwrap();
+        assert!(matches!(cli.cmd, Some(Cmd::Diagnose { .. })));
+        assert_eq!((cli.opts.v, cli.opts.log_format), (Some(6), LogFormat::Json));
+        let e = parse(&["-v", "loud"]).unwrap_err().to_string();
+        assert!(e.contains("-v") && e.contains("loud"), "{e}");
     }
 }

@@ -5,8 +5,10 @@ use clap::Parser;
 use flanneld_rs::flags::{Cli, Cmd};
 
 fn main() {
-    flanneld_rs::logger::init();
     let cli = Cli::parse();
+    // After parsing: the format and -v are flags. Flag errors are clap's own
+    // messages on stderr, not log lines.
+    flanneld_rs::logger::init(cli.opts.log_format, cli.opts.v);
     let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {

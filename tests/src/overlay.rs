@@ -208,7 +208,7 @@ impl Overlay {
     /// Starts the daemon of node `i` and waits for its subnet.env.
     pub fn start(&mut self, i: usize) {
         let logp = self.daemons[i].log.clone();
-        let ready_before = std::fs::read_to_string(&logp).unwrap_or_default().matches("INFO  ready:").count();
+        let ready_before = ready_lines(&std::fs::read_to_string(&logp).unwrap_or_default());
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&logp).unwrap();
         let d = &self.daemons[i];
         let child = self
@@ -221,7 +221,7 @@ impl Overlay {
             .unwrap();
         self.daemons[i].proc = Proc(Some(child));
         let deadline = std::time::Instant::now() + Duration::from_secs(20);
-        while std::fs::read_to_string(&logp).unwrap_or_default().matches("INFO  ready:").count() <= ready_before {
+        while ready_lines(&std::fs::read_to_string(&logp).unwrap_or_default()) <= ready_before {
             let exited = self.daemons[i].proc.0.as_mut().and_then(|c| c.try_wait().ok().flatten());
             if exited.is_some() || std::time::Instant::now() >= deadline {
                 let log = std::fs::read_to_string(&logp).unwrap_or_default();
@@ -450,4 +450,11 @@ pub struct VtepState {
     pub neighs: Vec<String>,
     /// `mac dst`.
     pub fdbs: Vec<String>,
+}
+
+/// How many times a daemon log says the daemon is ready: its info line
+/// `TIMESTAMP  INFO TARGET: ready: ...` (the target is left open so the line
+/// may move between modules).
+pub fn ready_lines(log: &str) -> usize {
+    log.lines().filter(|l| l.contains(" INFO ") && l.contains(": ready: ")).count()
 }

@@ -340,7 +340,9 @@ fn in_cluster_configuration_and_the_node_found_through_our_pod() {
             .spawn()
             .unwrap();
     let mut proc = e2e_tests::overlay::Proc(Some(child));
-    wait_until(Duration::from_secs(20), "the in-cluster daemon to be ready", || ko.o.log(0).contains("INFO  ready:"));
+    wait_until(Duration::from_secs(20), "the in-cluster daemon to be ready", || {
+        e2e_tests::overlay::ready_lines(&ko.o.log(0)) > 0
+    });
     assert!(ko.o.log(0).contains("node node0"), "{}", ko.o.log(0));
     assert_eq!(annotations(&ko, "node0")["public-ip"], "192.0.2.10");
     proc.stop();

@@ -411,7 +411,9 @@ fn leases_of(store: &BTreeMap<String, NodeLease>) -> (Vec<Lease>, Vec<String>) {
 pub struct KubeStore {
     mgr: KubeSubnetManager,
     opts: KubeOptions,
-    net_config_path: PathBuf,
+    /// The network configuration, read from `--net-config-path` first
+    /// (before the API server is asked anything, as flannel does).
+    cfg: NetworkConfig,
     /// Whether to wait for our Node to have a podCIDR (the daemon does;
     /// `diagnose` reports what it finds instead).
     wait: bool,
@@ -422,8 +424,9 @@ impl KubeStore {
     /// Connects (see [`KubeSubnetManager::connect`]); the network
     /// configuration comes from `net_config_path` (`--net-config-path`).
     pub async fn connect(opts: &KubeOptions, net_config_path: PathBuf) -> Result<KubeStore, StoreError> {
+        let cfg = read_net_conf(&net_config_path)?;
         let mgr = KubeSubnetManager::connect(opts).await?;
-        Ok(KubeStore { mgr, opts: opts.clone(), net_config_path, wait: true, node: None })
+        Ok(KubeStore { mgr, opts: opts.clone(), cfg, wait: true, node: None })
     }
 
     /// Does not wait for our Node's podCIDR (for `diagnose`).
@@ -467,7 +470,7 @@ impl super::LeaseStore for KubeStore {
     }
 
     async fn network_config(&mut self) -> Result<NetworkConfig, StoreError> {
-        read_net_conf(&self.net_config_path)
+        Ok(self.cfg.clone())
     }
 
     async fn hints(&mut self, _cfg: &NetworkConfig) -> Result<super::NodeHints, StoreError> {
