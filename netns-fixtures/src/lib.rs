@@ -90,9 +90,23 @@ pub fn skip_or_fail(why: &str) -> bool {
 }
 
 /// Whether this run is CI's (`CI=true` or `CI=1`), where a missing
-/// prerequisite fails instead of skipping.
+/// prerequisite fails instead of skipping and golden files are never
+/// rewritten.
 pub fn ci() -> bool {
     std::env::var("CI").is_ok_and(|v| v.eq_ignore_ascii_case("true") || v == "1")
+}
+
+/// Whether a golden-file test should write what it got instead of comparing
+/// (`UPDATE_GOLDEN` set). Panics under CI: a run that rewrites its golden
+/// files compares nothing and passes whatever the code does.
+pub fn update_golden() -> bool {
+    let update = std::env::var_os("UPDATE_GOLDEN").is_some();
+    assert!(
+        !(update && ci()),
+        "UPDATE_GOLDEN is set and so is CI: golden files are never rewritten in CI (a rewrite compares nothing); \
+         regenerate them on a developer machine and commit the diff"
+    );
+    update
 }
 
 fn probe() -> Result<(), String> {
