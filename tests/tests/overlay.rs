@@ -118,11 +118,15 @@ fn entries_and_the_device_deleted_by_hand_come_back_and_traffic_resumes() {
     ];
     for (n, fault) in faults.iter().enumerate() {
         let args: Vec<&str> = fault[1..].iter().map(String::as_str).collect();
-        ns.run_ok(&fault[0], &args);
-        // Within a second (the daemon reacts to the kernel's notification).
-        wait_until(Duration::from_secs(1), &format!("{fault:?} to be repaired"), || {
-            o.vtep_state(0) == o.expected_state(0)
-        });
+        // Read back from the kernel (`ip -j`, `bridge -j`), then shown with traffic.
+        o.assert_repaired_on_notification(
+            0,
+            &format!("{fault:?}"),
+            || {
+                ns.run_ok(&fault[0], &args);
+            },
+            || o.vtep_state(0) == o.expected_state(0),
+        );
         let port = 8100 + n as u16;
         let target = SocketAddr::new(b_addr.into(), port);
         let server = echo_server(&b, target);
@@ -345,10 +349,14 @@ fn direct_routing_reaches_peers_on_the_same_segment_without_the_tunnel() {
     assert_eq!(tcp_round_trip(&a, target), "ping\n");
     server.join().unwrap();
     // A direct route deleted by hand comes back too; diagnose agrees.
-    ns.run_ok("ip", &["route", "del", &s1.to_string()]);
-    wait_until(Duration::from_secs(5), "the direct route to come back", || {
-        ns.ip_json(&["route", "show", &s1.to_string()]).to_string().contains("192.0.2.11")
-    });
+    o.assert_repaired_on_notification(
+        0,
+        "the direct route",
+        || {
+            ns.run_ok("ip", &["route", "del", &s1.to_string()]);
+        },
+        || ns.ip_json(&["route", "show", &s1.to_string()]).to_string().contains("192.0.2.11"),
+    );
     let (ok, v) = o.diagnose(0, &[]);
     assert!(ok, "{v}");
 }
