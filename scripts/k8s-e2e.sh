@@ -478,10 +478,17 @@ touch "$work/stop-traffic"
 for p in "${loop_pids[@]}"; do wait "$p"; done
 loop_pids=()
 req_ok=0 req_bad=0
-for i in $(seq 0 $((nodes - 1))); do read -r a b <"$work/traffic-$i"; req_ok=$((req_ok + a)); req_bad=$((req_bad + b)); done
+idle=()
+for i in $(seq 0 $((nodes - 1))); do
+  read -r a b <"$work/traffic-$i"
+  req_ok=$((req_ok + a)) req_bad=$((req_bad + b))
+  [ "$a" -gt 0 ] || idle+=("node$i")
+done
 kc -n kube-flannel get pods -o custom-columns=NAME:.metadata.name,NODE:.spec.nodeName,IMAGE:.spec.containers[0].image,READY:.status.containerStatuses[0].ready
 echo "rollout took $roll_ms ms; requests during it: $req_ok ok, $req_bad failed"
 [ -s "$work/traffic-errors.log" ] && sort "$work/traffic-errors.log" | uniq -c | head
+# "No request failed" says nothing about a client that had no success at all.
+[ ${#idle[@]} -eq 0 ] || fail "no request succeeded during the rollout from the client on ${idle[*]}"
 [ "$(kcq -n kube-flannel get pods -o jsonpath='{range .items[*]}{.spec.containers[0].image}{"\n"}{end}' | grep -c ":$roll_tag$")" -eq "$nodes" ] \
   || fail "not every flanneld-rs pod runs $roll_tag"
 if [ "$backend" = udp ]; then
