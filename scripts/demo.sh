@@ -92,8 +92,13 @@ ip -n "flt-$tag-node0" neigh show dev flannel.1
 say "node0: bridge fdb show dev flannel.1"
 in_ns "flt-$tag-node0" bridge fdb show dev flannel.1
 say "node0: a route deleted by hand comes back"
-ip -n "flt-$tag-node0" route del "$(ip -n "flt-$tag-node0" route show dev flannel.1 | head -1 | cut -d' ' -f1)"
-sleep 0.2
+gone=$(ip -n "flt-$tag-node0" route show dev flannel.1 | head -1 | cut -d' ' -f1)
+ip -n "flt-$tag-node0" route del "$gone" dev flannel.1
+deadline=$((SECONDS + 10))
+until ip -n "flt-$tag-node0" route show "$gone" dev flannel.1 | grep -q .; do
+  [ "$SECONDS" -lt "$deadline" ] || { echo "the route to $gone did not come back"; exit 1; }
+  sleep 0.05
+done
 ip -n "flt-$tag-node0" route show dev flannel.1
 say "node0: flanneld-rs diagnose"
 in_ns "flt-$tag-node0" "$bin/flanneld-rs" --etcd-endpoints "$etcd_ep" --subnet-file "$work/subnet0.env" --ip-masq diagnose

@@ -36,7 +36,7 @@ say() { printf '\n== %s\n' "$*"; }
 fail() { echo "k8s-e2e: FAIL: $*" >&2; exit 1; }
 ms_now() { date +%s%3N; }
 
-install_packages containerd runc etcd-server containernetworking-plugins nftables iptables openssl util-linux iproute2 procps gcc libc6-dev python3 nginx
+install_packages containerd runc etcd-server containernetworking-plugins nftables iptables openssl util-linux iproute2 procps gcc libc6-dev python3 nginx curl
 [ -x /usr/bin/kubectl ] || install_packages kubernetes-client
 kbin=$(scripts/lib/kube-binaries.sh cmd/kube-apiserver cmd/kube-controller-manager cmd/kube-scheduler cmd/kubelet)
 version=$(python3 -c 'import tomllib; print(tomllib.load(open("Cargo.toml", "rb"))["workspace"]["package"]["version"])')
@@ -478,10 +478,17 @@ touch "$work/stop-traffic"
 for p in "${loop_pids[@]}"; do wait "$p"; done
 loop_pids=()
 req_ok=0 req_bad=0
-for i in $(seq 0 $((nodes - 1))); do read -r a b <"$work/traffic-$i"; req_ok=$((req_ok + a)); req_bad=$((req_bad + b)); done
+idle=()
+for i in $(seq 0 $((nodes - 1))); do
+  read -r a b <"$work/traffic-$i"
+  req_ok=$((req_ok + a)) req_bad=$((req_bad + b))
+  [ "$a" -gt 0 ] || idle+=("node$i")
+done
 kc -n kube-flannel get pods -o custom-columns=NAME:.metadata.name,NODE:.spec.nodeName,IMAGE:.spec.containers[0].image,READY:.status.containerStatuses[0].ready
 echo "rollout took $roll_ms ms; requests during it: $req_ok ok, $req_bad failed"
 [ -s "$work/traffic-errors.log" ] && sort "$work/traffic-errors.log" | uniq -c | head
+# "No request failed" says nothing about a client that had no success at all.
+[ ${#idle[@]} -eq 0 ] || fail "no request succeeded during the rollout from the client on ${idle[*]}"
 [ "$(kcq -n kube-flannel get pods -o jsonpath='{range .items[*]}{.spec.containers[0].image}{"\n"}{end}' | grep -c ":$roll_tag$")" -eq "$nodes" ] \
   || fail "not every flanneld-rs pod runs $roll_tag"
 if [ "$backend" = udp ]; then
@@ -526,7 +533,34 @@ nsenter --net=/run/netns/$outside_ns kubectl --kubeconfig "$work/admin.kubeconfi
   -o jsonpath='{.metadata.name} {.status.phase} {.status.podIP}{"\n"}' 2>/dev/null \
   > >(exec >>"$ev"; while read -r n ph ip; do echo "$(date +%s%3N) $n $ph $ip"; done) &
 watcher=$!
-sleep 1
+# The watch is set up once it has listed: a pod it did not see created would
+# show up first in whatever phase it reached meanwhile. A pod bound to a
+# node that does not exist (nothing runs it) shows when that is.
+pod_yaml lat-watch-marker no-such-node e2e-lat | kcq create -f - >/dev/null
+deadline=$((SECONDS + 30))
+while [ "$SECONDS" -lt "$deadline" ] && ! grep -q ' lat-watch-marker ' "$ev"; do sleep 0.1; done
+grep -q ' lat-watch-marker ' "$ev" || fail "kubectl get -w did not list the marker pod within 30 s"
+kcq delete pod lat-watch-marker --grace-period=0 --force --wait=false >/dev/null
+# Which CNI configuration the node's containerd gives a pod's eth0 now: the
+# type of its first plugin, from the CRI's verbose Status (what `crictl
+# info` shows; Debian has no crictl), over gRPC with curl.
+cni_in_use() {
+  local pid1
+  pid1=$(ps -o pid= --ppid "${node_pids[$ln]}" | head -1 | tr -d ' ')
+  printf '\x00\x00\x00\x00\x02\x08\x01' |
+    nsenter -t "$pid1" -m -n curl -sS --max-time 5 --http2-prior-knowledge --unix-socket /run/containerd/containerd.sock \
+      -H 'content-type: application/grpc' -H 'te: trailers' --data-binary @- --output - \
+      http://localhost/runtime.v1.RuntimeService/Status | python3 tests/k8s/cri-cni.py
+}
+# containerd reloads the directory when it changes, asynchronously.
+wait_cni() { # TYPE (fails after 60 s)
+  local now deadline=$((SECONDS + 60))
+  while [ "$SECONDS" -lt "$deadline" ]; do
+    now=$(cni_in_use) && [ "$now" = "$1" ] && return 0
+    sleep 0.1
+  done
+  fail "containerd on $lat_node still uses the ${now:-unknown} CNI configuration, not $1, 60 s after the change"
+}
 lat_one() { # LABEL K: creates lat-LABEL-K, waits for Running, prints ms and the pod's address
   local name=lat-$1-$2 t0 t1 ip
   pod_yaml "$name" "$lat_node" e2e-lat | kcq create -f - >/dev/null
@@ -543,13 +577,13 @@ lat_one() { # LABEL K: creates lat-LABEL-K, waits for Running, prints ms and the
 ours_ms=() ref_ms=()
 for k in $(seq 1 "$latency_pods"); do
   rm -f "$ref_conf"
-  sleep 1
+  wait_cni flannel
   read -r ms ip <<<"$(lat_one flannel-rs "$k")"
   python3 -c "import ipaddress,sys; sys.exit(ipaddress.ip_address('$ip') >= ipaddress.ip_address('$rstart'))" \
     || fail "lat-flannel-rs-$k got $ip: the reference configuration was still in use"
   ours_ms+=("$ms")
   printf '%s\n' "$ref_json" >"$ref_conf"
-  sleep 1
+  wait_cni bridge
   read -r ms ip <<<"$(lat_one bridge "$k")"
   python3 -c "import ipaddress,sys; sys.exit(ipaddress.ip_address('$ip') < ipaddress.ip_address('$rstart'))" \
     || fail "lat-bridge-$k got $ip: the reference configuration was not used"

@@ -5,10 +5,15 @@
 # and never touch the root namespace).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# This command runs as root and installs every prerequisite, so a test that
+# finds one missing must fail here, not skip (netns_fixtures::skip_or_fail).
+export CI=true
 source scripts/lib/common.sh
 need_root
 install_packages "${FLANNEL_RS_PACKAGES[@]}"
 ensure_rust
+# The counting at the end must itself be right (sample logs).
+scripts/lib/test-summary-check.sh
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
@@ -27,22 +32,23 @@ echo "== cargo test"
 log=$(mktemp)
 set +e
 cargo test --workspace --no-fail-fast 2>&1 | tee "$log"
-status=${PIPESTATUS[0]}
+cargo_status=${PIPESTATUS[0]}
+status=$cargo_status
 set -e
 # The whole path on a real cluster (kubelet, containerd, the DaemonSet):
 # about 4 minutes with the Kubernetes binaries cached; its image is the one
 # the deploy tests just built from this tree.
 echo "== scripts/k8s-e2e.sh"
-if scripts/k8s-e2e.sh 2>&1 | tee -a "$log"; then
-  echo "test result: ok. 1 passed; 0 failed (k8s-e2e)" >> "$log"
-else
-  echo "test result: FAILED. 0 passed; 1 failed (k8s-e2e)" >> "$log"
-  status=1
-fi
-read -r passed failed < <(awk '/^test result:/ { for (i = 1; i < NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } } END { print p + 0, f + 0 }' "$log")
+e2e_passed=0 e2e_failed=0
+if scripts/k8s-e2e.sh; then e2e_passed=1; else e2e_failed=1; status=1; fi
+# A test binary that died, or a target that did not compile, counts as a
+# failure too (scripts/lib/test-summary.sh says which).
+summary=$(scripts/lib/test-summary.sh "$log" "$cargo_status")
+read -r passed failed skipped <<<"$summary"
+[ "$failed" -eq 0 ] || status=1
 rm -f "$log"
 echo
-echo "tests: ${passed:-0} passed, ${failed:-0} failed"
+echo "tests: $((passed + e2e_passed)) passed, $((failed + e2e_failed)) failed, $skipped skipped"
 leftover=$(ip netns list | grep -c '^flt-' || true)
 if [ "$leftover" -gt 0 ]; then
   echo "error: $leftover test namespace(s) left behind:" >&2

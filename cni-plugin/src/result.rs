@@ -223,7 +223,7 @@ mod tests {
         for v in crate::version::SUPPORTED {
             let got = serde_json::to_string_pretty(&sample().encode(v)).unwrap() + "\n";
             let path = dir.join(format!("result-{v}.json"));
-            if std::env::var_os("UPDATE_GOLDEN").is_some() {
+            if netns_fixtures::update_golden() {
                 std::fs::create_dir_all(&dir).unwrap();
                 std::fs::write(&path, &got).unwrap();
             }

@@ -21,6 +21,7 @@
 
 #![warn(missing_docs)]
 
+use std::io::Write;
 use std::net::Ipv4Addr;
 use std::process::{Command, Stdio};
 use std::sync::OnceLock;
@@ -55,10 +56,9 @@ pub const OUTSIDE_IP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 200);
 /// The first call really creates (and deletes) a namespace the way the
 /// fixtures do, since being root is not enough (a container without
 /// CAP_SYS_ADMIN, a read-only /run, no `ip`); the answer is cached. When it
-/// is no: with `CI=true` it panics ("CI=true: tests need root and network
-/// namespaces: ..."), because CI must not pass by skipping everything;
-/// otherwise it prints "skipping: needs root ..." to stderr and returns
-/// false, for `if !netns_fixtures::require_root() { return; }`.
+/// is no, it calls [`skip_or_fail`]: with `CI=true` that panics, because CI
+/// must not pass by skipping everything; otherwise it returns false, for
+/// `if !netns_fixtures::require_root() { return; }`.
 pub fn require_root() -> bool {
     static PROBE: OnceLock<Result<(), String>> = OnceLock::new();
     let result = PROBE.get_or_init(probe);
@@ -68,19 +68,45 @@ pub fn require_root() -> bool {
     }
 }
 
-/// A test's prerequisite is missing: on a developer's machine print
-/// "skipping: <why>" and return false (for `return` in the test); with
-/// `CI=true` panic instead, because CI must not pass by skipping.
+/// A test's prerequisite is missing. With `CI=true` this panics ("CI=true:
+/// <why>"), because CI must not pass by skipping. Otherwise it prints
+/// "SKIPPED: <test>: <why>" and returns false (for `return` in the test).
+///
+/// The line goes to the process's real stderr, past libtest's output
+/// capture, so that it is in the log of every run: `scripts/test.sh`
+/// (`scripts/lib/test-summary.sh`) counts these lines, and a test that
+/// printed one is reported as skipped, not passed. `<test>` is the name of
+/// the calling thread, which libtest names after the test.
 pub fn skip_or_fail(why: &str) -> bool {
     if ci() {
         panic!("CI=true: {why}");
     }
-    eprintln!("skipping: {why}");
+    let thread = std::thread::current();
+    let test = thread.name().unwrap_or("unnamed thread");
+    // One write of the whole line, so that parallel tests do not interleave.
+    let line = format!("SKIPPED: {test}: {why}\n");
+    let _ = std::io::stderr().write_all(line.as_bytes());
     false
 }
 
-fn ci() -> bool {
+/// Whether this run is CI's (`CI=true` or `CI=1`), where a missing
+/// prerequisite fails instead of skipping and golden files are never
+/// rewritten.
+pub fn ci() -> bool {
     std::env::var("CI").is_ok_and(|v| v.eq_ignore_ascii_case("true") || v == "1")
+}
+
+/// Whether a golden-file test should write what it got instead of comparing
+/// (`UPDATE_GOLDEN` set). Panics under CI: a run that rewrites its golden
+/// files compares nothing and passes whatever the code does.
+pub fn update_golden() -> bool {
+    let update = std::env::var_os("UPDATE_GOLDEN").is_some();
+    assert!(
+        !(update && ci()),
+        "UPDATE_GOLDEN is set and so is CI: golden files are never rewritten in CI (a rewrite compares nothing); \
+         regenerate them on a developer machine and commit the diff"
+    );
+    update
 }
 
 fn probe() -> Result<(), String> {

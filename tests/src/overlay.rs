@@ -262,6 +262,45 @@ impl Overlay {
         std::fs::read_to_string(&self.daemons[i].log).unwrap_or_default()
     }
 
+    /// Breaks something of node `i`'s with `inject`, waits until `repaired`
+    /// (which must read the kernel, not the daemon) says it is back, and
+    /// asserts that the repair came from the daemon's reaction to the
+    /// kernel's notification.
+    ///
+    /// The 30-s wait only guards against a hang; it is no latency bound,
+    /// and so cannot tell the notification from the 10-second safety-net
+    /// timer, which repairs the same fault. Which of the two made the
+    /// repair has no witness but the daemon's log ("reconcile (kernel
+    /// change): ..." or "reconcile (periodic): ..." for each change). A
+    /// periodic run that falls between the fault and the notification's
+    /// 20-ms debounce repairs it first; then the fault is injected again,
+    /// up to three times.
+    pub fn assert_repaired_on_notification(
+        &self,
+        i: usize,
+        what: &str,
+        inject: impl Fn(),
+        mut repaired: impl FnMut() -> bool,
+    ) {
+        let mut triggers = Vec::new();
+        for _ in 0..3 {
+            let log_before = self.log(i).len();
+            inject();
+            wait_until(Duration::from_secs(30), &format!("{what} to be repaired on node{i}"), &mut repaired);
+            let log = self.log(i);
+            let since = &log[log_before..];
+            let trigger = ["kernel change", "periodic"]
+                .into_iter()
+                .find(|t| since.contains(&format!("reconcile ({t}): ")))
+                .unwrap_or_else(|| panic!("node{i}'s log names no reconcile that repaired {what}:\n{since}"));
+            triggers.push(trigger);
+            if trigger == "kernel change" {
+                return;
+            }
+        }
+        panic!("{what} on node{i} was repaired by {triggers:?}, never on the kernel's notification");
+    }
+
     /// Node `i`'s flannel.1 state: routes, neighbours, FDB entries, as sorted
     /// strings from `ip -j` and `bridge -j`.
     pub fn vtep_state(&self, i: usize) -> VtepState {

@@ -215,6 +215,10 @@ fn waits_for_a_pod_cidr_and_refuses_one_outside_the_network() {
         ko.o.log(0).contains("waiting for node node0")
     });
     assert!(!ko.o.daemons[0].subnet_file.exists());
+    // Waiting, as the rest of the system sees it: the process is alive, and
+    // the API server holds no annotation of ours on node0.
+    assert!(proc.0.as_mut().unwrap().try_wait().unwrap().is_none(), "the daemon exited: {}", ko.o.log(0));
+    assert_eq!(annotations(&ko, "node0"), BTreeMap::new(), "annotated before it has a podCIDR");
     ko.api.kubectl_ok(&["patch", "node", "node0", "-p", r#"{"spec":{"podCIDR":"10.244.7.0/24"}}"#]);
     wait_until(Duration::from_secs(15), "subnet.env after the podCIDR appears", || {
         std::fs::read_to_string(&ko.o.daemons[0].subnet_file).is_ok_and(|t| t.contains("FLANNEL_SUBNET=10.244.7.1/24"))
@@ -345,5 +349,11 @@ fn in_cluster_configuration_and_the_node_found_through_our_pod() {
     });
     assert!(ko.o.log(0).contains("node node0"), "{}", ko.o.log(0));
     assert_eq!(annotations(&ko, "node0")["public-ip"], "192.0.2.10");
+    // It took node0's podCIDR and told the API server about the VTEP it
+    // really has (read with `ip -j`), and the CNI plugin's file says so.
+    let want = format!("{{\"VNI\":1,\"VtepMAC\":\"{}\"}}", vtep_mac(&ko, 0));
+    assert_eq!(annotations(&ko, "node0")["backend-data"], want);
+    let env = std::fs::read_to_string(&d.subnet_file).unwrap();
+    assert!(env.contains("FLANNEL_SUBNET=10.244.1.1/24\n"), "{env}");
     proc.stop();
 }

@@ -8,6 +8,7 @@ use e2e_tests::overlay::{etcdctl_ok, leases, Overlay};
 use e2e_tests::stream::UdpStream;
 use e2e_tests::{echo_server, http_get, tcp_round_trip};
 use netns_fixtures::{require_root, wait_until};
+use serde_json::Value;
 
 #[test]
 fn pods_on_every_node_reach_pods_on_every_other_node_and_state_is_exact() {
@@ -73,6 +74,24 @@ fn a_daemon_restart_loses_no_packet() {
     let (a, _) = o.add_pod(0, "tx");
     let (b, b_addr) = o.add_pod(1, "rx");
     let stream = UdpStream::start(&a, &b, SocketAddr::new(b_addr.into(), 9999));
+    // What a restart must keep, read from the kernel and from etcd: each
+    // node's flannel.1 (its interface index), and its lease (the etcd key,
+    // never deleted and created again: its create revision).
+    let kept = |o: &Overlay| -> Vec<(Value, String, Value)> {
+        (0..2)
+            .map(|i| {
+                let link = o.cluster.node(i).ns.ip_json(&["link", "show", "flannel.1"]);
+                let public_ip = format!("192.0.2.{}", 10 + i);
+                let (key, _) = leases(o.outside())
+                    .into_iter()
+                    .find(|(_, v)| v["PublicIP"] == public_ip.as_str())
+                    .unwrap_or_else(|| panic!("no lease in etcd for {public_ip}"));
+                let kv: Value = serde_json::from_str(&etcdctl_ok(o.outside(), &["get", &key, "-w", "json"])).unwrap();
+                (link[0]["ifindex"].clone(), key, kv["kvs"][0]["create_revision"].clone())
+            })
+            .collect()
+    };
+    let before = kept(&o);
     for _ in 0..2 {
         o.stop(0);
         o.stop(1);
@@ -80,9 +99,12 @@ fn a_daemon_restart_loses_no_packet() {
         o.start(1);
         o.wait_converged(0);
     }
+    // The restarts adopted the kernel state and the leases instead of
+    // rebuilding them.
+    assert_eq!(kept(&o), before, "(flannel.1's ifindex, lease key, its create revision) of node0 and node1");
     stream.wait_flowing("traffic to keep flowing after the restarts");
     stream.stop_and_check_none_lost("across restarts");
-    // And the restart adopted the kernel state instead of rebuilding it.
+    // And the daemon says so.
     assert!(o.log(0).contains("reusing lease"), "{}", o.log(0));
 }
 
@@ -118,11 +140,15 @@ fn entries_and_the_device_deleted_by_hand_come_back_and_traffic_resumes() {
     ];
     for (n, fault) in faults.iter().enumerate() {
         let args: Vec<&str> = fault[1..].iter().map(String::as_str).collect();
-        ns.run_ok(&fault[0], &args);
-        // Within a second (the daemon reacts to the kernel's notification).
-        wait_until(Duration::from_secs(1), &format!("{fault:?} to be repaired"), || {
-            o.vtep_state(0) == o.expected_state(0)
-        });
+        // Read back from the kernel (`ip -j`, `bridge -j`), then shown with traffic.
+        o.assert_repaired_on_notification(
+            0,
+            &format!("{fault:?}"),
+            || {
+                ns.run_ok(&fault[0], &args);
+            },
+            || o.vtep_state(0) == o.expected_state(0),
+        );
         let port = 8100 + n as u16;
         let target = SocketAddr::new(b_addr.into(), port);
         let server = echo_server(&b, target);
@@ -345,10 +371,14 @@ fn direct_routing_reaches_peers_on_the_same_segment_without_the_tunnel() {
     assert_eq!(tcp_round_trip(&a, target), "ping\n");
     server.join().unwrap();
     // A direct route deleted by hand comes back too; diagnose agrees.
-    ns.run_ok("ip", &["route", "del", &s1.to_string()]);
-    wait_until(Duration::from_secs(5), "the direct route to come back", || {
-        ns.ip_json(&["route", "show", &s1.to_string()]).to_string().contains("192.0.2.11")
-    });
+    o.assert_repaired_on_notification(
+        0,
+        "the direct route",
+        || {
+            ns.run_ok("ip", &["route", "del", &s1.to_string()]);
+        },
+        || ns.ip_json(&["route", "show", &s1.to_string()]).to_string().contains("192.0.2.11"),
+    );
     let (ok, v) = o.diagnose(0, &[]);
     assert!(ok, "{v}");
 }

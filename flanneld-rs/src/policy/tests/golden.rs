@@ -65,7 +65,7 @@ pub(super) fn scenarios() -> Vec<(&'static str, PolicyInput)> {
 
 #[test]
 fn policy_golden_rulesets() {
-    let update = std::env::var_os("UPDATE_GOLDEN").is_some();
+    let update = netns_fixtures::update_golden();
     let mut stale = Vec::new();
     for (name, input) in scenarios() {
         let text = compile(&input).render();
