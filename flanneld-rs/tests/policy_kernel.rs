@@ -9,7 +9,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use flanneld_rs::policy::{
-    compile, BridgedTraffic, NamespaceScope, Peer, PodInfo, PolicyInfo, PolicyInput, Port, Protocol, Rule, Selector,
+    compile, NamespaceScope, Peer, PodInfo, PolicyInfo, PolicyInput, Port, Protocol, Rule, Selector,
 };
 use netns_fixtures::{require_root, Netns};
 
@@ -101,7 +101,7 @@ fn pod(name: &str, ip: Ipv4Addr, role: &str) -> PodInfo {
 }
 
 /// b accepts TCP 80 from role=client pods only (and `extra` peers).
-fn input(lab: &Lab, extra: Vec<Peer>, bridged: BridgedTraffic) -> PolicyInput {
+fn input(lab: &Lab, extra: Vec<Peer>) -> PolicyInput {
     let client =
         Peer::Pods { namespaces: NamespaceScope::Named("x".into()), pods: Selector::labels([("role", "client")]) };
     let mut peers = vec![client];
@@ -121,7 +121,6 @@ fn input(lab: &Lab, extra: Vec<Peer>, bridged: BridgedTraffic) -> PolicyInput {
             ingress: Some(vec![Rule { peers, ports: vec![Port::Range(Protocol::Tcp, 80, 80)] }]),
             egress: None,
         }],
-        bridged,
         ..PolicyInput::default()
     }
 }
@@ -175,7 +174,7 @@ fn policy_kernel_enforces_bridged_and_routed_traffic() {
     netns_fixtures::wait_until(Duration::from_secs(5), "a reaches b", || connect(&lab.pods[0].0, b_ip, 80).is_some());
     assert_eq!(reach(&lab), [true; 4], "without policy everything reaches b");
 
-    apply(&lab.node, &compile(&input(&lab, vec![], BridgedTraffic::BrNetfilter)).render()).expect("apply");
+    apply(&lab.node, &compile(&input(&lab, vec![])).render()).expect("apply");
     // a -> b and c -> b are bridged; outside -> b is routed.
     assert_eq!(reach(&lab), [true, false, false, false], "only a, only on 80");
 
@@ -184,7 +183,7 @@ fn policy_kernel_enforces_bridged_and_routed_traffic() {
     let mut flow = connect(&lab.pods[0].0, b_ip, 80).expect("a -> b:80");
     assert!(echo(&mut flow));
     let block = Peer::Block { cidr: "198.51.100.0/24".parse().unwrap(), except: vec![] };
-    apply(&lab.node, &compile(&input(&lab, vec![block], BridgedTraffic::BrNetfilter)).render()).expect("apply");
+    apply(&lab.node, &compile(&input(&lab, vec![block])).render()).expect("apply");
     assert!(echo(&mut flow), "the established flow was cut by the replacement");
     assert_eq!(reach(&lab), [true, false, false, true]);
 
@@ -196,7 +195,7 @@ fn policy_kernel_enforces_bridged_and_routed_traffic() {
 }
 
 #[test]
-fn policy_kernel_bridge_table_without_br_netfilter() {
+fn policy_kernel_without_br_netfilter_same_node_traffic_is_not_judged() {
     if !require_root() {
         return;
     }
@@ -213,30 +212,9 @@ fn policy_kernel_bridge_table_without_br_netfilter() {
     serve(&lab.pods[1].0, b_ip, 80);
     serve(&lab.pods[1].0, b_ip, 81);
     netns_fixtures::wait_until(Duration::from_secs(5), "a reaches b", || connect(&lab.pods[0].0, b_ip, 80).is_some());
-    let inet_only = compile(&input(&lab, vec![], BridgedTraffic::BrNetfilter)).render();
+    let inet_only = compile(&input(&lab, vec![])).render();
     apply(&lab.node, &inet_only).expect("apply");
-    // This is why BrNetfilter needs the sysctl: same-node traffic passes
+    // This is why the daemon keeps the sysctl at 1: same-node traffic passes
     // unchecked; only the routed outside -> b is dropped.
     assert_eq!(reach(&lab), [true, true, true, false]);
-    let both = compile(&input(&lab, vec![], BridgedTraffic::BridgeTable)).render();
-    if let Err(e) = apply(&lab.node, &both) {
-        // A kernel without bridge conntrack (CONFIG_NF_CONNTRACK_BRIDGE)
-        // refuses the table's `ct state`: BridgeTable cannot be used there,
-        // and the rest of this test cannot run. Anywhere else the refusal
-        // is a bug.
-        assert!(!bridge_conntrack(&lab.node), "nft refused the bridge table on a kernel with bridge conntrack: {e}");
-        netns_fixtures::skip_or_fail(&format!(
-            "this kernel has no bridge conntrack (CONFIG_NF_CONNTRACK_BRIDGE), which BridgeTable needs; nft said: {}",
-            e.lines().next().unwrap_or_default()
-        ));
-        return;
-    }
-    assert_eq!(reach(&lab), [true, false, false, false]);
-}
-
-/// Whether this kernel has conntrack for the bridge family: `nft -c` (check
-/// only, nothing is loaded) of the smallest table that uses it.
-fn bridge_conntrack(ns: &Netns) -> bool {
-    let probe = "table bridge flt-probe {\n  chain c {\n    ct state established accept\n  }\n}\n";
-    nft(ns, &["-c", "-f", "-"], probe).is_ok()
 }

@@ -102,7 +102,6 @@ pub fn compile(input: &PolicyInput) -> Ruleset {
     Ruleset {
         sets: b.sets.into_values().collect(),
         chains: base.into_iter().map(|(_, c)| c).chain(chains).collect(),
-        bridged: input.bridged,
         notes: input.notes.clone(),
     }
 }

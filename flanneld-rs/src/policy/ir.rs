@@ -5,7 +5,7 @@
 
 use std::net::Ipv4Addr;
 
-use super::model::{BridgedTraffic, Protocol};
+use super::model::Protocol;
 
 /// An inclusive range of IPv4 addresses (one address when both ends are equal).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -119,17 +119,13 @@ pub struct Chain {
     pub rules: Vec<NftRule>,
 }
 
-/// The whole policy ruleset of one node. The same body goes into the
-/// `inet` table and, with [`BridgedTraffic::BridgeTable`], the `bridge`
-/// table.
+/// The whole policy ruleset of one node, the body of the `inet` table.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Ruleset {
     /// Named sets, sorted by name.
     pub sets: Vec<NamedSet>,
     /// Base chains first, in priority order, then regular chains by name.
     pub chains: Vec<Chain>,
-    /// Whether the body is also installed in the `bridge` family.
-    pub bridged: BridgedTraffic,
     /// What the conversion ignored, and why.
     pub notes: Vec<String>,
 }

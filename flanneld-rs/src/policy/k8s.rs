@@ -32,15 +32,7 @@ pub fn model_from_k8s<P: Borrow<NetworkPolicy>, Q: Borrow<Pod>, N: Borrow<Namesp
     let namespaces = namespaces.iter().filter_map(|n| namespace_info(n.borrow())).collect();
     let pods = pods.iter().filter_map(|p| pod_info(p.borrow())).collect();
     let policies = policies.iter().filter_map(|p| policy_info(p.borrow(), &mut notes)).collect();
-    PolicyInput {
-        node: node.to_string(),
-        node_ips: node_ips.to_vec(),
-        namespaces,
-        pods,
-        policies,
-        bridged: Default::default(),
-        notes,
-    }
+    PolicyInput { node: node.to_string(), node_ips: node_ips.to_vec(), namespaces, pods, policies, notes }
 }
 
 fn namespace_info(ns: &Namespace) -> Option<NamespaceInfo> {

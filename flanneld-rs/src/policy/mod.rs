@@ -27,22 +27,15 @@
 //! default once the module is loaded, and what kubeadm's preflight and
 //! kube-proxy require anyway). The rules need conntrack (replies of allowed
 //! connections pass), and `br_netfilter` gives bridged packets conntrack.
-//! So the default, [`BridgedTraffic::BrNetfilter`], is one `inet` table
-//! that covers both paths, and the daemon keeps that sysctl at 1.
-//!
-//! Without `br_netfilter` the same body can also go into a `bridge` family
-//! table, hooked at the bridge's forward ([`BridgedTraffic::BridgeTable`]).
-//! Its `ct state` needs the kernel's bridge conntrack (`nf_conntrack_bridge`,
-//! Linux 5.3+, CONFIG_NF_CONNTRACK_BRIDGE): Debian's and most distributions'
-//! kernels have it as a module; the development machine's 6.18 kernel does
-//! not, and nft 1.0.6 there refuses the bridge table with "Protocol error"
-//! while accepting the `inet` one. Both tables at once is harmless: bridged
-//! packets are then judged twice, with the same verdict.
+//! So one `inet` table covers both paths, and the daemon keeps that sysctl
+//! at 1. (A `bridge` family table could judge bridged traffic without
+//! `br_netfilter`, but its `ct state` needs the kernel's bridge conntrack,
+//! CONFIG_NF_CONNTRACK_BRIDGE, which the kernels here lack, so nothing here
+//! could test it; it is not offered.)
 //!
 //! # The table
 //!
-//! `table inet flannel-rs-policy` (and with `BridgeTable` the same under
-//! `bridge`):
+//! `table inet flannel-rs-policy`:
 //!
 //! - sets of IPv4 addresses: `node_ips` (this node's own), `local_<ns>_<h>`
 //!   (this node's pods a policy selects), `pods_[<ns>_]<h>` (the pods, on
@@ -86,15 +79,14 @@ pub use compile::{compile, EGRESS_CHAIN, INGRESS_CHAIN, ISOLATED_EGRESS_SET, ISO
 pub use ir::{AddrRange, Addrs, Chain, Match, NamedSet, NftRule, Packet, PortRange, Ruleset, Verdict};
 pub use k8s::model_from_k8s;
 pub use model::{
-    BridgedTraffic, Direction, Labels, NamedPort, NamespaceInfo, NamespaceScope, Operator, Peer, PodInfo, PolicyInfo,
-    PolicyInput, Port, Protocol, Requirement, Rule, Selector, NAMESPACE_NAME_LABEL,
+    Direction, Labels, NamedPort, NamespaceInfo, NamespaceScope, Operator, Peer, PodInfo, PolicyInfo, PolicyInput,
+    Port, Protocol, Requirement, Rule, Selector, NAMESPACE_NAME_LABEL,
 };
 pub use render::teardown_script;
 
-/// Our table's name, in family `inet` (and `bridge` with
-/// [`BridgedTraffic::BridgeTable`]).
+/// Our table's name, in family `inet`.
 pub const TABLE: &str = "flannel-rs-policy";
 
 /// The sysctl that makes bridged IPv4 traffic pass the `inet` hooks; the
-/// daemon keeps it at 1 with [`BridgedTraffic::BrNetfilter`].
+/// daemon keeps it at 1.
 pub const BRIDGE_NF_CALL_IPTABLES: &str = "/proc/sys/net/bridge/bridge-nf-call-iptables";

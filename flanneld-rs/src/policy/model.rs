@@ -196,21 +196,6 @@ impl PolicyInfo {
     }
 }
 
-/// How pod-to-pod traffic bridged on `cni0` reaches the rules (see the
-/// module documentation of [`super`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum BridgedTraffic {
-    /// `br_netfilter` with `net.bridge.bridge-nf-call-iptables=1` passes
-    /// bridged IPv4 through the `inet` forward hook: one `inet` table covers
-    /// routed and bridged traffic. The daemon keeps the sysctl at 1.
-    #[default]
-    BrNetfilter,
-    /// The same chains are also installed in a `bridge` family table (forward
-    /// hook), for hosts without `br_netfilter`. Needs the kernel's bridge
-    /// conntrack (`nf_conntrack_bridge`, CONFIG_NF_CONNTRACK_BRIDGE).
-    BridgeTable,
-}
-
 /// Everything the compiler needs to build this node's ruleset.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct PolicyInput {
@@ -225,8 +210,6 @@ pub struct PolicyInput {
     pub pods: Vec<PodInfo>,
     /// Every NetworkPolicy.
     pub policies: Vec<PolicyInfo>,
-    /// Whether to add the `bridge` family table.
-    pub bridged: BridgedTraffic,
     /// What the conversion ignored, and why (for the daemon's log).
     pub notes: Vec<String>,
 }

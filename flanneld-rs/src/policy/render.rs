@@ -6,12 +6,7 @@ use std::fmt::Write;
 use std::net::Ipv4Addr;
 
 use super::ir::{AddrRange, Addrs, Chain, Match, NamedSet, NftRule, PortRange, Ruleset, Verdict};
-use super::model::BridgedTraffic;
 use super::TABLE;
-
-/// The families our table exists in. The `bridge` one is always deleted, so
-/// that turning [`BridgedTraffic::BridgeTable`] off removes it.
-const FAMILIES: [&str; 2] = ["inet", "bridge"];
 
 impl Ruleset {
     /// The transaction for `nft -f`: declare each of our tables (so that
@@ -20,14 +15,9 @@ impl Ruleset {
     /// none; conntrack entries, hence established flows, are untouched.
     pub fn render(&self) -> String {
         let mut out = String::new();
-        for family in FAMILIES {
-            let _ = writeln!(out, "table {family} {TABLE} {{}}\ndelete table {family} {TABLE}");
-        }
+        let _ = writeln!(out, "table inet {TABLE} {{}}\ndelete table inet {TABLE}");
         let body = self.render_body();
         let _ = write!(out, "table inet {TABLE} {{\n{body}}}\n");
-        if self.bridged == BridgedTraffic::BridgeTable {
-            let _ = write!(out, "table bridge {TABLE} {{\n{body}}}\n");
-        }
         out
     }
 
@@ -45,7 +35,7 @@ impl Ruleset {
 
 /// The script that removes our tables (`--network-policy` turned off).
 pub fn teardown_script() -> String {
-    FAMILIES.iter().map(|f| format!("table {f} {TABLE} {{}}\ndelete table {f} {TABLE}\n")).collect()
+    format!("table inet {TABLE} {{}}\ndelete table inet {TABLE}\n")
 }
 
 fn render_set(out: &mut String, set: &NamedSet) {
@@ -151,11 +141,7 @@ mod tests {
     }
 
     #[test]
-    fn policy_teardown_deletes_both_families() {
-        assert_eq!(
-            teardown_script(),
-            "table inet flannel-rs-policy {}\ndelete table inet flannel-rs-policy\n\
-             table bridge flannel-rs-policy {}\ndelete table bridge flannel-rs-policy\n"
-        );
+    fn policy_teardown_deletes_our_table() {
+        assert_eq!(teardown_script(), "table inet flannel-rs-policy {}\ndelete table inet flannel-rs-policy\n");
     }
 }

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use serde_json::json;
 
 use super::{lab_input, lab_namespaces, lab_pods, policies, NODES};
-use crate::policy::{compile, model_from_k8s, BridgedTraffic, PolicyInput};
+use crate::policy::{compile, model_from_k8s, PolicyInput};
 
 fn golden_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/golden/policy")
@@ -54,12 +54,10 @@ pub(super) fn scenarios() -> Vec<(&'static str, PolicyInput)> {
                 {"to": [{"ipBlock": {"cidr": "0.0.0.0/0", "except": ["10.0.0.0/8", "fd00::/8"]}}]}]}),
         ),
     ];
-    let mut bridged = lab_input(&policies(&mixed), 0);
-    bridged.bridged = BridgedTraffic::BridgeTable;
     vec![
         ("ingress-deny-and-allow", lab_input(&policies(&ingress), 0)),
         ("egress-dns-only", lab_input(&policies(&dns), 0)),
-        ("named-ports-ipblock-bridge", bridged),
+        ("named-ports-ipblock", lab_input(&policies(&mixed), 0)),
     ]
 }
 

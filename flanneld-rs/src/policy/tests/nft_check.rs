@@ -10,7 +10,7 @@ use netns_fixtures::Netns;
 
 use super::golden::scenarios;
 use super::{lab_input, policies};
-use crate::policy::{compile, teardown_script, BridgedTraffic, TABLE};
+use crate::policy::{compile, teardown_script, TABLE};
 
 fn nft(ns: &Netns, args: &[&str], script: &str) -> Result<String, String> {
     let mut cmd: Command = ns.command(flannel_net::host::nft_binary());
@@ -30,43 +30,25 @@ fn nft(ns: &Netns, args: &[&str], script: &str) -> Result<String, String> {
     }
 }
 
-/// Whether this kernel has conntrack for the bridge family, which the
-/// `ct state` rules of a BridgeTable ruleset need. Kernels built without
-/// CONFIG_NF_CONNTRACK_BRIDGE (the development machine's 6.18) refuse it:
-/// nft 1.0.6 says "Could not process rule: Protocol error".
-fn bridge_conntrack(ns: &Netns) -> bool {
-    let probe = "table bridge flt-probe {\n  chain c {\n    ct state established accept\n  }\n}\n";
-    nft(ns, &["-c", "-f", "-"], probe).is_ok()
-}
-
 /// Every ruleset the golden scenarios and the reachability cases compile
-/// to, with `bridged` for the cases (the golden scenarios choose their own),
-/// named for the failure message.
-fn rulesets(bridged: BridgedTraffic) -> Vec<(String, crate::policy::PolicyInput)> {
-    let mut inputs: Vec<(String, crate::policy::PolicyInput)> = scenarios()
-        .into_iter()
-        .filter(|(_, i)| i.bridged == bridged)
-        .map(|(n, i)| (format!("golden {n}"), i))
-        .collect();
+/// to, named for the failure message.
+fn rulesets() -> Vec<(String, crate::policy::PolicyInput)> {
+    let mut inputs: Vec<(String, crate::policy::PolicyInput)> =
+        scenarios().into_iter().map(|(n, i)| (format!("golden {n}"), i)).collect();
     for (name, manifests, _) in super::cases::all() {
         for node in 0..2 {
-            let mut input = lab_input(&policies(&manifests), node);
-            input.bridged = bridged;
+            let input = lab_input(&policies(&manifests), node);
             inputs.push((format!("case {name:?} on node {node}"), input));
         }
     }
     inputs
 }
 
-/// `nft -c` of each ruleset, after `edit`; the refusals.
-fn refused(
-    ns: &Netns,
-    inputs: &[(String, crate::policy::PolicyInput)],
-    edit: impl Fn(String) -> String,
-) -> Vec<String> {
+/// `nft -c` of each ruleset; the refusals.
+fn refused(ns: &Netns, inputs: &[(String, crate::policy::PolicyInput)]) -> Vec<String> {
     let mut failures = Vec::new();
     for (name, input) in inputs {
-        let text = edit(compile(input).render());
+        let text = compile(input).render();
         if let Err(e) = nft(ns, &["-c", "-f", "-"], &text) {
             failures.push(format!("{name}: {e}\n{text}"));
         }
@@ -80,39 +62,9 @@ fn policy_nft_accepts_every_ruleset() {
         return;
     }
     let ns = Netns::new("policy").expect("a network namespace");
-    let inputs = rulesets(BridgedTraffic::BrNetfilter);
-    let failures = refused(&ns, &inputs, |text| text);
+    let inputs = rulesets();
+    let failures = refused(&ns, &inputs);
     assert!(failures.is_empty(), "nft -c refused {} rulesets:\n{}", failures.len(), failures.join("\n"));
-}
-
-#[test]
-fn policy_nft_accepts_every_bridge_table_ruleset() {
-    if !netns_fixtures::require_root() {
-        return;
-    }
-    let ns = Netns::new("policy").expect("a network namespace");
-    let inputs = rulesets(BridgedTraffic::BridgeTable);
-    if bridge_conntrack(&ns) {
-        let failures = refused(&ns, &inputs, |text| text);
-        assert!(failures.is_empty(), "nft -c refused {} rulesets:\n{}", failures.len(), failures.join("\n"));
-        return;
-    }
-    // Without bridge conntrack, check what this kernel can: the rulesets
-    // without their `ct state` rules. Then skip (fail under CI): the rules
-    // that matter most for a bridge table were not checked.
-    let without_ct = |text: String| -> String {
-        text.lines().filter(|l| !l.contains("ct state")).map(|l| format!("{l}\n")).collect()
-    };
-    let failures = refused(&ns, &inputs, without_ct);
-    assert!(
-        failures.is_empty(),
-        "nft -c refused {} rulesets (without their ct rules):\n{}",
-        failures.len(),
-        failures.join("\n")
-    );
-    netns_fixtures::skip_or_fail(
-        "this kernel has no bridge conntrack (CONFIG_NF_CONNTRACK_BRIDGE): the ct state rules of the bridge tables were not checked",
-    );
 }
 
 #[test]
