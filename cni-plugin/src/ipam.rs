@@ -367,9 +367,26 @@ impl Store {
         let mut ips: Vec<IpAddr> = held.iter().map(|r| r.ip).collect();
         ips.push(chosen);
         self.set_index(container_id, ifname, &ips)?;
-        let slot = self.dir.join(range.slot_file());
-        std::fs::write(&slot, chosen.to_string()).map_err(io_err(format!("write {}", slot.display())))?;
+        self.write_hint(range, chosen)?;
         Ok(chosen)
+    }
+
+    /// Records where the last allocation in `range` stopped. Written to a
+    /// temporary file and renamed over the old one: a plugin killed half way
+    /// (the runtime's timeout) must not leave the hint empty, which would
+    /// restart the walk at the start of the range and hand out just-freed
+    /// addresses again. One name suffices, since only the lock holder writes.
+    fn write_hint(&self, range: &Range, ip: IpAddr) -> Result<(), IpamError> {
+        let slot = self.dir.join(range.slot_file());
+        let tmp = self.dir.join(format!("{}.tmp", range.slot_file()));
+        let written = std::fs::write(&tmp, ip.to_string()).map_err(io_err(format!("write {}", tmp.display())));
+        let renamed = written.and_then(|()| {
+            std::fs::rename(&tmp, &slot).map_err(io_err(format!("rename {} to {}", tmp.display(), slot.display())))
+        });
+        if renamed.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        renamed
     }
 
     /// Walks the range from just after the last allocation, wrapping around.
