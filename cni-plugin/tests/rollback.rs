@@ -18,6 +18,9 @@ fn path(ns: &Netns) -> String {
 /// exists, made by an ADD and a DEL of another pod with `conf`.
 fn node_with_bridge(conf_for: impl Fn(&Node) -> Value) -> Option<(Node, Netns)> {
     let node = Node::new()?;
+    if !common::have_nft(&node.ns) {
+        return None;
+    }
     let pod = Netns::new("pod").expect("pod namespace");
     let conf = conf_for(&node);
     let out = node.verb("ADD", "warm-up", &path(&pod), "eth0", &conf);

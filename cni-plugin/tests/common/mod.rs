@@ -236,6 +236,18 @@ pub fn index_entries(node: &Node) -> BTreeMap<String, String> {
         .collect()
 }
 
+/// Whether `nft` runs in `ns`; if not, says so (and fails in CI).
+pub fn have_nft(ns: &Netns) -> bool {
+    match ns.run("nft", &["list", "tables"]) {
+        Ok(out) if out.status.success() => true,
+        Ok(out) => netns_fixtures::skip_or_fail(&format!(
+            "`nft list tables` fails: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )),
+        Err(e) => netns_fixtures::skip_or_fail(&format!("`nft` (nftables) cannot run: {e}")),
+    }
+}
+
 /// The elements of our masquerade set (`ip flannel-rs-cni pods`) as
 /// `nft -j` lists them; none when the table or the set does not exist.
 pub fn masq_members(ns: &Netns) -> BTreeSet<String> {
