@@ -10,6 +10,8 @@ mod error;
 mod install;
 mod ipam;
 mod masq;
+#[cfg(test)]
+mod proptests;
 mod result;
 mod version;
 
