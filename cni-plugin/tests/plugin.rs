@@ -542,3 +542,27 @@ fn ipam_lock_held_elsewhere_fails_add_with_try_again_instead_of_hanging() {
     node.del("l", &p);
     node.assert_clean();
 }
+
+#[test]
+fn a_cni_variable_that_is_not_utf8_is_rejected_naming_it() {
+    use std::os::unix::ffi::OsStringExt;
+    let Some(node) = Node::new() else { return };
+    let p = pod(&node, "utf8");
+    let mut cmd = node.ns.command(common::PLUGIN);
+    cmd.env_clear()
+        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+        .env("CNI_COMMAND", "ADD")
+        .env("CNI_CONTAINERID", "u")
+        .env("CNI_NETNS", path(&p))
+        .env("CNI_IFNAME", std::ffi::OsString::from_vec(b"eth\xff".to_vec()))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    use std::io::Write;
+    child.stdin.take().unwrap().write_all(node.conf("1.0.0").to_string().as_bytes()).unwrap();
+    let out = common::Outcome::from_output(child.wait_with_output().unwrap());
+    out.expect_error(4, "CNI_IFNAME=\"eth\\xFF\" is not valid UTF-8");
+    node.assert_clean();
+    assert!(pod_links(&p).is_empty());
+}
