@@ -54,6 +54,38 @@ pub struct NetConf {
     pub valid_attachments: Option<Vec<Attachment>>,
 }
 
+/// serde takes a JSON array for a struct, as its fields in order, so
+/// `"ipam": []` would pass as "no routes" and `"delegate": [null, "br0"]` as
+/// bridge `br0`, with errors naming positions instead of keys. flannel's Go
+/// plugin rejects such configurations, and so do we: each object of the
+/// configuration must be a JSON object (null stays null).
+fn reject_arrays_for_objects(conf: &serde_json::Value) -> Result<(), CniError> {
+    let array = |path: String| {
+        Err(CniError::new(
+            code::INVALID_CONFIG,
+            format!("network configuration: {path}invalid type: array, expected an object"),
+        ))
+    };
+    if conf.is_array() {
+        return array(String::new());
+    }
+    for key in ["delegate", "ipam"] {
+        if conf[key].is_array() {
+            return array(format!("{key}: "));
+        }
+    }
+    for (list, items) in
+        [("ipam.routes", &conf["ipam"]["routes"]), ("cni.dev/valid-attachments", &conf["cni.dev/valid-attachments"])]
+    {
+        for (i, item) in items.as_array().into_iter().flatten().enumerate() {
+            if item.is_array() {
+                return array(format!("{list}[{i}]: "));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// `delegate`: how the pod is plugged into the bridge.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -134,20 +166,18 @@ impl NetConf {
     /// the field (`delegate.hairpinMode: invalid type: string "yes", expected a
     /// boolean`).
     pub fn parse(bytes: &[u8]) -> Result<NetConf, CniError> {
-        let de = &mut serde_json::Deserializer::from_slice(bytes);
-        let conf: NetConf = serde_path_to_error::deserialize(de).map_err(|e| {
+        let value: serde_json::Value = serde_json::from_slice(bytes)
+            .map_err(|e| CniError::new(code::DECODE, format!("network configuration: {e}")))?;
+        reject_arrays_for_objects(&value)?;
+        let conf: NetConf = serde_path_to_error::deserialize(value).map_err(|e| {
             let path = e.path().to_string();
             let inner = e.into_inner();
-            let code = match inner.classify() {
-                serde_json::error::Category::Data => code::INVALID_CONFIG,
-                _ => code::DECODE,
-            };
             let msg = if path == "." || path.is_empty() {
                 format!("network configuration: {inner}")
             } else {
                 format!("network configuration: {path}: {inner}")
             };
-            CniError::new(code, msg)
+            CniError::new(code::INVALID_CONFIG, msg)
         })?;
         crate::version::check_supported(&conf.cni_version)?;
         conf.validate()?;
@@ -275,6 +305,14 @@ mod tests {
             ),
             (br#"{"cniVersion":"1.0.0","name":"n","ipam":{"routes":[{"dst":"nope"}]}}"#, 7, "ipam.routes[0].dst"),
             (br#"{"cniVersion":"1.0.0","name":"a/b"}"#, 7, "name \"a/b\""),
+            (br#"{"cniVersion":"1.0.0","name":"n","ipam":[]}"#, 7, "ipam: invalid type: array, expected an object"),
+            (br#"{"cniVersion":"1.0.0","name":"n","delegate":[null,"br0"]}"#, 7, "delegate: invalid type: array"),
+            (
+                br#"{"cniVersion":"1.0.0","name":"n","ipam":{"routes":[["10.0.0.0/8"]]}}"#,
+                7,
+                "ipam.routes[0]: invalid type: array",
+            ),
+            (br#"["1.0.0","n"]"#, 7, "network configuration: invalid type: array"),
         ];
         for (input, want_code, want_text) in cases {
             let e = NetConf::parse(input).unwrap_err();

@@ -1,5 +1,7 @@
 //! The runtime's `CNI_*` environment variables.
 
+use std::ffi::OsString;
+
 use crate::error::{code, CniError};
 
 /// The verb the runtime asks for.
@@ -39,6 +41,19 @@ pub struct CniArgs {
     pub ip: Option<std::net::IpAddr>,
     /// `K8S_POD_NAMESPACE`/`K8S_POD_NAME`, recorded for humans.
     pub pod: Option<(String, String)>,
+}
+
+/// Rejects a `CNI_*` variable whose value is not UTF-8 (code 4, naming it).
+/// Read as a `String` it would look unset ("CNI_IFNAME is not set"), and a
+/// lossy conversion would pass for another name or path than the runtime's.
+pub fn reject_non_utf8(vars: impl IntoIterator<Item = (OsString, OsString)>) -> Result<(), CniError> {
+    for (key, value) in vars {
+        let Some(key) = key.to_str().filter(|k| k.starts_with("CNI_")) else { continue };
+        if value.to_str().is_none() {
+            return Err(CniError::new(code::INVALID_ENV, format!("{key}={value:?} is not valid UTF-8")));
+        }
+    }
+    Ok(())
 }
 
 /// Reads `CNI_COMMAND`.
@@ -175,6 +190,17 @@ mod tests {
         assert_eq!(parse_args("IP=nope").unwrap_err().code, 4);
         assert_eq!(parse_args("novalue").unwrap_err().code, 4);
         assert_eq!(parse_args("").unwrap(), CniArgs::default());
+    }
+
+    #[test]
+    fn a_variable_that_is_not_utf8_is_named() {
+        use std::os::unix::ffi::OsStringExt;
+        let bad = OsString::from_vec(b"eth\xff".to_vec());
+        let e = reject_non_utf8([("PATH".into(), "/bin".into()), ("CNI_IFNAME".into(), bad.clone())]).unwrap_err();
+        assert_eq!(e.code, 4);
+        assert!(e.msg.starts_with("CNI_IFNAME=") && e.msg.contains("not valid UTF-8"), "{}", e.msg);
+        // Only CNI_* variables are the runtime's business.
+        assert!(reject_non_utf8([("OTHER".into(), bad)]).is_ok());
     }
 
     #[test]

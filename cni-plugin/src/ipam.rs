@@ -248,25 +248,45 @@ impl Store {
     /// Points the attachment's index entry at `ips` (removes it when empty).
     fn set_index(&self, container_id: &str, ifname: &str, ips: &[IpAddr]) -> Result<(), IpamError> {
         let path = self.index_path(container_id, ifname);
-        match std::fs::remove_file(&path) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(io_err(format!("remove {}", path.display()))(e)),
-        }
         if ips.is_empty() {
-            return Ok(());
+            return match std::fs::remove_file(&path) {
+                Ok(()) => Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+                Err(e) => Err(io_err(format!("remove {}", path.display()))(e)),
+            };
         }
         let target = ips.iter().map(|ip| ip.to_string()).collect::<Vec<_>>().join(",");
-        let create = || std::os::unix::fs::symlink(&target, &path);
-        match create() {
+        // The common case, a new attachment, costs one symlink(2).
+        match self.symlink_in_index(&target, &path) {
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            other => return other.map_err(io_err(format!("create {}", path.display()))),
+        }
+        // An entry exists (a retried ADD, or the second family of a dual-stack
+        // one): replace it with a rename, so that a failure (a full disk)
+        // leaves the old entry, and the addresses it lists, indexed. One
+        // temporary name suffices, since only the lock holder writes.
+        let tmp = self.dir.join(INDEX_DIR).join(".new");
+        let _ = std::fs::remove_file(&tmp);
+        let replaced =
+            self.symlink_in_index(&target, &tmp).map_err(io_err(format!("create {}", tmp.display()))).and_then(|()| {
+                std::fs::rename(&tmp, &path).map_err(io_err(format!("rename {} to {}", tmp.display(), path.display())))
+            });
+        if replaced.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        replaced
+    }
+
+    /// `symlink(target, path)` for a path in the index, creating the index
+    /// directory when it is missing.
+    fn symlink_in_index(&self, target: &str, path: &Path) -> io::Result<()> {
+        match std::os::unix::fs::symlink(target, path) {
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                let parent = self.dir.join(INDEX_DIR);
-                std::fs::create_dir_all(&parent).map_err(io_err(format!("create {}", parent.display())))?;
-                create()
+                std::fs::create_dir_all(self.dir.join(INDEX_DIR))?;
+                std::os::unix::fs::symlink(target, path)
             }
             other => other,
         }
-        .map_err(io_err(format!("create {}", path.display())))
     }
 
     /// The addresses that have a record (file names only: no record is read).
@@ -363,13 +383,38 @@ impl Store {
         if masq {
             content.push_str("\r\nmasq");
         }
-        file.write_all(content.as_bytes()).map_err(io_err(format!("write {}", path.display())))?;
+        let written = file.write_all(content.as_bytes()).map_err(io_err(format!("write {}", path.display())));
+        drop(file);
         let mut ips: Vec<IpAddr> = held.iter().map(|r| r.ip).collect();
         ips.push(chosen);
-        self.set_index(container_id, ifname, &ips)?;
-        let slot = self.dir.join(range.slot_file());
-        std::fs::write(&slot, chosen.to_string()).map_err(io_err(format!("write {}", slot.display())))?;
+        // A record that is not both complete and indexed must go again (a
+        // full disk): the caller's clean-up finds records through the index,
+        // so nothing would ever release it, and a partial one would pin its
+        // address for good.
+        if let Err(e) = written.and_then(|()| self.set_index(container_id, ifname, &ips)) {
+            let _ = std::fs::remove_file(&path);
+            return Err(e);
+        }
+        self.write_hint(range, chosen)?;
         Ok(chosen)
+    }
+
+    /// Records where the last allocation in `range` stopped. Written to a
+    /// temporary file and renamed over the old one: a plugin killed half way
+    /// (the runtime's timeout) must not leave the hint empty, which would
+    /// restart the walk at the start of the range and hand out just-freed
+    /// addresses again. One name suffices, since only the lock holder writes.
+    fn write_hint(&self, range: &Range, ip: IpAddr) -> Result<(), IpamError> {
+        let slot = self.dir.join(range.slot_file());
+        let tmp = self.dir.join(format!("{}.tmp", range.slot_file()));
+        let written = std::fs::write(&tmp, ip.to_string()).map_err(io_err(format!("write {}", tmp.display())));
+        let renamed = written.and_then(|()| {
+            std::fs::rename(&tmp, &slot).map_err(io_err(format!("rename {} to {}", tmp.display(), slot.display())))
+        });
+        if renamed.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        renamed
     }
 
     /// Walks the range from just after the last allocation, wrapping around.

@@ -10,6 +10,8 @@ mod error;
 mod install;
 mod ipam;
 mod masq;
+#[cfg(test)]
+mod proptests;
 mod result;
 mod version;
 
@@ -36,7 +38,7 @@ fn main() {
     let read = std::io::stdin().read_to_end(&mut stdin);
     let get = |k: &str| std::env::var(k).ok();
     let outcome = match read {
-        Ok(_) => run(&get, &stdin),
+        Ok(_) => env::reject_non_utf8(std::env::vars_os()).and_then(|()| run(&get, &stdin)),
         Err(e) => Err(CniError::new(code::IO, format!("read network configuration from stdin: {e}"))),
     };
     let mut out = std::io::stdout().lock();

@@ -67,12 +67,13 @@ pub fn remove_script(ips: &[IpAddr]) -> String {
     s
 }
 
-/// Applies `script` with `nft -f -` (one transaction).
+/// Applies `script` with `nft -f -` (one transaction). `nft` dies with the
+/// plugin: a plugin the runtime killed commits nothing after its death.
 pub fn apply(script: &str) -> Result<(), CniError> {
     if script.is_empty() {
         return Ok(());
     }
-    flannel_net::host::nft_apply(script).map_err(|why| {
+    flannel_net::host::nft_apply_dying_with_caller(script).map_err(|why| {
         CniError::new(code::INTERNAL, format!("nftables table {TABLE}: {why}")).with_details(script.to_string())
     })
 }

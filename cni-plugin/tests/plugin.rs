@@ -400,3 +400,169 @@ fn ip_masq_puts_the_pod_in_our_nftables_set_and_del_takes_it_out() {
     assert!(node.verb("DEL", "m", path(&p), "eth0", &conf).ok);
     node.assert_clean();
 }
+
+/// The pod's IPv4 routes as `dst via gw` (`-` for none), sorted.
+fn pod_routes(p: &Netns) -> Vec<String> {
+    let mut routes: Vec<String> = p
+        .ip_json(&["-4", "route", "show"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| format!("{} via {}", r["dst"].as_str().unwrap(), r["gateway"].as_str().unwrap_or("-")))
+        .collect();
+    routes.sort();
+    routes
+}
+
+#[test]
+fn ipam_routes_are_added_in_the_pod_via_their_gateway_or_the_pods() {
+    let Some(node) = Node::new() else { return };
+    let p = pod(&node, "routes");
+    let mut conf = node.conf("1.0.0");
+    conf["ipam"] = json!({"routes": [
+        {"dst": "198.51.100.0/24"},
+        {"dst": "203.0.113.0/24", "gw": "10.244.1.254"}
+    ]});
+    let out = node.verb("ADD", "r", path(&p), "eth0", &conf);
+    assert!(out.ok, "{} {}", out.stdout, out.stderr);
+    assert_eq!(
+        pod_routes(&p),
+        [
+            "10.244.0.0/16 via 10.244.1.1",
+            "10.244.1.0/24 via -",
+            "198.51.100.0/24 via 10.244.1.1",
+            "203.0.113.0/24 via 10.244.1.254",
+            "default via 10.244.1.1"
+        ]
+    );
+    let routes = &out.stdout["routes"];
+    assert!(routes.as_array().unwrap().contains(&json!({"dst": "198.51.100.0/24", "gw": "10.244.1.1"})), "{routes}");
+    assert!(routes.as_array().unwrap().contains(&json!({"dst": "203.0.113.0/24", "gw": "10.244.1.254"})), "{routes}");
+    assert!(node.verb("DEL", "r", path(&p), "eth0", &conf).ok);
+    node.assert_clean();
+}
+
+#[test]
+fn delegate_mtu_overrides_the_lease_mtu_on_bridge_veth_and_pod() {
+    let Some(node) = Node::new() else { return };
+    let p = pod(&node, "mtu");
+    let mut conf = node.conf("1.1.0");
+    conf["delegate"]["mtu"] = json!(1400);
+    let out = node.verb("ADD", "m", path(&p), "eth0", &conf);
+    assert!(out.ok, "{} {}", out.stdout, out.stderr);
+    assert_eq!(p.ip_json(&["link", "show", "eth0"])[0]["mtu"], 1400);
+    let veths = node.ns.ip_json(&["link", "show", "type", "veth"]);
+    assert_eq!(veths.as_array().unwrap().len(), 1);
+    assert_eq!(veths[0]["mtu"], 1400);
+    assert_eq!(node.ns.ip_json(&["link", "show", "cni0"])[0]["mtu"], 1400);
+    assert_eq!(out.stdout["interfaces"][2]["mtu"], 1400);
+    assert!(node.verb("DEL", "m", path(&p), "eth0", &conf).ok);
+    node.assert_clean();
+}
+
+#[test]
+fn delegate_bridge_names_another_bridge_and_cni0_is_never_made() {
+    let Some(node) = Node::new() else { return };
+    let p = pod(&node, "br");
+    let mut conf = node.conf("1.0.0");
+    conf["delegate"]["bridge"] = json!("kbr7");
+    let out = node.verb("ADD", "b", path(&p), "eth0", &conf);
+    assert!(out.ok, "{} {}", out.stdout, out.stderr);
+    let links = node.ns.ip_json(&["-d", "link", "show"]);
+    let names: Vec<&str> = links.as_array().unwrap().iter().map(|l| l["ifname"].as_str().unwrap()).collect();
+    assert!(!names.contains(&"cni0"), "{names:?}");
+    let br = &node.ns.ip_json(&["-d", "link", "show", "kbr7"])[0];
+    assert_eq!(br["linkinfo"]["info_kind"], "bridge");
+    assert_eq!(br["address"], "0a:58:0a:f4:01:01");
+    assert_eq!(ipv4_of(&node.ns, "kbr7"), ["10.244.1.1/24"]);
+    let ports = node.ns.ip_json(&["link", "show", "master", "kbr7"]);
+    assert_eq!(ports.as_array().unwrap().len(), 1, "{ports}");
+    assert_eq!(out.stdout["interfaces"][0]["name"], "kbr7");
+    assert_eq!(out.stdout["interfaces"][1]["name"], ports[0]["ifname"]);
+    // The pod reaches the gateway on that bridge.
+    let gw: SocketAddr = "10.244.1.1:8082".parse().unwrap();
+    let server = echo_server(&node.ns, gw);
+    assert_eq!(tcp_round_trip(&p, gw), "ping\n");
+    assert_eq!(server.join().unwrap().ip().to_string(), "10.244.1.2");
+    assert!(node.verb("DEL", "b", path(&p), "eth0", &conf).ok);
+    node.assert_clean();
+}
+
+#[test]
+fn without_is_default_gateway_the_pod_has_no_default_route() {
+    let Some(node) = Node::new() else { return };
+    let p = pod(&node, "nodef");
+    let mut conf = node.conf("1.0.0");
+    conf["delegate"]["isDefaultGateway"] = json!(false);
+    let out = node.verb("ADD", "n", path(&p), "eth0", &conf);
+    assert!(out.ok, "{} {}", out.stdout, out.stderr);
+    assert_eq!(pod_routes(&p), ["10.244.0.0/16 via 10.244.1.1", "10.244.1.0/24 via -"]);
+    let routes = node_routes_all_tables(&p);
+    assert!(!routes.iter().any(|r| r.starts_with("default")), "{routes:?}");
+    assert_eq!(out.stdout["routes"], json!([{"dst": "10.244.0.0/16", "gw": "10.244.1.1"}]));
+    assert!(node.verb("DEL", "n", path(&p), "eth0", &conf).ok);
+    node.assert_clean();
+}
+
+/// Every IPv4 route of `ns` in every table, as `ip -j` prints `dst`.
+fn node_routes_all_tables(ns: &Netns) -> Vec<String> {
+    ns.ip_json(&["-4", "route", "show", "table", "all"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["dst"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn ipam_lock_held_elsewhere_fails_add_with_try_again_instead_of_hanging() {
+    use std::os::fd::AsRawFd;
+    let Some(node) = Node::new() else { return };
+    let p = pod(&node, "lock");
+    // Hold the IPAM lock the way another plugin process would: flock(2) on
+    // <dataDir>/networks/<name>/lock.
+    let dir = node.data_dir().join("networks/cbr0");
+    std::fs::create_dir_all(&dir).unwrap();
+    let lock = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(dir.join("lock")).unwrap();
+    // SAFETY: flock on a descriptor this test owns.
+    assert_eq!(unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) }, 0);
+
+    let conf = node.conf("1.0.0").to_string();
+    let env = [("CNI_COMMAND", "ADD"), ("CNI_CONTAINERID", "l"), ("CNI_NETNS", path(&p)), ("CNI_IFNAME", "eth0")];
+    // Far above the plugin's own timeout; reaching it means the plugin hangs.
+    let out = node.call_within(std::time::Duration::from_secs(120), &env, conf.as_bytes());
+    out.expect_error(11, &format!("IPAM: {} is locked by another plugin process", dir.display()));
+    assert!(pod_links(&p).is_empty(), "ADD left a link in the pod");
+    assert!(node.veths().is_empty(), "ADD left a veth on the node");
+    assert_eq!(node.allocations(), Vec::<String>::new());
+
+    // Once the lock is free, the same ADD goes through.
+    drop(lock);
+    node.add("l", &p);
+    node.del("l", &p);
+    node.assert_clean();
+}
+
+#[test]
+fn a_cni_variable_that_is_not_utf8_is_rejected_naming_it() {
+    use std::os::unix::ffi::OsStringExt;
+    let Some(node) = Node::new() else { return };
+    let p = pod(&node, "utf8");
+    let mut cmd = node.ns.command(common::PLUGIN);
+    cmd.env_clear()
+        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+        .env("CNI_COMMAND", "ADD")
+        .env("CNI_CONTAINERID", "u")
+        .env("CNI_NETNS", path(&p))
+        .env("CNI_IFNAME", std::ffi::OsString::from_vec(b"eth\xff".to_vec()))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    use std::io::Write;
+    child.stdin.take().unwrap().write_all(node.conf("1.0.0").to_string().as_bytes()).unwrap();
+    let out = common::Outcome::from_output(child.wait_with_output().unwrap());
+    out.expect_error(4, "CNI_IFNAME=\"eth\\xFF\" is not valid UTF-8");
+    node.assert_clean();
+    assert!(pod_links(&p).is_empty());
+}

@@ -16,13 +16,40 @@ pub fn nft_binary() -> &'static str {
 /// Applies `script` with `nft -f -`: one atomic transaction. The error says
 /// which step failed and carries nft's own message.
 pub fn nft_apply(script: &str) -> Result<(), String> {
-    let mut child = Command::new(nft_binary())
-        .args(["-f", "-"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("run nft: {e} (is the nftables package installed?)"))?;
+    run_nft(script, false)
+}
+
+/// Like [`nft_apply`], but the `nft` process is killed when the thread that
+/// started it dies (`PR_SET_PDEATHSIG`). For a short-lived single-threaded
+/// caller such as the CNI plugin: when the runtime SIGKILLs the plugin (a
+/// timeout) and then sends DEL, an orphaned `nft` must not commit the killed
+/// call's change after DEL undid it.
+pub fn nft_apply_dying_with_caller(script: &str) -> Result<(), String> {
+    run_nft(script, true)
+}
+
+fn run_nft(script: &str, die_with_caller: bool) -> Result<(), String> {
+    let mut cmd = Command::new(nft_binary());
+    cmd.args(["-f", "-"]).stdin(Stdio::piped()).stdout(Stdio::null()).stderr(Stdio::piped());
+    if die_with_caller {
+        use std::os::unix::process::CommandExt;
+        let parent = std::process::id();
+        // SAFETY: prctl and getppid are async-signal-safe, and building an
+        // io::Error from an errno does not allocate.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // The caller died before the prctl: no signal will come.
+                if libc::getppid() as u32 != parent {
+                    return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
+                }
+                Ok(())
+            });
+        }
+    }
+    let mut child = cmd.spawn().map_err(|e| format!("run nft: {e} (is the nftables package installed?)"))?;
     child
         .stdin
         .take()

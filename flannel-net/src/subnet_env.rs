@@ -208,6 +208,15 @@ impl SubnetEnv {
                     "prefix longer than /126 leaves no pod address".into(),
                 ));
             }
+            // As for IPv4: pods get routes to the cluster networks only, so
+            // a subnet outside them would leave its pods unreachable.
+            if !env.ipv6_networks.iter().any(|n| n.contains(&s.network())) {
+                return Err(bad(
+                    keys::IPV6_SUBNET,
+                    &s.to_string(),
+                    format!("not inside {}={}", keys::IPV6_NETWORK, join(&env.ipv6_networks)),
+                ));
+            }
         }
         Ok(env)
     }
@@ -322,6 +331,10 @@ mod tests {
             (
                 "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.1.1/24\nFLANNEL_IPMASQ=true",
                 "FLANNEL_MTU is missing",
+            ),
+            (
+                "FLANNEL_IPV6_NETWORK=fc00::/48\nFLANNEL_IPV6_SUBNET=fd00:0:0:1::1/64\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=true",
+                "FLANNEL_IPV6_SUBNET=\"fd00:0:0:1::1/64\": not inside FLANNEL_IPV6_NETWORK=fc00::/48",
             ),
             ("garbage\n", "line 1"),
         ];

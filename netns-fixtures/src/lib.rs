@@ -6,6 +6,8 @@
 //!   L2 segment, 192.0.2.0/24 (TEST-NET-1, routed nowhere).
 //! - [`single_node`]: one node namespace without underlay.
 //! - [`cleanup_leftovers`], [`require_root`], [`wait_until`]: test plumbing.
+//! - [`CountingAlloc`], [`peak_alloc`]: how much memory a call holds at its
+//!   peak, for tests of parsers.
 //!
 //! Safety rules the whole crate follows, because tests run as root on a
 //! developer's machine or a CI host and in parallel:
@@ -27,11 +29,13 @@ use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+mod alloc;
 mod cleanup;
 mod cluster;
 mod netns;
 mod traffic;
 
+pub use alloc::{peak_alloc, CountingAlloc};
 pub use cleanup::{cleanup_all, cleanup_leftovers, cleanup_tag};
 pub use cluster::{single_node, Cluster, Node, MAX_NODES};
 pub use netns::Netns;

@@ -5,7 +5,8 @@
 //! `unregister_netdevice` waits for RCU grace periods before it returns, about
 //! 20 ms on our test machines (`ip link del` alone takes as long). DEL
 //! therefore takes the host veth down and off the bridge (the pod is cut off
-//! from that moment), releases the address, and leaves the deletion itself, by interface index,
+//! from that moment), takes the pod out of the masquerade set, releases the
+//! address, and leaves the deletion itself, by interface index,
 //! to a detached child process, [`teardown`], so the runtime is not kept
 //! waiting for the grace period. The index, unlike the name, is never reused
 //! soon, so the child cannot hit a veth that a quick re-ADD of the same pod
@@ -60,12 +61,19 @@ pub async fn run(conf: &NetConf, env: &CniEnv) -> Result<(), CniError> {
         }
         None => {}
     }
-    let released = match Store::open_existing(&conf.data_dir(), &conf.name)? {
-        Some(store) => store.release(&env.container_id, &env.ifname)?,
-        None => Vec::new(),
+    let Some(store) = Store::open_existing(&conf.data_dir(), &conf.name)? else {
+        return Ok(());
     };
-    let masqueraded: Vec<_> = released.iter().filter(|r| r.masq).map(|r| r.ip).collect();
-    masq::apply(&masq::remove_script(&masqueraded))
+    // Out of the masquerade set first, then release, both under the lock:
+    // a DEL that dies in between (killed by the runtime) or fails in nft
+    // leaves the records, which a retried DEL or GC finds. The other way
+    // round, a set member would outlive its record, and nothing would ever
+    // know to remove it.
+    let held = store.find(&env.container_id, &env.ifname)?;
+    let masqueraded: Vec<_> = held.iter().filter(|r| r.masq).map(|r| r.ip).collect();
+    masq::apply(&masq::remove_script(&masqueraded))?;
+    store.release(&env.container_id, &env.ifname)?;
+    Ok(())
 }
 
 /// Starts `flannel --teardown-link INDEX NAME` detached: its own process

@@ -30,6 +30,16 @@ pub async fn run(conf: &NetConf) -> Result<(), CniError> {
     }
     let host = Netlink::connect()?;
     let mut errors = Vec::new();
+    // Out of the masquerade set before the records go (see cmd::del): when
+    // that fails, the masqueraded records stay for the next GC to retry.
+    let masqueraded: Vec<_> = stale.iter().filter(|r| r.masq).map(|r| r.ip).collect();
+    let masq_removed = match masq::apply(&masq::remove_script(&masqueraded)) {
+        Ok(()) => true,
+        Err(e) => {
+            errors.push(e.msg);
+            false
+        }
+    };
     for r in &stale {
         // Keep going past errors: one stuck link must not pin every other address.
         let veth = veth_name(&r.container_id, &r.ifname);
@@ -37,15 +47,14 @@ pub async fn run(conf: &NetConf) -> Result<(), CniError> {
             errors.push(e.to_string());
             continue;
         }
+        if r.masq && !masq_removed {
+            continue;
+        }
         if let Err(e) = store.release_record(r) {
             errors.push(e.to_string());
             continue;
         }
         eprintln!("flannel: GC released {} of {}/{}", r.ip, r.container_id, r.ifname);
-    }
-    let masqueraded: Vec<_> = stale.iter().filter(|r| r.masq).map(|r| r.ip).collect();
-    if let Err(e) = masq::apply(&masq::remove_script(&masqueraded)) {
-        errors.push(e.msg);
     }
     if errors.is_empty() {
         Ok(())

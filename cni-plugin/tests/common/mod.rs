@@ -2,10 +2,11 @@
 
 #![allow(dead_code)]
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
 use std::path::PathBuf;
-use std::process::Stdio;
-use std::time::Duration;
+use std::process::{Child, Output, Stdio};
+use std::time::{Duration, Instant};
 
 use netns_fixtures::Netns;
 use serde_json::{json, Value};
@@ -31,6 +32,17 @@ pub struct Outcome {
 }
 
 impl Outcome {
+    /// Parses what a finished plugin process printed.
+    pub fn from_output(out: Output) -> Outcome {
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        let stdout = if text.trim().is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&text).unwrap_or_else(|e| panic!("plugin printed non-JSON {text:?}: {e}"))
+        };
+        Outcome { ok: out.status.success(), stdout, stderr: String::from_utf8_lossy(&out.stderr).to_string() }
+    }
+
     /// Panics unless the call failed with `code` and a message containing `text`.
     pub fn expect_error(&self, code: u64, text: &str) {
         assert!(!self.ok, "expected error {code}, got success: {}", self.stdout);
@@ -80,7 +92,22 @@ impl Node {
 
     /// Runs the plugin inside the node with `env` and `stdin`.
     pub fn call(&self, env: &[(&str, &str)], stdin: &[u8]) -> Outcome {
-        let mut cmd = self.ns.command(PLUGIN);
+        let child = self.spawn(&[], env, stdin);
+        Outcome::from_output(child.wait_with_output().unwrap())
+    }
+
+    /// Starts the plugin inside the node, behind `wrapper` (a program and its
+    /// arguments that end by running the plugin, e.g. `nsenter --mount=...
+    /// --`; empty for none), with `env` and `stdin`; stdout and stderr piped.
+    pub fn spawn(&self, wrapper: &[&str], env: &[(&str, &str)], stdin: &[u8]) -> Child {
+        let mut cmd = match wrapper.split_first() {
+            None => self.ns.command(PLUGIN),
+            Some((program, args)) => {
+                let mut c = self.ns.command(program);
+                c.args(args).arg(PLUGIN);
+                c
+            }
+        };
         cmd.env_clear()
             .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
             .stdin(Stdio::piped())
@@ -91,14 +118,23 @@ impl Node {
         }
         let mut child = cmd.spawn().expect("spawn plugin");
         child.stdin.take().unwrap().write_all(stdin).unwrap();
-        let out = child.wait_with_output().unwrap();
-        let text = String::from_utf8_lossy(&out.stdout).to_string();
-        let stdout = if text.trim().is_empty() {
-            Value::Null
-        } else {
-            serde_json::from_str(&text).unwrap_or_else(|e| panic!("plugin printed non-JSON {text:?}: {e}"))
-        };
-        Outcome { ok: out.status.success(), stdout, stderr: String::from_utf8_lossy(&out.stderr).to_string() }
+        child
+    }
+
+    /// Like [`Node::call`], but a plugin still running after `limit` is
+    /// killed and the test fails saying it hung.
+    pub fn call_within(&self, limit: Duration, env: &[(&str, &str)], stdin: &[u8]) -> Outcome {
+        let mut child = self.spawn(&[], env, stdin);
+        let deadline = Instant::now() + limit;
+        while child.try_wait().unwrap().is_none() {
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("the plugin still ran after {limit:?}: it hangs");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Outcome::from_output(child.wait_with_output().unwrap())
     }
 
     /// A verb on a container with `conf`.
@@ -180,4 +216,244 @@ pub fn ipv4_of(ns: &Netns, dev: &str) -> Vec<String> {
         .flat_map(|l| l["addr_info"].as_array().unwrap().clone())
         .map(|a| format!("{}/{}", a["local"].as_str().unwrap(), a["prefixlen"]))
         .collect()
+}
+
+/// The IPAM directory of the test network (`cbr0`).
+pub fn store_dir(node: &Node) -> PathBuf {
+    node.data_dir().join("networks/cbr0")
+}
+
+/// The attachment index, `attachments/<id>:<ifname>` -> target, as the files
+/// on disk say.
+pub fn index_entries(node: &Node) -> BTreeMap<String, String> {
+    let Ok(entries) = std::fs::read_dir(store_dir(node).join("attachments")) else { return BTreeMap::new() };
+    entries
+        .map(|e| {
+            let e = e.unwrap();
+            let target = std::fs::read_link(e.path()).map(|t| t.to_string_lossy().into_owned());
+            (e.file_name().to_string_lossy().into_owned(), target.unwrap_or_else(|e| format!("<not a symlink: {e}>")))
+        })
+        .collect()
+}
+
+/// Whether `nft` runs in `ns`; if not, says so (and fails in CI).
+pub fn have_nft(ns: &Netns) -> bool {
+    match ns.run("nft", &["list", "tables"]) {
+        Ok(out) if out.status.success() => true,
+        Ok(out) => netns_fixtures::skip_or_fail(&format!(
+            "`nft list tables` fails: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )),
+        Err(e) => netns_fixtures::skip_or_fail(&format!("`nft` (nftables) cannot run: {e}")),
+    }
+}
+
+/// The elements of our masquerade set (`ip flannel-rs-cni pods`) as
+/// `nft -j` lists them; none when the table or the set does not exist.
+pub fn masq_members(ns: &Netns) -> BTreeSet<String> {
+    let out = ns.run("nft", &["-j", "list", "set", "ip", "flannel-rs-cni", "pods"]).expect("run nft");
+    if !out.status.success() {
+        return BTreeSet::new();
+    }
+    let v: Value = serde_json::from_slice(&out.stdout).expect("nft -j prints JSON");
+    let mut members = BTreeSet::new();
+    for item in v["nftables"].as_array().unwrap() {
+        for e in item["set"]["elem"].as_array().into_iter().flatten() {
+            // A plain element is a string; one with options is {"elem": {"val": ...}}.
+            let val = if e.is_string() { e } else { &e["elem"]["val"] };
+            members.insert(val.as_str().unwrap_or_else(|| panic!("unexpected set element {e}")).to_string());
+        }
+    }
+    members
+}
+
+/// Links (`name kind master`), IPv4 addresses (`dev addr/len`) and IPv4
+/// routes (`dst via gw dev`) of a namespace as `ip -j` shows them. IPv4
+/// only: the test leases have no IPv6, and the IPv6 link-local addresses the
+/// kernel adds by itself would only blur the picture.
+pub fn net_state(ns: &Netns) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    for l in ns.ip_json(&["-d", "link", "show"]).as_array().unwrap() {
+        out.insert(format!(
+            "link {} {} {}",
+            l["ifname"].as_str().unwrap(),
+            l["linkinfo"]["info_kind"].as_str().unwrap_or("-"),
+            l["master"].as_str().unwrap_or("-")
+        ));
+    }
+    for l in ns.ip_json(&["-4", "addr", "show"]).as_array().unwrap() {
+        for a in l["addr_info"].as_array().unwrap() {
+            out.insert(format!(
+                "addr {} {}/{}",
+                l["ifname"].as_str().unwrap(),
+                a["local"].as_str().unwrap(),
+                a["prefixlen"]
+            ));
+        }
+    }
+    for r in ns.ip_json(&["-4", "route", "show", "table", "all"]).as_array().unwrap() {
+        // The local table changes with addresses, which are compared already.
+        if r["table"] == "local" {
+            continue;
+        }
+        out.insert(format!(
+            "route {} via {} dev {}",
+            r["dst"].as_str().unwrap(),
+            r["gateway"].as_str().unwrap_or("-"),
+            r["dev"].as_str().unwrap_or("-")
+        ));
+    }
+    out
+}
+
+/// Everything an ADD could leave behind, seen from outside the plugin: links,
+/// addresses and routes of node and pod, the IPAM records and index on disk,
+/// and the masquerade set.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Footprint {
+    pub node: BTreeSet<String>,
+    pub pod: BTreeSet<String>,
+    pub records: Vec<String>,
+    pub index: BTreeMap<String, String>,
+    pub masq: BTreeSet<String>,
+}
+
+impl Footprint {
+    pub fn of(node: &Node, pod: &Netns) -> Footprint {
+        Footprint {
+            node: net_state(&node.ns),
+            pod: net_state(pod),
+            records: node.allocations(),
+            index: index_entries(node),
+            masq: masq_members(&node.ns),
+        }
+    }
+}
+
+/// Pids of the processes whose network namespace is `ns`.
+pub fn processes_in(ns: &Netns) -> Vec<u32> {
+    use std::os::unix::fs::MetadataExt;
+    let target = std::fs::metadata(ns.path()).expect("stat the namespace");
+    let mut pids = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().filter_map(|e| e.ok()) {
+        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else { continue };
+        if let Ok(m) = std::fs::metadata(format!("/proc/{pid}/ns/net")) {
+            if m.dev() == target.dev() && m.ino() == target.ino() {
+                pids.push(pid);
+            }
+        }
+    }
+    pids
+}
+
+/// A tmpfs mounted at a directory only inside a private mount namespace,
+/// which a `sleep` process holds open: the root namespace never sees the
+/// mount, and when the holder dies (drop, or the test process dying, through
+/// PR_SET_PDEATHSIG) the namespace and the tmpfs go with it.
+pub struct PrivateTmpfs {
+    holder: Child,
+    mountpoint: PathBuf,
+}
+
+impl PrivateTmpfs {
+    /// Mounts a tmpfs of `size` (mount's syntax, `16k`) at `mountpoint`,
+    /// which must exist. `None` (or a panic in CI) when `unshare` or
+    /// `nsenter` are missing.
+    pub fn new(mountpoint: &std::path::Path, size: &str) -> Option<PrivateTmpfs> {
+        for tool in ["unshare", "nsenter", "mount"] {
+            let found = std::process::Command::new(tool).arg("--version").output().is_ok_and(|o| o.status.success());
+            if !found && !netns_fixtures::skip_or_fail(&format!("`{tool}` (util-linux) is missing")) {
+                return None;
+            }
+        }
+        let mut cmd = std::process::Command::new("unshare");
+        cmd.args(["--mount", "--propagation", "private", "sleep", "infinity"]).stdin(Stdio::null());
+        // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
+        unsafe {
+            use std::os::unix::process::CommandExt;
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == 0 {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::last_os_error())
+                }
+            });
+        }
+        let holder = cmd.spawn().expect("start unshare");
+        let fs = PrivateTmpfs { holder, mountpoint: mountpoint.to_path_buf() };
+        let own = std::fs::read_link("/proc/self/ns/mnt").unwrap();
+        let ns_link = format!("/proc/{}/ns/mnt", fs.holder.id());
+        netns_fixtures::wait_until(Duration::from_secs(10), "unshare to enter its mount namespace", || {
+            std::fs::read_link(&ns_link).is_ok_and(|l| l != own)
+        });
+        fs.mount(&["-t", "tmpfs", "-o", &format!("size={size},mode=0755"), "tmpfs"]);
+        Some(fs)
+    }
+
+    /// Runs `mount ARGS MOUNTPOINT` inside the private namespace.
+    pub fn mount(&self, args: &[&str]) {
+        let ns = format!("--mount=/proc/{}/ns/mnt", self.holder.id());
+        let out = std::process::Command::new("nsenter")
+            .arg(&ns)
+            .arg("--")
+            .arg("mount")
+            .args(args)
+            .arg(&self.mountpoint)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "mount {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    /// Makes the tmpfs read-only.
+    pub fn remount_ro(&self) {
+        self.mount(&["-o", "remount,ro"]);
+    }
+
+    /// Makes the tmpfs writable again.
+    pub fn remount_rw(&self) {
+        self.mount(&["-o", "remount,rw"]);
+    }
+
+    /// `rel` below the mount point, as this process reaches it (through the
+    /// holder's root, which resolves paths in the private namespace).
+    pub fn path(&self, rel: &str) -> PathBuf {
+        let inside = self.mountpoint.join(rel);
+        PathBuf::from(format!("/proc/{}/root{}", self.holder.id(), inside.display()))
+    }
+
+    /// Arguments for [`Node::spawn`] that run the plugin inside the namespace.
+    pub fn wrapper(&self) -> Vec<String> {
+        vec!["nsenter".into(), format!("--mount=/proc/{}/ns/mnt", self.holder.id()), "--".into()]
+    }
+
+    /// Every file below the mount point (relative path, and the target of a
+    /// symlink or the size of a file).
+    pub fn tree(&self) -> BTreeMap<String, String> {
+        fn walk(base: &std::path::Path, dir: &std::path::Path, out: &mut BTreeMap<String, String>) {
+            for e in std::fs::read_dir(dir).unwrap().map(|e| e.unwrap()) {
+                let path = e.path();
+                let rel = path.strip_prefix(base).unwrap().display().to_string();
+                let meta = std::fs::symlink_metadata(&path).unwrap();
+                if meta.is_dir() {
+                    out.insert(rel + "/", String::new());
+                    walk(base, &path, out);
+                } else if meta.file_type().is_symlink() {
+                    out.insert(rel, format!("-> {}", std::fs::read_link(&path).unwrap().display()));
+                } else {
+                    out.insert(rel, format!("{} bytes", meta.len()));
+                }
+            }
+        }
+        let base = self.path("");
+        let mut out = BTreeMap::new();
+        walk(&base, &base, &mut out);
+        out
+    }
+}
+
+impl Drop for PrivateTmpfs {
+    fn drop(&mut self) {
+        let _ = self.holder.kill();
+        let _ = self.holder.wait();
+    }
 }

@@ -1,0 +1,168 @@
+//! The IPAM store on a full or read-only file system: a tiny tmpfs mounted on
+//! the dataDir inside a private mount namespace (the root namespace never
+//! sees it), with the plugin run inside that namespace. ADD must fail with a
+//! CNI I/O error that names the path, and leave no link and no partial IPAM
+//! file behind; once the file system recovers, ADD works again.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::io::Write;
+
+use common::{net_state, Node, Outcome, PrivateTmpfs};
+use netns_fixtures::Netns;
+use serde_json::Value;
+
+fn path(ns: &Netns) -> String {
+    ns.path().to_string_lossy().into_owned()
+}
+
+/// A node whose dataDir is a private tmpfs of `size`, and two pod namespaces.
+/// The namespaces come first: the private mount namespace is a copy of the
+/// root one at its creation, and later `/run/netns` mounts do not reach it.
+fn setup(size: &str) -> Option<(Node, PrivateTmpfs, Netns, Netns)> {
+    let node = Node::new()?;
+    let pod = Netns::new("pod").expect("pod namespace");
+    let other = Netns::new("pod2").expect("pod namespace");
+    std::fs::create_dir_all(node.data_dir()).unwrap();
+    let fs = PrivateTmpfs::new(&node.data_dir(), size)?;
+    Some((node, fs, pod, other))
+}
+
+/// Runs `verb` for container `id` with the plugin inside the tmpfs's mount namespace.
+fn verb(node: &Node, fs: &PrivateTmpfs, verb: &str, id: &str, pod: &Netns) -> Outcome {
+    let wrapper = fs.wrapper();
+    let wrapper: Vec<&str> = wrapper.iter().map(String::as_str).collect();
+    let netns = path(pod);
+    let env = [("CNI_COMMAND", verb), ("CNI_CONTAINERID", id), ("CNI_NETNS", &netns), ("CNI_IFNAME", "eth0")];
+    let conf = node.conf("1.0.0").to_string();
+    Outcome::from_output(node.spawn(&wrapper, &env, conf.as_bytes()).wait_with_output().unwrap())
+}
+
+fn must(out: Outcome, what: &str) -> Value {
+    assert!(out.ok, "{what}: {} {}", out.stdout, out.stderr);
+    out.stdout
+}
+
+/// An ADD and a DEL, so that the store's skeleton (directories, lock, hint)
+/// and the bridge exist before the file system gets into trouble.
+fn warm_up(node: &Node, fs: &PrivateTmpfs, pod: &Netns) {
+    must(verb(node, fs, "ADD", "warm-up", pod), "warm-up ADD");
+    must(verb(node, fs, "DEL", "warm-up", pod), "warm-up DEL");
+    node.assert_clean();
+    common::wait_pod_empty(pod);
+}
+
+/// Fills the tmpfs with data until it is full.
+fn fill_blocks(fs: &PrivateTmpfs) {
+    let mut f = std::fs::File::create(fs.path("filler")).unwrap();
+    let chunk = vec![0u8; 4096];
+    loop {
+        match f.write_all(&chunk) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => return,
+            Err(e) => panic!("fill the tmpfs: {e}"),
+        }
+    }
+}
+
+/// What the failed ADD must not change, seen from outside: links, addresses
+/// and routes of node and pod, and every file of the store with its size.
+fn snapshot(node: &Node, fs: &PrivateTmpfs, pod: &Netns) -> (Vec<String>, Vec<String>, BTreeMap<String, String>) {
+    (net_state(&node.ns).into_iter().collect(), net_state(pod).into_iter().collect(), fs.tree())
+}
+
+/// The failed ADD's error: I/O (code 5), naming the path and the cause.
+fn expect_io_error(out: &Outcome, path: &std::path::Path, cause: &str) {
+    out.expect_error(5, &path.display().to_string());
+    let msg = out.stdout["msg"].as_str().unwrap();
+    assert!(msg.contains(cause), "{msg:?} lacks {cause:?}");
+}
+
+#[test]
+fn add_on_a_full_disk_fails_naming_the_file_and_leaves_no_partial_record() {
+    let Some((node, fs, pod, _)) = setup("64k") else { return };
+    warm_up(&node, &fs, &pod);
+    fill_blocks(&fs);
+    let before = snapshot(&node, &fs, &pod);
+
+    let out = verb(&node, &fs, "ADD", "ctr", &pod);
+    // The record file can be created (an inode) but not written (a block).
+    expect_io_error(&out, &node.data_dir().join("networks/cbr0/10.244.1.3"), "No space left on device");
+    assert_eq!(snapshot(&node, &fs, &pod), before, "the failed ADD left something behind");
+
+    // Room again: the same ADD succeeds.
+    std::fs::remove_file(fs.path("filler")).unwrap();
+    let result = must(verb(&node, &fs, "ADD", "ctr", &pod), "ADD after freeing space");
+    assert_eq!(result["ips"][0]["address"], "10.244.1.3/24");
+    must(verb(&node, &fs, "DEL", "ctr", &pod), "DEL");
+    node.assert_clean();
+}
+
+#[test]
+fn add_without_a_free_inode_for_the_index_fails_and_leaves_no_record() {
+    // Few inodes and plenty of room: the record (one inode) fits, the
+    // attachment's index entry (a symlink, one more inode) does not.
+    let Some((node, fs, pod, _)) = setup("1m,nr_inodes=16") else { return };
+    warm_up(&node, &fs, &pod);
+    let mut n = 0;
+    loop {
+        match std::fs::File::create(fs.path(&format!("f{n}"))) {
+            Ok(_) => n += 1,
+            Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => break,
+            Err(e) => panic!("use up the inodes: {e}"),
+        }
+    }
+    assert!(n > 0, "the warm-up already used every inode");
+    std::fs::remove_file(fs.path(&format!("f{}", n - 1))).unwrap();
+    let before = snapshot(&node, &fs, &pod);
+
+    let out = verb(&node, &fs, "ADD", "ctr", &pod);
+    expect_io_error(&out, &node.data_dir().join("networks/cbr0/attachments/ctr:eth0"), "No space left on device");
+    assert_eq!(snapshot(&node, &fs, &pod), before, "the failed ADD left something behind");
+
+    for i in 0..n - 1 {
+        std::fs::remove_file(fs.path(&format!("f{i}"))).unwrap();
+    }
+    must(verb(&node, &fs, "ADD", "ctr", &pod), "ADD after freeing inodes");
+    must(verb(&node, &fs, "DEL", "ctr", &pod), "DEL");
+    node.assert_clean();
+}
+
+#[test]
+fn add_on_a_read_only_data_dir_fails_naming_it_and_changes_nothing() {
+    let Some((node, fs, pod, other)) = setup("64k") else { return };
+    // Nothing there yet: the store's directory cannot even be made.
+    fs.remount_ro();
+    let out = verb(&node, &fs, "ADD", "first", &pod);
+    expect_io_error(&out, &node.data_dir().join("networks/cbr0"), "Read-only file system");
+    assert!(fs.tree().is_empty(), "{:?}", fs.tree());
+    assert!(node.veths().is_empty() && common::pod_links(&pod).is_empty());
+
+    // A store in use when the file system turns read-only: ADD of another
+    // pod fails on the lock file and changes nothing.
+    fs.remount_rw();
+    must(verb(&node, &fs, "ADD", "first", &pod), "ADD first");
+    fs.remount_ro();
+    let before = snapshot(&node, &fs, &other);
+    let out = verb(&node, &fs, "ADD", "second", &other);
+    expect_io_error(&out, &node.data_dir().join("networks/cbr0/lock"), "Read-only file system");
+    assert_eq!(snapshot(&node, &fs, &other), before, "the failed ADD left something behind");
+
+    // DEL cannot release on a read-only store either: it says so, and once
+    // the file system is writable again a retried DEL finishes the job.
+    let out = verb(&node, &fs, "DEL", "first", &pod);
+    expect_io_error(&out, &node.data_dir().join("networks/cbr0/lock"), "Read-only file system");
+    fs.remount_rw();
+    must(verb(&node, &fs, "DEL", "first", &pod), "retried DEL");
+    let left: Vec<String> = fs
+        .tree()
+        .into_keys()
+        .filter(|k| {
+            let index_entry = k.starts_with("networks/cbr0/attachments/") && !k.ends_with('/');
+            index_entry || k.rsplit('/').next().unwrap().parse::<std::net::IpAddr>().is_ok()
+        })
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+    node.assert_clean();
+}
