@@ -3,15 +3,21 @@
 # nodes each running flanneld-rs (VXLAN), two pods per node plugged in by the
 # flannel-rs CNI plugin, traffic across nodes; then one node's kernel state
 # and `flanneld-rs diagnose`. Everything is removed at the end, also on failure.
+# FLANNEL_RS_BIN=DIR uses the binaries already built in DIR (flanneld-rs,
+# flannel, netns-fixture) instead of building release ones; the end-to-end
+# test of this script (tests/tests/readme_behaviours.rs) does that.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/lib/common.sh
 need_root
 install_packages "${FLANNEL_RS_PACKAGES[@]}"
-ensure_rust
-cargo build --release --quiet -p cni-plugin -p flanneld-rs -p netns-fixtures
-
-bin=$PWD/target/release
+if [ -n "${FLANNEL_RS_BIN:-}" ]; then
+  bin=$(cd "$FLANNEL_RS_BIN" && pwd)
+else
+  ensure_rust
+  cargo build --release --quiet -p cni-plugin -p flanneld-rs -p netns-fixtures
+  bin=$PWD/target/release
+fi
 tag="demo$$"
 work=$(mktemp -d)
 etcd_ep=http://192.0.2.200:2379
@@ -93,7 +99,7 @@ say "node0: bridge fdb show dev flannel.1"
 in_ns "flt-$tag-node0" bridge fdb show dev flannel.1
 say "node0: a route deleted by hand comes back"
 ip -n "flt-$tag-node0" route del "$(ip -n "flt-$tag-node0" route show dev flannel.1 | head -1 | cut -d' ' -f1)"
-sleep 0.2
+for _ in $(seq 50); do [ "$(ip -n "flt-$tag-node0" route show dev flannel.1 | wc -l)" -ge 2 ] && break; sleep 0.1; done
 ip -n "flt-$tag-node0" route show dev flannel.1
 say "node0: flanneld-rs diagnose"
 in_ns "flt-$tag-node0" "$bin/flanneld-rs" --etcd-endpoints "$etcd_ep" --subnet-file "$work/subnet0.env" --ip-masq diagnose

@@ -3,6 +3,8 @@
 //! (`etcdctl`, `ip -j`, `nft -j`, HTTP status codes, exit statuses).
 
 use std::net::SocketAddr;
+use std::os::unix::process::CommandExt;
+use std::path::Path;
 use std::process::ExitStatus;
 use std::time::{Duration, Instant};
 
@@ -299,4 +301,159 @@ fn readyz_says_503_until_the_daemon_is_ready_while_healthz_says_200() {
     assert!(o.daemons[0].subnet_file.exists(), "ready without subnet.env");
     assert_eq!(masquerade_rules(ns).len(), 0);
     assert_eq!(http_status(ns, addr, "/healthz"), Some(200));
+}
+
+/// The README's first command, `scripts/demo.sh`, with the binaries this
+/// test run built (`FLANNEL_RS_BIN`; the README's way builds release ones
+/// first): exit status 0, what its output says it shows, and nothing left
+/// behind (namespaces of its tag, processes, files, root namespace changes).
+#[test]
+fn the_demo_script_shows_pods_talking_across_nodes_and_leaves_nothing_behind() {
+    if !require_root() {
+        return;
+    }
+    let bin = e2e_tests::workspace_bin("flanneld-rs").parent().unwrap().to_path_buf();
+    for b in ["flannel", "netns-fixture"] {
+        e2e_tests::workspace_bin(b);
+    }
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/demo.sh");
+    let scratch = tempfile::tempdir().unwrap();
+    let root_before = root_namespace_state();
+    let out_path = scratch.path().join("demo.out");
+    let out = std::fs::File::create(&out_path).unwrap();
+    // Its own process group, so that stopping it reaches its background
+    // processes (etcd, the daemons) too.
+    let child = std::process::Command::new(&script)
+        .process_group(0)
+        .env("FLANNEL_RS_BIN", &bin)
+        .env("TMPDIR", scratch.path())
+        .stdin(std::process::Stdio::null())
+        .stdout(out.try_clone().unwrap())
+        .stderr(out)
+        .spawn()
+        .unwrap();
+    let mut demo = Demo { tag: format!("demo{}", child.id()), child: Some(child), bin: bin.clone() };
+    let status = demo.wait(Duration::from_secs(180));
+    let text = std::fs::read_to_string(&out_path).unwrap();
+    assert!(status.success(), "demo.sh: {status}; its output:\n{text}");
+
+    let sections = sections(&text);
+    let section = |title: &str| -> Vec<&str> {
+        sections
+            .iter()
+            .find(|(t, _)| t.starts_with(title))
+            .unwrap_or_else(|| panic!("no section {title:?} in:\n{text}"))
+            .1
+            .clone()
+    };
+    let subnets: Vec<ipnet::Ipv4Net> = section("flanneld-rs on every node")
+        .iter()
+        .filter_map(|l| l.split_once(": FLANNEL_SUBNET=")?.1.parse().ok())
+        .collect();
+    assert_eq!(subnets.len(), 3, "{text}");
+    let pods: Vec<(usize, std::net::Ipv4Addr)> = section("two pods per node")
+        .iter()
+        .filter_map(|l| {
+            let (who, addr) = l.split_once(": ")?;
+            Some((who.strip_prefix("node")?.get(..1)?.parse().ok()?, addr.parse().ok()?))
+        })
+        .collect();
+    assert_eq!(pods.len(), 6, "{text}");
+    for (node, addr) in &pods {
+        assert!(subnets[*node].trunc().contains(addr), "node{node}'s pod {addr} is outside {}", subnets[*node]);
+    }
+    let pings = section("every pod pings a pod on every other node");
+    assert_eq!(pings.len(), 12, "{text}");
+    assert!(pings.iter().all(|l| l.contains(" time=") && !l.contains("FAILED")), "{text}");
+    assert!(section("TCP across nodes").contains(&"hello from node2"), "{text}");
+    for title in ["node0: ip route show dev flannel.1", "node0: ip neigh show dev flannel.1"] {
+        assert_eq!(section(title).len(), 2, "{title}:\n{text}");
+    }
+    assert_eq!(section("node0: bridge fdb show dev flannel.1").iter().filter(|l| l.contains(" dst ")).count(), 2);
+    assert_eq!(section("node0: a route deleted by hand comes back").len(), 2, "{text}");
+    // (Its log lines on stderr come first.)
+    let diagnose = section("node0: flanneld-rs diagnose");
+    assert_eq!(diagnose.last(), Some(&"converged: the kernel matches every lease"), "{text}");
+
+    // Nothing left: no namespace of its tag, no process of it, no file.
+    let leftover: Vec<String> = std::fs::read_dir("/run/netns")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.starts_with(&format!("flt-{}-", demo.tag)))
+        .collect();
+    assert!(leftover.is_empty(), "namespaces left behind: {leftover:?}");
+    let scratch_path = scratch.path().display().to_string();
+    let procs: Vec<String> = std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| std::fs::read(e.ok()?.path().join("cmdline")).ok())
+        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+        .filter(|c| c.contains(&scratch_path))
+        .collect();
+    assert!(procs.is_empty(), "processes left behind: {procs:?}");
+    let files: Vec<_> = std::fs::read_dir(scratch.path()).unwrap().filter_map(|e| e.ok()).map(|e| e.path()).collect();
+    assert_eq!(files, [out_path], "files left behind");
+    assert_eq!(root_namespace_state(), root_before, "the root namespace changed");
+}
+
+/// The demo's output as (section title, its non-empty lines).
+fn sections(text: &str) -> Vec<(String, Vec<&str>)> {
+    let mut out: Vec<(String, Vec<&str>)> = Vec::new();
+    for line in text.lines() {
+        if let Some(title) = line.strip_prefix("\x1b[1m== ") {
+            out.push((title.trim_end_matches("\x1b[0m").to_string(), Vec::new()));
+        } else if let Some((_, lines)) = out.last_mut() {
+            if !line.trim().is_empty() {
+                lines.push(line);
+            }
+        }
+    }
+    out
+}
+
+/// The root namespace's addresses, routes and nftables ruleset.
+fn root_namespace_state() -> (String, String, String) {
+    let run = |program: &str, args: &[&str]| e2e_tests::run_ok(std::process::Command::new(program).args(args));
+    (run("ip", &["-br", "addr"]), run("ip", &["route", "show", "table", "all"]), run("nft", &["list", "ruleset"]))
+}
+
+/// A running `scripts/demo.sh`: stopped (SIGTERM, which runs its teardown)
+/// and its namespaces removed if the test ends first.
+struct Demo {
+    child: Option<std::process::Child>,
+    tag: String,
+    bin: std::path::PathBuf,
+}
+
+impl Demo {
+    fn wait(&mut self, timeout: Duration) -> ExitStatus {
+        let child = self.child.as_mut().unwrap();
+        let mut status = None;
+        wait_until(timeout, "scripts/demo.sh to finish", || {
+            status = child.try_wait().unwrap();
+            status.is_some()
+        });
+        self.child = None;
+        status.unwrap()
+    }
+}
+
+impl Drop for Demo {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            // The script's trap tears down what it made; its background
+            // processes get the signal too.
+            let group = -(c.id() as i32);
+            // SAFETY: signalling our own child's process group.
+            unsafe { libc::kill(group, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while Instant::now() < deadline && c.try_wait().ok().flatten().is_none() {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            // SAFETY: as above.
+            unsafe { libc::kill(group, libc::SIGKILL) };
+            let _ = c.wait();
+            let _ =
+                std::process::Command::new(self.bin.join("netns-fixture")).args(["down", "--name", &self.tag]).status();
+        }
+    }
 }
