@@ -332,7 +332,8 @@ fn the_demo_script_shows_pods_talking_across_nodes_and_leaves_nothing_behind() {
         .stderr(out)
         .spawn()
         .unwrap();
-    let mut demo = Demo { tag: format!("demo{}", child.id()), child: Some(child), bin: bin.clone() };
+    let pid = child.id();
+    let mut demo = Demo { tag: format!("demo{pid}"), pid, child: Some(child), bin: bin.clone() };
     let status = demo.wait(Duration::from_secs(180));
     let text = std::fs::read_to_string(&out_path).unwrap();
     assert!(status.success(), "demo.sh: {status}; its output:\n{text}");
@@ -416,10 +417,11 @@ fn root_namespace_state() -> (String, String, String) {
     (run("ip", &["-br", "addr"]), run("ip", &["route", "show", "table", "all"]), run("nft", &["list", "ruleset"]))
 }
 
-/// A running `scripts/demo.sh`: stopped (SIGTERM, which runs its teardown)
-/// and its namespaces removed if the test ends first.
+/// A `scripts/demo.sh` run: stopped (SIGTERM, which runs its teardown) if
+/// the test ends first, and whatever it left behind removed.
 struct Demo {
     child: Option<std::process::Child>,
+    pid: u32,
     tag: String,
     bin: std::path::PathBuf,
 }
@@ -439,21 +441,28 @@ impl Demo {
 
 impl Drop for Demo {
     fn drop(&mut self) {
+        // The script leads its own process group (etcd and the daemons are in
+        // it too); the pid of a group with members is not reused.
+        let group = -(self.pid as i32);
         if let Some(mut c) = self.child.take() {
-            // The script's trap tears down what it made; its background
-            // processes get the signal too.
-            let group = -(c.id() as i32);
+            // Its trap tears down what it made.
             // SAFETY: signalling our own child's process group.
             unsafe { libc::kill(group, libc::SIGTERM) };
             let deadline = Instant::now() + Duration::from_secs(20);
             while Instant::now() < deadline && c.try_wait().ok().flatten().is_none() {
                 std::thread::sleep(Duration::from_millis(50));
             }
-            // SAFETY: as above.
-            unsafe { libc::kill(group, libc::SIGKILL) };
+            let _ = c.kill();
             let _ = c.wait();
-            let _ =
-                std::process::Command::new(self.bin.join("netns-fixture")).args(["down", "--name", &self.tag]).status();
         }
+        // Whatever of it is still running, and its namespaces, also when the
+        // script ended by itself and left them behind.
+        // SAFETY: as above.
+        unsafe { libc::kill(group, libc::SIGKILL) };
+        let _ = std::process::Command::new(self.bin.join("netns-fixture"))
+            .args(["down", "--name", &self.tag])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status();
     }
 }
