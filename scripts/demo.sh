@@ -3,15 +3,21 @@
 # nodes each running flanneld-rs (VXLAN), two pods per node plugged in by the
 # flannel-rs CNI plugin, traffic across nodes; then one node's kernel state
 # and `flanneld-rs diagnose`. Everything is removed at the end, also on failure.
+# FLANNEL_RS_BIN=DIR uses the binaries already built in DIR (flanneld-rs,
+# flannel, netns-fixture) instead of building release ones; the end-to-end
+# test of this script (tests/tests/readme_behaviours.rs) does that.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/lib/common.sh
 need_root
 install_packages "${FLANNEL_RS_PACKAGES[@]}"
-ensure_rust
-cargo build --release --quiet -p cni-plugin -p flanneld-rs -p netns-fixtures
-
-bin=$PWD/target/release
+if [ -n "${FLANNEL_RS_BIN:-}" ]; then
+  bin=$(cd "$FLANNEL_RS_BIN" && pwd)
+else
+  ensure_rust
+  cargo build --release --quiet -p cni-plugin -p flanneld-rs -p netns-fixtures
+  bin=$PWD/target/release
+fi
 tag="demo$$"
 work=$(mktemp -d)
 etcd_ep=http://192.0.2.200:2379

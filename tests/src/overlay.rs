@@ -99,6 +99,24 @@ impl Etcd {
     pub fn stop(&mut self) {
         self.proc.stop();
     }
+
+    /// Freezes etcd (SIGSTOP): its port still accepts connections, but no
+    /// request is answered until [`Etcd::resume`]. Dropping a frozen etcd
+    /// still kills it.
+    pub fn pause(&self) {
+        self.signal(libc::SIGSTOP);
+    }
+
+    /// Lets a frozen etcd go on (SIGCONT).
+    pub fn resume(&self) {
+        self.signal(libc::SIGCONT);
+    }
+
+    fn signal(&self, sig: libc::c_int) {
+        let pid = self.proc.0.as_ref().expect("etcd is running").id();
+        // SAFETY: signalling our own child, which has not been reaped.
+        assert_eq!(unsafe { libc::kill(pid as i32, sig) }, 0, "signal {sig} to etcd");
+    }
 }
 
 /// Runs `etcdctl` (v3 API) against [`ETCD`] from inside `ns`.
@@ -140,6 +158,8 @@ pub struct Daemon {
     extra: Vec<String>,
     env: Vec<(String, String)>,
     wrap: Vec<String>,
+    /// "ready" lines in the log before the last start.
+    ready_before: usize,
 }
 
 /// The overlay.
@@ -174,6 +194,7 @@ impl Overlay {
                 extra: Vec::new(),
                 env: Vec::new(),
                 wrap: Vec::new(),
+                ready_before: 0,
             })
             .collect();
         Overlay { cluster, etcd, daemons, dir }
@@ -205,21 +226,37 @@ impl Overlay {
         self.daemons[i].wrap = wrapper.iter().map(|s| s.to_string()).collect();
     }
 
-    /// Starts the daemon of node `i` and waits for its subnet.env.
+    /// Starts the daemon of node `i` and waits until it says it is ready.
     pub fn start(&mut self, i: usize) {
-        let logp = self.daemons[i].log.clone();
-        let ready_before = ready_lines(&std::fs::read_to_string(&logp).unwrap_or_default());
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(&logp).unwrap();
+        self.spawn(i);
+        self.wait_ready(i);
+    }
+
+    /// Starts the daemon of node `i` (its flags and environment as set)
+    /// without waiting for it.
+    pub fn spawn(&mut self, i: usize) {
         let d = &self.daemons[i];
-        let child = self
-            .daemon_command(i)
-            .args(&d.extra)
-            .envs(d.env.iter().map(|(k, v)| (k, v)))
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
+        let mut cmd = self.daemon_command(i);
+        cmd.args(&d.extra).envs(d.env.iter().map(|(k, v)| (k, v)));
+        self.spawn_command(i, cmd);
+    }
+
+    /// Runs `cmd` as node `i`'s daemon (see [`Overlay::bare_daemon_command`]),
+    /// its stderr appended to node `i`'s log, without waiting for it.
+    pub fn spawn_command(&mut self, i: usize, mut cmd: std::process::Command) {
+        let logp = self.daemons[i].log.clone();
+        self.daemons[i].ready_before = ready_lines(&std::fs::read_to_string(&logp).unwrap_or_default());
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&logp).unwrap();
+        let child = cmd.stdout(Stdio::null()).stderr(log).spawn().unwrap();
         self.daemons[i].proc = Proc(Some(child));
+    }
+
+    /// Waits until node `i`'s daemon, started since the last call of
+    /// [`Overlay::spawn`], says it is ready; panics with the end of its log
+    /// when it exits first or takes more than 20 s.
+    pub fn wait_ready(&mut self, i: usize) {
+        let logp = self.daemons[i].log.clone();
+        let ready_before = self.daemons[i].ready_before;
         let deadline = std::time::Instant::now() + Duration::from_secs(20);
         while ready_lines(&std::fs::read_to_string(&logp).unwrap_or_default()) <= ready_before {
             let exited = self.daemons[i].proc.0.as_mut().and_then(|c| c.try_wait().ok().flatten());
@@ -440,17 +477,23 @@ impl Overlay {
 
     /// `flanneld-rs` inside node `i`, pointed at etcd and the node's subnet.env.
     pub fn daemon_command(&self, i: usize) -> std::process::Command {
+        let mut cmd = self.bare_daemon_command(i);
+        cmd.args(["--etcd-endpoints", ETCD, "--subnet-file"]).arg(&self.daemons[i].subnet_file);
+        cmd
+    }
+
+    /// `flanneld-rs` inside node `i` (through its wrapper, if set), without
+    /// any flag or extra environment.
+    pub fn bare_daemon_command(&self, i: usize) -> std::process::Command {
         let ns = &self.cluster.node(i).ns;
-        let mut cmd = match self.daemons[i].wrap.split_first() {
+        match self.daemons[i].wrap.split_first() {
             None => ns.command(workspace_bin("flanneld-rs")),
             Some((program, args)) => {
                 let mut c = ns.command(program);
                 c.args(args).arg(workspace_bin("flanneld-rs"));
                 c
             }
-        };
-        cmd.args(["--etcd-endpoints", ETCD, "--subnet-file"]).arg(&self.daemons[i].subnet_file);
-        cmd
+        }
     }
 
     /// Runs `flanneld-rs diagnose` on node `i` with the daemon's flags and
