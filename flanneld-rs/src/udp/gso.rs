@@ -9,7 +9,8 @@
 use std::ops::Range;
 
 use super::checksum;
-use super::packet::{self, PROTO_TCP, PROTO_UDP};
+use super::packet::{self, Discard, PROTO_TCP, PROTO_UDP};
+use super::vnet::{self, VnetHdr};
 
 /// Largest IPv4 plus TCP header: both may carry 40 bytes of options.
 pub const MAX_HEADERS: usize = 120;
@@ -35,6 +36,51 @@ pub fn complete_checksum(pkt: &mut [u8], start: usize, offset: usize) -> bool {
     }
     pkt[at..at + 2].copy_from_slice(&c.to_be_bytes());
     true
+}
+
+/// A packet read from the TUN, checked and ready to go to its peer.
+#[derive(Debug)]
+pub enum Outbound<'a> {
+    /// One packet, trimmed to its total length, sent as it is.
+    Single(&'a [u8]),
+    /// A TCP super-packet, sent cut into segments.
+    Super(TcpSuper<'a>),
+}
+
+/// Checks a packet read from the TUN (`pkt`, after its virtio header
+/// `hdr`) and readies it for its peer: a single packet gets the checksum
+/// the kernel left undone (`F_NEEDS_CSUM`) and its TTL decremented; a TCP
+/// super-packet (`GSO_TCPV4`) its TTL decremented, and is cut by the
+/// caller. A discarded packet may have been changed.
+pub fn prepare_outbound(pkt: &mut [u8], hdr: VnetHdr) -> Result<Outbound<'_>, Discard> {
+    let ihl = packet::ipv4_header_len(pkt).ok_or(Discard::Bad)?;
+    match hdr.gso_type & !vnet::GSO_ECN {
+        vnet::GSO_NONE => {
+            let tot = packet::total_len(pkt);
+            if tot < ihl || tot > pkt.len() {
+                return Err(Discard::Bad);
+            }
+            let pkt = &mut pkt[..tot];
+            if hdr.flags & vnet::F_NEEDS_CSUM != 0
+                && !complete_checksum(pkt, usize::from(hdr.csum_start), usize::from(hdr.csum_offset))
+            {
+                return Err(Discard::Bad);
+            }
+            if !packet::decrement_ttl(pkt) {
+                return Err(Discard::TtlExpired);
+            }
+            Ok(Outbound::Single(pkt))
+        }
+        vnet::GSO_TCPV4 => {
+            if pkt[8] <= 1 {
+                return Err(Discard::TtlExpired);
+            }
+            // Every segment's header checksum is computed afresh when cut.
+            pkt[8] -= 1;
+            TcpSuper::parse(pkt, usize::from(hdr.gso_size)).map(Outbound::Super).ok_or(Discard::Bad)
+        }
+        _ => Err(Discard::Bad),
+    }
 }
 
 /// A TCP/IPv4 super-packet and how to cut it.
@@ -64,6 +110,11 @@ impl<'a> TcpSuper<'a> {
         Some(TcpSuper { pkt, ihl, hl, mss, segments })
     }
 
+    /// The whole super-packet, which segments' payload ranges index.
+    pub fn bytes(&self) -> &'a [u8] {
+        self.pkt
+    }
+
     /// How many packets it makes.
     pub fn segments(&self) -> usize {
         self.segments
@@ -84,6 +135,8 @@ impl<'a> TcpSuper<'a> {
     /// identification (incremented per segment, as Linux's TSO does) and
     /// checksum. TCP: sequence number, FIN and PSH on the last segment only,
     /// CWR on the first only, and the full checksum.
+    ///
+    /// Panics unless `i < segments()` and `out` holds `header_len()` bytes.
     pub fn segment(&self, i: usize, out: &mut [u8]) -> Range<usize> {
         let (ihl, hl) = (self.ihl, self.hl);
         let start = hl + i * self.mss;
