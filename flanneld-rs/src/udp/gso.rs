@@ -31,7 +31,9 @@ pub fn complete_checksum(pkt: &mut [u8], start: usize, offset: usize) -> bool {
     }
     let mut c = checksum::finish(checksum::sum(&pkt[start..]));
     // In UDP a zero checksum means "none"; a computed zero is sent as ones.
-    if c == 0 && offset == 6 && packet::protocol(pkt) == PROTO_UDP {
+    // `get`: the offsets come from the virtio header, not from a check that
+    // `pkt` holds an IP header.
+    if c == 0 && offset == 6 && pkt.get(9) == Some(&PROTO_UDP) {
         c = 0xffff;
     }
     pkt[at..at + 2].copy_from_slice(&c.to_be_bytes());
@@ -104,6 +106,12 @@ impl<'a> TcpSuper<'a> {
         let thl = usize::from(pkt[ihl + 12] >> 4) * 4;
         let hl = ihl + thl;
         if thl < 20 || pkt.len() <= hl || hl > MAX_HEADERS {
+            return None;
+        }
+        // A segment's length must fit the 16-bit total-length field. The
+        // kernel's super-packets never come near, but a read may be longer
+        // than 64 KB and the segment size is the virtio header's word.
+        if hl + mss.min(pkt.len() - hl) > usize::from(u16::MAX) {
             return None;
         }
         let segments = (pkt.len() - hl).div_ceil(mss);
@@ -242,6 +250,28 @@ pub(crate) mod tests {
         assert!(complete_checksum(&mut p, 20, 16));
         assert_eq!([p[36], p[37]], want);
         assert!(!complete_checksum(&mut p, 20, 100));
+    }
+
+    /// Found by tests/prop_parsers (udp_complete_checksum): a computed zero
+    /// at the UDP offset looked up the IP protocol past the end of a short
+    /// packet.
+    #[test]
+    fn a_short_packet_with_a_zero_checksum_is_no_panic() {
+        let mut p = [0, 0, 0, 0, 0, 0, 0xff, 0xff];
+        assert!(complete_checksum(&mut p, 0, 6));
+        assert_eq!(p[6..], [0, 0]);
+    }
+
+    /// Found by tests/prop_parsers (udp_tcp_super_cut): a segment size near
+    /// 64 KB on a longer read made segments whose total length wrapped.
+    #[test]
+    fn refuses_segments_longer_than_an_ipv4_packet() {
+        let mut sup = tcp_packet(1, 0x10, &vec![7; 65_535 - 52]);
+        sup.extend_from_slice(&[0; 65]);
+        assert!(TcpSuper::parse(&sup, 65_535).is_none());
+        let cut = TcpSuper::parse(&sup, 65_535 - 52).unwrap();
+        assert_eq!(cut.segment_len(), 65_535);
+        assert_eq!(cut.segments(), 2);
     }
 
     #[test]

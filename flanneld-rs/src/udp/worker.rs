@@ -242,11 +242,10 @@ impl Worker {
             reads += 1;
             let n = n as usize;
             let (hdr, pkt) = if self.opts.offload {
-                if n < vnet::LEN {
+                let Some((h, p)) = buf[..n].split_first_chunk_mut::<{ vnet::LEN }>() else {
                     self.local.bad += 1;
                     continue;
-                }
-                let (h, p) = buf[..n].split_at_mut(vnet::LEN);
+                };
                 (VnetHdr::decode(h), p)
             } else {
                 (VnetHdr::default(), &mut buf[..n])
