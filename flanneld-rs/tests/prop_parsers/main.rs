@@ -1,6 +1,7 @@
-//! Property tests of flanneld-rs's parsers of outside input: `net-conf.json`.
-//! Each property runs [`support::cases`] cases: 256 in a plain `cargo test`,
-//! `PROPTEST_CASES` when set (`scripts/fuzz.sh` sets it high).
+//! Property tests of flanneld-rs's parsers of outside input: `net-conf.json`
+//! and the udp data path's packet handling (bytes from peers and from the
+//! TUN). Each property runs [`support::cases`] cases: 256 in a plain
+//! `cargo test`, `PROPTEST_CASES` when set (`scripts/fuzz.sh` sets it high).
 //!
 //! One test binary, so that the allocation-counting allocator below sees
 //! every parser: what a parser allocates is part of what is tested.
@@ -8,3 +9,4 @@
 mod alloc;
 mod net_conf;
 mod support;
+mod udp;
