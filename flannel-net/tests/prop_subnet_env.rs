@@ -61,10 +61,27 @@ where
                     format!("panicked: {}", msg.unwrap_or("(not a string)"))
                 }
             };
-            panic!("proptest {name}: failed: {why}\nminimal failing input: {minimal:#?}")
+            panic!("proptest {name}: failed: {why}\nminimal failing input: {}", shown(name, &minimal))
         }
         Err(TestError::Abort(why)) => panic!("proptest {name}: aborted: {why}"),
     }
+}
+
+/// `value` for a failure message: whole when short; else its start, and
+/// all of it in a file under the target directory (a 64 KB packet shown
+/// byte by byte would bury the message).
+fn shown(name: &str, value: &impl Debug) -> String {
+    let text = format!("{value:?}");
+    if text.len() <= 4000 {
+        return format!("{value:#?}");
+    }
+    let path = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("{name}.minimal.txt"));
+    let saved = match std::fs::write(&path, &text) {
+        Ok(()) => format!("all of it in {}", path.display()),
+        Err(e) => format!("could not save it to {}: {e}", path.display()),
+    };
+    let cut = (0..=2000).rev().find(|&i| text.is_char_boundary(i)).unwrap_or(0);
+    format!("{} ... ({} characters; {saved})", &text[..cut], text.len())
 }
 
 fn parse(text: &str) -> Result<SubnetEnv, SubnetEnvError> {
