@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 
 use ipnet::{Ipv4Net, Ipv6Net};
-use serde_json::Value;
+use serde_json::{Map, Value};
 
 /// The validated network configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -83,9 +83,32 @@ pub struct ConfigError {
     pub msg: String,
 }
 
-/// Lower-cased keys, so `"network"`, `"Network"` and `"NETWORK"` all match.
-fn fold(v: &Value) -> BTreeMap<String, Value> {
-    v.as_object().map(|o| o.iter().map(|(k, v)| (k.to_ascii_lowercase(), v.clone())).collect()).unwrap_or_default()
+/// Top-level fields, as flannel spells them.
+const ROOT_FIELDS: &[&str] =
+    &["Network", "SubnetLen", "SubnetMin", "SubnetMax", "IPv6Network", "EnableIPv4", "EnableIPv6", "Backend"];
+
+/// Fields of `Backend`, any type's.
+const BACKEND_FIELDS: &[&str] = &["Type", "VNI", "Port", "MTU", "GBP", "Learning", "DirectRouting"];
+
+/// An object's members under lower-cased keys, so `"network"`, `"Network"`
+/// and `"NETWORK"` all match. A field given under two spellings is an
+/// error naming it (`prefix` + its name): flannel's Go decoder would take
+/// whichever comes last, silently; unknown keys are ignored either way.
+fn fold(o: &Map<String, Value>, fields: &[&str], prefix: &str) -> Result<BTreeMap<String, Value>, String> {
+    let mut out = BTreeMap::new();
+    let mut spelt: BTreeMap<String, &str> = BTreeMap::new();
+    for (k, v) in o {
+        let lower = k.to_ascii_lowercase();
+        if let Some(field) = fields.iter().find(|f| f.eq_ignore_ascii_case(k)) {
+            if let Some(first) = spelt.insert(lower.clone(), k) {
+                return Err(format!(
+                    "{prefix}{field} is given twice, as {first:?} and {k:?}: field names match regardless of case"
+                ));
+            }
+        }
+        out.insert(lower, v.clone());
+    }
+    Ok(out)
 }
 
 impl NetworkConfig {
@@ -93,10 +116,10 @@ impl NetworkConfig {
     pub fn parse(text: &str, source: &str) -> Result<NetworkConfig, ConfigError> {
         let err = |msg: String| ConfigError { source_name: source.to_string(), msg };
         let root: Value = serde_json::from_str(text).map_err(|e| err(format!("not JSON: {e}")))?;
-        if !root.is_object() {
+        let Some(root) = root.as_object() else {
             return Err(err(format!("want a JSON object, got {root}")));
-        }
-        let f = fold(&root);
+        };
+        let f = fold(root, ROOT_FIELDS, "").map_err(err)?;
         let get_str = |key: &str, name: &str| -> Result<Option<String>, ConfigError> {
             match f.get(key) {
                 None | Some(Value::Null) => Ok(None),
@@ -133,6 +156,13 @@ impl NetworkConfig {
             network_raw.parse().map_err(|_| err(format!("Network {network_raw:?} is not an IPv4 CIDR")))?;
         if network.trunc() != network {
             return Err(err(format!("Network {network_raw:?} has host bits set (did you mean {}?)", network.trunc())));
+        }
+        // Checked here, not through SubnetLen: no SubnetLen fits a smaller
+        // Network, and the default one would be blamed for it.
+        if network.prefix_len() > 28 {
+            return Err(err(format!(
+                "Network {network} is too small: it must hold 4 subnets of at least 4 addresses (a /28 or larger)"
+            )));
         }
         let ipv6_network = match get_str("ipv6network", "IPv6Network")? {
             None => None,
@@ -180,8 +210,12 @@ impl NetworkConfig {
             return Err(err(format!("SubnetMin {subnet_min} is after SubnetMax {subnet_max}")));
         }
 
-        let backend_v = f.get("backend").cloned().unwrap_or(Value::Null);
-        let b = fold(&backend_v);
+        let b = match f.get("backend") {
+            None | Some(Value::Null) => BTreeMap::new(),
+            Some(Value::Object(o)) => fold(o, BACKEND_FIELDS, "Backend.").map_err(err)?,
+            // Not the default udp backend, silently: flannel refuses it too.
+            Some(other) => return Err(err(format!("Backend {other} is not an object like {{\"Type\":\"vxlan\"}}"))),
+        };
         let btype = match b.get("type") {
             None | Some(Value::Null) => "udp".to_string(),
             Some(Value::String(s)) => s.to_ascii_lowercase(),
@@ -205,8 +239,9 @@ impl NetworkConfig {
         Ok(NetworkConfig { network, subnet_len, subnet_min, subnet_max, ipv6_network, enable_ipv6, backend })
     }
 
-    /// Every subnet that may be leased, in order.
-    pub fn subnets(&self) -> impl Iterator<Item = Ipv4Net> + '_ {
+    /// Every subnet that may be leased, in order. Lazy (a /0 Network holds
+    /// up to 2^30 subnets), with an exact `size_hint`, from either end.
+    pub fn subnets(&self) -> impl DoubleEndedIterator<Item = Ipv4Net> + '_ {
         let size = 1u32 << (32 - self.subnet_len);
         let (min, max) = (u32::from(self.subnet_min), u32::from(self.subnet_max));
         (0..=(max - min) / size)
@@ -259,6 +294,19 @@ mod tests {
     }
 
     #[test]
+    fn repeated_keys_and_unknown_keys_in_any_case_are_not_ambiguous() {
+        // The same spelling twice is JSON's business: the last one wins.
+        let c = parse(r#"{"Network":"10.1.0.0/16","Network":"10.2.0.0/16"}"#).unwrap();
+        assert_eq!(c.network.to_string(), "10.2.0.0/16");
+        // Unknown fields are ignored, whatever their spellings.
+        assert!(parse(r#"{"Network":"10.1.0.0/16","Extra":1,"extra":2}"#).is_ok());
+        // The smallest Network that can be split: 4 subnets of /30.
+        let c = parse(r#"{"Network":"10.1.0.0/28"}"#).unwrap();
+        assert_eq!(c.subnet_len, 30);
+        assert_eq!(c.subnets().count(), 3);
+    }
+
+    #[test]
     fn keys_match_without_case_and_backend_options_parse() {
         let c = parse(r#"{"network":"10.1.0.0/16","SUBNETLEN":26,"subnetMin":"10.1.1.0","backend":{"type":"VXLAN","vni":4096,"Port":4789,"DirectRouting":true,"GBP":true}}"#).unwrap();
         assert_eq!(c.subnet_len, 26);
@@ -291,6 +339,23 @@ mod tests {
                 "Backend.DirectRouting \"yes\"",
             ),
             (r#"{"Network":"10.244.0.0/16","EnableIPv6":true}"#, "IPv6Network is missing"),
+            // Found by tests/prop_parsers (net_conf_near_valid): the default
+            // SubnetLen (prefix+2) was blamed for a Network too small.
+            (r#"{"network":"0.0.0.0/29"}"#, "Network 0.0.0.0/29 is too small"),
+            (r#"{"Network":"10.0.0.0/29","SubnetLen":30}"#, "Network 10.0.0.0/29 is too small"),
+            // Found the same way: a Backend that is not an object was taken
+            // as the default (udp) backend.
+            (r#"{"Network":"10.244.0.0/16","Backend":false}"#, "Backend false is not an object"),
+            (r#"{"Network":"10.244.0.0/16","Backend":"vxlan"}"#, "Backend \"vxlan\" is not an object"),
+            // And a field under two spellings was decided by key order.
+            (
+                r#"{"Network":"10.244.0.0/16","network":"10.245.0.0/16"}"#,
+                "Network is given twice, as \"Network\" and \"network\"",
+            ),
+            (
+                r#"{"Network":"10.244.0.0/16","Backend":{"GBP":null,"gBP":false,"type":"host-gw"}}"#,
+                "Backend.GBP is given twice",
+            ),
         ];
         for (text, want) in cases {
             let e = parse(text).unwrap_err().to_string();

@@ -349,8 +349,12 @@ fn unknown_subnet_gets_icmp_net_unreachable() {
         .in_thread(|| TcpStream::connect_timeout(&SocketAddr::from(([10, 244, 99, 5], 80)), Duration::from_secs(5)))
         .unwrap_err();
     assert!(matches!(err.raw_os_error(), Some(libc::ENETUNREACH | libc::EHOSTUNREACH)), "{err:?}");
-    let s = o.dp(0).stats();
-    assert!(s.dropped_no_peer >= 2 && s.icmp_unreachable_sent >= 2, "{s:?}");
+    // Workers publish their counters once per round: wait for the round
+    // that carried the second packet.
+    wait_until(Duration::from_secs(10), "both drops and ICMP errors counted", || {
+        let s = o.dp(0).stats();
+        s.dropped_no_peer >= 2 && s.icmp_unreachable_sent >= 2
+    });
 }
 
 /// An IPv4/UDP packet from `src`:5555 to `dst`:9999 carrying `payload`.

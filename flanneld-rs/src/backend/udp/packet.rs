@@ -28,6 +28,35 @@ pub fn ipv4_header_len(pkt: &[u8]) -> Option<usize> {
     (first >> 4 == 4 && ihl >= IPV4_HEADER && pkt.len() >= ihl).then_some(ihl)
 }
 
+/// Why a packet is not forwarded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Discard {
+    /// Malformed: not IPv4, a bad header, lengths that do not add up.
+    Bad,
+    /// Its TTL ran out here.
+    TtlExpired,
+}
+
+/// Checks an inner packet that arrived from a peer (the bytes of one UDP
+/// datagram, or of one segment of a GRO train) and decrements its TTL, as
+/// flannel does on this side too. Returns its length: the datagram may
+/// carry padding after the IP packet. A discarded packet is left unchanged.
+pub fn check_inbound(p: &mut [u8]) -> Result<usize, Discard> {
+    let ihl = ipv4_header_len(p).ok_or(Discard::Bad)?;
+    let tot = total_len(p);
+    if tot < ihl || tot > p.len() || !header_checksum_ok(p, ihl) {
+        return Err(Discard::Bad);
+    }
+    if !decrement_ttl(p) {
+        return Err(Discard::TtlExpired);
+    }
+    Ok(tot)
+}
+
+// The accessors below read fixed offsets of the IPv4 header: they need at
+// least 20 bytes, which `ipv4_header_len` returning `Some` guarantees, and
+// panic on less.
+
 /// The total-length field.
 pub fn total_len(pkt: &[u8]) -> usize {
     usize::from(u16::from_be_bytes([pkt[2], pkt[3]]))
@@ -54,7 +83,8 @@ pub fn is_fragment(pkt: &[u8]) -> bool {
     u16::from_be_bytes([pkt[6], pkt[7]]) & 0x3fff != 0
 }
 
-/// Whether the header checksum over the first `ihl` bytes is right.
+/// Whether the header checksum over the first `ihl` bytes is right
+/// (`ihl` as `ipv4_header_len` returns it: within `pkt`).
 pub fn header_checksum_ok(pkt: &[u8], ihl: usize) -> bool {
     checksum::sum(&pkt[..ihl]) == 0xffff
 }

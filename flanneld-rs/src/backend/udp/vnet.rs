@@ -38,8 +38,8 @@ pub struct VnetHdr {
 }
 
 impl VnetHdr {
-    /// Decodes the first [`LEN`] bytes of `b`.
-    pub fn decode(b: &[u8]) -> VnetHdr {
+    /// Decodes a header (an array, so that a short read cannot reach here).
+    pub fn decode(b: &[u8; LEN]) -> VnetHdr {
         let u = |i: usize| u16::from_ne_bytes([b[i], b[i + 1]]);
         VnetHdr { flags: b[0], gso_type: b[1], hdr_len: u(2), gso_size: u(4), csum_start: u(6), csum_offset: u(8) }
     }

@@ -12,8 +12,8 @@ use std::sync::Arc;
 use log::warn;
 
 use super::gro::{Coalescer, Emit, Pkt};
-use super::gso::{self, TcpSuper};
-use super::packet;
+use super::gso::{self, Outbound};
+use super::packet::{self, Discard};
 use super::peers::{PeerCell, PeerView};
 use super::sock::{RxBatch, TxBatch, UdpSocket};
 use super::vnet::{self, VnetHdr};
@@ -242,11 +242,10 @@ impl Worker {
             reads += 1;
             let n = n as usize;
             let (hdr, pkt) = if self.opts.offload {
-                if n < vnet::LEN {
+                let Some((h, p)) = buf[..n].split_first_chunk_mut::<{ vnet::LEN }>() else {
                     self.local.bad += 1;
                     continue;
-                }
-                let (h, p) = buf[..n].split_at_mut(vnet::LEN);
+                };
                 (VnetHdr::decode(h), p)
             } else {
                 (VnetHdr::default(), &mut buf[..n])
@@ -299,14 +298,14 @@ impl Worker {
             while off < r.len {
                 let len = r.seg.min(r.len - off);
                 let p = &mut buf[off..off + len];
-                match inbound_check(p) {
+                match packet::check_inbound(p) {
                     Ok(tot) => {
                         self.local.rx_packets += 1;
                         self.local.rx_bytes += tot as u64;
                         self.inner.push(Pkt { buf: m as u16, off: off as u32, len: tot as u32 });
                     }
-                    Err(Drop::Ttl) => self.local.ttl_expired += 1,
-                    Err(Drop::Bad) => self.local.bad += 1,
+                    Err(Discard::TtlExpired) => self.local.ttl_expired += 1,
+                    Err(Discard::Bad) => self.local.bad += 1,
                 }
                 off += len;
             }
@@ -336,27 +335,6 @@ impl Worker {
     }
 }
 
-/// Why an inner packet from a peer was dropped.
-enum Drop {
-    Bad,
-    Ttl,
-}
-
-/// Checks a packet that arrived from a peer and decrements its TTL, as
-/// flannel does on this side too. Returns its length (the datagram may
-/// carry padding after the IP packet).
-fn inbound_check(p: &mut [u8]) -> Result<usize, Drop> {
-    let ihl = packet::ipv4_header_len(p).ok_or(Drop::Bad)?;
-    let tot = packet::total_len(p);
-    if tot < ihl || tot > p.len() || !packet::header_checksum_ok(p, ihl) {
-        return Err(Drop::Bad);
-    }
-    if !packet::decrement_ttl(p) {
-        return Err(Drop::Ttl);
-    }
-    Ok(tot)
-}
-
 /// Handles one packet read from the TUN: route it to a peer and queue it
 /// (cut into segments when it is a super-packet), or answer it with ICMP
 /// net unreachable, or drop it.
@@ -371,7 +349,7 @@ fn outbound(
     sock: &UdpSocket,
     local: &mut Local,
 ) {
-    let Some(ihl) = packet::ipv4_header_len(pkt) else {
+    if packet::ipv4_header_len(pkt).is_none() {
         // The kernel gives the TUN an IPv6 link-local address and sends
         // router solicitations through it: chatter, not bad traffic.
         if pkt.first().is_some_and(|b| b >> 4 == 6) {
@@ -380,7 +358,7 @@ fn outbound(
             local.bad += 1;
         }
         return;
-    };
+    }
     let Some(peer) = view.table().lookup(packet::dst(pkt)) else {
         local.no_peer += 1;
         let mut icmp = [0u8; packet::ICMP_ERROR_MAX];
@@ -398,42 +376,15 @@ fn outbound(
         }
         return;
     };
-    match hdr.gso_type & !vnet::GSO_ECN {
-        vnet::GSO_NONE => {
-            let tot = packet::total_len(pkt);
-            if tot < ihl || tot > pkt.len() {
-                local.bad += 1;
-                return;
-            }
-            let pkt = &mut pkt[..tot];
-            if hdr.flags & vnet::F_NEEDS_CSUM != 0
-                && !gso::complete_checksum(pkt, usize::from(hdr.csum_start), usize::from(hdr.csum_offset))
-            {
-                local.bad += 1;
-                return;
-            }
-            if !packet::decrement_ttl(pkt) {
-                local.ttl_expired += 1;
-                return;
-            }
+    match gso::prepare_outbound(pkt, hdr) {
+        Ok(Outbound::Single(pkt)) => {
             tx.reserve(sock);
             // SAFETY: `pkt` lives in a TUN buffer that the caller does not
             // reuse before it flushes `tx`.
             unsafe { tx.push(peer, 0, pkt) };
         }
-        vnet::GSO_TCPV4 => {
-            if pkt[8] <= 1 {
-                local.ttl_expired += 1;
-                return;
-            }
-            // Every segment's header checksum is computed afresh below.
-            pkt[8] -= 1;
-            let pkt = &*pkt;
-            let Some(cut) = TcpSuper::parse(pkt, usize::from(hdr.gso_size)) else {
-                local.bad += 1;
-                return;
-            };
-            let hl = cut.header_len();
+        Ok(Outbound::Super(cut)) => {
+            let (hl, pkt) = (cut.header_len(), cut.bytes());
             for i in 0..cut.segments() {
                 tx.reserve(sock);
                 let range = cut.segment(i, tx.header());
@@ -441,7 +392,8 @@ fn outbound(
                 unsafe { tx.push(peer, hl, &pkt[range]) };
             }
         }
-        _ => local.bad += 1,
+        Err(Discard::TtlExpired) => local.ttl_expired += 1,
+        Err(Discard::Bad) => local.bad += 1,
     }
 }
 
