@@ -99,6 +99,27 @@ impl Etcd {
     pub fn stop(&mut self) {
         self.proc.stop();
     }
+
+    /// Kills etcd (SIGKILL): no goodbye to its clients, as in a crash.
+    pub fn kill(&mut self) {
+        drop(std::mem::replace(&mut self.proc, Proc(None)));
+    }
+}
+
+/// etcd's current revision.
+pub fn etcd_revision(ns: &Netns) -> i64 {
+    let out = etcdctl_ok(ns, &["get", "/coreos.com/network/config", "--keys-only", "-w", "json"]);
+    let v: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("etcdctl get -w json: {e}: {out}"));
+    v["header"]["revision"].as_i64().unwrap_or_else(|| panic!("no revision in {v}"))
+}
+
+/// Compacts etcd's history up to its current revision: a watch resumed from
+/// any earlier revision gets "compacted" and must list again. Returns the
+/// revision.
+pub fn etcd_compact(ns: &Netns) -> i64 {
+    let rev = etcd_revision(ns);
+    etcdctl_ok(ns, &["compact", &rev.to_string()]);
+    rev
 }
 
 /// Runs `etcdctl` (v3 API) against [`ETCD`] from inside `ns`.
@@ -205,11 +226,10 @@ impl Overlay {
         self.daemons[i].wrap = wrapper.iter().map(|s| s.to_string()).collect();
     }
 
-    /// Starts the daemon of node `i` and waits for its subnet.env.
-    pub fn start(&mut self, i: usize) {
-        let logp = self.daemons[i].log.clone();
-        let ready_before = std::fs::read_to_string(&logp).unwrap_or_default().matches("INFO  ready:").count();
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(&logp).unwrap();
+    /// Starts the daemon of node `i` without waiting for anything (its log
+    /// is appended to).
+    pub fn spawn(&mut self, i: usize) {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.daemons[i].log).unwrap();
         let d = &self.daemons[i];
         let child = self
             .daemon_command(i)
@@ -220,6 +240,18 @@ impl Overlay {
             .spawn()
             .unwrap();
         self.daemons[i].proc = Proc(Some(child));
+    }
+
+    /// Kills node `i`'s daemon with SIGKILL (and reaps it).
+    pub fn kill(&mut self, i: usize) {
+        drop(std::mem::replace(&mut self.daemons[i].proc, Proc(None)));
+    }
+
+    /// Starts the daemon of node `i` and waits for its subnet.env.
+    pub fn start(&mut self, i: usize) {
+        let logp = self.daemons[i].log.clone();
+        let ready_before = std::fs::read_to_string(&logp).unwrap_or_default().matches("INFO  ready:").count();
+        self.spawn(i);
         let deadline = std::time::Instant::now() + Duration::from_secs(20);
         while std::fs::read_to_string(&logp).unwrap_or_default().matches("INFO  ready:").count() <= ready_before {
             let exited = self.daemons[i].proc.0.as_mut().and_then(|c| c.try_wait().ok().flatten());
