@@ -22,7 +22,8 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use e2e_tests::faults::{ifindex, knob, wait_for, Monitor, Partition, Rng};
-use e2e_tests::overlay::{etcd_compact, etcdctl_ok, leases, Overlay};
+use e2e_tests::kube::{require_kube, KubeOverlay, PREFIX};
+use e2e_tests::overlay::{etcd_compact, etcdctl_ok, leases, Overlay, VtepState};
 use e2e_tests::stream::UdpStream;
 use e2e_tests::{echo_server, tcp_round_trip};
 use netns_fixtures::{require_root, wait_until};
@@ -101,15 +102,26 @@ fn assert_seen_changing(mon: &Monitor, node: usize, net: &str) {
     );
 }
 
-/// The three ways etcd goes away in the outage test.
+/// The three ways the store (etcd, or the API server) goes away in the
+/// outage tests, one per round, in this order.
 #[derive(Debug, Clone, Copy)]
 enum Outage {
-    /// node0 and node1 cut off from etcd (nftables on etcd's host).
+    /// node0 and node1 cut off from it (nftables on its host).
     Partition,
-    /// The same, and etcd killed and restarted during it.
+    /// The same, and the store restarted during it.
     PartitionAndRestart,
-    /// etcd killed (SIGKILL) and restarted, the daemons connected.
+    /// The store restarted while the daemons are connected.
     Restart,
+}
+
+impl Outage {
+    fn of_round(r: u64) -> Outage {
+        [Outage::Partition, Outage::PartitionAndRestart, Outage::Restart][r as usize % 3]
+    }
+
+    fn partitioned(self) -> bool {
+        !matches!(self, Outage::Restart)
+    }
 }
 
 #[test]
@@ -138,10 +150,10 @@ fn etcd_restarted_partitioned_and_compacted_under_traffic_loses_nothing_and_repr
     let mut fake: Option<u8> = None;
 
     for r in 0..rounds {
-        let kind = [Outage::Partition, Outage::PartitionAndRestart, Outage::Restart][r as usize % 3];
+        let kind = Outage::of_round(r);
         let before: Vec<_> = (0..2).map(|i| o.vtep_state(i)).collect();
         let started = Instant::now();
-        let partition = (!matches!(kind, Outage::Restart)).then(|| Partition::tcp(o.outside(), &watched, 2379));
+        let partition = kind.partitioned().then(|| Partition::tcp(o.outside(), &watched, 2379));
         if matches!(kind, Outage::Restart) {
             o.etcd.kill();
             o.etcd.restart(o.cluster.outside().unwrap());
@@ -556,4 +568,137 @@ fn the_underlay_deleted_re_added_and_readdressed_is_followed() {
     assert_eq!(o.vtep_state(0), o.expected_state(0).clone_without(&[&own, "192.0.2.20"]), "node0");
     pods_talk(&a, &b, 9620, "after node0's address changed");
     eprintln!("took {:.1} s", t0.elapsed().as_secs_f64());
+}
+
+/// What node `i` of a Kubernetes-mode overlay must hold, from the Node objects.
+fn kube_expected(ko: &KubeOverlay, i: usize) -> VtepState {
+    ko.o.expected_state_for(i, ko.leases())
+}
+
+/// A Node that flannel (Go) would have annotated, on no host: podCIDR
+/// 10.244.(200+n).0/24, public IP 192.0.2.(50+n).
+fn create_fake_node(ko: &KubeOverlay, n: u8) {
+    let p = |k: &str| format!("{PREFIX}/{k}");
+    let data = format!(r#"{{"VNI":1,"VtepMAC":"02:00:00:00:01:{n:02x}"}}"#);
+    let ip = format!("192.0.2.{}", 50 + u32::from(n));
+    let ann = [
+        (p("backend-data"), data.as_str()),
+        (p("backend-type"), "vxlan"),
+        (p("kube-subnet-manager"), "true"),
+        (p("public-ip"), ip.as_str()),
+    ];
+    let ann: Vec<(&str, &str)> = ann.iter().map(|(k, v)| (k.as_str(), *v)).collect();
+    ko.api.create_node(&format!("fake{n}"), Some(&format!("10.244.{}.0/24", 200 + u32::from(n))), &ann);
+}
+
+#[test]
+fn the_api_server_restarted_partitioned_and_compacted_under_traffic_loses_nothing_and_reprograms_nothing() {
+    if !(require_root() && require_kube()) {
+        return;
+    }
+    let t0 = Instant::now();
+    let outage = Duration::from_secs(knob("FLANNEL_RS_FAULT_OUTAGE_SECS", 20));
+    let rounds = knob("FLANNEL_RS_FAULT_ROUNDS", 3);
+    let mut ko = KubeOverlay::new(3);
+    for i in 0..3 {
+        ko.create_node(i);
+    }
+    ko.o.start_all();
+    for i in 0..3 {
+        ko.wait_converged(i);
+    }
+    let t_setup = t0.elapsed();
+    let (a, _) = ko.o.add_pod(0, "a");
+    let (b, b_addr) = ko.o.add_pod(1, "b");
+    let vtep_index: Vec<_> = (0..2).map(|i| ifindex(&ko.o.cluster.node(i).ns, VTEP).unwrap()).collect();
+    let monitors: Vec<Monitor> = (0..2)
+        .map(|i| Monitor::start(&ko.o.cluster.node(i).ns, &ko.o.dir.path().join(format!("monitor{i}"))))
+        .collect();
+    let stream = UdpStream::start(&a, &b, SocketAddr::new(b_addr.into(), 9700));
+    let watched: Vec<Ipv4Addr> = (0..2).map(|i| ko.o.cluster.node(i).underlay_ip).collect();
+    let port: u16 = ko.api.url.rsplit(':').next().unwrap().parse().unwrap();
+    let net2 = ko.o.subnet(2).network().to_string();
+    let mut node2_up = true;
+    let mut fake: Option<u8> = None;
+
+    for r in 0..rounds {
+        let kind = Outage::of_round(r);
+        let before: Vec<_> = (0..2).map(|i| ko.o.vtep_state(i)).collect();
+        let started = Instant::now();
+        let partition = kind.partitioned().then(|| Partition::tcp(ko.o.outside(), &watched, port));
+        if matches!(kind, Outage::Restart) {
+            // While it is down, etcd moves on (a write of no interest) and is
+            // compacted: the restarted server's watch cache starts after
+            // every version the daemons know, so their watches get 410 Gone.
+            ko.api.stop();
+            etcdctl_ok(ko.o.outside(), &["put", "/flt-faults/bump", &r.to_string()]);
+            etcd_compact(ko.o.outside());
+            ko.api.restart(ko.o.cluster.outside().unwrap());
+        }
+        // The Nodes change meanwhile: node2 leaves (daemon stopped, Node
+        // deleted) or comes back (node2 is not cut off), a flannel-annotated
+        // Node appears and the previous one goes.
+        if node2_up {
+            ko.o.stop(2);
+            ko.api.kubectl_ok(&["delete", "node", &KubeOverlay::node_name(2)]);
+        } else {
+            ko.create_node(2);
+            ko.o.start(2);
+        }
+        node2_up = !node2_up;
+        if let Some(n) = fake.take() {
+            ko.api.kubectl_ok(&["delete", "node", &format!("fake{n}")]);
+        }
+        create_fake_node(&ko, r as u8);
+        fake = Some(r as u8);
+        if matches!(kind, Outage::PartitionAndRestart) {
+            ko.api.stop();
+            etcd_compact(ko.o.outside());
+            ko.api.restart(ko.o.cluster.outside().unwrap());
+        }
+        if let Some(p) = partition {
+            while started.elapsed() < outage {
+                for (i, st) in before.iter().enumerate() {
+                    assert_eq!(&ko.o.vtep_state(i), st, "node{i} changed during the partition ({kind:?})");
+                }
+                std::thread::sleep(outage.saturating_sub(started.elapsed()).min(Duration::from_millis(500)));
+            }
+            p.heal();
+        }
+        let lasted = started.elapsed();
+        let up: Vec<usize> = if node2_up { vec![0, 1, 2] } else { vec![0, 1] };
+        let t = Instant::now();
+        wait_for(CATCH_UP, &format!("round {r} ({kind:?}): every node to catch up"), || {
+            for &i in &up {
+                let (st, want) = (ko.o.vtep_state(i), kube_expected(&ko, i));
+                if st != want {
+                    return Err(format!("node{i} holds {st:?}, the Nodes say {want:?}"));
+                }
+            }
+            Ok(())
+        });
+        let took = t.elapsed();
+        stream.wait_flowing(&format!("traffic after round {r}"));
+        eprintln!(
+            "round {r} ({kind:?}): outage {:.1} s, caught up {:.1} s after it ended",
+            lasted.as_secs_f64(),
+            took.as_secs_f64()
+        );
+    }
+
+    stream.stop_and_check_none_lost("while the API server was partitioned, restarted and compacted");
+    for (i, index) in vtep_index.iter().enumerate() {
+        assert_eq!(ifindex(&ko.o.cluster.node(i).ns, VTEP), Some(*index), "node{i}'s {VTEP} was recreated");
+        let (ok, report) = ko.o.diagnose(i, &[]);
+        assert!(ok, "node{i}: {report}");
+    }
+    assert_untouched(&ko.o, &monitors[0], 0, &[1]);
+    assert_untouched(&ko.o, &monitors[1], 1, &[0]);
+    if rounds >= 2 {
+        for (i, m) in monitors.iter().enumerate() {
+            assert_seen_changing(m, i, &net2);
+            assert_seen_changing(m, i, &fake_net(0));
+        }
+    }
+    eprintln!("took {:.1} s (setup {:.1} s)", t0.elapsed().as_secs_f64(), t_setup.as_secs_f64());
 }
