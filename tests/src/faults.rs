@@ -220,3 +220,56 @@ pub fn wait_for(timeout: Duration, what: &str, mut check: impl FnMut() -> Result
         std::thread::sleep(Duration::from_millis(10));
     }
 }
+
+/// Names created in (or moved into) a directory, as inotify reports them
+/// the moment they appear: a test can act on a file within microseconds of
+/// its creation (kill the process writing it), where polling would miss it.
+pub struct CreateWatch {
+    fd: std::os::fd::OwnedFd,
+}
+
+impl CreateWatch {
+    /// Watches `dir`.
+    pub fn new(dir: &Path) -> CreateWatch {
+        use std::os::fd::FromRawFd;
+        use std::os::unix::ffi::OsStrExt;
+        // SAFETY: plain system calls; the descriptor is checked and then owned.
+        let fd = unsafe { libc::inotify_init1(libc::IN_CLOEXEC | libc::IN_NONBLOCK) };
+        assert!(fd >= 0, "inotify_init1: {}", std::io::Error::last_os_error());
+        // SAFETY: `fd` is a descriptor we just opened and own from here on.
+        let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+        let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).unwrap();
+        use std::os::fd::AsRawFd;
+        // SAFETY: valid descriptor and NUL-terminated path.
+        let wd = unsafe { libc::inotify_add_watch(fd.as_raw_fd(), path.as_ptr(), libc::IN_CREATE | libc::IN_MOVED_TO) };
+        assert!(wd >= 0, "inotify_add_watch {}: {}", dir.display(), std::io::Error::last_os_error());
+        CreateWatch { fd }
+    }
+
+    /// The names that appeared since the last call, waiting up to `timeout`
+    /// for the first one; empty if none came.
+    pub fn next(&self, timeout: Duration) -> Vec<String> {
+        use std::os::fd::AsRawFd;
+        let mut pfd = libc::pollfd { fd: self.fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+        // SAFETY: one valid pollfd.
+        let n = unsafe { libc::poll(&mut pfd, 1, timeout.as_millis().min(i32::MAX as u128) as i32) };
+        if n <= 0 {
+            return Vec::new();
+        }
+        let mut buf = [0u8; 4096];
+        // SAFETY: reading into a buffer of its size.
+        let len = unsafe { libc::read(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+        let mut names = Vec::new();
+        let mut off = 0usize;
+        let header = std::mem::size_of::<libc::inotify_event>();
+        while len > 0 && off + header <= len as usize {
+            // The name's length is the header's last field (u32 after wd, mask, cookie).
+            let name_len = u32::from_ne_bytes(buf[off + 12..off + 16].try_into().unwrap()) as usize;
+            let name = &buf[off + header..off + header + name_len];
+            let end = name.iter().position(|&b| b == 0).unwrap_or(name.len());
+            names.push(String::from_utf8_lossy(&name[..end]).into_owned());
+            off += header + name_len;
+        }
+        names
+    }
+}
