@@ -310,13 +310,15 @@ fn the_daemon_killed_at_random_points_of_start_up_and_reconcile_disturbs_nothing
     // file and its rename leaves it behind: reported here, asserted by the
     // (ignored) test that kills the daemon inside that window on purpose.
     let left = temporary_files(o.dir.path());
+    // Only the two nodes' keys are bound to etcd leases (the fake peers'
+    // are not); more etcd leases are ones a kill left unattached (they
+    // expire after their 24 h TTL). Reported, not asserted.
     let etcd_leases = etcdctl_ok(o.outside(), &["lease", "list"]).lines().count().saturating_sub(1);
     eprintln!(
         "{kills} kills ({got_ready} after the daemon was ready, {changed_while_running} with a lease change while it ran); \
-         start-up to ready: median {:.0} ms; {etcd_leases} etcd leases exist for {} lease keys; \
+         start-up to ready: median {:.0} ms; {etcd_leases} etcd leases for 2 nodes' keys; \
          temporary files left: {left:?}; took {:.1} s",
         startup.get(startup.len() / 2).copied().unwrap_or(f64::NAN),
-        leases(o.outside()).len(),
         t0.elapsed().as_secs_f64()
     );
 }
