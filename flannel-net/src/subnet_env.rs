@@ -243,22 +243,57 @@ impl SubnetEnv {
 
     /// Writes the file atomically (a temporary file in the same directory, then
     /// rename), mode 0644, so a plugin never reads half a file.
+    ///
+    /// Nothing half-written is left: the temporary file is removed when any
+    /// step fails, and the ones an earlier, killed writer of the same file
+    /// left (`.<name>.<pid>.tmp`) are removed first.
     pub fn write_atomic(&self, path: &Path) -> std::io::Result<()> {
         let dir = path.parent().unwrap_or(Path::new("."));
         std::fs::create_dir_all(dir)?;
-        let mut tmp = tempfile_in(dir, path)?;
-        tmp.1.write_all(self.render().as_bytes())?;
-        tmp.1.sync_all()?;
-        std::fs::set_permissions(&tmp.0, std::fs::Permissions::from_mode(0o644))?;
-        std::fs::rename(&tmp.0, path)
+        remove_stale_temporaries(dir, path);
+        let (tmp, mut file) = tempfile_in(dir, path)?;
+        let written = file
+            .write_all(self.render().as_bytes())
+            .and_then(|()| file.sync_all())
+            .and_then(|()| std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o644)))
+            .and_then(|()| std::fs::rename(&tmp, path));
+        if written.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        written
     }
 }
 
-fn tempfile_in(dir: &Path, target: &Path) -> std::io::Result<(PathBuf, std::fs::File)> {
+/// `.<name>.<pid>.tmp`: where [`SubnetEnv::write_atomic`] writes before the rename.
+fn temporary_name(target: &Path, pid: &str) -> String {
     let name = target.file_name().and_then(|n| n.to_str()).unwrap_or("subnet.env");
-    let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
+    format!(".{name}.{pid}.tmp")
+}
+
+fn tempfile_in(dir: &Path, target: &Path) -> std::io::Result<(PathBuf, std::fs::File)> {
+    let tmp = dir.join(temporary_name(target, &std::process::id().to_string()));
     let file = std::fs::File::create(&tmp)?;
     Ok((tmp, file))
+}
+
+/// Removes the temporary files of `target` that writers killed before their
+/// rename left in `dir` (best effort: a file that cannot be removed stays).
+/// Only one writer writes a given file, so any but our own pid's is stale.
+fn remove_stale_temporaries(dir: &Path, target: &Path) {
+    let (prefix, suffix) = {
+        let t = temporary_name(target, "\0");
+        let (p, s) = t.split_once('\0').expect("the marker is in the name");
+        (p.to_string(), s.to_string())
+    };
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let Some(name) = name.to_str() else { continue };
+        let pid = name.strip_prefix(prefix.as_str()).and_then(|r| r.strip_suffix(suffix.as_str()));
+        if pid.is_some_and(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit())) {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
 }
 
 fn parse_list<T: std::str::FromStr>(value: &str) -> Result<Vec<T>, String>
@@ -281,6 +316,27 @@ fn join<T: std::fmt::Display>(items: &[T]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn write_atomic_leaves_no_temporary_file_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        let env = SubnetEnv::parse(Path::new("x"), SAMPLE).unwrap();
+        // A killed writer's leftover, and a file that only looks alike.
+        std::fs::write(dir.path().join(".subnet.env.4242.tmp"), "half").unwrap();
+        std::fs::write(dir.path().join(".subnet.env.mine.tmp"), "keep").unwrap();
+        env.write_atomic(&dir.path().join("subnet.env")).unwrap();
+        let mut names: Vec<String> =
+            std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+        names.sort();
+        assert_eq!(names, [".subnet.env.mine.tmp", "subnet.env"]);
+        // The rename fails (the target is a directory): the error, and no temporary file.
+        std::fs::create_dir(dir.path().join("taken")).unwrap();
+        assert!(env.write_atomic(&dir.path().join("taken")).is_err());
+        assert!(!std::fs::read_dir(dir.path()).unwrap().any(|e| {
+            let n = e.unwrap().file_name().into_string().unwrap();
+            n.starts_with(".taken.") && n.ends_with(".tmp")
+        }));
+    }
 
     const SAMPLE: &str =
         "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.1.1/24\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=true\n";

@@ -61,7 +61,7 @@ where
 {
     let (reader, writer) = reflector::store();
     // Only what policy needs is kept: managed fields are large and unused.
-    let stream = watcher::watcher(api, watcher::Config::default())
+    let stream = watcher::watcher(api, crate::subnet::kube::watch_config())
         .modify(|o: &mut K| {
             o.meta_mut().managed_fields = None;
         })

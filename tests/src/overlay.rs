@@ -117,6 +117,27 @@ impl Etcd {
         // SAFETY: signalling our own child, which has not been reaped.
         assert_eq!(unsafe { libc::kill(pid as i32, sig) }, 0, "signal {sig} to etcd");
     }
+
+    /// Kills etcd (SIGKILL): no goodbye to its clients, as in a crash.
+    pub fn kill(&mut self) {
+        drop(std::mem::replace(&mut self.proc, Proc(None)));
+    }
+}
+
+/// etcd's current revision.
+pub fn etcd_revision(ns: &Netns) -> i64 {
+    let out = etcdctl_ok(ns, &["get", "/coreos.com/network/config", "--keys-only", "-w", "json"]);
+    let v: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("etcdctl get -w json: {e}: {out}"));
+    v["header"]["revision"].as_i64().unwrap_or_else(|| panic!("no revision in {v}"))
+}
+
+/// Compacts etcd's history up to its current revision: a watch resumed from
+/// any earlier revision gets "compacted" and must list again. Returns the
+/// revision.
+pub fn etcd_compact(ns: &Netns) -> i64 {
+    let rev = etcd_revision(ns);
+    etcdctl_ok(ns, &["compact", &rev.to_string()]);
+    rev
 }
 
 /// Runs `etcdctl` (v3 API) against [`ETCD`] from inside `ns`.
@@ -249,6 +270,11 @@ impl Overlay {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&logp).unwrap();
         let child = cmd.stdout(Stdio::null()).stderr(log).spawn().unwrap();
         self.daemons[i].proc = Proc(Some(child));
+    }
+
+    /// Kills node `i`'s daemon with SIGKILL (and reaps it).
+    pub fn kill(&mut self, i: usize) {
+        drop(std::mem::replace(&mut self.daemons[i].proc, Proc(None)));
     }
 
     /// Waits until node `i`'s daemon, started since the last call of

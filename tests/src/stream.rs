@@ -11,12 +11,14 @@ use std::time::Duration;
 use flannel_net::netns::NetNs;
 use netns_fixtures::{wait_until, Netns};
 
-/// A running stream.
+/// A running stream. Dropped without [`UdpStream::stop_and_check_none_lost`]
+/// (a test that failed first), it stops sending, so that its thread does not
+/// fail on the namespaces going away.
 pub struct UdpStream {
     stop: Arc<AtomicBool>,
     received: Arc<AtomicUsize>,
-    sender: JoinHandle<u32>,
-    receiver: JoinHandle<BTreeSet<u32>>,
+    sender: Option<JoinHandle<u32>>,
+    receiver: Option<JoinHandle<BTreeSet<u32>>>,
 }
 
 impl UdpStream {
@@ -33,7 +35,11 @@ impl UdpStream {
             std::thread::spawn(move || {
                 let mut seq: u32 = 0;
                 while !stop.load(Ordering::Relaxed) {
-                    tx.send_to(&seq.to_be_bytes(), target).unwrap();
+                    if let Err(e) = tx.send_to(&seq.to_be_bytes(), target) {
+                        // Only while the test is being torn down after a failure.
+                        assert!(stop.load(Ordering::Relaxed), "send datagram {seq}: {e}");
+                        break;
+                    }
                     seq += 1;
                     std::thread::sleep(Duration::from_millis(2));
                 }
@@ -59,7 +65,7 @@ impl UdpStream {
                 got
             })
         };
-        let s = UdpStream { stop, received, sender, receiver };
+        let s = UdpStream { stop, received, sender: Some(sender), receiver: Some(receiver) };
         s.wait_flowing("traffic to flow");
         s
     }
@@ -76,10 +82,10 @@ impl UdpStream {
     }
 
     /// Stops; panics unless every datagram sent arrived.
-    pub fn stop_and_check_none_lost(self, what: &str) {
+    pub fn stop_and_check_none_lost(mut self, what: &str) {
         self.stop.store(true, Ordering::Relaxed);
-        let sent = self.sender.join().unwrap();
-        let got = self.receiver.join().unwrap();
+        let sent = self.sender.take().unwrap().join().unwrap();
+        let got = self.receiver.take().unwrap().join().unwrap();
         assert!(sent > 100, "only {sent} datagrams sent");
         let missing: Vec<u32> = (0..sent).filter(|s| !got.contains(s)).collect();
         assert!(
@@ -88,5 +94,11 @@ impl UdpStream {
             missing.len(),
             &missing[..missing.len().min(20)]
         );
+    }
+}
+
+impl Drop for UdpStream {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
     }
 }

@@ -34,6 +34,19 @@ use super::{Backoff, StoreError};
 use crate::config::NetworkConfig;
 use crate::lease::{Lease, LeaseAttrs, LeaseEvent, LeaseSet};
 
+/// How long the API server keeps one of our watches open
+/// (`timeoutSeconds`) before we watch again; below [`READ_TIMEOUT`].
+pub const WATCH_TIMEOUT: Duration = Duration::from_secs(45);
+
+/// How long a response may stay silent before its connection counts as dead.
+pub const READ_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The watch settings of every watch the daemon keeps (Nodes here, and the
+/// NetworkPolicy agent's): the server ends each within [`WATCH_TIMEOUT`].
+pub fn watch_config() -> watcher::Config {
+    watcher::Config::default().timeout(WATCH_TIMEOUT.as_secs() as u32)
+}
+
 /// How to reach the API server and which node we are.
 #[derive(Debug, Clone, Default)]
 pub struct KubeOptions {
@@ -127,9 +140,11 @@ pub async fn client_config(opts: &KubeOptions) -> Result<Config, StoreError> {
     if let Some(u) = url {
         config.cluster_url = u;
     }
-    // A watch that the server keeps open longer than this is idle anyway; a
-    // dead connection must not hang the daemon forever.
-    config.read_timeout = Some(Duration::from_secs(330));
+    // A connection that went dead (a partition, a server restarted meanwhile)
+    // sends no FIN and no RST: without this, a watch on it would wait for
+    // TCP's retransmissions to give up, minutes. Watches end on the server's
+    // side within WATCH_TIMEOUT, so an answer idle for longer is dead.
+    config.read_timeout = Some(READ_TIMEOUT);
     Ok(config)
 }
 
@@ -300,7 +315,7 @@ impl KubeSubnetManager {
         tokio::spawn(async move {
             let mut watch = NodeWatch::default();
             let mut listing: Option<BTreeMap<String, NodeLease>> = None;
-            let stream = watcher::watcher(api, watcher::Config::default()).backoff(Backoff::default());
+            let stream = watcher::watcher(api, watch_config()).backoff(Backoff::default());
             let mut stream = std::pin::pin!(stream);
             while let Some(ev) = stream.next().await {
                 let changed = match ev {
