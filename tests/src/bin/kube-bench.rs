@@ -152,6 +152,10 @@ fn main() {
     let (ns0, ns1) = (ko.o.cluster.node(0).ns.path(), ko.o.cluster.node(1).ns.path());
     let outside = ko.o.outside().path();
     let new = args.new;
+    // The etcd-mode node took a free subnet, which is often the first one
+    // after the peers' block, where the new peers go: skip the subnets the
+    // two nodes hold.
+    let held = [ko.o.subnet(0), ko.o.subnet(1)];
     let (kube_lat, etcd_lat) = NetNs::open(&outside)
         .unwrap()
         .run(move || {
@@ -163,8 +167,7 @@ fn main() {
                 let (nl0, idx0) = node_netlink(&ns0).await;
                 let (nl1, idx1) = node_netlink(&ns1).await;
                 let (mut k, mut e) = (Vec::new(), Vec::new());
-                for j in 0..new {
-                    let i = n + j;
+                for i in (n..).filter(|i| !held.contains(&peer(*i).0)).take(new) {
                     let probe = IpAddr::V4(Ipv4Addr::from(u32::from(peer(i).0.network()) + 5));
                     api.create(&PostParams::default(), &peer_node(i)).await.expect("create Node");
                     k.push(route_appears(&nl0, idx0, probe, Instant::now()).await);
