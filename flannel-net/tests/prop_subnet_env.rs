@@ -5,7 +5,6 @@
 //! Each property runs `PROPTEST_CASES` cases (256 unless set; `scripts/fuzz.sh`
 //! sets it high) and prints `proptest <name>: <n> cases passed`.
 
-use std::cell::Cell;
 use std::fmt::Debug;
 use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::Path;
@@ -13,76 +12,11 @@ use std::path::Path;
 use flannel_net::subnet_env::{keys, SubnetEnvError};
 use flannel_net::SubnetEnv;
 use ipnet::{Ipv4Net, Ipv6Net};
+use netns_fixtures::prop::{cases, check, check_n};
 use proptest::prelude::*;
 use proptest::sample::select;
-use proptest::test_runner::{Config, TestError, TestRunner};
 
 const PATH: &str = "/run/flannel/subnet.env";
-
-/// Cases per property: `PROPTEST_CASES` when set, else 256.
-fn cases() -> u32 {
-    std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(256)
-}
-
-/// Runs `test` on [`cases`] values of `strategy`.
-fn check<S>(name: &str, strategy: S, test: impl Fn(S::Value) -> Result<(), TestCaseError>)
-where
-    S: Strategy,
-    S::Value: Clone + Debug,
-{
-    check_n(name, cases(), strategy, test)
-}
-
-/// Runs `test` on `cases` values of `strategy`; a failure panics with the
-/// shrunk input, a pass prints `proptest <name>: <n> cases passed`.
-fn check_n<S>(name: &str, cases: u32, strategy: S, test: impl Fn(S::Value) -> Result<(), TestCaseError>)
-where
-    S: Strategy,
-    S::Value: Clone + Debug,
-{
-    // Findings become named regression tests, not proptest-regressions files.
-    let mut runner = TestRunner::new(Config { cases, failure_persistence: None, ..Config::default() });
-    let passed = Cell::new(0u32);
-    match runner.run(&strategy, |v| {
-        test(v)?;
-        passed.set(passed.get() + 1);
-        Ok(())
-    }) {
-        Ok(()) => eprintln!("proptest {name}: {} cases passed", passed.get()),
-        Err(TestError::Fail(why, minimal)) => {
-            // proptest keeps its last failing shrink step's reason, which
-            // need not be the minimal input's: ask the minimal one.
-            let why = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| test(minimal.clone()))) {
-                Ok(Err(e)) => e.to_string(),
-                Ok(Ok(())) => format!("{why} (passes when run again: flaky?)"),
-                Err(panic) => {
-                    let msg =
-                        panic.downcast_ref::<String>().map(String::as_str).or(panic.downcast_ref::<&str>().copied());
-                    format!("panicked: {}", msg.unwrap_or("(not a string)"))
-                }
-            };
-            panic!("proptest {name}: failed: {why}\nminimal failing input: {}", shown(name, &minimal))
-        }
-        Err(TestError::Abort(why)) => panic!("proptest {name}: aborted: {why}"),
-    }
-}
-
-/// `value` for a failure message: whole when short; else its start, and
-/// all of it in a file under the target directory (a 64 KB packet shown
-/// byte by byte would bury the message).
-fn shown(name: &str, value: &impl Debug) -> String {
-    let text = format!("{value:?}");
-    if text.len() <= 4000 {
-        return format!("{value:#?}");
-    }
-    let path = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("{name}.minimal.txt"));
-    let saved = match std::fs::write(&path, &text) {
-        Ok(()) => format!("all of it in {}", path.display()),
-        Err(e) => format!("could not save it to {}: {e}", path.display()),
-    };
-    let cut = (0..=2000).rev().find(|&i| text.is_char_boundary(i)).unwrap_or(0);
-    format!("{} ... ({} characters; {saved})", &text[..cut], text.len())
-}
 
 fn parse(text: &str) -> Result<SubnetEnv, SubnetEnvError> {
     SubnetEnv::parse(Path::new(PATH), text)

@@ -6,45 +6,19 @@
 //! Each property runs `PROPTEST_CASES` cases (default 256) and prints how
 //! many it ran.
 
-use std::cell::Cell;
-use std::fmt::Debug;
 use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::Path;
 
 use flannel_net::subnet_env::{SubnetEnv, SubnetEnvError};
 use ipnet::{Ipv4Net, Ipv6Net};
+use netns_fixtures::prop::check;
 use proptest::prelude::*;
-use proptest::test_runner::{Config, TestCaseError, TestError, TestRunner};
+use proptest::test_runner::TestCaseError;
 
 #[global_allocator]
 static ALLOC: netns_fixtures::CountingAlloc = netns_fixtures::CountingAlloc;
 
 const PATH: &str = "/run/flannel/subnet.env";
-
-fn cases() -> u32 {
-    std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(256)
-}
-
-/// Runs `test` on [`cases`] values of `strategy`; on failure panics with the
-/// shrunk input; on success prints how many cases ran.
-fn check<S>(name: &str, strategy: S, test: impl Fn(S::Value) -> Result<(), TestCaseError>)
-where
-    S: Strategy,
-    S::Value: Debug,
-{
-    let config = Config { cases: cases(), failure_persistence: None, ..Config::default() };
-    let mut runner = TestRunner::new(config);
-    let ran = Cell::new(0u32);
-    let result = runner.run(&strategy, |v| {
-        ran.set(ran.get() + 1);
-        test(v)
-    });
-    match result {
-        Ok(()) => eprintln!("property {name}: {} cases passed", ran.get()),
-        Err(TestError::Fail(why, input)) => panic!("property {name} failed: {why}\nminimal input: {input:?}"),
-        Err(TestError::Abort(why)) => panic!("property {name} aborted: {why}"),
-    }
-}
 
 const KEYS: &[&str] = &[
     "FLANNEL_NETWORK",

@@ -41,6 +41,9 @@ pub use cluster::{single_node, Cluster, Node, MAX_NODES};
 pub use netns::Netns;
 pub use traffic::{echo_server, tcp_round_trip};
 
+#[cfg(feature = "proptest")]
+pub mod prop;
+
 /// Prefix of every namespace this crate creates; cleanup only ever touches
 /// names that start with it.
 pub const PREFIX: &str = "flt-";
