@@ -228,6 +228,9 @@ impl KubeSubnetManager {
     /// for every 30 seconds.
     pub async fn wait_for_pod_cidr(&self) -> Result<(Node, String), StoreError> {
         let mut said = false;
+        // An API server that refuses connections fails both requests at
+        // once: without a pause between tries this loop would spin.
+        let mut backoff = Backoff::default();
         loop {
             match self.nodes.get_opt(&self.node_name).await {
                 Ok(Some(n)) => {
@@ -236,7 +239,12 @@ impl KubeSubnetManager {
                     }
                 }
                 Ok(None) => {}
-                Err(e) => warn!("get node {}: {e}", self.node_name),
+                Err(e) => {
+                    let wait = backoff.next_delay();
+                    warn!("get node {}: {e}; trying again in {wait:?}", self.node_name);
+                    tokio::time::sleep(wait).await;
+                    continue;
+                }
             }
             if !said {
                 info!(
@@ -248,8 +256,15 @@ impl KubeSubnetManager {
             }
             let cond = |n: Option<&Node>| n.is_some_and(|n| pod_cidr(n).is_some());
             let waited = kube::runtime::wait::await_condition(self.nodes.clone(), &self.node_name, cond);
-            if tokio::time::timeout(Duration::from_secs(30), waited).await.is_err() {
-                said = false;
+            match tokio::time::timeout(Duration::from_secs(30), waited).await {
+                // Say again what we wait for.
+                Err(_) => said = false,
+                Ok(Ok(_)) => backoff.reset(),
+                Ok(Err(e)) => {
+                    let wait = backoff.next_delay();
+                    warn!("watch node {}: {e}; trying again in {wait:?}", self.node_name);
+                    tokio::time::sleep(wait).await;
+                }
             }
         }
     }
