@@ -145,11 +145,6 @@ impl LeaseSet {
         self.0.remove(source).is_some()
     }
 
-    /// The lease from `source`.
-    pub fn get(&self, source: &str) -> Option<&Lease> {
-        self.0.get(source)
-    }
-
     /// Every lease, in the order of their sources.
     pub fn iter(&self) -> impl Iterator<Item = &Lease> + '_ {
         self.0.values()

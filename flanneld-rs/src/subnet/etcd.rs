@@ -905,11 +905,6 @@ impl EtcdStore {
         Ok(EtcdStore { mgr: EtcdSubnetManager::connect(opts).await?, acquired: None, retry_at: None })
     }
 
-    /// The lease taken by [`LeaseStore::acquire`].
-    pub fn acquired(&self) -> Option<&AcquiredLease> {
-        self.acquired.as_ref()
-    }
-
     fn not_acquired() -> StoreError {
         StoreError::Invalid("no lease acquired yet".into())
     }

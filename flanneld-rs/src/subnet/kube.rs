@@ -465,11 +465,6 @@ impl KubeStore {
         self
     }
 
-    /// The manager.
-    pub fn manager(&self) -> &KubeSubnetManager {
-        &self.mgr
-    }
-
     /// Our Node with its podCIDR: waited for once (unless
     /// [`KubeStore::without_waiting`]), then as read.
     async fn own_node(&mut self) -> Result<(Node, Option<String>), StoreError> {
