@@ -49,9 +49,12 @@ pub async fn observe(nl: &Netlink, device: Option<&str>, sweep: Sweep, cluster: 
         .into_iter()
         .filter(|r| (r.oif == Some(index) && matches!(r.dst, IpNet::V4(_))) || direct(r))
         .collect();
-    // A TUN has no neighbours or FDB; the dumps are cheap and keep one path.
-    let neighs = nl.neighs(index).await?;
-    let fdbs = nl.fdbs(index).await?;
+    // A TUN has no neighbours or FDB entries: two dumps per reconcile saved.
+    let (neighs, fdbs) = if link.kind.as_deref() == Some("tun") {
+        (Vec::new(), Vec::new())
+    } else {
+        (nl.neighs(index).await?, nl.fdbs(index).await?)
+    };
     Ok(Observed { device: Some(link), addrs, routes, neighs, fdbs })
 }
 
