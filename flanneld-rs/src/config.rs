@@ -27,6 +27,9 @@ pub struct NetworkConfig {
     pub ipv6_network: Option<Ipv6Net>,
     /// `EnableIPv6`.
     pub enable_ipv6: bool,
+    /// `EnableNFTables`: masquerade and forward rules in flannel's nftables
+    /// tables instead of its iptables chains.
+    pub enable_nftables: bool,
     /// The backend and its options.
     pub backend: BackendConfig,
 }
@@ -84,8 +87,17 @@ pub struct ConfigError {
 }
 
 /// Top-level fields, as flannel spells them.
-const ROOT_FIELDS: &[&str] =
-    &["Network", "SubnetLen", "SubnetMin", "SubnetMax", "IPv6Network", "EnableIPv4", "EnableIPv6", "Backend"];
+const ROOT_FIELDS: &[&str] = &[
+    "Network",
+    "SubnetLen",
+    "SubnetMin",
+    "SubnetMax",
+    "IPv6Network",
+    "EnableIPv4",
+    "EnableIPv6",
+    "EnableNFTables",
+    "Backend",
+];
 
 /// Fields of `Backend`, any type's.
 const BACKEND_FIELDS: &[&str] = &["Type", "VNI", "Port", "MTU", "GBP", "Learning", "DirectRouting"];
@@ -148,6 +160,7 @@ impl NetworkConfig {
 
         let enable_ipv4 = get_bool(&f, "enableipv4", "EnableIPv4", true)?;
         let enable_ipv6 = get_bool(&f, "enableipv6", "EnableIPv6", false)?;
+        let enable_nftables = get_bool(&f, "enablenftables", "EnableNFTables", false)?;
         if !enable_ipv4 {
             return Err(err("EnableIPv4 false (IPv6-only clusters) is not supported yet".into()));
         }
@@ -236,7 +249,16 @@ impl NetworkConfig {
                 return Err(err(format!("Backend.Type {other:?} is not one of vxlan, udp, host-gw")));
             }
         };
-        Ok(NetworkConfig { network, subnet_len, subnet_min, subnet_max, ipv6_network, enable_ipv6, backend })
+        Ok(NetworkConfig {
+            network,
+            subnet_len,
+            subnet_min,
+            subnet_max,
+            ipv6_network,
+            enable_ipv6,
+            enable_nftables,
+            backend,
+        })
     }
 
     /// Every subnet that may be leased, in order. Lazy (a /0 Network holds
@@ -283,6 +305,8 @@ mod tests {
             })
         );
         assert_eq!(c.subnets().count(), 255);
+        assert!(!c.enable_nftables);
+        assert!(parse(r#"{"Network":"10.244.0.0/16","enableNFTables":true}"#).unwrap().enable_nftables);
         // A small network gets prefix+2.
         let c = parse(r#"{"Network":"10.5.0.0/24"}"#).unwrap();
         assert_eq!(c.subnet_len, 26);
@@ -339,6 +363,7 @@ mod tests {
                 "Backend.DirectRouting \"yes\"",
             ),
             (r#"{"Network":"10.244.0.0/16","EnableIPv6":true}"#, "IPv6Network is missing"),
+            (r#"{"Network":"10.244.0.0/16","EnableNFTables":"yes"}"#, "EnableNFTables \"yes\""),
             // Found by tests/prop_parsers (net_conf_near_valid): the default
             // SubnetLen (prefix+2) was blamed for a Network too small.
             (r#"{"network":"0.0.0.0/29"}"#, "Network 0.0.0.0/29 is too small"),

@@ -15,11 +15,11 @@ use log::info;
 
 use crate::backend::{self, Backend};
 use crate::config::NetworkConfig;
-use crate::firewall::{self, FirewallSpec};
+use crate::firewall::FirewallSpec;
 use crate::flags::Opts;
 use crate::health::{self, Metrics};
 use crate::iface::{self, ExtIface};
-use crate::reconcile::driver::{apply_firewall, Driver, Node, Timers};
+use crate::reconcile::driver::{setup_firewall, Driver, Node, Timers};
 use crate::subnet::etcd::{EtcdOptions, EtcdStore};
 use crate::subnet::kube::{KubeOptions, KubeStore};
 use crate::subnet::LeaseStore;
@@ -134,7 +134,7 @@ async fn run_with(opts: Opts, mut store: impl LeaseStore, metrics: Arc<Metrics>)
     let t_lease = started.elapsed();
 
     backend::remove_leftover_devices(&nl, &backend, cfg.network).await;
-    let fw = FirewallSpec::from_opts(&opts, cfg.network, own.subnet);
+    let fw = FirewallSpec::from_opts(&opts, &cfg, own.subnet);
     let timers = Timers {
         resync: Duration::from_secs(opts.iptables_resync.max(1)),
         renew_margin: Duration::from_secs(u64::from(opts.subnet_lease_renew_margin) * 60),
@@ -150,7 +150,9 @@ async fn run_with(opts: Opts, mut store: impl LeaseStore, metrics: Arc<Metrics>)
         .map_err(|e| anyhow::anyhow!("enable IPv4 forwarding: {e}"))?;
     let env = subnet_env(&cfg, subnet, pod_mtu, opts.ip_masq);
     env.write_atomic(&opts.subnet_file).with_context(|| format!("write {}", opts.subnet_file.display()))?;
-    apply_firewall(fw).await.map_err(|e| anyhow::anyhow!("nftables table {}: {e}", firewall::TABLE))?;
+    for done in setup_firewall(fw).await.map_err(|e| anyhow::anyhow!("{}: {e}", fw.describe()))? {
+        info!("firewall: {done}");
+    }
     driver.store_mut().node_ready(opts.set_node_network_unavailable).await?;
     if opts.network_policy {
         let (client, node_name) =

@@ -179,18 +179,30 @@ async fn run_with(opts: &Opts, json_out: bool, mut store: impl LeaseStore) -> an
         }
         Err(e) => findings.push(Finding { kind: "missing", what: e.to_string(), fix: "start flanneld-rs".into() }),
     }
-    let fw = FirewallSpec::from_opts(opts, cfg.network, own.subnet);
-    if (fw.masquerade || fw.forward) && !firewall::present(&fw).unwrap_or(false) {
-        findings.push(Finding {
+    let fw = FirewallSpec::from_opts(opts, &cfg, own.subnet);
+    match firewall::check(&fw) {
+        Ok(problems) => findings.extend(problems.into_iter().map(|p| Finding {
+            kind: p.kind,
+            what: p.what,
+            fix: "flanneld-rs rewrites its rules every --iptables-resync seconds; is it running?".into(),
+        })),
+        Err(e) => findings.push(Finding {
             kind: "missing",
-            what: format!(
-                "nftables table ip {} is missing or lacks its rules, or iptables' FORWARD chain lacks our accept \
-                 rules (comment {:?})",
-                firewall::TABLE,
-                firewall::FORWARD_COMMENT
-            ),
-            fix: "flanneld-rs re-asserts it every --iptables-resync seconds; is it running?".into(),
-        });
+            what: format!("cannot read the {}: {e}", fw.describe()),
+            fix: "install the tool named (Debian's iptables or nftables package)".into(),
+        }),
+    }
+    match firewall::leftovers(&fw) {
+        Ok(problems) => findings.extend(problems.into_iter().map(|p| Finding {
+            kind: p.kind,
+            what: p.what,
+            fix: "flanneld-rs removes it at start".into(),
+        })),
+        Err(e) => findings.push(Finding {
+            kind: "note",
+            what: format!("cannot look for leftover rules: {e}"),
+            fix: "install the tool named".into(),
+        }),
     }
     if std::fs::read_to_string(flannel_net::host::IPV4_FORWARD).map(|v| v.trim() != "1").unwrap_or(true) {
         findings.push(Finding {

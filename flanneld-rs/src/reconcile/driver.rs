@@ -352,8 +352,14 @@ impl<S: LeaseStore> Driver<S> {
                     self.reconcile("periodic").await
                 }
                 _ = resync.tick() => {
-                    if let Err(e) = apply_firewall(self.fw).await {
-                        error!("re-assert nftables table {}: {e}", firewall::TABLE);
+                    match ensure_firewall(self.fw).await {
+                        Ok(fixed) if fixed.is_empty() => {}
+                        Ok(fixed) => {
+                            for p in fixed {
+                                warn!("firewall: {} ({}); rewritten", p.what, p.kind);
+                            }
+                        }
+                        Err(e) => error!("re-assert the {}: {e}", self.fw.describe()),
                     }
                 }
                 _ = tokio::time::sleep(renew_in.unwrap_or(NEVER)), if renew_in.is_some() => {
@@ -391,10 +397,19 @@ fn log_ops(ops: &[plan::Op], why: &str) {
     }
 }
 
-/// [`firewall::apply`] runs `nft` (twice, with iptables' FORWARD chain):
+/// [`firewall::setup`] runs `iptables-save`, `iptables-restore` and `nft`:
 /// on the blocking pool, not on a runtime worker.
-pub async fn apply_firewall(fw: FirewallSpec) -> Result<(), String> {
-    tokio::task::spawn_blocking(move || firewall::apply(&fw)).await.unwrap_or_else(|e| Err(format!("nft task: {e}")))
+pub async fn setup_firewall(fw: FirewallSpec) -> Result<Vec<String>, String> {
+    tokio::task::spawn_blocking(move || firewall::setup(&fw))
+        .await
+        .unwrap_or_else(|e| Err(format!("firewall task: {e}")))
+}
+
+/// [`firewall::ensure`], on the blocking pool.
+pub async fn ensure_firewall(fw: FirewallSpec) -> Result<Vec<firewall::Problem>, String> {
+    tokio::task::spawn_blocking(move || firewall::ensure(&fw))
+        .await
+        .unwrap_or_else(|e| Err(format!("firewall task: {e}")))
 }
 
 /// Whether a kernel notification is about our device, or about a route

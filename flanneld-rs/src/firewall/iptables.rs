@@ -1,0 +1,428 @@
+//! flannel v0.20.2's iptables objects, as data: the lines `iptables-save`
+//! prints for them, golden-tested, and the `iptables-restore --noflush`
+//! payload that makes the node match them in one transaction.
+//!
+//! flannel v0.20.2 makes, for cluster network N and node subnet P:
+//!
+//! ```text
+//! *nat
+//! -A POSTROUTING -m comment --comment "flanneld masq" -j FLANNEL-POSTRTG      (inserted first)
+//! -A FLANNEL-POSTRTG -m mark --mark 0x4000/0x4000 -m comment --comment "flanneld masq" -j RETURN
+//! -A FLANNEL-POSTRTG -s N -d N -m comment --comment "flanneld masq" -j RETURN
+//! -A FLANNEL-POSTRTG -s N ! -d 224.0.0.0/4 -m comment --comment "flanneld masq" -j MASQUERADE --random-fully
+//! -A FLANNEL-POSTRTG ! -s N -d P -m comment --comment "flanneld masq" -j RETURN
+//! -A FLANNEL-POSTRTG ! -s N -d N -m comment --comment "flanneld masq" -j MASQUERADE --random-fully
+//! *filter
+//! -A FORWARD -m comment --comment "flanneld forward" -j FLANNEL-FWD            (inserted first)
+//! -A FLANNEL-FWD -s N -m comment --comment "flanneld forward" -j ACCEPT
+//! -A FLANNEL-FWD -d N -m comment --comment "flanneld forward" -j ACCEPT
+//! ```
+//!
+//! flannel flushes its chain, then inserts the jump and appends the rules
+//! in a second step (a moment without masquerade); here the flush (a
+//! `:CHAIN` line, which under `--noflush` empties an existing chain), the
+//! jump and the rules are one payload. flannel's resync only asks whether
+//! each rule exists; ours compares the chain's whole content and order.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::process::{Command, Stdio};
+
+use super::{FirewallSpec, Problem};
+
+/// Our chain in table nat.
+pub const POSTRTG: &str = "FLANNEL-POSTRTG";
+/// Our chain in table filter.
+pub const FWD: &str = "FLANNEL-FWD";
+/// The comment on every masquerade rule (flannel's).
+pub const MASQ_COMMENT: &str = "flanneld masq";
+/// The comment on every forward rule (flannel's).
+pub const FWD_COMMENT: &str = "flanneld forward";
+/// kube-proxy's masquerade mark (flannel leaves marked packets to it).
+const KUBE_PROXY_MARK: &str = "0x4000/0x4000";
+
+/// One of our chains, and the built-in chain whose top jumps to it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Hook {
+    table: &'static str,
+    builtin: &'static str,
+    chain: &'static str,
+    comment: &'static str,
+}
+
+const MASQ: Hook = Hook { table: "nat", builtin: "POSTROUTING", chain: POSTRTG, comment: MASQ_COMMENT };
+const FORWARD: Hook = Hook { table: "filter", builtin: "FORWARD", chain: FWD, comment: FWD_COMMENT };
+
+impl Hook {
+    /// The jump's match and target (what follows `-A <builtin>`).
+    fn jump_spec(&self) -> String {
+        format!("-m comment --comment \"{}\" -j {}", self.comment, self.chain)
+    }
+    /// The jump as `iptables-save` prints it.
+    fn jump(&self) -> String {
+        format!("-A {} {}", self.builtin, self.jump_spec())
+    }
+    /// A rule of our chain as `iptables-save` prints it.
+    fn rule(&self, matches: &str, target: &str) -> String {
+        let sep = if matches.is_empty() { "" } else { " " };
+        format!("-A {}{sep}{matches} -m comment --comment \"{}\" -j {target}", self.chain, self.comment)
+    }
+}
+
+/// The rules of `FLANNEL-POSTRTG`, in flannel's order.
+pub fn masq_rules(s: &FirewallSpec) -> Vec<String> {
+    let (n, p) = (s.network, s.subnet);
+    let masq = if s.fully_random { "MASQUERADE --random-fully" } else { "MASQUERADE" };
+    vec![
+        // kube-proxy masquerades what it marked: no second NAT.
+        MASQ.rule(&format!("-m mark --mark {KUBE_PROXY_MARK}"), "RETURN"),
+        // Within the cluster network the source stays.
+        MASQ.rule(&format!("-s {n} -d {n}"), "RETURN"),
+        // Pods leaving the cluster network, except to multicast.
+        MASQ.rule(&format!("-s {n} ! -d 224.0.0.0/4"), masq),
+        // Outsiders reaching our own pods keep their address.
+        MASQ.rule(&format!("! -s {n} -d {p}"), "RETURN"),
+        // Anything else from outside the network into it (the host's own traffic).
+        MASQ.rule(&format!("! -s {n} -d {n}"), masq),
+    ]
+}
+
+/// The rules of `FLANNEL-FWD`, in flannel's order.
+pub fn forward_rules(s: &FirewallSpec) -> Vec<String> {
+    let n = s.network;
+    vec![FORWARD.rule(&format!("-s {n}"), "ACCEPT"), FORWARD.rule(&format!("-d {n}"), "ACCEPT")]
+}
+
+/// The spec with both features off: every chain of ours is to go.
+pub fn nothing(s: &FirewallSpec) -> FirewallSpec {
+    FirewallSpec { masquerade: false, forward: false, ..*s }
+}
+
+/// One table as `iptables-save -t <table>` prints it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SavedTable {
+    /// Every chain declared (built-in and user-defined).
+    pub chains: Vec<String>,
+    /// Each chain's rules (`-A CHAIN ...` lines), in order.
+    pub rules: BTreeMap<String, Vec<String>>,
+}
+
+/// Parses `iptables-save` output: table name -> its chains and rules.
+pub fn parse_save(text: &str) -> BTreeMap<String, SavedTable> {
+    let mut out: BTreeMap<String, SavedTable> = BTreeMap::new();
+    let mut table = String::new();
+    for line in text.lines().map(str::trim_end) {
+        if let Some(t) = line.strip_prefix('*') {
+            table = t.to_string();
+            out.entry(table.clone()).or_default();
+        } else if let Some(decl) = line.strip_prefix(':') {
+            let name = decl.split_whitespace().next().unwrap_or_default().to_string();
+            out.entry(table.clone()).or_default().chains.push(name);
+        } else if let Some(rest) = line.strip_prefix("-A ") {
+            let chain = rest.split_whitespace().next().unwrap_or_default().to_string();
+            out.entry(table.clone()).or_default().rules.entry(chain).or_default().push(line.to_string());
+        }
+    }
+    out
+}
+
+/// What [`plan`] found and the payload that fixes it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Plan {
+    /// The differences.
+    pub problems: Vec<Problem>,
+    /// The `iptables-restore --noflush` input, when anything is to be written.
+    pub restore: Option<String>,
+}
+
+/// Compares the node's tables (`have`, from [`parse_save`]) with what `s`
+/// asks for; with `force` the payload rewrites the wanted chains even when
+/// they are right (start-up, as flannel's bootstrap).
+pub fn plan(s: &FirewallSpec, have: &BTreeMap<String, SavedTable>, force: bool) -> Plan {
+    let empty = SavedTable::default();
+    let mut out = Plan::default();
+    let mut payload = String::new();
+    for (hook, want) in [(MASQ, s.masquerade.then(|| masq_rules(s))), (FORWARD, s.forward.then(|| forward_rules(s)))] {
+        let t = have.get(hook.table).unwrap_or(&empty);
+        let problems = hook_problems(&hook, want.as_deref(), t);
+        let rewrite = !problems.is_empty() || (force && want.is_some());
+        out.problems.extend(problems);
+        if rewrite {
+            payload += &hook_payload(&hook, want.as_deref(), t);
+        }
+    }
+    if !payload.is_empty() {
+        out.restore = Some(payload);
+    }
+    out
+}
+
+fn hook_problems(h: &Hook, want: Option<&[String]>, t: &SavedTable) -> Vec<Problem> {
+    let where_ = format!("(table {})", h.table);
+    let exists = t.chains.iter().any(|c| c == h.chain);
+    let jumps = t.rules.get(h.builtin).map(|r| r.iter().filter(|l| **l == h.jump()).count()).unwrap_or(0);
+    let have: &[String] = t.rules.get(h.chain).map(Vec::as_slice).unwrap_or(&[]);
+    let Some(want) = want else {
+        return if exists {
+            vec![Problem::stale(format!("iptables chain {} {where_} is there, but its feature is off", h.chain))]
+        } else {
+            Vec::new()
+        };
+    };
+    let mut out = Vec::new();
+    if !exists {
+        out.push(Problem::missing(format!("iptables chain {} {where_} is missing", h.chain)));
+    }
+    match jumps {
+        0 => out.push(Problem::missing(format!("iptables rule `{}` {where_} is missing", h.jump()))),
+        1 => {}
+        n => out.push(Problem::wrong(format!("iptables rule `{}` {where_} is there {n} times", h.jump()))),
+    }
+    let before = out.len();
+    for w in want {
+        if !have.contains(w) {
+            out.push(Problem::missing(format!("iptables rule `{w}` {where_} is missing")));
+        }
+    }
+    for x in have {
+        if !want.contains(x) {
+            out.push(Problem::wrong(format!("iptables rule `{x}` {where_} is not flannel's")));
+        }
+    }
+    if out.len() == before && have != want {
+        out.push(Problem::wrong(format!(
+            "iptables chain {} {where_} has flannel's rules out of order or repeated: {}",
+            h.chain,
+            have.join("; ")
+        )));
+    }
+    out
+}
+
+fn hook_payload(h: &Hook, want: Option<&[String]>, t: &SavedTable) -> String {
+    let exists = t.chains.iter().any(|c| c == h.chain);
+    let jumps = t.rules.get(h.builtin).map(|r| r.iter().filter(|l| **l == h.jump()).count()).unwrap_or(0);
+    if want.is_none() && !exists {
+        return String::new();
+    }
+    let mut p = format!("*{}\n:{} - [0:0]\n", h.table, h.chain);
+    for _ in 0..jumps {
+        p += &format!("-D {} {}\n", h.builtin, h.jump_spec());
+    }
+    match want {
+        Some(rules) => {
+            p += &format!("-I {} 1 {}\n", h.builtin, h.jump_spec());
+            for r in rules {
+                p += r;
+                p += "\n";
+            }
+        }
+        None => p += &format!("-X {}\n", h.chain),
+    }
+    p += "COMMIT\n";
+    p
+}
+
+/// Where a program of Debian's iptables package is: its usual places, else
+/// whatever `PATH` finds.
+fn binary(name: &str) -> String {
+    ["/usr/sbin", "/sbin", "/usr/bin"]
+        .iter()
+        .map(|d| format!("{d}/{name}"))
+        .find(|p| std::path::Path::new(p).exists())
+        .unwrap_or_else(|| name.to_string())
+}
+
+/// Tables nat and filter as `iptables-save` prints them. Without the
+/// iptables package: an error when `required`, else nothing (no iptables
+/// tool can have made anything of ours then).
+pub fn observe(required: bool) -> Result<BTreeMap<String, SavedTable>, String> {
+    let mut text = String::new();
+    for table in ["nat", "filter"] {
+        let out = match Command::new(binary("iptables-save")).args(["-t", table]).stderr(Stdio::piped()).output() {
+            Ok(o) => o,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !required => return Ok(BTreeMap::new()),
+            Err(e) => return Err(format!("run iptables-save: {e} (is the iptables package installed?)")),
+        };
+        if !out.status.success() {
+            return Err(format!("iptables-save -t {table} failed: {}", String::from_utf8_lossy(&out.stderr).trim()));
+        }
+        text += &String::from_utf8_lossy(&out.stdout);
+    }
+    Ok(parse_save(&text))
+}
+
+/// Runs `iptables-restore --noflush` with `payload`: one transaction.
+pub fn restore(payload: &str) -> Result<(), String> {
+    let mut child = Command::new(binary("iptables-restore"))
+        .args(["--noflush", "--wait"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("run iptables-restore: {e} (is the iptables package installed?)"))?;
+    child
+        .stdin
+        .take()
+        .expect("stdin is piped")
+        .write_all(payload.as_bytes())
+        .map_err(|e| format!("write to iptables-restore: {e}"))?;
+    let out = child.wait_with_output().map_err(|e| format!("wait for iptables-restore: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "iptables-restore --noflush failed: {} (input: {})",
+            String::from_utf8_lossy(&out.stderr).trim(),
+            payload.trim().replace('\n', "; ")
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> FirewallSpec {
+        FirewallSpec {
+            network: "10.244.0.0/16".parse().unwrap(),
+            subnet: "10.244.1.0/24".parse().unwrap(),
+            masquerade: true,
+            fully_random: true,
+            forward: true,
+            nftables: false,
+        }
+    }
+
+    /// flannel v0.20.2's objects as iptables-save prints them (what
+    /// tests/tests/firewall.rs reads back from the real flanneld v0.20.2).
+    const GOLDEN: &str = r#"*nat
+:PREROUTING ACCEPT [0:0]
+:INPUT ACCEPT [0:0]
+:OUTPUT ACCEPT [0:0]
+:POSTROUTING ACCEPT [0:0]
+:FLANNEL-POSTRTG - [0:0]
+-A POSTROUTING -m comment --comment "flanneld masq" -j FLANNEL-POSTRTG
+-A FLANNEL-POSTRTG -m mark --mark 0x4000/0x4000 -m comment --comment "flanneld masq" -j RETURN
+-A FLANNEL-POSTRTG -s 10.244.0.0/16 -d 10.244.0.0/16 -m comment --comment "flanneld masq" -j RETURN
+-A FLANNEL-POSTRTG -s 10.244.0.0/16 ! -d 224.0.0.0/4 -m comment --comment "flanneld masq" -j MASQUERADE --random-fully
+-A FLANNEL-POSTRTG ! -s 10.244.0.0/16 -d 10.244.1.0/24 -m comment --comment "flanneld masq" -j RETURN
+-A FLANNEL-POSTRTG ! -s 10.244.0.0/16 -d 10.244.0.0/16 -m comment --comment "flanneld masq" -j MASQUERADE --random-fully
+COMMIT
+*filter
+:INPUT ACCEPT [0:0]
+:FORWARD DROP [0:0]
+:OUTPUT ACCEPT [0:0]
+:FLANNEL-FWD - [0:0]
+-A FORWARD -m comment --comment "flanneld forward" -j FLANNEL-FWD
+-A FORWARD -j DOCKER-USER
+-A FLANNEL-FWD -s 10.244.0.0/16 -m comment --comment "flanneld forward" -j ACCEPT
+-A FLANNEL-FWD -d 10.244.0.0/16 -m comment --comment "flanneld forward" -j ACCEPT
+COMMIT
+"#;
+
+    #[test]
+    fn golden_rules_and_a_converged_node_needs_nothing() {
+        let have = parse_save(GOLDEN);
+        assert_eq!(have["nat"].rules["FLANNEL-POSTRTG"], masq_rules(&spec()));
+        assert_eq!(have["filter"].rules["FLANNEL-FWD"], forward_rules(&spec()));
+        assert_eq!(plan(&spec(), &have, false), Plan::default());
+        // Without --random-fully.
+        let plain = masq_rules(&FirewallSpec { fully_random: false, ..spec() });
+        assert!(plain[2].ends_with("-j MASQUERADE") && plain[4].ends_with("-j MASQUERADE"), "{plain:?}");
+    }
+
+    #[test]
+    fn an_empty_node_gets_one_payload_per_table_with_the_jump_first() {
+        let p = plan(&spec(), &BTreeMap::new(), false);
+        assert_eq!(p.problems.len(), 2 * 2 + 5 + 2, "{:#?}", p.problems);
+        assert_eq!(p.problems[0].what, "iptables chain FLANNEL-POSTRTG (table nat) is missing");
+        assert_eq!(
+            p.problems[1].what,
+            "iptables rule `-A POSTROUTING -m comment --comment \"flanneld masq\" -j FLANNEL-POSTRTG` (table nat) is missing"
+        );
+        assert_eq!(
+            p.restore.unwrap(),
+            r#"*nat
+:FLANNEL-POSTRTG - [0:0]
+-I POSTROUTING 1 -m comment --comment "flanneld masq" -j FLANNEL-POSTRTG
+-A FLANNEL-POSTRTG -m mark --mark 0x4000/0x4000 -m comment --comment "flanneld masq" -j RETURN
+-A FLANNEL-POSTRTG -s 10.244.0.0/16 -d 10.244.0.0/16 -m comment --comment "flanneld masq" -j RETURN
+-A FLANNEL-POSTRTG -s 10.244.0.0/16 ! -d 224.0.0.0/4 -m comment --comment "flanneld masq" -j MASQUERADE --random-fully
+-A FLANNEL-POSTRTG ! -s 10.244.0.0/16 -d 10.244.1.0/24 -m comment --comment "flanneld masq" -j RETURN
+-A FLANNEL-POSTRTG ! -s 10.244.0.0/16 -d 10.244.0.0/16 -m comment --comment "flanneld masq" -j MASQUERADE --random-fully
+COMMIT
+*filter
+:FLANNEL-FWD - [0:0]
+-I FORWARD 1 -m comment --comment "flanneld forward" -j FLANNEL-FWD
+-A FLANNEL-FWD -s 10.244.0.0/16 -m comment --comment "flanneld forward" -j ACCEPT
+-A FLANNEL-FWD -d 10.244.0.0/16 -m comment --comment "flanneld forward" -j ACCEPT
+COMMIT
+"#
+        );
+    }
+
+    #[test]
+    fn start_up_rewrites_in_place_moving_the_jump_back_to_the_top() {
+        let p = plan(&spec(), &parse_save(GOLDEN), true);
+        assert!(p.problems.is_empty());
+        let payload = p.restore.unwrap();
+        // Existing jumps go (the chain declaration empties the chain), one comes back first.
+        assert!(payload.starts_with(
+            "*nat\n:FLANNEL-POSTRTG - [0:0]\n-D POSTROUTING -m comment --comment \"flanneld masq\" -j FLANNEL-POSTRTG\n\
+             -I POSTROUTING 1 -m comment --comment \"flanneld masq\" -j FLANNEL-POSTRTG\n"
+        ));
+        assert!(payload.contains(
+            "*filter\n:FLANNEL-FWD - [0:0]\n-D FORWARD -m comment --comment \"flanneld forward\" -j FLANNEL-FWD\n"
+        ));
+    }
+
+    #[test]
+    fn each_difference_is_named_and_only_its_table_rewritten() {
+        let rules = masq_rules(&spec());
+        // A rule deleted.
+        let text = GOLDEN.replace(&format!("{}\n", rules[2]), "");
+        let p = plan(&spec(), &parse_save(&text), false);
+        assert_eq!(p.problems.len(), 1);
+        assert_eq!(p.problems[0].kind, "missing");
+        assert!(p.problems[0].what.contains("-j MASQUERADE --random-fully` (table nat) is missing"), "{p:?}");
+        assert!(p.restore.as_ref().unwrap().starts_with("*nat\n") && !p.restore.unwrap().contains("*filter"));
+        // A rule of someone else's in our chain.
+        let text = GOLDEN.replace("COMMIT\n*filter", "-A FLANNEL-POSTRTG -s 192.0.2.1/32 -j RETURN\nCOMMIT\n*filter");
+        let p = plan(&spec(), &parse_save(&text), false);
+        assert_eq!(
+            p.problems[0].what,
+            "iptables rule `-A FLANNEL-POSTRTG -s 192.0.2.1/32 -j RETURN` (table nat) is not flannel's"
+        );
+        // Two rules swapped.
+        let text = GOLDEN.replace(&format!("{}\n{}\n", rules[0], rules[1]), &format!("{}\n{}\n", rules[1], rules[0]));
+        let p = plan(&spec(), &parse_save(&text), false);
+        assert_eq!(p.problems.len(), 1);
+        assert!(p.problems[0].what.contains("out of order"), "{p:?}");
+        // The jump deleted; the jump twice (both deleted, one inserted).
+        let jump = "-A FORWARD -m comment --comment \"flanneld forward\" -j FLANNEL-FWD\n";
+        let p = plan(&spec(), &parse_save(&GOLDEN.replace(jump, "")), false);
+        assert_eq!(p.problems[0].what, format!("iptables rule `{}` (table filter) is missing", jump.trim()));
+        let p = plan(&spec(), &parse_save(&GOLDEN.replace(jump, &format!("{jump}{jump}"))), false);
+        assert!(p.problems[0].what.ends_with("is there 2 times"), "{p:?}");
+        assert_eq!(p.restore.unwrap().matches("-D FORWARD").count(), 2);
+        // Not first in FORWARD is no problem: flannel does not move it either.
+        let text = GOLDEN
+            .replace(jump, "")
+            .replace("-A FORWARD -j DOCKER-USER\n", &format!("-A FORWARD -j DOCKER-USER\n{jump}"));
+        assert_eq!(plan(&spec(), &parse_save(&text), false), Plan::default());
+    }
+
+    #[test]
+    fn a_feature_turned_off_removes_its_chain_and_jump() {
+        let s = FirewallSpec { forward: false, ..spec() };
+        let p = plan(&s, &parse_save(GOLDEN), false);
+        assert_eq!(p.problems.len(), 1);
+        assert_eq!(p.problems[0].kind, "stale");
+        assert_eq!(
+            p.restore.unwrap(),
+            "*filter\n:FLANNEL-FWD - [0:0]\n-D FORWARD -m comment --comment \"flanneld forward\" -j FLANNEL-FWD\n-X FLANNEL-FWD\nCOMMIT\n"
+        );
+        assert_eq!(plan(&nothing(&s), &BTreeMap::new(), true), Plan::default());
+    }
+}
