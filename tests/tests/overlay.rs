@@ -216,9 +216,9 @@ fn masquerade_hides_pods_from_the_outside_but_not_from_each_other() {
         std::net::IpAddr::V4(a_addr),
         "pod-to-pod traffic must keep the pod's address"
     );
-    // The rules live in our own table, and subnet.env says the daemon masquerades.
-    let table = o.cluster.node(0).ns.run_ok("nft", &["list", "table", "ip", "flannel-rs"]);
-    assert!(table.contains("masquerade"), "{table}");
+    // The rules live in flannel's chain, and subnet.env says the daemon masquerades.
+    let chain = o.cluster.node(0).ns.run_ok("iptables", &["-t", "nat", "-S", "FLANNEL-POSTRTG"]);
+    assert!(chain.contains("-j MASQUERADE --random-fully"), "{chain}");
     let env = std::fs::read_to_string(&o.daemons[0].subnet_file).unwrap();
     assert!(env.contains("FLANNEL_IPMASQ=true"), "{env}");
 }
@@ -314,7 +314,7 @@ fn diagnose_is_quiet_on_a_healthy_node_and_names_each_injected_fault() {
         &["fdb", "append", "02:aa:bb:cc:dd:ee", "dev", "flannel.1", "dst", "192.0.2.99", "self", "permanent"],
     );
     ns.run_ok("ip", &["link", "set", "flannel.1", "mtu", "1400"]);
-    ns.run_ok("nft", &["delete", "table", "ip", "flannel-rs"]);
+    ns.run_ok("iptables", &["-t", "nat", "-F", "FLANNEL-POSTRTG"]);
     let env =
         std::fs::read_to_string(&o.daemons[0].subnet_file).unwrap().replace("FLANNEL_MTU=1450", "FLANNEL_MTU=1300");
     std::fs::write(&o.daemons[0].subnet_file, env).unwrap();
@@ -326,7 +326,8 @@ fn diagnose_is_quiet_on_a_healthy_node_and_names_each_injected_fault() {
         format!("neighbour {} on flannel.1 has MAC 02:11:22:33:44:55", s2.network()),
         "FDB entry 02:aa:bb:cc:dd:ee dst 192.0.2.99 on flannel.1 belongs to no lease".to_string(),
         "flannel.1 has MTU 1400, want 1450".to_string(),
-        "nftables table ip flannel-rs is missing".to_string(),
+        // The JSON text escapes the comment's quotes: the part before them.
+        "iptables rule `-A FLANNEL-POSTRTG -m mark --mark 0x4000/0x4000 -m comment --comment ".to_string(),
         "mtu 1300".to_string(),
     ] {
         assert!(text.contains(&want), "diagnose does not say {want:?}: {v:#}");
@@ -437,10 +438,12 @@ fn health_metrics_firewall_resync_and_bad_leases() {
     }
     assert!(http_get(ns, addr, "/nope").starts_with("HTTP/1.1 404"));
 
-    // Our nftables table deleted by hand is back within --iptables-resync.
-    ns.run_ok("nft", &["delete", "table", "ip", "flannel-rs"]);
-    wait_until(Duration::from_secs(5), "the nftables table to be re-asserted", || {
-        ns.run("nft", &["list", "table", "ip", "flannel-rs"]).map(|o| o.status.success()).unwrap_or(false)
+    // flannel's masquerade chain emptied by hand is filled again within --iptables-resync.
+    let full = ns.run_ok("iptables", &["-t", "nat", "-S", "FLANNEL-POSTRTG"]);
+    assert_eq!(full.lines().count(), 6, "{full}");
+    ns.run_ok("iptables", &["-t", "nat", "-F", "FLANNEL-POSTRTG"]);
+    wait_until(Duration::from_secs(5), "the masquerade rules to be re-asserted", || {
+        ns.run_ok("iptables", &["-t", "nat", "-S", "FLANNEL-POSTRTG"]) == full
     });
     // The bad leases never reached the kernel; the good one did.
     let st = o.vtep_state(0);
@@ -449,9 +452,9 @@ fn health_metrics_firewall_resync_and_bad_leases() {
 }
 
 /// A host whose forwarding is closed, as Docker leaves it (iptables'
-/// FORWARD policy DROP, which iptables-nft keeps in `table ip filter`):
-/// without our accept rules pods cannot reach each other across nodes; the
-/// daemon puts them first in that chain, and back when they are removed.
+/// FORWARD policy DROP): without flannel's accept rules pods cannot reach
+/// each other across nodes; the daemon makes flannel's chain FLANNEL-FWD
+/// with a jump to it first in FORWARD, and puts them back when removed.
 #[test]
 fn forward_rules_open_a_closed_iptables_forward_chain() {
     if !require_root() {
@@ -459,12 +462,7 @@ fn forward_rules_open_a_closed_iptables_forward_chain() {
     }
     let mut o = Overlay::new(2);
     for i in 0..2 {
-        let ns = &o.cluster.node(i).ns;
-        ns.run_ok("nft", &["add", "table", "ip", "filter"]);
-        ns.run_ok(
-            "nft",
-            &["add", "chain", "ip", "filter", "FORWARD", "{ type filter hook forward priority 0; policy drop; }"],
-        );
+        o.cluster.node(i).ns.run_ok("iptables", &["-P", "FORWARD", "DROP"]);
         o.set_flags(i, &["--iptables-forward-rules=false"]);
     }
     o.start_all();
@@ -477,7 +475,7 @@ fn forward_rules_open_a_closed_iptables_forward_chain() {
     };
     assert!(!ping(&a), "the closed FORWARD chain lets pod traffic through: the test shows nothing");
     let ns = &o.cluster.node(0).ns;
-    assert!(!ns.run_ok("nft", &["list", "chain", "ip", "filter", "FORWARD"]).contains("flannel-rs"));
+    assert!(!ns.run_ok("iptables-save", &["-t", "filter"]).contains("FLANNEL-FWD"));
 
     for i in 0..2 {
         o.stop(i);
@@ -486,35 +484,44 @@ fn forward_rules_open_a_closed_iptables_forward_chain() {
     }
     assert!(ping(&a), "pod traffic is still dropped with the forward rules");
     let ns = &o.cluster.node(0).ns;
-    let chain = ns.run_ok("nft", &["list", "chain", "ip", "filter", "FORWARD"]);
-    let ours: Vec<&str> = chain.lines().filter(|l| l.contains("flannel-rs forward")).map(str::trim).collect();
-    assert_eq!(ours.len(), 2, "{chain}");
-    assert!(ours[0].starts_with("ip saddr 10.244.0.0/16") && ours[1].starts_with("ip daddr 10.244.0.0/16"), "{chain}");
+    let forward = ns.run_ok("iptables", &["-S", "FORWARD"]);
+    assert_eq!(
+        forward, "-P FORWARD DROP\n-A FORWARD -m comment --comment \"flanneld forward\" -j FLANNEL-FWD\n",
+        "{forward}"
+    );
+    let ours = ns.run_ok("iptables", &["-S", "FLANNEL-FWD"]);
+    assert_eq!(
+        ours,
+        "-N FLANNEL-FWD\n\
+         -A FLANNEL-FWD -s 10.244.0.0/16 -m comment --comment \"flanneld forward\" -j ACCEPT\n\
+         -A FLANNEL-FWD -d 10.244.0.0/16 -m comment --comment \"flanneld forward\" -j ACCEPT\n"
+    );
     let (ok, report) = o.diagnose(0, &[]);
     assert!(ok, "{report}");
 
-    // Flushed by hand (as `iptables -F FORWARD` would) while the daemon is
-    // down: diagnose says so.
+    // Flushed by hand (`iptables -F FORWARD`) while the daemon is down:
+    // diagnose names the missing jump.
     o.stop(0);
     let ns = &o.cluster.node(0).ns;
-    ns.run_ok("nft", &["flush", "chain", "ip", "filter", "FORWARD"]);
+    ns.run_ok("iptables", &["-F", "FORWARD"]);
     let (ok, report) = o.diagnose(0, &[]);
-    assert!(!ok && report.to_string().contains("FORWARD"), "{report}");
+    assert!(!ok && report.to_string().contains("-j FLANNEL-FWD` (table filter) is missing"), "{report}");
     o.start(0);
     // Flushed while it runs: back within --iptables-resync.
     let ns = &o.cluster.node(0).ns;
-    ns.run_ok("nft", &["flush", "chain", "ip", "filter", "FORWARD"]);
+    ns.run_ok("iptables", &["-F", "FORWARD"]);
     wait_until(Duration::from_secs(10), "the forward rules to be re-asserted", || {
-        ns.run_ok("nft", &["list", "chain", "ip", "filter", "FORWARD"]).matches("flannel-rs forward").count() == 2
+        ns.run_ok("iptables", &["-S", "FORWARD"]) == forward
     });
     assert!(ping(&a));
 
-    // Turned off again: the next start takes them out.
+    // Turned off again: the next start takes flannel's chain out (flannel
+    // itself would leave it).
     o.stop(0);
     o.set_flags(0, &["--iptables-forward-rules=false"]);
     o.start(0);
     let ns = &o.cluster.node(0).ns;
-    assert!(!ns.run_ok("nft", &["list", "chain", "ip", "filter", "FORWARD"]).contains("flannel-rs"));
+    assert!(!ns.run_ok("iptables-save", &["-t", "filter"]).contains("FLANNEL-FWD"));
 }
 
 /// The underlay interface deleted and added again (another ifindex; the

@@ -43,16 +43,12 @@ fn vtep(o: &Overlay, i: usize) -> Value {
     o.cluster.node(i).ns.ip_json(&["-d", "link", "show", "flannel.1"])[0].clone()
 }
 
-/// The rules of our nftables table that masquerade, from `nft -j`.
-fn masquerade_rules(ns: &Netns) -> Vec<Value> {
-    let v: Value = serde_json::from_str(&ns.run_ok("nft", &["-j", "list", "table", "ip", "flannel-rs"])).unwrap();
-    v["nftables"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter_map(|o| o.get("rule"))
-        .filter(|r| r["expr"].as_array().unwrap().iter().any(|e| e.get("masquerade").is_some()))
-        .cloned()
+/// The masquerade rules in flannel's chain FLANNEL-POSTRTG, from `iptables-save`.
+fn masquerade_rules(ns: &Netns) -> Vec<String> {
+    ns.run_ok("iptables-save", &["-t", "nat"])
+        .lines()
+        .filter(|l| l.starts_with("-A FLANNEL-POSTRTG ") && l.contains("-j MASQUERADE"))
+        .map(str::to_string)
         .collect()
 }
 
