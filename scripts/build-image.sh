@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Builds flannel-rs's container image as an OCI archive, with no container
 # engine and no registry: release binaries from cargo, a root filesystem put
-# together by hand (the two binaries, Debian's nft and every shared library
-# they load), one reproducible layer, and the OCI JSON documents.
+# together by hand (the two binaries, Debian's nft and iptables-nft, and
+# every shared library and iptables extension they load), one reproducible
+# layer, and the OCI JSON documents.
 #
 # Usage: scripts/build-image.sh [OUTPUT.oci.tar] [NAME:TAG]
 #   default output target/image/flannel-rs-<version>.oci.tar,
@@ -34,6 +35,14 @@ if ! [ -x /usr/sbin/nft ]; then
   [ "$(id -u)" -eq 0 ] || { echo "$0: /usr/sbin/nft is missing: apt-get install nftables" >&2; exit 1; }
   install_packages nftables
 fi
+# The daemon writes flannel's iptables chains with iptables-restore (iptables-nft).
+xtables=/usr/sbin/xtables-nft-multi
+if ! [ -x "$xtables" ]; then
+  [ "$(id -u)" -eq 0 ] || { echo "$0: $xtables is missing: apt-get install iptables" >&2; exit 1; }
+  install_packages iptables
+fi
+xtables_libdir=$(find /usr/lib -maxdepth 2 -type d -name xtables | sort | head -n 1)
+[ -n "$xtables_libdir" ] || { echo "$0: iptables' extensions (/usr/lib/<arch>/xtables) are missing" >&2; exit 1; }
 
 triple=$(rustc -vV 2>/dev/null | sed -n 's/^host: //p' || true)
 if [ "${FLANNEL_RS_PREBUILT:-0}" != 1 ]; then
@@ -71,6 +80,16 @@ ln -s usr/lib64 "$root/lib64"
 install -m 0755 "$daemon" "$root/usr/bin/flanneld-rs"
 install -m 0755 "$plugin" "$root/usr/lib/flannel-rs/flannel"
 install -m 0755 /usr/sbin/nft "$root/usr/sbin/nft"
+install -m 0755 "$xtables" "$root/usr/sbin/xtables-nft-multi"
+for name in iptables iptables-save iptables-restore iptables-nft iptables-nft-save iptables-nft-restore; do
+  ln -s xtables-nft-multi "$root/usr/sbin/$name"
+done
+# Extensions (comment, mark, MASQUERADE, and whatever kube-proxy's rules in the
+# same tables use, which iptables-save must read), loaded with dlopen.
+mkdir -p "$root$xtables_libdir"
+for ext in "$xtables_libdir"/*.so; do
+  install -m 0644 "$(readlink -f "$ext")" "$root$xtables_libdir/$(basename "$ext")"
+done
 
 # Every library the dynamic binaries load, and the dynamic loader, each at the
 # path ldd resolved (under /usr, as in the merged layout), content dereferenced.
@@ -82,7 +101,7 @@ libs() {
     exit 1
   fi
 }
-for lib in $( { libs "$daemon"; libs /usr/sbin/nft; } | sort -u); do
+for lib in $( { libs "$daemon"; libs /usr/sbin/nft; libs "$xtables"; for ext in "$xtables_libdir"/*.so; do libs "$ext"; done; } | sort -u); do
   case $lib in
     /usr/*) dest=$lib ;;
     *) dest=/usr$lib ;;

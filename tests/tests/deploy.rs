@@ -430,7 +430,7 @@ fn the_containerfile_puts_the_programs_where_the_manifest_runs_them() {
         plugin.as_str(),
         "COPY --from=build /out/flanneld-rs /usr/bin/flanneld-rs",
         "ENTRYPOINT [\"/usr/bin/flanneld-rs\"]",
-        "nftables",
+        "nftables iptables",
         "protobuf-compiler",
         "+crt-static",
     ] {
@@ -609,15 +609,23 @@ fn the_image_archive_is_a_consistent_oci_layout_with_everything_the_pod_runs() {
     // The layer: the programs, the libraries, all owned by root, one time stamp.
     let entries = tar_entries(&gz);
     let by_name: BTreeMap<&str, &Entry> = entries.iter().map(|e| (e.name.trim_end_matches('/'), e)).collect();
-    for (path, mode) in
-        [("usr/bin/flanneld-rs", 0o755), (IMAGE_PLUGIN.trim_start_matches('/'), 0o755), ("usr/sbin/nft", 0o755)]
-    {
+    for (path, mode) in [
+        ("usr/bin/flanneld-rs", 0o755),
+        (IMAGE_PLUGIN.trim_start_matches('/'), 0o755),
+        ("usr/sbin/nft", 0o755),
+        ("usr/sbin/xtables-nft-multi", 0o755),
+    ] {
         let e = by_name.get(path).unwrap_or_else(|| panic!("{path} is not in the layer"));
         assert_eq!((e.kind.as_str(), e.mode), ("file", mode), "{path}");
     }
     for (link, target) in [("bin", "usr/bin"), ("sbin", "usr/sbin"), ("lib", "usr/lib"), ("lib64", "usr/lib64")] {
         let e = by_name.get(link).unwrap_or_else(|| panic!("/{link} is missing"));
         assert_eq!((e.kind.as_str(), e.link.as_str()), ("symlink", target));
+    }
+    // The daemon runs iptables-save and iptables-restore (flannel's chains).
+    for prog in ["iptables-save", "iptables-restore"] {
+        let e = by_name.get(format!("usr/sbin/{prog}").as_str()).unwrap_or_else(|| panic!("{prog} is missing"));
+        assert_eq!((e.kind.as_str(), e.link.as_str()), ("symlink", "xtables-nft-multi"));
     }
     assert_eq!(by_name["tmp"].mode, 0o1777);
     assert!(entries.iter().all(|e| e.uid == 0 && e.gid == 0), "owner 0 only");
@@ -637,12 +645,14 @@ fn the_image_archive_is_a_consistent_oci_layout_with_everything_the_pod_runs() {
 
     // The daemon and nft are dynamic: their loader is in the image, and so is
     // every library the host's loader resolves for them.
-    for prog in ["usr/bin/flanneld-rs", "usr/sbin/nft"] {
+    for prog in ["usr/bin/flanneld-rs", "usr/sbin/nft", "usr/sbin/xtables-nft-multi"] {
         let elf = layer_file(&gz, prog);
         let interp = elf_interpreter(&elf).unwrap_or_else(|| panic!("{prog} should be dynamic"));
         assert!(by_name.contains_key(resolve(&interp).as_str()), "{prog}'s loader {interp} is not in the layer");
     }
-    for host_prog in [workspace_release_daemon(), PathBuf::from("/usr/sbin/nft")] {
+    for host_prog in
+        [workspace_release_daemon(), PathBuf::from("/usr/sbin/nft"), PathBuf::from("/usr/sbin/xtables-nft-multi")]
+    {
         let ldd = e2e_tests::run_ok(Command::new("ldd").arg(&host_prog));
         for lib in ldd.lines().filter_map(|l| l.split("=>").nth(1)).filter_map(|r| r.split_whitespace().next()) {
             if lib.starts_with('/') {
