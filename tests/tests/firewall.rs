@@ -387,3 +387,61 @@ fn a_node_where_flannel_ran_is_taken_over_in_place_and_handed_back() {
     assert_eq!(tcp_round_trip(&pod, out), "ping\n");
     assert_eq!(server.join().unwrap().ip().to_string(), "192.0.2.10", "flannel masquerades again");
 }
+
+/// flannel's nftables objects made the way its source makes them (knftables'
+/// `add table`, `add chain`, `flush chain`, `add rule` commands, one
+/// transaction per table as it runs them) for this node's lease: they list
+/// exactly as ours do, and ours take them over with no fresh flow leaving
+/// unmasqueraded and no second set.
+#[test]
+fn nftables_tables_as_flannel_makes_them_are_ours_and_taken_over_without_a_gap() {
+    if !require_root() {
+        return;
+    }
+    let mut o = Overlay::with_conf(1, NFT_CONF);
+    o.set_flags(0, &["--ip-masq"]);
+    o.start(0);
+    let ours = ns!(o, 0).run_ok("nft", &["list", "ruleset"]);
+    o.stop(0);
+    let (n, p) = ("10.244.0.0/16", o.subnet(0).to_string());
+    ns!(o, 0).run_ok("nft", &["delete table ip flannel-ipv4; delete table ip6 flannel-ipv6"]);
+    for tx in [
+        "add table ip flannel-ipv4 { comment \"rules for flannel-ipv4\" ; }".to_string(),
+        "add table ip6 flannel-ipv6 { comment \"rules for flannel-ipv6\" ; }".to_string(),
+        format!(
+            "add chain ip flannel-ipv4 postrtg {{ type nat hook postrouting priority srcnat ; comment \"chain to manage traffic masquerading by flannel\" ; }}
+flush chain ip flannel-ipv4 postrtg
+add rule ip flannel-ipv4 postrtg meta mark 0x4000 return
+add rule ip flannel-ipv4 postrtg ip saddr {p} ip daddr {n} return
+add rule ip flannel-ipv4 postrtg ip saddr {n} ip daddr {p} return
+add rule ip flannel-ipv4 postrtg ip saddr != {p} ip daddr {n} return
+add rule ip flannel-ipv4 postrtg ip saddr {n} ip daddr != 224.0.0.0/4 masquerade fully-random
+add rule ip flannel-ipv4 postrtg ip saddr != {n} ip daddr {n} masquerade fully-random"
+        ),
+        format!(
+            "add chain ip flannel-ipv4 forward {{ type filter hook forward priority filter ; comment \"chain to accept flannel traffic\" ; }}
+flush chain ip flannel-ipv4 forward
+add rule ip flannel-ipv4 forward ip saddr {n} accept
+add rule ip flannel-ipv4 forward ip daddr {n} accept"
+        ),
+    ] {
+        let mut child = ns!(o, 0)
+            .command("nft")
+            .args(["-f", "-"])
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        use std::io::Write;
+        child.stdin.take().unwrap().write_all(tx.as_bytes()).unwrap();
+        assert!(child.wait().unwrap().success(), "{tx}");
+    }
+    assert_eq!(ns!(o, 0).run_ok("nft", &["list", "ruleset"]), ours, "flannel's commands (right) list otherwise");
+
+    let (pod, _) = o.add_pod(0, "p");
+    let flows = FreshFlows::start(&pod, o.outside(), SocketAddr::from(([192, 0, 2, 200], 9330)));
+    flows.wait_more(50);
+    o.start(0);
+    flows.wait_more(50);
+    assert_eq!(flows.stop(), BTreeSet::from([Ipv4Addr::new(192, 0, 2, 10)]), "a datagram left unmasqueraded");
+    assert_eq!(ns!(o, 0).run_ok("nft", &["list", "ruleset"]), ours);
+}
