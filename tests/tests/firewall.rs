@@ -293,13 +293,27 @@ fn nftables_setting_makes_current_flannels_tables_and_masquerades() {
             && o.log(0).contains("lacks `ip saddr 10.244.0.0/16 ip daddr != 224.0.0.0/4 masquerade fully-random`")
     });
 
-    // Back to iptables (EnableNFTables removed): flannel's tables go, its chains come.
+    // Back to iptables (EnableNFTables removed): diagnose names what is
+    // left and what is missing; the start removes flannel's tables and
+    // makes its chains.
     o.stop(0);
     etcdctl_ok(o.outside(), &["put", "/coreos.com/network/config", e2e_tests::overlay::NET_CONF]);
+    let (ok, v) = o.diagnose(0, &[]);
+    let text = v["findings"].to_string();
+    assert!(!ok, "{v:#}");
+    for want in [
+        "nftables table ip flannel-ipv4 is there, but EnableNFTables is not set",
+        "iptables chain FLANNEL-POSTRTG (table nat) is missing",
+        "iptables chain FLANNEL-FWD (table filter) is missing",
+    ] {
+        assert!(text.contains(want), "diagnose does not say {want:?}: {v:#}");
+    }
     o.start(0);
     assert!(ns!(o, 0).run("nft", &["list", "table", "ip", "flannel-ipv4"]).map(|x| !x.status.success()).unwrap());
     assert!(ns!(o, 0).run("nft", &["list", "table", "ip6", "flannel-ipv6"]).map(|x| !x.status.success()).unwrap());
     assert_eq!(flannel_lines(&save(ns!(o, 0), "nat")).len(), 7);
+    let (ok, v) = o.diagnose(0, &[]);
+    assert!(ok, "{v:#}");
 }
 
 #[test]
@@ -321,7 +335,7 @@ fn iptables_setting_masquerades_and_the_resync_repairs_a_deleted_rule() {
     assert_eq!(save(ns!(o, 0), "nat"), before, "start-up rewrites the chain as it was");
     iptables_line(ns!(o, 0), "nat", "-D", &masq);
     wait_until(Duration::from_secs(10), "the resync to put the masquerade rule back and say why", || {
-        save(ns!(o, 0), "nat") == before && o.log(0).contains("(table nat) is missing (missing); rewritten")
+        save(ns!(o, 0), "nat") == before && o.log(0).contains("(table nat) is missing; rewritten")
     });
 }
 

@@ -356,7 +356,7 @@ impl<S: LeaseStore> Driver<S> {
                         Ok(fixed) if fixed.is_empty() => {}
                         Ok(fixed) => {
                             for p in fixed {
-                                warn!("firewall: {} ({}); rewritten", p.what, p.kind);
+                                warn!("firewall: {}; rewritten", p.what);
                             }
                         }
                         Err(e) => error!("re-assert the {}: {e}", self.fw.describe()),
