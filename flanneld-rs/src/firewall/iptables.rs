@@ -48,10 +48,14 @@ struct Hook {
     builtin: &'static str,
     chain: &'static str,
     comment: &'static str,
+    /// The flag that asks for it.
+    flag: &'static str,
 }
 
-const MASQ: Hook = Hook { table: "nat", builtin: "POSTROUTING", chain: POSTRTG, comment: MASQ_COMMENT };
-const FORWARD: Hook = Hook { table: "filter", builtin: "FORWARD", chain: FWD, comment: FWD_COMMENT };
+const MASQ: Hook =
+    Hook { table: "nat", builtin: "POSTROUTING", chain: POSTRTG, comment: MASQ_COMMENT, flag: "--ip-masq" };
+const FORWARD: Hook =
+    Hook { table: "filter", builtin: "FORWARD", chain: FWD, comment: FWD_COMMENT, flag: "--iptables-forward-rules" };
 
 impl Hook {
     /// The jump's match and target (what follows `-A <builtin>`).
@@ -164,7 +168,10 @@ fn hook_problems(h: &Hook, want: Option<&[String]>, t: &SavedTable) -> Vec<Probl
     let have: &[String] = t.rules.get(h.chain).map(Vec::as_slice).unwrap_or(&[]);
     let Some(want) = want else {
         return if exists {
-            vec![Problem::stale(format!("iptables chain {} {where_} is there, but its feature is off", h.chain))]
+            vec![Problem::stale(format!(
+                "iptables chain {} {where_} is there, but {} is off or EnableNFTables is set",
+                h.chain, h.flag
+            ))]
         } else {
             Vec::new()
         };
