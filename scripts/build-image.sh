@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds flannel-rs's container image as an OCI archive, with no container
 # engine and no registry: release binaries from cargo, a root filesystem put
-# together by hand (the two binaries, Debian's nft and iptables-nft, and
+# together by hand (the two binaries, Debian's nft and iptables (nft and legacy), and
 # every shared library and iptables extension they load), one reproducible
 # layer, and the OCI JSON documents.
 #
@@ -37,7 +37,8 @@ if ! [ -x /usr/sbin/nft ]; then
 fi
 # The daemon writes flannel's iptables chains with iptables-restore (iptables-nft).
 xtables=/usr/sbin/xtables-nft-multi
-if ! [ -x "$xtables" ]; then
+xtables_legacy=/usr/sbin/xtables-legacy-multi
+if ! [ -x "$xtables" ] || ! [ -x "$xtables_legacy" ]; then
   [ "$(id -u)" -eq 0 ] || { echo "$0: $xtables is missing: apt-get install iptables" >&2; exit 1; }
   install_packages iptables
 fi
@@ -81,8 +82,15 @@ install -m 0755 "$daemon" "$root/usr/bin/flanneld-rs"
 install -m 0755 "$plugin" "$root/usr/lib/flannel-rs/flannel"
 install -m 0755 /usr/sbin/nft "$root/usr/sbin/nft"
 install -m 0755 "$xtables" "$root/usr/sbin/xtables-nft-multi"
-for name in iptables iptables-save iptables-restore iptables-nft iptables-nft-save iptables-nft-restore; do
+install -m 0755 "$xtables_legacy" "$root/usr/sbin/xtables-legacy-multi"
+# iptables is iptables-nft, as Debian's default; the daemon picks the legacy
+# variant on a node whose kubelet uses it (as flannel's iptables-wrapper).
+for name in iptables iptables-save iptables-restore iptables-nft iptables-nft-save iptables-nft-restore \
+            ip6tables-nft-save; do
   ln -s xtables-nft-multi "$root/usr/sbin/$name"
+done
+for name in iptables-legacy iptables-legacy-save iptables-legacy-restore ip6tables-legacy-save; do
+  ln -s xtables-legacy-multi "$root/usr/sbin/$name"
 done
 # Extensions (comment, mark, MASQUERADE, and whatever kube-proxy's rules in the
 # same tables use, which iptables-save must read), loaded with dlopen.
@@ -101,7 +109,7 @@ libs() {
     exit 1
   fi
 }
-for lib in $( { libs "$daemon"; libs /usr/sbin/nft; libs "$xtables"; for ext in "$xtables_libdir"/*.so; do libs "$ext"; done; } | sort -u); do
+for lib in $( { libs "$daemon"; libs /usr/sbin/nft; libs "$xtables"; libs "$xtables_legacy"; for ext in "$xtables_libdir"/*.so; do libs "$ext"; done; } | sort -u); do
   case $lib in
     /usr/*) dest=$lib ;;
     *) dest=/usr$lib ;;

@@ -459,3 +459,38 @@ add rule ip flannel-ipv4 forward ip daddr {n} accept"
     assert_eq!(flows.stop(), BTreeSet::from([Ipv4Addr::new(192, 0, 2, 10)]), "a datagram left unmasqueraded");
     assert_eq!(ns!(o, 0).run_ok("nft", &["list", "ruleset"]), ours);
 }
+
+/// A node whose kubelet uses iptables-legacy (its hint chain is there, as
+/// kubelet makes it): the rules go where flannel's image would put them,
+/// into iptables-legacy, and masquerade works.
+#[test]
+fn a_node_on_iptables_legacy_gets_the_rules_in_iptables_legacy() {
+    if !require_root() {
+        return;
+    }
+    let mut o = Overlay::new(1);
+    ns!(o, 0).run_ok("iptables-legacy", &["-t", "mangle", "-N", "KUBE-IPTABLES-HINT"]);
+    o.set_flags(0, &["--ip-masq"]);
+    o.start(0);
+    let legacy = |table: &str| -> String {
+        ns!(o, 0)
+            .run_ok("iptables-legacy-save", &["-t", table])
+            .lines()
+            .filter(|l| l.contains("FLANNEL-"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    let (nat, filter) = (legacy("nat"), legacy("filter"));
+    assert_eq!(nat.lines().count(), 7, "{nat}");
+    assert!(nat.contains("-A FLANNEL-POSTRTG ! -s 10.244.0.0/16 -d 10.244.0.0/16 -m comment --comment \"flanneld masq\" -j MASQUERADE --random-fully"), "{nat}");
+    assert_eq!(filter.lines().count(), 4, "{filter}");
+    assert!(!ns!(o, 0).run_ok("iptables-nft-save", &[]).contains("FLANNEL-"), "rules in iptables-nft too");
+    assert!(o.log(0).contains("using /usr/sbin/iptables-legacy-restore"), "{}", o.log(0));
+    let (pod, _) = o.add_pod(0, "p");
+    let out = SocketAddr::from(([192, 0, 2, 200], 9340));
+    let server = echo_server(o.outside(), out);
+    assert_eq!(tcp_round_trip(&pod, out), "ping\n");
+    assert_eq!(server.join().unwrap().ip().to_string(), "192.0.2.10");
+    let (ok, v) = o.diagnose(0, &[]);
+    assert!(ok, "{v:#}");
+}

@@ -233,11 +233,91 @@ fn hook_payload(h: &Hook, want: Option<&[String]>, t: &SavedTable) -> String {
 /// Where a program of Debian's iptables package is: its usual places, else
 /// whatever `PATH` finds.
 fn binary(name: &str) -> String {
-    ["/usr/sbin", "/sbin", "/usr/bin"]
-        .iter()
-        .map(|d| format!("{d}/{name}"))
-        .find(|p| std::path::Path::new(p).exists())
-        .unwrap_or_else(|| name.to_string())
+    find(name).unwrap_or_else(|| name.to_string())
+}
+
+fn find(name: &str) -> Option<String> {
+    ["/usr/sbin", "/sbin", "/usr/bin"].iter().map(|d| format!("{d}/{name}")).find(|p| std::path::Path::new(p).exists())
+}
+
+/// Which iptables the node uses, decided once per process as flannel's
+/// image decides it (its iptables-wrapper): kubelet's hint chain
+/// (`KUBE-IPTABLES-HINT` or `KUBE-KUBELET-CANARY` in table mangle) in
+/// iptables-nft, else in iptables-legacy, else whichever holds more rules.
+/// Without both variants installed, or without any sign either way, plain
+/// `iptables-save`/`iptables-restore` (the host's choice).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Variant {
+    /// `iptables-nft-save`/`-restore`.
+    Nft,
+    /// `iptables-legacy-save`/`-restore`.
+    Legacy,
+    /// `iptables-save`/`-restore`.
+    Default,
+}
+
+impl Variant {
+    fn save(self) -> String {
+        binary(match self {
+            Variant::Nft => "iptables-nft-save",
+            Variant::Legacy => "iptables-legacy-save",
+            Variant::Default => "iptables-save",
+        })
+    }
+    fn restore(self) -> String {
+        binary(match self {
+            Variant::Nft => "iptables-nft-restore",
+            Variant::Legacy => "iptables-legacy-restore",
+            Variant::Default => "iptables-restore",
+        })
+    }
+}
+
+/// The choice from the two variants' `iptables-save` output (IPv4 and IPv6
+/// concatenated; `nft_mangle` is table mangle only).
+pub fn choose(nft_mangle: &str, nft_all: &str, legacy_all: &str) -> Variant {
+    let hint =
+        |t: &str| t.lines().any(|l| l.starts_with(":KUBE-IPTABLES-HINT") || l.starts_with(":KUBE-KUBELET-CANARY"));
+    let rules = |t: &str| t.lines().filter(|l| l.starts_with('-')).count();
+    if hint(nft_mangle) {
+        Variant::Nft
+    } else if hint(legacy_all) {
+        Variant::Legacy
+    } else {
+        match rules(legacy_all).cmp(&rules(nft_all)) {
+            std::cmp::Ordering::Greater => Variant::Legacy,
+            std::cmp::Ordering::Less => Variant::Nft,
+            std::cmp::Ordering::Equal => Variant::Default,
+        }
+    }
+}
+
+/// The variant this process uses (see [`Variant`]).
+pub fn variant() -> Variant {
+    static CHOSEN: std::sync::OnceLock<Variant> = std::sync::OnceLock::new();
+    *CHOSEN.get_or_init(|| {
+        if find("iptables-nft-save").is_none() || find("iptables-legacy-save").is_none() {
+            return Variant::Default;
+        }
+        let dump = |progs: &[&str], args: &[&str]| -> String {
+            let mut text = String::new();
+            for p in progs.iter().filter_map(|p| find(p)) {
+                if let Ok(out) = Command::new(p).args(args).stderr(Stdio::null()).output() {
+                    text += &String::from_utf8_lossy(&out.stdout);
+                }
+            }
+            text
+        };
+        let nft = ["iptables-nft-save", "ip6tables-nft-save"];
+        // Not `-t mangle` for legacy: that would make the kernel create the table.
+        let v = choose(
+            &dump(&nft, &["-t", "mangle"]),
+            &dump(&nft, &[]),
+            &dump(&["iptables-legacy-save", "ip6tables-legacy-save"], &[]),
+        );
+        log::info!("iptables: using {} (as flannel's iptables-wrapper would)", v.restore());
+        v
+    })
 }
 
 /// Tables nat and filter as `iptables-save` prints them. Without the
@@ -246,7 +326,7 @@ fn binary(name: &str) -> String {
 pub fn observe(required: bool) -> Result<BTreeMap<String, SavedTable>, String> {
     let mut text = String::new();
     for table in ["nat", "filter"] {
-        let out = match Command::new(binary("iptables-save")).args(["-t", table]).stderr(Stdio::piped()).output() {
+        let out = match Command::new(variant().save()).args(["-t", table]).stderr(Stdio::piped()).output() {
             Ok(o) => o,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound && !required => return Ok(BTreeMap::new()),
             Err(e) => return Err(format!("run iptables-save: {e} (is the iptables package installed?)")),
@@ -261,7 +341,7 @@ pub fn observe(required: bool) -> Result<BTreeMap<String, SavedTable>, String> {
 
 /// Runs `iptables-restore --noflush` with `payload`: one transaction.
 pub fn restore(payload: &str) -> Result<(), String> {
-    let mut child = Command::new(binary("iptables-restore"))
+    let mut child = Command::new(variant().restore())
         .args(["--noflush", "--wait"])
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
@@ -418,6 +498,17 @@ COMMIT
             .replace(jump, "")
             .replace("-A FORWARD -j DOCKER-USER\n", &format!("-A FORWARD -j DOCKER-USER\n{jump}"));
         assert_eq!(plan(&spec(), &parse_save(&text), false), Plan::default());
+    }
+
+    #[test]
+    fn the_variant_is_chosen_as_flannels_iptables_wrapper_chooses() {
+        let hint = "*mangle\n:KUBE-IPTABLES-HINT - [0:0]\nCOMMIT\n";
+        let rules = "*filter\n-A FORWARD -j DOCKER-USER\n-A FORWARD -j ACCEPT\nCOMMIT\n";
+        assert_eq!(choose(hint, hint, rules), Variant::Nft);
+        assert_eq!(choose("", rules, hint), Variant::Legacy);
+        assert_eq!(choose("", "", rules), Variant::Legacy);
+        assert_eq!(choose("", rules, ""), Variant::Nft);
+        assert_eq!(choose("", "", ""), Variant::Default);
     }
 
     #[test]
