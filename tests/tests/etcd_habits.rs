@@ -12,7 +12,7 @@ use std::path::Path;
 use std::process::{Command, ExitStatus};
 use std::time::{Duration, Instant};
 
-use e2e_tests::faults::knob;
+use e2e_tests::faults::{knob, max_tries};
 use e2e_tests::overlay::{etcdctl_ok, leases, Etcd, Overlay, NET_CONF};
 use netns_fixtures::{require_root, wait_until, Cluster, Netns};
 
@@ -171,21 +171,6 @@ fn a_version_1_client_certificate_is_accepted_by_an_etcd_requiring_client_certif
     let log = o.log(1);
     let want = format!("--etcd-keyfile {} is not the private key of --etcd-certfile", pki.arg("other.key"));
     assert!(log.contains(&want), "the log does not say {want:?}:\n{log}");
-}
-
-/// The most tries a start-up wait can make within `elapsed`: the first at
-/// once, then one after each of the Backoff's waits (200 ms doubling to
-/// 5 s, flanneld-rs's `subnet::Backoff`). A spinning loop makes far more.
-fn max_tries(elapsed: Duration) -> usize {
-    let (mut at, mut wait, mut tries) = (Duration::ZERO, Duration::from_millis(200), 1);
-    loop {
-        at += wait;
-        if at > elapsed {
-            return tries;
-        }
-        tries += 1;
-        wait = (wait * 2).min(Duration::from_secs(5));
-    }
 }
 
 /// Lines of `log` that contain each of `needles`.

@@ -357,3 +357,49 @@ fn in_cluster_configuration_and_the_node_found_through_our_pod() {
     assert!(env.contains("FLANNEL_SUBNET=10.244.1.1/24\n"), "{env}");
     proc.stop();
 }
+
+/// "A daemon started while the API server is not up waits for it with a
+/// bounded backoff, says what it waits for, and carries on when it comes":
+/// the API server is stopped, the daemon started, the server started again
+/// `FLANNEL_RS_LATE_START_SECS` (default 20) later. The tries (logged at
+/// debug level) stay within what the Backoff allows in that time, and the
+/// wait is said once, then every 30 s.
+#[test]
+fn a_daemon_started_before_the_api_server_waits_for_it_and_carries_on() {
+    if !ready() {
+        return;
+    }
+    let delay = Duration::from_secs(e2e_tests::faults::knob("FLANNEL_RS_LATE_START_SECS", 20));
+    let mut ko = KubeOverlay::new(2);
+    ko.create_node(0);
+    ko.create_node(1);
+    ko.api.stop();
+    let mut env = vec![("NODE_NAME".to_string(), KubeOverlay::node_name(0))];
+    env.push(("FLANNELD_LOG".into(), "warn,flanneld_rs=info,flanneld_rs::subnet=debug".into()));
+    ko.o.set_env(0, &env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect::<Vec<_>>());
+    let started = std::time::Instant::now();
+    ko.o.spawn(0);
+    let what = "node node0 from the Kubernetes API server";
+    wait_until(delay.max(Duration::from_secs(10)), "the daemon to say what it waits for", || {
+        ko.o.log(0).contains(&format!("waiting for {what}"))
+    });
+    // The late API server: the test's premise, not a wait for a condition.
+    std::thread::sleep(delay.saturating_sub(started.elapsed()));
+    let log = ko.o.log(0);
+    let elapsed = started.elapsed();
+    let lines = |needles: &[&str]| log.lines().filter(|l| needles.iter().all(|n| l.contains(n))).count();
+    let said = lines(&[&format!("waiting for {what}")]);
+    let said_bound = 1 + (elapsed.as_secs() / 30) as usize;
+    assert!((1..=said_bound).contains(&said), "said {said} times that it waits (at most {said_bound}):\n{log}");
+    let tries = lines(&["DEBUG", " try ", &format!(" for {what}"), " failed: "]);
+    let bound = e2e_tests::faults::max_tries(elapsed);
+    assert!(tries >= 2 && tries <= bound, "{tries} tries in {elapsed:?} (the Backoff allows {bound}):\n{log}");
+    eprintln!("waited {elapsed:?}: {tries} tries (bound {bound}), said {said} times");
+
+    let outside = ko.o.cluster.outside().unwrap();
+    ko.api.restart(outside);
+    ko.o.wait_ready(0);
+    ko.o.start(1);
+    ko.wait_converged(0);
+    ko.wait_converged(1);
+}
