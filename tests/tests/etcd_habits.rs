@@ -203,7 +203,8 @@ fn assert_waited_without_spinning(o: &Overlay, what: &str, started: Instant) -> 
     let tries = count(&log, &["DEBUG", " try ", &format!(" for {what}"), " failed: "]);
     let bound = max_tries(elapsed);
     assert!(tries >= 2 && tries <= bound, "{tries} tries logged in {elapsed:?} (the Backoff allows {bound}):\n{log}");
-    eprintln!("waited {elapsed:?}: {tries} tries (bound {bound}), said {said} times");
+    let first = log.lines().find(|l| l.contains(&format!("waiting for {what}"))).unwrap_or_default();
+    eprintln!("waited {elapsed:?}: {tries} tries (bound {bound}), said {said} times; first: {first}");
     tries
 }
 
@@ -278,4 +279,37 @@ fn a_daemon_started_before_etcd_waits_for_it_and_carries_on() {
     o.wait_converged(0);
     o.wait_converged(1);
     assert!(has_lease(&o, 0), "no lease for node0: {:?}", leases(o.outside()));
+}
+
+/// "`diagnose` does not wait": against an etcd that is not there, and
+/// against one without the network configuration, it reports the error and
+/// exits non-zero (by itself: the 20-s guard below only catches a hang).
+#[test]
+fn diagnose_reports_an_absent_etcd_or_configuration_instead_of_waiting() {
+    if !require_root() {
+        return;
+    }
+    let cluster = Cluster::with_outside(1).unwrap();
+    let mut o = Overlay::with_etcd(cluster, Etcd::stopped(), None);
+    let run = |o: &Overlay| {
+        let mut cmd = o.daemon_command(0);
+        let child = cmd.args(["diagnose", "--json"]).stdout(std::process::Stdio::piped());
+        let mut child = child.stderr(std::process::Stdio::piped()).spawn().unwrap();
+        let mut status = None;
+        wait_until(Duration::from_secs(20), "diagnose to exit by itself", || {
+            status = child.try_wait().unwrap();
+            status.is_some()
+        });
+        let out = child.wait_with_output().unwrap();
+        (out.status, String::from_utf8_lossy(&out.stderr).to_string())
+    };
+    let (status, err) = run(&o);
+    assert!(!status.success(), "diagnose without etcd: {status}\n{err}");
+    assert!(err.contains("etcd at http://192.0.2.200:2379") && !err.contains("waiting for"), "{err}");
+
+    let outside = o.cluster.outside().unwrap();
+    o.etcd.restart(outside);
+    let (status, err) = run(&o);
+    assert!(!status.success(), "diagnose without the configuration: {status}\n{err}");
+    assert!(err.contains("/coreos.com/network/config does not exist") && !err.contains("waiting for"), "{err}");
 }

@@ -157,6 +157,7 @@ impl Waiter {
 
     /// After a transient failure: says so when due, then sleeps.
     pub async fn failed(&mut self, e: &StoreError) {
+        let e = with_causes(e);
         let now = std::time::Instant::now();
         self.tries += 1;
         let wait = self.backoff.next_delay();
@@ -193,6 +194,22 @@ impl Waiter {
             log::info!("got {} after {:.1?} ({} failed tries)", self.what, started.elapsed(), self.tries);
         }
     }
+}
+
+/// `e` and what caused it ("transport error: ... : connection refused"):
+/// the clients' top-level messages alone ("transport error") do not say why.
+fn with_causes(e: &StoreError) -> String {
+    let mut out = e.to_string();
+    let mut cause = std::error::Error::source(e);
+    while let Some(c) = cause {
+        let text = c.to_string();
+        if !out.ends_with(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        cause = c.source();
+    }
+    out
 }
 
 /// Runs a store call until it works or fails for good (see [`Waiter`]):
