@@ -266,6 +266,9 @@ case "$backend" in
     ;;
   *) fail "K8S_E2E_BACKEND=$backend: not one of vxlan, host-gw, udp" ;;
 esac
+# The DaemonSet runs on nodes labelled flannel-rs.io/enabled=true only (see
+# the manifest's header): a new cluster labels all of them.
+kc label nodes --all flannel-rs.io/enabled=true
 say "kubectl apply -f deploy/kube-flannel-rs.yml (backend $backend)"
 t_apply=$(ms_now)
 kc apply -f "$manifest"
@@ -275,7 +278,7 @@ all_ready() {
   [ "$ready" -eq "$nodes" ]
 }
 ds_ready() {
-  [ "$(kcq -n kube-flannel get ds kube-flannel-rs-ds -o jsonpath='{.status.numberReady}')" = "$nodes" ]
+  [ "$(kcq -n kube-flannel-rs get ds kube-flannel-rs-ds -o jsonpath='{.status.numberReady}')" = "$nodes" ]
 }
 # What the init containers and the daemon leave on every node: the plugin,
 # the conflist and subnet.env.
@@ -294,7 +297,7 @@ for _ in $(seq 600); do
   [ -n "$t_files" ] && [ -n "$t_ds_ready" ] && [ -n "$t_nodes_ready" ] && break
   sleep 0.2
 done
-kc -n kube-flannel get pods -o wide
+kc -n kube-flannel-rs get pods -o wide
 kc get nodes
 [ -n "$t_nodes_ready" ] || fail "nodes not Ready within 120 s of kubectl apply"
 [ -n "$t_ds_ready" ] || fail "DaemonSet pods not ready"
@@ -470,8 +473,8 @@ for i in $(seq 0 $((nodes - 1))); do
 done
 sleep 2
 t_roll=$(ms_now)
-kc -n kube-flannel set image ds/kube-flannel-rs-ds "*=flannel-rs:$roll_tag"
-kc -n kube-flannel rollout status ds/kube-flannel-rs-ds --timeout=300s
+kc -n kube-flannel-rs set image ds/kube-flannel-rs-ds "*=flannel-rs:$roll_tag"
+kc -n kube-flannel-rs rollout status ds/kube-flannel-rs-ds --timeout=300s
 roll_ms=$(( $(ms_now) - t_roll ))
 sleep 2
 touch "$work/stop-traffic"
@@ -484,12 +487,12 @@ for i in $(seq 0 $((nodes - 1))); do
   req_ok=$((req_ok + a)) req_bad=$((req_bad + b))
   [ "$a" -gt 0 ] || idle+=("node$i")
 done
-kc -n kube-flannel get pods -o custom-columns=NAME:.metadata.name,NODE:.spec.nodeName,IMAGE:.spec.containers[0].image,READY:.status.containerStatuses[0].ready
+kc -n kube-flannel-rs get pods -o custom-columns=NAME:.metadata.name,NODE:.spec.nodeName,IMAGE:.spec.containers[0].image,READY:.status.containerStatuses[0].ready
 echo "rollout took $roll_ms ms; requests during it: $req_ok ok, $req_bad failed"
 [ -s "$work/traffic-errors.log" ] && sort "$work/traffic-errors.log" | uniq -c | head
 # "No request failed" says nothing about a client that had no success at all.
 [ ${#idle[@]} -eq 0 ] || fail "no request succeeded during the rollout from the client on ${idle[*]}"
-[ "$(kcq -n kube-flannel get pods -o jsonpath='{range .items[*]}{.spec.containers[0].image}{"\n"}{end}' | grep -c ":$roll_tag$")" -eq "$nodes" ] \
+[ "$(kcq -n kube-flannel-rs get pods -o jsonpath='{range .items[*]}{.spec.containers[0].image}{"\n"}{end}' | grep -c ":$roll_tag$")" -eq "$nodes" ] \
   || fail "not every flanneld-rs pod runs $roll_tag"
 if [ "$backend" = udp ]; then
   # A user-space data path: each node's pods are cut off from the old pod's

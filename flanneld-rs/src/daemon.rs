@@ -23,6 +23,7 @@ use crate::reconcile::driver::{setup_firewall, Driver, Node, Timers};
 use crate::subnet::etcd::{EtcdOptions, EtcdStore};
 use crate::subnet::kube::{KubeOptions, KubeStore};
 use crate::subnet::LeaseStore;
+use crate::waiting;
 
 /// The etcd options from the flags.
 pub fn etcd_options(opts: &Opts) -> EtcdOptions {
@@ -73,11 +74,23 @@ pub struct Prepared {
 
 /// Start-up up to the lease, for any store: the configuration, the
 /// interface (with what the store says about this node), the backend (with
-/// the VTEP MAC kept across restarts).
-pub async fn start(nl: &Netlink, opts: &Opts, store: &mut impl LeaseStore) -> anyhow::Result<Prepared> {
-    let cfg = store.network_config().await?;
+/// the VTEP MAC kept across restarts). With `wait` (the daemon), a store
+/// that is not reachable yet, or an etcd without the network configuration
+/// yet, is waited for (see [`crate::subnet::Waiter`]); without (`diagnose`),
+/// the first failure is the answer.
+pub async fn start(nl: &Netlink, opts: &Opts, store: &mut impl LeaseStore, wait: bool) -> anyhow::Result<Prepared> {
+    let describe = store.describe();
+    let cfg = if wait {
+        waiting!(format!("the network configuration from {describe}"), store.network_config().await)?
+    } else {
+        store.network_config().await?
+    };
     info!("network {} (subnets /{}), backend {}", cfg.network, cfg.subnet_len, cfg.backend.type_name());
-    let hints = store.hints(&cfg).await?;
+    let hints = if wait {
+        waiting!(format!("this node's settings from {describe}"), store.hints(&cfg).await)?
+    } else {
+        store.hints(&cfg).await?
+    };
     let mut selection = iface::Selection::from_opts(opts);
     if hints.public_ip.is_some() {
         selection.public_ip = hints.public_ip;
@@ -85,7 +98,11 @@ pub async fn start(nl: &Netlink, opts: &Opts, store: &mut impl LeaseStore) -> an
     selection.advertise = hints.advertise;
     let ext = selection.select(nl).await?;
     info!("using interface {} ({}), public IP {}", ext.name, ext.addr, ext.public_ip);
-    let advertised = store.advertised_mac(&cfg, ext.public_ip).await?;
+    let advertised = if wait {
+        waiting!(format!("this node's lease from {describe}"), store.advertised_mac(&cfg, ext.public_ip).await)?
+    } else {
+        store.advertised_mac(&cfg, ext.public_ip).await?
+    };
     let backend = Backend::for_config(&cfg, &ext, backend::vtep_mac(nl, &cfg, advertised).await?)?;
     Ok(Prepared { cfg, ext, backend, selection })
 }
@@ -106,10 +123,15 @@ pub async fn run(opts: Opts) -> anyhow::Result<()> {
         bail!("--network-policy needs --kube-subnet-mgr (policies come from the Kubernetes API)");
     }
     if opts.kube_subnet_mgr {
-        let store = KubeStore::connect(&kube_options(&opts), opts.net_config_path.clone()).await?;
+        let kube = kube_options(&opts);
+        let store = waiting!(
+            format!("the Kubernetes API server ({})", kube.api_url.as_deref().unwrap_or("from the kubeconfig")),
+            KubeStore::connect(&kube, opts.net_config_path.clone()).await
+        )?;
         run_with(opts, store, metrics).await
     } else {
-        let store = EtcdStore::connect(&etcd_options(&opts)).await?;
+        let etcd = etcd_options(&opts);
+        let store = waiting!(format!("etcd at {}", etcd.endpoints.join(",")), EtcdStore::connect(&etcd).await)?;
         run_with(opts, store, metrics).await
     }
 }
@@ -118,11 +140,12 @@ pub async fn run(opts: Opts) -> anyhow::Result<()> {
 async fn run_with(opts: Opts, mut store: impl LeaseStore, metrics: Arc<Metrics>) -> anyhow::Result<()> {
     let started = Instant::now();
     let nl = Netlink::connect()?;
-    let Prepared { cfg, ext, backend, selection } = start(&nl, &opts, &mut store).await?;
+    let Prepared { cfg, ext, backend, selection } = start(&nl, &opts, &mut store, true).await?;
     let t_prepared = started.elapsed();
 
     let previous = SubnetEnv::load(&opts.subnet_file).ok().and_then(|e| e.subnet).map(|s| s.trunc());
-    let own = store.acquire(&cfg, &backend.lease_attrs(ext.public_ip), previous).await?;
+    let attrs = backend.lease_attrs(ext.public_ip);
+    let own = waiting!(format!("a lease from {}", store.describe()), store.acquire(&cfg, &attrs, previous).await)?;
     info!("lease {} ({}), {}", own.subnet, own.source, backend.describe());
     let mut events = store.watch(&cfg);
     // The watcher's first complete list is the starting lease set.
@@ -153,7 +176,11 @@ async fn run_with(opts: Opts, mut store: impl LeaseStore, metrics: Arc<Metrics>)
     for done in setup_firewall(fw).await.map_err(|e| anyhow::anyhow!("{}: {e}", fw.describe()))? {
         info!("firewall: {done}");
     }
-    driver.store_mut().node_ready(opts.set_node_network_unavailable).await?;
+    let describe = driver.store_mut().describe();
+    waiting!(
+        format!("{describe} to take the node's readiness"),
+        driver.store_mut().node_ready(opts.set_node_network_unavailable).await
+    )?;
     if opts.network_policy {
         let (client, node_name) =
             driver.store_mut().kube_client().context("--network-policy needs the Kubernetes API")?;

@@ -95,7 +95,7 @@ async fn run_with(opts: &Opts, json_out: bool, mut store: impl LeaseStore) -> an
     let nl = Netlink::connect()?;
     let mut findings = Vec::new();
     // The daemon's own start-up, up to the lease.
-    let Prepared { cfg, ext, backend, .. } = start(&nl, opts, &mut store).await?;
+    let Prepared { cfg, ext, backend, .. } = start(&nl, opts, &mut store, false).await?;
     let listing = store.list(&cfg).await?;
     for e in listing.unusable {
         findings.push(Finding { kind: "note", what: format!("lease not usable: {e}"), fix: "fix or delete it".into() });

@@ -273,3 +273,18 @@ impl CreateWatch {
         names
     }
 }
+
+/// The most tries a start-up wait can make within `elapsed`: the first at
+/// once, then one after each of the Backoff's waits (200 ms doubling to
+/// 5 s, flanneld-rs's `subnet::Backoff`). A spinning loop makes far more.
+pub fn max_tries(elapsed: Duration) -> usize {
+    let (mut at, mut wait, mut tries) = (Duration::ZERO, Duration::from_millis(200), 1);
+    loop {
+        at += wait;
+        if at > elapsed {
+            return tries;
+        }
+        tries += 1;
+        wait = (wait * 2).min(Duration::from_secs(5));
+    }
+}

@@ -149,6 +149,33 @@ impl ApiServer {
         self.proc.stop();
     }
 
+    /// Starts kube-controller-manager in `ns` (the outside host) with only
+    /// `controllers` (e.g. `daemonset,serviceaccount-token`), as the admin; stopped when the
+    /// returned process is dropped. No kubelet or scheduler runs: the
+    /// DaemonSet controller's pods stay unbound, each naming its node in its
+    /// node affinity (`matchFields metadata.name`).
+    pub fn start_controller_manager(&self, ns: &Netns, controllers: &str) -> Proc {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("controller-manager.log"))
+            .unwrap();
+        let child = ns
+            .command(kube_dir().join("kube-controller-manager"))
+            .arg(format!("--kubeconfig={}", self.admin.display()))
+            .arg(format!("--controllers={controllers}"))
+            .args(["--leader-elect=false", "--port=0", "--secure-port=0", "--profiling=false"])
+            // For the serviceaccount-token controller (pods need their
+            // ServiceAccount's token secret before they are admitted).
+            .arg(format!("--service-account-private-key-file={}", self.dir.join("sa.key").display()))
+            .arg(format!("--root-ca-file={}", self.dir.join("ca.crt").display()))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        Proc(Some(child))
+    }
+
     /// Runs kubectl as the admin, from inside the outside host.
     pub fn kubectl(&self, args: &[&str]) -> Output {
         self.kubectl_as(&self.admin, args, None)
@@ -315,11 +342,11 @@ impl KubeOverlay {
         let api = ApiServer::start(o.outside(), o.dir.path(), 6443);
         let manifest = std::fs::read_to_string(manifest_path()).expect("deploy/kube-flannel-rs.yml");
         api.apply(&manifest);
-        let cm = api.get_json(&["configmap", "kube-flannel-rs-cfg", "-n", "kube-flannel"]);
+        let cm = api.get_json(&["configmap", "kube-flannel-rs-cfg", "-n", "kube-flannel-rs"]);
         let net_conf = o.dir.path().join("net-conf.json");
         let shipped = cm["data"]["net-conf.json"].as_str().expect("net-conf.json in the ConfigMap");
         std::fs::write(&net_conf, conf.unwrap_or(shipped)).unwrap();
-        let token = api.service_account_token("kube-flannel", "flannel-rs");
+        let token = api.service_account_token("kube-flannel-rs", "flannel-rs");
         let kubeconfig = o.dir.path().join("flannel-rs.kubeconfig");
         api.kubeconfig_for_token(&kubeconfig, &token);
         for i in 0..nodes {
@@ -374,4 +401,37 @@ impl KubeOverlay {
     pub fn kubectl_as_daemon(&self, args: &[&str]) -> Output {
         self.api.kubectl_as(&self.kubeconfig, args, None)
     }
+}
+
+/// Where flannel's own `kube-flannel.yml` (v0.20.2) is read from:
+/// `$FLANNEL_RS_UPSTREAM_MANIFEST`, else the unpacked upstream source in
+/// `/tmp/up`, else taken out of the upstream source archive
+/// (`$FLANNEL_RS_UPSTREAM_SRC`, default
+/// `/work/shared/upstream-flannel/flannel-v0.20.2.tar.gz`). `None` (after
+/// [`netns_fixtures::skip_or_fail`]) when none is there.
+pub fn upstream_manifest() -> Option<String> {
+    const IN_ARCHIVE: &str = "flannel-v0.20.2/Documentation/kube-flannel.yml";
+    if let Some(p) = std::env::var_os("FLANNEL_RS_UPSTREAM_MANIFEST") {
+        return Some(std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", Path::new(&p).display())));
+    }
+    if let Ok(text) = std::fs::read_to_string(Path::new("/tmp/up").join(IN_ARCHIVE)) {
+        return Some(text);
+    }
+    let archive = std::env::var("FLANNEL_RS_UPSTREAM_SRC")
+        .unwrap_or_else(|_| "/work/shared/upstream-flannel/flannel-v0.20.2.tar.gz".into());
+    match Command::new("tar").args(["-xzOf", &archive, IN_ARCHIVE]).output() {
+        Ok(out) if out.status.success() => Some(String::from_utf8(out.stdout).expect("UTF-8 manifest")),
+        _ => {
+            netns_fixtures::skip_or_fail(&format!(
+                "flannel's kube-flannel.yml is not available: set FLANNEL_RS_UPSTREAM_MANIFEST to it, or \
+                 FLANNEL_RS_UPSTREAM_SRC to flannel's v0.20.2 source archive (tried {archive})"
+            ));
+            None
+        }
+    }
+}
+
+/// `deploy/flannel-avoid-flannel-rs-nodes.yml`: the patch for flannel's DaemonSet.
+pub fn upstream_patch_path() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/flannel-avoid-flannel-rs-nodes.yml")
 }

@@ -52,28 +52,46 @@ impl Drop for Proc {
 pub struct Etcd {
     proc: Proc,
     dir: tempfile::TempDir,
+    /// More flags (e.g. a TLS listener beside [`ETCD`]).
+    extra: Vec<String>,
 }
 
 impl Etcd {
-    fn args(dir: &Path) -> Vec<String> {
-        vec![
+    fn args(&self) -> Vec<String> {
+        let dir = self.dir.path();
+        let mut client_urls = vec![ETCD.to_string()];
+        let mut extra = self.extra.clone();
+        if let Some(i) = extra.iter().position(|a| a == "--also-listen") {
+            client_urls.push(extra.remove(i + 1));
+            extra.remove(i);
+        }
+        let mut args = vec![
             "--data-dir".into(),
             dir.join("data").display().to_string(),
             "--listen-client-urls".into(),
-            ETCD.into(),
+            client_urls.join(","),
             "--advertise-client-urls".into(),
-            ETCD.into(),
+            client_urls.join(","),
             "--listen-peer-urls".into(),
             "http://127.0.0.1:2380".into(),
             "--initial-advertise-peer-urls".into(),
             "http://127.0.0.1:2380".into(),
             "--initial-cluster".into(),
             "default=http://127.0.0.1:2380".into(),
-        ]
+        ];
+        args.extend(extra);
+        args
     }
 
     /// Starts etcd in `ns` and waits until it answers.
     pub fn start(ns: &Netns) -> Etcd {
+        let mut e = Etcd::stopped();
+        e.restart(ns);
+        e
+    }
+
+    /// An etcd not started yet: [`Etcd::restart`] starts it.
+    pub fn stopped() -> Etcd {
         // On tmpfs when there is one: etcd fsyncs every write, and this disk's
         // fsync latency would otherwise dominate the control-plane figures.
         let dir = if std::path::Path::new("/dev/shm").is_dir() {
@@ -81,16 +99,32 @@ impl Etcd {
         } else {
             tempfile::tempdir().unwrap()
         };
-        let mut e = Etcd { proc: Proc(None), dir };
-        e.restart(ns);
-        e
+        Etcd { proc: Proc(None), dir, extra: Vec::new() }
+    }
+
+    /// From the next (re)start on, etcd also serves `url` (an `https://`
+    /// one) with the server certificate `cert`/`key`, and requires clients
+    /// there to present a certificate signed by `ca` (`--client-cert-auth`).
+    /// [`ETCD`] stays plain http, for the harness's etcdctl.
+    pub fn serve_tls(&mut self, url: &str, cert: &Path, key: &Path, ca: &Path) {
+        let path = |p: &Path| p.display().to_string();
+        self.extra = vec![
+            "--also-listen".into(),
+            url.into(),
+            "--cert-file".into(),
+            path(cert),
+            "--key-file".into(),
+            path(key),
+            "--trusted-ca-file".into(),
+            path(ca),
+            "--client-cert-auth".into(),
+        ];
     }
 
     /// (Re)starts etcd on the same data directory.
     pub fn restart(&mut self, ns: &Netns) {
         let log = std::fs::File::create(self.dir.path().join("etcd.log")).unwrap();
-        let child =
-            ns.command("etcd").args(Self::args(self.dir.path())).stdout(Stdio::null()).stderr(log).spawn().unwrap();
+        let child = ns.command("etcd").args(self.args()).stdout(Stdio::null()).stderr(log).spawn().unwrap();
         self.proc = Proc(Some(child));
         wait_until(Duration::from_secs(20), "etcd to answer", || etcdctl(ns, &["endpoint", "health"]).status.success());
     }
@@ -193,6 +227,8 @@ pub struct Overlay {
     pub daemons: Vec<Daemon>,
     /// Files of this overlay.
     pub dir: tempfile::TempDir,
+    /// `--etcd-endpoints` of the daemons.
+    endpoint: String,
 }
 
 impl Overlay {
@@ -205,9 +241,17 @@ impl Overlay {
     pub fn with_conf(nodes: usize, conf: &str) -> Overlay {
         let cluster = Cluster::with_outside(nodes).unwrap();
         let etcd = Etcd::start(cluster.outside().unwrap());
-        etcdctl_ok(cluster.outside().unwrap(), &["put", "/coreos.com/network/config", conf]);
+        Self::with_etcd(cluster, etcd, Some(conf))
+    }
+
+    /// On `cluster` with `etcd` (running, or not started yet when `conf` is
+    /// `None`); `conf`, if given, is written as the network configuration.
+    pub fn with_etcd(cluster: Cluster, etcd: Etcd, conf: Option<&str>) -> Overlay {
+        if let Some(conf) = conf {
+            etcdctl_ok(cluster.outside().unwrap(), &["put", "/coreos.com/network/config", conf]);
+        }
         let dir = tempfile::tempdir().unwrap();
-        let daemons = (0..nodes)
+        let daemons = (0..cluster.nodes().len())
             .map(|i| Daemon {
                 proc: Proc(None),
                 subnet_file: dir.path().join(format!("subnet{i}.env")),
@@ -218,7 +262,13 @@ impl Overlay {
                 ready_before: 0,
             })
             .collect();
-        Overlay { cluster, etcd, daemons, dir }
+        Overlay { cluster, etcd, daemons, dir, endpoint: ETCD.to_string() }
+    }
+
+    /// The `--etcd-endpoints` daemons get (from their next start on);
+    /// [`ETCD`] unless set.
+    pub fn set_etcd_endpoint(&mut self, endpoint: &str) {
+        self.endpoint = endpoint.to_string();
     }
 
     /// The outside host (where etcd runs).
@@ -504,7 +554,7 @@ impl Overlay {
     /// `flanneld-rs` inside node `i`, pointed at etcd and the node's subnet.env.
     pub fn daemon_command(&self, i: usize) -> std::process::Command {
         let mut cmd = self.bare_daemon_command(i);
-        cmd.args(["--etcd-endpoints", ETCD, "--subnet-file"]).arg(&self.daemons[i].subnet_file);
+        cmd.args(["--etcd-endpoints", &self.endpoint, "--subnet-file"]).arg(&self.daemons[i].subnet_file);
         cmd
     }
 

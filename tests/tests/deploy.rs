@@ -19,7 +19,9 @@ use serde_json::{json, Value};
 const MANIFEST: &str = "deploy/kube-flannel-rs.yml";
 /// The extra RBAC of `--network-policy`.
 const POLICY_RBAC: &str = "deploy/network-policy.yml";
-const NAMESPACE: &str = "kube-flannel";
+const NAMESPACE: &str = "kube-flannel-rs";
+/// The node label that moves a node from flannel's DaemonSet to ours.
+const LABEL: &str = "flannel-rs.io/enabled";
 /// The API server the Kubernetes tests run, and a current release.
 const K8S_VERSIONS: [&str; 2] = ["1.20.0", "1.30.0"];
 /// Where the image keeps the plugin the init container copies onto the host.
@@ -80,12 +82,17 @@ fn python_with_yaml() -> Option<PathBuf> {
 
 /// Every document of the manifest, as JSON, parsed by PyYAML (not by us).
 fn documents() -> Option<Vec<Value>> {
+    documents_of(&repo().join(MANIFEST))
+}
+
+/// Every document of a YAML file, as JSON, parsed by PyYAML.
+fn documents_of(path: &Path) -> Option<Vec<Value>> {
     let py = python_with_yaml()?;
     let script = "import json, sys, yaml\n\
                   docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d is not None]\n\
                   json.dump(docs, sys.stdout)";
-    let out = Command::new(py).args(["-c", script]).arg(repo().join(MANIFEST)).output().unwrap();
-    assert!(out.status.success(), "PyYAML cannot read {MANIFEST}: {}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(py).args(["-c", script]).arg(path).output().unwrap();
+    assert!(out.status.success(), "PyYAML cannot read {}: {}", path.display(), String::from_utf8_lossy(&out.stderr));
     Some(serde_json::from_slice(&out.stdout).unwrap())
 }
 
@@ -215,7 +222,10 @@ fn the_daemonset_runs_flanneld_rs_in_kube_mode_with_its_files_in_place() {
     let term = &pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"];
     assert_eq!(
         term[0]["matchExpressions"],
-        json!([{"key": "kubernetes.io/os", "operator": "In", "values": ["linux"]}])
+        json!([
+            {"key": "kubernetes.io/os", "operator": "In", "values": ["linux"]},
+            {"key": LABEL, "operator": "In", "values": ["true"]}
+        ])
     );
 
     let daemon = container(&pod["containers"], "kube-flannel-rs");
@@ -701,4 +711,146 @@ fn containerd_imports_the_archive_and_runs_its_programs() {
     assert!(out.status.success(), "scripts/check-image.sh:\n{text}");
     let version = env!("CARGO_PKG_VERSION");
     assert!(text.contains(&format!("image ok: docker.io/library/flannel-rs:{version}")), "{text}");
+}
+
+/// flannel's own bundle (kube-flannel.yml v0.20.2), parsed by PyYAML.
+fn upstream_documents() -> Option<Vec<Value>> {
+    let text = e2e_tests::kube::upstream_manifest()?;
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(file.path(), text).unwrap();
+    documents_of(file.path())
+}
+
+/// The one object of `kind` named `name` in `docs`.
+fn find_in<'a>(docs: &'a [Value], kind: &str, name: &str) -> &'a Value {
+    docs.iter()
+        .find(|d| d["kind"] == kind && d["metadata"]["name"] == name)
+        .unwrap_or_else(|| panic!("no {kind} {name} among {} documents", docs.len()))
+}
+
+/// `patch` applied to `target` as a JSON merge patch (RFC 7386). For the
+/// patch we ship this is also what a strategic merge does: the lists it
+/// sets (nodeSelectorTerms, matchExpressions) have no merge key, so both
+/// replace them.
+fn merge_patch(target: &mut Value, patch: &Value) {
+    match (target.as_object_mut(), patch.as_object()) {
+        (Some(t), Some(p)) => {
+            for (k, v) in p {
+                if v.is_null() {
+                    t.remove(k);
+                } else {
+                    merge_patch(t.entry(k.clone()).or_insert(Value::Null), v);
+                }
+            }
+        }
+        (_, _) if patch.is_object() => {
+            *target = json!({});
+            merge_patch(target, patch);
+        }
+        _ => *target = patch.clone(),
+    }
+}
+
+/// Whether a pod with `pod` (a pod spec) may run on a node with `labels`,
+/// by Kubernetes' rules for required node affinity: the terms ORed, each
+/// term's expressions ANDed; `NotIn` holds for a node without the label.
+fn runs_on(pod: &Value, labels: &BTreeMap<&str, &str>) -> bool {
+    assert!(pod.get("nodeSelector").is_none(), "a nodeSelector too: {}", pod["nodeSelector"]);
+    let required = &pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"];
+    let Some(terms) = required["nodeSelectorTerms"].as_array() else { return true };
+    terms.iter().any(|t| {
+        t["matchExpressions"].as_array().unwrap().iter().all(|e| {
+            let label = labels.get(e["key"].as_str().unwrap()).copied();
+            let values = e.get("values").map(str_list).unwrap_or_default();
+            let listed = label.is_some_and(|l| values.iter().any(|v| v == l));
+            match e["operator"].as_str().unwrap() {
+                "In" => listed,
+                "NotIn" => !listed,
+                "Exists" => label.is_some(),
+                "DoesNotExist" => label.is_none(),
+                op => panic!("operator {op} in {e}"),
+            }
+        })
+    })
+}
+
+/// The node-by-node migration (README, "Migrating from flannel, node by
+/// node"): flannel's DaemonSet with `deploy/flannel-avoid-flannel-rs-nodes.yml`
+/// patched in, and ours, split the Linux nodes by the label
+/// `flannel-rs.io/enabled=true`: every Linux node runs exactly one of the two
+/// (both write the same files), the label alone decides which, and the
+/// patch changes nothing of flannel's DaemonSet but adding that condition.
+#[test]
+fn flannels_patched_daemonset_and_ours_split_the_nodes_by_the_label() {
+    let Some(ours) = documents() else { return };
+    let Some(upstream) = upstream_documents() else { return };
+    let Some(patch) = documents_of(&e2e_tests::kube::upstream_patch_path()) else { return };
+    assert_eq!(patch.len(), 1, "{patch:#?}");
+    let flannel = find_in(&upstream, "DaemonSet", "kube-flannel-ds");
+    let mut patched = flannel.clone();
+    merge_patch(&mut patched, &patch[0]);
+    let terms =
+        "/spec/template/spec/affinity/nodeAffinity/requiredDuringSchedulingIgnoredDuringExecution/nodeSelectorTerms";
+    let (before, after) = (flannel.pointer(terms).unwrap(), patched.pointer(terms).unwrap());
+    let mut want = before[0]["matchExpressions"].as_array().unwrap().clone();
+    want.push(json!({"key": LABEL, "operator": "NotIn", "values": ["true"]}));
+    assert_eq!(after, &json!([{ "matchExpressions": want }]), "flannel's own condition, and ours");
+    let mut rest = patched.clone();
+    *rest.pointer_mut(terms).unwrap() = before.clone();
+    assert_eq!(&rest, flannel, "the patch changes more than the node affinity");
+
+    let ours = &find(&ours, "DaemonSet", "kube-flannel-rs-ds")["spec"]["template"]["spec"];
+    let flannel_pod = &patched["spec"]["template"]["spec"];
+    let linux = ("kubernetes.io/os", "linux");
+    // (a node's labels, which DaemonSet runs there)
+    type Case<'a> = (&'a [(&'a str, &'a str)], Option<&'a str>);
+    let cases: [Case; 6] = [
+        (&[linux], Some("flannel")),
+        (&[linux, (LABEL, "true")], Some("flannel-rs")),
+        (&[linux, (LABEL, "false")], Some("flannel")),
+        (&[linux, (LABEL, "")], Some("flannel")),
+        (&[("kubernetes.io/os", "windows"), (LABEL, "true")], None),
+        (&[(LABEL, "true")], None),
+    ];
+    for (labels, want) in cases {
+        let labels: BTreeMap<&str, &str> = labels.iter().copied().collect();
+        let runs = [("flannel", runs_on(flannel_pod, &labels)), ("flannel-rs", runs_on(ours, &labels))];
+        let got: Vec<&str> = runs.iter().filter(|(_, r)| *r).map(|(n, _)| *n).collect();
+        assert_eq!(got, want.into_iter().collect::<Vec<_>>(), "node labels {labels:?}");
+    }
+    // Unpatched, flannel's DaemonSet would run beside ours: why the patch is needed.
+    let moved: BTreeMap<&str, &str> = [linux, (LABEL, "true")].into_iter().collect();
+    assert!(runs_on(&flannel["spec"]["template"]["spec"], &moved));
+}
+
+/// "`kubectl delete -f` of one bundle never removes the other's objects":
+/// no object of ours has the kind, namespace and name of one of flannel's,
+/// none lives in flannel's namespace, and our binding names our own
+/// ServiceAccount.
+#[test]
+fn flannels_bundle_and_ours_share_no_object() {
+    let Some(ours) = documents() else { return };
+    let Some(upstream) = upstream_documents() else { return };
+    let key = |d: &Value| {
+        let m = &d["metadata"];
+        (
+            d["kind"].as_str().unwrap().to_string(),
+            m["namespace"].as_str().unwrap_or("").to_string(),
+            m["name"].as_str().unwrap().to_string(),
+        )
+    };
+    let theirs: BTreeSet<_> = upstream.iter().map(key).collect();
+    let their_namespaces: BTreeSet<String> =
+        theirs.iter().filter(|k| k.0 == "Namespace").map(|k| k.2.clone()).collect();
+    assert_eq!(their_namespaces, BTreeSet::from(["kube-flannel".to_string()]));
+    for d in &ours {
+        let k = key(d);
+        assert!(!theirs.contains(&k), "{k:?} is also in flannel's bundle");
+        assert!(!their_namespaces.contains(&k.1), "{k:?} lives in flannel's namespace");
+        if k.0 == "Namespace" {
+            assert!(!their_namespaces.contains(&k.2), "our Namespace {} is flannel's", k.2);
+        }
+    }
+    let binding = find(&ours, "ClusterRoleBinding", "flannel-rs");
+    assert_eq!(binding["subjects"], json!([{"kind": "ServiceAccount", "name": "flannel-rs", "namespace": NAMESPACE}]));
 }

@@ -54,7 +54,7 @@ fn kube_mode_pods_talk_across_nodes_with_the_shipped_rbac() {
     assert_eq!(binding["roleRef"]["name"], "flannel-rs");
     assert_eq!(
         binding["subjects"][0],
-        json!({"kind": "ServiceAccount", "name": "flannel-rs", "namespace": "kube-flannel"})
+        json!({"kind": "ServiceAccount", "name": "flannel-rs", "namespace": "kube-flannel-rs"})
     );
 
     // The token can read nodes and cannot do more.
@@ -299,7 +299,7 @@ fn in_cluster_configuration_and_the_node_found_through_our_pod() {
     ko.api.apply(
         &json!({
             "apiVersion": "v1", "kind": "Pod",
-            "metadata": { "name": "kube-flannel-rs-ds-abcde", "namespace": "kube-flannel" },
+            "metadata": { "name": "kube-flannel-rs-ds-abcde", "namespace": "kube-flannel-rs" },
             "spec": {
                 "nodeName": "node0", "serviceAccountName": "flannel-rs", "automountServiceAccountToken": false,
                 "containers": [{ "name": "flanneld-rs", "image": "flannel-rs:0.1.0" }]
@@ -312,9 +312,9 @@ fn in_cluster_configuration_and_the_node_found_through_our_pod() {
     // in the environment, as the kubelet provides them.
     let sa = ko.o.dir.path().join("sa");
     std::fs::create_dir_all(&sa).unwrap();
-    std::fs::write(sa.join("token"), ko.api.service_account_token("kube-flannel", "flannel-rs")).unwrap();
+    std::fs::write(sa.join("token"), ko.api.service_account_token("kube-flannel-rs", "flannel-rs")).unwrap();
     std::fs::copy(ko.api.dir.join("ca.crt"), sa.join("ca.crt")).unwrap();
-    std::fs::write(sa.join("namespace"), "kube-flannel").unwrap();
+    std::fs::write(sa.join("namespace"), "kube-flannel-rs").unwrap();
     let script = format!(
         "mount -t tmpfs tmpfs /run && mkdir -p /run/secrets/kubernetes.io && cp -r {} /run/secrets/kubernetes.io/serviceaccount && exec \"$@\"",
         sa.display()
@@ -336,7 +336,7 @@ fn in_cluster_configuration_and_the_node_found_through_our_pod() {
                 ("KUBERNETES_SERVICE_HOST", "192.0.2.200"),
                 ("KUBERNETES_SERVICE_PORT", "6443"),
                 ("POD_NAME", "kube-flannel-rs-ds-abcde"),
-                ("POD_NAMESPACE", "kube-flannel"),
+                ("POD_NAMESPACE", "kube-flannel-rs"),
             ])
             .env_remove("NODE_NAME")
             .stdout(Stdio::null())
@@ -356,4 +356,158 @@ fn in_cluster_configuration_and_the_node_found_through_our_pod() {
     let env = std::fs::read_to_string(&d.subnet_file).unwrap();
     assert!(env.contains("FLANNEL_SUBNET=10.244.1.1/24\n"), "{env}");
     proc.stop();
+}
+
+/// "A daemon started while the API server is not up waits for it with a
+/// bounded backoff, says what it waits for, and carries on when it comes":
+/// the API server is stopped, the daemon started, the server started again
+/// `FLANNEL_RS_LATE_START_SECS` (default 20) later. The tries (logged at
+/// debug level) stay within what the Backoff allows in that time, and the
+/// wait is said once, then every 30 s.
+#[test]
+fn a_daemon_started_before_the_api_server_waits_for_it_and_carries_on() {
+    if !ready() {
+        return;
+    }
+    let delay = Duration::from_secs(e2e_tests::faults::knob("FLANNEL_RS_LATE_START_SECS", 20));
+    let mut ko = KubeOverlay::new(2);
+    ko.create_node(0);
+    ko.create_node(1);
+    ko.api.stop();
+    let mut env = vec![("NODE_NAME".to_string(), KubeOverlay::node_name(0))];
+    env.push(("FLANNELD_LOG".into(), "warn,flanneld_rs=info,flanneld_rs::subnet=debug".into()));
+    ko.o.set_env(0, &env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect::<Vec<_>>());
+    let started = std::time::Instant::now();
+    ko.o.spawn(0);
+    let what = "node node0 from the Kubernetes API server";
+    wait_until(delay.max(Duration::from_secs(10)), "the daemon to say what it waits for", || {
+        ko.o.log(0).contains(&format!("waiting for {what}"))
+    });
+    // The late API server: the test's premise, not a wait for a condition.
+    std::thread::sleep(delay.saturating_sub(started.elapsed()));
+    let log = ko.o.log(0);
+    let elapsed = started.elapsed();
+    let lines = |needles: &[&str]| log.lines().filter(|l| needles.iter().all(|n| l.contains(n))).count();
+    let said = lines(&[&format!("waiting for {what}")]);
+    let said_bound = 1 + (elapsed.as_secs() / 30) as usize;
+    assert!((1..=said_bound).contains(&said), "said {said} times that it waits (at most {said_bound}):\n{log}");
+    let tries = lines(&["DEBUG", " try ", &format!(" for {what}"), " failed: "]);
+    let bound = e2e_tests::faults::max_tries(elapsed);
+    assert!(tries >= 2 && tries <= bound, "{tries} tries in {elapsed:?} (the Backoff allows {bound}):\n{log}");
+    eprintln!("waited {elapsed:?}: {tries} tries (bound {bound}), said {said} times");
+
+    let outside = ko.o.cluster.outside().unwrap();
+    ko.api.restart(outside);
+    ko.o.wait_ready(0);
+    ko.o.start(1);
+    ko.wait_converged(0);
+    ko.wait_converged(1);
+}
+
+/// The nodes the DaemonSet controller made pods of `ds` (in `ns`) for:
+/// each pod names its node in its node affinity (no scheduler runs).
+fn daemon_pod_nodes(ko: &KubeOverlay, ns: &str, app: &str) -> Vec<String> {
+    let pods = ko.api.get_json(&["pods", "-n", ns, "-l", &format!("app={app}")]);
+    let mut nodes: Vec<String> = pods["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["metadata"]["deletionTimestamp"].is_null())
+        .map(|p| {
+            let terms = &p["spec"]["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"];
+            let field = &terms["nodeSelectorTerms"][0]["matchFields"][0];
+            assert_eq!(field["key"], "metadata.name", "{p}");
+            field["values"][0].as_str().unwrap().to_string()
+        })
+        .collect();
+    nodes.sort();
+    nodes
+}
+
+/// flannel's bundle (kube-flannel.yml v0.20.2) and ours in one cluster, as
+/// in the README's "Migrating from flannel, node by node": with
+/// `deploy/flannel-avoid-flannel-rs-nodes.yml` patched into flannel's
+/// DaemonSet, the real DaemonSet controller runs exactly one of the two on
+/// each node, and the label `flannel-rs.io/enabled=true` moves a node (and
+/// back). Then `kubectl delete -f deploy/kube-flannel-rs.yml` leaves every
+/// object of flannel's.
+#[test]
+fn flannels_bundle_and_ours_split_the_nodes_by_label_and_deleting_ours_leaves_flannels() {
+    if !ready() {
+        return;
+    }
+    let Some(upstream) = e2e_tests::kube::upstream_manifest() else { return };
+    let ko = KubeOverlay::new(1);
+    ko.api.apply(&upstream);
+    let nodes = ["node0", "node1", "node2"];
+    for n in nodes {
+        ko.api.create_node(n, None, &[]);
+    }
+    ko.api.kubectl_ok(&[&["label", "node"][..], &nodes, &["kubernetes.io/os=linux"]].concat());
+    let patch = e2e_tests::kube::upstream_patch_path();
+    let patch = patch.to_str().unwrap();
+    ko.api.kubectl_ok(&["-n", "kube-flannel", "patch", "daemonset", "kube-flannel-ds", "--patch-file", patch]);
+    let ds = ko.api.get_json(&["daemonset", "kube-flannel-ds", "-n", "kube-flannel"]);
+    let terms =
+        &ds["spec"]["template"]["spec"]["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"];
+    assert_eq!(
+        terms["nodeSelectorTerms"],
+        json!([{"matchExpressions": [
+            {"key": "kubernetes.io/os", "operator": "In", "values": ["linux"]},
+            {"key": "flannel-rs.io/enabled", "operator": "NotIn", "values": ["true"]}
+        ]}]),
+        "flannel's DaemonSet after the patch"
+    );
+
+    let outside = ko.o.cluster.outside().unwrap();
+    let _cm = ko.api.start_controller_manager(outside, "daemonset,serviceaccount-token");
+    let split = |ours: &[&str], theirs: &[&str], what: &str| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let got = (
+                daemon_pod_nodes(&ko, "kube-flannel-rs", "flannel-rs"),
+                daemon_pod_nodes(&ko, "kube-flannel", "flannel"),
+            );
+            if got.0 == ours && got.1 == theirs {
+                return;
+            }
+            if std::time::Instant::now() > deadline {
+                let log = std::fs::read_to_string(ko.api.dir.join("controller-manager.log")).unwrap_or_default();
+                let tail: Vec<String> = log.lines().rev().take(10).map(|l| l.chars().take(300).collect()).collect();
+                panic!(
+                    "{what}: pods of flannel-rs on {:?}, of flannel on {:?}; controller-manager:\n{tail:#?}",
+                    got.0, got.1
+                );
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    split(&[], &nodes, "flannel on every node, flannel-rs on none");
+    ko.api.kubectl_ok(&["label", "node", "node0", "flannel-rs.io/enabled=true"]);
+    split(&["node0"], &["node1", "node2"], "node0 moved to flannel-rs");
+    ko.api.kubectl_ok(&["label", "node", "node1", "flannel-rs.io/enabled=true"]);
+    split(&["node0", "node1"], &["node2"], "node1 moved to flannel-rs");
+    // Rolling node0 back: the label goes, flannel comes back.
+    ko.api.kubectl_ok(&["label", "node", "node0", "flannel-rs.io/enabled-"]);
+    split(&["node1"], &["node0", "node2"], "node0 back on flannel");
+
+    let ours = e2e_tests::kube::manifest_path();
+    ko.api.kubectl_ok(&["delete", "--wait=false", "-f", ours.to_str().unwrap()]);
+    let gone = |what: &[&str]| !ko.api.kubectl(&[&["get"][..], what].concat()).status.success();
+    assert!(gone(&["daemonset", "kube-flannel-rs-ds", "-n", "kube-flannel-rs"]));
+    assert!(gone(&["clusterrole", "flannel-rs"]));
+    for what in [
+        &["namespace", "kube-flannel"][..],
+        &["serviceaccount", "flannel", "-n", "kube-flannel"],
+        &["configmap", "kube-flannel-cfg", "-n", "kube-flannel"],
+        &["daemonset", "kube-flannel-ds", "-n", "kube-flannel"],
+        &["clusterrole", "flannel"],
+        &["clusterrolebinding", "flannel"],
+    ] {
+        let v = ko.api.get_json(what);
+        assert!(v["metadata"]["deletionTimestamp"].is_null(), "flannel's {what:?} is being deleted: {v}");
+    }
+    // flannel's DaemonSet keeps its pods (on node0, where ours was, again; no
+    // garbage collector runs here to remove our orphaned pod on node1).
+    assert_eq!(daemon_pod_nodes(&ko, "kube-flannel", "flannel"), ["node0", "node2"]);
 }

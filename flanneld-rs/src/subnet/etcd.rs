@@ -268,11 +268,26 @@ impl Connector {
 }
 
 /// TLS settings from `--etcd-cafile/--etcd-certfile/--etcd-keyfile`; `None`
-/// when none is given and no endpoint is `https://`.
+/// when every endpoint is `http://`: as flannel does, the files are then not
+/// used (and said so), and the client connects without TLS.
 fn tls_options(opts: &EtcdOptions) -> Result<Option<etcd_client::TlsOptions>, StoreError> {
-    let https = opts.endpoints.iter().any(|e| e.starts_with("https://"));
-    if opts.cafile.is_none() && opts.certfile.is_none() && opts.keyfile.is_none() && !https {
+    let given = opts.cafile.is_some() || opts.certfile.is_some() || opts.keyfile.is_some();
+    let plain = opts.endpoints.iter().filter(|e| e.starts_with("http://")).count();
+    if plain == opts.endpoints.len() {
+        if given {
+            log::info!(
+                "--etcd-cafile/--etcd-certfile/--etcd-keyfile are not used: every etcd endpoint is http:// ({})",
+                opts.endpoints.join(",")
+            );
+        }
         return Ok(None);
+    }
+    if plain > 0 {
+        // etcd-client uses one TLS setting for all endpoints.
+        return Err(StoreError::Invalid(format!(
+            "--etcd-endpoints {}: mixes http:// and https:// endpoints; use one scheme for all",
+            opts.endpoints.join(",")
+        )));
     }
     let read = |flag: &str, p: &std::path::Path| {
         std::fs::read(p).map_err(|e| StoreError::Invalid(format!("--{flag} {}: {e}", p.display())))
@@ -283,8 +298,17 @@ fn tls_options(opts: &EtcdOptions) -> Result<Option<etcd_client::TlsOptions>, St
     }
     match (&opts.certfile, &opts.keyfile) {
         (Some(cert), Some(key)) => {
-            tls =
-                tls.identity(etcd_client::Identity::from_pem(read("etcd-certfile", cert)?, read("etcd-keyfile", key)?));
+            let (cert_pem, key_pem) = (read("etcd-certfile", cert)?, read("etcd-keyfile", key)?);
+            super::etcd_tls::check_identity(
+                &cert_pem,
+                &cert.display().to_string(),
+                &key_pem,
+                &key.display().to_string(),
+            )
+            .map_err(StoreError::Invalid)?;
+            // X.509 version 1 client certificates work (see etcd_tls).
+            super::etcd_tls::use_any_version_client_certs();
+            tls = tls.identity(etcd_client::Identity::from_pem(cert_pem, key_pem));
         }
         (None, None) => {}
         (Some(_), None) => return Err(StoreError::Invalid("--etcd-certfile needs --etcd-keyfile".into())),

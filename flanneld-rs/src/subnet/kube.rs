@@ -30,7 +30,7 @@ use serde_json::json;
 use tokio::sync::mpsc;
 
 use super::kube_annotations::{self as ann, keys};
-use super::{Backoff, StoreError};
+use super::{Backoff, StoreError, Waiter};
 use crate::config::NetworkConfig;
 use crate::lease::{Lease, LeaseAttrs, LeaseEvent, LeaseSet};
 
@@ -225,27 +225,30 @@ impl KubeSubnetManager {
     }
 
     /// Waits until our Node exists and has a podCIDR; says what it waits
-    /// for every 30 seconds.
+    /// for every 30 seconds. While the API server does not answer, the
+    /// requests are tried again with the [`Backoff`] (see [`Waiter`]).
     pub async fn wait_for_pod_cidr(&self) -> Result<(Node, String), StoreError> {
         let mut said = false;
+        let what = format!("node {} from the Kubernetes API server {}", self.node_name, self.server);
         // An API server that refuses connections fails both requests at
         // once: without a pause between tries this loop would spin.
-        let mut backoff = Backoff::default();
+        let mut waiter = Waiter::new(what.clone());
         loop {
             match self.nodes.get_opt(&self.node_name).await {
                 Ok(Some(n)) => {
                     if let Some(c) = pod_cidr(&n) {
+                        waiter.done();
                         return Ok((n, c));
                     }
                 }
                 Ok(None) => {}
                 Err(e) => {
-                    let wait = backoff.next_delay();
-                    warn!("get node {}: {e}; trying again in {wait:?}", self.node_name);
-                    tokio::time::sleep(wait).await;
+                    waiter.failed(&api(format!("get node {}", self.node_name))(e)).await;
                     continue;
                 }
             }
+            waiter.done();
+            waiter = Waiter::new(what.clone());
             if !said {
                 info!(
                     "waiting for node {} to exist and have spec.podCIDR (kube-controller-manager \
@@ -259,11 +262,10 @@ impl KubeSubnetManager {
             match tokio::time::timeout(Duration::from_secs(30), waited).await {
                 // Say again what we wait for.
                 Err(_) => said = false,
-                Ok(Ok(_)) => backoff.reset(),
+                Ok(Ok(_)) => {}
                 Ok(Err(e)) => {
-                    let wait = backoff.next_delay();
-                    warn!("watch node {}: {e}; trying again in {wait:?}", self.node_name);
-                    tokio::time::sleep(wait).await;
+                    let e = StoreError::Invalid(format!("watch node {}: {e}", self.node_name));
+                    waiter.failed(&e).await;
                 }
             }
         }

@@ -8,6 +8,7 @@
 //! loop a full snapshot after every change.
 
 pub mod etcd;
+pub mod etcd_tls;
 pub mod kube;
 pub mod kube_annotations;
 
@@ -96,6 +97,137 @@ pub enum StoreError {
         /// What we found instead.
         why: String,
     },
+}
+
+impl StoreError {
+    /// Whether trying again later may work: the server is not reachable
+    /// (yet), did not answer, is overloaded, or (etcd) the network
+    /// configuration is not written yet. Bad options, refused credentials
+    /// and unusable configurations are not.
+    pub fn is_transient(&self) -> bool {
+        use etcd_client::Error as E;
+        use tonic::Code;
+        match self {
+            StoreError::Timeout { .. } | StoreError::ConfigMissing { .. } => true,
+            StoreError::Etcd { source, .. } => match source {
+                E::TransportError(_) | E::IoError(_) => true,
+                E::GRpcStatus(s) => matches!(
+                    s.code(),
+                    Code::Unavailable
+                        | Code::DeadlineExceeded
+                        | Code::Unknown
+                        | Code::Aborted
+                        | Code::ResourceExhausted
+                ),
+                _ => false,
+            },
+            StoreError::Kube { source, .. } => match source {
+                ::kube::Error::HyperError(_) | ::kube::Error::Service(_) => true,
+                ::kube::Error::Api(s) => s.code >= 500 || s.code == 429,
+                _ => false,
+            },
+            _ => false,
+        }
+    }
+}
+
+/// Start-up's patience with a server that is not there yet: a step that
+/// fails with a [transient](StoreError::is_transient) error is tried again
+/// after the [`Backoff`]'s next wait, forever. What it waits for is said
+/// (with the last error) at the first failure and then every
+/// [`Waiter::SAY_EVERY`]; each try is logged at debug level.
+#[derive(Debug)]
+pub struct Waiter {
+    what: String,
+    backoff: Backoff,
+    tries: u32,
+    started: Option<std::time::Instant>,
+    said: Option<std::time::Instant>,
+}
+
+impl Waiter {
+    /// How often a wait is said again at info level.
+    pub const SAY_EVERY: Duration = Duration::from_secs(30);
+
+    /// For a step described by `what` ("the network configuration from
+    /// etcd at ...").
+    pub fn new(what: impl Into<String>) -> Waiter {
+        Waiter { what: what.into(), backoff: Backoff::default(), tries: 0, started: None, said: None }
+    }
+
+    /// After a transient failure: says so when due, then sleeps.
+    pub async fn failed(&mut self, e: &StoreError) {
+        let e = with_causes(e);
+        let now = std::time::Instant::now();
+        self.tries += 1;
+        let wait = self.backoff.next_delay();
+        let started = *self.started.get_or_insert(now);
+        match self.said {
+            None => {
+                log::warn!(
+                    "waiting for {}: {e}; trying again with backoff ({:?} up to {:?}), said again every {:?}",
+                    self.what,
+                    Backoff::MIN,
+                    Backoff::MAX,
+                    Self::SAY_EVERY
+                );
+                self.said = Some(now);
+            }
+            Some(t) if now.duration_since(t) >= Self::SAY_EVERY => {
+                log::info!(
+                    "still waiting for {} ({:.0?}, {} tries): {e}",
+                    self.what,
+                    now.duration_since(started),
+                    self.tries
+                );
+                self.said = Some(now);
+            }
+            Some(_) => {}
+        }
+        log::debug!("try {} for {} failed: {e}; next try in {wait:?}", self.tries, self.what);
+        tokio::time::sleep(wait).await;
+    }
+
+    /// After the step worked: says so if it had to wait.
+    pub fn done(&self) {
+        if let Some(started) = self.started {
+            log::info!("got {} after {:.1?} ({} failed tries)", self.what, started.elapsed(), self.tries);
+        }
+    }
+}
+
+/// `e` and what caused it ("transport error: ... : connection refused"):
+/// the clients' top-level messages alone ("transport error") do not say why.
+fn with_causes(e: &StoreError) -> String {
+    let mut out = e.to_string();
+    let mut cause = std::error::Error::source(e);
+    while let Some(c) = cause {
+        let text = c.to_string();
+        if !out.ends_with(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        cause = c.source();
+    }
+    out
+}
+
+/// Runs a store call until it works or fails for good (see [`Waiter`]):
+/// `waiting!("what", store.call(...).await)`.
+#[macro_export]
+macro_rules! waiting {
+    ($what:expr, $call:expr) => {{
+        let mut waiter = $crate::subnet::Waiter::new($what);
+        loop {
+            match $call {
+                Err(e) if e.is_transient() => waiter.failed(&e).await,
+                r => {
+                    waiter.done();
+                    break r;
+                }
+            }
+        }
+    }};
 }
 
 /// What a store says about this node before it takes a lease: addresses a
