@@ -1064,7 +1064,7 @@ mod tests {
         let hostgw = LeaseAttrs { backend: BackendType::HostGw, vxlan: None, ..vxlan_attrs() };
         assert_eq!(
             encode_value(&hostgw),
-            r#"{"PublicIP":"192.0.2.3","PublicIPv6":null,"BackendType":"host-gw","BackendData":null}"#
+            r#"{"PublicIP":"192.0.2.3","PublicIPv6":null,"BackendType":"host-gw"}"#
         );
     }
 
