@@ -386,7 +386,10 @@ mod tests {
         let udp = encode_value(&attrs(BackendType::Udp, None));
         // As flannel's udp backend writes it: no type, no data.
         assert_eq!(udp, r#"{"PublicIP":"192.0.2.7","PublicIPv6":null}"#);
-        assert_eq!(encode_value(&attrs(BackendType::HostGw, None)), r#"{"PublicIP":"192.0.2.7","PublicIPv6":null,"BackendType":"host-gw"}"#);
+        assert_eq!(
+            encode_value(&attrs(BackendType::HostGw, None)),
+            r#"{"PublicIP":"192.0.2.7","PublicIPv6":null,"BackendType":"host-gw"}"#
+        );
     }
 
     #[test]
