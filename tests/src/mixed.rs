@@ -87,16 +87,17 @@ pub fn start(o: &mut Overlay, i: usize, kind: Kind) {
             }
             if etcd_mode {
                 // Upstream v0.20.2's etcd watch takes one event per watch
-                // and then watches again from "now": a lease written between
-                // its snapshot and the end of its first watch (etcd answers
-                // a watch from a past revision on its next 100-ms tick) is
-                // never seen. Its own-lease watch ends that first round on
-                // the same tick and logs "Waiting for ... to renew lease" a
-                // second time, and its lease watch ends it on the same or
-                // the next tick. Once both watch "from now" again, etcd
-                // counts two watchers more than before and none "slow"
-                // (catching up with past revisions): only then may the next
-                // node write its lease.
+                // and then watches again from "now" (subnet/etcd/registry.go
+                // watchSubnets, local_manager.go WatchLeases): a lease
+                // written between its snapshot and the end of its first
+                // watch is never seen (observed: started back to back, the
+                // first upstream node programmed none of the nodes started
+                // after it). Its own-lease watch ends that first round and
+                // logs "Waiting for ... to renew lease" a second time; once
+                // both of its watches watch "from now", etcd counts two
+                // watchers more than before and none "slow" (catching up
+                // with past revisions): only then may the next node write
+                // its lease.
                 crate::wait_until_or(
                     Duration::from_secs(10),
                     &|| {
