@@ -73,6 +73,26 @@ fn assert_same_device(o: &Overlay, alive: &[usize], dev: &str, subnets: &dyn Fn(
     }
 }
 
+/// Node `i`'s subnet.env with its own subnet's address as `<own>`.
+fn subnet_env(o: &Overlay, i: usize) -> String {
+    let text = std::fs::read_to_string(&o.daemons[i].subnet_file).unwrap();
+    let net = o.subnet(i).network().octets();
+    text.replace(&format!("{}.{}.{}.", net[0], net[1], net[2]), "<own>.")
+}
+
+/// Every node's subnet.env is the same text, but for its own subnet.
+fn assert_same_subnet_env(o: &Overlay, kinds: &[Kind]) {
+    for i in 1..kinds.len() {
+        assert_eq!(
+            subnet_env(o, i),
+            subnet_env(o, 0),
+            "subnet.env of node{i} ({:?}) and node0 ({:?})",
+            kinds[i],
+            kinds[0]
+        );
+    }
+}
+
 /// Waits until a ping from every pod reaches every other pod (upstream's udp
 /// backend learns its peers a moment after it says it runs), then checks TCP
 /// both ways between every pair, source addresses kept.
@@ -103,6 +123,7 @@ fn etcd_mixed(backend: &str, dev: Option<&str>, per_peer: bool, port_base: u16) 
     }
     let mut o = Overlay::with_conf(4, &conf(backend));
     start_nodes(&mut o, &KINDS);
+    assert_same_subnet_env(&o, &KINDS);
     let all = [0, 1, 2, 3];
     // The leases both kinds write are alike: same keys, same fields.
     let values: Vec<serde_json::Value> = e2e_tests::overlay::leases(o.outside()).into_values().collect();
@@ -197,6 +218,7 @@ fn kube_mixed(backend: &str, dev: Option<&str>, per_peer: bool, port_base: u16) 
         ko.create_node(i);
     }
     start_nodes(&mut ko.o, &KINDS);
+    assert_same_subnet_env(&ko.o, &KINDS);
     let all = [0, 1, 2, 3];
     // Both kinds annotate their Node alike.
     let ann: Vec<BTreeSet<String>> = (0..4)
@@ -221,6 +243,16 @@ fn kube_mixed(backend: &str, dev: Option<&str>, per_peer: bool, port_base: u16) 
                 .collect()
         })
         .collect();
+    // Both set the Node's NetworkUnavailable condition alike.
+    let cond = |i: usize| {
+        let n = ko.api.get_json(&["node", &KubeOverlay::node_name(i)]);
+        let c = n["status"]["conditions"].as_array().cloned().unwrap_or_default();
+        c.into_iter()
+            .find(|c| c["type"] == "NetworkUnavailable")
+            .map(|c| format!("{} {} {}", c["status"], c["reason"], c["message"]))
+    };
+    assert!(cond(0).is_some(), "upstream set no NetworkUnavailable condition");
+    assert_eq!(cond(1), cond(0), "NetworkUnavailable of flanneld-rs (node1) and upstream (node0)");
     assert_eq!(ann[1], ann[0], "annotations of flanneld-rs (node1) and upstream (node0)");
     assert_eq!(ann[3], ann[2], "annotations of flanneld-rs (node3) and upstream (node2)");
 
