@@ -52,7 +52,17 @@ impl BackendType {
         }
     }
 
-    /// The name written in leases and annotations.
+    /// The name as written in leases and annotations, as flannel writes
+    /// it: its udp backend sets no type, so a udp lease has none (etcd: the
+    /// field is left out; Kubernetes: `backend-type: ""`).
+    pub fn wire_name(&self) -> &str {
+        match self {
+            BackendType::Udp => "",
+            other => other.as_str(),
+        }
+    }
+
+    /// The backend's name (in logs and messages).
     pub fn as_str(&self) -> &str {
         match self {
             BackendType::Vxlan => "vxlan",
@@ -207,13 +217,19 @@ pub fn encode_backend_data(attrs: &LeaseAttrs) -> String {
 
 /// flannel's JSON for an etcd lease value, byte for byte:
 /// `{"PublicIP":"192.0.2.3","PublicIPv6":null,"BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"aa:bb:cc:dd:ee:ff"}}`.
+/// flannel's `BackendType` and `BackendData` are `omitempty`: host-gw's
+/// lease has no `BackendData`, udp's neither field
+/// (`{"PublicIP":"192.0.2.3","PublicIPv6":null}`).
 pub fn encode_value(attrs: &LeaseAttrs) -> String {
-    format!(
-        "{{\"PublicIP\":\"{}\",\"PublicIPv6\":null,\"BackendType\":{},\"BackendData\":{}}}",
-        attrs.public_ip,
-        Value::String(attrs.backend.as_str().to_string()),
-        encode_backend_data(attrs)
-    )
+    let mut s = format!("{{\"PublicIP\":\"{}\",\"PublicIPv6\":null", attrs.public_ip);
+    let backend = attrs.backend.wire_name();
+    if !backend.is_empty() {
+        s += &format!(",\"BackendType\":{}", Value::String(backend.to_string()));
+    }
+    if attrs.vxlan.is_some() {
+        s += &format!(",\"BackendData\":{}", encode_backend_data(attrs));
+    }
+    s + "}"
 }
 
 /// A field of a JSON object, matched without regard to case (as Go's
@@ -368,7 +384,12 @@ mod tests {
         let v: Value = serde_json::from_str(&encode_backend_data(&a)).unwrap();
         assert_eq!(decode_backend_data(&BackendType::Vxlan, Some(&v), "d").unwrap(), a.vxlan);
         let udp = encode_value(&attrs(BackendType::Udp, None));
-        assert_eq!(udp, r#"{"PublicIP":"192.0.2.7","PublicIPv6":null,"BackendType":"udp","BackendData":null}"#);
+        // As flannel's udp backend writes it: no type, no data.
+        assert_eq!(udp, r#"{"PublicIP":"192.0.2.7","PublicIPv6":null}"#);
+        assert_eq!(
+            encode_value(&attrs(BackendType::HostGw, None)),
+            r#"{"PublicIP":"192.0.2.7","PublicIPv6":null,"BackendType":"host-gw"}"#
+        );
     }
 
     #[test]

@@ -4,6 +4,7 @@
 
 pub mod faults;
 pub mod kube;
+pub mod mixed;
 pub mod netpol;
 pub mod overlay;
 pub mod perf;
@@ -125,5 +126,15 @@ pub fn all_pods_talk(pods: &[(Netns, std::net::Ipv4Addr)], port_base: u16) {
             assert_eq!(tcp_round_trip(from, target), "ping\n", "pod on node{i} -> pod on node{j}");
             assert_eq!(server.join().unwrap().ip(), std::net::IpAddr::V4(pods[i].1), "pod on node{i} -> node{j}");
         }
+    }
+}
+
+/// Polls `cond` every 20 ms until it holds; after `timeout`, panics with
+/// `what()` (which may read logs).
+pub fn wait_until_or(timeout: std::time::Duration, cond: &dyn Fn() -> bool, what: &dyn Fn() -> String) {
+    let deadline = std::time::Instant::now() + timeout;
+    while !cond() {
+        assert!(std::time::Instant::now() < deadline, "timed out after {timeout:?} waiting for {}", what());
+        std::thread::sleep(std::time::Duration::from_millis(20));
     }
 }

@@ -286,6 +286,11 @@ impl Overlay {
         self.daemons[i].extra.clone()
     }
 
+    /// Node `i`'s extra daemon environment.
+    pub fn env(&self, i: usize) -> Vec<(String, String)> {
+        self.daemons[i].env.clone()
+    }
+
     /// Extra environment of node `i`'s daemon (from its next start on).
     pub fn set_env(&mut self, i: usize, env: &[(&str, &str)]) {
         self.daemons[i].env = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();

@@ -81,13 +81,19 @@ impl UdpStream {
         wait_until(Duration::from_secs(5), what, || self.received() > before + 50);
     }
 
-    /// Stops; panics unless every datagram sent arrived.
-    pub fn stop_and_check_none_lost(mut self, what: &str) {
+    /// Stops; returns how many datagrams were sent and the sequence numbers
+    /// of those that never arrived.
+    pub fn stop_and_count(mut self) -> (u32, Vec<u32>) {
         self.stop.store(true, Ordering::Relaxed);
         let sent = self.sender.take().unwrap().join().unwrap();
         let got = self.receiver.take().unwrap().join().unwrap();
         assert!(sent > 100, "only {sent} datagrams sent");
-        let missing: Vec<u32> = (0..sent).filter(|s| !got.contains(s)).collect();
+        (sent, (0..sent).filter(|s| !got.contains(s)).collect())
+    }
+
+    /// Stops; panics unless every datagram sent arrived.
+    pub fn stop_and_check_none_lost(self, what: &str) {
+        let (sent, missing) = self.stop_and_count();
         assert!(
             missing.is_empty(),
             "{} of {sent} datagrams lost {what}: {:?}",

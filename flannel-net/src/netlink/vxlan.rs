@@ -135,7 +135,7 @@ impl Netlink {
     }
 
     /// Creates the VTEP, up (`ip link add NAME address MAC mtu MTU type vxlan
-    /// id VNI local IP dev DEV dstport PORT [nolearning] [gbp]; ip link set up`).
+    /// id VNI local IP dev DEV dstport PORT [nolearning] [gbp] txqueuelen 0; ip link set up`).
     pub async fn add_vxlan(&self, spec: &VxlanSpec) -> NlResult<()> {
         let mut b = LinkVxlan::new(&spec.name, spec.vni)
             .local(spec.local)
@@ -148,7 +148,12 @@ impl Netlink {
         if spec.gbp {
             b = b.gbp();
         }
-        self.handle.link().add(b.build()).execute().await.map_err(|e| {
+        let mut msg = b.build();
+        // Upstream flannel creates its VTEP with a transmit queue length of
+        // 0 (IFLA_TXQLEN 0), where the kernel's default for a new link is
+        // 1000: the same device on both, so a mixed cluster's nodes match.
+        msg.attributes.push(LinkAttribute::TxQueueLen(0));
+        self.handle.link().add(msg).execute().await.map_err(|e| {
             NlError::new(
                 format!(
                     "add vxlan {} id {} local {} dev #{} dstport {} mtu {}",

@@ -1086,10 +1086,7 @@ mod tests {
             r#"{"PublicIP":"192.0.2.3","PublicIPv6":null,"BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"aa:bb:cc:dd:ee:ff"}}"#
         );
         let hostgw = LeaseAttrs { backend: BackendType::HostGw, vxlan: None, ..vxlan_attrs() };
-        assert_eq!(
-            encode_value(&hostgw),
-            r#"{"PublicIP":"192.0.2.3","PublicIPv6":null,"BackendType":"host-gw","BackendData":null}"#
-        );
+        assert_eq!(encode_value(&hostgw), r#"{"PublicIP":"192.0.2.3","PublicIPv6":null,"BackendType":"host-gw"}"#);
     }
 
     #[test]

@@ -298,14 +298,16 @@ impl KubeSubnetManager {
         Ok(true)
     }
 
-    /// Sets the Node's `NetworkUnavailable` condition to False.
+    /// Sets the Node's `NetworkUnavailable` condition to False, in flannel's
+    /// exact words (reason `FlannelIsUp`, message "Flannel is running on this
+    /// node"), which tools watching Nodes may match.
     pub async fn set_network_available(&self) -> Result<(), StoreError> {
         let now = Time(k8s_openapi::jiff::Timestamp::now());
         let patch = json!({ "status": { "conditions": [{
             "type": "NetworkUnavailable",
             "status": "False",
             "reason": "FlannelIsUp",
-            "message": "flanneld-rs is running on this node",
+            "message": "Flannel is running on this node",
             "lastTransitionTime": now,
             "lastHeartbeatTime": now,
         }]}});

@@ -46,7 +46,7 @@ fn key(prefix: &str, name: &str) -> String {
 pub fn own_annotations(prefix: &str, attrs: &LeaseAttrs, overwrite: Option<Ipv4Addr>) -> BTreeMap<String, String> {
     BTreeMap::from([
         (key(prefix, keys::SUBNET_MANAGER), "true".to_string()),
-        (key(prefix, keys::BACKEND_TYPE), attrs.backend.as_str().to_string()),
+        (key(prefix, keys::BACKEND_TYPE), attrs.backend.wire_name().to_string()),
         (key(prefix, keys::BACKEND_DATA), encode_backend_data(attrs)),
         (key(prefix, keys::PUBLIC_IP), overwrite.unwrap_or(attrs.public_ip).to_string()),
     ])
