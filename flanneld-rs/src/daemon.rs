@@ -152,7 +152,7 @@ async fn run_with(opts: Opts, mut store: impl LeaseStore, metrics: Arc<Metrics>)
         renew_margin: Duration::from_secs(u64::from(opts.subnet_lease_renew_margin) * 60),
     };
     let (pod_mtu, subnet) = (backend.pod_mtu(), own.subnet);
-    let node = Node { cfg: cfg.clone(), ext, backend, own, selection };
+    let node = Node { cfg: cfg.clone(), ext, backend, own, selection, blackhole_route: opts.ip_blackhole_route };
     let mut driver = Driver::new(nl.clone(), store, node, metrics.clone(), fw, timers);
     driver.start_data_path().context("start the data path")?;
     driver.reconcile_with(leases, "start").await;
