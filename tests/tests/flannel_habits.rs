@@ -131,3 +131,73 @@ fn the_blackhole_route_is_kept_reported_and_removed_with_the_flag() {
     let (ok, report) = o.diagnose(0, &[]);
     assert!(ok, "{report}");
 }
+
+/// `--kube-annotation-prefix` with a slash, against a real kube-apiserver:
+/// `example.com/x` makes `example.com/x-backend-type` etc. (flannel's
+/// normalisation; `example.com/x/backend-type` would be refused by the API
+/// server), both nodes read each other's, and a prefix that is not a DNS
+/// name stops the daemon with a message naming the flag.
+#[test]
+fn an_annotation_prefix_with_a_slash_is_normalised_as_flannel_does() {
+    if !(require_root() && e2e_tests::kube::require_kube()) {
+        return;
+    }
+    let mut ko = e2e_tests::kube::KubeOverlay::new(2);
+    for i in 0..2 {
+        let mut flags = ko.o.flags(i);
+        flags.push("-kube-annotation-prefix=example.com/x".into());
+        let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+        ko.o.set_flags(i, &flags);
+        ko.create_node(i);
+    }
+    ko.o.start_all();
+    // Both nodes program each other from the annotations under the prefix.
+    let leases = || -> Vec<(String, String, String)> {
+        (0..2)
+            .filter_map(|i| {
+                let n = ko.api.get_json(&["node", &format!("node{i}")]);
+                let a = &n["metadata"]["annotations"];
+                let data: Value = serde_json::from_str(a["example.com/x-backend-data"].as_str()?).ok()?;
+                Some((
+                    n["spec"]["podCIDR"].as_str()?.to_string(),
+                    data["VtepMAC"].as_str()?.to_string(),
+                    a["example.com/x-public-ip"].as_str()?.to_string(),
+                ))
+            })
+            .collect()
+    };
+    for i in 0..2 {
+        wait_until(Duration::from_secs(15), &format!("node{i} to program both nodes"), || {
+            let l = leases();
+            l.len() == 2 && ko.o.vtep_state(i) == ko.o.expected_state_for(i, l)
+        });
+    }
+    let n = ko.api.get_json(&["node", "node0"]);
+    let mut names: Vec<String> = n["metadata"]["annotations"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .filter(|k| k.starts_with("example.com/"))
+        .cloned()
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        [
+            "example.com/x-backend-data",
+            "example.com/x-backend-type",
+            "example.com/x-kube-subnet-manager",
+            "example.com/x-public-ip"
+        ]
+    );
+    assert_eq!(n["metadata"]["annotations"]["example.com/x-public-ip"], "192.0.2.10");
+
+    ko.o.stop(0);
+    let mut cmd = ko.o.bare_daemon_command(0);
+    let flags: Vec<String> = ko.o.flags(0).into_iter().filter(|f| !f.starts_with("-kube-annotation-prefix")).collect();
+    cmd.args(&flags).arg("--kube-annotation-prefix=Example.com").env("NODE_NAME", "node0");
+    let out = cmd.output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--kube-annotation-prefix \"Example.com\""), "{err}");
+}
