@@ -83,10 +83,11 @@ pub struct Opts {
     /// and a name part (`example.com/x` makes `example.com/x-backend-type`).
     #[arg(long, env = "FLANNELD_KUBE_ANNOTATION_PREFIX", default_value = "flannel.alpha.coreos.com", global = true)]
     pub kube_annotation_prefix: String,
-    /// etcd endpoints, comma separated.
+    /// etcd endpoints, comma separated (the last --etcd-endpoints wins, as in flannel).
     #[arg(
         long,
         env = "FLANNELD_ETCD_ENDPOINTS",
+        action = ArgAction::Set,
         value_delimiter = ',',
         default_value = "http://127.0.0.1:4001,http://127.0.0.1:2379",
         global = true
@@ -498,6 +499,13 @@ mod tests {
         let o = parse(&["-ip-masq", "-ip-masq=false", "-etcd-prefix=/a", "-etcd-prefix=/b"]).unwrap().opts;
         assert!(!o.ip_masq);
         assert_eq!(o.etcd_prefix, "/b");
+        let o = parse(&[
+            "-etcd-endpoints=http://192.0.2.1:2379,http://192.0.2.2:2379",
+            "-etcd-endpoints=http://192.0.2.3:2379",
+        ]);
+        assert_eq!(o.unwrap().opts.etcd_endpoints, ["http://192.0.2.3:2379"]);
+        // After `--` nothing is a flag.
+        assert!(parse(&["--", "-ip-masq"]).is_err());
         // The subcommand and its flag in either form; global flags after it.
         for args in [&["diagnose", "-json"][..], &["-iface=eth1", "diagnose", "--json=T", "-v=4"]] {
             let cli = parse(args).unwrap();
