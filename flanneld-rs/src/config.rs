@@ -102,6 +102,42 @@ const ROOT_FIELDS: &[&str] = &[
 /// Fields of `Backend`, any type's.
 const BACKEND_FIELDS: &[&str] = &["Type", "VNI", "Port", "MTU", "GBP", "Learning", "DirectRouting"];
 
+/// Top-level fields flannel reads only with `EnableIPv6` (which is refused):
+/// warned about, as they have no effect.
+const IPV6_ONLY_FIELDS: &[&str] = &["IPv6SubnetMin", "IPv6SubnetMax", "IPv6SubnetLen"];
+
+/// The `Backend` fields each type reads (flannel's, on Linux); others are
+/// warned about.
+fn backend_fields_of(btype: &str) -> &'static [&'static str] {
+    match btype {
+        "vxlan" => &["Type", "VNI", "Port", "MTU", "GBP", "Learning", "DirectRouting"],
+        "udp" => &["Type", "Port"],
+        _ => &["Type"],
+    }
+}
+
+/// What flannel's Go decoder would silently ignore in `o` (`prefix` + key),
+/// each as a note naming the key: unknown keys, and keys `known` does not
+/// hold but `no_effect` explains.
+fn ignored_keys(
+    o: &Map<String, Value>,
+    known: &[&str],
+    prefix: &str,
+    no_effect: impl Fn(&str) -> Option<String>,
+) -> Vec<String> {
+    let mut notes = Vec::new();
+    for k in o.keys() {
+        if known.iter().any(|f| f.eq_ignore_ascii_case(k)) {
+            continue;
+        }
+        notes.push(match no_effect(k) {
+            Some(why) => format!("{prefix}{k} has no effect: {why}"),
+            None => format!("unknown key {prefix}{k} is ignored (a typo? flannel ignores it too)"),
+        });
+    }
+    notes
+}
+
 /// An object's members under lower-cased keys, so `"network"`, `"Network"`
 /// and `"NETWORK"` all match. A field given under two spellings is an
 /// error naming it (`prefix` + its name): flannel's Go decoder would take
@@ -124,8 +160,20 @@ fn fold(o: &Map<String, Value>, fields: &[&str], prefix: &str) -> Result<BTreeMa
 }
 
 impl NetworkConfig {
-    /// Parses and validates `text`; `source` names it in errors.
+    /// Parses and validates `text`; `source` names it in errors. Keys that
+    /// have no effect (unknown ones, another backend's options, Windows-only
+    /// ones) are logged as warnings naming them.
     pub fn parse(text: &str, source: &str) -> Result<NetworkConfig, ConfigError> {
+        let mut notes = Vec::new();
+        let cfg = NetworkConfig::parse_noting(text, source, &mut notes)?;
+        for n in notes {
+            log::warn!("network configuration {source}: {n}");
+        }
+        Ok(cfg)
+    }
+
+    /// [`NetworkConfig::parse`], with the warnings into `notes`.
+    pub fn parse_noting(text: &str, source: &str, notes: &mut Vec<String>) -> Result<NetworkConfig, ConfigError> {
         let err = |msg: String| ConfigError { source_name: source.to_string(), msg };
         let root: Value = serde_json::from_str(text).map_err(|e| err(format!("not JSON: {e}")))?;
         let Some(root) = root.as_object() else {
@@ -164,6 +212,11 @@ impl NetworkConfig {
         if !enable_ipv4 {
             return Err(err("EnableIPv4 false (IPv6-only clusters) is not supported yet".into()));
         }
+        if enable_ipv6 {
+            return Err(err(
+                "EnableIPv6 true: IPv6 (dual-stack) is not supported yet; remove it or set it to false".into()
+            ));
+        }
         let network_raw = get_str("network", "Network")?.ok_or_else(|| err("Network is missing".into()))?;
         let network: Ipv4Net =
             network_raw.parse().map_err(|_| err(format!("Network {network_raw:?} is not an IPv4 CIDR")))?;
@@ -181,9 +234,15 @@ impl NetworkConfig {
             None => None,
             Some(s) => Some(s.parse::<Ipv6Net>().map_err(|_| err(format!("IPv6Network {s:?} is not an IPv6 CIDR")))?),
         };
-        if enable_ipv6 && ipv6_network.is_none() {
-            return Err(err("EnableIPv6 is true but IPv6Network is missing".into()));
+        if ipv6_network.is_some() {
+            notes.push("IPv6Network has no effect without EnableIPv6 (flannel ignores it too)".into());
         }
+        notes.extend(ignored_keys(root, ROOT_FIELDS, "", |k| {
+            IPV6_ONLY_FIELDS
+                .iter()
+                .any(|f| f.eq_ignore_ascii_case(k))
+                .then(|| "flannel reads it only with EnableIPv6".to_string())
+        }));
 
         let prefix = network.prefix_len();
         let subnet_len = match get_u(&f, "subnetlen", "SubnetLen", 32)? {
@@ -234,6 +293,17 @@ impl NetworkConfig {
             Some(Value::String(s)) => s.to_ascii_lowercase(),
             Some(other) => return Err(err(format!("Backend.Type {other} is not a string"))),
         };
+        if let Some(Value::Object(o)) = f.get("backend") {
+            notes.extend(ignored_keys(o, backend_fields_of(&btype), "Backend.", |k| {
+                if k.eq_ignore_ascii_case("MacPrefix") {
+                    Some("flannel uses it on Windows only (VXLAN MACs on Linux are the kernel's)".into())
+                } else if BACKEND_FIELDS.iter().any(|b| b.eq_ignore_ascii_case(k)) {
+                    Some(format!("Type {btype} does not read it"))
+                } else {
+                    None
+                }
+            }));
+        }
         let backend = match btype.as_str() {
             "vxlan" => BackendConfig::Vxlan(VxlanConfig {
                 vni: get_u(&b, "vni", "Backend.VNI", 0xff_ffff)?.unwrap_or(1) as u32,
@@ -362,7 +432,11 @@ mod tests {
                 r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan","DirectRouting":"yes"}}"#,
                 "Backend.DirectRouting \"yes\"",
             ),
-            (r#"{"Network":"10.244.0.0/16","EnableIPv6":true}"#, "IPv6Network is missing"),
+            (
+                r#"{"Network":"10.244.0.0/16","EnableIPv6":true}"#,
+                "EnableIPv6 true: IPv6 (dual-stack) is not supported yet",
+            ),
+            (r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"2001:db8::/56"}"#, "EnableIPv6 true"),
             (r#"{"Network":"10.244.0.0/16","EnableNFTables":"yes"}"#, "EnableNFTables \"yes\""),
             // Found by tests/prop_parsers (net_conf_near_valid): the default
             // SubnetLen (prefix+2) was blamed for a Network too small.
@@ -387,5 +461,44 @@ mod tests {
             assert!(e.contains(want), "{e:?} lacks {want:?}");
             assert!(e.contains("net-conf.json"), "{e}");
         }
+    }
+
+    #[test]
+    fn keys_without_effect_are_noted_by_name() {
+        let notes = |t: &str| {
+            let mut n = Vec::new();
+            NetworkConfig::parse_noting(t, "net-conf.json", &mut n).unwrap();
+            n
+        };
+        assert!(notes(r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan","VNI":4,"MTU":1400}}"#).is_empty());
+        assert!(notes(r#"{"network":"10.244.0.0/16","EnableIPv6":false,"EnableIPv4":true}"#).is_empty());
+        assert_eq!(
+            notes(r#"{"Network":"10.244.0.0/16","Netwrok":"x","Backend":{"Type":"vxlan","MacPrefix":"0E-2A","Vni":2,"Directrouting":true,"Colour":1}}"#),
+            [
+                "unknown key Netwrok is ignored (a typo? flannel ignores it too)",
+                "unknown key Backend.Colour is ignored (a typo? flannel ignores it too)",
+                "Backend.MacPrefix has no effect: flannel uses it on Windows only (VXLAN MACs on Linux are the kernel's)",
+            ]
+        );
+        assert_eq!(
+            notes(r#"{"Network":"10.244.0.0/16","Backend":{"Type":"host-gw","VNI":2,"DirectRouting":true}}"#),
+            [
+                "Backend.DirectRouting has no effect: Type host-gw does not read it",
+                "Backend.VNI has no effect: Type host-gw does not read it"
+            ]
+        );
+        assert_eq!(
+            notes(r#"{"Network":"10.244.0.0/16","Backend":{"Type":"udp","Port":8285,"MTU":1400}}"#),
+            ["Backend.MTU has no effect: Type udp does not read it"]
+        );
+        assert_eq!(
+            notes(r#"{"Network":"10.244.0.0/16","IPv6Network":"2001:db8::/56","IPv6SubnetLen":64}"#),
+            [
+                "IPv6Network has no effect without EnableIPv6 (flannel ignores it too)",
+                "IPv6SubnetLen has no effect: flannel reads it only with EnableIPv6",
+            ]
+        );
+        // Handled by another part of the daemon: no note here.
+        assert!(notes(r#"{"Network":"10.244.0.0/16","EnableNFTables":false}"#).is_empty());
     }
 }

@@ -91,7 +91,10 @@ pub async fn start(nl: &Netlink, opts: &Opts, store: &mut impl LeaseStore, wait:
     } else {
         store.hints(&cfg).await?
     };
-    let mut selection = iface::Selection::from_opts(opts);
+    let mut selection = iface::Selection::from_opts(opts)?;
+    if let Some(v6) = opts.public_ipv6 {
+        log::warn!("--public-ipv6 {v6} has no effect: the network is IPv4 only (dual-stack is not supported yet)");
+    }
     if hints.public_ip.is_some() {
         selection.public_ip = hints.public_ip;
     }
@@ -107,15 +110,24 @@ pub async fn start(nl: &Netlink, opts: &Opts, store: &mut impl LeaseStore, wait:
     Ok(Prepared { cfg, ext, backend, selection })
 }
 
+/// Where `--healthz-ip`/`--healthz-port` listen, as Go's `net.JoinHostPort`
+/// and `Listen` take them: an IPv4 or IPv6 literal (`::` is every address of
+/// both families) or a host name; empty is every IPv4 address.
+pub fn healthz_addr(ip: &str, port: u16) -> (String, u16) {
+    let host = if ip.is_empty() { "0.0.0.0" } else { ip.trim_start_matches('[').trim_end_matches(']') };
+    (host.to_string(), port)
+}
+
 /// Runs the daemon until SIGTERM/SIGINT (exit 0, kernel state left in place
 /// so pods keep talking across a restart) or a fatal error.
 pub async fn run(opts: Opts) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::default());
     if opts.healthz_port != 0 {
-        let addr = std::net::SocketAddr::from((opts.healthz_ip, opts.healthz_port));
-        let listener = tokio::net::TcpListener::bind(addr)
+        let addr = healthz_addr(&opts.healthz_ip, opts.healthz_port);
+        let listener = tokio::net::TcpListener::bind((addr.0.as_str(), addr.1))
             .await
-            .with_context(|| format!("listen on {addr} (--healthz-ip/--healthz-port)"))?;
+            .with_context(|| format!("listen on {} (--healthz-ip/--healthz-port)", addr.0))?;
+        let addr = listener.local_addr().map(|a| a.to_string()).unwrap_or(addr.0);
         tokio::spawn(health::serve(listener, metrics.clone()));
         info!("serving /healthz, /readyz and /metrics on {addr}");
     }
@@ -163,7 +175,7 @@ async fn run_with(opts: Opts, mut store: impl LeaseStore, metrics: Arc<Metrics>)
         renew_margin: Duration::from_secs(u64::from(opts.subnet_lease_renew_margin) * 60),
     };
     let (pod_mtu, subnet) = (backend.pod_mtu(), own.subnet);
-    let node = Node { cfg: cfg.clone(), ext, backend, own, selection };
+    let node = Node { cfg: cfg.clone(), ext, backend, own, selection, blackhole_route: opts.ip_blackhole_route };
     let mut driver = Driver::new(nl.clone(), store, node, metrics.clone(), fw, timers);
     driver.start_data_path().context("start the data path")?;
     driver.reconcile_with(leases, "start").await;

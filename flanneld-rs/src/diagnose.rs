@@ -78,6 +78,12 @@ fn describe(op: &Op, observed: &Observed, sources: &BTreeMap<String, String>, de
             }
         }
         Op::DelRoute(r) => f("stale", format!("route {} on {dev} belongs to no lease", r.dst)),
+        Op::AddBlackhole(n) => {
+            f("missing", format!("blackhole route for our subnet {n} is missing (--ip-blackhole-route)"))
+        }
+        Op::DelBlackhole(n) => {
+            f("stale", format!("blackhole route for our subnet {n} is there without --ip-blackhole-route"))
+        }
     }
 }
 
@@ -115,9 +121,10 @@ async fn run_with(opts: &Opts, json_out: bool, mut store: impl LeaseStore) -> an
             });
         }
     }
-    let (want, rejected) = desired::desired(&cfg, &own, &backend, ext.addr.trunc(), &leases);
+    let (mut want, rejected) = desired::desired(&cfg, &own, &backend, ext.addr.trunc(), &leases);
+    want.blackhole = Some(plan::Blackhole { subnet: own.subnet, wanted: opts.ip_blackhole_route });
     let device = want.device.as_ref().map(|d| d.name().to_string());
-    let observed = kernel::observe(&nl, device.as_deref(), backend.sweep(), cfg.network).await?;
+    let observed = kernel::observe(&nl, device.as_deref(), backend.sweep(), cfg.network, Some(own.subnet)).await?;
     let mut sources = BTreeMap::new();
     for l in &leases {
         sources.insert(l.subnet.to_string(), l.source.clone());

@@ -32,9 +32,32 @@ pub enum IfaceError {
     /// Nothing matched.
     #[error("{0}")]
     NotFound(String),
+    /// A flag's value that flanneld-rs cannot use (IPv6, until dual-stack).
+    #[error("{0}")]
+    Unsupported(String),
 }
 
-fn v4_addrs_of(addrs: &[(u32, IpNet)], index: u32) -> Vec<ipnet::Ipv4Net> {
+/// The addresses flannel would use on interface `index`, in its order of
+/// preference: global unicast IPv4 addresses first, then link-local ones
+/// (loopback and others never), each group in the kernel's order.
+fn usable_v4(addrs: &[(u32, IpNet)], index: u32) -> Vec<ipnet::Ipv4Net> {
+    let mine: Vec<ipnet::Ipv4Net> = addrs
+        .iter()
+        .filter(|(i, _)| *i == index)
+        .filter_map(|(_, a)| match a {
+            IpNet::V4(v4) => Some(*v4),
+            _ => None,
+        })
+        .collect();
+    let global = |a: &Ipv4Addr| {
+        !(a.is_loopback() || a.is_link_local() || a.is_multicast() || a.is_unspecified() || a.is_broadcast())
+    };
+    let mut out: Vec<_> = mine.iter().copied().filter(|a| global(&a.addr())).collect();
+    out.extend(mine.iter().copied().filter(|a| a.addr().is_link_local()));
+    out
+}
+
+fn all_v4(addrs: &[(u32, IpNet)], index: u32) -> Vec<ipnet::Ipv4Net> {
     addrs
         .iter()
         .filter(|(i, _)| *i == index)
@@ -45,19 +68,19 @@ fn v4_addrs_of(addrs: &[(u32, IpNet)], index: u32) -> Vec<ipnet::Ipv4Net> {
         .collect()
 }
 
-fn pick(link: &Link, addrs: &[(u32, IpNet)], want: Option<Ipv4Addr>, public: Option<Ipv4Addr>) -> Option<ExtIface> {
-    let mine = v4_addrs_of(addrs, link.index);
+/// The interface with `addr` (one of its addresses) or, without one, its
+/// first usable address; `Err` says why not.
+fn ext(link: &Link, addrs: &[(u32, IpNet)], want: Option<Ipv4Addr>) -> Result<ExtIface, String> {
     let addr = match want {
-        Some(ip) => *mine.iter().find(|a| a.addr() == ip)?,
-        None => *mine.iter().find(|a| !a.addr().is_loopback() && !a.addr().is_link_local())?,
+        Some(ip) => all_v4(addrs, link.index)
+            .into_iter()
+            .find(|a| a.addr() == ip)
+            .ok_or_else(|| format!("{} has no address {ip}", link.name))?,
+        None => {
+            *usable_v4(addrs, link.index).first().ok_or_else(|| format!("{} has no usable IPv4 address", link.name))?
+        }
     };
-    Some(ExtIface {
-        name: link.name.clone(),
-        index: link.index,
-        addr,
-        public_ip: public.unwrap_or(addr.addr()),
-        mtu: link.mtu,
-    })
+    Ok(ExtIface { name: link.name.clone(), index: link.index, addr, public_ip: addr.addr(), mtu: link.mtu })
 }
 
 /// How the underlay interface is chosen: the flags, with what the lease
@@ -77,16 +100,40 @@ pub struct Selection {
     pub advertise: Option<Ipv4Addr>,
 }
 
+/// Why an IPv6 value cannot be used yet.
+const NO_IPV6: &str = "IPv6 is not supported yet (dual-stack is issue 14): give an IPv4 address";
+
 impl Selection {
-    /// The selection the flags ask for.
-    pub fn from_opts(opts: &Opts) -> Selection {
-        Selection {
+    /// The selection the flags ask for. IPv6 values are refused by name
+    /// (flannel would advertise or bind an IPv6 address in an IPv4 network),
+    /// and so is `--public-ipv6` alone: flannel then looks for an interface
+    /// holding it among IPv4 addresses, finds none and stops.
+    pub fn from_opts(opts: &Opts) -> Result<Selection, IfaceError> {
+        let v4 = |flag: &str, ip: Option<IpAddr>| match ip {
+            None => Ok(None),
+            Some(IpAddr::V4(v4)) => Ok(Some(v4)),
+            Some(IpAddr::V6(v6)) => Err(IfaceError::Unsupported(format!("{flag} {v6}: {NO_IPV6}"))),
+        };
+        let sel = Selection {
             iface: opts.iface.clone(),
             iface_regex: opts.iface_regex.clone(),
-            iface_can_reach: opts.iface_can_reach,
-            public_ip: opts.public_ip,
+            iface_can_reach: v4("--iface-can-reach", opts.iface_can_reach)?,
+            public_ip: v4("--public-ip", opts.public_ip)?,
             advertise: None,
+        };
+        if let (Some(v6), true, None) = (opts.public_ipv6, sel.chooses_by_default(), sel.public_ip) {
+            return Err(IfaceError::Unsupported(format!(
+                "--public-ipv6 {v6} alone cannot choose the interface in an IPv4 network (flannel stops here too): \
+                 give --iface, --iface-regex, --iface-can-reach or --public-ip"
+            )));
         }
+        Ok(sel)
+    }
+
+    /// No `--iface`, `--iface-regex` or `--iface-can-reach`: the interface
+    /// holding `--public-ip`, else the default route's.
+    fn chooses_by_default(&self) -> bool {
+        self.iface.is_empty() && self.iface_regex.is_empty() && self.iface_can_reach.is_none()
     }
 
     /// Chooses the interface (see [`select`]), advertising `advertise` when set.
@@ -99,113 +146,128 @@ impl Selection {
     }
 }
 
-/// Selects the interface as flannel does.
+/// Selects the interface as flannel does. With any of `--iface`,
+/// `--iface-regex`, `--iface-can-reach`: each `--iface` entry in order, then
+/// each regex, then the route to `--iface-can-reach`; the first that yields
+/// an interface with an IPv4 address wins, and the error when none does
+/// names every attempt. Without them: the interface that holds `--public-ip`
+/// (an error when none does: give `--iface`), else the default route's.
+/// `--public-ip`, when given, is what is advertised.
 pub async fn select(nl: &Netlink, opts: &Selection) -> Result<ExtIface, IfaceError> {
-    let links = nl.links().await?;
+    let mut links = nl.links().await?;
+    links.sort_by_key(|l| l.index);
     let addrs = nl.all_addrs().await?;
     let public = opts.public_ip;
     let inventory = || {
         let mut v: Vec<String> = links
             .iter()
             .map(|l| {
-                let a: Vec<String> = v4_addrs_of(&addrs, l.index).iter().map(|a| a.to_string()).collect();
+                let a: Vec<String> = all_v4(&addrs, l.index).iter().map(|a| a.to_string()).collect();
                 format!("{} [{}]", l.name, a.join(" "))
             })
             .collect();
         v.sort();
         v.join(", ")
     };
-
-    if !opts.iface.is_empty() {
-        for entry in &opts.iface {
-            let found = match entry.parse::<Ipv4Addr>() {
-                Ok(ip) => addrs
-                    .iter()
-                    .find(|(_, a)| a.addr() == IpAddr::V4(ip))
-                    .and_then(|(i, _)| links.iter().find(|l| l.index == *i))
-                    .and_then(|l| pick(l, &addrs, Some(ip), public)),
-                Err(_) => links.iter().find(|l| &l.name == entry).and_then(|l| pick(l, &addrs, None, public)),
-            };
-            if let Some(f) = found {
-                return Ok(f);
-            }
+    let advertise = |mut e: ExtIface| {
+        if let Some(p) = public {
+            e.public_ip = p;
         }
-        return Err(IfaceError::NotFound(format!(
-            "--iface {}: no interface with an IPv4 address matches (interfaces: {})",
-            opts.iface.join(", "),
-            inventory()
-        )));
-    }
-
-    if !opts.iface_regex.is_empty() {
-        for pattern in &opts.iface_regex {
-            let re = regex::Regex::new(pattern).map_err(|e| {
-                IfaceError::NotFound(format!("--iface-regex {pattern:?} is not a regular expression: {e}"))
-            })?;
-            // Addresses first, then names, as flannel does.
-            for (i, a) in &addrs {
-                if let IpNet::V4(v4) = a {
-                    if re.is_match(&v4.addr().to_string()) {
-                        if let Some(f) =
-                            links.iter().find(|l| l.index == *i).and_then(|l| pick(l, &addrs, Some(v4.addr()), public))
-                        {
-                            return Ok(f);
-                        }
-                    }
-                }
-            }
-            for l in &links {
-                if re.is_match(&l.name) {
-                    if let Some(f) = pick(l, &addrs, None, public) {
-                        return Ok(f);
-                    }
-                }
-            }
-        }
-        return Err(IfaceError::NotFound(format!(
-            "--iface-regex {}: no interface address or name with an IPv4 address matches (interfaces: {})",
-            opts.iface_regex.join(", "),
-            inventory()
-        )));
-    }
-
-    if let Some(target) = opts.iface_can_reach {
-        let (oif, src) = nl.route_get(IpAddr::V4(target)).await?.ok_or_else(|| {
-            IfaceError::NotFound(format!("--iface-can-reach {target}: the kernel has no route to it"))
-        })?;
-        let want = match src {
-            Some(IpAddr::V4(v4)) => Some(v4),
-            _ => None,
-        };
-        return links
-            .iter()
-            .find(|l| l.index == oif)
-            .and_then(|l| pick(l, &addrs, want, public).or_else(|| pick(l, &addrs, None, public)))
-            .ok_or_else(|| {
-                IfaceError::NotFound(format!("--iface-can-reach {target}: its interface #{oif} has no IPv4 address"))
-            });
-    }
-
-    if let Some(ip) = public {
-        let holder = addrs.iter().find(|(_, a)| a.addr() == IpAddr::V4(ip)).map(|(i, _)| *i);
-        if let Some(f) =
-            holder.and_then(|i| links.iter().find(|l| l.index == i)).and_then(|l| pick(l, &addrs, Some(ip), public))
-        {
-            return Ok(f);
-        }
-    }
-
-    let default = nl.routes_v4().await?.into_iter().find(|r| matches!(r.dst, IpNet::V4(n) if n.prefix_len() == 0));
-    let Some(oif) = default.and_then(|r| r.oif) else {
-        return Err(IfaceError::NotFound(format!(
-            "no --iface, --iface-regex or --iface-can-reach given, {}and no default route to pick an interface from (interfaces: {})",
-            if public.is_some() { "no interface holds --public-ip, " } else { "" },
-            inventory()
-        )));
+        e
     };
-    links
-        .iter()
-        .find(|l| l.index == oif)
-        .and_then(|l| pick(l, &addrs, None, public))
-        .ok_or_else(|| IfaceError::NotFound(format!("the default route's interface #{oif} has no IPv4 address")))
+    let by_ip = |ip: Ipv4Addr| -> Result<ExtIface, String> {
+        let holder = links.iter().find(|l| all_v4(&addrs, l.index).iter().any(|a| a.addr() == ip));
+        ext(holder.ok_or_else(|| format!("no interface has the address {ip}"))?, &addrs, Some(ip))
+    };
+
+    if opts.chooses_by_default() {
+        if let Some(ip) = public {
+            return by_ip(ip).map(advertise).map_err(|why| {
+                IfaceError::NotFound(format!(
+                    "--public-ip {ip} without --iface, --iface-regex or --iface-can-reach: the interface is the one \
+                     holding it, and {why} (give --iface to advertise an address no interface holds; interfaces: {})",
+                    inventory()
+                ))
+            });
+        }
+        let default = nl.routes_v4().await?.into_iter().find(|r| matches!(r.dst, IpNet::V4(n) if n.prefix_len() == 0));
+        let Some(oif) = default.and_then(|r| r.oif) else {
+            return Err(IfaceError::NotFound(format!(
+                "no --iface, --iface-regex or --iface-can-reach given, and no default route to pick an interface from (interfaces: {})",
+                inventory()
+            )));
+        };
+        let link = links.iter().find(|l| l.index == oif).ok_or_else(|| {
+            IfaceError::NotFound(format!("the default route's interface #{oif} is gone (interfaces: {})", inventory()))
+        })?;
+        return ext(link, &addrs, None)
+            .map(advertise)
+            .map_err(|why| IfaceError::NotFound(format!("the default route's interface: {why}")));
+    }
+
+    let mut tried: Vec<String> = Vec::new();
+    for entry in &opts.iface {
+        let found = match crate::flags::parse_go_ip(entry) {
+            Ok(IpAddr::V4(ip)) => by_ip(ip),
+            Ok(IpAddr::V6(_)) => Err(NO_IPV6.to_string()),
+            Err(_) => match links.iter().find(|l| &l.name == entry) {
+                Some(l) => ext(l, &addrs, None),
+                None if entry.contains(',') => {
+                    Err("no such interface (a value is not split on commas: repeat --iface for several)".into())
+                }
+                None => Err("no such interface".into()),
+            },
+        };
+        match found {
+            Ok(e) => return Ok(advertise(e)),
+            Err(why) => {
+                log::info!("--iface {entry}: {why}");
+                tried.push(format!("--iface {entry} ({why})"));
+            }
+        }
+    }
+    for pattern in &opts.iface_regex {
+        let found = match regex::Regex::new(pattern) {
+            Err(e) => Err(format!("not a regular expression: {e}")),
+            // Addresses first (interface by interface), then names; a name
+            // match takes that interface's first usable address.
+            Ok(re) => match links.iter().find_map(|l| {
+                usable_v4(&addrs, l.index).into_iter().find(|a| re.is_match(&a.addr().to_string())).map(|a| (l, a))
+            }) {
+                Some((l, a)) => ext(l, &addrs, Some(a.addr())),
+                None => match links.iter().find(|l| re.is_match(&l.name)) {
+                    Some(l) => ext(l, &addrs, None),
+                    None => Err("matches no interface address or name".into()),
+                },
+            },
+        };
+        match found {
+            Ok(e) => return Ok(advertise(e)),
+            Err(why) => {
+                log::info!("--iface-regex {pattern}: {why}");
+                tried.push(format!("--iface-regex {pattern} ({why})"));
+            }
+        }
+    }
+    if let Some(target) = opts.iface_can_reach {
+        let found = match nl.route_get(IpAddr::V4(target)).await {
+            Err(e) => Err(format!("no route: {e}")),
+            Ok(None) => Err("the kernel has no route to it".to_string()),
+            Ok(Some((oif, src))) => match links.iter().find(|l| l.index == oif) {
+                None => Err(format!("its interface #{oif} is gone")),
+                Some(l) => match src {
+                    Some(IpAddr::V4(v4)) => ext(l, &addrs, Some(v4)).or_else(|_| ext(l, &addrs, None)),
+                    _ => ext(l, &addrs, None),
+                },
+            },
+        };
+        match found {
+            Ok(e) => return Ok(advertise(e)),
+            Err(why) => {
+                log::info!("--iface-can-reach {target}: {why}");
+                tried.push(format!("--iface-can-reach {target} ({why})"));
+            }
+        }
+    }
+    Err(IfaceError::NotFound(format!("no interface matches: {} (interfaces: {})", tried.join(", "), inventory())))
 }

@@ -1,14 +1,18 @@
 //! `flanneld-rs`: the per-node daemon (and its `diagnose` tool).
 
-use clap::Parser;
-
 use flanneld_rs::flags::{Cli, Cmd};
 
 fn main() {
-    let cli = Cli::parse();
+    // Go's flag syntax (flannel's) as well as clap's.
+    let cli = Cli::parse_go(std::env::args_os()).unwrap_or_else(|e| e.exit());
     // After parsing: the format and -v are flags. Flag errors are clap's own
     // messages on stderr, not log lines.
-    flanneld_rs::logger::init(cli.opts.log_format, cli.opts.v);
+    flanneld_rs::logger::init(
+        cli.opts.log_format,
+        cli.opts.v,
+        cli.opts.vmodule.as_ref(),
+        cli.opts.log_backtrace_at.as_deref(),
+    );
     let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {

@@ -12,7 +12,7 @@ use flannel_net::MacAddr;
 use flanneld_rs::config::NetworkConfig;
 use flanneld_rs::lease::{decode_value, encode_value, BackendType, LeaseAttrs, VxlanData};
 use flanneld_rs::subnet::etcd::{decode_entry, parse_subnet_key, subnet_key};
-use flanneld_rs::subnet::kube_annotations::{lease_from_node, own_annotations, DEFAULT_PREFIX};
+use flanneld_rs::subnet::kube_annotations::{lease_from_node, own_annotations, Prefix, DEFAULT_PREFIX};
 use ipnet::Ipv4Net;
 use proptest::prelude::*;
 use serde_json::{json, Value};
@@ -174,7 +174,7 @@ proptest! {
         let mut a: BTreeMap<String, String> = names.iter().zip(&values)
             .map(|(n, v)| (format!("{DEFAULT_PREFIX}/{n}"), v.clone())).collect();
         a.insert(format!("{DEFAULT_PREFIX}/kube-subnet-manager"), manager);
-        match lease_from_node("worker-9", cidr.as_deref(), &a, DEFAULT_PREFIX, &cfg()) {
+        match lease_from_node("worker-9", cidr.as_deref(), &a, &Prefix::default(), &cfg()) {
             Ok(Some(l)) => {
                 prop_assert!(cfg().network.contains(&l.subnet));
                 prop_assert_eq!(l.source, "node worker-9");
@@ -186,9 +186,9 @@ proptest! {
 
     #[test]
     fn what_we_annotate_reads_back(a in attrs(), third in 0u8..=255) {
-        let ann = own_annotations(DEFAULT_PREFIX, &a, None);
+        let ann = own_annotations(&Prefix::default(), &a, None);
         let cidr = format!("10.7.{third}.0/24");
-        let l = lease_from_node("me", Some(&cidr), &ann, DEFAULT_PREFIX, &cfg()).unwrap().unwrap();
+        let l = lease_from_node("me", Some(&cidr), &ann, &Prefix::default(), &cfg()).unwrap().unwrap();
         prop_assert_eq!(l, a.lease(cidr.parse().unwrap(), "node me"));
     }
 }

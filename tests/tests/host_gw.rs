@@ -117,7 +117,8 @@ fn host_gw_refuses_a_public_ip_off_the_interface_and_skips_peers_off_the_segment
     }
     let mut o = Overlay::with_conf(2, HOST_GW);
     // A public IP the interface does not hold: a clear error at start.
-    let out = o.daemon_command(0).args(["--public-ip", "203.0.113.5"]).output().unwrap();
+    // (Without --iface flannel stops earlier: no interface holds it.)
+    let out = o.daemon_command(0).args(["--public-ip", "203.0.113.5", "--iface", "eth0"]).output().unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("host-gw") && err.contains("203.0.113.5") && err.contains("eth0"), "{err}");

@@ -112,16 +112,60 @@ impl Netlink {
         self.dump_routes(RouteMessageBuilder::<std::net::Ipv4Addr>::new().build(), "dump IPv4 routes").await
     }
 
+    /// IPv4 routes of the main table (`ip route show`) in one dump: the
+    /// unicast ones, and the destinations of the blackhole ones (`blackhole
+    /// DST`, what flannel's `--ip-blackhole-route` adds).
+    pub async fn routes_v4_and_blackholes(&self) -> NlResult<(Vec<Route>, Vec<IpNet>)> {
+        let msgs = self.dump(RouteMessageBuilder::<std::net::Ipv4Addr>::new().build(), "dump IPv4 routes").await?;
+        let of_kind = |kind: RouteType| {
+            msgs.iter()
+                .filter(move |m| m.header.table == libc::RT_TABLE_MAIN && m.header.kind == kind)
+                .filter_map(Route::from_message)
+        };
+        Ok((of_kind(RouteType::Unicast).collect(), of_kind(RouteType::BlackHole).map(|r| r.dst).collect()))
+    }
+
+    /// Adds `blackhole DST` to the main table (`ip route add blackhole DST`),
+    /// as flannel does: protocol boot, no replace. `EEXIST` when another route
+    /// (a blackhole, or e.g. a bridge's connected route) holds its place; the
+    /// error says so.
+    pub async fn add_blackhole_route(&self, dst: IpNet) -> NlResult<()> {
+        let op = format!("add route blackhole {dst}");
+        let msg = blackhole_message(dst, &op)?;
+        self.handle.route().add(msg).execute().await.map_err(|e| {
+            let e = NlError::new(op.clone(), e);
+            if e.is_exists() {
+                NlError::io(
+                    format!("{op} (another route to {dst} in the main table, e.g. a bridge's, holds its place)"),
+                    std::io::Error::from_raw_os_error(libc::EEXIST),
+                )
+            } else {
+                e
+            }
+        })
+    }
+
+    /// Deletes `blackhole DST` from the main table (`ip route del blackhole DST`).
+    pub async fn del_blackhole_route(&self, dst: IpNet) -> NlResult<()> {
+        let op = format!("delete route blackhole {dst}");
+        let msg = blackhole_message(dst, &op)?;
+        self.handle.route().del(msg).execute().await.map_err(|e| NlError::new(op, e))
+    }
+
     /// Dumps the routes of `msg`'s family and keeps the main table's unicast
-    /// ones, the only ones flannel-rs reads or owns.
+    /// ones, the only ones flannel-rs reads or owns besides blackholes.
     async fn dump_routes(&self, msg: RouteMessage, op: &str) -> NlResult<Vec<Route>> {
-        let msgs: Vec<RouteMessage> =
-            self.handle.route().get(msg).execute().try_collect().await.map_err(|e| NlError::new(op, e))?;
-        Ok(msgs
+        Ok(self
+            .dump(msg, op)
+            .await?
             .iter()
             .filter(|m| m.header.table == libc::RT_TABLE_MAIN && m.header.kind == RouteType::Unicast)
             .filter_map(Route::from_message)
             .collect())
+    }
+
+    async fn dump(&self, msg: RouteMessage, op: &str) -> NlResult<Vec<RouteMessage>> {
+        self.handle.route().get(msg).execute().try_collect().await.map_err(|e| NlError::new(op, e))
     }
 
     /// Adds a unicast route in the main table (`ip route add DST [via GW] dev DEV [onlink]`).
@@ -147,6 +191,19 @@ impl Netlink {
         let msg = route_message(route, &route_op("delete", route, dev_name))?;
         self.handle.route().del(msg).execute().await.map_err(|e| NlError::new(route_op("delete", route, dev_name), e))
     }
+}
+
+/// The request for `blackhole DST` in the main table.
+fn blackhole_message(dst: IpNet, op: &str) -> NlResult<RouteMessage> {
+    let msg = RouteMessageBuilder::<IpAddr>::new()
+        .destination_prefix(dst.addr(), dst.prefix_len())
+        .map_err(|e| NlError::io(op, std::io::Error::other(e.to_string())))?
+        .kind(RouteType::BlackHole)
+        .protocol(RouteProtocol::Boot)
+        .scope(RouteScope::Universe)
+        .table_id(libc::RT_TABLE_MAIN.into())
+        .build();
+    Ok(msg)
 }
 
 /// The operation in `ip route` words, for error messages.

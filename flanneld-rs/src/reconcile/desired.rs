@@ -64,7 +64,7 @@ pub fn desired<'a>(
     let device = backend.device();
     let addr = device.as_ref().map(|_| vtep_addr(own.subnet));
     let routes = backend.device_routes(cfg.network);
-    (Desired { device, addr, peers, tunnel, routes }, rejected)
+    (Desired { device, addr, peers, tunnel, routes, blackhole: None }, rejected)
 }
 
 #[cfg(test)]

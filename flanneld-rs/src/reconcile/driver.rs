@@ -51,6 +51,15 @@ pub struct Node {
     /// How the underlay interface was chosen, to choose it again when it
     /// changes.
     pub selection: Selection,
+    /// `--ip-blackhole-route`.
+    pub blackhole_route: bool,
+}
+
+impl Node {
+    /// What the blackhole route for our subnet should be.
+    pub fn blackhole(&self) -> plan::Blackhole {
+        plan::Blackhole { subnet: self.own.subnet, wanted: self.blackhole_route }
+    }
 }
 
 /// How often the driver re-asserts things besides the kernel entries.
@@ -137,8 +146,9 @@ impl<S: LeaseStore> Driver<S> {
             self.check_underlay(why).await;
         }
         let node = &self.node;
-        let (want, rejected) =
+        let (mut want, rejected) =
             desired::desired(&node.cfg, &node.own, &node.backend, node.ext.addr.trunc(), self.leases.iter());
+        want.blackhole = Some(node.blackhole());
         let rejected_text: Vec<String> = rejected.iter().map(|r| format!("{}: {}", r.source, r.reason)).collect();
         if rejected_text != self.last_rejected {
             for r in &rejected_text {
@@ -249,17 +259,22 @@ impl<S: LeaseStore> Driver<S> {
     async fn observe_and_plan(&mut self, want: &plan::Desired, why: &str) -> Option<(plan::Observed, Vec<plan::Op>)> {
         let device = want.device.as_ref().map(|d| d.name().to_string());
         for attempt in 0..2 {
-            let observed =
-                match kernel::observe(&self.nl, device.as_deref(), self.node.backend.sweep(), self.node.cfg.network)
-                    .await
-                {
-                    Ok(o) => o,
-                    Err(e) => {
-                        error!("reconcile ({why}): {e}");
-                        self.metrics.netlink_errors.fetch_add(1, Ordering::Relaxed);
-                        return None;
-                    }
-                };
+            let observed = match kernel::observe(
+                &self.nl,
+                device.as_deref(),
+                self.node.backend.sweep(),
+                self.node.cfg.network,
+                want.blackhole.map(|b| b.subnet),
+            )
+            .await
+            {
+                Ok(o) => o,
+                Err(e) => {
+                    error!("reconcile ({why}): {e}");
+                    self.metrics.netlink_errors.fetch_add(1, Ordering::Relaxed);
+                    return None;
+                }
+            };
             self.device_index = observed.device.as_ref().map(|v| v.index);
             let ops = plan::plan(want, &observed);
             if !self.node.backend.has_data_path() || attempt > 0 {
@@ -284,6 +299,30 @@ impl<S: LeaseStore> Driver<S> {
             }
         }
         unreachable!("the loop returns on its second pass")
+    }
+
+    /// `--ip-blackhole-route`, re-asserted with the firewall every
+    /// `--iptables-resync` seconds as flannel does (the reconcile also keeps
+    /// it, and removes it when the flag is off).
+    async fn reassert_blackhole(&mut self) {
+        let b = self.node.blackhole();
+        if !b.wanted {
+            return;
+        }
+        let there = match self.nl.routes_v4_and_blackholes().await {
+            Ok((_, blackholes)) => blackholes.contains(&ipnet::IpNet::V4(b.subnet)),
+            Err(e) => {
+                error!("re-assert the blackhole route for {}: {e}", b.subnet);
+                return;
+            }
+        };
+        if !there {
+            info!("resync: ip route add blackhole {}", b.subnet);
+            if let Err(e) = self.nl.add_blackhole_route(ipnet::IpNet::V4(b.subnet)).await {
+                self.metrics.netlink_errors.fetch_add(1, Ordering::Relaxed);
+                error!("resync: {e}");
+            }
+        }
     }
 
     /// Hands the data path its peer table when it changed.
@@ -361,6 +400,7 @@ impl<S: LeaseStore> Driver<S> {
                         }
                         Err(e) => error!("re-assert the {}: {e}", self.fw.describe()),
                     }
+                    self.reassert_blackhole().await;
                 }
                 _ = tokio::time::sleep(renew_in.unwrap_or(NEVER)), if renew_in.is_some() => {
                     match self.store.renew().await {

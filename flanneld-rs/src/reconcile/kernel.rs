@@ -24,9 +24,17 @@ pub enum Sweep {
 
 /// Dumps the state we own: our device (`device`, by name), its IPv4
 /// addresses, the main-table routes through it, its permanent neighbours and
-/// FDB entries, and the routes `sweep` names to subnets of `cluster`.
-pub async fn observe(nl: &Netlink, device: Option<&str>, sweep: Sweep, cluster: Ipv4Net) -> NlResult<Observed> {
-    let all_routes = nl.routes_v4().await?;
+/// FDB entries, the routes `sweep` names to subnets of `cluster`, and
+/// whether `blackhole <blackhole>` is there (when asked).
+pub async fn observe(
+    nl: &Netlink,
+    device: Option<&str>,
+    sweep: Sweep,
+    cluster: Ipv4Net,
+    blackhole: Option<Ipv4Net>,
+) -> NlResult<Observed> {
+    let (all_routes, blackholes) = nl.routes_v4_and_blackholes().await?;
+    let blackhole = blackhole.is_some_and(|b| blackholes.contains(&IpNet::V4(b)));
     let direct = |r: &Route| {
         let ours = match sweep {
             Sweep::None => false,
@@ -41,7 +49,11 @@ pub async fn observe(nl: &Netlink, device: Option<&str>, sweep: Sweep, cluster: 
         None => None,
     };
     let Some(link) = link else {
-        return Ok(Observed { routes: all_routes.into_iter().filter(direct).collect(), ..Observed::default() });
+        return Ok(Observed {
+            routes: all_routes.into_iter().filter(direct).collect(),
+            blackhole,
+            ..Observed::default()
+        });
     };
     let index = link.index;
     let addrs = nl.addrs(index).await?.into_iter().filter(|a| matches!(a, IpNet::V4(_))).collect();
@@ -55,7 +67,7 @@ pub async fn observe(nl: &Netlink, device: Option<&str>, sweep: Sweep, cluster: 
     } else {
         (nl.neighs(index).await?, nl.fdbs(index).await?)
     };
-    Ok(Observed { device: Some(link), addrs, routes, neighs, fdbs })
+    Ok(Observed { device: Some(link), addrs, routes, neighs, fdbs, blackhole })
 }
 
 /// Requests in flight at once within a phase. The kernel handles them one by
@@ -103,9 +115,11 @@ pub async fn apply(nl: &Netlink, desired: &Desired, observed: &Observed, ops: &[
         let len = rest.iter().take_while(|op| std::mem::discriminant(*op) == std::mem::discriminant(first)).count();
         let (phase, tail) = rest.split_at(len);
         rest = tail;
-        // Without a device (it could not be created) there is nothing to do;
-        // the create's error is already reported.
-        let Some(idx) = index else { continue };
+        // Without a device (it could not be created) there is nothing to do
+        // on it; the create's error is already reported. The blackhole route
+        // is not on a device.
+        let blackhole = matches!(first, Op::AddBlackhole(_) | Op::DelBlackhole(_));
+        let Some(idx) = index.or(blackhole.then_some(0)) else { continue };
         let results: Vec<NlResult<()>> =
             futures_util::stream::iter(phase.iter().map(|op| apply_one(nl, name, idx, op)))
                 .buffer_unordered(PIPELINE)
@@ -140,5 +154,7 @@ async fn apply_one(nl: &Netlink, name: &str, idx: u32, op: &Op) -> NlResult<()> 
             let r = Route { oif: r.oif.or(Some(idx)), ..r.clone() };
             tolerate(nl.del_route(&r, name).await, NlError::is_not_found)
         }
+        Op::AddBlackhole(n) => nl.add_blackhole_route(IpNet::V4(*n)).await,
+        Op::DelBlackhole(n) => tolerate(nl.del_blackhole_route(IpNet::V4(*n)).await, NlError::is_not_found),
     }
 }

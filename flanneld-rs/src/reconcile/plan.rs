@@ -89,6 +89,21 @@ pub struct Desired {
     /// Routes through our device that are not a peer's (udp: the whole
     /// Network into the TUN).
     pub routes: Vec<Route>,
+    /// `--ip-blackhole-route` for our subnet (`None`: not looked after).
+    pub blackhole: Option<Blackhole>,
+}
+
+/// flannel's `--ip-blackhole-route`: `blackhole <our subnet>` in the main
+/// table, so that traffic to our subnet's unused addresses is dropped here
+/// (meant for CNI setups without the bridge, which routes each pod /32).
+/// Only the route for our own subnet is ours: wanted, it is added when
+/// missing; not wanted, it is removed when there (flannel's, or ours before).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Blackhole {
+    /// Our subnet.
+    pub subnet: Ipv4Net,
+    /// Whether the flag is on.
+    pub wanted: bool,
 }
 
 /// The kernel state we own, as dumped.
@@ -104,6 +119,9 @@ pub struct Observed {
     pub neighs: Vec<Neigh>,
     /// Permanent FDB entries on it.
     pub fdbs: Vec<Fdb>,
+    /// Whether `blackhole <our subnet>` is in the main table (asked only
+    /// when [`Desired::blackhole`] is set).
+    pub blackhole: bool,
 }
 
 /// One kernel change; [`super::kernel::apply`] turns each into one netlink request.
@@ -133,6 +151,10 @@ pub enum Op {
     SetRoute(Route),
     /// Delete a route.
     DelRoute(Route),
+    /// Add `blackhole <subnet>` to the main table.
+    AddBlackhole(Ipv4Net),
+    /// Delete `blackhole <subnet>` from the main table.
+    DelBlackhole(Ipv4Net),
 }
 
 /// Observed routes are already those through our device, and desired routes
@@ -154,6 +176,8 @@ impl Op {
             Op::DelFdb(_) => "DelFdb",
             Op::SetRoute(_) => "SetRoute",
             Op::DelRoute(_) => "DelRoute",
+            Op::AddBlackhole(_) => "AddBlackhole",
+            Op::DelBlackhole(_) => "DelBlackhole",
         }
     }
 }
@@ -178,6 +202,8 @@ impl Op {
             Op::SetRoute(r) if r.onlink => format!("ip route replace {} via {} dev {dev} onlink", r.dst, via(r)),
             Op::SetRoute(r) => format!("ip route replace {} via {}", r.dst, via(r)),
             Op::DelRoute(r) => format!("ip route del {} dev {dev}", r.dst),
+            Op::AddBlackhole(n) => format!("ip route add blackhole {n}"),
+            Op::DelBlackhole(n) => format!("ip route del blackhole {n}"),
         }
     }
 }
@@ -218,6 +244,7 @@ pub fn plan(desired: &Desired, observed: &Observed) -> Vec<Op> {
         ops.push(Op::SetUp);
     }
     // A new device starts empty: everything is to be added, nothing to delete.
+    let observed_all = observed;
     let empty = Observed::default();
     let observed = if fresh { &empty } else { observed };
 
@@ -282,6 +309,13 @@ pub fn plan(desired: &Desired, observed: &Observed) -> Vec<Op> {
             ops.push(Op::DelFdb(*f));
         }
     }
+    // Not on our device: a new device does not take it away.
+    let blackhole_there = observed_all.blackhole;
+    match desired.blackhole {
+        Some(Blackhole { subnet, wanted: true }) if !blackhole_there => ops.push(Op::AddBlackhole(subnet)),
+        Some(Blackhole { subnet, wanted: false }) if blackhole_there => ops.push(Op::DelBlackhole(subnet)),
+        _ => {}
+    }
     ops
 }
 
@@ -321,7 +355,7 @@ pub fn simulate(desired: &Desired, observed: &mut Observed, ops: &[Op]) {
                         gbp: false,
                     },
                 };
-                *observed = Observed { device: Some(link), ..Observed::default() };
+                *observed = Observed { device: Some(link), blackhole: observed.blackhole, ..Observed::default() };
             }
             Op::SetMtu(m) => observed.device.as_mut().expect("device").mtu = *m,
             Op::SetUp => observed.device.as_mut().expect("device").up = true,
@@ -343,6 +377,8 @@ pub fn simulate(desired: &Desired, observed: &mut Observed, ops: &[Op]) {
                 observed.routes.push(r.clone());
             }
             Op::DelRoute(r) => observed.routes.retain(|x| x.dst != r.dst),
+            Op::AddBlackhole(_) => observed.blackhole = true,
+            Op::DelBlackhole(_) => observed.blackhole = false,
         }
     }
 }
@@ -376,6 +412,7 @@ mod tests {
             peers: peers.iter().map(|(s, m, p)| peer(s, m, p)).collect(),
             tunnel: BTreeMap::new(),
             routes: Vec::new(),
+            blackhole: None,
         }
     }
 
@@ -398,6 +435,7 @@ mod tests {
             peers: BTreeMap::new(),
             tunnel: BTreeMap::new(),
             routes: vec![Route { dst: network, gateway: None, oif: None, onlink: false }],
+            blackhole: None,
         };
         // Made by the data path: down, default MTU; then address, up, route.
         let ops = plan(&d, &Observed::default());
@@ -539,5 +577,37 @@ mod tests {
                 assert_eq!(plan(t, &o), vec![], "from {s:?} to {t:?}");
             }
         }
+    }
+
+    #[test]
+    fn blackhole_route_added_when_wanted_and_missing_removed_when_not_wanted() {
+        let subnet: Ipv4Net = "10.244.1.0/24".parse().unwrap();
+        let mut d = desired(&[A]);
+        d.blackhole = Some(Blackhole { subnet, wanted: true });
+        // Fresh node: added after everything else.
+        let ops = plan(&d, &Observed::default());
+        assert_eq!(ops.last(), Some(&Op::AddBlackhole(subnet)));
+        let mut o = Observed::default();
+        simulate(&d, &mut o, &ops);
+        assert!(o.blackhole);
+        assert!(plan(&d, &o).is_empty());
+        // Deleted by hand: back with the next reconcile.
+        o.blackhole = false;
+        assert_eq!(plan(&d, &o), [Op::AddBlackhole(subnet)]);
+        o.blackhole = true;
+        // A device made anew leaves it be.
+        o.device.as_mut().unwrap().port = Some(4789);
+        assert!(!plan(&d, &o).contains(&Op::AddBlackhole(subnet)));
+        o.device.as_mut().unwrap().port = Some(8472);
+        // The flag off: ours (or flannel's) goes.
+        d.blackhole = Some(Blackhole { subnet, wanted: false });
+        assert_eq!(plan(&d, &o), [Op::DelBlackhole(subnet)]);
+        simulate(&d, &mut o, &[Op::DelBlackhole(subnet)]);
+        assert!(plan(&d, &o).is_empty());
+        // Not looked after: nothing either way.
+        d.blackhole = None;
+        o.blackhole = true;
+        assert!(plan(&d, &o).is_empty());
+        assert_eq!(Op::AddBlackhole(subnet).as_ip("flannel.1"), "ip route add blackhole 10.244.1.0/24");
     }
 }

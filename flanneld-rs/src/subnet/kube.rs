@@ -63,7 +63,7 @@ pub struct KubeOptions {
 /// for ones whose annotations do not parse).
 type NodeLease = Result<Option<Lease>, String>;
 
-fn view(node: &Node, prefix: &str, cfg: &NetworkConfig) -> Option<(String, NodeLease)> {
+fn view(node: &Node, prefix: &ann::Prefix, cfg: &NetworkConfig) -> Option<(String, NodeLease)> {
     let name = node.metadata.name.clone()?;
     let cidr = pod_cidr(node);
     let empty = BTreeMap::new();
@@ -192,7 +192,7 @@ pub struct KubeSubnetManager {
     nodes: Api<Node>,
     /// This node's name.
     pub node_name: String,
-    prefix: String,
+    prefix: ann::Prefix,
     server: String,
 }
 
@@ -200,18 +200,13 @@ impl KubeSubnetManager {
     /// Connects and learns our node's name (no request to the server unless
     /// the name comes from our pod).
     pub async fn connect(opts: &KubeOptions) -> Result<KubeSubnetManager, StoreError> {
+        let prefix = ann::Prefix::new(&opts.prefix).map_err(StoreError::Invalid)?;
         let config = client_config(opts).await?;
         let server = config.cluster_url.to_string();
         let client = Client::try_from(config).map_err(api(format!("Kubernetes client for {server}")))?;
         let node_name = node_name(&client).await?;
         info!("Kubernetes API {server}, node {node_name}");
-        Ok(KubeSubnetManager {
-            nodes: Api::all(client.clone()),
-            client,
-            node_name,
-            prefix: opts.prefix.clone(),
-            server,
-        })
+        Ok(KubeSubnetManager { nodes: Api::all(client.clone()), client, node_name, prefix, server })
     }
 
     /// The API client (shared with the NetworkPolicy agent).
@@ -444,7 +439,6 @@ fn leases_of(store: &BTreeMap<String, NodeLease>) -> (Vec<Lease>, Vec<String>) {
 /// last read, and our subnet once taken.
 pub struct KubeStore {
     mgr: KubeSubnetManager,
-    opts: KubeOptions,
     /// The network configuration, read from `--net-config-path` first
     /// (before the API server is asked anything, as flannel does).
     cfg: NetworkConfig,
@@ -460,7 +454,7 @@ impl KubeStore {
     pub async fn connect(opts: &KubeOptions, net_config_path: PathBuf) -> Result<KubeStore, StoreError> {
         let cfg = read_net_conf(&net_config_path)?;
         let mgr = KubeSubnetManager::connect(opts).await?;
-        Ok(KubeStore { mgr, opts: opts.clone(), cfg, wait: true, node: None })
+        Ok(KubeStore { mgr, cfg, wait: true, node: None })
     }
 
     /// Does not wait for our Node's podCIDR (for `diagnose`).
@@ -521,7 +515,7 @@ impl super::LeaseStore for KubeStore {
     ) -> Result<Option<flannel_net::MacAddr>, StoreError> {
         let (node, cidr) = self.own_node().await?;
         let lease =
-            ann::lease_from_node(&self.mgr.node_name, cidr.as_deref(), &annotations(&node), &self.opts.prefix, cfg);
+            ann::lease_from_node(&self.mgr.node_name, cidr.as_deref(), &annotations(&node), &self.mgr.prefix, cfg);
         Ok(lease.ok().flatten().and_then(|l| l.vxlan).map(|d| d.vtep_mac))
     }
 
@@ -589,7 +583,7 @@ impl super::LeaseStore for KubeStore {
 
     fn own_missing(&self, _public_ip: Ipv4Addr) -> (String, String) {
         (
-            format!("node {} has no podCIDR or no flannel annotations ({}/)", self.mgr.node_name, self.opts.prefix),
+            format!("node {} has no podCIDR or no flannel annotations ({}*)", self.mgr.node_name, self.mgr.prefix),
             "start flanneld-rs on this node (it writes them once the node has a podCIDR)".into(),
         )
     }
@@ -651,7 +645,7 @@ mod tests {
             ("flannel.alpha.coreos.com/public-ip", "192.0.2.11"),
             ("node.alpha.kubernetes.io/ttl", "0"),
         ];
-        let p = ann::DEFAULT_PREFIX;
+        let p = &ann::Prefix::default();
         let (k, v) = view(&node("b", Some("10.244.2.0/24"), &[], &good), p, &cfg()).unwrap();
         assert_eq!(k, "b");
         // Annotations of others do not make a Node differ.

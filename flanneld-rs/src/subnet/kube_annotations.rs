@@ -37,13 +37,78 @@ pub mod keys {
     pub const NODE_PUBLIC_IP: &str = "node-public-ip";
 }
 
-fn key(prefix: &str, name: &str) -> String {
-    format!("{}/{name}", prefix.trim_end_matches('/'))
+/// `--kube-annotation-prefix`, normalised as flannel normalises it: every
+/// annotation name is the normalised prefix followed by the name, made by
+/// [`Prefix::key`] and nowhere else.
+///
+/// - no `/`: the prefix is a DNS name, `/` is appended
+///   (`flannel.alpha.coreos.com` -> `flannel.alpha.coreos.com/backend-type`);
+/// - one `/` with a name part: `-` is appended unless it ends with `-`
+///   (`example.com/x` -> `example.com/x-backend-type`);
+/// - ending with `/`: used as is;
+/// - more than one `/`, a part before the `/` that is not a dotted DNS name,
+///   or anything but lower-case letters, digits, `_`, `-`, `.`: refused.
+///
+/// One deliberate difference: flannel's check is not anchored at the
+/// start, so it lets through prefixes such as `Example.com` or `a b.example.com`
+/// whose annotations the API server then refuses; we refuse them at start.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Prefix(String);
+
+impl Prefix {
+    /// Normalises and checks `raw`; the error names the flag and the value.
+    pub fn new(raw: &str) -> Result<Prefix, String> {
+        let bad = |why: &str| format!("--kube-annotation-prefix {raw:?}: {why}");
+        let mut p = raw.to_string();
+        match p.matches('/').count() {
+            0 => p.push('/'),
+            1 => {}
+            _ => return Err(bad("may hold at most one '/'")),
+        }
+        if !p.ends_with('/') && !p.ends_with('-') {
+            p.push('-');
+        }
+        static SHAPE: std::sync::OnceLock<regex::Regex> = std::sync::OnceLock::new();
+        let shape = SHAPE.get_or_init(|| {
+            regex::Regex::new(r"^(?:[a-z0-9_-]+\.)+[a-z0-9_-]+/(?:[a-z0-9_-]+-)?$").expect("a valid regex")
+        });
+        if !shape.is_match(&p) {
+            return Err(bad("want a DNS name with at least one dot, optionally '/' and a name part \
+                 (lower-case letters, digits, '_', '-', '.'), e.g. flannel.alpha.coreos.com or example.com/x"));
+        }
+        Ok(Prefix(p))
+    }
+
+    /// The annotation called `name` (`backend-type`) under this prefix.
+    pub fn key(&self, name: &str) -> String {
+        format!("{}{name}", self.0)
+    }
+
+    /// The normalised prefix (`flannel.alpha.coreos.com/`, `example.com/x-`).
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl Default for Prefix {
+    fn default() -> Prefix {
+        Prefix::new(DEFAULT_PREFIX).expect("the default prefix is valid")
+    }
+}
+
+impl std::fmt::Display for Prefix {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+fn key(prefix: &Prefix, name: &str) -> String {
+    prefix.key(name)
 }
 
 /// The annotations a node writes on itself (flannel's exact formats).
 /// `public-ip-overwrite`, when the user set it, is what gets advertised.
-pub fn own_annotations(prefix: &str, attrs: &LeaseAttrs, overwrite: Option<Ipv4Addr>) -> BTreeMap<String, String> {
+pub fn own_annotations(prefix: &Prefix, attrs: &LeaseAttrs, overwrite: Option<Ipv4Addr>) -> BTreeMap<String, String> {
     BTreeMap::from([
         (key(prefix, keys::SUBNET_MANAGER), "true".to_string()),
         (key(prefix, keys::BACKEND_TYPE), attrs.backend.wire_name().to_string()),
@@ -53,7 +118,11 @@ pub fn own_annotations(prefix: &str, attrs: &LeaseAttrs, overwrite: Option<Ipv4A
 }
 
 /// A user's `node-public-ip` or `public-ip-overwrite`, when set and valid.
-pub fn user_ip(prefix: &str, name: &str, annotations: &BTreeMap<String, String>) -> Result<Option<Ipv4Addr>, String> {
+pub fn user_ip(
+    prefix: &Prefix,
+    name: &str,
+    annotations: &BTreeMap<String, String>,
+) -> Result<Option<Ipv4Addr>, String> {
     match annotations.get(&key(prefix, name)) {
         None => Ok(None),
         Some(v) if v.trim().is_empty() => Ok(None),
@@ -72,7 +141,7 @@ pub fn lease_from_node(
     node: &str,
     pod_cidr: Option<&str>,
     annotations: &BTreeMap<String, String>,
-    prefix: &str,
+    prefix: &Prefix,
     cfg: &NetworkConfig,
 ) -> Result<Option<Lease>, String> {
     let get = |name: &str| annotations.get(&key(prefix, name));
@@ -123,7 +192,7 @@ mod tests {
             ("kube-subnet-manager", "true"),
             ("public-ip", "192.0.2.11"),
         ]);
-        let l = lease_from_node("worker-1", Some("10.244.1.0/24"), &a, DEFAULT_PREFIX, &cfg()).unwrap().unwrap();
+        let l = lease_from_node("worker-1", Some("10.244.1.0/24"), &a, &Prefix::default(), &cfg()).unwrap().unwrap();
         assert_eq!(l.subnet.to_string(), "10.244.1.0/24");
         assert_eq!(l.public_ip.to_string(), "192.0.2.11");
         assert_eq!(l.vxlan, Some(VxlanData { vni: 1, vtep_mac: "9a:4f:7e:12:34:56".parse().unwrap() }));
@@ -137,29 +206,35 @@ mod tests {
             backend: BackendType::Vxlan,
             vxlan: Some(VxlanData { vni: 1, vtep_mac: "02:00:00:00:00:10".parse().unwrap() }),
         };
-        let a = own_annotations(DEFAULT_PREFIX, &attrs, None);
+        let a = own_annotations(&Prefix::default(), &attrs, None);
         assert_eq!(a["flannel.alpha.coreos.com/backend-data"], r#"{"VNI":1,"VtepMAC":"02:00:00:00:00:10"}"#);
         assert_eq!(a["flannel.alpha.coreos.com/backend-type"], "vxlan");
         assert_eq!(a["flannel.alpha.coreos.com/kube-subnet-manager"], "true");
         assert_eq!(a["flannel.alpha.coreos.com/public-ip"], "192.0.2.10");
         assert_eq!(a.len(), 4);
-        let back = lease_from_node("me", Some("10.244.9.0/24"), &a, DEFAULT_PREFIX, &cfg()).unwrap().unwrap();
+        let back = lease_from_node("me", Some("10.244.9.0/24"), &a, &Prefix::default(), &cfg()).unwrap().unwrap();
         assert_eq!(back.vxlan, attrs.vxlan);
         // public-ip-overwrite is what gets advertised; host-gw has null data.
-        let over = own_annotations(DEFAULT_PREFIX, &attrs, Some("203.0.113.5".parse().unwrap()));
+        let over = own_annotations(&Prefix::default(), &attrs, Some("203.0.113.5".parse().unwrap()));
         assert_eq!(over["flannel.alpha.coreos.com/public-ip"], "203.0.113.5");
         let hg = LeaseAttrs { backend: BackendType::HostGw, vxlan: None, ..attrs };
-        assert_eq!(own_annotations("example.com/", &hg, None)["example.com/backend-data"], "null");
+        assert_eq!(
+            own_annotations(&Prefix::new("example.com/").unwrap(), &hg, None)["example.com/backend-data"],
+            "null"
+        );
     }
 
     #[test]
     fn nodes_that_do_not_take_part_are_ignored() {
         let a = ann(&[("public-ip", "192.0.2.11")]);
-        assert_eq!(lease_from_node("n", Some("10.244.1.0/24"), &a, DEFAULT_PREFIX, &cfg()).unwrap(), None);
+        assert_eq!(lease_from_node("n", Some("10.244.1.0/24"), &a, &Prefix::default(), &cfg()).unwrap(), None);
         let a = ann(&[("kube-subnet-manager", "true"), ("public-ip", "192.0.2.11"), ("backend-type", "vxlan")]);
-        assert_eq!(lease_from_node("n", None, &a, DEFAULT_PREFIX, &cfg()).unwrap(), None);
+        assert_eq!(lease_from_node("n", None, &a, &Prefix::default(), &cfg()).unwrap(), None);
         // Another prefix: flannel's annotations are not ours.
-        assert_eq!(lease_from_node("n", Some("10.244.1.0/24"), &a, "example.com", &cfg()).unwrap(), None);
+        assert_eq!(
+            lease_from_node("n", Some("10.244.1.0/24"), &a, &Prefix::new("example.com").unwrap(), &cfg()).unwrap(),
+            None
+        );
     }
 
     #[test]
@@ -183,12 +258,75 @@ mod tests {
             (with(&[("backend-data", r#"{"VtepMAC":"02:00:00:00:00:01"}"#)]), "bogus", "spec.podCIDR \"bogus\""),
         ];
         for (a, cidr, want) in cases {
-            let e = lease_from_node("worker-7", Some(cidr), &a, DEFAULT_PREFIX, &cfg()).unwrap_err();
+            let e = lease_from_node("worker-7", Some(cidr), &a, &Prefix::default(), &cfg()).unwrap_err();
             assert!(e.contains("worker-7") && e.contains(want), "{e:?} lacks {want:?}");
         }
         let a = ann(&[("node-public-ip", "203.0.113.9"), ("public-ip-overwrite", "x")]);
-        assert_eq!(user_ip(DEFAULT_PREFIX, keys::NODE_PUBLIC_IP, &a).unwrap(), Some("203.0.113.9".parse().unwrap()));
-        assert!(user_ip(DEFAULT_PREFIX, keys::PUBLIC_IP_OVERWRITE, &a).unwrap_err().contains("public-ip-overwrite"));
-        assert_eq!(user_ip(DEFAULT_PREFIX, keys::PUBLIC_IP, &BTreeMap::new()).unwrap(), None);
+        assert_eq!(
+            user_ip(&Prefix::default(), keys::NODE_PUBLIC_IP, &a).unwrap(),
+            Some("203.0.113.9".parse().unwrap())
+        );
+        assert!(user_ip(&Prefix::default(), keys::PUBLIC_IP_OVERWRITE, &a)
+            .unwrap_err()
+            .contains("public-ip-overwrite"));
+        assert_eq!(user_ip(&Prefix::default(), keys::PUBLIC_IP, &BTreeMap::new()).unwrap(), None);
+    }
+
+    #[test]
+    fn prefixes_are_normalised_and_checked_as_flannel_does() {
+        // flannel's own cases (pkg/subnet/kube/annotations_test.go), in our words.
+        let good = [
+            ("flannel.alpha.coreos.com", "flannel.alpha.coreos.com/backend-type"),
+            ("flannel.alpha.coreos.com/", "flannel.alpha.coreos.com/backend-type"),
+            ("flannel.alpha.coreos.com/prefix", "flannel.alpha.coreos.com/prefix-backend-type"),
+            ("flannel.alpha.coreos.com/prefix-", "flannel.alpha.coreos.com/prefix-backend-type"),
+            ("org.com", "org.com/backend-type"),
+            ("org9.com", "org9.com/backend-type"),
+            ("org.com/9", "org.com/9-backend-type"),
+            ("example.com/x", "example.com/x-backend-type"),
+            ("a_b.c-d.example/x_y-z", "a_b.c-d.example/x_y-z-backend-type"),
+        ];
+        for (raw, want) in good {
+            let p = Prefix::new(raw).unwrap_or_else(|e| panic!("{raw}: {e}"));
+            assert_eq!(p.key(keys::BACKEND_TYPE), want, "{raw}");
+        }
+        let bad = [
+            "org",            // not a DNS name with a dot
+            "org/",           // the same before the slash
+            "org/prefix",     // the same
+            "org.COM",        // upper case
+            "org.com/PREFIX", // upper case in the name part
+            "a.com/b/c",      // two slashes
+            "a.com/b.c",      // a dot in the name part
+            "Example.com",    // flannel lets this through (unanchored); the API server would not
+            "a b.example.com",
+            "",
+        ];
+        for raw in bad {
+            let e = Prefix::new(raw).unwrap_err();
+            assert!(e.contains("--kube-annotation-prefix") && e.contains(&format!("{raw:?}")), "{e}");
+        }
+        // Every annotation we write or read goes through the prefix.
+        let p = Prefix::new("example.com/x").unwrap();
+        let attrs = LeaseAttrs {
+            public_ip: "192.0.2.10".parse().unwrap(),
+            backend: BackendType::Vxlan,
+            vxlan: Some(VxlanData { vni: 1, vtep_mac: "02:00:00:00:00:10".parse().unwrap() }),
+        };
+        let a = own_annotations(&p, &attrs, None);
+        let names: Vec<&str> = a.keys().map(String::as_str).collect();
+        assert_eq!(
+            names,
+            [
+                "example.com/x-backend-data",
+                "example.com/x-backend-type",
+                "example.com/x-kube-subnet-manager",
+                "example.com/x-public-ip"
+            ]
+        );
+        let back = lease_from_node("me", Some("10.244.9.0/24"), &a, &p, &cfg()).unwrap().unwrap();
+        assert_eq!(back.public_ip.to_string(), "192.0.2.10");
+        let user = BTreeMap::from([("example.com/x-node-public-ip".to_string(), "203.0.113.9".to_string())]);
+        assert_eq!(user_ip(&p, keys::NODE_PUBLIC_IP, &user).unwrap(), Some("203.0.113.9".parse().unwrap()));
     }
 }

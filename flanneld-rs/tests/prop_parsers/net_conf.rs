@@ -83,7 +83,8 @@ fn model(members: &[(String, Value)]) -> Result<Want, Vec<&'static str>> {
             None
         }
     };
-    if enable_ipv6 && get("ipv6network").is_none() {
+    // IPv6 (dual-stack) is not supported yet: EnableIPv6 true is refused.
+    if enable_ipv6 {
         wrong.push("EnableIPv6");
     }
     // A CIDR without host bits, big enough for 4 subnets of 4 addresses.

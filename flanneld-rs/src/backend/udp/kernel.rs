@@ -43,6 +43,7 @@ impl DeviceSpec {
             peers: BTreeMap::new(),
             tunnel: BTreeMap::new(),
             routes: vec![super::spec::network_route(self.network)],
+            blackhole: None,
         }
     }
 }
@@ -52,7 +53,7 @@ impl DeviceSpec {
 /// data path must be restarted to recreate it).
 pub async fn ensure(nl: &Netlink, spec: &DeviceSpec) -> anyhow::Result<Vec<String>> {
     let want = spec.desired();
-    let have = kernel::observe(nl, Some(&spec.name), Sweep::None, spec.network).await?;
+    let have = kernel::observe(nl, Some(&spec.name), Sweep::None, spec.network, None).await?;
     if have.device.is_none() {
         bail!("device {} is gone: restart the udp data path to recreate it", spec.name);
     }
