@@ -8,16 +8,10 @@ use e2e_tests::overlay::{leases, Overlay, ETCD};
 use netns_fixtures::{require_root, wait_until, Netns};
 use serde_json::Value;
 
-/// The rules of our nftables table that masquerade, from `nft -j`.
+/// The masquerade rules of flannel's chain FLANNEL-POSTRTG (0 when it is absent).
 fn masquerade_rules(ns: &Netns) -> usize {
-    let v: Value = serde_json::from_str(&ns.run_ok("nft", &["-j", "list", "ruleset"])).unwrap();
-    v["nftables"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter_map(|o| o.get("rule"))
-        .filter(|r| r["expr"].as_array().unwrap().iter().any(|e| e.get("masquerade").is_some()))
-        .count()
+    let chain = ns.run("iptables", &["-t", "nat", "-S", "FLANNEL-POSTRTG"]).unwrap();
+    String::from_utf8_lossy(&chain.stdout).lines().filter(|l| l.contains("-j MASQUERADE")).count()
 }
 
 /// The main table's blackhole routes in `ns` (`ip -j route show type blackhole`).

@@ -8,10 +8,9 @@
 //! (its TUN device goes with the daemon that opened it).
 //!
 //! Pods are plugged in by our plugin (reading the subnet.env upstream
-//! wrote). Taking over upstream's CNI state and upstream's iptables rules is
-//! other work: the assertions that need it are in
-//! [`assert_upstream_rules_taken_over`], off until that work lands
-//! (`FLANNEL_RS_TEST_RULES_TAKEOVER=1` turns them on).
+//! wrote). Upstream's iptables rules are taken over in place
+//! ([`assert_upstream_rules_taken_over`]); the takeover of pods upstream's CNI
+//! plugin added is tested with the plugins themselves (cni-plugin/tests).
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
@@ -90,12 +89,8 @@ fn identity(o: &Overlay, store: &Store, pod: &Netns) -> Identity {
 
 /// Upstream's iptables rules on a migrated node are taken over in place, not
 /// doubled: the FORWARD jump to FLANNEL-FWD is there once and its rules
-/// exactly once. NEEDS the firewall takeover (another helper's work): off
-/// unless `FLANNEL_RS_TEST_RULES_TAKEOVER=1`.
+/// exactly once, and no second rule set of ours beside them.
 fn assert_upstream_rules_taken_over(ns: &Netns) {
-    if std::env::var("FLANNEL_RS_TEST_RULES_TAKEOVER").as_deref() != Ok("1") {
-        return;
-    }
     let fwd = ns.run_ok("iptables", &["-t", "filter", "-S", "FORWARD"]);
     assert_eq!(fwd.matches("-j FLANNEL-FWD").count(), 1, "{fwd}");
     let chain = ns.run_ok("iptables", &["-t", "filter", "-S", "FLANNEL-FWD"]);
