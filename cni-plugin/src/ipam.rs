@@ -172,6 +172,20 @@ fn io_err(op: impl Into<String>) -> impl FnOnce(io::Error) -> IpamError {
 pub struct Store {
     dir: PathBuf,
     _lock: File,
+    host_local: Option<HostLocal>,
+}
+
+/// host-local's directory for the same network (`/var/lib/cni/networks/<name>`
+/// with flannel's defaults), locked with host-local's own lock (`flock` on
+/// `lock`, as ours). Its address files are taken as used, so we never hand
+/// out an address a pod that flannel's plugin added still holds; and every
+/// address we allocate gets a host-local reservation file there too
+/// (`<container id>\r\n<ifname>`, host-local's exact format), so that
+/// host-local, after a rollback to flannel's plugin, never hands out one of
+/// ours, and its DEL of our pod finds and releases the file.
+struct HostLocal {
+    dir: PathBuf,
+    _lock: File,
 }
 
 impl Store {
@@ -198,6 +212,73 @@ impl Store {
     }
 
     fn lock(dir: PathBuf) -> Result<Store, IpamError> {
+        let lock = Self::flock(&dir)?;
+        Ok(Store { dir, _lock: lock, host_local: None })
+    }
+
+    /// Also locks host-local's directory `dir` (after ours: every process
+    /// takes the two in this order, and host-local only takes its own) and
+    /// takes it into account from now on. With `create`, a missing directory
+    /// is created and every address we hold gets its reservation file there
+    /// (a node that ran an earlier flannel-rs); without, a missing directory
+    /// means there is nothing of host-local's to consider.
+    pub fn with_host_local(mut self, dir: PathBuf, create: bool) -> Result<Store, IpamError> {
+        let existed = dir.is_dir();
+        if !existed {
+            if !create {
+                return Ok(self);
+            }
+            std::fs::create_dir_all(&dir).map_err(io_err(format!("create {}", dir.display())))?;
+        }
+        let lock = Self::flock(&dir)?;
+        self.host_local = Some(HostLocal { dir, _lock: lock });
+        if !existed {
+            for r in self.records()? {
+                self.reserve_in_host_local(&r.ip, &r.container_id, &r.ifname)?;
+            }
+        }
+        Ok(self)
+    }
+
+    /// Writes host-local's reservation file for `ip`; an existing one (ours,
+    /// from a retried call) is left as it is.
+    fn reserve_in_host_local(&self, ip: &IpAddr, container_id: &str, ifname: &str) -> Result<(), IpamError> {
+        let Some(h) = &self.host_local else { return Ok(()) };
+        let path = h.dir.join(ip.to_string());
+        let mut file = match OpenOptions::new().write(true).create_new(true).open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return Ok(()),
+            Err(e) => return Err(io_err(format!("create {}", path.display()))(e)),
+        };
+        let written = file
+            .write_all(format!("{container_id}\r\n{ifname}").as_bytes())
+            .map_err(io_err(format!("write {}", path.display())));
+        if written.is_err() {
+            let _ = std::fs::remove_file(&path);
+        }
+        written
+    }
+
+    /// Removes host-local's reservation file for `ip` if it is this
+    /// attachment's (never another pod's).
+    fn release_in_host_local(&self, ip: &IpAddr, container_id: &str, ifname: &str) -> Result<(), IpamError> {
+        let Some(h) = &self.host_local else { return Ok(()) };
+        let path = h.dir.join(ip.to_string());
+        match std::fs::read_to_string(&path) {
+            Ok(t) if t.trim() == format!("{}\r\n{ifname}", container_id.trim()) => {}
+            Ok(_) => return Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(io_err(format!("read {}", path.display()))(e)),
+        }
+        match std::fs::remove_file(&path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io_err(format!("remove {}", path.display()))(e)),
+        }
+    }
+
+    /// Locks `dir` with `flock` on `dir/lock`, host-local's lock too.
+    fn flock(dir: &Path) -> Result<File, IpamError> {
         let path = dir.join("lock");
         let file = OpenOptions::new()
             .create(true)
@@ -218,12 +299,12 @@ impl Store {
                 return Err(IpamError::Io { op: format!("lock {}", path.display()), source: err });
             }
             if Instant::now() >= deadline {
-                return Err(IpamError::Busy { dir });
+                return Err(IpamError::Busy { dir: dir.to_path_buf() });
             }
             std::thread::sleep(pause);
             pause = (pause * 2).min(Duration::from_millis(2));
         }
-        Ok(Store { dir, _lock: file })
+        Ok(file)
     }
 
     /// The state directory.
@@ -289,16 +370,32 @@ impl Store {
         }
     }
 
-    /// The addresses that have a record (file names only: no record is read).
+    /// The addresses that have a record, ours or host-local's (file names
+    /// only: no record is read).
     fn used(&self) -> Result<HashSet<IpAddr>, IpamError> {
-        let entries = std::fs::read_dir(&self.dir).map_err(io_err(format!("list {}", self.dir.display())))?;
         let mut out = HashSet::new();
+        Self::addresses_in(&self.dir, &mut out)?;
+        if let Some(h) = &self.host_local {
+            Self::addresses_in(&h.dir, &mut out)?;
+        }
+        Ok(out)
+    }
+
+    fn addresses_in(dir: &Path, out: &mut HashSet<IpAddr>) -> Result<(), IpamError> {
+        let entries = std::fs::read_dir(dir).map_err(io_err(format!("list {}", dir.display())))?;
         for entry in entries {
-            let entry = entry.map_err(io_err(format!("list {}", self.dir.display())))?;
+            let entry = entry.map_err(io_err(format!("list {}", dir.display())))?;
             if let Some(ip) = entry.file_name().to_str().and_then(|n| n.parse::<IpAddr>().ok()) {
                 out.insert(ip);
             }
         }
+        Ok(())
+    }
+
+    /// The addresses with a record of ours.
+    fn ours(&self) -> Result<HashSet<IpAddr>, IpamError> {
+        let mut out = HashSet::new();
+        Self::addresses_in(&self.dir, &mut out)?;
         Ok(out)
     }
 
@@ -321,7 +418,7 @@ impl Store {
     /// Every allocation. Reads every record: for GC, never on ADD or DEL.
     pub fn records(&self) -> Result<Vec<Record>, IpamError> {
         let mut out = Vec::new();
-        for ip in self.used()? {
+        for ip in self.ours()? {
             out.extend(self.read_record(ip)?);
         }
         Ok(out)
@@ -395,6 +492,11 @@ impl Store {
             let _ = std::fs::remove_file(&path);
             return Err(e);
         }
+        if let Err(e) = self.reserve_in_host_local(&chosen, container_id, ifname) {
+            let _ = std::fs::remove_file(&path);
+            let _ = self.set_index(container_id, ifname, &held.iter().map(|r| r.ip).collect::<Vec<_>>());
+            return Err(e);
+        }
         self.write_hint(range, chosen)?;
         Ok(chosen)
     }
@@ -448,6 +550,7 @@ impl Store {
     pub fn release(&self, container_id: &str, ifname: &str) -> Result<Vec<Record>, IpamError> {
         let found = self.find(container_id, ifname)?;
         for r in &found {
+            self.release_in_host_local(&r.ip, container_id, ifname)?;
             self.remove_record(r.ip)?;
         }
         self.set_index(container_id, ifname, &[])?;
@@ -457,6 +560,7 @@ impl Store {
     /// Releases one record found by [`Store::records`] (GC): the record and
     /// its attachment's index entry.
     pub fn release_record(&self, r: &Record) -> Result<(), IpamError> {
+        self.release_in_host_local(&r.ip, &r.container_id, &r.ifname)?;
         self.remove_record(r.ip)?;
         let rest: Vec<IpAddr> =
             self.indexed(&r.container_id, &r.ifname)?.into_iter().filter(|ip| *ip != r.ip).collect();
@@ -573,6 +677,49 @@ mod tests {
         assert!(!s.dir().join("attachments/c:eth0").exists());
         assert!(s.records().unwrap().is_empty());
         assert!(s.release("c", "eth0").unwrap().is_empty());
+    }
+
+    #[test]
+    fn host_locals_addresses_are_taken_as_used_and_ours_are_mirrored_there() {
+        let dir = tempfile::tempdir().unwrap();
+        let hl = dir.path().join("networks-hl/cbr0");
+        std::fs::create_dir_all(&hl).unwrap();
+        // A pod flannel's plugin added: host-local's file, content and all.
+        std::fs::write(hl.join("10.244.1.2"), "upstream\r\neth0").unwrap();
+        std::fs::write(hl.join("last_reserved_ip.0"), "10.244.1.2").unwrap();
+        let r = range("10.244.1.1/24");
+        let s = Store::open(dir.path(), "cbr0").unwrap().with_host_local(hl.clone(), true).unwrap();
+        let a = s.allocate(&r, "ours", "eth0", true, None).unwrap();
+        assert_eq!(a.to_string(), "10.244.1.3");
+        assert_eq!(std::fs::read_to_string(hl.join("10.244.1.3")).unwrap(), "ours\r\neth0");
+        let asked: IpAddr = "10.244.1.2".parse().unwrap();
+        assert!(matches!(s.allocate(&r, "b", "eth0", false, Some(asked)), Err(IpamError::Unavailable { .. })));
+        // GC and DEL see only our records, and release only our files.
+        assert_eq!(s.records().unwrap().len(), 1);
+        assert_eq!(s.release("ours", "eth0").unwrap().len(), 1);
+        assert!(!hl.join("10.244.1.3").exists());
+        assert!(hl.join("10.244.1.2").exists());
+        assert!(s.release("upstream", "eth0").unwrap().is_empty());
+        assert!(hl.join("10.244.1.2").exists());
+    }
+
+    #[test]
+    fn a_new_host_local_directory_gets_every_address_we_already_hold() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = range("10.244.1.1/24");
+        let s = Store::open(dir.path(), "cbr0").unwrap();
+        let a = s.allocate(&r, "old", "eth0", false, None).unwrap();
+        drop(s);
+        let hl = dir.path().join("hl/cbr0");
+        assert!(Store::open(dir.path(), "cbr0")
+            .unwrap()
+            .with_host_local(hl.clone(), false)
+            .unwrap()
+            .host_local
+            .is_none());
+        assert!(!hl.exists());
+        let _s = Store::open(dir.path(), "cbr0").unwrap().with_host_local(hl.clone(), true).unwrap();
+        assert_eq!(std::fs::read_to_string(hl.join(a.to_string())).unwrap(), "old\r\neth0");
     }
 
     #[test]

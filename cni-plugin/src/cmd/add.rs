@@ -32,7 +32,7 @@ pub async fn run(conf: &NetConf, env: &CniEnv) -> Result<CniResult, CniError> {
     // Allocate first: undoing an allocation is a file removal, while a link
     // made before a failed allocation would need netlink to clean up.
     let allocated = {
-        let store = Store::open(&conf.data_dir(), &conf.name)?;
+        let store = Store::open(&conf.data_dir(), &conf.name)?.with_host_local(conf.host_local_dir(), true)?;
         let mut ips = Vec::new();
         for r in &ranges {
             match store.allocate(r, &env.container_id, &env.ifname, settings.ip_masq, env.args.ip) {
@@ -64,7 +64,7 @@ async fn undo(host: &Netlink, conf: &NetConf, env: &CniEnv, veth: &str, allocate
     if let Err(e) = host.del_link_by_name(veth).await {
         eprintln!("flannel: rollback: {e}");
     }
-    match Store::open(&conf.data_dir(), &conf.name) {
+    match Store::open(&conf.data_dir(), &conf.name).and_then(|s| s.with_host_local(conf.host_local_dir(), false)) {
         Ok(store) => {
             if let Err(e) = store.release(&env.container_id, &env.ifname) {
                 eprintln!("flannel: rollback: {e}");

@@ -20,6 +20,7 @@ pub async fn run(conf: &NetConf) -> Result<(), CniError> {
     let Some(store) = Store::open_existing(&conf.data_dir(), &conf.name)? else {
         return Ok(());
     };
+    let store = store.with_host_local(conf.host_local_dir(), false)?;
     let stale: Vec<_> = store
         .records()?
         .into_iter()

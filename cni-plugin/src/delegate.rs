@@ -1,0 +1,391 @@
+//! Delegation, as flannel's own plugin does it, for every configuration the
+//! in-process path does not implement exactly.
+//!
+//! flannel's plugin builds a configuration for its `delegate` (by default the
+//! reference `bridge` plugin with `host-local` IPAM) from `subnet.env`, saves
+//! it as `<dataDir>/<container ID>` for DEL, and executes the delegate found
+//! on `CNI_PATH`. We do the same work in process when every key of
+//! `delegate` and `ipam` is one we implement exactly ([`fast_path`]); any
+//! other configuration (another delegate type, another IPAM plugin, a bridge
+//! or host-local key we do not implement, a `runtimeConfig`) is delegated
+//! exactly as flannel does, so no configuration that works with flannel is
+//! refused or silently changed.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command as Process, Stdio};
+
+use serde_json::{json, Map, Value};
+
+use crate::env::Command;
+use crate::error::{code, CniError};
+
+/// `delegate` keys the in-process path implements (the bridge plugin's).
+const BRIDGE_KEYS: &[&str] = &["type", "bridge", "isGateway", "isDefaultGateway", "hairpinMode", "ipMasq", "mtu"];
+/// `ipam` keys the in-process path implements (host-local's).
+const IPAM_KEYS: &[&str] = &["type", "routes", "dataDir"];
+/// Keys of one `ipam.routes` entry the in-process path implements.
+const ROUTE_KEYS: &[&str] = &["dst", "gw"];
+
+/// Why a configuration cannot take the in-process path (`None`: it can).
+/// Malformed sections (not objects, a non-string type) are left to the
+/// in-process parser, whose errors name the field.
+pub fn fast_path(conf: &Value) -> Option<String> {
+    let foreign = |section: &str, obj: &Map<String, Value>, known: &[&str]| {
+        obj.keys().find(|k| !known.contains(&k.as_str())).map(|k| format!("{section}.{k} is set"))
+    };
+    if let Some(d) = conf["delegate"].as_object() {
+        match d.get("type") {
+            Some(Value::String(t)) if t != "bridge" => return Some(format!("delegate.type is {t:?}")),
+            _ => {}
+        }
+        if let Some(why) = foreign("delegate", d, BRIDGE_KEYS) {
+            return Some(why);
+        }
+    }
+    if let Some(i) = conf["ipam"].as_object() {
+        match i.get("type") {
+            Some(Value::String(t)) if t != "host-local" => return Some(format!("ipam.type is {t:?}")),
+            _ => {}
+        }
+        if let Some(why) = foreign("ipam", i, IPAM_KEYS) {
+            return Some(why);
+        }
+        for (n, r) in i.get("routes").and_then(Value::as_array).into_iter().flatten().enumerate() {
+            if let Some(why) = r.as_object().and_then(|r| foreign(&format!("ipam.routes[{n}]"), r, ROUTE_KEYS)) {
+                return Some(why);
+            }
+        }
+    }
+    match &conf["runtimeConfig"] {
+        Value::Null => {}
+        Value::Object(o) if o.is_empty() => {}
+        _ => return Some("runtimeConfig is set".into()),
+    }
+    None
+}
+
+/// flannel's own checks of `delegate` before it builds anything.
+fn check_delegate(conf: &Value) -> Result<(), CniError> {
+    let invalid = |msg: &str| Err(CniError::new(code::INVALID_CONFIG, format!("network configuration: {msg}")));
+    match &conf["delegate"] {
+        Value::Null => Ok(()),
+        Value::Object(d) => {
+            if d.get("type").is_some_and(|t| !t.is_string()) {
+                return invalid("delegate.type must be a string");
+            }
+            if d.contains_key("name") {
+                return invalid("delegate.name must not be set: flannel sets it to the network's name");
+            }
+            if d.contains_key("ipam") {
+                return invalid("delegate.ipam must not be set: flannel builds it from ipam and subnet.env");
+            }
+            Ok(())
+        }
+        other => invalid(&format!("delegate: invalid type: {}, expected an object", json_kind(other))),
+    }
+}
+
+fn json_kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "boolean",
+        Value::Number(_) => "number",
+        Value::String(_) => "string",
+        Value::Array(_) => "array",
+        Value::Object(_) => "object",
+    }
+}
+
+/// flannel's `subnetFile` and `dataDir`, with its defaults.
+fn paths(conf: &Value) -> Result<(PathBuf, PathBuf), CniError> {
+    let get = |key: &str, default: &str| match &conf[key] {
+        Value::Null => Ok(PathBuf::from(default)),
+        Value::String(s) => Ok(PathBuf::from(s)),
+        other => Err(CniError::new(
+            code::INVALID_CONFIG,
+            format!("network configuration: {key}: invalid type: {}, expected a string", json_kind(other)),
+        )),
+    };
+    Ok((get("subnetFile", crate::config::DEFAULT_SUBNET_FILE)?, get("dataDir", crate::config::DEFAULT_DATA_DIR)?))
+}
+
+/// The delegate's configuration, built as flannel builds it: the `delegate`
+/// object plus `name`, `cniVersion`, `runtimeConfig`, `type` (default
+/// `bridge`), `ipMasq` (default: not `FLANNEL_IPMASQ`), `mtu` (default
+/// `FLANNEL_MTU`), `isGateway` (default true for `bridge`), and `ipam`: the
+/// configuration's `ipam` with `type` defaulting to `host-local`, `ranges`
+/// replaced by the lease's subnets and the cluster networks appended to
+/// `routes`.
+pub fn build(conf: &Value) -> Result<Value, CniError> {
+    check_delegate(conf)?;
+    let (subnet_file, _) = paths(conf)?;
+    let lease = crate::cmd::load_lease(&subnet_file)?;
+    let mut d = conf["delegate"].as_object().cloned().unwrap_or_default();
+    if let Some(rc) = conf.get("runtimeConfig").filter(|v| !v.is_null()) {
+        d.insert("runtimeConfig".into(), rc.clone());
+    }
+    d.insert("name".into(), conf["name"].clone());
+    d.entry("type").or_insert_with(|| json!("bridge"));
+    d.entry("ipMasq").or_insert_with(|| json!(!lease.ipmasq));
+    d.entry("mtu").or_insert_with(|| json!(lease.mtu));
+    if d["type"] == "bridge" {
+        d.entry("isGateway").or_insert(json!(true));
+    }
+    if let Some(v) = conf.get("cniVersion").filter(|v| v.as_str().is_some_and(|s| !s.is_empty())) {
+        d.insert("cniVersion".into(), v.clone());
+    }
+    let mut ipam = match &conf["ipam"] {
+        Value::Null => Map::new(),
+        Value::Object(o) => o.clone(),
+        other => {
+            return Err(CniError::new(
+                code::INVALID_CONFIG,
+                format!("network configuration: ipam: invalid type: {}, expected an object", json_kind(other)),
+            ))
+        }
+    };
+    ipam.entry("type").or_insert_with(|| json!("host-local"));
+    let mut ranges = Vec::new();
+    if let Some(s) = lease.subnet {
+        ranges.push(json!([{ "subnet": s.trunc().to_string() }]));
+    }
+    if let Some(s) = lease.ipv6_subnet {
+        ranges.push(json!([{ "subnet": s.trunc().to_string() }]));
+    }
+    ipam.insert("ranges".into(), Value::Array(ranges));
+    let mut routes = match ipam.get("routes") {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::Array(a)) => a.clone(),
+        Some(other) => {
+            return Err(CniError::new(
+                code::INVALID_CONFIG,
+                format!("network configuration: ipam.routes: invalid type: {}, expected an array", json_kind(other)),
+            ))
+        }
+    };
+    for n in crate::cmd::networks(&lease) {
+        routes.push(json!({ "dst": n.to_string() }));
+    }
+    ipam.insert("routes".into(), Value::Array(routes));
+    d.insert("ipam".into(), Value::Object(ipam));
+    Ok(Value::Object(d))
+}
+
+/// Where the delegate's configuration of a container is saved for DEL.
+pub fn saved_path(data_dir: &Path, container_id: &str) -> PathBuf {
+    data_dir.join(container_id)
+}
+
+/// The saved delegate configuration of a container, if any.
+pub fn saved(conf: &Value, container_id: &str) -> Result<Option<(PathBuf, Vec<u8>)>, CniError> {
+    let (_, data_dir) = paths(conf)?;
+    let path = saved_path(&data_dir, container_id);
+    match std::fs::read(&path) {
+        Ok(bytes) => Ok(Some((path, bytes))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        // A directory of that name is our own IPAM state (`networks`), never a container's.
+        Err(e) if e.kind() == std::io::ErrorKind::IsADirectory => Ok(None),
+        Err(e) => Err(CniError::new(code::IO, format!("read {}: {e}", path.display()))),
+    }
+}
+
+/// ADD through the delegate: build, save, execute; the delegate's result
+/// (or error) is ours. The saved file stays when the delegate fails, as with
+/// flannel, so that the runtime's DEL can undo what the delegate did.
+pub fn add(conf: &Value, container_id: &str) -> Result<Value, CniError> {
+    let delegate = build(conf)?;
+    let (_, data_dir) = paths(conf)?;
+    let bytes = serde_json::to_vec(&delegate).expect("a JSON value serializes");
+    save(&data_dir, container_id, &bytes)?;
+    let kind = delegate["type"].as_str().expect("type set by build").to_string();
+    exec(&kind, Command::Add, &bytes)?
+        .ok_or_else(|| CniError::new(code::INTERNAL, format!("delegate plugin {kind:?} printed no result for ADD")))
+}
+
+/// DEL through a saved configuration: the delegate's DEL, then the file goes.
+pub fn del(path: &Path, saved: &[u8]) -> Result<(), CniError> {
+    let kind = saved_type(path, saved)?;
+    exec(&kind, Command::Del, saved)?;
+    match std::fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(CniError::new(code::IO, format!("remove {}: {e}", path.display()))),
+    }
+}
+
+/// CHECK through a saved configuration: the delegate's CHECK, given the
+/// runtime's `prevResult`. (flannel's plugin answers CHECK without looking.)
+pub fn check(conf: &Value, path: &Path, saved: &[u8]) -> Result<(), CniError> {
+    let kind = saved_type(path, saved)?;
+    let mut v: Value = serde_json::from_slice(saved)
+        .map_err(|e| CniError::new(code::DECODE, format!("saved delegate configuration {}: {e}", path.display())))?;
+    v["prevResult"] = conf["prevResult"].clone();
+    exec(&kind, Command::Check, &serde_json::to_vec(&v).expect("a JSON value serializes")).map(|_| ())
+}
+
+/// STATUS and GC through the delegate, with the configuration ADD would build
+/// now (GC gets the runtime's valid attachments).
+pub fn status_or_gc(conf: &Value, cmd: Command) -> Result<(), CniError> {
+    let mut delegate = build(conf)?;
+    if cmd == Command::Gc {
+        delegate["cni.dev/valid-attachments"] = conf["cni.dev/valid-attachments"].clone();
+    }
+    let kind = delegate["type"].as_str().expect("type set by build").to_string();
+    exec(&kind, cmd, &serde_json::to_vec(&delegate).expect("a JSON value serializes")).map(|_| ())
+}
+
+fn saved_type(path: &Path, saved: &[u8]) -> Result<String, CniError> {
+    let v: Value = serde_json::from_slice(saved)
+        .map_err(|e| CniError::new(code::DECODE, format!("saved delegate configuration {}: {e}", path.display())))?;
+    v["type"].as_str().map(str::to_string).ok_or_else(|| {
+        CniError::new(code::INVALID_CONFIG, format!("saved delegate configuration {} has no type", path.display()))
+    })
+}
+
+/// Writes the file flannel writes (mode 0600 in a 0700 directory), synced.
+fn save(data_dir: &Path, container_id: &str, bytes: &[u8]) -> Result<(), CniError> {
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    let io = |what: String| move |e: std::io::Error| CniError::new(code::IO, format!("{what}: {e}"));
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(data_dir)
+        .map_err(io(format!("create {}", data_dir.display())))?;
+    let path = saved_path(data_dir, container_id);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&path)
+        .map_err(io(format!("create {}", path.display())))?;
+    f.write_all(bytes).and_then(|()| f.sync_all()).map_err(io(format!("write {}", path.display())))
+}
+
+/// The plugin `kind` on `CNI_PATH`.
+fn find_plugin(kind: &str) -> Result<PathBuf, CniError> {
+    if kind.is_empty() || kind.contains('/') {
+        return Err(CniError::new(code::INVALID_CONFIG, format!("delegate plugin type {kind:?} is not a plugin name")));
+    }
+    let path = std::env::var("CNI_PATH").unwrap_or_default();
+    if path.is_empty() {
+        return Err(CniError::new(code::INVALID_ENV, format!("CNI_PATH is not set: needed to find plugin {kind:?}")));
+    }
+    for dir in std::env::split_paths(&path).filter(|d| !d.as_os_str().is_empty()) {
+        let candidate = dir.join(kind);
+        if candidate.is_file() {
+            return Ok(candidate);
+        }
+    }
+    Err(CniError::new(code::INVALID_CONFIG, format!("failed to find plugin {kind:?} in CNI_PATH {path}")))
+}
+
+/// Executes the plugin `kind` for `cmd` with `stdin`, in our environment
+/// (with `CNI_COMMAND` set to `cmd`). Its error, when it reports one, is
+/// ours verbatim, as flannel's plugin passes it on.
+fn exec(kind: &str, cmd: Command, stdin: &[u8]) -> Result<Option<Value>, CniError> {
+    let binary = find_plugin(kind)?;
+    let mut child = Process::new(&binary)
+        .env("CNI_COMMAND", cmd.as_str())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .map_err(|e| CniError::new(code::IO, format!("run {}: {e}", binary.display())))?;
+    let written = child.stdin.take().expect("piped").write_all(stdin);
+    let out =
+        child.wait_with_output().map_err(|e| CniError::new(code::IO, format!("run {}: {e}", binary.display())))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let parsed: Option<Value> = serde_json::from_str(text.trim()).ok();
+    if !out.status.success() {
+        if let Some(e) = parsed.as_ref().filter(|v| v["code"].is_u64()) {
+            let c = e["code"].as_u64().unwrap_or(code::INTERNAL as u64) as u32;
+            let msg = e["msg"].as_str().unwrap_or_default();
+            return Err(CniError::new(c, msg).with_details(e["details"].as_str().unwrap_or_default()));
+        }
+        return Err(CniError::new(
+            code::INTERNAL,
+            format!("delegate plugin {} {} failed ({}): {}", binary.display(), cmd.as_str(), out.status, text.trim()),
+        ));
+    }
+    if let Err(e) = written {
+        return Err(CniError::new(code::IO, format!("write configuration to {}: {e}", binary.display())));
+    }
+    if text.trim().is_empty() {
+        return Ok(None);
+    }
+    parsed.map(Some).ok_or_else(|| {
+        CniError::new(code::DECODE, format!("delegate plugin {} printed non-JSON: {}", binary.display(), text.trim()))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_configurations_we_implement_exactly_take_the_fast_path() {
+        let fast = [
+            json!({"name":"cbr0","delegate":{"hairpinMode":true,"isDefaultGateway":true}}),
+            json!({"name":"cbr0"}),
+            json!({"delegate":{"type":"bridge","bridge":"br9","mtu":1400,"ipMasq":true,"isGateway":false}}),
+            json!({"ipam":{"type":"host-local","dataDir":"/x","routes":[{"dst":"192.0.2.0/24","gw":"10.244.1.9"}]}}),
+            json!({"runtimeConfig":{}}),
+            // Malformed: the in-process parser names the field.
+            json!({"delegate":[1],"ipam":"x"}),
+        ];
+        for c in fast {
+            assert_eq!(fast_path(&c), None, "{c}");
+        }
+        let exec = [
+            (json!({"delegate":{"type":"macvlan","master":"eth0"}}), "delegate.type is \"macvlan\""),
+            (json!({"delegate":{"forceAddress":true}}), "delegate.forceAddress is set"),
+            (json!({"ipam":{"type":"static"}}), "ipam.type is \"static\""),
+            (json!({"ipam":{"rangeStart":"10.244.1.10"}}), "ipam.rangeStart is set"),
+            (json!({"ipam":{"routes":[{"dst":"192.0.2.0/24","mtu":1300}]}}), "ipam.routes[0].mtu is set"),
+            (json!({"runtimeConfig":{"mac":"0a:00:00:00:00:01"}}), "runtimeConfig is set"),
+        ];
+        for (c, why) in exec {
+            assert_eq!(fast_path(&c).as_deref(), Some(why), "{c}");
+        }
+    }
+
+    #[test]
+    fn the_delegate_configuration_is_flannels() {
+        let dir = tempfile::tempdir().unwrap();
+        let env = dir.path().join("subnet.env");
+        std::fs::write(
+            &env,
+            "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.1.1/24\nFLANNEL_IPV6_NETWORK=fc00::/48\nFLANNEL_IPV6_SUBNET=fc00:0:0:1::1/64\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=true\n",
+        )
+        .unwrap();
+        let conf = json!({"cniVersion":"1.0.0","name":"cbr0","type":"flannel","subnetFile":env,
+            "delegate":{"hairpinMode":true,"forceAddress":true},
+            "ipam":{"routes":[{"dst":"192.0.2.0/24"}]},"runtimeConfig":{"mac":"0a:00:00:00:00:01"}});
+        let d = build(&conf).unwrap();
+        assert_eq!(
+            d,
+            json!({"cniVersion":"1.0.0","name":"cbr0","type":"bridge","hairpinMode":true,"forceAddress":true,
+                "ipMasq":false,"mtu":1450,"isGateway":true,"runtimeConfig":{"mac":"0a:00:00:00:00:01"},
+                "ipam":{"type":"host-local","ranges":[[{"subnet":"10.244.1.0/24"}],[{"subnet":"fc00:0:0:1::/64"}]],
+                    "routes":[{"dst":"192.0.2.0/24"},{"dst":"10.244.0.0/16"},{"dst":"fc00::/48"}]}})
+        );
+        // Not a bridge: no isGateway; the user's ipMasq and mtu stay.
+        let conf = json!({"cniVersion":"0.4.0","name":"n","subnetFile":env,
+            "delegate":{"type":"macvlan","master":"eth0","ipMasq":true,"mtu":1300},"ipam":{"type":"static"}});
+        let d = build(&conf).unwrap();
+        assert_eq!(d["isGateway"], Value::Null);
+        assert_eq!((d["ipMasq"].clone(), d["mtu"].clone()), (json!(true), json!(1300)));
+        assert_eq!(d["ipam"]["type"], "static");
+        for (bad, why) in [
+            (json!({"name":"n","subnetFile":env,"delegate":{"name":"x"}}), "delegate.name"),
+            (json!({"name":"n","subnetFile":env,"delegate":{"ipam":{}}}), "delegate.ipam"),
+            (json!({"name":"n","subnetFile":env,"delegate":{"type":7}}), "delegate.type must be a string"),
+        ] {
+            let e = build(&bad).unwrap_err();
+            assert_eq!(e.code, code::INVALID_CONFIG);
+            assert!(e.msg.contains(why), "{}", e.msg);
+        }
+    }
+}
