@@ -214,14 +214,47 @@ pub fn del(path: &Path, saved: &[u8]) -> Result<(), CniError> {
     }
 }
 
-/// CHECK through a saved configuration: the delegate's CHECK, given the
-/// runtime's `prevResult`. (flannel's plugin answers CHECK without looking.)
-pub fn check(conf: &Value, path: &Path, saved: &[u8]) -> Result<(), CniError> {
-    let kind = saved_type(path, saved)?;
-    let mut v: Value = serde_json::from_slice(saved)
-        .map_err(|e| CniError::new(code::DECODE, format!("saved delegate configuration {}: {e}", path.display())))?;
-    v["prevResult"] = conf["prevResult"].clone();
-    exec(&kind, Command::Check, &serde_json::to_vec(&v).expect("a JSON value serializes")).map(|_| ())
+/// CHECK of a delegated attachment (its saved configuration exists): the
+/// pod's interface is there and holds every address of `prevResult`.
+///
+/// flannel's plugin answers CHECK without looking, and its chain could not
+/// do better by asking the delegate: the reference bridge plugin's CHECK
+/// rejects the gateway-less routes flannel hands it ("Expected Route
+/// {Dst:10.244.0.0/16 GW:<nil>} not found"), so every healthy pod would fail.
+pub fn check(conf: &Value, env: &crate::env::CniEnv) -> Result<(), CniError> {
+    let prev = conf
+        .get("prevResult")
+        .filter(|v| !v.is_null())
+        .ok_or_else(|| CniError::new(code::INVALID_CONFIG, "network configuration: CHECK needs prevResult"))?;
+    let prev = crate::result::CniResult::decode(prev)?;
+    let netns = crate::cmd::open_netns(&env.netns)?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()
+        .map_err(|e| CniError::new(code::IO, format!("start async runtime: {e}")))?;
+    rt.block_on(async {
+        let pod = flannel_net::netlink::Netlink::connect_in(&netns)?;
+        let Some(link) = pod.link_by_name(&env.ifname).await? else {
+            return Err(CniError::new(
+                code::INTERNAL,
+                format!("CHECK: interface {} is missing from {}", env.ifname, env.netns),
+            ));
+        };
+        let have = pod.addrs(link.index).await?;
+        let pod_if = prev.interfaces.iter().position(|i| i.name == env.ifname && i.sandbox.is_some());
+        let missing: Vec<String> = prev
+            .ips
+            .iter()
+            .filter(|ip| ip.interface.is_none() || ip.interface == pod_if)
+            .filter(|ip| !have.contains(&ip.address))
+            .map(|ip| format!("address {} is missing from {} in {}", ip.address, env.ifname, env.netns))
+            .collect();
+        if missing.is_empty() {
+            Ok(())
+        } else {
+            Err(CniError::new(code::INTERNAL, format!("CHECK: {}", missing.join("; "))))
+        }
+    })
 }
 
 /// STATUS and GC through the delegate, with the configuration ADD would build

@@ -154,7 +154,7 @@ fn run_delegated(
         Command::Check => {
             version::require(cni_version, "CHECK", "0.4.0")?;
             match delegate::saved(raw, &env.container_id)? {
-                Some((path, saved)) => delegate::check(raw, &path, &saved).map(|()| None),
+                Some(_) => delegate::check(raw, &env).map(|()| None),
                 None => Err(CniError::new(
                     code::INTERNAL,
                     format!("CHECK: no saved delegate configuration for container {}", env.container_id),
