@@ -121,6 +121,11 @@ pub fn build(conf: &Value) -> Result<Value, CniError> {
     check_delegate(conf)?;
     let (subnet_file, _) = paths(conf)?;
     let lease = crate::cmd::load_lease(&subnet_file)?;
+    build_from(conf, &lease)
+}
+
+/// [`build`] with the lease already read.
+fn build_from(conf: &Value, lease: &flannel_net::subnet_env::SubnetEnv) -> Result<Value, CniError> {
     let mut d = conf["delegate"].as_object().cloned().unwrap_or_default();
     if let Some(rc) = conf.get("runtimeConfig").filter(|v| !v.is_null()) {
         d.insert("runtimeConfig".into(), rc.clone());
@@ -164,7 +169,7 @@ pub fn build(conf: &Value) -> Result<Value, CniError> {
             ))
         }
     };
-    for n in crate::cmd::networks(&lease) {
+    for n in crate::cmd::networks(lease) {
         routes.push(json!({ "dst": n.to_string() }));
     }
     ipam.insert("routes".into(), Value::Array(routes));
@@ -212,6 +217,12 @@ pub fn del(path: &Path, saved: &[u8]) -> Result<(), CniError> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(CniError::new(code::IO, format!("remove {}: {e}", path.display()))),
     }
+}
+
+/// Whether the in-process path added this attachment (our store indexes
+/// it): then its saved configuration is only for a rollback, and DEL is ours.
+pub fn added_in_process(conf: &crate::config::NetConf, env: &crate::env::CniEnv) -> bool {
+    crate::ipam::Store::indexes(&conf.data_dir(), &conf.name, &env.container_id, &env.ifname)
 }
 
 /// CHECK of a delegated attachment (its saved configuration exists): the
@@ -276,8 +287,40 @@ fn saved_type(path: &Path, saved: &[u8]) -> Result<String, CniError> {
     })
 }
 
+/// After an in-process ADD: saves the configuration flannel's plugin would
+/// have saved for this pod (the in-process path takes only configurations
+/// whose delegate is exactly that), so that after a rollback to flannel's
+/// plugin its DEL of this pod works: the bridge plugin deletes the pod's
+/// interface, host-local releases the reservation file we mirrored. Not
+/// synced (flannel syncs): our own DEL does not need the file, and ADD does
+/// not pay for a disk flush.
+pub fn save_for_rollback(
+    conf: &Value,
+    lease: &flannel_net::subnet_env::SubnetEnv,
+    data_dir: &Path,
+    container_id: &str,
+) -> Result<(), CniError> {
+    let delegate = build_from(conf, lease)?;
+    let bytes = serde_json::to_vec(&delegate).expect("a JSON value serializes");
+    write(data_dir, container_id, &bytes, false)
+}
+
+/// Removes a container's saved configuration, if any.
+pub fn remove_saved(data_dir: &Path, container_id: &str) -> Result<(), CniError> {
+    let path = saved_path(data_dir, container_id);
+    match std::fs::remove_file(&path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(CniError::new(code::IO, format!("remove {}: {e}", path.display()))),
+    }
+}
+
 /// Writes the file flannel writes (mode 0600 in a 0700 directory), synced.
 fn save(data_dir: &Path, container_id: &str, bytes: &[u8]) -> Result<(), CniError> {
+    write(data_dir, container_id, bytes, true)
+}
+
+fn write(data_dir: &Path, container_id: &str, bytes: &[u8], sync: bool) -> Result<(), CniError> {
     use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
     let io = |what: String| move |e: std::io::Error| CniError::new(code::IO, format!("{what}: {e}"));
     std::fs::DirBuilder::new()
@@ -293,7 +336,12 @@ fn save(data_dir: &Path, container_id: &str, bytes: &[u8]) -> Result<(), CniErro
         .mode(0o600)
         .open(&path)
         .map_err(io(format!("create {}", path.display())))?;
-    f.write_all(bytes).and_then(|()| f.sync_all()).map_err(io(format!("write {}", path.display())))
+    let written = f.write_all(bytes).and_then(|()| if sync { f.sync_all() } else { Ok(()) });
+    if written.is_err() {
+        // Nothing half-made: a truncated configuration would make DEL fail.
+        let _ = std::fs::remove_file(&path);
+    }
+    written.map_err(io(format!("write {}", path.display())))
 }
 
 /// The plugin `kind` on `CNI_PATH`.

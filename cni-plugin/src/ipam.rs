@@ -307,6 +307,13 @@ impl Store {
         Ok(file)
     }
 
+    /// Whether the index lists the attachment (no lock: a hint for DEL,
+    /// which the runtime never runs twice at once for one attachment).
+    pub fn indexes(data_dir: &Path, network: &str, container_id: &str, ifname: &str) -> bool {
+        let path = Self::dir_for(data_dir, network).join(INDEX_DIR).join(format!("{container_id}:{ifname}"));
+        std::fs::symlink_metadata(path).is_ok()
+    }
+
     /// The state directory.
     pub fn dir(&self) -> &Path {
         &self.dir

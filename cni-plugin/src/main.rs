@@ -96,12 +96,17 @@ fn run(get: &dyn Fn(&str) -> Option<String>, stdin: &[u8]) -> Result<Option<Valu
         Command::Gc => version::require(&conf.cni_version, "GC", "1.1.0")?,
         _ => {}
     }
+    let mut saved_for_rollback = false;
     if cmd == Command::Del {
         // A pod added through a delegate (flannel's own plugin, before this
         // node was migrated, or ours for another configuration) is deleted
         // the way it was added.
         if let Some((path, saved)) = delegate::saved(&raw, &env.container_id)? {
-            return delegate::del(&path, &saved).map(|()| None);
+            if !delegate::added_in_process(&conf, &env) {
+                return delegate::del(&path, &saved).map(|()| None);
+            }
+            // Ours, saved only for a rollback (see delegate::save_for_rollback).
+            saved_for_rollback = true;
         }
     }
     if cmd == Command::Status {
@@ -115,8 +120,14 @@ fn run(get: &dyn Fn(&str) -> Option<String>, stdin: &[u8]) -> Result<Option<Valu
         .map_err(|e| CniError::new(code::IO, format!("start async runtime: {e}")))?;
     rt.block_on(async {
         match cmd {
-            Command::Add => cmd::add::run(&conf, &env).await.map(|r| Some(r.encode(&conf.cni_version))),
-            Command::Del => cmd::del::run(&conf, &env).await.map(|()| None),
+            Command::Add => cmd::add::run(&conf, &env, &raw).await.map(|r| Some(r.encode(&conf.cni_version))),
+            Command::Del => {
+                cmd::del::run(&conf, &env).await?;
+                if saved_for_rollback {
+                    delegate::remove_saved(&conf.data_dir(), &env.container_id)?;
+                }
+                Ok(None)
+            }
             Command::Check => cmd::check::run(&conf, &env).await.map(|()| None),
             Command::Gc => cmd::gc::run(&conf).await.map(|()| None),
             Command::Status | Command::Version => unreachable!("handled above"),

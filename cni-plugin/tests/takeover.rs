@@ -244,6 +244,13 @@ fn pods_of_upstreams_plugin_are_taken_over_and_ours_survive_a_rollback() {
         "rs-c\r\neth0",
         "host-local's format"
     );
+    // ...and the configuration flannel's plugin would have saved for it, the
+    // same as it saved for its own pods (for its DEL after a rollback).
+    let saved = |id: &str| -> Value {
+        serde_json::from_slice(&std::fs::read(node.data_dir().join(id)).unwrap_or_else(|e| panic!("{id}: {e}")))
+            .unwrap()
+    };
+    assert_eq!(saved("rs-c"), saved("up-b"));
     // Our pod and upstream's talk over the shared bridge.
     let b_addr: SocketAddr = format!("{b}:8080").parse().unwrap();
     let server = echo_server(&pods[1], b_addr);
@@ -274,6 +281,14 @@ fn pods_of_upstreams_plugin_are_taken_over_and_ours_survive_a_rollback() {
     let server = echo_server(&pods[2], c_addr);
     assert_eq!(tcp_round_trip(&pods[4], c_addr), "ping\n");
     assert_eq!(server.join().unwrap().ip().to_string(), e);
+
+    // flannel's DEL of a pod we added works: the bridge plugin deletes its
+    // interface, host-local releases the reservation we mirrored, the saved
+    // configuration goes. (Our own record stays until our GC: see README.)
+    ok(run(&node, &upstream, "DEL", "rs-d", &pods[3], &c), "upstream DEL of our pod after rollback");
+    assert!(pod_links(&pods[3]).is_empty(), "our pod's interface left behind by upstream's DEL");
+    assert!(!host_local_addresses(&node).contains(&d), "{:?}", host_local_addresses(&node));
+    assert!(!node.data_dir().join("rs-d").exists());
 
     // Forward again: ours deletes everything, upstream's and its own.
     for (id, p) in [("up-b", &pods[1]), ("rs-c", &pods[2]), ("rs-d", &pods[3]), ("up-e", &pods[4]), ("up-f", &pods[5])]

@@ -16,7 +16,7 @@ use crate::masq;
 use crate::result::{CniResult, Interface, IpConfig, RouteEntry};
 
 /// Runs ADD. On failure, everything this call created is removed again.
-pub async fn run(conf: &NetConf, env: &CniEnv) -> Result<CniResult, CniError> {
+pub async fn run(conf: &NetConf, env: &CniEnv, raw: &serde_json::Value) -> Result<CniResult, CniError> {
     let lease = load_lease(&conf.subnet_file())?;
     let settings = conf.bridge_settings(lease.mtu, lease.ipmasq);
     let ranges = ranges(&lease);
@@ -47,7 +47,9 @@ pub async fn run(conf: &NetConf, env: &CniEnv) -> Result<CniResult, CniError> {
     };
 
     let veth = veth_name(&env.container_id, &env.ifname);
-    let plugged = plug(&host, &netns, env, &settings, &bridge, &veth, &allocated, &networks, conf).await;
+    let plugged = plug(&host, &netns, env, &settings, &bridge, &veth, &allocated, &networks, conf)
+        .await
+        .and_then(|r| crate::delegate::save_for_rollback(raw, &lease, &conf.data_dir(), &env.container_id).map(|()| r));
     match plugged {
         Ok(result) => Ok(result),
         Err(err) => {

@@ -55,6 +55,10 @@ pub async fn run(conf: &NetConf) -> Result<(), CniError> {
             errors.push(e.to_string());
             continue;
         }
+        // The configuration saved for a rollback (see delegate::save_for_rollback).
+        if let Err(e) = crate::delegate::remove_saved(&conf.data_dir(), &r.container_id) {
+            errors.push(e.msg);
+        }
         eprintln!("flannel: GC released {} of {}/{}", r.ip, r.container_id, r.ifname);
     }
     if errors.is_empty() {
