@@ -97,6 +97,13 @@ fn run(get: &dyn Fn(&str) -> Option<String>, stdin: &[u8]) -> Result<Option<Valu
         _ => {}
     }
     let mut saved_for_rollback = false;
+    if cmd == Command::Check && !delegate::added_in_process(&conf, &env) {
+        // A pod flannel's plugin added (before the node moved): our veth
+        // naming and IPAM record do not apply; check it as a delegated one.
+        if delegate::saved(&raw, &env.container_id)?.is_some() {
+            return delegate::check(&raw, &env).map(|()| None);
+        }
+    }
     if cmd == Command::Del {
         // A pod added through a delegate (flannel's own plugin, before this
         // node was migrated, or ours for another configuration) is deleted

@@ -229,7 +229,8 @@ fn pods_of_upstreams_plugin_are_taken_over_and_ours_survive_a_rollback() {
     let pods: Vec<Netns> = (0..6).map(|i| Netns::new(&format!("p{i}")).expect("pod namespace")).collect();
 
     // flannel's plugin (-> bridge -> host-local) adds two pods.
-    let a = pod_ip(&ok(run(&node, &upstream, "ADD", "up-a", &pods[0], &c), "upstream ADD a"));
+    let up_a = ok(run(&node, &upstream, "ADD", "up-a", &pods[0], &c), "upstream ADD a");
+    let a = pod_ip(&up_a);
     let b = pod_ip(&ok(run(&node, &upstream, "ADD", "up-b", &pods[1], &c), "upstream ADD b"));
     assert_eq!((a.as_str(), b.as_str()), ("10.244.1.2", "10.244.1.3"));
     assert!(node.data_dir().join("up-a").is_file());
@@ -256,6 +257,11 @@ fn pods_of_upstreams_plugin_are_taken_over_and_ours_survive_a_rollback() {
     let server = echo_server(&pods[1], b_addr);
     assert_eq!(tcp_round_trip(&pods[2], b_addr), "ping\n");
     assert_eq!(server.join().unwrap().ip().to_string(), c1);
+
+    // CHECK of an upstream pod, through our plugin: its interface and address.
+    let mut check = c.clone();
+    check["prevResult"] = up_a.clone();
+    ok(run(&node, ours, "CHECK", "up-a", &pods[0], &check), "our CHECK of an upstream pod");
 
     // Our DEL removes a pod upstream's plugin added, completely.
     let veths_before = node.veths().len();
