@@ -300,6 +300,13 @@ pub fn save_for_rollback(
     data_dir: &Path,
     container_id: &str,
 ) -> Result<(), CniError> {
+    if Path::new(container_id) == Path::new(crate::ipam::NETWORKS_DIR) {
+        // The one name our own IPAM directory takes in dataDir.
+        eprintln!(
+            "flannel: container ID {container_id:?} names our IPAM directory: no configuration saved for a rollback"
+        );
+        return Ok(());
+    }
     let delegate = build_from(conf, lease)?;
     let bytes = serde_json::to_vec(&delegate).expect("a JSON value serializes");
     write(data_dir, container_id, &bytes, false)

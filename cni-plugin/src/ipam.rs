@@ -31,6 +31,9 @@ use crate::error::{code, CniError};
 /// telling the runtime to try again later.
 const LOCK_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Our directory in `dataDir`, holding one directory per network.
+pub const NETWORKS_DIR: &str = "networks";
+
 /// Subdirectory holding the attachment index.
 const INDEX_DIR: &str = "attachments";
 
@@ -191,7 +194,7 @@ struct HostLocal {
 impl Store {
     /// The directory for `network` under `data_dir`.
     pub fn dir_for(data_dir: &Path, network: &str) -> PathBuf {
-        data_dir.join("networks").join(network)
+        data_dir.join(NETWORKS_DIR).join(network)
     }
 
     /// Opens (creating it if needed) and locks the directory.

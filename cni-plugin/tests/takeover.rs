@@ -171,6 +171,25 @@ fn a_bridge_key_we_do_not_implement_is_delegated_to_bridge_and_host_local() {
 }
 
 #[test]
+fn runtime_config_reaches_the_delegate() {
+    let Some(node) = Node::new() else { return };
+    if !have_reference_plugins() {
+        return;
+    }
+    let pod = Netns::new("pod").expect("pod namespace");
+    // The bridge plugin's "mac" capability: the runtime asks for the pod's MAC.
+    let mut c = conf(&node);
+    c["runtimeConfig"] = json!({"mac": "0a:00:00:00:12:34"});
+    let result = ok(run(&node, Path::new(PLUGIN), "ADD", "ctr-r", &pod, &c), "ADD with runtimeConfig");
+    assert_eq!(pod.ip_json(&["link", "show", "eth0"])[0]["address"], "0a:00:00:00:12:34");
+    assert_eq!(result["interfaces"][2]["mac"], "0a:00:00:00:12:34");
+    ok(run(&node, Path::new(PLUGIN), "DEL", "ctr-r", &pod, &c), "DEL");
+    wait_pod_empty(&pod);
+    wait_no_veths(&node);
+    assert!(host_local_addresses(&node).is_empty());
+}
+
+#[test]
 fn another_ipam_plugin_is_delegated_static() {
     let Some(node) = Node::new() else { return };
     if !have_reference_plugins() {
