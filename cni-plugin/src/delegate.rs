@@ -209,14 +209,65 @@ pub fn add(conf: &Value, container_id: &str) -> Result<Value, CniError> {
 }
 
 /// DEL through a saved configuration: the delegate's DEL, then the file goes.
-pub fn del(path: &Path, saved: &[u8]) -> Result<(), CniError> {
+/// When the delegate is no longer on `CNI_PATH` and the configuration is
+/// flannel's usual bridge + host-local one, we do what their DEL does
+/// ourselves ([`del_in_process`]): a pod must stay deletable.
+pub fn del(path: &Path, saved: &[u8], env: &crate::env::CniEnv) -> Result<(), CniError> {
     let kind = saved_type(path, saved)?;
-    exec(&kind, Command::Del, saved)?;
+    match find_plugin(&kind) {
+        Ok(_) => {
+            exec(&kind, Command::Del, saved)?;
+        }
+        Err(missing) => {
+            let v: Value = serde_json::from_slice(saved).unwrap_or(Value::Null);
+            let ipam = v["ipam"]["type"].as_str().unwrap_or("host-local");
+            if kind != "bridge" || ipam != "host-local" {
+                return Err(missing);
+            }
+            eprintln!("flannel: {}: deleting the pod as bridge and host-local would", missing.msg);
+            del_in_process(&v, env)?;
+        }
+    }
     match std::fs::remove_file(path) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(CniError::new(code::IO, format!("remove {}: {e}", path.display()))),
     }
+}
+
+/// What the bridge and host-local plugins' DEL do for a pod, without them:
+/// host-local's reservation files of the attachment are removed (under
+/// host-local's lock), and the pod's interface is deleted, which deletes its
+/// veth's host end too. The bridge plugin's masquerade chain (`ipMasq`,
+/// iptables) cannot be removed without it: that is said on stderr.
+fn del_in_process(v: &Value, env: &crate::env::CniEnv) -> Result<(), CniError> {
+    let name = v["name"].as_str().unwrap_or_default();
+    let base = v["ipam"]["dataDir"].as_str().unwrap_or("/var/lib/cni/networks");
+    let released = crate::ipam::release_host_local(&Path::new(base).join(name), &env.container_id, &env.ifname)?;
+    for ip in &released {
+        eprintln!("flannel: released {ip} of {}/{} in host-local's store", env.container_id, env.ifname);
+    }
+    if v["ipMasq"] == json!(true) {
+        eprintln!(
+            "flannel: the bridge plugin's masquerade rules for container {} (iptables nat chain CNI-...) stay: put the bridge plugin back on CNI_PATH to remove them",
+            env.container_id
+        );
+    }
+    if env.netns.is_empty() {
+        return Ok(());
+    }
+    let Ok(ns) = flannel_net::netns::NetNs::open(&env.netns) else { return Ok(()) };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()
+        .map_err(|e| CniError::new(code::IO, format!("start async runtime: {e}")))?;
+    rt.block_on(async {
+        let pod = flannel_net::netlink::Netlink::connect_in(&ns)?;
+        if let Some(link) = pod.link_by_name(&env.ifname).await? {
+            pod.del_link(link.index, &env.ifname).await?;
+        }
+        Ok(())
+    })
 }
 
 /// Whether the in-process path added this attachment (our store indexes

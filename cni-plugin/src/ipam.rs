@@ -593,6 +593,36 @@ impl Store {
     }
 }
 
+/// host-local's DEL: removes every reservation file in `dir` that names the
+/// attachment (`<container id>\r\n<ifname>`), under host-local's lock;
+/// returns the addresses released. A missing directory holds nothing.
+pub fn release_host_local(dir: &Path, container_id: &str, ifname: &str) -> Result<Vec<IpAddr>, IpamError> {
+    if !dir.is_dir() {
+        return Ok(Vec::new());
+    }
+    let _lock = Store::flock(dir)?;
+    let want = format!("{}\r\n{ifname}", container_id.trim());
+    let mut held = HashSet::new();
+    Store::addresses_in(dir, &mut held)?;
+    let mut out = Vec::new();
+    for ip in held {
+        let path = dir.join(ip.to_string());
+        match std::fs::read_to_string(&path) {
+            Ok(t) if t.trim() == want => {}
+            Ok(_) => continue,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(io_err(format!("read {}", path.display()))(e)),
+        }
+        match std::fs::remove_file(&path) {
+            Ok(()) => out.push(ip),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err(format!("remove {}", path.display()))(e)),
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

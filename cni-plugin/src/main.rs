@@ -110,7 +110,7 @@ fn run(get: &dyn Fn(&str) -> Option<String>, stdin: &[u8]) -> Result<Option<Valu
         // the way it was added.
         if let Some((path, saved)) = delegate::saved(&raw, &env.container_id)? {
             if !delegate::added_in_process(&conf, &env) {
-                return delegate::del(&path, &saved).map(|()| None);
+                return delegate::del(&path, &saved, &env).map(|()| None);
             }
             // Ours, saved only for a rollback (see delegate::save_for_rollback).
             saved_for_rollback = true;
@@ -165,7 +165,7 @@ fn run_delegated(
     match cmd {
         Command::Add => delegate::add(raw, &env.container_id).map(Some),
         Command::Del => match delegate::saved(raw, &env.container_id)? {
-            Some((path, saved)) => delegate::del(&path, &saved).map(|()| None),
+            Some((path, saved)) => delegate::del(&path, &saved, &env).map(|()| None),
             // Never added, or already deleted: nothing to do (flannel's answer too).
             None => Ok(None),
         },

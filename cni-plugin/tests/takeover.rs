@@ -44,6 +44,19 @@ fn have_reference_plugins() -> bool {
 
 /// Runs `binary` (ours or upstream's) in the node for `verb`.
 fn run(node: &Node, binary: &Path, verb: &str, id: &str, pod: &Netns, conf: &Value) -> Outcome {
+    run_with_path(node, binary, verb, id, pod, conf, REFERENCE)
+}
+
+/// [`run`] with `cni_path` as `CNI_PATH`.
+fn run_with_path(
+    node: &Node,
+    binary: &Path,
+    verb: &str,
+    id: &str,
+    pod: &Netns,
+    conf: &Value,
+    cni_path: &str,
+) -> Outcome {
     let mut cmd = node.ns.command(binary);
     cmd.env_clear()
         .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
@@ -51,7 +64,7 @@ fn run(node: &Node, binary: &Path, verb: &str, id: &str, pod: &Netns, conf: &Val
         .env("CNI_CONTAINERID", id)
         .env("CNI_NETNS", path(pod))
         .env("CNI_IFNAME", "eth0")
-        .env("CNI_PATH", REFERENCE)
+        .env("CNI_PATH", cni_path)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
@@ -333,4 +346,30 @@ fn pods_of_upstreams_plugin_are_taken_over_and_ours_survive_a_rollback() {
         .filter(|n| n != "networks")
         .collect();
     assert!(left.is_empty(), "saved delegate configurations left: {left:?}");
+}
+
+#[test]
+fn an_upstream_pod_is_deleted_even_when_the_reference_plugins_are_gone() {
+    let Some(node) = Node::new() else { return };
+    if !have_reference_plugins() {
+        return;
+    }
+    let Some(upstream) = upstream_plugin() else { return };
+    let c = conf(&node);
+    let pods: Vec<Netns> = (0..2).map(|i| Netns::new(&format!("g{i}")).expect("pod namespace")).collect();
+    let a = pod_ip(&ok(run(&node, &upstream, "ADD", "up-a", &pods[0], &c), "upstream ADD a"));
+    let b = pod_ip(&ok(run(&node, &upstream, "ADD", "up-b", &pods[1], &c), "upstream ADD b"));
+    assert_eq!(node.veths().len(), 2);
+    // CNI_PATH without bridge and host-local (an empty directory).
+    let empty = tempfile::tempdir().unwrap();
+    let out = run_with_path(&node, Path::new(PLUGIN), "DEL", "up-a", &pods[0], &c, empty.path().to_str().unwrap());
+    assert!(out.stderr.contains("deleting the pod as bridge and host-local would"), "{}", out.stderr);
+    ok(out, "our DEL without the reference plugins");
+    assert!(pod_links(&pods[0]).is_empty(), "interface left behind");
+    netns_fixtures::wait_until(std::time::Duration::from_secs(10), "the pod's veth to go", || node.veths().len() == 1);
+    assert_eq!(host_local_addresses(&node), vec![b.clone()], "{a} not released, or {b} released too");
+    assert!(!node.data_dir().join("up-a").exists());
+    ok(run(&node, Path::new(PLUGIN), "DEL", "up-b", &pods[1], &c), "DEL b");
+    wait_no_veths(&node);
+    assert!(host_local_addresses(&node).is_empty());
 }
