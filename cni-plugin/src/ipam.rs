@@ -263,12 +263,15 @@ impl Store {
     }
 
     /// Removes host-local's reservation file for `ip` if it is this
-    /// attachment's (never another pod's).
+    /// attachment's (never another pod's). A file holding only the start of
+    /// ours (empty included) is ours too, cut short by a kill mid-write: we
+    /// hold the address, so host-local cannot have written it.
     fn release_in_host_local(&self, ip: &IpAddr, container_id: &str, ifname: &str) -> Result<(), IpamError> {
         let Some(h) = &self.host_local else { return Ok(()) };
         let path = h.dir.join(ip.to_string());
+        let ours = format!("{container_id}\r\n{ifname}");
         match std::fs::read_to_string(&path) {
-            Ok(t) if t.trim() == format!("{}\r\n{ifname}", container_id.trim()) => {}
+            Ok(t) if t.trim() == ours || ours.starts_with(t.as_str()) => {}
             Ok(_) => return Ok(()),
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
             Err(e) => return Err(io_err(format!("read {}", path.display()))(e)),
@@ -741,6 +744,11 @@ mod tests {
         assert!(hl.join("10.244.1.2").exists());
         assert!(s.release("upstream", "eth0").unwrap().is_empty());
         assert!(hl.join("10.244.1.2").exists());
+        // A mirror cut short by a kill mid-write is ours and goes with our record.
+        let b = s.allocate(&r, "killed", "eth0", false, None).unwrap();
+        std::fs::write(hl.join(b.to_string()), "kil").unwrap();
+        s.release("killed", "eth0").unwrap();
+        assert!(!hl.join(b.to_string()).exists());
     }
 
     #[test]

@@ -129,11 +129,14 @@ fn run(get: &dyn Fn(&str) -> Option<String>, stdin: &[u8]) -> Result<Option<Valu
         match cmd {
             Command::Add => cmd::add::run(&conf, &env, &raw).await.map(|r| Some(r.encode(&conf.cni_version))),
             Command::Del => {
-                cmd::del::run(&conf, &env).await?;
+                // The rollback file goes first: a DEL killed after releasing
+                // the index but before removing it would leave a saved
+                // configuration without an index entry, which a retried DEL
+                // would take for a pod of flannel's plugin.
                 if saved_for_rollback {
                     delegate::remove_saved(&conf.data_dir(), &env.container_id)?;
                 }
-                Ok(None)
+                cmd::del::run(&conf, &env).await.map(|()| None)
             }
             Command::Check => cmd::check::run(&conf, &env).await.map(|()| None),
             Command::Gc => cmd::gc::run(&conf).await.map(|()| None),
