@@ -37,6 +37,12 @@ struct Args {
     /// Concurrent ADDs.
     #[arg(long, default_value_t = 20)]
     concurrent: usize,
+    /// Rounds: each measures every plugin once, starting with a different
+    /// one each round (so that a machine getting busier or quieter during
+    /// the run does not favour whoever runs first); the figures pool all
+    /// rounds' calls, the concurrent wall time is the median round's.
+    #[arg(long, default_value_t = 1)]
+    rounds: usize,
 }
 
 const LEASE: &str =
@@ -219,15 +225,24 @@ fn main() {
         v.sort();
         v
     };
-    let a = measure(&ours, args.count, args.concurrent, &pods);
-    let mut refs = vec![(&reference, measure(&reference, args.count, args.concurrent, &pods))];
-    if let Some(up) = &upstream {
-        refs.push((up, measure(up, args.count, args.concurrent, &pods)));
+    let mut imps = vec![&ours, &reference];
+    imps.extend(upstream.as_ref());
+    let mut rounds: Vec<Vec<Figures>> = imps.iter().map(|_| Vec::new()).collect();
+    for round in 0..args.rounds.max(1) {
+        for k in 0..imps.len() {
+            let i = (round + k) % imps.len();
+            rounds[i].push(measure(imps[i], args.count, args.concurrent, &pods));
+        }
     }
+    let mut pooled = rounds.into_iter().map(pool);
+    let a = pooled.next().expect("ours measured");
+    let refs: Vec<(&Impl, Figures)> = imps[1..].iter().copied().zip(pooled).collect();
 
     println!(
-        "CNI latency, {} sequential ADDs then DELs, {} concurrent ADDs (same run, same machine)",
-        args.count, args.concurrent
+        "CNI latency, {} sequential ADDs then DELs, {} concurrent ADDs, {} round(s) (same run, same machine)",
+        args.count,
+        args.concurrent,
+        args.rounds.max(1)
     );
     println!("{:<36} {:>9} {:>9} {:>9}", "", "p50 ms", "p95 ms", "p99 ms");
     for verb in ["ADD", "DEL"] {
@@ -277,6 +292,25 @@ fn main() {
     println!("{rss} (wait4's figure: the largest of the process and the children it waited for)");
     drop(pods);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// One plugin's rounds as one set of figures.
+fn pool(rounds: Vec<Figures>) -> Figures {
+    let mut walls: Vec<Duration> = rounds.iter().map(|f| f.concurrent_wall).collect();
+    walls.sort();
+    let mut out = Figures {
+        add: Vec::new(),
+        del: Vec::new(),
+        concurrent_wall: walls[walls.len() / 2],
+        max_rss_kib: rounds.iter().map(|f| f.max_rss_kib).max().unwrap_or(0),
+    };
+    for f in rounds {
+        out.add.extend(f.add);
+        out.del.extend(f.del);
+    }
+    out.add.sort();
+    out.del.sort();
+    out
 }
 
 fn tempfile_dir() -> PathBuf {
