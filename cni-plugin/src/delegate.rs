@@ -381,19 +381,21 @@ fn save(data_dir: &Path, container_id: &str, bytes: &[u8]) -> Result<(), CniErro
 fn write(data_dir: &Path, container_id: &str, bytes: &[u8], sync: bool) -> Result<(), CniError> {
     use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
     let io = |what: String| move |e: std::io::Error| CniError::new(code::IO, format!("{what}: {e}"));
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(data_dir)
-        .map_err(io(format!("create {}", data_dir.display())))?;
     let path = saved_path(data_dir, container_id);
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&path)
-        .map_err(io(format!("create {}", path.display())))?;
+    let open = || std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&path);
+    // The directory is there but for the first pod: try the file first.
+    let opened = match open() {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(data_dir)
+                .map_err(io(format!("create {}", data_dir.display())))?;
+            open()
+        }
+        other => other,
+    };
+    let mut f = opened.map_err(io(format!("create {}", path.display())))?;
     let written = f.write_all(bytes).and_then(|()| if sync { f.sync_all() } else { Ok(()) });
     if written.is_err() {
         // Nothing half-made: a truncated configuration would make DEL fail.

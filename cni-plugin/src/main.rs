@@ -129,14 +129,17 @@ fn run(get: &dyn Fn(&str) -> Option<String>, stdin: &[u8]) -> Result<Option<Valu
         match cmd {
             Command::Add => cmd::add::run(&conf, &env, &raw).await.map(|r| Some(r.encode(&conf.cni_version))),
             Command::Del => {
-                // The rollback file goes first: a DEL killed after releasing
-                // the index but before removing it would leave a saved
-                // configuration without an index entry, which a retried DEL
-                // would take for a pod of flannel's plugin.
+                // The pod's network first (it is cut off even if the file
+                // system has turned read-only). A DEL killed between the
+                // release and the removal leaves a saved configuration
+                // without an index entry: a retried DEL takes it for a pod of
+                // flannel's plugin and runs the bridge plugin's DEL, which
+                // finds nothing left to do and the file goes.
+                cmd::del::run(&conf, &env).await?;
                 if saved_for_rollback {
                     delegate::remove_saved(&conf.data_dir(), &env.container_id)?;
                 }
-                cmd::del::run(&conf, &env).await.map(|()| None)
+                Ok(None)
             }
             Command::Check => cmd::check::run(&conf, &env).await.map(|()| None),
             Command::Gc => cmd::gc::run(&conf).await.map(|()| None),
