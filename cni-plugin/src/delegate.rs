@@ -363,8 +363,15 @@ pub fn save_for_rollback(
     write(data_dir, container_id, &bytes, false)
 }
 
-/// Removes a container's saved configuration, if any.
+/// Removes a container's saved configuration, if any. GC passes IDs read
+/// from records, and a record cut short by a kill has an empty one: what is
+/// not a container ID (`CNI_CONTAINERID`'s rule) names no saved file.
 pub fn remove_saved(data_dir: &Path, container_id: &str) -> Result<(), CniError> {
+    let is_id = container_id.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
+        && container_id.chars().all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c));
+    if !is_id || container_id == crate::ipam::NETWORKS_DIR {
+        return Ok(());
+    }
     let path = saved_path(data_dir, container_id);
     match std::fs::remove_file(&path) {
         Ok(()) => Ok(()),
@@ -490,6 +497,20 @@ mod tests {
         for (c, why) in exec {
             assert_eq!(fast_path(&c).as_deref(), Some(why), "{c}");
         }
+    }
+
+    #[test]
+    fn remove_saved_never_touches_what_is_not_a_containers_file() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("networks/cbr0")).unwrap();
+        std::fs::write(dir.path().join("ctr"), "{}").unwrap();
+        for id in ["", "networks", "..", "a/b", "-x"] {
+            remove_saved(dir.path(), id).unwrap();
+        }
+        assert!(dir.path().join("networks/cbr0").is_dir());
+        remove_saved(dir.path(), "ctr").unwrap();
+        assert!(!dir.path().join("ctr").exists());
+        remove_saved(dir.path(), "ctr").unwrap();
     }
 
     #[test]
