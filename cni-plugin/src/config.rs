@@ -90,7 +90,9 @@ fn reject_arrays_for_objects(conf: &serde_json::Value) -> Result<(), CniError> {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Delegate {
-    /// flannel lets users pick another delegate plugin; we only do `bridge`.
+    /// `bridge` (the default) on the in-process path; other types are
+    /// executed. Parsed so that a non-string is refused naming the field.
+    #[allow(dead_code)]
     #[serde(rename = "type", default)]
     pub kind: Option<String>,
     /// Bridge name (default `cni0`).
@@ -113,10 +115,21 @@ pub struct Delegate {
     pub mtu: Option<u32>,
 }
 
-/// `ipam`: extra routes.
+/// `ipam`: the keys of host-local's the in-process path implements (see
+/// [`crate::delegate::fast_path`]); any other key sends the configuration
+/// to the plugins it names.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Ipam {
+    /// `host-local` (the default): anything else is executed. Parsed so
+    /// that a non-string is refused naming the field.
+    #[allow(dead_code)]
+    #[serde(rename = "type", default)]
+    pub kind: Option<String>,
+    /// host-local's state directory: where upstream's pods hold their
+    /// addresses, and where ours are mirrored (see [`crate::ipam`]).
+    #[serde(default)]
+    pub data_dir: Option<PathBuf>,
     /// Routes added in the pod besides the cluster networks'.
     #[serde(default)]
     pub routes: Vec<RouteConf>,
@@ -192,13 +205,6 @@ impl NetConf {
                 self.name
             ));
         }
-        if let Some(kind) = &self.delegate.kind {
-            if kind != "bridge" {
-                return invalid(format!(
-                    "network configuration: delegate.type {kind:?} is not supported: flannel-rs plugs pods into a bridge (delegate.type \"bridge\")"
-                ));
-            }
-        }
         if let Some(b) = &self.delegate.bridge {
             if crate::env::validate_ifname(b).is_err() {
                 return invalid(format!("network configuration: delegate.bridge {b:?} is not a valid interface name"));
@@ -230,6 +236,21 @@ impl NetConf {
     /// Directory for IPAM state.
     pub fn data_dir(&self) -> PathBuf {
         self.data_dir.clone().unwrap_or_else(|| DEFAULT_DATA_DIR.into())
+    }
+
+    /// host-local's directory for this network: `ipam.dataDir/<name>` when
+    /// given; otherwise `networks/<name>` beside `dataDir`, which with
+    /// flannel's defaults is host-local's own default,
+    /// `/var/lib/cni/networks/<name>`.
+    pub fn host_local_dir(&self) -> PathBuf {
+        let base = match self.ipam.as_ref().and_then(|i| i.data_dir.clone()) {
+            Some(d) => d,
+            None => {
+                let data = self.data_dir();
+                data.parent().map(|p| p.join("networks")).unwrap_or_else(|| PathBuf::from("/var/lib/cni/networks"))
+            }
+        };
+        base.join(&self.name)
     }
 
     /// Bridge settings with flannel's defaults: `isGateway` true, `ipMasq` the
@@ -297,7 +318,6 @@ mod tests {
             (br#"{"cniVersion":"9.0.0","name":"n"}"#, 1, "9.0.0"),
             (br#"{"cniVersion":"1.0.0","name":"n","delegate":{"hairpinMode":"yes"}}"#, 7, "delegate.hairpinMode"),
             (br#"{"cniVersion":"1.0.0","name":"n","delegate":{"mtu":10}}"#, 7, "delegate.mtu 10"),
-            (br#"{"cniVersion":"1.0.0","name":"n","delegate":{"type":"ipvlan"}}"#, 7, "delegate.type \"ipvlan\""),
             (
                 br#"{"cniVersion":"1.0.0","name":"n","delegate":{"bridge":"this-name-is-too-long"}}"#,
                 7,

@@ -21,6 +21,20 @@ pub enum Command {
     Version,
 }
 
+impl Command {
+    /// The `CNI_COMMAND` value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Command::Add => "ADD",
+            Command::Del => "DEL",
+            Command::Check => "CHECK",
+            Command::Status => "STATUS",
+            Command::Gc => "GC",
+            Command::Version => "VERSION",
+        }
+    }
+}
+
 /// The parsed environment.
 #[derive(Debug, Clone, Default)]
 pub struct CniEnv {
@@ -78,6 +92,16 @@ pub fn command(get: &dyn Fn(&str) -> Option<String>) -> Result<Command, CniError
 
 /// Reads the variables `cmd` needs, rejecting absent or malformed ones (code 4).
 pub fn load(cmd: Command, get: &dyn Fn(&str) -> Option<String>) -> Result<CniEnv, CniError> {
+    let mut env = load_attachment(cmd, get)?;
+    if matches!(cmd, Command::Add | Command::Del | Command::Check) {
+        env.args = parse_args(&get("CNI_ARGS").unwrap_or_default())?;
+    }
+    Ok(env)
+}
+
+/// Like [`load`] but leaves `CNI_ARGS` alone: for a delegated configuration,
+/// whose plugins read it themselves.
+pub fn load_attachment(cmd: Command, get: &dyn Fn(&str) -> Option<String>) -> Result<CniEnv, CniError> {
     let mut env = CniEnv::default();
     let needs_attachment = matches!(cmd, Command::Add | Command::Del | Command::Check);
     if !needs_attachment {
@@ -94,7 +118,6 @@ pub fn load(cmd: Command, get: &dyn Fn(&str) -> Option<String>) -> Result<CniEnv
     env.ifname = required("CNI_IFNAME")?;
     validate_ifname(&env.ifname)?;
     env.netns = if cmd == Command::Del { get("CNI_NETNS").unwrap_or_default() } else { required("CNI_NETNS")? };
-    env.args = parse_args(&get("CNI_ARGS").unwrap_or_default())?;
     Ok(env)
 }
 

@@ -5,6 +5,7 @@
 
 mod cmd;
 mod config;
+mod delegate;
 mod env;
 mod error;
 mod install;
@@ -33,6 +34,13 @@ fn main() {
         // The DaemonSet's init containers: copy this binary or the conflist
         // onto the host atomically (the image has no shell).
         std::process::exit(install::main(&args[1..]));
+    }
+    if std::env::var_os("CNI_COMMAND").is_none_or(|c| c.is_empty()) {
+        // Run by hand: say what this is, as flannel's plugin does (on
+        // stderr, exit status 0), without waiting for a configuration.
+        eprintln!("{}", version::about());
+        eprintln!("CNI protocol versions supported: {}", version::SUPPORTED.join(", "));
+        std::process::exit(0);
     }
     let mut stdin = Vec::new();
     let read = std::io::stdin().read_to_end(&mut stdin);
@@ -74,6 +82,12 @@ fn run(get: &dyn Fn(&str) -> Option<String>, stdin: &[u8]) -> Result<Option<Valu
             "supportedVersions": version::SUPPORTED,
         })));
     }
+    // Malformed JSON is left to NetConf::parse, after the environment, so
+    // the errors come in the order they always did.
+    let raw: Value = serde_json::from_slice(stdin).unwrap_or(Value::Null);
+    if let Some(why) = raw.is_object().then(|| delegate::fast_path(&raw)).flatten() {
+        return run_delegated(cmd, get, &raw, &why);
+    }
     let env = env::load(cmd, get)?;
     let conf = NetConf::parse(stdin)?;
     match cmd {
@@ -81,6 +95,26 @@ fn run(get: &dyn Fn(&str) -> Option<String>, stdin: &[u8]) -> Result<Option<Valu
         Command::Status => version::require(&conf.cni_version, "STATUS", "1.1.0")?,
         Command::Gc => version::require(&conf.cni_version, "GC", "1.1.0")?,
         _ => {}
+    }
+    let mut saved_for_rollback = false;
+    if cmd == Command::Check && !delegate::added_in_process(&conf, &env) {
+        // A pod flannel's plugin added (before the node moved): our veth
+        // naming and IPAM record do not apply; check it as a delegated one.
+        if delegate::saved(&raw, &env.container_id)?.is_some() {
+            return delegate::check(&raw, &env).map(|()| None);
+        }
+    }
+    if cmd == Command::Del {
+        // A pod added through a delegate (flannel's own plugin, before this
+        // node was migrated, or ours for another configuration) is deleted
+        // the way it was added.
+        if let Some((path, saved)) = delegate::saved(&raw, &env.container_id)? {
+            if !delegate::added_in_process(&conf, &env) {
+                return delegate::del(&path, &saved, &env).map(|()| None);
+            }
+            // Ours, saved only for a rollback (see delegate::save_for_rollback).
+            saved_for_rollback = true;
+        }
     }
     if cmd == Command::Status {
         return cmd::status::run(&conf).map(|()| None);
@@ -93,11 +127,68 @@ fn run(get: &dyn Fn(&str) -> Option<String>, stdin: &[u8]) -> Result<Option<Valu
         .map_err(|e| CniError::new(code::IO, format!("start async runtime: {e}")))?;
     rt.block_on(async {
         match cmd {
-            Command::Add => cmd::add::run(&conf, &env).await.map(|r| Some(r.encode(&conf.cni_version))),
-            Command::Del => cmd::del::run(&conf, &env).await.map(|()| None),
+            Command::Add => cmd::add::run(&conf, &env, &raw).await.map(|r| Some(r.encode(&conf.cni_version))),
+            Command::Del => {
+                // The pod's network first (it is cut off even if the file
+                // system has turned read-only). A DEL killed between the
+                // release and the removal leaves a saved configuration
+                // without an index entry: a retried DEL takes it for a pod of
+                // flannel's plugin and runs the bridge plugin's DEL, which
+                // finds nothing left to do and the file goes.
+                cmd::del::run(&conf, &env).await?;
+                if saved_for_rollback {
+                    delegate::remove_saved(&conf.data_dir(), &env.container_id)?;
+                }
+                Ok(None)
+            }
             Command::Check => cmd::check::run(&conf, &env).await.map(|()| None),
             Command::Gc => cmd::gc::run(&conf).await.map(|()| None),
             Command::Status | Command::Version => unreachable!("handled above"),
         }
     })
+}
+
+/// A configuration the in-process path does not implement exactly (`why`):
+/// everything goes through the delegate, as with flannel's plugin.
+fn run_delegated(
+    cmd: Command,
+    get: &dyn Fn(&str) -> Option<String>,
+    raw: &Value,
+    why: &str,
+) -> Result<Option<Value>, CniError> {
+    let cni_version = raw["cniVersion"].as_str().ok_or_else(|| {
+        CniError::new(code::INVALID_CONFIG, "network configuration: cniVersion: missing or not a string")
+    })?;
+    version::check_supported(cni_version)?;
+    if raw["name"].as_str().is_none_or(|n| n.is_empty() || n.contains('/') || n == "." || n == "..") {
+        return Err(CniError::new(
+            code::INVALID_CONFIG,
+            format!("network configuration: name {} must be a non-empty string without '/'", raw["name"]),
+        ));
+    }
+    let env = env::load_attachment(cmd, get)?;
+    eprintln!("flannel: {why}: delegating {} to the plugins the configuration names", cmd.as_str());
+    match cmd {
+        Command::Add => delegate::add(raw, &env.container_id).map(Some),
+        Command::Del => match delegate::saved(raw, &env.container_id)? {
+            Some((path, saved)) => delegate::del(&path, &saved, &env).map(|()| None),
+            // Never added, or already deleted: nothing to do (flannel's answer too).
+            None => Ok(None),
+        },
+        Command::Check => {
+            version::require(cni_version, "CHECK", "0.4.0")?;
+            match delegate::saved(raw, &env.container_id)? {
+                Some(_) => delegate::check(raw, &env).map(|()| None),
+                None => Err(CniError::new(
+                    code::INTERNAL,
+                    format!("CHECK: no saved delegate configuration for container {}", env.container_id),
+                )),
+            }
+        }
+        Command::Status | Command::Gc => {
+            version::require(cni_version, cmd.as_str(), "1.1.0")?;
+            delegate::status_or_gc(raw, cmd).map(|()| None)
+        }
+        Command::Version => unreachable!("handled before"),
+    }
 }

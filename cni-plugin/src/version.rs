@@ -9,6 +9,20 @@ pub const SUPPORTED: &[&str] = &["0.1.0", "0.2.0", "0.3.0", "0.3.1", "0.4.0", "1
 /// The newest version, used for errors when the configuration gives none.
 pub const LATEST: &str = "1.1.0";
 
+/// What the binary says when run without `CNI_COMMAND`, in the words of
+/// flannel's plugin (`CNI Plugin flannel version v1.9.1-flannel1
+/// (linux/amd64) commit ...`), naming flannel-rs.
+pub fn about() -> String {
+    let arch = match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        "x86" => "386",
+        "powerpc64" => "ppc64le",
+        other => other,
+    };
+    format!("CNI Plugin flannel version v{} (flannel-rs) (linux/{arch})", env!("CARGO_PKG_VERSION"))
+}
+
 /// A parsed `major.minor.patch`.
 pub fn parse(v: &str) -> Option<(u32, u32, u32)> {
     let mut it = v.split('.').map(|p| p.parse::<u32>().ok());

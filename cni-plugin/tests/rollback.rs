@@ -42,7 +42,7 @@ fn masq_conf(node: &Node) -> Value {
 /// but the rotation hint moved past it), so it really got past allocation.
 fn assert_allocated_then_released(node: &Node) {
     let hint = std::fs::read_to_string(common::store_dir(node).join("last_reserved_ip.0")).unwrap();
-    assert_eq!(hint, "10.244.1.3", "the failing ADD never allocated: the test does not reach the rollback");
+    assert_eq!(hint.trim(), "10.244.1.3", "the failing ADD never allocated: the test does not reach the rollback");
 }
 
 #[test]

@@ -1,7 +1,12 @@
 #!/usr/bin/env bash
 # CNI ADD/DEL latency: flannel-rs's plugin against Debian's reference bridge +
-# host-local, same run, same machine, fresh node namespaces for each.
-# Usage: scripts/bench/cni-latency.sh [--count 200] [--concurrent 20]
+# host-local, and against upstream flannel's own plugin delegating to them
+# (flannel -> bridge -> host-local, what flannel users run today): same run,
+# same machine, fresh node namespaces for each.
+# Usage: scripts/bench/cni-latency.sh [--count 200] [--concurrent 20] [--rounds 1]
+# Upstream's plugin comes from $UPSTREAM_FLANNEL_BUILD (default
+# ../shared/upstream-flannel/build.sh beside the checkout), or
+# $FLANNEL_RS_UPSTREAM_CNI; without either the flannel row is left out, saying so.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 source scripts/lib/common.sh
@@ -10,4 +15,15 @@ install_packages "${FLANNEL_RS_PACKAGES[@]}"
 ensure_rust
 cargo build --release --quiet -p cni-plugin -p e2e-tests -p netns-fixtures
 trap 'target/release/netns-fixture cleanup >/dev/null 2>&1 || true' EXIT
-target/release/cni-bench --plugin target/release/flannel "$@"
+upstream=${FLANNEL_RS_UPSTREAM_CNI:-}
+build=${UPSTREAM_FLANNEL_BUILD:-../shared/upstream-flannel/build.sh}
+if [ -z "$upstream" ] && [ -f "$build" ]; then
+  upstream=$(bash "$build" | sed -n 's/^cni=//p')
+fi
+extra=()
+if [ -n "$upstream" ]; then
+  extra=(--upstream "$upstream")
+else
+  echo "cni-latency: upstream flannel's plugin not found ($build missing, FLANNEL_RS_UPSTREAM_CNI unset): its row is left out" >&2
+fi
+target/release/cni-bench --plugin target/release/flannel "${extra[@]}" "$@"

@@ -16,7 +16,7 @@ use crate::masq;
 use crate::result::{CniResult, Interface, IpConfig, RouteEntry};
 
 /// Runs ADD. On failure, everything this call created is removed again.
-pub async fn run(conf: &NetConf, env: &CniEnv) -> Result<CniResult, CniError> {
+pub async fn run(conf: &NetConf, env: &CniEnv, raw: &serde_json::Value) -> Result<CniResult, CniError> {
     let lease = load_lease(&conf.subnet_file())?;
     let settings = conf.bridge_settings(lease.mtu, lease.ipmasq);
     let ranges = ranges(&lease);
@@ -32,7 +32,7 @@ pub async fn run(conf: &NetConf, env: &CniEnv) -> Result<CniResult, CniError> {
     // Allocate first: undoing an allocation is a file removal, while a link
     // made before a failed allocation would need netlink to clean up.
     let allocated = {
-        let store = Store::open(&conf.data_dir(), &conf.name)?;
+        let store = Store::open(&conf.data_dir(), &conf.name)?.with_host_local(conf.host_local_dir(), true)?;
         let mut ips = Vec::new();
         for r in &ranges {
             match store.allocate(r, &env.container_id, &env.ifname, settings.ip_masq, env.args.ip) {
@@ -47,7 +47,9 @@ pub async fn run(conf: &NetConf, env: &CniEnv) -> Result<CniResult, CniError> {
     };
 
     let veth = veth_name(&env.container_id, &env.ifname);
-    let plugged = plug(&host, &netns, env, &settings, &bridge, &veth, &allocated, &networks, conf).await;
+    let plugged = plug(&host, &netns, env, &settings, &bridge, &veth, &allocated, &networks, conf)
+        .await
+        .and_then(|r| crate::delegate::save_for_rollback(raw, &lease, &conf.data_dir(), &env.container_id).map(|()| r));
     match plugged {
         Ok(result) => Ok(result),
         Err(err) => {
@@ -64,7 +66,7 @@ async fn undo(host: &Netlink, conf: &NetConf, env: &CniEnv, veth: &str, allocate
     if let Err(e) = host.del_link_by_name(veth).await {
         eprintln!("flannel: rollback: {e}");
     }
-    match Store::open(&conf.data_dir(), &conf.name) {
+    match Store::open(&conf.data_dir(), &conf.name).and_then(|s| s.with_host_local(conf.host_local_dir(), false)) {
         Ok(store) => {
             if let Err(e) = store.release(&env.container_id, &env.ifname) {
                 eprintln!("flannel: rollback: {e}");

@@ -64,6 +64,7 @@ pub async fn run(conf: &NetConf, env: &CniEnv) -> Result<(), CniError> {
     let Some(store) = Store::open_existing(&conf.data_dir(), &conf.name)? else {
         return Ok(());
     };
+    let store = store.with_host_local(conf.host_local_dir(), false)?;
     // Out of the masquerade set first, then release, both under the lock:
     // a DEL that dies in between (killed by the runtime) or fails in nft
     // leaves the records, which a retried DEL or GC finds. The other way

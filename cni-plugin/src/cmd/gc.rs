@@ -20,6 +20,7 @@ pub async fn run(conf: &NetConf) -> Result<(), CniError> {
     let Some(store) = Store::open_existing(&conf.data_dir(), &conf.name)? else {
         return Ok(());
     };
+    let store = store.with_host_local(conf.host_local_dir(), false)?;
     let stale: Vec<_> = store
         .records()?
         .into_iter()
@@ -53,6 +54,10 @@ pub async fn run(conf: &NetConf) -> Result<(), CniError> {
         if let Err(e) = store.release_record(r) {
             errors.push(e.to_string());
             continue;
+        }
+        // The configuration saved for a rollback (see delegate::save_for_rollback).
+        if let Err(e) = crate::delegate::remove_saved(&conf.data_dir(), &r.container_id) {
+            errors.push(e.msg);
         }
         eprintln!("flannel: GC released {} of {}/{}", r.ip, r.container_id, r.ifname);
     }

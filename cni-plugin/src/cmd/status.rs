@@ -16,6 +16,7 @@ pub fn run(conf: &NetConf) -> Result<(), CniError> {
     else {
         return Ok(());
     };
+    let store = store.with_host_local(conf.host_local_dir(), false).map_err(|e| unavailable(e.to_string()))?;
     for r in ranges(&lease) {
         if !store.has_free(&r).map_err(|e| unavailable(e.to_string()))? {
             return Err(unavailable(format!(

@@ -1,5 +1,8 @@
-//! `cni-bench`: CNI ADD/DEL latency of flannel-rs's plugin against Debian's
-//! reference `bridge` + `host-local`, in one run, on identical fresh nodes.
+//! `cni-bench`: CNI ADD/DEL latency of flannel-rs's plugin against two
+//! references, in one run, on identical fresh nodes: Debian's `bridge` +
+//! `host-local` called directly, and what a flannel user runs today,
+//! upstream flannel's own plugin delegating to them (flannel -> bridge ->
+//! host-local).
 //!
 //! Each plugin call is timed from fork to exit, and its peak RSS is read from
 //! the kernel's rusage of that very process (wait4), so both sides pay the
@@ -24,12 +27,22 @@ struct Args {
     /// Directory holding the reference plugins (bridge, host-local).
     #[arg(long, default_value = "/usr/lib/cni")]
     reference_dir: PathBuf,
+    /// Upstream flannel's CNI plugin binary (the flannel -> bridge ->
+    /// host-local row); that row is left out when not given.
+    #[arg(long)]
+    upstream: Option<PathBuf>,
     /// Sequential ADDs (then as many DELs).
     #[arg(long, default_value_t = 200)]
     count: usize,
     /// Concurrent ADDs.
     #[arg(long, default_value_t = 20)]
     concurrent: usize,
+    /// Rounds: each measures every plugin once, starting with a different
+    /// one each round (so that a machine getting busier or quieter during
+    /// the run does not favour whoever runs first); the figures pool all
+    /// rounds' calls, the concurrent wall time is the median round's.
+    #[arg(long, default_value_t = 1)]
+    rounds: usize,
 }
 
 const LEASE: &str =
@@ -183,6 +196,20 @@ fn main() {
         }),
         env: vec![("CNI_PATH".into(), args.reference_dir.display().to_string())],
     };
+    // flannel's plugin with the same configuration as ours: it builds the
+    // bridge configuration above from subnet.env and executes bridge from
+    // CNI_PATH, which executes host-local.
+    let upstream = args.upstream.as_ref().map(|binary| Impl {
+        label: "flannel>bridge>h-local",
+        binary: binary.clone(),
+        conf: json!({
+            "cniVersion": "1.0.0", "name": "cbr0", "type": "flannel",
+            "subnetFile": dir.join("subnet.env"), "dataDir": dir.join("upstream"),
+            "delegate": { "hairpinMode": true, "isDefaultGateway": true },
+            "ipam": { "dataDir": dir.join("upstream-host-local") }
+        }),
+        env: vec![("CNI_PATH".into(), args.reference_dir.display().to_string())],
+    });
     let n = args.count.max(args.concurrent);
     eprintln!("creating {n} pod namespaces...");
     let pods: Vec<Netns> = (0..n).map(|i| Netns::new(&format!("bp{i}")).expect("pod namespace")).collect();
@@ -198,53 +225,92 @@ fn main() {
         v.sort();
         v
     };
-    let a = measure(&ours, args.count, args.concurrent, &pods);
-    let b = measure(&reference, args.count, args.concurrent, &pods);
+    let mut imps = vec![&ours, &reference];
+    imps.extend(upstream.as_ref());
+    let mut rounds: Vec<Vec<Figures>> = imps.iter().map(|_| Vec::new()).collect();
+    for round in 0..args.rounds.max(1) {
+        for k in 0..imps.len() {
+            let i = (round + k) % imps.len();
+            rounds[i].push(measure(imps[i], args.count, args.concurrent, &pods));
+        }
+    }
+    let mut pooled = rounds.into_iter().map(pool);
+    let a = pooled.next().expect("ours measured");
+    let refs: Vec<(&Impl, Figures)> = imps[1..].iter().copied().zip(pooled).collect();
 
     println!(
-        "CNI latency, {} sequential ADDs then DELs, {} concurrent ADDs (same run, same machine)",
-        args.count, args.concurrent
+        "CNI latency, {} sequential ADDs then DELs, {} concurrent ADDs, {} round(s) (same run, same machine)",
+        args.count,
+        args.concurrent,
+        args.rounds.max(1)
     );
-    println!("{:<22} {:>9} {:>9} {:>9}", "", "p50 ms", "p95 ms", "p99 ms");
-    for (verb, ours_v, ref_v) in [("ADD", &a.add, &b.add), ("DEL", &a.del, &b.del)] {
-        for (label, v) in [(ours.label, ours_v), (reference.label, ref_v)] {
+    println!("{:<36} {:>9} {:>9} {:>9}", "", "p50 ms", "p95 ms", "p99 ms");
+    for verb in ["ADD", "DEL"] {
+        let pick = |f: &Figures| if verb == "ADD" { f.add.clone() } else { f.del.clone() };
+        let ours_v = pick(&a);
+        let row = |label: &str, v: &[Duration]| {
             println!(
-                "{:<22} {:>9.3} {:>9.3} {:>9.3}",
+                "{:<36} {:>9.3} {:>9.3} {:>9.3}",
                 format!("{verb} {label}"),
                 ms(percentile(v, 0.5)),
                 ms(percentile(v, 0.95)),
                 ms(percentile(v, 0.99))
+            )
+        };
+        row(ours.label, &ours_v);
+        for (imp, f) in &refs {
+            let v = pick(f);
+            row(imp.label, &v);
+            println!(
+                "{:<36} {:>8.1}x {:>8.1}x {:>8.1}x",
+                format!("  speed-up vs {}", imp.label),
+                ms(percentile(&v, 0.5)) / ms(percentile(&ours_v, 0.5)),
+                ms(percentile(&v, 0.95)) / ms(percentile(&ours_v, 0.95)),
+                ms(percentile(&v, 0.99)) / ms(percentile(&ours_v, 0.99)),
             );
         }
-        println!(
-            "{:<22} {:>8.1}x {:>8.1}x {:>8.1}x   (reference / flannel-rs)",
-            format!("{verb} speed-up"),
-            ms(percentile(ref_v, 0.5)) / ms(percentile(ours_v, 0.5)),
-            ms(percentile(ref_v, 0.95)) / ms(percentile(ours_v, 0.95)),
-            ms(percentile(ref_v, 0.99)) / ms(percentile(ours_v, 0.99)),
-        );
     }
     println!(
-        "{:<22} {:>9.3} {:>9.3} {:>9.3}   (process start, /bin/true spawned the same way)",
+        "{:<36} {:>9.3} {:>9.3} {:>9.3}   (process start, /bin/true spawned the same way)",
         "baseline",
         ms(percentile(&baseline, 0.5)),
         ms(percentile(&baseline, 0.95)),
         ms(percentile(&baseline, 0.99))
     );
-    println!(
-        "{} concurrent ADDs wall: flannel-rs {:.1} ms, reference {:.1} ms ({:.1}x)",
-        args.concurrent,
-        ms(a.concurrent_wall),
-        ms(b.concurrent_wall),
-        ms(b.concurrent_wall) / ms(a.concurrent_wall)
-    );
-    println!(
-        "peak RSS of one plugin process: flannel-rs {:.1} MB, reference bridge {:.1} MB",
-        a.max_rss_kib as f64 / 1024.0,
-        b.max_rss_kib as f64 / 1024.0
-    );
+    let mut wall = format!("{} concurrent ADDs wall: flannel-rs {:.1} ms", args.concurrent, ms(a.concurrent_wall));
+    let mut rss = format!("peak RSS of one plugin process: flannel-rs {:.1} MB", a.max_rss_kib as f64 / 1024.0);
+    for (imp, f) in &refs {
+        wall += &format!(
+            ", {} {:.1} ms ({:.1}x)",
+            imp.label,
+            ms(f.concurrent_wall),
+            ms(f.concurrent_wall) / ms(a.concurrent_wall)
+        );
+        rss += &format!(", {} {:.1} MB", imp.label, f.max_rss_kib as f64 / 1024.0);
+    }
+    println!("{wall}");
+    println!("{rss} (wait4's figure: the largest of the process and the children it waited for)");
     drop(pods);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// One plugin's rounds as one set of figures.
+fn pool(rounds: Vec<Figures>) -> Figures {
+    let mut walls: Vec<Duration> = rounds.iter().map(|f| f.concurrent_wall).collect();
+    walls.sort();
+    let mut out = Figures {
+        add: Vec::new(),
+        del: Vec::new(),
+        concurrent_wall: walls[walls.len() / 2],
+        max_rss_kib: rounds.iter().map(|f| f.max_rss_kib).max().unwrap_or(0),
+    };
+    for f in rounds {
+        out.add.extend(f.add);
+        out.del.extend(f.del);
+    }
+    out.add.sort();
+    out.del.sort();
+    out
 }
 
 fn tempfile_dir() -> PathBuf {
