@@ -246,10 +246,18 @@ fn config_is_read_and_validation_errors_name_key_and_field() {
         let msg = down.network_config().await.unwrap_err().to_string();
         assert!(msg.contains("http://127.0.0.1:1") && msg.contains("/coreos.com/network/config"), "{msg}");
 
-        // A CA file that does not exist: the error names the flag and the path.
-        let tls = EtcdOptions { cafile: Some("/etc/ca.pem".into()), ..opts(CLIENT) };
+        // A CA file that does not exist, for an https:// endpoint: the error
+        // names the flag and the path. (With http:// endpoints only, the TLS
+        // options are not used, as in flannel: the connection above works.)
+        let tls = EtcdOptions {
+            endpoints: vec![format!("https://{CLIENT}")],
+            cafile: Some("/etc/ca.pem".into()),
+            ..Default::default()
+        };
         let msg = EtcdSubnetManager::connect(&tls).await.unwrap_err().to_string();
         assert!(msg.contains("--etcd-cafile") && msg.contains("/etc/ca.pem"), "{msg}");
+        let plain = EtcdOptions { cafile: Some("/etc/ca.pem".into()), ..opts(CLIENT) };
+        assert!(EtcdSubnetManager::connect(&plain).await.is_ok());
     });
 }
 
