@@ -319,15 +319,8 @@ pub fn own_device(o: &Overlay, i: usize, dev: &str, own_subnet: &str) -> Option<
             }
         }
     }
-    for mut r in array(ns.ip_json(&["-d", "route", "show", "table", "main", "dev", dev])) {
+    for r in array(ns.ip_json(&["-d", "route", "show", "table", "main", "dev", dev])) {
         if r["dst"].as_str().is_some_and(|d| d.ends_with("/16")) {
-            if dev == "flannel0" {
-                // KNOWN DIFFERENCE, not yet fixed: upstream adds the route to
-                // the Network through flannel0 with scope global, flanneld-rs
-                // with scope link (flannel-net's route_message picks link for
-                // every route without a gateway, the CNI plugin's included).
-                r.as_object_mut().unwrap().remove("scope");
-            }
             out.push(format!("route {}", norm(&r)));
         }
     }

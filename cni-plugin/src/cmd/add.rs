@@ -2,7 +2,7 @@
 
 use std::net::IpAddr;
 
-use flannel_net::netlink::{Link, Netlink, NlError, Route};
+use flannel_net::netlink::{Link, Netlink, NlError, Route, Scope};
 use flannel_net::netns::NetNs;
 use flannel_net::MacAddr;
 use ipnet::IpNet;
@@ -126,7 +126,7 @@ async fn plug(
 
     let routes = pod_routes(settings, allocated, networks, conf);
     for r in &routes {
-        let route = Route { dst: r.dst, gateway: r.gw, oif: Some(pod_index), onlink: false };
+        let route = Route { dst: r.dst, gateway: r.gw, oif: Some(pod_index), onlink: false, scope: Scope::usual(r.gw) };
         match pod.add_route(&route, &env.ifname).await {
             Ok(()) => {}
             Err(e) if e.is_exists() => {}

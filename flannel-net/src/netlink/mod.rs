@@ -34,7 +34,7 @@ pub use fdb::Fdb;
 pub use link::Link;
 pub use monitor::{monitor, Change};
 pub use neighbour::Neigh;
-pub use route::Route;
+pub use route::{Route, Scope};
 pub use vxlan::{VxlanLink, VxlanSpec, DEFAULT_VXLAN_PORT};
 
 /// A handle on one namespace's routing netlink socket.

@@ -25,6 +25,30 @@ pub struct Route {
     /// The next hop is on the link even though no address covers it
     /// (`onlink`): how flannel routes to a peer's VTEP address.
     pub onlink: bool,
+    /// The route's scope (`ip route`'s `scope link` or the default global).
+    pub scope: Scope,
+}
+
+/// A route's scope, the two flannel-rs uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Scope {
+    /// `scope global` (universe): routes through a gateway, and flannel's
+    /// route to the Network through the udp backend's TUN.
+    Global,
+    /// `scope link`: a destination on the link itself (what `ip route add
+    /// DST dev DEV` makes).
+    Link,
+}
+
+impl Scope {
+    /// `Link` without a gateway, `Global` with one: `ip route add`'s default.
+    pub fn usual(gateway: Option<IpAddr>) -> Scope {
+        if gateway.is_some() {
+            Scope::Global
+        } else {
+            Scope::Link
+        }
+    }
 }
 
 impl Route {
@@ -49,7 +73,8 @@ impl Route {
             _ => return None,
         };
         let onlink = msg.header.flags.contains(RouteFlags::Onlink);
-        Some(Route { dst, gateway, oif, onlink })
+        let scope = if msg.header.scope == RouteScope::Link { Scope::Link } else { Scope::Global };
+        Some(Route { dst, gateway, oif, onlink, scope })
     }
 }
 
@@ -228,6 +253,9 @@ fn route_message(route: &Route, op: &str) -> NlResult<RouteMessage> {
     if route.onlink {
         b = b.onlink();
     }
-    let scope = if route.gateway.is_some() { RouteScope::Universe } else { RouteScope::Link };
+    let scope = match route.scope {
+        Scope::Global => RouteScope::Universe,
+        Scope::Link => RouteScope::Link,
+    };
     Ok(b.protocol(RouteProtocol::Boot).scope(scope).build())
 }

@@ -4,7 +4,7 @@
 
 use std::net::IpAddr;
 
-use flannel_net::netlink::Route;
+use flannel_net::netlink::{Route, Scope};
 use ipnet::{IpNet, Ipv4Net};
 
 use crate::iface::ExtIface;
@@ -53,6 +53,7 @@ pub fn peer_entries(h: &HostGwSpec, segment: Ipv4Net, l: &Lease) -> Result<PeerE
             gateway: Some(IpAddr::V4(l.public_ip)),
             oif: Some(h.dev),
             onlink: false,
+            scope: Scope::Global,
         },
         neigh: None,
         fdb: None,

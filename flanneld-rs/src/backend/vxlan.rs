@@ -5,7 +5,7 @@
 
 use std::net::IpAddr;
 
-use flannel_net::netlink::{Fdb, Neigh, Route, VxlanSpec, DEFAULT_VXLAN_PORT};
+use flannel_net::netlink::{Fdb, Neigh, Route, Scope, VxlanSpec, DEFAULT_VXLAN_PORT};
 use flannel_net::MacAddr;
 use ipnet::{IpNet, Ipv4Net};
 
@@ -64,6 +64,7 @@ pub fn peer_entries(
                 gateway: Some(IpAddr::V4(l.public_ip)),
                 oif: Some(vtep.dev),
                 onlink: false,
+                scope: Scope::Global,
             },
             neigh: None,
             fdb: None,
@@ -71,7 +72,13 @@ pub fn peer_entries(
     }
     let gw = l.subnet.network();
     Ok(PeerEntries {
-        route: Route { dst: IpNet::V4(l.subnet), gateway: Some(IpAddr::V4(gw)), oif: None, onlink: true },
+        route: Route {
+            dst: IpNet::V4(l.subnet),
+            gateway: Some(IpAddr::V4(gw)),
+            oif: None,
+            onlink: true,
+            scope: Scope::Global,
+        },
         neigh: Some(Neigh { ip: gw, mac: data.vtep_mac }),
         fdb: Some(Fdb { mac: data.vtep_mac, dst: l.public_ip }),
     })

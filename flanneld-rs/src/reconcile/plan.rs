@@ -386,6 +386,7 @@ pub fn simulate(desired: &Desired, observed: &mut Observed, ops: &[Op]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use flannel_net::netlink::Scope;
     use flannel_net::MacAddr;
     use std::net::{IpAddr, Ipv4Addr};
 
@@ -398,7 +399,13 @@ mod tests {
         (
             net,
             PeerEntries {
-                route: Route { dst: IpNet::V4(net), gateway: Some(IpAddr::V4(vtep_ip)), oif: None, onlink: true },
+                route: Route {
+                    dst: IpNet::V4(net),
+                    gateway: Some(IpAddr::V4(vtep_ip)),
+                    oif: None,
+                    onlink: true,
+                    scope: Scope::Global,
+                },
                 neigh: Some(Neigh { ip: vtep_ip, mac }),
                 fdb: Some(Fdb { mac, dst: public.parse::<Ipv4Addr>().unwrap() }),
             },
@@ -434,7 +441,7 @@ mod tests {
             addr: Some("10.244.1.0/32".parse().unwrap()),
             peers: BTreeMap::new(),
             tunnel: BTreeMap::new(),
-            routes: vec![Route { dst: network, gateway: None, oif: None, onlink: false }],
+            routes: vec![Route { dst: network, gateway: None, oif: None, onlink: false, scope: Scope::Global }],
             blackhole: None,
         };
         // Made by the data path: down, default MTU; then address, up, route.
@@ -449,7 +456,13 @@ mod tests {
         // A stray address and a route through the device go; a VXLAN device
         // under the TUN's name is made anew.
         o.addrs.push("10.244.77.0/32".parse().unwrap());
-        let stray = Route { dst: "10.244.66.0/24".parse().unwrap(), gateway: None, oif: Some(100), onlink: false };
+        let stray = Route {
+            dst: "10.244.66.0/24".parse().unwrap(),
+            gateway: None,
+            oif: Some(100),
+            onlink: false,
+            scope: Scope::Link,
+        };
         o.routes.push(stray.clone());
         assert_eq!(plan(&d, &o), [Op::DelAddr("10.244.77.0/32".parse().unwrap()), Op::DelRoute(stray)]);
         o.device.as_mut().unwrap().kind = Some("vxlan".into());

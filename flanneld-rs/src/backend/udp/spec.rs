@@ -5,7 +5,7 @@
 
 use std::net::Ipv4Addr;
 
-use flannel_net::netlink::Route;
+use flannel_net::netlink::{Route, Scope};
 use ipnet::{IpNet, Ipv4Net};
 
 use crate::iface::ExtIface;
@@ -78,5 +78,7 @@ pub fn peer(l: &Lease) -> Result<Ipv4Addr, String> {
 
 /// The whole Network into the TUN (no next hop: the device is point to point).
 pub fn network_route(network: Ipv4Net) -> Route {
-    Route { dst: IpNet::V4(network), gateway: None, oif: None, onlink: false }
+    // Scope global, as flannel's udp backend makes it (not `ip route`'s
+    // default for a route without a gateway).
+    Route { dst: IpNet::V4(network), gateway: None, oif: None, onlink: false, scope: Scope::Global }
 }
