@@ -621,3 +621,17 @@ pub struct VtepState {
 pub fn ready_lines(log: &str) -> usize {
     log.lines().filter(|l| l.contains(" INFO ") && l.contains(": ready: ")).count()
 }
+
+/// A second interface in node namespace `ns`, `ext1` with 198.51.100.10/24 (a
+/// veth pair inside the node: no dummy module here), so that a test can tell
+/// an interface chosen by flags from the default route's.
+pub fn second_interface(ns: &Netns) {
+    for cmd in [
+        "link add ext1 type veth peer name ext1p",
+        "addr add 198.51.100.10/24 dev ext1",
+        "link set ext1 up",
+        "link set ext1p up",
+    ] {
+        ns.run_ok("ip", &cmd.split(' ').collect::<Vec<_>>());
+    }
+}

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use e2e_tests::overlay::{leases, Overlay, ETCD};
+use e2e_tests::overlay::{leases, second_interface, Overlay, ETCD};
 use netns_fixtures::{require_root, wait_until, Netns};
 use serde_json::Value;
 
@@ -31,14 +31,7 @@ fn a_daemon_started_with_go_flag_syntax_does_what_the_flags_say() {
     let mut o = Overlay::new(1);
     let ns = &o.cluster.node(0).ns;
     // A second interface, so that -iface is not what the default route picks.
-    for cmd in [
-        "link add ext1 type veth peer name ext1p",
-        "addr add 198.51.100.10/24 dev ext1",
-        "link set ext1 up",
-        "link set ext1p up",
-    ] {
-        ns.run_ok("ip", &cmd.split(' ').collect::<Vec<_>>());
-    }
+    second_interface(ns);
     let subnet_file = o.daemons[0].subnet_file.clone();
     let command = |o: &Overlay| {
         let mut cmd = o.bare_daemon_command(0);

@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::ExitStatus;
 use std::time::{Duration, Instant};
 
-use e2e_tests::overlay::{etcdctl_ok, leases, Overlay, ETCD};
+use e2e_tests::overlay::{etcdctl_ok, leases, second_interface, Overlay, ETCD};
 use netns_fixtures::{require_root, wait_until, Netns};
 use serde_json::Value;
 
@@ -207,15 +207,7 @@ fn flanneld_environment_variables_take_effect_and_flags_win_over_them() {
     }
     let mut o = Overlay::new(1);
     let ns = &o.cluster.node(0).ns;
-    // A second interface (a veth pair inside the node: no dummy module here).
-    for cmd in [
-        "link add ext1 type veth peer name ext1p",
-        "addr add 198.51.100.10/24 dev ext1",
-        "link set ext1 up",
-        "link set ext1p up",
-    ] {
-        ns.run_ok("ip", &cmd.split(' ').collect::<Vec<_>>());
-    }
+    second_interface(ns);
     let from_env = o.dir.path().join("from-env/subnet.env");
     let from_flag = o.dir.path().join("from-flag/subnet.env");
     std::fs::create_dir_all(from_env.parent().unwrap()).unwrap();
