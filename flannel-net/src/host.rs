@@ -49,18 +49,36 @@ fn run_nft(script: &str, die_with_caller: bool) -> Result<(), String> {
             });
         }
     }
-    let mut child = cmd.spawn().map_err(|e| format!("run nft: {e} (is the nftables package installed?)"))?;
+    run_with_stdin(&mut cmd, script, "nft", "nftables")
+        .map_err(|e| e.unwrap_or_else(|stderr| format!("nft -f failed: {stderr}")))
+}
+
+/// Runs `cmd` (its stdin piped) with `input` on stdin. `Err(Ok(msg))` when
+/// it could not run (`program` from Debian package `package`, named in the
+/// message), `Err(Err(stderr))` when it ran and failed.
+pub fn run_with_stdin(
+    cmd: &mut Command,
+    input: &str,
+    program: &str,
+    package: &str,
+) -> Result<(), Result<String, String>> {
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| Ok(format!("run {program}: {e} (is the {package} package installed?)")))?;
     child
         .stdin
         .take()
         .expect("stdin is piped")
-        .write_all(script.as_bytes())
-        .map_err(|e| format!("write to nft: {e}"))?;
-    let out = child.wait_with_output().map_err(|e| format!("wait for nft: {e}"))?;
+        .write_all(input.as_bytes())
+        .map_err(|e| Ok(format!("write to {program}: {e}")))?;
+    let out = child.wait_with_output().map_err(|e| Ok(format!("wait for {program}: {e}")))?;
     if out.status.success() {
         Ok(())
     } else {
-        Err(format!("nft -f failed: {}", String::from_utf8_lossy(&out.stderr).trim()))
+        Err(Err(String::from_utf8_lossy(&out.stderr).trim().to_string()))
     }
 }
 

@@ -129,12 +129,14 @@ pub fn all_pods_talk(pods: &[(Netns, std::net::Ipv4Addr)], port_base: u16) {
     }
 }
 
-/// Polls `cond` every 20 ms until it holds; after `timeout`, panics with
-/// `what()` (which may read logs).
+/// [`netns_fixtures::wait_until`], with a failure message built only when
+/// the wait fails (`what()` may read logs).
 pub fn wait_until_or(timeout: std::time::Duration, cond: &dyn Fn() -> bool, what: &dyn Fn() -> String) {
     let deadline = std::time::Instant::now() + timeout;
-    while !cond() {
-        assert!(std::time::Instant::now() < deadline, "timed out after {timeout:?} waiting for {}", what());
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    let mut held = false;
+    netns_fixtures::wait_until(timeout, "a condition", || {
+        held = cond();
+        held || std::time::Instant::now() >= deadline
+    });
+    assert!(held, "timed out after {timeout:?} waiting for {}", what());
 }

@@ -25,7 +25,6 @@
 //! each rule exists; ours compares the chain's whole content and order.
 
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::process::{Command, Stdio};
 
 use super::{FirewallSpec, Problem};
@@ -341,29 +340,13 @@ pub fn observe(required: bool) -> Result<BTreeMap<String, SavedTable>, String> {
 
 /// Runs `iptables-restore --noflush` with `payload`: one transaction.
 pub fn restore(payload: &str) -> Result<(), String> {
-    let mut child = Command::new(variant().restore())
-        .args(["--noflush", "--wait"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("run iptables-restore: {e} (is the iptables package installed?)"))?;
-    child
-        .stdin
-        .take()
-        .expect("stdin is piped")
-        .write_all(payload.as_bytes())
-        .map_err(|e| format!("write to iptables-restore: {e}"))?;
-    let out = child.wait_with_output().map_err(|e| format!("wait for iptables-restore: {e}"))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "iptables-restore --noflush failed: {} (input: {})",
-            String::from_utf8_lossy(&out.stderr).trim(),
-            payload.trim().replace('\n', "; ")
-        ))
-    }
+    let mut cmd = Command::new(variant().restore());
+    cmd.args(["--noflush", "--wait"]);
+    flannel_net::host::run_with_stdin(&mut cmd, payload, "iptables-restore", "iptables").map_err(|e| {
+        e.unwrap_or_else(|stderr| {
+            format!("iptables-restore --noflush failed: {stderr} (input: {})", payload.trim().replace('\n', "; "))
+        })
+    })
 }
 
 #[cfg(test)]
