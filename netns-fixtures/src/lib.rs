@@ -40,7 +40,7 @@ pub use alloc::{peak_alloc, CountingAlloc};
 pub use cleanup::{cleanup_all, cleanup_leftovers, cleanup_tag};
 pub use cluster::{ipv6_of_node, single_node, Cluster, Node, MAX_NODES};
 pub use netns::Netns;
-pub use traffic::{echo_server, tcp_round_trip};
+pub use traffic::{echo, echo_server, echo_server_until_closed, tcp_connect, tcp_round_trip};
 
 #[cfg(feature = "proptest")]
 pub mod prop;
