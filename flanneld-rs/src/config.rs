@@ -7,7 +7,7 @@
 //! ```
 
 use std::collections::BTreeMap;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 use ipnet::{Ipv4Net, Ipv6Net};
 use serde_json::{Map, Value};
@@ -23,15 +23,60 @@ pub struct NetworkConfig {
     pub subnet_min: Ipv4Addr,
     /// Last subnet that may be leased (`SubnetMax`).
     pub subnet_max: Ipv4Addr,
-    /// `IPv6Network`, kept for subnet.env; IPv6 leases are not implemented yet.
-    pub ipv6_network: Option<Ipv6Net>,
-    /// `EnableIPv6`.
-    pub enable_ipv6: bool,
+    /// The IPv6 half of a dual-stack network (`EnableIPv6` with
+    /// `IPv6Network`, `IPv6SubnetLen`, `IPv6SubnetMin`, `IPv6SubnetMax`);
+    /// `None` without `EnableIPv6`.
+    pub ipv6: Option<Ipv6Config>,
     /// `EnableNFTables`: masquerade and forward rules in flannel's nftables
     /// tables instead of its iptables chains.
     pub enable_nftables: bool,
     /// The backend and its options.
     pub backend: BackendConfig,
+}
+
+/// The IPv6 network: each node leases one /`subnet_len` of `network`, as
+/// with IPv4.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ipv6Config {
+    /// `IPv6Network`.
+    pub network: Ipv6Net,
+    /// `IPv6SubnetLen` (default 64, or prefix+2 for a network smaller than a /62).
+    pub subnet_len: u8,
+    /// `IPv6SubnetMin` (default: the second subnet).
+    pub subnet_min: Ipv6Addr,
+    /// `IPv6SubnetMax` (default: the last subnet).
+    pub subnet_max: Ipv6Addr,
+}
+
+impl Ipv6Config {
+    /// How many subnets may be leased (saturating: a /0 of /64s is 2^64).
+    pub fn count(&self) -> u128 {
+        let size = self.size();
+        (u128::from(self.subnet_max) - u128::from(self.subnet_min)) / size + 1
+    }
+
+    /// The `i`-th subnet that may be leased, from `IPv6SubnetMin`.
+    pub fn nth(&self, i: u128) -> Option<Ipv6Net> {
+        if i >= self.count() {
+            return None;
+        }
+        let start = u128::from(self.subnet_min) + i * self.size();
+        Some(Ipv6Net::new(Ipv6Addr::from(start), self.subnet_len).expect("valid prefix"))
+    }
+
+    /// Whether `subnet` is one that may be leased: a /`subnet_len` between
+    /// `IPv6SubnetMin` and `IPv6SubnetMax`.
+    pub fn allows(&self, subnet: Ipv6Net) -> bool {
+        let a = u128::from(subnet.network());
+        subnet.prefix_len() == self.subnet_len
+            && subnet.trunc() == subnet
+            && a >= u128::from(self.subnet_min)
+            && a <= u128::from(self.subnet_max)
+    }
+
+    fn size(&self) -> u128 {
+        1u128.checked_shl(u32::from(128 - self.subnet_len)).unwrap_or(u128::MAX)
+    }
 }
 
 /// `Backend`.
@@ -93,6 +138,9 @@ const ROOT_FIELDS: &[&str] = &[
     "SubnetMin",
     "SubnetMax",
     "IPv6Network",
+    "IPv6SubnetLen",
+    "IPv6SubnetMin",
+    "IPv6SubnetMax",
     "EnableIPv4",
     "EnableIPv6",
     "EnableNFTables",
@@ -102,9 +150,9 @@ const ROOT_FIELDS: &[&str] = &[
 /// Fields of `Backend`, any type's.
 const BACKEND_FIELDS: &[&str] = &["Type", "VNI", "Port", "MTU", "GBP", "Learning", "DirectRouting"];
 
-/// Top-level fields flannel reads only with `EnableIPv6` (which is refused):
-/// warned about, as they have no effect.
-const IPV6_ONLY_FIELDS: &[&str] = &["IPv6SubnetMin", "IPv6SubnetMax", "IPv6SubnetLen"];
+/// Top-level fields flannel reads only with `EnableIPv6`: warned about
+/// without it, as they have no effect.
+const IPV6_ONLY_FIELDS: &[&str] = &["IPv6Network", "IPv6SubnetMin", "IPv6SubnetMax", "IPv6SubnetLen"];
 
 /// The `Backend` fields each type reads (flannel's, on Linux); others are
 /// warned about.
@@ -159,6 +207,79 @@ fn fold(o: &Map<String, Value>, fields: &[&str], prefix: &str) -> Result<BTreeMa
     Ok(out)
 }
 
+/// `IPv6Network`, parsed whether or not `EnableIPv6` is set (flannel's
+/// decoder refuses a malformed one either way).
+fn parse_ipv6_network(raw: Option<String>) -> Result<Option<Ipv6Net>, String> {
+    let Some(raw) = raw else { return Ok(None) };
+    let network: Ipv6Net = match raw.parse::<ipnet::IpNet>() {
+        Ok(ipnet::IpNet::V6(n)) => n,
+        Ok(ipnet::IpNet::V4(_)) => return Err(format!("IPv6Network {raw:?} is an IPv4 CIDR, not an IPv6 one")),
+        Err(_) => return Err(format!("IPv6Network {raw:?} is not an IPv6 CIDR")),
+    };
+    if network.trunc() != network {
+        return Err(format!("IPv6Network {raw:?} has host bits set (did you mean {}?)", network.trunc()));
+    }
+    Ok(Some(network))
+}
+
+/// Reads a string field by lower-cased key, naming it in errors.
+type GetStr<'a> = &'a dyn Fn(&str, &str) -> Result<Option<String>, ConfigError>;
+/// Reads an unsigned field (key, name, maximum) of an object.
+type GetU<'a> = &'a dyn Fn(&BTreeMap<String, Value>, &str, &str, u64) -> Result<Option<u64>, ConfigError>;
+
+/// The IPv6 half of the configuration, with flannel's defaults and checks.
+fn parse_ipv6(
+    f: &BTreeMap<String, Value>,
+    network: Option<Ipv6Net>,
+    get_str: GetStr<'_>,
+    get_u: GetU<'_>,
+) -> Result<Ipv6Config, String> {
+    let network =
+        network.ok_or("EnableIPv6 true needs IPv6Network (the IPv6 cluster network, e.g. \"2001:db8:10::/56\")")?;
+    let prefix = network.prefix_len();
+    if prefix > 124 {
+        return Err(format!(
+            "IPv6Network {network} is too small: it must hold 4 subnets of at least 4 addresses (a /124 or larger)"
+        ));
+    }
+    let subnet_len = match get_u(f, "ipv6subnetlen", "IPv6SubnetLen", 128).map_err(|e| e.msg)? {
+        Some(n) => n as u8,
+        None if prefix <= 62 => 64,
+        None => prefix + 2,
+    };
+    if subnet_len > 126 {
+        return Err(format!("IPv6SubnetLen {subnet_len} is longer than 126: a subnet needs room for pods"));
+    }
+    if subnet_len < prefix + 2 {
+        return Err(format!(
+            "IPv6SubnetLen {subnet_len} leaves fewer than 4 subnets in IPv6Network {network} (want at least /{})",
+            prefix + 2
+        ));
+    }
+    let size = 1u128 << (128 - subnet_len);
+    let start = u128::from(network.network());
+    let last = u128::from(network.broadcast()) - size + 1;
+    let bound = |key: &str, name: &str, default: u128| -> Result<Ipv6Addr, String> {
+        let Some(s) = get_str(key, name).map_err(|e| e.msg)? else {
+            return Ok(Ipv6Addr::from(default));
+        };
+        let ip: Ipv6Addr = s.parse().map_err(|_| format!("{name} {s:?} is not an IPv6 address"))?;
+        if !network.contains(&ip) {
+            return Err(format!("{name} {s} is outside IPv6Network {network}"));
+        }
+        if (u128::from(ip) - start) % size != 0 {
+            return Err(format!("{name} {s} is not the start of a /{subnet_len} subnet"));
+        }
+        Ok(ip)
+    };
+    let subnet_min = bound("ipv6subnetmin", "IPv6SubnetMin", start + size)?;
+    let subnet_max = bound("ipv6subnetmax", "IPv6SubnetMax", last)?;
+    if u128::from(subnet_min) > u128::from(subnet_max) {
+        return Err(format!("IPv6SubnetMin {subnet_min} is after IPv6SubnetMax {subnet_max}"));
+    }
+    Ok(Ipv6Config { network, subnet_len, subnet_min, subnet_max })
+}
+
 impl NetworkConfig {
     /// Parses and validates `text`; `source` names it in errors. Keys that
     /// have no effect (unknown ones, another backend's options, Windows-only
@@ -210,11 +331,10 @@ impl NetworkConfig {
         let enable_ipv6 = get_bool(&f, "enableipv6", "EnableIPv6", false)?;
         let enable_nftables = get_bool(&f, "enablenftables", "EnableNFTables", false)?;
         if !enable_ipv4 {
-            return Err(err("EnableIPv4 false (IPv6-only clusters) is not supported yet".into()));
-        }
-        if enable_ipv6 {
             return Err(err(
-                "EnableIPv6 true: IPv6 (dual-stack) is not supported yet; remove it or set it to false".into()
+                "EnableIPv4 false (IPv6-only clusters) is not supported yet: dual-stack (EnableIPv6 true with \
+                 the IPv4 Network) is"
+                    .into(),
             ));
         }
         let network_raw = get_str("network", "Network")?.ok_or_else(|| err("Network is missing".into()))?;
@@ -230,19 +350,18 @@ impl NetworkConfig {
                 "Network {network} is too small: it must hold 4 subnets of at least 4 addresses (a /28 or larger)"
             )));
         }
-        let ipv6_network = match get_str("ipv6network", "IPv6Network")? {
-            None => None,
-            Some(s) => Some(s.parse::<Ipv6Net>().map_err(|_| err(format!("IPv6Network {s:?} is not an IPv6 CIDR")))?),
+        let ipv6_network = parse_ipv6_network(get_str("ipv6network", "IPv6Network")?).map_err(err)?;
+        let ipv6 = if enable_ipv6 {
+            Some(parse_ipv6(&f, ipv6_network, &get_str, &get_u).map_err(err)?)
+        } else {
+            for k in root.keys() {
+                if let Some(field) = IPV6_ONLY_FIELDS.iter().find(|f| f.eq_ignore_ascii_case(k)) {
+                    notes.push(format!("{field} has no effect without EnableIPv6 true (flannel ignores it too)"));
+                }
+            }
+            None
         };
-        if ipv6_network.is_some() {
-            notes.push("IPv6Network has no effect without EnableIPv6 (flannel ignores it too)".into());
-        }
-        notes.extend(ignored_keys(root, ROOT_FIELDS, "", |k| {
-            IPV6_ONLY_FIELDS
-                .iter()
-                .any(|f| f.eq_ignore_ascii_case(k))
-                .then(|| "flannel reads it only with EnableIPv6".to_string())
-        }));
+        notes.extend(ignored_keys(root, ROOT_FIELDS, "", |_| None));
 
         let prefix = network.prefix_len();
         let subnet_len = match get_u(&f, "subnetlen", "SubnetLen", 32)? {
@@ -319,16 +438,14 @@ impl NetworkConfig {
                 return Err(err(format!("Backend.Type {other:?} is not one of vxlan, udp, host-gw")));
             }
         };
-        Ok(NetworkConfig {
-            network,
-            subnet_len,
-            subnet_min,
-            subnet_max,
-            ipv6_network,
-            enable_ipv6,
-            enable_nftables,
-            backend,
-        })
+        if ipv6.is_some() && matches!(backend, BackendConfig::Udp { .. }) {
+            return Err(err(
+                "EnableIPv6 true with Backend.Type udp: the udp backend carries IPv4 only (flannel's too, which \
+                 ignores IPv6 with it); use vxlan or host-gw for dual-stack"
+                    .into(),
+            ));
+        }
+        Ok(NetworkConfig { network, subnet_len, subnet_min, subnet_max, ipv6, enable_nftables, backend })
     }
 
     /// Every subnet that may be leased, in order. Lazy (a /0 Network holds
@@ -388,6 +505,31 @@ mod tests {
     }
 
     #[test]
+    fn ipv6_defaults_and_bounds_are_flannels() {
+        let c = parse(r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"2001:db8:10::/56","Backend":{"Type":"vxlan"}}"#).unwrap();
+        let v6 = c.ipv6.unwrap();
+        assert_eq!(v6.subnet_len, 64);
+        assert_eq!(v6.subnet_min.to_string(), "2001:db8:10:1::");
+        assert_eq!(v6.subnet_max.to_string(), "2001:db8:10:ff::");
+        assert_eq!(v6.count(), 255);
+        assert_eq!(v6.nth(0).unwrap().to_string(), "2001:db8:10:1::/64");
+        assert_eq!(v6.nth(254).unwrap().to_string(), "2001:db8:10:ff::/64");
+        assert_eq!(v6.nth(255), None);
+        assert!(v6.allows("2001:db8:10:5::/64".parse().unwrap()));
+        assert!(!v6.allows("2001:db8:10::/64".parse().unwrap()));
+        assert!(!v6.allows("2001:db8:10:5::/65".parse().unwrap()));
+        // A network smaller than a /62 gets prefix+2, as flannel.
+        let c = parse(r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"2001:db8::/120","IPv6SubnetMax":"2001:db8::80","Backend":{"Type":"vxlan"}}"#).unwrap();
+        let v6 = c.ipv6.unwrap();
+        assert_eq!((v6.subnet_len, v6.count()), (122, 2));
+        // A /0 holds 2^64 /64s; counting does not overflow.
+        let c =
+            parse(r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"::/0","Backend":{"Type":"host-gw"}}"#)
+                .unwrap();
+        assert_eq!(c.ipv6.unwrap().count(), (1u128 << 64) - 1);
+    }
+
+    #[test]
     fn repeated_keys_and_unknown_keys_in_any_case_are_not_ambiguous() {
         // The same spelling twice is JSON's business: the last one wins.
         let c = parse(r#"{"Network":"10.1.0.0/16","Network":"10.2.0.0/16"}"#).unwrap();
@@ -432,11 +574,43 @@ mod tests {
                 r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan","DirectRouting":"yes"}}"#,
                 "Backend.DirectRouting \"yes\"",
             ),
+            (r#"{"Network":"10.244.0.0/16","EnableIPv6":true}"#, "EnableIPv6 true needs IPv6Network"),
             (
-                r#"{"Network":"10.244.0.0/16","EnableIPv6":true}"#,
-                "EnableIPv6 true: IPv6 (dual-stack) is not supported yet",
+                r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"10.9.0.0/16"}"#,
+                "IPv6Network \"10.9.0.0/16\" is an IPv4 CIDR",
             ),
-            (r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"2001:db8::/56"}"#, "EnableIPv6 true"),
+            (
+                r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"2001:db8::1/56"}"#,
+                "IPv6Network \"2001:db8::1/56\" has host bits",
+            ),
+            (
+                r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"2001:db8::/125"}"#,
+                "IPv6Network 2001:db8::/125 is too small",
+            ),
+            (
+                r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"2001:db8::/56","IPv6SubnetLen":57}"#,
+                "IPv6SubnetLen 57 leaves fewer than 4",
+            ),
+            (
+                r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"2001:db8::/56","IPv6SubnetLen":127}"#,
+                "IPv6SubnetLen 127 is longer than 126",
+            ),
+            (
+                r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"2001:db8::/56","IPv6SubnetMin":"2001:db9::"}"#,
+                "IPv6SubnetMin 2001:db9:: is outside",
+            ),
+            (
+                r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"2001:db8::/56","IPv6SubnetMax":"2001:db8:0:1::1"}"#,
+                "IPv6SubnetMax 2001:db8:0:1::1 is not the start",
+            ),
+            (
+                r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"2001:db8::/56","Backend":{"Type":"udp"}}"#,
+                "EnableIPv6 true with Backend.Type udp",
+            ),
+            (
+                r#"{"Network":"10.244.0.0/16","EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"2001:db8::/56"}"#,
+                "EnableIPv4 false (IPv6-only clusters) is not supported yet",
+            ),
             (r#"{"Network":"10.244.0.0/16","EnableNFTables":"yes"}"#, "EnableNFTables \"yes\""),
             // Found by tests/prop_parsers (net_conf_near_valid): the default
             // SubnetLen (prefix+2) was blamed for a Network too small.
@@ -494,8 +668,8 @@ mod tests {
         assert_eq!(
             notes(r#"{"Network":"10.244.0.0/16","IPv6Network":"2001:db8::/56","IPv6SubnetLen":64}"#),
             [
-                "IPv6Network has no effect without EnableIPv6 (flannel ignores it too)",
-                "IPv6SubnetLen has no effect: flannel reads it only with EnableIPv6",
+                "IPv6Network has no effect without EnableIPv6 true (flannel ignores it too)",
+                "IPv6SubnetLen has no effect without EnableIPv6 true (flannel ignores it too)",
             ]
         );
         // Handled by another part of the daemon: no note here.

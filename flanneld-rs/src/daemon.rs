@@ -102,11 +102,11 @@ pub async fn start(nl: &Netlink, opts: &Opts, store: &mut impl LeaseStore, wait:
     let ext = selection.select(nl).await?;
     info!("using interface {} ({}), public IP {}", ext.name, ext.addr, ext.public_ip);
     let advertised = if wait {
-        waiting!(format!("this node's lease from {describe}"), store.advertised_mac(&cfg, ext.public_ip).await)?
+        waiting!(format!("this node's lease from {describe}"), store.advertised_macs(&cfg, ext.public_ip).await)?
     } else {
-        store.advertised_mac(&cfg, ext.public_ip).await?
+        store.advertised_macs(&cfg, ext.public_ip).await?
     };
-    let backend = Backend::for_config(&cfg, &ext, backend::vtep_mac(nl, &cfg, advertised).await?)?;
+    let backend = Backend::for_config(&cfg, &ext, backend::vtep_mac(nl, &cfg, advertised.v4).await?)?;
     Ok(Prepared { cfg, ext, backend, selection })
 }
 
@@ -155,9 +155,12 @@ async fn run_with(opts: Opts, mut store: impl LeaseStore, metrics: Arc<Metrics>)
     let Prepared { cfg, ext, backend, selection } = start(&nl, &opts, &mut store, true).await?;
     let t_prepared = started.elapsed();
 
-    let previous = SubnetEnv::load(&opts.subnet_file).ok().and_then(|e| e.subnet).map(|s| s.trunc());
+    let previous_env = SubnetEnv::load(&opts.subnet_file).ok();
+    let previous = previous_env.as_ref().and_then(|e| e.subnet).map(|s| s.trunc());
+    let previous6 = previous_env.as_ref().and_then(|e| e.ipv6_subnet).map(|s| s.trunc());
     let attrs = backend.lease_attrs(ext.public_ip);
-    let own = waiting!(format!("a lease from {}", store.describe()), store.acquire(&cfg, &attrs, previous).await)?;
+    let own =
+        waiting!(format!("a lease from {}", store.describe()), store.acquire(&cfg, &attrs, previous, previous6).await)?;
     info!("lease {} ({}), {}", own.subnet, own.source, backend.describe());
     let mut events = store.watch(&cfg);
     // The watcher's first complete list is the starting lease set.

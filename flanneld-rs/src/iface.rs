@@ -21,6 +21,18 @@ pub struct ExtIface {
     pub public_ip: Ipv4Addr,
     /// Its MTU.
     pub mtu: u32,
+    /// Dual-stack: its IPv6 address that we use, and the one we advertise.
+    pub v6: Option<ExtIface6>,
+}
+
+/// The IPv6 side of the underlay interface (dual-stack).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExtIface6 {
+    /// Its global IPv6 address that we use, with prefix.
+    pub addr: ipnet::Ipv6Net,
+    /// The IPv6 address peers use to reach us (`--public-ipv6`, the Node's
+    /// `public-ipv6-overwrite`, else `addr`).
+    pub public_ip: std::net::Ipv6Addr,
 }
 
 /// Why no interface could be chosen; names what was tried.
@@ -80,7 +92,7 @@ fn ext(link: &Link, addrs: &[(u32, IpNet)], want: Option<Ipv4Addr>) -> Result<Ex
             *usable_v4(addrs, link.index).first().ok_or_else(|| format!("{} has no usable IPv4 address", link.name))?
         }
     };
-    Ok(ExtIface { name: link.name.clone(), index: link.index, addr, public_ip: addr.addr(), mtu: link.mtu })
+    Ok(ExtIface { name: link.name.clone(), index: link.index, addr, public_ip: addr.addr(), mtu: link.mtu, v6: None })
 }
 
 /// How the underlay interface is chosen: the flags, with what the lease

@@ -18,10 +18,10 @@
 //!   48-bit address.
 
 use std::fmt;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use flannel_net::MacAddr;
-use ipnet::Ipv4Net;
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use serde_json::Value;
 
 /// How much of a value error messages show.
@@ -92,6 +92,89 @@ pub struct Lease {
     pub vxlan: Option<VxlanData>,
     /// Where the lease came from, for messages (`/coreos.com/network/subnets/10.244.1.0-24`, `node worker-1`).
     pub source: String,
+    /// The IPv6 half of a dual-stack lease.
+    pub ipv6: Option<Lease6>,
+}
+
+/// The IPv6 half of a lease: flannel's `IPv6Subnet`, `PublicIPv6` and
+/// `BackendV6Data` (etcd), or the node's IPv6 podCIDR and the
+/// `public-ipv6` and `backend-v6-data` annotations (Kubernetes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Lease6 {
+    /// The node's IPv6 subnet (`2001:db8:10:1::/64`).
+    pub subnet: Ipv6Net,
+    /// The node's IPv6 underlay address (VXLAN's IPv6 tunnel endpoint,
+    /// host-gw's IPv6 next hop); flannel leaves it out when the node has none.
+    pub public_ip: Option<Ipv6Addr>,
+    /// The IPv6 VTEP's data (`flannel-v6.<VNI>`'s MAC), VXLAN only.
+    pub vxlan: Option<VxlanData>,
+}
+
+/// An address family of the overlay.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Family {
+    /// IPv4.
+    V4,
+    /// IPv6.
+    V6,
+}
+
+impl Family {
+    /// `IPv4` or `IPv6`, for messages.
+    pub fn name(self) -> &'static str {
+        match self {
+            Family::V4 => "IPv4",
+            Family::V6 => "IPv6",
+        }
+    }
+}
+
+/// One family's part of a lease, the same shape for both, which is what
+/// the backends and the reconcile loop program.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FamilyLease<'a> {
+    /// The family.
+    pub family: Family,
+    /// The node's subnet of that family.
+    pub subnet: IpNet,
+    /// The node's underlay address of that family, if it has one.
+    pub public_ip: Option<IpAddr>,
+    /// The VTEP's data for that family (VXLAN).
+    pub vxlan: Option<VxlanData>,
+    /// The node's backend.
+    pub backend: &'a BackendType,
+    /// Where the lease came from.
+    pub source: &'a str,
+}
+
+impl Lease {
+    /// This lease's part for `family`; `None` when it has none (an IPv4-only
+    /// lease in a dual-stack cluster, e.g. from a node not yet upgraded).
+    pub fn family(&self, family: Family) -> Option<FamilyLease<'_>> {
+        match family {
+            Family::V4 => Some(FamilyLease {
+                family,
+                subnet: IpNet::V4(self.subnet),
+                public_ip: Some(IpAddr::V4(self.public_ip)),
+                vxlan: self.vxlan,
+                backend: &self.backend,
+                source: &self.source,
+            }),
+            Family::V6 => self.ipv6.map(|v6| FamilyLease {
+                family,
+                subnet: IpNet::V6(v6.subnet),
+                public_ip: v6.public_ip.map(IpAddr::V6),
+                vxlan: v6.vxlan,
+                backend: &self.backend,
+                source: &self.source,
+            }),
+        }
+    }
+
+    /// The IPv6 subnet, if the lease has one.
+    pub fn subnet6(&self) -> Option<Ipv6Net> {
+        self.ipv6.map(|v6| v6.subnet)
+    }
 }
 
 /// `BackendData` of a VXLAN lease: `{"VNI":1,"VtepMAC":"aa:bb:cc:dd:ee:ff"}`.
@@ -112,17 +195,23 @@ pub struct LeaseAttrs {
     pub backend: BackendType,
     /// VXLAN data (the VTEP MAC this node uses).
     pub vxlan: Option<VxlanData>,
+    /// The node's IPv6 underlay address (dual-stack).
+    pub public_ipv6: Option<Ipv6Addr>,
+    /// The IPv6 VTEP's data (dual-stack VXLAN).
+    pub vxlan6: Option<VxlanData>,
 }
 
 impl LeaseAttrs {
-    /// The lease these attributes make for `subnet`, found at `source`.
-    pub fn lease(&self, subnet: Ipv4Net, source: impl Into<String>) -> Lease {
+    /// The lease these attributes make for `subnet` (and, dual-stack,
+    /// `subnet6`), found at `source`.
+    pub fn lease(&self, subnet: Ipv4Net, subnet6: Option<Ipv6Net>, source: impl Into<String>) -> Lease {
         Lease {
             subnet,
             public_ip: self.public_ip,
             backend: self.backend.clone(),
             vxlan: self.vxlan,
             source: source.into(),
+            ipv6: subnet6.map(|subnet| Lease6 { subnet, public_ip: self.public_ipv6, vxlan: self.vxlan6 }),
         }
     }
 }
@@ -209,7 +298,17 @@ pub fn shown(value: &[u8]) -> String {
 /// `attrs`, byte for byte as flannel writes it: `{"VNI":1,"VtepMAC":"..."}`
 /// for VXLAN, `null` otherwise.
 pub fn encode_backend_data(attrs: &LeaseAttrs) -> String {
-    match &attrs.vxlan {
+    encode_vxlan_data(attrs.vxlan.as_ref())
+}
+
+/// The `BackendV6Data` (etcd) or `backend-v6-data` annotation: the same
+/// JSON for the IPv6 VTEP.
+pub fn encode_backend_v6_data(attrs: &LeaseAttrs) -> String {
+    encode_vxlan_data(attrs.vxlan6.as_ref())
+}
+
+fn encode_vxlan_data(v: Option<&VxlanData>) -> String {
+    match v {
         Some(v) => format!("{{\"VNI\":{},\"VtepMAC\":\"{}\"}}", v.vni, v.vtep_mac),
         None => "null".to_string(),
     }
@@ -217,17 +316,26 @@ pub fn encode_backend_data(attrs: &LeaseAttrs) -> String {
 
 /// flannel's JSON for an etcd lease value, byte for byte:
 /// `{"PublicIP":"192.0.2.3","PublicIPv6":null,"BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"aa:bb:cc:dd:ee:ff"}}`.
-/// flannel's `BackendType` and `BackendData` are `omitempty`: host-gw's
-/// lease has no `BackendData`, udp's neither field
-/// (`{"PublicIP":"192.0.2.3","PublicIPv6":null}`).
+/// flannel's `BackendType`, `BackendData` and `BackendV6Data` are
+/// `omitempty`: host-gw's lease has no `BackendData`, udp's neither field
+/// (`{"PublicIP":"192.0.2.3","PublicIPv6":null}`). A dual-stack node sets
+/// `PublicIPv6` (`"2001:db8::3"`), and with VXLAN `BackendV6Data` for its
+/// IPv6 VTEP.
 pub fn encode_value(attrs: &LeaseAttrs) -> String {
-    let mut s = format!("{{\"PublicIP\":\"{}\",\"PublicIPv6\":null", attrs.public_ip);
+    let v6 = match attrs.public_ipv6 {
+        Some(ip) => format!("\"{ip}\""),
+        None => "null".into(),
+    };
+    let mut s = format!("{{\"PublicIP\":\"{}\",\"PublicIPv6\":{v6}", attrs.public_ip);
     let backend = attrs.backend.wire_name();
     if !backend.is_empty() {
         s += &format!(",\"BackendType\":{}", Value::String(backend.to_string()));
     }
     if attrs.vxlan.is_some() {
         s += &format!(",\"BackendData\":{}", encode_backend_data(attrs));
+    }
+    if attrs.vxlan6.is_some() {
+        s += &format!(",\"BackendV6Data\":{}", encode_backend_v6_data(attrs));
     }
     s + "}"
 }
@@ -320,6 +428,33 @@ pub fn unusable_public_ip(ip: Ipv4Addr) -> Option<&'static str> {
     }
 }
 
+/// Why an address cannot be a node's public IPv6 address (flannel's
+/// peers could not reach a link-local one without a zone).
+pub fn unusable_public_ipv6(ip: Ipv6Addr) -> Option<&'static str> {
+    if ip.is_unspecified() {
+        Some("unspecified")
+    } else if ip.is_loopback() {
+        Some("loopback")
+    } else if ip.is_multicast() {
+        Some("multicast")
+    } else if ip.segments()[0] & 0xffc0 == 0xfe80 {
+        Some("link-local")
+    } else if ip.to_ipv4_mapped().is_some() {
+        Some("an IPv4-mapped address")
+    } else {
+        None
+    }
+}
+
+/// A `PublicIPv6` as a lease or annotation carries it.
+pub fn parse_public_ipv6(s: &str, what: &str) -> Result<Ipv6Addr, String> {
+    let ip: Ipv6Addr = s.parse().map_err(|_| format!("{what} {s:?} is not an IPv6 address"))?;
+    if let Some(why) = unusable_public_ipv6(ip) {
+        return Err(format!("{what} {ip} is {why}, not a node's address"));
+    }
+    Ok(ip)
+}
+
 /// A `PublicIP` as a lease or annotation carries it.
 pub fn parse_public_ip(s: &str, what: &str) -> Result<Ipv4Addr, String> {
     let ip: Ipv4Addr = s.parse().map_err(|_| format!("{what} {s:?} is not an IPv4 address"))?;
@@ -329,9 +464,10 @@ pub fn parse_public_ip(s: &str, what: &str) -> Result<Ipv4Addr, String> {
     Ok(ip)
 }
 
-/// Decodes an etcd lease value (flannel's JSON). `key` and `subnet` say where
-/// it came from; the error names the key and the value.
-pub fn decode_value(key: &str, subnet: Ipv4Net, value: &[u8]) -> Result<Lease, String> {
+/// Decodes an etcd lease value (flannel's JSON). `key` and `subnet` (with
+/// `subnet6`, from a dual-stack key) say where it came from; the error names
+/// the key and the value.
+pub fn decode_value(key: &str, subnet: Ipv4Net, subnet6: Option<Ipv6Net>, value: &[u8]) -> Result<Lease, String> {
     let err = |msg: String| format!("lease {key} = {}: {msg}", shown(value));
     let root: Value = serde_json::from_slice(value).map_err(|e| err(format!("not JSON: {e}")))?;
     let Value::Object(obj) = root else {
@@ -348,7 +484,25 @@ pub fn decode_value(key: &str, subnet: Ipv4Net, value: &[u8]) -> Result<Lease, S
         Some(other) => return Err(err(format!("BackendType {other} is not a string"))),
     };
     let vxlan = decode_backend_data(&backend, field(&obj, "BackendData"), "BackendData").map_err(err)?;
-    Ok(Lease { subnet, public_ip, backend, vxlan, source: key.to_string() })
+    let ipv6 = match subnet6 {
+        None => None,
+        Some(subnet) => {
+            let public_ip = match field(&obj, "PublicIPv6") {
+                None => None,
+                Some(Value::String(s)) => Some(parse_public_ipv6(s, "PublicIPv6").map_err(err)?),
+                Some(other) => return Err(err(format!("PublicIPv6 {other} is not a string"))),
+            };
+            // flannel writes BackendV6Data only for a node with an IPv6
+            // VTEP; without it the lease's IPv6 half has no tunnel data (and
+            // the VXLAN backend says so when it would program it).
+            let vxlan = match field(&obj, "BackendV6Data") {
+                None => None,
+                data => decode_backend_data(&backend, data, "BackendV6Data").map_err(err)?,
+            };
+            Some(Lease6 { subnet, public_ip, vxlan })
+        }
+    };
+    Ok(Lease { subnet, public_ip, backend, vxlan, source: key.to_string(), ipv6 })
 }
 
 #[cfg(test)]
@@ -360,6 +514,42 @@ mod tests {
             public_ip: "192.0.2.7".parse().unwrap(),
             backend,
             vxlan: mac.map(|m| VxlanData { vni: 1, vtep_mac: m.parse().unwrap() }),
+            public_ipv6: None,
+            vxlan6: None,
+        }
+    }
+
+    #[test]
+    fn dual_stack_values_are_flannels_and_read_back() {
+        let mut a = attrs(BackendType::Vxlan, Some("02:00:00:00:00:10"));
+        a.public_ipv6 = Some("2001:db8::7".parse().unwrap());
+        a.vxlan6 = Some(VxlanData { vni: 1, vtep_mac: "02:00:00:00:00:16".parse().unwrap() });
+        let v = encode_value(&a);
+        assert_eq!(
+            v,
+            r#"{"PublicIP":"192.0.2.7","PublicIPv6":"2001:db8::7","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"02:00:00:00:00:10"},"BackendV6Data":{"VNI":1,"VtepMAC":"02:00:00:00:00:16"}}"#
+        );
+        let s6: Ipv6Net = "2001:db8:10:1::/64".parse().unwrap();
+        let l = decode_value("k", "10.5.1.0/24".parse().unwrap(), Some(s6), v.as_bytes()).unwrap();
+        assert_eq!(l, a.lease("10.5.1.0/24".parse().unwrap(), Some(s6), "k"));
+        let f = l.family(Family::V6).unwrap();
+        assert_eq!(
+            (f.subnet.to_string(), f.public_ip.unwrap().to_string()),
+            ("2001:db8:10:1::/64".into(), "2001:db8::7".into())
+        );
+        // An IPv4-only key has no IPv6 half, whatever the value says.
+        assert_eq!(decode_value("k", "10.5.1.0/24".parse().unwrap(), None, v.as_bytes()).unwrap().ipv6, None);
+        for (bad, want) in [
+            (r#"{"PublicIP":"192.0.2.7","PublicIPv6":"fe80::1"}"#, "PublicIPv6 fe80::1 is link-local"),
+            (r#"{"PublicIP":"192.0.2.7","PublicIPv6":"192.0.2.8"}"#, "PublicIPv6 \"192.0.2.8\" is not an IPv6 address"),
+            (r#"{"PublicIP":"192.0.2.7","PublicIPv6":7}"#, "PublicIPv6 7 is not a string"),
+            (
+                r#"{"PublicIP":"192.0.2.7","PublicIPv6":"2001:db8::7","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"02:00:00:00:00:10"},"BackendV6Data":{"VNI":1}}"#,
+                "BackendV6Data.VtepMAC is missing",
+            ),
+        ] {
+            let e = decode_value("k", "10.5.1.0/24".parse().unwrap(), Some(s6), bad.as_bytes()).unwrap_err();
+            assert!(e.contains(want), "{e:?} lacks {want:?}");
         }
     }
 
@@ -423,7 +613,7 @@ mod tests {
     #[test]
     fn an_upstream_udp_lease_without_backend_type_is_udp() {
         let s: Ipv4Net = "10.5.1.0/24".parse().unwrap();
-        let l = decode_value("k", s, br#"{"PublicIP":"192.0.2.1","PublicIPv6":null}"#).unwrap();
+        let l = decode_value("k", s, None, br#"{"PublicIP":"192.0.2.1","PublicIPv6":null}"#).unwrap();
         assert_eq!((l.backend, l.vxlan), (BackendType::Udp, None));
     }
 
@@ -436,7 +626,7 @@ mod tests {
 
     #[test]
     fn lease_sets_share_on_clone_and_report_changes() {
-        let l = attrs(BackendType::Udp, None).lease("10.5.1.0/24".parse().unwrap(), "a");
+        let l = attrs(BackendType::Udp, None).lease("10.5.1.0/24".parse().unwrap(), None, "a");
         let mut set = LeaseSet::new();
         assert!(set.upsert("a", l.clone()));
         assert!(!set.upsert("a", l.clone()), "the same lease again is no change");

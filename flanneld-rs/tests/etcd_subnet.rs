@@ -167,6 +167,8 @@ fn attrs(host: u8) -> LeaseAttrs {
         public_ip: Ipv4Addr::new(192, 0, 2, host),
         backend: BackendType::Vxlan,
         vxlan: Some(VxlanData { vni: 1, vtep_mac: format!("02:00:00:00:00:{host:02x}").parse().unwrap() }),
+        public_ipv6: None,
+        vxlan6: None,
     }
 }
 

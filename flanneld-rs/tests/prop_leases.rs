@@ -49,7 +49,7 @@ fn backend() -> impl Strategy<Value = BackendType> {
 fn attrs() -> impl Strategy<Value = LeaseAttrs> {
     (public_ip(), backend(), 0u32..=0xff_ffff, unicast_mac()).prop_map(|(public_ip, backend, vni, mac)| {
         let vxlan = (backend == BackendType::Vxlan).then_some(VxlanData { vni, vtep_mac: mac });
-        LeaseAttrs { public_ip, backend, vxlan }
+        LeaseAttrs { public_ip, backend, vxlan, public_ipv6: None, vxlan6: None }
     })
 }
 
@@ -111,7 +111,7 @@ proptest! {
     #[test]
     fn any_bytes_as_an_etcd_lease_value_are_decoded_or_refused_by_name(value in prop::collection::vec(any::<u8>(), 0..512)) {
         let s: Ipv4Net = "10.5.1.0/24".parse().unwrap();
-        if let Err(e) = decode_value(KEY, s, &value) {
+        if let Err(e) = decode_value(KEY, s, None, &value) {
             prop_assert!(e.contains(KEY), "{e}");
         }
     }
@@ -120,7 +120,7 @@ proptest! {
     fn lease_shaped_values_are_decoded_consistently(obj in lease_object()) {
         let s: Ipv4Net = "10.5.1.0/24".parse().unwrap();
         let text = obj.to_string();
-        match decode_value(KEY, s, text.as_bytes()) {
+        match decode_value(KEY, s, None, text.as_bytes()) {
             Ok(l) => {
                 // What was decoded is what the object says.
                 let field = |name: &str| obj.as_object().unwrap().iter()
@@ -143,8 +143,8 @@ proptest! {
     #[test]
     fn what_we_write_to_etcd_reads_back(a in attrs()) {
         let s: Ipv4Net = "10.5.1.0/24".parse().unwrap();
-        let l = decode_value(KEY, s, encode_value(&a).as_bytes()).unwrap();
-        prop_assert_eq!(l, a.lease(s, KEY));
+        let l = decode_value(KEY, s, None, encode_value(&a).as_bytes()).unwrap();
+        prop_assert_eq!(l, a.lease(s, None, KEY));
     }
 
     #[test]
@@ -189,6 +189,6 @@ proptest! {
         let ann = own_annotations(&Prefix::default(), &a, None);
         let cidr = format!("10.7.{third}.0/24");
         let l = lease_from_node("me", Some(&cidr), &ann, &Prefix::default(), &cfg()).unwrap().unwrap();
-        prop_assert_eq!(l, a.lease(cidr.parse().unwrap(), "node me"));
+        prop_assert_eq!(l, a.lease(cidr.parse().unwrap(), None, "node me"));
     }
 }

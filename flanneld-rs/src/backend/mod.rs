@@ -95,6 +95,8 @@ impl Backend {
             public_ip,
             backend: self.backend_type(),
             vxlan: self.vtep().map(|v| VxlanData { vni: v.vni, vtep_mac: v.mac }),
+            public_ipv6: None,
+            vxlan6: None,
         }
     }
 

@@ -85,6 +85,7 @@ mod tests {
             backend: BackendType::Vxlan,
             vxlan: mac.map(|m| VxlanData { vni: 1, vtep_mac: m.parse().unwrap() }),
             source: format!("/coreos.com/network/subnets/{}", subnet.replace('/', "-")),
+            ipv6: None,
         }
     }
 

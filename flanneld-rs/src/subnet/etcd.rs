@@ -146,7 +146,7 @@ pub fn decode_entry(prefix: &str, cfg: &NetworkConfig, key: &str, value: &[u8]) 
     if !cfg.network.contains(&subnet) {
         return Err(format!("lease {key} = {}: subnet {subnet} is outside Network {}", shown(value), cfg.network));
     }
-    decode_value(key, subnet, value)
+    decode_value(key, subnet, None, value)
 }
 
 /// A raw entry of `<prefix>/subnets/`.
@@ -532,7 +532,7 @@ impl EtcdSubnetManager {
                 if resp.succeeded() {
                     granted = None;
                     log::info!("acquired lease {key} = {value} (etcd lease {lease_id:x})");
-                    let lease = attrs.lease(subnet, key.clone());
+                    let lease = attrs.lease(subnet, None, key.clone());
                     break 'attempts Ok(AcquiredLease { lease, key, etcd_lease_id: Some(lease_id), expires });
                 }
                 log::info!("{key} was created by another node meanwhile; picking again");
@@ -558,7 +558,7 @@ impl EtcdSubnetManager {
         granted: &mut Option<(i64, SystemTime)>,
     ) -> Result<Option<AcquiredLease>, StoreError> {
         let key = entry.key.clone();
-        let lease = attrs.lease(found.subnet, key.clone());
+        let lease = attrs.lease(found.subnet, None, key.clone());
         let unchanged = Compare::mod_revision(key.clone(), CompareOp::Equal, entry.mod_revision);
         let mut c = self.client.clone();
         if entry.lease_id == 0 {
@@ -683,7 +683,7 @@ impl EtcdSubnetManager {
             return Err(StoreError::Revoked { key: key.clone(), why: "the key is gone from etcd".into() });
         }
         log::info!("updated lease {key} = {value}");
-        Ok(AcquiredLease { lease: attrs.lease(lease.lease.subnet, key.clone()), ..lease.clone() })
+        Ok(AcquiredLease { lease: attrs.lease(lease.lease.subnet, None, key.clone()), ..lease.clone() })
     }
 
     /// Starts the lease watcher (see the module documentation): a snapshot at
@@ -947,13 +947,13 @@ impl super::LeaseStore for EtcdStore {
         Ok(super::NodeHints::default())
     }
 
-    async fn advertised_mac(
+    async fn advertised_macs(
         &mut self,
         cfg: &NetworkConfig,
         public_ip: Ipv4Addr,
-    ) -> Result<Option<flannel_net::MacAddr>, StoreError> {
+    ) -> Result<super::VtepMacs, StoreError> {
         let (leases, _) = self.mgr.list_leases(cfg).await?;
-        Ok(leases.iter().find(|l| l.public_ip == public_ip).and_then(|l| l.vxlan).map(|d| d.vtep_mac))
+        Ok(leases.iter().find(|l| l.public_ip == public_ip).map(super::VtepMacs::of).unwrap_or_default())
     }
 
     async fn acquire(
@@ -961,6 +961,7 @@ impl super::LeaseStore for EtcdStore {
         cfg: &NetworkConfig,
         attrs: &LeaseAttrs,
         previous: Option<Ipv4Net>,
+        _previous6: Option<ipnet::Ipv6Net>,
     ) -> Result<Lease, StoreError> {
         let acquired = self.mgr.acquire_lease(cfg, attrs, previous).await?;
         let lease = acquired.lease.clone();
@@ -1054,6 +1055,8 @@ mod tests {
             public_ip: "192.0.2.3".parse().unwrap(),
             backend: BackendType::Vxlan,
             vxlan: Some(VxlanData { vni: 1, vtep_mac: "aa:bb:cc:dd:ee:ff".parse().unwrap() }),
+            public_ipv6: None,
+            vxlan6: None,
         }
     }
 
@@ -1093,15 +1096,15 @@ mod tests {
     fn decode_roundtrips_and_tolerates_case_and_extra_fields() {
         let key = "/coreos.com/network/subnets/10.5.52.0-24";
         let s: Ipv4Net = "10.5.52.0/24".parse().unwrap();
-        let l = decode_value(key, s, encode_value(&vxlan_attrs()).as_bytes()).unwrap();
-        assert_eq!(l, vxlan_attrs().lease(s, key));
+        let l = decode_value(key, s, None, encode_value(&vxlan_attrs()).as_bytes()).unwrap();
+        assert_eq!(l, vxlan_attrs().lease(s, None, key));
         let v = br#"{"publicip":"192.0.2.9","PublicIPv6":"fc00::9","backendtype":"vxlan","BackendData":{"vni":4096,"vtepmac":"0A:1B:2C:3D:4E:5F"},"BackendV6Data":null}"#;
-        let l = decode_value(key, s, v).unwrap();
+        let l = decode_value(key, s, None, v).unwrap();
         assert_eq!(l.public_ip.to_string(), "192.0.2.9");
         assert_eq!(l.vxlan.unwrap().vni, 4096);
         assert_eq!(l.vxlan.unwrap().vtep_mac.to_string(), "0a:1b:2c:3d:4e:5f");
-        let l =
-            decode_value(key, s, br#"{"PublicIP":"192.0.2.9","BackendType":"host-gw","BackendData":null}"#).unwrap();
+        let l = decode_value(key, s, None, br#"{"PublicIP":"192.0.2.9","BackendType":"host-gw","BackendData":null}"#)
+            .unwrap();
         assert_eq!((l.backend.as_str(), l.vxlan), ("host-gw", None));
         let l = decode_entry(P, &cfg(), key, encode_value(&vxlan_attrs()).as_bytes()).unwrap();
         assert_eq!(l.source, key);
@@ -1135,10 +1138,10 @@ mod tests {
             ),
         ];
         // No BackendType is not an error: flannel's udp backend writes none.
-        let udp = decode_value(key, s, br#"{"PublicIP":"192.0.2.3"}"#).unwrap();
+        let udp = decode_value(key, s, None, br#"{"PublicIP":"192.0.2.3"}"#).unwrap();
         assert_eq!(udp.backend, BackendType::Udp);
         for (value, want) in cases {
-            let e = decode_value(key, s, value.as_bytes()).unwrap_err();
+            let e = decode_value(key, s, None, value.as_bytes()).unwrap_err();
             assert!(e.contains(want), "{e:?} lacks {want:?}");
             assert!(e.contains(key), "{e:?} lacks the key");
             assert!(e.contains(value), "{e:?} lacks the value");
@@ -1161,7 +1164,7 @@ mod tests {
     #[test]
     fn long_values_are_cut_in_messages() {
         let v = format!("{{\"x\":\"{}\"", "a".repeat(10_000));
-        let e = decode_value("k", "10.5.1.0/24".parse().unwrap(), v.as_bytes()).unwrap_err();
+        let e = decode_value("k", "10.5.1.0/24".parse().unwrap(), None, v.as_bytes()).unwrap_err();
         assert!(e.len() < 1000, "{}", e.len());
     }
 

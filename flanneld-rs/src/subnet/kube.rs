@@ -505,18 +505,18 @@ impl super::LeaseStore for KubeStore {
         if let Some(ip) = advertise {
             info!("node {}: advertising public-ip-overwrite {ip}", self.mgr.node_name);
         }
-        Ok(super::NodeHints { public_ip, advertise })
+        Ok(super::NodeHints { public_ip, advertise, ..Default::default() })
     }
 
-    async fn advertised_mac(
+    async fn advertised_macs(
         &mut self,
         cfg: &NetworkConfig,
         _public_ip: Ipv4Addr,
-    ) -> Result<Option<flannel_net::MacAddr>, StoreError> {
+    ) -> Result<super::VtepMacs, StoreError> {
         let (node, cidr) = self.own_node().await?;
         let lease =
             ann::lease_from_node(&self.mgr.node_name, cidr.as_deref(), &annotations(&node), &self.mgr.prefix, cfg);
-        Ok(lease.ok().flatten().and_then(|l| l.vxlan).map(|d| d.vtep_mac))
+        Ok(lease.ok().flatten().map(|l| super::VtepMacs::of(&l)).unwrap_or_default())
     }
 
     async fn acquire(
@@ -524,6 +524,7 @@ impl super::LeaseStore for KubeStore {
         cfg: &NetworkConfig,
         attrs: &LeaseAttrs,
         _previous: Option<Ipv4Net>,
+        _previous6: Option<ipnet::Ipv6Net>,
     ) -> Result<Lease, StoreError> {
         let (node, cidr) = self.own_node().await?;
         let Some(cidr) = cidr else {
@@ -533,7 +534,7 @@ impl super::LeaseStore for KubeStore {
         if self.mgr.publish(&node, attrs).await? {
             info!("node {}: annotations written (nodes/status)", self.mgr.node_name);
         }
-        Ok(attrs.lease(subnet, format!("node {}", self.mgr.node_name)))
+        Ok(attrs.lease(subnet, None, format!("node {}", self.mgr.node_name)))
     }
 
     async fn publish(&mut self, cfg: &NetworkConfig, attrs: &LeaseAttrs) -> Result<Lease, StoreError> {
@@ -545,7 +546,7 @@ impl super::LeaseStore for KubeStore {
             info!("node {}: annotations updated (nodes/status)", self.mgr.node_name);
         }
         self.node = Some((node, Some(cidr)));
-        Ok(attrs.lease(subnet, format!("node {}", self.mgr.node_name)))
+        Ok(attrs.lease(subnet, None, format!("node {}", self.mgr.node_name)))
     }
 
     fn watch(&mut self, cfg: &NetworkConfig) -> mpsc::Receiver<LeaseEvent> {

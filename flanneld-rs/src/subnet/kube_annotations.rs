@@ -167,7 +167,7 @@ pub fn lease_from_node(
         .map_err(|e| bad(format!("annotation {data_key} = {data_raw:?} is not JSON: {e}")))?;
     let vxlan = decode_backend_data(&backend, Some(&data).filter(|d| !d.is_null()), &format!("annotation {data_key}"))
         .map_err(|e| bad(format!("{e} (value {data_raw:?})")))?;
-    Ok(Some(Lease { subnet, public_ip, backend, vxlan, source: format!("node {node}") }))
+    Ok(Some(Lease { subnet, public_ip, backend, vxlan, source: format!("node {node}"), ipv6: None }))
 }
 
 #[cfg(test)]
@@ -205,6 +205,8 @@ mod tests {
             public_ip: "192.0.2.10".parse().unwrap(),
             backend: BackendType::Vxlan,
             vxlan: Some(VxlanData { vni: 1, vtep_mac: "02:00:00:00:00:10".parse().unwrap() }),
+            public_ipv6: None,
+            vxlan6: None,
         };
         let a = own_annotations(&Prefix::default(), &attrs, None);
         assert_eq!(a["flannel.alpha.coreos.com/backend-data"], r#"{"VNI":1,"VtepMAC":"02:00:00:00:00:10"}"#);
@@ -312,6 +314,8 @@ mod tests {
             public_ip: "192.0.2.10".parse().unwrap(),
             backend: BackendType::Vxlan,
             vxlan: Some(VxlanData { vni: 1, vtep_mac: "02:00:00:00:00:10".parse().unwrap() }),
+            public_ipv6: None,
+            vxlan6: None,
         };
         let a = own_annotations(&p, &attrs, None);
         let names: Vec<&str> = a.keys().map(String::as_str).collect();

@@ -12,11 +12,11 @@ pub mod etcd_tls;
 pub mod kube;
 pub mod kube_annotations;
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::time::Duration;
 
 use flannel_net::MacAddr;
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 use tokio::sync::mpsc;
 
 use crate::config::{ConfigError, NetworkConfig};
@@ -240,6 +240,28 @@ pub struct NodeHints {
     pub public_ip: Option<Ipv4Addr>,
     /// Advertise this address instead of the chosen one.
     pub advertise: Option<Ipv4Addr>,
+    /// Dual-stack: use this IPv6 address instead of `--public-ipv6`.
+    pub public_ipv6: Option<Ipv6Addr>,
+    /// Dual-stack: advertise this IPv6 address instead of the chosen one
+    /// (Kubernetes: `public-ipv6-overwrite`).
+    pub advertise_ipv6: Option<Ipv6Addr>,
+}
+
+/// The VTEP MACs this node advertised before, per family (kept across
+/// restarts so that peers' FDB entries stay valid).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct VtepMacs {
+    /// `flannel.<VNI>`'s (`BackendData`, `backend-data`).
+    pub v4: Option<MacAddr>,
+    /// `flannel-v6.<VNI>`'s (`BackendV6Data`, `backend-v6-data`).
+    pub v6: Option<MacAddr>,
+}
+
+impl VtepMacs {
+    /// The MACs a lease advertises.
+    pub fn of(lease: &Lease) -> VtepMacs {
+        VtepMacs { v4: lease.vxlan.map(|d| d.vtep_mac), v6: lease.ipv6.and_then(|v6| v6.vxlan).map(|d| d.vtep_mac) }
+    }
 }
 
 /// One listing of the lease set, for `diagnose`.
@@ -277,19 +299,21 @@ pub trait LeaseStore {
     /// Kubernetes store waits here for its Node to have a podCIDR.
     async fn hints(&mut self, cfg: &NetworkConfig) -> Result<NodeHints, StoreError>;
 
-    /// The VTEP MAC of this node's lease, if the store has one (the lease
-    /// with our public IP, or our Node's `backend-data`).
-    async fn advertised_mac(&mut self, cfg: &NetworkConfig, public_ip: Ipv4Addr)
-        -> Result<Option<MacAddr>, StoreError>;
+    /// The VTEP MACs of this node's lease, if the store has one (the lease
+    /// with our public IP, or our Node's `backend-data` and
+    /// `backend-v6-data`).
+    async fn advertised_macs(&mut self, cfg: &NetworkConfig, public_ip: Ipv4Addr) -> Result<VtepMacs, StoreError>;
 
     /// Takes this node's lease (etcd: the one with our public IP, else
-    /// `previous`, else a free subnet; Kubernetes: the podCIDR) and
-    /// publishes `attrs`.
+    /// `previous` (and `previous6`, dual-stack), else a free subnet;
+    /// Kubernetes: the podCIDRs) and publishes `attrs`. With `EnableIPv6`
+    /// the lease has an IPv6 subnet too.
     async fn acquire(
         &mut self,
         cfg: &NetworkConfig,
         attrs: &LeaseAttrs,
         previous: Option<Ipv4Net>,
+        previous6: Option<Ipv6Net>,
     ) -> Result<Lease, StoreError>;
 
     /// Changes what our lease advertises (the underlay address changed):

@@ -6,7 +6,7 @@
 //! and consistent `subnets()`), and allocations bounded by the input.
 
 use std::collections::BTreeMap;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 use flanneld_rs::config::{BackendConfig, ConfigError, NetworkConfig, VxlanConfig};
 use ipnet::{Ipv4Net, Ipv6Net};
@@ -20,8 +20,19 @@ use crate::support::check;
 const SOURCE: &str = "/etc/kube-flannel/net-conf.json";
 
 /// Top-level fields, as flannel spells them.
-const ROOT_FIELDS: &[&str] =
-    &["Network", "SubnetLen", "SubnetMin", "SubnetMax", "IPv6Network", "EnableIPv4", "EnableIPv6", "Backend"];
+const ROOT_FIELDS: &[&str] = &[
+    "Network",
+    "SubnetLen",
+    "SubnetMin",
+    "SubnetMax",
+    "IPv6Network",
+    "IPv6SubnetLen",
+    "IPv6SubnetMin",
+    "IPv6SubnetMax",
+    "EnableIPv4",
+    "EnableIPv6",
+    "Backend",
+];
 /// Fields of `Backend`.
 const BACKEND_FIELDS: &[&str] = &["Type", "VNI", "Port", "MTU", "GBP", "Learning", "DirectRouting"];
 
@@ -34,8 +45,8 @@ struct Want {
     subnet_len: u8,
     subnet_min: Ipv4Addr,
     subnet_max: Ipv4Addr,
-    ipv6_network: Option<Ipv6Net>,
-    enable_ipv6: bool,
+    /// Dual-stack: IPv6Network, IPv6SubnetLen, IPv6SubnetMin, IPv6SubnetMax.
+    ipv6: Option<(Ipv6Net, u8, Ipv6Addr, Ipv6Addr)>,
     backend: BackendConfig,
 }
 
@@ -77,15 +88,30 @@ fn model(members: &[(String, Value)]) -> Result<Want, Vec<&'static str>> {
     let enable_ipv6 = flag("enableipv6", false, &mut wrong, "EnableIPv6");
     let ipv6_network = match get("ipv6network") {
         None => None,
-        Some(Value::String(s)) => s.parse::<Ipv6Net>().map_err(|_| wrong.push("IPv6Network")).ok(),
+        Some(Value::String(s)) => {
+            s.parse::<Ipv6Net>().ok().filter(|n| n.trunc() == *n).ok_or_else(|| wrong.push("IPv6Network")).ok()
+        }
         Some(_) => {
             wrong.push("IPv6Network");
             None
         }
     };
-    // IPv6 (dual-stack) is not supported yet: EnableIPv6 true is refused.
+    // Dual-stack: flannel's IPv6 defaults (a /64 each, or prefix+2 for a
+    // network smaller than a /62; the second subnet to the last).
+    let mut ipv6 = None;
     if enable_ipv6 {
-        wrong.push("EnableIPv6");
+        match ipv6_network {
+            None if get("ipv6network").is_none() => wrong.push("EnableIPv6"),
+            None => {}
+            Some(n) if n.prefix_len() > 124 => wrong.push("IPv6Network"),
+            Some(n) => {
+                let len = if n.prefix_len() <= 62 { 64 } else { n.prefix_len() + 2 };
+                let size = 1u128 << (128 - len);
+                let first = u128::from(n.network()) + size;
+                let last = u128::from(n.broadcast()) + 1 - size;
+                ipv6 = Some((n, len, Ipv6Addr::from(first), Ipv6Addr::from(last)));
+            }
+        }
     }
     // A CIDR without host bits, big enough for 4 subnets of 4 addresses.
     let network = match get("network") {
@@ -154,9 +180,13 @@ fn model(members: &[(String, Value)]) -> Result<Want, Vec<&'static str>> {
         }
     }
     let backend = model_backend(get("backend"), &mut wrong);
+    // flannel's udp backend carries IPv4 only.
+    if enable_ipv6 && matches!(backend, Some(BackendConfig::Udp { .. })) {
+        wrong.push("EnableIPv6");
+    }
     match (wrong.is_empty(), layout, bounds, backend) {
         (true, Some((network, subnet_len)), Some((subnet_min, subnet_max)), Some(backend)) => {
-            Ok(Want { network, subnet_len, subnet_min, subnet_max, ipv6_network, enable_ipv6, backend })
+            Ok(Want { network, subnet_len, subnet_min, subnet_max, ipv6, backend })
         }
         _ => Err(wrong),
     }
@@ -339,8 +369,7 @@ fn check_members(members: &[(String, Value)]) -> Result<(), TestCaseError> {
                 subnet_len: got.subnet_len,
                 subnet_min: got.subnet_min,
                 subnet_max: got.subnet_max,
-                ipv6_network: got.ipv6_network,
-                enable_ipv6: got.enable_ipv6,
+                ipv6: got.ipv6.map(|v| (v.network, v.subnet_len, v.subnet_min, v.subnet_max)),
                 backend: got.backend,
             };
             prop_assert_eq!(got, want, "{}", text);

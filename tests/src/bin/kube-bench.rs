@@ -58,8 +58,13 @@ fn peer_node(i: usize) -> Node {
 
 async fn put_lease(c: &mut etcd_client::Client, i: usize) {
     let (subnet, mac, public) = peer(i);
-    let attrs =
-        LeaseAttrs { public_ip: public, backend: BackendType::Vxlan, vxlan: Some(VxlanData { vni: 1, vtep_mac: mac }) };
+    let attrs = LeaseAttrs {
+        public_ip: public,
+        backend: BackendType::Vxlan,
+        vxlan: Some(VxlanData { vni: 1, vtep_mac: mac }),
+        public_ipv6: None,
+        vxlan6: None,
+    };
     c.put(subnet_key("/coreos.com/network", subnet), encode_value(&attrs), None).await.expect("put lease");
 }
 

@@ -67,8 +67,13 @@ async fn etcd_client() -> etcd_client::Client {
 
 async fn put_peer(c: &mut etcd_client::Client, i: usize) {
     let (subnet, mac, public) = peer(i);
-    let attrs =
-        LeaseAttrs { public_ip: public, backend: BackendType::Vxlan, vxlan: Some(VxlanData { vni: 1, vtep_mac: mac }) };
+    let attrs = LeaseAttrs {
+        public_ip: public,
+        backend: BackendType::Vxlan,
+        vxlan: Some(VxlanData { vni: 1, vtep_mac: mac }),
+        public_ipv6: None,
+        vxlan6: None,
+    };
     c.put(subnet_key("/coreos.com/network", subnet), encode_value(&attrs), None).await.expect("put lease");
 }
 
