@@ -63,7 +63,7 @@ fn vxlan_neighbours_and_fdb_round_trip() {
     });
     fdbs.sort();
     assert_eq!(neighs, vec![neigh]);
-    let stray = Fdb { mac: "02:aa:bb:cc:dd:ee".parse().unwrap(), dst: Ipv4Addr::new(192, 0, 2, 99) };
+    let stray = Fdb { mac: "02:aa:bb:cc:dd:ee".parse().unwrap(), dst: Ipv4Addr::new(192, 0, 2, 99).into() };
     let mut want = vec![fdb, stray];
     want.sort();
     assert_eq!(fdbs, want);

@@ -19,6 +19,7 @@ use crate::firewall::FirewallSpec;
 use crate::flags::Opts;
 use crate::health::{self, Metrics};
 use crate::iface::{self, ExtIface};
+use crate::lease::{Family, Lease};
 use crate::reconcile::driver::{setup_firewall, Driver, Node, Timers};
 use crate::subnet::etcd::{EtcdOptions, EtcdStore};
 use crate::subnet::kube::{KubeOptions, KubeStore};
@@ -47,14 +48,21 @@ pub fn kube_options(opts: &Opts) -> KubeOptions {
     }
 }
 
-/// subnet.env for our lease.
-pub fn subnet_env(cfg: &NetworkConfig, subnet: Ipv4Net, mtu: u32, ipmasq: bool) -> SubnetEnv {
+/// subnet.env for our lease: as flannel writes it, the first address of each
+/// subnet with the subnet's length (`FLANNEL_SUBNET=10.244.1.1/24`,
+/// `FLANNEL_IPV6_SUBNET=2001:db8:10:1::1/64`).
+pub fn subnet_env(cfg: &NetworkConfig, own: &Lease, mtu: u32, ipmasq: bool) -> SubnetEnv {
+    let subnet = own.subnet;
     let first_host = std::net::Ipv4Addr::from(u32::from(subnet.network()) + 1);
+    let v6 = cfg.ipv6.zip(own.subnet6());
     SubnetEnv {
         networks: vec![cfg.network],
         subnet: Some(Ipv4Net::new(first_host, subnet.prefix_len()).expect("valid prefix")),
-        ipv6_networks: Vec::new(),
-        ipv6_subnet: None,
+        ipv6_networks: v6.map(|(c, _)| vec![c.network]).unwrap_or_default(),
+        ipv6_subnet: v6.map(|(_, s)| {
+            let first = std::net::Ipv6Addr::from(u128::from(s.network()) + 1);
+            ipnet::Ipv6Net::new(first, s.prefix_len()).expect("valid prefix")
+        }),
         mtu,
         ipmasq,
     }
@@ -68,6 +76,8 @@ pub struct Prepared {
     pub ext: ExtIface,
     /// The backend.
     pub backend: Backend,
+    /// The IPv6 backend (dual-stack).
+    pub backend6: Option<Backend>,
     /// How the interface was chosen (the reconcile loop chooses again when it changes).
     pub selection: iface::Selection,
 }
@@ -106,8 +116,9 @@ pub async fn start(nl: &Netlink, opts: &Opts, store: &mut impl LeaseStore, wait:
     } else {
         store.advertised_macs(&cfg, ext.public_ip).await?
     };
-    let backend = Backend::for_config(&cfg, &ext, backend::vtep_mac(nl, &cfg, advertised.v4).await?)?;
-    Ok(Prepared { cfg, ext, backend, selection })
+    let backend = Backend::for_config(&cfg, &ext, backend::vtep_mac(nl, &cfg, Family::V4, advertised.v4).await?)?;
+    let backend6 = Backend::for_config_v6(&cfg, &ext, backend::vtep_mac(nl, &cfg, Family::V6, advertised.v6).await?)?;
+    Ok(Prepared { cfg, ext, backend, backend6, selection })
 }
 
 /// Where `--healthz-ip`/`--healthz-port` listen, as Go's `net.JoinHostPort`
@@ -152,16 +163,35 @@ pub async fn run(opts: Opts) -> anyhow::Result<()> {
 async fn run_with(opts: Opts, mut store: impl LeaseStore, metrics: Arc<Metrics>) -> anyhow::Result<()> {
     let started = Instant::now();
     let nl = Netlink::connect()?;
-    let Prepared { cfg, ext, backend, selection } = start(&nl, &opts, &mut store, true).await?;
+    let Prepared { cfg, ext, backend, backend6, selection } = start(&nl, &opts, &mut store, true).await?;
     let t_prepared = started.elapsed();
 
     let previous_env = SubnetEnv::load(&opts.subnet_file).ok();
     let previous = previous_env.as_ref().and_then(|e| e.subnet).map(|s| s.trunc());
     let previous6 = previous_env.as_ref().and_then(|e| e.ipv6_subnet).map(|s| s.trunc());
-    let attrs = backend.lease_attrs(ext.public_ip);
+    let attrs = Node::lease_attrs(&backend, backend6.as_ref(), &ext);
     let own =
         waiting!(format!("a lease from {}", store.describe()), store.acquire(&cfg, &attrs, previous, previous6).await)?;
-    info!("lease {} ({}), {}", own.subnet, own.source, backend.describe());
+    if cfg.ipv6.is_some() && own.ipv6.is_none() {
+        bail!(
+            "{} gave our lease {} no IPv6 subnet, but the network configuration has EnableIPv6",
+            store.describe(),
+            own.source
+        );
+    }
+    match (&own.ipv6, &backend6) {
+        (Some(v6), Some(b6)) => {
+            info!(
+                "lease {} and {} ({}), {}; IPv6: {}",
+                own.subnet,
+                v6.subnet,
+                own.source,
+                backend.describe(),
+                b6.describe()
+            )
+        }
+        _ => info!("lease {} ({}), {}", own.subnet, own.source, backend.describe()),
+    }
     let mut events = store.watch(&cfg);
     // The watcher's first complete list is the starting lease set.
     let leases = match events.recv().await {
@@ -171,14 +201,19 @@ async fn run_with(opts: Opts, mut store: impl LeaseStore, metrics: Arc<Metrics>)
     };
     let t_lease = started.elapsed();
 
-    backend::remove_leftover_devices(&nl, &backend, cfg.network).await;
+    let ours: Vec<&Backend> = std::iter::once(&backend).chain(backend6.as_ref()).collect();
+    backend::remove_leftover_devices(&nl, &ours, cfg.network, cfg.ipv6.map(|v6| v6.network)).await;
     let fw = FirewallSpec::from_opts(&opts, &cfg, own.subnet);
     let timers = Timers {
         resync: Duration::from_secs(opts.iptables_resync.max(1)),
         renew_margin: Duration::from_secs(u64::from(opts.subnet_lease_renew_margin) * 60),
     };
-    let (pod_mtu, subnet) = (backend.pod_mtu(), own.subnet);
-    let node = Node { cfg: cfg.clone(), ext, backend, own, selection, blackhole_route: opts.ip_blackhole_route };
+    // One MTU for both families of a pod's interface: the smaller.
+    let pod_mtu = backend6.as_ref().map_or(backend.pod_mtu(), |b6| backend.pod_mtu().min(b6.pod_mtu()));
+    let subnet = own.subnet;
+    let env = subnet_env(&cfg, &own, pod_mtu, opts.ip_masq);
+    let node =
+        Node { cfg: cfg.clone(), ext, backend, backend6, own, selection, blackhole_route: opts.ip_blackhole_route };
     let mut driver = Driver::new(nl.clone(), store, node, metrics.clone(), fw, timers);
     driver.start_data_path().context("start the data path")?;
     driver.reconcile_with(leases, "start").await;
@@ -186,7 +221,10 @@ async fn run_with(opts: Opts, mut store: impl LeaseStore, metrics: Arc<Metrics>)
 
     flannel_net::host::ensure_sysctl_on(flannel_net::host::IPV4_FORWARD)
         .map_err(|e| anyhow::anyhow!("enable IPv4 forwarding: {e}"))?;
-    let env = subnet_env(&cfg, subnet, pod_mtu, opts.ip_masq);
+    if cfg.ipv6.is_some() {
+        flannel_net::host::ensure_sysctl_on(flannel_net::host::IPV6_FORWARD)
+            .map_err(|e| anyhow::anyhow!("enable IPv6 forwarding: {e}"))?;
+    }
     env.write_atomic(&opts.subnet_file).with_context(|| format!("write {}", opts.subnet_file.display()))?;
     for done in setup_firewall(fw).await.map_err(|e| anyhow::anyhow!("{}: {e}", fw.describe()))? {
         info!("firewall: {done}");

@@ -12,6 +12,8 @@ use crate::backend::{self, Backend};
 use crate::daemon::{etcd_options, kube_options, start, subnet_env, Prepared};
 use crate::firewall::{self, FirewallSpec};
 use crate::flags::Opts;
+use crate::lease::Family;
+use crate::reconcile::driver::Node;
 use crate::reconcile::plan::{Device, Observed, Op};
 use crate::reconcile::{desired, kernel, plan};
 use crate::subnet::etcd::EtcdStore;
@@ -101,7 +103,7 @@ async fn run_with(opts: &Opts, json_out: bool, mut store: impl LeaseStore) -> an
     let nl = Netlink::connect()?;
     let mut findings = Vec::new();
     // The daemon's own start-up, up to the lease.
-    let Prepared { cfg, ext, backend, .. } = start(&nl, opts, &mut store, false).await?;
+    let Prepared { cfg, ext, backend, backend6, .. } = start(&nl, opts, &mut store, false).await?;
     let listing = store.list(&cfg).await?;
     for e in listing.unusable {
         findings.push(Finding { kind: "note", what: format!("lease not usable: {e}"), fix: "fix or delete it".into() });
@@ -112,40 +114,75 @@ async fn run_with(opts: &Opts, json_out: bool, mut store: impl LeaseStore) -> an
         findings.push(Finding { kind: "missing", what, fix });
         return report(&findings, json_out);
     };
-    if let (Some(d), Some(v)) = (own.vxlan, backend.vtep()) {
-        if v.mac != d.vtep_mac {
-            findings.push(Finding {
-                kind: "wrong",
-                what: format!("{} has MAC {}, our lease ({}) says {}", v.name, v.mac, own.source, d.vtep_mac),
-                fix: "restart flanneld-rs so that it re-advertises the device's MAC".into(),
-            });
+    let macs =
+        [(own.vxlan, backend.vtep()), (own.ipv6.and_then(|v6| v6.vxlan), backend6.as_ref().and_then(|b| b.vtep()))];
+    for (d, v) in macs {
+        if let (Some(d), Some(v)) = (d, v) {
+            if v.mac != d.vtep_mac {
+                findings.push(Finding {
+                    kind: "wrong",
+                    what: format!("{} has MAC {}, our lease ({}) says {}", v.name, v.mac, own.source, d.vtep_mac),
+                    fix: "restart flanneld-rs so that it re-advertises the device's MAC".into(),
+                });
+            }
         }
     }
-    let (mut want, rejected) = desired::desired(&cfg, &own, &backend, ext.addr.trunc(), &leases);
-    want.blackhole = Some(plan::Blackhole { subnet: own.subnet, wanted: opts.ip_blackhole_route });
-    let device = want.device.as_ref().map(|d| d.name().to_string());
-    let observed = kernel::observe(&nl, device.as_deref(), backend.sweep(), cfg.network, Some(own.subnet)).await?;
-    let mut sources = BTreeMap::new();
-    for l in &leases {
-        sources.insert(l.subnet.to_string(), l.source.clone());
-        sources.insert(format!("{}/", l.subnet.network()), l.source.clone());
-    }
-    let ops = plan::plan(&want, &observed);
-    if let (Some(Device::Tun(_)), Some(Op::CreateDevice)) = (&want.device, ops.first()) {
+    if cfg.ipv6.is_some() && own.ipv6.is_none() {
         findings.push(Finding {
             kind: "missing",
-            what: format!("device {} does not exist", backend.device_name()),
-            fix: "start flanneld-rs (its data path creates the device)".into(),
+            what: format!("our lease {} has no IPv6 subnet, but the network configuration has EnableIPv6", own.source),
+            fix: "restart flanneld-rs (it takes a dual-stack lease)".into(),
         });
-    } else {
-        for op in &ops {
-            findings.push(describe(op, &observed, &sources, backend.device_name()));
+    }
+    let mut sources = BTreeMap::new();
+    for l in &leases {
+        for f in [Family::V4, Family::V6] {
+            if let Some(p) = l.family(f) {
+                sources.insert(p.subnet.to_string(), l.source.clone());
+                sources.insert(format!("{}/", p.subnet.network()), l.source.clone());
+            }
         }
     }
-    for (_, name) in backend::leftover_devices(&nl, &backend, cfg.network).await? {
+    let node = Node {
+        cfg: cfg.clone(),
+        ext: ext.clone(),
+        backend: backend.clone(),
+        backend6: backend6.clone(),
+        own: own.clone(),
+        selection: Default::default(),
+        blackhole_route: opts.ip_blackhole_route,
+    };
+    let mut rejected = Vec::new();
+    for family in node.families() {
+        let Some((network, _)) = backend::family_network(&cfg, family) else { continue };
+        let b = node.backend_of(family);
+        let (mut want, r) = desired::desired(&cfg, family, &own, b, node.segment(family), &leases);
+        rejected.extend(r);
+        if family == Family::V4 {
+            want.blackhole = Some(node.blackhole());
+        }
+        let device = want.device.as_ref().map(|d| d.name().to_string());
+        let observed =
+            kernel::observe(&nl, device.as_deref(), b.sweep(), network, want.blackhole.map(|b| b.subnet)).await?;
+        let ops = plan::plan(&want, &observed);
+        if let (Some(Device::Tun(_)), Some(Op::CreateDevice)) = (&want.device, ops.first()) {
+            findings.push(Finding {
+                kind: "missing",
+                what: format!("device {} does not exist", b.device_name()),
+                fix: "start flanneld-rs (its data path creates the device)".into(),
+            });
+        } else {
+            for op in &ops {
+                findings.push(describe(op, &observed, &sources, b.device_name()));
+            }
+        }
+    }
+    let names: Vec<&str> =
+        [&backend].into_iter().chain(backend6.as_ref()).filter_map(|b| b.device().map(|_| b.device_name())).collect();
+    for (_, name) in backend::leftover_devices(&nl, &names, cfg.network, cfg.ipv6.map(|v6| v6.network)).await? {
         findings.push(Finding {
             kind: "stale",
-            what: format!("device {name} is an earlier backend's (it carries an address in {})", cfg.network),
+            what: format!("device {name} is an earlier backend's (it carries an address in this cluster's network)"),
             fix: format!("ip link del {name} (flanneld-rs does at start)"),
         });
     }
@@ -166,18 +203,26 @@ async fn run_with(opts: &Opts, json_out: bool, mut store: impl LeaseStore) -> an
         });
     }
 
-    let want_env = subnet_env(&cfg, own.subnet, backend.pod_mtu(), opts.ip_masq);
+    let pod_mtu = backend6.as_ref().map_or(backend.pod_mtu(), |b6| backend.pod_mtu().min(b6.pod_mtu()));
+    let want_env = subnet_env(&cfg, &own, pod_mtu, opts.ip_masq);
     match SubnetEnv::load(&opts.subnet_file) {
         Ok(have) => {
-            if have.subnet != want_env.subnet || have.networks != want_env.networks || have.mtu != want_env.mtu {
+            if have.subnet != want_env.subnet
+                || have.networks != want_env.networks
+                || have.mtu != want_env.mtu
+                || have.ipv6_subnet != want_env.ipv6_subnet
+                || have.ipv6_networks != want_env.ipv6_networks
+            {
                 findings.push(Finding {
                     kind: "wrong",
                     what: format!(
-                        "{} says subnet {} mtu {}, the lease is {} mtu {}",
+                        "{} says subnet {} IPv6 subnet {} mtu {}, the lease is {} IPv6 {} mtu {}",
                         opts.subnet_file.display(),
                         have.subnet.map(|s| s.to_string()).unwrap_or("-".into()),
+                        have.ipv6_subnet.map(|s| s.to_string()).unwrap_or("-".into()),
                         have.mtu,
                         want_env.subnet.map(|s| s.to_string()).unwrap_or_default(),
+                        want_env.ipv6_subnet.map(|s| s.to_string()).unwrap_or("-".into()),
                         want_env.mtu
                     ),
                     fix: "restart flanneld-rs to rewrite it".into(),
@@ -216,6 +261,15 @@ async fn run_with(opts: &Opts, json_out: bool, mut store: impl LeaseStore) -> an
             kind: "wrong",
             what: "net.ipv4.ip_forward is not 1".into(),
             fix: "sysctl -w net.ipv4.ip_forward=1".into(),
+        });
+    }
+    if cfg.ipv6.is_some()
+        && std::fs::read_to_string(flannel_net::host::IPV6_FORWARD).map(|v| v.trim() != "1").unwrap_or(true)
+    {
+        findings.push(Finding {
+            kind: "wrong",
+            what: "net.ipv6.conf.all.forwarding is not 1 (EnableIPv6)".into(),
+            fix: "sysctl -w net.ipv6.conf.all.forwarding=1".into(),
         });
     }
     report(&findings, json_out)

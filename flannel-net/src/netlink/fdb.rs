@@ -2,7 +2,7 @@
 //! sends a peer's VTEP MAC to (`bridge fdb`). The kernel keeps them as
 //! neighbours of family `AF_BRIDGE`.
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use futures_util::TryStreamExt;
 use rtnetlink::packet_route::neighbour::{
@@ -19,8 +19,8 @@ use crate::MacAddr;
 pub struct Fdb {
     /// The peer's VTEP MAC.
     pub mac: MacAddr,
-    /// The peer's public IP.
-    pub dst: Ipv4Addr,
+    /// The peer's public IP (IPv6 on `flannel-v6.<VNI>`).
+    pub dst: IpAddr,
 }
 
 impl Netlink {
@@ -41,11 +41,16 @@ impl Netlink {
             let mut mac = None;
             for a in &m.attributes {
                 match a {
-                    NeighbourAttribute::Destination(NeighbourAddress::Inet(v4)) => dst = Some(*v4),
+                    NeighbourAttribute::Destination(NeighbourAddress::Inet(v4)) => dst = Some(IpAddr::V4(*v4)),
+                    NeighbourAttribute::Destination(NeighbourAddress::Inet6(v6)) => dst = Some(IpAddr::V6(*v6)),
                     // netlink-packet-route cannot tell an AF_BRIDGE entry's
                     // remote's family from the header, so it hands back bytes.
                     NeighbourAttribute::Destination(NeighbourAddress::Other(b)) if b.len() == 4 => {
-                        dst = Some(Ipv4Addr::new(b[0], b[1], b[2], b[3]))
+                        dst = Some(IpAddr::V4(Ipv4Addr::new(b[0], b[1], b[2], b[3])))
+                    }
+                    NeighbourAttribute::Destination(NeighbourAddress::Other(b)) if b.len() == 16 => {
+                        let octets: [u8; 16] = b.as_slice().try_into().expect("16 bytes");
+                        dst = Some(IpAddr::V6(Ipv6Addr::from(octets)))
                     }
                     NeighbourAttribute::LinkLayerAddress(l) => mac = MacAddr::from_slice(l),
                     _ => {}
@@ -63,7 +68,7 @@ impl Netlink {
         self.handle
             .neighbours()
             .add_bridge(index, &f.mac.0)
-            .destination(IpAddr::V4(f.dst))
+            .destination(f.dst)
             .flags(NeighbourFlags::Own)
             .state(NeighbourState::Permanent)
             .replace()
@@ -79,7 +84,10 @@ impl Netlink {
         msg.header.ifindex = index;
         msg.header.flags = NeighbourFlags::Own;
         msg.attributes.push(NeighbourAttribute::LinkLayerAddress(f.mac.0.to_vec()));
-        msg.attributes.push(NeighbourAttribute::Destination(NeighbourAddress::Inet(f.dst)));
+        msg.attributes.push(NeighbourAttribute::Destination(match f.dst {
+            IpAddr::V4(v4) => NeighbourAddress::Inet(v4),
+            IpAddr::V6(v6) => NeighbourAddress::Inet6(v6),
+        }));
         self.handle
             .neighbours()
             .del(msg)

@@ -21,15 +21,19 @@ pub enum Change {
 
 /// Subscribes to link, IPv4 address, IPv4 route and neighbour (which carries
 /// FDB changes too) notifications of the calling thread's namespace (`ip
-/// monitor`). Must be called inside a tokio runtime.
-pub fn monitor() -> NlResult<tokio::sync::mpsc::UnboundedReceiver<Change>> {
+/// monitor`), and with `ipv6` to IPv6 address and route ones. Must be
+/// called inside a tokio runtime.
+pub fn monitor(ipv6: bool) -> NlResult<tokio::sync::mpsc::UnboundedReceiver<Change>> {
     use futures_util::StreamExt;
     use rtnetlink::packet_core::NetlinkPayload;
     use rtnetlink::packet_route::RouteNetlinkMessage as M;
     use rtnetlink::MulticastGroup as G;
-    let (conn, _handle, mut messages) =
-        rtnetlink::new_multicast_connection(&[G::Link, G::Ipv4Ifaddr, G::Ipv4Route, G::Neigh])
-            .map_err(|e| NlError::io("subscribe to netlink notifications", e))?;
+    let mut groups = vec![G::Link, G::Ipv4Ifaddr, G::Ipv4Route, G::Neigh];
+    if ipv6 {
+        groups.extend([G::Ipv6Ifaddr, G::Ipv6Route]);
+    }
+    let (conn, _handle, mut messages) = rtnetlink::new_multicast_connection(&groups)
+        .map_err(|e| NlError::io("subscribe to netlink notifications", e))?;
     tokio::spawn(conn);
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(async move {

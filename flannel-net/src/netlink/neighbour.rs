@@ -1,7 +1,7 @@
 //! ARP neighbours: the permanent entries that map a peer's VTEP address to
 //! its VTEP MAC (`ip neigh`).
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::IpAddr;
 
 use futures_util::TryStreamExt;
 use rtnetlink::packet_route::neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourMessage, NeighbourState};
@@ -10,11 +10,12 @@ use rtnetlink::packet_route::AddressFamily;
 use super::{Netlink, NlError, NlResult};
 use crate::MacAddr;
 
-/// A permanent ARP entry: `ip neigh replace IP lladdr MAC dev DEV nud permanent`.
+/// A permanent ARP (IPv4) or neighbour discovery (IPv6) entry:
+/// `ip neigh replace IP lladdr MAC dev DEV nud permanent`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Neigh {
-    /// The peer's VTEP address (`<peer subnet>.0`).
-    pub ip: Ipv4Addr,
+    /// The peer's VTEP address (`<peer subnet>.0`, `<peer IPv6 subnet>::`).
+    pub ip: IpAddr,
     /// The peer's VTEP MAC.
     pub mac: MacAddr,
 }
@@ -26,13 +27,22 @@ pub(super) fn is_permanent(state: NeighbourState) -> bool {
 }
 
 impl Netlink {
-    /// Permanent IPv4 neighbours on link `index` (`ip neigh show dev DEV nud permanent`).
+    /// Permanent neighbours of both families on link `index` (`ip neigh
+    /// show dev DEV nud permanent`, `ip -6 neigh ...`).
     pub async fn neighs(&self, index: u32) -> NlResult<Vec<Neigh>> {
+        let mut out = self.neighs_of(index, false).await?;
+        out.extend(self.neighs_of(index, true).await?);
+        Ok(out)
+    }
+
+    /// Permanent neighbours of one family (IPv6 with `v6`) on link `index`.
+    pub async fn neighs_of(&self, index: u32, v6: bool) -> NlResult<Vec<Neigh>> {
+        let family = if v6 { AddressFamily::Inet6 } else { AddressFamily::Inet };
         let msgs: Vec<NeighbourMessage> = self
             .handle
             .neighbours()
             .get()
-            .set_address_family(AddressFamily::Inet)
+            .set_address_family(family)
             .execute()
             .try_collect()
             .await
@@ -43,7 +53,8 @@ impl Netlink {
             let mut mac = None;
             for a in &m.attributes {
                 match a {
-                    NeighbourAttribute::Destination(NeighbourAddress::Inet(v4)) => ip = Some(*v4),
+                    NeighbourAttribute::Destination(NeighbourAddress::Inet(v4)) => ip = Some(IpAddr::V4(*v4)),
+                    NeighbourAttribute::Destination(NeighbourAddress::Inet6(v6)) => ip = Some(IpAddr::V6(*v6)),
                     NeighbourAttribute::LinkLayerAddress(l) => mac = MacAddr::from_slice(l),
                     _ => {}
                 }
@@ -59,7 +70,7 @@ impl Netlink {
     pub async fn set_neigh(&self, index: u32, dev: &str, n: &Neigh) -> NlResult<()> {
         self.handle
             .neighbours()
-            .add(index, IpAddr::V4(n.ip))
+            .add(index, n.ip)
             .link_layer_address(&n.mac.0)
             .state(NeighbourState::Permanent)
             .replace()
@@ -71,9 +82,17 @@ impl Netlink {
     /// Deletes the neighbour of `ip` on link `index`.
     pub async fn del_neigh(&self, index: u32, dev: &str, n: &Neigh) -> NlResult<()> {
         let mut msg = NeighbourMessage::default();
-        msg.header.family = AddressFamily::Inet;
         msg.header.ifindex = index;
-        msg.attributes.push(NeighbourAttribute::Destination(NeighbourAddress::Inet(n.ip)));
+        match n.ip {
+            IpAddr::V4(v4) => {
+                msg.header.family = AddressFamily::Inet;
+                msg.attributes.push(NeighbourAttribute::Destination(NeighbourAddress::Inet(v4)));
+            }
+            IpAddr::V6(v6) => {
+                msg.header.family = AddressFamily::Inet6;
+                msg.attributes.push(NeighbourAttribute::Destination(NeighbourAddress::Inet6(v6)));
+            }
+        }
         self.handle
             .neighbours()
             .del(msg)

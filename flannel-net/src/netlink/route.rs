@@ -141,7 +141,17 @@ impl Netlink {
     /// unicast ones, and the destinations of the blackhole ones (`blackhole
     /// DST`, what flannel's `--ip-blackhole-route` adds).
     pub async fn routes_v4_and_blackholes(&self) -> NlResult<(Vec<Route>, Vec<IpNet>)> {
-        let msgs = self.dump(RouteMessageBuilder::<std::net::Ipv4Addr>::new().build(), "dump IPv4 routes").await?;
+        self.routes_and_blackholes(false).await
+    }
+
+    /// [`Netlink::routes_v4_and_blackholes`] for IPv4 (`v6` false) or IPv6
+    /// (`ip -6 route show`).
+    pub async fn routes_and_blackholes(&self, v6: bool) -> NlResult<(Vec<Route>, Vec<IpNet>)> {
+        let msgs = if v6 {
+            self.dump(RouteMessageBuilder::<std::net::Ipv6Addr>::new().build(), "dump IPv6 routes").await?
+        } else {
+            self.dump(RouteMessageBuilder::<std::net::Ipv4Addr>::new().build(), "dump IPv4 routes").await?
+        };
         let of_kind = |kind: RouteType| {
             msgs.iter()
                 .filter(move |m| m.header.table == libc::RT_TABLE_MAIN && m.header.kind == kind)

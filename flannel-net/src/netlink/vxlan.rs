@@ -1,7 +1,7 @@
 //! The overlay's VXLAN device (the VTEP): the spec we want, what the kernel
 //! reports, which differences need a new device, and creating it.
 
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 
 use rtnetlink::packet_route::link::{InfoData, InfoVxlan, LinkAttribute, LinkInfo, LinkMessage};
 use rtnetlink::LinkVxlan;
@@ -20,8 +20,9 @@ pub struct VxlanSpec {
     pub name: String,
     /// VXLAN network identifier.
     pub vni: u32,
-    /// Local tunnel address: the node's public IP.
-    pub local: Ipv4Addr,
+    /// Local tunnel address: the node's public IP (IPv6 for flannel's
+    /// `flannel-v6.<VNI>`).
+    pub local: IpAddr,
     /// Underlay interface index.
     pub dev: u32,
     /// UDP port.
@@ -52,7 +53,7 @@ pub struct VxlanLink {
     /// VNI.
     pub vni: Option<u32>,
     /// Local address.
-    pub local: Option<Ipv4Addr>,
+    pub local: Option<IpAddr>,
     /// Underlay device.
     pub dev: Option<u32>,
     /// UDP port.
@@ -87,7 +88,8 @@ impl VxlanLink {
                 for item in items {
                     match item {
                         InfoVxlan::Id(id) => v.vni = Some(*id),
-                        InfoVxlan::Local(ip) => v.local = Some(*ip),
+                        InfoVxlan::Local(ip) => v.local = Some(IpAddr::V4(*ip)),
+                        InfoVxlan::Local6(ip) => v.local = Some(IpAddr::V6(*ip)),
                         InfoVxlan::Link(dev) => v.dev = Some(*dev),
                         InfoVxlan::Port(p) => v.port = Some(*p),
                         InfoVxlan::Learning(l) => v.learning = Some(*l),
@@ -137,14 +139,13 @@ impl Netlink {
     /// Creates the VTEP, up (`ip link add NAME address MAC mtu MTU type vxlan
     /// id VNI local IP dev DEV dstport PORT [nolearning] [gbp] txqueuelen 0; ip link set up`).
     pub async fn add_vxlan(&self, spec: &VxlanSpec) -> NlResult<()> {
-        let mut b = LinkVxlan::new(&spec.name, spec.vni)
-            .local(spec.local)
-            .dev(spec.dev)
-            .port(spec.port)
-            .learning(spec.learning)
-            .mtu(spec.mtu)
-            .address(spec.mac.0.to_vec())
-            .up();
+        let b = LinkVxlan::new(&spec.name, spec.vni);
+        let b = match spec.local {
+            IpAddr::V4(v4) => b.local(v4),
+            IpAddr::V6(v6) => b.local6(v6),
+        };
+        let mut b =
+            b.dev(spec.dev).port(spec.port).learning(spec.learning).mtu(spec.mtu).address(spec.mac.0.to_vec()).up();
         if spec.gbp {
             b = b.gbp();
         }

@@ -12,16 +12,16 @@ pub mod host_gw;
 pub mod udp;
 pub mod vxlan;
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 
 use flannel_net::netlink::{Netlink, NlResult, Route, VxlanSpec};
 use flannel_net::MacAddr;
-use ipnet::Ipv4Net;
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
 use crate::config::{BackendConfig, NetworkConfig};
 use crate::health::Metrics;
 use crate::iface::ExtIface;
-use crate::lease::{BackendType, Lease, LeaseAttrs, VxlanData};
+use crate::lease::{BackendType, Family, FamilyLease, LeaseAttrs, VxlanData};
 use crate::reconcile::kernel::Sweep;
 use crate::reconcile::plan::{Device, PeerEntries};
 
@@ -80,6 +80,34 @@ impl Backend {
         }
     }
 
+    /// The IPv6 backend of a dual-stack network (`None` without
+    /// `EnableIPv6`): VXLAN's `flannel-v6.<VNI>` over the interface's IPv6
+    /// address with its own MAC `mac`, or host-gw's IPv6 routes on the same
+    /// interface. The udp backend carries no IPv6 (the configuration refuses
+    /// the combination).
+    pub fn for_config_v6(cfg: &NetworkConfig, ext: &ExtIface, mac: MacAddr) -> anyhow::Result<Option<Backend>> {
+        if cfg.ipv6.is_none() {
+            return Ok(None);
+        }
+        let Some(v6) = ext.v6 else {
+            anyhow::bail!(
+                "EnableIPv6 true: interface {} has no global IPv6 address to carry the IPv6 overlay (give it one, \
+                 or choose another with --iface/--iface-regex)",
+                ext.name
+            );
+        };
+        match &cfg.backend {
+            BackendConfig::Vxlan(vx) => Ok(Some(Backend::Vxlan {
+                vtep: vxlan::vtep_spec_v6(vx, ext, v6.addr.addr(), mac)?,
+                direct_routing: vx.direct_routing,
+            })),
+            BackendConfig::HostGw => Ok(Some(Backend::HostGw(host_gw::spec_v6(ext, &v6)?))),
+            BackendConfig::Udp { .. } => {
+                anyhow::bail!("the udp backend carries IPv4 only; EnableIPv6 needs vxlan or host-gw")
+            }
+        }
+    }
+
     /// The type written in our lease.
     pub fn backend_type(&self) -> BackendType {
         match self {
@@ -89,14 +117,16 @@ impl Backend {
         }
     }
 
-    /// What our lease advertises: the backend type and its data.
-    pub fn lease_attrs(&self, public_ip: Ipv4Addr) -> LeaseAttrs {
+    /// What our lease advertises: the backend type and its data, and with
+    /// `v6` (dual-stack: the IPv6 backend and our public IPv6 address) the
+    /// IPv6 half, as flannel writes it.
+    pub fn lease_attrs(&self, public_ip: Ipv4Addr, v6: Option<(&Backend, std::net::Ipv6Addr)>) -> LeaseAttrs {
         LeaseAttrs {
             public_ip,
             backend: self.backend_type(),
             vxlan: self.vtep().map(|v| VxlanData { vni: v.vni, vtep_mac: v.mac }),
-            public_ipv6: None,
-            vxlan6: None,
+            public_ipv6: v6.map(|(_, ip)| ip),
+            vxlan6: v6.and_then(|(b, _)| b.vtep()).map(|v| VxlanData { vni: v.vni, vtep_mac: v.mac }),
         }
     }
 
@@ -153,10 +183,11 @@ impl Backend {
         }
     }
 
-    /// What a peer lease (already checked by [`check_peer`]) asks of us;
-    /// `segment` is the underlay interface's subnet. An error says why the
-    /// lease cannot be programmed, naming the value.
-    pub fn peer(&self, segment: Ipv4Net, l: &Lease) -> Result<PeerWant, String> {
+    /// What a peer lease's part of our family (already checked by
+    /// [`check_peer`]) asks of us; `segment` is the underlay interface's
+    /// subnet of that family. An error says why the lease cannot be
+    /// programmed, naming the value.
+    pub fn peer(&self, segment: IpNet, l: &FamilyLease) -> Result<PeerWant, String> {
         match self {
             Backend::Vxlan { vtep, direct_routing } => {
                 vxlan::peer_entries(vtep, *direct_routing, segment, l).map(PeerWant::Kernel)
@@ -168,10 +199,10 @@ impl Backend {
 
     /// Routes through our device that are not any peer's: udp routes the
     /// whole Network into its TUN.
-    pub fn device_routes(&self, network: Ipv4Net) -> Vec<Route> {
-        match self {
-            Backend::Udp(_) => vec![udp::spec::network_route(network)],
-            Backend::Vxlan { .. } | Backend::HostGw(_) => Vec::new(),
+    pub fn device_routes(&self, network: IpNet) -> Vec<Route> {
+        match (self, network) {
+            (Backend::Udp(_), IpNet::V4(network)) => vec![udp::spec::network_route(network)],
+            _ => Vec::new(),
         }
     }
 
@@ -211,57 +242,88 @@ impl Backend {
     }
 }
 
-/// What every backend asks of a peer lease: its subnet a /SubnetLen inside
-/// Network, a usable public IP that is not ours, and our backend's type.
-pub fn check_peer(cfg: &NetworkConfig, own: &Lease, backend: &Backend, l: &Lease) -> Result<(), String> {
-    if !cfg.network.contains(&l.subnet) {
-        return Err(format!("subnet {} is outside Network {}", l.subnet, cfg.network));
+/// The cluster network of `family` and its subnets' prefix length
+/// (`Network`/`SubnetLen`, `IPv6Network`/`IPv6SubnetLen`); `None` for IPv6
+/// without `EnableIPv6`.
+pub fn family_network(cfg: &NetworkConfig, family: Family) -> Option<(IpNet, u8)> {
+    match family {
+        Family::V4 => Some((IpNet::V4(cfg.network), cfg.subnet_len)),
+        Family::V6 => cfg.ipv6.map(|v6| (IpNet::V6(v6.network), v6.subnet_len)),
     }
-    if l.subnet.prefix_len() != cfg.subnet_len {
-        return Err(format!("subnet {} is not a /{} (SubnetLen)", l.subnet, cfg.subnet_len));
+}
+
+/// What every backend asks of a peer lease's part of one family: its subnet
+/// a /SubnetLen inside the family's network, a usable public IP of that
+/// family that is not ours, and our backend's type. The messages use
+/// flannel's field names (`PublicIP`, `PublicIPv6`, `SubnetLen`,
+/// `IPv6SubnetLen`).
+pub fn check_peer(cfg: &NetworkConfig, own: &FamilyLease, backend: &Backend, l: &FamilyLease) -> Result<(), String> {
+    let Some((network, subnet_len)) = family_network(cfg, l.family) else {
+        return Err(format!("{} is not enabled", l.family.name()));
+    };
+    let (net_key, len_key, ip_key) = match l.family {
+        Family::V4 => ("Network", "SubnetLen", "PublicIP"),
+        Family::V6 => ("IPv6Network", "IPv6SubnetLen", "PublicIPv6"),
+    };
+    if !network.contains(&l.subnet) {
+        return Err(format!("subnet {} is outside {net_key} {network}", l.subnet));
     }
-    if let Some(why) = bad_public_ip(l.public_ip) {
-        return Err(format!("PublicIP {} is {why}", l.public_ip));
-    }
-    if l.public_ip == own.public_ip {
-        return Err(format!("PublicIP {} is our own address", l.public_ip));
+    if l.subnet.prefix_len() != subnet_len {
+        return Err(format!("subnet {} is not a /{subnet_len} ({len_key})", l.subnet));
     }
     let ours = backend.backend_type();
-    if l.backend != ours {
+    if *l.backend != ours {
         return Err(format!("BackendType {:?} is not {ours}", l.backend.as_str()));
+    }
+    let Some(ip) = l.public_ip else {
+        return Err(format!("the lease has no {ip_key}"));
+    };
+    if let Some(why) = bad_public_ip(ip) {
+        return Err(format!("{ip_key} {ip} is {why}"));
+    }
+    if Some(ip) == own.public_ip {
+        return Err(format!("{ip_key} {ip} is our own address"));
     }
     Ok(())
 }
 
-fn bad_public_ip(ip: Ipv4Addr) -> Option<&'static str> {
-    if ip.is_loopback() {
-        Some("a loopback address")
-    } else if ip.is_multicast() {
-        Some("a multicast address")
-    } else if ip.is_unspecified() || ip.is_broadcast() {
-        Some("not a unicast address")
-    } else {
-        None
+fn bad_public_ip(ip: IpAddr) -> Option<&'static str> {
+    match ip {
+        IpAddr::V4(ip) if ip.is_broadcast() => Some("not a unicast address"),
+        IpAddr::V6(v6) if v6.segments()[0] & 0xffc0 == 0xfe80 => Some("a link-local address"),
+        _ if ip.is_loopback() => Some("a loopback address"),
+        _ if ip.is_multicast() => Some("a multicast address"),
+        _ if ip.is_unspecified() => Some("not a unicast address"),
+        _ => None,
     }
 }
 
 /// Devices that an earlier run of this Network with another backend left
-/// behind: `flannel0` (a TUN, udp) or `flannel.<VNI>` (VXLAN) that is not
-/// the device of the backend in use and carries an address inside Network
-/// (which makes it this Network's, not another flannel's). Their routes
-/// would shadow ours. Index and name of each.
-pub async fn leftover_devices(nl: &Netlink, backend: &Backend, network: Ipv4Net) -> NlResult<Vec<(u32, String)>> {
-    let ours = backend.device().map(|d| d.name().to_string());
+/// behind: `flannel0` (a TUN, udp), `flannel.<VNI>` or `flannel-v6.<VNI>`
+/// (VXLAN) that is not a device of the backends in use (`ours`) and carries
+/// an address inside `network` or `network6` (which makes it this Network's,
+/// not another flannel's). Their routes would shadow ours. Index and name
+/// of each.
+pub async fn leftover_devices(
+    nl: &Netlink,
+    ours: &[&str],
+    network: Ipv4Net,
+    network6: Option<Ipv6Net>,
+) -> NlResult<Vec<(u32, String)>> {
     let mut found = Vec::new();
     for link in nl.links().await? {
         let kind = link.kind.as_deref();
         let flannels = (link.name == "flannel0" && kind == Some("tun"))
-            || (link.name.starts_with("flannel.") && kind == Some("vxlan"));
-        if !flannels || Some(&link.name) == ours.as_ref() {
+            || ((link.name.starts_with("flannel.") || link.name.starts_with("flannel-v6.")) && kind == Some("vxlan"));
+        if !flannels || ours.contains(&link.name.as_str()) {
             continue;
         }
         let addrs = nl.addrs(link.index).await?;
-        if addrs.iter().any(|a| matches!(a, ipnet::IpNet::V4(v) if network.contains(&v.addr()))) {
+        let in_ours = |a: &IpNet| match a {
+            IpNet::V4(v) => network.contains(&v.addr()),
+            IpNet::V6(v) => network6.is_some_and(|n| n.contains(&v.addr())),
+        };
+        if addrs.iter().any(in_ours) {
             found.push((link.index, link.name));
         }
     }
@@ -269,13 +331,16 @@ pub async fn leftover_devices(nl: &Netlink, backend: &Backend, network: Ipv4Net)
 }
 
 /// Deletes [`leftover_devices`] (with their addresses and routes).
-pub async fn remove_leftover_devices(nl: &Netlink, backend: &Backend, network: Ipv4Net) {
-    let found = match leftover_devices(nl, backend, network).await {
+pub async fn remove_leftover_devices(nl: &Netlink, backends: &[&Backend], network: Ipv4Net, network6: Option<Ipv6Net>) {
+    let names: Vec<String> = backends.iter().filter_map(|b| b.device().map(|d| d.name().to_string())).collect();
+    let ours: Vec<&str> = names.iter().map(String::as_str).collect();
+    let found = match leftover_devices(nl, &ours, network, network6).await {
         Ok(f) => f,
         Err(e) => return log::warn!("look for devices of an earlier backend: {e}"),
     };
+    let now = backends.iter().map(|b| b.describe()).collect::<Vec<_>>().join(", ");
     for (index, name) in found {
-        log::info!("deleting {name}: an earlier backend's device for Network {network} (now {})", backend.describe());
+        log::info!("deleting {name}: an earlier backend's device for Network {network} (now {now})");
         if let Err(e) = nl.del_link(index, &name).await {
             log::warn!("delete {name}: {e}");
         }
@@ -284,9 +349,15 @@ pub async fn remove_leftover_devices(nl: &Netlink, backend: &Backend, network: I
 
 /// The VTEP MAC survives restarts, so that peers' FDB entries stay valid:
 /// the existing device's, else the one our lease advertises, else a new one.
-pub async fn vtep_mac(nl: &Netlink, cfg: &NetworkConfig, advertised: Option<MacAddr>) -> anyhow::Result<MacAddr> {
+/// For `family`'s VTEP (`flannel.<VNI>`, `flannel-v6.<VNI>`).
+pub async fn vtep_mac(
+    nl: &Netlink,
+    cfg: &NetworkConfig,
+    family: Family,
+    advertised: Option<MacAddr>,
+) -> anyhow::Result<MacAddr> {
     let existing = match cfg.vxlan() {
-        Some(vx) => nl.vxlan_by_name(&vxlan::device_name(vx.vni)).await?.and_then(|v| v.mac),
+        Some(vx) => nl.vxlan_by_name(&vxlan::device_name_of(family, vx.vni)).await?.and_then(|v| v.mac),
         None => None,
     };
     Ok(existing.or(advertised).unwrap_or_else(random_mac))

@@ -3,23 +3,59 @@
 //! to its subnet (flannel's exact kernel objects). With `DirectRouting`, a
 //! peer on our L2 segment gets a plain route via its public IP instead.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv6Addr};
 
 use flannel_net::netlink::{Fdb, Neigh, Route, Scope, VxlanSpec, DEFAULT_VXLAN_PORT};
 use flannel_net::MacAddr;
-use ipnet::{IpNet, Ipv4Net};
+use ipnet::IpNet;
 
 use crate::config::VxlanConfig;
 use crate::iface::ExtIface;
-use crate::lease::Lease;
+use crate::lease::{Family, FamilyLease};
 use crate::reconcile::plan::PeerEntries;
 
 /// VXLAN's cost per packet: outer IPv4 (20), UDP (8), VXLAN (8), inner Ethernet (14).
 pub const OVERHEAD: u32 = 50;
 
+/// VXLAN over an IPv6 underlay: the outer header is 40 bytes, not 20.
+pub const OVERHEAD_V6: u32 = 70;
+
 /// `flannel.<VNI>`.
 pub fn device_name(vni: u32) -> String {
     format!("flannel.{vni}")
+}
+
+/// The VTEP of `family`: `flannel.<VNI>`, or flannel's `flannel-v6.<VNI>`.
+pub fn device_name_of(family: Family, vni: u32) -> String {
+    match family {
+        Family::V4 => device_name(vni),
+        Family::V6 => format!("flannel-v6.{vni}"),
+    }
+}
+
+/// The IPv6 VTEP we want (dual-stack): `flannel-v6.<VNI>`, tunnelling over
+/// the interface's IPv6 address `local` as flannel's does, with its own MAC
+/// and 70 bytes of overhead.
+pub fn vtep_spec_v6(vx: &VxlanConfig, ext: &ExtIface, local: Ipv6Addr, mac: MacAddr) -> anyhow::Result<VxlanSpec> {
+    let underlay_mtu = vx.mtu.unwrap_or(ext.mtu);
+    if underlay_mtu < 1280 + OVERHEAD_V6 {
+        let what = if vx.mtu.is_some() { "Backend.MTU" } else { "the interface MTU" };
+        anyhow::bail!(
+            "{what} {underlay_mtu} leaves pods less than IPv6's minimum MTU 1280 after VXLAN over IPv6's 70 bytes \
+             (need at least 1350)"
+        );
+    }
+    Ok(VxlanSpec {
+        name: device_name_of(Family::V6, vx.vni),
+        vni: vx.vni,
+        local: IpAddr::V6(local),
+        dev: ext.index,
+        port: if vx.port == 0 { DEFAULT_VXLAN_PORT } else { vx.port },
+        learning: vx.learning,
+        gbp: vx.gbp,
+        mtu: underlay_mtu - OVERHEAD_V6,
+        mac,
+    })
 }
 
 /// The VTEP we want: attributes from the configuration and the interface,
@@ -33,7 +69,7 @@ pub fn vtep_spec(vx: &VxlanConfig, ext: &ExtIface, mac: MacAddr) -> anyhow::Resu
     Ok(VxlanSpec {
         name: device_name(vx.vni),
         vni: vx.vni,
-        local: ext.addr.addr(),
+        local: IpAddr::V4(ext.addr.addr()),
         dev: ext.index,
         port: if vx.port == 0 { DEFAULT_VXLAN_PORT } else { vx.port },
         learning: vx.learning,
@@ -44,24 +80,32 @@ pub fn vtep_spec(vx: &VxlanConfig, ext: &ExtIface, mac: MacAddr) -> anyhow::Resu
 }
 
 /// A peer's neighbour, FDB entry and route (or, with `direct_routing` and
-/// the peer on `segment`, its plain route through the underlay).
+/// the peer on `segment`, its plain route through the underlay), for the
+/// peer's part of our VTEP's family.
 pub fn peer_entries(
     vtep: &VxlanSpec,
     direct_routing: bool,
-    segment: Ipv4Net,
-    l: &Lease,
+    segment: IpNet,
+    l: &FamilyLease,
 ) -> Result<PeerEntries, String> {
+    let data_key = match l.family {
+        Family::V4 => "BackendData",
+        Family::V6 => "BackendV6Data",
+    };
     let Some(data) = l.vxlan else {
-        return Err("BackendData has no VtepMAC".into());
+        return Err(format!("{data_key} has no VtepMAC"));
     };
     if data.vni != vtep.vni {
-        return Err(format!("VNI {} differs from ours ({})", data.vni, vtep.vni));
+        return Err(format!("{data_key} VNI {} differs from ours ({})", data.vni, vtep.vni));
     }
-    if direct_routing && segment.contains(&l.public_ip) {
+    let Some(public_ip) = l.public_ip else {
+        return Err(format!("the lease has no {} address", l.family.name()));
+    };
+    if direct_routing && segment.contains(&public_ip) {
         return Ok(PeerEntries {
             route: Route {
-                dst: IpNet::V4(l.subnet),
-                gateway: Some(IpAddr::V4(l.public_ip)),
+                dst: l.subnet,
+                gateway: Some(public_ip),
                 oif: Some(vtep.dev),
                 onlink: false,
                 scope: Scope::Global,
@@ -72,14 +116,8 @@ pub fn peer_entries(
     }
     let gw = l.subnet.network();
     Ok(PeerEntries {
-        route: Route {
-            dst: IpNet::V4(l.subnet),
-            gateway: Some(IpAddr::V4(gw)),
-            oif: None,
-            onlink: true,
-            scope: Scope::Global,
-        },
+        route: Route { dst: l.subnet, gateway: Some(gw), oif: None, onlink: true, scope: Scope::Global },
         neigh: Some(Neigh { ip: gw, mac: data.vtep_mac }),
-        fdb: Some(Fdb { mac: data.vtep_mac, dst: l.public_ip }),
+        fdb: Some(Fdb { mac: data.vtep_mac, dst: public_ip }),
     })
 }

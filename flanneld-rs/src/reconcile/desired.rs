@@ -4,12 +4,12 @@
 
 use std::collections::BTreeMap;
 
-use ipnet::Ipv4Net;
+use ipnet::IpNet;
 
 use super::plan::Desired;
-use crate::backend::{check_peer, Backend, PeerWant};
+use crate::backend::{check_peer, family_network, Backend, PeerWant};
 use crate::config::NetworkConfig;
-use crate::lease::Lease;
+use crate::lease::{Family, Lease};
 
 /// A peer lease that will not be programmed, and why.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -20,50 +20,71 @@ pub struct Rejected {
     pub reason: String,
 }
 
-/// The device address: the first address of the subnet, as a /32.
-pub fn vtep_addr(subnet: Ipv4Net) -> Ipv4Net {
-    Ipv4Net::new(subnet.network(), 32).expect("a /32 is valid")
+/// The device address: the first address of the subnet, as a /32 (IPv6: a /128).
+pub fn vtep_addr(subnet: IpNet) -> IpNet {
+    let host = match subnet {
+        IpNet::V4(_) => 32,
+        IpNet::V6(_) => 128,
+    };
+    IpNet::new(subnet.network(), host).expect("a host prefix is valid")
 }
 
-/// Builds the desired state for our lease `own` and `backend` from `leases`
-/// (which may include our own). Leases that must not be programmed are
-/// returned with the reason, never half-programmed. `segment` is the underlay
-/// interface's subnet: with VXLAN's `DirectRouting`, a peer whose public IP is
-/// on it is reached with a plain route through the underlay (no tunnel); with
-/// host-gw every peer must be on it.
+/// Builds the desired state of `family` for our lease `own` and `backend`
+/// (that family's) from `leases` (which may include our own). Leases that
+/// must not be programmed are returned with the reason, never
+/// half-programmed; a lease without a part of `family` (an IPv4-only lease
+/// in a dual-stack network) asks for nothing in it. `segment` is the
+/// underlay interface's subnet of that family: with VXLAN's
+/// `DirectRouting`, a peer whose public IP is on it is reached with a plain
+/// route through the underlay (no tunnel); with host-gw every peer must be
+/// on it.
 pub fn desired<'a>(
     cfg: &NetworkConfig,
+    family: Family,
     own: &Lease,
     backend: &Backend,
-    segment: Ipv4Net,
+    segment: IpNet,
     leases: impl IntoIterator<Item = &'a Lease>,
 ) -> (Desired, Vec<Rejected>) {
     let mut peers = BTreeMap::new();
     let mut tunnel = BTreeMap::new();
     let mut rejected = Vec::new();
+    let (Some(own), Some((network, _))) = (own.family(family), family_network(cfg, family)) else {
+        return (Desired::default(), rejected);
+    };
     for l in leases {
+        let Some(l) = l.family(family) else { continue };
         if l.subnet == own.subnet {
             if l.public_ip != own.public_ip {
+                let ip = l.public_ip.map(|ip| ip.to_string()).unwrap_or_else(|| "a node without an address".into());
                 rejected.push(Rejected {
-                    source: l.source.clone(),
-                    reason: format!("claims our subnet {} for {}", l.subnet, l.public_ip),
+                    source: l.source.to_string(),
+                    reason: format!("claims our subnet {} for {ip}", l.subnet),
                 });
             }
             continue;
         }
-        match check_peer(cfg, own, backend, l).and_then(|()| backend.peer(segment, l)) {
+        match check_peer(cfg, &own, backend, &l).and_then(|()| backend.peer(segment, &l)) {
             Ok(PeerWant::Kernel(entries)) => {
                 peers.insert(l.subnet, entries);
             }
             Ok(PeerWant::Tunnel(ip)) => {
-                tunnel.insert(l.subnet, ip);
+                if let IpNet::V4(subnet) = l.subnet {
+                    tunnel.insert(subnet, ip);
+                }
             }
-            Err(reason) => rejected.push(Rejected { source: l.source.clone(), reason }),
+            Err(reason) => {
+                let reason = match family {
+                    Family::V4 => reason,
+                    Family::V6 => format!("IPv6: {reason}"),
+                };
+                rejected.push(Rejected { source: l.source.to_string(), reason })
+            }
         }
     }
     let device = backend.device();
     let addr = device.as_ref().map(|_| vtep_addr(own.subnet));
-    let routes = backend.device_routes(cfg.network);
+    let routes = backend.device_routes(network);
     (Desired { device, addr, peers, tunnel, routes, blackhole: None }, rejected)
 }
 
@@ -109,6 +130,7 @@ mod tests {
         ];
         let (d, rejected) = desired(
             &cfg(),
+            Family::V4,
             &own,
             &Backend::Vxlan { vtep: spec(), direct_routing: false },
             "192.0.2.0/24".parse().unwrap(),
@@ -146,6 +168,7 @@ mod tests {
         let far = lease("10.244.3.0/24", "198.51.100.7", Some("02:00:00:00:00:12"));
         let (d, rejected) = desired(
             &cfg,
+            Family::V4,
             &own,
             &Backend::Vxlan { vtep: spec(), direct_routing: true },
             "192.0.2.0/24".parse().unwrap(),
@@ -173,7 +196,7 @@ mod tests {
             lease("10.244.4.0/24", "192.0.2.13", Some("02:00:00:00:00:13")),
         ];
         let backend = Backend::HostGw(HostGwSpec { dev: 2, name: "eth0".into(), mtu: 1500 });
-        let (d, rejected) = desired(&cfg, &own, &backend, "192.0.2.0/24".parse().unwrap(), &leases);
+        let (d, rejected) = desired(&cfg, Family::V4, &own, &backend, "192.0.2.0/24".parse().unwrap(), &leases);
         assert_eq!(d.device, None);
         assert_eq!(d.addr, None);
         assert_eq!(d.peers.len(), 1);
@@ -216,7 +239,7 @@ mod tests {
             port: 8285,
             mtu: 1472,
         });
-        let (d, rejected) = desired(&cfg, &own, &backend, "192.0.2.0/24".parse().unwrap(), &leases);
+        let (d, rejected) = desired(&cfg, Family::V4, &own, &backend, "192.0.2.0/24".parse().unwrap(), &leases);
         assert_eq!(d.peers.len(), 0);
         assert_eq!(d.device, Some(Device::Tun(crate::reconcile::plan::TunSpec { name: "flannel0".into(), mtu: 1472 })));
         assert_eq!(d.routes.len(), 1);

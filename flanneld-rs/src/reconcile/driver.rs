@@ -15,7 +15,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::bail;
 use flannel_net::netlink::{Change, Netlink};
-use ipnet::Ipv4Net;
+use ipnet::{IpNet, Ipv4Net};
 use log::{error, info, warn};
 use tokio::sync::mpsc;
 
@@ -25,7 +25,7 @@ use crate::config::NetworkConfig;
 use crate::firewall::{self, FirewallSpec};
 use crate::health::Metrics;
 use crate::iface::{ExtIface, Selection};
-use crate::lease::{Lease, LeaseEvent, LeaseSet};
+use crate::lease::{Family, Lease, LeaseEvent, LeaseSet};
 use crate::subnet::LeaseStore;
 
 /// How often to reconcile when nothing else asks for it: a safety net for
@@ -46,6 +46,8 @@ pub struct Node {
     pub ext: ExtIface,
     /// How peers are reached.
     pub backend: Backend,
+    /// How peers are reached over IPv6 (dual-stack).
+    pub backend6: Option<Backend>,
     /// Our lease.
     pub own: Lease,
     /// How the underlay interface was chosen, to choose it again when it
@@ -59,6 +61,37 @@ impl Node {
     /// What the blackhole route for our subnet should be.
     pub fn blackhole(&self) -> plan::Blackhole {
         plan::Blackhole { subnet: self.own.subnet, wanted: self.blackhole_route }
+    }
+
+    /// The families the overlay carries: IPv4, and IPv6 when dual-stack.
+    pub fn families(&self) -> Vec<Family> {
+        match self.backend6 {
+            Some(_) => vec![Family::V4, Family::V6],
+            None => vec![Family::V4],
+        }
+    }
+
+    /// The backend of `family`.
+    pub fn backend_of(&self, family: Family) -> &Backend {
+        match family {
+            Family::V4 => &self.backend,
+            Family::V6 => self.backend6.as_ref().expect("IPv6 is reconciled only with an IPv6 backend"),
+        }
+    }
+
+    /// The underlay's subnet of `family` (the segment direct routes and
+    /// host-gw need peers on).
+    pub fn segment(&self, family: Family) -> IpNet {
+        match (family, self.ext.v6) {
+            (Family::V6, Some(v6)) => IpNet::V6(v6.addr.trunc()),
+            _ => IpNet::V4(self.ext.addr.trunc()),
+        }
+    }
+
+    /// What our lease advertises with these backends and this interface.
+    pub fn lease_attrs(backend: &Backend, backend6: Option<&Backend>, ext: &ExtIface) -> crate::lease::LeaseAttrs {
+        let v6 = backend6.zip(ext.v6.map(|v6| v6.public_ip));
+        backend.lease_attrs(ext.public_ip, v6)
     }
 }
 
@@ -81,9 +114,9 @@ pub struct Driver<S: LeaseStore> {
     fw: FirewallSpec,
     timers: Timers,
     last_rejected: Vec<String>,
-    /// Our device's index as last observed, to tell which notifications
-    /// concern us.
-    device_index: Option<u32>,
+    /// Our devices' indexes (IPv4, IPv6) as last observed, to tell which
+    /// notifications concern us.
+    device_index: [Option<u32>; 2],
     /// The backend's user-space data path, and the peer table last given to it.
     data_path: Option<Box<dyn DataPath>>,
     data_path_peers: Vec<(Ipv4Net, Ipv4Addr)>,
@@ -106,7 +139,7 @@ impl<S: LeaseStore> Driver<S> {
             fw,
             timers,
             last_rejected: Vec::new(),
-            device_index: None,
+            device_index: [None, None],
             data_path: None,
             data_path_peers: Vec::new(),
             underlay_due: false,
@@ -138,26 +171,47 @@ impl<S: LeaseStore> Driver<S> {
     }
 
     /// One full reconcile: desired state from the leases, observed state from
-    /// the kernel, the plan between them, applied. Errors are logged and
-    /// counted; the next reconcile retries.
+    /// the kernel, the plan between them, applied, for each family. Errors
+    /// are logged and counted; the next reconcile retries.
     pub async fn reconcile(&mut self, why: &str) {
         let start = Instant::now();
         if std::mem::take(&mut self.underlay_due) {
             self.check_underlay(why).await;
         }
-        let node = &self.node;
-        let (mut want, rejected) =
-            desired::desired(&node.cfg, &node.own, &node.backend, node.ext.addr.trunc(), self.leases.iter());
-        want.blackhole = Some(node.blackhole());
-        let rejected_text: Vec<String> = rejected.iter().map(|r| format!("{}: {}", r.source, r.reason)).collect();
+        let mut rejected_text = Vec::new();
+        let mut peers = 0;
+        for family in self.node.families() {
+            let (r, n) = self.reconcile_family(family, why).await;
+            rejected_text.extend(r);
+            peers = peers.max(n);
+        }
         if rejected_text != self.last_rejected {
             for r in &rejected_text {
                 warn!("lease not programmed: {r}");
             }
+            self.metrics.rejected_leases.store(rejected_text.len() as u64, Ordering::Relaxed);
             self.last_rejected = rejected_text;
         }
-        self.metrics.rejected_leases.store(rejected.len() as u64, Ordering::Relaxed);
-        let Some((observed, ops)) = self.observe_and_plan(&want, why).await else { return };
+        let m = &self.metrics;
+        m.reconcile_runs.fetch_add(1, Ordering::Relaxed);
+        m.reconcile_micros.fetch_add(start.elapsed().as_micros() as u64, Ordering::Relaxed);
+        m.peers.store(peers as u64, Ordering::Relaxed);
+    }
+
+    /// The reconcile of one family: the rejected leases (in words) and how
+    /// many peers it programs.
+    async fn reconcile_family(&mut self, family: Family, why: &str) -> (Vec<String>, usize) {
+        let node = &self.node;
+        let backend = node.backend_of(family);
+        let (mut want, rejected) =
+            desired::desired(&node.cfg, family, &node.own, backend, node.segment(family), self.leases.iter());
+        if family == Family::V4 {
+            want.blackhole = Some(node.blackhole());
+        }
+        let rejected_text: Vec<String> = rejected.iter().map(|r| format!("{}: {}", r.source, r.reason)).collect();
+        let Some((observed, ops)) = self.observe_and_plan(family, &want, why).await else {
+            return (rejected_text, 0);
+        };
         log_ops(&ops, why);
         let errors = kernel::apply(&self.nl, &want, &observed, &ops).await;
         for e in &errors {
@@ -165,15 +219,15 @@ impl<S: LeaseStore> Driver<S> {
         }
         let m = &self.metrics;
         m.netlink_errors.fetch_add(errors.len() as u64, Ordering::Relaxed);
-        m.reconcile_runs.fetch_add(1, Ordering::Relaxed);
         m.reconcile_ops.fetch_add(ops.len() as u64, Ordering::Relaxed);
-        m.reconcile_micros.fetch_add(start.elapsed().as_micros() as u64, Ordering::Relaxed);
-        m.peers.store((want.peers.len() + want.tunnel.len()) as u64, Ordering::Relaxed);
         if ops.iter().any(|op| matches!(op, plan::Op::CreateDevice | plan::Op::RecreateDevice(_))) {
-            let name = self.node.backend.device_name();
-            self.device_index = self.nl.link_by_name(name).await.ok().flatten().map(|l| l.index);
+            let name = self.node.backend_of(family).device_name().to_string();
+            self.device_index[family as usize] = self.nl.link_by_name(&name).await.ok().flatten().map(|l| l.index);
         }
-        self.sync_data_path(&want.tunnel, why);
+        if family == Family::V4 {
+            self.sync_data_path(&want.tunnel, why);
+        }
+        (rejected_text, want.peers.len() + want.tunnel.len())
     }
 
     /// Chooses the underlay interface again. When it is gone, everything
@@ -219,7 +273,12 @@ impl<S: LeaseStore> Driver<S> {
             ext.mtu
         );
         let mac = self.node.backend.vtep().map(|v| v.mac).unwrap_or_else(crate::backend::random_mac);
-        let backend = match Backend::for_config(&self.node.cfg, &ext, mac) {
+        let mac6 = self.node.backend6.as_ref().and_then(|b| b.vtep()).map(|v| v.mac);
+        let backends = Backend::for_config(&self.node.cfg, &ext, mac).and_then(|b| {
+            let b6 = Backend::for_config_v6(&self.node.cfg, &ext, mac6.unwrap_or_else(crate::backend::random_mac))?;
+            Ok((b, b6))
+        });
+        let (backend, backend6) = match backends {
             Ok(b) => b,
             Err(e) => {
                 error!("reconcile ({why}): the changed underlay cannot carry the backend: {e:#}; keeping the old one");
@@ -233,12 +292,17 @@ impl<S: LeaseStore> Driver<S> {
                 self.node.backend.pod_mtu()
             );
         }
-        if ext.public_ip != self.node.own.public_ip {
-            match self.store.publish(&self.node.cfg, &backend.lease_attrs(ext.public_ip)).await {
+        let attrs = Node::lease_attrs(&backend, backend6.as_ref(), &ext);
+        let advertised = Node::lease_attrs(&self.node.backend, self.node.backend6.as_ref(), &self.node.ext);
+        if attrs != advertised {
+            match self.store.publish(&self.node.cfg, &attrs).await {
                 Ok(lease) => self.node.own = lease,
                 Err(e) => {
                     // Keep the old state; the next check tries again.
-                    error!("reconcile ({why}): advertise the new public IP {}: {e}", ext.public_ip);
+                    error!(
+                        "reconcile ({why}): advertise the new public IP {} ({:?}): {e}",
+                        ext.public_ip, attrs.public_ipv6
+                    );
                     self.underlay_due = true;
                     return;
                 }
@@ -250,34 +314,40 @@ impl<S: LeaseStore> Driver<S> {
             tokio::task::block_in_place(|| drop(old));
         }
         self.node.backend = backend;
+        self.node.backend6 = backend6;
         self.node.ext = ext;
     }
 
     /// Observes and plans; with a data path, (re)starts it first when it
     /// stopped or its device is gone (the data path makes its device), then
     /// observes again.
-    async fn observe_and_plan(&mut self, want: &plan::Desired, why: &str) -> Option<(plan::Observed, Vec<plan::Op>)> {
+    async fn observe_and_plan(
+        &mut self,
+        family: Family,
+        want: &plan::Desired,
+        why: &str,
+    ) -> Option<(plan::Observed, Vec<plan::Op>)> {
         let device = want.device.as_ref().map(|d| d.name().to_string());
+        let (network, _) = crate::backend::family_network(&self.node.cfg, family)?;
+        let (sweep, has_data_path) = {
+            let b = self.node.backend_of(family);
+            (b.sweep(), b.has_data_path())
+        };
         for attempt in 0..2 {
-            let observed = match kernel::observe(
-                &self.nl,
-                device.as_deref(),
-                self.node.backend.sweep(),
-                self.node.cfg.network,
-                want.blackhole.map(|b| b.subnet),
-            )
-            .await
-            {
-                Ok(o) => o,
-                Err(e) => {
-                    error!("reconcile ({why}): {e}");
-                    self.metrics.netlink_errors.fetch_add(1, Ordering::Relaxed);
-                    return None;
-                }
-            };
-            self.device_index = observed.device.as_ref().map(|v| v.index);
+            let observed =
+                match kernel::observe(&self.nl, device.as_deref(), sweep, network, want.blackhole.map(|b| b.subnet))
+                    .await
+                {
+                    Ok(o) => o,
+                    Err(e) => {
+                        error!("reconcile ({why}): {e}");
+                        self.metrics.netlink_errors.fetch_add(1, Ordering::Relaxed);
+                        return None;
+                    }
+                };
+            self.device_index[family as usize] = observed.device.as_ref().map(|v| v.index);
             let ops = plan::plan(want, &observed);
-            if !self.node.backend.has_data_path() || attempt > 0 {
+            if !has_data_path || attempt > 0 {
                 return Some((observed, ops));
             }
             let gone = ops.iter().any(|op| matches!(op, plan::Op::CreateDevice | plan::Op::RecreateDevice(_)));
@@ -341,7 +411,8 @@ impl<S: LeaseStore> Driver<S> {
     /// pods keep talking across a restart) or a fatal error (our lease
     /// revoked, the watcher gone).
     pub async fn run(mut self, mut events: mpsc::Receiver<LeaseEvent>) -> anyhow::Result<()> {
-        let mut changes = flannel_net::netlink::monitor()?;
+        let ipv6 = self.node.backend6.is_some();
+        let mut changes = flannel_net::netlink::monitor(ipv6)?;
         let mut periodic = tokio::time::interval(PERIODIC);
         periodic.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut resync = tokio::time::interval(self.timers.resync.max(Duration::from_secs(1)));
@@ -371,13 +442,15 @@ impl<S: LeaseStore> Driver<S> {
                     Some(c) => {
                         let underlay = concerns_underlay(self.node.ext.index, self.underlay_missing, c);
                         self.underlay_due |= underlay;
-                        if (underlay || concerns_us(self.device_index, self.node.backend.underlay(), c)) && kernel_due.is_none() {
+                        let ours = concerns_us(self.device_index[0], self.node.backend.underlay(), c)
+                            || (ipv6 && concerns_us(self.device_index[1], self.node.backend.underlay(), c));
+                        if (underlay || ours) && kernel_due.is_none() {
                             kernel_due = Some(tokio::time::Instant::now() + DEBOUNCE);
                         }
                     }
                     None => {
                         warn!("netlink notifications stopped; subscribing again");
-                        changes = flannel_net::netlink::monitor()?;
+                        changes = flannel_net::netlink::monitor(ipv6)?;
                         kernel_due = Some(tokio::time::Instant::now());
                     }
                 },

@@ -22,18 +22,20 @@ pub enum Sweep {
     AnyDevice,
 }
 
-/// Dumps the state we own: our device (`device`, by name), its IPv4
-/// addresses, the main-table routes through it, its permanent neighbours and
-/// FDB entries, the routes `sweep` names to subnets of `cluster`, and
-/// whether `blackhole <blackhole>` is there (when asked).
+/// Dumps the state we own in `cluster`'s family: our device (`device`, by
+/// name), its addresses, the main-table routes through it, its permanent
+/// neighbours and FDB entries, the routes `sweep` names to subnets of
+/// `cluster`, and whether `blackhole <blackhole>` is there (when asked).
 pub async fn observe(
     nl: &Netlink,
     device: Option<&str>,
     sweep: Sweep,
-    cluster: Ipv4Net,
+    cluster: IpNet,
     blackhole: Option<Ipv4Net>,
 ) -> NlResult<Observed> {
-    let (all_routes, blackholes) = nl.routes_v4_and_blackholes().await?;
+    let v6 = matches!(cluster, IpNet::V6(_));
+    let same_family = |a: &IpNet| matches!(a, IpNet::V6(_)) == v6;
+    let (all_routes, blackholes) = nl.routes_and_blackholes(v6).await?;
     let blackhole = blackhole.is_some_and(|b| blackholes.contains(&IpNet::V4(b)));
     let direct = |r: &Route| {
         let ours = match sweep {
@@ -41,8 +43,7 @@ pub async fn observe(
             Sweep::Underlay(u) => r.oif == Some(u),
             Sweep::AnyDevice => true,
         };
-        ours && r.gateway.is_some()
-            && matches!(r.dst, IpNet::V4(d) if cluster.contains(&d) && d.prefix_len() > cluster.prefix_len())
+        ours && r.gateway.is_some() && cluster.contains(&r.dst) && r.dst.prefix_len() > cluster.prefix_len()
     };
     let link = match device {
         Some(name) => nl.vxlan_by_name(name).await?,
@@ -56,16 +57,24 @@ pub async fn observe(
         });
     };
     let index = link.index;
-    let addrs = nl.addrs(index).await?.into_iter().filter(|a| matches!(a, IpNet::V4(_))).collect();
+    // IPv6 devices also hold a link-local address, which is the kernel's.
+    let addrs = nl
+        .addrs(index)
+        .await?
+        .into_iter()
+        .filter(|a| same_family(a) && !matches!(a, IpNet::V6(n) if n.addr().segments()[0] & 0xffc0 == 0xfe80))
+        .collect();
+    // The kernel's own IPv6 routes through the device (fe80::/64, multicast)
+    // are not in the cluster network; only those into it are ours.
     let routes = all_routes
         .into_iter()
-        .filter(|r| (r.oif == Some(index) && matches!(r.dst, IpNet::V4(_))) || direct(r))
+        .filter(|r| (r.oif == Some(index) && same_family(&r.dst) && (!v6 || cluster.contains(&r.dst))) || direct(r))
         .collect();
     // A TUN has no neighbours or FDB entries: two dumps per reconcile saved.
     let (neighs, fdbs) = if link.kind.as_deref() == Some("tun") {
         (Vec::new(), Vec::new())
     } else {
-        (nl.neighs(index).await?, nl.fdbs(index).await?)
+        (nl.neighs_of(index, v6).await?, nl.fdbs(index).await?)
     };
     Ok(Observed { device: Some(link), addrs, routes, neighs, fdbs, blackhole })
 }

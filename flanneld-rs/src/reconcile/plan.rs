@@ -74,15 +74,15 @@ impl Device {
 }
 
 /// The kernel state the lease set asks for.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Desired {
     /// Our device: a VTEP (VXLAN), a TUN (udp), or `None` for backends
     /// without one (host-gw).
     pub device: Option<Device>,
-    /// Its address: `<our subnet>.0/32`.
-    pub addr: Option<Ipv4Net>,
+    /// Its address: `<our subnet>.0/32` (IPv6: `<our subnet>::/128`).
+    pub addr: Option<IpNet>,
     /// Per peer subnet.
-    pub peers: BTreeMap<Ipv4Net, PeerEntries>,
+    pub peers: BTreeMap<IpNet, PeerEntries>,
     /// udp: peers reached through the user-space data path, subnet -> public
     /// IP. They need nothing in the kernel; the plan ignores them.
     pub tunnel: BTreeMap<Ipv4Net, std::net::Ipv4Addr>,
@@ -111,7 +111,7 @@ pub struct Blackhole {
 pub struct Observed {
     /// Our device, if it exists.
     pub device: Option<VxlanLink>,
-    /// IPv4 addresses on it.
+    /// Its addresses of the plan's family.
     pub addrs: Vec<IpNet>,
     /// Main-table routes through it (and, with direct routing, our routes on the underlay).
     pub routes: Vec<Route>,
@@ -248,7 +248,7 @@ pub fn plan(desired: &Desired, observed: &Observed) -> Vec<Op> {
     let empty = Observed::default();
     let observed = if fresh { &empty } else { observed };
 
-    let want_addr = desired.addr.map(IpNet::V4);
+    let want_addr = desired.addr;
     if let Some(a) = want_addr {
         if !observed.addrs.contains(&a) {
             ops.push(Op::AddAddr(a));
@@ -285,8 +285,9 @@ pub fn plan(desired: &Desired, observed: &Observed) -> Vec<Op> {
     ops.extend(set_fdbs);
     ops.extend(set_routes);
 
+    // The observed addresses are of the plan's family only.
     for a in &observed.addrs {
-        if Some(*a) != want_addr && a.addr().is_ipv4() {
+        if Some(*a) != want_addr {
             ops.push(Op::DelAddr(*a));
         }
     }
@@ -392,12 +393,12 @@ mod tests {
 
     use crate::reconcile::test_vtep_spec as spec;
 
-    fn peer(subnet: &str, mac: &str, public: &str) -> (Ipv4Net, PeerEntries) {
+    fn peer(subnet: &str, mac: &str, public: &str) -> (IpNet, PeerEntries) {
         let net: Ipv4Net = subnet.parse().unwrap();
         let vtep_ip = net.network();
         let mac: MacAddr = mac.parse().unwrap();
         (
-            net,
+            IpNet::V4(net),
             PeerEntries {
                 route: Route {
                     dst: IpNet::V4(net),
@@ -406,8 +407,8 @@ mod tests {
                     onlink: true,
                     scope: Scope::Global,
                 },
-                neigh: Some(Neigh { ip: vtep_ip, mac }),
-                fdb: Some(Fdb { mac, dst: public.parse::<Ipv4Addr>().unwrap() }),
+                neigh: Some(Neigh { ip: IpAddr::V4(vtep_ip), mac }),
+                fdb: Some(Fdb { mac, dst: IpAddr::V4(public.parse::<Ipv4Addr>().unwrap()) }),
             },
         )
     }

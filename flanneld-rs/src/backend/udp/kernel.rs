@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use anyhow::{bail, Context};
 use flannel_net::netlink::Netlink;
 use flannel_net::netns::NetNs;
-use ipnet::Ipv4Net;
+use ipnet::{IpNet, Ipv4Net};
 
 use crate::reconcile::kernel::{self, Sweep};
 use crate::reconcile::plan::{self, Desired, Device, Op, TunSpec};
@@ -31,8 +31,8 @@ impl DeviceSpec {
     /// `<subnet>.0/32`: a /32 so that the kernel adds no subnet or broadcast
     /// route for it; it is the source of the node's own traffic into the
     /// overlay.
-    pub fn address(&self) -> Ipv4Net {
-        crate::reconcile::desired::vtep_addr(self.subnet)
+    pub fn address(&self) -> IpNet {
+        crate::reconcile::desired::vtep_addr(IpNet::V4(self.subnet))
     }
 
     /// The device alone, as the plan wants it.
@@ -53,7 +53,7 @@ impl DeviceSpec {
 /// data path must be restarted to recreate it).
 pub async fn ensure(nl: &Netlink, spec: &DeviceSpec) -> anyhow::Result<Vec<String>> {
     let want = spec.desired();
-    let have = kernel::observe(nl, Some(&spec.name), Sweep::None, spec.network, None).await?;
+    let have = kernel::observe(nl, Some(&spec.name), Sweep::None, IpNet::V4(spec.network), None).await?;
     if have.device.is_none() {
         bail!("device {} is gone: restart the udp data path to recreate it", spec.name);
     }

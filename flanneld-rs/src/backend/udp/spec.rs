@@ -9,7 +9,7 @@ use flannel_net::netlink::{Route, Scope};
 use ipnet::{IpNet, Ipv4Net};
 
 use crate::iface::ExtIface;
-use crate::lease::Lease;
+use crate::lease::FamilyLease;
 use crate::reconcile::plan::TunSpec;
 
 /// The udp backend's device and socket.
@@ -72,8 +72,11 @@ pub fn spec(port: u16, ext: &ExtIface) -> anyhow::Result<UdpSpec> {
 
 /// A peer's address for the data path: its public IP (on or off our
 /// segment: datagrams are routed like any other).
-pub fn peer(l: &Lease) -> Result<Ipv4Addr, String> {
-    Ok(l.public_ip)
+pub fn peer(l: &FamilyLease) -> Result<Ipv4Addr, String> {
+    match l.public_ip {
+        Some(std::net::IpAddr::V4(ip)) => Ok(ip),
+        _ => Err("the udp backend carries IPv4 only".into()),
+    }
 }
 
 /// The whole Network into the TUN (no next hop: the device is point to point).
