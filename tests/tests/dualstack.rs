@@ -96,7 +96,7 @@ fn vxlan_dual_stack_pods_reach_every_pod_over_both_families_and_state_is_exact()
         assert_eq!(info["id"], 1, "{link}");
         assert_eq!(info["port"], 8472, "{link}");
         assert_eq!(info["learning"], false, "{link}");
-        assert_eq!(info["local"], o.cluster.node(i).underlay_ipv6.unwrap().to_string(), "{link}");
+        assert_eq!(info["local6"], o.cluster.node(i).underlay_ipv6.unwrap().to_string(), "{link}");
         assert_eq!(link["mtu"], 1430, "{link}");
         let link4 = &ns.ip_json(&["-d", "link", "show", "flannel.1"])[0];
         assert_eq!(link4["linkinfo"]["info_data"]["local"], o.cluster.node(i).underlay_ip.to_string());
