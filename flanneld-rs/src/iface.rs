@@ -92,7 +92,26 @@ fn ext(link: &Link, addrs: &[(u32, IpNet)], want: Option<Ipv4Addr>) -> Result<Ex
             *usable_v4(addrs, link.index).first().ok_or_else(|| format!("{} has no usable IPv4 address", link.name))?
         }
     };
-    Ok(ExtIface { name: link.name.clone(), index: link.index, addr, public_ip: addr.addr(), mtu: link.mtu, v6: None })
+    let v6 = usable_v6(addrs, link.index).map(|a| ExtIface6 { addr: a, public_ip: a.addr() });
+    Ok(ExtIface { name: link.name.clone(), index: link.index, addr, public_ip: addr.addr(), mtu: link.mtu, v6 })
+}
+
+/// The interface's first global unicast IPv6 address (flannel's
+/// `GetInterfaceIP6Addr`): not link-local, loopback, multicast or
+/// unspecified. Stop-gap of the fixtures' helper until interface selection
+/// handles IPv6 (`--public-ipv6`, IPv6 `--iface` values are not applied).
+fn usable_v6(addrs: &[(u32, IpNet)], index: u32) -> Option<ipnet::Ipv6Net> {
+    addrs.iter().filter(|(i, _)| *i == index).find_map(|(_, a)| match a {
+        IpNet::V6(v6)
+            if !(v6.addr().is_loopback()
+                || v6.addr().is_multicast()
+                || v6.addr().is_unspecified()
+                || v6.addr().segments()[0] & 0xffc0 == 0xfe80) =>
+        {
+            Some(*v6)
+        }
+        _ => None,
+    })
 }
 
 /// How the underlay interface is chosen: the flags, with what the lease

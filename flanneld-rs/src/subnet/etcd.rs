@@ -30,7 +30,7 @@ use etcd_client::{
     Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, KeyValue, LeaseTimeToLiveOptions, PutOptions,
     Txn, TxnOp, WatchOptions,
 };
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 use serde_json::Value;
 use tokio::sync::mpsc;
 
@@ -121,6 +121,27 @@ pub fn subnet_key(prefix: &str, subnet: Ipv4Net) -> String {
     format!("{}/subnets/{}-{}", prefix.trim_end_matches('/'), subnet.network(), subnet.prefix_len())
 }
 
+/// flannel's key of a lease with both subnets:
+/// `<prefix>/subnets/10.5.52.0-24&2001:db8:10:1::-64` (`MakeSubnetKey`).
+pub fn subnet_key_dual(prefix: &str, subnet: Ipv4Net, subnet6: Option<Ipv6Net>) -> String {
+    match subnet6 {
+        None => subnet_key(prefix, subnet),
+        Some(s6) => format!("{}&{}-{}", subnet_key(prefix, subnet), s6.network(), s6.prefix_len()),
+    }
+}
+
+/// The IPv6 subnet a dual-stack key names after its `&`
+/// (`10.5.52.0-24&2001:db8::-64`); `None` without one or unless canonical.
+pub fn parse_subnet_key6(key_tail: &str) -> Option<Ipv6Net> {
+    let (_, v6) = key_tail.split_once('&')?;
+    let (ip, len) = v6.rsplit_once('-')?;
+    if len.is_empty() || len.len() > 3 || !len.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let net = Ipv6Net::new(ip.parse().ok()?, len.parse().ok()?).ok()?;
+    (net.trunc() == net).then_some(net)
+}
+
 /// The subnet a key names, from the part after `<prefix>/subnets/`:
 /// `10.5.52.0-24`, or for dual stack `10.5.52.0-24&fc00::-64` (the IPv4 part).
 /// `None` unless it is a canonical IPv4 CIDR (no host bits, length 0..=32).
@@ -146,7 +167,8 @@ pub fn decode_entry(prefix: &str, cfg: &NetworkConfig, key: &str, value: &[u8]) 
     if !cfg.network.contains(&subnet) {
         return Err(format!("lease {key} = {}: subnet {subnet} is outside Network {}", shown(value), cfg.network));
     }
-    decode_value(key, subnet, None, value)
+    let subnet6 = key.strip_prefix(&dir).and_then(parse_subnet_key6);
+    decode_value(key, subnet, subnet6, value)
 }
 
 /// A raw entry of `<prefix>/subnets/`.
@@ -154,6 +176,8 @@ struct Entry {
     key: String,
     /// The subnet the key names, if it names one.
     subnet: Option<Ipv4Net>,
+    /// The IPv6 subnet a dual-stack key names.
+    subnet6: Option<Ipv6Net>,
     value: Vec<u8>,
     /// The etcd lease, 0 for none (a reservation).
     lease_id: i64,
@@ -167,9 +191,11 @@ impl Entry {
             return None;
         };
         let subnet = key.rsplit_once("/subnets/").and_then(|(_, tail)| parse_subnet_key(tail));
+        let subnet6 = key.rsplit_once("/subnets/").and_then(|(_, tail)| parse_subnet_key6(tail));
         Some(Entry {
             key: key.to_string(),
             subnet,
+            subnet6,
             value: kv.value().to_vec(),
             lease_id: kv.lease(),
             mod_revision: kv.mod_revision(),
@@ -456,6 +482,19 @@ impl EtcdSubnetManager {
         attrs: &LeaseAttrs,
         previous: Option<Ipv4Net>,
     ) -> Result<AcquiredLease, StoreError> {
+        self.acquire_lease_dual(cfg, attrs, previous, None).await
+    }
+
+    /// [`EtcdSubnetManager::acquire_lease`], and with `EnableIPv6` an IPv6 subnet
+    /// too (`previous6` if in range and free, else a free one at random),
+    /// under flannel's dual-stack key `<v4>-<len>&<v6>-<len>`.
+    pub async fn acquire_lease_dual(
+        &self,
+        cfg: &NetworkConfig,
+        attrs: &LeaseAttrs,
+        previous: Option<Ipv4Net>,
+        previous6: Option<Ipv6Net>,
+    ) -> Result<AcquiredLease, StoreError> {
         if let Some(why) = unusable_public_ip(attrs.public_ip) {
             return Err(StoreError::Invalid(format!(
                 "public IP {} is {why}: other nodes could not reach this one",
@@ -510,6 +549,33 @@ impl EtcdSubnetManager {
                         max: cfg.subnet_max,
                     });
                 };
+                // Dual-stack: an IPv6 subnet too, the same way.
+                let subnet6 = match &cfg.ipv6 {
+                    None => None,
+                    Some(v6) => {
+                        let taken6: HashSet<Ipv6Net> = entries.iter().filter_map(|e| e.subnet6).collect();
+                        let picked = previous6
+                            .map(|p| p.trunc())
+                            .filter(|p| v6.allows(*p) && !taken6.contains(p))
+                            .or_else(|| {
+                                let n = v6.count();
+                                let start = u128::from(random_u64((attrs.public_ip, attempt, 6))) % n;
+                                (0..n.min(1 << 20))
+                                    .filter_map(|i| v6.nth((start + i) % n))
+                                    .find(|s| !taken6.contains(s))
+                            });
+                        match picked {
+                            Some(s6) => Some(s6),
+                            None => {
+                                break 'attempts Err(StoreError::Invalid(format!(
+                                    "no free IPv6 subnet /{} left in IPv6Network {} between IPv6SubnetMin {} and \
+                                     IPv6SubnetMax {}",
+                                    v6.subnet_len, v6.network, v6.subnet_min, v6.subnet_max
+                                )))
+                            }
+                        }
+                    }
+                };
                 let (lease_id, expires) = match granted {
                     Some(g) => g,
                     None => match self.grant().await {
@@ -520,7 +586,7 @@ impl EtcdSubnetManager {
                         Err(e) => break 'attempts Err(e),
                     },
                 };
-                let key = subnet_key(&self.prefix, subnet);
+                let key = subnet_key_dual(&self.prefix, subnet, subnet6);
                 let txn = Txn::new()
                     .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
                     .and_then([TxnOp::put(key.clone(), value.clone(), Some(PutOptions::new().with_lease(lease_id)))]);
@@ -532,7 +598,7 @@ impl EtcdSubnetManager {
                 if resp.succeeded() {
                     granted = None;
                     log::info!("acquired lease {key} = {value} (etcd lease {lease_id:x})");
-                    let lease = attrs.lease(subnet, None, key.clone());
+                    let lease = attrs.lease(subnet, subnet6, key.clone());
                     break 'attempts Ok(AcquiredLease { lease, key, etcd_lease_id: Some(lease_id), expires });
                 }
                 log::info!("{key} was created by another node meanwhile; picking again");
@@ -558,7 +624,7 @@ impl EtcdSubnetManager {
         granted: &mut Option<(i64, SystemTime)>,
     ) -> Result<Option<AcquiredLease>, StoreError> {
         let key = entry.key.clone();
-        let lease = attrs.lease(found.subnet, None, key.clone());
+        let lease = attrs.lease(found.subnet, found.subnet6(), key.clone());
         let unchanged = Compare::mod_revision(key.clone(), CompareOp::Equal, entry.mod_revision);
         let mut c = self.client.clone();
         if entry.lease_id == 0 {
@@ -683,7 +749,10 @@ impl EtcdSubnetManager {
             return Err(StoreError::Revoked { key: key.clone(), why: "the key is gone from etcd".into() });
         }
         log::info!("updated lease {key} = {value}");
-        Ok(AcquiredLease { lease: attrs.lease(lease.lease.subnet, None, key.clone()), ..lease.clone() })
+        Ok(AcquiredLease {
+            lease: attrs.lease(lease.lease.subnet, lease.lease.subnet6(), key.clone()),
+            ..lease.clone()
+        })
     }
 
     /// Starts the lease watcher (see the module documentation): a snapshot at
@@ -961,9 +1030,9 @@ impl super::LeaseStore for EtcdStore {
         cfg: &NetworkConfig,
         attrs: &LeaseAttrs,
         previous: Option<Ipv4Net>,
-        _previous6: Option<ipnet::Ipv6Net>,
+        previous6: Option<ipnet::Ipv6Net>,
     ) -> Result<Lease, StoreError> {
-        let acquired = self.mgr.acquire_lease(cfg, attrs, previous).await?;
+        let acquired = self.mgr.acquire_lease_dual(cfg, attrs, previous, previous6).await?;
         let lease = acquired.lease.clone();
         self.acquired = Some(acquired);
         Ok(lease)
@@ -1061,6 +1130,22 @@ mod tests {
     }
 
     const P: &str = "/coreos.com/network";
+
+    #[test]
+    fn dual_stack_keys_name_and_parse_both_subnets() {
+        let s: Ipv4Net = "10.5.52.0/24".parse().unwrap();
+        let s6: Ipv6Net = "2001:db8:10:1::/64".parse().unwrap();
+        let key = subnet_key_dual(P, s, Some(s6));
+        assert_eq!(key, "/coreos.com/network/subnets/10.5.52.0-24&2001:db8:10:1::-64");
+        assert_eq!(subnet_key_dual(P, s, None), subnet_key(P, s));
+        let tail = key.rsplit_once("/subnets/").unwrap().1;
+        assert_eq!((parse_subnet_key(tail), parse_subnet_key6(tail)), (Some(s), Some(s6)));
+        for bad in
+            ["10.5.52.0-24", "10.5.52.0-24&", "10.5.52.0-24&2001:db8::1-64", "10.5.52.0-24&x-64", "10.5.52.0-24&::-129"]
+        {
+            assert_eq!(parse_subnet_key6(bad), None, "{bad}");
+        }
+    }
 
     #[test]
     fn key_naming_and_parsing() {
@@ -1175,8 +1260,14 @@ mod tests {
         assert!(!in_range(&c, "10.5.0.0/24".parse().unwrap())); // below SubnetMin
         assert!(!in_range(&c, "10.5.1.0/25".parse().unwrap()));
         assert!(!in_range(&c, "10.6.1.0/24".parse().unwrap()));
-        let e =
-            |k: &str| Entry { key: k.into(), subnet: parse_subnet_key(k), value: vec![], lease_id: 0, mod_revision: 1 };
+        let e = |k: &str| Entry {
+            key: k.into(),
+            subnet: parse_subnet_key(k),
+            subnet6: parse_subnet_key6(k),
+            value: vec![],
+            lease_id: 0,
+            mod_revision: 1,
+        };
         let taken = occupied(&c, &[e("10.5.3.0-24"), e("10.5.4.128-25"), e("10.5.8.0-23"), e("junk")]);
         let mut t: Vec<String> = taken.iter().map(|s| s.to_string()).collect();
         t.sort();
