@@ -169,7 +169,7 @@ async fn run_with(opts: Opts, mut store: impl LeaseStore, metrics: Arc<Metrics>)
     let t_lease = started.elapsed();
 
     backend::remove_leftover_devices(&nl, &backend, cfg.network).await;
-    let fw = FirewallSpec::from_opts(&opts, &cfg, own.subnet);
+    let fw = FirewallSpec::from_opts(&opts, &cfg, Some(own.subnet), None);
     let timers = Timers {
         resync: Duration::from_secs(opts.iptables_resync.max(1)),
         renew_margin: Duration::from_secs(u64::from(opts.subnet_lease_renew_margin) * 60),
