@@ -6,7 +6,7 @@
 //! taken over in place, with no moment without masquerade, and handed back.
 
 use std::collections::BTreeSet;
-use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -15,6 +15,8 @@ use std::time::Duration;
 use e2e_tests::overlay::{etcdctl_ok, Overlay, ETCD};
 use e2e_tests::{echo_server, tcp_round_trip};
 use flannel_net::netns::NetNs;
+use flanneld_rs::firewall::{self, FirewallSpec, Ipv4Rules, Ipv6Rules};
+use ipnet::Ipv4Net;
 use netns_fixtures::{require_root, skip_or_fail, wait_until, Netns};
 
 const NFT_CONF: &str = r#"{"Network":"10.244.0.0/16","EnableNFTables":true,"Backend":{"Type":"vxlan"}}"#;
@@ -493,4 +495,148 @@ fn a_node_on_iptables_legacy_gets_the_rules_in_iptables_legacy() {
     assert_eq!(server.join().unwrap().ip().to_string(), "192.0.2.10");
     let (ok, v) = o.diagnose(0, &[]);
     assert!(ok, "{v:#}");
+}
+
+// ---------------------------------------------------------------- IPv6 --
+
+/// The IPv6 cluster network of these tests and the node's subnet in it.
+const N6: &str = "2001:db8:44::/56";
+const P6: &str = "2001:db8:44:1::/64";
+/// The node's and the outside host's IPv6 underlay addresses.
+const NODE6: &str = "2001:db8::10";
+const OUTSIDE6: &str = "2001:db8::c8";
+
+/// The spec for the IPv6 network `n6` and subnet `p6`, with the IPv4 part
+/// given (dual-stack) or not (IPv6-only).
+fn spec6(v4: Option<(&str, Ipv4Net)>, n6: &str, p6: &str, nftables: bool) -> FirewallSpec {
+    FirewallSpec {
+        ipv4: v4.map(|(n, p)| Ipv4Rules { network: n.parse().unwrap(), subnet: p }),
+        ipv6: Some(Ipv6Rules { network: n6.parse().unwrap(), subnet: p6.parse().unwrap() }),
+        masquerade: true,
+        fully_random: true,
+        forward: true,
+        nftables,
+    }
+}
+
+/// `ip6tables-save -t <table>` without its comment lines and counters.
+fn save6(ns: &Netns, table: &str) -> String {
+    ns.run_ok("ip6tables-save", &["-t", table])
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .map(|l| l.replace("[0:0]", "").trim_end().to_string())
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Gives the node and the outside host their IPv6 underlay addresses
+/// (2001:db8::/64 on eth0) and the outside host a route to the IPv6
+/// network via the node.
+fn ipv6_underlay(node: &Netns, outside: &Netns) {
+    node.ip_batch(&[format!("addr add {NODE6}/64 dev eth0 nodad")]).unwrap();
+    outside
+        .ip_batch(&[format!("addr add {OUTSIDE6}/64 dev eth0 nodad"), format!("route add {N6} via {NODE6}")])
+        .unwrap();
+    node.sysctl("net.ipv6.conf.all.forwarding", "1").unwrap();
+}
+
+/// A namespace behind the node on a veth (`link` on the node side): its
+/// `eth0` has `addr`/64, the node's side `gw`/64 (both without DAD), and
+/// its default route goes via `gw`.
+fn ipv6_host_behind(node: &netns_fixtures::Node, name: &str, link: &str, addr: &str, gw: &str) -> Netns {
+    let ns = node.add_pod_netns(name).unwrap();
+    node.ns
+        .ip_batch(&[
+            format!("link add {link} type veth peer name eth0 netns {}", ns.name()),
+            format!("addr add {gw}/64 dev {link} nodad"),
+            format!("link set {link} up"),
+        ])
+        .unwrap();
+    ns.ip_batch(&[
+        format!("addr add {addr}/64 dev eth0 nodad"),
+        "link set eth0 up".into(),
+        "link set lo up".into(),
+        format!("route add default via {gw}"),
+    ])
+    .unwrap();
+    node.ns.wait_oper_up(&[link], Duration::from_secs(10)).unwrap();
+    ns.wait_oper_up(&["eth0"], Duration::from_secs(10)).unwrap();
+    ns
+}
+
+/// The source address `to`'s echo server sees for a TCP round trip from `from`.
+fn seen_from(from: &Netns, to: &Netns, addr: &str, port: u16) -> IpAddr {
+    let target = SocketAddr::new(addr.parse().unwrap(), port);
+    let server = echo_server(to, target);
+    assert_eq!(tcp_round_trip(from, target), "ping\n");
+    server.join().unwrap().ip()
+}
+
+/// IPv6 masquerade on the real kernel, the rules written by our writers
+/// inside the node's namespace: a pod reaching the outside host is seen
+/// with the node's IPv6 address; a pod reaching a pod of
+/// another node's subnet keeps its address; the outside host reaching our
+/// pod keeps its address; the host reaching a pod of another subnet through
+/// the node is masqueraded (iptables, upstream's last rule) or not
+/// (nftables, current flannel's fourth rule returns first); traffic the
+/// kube-proxy marked is left alone. Then the same with the nftables tables,
+/// and IPv6-only.
+#[test]
+fn ipv6_masquerade_on_the_kernel_as_flannels_rules_say() {
+    if !require_root() {
+        return;
+    }
+    let cluster = netns_fixtures::Cluster::with_outside(1).unwrap();
+    let (node, outside) = (cluster.node(0), cluster.outside().unwrap());
+    ipv6_underlay(&node.ns, outside);
+    // A pod of ours (in P6) and a pod of another node's subnet (reached
+    // here through a second link, as through flannel.1).
+    let pod = ipv6_host_behind(node, "p6", "vpod", "2001:db8:44:1::2", "2001:db8:44:1::1");
+    let peer = ipv6_host_behind(node, "q6", "vpeer", "2001:db8:44:2::2", "2001:db8:44:2::1");
+    let node6: IpAddr = NODE6.parse().unwrap();
+    let pod6: IpAddr = "2001:db8:44:1::2".parse().unwrap();
+    let out6: IpAddr = OUTSIDE6.parse().unwrap();
+    // Before any rule: nothing is masqueraded (so each check below can fail).
+    assert_eq!(seen_from(&pod, outside, OUTSIDE6, 9400), pod6);
+
+    let v4 = Some(("10.244.0.0/16", "10.244.1.0/24".parse().unwrap()));
+    for (mode, spec) in [
+        ("iptables", spec6(v4, N6, P6, false)),
+        ("iptables, IPv6-only", spec6(None, N6, P6, false)),
+        ("nftables", spec6(v4, N6, P6, true)),
+        ("nftables, IPv6-only", spec6(None, N6, P6, true)),
+    ] {
+        let done = node.ns.in_thread(|| firewall::setup(&spec)).unwrap();
+        assert!(node.ns.in_thread(|| firewall::check(&spec)).unwrap().is_empty(), "{mode}: {done:?}");
+        assert_eq!(seen_from(&pod, outside, OUTSIDE6, 9401), node6, "{mode}: pod -> outside is masqueraded");
+        assert_eq!(seen_from(&pod, &peer, "2001:db8:44:2::2", 9402), pod6, "{mode}: pod -> pod keeps its address");
+        assert_eq!(seen_from(outside, &pod, "2001:db8:44:1::2", 9403), out6, "{mode}: outside -> our pod keeps it");
+        let host_to_other = seen_from(outside, &peer, "2001:db8:44:2::2", 9404);
+        if spec.nftables {
+            assert_eq!(host_to_other, out6, "{mode}: flannel's nftables rule 4 returns for sources outside P");
+        } else {
+            let route = node.ns.run_ok("ip", &["-6", "route", "get", "2001:db8:44:2::2"]);
+            let src: IpAddr = route.split_whitespace().skip_while(|w| *w != "src").nth(1).unwrap().parse().unwrap();
+            assert_eq!(host_to_other, src, "{mode}: outside -> other subnet is masqueraded (upstream's last rule)");
+        }
+        // The kube-proxy's mark: flannel leaves such packets alone.
+        node.ns.run_ok("ip6tables", &["-t", "mangle", "-A", "FORWARD", "-j", "MARK", "--set-mark", "0x4000/0x4000"]);
+        assert_eq!(seen_from(&pod, outside, OUTSIDE6, 9405), pod6, "{mode}: marked traffic is not masqueraded here");
+        node.ns.run_ok("ip6tables", &["-t", "mangle", "-D", "FORWARD", "-j", "MARK", "--set-mark", "0x4000/0x4000"]);
+        let ours4 = flannel_lines(&save(&node.ns, "nat")).len() + flannel_lines(&save(&node.ns, "filter")).len();
+        let ours6 = flannel_lines(&save6(&node.ns, "nat")).len() + flannel_lines(&save6(&node.ns, "filter")).len();
+        match (spec.nftables, spec.ipv4.is_some()) {
+            (false, true) => assert_eq!((ours4, ours6), (11, 11), "{mode}"),
+            (false, false) => {
+                // What was ours for IPv4 (the dual-stack round's) is gone.
+                assert_eq!((ours4, ours6), (0, 11), "{mode}");
+                assert!(done.iter().any(|d| d.contains("iptables chain FLANNEL-POSTRTG (table nat) is there, but the network configuration has no IPv4")), "{done:?}");
+            }
+            (true, v4) => {
+                assert_eq!((ours4, ours6), (0, 0), "{mode}: flannel's iptables chains left");
+                let t4 = node.ns.run_ok("nft", &["list", "table", "ip", "flannel-ipv4"]);
+                assert_eq!(t4.contains("chain postrtg"), v4, "{mode}: {t4}");
+            }
+        }
+    }
 }
