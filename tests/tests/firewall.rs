@@ -640,3 +640,107 @@ fn ipv6_masquerade_on_the_kernel_as_flannels_rules_say() {
         }
     }
 }
+
+const DUAL_CONF: &str =
+    r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"2001:db8:44::/56","Backend":{"Type":"vxlan"}}"#;
+
+/// Node `i`'s IPv6 subnet from the subnet.env upstream's flanneld wrote.
+fn subnet6(o: &Overlay, i: usize) -> ipnet::Ipv6Net {
+    let text = std::fs::read_to_string(&o.daemons[i].subnet_file).unwrap();
+    let line = text.lines().find_map(|l| l.strip_prefix("FLANNEL_IPV6_SUBNET=")).unwrap();
+    line.parse::<ipnet::Ipv6Net>().unwrap().trunc()
+}
+
+/// flanneld v0.20.2 dual-stack (etcd mode, vxlan) on node 0, until its
+/// IPv4 and IPv6 chains are all there.
+fn spawn_upstream_dual(o: &mut Overlay, bin: &PathBuf) {
+    let mut cmd = o.cluster.node(0).ns.command(bin);
+    cmd.args(["--etcd-endpoints", ETCD, "--ip-masq", "--iptables-resync", "1", "--iface", "eth0", "--subnet-file"])
+        .arg(&o.daemons[0].subnet_file);
+    o.spawn_command(0, cmd);
+    let ns = &o.cluster.node(0).ns;
+    wait_until(Duration::from_secs(30), "flanneld v0.20.2's IPv4 and IPv6 rules on node0", || {
+        let count = |t: String| flannel_lines(&t).len();
+        count(save(ns, "nat")) == 7
+            && count(save(ns, "filter")) == 4
+            && count(save6(ns, "nat")) == 7
+            && count(save6(ns, "filter")) == 4
+    });
+}
+
+/// flanneld v0.20.2 with `EnableIPv6`: its ip6tables chains are, rule for
+/// rule, what ours write; ours take them over in place (the same kernel
+/// chain, one set of rules), the resync repairs a deleted IPv6 rule after
+/// the check has named it, and flannel started again finds its chains as
+/// it left them.
+#[test]
+fn ip6tables_rules_are_flanneld_v0_20_2s_and_taken_over_both_ways() {
+    if !require_root() {
+        return;
+    }
+    let Some(up) = upstream_flanneld() else {
+        skip_or_fail("flanneld v0.20.2 is not built (run upstream-flannel/build.sh)");
+        return;
+    };
+    let mut o = Overlay::with_conf(1, DUAL_CONF);
+    ipv6_underlay(ns!(o, 0), o.outside());
+    spawn_upstream_dual(&mut o, &up);
+    let (nat6, filter6) = (save6(ns!(o, 0), "nat"), save6(ns!(o, 0), "filter"));
+    let (nat4, filter4) = (save(ns!(o, 0), "nat"), save(ns!(o, 0), "filter"));
+    let p6 = subnet6(&o, 0);
+    let spec = FirewallSpec {
+        ipv4: Some(Ipv4Rules { network: "10.244.0.0/16".parse().unwrap(), subnet: o.subnet(0) }),
+        ipv6: Some(Ipv6Rules { network: N6.parse().unwrap(), subnet: p6 }),
+        masquerade: true,
+        fully_random: true,
+        forward: true,
+        nftables: false,
+    };
+    // What flannel wrote is exactly what ours want (both families).
+    let theirs = flannel_lines(&nat6);
+    assert!(theirs.contains(&format!("-A FLANNEL-POSTRTG -s {N6} ! -d ff00::/8 -m comment --comment \"flanneld masq\" -j MASQUERADE --random-fully")), "{nat6}");
+    assert!(
+        theirs.contains(&format!(
+            "-A FLANNEL-POSTRTG ! -s {N6} -d {p6} -m comment --comment \"flanneld masq\" -j RETURN"
+        )),
+        "{nat6}"
+    );
+    assert_eq!(ns!(o, 0).in_thread(|| firewall::check(&spec)).unwrap(), vec![], "ours (left) differ from flannel's");
+    let chain_handle = |ns: &Netns| -> String {
+        let text = ns.run_ok("nft", &["-a", "list", "table", "ip6", "nat"]);
+        text.lines().find(|l| l.contains("chain FLANNEL-POSTRTG")).unwrap().trim().to_string()
+    };
+    let handle_before = chain_handle(ns!(o, 0));
+
+    // Ours take over (flannel stopped, its rules stay).
+    o.stop(0);
+    let done = ns!(o, 0).in_thread(|| firewall::setup(&spec)).unwrap();
+    assert_eq!(done, ["iptables and ip6tables chains FLANNEL-POSTRTG (nat) and FLANNEL-FWD (filter) written"]);
+    assert_eq!(save6(ns!(o, 0), "nat"), nat6, "ip6tables-save -t nat: ours (left) and flannel's (right)");
+    assert_eq!(save6(ns!(o, 0), "filter"), filter6, "ip6tables-save -t filter");
+    assert_eq!((save(ns!(o, 0), "nat"), save(ns!(o, 0), "filter")), (nat4, filter4));
+    assert_eq!(chain_handle(ns!(o, 0)), handle_before, "FLANNEL-POSTRTG (ip6) was made anew, not taken over");
+
+    // A deleted IPv6 rule: the check names it, the resync puts it back.
+    let masq = theirs.iter().find(|l| l.contains("ff00::/8")).unwrap().clone();
+    let cmd = format!("ip6tables -t nat -D {}", masq.strip_prefix("-A ").unwrap());
+    assert!(ns!(o, 0).sh(&cmd).status.success(), "{cmd}");
+    let problems = ns!(o, 0).in_thread(|| firewall::check(&spec)).unwrap();
+    assert_eq!(problems.len(), 1, "{problems:?}");
+    assert_eq!(
+        (problems[0].kind, problems[0].what.as_str()),
+        ("missing", &*format!("ip6tables rule `{masq}` (table nat) is missing"))
+    );
+    assert_eq!(ns!(o, 0).in_thread(|| firewall::ensure(&spec)).unwrap(), problems);
+    assert_eq!(save6(ns!(o, 0), "nat"), nat6, "the resync rewrote the chain as flannel has it");
+    assert!(ns!(o, 0).in_thread(|| firewall::ensure(&spec)).unwrap().is_empty());
+
+    // And back: flannel finds its chains and keeps one set of rules.
+    let starts = o.log(0).matches("bootstrap done").count();
+    spawn_upstream_dual(&mut o, &up);
+    wait_until(Duration::from_secs(30), "flanneld v0.20.2 to bootstrap its four chains again", || {
+        o.log(0).matches("bootstrap done").count() >= 2 * starts
+    });
+    assert_eq!((save6(ns!(o, 0), "nat"), save6(ns!(o, 0), "filter")), (nat6, filter6));
+    assert_eq!(chain_handle(ns!(o, 0)), handle_before);
+}
