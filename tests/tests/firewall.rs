@@ -140,7 +140,7 @@ fn iptables_rules_are_flanneld_v0_20_2s_rule_for_rule() {
 /// host, which records every source address seen.
 struct FreshFlows {
     stop: Arc<AtomicBool>,
-    sources: Arc<Mutex<BTreeSet<Ipv4Addr>>>,
+    sources: Arc<Mutex<BTreeSet<IpAddr>>>,
     received: Arc<AtomicUsize>,
     threads: Vec<std::thread::JoinHandle<()>>,
 }
@@ -157,8 +157,8 @@ impl FreshFlows {
             std::thread::spawn(move || {
                 let mut buf = [0u8; 16];
                 while !stop.load(Ordering::Relaxed) {
-                    if let Ok((_, SocketAddr::V4(from))) = rx.recv_from(&mut buf) {
-                        sources.lock().unwrap().insert(*from.ip());
+                    if let Ok((_, from)) = rx.recv_from(&mut buf) {
+                        sources.lock().unwrap().insert(from.ip());
                         received.fetch_add(1, Ordering::Relaxed);
                     }
                 }
@@ -170,7 +170,8 @@ impl FreshFlows {
             std::thread::spawn(move || {
                 ns.run(|| {
                     while !stop.load(Ordering::Relaxed) {
-                        if let Ok(s) = UdpSocket::bind("0.0.0.0:0") {
+                        let any = if target.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" };
+                        if let Ok(s) = UdpSocket::bind(any) {
                             let _ = s.send_to(b"x", target);
                         }
                         std::thread::sleep(Duration::from_millis(1));
@@ -190,11 +191,11 @@ impl FreshFlows {
         });
     }
 
-    fn sources(&self) -> BTreeSet<Ipv4Addr> {
+    fn sources(&self) -> BTreeSet<IpAddr> {
         self.sources.lock().unwrap().clone()
     }
 
-    fn stop(mut self) -> BTreeSet<Ipv4Addr> {
+    fn stop(mut self) -> BTreeSet<IpAddr> {
         self.stop.store(true, Ordering::Relaxed);
         for t in self.threads.drain(..) {
             t.join().unwrap();
@@ -379,14 +380,14 @@ fn a_node_where_flannel_ran_is_taken_over_in_place_and_handed_back() {
     o.start(0);
     flows.wait_more(50);
     let seen = flows.sources();
-    assert_eq!(seen, BTreeSet::from([Ipv4Addr::new(192, 0, 2, 10)]), "a datagram left unmasqueraded");
+    assert_eq!(seen, BTreeSet::from([IpAddr::V4(Ipv4Addr::new(192, 0, 2, 10))]), "a datagram left unmasqueraded");
     assert_eq!(save(ns!(o, 0), "nat"), upstream_nat, "our nat table differs from what flannel left");
     assert_eq!(save(ns!(o, 0), "filter"), upstream_filter);
     assert_eq!(chain_handle(ns!(o, 0)), handle_before, "FLANNEL-POSTRTG was made anew, not taken over");
     assert!(ns!(o, 0).run("nft", &["list", "table", "ip", "flannel-rs"]).map(|x| !x.status.success()).unwrap());
 
     let seen = flows.stop();
-    assert_eq!(seen, BTreeSet::from([Ipv4Addr::new(192, 0, 2, 10)]), "a datagram left unmasqueraded");
+    assert_eq!(seen, BTreeSet::from([IpAddr::V4(Ipv4Addr::new(192, 0, 2, 10))]), "a datagram left unmasqueraded");
 
     // And back: flannel finds its chains and keeps one set of rules. (Its
     // own start empties FLANNEL-POSTRTG before it fills it again: new flows
@@ -458,7 +459,11 @@ add rule ip flannel-ipv4 forward ip daddr {n} accept"
     flows.wait_more(50);
     o.start(0);
     flows.wait_more(50);
-    assert_eq!(flows.stop(), BTreeSet::from([Ipv4Addr::new(192, 0, 2, 10)]), "a datagram left unmasqueraded");
+    assert_eq!(
+        flows.stop(),
+        BTreeSet::from([IpAddr::V4(Ipv4Addr::new(192, 0, 2, 10))]),
+        "a datagram left unmasqueraded"
+    );
     assert_eq!(ns!(o, 0).run_ok("nft", &["list", "ruleset"]), ours);
 }
 
@@ -712,9 +717,20 @@ fn ip6tables_rules_are_flanneld_v0_20_2s_and_taken_over_both_ways() {
     };
     let handle_before = chain_handle(ns!(o, 0));
 
+    // A pod of flannel's subnet sending fresh flows to the outside host
+    // all along: none may leave unmasqueraded.
+    let (pod6, gw6) = (format!("{}2", p6.network()), format!("{}1", p6.network()));
+    let pod = ipv6_host_behind(o.cluster.node(0), "p6", "vpod", &pod6, &gw6);
+    let flows = FreshFlows::start(&pod, o.outside(), SocketAddr::new(OUTSIDE6.parse().unwrap(), 9420));
+    flows.wait_more(50);
+    let node6 = BTreeSet::from([NODE6.parse::<IpAddr>().unwrap()]);
+    assert_eq!(flows.sources(), node6, "flannel masquerades");
+
     // Ours take over (flannel stopped, its rules stay).
     o.stop(0);
     let done = ns!(o, 0).in_thread(|| firewall::setup(&spec)).unwrap();
+    flows.wait_more(50);
+    assert_eq!(flows.stop(), node6, "a datagram left unmasqueraded");
     assert_eq!(done, ["iptables and ip6tables chains FLANNEL-POSTRTG (nat) and FLANNEL-FWD (filter) written"]);
     assert_eq!(save6(ns!(o, 0), "nat"), nat6, "ip6tables-save -t nat: ours (left) and flannel's (right)");
     assert_eq!(save6(ns!(o, 0), "filter"), filter6, "ip6tables-save -t filter");
@@ -743,4 +759,118 @@ fn ip6tables_rules_are_flanneld_v0_20_2s_and_taken_over_both_ways() {
     });
     assert_eq!((save6(ns!(o, 0), "nat"), save6(ns!(o, 0), "filter")), (nat6, filter6));
     assert_eq!(chain_handle(ns!(o, 0)), handle_before);
+}
+
+/// Runs `tx` with `nft -f -` in `ns` (one transaction).
+fn nft_tx(ns: &Netns, tx: &str) {
+    use std::io::Write;
+    let mut child = ns.command("nft").args(["-f", "-"]).stdin(std::process::Stdio::piped()).spawn().unwrap();
+    child.stdin.take().unwrap().write_all(tx.as_bytes()).unwrap();
+    assert!(child.wait().unwrap().success(), "{tx}");
+}
+
+/// `EnableNFTables` with IPv6: the `ip6 flannel-ipv6` table made the way
+/// current flannel's source makes it (knftables' commands, one transaction
+/// per table and chain, `ip6` matches and `ff00::/8`) lists exactly as
+/// ours; ours take it over with no fresh IPv6 flow leaving unmasqueraded;
+/// a deleted rule is named by the check and rewritten by the resync.
+#[test]
+fn ipv6_nftables_table_as_flannel_makes_it_is_ours_and_taken_over_without_a_gap() {
+    if !require_root() {
+        return;
+    }
+    let cluster = netns_fixtures::Cluster::with_outside(1).unwrap();
+    let (node, outside) = (cluster.node(0), cluster.outside().unwrap());
+    ipv6_underlay(&node.ns, outside);
+    let pod = ipv6_host_behind(node, "p6", "vpod", "2001:db8:44:1::2", "2001:db8:44:1::1");
+    let p4: Ipv4Net = "10.244.1.0/24".parse().unwrap();
+    let spec = spec6(Some(("10.244.0.0/16", p4)), N6, P6, true);
+    let (n, p) = ("10.244.0.0/16", p4);
+    let m = "masquerade fully-random";
+    for tx in [
+        "add table ip flannel-ipv4 { comment \"rules for flannel-ipv4\" ; }".to_string(),
+        "add table ip6 flannel-ipv6 { comment \"rules for flannel-ipv6\" ; }".to_string(),
+        format!(
+            "add chain ip flannel-ipv4 postrtg {{ type nat hook postrouting priority srcnat ; comment \"chain to manage traffic masquerading by flannel\" ; }}
+flush chain ip flannel-ipv4 postrtg
+add rule ip flannel-ipv4 postrtg meta mark 0x4000 return
+add rule ip flannel-ipv4 postrtg ip saddr {p} ip daddr {n} return
+add rule ip flannel-ipv4 postrtg ip saddr {n} ip daddr {p} return
+add rule ip flannel-ipv4 postrtg ip saddr != {p} ip daddr {n} return
+add rule ip flannel-ipv4 postrtg ip saddr {n} ip daddr != 224.0.0.0/4 {m}
+add rule ip flannel-ipv4 postrtg ip saddr != {n} ip daddr {n} {m}"
+        ),
+        format!(
+            "add chain ip6 flannel-ipv6 postrtg {{ type nat hook postrouting priority srcnat ; comment \"chain to manage traffic masquerading by flannel\" ; }}
+flush chain ip6 flannel-ipv6 postrtg
+add rule ip6 flannel-ipv6 postrtg meta mark 0x4000 return
+add rule ip6 flannel-ipv6 postrtg ip6 saddr {P6} ip6 daddr {N6} return
+add rule ip6 flannel-ipv6 postrtg ip6 saddr {N6} ip6 daddr {P6} return
+add rule ip6 flannel-ipv6 postrtg ip6 saddr != {P6} ip6 daddr {N6} return
+add rule ip6 flannel-ipv6 postrtg ip6 saddr {N6} ip6 daddr != ff00::/8 {m}
+add rule ip6 flannel-ipv6 postrtg ip6 saddr != {N6} ip6 daddr {N6} {m}"
+        ),
+        format!(
+            "add chain ip flannel-ipv4 forward {{ type filter hook forward priority filter ; comment \"chain to accept flannel traffic\" ; }}
+flush chain ip flannel-ipv4 forward
+add rule ip flannel-ipv4 forward ip saddr {n} accept
+add rule ip flannel-ipv4 forward ip daddr {n} accept"
+        ),
+        format!(
+            "add chain ip6 flannel-ipv6 forward {{ type filter hook forward priority filter ; comment \"chain to accept flannel traffic\" ; }}
+flush chain ip6 flannel-ipv6 forward
+add rule ip6 flannel-ipv6 forward ip6 saddr {N6} accept
+add rule ip6 flannel-ipv6 forward ip6 daddr {N6} accept"
+        ),
+    ] {
+        nft_tx(&node.ns, &tx);
+    }
+    let theirs = node.ns.run_ok("nft", &["list", "ruleset"]);
+    assert_eq!(node.ns.in_thread(|| firewall::check(&spec)).unwrap(), vec![], "ours (left) differ from flannel's");
+    assert_eq!(
+        node.ns.run_ok("nft", &["list", "table", "ip6", "flannel-ipv6"]),
+        format!(
+            "table ip6 flannel-ipv6 {{
+\tcomment \"rules for flannel-ipv6\"
+\tchain postrtg {{
+\t\tcomment \"chain to manage traffic masquerading by flannel\"
+\t\ttype nat hook postrouting priority srcnat; policy accept;
+\t\tmeta mark 0x00004000 return
+\t\tip6 saddr {P6} ip6 daddr {N6} return
+\t\tip6 saddr {N6} ip6 daddr {P6} return
+\t\tip6 saddr != {P6} ip6 daddr {N6} return
+\t\tip6 saddr {N6} ip6 daddr != ff00::/8 {m}
+\t\tip6 saddr != {N6} ip6 daddr {N6} {m}
+\t}}
+
+\tchain forward {{
+\t\tcomment \"chain to accept flannel traffic\"
+\t\ttype filter hook forward priority filter; policy accept;
+\t\tip6 saddr {N6} accept
+\t\tip6 daddr {N6} accept
+\t}}
+}}
+"
+        )
+    );
+
+    let flows = FreshFlows::start(&pod, outside, SocketAddr::new(OUTSIDE6.parse().unwrap(), 9430));
+    flows.wait_more(50);
+    node.ns.in_thread(|| firewall::setup(&spec)).unwrap();
+    flows.wait_more(50);
+    assert_eq!(flows.stop(), BTreeSet::from([NODE6.parse::<IpAddr>().unwrap()]), "a datagram left unmasqueraded");
+    assert_eq!(node.ns.run_ok("nft", &["list", "ruleset"]), theirs);
+
+    // A deleted IPv6 rule: named, then rewritten.
+    let text = node.ns.run_ok("nft", &["-a", "list", "chain", "ip6", "flannel-ipv6", "postrtg"]);
+    let line = text.lines().find(|l| l.contains("ff00::/8")).unwrap();
+    let handle = line.rsplit(' ').next().unwrap();
+    node.ns.run_ok("nft", &["delete", "rule", "ip6", "flannel-ipv6", "postrtg", "handle", handle]);
+    let problems = node.ns.in_thread(|| firewall::check(&spec)).unwrap();
+    assert_eq!(
+        problems.iter().map(|p| (p.kind, p.what.as_str())).collect::<Vec<_>>(),
+        [("missing", &*format!("nftables table ip6 flannel-ipv6 lacks `ip6 saddr {N6} ip6 daddr != ff00::/8 {m}`"))]
+    );
+    assert_eq!(node.ns.in_thread(|| firewall::ensure(&spec)).unwrap(), problems);
+    assert_eq!(node.ns.run_ok("nft", &["list", "ruleset"]), theirs);
 }
