@@ -5,7 +5,9 @@
 //! and `FLANNEL-FWD` (table filter), each with a jump from the built-in
 //! chain at its top; with `"EnableNFTables": true` they are current
 //! flannel's nftables tables `ip flannel-ipv4` and `ip6 flannel-ipv6`
-//! ([`nftables`]). The same chains, rules, comments and order as flannel's,
+//! ([`nftables`]). IPv6 gets the same objects for the IPv6 network: the
+//! chains in ip6tables, or the chains of `ip6 flannel-ipv6`. The same
+//! chains, rules, comments and order as flannel's,
 //! so that scripts, monitoring and flannel itself find them; what we add is
 //! that every change is one transaction (`iptables-restore --noflush`,
 //! `nft -f`), that the resync re-asserts the exact content (not only the
