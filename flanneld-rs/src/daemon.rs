@@ -68,6 +68,12 @@ pub fn subnet_env(cfg: &NetworkConfig, own: &Lease, mtu: u32, ipmasq: bool) -> S
     }
 }
 
+/// The IPv6 part of the firewall rules: the IPv6 network and our IPv6
+/// subnet, when dual-stack.
+pub fn firewall_v6(cfg: &NetworkConfig, own: &Lease) -> Option<(ipnet::Ipv6Net, ipnet::Ipv6Net)> {
+    cfg.ipv6.map(|c| c.network).zip(own.subnet6())
+}
+
 /// What start-up establishes before a lease is taken.
 pub struct Prepared {
     /// The network configuration.
@@ -203,7 +209,7 @@ async fn run_with(opts: Opts, mut store: impl LeaseStore, metrics: Arc<Metrics>)
 
     let ours: Vec<&Backend> = std::iter::once(&backend).chain(backend6.as_ref()).collect();
     backend::remove_leftover_devices(&nl, &ours, cfg.network, cfg.ipv6.map(|v6| v6.network)).await;
-    let fw = FirewallSpec::from_opts(&opts, &cfg, own.subnet);
+    let fw = FirewallSpec::from_opts(&opts, &cfg, Some(own.subnet), firewall_v6(&cfg, &own));
     let timers = Timers {
         resync: Duration::from_secs(opts.iptables_resync.max(1)),
         renew_margin: Duration::from_secs(u64::from(opts.subnet_lease_renew_margin) * 60),
