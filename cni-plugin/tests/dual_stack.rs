@@ -389,3 +389,28 @@ fn a_pod_namespace_with_ipv6_turned_off_gets_it_turned_on_as_the_reference_plugi
     node.del("ctr", &p);
     node.assert_clean();
 }
+
+#[test]
+fn ip_masq_covers_both_families_and_del_takes_both_out() {
+    let Some(node) = Node::with_lease(DUAL) else { return };
+    if !common::have_nft(&node.ns) {
+        return;
+    }
+    let p = Netns::new("masq").expect("pod namespace");
+    let mut conf = node.conf("1.0.0");
+    conf["delegate"]["ipMasq"] = json!(true);
+    let out = node.verb("ADD", "m", path(&p), "eth0", &conf);
+    assert!(out.ok, "{} {}", out.stdout, out.stderr);
+    let set = |fam: &str| node.ns.run_ok("nft", &["list", "set", fam, "flannel-rs-cni", "pods"]);
+    assert!(set("ip").contains("10.244.1.2"), "{}", set("ip"));
+    assert!(set("ip6").contains("2001:db8:10:1::2"), "{}", set("ip6"));
+    let chain = node.ns.run_ok("nft", &["list", "chain", "ip6", "flannel-rs-cni", "postrouting"]);
+    assert!(chain.contains("ip6 saddr @pods ip6 daddr != @cluster ip6 daddr != ff00::/8 masquerade"), "{chain}");
+    let cluster = node.ns.run_ok("nft", &["list", "set", "ip6", "flannel-rs-cni", "cluster"]);
+    assert!(cluster.contains("2001:db8:10::/56"), "{cluster}");
+    let out = node.verb("DEL", "m", path(&p), "eth0", &conf);
+    assert!(out.ok, "{} {}", out.stdout, out.stderr);
+    assert!(!set("ip").contains("10.244.1.2"), "{}", set("ip"));
+    assert!(!set("ip6").contains("2001:db8:10:1::2"), "{}", set("ip6"));
+    node.assert_clean();
+}
