@@ -414,3 +414,24 @@ fn ip_masq_covers_both_families_and_del_takes_both_out() {
     assert!(!set("ip6").contains("2001:db8:10:1::2"), "{}", set("ip6"));
     node.assert_clean();
 }
+
+#[test]
+fn an_ipv6_bridge_address_from_an_earlier_lease_is_replaced_only_when_no_pod_uses_it() {
+    let Some(node) = Node::with_lease(DUAL) else { return };
+    let p = Netns::new("lease").expect("pod namespace");
+    node.add("old", &p);
+    std::fs::write(node.subnet_file(), DUAL.replace("2001:db8:10:1::1/64", "2001:db8:10:7::1/64")).unwrap();
+    let q = Netns::new("lease2").expect("pod namespace");
+    node.verb("ADD", "new", path(&q), "eth0", &node.conf("1.0.0")).expect_error(
+        999,
+        "carries 2001:db8:10:1::1/64 from an earlier lease but the node's lease is now 2001:db8:10:7::1/64",
+    );
+    assert!(pod_links(&q).is_empty());
+    assert_eq!(node.allocations(), ["10.244.1.2", "2001:db8:10:1::2"], "the refused ADD kept a reservation");
+    node.del("old", &p);
+    let r = node.add("new", &q);
+    assert_eq!(r["ips"][1]["address"], "2001:db8:10:7::2/64");
+    assert_eq!(addrs(&node.ns, "-6", "cni0"), ["2001:db8:10:7::1/64"]);
+    node.del("new", &q);
+    node.assert_clean();
+}
