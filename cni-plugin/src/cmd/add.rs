@@ -287,13 +287,13 @@ async fn ensure_bridge(host: &Netlink, settings: &BridgeSettings, ranges: &[Rang
                 Ok(()) => {
                     // The bridge's routes are ours, not a router's on the
                     // link: no router advertisements (the bridge plugin's
-                    // setting too).
+                    // setting too, which it also does not insist on).
                     let path = format!("/proc/sys/net/ipv6/conf/{name}/accept_ra");
-                    if let Err(e) = std::fs::write(&path, "0") {
+                    match std::fs::write(&path, "0") {
+                        Ok(()) => {}
                         // No IPv6 on this node (ipv6.disable=1): nothing to turn off.
-                        if e.kind() != std::io::ErrorKind::NotFound {
-                            return Err(CniError::new(code::IO, format!("write {path}: {e}")));
-                        }
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                        Err(e) => eprintln!("flannel: write {path}: {e} (router advertisements stay accepted)"),
                     }
                 }
                 // Another ADD running at the same moment created it.
