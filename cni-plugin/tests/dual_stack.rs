@@ -435,3 +435,39 @@ fn an_ipv6_bridge_address_from_an_earlier_lease_is_replaced_only_when_no_pod_use
     node.del("new", &q);
     node.assert_clean();
 }
+
+#[test]
+fn requested_addresses_of_both_families_and_a_retried_add() {
+    let Some(node) = Node::with_lease(DUAL) else { return };
+    let p = Netns::new("args").expect("pod namespace");
+    let conf = node.conf("1.0.0").to_string();
+    let env = |args: &'static str| {
+        [
+            ("CNI_COMMAND", "ADD"),
+            ("CNI_CONTAINERID", "args"),
+            ("CNI_NETNS", path(&p)),
+            ("CNI_IFNAME", "eth0"),
+            ("CNI_ARGS", args),
+        ]
+    };
+    // IP= takes one address per family, comma-separated (host-local's form).
+    let out = node.call(&env("IP=2001:db8:10:1::77,10.244.1.77"), conf.as_bytes());
+    assert!(out.ok, "{} {}", out.stdout, out.stderr);
+    assert_eq!(addrs(&p, "-4", "eth0"), ["10.244.1.77/24"]);
+    assert_eq!(addrs(&p, "-6", "eth0"), ["2001:db8:10:1::77/64"]);
+    // A retried ADD of the same attachment keeps its addresses and records.
+    let again = node.add("args", &p);
+    assert_eq!(
+        again["ips"].as_array().unwrap().iter().map(|i| i["address"].as_str().unwrap()).collect::<Vec<_>>(),
+        ["10.244.1.77/24", "2001:db8:10:1::77/64"]
+    );
+    assert_eq!(node.allocations(), ["10.244.1.77", "2001:db8:10:1::77"]);
+    node.del("args", &p);
+    node.assert_clean();
+    wait_pod_empty(&p);
+    // Two addresses of one family: the second has no range; nothing is kept.
+    let out = node.call(&env("IP=10.244.1.77,10.244.1.78"), conf.as_bytes());
+    out.expect_error(4, "IP=10.244.1.78 cannot be given");
+    assert!(node.allocations().is_empty(), "{:?}", node.allocations());
+    assert!(pod_links(&p).is_empty());
+}

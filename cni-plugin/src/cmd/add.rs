@@ -34,14 +34,30 @@ pub async fn run(conf: &NetConf, env: &CniEnv, raw: &serde_json::Value) -> Resul
     let allocated = {
         let store = Store::open(&conf.data_dir(), &conf.name)?.with_host_local(conf.host_local_dir(), true)?;
         let mut ips = Vec::new();
+        // CNI_ARGS IP=: each range gets the requested address of its family
+        // (host-local gives each range set the requested address it holds).
+        let mut requested = env.args.ips.clone();
         for r in &ranges {
-            match store.allocate(r, &env.container_id, &env.ifname, settings.ip_masq, env.args.ip) {
+            let want =
+                requested.iter().position(|ip| ip.is_ipv4() == r.subnet.addr().is_ipv4()).map(|i| requested.remove(i));
+            match store.allocate(r, &env.container_id, &env.ifname, settings.ip_masq, want) {
                 Ok(ip) => ips.push((ip, *r)),
                 Err(e) => {
                     let _ = store.release(&env.container_id, &env.ifname);
                     return Err(e.into());
                 }
             }
+        }
+        if let Some(ip) = requested.first() {
+            let _ = store.release(&env.container_id, &env.ifname);
+            let held: Vec<String> = ranges.iter().map(|r| r.subnet.to_string()).collect();
+            return Err(CniError::new(
+                code::INVALID_ENV,
+                format!(
+                    "CNI_ARGS: IP={ip} cannot be given: the node's pod ranges are {} (one address per range)",
+                    held.join(", ")
+                ),
+            ));
         }
         ips
     };
