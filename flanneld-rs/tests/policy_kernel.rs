@@ -93,7 +93,7 @@ fn pod(name: &str, ip: Ipv4Addr, role: &str) -> PodInfo {
         namespace: "x".into(),
         name: name.into(),
         labels: [("role".to_string(), role.to_string())].into(),
-        ips: vec![ip],
+        ips: vec![ip.into()],
         node: Some("n1".into()),
         ports: vec![],
         host_network: false,
@@ -108,7 +108,7 @@ fn input(lab: &Lab, extra: Vec<Peer>) -> PolicyInput {
     peers.extend(extra);
     PolicyInput {
         node: "n1".into(),
-        node_ips: vec![NODE_GW, EXT_NODE],
+        node_ips: vec![NODE_GW.into(), EXT_NODE.into()],
         pods: vec![
             pod("a", lab.pods[0].1, "client"),
             pod("b", lab.pods[1].1, "server"),
