@@ -14,7 +14,8 @@
 //! without family mark, as before IPv6) and an IPv6 set (`6` after the
 //! prefix: `pods6_...`, `node_ips6`), and a rule naming a set is emitted
 //! once per family whose set has elements. A cluster without IPv6 gets the
-//! same rules as before; a peer with no address at all needs no rule.
+//! address rules it had (plus the neighbour-discovery accept of each base
+//! chain); a peer with no address at all needs no rule.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
