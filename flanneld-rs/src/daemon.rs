@@ -216,7 +216,7 @@ async fn run_with(opts: Opts, mut store: impl LeaseStore, metrics: Arc<Metrics>)
     };
     // One MTU for both families of a pod's interface: the smaller.
     let pod_mtu = backend6.as_ref().map_or(backend.pod_mtu(), |b6| backend.pod_mtu().min(b6.pod_mtu()));
-    let subnet = own.subnet;
+    let (subnet, subnet6) = (own.subnet, own.subnet6());
     let env = subnet_env(&cfg, &own, pod_mtu, opts.ip_masq);
     let node =
         Node { cfg: cfg.clone(), ext, backend, backend6, own, selection, blackhole_route: opts.ip_blackhole_route };
@@ -243,7 +243,7 @@ async fn run_with(opts: Opts, mut store: impl LeaseStore, metrics: Arc<Metrics>)
     if opts.network_policy {
         let (client, node_name) =
             driver.store_mut().kube_client().context("--network-policy needs the Kubernetes API")?;
-        let node_ips = policy_node_ips(&nl, subnet, None).await?;
+        let node_ips = policy_node_ips(&nl, subnet, subnet6).await?;
         tokio::spawn(crate::netpol::run(client, node_name, node_ips, metrics.policy.clone()));
     } else {
         crate::netpol::remove_leftover_table();
