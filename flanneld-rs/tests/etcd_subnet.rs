@@ -977,9 +977,19 @@ fn dual_stack_leases_have_both_halves_in_flannels_key_and_value() {
         let b = manager().await.acquire_lease(&cfg, &attrs6(10), None, None).await.unwrap();
         assert_eq!((&b.key, b.lease.subnet, b.lease.subnet6()), (&a.key, a.lease.subnet, Some(s6)));
 
-        // The watcher and the listing carry the IPv6 half.
+        // The watcher, the listing and the advertised MACs carry the IPv6 half.
         let (leases, _) = m.list_leases(&cfg).await.unwrap();
         assert_eq!(leases, vec![b.lease.clone()]);
+        let (tx, mut rx) = mpsc::channel(16);
+        let _w = m.spawn_watcher(cfg.clone(), b.key.clone(), tx);
+        snapshot_where(&mut rx, "our dual-stack lease", |s| s == [b.lease.clone()]).await;
+        let mut store = etcd_store().await;
+        let macs =
+            flanneld_rs::subnet::LeaseStore::advertised_macs(&mut store, &cfg, attrs(10).public_ip).await.unwrap();
+        assert_eq!(
+            (macs.v4.unwrap().to_string(), macs.v6.unwrap().to_string()),
+            ("02:00:00:00:00:0a".into(), "02:00:00:00:06:0a".into())
+        );
 
         // subnet.env's previous subnets are reused together when free.
         let p = m
