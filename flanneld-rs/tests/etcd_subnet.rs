@@ -1061,6 +1061,13 @@ fn dual_stack_upgrade_replaces_an_ipv4_only_lease_as_flannel_does() {
         let other = put_lease(&mut c, "10.5.9.0/24", 20).await;
         let (leases, _) = m.list_leases(&cfg6).await.unwrap();
         assert_eq!(leases.iter().find(|l| l.source == other).unwrap().ipv6, None);
+        // IPv6Network moved: our lease's IPv6 half is outside it, and it is
+        // replaced (not left beside a second lease of ours).
+        let moved = put_config(&mut c, &CONFIG6.replace("2001:db8:10::/56", "2001:db8:20::/56")).await;
+        let renumbered = m.acquire_lease(&moved, &attrs6(10), None, None).await.unwrap();
+        assert!(renumbered.key.contains("&2001:db8:20:"), "{renumbered:?}");
+        assert_eq!(get_value(&mut c, &new.key).await, None);
+        let new = renumbered;
         // And back to IPv4 only: the dual-stack lease is replaced likewise.
         let back = m.acquire_lease(&cfg4, &attrs(10), None, None).await.unwrap();
         assert!(!back.key.contains('&') && back.lease.ipv6.is_none(), "{back:?}");

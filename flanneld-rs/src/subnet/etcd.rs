@@ -606,6 +606,7 @@ impl EtcdSubnetManager {
             )));
         }
         let value = encode_value(attrs);
+        let cfg4 = NetworkConfig { ipv6: None, ..cfg.clone() };
         // A lease granted in an earlier attempt and not used yet.
         let mut granted: Option<(i64, SystemTime)> = None;
         let mut last_key = String::new();
@@ -616,9 +617,11 @@ impl EtcdSubnetManager {
                     Err(e) => break 'attempts Err(e),
                 };
                 // (1) A lease whose PublicIP is ours; reservations first.
+                // Found whatever its IPv6 half (as flannel finds it), which
+                // is checked below.
                 let mut mine: Vec<(&Entry, Lease)> = entries
                     .iter()
-                    .filter_map(|e| match decode_entry(&self.prefix, cfg, &e.key, &e.value) {
+                    .filter_map(|e| match decode_entry(&self.prefix, &cfg4, &e.key, &e.value) {
                         Ok(l) if l.public_ip == attrs.public_ip => Some((e, l)),
                         Ok(_) => None,
                         Err(msg) => {
@@ -630,7 +633,8 @@ impl EtcdSubnetManager {
                 mine.sort_by_key(|(e, _)| e.lease_id != 0);
                 if let Some((entry, lease)) = mine.into_iter().next() {
                     if fits_families(cfg, entry.subnet6) {
-                        match self.take_over(entry, lease, attrs, &value, &mut granted).await {
+                        let subnet6 = cfg.ipv6.and(entry.subnet6);
+                        match self.take_over(entry, lease.subnet, subnet6, attrs, &value, &mut granted).await {
                             Ok(Some(acquired)) => break 'attempts Ok(acquired),
                             Ok(None) => {
                                 log::info!("lease {} changed while we updated it; looking again", entry.key);
@@ -803,13 +807,14 @@ impl EtcdSubnetManager {
     async fn take_over(
         &self,
         entry: &Entry,
-        found: Lease,
+        subnet: Ipv4Net,
+        subnet6: Option<Ipv6Net>,
         attrs: &LeaseAttrs,
         value: &str,
         granted: &mut Option<(i64, SystemTime)>,
     ) -> Result<Option<AcquiredLease>, StoreError> {
         let key = entry.key.clone();
-        let lease = attrs.lease(found.subnet, found.subnet6(), key.clone());
+        let lease = attrs.lease(subnet, subnet6, key.clone());
         let unchanged = Compare::mod_revision(key.clone(), CompareOp::Equal, entry.mod_revision);
         let mut c = self.client.clone();
         if entry.lease_id == 0 {
