@@ -342,6 +342,16 @@ async fn select_v4(nl: &Netlink, opts: &Selection) -> Result<ExtIface, IfaceErro
     };
 
     // Dual-stack: the interface holding an IPv6 address, with its IPv4 side.
+    let regex_v6 = |mut e: ExtIface, l: &Link, re: &regex::Regex| {
+        if opts.ipv6 {
+            if let Some(a) =
+                all_v6(&addrs, l.index).into_iter().find(|a| global_v6(a.addr()) && re.is_match(&a.addr().to_string()))
+            {
+                e.v6 = Some(ExtIface6 { addr: a, public_ip: a.addr() });
+            }
+        }
+        e
+    };
     let by_ip6 = |ip: Ipv6Addr| -> Result<ExtIface, String> {
         let holder = links
             .iter()
@@ -425,7 +435,9 @@ async fn select_v4(nl: &Netlink, opts: &Selection) -> Result<ExtIface, IfaceErro
             Ok(re) => match links.iter().find_map(|l| {
                 usable_v4(&addrs, l.index).into_iter().find(|a| re.is_match(&a.addr().to_string())).map(|a| (l, a))
             }) {
-                Some((l, a)) => ext(l, &addrs, Some(a.addr())),
+                // Dual-stack, as flannel: an IPv6 address of the interface
+                // that the regex matches is preferred.
+                Some((l, a)) => ext(l, &addrs, Some(a.addr())).map(|e| regex_v6(e, l, &re)),
                 None => match links.iter().find(|l| re.is_match(&l.name)) {
                     Some(l) => ext(l, &addrs, None),
                     None => Err("matches no interface address or name".into()),

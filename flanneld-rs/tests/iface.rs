@@ -189,6 +189,10 @@ fn dual_stack_selection_takes_a_global_ipv6_address_as_flannel_does() {
     let first = ns.run_ok("ip", &["-6", "-o", "addr", "show", "dev", "eth1", "scope", "global"]);
     let first = first.split_whitespace().nth(3).unwrap().to_string();
     assert_eq!(six(&["--iface", "eth1"]).unwrap().2, first);
+    // --iface-regex matching addresses: an IPv6 one of the interface it
+    // matches too is preferred (flannel matches both families).
+    assert_eq!(six(&["--iface-regex", "^198\\.51\\.|^2001:db8:2::99$"]).unwrap().2, "2001:db8:2::99/64");
+    assert_eq!(six(&["--iface-regex", "^198\\.51\\.|^2001:db8:2::10$"]).unwrap().2, "2001:db8:2::10/64");
     // --iface with an IPv6 address: the interface holding it.
     assert_eq!(
         six(&["--iface", "2001:db8:2::99"]).unwrap(),
