@@ -92,6 +92,7 @@ fn dual_stack_nodes_leases_and_annotations_are_flannels() {
     let ll: Vec<(&str, &str)> = ll.iter().map(|(k, v)| (*k, v.as_str())).collect();
     node(&ko, "linklocal", &["10.244.33.0/24", "2001:db8:10:21::/64"], &ll);
     node(&ko, "v4only", &["10.244.34.0/24"], &[]);
+    node(&ko, "v6only", &["2001:db8:10:23::/64"], &[]);
 
     let opts = KubeOptions { kubeconfig: Some(ko.kubeconfig.clone()), prefix: PREFIX.into(), ..Default::default() };
     let net_conf = ko.net_conf.clone();
@@ -106,9 +107,13 @@ fn dual_stack_nodes_leases_and_annotations_are_flannels() {
                 let lease = store.acquire(&cfg, &attrs(), None, None).await.unwrap();
                 let listing = store.list(&cfg).await.unwrap();
                 std::env::set_var("NODE_NAME", "v4only");
-                let mut other = KubeStore::connect(&opts, net_conf).await.unwrap();
+                let mut other = KubeStore::connect(&opts, net_conf.clone()).await.unwrap();
+                let net_conf2 = net_conf;
                 let e = other.acquire(&cfg, &attrs(), None, None).await.unwrap_err().to_string();
-                (hints, lease, listing, e)
+                std::env::set_var("NODE_NAME", "v6only");
+                let mut v6only = KubeStore::connect(&opts, net_conf2).await.unwrap();
+                let e6 = v6only.hints(&cfg).await.unwrap_err().to_string();
+                (hints, lease, listing, format!("{e}\n{e6}"))
             })
         })
         .unwrap();
@@ -149,4 +154,9 @@ fn dual_stack_nodes_leases_and_annotations_are_flannels() {
         "{v4only_err}"
     );
     assert!(ours(&ko, "v4only").is_empty(), "nothing written on a node that cannot take the lease");
+    // Only an IPv6 podCIDR: a clear error, not an endless wait.
+    assert!(
+        v4only_err.contains("node v6only: spec.podCIDRs has no IPv4 CIDR, only 2001:db8:10:23::/64"),
+        "{v4only_err}"
+    );
 }

@@ -260,6 +260,15 @@ impl KubeSubnetManager {
                         waiter.done();
                         return Ok((n, c));
                     }
+                    if let Some(c6) = pod_cidr6(&n) {
+                        // Only an IPv6 podCIDR: waiting would never end.
+                        return Err(StoreError::Invalid(format!(
+                            "node {}: spec.podCIDRs has no IPv4 CIDR, only {c6}: flannel-rs needs one inside \
+                             Network (IPv6-only clusters are not supported yet); kube-controller-manager's \
+                             --cluster-cidr must hold an IPv4 range",
+                            self.node_name
+                        )));
+                    }
                 }
                 Ok(None) => {}
                 Err(e) => {
