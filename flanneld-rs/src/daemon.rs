@@ -108,15 +108,25 @@ pub async fn start(nl: &Netlink, opts: &Opts, store: &mut impl LeaseStore, wait:
         store.hints(&cfg).await?
     };
     let mut selection = iface::Selection::from_opts(opts)?;
-    if let Some(v6) = opts.public_ipv6 {
-        log::warn!("--public-ipv6 {v6} has no effect: the network is IPv4 only (dual-stack is not supported yet)");
+    selection.ipv6 = cfg.ipv6.is_some();
+    if let (Some(v6), false) = (opts.public_ipv6, selection.ipv6) {
+        log::warn!("--public-ipv6 {v6} has no effect: the network is IPv4 only (net-conf EnableIPv6 is not set)");
     }
     if hints.public_ip.is_some() {
         selection.public_ip = hints.public_ip;
     }
     selection.advertise = hints.advertise;
+    if selection.ipv6 {
+        if hints.public_ipv6.is_some() {
+            selection.public_ipv6 = hints.public_ipv6;
+        }
+        selection.advertise_ipv6 = hints.advertise_ipv6;
+    }
     let ext = selection.select(nl).await?;
     info!("using interface {} ({}), public IP {}", ext.name, ext.addr, ext.public_ip);
+    if let Some(v6) = &ext.v6 {
+        info!("using IPv6 address {} of {}, public IPv6 {}", v6.addr, ext.name, v6.public_ip);
+    }
     let advertised = if wait {
         waiting!(format!("this node's lease from {describe}"), store.advertised_macs(&cfg, ext.public_ip).await)?
     } else {
