@@ -231,7 +231,7 @@ async fn run_with(opts: &Opts, json_out: bool, mut store: impl LeaseStore) -> an
         }
         Err(e) => findings.push(Finding { kind: "missing", what: e.to_string(), fix: "start flanneld-rs".into() }),
     }
-    let fw = FirewallSpec::from_opts(opts, &cfg, own.subnet);
+    let fw = FirewallSpec::from_opts(opts, &cfg, Some(own.subnet), crate::daemon::firewall_v6(&cfg, &own));
     match firewall::check(&fw) {
         Ok(problems) => findings.extend(problems.into_iter().map(|p| Finding {
             kind: p.kind,

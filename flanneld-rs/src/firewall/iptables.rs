@@ -23,6 +23,14 @@
 //! `:CHAIN` line, which under `--noflush` empties an existing chain), the
 //! jump and the rules are one payload. flannel's resync only asks whether
 //! each rule exists; ours compares the chain's whole content and order.
+//!
+//! With IPv6 (`EnableIPv6`), flannel v0.20.2 makes the same two chains in
+//! ip6tables for the IPv6 network N6 and node subnet P6: the same rules with
+//! the multicast exception `ff00::/8` instead of `224.0.0.0/4`
+//! (`MasqIP6Rules`, and `ForwardRules` with N6). They go through
+//! `ip6tables-restore --noflush`, in the same iptables variant as IPv4.
+//! A family the configuration does not have gets no chains of ours, and
+//! ours found there are removed.
 
 use std::collections::BTreeMap;
 use std::process::{Command, Stdio};
@@ -39,6 +47,52 @@ pub const MASQ_COMMENT: &str = "flanneld masq";
 pub const FWD_COMMENT: &str = "flanneld forward";
 /// kube-proxy's masquerade mark (flannel leaves marked packets to it).
 const KUBE_PROXY_MARK: &str = "0x4000/0x4000";
+
+/// The address family: iptables or ip6tables.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    /// `iptables`.
+    V4,
+    /// `ip6tables`.
+    V6,
+}
+
+/// Both, in the order they are handled.
+pub const FAMILIES: [Family; 2] = [Family::V4, Family::V6];
+
+impl Family {
+    /// The tool's name, as the problems name it.
+    pub fn tool(self) -> &'static str {
+        match self {
+            Family::V4 => "iptables",
+            Family::V6 => "ip6tables",
+        }
+    }
+    /// Multicast, never masqueraded.
+    fn multicast(self) -> &'static str {
+        match self {
+            Family::V4 => "224.0.0.0/4",
+            Family::V6 => "ff00::/8",
+        }
+    }
+    /// The cluster network and our subnet in this family, when the spec has it.
+    fn nets(self, s: &FirewallSpec) -> Option<(String, String)> {
+        match self {
+            Family::V4 => s.ipv4.map(|r| (r.network.to_string(), r.subnet.to_string())),
+            Family::V6 => s.ipv6.map(|r| (r.network.to_string(), r.subnet.to_string())),
+        }
+    }
+    /// Why a chain of ours in this family is not wanted.
+    fn why_not(self, s: &FirewallSpec, flag: &str) -> String {
+        if s.nftables {
+            "EnableNFTables is set".into()
+        } else if self.nets(s).is_none() {
+            format!("the network configuration has no {}", if self == Family::V4 { "IPv4" } else { "IPv6" })
+        } else {
+            format!("{flag} is off")
+        }
+    }
+}
 
 /// One of our chains, and the built-in chain whose top jumps to it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -72,9 +126,13 @@ impl Hook {
     }
 }
 
-/// The rules of `FLANNEL-POSTRTG`, in flannel's order.
-pub fn masq_rules(s: &FirewallSpec) -> Vec<String> {
-    let (n, p) = (s.network, s.subnet);
+/// The rules of `FLANNEL-POSTRTG` in family `f`, in flannel's order (none
+/// when the spec lacks the family).
+pub fn masq_rules(s: &FirewallSpec, f: Family) -> Vec<String> {
+    let Some((n, p)) = f.nets(s) else {
+        return Vec::new();
+    };
+    let mc = f.multicast();
     let masq = if s.fully_random { "MASQUERADE --random-fully" } else { "MASQUERADE" };
     vec![
         // kube-proxy masquerades what it marked: no second NAT.
@@ -82,7 +140,7 @@ pub fn masq_rules(s: &FirewallSpec) -> Vec<String> {
         // Within the cluster network the source stays.
         MASQ.rule(&format!("-s {n} -d {n}"), "RETURN"),
         // Pods leaving the cluster network, except to multicast.
-        MASQ.rule(&format!("-s {n} ! -d 224.0.0.0/4"), masq),
+        MASQ.rule(&format!("-s {n} ! -d {mc}"), masq),
         // Outsiders reaching our own pods keep their address.
         MASQ.rule(&format!("! -s {n} -d {p}"), "RETURN"),
         // Anything else from outside the network into it (the host's own traffic).
@@ -90,9 +148,12 @@ pub fn masq_rules(s: &FirewallSpec) -> Vec<String> {
     ]
 }
 
-/// The rules of `FLANNEL-FWD`, in flannel's order.
-pub fn forward_rules(s: &FirewallSpec) -> Vec<String> {
-    let n = s.network;
+/// The rules of `FLANNEL-FWD` in family `f`, in flannel's order (none when
+/// the spec lacks the family).
+pub fn forward_rules(s: &FirewallSpec, f: Family) -> Vec<String> {
+    let Some((n, _)) = f.nets(s) else {
+        return Vec::new();
+    };
     vec![FORWARD.rule(&format!("-s {n}"), "ACCEPT"), FORWARD.rule(&format!("-d {n}"), "ACCEPT")]
 }
 
@@ -138,16 +199,20 @@ pub struct Plan {
     pub restore: Option<String>,
 }
 
-/// Compares the node's tables (`have`, from [`parse_save`]) with what `s`
-/// asks for; with `force` the payload rewrites the wanted chains even when
-/// they are right (start-up, as flannel's bootstrap).
-pub fn plan(s: &FirewallSpec, have: &BTreeMap<String, SavedTable>, force: bool) -> Plan {
+/// Compares the node's tables of family `f` (`have`, from [`parse_save`])
+/// with what `s` asks for; with `force` the payload rewrites the wanted
+/// chains even when they are right (start-up, as flannel's bootstrap).
+pub fn plan(s: &FirewallSpec, f: Family, have: &BTreeMap<String, SavedTable>, force: bool) -> Plan {
     let empty = SavedTable::default();
     let mut out = Plan::default();
     let mut payload = String::new();
-    for (hook, want) in [(MASQ, s.masquerade.then(|| masq_rules(s))), (FORWARD, s.forward.then(|| forward_rules(s)))] {
+    let here = f.nets(s).is_some();
+    for (hook, want) in [
+        (MASQ, (s.masquerade && here).then(|| masq_rules(s, f))),
+        (FORWARD, (s.forward && here).then(|| forward_rules(s, f))),
+    ] {
         let t = have.get(hook.table).unwrap_or(&empty);
-        let problems = hook_problems(&hook, want.as_deref(), t);
+        let problems = hook_problems(&hook, f, want.as_deref(), t, || f.why_not(s, hook.flag));
         let rewrite = !problems.is_empty() || (force && want.is_some());
         out.problems.extend(problems);
         if rewrite {
@@ -160,44 +225,48 @@ pub fn plan(s: &FirewallSpec, have: &BTreeMap<String, SavedTable>, force: bool) 
     out
 }
 
-fn hook_problems(h: &Hook, want: Option<&[String]>, t: &SavedTable) -> Vec<Problem> {
+fn hook_problems(
+    h: &Hook,
+    f: Family,
+    want: Option<&[String]>,
+    t: &SavedTable,
+    why_not: impl FnOnce() -> String,
+) -> Vec<Problem> {
+    let tool = f.tool();
     let where_ = format!("(table {})", h.table);
     let exists = t.chains.iter().any(|c| c == h.chain);
     let jumps = t.rules.get(h.builtin).map(|r| r.iter().filter(|l| **l == h.jump()).count()).unwrap_or(0);
     let have: &[String] = t.rules.get(h.chain).map(Vec::as_slice).unwrap_or(&[]);
     let Some(want) = want else {
         return if exists {
-            vec![Problem::stale(format!(
-                "iptables chain {} {where_} is there, but {} is off or EnableNFTables is set",
-                h.chain, h.flag
-            ))]
+            vec![Problem::stale(format!("{tool} chain {} {where_} is there, but {}", h.chain, why_not()))]
         } else {
             Vec::new()
         };
     };
     let mut out = Vec::new();
     if !exists {
-        out.push(Problem::missing(format!("iptables chain {} {where_} is missing", h.chain)));
+        out.push(Problem::missing(format!("{tool} chain {} {where_} is missing", h.chain)));
     }
     match jumps {
-        0 => out.push(Problem::missing(format!("iptables rule `{}` {where_} is missing", h.jump()))),
+        0 => out.push(Problem::missing(format!("{tool} rule `{}` {where_} is missing", h.jump()))),
         1 => {}
-        n => out.push(Problem::wrong(format!("iptables rule `{}` {where_} is there {n} times", h.jump()))),
+        n => out.push(Problem::wrong(format!("{tool} rule `{}` {where_} is there {n} times", h.jump()))),
     }
     let before = out.len();
     for w in want {
         if !have.contains(w) {
-            out.push(Problem::missing(format!("iptables rule `{w}` {where_} is missing")));
+            out.push(Problem::missing(format!("{tool} rule `{w}` {where_} is missing")));
         }
     }
     for x in have {
         if !want.contains(x) {
-            out.push(Problem::wrong(format!("iptables rule `{x}` {where_} is not flannel's")));
+            out.push(Problem::wrong(format!("{tool} rule `{x}` {where_} is not flannel's")));
         }
     }
     if out.len() == before && have != want {
         out.push(Problem::wrong(format!(
-            "iptables chain {} {where_} has flannel's rules out of order or repeated: {}",
+            "{tool} chain {} {where_} has flannel's rules out of order or repeated: {}",
             h.chain,
             have.join("; ")
         )));
@@ -256,19 +325,20 @@ pub enum Variant {
 }
 
 impl Variant {
-    fn save(self) -> String {
-        binary(match self {
-            Variant::Nft => "iptables-nft-save",
-            Variant::Legacy => "iptables-legacy-save",
-            Variant::Default => "iptables-save",
-        })
+    fn suffix(self) -> &'static str {
+        match self {
+            Variant::Nft => "-nft",
+            Variant::Legacy => "-legacy",
+            Variant::Default => "",
+        }
     }
-    fn restore(self) -> String {
-        binary(match self {
-            Variant::Nft => "iptables-nft-restore",
-            Variant::Legacy => "iptables-legacy-restore",
-            Variant::Default => "iptables-restore",
-        })
+    /// `iptables-nft-save`, `ip6tables-legacy-save`, ...
+    fn save(self, f: Family) -> String {
+        binary(&format!("{}{}-save", f.tool(), self.suffix()))
+    }
+    /// `iptables-nft-restore`, `ip6tables-legacy-restore`, ...
+    fn restore(self, f: Family) -> String {
+        binary(&format!("{}{}-restore", f.tool(), self.suffix()))
     }
 }
 
@@ -314,37 +384,45 @@ pub fn variant() -> Variant {
             &dump(&nft, &[]),
             &dump(&["iptables-legacy-save", "ip6tables-legacy-save"], &[]),
         );
-        log::info!("iptables: using {} (as flannel's iptables-wrapper would)", v.restore());
+        log::info!(
+            "iptables: using {} and {} (as flannel's iptables-wrapper would)",
+            v.restore(Family::V4),
+            v.restore(Family::V6)
+        );
         v
     })
 }
 
-/// Tables nat and filter as `iptables-save` prints them. Without the
-/// iptables package: an error when `required`, else nothing (no iptables
-/// tool can have made anything of ours then).
-pub fn observe(required: bool) -> Result<BTreeMap<String, SavedTable>, String> {
+/// Tables nat and filter of family `f` as `iptables-save` (or
+/// `ip6tables-save`) prints them. Without the iptables package: an error
+/// when `required`, else nothing (no iptables tool can have made anything
+/// of ours then).
+pub fn observe(f: Family, required: bool) -> Result<BTreeMap<String, SavedTable>, String> {
     let mut text = String::new();
+    let tool = f.tool();
     for table in ["nat", "filter"] {
-        let out = match Command::new(variant().save()).args(["-t", table]).stderr(Stdio::piped()).output() {
+        let out = match Command::new(variant().save(f)).args(["-t", table]).stderr(Stdio::piped()).output() {
             Ok(o) => o,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound && !required => return Ok(BTreeMap::new()),
-            Err(e) => return Err(format!("run iptables-save: {e} (is the iptables package installed?)")),
+            Err(e) => return Err(format!("run {tool}-save: {e} (is the iptables package installed?)")),
         };
         if !out.status.success() {
-            return Err(format!("iptables-save -t {table} failed: {}", String::from_utf8_lossy(&out.stderr).trim()));
+            return Err(format!("{tool}-save -t {table} failed: {}", String::from_utf8_lossy(&out.stderr).trim()));
         }
         text += &String::from_utf8_lossy(&out.stdout);
     }
     Ok(parse_save(&text))
 }
 
-/// Runs `iptables-restore --noflush` with `payload`: one transaction.
-pub fn restore(payload: &str) -> Result<(), String> {
-    let mut cmd = Command::new(variant().restore());
+/// Runs `iptables-restore --noflush` (or `ip6tables-restore`) with
+/// `payload`: one transaction.
+pub fn restore(f: Family, payload: &str) -> Result<(), String> {
+    let mut cmd = Command::new(variant().restore(f));
     cmd.args(["--noflush", "--wait"]);
-    flannel_net::host::run_with_stdin(&mut cmd, payload, "iptables-restore", "iptables").map_err(|e| {
+    let name = format!("{}-restore", f.tool());
+    flannel_net::host::run_with_stdin(&mut cmd, payload, &name, "iptables").map_err(|e| {
         e.unwrap_or_else(|stderr| {
-            format!("iptables-restore --noflush failed: {stderr} (input: {})", payload.trim().replace('\n', "; "))
+            format!("{name} --noflush failed: {stderr} (input: {})", payload.trim().replace('\n', "; "))
         })
     })
 }
@@ -352,11 +430,15 @@ pub fn restore(payload: &str) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::firewall::Ipv4Rules;
 
     fn spec() -> FirewallSpec {
         FirewallSpec {
-            network: "10.244.0.0/16".parse().unwrap(),
-            subnet: "10.244.1.0/24".parse().unwrap(),
+            ipv4: Some(Ipv4Rules {
+                network: "10.244.0.0/16".parse().unwrap(),
+                subnet: "10.244.1.0/24".parse().unwrap(),
+            }),
+            ipv6: None,
             masquerade: true,
             fully_random: true,
             forward: true,
@@ -394,17 +476,17 @@ COMMIT
     #[test]
     fn golden_rules_and_a_converged_node_needs_nothing() {
         let have = parse_save(GOLDEN);
-        assert_eq!(have["nat"].rules["FLANNEL-POSTRTG"], masq_rules(&spec()));
-        assert_eq!(have["filter"].rules["FLANNEL-FWD"], forward_rules(&spec()));
-        assert_eq!(plan(&spec(), &have, false), Plan::default());
+        assert_eq!(have["nat"].rules["FLANNEL-POSTRTG"], masq_rules(&spec(), Family::V4));
+        assert_eq!(have["filter"].rules["FLANNEL-FWD"], forward_rules(&spec(), Family::V4));
+        assert_eq!(plan(&spec(), Family::V4, &have, false), Plan::default());
         // Without --random-fully.
-        let plain = masq_rules(&FirewallSpec { fully_random: false, ..spec() });
+        let plain = masq_rules(&FirewallSpec { fully_random: false, ..spec() }, Family::V4);
         assert!(plain[2].ends_with("-j MASQUERADE") && plain[4].ends_with("-j MASQUERADE"), "{plain:?}");
     }
 
     #[test]
     fn an_empty_node_gets_one_payload_per_table_with_the_jump_first() {
-        let p = plan(&spec(), &BTreeMap::new(), false);
+        let p = plan(&spec(), Family::V4, &BTreeMap::new(), false);
         assert_eq!(p.problems.len(), 2 * 2 + 5 + 2, "{:#?}", p.problems);
         assert_eq!(p.problems[0].what, "iptables chain FLANNEL-POSTRTG (table nat) is missing");
         assert_eq!(
@@ -434,7 +516,7 @@ COMMIT
 
     #[test]
     fn start_up_rewrites_in_place_moving_the_jump_back_to_the_top() {
-        let p = plan(&spec(), &parse_save(GOLDEN), true);
+        let p = plan(&spec(), Family::V4, &parse_save(GOLDEN), true);
         assert!(p.problems.is_empty());
         let payload = p.restore.unwrap();
         // Existing jumps go (the chain declaration empties the chain), one comes back first.
@@ -449,38 +531,38 @@ COMMIT
 
     #[test]
     fn each_difference_is_named_and_only_its_table_rewritten() {
-        let rules = masq_rules(&spec());
+        let rules = masq_rules(&spec(), Family::V4);
         // A rule deleted.
         let text = GOLDEN.replace(&format!("{}\n", rules[2]), "");
-        let p = plan(&spec(), &parse_save(&text), false);
+        let p = plan(&spec(), Family::V4, &parse_save(&text), false);
         assert_eq!(p.problems.len(), 1);
         assert_eq!(p.problems[0].kind, "missing");
         assert!(p.problems[0].what.contains("-j MASQUERADE --random-fully` (table nat) is missing"), "{p:?}");
         assert!(p.restore.as_ref().unwrap().starts_with("*nat\n") && !p.restore.unwrap().contains("*filter"));
         // A rule of someone else's in our chain.
         let text = GOLDEN.replace("COMMIT\n*filter", "-A FLANNEL-POSTRTG -s 192.0.2.1/32 -j RETURN\nCOMMIT\n*filter");
-        let p = plan(&spec(), &parse_save(&text), false);
+        let p = plan(&spec(), Family::V4, &parse_save(&text), false);
         assert_eq!(
             p.problems[0].what,
             "iptables rule `-A FLANNEL-POSTRTG -s 192.0.2.1/32 -j RETURN` (table nat) is not flannel's"
         );
         // Two rules swapped.
         let text = GOLDEN.replace(&format!("{}\n{}\n", rules[0], rules[1]), &format!("{}\n{}\n", rules[1], rules[0]));
-        let p = plan(&spec(), &parse_save(&text), false);
+        let p = plan(&spec(), Family::V4, &parse_save(&text), false);
         assert_eq!(p.problems.len(), 1);
         assert!(p.problems[0].what.contains("out of order"), "{p:?}");
         // The jump deleted; the jump twice (both deleted, one inserted).
         let jump = "-A FORWARD -m comment --comment \"flanneld forward\" -j FLANNEL-FWD\n";
-        let p = plan(&spec(), &parse_save(&GOLDEN.replace(jump, "")), false);
+        let p = plan(&spec(), Family::V4, &parse_save(&GOLDEN.replace(jump, "")), false);
         assert_eq!(p.problems[0].what, format!("iptables rule `{}` (table filter) is missing", jump.trim()));
-        let p = plan(&spec(), &parse_save(&GOLDEN.replace(jump, &format!("{jump}{jump}"))), false);
+        let p = plan(&spec(), Family::V4, &parse_save(&GOLDEN.replace(jump, &format!("{jump}{jump}"))), false);
         assert!(p.problems[0].what.ends_with("is there 2 times"), "{p:?}");
         assert_eq!(p.restore.unwrap().matches("-D FORWARD").count(), 2);
         // Not first in FORWARD is no problem: flannel does not move it either.
         let text = GOLDEN
             .replace(jump, "")
             .replace("-A FORWARD -j DOCKER-USER\n", &format!("-A FORWARD -j DOCKER-USER\n{jump}"));
-        assert_eq!(plan(&spec(), &parse_save(&text), false), Plan::default());
+        assert_eq!(plan(&spec(), Family::V4, &parse_save(&text), false), Plan::default());
     }
 
     #[test]
@@ -497,13 +579,94 @@ COMMIT
     #[test]
     fn a_feature_turned_off_removes_its_chain_and_jump() {
         let s = FirewallSpec { forward: false, ..spec() };
-        let p = plan(&s, &parse_save(GOLDEN), false);
+        let p = plan(&s, Family::V4, &parse_save(GOLDEN), false);
         assert_eq!(p.problems.len(), 1);
         assert_eq!(p.problems[0].kind, "stale");
         assert_eq!(
             p.restore.unwrap(),
             "*filter\n:FLANNEL-FWD - [0:0]\n-D FORWARD -m comment --comment \"flanneld forward\" -j FLANNEL-FWD\n-X FLANNEL-FWD\nCOMMIT\n"
         );
-        assert_eq!(plan(&nothing(&s), &BTreeMap::new(), true), Plan::default());
+        assert_eq!(plan(&nothing(&s), Family::V4, &BTreeMap::new(), true), Plan::default());
+    }
+
+    fn spec6() -> FirewallSpec {
+        FirewallSpec {
+            ipv6: Some(crate::firewall::Ipv6Rules {
+                network: "2001:db8:44::/56".parse().unwrap(),
+                subnet: "2001:db8:44:1::/64".parse().unwrap(),
+            }),
+            ..spec()
+        }
+    }
+
+    #[test]
+    fn ipv6_rules_are_flannels_masq_ip6_rules_and_forward_rules() {
+        let m = "-m comment --comment \"flanneld masq\"";
+        let (n, p) = ("2001:db8:44::/56", "2001:db8:44:1::/64");
+        assert_eq!(
+            masq_rules(&spec6(), Family::V6),
+            [
+                format!("-A FLANNEL-POSTRTG -m mark --mark 0x4000/0x4000 {m} -j RETURN"),
+                format!("-A FLANNEL-POSTRTG -s {n} -d {n} {m} -j RETURN"),
+                format!("-A FLANNEL-POSTRTG -s {n} ! -d ff00::/8 {m} -j MASQUERADE --random-fully"),
+                format!("-A FLANNEL-POSTRTG ! -s {n} -d {p} {m} -j RETURN"),
+                format!("-A FLANNEL-POSTRTG ! -s {n} -d {n} {m} -j MASQUERADE --random-fully"),
+            ]
+        );
+        let f = "-m comment --comment \"flanneld forward\"";
+        assert_eq!(
+            forward_rules(&spec6(), Family::V6),
+            [format!("-A FLANNEL-FWD -s {n} {f} -j ACCEPT"), format!("-A FLANNEL-FWD -d {n} {f} -j ACCEPT")]
+        );
+        // The IPv4 rules stay as they are; without IPv6 there is none.
+        assert_eq!(masq_rules(&spec6(), Family::V4), masq_rules(&spec(), Family::V4));
+        assert!(masq_rules(&spec(), Family::V6).is_empty() && forward_rules(&spec(), Family::V6).is_empty());
+        // An empty ip6tables gets the same kind of payload as iptables.
+        let p6 = plan(&spec6(), Family::V6, &BTreeMap::new(), false);
+        assert_eq!(p6.problems[0].what, "ip6tables chain FLANNEL-POSTRTG (table nat) is missing");
+        let payload = p6.restore.unwrap();
+        assert!(payload.starts_with(
+            "*nat\n:FLANNEL-POSTRTG - [0:0]\n-I POSTROUTING 1 -m comment --comment \"flanneld masq\" -j FLANNEL-POSTRTG\n"
+        ));
+        assert!(payload.contains("! -d ff00::/8 ") && payload.contains("*filter\n:FLANNEL-FWD - [0:0]\n"), "{payload}");
+        // Converged: nothing to do.
+        let converged = format!(
+            "*nat\n:POSTROUTING ACCEPT [0:0]\n:FLANNEL-POSTRTG - [0:0]\n\
+             -A POSTROUTING -m comment --comment \"flanneld masq\" -j FLANNEL-POSTRTG\n{}\nCOMMIT\n\
+             *filter\n:FORWARD ACCEPT [0:0]\n:FLANNEL-FWD - [0:0]\n\
+             -A FORWARD -m comment --comment \"flanneld forward\" -j FLANNEL-FWD\n{}\nCOMMIT\n",
+            masq_rules(&spec6(), Family::V6).join("\n"),
+            forward_rules(&spec6(), Family::V6).join("\n")
+        );
+        assert_eq!(plan(&spec6(), Family::V6, &parse_save(&converged), false), Plan::default());
+    }
+
+    #[test]
+    fn a_family_the_configuration_lacks_loses_our_chains() {
+        // IPv6-only: what is ours in iptables (IPv4) goes.
+        let only6 = FirewallSpec { ipv4: None, ..spec6() };
+        let p = plan(&only6, Family::V4, &parse_save(GOLDEN), false);
+        assert_eq!(
+            p.problems.iter().map(|p| (p.kind, p.what.as_str())).collect::<Vec<_>>(),
+            [
+                (
+                    "stale",
+                    "iptables chain FLANNEL-POSTRTG (table nat) is there, but the network configuration has no IPv4"
+                ),
+                (
+                    "stale",
+                    "iptables chain FLANNEL-FWD (table filter) is there, but the network configuration has no IPv4"
+                ),
+            ]
+        );
+        let payload = p.restore.unwrap();
+        assert!(payload.contains("-X FLANNEL-POSTRTG\n") && payload.contains("-X FLANNEL-FWD\n"), "{payload}");
+        // IPv4 only: our chains in ip6tables go.
+        let p = plan(&spec(), Family::V6, &parse_save(GOLDEN), false);
+        assert!(p.problems.iter().all(|p| p.what.contains("ip6tables chain") && p.what.ends_with("has no IPv6")));
+        assert_eq!(p.problems.len(), 2);
+        // A flag off names the flag.
+        let p = plan(&FirewallSpec { masquerade: false, ..spec6() }, Family::V6, &parse_save(GOLDEN), false);
+        assert_eq!(p.problems[0].what, "ip6tables chain FLANNEL-POSTRTG (table nat) is there, but --ip-masq is off");
     }
 }

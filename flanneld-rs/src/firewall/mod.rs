@@ -5,7 +5,9 @@
 //! and `FLANNEL-FWD` (table filter), each with a jump from the built-in
 //! chain at its top; with `"EnableNFTables": true` they are current
 //! flannel's nftables tables `ip flannel-ipv4` and `ip6 flannel-ipv6`
-//! ([`nftables`]). The same chains, rules, comments and order as flannel's,
+//! ([`nftables`]). IPv6 gets the same objects for the IPv6 network: the
+//! chains in ip6tables, or the chains of `ip6 flannel-ipv6`. The same
+//! chains, rules, comments and order as flannel's,
 //! so that scripts, monitoring and flannel itself find them; what we add is
 //! that every change is one transaction (`iptables-restore --noflush`,
 //! `nft -f`), that the resync re-asserts the exact content (not only the
@@ -20,17 +22,37 @@ pub mod iptables;
 pub mod legacy;
 pub mod nftables;
 
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 
 use crate::config::NetworkConfig;
+
+/// The IPv4 part: the cluster network N and this node's subnet P.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ipv4Rules {
+    /// The cluster network N (`Network`).
+    pub network: Ipv4Net,
+    /// This node's subnet P.
+    pub subnet: Ipv4Net,
+}
+
+/// The IPv6 part: the cluster network and this node's IPv6 subnet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ipv6Rules {
+    /// The IPv6 cluster network (`IPv6Network`).
+    pub network: Ipv6Net,
+    /// This node's IPv6 subnet.
+    pub subnet: Ipv6Net,
+}
 
 /// What the rules depend on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FirewallSpec {
-    /// The cluster network N.
-    pub network: Ipv4Net,
-    /// This node's subnet P.
-    pub subnet: Ipv4Net,
+    /// The IPv4 part; `None` in an IPv6-only cluster (no IPv4 rules then,
+    /// and ours from an earlier configuration are removed).
+    pub ipv4: Option<Ipv4Rules>,
+    /// The IPv6 part; `None` without IPv6 (ours from an earlier
+    /// configuration are removed).
+    pub ipv6: Option<Ipv6Rules>,
     /// `--ip-masq`.
     pub masquerade: bool,
     /// Not `--ip-masq-fully-random-disable`.
@@ -42,11 +64,18 @@ pub struct FirewallSpec {
 }
 
 impl FirewallSpec {
-    /// The rules the flags and the network configuration ask for, for our `subnet`.
-    pub fn from_opts(opts: &crate::flags::Opts, cfg: &NetworkConfig, subnet: Ipv4Net) -> FirewallSpec {
+    /// The rules the flags and the network configuration ask for: the IPv4
+    /// part for our IPv4 `subnet` (`None`: IPv6-only), the IPv6 part for
+    /// `v6`, the IPv6 cluster network and our IPv6 subnet (`None`: no IPv6).
+    pub fn from_opts(
+        opts: &crate::flags::Opts,
+        cfg: &NetworkConfig,
+        subnet: Option<Ipv4Net>,
+        v6: Option<(Ipv6Net, Ipv6Net)>,
+    ) -> FirewallSpec {
         FirewallSpec {
-            network: cfg.network,
-            subnet,
+            ipv4: subnet.map(|subnet| Ipv4Rules { network: cfg.network, subnet }),
+            ipv6: v6.map(|(network, subnet)| Ipv6Rules { network, subnet }),
             masquerade: opts.ip_masq,
             fully_random: !opts.ip_masq_fully_random_disable,
             forward: opts.iptables_forward_rules,
@@ -58,6 +87,8 @@ impl FirewallSpec {
     pub fn describe(&self) -> &'static str {
         if self.nftables {
             "nftables tables ip flannel-ipv4 and ip6 flannel-ipv6"
+        } else if self.ipv6.is_some() {
+            "iptables and ip6tables chains FLANNEL-POSTRTG (nat) and FLANNEL-FWD (filter)"
         } else {
             "iptables chains FLANNEL-POSTRTG (nat) and FLANNEL-FWD (filter)"
         }
@@ -85,44 +116,72 @@ impl Problem {
     }
 }
 
+/// Whether family `f`'s iptables tools are needed (not only looked at).
+fn needs(s: &FirewallSpec, f: iptables::Family) -> bool {
+    let here = match f {
+        iptables::Family::V4 => s.ipv4.is_some(),
+        iptables::Family::V6 => s.ipv6.is_some(),
+    };
+    here && (s.masquerade || s.forward)
+}
+
 /// The differences in the setting's own objects (not the leftovers).
 pub fn check(s: &FirewallSpec) -> Result<Vec<Problem>, String> {
     if s.nftables {
-        nftables::check(s)
-    } else {
-        Ok(iptables::plan(s, &iptables::observe(s.masquerade || s.forward)?, false).problems)
+        return nftables::check(s);
     }
+    let mut out = Vec::new();
+    for f in iptables::FAMILIES {
+        out.extend(iptables::plan(s, f, &iptables::observe(f, needs(s, f))?, false).problems);
+    }
+    Ok(out)
 }
 
 /// What the other setting or an earlier flanneld-rs left on the node.
 pub fn leftovers(s: &FirewallSpec) -> Result<Vec<Problem>, String> {
     let mut out = legacy::find()?;
     if s.nftables {
-        out.extend(iptables::plan(&iptables::nothing(s), &iptables::observe(false)?, false).problems);
+        for f in iptables::FAMILIES {
+            out.extend(iptables::plan(&iptables::nothing(s), f, &iptables::observe(f, false)?, false).problems);
+        }
     } else {
         out.extend(nftables::find_tables()?);
     }
     Ok(out)
 }
 
-/// Start-up: writes the setting's objects in one transaction whatever is
-/// there (as flannel does at its start: its jumps go back to the top of the
-/// built-in chains), then removes the leftovers. Returns what it changed.
+/// Start-up: writes the setting's objects, one transaction per family,
+/// whatever is there (as flannel does at its start: its jumps go back to
+/// the top of the built-in chains), then removes the leftovers. Returns
+/// what it changed.
 pub fn setup(s: &FirewallSpec) -> Result<Vec<String>, String> {
     let mut done = Vec::new();
     if s.nftables {
         nftables::apply(s)?;
         done.push(format!("{} written", s.describe()));
-        let old = iptables::plan(&iptables::nothing(s), &iptables::observe(false)?, false);
-        if let Some(payload) = &old.restore {
-            iptables::restore(payload).map_err(|e| format!("remove iptables chains of flannel: {e}"))?;
-            done.extend(old.problems.into_iter().map(|p| format!("removed: {}", p.what)));
+        for f in iptables::FAMILIES {
+            let old = iptables::plan(&iptables::nothing(s), f, &iptables::observe(f, false)?, false);
+            if let Some(payload) = &old.restore {
+                iptables::restore(f, payload).map_err(|e| format!("remove {} chains of flannel: {e}", f.tool()))?;
+                done.extend(old.problems.into_iter().map(|p| format!("removed: {}", p.what)));
+            }
         }
     } else {
-        let have = iptables::observe(s.masquerade || s.forward)?;
-        let p = iptables::plan(s, &have, true);
-        if let Some(payload) = &p.restore {
-            iptables::restore(payload)?;
+        let mut wrote = false;
+        for f in iptables::FAMILIES {
+            let p = iptables::plan(s, f, &iptables::observe(f, needs(s, f))?, true);
+            if let Some(payload) = &p.restore {
+                iptables::restore(f, payload)?;
+                if needs(s, f) {
+                    wrote = true;
+                }
+                // Chains of a family the configuration no longer has.
+                done.extend(
+                    p.problems.into_iter().filter(|p| p.kind == "stale").map(|p| format!("removed: {}", p.what)),
+                );
+            }
+        }
+        if wrote {
             done.push(format!("{} written", s.describe()));
         }
         let tables = nftables::find_tables()?;
@@ -147,12 +206,15 @@ pub fn ensure(s: &FirewallSpec) -> Result<Vec<Problem>, String> {
         if !problems.is_empty() {
             nftables::apply(s)?;
         }
-        Ok(problems)
-    } else {
-        let p = iptables::plan(s, &iptables::observe(s.masquerade || s.forward)?, false);
-        if let Some(payload) = &p.restore {
-            iptables::restore(payload)?;
-        }
-        Ok(p.problems)
+        return Ok(problems);
     }
+    let mut out = Vec::new();
+    for f in iptables::FAMILIES {
+        let p = iptables::plan(s, f, &iptables::observe(f, needs(s, f))?, false);
+        if let Some(payload) = &p.restore {
+            iptables::restore(f, payload)?;
+        }
+        out.extend(p.problems);
+    }
+    Ok(out)
 }

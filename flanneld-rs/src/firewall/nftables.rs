@@ -6,10 +6,12 @@
 //! with the comment `rules for <name>`, whatever else is on; in the IPv4
 //! one, with `--ip-masq`, the chain `postrtg` (nat, postrouting, srcnat)
 //! and, with `--iptables-forward-rules`, the chain `forward` (filter,
-//! forward, filter). The IPv6 table stays empty here (IPv6 leases are not
-//! implemented). The rules are flannel's own, including its fourth
-//! masquerade rule, which returns for any source outside the node's subnet
-//! (not, as its iptables rule, outside the cluster network).
+//! forward, filter); the IPv6 one the same chains with the same rules for
+//! the IPv6 network and subnet (`ip6 saddr`, multicast `ff00::/8`). A
+//! family the configuration does not have keeps its empty table, as
+//! flannel's. The rules are flannel's own, including its fourth masquerade
+//! rule, which returns for any source outside the node's subnet (not, as
+//! its iptables rule, outside the cluster network).
 
 use super::{FirewallSpec, Problem};
 
@@ -21,20 +23,33 @@ pub const TABLE6: &str = "flannel-ipv6";
 /// The tables: family, name, and their content as `nft list table` prints
 /// it (tabs, as nft 1.0 indents).
 pub fn listing(s: &FirewallSpec) -> [(&'static str, &'static str, String); 2] {
-    let (n, p) = (s.network, s.subnet);
-    let masq = if s.fully_random { "masquerade fully-random" } else { "masquerade" };
+    let v4 = s.ipv4.map(|r| (r.network.to_string(), r.subnet.to_string()));
+    let v6 = s.ipv6.map(|r| (r.network.to_string(), r.subnet.to_string()));
+    [
+        ("ip", TABLE4, table(s, "ip", TABLE4, "224.0.0.0/4", v4)),
+        ("ip6", TABLE6, table(s, "ip6", TABLE6, "ff00::/8", v6)),
+    ]
+}
+
+/// One table's listing: family `ip` or `ip6` (also the address match's
+/// keyword), the network and subnet when the spec has that family.
+fn table(s: &FirewallSpec, ip: &str, name: &str, multicast: &str, nets: Option<(String, String)>) -> String {
     let mut chains = Vec::new();
+    let Some((n, p)) = nets else {
+        return format!("table {ip} {name} {{\n\tcomment \"rules for {name}\"\n}}\n");
+    };
+    let masq = if s.fully_random { "masquerade fully-random" } else { "masquerade" };
     if s.masquerade {
         chains.push(format!(
             "\tchain postrtg {{\n\
              \t\tcomment \"chain to manage traffic masquerading by flannel\"\n\
              \t\ttype nat hook postrouting priority srcnat; policy accept;\n\
              \t\tmeta mark 0x00004000 return\n\
-             \t\tip saddr {p} ip daddr {n} return\n\
-             \t\tip saddr {n} ip daddr {p} return\n\
-             \t\tip saddr != {p} ip daddr {n} return\n\
-             \t\tip saddr {n} ip daddr != 224.0.0.0/4 {masq}\n\
-             \t\tip saddr != {n} ip daddr {n} {masq}\n\
+             \t\t{ip} saddr {p} {ip} daddr {n} return\n\
+             \t\t{ip} saddr {n} {ip} daddr {p} return\n\
+             \t\t{ip} saddr != {p} {ip} daddr {n} return\n\
+             \t\t{ip} saddr {n} {ip} daddr != {multicast} {masq}\n\
+             \t\t{ip} saddr != {n} {ip} daddr {n} {masq}\n\
              \t}}\n"
         ));
     }
@@ -43,14 +58,12 @@ pub fn listing(s: &FirewallSpec) -> [(&'static str, &'static str, String); 2] {
             "\tchain forward {{\n\
              \t\tcomment \"chain to accept flannel traffic\"\n\
              \t\ttype filter hook forward priority filter; policy accept;\n\
-             \t\tip saddr {n} accept\n\
-             \t\tip daddr {n} accept\n\
+             \t\t{ip} saddr {n} accept\n\
+             \t\t{ip} daddr {n} accept\n\
              \t}}\n"
         ));
     }
-    let v4 = format!("table ip {TABLE4} {{\n\tcomment \"rules for {TABLE4}\"\n{}}}\n", chains.join("\n"));
-    let v6 = format!("table ip6 {TABLE6} {{\n\tcomment \"rules for {TABLE6}\"\n}}\n");
-    [("ip", TABLE4, v4), ("ip6", TABLE6, v6)]
+    format!("table {ip} {name} {{\n\tcomment \"rules for {name}\"\n{}}}\n", chains.join("\n"))
 }
 
 /// The transaction: each table declared (so that deleting it cannot fail),
@@ -145,11 +158,15 @@ pub fn remove_tables() -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::firewall::Ipv4Rules;
 
     fn spec() -> FirewallSpec {
         FirewallSpec {
-            network: "10.244.0.0/16".parse().unwrap(),
-            subnet: "10.244.1.0/24".parse().unwrap(),
+            ipv4: Some(Ipv4Rules {
+                network: "10.244.0.0/16".parse().unwrap(),
+                subnet: "10.244.1.0/24".parse().unwrap(),
+            }),
+            ipv6: None,
             masquerade: true,
             fully_random: true,
             forward: true,
@@ -208,5 +225,45 @@ mod tests {
             "\t\tip daddr 10.244.0.0/16 accept\n\t\tip saddr 10.244.0.0/16 accept\n",
         );
         assert!(diff("ip", TABLE4, &want, &swapped)[0].what.contains("out of order"));
+    }
+
+    #[test]
+    fn golden_ipv6_listing_as_current_flannel_makes_it() {
+        let v6 = crate::firewall::Ipv6Rules {
+            network: "2001:db8:44::/56".parse().unwrap(),
+            subnet: "2001:db8:44:1::/64".parse().unwrap(),
+        };
+        let dual = FirewallSpec { ipv6: Some(v6), ..spec() };
+        let [(_, _, v4), (family, name, t6)] = listing(&dual);
+        assert_eq!(v4, listing(&spec())[0].2, "the IPv4 table does not change with IPv6");
+        assert_eq!((family, name), ("ip6", "flannel-ipv6"));
+        assert_eq!(
+            t6,
+            "table ip6 flannel-ipv6 {
+\tcomment \"rules for flannel-ipv6\"
+\tchain postrtg {
+\t\tcomment \"chain to manage traffic masquerading by flannel\"
+\t\ttype nat hook postrouting priority srcnat; policy accept;
+\t\tmeta mark 0x00004000 return
+\t\tip6 saddr 2001:db8:44:1::/64 ip6 daddr 2001:db8:44::/56 return
+\t\tip6 saddr 2001:db8:44::/56 ip6 daddr 2001:db8:44:1::/64 return
+\t\tip6 saddr != 2001:db8:44:1::/64 ip6 daddr 2001:db8:44::/56 return
+\t\tip6 saddr 2001:db8:44::/56 ip6 daddr != ff00::/8 masquerade fully-random
+\t\tip6 saddr != 2001:db8:44::/56 ip6 daddr 2001:db8:44::/56 masquerade fully-random
+\t}
+
+\tchain forward {
+\t\tcomment \"chain to accept flannel traffic\"
+\t\ttype filter hook forward priority filter; policy accept;
+\t\tip6 saddr 2001:db8:44::/56 accept
+\t\tip6 daddr 2001:db8:44::/56 accept
+\t}
+}
+"
+        );
+        // IPv6-only: the IPv4 table is there, empty, as flannel's.
+        let only6 = FirewallSpec { ipv4: None, ..dual };
+        assert_eq!(listing(&only6)[0].2, "table ip flannel-ipv4 {\n\tcomment \"rules for flannel-ipv4\"\n}\n");
+        assert_eq!(listing(&only6)[1].2, t6);
     }
 }
