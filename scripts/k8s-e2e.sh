@@ -16,8 +16,9 @@
 #   K8S_E2E_KEEP=1     on a terminal: leave the cluster up until Enter is pressed
 #   K8S_E2E_BACKEND=B  the backend in the ConfigMap's net-conf.json: vxlan (as
 #                      shipped, the default), host-gw or udp
-#   K8S_E2E_DUAL_STACK=1  dual-stack: nodes get IPv6 underlay addresses
-#                      (2001:db8::/64), kube-controller-manager allocates
+#   K8S_E2E_DUAL_STACK=1  dual-stack: nodes get IPv6 underlay addresses and
+#                      an IPv6 default route (netns-fixture up --ipv6:
+#                      2001:db8::/64), kube-controller-manager allocates
 #                      podCIDRs of both families (IPv6DualStack, cluster CIDR
 #                      10.244.0.0/16,2001:db8:10::/56), net-conf.json gets
 #                      EnableIPv6, and every pod must have an address of each
@@ -132,7 +133,7 @@ trap 'exit 130' INT TERM
 
 "$fixture" down --name "$tag" >/dev/null 2>&1 || true
 say "underlay: $nodes nodes and the outside host ($api)"
-"$fixture" up --nodes "$nodes" --outside --name "$tag"
+"$fixture" up --nodes "$nodes" --outside --name "$tag" ${dual:+--ipv6}
 in_outside() { nsenter --net=/run/netns/$outside_ns "$@"; }
 kc() { in_outside kubectl --kubeconfig "$work/admin.kubeconfig" --request-timeout 20s "$@" 2>&1 | grep -v 'version difference\|^WARNING: version' || return "${PIPESTATUS[0]}"; }
 kcq() { in_outside kubectl --kubeconfig "$work/admin.kubeconfig" --request-timeout 20s "$@" 2>/dev/null; }
@@ -242,11 +243,6 @@ for h in /sys/fs/cgroup/*/; do mkdir -p "$h/k8se2e" 2>/dev/null || true; done
 for i in $(seq 0 $((nodes - 1))); do
   ns=flt-$tag-node$i
   ip netns exec "$ns" sysctl -qw net.ipv4.ip_forward=1
-  if [ -n "$dual" ]; then
-    # The IPv6 underlay, inside the node's namespace only.
-    ip netns exec "$ns" sysctl -qw net.ipv6.conf.all.forwarding=1
-    ip netns exec "$ns" ip -6 addr add "2001:db8::$((10 + i))/64" dev eth0 nodad
-  fi
   # The stand-in for kube-proxy, for the one Service the nodes need: the API
   # server's ClusterIP, which in-cluster clients (flanneld-rs) dial.
   ip netns exec "$ns" nft -f - <<NFT
