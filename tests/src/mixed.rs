@@ -246,6 +246,29 @@ pub fn kube_peers(api: &ApiServer) -> Vec<Peer> {
     out
 }
 
+/// The IPv6 halves of the leases the API server knows: Nodes with
+/// `kube-subnet-manager: "true"`, an IPv6 entry in `spec.podCIDRs`, and
+/// `public-ipv6` (the VTEP MAC from `backend-v6-data`).
+pub fn kube_peers6(api: &ApiServer) -> Vec<Peer> {
+    let nodes = api.get_json(&["nodes"]);
+    let mut out = Vec::new();
+    for n in nodes["items"].as_array().unwrap() {
+        let a = &n["metadata"]["annotations"];
+        let get = |k: &str| a[format!("{PREFIX}/{k}")].as_str().map(str::to_string);
+        if get("kube-subnet-manager").as_deref() != Some("true") {
+            continue;
+        }
+        let cidrs = n["spec"]["podCIDRs"].as_array().cloned().unwrap_or_default();
+        let cidr6 = cidrs.iter().filter_map(Value::as_str).find(|c| c.contains(':'));
+        let (Some(cidr), Some(ip)) = (cidr6, get("public-ipv6")) else { continue };
+        let mac = get("backend-v6-data")
+            .and_then(|d| serde_json::from_str::<Value>(&d).ok())
+            .and_then(|d| d["VtepMAC"].as_str().map(str::to_string));
+        out.push(Peer { subnet: cidr.to_string(), mac, public_ip: ip });
+    }
+    out
+}
+
 fn array(v: Value) -> Vec<Value> {
     match v {
         Value::Array(a) => a,

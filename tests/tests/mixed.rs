@@ -18,7 +18,7 @@ use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
-use e2e_tests::kube::{require_kube, KubeOverlay};
+use e2e_tests::kube::{require_kube, ApiServer, KubeOverlay};
 use e2e_tests::mixed::{
     dev_mac, dual_conf, dual_stack_underlay, etcd_peers, etcd_peers6, key_subnets, kube_peers, lease_key_of, node_ipv6,
     own_device, peer_entries, peer_shapes, pod_addr6, require_upstream, start_nodes, subnet6, tail, Kind, Peer,
@@ -218,6 +218,31 @@ fn etcd_udp_mixed_cluster() {
     etcd_mixed(r#"{"Type":"udp"}"#, Some("flannel0"), false, 7700);
 }
 
+/// Node `i`'s flannel annotations as `key=value`, the values that differ
+/// per node by nature (public IPs, VTEP MACs) reduced to their shape.
+fn node_annotations(api: &ApiServer, i: usize) -> BTreeSet<String> {
+    let n = api.get_json(&["node", &KubeOverlay::node_name(i)]);
+    let a = n["metadata"]["annotations"].as_object().cloned().unwrap_or_default();
+    a.into_iter()
+        .filter(|(k, _)| k.starts_with(e2e_tests::kube::PREFIX))
+        .map(|(k, v)| {
+            let v = v.as_str().unwrap();
+            let per_node = k.ends_with("/public-ip")
+                || k.ends_with("/public-ipv6")
+                || (k.ends_with("/backend-data") || k.ends_with("/backend-v6-data")) && v.contains("VtepMAC");
+            let v = if per_node {
+                serde_json::from_str::<serde_json::Value>(v)
+                    .ok()
+                    .and_then(|d| d.as_object().map(|o| format!("{:?}", o.keys().collect::<Vec<_>>())))
+                    .unwrap_or_else(|| "<per node>".into())
+            } else {
+                v.to_string()
+            };
+            format!("{k}={v}")
+        })
+        .collect()
+}
+
 /// The mixed cluster in Kubernetes mode: upstream gets the same
 /// `--kube-subnet-mgr --kubeconfig-file --net-config-path` and `NODE_NAME`
 /// as flanneld-rs.
@@ -233,28 +258,7 @@ fn kube_mixed(backend: &str, dev: Option<&str>, per_peer: bool, port_base: u16) 
     assert_same_subnet_env(&ko.o, &KINDS);
     let all = [0, 1, 2, 3];
     // Both kinds annotate their Node alike.
-    let ann: Vec<BTreeSet<String>> = (0..4)
-        .map(|i| {
-            let n = ko.api.get_json(&["node", &KubeOverlay::node_name(i)]);
-            let a = n["metadata"]["annotations"].as_object().cloned().unwrap_or_default();
-            a.into_iter()
-                .filter(|(k, _)| k.starts_with(e2e_tests::kube::PREFIX))
-                .map(|(k, v)| {
-                    let v = v.as_str().unwrap();
-                    // Values that differ per node by nature.
-                    let v = if k.ends_with("/public-ip") || k.ends_with("/backend-data") && v.contains("VtepMAC") {
-                        serde_json::from_str::<serde_json::Value>(v)
-                            .ok()
-                            .and_then(|d| d.as_object().map(|o| format!("{:?}", o.keys().collect::<Vec<_>>())))
-                            .unwrap_or_else(|| "<per node>".into())
-                    } else {
-                        v.to_string()
-                    };
-                    format!("{k}={v}")
-                })
-                .collect()
-        })
-        .collect();
+    let ann: Vec<BTreeSet<String>> = (0..4).map(|i| node_annotations(&ko.api, i)).collect();
     // Both set the Node's NetworkUnavailable condition alike.
     let cond = |i: usize| {
         let n = ko.api.get_json(&["node", &KubeOverlay::node_name(i)]);
@@ -345,6 +349,71 @@ fn dual_subnet_env(o: &Overlay, i: usize) -> (String, String) {
     (rest, mtu)
 }
 
+/// Every node's subnet.env is the same but for its own subnets and
+/// `FLANNEL_MTU`, which is upstream's 1450 and our 1430 (see
+/// [`etcd_vxlan_dual_stack_mixed_cluster`]); both name [`NETWORK6`].
+fn assert_same_dual_subnet_env(o: &Overlay) {
+    let envs: Vec<(String, String)> = (0..KINDS.len()).map(|i| dual_subnet_env(o, i)).collect();
+    for (i, (rest, mtu)) in envs.iter().enumerate() {
+        assert_eq!(rest, &envs[0].0, "subnet.env of node{i} ({:?}) and node0 ({:?})", KINDS[i], KINDS[0]);
+        assert!(rest.contains(&format!("FLANNEL_IPV6_NETWORK={NETWORK6}")), "node{i}'s subnet.env:\n{rest}");
+        let want = match KINDS[i] {
+            Kind::Upstream => "FLANNEL_MTU=1450",
+            Kind::Ours => "FLANNEL_MTU=1430",
+        };
+        assert_eq!(mtu, want, "node{i} ({:?})'s FLANNEL_MTU", KINDS[i]);
+    }
+}
+
+/// Both planes of a dual-stack vxlan cluster, on the nodes in `alive`:
+/// every node programs each peer alike per family (`peers4`, `peers6`:
+/// the leases' halves), and has the same flannel.1 and flannel-v6.1.
+fn assert_dual_planes_alike(
+    o: &Overlay,
+    alive: &[usize],
+    peers4: &dyn Fn() -> Vec<Peer>,
+    peers6: &dyn Fn() -> Vec<Peer>,
+) {
+    for (family, dev, peers) in [("IPv4", "flannel.1", peers4), ("IPv6", "flannel-v6.1", peers6)] {
+        let shape = wait_uniform(o, alive, peers);
+        println!(
+            "{family}: every node programs each peer as:\n  {}",
+            shape.into_iter().collect::<Vec<_>>().join("\n  ")
+        );
+        let own =
+            |i: usize| if family == "IPv4" { o.subnet(i).to_string() } else { subnet6(o, i).unwrap().to_string() };
+        assert_same_device(o, alive, dev, &own);
+        let d = own_device(o, alive[0], dev, &own(alive[0])).unwrap_or_else(|| panic!("node{} has no {dev}", alive[0]));
+        if alive.len() == KINDS.len() {
+            println!("{family}: every node's {dev}:\n  {}", d.join("\n  "));
+        }
+    }
+}
+
+/// A pod on each node (the plugin gives it an address of each family);
+/// returns them with their IPv6 addresses, checked to be in their node's
+/// `FLANNEL_IPV6_SUBNET`.
+fn dual_pods(o: &Overlay, prefix: &str) -> Vec<(Netns, Ipv4Addr, IpAddr)> {
+    (0..o.daemons.len())
+        .map(|i| {
+            let (pod, a4) = o.add_pod(i, &format!("{prefix}{i}"));
+            let a6 = pod_addr6(&pod).unwrap_or_else(|| panic!("pod on node{i} has no IPv6 address"));
+            let own6 = subnet6(o, i).unwrap();
+            assert!(own6.contains(&a6), "pod on node{i}: {a6} outside {own6}");
+            (pod, a4, IpAddr::V6(a6))
+        })
+        .collect()
+}
+
+/// TCP both ways between the pods of the nodes in `alive`, over IPv4 and
+/// over IPv6.
+fn dual_pods_talk(pods: &[(Netns, Ipv4Addr, IpAddr)], alive: &[usize], port: u16) {
+    let v4: Vec<(&Netns, IpAddr)> = alive.iter().map(|&i| (&pods[i].0, IpAddr::V4(pods[i].1))).collect();
+    pods_talk_ips(&v4, port);
+    let v6: Vec<(&Netns, IpAddr)> = alive.iter().map(|&i| (&pods[i].0, pods[i].2)).collect();
+    pods_talk_ips(&v6, port + 50);
+}
+
 /// Dual-stack vxlan, etcd mode: upstream flanneld v0.20.2 (nodes 0 and 2)
 /// and flanneld-rs (nodes 1 and 3) with `EnableIPv6` and
 /// `IPv6Network` [`NETWORK6`], each node's underlay with an IPv6 address
@@ -370,18 +439,7 @@ fn etcd_vxlan_dual_stack_mixed_cluster() {
     dual_stack_underlay(&o);
     start_nodes(&mut o, &KINDS);
     let all = [0, 1, 2, 3];
-
-    // subnet.env: the same but for the own subnets and FLANNEL_MTU.
-    let envs: Vec<(String, String)> = all.iter().map(|&i| dual_subnet_env(&o, i)).collect();
-    for (i, (rest, mtu)) in envs.iter().enumerate() {
-        assert_eq!(rest, &envs[0].0, "subnet.env of node{i} ({:?}) and node0 ({:?})", KINDS[i], KINDS[0]);
-        assert!(rest.contains(&format!("FLANNEL_IPV6_NETWORK={NETWORK6}")), "node{i}'s subnet.env:\n{rest}");
-        let want = match KINDS[i] {
-            Kind::Upstream => "FLANNEL_MTU=1450",
-            Kind::Ours => "FLANNEL_MTU=1430",
-        };
-        assert_eq!(mtu, want, "node{i} ({:?})'s FLANNEL_MTU", KINDS[i]);
-    }
+    assert_same_dual_subnet_env(&o);
 
     // The leases: one dual-stack key per node, the same fields on both kinds.
     let all_leases = e2e_tests::overlay::leases(o.outside());
@@ -410,37 +468,9 @@ fn etcd_vxlan_dual_stack_mixed_cluster() {
         assert_eq!(v["BackendV6Data"]["VtepMAC"], dev_mac(&o, i, "flannel-v6.1").unwrap(), "node{i}'s lease: {v}");
     }
 
-    for (family, dev, peers) in
-        [("IPv4", "flannel.1", &etcd_peers as &dyn Fn(&Overlay) -> Vec<Peer>), ("IPv6", "flannel-v6.1", &etcd_peers6)]
-    {
-        let shape = wait_uniform(&o, &all, &|| peers(&o));
-        println!(
-            "{family}: every node programs each peer as:\n  {}",
-            shape.into_iter().collect::<Vec<_>>().join("\n  ")
-        );
-        let own =
-            |i: usize| if family == "IPv4" { o.subnet(i).to_string() } else { subnet6(&o, i).unwrap().to_string() };
-        assert_same_device(&o, &all, dev, &own);
-        assert!(own_device(&o, 0, dev, &own(0)).is_some(), "node0 has no {dev}");
-    }
-
-    let pods: Vec<_> = (0..4).map(|i| o.add_pod(i, &format!("d{i}"))).collect();
-    let addrs6: Vec<IpAddr> = pods
-        .iter()
-        .enumerate()
-        .map(|(i, p)| {
-            let a = pod_addr6(&p.0).unwrap_or_else(|| panic!("pod on node{i} has no IPv6 address"));
-            assert!(subnet6(&o, i).unwrap().contains(&a), "pod on node{i}: {a} outside {:?}", subnet6(&o, i));
-            IpAddr::V6(a)
-        })
-        .collect();
-    let talk = |alive: &[usize], port: u16| {
-        let v4: Vec<(&Netns, IpAddr)> = alive.iter().map(|&i| (&pods[i].0, IpAddr::V4(pods[i].1))).collect();
-        pods_talk_ips(&v4, port);
-        let v6: Vec<(&Netns, IpAddr)> = alive.iter().map(|&i| (&pods[i].0, addrs6[i])).collect();
-        pods_talk_ips(&v6, port + 50);
-    };
-    talk(&all, 8200);
+    assert_dual_planes_alike(&o, &all, &|| etcd_peers(&o), &|| etcd_peers6(&o));
+    let pods = dual_pods(&o, "d");
+    dual_pods_talk(&pods, &all, 8200);
 
     // Node 2 (upstream) leaves, then node 3 (flanneld-rs): every remaining
     // node of both kinds forgets both halves of its lease.
@@ -458,8 +488,7 @@ fn etcd_vxlan_dual_stack_mixed_cluster() {
                 peer_entries(ns, &leaving).is_empty() && peer_entries(ns, &leaving6).is_empty()
             });
         }
-        wait_uniform(&o, &alive, &|| etcd_peers(&o));
-        wait_uniform(&o, &alive, &|| etcd_peers6(&o));
-        talk(&alive, 8300);
+        assert_dual_planes_alike(&o, &alive, &|| etcd_peers(&o), &|| etcd_peers6(&o));
+        dual_pods_talk(&pods, &alive, 8300);
     }
 }
