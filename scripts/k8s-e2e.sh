@@ -16,6 +16,13 @@
 #   K8S_E2E_KEEP=1     on a terminal: leave the cluster up until Enter is pressed
 #   K8S_E2E_BACKEND=B  the backend in the ConfigMap's net-conf.json: vxlan (as
 #                      shipped, the default), host-gw or udp
+#   K8S_E2E_DUAL_STACK=1  dual-stack: nodes get IPv6 underlay addresses
+#                      (2001:db8::/64), kube-controller-manager allocates
+#                      podCIDRs of both families (IPv6DualStack, cluster CIDR
+#                      10.244.0.0/16,2001:db8:10::/56), net-conf.json gets
+#                      EnableIPv6, and every pod must have an address of each
+#                      family inside its node's podCIDRs and answer HTTP over
+#                      both from every other pod and node
 # The Kubernetes binaries come from scripts/lib/kube-binaries.sh (built once,
 # about 5 minutes each, then cached under /var/cache/flannel-rs/). With them
 # cached, a run takes about 4 minutes on the 2-core development machine.
@@ -26,6 +33,16 @@ source scripts/lib/common.sh
 need_root
 
 nodes=${NODES:-3}
+dual=${K8S_E2E_DUAL_STACK:-}
+gates=()
+if [ -n "$dual" ]; then
+  # Kubernetes 1.20: dual-stack is behind a feature gate on every component.
+  export K8S_E2E_FEATURE_GATES=IPv6DualStack=true
+  gates=(--feature-gates=IPv6DualStack=true)
+  cluster_cidr=10.244.0.0/16,2001:db8:10::/56
+else
+  cluster_cidr=10.244.0.0/16
+fi
 latency_pods=${LATENCY_PODS:-8}
 tag=k8se2e
 outside_ns=flt-$tag-outside
@@ -186,13 +203,14 @@ in_outside "$kbin/kube-apiserver" --etcd-servers=http://127.0.0.1:2379 \
   --service-account-key-file="$pki/sa.pub" --service-account-signing-key-file="$pki/sa.key" \
   --api-audiences=https://kubernetes.default.svc.cluster.local \
   --service-cluster-ip-range=10.96.0.0/16 --allow-privileged=true --profiling=false \
-  --kubelet-preferred-address-types=InternalIP \
+  --kubelet-preferred-address-types=InternalIP "${gates[@]}" \
   >"$work/apiserver.log" 2>&1 &
 pids+=($!)
 for _ in $(seq 300); do kcq get --raw /readyz >/dev/null && break; sleep 0.2; done
 kcq get --raw /readyz >/dev/null || { tail -20 "$work/apiserver.log"; fail "kube-apiserver not ready"; }
 in_outside "$kbin/kube-controller-manager" --kubeconfig="$work/cm.kubeconfig" \
-  --allocate-node-cidrs=true --cluster-cidr=10.244.0.0/16 --node-cidr-mask-size=24 \
+  --allocate-node-cidrs=true --cluster-cidr=$cluster_cidr "${gates[@]}" \
+  $([ -n "$dual" ] && echo --node-cidr-mask-size-ipv4=24 --node-cidr-mask-size-ipv6=64 || echo --node-cidr-mask-size=24) \
   --service-cluster-ip-range=10.96.0.0/16 --controllers='*' \
   --service-account-private-key-file="$pki/sa.key" --root-ca-file="$pki/ca.crt" \
   --leader-elect=false --port=0 --secure-port=0 --profiling=false \
@@ -224,6 +242,11 @@ for h in /sys/fs/cgroup/*/; do mkdir -p "$h/k8se2e" 2>/dev/null || true; done
 for i in $(seq 0 $((nodes - 1))); do
   ns=flt-$tag-node$i
   ip netns exec "$ns" sysctl -qw net.ipv4.ip_forward=1
+  if [ -n "$dual" ]; then
+    # The IPv6 underlay, inside the node's namespace only.
+    ip netns exec "$ns" sysctl -qw net.ipv6.conf.all.forwarding=1
+    ip netns exec "$ns" ip -6 addr add "2001:db8::$((10 + i))/64" dev eth0 nodad
+  fi
   # The stand-in for kube-proxy, for the one Service the nodes need: the API
   # server's ClusterIP, which in-cluster clients (flanneld-rs) dial.
   ip netns exec "$ns" nft -f - <<NFT
@@ -266,6 +289,17 @@ case "$backend" in
     ;;
   *) fail "K8S_E2E_BACKEND=$backend: not one of vxlan, host-gw, udp" ;;
 esac
+if [ -n "$dual" ]; then
+  dual_manifest=$work/kube-flannel-rs-dual-stack.yml
+  sed 's|"Network": "10.244.0.0/16",|"Network": "10.244.0.0/16",\n      "EnableIPv6": true,\n      "IPv6Network": "2001:db8:10::/56",|' \
+    "$manifest" >"$dual_manifest"
+  grep -q '"IPv6Network": "2001:db8:10::/56"' "$dual_manifest" || fail "could not add IPv6 to the manifest's net-conf.json"
+  manifest=$dual_manifest
+  for i in $(seq 0 $((nodes - 1))); do
+    cidrs=$(kcq get node node$i -o jsonpath='{.spec.podCIDRs}')
+    case $cidrs in *2001:db8:10:*) ;; *) fail "node$i has no IPv6 podCIDR: $cidrs" ;; esac
+  done
+fi
 # The DaemonSet runs on nodes labelled flannel-rs.io/enabled=true only (see
 # the manifest's header): a new cluster labels all of them.
 kc label nodes --all flannel-rs.io/enabled=true
@@ -366,6 +400,16 @@ for i in $(seq 0 $((nodes - 1))); do
     || fail "web$i has ${pod_ip[$i]}, outside node$i's podCIDR $cidr"
   echo "web$i on node$i: ${pod_ip[$i]} in $cidr"
 done
+declare -A pod_ip6
+if [ -n "$dual" ]; then
+  for i in $(seq 0 $((nodes - 1))); do
+    pod_ip6[$i]=$(kcq get pod web$i -o jsonpath='{.status.podIPs[1].ip}')
+    cidr6=$(kcq get node node$i -o jsonpath='{.spec.podCIDRs[1]}')
+    python3 -c "import ipaddress,sys; sys.exit(ipaddress.ip_address('${pod_ip6[$i]:-x}'.replace('x','0.0.0.0')) not in ipaddress.ip_network('$cidr6'))" \
+      || fail "web$i has IPv6 address '${pod_ip6[$i]}', not in node$i's IPv6 podCIDR $cidr6 (podIPs: $(kcq get pod web$i -o jsonpath='{.status.podIPs}'))"
+    echo "web$i on node$i: ${pod_ip6[$i]} in $cidr6"
+  done
+fi
 
 say "HTTP between every pair of pods (kubectl exec), and from every node"
 pairs_ok=0 pairs=0
@@ -390,21 +434,57 @@ done
 echo "pod to pod: $pairs_ok/$pairs; node to pod: $node_ok/$node_pairs"
 [ "$pairs_ok" -eq "$pairs" ] || fail "HTTP between pods"
 [ "$node_ok" -eq "$node_pairs" ] || fail "HTTP from nodes to pods"
+if [ -n "$dual" ]; then
+  say "the same over IPv6"
+  ok6=0 all6=0
+  for i in $(seq 0 $((nodes - 1))); do
+    for j in $(seq 0 $((nodes - 1))); do
+      all6=$((all6 + 2))
+      out=$(in_outside kubectl --kubeconfig "$work/admin.kubeconfig" --request-timeout 20s exec web$i -- /http get "${pod_ip6[$j]}" 8080 2>&1 || true)
+      case $out in "web$j "*) ok6=$((ok6 + 1)); echo "web$i -> web$j (${pod_ip6[$j]}): $out" ;; *) echo "web$i -> web$j (${pod_ip6[$j]}): FAILED: $out" ;; esac
+      out=$(ip netns exec flt-$tag-node$i "$img/http/http" get "${pod_ip6[$j]}" 8080 || true)
+      case $out in "web$j "*) ok6=$((ok6 + 1)) ;; *) echo "node$i -> web$j (${pod_ip6[$j]}): FAILED: $out" ;; esac
+    done
+  done
+  echo "IPv6, pod to pod and node to pod: $ok6/$all6"
+  [ "$ok6" -eq "$all6" ] || fail "HTTP over IPv6"
+fi
 
 say "deleting a pod frees its address"
 store=$work/node0/fs/var/lib/cni/flannel/networks/cbr0
 ip0=${pod_ip[0]}
 [ -e "$store/$ip0" ] || { ls -la "$store" 2>&1; fail "no allocation $store/$ip0 for web0"; }
 echo "allocated: $store/$ip0 ($(tr '\r\n' '  ' <"$store/$ip0"))"
+ip0_6=${pod_ip6[0]:-}
+if [ -n "$ip0_6" ]; then
+  [ -e "$store/$ip0_6" ] || { ls -la "$store" 2>&1; fail "no allocation $store/$ip0_6 for web0"; }
+  echo "allocated: $store/$ip0_6 ($(tr '\r\n' '  ' <"$store/$ip0_6"))"
+fi
 kc delete pod web0 --wait=true >/dev/null
-for _ in $(seq 100); do [ -e "$store/$ip0" ] || break; sleep 0.1; done
+released() { [ ! -e "$store/$ip0" ] && { [ -z "$ip0_6" ] || [ ! -e "$store/$ip0_6" ]; }; }
+for _ in $(seq 100); do released && break; sleep 0.1; done
 [ -e "$store/$ip0" ] && fail "$ip0 still allocated after the pod was deleted"
-echo "released: $ip0 (left: $(ls "$store" | grep -c '^[0-9]') addresses on node0)"
+if [ -n "$ip0_6" ] && [ -e "$store/$ip0_6" ]; then fail "$ip0_6 still allocated after the pod was deleted"; fi
+echo "released: $ip0 ${ip0_6} (left: $(ls "$store" | grep -c '^[0-9a-f]*[.:]') addresses on node0)"
 ip_freed=yes
 pod_yaml web0 node0 | kc apply -f - >/dev/null
 wait_running web0
 pod_ip[0]=$(kcq get pod web0 -o jsonpath='{.status.podIP}')
 echo "web0 again: ${pod_ip[0]}"
+if [ -n "$dual" ]; then
+  # The dual-stack run stops here: the rest (ingress, rollout, latency) is
+  # the IPv4 run's, and family-independent.
+  say "summary (dual-stack)"
+  cat <<S
+cluster: $nodes nodes, dual-stack (IPv6DualStack), podCIDRs of both families
+pods get an address of each family from their node's podCIDRs: yes
+HTTP pod -> pod and node -> pod over IPv4: $pairs_ok/$pairs, $node_ok/$node_pairs
+HTTP pod -> pod and node -> pod over IPv6: $ok6/$all6
+deleted pod's addresses (both families) released: $ip_freed
+run time: $(( $(date +%s) - t_start )) s
+S
+  exit 0
+fi
 
 say "ingress: nginx on node0's host network, by Host header to pods on the other nodes"
 far=$((nodes - 1))

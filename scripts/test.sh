@@ -41,6 +41,10 @@ set -e
 echo "== scripts/k8s-e2e.sh"
 e2e_passed=0 e2e_failed=0
 if scripts/k8s-e2e.sh; then e2e_passed=1; else e2e_failed=1; status=1; fi
+# The same cluster dual-stack (a shorter run: addresses, HTTP over both
+# families, release).
+echo "== K8S_E2E_DUAL_STACK=1 scripts/k8s-e2e.sh"
+if K8S_E2E_DUAL_STACK=1 scripts/k8s-e2e.sh; then e2e_passed=$((e2e_passed + 1)); else e2e_failed=$((e2e_failed + 1)); status=1; fi
 # A test binary that died, or a target that did not compile, counts as a
 # failure too (scripts/lib/test-summary.sh says which).
 summary=$(scripts/lib/test-summary.sh "$log" "$cargo_status")

@@ -514,6 +514,22 @@ mod tests {
     }
 
     #[test]
+    fn an_ipv6_only_lease_gives_the_delegate_one_ipv6_range_set_and_route() {
+        let dir = tempfile::tempdir().unwrap();
+        let env = dir.path().join("subnet.env");
+        std::fs::write(
+            &env,
+            "FLANNEL_IPV6_NETWORK=2001:db8:10::/56\nFLANNEL_IPV6_SUBNET=2001:db8:10:1::1/64\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=true\n",
+        )
+        .unwrap();
+        let d = build(&json!({"cniVersion":"1.0.0","name":"cbr0","subnetFile":env})).unwrap();
+        assert_eq!(
+            d["ipam"],
+            json!({"type":"host-local","ranges":[[{"subnet":"2001:db8:10:1::/64"}]],"routes":[{"dst":"2001:db8:10::/56"}]})
+        );
+    }
+
+    #[test]
     fn the_delegate_configuration_is_flannels() {
         let dir = tempfile::tempdir().unwrap();
         let env = dir.path().join("subnet.env");

@@ -51,8 +51,9 @@ pub struct CniEnv {
 /// The `CNI_ARGS` pairs we understand.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct CniArgs {
-    /// `IP=`: a specific address the runtime asks for.
-    pub ip: Option<std::net::IpAddr>,
+    /// `IP=`: specific addresses the runtime asks for, comma-separated as
+    /// host-local reads them (one per family on a dual-stack node).
+    pub ips: Vec<std::net::IpAddr>,
     /// `K8S_POD_NAMESPACE`/`K8S_POD_NAME`, recorded for humans.
     pub pod: Option<(String, String)>,
 }
@@ -172,10 +173,17 @@ pub fn parse_args(raw: &str) -> Result<CniArgs, CniError> {
             "K8S_POD_NAMESPACE" => ns = Some(v.to_string()),
             "K8S_POD_NAME" => name = Some(v.to_string()),
             "IP" => {
-                let ip = v.parse().map_err(|_| {
-                    CniError::new(code::INVALID_ENV, format!("CNI_ARGS: IP={v:?} is not an IP address"))
-                })?;
-                args.ip = Some(ip);
+                args.ips = v
+                    .split(',')
+                    .map(|one| {
+                        one.trim().parse().map_err(|_| {
+                            CniError::new(
+                                code::INVALID_ENV,
+                                format!("CNI_ARGS: IP={v:?}: {:?} is not an IP address", one.trim()),
+                            )
+                        })
+                    })
+                    .collect::<Result<_, _>>()?;
             }
             other if !ignore_unknown => {
                 return Err(CniError::new(
@@ -209,7 +217,11 @@ mod tests {
         let e = parse_args("Foo=bar").unwrap_err();
         assert_eq!(e.code, 4);
         assert!(e.msg.contains("Foo"));
-        assert_eq!(parse_args("IP=10.244.1.9").unwrap().ip, Some("10.244.1.9".parse().unwrap()));
+        assert_eq!(parse_args("IP=10.244.1.9").unwrap().ips, ["10.244.1.9".parse::<std::net::IpAddr>().unwrap()]);
+        let both: Vec<std::net::IpAddr> = vec!["10.244.1.9".parse().unwrap(), "2001:db8:10:1::9".parse().unwrap()];
+        assert_eq!(parse_args("IP=10.244.1.9, 2001:db8:10:1::9").unwrap().ips, both);
+        let e = parse_args("IP=10.244.1.9,nope").unwrap_err();
+        assert_eq!((e.code, e.msg.contains("\"nope\" is not an IP address")), (code::INVALID_ENV, true), "{}", e.msg);
         assert_eq!(parse_args("IP=nope").unwrap_err().code, 4);
         assert_eq!(parse_args("novalue").unwrap_err().code, 4);
         assert_eq!(parse_args("").unwrap(), CniArgs::default());

@@ -45,12 +45,15 @@ pub struct Range {
     pub subnet: IpNet,
     /// The bridge's address, never given to a pod.
     pub gateway: IpAddr,
+    /// Index of the range set in host-local's `ranges` (names the hint file).
+    pub set: usize,
 }
 
 impl Range {
-    /// From a lease as written in subnet.env: gateway address / prefix.
-    pub fn from_lease(lease: IpNet) -> Range {
-        Range { subnet: lease.trunc(), gateway: lease.addr() }
+    /// From a lease as written in subnet.env (gateway address / prefix),
+    /// as range set `set`.
+    pub fn from_lease(lease: IpNet, set: usize) -> Range {
+        Range { subnet: lease.trunc(), gateway: lease.addr(), set }
     }
 
     fn base(&self) -> u128 {
@@ -80,12 +83,8 @@ impl Range {
         self.size().saturating_sub(reserved)
     }
 
-    fn slot_file(&self) -> &'static str {
-        if self.subnet.addr().is_ipv4() {
-            "last_reserved_ip.0"
-        } else {
-            "last_reserved_ip.1"
-        }
+    fn slot_file(&self) -> String {
+        format!("last_reserved_ip.{}", self.set)
     }
 }
 
@@ -523,6 +522,11 @@ impl Store {
     /// bytes, which a kill cannot cut in half. That keeps ADD at one data
     /// write where a temporary file and a rename cost two metadata
     /// operations (about 0.4 ms on ext4 here).
+    ///
+    /// host-local's directory gets the same hint as host-local writes it
+    /// (the bare address: host-local does not trim what it reads), so that
+    /// after a rollback to flannel's plugin host-local walks on from our
+    /// last allocation instead of handing out an address a pod just left.
     fn write_hint(&self, range: &Range, ip: IpAddr) -> Result<(), IpamError> {
         use std::os::unix::fs::FileExt;
         let slot = self.dir.join(range.slot_file());
@@ -533,7 +537,24 @@ impl Store {
             .truncate(false)
             .open(&slot)
             .and_then(|f| f.write_all_at(text.as_bytes(), 0))
-            .map_err(io_err(format!("write {}", slot.display())))
+            .map_err(io_err(format!("write {}", slot.display())))?;
+        if let Some(h) = &self.host_local {
+            let theirs = h.dir.join(range.slot_file());
+            std::fs::write(&theirs, ip.to_string()).map_err(io_err(format!("write {}", theirs.display())))?;
+        }
+        Ok(())
+    }
+
+    /// The last allocation in `range`: host-local's hint first (we mirror
+    /// ours there, and flannel's plugin may have allocated since), else ours.
+    fn last_reserved(&self, range: &Range) -> Option<IpAddr> {
+        let read = |dir: &Path| {
+            std::fs::read_to_string(dir.join(range.slot_file()))
+                .ok()
+                .and_then(|t| t.trim().parse::<IpAddr>().ok())
+                .filter(|ip| range.subnet.contains(ip))
+        };
+        self.host_local.as_ref().and_then(|h| read(&h.dir)).or_else(|| read(&self.dir))
     }
 
     /// Walks the range from just after the last allocation, wrapping around.
@@ -541,10 +562,7 @@ impl Store {
         let v4 = range.subnet.addr().is_ipv4();
         let size = range.size();
         let base = range.base();
-        let last = std::fs::read_to_string(self.dir.join(range.slot_file()))
-            .ok()
-            .and_then(|t| t.trim().parse::<IpAddr>().ok())
-            .filter(|ip| range.subnet.contains(ip));
+        let last = self.last_reserved(range);
         let start = match last {
             Some(ip) => (to_u128(ip) - base + 1) % size,
             None => 0,
@@ -635,7 +653,8 @@ mod tests {
     use super::*;
 
     fn range(lease: &str) -> Range {
-        Range::from_lease(lease.parse().unwrap())
+        let net: IpNet = lease.parse().unwrap();
+        Range::from_lease(net, usize::from(net.addr().is_ipv6()))
     }
 
     #[test]
@@ -766,6 +785,26 @@ mod tests {
         std::fs::write(hl.join(b.to_string()), "kil").unwrap();
         s.release("killed", "eth0").unwrap();
         assert!(!hl.join(b.to_string()).exists());
+    }
+
+    #[test]
+    fn hints_are_named_by_range_set_and_mirrored_as_host_local_writes_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let hl = dir.path().join("hl/cbr0");
+        let s = Store::open(dir.path(), "cbr0").unwrap().with_host_local(hl.clone(), true).unwrap();
+        // IPv6-only: the IPv6 range is host-local's range set 0.
+        let only6 = Range::from_lease("2001:db8:10:1::1/64".parse().unwrap(), 0);
+        assert_eq!(s.allocate(&only6, "a", "eth0", false, None).unwrap().to_string(), "2001:db8:10:1::2");
+        assert_eq!(std::fs::read_to_string(hl.join("last_reserved_ip.0")).unwrap(), "2001:db8:10:1::2");
+        assert_eq!(std::fs::read_to_string(s.dir().join("last_reserved_ip.0")).unwrap().trim(), "2001:db8:10:1::2");
+        assert!(!hl.join("last_reserved_ip.1").exists());
+        // host-local allocated since (a rollback): its hint wins over ours.
+        std::fs::write(hl.join("2001:db8:10:1::7"), "up\r\neth0").unwrap();
+        std::fs::write(hl.join("last_reserved_ip.0"), "2001:db8:10:1::7").unwrap();
+        assert_eq!(s.allocate(&only6, "b", "eth0", false, None).unwrap().to_string(), "2001:db8:10:1::8");
+        // Without host-local's hint (cut short by a kill), ours is used.
+        std::fs::write(hl.join("last_reserved_ip.0"), "").unwrap();
+        assert_eq!(s.allocate(&only6, "c", "eth0", false, None).unwrap().to_string(), "2001:db8:10:1::9");
     }
 
     #[test]

@@ -659,7 +659,10 @@ fn cni_args_are_parsed_as_libcni_would_and_errors_name_cni_args() {
             Ok(a) => {
                 prop_assert!(valid, "accepted {raw:?}");
                 let last = |key: &str| pairs.iter().flatten().filter(|(k, _)| *k == key).map(|(_, v)| *v).next_back();
-                prop_assert_eq!(a.ip, last("IP").map(|v| v.parse().unwrap()));
+                prop_assert_eq!(
+                    a.ips,
+                    last("IP").map(|v| vec![v.parse::<std::net::IpAddr>().unwrap()]).unwrap_or_default()
+                );
                 let pod = last("K8S_POD_NAMESPACE").zip(last("K8S_POD_NAME"));
                 prop_assert_eq!(a.pod, pod.map(|(n, p)| (n.to_string(), p.to_string())));
             }

@@ -373,3 +373,168 @@ fn an_upstream_pod_is_deleted_even_when_the_reference_plugins_are_gone() {
     wait_no_veths(&node);
     assert!(host_local_addresses(&node).is_empty());
 }
+
+/// A dual-stack lease as flanneld writes it (TEST-NET and 2001:db8::/32).
+const DUAL: &str = "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.1.1/24\nFLANNEL_IPV6_NETWORK=2001:db8:10::/56\nFLANNEL_IPV6_SUBNET=2001:db8:10:1::1/64\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=true\n";
+
+/// Global addresses and main-table routes of both families in `ns` (the
+/// kernel's own link-local addresses and fe80::/64 routes left out).
+fn both_families(ns: &Netns) -> Vec<String> {
+    let mut out = Vec::new();
+    for fam in ["-4", "-6"] {
+        for l in ns.ip_json(&[fam, "addr", "show"]).as_array().unwrap() {
+            for a in l["addr_info"].as_array().unwrap() {
+                if a["scope"] == "global" {
+                    out.push(format!(
+                        "addr {} {}/{}",
+                        l["ifname"].as_str().unwrap(),
+                        a["local"].as_str().unwrap(),
+                        a["prefixlen"]
+                    ));
+                }
+            }
+        }
+        for r in ns.ip_json(&[fam, "route", "show"]).as_array().unwrap() {
+            if r["dst"] != "fe80::/64" {
+                out.push(format!(
+                    "route {} via {} dev {}",
+                    r["dst"].as_str().unwrap(),
+                    r["gateway"].as_str().unwrap_or("-"),
+                    r["dev"].as_str().unwrap_or("-")
+                ));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// host-local's files for the test network (name and content; the lock
+/// left out), sorted.
+fn host_local_files(node: &Node) -> Vec<(String, String)> {
+    let Ok(entries) = std::fs::read_dir(host_local_dir(node).join("cbr0")) else { return Vec::new() };
+    let mut v: Vec<(String, String)> = entries
+        .map(|e| e.unwrap())
+        .filter(|e| e.file_name() != "lock")
+        .map(|e| (e.file_name().to_string_lossy().into_owned(), std::fs::read_to_string(e.path()).unwrap()))
+        .collect();
+    v.sort();
+    v
+}
+
+fn ips(result: &Value) -> Vec<String> {
+    result["ips"].as_array().unwrap().iter().map(|i| i["address"].as_str().unwrap().to_string()).collect()
+}
+
+#[test]
+fn dual_stack_matches_upstreams_chain_and_takeover_works_both_ways() {
+    if !have_reference_plugins() {
+        return;
+    }
+    let Some(upstream) = upstream_plugin() else { return };
+    let ours = Path::new(PLUGIN);
+
+    // The same lease, configuration and container on two fresh nodes: one
+    // runs flannel's chain (flannel -> bridge -> host-local), one ours.
+    let (Some(theirs_node), Some(our_node)) = (Node::with_lease(DUAL), Node::with_lease(DUAL)) else { return };
+    let (tp, op) = (Netns::new("tp").expect("pod namespace"), Netns::new("op").expect("pod namespace"));
+    let theirs = ok(run(&theirs_node, &upstream, "ADD", "ctr", &tp, &conf(&theirs_node)), "upstream dual-stack ADD");
+    let mine = ok(run(&our_node, ours, "ADD", "ctr", &op, &conf(&our_node)), "our dual-stack ADD");
+    assert_eq!(ips(&theirs), ["10.244.1.2/24", "2001:db8:10:1::2/64"]);
+    assert_eq!(ips(&mine), ips(&theirs));
+    for key in ["gateway", "interface"] {
+        let pick = |r: &Value| r["ips"].as_array().unwrap().iter().map(|i| i[key].clone()).collect::<Vec<_>>();
+        assert_eq!(pick(&mine), pick(&theirs), "ips[].{key}");
+    }
+    // The pod's addresses and routes of both families, and the bridge's.
+    assert_eq!(both_families(&op), both_families(&tp));
+    let bridge = |n: &Node| both_families(&n.ns).into_iter().filter(|l| l.contains(" cni0")).collect::<Vec<_>>();
+    assert_eq!(bridge(&our_node), bridge(&theirs_node));
+    assert!(bridge(&our_node).contains(&"addr cni0 2001:db8:10:1::1/64".to_string()), "{:?}", bridge(&our_node));
+    // host-local's store: the same files with the same contents.
+    assert_eq!(host_local_files(&our_node), host_local_files(&theirs_node));
+    assert_eq!(
+        host_local_files(&our_node).iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(),
+        ["10.244.1.2", "2001:db8:10:1::2", "last_reserved_ip.0", "last_reserved_ip.1"]
+    );
+    // The configuration saved for DEL is the same too (the delegate path's
+    // IPv6 range and route included).
+    let saved = |n: &Node| -> Value {
+        let mut v: Value = serde_json::from_slice(&std::fs::read(n.data_dir().join("ctr")).unwrap()).unwrap();
+        v["ipam"]["dataDir"] = Value::Null;
+        v
+    };
+    assert_eq!(saved(&our_node), saved(&theirs_node));
+    assert_eq!(saved(&our_node)["ipam"]["ranges"][1], json!([{"subnet": "2001:db8:10:1::/64"}]));
+    ok(run(&our_node, ours, "DEL", "ctr", &op, &conf(&our_node)), "our DEL");
+    ok(run(&theirs_node, &upstream, "DEL", "ctr", &tp, &conf(&theirs_node)), "upstream DEL");
+    assert!(host_local_addresses(&our_node).is_empty() && host_local_addresses(&theirs_node).is_empty());
+    drop(our_node);
+
+    // Takeover on one node: upstream's pod, then ours, then upstream again.
+    let node = theirs_node;
+    let c = conf(&node);
+    let pods: Vec<Netns> = (0..3).map(|i| Netns::new(&format!("d{i}")).expect("pod namespace")).collect();
+    let up_a = ok(run(&node, &upstream, "ADD", "up-a", &pods[0], &c), "upstream ADD a");
+    assert_eq!(ips(&up_a), ["10.244.1.3/24", "2001:db8:10:1::3/64"]);
+    // Ours walks on from host-local's hints, both families.
+    let rs_b = ok(run(&node, ours, "ADD", "rs-b", &pods[1], &c), "our ADD b");
+    assert_eq!(ips(&rs_b), ["10.244.1.4/24", "2001:db8:10:1::4/64"]);
+    // Our pod and upstream's talk over IPv6 on the shared bridge.
+    let a6: SocketAddr = "[2001:db8:10:1::3]:8080".parse().unwrap();
+    let server = echo_server(&pods[0], a6);
+    assert_eq!(tcp_round_trip(&pods[1], a6), "ping\n");
+    assert_eq!(server.join().unwrap().ip().to_string(), "2001:db8:10:1::4");
+    // Our CHECK of upstream's pod sees both its addresses.
+    let mut check = c.clone();
+    check["prevResult"] = up_a.clone();
+    ok(run(&node, ours, "CHECK", "up-a", &pods[0], &check), "our CHECK of an upstream dual-stack pod");
+
+    // Rollback: host-local walks on from our hints and never hands out ours.
+    let up_c = ok(run(&node, &upstream, "ADD", "up-c", &pods[2], &c), "upstream ADD c after rollback");
+    assert_eq!(ips(&up_c), ["10.244.1.5/24", "2001:db8:10:1::5/64"]);
+    // flannel's DEL of our pod releases both its host-local reservations.
+    ok(run(&node, &upstream, "DEL", "rs-b", &pods[1], &c), "upstream DEL of our pod");
+    assert_eq!(host_local_addresses(&node), ["10.244.1.3", "10.244.1.5", "2001:db8:10:1::3", "2001:db8:10:1::5"]);
+    // Forward again: our DEL of upstream's pods releases both families.
+    ok(run(&node, ours, "DEL", "up-a", &pods[0], &c), "our DEL a");
+    ok(run(&node, ours, "DEL", "up-c", &pods[2], &c), "our DEL c");
+    ok(run(&node, ours, "DEL", "rs-b", &pods[1], &c), "our DEL b (upstream's DEL ran)");
+    for p in &pods {
+        wait_pod_empty(p);
+    }
+    wait_no_veths(&node);
+    assert!(host_local_addresses(&node).is_empty(), "{:?}", host_local_addresses(&node));
+    assert!(node.allocations().is_empty(), "{:?}", node.allocations());
+}
+
+#[test]
+fn a_delegated_configuration_on_a_dual_stack_node_gets_both_ranges() {
+    if !have_reference_plugins() {
+        return;
+    }
+    let Some(node) = Node::with_lease(DUAL) else { return };
+    let pod = Netns::new("pod").expect("pod namespace");
+    let mut c = conf(&node);
+    c["delegate"]["forceAddress"] = json!(true);
+    let out = run(&node, Path::new(PLUGIN), "ADD", "ctr-d6", &pod, &c);
+    assert!(out.stderr.contains("delegate.forceAddress is set"), "{}", out.stderr);
+    let result = ok(out, "delegated dual-stack ADD");
+    assert_eq!(ips(&result), ["10.244.1.2/24", "2001:db8:10:1::2/64"]);
+    let saved: Value = serde_json::from_slice(&std::fs::read(node.data_dir().join("ctr-d6")).unwrap()).unwrap();
+    assert_eq!(
+        saved["ipam"],
+        json!({"type":"host-local","dataDir":host_local_dir(&node),
+            "ranges":[[{"subnet":"10.244.1.0/24"}],[{"subnet":"2001:db8:10:1::/64"}]],
+            "routes":[{"dst":"10.244.0.0/16"},{"dst":"2001:db8:10::/56"}]})
+    );
+    let state = both_families(&pod);
+    for want in ["addr eth0 2001:db8:10:1::2/64", "route 2001:db8:10::/56 via 2001:db8:10:1::1 dev eth0"] {
+        assert!(state.contains(&want.to_string()), "{want} missing: {state:?}");
+    }
+    assert_eq!(host_local_addresses(&node), ["10.244.1.2", "2001:db8:10:1::2"]);
+    ok(run(&node, Path::new(PLUGIN), "DEL", "ctr-d6", &pod, &c), "delegated DEL");
+    wait_pod_empty(&pod);
+    wait_no_veths(&node);
+    assert!(host_local_addresses(&node).is_empty());
+}

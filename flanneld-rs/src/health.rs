@@ -12,8 +12,10 @@ use tokio::net::TcpListener;
 pub struct Metrics {
     /// Ready: rules in place and subnet.env written.
     pub ready: AtomicBool,
-    /// Peers currently programmed.
+    /// Peers currently programmed (IPv4).
     pub peers: AtomicU64,
+    /// Peers whose IPv6 half is programmed (dual-stack).
+    pub peers_ipv6: AtomicU64,
     /// Leases rejected (bad data) in the last snapshot.
     pub rejected_leases: AtomicU64,
     /// Reconcile runs.
@@ -83,6 +85,12 @@ impl Metrics {
             "gauge",
             "Peers programmed (in the kernel, or in the udp data path's table).",
             g(&self.peers),
+        );
+        metric(
+            "flannel_peers_ipv6",
+            "gauge",
+            "Peers whose IPv6 subnet is programmed (dual-stack; 0 without EnableIPv6).",
+            g(&self.peers_ipv6),
         );
         metric(
             "flannel_rejected_leases",

@@ -3,7 +3,9 @@
 # host-local, and against upstream flannel's own plugin delegating to them
 # (flannel -> bridge -> host-local, what flannel users run today): same run,
 # same machine, fresh node namespaces for each.
-# Usage: scripts/bench/cni-latency.sh [--count 200] [--concurrent 20] [--rounds 1]
+# Usage: scripts/bench/cni-latency.sh [--count 200] [--concurrent 20] [--rounds 1] [--dual-stack]
+# --dual-stack: the lease has an IPv6 subnet too (every pod gets both families;
+# the reference bridge + host-local gets both range sets).
 # Upstream's plugin comes from $UPSTREAM_FLANNEL_BUILD (default
 # ../shared/upstream-flannel/build.sh beside the checkout), or
 # $FLANNEL_RS_UPSTREAM_CNI; without either the flannel row is left out, saying so.

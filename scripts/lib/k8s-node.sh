@@ -79,6 +79,7 @@ done
   --image-gc-low-threshold=99 \
   --eviction-hard='memory.available<10Mi,nodefs.available<1%,imagefs.available<1%' \
   --resolv-conf=/etc/resolv.conf \
+  ${K8S_E2E_FEATURE_GATES:+--feature-gates=$K8S_E2E_FEATURE_GATES} \
   --v=1 >"$dir/kubelet.log" 2>&1 &
 touch "$dir/ready"
 wait

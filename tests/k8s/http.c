@@ -64,12 +64,14 @@ static _Noreturn void serve(int port) {
     else if (gethostname(name, sizeof name) != 0)
         snprintf(name, sizeof name, "unknown");
     signal(SIGPIPE, SIG_IGN);
-    int s = socket(AF_INET, SOCK_STREAM, 0);
+    /* One socket for both families: IPv6 with IPv4-mapped addresses. */
+    int s = socket(AF_INET6, SOCK_STREAM, 0);
     if (s < 0)
         die("socket");
-    int one = 1;
+    int one = 1, zero = 0;
     setsockopt(s, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
-    struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons(port), .sin_addr.s_addr = htonl(INADDR_ANY)};
+    setsockopt(s, IPPROTO_IPV6, IPV6_V6ONLY, &zero, sizeof zero);
+    struct sockaddr_in6 a = {.sin6_family = AF_INET6, .sin6_port = htons(port), .sin6_addr = IN6ADDR_ANY_INIT};
     if (bind(s, (struct sockaddr *)&a, sizeof a) != 0)
         die("bind");
     if (listen(s, 128) != 0)
@@ -110,18 +112,27 @@ static _Noreturn void serve(int port) {
 }
 
 static int get(const char *ip, int port, const char *host, const char *path) {
-    int s = socket(AF_INET, SOCK_STREAM, 0);
+    struct sockaddr_in a4 = {.sin_family = AF_INET, .sin_port = htons(port)};
+    struct sockaddr_in6 a6 = {.sin6_family = AF_INET6, .sin6_port = htons(port)};
+    struct sockaddr *a;
+    socklen_t alen;
+    if (inet_pton(AF_INET, ip, &a4.sin_addr) == 1) {
+        a = (struct sockaddr *)&a4;
+        alen = sizeof a4;
+    } else if (inet_pton(AF_INET6, ip, &a6.sin6_addr) == 1) {
+        a = (struct sockaddr *)&a6;
+        alen = sizeof a6;
+    } else {
+        fprintf(stderr, "http: %s: not an IPv4 or IPv6 address\n", ip);
+        return 2;
+    }
+    int s = socket(a->sa_family, SOCK_STREAM, 0);
     if (s < 0)
         die("socket");
     struct timeval tv = {.tv_sec = 3};
     setsockopt(s, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
     setsockopt(s, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
-    struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons(port)};
-    if (inet_pton(AF_INET, ip, &a.sin_addr) != 1) {
-        fprintf(stderr, "http: %s: not an IPv4 address\n", ip);
-        return 2;
-    }
-    if (connect(s, (struct sockaddr *)&a, sizeof a) != 0) {
+    if (connect(s, a, alen) != 0) {
         fprintf(stderr, "http: connect %s:%d: %s\n", ip, port, strerror(errno));
         return 1;
     }

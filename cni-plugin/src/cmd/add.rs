@@ -34,14 +34,30 @@ pub async fn run(conf: &NetConf, env: &CniEnv, raw: &serde_json::Value) -> Resul
     let allocated = {
         let store = Store::open(&conf.data_dir(), &conf.name)?.with_host_local(conf.host_local_dir(), true)?;
         let mut ips = Vec::new();
+        // CNI_ARGS IP=: each range gets the requested address of its family
+        // (host-local gives each range set the requested address it holds).
+        let mut requested = env.args.ips.clone();
         for r in &ranges {
-            match store.allocate(r, &env.container_id, &env.ifname, settings.ip_masq, env.args.ip) {
+            let want =
+                requested.iter().position(|ip| ip.is_ipv4() == r.subnet.addr().is_ipv4()).map(|i| requested.remove(i));
+            match store.allocate(r, &env.container_id, &env.ifname, settings.ip_masq, want) {
                 Ok(ip) => ips.push((ip, *r)),
                 Err(e) => {
                     let _ = store.release(&env.container_id, &env.ifname);
                     return Err(e.into());
                 }
             }
+        }
+        if let Some(ip) = requested.first() {
+            let _ = store.release(&env.container_id, &env.ifname);
+            let held: Vec<String> = ranges.iter().map(|r| r.subnet.to_string()).collect();
+            return Err(CniError::new(
+                code::INVALID_ENV,
+                format!(
+                    "CNI_ARGS: IP={ip} cannot be given: the node's pod ranges are {} (one address per range)",
+                    held.join(", ")
+                ),
+            ));
         }
         ips
     };
@@ -120,7 +136,16 @@ async fn plug(
     let mut ips = Vec::new();
     for (ip, range) in allocated {
         let addr = IpNet::new(*ip, range.subnet.prefix_len()).expect("prefix from a valid subnet");
-        pod.add_addr(pod_index, &env.ifname, addr).await?;
+        match pod.add_addr(pod_index, &env.ifname, addr).await {
+            // IPv6 is turned off in the pod (disable_ipv6, as some runtimes
+            // set it): turn it on for lo and the pod's interface, as the
+            // reference IPAM code does before it adds an IPv6 address.
+            Err(e) if addr.addr().is_ipv6() && e.errno == Some(libc::EACCES) => {
+                enable_ipv6_in_pod(netns, &env.ifname)?;
+                pod.add_addr(pod_index, &env.ifname, addr).await?;
+            }
+            other => other?,
+        }
         ips.push(IpConfig { address: addr, gateway: Some(range.gateway), interface: Some(2) });
     }
 
@@ -159,6 +184,23 @@ async fn plug(
         ips,
         routes,
     })
+}
+
+/// Sets `disable_ipv6` to 0 for `lo` and `ifname` in the pod's namespace
+/// (the only sysctls ADD writes there; reached only when an IPv6 address
+/// was refused because IPv6 is off).
+fn enable_ipv6_in_pod(netns: &NetNs, ifname: &str) -> Result<(), CniError> {
+    let write = |dev: &str| -> Result<(), String> {
+        let path = format!("/proc/sys/net/ipv6/conf/{dev}/disable_ipv6");
+        match std::fs::read_to_string(&path) {
+            Ok(v) if v.trim() == "0" => Ok(()),
+            _ => std::fs::write(&path, "0").map_err(|e| format!("enable IPv6 in the pod: write {path}: {e}")),
+        }
+    };
+    netns
+        .run(|| write("lo").and_then(|()| write(ifname)))
+        .map_err(|e| CniError::new(code::IO, format!("enter {}: {e}", netns.path().display())))?
+        .map_err(|msg| CniError::new(code::IO, msg))
 }
 
 /// Creates the veth pair with the pod end directly in the pod's namespace. A
@@ -258,7 +300,18 @@ async fn ensure_bridge(host: &Netlink, settings: &BridgeSettings, ranges: &[Rang
         Some(l) => l,
         None => {
             match host.add_bridge(name, settings.mtu, bridge_mac(ranges)).await {
-                Ok(()) => {}
+                Ok(()) => {
+                    // The bridge's routes are ours, not a router's on the
+                    // link: no router advertisements (the bridge plugin's
+                    // setting too, which it also does not insist on).
+                    let path = format!("/proc/sys/net/ipv6/conf/{name}/accept_ra");
+                    match std::fs::write(&path, "0") {
+                        Ok(()) => {}
+                        // No IPv6 on this node (ipv6.disable=1): nothing to turn off.
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                        Err(e) => eprintln!("flannel: write {path}: {e} (router advertisements stay accepted)"),
+                    }
+                }
                 // Another ADD running at the same moment created it.
                 Err(e) if e.is_exists() => {}
                 Err(e) => return Err(e.into()),

@@ -41,11 +41,13 @@ pub fn load_lease(path: &std::path::Path) -> Result<SubnetEnv, CniError> {
     })
 }
 
-/// The pod address ranges of the lease, IPv4 first.
+/// The pod address ranges of the lease, IPv4 first, numbered as host-local
+/// numbers the range sets flannel's plugin hands it (see
+/// [`crate::delegate::build`]): IPv6 is set 1 beside IPv4, set 0 alone.
 pub fn ranges(lease: &SubnetEnv) -> Vec<Range> {
-    let v4 = lease.subnet.map(|s| Range::from_lease(IpNet::V4(s)));
-    let v6 = lease.ipv6_subnet.map(|s| Range::from_lease(IpNet::V6(s)));
-    v4.into_iter().chain(v6).collect()
+    let v4 = lease.subnet.map(IpNet::V4);
+    let v6 = lease.ipv6_subnet.map(IpNet::V6);
+    v4.into_iter().chain(v6).enumerate().map(|(set, s)| Range::from_lease(s, set)).collect()
 }
 
 /// The cluster networks of the lease.

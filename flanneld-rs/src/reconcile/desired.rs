@@ -248,4 +248,126 @@ mod tests {
         let reasons: Vec<&str> = rejected.iter().map(|r| r.reason.as_str()).collect();
         assert_eq!(reasons, ["BackendType \"vxlan\" is not udp", "PublicIP 127.0.0.1 is a loopback address"]);
     }
+
+    fn dual(subnet: &str, ip: &str, v6: Option<(&str, Option<&str>, Option<&str>)>) -> Lease {
+        let n: u8 = subnet.split('.').nth(2).unwrap().parse().unwrap();
+        let mut l = lease(subnet, ip, Some(&format!("02:00:00:00:00:{n:02x}")));
+        l.ipv6 = v6.map(|(s, ip6, mac)| crate::lease::Lease6 {
+            subnet: s.parse().unwrap(),
+            public_ip: ip6.map(|i| i.parse().unwrap()),
+            vxlan: mac.map(|m| VxlanData { vni: 1, vtep_mac: m.parse().unwrap() }),
+        });
+        l
+    }
+
+    fn cfg6(backend: &str) -> NetworkConfig {
+        let text = format!(
+            r#"{{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"2001:db8:10::/56","Backend":{{"Type":"{backend}"}}}}"#
+        );
+        NetworkConfig::parse(&text, "t").unwrap()
+    }
+
+    fn vtep6() -> flannel_net::netlink::VxlanSpec {
+        flannel_net::netlink::VxlanSpec {
+            name: "flannel-v6.1".into(),
+            local: "2001:db8::10".parse().unwrap(),
+            mtu: 1430,
+            mac: "02:00:00:00:01:10".parse().unwrap(),
+            ..spec()
+        }
+    }
+
+    #[test]
+    fn the_ipv6_plane_programs_each_peers_ipv6_half_and_names_what_is_missing() {
+        let own = dual(
+            "10.244.1.0/24",
+            "192.0.2.10",
+            Some(("2001:db8:10:1::/64", Some("2001:db8::10"), Some("02:00:00:00:01:10"))),
+        );
+        let leases = [
+            own.clone(),
+            dual(
+                "10.244.2.0/24",
+                "192.0.2.11",
+                Some(("2001:db8:10:2::/64", Some("2001:db8::11"), Some("02:00:00:00:01:11"))),
+            ),
+            // An IPv4-only peer asks nothing of the IPv6 plane.
+            dual("10.244.3.0/24", "192.0.2.12", None),
+            dual("10.244.4.0/24", "192.0.2.13", Some(("2001:db8:10:4::/64", None, Some("02:00:00:00:01:13")))),
+            dual("10.244.5.0/24", "192.0.2.14", Some(("2001:db8:10:5::/64", Some("2001:db8::14"), None))),
+            dual(
+                "10.244.6.0/24",
+                "192.0.2.15",
+                Some(("2001:db8:99::/64", Some("2001:db8::15"), Some("02:00:00:00:01:15"))),
+            ),
+            dual(
+                "10.244.7.0/24",
+                "192.0.2.16",
+                Some(("2001:db8:10:7::/64", Some("fe80::16"), Some("02:00:00:00:01:16"))),
+            ),
+            dual(
+                "10.244.8.0/24",
+                "192.0.2.17",
+                Some(("2001:db8:10:1::/64", Some("2001:db8::17"), Some("02:00:00:00:01:17"))),
+            ),
+        ];
+        let backend = Backend::Vxlan { vtep: vtep6(), direct_routing: false };
+        let (d, rejected) =
+            desired(&cfg6("vxlan"), Family::V6, &own, &backend, "2001:db8::/64".parse().unwrap(), &leases);
+        assert_eq!(d.addr.unwrap().to_string(), "2001:db8:10:1::/128");
+        assert_eq!(d.peers.keys().map(|k| k.to_string()).collect::<Vec<_>>(), ["2001:db8:10:2::/64"]);
+        let p = &d.peers[&"2001:db8:10:2::/64".parse().unwrap()];
+        assert_eq!(p.route.gateway.unwrap().to_string(), "2001:db8:10:2::");
+        assert!(p.route.onlink);
+        assert_eq!(p.neigh.unwrap().ip.to_string(), "2001:db8:10:2::");
+        assert_eq!(p.neigh.unwrap().mac.to_string(), "02:00:00:00:01:11");
+        assert_eq!(p.fdb.unwrap().dst.to_string(), "2001:db8::11");
+        let reasons: Vec<String> = rejected.iter().map(|r| r.reason.clone()).collect();
+        assert_eq!(
+            reasons,
+            [
+                "IPv6: the lease has no PublicIPv6",
+                "IPv6: BackendV6Data has no VtepMAC",
+                "IPv6: subnet 2001:db8:99::/64 is outside IPv6Network 2001:db8:10::/56",
+                "IPv6: PublicIPv6 fe80::16 is a link-local address",
+                "claims our subnet 2001:db8:10:1::/64 for 2001:db8::17",
+            ]
+        );
+        // Planned from scratch and planned again: nothing left to do.
+        let ops = crate::reconcile::plan::plan(&d, &Default::default());
+        let mut o = Default::default();
+        crate::reconcile::plan::simulate(&d, &mut o, &ops);
+        assert!(crate::reconcile::plan::plan(&d, &o).is_empty());
+        // The IPv4 plane of the same leases is untouched by the IPv6 halves.
+        let (d4, _) = desired(
+            &cfg6("vxlan"),
+            Family::V4,
+            &own,
+            &Backend::Vxlan { vtep: spec(), direct_routing: false },
+            "192.0.2.0/24".parse().unwrap(),
+            &leases,
+        );
+        assert_eq!(d4.peers.len(), 7);
+    }
+
+    #[test]
+    fn host_gw_ipv6_routes_go_via_the_peers_public_ipv6_on_the_segment() {
+        let hg = |l: Lease| Lease { backend: BackendType::HostGw, vxlan: None, ..l };
+        let own = hg(dual("10.244.1.0/24", "192.0.2.10", Some(("2001:db8:10:1::/64", Some("2001:db8::10"), None))));
+        let leases = [
+            own.clone(),
+            hg(dual("10.244.2.0/24", "192.0.2.11", Some(("2001:db8:10:2::/64", Some("2001:db8::11"), None)))),
+            hg(dual("10.244.3.0/24", "192.0.2.12", Some(("2001:db8:10:3::/64", Some("2001:db8:1::12"), None)))),
+        ];
+        let backend = Backend::HostGw(HostGwSpec { dev: 2, name: "eth0".into(), mtu: 1500 });
+        let (d, rejected) =
+            desired(&cfg6("host-gw"), Family::V6, &own, &backend, "2001:db8::/64".parse().unwrap(), &leases);
+        assert_eq!((d.device.clone(), d.addr), (None, None));
+        let p = &d.peers[&"2001:db8:10:2::/64".parse().unwrap()];
+        assert_eq!((p.route.gateway.unwrap().to_string(), p.route.oif), ("2001:db8::11".to_string(), Some(2)));
+        assert_eq!(
+            rejected.iter().map(|r| r.reason.as_str()).collect::<Vec<_>>(),
+            ["IPv6: PublicIPv6 2001:db8:1::12 is not on our segment 2001:db8::/64: host-gw needs every node on one L2 network"]
+        );
+    }
 }

@@ -179,11 +179,14 @@ impl<S: LeaseStore> Driver<S> {
             self.check_underlay(why).await;
         }
         let mut rejected_text = Vec::new();
-        let mut peers = 0;
         for family in self.node.families() {
             let (r, n) = self.reconcile_family(family, why).await;
             rejected_text.extend(r);
-            peers = peers.max(n);
+            let gauge = match family {
+                Family::V4 => &self.metrics.peers,
+                Family::V6 => &self.metrics.peers_ipv6,
+            };
+            gauge.store(n as u64, Ordering::Relaxed);
         }
         if rejected_text != self.last_rejected {
             for r in &rejected_text {
@@ -195,7 +198,6 @@ impl<S: LeaseStore> Driver<S> {
         let m = &self.metrics;
         m.reconcile_runs.fetch_add(1, Ordering::Relaxed);
         m.reconcile_micros.fetch_add(start.elapsed().as_micros() as u64, Ordering::Relaxed);
-        m.peers.store(peers as u64, Ordering::Relaxed);
     }
 
     /// The reconcile of one family: the rejected leases (in words) and how

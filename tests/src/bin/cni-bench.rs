@@ -43,10 +43,17 @@ struct Args {
     /// rounds' calls, the concurrent wall time is the median round's.
     #[arg(long, default_value_t = 1)]
     rounds: usize,
+    /// A dual-stack lease (FLANNEL_IPV6_NETWORK/FLANNEL_IPV6_SUBNET too):
+    /// every pod gets an IPv4 and an IPv6 address; the reference bridge +
+    /// host-local gets both range sets, as flannel's plugin hands them over.
+    #[arg(long)]
+    dual_stack: bool,
 }
 
 const LEASE: &str =
     "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.1.1/24\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=true\n";
+/// The IPv6 half of the dual-stack lease (2001:db8::/32, documentation).
+const LEASE_V6: &str = "FLANNEL_IPV6_NETWORK=2001:db8:10::/56\nFLANNEL_IPV6_SUBNET=2001:db8:10:1::1/64\n";
 
 struct Impl {
     label: &'static str,
@@ -169,7 +176,8 @@ fn main() {
         std::process::exit(1);
     }
     let dir = tempfile_dir();
-    std::fs::write(dir.join("subnet.env"), LEASE).unwrap();
+    let lease = if args.dual_stack { format!("{LEASE}{LEASE_V6}") } else { LEASE.to_string() };
+    std::fs::write(dir.join("subnet.env"), lease).unwrap();
     let ours = Impl {
         label: "flannel-rs",
         binary: args.plugin.clone(),
@@ -188,10 +196,18 @@ fn main() {
             "cniVersion": "1.0.0", "name": "cbr0", "type": "bridge",
             "bridge": "cni0", "isGateway": true, "isDefaultGateway": true, "hairpinMode": true,
             "ipMasq": false, "mtu": 1450,
-            "ipam": {
-                "type": "host-local", "dataDir": dir.join("reference"),
-                "ranges": [[{ "subnet": "10.244.1.0/24" }]],
-                "routes": [{ "dst": "10.244.0.0/16" }]
+            "ipam": if args.dual_stack {
+                json!({
+                    "type": "host-local", "dataDir": dir.join("reference"),
+                    "ranges": [[{ "subnet": "10.244.1.0/24" }], [{ "subnet": "2001:db8:10:1::/64" }]],
+                    "routes": [{ "dst": "10.244.0.0/16" }, { "dst": "2001:db8:10::/56" }]
+                })
+            } else {
+                json!({
+                    "type": "host-local", "dataDir": dir.join("reference"),
+                    "ranges": [[{ "subnet": "10.244.1.0/24" }]],
+                    "routes": [{ "dst": "10.244.0.0/16" }]
+                })
             }
         }),
         env: vec![("CNI_PATH".into(), args.reference_dir.display().to_string())],
@@ -239,7 +255,8 @@ fn main() {
     let refs: Vec<(&Impl, Figures)> = imps[1..].iter().copied().zip(pooled).collect();
 
     println!(
-        "CNI latency, {} sequential ADDs then DELs, {} concurrent ADDs, {} round(s) (same run, same machine)",
+        "CNI latency{}, {} sequential ADDs then DELs, {} concurrent ADDs, {} round(s) (same run, same machine)",
+        if args.dual_stack { " (dual-stack: an IPv4 and an IPv6 address per pod)" } else { "" },
         args.count,
         args.concurrent,
         args.rounds.max(1)
