@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use e2e_tests::kube::{require_kube, ApiServer, KubeOverlay, PREFIX};
 use e2e_tests::mixed::{
-    dev_mac, dual_conf, dual_stack_underlay, etcd_peers, etcd_peers6, kube_peers, lease_key_of, node_ipv6,
+    dev_mac, dual_conf, dual_stack_underlay, etcd_peers, etcd_peers6, kube_peers, kube_peers6, lease_key_of, node_ipv6,
     peer_entries, pod_addr, pod_addr6, require_upstream, start, start_nodes, subnet6, vtep_mac, Kind, Peer,
 };
 use e2e_tests::overlay::{leases, Overlay};
@@ -71,7 +71,7 @@ impl Store<'_> {
                     .map(|(k, v)| format!("{k}={}", v.as_str().unwrap()))
                     .collect();
                 v.sort();
-                format!("{} {}", n["spec"]["podCIDR"], v.join(" "))
+                format!("{} {} {}", n["spec"]["podCIDR"], n["spec"]["podCIDRs"], v.join(" "))
             }
         }
     }
@@ -83,11 +83,11 @@ impl Store<'_> {
         }
     }
 
-    /// The IPv6 halves of the leases (etcd's dual-stack leases only).
+    /// The IPv6 halves of the leases (dual-stack).
     fn peers6(&self, o: &Overlay) -> Vec<Peer> {
         match self {
             Store::Etcd => etcd_peers6(o),
-            Store::Kube(_) => Vec::new(),
+            Store::Kube(api) => kube_peers6(api),
         }
     }
 }
