@@ -108,15 +108,25 @@ pub async fn start(nl: &Netlink, opts: &Opts, store: &mut impl LeaseStore, wait:
         store.hints(&cfg).await?
     };
     let mut selection = iface::Selection::from_opts(opts)?;
-    if let Some(v6) = opts.public_ipv6 {
-        log::warn!("--public-ipv6 {v6} has no effect: the network is IPv4 only (dual-stack is not supported yet)");
+    selection.ipv6 = cfg.ipv6.is_some();
+    if let (Some(v6), false) = (opts.public_ipv6, selection.ipv6) {
+        log::warn!("--public-ipv6 {v6} has no effect: the network is IPv4 only (net-conf EnableIPv6 is not set)");
     }
     if hints.public_ip.is_some() {
         selection.public_ip = hints.public_ip;
     }
     selection.advertise = hints.advertise;
+    if selection.ipv6 {
+        if hints.public_ipv6.is_some() {
+            selection.public_ipv6 = hints.public_ipv6;
+        }
+        selection.advertise_ipv6 = hints.advertise_ipv6;
+    }
     let ext = selection.select(nl).await?;
     info!("using interface {} ({}), public IP {}", ext.name, ext.addr, ext.public_ip);
+    if let Some(v6) = &ext.v6 {
+        info!("using IPv6 address {} of {}, public IPv6 {}", v6.addr, ext.name, v6.public_ip);
+    }
     let advertised = if wait {
         waiting!(format!("this node's lease from {describe}"), store.advertised_macs(&cfg, ext.public_ip).await)?
     } else {
@@ -216,7 +226,7 @@ async fn run_with(opts: Opts, mut store: impl LeaseStore, metrics: Arc<Metrics>)
     };
     // One MTU for both families of a pod's interface: the smaller.
     let pod_mtu = backend6.as_ref().map_or(backend.pod_mtu(), |b6| backend.pod_mtu().min(b6.pod_mtu()));
-    let subnet = own.subnet;
+    let (subnet, subnet6) = (own.subnet, own.subnet6());
     let env = subnet_env(&cfg, &own, pod_mtu, opts.ip_masq);
     let node =
         Node { cfg: cfg.clone(), ext, backend, backend6, own, selection, blackhole_route: opts.ip_blackhole_route };
@@ -243,7 +253,7 @@ async fn run_with(opts: Opts, mut store: impl LeaseStore, metrics: Arc<Metrics>)
     if opts.network_policy {
         let (client, node_name) =
             driver.store_mut().kube_client().context("--network-policy needs the Kubernetes API")?;
-        let node_ips = policy_node_ips(&nl, subnet).await?;
+        let node_ips = policy_node_ips(&nl, subnet, subnet6).await?;
         tokio::spawn(crate::netpol::run(client, node_name, node_ips, metrics.policy.clone()));
     } else {
         crate::netpol::remove_leftover_table();
@@ -262,22 +272,36 @@ async fn run_with(opts: Opts, mut store: impl LeaseStore, metrics: Arc<Metrics>)
     driver.run(events).await
 }
 
-/// The node's own addresses, for NetworkPolicy: traffic between a pod and
-/// its node (kubelet's probes) stays allowed.
-async fn policy_node_ips(nl: &Netlink, subnet: Ipv4Net) -> anyhow::Result<Vec<std::net::Ipv4Addr>> {
-    let mut node_ips: Vec<std::net::Ipv4Addr> = nl
+/// The node's own addresses of both families, for NetworkPolicy: traffic
+/// between a pod and its node (kubelet's probes) stays allowed. Loopback
+/// addresses never reach the forward hook and are left out; so are IPv6
+/// link-local ones (fe80::/10): every interface of every pod has one, so
+/// they name no node, and what the node sends from them to its pods on the
+/// link (neighbour and router discovery) is let through by type instead.
+/// `subnet6` is the node's IPv6 pod subnet, when it has one.
+async fn policy_node_ips(
+    nl: &Netlink,
+    subnet: Ipv4Net,
+    subnet6: Option<ipnet::Ipv6Net>,
+) -> anyhow::Result<Vec<std::net::IpAddr>> {
+    use std::net::IpAddr;
+    let mut node_ips: Vec<IpAddr> = nl
         .all_addrs()
         .await
         .map_err(|e| anyhow::anyhow!("list the node's addresses: {e}"))?
         .into_iter()
-        .filter_map(|(_, a)| match a.addr() {
-            std::net::IpAddr::V4(v4) if !v4.is_loopback() => Some(v4),
-            _ => None,
+        .map(|(_, a)| a.addr())
+        .filter(|a| match a {
+            IpAddr::V4(v4) => !v4.is_loopback(),
+            IpAddr::V6(v6) => !v6.is_loopback() && (v6.segments()[0] & 0xffc0) != 0xfe80,
         })
         .collect();
-    // The bridge's address may not exist yet (the plugin makes it with the
-    // first pod): it is the first address of our subnet.
-    node_ips.push(std::net::Ipv4Addr::from(u32::from(subnet.network()) + 1));
+    // The bridge's addresses may not exist yet (the plugin makes them with
+    // the first pod): the first address of each of our subnets.
+    node_ips.push(IpAddr::V4(std::net::Ipv4Addr::from(u32::from(subnet.network()) + 1)));
+    if let Some(s6) = subnet6 {
+        node_ips.push(IpAddr::V6(std::net::Ipv6Addr::from(u128::from(s6.network()).wrapping_add(1))));
+    }
     node_ips.sort();
     node_ips.dedup();
     Ok(node_ips)

@@ -67,7 +67,7 @@ pub struct Opts {
     /// Address other nodes use to reach this one (default: the interface's).
     #[arg(long, env = "FLANNELD_PUBLIC_IP", value_parser = parse_go_ip, global = true)]
     pub public_ip: Option<IpAddr>,
-    /// IPv6 public address (no effect while the network is IPv4 only).
+    /// IPv6 address other nodes use to reach this one (dual-stack; default: the interface's).
     #[arg(long, env = "FLANNELD_PUBLIC_IPV6", value_parser = parse_go_ip, global = true)]
     pub public_ipv6: Option<IpAddr>,
     /// Take the lease from the Kubernetes API (the Node's podCIDR) instead of etcd.

@@ -1,7 +1,10 @@
 //! Choosing the underlay interface: `--iface`, `--iface-regex`,
 //! `--iface-can-reach`, `--public-ip`, else the default route's interface.
+//! Dual-stack (`EnableIPv6`), the interface must also have a global IPv6
+//! address (`--public-ipv6`, `--iface` with an IPv6 address and an IPv6
+//! `--iface-can-reach` choose it as flannel does).
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use flannel_net::netlink::{Link, Netlink, NlError};
 use ipnet::IpNet;
@@ -44,7 +47,7 @@ pub enum IfaceError {
     /// Nothing matched.
     #[error("{0}")]
     NotFound(String),
-    /// A flag's value that flanneld-rs cannot use (IPv6, until dual-stack).
+    /// A flag's value that flanneld-rs cannot use (IPv6 in an IPv4-only network).
     #[error("{0}")]
     Unsupported(String),
 }
@@ -80,6 +83,44 @@ fn all_v4(addrs: &[(u32, IpNet)], index: u32) -> Vec<ipnet::Ipv4Net> {
         .collect()
 }
 
+fn all_v6(addrs: &[(u32, IpNet)], index: u32) -> Vec<ipnet::Ipv6Net> {
+    addrs
+        .iter()
+        .filter(|(i, _)| *i == index)
+        .filter_map(|(_, a)| match a {
+            IpNet::V6(v6) => Some(*v6),
+            _ => None,
+        })
+        .collect()
+}
+
+/// An IPv6 address peers can reach: not link-local (flannel would fall
+/// back to one; a peer cannot use it without a zone, so we do not), not
+/// loopback, multicast, unspecified or IPv4-mapped. ULAs (fc00::/7) count,
+/// as in Go's `IsGlobalUnicast`.
+fn global_v6(a: Ipv6Addr) -> bool {
+    crate::lease::unusable_public_ipv6(a).is_none()
+}
+
+/// Interface `link`'s IPv6 address `want`, or its first global one (in the
+/// kernel's order). Address flags are not looked at: a tentative or
+/// deprecated address is used like any other (flannel's Go does the same).
+fn v6_of(link: &Link, addrs: &[(u32, IpNet)], want: Option<Ipv6Addr>) -> Result<ipnet::Ipv6Net, String> {
+    let mine = all_v6(addrs, link.index);
+    match want {
+        Some(ip) => {
+            mine.into_iter().find(|a| a.addr() == ip).ok_or_else(|| format!("{} has no address {ip}", link.name))
+        }
+        None => mine.into_iter().find(|a| global_v6(a.addr())).ok_or_else(|| {
+            format!(
+                "the network is dual-stack (EnableIPv6) but interface {} has no global IPv6 address{}",
+                link.name,
+                if all_v6(addrs, link.index).is_empty() { "" } else { " (link-local ones only)" }
+            )
+        }),
+    }
+}
+
 /// The interface with `addr` (one of its addresses) or, without one, its
 /// first usable address; `Err` says why not.
 fn ext(link: &Link, addrs: &[(u32, IpNet)], want: Option<Ipv4Addr>) -> Result<ExtIface, String> {
@@ -104,42 +145,65 @@ pub struct Selection {
     pub iface: Vec<String>,
     /// `--iface-regex`.
     pub iface_regex: Vec<String>,
-    /// `--iface-can-reach`.
-    pub iface_can_reach: Option<Ipv4Addr>,
+    /// `--iface-can-reach` (IPv6 only in a dual-stack network).
+    pub iface_can_reach: Option<IpAddr>,
     /// `--public-ip` (or the Node's `node-public-ip`).
     pub public_ip: Option<Ipv4Addr>,
     /// Advertised instead of the chosen address (the Node's `public-ip-overwrite`).
     pub advertise: Option<Ipv4Addr>,
+    /// The network is dual-stack (`EnableIPv6`): the interface must have a
+    /// global IPv6 address too. Set from the configuration.
+    pub ipv6: bool,
+    /// `--public-ipv6`: advertised as the IPv6 address (dual-stack only).
+    pub public_ipv6: Option<Ipv6Addr>,
+    /// Advertised instead of the chosen IPv6 address (the Node's
+    /// `public-ipv6-overwrite`).
+    pub advertise_ipv6: Option<Ipv6Addr>,
 }
 
-/// Why an IPv6 value cannot be used yet.
-const NO_IPV6: &str = "IPv6 is not supported yet (dual-stack is issue 14): give an IPv4 address";
+/// Why an IPv6 value cannot be used in an IPv4-only network.
+const NO_IPV6: &str =
+    "an IPv6 address, and the network is IPv4 only (net-conf EnableIPv6 is not set): give an IPv4 address";
 
 impl Selection {
-    /// The selection the flags ask for. IPv6 values are refused by name
-    /// (flannel would advertise or bind an IPv6 address in an IPv4 network),
-    /// and so is `--public-ipv6` alone: flannel then looks for an interface
-    /// holding it among IPv4 addresses, finds none and stops.
+    /// The selection the flags ask for (the caller sets [`Selection::ipv6`]
+    /// from the configuration). An IPv6 `--public-ip`, an IPv4
+    /// `--public-ipv6` and a `--public-ipv6` peers cannot reach
+    /// (link-local, ...) are refused by name.
     pub fn from_opts(opts: &Opts) -> Result<Selection, IfaceError> {
-        let v4 = |flag: &str, ip: Option<IpAddr>| match ip {
-            None => Ok(None),
-            Some(IpAddr::V4(v4)) => Ok(Some(v4)),
-            Some(IpAddr::V6(v6)) => Err(IfaceError::Unsupported(format!("{flag} {v6}: {NO_IPV6}"))),
+        let public_ip = match opts.public_ip {
+            None => None,
+            Some(IpAddr::V4(v4)) => Some(v4),
+            Some(IpAddr::V6(v6)) => {
+                return Err(IfaceError::Unsupported(format!(
+                    "--public-ip {v6}: an IPv6 address; --public-ip is the IPv4 one (the IPv6 one is --public-ipv6)"
+                )))
+            }
         };
-        let sel = Selection {
+        let public_ipv6 = match opts.public_ipv6 {
+            None => None,
+            Some(IpAddr::V4(v4)) => {
+                return Err(IfaceError::Unsupported(format!("--public-ipv6 {v4}: not an IPv6 address")));
+            }
+            Some(IpAddr::V6(v6)) => match crate::lease::unusable_public_ipv6(v6) {
+                Some(why) => {
+                    return Err(IfaceError::Unsupported(format!(
+                        "--public-ipv6 {v6} is {why}: other nodes could not reach this one at it"
+                    )))
+                }
+                None => Some(v6),
+            },
+        };
+        Ok(Selection {
             iface: opts.iface.clone(),
             iface_regex: opts.iface_regex.clone(),
-            iface_can_reach: v4("--iface-can-reach", opts.iface_can_reach)?,
-            public_ip: v4("--public-ip", opts.public_ip)?,
+            iface_can_reach: opts.iface_can_reach,
+            public_ip,
             advertise: None,
-        };
-        if let (Some(v6), true, None) = (opts.public_ipv6, sel.chooses_by_default(), sel.public_ip) {
-            return Err(IfaceError::Unsupported(format!(
-                "--public-ipv6 {v6} alone cannot choose the interface in an IPv4 network (flannel stops here too): \
-                 give --iface, --iface-regex, --iface-can-reach or --public-ip"
-            )));
-        }
-        Ok(sel)
+            ipv6: false,
+            public_ipv6,
+            advertise_ipv6: None,
+        })
     }
 
     /// No `--iface`, `--iface-regex` or `--iface-can-reach`: the interface
@@ -148,24 +212,109 @@ impl Selection {
         self.iface.is_empty() && self.iface_regex.is_empty() && self.iface_can_reach.is_none()
     }
 
-    /// Chooses the interface (see [`select`]), advertising `advertise` when set.
+    /// Chooses the interface (see [`select`]), advertising `advertise` (and
+    /// `advertise_ipv6`) when set.
     pub async fn select(&self, nl: &Netlink) -> Result<ExtIface, IfaceError> {
         let mut ext = select(nl, self).await?;
         if let Some(ip) = self.advertise {
             ext.public_ip = ip;
         }
+        if let (Some(ip), Some(v6)) = (self.advertise_ipv6, ext.v6.as_mut()) {
+            v6.public_ip = ip;
+        }
         Ok(ext)
     }
 }
 
-/// Selects the interface as flannel does. With any of `--iface`,
+/// Selects the interface as flannel does (see [`select_v4`]) and, in a
+/// dual-stack network, its IPv6 address: the one `--iface` or
+/// `--iface-can-reach` named, else `--public-ipv6` when the interface is
+/// chosen by default (it must hold it, as in flannel, and so must the
+/// interface `--public-ip` or the default routes of both families point
+/// at), else the interface's first global IPv6 address. `--public-ipv6`,
+/// when given, is what is advertised.
+pub async fn select(nl: &Netlink, opts: &Selection) -> Result<ExtIface, IfaceError> {
+    let mut ext = select_v4(nl, opts).await?;
+    if !opts.ipv6 {
+        ext.v6 = None;
+        return Ok(ext);
+    }
+    let links = nl.links().await?;
+    let addrs = nl.all_addrs().await?;
+    let link = links
+        .iter()
+        .find(|l| l.index == ext.index)
+        .ok_or_else(|| IfaceError::NotFound(format!("interface {} went away while it was being chosen", ext.name)))?;
+    if ext.v6.is_none() {
+        let by_default = opts.chooses_by_default();
+        let want = match opts.public_ipv6 {
+            Some(ip) if by_default => {
+                if !all_v6(&addrs, link.index).iter().any(|a| a.addr() == ip) {
+                    let holder = links.iter().find(|l| all_v6(&addrs, l.index).iter().any(|a| a.addr() == ip));
+                    return Err(IfaceError::NotFound(match holder {
+                        Some(h) => format!(
+                            "--public-ipv6 {ip} is on interface {}, but the IPv4 side uses {} (flannel wants both \
+                             families on one interface): give --iface",
+                            h.name, ext.name
+                        ),
+                        None => format!(
+                            "--public-ipv6 {ip} without --iface, --iface-regex or --iface-can-reach: the interface \
+                             must hold it, and {} does not (give --iface to advertise an address no interface holds)",
+                            ext.name
+                        ),
+                    }));
+                }
+                Some(ip)
+            }
+            _ => None,
+        };
+        if by_default && opts.public_ip.is_none() && opts.public_ipv6.is_none() {
+            // flannel: the default routes of both families must leave
+            // through the same interface.
+            let routes = nl.routes().await?;
+            let default6 = routes.iter().find(|r| matches!(r.dst, IpNet::V6(n) if n.prefix_len() == 0));
+            match default6.and_then(|r| r.oif) {
+                None => {
+                    return Err(IfaceError::NotFound(format!(
+                        "the network is dual-stack (EnableIPv6) and no interface is given, but there is no IPv6 \
+                         default route to check the default interface {} against (flannel needs one): give --iface",
+                        ext.name
+                    )))
+                }
+                Some(oif) if oif != ext.index => {
+                    let name = links.iter().find(|l| l.index == oif).map_or(format!("#{oif}"), |l| l.name.clone());
+                    return Err(IfaceError::NotFound(format!(
+                        "the IPv6 default route leaves through {name}, the IPv4 one through {} (flannel wants one \
+                         interface for both): give --iface",
+                        ext.name
+                    )));
+                }
+                Some(_) => {}
+            }
+        }
+        let addr = v6_of(link, &addrs, want).map_err(|why| {
+            let have: Vec<String> = all_v6(&addrs, link.index).iter().map(|a| a.to_string()).collect();
+            IfaceError::NotFound(format!(
+                "{why} (its IPv6 addresses: [{}]): add one, or choose another interface with --iface",
+                have.join(" ")
+            ))
+        })?;
+        ext.v6 = Some(ExtIface6 { addr, public_ip: addr.addr() });
+    }
+    if let (Some(ip), Some(v6)) = (opts.public_ipv6, ext.v6.as_mut()) {
+        v6.public_ip = ip;
+    }
+    Ok(ext)
+}
+
+/// Selects the interface (and its IPv4 address) as flannel does. With any of `--iface`,
 /// `--iface-regex`, `--iface-can-reach`: each `--iface` entry in order, then
 /// each regex, then the route to `--iface-can-reach`; the first that yields
 /// an interface with an IPv4 address wins, and the error when none does
 /// names every attempt. Without them: the interface that holds `--public-ip`
 /// (an error when none does: give `--iface`), else the default route's.
 /// `--public-ip`, when given, is what is advertised.
-pub async fn select(nl: &Netlink, opts: &Selection) -> Result<ExtIface, IfaceError> {
+async fn select_v4(nl: &Netlink, opts: &Selection) -> Result<ExtIface, IfaceError> {
     let mut links = nl.links().await?;
     links.sort_by_key(|l| l.index);
     let addrs = nl.all_addrs().await?;
@@ -192,7 +341,46 @@ pub async fn select(nl: &Netlink, opts: &Selection) -> Result<ExtIface, IfaceErr
         ext(holder.ok_or_else(|| format!("no interface has the address {ip}"))?, &addrs, Some(ip))
     };
 
+    // Dual-stack: the interface holding an IPv6 address, with its IPv4 side.
+    let regex_v6 = |mut e: ExtIface, l: &Link, re: &regex::Regex| {
+        if opts.ipv6 {
+            if let Some(a) =
+                all_v6(&addrs, l.index).into_iter().find(|a| global_v6(a.addr()) && re.is_match(&a.addr().to_string()))
+            {
+                e.v6 = Some(ExtIface6 { addr: a, public_ip: a.addr() });
+            }
+        }
+        e
+    };
+    let by_ip6 = |ip: Ipv6Addr| -> Result<ExtIface, String> {
+        let holder = links
+            .iter()
+            .find(|l| all_v6(&addrs, l.index).iter().any(|a| a.addr() == ip))
+            .ok_or_else(|| format!("no interface has the address {ip}"))?;
+        let mut e = ext(holder, &addrs, None)?;
+        let addr = v6_of(holder, &addrs, Some(ip))?;
+        e.v6 = Some(ExtIface6 { addr, public_ip: ip });
+        Ok(e)
+    };
+
     if opts.chooses_by_default() {
+        if let (None, Some(ip6)) = (public, opts.public_ipv6) {
+            if !opts.ipv6 {
+                return Err(IfaceError::Unsupported(format!(
+                    "--public-ipv6 {ip6} alone cannot choose the interface in an IPv4 network (flannel stops here \
+                     too): give --iface, --iface-regex, --iface-can-reach or --public-ip"
+                )));
+            }
+            // flannel: the interface holding --public-ipv6.
+            return by_ip6(ip6).map_err(|why| {
+                IfaceError::NotFound(format!(
+                    "--public-ipv6 {ip6} without --iface, --iface-regex, --iface-can-reach or --public-ip: the \
+                     interface is the one holding it, and {why} (give --iface to advertise an address no interface \
+                     holds; interfaces: {})",
+                    inventory()
+                ))
+            });
+        }
         if let Some(ip) = public {
             return by_ip(ip).map(advertise).map_err(|why| {
                 IfaceError::NotFound(format!(
@@ -221,6 +409,7 @@ pub async fn select(nl: &Netlink, opts: &Selection) -> Result<ExtIface, IfaceErr
     for entry in &opts.iface {
         let found = match crate::flags::parse_go_ip(entry) {
             Ok(IpAddr::V4(ip)) => by_ip(ip),
+            Ok(IpAddr::V6(ip)) if opts.ipv6 => by_ip6(ip),
             Ok(IpAddr::V6(_)) => Err(NO_IPV6.to_string()),
             Err(_) => match links.iter().find(|l| &l.name == entry) {
                 Some(l) => ext(l, &addrs, None),
@@ -246,7 +435,9 @@ pub async fn select(nl: &Netlink, opts: &Selection) -> Result<ExtIface, IfaceErr
             Ok(re) => match links.iter().find_map(|l| {
                 usable_v4(&addrs, l.index).into_iter().find(|a| re.is_match(&a.addr().to_string())).map(|a| (l, a))
             }) {
-                Some((l, a)) => ext(l, &addrs, Some(a.addr())),
+                // Dual-stack, as flannel: an IPv6 address of the interface
+                // that the regex matches is preferred.
+                Some((l, a)) => ext(l, &addrs, Some(a.addr())).map(|e| regex_v6(e, l, &re)),
                 None => match links.iter().find(|l| re.is_match(&l.name)) {
                     Some(l) => ext(l, &addrs, None),
                     None => Err("matches no interface address or name".into()),
@@ -262,13 +453,21 @@ pub async fn select(nl: &Netlink, opts: &Selection) -> Result<ExtIface, IfaceErr
         }
     }
     if let Some(target) = opts.iface_can_reach {
-        let found = match nl.route_get(IpAddr::V4(target)).await {
+        let found = match nl.route_get(target).await {
+            _ if target.is_ipv6() && !opts.ipv6 => Err(NO_IPV6.to_string()),
             Err(e) => Err(format!("no route: {e}")),
             Ok(None) => Err("the kernel has no route to it".to_string()),
             Ok(Some((oif, src))) => match links.iter().find(|l| l.index == oif) {
                 None => Err(format!("its interface #{oif} is gone")),
                 Some(l) => match src {
                     Some(IpAddr::V4(v4)) => ext(l, &addrs, Some(v4)).or_else(|_| ext(l, &addrs, None)),
+                    // An IPv6 target: the route's IPv6 source is the IPv6
+                    // address; the IPv4 one is the interface's first.
+                    Some(IpAddr::V6(v6)) if global_v6(v6) => ext(l, &addrs, None).and_then(|mut e| {
+                        let addr = v6_of(l, &addrs, Some(v6))?;
+                        e.v6 = Some(ExtIface6 { addr, public_ip: v6 });
+                        Ok(e)
+                    }),
                     _ => ext(l, &addrs, None),
                 },
             },

@@ -11,7 +11,7 @@
 //! disturbed by unrelated changes: conntrack's `established` verdict comes
 //! first in every chain and the table's replacement is atomic.
 
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -100,11 +100,15 @@ pub fn remove_leftover_table() {
 
 /// Runs the agent for `node` forever: compile on every change, apply when
 /// the ruleset text changed.
-pub async fn run(client: Client, node: String, node_ips: Vec<Ipv4Addr>, metrics: Arc<PolicyMetrics>) {
+pub async fn run(client: Client, node: String, node_ips: Vec<IpAddr>, metrics: Arc<PolicyMetrics>) {
     // Same-node pod-to-pod traffic is bridged; it passes the inet hooks
-    // (and gets conntrack) only with this on (see crate::policy).
-    if let Err(e) = flannel_net::host::ensure_sysctl_on(crate::policy::BRIDGE_NF_CALL_IPTABLES) {
-        error!("network policy: {e}; pod-to-pod traffic on this node is not filtered");
+    // (and gets conntrack) only with these on (see crate::policy).
+    for (sysctl, family) in
+        [(crate::policy::BRIDGE_NF_CALL_IPTABLES, "IPv4"), (crate::policy::BRIDGE_NF_CALL_IP6TABLES, "IPv6")]
+    {
+        if let Err(e) = flannel_net::host::ensure_sysctl_on(sysctl) {
+            error!("network policy: {e}; {family} pod-to-pod traffic on this node is not filtered");
+        }
     }
     let wake = Arc::new(Notify::new());
     let stores = watch_all(&client, wake.clone());
@@ -119,7 +123,7 @@ pub async fn run(client: Client, node: String, node_ips: Vec<Ipv4Addr>, metrics:
         }
     }
     info!("network policy: enforcing for pods on node {node}");
-    let node_ips: Arc<[Ipv4Addr]> = node_ips.into();
+    let node_ips: Arc<[IpAddr]> = node_ips.into();
     let mut pass = Pass::default();
     loop {
         // Compiling and `nft -f` are blocking work: off the async runtime.
@@ -164,7 +168,7 @@ impl Pass {
         pods: &[Arc<Pod>],
         namespaces: &[Arc<Namespace>],
         node: &str,
-        node_ips: &[Ipv4Addr],
+        node_ips: &[IpAddr],
         metrics: &PolicyMetrics,
     ) -> Pass {
         let start = Instant::now();

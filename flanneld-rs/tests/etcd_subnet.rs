@@ -272,7 +272,7 @@ fn acquire_writes_flannels_json_with_a_24h_lease_and_is_idempotent() {
         let mut c = raw_client().await;
         let cfg = put_config(&mut c, CONFIG).await;
         let m = manager().await;
-        let a = m.acquire_lease(&cfg, &attrs(10), None).await.unwrap();
+        let a = m.acquire_lease(&cfg, &attrs(10), None, None).await.unwrap();
         assert!(cfg.subnets().any(|s| s == a.lease.subnet), "{a:?} out of range");
         assert_eq!(a.key, subnet_key(PREFIX, a.lease.subnet));
         assert_eq!(a.lease.source, a.key);
@@ -293,7 +293,7 @@ fn acquire_writes_flannels_json_with_a_24h_lease_and_is_idempotent() {
         let mut again_attrs = attrs(10);
         again_attrs.vxlan.as_mut().unwrap().vtep_mac = "02:aa:00:00:00:0a".parse().unwrap();
         let m2 = manager().await;
-        let b = m2.acquire_lease(&cfg, &again_attrs, Some(net("10.5.200.0/24"))).await.unwrap();
+        let b = m2.acquire_lease(&cfg, &again_attrs, Some(net("10.5.200.0/24")), None).await.unwrap();
         assert_eq!((b.lease.subnet, &b.key), (a.lease.subnet, &a.key));
         assert_eq!(b.lease.vxlan.unwrap().vtep_mac.to_string(), "02:aa:00:00:00:0a");
         let (value, lease_id) = get_value(&mut c, &b.key).await.unwrap();
@@ -320,19 +320,19 @@ fn previous_subnet_is_honoured_when_in_range_and_free() {
         let mut c = raw_client().await;
         let cfg = put_config(&mut c, CONFIG).await;
         let m = manager().await;
-        let a = m.acquire_lease(&cfg, &attrs(10), Some(net("10.5.77.0/24"))).await.unwrap();
+        let a = m.acquire_lease(&cfg, &attrs(10), Some(net("10.5.77.0/24")), None).await.unwrap();
         assert_eq!(a.lease.subnet, net("10.5.77.0/24"));
         // Taken by someone else: another subnet.
-        let b = m.acquire_lease(&cfg, &attrs(11), Some(net("10.5.77.0/24"))).await.unwrap();
+        let b = m.acquire_lease(&cfg, &attrs(11), Some(net("10.5.77.0/24")), None).await.unwrap();
         assert_ne!(b.lease.subnet, a.lease.subnet);
         // Below SubnetMin (10.5.1.0): not honoured.
-        let d = m.acquire_lease(&cfg, &attrs(12), Some(net("10.5.0.0/24"))).await.unwrap();
+        let d = m.acquire_lease(&cfg, &attrs(12), Some(net("10.5.0.0/24")), None).await.unwrap();
         assert_ne!(d.lease.subnet, net("10.5.0.0/24"));
         assert!(cfg.subnets().any(|s| s == d.lease.subnet));
         // Wrong size or outside Network: not honoured either.
-        let e = m.acquire_lease(&cfg, &attrs(13), Some(net("10.6.3.0/24"))).await.unwrap();
+        let e = m.acquire_lease(&cfg, &attrs(13), Some(net("10.6.3.0/24")), None).await.unwrap();
         assert!(cfg.network.contains(&e.lease.subnet));
-        let f = m.acquire_lease(&cfg, &attrs(14), Some(net("10.5.90.0/25"))).await.unwrap();
+        let f = m.acquire_lease(&cfg, &attrs(14), Some(net("10.5.90.0/25")), None).await.unwrap();
         assert_eq!(f.lease.subnet.prefix_len(), 24);
     });
 }
@@ -352,15 +352,15 @@ fn reservations_are_kept_for_their_owner() {
         // A reservation (no etcd lease) for 192.0.2.50.
         let reserved = put_lease(&mut c, "10.5.9.0/24", 50).await;
         let m = manager().await;
-        let a = m.acquire_lease(&cfg, &attrs(10), Some(net("10.5.9.0/24"))).await.unwrap();
+        let a = m.acquire_lease(&cfg, &attrs(10), Some(net("10.5.9.0/24")), None).await.unwrap();
         assert_eq!(a.lease.subnet, net("10.5.10.0/24"), "the reservation must not be taken");
-        let e = m.acquire_lease(&cfg, &attrs(11), None).await.unwrap_err();
+        let e = m.acquire_lease(&cfg, &attrs(11), None, None).await.unwrap_err();
         assert!(matches!(e, StoreError::OutOfSubnets { .. }), "{e:?}");
 
         // Its owner uses it (with a new MAC), and it stays a reservation.
         let mut owner = attrs(50);
         owner.vxlan.as_mut().unwrap().vtep_mac = "02:bb:00:00:00:32".parse().unwrap();
-        let r = m.acquire_lease(&cfg, &owner, None).await.unwrap();
+        let r = m.acquire_lease(&cfg, &owner, None, None).await.unwrap();
         assert_eq!((r.lease.subnet, &r.key, r.etcd_lease_id), (net("10.5.9.0/24"), &reserved, None));
         let (value, lease_id) = get_value(&mut c, &reserved).await.unwrap();
         assert_eq!((value, lease_id), (encode_value(&owner), 0));
@@ -398,7 +398,7 @@ fn twenty_concurrent_nodes_get_distinct_subnets() {
             .enumerate()
             .map(|(i, m)| {
                 let cfg = cfg.clone();
-                tokio::spawn(async move { m.acquire_lease(&cfg, &attrs(10 + i as u8), None).await })
+                tokio::spawn(async move { m.acquire_lease(&cfg, &attrs(10 + i as u8), None, None).await })
             })
             .collect();
         let mut got = std::collections::BTreeSet::new();
@@ -428,9 +428,9 @@ fn out_of_subnets_is_a_clear_error() {
         )
         .await;
         let m = manager().await;
-        m.acquire_lease(&cfg, &attrs(10), None).await.unwrap();
-        m.acquire_lease(&cfg, &attrs(11), None).await.unwrap();
-        let e = m.acquire_lease(&cfg, &attrs(12), None).await.unwrap_err();
+        m.acquire_lease(&cfg, &attrs(10), None, None).await.unwrap();
+        m.acquire_lease(&cfg, &attrs(11), None, None).await.unwrap();
+        let e = m.acquire_lease(&cfg, &attrs(12), None, None).await.unwrap_err();
         assert_eq!(
             e.to_string(),
             "out of subnets: all 2 subnets of Network 10.5.0.0/16 between SubnetMin 10.5.3.0 and SubnetMax 10.5.4.0 are leased"
@@ -441,7 +441,7 @@ fn out_of_subnets_is_a_clear_error() {
         let mut c2 = raw_client().await;
         c2.delete(subnet_key(PREFIX, net("10.5.3.0/24")), None).await.unwrap();
         c2.put(subnet_key(PREFIX, net("10.5.3.0/24")), "garbage", None).await.unwrap();
-        let e = m.acquire_lease(&cfg, &attrs(12), None).await.unwrap_err();
+        let e = m.acquire_lease(&cfg, &attrs(12), None, None).await.unwrap_err();
         assert!(matches!(e, StoreError::OutOfSubnets { .. }), "{e:?}");
     });
 }
@@ -455,7 +455,7 @@ fn renew_extends_the_ttl_and_notices_revocation() {
         let mut c = raw_client().await;
         let cfg = put_config(&mut c, CONFIG).await;
         let m = manager().await;
-        let a = m.acquire_lease(&cfg, &attrs(10), None).await.unwrap();
+        let a = m.acquire_lease(&cfg, &attrs(10), None, None).await.unwrap();
         let id = a.etcd_lease_id.unwrap();
         // Let the TTL run down a little (polled, not a fixed sleep).
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -483,7 +483,7 @@ fn renew_extends_the_ttl_and_notices_revocation() {
         assert!(matches!(&e, StoreError::Revoked { key, .. } if key == &a.key), "{e:?}");
         assert!(e.to_string().contains(&a.key), "{e}");
         // Its etcd lease revoked (the key goes with it): revoked.
-        let b = m.acquire_lease(&cfg, &attrs(11), None).await.unwrap();
+        let b = m.acquire_lease(&cfg, &attrs(11), None, None).await.unwrap();
         c.lease_revoke(b.etcd_lease_id.unwrap()).await.unwrap();
         let e = m.renew_lease(&b).await.unwrap_err();
         assert!(matches!(e, StoreError::Revoked { .. }), "{e:?}");
@@ -501,7 +501,7 @@ fn watcher_sends_snapshots_skips_malformed_and_reports_revocation() {
         let mut c = raw_client().await;
         let cfg = put_config(&mut c, CONFIG).await;
         let m = manager().await;
-        let own: AcquiredLease = m.acquire_lease(&cfg, &attrs(10), Some(net("10.5.1.0/24"))).await.unwrap();
+        let own: AcquiredLease = m.acquire_lease(&cfg, &attrs(10), Some(net("10.5.1.0/24")), None).await.unwrap();
         // Malformed from the start: skipped by the initial list.
         let bad1 = subnet_key(PREFIX, net("10.5.66.0/24"));
         c.put(bad1.clone(), r#"{"PublicIP":"127.0.0.1","BackendType":"vxlan"}"#, None).await.unwrap();
@@ -632,7 +632,7 @@ fn watcher_recovers_from_an_outage_with_compaction_without_losing_deletes() {
         let cfg = put_config(&mut c, CONFIG).await;
         let relay = Relay::start("127.0.0.1:23790", CLIENT).await;
         let m = EtcdSubnetManager::connect(&opts("127.0.0.1:23790")).await.unwrap();
-        let own = m.acquire_lease(&cfg, &attrs(10), Some(net("10.5.1.0/24"))).await.unwrap();
+        let own = m.acquire_lease(&cfg, &attrs(10), Some(net("10.5.1.0/24")), None).await.unwrap();
         let doomed = put_lease(&mut c, "10.5.2.0/24", 11).await;
 
         let (tx, mut rx) = mpsc::channel(16);
@@ -694,7 +694,7 @@ fn watcher_recovers_when_etcd_restarts() {
             let mut c = raw_client().await;
             let cfg = put_config(&mut c, CONFIG).await;
             let m = manager().await;
-            let own = m.acquire_lease(&cfg, &attrs(10), Some(net("10.5.1.0/24"))).await.unwrap();
+            let own = m.acquire_lease(&cfg, &attrs(10), Some(net("10.5.1.0/24")), None).await.unwrap();
             let (tx, mut rx) = mpsc::channel(16);
             let _task = m.spawn_watcher(cfg.clone(), own.key.clone(), tx);
             snapshot_where(&mut rx, "the initial one", |s| s.len() == 1).await;
@@ -759,7 +759,7 @@ fn username_and_password_are_used() {
         let creds = EtcdOptions { username: Some("root".into()), password: Some("s3cret".into()), ..opts(CLIENT) };
         let m = EtcdSubnetManager::connect(&creds).await.expect("connect with credentials");
         let cfg = m.network_config().await.expect("config with credentials");
-        let a = m.acquire_lease(&cfg, &attrs(10), None).await.expect("acquire with credentials");
+        let a = m.acquire_lease(&cfg, &attrs(10), None, None).await.expect("acquire with credentials");
         m.renew_lease(&a).await.expect("renew with credentials");
         let (tx, mut rx) = mpsc::channel(16);
         let _task = m.spawn_watcher(cfg.clone(), a.key.clone(), tx);
@@ -923,5 +923,189 @@ fn tls_with_a_client_certificate() {
         let half = EtcdOptions { keyfile: None, ..tls };
         let e = EtcdSubnetManager::connect(&half).await.unwrap_err().to_string();
         assert!(e.contains("--etcd-certfile needs --etcd-keyfile"), "{e}");
+    });
+}
+
+const CONFIG6: &str = r#"{"Network":"10.5.0.0/16","SubnetLen":24,"EnableIPv6":true,"IPv6Network":"2001:db8:10::/56","Backend":{"Type":"vxlan","VNI":1}}"#;
+
+fn attrs6(host: u8) -> LeaseAttrs {
+    LeaseAttrs {
+        public_ipv6: Some(format!("2001:db8::{host:x}").parse().unwrap()),
+        vxlan6: Some(VxlanData { vni: 1, vtep_mac: format!("02:00:00:00:06:{host:02x}").parse().unwrap() }),
+        ..attrs(host)
+    }
+}
+
+fn net6(s: &str) -> ipnet::Ipv6Net {
+    s.parse().unwrap()
+}
+
+#[test]
+fn dual_stack_leases_have_both_halves_in_flannels_key_and_value() {
+    if !netns_fixtures::require_root() {
+        return;
+    }
+    with_etcd(|| async {
+        let mut c = raw_client().await;
+        let cfg = put_config(&mut c, CONFIG6).await;
+        let c6 = cfg.ipv6.unwrap();
+        let m = manager().await;
+        let a = m.acquire_lease(&cfg, &attrs6(10), None, None).await.unwrap();
+        let s6 = a.lease.subnet6().expect("an IPv6 half");
+        assert!(c6.allows(s6), "{s6} out of range");
+        // flannel's key: <v4>-<len>&<v6>-<len>.
+        assert_eq!(a.key, format!("{PREFIX}/subnets/{}-24&{}-64", a.lease.subnet.network(), s6.network()), "{a:?}");
+        let (value, _) = get_value(&mut c, &a.key).await.expect("key written");
+        assert_eq!(
+            value,
+            r#"{"PublicIP":"192.0.2.10","PublicIPv6":"2001:db8::a","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"02:00:00:00:00:0a"},"BackendV6Data":{"VNI":1,"VtepMAC":"02:00:00:00:06:0a"}}"#
+        );
+        let l6 = a.lease.ipv6.unwrap();
+        assert_eq!(l6.public_ip, Some("2001:db8::a".parse().unwrap()));
+        assert_eq!(l6.vxlan.unwrap().vtep_mac.to_string(), "02:00:00:00:06:0a");
+
+        // Renewal and an update keep both halves and the key.
+        let r = m.renew_lease(&a).await.unwrap();
+        assert_eq!((&r.key, r.lease.subnet6()), (&a.key, Some(s6)));
+        let mut moved = attrs6(10);
+        moved.public_ipv6 = Some("2001:db8::aa".parse().unwrap());
+        let u = m.update_lease(&r, &moved).await.unwrap();
+        assert_eq!((&u.key, u.lease.subnet6(), u.lease.ipv6.unwrap().public_ip), (&a.key, Some(s6), moved.public_ipv6));
+        assert_eq!(get_value(&mut c, &a.key).await.unwrap().0, encode_value(&moved));
+
+        // A restart finds its lease by PublicIP: both halves again.
+        let b = manager().await.acquire_lease(&cfg, &attrs6(10), None, None).await.unwrap();
+        assert_eq!((&b.key, b.lease.subnet, b.lease.subnet6()), (&a.key, a.lease.subnet, Some(s6)));
+
+        // The watcher, the listing and the advertised MACs carry the IPv6 half.
+        let (leases, _) = m.list_leases(&cfg).await.unwrap();
+        assert_eq!(leases, vec![b.lease.clone()]);
+        let (tx, mut rx) = mpsc::channel(16);
+        let _w = m.spawn_watcher(cfg.clone(), b.key.clone(), tx);
+        snapshot_where(&mut rx, "our dual-stack lease", |s| s == [b.lease.clone()]).await;
+        let mut store = etcd_store().await;
+        let macs =
+            flanneld_rs::subnet::LeaseStore::advertised_macs(&mut store, &cfg, attrs(10).public_ip).await.unwrap();
+        assert_eq!(
+            (macs.v4.unwrap().to_string(), macs.v6.unwrap().to_string()),
+            ("02:00:00:00:00:0a".into(), "02:00:00:00:06:0a".into())
+        );
+
+        // subnet.env's previous subnets are reused together when free.
+        let p = m
+            .acquire_lease(&cfg, &attrs6(11), Some(net("10.5.77.0/24")), Some(net6("2001:db8:10:77::/64")))
+            .await
+            .unwrap();
+        assert_eq!(p.key, format!("{PREFIX}/subnets/10.5.77.0-24&2001:db8:10:77::-64"));
+        // The previous IPv6 subnet taken (or missing): both picked afresh, as flannel.
+        let q = m.acquire_lease(&cfg, &attrs6(12), Some(net("10.5.78.0/24")), Some(s6)).await.unwrap();
+        assert_ne!(q.lease.subnet6(), Some(s6));
+        assert!(c6.allows(q.lease.subnet6().unwrap()));
+        let r2 = m.acquire_lease(&cfg, &attrs6(13), Some(net("10.5.79.0/24")), None).await.unwrap();
+        assert!(r2.lease.subnet6().is_some());
+
+        // A lease written by upstream flanneld (dual-stack vxlan), exact bytes.
+        let upstream_key = format!("{PREFIX}/subnets/10.5.200.0-24&2001:db8:10:c8::-64");
+        let upstream_value = r#"{"PublicIP":"192.0.2.200","PublicIPv6":"2001:db8::c8","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"aa:11:22:33:44:55"},"BackendV6Data":{"VNI":1,"VtepMAC":"aa:11:22:33:44:66"}}"#;
+        c.put(upstream_key.clone(), upstream_value, None).await.unwrap();
+        let (leases, _) = m.list_leases(&cfg).await.unwrap();
+        let up = leases.iter().find(|l| l.source == upstream_key).expect("upstream's lease is read");
+        let up6 = up.ipv6.unwrap();
+        assert_eq!(
+            (up.subnet.to_string(), up6.subnet.to_string(), up6.public_ip.unwrap().to_string()),
+            ("10.5.200.0/24".into(), "2001:db8:10:c8::/64".into(), "2001:db8::c8".into())
+        );
+        assert_eq!(up6.vxlan.unwrap().vtep_mac.to_string(), "aa:11:22:33:44:66");
+        // ...and its IPv6 subnet is not handed to anyone else.
+        let mut seen = std::collections::HashSet::new();
+        for l in &leases {
+            assert!(seen.insert(l.subnet6()), "{:?} twice", l.subnet6());
+        }
+        // An IPv6 subnet outside IPv6Network is named with key and value.
+        let bad_key = format!("{PREFIX}/subnets/10.5.201.0-24&2001:db8:99::-64");
+        c.put(bad_key.clone(), encode_value(&attrs6(30)), None).await.unwrap();
+        let listing = flanneld_rs::subnet::LeaseStore::list(&mut etcd_store().await, &cfg).await.unwrap();
+        assert!(
+            listing.unusable.iter().any(|u| u.contains(&bad_key) && u.contains("outside IPv6Network 2001:db8:10::/56")),
+            "{:?}",
+            listing.unusable
+        );
+    });
+}
+
+async fn etcd_store() -> flanneld_rs::subnet::etcd::EtcdStore {
+    flanneld_rs::subnet::etcd::EtcdStore::connect(&opts(CLIENT)).await.unwrap()
+}
+
+#[test]
+fn dual_stack_upgrade_replaces_an_ipv4_only_lease_as_flannel_does() {
+    if !netns_fixtures::require_root() {
+        return;
+    }
+    with_etcd(|| async {
+        let mut c = raw_client().await;
+        let cfg4 = put_config(&mut c, CONFIG).await;
+        let m = manager().await;
+        let old = m.acquire_lease(&cfg4, &attrs(10), None, None).await.unwrap();
+        assert_eq!(old.lease.ipv6, None);
+        // The cluster turns dual-stack: the IPv4-only lease is deleted and a
+        // dual-stack one taken (a new IPv4 subnet too, as in flannel).
+        let cfg6 = put_config(&mut c, CONFIG6).await;
+        let new = m.acquire_lease(&cfg6, &attrs6(10), Some(old.lease.subnet), None).await.unwrap();
+        assert!(new.lease.subnet6().is_some() && new.key.contains('&'), "{new:?}");
+        assert_ne!(new.lease.subnet, old.lease.subnet);
+        assert_eq!(get_value(&mut c, &old.key).await, None, "the IPv4-only key is gone");
+        let all = c.get(format!("{PREFIX}/subnets/"), Some(GetOptions::new().with_prefix())).await.unwrap();
+        assert_eq!(all.kvs().len(), 1);
+        // An IPv4-only lease of another node stays and is read without an IPv6 half.
+        let other = put_lease(&mut c, "10.5.9.0/24", 20).await;
+        let (leases, _) = m.list_leases(&cfg6).await.unwrap();
+        assert_eq!(leases.iter().find(|l| l.source == other).unwrap().ipv6, None);
+        // IPv6Network moved: our lease's IPv6 half is outside it, and it is
+        // replaced (not left beside a second lease of ours).
+        let moved = put_config(&mut c, &CONFIG6.replace("2001:db8:10::/56", "2001:db8:20::/56")).await;
+        let renumbered = m.acquire_lease(&moved, &attrs6(10), None, None).await.unwrap();
+        assert!(renumbered.key.contains("&2001:db8:20:"), "{renumbered:?}");
+        assert_eq!(get_value(&mut c, &new.key).await, None);
+        let new = renumbered;
+        // And back to IPv4 only: the dual-stack lease is replaced likewise.
+        let back = m.acquire_lease(&cfg4, &attrs(10), None, None).await.unwrap();
+        assert!(!back.key.contains('&') && back.lease.ipv6.is_none(), "{back:?}");
+        assert_eq!(get_value(&mut c, &new.key).await, None);
+    });
+}
+
+#[test]
+fn concurrent_dual_stack_nodes_get_distinct_ipv6_subnets_until_none_is_left() {
+    if !netns_fixtures::require_root() {
+        return;
+    }
+    with_etcd(|| async {
+        let mut c = raw_client().await;
+        // Eight IPv6 subnets for many more IPv4 ones: the IPv6 half is the
+        // one that collides.
+        let cfg = put_config(
+            &mut c,
+            r#"{"Network":"10.5.0.0/16","EnableIPv6":true,"IPv6Network":"2001:db8:10::/56","IPv6SubnetMin":"2001:db8:10:10::","IPv6SubnetMax":"2001:db8:10:17::","Backend":{"Type":"vxlan"}}"#,
+        )
+        .await;
+        let mut tasks = Vec::new();
+        for i in 0..8u8 {
+            let cfg = cfg.clone();
+            let m = manager().await;
+            tasks.push(tokio::spawn(async move { m.acquire_lease(&cfg, &attrs6(10 + i), None, None).await }));
+        }
+        let mut v6 = std::collections::BTreeSet::new();
+        let mut v4 = std::collections::BTreeSet::new();
+        for t in tasks {
+            let a = t.await.unwrap().unwrap();
+            v4.insert(a.lease.subnet);
+            v6.insert(a.lease.subnet6().unwrap());
+        }
+        assert_eq!((v4.len(), v6.len()), (8, 8), "{v6:?}");
+        let e = manager().await.acquire_lease(&cfg, &attrs6(40), None, None).await.unwrap_err();
+        assert!(matches!(e, StoreError::OutOfSubnets6 { count: 8, .. }), "{e:?}");
+        let msg = e.to_string();
+        assert!(msg.contains("IPv6Network 2001:db8:10::/56") && msg.contains("2001:db8:10:17::"), "{msg}");
     });
 }

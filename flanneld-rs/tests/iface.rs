@@ -20,8 +20,18 @@ fn host() -> Netns {
 }
 
 fn pick(ns: &Netns, args: &[&str]) -> Result<ExtIface, String> {
+    pick_in(ns, args, false)
+}
+
+/// As [`pick`], in a dual-stack network (EnableIPv6).
+fn pick6(ns: &Netns, args: &[&str]) -> Result<ExtIface, String> {
+    pick_in(ns, args, true)
+}
+
+fn pick_in(ns: &Netns, args: &[&str], ipv6: bool) -> Result<ExtIface, String> {
     let cli = Cli::parse_go(std::iter::once("flanneld-rs").chain(args.iter().copied())).unwrap();
-    let selection = flanneld_rs::iface::Selection::from_opts(&cli.opts).map_err(|e| e.to_string())?;
+    let mut selection = flanneld_rs::iface::Selection::from_opts(&cli.opts).map_err(|e| e.to_string())?;
+    selection.ipv6 = ipv6;
     NetNs::open(ns.path())
         .unwrap()
         .run(|| {
@@ -121,12 +131,12 @@ fn selection_falls_through_as_flannels_does() {
     assert_eq!(e.addr.to_string(), "169.254.7.7/16");
     ns.run_ok("ip", &["addr", "add", "192.0.2.99/32", "dev", "eth9"]);
     assert_eq!(pick(&ns, &["-iface=eth9"]).unwrap().addr.to_string(), "192.0.2.99/32");
-    // IPv6 values are refused by name (no dual-stack yet); an IPv4-mapped
-    // one is its IPv4 address, as in Go.
-    for args in [&["-iface-can-reach=2001:db8::1"][..], &["-public-ip=2001:db8::1", "-iface=eth1"]] {
-        let e = pick(&ns, args).unwrap_err();
-        assert!(e.contains("2001:db8::1") && e.contains("IPv6 is not supported yet"), "{e}");
-    }
+    // IPv6 values are refused by name in an IPv4-only network; an
+    // IPv4-mapped one is its IPv4 address, as in Go.
+    let e = pick(&ns, &["-iface-can-reach=2001:db8::1"]).unwrap_err();
+    assert!(e.contains("--iface-can-reach 2001:db8::1") && e.contains("IPv4 only"), "{e}");
+    let e = pick(&ns, &["-public-ip=2001:db8::1", "-iface=eth1"]).unwrap_err();
+    assert!(e.contains("--public-ip 2001:db8::1") && e.contains("--public-ipv6"), "{e}");
     let e = pick(&ns, &["-iface=2001:db8::1"]).unwrap_err();
     assert!(e.contains("--iface 2001:db8::1") && e.contains("IPv6"), "{e}");
     assert_eq!(name(&["-iface=::ffff:198.51.100.10"]).unwrap(), "eth1");
@@ -135,4 +145,80 @@ fn selection_falls_through_as_flannels_does() {
     let e = pick(&ns, &["-public-ipv6=2001:db8::5"]).unwrap_err();
     assert!(e.contains("--public-ipv6 2001:db8::5"), "{e}");
     assert_eq!(name(&["-public-ipv6=2001:db8::5", "-iface=eth1"]).unwrap(), "eth1");
+}
+
+/// `host()` with IPv6: eth0 2001:db8:1::10/64 (and an IPv6 default route),
+/// eth1 2001:db8:2::10/64, ens5 link-local only.
+fn host6() -> Netns {
+    let ns = host();
+    for (name, addr) in [("eth0", "2001:db8:1::10/64"), ("eth1", "2001:db8:2::10/64"), ("ens5", "fe80::5/64")] {
+        ns.run_ok("ip", &["-6", "addr", "add", addr, "dev", name, "nodad"]);
+    }
+    ns
+}
+
+#[test]
+fn dual_stack_selection_takes_a_global_ipv6_address_as_flannel_does() {
+    if !require_root() {
+        return;
+    }
+    let ns = host6();
+    let six = |args: &[&str]| {
+        pick6(&ns, args).map(|e| {
+            let v6 = e.v6.expect("an IPv6 side");
+            (e.name, e.public_ip.to_string(), v6.addr.to_string(), v6.public_ip.to_string())
+        })
+    };
+    // No IPv6 default route: flannel checks the default interface against it.
+    let e = pick6(&ns, &[]).unwrap_err();
+    assert!(e.contains("no IPv6 default route") && e.contains("--iface"), "{e}");
+    ns.run_ok("ip", &["-6", "route", "add", "default", "via", "2001:db8:1::1", "dev", "eth0"]);
+    assert_eq!(
+        six(&[]).unwrap(),
+        ("eth0".into(), "192.0.2.10".into(), "2001:db8:1::10/64".into(), "2001:db8:1::10".into())
+    );
+    // An IPv4-only network ignores the IPv6 addresses.
+    assert_eq!(pick(&ns, &[]).unwrap().v6, None);
+    // --iface by name: its first global IPv6 address (a link-local one never).
+    assert_eq!(six(&["--iface", "eth1"]).unwrap().2, "2001:db8:2::10/64");
+    let e = pick6(&ns, &["--iface", "ens5"]).unwrap_err();
+    assert!(e.contains("ens5 has no global IPv6 address (link-local ones only)"), "{e}");
+    // The first in the kernel's order, as Go's net.Interface.Addrs lists
+    // them (the kernel lists a newer IPv6 address first).
+    ns.run_ok("ip", &["-6", "addr", "add", "2001:db8:2::99/64", "dev", "eth1", "nodad"]);
+    let first = ns.run_ok("ip", &["-6", "-o", "addr", "show", "dev", "eth1", "scope", "global"]);
+    let first = first.split_whitespace().nth(3).unwrap().to_string();
+    assert_eq!(six(&["--iface", "eth1"]).unwrap().2, first);
+    // --iface-regex matching addresses: an IPv6 one of the interface it
+    // matches too is preferred (flannel matches both families).
+    assert_eq!(six(&["--iface-regex", "^198\\.51\\.|^2001:db8:2::99$"]).unwrap().2, "2001:db8:2::99/64");
+    assert_eq!(six(&["--iface-regex", "^198\\.51\\.|^2001:db8:2::10$"]).unwrap().2, "2001:db8:2::10/64");
+    // --iface with an IPv6 address: the interface holding it.
+    assert_eq!(
+        six(&["--iface", "2001:db8:2::99"]).unwrap(),
+        ("eth1".into(), "198.51.100.10".into(), "2001:db8:2::99/64".into(), "2001:db8:2::99".into())
+    );
+    // --iface-can-reach with an IPv6 target: the route's interface and source.
+    assert_eq!(six(&["--iface-can-reach", "2001:db8:2::77"]).unwrap().0, "eth1");
+    assert_eq!(six(&["--iface-can-reach", "2001:db8:77::1"]).unwrap().0, "eth0");
+    // --public-ipv6 with --iface: advertised as given, held or not.
+    let got = six(&["--iface", "eth1", "--public-ipv6", "2001:db8:99::1"]).unwrap();
+    assert_eq!((got.2.as_str(), got.3.as_str()), (first.as_str(), "2001:db8:99::1"));
+    // --public-ipv6 alone: the interface holding it (flannel's rule).
+    assert_eq!(six(&["--public-ipv6", "2001:db8:2::10"]).unwrap().0, "eth1");
+    let e = pick6(&ns, &["--public-ipv6", "2001:db8:99::1"]).unwrap_err();
+    assert!(e.contains("--public-ipv6 2001:db8:99::1") && e.contains("no interface has the address"), "{e}");
+    // With --public-ip, both on one interface.
+    assert_eq!(six(&["--public-ip", "198.51.100.10", "--public-ipv6", "2001:db8:2::10"]).unwrap().0, "eth1");
+    let e = pick6(&ns, &["--public-ip", "198.51.100.10", "--public-ipv6", "2001:db8:1::10"]).unwrap_err();
+    assert!(e.contains("--public-ipv6 2001:db8:1::10 is on interface eth0") && e.contains("eth1"), "{e}");
+    // A link-local or IPv4 --public-ipv6 is refused by name.
+    let e = pick6(&ns, &["--iface", "eth1", "--public-ipv6", "fe80::1"]).unwrap_err();
+    assert!(e.contains("--public-ipv6 fe80::1 is link-local"), "{e}");
+    let e = pick6(&ns, &["--iface", "eth1", "--public-ipv6", "192.0.2.1"]).unwrap_err();
+    assert!(e.contains("--public-ipv6 192.0.2.1: not an IPv6 address"), "{e}");
+    // The IPv6 default route through another interface than the IPv4 one.
+    ns.run_ok("ip", &["-6", "route", "replace", "default", "via", "2001:db8:2::1", "dev", "eth1"]);
+    let e = pick6(&ns, &[]).unwrap_err();
+    assert!(e.contains("IPv6 default route leaves through eth1, the IPv4 one through eth0"), "{e}");
 }

@@ -4,7 +4,7 @@
 //! namespaces are throw-away (`flt-...`), nothing touches the root namespace.
 
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -60,7 +60,8 @@ fn lab() -> Lab {
 }
 
 /// Accepts connections on `port` in `ns` forever, echoing each.
-fn serve(ns: &Netns, ip: Ipv4Addr, port: u16) {
+fn serve(ns: &Netns, ip: impl Into<IpAddr>, port: u16) {
+    let ip = ip.into();
     let listener = ns.in_thread(|| TcpListener::bind(SocketAddr::from((ip, port)))).expect("bind");
     std::thread::spawn(move || {
         for mut s in listener.incoming().flatten() {
@@ -76,7 +77,8 @@ fn serve(ns: &Netns, ip: Ipv4Addr, port: u16) {
     });
 }
 
-fn connect(ns: &Netns, ip: Ipv4Addr, port: u16) -> Option<TcpStream> {
+fn connect(ns: &Netns, ip: impl Into<IpAddr>, port: u16) -> Option<TcpStream> {
+    let ip = ip.into();
     let s =
         ns.in_thread(|| TcpStream::connect_timeout(&SocketAddr::from((ip, port)), Duration::from_millis(700))).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(2))).expect("timeout");
@@ -93,7 +95,7 @@ fn pod(name: &str, ip: Ipv4Addr, role: &str) -> PodInfo {
         namespace: "x".into(),
         name: name.into(),
         labels: [("role".to_string(), role.to_string())].into(),
-        ips: vec![ip],
+        ips: vec![ip.into()],
         node: Some("n1".into()),
         ports: vec![],
         host_network: false,
@@ -108,7 +110,7 @@ fn input(lab: &Lab, extra: Vec<Peer>) -> PolicyInput {
     peers.extend(extra);
     PolicyInput {
         node: "n1".into(),
-        node_ips: vec![NODE_GW, EXT_NODE],
+        node_ips: vec![NODE_GW.into(), EXT_NODE.into()],
         pods: vec![
             pod("a", lab.pods[0].1, "client"),
             pod("b", lab.pods[1].1, "server"),
@@ -217,4 +219,77 @@ fn policy_kernel_without_br_netfilter_same_node_traffic_is_not_judged() {
     // This is why the daemon keeps the sysctl at 1: same-node traffic passes
     // unchecked; only the routed outside -> b is dropped.
     assert_eq!(reach(&lab), [true, true, true, false]);
+}
+
+/// Pod `i`'s IPv6 address on the bridge (the gateway, `cni0`, is `::1`).
+fn ip6(i: usize) -> Ipv6Addr {
+    Ipv6Addr::new(0x2001, 0xdb8, 0x244, 1, 0, 0, 0, 2 + i as u16)
+}
+
+/// The three pods' `::/64` addresses of the bridge, without duplicate
+/// address detection (a tentative address could not be bound).
+fn add_ipv6(lab: &Lab) {
+    lab.node.run_ok("ip", &["-6", "addr", "add", "2001:db8:244:1::1/64", "dev", "cni0", "nodad"]);
+    for (i, (ns, _)) in lab.pods.iter().enumerate() {
+        ns.run_ok("ip", &["-6", "addr", "add", &format!("{}/64", ip6(i)), "dev", "eth0", "nodad"]);
+    }
+}
+
+/// Forgets every IPv6 neighbour of the pods and the node.
+fn flush_neighbours(lab: &Lab) {
+    for ns in lab.pods.iter().map(|(ns, _)| ns).chain([&lab.node]) {
+        ns.run_ok("ip", &["-6", "neigh", "flush", "all"]);
+    }
+}
+
+#[test]
+fn policy_kernel_ipv6_neighbour_discovery_passes_isolation() {
+    if !require_root() {
+        return;
+    }
+    let lab = lab();
+    for key in ["net.bridge.bridge-nf-call-iptables", "net.bridge.bridge-nf-call-ip6tables"] {
+        if let Err(e) = lab.node.sysctl(key, "1") {
+            netns_fixtures::skip_or_fail(&format!("br_netfilter is not available ({e})"));
+            return;
+        }
+    }
+    add_ipv6(&lab);
+    serve(&lab.pods[1].0, ip6(1), 80);
+    let a = &lab.pods[0].0;
+    netns_fixtures::wait_until(Duration::from_secs(5), "a reaches b over IPv6", || connect(a, ip6(1), 80).is_some());
+
+    // Dual-stack pods; b takes TCP 80 from a, and a (role=client) takes
+    // nothing: so b's neighbour advertisement to a crosses a's isolation.
+    let mut policy = input(&lab, vec![]);
+    for (pod, i) in policy.pods.iter_mut().zip(0..) {
+        pod.ips.push(ip6(i).into());
+    }
+    policy.policies.push(PolicyInfo {
+        namespace: "x".into(),
+        name: "clients-isolated".into(),
+        pod_selector: Selector::labels([("role", "client")]),
+        ingress: Some(vec![]),
+        egress: None,
+    });
+    let text = compile(&policy).render();
+    let nd_rules = text.lines().filter(|l| l.contains("nd-neighbor-advert")).count();
+    assert_eq!(nd_rules, 1, "one neighbour-discovery rule in the (only) base chain, ingress:\n{text}");
+
+    // The control: the same ruleset without those rules. a's solicitation
+    // (to a multicast address) reaches b, b's advertisement (to a) is
+    // dropped, and a cannot resolve b, although the policy allows a -> b.
+    let without_nd: String =
+        text.lines().filter(|l| !l.contains("nd-neighbor-advert")).map(|l| format!("{l}\n")).collect();
+    apply(&lab.node, &without_nd).expect("apply the ruleset without ND");
+    flush_neighbours(&lab);
+    assert!(connect(a, ip6(1), 80).is_none(), "a reached b although b's neighbour advertisement must be dropped");
+
+    // Our ruleset: a resolves b again, and b answers.
+    apply(&lab.node, &text).expect("apply");
+    flush_neighbours(&lab);
+    let mut flow = connect(a, ip6(1), 80).expect("a -> b over IPv6 with neighbour discovery open");
+    assert!(echo(&mut flow));
+    // The policy itself still holds over IPv6: c is no client.
+    assert!(connect(&lab.pods[2].0, ip6(1), 80).is_none(), "c -> b over IPv6");
 }

@@ -174,7 +174,7 @@ proptest! {
         let mut a: BTreeMap<String, String> = names.iter().zip(&values)
             .map(|(n, v)| (format!("{DEFAULT_PREFIX}/{n}"), v.clone())).collect();
         a.insert(format!("{DEFAULT_PREFIX}/kube-subnet-manager"), manager);
-        match lease_from_node("worker-9", cidr.as_deref(), &a, &Prefix::default(), &cfg()) {
+        match lease_from_node("worker-9", cidr.as_deref(), None, &a, &Prefix::default(), &cfg()) {
             Ok(Some(l)) => {
                 prop_assert!(cfg().network.contains(&l.subnet));
                 prop_assert_eq!(l.source, "node worker-9");
@@ -188,7 +188,7 @@ proptest! {
     fn what_we_annotate_reads_back(a in attrs(), third in 0u8..=255) {
         let ann = own_annotations(&Prefix::default(), &a, None);
         let cidr = format!("10.7.{third}.0/24");
-        let l = lease_from_node("me", Some(&cidr), &ann, &Prefix::default(), &cfg()).unwrap().unwrap();
+        let l = lease_from_node("me", Some(&cidr), None, &ann, &Prefix::default(), &cfg()).unwrap().unwrap();
         prop_assert_eq!(l, a.lease(cidr.parse().unwrap(), None, "node me"));
     }
 }

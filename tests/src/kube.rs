@@ -144,6 +144,15 @@ impl ApiServer {
         });
     }
 
+    /// Restarts the server with dual-stack allowed (`--feature-gates=
+    /// IPv6DualStack=true`; without it Kubernetes 1.20 keeps only the first
+    /// of a Node's `spec.podCIDRs`).
+    pub fn enable_dual_stack(&mut self, ns: &Netns) {
+        self.stop();
+        self.args.push("--feature-gates=IPv6DualStack=true".into());
+        self.restart(ns);
+    }
+
     /// Stops the server (SIGTERM).
     pub fn stop(&mut self) {
         self.proc.stop();

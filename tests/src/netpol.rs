@@ -1,12 +1,18 @@
 //! The reachability matrix of the Kubernetes network-policy e2e tests, on
 //! real pods: pods a, b, c in namespaces x, y, z spread over two nodes, each
 //! serving TCP and UDP on ports 80 and 81; every ordered pair is probed on
-//! every port and protocol, and the observed matrix is compared with the
 //! expected one.
+//!
+//! Pods are dual-stack: the CNI plugin gives each its IPv4 address from the
+//! node's lease; the IPv6 address (from 2001:db8:244:<node + 1>::/64, with
+//! the node's `cni0` holding `::1` of it) is added by this harness, as are
+//! the IPv6 routes between the nodes over the underlay (2001:db8:ff::/64):
+//! the plugin and the daemons are IPv4-only for now. Pod objects carry both
+//! addresses in `status.podIPs`, and every probe is made in both families.
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,6 +29,33 @@ pub const PODS: [&str; 3] = ["a", "b", "c"];
 /// Probed ports.
 pub const PORTS: [u16; 2] = [80, 81];
 
+/// An address family.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Family {
+    /// IPv4.
+    V4,
+    /// IPv6.
+    V6,
+}
+
+/// Both families, in probe order.
+pub const FAMILIES: [Family; 2] = [Family::V4, Family::V6];
+
+/// The IPv6 pod subnet of node `node` (the harness's, see the module doc).
+pub fn pod_subnet6(node: usize) -> String {
+    format!("2001:db8:244:{}::/64", node + 1)
+}
+
+/// The node's own address on `cni0` in its IPv6 pod subnet.
+fn gateway6(node: usize) -> Ipv6Addr {
+    format!("2001:db8:244:{}::1", node + 1).parse().expect("an IPv6 address")
+}
+
+/// The node's IPv6 address on the underlay.
+fn underlay6(node: usize) -> Ipv6Addr {
+    format!("2001:db8:ff::{}", 10 + node).parse().expect("an IPv6 address")
+}
+
 /// TCP or UDP.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Proto {
@@ -38,10 +71,22 @@ pub struct LabPod {
     pub id: String,
     /// Its network namespace.
     pub netns: Netns,
-    /// Its address.
+    /// Its IPv4 address (from the CNI plugin).
     pub ip: Ipv4Addr,
+    /// Its IPv6 address (from the harness).
+    pub ip6: Ipv6Addr,
     /// Its node.
     pub node: usize,
+}
+
+impl LabPod {
+    /// Its address of family `f`.
+    pub fn addr(&self, f: Family) -> IpAddr {
+        match f {
+            Family::V4 => self.ip.into(),
+            Family::V6 => self.ip6.into(),
+        }
+    }
 }
 
 /// The lab: a Kubernetes-mode overlay whose daemons enforce policy, and nine pods.
@@ -53,8 +98,8 @@ pub struct Lab {
     stop: Arc<AtomicBool>,
 }
 
-/// A probe's outcome per (from, to, port, proto).
-pub type Matrix = BTreeMap<(String, String, u16, Proto), bool>;
+/// A probe's outcome per (from, to, port, proto, family).
+pub type Matrix = BTreeMap<(String, String, u16, Proto, Family), bool>;
 
 impl Lab {
     /// Two nodes, namespaces x, y, z labelled `ns=<name>`, pods labelled
@@ -88,6 +133,7 @@ impl Lab {
         for (k, (ns, name)) in NAMESPACES.iter().flat_map(|n| PODS.iter().map(move |p| (*n, *p))).enumerate() {
             let node = k % 2;
             let (netns, ip) = ko.o.add_pod(node, &format!("{ns}{name}"));
+            let ip6 = add_ipv6(&ko, node, &netns, k);
             let ports: Vec<_> = PORTS
                 .iter()
                 .flat_map(|p| {
@@ -116,15 +162,23 @@ impl Lab {
                 "--subresource=status",
                 "--type=merge",
                 "-p",
-                &json!({"status": {"podIP": ip.to_string(), "podIPs": [{"ip": ip.to_string()}], "phase": "Running"}})
-                    .to_string(),
+                &json!({"status": {"podIP": ip.to_string(),
+                                   "podIPs": [{"ip": ip.to_string()}, {"ip": ip6.to_string()}], "phase": "Running"}})
+                .to_string(),
             ]);
             for port in PORTS {
                 serve(&netns, SocketAddr::new(ip.into(), port), &stop);
+                serve(&netns, SocketAddr::new(ip6.into(), port), &stop);
             }
-            pods.push(LabPod { id: format!("{ns}/{name}"), netns, ip, node });
+            pods.push(LabPod { id: format!("{ns}/{name}"), netns, ip, ip6, node });
         }
+        route_ipv6_between_nodes(&ko);
         Lab { ko, pods, stop }
+    }
+
+    /// The pod `id` (`x/a`).
+    pub fn pod(&self, id: &str) -> &LabPod {
+        self.pods.iter().find(|p| p.id == id).unwrap_or_else(|| panic!("no pod {id}"))
     }
 
     /// Applies a manifest (policies, label changes) as the admin.
@@ -132,8 +186,8 @@ impl Lab {
         self.ko.api.apply(yaml);
     }
 
-    /// Probes every ordered pair of distinct pods on every port and protocol,
-    /// in parallel.
+    /// Probes every ordered pair of distinct pods on every port and
+    /// protocol, in both families, in parallel.
     pub fn probe_all(&self) -> Matrix {
         let mut jobs = Vec::new();
         for from in &self.pods {
@@ -143,21 +197,23 @@ impl Lab {
                 }
                 for port in PORTS {
                     for proto in [Proto::Tcp, Proto::Udp] {
-                        jobs.push((from, to, port, proto));
+                        for fam in FAMILIES {
+                            jobs.push((from, to, port, proto, fam));
+                        }
                     }
                 }
             }
         }
         std::thread::scope(|s| {
             let handles: Vec<_> = jobs
-                .chunks(jobs.len().div_ceil(24))
+                .chunks(jobs.len().div_ceil(48))
                 .map(|chunk| {
                     s.spawn(move || {
                         chunk
                             .iter()
-                            .map(|(from, to, port, proto)| {
-                                let ok = probe(&from.netns, SocketAddr::new(to.ip.into(), *port), *proto);
-                                ((from.id.clone(), to.id.clone(), *port, *proto), ok)
+                            .map(|(from, to, port, proto, fam)| {
+                                let ok = probe(&from.netns, SocketAddr::new(to.addr(*fam), *port), *proto);
+                                ((from.id.clone(), to.id.clone(), *port, *proto, *fam), ok)
                             })
                             .collect::<Vec<_>>()
                     })
@@ -167,18 +223,27 @@ impl Lab {
         })
     }
 
-    /// The expected matrix: `allowed(from, to, port, proto)` for every cell.
+    /// The expected matrix: `allowed(from, to, port, proto)` for every cell,
+    /// the same in both families.
     pub fn expect(&self, allowed: impl Fn(&str, &str, u16, Proto) -> bool) -> Matrix {
+        self.expect_by_family(|from, to, port, proto, _| allowed(from, to, port, proto))
+    }
+
+    /// The expected matrix: `allowed(from, to, port, proto, family)` for
+    /// every cell.
+    pub fn expect_by_family(&self, allowed: impl Fn(&str, &str, u16, Proto, Family) -> bool) -> Matrix {
         let mut m = Matrix::new();
         for from in &self.pods {
             for to in &self.pods {
                 if from.id != to.id {
                     for port in PORTS {
                         for proto in [Proto::Tcp, Proto::Udp] {
-                            m.insert(
-                                (from.id.clone(), to.id.clone(), port, proto),
-                                allowed(&from.id, &to.id, port, proto),
-                            );
+                            for fam in FAMILIES {
+                                m.insert(
+                                    (from.id.clone(), to.id.clone(), port, proto, fam),
+                                    allowed(&from.id, &to.id, port, proto, fam),
+                                );
+                            }
                         }
                     }
                 }
@@ -200,8 +265,8 @@ impl Lab {
                 let diff: Vec<String> = want
                     .iter()
                     .filter(|(k, v)| got.get(*k) != Some(v))
-                    .map(|((f, t, p, pr), v)| {
-                        format!("{f} -> {t} {pr:?}/{p}: want {}", if *v { "allowed" } else { "denied" })
+                    .map(|((f, t, p, pr, fam), v)| {
+                        format!("{f} -> {t} {fam:?} {pr:?}/{p}: want {}", if *v { "allowed" } else { "denied" })
                     })
                     .collect();
                 panic!("{what}: {} cells differ:\n{}", diff.len(), diff.join("\n"));
@@ -219,6 +284,43 @@ impl Default for Lab {
 impl Drop for Lab {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Gives pod number `k` (in namespace `pod`, on node `node`) its IPv6
+/// address, `2001:db8:244:<node + 1>::<k + 10>/64`, with the default route
+/// via the node's `cni0`, which gets `::1` of the subnet (the plugin made
+/// the bridge with the node's first pod). No duplicate address detection:
+/// the addresses are ours alone, and a tentative one could not be bound.
+fn add_ipv6(ko: &KubeOverlay, node: usize, pod: &Netns, k: usize) -> Ipv6Addr {
+    let host = ko.o.cluster.node(node);
+    let gw = gateway6(node);
+    let has_gw = host.ns.run_ok("ip", &["-6", "-j", "addr", "show", "dev", "cni0"]).contains(&format!("\"{gw}\""));
+    if !has_gw {
+        host.ns.run_ok("ip", &["-6", "addr", "add", &format!("{gw}/64"), "dev", "cni0", "nodad"]);
+    }
+    let ip6: Ipv6Addr = format!("2001:db8:244:{}::{}", node + 1, k + 10).parse().expect("an IPv6 address");
+    pod.run_ok("ip", &["-6", "addr", "add", &format!("{ip6}/64"), "dev", "eth0", "nodad"]);
+    pod.run_ok("ip", &["-6", "route", "add", "default", "via", &gw.to_string(), "dev", "eth0"]);
+    ip6
+}
+
+/// IPv6 between the nodes: each node gets its underlay address and a route
+/// to the other nodes' pod subnets through theirs, and forwards IPv6.
+fn route_ipv6_between_nodes(ko: &KubeOverlay) {
+    let nodes = ko.o.cluster.nodes();
+    for n in nodes {
+        n.ns.run_ok(
+            "ip",
+            &["-6", "addr", "add", &format!("{}/64", underlay6(n.index)), "dev", &n.underlay_if, "nodad"],
+        );
+        n.ns.sysctl("net.ipv6.conf.all.forwarding", "1").expect("IPv6 forwarding in the node");
+    }
+    for n in nodes {
+        for other in nodes.iter().filter(|o| o.index != n.index) {
+            let via = underlay6(other.index).to_string();
+            n.ns.run_ok("ip", &["-6", "route", "add", &pod_subnet6(other.index), "via", &via]);
+        }
     }
 }
 
@@ -268,7 +370,8 @@ pub fn probe(ns: &Netns, to: SocketAddr, proto: Proto) -> bool {
             s.write_all(b"probe").is_ok() && s.read(&mut buf).is_ok_and(|n| &buf[..n] == b"probe")
         }
         Proto::Udp => {
-            let Ok(s) = UdpSocket::bind("0.0.0.0:0") else { return false };
+            let any: SocketAddr = if to.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }.parse().expect("an address");
+            let Ok(s) = UdpSocket::bind(any) else { return false };
             let _ = s.set_read_timeout(Some(WAIT));
             let mut buf = [0u8; 8];
             // Two tries: a first datagram may race a policy update.

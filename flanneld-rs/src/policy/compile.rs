@@ -9,30 +9,55 @@
 //! that matches accepts, which ends that base chain only, so egress (of the
 //! sender) and ingress (of the receiver) are decided independently and both
 //! must allow.
+//!
+//! Both families: every address set is split into an IPv4 set (the name
+//! without family mark, as before IPv6) and an IPv6 set (`6` after the
+//! prefix: `pods6_...`, `node_ips6`), and a rule naming a set is emitted
+//! once per family whose set has elements. A cluster without IPv6 gets the
+//! address rules it had (plus the neighbour-discovery accept of each base
+//! chain); a peer with no address at all needs no rule.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 
-use ipnet::Ipv4Net;
+use ipnet::IpNet;
 
-use super::ir::{AddrRange, Addrs, Chain, Match, NamedSet, NftRule, PortRange, Ruleset, Verdict};
+use super::ir::{AddrRange, Addrs, Chain, Family, Match, NamedSet, NftRule, PortRange, Ruleset, Verdict};
 use super::model::{
     Direction, Labels, NamespaceScope, Peer, PodInfo, PolicyInfo, PolicyInput, Port, Protocol, Rule, Selector,
 };
+use super::render::{addr_bits, addr_from_bits};
 
 /// The base chain deciding egress: what this node's pods may send.
 pub const EGRESS_CHAIN: &str = "egress";
 /// The base chain deciding ingress: what this node's pods may receive.
 pub const INGRESS_CHAIN: &str = "ingress";
-/// The set of this node's own addresses.
+/// The set of this node's own addresses (IPv4; IPv6 in [`family_name`]`(.., V6)`).
 pub const NODE_IPS_SET: &str = "node_ips";
 /// Pods on this node selected by some ingress policy.
 pub const ISOLATED_INGRESS_SET: &str = "isolated_ingress";
 /// Pods on this node selected by some egress policy.
 pub const ISOLATED_EGRESS_SET: &str = "isolated_egress";
 
-/// Builds `ip saddr` or `ip daddr`.
-type AddrMatch = fn(Addrs) -> Match;
+/// The name of the `family` set of a set named `prefix[_rest]` for IPv4:
+/// IPv6 sets carry a `6` after the prefix (`node_ips6`, `pods6_x_<h>`).
+pub fn family_name(name: &str, family: Family) -> String {
+    match family {
+        Family::V4 => name.to_string(),
+        Family::V6 => match name.split_once('_') {
+            Some((prefix, rest)) if !matches!(name, NODE_IPS_SET | ISOLATED_INGRESS_SET | ISOLATED_EGRESS_SET) => {
+                format!("{prefix}6_{rest}")
+            }
+            _ => format!("{name}6"),
+        },
+    }
+}
+
+/// Builds `ip[6] saddr` or `ip[6] daddr`.
+type AddrMatch = fn(Family, Addrs) -> Match;
+
+/// The sets of one logical set that have elements: (family, name).
+type FamilySets = Vec<(Family, String)>;
 
 /// Longest chain or set name we produce; the kernel's limit is 255 bytes.
 const MAX_NAME: usize = 96;
@@ -43,8 +68,8 @@ pub fn compile(input: &PolicyInput) -> Ruleset {
     let mut policies: Vec<&PolicyInfo> = input.policies.iter().collect();
     policies.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
 
-    let mut dispatch: BTreeMap<Direction, Vec<(String, String)>> = BTreeMap::new();
-    let mut isolated: BTreeMap<Direction, BTreeSet<Ipv4Addr>> = BTreeMap::new();
+    let mut dispatch: BTreeMap<Direction, Vec<(FamilySets, String)>> = BTreeMap::new();
+    let mut isolated: BTreeMap<Direction, BTreeSet<IpAddr>> = BTreeMap::new();
     let mut chains = Vec::new();
     for p in policies {
         let targets: Vec<&PodInfo> = b
@@ -82,20 +107,31 @@ pub fn compile(input: &PolicyInput) -> Ruleset {
         let mut rules = vec![
             // Replies, and flows a rule allowed before the table was replaced.
             NftRule { matches: vec![Match::Established], verdict: Verdict::Accept },
-            // A pod and its own node always talk (kubelet's probes).
-            NftRule { matches: vec![other(Addrs::Set(NODE_IPS_SET.into()))], verdict: Verdict::Accept },
+            // IPv6 neighbour and router discovery between the bridge's
+            // members: without it an isolated pod could not resolve (or be
+            // resolved by) its neighbours and its gateway, and nothing would
+            // reach it, allowed or not. Not tracked by conntrack, so the
+            // rule above never covers it. Hop limit 255: only unrouted ones.
+            NftRule { matches: vec![Match::NeighbourDiscovery], verdict: Verdict::Accept },
         ];
-        for (set, chain) in jumps {
-            rules.push(NftRule { matches: vec![own(Addrs::Set(set.clone()))], verdict: Verdict::Jump(chain.clone()) });
+        // A pod and its own node always talk (kubelet's probes).
+        let node_ips: BTreeSet<IpAddr> = input.node_ips.iter().copied().collect();
+        for (f, set) in b.fixed_sets(NODE_IPS_SET, &node_ips) {
+            rules.push(NftRule { matches: vec![other(f, Addrs::Set(set))], verdict: Verdict::Accept });
         }
-        rules.push(NftRule { matches: vec![own(Addrs::Set(isolated_set.into()))], verdict: Verdict::Drop });
-        base.push((priority, Chain { name: name.into(), base_priority: Some(priority), rules }));
+        for (sets, chain) in jumps {
+            for (f, set) in sets {
+                rules.push(NftRule {
+                    matches: vec![own(*f, Addrs::Set(set.clone()))],
+                    verdict: Verdict::Jump(chain.clone()),
+                });
+            }
+        }
         let members = isolated.remove(d).unwrap_or_default();
-        b.add_set(isolated_set.into(), false, members.into_iter().map(AddrRange::one).collect());
-    }
-    if !base.is_empty() {
-        let node_ips: BTreeSet<Ipv4Addr> = input.node_ips.iter().copied().collect();
-        b.add_set(NODE_IPS_SET.into(), false, node_ips.into_iter().map(AddrRange::one).collect());
+        for (f, set) in b.fixed_sets(isolated_set, &members) {
+            rules.push(NftRule { matches: vec![own(f, Addrs::Set(set))], verdict: Verdict::Drop });
+        }
+        base.push((priority, Chain { name: name.into(), base_priority: Some(priority), rules }));
     }
     base.sort_by_key(|(priority, _)| *priority);
 
@@ -118,8 +154,8 @@ struct Builder<'a> {
     peer_cache: BTreeMap<String, Vec<&'a PodInfo>>,
     /// Sets by name.
     sets: BTreeMap<String, NamedSet>,
-    /// Set names by the canonical text of what they hold.
-    names: BTreeMap<String, String>,
+    /// Set names, per family, by the canonical text of what they hold.
+    names: BTreeMap<String, FamilySets>,
 }
 
 impl<'a> Builder<'a> {
@@ -139,13 +175,30 @@ impl<'a> Builder<'a> {
         self.by_ns.get(ns).map(Vec::as_slice).unwrap_or_default()
     }
 
-    fn add_set(&mut self, name: String, interval: bool, elements: Vec<AddrRange>) {
-        self.sets.insert(name.clone(), NamedSet { name, interval, elements });
+    fn add_set(&mut self, name: String, family: Family, interval: bool, elements: Vec<AddrRange>) {
+        self.sets.insert(name.clone(), NamedSet { name, family, interval, elements });
     }
 
-    /// The name of the set for `key`, creating it with `elements()` the
-    /// first time. Names are `<prefix>[_<readable>]_<hash of key>`; two keys
-    /// with the same hash (unlikely at 40 bits) get distinct suffixes.
+    /// The sets of fixed name `name` holding `ips`, one per family that has
+    /// addresses.
+    fn fixed_sets(&mut self, name: &str, ips: &BTreeSet<IpAddr>) -> FamilySets {
+        let mut out = Vec::new();
+        for f in Family::ALL {
+            let elements: Vec<AddrRange> =
+                ips.iter().filter(|ip| Family::of(ip) == f).map(|ip| AddrRange::one(*ip)).collect();
+            if !elements.is_empty() {
+                let name = family_name(name, f);
+                self.add_set(name.clone(), f, false, elements);
+                out.push((f, name));
+            }
+        }
+        out
+    }
+
+    /// The names of the sets for `key`, one per family with elements,
+    /// creating them with `elements()` the first time. Names are
+    /// `<prefix>[6][_<readable>]_<hash of key>`; two keys with the same hash
+    /// (unlikely at 40 bits) get distinct suffixes.
     fn intern(
         &mut self,
         prefix: &str,
@@ -153,31 +206,40 @@ impl<'a> Builder<'a> {
         key: String,
         interval: bool,
         elements: impl FnOnce(&Self) -> Vec<AddrRange>,
-    ) -> String {
-        if let Some(name) = self.names.get(&key) {
-            return name.clone();
+    ) -> FamilySets {
+        if let Some(names) = self.names.get(&key) {
+            return names.clone();
         }
         let hash = short_hash(&key);
-        let base = match readable {
-            Some(r) => ident(&format!("{prefix}_{r}_{hash}")),
-            None => format!("{prefix}_{hash}"),
-        };
-        let mut name = base.clone();
-        let mut n = 2;
-        while self.sets.contains_key(&name) {
-            name = format!("{base}_{n}");
-            n += 1;
-        }
         let elements = elements(self);
-        self.add_set(name.clone(), interval, elements);
-        self.names.insert(key, name.clone());
-        name
+        let mut names = Vec::new();
+        for f in Family::ALL {
+            let mine: Vec<AddrRange> = elements.iter().filter(|r| r.family() == f).copied().collect();
+            if mine.is_empty() {
+                continue;
+            }
+            let prefix = family_name(prefix, f);
+            let base = match readable {
+                Some(r) => ident(&format!("{prefix}_{r}_{hash}")),
+                None => format!("{prefix}_{hash}"),
+            };
+            let mut name = base.clone();
+            let mut n = 2;
+            while self.sets.contains_key(&name) {
+                name = format!("{base}_{n}");
+                n += 1;
+            }
+            self.add_set(name.clone(), f, interval, mine);
+            names.push((f, name));
+        }
+        self.names.insert(key, names.clone());
+        names
     }
 
-    /// The set of the pods on this node a policy selects.
-    fn local_set(&mut self, ns: &str, selector: &Selector, targets: &[&PodInfo]) -> String {
+    /// The sets of the pods on this node a policy selects.
+    fn local_set(&mut self, ns: &str, selector: &Selector, targets: &[&PodInfo]) -> FamilySets {
         let key = format!("local|{ns}|{}", selector.canonical());
-        let ips: BTreeSet<Ipv4Addr> = targets.iter().flat_map(|t| t.ips.iter().copied()).collect();
+        let ips: BTreeSet<IpAddr> = targets.iter().flat_map(|t| t.ips.iter().copied()).collect();
         self.intern("local", Some(ns), key, false, |_| ips.into_iter().map(AddrRange::one).collect())
     }
 
@@ -201,8 +263,8 @@ impl<'a> Builder<'a> {
         out
     }
 
-    /// The set a peer's addresses are in, or None for a peer that matches nothing.
-    fn peer_set(&mut self, peer: &Peer) -> Option<String> {
+    /// The sets a peer's addresses are in (none for a peer that matches nothing).
+    fn peer_sets(&mut self, peer: &Peer) -> FamilySets {
         match peer {
             Peer::Pods { namespaces, pods } => {
                 let readable = match namespaces {
@@ -210,21 +272,21 @@ impl<'a> Builder<'a> {
                     NamespaceScope::Selected(_) => None,
                 };
                 let key = format!("pods|{}|{}", scope_key(namespaces), pods.canonical());
-                if let Some(name) = self.names.get(&key) {
-                    return Some(name.clone());
+                if let Some(names) = self.names.get(&key) {
+                    return names.clone();
                 }
-                let ips: BTreeSet<Ipv4Addr> =
+                let ips: BTreeSet<IpAddr> =
                     self.peer_pods(namespaces, pods).iter().flat_map(|p| p.ips.iter().copied()).collect();
-                Some(self.intern("pods", readable, key, false, |_| ips.into_iter().map(AddrRange::one).collect()))
+                self.intern("pods", readable, key, false, |_| ips.into_iter().map(AddrRange::one).collect())
             }
             Peer::Block { cidr, except } => {
                 let mut holes: Vec<String> = except.iter().map(|e| e.trunc().to_string()).collect();
                 holes.sort();
                 holes.dedup();
                 let key = format!("cidr|{}|{}", cidr.trunc(), holes.join(","));
-                Some(self.intern("cidr", None, key, true, |_| block_ranges(*cidr, except)))
+                self.intern("cidr", None, key, true, |_| block_ranges(*cidr, except))
             }
-            Peer::Nothing => None,
+            Peer::Nothing => Vec::new(),
         }
     }
 
@@ -235,16 +297,21 @@ impl<'a> Builder<'a> {
             Direction::Ingress => Match::Saddr,
             Direction::Egress => Match::Daddr,
         };
-        let peers: Vec<Option<Match>> = if rule.peers.is_empty() {
+        // (family, match) per peer set; None: any address of either family.
+        let peers: Vec<Option<(Family, Match)>> = if rule.peers.is_empty() {
             vec![None]
         } else {
-            rule.peers.iter().filter_map(|p| self.peer_set(p)).map(|s| Some(peer_match(Addrs::Set(s)))).collect()
+            rule.peers
+                .iter()
+                .flat_map(|p| self.peer_sets(p))
+                .map(|(f, s)| Some((f, peer_match(f, Addrs::Set(s)))))
+                .collect()
         };
         let clauses = port_clauses(&rule.ports);
         let mut out: Vec<NftRule> = Vec::new();
         for peer in &peers {
             for clause in &clauses {
-                let matches = peer.iter().cloned().chain(clause.iter().cloned()).collect();
+                let matches = peer.iter().map(|(_, m)| m.clone()).chain(clause.iter().cloned()).collect();
                 out.push(NftRule { matches, verdict: Verdict::Accept });
             }
         }
@@ -263,16 +330,24 @@ impl<'a> Builder<'a> {
         }
         match d {
             Direction::Ingress => {
-                // The destination is the selected pod itself.
-                let dests: Vec<(&PodInfo, Vec<Ipv4Addr>)> = targets.iter().map(|t| (*t, t.ips.clone())).collect();
+                // The destination is the selected pod itself; a peer of one
+                // family can only reach its addresses of that family.
+                let dests: Vec<(&PodInfo, Vec<IpAddr>)> = targets.iter().map(|t| (*t, t.ips.clone())).collect();
                 let by_port = resolve_named(&named, &dests);
                 for peer in &peers {
                     for ((proto, port), ips) in &by_port {
-                        let mut matches: Vec<Match> = peer.iter().cloned().collect();
-                        matches.push(Match::Daddr(Addrs::Literal(ips.iter().copied().collect())));
-                        matches
-                            .push(Match::L4 { protocol: *proto, ports: vec![PortRange { first: *port, last: *port }] });
-                        out.push(NftRule { matches, verdict: Verdict::Accept });
+                        for (f, literal) in by_family(ips) {
+                            if peer.as_ref().is_some_and(|(pf, _)| *pf != f) {
+                                continue;
+                            }
+                            let mut matches: Vec<Match> = peer.iter().map(|(_, m)| m.clone()).collect();
+                            matches.push(Match::Daddr(f, Addrs::Literal(literal)));
+                            matches.push(Match::L4 {
+                                protocol: *proto,
+                                ports: vec![PortRange { first: *port, last: *port }],
+                            });
+                            out.push(NftRule { matches, verdict: Verdict::Accept });
+                        }
                     }
                 }
             }
@@ -282,11 +357,13 @@ impl<'a> Builder<'a> {
                 // by the port their name resolves to on each.
                 let dests = self.peer_destinations(&rule.peers);
                 for ((proto, port), ips) in resolve_named(&named, &dests) {
-                    let matches = vec![
-                        Match::Daddr(Addrs::Literal(ips.into_iter().collect())),
-                        Match::L4 { protocol: proto, ports: vec![PortRange { first: port, last: port }] },
-                    ];
-                    out.push(NftRule { matches, verdict: Verdict::Accept });
+                    for (f, literal) in by_family(&ips) {
+                        let matches = vec![
+                            Match::Daddr(f, Addrs::Literal(literal)),
+                            Match::L4 { protocol: proto, ports: vec![PortRange { first: port, last: port }] },
+                        ];
+                        out.push(NftRule { matches, verdict: Verdict::Accept });
+                    }
                 }
             }
         }
@@ -295,9 +372,9 @@ impl<'a> Builder<'a> {
 
     /// The pods an egress rule's peers name, each with those of its
     /// addresses the peers cover. No peers: every pod, every address.
-    fn peer_destinations(&mut self, peers: &[Peer]) -> Vec<(&'a PodInfo, Vec<Ipv4Addr>)> {
-        let mut dests: BTreeMap<(&str, &str), (&'a PodInfo, BTreeSet<Ipv4Addr>)> = BTreeMap::new();
-        let mut add = |pod: &'a PodInfo, ips: &mut dyn Iterator<Item = Ipv4Addr>| {
+    fn peer_destinations(&mut self, peers: &[Peer]) -> Vec<(&'a PodInfo, Vec<IpAddr>)> {
+        let mut dests: BTreeMap<(&str, &str), (&'a PodInfo, BTreeSet<IpAddr>)> = BTreeMap::new();
+        let mut add = |pod: &'a PodInfo, ips: &mut dyn Iterator<Item = IpAddr>| {
             dests.entry((pod.namespace.as_str(), pod.name.as_str())).or_insert((pod, BTreeSet::new())).1.extend(ips);
         };
         if peers.is_empty() {
@@ -332,13 +409,22 @@ fn scope_key(scope: &NamespaceScope) -> String {
     }
 }
 
+/// `ips` split by family, families without addresses left out.
+fn by_family(ips: &BTreeSet<IpAddr>) -> Vec<(Family, Vec<IpAddr>)> {
+    Family::ALL
+        .into_iter()
+        .map(|f| (f, ips.iter().copied().filter(|ip| Family::of(ip) == f).collect::<Vec<_>>()))
+        .filter(|(_, v)| !v.is_empty())
+        .collect()
+}
+
 /// For named ports `named`, the destination addresses grouped by the
 /// (protocol, port) the name resolves to on their pod.
 fn resolve_named(
     named: &[(Protocol, &str)],
-    dests: &[(&PodInfo, Vec<Ipv4Addr>)],
-) -> BTreeMap<(Protocol, u16), BTreeSet<Ipv4Addr>> {
-    let mut by_port: BTreeMap<(Protocol, u16), BTreeSet<Ipv4Addr>> = BTreeMap::new();
+    dests: &[(&PodInfo, Vec<IpAddr>)],
+) -> BTreeMap<(Protocol, u16), BTreeSet<IpAddr>> {
+    let mut by_port: BTreeMap<(Protocol, u16), BTreeSet<IpAddr>> = BTreeMap::new();
     for (proto, name) in named {
         for (pod, ips) in dests {
             for port in pod.resolve(name, *proto) {
@@ -393,17 +479,19 @@ fn merge_port_ranges(mut ranges: Vec<(u16, u16)>) -> Vec<PortRange> {
     out
 }
 
-/// Whether an `ipBlock` holds `ip`.
-pub(crate) fn block_contains(cidr: &Ipv4Net, except: &[Ipv4Net], ip: Ipv4Addr) -> bool {
+/// Whether an `ipBlock` holds `ip` (never an address of the other family).
+pub(crate) fn block_contains(cidr: &IpNet, except: &[IpNet], ip: IpAddr) -> bool {
     cidr.contains(&ip) && !except.iter().any(|e| e.contains(&ip))
 }
 
 /// An `ipBlock` as sorted, disjoint, merged ranges: the CIDR minus its
 /// holes (nft interval sets have no "except", so the holes are cut here).
-fn block_ranges(cidr: Ipv4Net, except: &[Ipv4Net]) -> Vec<AddrRange> {
-    let span = |n: Ipv4Net| (u64::from(u32::from(n.network())), u64::from(u32::from(n.broadcast())));
+/// Holes of the other family hold none of the block's addresses.
+fn block_ranges(cidr: IpNet, except: &[IpNet]) -> Vec<AddrRange> {
+    let span = |n: IpNet| (addr_bits(n.network()).0, addr_bits(n.broadcast()).0);
+    let width = addr_bits(cidr.network()).1;
     let mut ranges = vec![span(cidr)];
-    for hole in except {
+    for hole in except.iter().filter(|h| addr_bits(h.network()).1 == width) {
         let (hs, he) = span(*hole);
         ranges = ranges
             .into_iter()
@@ -423,8 +511,10 @@ fn block_ranges(cidr: Ipv4Net, except: &[Ipv4Net]) -> Vec<AddrRange> {
             })
             .collect();
     }
-    let to_addr = |v: u64| Ipv4Addr::from(u32::try_from(v).expect("an IPv4 address"));
-    ranges.into_iter().map(|(s, e)| AddrRange { first: to_addr(s), last: to_addr(e) }).collect()
+    ranges
+        .into_iter()
+        .map(|(s, e)| AddrRange { first: addr_from_bits(s, width), last: addr_from_bits(e, width) })
+        .collect()
 }
 
 /// `in_<ns>_<name>` or `eg_<ns>_<name>`: neither a namespace nor a policy
@@ -465,7 +555,7 @@ pub(crate) fn short_hash(s: &str) -> String {
 mod tests {
     use super::*;
 
-    fn net(s: &str) -> Ipv4Net {
+    fn net(s: &str) -> IpNet {
         s.parse().unwrap()
     }
 
@@ -489,6 +579,28 @@ mod tests {
         assert_eq!(ranges(&block_ranges(net("10.0.0.0/24"), &[net("11.0.0.0/8")])), ["10.0.0.0-10.0.0.255"]);
         // Host bits in the CIDR are ignored, as the API's parser does.
         assert_eq!(ranges(&block_ranges(net("10.0.0.7/30"), &[])), ["10.0.0.4-10.0.0.7"]);
+        // IPv6, to the ends of the space.
+        assert_eq!(
+            ranges(&block_ranges(net("2001:db8::/32"), &[net("2001:db8:1::/48")])),
+            ["2001:db8::-2001:db8:0:ffff:ffff:ffff:ffff:ffff", "2001:db8:2::-2001:db8:ffff:ffff:ffff:ffff:ffff:ffff"]
+        );
+        assert_eq!(
+            ranges(&block_ranges(net("::/0"), &[net("::/128"), net("ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff/128")])),
+            ["::1-ffff:ffff:ffff:ffff:ffff:ffff:ffff:fffe"]
+        );
+        // A hole of the other family holds none of the block.
+        assert_eq!(ranges(&block_ranges(net("10.0.0.0/24"), &[net("::/0")])), ["10.0.0.0-10.0.0.255"]);
+        assert_eq!(ranges(&block_ranges(net("2001:db8::/127"), &[net("0.0.0.0/0")])), ["2001:db8::-2001:db8::1"]);
+    }
+
+    #[test]
+    fn policy_set_names_per_family() {
+        assert_eq!(family_name("pods_x_0123456789", Family::V4), "pods_x_0123456789");
+        assert_eq!(family_name("pods_x_0123456789", Family::V6), "pods6_x_0123456789");
+        assert_eq!(family_name("cidr", Family::V6), "cidr6");
+        assert_eq!(family_name(NODE_IPS_SET, Family::V6), "node_ips6");
+        assert_eq!(family_name(ISOLATED_INGRESS_SET, Family::V6), "isolated_ingress6");
+        assert_eq!(family_name(ISOLATED_EGRESS_SET, Family::V6), "isolated_egress6");
     }
 
     #[test]

@@ -2,46 +2,82 @@
 //! nftables' own terms. [`Ruleset::render`] prints it for `nft -f`;
 //! [`Ruleset::evaluate`] runs a packet through it the way the kernel would,
 //! so tests can check what the rules do without a kernel.
+//!
+//! One `inet` table serves both address families: a set holds addresses of
+//! one family (nft's set types are `ipv4_addr` or `ipv6_addr`), and an
+//! address match names its family (`ip saddr` or `ip6 saddr`), which also
+//! makes it match only packets of that family.
 
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 
 use super::model::Protocol;
 
-/// An inclusive range of IPv4 addresses (one address when both ends are equal).
+/// An address family.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Family {
+    /// IPv4 (`ip`, `ipv4_addr`).
+    V4,
+    /// IPv6 (`ip6`, `ipv6_addr`).
+    V6,
+}
+
+impl Family {
+    /// Both, in the order rules and sets are emitted.
+    pub const ALL: [Family; 2] = [Family::V4, Family::V6];
+
+    /// The family of `ip`.
+    pub fn of(ip: &IpAddr) -> Family {
+        match ip {
+            IpAddr::V4(_) => Family::V4,
+            IpAddr::V6(_) => Family::V6,
+        }
+    }
+}
+
+/// An inclusive range of addresses of one family (one address when both
+/// ends are equal).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct AddrRange {
     /// The first address.
-    pub first: Ipv4Addr,
-    /// The last address.
-    pub last: Ipv4Addr,
+    pub first: IpAddr,
+    /// The last address (same family as `first`).
+    pub last: IpAddr,
 }
 
 impl AddrRange {
     /// A single address.
-    pub fn one(a: Ipv4Addr) -> AddrRange {
+    pub fn one(a: IpAddr) -> AddrRange {
         AddrRange { first: a, last: a }
     }
 
-    /// Whether `a` is in the range.
-    pub fn contains(&self, a: Ipv4Addr) -> bool {
-        self.first <= a && a <= self.last
+    /// Whether `a` is in the range (never, for an address of the other family).
+    pub fn contains(&self, a: IpAddr) -> bool {
+        Family::of(&a) == Family::of(&self.first) && self.first <= a && a <= self.last
+    }
+
+    /// The range's family.
+    pub fn family(&self) -> Family {
+        Family::of(&self.first)
     }
 }
 
-/// A named set of IPv4 addresses (`set NAME { type ipv4_addr; ... }`).
+/// A named set of addresses of one family (`set NAME { type ipv4_addr; ... }`
+/// or `ipv6_addr`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NamedSet {
     /// The set's name.
     pub name: String,
+    /// The family of its elements.
+    pub family: Family,
     /// `flags interval`: elements may be ranges and prefixes.
     pub interval: bool,
-    /// Sorted, disjoint elements.
+    /// Sorted, disjoint elements, all of `family`.
     pub elements: Vec<AddrRange>,
 }
 
 impl NamedSet {
     /// Whether `a` is an element.
-    pub fn contains(&self, a: Ipv4Addr) -> bool {
+    pub fn contains(&self, a: IpAddr) -> bool {
         // Elements are sorted and disjoint: the last one starting at or
         // before `a` is the only candidate.
         let i = self.elements.partition_point(|r| r.first <= a);
@@ -54,9 +90,9 @@ impl NamedSet {
 pub enum Addrs {
     /// A named set of the table (`@name`).
     Set(String),
-    /// Literal addresses (`10.0.0.1` or an anonymous set `{ a, b }`).
-    /// Never empty.
-    Literal(Vec<Ipv4Addr>),
+    /// Literal addresses (`10.0.0.1` or an anonymous set `{ a, b }`), all
+    /// of the family of the match that holds them. Never empty.
+    Literal(Vec<IpAddr>),
 }
 
 /// An inclusive port range (one port when both ends are equal).
@@ -73,10 +109,11 @@ pub struct PortRange {
 pub enum Match {
     /// `ct state established,related`.
     Established,
-    /// `ip saddr ...`.
-    Saddr(Addrs),
-    /// `ip daddr ...`.
-    Daddr(Addrs),
+    /// `ip saddr ...` or `ip6 saddr ...`: the packet is of that family and
+    /// its source is in the set.
+    Saddr(Family, Addrs),
+    /// `ip daddr ...` or `ip6 daddr ...`.
+    Daddr(Family, Addrs),
     /// `meta l4proto P` when `ports` is empty, else `P dport { ... }`.
     L4 {
         /// The protocol.
@@ -84,6 +121,11 @@ pub enum Match {
         /// Destination ports (sorted, disjoint); empty: any.
         ports: Vec<PortRange>,
     },
+    /// An ICMPv6 neighbour-discovery or router message (types 133 to 137:
+    /// router solicitation and advertisement, neighbour solicitation and
+    /// advertisement, redirect) with hop limit 255, which only a packet
+    /// that was never routed has (RFC 4861: receivers discard any other).
+    NeighbourDiscovery,
 }
 
 /// What a matching rule does.
@@ -134,9 +176,9 @@ pub struct Ruleset {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Packet {
     /// Source address.
-    pub src: Ipv4Addr,
-    /// Destination address.
-    pub dst: Ipv4Addr,
+    pub src: IpAddr,
+    /// Destination address (same family).
+    pub dst: IpAddr,
     /// L4 protocol.
     pub protocol: Protocol,
     /// Destination port.
@@ -144,12 +186,22 @@ pub struct Packet {
     /// Whether conntrack sees it as part of an established (or related)
     /// connection, as a reply is.
     pub established: bool,
+    /// Whether it is an ICMPv6 neighbour-discovery or router message that
+    /// was not routed ([`Match::NeighbourDiscovery`]); `protocol` and `port`
+    /// are then meaningless.
+    pub nd: bool,
 }
 
 impl Packet {
     /// The first packet of a new connection.
-    pub fn new(src: Ipv4Addr, dst: Ipv4Addr, protocol: Protocol, port: u16) -> Packet {
-        Packet { src, dst, protocol, port, established: false }
+    pub fn new(src: IpAddr, dst: IpAddr, protocol: Protocol, port: u16) -> Packet {
+        Packet { src, dst, protocol, port, established: false, nd: false }
+    }
+
+    /// A neighbour solicitation or advertisement, router solicitation or
+    /// advertisement, or redirect from `src` to `dst`.
+    pub fn neighbour_discovery(src: IpAddr, dst: IpAddr) -> Packet {
+        Packet { nd: true, ..Packet::new(src, dst, Protocol::Tcp, 0) }
     }
 }
 
@@ -205,16 +257,18 @@ impl Ruleset {
     fn matches(&self, m: &Match, p: &Packet) -> bool {
         match m {
             Match::Established => p.established,
-            Match::Saddr(a) => self.addrs_contain(a, p.src),
-            Match::Daddr(a) => self.addrs_contain(a, p.dst),
+            Match::Saddr(f, a) => Family::of(&p.src) == *f && self.addrs_contain(a, p.src),
+            Match::Daddr(f, a) => Family::of(&p.dst) == *f && self.addrs_contain(a, p.dst),
             Match::L4 { protocol, ports } => {
-                *protocol == p.protocol
+                !p.nd
+                    && *protocol == p.protocol
                     && (ports.is_empty() || ports.iter().any(|r| r.first <= p.port && p.port <= r.last))
             }
+            Match::NeighbourDiscovery => p.nd,
         }
     }
 
-    fn addrs_contain(&self, a: &Addrs, ip: Ipv4Addr) -> bool {
+    fn addrs_contain(&self, a: &Addrs, ip: IpAddr) -> bool {
         match a {
             Addrs::Set(name) => self.set(name).unwrap_or_else(|| panic!("missing set {name}")).contains(ip),
             Addrs::Literal(ips) => ips.contains(&ip),

@@ -1,10 +1,10 @@
 //! NetworkPolicies, Pods and Namespaces from the API (k8s-openapi types) to
 //! the compiler's model. Defaults are applied here, the way the API server
-//! applies them; what it would have rejected, and what flannel-rs does not
-//! enforce yet (IPv6), matches nothing and leaves a note.
+//! applies them; what it would have rejected matches nothing and leaves a
+//! note. Addresses of both families are kept.
 
 use std::borrow::Borrow;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::IpAddr;
 
 use ipnet::IpNet;
 use k8s_openapi::api::core::v1::{Container, Namespace, Pod};
@@ -26,7 +26,7 @@ pub fn model_from_k8s<P: Borrow<NetworkPolicy>, Q: Borrow<Pod>, N: Borrow<Namesp
     pods: &[Q],
     namespaces: &[N],
     node: &str,
-    node_ips: &[Ipv4Addr],
+    node_ips: &[IpAddr],
 ) -> PolicyInput {
     let mut notes = Vec::new();
     let namespaces = namespaces.iter().filter_map(|n| namespace_info(n.borrow())).collect();
@@ -53,16 +53,16 @@ fn pod_info(pod: &Pod) -> Option<PodInfo> {
     if matches!(status.and_then(|s| s.phase.as_deref()), Some("Succeeded" | "Failed")) {
         return None;
     }
-    let mut ips: Vec<Ipv4Addr> = Vec::new();
+    let mut ips: Vec<IpAddr> = Vec::new();
     let listed = status.and_then(|s| s.pod_ips.as_ref()).map(|v| v.iter().map(|i| i.ip.as_str()).collect::<Vec<_>>());
     let candidates = match listed {
         Some(v) if !v.is_empty() => v,
         _ => status.and_then(|s| s.pod_ip.as_deref()).into_iter().collect(),
     };
     for ip in candidates {
-        if let Ok(IpAddr::V4(v4)) = ip.parse::<IpAddr>() {
-            if !ips.contains(&v4) {
-                ips.push(v4);
+        if let Ok(ip) = ip.parse::<IpAddr>() {
+            if !ips.contains(&ip) {
+                ips.push(ip);
             }
         }
     }
@@ -166,12 +166,21 @@ fn peer(ns: &str, p: &NetworkPolicyPeer, at: &str, notes: &mut Vec<String>) -> P
             return Peer::Nothing;
         }
         return match block.cidr.parse::<IpNet>() {
-            Ok(IpNet::V4(cidr)) => {
+            Ok(cidr) => {
                 let mut except = Vec::new();
                 for e in block.except.iter().flatten() {
                     match e.parse::<IpNet>() {
-                        Ok(IpNet::V4(e)) => except.push(e.trunc()),
-                        Ok(IpNet::V6(_)) => notes.push(format!("{at}: IPv6 except {e} in an IPv4 block ignored")),
+                        Ok(hole) if same_family(&hole, &cidr) => except.push(hole.trunc()),
+                        // The API server rejects it ("must be a strict subset
+                        // of `cidr`"); what it meant is unknown, so the peer
+                        // allows nothing rather than the whole block.
+                        Ok(_) => {
+                            notes.push(format!(
+                                "{at}: except {e} is not of the family of cidr {} (the API server rejects this); the peer matches nothing",
+                                block.cidr
+                            ));
+                            return Peer::Nothing;
+                        }
                         Err(_) => {
                             notes.push(format!("{at}: except {e:?} is no CIDR; the peer matches nothing"));
                             return Peer::Nothing;
@@ -179,10 +188,6 @@ fn peer(ns: &str, p: &NetworkPolicyPeer, at: &str, notes: &mut Vec<String>) -> P
                     }
                 }
                 Peer::Block { cidr: cidr.trunc(), except }
-            }
-            Ok(IpNet::V6(_)) => {
-                notes.push(format!("{at}: IPv6 ipBlock {} ignored (IPv4 only for now)", block.cidr));
-                Peer::Nothing
             }
             Err(_) => {
                 notes.push(format!("{at}: ipBlock cidr {:?} is no CIDR; the peer matches nothing", block.cidr));
@@ -202,6 +207,10 @@ fn peer(ns: &str, p: &NetworkPolicyPeer, at: &str, notes: &mut Vec<String>) -> P
         (None, Some(pods)) => Peer::Pods { namespaces: NamespaceScope::Named(ns.to_string()), pods },
         (Some(nss), pods) => Peer::Pods { namespaces: NamespaceScope::Selected(nss), pods: pods.unwrap_or_default() },
     }
+}
+
+fn same_family(a: &IpNet, b: &IpNet) -> bool {
+    matches!((a, b), (IpNet::V4(_), IpNet::V4(_)) | (IpNet::V6(_), IpNet::V6(_)))
 }
 
 fn port(p: &NetworkPolicyPort, at: &str, notes: &mut Vec<String>) -> Port {

@@ -4,13 +4,15 @@
 //!
 //! Everything here is already normalised: `policyTypes` defaulted, a null
 //! `namespaceSelector` replaced by the policy's own namespace, protocols
-//! defaulted to TCP, IPv6 left out. What the API server would have rejected
-//! becomes a peer or port that matches nothing, with a note.
+//! defaulted to TCP. Addresses are of both families: a pod's set holds its
+//! IPv4 and its IPv6 addresses, an `ipBlock` is of one family. What the API
+//! server would have rejected becomes a peer or port that matches nothing,
+//! with a note.
 
 use std::collections::BTreeSet;
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 
-use ipnet::Ipv4Net;
+use ipnet::IpNet;
 
 pub use super::selector::{Labels, Operator, Requirement, Selector};
 
@@ -70,8 +72,8 @@ pub struct PodInfo {
     pub name: String,
     /// Its labels.
     pub labels: Labels,
-    /// Its IPv4 addresses (`status.podIPs`, or `status.podIP`).
-    pub ips: Vec<Ipv4Addr>,
+    /// Its addresses, of both families (`status.podIPs`, or `status.podIP`).
+    pub ips: Vec<IpAddr>,
     /// The node it runs on (`spec.nodeName`).
     pub node: Option<String>,
     /// Its named container ports.
@@ -83,7 +85,7 @@ pub struct PodInfo {
 
 impl PodInfo {
     /// Whether policy applies to the pod and selects it as a peer: it has
-    /// its own IPv4 address.
+    /// an address of its own (of either family).
     pub fn is_eligible(&self) -> bool {
         !self.host_network && !self.ips.is_empty()
     }
@@ -125,15 +127,16 @@ pub enum Peer {
         /// Which pods there (the empty selector for a `namespaceSelector`-only peer).
         pods: Selector,
     },
-    /// Any IPv4 address in `cidr` and in none of `except` (`ipBlock`).
+    /// Any address in `cidr` and in none of `except` (`ipBlock`): addresses
+    /// of `cidr`'s family only.
     Block {
         /// The block.
-        cidr: Ipv4Net,
-        /// Holes in it.
-        except: Vec<Ipv4Net>,
+        cidr: IpNet,
+        /// Holes in it, of the block's family.
+        except: Vec<IpNet>,
     },
-    /// Matches nothing: an IPv6 block, or a peer the API server would have
-    /// rejected. The reason is in the input's notes.
+    /// Matches nothing: a peer the API server would have rejected. The
+    /// reason is in the input's notes.
     Nothing,
 }
 
@@ -201,9 +204,10 @@ impl PolicyInfo {
 pub struct PolicyInput {
     /// This node's name: only pods with this `node` are enforced here.
     pub node: String,
-    /// This node's own addresses (underlay, `cni0` gateway, `flannel.1`):
-    /// always allowed to reach its pods and be reached by them.
-    pub node_ips: Vec<Ipv4Addr>,
+    /// This node's own addresses of both families (underlay, `cni0`
+    /// gateways, `flannel.1`): always allowed to reach its pods and be
+    /// reached by them.
+    pub node_ips: Vec<IpAddr>,
     /// Namespaces and their labels.
     pub namespaces: Vec<NamespaceInfo>,
     /// Pods of every node (peers may live anywhere).

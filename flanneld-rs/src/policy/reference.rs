@@ -3,7 +3,7 @@
 //! with the compiler but the model itself (label selectors, named-port
 //! lookup), and is written for obviousness, not speed.
 
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 
 use super::ir::Packet;
 use super::model::{Direction, Peer, PodInfo, PolicyInfo, PolicyInput, Port, Rule};
@@ -14,7 +14,9 @@ use super::model::{Direction, Peer, PodInfo, PolicyInfo, PolicyInput, Port, Rule
 /// allow it. Pods on other nodes are enforced there, so a cluster allows a
 /// packet when every node does.
 pub fn allowed(input: &PolicyInput, p: &Packet) -> bool {
-    if p.established {
+    // Replies; and neighbour discovery, without which pods lose their
+    // neighbours (policy is about connections between pods, not about L2).
+    if p.established || p.nd {
         return true;
     }
     let egress_ok = match local_pod(input, p.src) {
@@ -84,7 +86,7 @@ fn rule_allows(input: &PolicyInput, pod: &PodInfo, d: Direction, rule: &Rule, p:
 }
 
 /// Whether `peer` covers address `ip`.
-fn peer_has(input: &PolicyInput, peer: &Peer, ip: Ipv4Addr) -> bool {
+fn peer_has(input: &PolicyInput, peer: &Peer, ip: IpAddr) -> bool {
     match peer {
         Peer::Pods { namespaces, pods } => pod_at(input, ip)
             .is_some_and(|pod| input.scope_includes(namespaces, &pod.namespace) && pods.matches(&pod.labels)),
@@ -94,11 +96,11 @@ fn peer_has(input: &PolicyInput, peer: &Peer, ip: Ipv4Addr) -> bool {
 }
 
 /// The pod (on any node) that has address `ip` and is subject to policy.
-fn pod_at(input: &PolicyInput, ip: Ipv4Addr) -> Option<&PodInfo> {
+fn pod_at(input: &PolicyInput, ip: IpAddr) -> Option<&PodInfo> {
     input.pods.iter().find(|pod| pod.is_eligible() && pod.ips.contains(&ip))
 }
 
 /// The pod on this node that has address `ip` and is subject to policy.
-fn local_pod(input: &PolicyInput, ip: Ipv4Addr) -> Option<&PodInfo> {
+fn local_pod(input: &PolicyInput, ip: IpAddr) -> Option<&PodInfo> {
     input.pods.iter().find(|pod| input.is_local(pod) && pod.ips.contains(&ip))
 }

@@ -3,9 +3,9 @@
 //! the daemon can skip `nft -f` when nothing changed.
 
 use std::fmt::Write;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use super::ir::{AddrRange, Addrs, Chain, Match, NamedSet, NftRule, PortRange, Ruleset, Verdict};
+use super::ir::{AddrRange, Addrs, Chain, Family, Match, NamedSet, NftRule, PortRange, Ruleset, Verdict};
 use super::TABLE;
 
 impl Ruleset {
@@ -39,7 +39,11 @@ pub fn teardown_script() -> String {
 }
 
 fn render_set(out: &mut String, set: &NamedSet) {
-    let _ = writeln!(out, "  set {} {{\n    type ipv4_addr", set.name);
+    let kind = match set.family {
+        Family::V4 => "ipv4_addr",
+        Family::V6 => "ipv6_addr",
+    };
+    let _ = writeln!(out, "  set {} {{\n    type {kind}", set.name);
     if set.interval {
         out.push_str("    flags interval\n");
     }
@@ -79,8 +83,9 @@ fn rule_text(rule: &NftRule) -> String {
 fn match_text(m: &Match) -> String {
     match m {
         Match::Established => "ct state established,related".to_string(),
-        Match::Saddr(a) => format!("ip saddr {}", addrs_text(a)),
-        Match::Daddr(a) => format!("ip daddr {}", addrs_text(a)),
+        Match::Saddr(f, a) => format!("{} saddr {}", family_text(*f), addrs_text(a)),
+        Match::Daddr(f, a) => format!("{} daddr {}", family_text(*f), addrs_text(a)),
+        Match::NeighbourDiscovery => ND_TEXT.to_string(),
         Match::L4 { protocol, ports } if ports.is_empty() => format!("meta l4proto {}", protocol.nft()),
         Match::L4 { protocol, ports } => {
             let list: Vec<String> = ports.iter().map(|r| port_text(*r)).collect();
@@ -92,12 +97,22 @@ fn match_text(m: &Match) -> String {
     }
 }
 
+/// [`Match::NeighbourDiscovery`]: ICMPv6 types 133 to 137, hop limit 255.
+const ND_TEXT: &str = "icmpv6 type { nd-router-solicit, nd-router-advert, nd-neighbor-solicit, nd-neighbor-advert, nd-redirect } ip6 hoplimit 255";
+
+fn family_text(f: Family) -> &'static str {
+    match f {
+        Family::V4 => "ip",
+        Family::V6 => "ip6",
+    }
+}
+
 fn addrs_text(a: &Addrs) -> String {
     match a {
         Addrs::Set(name) => format!("@{name}"),
         Addrs::Literal(ips) if ips.len() == 1 => ips[0].to_string(),
         Addrs::Literal(ips) => {
-            let list: Vec<String> = ips.iter().map(Ipv4Addr::to_string).collect();
+            let list: Vec<String> = ips.iter().map(IpAddr::to_string).collect();
             format!("{{ {} }}", list.join(", "))
         }
     }
@@ -111,15 +126,34 @@ fn port_text(r: PortRange) -> String {
     }
 }
 
+/// An address as a number, and the family's width in bits.
+pub(super) fn addr_bits(a: IpAddr) -> (u128, u32) {
+    match a {
+        IpAddr::V4(v4) => (u128::from(u32::from(v4)), 32),
+        IpAddr::V6(v6) => (u128::from(v6), 128),
+    }
+}
+
+/// The address `v` of the family `width` bits wide.
+pub(super) fn addr_from_bits(v: u128, width: u32) -> IpAddr {
+    if width == 32 {
+        IpAddr::V4(Ipv4Addr::from(u32::try_from(v).expect("an IPv4 address")))
+    } else {
+        IpAddr::V6(Ipv6Addr::from(v))
+    }
+}
+
 /// `a`, `a/len` when the range is exactly one prefix, else `a-b`.
 fn range_text(r: AddrRange) -> String {
-    let (first, last) = (u32::from(r.first), u32::from(r.last));
+    let ((first, width), (last, _)) = (addr_bits(r.first), addr_bits(r.last));
     if first == last {
         return r.first.to_string();
     }
-    let size = u64::from(last - first) + 1;
-    if size.is_power_of_two() && u64::from(first) % size == 0 {
-        let len = 32 - size.trailing_zeros();
+    // A prefix: the span is all ones in its low bits (2^k - 1, which the
+    // whole IPv6 space reaches, so no "+ 1"), and the start is aligned.
+    let span = last - first;
+    if span & span.wrapping_add(1) == 0 && first & span == 0 {
+        let len = width - span.count_ones();
         return format!("{}/{len}", r.first);
     }
     format!("{}-{}", r.first, r.last)
@@ -138,6 +172,21 @@ mod tests {
         assert_eq!(range_text(r("10.0.0.0", "10.0.0.1")), "10.0.0.0/31");
         assert_eq!(range_text(r("10.0.0.1", "10.0.0.2")), "10.0.0.1-10.0.0.2");
         assert_eq!(range_text(r("10.0.0.0", "10.0.0.2")), "10.0.0.0-10.0.0.2");
+        assert_eq!(range_text(r("2001:db8::7", "2001:db8::7")), "2001:db8::7");
+        assert_eq!(range_text(r("2001:db8::", "2001:db8::ffff:ffff:ffff:ffff")), "2001:db8::/64");
+        assert_eq!(range_text(r("::", "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff")), "::/0");
+        assert_eq!(range_text(r("2001:db8::1", "2001:db8::2")), "2001:db8::1-2001:db8::2");
+    }
+
+    #[test]
+    fn policy_render_names_the_family() {
+        let m = |f, ip: &str| Match::Saddr(f, Addrs::Literal(vec![ip.parse().unwrap()]));
+        assert_eq!(match_text(&m(Family::V4, "10.0.0.1")), "ip saddr 10.0.0.1");
+        assert_eq!(match_text(&m(Family::V6, "2001:db8::1")), "ip6 saddr 2001:db8::1");
+        let set = NamedSet { name: "s6".into(), family: Family::V6, interval: true, elements: vec![] };
+        let mut out = String::new();
+        render_set(&mut out, &set);
+        assert_eq!(out, "  set s6 {\n    type ipv6_addr\n    flags interval\n  }\n");
     }
 
     #[test]

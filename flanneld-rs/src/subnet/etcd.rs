@@ -22,7 +22,7 @@ use std::collections::HashSet;
 use std::fmt;
 use std::future::Future;
 use std::hash::{BuildHasher, Hash, Hasher};
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 
@@ -30,13 +30,16 @@ use etcd_client::{
     Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, KeyValue, LeaseTimeToLiveOptions, PutOptions,
     Txn, TxnOp, WatchOptions,
 };
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 use serde_json::Value;
 use tokio::sync::mpsc;
 
 use super::{Backoff, StoreError};
-use crate::config::{ConfigError, NetworkConfig};
-use crate::lease::{decode_value, encode_value, shown, unusable_public_ip, Lease, LeaseAttrs, LeaseEvent, LeaseSet};
+use crate::config::{ConfigError, Ipv6Config, NetworkConfig};
+use crate::lease::{
+    decode_value, encode_value, shown, unusable_public_ip, unusable_public_ipv6, Lease, LeaseAttrs, LeaseEvent,
+    LeaseSet,
+};
 
 /// flannel's default etcd prefix.
 pub const DEFAULT_PREFIX: &str = "/coreos.com/network";
@@ -118,35 +121,94 @@ pub struct AcquiredLease {
 
 /// `<prefix>/subnets/10.5.52.0-24`.
 pub fn subnet_key(prefix: &str, subnet: Ipv4Net) -> String {
-    format!("{}/subnets/{}-{}", prefix.trim_end_matches('/'), subnet.network(), subnet.prefix_len())
+    lease_key(prefix, subnet, None)
+}
+
+/// The key of a lease, as flannel names it: `<prefix>/subnets/10.5.52.0-24`,
+/// dual-stack `<prefix>/subnets/10.5.52.0-24&2001:db8:10:1::-64` (both
+/// networks' addresses as Go prints them; Rust prints IPv6 the same way,
+/// RFC 5952).
+pub fn lease_key(prefix: &str, subnet: Ipv4Net, subnet6: Option<Ipv6Net>) -> String {
+    let mut key = format!("{}/subnets/{}-{}", prefix.trim_end_matches('/'), subnet.network(), subnet.prefix_len());
+    if let Some(s6) = subnet6 {
+        key += &format!("&{}-{}", s6.network(), s6.prefix_len());
+    }
+    key
 }
 
 /// The subnet a key names, from the part after `<prefix>/subnets/`:
 /// `10.5.52.0-24`, or for dual stack `10.5.52.0-24&fc00::-64` (the IPv4 part).
 /// `None` unless it is a canonical IPv4 CIDR (no host bits, length 0..=32).
 pub fn parse_subnet_key(key_tail: &str) -> Option<Ipv4Net> {
-    let v4 = key_tail.split('&').next()?;
+    parse_lease_key(key_tail).map(|(v4, _)| v4)
+}
+
+/// Both subnets a key names: `10.5.52.0-24` (no IPv6 half) or
+/// `10.5.52.0-24&2001:db8:10:1::-64`. `None` unless each part is a canonical
+/// CIDR (no host bits) in flannel's spelling (lower-case hex, as flannel's
+/// key pattern wants), the IPv4 one first.
+pub fn parse_lease_key(key_tail: &str) -> Option<(Ipv4Net, Option<Ipv6Net>)> {
+    let (v4, v6) = match key_tail.split_once('&') {
+        Some((a, b)) => (a, Some(b)),
+        None => (key_tail, None),
+    };
+    let digits = |len: &str, max: usize| !len.is_empty() && len.len() <= max && len.bytes().all(|b| b.is_ascii_digit());
     let (ip, len) = v4.split_once('-')?;
-    if len.is_empty() || len.len() > 2 || !len.bytes().all(|b| b.is_ascii_digit()) {
+    if !digits(len, 2) {
         return None;
     }
     let ip: Ipv4Addr = ip.parse().ok()?;
     let net = Ipv4Net::new(ip, len.parse().ok()?).ok()?;
-    (net.trunc() == net).then_some(net)
+    if net.trunc() != net {
+        return None;
+    }
+    let net6 = match v6 {
+        None => None,
+        Some(v6) => {
+            let (ip, len) = v6.rsplit_once('-')?;
+            if !digits(len, 3) || !ip.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b) || b == b':') {
+                return None;
+            }
+            let ip: Ipv6Addr = ip.parse().ok()?;
+            let n = Ipv6Net::new(ip, len.parse().ok()?).ok()?;
+            if n.trunc() != n {
+                return None;
+            }
+            Some(n)
+        }
+    };
+    Some((net, net6))
 }
 
 /// Decodes one entry of `<prefix>/subnets/`: the key must name a subnet inside
-/// the configuration's Network and the value must decode. The error names the
-/// key and the value.
+/// the configuration's Network (and, dual-stack, an IPv6 subnet inside
+/// IPv6Network) and the value must decode. The error names the key and the
+/// value. Without `EnableIPv6` the IPv6 half of a dual-stack key is not
+/// used (as flannel's backends ignore it then).
 pub fn decode_entry(prefix: &str, cfg: &NetworkConfig, key: &str, value: &[u8]) -> Result<Lease, String> {
     let dir = format!("{}/subnets/", prefix.trim_end_matches('/'));
-    let subnet = key.strip_prefix(&dir).and_then(parse_subnet_key).ok_or_else(|| {
-        format!("lease {key} = {}: the key does not name a subnet (want {dir}<a.b.c.d>-<len>)", shown(value))
+    let (subnet, subnet6) = key.strip_prefix(&dir).and_then(parse_lease_key).ok_or_else(|| {
+        format!(
+            "lease {key} = {}: the key does not name a subnet (want {dir}<a.b.c.d>-<len> or \
+             {dir}<a.b.c.d>-<len>&<ipv6>-<len>)",
+            shown(value)
+        )
     })?;
     if !cfg.network.contains(&subnet) {
         return Err(format!("lease {key} = {}: subnet {subnet} is outside Network {}", shown(value), cfg.network));
     }
-    decode_value(key, subnet, None, value)
+    let subnet6 = match (&cfg.ipv6, subnet6) {
+        (Some(c6), Some(s6)) if !c6.network.contains(&s6) => {
+            return Err(format!(
+                "lease {key} = {}: IPv6 subnet {s6} is outside IPv6Network {}",
+                shown(value),
+                c6.network
+            ));
+        }
+        (Some(_), s6) => s6,
+        (None, _) => None,
+    };
+    decode_value(key, subnet, subnet6, value)
 }
 
 /// A raw entry of `<prefix>/subnets/`.
@@ -154,10 +216,13 @@ struct Entry {
     key: String,
     /// The subnet the key names, if it names one.
     subnet: Option<Ipv4Net>,
+    /// The IPv6 subnet a dual-stack key names.
+    subnet6: Option<Ipv6Net>,
     value: Vec<u8>,
     /// The etcd lease, 0 for none (a reservation).
     lease_id: i64,
     mod_revision: i64,
+    create_revision: i64,
 }
 
 impl Entry {
@@ -166,13 +231,15 @@ impl Entry {
             log::warn!("skipping lease key {:?}: not UTF-8", String::from_utf8_lossy(kv.key()));
             return None;
         };
-        let subnet = key.rsplit_once("/subnets/").and_then(|(_, tail)| parse_subnet_key(tail));
+        let parsed = key.rsplit_once("/subnets/").and_then(|(_, tail)| parse_lease_key(tail));
         Some(Entry {
             key: key.to_string(),
-            subnet,
+            subnet: parsed.map(|p| p.0),
+            subnet6: parsed.and_then(|p| p.1),
             value: kv.value().to_vec(),
             lease_id: kv.lease(),
             mod_revision: kv.mod_revision(),
+            create_revision: kv.create_revision(),
         })
     }
 }
@@ -232,6 +299,66 @@ fn occupied(cfg: &NetworkConfig, entries: &[Entry]) -> HashSet<Ipv4Net> {
         }
     }
     out
+}
+
+/// The IPv6 subnets the existing keys occupy: the `IPv6SubnetLen`-sized
+/// ones, and (rare: a key written under another length) the wider ones.
+fn occupied6(c6: &Ipv6Config, entries: &[Entry]) -> (HashSet<Ipv6Net>, Vec<Ipv6Net>) {
+    let (mut exact, mut wide) = (HashSet::new(), Vec::new());
+    for s in entries.iter().filter_map(|e| e.subnet6) {
+        if s.prefix_len() >= c6.subnet_len {
+            exact.insert(Ipv6Net::new(s.network(), c6.subnet_len).expect("valid prefix").trunc());
+        } else {
+            wide.push(s);
+        }
+    }
+    (exact, wide)
+}
+
+/// A free IPv6 subnet of [IPv6SubnetMin, IPv6SubnetMax]: as for IPv4, the
+/// first free one from a random starting point on (wrapping around). Wider
+/// keys are stepped over whole, so the scan is as long as the keys are many,
+/// whatever the size of the range.
+fn pick_free6(c6: &Ipv6Config, taken: &(HashSet<Ipv6Net>, Vec<Ipv6Net>), random: u128) -> Option<Ipv6Net> {
+    let n = c6.count();
+    let size = 1u128.checked_shl(u32::from(128 - c6.subnet_len)).unwrap_or(u128::MAX);
+    let min = u128::from(c6.subnet_min);
+    let start = random % n;
+    // Scans indices [from, to); None when all taken.
+    let scan = |from: u128, to: u128| {
+        let mut i = from;
+        while i < to {
+            let cand = c6.nth(i)?;
+            if taken.0.contains(&cand) {
+                i += 1;
+            } else if let Some(w) = taken.1.iter().find(|w| w.contains(&cand)) {
+                // Past the wide key's last address.
+                let last = u128::from(w.broadcast());
+                i = ((last - min) / size).saturating_add(1);
+            } else {
+                return Some(cand);
+            }
+        }
+        None
+    };
+    scan(start, n).or_else(|| scan(0, start))
+}
+
+/// A random IPv6 subnet index seed.
+fn random_u128(seed: impl Hash + Copy) -> u128 {
+    (u128::from(random_u64((seed, 1u8))) << 64) | u128::from(random_u64((seed, 2u8)))
+}
+
+/// Whether a lease of ours with `subnet6` (its key's IPv6 half) fits the
+/// configuration's families, flannel's test for reusing it: with
+/// `EnableIPv6` it must have an IPv6 subnet flannel would lease, without it
+/// none.
+fn fits_families(cfg: &NetworkConfig, subnet6: Option<Ipv6Net>) -> bool {
+    match (&cfg.ipv6, subnet6) {
+        (None, None) => true,
+        (Some(c6), Some(s6)) => c6.allows(s6),
+        _ => false,
+    }
 }
 
 /// The pieces needed to (re)build a client.
@@ -450,11 +577,21 @@ impl EtcdSubnetManager {
     /// Acquires a subnet lease, flannel's way: the lease whose PublicIP is
     /// ours, else `previous` (from our old subnet.env) if it is in range and
     /// free, else a free subnet in [SubnetMin, SubnetMax] picked at random.
+    ///
+    /// Dual-stack (`EnableIPv6`): the lease has an IPv6 subnet too, under
+    /// flannel's key `10.5.52.0-24&2001:db8:10:1::-64`. Our lease is reused
+    /// with both halves; `previous` is reused with `previous6` (subnet.env's
+    /// FLANNEL_IPV6_SUBNET) when both fit and are free, else both are picked
+    /// afresh. A lease of ours that does not fit the families (IPv4-only
+    /// while the configuration now asks for IPv6, or the reverse) is
+    /// deleted and a new one taken, as flannel does (so the node gets a new
+    /// IPv4 subnet too).
     pub async fn acquire_lease(
         &self,
         cfg: &NetworkConfig,
         attrs: &LeaseAttrs,
         previous: Option<Ipv4Net>,
+        previous6: Option<Ipv6Net>,
     ) -> Result<AcquiredLease, StoreError> {
         if let Some(why) = unusable_public_ip(attrs.public_ip) {
             return Err(StoreError::Invalid(format!(
@@ -462,7 +599,14 @@ impl EtcdSubnetManager {
                 attrs.public_ip
             )));
         }
+        if let Some(why) = attrs.public_ipv6.and_then(unusable_public_ipv6) {
+            return Err(StoreError::Invalid(format!(
+                "public IPv6 {} is {why}: other nodes could not reach this one",
+                attrs.public_ipv6.expect("checked")
+            )));
+        }
         let value = encode_value(attrs);
+        let cfg4 = NetworkConfig { ipv6: None, ..cfg.clone() };
         // A lease granted in an earlier attempt and not used yet.
         let mut granted: Option<(i64, SystemTime)> = None;
         let mut last_key = String::new();
@@ -473,9 +617,11 @@ impl EtcdSubnetManager {
                     Err(e) => break 'attempts Err(e),
                 };
                 // (1) A lease whose PublicIP is ours; reservations first.
+                // Found whatever its IPv6 half (as flannel finds it), which
+                // is checked below.
                 let mut mine: Vec<(&Entry, Lease)> = entries
                     .iter()
-                    .filter_map(|e| match decode_entry(&self.prefix, cfg, &e.key, &e.value) {
+                    .filter_map(|e| match decode_entry(&self.prefix, &cfg4, &e.key, &e.value) {
                         Ok(l) if l.public_ip == attrs.public_ip => Some((e, l)),
                         Ok(_) => None,
                         Err(msg) => {
@@ -486,29 +632,102 @@ impl EtcdSubnetManager {
                     .collect();
                 mine.sort_by_key(|(e, _)| e.lease_id != 0);
                 if let Some((entry, lease)) = mine.into_iter().next() {
-                    match self.take_over(entry, lease, attrs, &value, &mut granted).await {
-                        Ok(Some(acquired)) => break 'attempts Ok(acquired),
-                        Ok(None) => {
-                            log::info!("lease {} changed while we updated it; looking again", entry.key);
+                    if fits_families(cfg, entry.subnet6) {
+                        let subnet6 = cfg.ipv6.and(entry.subnet6);
+                        match self.take_over(entry, lease.subnet, subnet6, attrs, &value, &mut granted).await {
+                            Ok(Some(acquired)) => break 'attempts Ok(acquired),
+                            Ok(None) => {
+                                log::info!("lease {} changed while we updated it; looking again", entry.key);
+                                last_key = entry.key.clone();
+                                continue;
+                            }
+                            Err(e) => break 'attempts Err(e),
+                        }
+                    }
+                    // flannel deletes it and takes a new lease; the deleted
+                    // subnets stay taken for this pick (as in flannel, which
+                    // picks from the list it read before deleting).
+                    let why = if cfg.ipv6.is_some() {
+                        match entry.subnet6 {
+                            None => "has no IPv6 subnet, and the configuration has EnableIPv6".to_string(),
+                            Some(s6) => {
+                                format!("has IPv6 subnet {s6}, which the configuration's IPv6 range does not allow")
+                            }
+                        }
+                    } else {
+                        "has an IPv6 subnet, and the configuration has no EnableIPv6".to_string()
+                    };
+                    log::warn!(
+                        "this node's lease {} = {} {why}: deleting it and taking a new lease (as flannel does)",
+                        entry.key,
+                        shown(&entry.value)
+                    );
+                    let txn = Txn::new()
+                        .when([Compare::mod_revision(entry.key.clone(), CompareOp::Equal, entry.mod_revision)])
+                        .and_then([TxnOp::delete(entry.key.clone(), None)]);
+                    let mut c = self.client.clone();
+                    match self.conn.call(|| format!("delete {}", entry.key), c.txn(txn)).await {
+                        Ok(r) if r.succeeded() => {}
+                        Ok(_) => {
                             last_key = entry.key.clone();
                             continue;
                         }
                         Err(e) => break 'attempts Err(e),
                     }
                 }
-                // (2) The previous subnet, (3) a free one.
+                // (2) The previous subnet(s), (3) free ones.
                 let taken = occupied(cfg, &entries);
-                let candidate = previous
-                    .map(|p| p.trunc())
-                    .filter(|p| in_range(cfg, *p) && !taken.contains(p))
-                    .or_else(|| pick_free(cfg, &taken, random_u64((attrs.public_ip, attempt))));
-                let Some(subnet) = candidate else {
-                    break 'attempts Err(StoreError::OutOfSubnets {
-                        count: range_count(cfg) as usize,
-                        network: cfg.network,
-                        min: cfg.subnet_min,
-                        max: cfg.subnet_max,
-                    });
+                let taken6 = cfg.ipv6.as_ref().map(|c6| (c6, occupied6(c6, &entries)));
+                let prev6_ok = |p6: Option<Ipv6Net>| match &taken6 {
+                    None => true,
+                    Some((c6, t6)) => {
+                        p6.is_some_and(|p| c6.allows(p) && !t6.0.contains(&p) && !t6.1.iter().any(|w| w.contains(&p)))
+                    }
+                };
+                let prev = previous.map(|p| p.trunc()).filter(|p| in_range(cfg, *p) && !taken.contains(p));
+                let (subnet, subnet6) = match prev {
+                    Some(p) if prev6_ok(previous6.map(|p| p.trunc())) => {
+                        log::info!(
+                            "reusing the previous subnet {p}{}",
+                            match (&taken6, previous6) {
+                                (Some(_), Some(p6)) => format!(" and IPv6 subnet {}", p6.trunc()),
+                                _ => String::new(),
+                            }
+                        );
+                        (p, taken6.as_ref().and(previous6.map(|p| p.trunc())))
+                    }
+                    _ => {
+                        if let Some(p) = prev {
+                            log::info!(
+                                "not reusing the previous subnet {p}: the previous IPv6 subnet ({}) is missing, out of \
+                                 range or taken",
+                                previous6.map_or("none".to_string(), |p| p.to_string())
+                            );
+                        }
+                        let Some(subnet) = pick_free(cfg, &taken, random_u64((attrs.public_ip, attempt))) else {
+                            break 'attempts Err(StoreError::OutOfSubnets {
+                                count: range_count(cfg) as usize,
+                                network: cfg.network,
+                                min: cfg.subnet_min,
+                                max: cfg.subnet_max,
+                            });
+                        };
+                        let subnet6 = match &taken6 {
+                            None => None,
+                            Some((c6, t6)) => match pick_free6(c6, t6, random_u128((attrs.public_ip, attempt))) {
+                                Some(s6) => Some(s6),
+                                None => {
+                                    break 'attempts Err(StoreError::OutOfSubnets6 {
+                                        count: c6.count(),
+                                        network: c6.network,
+                                        min: c6.subnet_min,
+                                        max: c6.subnet_max,
+                                    })
+                                }
+                            },
+                        };
+                        (subnet, subnet6)
+                    }
                 };
                 let (lease_id, expires) = match granted {
                     Some(g) => g,
@@ -520,7 +739,7 @@ impl EtcdSubnetManager {
                         Err(e) => break 'attempts Err(e),
                     },
                 };
-                let key = subnet_key(&self.prefix, subnet);
+                let key = lease_key(&self.prefix, subnet, subnet6);
                 let txn = Txn::new()
                     .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
                     .and_then([TxnOp::put(key.clone(), value.clone(), Some(PutOptions::new().with_lease(lease_id)))]);
@@ -529,14 +748,38 @@ impl EtcdSubnetManager {
                     Ok(r) => r,
                     Err(e) => break 'attempts Err(e),
                 };
-                if resp.succeeded() {
-                    granted = None;
-                    log::info!("acquired lease {key} = {value} (etcd lease {lease_id:x})");
-                    let lease = attrs.lease(subnet, None, key.clone());
-                    break 'attempts Ok(AcquiredLease { lease, key, etcd_lease_id: Some(lease_id), expires });
+                if !resp.succeeded() {
+                    log::info!("{key} was created by another node meanwhile; picking again");
+                    last_key = key;
+                    continue;
                 }
-                log::info!("{key} was created by another node meanwhile; picking again");
-                last_key = key;
+                granted = None;
+                // The key's create guards the IPv4 half only: another node
+                // may have created a key with the same IPv6 subnet under
+                // another IPv4 one meanwhile. The older key keeps it.
+                if let Some(s6) = subnet6 {
+                    match self.lost_ipv6_race(&key, s6, resp.header().map_or(0, |h| h.revision())).await {
+                        Ok(None) => {}
+                        Ok(Some(winner)) => {
+                            log::info!(
+                                "{winner} took IPv6 subnet {s6} before our {key}; deleting ours and picking again"
+                            );
+                            let mut c = self.client.clone();
+                            if let Err(e) =
+                                self.conn.call(|| format!("delete {key}"), c.delete(key.clone(), None)).await
+                            {
+                                break 'attempts Err(e);
+                            }
+                            self.revoke_if_orphan(lease_id).await;
+                            last_key = key;
+                            continue;
+                        }
+                        Err(e) => break 'attempts Err(e),
+                    }
+                }
+                log::info!("acquired lease {key} = {value} (etcd lease {lease_id:x})");
+                let lease = attrs.lease(subnet, subnet6, key.clone());
+                break 'attempts Ok(AcquiredLease { lease, key, etcd_lease_id: Some(lease_id), expires });
             }
             Err(StoreError::Contention { attempts: ACQUIRE_ATTEMPTS, last_key })
         };
@@ -546,19 +789,32 @@ impl EtcdSubnetManager {
         result
     }
 
+    /// Another key holding IPv6 subnet `s6` created before ours (created at
+    /// `created`), if any.
+    async fn lost_ipv6_race(&self, ours: &str, s6: Ipv6Net, created: i64) -> Result<Option<String>, StoreError> {
+        let (entries, _) = self.list_raw().await?;
+        let created = entries.iter().find(|e| e.key == ours).map_or(created, |e| e.create_revision);
+        Ok(entries
+            .iter()
+            .filter(|e| e.key != ours && e.create_revision < created)
+            .find(|e| e.subnet6.is_some_and(|o| o.contains(&s6) || s6.contains(&o)))
+            .map(|e| e.key.clone()))
+    }
+
     /// Makes an existing lease with our PublicIP ours again: writes our
     /// attributes (e.g. a new VTEP MAC) and, unless it is a reservation, binds
     /// it to a fresh 24 h etcd lease. `Ok(None)`: it changed meanwhile.
     async fn take_over(
         &self,
         entry: &Entry,
-        found: Lease,
+        subnet: Ipv4Net,
+        subnet6: Option<Ipv6Net>,
         attrs: &LeaseAttrs,
         value: &str,
         granted: &mut Option<(i64, SystemTime)>,
     ) -> Result<Option<AcquiredLease>, StoreError> {
         let key = entry.key.clone();
-        let lease = attrs.lease(found.subnet, None, key.clone());
+        let lease = attrs.lease(subnet, subnet6, key.clone());
         let unchanged = Compare::mod_revision(key.clone(), CompareOp::Equal, entry.mod_revision);
         let mut c = self.client.clone();
         if entry.lease_id == 0 {
@@ -683,7 +939,10 @@ impl EtcdSubnetManager {
             return Err(StoreError::Revoked { key: key.clone(), why: "the key is gone from etcd".into() });
         }
         log::info!("updated lease {key} = {value}");
-        Ok(AcquiredLease { lease: attrs.lease(lease.lease.subnet, None, key.clone()), ..lease.clone() })
+        Ok(AcquiredLease {
+            lease: attrs.lease(lease.lease.subnet, lease.lease.subnet6(), key.clone()),
+            ..lease.clone()
+        })
     }
 
     /// Starts the lease watcher (see the module documentation): a snapshot at
@@ -961,9 +1220,9 @@ impl super::LeaseStore for EtcdStore {
         cfg: &NetworkConfig,
         attrs: &LeaseAttrs,
         previous: Option<Ipv4Net>,
-        _previous6: Option<ipnet::Ipv6Net>,
+        previous6: Option<Ipv6Net>,
     ) -> Result<Lease, StoreError> {
-        let acquired = self.mgr.acquire_lease(cfg, attrs, previous).await?;
+        let acquired = self.mgr.acquire_lease(cfg, attrs, previous, previous6).await?;
         let lease = acquired.lease.clone();
         self.acquired = Some(acquired);
         Ok(lease)
@@ -1175,8 +1434,15 @@ mod tests {
         assert!(!in_range(&c, "10.5.0.0/24".parse().unwrap())); // below SubnetMin
         assert!(!in_range(&c, "10.5.1.0/25".parse().unwrap()));
         assert!(!in_range(&c, "10.6.1.0/24".parse().unwrap()));
-        let e =
-            |k: &str| Entry { key: k.into(), subnet: parse_subnet_key(k), value: vec![], lease_id: 0, mod_revision: 1 };
+        let e = |k: &str| Entry {
+            key: k.into(),
+            subnet: parse_subnet_key(k),
+            subnet6: None,
+            value: vec![],
+            lease_id: 0,
+            mod_revision: 1,
+            create_revision: 1,
+        };
         let taken = occupied(&c, &[e("10.5.3.0-24"), e("10.5.4.128-25"), e("10.5.8.0-23"), e("junk")]);
         let mut t: Vec<String> = taken.iter().map(|s| s.to_string()).collect();
         t.sort();
@@ -1200,6 +1466,108 @@ mod tests {
         assert_eq!(pick_free(&c, &taken, 3).unwrap().to_string(), "10.5.6.0/24");
         taken.extend(["10.5.4.0/24", "10.5.6.0/24"].iter().map(|s| s.parse::<Ipv4Net>().unwrap()));
         assert_eq!(pick_free(&c, &taken, 7), None);
+    }
+
+    fn cfg6() -> NetworkConfig {
+        NetworkConfig::parse(
+            r#"{"Network":"10.5.0.0/16","EnableIPv6":true,"IPv6Network":"2001:db8:10::/56","Backend":{"Type":"vxlan"}}"#,
+            "test",
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn dual_stack_keys_are_flannels() {
+        let s: Ipv4Net = "10.244.1.0/24".parse().unwrap();
+        let s6: Ipv6Net = "2001:db8:10:1::/64".parse().unwrap();
+        // flannel's MakeSubnetKey, byte for byte.
+        assert_eq!(lease_key(P, s, Some(s6)), "/coreos.com/network/subnets/10.244.1.0-24&2001:db8:10:1::-64");
+        assert_eq!(lease_key(P, s, None), subnet_key(P, s));
+        assert_eq!(parse_lease_key("10.244.1.0-24&2001:db8:10:1::-64"), Some((s, Some(s6))));
+        assert_eq!(parse_lease_key("10.244.1.0-24"), Some((s, None)));
+        assert_eq!(
+            lease_key(P, s, Some("2001:db8::/64".parse().unwrap())),
+            "/coreos.com/network/subnets/10.244.1.0-24&2001:db8::-64"
+        );
+        for bad in [
+            "10.244.1.0-24&",
+            "10.244.1.0-24&2001:db8:10:1::",
+            "10.244.1.0-24&2001:db8:10:1::-",
+            "10.244.1.0-24&2001:db8:10:1::1-64",
+            "10.244.1.0-24&2001:DB8:10:1::-64",
+            "10.244.1.0-24&2001:db8:10:1::-129",
+            "10.244.1.0-24&10.1.0.0-16",
+            "10.244.1.0-24&2001:db8:10:1::-64&2001:db8:10:2::-64",
+        ] {
+            assert_eq!(parse_lease_key(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn dual_stack_entries_carry_both_halves_and_are_checked() {
+        let mut a = vxlan_attrs();
+        a.public_ipv6 = Some("2001:db8::3".parse().unwrap());
+        a.vxlan6 = Some(VxlanData { vni: 1, vtep_mac: "aa:bb:cc:dd:ee:01".parse().unwrap() });
+        let v = encode_value(&a);
+        let key = "/coreos.com/network/subnets/10.5.1.0-24&2001:db8:10:1::-64";
+        let l = decode_entry(P, &cfg6(), key, v.as_bytes()).unwrap();
+        assert_eq!(l, a.lease("10.5.1.0/24".parse().unwrap(), Some("2001:db8:10:1::/64".parse().unwrap()), key));
+        // Without EnableIPv6 the IPv6 half is not used.
+        assert_eq!(decode_entry(P, &cfg(), key, v.as_bytes()).unwrap().ipv6, None);
+        // An IPv4-only lease in a dual-stack network: no IPv6 half.
+        let v4key = "/coreos.com/network/subnets/10.5.2.0-24";
+        assert_eq!(decode_entry(P, &cfg6(), v4key, encode_value(&vxlan_attrs()).as_bytes()).unwrap().ipv6, None);
+        let outside = "/coreos.com/network/subnets/10.5.1.0-24&2001:db8:99::-64";
+        let e = decode_entry(P, &cfg6(), outside, v.as_bytes()).unwrap_err();
+        assert!(
+            e.contains(outside)
+                && e.contains(&v)
+                && e.contains("IPv6 subnet 2001:db8:99::/64 is outside IPv6Network 2001:db8:10::/56"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn free_ipv6_subnets_are_picked_from_the_range_only() {
+        let c = cfg6();
+        let c6 = c.ipv6.unwrap();
+        // Default IPv6SubnetMin: the second /64.
+        assert_eq!(c6.count(), 255);
+        let e = |k: &str| {
+            let (v4, v6) = parse_lease_key(k).unwrap();
+            Entry {
+                key: k.into(),
+                subnet: Some(v4),
+                subnet6: v6,
+                value: vec![],
+                lease_id: 0,
+                mod_revision: 1,
+                create_revision: 1,
+            }
+        };
+        let entries: Vec<Entry> = (1..=254u32)
+            .map(|i| e(&format!("10.5.{i}.0-24&2001:db8:10:{i:x}::-64")))
+            .chain([e("10.5.255.0-24")])
+            .collect();
+        let taken = occupied6(&c6, &entries);
+        for r in [0u128, 1, 77, u128::MAX] {
+            assert_eq!(pick_free6(&c6, &taken, r).unwrap().to_string(), "2001:db8:10:ff::/64", "{r}");
+        }
+        let mut all = entries;
+        all.push(e("10.5.9.0-24&2001:db8:10:ff::-64"));
+        assert_eq!(pick_free6(&c6, &occupied6(&c6, &all), 5), None);
+        // A wider key covers every /64 in it, and is stepped over whole.
+        let wide = occupied6(&c6, &[e("10.5.1.0-24&2001:db8:10::-57")]);
+        for r in 0..300u128 {
+            let s = pick_free6(&c6, &wide, r).unwrap();
+            assert!(u128::from(s.network()) >= u128::from("2001:db8:10:80::".parse::<Ipv6Addr>().unwrap()), "{s}");
+        }
+        // Reuse of our lease needs the families to match the configuration.
+        assert!(fits_families(&c, Some("2001:db8:10:5::/64".parse().unwrap())));
+        assert!(!fits_families(&c, None));
+        assert!(!fits_families(&c, Some("2001:db8:10::/64".parse().unwrap())), "below IPv6SubnetMin");
+        assert!(!fits_families(&cfg(), Some("2001:db8:10:5::/64".parse().unwrap())));
+        assert!(fits_families(&cfg(), None));
     }
 
     #[test]

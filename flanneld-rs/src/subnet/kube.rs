@@ -12,7 +12,7 @@
 //! disappears from the next snapshot.
 
 use std::collections::BTreeMap;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 
@@ -66,9 +66,10 @@ type NodeLease = Result<Option<Lease>, String>;
 fn view(node: &Node, prefix: &ann::Prefix, cfg: &NetworkConfig) -> Option<(String, NodeLease)> {
     let name = node.metadata.name.clone()?;
     let cidr = pod_cidr(node);
+    let cidr6 = pod_cidr6(node);
     let empty = BTreeMap::new();
     let annotations = node.metadata.annotations.as_ref().unwrap_or(&empty);
-    let lease = ann::lease_from_node(&name, cidr.as_deref(), annotations, prefix, cfg);
+    let lease = ann::lease_from_node(&name, cidr.as_deref(), cidr6.as_deref(), annotations, prefix, cfg);
     Some((name, lease))
 }
 
@@ -78,6 +79,30 @@ pub fn pod_cidr(node: &Node) -> Option<String> {
     let spec = node.spec.as_ref()?;
     let first_v4 = || spec.pod_cidrs.iter().flatten().find(|c| !c.contains(':')).cloned();
     spec.pod_cidr.clone().filter(|c| !c.is_empty() && !c.contains(':')).or_else(first_v4)
+}
+
+/// The node's IPv6 pod CIDR (dual-stack): the first IPv6 entry of
+/// `spec.podCIDRs`, else `spec.podCIDR` when it is IPv6 (flannel reads
+/// `spec.podCIDR` alone only when `spec.podCIDRs` is empty).
+pub fn pod_cidr6(node: &Node) -> Option<String> {
+    let spec = node.spec.as_ref()?;
+    let first_v6 = spec.pod_cidrs.iter().flatten().find(|c| c.contains(':')).cloned();
+    first_v6.or_else(|| spec.pod_cidr.clone().filter(|c| c.contains(':')))
+}
+
+/// Our Node's IPv6 subnet when the configuration has `EnableIPv6`: the
+/// error names the node and the field when it has none or a bad one.
+pub fn own_subnet6(node: &Node, name: &str, cfg: &NetworkConfig) -> Result<Option<ipnet::Ipv6Net>, StoreError> {
+    let Some(c6) = &cfg.ipv6 else { return Ok(None) };
+    let Some(cidr) = pod_cidr6(node) else {
+        let have = node.spec.as_ref().and_then(|s| s.pod_cidrs.clone()).unwrap_or_default();
+        return Err(StoreError::Invalid(format!(
+            "node {name}: spec.podCIDRs {have:?} has no IPv6 CIDR, and net-conf.json has EnableIPv6 (IPv6Network {}): \
+             kube-controller-manager must allocate both families (--cluster-cidr=<IPv4>,<IPv6> with dual-stack on)",
+            c6.network
+        )));
+    };
+    ann::subnet6_of(name, &cidr, c6.network).map(Some).map_err(StoreError::Invalid)
 }
 
 /// All annotations of a Node.
@@ -235,6 +260,15 @@ impl KubeSubnetManager {
                         waiter.done();
                         return Ok((n, c));
                     }
+                    if let Some(c6) = pod_cidr6(&n) {
+                        // Only an IPv6 podCIDR: waiting would never end.
+                        return Err(StoreError::Invalid(format!(
+                            "node {}: spec.podCIDRs has no IPv4 CIDR, only {c6}: flannel-rs needs one inside \
+                             Network (IPv6-only clusters are not supported yet); kube-controller-manager's \
+                             --cluster-cidr must hold an IPv4 range",
+                            self.node_name
+                        )));
+                    }
                 }
                 Ok(None) => {}
                 Err(e) => {
@@ -275,6 +309,15 @@ impl KubeSubnetManager {
     /// `node-public-ip` and `public-ip-overwrite` of our Node.
     pub fn user_ips(&self, node: &Node) -> Result<(Option<Ipv4Addr>, Option<Ipv4Addr>), StoreError> {
         Ok((self.user_ip(node, keys::NODE_PUBLIC_IP)?, self.user_ip(node, keys::PUBLIC_IP_OVERWRITE)?))
+    }
+
+    /// `node-public-ipv6` and `public-ipv6-overwrite` of our Node.
+    pub fn user_ipv6s(&self, node: &Node) -> Result<(Option<Ipv6Addr>, Option<Ipv6Addr>), StoreError> {
+        let get = |name: &str| {
+            ann::user_ipv6(&self.prefix, name, &annotations(node))
+                .map_err(|e| StoreError::Invalid(format!("node {}: {e}", self.node_name)))
+        };
+        Ok((get(keys::NODE_PUBLIC_IPV6)?, get(keys::PUBLIC_IPV6_OVERWRITE)?))
     }
 
     /// Writes our annotations on `nodes/status` when they differ from what
@@ -496,7 +539,7 @@ impl super::LeaseStore for KubeStore {
         Ok(self.cfg.clone())
     }
 
-    async fn hints(&mut self, _cfg: &NetworkConfig) -> Result<super::NodeHints, StoreError> {
+    async fn hints(&mut self, cfg: &NetworkConfig) -> Result<super::NodeHints, StoreError> {
         let (node, _) = self.own_node().await?;
         let (public_ip, advertise) = self.mgr.user_ips(&node)?;
         if let Some(ip) = public_ip {
@@ -505,7 +548,22 @@ impl super::LeaseStore for KubeStore {
         if let Some(ip) = advertise {
             info!("node {}: advertising public-ip-overwrite {ip}", self.mgr.node_name);
         }
-        Ok(super::NodeHints { public_ip, advertise, ..Default::default() })
+        let (public_ipv6, advertise_ipv6) = self.mgr.user_ipv6s(&node)?;
+        if cfg.ipv6.is_some() {
+            if let Some(ip) = public_ipv6 {
+                info!("node {}: using node-public-ipv6 {ip}", self.mgr.node_name);
+            }
+            if let Some(ip) = advertise_ipv6 {
+                info!("node {}: advertising public-ipv6-overwrite {ip}", self.mgr.node_name);
+            }
+        } else if public_ipv6.is_some() || advertise_ipv6.is_some() {
+            warn!(
+                "node {}: node-public-ipv6/public-ipv6-overwrite have no effect: the network is IPv4 only (net-conf \
+                 EnableIPv6 is not set)",
+                self.mgr.node_name
+            );
+        }
+        Ok(super::NodeHints { public_ip, advertise, public_ipv6, advertise_ipv6 })
     }
 
     async fn advertised_macs(
@@ -514,8 +572,15 @@ impl super::LeaseStore for KubeStore {
         _public_ip: Ipv4Addr,
     ) -> Result<super::VtepMacs, StoreError> {
         let (node, cidr) = self.own_node().await?;
-        let lease =
-            ann::lease_from_node(&self.mgr.node_name, cidr.as_deref(), &annotations(&node), &self.mgr.prefix, cfg);
+        let cidr6 = pod_cidr6(&node);
+        let lease = ann::lease_from_node(
+            &self.mgr.node_name,
+            cidr.as_deref(),
+            cidr6.as_deref(),
+            &annotations(&node),
+            &self.mgr.prefix,
+            cfg,
+        );
         Ok(lease.ok().flatten().map(|l| super::VtepMacs::of(&l)).unwrap_or_default())
     }
 
@@ -531,10 +596,11 @@ impl super::LeaseStore for KubeStore {
             return Err(StoreError::Invalid(format!("node {} has no spec.podCIDR", self.mgr.node_name)));
         };
         let subnet = own_subnet(&self.mgr.node_name, &cidr, cfg)?;
+        let subnet6 = own_subnet6(&node, &self.mgr.node_name, cfg)?;
         if self.mgr.publish(&node, attrs).await? {
             info!("node {}: annotations written (nodes/status)", self.mgr.node_name);
         }
-        Ok(attrs.lease(subnet, None, format!("node {}", self.mgr.node_name)))
+        Ok(attrs.lease(subnet, subnet6, format!("node {}", self.mgr.node_name)))
     }
 
     async fn publish(&mut self, cfg: &NetworkConfig, attrs: &LeaseAttrs) -> Result<Lease, StoreError> {
@@ -542,11 +608,12 @@ impl super::LeaseStore for KubeStore {
         let cidr = pod_cidr(&node)
             .ok_or_else(|| StoreError::Invalid(format!("node {} has no spec.podCIDR", self.mgr.node_name)))?;
         let subnet = own_subnet(&self.mgr.node_name, &cidr, cfg)?;
+        let subnet6 = own_subnet6(&node, &self.mgr.node_name, cfg)?;
         if self.mgr.publish(&node, attrs).await? {
             info!("node {}: annotations updated (nodes/status)", self.mgr.node_name);
         }
         self.node = Some((node, Some(cidr)));
-        Ok(attrs.lease(subnet, None, format!("node {}", self.mgr.node_name)))
+        Ok(attrs.lease(subnet, subnet6, format!("node {}", self.mgr.node_name)))
     }
 
     fn watch(&mut self, cfg: &NetworkConfig) -> mpsc::Receiver<LeaseEvent> {
@@ -626,6 +693,27 @@ mod tests {
         let dual = node("a", Some("fd00:1::/64"), &["fd00:1::/64", "10.244.2.0/24"], &[]);
         assert_eq!(pod_cidr(&dual).as_deref(), Some("10.244.2.0/24"));
         assert_eq!(pod_cidr(&node("a", Some(""), &[], &[])), None);
+    }
+
+    #[test]
+    fn the_ipv6_pod_cidr_and_its_errors() {
+        let dual = node("a", Some("10.244.2.0/24"), &["10.244.2.0/24", "2001:db8:10:2::/64"], &[]);
+        assert_eq!(pod_cidr6(&dual).as_deref(), Some("2001:db8:10:2::/64"));
+        assert_eq!(pod_cidr6(&node("a", Some("2001:db8:10:3::/64"), &[], &[])).as_deref(), Some("2001:db8:10:3::/64"));
+        assert_eq!(pod_cidr6(&node("a", Some("10.244.2.0/24"), &["10.244.2.0/24"], &[])), None);
+        let cfg6 = NetworkConfig::parse(
+            r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"2001:db8:10::/56","Backend":{"Type":"vxlan"}}"#,
+            "net-conf.json",
+        )
+        .unwrap();
+        assert_eq!(own_subnet6(&dual, "a", &cfg6).unwrap().unwrap().to_string(), "2001:db8:10:2::/64");
+        assert_eq!(own_subnet6(&dual, "a", &cfg()).unwrap(), None);
+        let v4only = node("worker-3", Some("10.244.2.0/24"), &["10.244.2.0/24"], &[]);
+        let e = own_subnet6(&v4only, "worker-3", &cfg6).unwrap_err().to_string();
+        assert!(
+            e.contains("node worker-3: spec.podCIDRs [\"10.244.2.0/24\"] has no IPv6 CIDR") && e.contains("EnableIPv6"),
+            "{e}"
+        );
     }
 
     #[test]

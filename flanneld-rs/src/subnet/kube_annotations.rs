@@ -9,14 +9,24 @@
 //! `backend-data: {"VNI":1,"VtepMAC":"aa:bb:cc:dd:ee:ff"}`, `public-ip`.
 //! Set by users: `public-ip-overwrite` (advertised instead of the detected
 //! address) and `node-public-ip` (used instead of `--public-ip` at start).
+//!
+//! Dual-stack (`EnableIPv6`), as flannel writes them: `backend-v6-data`
+//! (the IPv6 VTEP's `{"VNI":1,"VtepMAC":"..."}`, `null` for host-gw) and
+//! `public-ipv6`, written by a vxlan node with an IPv6 VTEP or a host-gw
+//! node with an IPv6 address; set by users: `public-ipv6-overwrite` and
+//! (newer flannel) `node-public-ipv6`. The IPv6 subnet is the Node's IPv6
+//! entry of `spec.podCIDRs`.
 
 use std::collections::BTreeMap;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 
 use crate::config::NetworkConfig;
-use crate::lease::{decode_backend_data, encode_backend_data, parse_public_ip, BackendType, Lease, LeaseAttrs};
+use crate::lease::{
+    decode_backend_data, encode_backend_data, encode_backend_v6_data, parse_public_ip, parse_public_ipv6, BackendType,
+    Lease, Lease6, LeaseAttrs,
+};
 
 /// flannel's default annotation prefix.
 pub const DEFAULT_PREFIX: &str = "flannel.alpha.coreos.com";
@@ -35,6 +45,14 @@ pub mod keys {
     pub const PUBLIC_IP_OVERWRITE: &str = "public-ip-overwrite";
     /// Set by users: use this instead of `--public-ip` at start.
     pub const NODE_PUBLIC_IP: &str = "node-public-ip";
+    /// Dual-stack: the IPv6 VTEP's data (`null` for host-gw).
+    pub const BACKEND_V6_DATA: &str = "backend-v6-data";
+    /// Dual-stack: the node's advertised IPv6 address.
+    pub const PUBLIC_IPV6: &str = "public-ipv6";
+    /// Set by users: advertise this IPv6 address instead of the detected one.
+    pub const PUBLIC_IPV6_OVERWRITE: &str = "public-ipv6-overwrite";
+    /// Set by users: use this instead of `--public-ipv6` at start (newer flannel).
+    pub const NODE_PUBLIC_IPV6: &str = "node-public-ipv6";
 }
 
 /// `--kube-annotation-prefix`, normalised as flannel normalises it: every
@@ -108,13 +126,59 @@ fn key(prefix: &Prefix, name: &str) -> String {
 
 /// The annotations a node writes on itself (flannel's exact formats).
 /// `public-ip-overwrite`, when the user set it, is what gets advertised.
+/// Dual-stack, flannel's condition: `backend-v6-data` and `public-ipv6`
+/// are written by a vxlan node with an IPv6 VTEP, or a host-gw node with
+/// an IPv6 address (its `backend-v6-data` is `null`); by no other.
 pub fn own_annotations(prefix: &Prefix, attrs: &LeaseAttrs, overwrite: Option<Ipv4Addr>) -> BTreeMap<String, String> {
-    BTreeMap::from([
+    let mut a = BTreeMap::from([
         (key(prefix, keys::SUBNET_MANAGER), "true".to_string()),
         (key(prefix, keys::BACKEND_TYPE), attrs.backend.wire_name().to_string()),
         (key(prefix, keys::BACKEND_DATA), encode_backend_data(attrs)),
         (key(prefix, keys::PUBLIC_IP), overwrite.unwrap_or(attrs.public_ip).to_string()),
-    ])
+    ]);
+    let v6 = match attrs.backend {
+        BackendType::Vxlan => attrs.vxlan6.is_some(),
+        BackendType::HostGw => attrs.public_ipv6.is_some(),
+        _ => false,
+    };
+    if v6 {
+        a.insert(key(prefix, keys::BACKEND_V6_DATA), encode_backend_v6_data(attrs));
+        if let Some(ip) = attrs.public_ipv6 {
+            a.insert(key(prefix, keys::PUBLIC_IPV6), ip.to_string());
+        }
+    }
+    a
+}
+
+/// A user's `node-public-ipv6` or `public-ipv6-overwrite`, when set and
+/// valid (an address peers can reach: not link-local, ...).
+pub fn user_ipv6(
+    prefix: &Prefix,
+    name: &str,
+    annotations: &BTreeMap<String, String>,
+) -> Result<Option<Ipv6Addr>, String> {
+    match annotations.get(&key(prefix, name)) {
+        None => Ok(None),
+        Some(v) if v.trim().is_empty() => Ok(None),
+        Some(v) => parse_public_ipv6(v.trim(), &format!("annotation {} =", key(prefix, name))).map(Some),
+    }
+}
+
+/// The IPv6 podCIDR of a dual-stack Node, checked against `IPv6Network`;
+/// the error names the node, the field and the value.
+pub fn subnet6_of(node: &str, cidr: &str, network: Ipv6Net) -> Result<Ipv6Net, String> {
+    let bad = |what: String| format!("node {node}: {what}");
+    let subnet: Ipv6Net = cidr.parse().map_err(|_| bad(format!("spec.podCIDRs entry {cidr:?} is not an IPv6 CIDR")))?;
+    if subnet != subnet.trunc() {
+        return Err(bad(format!("spec.podCIDRs entry {cidr} has host bits set")));
+    }
+    if !network.contains(&subnet) {
+        return Err(bad(format!(
+            "spec.podCIDRs IPv6 entry {subnet} is outside IPv6Network {network} (net-conf.json); \
+             kube-controller-manager's --cluster-cidr must match it"
+        )));
+    }
+    Ok(subnet)
 }
 
 /// A user's `node-public-ip` or `public-ip-overwrite`, when set and valid.
@@ -140,6 +204,7 @@ pub fn user_ip(
 pub fn lease_from_node(
     node: &str,
     pod_cidr: Option<&str>,
+    pod_cidr6: Option<&str>,
     annotations: &BTreeMap<String, String>,
     prefix: &Prefix,
     cfg: &NetworkConfig,
@@ -167,7 +232,31 @@ pub fn lease_from_node(
         .map_err(|e| bad(format!("annotation {data_key} = {data_raw:?} is not JSON: {e}")))?;
     let vxlan = decode_backend_data(&backend, Some(&data).filter(|d| !d.is_null()), &format!("annotation {data_key}"))
         .map_err(|e| bad(format!("{e} (value {data_raw:?})")))?;
-    Ok(Some(Lease { subnet, public_ip, backend, vxlan, source: format!("node {node}"), ipv6: None }))
+    // Dual-stack: the IPv6 half, when the Node has an IPv6 podCIDR (a Node
+    // with none, e.g. not yet given one, takes part in IPv4 only).
+    let ipv6 = match (&cfg.ipv6, pod_cidr6.filter(|c| !c.is_empty())) {
+        (Some(c6), Some(cidr6)) => {
+            let subnet = subnet6_of(node, cidr6, c6.network)?;
+            let ip_key = key(prefix, keys::PUBLIC_IPV6);
+            let public_ip = match get(keys::PUBLIC_IPV6).map(|v| v.trim()).filter(|v| !v.is_empty()) {
+                None => None,
+                Some(v) => Some(parse_public_ipv6(v, &format!("annotation {ip_key} =")).map_err(bad)?),
+            };
+            let data_key = key(prefix, keys::BACKEND_V6_DATA);
+            let vxlan = match get(keys::BACKEND_V6_DATA).map(String::as_str) {
+                None | Some("null") | Some("") => None,
+                Some(raw) => {
+                    let data: serde_json::Value = serde_json::from_str(raw)
+                        .map_err(|e| bad(format!("annotation {data_key} = {raw:?} is not JSON: {e}")))?;
+                    decode_backend_data(&backend, Some(&data), &format!("annotation {data_key}"))
+                        .map_err(|e| bad(format!("{e} (value {raw:?})")))?
+                }
+            };
+            Some(Lease6 { subnet, public_ip, vxlan })
+        }
+        _ => None,
+    };
+    Ok(Some(Lease { subnet, public_ip, backend, vxlan, source: format!("node {node}"), ipv6 }))
 }
 
 #[cfg(test)]
@@ -192,7 +281,8 @@ mod tests {
             ("kube-subnet-manager", "true"),
             ("public-ip", "192.0.2.11"),
         ]);
-        let l = lease_from_node("worker-1", Some("10.244.1.0/24"), &a, &Prefix::default(), &cfg()).unwrap().unwrap();
+        let l =
+            lease_from_node("worker-1", Some("10.244.1.0/24"), None, &a, &Prefix::default(), &cfg()).unwrap().unwrap();
         assert_eq!(l.subnet.to_string(), "10.244.1.0/24");
         assert_eq!(l.public_ip.to_string(), "192.0.2.11");
         assert_eq!(l.vxlan, Some(VxlanData { vni: 1, vtep_mac: "9a:4f:7e:12:34:56".parse().unwrap() }));
@@ -214,7 +304,7 @@ mod tests {
         assert_eq!(a["flannel.alpha.coreos.com/kube-subnet-manager"], "true");
         assert_eq!(a["flannel.alpha.coreos.com/public-ip"], "192.0.2.10");
         assert_eq!(a.len(), 4);
-        let back = lease_from_node("me", Some("10.244.9.0/24"), &a, &Prefix::default(), &cfg()).unwrap().unwrap();
+        let back = lease_from_node("me", Some("10.244.9.0/24"), None, &a, &Prefix::default(), &cfg()).unwrap().unwrap();
         assert_eq!(back.vxlan, attrs.vxlan);
         // public-ip-overwrite is what gets advertised; host-gw has null data.
         let over = own_annotations(&Prefix::default(), &attrs, Some("203.0.113.5".parse().unwrap()));
@@ -226,15 +316,118 @@ mod tests {
         );
     }
 
+    fn cfg6() -> NetworkConfig {
+        NetworkConfig::parse(
+            r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"2001:db8:10::/56","Backend":{"Type":"vxlan"}}"#,
+            "net-conf.json",
+        )
+        .unwrap()
+    }
+
+    fn dual_attrs(backend: BackendType) -> LeaseAttrs {
+        let vx = backend == BackendType::Vxlan;
+        LeaseAttrs {
+            public_ip: "192.0.2.10".parse().unwrap(),
+            backend,
+            vxlan: vx.then(|| VxlanData { vni: 1, vtep_mac: "02:00:00:00:00:10".parse().unwrap() }),
+            public_ipv6: Some("2001:db8::10".parse().unwrap()),
+            vxlan6: vx.then(|| VxlanData { vni: 1, vtep_mac: "02:00:00:00:06:10".parse().unwrap() }),
+        }
+    }
+
+    #[test]
+    fn dual_stack_annotations_are_flannels_and_read_back() {
+        let p = Prefix::default();
+        let a = own_annotations(&p, &dual_attrs(BackendType::Vxlan), None);
+        assert_eq!(a["flannel.alpha.coreos.com/backend-v6-data"], r#"{"VNI":1,"VtepMAC":"02:00:00:00:06:10"}"#);
+        assert_eq!(a["flannel.alpha.coreos.com/public-ipv6"], "2001:db8::10");
+        assert_eq!(a.len(), 6);
+        let l =
+            lease_from_node("me", Some("10.244.9.0/24"), Some("2001:db8:10:9::/64"), &a, &p, &cfg6()).unwrap().unwrap();
+        assert_eq!(
+            l,
+            dual_attrs(BackendType::Vxlan).lease(
+                "10.244.9.0/24".parse().unwrap(),
+                Some("2001:db8:10:9::/64".parse().unwrap()),
+                "node me"
+            )
+        );
+        // Without EnableIPv6 the IPv6 half is not read.
+        assert_eq!(
+            lease_from_node("me", Some("10.244.9.0/24"), Some("2001:db8:10:9::/64"), &a, &p, &cfg())
+                .unwrap()
+                .unwrap()
+                .ipv6,
+            None
+        );
+        // A node without an IPv6 podCIDR takes part in IPv4 only.
+        assert_eq!(lease_from_node("me", Some("10.244.9.0/24"), None, &a, &p, &cfg6()).unwrap().unwrap().ipv6, None);
+        // host-gw: backend-v6-data null and public-ipv6, as flannel.
+        let hg = own_annotations(&p, &dual_attrs(BackendType::HostGw), None);
+        assert_eq!(hg["flannel.alpha.coreos.com/backend-v6-data"], "null");
+        assert_eq!(hg["flannel.alpha.coreos.com/public-ipv6"], "2001:db8::10");
+        let l = lease_from_node("hg", Some("10.244.9.0/24"), Some("2001:db8:10:9::/64"), &hg, &p, &cfg6())
+            .unwrap()
+            .unwrap();
+        assert_eq!(l.ipv6.unwrap().public_ip, Some("2001:db8::10".parse().unwrap()));
+        // No IPv6 side (vxlan without an IPv6 VTEP, host-gw without an
+        // IPv6 address, udp): neither annotation, as flannel.
+        for backend in [BackendType::Vxlan, BackendType::HostGw, BackendType::Udp] {
+            let mut a = dual_attrs(backend.clone());
+            a.vxlan6 = None;
+            if backend != BackendType::Vxlan {
+                a.public_ipv6 = None;
+            }
+            let got = own_annotations(&p, &a, None);
+            assert!(!got.keys().any(|k| k.contains("v6")), "{backend}: {got:?}");
+        }
+    }
+
+    #[test]
+    fn bad_dual_stack_input_names_node_field_and_value() {
+        let p = Prefix::default();
+        let a = own_annotations(&p, &dual_attrs(BackendType::Vxlan), None);
+        let err = |cidr6: &str, a: &BTreeMap<String, String>| {
+            lease_from_node("worker-6", Some("10.244.9.0/24"), Some(cidr6), a, &p, &cfg6()).unwrap_err()
+        };
+        let e = err("2001:db8:99::/64", &a);
+        assert!(
+            e.contains("node worker-6")
+                && e.contains("spec.podCIDRs IPv6 entry 2001:db8:99::/64 is outside IPv6Network 2001:db8:10::/56"),
+            "{e}"
+        );
+        let e = err("2001:db8:10:9::1/64", &a);
+        assert!(e.contains("spec.podCIDRs entry 2001:db8:10:9::1/64 has host bits set"), "{e}");
+        let e = err("nope", &a);
+        assert!(e.contains("spec.podCIDRs entry \"nope\" is not an IPv6 CIDR"), "{e}");
+        let mut ll = a.clone();
+        ll.insert("flannel.alpha.coreos.com/public-ipv6".into(), "fe80::10".into());
+        let e = err("2001:db8:10:9::/64", &ll);
+        assert!(e.contains("annotation flannel.alpha.coreos.com/public-ipv6 = fe80::10 is link-local"), "{e}");
+        let mut bad = a.clone();
+        bad.insert("flannel.alpha.coreos.com/backend-v6-data".into(), r#"{"VNI":1}"#.into());
+        let e = err("2001:db8:10:9::/64", &bad);
+        assert!(e.contains("annotation flannel.alpha.coreos.com/backend-v6-data.VtepMAC is missing"), "{e}");
+        // The users' annotations.
+        let u = BTreeMap::from([
+            ("flannel.alpha.coreos.com/public-ipv6-overwrite".to_string(), "2001:db8::99".to_string()),
+            ("flannel.alpha.coreos.com/node-public-ipv6".to_string(), "fe80::1".to_string()),
+        ]);
+        assert_eq!(user_ipv6(&p, keys::PUBLIC_IPV6_OVERWRITE, &u).unwrap(), Some("2001:db8::99".parse().unwrap()));
+        let e = user_ipv6(&p, keys::NODE_PUBLIC_IPV6, &u).unwrap_err();
+        assert!(e.contains("annotation flannel.alpha.coreos.com/node-public-ipv6 = fe80::1 is link-local"), "{e}");
+    }
+
     #[test]
     fn nodes_that_do_not_take_part_are_ignored() {
         let a = ann(&[("public-ip", "192.0.2.11")]);
-        assert_eq!(lease_from_node("n", Some("10.244.1.0/24"), &a, &Prefix::default(), &cfg()).unwrap(), None);
+        assert_eq!(lease_from_node("n", Some("10.244.1.0/24"), None, &a, &Prefix::default(), &cfg()).unwrap(), None);
         let a = ann(&[("kube-subnet-manager", "true"), ("public-ip", "192.0.2.11"), ("backend-type", "vxlan")]);
-        assert_eq!(lease_from_node("n", None, &a, &Prefix::default(), &cfg()).unwrap(), None);
+        assert_eq!(lease_from_node("n", None, None, &a, &Prefix::default(), &cfg()).unwrap(), None);
         // Another prefix: flannel's annotations are not ours.
         assert_eq!(
-            lease_from_node("n", Some("10.244.1.0/24"), &a, &Prefix::new("example.com").unwrap(), &cfg()).unwrap(),
+            lease_from_node("n", Some("10.244.1.0/24"), None, &a, &Prefix::new("example.com").unwrap(), &cfg())
+                .unwrap(),
             None
         );
     }
@@ -260,7 +453,7 @@ mod tests {
             (with(&[("backend-data", r#"{"VtepMAC":"02:00:00:00:00:01"}"#)]), "bogus", "spec.podCIDR \"bogus\""),
         ];
         for (a, cidr, want) in cases {
-            let e = lease_from_node("worker-7", Some(cidr), &a, &Prefix::default(), &cfg()).unwrap_err();
+            let e = lease_from_node("worker-7", Some(cidr), None, &a, &Prefix::default(), &cfg()).unwrap_err();
             assert!(e.contains("worker-7") && e.contains(want), "{e:?} lacks {want:?}");
         }
         let a = ann(&[("node-public-ip", "203.0.113.9"), ("public-ip-overwrite", "x")]);
@@ -328,7 +521,7 @@ mod tests {
                 "example.com/x-public-ip"
             ]
         );
-        let back = lease_from_node("me", Some("10.244.9.0/24"), &a, &p, &cfg()).unwrap().unwrap();
+        let back = lease_from_node("me", Some("10.244.9.0/24"), None, &a, &p, &cfg()).unwrap().unwrap();
         assert_eq!(back.public_ip.to_string(), "192.0.2.10");
         let user = BTreeMap::from([("example.com/x-node-public-ip".to_string(), "203.0.113.9".to_string())]);
         assert_eq!(user_ip(&p, keys::NODE_PUBLIC_IP, &user).unwrap(), Some("203.0.113.9".parse().unwrap()));

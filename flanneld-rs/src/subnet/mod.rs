@@ -81,6 +81,18 @@ pub enum StoreError {
         /// `SubnetMax`.
         max: Ipv4Addr,
     },
+    /// Every IPv6 subnet is taken (dual-stack).
+    #[error("out of IPv6 subnets: all {count} subnets of IPv6Network {network} between IPv6SubnetMin {min} and IPv6SubnetMax {max} are leased")]
+    OutOfSubnets6 {
+        /// How many subnets the range holds.
+        count: u128,
+        /// `IPv6Network`.
+        network: Ipv6Net,
+        /// `IPv6SubnetMin`.
+        min: Ipv6Addr,
+        /// `IPv6SubnetMax`.
+        max: Ipv6Addr,
+    },
     /// Other nodes won every race for the subnets we picked.
     #[error("no subnet lease after {attempts} attempts: other nodes kept creating the keys picked (last {last_key})")]
     Contention {

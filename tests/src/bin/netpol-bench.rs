@@ -4,7 +4,8 @@
 //! - Update latency: a policy that allows a denied flow is applied; time
 //!   from the API server's answer to the first connection that gets through
 //!   (and the same for the deny direction, until connections stop getting
-//!   through), p50/p99.
+//!   through), p50/p99; over IPv4, then over IPv6 (the lab's pods are
+//!   dual-stack: see `e2e_tests::netpol`).
 //! - Throughput cost: iperf3 between two pods on different nodes, with no
 //!   policy, and with 100 policies selecting the receiver (99 that do not
 //!   match the flow and one that allows it): the ratio.
@@ -57,6 +58,7 @@ fn main() {
     let (xa, xb) = (pod("x/a"), pod("x/b"));
     assert_ne!(xa.node, xb.node, "x/a and x/b must be on different nodes");
     let target = SocketAddr::new(xb.ip.into(), 80);
+    let target6 = SocketAddr::new(xb.ip6.into(), 80);
 
     // Update latency: x/b isolated; an allow policy comes and goes.
     lab.apply(&policy(
@@ -65,24 +67,27 @@ fn main() {
         json!({"podSelector": {"matchLabels": {"pod": "b"}}, "policyTypes": ["Ingress"]}),
     ));
     until_reachable(&lab, "x/a", target, false, Instant::now());
+    until_reachable(&lab, "x/a", target6, false, Instant::now());
     let allow = policy(
         "x",
         "allow-a",
         json!({"podSelector": {"matchLabels": {"pod": "b"}}, "ingress": [{"from": [{"podSelector": {"matchLabels": {"pod": "a"}}}]}]}),
     );
-    let (mut opened, mut closed) = (Vec::new(), Vec::new());
-    for _ in 0..args.updates {
-        lab.apply(&allow);
-        opened.push(until_reachable(&lab, "x/a", target, true, Instant::now()));
-        lab.ko.api.kubectl_ok(&["delete", "networkpolicy", "allow-a", "-n", "x"]);
-        closed.push(until_reachable(&lab, "x/a", target, false, Instant::now()));
+    for (family, target) in [("IPv4", target), ("IPv6", target6)] {
+        let (mut opened, mut closed) = (Vec::new(), Vec::new());
+        for _ in 0..args.updates {
+            lab.apply(&allow);
+            opened.push(until_reachable(&lab, "x/a", target, true, Instant::now()));
+            lab.ko.api.kubectl_ok(&["delete", "networkpolicy", "allow-a", "-n", "x"]);
+            closed.push(until_reachable(&lab, "x/a", target, false, Instant::now()));
+        }
+        let (o50, o99, omax) = summary(opened);
+        let (c50, c99, cmax) = summary(closed);
+        println!(
+            "policy update to enforcement over {family}, {} updates (from the API server's answer): allow p50 {o50:.0} ms p99 {o99:.0} ms max {omax:.0} ms; deny p50 {c50:.0} ms p99 {c99:.0} ms max {cmax:.0} ms",
+            args.updates
+        );
     }
-    let (o50, o99, omax) = summary(opened);
-    let (c50, c99, cmax) = summary(closed);
-    println!(
-        "policy update to enforcement, {} updates (from the API server's answer): allow p50 {o50:.0} ms p99 {o99:.0} ms max {omax:.0} ms; deny p50 {c50:.0} ms p99 {c99:.0} ms max {cmax:.0} ms",
-        args.updates
-    );
     lab.ko.api.kubectl_ok(&["delete", "networkpolicy", "--all", "-n", "x"]);
     until_reachable(&lab, "x/a", target, true, Instant::now());
 

@@ -3,11 +3,11 @@
 //! (written from the Kubernetes documentation, not from the code). Both the
 //! reference and the compiled rules must give exactly that verdict.
 
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 
 use serde_json::{json, Value};
 
-use super::{assert_agree, disagreements, lab_cluster, lab_input, policies, ExpectFn, NODES};
+use super::{assert_agree, disagreements, lab_cluster, lab_input, policies, ExpectFn, D6_IP, NODES};
 use crate::policy::{compile, Protocol};
 
 type Expect = Box<ExpectFn>;
@@ -17,8 +17,9 @@ fn np(ns: &str, name: &str, spec: Value) -> Value {
            "metadata": {"namespace": ns, "name": name}, "spec": spec})
 }
 
-fn in_net(ip: Ipv4Addr, net: &str) -> bool {
-    net.parse::<ipnet::Ipv4Net>().unwrap().contains(&ip)
+/// Whether `ip` is in `net` (never when their families differ).
+fn in_net(ip: IpAddr, net: &str) -> bool {
+    net.parse::<ipnet::IpNet>().unwrap().contains(&ip)
 }
 
 /// The cases: name, manifests, expected verdict of the whole cluster.
@@ -110,8 +111,60 @@ pub(super) fn all() -> Vec<(&'static str, Vec<Value>, Expect)> {
                 let ingress = !d.is("x", "a")
                     || (in_net(s.ip, "10.244.0.0/16") && !in_net(s.ip, "10.244.2.0/24"))
                     || s.own_node_of(d);
-                let egress = !s.in_ns("z") || !in_net(d.ip, "10.244.0.0/16") || s.own_node_of(d);
+                // An IPv4 block: no IPv6 destination is in it.
+                let egress =
+                    !s.in_ns("z") || (in_net(d.ip, "0.0.0.0/0") && !in_net(d.ip, "10.244.0.0/16")) || s.own_node_of(d);
                 ingress && egress
+            }),
+        ),
+        (
+            "IPv6 ipBlock with except: IPv6 sources only",
+            vec![np(
+                "x",
+                "from-n1-pods6",
+                json!({"podSelector": {"matchLabels": {"pod": "a"}}, "ingress": [{"from": [
+                    {"ipBlock": {"cidr": "2001:db8:2440::/44", "except": ["2001:db8:2442::/64"]}}]}]}),
+            )],
+            Box::new(|s, d, _, _| {
+                !d.is("x", "a")
+                    || (in_net(s.ip, "2001:db8:2440::/44") && !in_net(s.ip, "2001:db8:2442::/64"))
+                    || s.own_node_of(d)
+            }),
+        ),
+        (
+            "ipBlocks of both families in one egress rule",
+            vec![np(
+                "y",
+                "to-n2-v4-n1-v6",
+                json!({"podSelector": {}, "policyTypes": ["Egress"], "egress": [{"to": [
+                    {"ipBlock": {"cidr": "10.244.2.0/24"}},
+                    {"ipBlock": {"cidr": "2001:db8:2441::/64", "except": ["2001:db8:2441::99/128"]}}]}]}),
+            )],
+            Box::new(|s, d, _, _| {
+                !s.in_ns("y")
+                    || in_net(d.ip, "10.244.2.0/24")
+                    || (in_net(d.ip, "2001:db8:2441::/64") && d.ip != D6_IP)
+                    || s.own_node_of(d)
+            }),
+        ),
+        (
+            "an except of the other family (the API server rejects it) matches nothing",
+            vec![np(
+                "x",
+                "mixed-except",
+                json!({"podSelector": {}, "ingress": [{"from": [
+                    {"ipBlock": {"cidr": "10.244.0.0/16", "except": ["2001:db8::/32"]}}]}]}),
+            )],
+            Box::new(|s, d, _, _| !d.in_ns("x") || s.own_node_of(d)),
+        ),
+        (
+            "named port resolved on an IPv6-only pod too",
+            vec![np("y", "http", json!({"podSelector": {}, "ingress": [{"ports": [{"port": "http"}]}]}))],
+            Box::new(|s, d, proto, port| {
+                !d.in_ns("y")
+                    || s.own_node_of(d)
+                    || (proto == Tcp
+                        && (((d.is("y", "a") || d.is("y", "d")) && port == 80) || (d.is("y", "b") && port == 81)))
             }),
         ),
         (
@@ -314,13 +367,23 @@ fn policy_other_nodes_pods_are_peers_not_targets() {
         let s = rules.sets.iter().find(|s| s.name.starts_with(prefix)).unwrap_or_else(|| panic!("no {prefix} set"));
         s.elements.iter().map(|r| r.first.to_string()).collect::<Vec<_>>()
     };
-    // x/a and x/b are on n1, x/c on n2; x/hostnet is ignored.
+    // x/a and x/b are on n1, x/c on n2; x/hostnet is ignored. Each family
+    // has its sets.
     assert_eq!(set("local_x_"), ["10.244.1.10", "10.244.1.11"]);
+    assert_eq!(set("local6_x_"), ["2001:db8:2441::a", "2001:db8:2441::b"]);
     assert_eq!(set("isolated_ingress"), ["10.244.1.10", "10.244.1.11"]);
+    assert_eq!(set("isolated_ingress6"), ["2001:db8:2441::a", "2001:db8:2441::b"]);
     assert_eq!(set("pods_x_"), ["10.244.1.10", "10.244.1.11", "10.244.2.12"]);
+    assert_eq!(set("pods6_x_"), ["2001:db8:2441::a", "2001:db8:2441::b", "2001:db8:2442::c"]);
     let mut node_ips = NODES[0].1;
     node_ips.sort();
-    assert_eq!(set("node_ips"), node_ips.iter().map(|i| i.to_string()).collect::<Vec<_>>());
+    let (v4, v6): (Vec<IpAddr>, Vec<IpAddr>) = node_ips.iter().partition(|ip| ip.is_ipv4());
+    assert_eq!(set("node_ips"), v4.iter().map(|i| i.to_string()).collect::<Vec<_>>());
+    assert_eq!(set("node_ips6"), v6.iter().map(|i| i.to_string()).collect::<Vec<_>>());
+    // Sets hold one family each.
+    for s in &rules.sets {
+        assert!(s.elements.iter().all(|r| r.family() == s.family), "{s:?}");
+    }
     // A policy selecting only pods elsewhere adds nothing here.
     let manifests = [np("x", "c-only", json!({"podSelector": {"matchLabels": {"pod": "c"}}}))];
     let rules = compile(&lab_input(&policies(&manifests), 0));

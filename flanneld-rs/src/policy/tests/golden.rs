@@ -54,8 +54,22 @@ pub(super) fn scenarios() -> Vec<(&'static str, PolicyInput)> {
                 {"to": [{"ipBlock": {"cidr": "0.0.0.0/0", "except": ["10.0.0.0/8", "fd00::/8"]}}]}]}),
         ),
     ];
+    let dual = [
+        np("y", "default-deny", json!({"podSelector": {}, "policyTypes": ["Ingress", "Egress"]})),
+        np(
+            "y",
+            "web-both-families",
+            json!({"podSelector": {"matchExpressions": [{"key": "pod", "operator": "In", "values": ["a", "d"]}]},
+                   "ingress": [
+                       {"from": [{"podSelector": {"matchLabels": {"pod": "b"}}}], "ports": [{"port": "http"}]},
+                       {"from": [{"ipBlock": {"cidr": "2001:db8:2440::/44", "except": ["2001:db8:2442::/64", "2001:db8:2441::b/128"]}},
+                                 {"ipBlock": {"cidr": "10.244.2.0/24"}}]}],
+                   "egress": [{"to": [{"namespaceSelector": {"matchLabels": {"ns": "x"}}}], "ports": [{"port": 80}]}]}),
+        ),
+    ];
     vec![
         ("ingress-deny-and-allow", lab_input(&policies(&ingress), 0)),
+        ("dual-stack", lab_input(&policies(&dual), 0)),
         ("egress-dns-only", lab_input(&policies(&dns), 0)),
         ("named-ports-ipblock", lab_input(&policies(&mixed), 0)),
     ]

@@ -1,6 +1,6 @@
 //! From API objects to the model: defaults, what is skipped, notes.
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
@@ -47,8 +47,11 @@ fn policy_peers_and_ports_convert() {
         {"podSelector": {"matchLabels": {"role": "client"}}},
         {"namespaceSelector": {"matchLabels": {"ns": "y"}}},
         {"namespaceSelector": {}, "podSelector": {"matchLabels": {"role": "client"}}},
+        {"ipBlock": {"cidr": "10.1.2.3/16", "except": ["10.1.2.0/24"]}},
         {"ipBlock": {"cidr": "10.1.2.3/16", "except": ["10.1.2.0/24", "fd00::/64"]}},
-        {"ipBlock": {"cidr": "fd00::/8"}},
+        {"ipBlock": {"cidr": "2001:db8::1/32", "except": ["2001:db8:1::/48"]}},
+        {"ipBlock": {"cidr": "2001:db8::/32", "except": ["10.0.0.0/8"]}},
+        {"ipBlock": {"cidr": "2001:db8::/32", "except": ["2001:db8::/zz"]}},
         {"ipBlock": {"cidr": "10.0.0.0/8"}, "podSelector": {}},
         {}
     ],
@@ -68,6 +71,9 @@ fn policy_peers_and_ports_convert() {
             Peer::Pods { namespaces: NamespaceScope::Selected(Selector::everything()), pods: client },
             Peer::Block { cidr: "10.1.0.0/16".parse().unwrap(), except: vec!["10.1.2.0/24".parse().unwrap()] },
             Peer::Nothing,
+            Peer::Block { cidr: "2001:db8::/32".parse().unwrap(), except: vec!["2001:db8:1::/48".parse().unwrap()] },
+            Peer::Nothing,
+            Peer::Nothing,
             Peer::Nothing,
             Peer::Nothing,
         ],
@@ -86,8 +92,9 @@ fn policy_peers_and_ports_convert() {
     assert_eq!(p.egress, None);
     // Every ignored thing says why.
     for needle in [
-        "IPv6 except",
-        "IPv6 ipBlock",
+        "peer[4]: except fd00::/64 is not of the family of cidr 10.1.2.3/16",
+        "peer[6]: except 10.0.0.0/8 is not of the family of cidr 2001:db8::/32",
+        "peer[7]: except \"2001:db8::/zz\" is no CIDR",
         "ipBlock together",
         "needs podSelector",
         "\"ICMP\"",
@@ -130,11 +137,14 @@ fn policy_pods_and_namespaces_convert() {
             .into_iter()
             .map(|v| serde_json::from_value(v).unwrap())
             .collect();
-    let input = model_from_k8s::<NetworkPolicy, _, _>(&[], &pods, &nss, "n1", &[Ipv4Addr::new(192, 0, 2, 11)]);
+    let input =
+        model_from_k8s::<NetworkPolicy, _, _>(&[], &pods, &nss, "n1", &[IpAddr::V4(Ipv4Addr::new(192, 0, 2, 11))]);
     let names: Vec<&str> = input.pods.iter().map(|p| p.name.as_str()).collect();
     assert_eq!(names, ["web", "legacy", "host", "pending"], "finished pods are left out");
     let web = &input.pods[0];
-    assert_eq!(web.ips, [Ipv4Addr::new(10, 244, 1, 5)]);
+    // Both families, in podIPs' order.
+    let want: [IpAddr; 2] = ["fd00::5".parse().unwrap(), "10.244.1.5".parse().unwrap()];
+    assert_eq!(web.ips, want);
     assert_eq!(web.node.as_deref(), Some("n1"));
     assert_eq!(
         web.ports,
@@ -145,7 +155,7 @@ fn policy_pods_and_namespaces_convert() {
         ]
     );
     assert!(input.is_local(web));
-    assert_eq!(input.pods[1].ips, [Ipv4Addr::new(10, 244, 1, 6)], "podIP when podIPs is absent");
+    assert_eq!(input.pods[1].ips, [IpAddr::V4(Ipv4Addr::new(10, 244, 1, 6))], "podIP when podIPs is absent");
     assert!(!input.is_local(&input.pods[1]), "no node, not local");
     assert!(input.pods[2].host_network && !input.pods[2].is_eligible());
     assert!(!input.pods[3].is_eligible(), "no address yet");

@@ -63,7 +63,10 @@ fn peers(rng: &mut Rng) -> Vec<Value> {
         json!({"ipBlock": {"cidr": "10.244.1.10/31"}}),
         json!({"ipBlock": {"cidr": "0.0.0.0/0", "except": ["10.244.0.0/16", "192.0.2.0/24"]}}),
         json!({"ipBlock": {"cidr": "192.0.2.0/24", "except": ["192.0.2.11/32"]}}),
-        json!({"ipBlock": {"cidr": "fd00::/8"}}),
+        json!({"ipBlock": {"cidr": "2001:db8:2440::/44", "except": ["2001:db8:2442::/64"]}}),
+        json!({"ipBlock": {"cidr": "2001:db8:2441::a/127"}}),
+        json!({"ipBlock": {"cidr": "::/0", "except": ["2001:db8:2441::/64", "2001:db8:ff::12/128"]}}),
+        json!({"ipBlock": {"cidr": "10.244.0.0/16", "except": ["2001:db8:2441::/64"]}}),
     ];
     out.push(json!({"podSelector": rng.pick(&pods)}));
     out.push(json!({"namespaceSelector": rng.pick(&nss)}));

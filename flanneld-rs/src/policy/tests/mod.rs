@@ -1,6 +1,7 @@
 //! Tests of the policy compiler. `lab` builds the cluster every test uses:
-//! namespaces x, y, z with pods a, b, c (a and b on node n1, c on n2), a DNS
-//! pod in kube-system, a host-network pod, and an outside address.
+//! namespaces x, y, z with dual-stack pods a, b, c (a and b on node n1, c
+//! on n2), an IPv6-only pod y/d on n1, an IPv4-only DNS pod in kube-system,
+//! a host-network pod, and an outside address of each family.
 
 mod cases;
 mod golden;
@@ -8,7 +9,7 @@ mod k8s;
 mod matrix;
 mod nft_check;
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
@@ -16,14 +17,30 @@ use serde_json::{json, Value};
 
 use super::{compile, model_from_k8s, reference, Packet, PolicyInput, Protocol, Ruleset};
 
-/// The two nodes and their own addresses (underlay, flannel.1, cni0).
-pub(super) const NODES: [(&str, [Ipv4Addr; 3]); 2] = [
-    ("n1", [Ipv4Addr::new(192, 0, 2, 11), Ipv4Addr::new(10, 244, 1, 0), Ipv4Addr::new(10, 244, 1, 1)]),
-    ("n2", [Ipv4Addr::new(192, 0, 2, 12), Ipv4Addr::new(10, 244, 2, 0), Ipv4Addr::new(10, 244, 2, 1)]),
+const fn v4(a: u8, b: u8, c: u8, d: u8) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(a, b, c, d))
+}
+
+const fn v6(net: u16, host: u16) -> IpAddr {
+    IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, net, 0, 0, 0, 0, host))
+}
+
+/// The two nodes and their own addresses (underlay, flannel.1, cni0, of
+/// each family; the underlay first).
+pub(super) const NODES: [(&str, [IpAddr; 6]); 2] = [
+    ("n1", [v4(192, 0, 2, 11), v4(10, 244, 1, 0), v4(10, 244, 1, 1), v6(0xff, 0x11), v6(0x2441, 0), v6(0x2441, 1)]),
+    ("n2", [v4(192, 0, 2, 12), v4(10, 244, 2, 0), v4(10, 244, 2, 1), v6(0xff, 0x12), v6(0x2442, 0), v6(0x2442, 1)]),
 ];
 
-/// An address outside the cluster.
-pub(super) const OUTSIDE: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 7);
+/// The IPv6 underlay address of node `node` (index into [`NODES`]).
+pub(super) fn node_ip6(node: usize) -> IpAddr {
+    NODES[node].1[3]
+}
+
+/// Addresses outside the cluster.
+pub(super) const OUTSIDE: IpAddr = v4(203, 0, 113, 7);
+/// The same, IPv6.
+pub(super) const OUTSIDE6: IpAddr = v6(0xee, 7);
 
 /// Who owns a probed address.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -40,16 +57,16 @@ pub(super) enum Who {
 #[derive(Debug, Clone)]
 pub(super) struct Endpoint {
     pub who: Who,
-    pub ip: Ipv4Addr,
+    pub ip: IpAddr,
 }
 
 impl Endpoint {
     /// `x/a`, `n1`, `outside`.
     pub fn label(&self) -> String {
         match &self.who {
-            Who::Pod(ns, name, _) => format!("{ns}/{name}"),
-            Who::Node(n) => n.to_string(),
-            Who::Outside => "outside".into(),
+            Who::Pod(ns, name, _) => format!("{ns}/{name} ({})", self.ip),
+            Who::Node(n) => format!("{n} ({})", self.ip),
+            Who::Outside => format!("outside ({})", self.ip),
         }
     }
 
@@ -77,20 +94,25 @@ pub(super) const LAB_NAMESPACES: [&str; 3] = ["x", "y", "z"];
 /// Pod names in each lab namespace.
 pub(super) const LAB_PODS: [&str; 3] = ["a", "b", "c"];
 
-/// The DNS pod's address.
-pub(super) const DNS_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 2, 53);
+/// The DNS pod's address (IPv4 only).
+pub(super) const DNS_IP: IpAddr = v4(10, 244, 2, 53);
 
-/// A lab pod's node and address: a and b on n1, c on n2.
-pub(super) fn lab_pod_addr(ns_index: usize, pod_index: usize) -> (&'static str, Ipv4Addr) {
+/// The IPv6-only pod y/d, on n1.
+pub(super) const D6_IP: IpAddr = v6(0x2441, 0x99);
+
+/// A lab pod's node and addresses (IPv4 first): a and b on n1, c on n2.
+pub(super) fn lab_pod_addr(ns_index: usize, pod_index: usize) -> (&'static str, [IpAddr; 2]) {
     let node = if pod_index < 2 { 1 } else { 2 };
-    (NODES[node - 1].0, Ipv4Addr::new(10, 244, node as u8, (10 + 10 * ns_index + pod_index) as u8))
+    let host = (10 + 10 * ns_index + pod_index) as u8;
+    (NODES[node - 1].0, [v4(10, 244, node as u8, host), v6(0x2440 + node as u16, u16::from(host))])
 }
 
-fn pod_json(ns: &str, name: &str, node: &str, ip: Ipv4Addr, labels: Value, ports: Value, host: bool) -> Pod {
+fn pod_json(ns: &str, name: &str, node: &str, ips: &[IpAddr], labels: Value, ports: Value, host: bool) -> Pod {
+    let listed: Vec<Value> = ips.iter().map(|ip| json!({"ip": ip.to_string()})).collect();
     serde_json::from_value(json!({
         "metadata": {"namespace": ns, "name": name, "labels": labels},
         "spec": {"nodeName": node, "hostNetwork": host, "containers": [{"name": "c", "ports": ports}]},
-        "status": {"phase": "Running", "podIP": ip.to_string(), "podIPs": [{"ip": ip.to_string()}]}
+        "status": {"phase": "Running", "podIP": ips[0].to_string(), "podIPs": listed}
     }))
     .expect("a pod")
 }
@@ -101,7 +123,7 @@ pub(super) fn lab_pods() -> Vec<Pod> {
     let mut pods = Vec::new();
     for (i, ns) in LAB_NAMESPACES.iter().enumerate() {
         for (j, name) in LAB_PODS.iter().enumerate() {
-            let (node, ip) = lab_pod_addr(i, j);
+            let (node, ips) = lab_pod_addr(i, j);
             let mut ports = vec![
                 json!({"name": "serve-80-tcp", "containerPort": 80}),
                 json!({"name": "serve-81-udp", "containerPort": 81, "protocol": "UDP"}),
@@ -111,21 +133,30 @@ pub(super) fn lab_pods() -> Vec<Pod> {
                 "b" => ports.push(json!({"name": "http", "containerPort": 81})),
                 _ => {}
             }
-            pods.push(pod_json(ns, name, node, ip, json!({"pod": name}), Value::Array(ports), false));
+            pods.push(pod_json(ns, name, node, &ips, json!({"pod": name}), Value::Array(ports), false));
         }
     }
+    pods.push(pod_json(
+        "y",
+        "d",
+        "n1",
+        &[D6_IP],
+        json!({"pod": "d"}),
+        json!([{"name": "http", "containerPort": 80}, {"name": "serve-81-udp", "containerPort": 81, "protocol": "UDP"}]),
+        false,
+    ));
     pods.push(pod_json(
         "kube-system",
         "dns",
         "n2",
-        DNS_IP,
+        &[DNS_IP],
         json!({"k8s-app": "kube-dns"}),
         json!([{"name": "dns", "containerPort": 53, "protocol": "UDP"}, {"name": "dns-tcp", "containerPort": 53}]),
         false,
     ));
     // A host-network pod on n2 labelled like the lab's a pods: it has n2's
     // address, and policy must neither enforce on it nor select it.
-    pods.push(pod_json("x", "hostnet", "n2", NODES[1].1[0], json!({"pod": "a"}), json!([]), true));
+    pods.push(pod_json("x", "hostnet", "n2", &[NODES[1].1[0], node_ip6(1)], json!({"pod": "a"}), json!([]), true));
     pods
 }
 
@@ -148,15 +179,20 @@ pub(super) fn lab_endpoints() -> Vec<Endpoint> {
     let mut out = Vec::new();
     for (i, ns) in LAB_NAMESPACES.iter().enumerate() {
         for (j, name) in LAB_PODS.iter().enumerate() {
-            let (node, ip) = lab_pod_addr(i, j);
-            out.push(Endpoint { who: Who::Pod(ns, name, node), ip });
+            let (node, ips) = lab_pod_addr(i, j);
+            for ip in ips {
+                out.push(Endpoint { who: Who::Pod(ns, name, node), ip });
+            }
         }
     }
+    out.push(Endpoint { who: Who::Pod("y", "d", "n1"), ip: D6_IP });
     out.push(Endpoint { who: Who::Pod("kube-system", "dns", "n2"), ip: DNS_IP });
-    for (node, ips) in NODES {
+    for (i, (node, ips)) in NODES.iter().enumerate() {
         out.push(Endpoint { who: Who::Node(node), ip: ips[0] });
+        out.push(Endpoint { who: Who::Node(node), ip: node_ip6(i) });
     }
     out.push(Endpoint { who: Who::Outside, ip: OUTSIDE });
+    out.push(Endpoint { who: Who::Outside, ip: OUTSIDE6 });
     out
 }
 
@@ -197,16 +233,31 @@ pub(super) fn lab_cluster(policies: &[NetworkPolicy]) -> Vec<(PolicyInput, Rules
 /// (protocol, port) pass the cluster?
 pub(super) type ExpectFn = dyn Fn(&Endpoint, &Endpoint, Protocol, u16) -> bool;
 
-/// Every disagreement, over the whole probe matrix, between the reference
-/// and the compiled rules on each node; and, when `expect` is given,
-/// between the cluster's verdict (every node must allow) and it.
+/// Every disagreement, over the whole probe matrix (pairs of addresses of
+/// one family), between the reference and the compiled rules on each node;
+/// and, when `expect` is given, between the cluster's verdict (every node
+/// must allow) and it. Neighbour discovery between any two IPv6 addresses
+/// must pass every node, whatever the policies.
 pub(super) fn disagreements(cluster: &[(PolicyInput, Ruleset)], expect: Option<&ExpectFn>) -> Vec<String> {
     let mut bad = Vec::new();
     let endpoints = lab_endpoints();
     for src in &endpoints {
         for dst in &endpoints {
-            if src.ip == dst.ip {
+            if src.ip == dst.ip || src.ip.is_ipv4() != dst.ip.is_ipv4() {
                 continue;
+            }
+            if src.ip.is_ipv6() {
+                let nd = Packet::neighbour_discovery(src.ip, dst.ip);
+                for (input, rules) in cluster {
+                    if !rules.evaluate(&nd) || !reference::allowed(input, &nd) {
+                        bad.push(format!(
+                            "{} -> {}: neighbour discovery dropped on {}",
+                            src.label(),
+                            dst.label(),
+                            input.node
+                        ));
+                    }
+                }
             }
             for (proto, port) in lab_ports() {
                 let p = Packet::new(src.ip, dst.ip, proto, port);
