@@ -122,19 +122,31 @@ pub fn start(o: &mut Overlay, i: usize, kind: Kind) {
 }
 
 /// etcd's count of watchers, and of those still catching up with past
-/// revisions.
+/// revisions. A failed read of its /metrics (seen once under load: the
+/// 5-s read timed out with several clusters' tests running side by side)
+/// is tried again, up to 5 times.
 fn etcd_watchers(o: &Overlay) -> (f64, f64) {
     use std::io::{Read, Write};
     let addr: std::net::SocketAddr = ETCD.trim_start_matches("http://").parse().unwrap();
-    let mut s = flannel_net::netns::NetNs::open(o.outside().path())
-        .unwrap()
-        .run(move || std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)))
-        .unwrap()
-        .unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: etcd\r\nConnection: close\r\n\r\n").unwrap();
-    let mut text = String::new();
-    s.read_to_string(&mut text).unwrap();
+    let fetch = || -> std::io::Result<String> {
+        let mut s = flannel_net::netns::NetNs::open(o.outside().path())?
+            .run(move || std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)))??;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: etcd\r\nConnection: close\r\n\r\n")?;
+        let mut text = String::new();
+        s.read_to_string(&mut text)?;
+        Ok(text)
+    };
+    let mut tries = 0;
+    let text = loop {
+        tries += 1;
+        match fetch() {
+            Ok(text) => break text,
+            Err(e) if tries < 5 => eprintln!("etcd's /metrics, try {tries} of 5: {e}; again"),
+            Err(e) => panic!("etcd's /metrics: {e} (5 tries)"),
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
     let get = |name: &str| crate::metric(&text, name).unwrap_or_else(|| panic!("no {name} in etcd's /metrics"));
     (get("etcd_debugging_mvcc_watcher_total"), get("etcd_debugging_mvcc_slow_watcher_total"))
 }

@@ -6,7 +6,7 @@
 //! state for it does not change, the pods keep their addresses; lost
 //! datagrams are counted: none for vxlan and host-gw; udp's count is printed
 //! (its TUN device goes with the daemon that opened it). Dual-stack vxlan
-//! (etcd mode) too: both subnets, both VTEP MACs and node 1's state for both
+//! (etcd and Kubernetes mode) too: both subnets, both VTEP MACs and node 1's state for both
 //! halves kept, IPv6 TCP connections kept open across each step.
 //!
 //! Pods are plugged in by our plugin (reading the subnet.env upstream
@@ -292,4 +292,30 @@ fn etcd_vxlan_dual_stack_node_migrates_without_loss() {
     dual_stack_underlay(&o);
     start_nodes(&mut o, &[Kind::Upstream, Kind::Upstream]);
     migrate_both_ways(&mut o, &Store::Etcd, true, 9500);
+}
+
+/// Dual-stack vxlan in Kubernetes mode (the API server with
+/// `IPv6DualStack`, the Nodes with podCIDRs of both families): as
+/// [`etcd_vxlan_dual_stack_node_migrates_without_loss`], node 0 keeping its
+/// podCIDRs and its annotations (`backend-v6-data` and `public-ipv6`
+/// among them) unchanged.
+#[test]
+fn kube_vxlan_dual_stack_node_migrates_without_loss() {
+    if !(require_root() && require_kube() && require_upstream()) {
+        return;
+    }
+    let mut ko = KubeOverlay::with_conf(2, &dual_conf(r#"{"Type":"vxlan"}"#));
+    ko.api.enable_dual_stack(ko.o.outside());
+    for i in 0..2 {
+        let cidrs = [format!("10.244.{}.0/24", i + 1), format!("2001:db8:10:{}::/64", i + 1)];
+        let node = serde_json::json!({
+            "apiVersion": "v1", "kind": "Node",
+            "metadata": { "name": KubeOverlay::node_name(i) },
+            "spec": { "podCIDR": cidrs[0], "podCIDRs": cidrs }
+        });
+        ko.api.apply(&node.to_string());
+    }
+    dual_stack_underlay(&ko.o);
+    start_nodes(&mut ko.o, &[Kind::Upstream, Kind::Upstream]);
+    migrate_both_ways(&mut ko.o, &Store::Kube(&ko.api), true, 9600);
 }

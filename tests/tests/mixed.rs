@@ -6,8 +6,9 @@
 //! the other kind programs them; a node of either kind leaving is cleaned up
 //! on both kinds.
 //!
-//! Dual-stack (vxlan, etcd mode, [`etcd_vxlan_dual_stack_mixed_cluster`]):
-//! the same with `EnableIPv6`, for both families.
+//! Dual-stack (vxlan, etcd and Kubernetes mode,
+//! [`etcd_vxlan_dual_stack_mixed_cluster`]): the same with `EnableIPv6`,
+//! for both families.
 //!
 //! The default run covers every backend in etcd mode and vxlan and host-gw
 //! in Kubernetes mode; the rest of the matrix (Kubernetes mode with
@@ -20,9 +21,9 @@ use std::time::{Duration, Instant};
 
 use e2e_tests::kube::{require_kube, ApiServer, KubeOverlay};
 use e2e_tests::mixed::{
-    dev_mac, dual_conf, dual_stack_underlay, etcd_peers, etcd_peers6, key_subnets, kube_peers, lease_key_of, node_ipv6,
-    own_device, peer_entries, peer_shapes, pod_addr6, require_upstream, start_nodes, subnet6, tail, Kind, Peer,
-    NETWORK6,
+    dev_mac, dual_conf, dual_stack_underlay, etcd_peers, etcd_peers6, key_subnets, kube_peers, kube_peers6,
+    lease_key_of, node_ipv6, own_device, peer_entries, peer_shapes, pod_addr6, require_upstream, start_nodes, subnet6,
+    tail, Kind, Peer, NETWORK6,
 };
 use e2e_tests::overlay::{etcdctl_ok, Overlay};
 use e2e_tests::{echo_server, tcp_round_trip};
@@ -491,4 +492,40 @@ fn etcd_vxlan_dual_stack_mixed_cluster() {
         assert_dual_planes_alike(&o, &alive, &|| etcd_peers(&o), &|| etcd_peers6(&o));
         dual_pods_talk(&pods, &alive, 8300);
     }
+}
+
+/// Dual-stack vxlan in Kubernetes mode: as
+/// [`etcd_vxlan_dual_stack_mixed_cluster`], the leases being the Nodes'
+/// `spec.podCIDRs` of both families (set through the API as
+/// kube-controller-manager sets them; the API server runs with
+/// `IPv6DualStack`, without which 1.20 keeps only the first) and the
+/// annotations `backend-v6-data` and `public-ipv6`, which both kinds write
+/// alike.
+#[test]
+fn kube_vxlan_dual_stack_mixed_cluster() {
+    if !(require_root() && require_kube() && require_upstream()) {
+        return;
+    }
+    let mut ko = KubeOverlay::with_conf(4, &dual_conf(r#"{"Type":"vxlan"}"#));
+    ko.api.enable_dual_stack(ko.o.outside());
+    for i in 0..4 {
+        let cidrs = [format!("10.244.{}.0/24", i + 1), format!("2001:db8:10:{}::/64", i + 1)];
+        let node = serde_json::json!({
+            "apiVersion": "v1", "kind": "Node",
+            "metadata": { "name": KubeOverlay::node_name(i) },
+            "spec": { "podCIDR": cidrs[0], "podCIDRs": cidrs }
+        });
+        ko.api.apply(&node.to_string());
+    }
+    dual_stack_underlay(&ko.o);
+    start_nodes(&mut ko.o, &KINDS);
+    let all = [0, 1, 2, 3];
+    assert_same_dual_subnet_env(&ko.o);
+    let ann: Vec<BTreeSet<String>> = all.iter().map(|&i| node_annotations(&ko.api, i)).collect();
+    assert!(ann[0].iter().any(|a| a.contains("/backend-v6-data=")), "upstream's annotations: {:?}", ann[0]);
+    assert_eq!(ann[1], ann[0], "annotations of flanneld-rs (node1) and upstream (node0)");
+    assert_eq!(ann[3], ann[2], "annotations of flanneld-rs (node3) and upstream (node2)");
+    assert_dual_planes_alike(&ko.o, &all, &|| kube_peers(&ko.api), &|| kube_peers6(&ko.api));
+    let pods = dual_pods(&ko.o, "kd");
+    dual_pods_talk(&pods, &all, 8400);
 }
