@@ -122,33 +122,37 @@ pub fn start(o: &mut Overlay, i: usize, kind: Kind) {
 }
 
 /// etcd's count of watchers, and of those still catching up with past
-/// revisions. A failed read of its /metrics (seen once under load: the
-/// 5-s read timed out with several clusters' tests running side by side)
-/// is tried again, up to 5 times.
+/// revisions, from its /metrics. Asked in HTTP/1.0, so that the answer is
+/// not chunked (HTTP/1.1's chunk-size lines can cut a metric's line in
+/// two). A failed or incomplete read (seen under load, with several
+/// clusters' tests side by side: a 5-s read timeout) is tried again, up to
+/// 5 times.
 fn etcd_watchers(o: &Overlay) -> (f64, f64) {
     use std::io::{Read, Write};
     let addr: std::net::SocketAddr = ETCD.trim_start_matches("http://").parse().unwrap();
-    let fetch = || -> std::io::Result<String> {
+    let fetch = || -> std::io::Result<(f64, f64)> {
         let mut s = flannel_net::netns::NetNs::open(o.outside().path())?
             .run(move || std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)))??;
         s.set_read_timeout(Some(Duration::from_secs(5)))?;
-        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: etcd\r\nConnection: close\r\n\r\n")?;
+        s.write_all(b"GET /metrics HTTP/1.0\r\nHost: etcd\r\n\r\n")?;
         let mut text = String::new();
         s.read_to_string(&mut text)?;
-        Ok(text)
+        let get = |name: &str| {
+            crate::metric(&text, name)
+                .ok_or_else(|| std::io::Error::other(format!("no {name} in the {} bytes read", text.len())))
+        };
+        Ok((get("etcd_debugging_mvcc_watcher_total")?, get("etcd_debugging_mvcc_slow_watcher_total")?))
     };
     let mut tries = 0;
-    let text = loop {
+    loop {
         tries += 1;
         match fetch() {
-            Ok(text) => break text,
+            Ok(counts) => return counts,
             Err(e) if tries < 5 => eprintln!("etcd's /metrics, try {tries} of 5: {e}; again"),
             Err(e) => panic!("etcd's /metrics: {e} (5 tries)"),
         }
         std::thread::sleep(Duration::from_millis(200));
-    };
-    let get = |name: &str| crate::metric(&text, name).unwrap_or_else(|| panic!("no {name} in etcd's /metrics"));
-    (get("etcd_debugging_mvcc_watcher_total"), get("etcd_debugging_mvcc_slow_watcher_total"))
+    }
 }
 
 /// What upstream logs each time its own-lease watch sees its lease.
