@@ -3,7 +3,8 @@
 //!
 //! - [`Netns`]: one owned namespace, and fast ways to run commands inside it.
 //! - [`Cluster`]: N [`Node`]s (and optionally an outside host) on an underlay
-//!   L2 segment, 192.0.2.0/24 (TEST-NET-1, routed nowhere).
+//!   L2 segment, 192.0.2.0/24 (TEST-NET-1, routed nowhere); dual-stack
+//!   ([`Cluster::dual_stack`]) also 2001:db8::/64.
 //! - [`single_node`]: one node namespace without underlay.
 //! - [`cleanup_leftovers`], [`require_root`], [`wait_until`]: test plumbing.
 //! - [`CountingAlloc`], [`peak_alloc`]: how much memory a call holds at its
@@ -24,7 +25,7 @@
 #![warn(missing_docs)]
 
 use std::io::Write;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
@@ -37,9 +38,9 @@ mod traffic;
 
 pub use alloc::{peak_alloc, CountingAlloc};
 pub use cleanup::{cleanup_all, cleanup_leftovers, cleanup_tag};
-pub use cluster::{single_node, Cluster, Node, MAX_NODES};
+pub use cluster::{ipv6_of_node, single_node, Cluster, Node, MAX_NODES};
 pub use netns::Netns;
-pub use traffic::{echo_server, tcp_round_trip};
+pub use traffic::{echo, echo_server, echo_server_until_closed, tcp_connect, tcp_round_trip};
 
 #[cfg(feature = "proptest")]
 pub mod prop;
@@ -57,6 +58,18 @@ pub const UNDERLAY_GATEWAY: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
 
 /// Address of the outside host of [`Cluster::with_outside`].
 pub const OUTSIDE_IP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 200);
+
+/// Prefix length of the IPv6 underlay of a dual-stack cluster
+/// ([`Cluster::dual_stack`]), 2001:db8::/64 (the documentation prefix).
+/// Node `i` is [`ipv6_of_node`]`(i)`.
+pub const UNDERLAY_V6_PREFIX_LEN: u8 = 64;
+
+/// IPv6 address of the switch's `br0` in a dual-stack cluster: the nodes'
+/// IPv6 default gateway (the switch forwards nothing).
+pub const UNDERLAY_GATEWAY_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1);
+
+/// IPv6 address of the outside host of a dual-stack cluster.
+pub const OUTSIDE_IPV6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x200);
 
 /// Whether tests that need root and network namespaces can run here.
 ///

@@ -14,16 +14,21 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Builds an underlay (192.0.2.0/24) with N nodes, and optionally an
+    /// Builds an underlay (192.0.2.0/24, with --ipv6 also 2001:db8::/64) with N nodes, and optionally an
     /// outside host, and leaves it up. Prints one `<role> <namespace>` line
     /// per namespace (`switch`, `node0`..., `outside`).
     Up {
         /// Number of nodes: node i gets eth0 = 192.0.2.(10+i)/24.
         #[arg(long, default_value_t = 1)]
         nodes: usize,
-        /// Also an outside host at 192.0.2.200/24.
+        /// Also an outside host at 192.0.2.200/24 (and 2001:db8::200/64 with
+        /// --ipv6).
         #[arg(long)]
         outside: bool,
+        /// Dual-stack underlay: node i's eth0 also gets 2001:db8::<10+i>/64,
+        /// an IPv6 default route via 2001:db8::1 and IPv6 forwarding.
+        #[arg(long)]
+        ipv6: bool,
         /// Tag in the namespace names (`flt-<TAG>-node0`): a letter, then
         /// letters, digits or `_`. `down --name TAG` removes them.
         #[arg(long)]
@@ -46,8 +51,13 @@ enum Cmd {
 
 fn main() -> ExitCode {
     match Cli::parse().cmd {
-        Cmd::Up { nodes, outside, name } => {
-            let cluster = match netns_fixtures::Cluster::new_named(&name, nodes, outside) {
+        Cmd::Up { nodes, outside, ipv6, name } => {
+            let built = if ipv6 {
+                netns_fixtures::Cluster::new_named_dual_stack(&name, nodes, outside)
+            } else {
+                netns_fixtures::Cluster::new_named(&name, nodes, outside)
+            };
+            let cluster = match built {
                 Ok(c) => c,
                 Err(e) => {
                     // Whatever was built before the error is already gone

@@ -307,3 +307,122 @@ fn cli_up_keeps_a_cluster_that_down_removes() {
     let bad = Command::new(bin).args(["up", "--name", "no/slash"]).output().unwrap();
     assert!(!bad.status.success());
 }
+
+/// The global IPv6 addresses (`addr/len`) of `dev` inside `ns`.
+fn ipv6_of(ns: &Netns, dev: &str) -> Vec<String> {
+    let v = ns.ip_json(&["-6", "addr", "show", "dev", dev, "scope", "global"]);
+    v.as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|l| l["addr_info"].as_array())
+        .flatten()
+        // `ip -j` lists an address a filter drops as `{}`.
+        .filter_map(|a| Some(format!("{}/{}", a["local"].as_str()?, a["prefixlen"])))
+        .collect()
+}
+
+fn root_sysctl(key: &str) -> String {
+    std::fs::read_to_string(Path::new("/proc/sys").join(key.replace('.', "/"))).unwrap()
+}
+
+#[test]
+fn dual_stack_cluster_reaches_every_node_and_the_outside_host_over_ipv6() {
+    if !require_root() {
+        return;
+    }
+    let links_before = root_links();
+    let root_keys = [
+        "net.ipv4.ip_forward",
+        "net.ipv6.conf.all.forwarding",
+        "net.ipv6.conf.all.disable_ipv6",
+        "net.ipv6.conf.default.disable_ipv6",
+        "net.ipv6.conf.default.accept_dad",
+    ];
+    let root_before: Vec<String> = root_keys.iter().map(|k| root_sysctl(k)).collect();
+    let cluster = Cluster::dual_stack(3, true).unwrap();
+    assert!(cluster.is_dual_stack());
+    for (i, node) in cluster.nodes().iter().enumerate() {
+        let v6 = format!("2001:db8::{}", 10 + i);
+        assert_eq!(node.underlay_ipv6.map(|a| a.to_string()), Some(v6.clone()));
+        assert_eq!(netns_fixtures::ipv6_of_node(i).to_string(), v6);
+        assert_eq!(ipv4_of(&node.ns, "eth0"), [format!("192.0.2.{}/24", 10 + i)]);
+        assert_eq!(ipv6_of(&node.ns, "eth0"), [format!("{v6}/64")]);
+        let default = node.ns.ip_json(&["-6", "route", "show", "default"]);
+        assert_eq!(default[0]["gateway"], "2001:db8::1", "{default}");
+        assert_eq!(default[0]["dev"], "eth0");
+        assert_eq!(node.ns.run_ok("cat", &["/proc/sys/net/ipv6/conf/all/forwarding"]).trim(), "1");
+        assert_eq!(node.ns.run_ok("cat", &["/proc/sys/net/ipv4/ip_forward"]).trim(), "1");
+    }
+    let outside = cluster.outside().expect("outside host");
+    assert_eq!(ipv6_of(outside, "eth0"), ["2001:db8::200/64"]);
+    assert_eq!(outside.ip_json(&["-6", "route", "show", "default"]), serde_json::json!([]));
+    assert_eq!(ipv6_of(cluster.switch(), "br0"), ["2001:db8::1/64"]);
+    assert_eq!(cluster.switch().run_ok("cat", &["/proc/sys/net/ipv6/conf/all/forwarding"]).trim(), "0");
+
+    // Every node reaches every other node, the gateway and the outside host
+    // over IPv6, at the first packet (the cluster waited for neighbours).
+    for node in cluster.nodes() {
+        for target in ["2001:db8::10", "2001:db8::11", "2001:db8::12", "2001:db8::1", "2001:db8::200"] {
+            node.ns.run_ok("ping", &["-6", "-c1", "-W2", target]);
+        }
+    }
+    outside.run_ok("ping", &["-6", "-c1", "-W2", "2001:db8::11"]);
+    // And TCP, through sockets made inside the namespaces.
+    let target: std::net::SocketAddr = "[2001:db8::12]:7100".parse().unwrap();
+    let server = netns_fixtures::echo_server(&cluster.node(2).ns, target);
+    assert_eq!(netns_fixtures::tcp_round_trip(&cluster.node(0).ns, target), "ping\n");
+    assert_eq!(server.join().unwrap().ip().to_string(), "2001:db8::10");
+
+    // Nothing of it in the root namespace.
+    assert_eq!(root_links(), links_before);
+    let root_after: Vec<String> = root_keys.iter().map(|k| root_sysctl(k)).collect();
+    assert_eq!(root_after, root_before, "the fixture changed the root namespace's {root_keys:?}");
+
+    let mut names: Vec<String> = cluster.nodes().iter().map(|n| n.ns.name().to_string()).collect();
+    names.push(cluster.switch().name().to_string());
+    names.push(outside.name().to_string());
+    drop(cluster);
+    for n in &names {
+        assert!(!exists(n), "{n} survived the drop");
+    }
+    assert_eq!(root_links(), links_before);
+}
+
+#[test]
+fn ipv4_only_clusters_have_no_global_ipv6_address() {
+    if !require_root() {
+        return;
+    }
+    let cluster = Cluster::with_outside(2).unwrap();
+    assert!(!cluster.is_dual_stack());
+    for node in cluster.nodes() {
+        assert_eq!(node.underlay_ipv6, None);
+        assert_eq!(ipv6_of(&node.ns, "eth0"), Vec::<String>::new());
+        assert_eq!(node.ns.ip_json(&["-6", "route", "show", "default"]), serde_json::json!([]));
+    }
+    assert_eq!(ipv6_of(cluster.outside().unwrap(), "eth0"), Vec::<String>::new());
+    assert_eq!(ipv6_of(cluster.switch(), "br0"), Vec::<String>::new());
+}
+
+#[test]
+fn cli_up_ipv6_builds_a_dual_stack_cluster() {
+    if !require_root() {
+        return;
+    }
+    let bin = env!("CARGO_BIN_EXE_netns-fixture");
+    let tag = format!("cliv{}", std::process::id());
+    let up = Command::new(bin).args(["up", "--nodes", "2", "--outside", "--ipv6", "--name", &tag]).output().unwrap();
+    let down = || Command::new(bin).args(["down", "--name", &tag]).output().unwrap();
+    if !up.status.success() {
+        down();
+        panic!("{}", String::from_utf8_lossy(&up.stderr));
+    }
+    let ping = Command::new("ip")
+        .args(["netns", "exec", &format!("{PREFIX}{tag}-node1"), "ping", "-6", "-c1", "-W2", "2001:db8::200"])
+        .output()
+        .unwrap();
+    let removed = down();
+    assert!(ping.status.success(), "{}", String::from_utf8_lossy(&ping.stdout));
+    assert!(removed.status.success(), "{}", String::from_utf8_lossy(&removed.stderr));
+    assert!(!exists(&format!("{PREFIX}{tag}-node0")));
+}

@@ -2,7 +2,8 @@
 # flanneld-rs benchmarks, each beside a reference measured in the same run:
 # start-up with 1000 and 5000 peers against `ip -batch`, lease-to-route
 # latency, RSS and idle CPU, and iperf3/ping through the overlay against
-# hand-programmed VXLAN. Usage: scripts/bench/overlay.sh [--peers 1000,5000] [--leases 200]
+# hand-programmed VXLAN (with --ipv6 also over IPv6 against a hand-programmed
+# flannel-v6.1). Usage: scripts/bench/overlay.sh [--peers 1000,5000] [--leases 200] [--ipv6]
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 source scripts/lib/common.sh

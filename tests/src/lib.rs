@@ -129,6 +129,32 @@ pub fn all_pods_talk(pods: &[(Netns, std::net::Ipv4Addr)], port_base: u16) {
     }
 }
 
+/// Every pod reaches every other pod over TCP at each of its addresses
+/// (`pods`: namespace and addresses, e.g. one IPv4 and one IPv6), port
+/// `port_base + (i * n + j) * k + a` for the `a`-th address, keeping its own
+/// source address of the same family (no masquerade between pods, no
+/// family translation).
+pub fn all_pods_talk_ips(pods: &[(&Netns, Vec<std::net::IpAddr>)], port_base: u16) {
+    let n = pods.len();
+    let k = pods.iter().map(|(_, a)| a.len()).max().unwrap_or(0);
+    for (i, (from, from_addrs)) in pods.iter().enumerate() {
+        for (j, (to, addrs)) in pods.iter().enumerate() {
+            if i == j {
+                continue;
+            }
+            for (a, addr) in addrs.iter().enumerate() {
+                let target = std::net::SocketAddr::new(*addr, port_base + ((i * n + j) * k + a) as u16);
+                let server = echo_server(to, target);
+                assert_eq!(tcp_round_trip(from, target), "ping\n", "pod on node{i} -> pod on node{j} at {target}");
+                let seen = server.join().unwrap().ip();
+                let own: Vec<std::net::IpAddr> =
+                    from_addrs.iter().copied().filter(|s| s.is_ipv4() == addr.is_ipv4()).collect();
+                assert!(own.contains(&seen), "pod on node{i} -> {target}: the server saw {seen}, not one of {own:?}");
+            }
+        }
+    }
+}
+
 /// [`netns_fixtures::wait_until`], with a failure message built only when
 /// the wait fails (`what()` may read logs).
 pub fn wait_until_or(timeout: std::time::Duration, cond: &dyn Fn() -> bool, what: &dyn Fn() -> String) {

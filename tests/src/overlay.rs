@@ -2,7 +2,7 @@
 //! etcd, a real flanneld-rs per node, pods plugged in by the real plugin.
 
 use std::collections::BTreeMap;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 use std::time::Duration;
@@ -16,6 +16,11 @@ use crate::{cni, cni_env, workspace_bin};
 pub const ETCD: &str = "http://192.0.2.200:2379";
 /// Default network configuration.
 pub const NET_CONF: &str = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#;
+/// Default dual-stack network configuration ([`Overlay::dual_stack`]).
+pub const NET_CONF_DUAL: &str =
+    r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"2001:db8:10::/56","Backend":{"Type":"vxlan"}}"#;
+/// The IPv6 Network of [`NET_CONF_DUAL`].
+pub const NETWORK6: &str = "2001:db8:10::/56";
 
 /// A child process killed (and reaped) on drop.
 pub struct Proc(pub Option<Child>);
@@ -244,6 +249,15 @@ impl Overlay {
         Self::with_etcd(cluster, etcd, Some(conf))
     }
 
+    /// `nodes` nodes on a dual-stack underlay ([`Cluster::dual_stack`],
+    /// etcd on the outside host, reached over IPv4) with network
+    /// configuration `conf` (e.g. [`NET_CONF_DUAL`]); daemons not started.
+    pub fn dual_stack(nodes: usize, conf: &str) -> Overlay {
+        let cluster = Cluster::dual_stack(nodes, true).unwrap();
+        let etcd = Etcd::start(cluster.outside().unwrap());
+        Self::with_etcd(cluster, etcd, Some(conf))
+    }
+
     /// On `cluster` with `etcd` (running, or not started yet when `conf` is
     /// `None`); `conf`, if given, is written as the network configuration.
     pub fn with_etcd(cluster: Cluster, etcd: Etcd, conf: Option<&str>) -> Overlay {
@@ -369,10 +383,32 @@ impl Overlay {
         line["FLANNEL_SUBNET=".len()..].parse::<ipnet::Ipv4Net>().unwrap().trunc()
     }
 
-    /// The etcd key of node `i`'s lease.
+    /// The etcd key of node `i`'s lease: `.../10.244.1.0-24`, dual-stack
+    /// `.../10.244.1.0-24&2001:db8:10:1::-64` (flannel's key for a lease
+    /// with both subnets).
     pub fn lease_key(&self, i: usize) -> String {
         let s = self.subnet(i);
-        format!("/coreos.com/network/subnets/{}-{}", s.network(), s.prefix_len())
+        let mut key = format!("/coreos.com/network/subnets/{}-{}", s.network(), s.prefix_len());
+        if let Some(s6) = self.subnet6(i) {
+            key += &format!("&{}-{}", s6.network(), s6.prefix_len());
+        }
+        key
+    }
+
+    /// Node `i`'s IPv6 subnet (`FLANNEL_IPV6_SUBNET` of its subnet.env),
+    /// `None` when it has none.
+    pub fn subnet6(&self, i: usize) -> Option<ipnet::Ipv6Net> {
+        let text = std::fs::read_to_string(&self.daemons[i].subnet_file).unwrap();
+        let value = text.lines().find_map(|l| l.strip_prefix("FLANNEL_IPV6_SUBNET="))?;
+        let net: ipnet::Ipv6Net =
+            value.parse().unwrap_or_else(|e| panic!("node{i}'s FLANNEL_IPV6_SUBNET={value}: {e}"));
+        Some(net.trunc())
+    }
+
+    /// A value of node `i`'s subnet.env (`FLANNEL_MTU`), `None` when absent.
+    pub fn subnet_env(&self, i: usize, key: &str) -> Option<String> {
+        let text = std::fs::read_to_string(&self.daemons[i].subnet_file).unwrap();
+        text.lines().find_map(|l| l.strip_prefix(key)?.strip_prefix('=')).map(str::to_string)
     }
 
     /// Node `i`'s daemon log.
@@ -466,10 +502,13 @@ impl Overlay {
     /// What node `i`'s flannel.1 must hold given the leases in etcd.
     pub fn expected_state(&self, i: usize) -> VtepState {
         let peers = leases(self.outside()).into_iter().map(|(key, v)| {
-            let tail = key.rsplit('/').next().unwrap();
-            let (net, len) = tail.split_once('-').unwrap();
+            let (subnet, _) = parse_subnet_key(&key);
             let mac = v["BackendData"]["VtepMAC"].as_str().unwrap().to_string();
-            (format!("{net}/{len}"), mac, v["PublicIP"].as_str().unwrap().to_string())
+            (
+                subnet.expect("an IPv4 subnet in the lease key").to_string(),
+                mac,
+                v["PublicIP"].as_str().unwrap().to_string(),
+            )
         });
         self.expected_state_for(i, peers)
     }
@@ -522,9 +561,92 @@ impl Overlay {
             .into_iter()
             .filter(|(_, l)| l["PublicIP"] != own.as_str())
             .map(|(key, l)| {
-                let (net, len) = key.rsplit('/').next().unwrap().split_once('-').unwrap().to_owned();
-                format!("{net}/{len} via {}", l["PublicIP"].as_str().unwrap())
+                let (subnet, _) = parse_subnet_key(&key);
+                format!("{} via {}", subnet.expect("an IPv4 subnet in the lease key"), l["PublicIP"].as_str().unwrap())
             })
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// Node `i`'s IPv6 VTEP state (`flannel-v6.1`): its routes (those
+    /// the kernel did not add itself for an address: `proto kernel` ones
+    /// are left out), neighbours and FDB entries, as [`Overlay::vtep_state`].
+    /// Empty when the device does not exist.
+    pub fn vtep6_state(&self, i: usize) -> VtepState {
+        vtep_state_of(&self.cluster.node(i).ns, VXLAN6_DEV, "-6")
+    }
+
+    /// What node `i`'s `flannel-v6.1` must hold given the leases in etcd:
+    /// for every other lease with an IPv6 subnet and an IPv6 VTEP,
+    /// `<v6 subnet> via <its first address> onlink`, a neighbour for that
+    /// address with the peer's IPv6 VTEP MAC, and an FDB entry sending that
+    /// MAC to the peer's `PublicIPv6`.
+    pub fn expected_state6(&self, i: usize) -> VtepState {
+        let own = self.cluster.node(i).underlay_ipv6.map(|a| a.to_string());
+        let own4 = self.cluster.node(i).underlay_ip.to_string();
+        let mut st = VtepState::default();
+        for (key, v) in leases(self.outside()) {
+            let (_, subnet6) = parse_subnet_key(&key);
+            let Some(subnet6) = subnet6 else { continue };
+            let public6 = v["PublicIPv6"].as_str().map(str::to_string);
+            if v["PublicIP"] == own4.as_str() || (public6.is_some() && public6 == own) {
+                continue;
+            }
+            let (Some(mac), Some(public6)) = (v["BackendV6Data"]["VtepMAC"].as_str(), public6) else { continue };
+            let net = subnet6.network();
+            st.routes.push(format!("{subnet6} via {net} onlink"));
+            st.neighs.push(format!("{net} {mac}"));
+            st.fdbs.push(format!("{mac} {public6}"));
+        }
+        st.routes.sort();
+        st.neighs.sort();
+        st.fdbs.sort();
+        st
+    }
+
+    /// Waits until node `i`'s `flannel-v6.1` is exactly what etcd says.
+    pub fn wait_converged6(&self, i: usize) {
+        let mut last = (VtepState::default(), VtepState::default());
+        let ok = wait_for(Duration::from_secs(10), || {
+            last = (self.vtep6_state(i), self.expected_state6(i));
+            last.0 == last.1
+        });
+        assert!(ok, "node{i}'s {VXLAN6_DEV} did not converge in 10 s: has {:?}, want {:?}", last.0, last.1);
+    }
+
+    /// Node `i`'s IPv6 routes through the underlay to subnets of
+    /// [`NETWORK6`] (host-gw's and DirectRouting's), as sorted `dst via gw`.
+    pub fn underlay_routes6(&self, i: usize) -> Vec<String> {
+        let node = self.cluster.node(i);
+        let network6: ipnet::Ipv6Net = NETWORK6.parse().unwrap();
+        let mut v: Vec<String> = node
+            .ns
+            .ip_json(&["-6", "route", "show", "dev", &node.underlay_if])
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|r| {
+                r["gateway"].is_string()
+                    && r["dst"]
+                        .as_str()
+                        .and_then(|d| d.parse::<ipnet::Ipv6Net>().ok())
+                        .is_some_and(|d| network6.contains(&d))
+            })
+            .map(|r| format!("{} via {}", r["dst"].as_str().unwrap(), r["gateway"].as_str().unwrap()))
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// What node `i`'s IPv6 host-gw routes must be given the leases in
+    /// etcd: `<peer v6 subnet> via <peer PublicIPv6>`.
+    pub fn expected_underlay_routes6(&self, i: usize) -> Vec<String> {
+        let own4 = self.cluster.node(i).underlay_ip.to_string();
+        let mut v: Vec<String> = leases(self.outside())
+            .into_iter()
+            .filter(|(_, l)| l["PublicIP"] != own4.as_str())
+            .filter_map(|(key, l)| Some(format!("{} via {}", parse_subnet_key(&key).1?, l["PublicIPv6"].as_str()?)))
             .collect();
         v.sort();
         v
@@ -540,6 +662,34 @@ impl Overlay {
     /// A pod on node `i` plugged in by the real plugin; returns its namespace
     /// and address.
     pub fn add_pod(&self, i: usize, name: &str) -> (Netns, Ipv4Addr) {
+        let (pod, ips) = self.add_pod_ips(i, name);
+        let addr = ips
+            .iter()
+            .find_map(|ip| match ip {
+                IpAddr::V4(a) => Some(*a),
+                IpAddr::V6(_) => None,
+            })
+            .unwrap_or_else(|| panic!("ADD {name} on node{i} gave no IPv4 address: {ips:?}"));
+        (pod, addr)
+    }
+
+    /// A dual-stack pod on node `i`, plugged in by the real plugin (which
+    /// takes both families from the node's subnet.env, as flannel's does):
+    /// its namespace, IPv4 and IPv6 address. Panics naming the result when
+    /// the plugin did not give one address of each family.
+    pub fn add_dual_pod(&self, i: usize, name: &str) -> (Netns, Ipv4Addr, Ipv6Addr) {
+        let (pod, ips) = self.add_pod_ips(i, name);
+        let v4 = ips.iter().find_map(|ip| if let IpAddr::V4(a) = ip { Some(*a) } else { None });
+        let v6 = ips.iter().find_map(|ip| if let IpAddr::V6(a) = ip { Some(*a) } else { None });
+        match (v4, v6) {
+            (Some(v4), Some(v6)) => (pod, v4, v6),
+            _ => panic!("ADD {name} on node{i}: want an IPv4 and an IPv6 address, got {ips:?}"),
+        }
+    }
+
+    /// A pod on node `i` plugged in by the real plugin: its namespace and
+    /// every address of the result's `ips`, in order.
+    pub fn add_pod_ips(&self, i: usize, name: &str) -> (Netns, Vec<IpAddr>) {
         let node = self.cluster.node(i);
         let pod = node.add_pod_netns(name).unwrap();
         let conf = json!({
@@ -552,8 +702,16 @@ impl Overlay {
         let path = pod.path().display().to_string();
         let out = cni(&node.ns, &workspace_bin("flannel"), &cni_env("ADD", name, &path), &conf.to_string());
         assert!(out.ok, "ADD {name} on node{i}: {:?}", out);
-        let addr = out.json["ips"][0]["address"].as_str().unwrap().split('/').next().unwrap().parse().unwrap();
-        (pod, addr)
+        let ips = out.json["ips"]
+            .as_array()
+            .unwrap_or_else(|| panic!("ADD {name} on node{i}: no ips in {}", out.json))
+            .iter()
+            .map(|ip| {
+                let text = ip["address"].as_str().unwrap_or_else(|| panic!("ADD {name}: address of {ip}"));
+                text.split('/').next().unwrap().parse().unwrap_or_else(|e| panic!("ADD {name}: {text}: {e}"))
+            })
+            .collect();
+        (pod, ips)
     }
 
     /// `flanneld-rs` inside node `i`, pointed at etcd and the node's subnet.env.
@@ -602,6 +760,87 @@ impl VtepState {
         let keep = |v: &Vec<String>| v.iter().filter(|e| !needles.iter().any(|n| e.contains(n))).cloned().collect();
         VtepState { routes: keep(&self.routes), neighs: keep(&self.neighs), fdbs: keep(&self.fdbs) }
     }
+}
+
+/// Name of the IPv6 VXLAN device with VNI 1 (flannel's `flannel-v6.<VNI>`).
+pub const VXLAN6_DEV: &str = "flannel-v6.1";
+
+/// The subnets in a lease's etcd key (or its last path element): flannel's
+/// `10.244.1.0-24` or, for a dual-stack lease, `10.244.1.0-24&2001:db8:10:1::-64`.
+/// Panics on a key that is neither.
+pub fn parse_subnet_key(key: &str) -> (Option<ipnet::Ipv4Net>, Option<ipnet::Ipv6Net>) {
+    let tail = key.rsplit('/').next().unwrap();
+    let net = |part: &str| -> Option<ipnet::IpNet> {
+        let (addr, len) = part.rsplit_once('-')?;
+        format!("{addr}/{len}").parse().ok()
+    };
+    let mut v4 = None;
+    let mut v6 = None;
+    for part in tail.split('&') {
+        match net(part) {
+            Some(ipnet::IpNet::V4(n)) if v4.is_none() => v4 = Some(n),
+            Some(ipnet::IpNet::V6(n)) if v6.is_none() => v6 = Some(n),
+            _ => panic!("lease key {key:?}: {part:?} is not a subnet (want 10.244.1.0-24[&2001:db8:10:1::-64])"),
+        }
+    }
+    (v4, v6)
+}
+
+/// Polls `cond` every 10 ms until it holds (true) or `timeout` passes (false).
+fn wait_for(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = std::time::Instant::now() + timeout;
+    let mut held = false;
+    wait_until(timeout + Duration::from_secs(1), "a condition", || {
+        held = cond();
+        held || std::time::Instant::now() >= deadline
+    });
+    held
+}
+
+/// The routes (without the kernel's own, `proto kernel`), neighbours and FDB
+/// entries (those with a `dst`) of VXLAN device `dev` in `ns`, for the
+/// address family `family` (`-4` or `-6`), as sorted strings
+/// (see [`VtepState`]). Empty when the device does not exist.
+pub fn vtep_state_of(ns: &Netns, dev: &str, family: &str) -> VtepState {
+    let exists = ns.ip_json(&["link", "show"]).as_array().unwrap().iter().any(|l| l["ifname"] == dev);
+    if !exists {
+        return VtepState::default();
+    }
+    let mut routes: Vec<String> = ns
+        .ip_json(&[family, "route", "show", "dev", dev])
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["protocol"] != "kernel")
+        .map(|r| {
+            let onlink = r["flags"].as_array().is_some_and(|f| f.contains(&json!("onlink")));
+            format!(
+                "{} via {}{}",
+                r["dst"].as_str().unwrap(),
+                r["gateway"].as_str().unwrap_or("-"),
+                if onlink { " onlink" } else { "" }
+            )
+        })
+        .collect();
+    routes.sort();
+    let mut neighs: Vec<String> = ns
+        .ip_json(&[family, "neigh", "show", "dev", dev])
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| format!("{} {}", n["dst"].as_str().unwrap(), n["lladdr"].as_str().unwrap_or("-")))
+        .collect();
+    neighs.sort();
+    let mut fdbs: Vec<String> = ns
+        .bridge_json(&["fdb", "show", "dev", dev])
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|f| f.get("dst").is_some())
+        .map(|f| format!("{} {}", f["mac"].as_str().unwrap(), f["dst"].as_str().unwrap()))
+        .collect();
+    fdbs.sort();
+    VtepState { routes, neighs, fdbs }
 }
 
 /// Routes, neighbours and FDB entries of a node's flannel.1.

@@ -1,7 +1,7 @@
 //! Measuring helpers the benchmark harnesses share: percentiles, iperf3 and
 //! ping between two namespaces.
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -50,8 +50,8 @@ pub fn summary(mut v: Vec<f64>) -> (f64, f64, f64) {
 }
 
 /// iperf3 from `client` to a one-shot server in `server` listening on
-/// `addr`:5201, `streams` parallel streams: Gbit/s received.
-pub fn iperf(client: &Netns, server: &Netns, addr: Ipv4Addr, streams: u32, seconds: u32) -> f64 {
+/// `addr`:5201 (IPv4 or IPv6), `streams` parallel streams: Gbit/s received.
+pub fn iperf(client: &Netns, server: &Netns, addr: impl Into<IpAddr>, streams: u32, seconds: u32) -> f64 {
     iperf_sampled(client, server, addr, streams, seconds, || ()).0
 }
 
@@ -60,7 +60,7 @@ pub fn iperf(client: &Netns, server: &Netns, addr: Ipv4Addr, streams: u32, secon
 pub fn iperf_sampled<T>(
     client: &Netns,
     server: &Netns,
-    addr: Ipv4Addr,
+    addr: impl Into<IpAddr>,
     streams: u32,
     seconds: u32,
     sample: impl Fn() -> T,
@@ -75,6 +75,7 @@ pub fn iperf_sampled<T>(
     wait_until(Duration::from_secs(5), "iperf3 server", || {
         server.run_ok("ss", &["-Hltn", "sport = :5201"]).contains("5201")
     });
+    let addr: IpAddr = addr.into();
     let before = sample();
     let out = client.run_ok(
         "iperf3",
@@ -121,5 +122,36 @@ pub fn vxlan_by_hand(c: &netns_fixtures::Cluster, net: u8) {
         .unwrap();
         let dst = underlay(1 - i).to_string();
         ns.run_ok("bridge", &["fdb", "append", macs[1 - i], "dev", "flannel.1", "dst", &dst, "self", "permanent"]);
+    }
+}
+
+/// The IPv6 counterpart of [`vxlan_by_hand`], between nodes 0 and 1 of the
+/// dual-stack cluster `c`: kernel VXLAN over the IPv6 underlay programmed by
+/// hand, the objects flanneld-rs makes for `flannel-v6.1`. Overlay
+/// 2001:db8:`net`::/56; node `i` holds 2001:db8:`net`:(i+1)::/64 on
+/// `flannel-v6.1` (VNI 1, port 8472, MTU `mtu`), with the subnet's first
+/// address as /128, a permanent neighbour and FDB entry for the peer and
+/// the route `<peer subnet> via <its first address> onlink`.
+pub fn vxlan6_by_hand(c: &netns_fixtures::Cluster, net: u16, mtu: u32) {
+    let macs = ["02:aa:00:00:06:01", "02:aa:00:00:06:02"];
+    let underlay = |i: usize| c.node(i).underlay_ipv6.expect("a dual-stack cluster");
+    let first = |i: usize| Ipv6Addr::new(0x2001, 0xdb8, net, i as u16 + 1, 0, 0, 0, 0);
+    for i in 0..2usize {
+        let (me, peer) = (first(i), first(1 - i));
+        let ns = &c.node(i).ns;
+        ns.ip_batch(&[
+            format!(
+                "link add flannel-v6.1 address {} type vxlan id 1 local {} dev eth0 dstport 8472 nolearning",
+                macs[i],
+                underlay(i)
+            ),
+            format!("link set flannel-v6.1 mtu {mtu} up"),
+            format!("addr add {me}/128 dev flannel-v6.1 nodad"),
+            format!("neigh replace {peer} lladdr {} dev flannel-v6.1 nud permanent", macs[1 - i]),
+            format!("route replace {peer}/64 via {peer} dev flannel-v6.1 onlink"),
+        ])
+        .unwrap();
+        let dst = underlay(1 - i).to_string();
+        ns.run_ok("bridge", &["fdb", "append", macs[1 - i], "dev", "flannel-v6.1", "dst", &dst, "self", "permanent"]);
     }
 }

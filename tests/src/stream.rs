@@ -22,12 +22,13 @@ pub struct UdpStream {
 }
 
 impl UdpStream {
-    /// Sends from `from` to `target` (an address in `to`) and waits until
+    /// Sends from `from` to `target` (an address in `to`, IPv4 or IPv6) and waits until
     /// datagrams arrive.
     pub fn start(from: &Netns, to: &Netns, target: SocketAddr) -> UdpStream {
         let rx = NetNs::open(to.path()).unwrap().run(move || UdpSocket::bind(target)).unwrap().unwrap();
         rx.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
-        let tx = NetNs::open(from.path()).unwrap().run(|| UdpSocket::bind("0.0.0.0:0")).unwrap().unwrap();
+        let any: SocketAddr = if target.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }.parse().unwrap();
+        let tx = NetNs::open(from.path()).unwrap().run(move || UdpSocket::bind(any)).unwrap().unwrap();
         let stop = Arc::new(AtomicBool::new(false));
         let received = Arc::new(AtomicUsize::new(0));
         let sender = {

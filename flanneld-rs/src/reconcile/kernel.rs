@@ -58,17 +58,24 @@ pub async fn observe(
     };
     let index = link.index;
     // IPv6 devices also hold a link-local address, which is the kernel's.
-    let addrs = nl
+    let addrs: Vec<IpNet> = nl
         .addrs(index)
         .await?
         .into_iter()
         .filter(|a| same_family(a) && !matches!(a, IpNet::V6(n) if n.addr().segments()[0] & 0xffc0 == 0xfe80))
         .collect();
     // The kernel's own IPv6 routes through the device (fe80::/64, multicast)
-    // are not in the cluster network; only those into it are ours.
+    // are not in the cluster network; only those into it are ours. Nor is
+    // the prefix route IPv6 adds for our own <subnet>/128 address (no next
+    // hop, proto kernel): it is the kernel's, like fe80::/64, and counting it
+    // made every reconcile try to delete it and `diagnose` call it stale.
+    let own_prefix = |r: &Route| v6 && r.gateway.is_none() && addrs.iter().any(|a| a.trunc() == r.dst);
     let routes = all_routes
         .into_iter()
-        .filter(|r| (r.oif == Some(index) && same_family(&r.dst) && (!v6 || cluster.contains(&r.dst))) || direct(r))
+        .filter(|r| {
+            (r.oif == Some(index) && same_family(&r.dst) && (!v6 || cluster.contains(&r.dst)) && !own_prefix(r))
+                || direct(r)
+        })
         .collect();
     // A TUN has no neighbours or FDB entries: two dumps per reconcile saved.
     let (neighs, fdbs) = if link.kind.as_deref() == Some("tun") {

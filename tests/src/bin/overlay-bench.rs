@@ -8,13 +8,15 @@
 //!   the kernel, over many leases.
 //! - Footprint: the daemon's RSS with N peers, and its CPU use while idle.
 //! - Data path: iperf3 and ping between pods on two nodes through the overlay,
-//!   against the same topology with VXLAN programmed by hand.
+//!   against the same topology with VXLAN programmed by hand; with `--ipv6`
+//!   also over IPv6: pods on a dual-stack overlay through `flannel-v6.1` (a
+//!   VXLAN over the IPv6 underlay) against the same device made by hand.
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use e2e_tests::overlay::{Overlay, ETCD};
+use e2e_tests::overlay::{Overlay, ETCD, NET_CONF_DUAL, VXLAN6_DEV};
 use e2e_tests::perf::{in_ns, peer, NET};
 use e2e_tests::perf::{iperf, pct, ping};
 use e2e_tests::workspace_bin;
@@ -49,6 +51,14 @@ struct Args {
     /// or host-gw (against hand-programmed routes).
     #[arg(long, default_value = "vxlan", value_parser = ["vxlan", "host-gw"])]
     backend: String,
+    /// Also the data path over IPv6 (VXLAN only): pods of a dual-stack
+    /// overlay through flannel-v6.1 against a flannel-v6.1 programmed by
+    /// hand over the same IPv6 underlay.
+    #[arg(long)]
+    ipv6: bool,
+    /// Only the IPv6 data path (implies --ipv6; skips the IPv4 one).
+    #[arg(long)]
+    ipv6_only: bool,
 }
 
 async fn etcd_client() -> etcd_client::Client {
@@ -297,6 +307,78 @@ fn data_path(seconds: u32, rounds: usize, backend: &str) {
     let (hc, ha, hb, hb_addr) = hand_programmed(host_gw);
     let what = if host_gw { "hand-programmed routes" } else { "hand-programmed VXLAN" };
     let _ = &hc;
+    compare(backend, what, seconds, rounds, (&a, &b, b_addr.into()), (&ha, &hb, hb_addr.into()));
+}
+
+/// The IPv6 data path: two pods of a dual-stack VXLAN overlay (plugged in
+/// by the real plugin) over flannel-v6.1, against two pods whose
+/// flannel-v6.1, bridge and addresses are made by hand with the same MTUs.
+fn data_path6(seconds: u32, rounds: usize) {
+    let mut o = Overlay::dual_stack(2, NET_CONF_DUAL);
+    o.start_all();
+    o.wait_converged6(0);
+    o.wait_converged6(1);
+    let (a, _, _) = o.add_dual_pod(0, "ba");
+    let (b, _, b6) = o.add_dual_pod(1, "bb");
+    let mtu_of = |ns: &Netns, dev: &str| ns.ip_json(&["link", "show", dev])[0]["mtu"].as_u64().unwrap() as u32;
+    let (vtep_mtu, pod_mtu) = (mtu_of(&o.cluster.node(0).ns, VXLAN6_DEV), mtu_of(&a, "eth0"));
+    println!("IPv6 data path: {VXLAN6_DEV} MTU {vtep_mtu}, pod MTU {pod_mtu} (both sides)");
+    let (hc, ha, hb, hb6) = hand_programmed6(vtep_mtu, pod_mtu);
+    let _ = &hc;
+    compare(
+        "vxlan over IPv6",
+        "hand-programmed flannel-v6.1",
+        seconds,
+        rounds,
+        (&a, &b, b6.into()),
+        (&ha, &hb, hb6.into()),
+    );
+}
+
+/// Two nodes of a dual-stack cluster with one pod each and flannel-v6.1
+/// programmed by hand ([`e2e_tests::perf::vxlan6_by_hand`]); pods have only
+/// an IPv6 address, 2001:db8:20:(i+1)::2/64 behind cni0's ::1.
+fn hand_programmed6(vtep_mtu: u32, pod_mtu: u32) -> (Cluster, Netns, Netns, Ipv6Addr) {
+    let c = Cluster::dual_stack(2, false).unwrap();
+    e2e_tests::perf::vxlan6_by_hand(&c, 0x20, vtep_mtu);
+    let mut pods = Vec::new();
+    for i in 0..2usize {
+        let ns = &c.node(i).ns;
+        let me = i + 1;
+        let pod = c.node(i).add_pod_netns("hp").unwrap();
+        ns.ip_batch(&[
+            format!("link add cni0 mtu {pod_mtu} type bridge"),
+            format!("addr add 2001:db8:20:{me}::1/64 dev cni0 nodad"),
+            "link set cni0 up".to_string(),
+            format!(
+                "link add vh0 mtu {pod_mtu} master cni0 up type veth peer name eth0 mtu {pod_mtu} netns {}",
+                pod.name()
+            ),
+        ])
+        .unwrap();
+        pod.ip_batch(&[
+            format!("addr add 2001:db8:20:{me}::2/64 dev eth0 nodad"),
+            "link set eth0 up".to_string(),
+            format!("route add ::/0 via 2001:db8:20:{me}::1"),
+        ])
+        .unwrap();
+        pods.push(pod);
+    }
+    let b = pods.pop().unwrap();
+    let a = pods.pop().unwrap();
+    (c, a, b, "2001:db8:20:2::2".parse().unwrap())
+}
+
+/// iperf3 with 1 and 4 streams and ping, ours (`a` to `b` at its address)
+/// against the reference, in alternating order, medians of `rounds`.
+fn compare(
+    backend: &str,
+    what: &str,
+    seconds: u32,
+    rounds: usize,
+    (a, b, b_addr): (&Netns, &Netns, IpAddr),
+    (ha, hb, hb_addr): (&Netns, &Netns, IpAddr),
+) {
     for streams in [1, 4] {
         // Rounds alternate which side goes first: on two cores the second of
         // two back-to-back runs is measurably faster, and the alternation
@@ -304,11 +386,11 @@ fn data_path(seconds: u32, rounds: usize, backend: &str) {
         let (mut ours, mut hand) = (Vec::new(), Vec::new());
         for round in 0..rounds {
             if round % 2 == 0 {
-                ours.push(iperf(&a, &b, b_addr, streams, seconds));
-                hand.push(iperf(&ha, &hb, hb_addr, streams, seconds));
+                ours.push(iperf(a, b, b_addr, streams, seconds));
+                hand.push(iperf(ha, hb, hb_addr, streams, seconds));
             } else {
-                hand.push(iperf(&ha, &hb, hb_addr, streams, seconds));
-                ours.push(iperf(&a, &b, b_addr, streams, seconds));
+                hand.push(iperf(ha, hb, hb_addr, streams, seconds));
+                ours.push(iperf(a, b, b_addr, streams, seconds));
             }
         }
         // Also per round (the two runs of a round are back to back, so they
@@ -324,13 +406,17 @@ fn data_path(seconds: u32, rounds: usize, backend: &str) {
             paired[rounds / 2]
         );
     }
-    let (p50, p99) = ping(&a, b_addr);
-    let (h50, h99) = ping(&ha, hb_addr);
+    let (p50, p99) = ping(a, b_addr);
+    let (h50, h99) = ping(ha, hb_addr);
     println!("ping pod to pod across nodes, {backend}: flanneld-rs p50 {p50:.3} ms p99 {p99:.3} ms, {what} p50 {h50:.3} ms p99 {h99:.3} ms: p50 ratio {:.2}", p50 / h50);
 }
 
 fn main() {
     let args = Args::parse();
+    if (args.ipv6 || args.ipv6_only) && args.backend != "vxlan" {
+        eprintln!("--ipv6 measures the VXLAN backend only, not --backend {}", args.backend);
+        std::process::exit(2);
+    }
     if !netns_fixtures::require_root() {
         std::process::exit(1);
     }
@@ -346,6 +432,11 @@ fn main() {
             eprintln!("--rounds {}: give an odd number (the median is reported)", args.rounds);
             std::process::exit(2);
         }
-        data_path(args.seconds, args.rounds, &args.backend);
+        if !args.ipv6_only {
+            data_path(args.seconds, args.rounds, &args.backend);
+        }
+        if args.ipv6 || args.ipv6_only {
+            data_path6(args.seconds, args.rounds);
+        }
     }
 }
