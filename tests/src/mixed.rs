@@ -445,14 +445,15 @@ pub fn dual_conf(backend: &str) -> String {
 }
 
 /// Node `i`'s IPv6 underlay address in the dual-stack tests:
-/// `2001:db8::<10 + i>`, the decimal digits read as hex (node 0:
+/// `2001:db8::<10 + i>` ([`netns_fixtures::ipv6_of_node`]; node 0:
 /// `192.0.2.10` and `2001:db8::10`).
 pub fn node_ipv6(i: usize) -> Ipv6Addr {
-    let last = u16::from_str_radix(&(10 + i).to_string(), 16).expect("decimal digits are hex digits");
-    Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, last)
+    netns_fixtures::ipv6_of_node(i)
 }
 
-/// Makes every node's underlay dual-stack, inside the node namespaces only:
+/// Makes every node's underlay dual-stack, for an overlay built on an
+/// IPv4-only [`netns_fixtures::Cluster`] (a [`crate::kube::KubeOverlay`];
+/// etcd mode uses [`Overlay::dual_stack`]), inside the node namespaces only:
 /// IPv6 on and duplicate address detection off there (for what exists and
 /// what is made later: addresses are usable at once), `eth0` gets
 /// [`node_ipv6`]`/64` (`nodad`) and an IPv6 default route through it (both
@@ -460,7 +461,8 @@ pub fn node_ipv6(i: usize) -> Ipv6Addr {
 /// dual-stack wants the IPv4 and the IPv6 one on the same interface, and
 /// takes that interface's first global IPv6 address), and the node forwards
 /// IPv6. The IPv6 segment is 2001:db8::/64 on the switch; nothing answers
-/// beyond it.
+/// beyond it (a device default route: no gateway, unlike
+/// [`netns_fixtures::Cluster::dual_stack`]'s, whose `br0` holds one).
 pub fn dual_stack_underlay(o: &Overlay) {
     for node in o.cluster.nodes() {
         let ns = &node.ns;

@@ -288,8 +288,7 @@ fn etcd_vxlan_dual_stack_node_migrates_without_loss() {
     if !(require_root() && require_upstream()) {
         return;
     }
-    let mut o = Overlay::with_conf(2, &dual_conf(r#"{"Type":"vxlan"}"#));
-    dual_stack_underlay(&o);
+    let mut o = Overlay::dual_stack(2, &dual_conf(r#"{"Type":"vxlan"}"#));
     start_nodes(&mut o, &[Kind::Upstream, Kind::Upstream]);
     migrate_both_ways(&mut o, &Store::Etcd, true, 9500);
 }

@@ -436,8 +436,7 @@ fn etcd_vxlan_dual_stack_mixed_cluster() {
     if !(require_root() && require_upstream()) {
         return;
     }
-    let mut o = Overlay::with_conf(4, &dual_conf(r#"{"Type":"vxlan"}"#));
-    dual_stack_underlay(&o);
+    let mut o = Overlay::dual_stack(4, &dual_conf(r#"{"Type":"vxlan"}"#));
     start_nodes(&mut o, &KINDS);
     let all = [0, 1, 2, 3];
     assert_same_dual_subnet_env(&o);
