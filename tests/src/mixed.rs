@@ -6,6 +6,7 @@
 //! that can be compared between peers and between the two kinds.
 
 use std::collections::BTreeSet;
+use std::net::Ipv6Addr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -121,21 +122,37 @@ pub fn start(o: &mut Overlay, i: usize, kind: Kind) {
 }
 
 /// etcd's count of watchers, and of those still catching up with past
-/// revisions.
+/// revisions, from its /metrics. Asked in HTTP/1.0, so that the answer is
+/// not chunked (HTTP/1.1's chunk-size lines can cut a metric's line in
+/// two). A failed or incomplete read (seen under load, with several
+/// clusters' tests side by side: a 5-s read timeout) is tried again, up to
+/// 5 times.
 fn etcd_watchers(o: &Overlay) -> (f64, f64) {
     use std::io::{Read, Write};
     let addr: std::net::SocketAddr = ETCD.trim_start_matches("http://").parse().unwrap();
-    let mut s = flannel_net::netns::NetNs::open(o.outside().path())
-        .unwrap()
-        .run(move || std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)))
-        .unwrap()
-        .unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: etcd\r\nConnection: close\r\n\r\n").unwrap();
-    let mut text = String::new();
-    s.read_to_string(&mut text).unwrap();
-    let get = |name: &str| crate::metric(&text, name).unwrap_or_else(|| panic!("no {name} in etcd's /metrics"));
-    (get("etcd_debugging_mvcc_watcher_total"), get("etcd_debugging_mvcc_slow_watcher_total"))
+    let fetch = || -> std::io::Result<(f64, f64)> {
+        let mut s = flannel_net::netns::NetNs::open(o.outside().path())?
+            .run(move || std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)))??;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        s.write_all(b"GET /metrics HTTP/1.0\r\nHost: etcd\r\n\r\n")?;
+        let mut text = String::new();
+        s.read_to_string(&mut text)?;
+        let get = |name: &str| {
+            crate::metric(&text, name)
+                .ok_or_else(|| std::io::Error::other(format!("no {name} in the {} bytes read", text.len())))
+        };
+        Ok((get("etcd_debugging_mvcc_watcher_total")?, get("etcd_debugging_mvcc_slow_watcher_total")?))
+    };
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        match fetch() {
+            Ok(counts) => return counts,
+            Err(e) if tries < 5 => eprintln!("etcd's /metrics, try {tries} of 5: {e}; again"),
+            Err(e) => panic!("etcd's /metrics: {e} (5 tries)"),
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
 
 /// What upstream logs each time its own-lease watch sees its lease.
@@ -173,19 +190,56 @@ pub struct Peer {
     pub public_ip: String,
 }
 
-/// The peers etcd knows.
+/// The subnets a lease's etcd key names: `.../10.244.1.0-24` is
+/// (`10.244.1.0/24`, `None`), a dual-stack lease's
+/// `.../10.244.1.0-24&2001:db8:10:1::-64` is (`10.244.1.0/24`,
+/// `Some("2001:db8:10:1::/64")`).
+pub fn key_subnets(key: &str) -> (String, Option<String>) {
+    let cidr = |part: &str| {
+        let (net, len) = part.rsplit_once('-').unwrap_or_else(|| panic!("lease key {key}"));
+        format!("{net}/{len}")
+    };
+    let tail = key.rsplit('/').next().unwrap();
+    match tail.split_once('&') {
+        Some((v4, v6)) => (cidr(v4), Some(cidr(v6))),
+        None => (cidr(tail), None),
+    }
+}
+
+/// The peers etcd knows (their IPv4 half).
 pub fn etcd_peers(o: &Overlay) -> Vec<Peer> {
     leases(o.outside())
         .into_iter()
-        .map(|(key, v)| {
-            let (net, len) = key.rsplit('/').next().unwrap().split_once('-').unwrap();
-            Peer {
-                subnet: format!("{net}/{len}"),
-                mac: v["BackendData"]["VtepMAC"].as_str().map(str::to_string),
-                public_ip: v["PublicIP"].as_str().unwrap_or_default().to_string(),
-            }
+        .map(|(key, v)| Peer {
+            subnet: key_subnets(&key).0,
+            mac: v["BackendData"]["VtepMAC"].as_str().map(str::to_string),
+            public_ip: v["PublicIP"].as_str().unwrap_or_default().to_string(),
         })
         .collect()
+}
+
+/// The IPv6 halves of the dual-stack leases etcd knows: the IPv6 subnet of
+/// the key, `BackendV6Data`'s VTEP MAC and `PublicIPv6`.
+pub fn etcd_peers6(o: &Overlay) -> Vec<Peer> {
+    leases(o.outside())
+        .into_iter()
+        .filter_map(|(key, v)| {
+            Some(Peer {
+                subnet: key_subnets(&key).1?,
+                mac: v["BackendV6Data"]["VtepMAC"].as_str().map(str::to_string),
+                public_ip: v["PublicIPv6"].as_str().unwrap_or_default().to_string(),
+            })
+        })
+        .collect()
+}
+
+/// The etcd key of node `i`'s lease, whichever families it has: the one
+/// key whose IPv4 subnet is the node's.
+pub fn lease_key_of(o: &Overlay, i: usize) -> String {
+    let own = o.subnet(i).to_string();
+    let keys: Vec<String> = leases(o.outside()).into_keys().filter(|k| key_subnets(k).0 == own).collect();
+    assert_eq!(keys.len(), 1, "node{i}'s lease ({own}) in etcd: {keys:?}");
+    keys.into_iter().next().unwrap()
 }
 
 /// The peers the API server knows: Nodes with `kube-subnet-manager: "true"`
@@ -201,6 +255,29 @@ pub fn kube_peers(api: &ApiServer) -> Vec<Peer> {
         }
         let (Some(cidr), Some(ip)) = (n["spec"]["podCIDR"].as_str(), get("public-ip")) else { continue };
         let mac = get("backend-data")
+            .and_then(|d| serde_json::from_str::<Value>(&d).ok())
+            .and_then(|d| d["VtepMAC"].as_str().map(str::to_string));
+        out.push(Peer { subnet: cidr.to_string(), mac, public_ip: ip });
+    }
+    out
+}
+
+/// The IPv6 halves of the leases the API server knows: Nodes with
+/// `kube-subnet-manager: "true"`, an IPv6 entry in `spec.podCIDRs`, and
+/// `public-ipv6` (the VTEP MAC from `backend-v6-data`).
+pub fn kube_peers6(api: &ApiServer) -> Vec<Peer> {
+    let nodes = api.get_json(&["nodes"]);
+    let mut out = Vec::new();
+    for n in nodes["items"].as_array().unwrap() {
+        let a = &n["metadata"]["annotations"];
+        let get = |k: &str| a[format!("{PREFIX}/{k}")].as_str().map(str::to_string);
+        if get("kube-subnet-manager").as_deref() != Some("true") {
+            continue;
+        }
+        let cidrs = n["spec"]["podCIDRs"].as_array().cloned().unwrap_or_default();
+        let cidr6 = cidrs.iter().filter_map(Value::as_str).find(|c| c.contains(':'));
+        let (Some(cidr), Some(ip)) = (cidr6, get("public-ipv6")) else { continue };
+        let mac = get("backend-v6-data")
             .and_then(|d| serde_json::from_str::<Value>(&d).ok())
             .and_then(|d| d["VtepMAC"].as_str().map(str::to_string));
         out.push(Peer { subnet: cidr.to_string(), mac, public_ip: ip });
@@ -238,8 +315,9 @@ pub fn peer_entries(ns: &Netns, peer: &Peer) -> BTreeSet<String> {
         }
         s
     };
+    let family = if peer.subnet.contains(':') { "-6" } else { "-4" };
     let mut out = BTreeSet::new();
-    for r in array(ns.ip_json(&["-d", "route", "show", "table", "main"])) {
+    for r in array(ns.ip_json(&[family, "-d", "route", "show", "table", "main"])) {
         if r["dst"] == peer.subnet.as_str() {
             out.insert(format!("route {}", normalise(&r)));
         }
@@ -262,9 +340,9 @@ pub fn peer_entries(ns: &Netns, peer: &Peer) -> BTreeSet<String> {
 /// that have it (one set when every peer is handled alike).
 pub fn peer_shapes(o: &Overlay, i: usize, peers: &[Peer]) -> Vec<(BTreeSet<String>, Vec<String>)> {
     let node = o.cluster.node(i);
-    let own = node.underlay_ip.to_string();
+    let own = [node.underlay_ip.to_string(), node_ipv6(i).to_string()];
     let mut shapes: Vec<(BTreeSet<String>, Vec<String>)> = Vec::new();
-    for p in peers.iter().filter(|p| p.public_ip != own) {
+    for p in peers.iter().filter(|p| !own.contains(&p.public_ip)) {
         let e = peer_entries(&node.ns, p);
         match shapes.iter_mut().find(|(s, _)| *s == e) {
             Some((_, who)) => who.push(p.public_ip.clone()),
@@ -274,11 +352,13 @@ pub fn peer_shapes(o: &Overlay, i: usize, peers: &[Peer]) -> Vec<(BTreeSet<Strin
     shapes
 }
 
-/// Node `i`'s own overlay device (`flannel.1` or `flannel0`), as
-/// `ip -j -d link` and `ip -j addr` show it, without what differs between
-/// any two nodes (ifindex, MAC, counters), its own subnet's address as
-/// `<own>`; routes through it (to the whole network) too. `None` when the
-/// node has no such device.
+/// Node `i`'s own overlay device (`flannel.1`, `flannel-v6.1` or
+/// `flannel0`), as `ip -j -d link` and `ip -j addr` show it, without what
+/// differs between any two nodes (ifindex, MAC, counters), its own subnet's
+/// address (IPv4 or IPv6, as `own_subnet`) as `<own>` and its underlay
+/// addresses as `<node ip>`; its global addresses (not the link-local one,
+/// made from the random MAC) and routes through it to the whole network
+/// (a /16 or, IPv6, a /56) too. `None` when the node has no such device.
 pub fn own_device(o: &Overlay, i: usize, dev: &str, own_subnet: &str) -> Option<Vec<String>> {
     let ns = &o.cluster.node(i).ns;
     let links = array(ns.ip_json(&["-d", "link", "show"]));
@@ -307,21 +387,25 @@ pub fn own_device(o: &Overlay, i: usize, dev: &str, own_subnet: &str) -> Option<
     }
     let own_net = own_subnet.split('/').next().unwrap();
     let own_ip = o.cluster.node(i).underlay_ip.to_string();
+    let own_ip6 = node_ipv6(i).to_string();
     let norm = |v: &Value| {
-        v.to_string().replace(&format!("\"{own_net}\""), "\"<own>\"").replace(&format!("\"{own_ip}\""), "\"<node ip>\"")
+        let s = v.to_string().replace(&format!("\"{own_net}\""), "\"<own>\"");
+        s.replace(&format!("\"{own_ip}\""), "\"<node ip>\"").replace(&format!("\"{own_ip6}\""), "\"<node ip>\"")
     };
     let mut out = vec![format!("link {}", norm(&link))];
     for a in array(ns.ip_json(&["addr", "show", "dev", dev])) {
         for ai in array(a["addr_info"].clone()) {
             // IPv6 link-local addresses are made from the random MAC.
-            if ai["family"] == "inet" {
+            if ai["family"] == "inet" || ai["family"] == "inet6" && ai["scope"] == "global" {
                 out.push(format!("addr {}/{}", norm(&ai["local"]), ai["prefixlen"]));
             }
         }
     }
-    for r in array(ns.ip_json(&["-d", "route", "show", "table", "main", "dev", dev])) {
-        if r["dst"].as_str().is_some_and(|d| d.ends_with("/16")) {
-            out.push(format!("route {}", norm(&r)));
+    for family in ["-4", "-6"] {
+        for r in array(ns.ip_json(&[family, "-d", "route", "show", "table", "main", "dev", dev])) {
+            if r["dst"].as_str().is_some_and(|d| d.ends_with("/16") || d.ends_with("/56")) {
+                out.push(format!("route {}", norm(&r)));
+            }
         }
     }
     out.sort();
@@ -330,8 +414,13 @@ pub fn own_device(o: &Overlay, i: usize, dev: &str, own_subnet: &str) -> Option<
 
 /// Node `i`'s VTEP MAC (flannel.1's address), if it has one.
 pub fn vtep_mac(o: &Overlay, i: usize) -> Option<String> {
+    dev_mac(o, i, "flannel.1")
+}
+
+/// The MAC of node `i`'s device `dev`, if it has one.
+pub fn dev_mac(o: &Overlay, i: usize, dev: &str) -> Option<String> {
     let links = array(o.cluster.node(i).ns.ip_json(&["link", "show"]));
-    links.into_iter().find(|l| l["ifname"] == "flannel.1").and_then(|l| l["address"].as_str().map(str::to_string))
+    links.into_iter().find(|l| l["ifname"] == dev).and_then(|l| l["address"].as_str().map(str::to_string))
 }
 
 /// Pod `pod`'s IPv4 address on eth0.
@@ -340,15 +429,95 @@ pub fn pod_addr(pod: &Netns) -> Option<String> {
     a[0]["addr_info"][0]["local"].as_str().map(str::to_string)
 }
 
+/// Pod `pod`'s global IPv6 address on eth0.
+pub fn pod_addr6(pod: &Netns) -> Option<Ipv6Addr> {
+    let a = pod.ip_json(&["-6", "addr", "show", "dev", "eth0", "scope", "global"]);
+    a[0]["addr_info"][0]["local"].as_str().and_then(|s| s.parse().ok())
+}
+
+/// The IPv6 network of the dual-stack mixed and migration tests.
+pub const NETWORK6: &str = "2001:db8:10::/56";
+
+/// A dual-stack network configuration (10.244.0.0/16 and [`NETWORK6`])
+/// with `backend`, as upstream v0.20.2 reads it.
+pub fn dual_conf(backend: &str) -> String {
+    format!(r#"{{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"{NETWORK6}","Backend":{backend}}}"#)
+}
+
+/// Node `i`'s IPv6 underlay address in the dual-stack tests:
+/// `2001:db8::<10 + i>` ([`netns_fixtures::ipv6_of_node`]; node 0:
+/// `192.0.2.10` and `2001:db8::10`).
+pub fn node_ipv6(i: usize) -> Ipv6Addr {
+    netns_fixtures::ipv6_of_node(i)
+}
+
+/// Makes every node's underlay dual-stack, for an overlay built on an
+/// IPv4-only [`netns_fixtures::Cluster`] (a [`crate::kube::KubeOverlay`];
+/// etcd mode uses [`Overlay::dual_stack`]), inside the node namespaces only:
+/// IPv6 on and duplicate address detection off there (for what exists and
+/// what is made later: addresses are usable at once), `eth0` gets
+/// [`node_ipv6`]`/64` (`nodad`) and an IPv6 default route through it (both
+/// daemons pick the interface of the default routes; upstream v0.20.2
+/// dual-stack wants the IPv4 and the IPv6 one on the same interface, and
+/// takes that interface's first global IPv6 address), and the node forwards
+/// IPv6. The IPv6 segment is 2001:db8::/64 on the switch; nothing answers
+/// beyond it (a device default route: no gateway, unlike
+/// [`netns_fixtures::Cluster::dual_stack`]'s, whose `br0` holds one).
+pub fn dual_stack_underlay(o: &Overlay) {
+    for node in o.cluster.nodes() {
+        let ns = &node.ns;
+        for conf in ["all", "default", "eth0"] {
+            ns.sysctl(&format!("net.ipv6.conf.{conf}.disable_ipv6"), "0").unwrap();
+            ns.sysctl(&format!("net.ipv6.conf.{conf}.accept_dad"), "0").unwrap();
+        }
+        ns.sysctl("net.ipv6.conf.all.forwarding", "1").unwrap();
+        let addr = format!("{}/64", node_ipv6(node.index));
+        ns.ip(&["addr", "add", &addr, "dev", "eth0", "nodad"]).unwrap();
+        ns.ip(&["-6", "route", "add", "default", "dev", "eth0"]).unwrap();
+    }
+    // Every node reaches every other over IPv6 before a daemon starts.
+    for a in o.cluster.nodes() {
+        for b in o.cluster.nodes().iter().filter(|b| b.index != a.index) {
+            let to = node_ipv6(b.index).to_string();
+            crate::wait_until_or(
+                Duration::from_secs(10),
+                &|| a.ns.run("ping", &["-6", "-n", "-c1", "-W1", &to]).is_ok_and(|o| o.status.success()),
+                &|| format!("node{} to reach node{} at {to}", a.index, b.index),
+            );
+        }
+    }
+}
+
+/// Node `i`'s IPv6 subnet (`FLANNEL_IPV6_SUBNET` of its subnet.env), if
+/// it has one.
+pub fn subnet6(o: &Overlay, i: usize) -> Option<ipnet::Ipv6Net> {
+    let text = std::fs::read_to_string(&o.daemons[i].subnet_file).unwrap();
+    let line = text.lines().find_map(|l| l.strip_prefix("FLANNEL_IPV6_SUBNET="))?;
+    Some(line.parse::<ipnet::Ipv6Net>().unwrap_or_else(|e| panic!("FLANNEL_IPV6_SUBNET={line}: {e}")).trunc())
+}
+
+/// Waits until upstream's daemon on node `i` logs that it programmed the
+/// IPv6 subnet `subnet` (vxlan: "adding v6 subnet: S").
+pub fn wait_upstream_added6(o: &Overlay, i: usize, subnet: &str) {
+    let said = format!("adding v6 subnet: {subnet} ");
+    crate::wait_until_or(Duration::from_secs(10), &|| o.log(i).contains(&said), &|| {
+        format!("upstream flanneld on node{i} to add {subnet}; its log ends:\n{}", tail(o, i))
+    });
+}
+
 /// Starts the daemons of `kinds` (node `i` runs `kinds[i]`) one after the
 /// other; after each, waits until every upstream daemon started before it
-/// has programmed its subnet.
+/// has programmed its subnet (both of them, dual-stack).
 pub fn start_nodes(o: &mut Overlay, kinds: &[Kind]) {
     for (i, k) in kinds.iter().enumerate() {
         start(o, i, *k);
         let subnet = o.subnet(i).to_string();
+        let v6 = subnet6(o, i).map(|s| s.to_string());
         for j in (0..i).filter(|&j| kinds[j] == Kind::Upstream) {
             wait_upstream_added(o, j, &subnet);
+            if let Some(v6) = &v6 {
+                wait_upstream_added6(o, j, v6);
+            }
         }
     }
 }

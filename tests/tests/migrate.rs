@@ -5,7 +5,9 @@
 //! upstream. The node keeps its subnet and VTEP MAC, the other node's kernel
 //! state for it does not change, the pods keep their addresses; lost
 //! datagrams are counted: none for vxlan and host-gw; udp's count is printed
-//! (its TUN device goes with the daemon that opened it).
+//! (its TUN device goes with the daemon that opened it). Dual-stack vxlan
+//! (etcd and Kubernetes mode) too: both subnets, both VTEP MACs and node 1's state for both
+//! halves kept, IPv6 TCP connections kept open across each step.
 //!
 //! Pods are plugged in by our plugin (reading the subnet.env upstream
 //! wrote). Upstream's iptables rules are taken over in place
@@ -13,11 +15,14 @@
 //! plugin added is tested with the plugins themselves (cni-plugin/tests).
 
 use std::collections::BTreeSet;
-use std::net::SocketAddr;
+use std::io::{BufRead, BufReader, Write};
+use std::net::{Ipv6Addr, SocketAddr, TcpListener, TcpStream};
+use std::time::Duration;
 
 use e2e_tests::kube::{require_kube, ApiServer, KubeOverlay, PREFIX};
 use e2e_tests::mixed::{
-    etcd_peers, kube_peers, peer_entries, pod_addr, require_upstream, start, start_nodes, vtep_mac, Kind, Peer,
+    dev_mac, dual_conf, dual_stack_underlay, etcd_peers, etcd_peers6, kube_peers, kube_peers6, lease_key_of, node_ipv6,
+    peer_entries, pod_addr, pod_addr6, require_upstream, start, start_nodes, subnet6, vtep_mac, Kind, Peer,
 };
 use e2e_tests::overlay::{leases, Overlay};
 use e2e_tests::stream::UdpStream;
@@ -29,7 +34,7 @@ fn conf(backend: &str) -> String {
 
 /// What must not change on node 0 across a migration: its subnet, its VTEP
 /// MAC, its lease as the store has it, its pod's address, and what node 1
-/// programs for it.
+/// programs for it; dual-stack, the same for the IPv6 half (flannel-v6.1).
 #[derive(Debug, PartialEq, Eq)]
 struct Identity {
     subnet: String,
@@ -37,6 +42,10 @@ struct Identity {
     lease: String,
     pod: Option<String>,
     peer_state: BTreeSet<String>,
+    subnet6: Option<String>,
+    mac6: Option<String>,
+    pod6: Option<Ipv6Addr>,
+    peer_state6: BTreeSet<String>,
 }
 
 /// The store's view of node 0's lease: etcd's key and value, or Node0's
@@ -50,7 +59,7 @@ impl Store<'_> {
     fn lease(&self, o: &Overlay) -> String {
         match self {
             Store::Etcd => {
-                let key = o.lease_key(0);
+                let key = lease_key_of(o, 0);
                 format!("{key} = {}", leases(o.outside())[&key])
             }
             Store::Kube(api) => {
@@ -62,7 +71,7 @@ impl Store<'_> {
                     .map(|(k, v)| format!("{k}={}", v.as_str().unwrap()))
                     .collect();
                 v.sort();
-                format!("{} {}", n["spec"]["podCIDR"], v.join(" "))
+                format!("{} {} {}", n["spec"]["podCIDR"], n["spec"]["podCIDRs"], v.join(" "))
             }
         }
     }
@@ -73,28 +82,87 @@ impl Store<'_> {
             Store::Kube(api) => kube_peers(api),
         }
     }
+
+    /// The IPv6 halves of the leases (dual-stack).
+    fn peers6(&self, o: &Overlay) -> Vec<Peer> {
+        match self {
+            Store::Etcd => etcd_peers6(o),
+            Store::Kube(api) => kube_peers6(api),
+        }
+    }
 }
 
 fn identity(o: &Overlay, store: &Store, pod: &Netns) -> Identity {
     let own = o.cluster.node(0).underlay_ip.to_string();
     let me = store.peers(o).into_iter().find(|p| p.public_ip == own).expect("node0's lease");
+    let own6 = node_ipv6(0).to_string();
+    let me6 = store.peers6(o).into_iter().find(|p| p.public_ip == own6);
     Identity {
         subnet: o.subnet(0).to_string(),
         mac: vtep_mac(o, 0),
         lease: store.lease(o),
         pod: pod_addr(pod),
         peer_state: peer_entries(&o.cluster.node(1).ns, &me),
+        subnet6: subnet6(o, 0).map(|s| s.to_string()),
+        mac6: dev_mac(o, 0, "flannel-v6.1"),
+        pod6: pod_addr6(pod),
+        peer_state6: me6.map(|p| peer_entries(&o.cluster.node(1).ns, &p)).unwrap_or_default(),
+    }
+}
+
+/// A TCP connection from `from` to `to` (at `target`) that stays open
+/// across a migration: [`Conn::round_trip`] sends a line and reads it back.
+struct Conn {
+    stream: BufReader<TcpStream>,
+    server: std::thread::JoinHandle<()>,
+}
+
+impl Conn {
+    fn open(from: &Netns, to: &Netns, target: SocketAddr) -> Conn {
+        let listener = to.in_thread(|| TcpListener::bind(target)).unwrap();
+        let server = std::thread::spawn(move || {
+            let (s, _) = listener.accept().unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+            let mut w = s.try_clone().unwrap();
+            for line in BufReader::new(s).lines() {
+                let Ok(line) = line else { break };
+                if w.write_all(format!("{line}\n").as_bytes()).is_err() {
+                    break;
+                }
+            }
+        });
+        let s = from.in_thread(|| TcpStream::connect_timeout(&target, Duration::from_secs(5))).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut c = Conn { stream: BufReader::new(s), server };
+        c.round_trip("open");
+        c
+    }
+
+    /// Sends `what` and reads it back on the same connection.
+    fn round_trip(&mut self, what: &str) {
+        self.stream.get_mut().write_all(format!("{what}\n").as_bytes()).unwrap_or_else(|e| panic!("{what}: send: {e}"));
+        let mut back = String::new();
+        self.stream.read_line(&mut back).unwrap_or_else(|e| panic!("{what}: read: {e}"));
+        assert_eq!(back, format!("{what}\n"), "{what}: echo on the connection kept open");
+    }
+
+    fn close(self) {
+        drop(self.stream);
+        self.server.join().unwrap();
     }
 }
 
 /// Upstream's iptables rules on a migrated node are taken over in place, not
 /// doubled: the FORWARD jump to FLANNEL-FWD is there once and its rules
-/// exactly once, and no second rule set of ours beside them.
-fn assert_upstream_rules_taken_over(ns: &Netns) {
-    let fwd = ns.run_ok("iptables", &["-t", "filter", "-S", "FORWARD"]);
-    assert_eq!(fwd.matches("-j FLANNEL-FWD").count(), 1, "{fwd}");
-    let chain = ns.run_ok("iptables", &["-t", "filter", "-S", "FLANNEL-FWD"]);
-    assert_eq!(chain.lines().filter(|l| l.starts_with("-A FLANNEL-FWD")).count(), 2, "{chain}");
+/// exactly once (dual-stack: in ip6tables too), and no second rule set of
+/// ours beside them.
+fn assert_upstream_rules_taken_over(ns: &Netns, dual: bool) {
+    for tool in if dual { &["iptables", "ip6tables"][..] } else { &["iptables"] } {
+        let fwd = ns.run_ok(tool, &["-t", "filter", "-S", "FORWARD"]);
+        assert_eq!(fwd.matches("-j FLANNEL-FWD").count(), 1, "{tool}: {fwd}");
+        let chain = ns.run_ok(tool, &["-t", "filter", "-S", "FLANNEL-FWD"]);
+        assert_eq!(chain.lines().filter(|l| l.starts_with("-A FLANNEL-FWD")).count(), 2, "{tool}: {chain}");
+    }
     let nft = ns.run_ok("nft", &["list", "tables"]);
     assert!(!nft.contains("flannel-rs"), "a second rule set beside upstream's: {nft}");
 }
@@ -107,8 +175,28 @@ fn migrate_both_ways(o: &mut Overlay, store: &Store, lossless: bool, port: u16) 
     let (p1, a1) = o.add_pod(1, "mig1");
     let before = identity(o, store, &p0);
     assert!(!before.peer_state.is_empty() || before.mac.is_none(), "node1 programs nothing for node0: {before:?}");
+    // Dual-stack: the pods' IPv6 addresses, and node1's state for node0's
+    // IPv6 half.
+    let dual = before.subnet6.is_some();
+    let v6 = dual.then(|| {
+        assert!(!before.peer_state6.is_empty() && before.mac6.is_some(), "node0's IPv6 half: {before:?}");
+        let b6 = pod_addr6(&p1).expect("pod on node1 has an IPv6 address");
+        (before.pod6.expect("pod on node0 has an IPv6 address"), b6)
+    });
     let mut figures = Vec::new();
-    for (step, to) in [("upstream -> flanneld-rs", Kind::Ours), ("flanneld-rs -> upstream", Kind::Upstream)] {
+    for (k, (step, to)) in
+        [("upstream -> flanneld-rs", Kind::Ours), ("flanneld-rs -> upstream", Kind::Upstream)].into_iter().enumerate()
+    {
+        // Dual-stack: one TCP connection each way over IPv6, open across
+        // the step (the IPv4 streams count datagrams; the connections show
+        // that IPv6 flows are neither reset nor stalled by the takeover).
+        let conns6 = v6.map(|(a6, b6)| {
+            let port = port + 10 + 2 * k as u16;
+            (
+                Conn::open(&p0, &p1, SocketAddr::new(b6.into(), port)),
+                Conn::open(&p1, &p0, SocketAddr::new(a6.into(), port + 1)),
+            )
+        });
         let fwd = UdpStream::start(&p0, &p1, SocketAddr::new(a1.into(), port));
         let back = UdpStream::start(&p1, &p0, SocketAddr::new(a0.into(), port + 1));
         o.stop(0);
@@ -126,6 +214,12 @@ fn migrate_both_ways(o: &mut Overlay, store: &Store, lossless: bool, port: u16) 
         back.wait_flowing(&format!("pod1 -> pod0 to flow after {step}"));
         let after = identity(o, store, &p0);
         assert_eq!(after, before, "node0's identity across {step}");
+        if let Some((mut c0, mut c1)) = conns6 {
+            c0.round_trip(&format!("pod0 -> pod1 over IPv6 after {step}"));
+            c1.round_trip(&format!("pod1 -> pod0 over IPv6 after {step}"));
+            c0.close();
+            c1.close();
+        }
         for (dir, s) in [("pod0 -> pod1", fwd), ("pod1 -> pod0", back)] {
             let (sent, lost) = s.stop_and_count();
             println!("{step}: {dir}: {} of {sent} datagrams lost {:?}", lost.len(), &lost[..lost.len().min(10)]);
@@ -143,7 +237,7 @@ fn migrate_both_ways(o: &mut Overlay, store: &Store, lossless: bool, port: u16) 
             figures.push((format!("{step}: {dir}"), sent, lost.len()));
         }
         if to == Kind::Ours {
-            assert_upstream_rules_taken_over(&o.cluster.node(0).ns);
+            assert_upstream_rules_taken_over(&o.cluster.node(0).ns, dual);
         }
     }
     figures
@@ -183,4 +277,44 @@ fn kube_vxlan_node_migrates_without_loss() {
     ko.create_node(1);
     start_nodes(&mut ko.o, &[Kind::Upstream, Kind::Upstream]);
     migrate_both_ways(&mut ko.o, &Store::Kube(&ko.api), true, 9400);
+}
+
+/// Dual-stack vxlan in etcd mode: node 0 keeps both halves of its lease
+/// (the one key `10.244.x.0-24&2001:db8:10:y::-64` and its value, so the
+/// same `PublicIPv6` and flannel-v6.1 MAC), both subnets in subnet.env, and
+/// node 1's state for both; no IPv4 datagram lost, IPv6 connections kept.
+#[test]
+fn etcd_vxlan_dual_stack_node_migrates_without_loss() {
+    if !(require_root() && require_upstream()) {
+        return;
+    }
+    let mut o = Overlay::dual_stack(2, &dual_conf(r#"{"Type":"vxlan"}"#));
+    start_nodes(&mut o, &[Kind::Upstream, Kind::Upstream]);
+    migrate_both_ways(&mut o, &Store::Etcd, true, 9500);
+}
+
+/// Dual-stack vxlan in Kubernetes mode (the API server with
+/// `IPv6DualStack`, the Nodes with podCIDRs of both families): as
+/// [`etcd_vxlan_dual_stack_node_migrates_without_loss`], node 0 keeping its
+/// podCIDRs and its annotations (`backend-v6-data` and `public-ipv6`
+/// among them) unchanged.
+#[test]
+fn kube_vxlan_dual_stack_node_migrates_without_loss() {
+    if !(require_root() && require_kube() && require_upstream()) {
+        return;
+    }
+    let mut ko = KubeOverlay::with_conf(2, &dual_conf(r#"{"Type":"vxlan"}"#));
+    ko.api.enable_dual_stack(ko.o.outside());
+    for i in 0..2 {
+        let cidrs = [format!("10.244.{}.0/24", i + 1), format!("2001:db8:10:{}::/64", i + 1)];
+        let node = serde_json::json!({
+            "apiVersion": "v1", "kind": "Node",
+            "metadata": { "name": KubeOverlay::node_name(i) },
+            "spec": { "podCIDR": cidrs[0], "podCIDRs": cidrs }
+        });
+        ko.api.apply(&node.to_string());
+    }
+    dual_stack_underlay(&ko.o);
+    start_nodes(&mut ko.o, &[Kind::Upstream, Kind::Upstream]);
+    migrate_both_ways(&mut ko.o, &Store::Kube(&ko.api), true, 9600);
 }
