@@ -305,3 +305,37 @@ fn a_addr6(pod: &Netns) -> IpAddr {
         .parse()
         .unwrap()
 }
+
+#[test]
+fn ipv6_masquerade_hides_pods_from_the_outside_but_not_from_each_other() {
+    if !require_root() {
+        return;
+    }
+    let mut o = Overlay::dual_stack(2, NET_CONF_DUAL);
+    o.set_flags(0, &["--ip-masq"]);
+    o.start_all();
+    for i in 0..2 {
+        o.wait_converged(i);
+        o.wait_converged6(i);
+    }
+    let (a, _, _) = o.add_dual_pod(0, "a");
+    let (b, _, b6) = o.add_dual_pod(1, "b");
+    let a6 = a_addr6(&a);
+    // To the outside host: node0's IPv6 underlay address, as flannel's
+    // MasqIP6Rules make it.
+    let out = SocketAddr::new(IpAddr::V6(netns_fixtures::OUTSIDE_IPV6), 9310);
+    let server = echo_server(o.outside(), out);
+    assert_eq!(tcp_round_trip(&a, out), "ping\n");
+    let node0_v6 = o.cluster.node(0).underlay_ipv6.unwrap();
+    assert_eq!(server.join().unwrap().ip(), IpAddr::V6(node0_v6), "the outside host must see node0's IPv6 address");
+    // To a pod on another node: the pod's own IPv6 address.
+    let target = SocketAddr::new(IpAddr::V6(b6), 9311);
+    let server = echo_server(&b, target);
+    assert_eq!(tcp_round_trip(&a, target), "ping\n");
+    assert_eq!(server.join().unwrap().ip(), a6, "pod-to-pod traffic over IPv6 must keep the pod's address");
+    // The rules are flannel's chain in ip6tables, and only with --ip-masq.
+    let chain = o.cluster.node(0).ns.run_ok("ip6tables", &["-t", "nat", "-S", "FLANNEL-POSTRTG"]);
+    assert!(chain.contains("! -d ff00::/8") && chain.contains("-j MASQUERADE --random-fully"), "{chain}");
+    let none = o.cluster.node(1).ns.run("ip6tables", &["-t", "nat", "-S", "FLANNEL-POSTRTG"]).unwrap();
+    assert!(!none.status.success(), "node1 runs without --ip-masq: {}", String::from_utf8_lossy(&none.stdout));
+}
