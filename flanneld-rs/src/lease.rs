@@ -413,37 +413,29 @@ pub fn decode_backend_data(
     Ok(Some(VxlanData { vni, vtep_mac }))
 }
 
-/// Why an address cannot be a node's public (underlay) address.
-pub fn unusable_public_ip(ip: Ipv4Addr) -> Option<&'static str> {
-    if ip.is_unspecified() {
-        Some("unspecified")
-    } else if ip.is_loopback() {
-        Some("loopback")
-    } else if ip.is_multicast() {
-        Some("multicast")
-    } else if ip.is_broadcast() {
-        Some("broadcast")
-    } else {
-        None
+/// Why an address cannot be a node's public (underlay) address, of either
+/// family (flannel's peers could not reach an IPv6 link-local one without a
+/// zone).
+pub fn unusable_address(ip: IpAddr) -> Option<&'static str> {
+    match ip {
+        _ if ip.is_unspecified() => Some("unspecified"),
+        _ if ip.is_loopback() => Some("loopback"),
+        _ if ip.is_multicast() => Some("multicast"),
+        IpAddr::V4(v4) if v4.is_broadcast() => Some("broadcast"),
+        IpAddr::V6(v6) if v6.segments()[0] & 0xffc0 == 0xfe80 => Some("link-local"),
+        IpAddr::V6(v6) if v6.to_ipv4_mapped().is_some() => Some("an IPv4-mapped address"),
+        _ => None,
     }
 }
 
-/// Why an address cannot be a node's public IPv6 address (flannel's
-/// peers could not reach a link-local one without a zone).
+/// [`unusable_address`] for a `PublicIP`.
+pub fn unusable_public_ip(ip: Ipv4Addr) -> Option<&'static str> {
+    unusable_address(IpAddr::V4(ip))
+}
+
+/// [`unusable_address`] for a `PublicIPv6`.
 pub fn unusable_public_ipv6(ip: Ipv6Addr) -> Option<&'static str> {
-    if ip.is_unspecified() {
-        Some("unspecified")
-    } else if ip.is_loopback() {
-        Some("loopback")
-    } else if ip.is_multicast() {
-        Some("multicast")
-    } else if ip.segments()[0] & 0xffc0 == 0xfe80 {
-        Some("link-local")
-    } else if ip.to_ipv4_mapped().is_some() {
-        Some("an IPv4-mapped address")
-    } else {
-        None
-    }
+    unusable_address(IpAddr::V6(ip))
 }
 
 /// A `PublicIPv6` as a lease or annotation carries it.

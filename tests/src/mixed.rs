@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use netns_fixtures::Netns;
 use serde_json::Value;
 
-use crate::kube::{ApiServer, PREFIX};
+use crate::kube::{ApiServer, KubeOverlay, PREFIX};
 use crate::overlay::{leases, Overlay, ETCD};
 
 /// Where upstream's flanneld is: `$FLANNEL_RS_UPSTREAM_FLANNELD`, else the
@@ -520,4 +520,25 @@ pub fn start_nodes(o: &mut Overlay, kinds: &[Kind]) {
             }
         }
     }
+}
+
+/// A Kubernetes-mode overlay of `nodes` nodes, dual-stack: the API server
+/// with `IPv6DualStack`, each Node with podCIDRs of both families
+/// (`10.244.<i+1>.0/24`, `2001:db8:10:<i+1>::/64`) as kube-controller-manager
+/// sets them, the underlay with IPv6 ([`dual_stack_underlay`]), and the
+/// network configuration `conf`; daemons not started.
+pub fn kube_dual_stack_overlay(nodes: usize, conf: &str) -> KubeOverlay {
+    let mut ko = KubeOverlay::with_conf(nodes, conf);
+    ko.api.enable_dual_stack(ko.o.outside());
+    for i in 0..nodes {
+        let cidrs = [format!("10.244.{}.0/24", i + 1), format!("2001:db8:10:{}::/64", i + 1)];
+        let node = serde_json::json!({
+            "apiVersion": "v1", "kind": "Node",
+            "metadata": { "name": KubeOverlay::node_name(i) },
+            "spec": { "podCIDR": cidrs[0], "podCIDRs": cidrs }
+        });
+        ko.api.apply(&node.to_string());
+    }
+    dual_stack_underlay(&ko.o);
+    ko
 }

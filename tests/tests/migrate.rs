@@ -21,8 +21,8 @@ use std::time::Duration;
 
 use e2e_tests::kube::{require_kube, ApiServer, KubeOverlay, PREFIX};
 use e2e_tests::mixed::{
-    dev_mac, dual_conf, dual_stack_underlay, etcd_peers, etcd_peers6, kube_peers, kube_peers6, lease_key_of, node_ipv6,
-    peer_entries, pod_addr, pod_addr6, require_upstream, start, start_nodes, subnet6, vtep_mac, Kind, Peer,
+    dev_mac, dual_conf, etcd_peers, etcd_peers6, kube_dual_stack_overlay, kube_peers, kube_peers6, lease_key_of,
+    node_ipv6, peer_entries, pod_addr, pod_addr6, require_upstream, start, start_nodes, subnet6, vtep_mac, Kind, Peer,
 };
 use e2e_tests::overlay::{leases, Overlay};
 use e2e_tests::stream::UdpStream;
@@ -303,18 +303,7 @@ fn kube_vxlan_dual_stack_node_migrates_without_loss() {
     if !(require_root() && require_kube() && require_upstream()) {
         return;
     }
-    let mut ko = KubeOverlay::with_conf(2, &dual_conf(r#"{"Type":"vxlan"}"#));
-    ko.api.enable_dual_stack(ko.o.outside());
-    for i in 0..2 {
-        let cidrs = [format!("10.244.{}.0/24", i + 1), format!("2001:db8:10:{}::/64", i + 1)];
-        let node = serde_json::json!({
-            "apiVersion": "v1", "kind": "Node",
-            "metadata": { "name": KubeOverlay::node_name(i) },
-            "spec": { "podCIDR": cidrs[0], "podCIDRs": cidrs }
-        });
-        ko.api.apply(&node.to_string());
-    }
-    dual_stack_underlay(&ko.o);
+    let mut ko = kube_dual_stack_overlay(2, &dual_conf(r#"{"Type":"vxlan"}"#));
     start_nodes(&mut ko.o, &[Kind::Upstream, Kind::Upstream]);
     migrate_both_ways(&mut ko.o, &Store::Kube(&ko.api), true, 9600);
 }

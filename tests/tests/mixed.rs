@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use e2e_tests::kube::{require_kube, ApiServer, KubeOverlay};
 use e2e_tests::mixed::{
-    dev_mac, dual_conf, dual_stack_underlay, etcd_peers, etcd_peers6, key_subnets, kube_peers, kube_peers6,
+    dev_mac, dual_conf, etcd_peers, etcd_peers6, key_subnets, kube_dual_stack_overlay, kube_peers, kube_peers6,
     lease_key_of, node_ipv6, own_device, peer_entries, peer_shapes, pod_addr6, require_upstream, start_nodes, subnet6,
     tail, Kind, Peer, NETWORK6,
 };
@@ -505,18 +505,7 @@ fn kube_vxlan_dual_stack_mixed_cluster() {
     if !(require_root() && require_kube() && require_upstream()) {
         return;
     }
-    let mut ko = KubeOverlay::with_conf(4, &dual_conf(r#"{"Type":"vxlan"}"#));
-    ko.api.enable_dual_stack(ko.o.outside());
-    for i in 0..4 {
-        let cidrs = [format!("10.244.{}.0/24", i + 1), format!("2001:db8:10:{}::/64", i + 1)];
-        let node = serde_json::json!({
-            "apiVersion": "v1", "kind": "Node",
-            "metadata": { "name": KubeOverlay::node_name(i) },
-            "spec": { "podCIDR": cidrs[0], "podCIDRs": cidrs }
-        });
-        ko.api.apply(&node.to_string());
-    }
-    dual_stack_underlay(&ko.o);
+    let mut ko = kube_dual_stack_overlay(4, &dual_conf(r#"{"Type":"vxlan"}"#));
     start_nodes(&mut ko.o, &KINDS);
     let all = [0, 1, 2, 3];
     assert_same_dual_subnet_env(&ko.o);
