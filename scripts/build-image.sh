@@ -86,10 +86,11 @@ install -m 0755 "$xtables_legacy" "$root/usr/sbin/xtables-legacy-multi"
 # iptables is iptables-nft, as Debian's default; the daemon picks the legacy
 # variant on a node whose kubelet uses it (as flannel's iptables-wrapper).
 for name in iptables iptables-save iptables-restore iptables-nft iptables-nft-save iptables-nft-restore \
-            ip6tables-nft-save; do
+            ip6tables ip6tables-save ip6tables-restore ip6tables-nft ip6tables-nft-save ip6tables-nft-restore; do
   ln -s xtables-nft-multi "$root/usr/sbin/$name"
 done
-for name in iptables-legacy iptables-legacy-save iptables-legacy-restore ip6tables-legacy-save; do
+for name in iptables-legacy iptables-legacy-save iptables-legacy-restore \
+            ip6tables-legacy ip6tables-legacy-save ip6tables-legacy-restore; do
   ln -s xtables-legacy-multi "$root/usr/sbin/$name"
 done
 # Extensions (comment, mark, MASQUERADE, and whatever kube-proxy's rules in the

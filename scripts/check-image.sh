@@ -3,7 +3,8 @@
 # private containerd (Debian's package; its own root, state and socket under a
 # temporary directory, no CRI plugin) imports the archive, lists it under the
 # name the DaemonSet asks for, and runs the image's programs with runc:
-# `flanneld-rs --version`, `nft --version`, `iptables-restore --version`
+# `flanneld-rs --version`, `nft --version`, `iptables-restore --version`,
+# `ip6tables-restore --version`
 # (iptables-nft), the plugin's VERSION command and
 # its `install` mode (what the init containers run). Everything it started is
 # stopped and removed at the end, also on failure. Needs root.
@@ -120,6 +121,8 @@ run() { # ID EXPECTED-SUBSTRING [ctr run options --] ARGS...
 run daemon "flanneld-rs $version" -- /usr/bin/flanneld-rs --version
 run nft "nftables v" -- /usr/sbin/nft --version
 run iptables "(nf_tables)" -- /usr/sbin/iptables-restore --version
+# Dual-stack: the same chains in ip6tables.
+run ip6tables "(nf_tables)" -- /usr/sbin/ip6tables-restore --version
 run plugin '"supportedVersions"' --env CNI_COMMAND=VERSION -- /usr/lib/flannel-rs/flannel
 run install "installed /usr/lib/flannel-rs/flannel as /tmp/bin/flannel" -- \
   /usr/lib/flannel-rs/flannel install /usr/lib/flannel-rs/flannel /tmp/bin/flannel
