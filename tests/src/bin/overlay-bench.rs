@@ -59,6 +59,12 @@ struct Args {
     /// Only the IPv6 data path (implies --ipv6; skips the IPv4 one).
     #[arg(long)]
     ipv6_only: bool,
+    /// An extra flag for every flanneld-rs of the data-path part (repeat
+    /// it), e.g. `--daemon-flag=--iptables-forward-rules=false` to measure
+    /// without flannel's FORWARD chain, which the hand-programmed reference
+    /// does not have.
+    #[arg(long = "daemon-flag", allow_hyphen_values = true)]
+    daemon_flags: Vec<String>,
 }
 
 async fn etcd_client() -> etcd_client::Client {
@@ -286,13 +292,14 @@ fn hand_programmed(host_gw: bool) -> (Cluster, Netns, Netns, Ipv4Addr) {
     (c, a, b, "10.244.2.2".parse().unwrap())
 }
 
-fn data_path(seconds: u32, rounds: usize, backend: &str) {
+fn data_path(seconds: u32, rounds: usize, backend: &str, flags: &[String]) {
     let host_gw = backend == "host-gw";
     let mut o = if host_gw {
         Overlay::with_conf(2, r#"{"Network":"10.244.0.0/16","Backend":{"Type":"host-gw"}}"#)
     } else {
         Overlay::new(2)
     };
+    set_daemon_flags(&mut o, flags);
     o.start_all();
     if host_gw {
         for i in 0..2 {
@@ -310,11 +317,20 @@ fn data_path(seconds: u32, rounds: usize, backend: &str) {
     compare(backend, what, seconds, rounds, (&a, &b, b_addr.into()), (&ha, &hb, hb_addr.into()));
 }
 
+/// `flags` for both daemons of a data-path overlay.
+fn set_daemon_flags(o: &mut Overlay, flags: &[String]) {
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    for i in 0..2 {
+        o.set_flags(i, &flags);
+    }
+}
+
 /// The IPv6 data path: two pods of a dual-stack VXLAN overlay (plugged in
 /// by the real plugin) over flannel-v6.1, against two pods whose
 /// flannel-v6.1, bridge and addresses are made by hand with the same MTUs.
-fn data_path6(seconds: u32, rounds: usize) {
+fn data_path6(seconds: u32, rounds: usize, flags: &[String]) {
     let mut o = Overlay::dual_stack(2, NET_CONF_DUAL);
+    set_daemon_flags(&mut o, flags);
     o.start_all();
     o.wait_converged6(0);
     o.wait_converged6(1);
@@ -433,10 +449,10 @@ fn main() {
             std::process::exit(2);
         }
         if !args.ipv6_only {
-            data_path(args.seconds, args.rounds, &args.backend);
+            data_path(args.seconds, args.rounds, &args.backend, &args.daemon_flags);
         }
         if args.ipv6 || args.ipv6_only {
-            data_path6(args.seconds, args.rounds);
+            data_path6(args.seconds, args.rounds, &args.daemon_flags);
         }
     }
 }
