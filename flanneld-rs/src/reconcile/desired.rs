@@ -370,4 +370,39 @@ mod tests {
             ["IPv6: PublicIPv6 2001:db8:1::12 is not on our segment 2001:db8::/64: host-gw needs every node on one L2 network"]
         );
     }
+
+    #[test]
+    fn ipv6_direct_routing_uses_the_underlay_for_peers_on_our_ipv6_segment() {
+        let own = dual(
+            "10.244.1.0/24",
+            "192.0.2.10",
+            Some(("2001:db8:10:1::/64", Some("2001:db8::10"), Some("02:00:00:00:01:10"))),
+        );
+        let near = dual(
+            "10.244.2.0/24",
+            "192.0.2.11",
+            Some(("2001:db8:10:2::/64", Some("2001:db8::11"), Some("02:00:00:00:01:11"))),
+        );
+        let far = dual(
+            "10.244.3.0/24",
+            "192.0.2.12",
+            Some(("2001:db8:10:3::/64", Some("2001:db8:1::12"), Some("02:00:00:00:01:12"))),
+        );
+        let backend = Backend::Vxlan { vtep: vtep6(), direct_routing: true };
+        let (d, rejected) = desired(
+            &cfg6("vxlan"),
+            Family::V6,
+            &own,
+            &backend,
+            "2001:db8::/64".parse().unwrap(),
+            &[own.clone(), near, far],
+        );
+        assert!(rejected.is_empty(), "{rejected:?}");
+        let near = &d.peers[&"2001:db8:10:2::/64".parse().unwrap()];
+        assert_eq!((near.route.gateway.unwrap().to_string(), near.route.oif), ("2001:db8::11".to_string(), Some(2)));
+        assert!(near.neigh.is_none() && near.fdb.is_none());
+        let far = &d.peers[&"2001:db8:10:3::/64".parse().unwrap()];
+        assert_eq!(far.route.gateway.unwrap().to_string(), "2001:db8:10:3::");
+        assert_eq!(far.fdb.unwrap().dst.to_string(), "2001:db8:1::12");
+    }
 }
