@@ -57,6 +57,18 @@ impl Node {
     }
 }
 
+/// Calls `check` every 10 ms until it finds nothing wrong (`Ok(None)`); past
+/// `deadline`, what it last found (`Ok(Some(why))`) is the error.
+fn poll_until(deadline: Instant, mut check: impl FnMut() -> io::Result<Option<String>>) -> io::Result<()> {
+    loop {
+        let Some(why) = check()? else { return Ok(()) };
+        if Instant::now() >= deadline {
+            return Err(io::Error::new(io::ErrorKind::TimedOut, why));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 /// An underlay L2 segment, N nodes on it and optionally an outside host.
 ///
 /// The segment is a bridge `br0` in a "switch" namespace that also holds
@@ -271,7 +283,7 @@ impl Cluster {
             .chain(self.outside.as_ref().map(|o| (o, OUTSIDE_IPV6)));
         for (host, addr) in hosts {
             for (ns, dev) in [(host, UNDERLAY_IF), (&self.switch, "br0")] {
-                loop {
+                poll_until(deadline, || {
                     let addrs = ns.ip_json(&["-6", "addr", "show", "dev", dev]);
                     let tentative: Vec<&serde_json::Value> = addrs
                         .as_array()
@@ -281,37 +293,28 @@ impl Cluster {
                         .flatten()
                         .filter(|a| a["tentative"] == true)
                         .collect();
-                    if tentative.is_empty() {
-                        break;
+                    match tentative.is_empty() {
+                        true => Ok(None),
+                        false => Ok(Some(format!(
+                            "{dev} in {} still has tentative IPv6 addresses: {tentative:?}",
+                            ns.name()
+                        ))),
                     }
-                    if Instant::now() >= deadline {
-                        return Err(io::Error::new(
-                            io::ErrorKind::TimedOut,
-                            format!("{dev} in {} still has tentative IPv6 addresses: {tentative:?}", ns.name()),
-                        ));
-                    }
-                    std::thread::sleep(Duration::from_millis(10));
-                }
+                })?;
             }
             let target = addr.to_string();
-            loop {
+            poll_until(deadline, || {
                 let out = self.switch.run("ping", &["-6", "-n", "-c1", "-W1", &target])?;
-                if out.status.success() {
-                    break;
+                match out.status.success() {
+                    true => Ok(None),
+                    false => Ok(Some(format!(
+                        "{target} ({}) does not answer the switch over IPv6 after {READY_TIMEOUT:?}: {}{}",
+                        host.name(),
+                        String::from_utf8_lossy(&out.stdout),
+                        String::from_utf8_lossy(&out.stderr)
+                    ))),
                 }
-                if Instant::now() >= deadline {
-                    return Err(io::Error::new(
-                        io::ErrorKind::TimedOut,
-                        format!(
-                            "{target} ({}) does not answer the switch over IPv6 after {READY_TIMEOUT:?}: {}{}",
-                            host.name(),
-                            String::from_utf8_lossy(&out.stdout),
-                            String::from_utf8_lossy(&out.stderr)
-                        ),
-                    ));
-                }
-                std::thread::sleep(Duration::from_millis(10));
-            }
+            })?;
         }
         Ok(())
     }
