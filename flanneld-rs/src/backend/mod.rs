@@ -287,15 +287,15 @@ pub fn check_peer(cfg: &NetworkConfig, own: &FamilyLease, backend: &Backend, l: 
     Ok(())
 }
 
+/// [`crate::lease::unusable_address`] in the words a peer's message uses.
 fn bad_public_ip(ip: IpAddr) -> Option<&'static str> {
-    match ip {
-        IpAddr::V4(ip) if ip.is_broadcast() => Some("not a unicast address"),
-        IpAddr::V6(v6) if v6.segments()[0] & 0xffc0 == 0xfe80 => Some("a link-local address"),
-        _ if ip.is_loopback() => Some("a loopback address"),
-        _ if ip.is_multicast() => Some("a multicast address"),
-        _ if ip.is_unspecified() => Some("not a unicast address"),
-        _ => None,
-    }
+    crate::lease::unusable_address(ip).map(|why| match why {
+        "loopback" => "a loopback address",
+        "multicast" => "a multicast address",
+        "link-local" => "a link-local address",
+        "unspecified" | "broadcast" => "not a unicast address",
+        other => other,
+    })
 }
 
 /// Devices that an earlier run of this Network with another backend left
