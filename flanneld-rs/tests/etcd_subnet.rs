@@ -1004,8 +1004,15 @@ fn dual_stack_leases_have_both_halves_in_flannels_key_and_value() {
         let r2 = m.acquire_lease(&cfg, &attrs6(13), Some(net("10.5.79.0/24")), None).await.unwrap();
         assert!(r2.lease.subnet6().is_some());
 
-        // A lease written by upstream flanneld (dual-stack vxlan), exact bytes.
-        let upstream_key = format!("{PREFIX}/subnets/10.5.200.0-24&2001:db8:10:c8::-64");
+        // A lease written by upstream flanneld (dual-stack vxlan), exact
+        // bytes, on an IPv6 subnet none of the leases above was given (they
+        // were picked at random: a fixed one would collide 1 time in 255).
+        let (before, _) = m.list_leases(&cfg).await.unwrap();
+        let free6 = (0xc8u16..=0xff)
+            .map(|n| format!("2001:db8:10:{n:x}::/64"))
+            .find(|s| before.iter().all(|l| l.subnet6().map(|x| x.to_string()).as_deref() != Some(s.as_str())))
+            .expect("a free IPv6 subnet");
+        let upstream_key = format!("{PREFIX}/subnets/10.5.200.0-24&{}", free6.replace('/', "-"));
         let upstream_value = r#"{"PublicIP":"192.0.2.200","PublicIPv6":"2001:db8::c8","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"aa:11:22:33:44:55"},"BackendV6Data":{"VNI":1,"VtepMAC":"aa:11:22:33:44:66"}}"#;
         c.put(upstream_key.clone(), upstream_value, None).await.unwrap();
         let (leases, _) = m.list_leases(&cfg).await.unwrap();
@@ -1013,7 +1020,7 @@ fn dual_stack_leases_have_both_halves_in_flannels_key_and_value() {
         let up6 = up.ipv6.unwrap();
         assert_eq!(
             (up.subnet.to_string(), up6.subnet.to_string(), up6.public_ip.unwrap().to_string()),
-            ("10.5.200.0/24".into(), "2001:db8:10:c8::/64".into(), "2001:db8::c8".into())
+            ("10.5.200.0/24".into(), free6.clone(), "2001:db8::c8".into())
         );
         assert_eq!(up6.vxlan.unwrap().vtep_mac.to_string(), "aa:11:22:33:44:66");
         // ...and its IPv6 subnet is not handed to anyone else.
