@@ -55,6 +55,7 @@ pub fn vtep_spec_v6(vx: &VxlanConfig, ext: &ExtIface, local: Ipv6Addr, mac: MacA
         gbp: vx.gbp,
         mtu: underlay_mtu - OVERHEAD_V6,
         mac,
+        tx_checksum: false,
     })
 }
 
@@ -76,6 +77,7 @@ pub fn vtep_spec(vx: &VxlanConfig, ext: &ExtIface, local: Ipv4Addr, mac: MacAddr
         gbp: vx.gbp,
         mtu: underlay_mtu - OVERHEAD,
         mac,
+        tx_checksum: false,
     })
 }
 
