@@ -33,7 +33,7 @@ fn vxlan_neighbours_and_fdb_round_trip() {
         gbp: false,
         mtu: 1450,
         mac: "02:00:00:00:00:05".parse().unwrap(),
-        tx_checksum: true,
+        tx_checksum: None,
     };
     let neigh = Neigh { ip: "10.244.2.0".parse().unwrap(), mac: "02:00:00:00:00:02".parse().unwrap() };
     let fdb = Fdb { mac: neigh.mac, dst: "192.0.2.6".parse().unwrap() };

@@ -35,11 +35,12 @@ pub struct VxlanSpec {
     pub mtu: u32,
     /// Hardware address.
     pub mac: MacAddr,
-    /// Transmit checksum offload (`ethtool -K NAME tx`): flannel-rs keeps
-    /// it off on its VTEPs (NAT of encapsulated packets and checksum
-    /// offload do not mix on some kernels); kept by the reconcile, not an
+    /// Transmit checksum offload (`ethtool -K NAME tx`) to keep: `Some(false)`
+    /// keeps it off (NAT of encapsulated packets and checksum offload do
+    /// not mix on some kernels), `None` leaves it as the kernel or the
+    /// administrator has it (flannel's way). Kept by the reconcile, not an
     /// attribute of the create request.
-    pub tx_checksum: bool,
+    pub tx_checksum: Option<bool>,
 }
 
 /// A VXLAN device as the kernel reports it.

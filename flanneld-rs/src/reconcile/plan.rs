@@ -236,8 +236,9 @@ pub fn plan(desired: &Desired, observed: &Observed) -> Vec<Op> {
                     ops.push(Op::SetUp);
                 }
                 if let (Device::Vxlan(v), Some(have)) = (spec, link.tx_checksum) {
-                    if have != v.tx_checksum {
-                        ops.push(Op::SetTxChecksum(v.tx_checksum));
+                    match v.tx_checksum {
+                        Some(want) if want != have => ops.push(Op::SetTxChecksum(want)),
+                        _ => {}
                     }
                 }
                 false
@@ -255,7 +256,7 @@ pub fn plan(desired: &Desired, observed: &Observed) -> Vec<Op> {
             ops.push(Op::SetUp);
         }
         // A VTEP is made with transmit checksum offload on.
-        (true, Some(Device::Vxlan(v))) if !v.tx_checksum => ops.push(Op::SetTxChecksum(false)),
+        (true, Some(Device::Vxlan(v))) if v.tx_checksum == Some(false) => ops.push(Op::SetTxChecksum(false)),
         _ => {}
     }
     // A new device starts empty: everything is to be added, nothing to delete.
@@ -583,6 +584,14 @@ mod tests {
         o.device.as_mut().unwrap().tx_checksum = None;
         assert_eq!(plan(&d, &o), vec![]);
         assert_eq!(Op::SetTxChecksum(false).as_ip("flannel.1"), "ethtool -K flannel.1 tx off");
+        // Not kept (flannel's way): left as it is, on a new device too.
+        let mut d = d;
+        if let Some(Device::Vxlan(v)) = d.device.as_mut() {
+            v.tx_checksum = None;
+        }
+        o.device.as_mut().unwrap().tx_checksum = Some(true);
+        assert_eq!(plan(&d, &o), vec![]);
+        assert!(!plan(&d, &Observed::default()).iter().any(|op| matches!(op, Op::SetTxChecksum(_))));
     }
 
     #[test]
