@@ -33,6 +33,7 @@ fn vxlan_neighbours_and_fdb_round_trip() {
         gbp: false,
         mtu: 1450,
         mac: "02:00:00:00:00:05".parse().unwrap(),
+        tx_checksum: None,
     };
     let neigh = Neigh { ip: "10.244.2.0".parse().unwrap(), mac: "02:00:00:00:00:02".parse().unwrap() };
     let fdb = Fdb { mac: neigh.mac, dst: "192.0.2.6".parse().unwrap() };
@@ -41,11 +42,20 @@ fn vxlan_neighbours_and_fdb_round_trip() {
         nl.add_vxlan(&spec).await.unwrap();
         let v = nl.vxlan_by_name("flannel.1").await.unwrap().unwrap();
         assert!(v.incompatibilities(&spec).is_empty(), "{:?}", v.incompatibilities(&spec));
+        // A new VXLAN device has transmit checksum offload on; it is turned
+        // off and read back through the ioctl.
+        assert_eq!(v.tx_checksum, Some(true));
+        nl.set_tx_checksum("flannel.1", false).unwrap();
+        assert_eq!(nl.vxlan_by_name("flannel.1").await.unwrap().unwrap().tx_checksum, Some(false));
+        let err = nl.set_tx_checksum("no-such-dev", false).unwrap_err().to_string();
+        assert!(err.starts_with("ethtool -K no-such-dev tx off: "), "{err}");
         nl.set_neigh(v.index, "flannel.1", &neigh).await.unwrap();
         nl.set_fdb(v.index, "flannel.1", &fdb).await.unwrap();
         v.index
     });
     // Independent eyes.
+    let k = ns.run_ok("ethtool", &["-k", "flannel.1"]);
+    assert!(k.lines().any(|l| l == "tx-checksumming: off"), "{k}");
     let link = &ns.ip_json(&["-d", "link", "show", "flannel.1"])[0];
     assert_eq!(link["address"], "02:00:00:00:00:05");
     assert_eq!(link["linkinfo"]["info_data"]["port"], 8472);

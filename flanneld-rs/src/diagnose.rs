@@ -42,6 +42,14 @@ fn describe(op: &Op, observed: &Observed, sources: &BTreeMap<String, String>, de
             f("wrong", format!("{dev} has MTU {}, want {m}", observed.device.as_ref().map(|v| v.mtu).unwrap_or(0)))
         }
         Op::SetUp => f("wrong", format!("{dev} is down")),
+        Op::SetTxChecksum(on) => f(
+            "wrong",
+            format!(
+                "{dev} has transmit checksum offload {}, want it {}",
+                if *on { "off" } else { "on" },
+                if *on { "on" } else { "off" }
+            ),
+        ),
         Op::AddAddr(a) => f("missing", format!("{dev} lacks address {a}")),
         Op::DelAddr(a) => f("stale", format!("{dev} carries address {a}, which is not our lease's")),
         Op::SetNeigh(n) => {

@@ -2,7 +2,7 @@
 # and make sure a Rust toolchain is there. Source it; it changes nothing else.
 
 # Debian packages the demo, tests and benchmarks need at run time.
-FLANNEL_RS_PACKAGES=(iproute2 iputils-ping nftables iptables containernetworking-plugins socat iperf3 procps jq util-linux etcd-server etcd-client protobuf-compiler openssl)
+FLANNEL_RS_PACKAGES=(iproute2 iputils-ping nftables iptables containernetworking-plugins socat iperf3 procps jq util-linux etcd-server etcd-client protobuf-compiler openssl conntrack ethtool)
 
 need_root() {
   if [ "$(id -u)" -ne 0 ]; then
@@ -43,10 +43,11 @@ cleanup_leftovers() {
   [ -x "$bin" ] && "$bin" cleanup || true
 }
 
-# Builds (once, cached) kube-apiserver, and kubectl when the machine has none,
-# from Debian's kubernetes source package; exports FLANNEL_RS_KUBE_DIR.
+# Builds (once, cached) kube-apiserver and kube-proxy, and kubectl when the
+# machine has none, from Debian's kubernetes source package; exports
+# FLANNEL_RS_KUBE_DIR.
 ensure_kube_binaries() {
-  local whats=(cmd/kube-apiserver)
+  local whats=(cmd/kube-apiserver cmd/kube-proxy)
   command -v kubectl >/dev/null || whats+=(cmd/kubectl)
   FLANNEL_RS_KUBE_DIR=$(scripts/lib/kube-binaries.sh "${whats[@]}")
   export FLANNEL_RS_KUBE_DIR

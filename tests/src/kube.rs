@@ -48,21 +48,28 @@ pub fn kubectl_bin() -> Option<PathBuf> {
 /// a developer's machine and fails under `CI=true` (scripts/test.sh builds
 /// them first).
 pub fn require_kube() -> bool {
-    let missing: Vec<String> = [
-        (kube_dir().join("kube-apiserver").is_file(), format!("{}/kube-apiserver", kube_dir().display())),
-        (kubectl_bin().is_some(), "kubectl".to_string()),
-        (which("openssl"), "openssl".to_string()),
-    ]
-    .into_iter()
-    .filter(|(ok, _)| !ok)
-    .map(|(_, what)| what)
-    .collect();
+    require_kube_bins(&[])
+}
+
+/// [`require_kube`], and also the Kubernetes binaries `more` (e.g.
+/// `kube-proxy`) in [`kube_dir`].
+pub fn require_kube_bins(more: &[&str]) -> bool {
+    let missing: Vec<String> = ["kube-apiserver"]
+        .iter()
+        .chain(more)
+        .map(|b| (kube_dir().join(b).is_file(), format!("{}/{b}", kube_dir().display())))
+        .chain([(kubectl_bin().is_some(), "kubectl".to_string()), (which("openssl"), "openssl".to_string())])
+        .filter(|(ok, _)| !ok)
+        .map(|(_, what)| what)
+        .collect();
     if missing.is_empty() {
         return true;
     }
+    let cmds: Vec<String> = ["kube-apiserver"].iter().chain(more).map(|b| format!("cmd/{b}")).collect();
     netns_fixtures::skip_or_fail(&format!(
-        "this test needs a real kube-apiserver: missing {} (run scripts/lib/kube-binaries.sh cmd/kube-apiserver)",
-        missing.join(", ")
+        "this test needs a real kube-apiserver: missing {} (run scripts/lib/kube-binaries.sh {})",
+        missing.join(", "),
+        cmds.join(" ")
     ))
 }
 

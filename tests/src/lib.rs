@@ -8,6 +8,7 @@ pub mod mixed;
 pub mod netpol;
 pub mod overlay;
 pub mod perf;
+pub mod services;
 pub mod stream;
 
 pub use netns_fixtures::{echo_server, tcp_round_trip};

@@ -707,14 +707,20 @@ impl Overlay {
     /// A pod on node `i` plugged in by the real plugin: its namespace and
     /// every address of the result's `ips`, in order.
     pub fn add_pod_ips(&self, i: usize, name: &str) -> (Netns, Vec<IpAddr>) {
+        // The daemon decides about masquerading (--ip-masq); the plugin stays out of it.
+        self.add_pod_with(i, name, json!({ "isDefaultGateway": true, "ipMasq": false }))
+    }
+
+    /// [`Overlay::add_pod_ips`] with the plugin's `delegate` given (e.g. the
+    /// deploy bundle's, with `hairpinMode`).
+    pub fn add_pod_with(&self, i: usize, name: &str, delegate: Value) -> (Netns, Vec<IpAddr>) {
         let node = self.cluster.node(i);
         let pod = node.add_pod_netns(name).unwrap();
         let conf = json!({
             "cniVersion": "1.0.0", "name": "cbr0", "type": "flannel",
             "subnetFile": self.daemons[i].subnet_file,
             "dataDir": self.dir.path().join(format!("cni{i}")),
-            // The daemon decides about masquerading (--ip-masq); the plugin stays out of it.
-            "delegate": { "isDefaultGateway": true, "ipMasq": false }
+            "delegate": delegate
         });
         let path = pod.path().display().to_string();
         let out = cni(&node.ns, &workspace_bin("flannel"), &cni_env("ADD", name, &path), &conf.to_string());

@@ -9,6 +9,7 @@
 //! - `route`: [`Route`]s of the main table and `ip route get`;
 //! - `neighbour`: permanent ARP entries ([`Neigh`]);
 //! - `fdb`: forwarding entries towards peers ([`Fdb`]);
+//! - `ethtool`: transmit checksum offload (`SIOCETHTOOL`, not netlink);
 //! - `monitor`: change notifications ([`monitor`], [`Change`]);
 //! - `errors`: [`NlError`] and its errno helpers.
 //!
@@ -16,12 +17,14 @@
 //! eth0: File exists (os error 17)`) and expose the errno so callers can treat
 //! "already there" and "already gone" as success where that is the intent.
 
-use std::os::fd::IntoRawFd;
+use std::os::fd::{FromRawFd, IntoRawFd, OwnedFd};
+use std::sync::Arc;
 
 use crate::netns::NetNs;
 
 mod address;
 mod errors;
+mod ethtool;
 mod fdb;
 mod link;
 mod monitor;
@@ -43,6 +46,20 @@ pub struct Netlink {
     /// rtnetlink's request handle; its connection task runs on the runtime
     /// that was current at `connect`.
     pub(crate) handle: rtnetlink::Handle,
+    /// An `AF_INET` datagram socket of the same namespace, for the
+    /// `SIOCETHTOOL` ioctl.
+    pub(crate) ioctl: Arc<OwnedFd>,
+}
+
+/// An `AF_INET` datagram socket in the calling thread's namespace.
+fn ioctl_socket() -> std::io::Result<OwnedFd> {
+    // SAFETY: plain socket(2); the descriptor is checked and then owned.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a fresh descriptor nobody else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
 impl Netlink {
@@ -51,7 +68,8 @@ impl Netlink {
     pub fn connect() -> NlResult<Netlink> {
         let (conn, handle, _) = rtnetlink::new_connection().map_err(|e| NlError::io("open netlink socket", e))?;
         tokio::spawn(conn);
-        Ok(Netlink { handle })
+        let ioctl = Arc::new(ioctl_socket().map_err(|e| NlError::io("open an ioctl socket", e))?);
+        Ok(Netlink { handle, ioctl })
     }
 
     /// A socket inside namespace `ns` (see [`NetNs::netlink_socket`]).
@@ -62,6 +80,7 @@ impl Netlink {
         let sock = unsafe { <netlink_sys::TokioSocket as std::os::fd::FromRawFd>::from_raw_fd(fd.into_raw_fd()) };
         let (conn, handle, _) = rtnetlink::from_socket(sock);
         tokio::spawn(conn);
-        Ok(Netlink { handle })
+        let ioctl = ns.run(ioctl_socket).and_then(|r| r).map_err(|e| NlError::io(op(), e))?;
+        Ok(Netlink { handle, ioctl: Arc::new(ioctl) })
     }
 }

@@ -35,6 +35,12 @@ pub struct VxlanSpec {
     pub mtu: u32,
     /// Hardware address.
     pub mac: MacAddr,
+    /// Transmit checksum offload (`ethtool -K NAME tx`) to keep: `Some(false)`
+    /// keeps it off (NAT of encapsulated packets and checksum offload do
+    /// not mix on some kernels), `None` leaves it as the kernel or the
+    /// administrator has it (flannel's way). Kept by the reconcile, not an
+    /// attribute of the create request.
+    pub tx_checksum: Option<bool>,
 }
 
 /// A VXLAN device as the kernel reports it.
@@ -62,6 +68,9 @@ pub struct VxlanLink {
     pub learning: Option<bool>,
     /// GBP.
     pub gbp: bool,
+    /// Transmit checksum offload, when read (`ethtool -k`; not part of the
+    /// link message: [`Netlink::vxlan_by_name`] asks for it).
+    pub tx_checksum: Option<bool>,
 }
 
 impl VxlanLink {
@@ -80,6 +89,7 @@ impl VxlanLink {
             port: None,
             learning: None,
             gbp: false,
+            tx_checksum: None,
         };
         for attr in &msg.attributes {
             let LinkAttribute::LinkInfo(infos) = attr else { continue };
@@ -132,8 +142,14 @@ fn fmt_opt<T: std::fmt::Display>(v: Option<T>) -> String {
 
 impl Netlink {
     /// The VXLAN device called `name`, or `None`.
+    /// Its transmit checksum offload is read too (`None` when that fails:
+    /// the device went between the two requests).
     pub async fn vxlan_by_name(&self, name: &str) -> NlResult<Option<VxlanLink>> {
-        Ok(self.link_message(name).await?.as_ref().map(VxlanLink::from_message))
+        let mut link = self.link_message(name).await?.as_ref().map(VxlanLink::from_message);
+        if let Some(l) = link.as_mut() {
+            l.tx_checksum = self.tx_checksum(name).ok();
+        }
+        Ok(link)
     }
 
     /// Creates the VTEP, up (`ip link add NAME address MAC mtu MTU type vxlan

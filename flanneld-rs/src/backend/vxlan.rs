@@ -20,6 +20,11 @@ pub const OVERHEAD: u32 = 50;
 /// VXLAN over an IPv6 underlay: the outer header is 40 bytes, not 20.
 pub const OVERHEAD_V6: u32 = 70;
 
+/// The VTEPs' transmit checksum offload: kept off (flannel leaves it to
+/// the administrator; `None` here would do the same). See the README's
+/// "Services and kube-proxy" for why and what it costs.
+pub const TX_CHECKSUM: Option<bool> = Some(false);
+
 /// `flannel.<VNI>`.
 pub fn device_name(vni: u32) -> String {
     format!("flannel.{vni}")
@@ -55,6 +60,7 @@ pub fn vtep_spec_v6(vx: &VxlanConfig, ext: &ExtIface, local: Ipv6Addr, mac: MacA
         gbp: vx.gbp,
         mtu: underlay_mtu - OVERHEAD_V6,
         mac,
+        tx_checksum: TX_CHECKSUM,
     })
 }
 
@@ -76,6 +82,7 @@ pub fn vtep_spec(vx: &VxlanConfig, ext: &ExtIface, local: Ipv4Addr, mac: MacAddr
         gbp: vx.gbp,
         mtu: underlay_mtu - OVERHEAD,
         mac,
+        tx_checksum: TX_CHECKSUM,
     })
 }
 

@@ -155,6 +155,7 @@ async fn apply_one(nl: &Netlink, name: &str, idx: u32, op: &Op) -> NlResult<()> 
         Op::CreateDevice | Op::RecreateDevice(_) => unreachable!("handled by apply"),
         Op::SetMtu(m) => nl.set_mtu(idx, name, *m).await,
         Op::SetUp => nl.set_up(idx, name).await,
+        Op::SetTxChecksum(on) => nl.set_tx_checksum(name, *on),
         Op::AddAddr(a) => tolerate(nl.add_addr(idx, name, *a).await, NlError::is_exists),
         Op::DelAddr(a) => tolerate(nl.del_addr(idx, name, *a).await, NlError::is_not_found),
         Op::SetNeigh(n) => nl.set_neigh(idx, name, n).await,

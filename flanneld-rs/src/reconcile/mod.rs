@@ -20,5 +20,6 @@ pub(crate) fn test_vtep_spec() -> flannel_net::netlink::VxlanSpec {
         gbp: false,
         mtu: 1450,
         mac: "02:00:00:00:00:10".parse().unwrap(),
+        tx_checksum: Some(false),
     }
 }

@@ -1,0 +1,416 @@
+//! Services over the overlay: the real kube-proxy (v1.20.2, built from the
+//! same Debian `kubernetes` source package as the API server) on every node
+//! of a [`KubeOverlay`], in iptables mode through iptables-nft, started the
+//! way kubeadm runs it: its own ServiceAccount `kube-system/kube-proxy`
+//! bound to the ClusterRole `system:node-proxier`, `--cluster-cidr`, and
+//! `--hostname-override` with the Node's name. Selector-less Services with
+//! hand-written EndpointSlices name the pods our plugin plugged in (there is
+//! no kubelet to make Pod objects Ready for the endpoint controllers), and
+//! small servers in those pods say who answered and whom they saw.
+
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use netns_fixtures::Netns;
+use serde_json::{json, Value};
+
+use crate::kube::{kube_dir, KubeOverlay};
+use crate::overlay::Proc;
+
+/// The pods' servers' ports: TCP and UDP.
+pub const TCP_PORT: u16 = 8080;
+/// See [`TCP_PORT`].
+pub const UDP_PORT: u16 = 8081;
+/// The cluster CIDR kube-proxy is told (kubeadm's `--pod-network-cidr` for flannel).
+pub const CLUSTER_CIDR: &str = "10.244.0.0/16";
+
+/// Whether the API server, the kube-proxy binary ([`crate::kube::require_kube_bins`]),
+/// `conntrack` (which kube-proxy runs to clear UDP flows) and `ethtool` (the
+/// tests read and flip the VTEP's offload with it) are here; skips, or
+/// fails under `CI=true`, when not.
+pub fn require_kube_proxy() -> bool {
+    if !crate::kube::require_kube_bins(&["kube-proxy"]) {
+        return false;
+    }
+    for (tool, package) in [("conntrack", "conntrack"), ("ethtool", "ethtool")] {
+        let there = std::process::Command::new(tool).arg("--version").output().is_ok_and(|o| o.status.success());
+        if !there {
+            return netns_fixtures::skip_or_fail(&format!("this test needs {tool} (Debian package {package})"));
+        }
+    }
+    true
+}
+
+/// A server in a pod: every TCP connection on [`TCP_PORT`] and every UDP
+/// datagram on [`UDP_PORT`] is answered with `<name> <peer address>`; stopped
+/// on drop.
+pub struct PodServer {
+    stop: Arc<AtomicBool>,
+    sockets: Vec<std::os::fd::OwnedFd>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl PodServer {
+    /// Starts the server in `pod`, answering as `name`.
+    pub fn start(pod: &Netns, name: &str) -> PodServer {
+        let tcp = pod.in_thread(|| TcpListener::bind((Ipv4Addr::UNSPECIFIED, TCP_PORT))).expect("bind the TCP server");
+        let udp = pod.in_thread(|| UdpSocket::bind((Ipv4Addr::UNSPECIFIED, UDP_PORT))).expect("bind the UDP server");
+        let sockets = vec![
+            std::os::fd::OwnedFd::from(tcp.try_clone().unwrap()),
+            std::os::fd::OwnedFd::from(udp.try_clone().unwrap()),
+        ];
+        let stop = Arc::new(AtomicBool::new(false));
+        let (s1, n1) = (stop.clone(), name.to_string());
+        let t = std::thread::spawn(move || {
+            for conn in tcp.incoming() {
+                if s1.load(Ordering::Relaxed) {
+                    return;
+                }
+                let Ok(mut c) = conn else { continue };
+                let peer = c.peer_addr().map(|p| p.ip().to_string()).unwrap_or_default();
+                let _ = c.write_all(format!("{n1} {peer}").as_bytes());
+            }
+        });
+        let (s2, n2) = (stop.clone(), name.to_string());
+        let u = std::thread::spawn(move || {
+            let mut buf = [0u8; 64];
+            while let Ok((_, peer)) = udp.recv_from(&mut buf) {
+                if s2.load(Ordering::Relaxed) {
+                    return;
+                }
+                let _ = udp.send_to(format!("{n2} {}", peer.ip()).as_bytes(), peer);
+            }
+        });
+        PodServer { stop, sockets, threads: vec![t, u] }
+    }
+}
+
+impl Drop for PodServer {
+    fn drop(&mut self) {
+        use std::os::fd::AsRawFd;
+        self.stop.store(true, Ordering::Relaxed);
+        // shutdown(2) wakes a thread blocked in accept (EINVAL) or recvfrom
+        // (an empty read) on the same socket.
+        for s in &self.sockets {
+            // SAFETY: a socket we own.
+            unsafe { libc::shutdown(s.as_raw_fd(), libc::SHUT_RDWR) };
+        }
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// What a server answered: who (`p1`) and the client address it saw.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Answer {
+    /// The answering pod's name.
+    pub who: String,
+    /// The source address the server saw.
+    pub seen: String,
+}
+
+fn parse(text: &str) -> std::io::Result<Answer> {
+    let (who, seen) =
+        text.split_once(' ').ok_or_else(|| std::io::Error::other(format!("unexpected answer {text:?}")))?;
+    Ok(Answer { who: who.to_string(), seen: seen.to_string() })
+}
+
+/// One TCP request from inside `ns` to `addr` (1-s connect and read timeouts).
+pub fn ask_tcp(ns: &Netns, addr: SocketAddr) -> std::io::Result<Answer> {
+    let mut s = ns.in_thread(|| TcpStream::connect_timeout(&addr, Duration::from_secs(1)))?;
+    s.set_read_timeout(Some(Duration::from_secs(2)))?;
+    let mut text = String::new();
+    s.read_to_string(&mut text)?;
+    parse(&text)
+}
+
+/// One UDP request from inside `ns` to `addr`, from a new source port (a new
+/// conntrack flow), waiting 1 s for the answer.
+pub fn ask_udp(ns: &Netns, addr: SocketAddr) -> std::io::Result<Answer> {
+    let s = ns.in_thread(|| UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)))?;
+    s.set_read_timeout(Some(Duration::from_secs(1)))?;
+    s.send_to(b"who", addr)?;
+    let mut buf = [0u8; 128];
+    let (n, _) = s.recv_from(&mut buf)?;
+    parse(&String::from_utf8_lossy(&buf[..n]))
+}
+
+/// TCP or UDP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Proto {
+    /// TCP.
+    Tcp,
+    /// UDP.
+    Udp,
+}
+
+impl Proto {
+    /// Both.
+    pub const BOTH: [Proto; 2] = [Proto::Tcp, Proto::Udp];
+
+    /// One request over this protocol.
+    pub fn ask(self, ns: &Netns, addr: SocketAddr) -> std::io::Result<Answer> {
+        match self {
+            Proto::Tcp => ask_tcp(ns, addr),
+            Proto::Udp => ask_udp(ns, addr),
+        }
+    }
+
+    /// The Service port name (`tcp`, `udp`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Proto::Tcp => "tcp",
+            Proto::Udp => "udp",
+        }
+    }
+}
+
+/// Asks until an answer comes (kube-proxy programs a new Service within a
+/// second or so), at most 20 s; panics naming `what` and the last error.
+pub fn ask_eventually(proto: Proto, ns: &Netns, addr: SocketAddr, what: &str) -> Answer {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        match proto.ask(ns, addr) {
+            Ok(a) => return a,
+            Err(e) if std::time::Instant::now() >= deadline => {
+                panic!("{what}: no {proto:?} answer from {addr} within 20 s: {e}")
+            }
+            // The request's own timeout paces the retries; a refusal (no
+            // rule yet: the Service's REJECT) comes at once, so wait a bit.
+            Err(_) => std::thread::sleep(Duration::from_millis(100)),
+        }
+    }
+}
+
+/// A Service port as created: the cluster IP's port and the node port (0
+/// for a ClusterIP Service).
+#[derive(Debug, Clone, Copy)]
+pub struct SvcPort {
+    /// The Service port.
+    pub port: u16,
+    /// The node port.
+    pub node_port: u16,
+}
+
+/// A Service as created: its cluster IP and, per protocol, its ports.
+#[derive(Debug, Clone)]
+pub struct Svc {
+    /// Its name (namespace `default`).
+    pub name: String,
+    /// `spec.clusterIP`.
+    pub cluster_ip: Ipv4Addr,
+    /// TCP port.
+    pub tcp: SvcPort,
+    /// UDP port.
+    pub udp: SvcPort,
+}
+
+impl Svc {
+    /// The cluster IP address for `proto`.
+    pub fn cluster(&self, proto: Proto) -> SocketAddr {
+        let p = match proto {
+            Proto::Tcp => self.tcp.port,
+            Proto::Udp => self.udp.port,
+        };
+        SocketAddr::new(self.cluster_ip.into(), p)
+    }
+
+    /// Node address `node`'s node port for `proto`.
+    pub fn node_port(&self, node: Ipv4Addr, proto: Proto) -> SocketAddr {
+        let p = match proto {
+            Proto::Tcp => self.tcp.node_port,
+            Proto::Udp => self.udp.node_port,
+        };
+        SocketAddr::new(node.into(), p)
+    }
+}
+
+/// How a Service is made.
+#[derive(Debug, Clone, Default)]
+pub struct SvcSpec<'a> {
+    /// `NodePort` instead of `ClusterIP`.
+    pub node_port: bool,
+    /// `sessionAffinity: ClientIP`.
+    pub affinity: bool,
+    /// `externalTrafficPolicy: Local` (NodePort only).
+    pub local: bool,
+    /// The endpoints: (pod address, its node's name).
+    pub endpoints: Vec<(Ipv4Addr, &'a str)>,
+}
+
+/// kube-proxy on every node of a [`KubeOverlay`].
+pub struct KubeProxies {
+    procs: Vec<Proc>,
+    /// kube-proxy's kubeconfig (its ServiceAccount's token).
+    pub kubeconfig: PathBuf,
+    /// Per node, its log.
+    pub logs: Vec<PathBuf>,
+}
+
+impl KubeProxies {
+    /// kubeadm's objects for kube-proxy (ServiceAccount `kube-system/kube-proxy`,
+    /// ClusterRoleBinding `kubeadm:node-proxier` to `system:node-proxier`) and
+    /// a kubeconfig with that ServiceAccount's token; nothing started yet.
+    pub fn new(ko: &KubeOverlay) -> KubeProxies {
+        ko.api.apply(
+            &json!({"apiVersion": "v1", "kind": "ServiceAccount",
+                    "metadata": {"name": "kube-proxy", "namespace": "kube-system"}})
+            .to_string(),
+        );
+        ko.api.apply(
+            &json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+                    "metadata": {"name": "kubeadm:node-proxier"},
+                    "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "system:node-proxier"},
+                    "subjects": [{"kind": "ServiceAccount", "name": "kube-proxy", "namespace": "kube-system"}]})
+            .to_string(),
+        );
+        let token = ko.api.service_account_token("kube-system", "kube-proxy");
+        let kubeconfig = ko.o.dir.path().join("kube-proxy.kubeconfig");
+        ko.api.kubeconfig_for_token(&kubeconfig, &token);
+        let n = ko.o.daemons.len();
+        let logs = (0..n).map(|i| ko.o.dir.path().join(format!("kube-proxy{i}.log"))).collect();
+        KubeProxies { procs: (0..n).map(|_| Proc(None)).collect(), kubeconfig, logs }
+    }
+
+    /// Starts kube-proxy on node `i` and waits until its first sync wrote
+    /// its chains (`KUBE-SERVICES` in table nat).
+    pub fn start(&mut self, ko: &KubeOverlay, i: usize) {
+        let node = ko.o.cluster.node(i);
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.logs[i]).unwrap();
+        let child = node
+            .ns
+            .command(kube_dir().join("kube-proxy"))
+            .arg(format!("--kubeconfig={}", self.kubeconfig.display()))
+            .arg(format!("--hostname-override={}", KubeOverlay::node_name(i)))
+            .arg(format!("--cluster-cidr={CLUSTER_CIDR}"))
+            .arg(format!("--bind-address={}", node.underlay_ip))
+            .arg("--proxy-mode=iptables")
+            // Leave the global nf_conntrack_max and the nf_conntrack module's
+            // hashsize alone (they are the host's, not the namespace's).
+            .arg("--conntrack-max-per-core=0")
+            .args(["--v=2", "--profiling=false"])
+            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.procs[i] = Proc(Some(child));
+        crate::wait_until_or(Duration::from_secs(30), &|| nat_rules(&node.ns).contains(":KUBE-SERVICES"), &|| {
+            format!("kube-proxy on node{i} to write its chains; its log ends:\n{}", self.tail(i))
+        });
+    }
+
+    /// Starts kube-proxy on every node.
+    pub fn start_all(&mut self, ko: &KubeOverlay) {
+        for i in 0..self.procs.len() {
+            self.start(ko, i);
+        }
+    }
+
+    /// Stops node `i`'s kube-proxy (SIGTERM, as a DaemonSet rollout does).
+    pub fn stop(&mut self, i: usize) {
+        self.procs[i].stop();
+    }
+
+    /// The last 30 lines of node `i`'s kube-proxy log.
+    pub fn tail(&self, i: usize) -> String {
+        let log = std::fs::read_to_string(&self.logs[i]).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        lines[lines.len().saturating_sub(30)..].join("\n")
+    }
+}
+
+/// `iptables-save -t nat` in `ns`.
+pub fn nat_rules(ns: &Netns) -> String {
+    ns.run("iptables-save", &["-t", "nat"]).map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default()
+}
+
+/// Creates Service `name` (namespace `default`, no selector) with a TCP
+/// port 80 and a UDP port 81 to the pods' servers, and its EndpointSlice
+/// (`discovery.k8s.io/v1beta1`, what kube-proxy 1.20 reads: its
+/// EndpointSliceProxying is on by default) naming each endpoint's node in
+/// the `kubernetes.io/hostname` topology key, as the EndpointSlice
+/// controller does (kube-proxy decides "local" by it). Returns the Service
+/// as the API server allocated it.
+pub fn create_service(ko: &KubeOverlay, name: &str, spec: &SvcSpec) -> Svc {
+    let mut s = json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": name, "namespace": "default"},
+        "spec": {
+            "type": if spec.node_port { "NodePort" } else { "ClusterIP" },
+            "ports": [
+                {"name": "tcp", "protocol": "TCP", "port": 80, "targetPort": TCP_PORT},
+                {"name": "udp", "protocol": "UDP", "port": 81, "targetPort": UDP_PORT}
+            ],
+            "sessionAffinity": if spec.affinity { "ClientIP" } else { "None" }
+        }
+    });
+    if spec.node_port {
+        s["spec"]["externalTrafficPolicy"] = if spec.local { "Local" } else { "Cluster" }.into();
+    }
+    ko.api.apply(&s.to_string());
+    let endpoints: Vec<Value> = spec
+        .endpoints
+        .iter()
+        .map(|(ip, node)| {
+            json!({"addresses": [ip.to_string()], "conditions": {"ready": true},
+                   "topology": {"kubernetes.io/hostname": node}})
+        })
+        .collect();
+    ko.api.apply(
+        &json!({
+            "apiVersion": "discovery.k8s.io/v1beta1", "kind": "EndpointSlice",
+            "metadata": {"name": format!("{name}-1"), "namespace": "default",
+                         "labels": {"kubernetes.io/service-name": name}},
+            "addressType": "IPv4",
+            "ports": [{"name": "tcp", "protocol": "TCP", "port": TCP_PORT},
+                      {"name": "udp", "protocol": "UDP", "port": UDP_PORT}],
+            "endpoints": endpoints
+        })
+        .to_string(),
+    );
+    let got = ko.api.get_json(&["service", name, "-n", "default"]);
+    let port = |i: usize| SvcPort {
+        port: got["spec"]["ports"][i]["port"].as_u64().unwrap() as u16,
+        node_port: got["spec"]["ports"][i]["nodePort"].as_u64().unwrap_or(0) as u16,
+    };
+    Svc {
+        name: name.to_string(),
+        cluster_ip: got["spec"]["clusterIP"].as_str().unwrap().parse().unwrap(),
+        tcp: port(0),
+        udp: port(1),
+    }
+}
+
+/// Waits until every node's kube-proxy has rules for both ports of `svc`
+/// (its comment `default/<name>:tcp` in table nat).
+pub fn wait_programmed(ko: &KubeOverlay, svc: &Svc) {
+    for i in 0..ko.o.daemons.len() {
+        let ns = &ko.o.cluster.node(i).ns;
+        crate::wait_until_or(
+            Duration::from_secs(20),
+            &|| {
+                let r = nat_rules(ns);
+                Proto::BOTH.iter().all(|p| r.contains(&format!("default/{}:{}", svc.name, p.name())))
+            },
+            &|| format!("node{i}'s kube-proxy to program Service {}", svc.name),
+        );
+    }
+}
+
+/// The IPv4 addresses of namespace `ns`.
+pub fn addresses(ns: &Netns) -> Vec<String> {
+    ns.ip_json(&["-4", "addr", "show"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|l| l["addr_info"].as_array().cloned().unwrap_or_default())
+        .filter_map(|a| a["local"].as_str().map(str::to_string))
+        .collect()
+}

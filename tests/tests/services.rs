@@ -1,0 +1,455 @@
+//! Services over the overlay with the real kube-proxy (v1.20.2, iptables
+//! mode through iptables-nft) on every node, for vxlan, host-gw and udp: a
+//! real kube-apiserver, flanneld-rs in Kubernetes mode with `--ip-masq` (as
+//! flannel's manifest runs it), pods plugged in by our plugin with the
+//! deploy bundle's delegate (`hairpinMode`), Services and EndpointSlices
+//! through the API server (see `tests/src/services.rs`). One cluster per
+//! backend, every check on it in turn.
+
+use std::collections::BTreeSet;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::time::Duration;
+
+use e2e_tests::kube::{require_kube, KubeOverlay};
+use e2e_tests::services::{
+    addresses, ask_eventually, create_service, require_kube_proxy, wait_programmed, KubeProxies, PodServer, Proto, Svc,
+    SvcSpec, TCP_PORT,
+};
+use e2e_tests::wait_until_or;
+use netns_fixtures::{require_root, Netns};
+use serde_json::Value;
+
+fn ready() -> bool {
+    require_root() && require_kube() && require_kube_proxy()
+}
+
+/// The outside host (where the API server runs).
+const OUTSIDE: &str = "192.0.2.200";
+
+struct Services {
+    // Dropped first: the servers' threads end before their pods go.
+    _servers: Vec<PodServer>,
+    proxies: KubeProxies,
+    pods: Vec<(Netns, Ipv4Addr)>,
+    ko: KubeOverlay,
+}
+
+impl Services {
+    /// Three nodes of `backend` with `--ip-masq`, kube-proxy on each, one pod
+    /// `p<i>` per node with its server, and an answering server on the
+    /// outside host; pods reach each other keeping their source address.
+    fn new(backend: &str) -> Services {
+        let conf = format!(r#"{{"Network":"10.244.0.0/16","Backend":{{"Type":"{backend}"}}}}"#);
+        let mut ko = KubeOverlay::with_conf(3, &conf);
+        for i in 0..3 {
+            ko.create_node(i);
+            let mut flags = ko.o.flags(i);
+            flags.push("--ip-masq".into());
+            let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+            ko.o.set_flags(i, &flags);
+        }
+        ko.o.start_all();
+        let mut proxies = KubeProxies::new(&ko);
+        proxies.start_all(&ko);
+        // The deploy bundle's CNI configuration: the flannel plugin's delegate.
+        let cm = ko.api.get_json(&["configmap", "kube-flannel-rs-cfg", "-n", "kube-flannel-rs"]);
+        let cni: Value = serde_json::from_str(cm["data"]["cni-conf.json"].as_str().unwrap()).unwrap();
+        let delegate = cni["plugins"][0]["delegate"].clone();
+        assert_eq!(delegate["hairpinMode"], true, "{cni}");
+        let mut pods = Vec::new();
+        let mut servers = Vec::new();
+        for i in 0..3 {
+            let (pod, ips) = ko.o.add_pod_with(i, &format!("p{i}"), delegate.clone());
+            let addr = match ips[0] {
+                std::net::IpAddr::V4(a) => a,
+                other => panic!("p{i}: {other}"),
+            };
+            servers.push(PodServer::start(&pod, &format!("p{i}")));
+            pods.push((pod, addr));
+        }
+        servers.push(PodServer::start(ko.o.outside(), "outside"));
+        let s = Services { _servers: servers, proxies, pods, ko };
+        s.pods_keep_their_source();
+        s
+    }
+
+    fn node(&self, i: usize) -> &Netns {
+        &self.ko.o.cluster.node(i).ns
+    }
+
+    fn node_ip(&self, i: usize) -> Ipv4Addr {
+        self.ko.o.cluster.node(i).underlay_ip
+    }
+
+    /// Pod-to-pod across nodes, TCP and UDP: the server sees the client
+    /// pod's own address (no masquerade between pods).
+    fn pods_keep_their_source(&self) {
+        for (c, (from, from_ip)) in self.pods.iter().enumerate() {
+            for (t, (_, to_ip)) in self.pods.iter().enumerate() {
+                if c == t {
+                    continue;
+                }
+                for proto in Proto::BOTH {
+                    let port = if proto == Proto::Tcp { TCP_PORT } else { e2e_tests::services::UDP_PORT };
+                    let a =
+                        ask_eventually(proto, from, SocketAddr::new((*to_ip).into(), port), &format!("p{c} -> p{t}"));
+                    assert_eq!(
+                        (a.who.as_str(), a.seen.as_str()),
+                        (format!("p{t}").as_str(), from_ip.to_string().as_str())
+                    );
+                }
+            }
+        }
+    }
+
+    /// From every pod to the outside host, TCP and UDP: masqueraded once,
+    /// to its node's address, and conntrack holds exactly that one
+    /// translation for the flow.
+    fn pods_to_outside_masqueraded(&self) {
+        let outside_tcp: SocketAddr = format!("{OUTSIDE}:{TCP_PORT}").parse().unwrap();
+        for (c, (pod, pod_ip)) in self.pods.iter().enumerate() {
+            for proto in Proto::BOTH {
+                let port = if proto == Proto::Tcp { TCP_PORT } else { e2e_tests::services::UDP_PORT };
+                let a = ask_eventually(
+                    proto,
+                    pod,
+                    SocketAddr::new(OUTSIDE.parse::<Ipv4Addr>().unwrap().into(), port),
+                    &format!("p{c} -> outside"),
+                );
+                assert_eq!(a.who, "outside");
+                assert_eq!(
+                    a.seen,
+                    self.node_ip(c).to_string(),
+                    "p{c} -> outside over {proto:?}: not masqueraded to its node"
+                );
+            }
+            // The TCP flow in node c's conntrack: from the pod, its reply to the node.
+            let out = self.node(c).run_ok(
+                "conntrack",
+                &[
+                    "-L",
+                    "-p",
+                    "tcp",
+                    "-s",
+                    &pod_ip.to_string(),
+                    "-d",
+                    OUTSIDE,
+                    "--dport",
+                    &outside_tcp.port().to_string(),
+                ],
+            );
+            let flows: Vec<&str> = out.lines().filter(|l| l.contains("src=")).collect();
+            assert!(!flows.is_empty(), "node{c}: no conntrack entry for p{c} -> outside");
+            for f in flows {
+                let reply_dst = f.split_whitespace().filter(|w| w.starts_with("dst=")).nth(1).unwrap_or("");
+                assert_eq!(reply_dst, format!("dst={}", self.node_ip(c)), "node{c}: {f}");
+            }
+        }
+    }
+}
+
+fn others(c: usize) -> [usize; 2] {
+    [(c + 1) % 3, (c + 2) % 3]
+}
+
+/// ClusterIP: from each pod to a Service whose endpoints are the pods on
+/// the other two nodes (both answer, the client's own address is seen);
+/// with `sessionAffinity: ClientIP` one endpoint answers every request;
+/// and a Service whose one endpoint is the client itself (hairpin: the
+/// bridge port's hairpin mode sends it back; kube-proxy masquerades it to
+/// the node's bridge address).
+fn cluster_ip(s: &Services) {
+    let names: Vec<String> = (0..3).map(KubeOverlay::node_name).collect();
+    let mut svcs: Vec<(Svc, Svc, Svc)> = Vec::new();
+    for c in 0..3 {
+        let eps: Vec<(Ipv4Addr, &str)> = others(c).iter().map(|&o| (s.pods[o].1, names[o].as_str())).collect();
+        let spread = create_service(&s.ko, &format!("x{c}"), &SvcSpec { endpoints: eps.clone(), ..Default::default() });
+        let sticky =
+            create_service(&s.ko, &format!("a{c}"), &SvcSpec { endpoints: eps, affinity: true, ..Default::default() });
+        let hairpin = create_service(
+            &s.ko,
+            &format!("h{c}"),
+            &SvcSpec { endpoints: vec![(s.pods[c].1, names[c].as_str())], ..Default::default() },
+        );
+        svcs.push((spread, sticky, hairpin));
+    }
+    for (a, b, h) in &svcs {
+        for svc in [a, b, h] {
+            wait_programmed(&s.ko, svc);
+        }
+    }
+    for (c, (spread, sticky, hairpin)) in svcs.iter().enumerate() {
+        let (pod, pod_ip) = &s.pods[c];
+        let want: BTreeSet<String> = others(c).iter().map(|o| format!("p{o}")).collect();
+        for proto in Proto::BOTH {
+            // Both endpoints answer (random choice: 40 tries miss one with
+            // probability 2^-39), each seeing the client pod's address.
+            let mut seen = BTreeSet::new();
+            for _ in 0..40 {
+                let a = ask_eventually(proto, pod, spread.cluster(proto), &format!("p{c} -> x{c}"));
+                assert!(want.contains(&a.who), "p{c} -> x{c} over {proto:?} answered by {}", a.who);
+                assert_eq!(a.seen, pod_ip.to_string(), "p{c} -> x{c} over {proto:?}");
+                seen.insert(a.who);
+                if seen == want {
+                    break;
+                }
+            }
+            assert_eq!(seen, want, "p{c} -> x{c} over {proto:?}: not every endpoint answered");
+
+            // Session affinity: the first answer's endpoint answers all.
+            let first = ask_eventually(proto, pod, sticky.cluster(proto), &format!("p{c} -> a{c}"));
+            assert!(want.contains(&first.who), "{first:?}");
+            for _ in 0..12 {
+                let a = ask_eventually(proto, pod, sticky.cluster(proto), &format!("p{c} -> a{c}"));
+                assert_eq!(a.who, first.who, "p{c} -> a{c} over {proto:?}: affinity broken");
+                assert_eq!(a.seen, pod_ip.to_string());
+            }
+
+            // Hairpin: the pod reaches itself through the Service.
+            let a = ask_eventually(proto, pod, hairpin.cluster(proto), &format!("p{c} -> h{c} (itself)"));
+            assert_eq!(a.who, format!("p{c}"), "hairpin over {proto:?}");
+            assert_eq!(a.seen, format!("10.244.{}.1", c + 1), "hairpin over {proto:?}: masqueraded to the bridge");
+        }
+    }
+}
+
+/// NodePort from the outside host to every node for an endpoint on node1:
+/// `externalTrafficPolicy: Cluster` answers on every node, masqueraded to
+/// an address of the entry node; `Local` answers only on node1, with the
+/// client's own address; the other nodes drop it.
+fn node_ports(s: &Services) -> (Svc, Svc) {
+    let ep = vec![(s.pods[1].1, "node1")];
+    let cluster =
+        create_service(&s.ko, "npc", &SvcSpec { node_port: true, endpoints: ep.clone(), ..Default::default() });
+    let local =
+        create_service(&s.ko, "npl", &SvcSpec { node_port: true, local: true, endpoints: ep, ..Default::default() });
+    wait_programmed(&s.ko, &cluster);
+    wait_programmed(&s.ko, &local);
+    let outside = s.ko.o.outside();
+    for n in 0..3 {
+        let node_addrs = addresses(s.node(n));
+        for proto in Proto::BOTH {
+            let a = ask_eventually(
+                proto,
+                outside,
+                cluster.node_port(s.node_ip(n), proto),
+                &format!("outside -> node{n} npc"),
+            );
+            assert_eq!(a.who, "p1", "node{n} npc over {proto:?}");
+            assert!(
+                node_addrs.contains(&a.seen),
+                "node{n} npc over {proto:?}: seen {} is not node{n}'s ({node_addrs:?})",
+                a.seen
+            );
+        }
+    }
+    for proto in Proto::BOTH {
+        let a = ask_eventually(proto, outside, local.node_port(s.node_ip(1), proto), "outside -> node1 npl");
+        assert_eq!((a.who.as_str(), a.seen.as_str()), ("p1", OUTSIDE), "node1 npl over {proto:?}");
+        for n in [0, 2] {
+            for _ in 0..2 {
+                let r = proto.ask(outside, local.node_port(s.node_ip(n), proto));
+                assert!(r.is_err(), "node{n} has no local endpoint of npl, yet over {proto:?} it answered {r:?}");
+            }
+        }
+    }
+    (cluster, local)
+}
+
+/// The lines of `iptables-save` (tables nat and filter) in `ns` that
+/// mention `needle`, counters left out, in order.
+fn rules_with(ns: &Netns, needle: &str) -> Vec<String> {
+    let mut v = Vec::new();
+    for table in ["nat", "filter"] {
+        let text = ns.run_ok("iptables-save", &["-t", table]);
+        v.extend(text.lines().filter(|l| l.contains(needle)).map(|l| {
+            if l.starts_with(':') {
+                l.split(' ').next().unwrap().to_string()
+            } else {
+                l.to_string()
+            }
+        }));
+    }
+    v
+}
+
+/// `--ip-masq` with kube-proxy: restarting kube-proxy leaves our chains as
+/// they were; restarting flanneld-rs re-asserts ours and leaves kube-proxy's
+/// alone; traffic is still right afterwards.
+fn restarts(s: &mut Services, npc: &Svc) {
+    let n0 = s.node(0);
+    let ours = rules_with(n0, "FLANNEL");
+    let theirs = rules_with(n0, "KUBE");
+    assert!(ours.iter().any(|l| l.contains("-j FLANNEL-POSTRTG")), "{ours:?}");
+    assert!(theirs.iter().any(|l| l.contains("-j KUBE-POSTROUTING")), "{theirs:?}");
+
+    s.proxies.stop(0);
+    s.proxies.start(&s.ko, 0);
+    wait_programmed(&s.ko, npc);
+    let n0 = s.node(0);
+    assert_eq!(rules_with(n0, "FLANNEL"), ours, "kube-proxy's restart changed our rules");
+    wait_until_or(Duration::from_secs(20), &|| rules_with(n0, "KUBE") == theirs, &|| {
+        format!("kube-proxy's rules after its restart to be as before:\n{:?}\nvs\n{theirs:?}", rules_with(n0, "KUBE"))
+    });
+
+    s.ko.o.stop(0);
+    s.ko.o.start(0);
+    let n0 = s.node(0);
+    assert_eq!(rules_with(n0, "FLANNEL"), ours, "flanneld-rs's restart: our rules differ");
+    assert_eq!(rules_with(n0, "KUBE"), theirs, "flanneld-rs's restart changed kube-proxy's rules");
+
+    s.pods_keep_their_source();
+    s.pods_to_outside_masqueraded();
+    for proto in Proto::BOTH {
+        let a = ask_eventually(
+            proto,
+            s.ko.o.outside(),
+            npc.node_port(s.node_ip(0), proto),
+            "outside -> node0 npc after restarts",
+        );
+        assert_eq!(a.who, "p1");
+        let x0 = s.ko.api.get_json(&["service", "x0"]);
+        let ip: Ipv4Addr = x0["spec"]["clusterIP"].as_str().unwrap().parse().unwrap();
+        let port = if proto == Proto::Tcp { 80 } else { 81 };
+        let a = ask_eventually(proto, &s.pods[0].0, SocketAddr::new(ip.into(), port), "p0 -> x0 after restarts");
+        assert!(a.who == "p1" || a.who == "p2", "{a:?}");
+        assert_eq!(a.seen, s.pods[0].1.to_string());
+    }
+}
+
+/// `ethtool -k flannel.1`'s `tx-checksumming` on node `i` (`on`, `off`).
+fn tx_checksumming(s: &Services, i: usize) -> String {
+    let text = s.node(i).run_ok("ethtool", &["-k", "flannel.1"]);
+    let line = text.lines().find(|l| l.starts_with("tx-checksumming:")).unwrap_or_else(|| panic!("{text}"));
+    line["tx-checksumming:".len()..].trim().to_string()
+}
+
+/// The VTEP's transmit checksum offload: off on every node from the
+/// device's creation, turned off again when someone turns it on, and
+/// turned off at start on a device that has it on. In between, with the
+/// daemons stopped and the offload on everywhere, NodePort traffic
+/// SNATed onto the overlay (the path of flannel issue 1279 / PR 1282) is
+/// tried and what it did is printed: the README says what this kernel does.
+fn vxlan_tx_checksum(s: &mut Services, npc: &Svc) {
+    for i in 0..3 {
+        assert_eq!(tx_checksumming(s, i), "off", "node{i}'s flannel.1");
+    }
+    s.node(0).run_ok("ethtool", &["-K", "flannel.1", "tx", "on"]);
+    assert_eq!(tx_checksumming(s, 0), "on", "the flip did not take");
+    wait_until_or(Duration::from_secs(20), &|| tx_checksumming(s, 0) == "off", &|| {
+        format!("node0's daemon to turn the offload off again; its log ends:\n{}", e2e_tests::mixed::tail(&s.ko.o, 0))
+    });
+    assert!(s.ko.o.log(0).contains("SetTxChecksum(false)"), "{}", e2e_tests::mixed::tail(&s.ko.o, 0));
+
+    // The experiment: offload on, NodePort (Cluster) into node0 and node2
+    // for the endpoint on node1, new flows each time.
+    for i in 0..3 {
+        s.ko.o.stop(i);
+        s.node(i).run_ok("ethtool", &["-K", "flannel.1", "tx", "on"]);
+        assert_eq!(tx_checksumming(s, i), "on");
+    }
+    let outside = s.ko.o.outside();
+    for n in [0, 2] {
+        for proto in Proto::BOTH {
+            let results: Vec<String> = (0..5)
+                .map(|_| match proto.ask(outside, npc.node_port(s.node_ip(n), proto)) {
+                    Ok(a) => format!("{} (seen {})", a.who, a.seen),
+                    Err(e) => format!("failed: {e}"),
+                })
+                .collect();
+            eprintln!("offload on: outside -> node{n} NodePort over {proto:?} -> p1 on node1: {results:?}");
+        }
+        // What broke checksums (kube-proxy before 1.19 left its masquerade
+        // mark on the packet, so the encapsulated VXLAN packet was SNATed
+        // too): here the VXLAN flows leave the node untranslated.
+        let flows = s.node(n).run_ok("conntrack", &["-L", "-p", "udp", "--dport", "8472"]);
+        let flows: Vec<&str> = flows.lines().filter(|l| l.contains("dport=8472")).collect();
+        assert!(!flows.is_empty(), "node{n}: no VXLAN flow in conntrack");
+        for f in flows {
+            let field = |k: &str| -> Vec<&str> { f.split_whitespace().filter_map(|w| w.strip_prefix(k)).collect() };
+            let (src, dst, sport, dport) = (field("src="), field("dst="), field("sport="), field("dport="));
+            assert_eq!((src[0], sport[0]), (dst[1], dport[1]), "node{n}: a VXLAN flow is NATed: {f}");
+        }
+    }
+    for i in 0..3 {
+        s.ko.o.start(i);
+        assert_eq!(tx_checksumming(s, i), "off", "node{i}: the daemon's start left the offload on");
+    }
+}
+
+/// The sysctls kube-proxy may write: per-namespace ones only (it is
+/// started with `--conntrack-max-per-core=0`, so it leaves the global
+/// `nf_conntrack_max` and the module's hashsize alone).
+const PER_NETNS: [&str; 3] = [
+    "net/ipv4/conf/all/route_localnet",
+    "net/netfilter/nf_conntrack_tcp_timeout_established",
+    "net/netfilter/nf_conntrack_tcp_timeout_close_wait",
+];
+
+/// The host's values of the settings kube-proxy knows about.
+fn host_sysctls() -> Vec<(String, String)> {
+    PER_NETNS
+        .iter()
+        .chain(&["net/netfilter/nf_conntrack_max"])
+        .map(|k| (k.to_string(), std::fs::read_to_string(format!("/proc/sys/{k}")).unwrap_or_default()))
+        .chain(std::iter::once((
+            "nf_conntrack hashsize".to_string(),
+            std::fs::read_to_string("/sys/module/nf_conntrack/parameters/hashsize").unwrap_or_default(),
+        )))
+        .collect()
+}
+
+/// kube-proxy wrote only per-namespace settings, and the host's are as they were.
+fn kube_proxy_stayed_inside(s: &Services, before: &[(String, String)]) {
+    for i in 0..3 {
+        let log = std::fs::read_to_string(&s.proxies.logs[i]).unwrap();
+        for line in log.lines().filter(|l| l.contains("sysctl") || l.contains("hashsize")) {
+            if line.contains("Set sysctl") {
+                eprintln!("node{i}'s kube-proxy: {line}");
+                assert!(PER_NETNS.iter().any(|k| line.contains(k)), "node{i}'s kube-proxy: {line}");
+            } else {
+                assert!(!line.contains("Setting conntrack hashsize"), "node{i}'s kube-proxy: {line}");
+            }
+        }
+    }
+    assert_eq!(host_sysctls(), before, "the host's settings changed");
+}
+
+fn run(backend: &str) -> Services {
+    let host = host_sysctls();
+    let mut s = Services::new(backend);
+    kube_proxy_stayed_inside(&s, &host);
+    cluster_ip(&s);
+    let (npc, _) = node_ports(&s);
+    s.pods_to_outside_masqueraded();
+    restarts(&mut s, &npc);
+    if backend == "vxlan" {
+        vxlan_tx_checksum(&mut s, &npc);
+    }
+    kube_proxy_stayed_inside(&s, &host);
+    s
+}
+
+#[test]
+fn services_over_vxlan() {
+    if !ready() {
+        return;
+    }
+    run("vxlan");
+}
+
+#[test]
+fn services_over_host_gw() {
+    if !ready() {
+        return;
+    }
+    run("host-gw");
+}
+
+#[test]
+fn services_over_udp() {
+    if !ready() {
+        return;
+    }
+    run("udp");
+}
