@@ -71,6 +71,13 @@ pub fn subnet_env(cfg: &NetworkConfig, own: &Lease, mtu: u32, ipmasq: bool) -> S
     }
 }
 
+/// The VTEPs' transmit checksum offload the flags ask to keep:
+/// `--vxlan-tx-checksum-off` keeps it off; without it the kernel's (or the
+/// administrator's) setting is left alone, as flannel does.
+pub fn vxlan_tx_checksum(opts: &Opts) -> Option<bool> {
+    opts.vxlan_tx_checksum_off.then_some(false)
+}
+
 /// What start-up establishes before a lease is taken.
 pub struct Prepared {
     /// The network configuration.
@@ -137,12 +144,15 @@ pub async fn start(nl: &Netlink, opts: &Opts, store: &mut impl LeaseStore, wait:
     } else {
         store.advertised_macs(&cfg, ext.public_ip).await?
     };
+    let tx = vxlan_tx_checksum(opts);
     let backend = match cfg.ipv4 {
-        Some(_) => Backend::for_config(&cfg, &ext, backend::vtep_mac(nl, &cfg, Family::V4, advertised.v4).await?)?,
+        Some(_) => Backend::for_config(&cfg, &ext, backend::vtep_mac(nl, &cfg, Family::V4, advertised.v4).await?, tx)?,
         None => None,
     };
     let backend6 = match cfg.ipv6 {
-        Some(_) => Backend::for_config_v6(&cfg, &ext, backend::vtep_mac(nl, &cfg, Family::V6, advertised.v6).await?)?,
+        Some(_) => {
+            Backend::for_config_v6(&cfg, &ext, backend::vtep_mac(nl, &cfg, Family::V6, advertised.v6).await?, tx)?
+        }
         None => None,
     };
     Ok(Prepared { cfg, ext, backend, backend6, selection })
@@ -232,8 +242,16 @@ async fn run_with(opts: Opts, mut store: impl LeaseStore, metrics: Arc<Metrics>)
         renew_margin: Duration::from_secs(u64::from(opts.subnet_lease_renew_margin) * 60),
     };
     let (subnet, subnet6) = (own.subnet4(), own.subnet6());
-    let node =
-        Node { cfg: cfg.clone(), ext, backend, backend6, own, selection, blackhole_route: opts.ip_blackhole_route };
+    let node = Node {
+        cfg: cfg.clone(),
+        ext,
+        backend,
+        backend6,
+        own,
+        selection,
+        blackhole_route: opts.ip_blackhole_route,
+        vxlan_tx_checksum: vxlan_tx_checksum(&opts),
+    };
     // One MTU for both families of a pod's interface: the smaller.
     let env = subnet_env(&cfg, &node.own, node.pod_mtu(), opts.ip_masq);
     let mut driver = Driver::new(nl.clone(), store, node, metrics.clone(), fw, timers);

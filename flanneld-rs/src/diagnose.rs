@@ -161,6 +161,7 @@ async fn run_with(opts: &Opts, json_out: bool, mut store: impl LeaseStore) -> an
         own: own.clone(),
         selection: Default::default(),
         blackhole_route: opts.ip_blackhole_route,
+        vxlan_tx_checksum: crate::daemon::vxlan_tx_checksum(opts),
     };
     let mut rejected = Vec::new();
     for family in node.families() {

@@ -147,6 +147,13 @@ pub struct Opts {
     /// needs the extra RBAC of deploy/network-policy.yml).
     #[arg(long, env = "FLANNELD_NETWORK_POLICY", global = true, action = go_bool!(), num_args = 0..=1, require_equals = true, default_value = "false", default_missing_value = "true", value_parser = parse_go_bool)]
     pub network_policy: bool,
+    /// Keep transmit checksum offload off on the VXLAN devices (`ethtool -K
+    /// flannel.1 tx off`, kept by the reconcile), for kernels and
+    /// kube-proxy versions (before 1.19) that send SNATed NodePort traffic
+    /// onto the overlay with bad checksums. Off by default, as in flannel,
+    /// whose documentation has users do it by hand: it costs throughput.
+    #[arg(long, env = "FLANNELD_VXLAN_TX_CHECKSUM_OFF", global = true, action = go_bool!(), num_args = 0..=1, require_equals = true, default_value = "false", default_missing_value = "true", value_parser = parse_go_bool)]
+    pub vxlan_tx_checksum_off: bool,
     /// Keep a blackhole route for the node's own subnet (for CNI setups
     /// without the bridge, e.g. Canal), re-asserted with every resync.
     #[arg(long, env = "FLANNELD_IP_BLACKHOLE_ROUTE", global = true, action = go_bool!(), num_args = 0..=1, require_equals = true, default_value = "false", default_missing_value = "true", value_parser = parse_go_bool)]

@@ -68,9 +68,15 @@ pub trait DataPath: Send {
 
 impl Backend {
     /// The IPv4 backend the configuration asks for (`None` in an IPv6-only
-    /// cluster), on interface `ext`, with VTEP MAC `mac` (VXLAN only).
+    /// cluster), on interface `ext`, with VTEP MAC `mac` and transmit
+    /// checksum offload `tx_checksum` (VXLAN only; see [`vxlan::vtep_spec`]).
     /// Refuses what cannot work, naming the field and the value.
-    pub fn for_config(cfg: &NetworkConfig, ext: &ExtIface, mac: MacAddr) -> anyhow::Result<Option<Backend>> {
+    pub fn for_config(
+        cfg: &NetworkConfig,
+        ext: &ExtIface,
+        mac: MacAddr,
+        tx_checksum: Option<bool>,
+    ) -> anyhow::Result<Option<Backend>> {
         let Some(c4) = &cfg.ipv4 else { return Ok(None) };
         let (Some(addr), Some(public_ip)) = (ext.addr, ext.public_ip) else {
             anyhow::bail!(
@@ -80,9 +86,10 @@ impl Backend {
             );
         };
         Ok(Some(match &cfg.backend {
-            BackendConfig::Vxlan(vx) => {
-                Backend::Vxlan { vtep: vxlan::vtep_spec(vx, ext, addr.addr(), mac)?, direct_routing: vx.direct_routing }
-            }
+            BackendConfig::Vxlan(vx) => Backend::Vxlan {
+                vtep: vxlan::vtep_spec(vx, ext, addr.addr(), mac, tx_checksum)?,
+                direct_routing: vx.direct_routing,
+            },
             BackendConfig::HostGw => Backend::HostGw(host_gw::spec(ext, addr, public_ip)?),
             BackendConfig::Udp { port } => Backend::Udp(udp::spec::spec(*port, ext, addr.addr())?),
         }))
@@ -93,7 +100,12 @@ impl Backend {
     /// address with its own MAC `mac`, or host-gw's IPv6 routes on the same
     /// interface. The udp backend carries no IPv6 (the configuration refuses
     /// the combination).
-    pub fn for_config_v6(cfg: &NetworkConfig, ext: &ExtIface, mac: MacAddr) -> anyhow::Result<Option<Backend>> {
+    pub fn for_config_v6(
+        cfg: &NetworkConfig,
+        ext: &ExtIface,
+        mac: MacAddr,
+        tx_checksum: Option<bool>,
+    ) -> anyhow::Result<Option<Backend>> {
         if cfg.ipv6.is_none() {
             return Ok(None);
         }
@@ -106,7 +118,7 @@ impl Backend {
         };
         match &cfg.backend {
             BackendConfig::Vxlan(vx) => Ok(Some(Backend::Vxlan {
-                vtep: vxlan::vtep_spec_v6(vx, ext, v6.addr.addr(), mac)?,
+                vtep: vxlan::vtep_spec_v6(vx, ext, v6.addr.addr(), mac, tx_checksum)?,
                 direct_routing: vx.direct_routing,
             })),
             BackendConfig::HostGw => Ok(Some(Backend::HostGw(host_gw::spec_v6(ext, &v6)?))),

@@ -20,11 +20,6 @@ pub const OVERHEAD: u32 = 50;
 /// VXLAN over an IPv6 underlay: the outer header is 40 bytes, not 20.
 pub const OVERHEAD_V6: u32 = 70;
 
-/// The VTEPs' transmit checksum offload: kept off (flannel leaves it to
-/// the administrator; `None` here would do the same). See the README's
-/// "Services and kube-proxy" for why and what it costs.
-pub const TX_CHECKSUM: Option<bool> = Some(false);
-
 /// `flannel.<VNI>`.
 pub fn device_name(vni: u32) -> String {
     format!("flannel.{vni}")
@@ -41,7 +36,13 @@ pub fn device_name_of(family: Family, vni: u32) -> String {
 /// The IPv6 VTEP we want (dual-stack): `flannel-v6.<VNI>`, tunnelling over
 /// the interface's IPv6 address `local` as flannel's does, with its own MAC
 /// and 70 bytes of overhead.
-pub fn vtep_spec_v6(vx: &VxlanConfig, ext: &ExtIface, local: Ipv6Addr, mac: MacAddr) -> anyhow::Result<VxlanSpec> {
+pub fn vtep_spec_v6(
+    vx: &VxlanConfig,
+    ext: &ExtIface,
+    local: Ipv6Addr,
+    mac: MacAddr,
+    tx_checksum: Option<bool>,
+) -> anyhow::Result<VxlanSpec> {
     let underlay_mtu = vx.mtu.unwrap_or(ext.mtu);
     if underlay_mtu < 1280 + OVERHEAD_V6 {
         let what = if vx.mtu.is_some() { "Backend.MTU" } else { "the interface MTU" };
@@ -60,13 +61,20 @@ pub fn vtep_spec_v6(vx: &VxlanConfig, ext: &ExtIface, local: Ipv6Addr, mac: MacA
         gbp: vx.gbp,
         mtu: underlay_mtu - OVERHEAD_V6,
         mac,
-        tx_checksum: TX_CHECKSUM,
+        tx_checksum,
     })
 }
 
 /// The VTEP we want: attributes from the configuration and the interface,
-/// and `mac` (which survives restarts).
-pub fn vtep_spec(vx: &VxlanConfig, ext: &ExtIface, local: Ipv4Addr, mac: MacAddr) -> anyhow::Result<VxlanSpec> {
+/// `mac` (which survives restarts), and the transmit checksum offload to
+/// keep (`--vxlan-tx-checksum-off`; `None`: left as it is, flannel's way).
+pub fn vtep_spec(
+    vx: &VxlanConfig,
+    ext: &ExtIface,
+    local: Ipv4Addr,
+    mac: MacAddr,
+    tx_checksum: Option<bool>,
+) -> anyhow::Result<VxlanSpec> {
     let underlay_mtu = vx.mtu.unwrap_or(ext.mtu);
     if underlay_mtu < 68 + OVERHEAD {
         let what = if vx.mtu.is_some() { "Backend.MTU" } else { "the interface MTU" };
@@ -82,7 +90,7 @@ pub fn vtep_spec(vx: &VxlanConfig, ext: &ExtIface, local: Ipv4Addr, mac: MacAddr
         gbp: vx.gbp,
         mtu: underlay_mtu - OVERHEAD,
         mac,
-        tx_checksum: TX_CHECKSUM,
+        tx_checksum,
     })
 }
 

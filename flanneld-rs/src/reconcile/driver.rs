@@ -55,6 +55,9 @@ pub struct Node {
     pub selection: Selection,
     /// `--ip-blackhole-route`.
     pub blackhole_route: bool,
+    /// `--vxlan-tx-checksum-off`: the VTEPs' transmit checksum offload to
+    /// keep (`None`: left alone).
+    pub vxlan_tx_checksum: Option<bool>,
 }
 
 impl Node {
@@ -294,8 +297,10 @@ impl<S: LeaseStore> Driver<S> {
         let mac = self.node.backend.as_ref().and_then(|b| b.vtep()).map(|v| v.mac);
         let mac = mac.unwrap_or_else(crate::backend::random_mac);
         let mac6 = self.node.backend6.as_ref().and_then(|b| b.vtep()).map(|v| v.mac);
-        let backends = Backend::for_config(&self.node.cfg, &ext, mac).and_then(|b| {
-            let b6 = Backend::for_config_v6(&self.node.cfg, &ext, mac6.unwrap_or_else(crate::backend::random_mac))?;
+        let tx = self.node.vxlan_tx_checksum;
+        let backends = Backend::for_config(&self.node.cfg, &ext, mac, tx).and_then(|b| {
+            let mac6 = mac6.unwrap_or_else(crate::backend::random_mac);
+            let b6 = Backend::for_config_v6(&self.node.cfg, &ext, mac6, tx)?;
             Ok((b, b6))
         });
         let (backend, backend6) = match backends {
