@@ -15,6 +15,22 @@ use serde_json::{Map, Value};
 /// The validated network configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NetworkConfig {
+    /// The IPv4 network (`Network`, `SubnetLen`, `SubnetMin`, `SubnetMax`);
+    /// `None` with `EnableIPv4` false (an IPv6-only cluster).
+    pub ipv4: Option<Ipv4Config>,
+    /// The IPv6 network (`EnableIPv6` with `IPv6Network`, `IPv6SubnetLen`,
+    /// `IPv6SubnetMin`, `IPv6SubnetMax`); `None` without `EnableIPv6`.
+    pub ipv6: Option<Ipv6Config>,
+    /// `EnableNFTables`: masquerade and forward rules in flannel's nftables
+    /// tables instead of its iptables chains.
+    pub enable_nftables: bool,
+    /// The backend and its options.
+    pub backend: BackendConfig,
+}
+
+/// The IPv4 network: each node leases one /`subnet_len` of `network`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ipv4Config {
     /// The cluster network (`Network`).
     pub network: Ipv4Net,
     /// Prefix length of each node's subnet (`SubnetLen`).
@@ -23,15 +39,17 @@ pub struct NetworkConfig {
     pub subnet_min: Ipv4Addr,
     /// Last subnet that may be leased (`SubnetMax`).
     pub subnet_max: Ipv4Addr,
-    /// The IPv6 half of a dual-stack network (`EnableIPv6` with
-    /// `IPv6Network`, `IPv6SubnetLen`, `IPv6SubnetMin`, `IPv6SubnetMax`);
-    /// `None` without `EnableIPv6`.
-    pub ipv6: Option<Ipv6Config>,
-    /// `EnableNFTables`: masquerade and forward rules in flannel's nftables
-    /// tables instead of its iptables chains.
-    pub enable_nftables: bool,
-    /// The backend and its options.
-    pub backend: BackendConfig,
+}
+
+impl Ipv4Config {
+    /// Every subnet that may be leased, in order. Lazy (a /0 Network holds
+    /// up to 2^30 subnets), with an exact `size_hint`, from either end.
+    pub fn subnets(&self) -> impl DoubleEndedIterator<Item = Ipv4Net> + '_ {
+        let size = 1u32 << (32 - self.subnet_len);
+        let (min, max) = (u32::from(self.subnet_min), u32::from(self.subnet_max));
+        (0..=(max - min) / size)
+            .map(move |i| Ipv4Net::new(Ipv4Addr::from(min + i * size), self.subnet_len).expect("valid prefix"))
+    }
 }
 
 /// The IPv6 network: each node leases one /`subnet_len` of `network`, as
@@ -150,6 +168,10 @@ const ROOT_FIELDS: &[&str] = &[
 /// Fields of `Backend`, any type's.
 const BACKEND_FIELDS: &[&str] = &["Type", "VNI", "Port", "MTU", "GBP", "Learning", "DirectRouting"];
 
+/// Top-level fields flannel reads only with `EnableIPv4` (the default):
+/// warned about with `EnableIPv4` false.
+const IPV4_FIELDS: &[&str] = &["Network", "SubnetLen", "SubnetMin", "SubnetMax"];
+
 /// Top-level fields flannel reads only with `EnableIPv6`: warned about
 /// without it, as they have no effect.
 const IPV6_ONLY_FIELDS: &[&str] = &["IPv6Network", "IPv6SubnetMin", "IPv6SubnetMax", "IPv6SubnetLen"];
@@ -226,6 +248,62 @@ fn parse_ipv6_network(raw: Option<String>) -> Result<Option<Ipv6Net>, String> {
 type GetStr<'a> = &'a dyn Fn(&str, &str) -> Result<Option<String>, ConfigError>;
 /// Reads an unsigned field (key, name, maximum) of an object.
 type GetU<'a> = &'a dyn Fn(&BTreeMap<String, Value>, &str, &str, u64) -> Result<Option<u64>, ConfigError>;
+
+/// The IPv4 half of the configuration, with flannel's defaults and checks.
+fn parse_ipv4(f: &BTreeMap<String, Value>, get_str: GetStr<'_>, get_u: GetU<'_>) -> Result<Ipv4Config, String> {
+    let network_raw = get_str("network", "Network").map_err(|e| e.msg)?.ok_or(
+        "Network is missing (the IPv4 cluster network, e.g. \"10.244.0.0/16\"; an IPv6-only cluster sets \
+         EnableIPv4 false)",
+    )?;
+    let network: Ipv4Net = network_raw.parse().map_err(|_| format!("Network {network_raw:?} is not an IPv4 CIDR"))?;
+    if network.trunc() != network {
+        return Err(format!("Network {network_raw:?} has host bits set (did you mean {}?)", network.trunc()));
+    }
+    // Checked here, not through SubnetLen: no SubnetLen fits a smaller
+    // Network, and the default one would be blamed for it.
+    if network.prefix_len() > 28 {
+        return Err(format!(
+            "Network {network} is too small: it must hold 4 subnets of at least 4 addresses (a /28 or larger)"
+        ));
+    }
+    let prefix = network.prefix_len();
+    let subnet_len = match get_u(f, "subnetlen", "SubnetLen", 32).map_err(|e| e.msg)? {
+        Some(n) => n as u8,
+        None if prefix <= 22 => 24,
+        None => prefix + 2,
+    };
+    if subnet_len > 30 {
+        return Err(format!("SubnetLen {subnet_len} is longer than 30: a subnet needs room for pods"));
+    }
+    if subnet_len < prefix + 2 {
+        return Err(format!(
+            "SubnetLen {subnet_len} leaves fewer than 4 subnets in Network {network} (want at least /{})",
+            prefix + 2
+        ));
+    }
+    let size = 1u32 << (32 - subnet_len);
+    let start = u32::from(network.network());
+    let last = u32::from(network.broadcast()) - size + 1;
+    let bound = |key: &str, name: &str, default: u32| -> Result<Ipv4Addr, String> {
+        let Some(s) = get_str(key, name).map_err(|e| e.msg)? else {
+            return Ok(Ipv4Addr::from(default));
+        };
+        let ip: Ipv4Addr = s.parse().map_err(|_| format!("{name} {s:?} is not an IPv4 address"))?;
+        if !network.contains(&ip) {
+            return Err(format!("{name} {s} is outside Network {network}"));
+        }
+        if (u32::from(ip) - start) % size != 0 {
+            return Err(format!("{name} {s} is not the start of a /{subnet_len} subnet"));
+        }
+        Ok(ip)
+    };
+    let subnet_min = bound("subnetmin", "SubnetMin", start + size)?;
+    let subnet_max = bound("subnetmax", "SubnetMax", last)?;
+    if u32::from(subnet_min) > u32::from(subnet_max) {
+        return Err(format!("SubnetMin {subnet_min} is after SubnetMax {subnet_max}"));
+    }
+    Ok(Ipv4Config { network, subnet_len, subnet_min, subnet_max })
+}
 
 /// The IPv6 half of the configuration, with flannel's defaults and checks.
 fn parse_ipv6(
@@ -330,26 +408,23 @@ impl NetworkConfig {
         let enable_ipv4 = get_bool(&f, "enableipv4", "EnableIPv4", true)?;
         let enable_ipv6 = get_bool(&f, "enableipv6", "EnableIPv6", false)?;
         let enable_nftables = get_bool(&f, "enablenftables", "EnableNFTables", false)?;
-        if !enable_ipv4 {
-            return Err(err(
-                "EnableIPv4 false (IPv6-only clusters) is not supported yet: dual-stack (EnableIPv6 true with \
-                 the IPv4 Network) is"
-                    .into(),
-            ));
+        if !enable_ipv4 && !enable_ipv6 {
+            return Err(err("EnableIPv4 and EnableIPv6 are both false: the cluster needs at least one family".into()));
         }
-        let network_raw = get_str("network", "Network")?.ok_or_else(|| err("Network is missing".into()))?;
-        let network: Ipv4Net =
-            network_raw.parse().map_err(|_| err(format!("Network {network_raw:?} is not an IPv4 CIDR")))?;
-        if network.trunc() != network {
-            return Err(err(format!("Network {network_raw:?} has host bits set (did you mean {}?)", network.trunc())));
-        }
-        // Checked here, not through SubnetLen: no SubnetLen fits a smaller
-        // Network, and the default one would be blamed for it.
-        if network.prefix_len() > 28 {
-            return Err(err(format!(
-                "Network {network} is too small: it must hold 4 subnets of at least 4 addresses (a /28 or larger)"
-            )));
-        }
+        let ipv4 = if enable_ipv4 {
+            Some(parse_ipv4(&f, &get_str, &get_u).map_err(err)?)
+        } else {
+            // flannel's decoder still refuses a malformed Network.
+            if let Some(raw) = get_str("network", "Network")? {
+                raw.parse::<Ipv4Net>().map_err(|_| err(format!("Network {raw:?} is not an IPv4 CIDR")))?;
+            }
+            for k in root.keys() {
+                if let Some(field) = IPV4_FIELDS.iter().find(|f| f.eq_ignore_ascii_case(k)) {
+                    notes.push(format!("{field} has no effect with EnableIPv4 false (flannel ignores it too)"));
+                }
+            }
+            None
+        };
         let ipv6_network = parse_ipv6_network(get_str("ipv6network", "IPv6Network")?).map_err(err)?;
         let ipv6 = if enable_ipv6 {
             Some(parse_ipv6(&f, ipv6_network, &get_str, &get_u).map_err(err)?)
@@ -362,44 +437,6 @@ impl NetworkConfig {
             None
         };
         notes.extend(ignored_keys(root, ROOT_FIELDS, "", |_| None));
-
-        let prefix = network.prefix_len();
-        let subnet_len = match get_u(&f, "subnetlen", "SubnetLen", 32)? {
-            Some(n) => n as u8,
-            None if prefix <= 22 => 24,
-            None => prefix + 2,
-        };
-        if subnet_len > 30 {
-            return Err(err(format!("SubnetLen {subnet_len} is longer than 30: a subnet needs room for pods")));
-        }
-        if subnet_len < prefix + 2 {
-            return Err(err(format!(
-                "SubnetLen {subnet_len} leaves fewer than 4 subnets in Network {network} (want at least /{})",
-                prefix + 2
-            )));
-        }
-        let size = 1u32 << (32 - subnet_len);
-        let net_start = u32::from(network.network());
-        let net_last_subnet = u32::from(network.broadcast()) - size + 1;
-        let parse_bound = |key: &str, name: &str, default: u32| -> Result<Ipv4Addr, ConfigError> {
-            let Some(s) = get_str(key, name)? else {
-                return Ok(Ipv4Addr::from(default));
-            };
-            let ip: Ipv4Addr = s.parse().map_err(|_| err(format!("{name} {s:?} is not an IPv4 address")))?;
-            let v = u32::from(ip);
-            if !network.contains(&ip) {
-                return Err(err(format!("{name} {s} is outside Network {network}")));
-            }
-            if (v - net_start) % size != 0 {
-                return Err(err(format!("{name} {s} is not the start of a /{subnet_len} subnet")));
-            }
-            Ok(ip)
-        };
-        let subnet_min = parse_bound("subnetmin", "SubnetMin", net_start + size)?;
-        let subnet_max = parse_bound("subnetmax", "SubnetMax", net_last_subnet)?;
-        if u32::from(subnet_min) > u32::from(subnet_max) {
-            return Err(err(format!("SubnetMin {subnet_min} is after SubnetMax {subnet_max}")));
-        }
 
         let b = match f.get("backend") {
             None | Some(Value::Null) => BTreeMap::new(),
@@ -441,20 +478,11 @@ impl NetworkConfig {
         if ipv6.is_some() && matches!(backend, BackendConfig::Udp { .. }) {
             return Err(err(
                 "EnableIPv6 true with Backend.Type udp: the udp backend carries IPv4 only (flannel's too, which \
-                 ignores IPv6 with it); use vxlan or host-gw for dual-stack"
+                 ignores IPv6 with it); use vxlan or host-gw for dual-stack and IPv6-only"
                     .into(),
             ));
         }
-        Ok(NetworkConfig { network, subnet_len, subnet_min, subnet_max, ipv6, enable_nftables, backend })
-    }
-
-    /// Every subnet that may be leased, in order. Lazy (a /0 Network holds
-    /// up to 2^30 subnets), with an exact `size_hint`, from either end.
-    pub fn subnets(&self) -> impl DoubleEndedIterator<Item = Ipv4Net> + '_ {
-        let size = 1u32 << (32 - self.subnet_len);
-        let (min, max) = (u32::from(self.subnet_min), u32::from(self.subnet_max));
-        (0..=(max - min) / size)
-            .map(move |i| Ipv4Net::new(Ipv4Addr::from(min + i * size), self.subnet_len).expect("valid prefix"))
+        Ok(NetworkConfig { ipv4, ipv6, enable_nftables, backend })
     }
 
     /// The VXLAN options, when that is the backend.
@@ -477,9 +505,9 @@ mod tests {
     #[test]
     fn flannels_defaults() {
         let c = parse(r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#).unwrap();
-        assert_eq!(c.subnet_len, 24);
-        assert_eq!(c.subnet_min.to_string(), "10.244.1.0");
-        assert_eq!(c.subnet_max.to_string(), "10.244.255.0");
+        assert_eq!(c.ipv4.unwrap().subnet_len, 24);
+        assert_eq!(c.ipv4.unwrap().subnet_min.to_string(), "10.244.1.0");
+        assert_eq!(c.ipv4.unwrap().subnet_max.to_string(), "10.244.255.0");
         assert_eq!(
             c.backend,
             BackendConfig::Vxlan(VxlanConfig {
@@ -491,15 +519,15 @@ mod tests {
                 direct_routing: false
             })
         );
-        assert_eq!(c.subnets().count(), 255);
+        assert_eq!(c.ipv4.as_ref().unwrap().subnets().count(), 255);
         assert!(!c.enable_nftables);
         assert!(parse(r#"{"Network":"10.244.0.0/16","enableNFTables":true}"#).unwrap().enable_nftables);
         // A small network gets prefix+2.
         let c = parse(r#"{"Network":"10.5.0.0/24"}"#).unwrap();
-        assert_eq!(c.subnet_len, 26);
+        assert_eq!(c.ipv4.unwrap().subnet_len, 26);
         assert_eq!(c.backend, BackendConfig::Udp { port: 8285 });
         assert_eq!(
-            c.subnets().map(|s| s.to_string()).collect::<Vec<_>>(),
+            c.ipv4.as_ref().unwrap().subnets().map(|s| s.to_string()).collect::<Vec<_>>(),
             ["10.5.0.64/26", "10.5.0.128/26", "10.5.0.192/26"]
         );
     }
@@ -530,23 +558,43 @@ mod tests {
     }
 
     #[test]
+    fn ipv6_only_has_no_ipv4_half_and_notes_the_ipv4_keys() {
+        let text =
+            r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"2001:db8:10::/56","Backend":{"Type":"host-gw"}}"#;
+        let c = parse(text).unwrap();
+        assert_eq!(c.ipv4, None);
+        assert_eq!(c.ipv6.unwrap().network.to_string(), "2001:db8:10::/56");
+        assert_eq!(c.backend, BackendConfig::HostGw);
+        let mut notes = Vec::new();
+        let with_v4 = r#"{"Network":"10.244.0.0/16","SubnetLen":24,"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"2001:db8:10::/56","Backend":{"Type":"vxlan"}}"#;
+        NetworkConfig::parse_noting(with_v4, "net-conf.json", &mut notes).unwrap();
+        assert_eq!(
+            notes,
+            [
+                "Network has no effect with EnableIPv4 false (flannel ignores it too)",
+                "SubnetLen has no effect with EnableIPv4 false (flannel ignores it too)",
+            ]
+        );
+    }
+
+    #[test]
     fn repeated_keys_and_unknown_keys_in_any_case_are_not_ambiguous() {
         // The same spelling twice is JSON's business: the last one wins.
         let c = parse(r#"{"Network":"10.1.0.0/16","Network":"10.2.0.0/16"}"#).unwrap();
-        assert_eq!(c.network.to_string(), "10.2.0.0/16");
+        assert_eq!(c.ipv4.unwrap().network.to_string(), "10.2.0.0/16");
         // Unknown fields are ignored, whatever their spellings.
         assert!(parse(r#"{"Network":"10.1.0.0/16","Extra":1,"extra":2}"#).is_ok());
         // The smallest Network that can be split: 4 subnets of /30.
         let c = parse(r#"{"Network":"10.1.0.0/28"}"#).unwrap();
-        assert_eq!(c.subnet_len, 30);
-        assert_eq!(c.subnets().count(), 3);
+        assert_eq!(c.ipv4.unwrap().subnet_len, 30);
+        assert_eq!(c.ipv4.as_ref().unwrap().subnets().count(), 3);
     }
 
     #[test]
     fn keys_match_without_case_and_backend_options_parse() {
         let c = parse(r#"{"network":"10.1.0.0/16","SUBNETLEN":26,"subnetMin":"10.1.1.0","backend":{"type":"VXLAN","vni":4096,"Port":4789,"DirectRouting":true,"GBP":true}}"#).unwrap();
-        assert_eq!(c.subnet_len, 26);
-        assert_eq!(c.subnet_min.to_string(), "10.1.1.0");
+        assert_eq!(c.ipv4.unwrap().subnet_len, 26);
+        assert_eq!(c.ipv4.unwrap().subnet_min.to_string(), "10.1.1.0");
         let v = c.vxlan().unwrap();
         assert_eq!((v.vni, v.port, v.direct_routing, v.gbp, v.learning), (4096, 4789, true, true, false));
         assert_eq!(
@@ -607,9 +655,18 @@ mod tests {
                 r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"2001:db8::/56","Backend":{"Type":"udp"}}"#,
                 "EnableIPv6 true with Backend.Type udp",
             ),
+            (r#"{"EnableIPv4":false,"Backend":{"Type":"vxlan"}}"#, "EnableIPv4 and EnableIPv6 are both false"),
             (
-                r#"{"Network":"10.244.0.0/16","EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"2001:db8::/56"}"#,
-                "EnableIPv4 false (IPv6-only clusters) is not supported yet",
+                r#"{"EnableIPv4":false,"EnableIPv6":true,"Backend":{"Type":"vxlan"}}"#,
+                "EnableIPv6 true needs IPv6Network",
+            ),
+            (
+                r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"2001:db8::/56","Backend":{"Type":"udp"}}"#,
+                "EnableIPv6 true with Backend.Type udp",
+            ),
+            (
+                r#"{"Network":"10.244.0.0/33","EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"2001:db8::/56"}"#,
+                "Network \"10.244.0.0/33\" is not an IPv4 CIDR",
             ),
             (r#"{"Network":"10.244.0.0/16","EnableNFTables":"yes"}"#, "EnableNFTables \"yes\""),
             // Found by tests/prop_parsers (net_conf_near_valid): the default

@@ -51,13 +51,16 @@ pub fn kube_options(opts: &Opts) -> KubeOptions {
 /// subnet.env for our lease: as flannel writes it, the first address of each
 /// subnet with the subnet's length (`FLANNEL_SUBNET=10.244.1.1/24`,
 /// `FLANNEL_IPV6_SUBNET=2001:db8:10:1::1/64`).
+/// An IPv6-only cluster's has no IPv4 lines, as flannel's.
 pub fn subnet_env(cfg: &NetworkConfig, own: &Lease, mtu: u32, ipmasq: bool) -> SubnetEnv {
-    let subnet = own.subnet;
-    let first_host = std::net::Ipv4Addr::from(u32::from(subnet.network()) + 1);
+    let v4 = cfg.ipv4.zip(own.subnet4());
     let v6 = cfg.ipv6.zip(own.subnet6());
     SubnetEnv {
-        networks: vec![cfg.network],
-        subnet: Some(Ipv4Net::new(first_host, subnet.prefix_len()).expect("valid prefix")),
+        networks: v4.map(|(c, _)| vec![c.network]).unwrap_or_default(),
+        subnet: v4.map(|(_, s)| {
+            let first = std::net::Ipv4Addr::from(u32::from(s.network()) + 1);
+            Ipv4Net::new(first, s.prefix_len()).expect("valid prefix")
+        }),
         ipv6_networks: v6.map(|(c, _)| vec![c.network]).unwrap_or_default(),
         ipv6_subnet: v6.map(|(_, s)| {
             let first = std::net::Ipv6Addr::from(u128::from(s.network()) + 1);
@@ -68,21 +71,15 @@ pub fn subnet_env(cfg: &NetworkConfig, own: &Lease, mtu: u32, ipmasq: bool) -> S
     }
 }
 
-/// The IPv6 part of the firewall rules: the IPv6 network and our IPv6
-/// subnet, when dual-stack.
-pub fn firewall_v6(cfg: &NetworkConfig, own: &Lease) -> Option<(ipnet::Ipv6Net, ipnet::Ipv6Net)> {
-    cfg.ipv6.map(|c| c.network).zip(own.subnet6())
-}
-
 /// What start-up establishes before a lease is taken.
 pub struct Prepared {
     /// The network configuration.
     pub cfg: NetworkConfig,
     /// The underlay interface (with the address we advertise).
     pub ext: ExtIface,
-    /// The backend.
-    pub backend: Backend,
-    /// The IPv6 backend (dual-stack).
+    /// The IPv4 backend (`None` in an IPv6-only cluster).
+    pub backend: Option<Backend>,
+    /// The IPv6 backend (dual-stack, IPv6-only).
     pub backend6: Option<Backend>,
     /// How the interface was chosen (the reconcile loop chooses again when it changes).
     pub selection: iface::Selection,
@@ -101,7 +98,10 @@ pub async fn start(nl: &Netlink, opts: &Opts, store: &mut impl LeaseStore, wait:
     } else {
         store.network_config().await?
     };
-    info!("network {} (subnets /{}), backend {}", cfg.network, cfg.subnet_len, cfg.backend.type_name());
+    let networks: Vec<String> = (cfg.ipv4.map(|c| format!("{} (subnets /{})", c.network, c.subnet_len)).into_iter())
+        .chain(cfg.ipv6.map(|c| format!("{} (subnets /{})", c.network, c.subnet_len)))
+        .collect();
+    info!("network {}, backend {}", networks.join(" and "), cfg.backend.type_name());
     let hints = if wait {
         waiting!(format!("this node's settings from {describe}"), store.hints(&cfg).await)?
     } else {
@@ -109,13 +109,16 @@ pub async fn start(nl: &Netlink, opts: &Opts, store: &mut impl LeaseStore, wait:
     };
     let mut selection = iface::Selection::from_opts(opts)?;
     selection.ipv6 = cfg.ipv6.is_some();
+    selection.ipv4 = cfg.ipv4.is_some();
     if let (Some(v6), false) = (opts.public_ipv6, selection.ipv6) {
         log::warn!("--public-ipv6 {v6} has no effect: the network is IPv4 only (net-conf EnableIPv6 is not set)");
     }
-    if hints.public_ip.is_some() {
-        selection.public_ip = hints.public_ip;
+    if selection.ipv4 {
+        if hints.public_ip.is_some() {
+            selection.public_ip = hints.public_ip;
+        }
+        selection.advertise = hints.advertise;
     }
-    selection.advertise = hints.advertise;
     if selection.ipv6 {
         if hints.public_ipv6.is_some() {
             selection.public_ipv6 = hints.public_ipv6;
@@ -123,7 +126,9 @@ pub async fn start(nl: &Netlink, opts: &Opts, store: &mut impl LeaseStore, wait:
         selection.advertise_ipv6 = hints.advertise_ipv6;
     }
     let ext = selection.select(nl).await?;
-    info!("using interface {} ({}), public IP {}", ext.name, ext.addr, ext.public_ip);
+    if let (Some(addr), Some(ip)) = (ext.addr, ext.public_ip) {
+        info!("using interface {} ({addr}), public IP {ip}", ext.name);
+    }
     if let Some(v6) = &ext.v6 {
         info!("using IPv6 address {} of {}, public IPv6 {}", v6.addr, ext.name, v6.public_ip);
     }
@@ -132,8 +137,14 @@ pub async fn start(nl: &Netlink, opts: &Opts, store: &mut impl LeaseStore, wait:
     } else {
         store.advertised_macs(&cfg, ext.public_ip).await?
     };
-    let backend = Backend::for_config(&cfg, &ext, backend::vtep_mac(nl, &cfg, Family::V4, advertised.v4).await?)?;
-    let backend6 = Backend::for_config_v6(&cfg, &ext, backend::vtep_mac(nl, &cfg, Family::V6, advertised.v6).await?)?;
+    let backend = match cfg.ipv4 {
+        Some(_) => Backend::for_config(&cfg, &ext, backend::vtep_mac(nl, &cfg, Family::V4, advertised.v4).await?)?,
+        None => None,
+    };
+    let backend6 = match cfg.ipv6 {
+        Some(_) => Backend::for_config_v6(&cfg, &ext, backend::vtep_mac(nl, &cfg, Family::V6, advertised.v6).await?)?,
+        None => None,
+    };
     Ok(Prepared { cfg, ext, backend, backend6, selection })
 }
 
@@ -185,7 +196,7 @@ async fn run_with(opts: Opts, mut store: impl LeaseStore, metrics: Arc<Metrics>)
     let previous_env = SubnetEnv::load(&opts.subnet_file).ok();
     let previous = previous_env.as_ref().and_then(|e| e.subnet).map(|s| s.trunc());
     let previous6 = previous_env.as_ref().and_then(|e| e.ipv6_subnet).map(|s| s.trunc());
-    let attrs = Node::lease_attrs(&backend, backend6.as_ref(), &ext);
+    let attrs = Node::lease_attrs(backend.as_ref(), backend6.as_ref(), &ext);
     let own =
         waiting!(format!("a lease from {}", store.describe()), store.acquire(&cfg, &attrs, previous, previous6).await)?;
     if cfg.ipv6.is_some() && own.ipv6.is_none() {
@@ -195,19 +206,15 @@ async fn run_with(opts: Opts, mut store: impl LeaseStore, metrics: Arc<Metrics>)
             own.source
         );
     }
-    match (&own.ipv6, &backend6) {
-        (Some(v6), Some(b6)) => {
-            info!(
-                "lease {} and {} ({}), {}; IPv6: {}",
-                own.subnet,
-                v6.subnet,
-                own.source,
-                backend.describe(),
-                b6.describe()
-            )
-        }
-        _ => info!("lease {} ({}), {}", own.subnet, own.source, backend.describe()),
+    if cfg.ipv4.is_some() && own.ipv4.is_none() {
+        bail!(
+            "{} gave our lease {} no IPv4 subnet, but the network configuration has Network",
+            store.describe(),
+            own.source
+        );
     }
+    let described: Vec<String> = backend.iter().chain(backend6.iter()).map(|b| b.describe()).collect();
+    info!("lease {} ({}), {}", own.subnets(), own.source, described.join("; IPv6: "));
     let mut events = store.watch(&cfg);
     // The watcher's first complete list is the starting lease set.
     let leases = match events.recv().await {
@@ -217,26 +224,27 @@ async fn run_with(opts: Opts, mut store: impl LeaseStore, metrics: Arc<Metrics>)
     };
     let t_lease = started.elapsed();
 
-    let ours: Vec<&Backend> = std::iter::once(&backend).chain(backend6.as_ref()).collect();
-    backend::remove_leftover_devices(&nl, &ours, cfg.network, cfg.ipv6.map(|v6| v6.network)).await;
-    let fw = FirewallSpec::from_opts(&opts, &cfg, Some(own.subnet), firewall_v6(&cfg, &own));
+    let ours: Vec<&Backend> = backend.iter().chain(backend6.as_ref()).collect();
+    backend::remove_leftover_devices(&nl, &ours, cfg.ipv4.map(|v4| v4.network), cfg.ipv6.map(|v6| v6.network)).await;
+    let fw = FirewallSpec::from_opts(&opts, &cfg, &own);
     let timers = Timers {
         resync: Duration::from_secs(opts.iptables_resync.max(1)),
         renew_margin: Duration::from_secs(u64::from(opts.subnet_lease_renew_margin) * 60),
     };
-    // One MTU for both families of a pod's interface: the smaller.
-    let pod_mtu = backend6.as_ref().map_or(backend.pod_mtu(), |b6| backend.pod_mtu().min(b6.pod_mtu()));
-    let (subnet, subnet6) = (own.subnet, own.subnet6());
-    let env = subnet_env(&cfg, &own, pod_mtu, opts.ip_masq);
+    let (subnet, subnet6) = (own.subnet4(), own.subnet6());
     let node =
         Node { cfg: cfg.clone(), ext, backend, backend6, own, selection, blackhole_route: opts.ip_blackhole_route };
+    // One MTU for both families of a pod's interface: the smaller.
+    let env = subnet_env(&cfg, &node.own, node.pod_mtu(), opts.ip_masq);
     let mut driver = Driver::new(nl.clone(), store, node, metrics.clone(), fw, timers);
     driver.start_data_path().context("start the data path")?;
     driver.reconcile_with(leases, "start").await;
     let t_kernel = started.elapsed();
 
-    flannel_net::host::ensure_sysctl_on(flannel_net::host::IPV4_FORWARD)
-        .map_err(|e| anyhow::anyhow!("enable IPv4 forwarding: {e}"))?;
+    if cfg.ipv4.is_some() {
+        flannel_net::host::ensure_sysctl_on(flannel_net::host::IPV4_FORWARD)
+            .map_err(|e| anyhow::anyhow!("enable IPv4 forwarding: {e}"))?;
+    }
     if cfg.ipv6.is_some() {
         flannel_net::host::ensure_sysctl_on(flannel_net::host::IPV6_FORWARD)
             .map_err(|e| anyhow::anyhow!("enable IPv6 forwarding: {e}"))?;
@@ -278,10 +286,10 @@ async fn run_with(opts: Opts, mut store: impl LeaseStore, metrics: Arc<Metrics>)
 /// link-local ones (fe80::/10): every interface of every pod has one, so
 /// they name no node, and what the node sends from them to its pods on the
 /// link (neighbour and router discovery) is let through by type instead.
-/// `subnet6` is the node's IPv6 pod subnet, when it has one.
+/// `subnet` and `subnet6` are the node's pod subnets, when it has them.
 async fn policy_node_ips(
     nl: &Netlink,
-    subnet: Ipv4Net,
+    subnet: Option<Ipv4Net>,
     subnet6: Option<ipnet::Ipv6Net>,
 ) -> anyhow::Result<Vec<std::net::IpAddr>> {
     use std::net::IpAddr;
@@ -298,7 +306,9 @@ async fn policy_node_ips(
         .collect();
     // The bridge's addresses may not exist yet (the plugin makes them with
     // the first pod): the first address of each of our subnets.
-    node_ips.push(IpAddr::V4(std::net::Ipv4Addr::from(u32::from(subnet.network()) + 1)));
+    if let Some(s) = subnet {
+        node_ips.push(IpAddr::V4(std::net::Ipv4Addr::from(u32::from(s.network()) + 1)));
+    }
     if let Some(s6) = subnet6 {
         node_ips.push(IpAddr::V6(std::net::Ipv6Addr::from(u128::from(s6.network()).wrapping_add(1))));
     }

@@ -114,8 +114,10 @@ async fn run_with(opts: &Opts, json_out: bool, mut store: impl LeaseStore) -> an
         findings.push(Finding { kind: "missing", what, fix });
         return report(&findings, json_out);
     };
-    let macs =
-        [(own.vxlan, backend.vtep()), (own.ipv6.and_then(|v6| v6.vxlan), backend6.as_ref().and_then(|b| b.vtep()))];
+    let macs = [
+        (own.ipv4.and_then(|v4| v4.vxlan), backend.as_ref().and_then(|b| b.vtep())),
+        (own.ipv6.and_then(|v6| v6.vxlan), backend6.as_ref().and_then(|b| b.vtep())),
+    ];
     for (d, v) in macs {
         if let (Some(d), Some(v)) = (d, v) {
             if v.mac != d.vtep_mac {
@@ -159,7 +161,7 @@ async fn run_with(opts: &Opts, json_out: bool, mut store: impl LeaseStore) -> an
         let (mut want, r) = desired::desired(&cfg, family, &own, b, node.segment(family), &leases);
         rejected.extend(r);
         if family == Family::V4 {
-            want.blackhole = Some(node.blackhole());
+            want.blackhole = node.blackhole();
         }
         let device = want.device.as_ref().map(|d| d.name().to_string());
         let observed =
@@ -177,16 +179,16 @@ async fn run_with(opts: &Opts, json_out: bool, mut store: impl LeaseStore) -> an
             }
         }
     }
-    let names: Vec<&str> =
-        [&backend].into_iter().chain(backend6.as_ref()).filter_map(|b| b.device().map(|_| b.device_name())).collect();
-    for (_, name) in backend::leftover_devices(&nl, &names, cfg.network, cfg.ipv6.map(|v6| v6.network)).await? {
+    let names: Vec<&str> = node.backends().into_iter().filter_map(|b| b.device().map(|_| b.device_name())).collect();
+    let (network, network6) = (cfg.ipv4.map(|v4| v4.network), cfg.ipv6.map(|v6| v6.network));
+    for (_, name) in backend::leftover_devices(&nl, &names, network, network6).await? {
         findings.push(Finding {
             kind: "stale",
             what: format!("device {name} is an earlier backend's (it carries an address in this cluster's network)"),
             fix: format!("ip link del {name} (flanneld-rs does at start)"),
         });
     }
-    if let Backend::Udp(spec) = &backend {
+    if let Some(Backend::Udp(spec)) = &backend {
         if !udp_listening(spec.bind, spec.port) {
             findings.push(Finding {
                 kind: "missing",
@@ -203,8 +205,7 @@ async fn run_with(opts: &Opts, json_out: bool, mut store: impl LeaseStore) -> an
         });
     }
 
-    let pod_mtu = backend6.as_ref().map_or(backend.pod_mtu(), |b6| backend.pod_mtu().min(b6.pod_mtu()));
-    let want_env = subnet_env(&cfg, &own, pod_mtu, opts.ip_masq);
+    let want_env = subnet_env(&cfg, &own, node.pod_mtu(), opts.ip_masq);
     match SubnetEnv::load(&opts.subnet_file) {
         Ok(have) => {
             if have.subnet != want_env.subnet
@@ -231,7 +232,7 @@ async fn run_with(opts: &Opts, json_out: bool, mut store: impl LeaseStore) -> an
         }
         Err(e) => findings.push(Finding { kind: "missing", what: e.to_string(), fix: "start flanneld-rs".into() }),
     }
-    let fw = FirewallSpec::from_opts(opts, &cfg, Some(own.subnet), crate::daemon::firewall_v6(&cfg, &own));
+    let fw = FirewallSpec::from_opts(opts, &cfg, &own);
     match firewall::check(&fw) {
         Ok(problems) => findings.extend(problems.into_iter().map(|p| Finding {
             kind: p.kind,
@@ -256,7 +257,9 @@ async fn run_with(opts: &Opts, json_out: bool, mut store: impl LeaseStore) -> an
             fix: "install the tool named".into(),
         }),
     }
-    if std::fs::read_to_string(flannel_net::host::IPV4_FORWARD).map(|v| v.trim() != "1").unwrap_or(true) {
+    if cfg.ipv4.is_some()
+        && std::fs::read_to_string(flannel_net::host::IPV4_FORWARD).map(|v| v.trim() != "1").unwrap_or(true)
+    {
         findings.push(Finding {
             kind: "wrong",
             what: "net.ipv4.ip_forward is not 1".into(),

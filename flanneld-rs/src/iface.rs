@@ -18,10 +18,12 @@ pub struct ExtIface {
     pub name: String,
     /// Interface index.
     pub index: u32,
-    /// Its IPv4 address that we use, with prefix.
-    pub addr: ipnet::Ipv4Net,
-    /// The address peers use to reach us (`--public-ip`, else `addr`).
-    pub public_ip: Ipv4Addr,
+    /// Its IPv4 address that we use, with prefix; `None` in an IPv6-only
+    /// cluster.
+    pub addr: Option<ipnet::Ipv4Net>,
+    /// The address peers use to reach us (`--public-ip`, else `addr`);
+    /// `None` in an IPv6-only cluster.
+    pub public_ip: Option<Ipv4Addr>,
     /// Its MTU.
     pub mtu: u32,
     /// Dual-stack: its IPv6 address that we use, and the one we advertise.
@@ -113,7 +115,7 @@ fn v6_of(link: &Link, addrs: &[(u32, IpNet)], want: Option<Ipv6Addr>) -> Result<
         }
         None => mine.into_iter().find(|a| global_v6(a.addr())).ok_or_else(|| {
             format!(
-                "the network is dual-stack (EnableIPv6) but interface {} has no global IPv6 address{}",
+                "the network has IPv6 (EnableIPv6) but interface {} has no global IPv6 address{}",
                 link.name,
                 if all_v6(addrs, link.index).is_empty() { "" } else { " (link-local ones only)" }
             )
@@ -133,7 +135,14 @@ fn ext(link: &Link, addrs: &[(u32, IpNet)], want: Option<Ipv4Addr>) -> Result<Ex
             *usable_v4(addrs, link.index).first().ok_or_else(|| format!("{} has no usable IPv4 address", link.name))?
         }
     };
-    Ok(ExtIface { name: link.name.clone(), index: link.index, addr, public_ip: addr.addr(), mtu: link.mtu, v6: None })
+    Ok(ExtIface {
+        name: link.name.clone(),
+        index: link.index,
+        addr: Some(addr),
+        public_ip: Some(addr.addr()),
+        mtu: link.mtu,
+        v6: None,
+    })
 }
 
 /// How the underlay interface is chosen: the flags, with what the lease
@@ -154,6 +163,9 @@ pub struct Selection {
     /// The network is dual-stack (`EnableIPv6`): the interface must have a
     /// global IPv6 address too. Set from the configuration.
     pub ipv6: bool,
+    /// The network has IPv4 (not `EnableIPv4` false): the interface must
+    /// have an IPv4 address. Set from the configuration.
+    pub ipv4: bool,
     /// `--public-ipv6`: advertised as the IPv6 address (dual-stack only).
     pub public_ipv6: Option<Ipv6Addr>,
     /// Advertised instead of the chosen IPv6 address (the Node's
@@ -201,6 +213,7 @@ impl Selection {
             public_ip,
             advertise: None,
             ipv6: false,
+            ipv4: true,
             public_ipv6,
             advertise_ipv6: None,
         })
@@ -216,8 +229,8 @@ impl Selection {
     /// `advertise_ipv6`) when set.
     pub async fn select(&self, nl: &Netlink) -> Result<ExtIface, IfaceError> {
         let mut ext = select(nl, self).await?;
-        if let Some(ip) = self.advertise {
-            ext.public_ip = ip;
+        if let (Some(ip), Some(_)) = (self.advertise, ext.public_ip) {
+            ext.public_ip = Some(ip);
         }
         if let (Some(ip), Some(v6)) = (self.advertise_ipv6, ext.v6.as_mut()) {
             v6.public_ip = ip;
@@ -234,6 +247,9 @@ impl Selection {
 /// at), else the interface's first global IPv6 address. `--public-ipv6`,
 /// when given, is what is advertised.
 pub async fn select(nl: &Netlink, opts: &Selection) -> Result<ExtIface, IfaceError> {
+    if !opts.ipv4 {
+        return select_v6_only(nl, opts).await;
+    }
     let mut ext = select_v4(nl, opts).await?;
     if !opts.ipv6 {
         ext.v6 = None;
@@ -314,6 +330,140 @@ pub async fn select(nl: &Netlink, opts: &Selection) -> Result<ExtIface, IfaceErr
 /// names every attempt. Without them: the interface that holds `--public-ip`
 /// (an error when none does: give `--iface`), else the default route's.
 /// `--public-ip`, when given, is what is advertised.
+/// An IPv6-only cluster's interface (flannel's IPv6 stack): the one holding
+/// `--public-ipv6`, else the IPv6 default route's, unless `--iface`,
+/// `--iface-regex` or `--iface-can-reach` choose, in that order, by IPv6
+/// address or by name; the interface needs no IPv4 address.
+async fn select_v6_only(nl: &Netlink, opts: &Selection) -> Result<ExtIface, IfaceError> {
+    if let Some(ip) = opts.public_ip {
+        return Err(IfaceError::Unsupported(format!(
+            "--public-ip {ip}: the network is IPv6-only (net-conf EnableIPv4 false); the address to advertise is \
+             --public-ipv6"
+        )));
+    }
+    let mut links = nl.links().await?;
+    links.sort_by_key(|l| l.index);
+    let addrs = nl.all_addrs().await?;
+    let inventory = || {
+        let mut v: Vec<String> = links
+            .iter()
+            .map(|l| {
+                let a: Vec<String> = all_v6(&addrs, l.index).iter().map(|a| a.to_string()).collect();
+                format!("{} [{}]", l.name, a.join(" "))
+            })
+            .collect();
+        v.sort();
+        v.join(", ")
+    };
+    let on = |link: &Link, want: Option<Ipv6Addr>| -> Result<ExtIface, String> {
+        let addr = v6_of(link, &addrs, want)?;
+        Ok(ExtIface {
+            name: link.name.clone(),
+            index: link.index,
+            addr: None,
+            public_ip: None,
+            mtu: link.mtu,
+            v6: Some(ExtIface6 { addr, public_ip: opts.public_ipv6.unwrap_or(addr.addr()) }),
+        })
+    };
+    let holder = |ip: Ipv6Addr| links.iter().find(|l| all_v6(&addrs, l.index).iter().any(|a| a.addr() == ip));
+    let by_ip = |ip: Ipv6Addr| on(holder(ip).ok_or_else(|| format!("no interface has the address {ip}"))?, Some(ip));
+
+    if opts.chooses_by_default() {
+        if let Some(ip) = opts.public_ipv6 {
+            return by_ip(ip).map_err(|why| {
+                IfaceError::NotFound(format!(
+                    "--public-ipv6 {ip} without --iface, --iface-regex or --iface-can-reach: the interface is the \
+                     one holding it, and {why} (give --iface to advertise an address no interface holds; \
+                     interfaces: {})",
+                    inventory()
+                ))
+            });
+        }
+        let routes = nl.routes().await?;
+        let default = routes.iter().find(|r| matches!(r.dst, IpNet::V6(n) if n.prefix_len() == 0));
+        let Some(oif) = default.and_then(|r| r.oif) else {
+            return Err(IfaceError::NotFound(format!(
+                "the network is IPv6-only, no --iface, --iface-regex or --iface-can-reach is given, and there is no \
+                 IPv6 default route to pick an interface from (interfaces: {})",
+                inventory()
+            )));
+        };
+        let link = links.iter().find(|l| l.index == oif).ok_or_else(|| {
+            IfaceError::NotFound(format!(
+                "the IPv6 default route's interface #{oif} is gone (interfaces: {})",
+                inventory()
+            ))
+        })?;
+        return on(link, None)
+            .map_err(|why| IfaceError::NotFound(format!("the IPv6 default route's interface: {why}")));
+    }
+
+    let mut tried: Vec<String> = Vec::new();
+    let mut attempt = |what: String, found: Result<ExtIface, String>| match found {
+        Ok(e) => Some(e),
+        Err(why) => {
+            log::info!("{what}: {why}");
+            tried.push(format!("{what} ({why})"));
+            None
+        }
+    };
+    for entry in &opts.iface {
+        let found = match crate::flags::parse_go_ip(entry) {
+            Ok(IpAddr::V6(ip)) => by_ip(ip),
+            Ok(IpAddr::V4(_)) => Err("an IPv4 address, and the network is IPv6-only (net-conf EnableIPv4 false): \
+                 give an IPv6 address or a name"
+                .to_string()),
+            Err(_) => match links.iter().find(|l| &l.name == entry) {
+                Some(l) => on(l, None),
+                None => Err("no such interface".into()),
+            },
+        };
+        if let Some(e) = attempt(format!("--iface {entry}"), found) {
+            return Ok(e);
+        }
+    }
+    for pattern in &opts.iface_regex {
+        let found = match regex::Regex::new(pattern) {
+            Err(e) => Err(format!("not a regular expression: {e}")),
+            // Addresses first (interface by interface), then names.
+            Ok(re) => match links.iter().find_map(|l| {
+                all_v6(&addrs, l.index)
+                    .into_iter()
+                    .find(|a| global_v6(a.addr()) && re.is_match(&a.addr().to_string()))
+                    .map(|a| (l, a))
+            }) {
+                Some((l, a)) => on(l, Some(a.addr())),
+                None => match links.iter().find(|l| re.is_match(&l.name)) {
+                    Some(l) => on(l, None),
+                    None => Err("matches no interface IPv6 address or name".into()),
+                },
+            },
+        };
+        if let Some(e) = attempt(format!("--iface-regex {pattern}"), found) {
+            return Ok(e);
+        }
+    }
+    if let Some(target) = opts.iface_can_reach {
+        let found = match nl.route_get(target).await {
+            _ if target.is_ipv4() => Err("an IPv4 address, and the network is IPv6-only".to_string()),
+            Err(e) => Err(format!("no route: {e}")),
+            Ok(None) => Err("the kernel has no route to it".to_string()),
+            Ok(Some((oif, src))) => match links.iter().find(|l| l.index == oif) {
+                None => Err(format!("its interface #{oif} is gone")),
+                Some(l) => match src {
+                    Some(IpAddr::V6(v6)) if global_v6(v6) => on(l, Some(v6)),
+                    _ => on(l, None),
+                },
+            },
+        };
+        if let Some(e) = attempt(format!("--iface-can-reach {target}"), found) {
+            return Ok(e);
+        }
+    }
+    Err(IfaceError::NotFound(format!("no interface matches: {} (interfaces: {})", tried.join(", "), inventory())))
+}
+
 async fn select_v4(nl: &Netlink, opts: &Selection) -> Result<ExtIface, IfaceError> {
     let mut links = nl.links().await?;
     links.sort_by_key(|l| l.index);
@@ -332,7 +482,7 @@ async fn select_v4(nl: &Netlink, opts: &Selection) -> Result<ExtIface, IfaceErro
     };
     let advertise = |mut e: ExtIface| {
         if let Some(p) = public {
-            e.public_ip = p;
+            e.public_ip = Some(p);
         }
         e
     };

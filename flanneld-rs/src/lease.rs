@@ -79,21 +79,31 @@ impl fmt::Display for BackendType {
     }
 }
 
-/// A node's lease on a subnet of the cluster network.
+/// A node's lease on a subnet of the cluster network, one half per family
+/// the cluster runs (IPv4, IPv6, or both).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Lease {
+    /// The IPv4 half; `None` in an IPv6-only cluster (Kubernetes mode).
+    pub ipv4: Option<Lease4>,
+    /// The node's backend.
+    pub backend: BackendType,
+    /// Where the lease came from, for messages (`/coreos.com/network/subnets/10.244.1.0-24`, `node worker-1`).
+    pub source: String,
+    /// The IPv6 half of a dual-stack or IPv6-only lease.
+    pub ipv6: Option<Lease6>,
+}
+
+/// The IPv4 half of a lease: flannel's subnet, `PublicIP` and
+/// `BackendData` (etcd), or the node's IPv4 podCIDR and the `public-ip`
+/// and `backend-data` annotations (Kubernetes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Lease4 {
     /// The node's subnet (`10.244.1.0/24`).
     pub subnet: Ipv4Net,
     /// The node's underlay address, the VXLAN/UDP tunnel endpoint.
     pub public_ip: Ipv4Addr,
-    /// The node's backend.
-    pub backend: BackendType,
     /// VXLAN backend data, when the lease has it.
     pub vxlan: Option<VxlanData>,
-    /// Where the lease came from, for messages (`/coreos.com/network/subnets/10.244.1.0-24`, `node worker-1`).
-    pub source: String,
-    /// The IPv6 half of a dual-stack lease.
-    pub ipv6: Option<Lease6>,
 }
 
 /// The IPv6 half of a lease: flannel's `IPv6Subnet`, `PublicIPv6` and
@@ -149,14 +159,15 @@ pub struct FamilyLease<'a> {
 
 impl Lease {
     /// This lease's part for `family`; `None` when it has none (an IPv4-only
-    /// lease in a dual-stack cluster, e.g. from a node not yet upgraded).
+    /// lease in a dual-stack cluster, e.g. from a node not yet upgraded; no
+    /// IPv4 part in an IPv6-only cluster).
     pub fn family(&self, family: Family) -> Option<FamilyLease<'_>> {
         match family {
-            Family::V4 => Some(FamilyLease {
+            Family::V4 => self.ipv4.map(|v4| FamilyLease {
                 family,
-                subnet: IpNet::V4(self.subnet),
-                public_ip: Some(IpAddr::V4(self.public_ip)),
-                vxlan: self.vxlan,
+                subnet: IpNet::V4(v4.subnet),
+                public_ip: Some(IpAddr::V4(v4.public_ip)),
+                vxlan: v4.vxlan,
                 backend: &self.backend,
                 source: &self.source,
             }),
@@ -171,9 +182,26 @@ impl Lease {
         }
     }
 
+    /// The IPv4 subnet, if the lease has one.
+    pub fn subnet4(&self) -> Option<Ipv4Net> {
+        self.ipv4.map(|v4| v4.subnet)
+    }
+
+    /// The IPv4 public address, if the lease has one.
+    pub fn public_ip4(&self) -> Option<Ipv4Addr> {
+        self.ipv4.map(|v4| v4.public_ip)
+    }
+
     /// The IPv6 subnet, if the lease has one.
     pub fn subnet6(&self) -> Option<Ipv6Net> {
         self.ipv6.map(|v6| v6.subnet)
+    }
+
+    /// The lease's subnets, IPv4 first (`10.244.1.0/24`, `2001:db8:10:1::/64`), for messages.
+    pub fn subnets(&self) -> String {
+        let v4 = self.subnet4().map(|s| s.to_string());
+        let v6 = self.subnet6().map(|s| s.to_string());
+        v4.into_iter().chain(v6).collect::<Vec<_>>().join(" and ")
     }
 }
 
@@ -189,8 +217,8 @@ pub struct VxlanData {
 /// What a node advertises about itself when it acquires or renews a lease.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LeaseAttrs {
-    /// The node's underlay address.
-    pub public_ip: Ipv4Addr,
+    /// The node's IPv4 underlay address; `None` in an IPv6-only cluster.
+    pub public_ip: Option<Ipv4Addr>,
     /// Backend type.
     pub backend: BackendType,
     /// VXLAN data (the VTEP MAC this node uses).
@@ -202,14 +230,18 @@ pub struct LeaseAttrs {
 }
 
 impl LeaseAttrs {
-    /// The lease these attributes make for `subnet` (and, dual-stack,
-    /// `subnet6`), found at `source`.
-    pub fn lease(&self, subnet: Ipv4Net, subnet6: Option<Ipv6Net>, source: impl Into<String>) -> Lease {
+    /// The lease these attributes make for `subnet` and `subnet6` (the
+    /// families the cluster runs), found at `source`.
+    pub fn lease(&self, subnet: Option<Ipv4Net>, subnet6: Option<Ipv6Net>, source: impl Into<String>) -> Lease {
         Lease {
-            subnet,
-            public_ip: self.public_ip,
+            // An IPv4 subnet comes with the IPv4 underlay address: the
+            // daemon selects one whenever the cluster runs IPv4.
+            ipv4: subnet.map(|subnet| Lease4 {
+                subnet,
+                public_ip: self.public_ip.unwrap_or(Ipv4Addr::UNSPECIFIED),
+                vxlan: self.vxlan,
+            }),
             backend: self.backend.clone(),
-            vxlan: self.vxlan,
             source: source.into(),
             ipv6: subnet6.map(|subnet| Lease6 { subnet, public_ip: self.public_ipv6, vxlan: self.vxlan6 }),
         }
@@ -263,7 +295,7 @@ impl LeaseSet {
     /// messages, never per event).
     pub fn to_vec(&self) -> Vec<Lease> {
         let mut v: Vec<Lease> = self.0.values().cloned().collect();
-        v.sort_by_key(|l| (l.subnet, l.public_ip));
+        v.sort_by_key(|l| (l.subnet4(), l.subnet6(), l.public_ip4()));
         v
     }
 }
@@ -326,7 +358,9 @@ pub fn encode_value(attrs: &LeaseAttrs) -> String {
         Some(ip) => format!("\"{ip}\""),
         None => "null".into(),
     };
-    let mut s = format!("{{\"PublicIP\":\"{}\",\"PublicIPv6\":{v6}", attrs.public_ip);
+    // etcd leases always have an IPv4 half (flannel's etcd store too).
+    let v4 = attrs.public_ip.unwrap_or(Ipv4Addr::UNSPECIFIED);
+    let mut s = format!("{{\"PublicIP\":\"{v4}\",\"PublicIPv6\":{v6}");
     let backend = attrs.backend.wire_name();
     if !backend.is_empty() {
         s += &format!(",\"BackendType\":{}", Value::String(backend.to_string()));
@@ -494,7 +528,7 @@ pub fn decode_value(key: &str, subnet: Ipv4Net, subnet6: Option<Ipv6Net>, value:
             Some(Lease6 { subnet, public_ip, vxlan })
         }
     };
-    Ok(Lease { subnet, public_ip, backend, vxlan, source: key.to_string(), ipv6 })
+    Ok(Lease { ipv4: Some(Lease4 { subnet, public_ip, vxlan }), backend, source: key.to_string(), ipv6 })
 }
 
 #[cfg(test)]
@@ -503,7 +537,7 @@ mod tests {
 
     fn attrs(backend: BackendType, mac: Option<&str>) -> LeaseAttrs {
         LeaseAttrs {
-            public_ip: "192.0.2.7".parse().unwrap(),
+            public_ip: Some("192.0.2.7".parse().unwrap()),
             backend,
             vxlan: mac.map(|m| VxlanData { vni: 1, vtep_mac: m.parse().unwrap() }),
             public_ipv6: None,
@@ -523,7 +557,7 @@ mod tests {
         );
         let s6: Ipv6Net = "2001:db8:10:1::/64".parse().unwrap();
         let l = decode_value("k", "10.5.1.0/24".parse().unwrap(), Some(s6), v.as_bytes()).unwrap();
-        assert_eq!(l, a.lease("10.5.1.0/24".parse().unwrap(), Some(s6), "k"));
+        assert_eq!(l, a.lease(Some("10.5.1.0/24".parse().unwrap()), Some(s6), "k"));
         let f = l.family(Family::V6).unwrap();
         assert_eq!(
             (f.subnet.to_string(), f.public_ip.unwrap().to_string()),
@@ -606,7 +640,7 @@ mod tests {
     fn an_upstream_udp_lease_without_backend_type_is_udp() {
         let s: Ipv4Net = "10.5.1.0/24".parse().unwrap();
         let l = decode_value("k", s, None, br#"{"PublicIP":"192.0.2.1","PublicIPv6":null}"#).unwrap();
-        assert_eq!((l.backend, l.vxlan), (BackendType::Udp, None));
+        assert_eq!((l.backend, l.ipv4.unwrap().vxlan), (BackendType::Udp, None));
     }
 
     #[test]
@@ -618,7 +652,7 @@ mod tests {
 
     #[test]
     fn lease_sets_share_on_clone_and_report_changes() {
-        let l = attrs(BackendType::Udp, None).lease("10.5.1.0/24".parse().unwrap(), None, "a");
+        let l = attrs(BackendType::Udp, None).lease(Some("10.5.1.0/24".parse().unwrap()), None, "a");
         let mut set = LeaseSet::new();
         assert!(set.upsert("a", l.clone()));
         assert!(!set.upsert("a", l.clone()), "the same lease again is no change");

@@ -164,7 +164,7 @@ async fn put_config(c: &mut Client, text: &str) -> NetworkConfig {
 
 fn attrs(host: u8) -> LeaseAttrs {
     LeaseAttrs {
-        public_ip: Ipv4Addr::new(192, 0, 2, host),
+        public_ip: Some(Ipv4Addr::new(192, 0, 2, host)),
         backend: BackendType::Vxlan,
         vxlan: Some(VxlanData { vni: 1, vtep_mac: format!("02:00:00:00:00:{host:02x}").parse().unwrap() }),
         public_ipv6: None,
@@ -209,11 +209,11 @@ async fn snapshot_where(rx: &mut mpsc::Receiver<LeaseEvent>, what: &str, ok: imp
 }
 
 fn subnets(s: &[Lease]) -> Vec<String> {
-    s.iter().map(|l| l.subnet.to_string()).collect()
+    s.iter().map(|l| l.subnet4().unwrap().to_string()).collect()
 }
 
 fn has(s: &[Lease], subnet: &str) -> bool {
-    s.iter().any(|l| l.subnet.to_string() == subnet)
+    s.iter().any(|l| l.subnet4().unwrap().to_string() == subnet)
 }
 
 #[test]
@@ -241,7 +241,7 @@ fn config_is_read_and_validation_errors_name_key_and_field() {
         c.put("/other/net/config", r#"{"Network":"10.9.0.0/16","Backend":{"Type":"host-gw"}}"#, None).await.unwrap();
         let o = EtcdOptions { prefix: "/other/net/".into(), ..opts(CLIENT) };
         let m2 = EtcdSubnetManager::connect(&o).await.unwrap();
-        assert_eq!(m2.network_config().await.unwrap().network, net("10.9.0.0/16"));
+        assert_eq!(m2.network_config().await.unwrap().ipv4.unwrap().network, net("10.9.0.0/16"));
 
         // Unreachable etcd: the error names the endpoint.
         let down = EtcdSubnetManager::connect(&opts("127.0.0.1:1")).await.unwrap();
@@ -273,10 +273,10 @@ fn acquire_writes_flannels_json_with_a_24h_lease_and_is_idempotent() {
         let cfg = put_config(&mut c, CONFIG).await;
         let m = manager().await;
         let a = m.acquire_lease(&cfg, &attrs(10), None, None).await.unwrap();
-        assert!(cfg.subnets().any(|s| s == a.lease.subnet), "{a:?} out of range");
-        assert_eq!(a.key, subnet_key(PREFIX, a.lease.subnet));
+        assert!(cfg.ipv4.as_ref().unwrap().subnets().any(|s| s == a.lease.subnet4().unwrap()), "{a:?} out of range");
+        assert_eq!(a.key, subnet_key(PREFIX, a.lease.subnet4().unwrap()));
         assert_eq!(a.lease.source, a.key);
-        assert_eq!(a.lease.public_ip, attrs(10).public_ip);
+        assert_eq!(a.lease.public_ip4(), attrs(10).public_ip);
         let (value, lease_id) = get_value(&mut c, &a.key).await.expect("key written");
         assert_eq!(
             value,
@@ -294,8 +294,8 @@ fn acquire_writes_flannels_json_with_a_24h_lease_and_is_idempotent() {
         again_attrs.vxlan.as_mut().unwrap().vtep_mac = "02:aa:00:00:00:0a".parse().unwrap();
         let m2 = manager().await;
         let b = m2.acquire_lease(&cfg, &again_attrs, Some(net("10.5.200.0/24")), None).await.unwrap();
-        assert_eq!((b.lease.subnet, &b.key), (a.lease.subnet, &a.key));
-        assert_eq!(b.lease.vxlan.unwrap().vtep_mac.to_string(), "02:aa:00:00:00:0a");
+        assert_eq!((b.lease.subnet4().unwrap(), &b.key), (a.lease.subnet4().unwrap(), &a.key));
+        assert_eq!(b.lease.ipv4.unwrap().vxlan.unwrap().vtep_mac.to_string(), "02:aa:00:00:00:0a");
         let (value, lease_id) = get_value(&mut c, &b.key).await.unwrap();
         assert_eq!(value, encode_value(&again_attrs));
         assert_eq!(Some(lease_id), b.etcd_lease_id);
@@ -321,19 +321,19 @@ fn previous_subnet_is_honoured_when_in_range_and_free() {
         let cfg = put_config(&mut c, CONFIG).await;
         let m = manager().await;
         let a = m.acquire_lease(&cfg, &attrs(10), Some(net("10.5.77.0/24")), None).await.unwrap();
-        assert_eq!(a.lease.subnet, net("10.5.77.0/24"));
+        assert_eq!(a.lease.subnet4().unwrap(), net("10.5.77.0/24"));
         // Taken by someone else: another subnet.
         let b = m.acquire_lease(&cfg, &attrs(11), Some(net("10.5.77.0/24")), None).await.unwrap();
-        assert_ne!(b.lease.subnet, a.lease.subnet);
+        assert_ne!(b.lease.subnet4().unwrap(), a.lease.subnet4().unwrap());
         // Below SubnetMin (10.5.1.0): not honoured.
         let d = m.acquire_lease(&cfg, &attrs(12), Some(net("10.5.0.0/24")), None).await.unwrap();
-        assert_ne!(d.lease.subnet, net("10.5.0.0/24"));
-        assert!(cfg.subnets().any(|s| s == d.lease.subnet));
+        assert_ne!(d.lease.subnet4().unwrap(), net("10.5.0.0/24"));
+        assert!(cfg.ipv4.as_ref().unwrap().subnets().any(|s| s == d.lease.subnet4().unwrap()));
         // Wrong size or outside Network: not honoured either.
         let e = m.acquire_lease(&cfg, &attrs(13), Some(net("10.6.3.0/24")), None).await.unwrap();
-        assert!(cfg.network.contains(&e.lease.subnet));
+        assert!(cfg.ipv4.unwrap().network.contains(&e.lease.subnet4().unwrap()));
         let f = m.acquire_lease(&cfg, &attrs(14), Some(net("10.5.90.0/25")), None).await.unwrap();
-        assert_eq!(f.lease.subnet.prefix_len(), 24);
+        assert_eq!(f.lease.subnet4().unwrap().prefix_len(), 24);
     });
 }
 
@@ -353,7 +353,7 @@ fn reservations_are_kept_for_their_owner() {
         let reserved = put_lease(&mut c, "10.5.9.0/24", 50).await;
         let m = manager().await;
         let a = m.acquire_lease(&cfg, &attrs(10), Some(net("10.5.9.0/24")), None).await.unwrap();
-        assert_eq!(a.lease.subnet, net("10.5.10.0/24"), "the reservation must not be taken");
+        assert_eq!(a.lease.subnet4().unwrap(), net("10.5.10.0/24"), "the reservation must not be taken");
         let e = m.acquire_lease(&cfg, &attrs(11), None, None).await.unwrap_err();
         assert!(matches!(e, StoreError::OutOfSubnets { .. }), "{e:?}");
 
@@ -361,7 +361,7 @@ fn reservations_are_kept_for_their_owner() {
         let mut owner = attrs(50);
         owner.vxlan.as_mut().unwrap().vtep_mac = "02:bb:00:00:00:32".parse().unwrap();
         let r = m.acquire_lease(&cfg, &owner, None, None).await.unwrap();
-        assert_eq!((r.lease.subnet, &r.key, r.etcd_lease_id), (net("10.5.9.0/24"), &reserved, None));
+        assert_eq!((r.lease.subnet4().unwrap(), &r.key, r.etcd_lease_id), (net("10.5.9.0/24"), &reserved, None));
         let (value, lease_id) = get_value(&mut c, &reserved).await.unwrap();
         assert_eq!((value, lease_id), (encode_value(&owner), 0));
         // Renewing a reservation checks it is still there.
@@ -404,8 +404,8 @@ fn twenty_concurrent_nodes_get_distinct_subnets() {
         let mut got = std::collections::BTreeSet::new();
         for t in tasks {
             let a = t.await.unwrap().expect("acquire");
-            assert!(cfg.subnets().any(|s| s == a.lease.subnet));
-            assert!(got.insert(a.lease.subnet), "{} given twice", a.lease.subnet);
+            assert!(cfg.ipv4.as_ref().unwrap().subnets().any(|s| s == a.lease.subnet4().unwrap()));
+            assert!(got.insert(a.lease.subnet4().unwrap()), "{} given twice", a.lease.subnet4().unwrap());
         }
         assert_eq!(got.len(), 20);
         let all = c.get(format!("{PREFIX}/subnets/"), Some(GetOptions::new().with_prefix())).await.unwrap();
@@ -517,8 +517,8 @@ fn watcher_sends_snapshots_skips_malformed_and_reports_revocation() {
         let other = put_lease(&mut c, "10.5.2.0/24", 11).await;
         let s = snapshot_where(&mut rx, "10.5.2.0/24 is in", |s| has(s, "10.5.2.0/24")).await;
         assert_eq!(subnets(&s), ["10.5.1.0/24", "10.5.2.0/24"]);
-        let l = s.iter().find(|l| l.subnet == net("10.5.2.0/24")).unwrap();
-        assert_eq!((l.public_ip, &l.source, l.vxlan), (attrs(11).public_ip, &other, attrs(11).vxlan));
+        let l = s.iter().find(|l| l.subnet4() == Some(net("10.5.2.0/24"))).unwrap();
+        assert_eq!((l.public_ip4(), &l.source, l.ipv4.unwrap().vxlan), (attrs(11).public_ip, &other, attrs(11).vxlan));
 
         // Malformed values (bad JSON, bad MAC, outside Network) never show up;
         // a valid lease that turns malformed drops out.
@@ -910,7 +910,7 @@ fn tls_with_a_client_certificate() {
         let _ = &mut c;
         let m = EtcdSubnetManager::connect(&tls).await.unwrap();
         let cfg = m.network_config().await.unwrap();
-        assert_eq!(cfg.network, net("10.5.0.0/16"));
+        assert_eq!(cfg.ipv4.unwrap().network, net("10.5.0.0/16"));
         // Without the client certificate, etcd refuses us and the error says where.
         let no_cert = EtcdOptions { certfile: None, keyfile: None, ..tls.clone() };
         match EtcdSubnetManager::connect(&no_cert).await {
@@ -954,7 +954,11 @@ fn dual_stack_leases_have_both_halves_in_flannels_key_and_value() {
         let s6 = a.lease.subnet6().expect("an IPv6 half");
         assert!(c6.allows(s6), "{s6} out of range");
         // flannel's key: <v4>-<len>&<v6>-<len>.
-        assert_eq!(a.key, format!("{PREFIX}/subnets/{}-24&{}-64", a.lease.subnet.network(), s6.network()), "{a:?}");
+        assert_eq!(
+            a.key,
+            format!("{PREFIX}/subnets/{}-24&{}-64", a.lease.subnet4().unwrap().network(), s6.network()),
+            "{a:?}"
+        );
         let (value, _) = get_value(&mut c, &a.key).await.expect("key written");
         assert_eq!(
             value,
@@ -975,7 +979,10 @@ fn dual_stack_leases_have_both_halves_in_flannels_key_and_value() {
 
         // A restart finds its lease by PublicIP: both halves again.
         let b = manager().await.acquire_lease(&cfg, &attrs6(10), None, None).await.unwrap();
-        assert_eq!((&b.key, b.lease.subnet, b.lease.subnet6()), (&a.key, a.lease.subnet, Some(s6)));
+        assert_eq!(
+            (&b.key, b.lease.subnet4().unwrap(), b.lease.subnet6()),
+            (&a.key, a.lease.subnet4().unwrap(), Some(s6))
+        );
 
         // The watcher, the listing and the advertised MACs carry the IPv6 half.
         let (leases, _) = m.list_leases(&cfg).await.unwrap();
@@ -1019,7 +1026,7 @@ fn dual_stack_leases_have_both_halves_in_flannels_key_and_value() {
         let up = leases.iter().find(|l| l.source == upstream_key).expect("upstream's lease is read");
         let up6 = up.ipv6.unwrap();
         assert_eq!(
-            (up.subnet.to_string(), up6.subnet.to_string(), up6.public_ip.unwrap().to_string()),
+            (up.subnet4().unwrap().to_string(), up6.subnet.to_string(), up6.public_ip.unwrap().to_string()),
             ("10.5.200.0/24".into(), free6.clone(), "2001:db8::c8".into())
         );
         assert_eq!(up6.vxlan.unwrap().vtep_mac.to_string(), "aa:11:22:33:44:66");
@@ -1058,9 +1065,9 @@ fn dual_stack_upgrade_replaces_an_ipv4_only_lease_as_flannel_does() {
         // The cluster turns dual-stack: the IPv4-only lease is deleted and a
         // dual-stack one taken (a new IPv4 subnet too, as in flannel).
         let cfg6 = put_config(&mut c, CONFIG6).await;
-        let new = m.acquire_lease(&cfg6, &attrs6(10), Some(old.lease.subnet), None).await.unwrap();
+        let new = m.acquire_lease(&cfg6, &attrs6(10), old.lease.subnet4(), None).await.unwrap();
         assert!(new.lease.subnet6().is_some() && new.key.contains('&'), "{new:?}");
-        assert_ne!(new.lease.subnet, old.lease.subnet);
+        assert_ne!(new.lease.subnet4().unwrap(), old.lease.subnet4().unwrap());
         assert_eq!(get_value(&mut c, &old.key).await, None, "the IPv4-only key is gone");
         let all = c.get(format!("{PREFIX}/subnets/"), Some(GetOptions::new().with_prefix())).await.unwrap();
         assert_eq!(all.kvs().len(), 1);
@@ -1106,7 +1113,7 @@ fn concurrent_dual_stack_nodes_get_distinct_ipv6_subnets_until_none_is_left() {
         let mut v4 = std::collections::BTreeSet::new();
         for t in tasks {
             let a = t.await.unwrap().unwrap();
-            v4.insert(a.lease.subnet);
+            v4.insert(a.lease.subnet4().unwrap());
             v6.insert(a.lease.subnet6().unwrap());
         }
         assert_eq!((v4.len(), v6.len()), (8, 8), "{v6:?}");

@@ -49,7 +49,7 @@ fn every_selection_rule() {
         return;
     }
     let ns = host();
-    let name = |args: &[&str]| pick(&ns, args).map(|e| (e.name, e.public_ip.to_string()));
+    let name = |args: &[&str]| pick(&ns, args).map(|e| (e.name, e.public_ip.unwrap().to_string()));
     // Default: the default route's interface.
     assert_eq!(name(&[]).unwrap(), ("eth0".into(), "192.0.2.10".into()));
     // --iface by name and by address; first match wins.
@@ -128,9 +128,9 @@ fn selection_falls_through_as_flannels_does() {
     // A link-local address does when nothing better is there (flannel's order).
     ns.run_ok("ip", &["addr", "add", "169.254.7.7/16", "dev", "eth9"]);
     let e = pick(&ns, &["-iface=eth9"]).unwrap();
-    assert_eq!(e.addr.to_string(), "169.254.7.7/16");
+    assert_eq!(e.addr.unwrap().to_string(), "169.254.7.7/16");
     ns.run_ok("ip", &["addr", "add", "192.0.2.99/32", "dev", "eth9"]);
-    assert_eq!(pick(&ns, &["-iface=eth9"]).unwrap().addr.to_string(), "192.0.2.99/32");
+    assert_eq!(pick(&ns, &["-iface=eth9"]).unwrap().addr.unwrap().to_string(), "192.0.2.99/32");
     // IPv6 values are refused by name in an IPv4-only network; an
     // IPv4-mapped one is its IPv4 address, as in Go.
     let e = pick(&ns, &["-iface-can-reach=2001:db8::1"]).unwrap_err();
@@ -166,7 +166,7 @@ fn dual_stack_selection_takes_a_global_ipv6_address_as_flannel_does() {
     let six = |args: &[&str]| {
         pick6(&ns, args).map(|e| {
             let v6 = e.v6.expect("an IPv6 side");
-            (e.name, e.public_ip.to_string(), v6.addr.to_string(), v6.public_ip.to_string())
+            (e.name, e.public_ip.unwrap().to_string(), v6.addr.to_string(), v6.public_ip.to_string())
         })
     };
     // No IPv6 default route: flannel checks the default interface against it.

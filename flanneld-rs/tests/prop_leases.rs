@@ -49,7 +49,7 @@ fn backend() -> impl Strategy<Value = BackendType> {
 fn attrs() -> impl Strategy<Value = LeaseAttrs> {
     (public_ip(), backend(), 0u32..=0xff_ffff, unicast_mac()).prop_map(|(public_ip, backend, vni, mac)| {
         let vxlan = (backend == BackendType::Vxlan).then_some(VxlanData { vni, vtep_mac: mac });
-        LeaseAttrs { public_ip, backend, vxlan, public_ipv6: None, vxlan6: None }
+        LeaseAttrs { public_ip: Some(public_ip), backend, vxlan, public_ipv6: None, vxlan6: None }
     })
 }
 
@@ -125,14 +125,14 @@ proptest! {
                 // What was decoded is what the object says.
                 let field = |name: &str| obj.as_object().unwrap().iter()
                     .find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.clone()).filter(|v| !v.is_null());
-                prop_assert_eq!(Some(json!(l.public_ip.to_string())), field("PublicIP"));
+                prop_assert_eq!(Some(json!(l.public_ip4().unwrap().to_string())), field("PublicIP"));
                 prop_assert_eq!(l.backend.clone(), BackendType::parse(field("BackendType").as_ref().and_then(Value::as_str)));
-                prop_assert_eq!(l.vxlan.is_some(), l.backend == BackendType::Vxlan);
-                if let Some(d) = l.vxlan {
+                prop_assert_eq!(l.ipv4.unwrap().vxlan.is_some(), l.backend == BackendType::Vxlan);
+                if let Some(d) = l.ipv4.unwrap().vxlan {
                     prop_assert!(d.vni <= 0xff_ffff);
                     prop_assert!(d.vtep_mac.0[0] & 1 == 0 && d.vtep_mac.0 != [0; 6]);
                 }
-                prop_assert_eq!(l.subnet, s);
+                prop_assert_eq!(l.subnet4(), Some(s));
             }
             Err(e) => {
                 prop_assert!(e.contains(KEY) && e.contains("lease "), "{}", e);
@@ -144,7 +144,7 @@ proptest! {
     fn what_we_write_to_etcd_reads_back(a in attrs()) {
         let s: Ipv4Net = "10.5.1.0/24".parse().unwrap();
         let l = decode_value(KEY, s, None, encode_value(&a).as_bytes()).unwrap();
-        prop_assert_eq!(l, a.lease(s, None, KEY));
+        prop_assert_eq!(l, a.lease(Some(s), None, KEY));
     }
 
     #[test]
@@ -176,7 +176,7 @@ proptest! {
         a.insert(format!("{DEFAULT_PREFIX}/kube-subnet-manager"), manager);
         match lease_from_node("worker-9", cidr.as_deref(), None, &a, &Prefix::default(), &cfg()) {
             Ok(Some(l)) => {
-                prop_assert!(cfg().network.contains(&l.subnet));
+                prop_assert!(cfg().ipv4.unwrap().network.contains(&l.subnet4().unwrap()));
                 prop_assert_eq!(l.source, "node worker-9");
             }
             Ok(None) => {}
@@ -189,6 +189,6 @@ proptest! {
         let ann = own_annotations(&Prefix::default(), &a, None);
         let cidr = format!("10.7.{third}.0/24");
         let l = lease_from_node("me", Some(&cidr), None, &ann, &Prefix::default(), &cfg()).unwrap().unwrap();
-        prop_assert_eq!(l, a.lease(cidr.parse().unwrap(), None, "node me"));
+        prop_assert_eq!(l, a.lease(Some(cidr.parse().unwrap()), None, "node me"));
     }
 }

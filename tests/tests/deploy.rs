@@ -302,8 +302,8 @@ fn net_conf_is_accepted_by_the_daemons_parser() {
     let Some(docs) = documents() else { return };
     let (_, net_conf) = config_map(&docs);
     let conf = flanneld_rs::config::NetworkConfig::parse(&net_conf, "net-conf.json").unwrap();
-    assert_eq!(conf.network.to_string(), "10.244.0.0/16");
-    assert_eq!(conf.subnet_len, 24);
+    assert_eq!(conf.ipv4.unwrap().network.to_string(), "10.244.0.0/16");
+    assert_eq!(conf.ipv4.unwrap().subnet_len, 24);
     assert!(matches!(conf.backend, flanneld_rs::config::BackendConfig::Vxlan(_)), "{:?}", conf.backend);
 }
 

@@ -44,7 +44,7 @@ fn ours(ko: &KubeOverlay, node: &str) -> BTreeMap<String, String> {
 
 fn attrs() -> LeaseAttrs {
     LeaseAttrs {
-        public_ip: "192.0.2.10".parse().unwrap(),
+        public_ip: Some("192.0.2.10".parse().unwrap()),
         backend: BackendType::Vxlan,
         vxlan: Some(VxlanData { vni: 1, vtep_mac: "02:00:00:00:00:0a".parse().unwrap() }),
         public_ipv6: Some("2001:db8::a".parse().unwrap()),
@@ -122,7 +122,7 @@ fn dual_stack_nodes_leases_and_annotations_are_flannels() {
     assert_eq!(hints.advertise_ipv6, Some("2001:db8:99::a".parse().unwrap()));
     assert_eq!((hints.public_ipv6, hints.advertise), (None, None));
     // Our lease: both podCIDRs.
-    assert_eq!(lease.subnet.to_string(), "10.244.1.0/24");
+    assert_eq!(lease.subnet4().unwrap().to_string(), "10.244.1.0/24");
     assert_eq!(lease.subnet6().unwrap().to_string(), "2001:db8:10:1::/64");
     // Our annotations, byte for byte as flannel writes them.
     let a = ours(&ko, "node0");

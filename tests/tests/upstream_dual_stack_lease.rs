@@ -41,14 +41,14 @@ fn upstreams_dual_stack_etcd_lease_is_read_and_written_alike() {
     assert_eq!(v6.vxlan.unwrap().vtep_mac.to_string(), mac);
     // Our encoding of the same attributes: the same bytes.
     let attrs = flanneld_rs::lease::LeaseAttrs {
-        public_ip: lease.public_ip,
+        public_ip: lease.public_ip4(),
         backend: lease.backend.clone(),
-        vxlan: lease.vxlan,
+        vxlan: lease.ipv4.unwrap().vxlan,
         public_ipv6: v6.public_ip,
         vxlan6: v6.vxlan,
     };
     assert_eq!(encode_value(&attrs), value);
     // And our key for its subnets is its key.
-    assert_eq!(flanneld_rs::subnet::etcd::lease_key(DEFAULT_PREFIX, lease.subnet, Some(v6.subnet)), key);
+    assert_eq!(flanneld_rs::subnet::etcd::lease_key(DEFAULT_PREFIX, lease.subnet4().unwrap(), Some(v6.subnet)), key);
     o.stop(0);
 }

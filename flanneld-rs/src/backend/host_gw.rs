@@ -3,7 +3,9 @@
 //! one L2 segment.
 
 use flannel_net::netlink::{Route, Scope};
-use ipnet::IpNet;
+use std::net::Ipv4Addr;
+
+use ipnet::{IpNet, Ipv4Net};
 
 use crate::iface::{ExtIface, ExtIface6};
 use crate::lease::FamilyLease;
@@ -22,15 +24,13 @@ pub struct HostGwSpec {
 
 /// host-gw on `ext`, which must hold the public IP: peers route to our pods
 /// through that address.
-pub fn spec(ext: &ExtIface) -> anyhow::Result<HostGwSpec> {
-    if ext.public_ip != ext.addr.addr() {
+pub fn spec(ext: &ExtIface, addr: Ipv4Net, public_ip: Ipv4Addr) -> anyhow::Result<HostGwSpec> {
+    if public_ip != addr.addr() {
         anyhow::bail!(
-            "Backend.Type host-gw: the public IP {} is not the address of interface {} ({}); peers route \
-             to our pods through that address, so it must be on the interface (check --public-ip, \
+            "Backend.Type host-gw: the public IP {public_ip} is not the address of interface {} ({addr}); peers \
+             route to our pods through that address, so it must be on the interface (check --public-ip, \
              --iface, public-ip-overwrite)",
-            ext.public_ip,
             ext.name,
-            ext.addr
         );
     }
     spec_on(ext)

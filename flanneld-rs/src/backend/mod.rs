@@ -12,7 +12,7 @@ pub mod host_gw;
 pub mod udp;
 pub mod vxlan;
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use flannel_net::netlink::{Netlink, NlResult, Route, VxlanSpec};
 use flannel_net::MacAddr;
@@ -67,20 +67,28 @@ pub trait DataPath: Send {
 }
 
 impl Backend {
-    /// The backend the configuration asks for, on interface `ext`, with
-    /// VTEP MAC `mac` (VXLAN only). Refuses what cannot work, naming the
-    /// field and the value.
-    pub fn for_config(cfg: &NetworkConfig, ext: &ExtIface, mac: MacAddr) -> anyhow::Result<Backend> {
-        match &cfg.backend {
+    /// The IPv4 backend the configuration asks for (`None` in an IPv6-only
+    /// cluster), on interface `ext`, with VTEP MAC `mac` (VXLAN only).
+    /// Refuses what cannot work, naming the field and the value.
+    pub fn for_config(cfg: &NetworkConfig, ext: &ExtIface, mac: MacAddr) -> anyhow::Result<Option<Backend>> {
+        let Some(c4) = &cfg.ipv4 else { return Ok(None) };
+        let (Some(addr), Some(public_ip)) = (ext.addr, ext.public_ip) else {
+            anyhow::bail!(
+                "interface {} has no IPv4 address to carry the IPv4 overlay (Network {})",
+                ext.name,
+                c4.network
+            );
+        };
+        Ok(Some(match &cfg.backend {
             BackendConfig::Vxlan(vx) => {
-                Ok(Backend::Vxlan { vtep: vxlan::vtep_spec(vx, ext, mac)?, direct_routing: vx.direct_routing })
+                Backend::Vxlan { vtep: vxlan::vtep_spec(vx, ext, addr.addr(), mac)?, direct_routing: vx.direct_routing }
             }
-            BackendConfig::HostGw => Ok(Backend::HostGw(host_gw::spec(ext)?)),
-            BackendConfig::Udp { port } => Ok(Backend::Udp(udp::spec::spec(*port, ext)?)),
-        }
+            BackendConfig::HostGw => Backend::HostGw(host_gw::spec(ext, addr, public_ip)?),
+            BackendConfig::Udp { port } => Backend::Udp(udp::spec::spec(*port, ext, addr.addr())?),
+        }))
     }
 
-    /// The IPv6 backend of a dual-stack network (`None` without
+    /// The IPv6 backend of a dual-stack or IPv6-only network (`None` without
     /// `EnableIPv6`): VXLAN's `flannel-v6.<VNI>` over the interface's IPv6
     /// address with its own MAC `mac`, or host-gw's IPv6 routes on the same
     /// interface. The udp backend carries no IPv6 (the configuration refuses
@@ -114,19 +122,6 @@ impl Backend {
             Backend::Vxlan { .. } => BackendType::Vxlan,
             Backend::HostGw(_) => BackendType::HostGw,
             Backend::Udp(_) => BackendType::Udp,
-        }
-    }
-
-    /// What our lease advertises: the backend type and its data, and with
-    /// `v6` (dual-stack: the IPv6 backend and our public IPv6 address) the
-    /// IPv6 half, as flannel writes it.
-    pub fn lease_attrs(&self, public_ip: Ipv4Addr, v6: Option<(&Backend, std::net::Ipv6Addr)>) -> LeaseAttrs {
-        LeaseAttrs {
-            public_ip,
-            backend: self.backend_type(),
-            vxlan: self.vtep().map(|v| VxlanData { vni: v.vni, vtep_mac: v.mac }),
-            public_ipv6: v6.map(|(_, ip)| ip),
-            vxlan6: v6.and_then(|(b, _)| b.vtep()).map(|v| VxlanData { vni: v.vni, vtep_mac: v.mac }),
         }
     }
 
@@ -242,12 +237,27 @@ impl Backend {
     }
 }
 
+/// What a node advertises in its lease: the IPv4 backend with the public IP
+/// and the IPv6 one with the public IPv6 address, each when the cluster
+/// runs that family (one of them at least; both are of one type).
+pub fn lease_attrs(v4: Option<(&Backend, Ipv4Addr)>, v6: Option<(&Backend, Ipv6Addr)>) -> LeaseAttrs {
+    let vxlan = |b: &Backend| b.vtep().map(|v| VxlanData { vni: v.vni, vtep_mac: v.mac });
+    let any = v4.map(|(b, _)| b).or(v6.map(|(b, _)| b)).expect("a cluster runs at least one family");
+    LeaseAttrs {
+        public_ip: v4.map(|(_, ip)| ip),
+        backend: any.backend_type(),
+        vxlan: v4.and_then(|(b, _)| vxlan(b)),
+        public_ipv6: v6.map(|(_, ip)| ip),
+        vxlan6: v6.and_then(|(b, _)| vxlan(b)),
+    }
+}
+
 /// The cluster network of `family` and its subnets' prefix length
 /// (`Network`/`SubnetLen`, `IPv6Network`/`IPv6SubnetLen`); `None` for IPv6
 /// without `EnableIPv6`.
 pub fn family_network(cfg: &NetworkConfig, family: Family) -> Option<(IpNet, u8)> {
     match family {
-        Family::V4 => Some((IpNet::V4(cfg.network), cfg.subnet_len)),
+        Family::V4 => cfg.ipv4.map(|v4| (IpNet::V4(v4.network), v4.subnet_len)),
         Family::V6 => cfg.ipv6.map(|v6| (IpNet::V6(v6.network), v6.subnet_len)),
     }
 }
@@ -307,7 +317,7 @@ fn bad_public_ip(ip: IpAddr) -> Option<&'static str> {
 pub async fn leftover_devices(
     nl: &Netlink,
     ours: &[&str],
-    network: Ipv4Net,
+    network: Option<Ipv4Net>,
     network6: Option<Ipv6Net>,
 ) -> NlResult<Vec<(u32, String)>> {
     let mut found = Vec::new();
@@ -320,7 +330,7 @@ pub async fn leftover_devices(
         }
         let addrs = nl.addrs(link.index).await?;
         let in_ours = |a: &IpNet| match a {
-            IpNet::V4(v) => network.contains(&v.addr()),
+            IpNet::V4(v) => network.is_some_and(|n| n.contains(&v.addr())),
             IpNet::V6(v) => network6.is_some_and(|n| n.contains(&v.addr())),
         };
         if addrs.iter().any(in_ours) {
@@ -331,7 +341,12 @@ pub async fn leftover_devices(
 }
 
 /// Deletes [`leftover_devices`] (with their addresses and routes).
-pub async fn remove_leftover_devices(nl: &Netlink, backends: &[&Backend], network: Ipv4Net, network6: Option<Ipv6Net>) {
+pub async fn remove_leftover_devices(
+    nl: &Netlink,
+    backends: &[&Backend],
+    network: Option<Ipv4Net>,
+    network6: Option<Ipv6Net>,
+) {
     let names: Vec<String> = backends.iter().filter_map(|b| b.device().map(|d| d.name().to_string())).collect();
     let ours: Vec<&str> = names.iter().map(String::as_str).collect();
     let found = match leftover_devices(nl, &ours, network, network6).await {
@@ -340,7 +355,9 @@ pub async fn remove_leftover_devices(nl: &Netlink, backends: &[&Backend], networ
     };
     let now = backends.iter().map(|b| b.describe()).collect::<Vec<_>>().join(", ");
     for (index, name) in found {
-        log::info!("deleting {name}: an earlier backend's device for Network {network} (now {now})");
+        let networks: Vec<String> =
+            network.map(|n| n.to_string()).into_iter().chain(network6.map(|n| n.to_string())).collect();
+        log::info!("deleting {name}: an earlier backend's device for Network {} (now {now})", networks.join(" and "));
         if let Err(e) = nl.del_link(index, &name).await {
             log::warn!("delete {name}: {e}");
         }

@@ -3,7 +3,7 @@
 //! to its subnet (flannel's exact kernel objects). With `DirectRouting`, a
 //! peer on our L2 segment gets a plain route via its public IP instead.
 
-use std::net::{IpAddr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use flannel_net::netlink::{Fdb, Neigh, Route, Scope, VxlanSpec, DEFAULT_VXLAN_PORT};
 use flannel_net::MacAddr;
@@ -60,7 +60,7 @@ pub fn vtep_spec_v6(vx: &VxlanConfig, ext: &ExtIface, local: Ipv6Addr, mac: MacA
 
 /// The VTEP we want: attributes from the configuration and the interface,
 /// and `mac` (which survives restarts).
-pub fn vtep_spec(vx: &VxlanConfig, ext: &ExtIface, mac: MacAddr) -> anyhow::Result<VxlanSpec> {
+pub fn vtep_spec(vx: &VxlanConfig, ext: &ExtIface, local: Ipv4Addr, mac: MacAddr) -> anyhow::Result<VxlanSpec> {
     let underlay_mtu = vx.mtu.unwrap_or(ext.mtu);
     if underlay_mtu < 68 + OVERHEAD {
         let what = if vx.mtu.is_some() { "Backend.MTU" } else { "the interface MTU" };
@@ -69,7 +69,7 @@ pub fn vtep_spec(vx: &VxlanConfig, ext: &ExtIface, mac: MacAddr) -> anyhow::Resu
     Ok(VxlanSpec {
         name: device_name(vx.vni),
         vni: vx.vni,
-        local: IpAddr::V4(ext.addr.addr()),
+        local: IpAddr::V4(local),
         dev: ext.index,
         port: if vx.port == 0 { DEFAULT_VXLAN_PORT } else { vx.port },
         learning: vx.learning,

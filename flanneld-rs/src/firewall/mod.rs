@@ -64,18 +64,13 @@ pub struct FirewallSpec {
 }
 
 impl FirewallSpec {
-    /// The rules the flags and the network configuration ask for: the IPv4
-    /// part for our IPv4 `subnet` (`None`: IPv6-only), the IPv6 part for
-    /// `v6`, the IPv6 cluster network and our IPv6 subnet (`None`: no IPv6).
-    pub fn from_opts(
-        opts: &crate::flags::Opts,
-        cfg: &NetworkConfig,
-        subnet: Option<Ipv4Net>,
-        v6: Option<(Ipv6Net, Ipv6Net)>,
-    ) -> FirewallSpec {
+    /// The rules the flags and the network configuration ask for, for our
+    /// lease `own`: a part per family the cluster runs (no IPv4 part in an
+    /// IPv6-only cluster, no IPv6 part without `EnableIPv6`).
+    pub fn from_opts(opts: &crate::flags::Opts, cfg: &NetworkConfig, own: &crate::lease::Lease) -> FirewallSpec {
         FirewallSpec {
-            ipv4: subnet.map(|subnet| Ipv4Rules { network: cfg.network, subnet }),
-            ipv6: v6.map(|(network, subnet)| Ipv6Rules { network, subnet }),
+            ipv4: cfg.ipv4.zip(own.subnet4()).map(|(c4, subnet)| Ipv4Rules { network: c4.network, subnet }),
+            ipv6: cfg.ipv6.zip(own.subnet6()).map(|(c6, subnet)| Ipv6Rules { network: c6.network, subnet }),
             masquerade: opts.ip_masq,
             fully_random: !opts.ip_masq_fully_random_disable,
             forward: opts.iptables_forward_rules,
@@ -85,12 +80,11 @@ impl FirewallSpec {
 
     /// Where the rules live, in words.
     pub fn describe(&self) -> &'static str {
-        if self.nftables {
-            "nftables tables ip flannel-ipv4 and ip6 flannel-ipv6"
-        } else if self.ipv6.is_some() {
-            "iptables and ip6tables chains FLANNEL-POSTRTG (nat) and FLANNEL-FWD (filter)"
-        } else {
-            "iptables chains FLANNEL-POSTRTG (nat) and FLANNEL-FWD (filter)"
+        match (self.nftables, self.ipv4.is_some(), self.ipv6.is_some()) {
+            (true, _, _) => "nftables tables ip flannel-ipv4 and ip6 flannel-ipv6",
+            (false, true, true) => "iptables and ip6tables chains FLANNEL-POSTRTG (nat) and FLANNEL-FWD (filter)",
+            (false, false, _) => "ip6tables chains FLANNEL-POSTRTG (nat) and FLANNEL-FWD (filter)",
+            (false, true, false) => "iptables chains FLANNEL-POSTRTG (nat) and FLANNEL-FWD (filter)",
         }
     }
 }

@@ -92,7 +92,7 @@ pub fn desired<'a>(
 mod tests {
     use super::*;
     use crate::backend::{HostGwSpec, UdpSpec};
-    use crate::lease::{BackendType, VxlanData};
+    use crate::lease::{BackendType, Lease4, VxlanData};
     use crate::reconcile::plan::Device;
 
     fn cfg() -> NetworkConfig {
@@ -101,10 +101,12 @@ mod tests {
 
     fn lease(subnet: &str, ip: &str, mac: Option<&str>) -> Lease {
         Lease {
-            subnet: subnet.parse().unwrap(),
-            public_ip: ip.parse().unwrap(),
+            ipv4: Some(Lease4 {
+                subnet: subnet.parse().unwrap(),
+                public_ip: ip.parse().unwrap(),
+                vxlan: mac.map(|m| VxlanData { vni: 1, vtep_mac: m.parse().unwrap() }),
+            }),
             backend: BackendType::Vxlan,
-            vxlan: mac.map(|m| VxlanData { vni: 1, vtep_mac: m.parse().unwrap() }),
             source: format!("/coreos.com/network/subnets/{}", subnet.replace('/', "-")),
             ipv6: None,
         }
@@ -352,7 +354,8 @@ mod tests {
 
     #[test]
     fn host_gw_ipv6_routes_go_via_the_peers_public_ipv6_on_the_segment() {
-        let hg = |l: Lease| Lease { backend: BackendType::HostGw, vxlan: None, ..l };
+        let hg =
+            |l: Lease| Lease { backend: BackendType::HostGw, ipv4: l.ipv4.map(|v4| Lease4 { vxlan: None, ..v4 }), ..l };
         let own = hg(dual("10.244.1.0/24", "192.0.2.10", Some(("2001:db8:10:1::/64", Some("2001:db8::10"), None))));
         let leases = [
             own.clone(),

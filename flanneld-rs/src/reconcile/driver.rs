@@ -44,9 +44,9 @@ pub struct Node {
     pub cfg: NetworkConfig,
     /// The underlay interface.
     pub ext: ExtIface,
-    /// How peers are reached.
-    pub backend: Backend,
-    /// How peers are reached over IPv6 (dual-stack).
+    /// How peers are reached over IPv4 (`None` in an IPv6-only cluster).
+    pub backend: Option<Backend>,
+    /// How peers are reached over IPv6 (dual-stack, IPv6-only).
     pub backend6: Option<Backend>,
     /// Our lease.
     pub own: Lease,
@@ -58,41 +58,65 @@ pub struct Node {
 }
 
 impl Node {
-    /// What the blackhole route for our subnet should be.
-    pub fn blackhole(&self) -> plan::Blackhole {
-        plan::Blackhole { subnet: self.own.subnet, wanted: self.blackhole_route }
+    /// What the blackhole route for our (IPv4) subnet should be.
+    pub fn blackhole(&self) -> Option<plan::Blackhole> {
+        self.own.subnet4().map(|subnet| plan::Blackhole { subnet, wanted: self.blackhole_route })
     }
 
-    /// The families the overlay carries: IPv4, and IPv6 when dual-stack.
+    /// The families the overlay carries: IPv4, IPv6, or both.
     pub fn families(&self) -> Vec<Family> {
-        match self.backend6 {
-            Some(_) => vec![Family::V4, Family::V6],
-            None => vec![Family::V4],
-        }
+        let v4 = self.backend.as_ref().map(|_| Family::V4);
+        let v6 = self.backend6.as_ref().map(|_| Family::V6);
+        v4.into_iter().chain(v6).collect()
     }
 
-    /// The backend of `family`.
+    /// The backends, IPv4's first.
+    pub fn backends(&self) -> Vec<&Backend> {
+        self.backend.iter().chain(self.backend6.iter()).collect()
+    }
+
+    /// The backend of `family` (one of [`Node::families`]).
     pub fn backend_of(&self, family: Family) -> &Backend {
-        match family {
-            Family::V4 => &self.backend,
-            Family::V6 => self.backend6.as_ref().expect("IPv6 is reconciled only with an IPv6 backend"),
-        }
+        let b = match family {
+            Family::V4 => self.backend.as_ref(),
+            Family::V6 => self.backend6.as_ref(),
+        };
+        b.expect("a family is reconciled only with its backend")
     }
 
     /// The underlay's subnet of `family` (the segment direct routes and
-    /// host-gw need peers on).
+    /// host-gw need peers on); the IPv4 one of an IPv6-only underlay is
+    /// never asked for (no IPv4 backend).
     pub fn segment(&self, family: Family) -> IpNet {
-        match (family, self.ext.v6) {
-            (Family::V6, Some(v6)) => IpNet::V6(v6.addr.trunc()),
-            _ => IpNet::V4(self.ext.addr.trunc()),
+        match (family, self.ext.v6, self.ext.addr) {
+            (Family::V6, Some(v6), _) => IpNet::V6(v6.addr.trunc()),
+            (_, _, Some(v4)) => IpNet::V4(v4.trunc()),
+            (_, Some(v6), None) => IpNet::V6(v6.addr.trunc()),
+            (_, None, None) => unreachable!("an underlay has an address of a family the cluster runs"),
         }
     }
 
     /// What our lease advertises with these backends and this interface.
-    pub fn lease_attrs(backend: &Backend, backend6: Option<&Backend>, ext: &ExtIface) -> crate::lease::LeaseAttrs {
-        let v6 = backend6.zip(ext.v6.map(|v6| v6.public_ip));
-        backend.lease_attrs(ext.public_ip, v6)
+    pub fn lease_attrs(
+        backend: Option<&Backend>,
+        backend6: Option<&Backend>,
+        ext: &ExtIface,
+    ) -> crate::lease::LeaseAttrs {
+        crate::backend::lease_attrs(backend.zip(ext.public_ip), backend6.zip(ext.v6.map(|v6| v6.public_ip)))
     }
+
+    /// The pods' MTU: the smallest the backends allow.
+    pub fn pod_mtu(&self) -> u32 {
+        self.backends().iter().map(|b| b.pod_mtu()).min().expect("a cluster runs at least one family")
+    }
+}
+
+/// An underlay in words, for the log.
+fn describe(e: &ExtIface) -> String {
+    let v4 = e.addr.map(|a| format!(" {a}")).unwrap_or_default();
+    let ip = e.public_ip.map(|ip| format!(" public IP {ip},")).unwrap_or_default();
+    let v6 = e.v6.map(|v6| format!(" {} (public {}),", v6.addr, v6.public_ip)).unwrap_or_default();
+    format!("{} #{}{v4}{ip}{v6} MTU {}", e.name, e.index, e.mtu)
 }
 
 /// How often the driver re-asserts things besides the kernel entries.
@@ -156,9 +180,13 @@ impl<S: LeaseStore> Driver<S> {
     /// that cannot run (its port is taken, no TUN) is fatal; later the
     /// reconcile restarts it when it stops or its device goes.
     pub fn start_data_path(&mut self) -> anyhow::Result<()> {
-        let (subnet, network) = (self.node.own.subnet, self.node.cfg.network);
-        let started =
-            tokio::task::block_in_place(|| self.node.backend.start_data_path(subnet, network, &self.metrics))?;
+        let (Some(backend), Some(subnet), Some(c4)) =
+            (&self.node.backend, self.node.own.subnet4(), &self.node.cfg.ipv4)
+        else {
+            return Ok(());
+        };
+        let network = c4.network;
+        let started = tokio::task::block_in_place(|| backend.start_data_path(subnet, network, &self.metrics))?;
         self.data_path = started;
         self.data_path_peers.clear();
         Ok(())
@@ -208,7 +236,7 @@ impl<S: LeaseStore> Driver<S> {
         let (mut want, rejected) =
             desired::desired(&node.cfg, family, &node.own, backend, node.segment(family), self.leases.iter());
         if family == Family::V4 {
-            want.blackhole = Some(node.blackhole());
+            want.blackhole = node.blackhole();
         }
         let rejected_text: Vec<String> = rejected.iter().map(|r| format!("{}: {}", r.source, r.reason)).collect();
         let Some((observed, ops)) = self.observe_and_plan(family, &want, why).await else {
@@ -260,21 +288,9 @@ impl<S: LeaseStore> Driver<S> {
         if ext == self.node.ext {
             return;
         }
-        let old = &self.node.ext;
-        info!(
-            "reconcile ({why}): underlay changed: {} #{} {} (public IP {}, MTU {}) -> {} #{} {} (public IP {}, MTU {})",
-            old.name,
-            old.index,
-            old.addr,
-            old.public_ip,
-            old.mtu,
-            ext.name,
-            ext.index,
-            ext.addr,
-            ext.public_ip,
-            ext.mtu
-        );
-        let mac = self.node.backend.vtep().map(|v| v.mac).unwrap_or_else(crate::backend::random_mac);
+        info!("reconcile ({why}): underlay changed: {} -> {}", describe(&self.node.ext), describe(&ext));
+        let mac = self.node.backend.as_ref().and_then(|b| b.vtep()).map(|v| v.mac);
+        let mac = mac.unwrap_or_else(crate::backend::random_mac);
         let mac6 = self.node.backend6.as_ref().and_then(|b| b.vtep()).map(|v| v.mac);
         let backends = Backend::for_config(&self.node.cfg, &ext, mac).and_then(|b| {
             let b6 = Backend::for_config_v6(&self.node.cfg, &ext, mac6.unwrap_or_else(crate::backend::random_mac))?;
@@ -287,22 +303,23 @@ impl<S: LeaseStore> Driver<S> {
                 return;
             }
         };
-        if backend.pod_mtu() != self.node.backend.pod_mtu() {
+        let mtu = backend.iter().chain(backend6.iter()).map(|b| b.pod_mtu()).min();
+        if mtu.is_some_and(|m| m != self.node.pod_mtu()) {
             warn!(
                 "reconcile ({why}): the pod MTU is now {} (was {}); pods keep theirs until they are restarted",
-                backend.pod_mtu(),
-                self.node.backend.pod_mtu()
+                mtu.unwrap_or_default(),
+                self.node.pod_mtu()
             );
         }
-        let attrs = Node::lease_attrs(&backend, backend6.as_ref(), &ext);
-        let advertised = Node::lease_attrs(&self.node.backend, self.node.backend6.as_ref(), &self.node.ext);
+        let attrs = Node::lease_attrs(backend.as_ref(), backend6.as_ref(), &ext);
+        let advertised = Node::lease_attrs(self.node.backend.as_ref(), self.node.backend6.as_ref(), &self.node.ext);
         if attrs != advertised {
             match self.store.publish(&self.node.cfg, &attrs).await {
                 Ok(lease) => self.node.own = lease,
                 Err(e) => {
                     // Keep the old state; the next check tries again.
                     error!(
-                        "reconcile ({why}): advertise the new public IP {} ({:?}): {e}",
+                        "reconcile ({why}): advertise the new public IP {:?} ({:?}): {e}",
                         ext.public_ip, attrs.public_ipv6
                     );
                     self.underlay_due = true;
@@ -377,10 +394,9 @@ impl<S: LeaseStore> Driver<S> {
     /// `--iptables-resync` seconds as flannel does (the reconcile also keeps
     /// it, and removes it when the flag is off).
     async fn reassert_blackhole(&mut self) {
-        let b = self.node.blackhole();
-        if !b.wanted {
+        let Some(b) = self.node.blackhole().filter(|b| b.wanted) else {
             return;
-        }
+        };
         let there = match self.nl.routes_v4_and_blackholes().await {
             Ok((_, blackholes)) => blackholes.contains(&ipnet::IpNet::V4(b.subnet)),
             Err(e) => {
@@ -444,8 +460,9 @@ impl<S: LeaseStore> Driver<S> {
                     Some(c) => {
                         let underlay = concerns_underlay(self.node.ext.index, self.underlay_missing, c);
                         self.underlay_due |= underlay;
-                        let ours = concerns_us(self.device_index[0], self.node.backend.underlay(), c)
-                            || (ipv6 && concerns_us(self.device_index[1], self.node.backend.underlay(), c));
+                        let ours = self.node.families().into_iter().any(|f| {
+                            concerns_us(self.device_index[f as usize], self.node.backend_of(f).underlay(), c)
+                        });
                         if (underlay || ours) && kernel_due.is_none() {
                             kernel_due = Some(tokio::time::Instant::now() + DEBOUNCE);
                         }

@@ -35,7 +35,7 @@ use serde_json::Value;
 use tokio::sync::mpsc;
 
 use super::{Backoff, StoreError};
-use crate::config::{ConfigError, Ipv6Config, NetworkConfig};
+use crate::config::{ConfigError, Ipv4Config, Ipv6Config, NetworkConfig};
 use crate::lease::{
     decode_value, encode_value, shown, unusable_public_ip, unusable_public_ipv6, Lease, LeaseAttrs, LeaseEvent,
     LeaseSet,
@@ -194,8 +194,9 @@ pub fn decode_entry(prefix: &str, cfg: &NetworkConfig, key: &str, value: &[u8]) 
             shown(value)
         )
     })?;
-    if !cfg.network.contains(&subnet) {
-        return Err(format!("lease {key} = {}: subnet {subnet} is outside Network {}", shown(value), cfg.network));
+    let c4 = ipv4_of(cfg)?;
+    if !c4.network.contains(&subnet) {
+        return Err(format!("lease {key} = {}: subnet {subnet} is outside Network {}", shown(value), c4.network));
     }
     let subnet6 = match (&cfg.ipv6, subnet6) {
         (Some(c6), Some(s6)) if !c6.network.contains(&s6) => {
@@ -252,8 +253,20 @@ fn random_u64(seed: impl Hash) -> u64 {
     h.finish()
 }
 
+/// The IPv4 network. flannel's etcd store leases every node an IPv4
+/// subnet (upstream's too: its etcd leases always have one), so an
+/// IPv6-only configuration is for Kubernetes mode; the daemon refuses it in
+/// etcd mode before it gets here.
+pub fn ipv4_of(cfg: &NetworkConfig) -> Result<&Ipv4Config, String> {
+    cfg.ipv4.as_ref().ok_or_else(|| {
+        "EnableIPv4 false (an IPv6-only cluster) needs --kube-subnet-mgr: flannel's etcd store leases every node \
+         an IPv4 subnet (upstream's too)"
+            .to_string()
+    })
+}
+
 /// Whether `s` is a subnet the configuration lets a node lease.
-fn in_range(cfg: &NetworkConfig, s: Ipv4Net) -> bool {
+fn in_range(cfg: &Ipv4Config, s: Ipv4Net) -> bool {
     let v = u32::from(s.network());
     s.prefix_len() == cfg.subnet_len
         && s.trunc() == s
@@ -263,14 +276,14 @@ fn in_range(cfg: &NetworkConfig, s: Ipv4Net) -> bool {
 }
 
 /// How many subnets [SubnetMin, SubnetMax] holds.
-fn range_count(cfg: &NetworkConfig) -> u64 {
+fn range_count(cfg: &Ipv4Config) -> u64 {
     let size = 1u64 << (32 - cfg.subnet_len);
     (u64::from(u32::from(cfg.subnet_max)) - u64::from(u32::from(cfg.subnet_min))) / size + 1
 }
 
 /// A free subnet of the range: the first one from a random starting point on
 /// (wrapping around), so that nodes starting together rarely pick the same.
-fn pick_free(cfg: &NetworkConfig, taken: &HashSet<Ipv4Net>, random: u64) -> Option<Ipv4Net> {
+fn pick_free(cfg: &Ipv4Config, taken: &HashSet<Ipv4Net>, random: u64) -> Option<Ipv4Net> {
     let n = range_count(cfg);
     let size = 1u64 << (32 - cfg.subnet_len);
     let min = u64::from(u32::from(cfg.subnet_min));
@@ -285,7 +298,7 @@ fn pick_free(cfg: &NetworkConfig, taken: &HashSet<Ipv4Net>, random: u64) -> Opti
 
 /// The `subnet_len`-sized subnets the existing keys occupy (also the ones with
 /// malformed values: the key exists, so creating it would fail).
-fn occupied(cfg: &NetworkConfig, entries: &[Entry]) -> HashSet<Ipv4Net> {
+fn occupied(cfg: &Ipv4Config, entries: &[Entry]) -> HashSet<Ipv4Net> {
     let mut out = HashSet::new();
     for s in entries.iter().filter_map(|e| e.subnet) {
         if s.prefix_len() >= cfg.subnet_len {
@@ -515,7 +528,9 @@ impl EtcdSubnetManager {
             source_name: key.clone(),
             msg: format!("value {:?} is not UTF-8", shown(kv.value())),
         })?;
-        Ok(NetworkConfig::parse(text, &key)?)
+        let cfg = NetworkConfig::parse(text, &key)?;
+        ipv4_of(&cfg).map_err(|msg| ConfigError { source_name: key.clone(), msg })?;
+        Ok(cfg)
     }
 
     /// Every entry of `<prefix>/subnets/` and the store revision.
@@ -537,7 +552,7 @@ impl EtcdSubnetManager {
                 }
             })
             .collect();
-        leases.sort_by_key(|l| (u32::from(l.subnet.network()), l.subnet.prefix_len()));
+        leases.sort_by_key(|l| l.subnet4().map(|s| (u32::from(s.network()), s.prefix_len())));
         Ok((leases, rev))
     }
 
@@ -593,10 +608,13 @@ impl EtcdSubnetManager {
         previous: Option<Ipv4Net>,
         previous6: Option<Ipv6Net>,
     ) -> Result<AcquiredLease, StoreError> {
-        if let Some(why) = unusable_public_ip(attrs.public_ip) {
+        let c4 = ipv4_of(cfg).map_err(StoreError::Invalid)?;
+        let public_ip = attrs
+            .public_ip
+            .ok_or_else(|| StoreError::Invalid("no public IPv4 address to lease an IPv4 subnet with".into()))?;
+        if let Some(why) = unusable_public_ip(public_ip) {
             return Err(StoreError::Invalid(format!(
-                "public IP {} is {why}: other nodes could not reach this one",
-                attrs.public_ip
+                "public IP {public_ip} is {why}: other nodes could not reach this one"
             )));
         }
         if let Some(why) = attrs.public_ipv6.and_then(unusable_public_ipv6) {
@@ -619,11 +637,10 @@ impl EtcdSubnetManager {
                 // (1) A lease whose PublicIP is ours; reservations first.
                 // Found whatever its IPv6 half (as flannel finds it), which
                 // is checked below.
-                let mut mine: Vec<(&Entry, Lease)> = entries
+                let mut mine: Vec<(&Entry, Ipv4Net)> = entries
                     .iter()
                     .filter_map(|e| match decode_entry(&self.prefix, &cfg4, &e.key, &e.value) {
-                        Ok(l) if l.public_ip == attrs.public_ip => Some((e, l)),
-                        Ok(_) => None,
+                        Ok(l) => l.ipv4.filter(|v4| v4.public_ip == public_ip).map(|v4| (e, v4.subnet)),
                         Err(msg) => {
                             log::debug!("not considering {msg}");
                             None
@@ -631,10 +648,10 @@ impl EtcdSubnetManager {
                     })
                     .collect();
                 mine.sort_by_key(|(e, _)| e.lease_id != 0);
-                if let Some((entry, lease)) = mine.into_iter().next() {
+                if let Some((entry, subnet)) = mine.into_iter().next() {
                     if fits_families(cfg, entry.subnet6) {
                         let subnet6 = cfg.ipv6.and(entry.subnet6);
-                        match self.take_over(entry, lease.subnet, subnet6, attrs, &value, &mut granted).await {
+                        match self.take_over(entry, subnet, subnet6, attrs, &value, &mut granted).await {
                             Ok(Some(acquired)) => break 'attempts Ok(acquired),
                             Ok(None) => {
                                 log::info!("lease {} changed while we updated it; looking again", entry.key);
@@ -676,7 +693,7 @@ impl EtcdSubnetManager {
                     }
                 }
                 // (2) The previous subnet(s), (3) free ones.
-                let taken = occupied(cfg, &entries);
+                let taken = occupied(c4, &entries);
                 let taken6 = cfg.ipv6.as_ref().map(|c6| (c6, occupied6(c6, &entries)));
                 let prev6_ok = |p6: Option<Ipv6Net>| match &taken6 {
                     None => true,
@@ -684,7 +701,7 @@ impl EtcdSubnetManager {
                         p6.is_some_and(|p| c6.allows(p) && !t6.0.contains(&p) && !t6.1.iter().any(|w| w.contains(&p)))
                     }
                 };
-                let prev = previous.map(|p| p.trunc()).filter(|p| in_range(cfg, *p) && !taken.contains(p));
+                let prev = previous.map(|p| p.trunc()).filter(|p| in_range(c4, *p) && !taken.contains(p));
                 let (subnet, subnet6) = match prev {
                     Some(p) if prev6_ok(previous6.map(|p| p.trunc())) => {
                         log::info!(
@@ -704,17 +721,17 @@ impl EtcdSubnetManager {
                                 previous6.map_or("none".to_string(), |p| p.to_string())
                             );
                         }
-                        let Some(subnet) = pick_free(cfg, &taken, random_u64((attrs.public_ip, attempt))) else {
+                        let Some(subnet) = pick_free(c4, &taken, random_u64((public_ip, attempt))) else {
                             break 'attempts Err(StoreError::OutOfSubnets {
-                                count: range_count(cfg) as usize,
-                                network: cfg.network,
-                                min: cfg.subnet_min,
-                                max: cfg.subnet_max,
+                                count: range_count(c4) as usize,
+                                network: c4.network,
+                                min: c4.subnet_min,
+                                max: c4.subnet_max,
                             });
                         };
                         let subnet6 = match &taken6 {
                             None => None,
-                            Some((c6, t6)) => match pick_free6(c6, t6, random_u128((attrs.public_ip, attempt))) {
+                            Some((c6, t6)) => match pick_free6(c6, t6, random_u128((public_ip, attempt))) {
                                 Some(s6) => Some(s6),
                                 None => {
                                     break 'attempts Err(StoreError::OutOfSubnets6 {
@@ -778,7 +795,7 @@ impl EtcdSubnetManager {
                     }
                 }
                 log::info!("acquired lease {key} = {value} (etcd lease {lease_id:x})");
-                let lease = attrs.lease(subnet, subnet6, key.clone());
+                let lease = attrs.lease(Some(subnet), subnet6, key.clone());
                 break 'attempts Ok(AcquiredLease { lease, key, etcd_lease_id: Some(lease_id), expires });
             }
             Err(StoreError::Contention { attempts: ACQUIRE_ATTEMPTS, last_key })
@@ -814,7 +831,7 @@ impl EtcdSubnetManager {
         granted: &mut Option<(i64, SystemTime)>,
     ) -> Result<Option<AcquiredLease>, StoreError> {
         let key = entry.key.clone();
-        let lease = attrs.lease(subnet, subnet6, key.clone());
+        let lease = attrs.lease(Some(subnet), subnet6, key.clone());
         let unchanged = Compare::mod_revision(key.clone(), CompareOp::Equal, entry.mod_revision);
         let mut c = self.client.clone();
         if entry.lease_id == 0 {
@@ -872,13 +889,13 @@ impl EtcdSubnetManager {
                     .find(|(k, _)| k.eq_ignore_ascii_case("PublicIP"))
                     .and_then(|(_, v)| v.as_str().and_then(|s| s.parse::<Ipv4Addr>().ok()))
             });
-            if holder != Some(lease.lease.public_ip) {
+            if holder.is_none() || holder != lease.lease.public_ip4() {
                 return Err(StoreError::Revoked {
                     key: key.clone(),
                     why: format!(
                         "the reservation now holds {}, not PublicIP {}",
                         shown(kv.value()),
-                        lease.lease.public_ip
+                        lease.lease.public_ip4().map_or("(none)".to_string(), |ip| ip.to_string())
                     ),
                 });
             }
@@ -940,7 +957,7 @@ impl EtcdSubnetManager {
         }
         log::info!("updated lease {key} = {value}");
         Ok(AcquiredLease {
-            lease: attrs.lease(lease.lease.subnet, lease.lease.subnet6(), key.clone()),
+            lease: attrs.lease(lease.lease.subnet4(), lease.lease.subnet6(), key.clone()),
             ..lease.clone()
         })
     }
@@ -1209,10 +1226,10 @@ impl super::LeaseStore for EtcdStore {
     async fn advertised_macs(
         &mut self,
         cfg: &NetworkConfig,
-        public_ip: Ipv4Addr,
+        public_ip: Option<Ipv4Addr>,
     ) -> Result<super::VtepMacs, StoreError> {
         let (leases, _) = self.mgr.list_leases(cfg).await?;
-        Ok(leases.iter().find(|l| l.public_ip == public_ip).map(super::VtepMacs::of).unwrap_or_default())
+        Ok(self.own(&leases, public_ip).map(super::VtepMacs::of).unwrap_or_default())
     }
 
     async fn acquire(
@@ -1280,17 +1297,18 @@ impl super::LeaseStore for EtcdStore {
                 Err(msg) => listing.unusable.push(msg),
             }
         }
-        listing.leases.sort_by_key(|l| (l.subnet, l.public_ip));
+        listing.leases.sort_by_key(|l| (l.subnet4(), l.public_ip4()));
         Ok(listing)
     }
 
-    fn own<'a>(&self, leases: &'a [Lease], public_ip: Ipv4Addr) -> Option<&'a Lease> {
-        leases.iter().find(|l| l.public_ip == public_ip)
+    fn own<'a>(&self, leases: &'a [Lease], public_ip: Option<Ipv4Addr>) -> Option<&'a Lease> {
+        leases.iter().find(|l| public_ip.is_some() && l.public_ip4() == public_ip)
     }
 
-    fn own_missing(&self, public_ip: Ipv4Addr) -> (String, String) {
+    fn own_missing(&self, public_ip: Option<Ipv4Addr>) -> (String, String) {
+        let ip = public_ip.map_or("(none: no IPv4 underlay address)".to_string(), |ip| ip.to_string());
         (
-            format!("no lease in etcd ({}/subnets/) has PublicIP {public_ip}", self.mgr.prefix),
+            format!("no lease in etcd ({}/subnets/) has PublicIP {ip}", self.mgr.prefix),
             "start flanneld-rs on this node (or check --iface/--public-ip)".into(),
         )
     }
@@ -1311,7 +1329,7 @@ mod tests {
 
     fn vxlan_attrs() -> LeaseAttrs {
         LeaseAttrs {
-            public_ip: "192.0.2.3".parse().unwrap(),
+            public_ip: Some("192.0.2.3".parse().unwrap()),
             backend: BackendType::Vxlan,
             vxlan: Some(VxlanData { vni: 1, vtep_mac: "aa:bb:cc:dd:ee:ff".parse().unwrap() }),
             public_ipv6: None,
@@ -1356,15 +1374,15 @@ mod tests {
         let key = "/coreos.com/network/subnets/10.5.52.0-24";
         let s: Ipv4Net = "10.5.52.0/24".parse().unwrap();
         let l = decode_value(key, s, None, encode_value(&vxlan_attrs()).as_bytes()).unwrap();
-        assert_eq!(l, vxlan_attrs().lease(s, None, key));
+        assert_eq!(l, vxlan_attrs().lease(Some(s), None, key));
         let v = br#"{"publicip":"192.0.2.9","PublicIPv6":"fc00::9","backendtype":"vxlan","BackendData":{"vni":4096,"vtepmac":"0A:1B:2C:3D:4E:5F"},"BackendV6Data":null}"#;
         let l = decode_value(key, s, None, v).unwrap();
-        assert_eq!(l.public_ip.to_string(), "192.0.2.9");
-        assert_eq!(l.vxlan.unwrap().vni, 4096);
-        assert_eq!(l.vxlan.unwrap().vtep_mac.to_string(), "0a:1b:2c:3d:4e:5f");
+        assert_eq!(l.public_ip4().unwrap().to_string(), "192.0.2.9");
+        assert_eq!(l.ipv4.unwrap().vxlan.unwrap().vni, 4096);
+        assert_eq!(l.ipv4.unwrap().vxlan.unwrap().vtep_mac.to_string(), "0a:1b:2c:3d:4e:5f");
         let l = decode_value(key, s, None, br#"{"PublicIP":"192.0.2.9","BackendType":"host-gw","BackendData":null}"#)
             .unwrap();
-        assert_eq!((l.backend.as_str(), l.vxlan), ("host-gw", None));
+        assert_eq!((l.backend.as_str(), l.ipv4.unwrap().vxlan), ("host-gw", None));
         let l = decode_entry(P, &cfg(), key, encode_value(&vxlan_attrs()).as_bytes()).unwrap();
         assert_eq!(l.source, key);
     }
@@ -1417,7 +1435,7 @@ mod tests {
         let e = decode_entry(P, &cfg(), badkey, v.as_bytes()).unwrap_err();
         assert!(e.contains("does not name a subnet") && e.contains(badkey) && e.contains(&v), "{e}");
         let dual = "/coreos.com/network/subnets/10.5.1.0-24&fc00::-64";
-        assert_eq!(decode_entry(P, &cfg(), dual, v.as_bytes()).unwrap().subnet.to_string(), "10.5.1.0/24");
+        assert_eq!(decode_entry(P, &cfg(), dual, v.as_bytes()).unwrap().subnet4().unwrap().to_string(), "10.5.1.0/24");
     }
 
     #[test]
@@ -1429,7 +1447,7 @@ mod tests {
 
     #[test]
     fn range_and_occupancy() {
-        let c = cfg();
+        let c = cfg().ipv4.unwrap();
         assert!(in_range(&c, "10.5.1.0/24".parse().unwrap()));
         assert!(!in_range(&c, "10.5.0.0/24".parse().unwrap())); // below SubnetMin
         assert!(!in_range(&c, "10.5.1.0/25".parse().unwrap()));
@@ -1453,9 +1471,11 @@ mod tests {
     fn free_subnets_are_picked_from_the_range_only() {
         let c =
             NetworkConfig::parse(r#"{"Network":"10.5.0.0/16","SubnetMin":"10.5.3.0","SubnetMax":"10.5.6.0"}"#, "test")
+                .unwrap()
+                .ipv4
                 .unwrap();
         assert_eq!(range_count(&c), 4);
-        assert_eq!(range_count(&cfg()), 255);
+        assert_eq!(range_count(&cfg().ipv4.unwrap()), 255);
         let mut taken: HashSet<Ipv4Net> = ["10.5.3.0/24", "10.5.5.0/24"].iter().map(|s| s.parse().unwrap()).collect();
         for r in 0..16 {
             let s = pick_free(&c, &taken, r).unwrap().to_string();
@@ -1511,7 +1531,7 @@ mod tests {
         let v = encode_value(&a);
         let key = "/coreos.com/network/subnets/10.5.1.0-24&2001:db8:10:1::-64";
         let l = decode_entry(P, &cfg6(), key, v.as_bytes()).unwrap();
-        assert_eq!(l, a.lease("10.5.1.0/24".parse().unwrap(), Some("2001:db8:10:1::/64".parse().unwrap()), key));
+        assert_eq!(l, a.lease(Some("10.5.1.0/24".parse().unwrap()), Some("2001:db8:10:1::/64".parse().unwrap()), key));
         // Without EnableIPv6 the IPv6 half is not used.
         assert_eq!(decode_entry(P, &cfg(), key, v.as_bytes()).unwrap().ipv6, None);
         // An IPv4-only lease in a dual-stack network: no IPv6 half.

@@ -194,21 +194,43 @@ pub async fn node_name(client: &Client) -> Result<String, StoreError> {
         .ok_or_else(|| StoreError::Invalid(format!("pod {ns}/{pod} has no spec.nodeName yet")))
 }
 
-/// Parses a podCIDR that must lie inside the cluster network.
-pub fn own_subnet(node: &str, cidr: &str, cfg: &NetworkConfig) -> Result<Ipv4Net, StoreError> {
+/// Our Node's IPv4 subnet when the configuration runs IPv4 (`None` in an
+/// IPv6-only cluster): `cidr` (its IPv4 podCIDR) must lie inside `Network`;
+/// the error names the node and the field.
+pub fn own_subnet(node: &str, cidr: Option<&str>, cfg: &NetworkConfig) -> Result<Option<Ipv4Net>, StoreError> {
+    let Some(c4) = &cfg.ipv4 else { return Ok(None) };
     let bad = |msg: String| StoreError::Invalid(format!("node {node}: {msg}"));
+    let Some(cidr) = cidr else {
+        return Err(bad(format!(
+            "spec.podCIDR(s) has no IPv4 CIDR, and net-conf.json's Network is {}: kube-controller-manager's \
+             --cluster-cidr must hold an IPv4 range (or set EnableIPv4 false for an IPv6-only cluster)",
+            c4.network
+        )));
+    };
     let subnet: Ipv4Net = cidr.parse().map_err(|_| bad(format!("spec.podCIDR {cidr:?} is not an IPv4 CIDR")))?;
     if subnet != subnet.trunc() {
         return Err(bad(format!("spec.podCIDR {cidr} has host bits set")));
     }
-    if !cfg.network.contains(&subnet) {
+    if !c4.network.contains(&subnet) {
         return Err(bad(format!(
             "spec.podCIDR {subnet} is not inside Network {} (net-conf.json); kube-controller-manager's \
              --cluster-cidr must match Network",
-            cfg.network
+            c4.network
         )));
     }
-    Ok(subnet)
+    Ok(Some(subnet))
+}
+
+/// Whether `node` has the podCIDRs the configuration needs to lease from:
+/// an IPv4 one, or in an IPv6-only cluster an IPv6 one (a dual-stack
+/// cluster's missing IPv6 one is an error when the lease is taken, as
+/// flannel's: kube-controller-manager gives both at once).
+fn has_pod_cidr(node: &Node, cfg: &NetworkConfig) -> bool {
+    if cfg.ipv4.is_some() {
+        pod_cidr(node).is_some()
+    } else {
+        pod_cidr6(node).is_some()
+    }
 }
 
 /// The Kubernetes subnet manager of one node.
@@ -244,28 +266,38 @@ impl KubeSubnetManager {
         self.nodes.get(&self.node_name).await.map_err(api(format!("get node {}", self.node_name)))
     }
 
-    /// Waits until our Node exists and has a podCIDR; says what it waits
-    /// for every 30 seconds. While the API server does not answer, the
-    /// requests are tried again with the [`Backoff`] (see [`Waiter`]).
-    pub async fn wait_for_pod_cidr(&self) -> Result<(Node, String), StoreError> {
+    /// Waits until our Node exists and has the podCIDR `cfg` needs (see
+    /// [`has_pod_cidr`]); says what it waits for every 30 seconds. While
+    /// the API server does not answer, the requests are tried again with
+    /// the [`Backoff`] (see [`Waiter`]).
+    pub async fn wait_for_pod_cidr(&self, cfg: &NetworkConfig) -> Result<Node, StoreError> {
         let mut said = false;
         let what = format!("node {} from the Kubernetes API server {}", self.node_name, self.server);
+        let family = if cfg.ipv4.is_some() { "an IPv4" } else { "an IPv6" };
         // An API server that refuses connections fails both requests at
         // once: without a pause between tries this loop would spin.
         let mut waiter = Waiter::new(what.clone());
         loop {
             match self.nodes.get_opt(&self.node_name).await {
                 Ok(Some(n)) => {
-                    if let Some(c) = pod_cidr(&n) {
+                    if has_pod_cidr(&n, cfg) {
                         waiter.done();
-                        return Ok((n, c));
+                        return Ok(n);
                     }
-                    if let Some(c6) = pod_cidr6(&n) {
+                    if let (Some(c4), None, Some(c6)) = (&cfg.ipv4, pod_cidr(&n), pod_cidr6(&n)) {
                         // Only an IPv6 podCIDR: waiting would never end.
                         return Err(StoreError::Invalid(format!(
-                            "node {}: spec.podCIDRs has no IPv4 CIDR, only {c6}: flannel-rs needs one inside \
-                             Network (IPv6-only clusters are not supported yet); kube-controller-manager's \
-                             --cluster-cidr must hold an IPv4 range",
+                            "node {}: spec.podCIDRs has no IPv4 CIDR, only {c6}, and net-conf.json's Network is \
+                             {}: kube-controller-manager's --cluster-cidr must hold an IPv4 range (or set \
+                             EnableIPv4 false for an IPv6-only cluster)",
+                            self.node_name, c4.network
+                        )));
+                    }
+                    if let (None, Some(c4)) = (&cfg.ipv4, pod_cidr(&n)) {
+                        // IPv6-only configuration, IPv4-only node: the same.
+                        return Err(StoreError::Invalid(format!(
+                            "node {}: spec.podCIDRs has no IPv6 CIDR, only {c4}, and net-conf.json has EnableIPv4 \
+                             false (IPv6-only): kube-controller-manager's --cluster-cidr must hold an IPv6 range",
                             self.node_name
                         )));
                     }
@@ -280,13 +312,13 @@ impl KubeSubnetManager {
             waiter = Waiter::new(what.clone());
             if !said {
                 info!(
-                    "waiting for node {} to exist and have spec.podCIDR (kube-controller-manager \
+                    "waiting for node {} to exist and have {family} spec.podCIDR (kube-controller-manager \
                      --allocate-node-cidrs, or set by hand)",
                     self.node_name
                 );
                 said = true;
             }
-            let cond = |n: Option<&Node>| n.is_some_and(|n| pod_cidr(n).is_some());
+            let cond = |n: Option<&Node>| n.is_some_and(|n| has_pod_cidr(n, cfg));
             let waited = kube::runtime::wait::await_condition(self.nodes.clone(), &self.node_name, cond);
             match tokio::time::timeout(Duration::from_secs(30), waited).await {
                 // Say again what we wait for.
@@ -474,7 +506,7 @@ fn leases_of(store: &BTreeMap<String, NodeLease>) -> (Vec<Lease>, Vec<String>) {
             Err(e) => errors.push(e.clone()),
         }
     }
-    leases.sort_by_key(|l| (l.subnet, l.public_ip));
+    leases.sort_by_key(|l| (l.subnet4(), l.subnet6(), l.public_ip4()));
     (leases, errors)
 }
 
@@ -488,7 +520,7 @@ pub struct KubeStore {
     /// Whether to wait for our Node to have a podCIDR (the daemon does;
     /// `diagnose` reports what it finds instead).
     wait: bool,
-    node: Option<(Node, Option<String>)>,
+    node: Option<Node>,
 }
 
 impl KubeStore {
@@ -506,17 +538,14 @@ impl KubeStore {
         self
     }
 
-    /// Our Node with its podCIDR: waited for once (unless
+    /// Our Node: waited for once until it has its podCIDR (unless
     /// [`KubeStore::without_waiting`]), then as read.
-    async fn own_node(&mut self) -> Result<(Node, Option<String>), StoreError> {
+    async fn own_node(&mut self) -> Result<Node, StoreError> {
         if self.node.is_none() {
             self.node = Some(if self.wait {
-                let (node, cidr) = self.mgr.wait_for_pod_cidr().await?;
-                (node, Some(cidr))
+                self.mgr.wait_for_pod_cidr(&self.cfg).await?
             } else {
-                let node = self.mgr.own_node().await?;
-                let cidr = pod_cidr(&node);
-                (node, cidr)
+                self.mgr.own_node().await?
             });
         }
         Ok(self.node.clone().expect("set above"))
@@ -540,7 +569,7 @@ impl super::LeaseStore for KubeStore {
     }
 
     async fn hints(&mut self, cfg: &NetworkConfig) -> Result<super::NodeHints, StoreError> {
-        let (node, _) = self.own_node().await?;
+        let node = self.own_node().await?;
         let (public_ip, advertise) = self.mgr.user_ips(&node)?;
         if let Some(ip) = public_ip {
             info!("node {}: using node-public-ip {ip}", self.mgr.node_name);
@@ -569,10 +598,10 @@ impl super::LeaseStore for KubeStore {
     async fn advertised_macs(
         &mut self,
         cfg: &NetworkConfig,
-        _public_ip: Ipv4Addr,
+        _public_ip: Option<Ipv4Addr>,
     ) -> Result<super::VtepMacs, StoreError> {
-        let (node, cidr) = self.own_node().await?;
-        let cidr6 = pod_cidr6(&node);
+        let node = self.own_node().await?;
+        let (cidr, cidr6) = (pod_cidr(&node), pod_cidr6(&node));
         let lease = ann::lease_from_node(
             &self.mgr.node_name,
             cidr.as_deref(),
@@ -591,11 +620,8 @@ impl super::LeaseStore for KubeStore {
         _previous: Option<Ipv4Net>,
         _previous6: Option<ipnet::Ipv6Net>,
     ) -> Result<Lease, StoreError> {
-        let (node, cidr) = self.own_node().await?;
-        let Some(cidr) = cidr else {
-            return Err(StoreError::Invalid(format!("node {} has no spec.podCIDR", self.mgr.node_name)));
-        };
-        let subnet = own_subnet(&self.mgr.node_name, &cidr, cfg)?;
+        let node = self.own_node().await?;
+        let subnet = own_subnet(&self.mgr.node_name, pod_cidr(&node).as_deref(), cfg)?;
         let subnet6 = own_subnet6(&node, &self.mgr.node_name, cfg)?;
         if self.mgr.publish(&node, attrs).await? {
             info!("node {}: annotations written (nodes/status)", self.mgr.node_name);
@@ -605,14 +631,12 @@ impl super::LeaseStore for KubeStore {
 
     async fn publish(&mut self, cfg: &NetworkConfig, attrs: &LeaseAttrs) -> Result<Lease, StoreError> {
         let node = self.mgr.own_node().await?;
-        let cidr = pod_cidr(&node)
-            .ok_or_else(|| StoreError::Invalid(format!("node {} has no spec.podCIDR", self.mgr.node_name)))?;
-        let subnet = own_subnet(&self.mgr.node_name, &cidr, cfg)?;
+        let subnet = own_subnet(&self.mgr.node_name, pod_cidr(&node).as_deref(), cfg)?;
         let subnet6 = own_subnet6(&node, &self.mgr.node_name, cfg)?;
         if self.mgr.publish(&node, attrs).await? {
             info!("node {}: annotations updated (nodes/status)", self.mgr.node_name);
         }
-        self.node = Some((node, Some(cidr)));
+        self.node = Some(node);
         Ok(attrs.lease(subnet, subnet6, format!("node {}", self.mgr.node_name)))
     }
 
@@ -644,12 +668,12 @@ impl super::LeaseStore for KubeStore {
         Ok(super::Listing { leases, unusable })
     }
 
-    fn own<'a>(&self, leases: &'a [Lease], _public_ip: Ipv4Addr) -> Option<&'a Lease> {
+    fn own<'a>(&self, leases: &'a [Lease], _public_ip: Option<Ipv4Addr>) -> Option<&'a Lease> {
         let me = format!("node {}", self.mgr.node_name);
         leases.iter().find(|l| l.source == me)
     }
 
-    fn own_missing(&self, _public_ip: Ipv4Addr) -> (String, String) {
+    fn own_missing(&self, _public_ip: Option<Ipv4Addr>) -> (String, String) {
         (
             format!("node {} has no podCIDR or no flannel annotations ({}*)", self.mgr.node_name, self.mgr.prefix),
             "start flanneld-rs on this node (it writes them once the node has a podCIDR)".into(),
@@ -717,12 +741,28 @@ mod tests {
     }
 
     #[test]
+    fn ipv6_only_needs_no_ipv4_pod_cidr_and_a_dual_stack_one_does() {
+        let v6only = NetworkConfig::parse(
+            r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"2001:db8:10::/56","Backend":{"Type":"vxlan"}}"#,
+            "net-conf.json",
+        )
+        .unwrap();
+        assert_eq!(own_subnet("n", None, &v6only).unwrap(), None);
+        assert_eq!(own_subnet("n", Some("10.244.3.0/24"), &v6only).unwrap(), None);
+        let n6 = node("n", Some("2001:db8:10:3::/64"), &["2001:db8:10:3::/64"], &[]);
+        assert!(has_pod_cidr(&n6, &v6only) && !has_pod_cidr(&n6, &cfg()));
+        assert_eq!(own_subnet6(&n6, "n", &v6only).unwrap().unwrap().to_string(), "2001:db8:10:3::/64");
+        let e = own_subnet("worker-2", None, &cfg()).unwrap_err().to_string();
+        assert!(e.contains("node worker-2: spec.podCIDR(s) has no IPv4 CIDR") && e.contains("EnableIPv4 false"), "{e}");
+    }
+
+    #[test]
     fn own_subnet_must_lie_inside_network() {
-        assert_eq!(own_subnet("n", "10.244.3.0/24", &cfg()).unwrap().to_string(), "10.244.3.0/24");
-        let e = own_subnet("n", "10.9.0.0/24", &cfg()).unwrap_err().to_string();
+        assert_eq!(own_subnet("n", Some("10.244.3.0/24"), &cfg()).unwrap().unwrap().to_string(), "10.244.3.0/24");
+        let e = own_subnet("n", Some("10.9.0.0/24"), &cfg()).unwrap_err().to_string();
         assert!(e.contains("node n") && e.contains("10.9.0.0/24") && e.contains("10.244.0.0/16"), "{e}");
-        assert!(own_subnet("n", "10.244.3.1/24", &cfg()).unwrap_err().to_string().contains("host bits"));
-        assert!(own_subnet("n", "x", &cfg()).unwrap_err().to_string().contains("\"x\""));
+        assert!(own_subnet("n", Some("10.244.3.1/24"), &cfg()).unwrap_err().to_string().contains("host bits"));
+        assert!(own_subnet("n", Some("x"), &cfg()).unwrap_err().to_string().contains("\"x\""));
     }
 
     #[test]
@@ -750,7 +790,7 @@ mod tests {
         store.insert("c".into(), view(&node("c", Some("10.244.5.0/24"), &[], &bad), p, &cfg()).unwrap().1);
         store.insert("d".into(), view(&node("d", Some("10.244.6.0/24"), &[], &[]), p, &cfg()).unwrap().1);
         let (leases, errors) = leases_of(&store);
-        let subnets: Vec<String> = leases.iter().map(|l| l.subnet.to_string()).collect();
+        let subnets: Vec<String> = leases.iter().map(|l| l.subnet4().unwrap().to_string()).collect();
         assert_eq!(subnets, ["10.244.1.0/24", "10.244.2.0/24"]);
         assert_eq!(errors.len(), 1);
         assert!(errors[0].contains("node c") && errors[0].contains("backend-data"), "{errors:?}");

@@ -25,7 +25,7 @@ use ipnet::{Ipv4Net, Ipv6Net};
 use crate::config::NetworkConfig;
 use crate::lease::{
     decode_backend_data, encode_backend_data, encode_backend_v6_data, parse_public_ip, parse_public_ipv6, BackendType,
-    Lease, Lease6, LeaseAttrs,
+    Lease, Lease4, Lease6, LeaseAttrs,
 };
 
 /// flannel's default annotation prefix.
@@ -128,14 +128,20 @@ fn key(prefix: &Prefix, name: &str) -> String {
 /// `public-ip-overwrite`, when the user set it, is what gets advertised.
 /// Dual-stack, flannel's condition: `backend-v6-data` and `public-ipv6`
 /// are written by a vxlan node with an IPv6 VTEP, or a host-gw node with
-/// an IPv6 address (its `backend-v6-data` is `null`); by no other.
+/// an IPv6 address (its `backend-v6-data` is `null`); by no other. An
+/// IPv6-only node (no IPv4 address in `attrs`) writes no `backend-data`
+/// and `public-ip`: flannel's vxlan node writes none either (its host-gw
+/// node writes `null` and `0.0.0.0`, which no reader of an IPv6-only
+/// cluster looks at).
 pub fn own_annotations(prefix: &Prefix, attrs: &LeaseAttrs, overwrite: Option<Ipv4Addr>) -> BTreeMap<String, String> {
     let mut a = BTreeMap::from([
         (key(prefix, keys::SUBNET_MANAGER), "true".to_string()),
         (key(prefix, keys::BACKEND_TYPE), attrs.backend.wire_name().to_string()),
-        (key(prefix, keys::BACKEND_DATA), encode_backend_data(attrs)),
-        (key(prefix, keys::PUBLIC_IP), overwrite.unwrap_or(attrs.public_ip).to_string()),
     ]);
+    if let Some(ip) = attrs.public_ip {
+        a.insert(key(prefix, keys::BACKEND_DATA), encode_backend_data(attrs));
+        a.insert(key(prefix, keys::PUBLIC_IP), overwrite.unwrap_or(ip).to_string());
+    }
     let v6 = match attrs.backend {
         BackendType::Vxlan => attrs.vxlan6.is_some(),
         BackendType::HostGw => attrs.public_ipv6.is_some(),
@@ -213,28 +219,39 @@ pub fn lease_from_node(
     if get(keys::SUBNET_MANAGER).map(String::as_str) != Some("true") {
         return Ok(None);
     }
-    let Some(cidr) = pod_cidr.filter(|c| !c.is_empty()) else {
-        return Ok(None);
-    };
     let bad = |what: String| format!("node {node}: {what}");
-    let subnet: Ipv4Net = cidr.parse().map_err(|_| bad(format!("spec.podCIDR {cidr:?} is not an IPv4 CIDR")))?;
-    if !cfg.network.contains(&subnet) {
-        return Err(bad(format!("spec.podCIDR {subnet} is outside Network {}", cfg.network)));
-    }
-    let ip_raw =
-        get(keys::PUBLIC_IP).ok_or_else(|| bad(format!("annotation {} is missing", key(prefix, keys::PUBLIC_IP))))?;
-    let public_ip = parse_public_ip(ip_raw, &format!("annotation {} =", key(prefix, keys::PUBLIC_IP))).map_err(bad)?;
     // flannel's udp backend annotates an empty type; a missing one is read the same way.
     let backend = BackendType::parse(get(keys::BACKEND_TYPE).map(String::as_str));
-    let data_key = key(prefix, keys::BACKEND_DATA);
-    let data_raw = get(keys::BACKEND_DATA).map(String::as_str).unwrap_or("null");
-    let data: serde_json::Value = serde_json::from_str(data_raw)
-        .map_err(|e| bad(format!("annotation {data_key} = {data_raw:?} is not JSON: {e}")))?;
-    let vxlan = decode_backend_data(&backend, Some(&data).filter(|d| !d.is_null()), &format!("annotation {data_key}"))
-        .map_err(|e| bad(format!("{e} (value {data_raw:?})")))?;
-    // Dual-stack: the IPv6 half, when the Node has an IPv6 podCIDR (a Node
-    // with none, e.g. not yet given one, takes part in IPv4 only).
-    let ipv6 = match (&cfg.ipv6, pod_cidr6.filter(|c| !c.is_empty())) {
+    let cidr4 = pod_cidr.filter(|c| !c.is_empty());
+    let cidr6 = pod_cidr6.filter(|c| !c.is_empty());
+    // A Node takes part once it has the podCIDR of the cluster's first
+    // family (IPv4, or IPv6 in an IPv6-only cluster).
+    let ipv4 = match (&cfg.ipv4, cidr4) {
+        (None, _) => None,
+        (Some(_), None) => return Ok(None),
+        (Some(c4), Some(cidr)) => {
+            let subnet: Ipv4Net =
+                cidr.parse().map_err(|_| bad(format!("spec.podCIDR {cidr:?} is not an IPv4 CIDR")))?;
+            if !c4.network.contains(&subnet) {
+                return Err(bad(format!("spec.podCIDR {subnet} is outside Network {}", c4.network)));
+            }
+            let ip_key = key(prefix, keys::PUBLIC_IP);
+            let ip_raw = get(keys::PUBLIC_IP).ok_or_else(|| bad(format!("annotation {ip_key} is missing")))?;
+            let public_ip = parse_public_ip(ip_raw, &format!("annotation {ip_key} =")).map_err(bad)?;
+            let data_key = key(prefix, keys::BACKEND_DATA);
+            let data_raw = get(keys::BACKEND_DATA).map(String::as_str).unwrap_or("null");
+            let data: serde_json::Value = serde_json::from_str(data_raw)
+                .map_err(|e| bad(format!("annotation {data_key} = {data_raw:?} is not JSON: {e}")))?;
+            let vxlan =
+                decode_backend_data(&backend, Some(&data).filter(|d| !d.is_null()), &format!("annotation {data_key}"))
+                    .map_err(|e| bad(format!("{e} (value {data_raw:?})")))?;
+            Some(Lease4 { subnet, public_ip, vxlan })
+        }
+    };
+    // The IPv6 half, when the Node has an IPv6 podCIDR (in a dual-stack
+    // cluster a Node with none, e.g. not yet given one, takes part in IPv4
+    // only).
+    let ipv6 = match (&cfg.ipv6, cidr6) {
         (Some(c6), Some(cidr6)) => {
             let subnet = subnet6_of(node, cidr6, c6.network)?;
             let ip_key = key(prefix, keys::PUBLIC_IPV6);
@@ -254,9 +271,10 @@ pub fn lease_from_node(
             };
             Some(Lease6 { subnet, public_ip, vxlan })
         }
+        (Some(_), None) if ipv4.is_none() => return Ok(None),
         _ => None,
     };
-    Ok(Some(Lease { subnet, public_ip, backend, vxlan, source: format!("node {node}"), ipv6 }))
+    Ok(Some(Lease { ipv4, backend, source: format!("node {node}"), ipv6 }))
 }
 
 #[cfg(test)]
@@ -283,16 +301,16 @@ mod tests {
         ]);
         let l =
             lease_from_node("worker-1", Some("10.244.1.0/24"), None, &a, &Prefix::default(), &cfg()).unwrap().unwrap();
-        assert_eq!(l.subnet.to_string(), "10.244.1.0/24");
-        assert_eq!(l.public_ip.to_string(), "192.0.2.11");
-        assert_eq!(l.vxlan, Some(VxlanData { vni: 1, vtep_mac: "9a:4f:7e:12:34:56".parse().unwrap() }));
+        assert_eq!(l.subnet4().unwrap().to_string(), "10.244.1.0/24");
+        assert_eq!(l.public_ip4().unwrap().to_string(), "192.0.2.11");
+        assert_eq!(l.ipv4.unwrap().vxlan, Some(VxlanData { vni: 1, vtep_mac: "9a:4f:7e:12:34:56".parse().unwrap() }));
         assert_eq!(l.source, "node worker-1");
     }
 
     #[test]
     fn we_write_flannels_exact_formats_and_read_them_back() {
         let attrs = LeaseAttrs {
-            public_ip: "192.0.2.10".parse().unwrap(),
+            public_ip: Some("192.0.2.10".parse().unwrap()),
             backend: BackendType::Vxlan,
             vxlan: Some(VxlanData { vni: 1, vtep_mac: "02:00:00:00:00:10".parse().unwrap() }),
             public_ipv6: None,
@@ -305,7 +323,7 @@ mod tests {
         assert_eq!(a["flannel.alpha.coreos.com/public-ip"], "192.0.2.10");
         assert_eq!(a.len(), 4);
         let back = lease_from_node("me", Some("10.244.9.0/24"), None, &a, &Prefix::default(), &cfg()).unwrap().unwrap();
-        assert_eq!(back.vxlan, attrs.vxlan);
+        assert_eq!(back.ipv4.unwrap().vxlan, attrs.vxlan);
         // public-ip-overwrite is what gets advertised; host-gw has null data.
         let over = own_annotations(&Prefix::default(), &attrs, Some("203.0.113.5".parse().unwrap()));
         assert_eq!(over["flannel.alpha.coreos.com/public-ip"], "203.0.113.5");
@@ -327,7 +345,7 @@ mod tests {
     fn dual_attrs(backend: BackendType) -> LeaseAttrs {
         let vx = backend == BackendType::Vxlan;
         LeaseAttrs {
-            public_ip: "192.0.2.10".parse().unwrap(),
+            public_ip: Some("192.0.2.10".parse().unwrap()),
             backend,
             vxlan: vx.then(|| VxlanData { vni: 1, vtep_mac: "02:00:00:00:00:10".parse().unwrap() }),
             public_ipv6: Some("2001:db8::10".parse().unwrap()),
@@ -347,7 +365,7 @@ mod tests {
         assert_eq!(
             l,
             dual_attrs(BackendType::Vxlan).lease(
-                "10.244.9.0/24".parse().unwrap(),
+                Some("10.244.9.0/24".parse().unwrap()),
                 Some("2001:db8:10:9::/64".parse().unwrap()),
                 "node me"
             )
@@ -504,7 +522,7 @@ mod tests {
         // Every annotation we write or read goes through the prefix.
         let p = Prefix::new("example.com/x").unwrap();
         let attrs = LeaseAttrs {
-            public_ip: "192.0.2.10".parse().unwrap(),
+            public_ip: Some("192.0.2.10".parse().unwrap()),
             backend: BackendType::Vxlan,
             vxlan: Some(VxlanData { vni: 1, vtep_mac: "02:00:00:00:00:10".parse().unwrap() }),
             public_ipv6: None,
@@ -522,7 +540,7 @@ mod tests {
             ]
         );
         let back = lease_from_node("me", Some("10.244.9.0/24"), None, &a, &p, &cfg()).unwrap().unwrap();
-        assert_eq!(back.public_ip.to_string(), "192.0.2.10");
+        assert_eq!(back.public_ip4().unwrap().to_string(), "192.0.2.10");
         let user = BTreeMap::from([("example.com/x-node-public-ip".to_string(), "203.0.113.9".to_string())]);
         assert_eq!(user_ip(&p, keys::NODE_PUBLIC_IP, &user).unwrap(), Some("203.0.113.9".parse().unwrap()));
     }

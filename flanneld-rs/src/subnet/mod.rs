@@ -272,7 +272,10 @@ pub struct VtepMacs {
 impl VtepMacs {
     /// The MACs a lease advertises.
     pub fn of(lease: &Lease) -> VtepMacs {
-        VtepMacs { v4: lease.vxlan.map(|d| d.vtep_mac), v6: lease.ipv6.and_then(|v6| v6.vxlan).map(|d| d.vtep_mac) }
+        VtepMacs {
+            v4: lease.ipv4.and_then(|v4| v4.vxlan).map(|d| d.vtep_mac),
+            v6: lease.ipv6.and_then(|v6| v6.vxlan).map(|d| d.vtep_mac),
+        }
     }
 }
 
@@ -314,7 +317,11 @@ pub trait LeaseStore {
     /// The VTEP MACs of this node's lease, if the store has one (the lease
     /// with our public IP, or our Node's `backend-data` and
     /// `backend-v6-data`).
-    async fn advertised_macs(&mut self, cfg: &NetworkConfig, public_ip: Ipv4Addr) -> Result<VtepMacs, StoreError>;
+    async fn advertised_macs(
+        &mut self,
+        cfg: &NetworkConfig,
+        public_ip: Option<Ipv4Addr>,
+    ) -> Result<VtepMacs, StoreError>;
 
     /// Takes this node's lease (etcd: the one with our public IP, else
     /// `previous` (and `previous6`, dual-stack), else a free subnet;
@@ -352,11 +359,11 @@ pub trait LeaseStore {
     async fn list(&mut self, cfg: &NetworkConfig) -> Result<Listing, StoreError>;
 
     /// This node's lease among `leases`, for a node advertising `public_ip`.
-    fn own<'a>(&self, leases: &'a [Lease], public_ip: Ipv4Addr) -> Option<&'a Lease>;
+    fn own<'a>(&self, leases: &'a [Lease], public_ip: Option<Ipv4Addr>) -> Option<&'a Lease>;
 
     /// What is missing, and how to fix it, when [`LeaseStore::own`] finds
     /// no lease (for `diagnose`).
-    fn own_missing(&self, public_ip: Ipv4Addr) -> (String, String);
+    fn own_missing(&self, public_ip: Option<Ipv4Addr>) -> (String, String);
 
     /// The Kubernetes client and our node's name, for the NetworkPolicy
     /// agent; `None` for stores without one.

@@ -41,10 +41,8 @@ const BACKEND_FIELDS: &[&str] = &["Type", "VNI", "Port", "MTU", "GBP", "Learning
 /// What the parser must return for an accepted configuration.
 #[derive(Debug, PartialEq)]
 struct Want {
-    network: Ipv4Net,
-    subnet_len: u8,
-    subnet_min: Ipv4Addr,
-    subnet_max: Ipv4Addr,
+    /// Network, SubnetLen, SubnetMin, SubnetMax; `None` with EnableIPv4 false.
+    ipv4: Option<(Ipv4Net, u8, Ipv4Addr, Ipv4Addr)>,
     /// Dual-stack: IPv6Network, IPv6SubnetLen, IPv6SubnetMin, IPv6SubnetMax.
     ipv6: Option<(Ipv6Net, u8, Ipv6Addr, Ipv6Addr)>,
     backend: BackendConfig,
@@ -82,10 +80,12 @@ fn model(members: &[(String, Value)]) -> Result<Want, Vec<&'static str>> {
             default
         }
     };
-    if !flag("enableipv4", true, &mut wrong, "EnableIPv4") {
+    let enable_ipv4 = flag("enableipv4", true, &mut wrong, "EnableIPv4");
+    let enable_ipv6 = flag("enableipv6", false, &mut wrong, "EnableIPv6");
+    // At least one family.
+    if !enable_ipv4 && !enable_ipv6 {
         wrong.push("EnableIPv4");
     }
-    let enable_ipv6 = flag("enableipv6", false, &mut wrong, "EnableIPv6");
     let ipv6_network = match get("ipv6network") {
         None => None,
         Some(Value::String(s)) => {
@@ -113,29 +113,17 @@ fn model(members: &[(String, Value)]) -> Result<Want, Vec<&'static str>> {
             }
         }
     }
-    // A CIDR without host bits, big enough for 4 subnets of 4 addresses.
-    let network = match get("network") {
-        Some(Value::String(s)) => match s.parse::<Ipv4Net>() {
-            Ok(n) if n.trunc() == n && n.prefix_len() <= 28 => Some(n),
-            _ => None,
-        },
-        _ => None,
-    };
-    if network.is_none() {
-        wrong.push("Network");
-    }
-    // SubnetLen: flannel's default is /24, or prefix+2 for a Network
-    // smaller than a /22 (so it always fits); it must leave 4 subnets of
-    // 4 addresses each.
-    let subnet_len = match get("subnetlen") {
-        None => network.map(|n| if n.prefix_len() <= 22 { 24 } else { n.prefix_len() + 2 }),
-        Some(v) => match v.as_u64() {
-            Some(l) if l <= 32 => Some(l as u8),
-            _ => {
-                wrong.push("SubnetLen");
-                None
-            }
-        },
+    // IPv6-only: the IPv4 fields are not read, but a Network that is not
+    // an IPv4 CIDR is still refused (flannel's decoder does).
+    let (network, subnet_len) = if enable_ipv4 {
+        model_ipv4_layout(&root, &mut wrong)
+    } else {
+        match get("network") {
+            Some(Value::String(s)) if s.parse::<Ipv4Net>().is_err() => wrong.push("Network"),
+            Some(Value::String(_)) | None => {}
+            Some(_) => wrong.push("Network"),
+        }
+        (None, None)
     };
     let mut layout = None;
     if let (Some(net), Some(len)) = (network, subnet_len) {
@@ -184,12 +172,42 @@ fn model(members: &[(String, Value)]) -> Result<Want, Vec<&'static str>> {
     if enable_ipv6 && matches!(backend, Some(BackendConfig::Udp { .. })) {
         wrong.push("EnableIPv6");
     }
-    match (wrong.is_empty(), layout, bounds, backend) {
-        (true, Some((network, subnet_len)), Some((subnet_min, subnet_max)), Some(backend)) => {
-            Ok(Want { network, subnet_len, subnet_min, subnet_max, ipv6, backend })
-        }
+    let ipv4 = layout.zip(bounds).map(|((n, len), (min, max))| (n, len, min, max));
+    match (wrong.is_empty(), ipv4.is_some() == enable_ipv4, backend) {
+        (true, true, Some(backend)) => Ok(Want { ipv4, ipv6, backend }),
         _ => Err(wrong),
     }
+}
+
+/// Network and SubnetLen, as flannel reads them: a CIDR without host
+/// bits, big enough for 4 subnets of 4 addresses; /24 by default, or
+/// prefix+2 for a Network smaller than a /22.
+fn model_ipv4_layout(root: &BTreeMap<String, Value>, wrong: &mut Vec<&'static str>) -> (Option<Ipv4Net>, Option<u8>) {
+    let get = |k: &str| root.get(k).filter(|v| !v.is_null());
+    let network = match get("network") {
+        Some(Value::String(s)) => match s.parse::<Ipv4Net>() {
+            Ok(n) if n.trunc() == n && n.prefix_len() <= 28 => Some(n),
+            _ => None,
+        },
+        _ => None,
+    };
+    if network.is_none() {
+        wrong.push("Network");
+    }
+    // SubnetLen: flannel's default is /24, or prefix+2 for a Network
+    // smaller than a /22 (so it always fits); it must leave 4 subnets of
+    // 4 addresses each.
+    let subnet_len = match get("subnetlen") {
+        None => network.map(|n| if n.prefix_len() <= 22 { 24 } else { n.prefix_len() + 2 }),
+        Some(v) => match v.as_u64() {
+            Some(l) if l <= 32 => Some(l as u8),
+            _ => {
+                wrong.push("SubnetLen");
+                None
+            }
+        },
+    };
+    (network, subnet_len)
 }
 
 fn model_backend(v: Option<&Value>, wrong: &mut Vec<&'static str>) -> Option<BackendConfig> {
@@ -310,6 +328,14 @@ fn check_result(text: &str, result: &Result<NetworkConfig, ConfigError>) -> Resu
 
 /// What an accepted configuration promises.
 fn check_config(c: &NetworkConfig) -> Result<(), TestCaseError> {
+    prop_assert!(c.ipv4.is_some() || c.ipv6.is_some(), "{c:?}");
+    if let BackendConfig::Vxlan(v) = &c.backend {
+        prop_assert!(v.vni <= 0xff_ffff);
+        prop_assert_eq!(c.vxlan(), Some(v));
+    } else {
+        prop_assert!(c.vxlan().is_none());
+    }
+    let Some(c) = &c.ipv4 else { return Ok(()) };
     let net = c.network;
     prop_assert_eq!(net.trunc(), net);
     prop_assert!(c.subnet_len >= net.prefix_len() + 2 && c.subnet_len <= 30, "{c:?}");
@@ -321,12 +347,6 @@ fn check_config(c: &NetworkConfig) -> Result<(), TestCaseError> {
         prop_assert_eq!((b - start) % size, 0, "bound not aligned: {:?}", c);
     }
     prop_assert!(min <= max);
-    if let BackendConfig::Vxlan(v) = &c.backend {
-        prop_assert!(v.vni <= 0xff_ffff);
-        prop_assert_eq!(c.vxlan(), Some(v));
-    } else {
-        prop_assert!(c.vxlan().is_none());
-    }
 
     // subnets(): lazy, exact in length, from SubnetMin to SubnetMax.
     let want = (max - min) / size + 1;
@@ -365,10 +385,7 @@ fn check_members(members: &[(String, Value)]) -> Result<(), TestCaseError> {
     match (model(members), result) {
         (Ok(want), Ok(got)) => {
             let got = Want {
-                network: got.network,
-                subnet_len: got.subnet_len,
-                subnet_min: got.subnet_min,
-                subnet_max: got.subnet_max,
+                ipv4: got.ipv4.map(|v| (v.network, v.subnet_len, v.subnet_min, v.subnet_max)),
                 ipv6: got.ipv6.map(|v| (v.network, v.subnet_len, v.subnet_min, v.subnet_max)),
                 backend: got.backend,
             };
@@ -845,8 +862,8 @@ fn parse(text: &str) -> Result<NetworkConfig, ConfigError> {
 fn the_whole_address_space_stays_lazy() {
     let (c, allocated) = measure(|| parse(r#"{"Network":"0.0.0.0/0","SubnetLen":30}"#).unwrap());
     assert!(allocated.bytes < 64 * 1024, "{allocated:?}");
-    let (hint, allocated) = measure(|| c.subnets().size_hint());
+    let (hint, allocated) = measure(|| c.ipv4.as_ref().unwrap().subnets().size_hint());
     assert_eq!(hint, ((1 << 30) - 1, Some((1 << 30) - 1)));
     assert_eq!(allocated.calls, 0);
-    assert_eq!(c.subnets().next_back().unwrap().to_string(), "255.255.255.252/30");
+    assert_eq!(c.ipv4.as_ref().unwrap().subnets().next_back().unwrap().to_string(), "255.255.255.252/30");
 }

@@ -59,7 +59,7 @@ fn peer_node(i: usize) -> Node {
 async fn put_lease(c: &mut etcd_client::Client, i: usize) {
     let (subnet, mac, public) = peer(i);
     let attrs = LeaseAttrs {
-        public_ip: public,
+        public_ip: Some(public),
         backend: BackendType::Vxlan,
         vxlan: Some(VxlanData { vni: 1, vtep_mac: mac }),
         public_ipv6: None,

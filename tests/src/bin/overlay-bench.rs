@@ -74,7 +74,7 @@ async fn etcd_client() -> etcd_client::Client {
 async fn put_peer(c: &mut etcd_client::Client, i: usize) {
     let (subnet, mac, public) = peer(i);
     let attrs = LeaseAttrs {
-        public_ip: public,
+        public_ip: Some(public),
         backend: BackendType::Vxlan,
         vxlan: Some(VxlanData { vni: 1, vtep_mac: mac }),
         public_ipv6: None,

@@ -48,7 +48,7 @@ impl UdpSpec {
 }
 
 /// udp on `ext` with UDP port `port`.
-pub fn spec(port: u16, ext: &ExtIface) -> anyhow::Result<UdpSpec> {
+pub fn spec(port: u16, ext: &ExtIface, bind: Ipv4Addr) -> anyhow::Result<UdpSpec> {
     if ext.mtu < 68 + super::OVERHEAD {
         anyhow::bail!(
             "Backend.Type udp: interface {} has MTU {}, which leaves no room for the 28 bytes of UDP \
@@ -61,13 +61,7 @@ pub fn spec(port: u16, ext: &ExtIface) -> anyhow::Result<UdpSpec> {
     if port == 0 {
         anyhow::bail!("Backend.Port 0: the udp backend needs a UDP port (default 8285)");
     }
-    Ok(UdpSpec {
-        name: super::DEFAULT_TUN_NAME.into(),
-        dev: ext.index,
-        bind: ext.addr.addr(),
-        port,
-        mtu: ext.mtu - super::OVERHEAD,
-    })
+    Ok(UdpSpec { name: super::DEFAULT_TUN_NAME.into(), dev: ext.index, bind, port, mtu: ext.mtu - super::OVERHEAD })
 }
 
 /// A peer's address for the data path: its public IP (on or off our
