@@ -372,8 +372,9 @@ case $stack in
     # 0.0.0.0 listens on IPv4 only.
     edit_manifest ipv6-only 's|"Network": "10.244.0.0/16",|"EnableIPv4": false,\n      "EnableIPv6": true,\n      "IPv6Network": "2001:db8:10::/56",|' \
       '"EnableIPv4": false'
-    edit_manifest ipv6-only-healthz 's|^\( *\)- --healthz-port=8471$|&\n\1- --healthz-ip=::|' '- --healthz-ip=::'
-    if grep -q '"Network"' "$manifest"; then fail "the IPv6-only manifest still has a \"Network\" in net-conf.json"; fi
+    # (Quoted: a plain YAML scalar ending in ':' would be a map.)
+    edit_manifest ipv6-only-healthz 's|^\( *\)- --healthz-port=8471$|&\n\1- "--healthz-ip=::"|' '- "--healthz-ip=::"'
+    if grep -q '^ *"Network":' "$manifest"; then fail "the IPv6-only manifest still has a \"Network\" in net-conf.json"; fi
     ;;
 esac
 # The DaemonSet runs on nodes labelled flannel-rs.io/enabled=true only (see
@@ -471,8 +472,20 @@ if [ "$stack" = ipv6 ]; then
     for chain in FLANNEL-POSTRTG FLANNEL-FWD; do
       ip netns exec "$ns" ip6tables-save | grep -q "^:$chain " || fail "node$i has no $chain chain in its IPv6 tables"
     done
+    # Every peer's podCIDR: through flannel-v6.1 (vxlan) or straight to the
+    # peer's IPv6 address on the underlay (host-gw).
+    for j in $(seq 0 $((nodes - 1))); do
+      [ "$j" -eq "$i" ] && continue
+      peer=$(kcq get node node$j -o jsonpath='{.spec.podCIDR}')
+      route=$(ip -n "$ns" -6 route show "$peer")
+      case "$backend" in
+        vxlan) want_route="$peer via ${peer%/*} dev flannel-v6.1 *onlink*" ;;
+        host-gw) want_route="$peer via $(node_ip "$j") dev eth0 *" ;;
+      esac
+      case "$route " in $want_route) ;; *) fail "node$i's route to node$j's $peer is '$route', want '$want_route'" ;; esac
+    done
   done
-  echo "no IPv4 routes and no IPv4 FLANNEL chains on any node; FLANNEL-POSTRTG and FLANNEL-FWD in ip6tables"
+  echo "no IPv4 routes and no IPv4 FLANNEL chains on any node; FLANNEL-POSTRTG and FLANNEL-FWD in ip6tables; one IPv6 route per peer"
 fi
 
 # A workload pod pinned to a node.
