@@ -184,7 +184,10 @@ async fn run_with(opts: &Opts, json_out: bool, mut store: impl LeaseStore) -> an
     for (_, name) in backend::leftover_devices(&nl, &names, network, network6).await? {
         findings.push(Finding {
             kind: "stale",
-            what: format!("device {name} is an earlier backend's (it carries an address in this cluster's network)"),
+            what: format!(
+                "device {name} is an earlier backend's (it carries an address in this cluster's network) or a \
+                 family's the cluster no longer runs"
+            ),
             fix: format!("ip link del {name} (flanneld-rs does at start)"),
         });
     }

@@ -104,6 +104,24 @@ fn global_v6(a: Ipv6Addr) -> bool {
     crate::lease::unusable_public_ipv6(a).is_none()
 }
 
+/// Every interface with its addresses of one family (`v6`), for errors
+/// that say what there was to choose from: `eth0 [192.0.2.10/24], lo [...]`.
+fn inventory(links: &[Link], addrs: &[(u32, IpNet)], v6: bool) -> String {
+    let mut v: Vec<String> = links
+        .iter()
+        .map(|l| {
+            let a: Vec<String> = if v6 {
+                all_v6(addrs, l.index).iter().map(|a| a.to_string()).collect()
+            } else {
+                all_v4(addrs, l.index).iter().map(|a| a.to_string()).collect()
+            };
+            format!("{} [{}]", l.name, a.join(" "))
+        })
+        .collect();
+    v.sort();
+    v.join(", ")
+}
+
 /// Interface `link`'s IPv6 address `want`, or its first global one (in the
 /// kernel's order). Address flags are not looked at: a tentative or
 /// deprecated address is used like any other (flannel's Go does the same).
@@ -344,17 +362,7 @@ async fn select_v6_only(nl: &Netlink, opts: &Selection) -> Result<ExtIface, Ifac
     let mut links = nl.links().await?;
     links.sort_by_key(|l| l.index);
     let addrs = nl.all_addrs().await?;
-    let inventory = || {
-        let mut v: Vec<String> = links
-            .iter()
-            .map(|l| {
-                let a: Vec<String> = all_v6(&addrs, l.index).iter().map(|a| a.to_string()).collect();
-                format!("{} [{}]", l.name, a.join(" "))
-            })
-            .collect();
-        v.sort();
-        v.join(", ")
-    };
+    let inventory = || inventory(&links, &addrs, true);
     let on = |link: &Link, want: Option<Ipv6Addr>| -> Result<ExtIface, String> {
         let addr = v6_of(link, &addrs, want)?;
         Ok(ExtIface {
@@ -469,17 +477,7 @@ async fn select_v4(nl: &Netlink, opts: &Selection) -> Result<ExtIface, IfaceErro
     links.sort_by_key(|l| l.index);
     let addrs = nl.all_addrs().await?;
     let public = opts.public_ip;
-    let inventory = || {
-        let mut v: Vec<String> = links
-            .iter()
-            .map(|l| {
-                let a: Vec<String> = all_v4(&addrs, l.index).iter().map(|a| a.to_string()).collect();
-                format!("{} [{}]", l.name, a.join(" "))
-            })
-            .collect();
-        v.sort();
-        v.join(", ")
-    };
+    let inventory = || inventory(&links, &addrs, false);
     let advertise = |mut e: ExtIface| {
         if let Some(p) = public {
             e.public_ip = Some(p);

@@ -29,9 +29,19 @@ fn pick6(ns: &Netns, args: &[&str]) -> Result<ExtIface, String> {
 }
 
 fn pick_in(ns: &Netns, args: &[&str], ipv6: bool) -> Result<ExtIface, String> {
+    pick_families(ns, args, true, ipv6)
+}
+
+/// As [`pick`], in an IPv6-only network (EnableIPv4 false).
+fn pick6_only(ns: &Netns, args: &[&str]) -> Result<ExtIface, String> {
+    pick_families(ns, args, false, true)
+}
+
+fn pick_families(ns: &Netns, args: &[&str], ipv4: bool, ipv6: bool) -> Result<ExtIface, String> {
     let cli = Cli::parse_go(std::iter::once("flanneld-rs").chain(args.iter().copied())).unwrap();
     let mut selection = flanneld_rs::iface::Selection::from_opts(&cli.opts).map_err(|e| e.to_string())?;
     selection.ipv6 = ipv6;
+    selection.ipv4 = ipv4;
     NetNs::open(ns.path())
         .unwrap()
         .run(|| {
@@ -221,4 +231,48 @@ fn dual_stack_selection_takes_a_global_ipv6_address_as_flannel_does() {
     ns.run_ok("ip", &["-6", "route", "replace", "default", "via", "2001:db8:2::1", "dev", "eth1"]);
     let e = pick6(&ns, &[]).unwrap_err();
     assert!(e.contains("IPv6 default route leaves through eth1, the IPv4 one through eth0"), "{e}");
+}
+
+/// IPv6-only: an interface with no IPv4 address at all is chosen, by the
+/// IPv6 default route, by name, by IPv6 address, by regex or by an IPv6
+/// target; `--public-ipv6` chooses or is advertised; IPv4 values are
+/// refused by name.
+#[test]
+fn ipv6_only_selection_needs_no_ipv4_address() {
+    if !require_root() {
+        return;
+    }
+    let ns = host6();
+    // eth2: IPv6 only (no IPv4 address), and the IPv6 default route.
+    ns.run_ok("ip", &["link", "add", "eth2", "mtu", "1480", "type", "bridge"]);
+    ns.run_ok("ip", &["-6", "addr", "add", "2001:db8:3::10/64", "dev", "eth2", "nodad"]);
+    ns.run_ok("ip", &["link", "set", "eth2", "up"]);
+    let e = pick6_only(&ns, &[]).unwrap_err();
+    assert!(e.contains("IPv6-only") && e.contains("no IPv6 default route"), "{e}");
+    ns.run_ok("ip", &["-6", "route", "add", "default", "via", "2001:db8:3::1", "dev", "eth2"]);
+    let got = |args: &[&str]| {
+        pick6_only(&ns, args).map(|e| {
+            assert_eq!((e.addr, e.public_ip), (None, None), "{e:?}");
+            let v6 = e.v6.expect("the IPv6 side");
+            (e.name, v6.addr.to_string(), v6.public_ip.to_string(), e.mtu)
+        })
+    };
+    assert_eq!(got(&[]).unwrap(), ("eth2".into(), "2001:db8:3::10/64".into(), "2001:db8:3::10".into(), 1480));
+    assert_eq!(got(&["--iface", "eth1"]).unwrap().1, "2001:db8:2::10/64");
+    assert_eq!(got(&["--iface", "2001:db8:1::10"]).unwrap().0, "eth0");
+    assert_eq!(got(&["--iface-regex", "^2001:db8:2:"]).unwrap().0, "eth1");
+    assert_eq!(got(&["--iface-can-reach", "2001:db8:2::77"]).unwrap().0, "eth1");
+    // --public-ipv6: alone it chooses the interface holding it; beside
+    // another choice it is what is advertised.
+    assert_eq!(got(&["--public-ipv6", "2001:db8:1::10"]).unwrap().0, "eth0");
+    assert_eq!(got(&["--public-ipv6", "2001:db8:99::1", "--iface", "eth2"]).unwrap().2, "2001:db8:99::1");
+    // IPv4 values name themselves; an interface without a global IPv6
+    // address is skipped with its reason.
+    let e = pick6_only(&ns, &["--public-ip", "192.0.2.10"]).unwrap_err();
+    assert!(e.contains("--public-ip 192.0.2.10") && e.contains("IPv6-only"), "{e}");
+    let e = pick6_only(&ns, &["--iface", "192.0.2.10"]).unwrap_err();
+    assert!(e.contains("--iface 192.0.2.10 (an IPv4 address"), "{e}");
+    assert_eq!(got(&["--iface", "ens5", "--iface", "eth2"]).unwrap().0, "eth2");
+    let e = pick6_only(&ns, &["--iface", "ens5"]).unwrap_err();
+    assert!(e.contains("ens5 has no global IPv6 address (link-local ones only)"), "{e}");
 }

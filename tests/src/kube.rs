@@ -15,6 +15,10 @@ use crate::overlay::{Proc, ETCD};
 
 /// The outside host's address, where the API server listens.
 pub const HOST: &str = "192.0.2.200";
+/// The outside host's IPv6 address in a dual-stack cluster
+/// ([`netns_fixtures::OUTSIDE_IPV6`]), where an API server started with
+/// [`ApiServer::start_at`] on it listens (for IPv6-only nodes).
+pub const HOST6: &str = "2001:db8::200";
 /// The admin's bearer token (group system:masters).
 const ADMIN_TOKEN: &str = "flannel-rs-test-admin";
 
@@ -80,7 +84,7 @@ pub struct ApiServer {
     proc: Proc,
     /// Its files: certificates, keys, kubeconfigs, log.
     pub dir: PathBuf,
-    /// `https://192.0.2.200:<port>`.
+    /// `https://192.0.2.200:<port>` (or `https://[2001:db8::200]:<port>`).
     pub url: String,
     /// The admin's kubeconfig.
     pub admin: PathBuf,
@@ -93,15 +97,26 @@ impl ApiServer {
     /// files in `dir`, against the overlay's etcd; waits for `/readyz`.
     /// Several servers on the same etcd form one control plane.
     pub fn start(ns: &Netns, dir: &Path, port: u16) -> ApiServer {
+        Self::start_at(ns, dir, port, HOST)
+    }
+
+    /// As [`ApiServer::start`], listening on `host` only: [`HOST`], or
+    /// [`HOST6`] for nodes that reach the outside host over IPv6 alone (the
+    /// outside host of a dual-stack cluster has both; the server still
+    /// advertises [`HOST`], of the family of its service range).
+    pub fn start_at(ns: &Netns, dir: &Path, port: u16, host: &str) -> ApiServer {
         let dir = dir.join(format!("apiserver-{port}"));
         std::fs::create_dir_all(&dir).unwrap();
         make_pki(&dir);
         std::fs::write(dir.join("tokens.csv"), format!("{ADMIN_TOKEN},admin,1,\"system:masters\"\n")).unwrap();
-        let url = format!("https://{HOST}:{port}");
+        let url = match host.contains(':') {
+            true => format!("https://[{host}]:{port}"),
+            false => format!("https://{host}:{port}"),
+        };
         let p = |f: &str| dir.join(f).display().to_string();
         let args: Vec<String> = [
             format!("--etcd-servers={ETCD}"),
-            format!("--bind-address={HOST}"),
+            format!("--bind-address={host}"),
             format!("--advertise-address={HOST}"),
             format!("--secure-port={port}"),
             format!("--cert-dir={}", p("certs")),
@@ -268,7 +283,7 @@ fn make_pki(dir: &Path) {
     std::fs::write(
         dir.join("san.ext"),
         format!(
-            "subjectAltName=IP:{HOST},IP:127.0.0.1,IP:10.96.0.1,DNS:kubernetes,DNS:kubernetes.default.svc,DNS:localhost\n\
+            "subjectAltName=IP:{HOST},IP:{HOST6},IP:127.0.0.1,IP:10.96.0.1,DNS:kubernetes,DNS:kubernetes.default.svc,DNS:localhost\n\
              extendedKeyUsage=serverAuth\nkeyUsage=digitalSignature,keyEncipherment\n"
         ),
     )
@@ -347,8 +362,17 @@ impl KubeOverlay {
     }
 
     fn build(nodes: usize, conf: Option<&str>) -> KubeOverlay {
-        let mut o = crate::overlay::Overlay::with_conf(nodes, conf.unwrap_or(crate::overlay::NET_CONF));
-        let api = ApiServer::start(o.outside(), o.dir.path(), 6443);
+        let o = crate::overlay::Overlay::with_conf(nodes, conf.unwrap_or(crate::overlay::NET_CONF));
+        Self::on(o, conf, HOST)
+    }
+
+    /// On an overlay built already (e.g. [`crate::overlay::Overlay::dual_stack`]),
+    /// its net-conf.json `conf` (else the shipped ConfigMap's), the API
+    /// server listening on `host` ([`HOST`] or [`HOST6`]), which is where
+    /// the daemons' kubeconfig points.
+    pub fn on(mut o: crate::overlay::Overlay, conf: Option<&str>, host: &str) -> KubeOverlay {
+        let nodes = o.daemons.len();
+        let api = ApiServer::start_at(o.outside(), o.dir.path(), 6443, host);
         let manifest = std::fs::read_to_string(manifest_path()).expect("deploy/kube-flannel-rs.yml");
         api.apply(&manifest);
         let cm = api.get_json(&["configmap", "kube-flannel-rs-cfg", "-n", "kube-flannel-rs"]);
@@ -374,6 +398,19 @@ impl KubeOverlay {
     /// Creates Node `i` with podCIDR 10.244.(i+1).0/24.
     pub fn create_node(&self, i: usize) {
         self.api.create_node(&Self::node_name(i), Some(&format!("10.244.{}.0/24", i + 1)), &[]);
+    }
+
+    /// Creates (or updates) Node `i` with `spec.podCIDRs` `cidrs` and
+    /// `spec.podCIDR` the first of them, as kube-controller-manager sets
+    /// them (set through the API; two families need
+    /// [`ApiServer::enable_dual_stack`]).
+    pub fn create_node_with_cidrs(&self, i: usize, cidrs: &[String]) {
+        let node = serde_json::json!({
+            "apiVersion": "v1", "kind": "Node",
+            "metadata": { "name": Self::node_name(i) },
+            "spec": { "podCIDR": cidrs[0], "podCIDRs": cidrs }
+        });
+        self.api.apply(&node.to_string());
     }
 
     /// Every Node's lease as the API server has it: (podCIDR, VtepMAC, public-ip)

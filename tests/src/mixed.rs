@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use netns_fixtures::Netns;
 use serde_json::Value;
 
-use crate::kube::{ApiServer, KubeOverlay, PREFIX};
+use crate::kube::{ApiServer, KubeOverlay, HOST6, PREFIX};
 use crate::overlay::{leases, Overlay, ETCD};
 
 /// Where upstream's flanneld is: `$FLANNEL_RS_UPSTREAM_FLANNELD`, else the
@@ -476,16 +476,7 @@ pub fn dual_stack_underlay(o: &Overlay) {
         ns.ip(&["-6", "route", "add", "default", "dev", "eth0"]).unwrap();
     }
     // Every node reaches every other over IPv6 before a daemon starts.
-    for a in o.cluster.nodes() {
-        for b in o.cluster.nodes().iter().filter(|b| b.index != a.index) {
-            let to = node_ipv6(b.index).to_string();
-            crate::wait_until_or(
-                Duration::from_secs(10),
-                &|| a.ns.run("ping", &["-6", "-n", "-c1", "-W1", &to]).is_ok_and(|o| o.status.success()),
-                &|| format!("node{} to reach node{} at {to}", a.index, b.index),
-            );
-        }
-    }
+    nodes_reach_each_other6(o);
 }
 
 /// Node `i`'s IPv6 subnet (`FLANNEL_IPV6_SUBNET` of its subnet.env), if
@@ -507,14 +498,17 @@ pub fn wait_upstream_added6(o: &Overlay, i: usize, subnet: &str) {
 
 /// Starts the daemons of `kinds` (node `i` runs `kinds[i]`) one after the
 /// other; after each, waits until every upstream daemon started before it
-/// has programmed its subnet (both of them, dual-stack).
+/// has programmed its subnet (both of them, dual-stack; the IPv6 one alone,
+/// IPv6-only).
 pub fn start_nodes(o: &mut Overlay, kinds: &[Kind]) {
     for (i, k) in kinds.iter().enumerate() {
         start(o, i, *k);
-        let subnet = o.subnet(i).to_string();
+        let v4 = o.subnet_env(i, "FLANNEL_SUBNET").map(|_| o.subnet(i).to_string());
         let v6 = subnet6(o, i).map(|s| s.to_string());
         for j in (0..i).filter(|&j| kinds[j] == Kind::Upstream) {
-            wait_upstream_added(o, j, &subnet);
+            if let Some(subnet) = &v4 {
+                wait_upstream_added(o, j, subnet);
+            }
             if let Some(v6) = &v6 {
                 wait_upstream_added6(o, j, v6);
             }
@@ -522,23 +516,77 @@ pub fn start_nodes(o: &mut Overlay, kinds: &[Kind]) {
     }
 }
 
+/// Node `i`'s IPv6 podCIDR in the Kubernetes-mode dual-stack and IPv6-only
+/// tests: `2001:db8:10:<i+1>::/64`, inside [`NETWORK6`].
+pub fn node_cidr6(i: usize) -> String {
+    format!("2001:db8:10:{}::/64", i + 1)
+}
+
 /// A Kubernetes-mode overlay of `nodes` nodes, dual-stack: the API server
 /// with `IPv6DualStack`, each Node with podCIDRs of both families
-/// (`10.244.<i+1>.0/24`, `2001:db8:10:<i+1>::/64`) as kube-controller-manager
+/// (`10.244.<i+1>.0/24`, [`node_cidr6`]) as kube-controller-manager
 /// sets them, the underlay with IPv6 ([`dual_stack_underlay`]), and the
 /// network configuration `conf`; daemons not started.
 pub fn kube_dual_stack_overlay(nodes: usize, conf: &str) -> KubeOverlay {
     let mut ko = KubeOverlay::with_conf(nodes, conf);
     ko.api.enable_dual_stack(ko.o.outside());
     for i in 0..nodes {
-        let cidrs = [format!("10.244.{}.0/24", i + 1), format!("2001:db8:10:{}::/64", i + 1)];
-        let node = serde_json::json!({
-            "apiVersion": "v1", "kind": "Node",
-            "metadata": { "name": KubeOverlay::node_name(i) },
-            "spec": { "podCIDR": cidrs[0], "podCIDRs": cidrs }
-        });
-        ko.api.apply(&node.to_string());
+        ko.create_node_with_cidrs(i, &[format!("10.244.{}.0/24", i + 1), node_cidr6(i)]);
     }
     dual_stack_underlay(&ko.o);
     ko
+}
+
+/// A Kubernetes-mode overlay of `nodes` IPv6-only nodes with the network
+/// configuration `conf` (`"EnableIPv4":false`); daemons not started. The
+/// underlay is [`netns_fixtures::Cluster::dual_stack`]'s (node `i` at
+/// [`node_ipv6`]`(i)`, IPv6 default route via the switch) whose nodes then
+/// lose every IPv4 address and route ([`ipv6_only_underlay`]): a node's
+/// `underlay_ip` names an address it no longer has. etcd and the API server
+/// run on the outside host, which keeps both families; the API server
+/// listens on its IPv6 address only ([`HOST6`]), which the daemons'
+/// kubeconfig names. Each Node has the one podCIDR [`node_cidr6`]`(i)`
+/// (`spec.podCIDR` and `spec.podCIDRs`; one family needs no feature gate).
+pub fn kube_ipv6_only_overlay(nodes: usize, conf: &str) -> KubeOverlay {
+    let ko = KubeOverlay::on(Overlay::dual_stack(nodes, conf), Some(conf), HOST6);
+    for i in 0..nodes {
+        ko.create_node_with_cidrs(i, &[node_cidr6(i)]);
+    }
+    ipv6_only_underlay(&ko.o);
+    ko
+}
+
+/// Takes every IPv4 address off the nodes' `eth0` (the kernel drops the
+/// IPv4 routes through it with the last one), inside the node namespaces
+/// only, and checks that no node has an IPv4 address or route left but
+/// loopback's, and that every node still reaches every other over IPv6.
+pub fn ipv6_only_underlay(o: &Overlay) {
+    for node in o.cluster.nodes() {
+        let ns = &node.ns;
+        ns.run_ok("ip", &["-4", "addr", "flush", "dev", &node.underlay_if]);
+        let addrs = ns.ip_json(&["-4", "addr", "show", "scope", "global"]);
+        let left: Vec<&Value> = array_ref(&addrs).iter().filter(|l| !array_ref(&l["addr_info"]).is_empty()).collect();
+        assert!(left.is_empty(), "node{}: IPv4 addresses left: {left:?}", node.index);
+        let routes = ns.ip_json(&["-4", "route", "show", "table", "main"]);
+        assert!(array_ref(&routes).is_empty(), "node{}: IPv4 routes left: {routes}", node.index);
+    }
+    nodes_reach_each_other6(o);
+}
+
+/// Waits until every node reaches every other at [`node_ipv6`].
+fn nodes_reach_each_other6(o: &Overlay) {
+    for a in o.cluster.nodes() {
+        for b in o.cluster.nodes().iter().filter(|b| b.index != a.index) {
+            let to = node_ipv6(b.index).to_string();
+            crate::wait_until_or(
+                Duration::from_secs(10),
+                &|| a.ns.run("ping", &["-6", "-n", "-c1", "-W1", &to]).is_ok_and(|o| o.status.success()),
+                &|| format!("node{} to reach node{} at {to}", a.index, b.index),
+            );
+        }
+    }
+}
+
+fn array_ref(v: &Value) -> &[Value] {
+    v.as_array().map(Vec::as_slice).unwrap_or_default()
 }

@@ -578,22 +578,39 @@ impl Overlay {
     }
 
     /// What node `i`'s `flannel-v6.1` must hold given the leases in etcd:
-    /// for every other lease with an IPv6 subnet and an IPv6 VTEP,
+    /// for every other lease with an IPv6 subnet and an IPv6 VTEP, as
+    /// [`Overlay::expected_state6_for`].
+    pub fn expected_state6(&self, i: usize) -> VtepState {
+        let own4 = self.cluster.node(i).underlay_ip.to_string();
+        let peers = leases(self.outside()).into_iter().filter_map(|(key, v)| {
+            let (_, subnet6) = parse_subnet_key(&key);
+            if v["PublicIP"] == own4.as_str() {
+                return None;
+            }
+            let (mac, public6) = (v["BackendV6Data"]["VtepMAC"].as_str()?, v["PublicIPv6"].as_str()?);
+            Some((subnet6?.to_string(), mac.to_string(), public6.to_string()))
+        });
+        self.expected_state6_for(i, peers)
+    }
+
+    /// What node `i`'s `flannel-v6.1` must hold for these leases (IPv6
+    /// subnet, IPv6 VTEP MAC, `PublicIPv6`): per lease,
     /// `<v6 subnet> via <its first address> onlink`, a neighbour for that
     /// address with the peer's IPv6 VTEP MAC, and an FDB entry sending that
-    /// MAC to the peer's `PublicIPv6`.
-    pub fn expected_state6(&self, i: usize) -> VtepState {
+    /// MAC to the peer's `PublicIPv6`. Node `i`'s own lease (its IPv6
+    /// underlay address) among them is skipped.
+    pub fn expected_state6_for(
+        &self,
+        i: usize,
+        leases: impl IntoIterator<Item = (String, String, String)>,
+    ) -> VtepState {
         let own = self.cluster.node(i).underlay_ipv6.map(|a| a.to_string());
-        let own4 = self.cluster.node(i).underlay_ip.to_string();
         let mut st = VtepState::default();
-        for (key, v) in leases(self.outside()) {
-            let (_, subnet6) = parse_subnet_key(&key);
-            let Some(subnet6) = subnet6 else { continue };
-            let public6 = v["PublicIPv6"].as_str().map(str::to_string);
-            if v["PublicIP"] == own4.as_str() || (public6.is_some() && public6 == own) {
+        for (subnet6, mac, public6) in leases {
+            if Some(&public6) == own.as_ref() {
                 continue;
             }
-            let (Some(mac), Some(public6)) = (v["BackendV6Data"]["VtepMAC"].as_str(), public6) else { continue };
+            let subnet6: ipnet::Ipv6Net = subnet6.parse().unwrap_or_else(|e| panic!("IPv6 subnet {subnet6}: {e}"));
             let net = subnet6.network();
             st.routes.push(format!("{subnet6} via {net} onlink"));
             st.neighs.push(format!("{net} {mac}"));

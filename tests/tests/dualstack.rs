@@ -339,3 +339,38 @@ fn ipv6_masquerade_hides_pods_from_the_outside_but_not_from_each_other() {
     let none = o.cluster.node(1).ns.run("ip6tables", &["-t", "nat", "-S", "FLANNEL-POSTRTG"]).unwrap();
     assert!(!none.status.success(), "node1 runs without --ip-masq: {}", String::from_utf8_lossy(&none.stdout));
 }
+
+/// EnableIPv6 turned off: the IPv6 VTEP an earlier dual-stack run left
+/// (`flannel-v6.1`, with an address of the old IPv6Network that no
+/// configuration names any more) is named by `diagnose` and deleted at
+/// start, like another backend's device; the IPv4 overlay is untouched.
+#[test]
+fn the_ipv6_vtep_of_an_earlier_dual_stack_run_goes_when_ipv6_is_off() {
+    if !require_root() {
+        return;
+    }
+    let mut o = Overlay::new(2);
+    o.start_all();
+    o.wait_converged(0);
+    o.wait_converged(1);
+    o.stop(0);
+    let ns = &o.cluster.node(0).ns;
+    for cmd in [
+        "link add flannel-v6.1 type vxlan id 1 dstport 4789 dev eth0",
+        "-6 addr add 2001:db8:10:7::/128 dev flannel-v6.1 nodad",
+        "link set flannel-v6.1 up",
+    ] {
+        ns.run_ok("ip", &cmd.split(' ').collect::<Vec<_>>());
+    }
+    let (ok, report) = o.diagnose(0, &[]);
+    assert!(!ok, "{report}");
+    assert!(report.to_string().contains("device flannel-v6.1 is an earlier backend's"), "{report}");
+    o.start(0);
+    o.wait_converged(0);
+    let ns = &o.cluster.node(0).ns;
+    let links = ns.ip_json(&["link", "show"]);
+    let names: Vec<&str> = links.as_array().unwrap().iter().filter_map(|l| l["ifname"].as_str()).collect();
+    assert!(!names.contains(&"flannel-v6.1") && names.contains(&"flannel.1"), "{names:?}");
+    assert!(o.log(0).contains("deleting flannel-v6.1"), "{}", o.log(0));
+    assert_eq!(o.vtep_state(0), o.expected_state(0));
+}

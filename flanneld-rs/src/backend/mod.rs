@@ -308,11 +308,15 @@ fn bad_public_ip(ip: IpAddr) -> Option<&'static str> {
     })
 }
 
-/// Devices that an earlier run of this Network with another backend left
-/// behind: `flannel0` (a TUN, udp), `flannel.<VNI>` or `flannel-v6.<VNI>`
-/// (VXLAN) that is not a device of the backends in use (`ours`) and carries
-/// an address inside `network` or `network6` (which makes it this Network's,
-/// not another flannel's). Their routes would shadow ours. Index and name
+/// Devices that an earlier run of this Network with another backend, or
+/// with another family, left behind: `flannel0` (a TUN, udp),
+/// `flannel.<VNI>` or `flannel-v6.<VNI>` (VXLAN) that is not a device of the
+/// backends in use (`ours`) and carries an address inside `network` or
+/// `network6` (which makes it this Network's, not another flannel's), or is
+/// a device of a family the cluster no longer runs (`flannel-v6.*` without
+/// `network6`: `EnableIPv6` turned off; `flannel.*` and `flannel0` without
+/// `network`: an IPv6-only cluster), whose address no configuration names
+/// any more. Their routes would shadow ours or lead nowhere. Index and name
 /// of each.
 pub async fn leftover_devices(
     nl: &Netlink,
@@ -323,9 +327,14 @@ pub async fn leftover_devices(
     let mut found = Vec::new();
     for link in nl.links().await? {
         let kind = link.kind.as_deref();
-        let flannels = (link.name == "flannel0" && kind == Some("tun"))
-            || ((link.name.starts_with("flannel.") || link.name.starts_with("flannel-v6.")) && kind == Some("vxlan"));
-        if !flannels || ours.contains(&link.name.as_str()) {
+        let v4 = (link.name == "flannel0" && kind == Some("tun"))
+            || (link.name.starts_with("flannel.") && kind == Some("vxlan"));
+        let v6 = link.name.starts_with("flannel-v6.") && kind == Some("vxlan");
+        if !(v4 || v6) || ours.contains(&link.name.as_str()) {
+            continue;
+        }
+        if (v4 && network.is_none()) || (v6 && network6.is_none()) {
+            found.push((link.index, link.name));
             continue;
         }
         let addrs = nl.addrs(link.index).await?;
@@ -357,7 +366,10 @@ pub async fn remove_leftover_devices(
     for (index, name) in found {
         let networks: Vec<String> =
             network.map(|n| n.to_string()).into_iter().chain(network6.map(|n| n.to_string())).collect();
-        log::info!("deleting {name}: an earlier backend's device for Network {} (now {now})", networks.join(" and "));
+        log::info!(
+            "deleting {name}: an earlier backend's or family's device (Network now {}, {now})",
+            networks.join(" and ")
+        );
         if let Err(e) = nl.del_link(index, &name).await {
             log::warn!("delete {name}: {e}");
         }

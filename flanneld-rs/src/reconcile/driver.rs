@@ -273,8 +273,10 @@ impl<S: LeaseStore> Driver<S> {
             Err(e) => {
                 if !self.underlay_missing {
                     warn!(
-                        "reconcile ({why}): the underlay interface {} is gone ({e}); waiting for it",
-                        self.node.ext.name
+                        "reconcile ({why}): the underlay ({}) cannot be chosen now: {e}; keeping what is \
+                         programmed and choosing again at each change and every {}s",
+                        self.node.ext.name,
+                        PERIODIC.as_secs()
                     );
                 }
                 self.underlay_missing = true;

@@ -402,6 +402,27 @@ mod tests {
     }
 
     #[test]
+    fn ipv6_only_nodes_write_and_read_only_the_ipv6_half() {
+        let p = Prefix::default();
+        let v6only = NetworkConfig::parse(
+            r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"2001:db8:10::/56","Backend":{"Type":"vxlan"}}"#,
+            "net-conf.json",
+        )
+        .unwrap();
+        let attrs = LeaseAttrs { public_ip: None, vxlan: None, ..dual_attrs(BackendType::Vxlan) };
+        let a = own_annotations(&p, &attrs, None);
+        let keys: Vec<&str> = a.keys().map(|k| k.trim_start_matches("flannel.alpha.coreos.com/")).collect();
+        assert_eq!(keys, ["backend-type", "backend-v6-data", "kube-subnet-manager", "public-ipv6"]);
+        // The IPv6 podCIDR is the lease; an IPv4 one beside it is not read.
+        for cidr4 in [None, Some("10.244.9.0/24")] {
+            let l = lease_from_node("me", cidr4, Some("2001:db8:10:9::/64"), &a, &p, &v6only).unwrap().unwrap();
+            assert_eq!(l, attrs.lease(None, Some("2001:db8:10:9::/64".parse().unwrap()), "node me"));
+        }
+        // Without an IPv6 podCIDR a node does not take part yet.
+        assert_eq!(lease_from_node("me", Some("10.244.9.0/24"), None, &a, &p, &v6only).unwrap(), None);
+    }
+
+    #[test]
     fn bad_dual_stack_input_names_node_field_and_value() {
         let p = Prefix::default();
         let a = own_annotations(&p, &dual_attrs(BackendType::Vxlan), None);
