@@ -24,6 +24,17 @@
 #                      EnableIPv6, and every pod must have an address of each
 #                      family inside its node's podCIDRs and answer HTTP over
 #                      both from every other pod and node
+#   K8S_E2E_IPV6_ONLY=1  IPv6-only: the same IPv6 underlay with the nodes' and
+#                      the outside host's IPv4 addresses removed, the API
+#                      server on 2001:db8::200 with Service range
+#                      2001:db8:96::/112 (the stand-in rule for the
+#                      `kubernetes` Service in ip6), kubelets with IPv6 node
+#                      IPs, IPv6 podCIDRs only (cluster CIDR
+#                      2001:db8:10::/56), net-conf.json with EnableIPv4
+#                      false, the DaemonSet's health listener on `::`; every
+#                      pod must have one IPv6 address and no IPv4 one, and
+#                      the HTTP, release, ingress and rollout checks run over
+#                      IPv6 (the latency comparison is the IPv4 run's)
 # The Kubernetes binaries come from scripts/lib/kube-binaries.sh (built once,
 # about 5 minutes each, then cached under /var/cache/flannel-rs/). With them
 # cached, a run takes about 4 minutes on the 2-core development machine.
@@ -33,26 +44,60 @@ repo=$PWD
 source scripts/lib/common.sh
 need_root
 
-nodes=${NODES:-3}
-dual=${K8S_E2E_DUAL_STACK:-}
-gates=()
-if [ -n "$dual" ]; then
-  # Kubernetes 1.20: dual-stack is behind a feature gate on every component.
-  export K8S_E2E_FEATURE_GATES=IPv6DualStack=true
-  gates=(--feature-gates=IPv6DualStack=true)
-  cluster_cidr=10.244.0.0/16,2001:db8:10::/56
-else
-  cluster_cidr=10.244.0.0/16
-fi
-latency_pods=${LATENCY_PODS:-8}
-tag=k8se2e
-outside_ns=flt-$tag-outside
-api=192.0.2.200
-t_start=$(date +%s)
-
 say() { printf '\n== %s\n' "$*"; }
 fail() { echo "k8s-e2e: FAIL: $*" >&2; exit 1; }
 ms_now() { date +%s%3N; }
+
+nodes=${NODES:-3}
+# The address families of the cluster: ipv4, dual or ipv6. Everything that
+# differs between them is set here; the rest of the run reads these.
+stack=ipv4
+[ -n "${K8S_E2E_DUAL_STACK:-}" ] && stack=dual
+if [ -n "${K8S_E2E_IPV6_ONLY:-}" ]; then
+  [ "$stack" = dual ] && fail "K8S_E2E_DUAL_STACK and K8S_E2E_IPV6_ONLY: give one of them"
+  stack=ipv6
+  # Refused before anything is built.
+  [ "${K8S_E2E_BACKEND:-vxlan}" = udp ] \
+    && fail "K8S_E2E_BACKEND=udp with K8S_E2E_IPV6_ONLY: the udp backend has no IPv6 (flanneld-rs refuses udp with EnableIPv4 false)"
+fi
+gates=()
+api=192.0.2.200             # the API server, on the outside host
+svc_range=10.96.0.0/16      # --service-cluster-ip-range
+svc_ip=10.96.0.1            # the `kubernetes` Service's ClusterIP in it
+cluster_cidr=10.244.0.0/16
+mask_flags=(--node-cidr-mask-size=24)
+families=4                  # podCIDR families, in order (tests/k8s/*.py)
+node_ip() { echo "192.0.2.$((10 + $1))"; }  # node i's underlay address, its kubelet's node IP
+case $stack in
+  dual)
+    # Kubernetes 1.20: dual-stack is behind a feature gate on every component.
+    export K8S_E2E_FEATURE_GATES=IPv6DualStack=true
+    gates=(--feature-gates=IPv6DualStack=true)
+    cluster_cidr=10.244.0.0/16,2001:db8:10::/56
+    # A dual-stack cluster takes only the per-family mask flags.
+    mask_flags=(--node-cidr-mask-size-ipv4=24 --node-cidr-mask-size-ipv6=64)
+    families=4,6
+    ;;
+  ipv6)
+    # Single-stack IPv6 needs no feature gate; kube-controller-manager 1.20
+    # takes only --node-cidr-mask-size for a single-stack cluster of either
+    # family (the per-family flags are refused there). Kubernetes 1.20 wants
+    # an IPv6 Service range of /108 or longer.
+    api=2001:db8::200
+    svc_range=2001:db8:96::/112
+    svc_ip=2001:db8:96::1
+    cluster_cidr=2001:db8:10::/56
+    mask_flags=(--node-cidr-mask-size=64)
+    families=6
+    node_ip() { echo "2001:db8::$((10 + $1))"; }  # netns_fixtures::ipv6_of_node
+    ;;
+esac
+# An address as a URL or nginx takes it: IPv6 in brackets.
+bracket() { case $1 in *:*) echo "[$1]" ;; *) echo "$1" ;; esac; }
+latency_pods=${LATENCY_PODS:-8}
+tag=k8se2e
+outside_ns=flt-$tag-outside
+t_start=$(date +%s)
 
 install_packages containerd runc etcd-server containernetworking-plugins nftables iptables openssl util-linux iproute2 procps gcc libc6-dev python3 nginx curl
 [ -x /usr/bin/kubectl ] || install_packages kubernetes-client
@@ -132,8 +177,21 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 "$fixture" down --name "$tag" >/dev/null 2>&1 || true
-say "underlay: $nodes nodes and the outside host ($api)"
-"$fixture" up --nodes "$nodes" --outside --name "$tag" ${dual:+--ipv6}
+say "underlay: $nodes nodes and the outside host ($api), $stack"
+underlay_ipv6=
+[ "$stack" = ipv4 ] || underlay_ipv6=--ipv6
+"$fixture" up --nodes "$nodes" --outside --name "$tag" $underlay_ipv6
+if [ "$stack" = ipv6 ]; then
+  # The fixture's underlay always carries IPv4: without its addresses (and so
+  # its IPv4 default route) nothing on a node or the outside host can use
+  # IPv4 beyond loopback, and flanneld-rs has to find its interface by IPv6.
+  for ns in $(for i in $(seq 0 $((nodes - 1))); do echo "flt-$tag-node$i"; done) "$outside_ns"; do
+    ip -n "$ns" -4 addr flush dev eth0
+    ip -n "$ns" -4 route flush dev eth0
+    [ -z "$(ip -n "$ns" -4 addr show dev eth0)$(ip -n "$ns" -4 route show)" ] || fail "$ns still has IPv4 on its underlay"
+  done
+  echo "IPv4 addresses removed from every node's and the outside host's eth0"
+fi
 in_outside() { nsenter --net=/run/netns/$outside_ns "$@"; }
 kc() { in_outside kubectl --kubeconfig "$work/admin.kubeconfig" --request-timeout 20s "$@" 2>&1 | grep -v 'version difference\|^WARNING: version' || return "${PIPESTATUS[0]}"; }
 kcq() { in_outside kubectl --kubeconfig "$work/admin.kubeconfig" --request-timeout 20s "$@" 2>/dev/null; }
@@ -147,7 +205,7 @@ mkdir -p "$pki"
   openssl req -x509 -new -key ca.key -subj /CN=k8s-e2e-ca -days 2 -out ca.crt
   openssl genrsa -out server.key 2048 2>/dev/null
   openssl req -new -key server.key -subj /CN=kube-apiserver -out server.csr
-  printf 'subjectAltName=IP:%s,IP:10.96.0.1,IP:127.0.0.1,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local\nextendedKeyUsage=serverAuth\nkeyUsage=digitalSignature,keyEncipherment\n' "$api" >san.ext
+  printf 'subjectAltName=IP:%s,IP:%s,IP:127.0.0.1,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local\nextendedKeyUsage=serverAuth\nkeyUsage=digitalSignature,keyEncipherment\n' "$api" "$svc_ip" >san.ext
   openssl x509 -req -in server.csr -CA ca.crt -CAkey ca.key -CAcreateserial -days 2 -extfile san.ext -out server.crt 2>/dev/null
   openssl genrsa -out sa.key 2048 2>/dev/null
   openssl rsa -in sa.key -pubout -out sa.pub 2>/dev/null
@@ -160,7 +218,7 @@ kind: Config
 clusters:
 - name: e2e
   cluster:
-    server: https://$api:6443
+    server: https://$(bracket "$api"):6443
     certificate-authority: $pki/ca.crt
 users:
 - name: u
@@ -203,16 +261,15 @@ in_outside "$kbin/kube-apiserver" --etcd-servers=http://127.0.0.1:2379 \
   --service-account-issuer=https://kubernetes.default.svc.cluster.local \
   --service-account-key-file="$pki/sa.pub" --service-account-signing-key-file="$pki/sa.key" \
   --api-audiences=https://kubernetes.default.svc.cluster.local \
-  --service-cluster-ip-range=10.96.0.0/16 --allow-privileged=true --profiling=false \
+  --service-cluster-ip-range=$svc_range --allow-privileged=true --profiling=false \
   --kubelet-preferred-address-types=InternalIP "${gates[@]}" \
   >"$work/apiserver.log" 2>&1 &
 pids+=($!)
 for _ in $(seq 300); do kcq get --raw /readyz >/dev/null && break; sleep 0.2; done
 kcq get --raw /readyz >/dev/null || { tail -20 "$work/apiserver.log"; fail "kube-apiserver not ready"; }
 in_outside "$kbin/kube-controller-manager" --kubeconfig="$work/cm.kubeconfig" \
-  --allocate-node-cidrs=true --cluster-cidr=$cluster_cidr "${gates[@]}" \
-  $([ -n "$dual" ] && echo --node-cidr-mask-size-ipv4=24 --node-cidr-mask-size-ipv6=64 || echo --node-cidr-mask-size=24) \
-  --service-cluster-ip-range=10.96.0.0/16 --controllers='*' \
+  --allocate-node-cidrs=true --cluster-cidr=$cluster_cidr "${gates[@]}" "${mask_flags[@]}" \
+  --service-cluster-ip-range=$svc_range --controllers='*' \
   --service-account-private-key-file="$pki/sa.key" --root-ca-file="$pki/ca.crt" \
   --leader-elect=false --port=0 --secure-port=0 --profiling=false \
   >"$work/controller-manager.log" 2>&1 &
@@ -244,17 +301,20 @@ for i in $(seq 0 $((nodes - 1))); do
   ns=flt-$tag-node$i
   ip netns exec "$ns" sysctl -qw net.ipv4.ip_forward=1
   # The stand-in for kube-proxy, for the one Service the nodes need: the API
-  # server's ClusterIP, which in-cluster clients (flanneld-rs) dial.
+  # server's ClusterIP, which in-cluster clients (flanneld-rs) dial; in the
+  # table of the Service's family (ip or ip6).
+  nft_family=ip
+  [ "$stack" = ipv6 ] && nft_family=ip6
   ip netns exec "$ns" nft -f - <<NFT
-table ip k8se2e-svc {
+table $nft_family k8se2e-svc {
   chain out {
     type nat hook output priority -100; policy accept;
-    ip daddr 10.96.0.1 tcp dport 443 dnat to $api:6443
+    $nft_family daddr $svc_ip tcp dport 443 dnat to $(bracket "$api"):6443
   }
 }
 NFT
   nsenter --net=/run/netns/$ns unshare --mount --pid --fork --propagation private --mount-proc \
-    "$repo/scripts/lib/k8s-node.sh" "$work/node$i" "node$i" "192.0.2.$((10 + i))" "$kbin/kubelet" \
+    "$repo/scripts/lib/k8s-node.sh" "$work/node$i" "node$i" "$(node_ip "$i")" "$kbin/kubelet" \
     "$sandbox" "$archive" "$img/pause.oci.tar" "$img/http.oci.tar" >"$work/node$i/runner.log" 2>&1 &
   node_pids+=($!)
 done
@@ -272,30 +332,53 @@ for _ in $(seq 120); do
   [ "$(kcq get nodes -o jsonpath='{range .items[*]}{.spec.podCIDR}{"\n"}{end}' | grep -c .)" -eq "$nodes" ] && break
   sleep 0.5
 done
-kc get nodes -o custom-columns=NAME:.metadata.name,PODCIDR:.spec.podCIDR,READY:'.status.conditions[?(@.type=="Ready")].status'
+kc get nodes -o custom-columns=NAME:.metadata.name,INTERNAL-IP:'.status.addresses[?(@.type=="InternalIP")].address',PODCIDRS:.spec.podCIDRs,READY:'.status.conditions[?(@.type=="Ready")].status'
+# Each node: kubelet's node IP, and one podCIDR of each family of the
+# cluster, inside the cluster CIDR of that family.
+for i in $(seq 0 $((nodes - 1))); do
+  got=$(kcq get node node$i -o jsonpath='{.status.addresses[?(@.type=="InternalIP")].address}')
+  [ "$got" = "$(node_ip "$i")" ] || fail "node$i's InternalIP is '$got', not its --node-ip $(node_ip "$i")"
+  cidrs=$(kcq get node node$i -o jsonpath='{.spec.podCIDRs[*]}')
+  python3 -c 'import ipaddress as a, sys
+n = [a.ip_network(c) for c in sys.argv[1].split()]
+c = [a.ip_network(c) for c in sys.argv[2].split(",")]
+sys.exit(len(n) != len(c) or not all(x.version == y.version and x.subnet_of(y) for x, y in zip(n, c)))' "$cidrs" "$cluster_cidr" \
+    || fail "node$i's podCIDRs are '$cidrs', not one inside each of $cluster_cidr"
+done
 
 backend=${K8S_E2E_BACKEND:-vxlan}
 manifest=deploy/kube-flannel-rs.yml
+# The shipped manifest with one sed edit, as $work/kube-flannel-rs-NAME.yml;
+# WANT is a line the edit must have produced.
+edit_manifest() { # NAME SED-SCRIPT WANT
+  local out=$work/kube-flannel-rs-$1.yml
+  sed "$2" "$manifest" >"$out"
+  grep -qF -- "$3" "$out" || fail "could not edit the manifest ($1): no line with $3"
+  manifest=$out
+}
 case "$backend" in
   vxlan) ;;
-  host-gw|udp)
-    manifest=$work/kube-flannel-rs-$backend.yml
-    sed 's/"Type": "vxlan"/"Type": "'"$backend"'"/' deploy/kube-flannel-rs.yml >"$manifest"
-    grep -q '"Type": "'"$backend"'"' "$manifest" || fail "could not set the backend in the manifest's net-conf.json"
-    ;;
+  udp) edit_manifest udp 's/"Type": "vxlan"/"Type": "udp"/' '"Type": "udp"' ;;
+  host-gw) edit_manifest host-gw 's/"Type": "vxlan"/"Type": "host-gw"/' '"Type": "host-gw"' ;;
   *) fail "K8S_E2E_BACKEND=$backend: not one of vxlan, host-gw, udp" ;;
 esac
-if [ -n "$dual" ]; then
-  dual_manifest=$work/kube-flannel-rs-dual-stack.yml
-  sed 's|"Network": "10.244.0.0/16",|"Network": "10.244.0.0/16",\n      "EnableIPv6": true,\n      "IPv6Network": "2001:db8:10::/56",|' \
-    "$manifest" >"$dual_manifest"
-  grep -q '"IPv6Network": "2001:db8:10::/56"' "$dual_manifest" || fail "could not add IPv6 to the manifest's net-conf.json"
-  manifest=$dual_manifest
-  for i in $(seq 0 $((nodes - 1))); do
-    cidrs=$(kcq get node node$i -o jsonpath='{.spec.podCIDRs}')
-    case $cidrs in *2001:db8:10:*) ;; *) fail "node$i has no IPv6 podCIDR: $cidrs" ;; esac
-  done
-fi
+case $stack in
+  dual)
+    edit_manifest dual-stack 's|"Network": "10.244.0.0/16",|&\n      "EnableIPv6": true,\n      "IPv6Network": "2001:db8:10::/56",|' \
+      '"IPv6Network": "2001:db8:10::/56"'
+    ;;
+  ipv6)
+    # No "Network" at all (flanneld-rs warns that it has no effect then), and
+    # the health listener on every address of both families: kubelet probes
+    # a host-network pod at the node's IP, IPv6 here, and the default
+    # 0.0.0.0 listens on IPv4 only.
+    edit_manifest ipv6-only 's|"Network": "10.244.0.0/16",|"EnableIPv4": false,\n      "EnableIPv6": true,\n      "IPv6Network": "2001:db8:10::/56",|' \
+      '"EnableIPv4": false'
+    # (Quoted: a plain YAML scalar ending in ':' would be a map.)
+    edit_manifest ipv6-only-healthz 's|^\( *\)- --healthz-port=8471$|&\n\1- "--healthz-ip=::"|' '- "--healthz-ip=::"'
+    if grep -q '^ *"Network":' "$manifest"; then fail "the IPv6-only manifest still has a \"Network\" in net-conf.json"; fi
+    ;;
+esac
 # The DaemonSet runs on nodes labelled flannel-rs.io/enabled=true only (see
 # the manifest's header): a new cluster labels all of them.
 kc label nodes --all flannel-rs.io/enabled=true
@@ -338,21 +421,74 @@ apply_to_files=$((t_files - t_apply))
 echo "kubectl apply -> plugin, conflist and subnet.env on every node: $apply_to_files ms"
 echo "kubectl apply -> every flanneld-rs pod ready: $apply_to_ds_ready ms"
 echo "kubectl apply -> every node Ready: $apply_to_ready ms (kubelet reports node status every 10 s)"
-# The backend's own device (or none) on every node.
+# The backend's own devices on every node, exactly: one VXLAN device per
+# family (flannel.1, flannel-v6.1), udp's TUN, none with host-gw.
+case "$backend/$stack" in
+  vxlan/ipv4) devices="flannel.1" ;;
+  vxlan/dual) devices="flannel.1 flannel-v6.1" ;;
+  vxlan/ipv6) devices="flannel-v6.1" ;;
+  udp/*) devices="flannel0" ;;
+  host-gw/*) devices="" ;;
+esac
 for i in $(seq 0 $((nodes - 1))); do
-  links=$(ip -n "flt-$tag-node$i" -o link show)
-  case "$backend" in
-    vxlan) want=flannel.1 ;;
-    udp) want=flannel0 ;;
-    host-gw) want= ;;
-  esac
-  if [ -n "$want" ]; then
-    grep -q " $want[:@]" <<<"$links" || fail "node$i has no $want (backend $backend)"
-  elif grep -qE " flannel(\.1|0)[:@]" <<<"$links"; then
-    fail "node$i has a tunnel device with backend host-gw"
-  fi
+  have=$(ip -n "flt-$tag-node$i" -o link show | awk '{ sub(/@.*/, "", $2); sub(/:$/, "", $2) } $2 ~ /^flannel(\.1|0|-v6\.1)$/ { print $2 }' | sort | xargs)
+  [ "$have" = "$(xargs -n1 <<<"$devices" | sort | xargs)" ] || fail "node$i has tunnel devices '$have', want '$devices' (backend $backend, $stack)"
 done
-echo "backend $backend: ${want:-no tunnel device} on every node"
+echo "backend $backend ($stack): ${devices:-no tunnel device} on every node, no other"
+# subnet.env on every node: the lines of the cluster's families only, each
+# subnet the node's podCIDR.
+for i in $(seq 0 $((nodes - 1))); do
+  env_line=$(python3 tests/k8s/subnet-env.py node$i "$families" "$(kcq get node node$i -o jsonpath='{.spec.podCIDRs[*]}')" \
+    <"$work/node$i/fs/run/flannel/subnet.env") || fail "node$i's subnet.env"
+  echo "node$i subnet.env: $env_line"
+done
+# The public address annotations flanneld-rs writes on its Node: one per
+# family of the cluster, the node's underlay address of that family; none
+# for a family the cluster does not have.
+for i in $(seq 0 $((nodes - 1))); do
+  ann=$(kcq get node node$i -o go-template='{{range $k, $v := .metadata.annotations}}{{$k}}={{$v}}{{"\n"}}{{end}}')
+  for f in 4 6; do
+    key=flannel.alpha.coreos.com/public-ip
+    [ $f = 6 ] && key=$key"v6"
+    got=$(sed -n "s|^$key=||p" <<<"$ann")
+    want_ip=
+    case ",$families,/$f" in
+      *,4,*/4) want_ip=192.0.2.$((10 + i)) ;;
+      *,6,*/6) want_ip=2001:db8::$((10 + i)) ;;
+    esac
+    [ "$got" = "$want_ip" ] || fail "node$i's annotation $key is '$got', want '${want_ip:-none}'"
+  done
+done
+echo "public-ip / public-ipv6 annotations: the nodes' underlay addresses of the cluster's families only"
+if [ "$stack" = ipv6 ]; then
+  # No IPv4 state at all from flanneld-rs: no IPv4 route (the underlay has
+  # none either), no FLANNEL chain in the IPv4 tables; its masquerading and
+  # forwarding chains in the IPv6 ones (--ip-masq).
+  for i in $(seq 0 $((nodes - 1))); do
+    ns=flt-$tag-node$i
+    v4routes=$(ip -n "$ns" -4 route show table all | grep -v '^\(local\|broadcast\) .* dev lo ' || true)
+    [ -z "$v4routes" ] || fail "node$i has IPv4 routes in the IPv6-only run: $v4routes"
+    if ip netns exec "$ns" iptables-save | grep -q FLANNEL; then
+      fail "node$i has FLANNEL chains in its IPv4 tables: $(ip netns exec "$ns" iptables-save | grep FLANNEL)"
+    fi
+    for chain in FLANNEL-POSTRTG FLANNEL-FWD; do
+      ip netns exec "$ns" ip6tables-save | grep -q "^:$chain " || fail "node$i has no $chain chain in its IPv6 tables"
+    done
+    # Every peer's podCIDR: through flannel-v6.1 (vxlan) or straight to the
+    # peer's IPv6 address on the underlay (host-gw).
+    for j in $(seq 0 $((nodes - 1))); do
+      [ "$j" -eq "$i" ] && continue
+      peer=$(kcq get node node$j -o jsonpath='{.spec.podCIDR}')
+      route=$(ip -n "$ns" -6 route show "$peer")
+      case "$backend" in
+        vxlan) want_route="$peer via ${peer%/*} dev flannel-v6.1 *onlink*" ;;
+        host-gw) want_route="$peer via $(node_ip "$j") dev eth0 *" ;;
+      esac
+      case "$route " in $want_route) ;; *) fail "node$i's route to node$j's $peer is '$route', want '$want_route'" ;; esac
+    done
+  done
+  echo "no IPv4 routes and no IPv4 FLANNEL chains on any node; FLANNEL-POSTRTG and FLANNEL-FWD in ip6tables; one IPv6 route per peer"
+fi
 
 # A workload pod pinned to a node.
 pod_yaml() { # NAME NODE [APP-LABEL]
@@ -388,62 +524,52 @@ say "workload: one pod per node"
 for i in $(seq 0 $((nodes - 1))); do pod_yaml web$i node$i | kc apply -f - >/dev/null; done
 wait_running $(for i in $(seq 0 $((nodes - 1))); do echo web$i; done)
 kc get pods -o wide
-declare -A pod_ip
+# Each pod's addresses, from the API and from inside the pod (tests/k8s/
+# pod-addrs.py): exactly one of each family of the cluster, in its node's
+# podCIDR of that family, and nothing else on the pod's interfaces.
+# pod_ip: the pod's primary address (of the first family); pod_ip6: its
+# IPv6 one in the dual-stack run.
+declare -A pod_ip pod_ip6
 for i in $(seq 0 $((nodes - 1))); do
-  pod_ip[$i]=$(kcq get pod web$i -o jsonpath='{.status.podIP}')
-  cidr=$(kcq get node node$i -o jsonpath='{.spec.podCIDR}')
-  python3 -c "import ipaddress,sys; sys.exit(ipaddress.ip_address('${pod_ip[$i]}') not in ipaddress.ip_network('$cidr'))" \
-    || fail "web$i has ${pod_ip[$i]}, outside node$i's podCIDR $cidr"
-  echo "web$i on node$i: ${pod_ip[$i]} in $cidr"
+  inside=$(in_outside kubectl --kubeconfig "$work/admin.kubeconfig" --request-timeout 20s exec web$i -- /http addrs 2>&1) \
+    || fail "kubectl exec web$i -- /http addrs: $inside"
+  cidrs=$(kcq get node node$i -o jsonpath='{.spec.podCIDRs[*]}')
+  addrs=$(python3 tests/k8s/pod-addrs.py web$i "$families" "$(kcq get pod web$i -o jsonpath='{.status.podIPs[*].ip}')" "$cidrs" <<<"$inside") \
+    || fail "web$i's addresses (inside: $(xargs <<<"$inside"))"
+  read -r pod_ip[$i] second <<<"$addrs"
+  [ "$stack" = dual ] && pod_ip6[$i]=$second
+  echo "web$i on node$i: $addrs in $cidrs, and no other address inside"
 done
-declare -A pod_ip6
-if [ -n "$dual" ]; then
-  for i in $(seq 0 $((nodes - 1))); do
-    pod_ip6[$i]=$(kcq get pod web$i -o jsonpath='{.status.podIPs[1].ip}')
-    cidr6=$(kcq get node node$i -o jsonpath='{.spec.podCIDRs[1]}')
-    python3 -c "import ipaddress,sys; sys.exit(ipaddress.ip_address('${pod_ip6[$i]:-x}'.replace('x','0.0.0.0')) not in ipaddress.ip_network('$cidr6'))" \
-      || fail "web$i has IPv6 address '${pod_ip6[$i]}', not in node$i's IPv6 podCIDR $cidr6 (podIPs: $(kcq get pod web$i -o jsonpath='{.status.podIPs}'))"
-    echo "web$i on node$i: ${pod_ip6[$i]} in $cidr6"
-  done
-fi
 
-say "HTTP between every pair of pods (kubectl exec), and from every node"
-pairs_ok=0 pairs=0
-for i in $(seq 0 $((nodes - 1))); do
-  for j in $(seq 0 $((nodes - 1))); do
-    pairs=$((pairs + 1))
-    out=$(in_outside kubectl --kubeconfig "$work/admin.kubeconfig" --request-timeout 20s exec web$i -- /http get "${pod_ip[$j]}" 8080 2>&1 || true)
-    case $out in
-      "web$j "*) pairs_ok=$((pairs_ok + 1)); echo "web$i -> web$j (${pod_ip[$j]}): $out" ;;
-      *) echo "web$i -> web$j (${pod_ip[$j]}): FAILED: $out" ;;
-    esac
-  done
-done
-node_ok=0 node_pairs=0
-for i in $(seq 0 $((nodes - 1))); do
-  for j in $(seq 0 $((nodes - 1))); do
-    node_pairs=$((node_pairs + 1))
-    out=$(ip netns exec flt-$tag-node$i "$img/http/http" get "${pod_ip[$j]}" 8080 || true)
-    case $out in "web$j "*) node_ok=$((node_ok + 1)) ;; *) echo "node$i -> web$j: FAILED: $out" ;; esac
-  done
-done
-echo "pod to pod: $pairs_ok/$pairs; node to pod: $node_ok/$node_pairs"
-[ "$pairs_ok" -eq "$pairs" ] || fail "HTTP between pods"
-[ "$node_ok" -eq "$node_pairs" ] || fail "HTTP from nodes to pods"
-if [ -n "$dual" ]; then
-  say "the same over IPv6"
-  ok6=0 all6=0
+# HTTP from every pod (kubectl exec) and from every node to every pod, at
+# the pods' addresses in the array named ARRAY; fails unless all answer, and
+# leaves "pods ok/n, nodes ok/n" in http_ARRAY for the summary.
+http_matrix() { # ARRAY LABEL
+  local -n addr=$1
+  local i j out pod_ok=0 node_ok=0
   for i in $(seq 0 $((nodes - 1))); do
     for j in $(seq 0 $((nodes - 1))); do
-      all6=$((all6 + 2))
-      out=$(in_outside kubectl --kubeconfig "$work/admin.kubeconfig" --request-timeout 20s exec web$i -- /http get "${pod_ip6[$j]}" 8080 2>&1 || true)
-      case $out in "web$j "*) ok6=$((ok6 + 1)); echo "web$i -> web$j (${pod_ip6[$j]}): $out" ;; *) echo "web$i -> web$j (${pod_ip6[$j]}): FAILED: $out" ;; esac
-      out=$(ip netns exec flt-$tag-node$i "$img/http/http" get "${pod_ip6[$j]}" 8080 || true)
-      case $out in "web$j "*) ok6=$((ok6 + 1)) ;; *) echo "node$i -> web$j (${pod_ip6[$j]}): FAILED: $out" ;; esac
+      out=$(in_outside kubectl --kubeconfig "$work/admin.kubeconfig" --request-timeout 20s exec web$i -- /http get "${addr[$j]}" 8080 2>&1 || true)
+      case $out in
+        "web$j "*) pod_ok=$((pod_ok + 1)); echo "web$i -> web$j (${addr[$j]}): $out" ;;
+        *) echo "web$i -> web$j (${addr[$j]}): FAILED: $out" ;;
+      esac
+      out=$(ip netns exec flt-$tag-node$i "$img/http/http" get "${addr[$j]}" 8080 || true)
+      case $out in "web$j "*) node_ok=$((node_ok + 1)) ;; *) echo "node$i -> web$j (${addr[$j]}): FAILED: $out" ;; esac
     done
   done
-  echo "IPv6, pod to pod and node to pod: $ok6/$all6"
-  [ "$ok6" -eq "$all6" ] || fail "HTTP over IPv6"
+  echo "$2, pod to pod: $pod_ok/$((nodes * nodes)); node to pod: $node_ok/$((nodes * nodes))"
+  printf -v "http_$1" '%s/%s, %s/%s' "$pod_ok" $((nodes * nodes)) "$node_ok" $((nodes * nodes))
+  [ "$pod_ok" -eq $((nodes * nodes)) ] || fail "HTTP between pods ($2)"
+  [ "$node_ok" -eq $((nodes * nodes)) ] || fail "HTTP from nodes to pods ($2)"
+}
+primary=IPv4
+[ "$stack" = ipv6 ] && primary=IPv6
+say "HTTP between every pair of pods (kubectl exec), and from every node, over $primary"
+http_matrix pod_ip "$primary"
+if [ "$stack" = dual ]; then
+  say "the same over IPv6"
+  http_matrix pod_ip6 IPv6
 fi
 
 say "deleting a pod frees its address"
@@ -467,23 +593,25 @@ pod_yaml web0 node0 | kc apply -f - >/dev/null
 wait_running web0
 pod_ip[0]=$(kcq get pod web0 -o jsonpath='{.status.podIP}')
 echo "web0 again: ${pod_ip[0]}"
-if [ -n "$dual" ]; then
+if [ "$stack" = dual ]; then
   # The dual-stack run stops here: the rest (ingress, rollout, latency) is
   # the IPv4 run's, and family-independent.
   say "summary (dual-stack)"
   cat <<S
 cluster: $nodes nodes, dual-stack (IPv6DualStack), podCIDRs of both families
-pods get an address of each family from their node's podCIDRs: yes
-HTTP pod -> pod and node -> pod over IPv4: $pairs_ok/$pairs, $node_ok/$node_pairs
-HTTP pod -> pod and node -> pod over IPv6: $ok6/$all6
+pods get an address of each family from their node's podCIDRs, and no other: yes
+HTTP pod -> pod and node -> pod over IPv4: $http_pod_ip
+HTTP pod -> pod and node -> pod over IPv6: $http_pod_ip6
 deleted pod's addresses (both families) released: $ip_freed
+not run here (the IPv4 run's): ingress, DaemonSet rollout, pod start latency
 run time: $(( $(date +%s) - t_start )) s
 S
   exit 0
 fi
 
-say "ingress: nginx on node0's host network, by Host header to pods on the other nodes"
+say "ingress: nginx on node0's host network, by Host header to pods on the other nodes, over $primary"
 far=$((nodes - 1))
+ingress_ip=$(node_ip 0)
 pod_yaml default-backend "node$far" | kc apply -f - >/dev/null
 wait_running default-backend
 def_ip=$(kcq get pod default-backend -o jsonpath='{.status.podIP}')
@@ -502,19 +630,19 @@ http {
   scgi_temp_path $work/nginx/scgi;
   proxy_set_header Host \$host;
   proxy_connect_timeout 3s;
-  server { listen 192.0.2.10:80 default_server; location / { proxy_pass http://$def_ip:8080; } }
-  server { listen 192.0.2.10:80; server_name a.example; location / { proxy_pass http://${pod_ip[1]}:8080; } }
-  server { listen 192.0.2.10:80; server_name b.example; location / { proxy_pass http://${pod_ip[$far]}:8080; } }
+  server { listen $(bracket "$ingress_ip"):80 default_server; location / { proxy_pass http://$(bracket "$def_ip"):8080; } }
+  server { listen $(bracket "$ingress_ip"):80; server_name a.example; location / { proxy_pass http://$(bracket "${pod_ip[1]}"):8080; } }
+  server { listen $(bracket "$ingress_ip"):80; server_name b.example; location / { proxy_pass http://$(bracket "${pod_ip[$far]}"):8080; } }
 }
 NGX
 ip netns exec flt-$tag-node0 nginx -c "$work/nginx/nginx.conf" >"$work/nginx/stdout.log" 2>&1 &
 pids+=($!)
-for _ in $(seq 50); do ip netns exec flt-$tag-node0 ss -ltn | grep -q '192.0.2.10:80 ' && break; sleep 0.1; done
+for _ in $(seq 50); do ip netns exec flt-$tag-node0 ss -ltn | grep -qF "$(bracket "$ingress_ip"):80 " && break; sleep 0.1; done
 ingress_ok=0 ingress_n=0
 for pair in "a.example web1" "b.example web$far" "unknown.example default-backend"; do
   read -r host want <<<"$pair"
   ingress_n=$((ingress_n + 1))
-  out=$(in_outside "$img/http/http" get 192.0.2.10 80 "$host" || true)
+  out=$(in_outside "$img/http/http" get "$ingress_ip" 80 "$host" || true)
   case $out in
     "$want $host"*) ingress_ok=$((ingress_ok + 1)); echo "outside -> node0:80 Host $host: $out" ;;
     *) echo "outside -> node0:80 Host $host: FAILED (want $want): $out" ;;
@@ -540,7 +668,7 @@ for i in $(seq 0 $((nodes - 1))); do
       for t in "${targets[@]}"; do
         if ip netns exec flt-$tag-node$i "$img/http/http" get "$t" 8080 >/dev/null 2>>"$work/traffic-errors.log"; then ok=$((ok + 1)); else bad=$((bad + 1)); fi
       done
-      if in_outside "$img/http/http" get 192.0.2.10 80 a.example >/dev/null 2>>"$work/traffic-errors.log"; then ok=$((ok + 1)); else bad=$((bad + 1)); fi
+      if in_outside "$img/http/http" get "$ingress_ip" 80 a.example >/dev/null 2>>"$work/traffic-errors.log"; then ok=$((ok + 1)); else bad=$((bad + 1)); fi
       sleep 0.05
     done
     echo "$ok $bad" >"$work/traffic-$i"
@@ -578,6 +706,23 @@ if [ "$backend" = udp ]; then
   [ "$req_ok" -gt 0 ] || fail "no request succeeded during the rollout"
 else
   [ "$req_bad" -eq 0 ] || fail "$req_bad requests failed during the rollout"
+fi
+if [ "$stack" = ipv6 ]; then
+  # The IPv6-only run stops here, saying what it leaves out and why.
+  say "summary (IPv6-only)"
+  cat <<S
+cluster: $nodes nodes, IPv6 only: node IPs, API server $api, Service range $svc_range, podCIDRs from $cluster_cidr; no IPv4 on the underlay
+kubectl apply -> every flanneld-rs pod ready: $apply_to_ds_ready ms; every node Ready: $apply_to_ready ms
+backend $backend: ${devices:-no tunnel device} on every node, no other; subnet.env with the IPv6 lines only; no IPv4 route or FLANNEL chain
+pods get one IPv6 address from their node's podCIDR, and no IPv4 one: yes
+HTTP pod -> pod and node -> pod over IPv6: $http_pod_ip
+deleted pod's address released: $ip_freed
+ingress over IPv6 (nginx on node0, by Host): $ingress_ok/$ingress_n
+DaemonSet rollout to :$roll_tag over IPv6: $roll_ms ms, $req_ok requests ok, $req_bad failed
+skipped: pod start latency against the reference bridge plugin (the IPv4 run measures it; its hand-written reference configuration is IPv4)
+run time: $(( $(date +%s) - t_start )) s
+S
+  exit 0
 fi
 
 # Pod start latency on the last node, our plugin against Debian's reference
@@ -689,9 +834,8 @@ cluster: $nodes nodes (kubelet $("$kbin/kubelet" --version | awk '{print $2}'), 
 kubectl apply -> plugin, conflist, subnet.env on every node: $apply_to_files ms
 kubectl apply -> every flanneld-rs pod ready:                $apply_to_ds_ready ms
 kubectl apply -> every node Ready:                           $apply_to_ready ms
-pods get addresses from their node's podCIDR: yes
-HTTP pod -> pod (kubectl exec):  $pairs_ok/$pairs
-HTTP node -> pod:                $node_ok/$node_pairs
+pods get addresses from their node's podCIDR, and no other: yes
+HTTP pod -> pod (kubectl exec), node -> pod: $http_pod_ip
 deleted pod's address released:  $ip_freed
 ingress (nginx on node0, by Host): $ingress_ok/$ingress_n
 DaemonSet rollout to :$roll_tag:  $roll_ms ms, $req_ok requests ok, $req_bad failed

@@ -7,10 +7,14 @@
  *   http get IP PORT [HOST] [PATH]
  *                              one GET; prints the body; exits 0 on 200, 1
  *                              otherwise (3 s timeout for connect and read).
+ *   http addrs                 prints every address of every interface of the
+ *                              network namespace it runs in, one
+ *                              "<ifname> <address>/<prefix length>" line each.
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
 #include <errno.h>
+#include <ifaddrs.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <signal.h>
@@ -166,11 +170,45 @@ static int get(const char *ip, int port, const char *host, const char *path) {
     return 0;
 }
 
+/* The prefix length of a netmask (a contiguous one: what the kernel reports). */
+static int prefix_len(const unsigned char *mask, size_t len) {
+    int n = 0;
+    for (size_t i = 0; i < len; i++)
+        n += __builtin_popcount(mask[i]);
+    return n;
+}
+
+static int addrs(void) {
+    struct ifaddrs *all;
+    if (getifaddrs(&all) != 0)
+        die("getifaddrs");
+    for (struct ifaddrs *i = all; i; i = i->ifa_next) {
+        if (!i->ifa_addr || !i->ifa_netmask)
+            continue;
+        char text[INET6_ADDRSTRLEN];
+        int plen;
+        if (i->ifa_addr->sa_family == AF_INET) {
+            inet_ntop(AF_INET, &((struct sockaddr_in *)i->ifa_addr)->sin_addr, text, sizeof text);
+            plen = prefix_len((unsigned char *)&((struct sockaddr_in *)i->ifa_netmask)->sin_addr, 4);
+        } else if (i->ifa_addr->sa_family == AF_INET6) {
+            inet_ntop(AF_INET6, &((struct sockaddr_in6 *)i->ifa_addr)->sin6_addr, text, sizeof text);
+            plen = prefix_len((unsigned char *)&((struct sockaddr_in6 *)i->ifa_netmask)->sin6_addr, 16);
+        } else {
+            continue;
+        }
+        printf("%s %s/%d\n", i->ifa_name, text, plen);
+    }
+    freeifaddrs(all);
+    return 0;
+}
+
 int main(int argc, char **argv) {
     if (argc >= 2 && strcmp(argv[1], "serve") == 0)
         serve(argc >= 3 ? atoi(argv[2]) : 8080);
     if (argc >= 4 && strcmp(argv[1], "get") == 0)
         return get(argv[2], atoi(argv[3]), argc >= 5 ? argv[4] : argv[2], argc >= 6 ? argv[5] : "/");
-    fprintf(stderr, "usage: http serve [PORT] | http get IP PORT [HOST] [PATH]\n");
+    if (argc == 2 && strcmp(argv[1], "addrs") == 0)
+        return addrs();
+    fprintf(stderr, "usage: http serve [PORT] | http get IP PORT [HOST] [PATH] | http addrs\n");
     return 2;
 }
