@@ -291,25 +291,11 @@ impl Store {
             .write(true)
             .open(&path)
             .map_err(io_err(format!("open {}", path.display())))?;
-        let deadline = Instant::now() + LOCK_TIMEOUT;
-        let mut pause = Duration::from_micros(50);
-        loop {
-            // SAFETY: flock on a descriptor we own.
-            let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-            if rc == 0 {
-                break;
-            }
-            let err = io::Error::last_os_error();
-            if err.raw_os_error() != Some(libc::EWOULDBLOCK) {
-                return Err(IpamError::Io { op: format!("lock {}", path.display()), source: err });
-            }
-            if Instant::now() >= deadline {
-                return Err(IpamError::Busy { dir: dir.to_path_buf() });
-            }
-            std::thread::sleep(pause);
-            pause = (pause * 2).min(Duration::from_millis(2));
+        match lock_within(&file, LOCK_TIMEOUT) {
+            Ok(true) => Ok(file),
+            Ok(false) => Err(IpamError::Busy { dir: dir.to_path_buf() }),
+            Err(err) => Err(IpamError::Io { op: format!("lock {}", path.display()), source: err }),
         }
-        Ok(file)
     }
 
     /// Whether the index lists the attachment (no lock: a hint for DEL,
@@ -618,6 +604,93 @@ impl Store {
     }
 }
 
+/// Takes an exclusive `flock` on `file`, waiting at most `timeout`; `false`
+/// when the wait timed out. A contended lock is waited for in the kernel,
+/// which hands it over the moment its holder lets go, rather than polled
+/// with sleeps (a burst of ADDs polling every few milliseconds left the lock
+/// idle between holders and woke every waiter in vain). The wait is bounded
+/// by a timer of this thread's own that interrupts it with `SIGALRM` (whose
+/// handler does nothing, installed without `SA_RESTART`), and re-fires every
+/// 20 ms after the deadline in case its first signal came before `flock`
+/// started to wait.
+fn lock_within(file: &File, timeout: Duration) -> io::Result<bool> {
+    // SAFETY: flock on a descriptor we own.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+        return Ok(true);
+    }
+    let err = io::Error::last_os_error();
+    if err.raw_os_error() != Some(libc::EWOULDBLOCK) {
+        return Err(err);
+    }
+    let timer = AlarmTimer::arm(timeout)?;
+    let deadline = Instant::now() + timeout;
+    loop {
+        // SAFETY: as above; the timer interrupts the wait.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } == 0 {
+            drop(timer);
+            return Ok(true);
+        }
+        let err = io::Error::last_os_error();
+        if err.raw_os_error() != Some(libc::EINTR) {
+            return Err(err);
+        }
+        if Instant::now() >= deadline {
+            return Ok(false);
+        }
+    }
+}
+
+/// A one-shot POSIX timer that sends `SIGALRM` to the calling thread only
+/// (so threads waiting at once, as in the tests, do not interrupt each
+/// other); deleted on drop.
+struct AlarmTimer(libc::timer_t);
+
+impl AlarmTimer {
+    fn arm(after: Duration) -> io::Result<AlarmTimer> {
+        extern "C" fn interrupt(_: libc::c_int) {}
+        static HANDLER: std::sync::Once = std::sync::Once::new();
+        HANDLER.call_once(|| {
+            // SAFETY: installs a handler that does nothing (async-signal-safe).
+            unsafe {
+                let mut act: libc::sigaction = std::mem::zeroed();
+                act.sa_sigaction = interrupt as extern "C" fn(libc::c_int) as libc::sighandler_t;
+                act.sa_flags = 0;
+                libc::sigemptyset(&mut act.sa_mask);
+                libc::sigaction(libc::SIGALRM, &act, std::ptr::null_mut());
+            }
+        });
+        // SAFETY: a zeroed sigevent is valid; the fields set below are the
+        // ones SIGEV_THREAD_ID reads.
+        let mut sev: libc::sigevent = unsafe { std::mem::zeroed() };
+        sev.sigev_notify = libc::SIGEV_THREAD_ID;
+        sev.sigev_signo = libc::SIGALRM;
+        // SAFETY: gettid has no preconditions.
+        sev.sigev_notify_thread_id = unsafe { libc::syscall(libc::SYS_gettid) } as libc::c_int;
+        let mut timer: libc::timer_t = std::ptr::null_mut();
+        // SAFETY: valid out-pointer and sigevent.
+        if unsafe { libc::timer_create(libc::CLOCK_MONOTONIC, &mut sev, &mut timer) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let timer = AlarmTimer(timer);
+        let spec = libc::itimerspec {
+            it_interval: libc::timespec { tv_sec: 0, tv_nsec: 20_000_000 },
+            it_value: libc::timespec { tv_sec: after.as_secs() as libc::time_t, tv_nsec: after.subsec_nanos() as _ },
+        };
+        // SAFETY: a timer we created, a valid itimerspec.
+        if unsafe { libc::timer_settime(timer.0, 0, &spec, std::ptr::null_mut()) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(timer)
+    }
+}
+
+impl Drop for AlarmTimer {
+    fn drop(&mut self) {
+        // SAFETY: deletes the timer this value owns.
+        unsafe { libc::timer_delete(self.0) };
+    }
+}
+
 /// host-local's DEL: removes every reservation file in `dir` that names the
 /// attachment (`<container id>\r\n<ifname>`), under host-local's lock;
 /// returns the addresses released. A missing directory holds nothing.
@@ -831,6 +904,23 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         assert!(Store::open_existing(dir.path(), "cbr0").unwrap().is_none());
         assert!(!dir.path().join("networks").exists());
+    }
+
+    #[test]
+    fn a_held_lock_is_waited_for_in_the_kernel_and_the_wait_is_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("lock");
+        let held = File::create(&path).unwrap();
+        // SAFETY: flock on a descriptor we own.
+        assert_eq!(unsafe { libc::flock(held.as_raw_fd(), libc::LOCK_EX) }, 0);
+        let other = OpenOptions::new().write(true).open(&path).unwrap();
+        assert!(!lock_within(&other, Duration::from_millis(30)).unwrap(), "taken while held");
+        // A waiter gets it once the holder lets go.
+        std::thread::scope(|s| {
+            let waiter = s.spawn(|| lock_within(&other, LOCK_TIMEOUT).unwrap());
+            drop(held);
+            assert!(waiter.join().unwrap());
+        });
     }
 
     #[test]
