@@ -34,6 +34,10 @@ const LOCK_TIMEOUT: Duration = Duration::from_secs(10);
 /// Our directory in `dataDir`, holding one directory per network.
 pub const NETWORKS_DIR: &str = "networks";
 
+/// How many addresses ADD tries one by one from the hint before it lists
+/// the stores (see [`Store::claim_next`]).
+const FAST_PROBES: u128 = 32;
+
 /// Subdirectory holding the attachment index.
 const INDEX_DIR: &str = "attachments";
 
@@ -170,6 +174,15 @@ fn io_err(op: impl Into<String>) -> impl FnOnce(io::Error) -> IpamError {
     move |source| IpamError::Io { op, source }
 }
 
+/// Creates `path` if it does not exist (`O_EXCL`); `None` when it does.
+fn create_new(path: &Path) -> Result<Option<File>, IpamError> {
+    match OpenOptions::new().write(true).create_new(true).open(path) {
+        Ok(f) => Ok(Some(f)),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(None),
+        Err(e) => Err(io_err(format!("create {}", path.display()))(e)),
+    }
+}
+
 /// The locked state directory of one network. The lock is held until drop.
 pub struct Store {
     dir: PathBuf,
@@ -199,6 +212,12 @@ impl Store {
     /// Opens (creating it if needed) and locks the directory.
     pub fn open(data_dir: &Path, network: &str) -> Result<Store, IpamError> {
         let dir = Self::dir_for(data_dir, network);
+        // The directory exists but on a node's first ADD: try the lock first.
+        match Self::flock(&dir) {
+            Ok(lock) => return Ok(Store { dir, _lock: lock, host_local: None }),
+            Err(IpamError::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
         std::fs::create_dir_all(&dir).map_err(io_err(format!("create {}", dir.display())))?;
         Self::lock(dir)
     }
@@ -225,14 +244,18 @@ impl Store {
     /// (a node that ran an earlier flannel-rs); without, a missing directory
     /// means there is nothing of host-local's to consider.
     pub fn with_host_local(mut self, dir: PathBuf, create: bool) -> Result<Store, IpamError> {
-        let existed = dir.is_dir();
-        if !existed {
-            if !create {
-                return Ok(self);
+        // The common case, an existing directory, costs the lock alone.
+        let (lock, existed) = match Self::flock(&dir) {
+            Ok(lock) => (lock, true),
+            Err(IpamError::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => {
+                if !create {
+                    return Ok(self);
+                }
+                std::fs::create_dir_all(&dir).map_err(io_err(format!("create {}", dir.display())))?;
+                (Self::flock(&dir)?, false)
             }
-            std::fs::create_dir_all(&dir).map_err(io_err(format!("create {}", dir.display())))?;
-        }
-        let lock = Self::flock(&dir)?;
+            Err(e) => return Err(e),
+        };
         self.host_local = Some(HostLocal { dir, _lock: lock });
         if !existed {
             for r in self.records()? {
@@ -452,8 +475,11 @@ impl Store {
         if let Some(r) = held.iter().find(|r| range.subnet.contains(&r.ip)) {
             return Ok(r.ip);
         }
-        let used = self.used()?;
         let v4 = range.subnet.addr().is_ipv4();
+        let mut content = format!("{container_id}\r\n{ifname}");
+        if masq {
+            content.push_str("\r\nmasq");
+        }
         let chosen = if let Some(ip) = requested.filter(|ip| ip.is_ipv4() == v4) {
             if !range.is_usable(ip) {
                 return Err(IpamError::Unavailable {
@@ -461,38 +487,24 @@ impl Store {
                     reason: format!("is not a pod address of {} (gateway {})", range.subnet, range.gateway),
                 });
             }
-            if used.contains(&ip) {
+            if !self.claim(ip, &content, container_id, ifname)? {
                 return Err(IpamError::Unavailable { ip, reason: "is already allocated".into() });
             }
             ip
         } else {
-            self.next_free(range, &used)?
+            self.claim_next(range, &content, container_id, ifname)?
         };
         let path = self.dir.join(chosen.to_string());
-        let mut file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&path)
-            .map_err(io_err(format!("create {}", path.display())))?;
-        let mut content = format!("{container_id}\r\n{ifname}");
-        if masq {
-            content.push_str("\r\nmasq");
-        }
-        let written = file.write_all(content.as_bytes()).map_err(io_err(format!("write {}", path.display())));
-        drop(file);
         let mut ips: Vec<IpAddr> = held.iter().map(|r| r.ip).collect();
         ips.push(chosen);
-        // A record that is not both complete and indexed must go again (a
-        // full disk): the caller's clean-up finds records through the index,
-        // so nothing would ever release it, and a partial one would pin its
-        // address for good.
-        if let Err(e) = written.and_then(|()| self.set_index(container_id, ifname, &ips)) {
+        // A record that is not indexed must go again (a full disk): the
+        // caller's clean-up finds records through the index, so nothing
+        // would ever release it.
+        if let Err(e) = self.set_index(container_id, ifname, &ips) {
             let _ = std::fs::remove_file(&path);
-            return Err(e);
-        }
-        if let Err(e) = self.reserve_in_host_local(&chosen, container_id, ifname) {
-            let _ = std::fs::remove_file(&path);
-            let _ = self.set_index(container_id, ifname, &held.iter().map(|r| r.ip).collect::<Vec<_>>());
+            if let Some(h) = &self.host_local {
+                let _ = std::fs::remove_file(h.dir.join(chosen.to_string()));
+            }
             return Err(e);
         }
         self.write_hint(range, chosen)?;
@@ -541,6 +553,85 @@ impl Store {
                 .filter(|ip| range.subnet.contains(ip))
         };
         self.host_local.as_ref().and_then(|h| read(&h.dir)).or_else(|| read(&self.dir))
+    }
+
+    /// Takes `ip` if nobody holds it: creates our record (`O_EXCL`, so an
+    /// existing one means taken) and, with host-local's directory, its
+    /// reservation file there (an existing one is a pod of flannel's plugin:
+    /// ours goes again), then writes both. `false` when the address is
+    /// taken. No directory is listed: host-local itself allocates this way.
+    fn claim(&self, ip: IpAddr, content: &str, container_id: &str, ifname: &str) -> Result<bool, IpamError> {
+        let name = ip.to_string();
+        let path = self.dir.join(&name);
+        let Some(mut ours) = create_new(&path)? else { return Ok(false) };
+        let theirs = match &self.host_local {
+            None => None,
+            Some(h) => {
+                let mirror = h.dir.join(&name);
+                match create_new(&mirror) {
+                    Ok(Some(f)) => Some((f, mirror)),
+                    Ok(None) => {
+                        drop(ours);
+                        let _ = std::fs::remove_file(&path);
+                        return Ok(false);
+                    }
+                    Err(e) => {
+                        drop(ours);
+                        let _ = std::fs::remove_file(&path);
+                        return Err(e);
+                    }
+                }
+            }
+        };
+        // A partial record would pin its address for good: both go again
+        // when either write fails (a full disk).
+        let mut written = ours.write_all(content.as_bytes()).map_err(io_err(format!("write {}", path.display())));
+        drop(ours);
+        if let Some((mut f, mirror)) = theirs {
+            written = written.and_then(|()| {
+                f.write_all(format!("{container_id}\r\n{ifname}").as_bytes())
+                    .map_err(io_err(format!("write {}", mirror.display())))
+            });
+            if written.is_err() {
+                let _ = std::fs::remove_file(&mirror);
+            }
+        }
+        if let Err(e) = written {
+            let _ = std::fs::remove_file(&path);
+            return Err(e);
+        }
+        Ok(true)
+    }
+
+    /// Takes the first free address after the last allocation, wrapping
+    /// around, as [`Store::next_free`] picks it. The common case, a free
+    /// address at or near the hint, costs one `O_EXCL` create per store;
+    /// after [`FAST_PROBES`] taken addresses in a row (a nearly full range)
+    /// the used addresses are listed once, which bounds the walk through a
+    /// huge IPv6 range and tells exhaustion exactly.
+    fn claim_next(&self, range: &Range, content: &str, container_id: &str, ifname: &str) -> Result<IpAddr, IpamError> {
+        let v4 = range.subnet.addr().is_ipv4();
+        let size = range.size();
+        let base = range.base();
+        let start = match self.last_reserved(range) {
+            Some(ip) => (to_u128(ip) - base + 1) % size,
+            None => 0,
+        };
+        for step in 0..size.min(FAST_PROBES) {
+            let candidate = from_u128(base + (start + step) % size, v4);
+            if range.is_usable(candidate) && self.claim(candidate, content, container_id, ifname)? {
+                return Ok(candidate);
+            }
+        }
+        let mut used = self.used()?;
+        loop {
+            let candidate = self.next_free(range, &used)?;
+            if self.claim(candidate, content, container_id, ifname)? {
+                return Ok(candidate);
+            }
+            // A file the listing did not show as an address: taken all the same.
+            used.insert(candidate);
+        }
     }
 
     /// Walks the range from just after the last allocation, wrapping around.
