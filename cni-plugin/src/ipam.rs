@@ -858,6 +858,37 @@ mod tests {
     }
 
     #[test]
+    fn a_long_run_of_taken_addresses_falls_back_to_listing_the_stores() {
+        let dir = tempfile::tempdir().unwrap();
+        let hl = dir.path().join("hl/cbr0");
+        let s = Store::open(dir.path(), "cbr0").unwrap().with_host_local(hl.clone(), true).unwrap();
+        let r = range("10.244.1.1/24");
+        for i in 0..40 {
+            s.allocate(&r, &format!("c{i}"), "eth0", false, None).unwrap();
+        }
+        // One more held by a pod of flannel's plugin, in host-local's store only.
+        std::fs::write(hl.join("10.244.1.42"), "upstream\r\neth0").unwrap();
+        // Back to the start of the range: 41 taken addresses in a row.
+        std::fs::write(hl.join("last_reserved_ip.0"), "10.244.1.1").unwrap();
+        assert_eq!(s.allocate(&r, "late", "eth0", false, None).unwrap().to_string(), "10.244.1.43");
+        assert_eq!(std::fs::read_to_string(hl.join("10.244.1.42")).unwrap(), "upstream\r\neth0");
+        assert!(!s.dir().join("10.244.1.42").exists(), "no record of ours for host-local's address");
+    }
+
+    #[test]
+    fn host_locals_hint_holds_the_bare_address_when_it_gets_shorter() {
+        let dir = tempfile::tempdir().unwrap();
+        let hl = dir.path().join("hl/cbr0");
+        let s = Store::open(dir.path(), "cbr0").unwrap().with_host_local(hl.clone(), true).unwrap();
+        let r = range("10.244.1.1/24");
+        std::fs::write(hl.join("last_reserved_ip.0"), "10.244.1.254").unwrap();
+        assert_eq!(s.allocate(&r, "a", "eth0", false, None).unwrap().to_string(), "10.244.1.2");
+        assert_eq!(std::fs::read_to_string(hl.join("last_reserved_ip.0")).unwrap(), "10.244.1.2");
+        assert_eq!(s.allocate(&r, "b", "eth0", false, None).unwrap().to_string(), "10.244.1.3");
+        assert_eq!(std::fs::read_to_string(hl.join("last_reserved_ip.0")).unwrap(), "10.244.1.3");
+    }
+
+    #[test]
     fn rotates_instead_of_reusing_a_just_freed_address() {
         let dir = tempfile::tempdir().unwrap();
         let s = Store::open(dir.path(), "cbr0").unwrap();
