@@ -34,6 +34,10 @@ const LOCK_TIMEOUT: Duration = Duration::from_secs(10);
 /// Our directory in `dataDir`, holding one directory per network.
 pub const NETWORKS_DIR: &str = "networks";
 
+/// How many addresses ADD tries one by one from the hint before it lists
+/// the stores (see [`Store::claim_next`]).
+const FAST_PROBES: u128 = 32;
+
 /// Subdirectory holding the attachment index.
 const INDEX_DIR: &str = "attachments";
 
@@ -170,6 +174,15 @@ fn io_err(op: impl Into<String>) -> impl FnOnce(io::Error) -> IpamError {
     move |source| IpamError::Io { op, source }
 }
 
+/// Creates `path` if it does not exist (`O_EXCL`); `None` when it does.
+fn create_new(path: &Path) -> Result<Option<File>, IpamError> {
+    match OpenOptions::new().write(true).create_new(true).open(path) {
+        Ok(f) => Ok(Some(f)),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(None),
+        Err(e) => Err(io_err(format!("create {}", path.display()))(e)),
+    }
+}
+
 /// The locked state directory of one network. The lock is held until drop.
 pub struct Store {
     dir: PathBuf,
@@ -199,6 +212,12 @@ impl Store {
     /// Opens (creating it if needed) and locks the directory.
     pub fn open(data_dir: &Path, network: &str) -> Result<Store, IpamError> {
         let dir = Self::dir_for(data_dir, network);
+        // The directory exists but on a node's first ADD: try the lock first.
+        match Self::flock(&dir) {
+            Ok(lock) => return Ok(Store { dir, _lock: lock, host_local: None }),
+            Err(IpamError::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
         std::fs::create_dir_all(&dir).map_err(io_err(format!("create {}", dir.display())))?;
         Self::lock(dir)
     }
@@ -225,14 +244,18 @@ impl Store {
     /// (a node that ran an earlier flannel-rs); without, a missing directory
     /// means there is nothing of host-local's to consider.
     pub fn with_host_local(mut self, dir: PathBuf, create: bool) -> Result<Store, IpamError> {
-        let existed = dir.is_dir();
-        if !existed {
-            if !create {
-                return Ok(self);
+        // The common case, an existing directory, costs the lock alone.
+        let (lock, existed) = match Self::flock(&dir) {
+            Ok(lock) => (lock, true),
+            Err(IpamError::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => {
+                if !create {
+                    return Ok(self);
+                }
+                std::fs::create_dir_all(&dir).map_err(io_err(format!("create {}", dir.display())))?;
+                (Self::flock(&dir)?, false)
             }
-            std::fs::create_dir_all(&dir).map_err(io_err(format!("create {}", dir.display())))?;
-        }
-        let lock = Self::flock(&dir)?;
+            Err(e) => return Err(e),
+        };
         self.host_local = Some(HostLocal { dir, _lock: lock });
         if !existed {
             for r in self.records()? {
@@ -291,25 +314,11 @@ impl Store {
             .write(true)
             .open(&path)
             .map_err(io_err(format!("open {}", path.display())))?;
-        let deadline = Instant::now() + LOCK_TIMEOUT;
-        let mut pause = Duration::from_micros(50);
-        loop {
-            // SAFETY: flock on a descriptor we own.
-            let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-            if rc == 0 {
-                break;
-            }
-            let err = io::Error::last_os_error();
-            if err.raw_os_error() != Some(libc::EWOULDBLOCK) {
-                return Err(IpamError::Io { op: format!("lock {}", path.display()), source: err });
-            }
-            if Instant::now() >= deadline {
-                return Err(IpamError::Busy { dir: dir.to_path_buf() });
-            }
-            std::thread::sleep(pause);
-            pause = (pause * 2).min(Duration::from_millis(2));
+        match lock_within(&file, LOCK_TIMEOUT) {
+            Ok(true) => Ok(file),
+            Ok(false) => Err(IpamError::Busy { dir: dir.to_path_buf() }),
+            Err(err) => Err(IpamError::Io { op: format!("lock {}", path.display()), source: err }),
         }
-        Ok(file)
     }
 
     /// Whether the index lists the attachment (no lock: a hint for DEL,
@@ -466,8 +475,11 @@ impl Store {
         if let Some(r) = held.iter().find(|r| range.subnet.contains(&r.ip)) {
             return Ok(r.ip);
         }
-        let used = self.used()?;
         let v4 = range.subnet.addr().is_ipv4();
+        let mut content = format!("{container_id}\r\n{ifname}");
+        if masq {
+            content.push_str("\r\nmasq");
+        }
         let chosen = if let Some(ip) = requested.filter(|ip| ip.is_ipv4() == v4) {
             if !range.is_usable(ip) {
                 return Err(IpamError::Unavailable {
@@ -475,38 +487,24 @@ impl Store {
                     reason: format!("is not a pod address of {} (gateway {})", range.subnet, range.gateway),
                 });
             }
-            if used.contains(&ip) {
+            if !self.claim(ip, &content, container_id, ifname)? {
                 return Err(IpamError::Unavailable { ip, reason: "is already allocated".into() });
             }
             ip
         } else {
-            self.next_free(range, &used)?
+            self.claim_next(range, &content, container_id, ifname)?
         };
         let path = self.dir.join(chosen.to_string());
-        let mut file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&path)
-            .map_err(io_err(format!("create {}", path.display())))?;
-        let mut content = format!("{container_id}\r\n{ifname}");
-        if masq {
-            content.push_str("\r\nmasq");
-        }
-        let written = file.write_all(content.as_bytes()).map_err(io_err(format!("write {}", path.display())));
-        drop(file);
         let mut ips: Vec<IpAddr> = held.iter().map(|r| r.ip).collect();
         ips.push(chosen);
-        // A record that is not both complete and indexed must go again (a
-        // full disk): the caller's clean-up finds records through the index,
-        // so nothing would ever release it, and a partial one would pin its
-        // address for good.
-        if let Err(e) = written.and_then(|()| self.set_index(container_id, ifname, &ips)) {
+        // A record that is not indexed must go again (a full disk): the
+        // caller's clean-up finds records through the index, so nothing
+        // would ever release it.
+        if let Err(e) = self.set_index(container_id, ifname, &ips) {
             let _ = std::fs::remove_file(&path);
-            return Err(e);
-        }
-        if let Err(e) = self.reserve_in_host_local(&chosen, container_id, ifname) {
-            let _ = std::fs::remove_file(&path);
-            let _ = self.set_index(container_id, ifname, &held.iter().map(|r| r.ip).collect::<Vec<_>>());
+            if let Some(h) = &self.host_local {
+                let _ = std::fs::remove_file(h.dir.join(chosen.to_string()));
+            }
             return Err(e);
         }
         self.write_hint(range, chosen)?;
@@ -539,8 +537,27 @@ impl Store {
             .and_then(|f| f.write_all_at(text.as_bytes(), 0))
             .map_err(io_err(format!("write {}", slot.display())))?;
         if let Some(h) = &self.host_local {
+            // host-local reads the file whole and does not trim: it must hold
+            // the bare address. Truncating it to nothing first (O_TRUNC) cost
+            // a quarter of a millisecond on ext4 here, the data block freed
+            // and allocated again; so the address is written over the old one
+            // and the file cut only when the new address is shorter (a kill
+            // in between leaves a hint further on, never an empty one).
             let theirs = h.dir.join(range.slot_file());
-            std::fs::write(&theirs, ip.to_string()).map_err(io_err(format!("write {}", theirs.display())))?;
+            let text = ip.to_string();
+            OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(&theirs)
+                .and_then(|f| {
+                    f.write_all_at(text.as_bytes(), 0)?;
+                    if f.metadata()?.len() > text.len() as u64 {
+                        f.set_len(text.len() as u64)?;
+                    }
+                    Ok(())
+                })
+                .map_err(io_err(format!("write {}", theirs.display())))?;
         }
         Ok(())
     }
@@ -555,6 +572,85 @@ impl Store {
                 .filter(|ip| range.subnet.contains(ip))
         };
         self.host_local.as_ref().and_then(|h| read(&h.dir)).or_else(|| read(&self.dir))
+    }
+
+    /// Takes `ip` if nobody holds it: creates our record (`O_EXCL`, so an
+    /// existing one means taken) and, with host-local's directory, its
+    /// reservation file there (an existing one is a pod of flannel's plugin:
+    /// ours goes again), then writes both. `false` when the address is
+    /// taken. No directory is listed: host-local itself allocates this way.
+    fn claim(&self, ip: IpAddr, content: &str, container_id: &str, ifname: &str) -> Result<bool, IpamError> {
+        let name = ip.to_string();
+        let path = self.dir.join(&name);
+        let Some(mut ours) = create_new(&path)? else { return Ok(false) };
+        let theirs = match &self.host_local {
+            None => None,
+            Some(h) => {
+                let mirror = h.dir.join(&name);
+                match create_new(&mirror) {
+                    Ok(Some(f)) => Some((f, mirror)),
+                    Ok(None) => {
+                        drop(ours);
+                        let _ = std::fs::remove_file(&path);
+                        return Ok(false);
+                    }
+                    Err(e) => {
+                        drop(ours);
+                        let _ = std::fs::remove_file(&path);
+                        return Err(e);
+                    }
+                }
+            }
+        };
+        // A partial record would pin its address for good: both go again
+        // when either write fails (a full disk).
+        let mut written = ours.write_all(content.as_bytes()).map_err(io_err(format!("write {}", path.display())));
+        drop(ours);
+        if let Some((mut f, mirror)) = theirs {
+            written = written.and_then(|()| {
+                f.write_all(format!("{container_id}\r\n{ifname}").as_bytes())
+                    .map_err(io_err(format!("write {}", mirror.display())))
+            });
+            if written.is_err() {
+                let _ = std::fs::remove_file(&mirror);
+            }
+        }
+        if let Err(e) = written {
+            let _ = std::fs::remove_file(&path);
+            return Err(e);
+        }
+        Ok(true)
+    }
+
+    /// Takes the first free address after the last allocation, wrapping
+    /// around, as [`Store::next_free`] picks it. The common case, a free
+    /// address at or near the hint, costs one `O_EXCL` create per store;
+    /// after [`FAST_PROBES`] taken addresses in a row (a nearly full range)
+    /// the used addresses are listed once, which bounds the walk through a
+    /// huge IPv6 range and tells exhaustion exactly.
+    fn claim_next(&self, range: &Range, content: &str, container_id: &str, ifname: &str) -> Result<IpAddr, IpamError> {
+        let v4 = range.subnet.addr().is_ipv4();
+        let size = range.size();
+        let base = range.base();
+        let start = match self.last_reserved(range) {
+            Some(ip) => (to_u128(ip) - base + 1) % size,
+            None => 0,
+        };
+        for step in 0..size.min(FAST_PROBES) {
+            let candidate = from_u128(base + (start + step) % size, v4);
+            if range.is_usable(candidate) && self.claim(candidate, content, container_id, ifname)? {
+                return Ok(candidate);
+            }
+        }
+        let mut used = self.used()?;
+        loop {
+            let candidate = self.next_free(range, &used)?;
+            if self.claim(candidate, content, container_id, ifname)? {
+                return Ok(candidate);
+            }
+            // A file the listing did not show as an address: taken all the same.
+            used.insert(candidate);
+        }
     }
 
     /// Walks the range from just after the last allocation, wrapping around.
@@ -618,6 +714,93 @@ impl Store {
     }
 }
 
+/// Takes an exclusive `flock` on `file`, waiting at most `timeout`; `false`
+/// when the wait timed out. A contended lock is waited for in the kernel,
+/// which hands it over the moment its holder lets go, rather than polled
+/// with sleeps (a burst of ADDs polling every few milliseconds left the lock
+/// idle between holders and woke every waiter in vain). The wait is bounded
+/// by a timer of this thread's own that interrupts it with `SIGALRM` (whose
+/// handler does nothing, installed without `SA_RESTART`), and re-fires every
+/// 20 ms after the deadline in case its first signal came before `flock`
+/// started to wait.
+fn lock_within(file: &File, timeout: Duration) -> io::Result<bool> {
+    // SAFETY: flock on a descriptor we own.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+        return Ok(true);
+    }
+    let err = io::Error::last_os_error();
+    if err.raw_os_error() != Some(libc::EWOULDBLOCK) {
+        return Err(err);
+    }
+    let timer = AlarmTimer::arm(timeout)?;
+    let deadline = Instant::now() + timeout;
+    loop {
+        // SAFETY: as above; the timer interrupts the wait.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } == 0 {
+            drop(timer);
+            return Ok(true);
+        }
+        let err = io::Error::last_os_error();
+        if err.raw_os_error() != Some(libc::EINTR) {
+            return Err(err);
+        }
+        if Instant::now() >= deadline {
+            return Ok(false);
+        }
+    }
+}
+
+/// A one-shot POSIX timer that sends `SIGALRM` to the calling thread only
+/// (so threads waiting at once, as in the tests, do not interrupt each
+/// other); deleted on drop.
+struct AlarmTimer(libc::timer_t);
+
+impl AlarmTimer {
+    fn arm(after: Duration) -> io::Result<AlarmTimer> {
+        extern "C" fn interrupt(_: libc::c_int) {}
+        static HANDLER: std::sync::Once = std::sync::Once::new();
+        HANDLER.call_once(|| {
+            // SAFETY: installs a handler that does nothing (async-signal-safe).
+            unsafe {
+                let mut act: libc::sigaction = std::mem::zeroed();
+                act.sa_sigaction = interrupt as extern "C" fn(libc::c_int) as libc::sighandler_t;
+                act.sa_flags = 0;
+                libc::sigemptyset(&mut act.sa_mask);
+                libc::sigaction(libc::SIGALRM, &act, std::ptr::null_mut());
+            }
+        });
+        // SAFETY: a zeroed sigevent is valid; the fields set below are the
+        // ones SIGEV_THREAD_ID reads.
+        let mut sev: libc::sigevent = unsafe { std::mem::zeroed() };
+        sev.sigev_notify = libc::SIGEV_THREAD_ID;
+        sev.sigev_signo = libc::SIGALRM;
+        // SAFETY: gettid has no preconditions.
+        sev.sigev_notify_thread_id = unsafe { libc::syscall(libc::SYS_gettid) } as libc::c_int;
+        let mut timer: libc::timer_t = std::ptr::null_mut();
+        // SAFETY: valid out-pointer and sigevent.
+        if unsafe { libc::timer_create(libc::CLOCK_MONOTONIC, &mut sev, &mut timer) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let timer = AlarmTimer(timer);
+        let spec = libc::itimerspec {
+            it_interval: libc::timespec { tv_sec: 0, tv_nsec: 20_000_000 },
+            it_value: libc::timespec { tv_sec: after.as_secs() as libc::time_t, tv_nsec: after.subsec_nanos() as _ },
+        };
+        // SAFETY: a timer we created, a valid itimerspec.
+        if unsafe { libc::timer_settime(timer.0, 0, &spec, std::ptr::null_mut()) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(timer)
+    }
+}
+
+impl Drop for AlarmTimer {
+    fn drop(&mut self) {
+        // SAFETY: deletes the timer this value owns.
+        unsafe { libc::timer_delete(self.0) };
+    }
+}
+
 /// host-local's DEL: removes every reservation file in `dir` that names the
 /// attachment (`<container id>\r\n<ifname>`), under host-local's lock;
 /// returns the addresses released. A missing directory holds nothing.
@@ -672,6 +855,37 @@ mod tests {
         assert!(e.to_string().contains("10.244.1.0/29"), "{e}");
         assert_eq!(CniError::from(e).code, code::TRY_AGAIN);
         assert!(!s.has_free(&r).unwrap());
+    }
+
+    #[test]
+    fn a_long_run_of_taken_addresses_falls_back_to_listing_the_stores() {
+        let dir = tempfile::tempdir().unwrap();
+        let hl = dir.path().join("hl/cbr0");
+        let s = Store::open(dir.path(), "cbr0").unwrap().with_host_local(hl.clone(), true).unwrap();
+        let r = range("10.244.1.1/24");
+        for i in 0..40 {
+            s.allocate(&r, &format!("c{i}"), "eth0", false, None).unwrap();
+        }
+        // One more held by a pod of flannel's plugin, in host-local's store only.
+        std::fs::write(hl.join("10.244.1.42"), "upstream\r\neth0").unwrap();
+        // Back to the start of the range: 41 taken addresses in a row.
+        std::fs::write(hl.join("last_reserved_ip.0"), "10.244.1.1").unwrap();
+        assert_eq!(s.allocate(&r, "late", "eth0", false, None).unwrap().to_string(), "10.244.1.43");
+        assert_eq!(std::fs::read_to_string(hl.join("10.244.1.42")).unwrap(), "upstream\r\neth0");
+        assert!(!s.dir().join("10.244.1.42").exists(), "no record of ours for host-local's address");
+    }
+
+    #[test]
+    fn host_locals_hint_holds_the_bare_address_when_it_gets_shorter() {
+        let dir = tempfile::tempdir().unwrap();
+        let hl = dir.path().join("hl/cbr0");
+        let s = Store::open(dir.path(), "cbr0").unwrap().with_host_local(hl.clone(), true).unwrap();
+        let r = range("10.244.1.1/24");
+        std::fs::write(hl.join("last_reserved_ip.0"), "10.244.1.254").unwrap();
+        assert_eq!(s.allocate(&r, "a", "eth0", false, None).unwrap().to_string(), "10.244.1.2");
+        assert_eq!(std::fs::read_to_string(hl.join("last_reserved_ip.0")).unwrap(), "10.244.1.2");
+        assert_eq!(s.allocate(&r, "b", "eth0", false, None).unwrap().to_string(), "10.244.1.3");
+        assert_eq!(std::fs::read_to_string(hl.join("last_reserved_ip.0")).unwrap(), "10.244.1.3");
     }
 
     #[test]
@@ -831,6 +1045,23 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         assert!(Store::open_existing(dir.path(), "cbr0").unwrap().is_none());
         assert!(!dir.path().join("networks").exists());
+    }
+
+    #[test]
+    fn a_held_lock_is_waited_for_in_the_kernel_and_the_wait_is_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("lock");
+        let held = File::create(&path).unwrap();
+        // SAFETY: flock on a descriptor we own.
+        assert_eq!(unsafe { libc::flock(held.as_raw_fd(), libc::LOCK_EX) }, 0);
+        let other = OpenOptions::new().write(true).open(&path).unwrap();
+        assert!(!lock_within(&other, Duration::from_millis(30)).unwrap(), "taken while held");
+        // A waiter gets it once the holder lets go.
+        std::thread::scope(|s| {
+            let waiter = s.spawn(|| lock_within(&other, LOCK_TIMEOUT).unwrap());
+            drop(held);
+            assert!(waiter.join().unwrap());
+        });
     }
 
     #[test]

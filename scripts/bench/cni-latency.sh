@@ -15,7 +15,12 @@ source scripts/lib/common.sh
 need_root
 install_packages "${FLANNEL_RS_PACKAGES[@]}"
 ensure_rust
-cargo build --release --quiet -p cni-plugin -p e2e-tests -p netns-fixtures
+cargo build --release --quiet -p e2e-tests -p netns-fixtures
+# The plugin as the image ships it (scripts/build-image.sh): statically
+# linked, so no process start-up goes to the dynamic loader and libgcc_s.
+triple=$(rustc -vV | sed -n 's/^host: //p')
+RUSTFLAGS="${RUSTFLAGS:-} -C target-feature=+crt-static" \
+  cargo build --release --quiet -p cni-plugin --target "$triple"
 trap 'target/release/netns-fixture cleanup >/dev/null 2>&1 || true' EXIT
 upstream=${FLANNEL_RS_UPSTREAM_CNI:-}
 build=${UPSTREAM_FLANNEL_BUILD:-../shared/upstream-flannel/build.sh}
@@ -28,4 +33,4 @@ if [ -n "$upstream" ]; then
 else
   echo "cni-latency: upstream flannel's plugin not found ($build missing, FLANNEL_RS_UPSTREAM_CNI unset): its row is left out" >&2
 fi
-target/release/cni-bench --plugin target/release/flannel "${extra[@]}" "$@"
+target/release/cni-bench --plugin "target/$triple/release/flannel" "${extra[@]}" "$@"

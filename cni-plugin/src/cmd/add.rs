@@ -111,15 +111,15 @@ async fn plug(
     conf: &NetConf,
 ) -> Result<CniResult, CniError> {
     let pod_mac = pod_mac(allocated);
-    create_veth(host, netns, env, settings, bridge, veth, pod_mac).await?;
-    let host_link = host
-        .link_by_name(veth)
-        .await?
-        .ok_or_else(|| CniError::new(code::INTERNAL, format!("veth {veth} vanished right after it was created")))?;
-    if settings.hairpin {
-        host.set_hairpin(host_link.index, veth, true).await?;
-    }
-
+    // The kernel's echo of the creation describes the host end; an older
+    // kernel (before 6.2) does not echo, and we ask.
+    let host_link = match create_veth(host, netns, env, settings, bridge, veth, pod_mac).await? {
+        Some(link) => link,
+        None => host
+            .link_by_name(veth)
+            .await?
+            .ok_or_else(|| CniError::new(code::INTERNAL, format!("veth {veth} vanished right after it was created")))?,
+    };
     let pod = Netlink::connect_in(netns)?;
     // The host end names its peer's index; no need to ask the pod's namespace.
     let pod_index = match host_link.peer_index {
@@ -131,28 +131,58 @@ async fn plug(
             )
         })?,
     };
-    pod.set_up(pod_index, &env.ifname).await?;
 
+    let addrs: Vec<IpNet> = allocated
+        .iter()
+        .map(|(ip, range)| IpNet::new(*ip, range.subnet.prefix_len()).expect("prefix from a valid subnet"))
+        .collect();
+    let routes = pod_routes(settings, allocated, networks, conf);
+    let nl_routes: Vec<Route> = routes
+        .iter()
+        .map(|r| Route { dst: r.dst, gateway: r.gw, oif: Some(pod_index), onlink: false, scope: Scope::usual(r.gw) })
+        .collect();
+    // One batch: every request is sent before the first answer is read (the
+    // kernel handles a socket's requests in order, so the link is up before
+    // its addresses and the addresses before the routes through them), and
+    // the host end's hairpin flag goes out on the host socket meanwhile.
+    let hairpin = async {
+        match settings.hairpin {
+            true => host.set_hairpin(host_link.index, veth, true).await,
+            false => Ok(()),
+        }
+    };
+    let (hairpin, up, added, routed) = futures_util::future::join4(
+        hairpin,
+        pod.set_up(pod_index, &env.ifname),
+        futures_util::future::join_all(addrs.iter().map(|a| pod.add_addr(pod_index, &env.ifname, *a))),
+        futures_util::future::join_all(nl_routes.iter().map(|r| pod.add_route(r, &env.ifname))),
+    )
+    .await;
+    hairpin?;
+    up?;
     let mut ips = Vec::new();
-    for (ip, range) in allocated {
-        let addr = IpNet::new(*ip, range.subnet.prefix_len()).expect("prefix from a valid subnet");
-        match pod.add_addr(pod_index, &env.ifname, addr).await {
+    let mut retry_routes = false;
+    for ((addr, res), (_, range)) in addrs.iter().zip(added).zip(allocated) {
+        match res {
             // IPv6 is turned off in the pod (disable_ipv6, as some runtimes
             // set it): turn it on for lo and the pod's interface, as the
-            // reference IPAM code does before it adds an IPv6 address.
+            // reference IPAM code does before it adds an IPv6 address; the
+            // routes through it failed too and go again.
             Err(e) if addr.addr().is_ipv6() && e.errno == Some(libc::EACCES) => {
                 enable_ipv6_in_pod(netns, &env.ifname)?;
-                pod.add_addr(pod_index, &env.ifname, addr).await?;
+                pod.add_addr(pod_index, &env.ifname, *addr).await?;
+                retry_routes = true;
             }
             other => other?,
         }
-        ips.push(IpConfig { address: addr, gateway: Some(range.gateway), interface: Some(2) });
+        ips.push(IpConfig { address: *addr, gateway: Some(range.gateway), interface: Some(2) });
     }
-
-    let routes = pod_routes(settings, allocated, networks, conf);
-    for r in &routes {
-        let route = Route { dst: r.dst, gateway: r.gw, oif: Some(pod_index), onlink: false, scope: Scope::usual(r.gw) };
-        match pod.add_route(&route, &env.ifname).await {
+    for (route, res) in nl_routes.iter().zip(routed) {
+        let res = match res {
+            Err(e) if retry_routes && !e.is_exists() => pod.add_route(route, &env.ifname).await,
+            other => other,
+        };
+        match res {
             Ok(()) => {}
             Err(e) if e.is_exists() => {}
             Err(e) => return Err(e.into()),
@@ -214,10 +244,10 @@ async fn create_veth(
     bridge: &Link,
     veth: &str,
     pod_mac: MacAddr,
-) -> Result<(), CniError> {
+) -> Result<Option<Link>, CniError> {
     let attempt = || host.add_veth_into_netns(veth, &env.ifname, pod_mac, settings.mtu, bridge.index, netns);
     match attempt().await {
-        Ok(()) => Ok(()),
+        Ok(link) => Ok(link),
         Err(e) if e.is_exists() => {
             if host.del_link_by_name(veth).await? || wait_for_pending_teardown(netns, env).await? {
                 attempt().await.map_err(|e| exists_in_pod(e, env))
