@@ -104,13 +104,7 @@ fn model(members: &[(String, Value)]) -> Result<Want, Vec<&'static str>> {
             None if get("ipv6network").is_none() => wrong.push("EnableIPv6"),
             None => {}
             Some(n) if n.prefix_len() > 124 => wrong.push("IPv6Network"),
-            Some(n) => {
-                let len = if n.prefix_len() <= 62 { 64 } else { n.prefix_len() + 2 };
-                let size = 1u128 << (128 - len);
-                let first = u128::from(n.network()) + size;
-                let last = u128::from(n.broadcast()) + 1 - size;
-                ipv6 = Some((n, len, Ipv6Addr::from(first), Ipv6Addr::from(last)));
-            }
+            Some(n) => ipv6 = model_ipv6_layout(&root, n, &mut wrong),
         }
     }
     // IPv6-only: the IPv4 fields are not read, but a Network that is not
@@ -176,6 +170,61 @@ fn model(members: &[(String, Value)]) -> Result<Want, Vec<&'static str>> {
     match (wrong.is_empty(), ipv4.is_some() == enable_ipv4, backend) {
         (true, true, Some(backend)) => Ok(Want { ipv4, ipv6, backend }),
         _ => Err(wrong),
+    }
+}
+
+/// The IPv6 layout of IPv6Network `n`: IPv6SubnetLen (default /64, or
+/// prefix+2 for a network smaller than a /62; at most /126 and at least 4
+/// subnets), IPv6SubnetMin/IPv6SubnetMax (default the second subnet to the
+/// last; given, an IPv6 address inside the network on a subnet boundary, the
+/// minimum not after the maximum).
+fn model_ipv6_layout(
+    root: &BTreeMap<String, Value>,
+    n: Ipv6Net,
+    wrong: &mut Vec<&'static str>,
+) -> Option<(Ipv6Net, u8, Ipv6Addr, Ipv6Addr)> {
+    let get = |k: &str| root.get(k).filter(|v| !v.is_null());
+    let len = match get("ipv6subnetlen") {
+        None => {
+            if n.prefix_len() <= 62 {
+                64
+            } else {
+                n.prefix_len() + 2
+            }
+        }
+        Some(v) => match v.as_u64() {
+            Some(l) if l <= 126 && l >= u64::from(n.prefix_len()) + 2 => l as u8,
+            _ => {
+                wrong.push("IPv6SubnetLen");
+                return None;
+            }
+        },
+    };
+    let size = 1u128 << (128 - len);
+    let start = u128::from(n.network());
+    let bound = |k: &str, name: &'static str, default: u128, wrong: &mut Vec<&'static str>| match get(k) {
+        None => Some(default),
+        Some(Value::String(s)) => match s.parse::<Ipv6Addr>() {
+            Ok(ip) if n.contains(&ip) && (u128::from(ip) - start) % size == 0 => Some(u128::from(ip)),
+            _ => {
+                wrong.push(name);
+                None
+            }
+        },
+        Some(_) => {
+            wrong.push(name);
+            None
+        }
+    };
+    let min = bound("ipv6subnetmin", "IPv6SubnetMin", start + size, wrong);
+    let max = bound("ipv6subnetmax", "IPv6SubnetMax", u128::from(n.broadcast()) + 1 - size, wrong);
+    match (min, max) {
+        (Some(min), Some(max)) if min <= max => Some((n, len, Ipv6Addr::from(min), Ipv6Addr::from(max))),
+        (Some(_), Some(_)) => {
+            wrong.push("IPv6SubnetMin");
+            None
+        }
+        _ => None,
     }
 }
 
@@ -866,4 +915,41 @@ fn the_whole_address_space_stays_lazy() {
     assert_eq!(hint, ((1 << 30) - 1, Some((1 << 30) - 1)));
     assert_eq!(allocated.calls, 0);
     assert_eq!(c.ipv4.as_ref().unwrap().subnets().next_back().unwrap().to_string(), "255.255.255.252/30");
+}
+
+/// Found in a full run (near_valid_configs_match_the_model): an IPv6-only
+/// document with a malformed IPv6SubnetMin and no Backend (udp) was blamed
+/// on the udp backend by the model, which did not read the IPv6Subnet*
+/// keys; the parser names IPv6SubnetMin first.
+#[test]
+fn ipv6_subnet_keys_are_in_the_model() {
+    let doc = |extra: &str| {
+        format!(
+            r#"{{"ipv6network":"fc00::/48","enableipv4":false,"enableipv6":true,"backend":{{"Type":"vxlan"}}{extra}}}"#
+        )
+    };
+    for (extra, wrong) in [
+        (r#","iPV6SuBnEtMin":"not an address""#, Some("IPv6SubnetMin")),
+        (r#","IPv6SubnetMin":"fc00:0:0:1::1""#, Some("IPv6SubnetMin")),
+        (r#","IPv6SubnetMax":"fc01::""#, Some("IPv6SubnetMax")),
+        (r#","IPv6SubnetLen":49"#, Some("IPv6SubnetLen")),
+        (r#","IPv6SubnetLen":127"#, Some("IPv6SubnetLen")),
+        (r#","IPv6SubnetMin":"fc00:0:0:9::","IPv6SubnetMax":"fc00:0:0:3::""#, Some("IPv6SubnetMin")),
+        (r#","IPv6SubnetLen":60,"IPv6SubnetMin":"fc00:0:0:10::""#, None),
+    ] {
+        let text = doc(extra);
+        let members: Vec<(String, Value)> =
+            serde_json::from_str::<serde_json::Map<String, Value>>(&text).unwrap().into_iter().collect();
+        match (model(&members), wrong) {
+            (Err(w), Some(name)) => assert!(w.contains(&name), "{text}: model finds {w:?}"),
+            (Ok(_), None) => {}
+            (got, _) => panic!("{text}: model says {got:?}"),
+        }
+        check_members(&members).unwrap_or_else(|e| panic!("{text}: {e}"));
+    }
+    // And the case as found: no Backend (udp), the bad IPv6SubnetMin first.
+    let text = r#"{"iPV6SuBnEtMin":"x","ipv6network":"fc00::/48","enableipv4":false,"enableipv6":true}"#;
+    let members: Vec<(String, Value)> =
+        serde_json::from_str::<serde_json::Map<String, Value>>(text).unwrap().into_iter().collect();
+    check_members(&members).unwrap_or_else(|e| panic!("{text}: {e}"));
 }
