@@ -53,26 +53,30 @@ impl NetNs {
     /// aborts rather than go on with a thread whose later sockets, sysctl
     /// writes and child processes would all land in the wrong namespace.
     pub fn netlink_socket(&self) -> io::Result<OwnedFd> {
-        let new_socket = || -> io::Result<OwnedFd> {
+        self.in_place(|| {
             let sock = netlink_sys::Socket::new(netlink_sys::protocols::NETLINK_ROUTE)?;
             // SAFETY: into_raw_fd transfers ownership of a valid descriptor.
             Ok(unsafe { OwnedFd::from_raw_fd(sock.into_raw_fd()) })
-        };
+        })
+    }
+
+    /// Runs `f` (which must not block or wait: it makes a socket) on the
+    /// calling thread inside this namespace, then returns the thread to
+    /// its own; see [`NetNs::netlink_socket`] for why this aborts when the
+    /// return fails.
+    pub fn in_place<T>(&self, f: impl FnOnce() -> io::Result<T>) -> io::Result<T> {
         let home = File::open("/proc/thread-self/ns/net")?;
         if same_namespace(&self.file, &home)? {
             // No setns: it needs CAP_SYS_ADMIN even into one's own namespace.
-            return new_socket();
+            return f();
         }
         setns(self.file.as_fd(), CloneFlags::CLONE_NEWNET).map_err(io::Error::from)?;
-        let sock = new_socket();
+        let out = f();
         if let Err(e) = setns(home.as_fd(), CloneFlags::CLONE_NEWNET) {
-            eprintln!(
-                "cannot return to this thread's network namespace after making a socket in {}: {e}",
-                self.path.display()
-            );
+            eprintln!("cannot return to this thread's network namespace after working in {}: {e}", self.path.display());
             std::process::abort();
         }
-        sock
+        out
     }
 
     /// Runs `f` on a dedicated thread inside this namespace and returns its

@@ -40,7 +40,8 @@ impl Netlink {
         req.name[..name.len()].copy_from_slice(name.as_bytes());
         // SAFETY: `req` and `value` outlive the call; the kernel reads the
         // name and reads/writes `value` through the pointer.
-        let rc = unsafe { libc::ioctl(self.ioctl.as_raw_fd(), SIOCETHTOOL as _, &mut req) };
+        let fd = self.ioctl_fd()?.as_raw_fd();
+        let rc = unsafe { libc::ioctl(fd, SIOCETHTOOL as _, &mut req) };
         if rc < 0 {
             return Err(NlError::io(op(), std::io::Error::last_os_error()));
         }

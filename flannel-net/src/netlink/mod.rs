@@ -18,7 +18,8 @@
 //! "already there" and "already gone" as success where that is the intent.
 
 use std::os::fd::{FromRawFd, IntoRawFd, OwnedFd};
-use std::sync::Arc;
+use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
 
 use crate::netns::NetNs;
 
@@ -47,8 +48,27 @@ pub struct Netlink {
     /// that was current at `connect`.
     pub(crate) handle: rtnetlink::Handle,
     /// An `AF_INET` datagram socket of the same namespace, for the
-    /// `SIOCETHTOOL` ioctl.
-    pub(crate) ioctl: Arc<OwnedFd>,
+    /// `SIOCETHTOOL` ioctl: opened at the first ethtool call (the CNI
+    /// plugin's handles never make one), in the namespace `ns` names (the
+    /// calling thread's for [`Netlink::connect`]).
+    pub(crate) ioctl: Arc<OnceLock<OwnedFd>>,
+    ns: Option<PathBuf>,
+}
+
+impl Netlink {
+    /// The ioctl socket of this handle's namespace, opened the first time.
+    pub(crate) fn ioctl_fd(&self) -> NlResult<std::os::fd::BorrowedFd<'_>> {
+        use std::os::fd::AsFd;
+        if let Some(fd) = self.ioctl.get() {
+            return Ok(fd.as_fd());
+        }
+        let opened = match &self.ns {
+            None => ioctl_socket(),
+            Some(path) => NetNs::open(path).and_then(|ns| ns.in_place(ioctl_socket)),
+        };
+        let fd = opened.map_err(|e| NlError::io("open an ioctl socket", e))?;
+        Ok(self.ioctl.get_or_init(|| fd).as_fd())
+    }
 }
 
 /// An `AF_INET` datagram socket in the calling thread's namespace.
@@ -68,8 +88,7 @@ impl Netlink {
     pub fn connect() -> NlResult<Netlink> {
         let (conn, handle, _) = rtnetlink::new_connection().map_err(|e| NlError::io("open netlink socket", e))?;
         tokio::spawn(conn);
-        let ioctl = Arc::new(ioctl_socket().map_err(|e| NlError::io("open an ioctl socket", e))?);
-        Ok(Netlink { handle, ioctl })
+        Ok(Netlink { handle, ioctl: Arc::default(), ns: None })
     }
 
     /// A socket inside namespace `ns` (see [`NetNs::netlink_socket`]).
@@ -80,7 +99,6 @@ impl Netlink {
         let sock = unsafe { <netlink_sys::TokioSocket as std::os::fd::FromRawFd>::from_raw_fd(fd.into_raw_fd()) };
         let (conn, handle, _) = rtnetlink::from_socket(sock);
         tokio::spawn(conn);
-        let ioctl = ns.run(ioctl_socket).and_then(|r| r).map_err(|e| NlError::io(op(), e))?;
-        Ok(Netlink { handle, ioctl: Arc::new(ioctl) })
+        Ok(Netlink { handle, ioctl: Arc::default(), ns: Some(ns.path().to_path_buf()) })
     }
 }
