@@ -2,7 +2,9 @@
 //! references, in one run, on identical fresh nodes: Debian's `bridge` +
 //! `host-local` called directly, and what a flannel user runs today,
 //! upstream flannel's own plugin delegating to them (flannel -> bridge ->
-//! host-local).
+//! host-local). With `--floor`, a fourth row: the kernel's floor, a program
+//! that only sends the netlink requests our ADD sends (cni-plugin's
+//! `netlink-floor` example), and how far above it the plugin is.
 //!
 //! Each plugin call is timed from fork to exit, and its peak RSS is read from
 //! the kernel's rusage of that very process (wait4), so both sides pay the
@@ -48,6 +50,11 @@ struct Args {
     /// host-local gets both range sets, as flannel's plugin hands them over.
     #[arg(long)]
     dual_stack: bool,
+    /// The kernel's floor (cni-plugin's `netlink-floor` example): a program
+    /// started the same way that sends only the netlink requests our ADD
+    /// sends; its row shows what the plugin adds on top (IPv4 only).
+    #[arg(long)]
+    floor: Option<PathBuf>,
 }
 
 const LEASE: &str =
@@ -241,8 +248,19 @@ fn main() {
         v.sort();
         v
     };
+    let floor = args.floor.as_ref().map(|binary| Impl {
+        label: "kernel floor (netlink-floor)",
+        binary: binary.clone(),
+        conf: json!({}),
+        env: vec![],
+    });
+    if floor.is_some() && args.dual_stack {
+        eprintln!("cni-bench: --floor sends IPv4 requests only; leave it out with --dual-stack");
+        std::process::exit(2);
+    }
     let mut imps = vec![&ours, &reference];
     imps.extend(upstream.as_ref());
+    imps.extend(floor.as_ref());
     let mut rounds: Vec<Vec<Figures>> = imps.iter().map(|_| Vec::new()).collect();
     for round in 0..args.rounds.max(1) {
         for k in 0..imps.len() {
@@ -276,8 +294,25 @@ fn main() {
         };
         row(ours.label, &ours_v);
         for (imp, f) in &refs {
+            let is_floor = floor.as_ref().is_some_and(|f| f.label == imp.label);
+            // Our DEL leaves the veth's deletion (the kernel's slow part, an
+            // RCU grace period) to a detached child; the floor's DEL waits
+            // for it. No floor row there: it would not measure the same work.
+            if is_floor && verb == "DEL" {
+                continue;
+            }
             let v = pick(f);
             row(imp.label, &v);
+            if is_floor {
+                println!(
+                    "{:<36} {:>9.3} {:>9.3} {:>9.3}",
+                    "  flannel-rs above the floor",
+                    ms(percentile(&ours_v, 0.5)) - ms(percentile(&v, 0.5)),
+                    ms(percentile(&ours_v, 0.95)) - ms(percentile(&v, 0.95)),
+                    ms(percentile(&ours_v, 0.99)) - ms(percentile(&v, 0.99)),
+                );
+                continue;
+            }
             println!(
                 "{:<36} {:>8.1}x {:>8.1}x {:>8.1}x",
                 format!("  speed-up vs {}", imp.label),
