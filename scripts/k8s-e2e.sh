@@ -1,12 +1,29 @@
 #!/usr/bin/env bash
 # The whole path on a real cluster: a control plane (etcd, kube-apiserver,
 # kube-controller-manager, kube-scheduler) in the underlay's outside host and
-# NODES nodes (containerd and kubelet, each node in its own network, mount and
-# PID namespace), then `kubectl apply -f deploy/kube-flannel-rs.yml`, workload
-# pods on every node talking HTTP across nodes, pod IP release, and pod start
-# latency with our plugin against Debian's reference bridge plugin.
+# NODES nodes (containerd, kubelet and kube-proxy, each node in its own
+# network, mount and PID namespace), then `kubectl apply -f
+# deploy/kube-flannel-rs.yml` (its pods reach the API server through the
+# `kubernetes` Service's ClusterIP, that is through kube-proxy), workload pods
+# on every node talking HTTP across nodes, pod IP release, Services with
+# selectors (Endpoints from kube-controller-manager) reached by ClusterIP from
+# a pod, an nginx ingress on node0's host network whose upstreams are
+# ClusterIPs (by Host header, by path with a rewrite, a TLS virtual host, a
+# default backend), a NodePort from the outside host, a DaemonSet rollout
+# under continuous requests (pod to ClusterIP, outside host to NodePort, the
+# ingress, pod IPs) with none failed, and pod start latency with our plugin
+# against Debian's reference bridge plugin. Every Service answer must come
+# from a pod on another node than the client's.
+# kube-proxy (v1.20.2, iptables mode through iptables-nft) runs as a process
+# of each node (scripts/lib/k8s-node.sh), beside kubelet, with kubeadm's
+# identity (ServiceAccount kube-system/kube-proxy bound to
+# system:node-proxier, its token in a kubeconfig), --cluster-cidr and
+# --hostname-override; kubeadm runs the same binary as a host-network
+# DaemonSet, which would need a kube-proxy image (no registry here). It
+# starts with the node, before the DaemonSet is applied, and dies with it.
 # Everything is removed at the end, also on failure: processes, mounts,
-# namespaces, cgroups, and the sysctls kubelet changes. Needs root.
+# namespaces (and with them kube-proxy's rules), cgroups, and the sysctls
+# kubelet changes. Needs root.
 #
 # Usage: scripts/k8s-e2e.sh
 # Environment:
@@ -23,18 +40,20 @@
 #                      10.244.0.0/16,2001:db8:10::/56), net-conf.json gets
 #                      EnableIPv6, and every pod must have an address of each
 #                      family inside its node's podCIDRs and answer HTTP over
-#                      both from every other pod and node
+#                      both from every other pod and node; kube-proxy runs its
+#                      dual-stack proxier (the Service range is IPv4)
 #   K8S_E2E_IPV6_ONLY=1  IPv6-only: the same IPv6 underlay with the nodes' and
 #                      the outside host's IPv4 addresses removed, the API
 #                      server on 2001:db8::200 with Service range
-#                      2001:db8:96::/112 (the stand-in rule for the
-#                      `kubernetes` Service in ip6), kubelets with IPv6 node
-#                      IPs, IPv6 podCIDRs only (cluster CIDR
+#                      2001:db8:96::/112 (kube-proxy in ip6tables), kubelets
+#                      with IPv6 node IPs, IPv6 podCIDRs only (cluster CIDR
 #                      2001:db8:10::/56), net-conf.json with EnableIPv4
 #                      false, the DaemonSet's health listener on `::`; every
 #                      pod must have one IPv6 address and no IPv4 one, and
-#                      the HTTP, release, ingress and rollout checks run over
-#                      IPv6 (the latency comparison is the IPv4 run's)
+#                      the HTTP, release, Service, ingress, NodePort and
+#                      rollout checks run over IPv6 (the latency comparison
+#                      is the IPv4 run's); scripts/test.sh runs it with
+#                      K8S_E2E_BACKEND=host-gw
 # The Kubernetes binaries come from scripts/lib/kube-binaries.sh (built once,
 # about 5 minutes each, then cached under /var/cache/flannel-rs/). With them
 # cached, a run takes about 4 minutes on the 2-core development machine.
@@ -99,9 +118,9 @@ tag=k8se2e
 outside_ns=flt-$tag-outside
 t_start=$(date +%s)
 
-install_packages containerd runc etcd-server containernetworking-plugins nftables iptables openssl util-linux iproute2 procps gcc libc6-dev python3 nginx curl
+install_packages containerd runc etcd-server containernetworking-plugins nftables iptables conntrack openssl util-linux iproute2 procps gcc libc6-dev python3 nginx curl
 [ -x /usr/bin/kubectl ] || install_packages kubernetes-client
-kbin=$(scripts/lib/kube-binaries.sh cmd/kube-apiserver cmd/kube-controller-manager cmd/kube-scheduler cmd/kubelet)
+kbin=$(scripts/lib/kube-binaries.sh cmd/kube-apiserver cmd/kube-controller-manager cmd/kube-scheduler cmd/kubelet cmd/kube-proxy)
 version=$(python3 -c 'import tomllib; print(tomllib.load(open("Cargo.toml", "rb"))["workspace"]["package"]["version"])')
 # The image under test: built from the working tree (cargo only rebuilds what
 # changed), unless K8S_E2E_IMAGE names an archive from scripts/build-image.sh.
@@ -279,6 +298,21 @@ in_outside "$kbin/kube-scheduler" --kubeconfig="$work/sched.kubeconfig" \
   >"$work/scheduler.log" 2>&1 &
 pids+=($!)
 echo "apiserver ready after $(( $(ms_now) - t_cp )) ms"
+# kube-proxy's identity, as kubeadm makes it: the ServiceAccount
+# kube-system/kube-proxy bound to the ClusterRole system:node-proxier, and a
+# kubeconfig with that account's token and the API server's address (the
+# ConfigMap kube-proxy that kubeadm mounts into its pods).
+kc apply -f - >/dev/null <<Y
+apiVersion: v1
+kind: ServiceAccount
+metadata: {name: kube-proxy, namespace: kube-system}
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRoleBinding
+metadata: {name: "kubeadm:node-proxier"}
+roleRef: {apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: "system:node-proxier"}
+subjects: [{kind: ServiceAccount, name: kube-proxy, namespace: kube-system}]
+Y
 
 say "images: pause and workload (static C), flannel-rs"
 img=$work/img
@@ -288,7 +322,18 @@ gcc -static -O2 -o "$img/http/http" tests/k8s/http.c
 sandbox=$(python3 tests/k8s/oci-image.py "$img/pause" "$img/pause.oci.tar" e2e-pause:1 /pause)
 python3 tests/k8s/oci-image.py "$img/http" "$img/http.oci.tar" e2e-http:1 /http serve 8080 >/dev/null
 
-say "nodes: containerd and kubelet in their own namespaces"
+say "nodes: containerd, kubelet and kube-proxy in their own namespaces"
+# The token of kube-proxy's ServiceAccount, which kube-controller-manager's
+# token controller puts in a Secret.
+proxy_secret=
+for _ in $(seq 300); do
+  proxy_secret=$(kcq -n kube-system get serviceaccount kube-proxy -o jsonpath='{.secrets[0].name}') && [ -n "$proxy_secret" ] && break
+  sleep 0.2
+done
+[ -n "$proxy_secret" ] || fail "no token Secret for the ServiceAccount kube-system/kube-proxy within 60 s"
+proxy_tok=$(kcq -n kube-system get secret "$proxy_secret" -o jsonpath='{.data.token}' | base64 -d)
+[ -n "$proxy_tok" ] || fail "the Secret $proxy_secret has no token"
+for i in $(seq 0 $((nodes - 1))); do kubeconfig "$work/node$i/kube-proxy.kubeconfig" "$proxy_tok"; done
 # Mount points for the nodes' private directories: created when missing,
 # each created level remembered (deepest first) and removed at the end.
 for d in /var/lib/kubelet /var/lib/containerd /var/lib/cni /etc/cni/net.d /opt/cni/bin; do
@@ -300,20 +345,8 @@ for h in /sys/fs/cgroup/*/; do mkdir -p "$h/k8se2e" 2>/dev/null || true; done
 for i in $(seq 0 $((nodes - 1))); do
   ns=flt-$tag-node$i
   ip netns exec "$ns" sysctl -qw net.ipv4.ip_forward=1
-  # The stand-in for kube-proxy, for the one Service the nodes need: the API
-  # server's ClusterIP, which in-cluster clients (flanneld-rs) dial; in the
-  # table of the Service's family (ip or ip6).
-  nft_family=ip
-  [ "$stack" = ipv6 ] && nft_family=ip6
-  ip netns exec "$ns" nft -f - <<NFT
-table $nft_family k8se2e-svc {
-  chain out {
-    type nat hook output priority -100; policy accept;
-    $nft_family daddr $svc_ip tcp dport 443 dnat to $(bracket "$api"):6443
-  }
-}
-NFT
-  nsenter --net=/run/netns/$ns unshare --mount --pid --fork --propagation private --mount-proc \
+  K8S_E2E_KUBE_PROXY=$kbin/kube-proxy K8S_E2E_CLUSTER_CIDR=$cluster_cidr \
+    nsenter --net=/run/netns/$ns unshare --mount --pid --fork --propagation private --mount-proc \
     "$repo/scripts/lib/k8s-node.sh" "$work/node$i" "node$i" "$(node_ip "$i")" "$kbin/kubelet" \
     "$sandbox" "$archive" "$img/pause.oci.tar" "$img/http.oci.tar" >"$work/node$i/runner.log" 2>&1 &
   node_pids+=($!)
@@ -345,6 +378,50 @@ c = [a.ip_network(c) for c in sys.argv[2].split(",")]
 sys.exit(len(n) != len(c) or not all(x.version == y.version and x.subnet_of(y) for x, y in zip(n, c)))' "$cidrs" "$cluster_cidr" \
     || fail "node$i's podCIDRs are '$cidrs', not one inside each of $cluster_cidr"
 done
+
+# kube-proxy's NAT rules on node I, in the Services' family (ip6tables in the
+# IPv6-only cluster, whose Service range is IPv6), as iptables-save prints them.
+nat_rules() { # I
+  local save=iptables-save
+  [ "$stack" = ipv6 ] && save=ip6tables-save
+  ip netns exec "flt-$tag-node$1" $save -t nat
+}
+# Whether every node's kube-proxy sends port PORT of Service NAME (namespace
+# default unless NS/NAME) to each of the addresses given: one DNAT rule per
+# endpoint, under the Service's comment.
+programmed() { # NAME PORT-NAME ADDR...
+  local name=$1 port=$2 i a rules
+  [[ $name == */* ]] || name=default/$name
+  shift 2
+  for i in $(seq 0 $((nodes - 1))); do
+    rules=$(nat_rules "$i" | grep -F -- "--comment \"$name:$port\"") || return 1
+    for a in "$@"; do grep -qF -- "--to-destination $(bracket "$a"):" <<<"$rules" || return 1; done
+  done
+}
+wait_programmed() { # NAME PORT-NAME ADDR... (fails after 60 s)
+  local deadline=$((SECONDS + 60))
+  until programmed "$@"; do
+    [ "$SECONDS" -lt "$deadline" ] || {
+      for i in $(seq 0 $((nodes - 1))); do echo "node$i's kube-proxy log ends:"; tail -5 "$work/node$i/kube-proxy.log"; done
+      fail "kube-proxy did not send Service $1 port $2 to $* on every node within 60 s"
+    }
+    sleep 0.2
+  done
+}
+say "kube-proxy on every node: the kubernetes Service $(bracket "$svc_ip"):443 -> $(bracket "$api"):6443"
+t_proxy=$(ms_now)
+wait_programmed kubernetes https "$api"
+echo "every node's kube-proxy programmed the kubernetes Service $(( $(ms_now) - t_proxy )) ms after the nodes registered"
+nat_rules 0 | grep -F -- '"default/kubernetes:https' | sed 's/^/node0: /'
+if [ "$stack" = dual ]; then
+  # The dual-stack proxier: kube-proxy's chains in both families' tables.
+  for i in $(seq 0 $((nodes - 1))); do
+    for save in iptables-save ip6tables-save; do
+      ip netns exec "flt-$tag-node$i" $save -t nat | grep '^:KUBE-SERVICES ' >/dev/null || fail "node$i: no KUBE-SERVICES chain in $save -t nat"
+    done
+  done
+  echo "kube-proxy dual-stack: KUBE-SERVICES in the IPv4 and the IPv6 nat table on every node"
+fi
 
 backend=${K8S_E2E_BACKEND:-vxlan}
 manifest=deploy/kube-flannel-rs.yml
@@ -421,6 +498,20 @@ apply_to_files=$((t_files - t_apply))
 echo "kubectl apply -> plugin, conflist and subnet.env on every node: $apply_to_files ms"
 echo "kubectl apply -> every flanneld-rs pod ready: $apply_to_ds_ready ms"
 echo "kubectl apply -> every node Ready: $apply_to_ready ms (kubelet reports node status every 10 s)"
+# flanneld-rs (in-cluster configuration: KUBERNETES_SERVICE_HOST, the
+# kubernetes Service's ClusterIP) reached the API server through kube-proxy:
+# on every node a TCP flow to the ClusterIP whose reply comes from the API
+# server. Nothing else on a node dials the ClusterIP (kubelet and kube-proxy
+# use their kubeconfigs' address).
+ct_family=ipv4
+[ "$stack" = ipv6 ] && ct_family=ipv6
+for i in $(seq 0 $((nodes - 1))); do
+  flows=$(ip netns exec "flt-$tag-node$i" conntrack -L -f "$ct_family" -p tcp --orig-dst "$svc_ip" --dport 443 2>/dev/null \
+    | grep ESTABLISHED | grep -F " src=$api dst=$(node_ip "$i") sport=6443 " || true)
+  [ -n "$flows" ] || fail "node$i: no established flow to the kubernetes Service $svc_ip:443 answered by the API server: $(ip netns exec "flt-$tag-node$i" conntrack -L -f "$ct_family" -p tcp --dport 443 2>&1)"
+  echo "node$i: $(grep -c . <<<"$flows") flow(s) to $(bracket "$svc_ip"):443 answered by $(bracket "$api"):6443, e.g. $(head -1 <<<"$flows" | xargs)"
+done
+api_via_service=yes
 # The backend's own devices on every node, exactly: one VXLAN device per
 # family (flannel.1, flannel-v6.1), udp's TUN, none with host-gw.
 case "$backend/$stack" in
@@ -468,11 +559,13 @@ if [ "$stack" = ipv6 ]; then
     ns=flt-$tag-node$i
     v4routes=$(ip -n "$ns" -4 route show table all | grep -v '^\(local\|broadcast\) .* dev lo ' || true)
     [ -z "$v4routes" ] || fail "node$i has IPv4 routes in the IPv6-only run: $v4routes"
-    if ip netns exec "$ns" iptables-save | grep -q FLANNEL; then
+    # (grep reads all: with -q, iptables-save could die of SIGPIPE, which
+    # pipefail would make the pipeline's status.)
+    if ip netns exec "$ns" iptables-save | grep FLANNEL >/dev/null; then
       fail "node$i has FLANNEL chains in its IPv4 tables: $(ip netns exec "$ns" iptables-save | grep FLANNEL)"
     fi
     for chain in FLANNEL-POSTRTG FLANNEL-FWD; do
-      ip netns exec "$ns" ip6tables-save | grep -q "^:$chain " || fail "node$i has no $chain chain in its IPv6 tables"
+      ip netns exec "$ns" ip6tables-save | grep "^:$chain " >/dev/null || fail "node$i has no $chain chain in its IPv6 tables"
     done
     # Every peer's podCIDR: through flannel-v6.1 (vxlan) or straight to the
     # peer's IPv6 address on the underlay (host-gw).
@@ -491,11 +584,12 @@ if [ "$stack" = ipv6 ]; then
 fi
 
 # A workload pod pinned to a node.
-pod_yaml() { # NAME NODE [APP-LABEL]
+# Its server answers "<pod> <Host> <path> on <node> from <client address>".
+pod_yaml() { # NAME NODE [APP-LABEL [TIER-LABEL]]
   cat <<Y
 apiVersion: v1
 kind: Pod
-metadata: {name: $1, labels: {app: ${3:-e2e-http}}}
+metadata: {name: $1, labels: {app: ${3:-e2e-http}${4:+, tier: $4}}}
 spec:
   nodeName: $2
   terminationGracePeriodSeconds: 1
@@ -507,6 +601,8 @@ spec:
     env:
     - name: POD_NAME
       valueFrom: {fieldRef: {fieldPath: metadata.name}}
+    - name: NODE_NAME
+      valueFrom: {fieldRef: {fieldPath: spec.nodeName}}
 Y
 }
 wait_running() { # NAME... (fails after 120 s)
@@ -599,23 +695,116 @@ if [ "$stack" = dual ]; then
   say "summary (dual-stack)"
   cat <<S
 cluster: $nodes nodes, dual-stack (IPv6DualStack), podCIDRs of both families
+kube-proxy (iptables-nft, dual-stack proxier) on every node; flanneld-rs reaches the API server through the kubernetes Service $svc_ip: $api_via_service
 pods get an address of each family from their node's podCIDRs, and no other: yes
 HTTP pod -> pod and node -> pod over IPv4: $http_pod_ip
 HTTP pod -> pod and node -> pod over IPv6: $http_pod_ip6
 deleted pod's addresses (both families) released: $ip_freed
-not run here (the IPv4 run's): ingress, DaemonSet rollout, pod start latency
+not run here (the IPv4 and IPv6-only runs'): Services of our own, ingress, NodePort, DaemonSet rollout; pod start latency (the IPv4 run's)
 run time: $(( $(date +%s) - t_start )) s
 S
   exit 0
 fi
 
-say "ingress: nginx on node0's host network, by Host header to pods on the other nodes, over $primary"
+# A Service NAME selecting SELECTOR ("key: value"), port 80 to the pods'
+# 8080, of TYPE (ClusterIP; NodePort with externalTrafficPolicy Cluster).
+svc_yaml() { # NAME SELECTOR [TYPE]
+  cat <<Y
+apiVersion: v1
+kind: Service
+metadata: {name: $1}
+spec:
+  type: ${3:-ClusterIP}
+  selector: {$2}
+  ports: [{name: http, protocol: TCP, port: 80, targetPort: 8080}]
+Y
+  if [ "${3:-}" = NodePort ]; then echo "  externalTrafficPolicy: Cluster"; fi
+}
+# Waits until the endpoints controller lists exactly ADDR... as Service
+# NAME's ready endpoints, then until every node's kube-proxy sends the
+# Service to them (fails after 60 s each).
+wait_service() { # NAME ADDR...
+  local name=$1 got want deadline=$((SECONDS + 60))
+  shift
+  want=$(printf '%s\n' "$@" | sort | xargs)
+  until got=$(kcq get endpoints "$name" -o jsonpath='{.subsets[*].addresses[*].ip}' | xargs -n1 | sort | xargs) && [ "$got" = "$want" ]; do
+    [ "$SECONDS" -lt "$deadline" ] || fail "Service $name's endpoints are '$got' after 60 s, want '$want'"
+    sleep 0.2
+  done
+  wait_programmed "$name" http "$@"
+}
+# An answer of the pods' server: "<pod> <Host> <path> on <node> from <client>";
+# checks it came from pod WANT on another node than node0, for Host HOST and
+# path PATH; leaves the client address it saw in $seen.
+check_answer() { # LABEL ANSWER WANT HOST PATH
+  local who host path on node from
+  read -r who host path on node from seen <<<"$2"
+  if [ "$who" = "$3" ] && [ "$host" = "$4" ] && [ "$path" = "$5" ] && [ "$on $from" = "on from" ] \
+    && [ "$node" = "${pod_node[$3]}" ] && [ "$node" != node0 ] && [ -n "$seen" ]; then
+    echo "$1: $2"
+    return 0
+  fi
+  echo "$1: FAILED: want $3 (on ${pod_node[$3]}) to answer Host $4 path $5, got: '$2'"
+  return 1
+}
+
+say "Services with selectors, one pod each on another node than node0, and their ClusterIPs through kube-proxy"
 far=$((nodes - 1))
 ingress_ip=$(node_ip 0)
-pod_yaml default-backend "node$far" | kc apply -f - >/dev/null
-wait_running default-backend
-def_ip=$(kcq get pod default-backend -o jsonpath='{.status.podIP}')
+# The ingress's Services (by Host: host-a, host-b; by path: foo, bar; the
+# TLS virtual host's: tls; the default backend), their pods on node1 and on
+# the last node in turn; every pod also carries tier=ing, which the
+# rollout's ClusterIP Service selects.
+ing_svcs=(host-a host-b foo bar tls default)
+declare -A pod_node svc_ip_of
+k=0
+for n in "${ing_svcs[@]}"; do
+  node=node1
+  [ $((k % 2)) -eq 1 ] && node=node$far
+  pod_node[ing-$n]=$node
+  pod_yaml "ing-$n" "$node" "ing-$n" ing | kc apply -f - >/dev/null
+  svc_yaml "ing-$n" "app: ing-$n" | kc apply -f - >/dev/null
+  k=$((k + 1))
+done
+svc_yaml ing-all "tier: ing" | kc apply -f - >/dev/null
+svc_yaml nodeport "app: ing-host-b" NodePort | kc apply -f - >/dev/null
+wait_running $(printf 'ing-%s ' "${ing_svcs[@]}")
+declare -A ing_pod_ip
+for n in "${ing_svcs[@]}"; do
+  ing_pod_ip[$n]=$(kcq get pod "ing-$n" -o jsonpath='{.status.podIP}')
+  [ "$(kcq get pod "ing-$n" -o jsonpath='{.metadata.labels.tier}')" = ing ] || fail "ing-$n has no label tier=ing"
+done
+t_svc=$(ms_now)
+for n in "${ing_svcs[@]}"; do
+  wait_service "ing-$n" "${ing_pod_ip[$n]}"
+  svc_ip_of[ing-$n]=$(kcq get service "ing-$n" -o jsonpath='{.spec.clusterIP}')
+  echo "Service ing-$n: ClusterIP ${svc_ip_of[ing-$n]} -> ing-$n ${ing_pod_ip[$n]} on ${pod_node[ing-$n]}"
+done
+wait_service ing-all "${ing_pod_ip[@]}"
+svc_ip_of[ing-all]=$(kcq get service ing-all -o jsonpath='{.spec.clusterIP}')
+wait_service nodeport "${ing_pod_ip[host-b]}"
+np_port=$(kcq get service nodeport -o jsonpath='{.spec.ports[0].nodePort}')
+echo "endpoints of every Service listed and programmed by every node's kube-proxy $(( $(ms_now) - t_svc )) ms after the pods ran"
+# From web0 on node0 to every Service's ClusterIP, each answered by its pod
+# on another node.
+svc_from_pod_ok=0 svc_from_pod_n=0
+for n in "${ing_svcs[@]}"; do
+  svc_from_pod_n=$((svc_from_pod_n + 1))
+  out=$(in_outside kubectl --kubeconfig "$work/admin.kubeconfig" --request-timeout 20s exec web0 -- /http get "${svc_ip_of[ing-$n]}" 80 svc-check /clusterip 2>&1 || true)
+  if check_answer "web0 (node0) -> Service ing-$n $(bracket "${svc_ip_of[ing-$n]}"):80" "$out" "ing-$n" svc-check /clusterip; then
+    [ "$seen" = "${pod_ip[0]}" ] || fail "ing-$n saw the client as $seen, not web0's ${pod_ip[0]}: a pod's traffic to a ClusterIP must keep its source address"
+    svc_from_pod_ok=$((svc_from_pod_ok + 1))
+  fi
+done
+[ "$svc_from_pod_ok" -eq "$svc_from_pod_n" ] || fail "ClusterIP from a pod"
+
+say "ingress: nginx on node0's host network, upstreams the Services' ClusterIPs, over $primary"
 mkdir -p "$work/nginx"
+# The TLS virtual host's certificate: self-signed, made now.
+openssl req -x509 -newkey rsa:2048 -nodes -days 1 -subj /CN=tls.example -addext subjectAltName=DNS:tls.example \
+  -keyout "$work/nginx/tls.key" -out "$work/nginx/tls.crt" 2>/dev/null
+up() { echo "http://$(bracket "${svc_ip_of[ing-$1]}"):80"; }
+listen=$(bracket "$ingress_ip")
 cat >"$work/nginx/nginx.conf" <<NGX
 daemon off;
 pid $work/nginx/nginx.pid;
@@ -630,25 +819,61 @@ http {
   scgi_temp_path $work/nginx/scgi;
   proxy_set_header Host \$host;
   proxy_connect_timeout 3s;
-  server { listen $(bracket "$ingress_ip"):80 default_server; location / { proxy_pass http://$(bracket "$def_ip"):8080; } }
-  server { listen $(bracket "$ingress_ip"):80; server_name a.example; location / { proxy_pass http://$(bracket "${pod_ip[1]}"):8080; } }
-  server { listen $(bracket "$ingress_ip"):80; server_name b.example; location / { proxy_pass http://$(bracket "${pod_ip[$far]}"):8080; } }
+  # The default backend: any other Host.
+  server { listen $listen:80 default_server; location / { proxy_pass $(up default); } }
+  # By Host header.
+  server { listen $listen:80; server_name a.example; location / { proxy_pass $(up host-a); } }
+  server { listen $listen:80; server_name b.example; location / { proxy_pass $(up host-b); } }
+  # By path, fan-out, the prefix rewritten away (ingress-nginx's rewrite-target /\$2).
+  server {
+    listen $listen:80; server_name fan.example;
+    location /foo/ { rewrite ^/foo(/.*)\$ \$1 break; proxy_pass $(up foo); }
+    location /bar/ { rewrite ^/bar(/.*)\$ \$1 break; proxy_pass $(up bar); }
+  }
+  # TLS, terminated here.
+  server {
+    listen $listen:443 ssl; server_name tls.example;
+    ssl_certificate $work/nginx/tls.crt; ssl_certificate_key $work/nginx/tls.key;
+    location / { proxy_pass $(up tls); }
+  }
 }
 NGX
 ip netns exec flt-$tag-node0 nginx -c "$work/nginx/nginx.conf" >"$work/nginx/stdout.log" 2>&1 &
 pids+=($!)
-for _ in $(seq 50); do ip netns exec flt-$tag-node0 ss -ltn | grep -qF "$(bracket "$ingress_ip"):80 " && break; sleep 0.1; done
+listening() {
+  local l
+  l=$(ip netns exec flt-$tag-node0 ss -ltn) && grep -qF "$listen:80 " <<<"$l" && grep -qF "$listen:443 " <<<"$l"
+}
+for _ in $(seq 100); do listening && break; sleep 0.1; done
+listening || { cat "$work/nginx/error.log"; fail "nginx does not listen on $listen:80 and :443 after 10 s"; }
 ingress_ok=0 ingress_n=0
-for pair in "a.example web1" "b.example web$far" "unknown.example default-backend"; do
-  read -r host want <<<"$pair"
+# HOST PATH -> the pod that must answer and the path it must see.
+for req in "a.example / ing-host-a /" "b.example / ing-host-b /" \
+           "fan.example /foo/hello ing-foo /hello" "fan.example /bar/x/y ing-bar /x/y" \
+           "unknown.example /anything ing-default /anything"; do
+  read -r host path want want_path <<<"$req"
   ingress_n=$((ingress_n + 1))
-  out=$(in_outside "$img/http/http" get "$ingress_ip" 80 "$host" || true)
-  case $out in
-    "$want $host"*) ingress_ok=$((ingress_ok + 1)); echo "outside -> node0:80 Host $host: $out" ;;
-    *) echo "outside -> node0:80 Host $host: FAILED (want $want): $out" ;;
-  esac
+  out=$(in_outside "$img/http/http" get "$ingress_ip" 80 "$host" "$path" || true)
+  check_answer "outside -> node0:80 Host $host $path" "$out" "$want" "$host" "$want_path" && ingress_ok=$((ingress_ok + 1))
 done
+# TLS: curl checks the certificate against the one made above, for the name.
+ingress_n=$((ingress_n + 1))
+out=$(in_outside curl -sS --max-time 10 --cacert "$work/nginx/tls.crt" --resolve "tls.example:443:$listen" https://tls.example/secure 2>&1 || true)
+check_answer "outside -> node0:443 https://tls.example/secure (certificate verified)" "$out" ing-tls tls.example /secure && ingress_ok=$((ingress_ok + 1))
 [ "$ingress_ok" -eq "$ingress_n" ] || { cat "$work/nginx/error.log"; fail "ingress"; }
+
+say "NodePort (externalTrafficPolicy Cluster) from the outside host: node0 to ing-host-b on node$far, TCP"
+for i in $(seq 0 $((nodes - 1))); do
+  nat_rules "$i" | grep -F -- '"default/nodeport:http"' | grep -- "KUBE-NODEPORTS .*--dport $np_port " >/dev/null \
+    || fail "node$i's kube-proxy has no KUBE-NODEPORTS rule for port $np_port"
+done
+node0_addrs=$(ip -n "flt-$tag-node0" -o addr show | awk '{ sub(/\/.*/, "", $4); print $4 }')
+out=$(in_outside "$img/http/http" get "$ingress_ip" "$np_port" np-check /nodeport || true)
+check_answer "outside -> node0 $(bracket "$ingress_ip"):$np_port" "$out" ing-host-b np-check /nodeport || fail "NodePort"
+# Cluster policy: the entry node masquerades, so the reply comes back through it.
+grep -qxF -- "$seen" <<<"$node0_addrs" || fail "through the NodePort ing-host-b saw the client as $seen, not an address of node0 ($(xargs <<<"$node0_addrs"))"
+nodeport_result="outside -> node0:$np_port -> ing-host-b on node$far, seen from node0's $seen"
+echo "NodePort: $nodeport_result"
 
 say "rolling the DaemonSet to a new image tag under continuous HTTP"
 roll_tag=$version-roll
@@ -657,42 +882,87 @@ for i in $(seq 0 $((nodes - 1))); do
   nsenter -t "$pid1" -m -n ctr --address /run/containerd/containerd.sock -n k8s.io images tag \
     "docker.io/library/flannel-rs:$version" "docker.io/library/flannel-rs:$roll_tag" </dev/null >/dev/null
 done
-# One client per node, requests to the pods of every other node (across the
-# overlay) and through the ingress, back to back, each with a 3 s timeout.
+# Clients, each request with a 3 s timeout, back to back:
+#  - in pod web0 on node0, to the ClusterIP of Service ing-all (its pods are
+#    on the other nodes): `http loop` under kubectl exec, until its standard
+#    input (a FIFO held open here) ends;
+#  - on the outside host, to node0's NodePort (to ing-host-b on node$far);
+#  - on the outside host, through the ingress (Host a.example: nginx on
+#    node0, ClusterIP, ing-host-a on node1);
+#  - on every node, to the pods of every other node by pod IP.
+# Each client says when it had its first answer, and counts at its end.
+mkfifo "$work/pod-client.in"
+timeout 900 nsenter --net=/run/netns/$outside_ns kubectl --kubeconfig "$work/admin.kubeconfig" exec -i web0 -- \
+  /http loop "${svc_ip_of[ing-all]}" 80 roll /rollout <"$work/pod-client.in" >"$work/traffic-pod" 2>>"$work/traffic-errors.log" &
+loop_pids+=($!)
+exec 8>"$work/pod-client.in"
+traffic_loop() { # LABEL NS TARGET... (TARGET: IP,PORT[,HOST])
+  local label=$1 ns=$2 ok=0 bad=0 t ip port host
+  shift 2
+  while [ -d "$work" ] && [ ! -e "$work/stop-traffic" ]; do
+    for t in "$@"; do
+      IFS=, read -r ip port host <<<"$t"
+      if ip netns exec "$ns" "$img/http/http" get "$ip" "$port" "${host:-$ip}" >/dev/null 2>>"$work/traffic-errors.log"; then
+        ok=$((ok + 1))
+      else
+        bad=$((bad + 1))
+      fi
+    done
+    [ "$ok" -gt 0 ] && [ ! -e "$work/traffic-up-$label" ] && touch "$work/traffic-up-$label"
+    sleep 0.05
+  done
+  echo "$ok $bad" >"$work/traffic-$label"
+}
+clients=(pod nodeport ingress)
+traffic_loop nodeport "$outside_ns" "$ingress_ip,$np_port" &
+loop_pids+=($!)
+traffic_loop ingress "$outside_ns" "$ingress_ip,80,a.example" &
+loop_pids+=($!)
 for i in $(seq 0 $((nodes - 1))); do
   targets=()
-  for j in $(seq 0 $((nodes - 1))); do [ "$j" -ne "$i" ] && targets+=("${pod_ip[$j]}"); done
-  (
-    ok=0 bad=0
-    while [ -d "$work" ] && [ ! -e "$work/stop-traffic" ]; do
-      for t in "${targets[@]}"; do
-        if ip netns exec flt-$tag-node$i "$img/http/http" get "$t" 8080 >/dev/null 2>>"$work/traffic-errors.log"; then ok=$((ok + 1)); else bad=$((bad + 1)); fi
-      done
-      if in_outside "$img/http/http" get "$ingress_ip" 80 a.example >/dev/null 2>>"$work/traffic-errors.log"; then ok=$((ok + 1)); else bad=$((bad + 1)); fi
-      sleep 0.05
-    done
-    echo "$ok $bad" >"$work/traffic-$i"
-  ) &
+  for j in $(seq 0 $((nodes - 1))); do [ "$j" -ne "$i" ] && targets+=("${pod_ip[$j]},8080"); done
+  traffic_loop "node$i" "flt-$tag-node$i" "${targets[@]}" &
   loop_pids+=($!)
+  clients+=("node$i")
 done
-sleep 2
+client_up() { # LABEL
+  if [ "$1" = pod ]; then [ -s "$work/traffic-pod" ]; else [ -e "$work/traffic-up-$1" ]; fi
+}
+deadline=$((SECONDS + 60))
+for c in "${clients[@]}"; do
+  until client_up "$c"; do
+    [ "$SECONDS" -lt "$deadline" ] || { sort "$work/traffic-errors.log" | uniq -c | head; fail "the $c client had no answer within 60 s"; }
+    sleep 0.1
+  done
+done
+echo "every client had an answer; the pod's first: $(head -1 "$work/traffic-pod")"
+check_answer "web0 -> ing-all (first answer)" "$(head -1 "$work/traffic-pod")" "$(awk '{ print $1; exit }' "$work/traffic-pod")" roll /rollout >/dev/null \
+  || fail "the pod client's first answer: $(head -1 "$work/traffic-pod")"
 t_roll=$(ms_now)
 kc -n kube-flannel-rs set image ds/kube-flannel-rs-ds "*=flannel-rs:$roll_tag"
 kc -n kube-flannel-rs rollout status ds/kube-flannel-rs-ds --timeout=300s
 roll_ms=$(( $(ms_now) - t_roll ))
 sleep 2
 touch "$work/stop-traffic"
-for p in "${loop_pids[@]}"; do wait "$p"; done
+exec 8>&-
+for p in "${loop_pids[@]}"; do wait "$p" || fail "a traffic client ended with status $?"; done
 loop_pids=()
+# The pod client's last line: its counts.
+tail -1 "$work/traffic-pod" >"$work/traffic-pod.counts"
+grep -qE '^[0-9]+ [0-9]+$' "$work/traffic-pod.counts" || fail "the pod client left no counts: $(cat "$work/traffic-pod")"
 req_ok=0 req_bad=0
-idle=()
-for i in $(seq 0 $((nodes - 1))); do
-  read -r a b <"$work/traffic-$i"
+idle=() per_client=()
+for c in "${clients[@]}"; do
+  f=$work/traffic-$c
+  [ "$c" = pod ] && f=$work/traffic-pod.counts
+  read -r a b <"$f"
   req_ok=$((req_ok + a)) req_bad=$((req_bad + b))
-  [ "$a" -gt 0 ] || idle+=("node$i")
+  [ "$a" -gt 0 ] || idle+=("$c")
+  per_client+=("$c $a/$b")
 done
 kc -n kube-flannel-rs get pods -o custom-columns=NAME:.metadata.name,NODE:.spec.nodeName,IMAGE:.spec.containers[0].image,READY:.status.containerStatuses[0].ready
-echo "rollout took $roll_ms ms; requests during it: $req_ok ok, $req_bad failed"
+roll_clients="pod web0 -> ClusterIP ing-all $(awk '{ print $1 "/" $2 }' "$work/traffic-pod.counts"), outside -> NodePort node0:$np_port $(tr ' ' / <"$work/traffic-nodeport"), outside -> ingress $(tr ' ' / <"$work/traffic-ingress") (ok/failed)"
+echo "rollout took $roll_ms ms; requests during it: $req_ok ok, $req_bad failed; per client (ok/failed): ${per_client[*]}"
 [ -s "$work/traffic-errors.log" ] && sort "$work/traffic-errors.log" | uniq -c | head
 # "No request failed" says nothing about a client that had no success at all.
 [ ${#idle[@]} -eq 0 ] || fail "no request succeeded during the rollout from the client on ${idle[*]}"
@@ -712,13 +982,16 @@ if [ "$stack" = ipv6 ]; then
   say "summary (IPv6-only)"
   cat <<S
 cluster: $nodes nodes, IPv6 only: node IPs, API server $api, Service range $svc_range, podCIDRs from $cluster_cidr; no IPv4 on the underlay
+kube-proxy (ip6tables-nft) on every node; flanneld-rs reaches the API server through the kubernetes Service $svc_ip: $api_via_service
 kubectl apply -> every flanneld-rs pod ready: $apply_to_ds_ready ms; every node Ready: $apply_to_ready ms
 backend $backend: ${devices:-no tunnel device} on every node, no other; subnet.env with the IPv6 lines only; no IPv4 route or FLANNEL chain
 pods get one IPv6 address from their node's podCIDR, and no IPv4 one: yes
 HTTP pod -> pod and node -> pod over IPv6: $http_pod_ip
 deleted pod's address released: $ip_freed
-ingress over IPv6 (nginx on node0, by Host): $ingress_ok/$ingress_n
-DaemonSet rollout to :$roll_tag over IPv6: $roll_ms ms, $req_ok requests ok, $req_bad failed
+ClusterIP from pod web0 on node0 to each Service's pod on another node: $svc_from_pod_ok/$svc_from_pod_n
+ingress over IPv6 (nginx on node0 to ClusterIPs: Host x2, path fan-out with rewrite x2, default backend, TLS): $ingress_ok/$ingress_n
+NodePort (Cluster) over IPv6: $nodeport_result
+DaemonSet rollout to :$roll_tag over IPv6 (backend $backend): $roll_ms ms, $req_ok requests ok, $req_bad failed; $roll_clients
 skipped: pod start latency against the reference bridge plugin (the IPv4 run measures it; its hand-written reference configuration is IPv4)
 run time: $(( $(date +%s) - t_start )) s
 S
@@ -834,11 +1107,14 @@ cluster: $nodes nodes (kubelet $("$kbin/kubelet" --version | awk '{print $2}'), 
 kubectl apply -> plugin, conflist, subnet.env on every node: $apply_to_files ms
 kubectl apply -> every flanneld-rs pod ready:                $apply_to_ds_ready ms
 kubectl apply -> every node Ready:                           $apply_to_ready ms
+kube-proxy (iptables-nft) on every node; flanneld-rs reaches the API server through the kubernetes Service $svc_ip: $api_via_service
 pods get addresses from their node's podCIDR, and no other: yes
 HTTP pod -> pod (kubectl exec), node -> pod: $http_pod_ip
 deleted pod's address released:  $ip_freed
-ingress (nginx on node0, by Host): $ingress_ok/$ingress_n
-DaemonSet rollout to :$roll_tag:  $roll_ms ms, $req_ok requests ok, $req_bad failed
+ClusterIP from pod web0 on node0 to each Service's pod on another node: $svc_from_pod_ok/$svc_from_pod_n
+ingress (nginx on node0 to ClusterIPs: Host x2, path fan-out with rewrite x2, default backend, TLS): $ingress_ok/$ingress_n
+NodePort (Cluster): $nodeport_result
+DaemonSet rollout to :$roll_tag (backend $backend):  $roll_ms ms, $req_ok requests ok, $req_bad failed; $roll_clients
 pod start latency ($latency_pods + $latency_pods pods, one at a time, alternating, on $lat_node):
 $(printf '%s\n' "$lat_ours" "$lat_ref" | sed 's/^/  /')
 run time so far: $((t_end - t_start)) s

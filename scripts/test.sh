@@ -46,9 +46,11 @@ if scripts/k8s-e2e.sh; then e2e_passed=1; else e2e_failed=1; status=1; fi
 echo "== K8S_E2E_DUAL_STACK=1 scripts/k8s-e2e.sh"
 if K8S_E2E_DUAL_STACK=1 scripts/k8s-e2e.sh; then e2e_passed=$((e2e_passed + 1)); else e2e_failed=$((e2e_failed + 1)); status=1; fi
 # And IPv6-only (no IPv4 on the underlay, IPv6 podCIDRs only; addresses,
-# HTTP, release, ingress and rollout over IPv6).
-echo "== K8S_E2E_IPV6_ONLY=1 scripts/k8s-e2e.sh"
-if K8S_E2E_IPV6_ONLY=1 scripts/k8s-e2e.sh; then e2e_passed=$((e2e_passed + 1)); else e2e_failed=$((e2e_failed + 1)); status=1; fi
+# HTTP, release, Services, ingress, NodePort and rollout over IPv6), with the
+# host-gw backend: its DaemonSet rollout under Service and NodePort traffic
+# (the IPv6-only vxlan path is tests/tests/ipv6only.rs's).
+echo "== K8S_E2E_IPV6_ONLY=1 K8S_E2E_BACKEND=host-gw scripts/k8s-e2e.sh"
+if K8S_E2E_IPV6_ONLY=1 K8S_E2E_BACKEND=host-gw scripts/k8s-e2e.sh; then e2e_passed=$((e2e_passed + 1)); else e2e_failed=$((e2e_failed + 1)); status=1; fi
 # A test binary that died, or a target that did not compile, counts as a
 # failure too (scripts/lib/test-summary.sh says which).
 summary=$(scripts/lib/test-summary.sh "$log" "$cargo_status")

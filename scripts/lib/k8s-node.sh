@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# One Kubernetes node for scripts/k8s-e2e.sh: containerd and kubelet, run as
-# PID 1 of the node's own PID namespace, in its own mount namespace, inside
-# the node's network namespace:
+# One Kubernetes node for scripts/k8s-e2e.sh: containerd, kubelet and
+# kube-proxy, run as PID 1 of the node's own PID namespace, in its own mount
+# namespace, inside the node's network namespace:
 #
 #   nsenter --net=/run/netns/NS unshare --mount --pid --fork --propagation private \
 #     --mount-proc scripts/lib/k8s-node.sh DIR NAME IP KUBELET SANDBOX_IMAGE ARCHIVE...
@@ -13,6 +13,11 @@
 # private (the host never sees them) and vanish with the namespace; killing
 # this process (PID 1) kills every process of the node, shims and containers
 # included. Writes DIR/ready once kubelet has been started.
+#
+# kube-proxy runs when K8S_E2E_KUBE_PROXY names its binary: iptables mode
+# (the node's iptables is iptables-nft), with DIR/kube-proxy.kubeconfig,
+# --cluster-cidr=$K8S_E2E_CLUSTER_CIDR, the Node's name and IP; its rules live
+# in the node's network namespace and go with it.
 set -euo pipefail
 dir=$1 name=$2 ip=$3 kubelet=$4 sandbox=$5
 shift 5
@@ -81,5 +86,22 @@ done
   --resolv-conf=/etc/resolv.conf \
   ${K8S_E2E_FEATURE_GATES:+--feature-gates=$K8S_E2E_FEATURE_GATES} \
   --v=1 >"$dir/kubelet.log" 2>&1 &
+if [ -n "${K8S_E2E_KUBE_PROXY:-}" ]; then
+  # --conntrack-max-per-core=0: the global nf_conntrack_max and the
+  # nf_conntrack module's hashsize are the host's, not this namespace's;
+  # kube-proxy leaves them alone then (it still sets the per-namespace TCP
+  # timeouts). --oom-score-adj=0: this sandbox cannot lower it (as kubelet's).
+  "$K8S_E2E_KUBE_PROXY" \
+    --kubeconfig="$dir/kube-proxy.kubeconfig" \
+    --hostname-override="$name" \
+    --bind-address="$ip" \
+    --cluster-cidr="$K8S_E2E_CLUSTER_CIDR" \
+    --proxy-mode=iptables \
+    --conntrack-max-per-core=0 \
+    --oom-score-adj=0 \
+    --profiling=false \
+    ${K8S_E2E_FEATURE_GATES:+--feature-gates=$K8S_E2E_FEATURE_GATES} \
+    --v=1 >"$dir/kube-proxy.log" 2>&1 &
+fi
 touch "$dir/ready"
 wait

@@ -1,12 +1,21 @@
 /* A tiny HTTP/1.0 server and client for the k8s end-to-end script, built with
  * `gcc -static` so the workload image is this one file.
  *
- *   http serve [PORT]          answers every request with "<name> <Host>\n",
- *                              where <name> is $POD_NAME (else the hostname);
+ *   http serve [PORT]          answers every request with
+ *                              "<name> <Host> <path> on <node> from <client>\n":
+ *                              <name> is $POD_NAME (else the hostname), <node>
+ *                              $NODE_NAME (else "-"), <path> the request's as
+ *                              it arrived, <client> the source address seen;
  *                              one process, one connection at a time.
  *   http get IP PORT [HOST] [PATH]
  *                              one GET; prints the body; exits 0 on 200, 1
  *                              otherwise (3 s timeout for connect and read).
+ *   http loop IP PORT [HOST] [PATH]
+ *                              the same GET again and again, 50 ms apart,
+ *                              until its standard input ends; prints the
+ *                              first successful answer's body as soon as it
+ *                              comes, and at the end "<ok> <failed>" (each
+ *                              failure's reason goes to stderr as it happens).
  *   http addrs                 prints every address of every interface of the
  *                              network namespace it runs in, one
  *                              "<ifname> <address>/<prefix length>" line each.
@@ -17,6 +26,7 @@
 #include <ifaddrs.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <poll.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -60,8 +70,41 @@ static void host_of(const char *req, char *out, size_t cap) {
     out[n] = 0;
 }
 
+/* The target of REQ's request line ("GET /x HTTP/1.0"), or "-". */
+static void path_of(const char *req, char *out, size_t cap) {
+    const char *p = strchr(req, ' ');
+    snprintf(out, cap, "-");
+    if (!p)
+        return;
+    p++;
+    size_t n = strcspn(p, " \r\n");
+    if (n == 0)
+        return;
+    if (n >= cap)
+        n = cap - 1;
+    memcpy(out, p, n);
+    out[n] = 0;
+}
+
+/* The peer address of connected socket C as text; an IPv4-mapped IPv6
+ * address (the server's one socket takes both families) as plain IPv4. */
+static void peer_of(int c, char *out, size_t cap) {
+    struct sockaddr_in6 a;
+    socklen_t alen = sizeof a;
+    snprintf(out, cap, "-");
+    if (getpeername(c, (struct sockaddr *)&a, &alen) != 0 || a.sin6_family != AF_INET6)
+        return;
+    if (IN6_IS_ADDR_V4MAPPED(&a.sin6_addr))
+        inet_ntop(AF_INET, &a.sin6_addr.s6_addr[12], out, cap);
+    else
+        inet_ntop(AF_INET6, &a.sin6_addr, out, cap);
+}
+
 static _Noreturn void serve(int port) {
     char name[256];
+    const char *node = getenv("NODE_NAME");
+    if (!node || !*node)
+        node = "-";
     const char *pod = getenv("POD_NAME");
     if (pod && *pod)
         snprintf(name, sizeof name, "%s", pod);
@@ -103,9 +146,11 @@ static _Noreturn void serve(int port) {
                 break;
         }
         req[got] = 0;
-        char host[256], body[600], resp[1024];
+        char host[256], path[256], peer[INET6_ADDRSTRLEN], body[1200], resp[1400];
         host_of(req, host, sizeof host);
-        int blen = snprintf(body, sizeof body, "%s %s\n", name, host);
+        path_of(req, path, sizeof path);
+        peer_of(c, peer, sizeof peer);
+        int blen = snprintf(body, sizeof body, "%s %s %s on %s from %s\n", name, host, path, node, peer);
         int rlen = snprintf(resp, sizeof resp,
                             "HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n"
                             "Connection: close\r\n\r\n%s",
@@ -115,7 +160,10 @@ static _Noreturn void serve(int port) {
     }
 }
 
-static int get(const char *ip, int port, const char *host, const char *path) {
+/* One GET of PATH with Host HOST from IP:PORT; the body goes to OUT unless
+ * it is NULL. Returns 0 on 200, 1 on any failure (said on stderr), 2 on an
+ * IP that is not an address. */
+static int get(const char *ip, int port, const char *host, const char *path, FILE *out) {
     struct sockaddr_in a4 = {.sin_family = AF_INET, .sin_port = htons(port)};
     struct sockaddr_in6 a6 = {.sin6_family = AF_INET6, .sin6_port = htons(port)};
     struct sockaddr *a;
@@ -136,15 +184,16 @@ static int get(const char *ip, int port, const char *host, const char *path) {
     struct timeval tv = {.tv_sec = 3};
     setsockopt(s, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
     setsockopt(s, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
+    int rc = 1;
     if (connect(s, a, alen) != 0) {
         fprintf(stderr, "http: connect %s:%d: %s\n", ip, port, strerror(errno));
-        return 1;
+        goto out;
     }
     char req[512];
     int n = snprintf(req, sizeof req, "GET %s HTTP/1.0\r\nHost: %s\r\n\r\n", path, host);
     if (write_all(s, req, (size_t)n) != 0) {
         fprintf(stderr, "http: write %s:%d: %s\n", ip, port, strerror(errno));
-        return 1;
+        goto out;
     }
     char resp[8192];
     size_t got = 0;
@@ -152,7 +201,7 @@ static int get(const char *ip, int port, const char *host, const char *path) {
         ssize_t r = read(s, resp + got, sizeof resp - 1 - got);
         if (r < 0) {
             fprintf(stderr, "http: read %s:%d: %s\n", ip, port, strerror(errno));
-            return 1;
+            goto out;
         }
         if (r == 0 || got + (size_t)r >= sizeof resp - 1) {
             got += (size_t)r;
@@ -162,11 +211,44 @@ static int get(const char *ip, int port, const char *host, const char *path) {
     }
     resp[got] = 0;
     const char *body = strstr(resp, "\r\n\r\n");
-    fputs(body ? body + 4 : resp, stdout);
     if (strncmp(resp, "HTTP/1.0 200", 12) != 0 && strncmp(resp, "HTTP/1.1 200", 12) != 0) {
-        fprintf(stderr, "http: %s:%d: %.*s\n", ip, port, (int)strcspn(resp, "\r\n"), resp);
-        return 1;
+        if (out)
+            fputs(body ? body + 4 : resp, out);
+        fprintf(stderr, "http: %s:%d: %.*s\n", ip, port, (int)strcspn(resp, "\r\n"), got ? resp : "(no answer)");
+        goto out;
     }
+    if (out) {
+        fputs(body ? body + 4 : resp, out);
+        fflush(out);
+    }
+    rc = 0;
+out:
+    close(s);
+    return rc;
+}
+
+/* GETs until standard input ends (or fails), 50 ms apart; prints the counts. */
+static int loop(const char *ip, int port, const char *host, const char *path) {
+    unsigned long ok = 0, failed = 0;
+    for (;;) {
+        int rc = get(ip, port, host, path, ok == 0 ? stdout : NULL);
+        if (rc == 2)
+            return 2;
+        if (rc == 0)
+            ok++;
+        else
+            failed++;
+        struct pollfd p = {.fd = 0, .events = POLLIN};
+        int n = poll(&p, 1, 50);
+        if (n < 0 && errno != EINTR)
+            die("poll");
+        if (n > 0) {
+            char buf[256];
+            if (read(0, buf, sizeof buf) <= 0)
+                break;
+        }
+    }
+    printf("%lu %lu\n", ok, failed);
     return 0;
 }
 
@@ -206,9 +288,11 @@ int main(int argc, char **argv) {
     if (argc >= 2 && strcmp(argv[1], "serve") == 0)
         serve(argc >= 3 ? atoi(argv[2]) : 8080);
     if (argc >= 4 && strcmp(argv[1], "get") == 0)
-        return get(argv[2], atoi(argv[3]), argc >= 5 ? argv[4] : argv[2], argc >= 6 ? argv[5] : "/");
+        return get(argv[2], atoi(argv[3]), argc >= 5 ? argv[4] : argv[2], argc >= 6 ? argv[5] : "/", stdout);
+    if (argc >= 4 && strcmp(argv[1], "loop") == 0)
+        return loop(argv[2], atoi(argv[3]), argc >= 5 ? argv[4] : argv[2], argc >= 6 ? argv[5] : "/");
     if (argc == 2 && strcmp(argv[1], "addrs") == 0)
         return addrs();
-    fprintf(stderr, "usage: http serve [PORT] | http get IP PORT [HOST] [PATH] | http addrs\n");
+    fprintf(stderr, "usage: http serve [PORT] | http get IP PORT [HOST] [PATH] | http loop IP PORT [HOST] [PATH] | http addrs\n");
     return 2;
 }
