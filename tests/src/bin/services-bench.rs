@@ -50,6 +50,11 @@ struct Args {
     /// Directory holding the reference plugins (bridge, host-local).
     #[arg(long, default_value = "/usr/lib/cni")]
     reference_dir: std::path::PathBuf,
+    /// An extra flag for both flanneld-rs (repeat it), e.g.
+    /// `--daemon-flag=--iptables-forward-rules=false` to measure without
+    /// flannel's FORWARD chain, which the hand-programmed reference lacks.
+    #[arg(long = "daemon-flag", allow_hyphen_values = true)]
+    daemon_flags: Vec<String>,
 }
 
 /// The reference's pod network, and kube-proxy's `--cluster-cidr` on its nodes.
@@ -229,6 +234,7 @@ fn main() {
         ko.create_node(i);
         let mut flags = ko.o.flags(i);
         flags.push("--ip-masq".into());
+        flags.extend(args.daemon_flags.iter().cloned());
         let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
         ko.o.set_flags(i, &flags);
         ko.o.start(i);
@@ -265,8 +271,8 @@ fn main() {
     let url = |svc: &Svc| format!("http://{}/", svc.cluster(e2e_tests::services::Proto::Tcp));
     let (ours_url, ref_url) = (url(&ours), url(&reference));
     println!(
-        "services-bench: wrk {} connection(s), {} thread(s), {} s per run, {} rounds; ours {ours_url} -> {server_ip} (node1), reference {ref_url} -> {ref_server_ip} (node3)",
-        args.connections, args.threads, args.seconds, args.rounds
+        "services-bench: wrk {} connection(s), {} thread(s), {} s per run, {} rounds; ours {ours_url} -> {server_ip} (node1), reference {ref_url} -> {ref_server_ip} (node3); daemon flags {:?}",
+        args.connections, args.threads, args.seconds, args.rounds, args.daemon_flags
     );
     let load = || std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim().to_string();
     println!("load average before: {}", load());
