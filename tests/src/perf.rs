@@ -103,11 +103,17 @@ pub fn ping(client: &Netns, addr: impl std::fmt::Display) -> (f64, f64) {
 /// the objects flanneld-rs would make. Overlay 10.`net`.0.0/16; node `i`
 /// holds 10.`net`.(i+1).0/24 on `flannel.1` (MTU 1450, VNI 1, port 8472).
 pub fn vxlan_by_hand(c: &netns_fixtures::Cluster, net: u8) {
+    vxlan_by_hand_on(c, [0, 1], net);
+}
+
+/// [`vxlan_by_hand`] between nodes `nodes[0]` and `nodes[1]` of `c`, which
+/// hold 10.`net`.1.0/24 and 10.`net`.2.0/24.
+pub fn vxlan_by_hand_on(c: &netns_fixtures::Cluster, nodes: [usize; 2], net: u8) {
     let macs = ["02:aa:00:00:00:01", "02:aa:00:00:00:02"];
-    let underlay = |i: usize| Ipv4Addr::new(192, 0, 2, 10 + i as u8);
+    let underlay = |i: usize| c.node(nodes[i]).underlay_ip;
     for i in 0..2usize {
         let (me, peer) = (i + 1, 2 - i);
-        let ns = &c.node(i).ns;
+        let ns = &c.node(nodes[i]).ns;
         ns.ip_batch(&[
             format!(
                 "link add flannel.1 address {} type vxlan id 1 local {} dev eth0 dstport 8472 nolearning",

@@ -281,6 +281,12 @@ impl KubeProxies {
     /// Starts kube-proxy on node `i` and waits until its first sync wrote
     /// its chains (`KUBE-SERVICES` in table nat).
     pub fn start(&mut self, ko: &KubeOverlay, i: usize) {
+        self.start_with_cidr(ko, i, CLUSTER_CIDR);
+    }
+
+    /// [`KubeProxies::start`] with `--cluster-cidr=<cidr>` (a node of
+    /// another pod network, e.g. a benchmark's reference).
+    pub fn start_with_cidr(&mut self, ko: &KubeOverlay, i: usize, cidr: &str) {
         let node = ko.o.cluster.node(i);
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.logs[i]).unwrap();
         let child = node
@@ -288,7 +294,7 @@ impl KubeProxies {
             .command(kube_dir().join("kube-proxy"))
             .arg(format!("--kubeconfig={}", self.kubeconfig.display()))
             .arg(format!("--hostname-override={}", KubeOverlay::node_name(i)))
-            .arg(format!("--cluster-cidr={CLUSTER_CIDR}"))
+            .arg(format!("--cluster-cidr={cidr}"))
             .arg(format!("--bind-address={}", node.underlay_ip))
             .arg("--proxy-mode=iptables")
             // Leave the global nf_conntrack_max and the nf_conntrack module's
@@ -413,4 +419,58 @@ pub fn addresses(ns: &Netns) -> Vec<String> {
         .flat_map(|l| l["addr_info"].as_array().cloned().unwrap_or_default())
         .filter_map(|a| a["local"].as_str().map(str::to_string))
         .collect()
+}
+
+/// The RBAC of `--network-policy` (`deploy/network-policy.yml`) and the
+/// ServiceAccount `default/default` that kube-controller-manager (not run
+/// here) would create, which the API server's admission wants for Pods.
+pub fn allow_network_policy(ko: &KubeOverlay) {
+    let rbac = std::fs::read_to_string(crate::kube::manifest_path().with_file_name("network-policy.yml"))
+        .expect("deploy/network-policy.yml");
+    ko.api.apply(&rbac);
+    ko.api.apply(
+        &json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "default", "namespace": "default"}})
+            .to_string(),
+    );
+}
+
+/// The Pod object of a pod the plugin plugged in: `name` in namespace
+/// `default` on node `node` with `labels`, its server's ports named
+/// `tcp` and `udp`, and `status.podIP` and phase `Running` (what kubelet
+/// would report), which NetworkPolicy enforcement reads.
+pub fn create_pod_object(ko: &KubeOverlay, name: &str, node: usize, ip: Ipv4Addr, labels: Value) {
+    ko.api.apply(
+        &json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "namespace": "default", "labels": labels},
+            "spec": {
+                "nodeName": KubeOverlay::node_name(node), "automountServiceAccountToken": false,
+                "containers": [{"name": "serve", "image": "serve", "ports": [
+                    {"name": "tcp", "containerPort": TCP_PORT, "protocol": "TCP"},
+                    {"name": "udp", "containerPort": UDP_PORT, "protocol": "UDP"}
+                ]}]
+            }
+        })
+        .to_string(),
+    );
+    ko.api.kubectl_ok(&[
+        "patch",
+        "pod",
+        name,
+        "-n",
+        "default",
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        &json!({"status": {"podIP": ip.to_string(), "podIPs": [{"ip": ip.to_string()}], "phase": "Running"}})
+            .to_string(),
+    ]);
+}
+
+/// The source address node namespace `ns` picks for a packet to `dst`
+/// (`ip route get`): what kube-proxy's masquerade puts on a NodePort
+/// request it forwards there.
+pub fn source_toward(ns: &Netns, dst: Ipv4Addr) -> Ipv4Addr {
+    let r = ns.ip_json(&["-4", "route", "get", &dst.to_string()]);
+    r[0]["prefsrc"].as_str().unwrap_or_else(|| panic!("no prefsrc in {r}")).parse().unwrap()
 }

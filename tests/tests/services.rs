@@ -3,21 +3,22 @@
 //! real kube-apiserver, flanneld-rs in Kubernetes mode with `--ip-masq` (as
 //! flannel's manifest runs it), pods plugged in by our plugin with the
 //! deploy bundle's delegate (`hairpinMode`), Services and EndpointSlices
-//! through the API server (see `tests/src/services.rs`). One cluster per
-//! backend, every check on it in turn.
+//! through the API server (see `tests/src/services.rs`), NetworkPolicy
+//! enforced by flanneld-rs (`--network-policy`) in front of kube-proxy's
+//! NAT. One cluster per backend, every check on it in turn.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
 use e2e_tests::kube::{require_kube, KubeOverlay};
 use e2e_tests::services::{
-    addresses, ask_eventually, create_service, require_kube_proxy, wait_programmed, KubeProxies, PodServer, Proto, Svc,
-    SvcSpec, TCP_PORT,
+    addresses, allow_network_policy, ask_eventually, create_pod_object, create_service, require_kube_proxy,
+    source_toward, wait_programmed, Answer, KubeProxies, PodServer, Proto, Svc, SvcSpec, TCP_PORT,
 };
 use e2e_tests::wait_until_or;
 use netns_fixtures::{require_root, Netns};
-use serde_json::Value;
+use serde_json::{json, Value};
 
 fn ready() -> bool {
     require_root() && require_kube() && require_kube_proxy()
@@ -26,25 +27,42 @@ fn ready() -> bool {
 /// The outside host (where the API server runs).
 const OUTSIDE: &str = "192.0.2.200";
 
+/// The labels of the Pod object of `p<i>` (and `q1`, a client beside
+/// `p1`, made by [`network_policy`], has those of `p0`): `p1` is the
+/// NodePort Services' endpoint, `app=web`; `p0` carries `access=web`, which
+/// the podSelector policy lets in.
+fn pod_labels(i: usize) -> Value {
+    match i {
+        0 => json!({"name": "p0", "access": "web"}),
+        1 => json!({"name": "p1", "app": "web"}),
+        _ => json!({"name": format!("p{i}")}),
+    }
+}
+
 struct Services {
     // Dropped first: the servers' threads end before their pods go.
     _servers: Vec<PodServer>,
     proxies: KubeProxies,
     pods: Vec<(Netns, Ipv4Addr)>,
+    /// The deploy bundle's delegate for the plugin.
+    delegate: Value,
     ko: KubeOverlay,
 }
 
 impl Services {
-    /// Three nodes of `backend` with `--ip-masq`, kube-proxy on each, one pod
-    /// `p<i>` per node with its server, and an answering server on the
-    /// outside host; pods reach each other keeping their source address.
+    /// Three nodes of `backend` with `--ip-masq` and `--network-policy`,
+    /// kube-proxy on each, one pod `p<i>` per node with its server and its
+    /// Pod object (labels: see [`pod_labels`]), and an answering server on
+    /// the outside host; pods reach each other keeping their source address.
     fn new(backend: &str) -> Services {
         let conf = format!(r#"{{"Network":"10.244.0.0/16","Backend":{{"Type":"{backend}"}}}}"#);
         let mut ko = KubeOverlay::with_conf(3, &conf);
+        allow_network_policy(&ko);
         for i in 0..3 {
             ko.create_node(i);
             let mut flags = ko.o.flags(i);
             flags.push("--ip-masq".into());
+            flags.push("--network-policy".into());
             let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
             ko.o.set_flags(i, &flags);
         }
@@ -65,10 +83,11 @@ impl Services {
                 other => panic!("p{i}: {other}"),
             };
             servers.push(PodServer::start(&pod, &format!("p{i}")));
+            create_pod_object(&ko, &format!("p{i}"), i, addr, pod_labels(i));
             pods.push((pod, addr));
         }
         servers.push(PodServer::start(ko.o.outside(), "outside"));
-        let s = Services { _servers: servers, proxies, pods, ko };
+        let s = Services { _servers: servers, proxies, pods, delegate, ko };
         s.pods_keep_their_source();
         s
     }
@@ -317,6 +336,182 @@ fn restarts(s: &mut Services, npc: &Svc) {
     }
 }
 
+/// The paths to `p1` the policy checks probe: (client, path) ->
+/// (client's namespace, address asked). Clients: `p0` and `p2` (other
+/// nodes), `q1` (beside `p1` on node1), `p1` itself through the Service
+/// `h1` (hairpin, made by [`cluster_ip`]), the outside host.
+fn policy_paths<'a>(
+    s: &'a Services,
+    q1: &'a Netns,
+    npc: &Svc,
+    npl: &Svc,
+) -> Vec<(String, &'a Netns, SocketAddr, Proto)> {
+    let h1 = s.ko.api.get_json(&["service", "h1"]);
+    let h1_ip: Ipv4Addr = h1["spec"]["clusterIP"].as_str().unwrap().parse().unwrap();
+    let mut v = Vec::new();
+    for proto in Proto::BOTH {
+        for (name, ns) in [("p0", &s.pods[0].0), ("p2", &s.pods[2].0), ("q1", q1)] {
+            v.push((format!("{name} -> ClusterIP {proto:?}"), ns, npc.cluster(proto), proto));
+        }
+        let port = if proto == Proto::Tcp { 80 } else { 81 };
+        v.push((
+            format!("p1 -> itself via ClusterIP {proto:?}"),
+            &s.pods[1].0,
+            SocketAddr::new(h1_ip.into(), port),
+            proto,
+        ));
+        for n in 0..3 {
+            v.push((
+                format!("outside -> NodePort Cluster via node{n} {proto:?}"),
+                s.ko.o.outside(),
+                npc.node_port(s.node_ip(n), proto),
+                proto,
+            ));
+        }
+        v.push((
+            format!("outside -> NodePort Local via node1 {proto:?}"),
+            s.ko.o.outside(),
+            npl.node_port(s.node_ip(1), proto),
+            proto,
+        ));
+    }
+    v
+}
+
+/// Every path of [`policy_paths`] probed once, in parallel: path -> the
+/// answer (who and whom it saw), or None.
+fn probe_paths(paths: &[(String, &Netns, SocketAddr, Proto)]) -> BTreeMap<String, Option<Answer>> {
+    std::thread::scope(|sc| {
+        let handles: Vec<_> = paths
+            .iter()
+            .map(|(what, ns, addr, proto)| sc.spawn(move || (what.clone(), proto.ask(ns, *addr).ok())))
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
+/// Probes until exactly the paths `allowed(path)` says are answered (by
+/// `p1`), at most 20 s; panics with the paths that differ.
+fn wait_reachability(
+    paths: &[(String, &Netns, SocketAddr, Proto)],
+    what: &str,
+    allowed: impl Fn(&str) -> bool,
+) -> BTreeMap<String, Option<Answer>> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let got = probe_paths(paths);
+        let wrong: Vec<String> = got
+            .iter()
+            .filter(|(path, answer)| {
+                let ok = answer.as_ref().is_some_and(|a| a.who == "p1");
+                ok != allowed(path) || (answer.is_some() && !ok)
+            })
+            .map(|(path, answer)| {
+                format!("{path}: want {}, got {answer:?}", if allowed(path) { "answered by p1" } else { "denied" })
+            })
+            .collect();
+        if wrong.is_empty() {
+            return got;
+        }
+        assert!(std::time::Instant::now() < deadline, "{what}: {} paths differ:\n{}", wrong.len(), wrong.join("\n"));
+    }
+}
+
+fn policy(name: &str, spec: Value) -> String {
+    json!({
+        "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+        "metadata": {"name": name, "namespace": "default"},
+        "spec": spec
+    })
+    .to_string()
+}
+
+/// NetworkPolicy in front of kube-proxy, on `p1` (`app=web`), the endpoint
+/// of the NodePort Services `npc` (`externalTrafficPolicy: Cluster`) and
+/// `npl` (`Local`), reached through the ClusterIP from pods on the other
+/// nodes and beside it (`q1`, made here) and through the NodePorts from the
+/// outside host. kube-proxy DNATs before the forward hook where the
+/// policy is judged, and masquerades after it: a policy sees the pod
+/// address a ClusterIP request came from, and for NodePort the client's
+/// address when the request enters at `p1`'s own node (Local, or Cluster
+/// via node1), but the entry node's address when Cluster forwards it from
+/// another node. Each policy is checked for what it allows and what it
+/// denies, and deleting it restores every path.
+fn network_policy(s: &Services, npc: &Svc, npl: &Svc) {
+    let (q1, ips) = s.ko.o.add_pod_with(1, "q1", s.delegate.clone());
+    let std::net::IpAddr::V4(q1_ip) = ips[0] else { panic!("q1: {ips:?}") };
+    create_pod_object(&s.ko, "q1", 1, q1_ip, json!({"name": "q1", "access": "web"}));
+    let paths = policy_paths(s, &q1, npc, npl);
+    let via = |path: &str, n: usize| path.contains(&format!("Cluster via node{n}"));
+
+    // No policy: every path answers; ClusterIP requests show the client
+    // pod (hairpin: masqueraded to node1's bridge), NodePort Local the
+    // outside host, Cluster the entry node's address toward node1 (via
+    // node1 itself: its bridge's).
+    let got = wait_reachability(&paths, "no policy", |_| true);
+    let pod_ip = |name: &str| match name {
+        "p0" => s.pods[0].1,
+        "p2" => s.pods[2].1,
+        _ => q1_ip,
+    };
+    let entry: Vec<Ipv4Addr> = (0..3).map(|n| source_toward(s.node(n), s.pods[1].1)).collect();
+    for (path, answer) in &got {
+        let seen = &answer.as_ref().unwrap().seen;
+        let want = if path.contains("itself") {
+            entry[1].to_string()
+        } else if path.contains("ClusterIP") {
+            pod_ip(&path[..2]).to_string()
+        } else if let Some(n) = (0..3).find(|n| via(path, *n)) {
+            entry[n].to_string()
+        } else {
+            OUTSIDE.to_string()
+        };
+        assert_eq!(seen, &want, "{path}: the source p1 saw");
+    }
+    eprintln!("NodePort Cluster via node0, node1, node2 is seen from {entry:?}");
+
+    // Deny all ingress to app=web: the Service is closed on every path.
+    let web = json!({"matchLabels": {"app": "web"}});
+    s.ko.api.apply(&policy("web", json!({"podSelector": web, "policyTypes": ["Ingress"]})));
+    wait_reachability(&paths, "deny all ingress to p1", |_| false);
+
+    // Allow from pods labelled access=web (p0 on node0, q1 beside p1):
+    // through the ClusterIP they pass, p2 and the outside host do not.
+    s.ko.api.apply(&policy(
+        "web",
+        json!({"podSelector": web, "ingress": [{"from": [{"podSelector": {"matchLabels": {"access": "web"}}}]}]}),
+    ));
+    wait_reachability(&paths, "p1 from access=web pods only", |p| p.starts_with("p0 ") || p.starts_with("q1 "));
+
+    // Allow the outside host's address: what keeps it (Local, and Cluster
+    // entering at node1, judged before the masquerade) passes; Cluster via
+    // the other nodes arrives from their addresses and is denied, as are
+    // the pods.
+    let block = |cidr: String| json!({"ipBlock": {"cidr": cidr}});
+    s.ko.api
+        .apply(&policy("web", json!({"podSelector": web, "ingress": [{"from": [block(format!("{OUTSIDE}/32"))]}]})));
+    wait_reachability(&paths, "p1 from the outside host's address", |p| {
+        p.starts_with("outside ") && !via(p, 0) && !via(p, 2)
+    });
+
+    // What a user writes for Cluster: the nodes' addresses too (the entry
+    // nodes' toward p1's node): every NodePort path passes, the pods still not.
+    let mut from = vec![block(format!("{OUTSIDE}/32"))];
+    from.extend([0, 2].map(|n| block(format!("{}/32", entry[n]))));
+    s.ko.api.apply(&policy("web", json!({"podSelector": web, "ingress": [{"from": from}]})));
+    wait_reachability(&paths, "p1 from the outside host and the nodes' addresses", |p| p.starts_with("outside "));
+
+    // And without the outside host, only the nodes' addresses: Cluster via
+    // node0 and node2 passes, what enters at node1 keeps the client's
+    // address and is denied.
+    let from: Vec<Value> = [0, 2].map(|n| block(format!("{}/32", entry[n]))).into();
+    s.ko.api.apply(&policy("web", json!({"podSelector": web, "ingress": [{"from": from}]})));
+    wait_reachability(&paths, "p1 from the nodes' addresses only", |p| via(p, 0) || via(p, 2));
+
+    s.ko.api.kubectl_ok(&["delete", "networkpolicy", "web", "-n", "default"]);
+    wait_reachability(&paths, "policy deleted", |_| true);
+}
+
 /// `ethtool -k flannel.1`'s `tx-checksumming` on node `i` (`on`, `off`).
 fn tx_checksumming(s: &Services, i: usize) -> String {
     let text = s.node(i).run_ok("ethtool", &["-k", "flannel.1"]);
@@ -433,9 +628,10 @@ fn run(backend: &str) -> Services {
     let mut s = Services::new(backend);
     kube_proxy_stayed_inside(&s, &host);
     cluster_ip(&s);
-    let (npc, _) = node_ports(&s);
+    let (npc, npl) = node_ports(&s);
     s.pods_to_outside_masqueraded();
     restarts(&mut s, &npc);
+    network_policy(&s, &npc, &npl);
     if backend == "vxlan" {
         vxlan_tx_checksum(&mut s, &npc);
     }
