@@ -1,0 +1,267 @@
+//! The wireguard backend end to end (user-space path: the kernels here
+//! have no WireGuard module): real etcd, real daemons on three nodes, pods
+//! plugged in by the real plugin, real traffic through `flannel-wg` and
+//! the daemons' boringtun tunnels, and a packet capture on the underlay.
+
+use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::unix::fs::PermissionsExt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use e2e_tests::overlay::{etcdctl_ok, Overlay};
+use e2e_tests::{http_get, metric};
+use netns_fixtures::{require_root, wait_until, Netns};
+
+const WG: &str = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"wireguard","PersistentKeepaliveInterval":5}}"#;
+const HEALTH: &[&str] = &["--healthz-ip", "127.0.0.1", "--healthz-port", "9105"];
+
+fn overlay(nodes: usize) -> Overlay {
+    let mut o = Overlay::with_conf(nodes, WG);
+    for i in 0..nodes {
+        o.set_flags(i, HEALTH);
+        // Each node its own key file (the nodes share this machine's /run).
+        let key = key_file(&o, i);
+        o.set_env(i, &[("WIREGUARD_KEY_FILE", key.to_str().unwrap())]);
+    }
+    o
+}
+
+fn key_file(o: &Overlay, i: usize) -> std::path::PathBuf {
+    o.dir.path().join(format!("node{i}/wgkey"))
+}
+
+fn sample(o: &Overlay, i: usize, name: &str) -> f64 {
+    let text = http_get(&o.cluster.node(i).ns, "127.0.0.1:9105".parse().unwrap(), "/metrics");
+    metric(&text, name).unwrap_or_else(|| panic!("no {name} in node{i}'s /metrics:\n{text}"))
+}
+
+fn wait_peers(o: &Overlay, n: usize) {
+    for i in 0..n {
+        wait_until(Duration::from_secs(10), &format!("node{i}'s wireguard peer table"), || {
+            sample(o, i, "flannel_peers") == (n - 1) as f64
+        });
+    }
+}
+
+/// Frames seen on one interface of a namespace (an AF_PACKET socket),
+/// collected by a thread until dropped.
+struct Capture {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<Vec<Vec<u8>>>>,
+}
+
+impl Capture {
+    fn start(ns: &Netns, ifname: &str) -> Capture {
+        let name = std::ffi::CString::new(ifname).unwrap();
+        let fd = ns.in_thread(|| {
+            // SAFETY: plain socket(2) call.
+            let raw = unsafe {
+                libc::socket(
+                    libc::AF_PACKET,
+                    libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+                    (libc::ETH_P_ALL as u16).to_be() as i32,
+                )
+            };
+            assert!(raw >= 0, "AF_PACKET socket: {}", std::io::Error::last_os_error());
+            // SAFETY: a fresh descriptor we own.
+            let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+            // SAFETY: a valid NUL-terminated name.
+            let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+            assert!(index != 0, "no {ifname:?}");
+            // SAFETY: zeroed sockaddr_ll is valid; bound with its size.
+            let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+            sll.sll_family = libc::AF_PACKET as u16;
+            sll.sll_protocol = (libc::ETH_P_ALL as u16).to_be();
+            sll.sll_ifindex = index as i32;
+            let rc = unsafe {
+                libc::bind(
+                    std::os::fd::AsRawFd::as_raw_fd(&fd),
+                    (&sll as *const libc::sockaddr_ll).cast(),
+                    std::mem::size_of::<libc::sockaddr_ll>() as u32,
+                )
+            };
+            assert_eq!(rc, 0, "bind AF_PACKET: {}", std::io::Error::last_os_error());
+            let tv = libc::timeval { tv_sec: 0, tv_usec: 100_000 };
+            // SAFETY: SO_RCVTIMEO takes a timeval.
+            unsafe {
+                libc::setsockopt(
+                    std::os::fd::AsRawFd::as_raw_fd(&fd),
+                    libc::SOL_SOCKET,
+                    libc::SO_RCVTIMEO,
+                    (&tv as *const libc::timeval).cast(),
+                    std::mem::size_of::<libc::timeval>() as u32,
+                )
+            };
+            fd
+        });
+        let stop = Arc::new(AtomicBool::new(false));
+        let s = Arc::clone(&stop);
+        let thread = std::thread::spawn(move || {
+            let mut frames = Vec::new();
+            let mut buf = vec![0u8; 65536];
+            while !s.load(Ordering::Relaxed) {
+                // SAFETY: reads at most buf.len() bytes into buf.
+                let n =
+                    unsafe { libc::recv(std::os::fd::AsRawFd::as_raw_fd(&fd), buf.as_mut_ptr().cast(), buf.len(), 0) };
+                if n > 0 {
+                    frames.push(buf[..n as usize].to_vec());
+                }
+            }
+            frames
+        });
+        Capture { stop, thread: Some(thread) }
+    }
+
+    fn finish(mut self) -> Vec<Vec<u8>> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.take().unwrap().join().unwrap()
+    }
+}
+
+/// An IPv4 frame's protocol, addresses and (TCP/UDP) ports.
+fn ipv4_of(frame: &[u8]) -> Option<(u8, Ipv4Addr, Ipv4Addr, u16, u16)> {
+    if frame.len() < 14 + 20 || frame[12..14] != [0x08, 0x00] {
+        return None;
+    }
+    let ip = &frame[14..];
+    let ihl = usize::from(ip[0] & 0x0f) * 4;
+    let src = Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]);
+    let dst = Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]);
+    let ports = ip.get(ihl..ihl + 4).map(|p| (u16::from_be_bytes([p[0], p[1]]), u16::from_be_bytes([p[2], p[3]])));
+    let (sp, dp) = ports.unwrap_or((0, 0));
+    Some((ip[9], src, dst, sp, dp))
+}
+
+#[test]
+fn wireguard_pods_talk_encrypted_across_three_nodes_and_survive_a_restart() {
+    if !require_root() {
+        return;
+    }
+    let mut o = overlay(3);
+    o.start_all();
+    wait_peers(&o, 3);
+    let node_ips: Vec<Ipv4Addr> = (0..3).map(|i| Ipv4Addr::new(192, 0, 2, 10 + i as u8)).collect();
+
+    // Keys: one file per node, mode 0400, its public key in the lease as
+    // current flannel writes it (with the port).
+    let mut keys = Vec::new();
+    for (i, node_ip) in node_ips.iter().enumerate() {
+        let path = key_file(&o, i);
+        let meta = std::fs::metadata(&path).unwrap();
+        assert_eq!(meta.permissions().mode() & 0o777, 0o400, "node{i}'s key file");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let private = flanneld_rs::config::decode_key(&text).unwrap();
+        let public = flanneld_rs::config::encode_key(&flanneld_rs::backend::wireguard::keys::public_of(&private));
+        let lease = etcdctl_ok(o.outside(), &["get", "--print-value-only", &o.lease_key(i)]);
+        assert_eq!(
+            lease.trim(),
+            format!(
+                r#"{{"PublicIP":"{node_ip}","PublicIPv6":null,"BackendType":"wireguard","BackendData":{{"PublicKey":"{public}","Port":51820}}}}"#
+            ),
+            "node{i}'s lease"
+        );
+        keys.push(text);
+    }
+    assert!(keys[0] != keys[1] && keys[1] != keys[2] && keys[0] != keys[2]);
+
+    // flannel's device: <subnet>.0/32, MTU underlay - 80, the Network
+    // routed into it with scope link; the pods get that MTU.
+    for i in 0..3 {
+        let ns = &o.cluster.node(i).ns;
+        let link = ns.ip_json(&["-4", "addr", "show", "dev", "flannel-wg"]);
+        assert_eq!(link[0]["mtu"].as_u64(), Some(1420), "{link}");
+        let addr = &link[0]["addr_info"][0];
+        assert_eq!(
+            format!("{}/{}", addr["local"].as_str().unwrap(), addr["prefixlen"]),
+            format!("{}/32", o.subnet(i).network())
+        );
+        let routes = ns.ip_json(&["-4", "route", "show", "dev", "flannel-wg"]);
+        let routes: Vec<String> = routes
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| format!("{} {}", r["dst"].as_str().unwrap(), r["scope"].as_str().unwrap_or("global")))
+            .collect();
+        assert_eq!(routes, ["10.244.0.0/16 link"], "node{i}");
+        let env = std::fs::read_to_string(&o.daemons[i].subnet_file).unwrap();
+        assert!(env.contains("FLANNEL_MTU=1420\n"), "{env}");
+    }
+
+    // Every pod reaches every pod over TCP, while node 1's underlay is
+    // captured: only WireGuard datagrams between nodes, no pod address and
+    // no payload in clear.
+    let capture = Capture::start(&o.cluster.node(1).ns, "eth0");
+    let pods: Vec<_> = (0..3).map(|i| o.add_pod(i, &format!("w{i}"))).collect();
+    e2e_tests::all_pods_talk(&pods, 7400);
+    let frames = capture.finish();
+    let mut wg = 0;
+    for f in &frames {
+        let Some((proto, src, dst, sp, dp)) = ipv4_of(f) else { continue };
+        for addr in pods.iter().map(|(_, a)| *a) {
+            assert!(!f.windows(4).any(|w| w == addr.octets()), "pod address {addr} in clear: {src} -> {dst}");
+        }
+        assert!(!f.windows(5).any(|w| w == b"ping\n"), "payload in clear: {src} -> {dst}");
+        let between_nodes = node_ips.contains(&src) && node_ips.contains(&dst);
+        if between_nodes {
+            assert!(proto == 17 && sp == 51820 && dp == 51820, "not WireGuard: proto {proto} {src}:{sp} -> {dst}:{dp}");
+            wg += 1;
+        }
+    }
+    assert!(wg > 0, "no WireGuard datagram seen in {} frames", frames.len());
+    assert!(sample(&o, 0, "flannel_wireguard_rx_packets_total") > 0.0);
+
+    // Datagrams of no peer are dropped and counted: a data message with an
+    // index no tunnel has, and a handshake initiation not made with our key.
+    let rogue = o.outside().in_thread(|| UdpSocket::bind("192.0.2.200:0")).unwrap();
+    let node0 = SocketAddr::from(([192, 0, 2, 10], 51820));
+    let unknown = sample(&o, 0, "flannel_wireguard_dropped_unknown_peer_total");
+    let mut data = vec![4u8, 0, 0, 0, 0xff, 0xff, 0xff, 0x7f];
+    data.resize(64, 0x55);
+    rogue.send_to(&data, node0).unwrap();
+    wait_until(Duration::from_secs(5), "the unknown-index datagram to be counted", || {
+        sample(&o, 0, "flannel_wireguard_dropped_unknown_peer_total") == unknown + 1.0
+    });
+    let invalid = sample(&o, 0, "flannel_wireguard_dropped_invalid_total");
+    let mut init = vec![1u8, 0, 0, 0];
+    init.resize(148, 0x33);
+    rogue.send_to(&init, node0).unwrap();
+    wait_until(Duration::from_secs(5), "the forged initiation to be counted", || {
+        sample(&o, 0, "flannel_wireguard_dropped_invalid_total") == invalid + 1.0
+    });
+
+    let (ok, report) = o.diagnose(0, &[]);
+    assert!(ok, "{report}");
+    assert!(report.to_string().contains("user-space data path runs"), "{report}");
+
+    // A restart keeps the key (and so what peers know) and traffic resumes.
+    o.stop(1);
+    o.start(1);
+    assert_eq!(std::fs::read_to_string(key_file(&o, 1)).unwrap(), keys[1], "node1's key changed across a restart");
+    assert_eq!(std::fs::metadata(key_file(&o, 1)).unwrap().permissions().mode() & 0o777, 0o400);
+    wait_peers(&o, 3);
+    let target = SocketAddr::new(pods[1].1.into(), 7500);
+    let listener = pods[1].0.in_thread(|| std::net::TcpListener::bind(target)).unwrap();
+    std::thread::spawn(move || {
+        for mut c in listener.incoming().flatten() {
+            use std::io::{Read, Write};
+            let _ = c.set_read_timeout(Some(Duration::from_secs(5)));
+            let mut buf = [0u8; 16];
+            if let Ok(n) = c.read(&mut buf) {
+                let _ = c.write_all(&buf[..n]);
+            }
+        }
+    });
+    wait_until(Duration::from_secs(30), "TCP from node0's pod to node1's pod after node1's restart", || {
+        use std::io::{Read, Write};
+        let Ok(mut c) = pods[0].0.in_thread(|| std::net::TcpStream::connect_timeout(&target, Duration::from_secs(2)))
+        else {
+            return false;
+        };
+        let _ = c.set_read_timeout(Some(Duration::from_secs(2)));
+        let mut buf = [0u8; 16];
+        c.write_all(b"ping\n").is_ok() && c.read(&mut buf).is_ok_and(|n| &buf[..n] == b"ping\n")
+    });
+    e2e_tests::all_pods_talk(&pods, 7600);
+}
