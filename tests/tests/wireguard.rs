@@ -14,7 +14,9 @@ use e2e_tests::overlay::{etcdctl_ok, Overlay};
 use e2e_tests::{http_get, metric};
 use netns_fixtures::{require_root, wait_until, Netns};
 
-const WG: &str = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"wireguard","PersistentKeepaliveInterval":5}}"#;
+/// With a PSK (every handshake mixes it in) and keepalives every 5 s
+/// (which also make a restarted node handshake at once).
+const WG: &str = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"wireguard","PersistentKeepaliveInterval":5,"PSK":"AQIDBAUGBwgJCgsMDQ4PEBESExQVFhcYGRobHB0eHyA="}}"#;
 const HEALTH: &[&str] = &["--healthz-ip", "127.0.0.1", "--healthz-port", "9105"];
 
 fn overlay(nodes: usize) -> Overlay {
@@ -134,6 +136,36 @@ fn ipv4_of(frame: &[u8]) -> Option<(u8, Ipv4Addr, Ipv4Addr, u16, u16)> {
     Some((ip[9], src, dst, sp, dp))
 }
 
+/// Echoes one read on every connection to `target` inside `ns`, until the
+/// test ends.
+fn echo_forever(ns: &Netns, target: SocketAddr) {
+    let listener = ns.in_thread(|| std::net::TcpListener::bind(target)).unwrap();
+    std::thread::spawn(move || {
+        for mut c in listener.incoming().flatten() {
+            use std::io::{Read, Write};
+            let _ = c.set_read_timeout(Some(Duration::from_secs(5)));
+            let mut buf = [0u8; 16];
+            if let Ok(n) = c.read(&mut buf) {
+                let _ = c.write_all(&buf[..n]);
+            }
+        }
+    });
+}
+
+/// Waits until a TCP round trip from `from` to `target` (an
+/// [`echo_forever`]) succeeds.
+fn wait_tcp(from: &Netns, target: SocketAddr, what: &str) {
+    wait_until(Duration::from_secs(30), what, || {
+        use std::io::{Read, Write};
+        let Ok(mut c) = from.in_thread(|| std::net::TcpStream::connect_timeout(&target, Duration::from_secs(2))) else {
+            return false;
+        };
+        let _ = c.set_read_timeout(Some(Duration::from_secs(2)));
+        let mut buf = [0u8; 16];
+        c.write_all(b"ping\n").is_ok() && c.read(&mut buf).is_ok_and(|n| &buf[..n] == b"ping\n")
+    });
+}
+
 #[test]
 fn wireguard_pods_talk_encrypted_across_three_nodes_and_survive_a_restart() {
     if !require_root() {
@@ -242,26 +274,78 @@ fn wireguard_pods_talk_encrypted_across_three_nodes_and_survive_a_restart() {
     assert_eq!(std::fs::metadata(key_file(&o, 1)).unwrap().permissions().mode() & 0o777, 0o400);
     wait_peers(&o, 3);
     let target = SocketAddr::new(pods[1].1.into(), 7500);
-    let listener = pods[1].0.in_thread(|| std::net::TcpListener::bind(target)).unwrap();
-    std::thread::spawn(move || {
-        for mut c in listener.incoming().flatten() {
-            use std::io::{Read, Write};
-            let _ = c.set_read_timeout(Some(Duration::from_secs(5)));
-            let mut buf = [0u8; 16];
-            if let Ok(n) = c.read(&mut buf) {
-                let _ = c.write_all(&buf[..n]);
-            }
-        }
-    });
-    wait_until(Duration::from_secs(30), "TCP from node0's pod to node1's pod after node1's restart", || {
-        use std::io::{Read, Write};
-        let Ok(mut c) = pods[0].0.in_thread(|| std::net::TcpStream::connect_timeout(&target, Duration::from_secs(2)))
-        else {
-            return false;
-        };
-        let _ = c.set_read_timeout(Some(Duration::from_secs(2)));
-        let mut buf = [0u8; 16];
-        c.write_all(b"ping\n").is_ok() && c.read(&mut buf).is_ok_and(|n| &buf[..n] == b"ping\n")
-    });
+    echo_forever(&pods[1].0, target);
+    wait_tcp(&pods[0].0, target, "TCP from node0's pod to node1's pod after node1's restart");
     e2e_tests::all_pods_talk(&pods, 7600);
+}
+
+#[test]
+fn wireguard_bad_lease_rekey_device_loss_and_peer_removal() {
+    if !require_root() {
+        return;
+    }
+    let mut o = overlay(3);
+    o.start_all();
+    wait_peers(&o, 3);
+    let pods: Vec<_> = (0..3).map(|i| o.add_pod(i, &format!("r{i}"))).collect();
+    let targets: Vec<SocketAddr> = pods.iter().map(|(_, a)| SocketAddr::new((*a).into(), 7700)).collect();
+    for (i, (ns, _)) in pods.iter().enumerate() {
+        echo_forever(ns, targets[i]);
+    }
+    wait_tcp(&pods[0].0, targets[2], "node0's pod -> node2's pod");
+
+    // A lease whose PublicKey is not a key: skipped by name, the others
+    // unaffected.
+    let bad = "/coreos.com/network/subnets/10.244.200.0-24";
+    etcdctl_ok(
+        o.outside(),
+        &[
+            "put",
+            bad,
+            r#"{"PublicIP":"192.0.2.99","BackendType":"wireguard","BackendData":{"PublicKey":"c2VjcmV0","Port":51820}}"#,
+        ],
+    );
+    wait_until(Duration::from_secs(10), "node0 to name the bad lease", || {
+        o.log(0)
+            .lines()
+            .any(|l| l.contains(bad) && l.contains("BackendData.PublicKey \"c2VjcmV0\" is 6 bytes of base64, not 32"))
+    });
+    assert_eq!(sample(&o, 0, "flannel_peers"), 2.0);
+    wait_tcp(&pods[0].0, targets[1], "node0's pod -> node1's pod with a bad lease around");
+    etcdctl_ok(o.outside(), &["del", bad]);
+
+    // Node 2 gets a new key (its key file deleted, as an operator would to
+    // rotate it): the others re-key to its new lease data, traffic flows.
+    let old2 = etcdctl_ok(o.outside(), &["get", "--print-value-only", &o.lease_key(2)]);
+    o.stop(2);
+    std::fs::remove_file(key_file(&o, 2)).unwrap();
+    o.start(2);
+    let new2 = etcdctl_ok(o.outside(), &["get", "--print-value-only", &o.lease_key(2)]);
+    assert_ne!(old2, new2, "node2's lease keeps its old key");
+    let key2: serde_json::Value = serde_json::from_str(new2.trim()).unwrap();
+    let key2 = key2["BackendData"]["PublicKey"].as_str().unwrap().to_string();
+    for i in 0..2 {
+        wait_until(Duration::from_secs(10), &format!("node{i} to take node2's new key"), || {
+            o.log(i).lines().any(|l| l.contains(&format!("key {key2}")))
+        });
+    }
+    wait_tcp(&pods[0].0, targets[2], "node0's pod -> node2's pod after node2's new key");
+    wait_tcp(&pods[2].0, targets[1], "node2's pod -> node1's pod after node2's new key");
+
+    // flannel-wg deleted under a running daemon: the data path starts
+    // anew with its device, address and route.
+    o.cluster.node(1).ns.run_ok("ip", &["link", "del", "flannel-wg"]);
+    wait_tcp(&pods[0].0, targets[1], "node0's pod -> node1's pod after flannel-wg was deleted on node1");
+    let routes = o.cluster.node(1).ns.run_ok("ip", &["-4", "route", "show", "dev", "flannel-wg"]);
+    assert!(routes.contains("10.244.0.0/16 scope link"), "{routes}");
+
+    // Node 2 leaves: its peer is removed from the others' tables.
+    o.stop(2);
+    etcdctl_ok(o.outside(), &["del", &o.lease_key(2)]);
+    for i in 0..2 {
+        wait_until(Duration::from_secs(10), &format!("node{i} to remove node2"), || {
+            sample(&o, i, "flannel_peers") == 1.0 && o.log(i).contains(&format!("peer {} (", o.subnet(2)))
+        });
+    }
+    wait_tcp(&pods[1].0, targets[0], "node1's pod -> node0's pod after node2 left");
 }
