@@ -228,19 +228,7 @@ fn wireguard_pods_talk_encrypted_across_three_nodes_and_survive_a_restart() {
     let pods: Vec<_> = (0..3).map(|i| o.add_pod(i, &format!("w{i}"))).collect();
     e2e_tests::all_pods_talk(&pods, 7400);
     let frames = capture.finish();
-    let mut wg = 0;
-    for f in &frames {
-        let Some((proto, src, dst, sp, dp)) = ipv4_of(f) else { continue };
-        for addr in pods.iter().map(|(_, a)| *a) {
-            assert!(!f.windows(4).any(|w| w == addr.octets()), "pod address {addr} in clear: {src} -> {dst}");
-        }
-        assert!(!f.windows(5).any(|w| w == b"ping\n"), "payload in clear: {src} -> {dst}");
-        let between_nodes = node_ips.contains(&src) && node_ips.contains(&dst);
-        if between_nodes {
-            assert!(proto == 17 && sp == 51820 && dp == 51820, "not WireGuard: proto {proto} {src}:{sp} -> {dst}:{dp}");
-            wg += 1;
-        }
-    }
+    let wg = only_wireguard(&frames, &pods, &node_ips);
     assert!(wg > 0, "no WireGuard datagram seen in {} frames", frames.len());
     assert!(sample(&o, 0, "flannel_wireguard_rx_packets_total") > 0.0);
 
@@ -348,4 +336,57 @@ fn wireguard_bad_lease_rekey_device_loss_and_peer_removal() {
         });
     }
     wait_tcp(&pods[1].0, targets[0], "node1's pod -> node0's pod after node2 left");
+}
+
+/// No pod address, no payload in clear, and only WireGuard datagrams
+/// between the nodes in `frames`; returns how many of those there were.
+fn only_wireguard(frames: &[Vec<u8>], pods: &[(Netns, Ipv4Addr)], node_ips: &[Ipv4Addr]) -> usize {
+    let mut wg = 0;
+    for f in frames {
+        let Some((proto, src, dst, sp, dp)) = ipv4_of(f) else { continue };
+        for addr in pods.iter().map(|(_, a)| *a) {
+            assert!(!f.windows(4).any(|w| w == addr.octets()), "pod address {addr} in clear: {src} -> {dst}");
+        }
+        assert!(!f.windows(5).any(|w| w == b"ping\n"), "payload in clear: {src} -> {dst}");
+        if node_ips.contains(&src) && node_ips.contains(&dst) {
+            assert!(proto == 17 && sp == 51820 && dp == 51820, "not WireGuard: proto {proto} {src}:{sp} -> {dst}:{dp}");
+            wg += 1;
+        }
+    }
+    wg
+}
+
+#[test]
+fn wireguard_in_kubernetes_mode_annotations_and_encrypted_pod_traffic() {
+    if !(require_root() && e2e_tests::kube::require_kube()) {
+        return;
+    }
+    let mut ko = e2e_tests::kube::KubeOverlay::with_conf(3, WG);
+    for i in 0..3 {
+        let mut flags = ko.o.flags(i);
+        flags.extend(HEALTH.iter().map(|s| s.to_string()));
+        ko.o.set_flags(i, &flags.iter().map(String::as_str).collect::<Vec<_>>());
+        let key = key_file(&ko.o, i);
+        let name = e2e_tests::kube::KubeOverlay::node_name(i);
+        ko.o.set_env(i, &[("NODE_NAME", &name), ("WIREGUARD_KEY_FILE", key.to_str().unwrap())]);
+        ko.create_node(i);
+    }
+    ko.o.start_all();
+    wait_peers(&ko.o, 3);
+    let node_ips: Vec<Ipv4Addr> = (0..3).map(|i| Ipv4Addr::new(192, 0, 2, 10 + i as u8)).collect();
+    for (i, ip) in node_ips.iter().enumerate() {
+        let n = ko.api.get_json(&["node", &e2e_tests::kube::KubeOverlay::node_name(i)]);
+        let a = &n["metadata"]["annotations"];
+        let get = |k: &str| a[format!("{}/{k}", e2e_tests::kube::PREFIX)].as_str().unwrap_or_default().to_string();
+        let private = flanneld_rs::config::decode_key(&std::fs::read_to_string(key_file(&ko.o, i)).unwrap()).unwrap();
+        let public = flanneld_rs::config::encode_key(&flanneld_rs::backend::wireguard::keys::public_of(&private));
+        assert_eq!(get("backend-type"), "wireguard", "node{i}: {a}");
+        assert_eq!(get("backend-data"), format!(r#"{{"PublicKey":"{public}","Port":51820}}"#), "node{i}");
+        assert_eq!(get("public-ip"), ip.to_string(), "node{i}");
+    }
+    let capture = Capture::start(&ko.o.cluster.node(2).ns, "eth0");
+    let pods: Vec<_> = (0..3).map(|i| ko.o.add_pod(i, &format!("k{i}"))).collect();
+    e2e_tests::all_pods_talk(&pods, 7800);
+    let frames = capture.finish();
+    assert!(only_wireguard(&frames, &pods, &node_ips) > 0, "no WireGuard datagram in {} frames", frames.len());
 }
