@@ -268,7 +268,7 @@ fn wireguard_pods_talk_encrypted_across_three_nodes_and_survive_a_restart() {
 }
 
 #[test]
-fn wireguard_bad_lease_rekey_device_loss_and_peer_removal() {
+fn wireguard_bad_lease_rekey_device_loss_roaming_and_peer_removal() {
     if !require_root() {
         return;
     }
@@ -326,6 +326,26 @@ fn wireguard_bad_lease_rekey_device_loss_and_peer_removal() {
     wait_tcp(&pods[0].0, targets[1], "node0's pod -> node1's pod after flannel-wg was deleted on node1");
     let routes = o.cluster.node(1).ns.run_ok("ip", &["-4", "route", "show", "dev", "flannel-wg"]);
     assert!(routes.contains("10.244.0.0/16 scope link"), "{routes}");
+
+    // Roaming: node 2 behind a (stateless) port translation, its datagrams
+    // leave from port 40000 and only those to port 40000 come in. The
+    // others move node 2's endpoint to where its authenticated datagrams
+    // come from, as WireGuard specifies, and traffic goes on.
+    let nft = "table ip flt_roam {
+        chain out { type filter hook output priority 0; udp sport 51820 udp sport set 40000; }
+        chain pre { type filter hook prerouting priority -300; udp dport 51820 drop; udp dport 40000 udp dport set 51820; }
+    }";
+    let ns2 = &o.cluster.node(2).ns;
+    let mut child = ns2.command("nft").args(["-f", "-"]).stdin(std::process::Stdio::piped()).spawn().unwrap();
+    std::io::Write::write_all(&mut child.stdin.take().unwrap(), nft.as_bytes()).unwrap();
+    assert!(child.wait().unwrap().success(), "nft -f");
+    for i in 0..2 {
+        wait_until(Duration::from_secs(15), &format!("node{i} to follow node2 to port 40000"), || {
+            o.log(i).contains(&format!("peer {} roamed: 192.0.2.12:51820 -> 192.0.2.12:40000", o.subnet(2)))
+        });
+    }
+    wait_tcp(&pods[0].0, targets[2], "node0's pod -> node2's pod with node2 roamed");
+    wait_tcp(&pods[2].0, targets[1], "node2's pod -> node1's pod with node2 roamed");
 
     // Node 2 leaves: its peer is removed from the others' tables.
     o.stop(2);
