@@ -88,7 +88,8 @@ pub struct Counters {
     pub started: std::sync::atomic::AtomicBool,
     /// Packets from the TUN sent to peers (encrypted).
     pub tx_packets: AtomicU64,
-    /// Their bytes (inner packets).
+    /// Their bytes (inner packets; not those of packets that waited for a
+    /// handshake, which count in `tx_packets` only).
     pub tx_bytes: AtomicU64,
     /// Packets from peers decrypted and written to the TUN.
     pub rx_packets: AtomicU64,
@@ -452,10 +453,10 @@ impl Worker {
             };
             match p.tunn.encapsulate(pkt, dst) {
                 TunnResult::WriteToNetwork(d) => {
-                    // A data message is 32 bytes longer than its packet
-                    // (padded to 16); otherwise this is a handshake
-                    // initiation and the packet waits in the tunnel's queue.
-                    let data = d.len() >= pkt.len() + 32;
+                    // A data message (type 4); otherwise a handshake
+                    // initiation, and the packet waits in the tunnel's
+                    // queue until the handshake is done.
+                    let data = d.first() == Some(&4);
                     if self.send(p.endpoint, d) {
                         if data {
                             inc(&self.counters.tx_packets);
