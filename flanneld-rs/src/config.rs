@@ -109,6 +109,70 @@ pub enum BackendConfig {
     },
     /// `{"Type":"host-gw"}`
     HostGw,
+    /// `{"Type":"wireguard", ...}`
+    Wireguard(WireguardConfig),
+}
+
+/// The WireGuard backend's options, flannel's names and defaults.
+#[derive(Clone, PartialEq, Eq)]
+pub struct WireguardConfig {
+    /// `ListenPort` (default 51820): our UDP port for IPv4 peers, advertised
+    /// in our lease.
+    pub listen_port: u16,
+    /// `ListenPortV6` (default 51821): the port of the IPv6 device.
+    pub listen_port_v6: u16,
+    /// `MTU` of the underlay to derive from (default: the interface's); the
+    /// device gets 80 bytes less, as in flannel.
+    pub mtu: Option<u32>,
+    /// `PSK`: a pre-shared key mixed into every handshake (32 bytes, base64
+    /// in the configuration).
+    pub psk: Option<[u8; 32]>,
+    /// `PersistentKeepaliveInterval`, in seconds (0, the default: off).
+    pub persistent_keepalive: u16,
+    /// `Mode` (default `separate`).
+    pub mode: WireguardMode,
+}
+
+impl std::fmt::Debug for WireguardConfig {
+    // The PSK is a secret: logs say only whether there is one.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WireguardConfig")
+            .field("listen_port", &self.listen_port)
+            .field("listen_port_v6", &self.listen_port_v6)
+            .field("mtu", &self.mtu)
+            .field("psk", &self.psk.map(|_| "(set)"))
+            .field("persistent_keepalive", &self.persistent_keepalive)
+            .field("mode", &self.mode)
+            .finish()
+    }
+}
+
+impl Default for WireguardConfig {
+    fn default() -> WireguardConfig {
+        WireguardConfig {
+            listen_port: 51820,
+            listen_port_v6: 51821,
+            mtu: None,
+            psk: None,
+            persistent_keepalive: 0,
+            mode: WireguardMode::Separate,
+        }
+    }
+}
+
+/// The WireGuard backend's `Mode`: which devices carry which family.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WireguardMode {
+    /// `separate`: `flannel-wg` for IPv4 over IPv4, `flannel-wg-v6` for
+    /// IPv6 over IPv6.
+    Separate,
+    /// `auto`: one device for both families, each peer over IPv4 or IPv6,
+    /// whichever it has (IPv4 first).
+    Auto,
+    /// `ipv4`: one device, every peer over IPv4.
+    Ipv4,
+    /// `ipv6`: one device, every peer over IPv6.
+    Ipv6,
 }
 
 /// The VXLAN backend's options.
@@ -135,6 +199,7 @@ impl BackendConfig {
             BackendConfig::Vxlan(_) => "vxlan",
             BackendConfig::Udp { .. } => "udp",
             BackendConfig::HostGw => "host-gw",
+            BackendConfig::Wireguard(_) => "wireguard",
         }
     }
 }
@@ -166,7 +231,20 @@ const ROOT_FIELDS: &[&str] = &[
 ];
 
 /// Fields of `Backend`, any type's.
-const BACKEND_FIELDS: &[&str] = &["Type", "VNI", "Port", "MTU", "GBP", "Learning", "DirectRouting"];
+const BACKEND_FIELDS: &[&str] = &[
+    "Type",
+    "VNI",
+    "Port",
+    "MTU",
+    "GBP",
+    "Learning",
+    "DirectRouting",
+    "ListenPort",
+    "ListenPortV6",
+    "PSK",
+    "PersistentKeepaliveInterval",
+    "Mode",
+];
 
 /// Top-level fields flannel reads only with `EnableIPv4` (the default):
 /// warned about with `EnableIPv4` false.
@@ -182,6 +260,7 @@ fn backend_fields_of(btype: &str) -> &'static [&'static str] {
     match btype {
         "vxlan" => &["Type", "VNI", "Port", "MTU", "GBP", "Learning", "DirectRouting"],
         "udp" => &["Type", "Port"],
+        "wireguard" => &["Type", "ListenPort", "ListenPortV6", "MTU", "PSK", "PersistentKeepaliveInterval", "Mode"],
         _ => &["Type"],
     }
 }
@@ -358,6 +437,76 @@ fn parse_ipv6(
     Ok(Ipv6Config { network, subnet_len, subnet_min, subnet_max })
 }
 
+/// The wireguard backend's options from the folded `Backend` object `b`,
+/// with flannel's defaults; a bad value is refused naming the field.
+fn parse_wireguard(b: &BTreeMap<String, Value>, get_u: GetU<'_>) -> Result<WireguardConfig, ConfigError> {
+    let msg = |m: String| ConfigError { source_name: String::new(), msg: m };
+    let mut wg = WireguardConfig::default();
+    let port = |key: &str, name: &str, default: u16| -> Result<u16, ConfigError> {
+        match get_u(b, key, name, 65535)? {
+            None => Ok(default),
+            // flannel hands 0 to the kernel, which picks a random port, and
+            // then advertises 0, which peers read as their own port: refused.
+            Some(0) => Err(msg(format!(
+                "{name} 0: the port is advertised to peers in the lease and must be fixed (1..=65535)"
+            ))),
+            Some(p) => Ok(p as u16),
+        }
+    };
+    wg.listen_port = port("listenport", "Backend.ListenPort", 51820)?;
+    wg.listen_port_v6 = port("listenportv6", "Backend.ListenPortV6", 51821)?;
+    wg.mtu = get_u(b, "mtu", "Backend.MTU", 65535)?.map(|m| m as u32);
+    if let Some(m) = wg.mtu {
+        if m < 68 + 80 {
+            return Err(msg(format!(
+                "Backend.MTU {m} is too small: the device gets 80 bytes less, and IPv4 needs at least 68"
+            )));
+        }
+    }
+    // A number of seconds (flannel multiplies the decoded Duration by a
+    // second); WireGuard keeps it in 16 bits.
+    wg.persistent_keepalive =
+        get_u(b, "persistentkeepaliveinterval", "Backend.PersistentKeepaliveInterval", 65535)?.unwrap_or(0) as u16;
+    wg.psk = match b.get("psk") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) if s.is_empty() => None,
+        Some(Value::String(s)) => Some(decode_key(s).map_err(|why| msg(format!("Backend.PSK is {why}")))?),
+        Some(other) => return Err(msg(format!("Backend.PSK {other} is not a string"))),
+    };
+    wg.mode = match b.get("mode") {
+        None | Some(Value::Null) => WireguardMode::Separate,
+        // flannel compares the mode exactly, without folding case.
+        Some(Value::String(s)) => match s.as_str() {
+            "separate" => WireguardMode::Separate,
+            "auto" => WireguardMode::Auto,
+            "ipv4" => WireguardMode::Ipv4,
+            "ipv6" => WireguardMode::Ipv6,
+            _ => return Err(msg(format!("Backend.Mode {s:?} is not one of separate, auto, ipv4, ipv6"))),
+        },
+        Some(other) => return Err(msg(format!("Backend.Mode {other} is not a string"))),
+    };
+    Ok(wg)
+}
+
+/// A WireGuard key (private, public or pre-shared) as `wg` and flannel
+/// write it: 32 bytes in standard base64 with padding (44 characters).
+/// The error says what is wrong without showing the text (it may be a
+/// secret).
+pub fn decode_key(text: &str) -> Result<[u8; 32], String> {
+    use base64::Engine;
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(text)
+        .map_err(|_| format!("not base64 ({} characters; want 44 characters of standard base64)", text.len()))?;
+    <[u8; 32]>::try_from(bytes.as_slice())
+        .map_err(|_| format!("{} bytes of base64, not 32 (a WireGuard key is 32 bytes)", bytes.len()))
+}
+
+/// A WireGuard key in the form [`decode_key`] reads.
+pub fn encode_key(key: &[u8; 32]) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(key)
+}
+
 impl NetworkConfig {
     /// Parses and validates `text`; `source` names it in errors. Keys that
     /// have no effect (unknown ones, another backend's options, Windows-only
@@ -471,10 +620,27 @@ impl NetworkConfig {
             }),
             "udp" => BackendConfig::Udp { port: get_u(&b, "port", "Backend.Port", 65535)?.unwrap_or(8285) as u16 },
             "host-gw" => BackendConfig::HostGw,
+            "wireguard" => BackendConfig::Wireguard(parse_wireguard(&b, &get_u).map_err(|e| err(e.msg))?),
             other => {
-                return Err(err(format!("Backend.Type {other:?} is not one of vxlan, udp, host-gw")));
+                return Err(err(format!("Backend.Type {other:?} is not one of vxlan, udp, host-gw, wireguard")));
             }
         };
+        if let BackendConfig::Wireguard(wg) = &backend {
+            if ipv6.is_some() {
+                return Err(err(
+                    "EnableIPv6 true with Backend.Type wireguard: flannel-rs's wireguard backend carries IPv4 only \
+                     so far (flannel-wg-v6 is not implemented yet); use vxlan or host-gw for dual-stack and IPv6-only"
+                        .into(),
+                ));
+            }
+            if wg.mode == WireguardMode::Ipv6 {
+                return Err(err(
+                    "Backend.Mode \"ipv6\" (peers over IPv6) is not implemented yet in flannel-rs; use \"separate\" \
+                     (the default)"
+                        .into(),
+                ));
+            }
+        }
         if ipv6.is_some() && matches!(backend, BackendConfig::Udp { .. }) {
             return Err(err(
                 "EnableIPv6 true with Backend.Type udp: the udp backend carries IPv4 only (flannel's too, which \
@@ -616,7 +782,7 @@ mod tests {
             (r#"{"Network":"10.244.0.0/16","SubnetMin":"10.245.1.0"}"#, "SubnetMin 10.245.1.0 is outside"),
             (r#"{"Network":"10.244.0.0/16","SubnetMax":"10.244.1.7"}"#, "SubnetMax 10.244.1.7 is not the start"),
             (r#"{"Network":"10.244.0.0/16","SubnetMin":"10.244.9.0","SubnetMax":"10.244.3.0"}"#, "after SubnetMax"),
-            (r#"{"Network":"10.244.0.0/16","Backend":{"Type":"wireguard"}}"#, "Backend.Type \"wireguard\""),
+            (r#"{"Network":"10.244.0.0/16","Backend":{"Type":"wireguardx"}}"#, "Backend.Type \"wireguardx\""),
             (r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan","VNI":-1}}"#, "Backend.VNI -1"),
             (
                 r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan","DirectRouting":"yes"}}"#,
@@ -692,6 +858,107 @@ mod tests {
             assert!(e.contains(want), "{e:?} lacks {want:?}");
             assert!(e.contains("net-conf.json"), "{e}");
         }
+    }
+
+    #[test]
+    fn wireguard_options_have_flannels_names_and_defaults() {
+        let c = parse(r#"{"Network":"10.244.0.0/16","Backend":{"Type":"wireguard"}}"#).unwrap();
+        assert_eq!(c.backend, BackendConfig::Wireguard(WireguardConfig::default()));
+        assert_eq!(c.backend.type_name(), "wireguard");
+        let BackendConfig::Wireguard(wg) = c.backend else { unreachable!() };
+        assert_eq!((wg.listen_port, wg.listen_port_v6, wg.persistent_keepalive), (51820, 51821, 0));
+        assert_eq!((wg.mode, wg.psk, wg.mtu), (WireguardMode::Separate, None, None));
+        let psk = "AQIDBAUGBwgJCgsMDQ4PEBESExQVFhcYGRobHB0eHyA=";
+        let text = format!(
+            r#"{{"Network":"10.244.0.0/16","Backend":{{"type":"WireGuard","listenPort":51000,"ListenPortV6":51001,"PSK":"{psk}","PersistentKeepaliveInterval":25,"Mode":"auto","MTU":1400}}}}"#
+        );
+        let BackendConfig::Wireguard(wg) = parse(&text).unwrap().backend else { panic!("not wireguard") };
+        let want: [u8; 32] = std::array::from_fn(|i| i as u8 + 1);
+        assert_eq!(
+            wg,
+            WireguardConfig {
+                listen_port: 51000,
+                listen_port_v6: 51001,
+                mtu: Some(1400),
+                psk: Some(want),
+                persistent_keepalive: 25,
+                mode: WireguardMode::Auto,
+            }
+        );
+        // The PSK never reaches a log.
+        assert!(!format!("{wg:?}").contains(psk) && format!("{wg:?}").contains("(set)"));
+        assert_eq!(encode_key(&want), psk);
+        // An empty PSK is none, as in flannel; so is ipv4 mode the same as
+        // separate in an IPv4-only cluster.
+        let BackendConfig::Wireguard(wg) =
+            parse(r#"{"Network":"10.244.0.0/16","Backend":{"Type":"wireguard","PSK":"","Mode":"ipv4"}}"#)
+                .unwrap()
+                .backend
+        else {
+            panic!("not wireguard")
+        };
+        assert_eq!((wg.psk, wg.mode), (None, WireguardMode::Ipv4));
+    }
+
+    #[test]
+    fn wireguard_bad_values_are_refused_by_name() {
+        let wg = |b: &str| format!(r#"{{"Network":"10.244.0.0/16","Backend":{{"Type":"wireguard",{b}}}}}"#);
+        let cases = [
+            (wg(r#""PSK":"c2VjcmV0""#), "Backend.PSK is 6 bytes of base64, not 32"),
+            (wg(r#""PSK":"not base64 at all!""#), "Backend.PSK is not base64 (18 characters"),
+            (wg(r#""PSK":32"#), "Backend.PSK 32 is not a string"),
+            (wg(r#""ListenPort":70000"#), "Backend.ListenPort 70000 is not an integer in 0..=65535"),
+            (wg(r#""ListenPort":0"#), "Backend.ListenPort 0: the port is advertised"),
+            (wg(r#""ListenPortV6":"51821""#), "Backend.ListenPortV6 \"51821\" is not an integer"),
+            (wg(r#""PersistentKeepaliveInterval":-1"#), "Backend.PersistentKeepaliveInterval -1"),
+            (wg(r#""PersistentKeepaliveInterval":2.5"#), "Backend.PersistentKeepaliveInterval 2.5"),
+            (wg(r#""PersistentKeepaliveInterval":65536"#), "Backend.PersistentKeepaliveInterval 65536"),
+            (wg(r#""Mode":"Separate""#), "Backend.Mode \"Separate\" is not one of separate, auto, ipv4, ipv6"),
+            (wg(r#""Mode":1"#), "Backend.Mode 1 is not a string"),
+            (wg(r#""Mode":"ipv6""#), "Backend.Mode \"ipv6\" (peers over IPv6) is not implemented yet"),
+            (wg(r#""MTU":100"#), "Backend.MTU 100 is too small"),
+            (wg(r#""psk":"","PSK":"""#), "Backend.PSK is given twice"),
+            (
+                r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"2001:db8::/56","Backend":{"Type":"wireguard"}}"#
+                    .to_string(),
+                "EnableIPv6 true with Backend.Type wireguard",
+            ),
+        ];
+        for (text, want) in cases {
+            let e = parse(&text).unwrap_err().to_string();
+            assert!(e.contains(want), "{e:?} lacks {want:?}");
+            assert!(e.contains("net-conf.json"), "{e}");
+        }
+        // A PSK is never shown, even a malformed one.
+        let e = parse(&wg(r#""PSK":"c2VjcmV0""#)).unwrap_err().to_string();
+        assert!(!e.contains("c2VjcmV0"), "{e}");
+    }
+
+    #[test]
+    fn wireguard_notes_other_backends_keys() {
+        let mut n = Vec::new();
+        NetworkConfig::parse_noting(
+            r#"{"Network":"10.244.0.0/16","Backend":{"Type":"wireguard","VNI":2,"Port":8285,"MTU":1500}}"#,
+            "net-conf.json",
+            &mut n,
+        )
+        .unwrap();
+        assert_eq!(
+            n,
+            [
+                "Backend.Port has no effect: Type wireguard does not read it",
+                "Backend.VNI has no effect: Type wireguard does not read it",
+            ]
+        );
+        // And the others do not read the wireguard keys.
+        let mut n = Vec::new();
+        NetworkConfig::parse_noting(
+            r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan","ListenPort":1}}"#,
+            "net-conf.json",
+            &mut n,
+        )
+        .unwrap();
+        assert_eq!(n, ["Backend.ListenPort has no effect: Type vxlan does not read it"]);
     }
 
     #[test]

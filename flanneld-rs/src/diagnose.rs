@@ -209,6 +209,28 @@ async fn run_with(opts: &Opts, json_out: bool, mut store: impl LeaseStore) -> an
             });
         }
     }
+    if let Some(Backend::Wireguard(spec)) = &backend {
+        if udp_listening(std::net::Ipv4Addr::UNSPECIFIED, spec.port) {
+            findings.push(Finding {
+                kind: "note",
+                what: format!(
+                    "wireguard: the user-space data path runs ({} is a TUN device, UDP port {} is bound); the kernel \
+                     WireGuard path is not implemented yet",
+                    spec.name, spec.port
+                ),
+                fix: "nothing to fix".into(),
+            });
+        } else {
+            findings.push(Finding {
+                kind: "missing",
+                what: format!(
+                    "nothing listens on UDP port {}: the wireguard user-space data path is not running",
+                    spec.port
+                ),
+                fix: "start flanneld-rs (or look in its log for why the data path stopped)".into(),
+            });
+        }
+    }
     for r in rejected {
         findings.push(Finding {
             kind: "note",

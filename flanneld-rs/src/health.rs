@@ -32,6 +32,8 @@ pub struct Metrics {
     pub policy: Arc<crate::netpol::PolicyMetrics>,
     /// The udp data path's counters (absent with other backends).
     pub udp: UdpMetrics,
+    /// The wireguard data path's counters (zero with other backends).
+    pub wireguard: Arc<crate::backend::wireguard::datapath::Counters>,
 }
 
 type StatsReader = Box<dyn Fn() -> crate::udp::Stats + Send + Sync>;
@@ -146,6 +148,11 @@ impl Metrics {
             ];
             for (name, help, v) in counters {
                 metric(&format!("flannel_udp_{name}_total"), "counter", help, v.to_string());
+            }
+        }
+        if self.wireguard.started.load(Ordering::Relaxed) {
+            for (name, help, v) in self.wireguard.list() {
+                metric(&format!("flannel_wireguard_{name}_total"), "counter", help, v.to_string());
             }
         }
         metric(

@@ -104,6 +104,8 @@ pub struct Lease4 {
     pub public_ip: Ipv4Addr,
     /// VXLAN backend data, when the lease has it.
     pub vxlan: Option<VxlanData>,
+    /// WireGuard backend data, when the lease has it.
+    pub wireguard: Option<WireguardData>,
 }
 
 /// The IPv6 half of a lease: flannel's `IPv6Subnet`, `PublicIPv6` and
@@ -118,6 +120,8 @@ pub struct Lease6 {
     pub public_ip: Option<Ipv6Addr>,
     /// The IPv6 VTEP's data (`flannel-v6.<VNI>`'s MAC), VXLAN only.
     pub vxlan: Option<VxlanData>,
+    /// The IPv6 WireGuard device's data (`BackendV6Data`), wireguard only.
+    pub wireguard: Option<WireguardData>,
 }
 
 /// An address family of the overlay.
@@ -151,6 +155,8 @@ pub struct FamilyLease<'a> {
     pub public_ip: Option<IpAddr>,
     /// The VTEP's data for that family (VXLAN).
     pub vxlan: Option<VxlanData>,
+    /// The WireGuard device's data for that family.
+    pub wireguard: Option<WireguardData>,
     /// The node's backend.
     pub backend: &'a BackendType,
     /// Where the lease came from.
@@ -168,6 +174,7 @@ impl Lease {
                 subnet: IpNet::V4(v4.subnet),
                 public_ip: Some(IpAddr::V4(v4.public_ip)),
                 vxlan: v4.vxlan,
+                wireguard: v4.wireguard,
                 backend: &self.backend,
                 source: &self.source,
             }),
@@ -176,6 +183,7 @@ impl Lease {
                 subnet: IpNet::V6(v6.subnet),
                 public_ip: v6.public_ip.map(IpAddr::V6),
                 vxlan: v6.vxlan,
+                wireguard: v6.wireguard,
                 backend: &self.backend,
                 source: &self.source,
             }),
@@ -214,6 +222,29 @@ pub struct VxlanData {
     pub vtep_mac: MacAddr,
 }
 
+/// `BackendData` of a WireGuard lease, as current flannel writes it:
+/// `{"PublicKey":"<base64>","Port":51820}`. flannel v0.20.2 writes no
+/// `Port`; a lease without one (or with 0) means the reader's own listen
+/// port, as flannel reads it.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct WireguardData {
+    /// The node's WireGuard public key (Curve25519, 32 bytes).
+    pub public_key: [u8; 32],
+    /// The node's listen port, when the lease says.
+    pub port: Option<u16>,
+}
+
+impl fmt::Debug for WireguardData {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "WireguardData {{ public_key: {}, port: {:?} }}",
+            crate::config::encode_key(&self.public_key),
+            self.port
+        )
+    }
+}
+
 /// What a node advertises about itself when it acquires or renews a lease.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LeaseAttrs {
@@ -227,6 +258,10 @@ pub struct LeaseAttrs {
     pub public_ipv6: Option<Ipv6Addr>,
     /// The IPv6 VTEP's data (dual-stack VXLAN).
     pub vxlan6: Option<VxlanData>,
+    /// WireGuard data (public key and port), IPv4.
+    pub wireguard: Option<WireguardData>,
+    /// WireGuard data, IPv6.
+    pub wireguard6: Option<WireguardData>,
 }
 
 impl LeaseAttrs {
@@ -240,10 +275,16 @@ impl LeaseAttrs {
                 subnet,
                 public_ip: self.public_ip.unwrap_or(Ipv4Addr::UNSPECIFIED),
                 vxlan: self.vxlan,
+                wireguard: self.wireguard,
             }),
             backend: self.backend.clone(),
             source: source.into(),
-            ipv6: subnet6.map(|subnet| Lease6 { subnet, public_ip: self.public_ipv6, vxlan: self.vxlan6 }),
+            ipv6: subnet6.map(|subnet| Lease6 {
+                subnet,
+                public_ip: self.public_ipv6,
+                vxlan: self.vxlan6,
+                wireguard: self.wireguard6,
+            }),
         }
     }
 }
@@ -328,15 +369,61 @@ pub fn shown(value: &[u8]) -> String {
 
 /// The `BackendData` (etcd) or `backend-data` annotation (Kubernetes) for
 /// `attrs`, byte for byte as flannel writes it: `{"VNI":1,"VtepMAC":"..."}`
-/// for VXLAN, `null` otherwise.
+/// for VXLAN, `{"PublicKey":"...","Port":51820}` for WireGuard (current
+/// flannel's), `null` otherwise.
 pub fn encode_backend_data(attrs: &LeaseAttrs) -> String {
-    encode_vxlan_data(attrs.vxlan.as_ref())
+    match &attrs.wireguard {
+        Some(w) => encode_wireguard_data(w),
+        None => encode_vxlan_data(attrs.vxlan.as_ref()),
+    }
 }
 
 /// The `BackendV6Data` (etcd) or `backend-v6-data` annotation: the same
-/// JSON for the IPv6 VTEP.
+/// JSON for the IPv6 VTEP or WireGuard device.
 pub fn encode_backend_v6_data(attrs: &LeaseAttrs) -> String {
-    encode_vxlan_data(attrs.vxlan6.as_ref())
+    match &attrs.wireguard6 {
+        Some(w) => encode_wireguard_data(w),
+        None => encode_vxlan_data(attrs.vxlan6.as_ref()),
+    }
+}
+
+fn encode_wireguard_data(w: &WireguardData) -> String {
+    // Go's encoder writes a missing port as 0.
+    format!("{{\"PublicKey\":\"{}\",\"Port\":{}}}", crate::config::encode_key(&w.public_key), w.port.unwrap_or(0))
+}
+
+/// Decodes WireGuard backend data (`{"PublicKey":...,"Port":...}`, field
+/// names without regard to case) when `backend` is wireguard; `None` for
+/// other backends and for a missing field (a lease of a node that runs no
+/// WireGuard device of that family). `what` names the field in errors.
+pub fn decode_wireguard_data(
+    backend: &BackendType,
+    data: Option<&Value>,
+    what: &str,
+) -> Result<Option<WireguardData>, String> {
+    if backend.as_str() != "wireguard" {
+        return Ok(None);
+    }
+    let obj = match data {
+        None => return Ok(None),
+        Some(Value::Object(o)) => o,
+        Some(other) => return Err(format!("{what} {other} is not an object")),
+    };
+    let public_key = match field(obj, "PublicKey") {
+        None => return Err(format!("{what}.PublicKey is missing")),
+        Some(Value::String(s)) => crate::config::decode_key(s)
+            .map_err(|why| format!("{what}.PublicKey {:?} is {why}", shown(s.as_bytes())))?,
+        Some(other) => return Err(format!("{what}.PublicKey {other} is not a string")),
+    };
+    let port = match field(obj, "Port") {
+        None => None,
+        Some(v) => match v.as_u64() {
+            Some(0) => None,
+            Some(n) if n <= 65535 => Some(n as u16),
+            _ => return Err(format!("{what}.Port {v} is not an integer in 0..=65535")),
+        },
+    };
+    Ok(Some(WireguardData { public_key, port }))
 }
 
 fn encode_vxlan_data(v: Option<&VxlanData>) -> String {
@@ -365,10 +452,10 @@ pub fn encode_value(attrs: &LeaseAttrs) -> String {
     if !backend.is_empty() {
         s += &format!(",\"BackendType\":{}", Value::String(backend.to_string()));
     }
-    if attrs.vxlan.is_some() {
+    if attrs.vxlan.is_some() || attrs.wireguard.is_some() {
         s += &format!(",\"BackendData\":{}", encode_backend_data(attrs));
     }
-    if attrs.vxlan6.is_some() {
+    if attrs.vxlan6.is_some() || attrs.wireguard6.is_some() {
         s += &format!(",\"BackendV6Data\":{}", encode_backend_v6_data(attrs));
     }
     s + "}"
@@ -510,6 +597,7 @@ pub fn decode_value(key: &str, subnet: Ipv4Net, subnet6: Option<Ipv6Net>, value:
         Some(other) => return Err(err(format!("BackendType {other} is not a string"))),
     };
     let vxlan = decode_backend_data(&backend, field(&obj, "BackendData"), "BackendData").map_err(err)?;
+    let wireguard = decode_wireguard_data(&backend, field(&obj, "BackendData"), "BackendData").map_err(err)?;
     let ipv6 = match subnet6 {
         None => None,
         Some(subnet) => {
@@ -525,10 +613,12 @@ pub fn decode_value(key: &str, subnet: Ipv4Net, subnet6: Option<Ipv6Net>, value:
                 None => None,
                 data => decode_backend_data(&backend, data, "BackendV6Data").map_err(err)?,
             };
-            Some(Lease6 { subnet, public_ip, vxlan })
+            let wireguard =
+                decode_wireguard_data(&backend, field(&obj, "BackendV6Data"), "BackendV6Data").map_err(err)?;
+            Some(Lease6 { subnet, public_ip, vxlan, wireguard })
         }
     };
-    Ok(Lease { ipv4: Some(Lease4 { subnet, public_ip, vxlan }), backend, source: key.to_string(), ipv6 })
+    Ok(Lease { ipv4: Some(Lease4 { subnet, public_ip, vxlan, wireguard }), backend, source: key.to_string(), ipv6 })
 }
 
 #[cfg(test)]
@@ -542,6 +632,8 @@ mod tests {
             vxlan: mac.map(|m| VxlanData { vni: 1, vtep_mac: m.parse().unwrap() }),
             public_ipv6: None,
             vxlan6: None,
+            wireguard: None,
+            wireguard6: None,
         }
     }
 
@@ -634,6 +726,50 @@ mod tests {
         assert!(decode_backend_data(&BackendType::Vxlan, None, "d").unwrap_err().contains("needs d with VtepMAC"));
         // Other backends' data is not looked at.
         assert_eq!(decode_backend_data(&BackendType::HostGw, Some(&Value::Bool(true)), "d"), Ok(None));
+    }
+
+    #[test]
+    fn wireguard_data_is_current_flannels_and_a_v0_20_lease_has_no_port() {
+        let key = "hSDwCYkwp1R0i33ctD73Wg2/Og0mOBr066SpjqqbTmo=";
+        let wg = WireguardData { public_key: crate::config::decode_key(key).unwrap(), port: Some(51820) };
+        let a = LeaseAttrs {
+            backend: BackendType::parse(Some("wireguard")),
+            vxlan: None,
+            wireguard: Some(wg),
+            ..attrs(BackendType::HostGw, None)
+        };
+        let value = encode_value(&a);
+        assert_eq!(
+            value,
+            format!(
+                r#"{{"PublicIP":"192.0.2.7","PublicIPv6":null,"BackendType":"wireguard","BackendData":{{"PublicKey":"{key}","Port":51820}}}}"#
+            )
+        );
+        let l = decode_value("k", "10.244.1.0/24".parse().unwrap(), None, value.as_bytes()).unwrap();
+        assert_eq!(l.ipv4.unwrap().wireguard, Some(wg));
+        // flannel v0.20.2's lease: no Port (the reader's own port).
+        let old =
+            format!(r#"{{"PublicIP":"192.0.2.8","BackendType":"wireguard","BackendData":{{"publickey":"{key}"}}}}"#);
+        let l = decode_value("k", "10.244.2.0/24".parse().unwrap(), None, old.as_bytes()).unwrap();
+        assert_eq!(l.ipv4.unwrap().wireguard.unwrap().port, None);
+        // A bad PublicKey or Port names the lease and the field.
+        for (data, want) in [
+            (r#"{"PublicKey":"c2VjcmV0"}"#, "BackendData.PublicKey \"c2VjcmV0\" is 6 bytes of base64, not 32"),
+            (r#"{"PublicKey":"***"}"#, "BackendData.PublicKey \"***\" is not base64"),
+            (r#"{"Port":51820}"#, "BackendData.PublicKey is missing"),
+            (r#"{"PublicKey":7}"#, "BackendData.PublicKey 7 is not a string"),
+            (&format!(r#"{{"PublicKey":"{key}","Port":65536}}"#), "BackendData.Port 65536 is not an integer"),
+        ] {
+            let v = format!(r#"{{"PublicIP":"192.0.2.8","BackendType":"wireguard","BackendData":{data}}}"#);
+            let e = decode_value(
+                "/coreos.com/network/subnets/10.244.2.0-24",
+                "10.244.2.0/24".parse().unwrap(),
+                None,
+                v.as_bytes(),
+            )
+            .unwrap_err();
+            assert!(e.contains(want) && e.contains("lease /coreos.com/network/subnets/10.244.2.0-24"), "{e}");
+        }
     }
 
     #[test]

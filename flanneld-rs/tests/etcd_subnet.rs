@@ -169,6 +169,8 @@ fn attrs(host: u8) -> LeaseAttrs {
         vxlan: Some(VxlanData { vni: 1, vtep_mac: format!("02:00:00:00:00:{host:02x}").parse().unwrap() }),
         public_ipv6: None,
         vxlan6: None,
+        wireguard: None,
+        wireguard6: None,
     }
 }
 
@@ -932,6 +934,8 @@ fn attrs6(host: u8) -> LeaseAttrs {
     LeaseAttrs {
         public_ipv6: Some(format!("2001:db8::{host:x}").parse().unwrap()),
         vxlan6: Some(VxlanData { vni: 1, vtep_mac: format!("02:00:00:00:06:{host:02x}").parse().unwrap() }),
+        wireguard: None,
+        wireguard6: None,
         ..attrs(host)
     }
 }

@@ -49,7 +49,15 @@ fn backend() -> impl Strategy<Value = BackendType> {
 fn attrs() -> impl Strategy<Value = LeaseAttrs> {
     (public_ip(), backend(), 0u32..=0xff_ffff, unicast_mac()).prop_map(|(public_ip, backend, vni, mac)| {
         let vxlan = (backend == BackendType::Vxlan).then_some(VxlanData { vni, vtep_mac: mac });
-        LeaseAttrs { public_ip: Some(public_ip), backend, vxlan, public_ipv6: None, vxlan6: None }
+        LeaseAttrs {
+            public_ip: Some(public_ip),
+            backend,
+            vxlan,
+            public_ipv6: None,
+            vxlan6: None,
+            wireguard: None,
+            wireguard6: None,
+        }
     })
 }
 

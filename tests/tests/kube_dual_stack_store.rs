@@ -49,6 +49,8 @@ fn attrs() -> LeaseAttrs {
         vxlan: Some(VxlanData { vni: 1, vtep_mac: "02:00:00:00:00:0a".parse().unwrap() }),
         public_ipv6: Some("2001:db8::a".parse().unwrap()),
         vxlan6: Some(VxlanData { vni: 1, vtep_mac: "02:00:00:00:06:0a".parse().unwrap() }),
+        wireguard: None,
+        wireguard6: None,
     }
 }
 

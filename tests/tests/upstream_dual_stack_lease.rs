@@ -46,6 +46,8 @@ fn upstreams_dual_stack_etcd_lease_is_read_and_written_alike() {
         vxlan: lease.ipv4.unwrap().vxlan,
         public_ipv6: v6.public_ip,
         vxlan6: v6.vxlan,
+        wireguard: None,
+        wireguard6: None,
     };
     assert_eq!(encode_value(&attrs), value);
     // And our key for its subnets is its key.

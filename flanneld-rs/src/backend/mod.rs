@@ -11,6 +11,7 @@
 pub mod host_gw;
 pub mod udp;
 pub mod vxlan;
+pub mod wireguard;
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
@@ -27,6 +28,7 @@ use crate::reconcile::plan::{Device, PeerEntries};
 
 pub use host_gw::HostGwSpec;
 pub use udp::spec::UdpSpec;
+pub use wireguard::WireguardSpec;
 
 /// How traffic reaches peers, as far as this node is concerned.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -47,6 +49,10 @@ pub enum Backend {
     /// Network through the device, nothing per peer (the data path keeps the
     /// peer table).
     Udp(UdpSpec),
+    /// wireguard: like udp a TUN device (`flannel-wg`) with the Network
+    /// routed into it, whose packets a user-space data path carries to
+    /// peers encrypted with WireGuard (one tunnel per peer public key).
+    Wireguard(WireguardSpec),
 }
 
 /// What one peer lease asks of this node.
@@ -54,16 +60,44 @@ pub enum Backend {
 pub enum PeerWant {
     /// Kernel entries (VXLAN, host-gw).
     Kernel(PeerEntries),
-    /// A user-space data path's peer: datagrams for the subnet go to this address.
-    Tunnel(Ipv4Addr),
+    /// A user-space data path's peer: datagrams for the subnet go there.
+    Tunnel(TunnelPeer),
 }
 
-/// A backend's user-space data path (udp), running beside the reconcile loop.
+/// A peer of a user-space data path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct TunnelPeer {
+    /// Its public IP.
+    pub ip: Ipv4Addr,
+    /// Its WireGuard port and key (wireguard only).
+    pub wireguard: Option<WireguardPeer>,
+}
+
+/// A WireGuard peer's port and public key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct WireguardPeer {
+    /// Its public key.
+    pub public_key: [u8; 32],
+    /// Its UDP port.
+    pub port: u16,
+}
+
+impl std::fmt::Display for TunnelPeer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.wireguard {
+            None => write!(f, "{}", self.ip),
+            Some(w) => write!(f, "{}:{} key {}", self.ip, w.port, crate::config::encode_key(&w.public_key)),
+        }
+    }
+}
+
+/// A backend's user-space data path (udp, wireguard), running beside the
+/// reconcile loop.
 pub trait DataPath: Send {
     /// Whether all its threads still run.
     fn running(&self) -> bool;
-    /// Replaces its peer table (subnet -> public IP) without pausing traffic.
-    fn set_peers(&self, peers: &[(Ipv4Net, Ipv4Addr)]);
+    /// Replaces its peer table (subnet -> peer) without pausing traffic.
+    fn set_peers(&self, peers: &[(Ipv4Net, TunnelPeer)]);
 }
 
 impl Backend {
@@ -92,6 +126,7 @@ impl Backend {
             },
             BackendConfig::HostGw => Backend::HostGw(host_gw::spec(ext, addr, public_ip)?),
             BackendConfig::Udp { port } => Backend::Udp(udp::spec::spec(*port, ext, addr.addr())?),
+            BackendConfig::Wireguard(wg) => Backend::Wireguard(wireguard::spec(wg, ext)?),
         }))
     }
 
@@ -125,6 +160,9 @@ impl Backend {
             BackendConfig::Udp { .. } => {
                 anyhow::bail!("the udp backend carries IPv4 only; EnableIPv6 needs vxlan or host-gw")
             }
+            BackendConfig::Wireguard(_) => {
+                anyhow::bail!("the wireguard backend carries IPv4 only so far; EnableIPv6 needs vxlan or host-gw")
+            }
         }
     }
 
@@ -134,6 +172,7 @@ impl Backend {
             Backend::Vxlan { .. } => BackendType::Vxlan,
             Backend::HostGw(_) => BackendType::HostGw,
             Backend::Udp(_) => BackendType::Udp,
+            Backend::Wireguard(_) => BackendType::Other("wireguard".into()),
         }
     }
 
@@ -141,7 +180,7 @@ impl Backend {
     pub fn vtep(&self) -> Option<&VxlanSpec> {
         match self {
             Backend::Vxlan { vtep, .. } => Some(vtep),
-            Backend::HostGw(_) | Backend::Udp(_) => None,
+            Backend::HostGw(_) | Backend::Udp(_) | Backend::Wireguard(_) => None,
         }
     }
 
@@ -151,6 +190,7 @@ impl Backend {
             Backend::Vxlan { vtep, .. } => Some(Device::Vxlan(vtep.clone())),
             Backend::HostGw(_) => None,
             Backend::Udp(u) => Some(Device::Tun(u.tun())),
+            Backend::Wireguard(w) => Some(Device::Tun(w.tun())),
         }
     }
 
@@ -160,6 +200,7 @@ impl Backend {
             Backend::Vxlan { vtep, .. } => vtep.dev,
             Backend::HostGw(h) => h.dev,
             Backend::Udp(u) => u.dev,
+            Backend::Wireguard(w) => w.dev,
         }
     }
 
@@ -169,6 +210,7 @@ impl Backend {
             Backend::Vxlan { vtep, .. } => &vtep.name,
             Backend::HostGw(h) => &h.name,
             Backend::Udp(u) => &u.name,
+            Backend::Wireguard(w) => &w.name,
         }
     }
 
@@ -178,6 +220,7 @@ impl Backend {
             Backend::Vxlan { vtep, .. } => vtep.mtu,
             Backend::HostGw(h) => h.mtu,
             Backend::Udp(u) => u.mtu,
+            Backend::Wireguard(w) => w.mtu,
         }
     }
 
@@ -187,6 +230,13 @@ impl Backend {
             Backend::Vxlan { vtep, .. } => format!("VTEP {} {}", vtep.name, vtep.mac),
             Backend::HostGw(h) => format!("host-gw routes on {}", h.name),
             Backend::Udp(u) => format!("udp data path on {} (UDP port {}, MTU {})", u.name, u.port, u.mtu),
+            Backend::Wireguard(w) => format!(
+                "wireguard user-space data path on {} (UDP port {}, MTU {}, public key {})",
+                w.name,
+                w.port,
+                w.mtu,
+                crate::config::encode_key(&w.public_key)
+            ),
         }
     }
 
@@ -200,7 +250,8 @@ impl Backend {
                 vxlan::peer_entries(vtep, *direct_routing, segment, l).map(PeerWant::Kernel)
             }
             Backend::HostGw(h) => host_gw::peer_entries(h, segment, l).map(PeerWant::Kernel),
-            Backend::Udp(_) => udp::spec::peer(l).map(PeerWant::Tunnel),
+            Backend::Udp(_) => udp::spec::peer(l).map(|ip| PeerWant::Tunnel(TunnelPeer { ip, wireguard: None })),
+            Backend::Wireguard(w) => wireguard::peer(w.port, l).map(PeerWant::Tunnel),
         }
     }
 
@@ -209,6 +260,7 @@ impl Backend {
     pub fn device_routes(&self, network: IpNet) -> Vec<Route> {
         match (self, network) {
             (Backend::Udp(_), IpNet::V4(network)) => vec![udp::spec::network_route(network)],
+            (Backend::Wireguard(_), IpNet::V4(network)) => vec![wireguard::network_route(network)],
             _ => Vec::new(),
         }
     }
@@ -219,7 +271,7 @@ impl Backend {
     /// from the data path).
     pub fn sweep(&self) -> Sweep {
         match self {
-            Backend::Udp(_) => Sweep::AnyDevice,
+            Backend::Udp(_) | Backend::Wireguard(_) => Sweep::AnyDevice,
             Backend::Vxlan { .. } | Backend::HostGw(_) => Sweep::Underlay(self.underlay()),
         }
     }
@@ -239,13 +291,20 @@ impl Backend {
                 metrics.udp.attach(dp.stats_reader());
                 Ok(Some(Box::new(dp)))
             }
+            Backend::Wireguard(w) => {
+                let dp = wireguard::datapath::WgDataPath::start(
+                    w.data_path_config(subnet, network),
+                    std::sync::Arc::clone(&metrics.wireguard),
+                )?;
+                Ok(Some(Box::new(dp)))
+            }
             Backend::Vxlan { .. } | Backend::HostGw(_) => Ok(None),
         }
     }
 
     /// Whether this backend runs a user-space data path.
     pub fn has_data_path(&self) -> bool {
-        matches!(self, Backend::Udp(_))
+        matches!(self, Backend::Udp(_) | Backend::Wireguard(_))
     }
 }
 
@@ -261,6 +320,11 @@ pub fn lease_attrs(v4: Option<(&Backend, Ipv4Addr)>, v6: Option<(&Backend, Ipv6A
         vxlan: v4.and_then(|(b, _)| vxlan(b)),
         public_ipv6: v6.map(|(_, ip)| ip),
         vxlan6: v6.and_then(|(b, _)| vxlan(b)),
+        wireguard: v4.and_then(|(b, _)| match b {
+            Backend::Wireguard(w) => Some(w.lease_data()),
+            _ => None,
+        }),
+        wireguard6: None,
     }
 }
 
@@ -339,7 +403,7 @@ pub async fn leftover_devices(
     let mut found = Vec::new();
     for link in nl.links().await? {
         let kind = link.kind.as_deref();
-        let v4 = (link.name == "flannel0" && kind == Some("tun"))
+        let v4 = ((link.name == "flannel0" || link.name == wireguard::DEVICE_NAME) && kind == Some("tun"))
             || (link.name.starts_with("flannel.") && kind == Some("vxlan"));
         let v6 = link.name.starts_with("flannel-v6.") && kind == Some("vxlan");
         if !(v4 || v6) || ours.contains(&link.name.as_str()) {

@@ -105,6 +105,7 @@ mod tests {
                 subnet: subnet.parse().unwrap(),
                 public_ip: ip.parse().unwrap(),
                 vxlan: mac.map(|m| VxlanData { vni: 1, vtep_mac: m.parse().unwrap() }),
+                wireguard: None,
             }),
             backend: BackendType::Vxlan,
             source: format!("/coreos.com/network/subnets/{}", subnet.replace('/', "-")),
@@ -258,6 +259,7 @@ mod tests {
             subnet: s.parse().unwrap(),
             public_ip: ip6.map(|i| i.parse().unwrap()),
             vxlan: mac.map(|m| VxlanData { vni: 1, vtep_mac: m.parse().unwrap() }),
+            wireguard: None,
         });
         l
     }

@@ -8,7 +8,6 @@
 //! ([`LeaseStore`], [`Backend`]), so a new store or backend never touches it.
 
 use std::collections::BTreeMap;
-use std::net::Ipv4Addr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -150,7 +149,7 @@ pub struct Driver<S: LeaseStore> {
     device_index: [Option<u32>; 2],
     /// The backend's user-space data path, and the peer table last given to it.
     data_path: Option<Box<dyn DataPath>>,
-    data_path_peers: Vec<(Ipv4Net, Ipv4Addr)>,
+    data_path_peers: Vec<(Ipv4Net, crate::backend::TunnelPeer)>,
     /// The underlay must be chosen again before the next reconcile (it
     /// changed, or the periodic check is due).
     underlay_due: bool,
@@ -428,7 +427,7 @@ impl<S: LeaseStore> Driver<S> {
     }
 
     /// Hands the data path its peer table when it changed.
-    fn sync_data_path(&mut self, tunnel: &BTreeMap<Ipv4Net, Ipv4Addr>, why: &str) {
+    fn sync_data_path(&mut self, tunnel: &BTreeMap<Ipv4Net, crate::backend::TunnelPeer>, why: &str) {
         let Some(dp) = &self.data_path else { return };
         let peers: Vec<_> = tunnel.iter().map(|(s, ip)| (*s, *ip)).collect();
         // A new data path starts with an empty table.

@@ -1334,6 +1334,8 @@ mod tests {
             vxlan: Some(VxlanData { vni: 1, vtep_mac: "aa:bb:cc:dd:ee:ff".parse().unwrap() }),
             public_ipv6: None,
             vxlan6: None,
+            wireguard: None,
+            wireguard6: None,
         }
     }
 

@@ -24,8 +24,8 @@ use ipnet::{Ipv4Net, Ipv6Net};
 
 use crate::config::NetworkConfig;
 use crate::lease::{
-    decode_backend_data, encode_backend_data, encode_backend_v6_data, parse_public_ip, parse_public_ipv6, BackendType,
-    Lease, Lease4, Lease6, LeaseAttrs,
+    decode_backend_data, decode_wireguard_data, encode_backend_data, encode_backend_v6_data, parse_public_ip,
+    parse_public_ipv6, BackendType, Lease, Lease4, Lease6, LeaseAttrs,
 };
 
 /// flannel's default annotation prefix.
@@ -245,7 +245,13 @@ pub fn lease_from_node(
             let vxlan =
                 decode_backend_data(&backend, Some(&data).filter(|d| !d.is_null()), &format!("annotation {data_key}"))
                     .map_err(|e| bad(format!("{e} (value {data_raw:?})")))?;
-            Some(Lease4 { subnet, public_ip, vxlan })
+            let wireguard = decode_wireguard_data(
+                &backend,
+                Some(&data).filter(|d| !d.is_null()),
+                &format!("annotation {data_key}"),
+            )
+            .map_err(|e| bad(format!("{e} (value {data_raw:?})")))?;
+            Some(Lease4 { subnet, public_ip, vxlan, wireguard })
         }
     };
     // The IPv6 half, when the Node has an IPv6 podCIDR (in a dual-stack
@@ -260,16 +266,21 @@ pub fn lease_from_node(
                 Some(v) => Some(parse_public_ipv6(v, &format!("annotation {ip_key} =")).map_err(bad)?),
             };
             let data_key = key(prefix, keys::BACKEND_V6_DATA);
-            let vxlan = match get(keys::BACKEND_V6_DATA).map(String::as_str) {
-                None | Some("null") | Some("") => None,
+            let (vxlan, wireguard) = match get(keys::BACKEND_V6_DATA).map(String::as_str) {
+                None | Some("null") | Some("") => (None, None),
                 Some(raw) => {
                     let data: serde_json::Value = serde_json::from_str(raw)
                         .map_err(|e| bad(format!("annotation {data_key} = {raw:?} is not JSON: {e}")))?;
-                    decode_backend_data(&backend, Some(&data), &format!("annotation {data_key}"))
-                        .map_err(|e| bad(format!("{e} (value {raw:?})")))?
+                    let what = format!("annotation {data_key}");
+                    (
+                        decode_backend_data(&backend, Some(&data), &what)
+                            .map_err(|e| bad(format!("{e} (value {raw:?})")))?,
+                        decode_wireguard_data(&backend, Some(&data), &what)
+                            .map_err(|e| bad(format!("{e} (value {raw:?})")))?,
+                    )
                 }
             };
-            Some(Lease6 { subnet, public_ip, vxlan })
+            Some(Lease6 { subnet, public_ip, vxlan, wireguard })
         }
         (Some(_), None) if ipv4.is_none() => return Ok(None),
         _ => None,
@@ -315,6 +326,8 @@ mod tests {
             vxlan: Some(VxlanData { vni: 1, vtep_mac: "02:00:00:00:00:10".parse().unwrap() }),
             public_ipv6: None,
             vxlan6: None,
+            wireguard: None,
+            wireguard6: None,
         };
         let a = own_annotations(&Prefix::default(), &attrs, None);
         assert_eq!(a["flannel.alpha.coreos.com/backend-data"], r#"{"VNI":1,"VtepMAC":"02:00:00:00:00:10"}"#);
@@ -350,6 +363,8 @@ mod tests {
             vxlan: vx.then(|| VxlanData { vni: 1, vtep_mac: "02:00:00:00:00:10".parse().unwrap() }),
             public_ipv6: Some("2001:db8::10".parse().unwrap()),
             vxlan6: vx.then(|| VxlanData { vni: 1, vtep_mac: "02:00:00:00:06:10".parse().unwrap() }),
+            wireguard: None,
+            wireguard6: None,
         }
     }
 
@@ -548,6 +563,8 @@ mod tests {
             vxlan: Some(VxlanData { vni: 1, vtep_mac: "02:00:00:00:00:10".parse().unwrap() }),
             public_ipv6: None,
             vxlan6: None,
+            wireguard: None,
+            wireguard6: None,
         };
         let a = own_annotations(&p, &attrs, None);
         let names: Vec<&str> = a.keys().map(String::as_str).collect();

@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, Ipv6Addr};
 
-use flanneld_rs::config::{BackendConfig, ConfigError, NetworkConfig, VxlanConfig};
+use flanneld_rs::config::{BackendConfig, ConfigError, NetworkConfig, VxlanConfig, WireguardConfig};
 use ipnet::{Ipv4Net, Ipv6Net};
 use proptest::prelude::*;
 use proptest::sample::select;
@@ -162,8 +162,8 @@ fn model(members: &[(String, Value)]) -> Result<Want, Vec<&'static str>> {
         }
     }
     let backend = model_backend(get("backend"), &mut wrong);
-    // flannel's udp backend carries IPv4 only.
-    if enable_ipv6 && matches!(backend, Some(BackendConfig::Udp { .. })) {
+    // flannel's udp backend carries IPv4 only, ours wireguard too so far.
+    if enable_ipv6 && matches!(backend, Some(BackendConfig::Udp { .. } | BackendConfig::Wireguard(_))) {
         wrong.push("EnableIPv6");
     }
     let ipv4 = layout.zip(bounds).map(|((n, len), (min, max))| (n, len, min, max));
@@ -315,6 +315,20 @@ fn model_backend(v: Option<&Value>, wrong: &mut Vec<&'static str>) -> Option<Bac
         }
         "udp" => BackendConfig::Udp { port: uint("port", 65535, 8285, wrong)? as u16 },
         "host-gw" => BackendConfig::HostGw,
+        // The generator writes none of the wireguard options but MTU.
+        "wireguard" => {
+            let mtu = match get("mtu") {
+                None => None,
+                Some(v) => match v.as_u64() {
+                    Some(n) if (148..=65535).contains(&n) => Some(n as u32),
+                    _ => {
+                        wrong.push("Backend.MTU");
+                        return None;
+                    }
+                },
+            };
+            BackendConfig::Wireguard(WireguardConfig { mtu, ..WireguardConfig::default() })
+        }
         _ => {
             wrong.push("Backend.Type");
             return None;

@@ -79,6 +79,8 @@ async fn put_peer(c: &mut etcd_client::Client, i: usize) {
         vxlan: Some(VxlanData { vni: 1, vtep_mac: mac }),
         public_ipv6: None,
         vxlan6: None,
+        wireguard: None,
+        wireguard6: None,
     };
     c.put(subnet_key("/coreos.com/network", subnet), encode_value(&attrs), None).await.expect("put lease");
 }

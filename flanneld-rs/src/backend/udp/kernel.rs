@@ -25,6 +25,9 @@ pub struct DeviceSpec {
     pub network: Ipv4Net,
     /// MTU (underlay - 28).
     pub mtu: u32,
+    /// The route's scope: global for udp (as flannel's udp backend makes
+    /// it), link for wireguard (as flannel's wireguard backend does).
+    pub route_scope: flannel_net::netlink::Scope,
 }
 
 impl DeviceSpec {
@@ -42,7 +45,10 @@ impl DeviceSpec {
             addr: Some(self.address()),
             peers: BTreeMap::new(),
             tunnel: BTreeMap::new(),
-            routes: vec![super::spec::network_route(self.network)],
+            routes: vec![flannel_net::netlink::Route {
+                scope: self.route_scope,
+                ..super::spec::network_route(self.network)
+            }],
             blackhole: None,
         }
     }

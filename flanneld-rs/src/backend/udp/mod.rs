@@ -228,7 +228,13 @@ impl UdpDataPath {
             bail!("udp backend: port 0");
         }
         let netns = NetNs::current().context("open the current network namespace")?;
-        let spec = DeviceSpec { name: cfg.tun_name.clone(), subnet: cfg.subnet, network: cfg.network, mtu: cfg.mtu };
+        let spec = DeviceSpec {
+            name: cfg.tun_name.clone(),
+            subnet: cfg.subnet,
+            network: cfg.network,
+            mtu: cfg.mtu,
+            route_scope: flannel_net::netlink::Scope::Global,
+        };
         let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
         let wanted = if !tuning.multi_queue {
             1
@@ -487,7 +493,8 @@ impl crate::backend::DataPath for UdpDataPath {
         UdpDataPath::running(self)
     }
 
-    fn set_peers(&self, peers: &[(Ipv4Net, Ipv4Addr)]) {
-        UdpDataPath::set_peers(self, peers)
+    fn set_peers(&self, peers: &[(Ipv4Net, crate::backend::TunnelPeer)]) {
+        let peers: Vec<(Ipv4Net, Ipv4Addr)> = peers.iter().map(|(s, p)| (*s, p.ip)).collect();
+        UdpDataPath::set_peers(self, &peers)
     }
 }
