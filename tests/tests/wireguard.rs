@@ -442,3 +442,196 @@ fn wireguard_in_kubernetes_mode_annotations_and_encrypted_pod_traffic() {
     let frames = capture.finish();
     only_wireguard(&frames, &pods, &node_ips);
 }
+
+/// A node whose tunnel is an independent WireGuard implementation:
+/// Debian's `wireguard-go` (user space, Go) running `flannel-wg`, set up
+/// with `wg` and `ip` the way flannel v0.20.2 sets up its kernel device.
+/// Its process is killed on drop; its control socket lives on a tmpfs of
+/// its own mount namespace, which goes with it.
+struct WireguardGo {
+    proc: e2e_tests::overlay::Proc,
+    pid: String,
+}
+
+impl WireguardGo {
+    /// `wireguard-go flannel-wg` in `ns`, under `unshare -m` with a private
+    /// tmpfs on /run (= /var/run, where its control sockets go: namespaces
+    /// share the host's /run, and other nodes may run one too).
+    fn start(ns: &Netns, log: &std::path::Path) -> WireguardGo {
+        let child = ns
+            .command("unshare")
+            .args([
+                "-m",
+                "--propagation",
+                "private",
+                "sh",
+                "-c",
+                "mount -t tmpfs -o mode=0755 flt-wg-run /run && exec wireguard-go --foreground flannel-wg",
+            ])
+            // It refuses to start where the kernel could have the module
+            // unless told.
+            .env("WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD", "1")
+            .stdout(std::fs::File::create(log).unwrap())
+            .stderr(std::fs::File::create(log).unwrap())
+            .spawn()
+            .expect("spawn wireguard-go (apt-get install wireguard-go wireguard-tools)");
+        // unshare(1) execs sh, which execs wireguard-go: one process.
+        let pid = child.id().to_string();
+        let wg = WireguardGo { proc: e2e_tests::overlay::Proc(Some(child)), pid };
+        wait_until(Duration::from_secs(10), "wireguard-go's flannel-wg and control socket", || {
+            wg.try_wg(&["show", "flannel-wg"]).is_ok()
+        });
+        wg
+    }
+
+    /// `wg args` in wireguard-go's mount namespace (where its socket is)
+    /// and network namespace.
+    fn try_wg(&self, args: &[&str]) -> Result<String, String> {
+        let out = std::process::Command::new("nsenter")
+            .args(["-t", &self.pid, "-m", "-n", "wg"])
+            .args(args)
+            .output()
+            .unwrap();
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        } else {
+            Err(format!("wg {args:?}: {}", String::from_utf8_lossy(&out.stderr)))
+        }
+    }
+
+    fn wg(&self, args: &[&str]) -> String {
+        self.try_wg(args).unwrap_or_else(|e| panic!("{e}"))
+    }
+}
+
+impl Drop for WireguardGo {
+    fn drop(&mut self) {
+        self.proc.stop();
+    }
+}
+
+#[test]
+fn wireguard_interoperates_with_wireguard_go_configured_as_flannel_does() {
+    if !require_root() {
+        return;
+    }
+    for tool in ["wireguard-go", "wg", "unshare", "nsenter"] {
+        let found = std::process::Command::new("sh").args(["-c", &format!("command -v {tool}")]).output().unwrap();
+        if !found.status.success() {
+            netns_fixtures::skip_or_fail(&format!(
+                "{tool} not installed (apt-get install wireguard-go wireguard-tools)"
+            ));
+            return;
+        }
+    }
+    let mut o = overlay(3);
+    let dir = o.dir.path().join("node2");
+    std::fs::create_dir_all(&dir).unwrap();
+
+    // Node 2's key file as flannel writes it (the base64 key, no newline,
+    // mode 0400), its PSK from the same net-conf.
+    let genkey = o.cluster.node(2).ns.run_ok("wg", &["genkey"]);
+    let private = genkey.trim();
+    let key_path = dir.join("wgkey");
+    std::fs::write(&key_path, private).unwrap();
+    std::fs::set_permissions(&key_path, std::fs::Permissions::from_mode(0o400)).unwrap();
+    let public = flanneld_rs::config::encode_key(&flanneld_rs::backend::wireguard::keys::public_of(
+        &flanneld_rs::config::decode_key(private).unwrap(),
+    ));
+    let conf: serde_json::Value = serde_json::from_str(WG).unwrap();
+    let psk_path = dir.join("psk");
+    std::fs::write(&psk_path, conf["Backend"]["PSK"].as_str().unwrap()).unwrap();
+
+    // Its lease as flannel v0.20.2 writes it (PublicKey only, no Port),
+    // with flannel's 24 h TTL, before the other nodes take subnets.
+    let subnet2: ipnet::Ipv4Net = "10.244.200.0/24".parse().unwrap();
+    let grant = etcdctl_ok(o.outside(), &["lease", "grant", "86400"]);
+    let lease_id = grant.split_whitespace().nth(1).unwrap().to_string();
+    let lease2 = format!(
+        r#"{{"PublicIP":"192.0.2.12","PublicIPv6":null,"BackendType":"wireguard","BackendData":{{"PublicKey":"{public}"}}}}"#
+    );
+    etcdctl_ok(o.outside(), &["put", "--lease", &lease_id, "/coreos.com/network/subnets/10.244.200.0-24", &lease2]);
+
+    // The device as flannel makes it: ListenPort, the key file, MTU
+    // underlay - 80, <subnet>.0/32, up, the Network routed in, scope link.
+    let wg = WireguardGo::start(&o.cluster.node(2).ns, &dir.join("wireguard-go.log"));
+    let ns2 = &o.cluster.node(2).ns;
+    wg.wg(&["set", "flannel-wg", "listen-port", "51820", "private-key", key_path.to_str().unwrap()]);
+    ns2.run_ok("ip", &["link", "set", "flannel-wg", "mtu", "1420"]);
+    ns2.run_ok("ip", &["addr", "add", "10.244.200.0/32", "dev", "flannel-wg"]);
+    ns2.run_ok("ip", &["link", "set", "flannel-wg", "up"]);
+    ns2.run_ok("ip", &["route", "add", "10.244.0.0/16", "dev", "flannel-wg", "scope", "link"]);
+    assert_eq!(
+        wg.wg(&["show", "flannel-wg", "public-key"]).trim(),
+        public,
+        "wg and flanneld-rs derive different public keys"
+    );
+    // The subnet.env flannel would write, for the CNI plugin on node 2.
+    std::fs::write(
+        &o.daemons[2].subnet_file,
+        "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.200.1/24\nFLANNEL_MTU=1420\nFLANNEL_IPMASQ=false\n",
+    )
+    .unwrap();
+
+    o.start(0);
+    o.start(1);
+    let ns2 = &o.cluster.node(2).ns;
+    for i in 0..2 {
+        wait_until(Duration::from_secs(10), &format!("node{i}'s peer table with both others"), || {
+            sample(&o, i, "flannel_peers") == 2.0
+        });
+    }
+
+    // One peer per other lease, as flannel's addPeer: the lease's key, the
+    // PSK, endpoint PublicIP:ListenPort, keepalive, allowed-ips its subnet.
+    for i in 0..2 {
+        let lease = etcdctl_ok(o.outside(), &["get", "--print-value-only", &o.lease_key(i)]);
+        let lease: serde_json::Value = serde_json::from_str(lease.trim()).unwrap();
+        let endpoint = format!("{}:51820", lease["PublicIP"].as_str().unwrap());
+        let subnet = o.subnet(i).to_string();
+        wg.wg(&[
+            "set",
+            "flannel-wg",
+            "peer",
+            lease["BackendData"]["PublicKey"].as_str().unwrap(),
+            "preshared-key",
+            psk_path.to_str().unwrap(),
+            "endpoint",
+            &endpoint,
+            "persistent-keepalive",
+            "5",
+            "allowed-ips",
+            &subnet,
+        ]);
+    }
+
+    // Pods on all three nodes talk over TCP both ways; node 2's underlay
+    // carries WireGuard datagrams only.
+    let node_ips: Vec<Ipv4Addr> = (0..3).map(|i| Ipv4Addr::new(192, 0, 2, 10 + i as u8)).collect();
+    let capture = Capture::start(ns2, "eth0");
+    let pods: Vec<_> = (0..3).map(|i| o.add_pod(i, &format!("g{i}"))).collect();
+    assert!(subnet2.contains(&pods[2].1), "node 2's pod got {} outside {subnet2}", pods[2].1);
+    e2e_tests::all_pods_talk(&pods, 8100);
+    let frames = capture.finish();
+    assert!(only_wireguard(&frames, &pods, &node_ips) > 0, "no WireGuard datagram on node 2's underlay");
+
+    // wireguard-go's own view: a handshake with each flanneld-rs node and
+    // bytes both ways.
+    let handshakes = wg.wg(&["show", "flannel-wg", "latest-handshakes"]);
+    let transfer = wg.wg(&["show", "flannel-wg", "transfer"]);
+    assert_eq!(handshakes.lines().count(), 2, "{handshakes}");
+    for line in handshakes.lines() {
+        let t: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+        assert!(t > 0, "no handshake with a peer: {handshakes}");
+    }
+    for line in transfer.lines() {
+        let f: Vec<u64> = line.split_whitespace().skip(1).map(|v| v.parse().unwrap()).collect();
+        assert!(f[0] > 0 && f[1] > 0, "no traffic both ways with a peer: {transfer}");
+    }
+    // And the host-network side: node 2 itself (source flannel-wg's
+    // <subnet>.0, as on a flannel node) reaches a pod on node 0.
+    let target = SocketAddr::new(pods[0].1.into(), 8200);
+    echo_forever(&pods[0].0, target);
+    wait_tcp(ns2, target, "node 2 (wireguard-go) -> node0's pod");
+    drop(wg);
+}
