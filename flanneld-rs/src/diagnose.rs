@@ -210,16 +210,21 @@ async fn run_with(opts: &Opts, json_out: bool, mut store: impl LeaseStore) -> an
         }
     }
     if let Some(Backend::Wireguard(spec)) = &backend {
+        let kind = nl.link_by_name(&spec.name).await?.and_then(|l| l.kind);
         if udp_listening(std::net::Ipv4Addr::UNSPECIFIED, spec.port) {
-            findings.push(Finding {
-                kind: "note",
-                what: format!(
-                    "wireguard: the user-space data path runs ({} is a TUN device, UDP port {} is bound); the kernel \
-                     WireGuard path is not implemented yet",
+            let what = if kind.as_deref() == Some("wireguard") {
+                format!(
+                    "wireguard: the kernel path runs ({} is a kernel WireGuard device, UDP port {} is bound)",
                     spec.name, spec.port
-                ),
-                fix: "nothing to fix".into(),
-            });
+                )
+            } else {
+                format!(
+                    "wireguard: the user-space data path runs ({} is a TUN device, UDP port {} is bound; this kernel \
+                     has no WireGuard)",
+                    spec.name, spec.port
+                )
+            };
+            findings.push(Finding { kind: "note", what, fix: "nothing to fix".into() });
         } else {
             findings.push(Finding {
                 kind: "missing",

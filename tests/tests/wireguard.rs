@@ -254,6 +254,14 @@ fn wireguard_pods_talk_encrypted_across_three_nodes_and_survive_a_restart() {
     let (ok, report) = o.diagnose(0, &[]);
     assert!(ok, "{report}");
     assert!(report.to_string().contains("user-space data path runs"), "{report}");
+    assert!(report.to_string().contains("this kernel has no WireGuard"), "{report}");
+    // The kernel path was tried first (this kernel has no WireGuard: the
+    // link of kind wireguard cannot be made) and the fallback said why.
+    assert!(
+        o.log(0).contains("no kernel WireGuard (ip link add flannel-wg type wireguard: Operation not supported"),
+        "{}",
+        o.log(0)
+    );
 
     // A restart keeps the key (and so what peers know) and traffic resumes.
     o.stop(1);
@@ -326,6 +334,9 @@ fn wireguard_bad_lease_rekey_device_loss_roaming_and_peer_removal() {
     wait_tcp(&pods[0].0, targets[1], "node0's pod -> node1's pod after flannel-wg was deleted on node1");
     let routes = o.cluster.node(1).ns.run_ok("ip", &["-4", "route", "show", "dev", "flannel-wg"]);
     assert!(routes.contains("10.244.0.0/16 scope link"), "{routes}");
+    // The kernel path was tried again with the restart, the fallback
+    // logged once per process.
+    assert_eq!(o.log(1).matches("no kernel WireGuard").count(), 1, "{}", o.log(1));
 
     // Roaming: node 2 behind a (stateless) port translation, its datagrams
     // leave from port 40000 and only those to port 40000 come in. The

@@ -291,13 +291,7 @@ impl Backend {
                 metrics.udp.attach(dp.stats_reader());
                 Ok(Some(Box::new(dp)))
             }
-            Backend::Wireguard(w) => {
-                let dp = wireguard::datapath::WgDataPath::start(
-                    w.data_path_config(subnet, network),
-                    std::sync::Arc::clone(&metrics.wireguard),
-                )?;
-                Ok(Some(Box::new(dp)))
-            }
+            Backend::Wireguard(w) => wireguard::start_data_path(w, subnet, network, metrics).map(Some),
             Backend::Vxlan { .. } | Backend::HostGw(_) => Ok(None),
         }
     }
@@ -404,6 +398,7 @@ pub async fn leftover_devices(
     for link in nl.links().await? {
         let kind = link.kind.as_deref();
         let v4 = ((link.name == "flannel0" || link.name == wireguard::DEVICE_NAME) && kind == Some("tun"))
+            || (link.name == wireguard::DEVICE_NAME && kind == Some("wireguard"))
             || (link.name.starts_with("flannel.") && kind == Some("vxlan"));
         let v6 = link.name.starts_with("flannel-v6.") && kind == Some("vxlan");
         if !(v4 || v6) || ours.contains(&link.name.as_str()) {

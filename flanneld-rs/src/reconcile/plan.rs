@@ -68,6 +68,12 @@ impl Device {
         match self {
             Device::Vxlan(spec) => link.incompatibilities(spec),
             Device::Tun(_) if link.kind.as_deref() == Some("tun") => Vec::new(),
+            // The wireguard backend's kernel path: flannel's own device.
+            Device::Tun(t)
+                if t.name == crate::backend::wireguard::DEVICE_NAME && link.kind.as_deref() == Some("wireguard") =>
+            {
+                Vec::new()
+            }
             Device::Tun(_) => vec![format!("it is a {} device, not a TUN", link.kind.as_deref().unwrap_or("plain"))],
         }
     }

@@ -14,6 +14,7 @@
 //! handed to the data path (subnet -> public IP, port, public key).
 
 pub mod datapath;
+pub mod kernel;
 pub mod keys;
 
 use std::net::Ipv4Addr;
@@ -145,4 +146,49 @@ pub fn network_route(network: Ipv4Net) -> Route {
 /// Our device's address: `<subnet>.0/32`, as flannel gives it.
 pub fn device_addr(subnet: Ipv4Net) -> Ipv4Addr {
     subnet.network()
+}
+
+/// Starts the wireguard data path for our lease: flannel's kernel device
+/// when the kernel has WireGuard ([`kernel`]), else the user-space path
+/// ([`datapath`]; why is logged once per process). Either way the device
+/// gets flannel's address, MTU and route through the same plan.
+pub fn start_data_path(
+    w: &WireguardSpec,
+    subnet: Ipv4Net,
+    network: Ipv4Net,
+    metrics: &crate::health::Metrics,
+) -> anyhow::Result<Box<dyn super::DataPath>> {
+    static FALLBACK_LOGGED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    let once = || !FALLBACK_LOGGED.swap(true, std::sync::atomic::Ordering::Relaxed);
+    match kernel::create_link(&w.name, w.mtu) {
+        Ok(None) => {
+            let dp = kernel::KernelWg::start(w)?;
+            let netns = flannel_net::netns::NetNs::current()?;
+            let spec = crate::backend::udp::kernel::DeviceSpec {
+                name: w.name.clone(),
+                subnet,
+                network,
+                mtu: w.mtu,
+                route_scope: Scope::Link,
+            };
+            let fixed = crate::backend::udp::kernel::ensure_in(&netns, &spec)?;
+            if !fixed.is_empty() {
+                log::info!("wireguard backend: {}", fixed.join("; "));
+            }
+            return Ok(Box::new(dp));
+        }
+        Ok(Some(why)) if once() => log::info!(
+            "wireguard backend: no kernel WireGuard (ip link add {} type wireguard: {why}); running the protocol in \
+             user space",
+            w.name
+        ),
+        Err(e) if once() => log::warn!(
+            "wireguard backend: ip link add {} type wireguard: {e}; running the protocol in user space",
+            w.name
+        ),
+        _ => {}
+    }
+    let dp =
+        datapath::WgDataPath::start(w.data_path_config(subnet, network), std::sync::Arc::clone(&metrics.wireguard))?;
+    Ok(Box::new(dp))
 }
