@@ -646,3 +646,91 @@ fn wireguard_interoperates_with_wireguard_go_configured_as_flannel_does() {
     wait_tcp(ns2, target, "node 2 (wireguard-go) -> node0's pod");
     drop(wg);
 }
+
+/// Node `i`'s links whose name starts with `flannel`.
+fn flannel_links(o: &Overlay, i: usize) -> Vec<String> {
+    let links = o.cluster.node(i).ns.ip_json(&["link", "show"]);
+    links
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|l| l["ifname"].as_str().filter(|n| n.starts_with("flannel")).map(str::to_string))
+        .collect()
+}
+
+/// Node `i`'s IPv4 routes into the Network, as `dst dev`.
+fn overlay_routes(o: &Overlay, i: usize) -> Vec<String> {
+    let routes = o.cluster.node(i).ns.ip_json(&["-4", "route", "show"]);
+    let mut r: Vec<String> = routes
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["dst"].as_str().is_some_and(|d| d.starts_with("10.244.")))
+        .map(|r| format!("{} {}", r["dst"].as_str().unwrap(), r["dev"].as_str().unwrap_or("-")))
+        .collect();
+    r.sort();
+    r
+}
+
+#[test]
+fn wireguard_switched_to_vxlan_and_back_leaves_nothing_behind_but_the_key() {
+    if !require_root() {
+        return;
+    }
+    let mut o = overlay(2);
+    o.start_all();
+    wait_peers(&o, 2);
+    let pods: Vec<_> = (0..2).map(|i| o.add_pod(i, &format!("s{i}"))).collect();
+    e2e_tests::all_pods_talk(&pods, 8300);
+    let keys: Vec<String> = (0..2).map(|i| std::fs::read_to_string(key_file(&o, i)).unwrap()).collect();
+    for i in 0..2 {
+        assert_eq!(flannel_links(&o, i), ["flannel-wg"], "node{i}");
+    }
+
+    // To vxlan: both daemons stopped (flannel-wg, a persistent TUN, stays
+    // until then), the configuration changed, both started.
+    let vxlan = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#;
+    for i in 0..2 {
+        o.stop(i);
+    }
+    etcdctl_ok(o.outside(), &["put", "/coreos.com/network/config", vxlan]);
+    for i in 0..2 {
+        o.start(i);
+    }
+    for (i, key) in keys.iter().enumerate() {
+        o.wait_converged(i);
+        assert_eq!(flannel_links(&o, i), ["flannel.1"], "node{i}: flannel-wg left behind");
+        let other = o.subnet(1 - i);
+        let mut want = vec![format!("{other} flannel.1"), format!("{} cni0", o.subnet(i))];
+        want.sort();
+        assert_eq!(overlay_routes(&o, i), want, "node{i}: a route of flannel-wg left behind");
+        assert!(o.log(i).contains("deleting flannel-wg: an earlier backend's or family's device"), "{}", o.log(i));
+        assert_eq!(&std::fs::read_to_string(key_file(&o, i)).unwrap(), key, "node{i}'s key file");
+    }
+    e2e_tests::all_pods_talk(&pods, 8400);
+    let (ok, report) = o.diagnose(0, &[]);
+    assert!(ok, "{report}");
+
+    // And back: flannel.1 gone, flannel-wg back with the same key (so the
+    // same public key in the lease), traffic encrypted again.
+    for i in 0..2 {
+        o.stop(i);
+    }
+    etcdctl_ok(o.outside(), &["put", "/coreos.com/network/config", WG]);
+    for i in 0..2 {
+        o.start(i);
+    }
+    wait_peers(&o, 2);
+    for (i, key) in keys.iter().enumerate() {
+        assert_eq!(flannel_links(&o, i), ["flannel-wg"], "node{i}: flannel.1 left behind");
+        let mut want = vec!["10.244.0.0/16 flannel-wg".to_string(), format!("{} cni0", o.subnet(i))];
+        want.sort();
+        assert_eq!(overlay_routes(&o, i), want, "node{i}: a route of flannel.1 left behind");
+        assert_eq!(&std::fs::read_to_string(key_file(&o, i)).unwrap(), key, "node{i}'s key file");
+        let private = flanneld_rs::config::decode_key(key).unwrap();
+        let public = flanneld_rs::config::encode_key(&flanneld_rs::backend::wireguard::keys::public_of(&private));
+        let lease = etcdctl_ok(o.outside(), &["get", "--print-value-only", &o.lease_key(i)]);
+        assert!(lease.contains(&format!(r#""PublicKey":"{public}""#)), "node{i}'s lease: {lease}");
+    }
+    e2e_tests::all_pods_talk(&pods, 8500);
+}
