@@ -488,8 +488,12 @@ impl DataPath for KernelWg {
         if send.is_empty() {
             return;
         }
-        match request(libc::NETLINK_GENERIC, &set_device_msg(self.family, 1, &self.name, None, &send)) {
-            Ok(_) => {
+        // In batches, each well below a netlink message's size limit.
+        let sent = send.chunks(64).try_for_each(|batch| {
+            request(libc::NETLINK_GENERIC, &set_device_msg(self.family, 1, &self.name, None, batch)).map(|_| ())
+        });
+        match sent {
+            Ok(()) => {
                 for p in &send {
                     let key = crate::config::encode_key(&p.public_key);
                     if p.remove {
