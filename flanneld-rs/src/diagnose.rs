@@ -235,6 +235,33 @@ async fn run_with(opts: &Opts, json_out: bool, mut store: impl LeaseStore) -> an
                 fix: "start flanneld-rs (or look in its log for why the data path stopped)".into(),
             });
         }
+        // The running daemon's count of failing handshakes per peer, from
+        // its /metrics (when it serves them).
+        if opts.healthz_port != 0 {
+            match failing_handshakes(&opts.healthz_ip, opts.healthz_port).await {
+                Ok(failing) => {
+                    for (peer, n) in failing {
+                        let Some(source) = sources.get(&peer) else { continue };
+                        findings.push(Finding {
+                            kind: "wrong",
+                            what: format!(
+                                "wireguard: {n} handshake responses from peer {peer} ({source}) failed authentication \
+                                 since its last good datagram: its PSK differs from ours, or its key is not the one \
+                                 its lease advertises"
+                            ),
+                            fix: "give every node the same Backend.PSK (net-conf.json), or restart that node so that \
+                                  its lease advertises its key"
+                                .into(),
+                        });
+                    }
+                }
+                Err(e) => findings.push(Finding {
+                    kind: "note",
+                    what: format!("wireguard: could not read the daemon's handshake counts from /metrics: {e}"),
+                    fix: "start flanneld-rs with the same --healthz-ip/--healthz-port".into(),
+                }),
+            }
+        }
     }
     for r in rejected {
         findings.push(Finding {
@@ -319,6 +346,45 @@ async fn run_with(opts: &Opts, json_out: bool, mut store: impl LeaseStore) -> an
 
 /// Whether a socket in this network namespace is bound to `ip:port` (or
 /// the wildcard address), from `/proc/net/udp`.
+/// The peers (subnets) with failing handshakes and their counts, from the
+/// daemon's `/metrics` on `ip:port` (its --healthz-ip/--healthz-port; an
+/// unspecified address read on loopback).
+async fn failing_handshakes(ip: &str, port: u16) -> anyhow::Result<Vec<(String, u64)>> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let ip: std::net::IpAddr = ip.parse().map_err(|e| anyhow::anyhow!("--healthz-ip {ip:?}: {e}"))?;
+    let ip = match ip {
+        std::net::IpAddr::V4(a) if a.is_unspecified() => std::net::Ipv4Addr::LOCALHOST.into(),
+        std::net::IpAddr::V6(a) if a.is_unspecified() => std::net::Ipv6Addr::LOCALHOST.into(),
+        other => other,
+    };
+    let addr = std::net::SocketAddr::new(ip, port);
+    let body = tokio::time::timeout(std::time::Duration::from_secs(3), async {
+        let mut c = tokio::net::TcpStream::connect(addr).await?;
+        c.write_all(b"GET /metrics HTTP/1.0\r\nHost: flanneld\r\n\r\n").await?;
+        let mut text = String::new();
+        c.read_to_string(&mut text).await?;
+        Ok::<_, std::io::Error>(text)
+    })
+    .await
+    .map_err(|_| anyhow::anyhow!("{addr}: no answer within 3 s"))?
+    .map_err(|e| anyhow::anyhow!("{addr}: {e}"))?;
+    Ok(parse_failing(&body))
+}
+
+/// The `flannel_wireguard_failing_handshakes{peer="..."} N` lines of a
+/// metrics text, N > 0.
+fn parse_failing(text: &str) -> Vec<(String, u64)> {
+    let prefix = format!("{}{{peer=\"", crate::health::FAILING_HANDSHAKES);
+    text.lines()
+        .filter_map(|l| {
+            let rest = l.strip_prefix(&prefix)?;
+            let (peer, n) = rest.split_once("\"} ")?;
+            let n: u64 = n.trim().parse().ok()?;
+            (n > 0).then(|| (peer.to_string(), n))
+        })
+        .collect()
+}
+
 fn udp_listening(ip: std::net::Ipv4Addr, port: u16) -> bool {
     let Ok(table) = std::fs::read_to_string("/proc/net/udp") else { return false };
     // "sl local_address ...": the address is the in-memory u32 in hex,
@@ -340,4 +406,18 @@ fn report(findings: &[Finding], json_out: bool) -> anyhow::Result<bool> {
         println!("{}", if converged { "converged (with notes)" } else { "NOT converged" });
     }
     Ok(converged)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failing_handshakes_are_read_from_the_metrics_text() {
+        let text = "# HELP flannel_wireguard_failing_handshakes x\n# TYPE flannel_wireguard_failing_handshakes gauge\n\
+                    flannel_wireguard_failing_handshakes{peer=\"10.244.1.0/24\"} 3\n\
+                    flannel_wireguard_failing_handshakes{peer=\"10.244.2.0/24\"} 0\n\
+                    flannel_wireguard_dropped_invalid_total 7\n";
+        assert_eq!(parse_failing(text), [("10.244.1.0/24".to_string(), 3)]);
+    }
 }

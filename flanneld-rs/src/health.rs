@@ -7,6 +7,10 @@ use std::sync::Arc;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
+/// The wireguard data path's per-peer gauge of failing handshakes, which
+/// `diagnose` reads.
+pub const FAILING_HANDSHAKES: &str = "flannel_wireguard_failing_handshakes";
+
 /// Counters and gauges, updated by the daemon, read by `/metrics`.
 #[derive(Debug, Default)]
 pub struct Metrics {
@@ -161,6 +165,18 @@ impl Metrics {
             "1 once rules are in place and subnet.env is written.",
             u8::from(self.ready.load(Ordering::Relaxed)).to_string(),
         );
+        if self.wireguard.started.load(Ordering::Relaxed) {
+            let failing = self.wireguard.failing_handshakes.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            let name = FAILING_HANDSHAKES;
+            let _ = write!(
+                s,
+                "# HELP {name} Handshake responses from a peer that failed authentication since its last \
+                 authenticated datagram (another PSK, or a key not its lease's).\n# TYPE {name} gauge\n"
+            );
+            for (peer, n) in failing {
+                let _ = writeln!(s, "{name}{{peer=\"{peer}\"}} {n}");
+            }
+        }
         s
     }
 }

@@ -255,6 +255,7 @@ fn wireguard_pods_talk_encrypted_across_three_nodes_and_survive_a_restart() {
     assert!(ok, "{report}");
     assert!(report.to_string().contains("user-space data path runs"), "{report}");
     assert!(report.to_string().contains("this kernel has no WireGuard"), "{report}");
+    assert!(!report.to_string().contains("handshake"), "diagnose read /metrics and found no failing peer: {report}");
     // The kernel path was tried first (this kernel has no WireGuard: the
     // link of kind wireguard cannot be made) and the fallback said why.
     assert!(
@@ -447,6 +448,12 @@ fn wireguard_in_kubernetes_mode_annotations_and_encrypted_pod_traffic() {
     // later, as they keep the session of node 2's first run until then.)
     wait_until(Duration::from_secs(20), "node2 to count the failed handshake responses", || {
         sample(&ko.o, 2, "flannel_wireguard_dropped_invalid_total") > before
+    });
+    // diagnose on node 2 names both peers (from the daemon's /metrics).
+    let names = |t: &str| (0..2).all(|i| t.contains(&format!("handshake responses from peer {} (", ko.o.subnet(i))));
+    wait_until(Duration::from_secs(20), "diagnose on node2 to name the PSK mismatch with node0 and node1", || {
+        let (ok, report) = ko.o.diagnose(2, &[]);
+        !ok && names(&report.to_string())
     });
     let tried = pods[0].0.in_thread(|| std::net::TcpStream::connect_timeout(&target, Duration::from_secs(3)));
     assert!(tried.is_err(), "a TCP connection across a PSK mismatch");

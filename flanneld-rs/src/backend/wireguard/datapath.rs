@@ -110,6 +110,10 @@ pub struct Counters {
     pub send_errors: AtomicU64,
     /// Writes to the TUN that failed.
     pub tun_write_errors: AtomicU64,
+    /// Per peer subnet, handshake responses that failed authentication
+    /// since the last authenticated datagram from it (another PSK, or a
+    /// key not its lease's); absent when none.
+    pub failing_handshakes: std::sync::Mutex<std::collections::BTreeMap<Ipv4Net, u64>>,
 }
 
 impl Counters {
@@ -159,6 +163,9 @@ struct Peer {
     endpoint: SocketAddrV4,
     /// Our index for it (the upper 24 bits of the receiver index).
     index: u32,
+    /// Handshake responses from it that failed since its last
+    /// authenticated datagram (see [`Counters::failing_handshakes`]).
+    failing: u64,
 }
 
 /// The peers, by public key, and our indexes for them.
@@ -300,7 +307,7 @@ impl WgDataPath {
             );
             info!("wireguard backend: peer {subnet} at {endpoint}, key {}", crate::config::encode_key(&key));
             t.by_index.insert(index, key);
-            t.peers.insert(key, Peer { tunn, subnet, lease_endpoint: endpoint, endpoint, index });
+            t.peers.insert(key, Peer { tunn, subnet, lease_endpoint: endpoint, endpoint, index, failing: 0 });
         }
     }
 
@@ -544,11 +551,20 @@ impl Worker {
             TunnResult::Err(e) => {
                 inc(&self.counters.dropped_invalid);
                 debug!("wireguard backend: datagram from {from} for peer {} dropped: {e:?}", p.subnet);
+                if matches!(parsed, Packet::HandshakeResponse(_)) {
+                    p.failing += 1;
+                    let mut f = self.counters.failing_handshakes.lock().unwrap_or_else(|p| p.into_inner());
+                    f.insert(p.subnet, p.failing);
+                }
                 false
             }
         };
         if !authenticated {
             return;
+        }
+        if p.failing != 0 {
+            p.failing = 0;
+            self.counters.failing_handshakes.lock().unwrap_or_else(|p| p.into_inner()).remove(&p.subnet);
         }
         if p.endpoint != from {
             info!("wireguard backend: peer {} roamed: {} -> {from}", p.subnet, p.endpoint);
