@@ -11,9 +11,10 @@
 # ClusterIPs (by Host header, by path with a rewrite, a TLS virtual host, a
 # default backend), a NodePort from the outside host, a DaemonSet rollout
 # under continuous requests (pod to ClusterIP, outside host to NodePort, the
-# ingress, pod IPs) with none failed, and pod start latency with our plugin
-# against Debian's reference bridge plugin. Every Service answer must come
-# from a pod on another node than the client's.
+# ingress, pod IPs) with none failed, and pod start latency (one at a time,
+# then a 30-pod burst) with our plugin against Debian's reference bridge
+# plugin. Every Service answer must come from a pod on another node than
+# the client's.
 # kube-proxy (v1.20.2, iptables mode through iptables-nft) runs as a process
 # of each node (scripts/lib/k8s-node.sh), beside kubelet, with kubeadm's
 # identity (ServiceAccount kube-system/kube-proxy bound to
@@ -57,7 +58,7 @@
 #                      K8S_E2E_BACKEND=host-gw
 # The Kubernetes binaries come from scripts/lib/kube-binaries.sh (built once,
 # about 5 minutes each, then cached under /var/cache/flannel-rs/). With them
-# cached, a run takes about 4 minutes on the 2-core development machine.
+# cached, a run takes about 4.5 minutes on the 2-core development machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$PWD
