@@ -11,9 +11,10 @@
 # ClusterIPs (by Host header, by path with a rewrite, a TLS virtual host, a
 # default backend), a NodePort from the outside host, a DaemonSet rollout
 # under continuous requests (pod to ClusterIP, outside host to NodePort, the
-# ingress, pod IPs) with none failed, and pod start latency with our plugin
-# against Debian's reference bridge plugin. Every Service answer must come
-# from a pod on another node than the client's.
+# ingress, pod IPs) with none failed, and pod start latency (one at a time,
+# then a 30-pod burst) with our plugin against Debian's reference bridge
+# plugin. Every Service answer must come from a pod on another node than
+# the client's.
 # kube-proxy (v1.20.2, iptables mode through iptables-nft) runs as a process
 # of each node (scripts/lib/k8s-node.sh), beside kubelet, with kubeadm's
 # identity (ServiceAccount kube-system/kube-proxy bound to
@@ -29,6 +30,7 @@
 # Environment:
 #   NODES=3            number of nodes (2 or more)
 #   LATENCY_PODS=8     pods per plugin in the start latency comparison
+#   BURST_PODS=30      pods per plugin created at once in the start burst comparison
 #   K8S_E2E_IMAGE=F    use this image archive instead of running scripts/build-image.sh
 #   K8S_E2E_KEEP=1     on a terminal: leave the cluster up until Enter is pressed
 #   K8S_E2E_BACKEND=B  the backend in the ConfigMap's net-conf.json: vxlan (as
@@ -56,7 +58,7 @@
 #                      K8S_E2E_BACKEND=host-gw
 # The Kubernetes binaries come from scripts/lib/kube-binaries.sh (built once,
 # about 5 minutes each, then cached under /var/cache/flannel-rs/). With them
-# cached, a run takes about 4 minutes on the 2-core development machine.
+# cached, a run takes about 4.5 minutes on the 2-core development machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$PWD
@@ -114,6 +116,7 @@ esac
 # An address as a URL or nginx takes it: IPv6 in brackets.
 bracket() { case $1 in *:*) echo "[$1]" ;; *) echo "$1" ;; esac; }
 latency_pods=${LATENCY_PODS:-8}
+burst_pods=${BURST_PODS:-30}
 tag=k8se2e
 outside_ns=flt-$tag-outside
 t_start=$(date +%s)
@@ -992,7 +995,7 @@ ClusterIP from pod web0 on node0 to each Service's pod on another node: $svc_fro
 ingress over IPv6 (nginx on node0 to ClusterIPs: Host x2, path fan-out with rewrite x2, default backend, TLS): $ingress_ok/$ingress_n
 NodePort (Cluster) over IPv6: $nodeport_result
 DaemonSet rollout to :$roll_tag over IPv6 (backend $backend): $roll_ms ms, $req_ok requests ok, $req_bad failed; $roll_clients
-skipped: pod start latency against the reference bridge plugin (the IPv4 run measures it; its hand-written reference configuration is IPv4)
+skipped: pod start latency and burst against the reference bridge plugin (the IPv4 run measures them; its hand-written reference configuration is IPv4)
 run time: $(( $(date +%s) - t_start )) s
 S
   exit 0
@@ -1087,6 +1090,42 @@ for k in $(seq 1 "$latency_pods"); do
   ref_ms+=("$ms")
   echo "pair $k: flannel-rs ${ours_ms[-1]} ms, bridge $ms ms"
 done
+# Then a burst: BURST_PODS pods created at once (one kubectl create) on the
+# same node, ours and then the reference's, each checked and summarised by
+# tests/k8s/burst-stats.py: every pod Running, on the right configuration's
+# addresses, no warning event (FailedCreatePodSandBox...) and no failed
+# RunPodSandbox, else the run fails. The pods of both bursts stay until the
+# end (deleted with the others), so the second burst does not race the
+# first one's teardown.
+lat_burst() { # LABEL SIDE(below|atleast): prints the summary line
+  local label=$1 prefix=lat-burst-$1- t0 n k deadline
+  t0=$(ms_now)
+  for k in $(seq 1 "$burst_pods"); do pod_yaml "$prefix$k" "$lat_node" e2e-lat; echo ---; done | kcq create -f - >/dev/null
+  deadline=$((SECONDS + 180))
+  while [ "$SECONDS" -lt "$deadline" ]; do
+    n=$(awk -v p="$prefix" 'index($2, p) == 1 && $3 == "Running" && !seen[$2]++ { c++ } END { print c + 0 }' "$ev")
+    [ "$n" -ge "$burst_pods" ] && break
+    sleep 0.1
+  done
+  kcq get pods -l app=e2e-lat -o json >"$work/burst-$label.pods.json"
+  kcq get events -o json >"$work/burst-$label.events.json"
+  python3 tests/k8s/burst-stats.py "$label" "$prefix" "$burst_pods" "$t0" "$ev" "$work/burst-$label.pods.json" \
+    "$work/burst-$label.events.json" "$work/$lat_node/containerd.log" "$2" "$rstart" \
+    || { kc describe pods -l app=e2e-lat | grep -A3 -E '^Name: +lat-burst|Warning' | tail -40 >&2; fail "$label burst of $burst_pods pods"; }
+}
+t_burst=$(date +%s)
+rm -f "$ref_conf"
+wait_cni flannel
+burst_ours=$(lat_burst flannel-rs below)
+echo "$burst_ours"
+printf '%s\n' "$ref_json" >"$ref_conf"
+wait_cni bridge
+burst_ref=$(lat_burst bridge atleast)
+echo "$burst_ref"
+burst_s=$(( $(date +%s) - t_burst ))
+burst_sandbox=$(python3 tests/k8s/sandbox-times.py "$work/$lat_node/containerd.log" lat-burst-flannel-rs- flannel-rs
+  python3 tests/k8s/sandbox-times.py "$work/$lat_node/containerd.log" lat-burst-bridge- bridge)
+echo "$burst_sandbox"
 rm -f "$ref_conf"
 kill "$watcher" 2>/dev/null
 { wait "$watcher"; } 2>/dev/null || true
@@ -1117,5 +1156,7 @@ NodePort (Cluster): $nodeport_result
 DaemonSet rollout to :$roll_tag (backend $backend):  $roll_ms ms, $req_ok requests ok, $req_bad failed; $roll_clients
 pod start latency ($latency_pods + $latency_pods pods, one at a time, alternating, on $lat_node):
 $(printf '%s\n' "$lat_ours" "$lat_ref" | sed 's/^/  /')
+pod start burst ($burst_pods pods at once with each plugin, ours first, on $lat_node; ${burst_s} s of this run):
+$(printf '%s\n' "$burst_ours" "$burst_ref" "$burst_sandbox" | sed 's/^/  /')
 run time so far: $((t_end - t_start)) s
 S

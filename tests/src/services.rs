@@ -26,6 +26,8 @@ use crate::overlay::Proc;
 pub const TCP_PORT: u16 = 8080;
 /// See [`TCP_PORT`].
 pub const UDP_PORT: u16 = 8081;
+/// The pods' HTTP servers' port (see [`PodServer`]).
+pub const HTTP_PORT: u16 = 8082;
 /// The cluster CIDR kube-proxy is told (kubeadm's `--pod-network-cidr` for flannel).
 pub const CLUSTER_CIDR: &str = "10.244.0.0/16";
 
@@ -47,7 +49,9 @@ pub fn require_kube_proxy() -> bool {
 }
 
 /// A server in a pod: every TCP connection on [`TCP_PORT`] and every UDP
-/// datagram on [`UDP_PORT`] is answered with `<name> <peer address>`; stopped
+/// datagram on [`UDP_PORT`] is answered with `<name> <peer address>`, every
+/// HTTP request on [`HTTP_PORT`] with a 200 whose body is `<name> <peer
+/// address> <Host header> <request path>` (what an ingress sent on); stopped
 /// on drop.
 pub struct PodServer {
     stop: Arc<AtomicBool>,
@@ -60,9 +64,12 @@ impl PodServer {
     pub fn start(pod: &Netns, name: &str) -> PodServer {
         let tcp = pod.in_thread(|| TcpListener::bind((Ipv4Addr::UNSPECIFIED, TCP_PORT))).expect("bind the TCP server");
         let udp = pod.in_thread(|| UdpSocket::bind((Ipv4Addr::UNSPECIFIED, UDP_PORT))).expect("bind the UDP server");
+        let http =
+            pod.in_thread(|| TcpListener::bind((Ipv4Addr::UNSPECIFIED, HTTP_PORT))).expect("bind the HTTP server");
         let sockets = vec![
             std::os::fd::OwnedFd::from(tcp.try_clone().unwrap()),
             std::os::fd::OwnedFd::from(udp.try_clone().unwrap()),
+            std::os::fd::OwnedFd::from(http.try_clone().unwrap()),
         ];
         let stop = Arc::new(AtomicBool::new(false));
         let (s1, n1) = (stop.clone(), name.to_string());
@@ -86,8 +93,51 @@ impl PodServer {
                 let _ = udp.send_to(format!("{n2} {}", peer.ip()).as_bytes(), peer);
             }
         });
-        PodServer { stop, sockets, threads: vec![t, u] }
+        let (s3, n3) = (stop.clone(), name.to_string());
+        let h = std::thread::spawn(move || {
+            for conn in http.incoming() {
+                if s3.load(Ordering::Relaxed) {
+                    return;
+                }
+                let Ok(c) = conn else { continue };
+                // One connection at a time: the ingress sends its request at once.
+                let _ = answer_http(c, &n3);
+            }
+        });
+        PodServer { stop, sockets, threads: vec![t, u, h] }
     }
+}
+
+/// Reads one HTTP request from `c` (2-s timeout) and answers it with a 200
+/// whose body is `<name> <peer> <Host> <path>`, or a 400 naming what was wrong.
+fn answer_http(mut c: TcpStream, name: &str) -> std::io::Result<()> {
+    c.set_read_timeout(Some(Duration::from_secs(2)))?;
+    let peer = c.peer_addr()?.ip().to_string();
+    let mut head = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = c.read(&mut buf)?;
+        if n == 0 || head.len() > 16 * 1024 {
+            break;
+        }
+        head.extend_from_slice(&buf[..n]);
+    }
+    let head = String::from_utf8_lossy(&head);
+    let mut lines = head.split("\r\n");
+    let path = lines.next().and_then(|l| l.split(' ').nth(1)).unwrap_or("");
+    let host = lines
+        .filter_map(|l| l.split_once(':'))
+        .find(|(k, _)| k.eq_ignore_ascii_case("host"))
+        .map(|(_, v)| v.trim())
+        .unwrap_or("");
+    let (status, body) = if path.is_empty() || host.is_empty() {
+        ("400 Bad Request", format!("{name}: no path or no Host in {head:?}"))
+    } else {
+        ("200 OK", format!("{name} {peer} {host} {path}"))
+    };
+    c.write_all(
+        format!("HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len()).as_bytes(),
+    )
 }
 
 impl Drop for PodServer {
@@ -209,6 +259,8 @@ pub struct Svc {
     pub tcp: SvcPort,
     /// UDP port.
     pub udp: SvcPort,
+    /// The HTTP port (to the pods' [`HTTP_PORT`]), if made ([`SvcSpec::http`]).
+    pub http: Option<SvcPort>,
 }
 
 impl Svc {
@@ -219,6 +271,12 @@ impl Svc {
             Proto::Udp => self.udp.port,
         };
         SocketAddr::new(self.cluster_ip.into(), p)
+    }
+
+    /// The cluster IP address of the HTTP port; panics if it has none.
+    pub fn cluster_http(&self) -> SocketAddr {
+        let p = self.http.unwrap_or_else(|| panic!("Service {} has no HTTP port", self.name));
+        SocketAddr::new(self.cluster_ip.into(), p.port)
     }
 
     /// Node address `node`'s node port for `proto`.
@@ -242,6 +300,8 @@ pub struct SvcSpec<'a> {
     pub local: bool,
     /// The endpoints: (pod address, its node's name).
     pub endpoints: Vec<(Ipv4Addr, &'a str)>,
+    /// A third port, `http` (TCP 82), to the pods' [`HTTP_PORT`].
+    pub http: bool,
 }
 
 /// kube-proxy on every node of a [`KubeOverlay`].
@@ -338,7 +398,8 @@ pub fn nat_rules(ns: &Netns) -> String {
 }
 
 /// Creates Service `name` (namespace `default`, no selector) with a TCP
-/// port 80 and a UDP port 81 to the pods' servers, and its EndpointSlice
+/// port 80 and a UDP port 81 to the pods' servers (and with
+/// [`SvcSpec::http`] a TCP port 82 to their HTTP server), and its EndpointSlice
 /// (`discovery.k8s.io/v1beta1`, what kube-proxy 1.20 reads: its
 /// EndpointSliceProxying is on by default) naming each endpoint's node in
 /// the `kubernetes.io/hostname` topology key, as the EndpointSlice
@@ -357,6 +418,17 @@ pub fn create_service(ko: &KubeOverlay, name: &str, spec: &SvcSpec) -> Svc {
             "sessionAffinity": if spec.affinity { "ClientIP" } else { "None" }
         }
     });
+    let mut slice_ports = vec![
+        json!({"name": "tcp", "protocol": "TCP", "port": TCP_PORT}),
+        json!({"name": "udp", "protocol": "UDP", "port": UDP_PORT}),
+    ];
+    if spec.http {
+        s["spec"]["ports"]
+            .as_array_mut()
+            .unwrap()
+            .push(json!({"name": "http", "protocol": "TCP", "port": 82, "targetPort": HTTP_PORT}));
+        slice_ports.push(json!({"name": "http", "protocol": "TCP", "port": HTTP_PORT}));
+    }
     if spec.node_port {
         s["spec"]["externalTrafficPolicy"] = if spec.local { "Local" } else { "Cluster" }.into();
     }
@@ -375,8 +447,7 @@ pub fn create_service(ko: &KubeOverlay, name: &str, spec: &SvcSpec) -> Svc {
             "metadata": {"name": format!("{name}-1"), "namespace": "default",
                          "labels": {"kubernetes.io/service-name": name}},
             "addressType": "IPv4",
-            "ports": [{"name": "tcp", "protocol": "TCP", "port": TCP_PORT},
-                      {"name": "udp", "protocol": "UDP", "port": UDP_PORT}],
+            "ports": slice_ports,
             "endpoints": endpoints
         })
         .to_string(),
@@ -391,10 +462,11 @@ pub fn create_service(ko: &KubeOverlay, name: &str, spec: &SvcSpec) -> Svc {
         cluster_ip: got["spec"]["clusterIP"].as_str().unwrap().parse().unwrap(),
         tcp: port(0),
         udp: port(1),
+        http: spec.http.then(|| port(2)),
     }
 }
 
-/// Waits until every node's kube-proxy has rules for both ports of `svc`
+/// Waits until every node's kube-proxy has rules for every port of `svc`
 /// (its comment `default/<name>:tcp` in table nat).
 pub fn wait_programmed(ko: &KubeOverlay, svc: &Svc) {
     for i in 0..ko.o.daemons.len() {
@@ -404,6 +476,7 @@ pub fn wait_programmed(ko: &KubeOverlay, svc: &Svc) {
             &|| {
                 let r = nat_rules(ns);
                 Proto::BOTH.iter().all(|p| r.contains(&format!("default/{}:{}", svc.name, p.name())))
+                    && (svc.http.is_none() || r.contains(&format!("default/{}:http", svc.name)))
             },
             &|| format!("node{i}'s kube-proxy to program Service {}", svc.name),
         );
@@ -473,4 +546,221 @@ pub fn create_pod_object(ko: &KubeOverlay, name: &str, node: usize, ip: Ipv4Addr
 pub fn source_toward(ns: &Netns, dst: Ipv4Addr) -> Ipv4Addr {
     let r = ns.ip_json(&["-4", "route", "get", &dst.to_string()]);
     r[0]["prefsrc"].as_str().unwrap_or_else(|| panic!("no prefsrc in {r}")).parse().unwrap()
+}
+
+/// Whether `nginx`, `curl` and `openssl` (the ingress check's: the
+/// ingress, the TLS client, the certificate) are here; skips, or fails
+/// under `CI=true`, when not.
+pub fn require_ingress_tools() -> bool {
+    for (tool, arg, package) in
+        [("nginx", "-v", "nginx"), ("curl", "--version", "curl"), ("openssl", "version", "openssl")]
+    {
+        let there = std::process::Command::new(tool).arg(arg).output().is_ok_and(|o| o.status.success());
+        if !there {
+            return netns_fixtures::skip_or_fail(&format!("this test needs {tool} (Debian package {package})"));
+        }
+    }
+    true
+}
+
+/// What a pod's HTTP server answered ([`PodServer`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpAnswer {
+    /// The answering pod's name.
+    pub who: String,
+    /// The source address it saw.
+    pub seen: String,
+    /// The Host header it got.
+    pub host: String,
+    /// The request path it got.
+    pub path: String,
+}
+
+fn parse_http_body(body: &str) -> std::io::Result<HttpAnswer> {
+    let f: Vec<&str> = body.split(' ').collect();
+    match f[..] {
+        [who, seen, host, path] => {
+            Ok(HttpAnswer { who: who.into(), seen: seen.into(), host: host.into(), path: path.into() })
+        }
+        _ => Err(std::io::Error::other(format!("unexpected answer {body:?}"))),
+    }
+}
+
+/// One HTTP/1.1 GET of `path` with `Host: host` from inside `ns` to `addr`
+/// (1-s connect and 10-s read timeouts); an error unless the status is 200.
+pub fn ask_http(ns: &Netns, addr: SocketAddr, host: &str, path: &str) -> std::io::Result<HttpAnswer> {
+    let mut s = ns.in_thread(|| TcpStream::connect_timeout(&addr, Duration::from_secs(1)))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes())?;
+    let mut text = String::new();
+    s.read_to_string(&mut text)?;
+    let (head, body) =
+        text.split_once("\r\n\r\n").ok_or_else(|| std::io::Error::other(format!("not an HTTP answer: {text:?}")))?;
+    if !head.starts_with("HTTP/1.1 200 ") {
+        return Err(std::io::Error::other(format!("HTTP answer {text:?}")));
+    }
+    parse_http_body(body)
+}
+
+/// What the ingress routes where (each upstream a Service's HTTP port at its
+/// cluster IP), as an Ingress object's rules would say it.
+#[derive(Debug, Clone)]
+pub struct IngressRoutes {
+    /// The default backend: any Host no rule names.
+    pub default: SocketAddr,
+    /// By Host header: (name, upstream).
+    pub hosts: Vec<(String, SocketAddr)>,
+    /// Path fan-out on one Host: the name, and (prefix, upstream) pairs;
+    /// the prefix is rewritten away (`/foo/x` reaches the upstream as `/x`:
+    /// ingress-nginx's `rewrite-target: /$2`).
+    pub fan_out: (String, Vec<(String, SocketAddr)>),
+    /// The TLS virtual host (terminated at the ingress): name, upstream.
+    pub tls: (String, SocketAddr),
+}
+
+/// nginx as the ingress on a node's host network (master process off, so
+/// one process), with its configuration, pid file, logs, temp directories
+/// and a self-signed certificate for the TLS virtual host made at start, all
+/// in a directory of its own (never the system's `/etc/nginx` or
+/// `/var/log/nginx`); stopped on drop, also when a test panics.
+pub struct Ingress {
+    proc: Proc,
+    /// Its directory (removed on drop, after nginx stops).
+    pub dir: tempfile::TempDir,
+    /// The address it listens on, ports 80 and 443.
+    pub listen: Ipv4Addr,
+    /// The TLS virtual host's name.
+    pub tls_name: String,
+}
+
+impl Ingress {
+    /// Starts nginx in `ns` listening on `listen` ports 80 and 443 with
+    /// `routes`, and waits until it listens on both.
+    pub fn start(ns: &Netns, listen: Ipv4Addr, routes: &IngressRoutes) -> Ingress {
+        let dir = tempfile::Builder::new().prefix("flt-ingress").tempdir().unwrap();
+        let d = dir.path().display().to_string();
+        let tls_name = routes.tls.0.clone();
+        let openssl = std::process::Command::new("openssl")
+            .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"])
+            .args(["-subj", &format!("/CN={tls_name}")])
+            .args(["-addext", &format!("subjectAltName=DNS:{tls_name}")])
+            .args(["-keyout", &format!("{d}/tls.key"), "-out", &format!("{d}/tls.crt")])
+            .output()
+            .expect("run openssl");
+        assert!(openssl.status.success(), "openssl req: {}", String::from_utf8_lossy(&openssl.stderr));
+        let proxy = |to: &SocketAddr| format!("proxy_pass http://{to};");
+        let hosts: String = routes
+            .hosts
+            .iter()
+            .map(|(name, to)| {
+                format!("  server {{ listen {listen}:80; server_name {name}; location / {{ {} }} }}\n", proxy(to))
+            })
+            .collect();
+        let fan: String = routes
+            .fan_out
+            .1
+            .iter()
+            .map(|(prefix, to)| {
+                format!("    location {prefix}/ {{ rewrite ^{prefix}(/.*)$ $1 break; {} }}\n", proxy(to))
+            })
+            .collect();
+        let conf = format!(
+            "master_process off;
+daemon off;
+pid {d}/nginx.pid;
+error_log {d}/error.log;
+events {{}}
+http {{
+  access_log off;
+  client_body_temp_path {d}/body;
+  proxy_temp_path {d}/proxy;
+  fastcgi_temp_path {d}/fastcgi;
+  uwsgi_temp_path {d}/uwsgi;
+  scgi_temp_path {d}/scgi;
+  proxy_set_header Host $host;
+  proxy_connect_timeout 3s;
+  # The default backend: any other Host.
+  server {{ listen {listen}:80 default_server; location / {{ {default} }} }}
+  # By Host header.
+{hosts}  # By path, fan-out, the prefix rewritten away.
+  server {{
+    listen {listen}:80; server_name {fan_host};
+{fan}  }}
+  # TLS, terminated here.
+  server {{
+    listen {listen}:443 ssl; server_name {tls_name};
+    ssl_certificate {d}/tls.crt; ssl_certificate_key {d}/tls.key;
+    location / {{ {tls} }}
+  }}
+}}
+",
+            default = proxy(&routes.default),
+            fan_host = routes.fan_out.0,
+            tls = proxy(&routes.tls.1),
+        );
+        std::fs::write(dir.path().join("nginx.conf"), conf).unwrap();
+        let out = std::fs::File::create(dir.path().join("stderr.log")).unwrap();
+        // -p and -e: nothing of the system's nginx prefix or log directory,
+        // not even before the configuration is read.
+        let child = ns
+            .command("nginx")
+            .args(["-p", &d, "-e", &format!("{d}/error.log"), "-c", &format!("{d}/nginx.conf")])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(out)
+            .spawn()
+            .expect("start nginx");
+        let ingress = Ingress { proc: Proc(Some(child)), dir, listen, tls_name };
+        let listening = || {
+            let ss = ns.run_ok("ss", &["-ltnH"]);
+            [80, 443].iter().all(|p| ss.split_whitespace().any(|w| w == format!("{listen}:{p}")))
+        };
+        crate::wait_until_or(Duration::from_secs(10), &listening, &|| {
+            format!("nginx to listen on {listen}:80 and :443; its error log:\n{}", ingress.errors())
+        });
+        ingress
+    }
+
+    /// nginx's error log and stderr.
+    pub fn errors(&self) -> String {
+        let read = |f: &str| std::fs::read_to_string(self.dir.path().join(f)).unwrap_or_default();
+        format!("{}{}", read("error.log"), read("stderr.log"))
+    }
+
+    /// An HTTP GET of `path` with `Host: host` from `ns` to port 80.
+    pub fn get(&self, ns: &Netns, host: &str, path: &str) -> std::io::Result<HttpAnswer> {
+        ask_http(ns, SocketAddr::new(self.listen.into(), 80), host, path)
+    }
+
+    /// An HTTPS GET of `path` from `ns` to the TLS virtual host on port 443
+    /// (curl, the name resolved to the ingress's address), the server's
+    /// certificate checked against the one made at start for the name.
+    pub fn get_tls(&self, ns: &Netns, path: &str) -> std::io::Result<HttpAnswer> {
+        let name = &self.tls_name;
+        let out = ns.run(
+            "curl",
+            &[
+                "-sS",
+                "--fail",
+                "--max-time",
+                "10",
+                "--cacert",
+                &self.dir.path().join("tls.crt").display().to_string(),
+                "--resolve",
+                &format!("{name}:443:{}", self.listen),
+                &format!("https://{name}{path}"),
+            ],
+        )?;
+        if !out.status.success() {
+            return Err(std::io::Error::other(format!("curl: {}", String::from_utf8_lossy(&out.stderr).trim())));
+        }
+        parse_http_body(&String::from_utf8_lossy(&out.stdout))
+    }
+}
+
+impl Drop for Ingress {
+    fn drop(&mut self) {
+        // SIGTERM (nginx's fast shutdown), then wait; the directory goes after.
+        self.proc.stop();
+    }
 }

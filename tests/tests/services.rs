@@ -5,7 +5,8 @@
 //! deploy bundle's delegate (`hairpinMode`), Services and EndpointSlices
 //! through the API server (see `tests/src/services.rs`), NetworkPolicy
 //! enforced by flanneld-rs (`--network-policy`) in front of kube-proxy's
-//! NAT. One cluster per backend, every check on it in turn.
+//! NAT, and an nginx ingress on node0 to ClusterIP Services. One cluster
+//! per backend, every check on it in turn.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{Ipv4Addr, SocketAddr};
@@ -13,15 +14,16 @@ use std::time::Duration;
 
 use e2e_tests::kube::{require_kube, KubeOverlay};
 use e2e_tests::services::{
-    addresses, allow_network_policy, ask_eventually, create_pod_object, create_service, require_kube_proxy,
-    source_toward, wait_programmed, Answer, KubeProxies, PodServer, Proto, Svc, SvcSpec, TCP_PORT,
+    addresses, allow_network_policy, ask_eventually, create_pod_object, create_service, require_ingress_tools,
+    require_kube_proxy, source_toward, wait_programmed, Answer, HttpAnswer, Ingress, IngressRoutes, KubeProxies,
+    PodServer, Proto, Svc, SvcSpec, TCP_PORT,
 };
 use e2e_tests::wait_until_or;
 use netns_fixtures::{require_root, Netns};
 use serde_json::{json, Value};
 
 fn ready() -> bool {
-    require_root() && require_kube() && require_kube_proxy()
+    require_root() && require_kube() && require_kube_proxy() && require_ingress_tools()
 }
 
 /// The outside host (where the API server runs).
@@ -273,6 +275,75 @@ fn node_ports(s: &Services) -> (Svc, Svc) {
         }
     }
     (cluster, local)
+}
+
+/// The Ingress flows, through Services: nginx on node0's host network
+/// (see [`Ingress`]), its upstreams the HTTP ports of six ClusterIP
+/// Services whose one endpoint each is `p1` (node1) or `p2` (node2) in
+/// turn: by Host header (`a.example`, `b.example`), path fan-out on
+/// `fan.example` (`/foo/`, `/bar/`, the prefix rewritten away), a TLS
+/// virtual host (`tls.example`, a self-signed certificate made at start,
+/// which the client checks) and the default backend (any other Host).
+/// Each request comes from the outside host and must be answered by the
+/// expected pod on another node than node0, which saw the Host and the
+/// (rewritten) path the rule says, from an address of node0 (kube-proxy
+/// masquerades what the node itself sends to a ClusterIP).
+fn ingress(s: &Services) {
+    let backends = ["host-a", "host-b", "foo", "bar", "tls", "default"];
+    let mut svcs: BTreeMap<&str, (Svc, usize)> = BTreeMap::new();
+    for (k, b) in backends.iter().enumerate() {
+        let p = 1 + k % 2;
+        let node = KubeOverlay::node_name(p);
+        let svc = create_service(
+            &s.ko,
+            &format!("ing-{b}"),
+            &SvcSpec { endpoints: vec![(s.pods[p].1, node.as_str())], http: true, ..Default::default() },
+        );
+        svcs.insert(b, (svc, p));
+    }
+    for (svc, _) in svcs.values() {
+        wait_programmed(&s.ko, svc);
+    }
+    let up = |b: &str| svcs[b].0.cluster_http();
+    let routes = IngressRoutes {
+        default: up("default"),
+        hosts: vec![("a.example".into(), up("host-a")), ("b.example".into(), up("host-b"))],
+        fan_out: ("fan.example".into(), vec![("/foo".into(), up("foo")), ("/bar".into(), up("bar"))]),
+        tls: ("tls.example".into(), up("tls")),
+    };
+    let ing = Ingress::start(s.node(0), s.node_ip(0), &routes);
+    let node0 = addresses(s.node(0));
+    let outside = s.ko.o.outside();
+    let check = |what: &str, got: std::io::Result<HttpAnswer>, backend: &str, host: &str, path: &str| {
+        let a = got.unwrap_or_else(|e| panic!("{what}: {e}; nginx's log:\n{}", ing.errors()));
+        let p = svcs[backend].1;
+        assert_eq!(
+            (a.who.as_str(), a.host.as_str(), a.path.as_str()),
+            (format!("p{p}").as_str(), host, path),
+            "{what}: want ing-{backend}'s pod p{p} on node{p} to see Host {host} path {path}"
+        );
+        assert!(node0.contains(&a.seen), "{what}: p{p} saw {}, not an address of node0 ({node0:?})", a.seen);
+        eprintln!("ingress: {what} -> ing-{backend} -> p{p} on node{p}, seen from {}", a.seen);
+    };
+    // (Host, path asked) -> (backend, path it must see).
+    for (host, path, backend, want_path) in [
+        ("a.example", "/", "host-a", "/"),
+        ("b.example", "/", "host-b", "/"),
+        ("b.example", "/foo/hello", "host-b", "/foo/hello"),
+        ("fan.example", "/foo/hello", "foo", "/hello"),
+        ("fan.example", "/bar/x/y", "bar", "/x/y"),
+        ("unknown.example", "/anything", "default", "/anything"),
+    ] {
+        let what = format!("outside -> node0:80 Host {host} {path}");
+        check(&what, ing.get(outside, host, path), backend, host, want_path);
+    }
+    check(
+        "outside -> node0:443 https://tls.example/secure (certificate verified)",
+        ing.get_tls(outside, "/secure"),
+        "tls",
+        "tls.example",
+        "/secure",
+    );
 }
 
 /// The lines of `iptables-save` (tables nat and filter) in `ns` that
@@ -629,6 +700,7 @@ fn run(backend: &str) -> Services {
     kube_proxy_stayed_inside(&s, &host);
     cluster_ip(&s);
     let (npc, npl) = node_ports(&s);
+    ingress(&s);
     s.pods_to_outside_masqueraded();
     restarts(&mut s, &npc);
     network_policy(&s, &npc, &npl);
