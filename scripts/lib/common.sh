@@ -2,7 +2,7 @@
 # and make sure a Rust toolchain is there. Source it; it changes nothing else.
 
 # Debian packages the demo, tests and benchmarks need at run time.
-FLANNEL_RS_PACKAGES=(iproute2 iputils-ping nftables iptables containernetworking-plugins socat iperf3 procps jq util-linux etcd-server etcd-client protobuf-compiler openssl conntrack ethtool nginx wrk)
+FLANNEL_RS_PACKAGES=(iproute2 iputils-ping nftables iptables containernetworking-plugins socat iperf3 procps jq util-linux etcd-server etcd-client protobuf-compiler openssl conntrack ethtool nginx wrk wireguard-go wireguard-tools)
 
 need_root() {
   if [ "$(id -u)" -ne 0 ]; then
