@@ -442,7 +442,7 @@ fn icmp_source(cfg: &UdpConfig) -> Ipv4Addr {
 
 /// Whether a network device of that name exists in the calling thread's
 /// network namespace.
-fn device_exists(name: &str) -> bool {
+pub(crate) fn device_exists(name: &str) -> bool {
     let Ok(c) = std::ffi::CString::new(name) else { return false };
     // SAFETY: a valid NUL-terminated string.
     unsafe { libc::if_nametoindex(c.as_ptr()) != 0 }
@@ -452,21 +452,21 @@ fn device_exists(name: &str) -> bool {
 /// the device exists with flags we cannot attach to (single-queue, or not a
 /// TUN at all), it is deleted and created anew; when multi-queue is refused
 /// outright, one plain queue is used; when offloads are refused, none.
-fn open_queues(netns: &NetNs, name: &str, n: usize, opts: &mut TunOptions) -> anyhow::Result<Vec<OwnedFd>> {
+pub(crate) fn open_queues(netns: &NetNs, name: &str, n: usize, opts: &mut TunOptions) -> anyhow::Result<Vec<OwnedFd>> {
     let first = match tun::open_queue(name, *opts) {
         Ok(q) => q,
         Err(e) if e.raw_os_error() == Some(libc::EINVAL) || e.raw_os_error() == Some(libc::EBUSY) => {
-            warn!("udp backend: {e}; deleting {name} and creating it anew");
+            warn!("TUN {name}: {e}; deleting {name} and creating it anew");
             kernel::delete_in(netns, name)?;
             match tun::open_queue(name, *opts) {
                 Ok(q) => q,
                 Err(e) if opts.offload => {
-                    warn!("udp backend: {e}; trying without TUN offloads");
+                    warn!("TUN {name}: {e}; trying without TUN offloads");
                     opts.offload = false;
                     tun::open_queue(name, *opts)?
                 }
                 Err(e) if opts.multi_queue => {
-                    warn!("udp backend: {e}; trying a single-queue TUN");
+                    warn!("TUN {name}: {e}; trying a single-queue TUN");
                     opts.multi_queue = false;
                     tun::open_queue(name, *opts)?
                 }
@@ -480,7 +480,7 @@ fn open_queues(netns: &NetNs, name: &str, n: usize, opts: &mut TunOptions) -> an
         match tun::open_queue(name, *opts) {
             Ok(q) => queues.push(q),
             Err(e) => {
-                warn!("udp backend: {e}; running {} queue(s)", queues.len());
+                warn!("TUN {name}: {e}; running {} queue(s)", queues.len());
                 break;
             }
         }

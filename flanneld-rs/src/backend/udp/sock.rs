@@ -120,6 +120,7 @@ impl UdpSocket {
 #[derive(Debug, Clone, Copy)]
 struct Msg {
     dest: u32,
+    port: u16,
     iov_start: usize,
     /// iovecs per segment (1: a packet as read; 2: cut header + payload).
     iov_per_seg: usize,
@@ -218,6 +219,17 @@ impl TxBatch {
     /// [`TxBatch::flush`], or a [`TxBatch::reserve`] that flushes): only a
     /// pointer to it is kept. Call [`TxBatch::reserve`] before each push.
     pub unsafe fn push(&mut self, dest: u32, hdr_len: usize, data: &[u8]) {
+        // SAFETY: the caller keeps the contract of `push_to`.
+        unsafe { self.push_to(dest, self.port, hdr_len, data) }
+    }
+
+    /// [`TxBatch::push`] to a peer listening on `port` rather than the
+    /// batch's port (WireGuard peers each have theirs).
+    ///
+    /// # Safety
+    ///
+    /// As for [`TxBatch::push`].
+    pub unsafe fn push_to(&mut self, dest: u32, port: u16, hdr_len: usize, data: &[u8]) {
         let len = hdr_len + data.len();
         let per_seg = if hdr_len > 0 { 2 } else { 1 };
         if hdr_len > 0 {
@@ -231,6 +243,7 @@ impl TxBatch {
         let joins = self.gso
             && self.msgs.last().is_some_and(|m| {
                 m.dest == dest
+                    && m.port == port
                     && !m.closed
                     && m.iov_per_seg == per_seg
                     && len <= m.seg
@@ -245,6 +258,7 @@ impl TxBatch {
         } else {
             self.msgs.push(Msg {
                 dest,
+                port,
                 iov_start: self.niov - per_seg,
                 iov_per_seg: per_seg,
                 seg: len,
@@ -260,7 +274,7 @@ impl TxBatch {
     pub fn flush(&mut self, sock: &UdpSocket) {
         let n = self.msgs.len();
         for (i, m) in self.msgs.iter().enumerate() {
-            self.addrs[i] = sockaddr(m.dest, self.port);
+            self.addrs[i] = sockaddr(m.dest, m.port);
             let hdr = &mut self.mmsgs[i].msg_hdr;
             hdr.msg_name = (&mut self.addrs[i] as *mut libc::sockaddr_in).cast();
             hdr.msg_namelen = mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
@@ -346,6 +360,8 @@ impl TxBatch {
 pub struct Received {
     /// The sender's address.
     pub src: u32,
+    /// The sender's port.
+    pub src_port: u16,
     /// Bytes received.
     pub len: usize,
     /// Size of each datagram of a GRO train (the last may be shorter), or
@@ -426,6 +442,7 @@ impl RxBatch {
         let m = &self.mmsgs[i];
         let len = m.msg_len as usize;
         let src = u32::from_be(self.addrs[i].sin_addr.s_addr);
+        let src_port = u16::from_be(self.addrs[i].sin_port);
         let mut seg = len;
         // SAFETY: walks the control messages the kernel wrote into our
         // buffer, within msg_controllen, with the libc helpers.
@@ -441,7 +458,7 @@ impl RxBatch {
                 c = libc::CMSG_NXTHDR(&m.msg_hdr, c);
             }
         }
-        Received { src, len, seg: seg.max(1) }
+        Received { src, src_port, len, seg: seg.max(1) }
     }
 
     /// The buffer of message `i`.

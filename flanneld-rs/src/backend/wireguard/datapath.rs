@@ -1,6 +1,6 @@
-//! The user-space WireGuard data path: one thread moving packets between
-//! the TUN device `flannel-wg` and one UDP socket on `ListenPort`, one
-//! `boringtun` tunnel (Noise state machine) per peer.
+//! The user-space WireGuard data path: packets move between the TUN device
+//! `flannel-wg` and UDP sockets on `ListenPort`, one `boringtun` tunnel
+//! (Noise state machine) per peer.
 //!
 //! - Out: a packet read from the TUN goes to the peer whose subnet holds
 //!   its destination (WireGuard's cryptokey routing, the peer's allowed IPs
@@ -17,14 +17,30 @@
 //! - Timers: every [`TICK`] each tunnel's timers run (handshake retries
 //!   and re-keying, `PersistentKeepaliveInterval`, session expiry).
 //!
-//! One packet per system call each way, in one thread: simple and correct,
-//! not the udp backend's batched multi-queue path (yet).
+//! Speed comes from the udp backend's parts around boringtun's
+//! packet-at-a-time encryption (see [`Tuning`]; each falls back on its own
+//! when the kernel refuses it):
+//!
+//! - a multi-queue TUN, one worker thread per CPU with its own
+//!   `SO_REUSEPORT` socket; the peers are shared, each tunnel behind its
+//!   own lock, taken once per super-packet or per received train;
+//! - TUN offloads (`IFF_VNET_HDR`, TSO): one read returns a TCP super-packet
+//!   of up to 64 KB, cut into MTU-sized packets in place (each segment's
+//!   header is written just before its payload, so it is one contiguous
+//!   packet for boringtun, which copies it once as it encrypts);
+//! - the encrypted datagrams of a super-packet are all the same size, so
+//!   they leave as one UDP GSO train (`UDP_SEGMENT`), bursts batched with
+//!   `sendmmsg`; on receive, `recvmmsg` and UDP GRO trains, decrypted one by
+//!   one, and consecutive TCP segments merged back into one super-packet
+//!   written to the TUN with one `writev` (the udp backend's [`Coalescer`]);
+//! - no allocation per packet (boringtun allocates only for packets that
+//!   wait for a handshake).
 
 use std::collections::HashMap;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, SocketAddrV4};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -35,8 +51,15 @@ use flannel_net::netns::NetNs;
 use ipnet::Ipv4Net;
 use log::{debug, info, warn};
 
+use crate::backend::udp::checksum;
+use crate::backend::udp::gro::{Coalescer, Emit, Pkt};
+use crate::backend::udp::gso::{complete_checksum, MAX_HEADERS};
 use crate::backend::udp::kernel::{self, DeviceSpec};
+use crate::backend::udp::packet::{self, PROTO_TCP};
+use crate::backend::udp::peers::PeerTable;
+use crate::backend::udp::sock::{RxBatch, TxBatch, UdpSocket};
 use crate::backend::udp::tun::{self, TunOptions};
+use crate::backend::udp::vnet::{self, VnetHdr};
 use crate::backend::TunnelPeer;
 
 /// How often the tunnels' timers run (boringtun's own device uses 250 ms).
@@ -148,32 +171,179 @@ impl Counters {
     }
 }
 
-fn inc(a: &AtomicU64) {
-    a.fetch_add(1, Ordering::Relaxed);
+/// Which speed-ups to use; all on by default. The benchmark turns them on
+/// one at a time to measure what each buys; the daemon uses the default.
+/// Whatever the kernel lacks is turned off regardless.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Tuning {
+    /// TUN reads per round and datagrams per `recvmmsg`; 1 moves one packet
+    /// per system call each way.
+    pub batch: usize,
+    /// One TUN queue and worker per CPU; off = one.
+    pub multi_queue: bool,
+    /// TUN offloads: virtio header, TSO and checksum offload.
+    pub offload: bool,
+    /// UDP GSO on send.
+    pub udp_gso: bool,
+    /// UDP GRO on receive.
+    pub udp_gro: bool,
+    /// Merge received TCP segments into super-packets (needs `offload`).
+    pub coalesce: bool,
 }
 
-/// One peer: its tunnel and where it is.
+impl Default for Tuning {
+    fn default() -> Self {
+        Tuning { batch: 16, multi_queue: true, offload: true, udp_gso: true, udp_gro: true, coalesce: true }
+    }
+}
+
+impl Tuning {
+    /// One packet per system call, one thread, no offloads.
+    pub fn per_packet() -> Tuning {
+        Tuning { batch: 1, multi_queue: false, offload: false, udp_gso: false, udp_gro: false, coalesce: false }
+    }
+
+    /// The speed-ups added one at a time, named, for the benchmark.
+    pub fn stages() -> Vec<(&'static str, Tuning)> {
+        let base = Tuning::per_packet();
+        vec![
+            ("per packet (1 thread, read/sendto/recvfrom/write)", base),
+            ("+ batching (recvmmsg/sendmmsg, 16)", Tuning { batch: 16, ..base }),
+            ("+ multi-queue TUN, a worker per CPU", Tuning { batch: 16, multi_queue: true, ..base }),
+            ("+ TUN TSO, segments cut in place", Tuning { batch: 16, multi_queue: true, offload: true, ..base }),
+            ("+ UDP GSO on send", Tuning { batch: 16, multi_queue: true, offload: true, udp_gso: true, ..base }),
+            (
+                "+ UDP GRO on receive",
+                Tuning { batch: 16, multi_queue: true, offload: true, udp_gso: true, udp_gro: true, coalesce: false },
+            ),
+            ("+ TCP coalescing into the TUN (all on)", Tuning::default()),
+        ]
+    }
+}
+
+/// One peer: its tunnel and where it is. Shared by the workers; the tunnel
+/// has its own lock, the rest is atomic or rarely written.
 struct Peer {
-    tunn: Tunn,
-    /// Its subnet (allowed IPs).
-    subnet: Ipv4Net,
+    key: [u8; 32],
+    tunn: Mutex<Tunn>,
+    /// Its subnet (allowed IPs), packed by [`pack_net`].
+    subnet: AtomicU64,
     /// The endpoint its lease gives.
-    lease_endpoint: SocketAddrV4,
-    /// Where datagrams go: the lease's, or where it last sent from.
-    endpoint: SocketAddrV4,
+    lease_endpoint: Mutex<SocketAddrV4>,
+    /// Where datagrams go, packed by [`pack_addr`]: the lease's, or where
+    /// it last sent from.
+    endpoint: AtomicU64,
     /// Our index for it (the upper 24 bits of the receiver index).
     index: u32,
     /// Handshake responses from it that failed since its last
     /// authenticated datagram (see [`Counters::failing_handshakes`]).
-    failing: u64,
+    failing: AtomicU64,
 }
 
-/// The peers, by public key, and our indexes for them.
+fn pack_addr(a: SocketAddrV4) -> u64 {
+    u64::from(u32::from(*a.ip())) << 16 | u64::from(a.port())
+}
+
+fn unpack_addr(v: u64) -> SocketAddrV4 {
+    SocketAddrV4::new(Ipv4Addr::from((v >> 16) as u32), v as u16)
+}
+
+fn pack_net(n: Ipv4Net) -> u64 {
+    u64::from(u32::from(n.network())) << 8 | u64::from(n.prefix_len())
+}
+
+fn unpack_net(v: u64) -> Ipv4Net {
+    Ipv4Net::new(Ipv4Addr::from((v >> 8) as u32), v as u8).expect("packed from an Ipv4Net")
+}
+
+impl Peer {
+    fn subnet(&self) -> Ipv4Net {
+        unpack_net(self.subnet.load(Ordering::Relaxed))
+    }
+
+    fn endpoint(&self) -> SocketAddrV4 {
+        unpack_addr(self.endpoint.load(Ordering::Relaxed))
+    }
+
+    fn tunn(&self) -> MutexGuard<'_, Tunn> {
+        self.tunn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Moves the endpoint to `from` (an authenticated datagram came from
+    /// there).
+    fn roam(&self, from: SocketAddrV4) {
+        let v = pack_addr(from);
+        let old = self.endpoint.swap(v, Ordering::Relaxed);
+        if old != v {
+            info!("wireguard backend: peer {} roamed: {} -> {from}", self.subnet(), unpack_addr(old));
+        }
+    }
+}
+
+/// One immutable view of the peers; replaced as a whole by `set_peers`
+/// (the peers themselves, and their sessions, carry over).
 #[derive(Default)]
 struct Table {
-    peers: HashMap<[u8; 32], Peer>,
-    by_index: HashMap<u32, [u8; 32]>,
-    next_index: u32,
+    peers: Vec<Arc<Peer>>,
+    /// Subnet -> position in `peers` (the udp backend's longest-prefix
+    /// table, its values used as positions).
+    routes: PeerTable,
+    by_index: HashMap<u32, usize>,
+    by_key: HashMap<[u8; 32], usize>,
+}
+
+impl Table {
+    fn route(&self, dst: u32) -> Option<&Arc<Peer>> {
+        self.routes.lookup(dst).map(|i| &self.peers[i as usize])
+    }
+}
+
+/// The current table; workers check the generation once per round.
+#[derive(Default)]
+struct Cell {
+    generation: AtomicU64,
+    table: RwLock<Arc<Table>>,
+}
+
+impl Cell {
+    fn store(&self, t: Table) {
+        let mut slot = self.table.write().unwrap_or_else(|p| p.into_inner());
+        *slot = Arc::new(t);
+        self.generation.fetch_add(1, Ordering::Release);
+    }
+
+    fn load(&self) -> (u64, Arc<Table>) {
+        let slot = self.table.read().unwrap_or_else(|p| p.into_inner());
+        (self.generation.load(Ordering::Acquire), Arc::clone(&slot))
+    }
+}
+
+/// What the workers share.
+struct Shared {
+    cell: Cell,
+    /// Serialises `set_peers` (index allocation).
+    writer: Mutex<u32>,
+    counters: Arc<Counters>,
+    secret: StaticSecret,
+    public: PublicKey,
+    mtu: usize,
+}
+
+/// What the data path ended up using, after the kernel had its say.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Features {
+    /// Worker threads, TUN queues and sockets.
+    pub queues: usize,
+    /// TUN offloads (virtio header, TSO).
+    pub offload: bool,
+    /// UDP GSO.
+    pub udp_gso: bool,
+    /// UDP GRO.
+    pub udp_gro: bool,
+    /// Receive-side TCP merging.
+    pub coalesce: bool,
+    /// Packets per batch.
+    pub batch: usize,
 }
 
 /// The running data path.
@@ -181,29 +351,45 @@ pub struct WgDataPath {
     cfg: WgConfig,
     spec: DeviceSpec,
     netns: NetNs,
-    table: Arc<Mutex<Table>>,
+    features: Features,
+    shared: Arc<Shared>,
     stop: OwnedFd,
-    worker: Option<JoinHandle<()>>,
+    workers: Vec<JoinHandle<()>>,
+    tids: Arc<Mutex<Vec<i32>>>,
 }
 
 impl std::fmt::Debug for WgDataPath {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("WgDataPath").field("cfg", &self.cfg).finish()
+        f.debug_struct("WgDataPath").field("cfg", &self.cfg).field("features", &self.features).finish()
     }
 }
 
 impl WgDataPath {
     /// Creates (or adopts) the TUN device with its MTU, address and route,
-    /// binds the UDP port and starts the thread, in the calling thread's
-    /// network namespace. No peer until [`WgDataPath::set_peers`].
+    /// binds the UDP port and starts the workers, in the calling thread's
+    /// network namespace, with every speed-up the kernel offers. No peer
+    /// until [`WgDataPath::set_peers`].
     pub fn start(cfg: WgConfig, counters: Arc<Counters>) -> anyhow::Result<WgDataPath> {
+        Self::start_with(cfg, counters, Tuning::default())
+    }
+
+    /// [`WgDataPath::start`] with chosen speed-ups.
+    pub fn start_with(cfg: WgConfig, counters: Arc<Counters>, tuning: Tuning) -> anyhow::Result<WgDataPath> {
         if !cfg.network.contains(&cfg.subnet) {
             bail!("wireguard backend: subnet {} is not inside the Network {}", cfg.subnet, cfg.network);
         }
         let netns = NetNs::current().context("open the current network namespace")?;
-        let sock = UdpSocket::bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, cfg.port))
-            .with_context(|| format!("wireguard backend: bind UDP port {} (Backend.ListenPort)", cfg.port))?;
-        sock.set_nonblocking(true)?;
+        let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+        let wanted = if tuning.multi_queue { cpus } else { 1 };
+        // The sockets first: a port another program holds is the likeliest
+        // failure, and it then leaves nothing behind.
+        let mut socks = Vec::with_capacity(wanted);
+        for _ in 0..wanted {
+            socks.push(
+                UdpSocket::bind(Ipv4Addr::UNSPECIFIED, cfg.port)
+                    .with_context(|| format!("wireguard backend: UDP port {} (Backend.ListenPort)", cfg.port))?,
+            );
+        }
         let spec = DeviceSpec {
             name: cfg.tun_name.clone(),
             subnet: cfg.subnet,
@@ -211,21 +397,38 @@ impl WgDataPath {
             mtu: cfg.mtu,
             route_scope: flannel_net::netlink::Scope::Link,
         };
-        let opts = TunOptions { multi_queue: false, offload: false };
-        let queue = match tun::open_queue(&cfg.tun_name, opts) {
-            Ok(q) => q,
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) || e.raw_os_error() == Some(libc::EBUSY) => {
-                warn!("wireguard backend: {e}; deleting {} and creating it anew", cfg.tun_name);
-                kernel::delete_in(&netns, &cfg.tun_name)?;
-                tun::open_queue(&cfg.tun_name, opts)?
+        let existed = crate::backend::udp::device_exists(&cfg.tun_name);
+        let mut opts = TunOptions { multi_queue: true, offload: tuning.offload };
+        let device = crate::backend::udp::open_queues(&netns, &cfg.tun_name, wanted, &mut opts).and_then(|queues| {
+            tun::set_persist(&queues[0], &cfg.tun_name, true)?;
+            let fixed = kernel::ensure_in(&netns, &spec)?;
+            if !fixed.is_empty() {
+                info!("wireguard backend: {}", fixed.join("; "));
             }
-            Err(e) => return Err(e).context("open the TUN device"),
+            Ok(queues)
+        });
+        let queues = match device {
+            Ok(q) => q,
+            Err(e) => {
+                if !existed && crate::backend::udp::device_exists(&cfg.tun_name) {
+                    if let Err(d) = kernel::delete_in(&netns, &cfg.tun_name) {
+                        warn!("wireguard backend: delete the half-made {}: {d:#}", cfg.tun_name);
+                    }
+                }
+                return Err(e);
+            }
         };
-        tun::set_persist(&queue, &cfg.tun_name, true)?;
-        let fixed = kernel::ensure_in(&netns, &spec)?;
-        if !fixed.is_empty() {
-            info!("wireguard backend: {}", fixed.join("; "));
-        }
+        socks.truncate(queues.len());
+        let udp_gso = tuning.udp_gso && socks[0].gso_supported();
+        let udp_gro = tuning.udp_gro && socks.iter().all(UdpSocket::enable_gro);
+        let features = Features {
+            queues: queues.len(),
+            offload: opts.offload,
+            udp_gso,
+            udp_gro,
+            coalesce: tuning.coalesce && opts.offload,
+            batch: tuning.batch.max(1),
+        };
         // SAFETY: plain eventfd(2) call.
         let raw = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
         if raw < 0 {
@@ -233,82 +436,121 @@ impl WgDataPath {
         }
         // SAFETY: a fresh descriptor we own.
         let stop = unsafe { OwnedFd::from_raw_fd(raw) };
-        let table = Arc::new(Mutex::new(Table { next_index: 1, ..Default::default() }));
         counters.started.store(true, Ordering::Relaxed);
         let secret = StaticSecret::from(cfg.private_key);
-        let worker = Worker {
-            tun: queue,
-            sock,
-            stop: stop.as_raw_fd(),
-            table: Arc::clone(&table),
+        let shared = Arc::new(Shared {
+            cell: Cell::default(),
+            writer: Mutex::new(1),
+            counters,
             public: PublicKey::from(&secret),
             secret,
-            counters,
             mtu: cfg.mtu as usize,
-        };
-        let handle = std::thread::Builder::new()
-            .name("flannel-wg".into())
-            .spawn(move || worker.run())
-            .context("spawn the wireguard thread")?;
+        });
+        let tids = Arc::new(Mutex::new(Vec::new()));
         info!(
-            "wireguard backend: user-space data path on {} (UDP port {}, MTU {}, {})",
+            "wireguard backend: user-space data path on {} (UDP port {}, MTU {}, {}): {features:?}",
             cfg.tun_name,
             cfg.port,
             cfg.mtu,
             if cfg.psk.is_some() { "with PSK" } else { "no PSK" }
         );
-        Ok(WgDataPath { cfg, spec, netns, table, stop, worker: Some(handle) })
+        let mut dp = WgDataPath { cfg, spec, netns, features, shared, stop, workers: Vec::new(), tids };
+        for (i, (q, s)) in queues.into_iter().zip(socks).enumerate() {
+            let (stop, shared, tids) = (dp.stop.as_raw_fd(), Arc::clone(&dp.shared), Arc::clone(&dp.tids));
+            let handle = std::thread::Builder::new()
+                .name(format!("flannel-wg-{i}"))
+                .spawn(move || {
+                    // SAFETY: gettid has no preconditions.
+                    let tid = unsafe { libc::gettid() };
+                    tids.lock().unwrap_or_else(|p| p.into_inner()).push(tid);
+                    // Built here: its batches hold raw pointers for the
+                    // system calls and so never cross threads.
+                    Worker::new(i, q, s, stop, shared, features).run()
+                })
+                .context("spawn a wireguard worker thread")?;
+            dp.workers.push(handle);
+        }
+        Ok(dp)
     }
 
     /// Brings the peers in line with `peers` (subnet -> endpoint and key): a
     /// peer whose key is new gets a new tunnel (a re-keyed node: its old
     /// tunnel goes with the old key), one whose lease endpoint changed is
     /// sent there, and a peer no longer listed is removed. Tunnels of
-    /// unchanged peers keep their sessions.
+    /// unchanged peers keep their sessions. Workers take the new table at
+    /// their next round; traffic never pauses.
     pub fn set_peers(&self, peers: &[(Ipv4Net, TunnelPeer)]) {
-        let mut t = self.table.lock().unwrap_or_else(|p| p.into_inner());
-        let mut wanted: HashMap<[u8; 32], (Ipv4Net, SocketAddrV4)> = HashMap::new();
+        let mut next_index = self.shared.writer.lock().unwrap_or_else(|p| p.into_inner());
+        let (_, old) = self.shared.cell.load();
+        let mut wanted: Vec<([u8; 32], Ipv4Net, SocketAddrV4)> = Vec::new();
+        let mut seen: HashMap<[u8; 32], usize> = HashMap::new();
         for (subnet, p) in peers {
             let Some(w) = p.wireguard else { continue };
             let endpoint = SocketAddrV4::new(p.ip, w.port);
-            if let Some((other, _)) = wanted.insert(w.public_key, (*subnet, endpoint)) {
+            if let Some(&i) = seen.get(&w.public_key) {
                 warn!(
-                    "wireguard backend: peers {other} and {subnet} advertise the same public key {}; using {subnet}",
+                    "wireguard backend: peers {} and {subnet} advertise the same public key {}; using {subnet}",
+                    wanted[i].1,
                     crate::config::encode_key(&w.public_key)
                 );
-            }
-        }
-        let gone: Vec<[u8; 32]> = t.peers.keys().filter(|k| !wanted.contains_key(*k)).copied().collect();
-        for k in gone {
-            if let Some(p) = t.peers.remove(&k) {
-                t.by_index.remove(&p.index);
-                info!("wireguard backend: peer {} ({}) removed", p.subnet, crate::config::encode_key(&k));
-            }
-        }
-        for (key, (subnet, endpoint)) in wanted {
-            if let Some(p) = t.peers.get_mut(&key) {
-                p.subnet = subnet;
-                if p.lease_endpoint != endpoint {
-                    info!("wireguard backend: peer {subnet} now at {endpoint}");
-                    p.lease_endpoint = endpoint;
-                    p.endpoint = endpoint;
-                }
+                wanted[i] = (w.public_key, *subnet, endpoint);
                 continue;
             }
-            let index = t.next_index;
-            t.next_index = if index >= (1 << 24) - 1 { 1 } else { index + 1 };
-            let tunn = Tunn::new(
-                StaticSecret::from(self.cfg.private_key),
-                PublicKey::from(key),
-                self.cfg.psk,
-                (self.cfg.keepalive > 0).then_some(self.cfg.keepalive),
-                index,
-                None,
-            );
-            info!("wireguard backend: peer {subnet} at {endpoint}, key {}", crate::config::encode_key(&key));
-            t.by_index.insert(index, key);
-            t.peers.insert(key, Peer { tunn, subnet, lease_endpoint: endpoint, endpoint, index, failing: 0 });
+            seen.insert(w.public_key, wanted.len());
+            wanted.push((w.public_key, *subnet, endpoint));
         }
+        for p in &old.peers {
+            if !seen.contains_key(&p.key) {
+                info!("wireguard backend: peer {} ({}) removed", p.subnet(), crate::config::encode_key(&p.key));
+            }
+        }
+        let mut t = Table::default();
+        let mut routes = Vec::with_capacity(wanted.len());
+        for (key, subnet, endpoint) in wanted {
+            let peer = match old.by_key.get(&key) {
+                Some(&i) => {
+                    let p = Arc::clone(&old.peers[i]);
+                    p.subnet.store(pack_net(subnet), Ordering::Relaxed);
+                    let mut lease = p.lease_endpoint.lock().unwrap_or_else(|e| e.into_inner());
+                    if *lease != endpoint {
+                        info!("wireguard backend: peer {subnet} now at {endpoint}");
+                        *lease = endpoint;
+                        p.endpoint.store(pack_addr(endpoint), Ordering::Relaxed);
+                    }
+                    drop(lease);
+                    p
+                }
+                None => {
+                    let index = *next_index;
+                    *next_index = if index >= (1 << 24) - 1 { 1 } else { index + 1 };
+                    let tunn = Tunn::new(
+                        StaticSecret::from(self.cfg.private_key),
+                        PublicKey::from(key),
+                        self.cfg.psk,
+                        (self.cfg.keepalive > 0).then_some(self.cfg.keepalive),
+                        index,
+                        None,
+                    );
+                    info!("wireguard backend: peer {subnet} at {endpoint}, key {}", crate::config::encode_key(&key));
+                    Arc::new(Peer {
+                        key,
+                        tunn: Mutex::new(tunn),
+                        subnet: AtomicU64::new(pack_net(subnet)),
+                        lease_endpoint: Mutex::new(endpoint),
+                        endpoint: AtomicU64::new(pack_addr(endpoint)),
+                        index,
+                        failing: AtomicU64::new(0),
+                    })
+                }
+            };
+            let pos = t.peers.len();
+            routes.push((subnet, Ipv4Addr::from(pos as u32)));
+            t.by_index.insert(peer.index, pos);
+            t.by_key.insert(key, pos);
+            t.peers.push(peer);
+        }
+        t.routes = PeerTable::new(&routes);
+        self.shared.cell.store(t);
     }
 
     /// Re-asserts the device's MTU, address, up state and route; fails when
@@ -317,36 +559,50 @@ impl WgDataPath {
         kernel::ensure_in(&self.netns, &self.spec)
     }
 
-    /// Whether the thread still runs.
+    /// Whether every worker still runs.
     pub fn running(&self) -> bool {
-        self.worker.as_ref().is_some_and(|w| !w.is_finished())
+        !self.workers.is_empty() && self.workers.iter().all(|w| !w.is_finished())
+    }
+
+    /// What is in use.
+    pub fn features(&self) -> Features {
+        self.features
+    }
+
+    /// Kernel thread ids of the workers (for `/proc/self/task/<tid>/stat`).
+    pub fn thread_ids(&self) -> Vec<i32> {
+        self.tids.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// Each peer's subnet, current endpoint and time since its last
     /// handshake (for `diagnose` and tests).
     pub fn peers(&self) -> Vec<(Ipv4Net, SocketAddrV4, Option<Duration>)> {
-        let t = self.table.lock().unwrap_or_else(|p| p.into_inner());
+        let (_, t) = self.shared.cell.load();
         let mut v: Vec<_> =
-            t.peers.values().map(|p| (p.subnet, p.endpoint, p.tunn.time_since_last_handshake())).collect();
+            t.peers.iter().map(|p| (p.subnet(), p.endpoint(), p.tunn().time_since_last_handshake())).collect();
         v.sort();
         v
     }
 
-    fn stop_worker(&mut self) {
-        let Some(w) = self.worker.take() else { return };
+    fn stop_workers(&mut self) {
+        if self.workers.is_empty() {
+            return;
+        }
         let one: u64 = 1;
         // SAFETY: writes 8 bytes from a local to our eventfd.
         let rc = unsafe { libc::write(self.stop.as_raw_fd(), (&one as *const u64).cast(), 8) };
         if rc != 8 {
-            warn!("wireguard backend: signal the thread to stop: {}", std::io::Error::last_os_error());
+            warn!("wireguard backend: signal the workers to stop: {}", std::io::Error::last_os_error());
         }
-        let _ = w.join();
+        for w in self.workers.drain(..) {
+            let _ = w.join();
+        }
     }
 }
 
 impl Drop for WgDataPath {
     fn drop(&mut self) {
-        self.stop_worker();
+        self.stop_workers();
     }
 }
 
@@ -360,221 +616,725 @@ impl crate::backend::DataPath for WgDataPath {
     }
 }
 
+/// Size of a TUN read buffer with offloads: the largest super-packet and
+/// its virtio header.
+const TUN_BUF_OFFLOAD: usize = 65_536 + vnet::LEN + 64;
+
+/// Room for encrypted datagrams between two sends: two super-packets'
+/// worth (each segment grows by 32 bytes).
+const ENC_ARENA: usize = 2 * (65_536 + 64 * 64) + 4096;
+
+/// Send what was read once this much is queued (as the udp backend: the
+/// peer starts on a super-packet while we read the next).
+const TX_FLUSH_BYTES: usize = 64 * 1024;
+
+/// Counters while a round runs, published once per round.
+#[derive(Default)]
+struct Local {
+    tx_packets: u64,
+    tx_bytes: u64,
+    rx_packets: u64,
+    rx_bytes: u64,
+    control_sent: u64,
+    dropped_no_peer: u64,
+    dropped_unknown_peer: u64,
+    dropped_invalid: u64,
+    dropped_not_allowed: u64,
+    send_errors: u64,
+    tun_write_errors: u64,
+}
+
+impl Local {
+    fn publish(&mut self, c: &Counters) {
+        let pairs = [
+            (&mut self.tx_packets, &c.tx_packets),
+            (&mut self.tx_bytes, &c.tx_bytes),
+            (&mut self.rx_packets, &c.rx_packets),
+            (&mut self.rx_bytes, &c.rx_bytes),
+            (&mut self.control_sent, &c.control_sent),
+            (&mut self.dropped_no_peer, &c.dropped_no_peer),
+            (&mut self.dropped_unknown_peer, &c.dropped_unknown_peer),
+            (&mut self.dropped_invalid, &c.dropped_invalid),
+            (&mut self.dropped_not_allowed, &c.dropped_not_allowed),
+            (&mut self.send_errors, &c.send_errors),
+            (&mut self.tun_write_errors, &c.tun_write_errors),
+        ];
+        for (local, shared) in pairs {
+            if *local != 0 {
+                shared.fetch_add(*local, Ordering::Relaxed);
+                *local = 0;
+            }
+        }
+    }
+}
+
+/// The encrypted side of one round: datagrams queued for `sendmmsg`, their
+/// bytes in an arena that is reused after each send.
+struct Out {
+    tx: TxBatch,
+    arena: Box<[u8]>,
+    used: usize,
+}
+
+impl Out {
+    /// A slice of at least `need` bytes for the next datagram, sending what
+    /// is queued first when the arena is full.
+    fn room(&mut self, sock: &UdpSocket, need: usize) -> &mut [u8] {
+        if self.used + need > self.arena.len() {
+            self.flush(sock);
+        }
+        self.tx.reserve(sock);
+        &mut self.arena[self.used..]
+    }
+
+    /// Queues the `len` bytes just written at the start of [`Out::room`]'s
+    /// slice for `to`.
+    fn commit(&mut self, to: SocketAddrV4, len: usize) {
+        let d = &self.arena[self.used..self.used + len];
+        // SAFETY: the arena is neither written nor freed before the next
+        // flush (room() flushes before it starts over, and so does drop).
+        unsafe { self.tx.push_to(u32::from(*to.ip()), to.port(), 0, d) };
+        self.used += len;
+    }
+
+    fn flush(&mut self, sock: &UdpSocket) {
+        if !self.tx.is_empty() {
+            self.tx.flush(sock);
+        }
+        self.used = 0;
+    }
+}
+
 struct Worker {
+    index: usize,
     tun: OwnedFd,
     sock: UdpSocket,
     stop: RawFd,
-    table: Arc<Mutex<Table>>,
-    secret: StaticSecret,
-    public: PublicKey,
-    counters: Arc<Counters>,
-    mtu: usize,
+    shared: Arc<Shared>,
+    features: Features,
+    generation: u64,
+    table: Arc<Table>,
+    tun_bufs: Vec<Box<[u8]>>,
+    out: Out,
+    rx: RxBatch,
+    /// Decrypted packets, one buffer per received message.
+    plain: Vec<Box<[u8]>>,
+    /// The valid decrypted packets of one receive batch.
+    inner: Vec<Pkt>,
+    coalescer: Coalescer,
+    wiov: Vec<libc::iovec>,
+    /// For handshakes, cookies and timers.
+    scratch: Box<[u8]>,
+    local: Local,
+    gso_warned: bool,
 }
 
-/// Packets handled per readiness before looking at the other side again.
-const BURST: usize = 64;
-
 impl Worker {
-    fn run(self) {
-        let mut src = vec![0u8; 65536];
-        let mut dst = vec![0u8; 65536 + 64];
+    fn new(index: usize, tun: OwnedFd, sock: UdpSocket, stop: RawFd, shared: Arc<Shared>, f: Features) -> Worker {
+        let tun_buf = if f.offload { TUN_BUF_OFFLOAD } else { (shared.mtu + 64).max(1600) };
+        let (generation, table) = shared.cell.load();
+        Worker {
+            index,
+            tun,
+            sock,
+            stop,
+            features: f,
+            generation,
+            table,
+            tun_bufs: (0..f.batch).map(|_| vec![0u8; tun_buf].into_boxed_slice()).collect(),
+            out: Out { tx: TxBatch::new(0, f.udp_gso), arena: vec![0u8; ENC_ARENA].into_boxed_slice(), used: 0 },
+            rx: RxBatch::new(f.batch),
+            plain: (0..f.batch).map(|_| vec![0u8; crate::backend::udp::sock::RX_BUF].into_boxed_slice()).collect(),
+            inner: Vec::with_capacity(f.batch * crate::backend::udp::sock::GSO_SEGS * 2),
+            coalescer: Coalescer::new(),
+            wiov: Vec::with_capacity(2 + crate::backend::udp::gro::MAX_SEGMENTS),
+            scratch: vec![0u8; 65_536 + 256].into_boxed_slice(),
+            local: Local::default(),
+            gso_warned: false,
+            shared,
+        }
+    }
+
+    fn run(mut self) {
+        let tun = self.tun.as_raw_fd();
+        let sock = self.sock.raw();
+        // Worker 0 runs the tunnels' timers.
         let mut next_tick = Instant::now();
         loop {
-            let now = Instant::now();
-            if now >= next_tick {
-                self.tick(&mut dst);
-                next_tick = now + TICK;
-            }
-            let timeout = next_tick.saturating_duration_since(Instant::now()).as_millis().max(1) as libc::c_int;
+            let timeout = if self.index == 0 {
+                let now = Instant::now();
+                if now >= next_tick {
+                    self.tick();
+                    next_tick = now + TICK;
+                }
+                next_tick.saturating_duration_since(Instant::now()).as_millis().max(1) as libc::c_int
+            } else {
+                -1
+            };
             let mut fds = [
-                libc::pollfd { fd: self.tun.as_raw_fd(), events: libc::POLLIN, revents: 0 },
-                libc::pollfd { fd: self.sock.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+                libc::pollfd { fd: tun, events: libc::POLLIN, revents: 0 },
+                libc::pollfd { fd: sock, events: libc::POLLIN, revents: 0 },
                 libc::pollfd { fd: self.stop, events: libc::POLLIN, revents: 0 },
             ];
-            // SAFETY: three valid pollfd structures.
+            // SAFETY: three valid pollfd entries.
             let rc = unsafe { libc::poll(fds.as_mut_ptr(), 3, timeout) };
             if rc < 0 {
                 let e = std::io::Error::last_os_error();
                 if e.kind() == std::io::ErrorKind::Interrupted {
                     continue;
                 }
-                warn!("wireguard backend: poll: {e}; the data path stops (the reconcile restarts it)");
+                warn!("wireguard worker {}: poll: {e}; the data path stops (the reconcile restarts it)", self.index);
                 return;
             }
             if fds[2].revents != 0 {
                 return;
             }
             if fds[0].revents & (libc::POLLERR | libc::POLLHUP | libc::POLLNVAL) != 0 {
-                warn!("wireguard backend: the TUN device went away; the data path stops (the reconcile restarts it)");
+                // A TUN whose device was deleted polls as an error forever:
+                // the worker ends and the reconcile starts the data path
+                // anew (which recreates the device).
+                warn!(
+                    "wireguard worker {}: the TUN device went away; the data path stops (the reconcile restarts it)",
+                    self.index
+                );
                 return;
             }
-            if fds[0].revents & libc::POLLIN != 0 {
-                self.read_tun(&mut src, &mut dst);
-            }
-            if fds[1].revents & libc::POLLIN != 0 {
-                self.read_network(&mut src, &mut dst);
-            }
-        }
-    }
-
-    fn send(&self, to: SocketAddrV4, d: &[u8]) -> bool {
-        match self.sock.send_to(d, to) {
-            Ok(_) => true,
-            Err(e) => {
-                inc(&self.counters.send_errors);
-                debug!("wireguard backend: send to {to}: {e}");
-                false
-            }
-        }
-    }
-
-    fn tick(&self, dst: &mut [u8]) {
-        let mut t = self.table.lock().unwrap_or_else(|p| p.into_inner());
-        for p in t.peers.values_mut() {
-            match p.tunn.update_timers(dst) {
-                TunnResult::WriteToNetwork(d) if self.send(p.endpoint, d) => inc(&self.counters.control_sent),
-                TunnResult::Err(e) => debug!("wireguard backend: peer {}: {e:?}", p.subnet),
-                _ => {}
+            // Keep going while there is work: an empty read costs less than
+            // a poll, and under load most rounds find both sides busy.
+            for _ in 0..256 {
+                let g = self.shared.cell.generation.load(Ordering::Acquire);
+                if g != self.generation {
+                    (self.generation, self.table) = self.shared.cell.load();
+                }
+                let tx = self.tun_to_udp();
+                let rx = self.udp_to_tun();
+                self.local.publish(&self.shared.counters);
+                if !tx && !rx {
+                    break;
+                }
+                if self.index == 0 && Instant::now() >= next_tick {
+                    break;
+                }
             }
         }
     }
 
-    fn read_tun(&self, src: &mut [u8], dst: &mut [u8]) {
-        for _ in 0..BURST {
-            // SAFETY: reads at most `src.len()` bytes into `src`.
-            let n = unsafe { libc::read(self.tun.as_raw_fd(), src.as_mut_ptr().cast(), src.len()) };
-            if n <= 0 {
-                return;
-            }
-            let pkt = &src[..n as usize];
-            if pkt.len() < 20 || pkt[0] >> 4 != 4 {
-                // IPv6 (the kernel's router solicitations) or junk: the
-                // device carries IPv4 only.
-                continue;
-            }
-            let to = Ipv4Addr::new(pkt[16], pkt[17], pkt[18], pkt[19]);
-            let mut t = self.table.lock().unwrap_or_else(|p| p.into_inner());
-            let Some(p) = t.peers.values_mut().find(|p| p.subnet.contains(&to)) else {
-                inc(&self.counters.dropped_no_peer);
-                continue;
-            };
-            match p.tunn.encapsulate(pkt, dst) {
+    /// Sends one control datagram (handshake, cookie, keepalive) at once.
+    fn send_now(&mut self, to: SocketAddrV4, d: &[u8]) -> bool {
+        let sa = libc::sockaddr_in {
+            sin_family: libc::AF_INET as libc::sa_family_t,
+            sin_port: to.port().to_be(),
+            sin_addr: libc::in_addr { s_addr: u32::from(*to.ip()).to_be() },
+            sin_zero: [0; 8],
+        };
+        // SAFETY: sends `d` to a valid sockaddr_in of the given size.
+        let rc = unsafe {
+            libc::sendto(
+                self.sock.raw(),
+                d.as_ptr().cast(),
+                d.len(),
+                0,
+                (&sa as *const libc::sockaddr_in).cast(),
+                std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+            )
+        };
+        if rc < 0 {
+            self.local.send_errors += 1;
+            debug!("wireguard backend: send to {to}: {}", std::io::Error::last_os_error());
+            false
+        } else {
+            true
+        }
+    }
+
+    fn tick(&mut self) {
+        let (_, t) = self.shared.cell.load();
+        let mut dst = std::mem::take(&mut self.scratch);
+        for p in &t.peers {
+            let r = p.tunn().update_timers(&mut dst);
+            match r {
                 TunnResult::WriteToNetwork(d) => {
-                    // A data message (type 4); otherwise a handshake
-                    // initiation, and the packet waits in the tunnel's
-                    // queue until the handshake is done.
-                    let data = d.first() == Some(&4);
-                    if self.send(p.endpoint, d) {
-                        if data {
-                            inc(&self.counters.tx_packets);
-                            self.counters.tx_bytes.fetch_add(pkt.len() as u64, Ordering::Relaxed);
-                        } else {
-                            inc(&self.counters.control_sent);
-                        }
+                    let d: &[u8] = d;
+                    if self.send_now(p.endpoint(), d) {
+                        self.local.control_sent += 1;
                     }
                 }
-                TunnResult::Err(e) => debug!("wireguard backend: to {to}: {e:?}"),
+                TunnResult::Err(e) => debug!("wireguard backend: peer {}: {e:?}", p.subnet()),
                 _ => {}
             }
         }
+        self.scratch = dst;
+        self.local.publish(&self.shared.counters);
     }
 
-    fn read_network(&self, src: &mut [u8], dst: &mut [u8]) {
-        for _ in 0..BURST {
-            let (n, from) = match self.sock.recv_from(src) {
-                Ok((n, SocketAddr::V4(from))) => (n, from),
-                Ok(_) => continue,
-                Err(_) => return,
+    /// Reads up to a batch of packets from the TUN, encrypts them and sends
+    /// them. Returns whether there was anything.
+    fn tun_to_udp(&mut self) -> bool {
+        let tun = self.tun.as_raw_fd();
+        let mut reads = 0;
+        while reads < self.tun_bufs.len() {
+            let buf = &mut self.tun_bufs[reads];
+            // SAFETY: reads into our own buffer, within its length.
+            let n = unsafe { libc::read(tun, buf.as_mut_ptr().cast(), buf.len()) };
+            if n < 0 {
+                let e = std::io::Error::last_os_error();
+                match e.kind() {
+                    std::io::ErrorKind::Interrupted => continue,
+                    std::io::ErrorKind::WouldBlock => {}
+                    _ => warn!("wireguard worker {}: read from TUN: {e}", self.index),
+                }
+                break;
+            }
+            reads += 1;
+            let n = n as usize;
+            let (hdr, pkt) = if self.features.offload {
+                let Some((h, p)) = buf[..n].split_first_chunk_mut::<{ vnet::LEN }>() else {
+                    continue;
+                };
+                (VnetHdr::decode(h), p)
+            } else {
+                (VnetHdr::default(), &mut buf[..n])
             };
-            self.datagram(&src[..n], from, dst);
+            outbound(pkt, hdr, &self.table, &mut self.out, &self.sock, &mut self.local);
+            if self.out.tx.queued_bytes() >= TX_FLUSH_BYTES {
+                break;
+            }
         }
+        self.out.flush(&self.sock);
+        let sent = std::mem::take(&mut self.out.tx.sent);
+        self.local.send_errors += sent.errors;
+        if let (Some(e), false) = (&self.out.tx.gso_failed, self.gso_warned) {
+            warn!("wireguard worker {}: the kernel refused UDP GSO ({e}); sending datagram by datagram", self.index);
+            self.gso_warned = true;
+        }
+        reads > 0
     }
 
-    fn datagram(&self, d: &[u8], from: SocketAddrV4, dst: &mut [u8]) {
+    /// Receives a batch of datagrams, decrypts them and writes their
+    /// packets to the TUN. Returns whether there was anything.
+    fn udp_to_tun(&mut self) -> bool {
+        let n = match self.rx.recv(&self.sock) {
+            Ok(n) => n,
+            Err(e) => {
+                if e.raw_os_error() != Some(libc::ECONNREFUSED) {
+                    warn!("wireguard worker {}: receive: {e}", self.index);
+                }
+                return true;
+            }
+        };
+        if n == 0 {
+            return false;
+        }
+        self.inner.clear();
+        let table = Arc::clone(&self.table);
+        for m in 0..n {
+            let r = self.rx.get(m);
+            let from = SocketAddrV4::new(Ipv4Addr::from(r.src), r.src_port);
+            let mut off = 0;
+            // The peer whose tunnel is locked, kept across the datagrams of
+            // a train (they come from one sender).
+            let mut held: Option<(usize, MutexGuard<'_, Tunn>)> = None;
+            while off < r.len {
+                let len = r.seg.min(r.len - off);
+                let d = &self.rx.buf(m)[off..off + len];
+                let idx = data_receiver(d);
+                match idx.and_then(|i| table.by_index.get(&(i >> 8)).copied()) {
+                    Some(pos) => {
+                        let peer = &table.peers[pos];
+                        if held.as_ref().map(|h| h.0) != Some(pos) {
+                            // One tunnel locked at a time.
+                            drop(held.take());
+                            held = Some((pos, peer.tunn()));
+                        }
+                        let tunn = &mut held.as_mut().expect("just set").1;
+                        let plain = &mut self.plain[m][off..];
+                        match tunn.decapsulate(Some(IpAddr::V4(*from.ip())), d, plain) {
+                            TunnResult::WriteToTunnelV4(pkt, source) => {
+                                let plen = pkt.len();
+                                if peer.subnet().contains(&source) && plen <= self.shared.mtu {
+                                    self.local.rx_packets += 1;
+                                    self.local.rx_bytes += plen as u64;
+                                    self.inner.push(Pkt { buf: m as u16, off: off as u32, len: plen as u32 });
+                                } else {
+                                    self.local.dropped_not_allowed += 1;
+                                }
+                                if peer.endpoint.load(Ordering::Relaxed) != pack_addr(from) {
+                                    peer.roam(from);
+                                }
+                            }
+                            // A keepalive.
+                            TunnResult::Done => {
+                                if peer.endpoint.load(Ordering::Relaxed) != pack_addr(from) {
+                                    peer.roam(from);
+                                }
+                            }
+                            TunnResult::WriteToTunnelV6(..) => self.local.dropped_not_allowed += 1,
+                            TunnResult::WriteToNetwork(_) => {}
+                            TunnResult::Err(e) => {
+                                self.local.dropped_invalid += 1;
+                                debug!(
+                                    "wireguard backend: datagram from {from} for peer {} dropped: {e:?}",
+                                    peer.subnet()
+                                );
+                            }
+                        }
+                    }
+                    None if idx.is_some() => {
+                        self.local.dropped_unknown_peer += 1;
+                        debug!("wireguard backend: datagram from {from} of no known peer dropped");
+                    }
+                    None => {
+                        held = None;
+                        let d = d.to_vec();
+                        self.control(&table, &d, from);
+                    }
+                }
+                off += len;
+            }
+            // Packets that waited in the tunnel for a session go out now
+            // (usually none: one look at an empty queue).
+            if let Some((pos, mut tunn)) = held {
+                let mut dst = std::mem::take(&mut self.scratch);
+                let to = table.peers[pos].endpoint();
+                while let TunnResult::WriteToNetwork(q) = tunn.decapsulate(None, &[], &mut dst) {
+                    let q: &[u8] = q;
+                    if self.send_now(to, q) {
+                        self.local.tx_packets += 1;
+                    }
+                }
+                self.scratch = dst;
+            }
+        }
+        let tun = self.tun.as_raw_fd();
+        let offload = self.features.offload;
+        let bufs = &self.plain;
+        let wiov = &mut self.wiov;
+        let errors = &mut self.local.tun_write_errors;
+        let mut emit = |e: Emit<'_>| {
+            if write_emit(tun, offload, bufs, wiov, e).is_err() {
+                *errors += 1;
+            }
+        };
+        if self.features.coalesce {
+            for p in &self.inner {
+                let data = &bufs[usize::from(p.buf)][p.off as usize..][..p.len as usize];
+                self.coalescer.push(*p, data, &mut emit);
+            }
+            self.coalescer.flush(&mut emit);
+        } else {
+            for p in &self.inner {
+                emit(Emit::Single(*p));
+            }
+        }
+        true
+    }
+
+    /// A datagram that is not a data message: a handshake initiation or
+    /// response, a cookie reply, or junk.
+    fn control(&mut self, table: &Table, d: &[u8], from: SocketAddrV4) {
         let parsed = match Tunn::parse_incoming_packet(d) {
             Ok(p) => p,
             Err(_) => {
-                inc(&self.counters.dropped_invalid);
+                self.local.dropped_invalid += 1;
                 return;
             }
         };
-        let mut t = self.table.lock().unwrap_or_else(|p| p.into_inner());
         let is_data = matches!(parsed, Packet::PacketData(_));
-        let key = match &parsed {
-            Packet::HandshakeInit(h) => match parse_handshake_anon(&self.secret, &self.public, h) {
-                Ok(half) => Some(half.peer_static_public),
+        let pos = match &parsed {
+            Packet::HandshakeInit(h) => match parse_handshake_anon(&self.shared.secret, &self.shared.public, h) {
+                Ok(half) => table.by_key.get(&half.peer_static_public).copied(),
                 Err(_) => {
                     // Not encrypted to our key, or forged.
-                    inc(&self.counters.dropped_invalid);
+                    self.local.dropped_invalid += 1;
                     return;
                 }
             },
-            Packet::HandshakeResponse(h) => t.by_index.get(&(h.receiver_idx >> 8)).copied(),
-            Packet::PacketCookieReply(c) => t.by_index.get(&(c.receiver_idx >> 8)).copied(),
-            Packet::PacketData(p) => t.by_index.get(&(p.receiver_idx >> 8)).copied(),
+            Packet::HandshakeResponse(h) => table.by_index.get(&(h.receiver_idx >> 8)).copied(),
+            Packet::PacketCookieReply(c) => table.by_index.get(&(c.receiver_idx >> 8)).copied(),
+            Packet::PacketData(p) => table.by_index.get(&(p.receiver_idx >> 8)).copied(),
         };
-        let Some(p) = key.and_then(|k| t.peers.get_mut(&k)) else {
-            inc(&self.counters.dropped_unknown_peer);
+        let Some(pos) = pos else {
+            self.local.dropped_unknown_peer += 1;
             debug!("wireguard backend: datagram from {from} of no known peer dropped");
             return;
         };
-        let authenticated = match p.tunn.decapsulate(Some(IpAddr::V4(*from.ip())), d, dst) {
-            TunnResult::WriteToNetwork(reply) => {
-                let auth = reply.len() != COOKIE_REPLY_LEN;
-                if self.send(from, reply) {
-                    inc(&self.counters.control_sent);
+        let peer = Arc::clone(&table.peers[pos]);
+        let mut dst = std::mem::take(&mut self.scratch);
+        let mut replies: Vec<Vec<u8>> = Vec::new();
+        let authenticated = {
+            let mut tunn = peer.tunn();
+            let auth = match tunn.decapsulate(Some(IpAddr::V4(*from.ip())), d, &mut dst) {
+                TunnResult::WriteToNetwork(reply) => {
+                    replies.push(reply.to_vec());
+                    reply.len() != COOKIE_REPLY_LEN
                 }
-                auth
-            }
-            TunnResult::WriteToTunnelV4(pkt, source) => {
-                if p.subnet.contains(&source) && pkt.len() <= self.mtu {
-                    let len = pkt.len();
-                    // SAFETY: writes `len` bytes from `pkt`.
-                    let rc = unsafe { libc::write(self.tun.as_raw_fd(), pkt.as_ptr().cast(), len) };
-                    if rc < 0 {
-                        inc(&self.counters.tun_write_errors);
-                    } else {
-                        inc(&self.counters.rx_packets);
-                        self.counters.rx_bytes.fetch_add(len as u64, Ordering::Relaxed);
+                TunnResult::Done => is_data,
+                TunnResult::Err(e) => {
+                    self.local.dropped_invalid += 1;
+                    debug!("wireguard backend: datagram from {from} for peer {} dropped: {e:?}", peer.subnet());
+                    if matches!(parsed, Packet::HandshakeResponse(_)) {
+                        let n = peer.failing.fetch_add(1, Ordering::Relaxed) + 1;
+                        let counters = &self.shared.counters;
+                        counters.failing_handshakes.lock().unwrap_or_else(|p| p.into_inner()).insert(peer.subnet(), n);
                     }
-                } else {
-                    inc(&self.counters.dropped_not_allowed);
+                    false
                 }
-                true
-            }
-            TunnResult::WriteToTunnelV6(..) => {
-                inc(&self.counters.dropped_not_allowed);
-                true
-            }
-            // A keepalive (authenticated data without a packet), or a cookie.
-            TunnResult::Done => is_data,
-            TunnResult::Err(e) => {
-                inc(&self.counters.dropped_invalid);
-                debug!("wireguard backend: datagram from {from} for peer {} dropped: {e:?}", p.subnet);
-                if matches!(parsed, Packet::HandshakeResponse(_)) {
-                    p.failing += 1;
-                    let mut f = self.counters.failing_handshakes.lock().unwrap_or_else(|p| p.into_inner());
-                    f.insert(p.subnet, p.failing);
+                // Data never comes this way.
+                _ => true,
+            };
+            if auth {
+                // Packets queued while the handshake ran go out now.
+                while let TunnResult::WriteToNetwork(q) = tunn.decapsulate(None, &[], &mut dst) {
+                    replies.push(q.to_vec());
                 }
-                false
             }
+            auth
         };
-        if !authenticated {
-            return;
-        }
-        if p.failing != 0 {
-            p.failing = 0;
-            self.counters.failing_handshakes.lock().unwrap_or_else(|p| p.into_inner()).remove(&p.subnet);
-        }
-        if p.endpoint != from {
-            info!("wireguard backend: peer {} roamed: {} -> {from}", p.subnet, p.endpoint);
-            p.endpoint = from;
-        }
-        // Packets queued while the handshake ran go out now.
-        while let TunnResult::WriteToNetwork(d) = p.tunn.decapsulate(None, &[], dst) {
-            if self.send(p.endpoint, d) {
-                inc(&self.counters.tx_packets);
+        self.scratch = dst;
+        if authenticated {
+            peer.roam(from);
+            if peer.failing.swap(0, Ordering::Relaxed) != 0 {
+                let counters = &self.shared.counters;
+                counters.failing_handshakes.lock().unwrap_or_else(|p| p.into_inner()).remove(&peer.subnet());
             }
         }
+        let to = if authenticated { peer.endpoint() } else { from };
+        for (i, r) in replies.iter().enumerate() {
+            if self.send_now(to, r) {
+                if i == 0 {
+                    self.local.control_sent += 1;
+                } else {
+                    self.local.tx_packets += 1;
+                }
+            }
+        }
+    }
+}
+
+/// The receiver index of a data message (type 4, at least the header and
+/// the tag), or `None` for anything else.
+fn data_receiver(d: &[u8]) -> Option<u32> {
+    if d.len() < 32 || d[..4] != [4, 0, 0, 0] {
+        return None;
+    }
+    Some(u32::from_le_bytes([d[4], d[5], d[6], d[7]]))
+}
+
+/// Handles one packet read from the TUN: to its peer's tunnel, cut into
+/// segments first when it is a super-packet.
+fn outbound(pkt: &mut [u8], hdr: VnetHdr, table: &Table, out: &mut Out, sock: &UdpSocket, local: &mut Local) {
+    if packet::ipv4_header_len(pkt).is_none() {
+        // IPv6 (the kernel's router solicitations on the device) or junk:
+        // the device carries IPv4 only.
+        return;
+    }
+    let Some(peer) = table.route(packet::dst(pkt)) else {
+        local.dropped_no_peer += 1;
+        return;
+    };
+    let to = peer.endpoint();
+    let mut tunn = peer.tunn();
+    let mut seal = |p: &[u8]| {
+        let dst = out.room(sock, (p.len() + 32).max(148));
+        match tunn.encapsulate(p, dst) {
+            TunnResult::WriteToNetwork(d) => {
+                let len = d.len();
+                // A data message (type 4); otherwise a handshake initiation,
+                // and the packet waits in the tunnel's queue until the
+                // handshake is done.
+                if d[0] == 4 {
+                    local.tx_packets += 1;
+                    local.tx_bytes += p.len() as u64;
+                } else {
+                    local.control_sent += 1;
+                }
+                out.commit(to, len);
+            }
+            TunnResult::Err(e) => debug!("wireguard backend: to {to}: {e:?}"),
+            _ => {}
+        }
+    };
+    match hdr.gso_type & !vnet::GSO_ECN {
+        vnet::GSO_NONE => {
+            let tot = packet::total_len(pkt);
+            if tot < 20 || tot > pkt.len() {
+                return;
+            }
+            let pkt = &mut pkt[..tot];
+            if hdr.flags & vnet::F_NEEDS_CSUM != 0
+                && !complete_checksum(pkt, usize::from(hdr.csum_start), usize::from(hdr.csum_offset))
+            {
+                return;
+            }
+            seal(pkt);
+        }
+        vnet::GSO_TCPV4 => {
+            cut_in_place(pkt, usize::from(hdr.gso_size), &mut seal);
+        }
+        _ => {}
+    }
+}
+
+const FIN: u8 = 0x01;
+const PSH: u8 = 0x08;
+const CWR: u8 = 0x80;
+
+/// Cuts a TCP/IPv4 super-packet into packets of `mss` payload bytes the
+/// way a NIC's TSO would (IP length, identification and checksum; TCP
+/// sequence number, FIN and PSH on the last only, CWR on the first only,
+/// full checksum) and hands each to `each` as one contiguous slice: segment
+/// `i`'s header is written over the end of segment `i - 1`'s payload, which
+/// `each` has consumed by then. Returns false (nothing handed) when the
+/// packet is not something we can cut.
+pub fn cut_in_place(pkt: &mut [u8], mss: usize, each: &mut impl FnMut(&[u8])) -> bool {
+    let Some(ihl) = packet::ipv4_header_len(pkt) else { return false };
+    if packet::protocol(pkt) != PROTO_TCP || mss == 0 || pkt.len() < ihl + 20 {
+        return false;
+    }
+    let thl = usize::from(pkt[ihl + 12] >> 4) * 4;
+    let hl = ihl + thl;
+    if thl < 20 || pkt.len() <= hl || hl > MAX_HEADERS || hl + mss.min(pkt.len() - hl) > usize::from(u16::MAX) {
+        return false;
+    }
+    // A segment's header would overwrite the previous segment's payload
+    // only when that payload is at least a header long.
+    if mss < hl && pkt.len() - hl > mss {
+        return false;
+    }
+    let mut tmpl = [0u8; MAX_HEADERS];
+    tmpl[..hl].copy_from_slice(&pkt[..hl]);
+    let src = [tmpl[12], tmpl[13], tmpl[14], tmpl[15]];
+    let dst = [tmpl[16], tmpl[17], tmpl[18], tmpl[19]];
+    let segments = (pkt.len() - hl).div_ceil(mss);
+    for i in 0..segments {
+        let start = hl + i * mss;
+        let end = (start + mss).min(pkt.len());
+        let (before, rest) = pkt.split_at_mut(start);
+        let h = &mut before[start - hl..];
+        h.copy_from_slice(&tmpl[..hl]);
+        let tot = (hl + end - start) as u16;
+        h[2..4].copy_from_slice(&tot.to_be_bytes());
+        let id = u16::from_be_bytes([h[4], h[5]]).wrapping_add(i as u16);
+        h[4..6].copy_from_slice(&id.to_be_bytes());
+        packet::set_header_checksum(h, ihl);
+        let tcp = &mut h[ihl..];
+        let seq = u32::from_be_bytes([tcp[4], tcp[5], tcp[6], tcp[7]]).wrapping_add((i * mss) as u32);
+        tcp[4..8].copy_from_slice(&seq.to_be_bytes());
+        if i + 1 != segments {
+            tcp[13] &= !(FIN | PSH);
+        }
+        if i != 0 {
+            tcp[13] &= !CWR;
+        }
+        tcp[16] = 0;
+        tcp[17] = 0;
+        let payload = &rest[..end - start];
+        let tcp_len = (thl + payload.len()) as u16;
+        let s = checksum::add(
+            checksum::pseudo_header(src, dst, PROTO_TCP, tcp_len),
+            checksum::add(checksum::sum(tcp), checksum::sum(payload)),
+        );
+        tcp[16..18].copy_from_slice(&checksum::finish(s).to_be_bytes());
+        each(&pkt[start - hl..end]);
+    }
+    true
+}
+
+/// Writes one packet, or one merged packet, to the TUN.
+fn write_emit(
+    tun: RawFd,
+    offload: bool,
+    bufs: &[Box<[u8]>],
+    iov: &mut Vec<libc::iovec>,
+    e: Emit<'_>,
+) -> std::io::Result<()> {
+    static ZERO: [u8; vnet::LEN] = [0; vnet::LEN];
+    let slice = |p: &Pkt| &bufs[usize::from(p.buf)][p.off as usize..][..p.len as usize];
+    let io = |b: &[u8]| libc::iovec { iov_base: b.as_ptr() as *mut libc::c_void, iov_len: b.len() };
+    iov.clear();
+    let vnet_hdr;
+    match e {
+        Emit::Single(p) => {
+            if offload {
+                iov.push(io(&ZERO));
+            }
+            iov.push(io(slice(&p)));
+        }
+        Emit::Super { vnet, header, payloads } => {
+            vnet_hdr = vnet;
+            iov.push(io(&vnet_hdr));
+            iov.push(io(header));
+            iov.extend(payloads.iter().map(|p| io(slice(p))));
+        }
+    }
+    // SAFETY: every iovec points into a buffer borrowed for this call.
+    let rc = unsafe { libc::writev(tun, iov.as_ptr(), iov.len() as libc::c_int) };
+    if rc < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::udp::gso::TcpSuper;
+
+    fn tcp_packet(seq: u32, flags: u8, payload: &[u8]) -> Vec<u8> {
+        let mut p = vec![0x45, 0, 0, 0, 0x10, 0x00, 0x40, 0, 64, PROTO_TCP, 0, 0, 10, 244, 1, 2, 10, 244, 2, 2];
+        let mut tcp = vec![0x9c, 0x40, 0x14, 0x51];
+        tcp.extend_from_slice(&seq.to_be_bytes());
+        tcp.extend_from_slice(&7u32.to_be_bytes());
+        tcp.extend_from_slice(&[0x80, flags, 0x01, 0xf5, 0, 0, 0, 0]);
+        tcp.extend_from_slice(&[1, 1, 8, 10, 0, 0, 0, 1, 0, 0, 0, 2]);
+        p.extend_from_slice(&tcp);
+        p.extend_from_slice(payload);
+        let len = p.len() as u16;
+        p[2..4].copy_from_slice(&len.to_be_bytes());
+        p
+    }
+
+    /// Cutting in place gives, byte for byte, the udp backend's cut (the
+    /// one its tests check against TSO's rules).
+    #[test]
+    fn cuts_in_place_like_the_udp_backend() {
+        for (size, mss) in [(10_000usize, 1368usize), (1368 * 3, 1368), (100, 1368), (65_000, 1368), (500, 60)] {
+            let payload: Vec<u8> = (0..size as u32).map(|i| (i * 31 + 7) as u8).collect();
+            let sup = tcp_packet(1000, 0x18 | FIN | CWR, &payload);
+            let reference = TcpSuper::parse(&sup, mss).unwrap();
+            let mut want = Vec::new();
+            for i in 0..reference.segments() {
+                let mut h = [0u8; MAX_HEADERS];
+                let r = reference.segment(i, &mut h);
+                let mut s = h[..reference.header_len()].to_vec();
+                s.extend_from_slice(&sup[r]);
+                want.push(s);
+            }
+            let mut got = Vec::new();
+            let mut copy = sup.clone();
+            assert!(cut_in_place(&mut copy, mss, &mut |s: &[u8]| got.push(s.to_vec())));
+            assert_eq!(got, want, "size {size} mss {mss}");
+        }
+    }
+
+    #[test]
+    fn refuses_what_it_cannot_cut() {
+        let mut none = |_: &[u8]| panic!("nothing to hand");
+        assert!(!cut_in_place(&mut [0x45; 10], 1400, &mut none));
+        let mut p = tcp_packet(1, 0x10, &[0; 100]);
+        assert!(!cut_in_place(&mut p.clone(), 0, &mut none));
+        p[9] = 17;
+        assert!(!cut_in_place(&mut p, 1400, &mut none));
+        // Segments shorter than the header would overwrite one another.
+        assert!(!cut_in_place(&mut tcp_packet(1, 0x10, &[0; 100]), 20, &mut none));
+    }
+
+    #[test]
+    fn packs_addresses_and_subnets() {
+        let a: SocketAddrV4 = "192.0.2.10:51820".parse().unwrap();
+        assert_eq!(unpack_addr(pack_addr(a)), a);
+        let n: Ipv4Net = "10.244.3.0/24".parse().unwrap();
+        assert_eq!(unpack_net(pack_net(n)), n);
     }
 }

@@ -1,0 +1,467 @@
+//! `wireguard-bench`: the wireguard backend as the daemon runs it, beside
+//! our unencrypted udp backend and Debian's `wireguard-go`, in the same run:
+//!
+//! - ours: two `flanneld-rs` daemons with `{"Backend":{"Type":"wireguard"}}`
+//!   (user-space path, `flannel-wg`, port 51820) in an [`Overlay`] (real
+//!   etcd, pods plugged in by the real CNI plugin);
+//! - our udp backend: two `flanneld-rs` daemons with the udp backend in a
+//!   second [`Overlay`]: the same data path shape without encryption;
+//! - `wireguard-go`: one per node of a plain two-node fixture, configured
+//!   with `wg` (10.247.0.0/16, `wg0`, port 51830, MTU 1420 as ours), pods on
+//!   plain veths. Each instance runs in its own mount namespace with a
+//!   private tmpfs on `/run/wireguard` (its control sockets would otherwise
+//!   be shared across network namespaces).
+//!
+//! Rounds rotate through the modes. Figures: iperf3 pod to pod with 1 and 4
+//! streams (median of the rounds), CPU seconds per gigabit (the relays' own
+//! processes, and the whole machine from /proc/stat), ping p50/p99, and the
+//! ratios against the targets (ours >= 2x wireguard-go, >= 60 % of udp).
+//! `--stages` also measures the wireguard data path started by hand with
+//! its speed-ups turned on one at a time.
+
+use std::io::{BufRead, BufReader};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::process::{Child, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Parser;
+use e2e_tests::overlay::Overlay;
+use e2e_tests::perf::ping;
+use e2e_tests::{http_get, metric};
+use flanneld_rs::backend::wireguard::datapath::{Counters as WgCounters, Tuning as WgTuning, WgConfig, WgDataPath};
+use flanneld_rs::backend::wireguard::keys::public_of;
+use flanneld_rs::backend::{TunnelPeer, WireguardPeer};
+use netns_fixtures::{wait_until, Cluster, Netns};
+
+#[derive(Parser)]
+#[command(about = "the wireguard backend through flanneld-rs against our udp backend and wireguard-go")]
+struct Args {
+    /// iperf3 seconds per run.
+    #[arg(long, default_value_t = 4)]
+    seconds: u32,
+    /// Rounds per figure (the median is reported).
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    /// Also measure the data path stage by stage (speed-ups added one at a time).
+    #[arg(long)]
+    stages: bool,
+    /// Only the stages.
+    #[arg(long)]
+    stages_only: bool,
+    /// Only the wireguard daemons (quick iteration).
+    #[arg(long)]
+    ours_only: bool,
+}
+
+const WG_CONF: &str = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"wireguard"}}"#;
+const UDP_CONF: &str = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"udp"}}"#;
+const METRICS_PORT: u16 = 9105;
+/// flannel's accounting: the underlay's 1500 less 80.
+const WG_MTU: u32 = 1500 - 80;
+const WG_GO_PORT: u16 = 51830;
+const BY_HAND_PORT: u16 = 51840;
+
+fn underlay(i: usize) -> Ipv4Addr {
+    Ipv4Addr::new(192, 0, 2, 10 + i as u8)
+}
+
+/// A pod of overlay `net` (10.<net>.0.0/16) on node `i` of a hand-built
+/// fixture: a veth `<dev>` in the node with `.1`, `eth0` in the pod with `.2`.
+fn add_pod(c: &Cluster, i: usize, net: u8, dev: &str, mtu: u32) -> Netns {
+    let node = c.node(i);
+    let pod = node.add_pod_netns(dev).unwrap();
+    let mtu = mtu.to_string();
+    node.ns.run_ok(
+        "ip",
+        &["link", "add", dev, "mtu", &mtu, "type", "veth", "peer", "name", "eth0", "mtu", &mtu, "netns", pod.name()],
+    );
+    node.ns.run_ok("ip", &["addr", "add", &format!("10.{net}.{}.1/24", i + 1), "dev", dev]);
+    node.ns.run_ok("ip", &["link", "set", dev, "up"]);
+    pod.run_ok("ip", &["addr", "add", &format!("10.{net}.{}.2/24", i + 1), "dev", "eth0"]);
+    pod.run_ok("ip", &["link", "set", "eth0", "up"]);
+    pod.run_ok("ip", &["route", "add", "default", "via", &format!("10.{net}.{}.1", i + 1)]);
+    node.ns.wait_oper_up(&[dev], Duration::from_secs(10)).unwrap();
+    pod
+}
+
+/// A WireGuard key pair from `wg genkey | wg pubkey`: (private, public) in
+/// base64.
+fn wg_keypair(ns: &Netns) -> (String, String) {
+    let private = ns.run_ok("wg", &["genkey"]).trim().to_string();
+    let out = ns
+        .command("sh")
+        .args(["-c", "printf '%s\\n' \"$1\" | wg pubkey", "sh", &private])
+        .output()
+        .expect("wg (apt-get install wireguard-tools)");
+    assert!(out.status.success(), "wg pubkey: {}", String::from_utf8_lossy(&out.stderr));
+    (private, String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+/// `wireguard-go` on both nodes of `c`, configured with `wg` (overlay
+/// 10.247.0.0/16, node `i` holding 10.247.(i+1).0/24 on `wg0`). Returns the
+/// shells that hold them (a SIGTERM stops each) and wireguard-go's pids.
+fn wireguard_go(c: &Cluster, dir: &std::path::Path) -> (Vec<Child>, Vec<u32>) {
+    let keys = [wg_keypair(&c.node(0).ns), wg_keypair(&c.node(1).ns)];
+    let mut kids = Vec::new();
+    let mut pids = Vec::new();
+    for i in 0..2usize {
+        let peer = 1 - i;
+        let key_file = dir.join(format!("wg-go-{i}.key"));
+        std::fs::write(&key_file, format!("{}\n", keys[i].0)).unwrap();
+        // The shell runs in its own mount namespace (unshare -m, private
+        // propagation), so the tmpfs on /run/wireguard, where wireguard-go
+        // puts its control socket, is this instance's alone.
+        let script = format!(
+            r#"set -e
+mkdir -p /run/wireguard
+mount -t tmpfs wg-bench /run/wireguard
+WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD=1 wireguard-go -f wg0 >/dev/null 2>&1 &
+pid=$!
+trap 'kill $pid; wait $pid; exit 0' TERM INT
+echo $pid
+n=0
+while [ ! -S /run/wireguard/wg0.sock ]; do n=$((n+1)); [ $n -lt 200 ] || {{ echo 'no control socket'; exit 1; }}; sleep 0.05; done
+wg set wg0 listen-port {port} private-key {key} peer {pub} allowed-ips 10.247.{pnet}.0/24 endpoint {pip}:{port}
+ip link set wg0 mtu {mtu} up
+ip addr add 10.247.{net}.0/32 dev wg0
+ip route add 10.247.0.0/16 dev wg0
+echo ready
+wait $pid
+"#,
+            port = WG_GO_PORT,
+            key = key_file.display(),
+            pub = keys[peer].1,
+            pnet = peer + 1,
+            pip = underlay(peer),
+            mtu = WG_MTU,
+            net = i + 1,
+        );
+        let mut child = c
+            .node(i)
+            .ns
+            .command("unshare")
+            .args(["-m", "--propagation", "private", "sh", "-c", &script])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("unshare (util-linux)");
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let pid: u32 =
+            lines.next().and_then(Result::ok).and_then(|l| l.trim().parse().ok()).expect("wireguard-go's pid");
+        let ready = lines.next().and_then(Result::ok).unwrap_or_default();
+        assert_eq!(ready.trim(), "ready", "wireguard-go on node {i} did not come up");
+        pids.push(pid);
+        kids.push(child);
+    }
+    (kids, pids)
+}
+
+fn stop_all(kids: Vec<Child>) {
+    for mut k in kids {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(k.id() as i32, libc::SIGTERM) };
+        let _ = k.wait();
+    }
+}
+
+/// Two flanneld-rs daemons with `conf`, their metrics on 127.0.0.1:9105 in
+/// their nodes, each with its own WireGuard key file, knowing each other; a
+/// pod on each node.
+fn daemons(conf: &str, pod_prefix: &str) -> (Overlay, [(Netns, Ipv4Addr); 2]) {
+    let mut o = Overlay::with_conf(2, conf);
+    for i in 0..2 {
+        o.set_flags(i, &["--healthz-ip", "127.0.0.1", "--healthz-port", &METRICS_PORT.to_string()]);
+        let key = o.dir.path().join(format!("node{i}/wgkey"));
+        o.set_env(i, &[("WIREGUARD_KEY_FILE", key.to_str().unwrap())]);
+    }
+    o.start_all();
+    for i in 0..2 {
+        wait_until(Duration::from_secs(10), &format!("node{i}'s peer table"), || {
+            metric(&metrics(&o, i), "flannel_peers") == Some(1.0)
+        });
+    }
+    let pods = [o.add_pod(0, &format!("{pod_prefix}a")), o.add_pod(1, &format!("{pod_prefix}b"))];
+    (o, pods)
+}
+
+/// Node `i`'s `/metrics` text.
+fn metrics(o: &Overlay, i: usize) -> String {
+    http_get(&o.cluster.node(i).ns, SocketAddr::from(([127, 0, 0, 1], METRICS_PORT)), "/metrics")
+}
+
+fn daemon_pids(o: &Overlay) -> Vec<u32> {
+    o.daemons.iter().map(|d| d.proc.0.as_ref().expect("daemon running").id()).collect()
+}
+
+/// Busy CPU seconds of the whole machine so far (/proc/stat: all but idle
+/// and iowait).
+fn machine_cpu() -> f64 {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap();
+    let f: Vec<f64> = stat.lines().next().unwrap().split_whitespace().skip(1).map(|v| v.parse().unwrap()).collect();
+    let busy = f[0] + f[1] + f[2] + f[5] + f[6] + f[7];
+    busy / hz()
+}
+
+fn hz() -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    unsafe { libc::sysconf(libc::_SC_CLK_TCK) as f64 }
+}
+
+/// utime + stime of a /proc/.../stat file, in seconds.
+fn stat_cpu(path: &str) -> f64 {
+    let stat = std::fs::read_to_string(path).unwrap_or_default();
+    let Some(rest) = stat.rsplit(')').next() else { return 0.0 };
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    if f.len() < 13 {
+        return 0.0;
+    }
+    (f[11].parse::<f64>().unwrap_or(0.0) + f[12].parse::<f64>().unwrap_or(0.0)) / hz()
+}
+
+/// Who to charge the relay's CPU to.
+enum Relay<'a> {
+    /// Threads of this process (the data path started by hand).
+    Threads(&'a [WgDataPath]),
+    /// Whole processes: the daemons, or wireguard-go.
+    Procs(Vec<u32>),
+}
+
+impl Relay<'_> {
+    fn cpu(&self) -> f64 {
+        match self {
+            Relay::Threads(dps) => dps
+                .iter()
+                .flat_map(|d| d.thread_ids())
+                .map(|tid| stat_cpu(&format!("/proc/self/task/{tid}/stat")))
+                .sum(),
+            Relay::Procs(pids) => pids.iter().map(|p| stat_cpu(&format!("/proc/{p}/stat"))).sum(),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Default)]
+struct Figure {
+    gbps: f64,
+    relay_cpu: f64,
+    machine_cpu: f64,
+}
+
+/// One iperf3 run: Gbit/s, relay CPU s/Gbit, machine CPU s/Gbit.
+fn iperf(client: &Netns, server: &Netns, addr: Ipv4Addr, streams: u32, seconds: u32, relay: &Relay) -> Figure {
+    let sample = || (relay.cpu(), machine_cpu());
+    let (gbps, (r0, m0), (r1, m1)) = e2e_tests::perf::iperf_sampled(client, server, addr, streams, seconds, sample);
+    let gbit = (gbps * f64::from(seconds)).max(1e-9);
+    Figure { gbps, relay_cpu: (r1 - r0) / gbit, machine_cpu: (m1 - m0) / gbit }
+}
+
+/// Median (by throughput) of runs.
+fn median(mut v: Vec<Figure>) -> Figure {
+    v.sort_by(|a, b| a.gbps.partial_cmp(&b.gbps).unwrap());
+    v[v.len() / 2]
+}
+
+/// One mode of the comparison.
+struct Mode<'a> {
+    name: &'static str,
+    client: &'a Netns,
+    server: &'a Netns,
+    addr: Ipv4Addr,
+    relay: Relay<'a>,
+}
+
+fn wait_ping(md: &Mode) {
+    wait_until(Duration::from_secs(15), &format!("{}: first ping", md.name), || {
+        md.client
+            .run("ping", &["-c", "1", "-W", "1", &md.addr.to_string()])
+            .map(|o| o.status.success())
+            .unwrap_or(false)
+    });
+}
+
+fn compare(modes: &[Mode], seconds: u32, rounds: usize) {
+    println!(
+        "\niperf3 pod to pod across two nodes, {seconds} s per run, median of {rounds} (rounds rotate the order):"
+    );
+    let n = modes.len();
+    for streams in [1u32, 4] {
+        let mut runs: Vec<Vec<Figure>> = vec![Vec::new(); n];
+        for round in 0..rounds {
+            for k in 0..n {
+                let m = (k + round) % n;
+                let md = &modes[m];
+                runs[m].push(iperf(md.client, md.server, md.addr, streams, seconds, &md.relay));
+            }
+        }
+        let f: Vec<Figure> = runs.into_iter().map(median).collect();
+        for (m, md) in modes.iter().enumerate() {
+            println!(
+                "  {streams} stream(s)  {:<28} {:6.2} Gbit/s  CPU-s/Gbit: relay {:.3}, machine {:.3}",
+                md.name, f[m].gbps, f[m].relay_cpu, f[m].machine_cpu
+            );
+        }
+        if n >= 3 {
+            println!(
+                "  {streams} stream(s)  ours/wireguard-go {:.2}x  ours/udp {:.1}%  (targets: >= 2x, >= 60%)",
+                f[0].gbps / f[2].gbps,
+                f[0].gbps / f[1].gbps * 100.0,
+            );
+        }
+    }
+    println!("\nping pod to pod (200 x 5 ms):");
+    for md in modes {
+        let (p50, p99) = ping(md.client, md.addr);
+        println!("  {:<28} p50 {p50:.3} ms  p99 {p99:.3} ms", md.name);
+    }
+}
+
+/// The wireguard data path started by hand on node `i` of a hand-built
+/// fixture (overlay 10.248.0.0/16, port 51840), with fixed keys.
+fn start_by_hand(c: &Cluster, i: usize, tuning: WgTuning) -> WgDataPath {
+    let secret = |i: usize| [i as u8 + 1; 32];
+    let cfg = WgConfig {
+        tun_name: "wgh0".into(),
+        subnet: format!("10.248.{}.0/24", i + 1).parse().unwrap(),
+        network: "10.248.0.0/16".parse().unwrap(),
+        mtu: WG_MTU,
+        port: BY_HAND_PORT,
+        private_key: secret(i),
+        psk: None,
+        keepalive: 0,
+    };
+    let dp = c.node(i).ns.in_thread(|| WgDataPath::start_with(cfg, Arc::new(WgCounters::default()), tuning)).unwrap();
+    let peer = 1 - i;
+    dp.set_peers(&[(
+        format!("10.248.{}.0/24", peer + 1).parse().unwrap(),
+        TunnelPeer {
+            ip: underlay(peer),
+            wireguard: Some(WireguardPeer { public_key: public_of(&secret(peer)), port: BY_HAND_PORT }),
+        },
+    )]);
+    dp
+}
+
+fn stages(seconds: u32, rounds: usize) {
+    let c = Cluster::new(2).unwrap();
+    let pods = [add_pod(&c, 0, 248, "vh0", WG_MTU), add_pod(&c, 1, 248, "vh0", WG_MTU)];
+    let list = WgTuning::stages();
+    println!(
+        "\nstages of the wireguard data path, started by hand (iperf3 pod to pod, median of {rounds}; CPU = its \
+         threads, s/Gbit):"
+    );
+    let mut prev: Option<f64> = None;
+    for (name, tuning) in list {
+        let dps = [start_by_hand(&c, 0, tuning), start_by_hand(&c, 1, tuning)];
+        wait_until(Duration::from_secs(10), "ping through the data path", || {
+            pods[0].run("ping", &["-c", "1", "-W", "1", "10.248.2.2"]).map(|o| o.status.success()).unwrap_or(false)
+        });
+        let mut line = format!("  {name:<46}");
+        for streams in [1, 4] {
+            let f = median(
+                (0..rounds)
+                    .map(|_| {
+                        iperf(&pods[0], &pods[1], Ipv4Addr::new(10, 248, 2, 2), streams, seconds, &Relay::Threads(&dps))
+                    })
+                    .collect(),
+            );
+            line += &format!("  {streams}x: {:6.2} Gbit/s ({:.3} CPU-s/Gbit)", f.gbps, f.relay_cpu);
+            if streams == 1 {
+                if let Some(p) = prev {
+                    line += &format!(" {:>5.2}x prev", f.gbps / p);
+                }
+                prev = Some(f.gbps);
+            }
+        }
+        println!("{line}");
+        drop(dps);
+    }
+}
+
+/// The wireguard counters of node `i`'s daemon that are not zero.
+fn wg_counters(o: &Overlay, i: usize) -> String {
+    let text = metrics(o, i);
+    let v: Vec<String> = text
+        .lines()
+        .filter(|l| l.starts_with("flannel_wireguard_") && !l.ends_with(" 0"))
+        .map(|l| l.trim_start_matches("flannel_wireguard_").to_string())
+        .collect();
+    v.join(", ")
+}
+
+/// What the daemon's data path uses, from its log.
+fn daemon_features(o: &Overlay, i: usize) -> String {
+    let log = o.log(i);
+    let line = log.lines().rev().find(|l| l.contains("user-space data path on")).unwrap_or("(not in the log)");
+    line.split("data path on ").nth(1).unwrap_or(line).to_string()
+}
+
+fn main() {
+    let args = Args::parse();
+    if !netns_fixtures::require_root() {
+        std::process::exit(1);
+    }
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    println!("load average at start: {}", load.split_whitespace().take(3).collect::<Vec<_>>().join(" "));
+    if args.stages || args.stages_only {
+        stages(args.seconds, args.rounds);
+        if args.stages_only {
+            return;
+        }
+    }
+    let (wg, wpods) = daemons(WG_CONF, "w");
+    println!("\nthe wireguard daemons' data path: {}", daemon_features(&wg, 0));
+    if args.ours_only {
+        let modes = [Mode {
+            name: "ours (wireguard daemons)",
+            client: &wpods[0].0,
+            server: &wpods[1].0,
+            addr: wpods[1].1,
+            relay: Relay::Procs(daemon_pids(&wg)),
+        }];
+        wait_ping(&modes[0]);
+        compare(&modes, args.seconds, args.rounds);
+        println!("\nwireguard counters (non-zero): node0: {}", wg_counters(&wg, 0));
+        return;
+    }
+    let (udp, upods) = daemons(UDP_CONF, "u");
+    let dir = tempfile::tempdir().unwrap();
+    let c = Cluster::new(2).unwrap();
+    let gpods = [add_pod(&c, 0, 247, "vg0", WG_MTU), add_pod(&c, 1, 247, "vg0", WG_MTU)];
+    let (kids, go_pids) = wireguard_go(&c, dir.path());
+    {
+        let modes = [
+            Mode {
+                name: "ours (wireguard daemons)",
+                client: &wpods[0].0,
+                server: &wpods[1].0,
+                addr: wpods[1].1,
+                relay: Relay::Procs(daemon_pids(&wg)),
+            },
+            Mode {
+                name: "our udp (udp daemons)",
+                client: &upods[0].0,
+                server: &upods[1].0,
+                addr: upods[1].1,
+                relay: Relay::Procs(daemon_pids(&udp)),
+            },
+            Mode {
+                name: "wireguard-go",
+                client: &gpods[0],
+                server: &gpods[1],
+                addr: Ipv4Addr::new(10, 247, 2, 2),
+                relay: Relay::Procs(go_pids),
+            },
+        ];
+        for md in &modes {
+            wait_ping(md);
+        }
+        println!("(CPU relay column: the two daemons' or the two wireguard-go processes, all threads)");
+        compare(&modes, args.seconds, args.rounds);
+    }
+    println!("\nwireguard daemons' counters (non-zero): node0: {}", wg_counters(&wg, 0));
+    println!("                                        node1: {}", wg_counters(&wg, 1));
+    stop_all(kids);
+    drop(udp);
+    drop(wg);
+}
