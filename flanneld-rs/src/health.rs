@@ -28,6 +28,10 @@ pub struct Metrics {
     /// Kernel notifications that agreed with what we programmed (the echo
     /// of our own changes), which ask for no reconcile.
     pub kernel_echoes: AtomicU64,
+    /// Kernel notifications about what we own that did not agree with what
+    /// we programmed (hand edits, deletions, our model unknown), each of
+    /// which asks for a full reconcile.
+    pub kernel_disagreements: AtomicU64,
     /// Kernel changes made.
     pub reconcile_ops: AtomicU64,
     /// Sum of reconcile durations, microseconds.
@@ -126,6 +130,12 @@ impl Metrics {
             "counter",
             "Kernel notifications that agreed with what was programmed (no reconcile).",
             g(&self.kernel_echoes),
+        );
+        metric(
+            "flannel_kernel_disagreements_total",
+            "counter",
+            "Kernel notifications about our entries that disagreed with what was programmed (a full reconcile).",
+            g(&self.kernel_disagreements),
         );
         metric(
             "flannel_reconcile_ops_total",

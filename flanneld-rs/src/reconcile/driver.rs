@@ -375,22 +375,19 @@ impl<S: LeaseStore> Driver<S> {
     /// programmed (see [`Model::agrees`]), in the family it is about.
     fn echo(&self, change: &Change) -> bool {
         let family = match change {
-            Change::Route { route: Some(r), .. } => match r.dst {
+            Change::Route { route: Some(r), .. } => Some(match r.dst {
                 IpNet::V4(_) => Family::V4,
                 IpNet::V6(_) => Family::V6,
-            },
+            }),
             Change::Neigh { index, .. } => {
-                match self.node.families().into_iter().find(|f| self.device_index[*f as usize] == Some(*index)) {
-                    Some(f) => f,
-                    None => return false,
-                }
+                self.node.families().into_iter().find(|f| self.device_index[*f as usize] == Some(*index))
             }
-            _ => return false,
+            _ => None,
         };
-        let echo = self.models[family as usize].as_ref().is_some_and(|m| m.agrees(change));
-        if echo {
-            self.metrics.kernel_echoes.fetch_add(1, Ordering::Relaxed);
-        }
+        let model = family.and_then(|f| self.models[f as usize].as_ref());
+        let echo = model.is_some_and(|m| m.agrees(change));
+        let counter = if echo { &self.metrics.kernel_echoes } else { &self.metrics.kernel_disagreements };
+        counter.fetch_add(1, Ordering::Relaxed);
         echo
     }
 
@@ -599,7 +596,8 @@ impl<S: LeaseStore> Driver<S> {
                             concerns_us(self.device_index[f as usize], self.node.backend_of(f).underlay(), &c)
                         });
                         // The echo of our own change asks for nothing.
-                        if kernel_due.is_none() && (underlay || ours && !self.echo(&c)) {
+                        let disagrees = ours && !self.echo(&c);
+                        if kernel_due.is_none() && (underlay || disagrees) {
                             kernel_due = Some(tokio::time::Instant::now() + DEBOUNCE);
                         }
                     }
