@@ -25,6 +25,9 @@ pub struct Metrics {
     /// Incremental reconcile runs (only the changed leases' entries, planned
     /// against what the last full run saw and the runs since applied).
     pub reconcile_incremental_runs: AtomicU64,
+    /// Sum of the incremental runs' durations, microseconds (also in
+    /// `reconcile_micros`).
+    pub reconcile_incremental_micros: AtomicU64,
     /// Kernel notifications that agreed with what we programmed (the echo
     /// of our own changes), which ask for no reconcile.
     pub kernel_echoes: AtomicU64,
@@ -124,6 +127,12 @@ impl Metrics {
             "counter",
             "Incremental reconcile runs (only the changed leases' entries).",
             g(&self.reconcile_incremental_runs),
+        );
+        metric(
+            "flannel_reconcile_incremental_duration_seconds_total",
+            "counter",
+            "Time spent in incremental reconcile runs.",
+            format!("{:.6}", self.reconcile_incremental_micros.load(Ordering::Relaxed) as f64 / 1e6),
         );
         metric(
             "flannel_kernel_echoes_total",

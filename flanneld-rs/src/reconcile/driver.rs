@@ -367,7 +367,9 @@ impl<S: LeaseStore> Driver<S> {
         m.reconcile_runs.fetch_add(1, Ordering::Relaxed);
         m.reconcile_incremental_runs.fetch_add(1, Ordering::Relaxed);
         m.reconcile_ops.fetch_add(n_ops as u64, Ordering::Relaxed);
-        m.reconcile_micros.fetch_add(start.elapsed().as_micros() as u64, Ordering::Relaxed);
+        let micros = start.elapsed().as_micros() as u64;
+        m.reconcile_micros.fetch_add(micros, Ordering::Relaxed);
+        m.reconcile_incremental_micros.fetch_add(micros, Ordering::Relaxed);
         true
     }
 
