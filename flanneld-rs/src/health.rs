@@ -22,8 +22,23 @@ pub struct Metrics {
     pub peers_ipv6: AtomicU64,
     /// Leases rejected (bad data) in the last snapshot.
     pub rejected_leases: AtomicU64,
-    /// Reconcile runs.
+    /// Reconcile runs (full and incremental).
     pub reconcile_runs: AtomicU64,
+    /// Full reconcile runs (every entry dumped and planned).
+    pub reconcile_full_runs: AtomicU64,
+    /// Incremental reconcile runs (only the changed leases' entries, planned
+    /// against what the last full run saw and the runs since applied).
+    pub reconcile_incremental_runs: AtomicU64,
+    /// Sum of the incremental runs' durations, microseconds (also in
+    /// `reconcile_micros`).
+    pub reconcile_incremental_micros: AtomicU64,
+    /// Kernel notifications that agreed with what we programmed (the echo
+    /// of our own changes), which ask for no reconcile.
+    pub kernel_echoes: AtomicU64,
+    /// Kernel notifications about what we own that did not agree with what
+    /// we programmed (hand edits, deletions, our model unknown), each of
+    /// which asks for a full reconcile.
+    pub kernel_disagreements: AtomicU64,
     /// Kernel changes made.
     pub reconcile_ops: AtomicU64,
     /// Sum of reconcile durations, microseconds.
@@ -105,6 +120,36 @@ impl Metrics {
             g(&self.rejected_leases),
         );
         metric("flannel_reconcile_runs_total", "counter", "Reconcile runs.", g(&self.reconcile_runs));
+        metric(
+            "flannel_reconcile_full_runs_total",
+            "counter",
+            "Full reconcile runs (every entry dumped and planned).",
+            g(&self.reconcile_full_runs),
+        );
+        metric(
+            "flannel_reconcile_incremental_runs_total",
+            "counter",
+            "Incremental reconcile runs (only the changed leases' entries).",
+            g(&self.reconcile_incremental_runs),
+        );
+        metric(
+            "flannel_reconcile_incremental_duration_seconds_total",
+            "counter",
+            "Time spent in incremental reconcile runs.",
+            format!("{:.6}", self.reconcile_incremental_micros.load(Ordering::Relaxed) as f64 / 1e6),
+        );
+        metric(
+            "flannel_kernel_echoes_total",
+            "counter",
+            "Kernel notifications that agreed with what was programmed (no reconcile).",
+            g(&self.kernel_echoes),
+        );
+        metric(
+            "flannel_kernel_disagreements_total",
+            "counter",
+            "Kernel notifications about our entries that disagreed with what was programmed (a full reconcile).",
+            g(&self.kernel_disagreements),
+        );
         metric(
             "flannel_reconcile_ops_total",
             "counter",

@@ -322,6 +322,26 @@ impl LeaseSet {
         self.0.values()
     }
 
+    /// The leases that differ from `old` to `self` (source, before, after),
+    /// or `None` when more than `limit` do. Subtrees the two sets share
+    /// (a snapshot shares all but the path to what changed) are skipped,
+    /// so this costs O(changes · log n).
+    pub fn changes_since<'a>(&'a self, old: &'a LeaseSet, limit: usize) -> Option<Vec<LeaseChange<'a>>> {
+        use imbl::ordmap::DiffItem;
+        let mut out = Vec::new();
+        for d in old.0.diff(&self.0) {
+            if out.len() == limit {
+                return None;
+            }
+            out.push(match d {
+                DiffItem::Add(k, v) => (k.as_str(), None, Some(v)),
+                DiffItem::Update { old: (k, o), new: (_, v) } => (k.as_str(), Some(o), Some(v)),
+                DiffItem::Remove(k, o) => (k.as_str(), Some(o), None),
+            });
+        }
+        Some(out)
+    }
+
     /// How many leases.
     pub fn len(&self) -> usize {
         self.0.len()
@@ -346,6 +366,10 @@ impl FromIterator<Lease> for LeaseSet {
         LeaseSet(iter.into_iter().map(|l| (l.source.clone(), l)).collect())
     }
 }
+
+/// A lease that differs between two snapshots: its source, and the lease
+/// before and after (`None`: absent).
+pub type LeaseChange<'a> = (&'a str, Option<&'a Lease>, Option<&'a Lease>);
 
 /// What the lease watcher hands the reconcile loop.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -797,5 +821,25 @@ mod tests {
         assert!(!set.remove("a"));
         assert_eq!((snap.len(), set.len()), (1, 0));
         assert_eq!(snap.to_vec(), vec![l]);
+    }
+
+    #[test]
+    fn changes_since_names_each_added_changed_and_removed_lease_up_to_a_limit() {
+        let lease = |s: &str, ip: &str| {
+            let mut a = attrs(BackendType::Udp, None);
+            a.public_ip = Some(ip.parse().unwrap());
+            a.lease(Some(format!("10.5.{s}.0/24").parse().unwrap()), None, s)
+        };
+        let old: LeaseSet = (0..250).map(|i| lease(&i.to_string(), "192.0.2.1")).collect();
+        let mut new = old.clone();
+        assert_eq!(new.changes_since(&old, 8), Some(vec![]));
+        new.upsert("250", lease("250", "192.0.2.1"));
+        new.upsert("7", lease("7", "192.0.2.2"));
+        new.remove("9");
+        let changes = new.changes_since(&old, 8).unwrap();
+        let shown: Vec<(&str, bool, bool)> = changes.iter().map(|(s, o, n)| (*s, o.is_some(), n.is_some())).collect();
+        assert_eq!(shown, [("250", false, true), ("7", true, true), ("9", true, false)]);
+        assert_eq!(changes[1].2.unwrap().public_ip4(), Some("192.0.2.2".parse().unwrap()));
+        assert_eq!(new.changes_since(&old, 2), None, "more than the limit");
     }
 }

@@ -23,6 +23,31 @@ pub struct Fdb {
     pub dst: IpAddr,
 }
 
+/// The MAC and remote an `AF_BRIDGE` neighbour message names (`None`
+/// without either: an entry without a remote is not one of ours).
+pub(super) fn fdb_of(m: &NeighbourMessage) -> Option<Fdb> {
+    let mut dst = None;
+    let mut mac = None;
+    for a in &m.attributes {
+        match a {
+            NeighbourAttribute::Destination(NeighbourAddress::Inet(v4)) => dst = Some(IpAddr::V4(*v4)),
+            NeighbourAttribute::Destination(NeighbourAddress::Inet6(v6)) => dst = Some(IpAddr::V6(*v6)),
+            // netlink-packet-route cannot tell an AF_BRIDGE entry's
+            // remote's family from the header, so it hands back bytes.
+            NeighbourAttribute::Destination(NeighbourAddress::Other(b)) if b.len() == 4 => {
+                dst = Some(IpAddr::V4(Ipv4Addr::new(b[0], b[1], b[2], b[3])))
+            }
+            NeighbourAttribute::Destination(NeighbourAddress::Other(b)) if b.len() == 16 => {
+                let octets: [u8; 16] = b.as_slice().try_into().expect("16 bytes");
+                dst = Some(IpAddr::V6(Ipv6Addr::from(octets)))
+            }
+            NeighbourAttribute::LinkLayerAddress(l) => mac = MacAddr::from_slice(l),
+            _ => {}
+        }
+    }
+    Some(Fdb { mac: mac?, dst: dst? })
+}
+
 impl Netlink {
     /// Permanent FDB entries with a remote on link `index` (`bridge fdb show dev DEV`).
     pub async fn fdbs(&self, index: u32) -> NlResult<Vec<Fdb>> {
@@ -35,32 +60,11 @@ impl Netlink {
             .try_collect()
             .await
             .map_err(|e| NlError::new(format!("dump fdb of link #{index}"), e))?;
-        let mut out = Vec::new();
-        for m in msgs.iter().filter(|m| m.header.ifindex == index && is_permanent(m.header.state)) {
-            let mut dst = None;
-            let mut mac = None;
-            for a in &m.attributes {
-                match a {
-                    NeighbourAttribute::Destination(NeighbourAddress::Inet(v4)) => dst = Some(IpAddr::V4(*v4)),
-                    NeighbourAttribute::Destination(NeighbourAddress::Inet6(v6)) => dst = Some(IpAddr::V6(*v6)),
-                    // netlink-packet-route cannot tell an AF_BRIDGE entry's
-                    // remote's family from the header, so it hands back bytes.
-                    NeighbourAttribute::Destination(NeighbourAddress::Other(b)) if b.len() == 4 => {
-                        dst = Some(IpAddr::V4(Ipv4Addr::new(b[0], b[1], b[2], b[3])))
-                    }
-                    NeighbourAttribute::Destination(NeighbourAddress::Other(b)) if b.len() == 16 => {
-                        let octets: [u8; 16] = b.as_slice().try_into().expect("16 bytes");
-                        dst = Some(IpAddr::V6(Ipv6Addr::from(octets)))
-                    }
-                    NeighbourAttribute::LinkLayerAddress(l) => mac = MacAddr::from_slice(l),
-                    _ => {}
-                }
-            }
-            if let (Some(dst), Some(mac)) = (dst, mac) {
-                out.push(Fdb { mac, dst });
-            }
-        }
-        Ok(out)
+        Ok(msgs
+            .iter()
+            .filter(|m| m.header.ifindex == index && is_permanent(m.header.state))
+            .filter_map(fdb_of)
+            .collect())
     }
 
     /// Adds or replaces a permanent FDB entry with a remote.

@@ -36,7 +36,7 @@ mod vxlan;
 pub use errors::{NlError, NlResult};
 pub use fdb::Fdb;
 pub use link::Link;
-pub use monitor::{monitor, Change};
+pub use monitor::{monitor, Change, NeighEntry};
 pub use neighbour::Neigh;
 pub use route::{Route, Scope};
 pub use vxlan::{VxlanLink, VxlanSpec, DEFAULT_VXLAN_PORT};

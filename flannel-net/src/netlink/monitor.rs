@@ -1,22 +1,64 @@
 //! Change notifications (`ip monitor`), which trigger the daemon's reconcile.
+//! Each carries enough of the entry it is about (a route's destination, next
+//! hop and device, a neighbour's address and MAC, an FDB entry's MAC and
+//! remote) for the daemon to tell the echo of its own change, which agrees
+//! with what it programmed, from someone else's.
 
-use rtnetlink::packet_route::route::RouteAttribute;
+use rtnetlink::packet_route::route::{RouteAttribute, RouteMessage, RouteType};
+use rtnetlink::packet_route::AddressFamily;
 
-use super::{NlError, NlResult};
+use super::{Fdb, Neigh, NlError, NlResult, Route};
 
 /// What a change notification is about, as far as a reconcile loop cares.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Change {
     /// A link appeared, changed or vanished (its index).
     Link(u32),
     /// A route through this output interface changed.
-    Route(Option<u32>),
+    Route {
+        /// The route's output interface.
+        oif: Option<u32>,
+        /// The route, when it is a unicast route of the main table (the
+        /// only ones a reconcile owns); `None` for any other.
+        route: Option<Route>,
+        /// Whether it was deleted (else added or replaced).
+        deleted: bool,
+    },
     /// A neighbour or FDB entry on this link changed.
-    Neigh(u32),
+    Neigh {
+        /// The link's index.
+        index: u32,
+        /// The entry, when the message names it completely.
+        entry: Option<NeighEntry>,
+        /// Whether it was deleted (else added or changed).
+        deleted: bool,
+    },
     /// An address on this link changed.
     Addr(u32),
     /// The kernel dropped notifications (`ENOBUFS`): anything may have changed.
     Overrun,
+}
+
+/// The entry a neighbour notification is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NeighEntry {
+    /// An ARP / neighbour discovery entry, and whether it is permanent.
+    Neigh(Neigh, bool),
+    /// An FDB entry with a remote (family `AF_BRIDGE`), and whether it is permanent.
+    Fdb(Fdb, bool),
+}
+
+impl Change {
+    /// The change a route message reports.
+    fn of_route(r: &RouteMessage, deleted: bool) -> Change {
+        let oif = r.attributes.iter().find_map(|a| match a {
+            RouteAttribute::Oif(i) => Some(*i),
+            _ => None,
+        });
+        let main = r.header.table == libc::RT_TABLE_MAIN && r.header.kind == RouteType::Unicast;
+        let route = if main { Route::from_message(r) } else { None };
+        Change::Route { oif, route, deleted }
+    }
 }
 
 /// Subscribes to link, IPv4 address, IPv4 route and neighbour (which carries
@@ -41,15 +83,10 @@ pub fn monitor(ipv6: bool) -> NlResult<tokio::sync::mpsc::UnboundedReceiver<Chan
             let change = match msg.payload {
                 NetlinkPayload::InnerMessage(M::NewLink(l) | M::DelLink(l)) => Some(Change::Link(l.header.index)),
                 NetlinkPayload::InnerMessage(M::NewAddress(a) | M::DelAddress(a)) => Some(Change::Addr(a.header.index)),
-                NetlinkPayload::InnerMessage(M::NewRoute(r) | M::DelRoute(r)) => {
-                    Some(Change::Route(r.attributes.iter().find_map(|a| match a {
-                        RouteAttribute::Oif(i) => Some(*i),
-                        _ => None,
-                    })))
-                }
-                NetlinkPayload::InnerMessage(M::NewNeighbour(n) | M::DelNeighbour(n)) => {
-                    Some(Change::Neigh(n.header.ifindex))
-                }
+                NetlinkPayload::InnerMessage(M::NewRoute(r)) => Some(Change::of_route(&r, false)),
+                NetlinkPayload::InnerMessage(M::DelRoute(r)) => Some(Change::of_route(&r, true)),
+                NetlinkPayload::InnerMessage(M::NewNeighbour(n)) => Some(neigh_change(&n, false)),
+                NetlinkPayload::InnerMessage(M::DelNeighbour(n)) => Some(neigh_change(&n, true)),
                 NetlinkPayload::Overrun(_) => Some(Change::Overrun),
                 _ => None,
             };
@@ -61,4 +98,14 @@ pub fn monitor(ipv6: bool) -> NlResult<tokio::sync::mpsc::UnboundedReceiver<Chan
         }
     });
     Ok(rx)
+}
+
+fn neigh_change(n: &rtnetlink::packet_route::neighbour::NeighbourMessage, deleted: bool) -> Change {
+    let permanent = super::neighbour::is_permanent(n.header.state);
+    let entry = if n.header.family == AddressFamily::Bridge {
+        super::fdb::fdb_of(n).map(|f| NeighEntry::Fdb(f, permanent))
+    } else {
+        super::neighbour::neigh_of(n).map(|x| NeighEntry::Neigh(x, permanent))
+    };
+    Change::Neigh { index: n.header.ifindex, entry, deleted }
 }

@@ -26,6 +26,21 @@ pub(super) fn is_permanent(state: NeighbourState) -> bool {
     u16::from(state) & 0x80 != 0
 }
 
+/// The address and MAC a neighbour message names (`None` without either).
+pub(super) fn neigh_of(m: &NeighbourMessage) -> Option<Neigh> {
+    let mut ip = None;
+    let mut mac = None;
+    for a in &m.attributes {
+        match a {
+            NeighbourAttribute::Destination(NeighbourAddress::Inet(v4)) => ip = Some(IpAddr::V4(*v4)),
+            NeighbourAttribute::Destination(NeighbourAddress::Inet6(v6)) => ip = Some(IpAddr::V6(*v6)),
+            NeighbourAttribute::LinkLayerAddress(l) => mac = MacAddr::from_slice(l),
+            _ => {}
+        }
+    }
+    Some(Neigh { ip: ip?, mac: mac? })
+}
+
 impl Netlink {
     /// Permanent neighbours of both families on link `index` (`ip neigh
     /// show dev DEV nud permanent`, `ip -6 neigh ...`).
@@ -47,23 +62,11 @@ impl Netlink {
             .try_collect()
             .await
             .map_err(|e| NlError::new(format!("dump neighbours of link #{index}"), e))?;
-        let mut out = Vec::new();
-        for m in msgs.iter().filter(|m| m.header.ifindex == index && is_permanent(m.header.state)) {
-            let mut ip = None;
-            let mut mac = None;
-            for a in &m.attributes {
-                match a {
-                    NeighbourAttribute::Destination(NeighbourAddress::Inet(v4)) => ip = Some(IpAddr::V4(*v4)),
-                    NeighbourAttribute::Destination(NeighbourAddress::Inet6(v6)) => ip = Some(IpAddr::V6(*v6)),
-                    NeighbourAttribute::LinkLayerAddress(l) => mac = MacAddr::from_slice(l),
-                    _ => {}
-                }
-            }
-            if let (Some(ip), Some(mac)) = (ip, mac) {
-                out.push(Neigh { ip, mac });
-            }
-        }
-        Ok(out)
+        Ok(msgs
+            .iter()
+            .filter(|m| m.header.ifindex == index && is_permanent(m.header.state))
+            .filter_map(neigh_of)
+            .collect())
     }
 
     /// Adds or replaces a permanent neighbour.

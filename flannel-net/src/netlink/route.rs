@@ -53,7 +53,7 @@ impl Scope {
 
 impl Route {
     /// Reads a dumped route; `None` for a family we do not handle.
-    fn from_message(msg: &RouteMessage) -> Option<Route> {
+    pub(super) fn from_message(msg: &RouteMessage) -> Option<Route> {
         let mut dst = None;
         let mut gateway = None;
         let mut oif = None;

@@ -6,10 +6,12 @@ use std::collections::BTreeMap;
 
 use ipnet::IpNet;
 
-use super::plan::Desired;
-use crate::backend::{check_peer, family_network, Backend, PeerWant};
+use ipnet::Ipv4Net;
+
+use super::plan::{Desired, PeerEntries};
+use crate::backend::{check_peer, family_network, Backend, PeerWant, TunnelPeer};
 use crate::config::NetworkConfig;
-use crate::lease::{Family, Lease};
+use crate::lease::{Family, FamilyLease, Lease};
 
 /// A peer lease that will not be programmed, and why.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -29,6 +31,68 @@ pub fn vtep_addr(subnet: IpNet) -> IpNet {
     IpNet::new(subnet.network(), host).expect("a host prefix is valid")
 }
 
+/// What one lease asks of one family.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Derived {
+    /// Nothing: the lease has no part of this family, or it is our own.
+    Nothing,
+    /// Kernel entries for the peer's subnet.
+    Kernel(IpNet, PeerEntries),
+    /// A user-space data path's peer.
+    Tunnel(Ipv4Net, TunnelPeer),
+    /// Not to be programmed, and why.
+    Rejected(Rejected),
+}
+
+/// What lease `l` asks of `family` for our lease's part `own` of it and
+/// `backend` (that family's): the checks every backend shares, then the
+/// backend's entries. The full reconcile ([`desired`]) and the incremental
+/// one both derive each lease with it.
+pub fn derive(cfg: &NetworkConfig, own: &FamilyLease, backend: &Backend, segment: IpNet, l: &Lease) -> Derived {
+    let family = own.family;
+    let Some(l) = l.family(family) else { return Derived::Nothing };
+    if l.subnet == own.subnet {
+        if l.public_ip != own.public_ip {
+            let ip = l.public_ip.map(|ip| ip.to_string()).unwrap_or_else(|| "a node without an address".into());
+            return Derived::Rejected(Rejected {
+                source: l.source.to_string(),
+                reason: format!("claims our subnet {} for {ip}", l.subnet),
+            });
+        }
+        return Derived::Nothing;
+    }
+    match check_peer(cfg, own, backend, &l).and_then(|()| backend.peer(segment, &l)) {
+        Ok(PeerWant::Kernel(entries)) => Derived::Kernel(l.subnet, entries),
+        Ok(PeerWant::Tunnel(ip)) => match l.subnet {
+            IpNet::V4(subnet) => Derived::Tunnel(subnet, ip),
+            IpNet::V6(_) => Derived::Nothing,
+        },
+        Err(reason) => {
+            let reason = match family {
+                Family::V4 => reason,
+                Family::V6 => format!("IPv6: {reason}"),
+            };
+            Derived::Rejected(Rejected { source: l.source.to_string(), reason })
+        }
+    }
+}
+
+/// The desired state of one family with, for the incremental reconcile,
+/// which lease each peer's entries came from.
+#[derive(Debug, Clone, Default)]
+pub struct Full {
+    /// The desired state.
+    pub desired: Desired,
+    /// The leases not programmed.
+    pub rejected: Vec<Rejected>,
+    /// Each programmed subnet's lease (its source).
+    pub sources: BTreeMap<IpNet, String>,
+    /// Whether two leases asked for the same subnet (then the later one won,
+    /// and removing it would bring the other back: only a full reconcile
+    /// gets that right).
+    pub duplicates: bool,
+}
+
 /// Builds the desired state of `family` for our lease `own` and `backend`
 /// (that family's) from `leases` (which may include our own). Leases that
 /// must not be programmed are returned with the reason, never
@@ -46,46 +110,41 @@ pub fn desired<'a>(
     segment: IpNet,
     leases: impl IntoIterator<Item = &'a Lease>,
 ) -> (Desired, Vec<Rejected>) {
-    let mut peers = BTreeMap::new();
-    let mut tunnel = BTreeMap::new();
-    let mut rejected = Vec::new();
+    let f = desired_full(cfg, family, own, backend, segment, leases);
+    (f.desired, f.rejected)
+}
+
+/// [`desired`], with the sources of the peers' entries.
+pub fn desired_full<'a>(
+    cfg: &NetworkConfig,
+    family: Family,
+    own: &Lease,
+    backend: &Backend,
+    segment: IpNet,
+    leases: impl IntoIterator<Item = &'a Lease>,
+) -> Full {
+    let mut full = Full::default();
     let (Some(own), Some((network, _))) = (own.family(family), family_network(cfg, family)) else {
-        return (Desired::default(), rejected);
+        return full;
     };
     for l in leases {
-        let Some(l) = l.family(family) else { continue };
-        if l.subnet == own.subnet {
-            if l.public_ip != own.public_ip {
-                let ip = l.public_ip.map(|ip| ip.to_string()).unwrap_or_else(|| "a node without an address".into());
-                rejected.push(Rejected {
-                    source: l.source.to_string(),
-                    reason: format!("claims our subnet {} for {ip}", l.subnet),
-                });
+        match derive(cfg, &own, backend, segment, l) {
+            Derived::Nothing => {}
+            Derived::Kernel(subnet, entries) => {
+                full.duplicates |= full.desired.peers.insert(subnet, entries).is_some();
+                full.sources.insert(subnet, l.source.clone());
             }
-            continue;
-        }
-        match check_peer(cfg, &own, backend, &l).and_then(|()| backend.peer(segment, &l)) {
-            Ok(PeerWant::Kernel(entries)) => {
-                peers.insert(l.subnet, entries);
+            Derived::Tunnel(subnet, ip) => {
+                full.duplicates |= full.desired.tunnel.insert(subnet, ip).is_some();
             }
-            Ok(PeerWant::Tunnel(ip)) => {
-                if let IpNet::V4(subnet) = l.subnet {
-                    tunnel.insert(subnet, ip);
-                }
-            }
-            Err(reason) => {
-                let reason = match family {
-                    Family::V4 => reason,
-                    Family::V6 => format!("IPv6: {reason}"),
-                };
-                rejected.push(Rejected { source: l.source.to_string(), reason })
-            }
+            Derived::Rejected(r) => full.rejected.push(r),
         }
     }
     let device = backend.device();
-    let addr = device.as_ref().map(|_| vtep_addr(own.subnet));
-    let routes = backend.device_routes(network);
-    (Desired { device, addr, peers, tunnel, routes, blackhole: None }, rejected)
+    full.desired.addr = device.as_ref().map(|_| vtep_addr(own.subnet));
+    full.desired.device = device;
+    full.desired.routes = backend.device_routes(network);
+    full
 }
 
 #[cfg(test)]

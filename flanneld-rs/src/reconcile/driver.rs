@@ -1,8 +1,16 @@
-//! The driver: runs the same full reconcile (observe, plan, apply) on every
+//! The driver: runs a full reconcile (observe, plan, apply) on every
 //! trigger, a new lease snapshot, a kernel notification about what we own,
 //! a timer, and keeps the store's lease and the firewall asserted meanwhile.
 //! Deletes are never assumed to have been seen; a missed event is repaired
 //! by the next run.
+//!
+//! A lease snapshot that changes a few leases, none of which involves the
+//! others, runs incrementally instead ([`model`]): only those leases'
+//! entries are planned, against a model of what the last full run saw and
+//! the runs since applied, so its cost does not grow with the number of
+//! nodes. A kernel notification that agrees with the model (the echo of our
+//! own change) asks for no run. Anything else, an error included, falls back
+//! to the full reconcile, and the periodic one stays the safety net.
 //!
 //! It knows the store and the backend only through their interfaces
 //! ([`LeaseStore`], [`Backend`]), so a new store or backend never touches it.
@@ -18,6 +26,7 @@ use ipnet::{IpNet, Ipv4Net};
 use log::{error, info, warn};
 use tokio::sync::mpsc;
 
+use super::model::Model;
 use super::{desired, kernel, plan};
 use crate::backend::{Backend, DataPath};
 use crate::config::NetworkConfig;
@@ -37,6 +46,10 @@ const DEBOUNCE: Duration = Duration::from_millis(20);
 /// From this many leases on, each reconcile hands the memory its dumps
 /// freed back to the kernel (see [`return_free_memory`]).
 const TRIM_AT_PEERS: usize = 500;
+
+/// A lease snapshot changing more leases than this runs a full reconcile
+/// (one dump is then cheaper than planning each).
+const INCREMENTAL_MAX: usize = 256;
 
 /// A wait that never ends, for timers that are off.
 const NEVER: Duration = Duration::from_secs(86400 * 365);
@@ -155,6 +168,10 @@ pub struct Driver<S: LeaseStore> {
     underlay_due: bool,
     /// The underlay was gone at the last check (then any new link may be it).
     underlay_missing: bool,
+    /// What we programmed, per family (IPv4, IPv6), for incremental runs
+    /// and to tell echoes of our own changes; `None` until a full reconcile
+    /// without errors, and after any error.
+    models: [Option<Model>; 2],
 }
 
 impl<S: LeaseStore> Driver<S> {
@@ -174,6 +191,7 @@ impl<S: LeaseStore> Driver<S> {
             data_path_peers: Vec::new(),
             underlay_due: false,
             underlay_missing: false,
+            models: [None, None],
         }
     }
 
@@ -231,6 +249,7 @@ impl<S: LeaseStore> Driver<S> {
         }
         let m = &self.metrics;
         m.reconcile_runs.fetch_add(1, Ordering::Relaxed);
+        m.reconcile_full_runs.fetch_add(1, Ordering::Relaxed);
         m.reconcile_micros.fetch_add(start.elapsed().as_micros() as u64, Ordering::Relaxed);
         if self.leases.len() >= TRIM_AT_PEERS {
             return_free_memory();
@@ -240,19 +259,21 @@ impl<S: LeaseStore> Driver<S> {
     /// The reconcile of one family: the rejected leases (in words) and how
     /// many peers it programs.
     async fn reconcile_family(&mut self, family: Family, why: &str) -> (Vec<String>, usize) {
+        self.models[family as usize] = None;
         let node = &self.node;
         let backend = node.backend_of(family);
-        let (mut want, rejected) =
-            desired::desired(&node.cfg, family, &node.own, backend, node.segment(family), self.leases.iter());
+        let mut full =
+            desired::desired_full(&node.cfg, family, &node.own, backend, node.segment(family), self.leases.iter());
         if family == Family::V4 {
-            want.blackhole = node.blackhole();
+            full.desired.blackhole = node.blackhole();
         }
-        let rejected_text: Vec<String> = rejected.iter().map(|r| format!("{}: {}", r.source, r.reason)).collect();
-        let Some((observed, ops)) = self.observe_and_plan(family, &want, why).await else {
+        let want = &full.desired;
+        let rejected_text: Vec<String> = full.rejected.iter().map(|r| format!("{}: {}", r.source, r.reason)).collect();
+        let Some((observed, ops)) = self.observe_and_plan(family, want, why).await else {
             return (rejected_text, 0);
         };
         log_ops(&ops, why);
-        let errors = kernel::apply(&self.nl, &want, &observed, &ops).await;
+        let errors = kernel::apply(&self.nl, want, &observed, &ops).await;
         for e in &errors {
             error!("reconcile ({why}): {e}");
         }
@@ -263,10 +284,113 @@ impl<S: LeaseStore> Driver<S> {
             let name = self.node.backend_of(family).device_name().to_string();
             self.device_index[family as usize] = self.nl.link_by_name(&name).await.ok().flatten().map(|l| l.index);
         }
+        let programmed = want.peers.len() + want.tunnel.len();
         if family == Family::V4 {
-            self.sync_data_path(&want.tunnel, why);
+            self.sync_data_path(&full.desired.tunnel, why);
         }
-        (rejected_text, want.peers.len() + want.tunnel.len())
+        if errors.is_empty() && !self.node.backend_of(family).has_data_path() {
+            self.models[family as usize] = Model::after_full(&full, observed, &ops);
+        }
+        (rejected_text, programmed)
+    }
+
+    /// Takes the lease snapshot `leases`: incrementally when it can (see
+    /// [`Model`]), else with a full reconcile.
+    async fn lease_change(&mut self, leases: LeaseSet) {
+        if !self.incremental(&leases).await {
+            self.leases = leases;
+            self.reconcile("lease change").await;
+        }
+    }
+
+    /// The incremental run for a new lease snapshot; false (nothing done)
+    /// when it needs the full reconcile: no model (the last run had an
+    /// error, or none ran yet), the underlay to be chosen again, rejected
+    /// leases about, a data path, our own lease among the changes, too many
+    /// changes, or a change that involves other leases. When an op fails,
+    /// the model is dropped (the next trigger runs in full).
+    async fn incremental(&mut self, leases: &LeaseSet) -> bool {
+        let start = Instant::now();
+        let families = self.node.families();
+        if self.underlay_due
+            || !self.last_rejected.is_empty()
+            || self.data_path.is_some()
+            || families.iter().any(|f| self.models[*f as usize].is_none())
+        {
+            return false;
+        }
+        let Some(changes) = leases.changes_since(&self.leases, INCREMENTAL_MAX) else {
+            return false;
+        };
+        if changes.iter().any(|(source, _, _)| *source == self.node.own.source) {
+            return false;
+        }
+        let node = &self.node;
+        let mut plans = Vec::new();
+        for &family in &families {
+            let (Some(model), Some(own)) = (&self.models[family as usize], node.own.family(family)) else {
+                return false;
+            };
+            let backend = node.backend_of(family);
+            match model.plan(&node.cfg, &own, backend, node.segment(family), &changes) {
+                Some(inc) => plans.push((family, inc)),
+                None => return false,
+            }
+        }
+        let why = "lease change";
+        let mut n_ops = 0;
+        for (family, inc) in plans {
+            let backend = self.node.backend_of(family);
+            let model = self.models[family as usize].as_mut().expect("checked above");
+            let (want, observed) = model.device_only(backend);
+            log_ops(&inc.ops, why);
+            let errors = kernel::apply(&self.nl, &want, &observed, &inc.ops).await;
+            for e in &errors {
+                error!("reconcile ({why}): {e}");
+            }
+            n_ops += inc.ops.len();
+            self.metrics.netlink_errors.fetch_add(errors.len() as u64, Ordering::Relaxed);
+            let gauge = match family {
+                Family::V4 => &self.metrics.peers,
+                Family::V6 => &self.metrics.peers_ipv6,
+            };
+            if errors.is_empty() {
+                model.commit(inc);
+                gauge.store(model.peers() as u64, Ordering::Relaxed);
+            } else {
+                // What the kernel has now is unknown: the next trigger runs in full.
+                self.models[family as usize] = None;
+            }
+        }
+        self.leases = leases.clone();
+        let m = &self.metrics;
+        m.reconcile_runs.fetch_add(1, Ordering::Relaxed);
+        m.reconcile_incremental_runs.fetch_add(1, Ordering::Relaxed);
+        m.reconcile_ops.fetch_add(n_ops as u64, Ordering::Relaxed);
+        let micros = start.elapsed().as_micros() as u64;
+        m.reconcile_micros.fetch_add(micros, Ordering::Relaxed);
+        m.reconcile_incremental_micros.fetch_add(micros, Ordering::Relaxed);
+        true
+    }
+
+    /// Whether a kernel notification about what we own agrees with what we
+    /// programmed (see [`Model::agrees`]), in the family it is about.
+    fn echo(&self, change: &Change) -> bool {
+        let family = match change {
+            Change::Route { route: Some(r), .. } => Some(match r.dst {
+                IpNet::V4(_) => Family::V4,
+                IpNet::V6(_) => Family::V6,
+            }),
+            Change::Neigh { index, .. } => {
+                self.node.families().into_iter().find(|f| self.device_index[*f as usize] == Some(*index))
+            }
+            _ => None,
+        };
+        let model = family.and_then(|f| self.models[f as usize].as_ref());
+        let echo = model.is_some_and(|m| m.agrees(change));
+        let counter = if echo { &self.metrics.kernel_echoes } else { &self.metrics.kernel_disagreements };
+        counter.fetch_add(1, Ordering::Relaxed);
+        echo
     }
 
     /// Chooses the underlay interface again. When it is gone, everything
@@ -458,10 +582,7 @@ impl<S: LeaseStore> Driver<S> {
             let renew_in = renew_at.map(|t| t.duration_since(SystemTime::now()).unwrap_or(Duration::ZERO));
             tokio::select! {
                 ev = events.recv() => match ev {
-                    Some(LeaseEvent::Snapshot(leases)) => {
-                        self.leases = leases;
-                        self.reconcile("lease change").await;
-                    }
+                    Some(LeaseEvent::Snapshot(leases)) => self.lease_change(leases).await,
                     Some(LeaseEvent::Revoked(key)) => {
                         bail!("our lease {key} was deleted from the store (revoked); exiting so that a restart acquires a new one");
                     }
@@ -471,12 +592,14 @@ impl<S: LeaseStore> Driver<S> {
                     // Coalesce the burst a hand edit (or our own changes) cause,
                     // without holding up lease events meanwhile.
                     Some(c) => {
-                        let underlay = concerns_underlay(self.node.ext.index, self.underlay_missing, c);
+                        let underlay = concerns_underlay(self.node.ext.index, self.underlay_missing, &c);
                         self.underlay_due |= underlay;
                         let ours = self.node.families().into_iter().any(|f| {
-                            concerns_us(self.device_index[f as usize], self.node.backend_of(f).underlay(), c)
+                            concerns_us(self.device_index[f as usize], self.node.backend_of(f).underlay(), &c)
                         });
-                        if (underlay || ours) && kernel_due.is_none() {
+                        // The echo of our own change asks for nothing.
+                        let disagrees = ours && !self.echo(&c);
+                        if kernel_due.is_none() && (underlay || disagrees) {
                             kernel_due = Some(tokio::time::Instant::now() + DEBOUNCE);
                         }
                     }
@@ -574,27 +697,27 @@ pub async fn ensure_firewall(fw: FirewallSpec) -> Result<Vec<firewall::Problem>,
 /// Whether a kernel notification is about our device, or about a route
 /// through the underlay (direct routes). Without a device every link event
 /// matters: it may be the device coming back or going.
-fn concerns_us(device_index: Option<u32>, underlay: u32, change: Change) -> bool {
+fn concerns_us(device_index: Option<u32>, underlay: u32, change: &Change) -> bool {
     match (device_index, change) {
         (_, Change::Overrun) => true,
-        (_, Change::Route(oif)) if oif == Some(underlay) => true,
+        (_, Change::Route { oif, .. }) if *oif == Some(underlay) => true,
         (None, Change::Link(_)) => true,
         (None, _) => false,
-        (Some(idx), Change::Link(i) | Change::Neigh(i) | Change::Addr(i)) => i == idx,
-        (Some(idx), Change::Route(oif)) => oif == Some(idx),
+        (Some(idx), Change::Link(i) | Change::Neigh { index: i, .. } | Change::Addr(i)) => *i == idx,
+        (Some(idx), Change::Route { oif, .. }) => *oif == Some(idx),
     }
 }
 
 /// Whether a kernel notification may mean the underlay changed: a link or
 /// address event on it, an overrun, or, while it is gone, any new link.
-fn concerns_underlay(underlay: u32, missing: bool, change: Change) -> bool {
+fn concerns_underlay(underlay: u32, missing: bool, change: &Change) -> bool {
     match change {
         Change::Overrun => true,
-        Change::Link(i) => i == underlay || missing,
-        Change::Addr(i) => i == underlay || missing,
+        Change::Link(i) => *i == underlay || missing,
+        Change::Addr(i) => *i == underlay || missing,
         // A default route coming back may be what the choice waits for.
-        Change::Route(_) => missing,
-        Change::Neigh(_) => false,
+        Change::Route { .. } => missing,
+        Change::Neigh { .. } => false,
     }
 }
 
@@ -605,22 +728,23 @@ mod tests {
 
     #[test]
     fn notifications_about_our_device_and_the_underlays_routes_concern_us() {
-        assert!(concerns_us(Some(7), 2, Change::Link(7)));
-        assert!(!concerns_us(Some(7), 2, Change::Link(8)));
-        assert!(concerns_us(Some(7), 2, Change::Route(Some(2))));
-        assert!(concerns_us(Some(7), 2, Change::Route(Some(7))));
-        assert!(!concerns_us(Some(7), 2, Change::Route(Some(9))));
-        assert!(concerns_us(None, 2, Change::Link(9)), "without a device any link may be it coming back");
-        assert!(!concerns_us(None, 2, Change::Neigh(9)));
-        assert!(concerns_us(Some(7), 2, Change::Overrun));
+        let route = |oif| Change::Route { oif, route: None, deleted: false };
+        assert!(concerns_us(Some(7), 2, &Change::Link(7)));
+        assert!(!concerns_us(Some(7), 2, &Change::Link(8)));
+        assert!(concerns_us(Some(7), 2, &route(Some(2))));
+        assert!(concerns_us(Some(7), 2, &route(Some(7))));
+        assert!(!concerns_us(Some(7), 2, &route(Some(9))));
+        assert!(concerns_us(None, 2, &Change::Link(9)), "without a device any link may be it coming back");
+        assert!(!concerns_us(None, 2, &Change::Neigh { index: 9, entry: None, deleted: false }));
+        assert!(concerns_us(Some(7), 2, &Change::Overrun));
     }
 
     #[test]
     fn link_and_address_events_on_the_underlay_ask_for_a_new_choice() {
-        assert!(concerns_underlay(2, false, Change::Link(2)));
-        assert!(concerns_underlay(2, false, Change::Addr(2)));
-        assert!(!concerns_underlay(2, false, Change::Link(9)));
-        assert!(concerns_underlay(2, true, Change::Link(9)), "while it is gone, a new link may be it");
-        assert!(!concerns_underlay(2, false, Change::Route(Some(2))));
+        assert!(concerns_underlay(2, false, &Change::Link(2)));
+        assert!(concerns_underlay(2, false, &Change::Addr(2)));
+        assert!(!concerns_underlay(2, false, &Change::Link(9)));
+        assert!(concerns_underlay(2, true, &Change::Link(9)), "while it is gone, a new link may be it");
+        assert!(!concerns_underlay(2, false, &Change::Route { oif: Some(2), route: None, deleted: false }));
     }
 }

@@ -1,10 +1,12 @@
 //! The reconcile loop: desired state from leases ([`desired`]), a pure
 //! [`plan`], the thin [`kernel`] side that observes and applies, and the
-//! [`driver`] that runs them on every trigger.
+//! [`driver`] that runs them on every trigger, in full or, for a few
+//! changed leases, incrementally against a [`model`] of what it programmed.
 
 pub mod desired;
 pub mod driver;
 pub mod kernel;
+pub mod model;
 pub mod plan;
 
 /// The VTEP the unit tests of this module plan for.

@@ -9,6 +9,10 @@
 //! - Convergence: a new peer (a Node created through the API server, or a
 //!   lease put into etcd) until its route is in the kernel, interleaved.
 //! - Footprint: each daemon's RSS with N peers.
+//! - Daemon work per new peer: from each daemon's `/metrics`, the time its
+//!   reconcile runs took during the convergence part, per new peer, and how
+//!   many runs were full and incremental (a daemon without those counters,
+//!   an older build, shows the total only).
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::time::{Duration, Instant};
@@ -116,6 +120,11 @@ fn main() {
     let mut ko = KubeOverlay::with_conf(2, NET);
     // node1 runs in etcd mode.
     ko.o.set_flags(1, &[]);
+    for i in 0..2 {
+        let mut f = ko.o.flags(i);
+        f.extend(HEALTH.iter().map(|s| s.to_string()));
+        ko.o.set_flags(i, &f.iter().map(String::as_str).collect::<Vec<_>>());
+    }
     let admin = ko.api.admin.clone();
     let t = Instant::now();
     in_ns(ko.o.outside(), async {
@@ -156,6 +165,7 @@ fn main() {
     // Convergence, interleaved: a Node through the API server to node0's
     // kernel; a lease into etcd to node1's kernel. Timed from the moment the
     // write returned (API server / etcd committed it).
+    let work_before: Vec<Work> = (0..2).map(|i| Work::of(&ko.o.cluster.node(i).ns)).collect();
     let (ns0, ns1) = (ko.o.cluster.node(0).ns.path(), ko.o.cluster.node(1).ns.path());
     let outside = ko.o.outside().path();
     let new = args.new;
@@ -198,6 +208,58 @@ fn main() {
     let k50 = report("kube mode (Node created -> route)", kube_lat);
     let e50 = report("etcd mode (lease put -> route)", etcd_lat);
     println!("convergence p50 ratio kube/etcd: {:.2}x", k50 / e50);
+    for (i, mode) in ["kube mode", "etcd mode"].iter().enumerate() {
+        let w = Work::of(&ko.o.cluster.node(i).ns).since(&work_before[i]);
+        let split = match (w.full, w.incremental, w.incremental_s) {
+            (Some(f), Some(inc), Some(inc_s)) => format!(
+                "; {f} full runs, {inc} incremental runs, {:.0} us per incremental run",
+                inc_s * 1e6 / inc.max(1) as f64
+            ),
+            _ => String::new(),
+        };
+        println!(
+            "daemon work, {new} new peers with {n} present, {mode}: {:.0} us of reconcile per new peer ({} runs{split})",
+            w.seconds * 1e6 / new as f64,
+            w.runs
+        );
+    }
+}
+
+const HEALTH: &[&str] = &["--healthz-ip", "127.0.0.1", "--healthz-port", "9108"];
+
+/// A daemon's reconcile counters.
+#[derive(Debug, Clone, Copy)]
+struct Work {
+    runs: u64,
+    seconds: f64,
+    full: Option<u64>,
+    incremental: Option<u64>,
+    incremental_s: Option<f64>,
+}
+
+impl Work {
+    fn of(ns: &Netns) -> Work {
+        let text = e2e_tests::http_get(ns, "127.0.0.1:9108".parse().unwrap(), "/metrics");
+        let m = |name: &str| e2e_tests::metric(&text, name);
+        Work {
+            runs: m("flannel_reconcile_runs_total").expect("flannel_reconcile_runs_total") as u64,
+            seconds: m("flannel_reconcile_duration_seconds_total").expect("flannel_reconcile_duration_seconds_total"),
+            full: m("flannel_reconcile_full_runs_total").map(|v| v as u64),
+            incremental: m("flannel_reconcile_incremental_runs_total").map(|v| v as u64),
+            incremental_s: m("flannel_reconcile_incremental_duration_seconds_total"),
+        }
+    }
+
+    fn since(&self, before: &Work) -> Work {
+        let sub = |a: Option<u64>, b: Option<u64>| a.zip(b).map(|(a, b)| a - b);
+        Work {
+            runs: self.runs - before.runs,
+            seconds: self.seconds - before.seconds,
+            full: sub(self.full, before.full),
+            incremental: sub(self.incremental, before.incremental),
+            incremental_s: self.incremental_s.zip(before.incremental_s).map(|(a, b)| a - b),
+        }
+    }
 }
 
 /// A netlink connection inside the node at `path`, and its flannel.1 index.
