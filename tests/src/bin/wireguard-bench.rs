@@ -387,7 +387,7 @@ fn start_by_hand(c: &Cluster, i: usize, tuning: WgTuning) -> WgDataPath {
 fn stages(seconds: u32, rounds: usize) {
     let c = Cluster::new(2).unwrap();
     let pods = [add_pod(&c, 0, 248, "vh0", WG_MTU), add_pod(&c, 1, 248, "vh0", WG_MTU)];
-    let list = WgTuning::stages();
+    let list = flanneld_rs::backend::wireguard::datapath::stages();
     println!(
         "\nstages of the wireguard data path, started by hand (iperf3 pod to pod, median of {rounds}; CPU = its \
          threads, s/Gbit):"

@@ -171,54 +171,25 @@ impl Counters {
     }
 }
 
-/// Which speed-ups to use; all on by default. The benchmark turns them on
-/// one at a time to measure what each buys; the daemon uses the default.
-/// Whatever the kernel lacks is turned off regardless.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Tuning {
-    /// TUN reads per round and datagrams per `recvmmsg`; 1 moves one packet
-    /// per system call each way.
-    pub batch: usize,
-    /// One TUN queue and worker per CPU; off = one.
-    pub multi_queue: bool,
-    /// TUN offloads: virtio header, TSO and checksum offload.
-    pub offload: bool,
-    /// UDP GSO on send.
-    pub udp_gso: bool,
-    /// UDP GRO on receive.
-    pub udp_gro: bool,
-    /// Merge received TCP segments into super-packets (needs `offload`).
-    pub coalesce: bool,
-}
+/// The data path's speed-ups, the udp backend's own set (the same parts
+/// around the cryptography).
+pub use crate::backend::udp::Tuning;
 
-impl Default for Tuning {
-    fn default() -> Self {
-        Tuning { batch: 16, multi_queue: true, offload: true, udp_gso: true, udp_gro: true, coalesce: true }
-    }
-}
-
-impl Tuning {
-    /// One packet per system call, one thread, no offloads.
-    pub fn per_packet() -> Tuning {
-        Tuning { batch: 1, multi_queue: false, offload: false, udp_gso: false, udp_gro: false, coalesce: false }
-    }
-
-    /// The speed-ups added one at a time, named, for the benchmark.
-    pub fn stages() -> Vec<(&'static str, Tuning)> {
-        let base = Tuning::per_packet();
-        vec![
-            ("per packet (1 thread, read/sendto/recvfrom/write)", base),
-            ("+ batching (recvmmsg/sendmmsg, 16)", Tuning { batch: 16, ..base }),
-            ("+ multi-queue TUN, a worker per CPU", Tuning { batch: 16, multi_queue: true, ..base }),
-            ("+ TUN TSO, segments cut in place", Tuning { batch: 16, multi_queue: true, offload: true, ..base }),
-            ("+ UDP GSO on send", Tuning { batch: 16, multi_queue: true, offload: true, udp_gso: true, ..base }),
-            (
-                "+ UDP GRO on receive",
-                Tuning { batch: 16, multi_queue: true, offload: true, udp_gso: true, udp_gro: true, coalesce: false },
-            ),
-            ("+ TCP coalescing into the TUN (all on)", Tuning::default()),
-        ]
-    }
+/// The speed-ups added one at a time, named, for the benchmark.
+pub fn stages() -> Vec<(&'static str, Tuning)> {
+    let base = Tuning::per_packet();
+    vec![
+        ("per packet (1 thread, read/sendto/recvfrom/write)", base),
+        ("+ batching (recvmmsg/sendmmsg, 16)", Tuning { batch: 16, ..base }),
+        ("+ multi-queue TUN, a worker per CPU", Tuning { batch: 16, multi_queue: true, ..base }),
+        ("+ TUN TSO, segments cut in place", Tuning { batch: 16, multi_queue: true, offload: true, ..base }),
+        ("+ UDP GSO on send", Tuning { batch: 16, multi_queue: true, offload: true, udp_gso: true, ..base }),
+        (
+            "+ UDP GRO on receive",
+            Tuning { batch: 16, multi_queue: true, offload: true, udp_gso: true, udp_gro: true, coalesce: false },
+        ),
+        ("+ TCP coalescing into the TUN (all on)", Tuning::default()),
+    ]
 }
 
 /// One peer: its tunnel and where it is. Shared by the workers; the tunnel
