@@ -102,7 +102,13 @@ fn udp_pods_talk_across_three_nodes_through_flannel0() {
     assert!(ok, "4028-byte packet: {text}");
 
     // A subnet no node owns: ICMP net unreachable at once, as flannel does.
-    let (ok, text) = ping(a, "10.244.250.5".parse().unwrap(), &[]);
+    // (The nodes' subnets are the allocator's random picks: skip theirs.)
+    let owned: Vec<_> = (0..3).map(|i| o.subnet(i)).collect();
+    let free = (250..=254u8)
+        .map(|x| Ipv4Addr::new(10, 244, x, 5))
+        .find(|ip| !owned.iter().any(|s| s.contains(ip)))
+        .expect("three nodes cannot own five subnets");
+    let (ok, text) = ping(a, free, &[]);
     assert!(!ok && text.contains("Destination Net Unreachable"), "{text}");
     assert!(sample(&o, 0, "flannel_udp_icmp_unreachable_total") >= 1.0);
 
