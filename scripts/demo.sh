@@ -98,10 +98,12 @@ ip -n "flt-$tag-node0" neigh show dev flannel.1
 say "node0: bridge fdb show dev flannel.1"
 in_ns "flt-$tag-node0" bridge fdb show dev flannel.1
 say "node0: a route deleted by hand comes back"
-gone=$(ip -n "flt-$tag-node0" route show dev flannel.1 | head -1 | cut -d' ' -f1)
+# awk and grep read all of ip's output: ip flushes per route, and a reader
+# that quits early would kill it with SIGPIPE, which pipefail makes fatal.
+gone=$(ip -n "flt-$tag-node0" route show dev flannel.1 | awk 'NR == 1 { print $1 }')
 ip -n "flt-$tag-node0" route del "$gone" dev flannel.1
 deadline=$((SECONDS + 10))
-until ip -n "flt-$tag-node0" route show "$gone" dev flannel.1 | grep -q .; do
+until ip -n "flt-$tag-node0" route show "$gone" dev flannel.1 | grep . >/dev/null; do
   [ "$SECONDS" -lt "$deadline" ] || { echo "the route to $gone did not come back"; exit 1; }
   sleep 0.05
 done
