@@ -771,15 +771,17 @@ impl EtcdSubnetManager {
                     continue;
                 }
                 granted = None;
-                // The key's create guards the IPv4 half only: another node
-                // may have created a key with the same IPv6 subnet under
-                // another IPv4 one meanwhile. The older key keeps it.
+                // A dual-stack key names both subnets, so its create guards
+                // only the pair: another node may have created a key with
+                // the same IPv4 or IPv6 subnet beside another one meanwhile
+                // (a full run saw two nodes hold 10.5.124.0/24 so). The
+                // older key keeps it.
                 if let Some(s6) = subnet6 {
-                    match self.lost_ipv6_race(&key, s6, resp.header().map_or(0, |h| h.revision())).await {
+                    match self.lost_ipv6_race(&key, Some(subnet), s6, resp.header().map_or(0, |h| h.revision())).await {
                         Ok(None) => {}
                         Ok(Some(winner)) => {
                             log::info!(
-                                "{winner} took IPv6 subnet {s6} before our {key}; deleting ours and picking again"
+                                "{winner} took IPv4 subnet {subnet} or IPv6 subnet {s6} before our {key}; deleting ours and picking again"
                             );
                             let mut c = self.client.clone();
                             if let Err(e) =
@@ -808,13 +810,24 @@ impl EtcdSubnetManager {
 
     /// Another key holding IPv6 subnet `s6` created before ours (created at
     /// `created`), if any.
-    async fn lost_ipv6_race(&self, ours: &str, s6: Ipv6Net, created: i64) -> Result<Option<String>, StoreError> {
+    async fn lost_ipv6_race(
+        &self,
+        ours: &str,
+        subnet4: Option<Ipv4Net>,
+        s6: Ipv6Net,
+        created: i64,
+    ) -> Result<Option<String>, StoreError> {
         let (entries, _) = self.list_raw().await?;
         let created = entries.iter().find(|e| e.key == ours).map_or(created, |e| e.create_revision);
         Ok(entries
             .iter()
             .filter(|e| e.key != ours && e.create_revision < created)
-            .find(|e| e.subnet6.is_some_and(|o| o.contains(&s6) || s6.contains(&o)))
+            .find(|e| {
+                // A dual-stack key names both halves, so its create guards
+                // neither alone: an older key holding either one wins.
+                e.subnet6.is_some_and(|o| o.contains(&s6) || s6.contains(&o))
+                    || (e.subnet.is_some() && e.subnet == subnet4)
+            })
             .map(|e| e.key.clone()))
     }
 
