@@ -42,7 +42,7 @@ if ! [ -x "$xtables" ] || ! [ -x "$xtables_legacy" ]; then
   [ "$(id -u)" -eq 0 ] || { echo "$0: $xtables is missing: apt-get install iptables" >&2; exit 1; }
   install_packages iptables
 fi
-xtables_libdir=$(find /usr/lib -maxdepth 2 -type d -name xtables | sort | head -n 1)
+xtables_libdir=$(find /usr/lib -maxdepth 2 -type d -name xtables | sort | sed -n 1p)
 [ -n "$xtables_libdir" ] || { echo "$0: iptables' extensions (/usr/lib/<arch>/xtables) are missing" >&2; exit 1; }
 
 triple=$(rustc -vV 2>/dev/null | sed -n 's/^host: //p' || true)
@@ -61,7 +61,10 @@ plugin=$target/$triple/release/flannel
 for b in "$daemon" "$plugin"; do
   [ -x "$b" ] || { echo "$0: $b is missing (unset FLANNEL_RS_PREBUILT to build it)" >&2; exit 1; }
 done
-if ! ldd "$plugin" 2>&1 | grep -qE 'statically linked|not a dynamic executable'; then
+# ldd exits 1 on a static non-PIE binary ("not a dynamic executable"), which
+# pipefail would make a pipeline's status: its output is taken whole first.
+linkage=$(ldd "$plugin" 2>&1 || true)
+if ! grep -qE 'statically linked|not a dynamic executable' <<<"$linkage"; then
   echo "$0: $plugin is dynamically linked; it must run on any node's libc" >&2
   exit 1
 fi
@@ -102,15 +105,22 @@ done
 
 # Every library the dynamic binaries load, and the dynamic loader, each at the
 # path ldd resolved (under /usr, as in the merged layout), content dereferenced.
+# (ldd's output is read whole: a reader that quit at the first match could
+# kill ldd with SIGPIPE, which pipefail would make the pipeline's status.)
 libs() {
-  ldd "$1" | awk '$2 == "=>" && $3 ~ /^\// { print $3 } $1 ~ /^\// { print $1 }'
-  if ldd "$1" | grep -q 'not found'; then
+  local deps
+  deps=$(ldd "$1") || { echo "$0: ldd $1 failed" >&2; exit 1; }
+  if grep -q 'not found' <<<"$deps"; then
     echo "$0: $1 needs a library that is not installed:" >&2
-    ldd "$1" | grep 'not found' >&2
+    grep 'not found' <<<"$deps" >&2
     exit 1
   fi
+  awk '$2 == "=>" && $3 ~ /^\// { print $3 } $1 ~ /^\// { print $1 }' <<<"$deps"
 }
-for lib in $( { libs "$daemon"; libs /usr/sbin/nft; libs "$xtables"; libs "$xtables_legacy"; for ext in "$xtables_libdir"/*.so; do libs "$ext"; done; } | sort -u); do
+# Listed first, so that a libs failure stops the build: a `for` over a
+# command substitution would ignore its status.
+all_libs=$( { libs "$daemon"; libs /usr/sbin/nft; libs "$xtables"; libs "$xtables_legacy"; for ext in "$xtables_libdir"/*.so; do libs "$ext"; done; } | sort -u)
+for lib in $all_libs; do
   case $lib in
     /usr/*) dest=$lib ;;
     *) dest=/usr$lib ;;
