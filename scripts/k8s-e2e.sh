@@ -881,7 +881,7 @@ echo "NodePort: $nodeport_result"
 say "rolling the DaemonSet to a new image tag under continuous HTTP"
 roll_tag=$version-roll
 for i in $(seq 0 $((nodes - 1))); do
-  pid1=$(ps -o pid= --ppid "${node_pids[$i]}" | head -1 | tr -d ' ')
+  pid1=$(ps -o pid= --ppid "${node_pids[$i]}" | awk 'NR == 1 { print $1 }')
   nsenter -t "$pid1" -m -n ctr --address /run/containerd/containerd.sock -n k8s.io images tag \
     "docker.io/library/flannel-rs:$version" "docker.io/library/flannel-rs:$roll_tag" </dev/null >/dev/null
 done
@@ -934,7 +934,7 @@ client_up() { # LABEL
 deadline=$((SECONDS + 60))
 for c in "${clients[@]}"; do
   until client_up "$c"; do
-    [ "$SECONDS" -lt "$deadline" ] || { sort "$work/traffic-errors.log" | uniq -c | head; fail "the $c client had no answer within 60 s"; }
+    [ "$SECONDS" -lt "$deadline" ] || { sort "$work/traffic-errors.log" | uniq -c | sed -n 1,10p; fail "the $c client had no answer within 60 s"; }
     sleep 0.1
   done
 done
@@ -966,7 +966,9 @@ done
 kc -n kube-flannel-rs get pods -o custom-columns=NAME:.metadata.name,NODE:.spec.nodeName,IMAGE:.spec.containers[0].image,READY:.status.containerStatuses[0].ready
 roll_clients="pod web0 -> ClusterIP ing-all $(awk '{ print $1 "/" $2 }' "$work/traffic-pod.counts"), outside -> NodePort node0:$np_port $(tr ' ' / <"$work/traffic-nodeport"), outside -> ingress $(tr ' ' / <"$work/traffic-ingress") (ok/failed)"
 echo "rollout took $roll_ms ms; requests during it: $req_ok ok, $req_bad failed; per client (ok/failed): ${per_client[*]}"
-[ -s "$work/traffic-errors.log" ] && sort "$work/traffic-errors.log" | uniq -c | head
+# The first ten kinds of error (sed reads all: head would quit early, and
+# uniq, killed by SIGPIPE, would fail the pipeline and with it the run).
+[ -s "$work/traffic-errors.log" ] && sort "$work/traffic-errors.log" | uniq -c | sed -n 1,10p
 # "No request failed" says nothing about a client that had no success at all.
 [ ${#idle[@]} -eq 0 ] || fail "no request succeeded during the rollout from the client on ${idle[*]}"
 [ "$(kcq -n kube-flannel-rs get pods -o jsonpath='{range .items[*]}{.spec.containers[0].image}{"\n"}{end}' | grep -c ":$roll_tag$")" -eq "$nodes" ] \
@@ -1046,7 +1048,7 @@ kcq delete pod lat-watch-marker --grace-period=0 --force --wait=false >/dev/null
 # info` shows; Debian has no crictl), over gRPC with curl.
 cni_in_use() {
   local pid1
-  pid1=$(ps -o pid= --ppid "${node_pids[$ln]}" | head -1 | tr -d ' ')
+  pid1=$(ps -o pid= --ppid "${node_pids[$ln]}" | awk 'NR == 1 { print $1 }')
   printf '\x00\x00\x00\x00\x02\x08\x01' |
     nsenter -t "$pid1" -m -n curl -sS --max-time 5 --http2-prior-knowledge --unix-socket /run/containerd/containerd.sock \
       -H 'content-type: application/grpc' -H 'te: trailers' --data-binary @- --output - \
