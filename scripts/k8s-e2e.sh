@@ -916,15 +916,17 @@ traffic_loop() { # LABEL NS TARGET... (TARGET: IP,PORT[,HOST])
   done
   echo "$ok $bad" >"$work/traffic-$label"
 }
+# The other clients do not hold the pod client's FIFO (8>&-): its input
+# ends when this script closes it.
 clients=(pod nodeport ingress)
-traffic_loop nodeport "$outside_ns" "$ingress_ip,$np_port" &
+traffic_loop nodeport "$outside_ns" "$ingress_ip,$np_port" 8>&- &
 loop_pids+=($!)
-traffic_loop ingress "$outside_ns" "$ingress_ip,80,a.example" &
+traffic_loop ingress "$outside_ns" "$ingress_ip,80,a.example" 8>&- &
 loop_pids+=($!)
 for i in $(seq 0 $((nodes - 1))); do
   targets=()
   for j in $(seq 0 $((nodes - 1))); do [ "$j" -ne "$i" ] && targets+=("${pod_ip[$j]},8080"); done
-  traffic_loop "node$i" "flt-$tag-node$i" "${targets[@]}" &
+  traffic_loop "node$i" "flt-$tag-node$i" "${targets[@]}" 8>&- &
   loop_pids+=($!)
   clients+=("node$i")
 done
