@@ -40,10 +40,9 @@ say "etcd on 192.0.2.200, with flannel's network configuration"
 in_ns "$out" etcd --data-dir "$work/etcd" --listen-client-urls "$etcd_ep" --advertise-client-urls "$etcd_ep" \
   --listen-peer-urls http://127.0.0.1:2380 >"$work/etcd.log" 2>&1 &
 pids+=($!)
-for _ in $(seq 100); do
-  ETCDCTL_API=3 in_ns "$out" etcdctl --endpoints "$etcd_ep" endpoint health >/dev/null 2>&1 && break
-  sleep 0.1
-done
+etcd_healthy() { ETCDCTL_API=3 in_ns "$out" etcdctl --endpoints "$etcd_ep" endpoint health >/dev/null 2>&1; }
+for _ in $(seq 100); do etcd_healthy && break; sleep 0.1; done
+etcd_healthy || { cat "$work/etcd.log"; echo "etcd at $etcd_ep not healthy after 10 s"; exit 1; }
 ETCDCTL_API=3 in_ns "$out" etcdctl --endpoints "$etcd_ep" put /coreos.com/network/config \
   '{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}'
 
@@ -87,9 +86,13 @@ done
 say "TCP across nodes: node2/b serves, node0/a fetches"
 in_ns "flt-$tag-n2-b" socat -T 5 TCP-LISTEN:8080,reuseaddr SYSTEM:'echo hello from node2' &
 server=$!
-for _ in $(seq 50); do in_ns "flt-$tag-n2-b" ss -Hltn 'sport = :8080' | grep -q . && break; sleep 0.1; done
+pids+=("$server")  # stopped by the teardown if the demo fails before it ends
+listening() { in_ns "flt-$tag-n2-b" ss -Hltn 'sport = :8080' | grep . >/dev/null; }
+for _ in $(seq 50); do listening && break; sleep 0.1; done
+listening || { echo "socat in node2/b does not listen on :8080 after 5 s"; exit 1; }
 in_ns "flt-$tag-n0-a" socat -T 5 - TCP:"${addr[2b]}":8080 </dev/null
 wait "$server"
+unset 'pids[-1]'
 
 say "node0: ip route show dev flannel.1"
 ip -n "flt-$tag-node0" route show dev flannel.1
