@@ -74,7 +74,7 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
   path = "$tmp/opt"
 EOF
 containerd --version
-runc --version | head -1
+runc --version | sed -n 1p
 containerd --config "$tmp/config.toml" --log-level warn >"$tmp/containerd.log" 2>&1 &
 containerd_pid=$!
 for _ in $(seq 100); do

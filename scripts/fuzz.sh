@@ -41,7 +41,7 @@ declare -A targets=()
 while IFS= read -r file; do
   dir=$(dirname "$file")
   while [ ! -f "$dir/Cargo.toml" ]; do dir=$(dirname "$dir"); done
-  pkg=$(sed -n 's/^name = "\(.*\)"$/\1/p' "$dir/Cargo.toml" | head -n1)
+  pkg=$(sed -n '/^name = "\(.*\)"$/{s//\1/p;q}' "$dir/Cargo.toml")
   rel=${file#"$dir"/}
   case "$rel" in
     tests/*/*.rs) t=${rel#tests/}; targets["$pkg|--test ${t%%/*}|"]=1 ;;

@@ -24,10 +24,10 @@ apt-get install -y -qq golang-1.19 dpkg-dev etcd-server rsync make >/dev/null
 
 work=/var/cache/flannel-rs/src
 mkdir -p "$work"
-tree=$(find "$work" -maxdepth 1 -type d -name 'kubernetes-*' | head -1)
+tree=$(find "$work" -maxdepth 1 -type d -name 'kubernetes-*' -print -quit)
 if [ -z "$tree" ]; then
   (cd "$work" && apt-get source -qq "kubernetes=$version" >&2)
-  tree=$(find "$work" -maxdepth 1 -type d -name 'kubernetes-*' | head -1)
+  tree=$(find "$work" -maxdepth 1 -type d -name 'kubernetes-*' -print -quit)
 fi
 cat > "$work/version" <<V
 KUBE_GIT_VERSION='v1.20.2'
