@@ -86,7 +86,9 @@ def main(label, prefix, n, t0, events, pods_json, events_json, containerd_log, s
         for cs in st.get("containerStatuses", []):
             if cs.get("restartCount", 0) != 0 or "running" not in cs.get("state", {}):
                 fail(f"{label}: pod {name}'s container {cs.get('name')}: {json.dumps(cs)}")
-        ip = ipaddress.ip_address(st.get("podIP", "0.0.0.0"))
+        if not st.get("podIP"):
+            fail(f"{label}: pod {name} has no podIP")
+        ip = ipaddress.ip_address(st["podIP"])
         ok = ip < boundary if side == "below" else ip >= boundary
         if not ok:
             fail(f"{label}: pod {name} got {ip}, not {side} {boundary}: the wrong CNI configuration was used")
