@@ -1037,6 +1037,7 @@ nsenter --net=/run/netns/$outside_ns kubectl --kubeconfig "$work/admin.kubeconfi
   -o jsonpath='{.metadata.name} {.status.phase} {.status.podIP}{"\n"}' 2>/dev/null \
   > >(exec >>"$ev"; while read -r n ph ip; do echo "$(date +%s%3N) $n $ph $ip"; done) &
 watcher=$!
+pids+=("$watcher")  # stopped by the teardown if the run fails before the end of this part
 # The watch is set up once it has listed: a pod it did not see created would
 # show up first in whatever phase it reached meanwhile. A pod bound to a
 # node that does not exist (nothing runs it) shows when that is.
@@ -1082,13 +1083,16 @@ ours_ms=() ref_ms=()
 for k in $(seq 1 "$latency_pods"); do
   rm -f "$ref_conf"
   wait_cni flannel
-  read -r ms ip <<<"$(lat_one flannel-rs "$k")"
+  # (lat_one's output assigned first: read would hide its failure.)
+  out=$(lat_one flannel-rs "$k")
+  read -r ms ip <<<"$out"
   python3 -c "import ipaddress,sys; sys.exit(ipaddress.ip_address('$ip') >= ipaddress.ip_address('$rstart'))" \
     || fail "lat-flannel-rs-$k got $ip: the reference configuration was still in use"
   ours_ms+=("$ms")
   printf '%s\n' "$ref_json" >"$ref_conf"
   wait_cni bridge
-  read -r ms ip <<<"$(lat_one bridge "$k")"
+  out=$(lat_one bridge "$k")
+  read -r ms ip <<<"$out"
   python3 -c "import ipaddress,sys; sys.exit(ipaddress.ip_address('$ip') < ipaddress.ip_address('$rstart'))" \
     || fail "lat-bridge-$k got $ip: the reference configuration was not used"
   ref_ms+=("$ms")
@@ -1104,15 +1108,18 @@ done
 lat_burst() { # LABEL SIDE(below|atleast): prints the summary line
   local label=$1 prefix=lat-burst-$1- t0 n k deadline
   t0=$(ms_now)
-  for k in $(seq 1 "$burst_pods"); do pod_yaml "$prefix$k" "$lat_node" e2e-lat; echo ---; done | kcq create -f - >/dev/null
+  # (Each step fails the run by itself: this runs in a command substitution,
+  # where set -e does not reach.)
+  for k in $(seq 1 "$burst_pods"); do pod_yaml "$prefix$k" "$lat_node" e2e-lat; echo ---; done | kcq create -f - >/dev/null \
+    || fail "kubectl create of the $label burst's $burst_pods pods"
   deadline=$((SECONDS + 180))
   while [ "$SECONDS" -lt "$deadline" ]; do
     n=$(awk -v p="$prefix" 'index($2, p) == 1 && $3 == "Running" && !seen[$2]++ { c++ } END { print c + 0 }' "$ev")
     [ "$n" -ge "$burst_pods" ] && break
     sleep 0.1
   done
-  kcq get pods -l app=e2e-lat -o json >"$work/burst-$label.pods.json"
-  kcq get events -o json >"$work/burst-$label.events.json"
+  kcq get pods -l app=e2e-lat -o json >"$work/burst-$label.pods.json" || fail "kubectl get pods after the $label burst"
+  kcq get events -o json >"$work/burst-$label.events.json" || fail "kubectl get events after the $label burst"
   python3 tests/k8s/burst-stats.py "$label" "$prefix" "$burst_pods" "$t0" "$ev" "$work/burst-$label.pods.json" \
     "$work/burst-$label.events.json" "$work/$lat_node/containerd.log" "$2" "$rstart" \
     || { kc describe pods -l app=e2e-lat | grep -A3 -E '^Name: +lat-burst|Warning' | tail -40 >&2; fail "$label burst of $burst_pods pods"; }
@@ -1127,12 +1134,13 @@ wait_cni bridge
 burst_ref=$(lat_burst bridge atleast)
 echo "$burst_ref"
 burst_s=$(( $(date +%s) - t_burst ))
-burst_sandbox=$(python3 tests/k8s/sandbox-times.py "$work/$lat_node/containerd.log" lat-burst-flannel-rs- flannel-rs
+burst_sandbox=$(python3 tests/k8s/sandbox-times.py "$work/$lat_node/containerd.log" lat-burst-flannel-rs- flannel-rs &&
   python3 tests/k8s/sandbox-times.py "$work/$lat_node/containerd.log" lat-burst-bridge- bridge)
 echo "$burst_sandbox"
 rm -f "$ref_conf"
 kill "$watcher" 2>/dev/null
 { wait "$watcher"; } 2>/dev/null || true
+unset 'pids[-1]'  # the watcher, waited for
 kcq delete pod -l app=e2e-lat --wait=true >/dev/null
 stats() { # LABEL MS...
   local l=$1; shift
