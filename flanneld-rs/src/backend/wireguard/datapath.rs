@@ -32,7 +32,7 @@
 //!   they leave as one UDP GSO train (`UDP_SEGMENT`), bursts batched with
 //!   `sendmmsg`; on receive, `recvmmsg` and UDP GRO trains, decrypted one by
 //!   one, and consecutive TCP segments merged back into one super-packet
-//!   written to the TUN with one `writev` (the udp backend's [`Coalescer`]);
+//!   written to the TUN with one `writev` (the udp backend's [`TunWriter`]);
 //! - no allocation per packet (boringtun allocates only for packets that
 //!   wait for a handshake).
 
@@ -52,7 +52,7 @@ use ipnet::Ipv4Net;
 use log::{debug, info, warn};
 
 use crate::backend::udp::checksum;
-use crate::backend::udp::gro::{Coalescer, Emit, Pkt};
+use crate::backend::udp::gro::{Pkt, TunWriter};
 use crate::backend::udp::gso::{complete_checksum, MAX_HEADERS};
 use crate::backend::udp::kernel::{self, DeviceSpec};
 use crate::backend::udp::packet::{self, PROTO_TCP};
@@ -692,8 +692,8 @@ struct Worker {
     plain: Vec<Box<[u8]>>,
     /// The valid decrypted packets of one receive batch.
     inner: Vec<Pkt>,
-    coalescer: Coalescer,
-    wiov: Vec<libc::iovec>,
+    /// Writes the decrypted packets to the TUN.
+    writer: TunWriter,
     /// For handshakes, cookies and timers.
     scratch: Box<[u8]>,
     local: Local,
@@ -717,8 +717,7 @@ impl Worker {
             rx: RxBatch::new(f.batch),
             plain: (0..f.batch).map(|_| vec![0u8; crate::backend::udp::sock::RX_BUF].into_boxed_slice()).collect(),
             inner: Vec::with_capacity(f.batch * crate::backend::udp::sock::GSO_SEGS * 2),
-            coalescer: Coalescer::new(),
-            wiov: Vec::with_capacity(2 + crate::backend::udp::gro::MAX_SEGMENTS),
+            writer: TunWriter::new(),
             scratch: vec![0u8; 65_536 + 256].into_boxed_slice(),
             local: Local::default(),
             gso_warned: false,
@@ -976,27 +975,9 @@ impl Worker {
                 self.scratch = dst;
             }
         }
-        let tun = self.tun.as_raw_fd();
-        let offload = self.features.offload;
-        let bufs = &self.plain;
-        let wiov = &mut self.wiov;
-        let errors = &mut self.local.tun_write_errors;
-        let mut emit = |e: Emit<'_>| {
-            if write_emit(tun, offload, bufs, wiov, e).is_err() {
-                *errors += 1;
-            }
-        };
-        if self.features.coalesce {
-            for p in &self.inner {
-                let data = &bufs[usize::from(p.buf)][p.off as usize..][..p.len as usize];
-                self.coalescer.push(*p, data, &mut emit);
-            }
-            self.coalescer.flush(&mut emit);
-        } else {
-            for p in &self.inner {
-                emit(Emit::Single(*p));
-            }
-        }
+        let f = self.features;
+        self.local.tun_write_errors +=
+            self.writer.write(self.tun.as_raw_fd(), f.offload, f.coalesce, &self.plain, &self.inner);
         true
     }
 
@@ -1209,42 +1190,6 @@ pub fn cut_in_place(pkt: &mut [u8], mss: usize, each: &mut impl FnMut(&[u8])) ->
         each(&pkt[start - hl..end]);
     }
     true
-}
-
-/// Writes one packet, or one merged packet, to the TUN.
-fn write_emit(
-    tun: RawFd,
-    offload: bool,
-    bufs: &[Box<[u8]>],
-    iov: &mut Vec<libc::iovec>,
-    e: Emit<'_>,
-) -> std::io::Result<()> {
-    static ZERO: [u8; vnet::LEN] = [0; vnet::LEN];
-    let slice = |p: &Pkt| &bufs[usize::from(p.buf)][p.off as usize..][..p.len as usize];
-    let io = |b: &[u8]| libc::iovec { iov_base: b.as_ptr() as *mut libc::c_void, iov_len: b.len() };
-    iov.clear();
-    let vnet_hdr;
-    match e {
-        Emit::Single(p) => {
-            if offload {
-                iov.push(io(&ZERO));
-            }
-            iov.push(io(slice(&p)));
-        }
-        Emit::Super { vnet, header, payloads } => {
-            vnet_hdr = vnet;
-            iov.push(io(&vnet_hdr));
-            iov.push(io(header));
-            iov.extend(payloads.iter().map(|p| io(slice(p))));
-        }
-    }
-    // SAFETY: every iovec points into a buffer borrowed for this call.
-    let rc = unsafe { libc::writev(tun, iov.as_ptr(), iov.len() as libc::c_int) };
-    if rc < 0 {
-        Err(std::io::Error::last_os_error())
-    } else {
-        Ok(())
-    }
 }
 
 #[cfg(test)]
