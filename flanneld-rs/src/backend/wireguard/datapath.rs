@@ -51,11 +51,10 @@ use flannel_net::netns::NetNs;
 use ipnet::Ipv4Net;
 use log::{debug, info, warn};
 
-use crate::backend::udp::checksum;
 use crate::backend::udp::gro::{Pkt, TunWriter};
-use crate::backend::udp::gso::{complete_checksum, MAX_HEADERS};
+use crate::backend::udp::gso::{complete_checksum, cut_in_place};
 use crate::backend::udp::kernel::{self, DeviceSpec};
-use crate::backend::udp::packet::{self, PROTO_TCP};
+use crate::backend::udp::packet;
 use crate::backend::udp::peers::PeerTable;
 use crate::backend::udp::sock::{RxBatch, TxBatch, UdpSocket};
 use crate::backend::udp::tun::{self, TunOptions};
@@ -1127,124 +1126,9 @@ fn outbound(pkt: &mut [u8], hdr: VnetHdr, table: &Table, out: &mut Out, sock: &U
     }
 }
 
-const FIN: u8 = 0x01;
-const PSH: u8 = 0x08;
-const CWR: u8 = 0x80;
-
-/// Cuts a TCP/IPv4 super-packet into packets of `mss` payload bytes the
-/// way a NIC's TSO would (IP length, identification and checksum; TCP
-/// sequence number, FIN and PSH on the last only, CWR on the first only,
-/// full checksum) and hands each to `each` as one contiguous slice: segment
-/// `i`'s header is written over the end of segment `i - 1`'s payload, which
-/// `each` has consumed by then. Returns false (nothing handed) when the
-/// packet is not something we can cut.
-pub fn cut_in_place(pkt: &mut [u8], mss: usize, each: &mut impl FnMut(&[u8])) -> bool {
-    let Some(ihl) = packet::ipv4_header_len(pkt) else { return false };
-    if packet::protocol(pkt) != PROTO_TCP || mss == 0 || pkt.len() < ihl + 20 {
-        return false;
-    }
-    let thl = usize::from(pkt[ihl + 12] >> 4) * 4;
-    let hl = ihl + thl;
-    if thl < 20 || pkt.len() <= hl || hl > MAX_HEADERS || hl + mss.min(pkt.len() - hl) > usize::from(u16::MAX) {
-        return false;
-    }
-    // A segment's header would overwrite the previous segment's payload
-    // only when that payload is at least a header long.
-    if mss < hl && pkt.len() - hl > mss {
-        return false;
-    }
-    let mut tmpl = [0u8; MAX_HEADERS];
-    tmpl[..hl].copy_from_slice(&pkt[..hl]);
-    let src = [tmpl[12], tmpl[13], tmpl[14], tmpl[15]];
-    let dst = [tmpl[16], tmpl[17], tmpl[18], tmpl[19]];
-    let segments = (pkt.len() - hl).div_ceil(mss);
-    for i in 0..segments {
-        let start = hl + i * mss;
-        let end = (start + mss).min(pkt.len());
-        let (before, rest) = pkt.split_at_mut(start);
-        let h = &mut before[start - hl..];
-        h.copy_from_slice(&tmpl[..hl]);
-        let tot = (hl + end - start) as u16;
-        h[2..4].copy_from_slice(&tot.to_be_bytes());
-        let id = u16::from_be_bytes([h[4], h[5]]).wrapping_add(i as u16);
-        h[4..6].copy_from_slice(&id.to_be_bytes());
-        packet::set_header_checksum(h, ihl);
-        let tcp = &mut h[ihl..];
-        let seq = u32::from_be_bytes([tcp[4], tcp[5], tcp[6], tcp[7]]).wrapping_add((i * mss) as u32);
-        tcp[4..8].copy_from_slice(&seq.to_be_bytes());
-        if i + 1 != segments {
-            tcp[13] &= !(FIN | PSH);
-        }
-        if i != 0 {
-            tcp[13] &= !CWR;
-        }
-        tcp[16] = 0;
-        tcp[17] = 0;
-        let payload = &rest[..end - start];
-        let tcp_len = (thl + payload.len()) as u16;
-        let s = checksum::add(
-            checksum::pseudo_header(src, dst, PROTO_TCP, tcp_len),
-            checksum::add(checksum::sum(tcp), checksum::sum(payload)),
-        );
-        tcp[16..18].copy_from_slice(&checksum::finish(s).to_be_bytes());
-        each(&pkt[start - hl..end]);
-    }
-    true
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::udp::gso::TcpSuper;
-
-    fn tcp_packet(seq: u32, flags: u8, payload: &[u8]) -> Vec<u8> {
-        let mut p = vec![0x45, 0, 0, 0, 0x10, 0x00, 0x40, 0, 64, PROTO_TCP, 0, 0, 10, 244, 1, 2, 10, 244, 2, 2];
-        let mut tcp = vec![0x9c, 0x40, 0x14, 0x51];
-        tcp.extend_from_slice(&seq.to_be_bytes());
-        tcp.extend_from_slice(&7u32.to_be_bytes());
-        tcp.extend_from_slice(&[0x80, flags, 0x01, 0xf5, 0, 0, 0, 0]);
-        tcp.extend_from_slice(&[1, 1, 8, 10, 0, 0, 0, 1, 0, 0, 0, 2]);
-        p.extend_from_slice(&tcp);
-        p.extend_from_slice(payload);
-        let len = p.len() as u16;
-        p[2..4].copy_from_slice(&len.to_be_bytes());
-        p
-    }
-
-    /// Cutting in place gives, byte for byte, the udp backend's cut (the
-    /// one its tests check against TSO's rules).
-    #[test]
-    fn cuts_in_place_like_the_udp_backend() {
-        for (size, mss) in [(10_000usize, 1368usize), (1368 * 3, 1368), (100, 1368), (65_000, 1368), (500, 60)] {
-            let payload: Vec<u8> = (0..size as u32).map(|i| (i * 31 + 7) as u8).collect();
-            let sup = tcp_packet(1000, 0x18 | FIN | CWR, &payload);
-            let reference = TcpSuper::parse(&sup, mss).unwrap();
-            let mut want = Vec::new();
-            for i in 0..reference.segments() {
-                let mut h = [0u8; MAX_HEADERS];
-                let r = reference.segment(i, &mut h);
-                let mut s = h[..reference.header_len()].to_vec();
-                s.extend_from_slice(&sup[r]);
-                want.push(s);
-            }
-            let mut got = Vec::new();
-            let mut copy = sup.clone();
-            assert!(cut_in_place(&mut copy, mss, &mut |s: &[u8]| got.push(s.to_vec())));
-            assert_eq!(got, want, "size {size} mss {mss}");
-        }
-    }
-
-    #[test]
-    fn refuses_what_it_cannot_cut() {
-        let mut none = |_: &[u8]| panic!("nothing to hand");
-        assert!(!cut_in_place(&mut [0x45; 10], 1400, &mut none));
-        let mut p = tcp_packet(1, 0x10, &[0; 100]);
-        assert!(!cut_in_place(&mut p.clone(), 0, &mut none));
-        p[9] = 17;
-        assert!(!cut_in_place(&mut p, 1400, &mut none));
-        // Segments shorter than the header would overwrite one another.
-        assert!(!cut_in_place(&mut tcp_packet(1, 0x10, &[0; 100]), 20, &mut none));
-    }
 
     #[test]
     fn packs_addresses_and_subnets() {
