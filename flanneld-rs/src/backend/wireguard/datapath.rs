@@ -38,10 +38,9 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddrV4};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -57,8 +56,9 @@ use crate::backend::udp::kernel::{self, DeviceSpec};
 use crate::backend::udp::packet;
 use crate::backend::udp::peers::PeerTable;
 use crate::backend::udp::sock::{RxBatch, TxBatch, UdpSocket};
-use crate::backend::udp::tun::{self, TunOptions};
+use crate::backend::udp::tun::TunOptions;
 use crate::backend::udp::vnet::{self, VnetHdr};
+use crate::backend::udp::{open_device, Workers};
 use crate::backend::TunnelPeer;
 
 /// How often the tunnels' timers run (boringtun's own device uses 250 ms).
@@ -323,9 +323,7 @@ pub struct WgDataPath {
     netns: NetNs,
     features: Features,
     shared: Arc<Shared>,
-    stop: OwnedFd,
-    workers: Vec<JoinHandle<()>>,
-    tids: Arc<Mutex<Vec<i32>>>,
+    workers: Workers,
 }
 
 impl std::fmt::Debug for WgDataPath {
@@ -367,27 +365,8 @@ impl WgDataPath {
             mtu: cfg.mtu,
             route_scope: flannel_net::netlink::Scope::Link,
         };
-        let existed = crate::backend::udp::device_exists(&cfg.tun_name);
         let mut opts = TunOptions { multi_queue: true, offload: tuning.offload };
-        let device = crate::backend::udp::open_queues(&netns, &cfg.tun_name, wanted, &mut opts).and_then(|queues| {
-            tun::set_persist(&queues[0], &cfg.tun_name, true)?;
-            let fixed = kernel::ensure_in(&netns, &spec)?;
-            if !fixed.is_empty() {
-                info!("wireguard backend: {}", fixed.join("; "));
-            }
-            Ok(queues)
-        });
-        let queues = match device {
-            Ok(q) => q,
-            Err(e) => {
-                if !existed && crate::backend::udp::device_exists(&cfg.tun_name) {
-                    if let Err(d) = kernel::delete_in(&netns, &cfg.tun_name) {
-                        warn!("wireguard backend: delete the half-made {}: {d:#}", cfg.tun_name);
-                    }
-                }
-                return Err(e);
-            }
-        };
+        let queues = open_device(&netns, &spec, wanted, &mut opts, "wireguard backend")?;
         socks.truncate(queues.len());
         let udp_gso = tuning.udp_gso && socks[0].gso_supported();
         let udp_gro = tuning.udp_gro && socks.iter().all(UdpSocket::enable_gro);
@@ -399,13 +378,7 @@ impl WgDataPath {
             coalesce: tuning.coalesce && opts.offload,
             batch: tuning.batch.max(1),
         };
-        // SAFETY: plain eventfd(2) call.
-        let raw = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
-        if raw < 0 {
-            return Err(std::io::Error::last_os_error()).context("eventfd");
-        }
-        // SAFETY: a fresh descriptor we own.
-        let stop = unsafe { OwnedFd::from_raw_fd(raw) };
+        let mut workers = Workers::new()?;
         counters.started.store(true, Ordering::Relaxed);
         let secret = StaticSecret::from(cfg.private_key);
         let shared = Arc::new(Shared {
@@ -416,7 +389,6 @@ impl WgDataPath {
             secret,
             mtu: cfg.mtu as usize,
         });
-        let tids = Arc::new(Mutex::new(Vec::new()));
         info!(
             "wireguard backend: user-space data path on {} (UDP port {}, MTU {}, {}): {features:?}",
             cfg.tun_name,
@@ -424,23 +396,14 @@ impl WgDataPath {
             cfg.mtu,
             if cfg.psk.is_some() { "with PSK" } else { "no PSK" }
         );
-        let mut dp = WgDataPath { cfg, spec, netns, features, shared, stop, workers: Vec::new(), tids };
-        for (i, (q, s)) in queues.into_iter().zip(socks).enumerate() {
-            let (stop, shared, tids) = (dp.stop.as_raw_fd(), Arc::clone(&dp.shared), Arc::clone(&dp.tids));
-            let handle = std::thread::Builder::new()
-                .name(format!("flannel-wg-{i}"))
-                .spawn(move || {
-                    // SAFETY: gettid has no preconditions.
-                    let tid = unsafe { libc::gettid() };
-                    tids.lock().unwrap_or_else(|p| p.into_inner()).push(tid);
-                    // Built here: its batches hold raw pointers for the
-                    // system calls and so never cross threads.
-                    Worker::new(i, q, s, stop, shared, features).run()
-                })
-                .context("spawn a wireguard worker thread")?;
-            dp.workers.push(handle);
+        for (i, (q, sock)) in queues.into_iter().zip(socks).enumerate() {
+            let shared = Arc::clone(&shared);
+            // Built on its thread: its batches hold raw pointers for the
+            // system calls and so never cross threads.
+            workers
+                .spawn(format!("flannel-wg-{i}"), move |stop| Worker::new(i, q, sock, stop, shared, features).run())?;
         }
-        Ok(dp)
+        Ok(WgDataPath { cfg, spec, netns, features, shared, workers })
     }
 
     /// Brings the peers in line with `peers` (subnet -> endpoint and key): a
@@ -531,7 +494,7 @@ impl WgDataPath {
 
     /// Whether every worker still runs.
     pub fn running(&self) -> bool {
-        !self.workers.is_empty() && self.workers.iter().all(|w| !w.is_finished())
+        self.workers.running()
     }
 
     /// What is in use.
@@ -541,7 +504,7 @@ impl WgDataPath {
 
     /// Kernel thread ids of the workers (for `/proc/self/task/<tid>/stat`).
     pub fn thread_ids(&self) -> Vec<i32> {
-        self.tids.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.workers.thread_ids()
     }
 
     /// Each peer's subnet, current endpoint and time since its last
@@ -552,27 +515,6 @@ impl WgDataPath {
             t.peers.iter().map(|p| (p.subnet(), p.endpoint(), p.tunn().time_since_last_handshake())).collect();
         v.sort();
         v
-    }
-
-    fn stop_workers(&mut self) {
-        if self.workers.is_empty() {
-            return;
-        }
-        let one: u64 = 1;
-        // SAFETY: writes 8 bytes from a local to our eventfd.
-        let rc = unsafe { libc::write(self.stop.as_raw_fd(), (&one as *const u64).cast(), 8) };
-        if rc != 8 {
-            warn!("wireguard backend: signal the workers to stop: {}", std::io::Error::last_os_error());
-        }
-        for w in self.workers.drain(..) {
-            let _ = w.join();
-        }
-    }
-}
-
-impl Drop for WgDataPath {
-    fn drop(&mut self) {
-        self.stop_workers();
     }
 }
 
