@@ -52,7 +52,7 @@ use log::{debug, info, warn};
 
 use crate::backend::udp::gro::{Pkt, TunWriter};
 use crate::backend::udp::gso::{complete_checksum, cut_in_place};
-use crate::backend::udp::kernel::{self, DeviceSpec};
+use crate::backend::udp::kernel::DeviceSpec;
 use crate::backend::udp::packet;
 use crate::backend::udp::peers::PeerTable;
 use crate::backend::udp::sock::{RxBatch, TxBatch, UdpSocket};
@@ -299,28 +299,13 @@ struct Shared {
     mtu: usize,
 }
 
-/// What the data path ended up using, after the kernel had its say.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Features {
-    /// Worker threads, TUN queues and sockets.
-    pub queues: usize,
-    /// TUN offloads (virtio header, TSO).
-    pub offload: bool,
-    /// UDP GSO.
-    pub udp_gso: bool,
-    /// UDP GRO.
-    pub udp_gro: bool,
-    /// Receive-side TCP merging.
-    pub coalesce: bool,
-    /// Packets per batch.
-    pub batch: usize,
-}
+/// What the data path ended up using, after the kernel had its say (the
+/// udp backend's record of it).
+pub use crate::backend::udp::Features;
 
 /// The running data path.
 pub struct WgDataPath {
     cfg: WgConfig,
-    spec: DeviceSpec,
-    netns: NetNs,
     features: Features,
     shared: Arc<Shared>,
     workers: Workers,
@@ -372,6 +357,7 @@ impl WgDataPath {
         let udp_gro = tuning.udp_gro && socks.iter().all(UdpSocket::enable_gro);
         let features = Features {
             queues: queues.len(),
+            multi_queue: opts.multi_queue,
             offload: opts.offload,
             udp_gso,
             udp_gro,
@@ -403,7 +389,7 @@ impl WgDataPath {
             workers
                 .spawn(format!("flannel-wg-{i}"), move |stop| Worker::new(i, q, sock, stop, shared, features).run())?;
         }
-        Ok(WgDataPath { cfg, spec, netns, features, shared, workers })
+        Ok(WgDataPath { cfg, features, shared, workers })
     }
 
     /// Brings the peers in line with `peers` (subnet -> endpoint and key): a
@@ -486,35 +472,14 @@ impl WgDataPath {
         self.shared.cell.store(t);
     }
 
-    /// Re-asserts the device's MTU, address, up state and route; fails when
-    /// the device is gone.
-    pub fn ensure_kernel(&self) -> anyhow::Result<Vec<String>> {
-        kernel::ensure_in(&self.netns, &self.spec)
-    }
-
     /// Whether every worker still runs.
     pub fn running(&self) -> bool {
         self.workers.running()
     }
 
-    /// What is in use.
-    pub fn features(&self) -> Features {
-        self.features
-    }
-
     /// Kernel thread ids of the workers (for `/proc/self/task/<tid>/stat`).
     pub fn thread_ids(&self) -> Vec<i32> {
         self.workers.thread_ids()
-    }
-
-    /// Each peer's subnet, current endpoint and time since its last
-    /// handshake (for `diagnose` and tests).
-    pub fn peers(&self) -> Vec<(Ipv4Net, SocketAddrV4, Option<Duration>)> {
-        let (_, t) = self.shared.cell.load();
-        let mut v: Vec<_> =
-            t.peers.iter().map(|p| (p.subnet(), p.endpoint(), p.tunn().time_since_last_handshake())).collect();
-        v.sort();
-        v
     }
 }
 
