@@ -640,6 +640,12 @@ impl NetworkConfig {
                         .into(),
                 ));
             }
+            // The IPv6 device's port: flannel reads it only with EnableIPv6,
+            // which the wireguard backend refuses above.
+            if b.get("listenportv6").is_some_and(|v| !v.is_null()) {
+                notes
+                    .push("Backend.ListenPortV6 has no effect without EnableIPv6 true (flannel ignores it too)".into());
+            }
         }
         if ipv6.is_some() && matches!(backend, BackendConfig::Udp { .. }) {
             return Err(err(
@@ -950,6 +956,15 @@ mod tests {
                 "Backend.VNI has no effect: Type wireguard does not read it",
             ]
         );
+        // ListenPortV6 is the IPv6 device's, and this cluster has none.
+        let mut n = Vec::new();
+        NetworkConfig::parse_noting(
+            r#"{"Network":"10.244.0.0/16","Backend":{"Type":"wireguard","ListenPortV6":51001}}"#,
+            "net-conf.json",
+            &mut n,
+        )
+        .unwrap();
+        assert_eq!(n, ["Backend.ListenPortV6 has no effect without EnableIPv6 true (flannel ignores it too)"]);
         // And the others do not read the wireguard keys.
         let mut n = Vec::new();
         NetworkConfig::parse_noting(

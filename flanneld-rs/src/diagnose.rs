@@ -344,8 +344,6 @@ async fn run_with(opts: &Opts, json_out: bool, mut store: impl LeaseStore) -> an
     report(&findings, json_out)
 }
 
-/// Whether a socket in this network namespace is bound to `ip:port` (or
-/// the wildcard address), from `/proc/net/udp`.
 /// The peers (subnets) with failing handshakes and their counts, from the
 /// daemon's `/metrics` on `ip:port` (its --healthz-ip/--healthz-port; an
 /// unspecified address read on loopback).
@@ -385,6 +383,8 @@ fn parse_failing(text: &str) -> Vec<(String, u64)> {
         .collect()
 }
 
+/// Whether a socket in this network namespace is bound to `ip:port` (or
+/// the wildcard address), from `/proc/net/udp`.
 fn udp_listening(ip: std::net::Ipv4Addr, port: u16) -> bool {
     let Ok(table) = std::fs::read_to_string("/proc/net/udp") else { return false };
     // "sl local_address ...": the address is the in-memory u32 in hex,

@@ -557,7 +557,10 @@ impl<S: LeaseStore> Driver<S> {
         // A new data path starts with an empty table.
         if peers != self.data_path_peers {
             info!("reconcile ({why}): data path peer table: {} peer(s)", peers.len());
-            dp.set_peers(&peers);
+            // Off the async workers: the wireguard kernel path sends netlink
+            // requests and waits for their answers, the user-space one
+            // makes a tunnel (an X25519 agreement) per new peer.
+            tokio::task::block_in_place(|| dp.set_peers(&peers));
             self.data_path_peers = peers;
         }
     }

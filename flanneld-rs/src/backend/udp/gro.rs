@@ -129,6 +129,95 @@ fn parse(data: &[u8]) -> Option<Seg> {
     Some(Seg { key, hl, seq, flags, mergeable })
 }
 
+/// Writes a receive batch's inner packets to the TUN: merged by a
+/// [`Coalescer`] when asked (and the TUN has offloads), else one `writev`
+/// each. Holds the coalescer and the iovecs, allocated once per worker.
+pub struct TunWriter {
+    coalescer: Coalescer,
+    iov: Vec<libc::iovec>,
+}
+
+impl Default for TunWriter {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl TunWriter {
+    /// A writer; all its memory is allocated here.
+    pub fn new() -> TunWriter {
+        TunWriter { coalescer: Coalescer::new(), iov: Vec::with_capacity(2 + MAX_SEGMENTS) }
+    }
+
+    /// Writes `pkts`, which lie in `bufs`, to the TUN queue `tun` (whose
+    /// packets carry a virtio header when `offload`), merging TCP segments
+    /// when `coalesce` and `offload`. Returns how many writes failed.
+    pub fn write(
+        &mut self,
+        tun: std::os::fd::RawFd,
+        offload: bool,
+        coalesce: bool,
+        bufs: &[Box<[u8]>],
+        pkts: &[Pkt],
+    ) -> u64 {
+        let iov = &mut self.iov;
+        let mut errors = 0;
+        let mut emit = |e: Emit<'_>| {
+            if write_emit(tun, offload, bufs, iov, e).is_err() {
+                errors += 1;
+            }
+        };
+        if coalesce && offload {
+            for p in pkts {
+                let data = &bufs[usize::from(p.buf)][p.off as usize..][..p.len as usize];
+                self.coalescer.push(*p, data, &mut emit);
+            }
+            self.coalescer.flush(&mut emit);
+        } else {
+            for p in pkts {
+                emit(Emit::Single(*p));
+            }
+        }
+        errors
+    }
+}
+
+/// Writes one packet, or one merged packet, to the TUN.
+fn write_emit(
+    tun: std::os::fd::RawFd,
+    offload: bool,
+    bufs: &[Box<[u8]>],
+    iov: &mut Vec<libc::iovec>,
+    e: Emit<'_>,
+) -> std::io::Result<()> {
+    static ZERO: [u8; vnet::LEN] = [0; vnet::LEN];
+    let slice = |p: &Pkt| &bufs[usize::from(p.buf)][p.off as usize..][..p.len as usize];
+    let io = |b: &[u8]| libc::iovec { iov_base: b.as_ptr() as *mut libc::c_void, iov_len: b.len() };
+    iov.clear();
+    let vnet_hdr;
+    match e {
+        Emit::Single(p) => {
+            if offload {
+                iov.push(io(&ZERO));
+            }
+            iov.push(io(slice(&p)));
+        }
+        Emit::Super { vnet, header, payloads } => {
+            vnet_hdr = vnet;
+            iov.push(io(&vnet_hdr));
+            iov.push(io(header));
+            iov.extend(payloads.iter().map(|p| io(slice(p))));
+        }
+    }
+    // SAFETY: every iovec points into a buffer borrowed for this call.
+    let rc = unsafe { libc::writev(tun, iov.as_ptr(), iov.len() as libc::c_int) };
+    if rc < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
 /// Merges TCP segments; see the module documentation.
 pub struct Coalescer {
     groups: Vec<Group>,

@@ -85,20 +85,21 @@ pub fn prepare_outbound(pkt: &mut [u8], hdr: VnetHdr) -> Result<Outbound<'_>, Di
     }
 }
 
-/// A TCP/IPv4 super-packet and how to cut it.
-#[derive(Debug)]
-pub struct TcpSuper<'a> {
-    pkt: &'a [u8],
+/// How a TCP/IPv4 super-packet is cut: its header lengths, the segment
+/// size and how many segments it makes. Shared by the cut into separate
+/// header slots ([`TcpSuper`]) and the cut in place ([`cut_in_place`]).
+#[derive(Debug, Clone, Copy)]
+struct Cut {
     ihl: usize,
     hl: usize,
     mss: usize,
     segments: usize,
 }
 
-impl<'a> TcpSuper<'a> {
+impl Cut {
     /// Checks `pkt` (an IPv4/TCP packet, without virtio header) and the
     /// segment size; `None` when it is not something we can cut.
-    pub fn parse(pkt: &'a [u8], mss: usize) -> Option<TcpSuper<'a>> {
+    fn of(pkt: &[u8], mss: usize) -> Option<Cut> {
         let ihl = packet::ipv4_header_len(pkt)?;
         if packet::protocol(pkt) != PROTO_TCP || mss == 0 || pkt.len() < ihl + 20 {
             return None;
@@ -115,49 +116,31 @@ impl<'a> TcpSuper<'a> {
             return None;
         }
         let segments = (pkt.len() - hl).div_ceil(mss);
-        Some(TcpSuper { pkt, ihl, hl, mss, segments })
+        Some(Cut { ihl, hl, mss, segments })
     }
 
-    /// The whole super-packet, which segments' payload ranges index.
-    pub fn bytes(&self) -> &'a [u8] {
-        self.pkt
+    /// Segment `i`'s payload within a super-packet of `len` bytes.
+    fn payload(&self, i: usize, len: usize) -> Range<usize> {
+        let start = self.hl + i * self.mss;
+        start..(start + self.mss).min(len)
     }
 
-    /// How many packets it makes.
-    pub fn segments(&self) -> usize {
-        self.segments
-    }
-
-    /// Length of every segment's headers.
-    pub fn header_len(&self) -> usize {
-        self.hl
-    }
-
-    /// Length of the largest segment (headers and payload).
-    pub fn segment_len(&self) -> usize {
-        self.hl + self.mss.min(self.pkt.len() - self.hl)
-    }
-
-    /// Writes segment `i`'s headers into `out[..header_len()]` and returns
-    /// the range of the super-packet that is its payload. IP: total length,
-    /// identification (incremented per segment, as Linux's TSO does) and
-    /// checksum. TCP: sequence number, FIN and PSH on the last segment only,
-    /// CWR on the first only, and the full checksum.
-    ///
-    /// Panics unless `i < segments()` and `out` holds `header_len()` bytes.
-    pub fn segment(&self, i: usize, out: &mut [u8]) -> Range<usize> {
+    /// Turns `h`, a copy of the super-packet's headers, into segment `i`'s,
+    /// whose payload is `payload`. IP: total length, identification
+    /// (incremented per segment, as Linux's TSO does) and checksum. TCP:
+    /// sequence number, FIN and PSH on the last segment only, CWR on the
+    /// first only, and the full checksum.
+    fn fix_header(&self, i: usize, h: &mut [u8], payload: &[u8]) {
         let (ihl, hl) = (self.ihl, self.hl);
-        let start = hl + i * self.mss;
-        let end = (start + self.mss).min(self.pkt.len());
-        let h = &mut out[..hl];
-        h.copy_from_slice(&self.pkt[..hl]);
-        let tot = (hl + end - start) as u16;
+        let src = [h[12], h[13], h[14], h[15]];
+        let dst = [h[16], h[17], h[18], h[19]];
+        let tot = (hl + payload.len()) as u16;
         h[2..4].copy_from_slice(&tot.to_be_bytes());
         let id = u16::from_be_bytes([h[4], h[5]]).wrapping_add(i as u16);
         h[4..6].copy_from_slice(&id.to_be_bytes());
         packet::set_header_checksum(h, ihl);
 
-        let tcp = &mut h[ihl..];
+        let tcp = &mut h[ihl..hl];
         let seq = u32::from_be_bytes([tcp[4], tcp[5], tcp[6], tcp[7]]).wrapping_add((i * self.mss) as u32);
         tcp[4..8].copy_from_slice(&seq.to_be_bytes());
         if i + 1 != self.segments {
@@ -168,16 +151,87 @@ impl<'a> TcpSuper<'a> {
         }
         tcp[16] = 0;
         tcp[17] = 0;
-        let tcp_len = (hl - ihl + end - start) as u16;
-        let src = [self.pkt[12], self.pkt[13], self.pkt[14], self.pkt[15]];
-        let dst = [self.pkt[16], self.pkt[17], self.pkt[18], self.pkt[19]];
+        let tcp_len = (hl - ihl + payload.len()) as u16;
         let s = checksum::add(
             checksum::pseudo_header(src, dst, PROTO_TCP, tcp_len),
-            checksum::add(checksum::sum(tcp), checksum::sum(&self.pkt[start..end])),
+            checksum::add(checksum::sum(tcp), checksum::sum(payload)),
         );
         tcp[16..18].copy_from_slice(&checksum::finish(s).to_be_bytes());
-        start..end
     }
+}
+
+/// A TCP/IPv4 super-packet and how to cut it.
+#[derive(Debug)]
+pub struct TcpSuper<'a> {
+    pkt: &'a [u8],
+    cut: Cut,
+}
+
+impl<'a> TcpSuper<'a> {
+    /// Checks `pkt` (an IPv4/TCP packet, without virtio header) and the
+    /// segment size; `None` when it is not something we can cut.
+    pub fn parse(pkt: &'a [u8], mss: usize) -> Option<TcpSuper<'a>> {
+        Cut::of(pkt, mss).map(|cut| TcpSuper { pkt, cut })
+    }
+
+    /// The whole super-packet, which segments' payload ranges index.
+    pub fn bytes(&self) -> &'a [u8] {
+        self.pkt
+    }
+
+    /// How many packets it makes.
+    pub fn segments(&self) -> usize {
+        self.cut.segments
+    }
+
+    /// Length of every segment's headers.
+    pub fn header_len(&self) -> usize {
+        self.cut.hl
+    }
+
+    /// Length of the largest segment (headers and payload).
+    pub fn segment_len(&self) -> usize {
+        self.cut.hl + self.cut.mss.min(self.pkt.len() - self.cut.hl)
+    }
+
+    /// Writes segment `i`'s headers into `out[..header_len()]` and returns
+    /// the range of the super-packet that is its payload (see
+    /// `Cut::fix_header` for what changes from segment to segment).
+    ///
+    /// Panics unless `i < segments()` and `out` holds `header_len()` bytes.
+    pub fn segment(&self, i: usize, out: &mut [u8]) -> Range<usize> {
+        let r = self.cut.payload(i, self.pkt.len());
+        let h = &mut out[..self.cut.hl];
+        h.copy_from_slice(&self.pkt[..self.cut.hl]);
+        self.cut.fix_header(i, h, &self.pkt[r.clone()]);
+        r
+    }
+}
+
+/// Cuts a TCP/IPv4 super-packet into packets of `mss` payload bytes as
+/// [`TcpSuper`] does, but hands each to `each` as one contiguous slice (for
+/// an encryption that takes whole packets): segment `i`'s header is written
+/// over the end of segment `i - 1`'s payload, which `each` has consumed by
+/// then. Returns false (nothing handed) when the packet is not something we
+/// can cut, or its segments are shorter than their headers (which would
+/// overwrite one another).
+pub fn cut_in_place(pkt: &mut [u8], mss: usize, each: &mut impl FnMut(&[u8])) -> bool {
+    let Some(cut) = Cut::of(pkt, mss) else { return false };
+    let hl = cut.hl;
+    if mss < hl && pkt.len() - hl > mss {
+        return false;
+    }
+    let mut tmpl = [0u8; MAX_HEADERS];
+    tmpl[..hl].copy_from_slice(&pkt[..hl]);
+    for i in 0..cut.segments {
+        let r = cut.payload(i, pkt.len());
+        let (before, rest) = pkt.split_at_mut(r.start);
+        let h = &mut before[r.start - hl..];
+        h.copy_from_slice(&tmpl[..hl]);
+        cut.fix_header(i, h, &rest[..r.len()]);
+        each(&pkt[r.start - hl..r.end]);
+    }
+    true
 }
 
 #[cfg(test)]
@@ -281,5 +335,39 @@ pub(crate) mod tests {
         udp[9] = PROTO_UDP;
         assert!(TcpSuper::parse(&udp, 1400).is_none());
         assert!(TcpSuper::parse(&tcp_packet(1, 0x10, &[0; 100]), 0).is_none());
+    }
+
+    /// Cutting in place gives, byte for byte, the cut into header slots.
+    #[test]
+    fn cuts_in_place_like_the_udp_backend() {
+        for (size, mss) in [(10_000usize, 1368usize), (1368 * 3, 1368), (100, 1368), (65_000, 1368), (500, 60)] {
+            let payload: Vec<u8> = (0..size as u32).map(|i| (i * 31 + 7) as u8).collect();
+            let sup = tcp_packet(1000, 0x18 | FIN | CWR, &payload);
+            let reference = TcpSuper::parse(&sup, mss).unwrap();
+            let mut want = Vec::new();
+            for i in 0..reference.segments() {
+                let mut h = [0u8; MAX_HEADERS];
+                let r = reference.segment(i, &mut h);
+                let mut s = h[..reference.header_len()].to_vec();
+                s.extend_from_slice(&sup[r]);
+                want.push(s);
+            }
+            let mut got = Vec::new();
+            let mut copy = sup.clone();
+            assert!(cut_in_place(&mut copy, mss, &mut |s: &[u8]| got.push(s.to_vec())));
+            assert_eq!(got, want, "size {size} mss {mss}");
+        }
+    }
+
+    #[test]
+    fn cut_in_place_refuses_what_it_cannot_cut() {
+        let mut none = |_: &[u8]| panic!("nothing to hand");
+        assert!(!cut_in_place(&mut [0x45; 10], 1400, &mut none));
+        let mut p = tcp_packet(1, 0x10, &[0; 100]);
+        assert!(!cut_in_place(&mut p.clone(), 0, &mut none));
+        p[9] = 17;
+        assert!(!cut_in_place(&mut p, 1400, &mut none));
+        // Segments shorter than the header would overwrite one another.
+        assert!(!cut_in_place(&mut tcp_packet(1, 0x10, &[0; 100]), 20, &mut none));
     }
 }

@@ -36,7 +36,7 @@ pub mod vnet;
 mod worker;
 
 use std::net::Ipv4Addr;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -192,9 +192,7 @@ pub struct UdpDataPath {
     netns: NetNs,
     features: Features,
     shared: Arc<Shared>,
-    stop: OwnedFd,
-    workers: Vec<JoinHandle<()>>,
-    tids: Arc<Mutex<Vec<i32>>>,
+    workers: Workers,
 }
 
 impl std::fmt::Debug for UdpDataPath {
@@ -251,28 +249,8 @@ impl UdpDataPath {
         for _ in 0..wanted {
             socks.push(UdpSocket::bind(cfg.bind, cfg.port)?);
         }
-        let existed = device_exists(&cfg.tun_name);
         let mut opts = TunOptions { multi_queue: true, offload: tuning.offload };
-        let device = open_queues(&netns, &cfg.tun_name, wanted, &mut opts).and_then(|queues| {
-            tun::set_persist(&queues[0], &cfg.tun_name, true)?;
-            let fixed = kernel::ensure_in(&netns, &spec)?;
-            if !fixed.is_empty() {
-                info!("udp backend: {}", fixed.join("; "));
-            }
-            Ok(queues)
-        });
-        let queues = match device {
-            Ok(q) => q,
-            Err(e) => {
-                // A device we made and could not finish is not left half-made.
-                if !existed && device_exists(&cfg.tun_name) {
-                    if let Err(d) = kernel::delete_in(&netns, &cfg.tun_name) {
-                        warn!("udp backend: delete the half-made {}: {d:#}", cfg.tun_name);
-                    }
-                }
-                return Err(e);
-            }
-        };
+        let queues = open_device(&netns, &spec, wanted, &mut opts, "udp backend")?;
         socks.truncate(queues.len());
         let udp_gso = tuning.udp_gso && socks[0].gso_supported();
         let udp_gro = tuning.udp_gro && socks.iter().all(UdpSocket::enable_gro);
@@ -287,13 +265,7 @@ impl UdpDataPath {
         };
         info!("udp backend on {}: {features:?}", cfg.tun_name);
 
-        // SAFETY: plain eventfd(2) call.
-        let raw = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
-        if raw < 0 {
-            return Err(std::io::Error::last_os_error()).context("eventfd");
-        }
-        // SAFETY: a fresh descriptor we own.
-        let stop = unsafe { OwnedFd::from_raw_fd(raw) };
+        let mut workers = Workers::new()?;
         let shared = Arc::new(Shared {
             peers: Default::default(),
             counters: (0..queues.len()).map(|_| Counters::default()).collect(),
@@ -307,25 +279,14 @@ impl UdpDataPath {
             port: cfg.port,
             udp_gso,
         };
-        let tids = Arc::new(Mutex::new(Vec::new()));
-        let mut dp = UdpDataPath { cfg, spec, netns, features, shared, stop, workers: Vec::new(), tids };
-        for (i, (q, s)) in queues.into_iter().zip(socks).enumerate() {
-            let (stop, shared) = (dp.stop.as_raw_fd(), Arc::clone(&dp.shared));
-            let tids = Arc::clone(&dp.tids);
-            let handle = std::thread::Builder::new()
-                .name(format!("flannel-udp-{i}"))
-                .spawn(move || {
-                    // SAFETY: gettid has no preconditions.
-                    let tid = unsafe { libc::gettid() };
-                    tids.lock().unwrap_or_else(|p| p.into_inner()).push(tid);
-                    // Built here: its batches hold raw pointers for the
-                    // system calls and so never cross threads.
-                    Worker::new(i, q, s, stop, shared, wopts).run()
-                })
-                .context("spawn a udp worker thread")?;
-            dp.workers.push(handle);
+        for (i, (q, sock)) in queues.into_iter().zip(socks).enumerate() {
+            let shared = Arc::clone(&shared);
+            // Built on its thread: its batches hold raw pointers for the
+            // system calls and so never cross threads.
+            workers
+                .spawn(format!("flannel-udp-{i}"), move |stop| Worker::new(i, q, sock, stop, shared, wopts).run())?;
         }
-        Ok(dp)
+        Ok(UdpDataPath { cfg, spec, netns, features, shared, workers })
     }
 
     /// Replaces the peer table (subnet -> peer's public IP; peers listen on
@@ -357,7 +318,7 @@ impl UdpDataPath {
     /// Whether every worker thread is still running (one that panicked or
     /// gave up on an error has not: then restart the data path).
     pub fn running(&self) -> bool {
-        self.workers.iter().all(|w| !w.is_finished())
+        self.workers.running()
     }
 
     /// What is in use.
@@ -372,29 +333,14 @@ impl UdpDataPath {
 
     /// Kernel thread ids of the workers (for `/proc/self/task/<tid>/stat`).
     pub fn thread_ids(&self) -> Vec<i32> {
-        self.tids.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.workers.thread_ids()
     }
 
     /// Stops the workers and deletes the device (with its address and
     /// route): for switching a node away from the udp backend.
     pub fn remove(mut self) -> anyhow::Result<()> {
-        self.stop_workers();
+        self.workers.stop();
         kernel::delete_in(&self.netns, &self.cfg.tun_name).map(drop)
-    }
-
-    fn stop_workers(&mut self) {
-        if self.workers.is_empty() {
-            return;
-        }
-        let one: u64 = 1;
-        // SAFETY: writes 8 bytes from a local to our eventfd.
-        let rc = unsafe { libc::write(self.stop.as_raw_fd(), (&one as *const u64).cast(), 8) };
-        if rc != 8 {
-            warn!("udp backend: signal workers to stop: {}", std::io::Error::last_os_error());
-        }
-        for w in self.workers.drain(..) {
-            let _ = w.join();
-        }
     }
 }
 
@@ -419,12 +365,6 @@ fn sum(shared: &Shared) -> Stats {
     s
 }
 
-impl Drop for UdpDataPath {
-    fn drop(&mut self) {
-        self.stop_workers();
-    }
-}
-
 /// The source of our ICMP errors. flannel uses the TUN's own address,
 /// `<subnet>.0`, but that address is local to the node, so Linux drops the
 /// error as a martian when it comes out of the TUN (unless `accept_local`)
@@ -440,9 +380,110 @@ fn icmp_source(cfg: &UdpConfig) -> Ipv4Addr {
     }
 }
 
+/// A data path's worker threads: the eventfd that tells them to stop,
+/// their handles and their kernel thread ids. Dropping it stops them.
+pub(crate) struct Workers {
+    stop: OwnedFd,
+    handles: Vec<JoinHandle<()>>,
+    tids: Arc<Mutex<Vec<i32>>>,
+}
+
+impl Workers {
+    /// No worker yet; the stop eventfd made.
+    pub(crate) fn new() -> anyhow::Result<Workers> {
+        // SAFETY: plain eventfd(2) call.
+        let raw = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+        if raw < 0 {
+            return Err(std::io::Error::last_os_error()).context("eventfd");
+        }
+        // SAFETY: a fresh descriptor we own.
+        let stop = unsafe { OwnedFd::from_raw_fd(raw) };
+        Ok(Workers { stop, handles: Vec::new(), tids: Arc::default() })
+    }
+
+    /// Starts thread `name` running `f`, which gets the stop eventfd (it
+    /// becomes readable when the worker must end).
+    pub(crate) fn spawn(&mut self, name: String, f: impl FnOnce(RawFd) + Send + 'static) -> anyhow::Result<()> {
+        let (stop, tids) = (self.stop.as_raw_fd(), Arc::clone(&self.tids));
+        let handle = std::thread::Builder::new()
+            .name(name.clone())
+            .spawn(move || {
+                // SAFETY: gettid has no preconditions.
+                let tid = unsafe { libc::gettid() };
+                tids.lock().unwrap_or_else(|p| p.into_inner()).push(tid);
+                f(stop)
+            })
+            .with_context(|| format!("spawn the worker thread {name}"))?;
+        self.handles.push(handle);
+        Ok(())
+    }
+
+    /// Whether there are workers and every one still runs (one that
+    /// panicked or gave up on an error has not: then restart the data path).
+    pub(crate) fn running(&self) -> bool {
+        !self.handles.is_empty() && self.handles.iter().all(|w| !w.is_finished())
+    }
+
+    /// Their kernel thread ids (for `/proc/self/task/<tid>/stat`).
+    pub(crate) fn thread_ids(&self) -> Vec<i32> {
+        self.tids.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Signals every worker to stop and waits for them.
+    pub(crate) fn stop(&mut self) {
+        if self.handles.is_empty() {
+            return;
+        }
+        let one: u64 = 1;
+        // SAFETY: writes 8 bytes from a local to our eventfd.
+        let rc = unsafe { libc::write(self.stop.as_raw_fd(), (&one as *const u64).cast(), 8) };
+        if rc != 8 {
+            warn!("signal the data path's workers to stop: {}", std::io::Error::last_os_error());
+        }
+        for w in self.handles.drain(..) {
+            let _ = w.join();
+        }
+    }
+}
+
+impl Drop for Workers {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Opens `n` queues of the TUN device `spec.name` in `netns` (the calling
+/// thread's; see [`open_queues`]), makes it persistent and gives it its
+/// MTU, address, up state and route. A device this call made and could
+/// not finish is deleted again: nothing half-made stays. `opts` says what
+/// the kernel granted; `who` names the backend in logs.
+pub(crate) fn open_device(
+    netns: &NetNs,
+    spec: &DeviceSpec,
+    n: usize,
+    opts: &mut TunOptions,
+    who: &str,
+) -> anyhow::Result<Vec<OwnedFd>> {
+    let existed = device_exists(&spec.name);
+    let device = open_queues(netns, &spec.name, n, opts).and_then(|queues| {
+        tun::set_persist(&queues[0], &spec.name, true)?;
+        let fixed = kernel::ensure_in(netns, spec)?;
+        if !fixed.is_empty() {
+            info!("{who}: {}", fixed.join("; "));
+        }
+        Ok(queues)
+    });
+    if device.is_err() && !existed && device_exists(&spec.name) {
+        if let Err(d) = kernel::delete_in(netns, &spec.name) {
+            warn!("{who}: delete the half-made {}: {d:#}", spec.name);
+        }
+    }
+    device
+}
+
 /// Whether a network device of that name exists in the calling thread's
 /// network namespace.
-pub(crate) fn device_exists(name: &str) -> bool {
+fn device_exists(name: &str) -> bool {
     let Ok(c) = std::ffi::CString::new(name) else { return false };
     // SAFETY: a valid NUL-terminated string.
     unsafe { libc::if_nametoindex(c.as_ptr()) != 0 }
@@ -452,7 +493,7 @@ pub(crate) fn device_exists(name: &str) -> bool {
 /// the device exists with flags we cannot attach to (single-queue, or not a
 /// TUN at all), it is deleted and created anew; when multi-queue is refused
 /// outright, one plain queue is used; when offloads are refused, none.
-pub(crate) fn open_queues(netns: &NetNs, name: &str, n: usize, opts: &mut TunOptions) -> anyhow::Result<Vec<OwnedFd>> {
+fn open_queues(netns: &NetNs, name: &str, n: usize, opts: &mut TunOptions) -> anyhow::Result<Vec<OwnedFd>> {
     let first = match tun::open_queue(name, *opts) {
         Ok(q) => q,
         Err(e) if e.raw_os_error() == Some(libc::EINVAL) || e.raw_os_error() == Some(libc::EBUSY) => {

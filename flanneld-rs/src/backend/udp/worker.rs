@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use log::warn;
 
-use super::gro::{Coalescer, Emit, Pkt};
+use super::gro::{Pkt, TunWriter};
 use super::gso::{self, Outbound};
 use super::packet::{self, Discard};
 use super::peers::{PeerCell, PeerView};
@@ -129,9 +129,8 @@ pub struct Worker {
     rx: RxBatch,
     /// References to the valid inner packets of one receive batch.
     inner: Vec<Pkt>,
-    coalescer: Coalescer,
-    /// iovecs for one TUN write.
-    wiov: Vec<libc::iovec>,
+    /// Writes the received packets to the TUN.
+    writer: TunWriter,
     local: Local,
     gso_warned: bool,
 }
@@ -161,8 +160,7 @@ impl Worker {
             tx: TxBatch::new(opts.port, opts.udp_gso),
             rx: RxBatch::new(batch),
             inner: Vec::with_capacity(batch * super::sock::GSO_SEGS * 2),
-            coalescer: Coalescer::new(),
-            wiov: Vec::with_capacity(2 + super::gro::MAX_SEGMENTS),
+            writer: TunWriter::new(),
             local: Local::default(),
             gso_warned: false,
             shared,
@@ -310,27 +308,8 @@ impl Worker {
                 off += len;
             }
         }
-        let tun = self.tun.as_raw_fd();
-        let offload = self.opts.offload;
-        let bufs = self.rx.bufs();
-        let wiov = &mut self.wiov;
-        let errors = &mut self.local.tun_write_errors;
-        let mut emit = |e: Emit<'_>| {
-            if write_emit(tun, offload, bufs, wiov, e).is_err() {
-                *errors += 1;
-            }
-        };
-        if self.opts.coalesce && offload {
-            for p in &self.inner {
-                let data = &bufs[usize::from(p.buf)][p.off as usize..][..p.len as usize];
-                self.coalescer.push(*p, data, &mut emit);
-            }
-            self.coalescer.flush(&mut emit);
-        } else {
-            for p in &self.inner {
-                emit(Emit::Single(*p));
-            }
-        }
+        self.local.tun_write_errors +=
+            self.writer.write(self.tun.as_raw_fd(), self.opts.offload, self.opts.coalesce, self.rx.bufs(), &self.inner);
         true
     }
 }
@@ -394,41 +373,5 @@ fn outbound(
         }
         Err(Discard::TtlExpired) => local.ttl_expired += 1,
         Err(Discard::Bad) => local.bad += 1,
-    }
-}
-
-/// Writes one packet, or one merged packet, to the TUN.
-fn write_emit(
-    tun: RawFd,
-    offload: bool,
-    bufs: &[Box<[u8]>],
-    iov: &mut Vec<libc::iovec>,
-    e: Emit<'_>,
-) -> io::Result<()> {
-    static ZERO: [u8; vnet::LEN] = [0; vnet::LEN];
-    let slice = |p: &Pkt| &bufs[usize::from(p.buf)][p.off as usize..][..p.len as usize];
-    let io = |b: &[u8]| libc::iovec { iov_base: b.as_ptr() as *mut libc::c_void, iov_len: b.len() };
-    iov.clear();
-    let vnet_hdr;
-    match e {
-        Emit::Single(p) => {
-            if offload {
-                iov.push(io(&ZERO));
-            }
-            iov.push(io(slice(&p)));
-        }
-        Emit::Super { vnet, header, payloads } => {
-            vnet_hdr = vnet;
-            iov.push(io(&vnet_hdr));
-            iov.push(io(header));
-            iov.extend(payloads.iter().map(|p| io(slice(p))));
-        }
-    }
-    // SAFETY: every iovec points into a buffer borrowed for this call.
-    let rc = unsafe { libc::writev(tun, iov.as_ptr(), iov.len() as libc::c_int) };
-    if rc < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(())
     }
 }

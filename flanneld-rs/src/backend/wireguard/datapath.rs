@@ -32,16 +32,15 @@
 //!   they leave as one UDP GSO train (`UDP_SEGMENT`), bursts batched with
 //!   `sendmmsg`; on receive, `recvmmsg` and UDP GRO trains, decrypted one by
 //!   one, and consecutive TCP segments merged back into one super-packet
-//!   written to the TUN with one `writev` (the udp backend's [`Coalescer`]);
+//!   written to the TUN with one `writev` (the udp backend's [`TunWriter`]);
 //! - no allocation per packet (boringtun allocates only for packets that
 //!   wait for a handshake).
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddrV4};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -51,15 +50,15 @@ use flannel_net::netns::NetNs;
 use ipnet::Ipv4Net;
 use log::{debug, info, warn};
 
-use crate::backend::udp::checksum;
-use crate::backend::udp::gro::{Coalescer, Emit, Pkt};
-use crate::backend::udp::gso::{complete_checksum, MAX_HEADERS};
-use crate::backend::udp::kernel::{self, DeviceSpec};
-use crate::backend::udp::packet::{self, PROTO_TCP};
+use crate::backend::udp::gro::{Pkt, TunWriter};
+use crate::backend::udp::gso::{complete_checksum, cut_in_place};
+use crate::backend::udp::kernel::DeviceSpec;
+use crate::backend::udp::packet;
 use crate::backend::udp::peers::PeerTable;
 use crate::backend::udp::sock::{RxBatch, TxBatch, UdpSocket};
-use crate::backend::udp::tun::{self, TunOptions};
+use crate::backend::udp::tun::TunOptions;
 use crate::backend::udp::vnet::{self, VnetHdr};
+use crate::backend::udp::{open_device, Workers};
 use crate::backend::TunnelPeer;
 
 /// How often the tunnels' timers run (boringtun's own device uses 250 ms).
@@ -300,33 +299,16 @@ struct Shared {
     mtu: usize,
 }
 
-/// What the data path ended up using, after the kernel had its say.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Features {
-    /// Worker threads, TUN queues and sockets.
-    pub queues: usize,
-    /// TUN offloads (virtio header, TSO).
-    pub offload: bool,
-    /// UDP GSO.
-    pub udp_gso: bool,
-    /// UDP GRO.
-    pub udp_gro: bool,
-    /// Receive-side TCP merging.
-    pub coalesce: bool,
-    /// Packets per batch.
-    pub batch: usize,
-}
+/// What the data path ended up using, after the kernel had its say (the
+/// udp backend's record of it).
+pub use crate::backend::udp::Features;
 
 /// The running data path.
 pub struct WgDataPath {
     cfg: WgConfig,
-    spec: DeviceSpec,
-    netns: NetNs,
     features: Features,
     shared: Arc<Shared>,
-    stop: OwnedFd,
-    workers: Vec<JoinHandle<()>>,
-    tids: Arc<Mutex<Vec<i32>>>,
+    workers: Workers,
 }
 
 impl std::fmt::Debug for WgDataPath {
@@ -368,45 +350,21 @@ impl WgDataPath {
             mtu: cfg.mtu,
             route_scope: flannel_net::netlink::Scope::Link,
         };
-        let existed = crate::backend::udp::device_exists(&cfg.tun_name);
         let mut opts = TunOptions { multi_queue: true, offload: tuning.offload };
-        let device = crate::backend::udp::open_queues(&netns, &cfg.tun_name, wanted, &mut opts).and_then(|queues| {
-            tun::set_persist(&queues[0], &cfg.tun_name, true)?;
-            let fixed = kernel::ensure_in(&netns, &spec)?;
-            if !fixed.is_empty() {
-                info!("wireguard backend: {}", fixed.join("; "));
-            }
-            Ok(queues)
-        });
-        let queues = match device {
-            Ok(q) => q,
-            Err(e) => {
-                if !existed && crate::backend::udp::device_exists(&cfg.tun_name) {
-                    if let Err(d) = kernel::delete_in(&netns, &cfg.tun_name) {
-                        warn!("wireguard backend: delete the half-made {}: {d:#}", cfg.tun_name);
-                    }
-                }
-                return Err(e);
-            }
-        };
+        let queues = open_device(&netns, &spec, wanted, &mut opts, "wireguard backend")?;
         socks.truncate(queues.len());
         let udp_gso = tuning.udp_gso && socks[0].gso_supported();
         let udp_gro = tuning.udp_gro && socks.iter().all(UdpSocket::enable_gro);
         let features = Features {
             queues: queues.len(),
+            multi_queue: opts.multi_queue,
             offload: opts.offload,
             udp_gso,
             udp_gro,
             coalesce: tuning.coalesce && opts.offload,
             batch: tuning.batch.max(1),
         };
-        // SAFETY: plain eventfd(2) call.
-        let raw = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
-        if raw < 0 {
-            return Err(std::io::Error::last_os_error()).context("eventfd");
-        }
-        // SAFETY: a fresh descriptor we own.
-        let stop = unsafe { OwnedFd::from_raw_fd(raw) };
+        let mut workers = Workers::new()?;
         counters.started.store(true, Ordering::Relaxed);
         let secret = StaticSecret::from(cfg.private_key);
         let shared = Arc::new(Shared {
@@ -417,7 +375,6 @@ impl WgDataPath {
             secret,
             mtu: cfg.mtu as usize,
         });
-        let tids = Arc::new(Mutex::new(Vec::new()));
         info!(
             "wireguard backend: user-space data path on {} (UDP port {}, MTU {}, {}): {features:?}",
             cfg.tun_name,
@@ -425,23 +382,14 @@ impl WgDataPath {
             cfg.mtu,
             if cfg.psk.is_some() { "with PSK" } else { "no PSK" }
         );
-        let mut dp = WgDataPath { cfg, spec, netns, features, shared, stop, workers: Vec::new(), tids };
-        for (i, (q, s)) in queues.into_iter().zip(socks).enumerate() {
-            let (stop, shared, tids) = (dp.stop.as_raw_fd(), Arc::clone(&dp.shared), Arc::clone(&dp.tids));
-            let handle = std::thread::Builder::new()
-                .name(format!("flannel-wg-{i}"))
-                .spawn(move || {
-                    // SAFETY: gettid has no preconditions.
-                    let tid = unsafe { libc::gettid() };
-                    tids.lock().unwrap_or_else(|p| p.into_inner()).push(tid);
-                    // Built here: its batches hold raw pointers for the
-                    // system calls and so never cross threads.
-                    Worker::new(i, q, s, stop, shared, features).run()
-                })
-                .context("spawn a wireguard worker thread")?;
-            dp.workers.push(handle);
+        for (i, (q, sock)) in queues.into_iter().zip(socks).enumerate() {
+            let shared = Arc::clone(&shared);
+            // Built on its thread: its batches hold raw pointers for the
+            // system calls and so never cross threads.
+            workers
+                .spawn(format!("flannel-wg-{i}"), move |stop| Worker::new(i, q, sock, stop, shared, features).run())?;
         }
-        Ok(dp)
+        Ok(WgDataPath { cfg, features, shared, workers })
     }
 
     /// Brings the peers in line with `peers` (subnet -> endpoint and key): a
@@ -524,56 +472,14 @@ impl WgDataPath {
         self.shared.cell.store(t);
     }
 
-    /// Re-asserts the device's MTU, address, up state and route; fails when
-    /// the device is gone.
-    pub fn ensure_kernel(&self) -> anyhow::Result<Vec<String>> {
-        kernel::ensure_in(&self.netns, &self.spec)
-    }
-
     /// Whether every worker still runs.
     pub fn running(&self) -> bool {
-        !self.workers.is_empty() && self.workers.iter().all(|w| !w.is_finished())
-    }
-
-    /// What is in use.
-    pub fn features(&self) -> Features {
-        self.features
+        self.workers.running()
     }
 
     /// Kernel thread ids of the workers (for `/proc/self/task/<tid>/stat`).
     pub fn thread_ids(&self) -> Vec<i32> {
-        self.tids.lock().unwrap_or_else(|p| p.into_inner()).clone()
-    }
-
-    /// Each peer's subnet, current endpoint and time since its last
-    /// handshake (for `diagnose` and tests).
-    pub fn peers(&self) -> Vec<(Ipv4Net, SocketAddrV4, Option<Duration>)> {
-        let (_, t) = self.shared.cell.load();
-        let mut v: Vec<_> =
-            t.peers.iter().map(|p| (p.subnet(), p.endpoint(), p.tunn().time_since_last_handshake())).collect();
-        v.sort();
-        v
-    }
-
-    fn stop_workers(&mut self) {
-        if self.workers.is_empty() {
-            return;
-        }
-        let one: u64 = 1;
-        // SAFETY: writes 8 bytes from a local to our eventfd.
-        let rc = unsafe { libc::write(self.stop.as_raw_fd(), (&one as *const u64).cast(), 8) };
-        if rc != 8 {
-            warn!("wireguard backend: signal the workers to stop: {}", std::io::Error::last_os_error());
-        }
-        for w in self.workers.drain(..) {
-            let _ = w.join();
-        }
-    }
-}
-
-impl Drop for WgDataPath {
-    fn drop(&mut self) {
-        self.stop_workers();
+        self.workers.thread_ids()
     }
 }
 
@@ -692,8 +598,8 @@ struct Worker {
     plain: Vec<Box<[u8]>>,
     /// The valid decrypted packets of one receive batch.
     inner: Vec<Pkt>,
-    coalescer: Coalescer,
-    wiov: Vec<libc::iovec>,
+    /// Writes the decrypted packets to the TUN.
+    writer: TunWriter,
     /// For handshakes, cookies and timers.
     scratch: Box<[u8]>,
     local: Local,
@@ -717,8 +623,7 @@ impl Worker {
             rx: RxBatch::new(f.batch),
             plain: (0..f.batch).map(|_| vec![0u8; crate::backend::udp::sock::RX_BUF].into_boxed_slice()).collect(),
             inner: Vec::with_capacity(f.batch * crate::backend::udp::sock::GSO_SEGS * 2),
-            coalescer: Coalescer::new(),
-            wiov: Vec::with_capacity(2 + crate::backend::udp::gro::MAX_SEGMENTS),
+            writer: TunWriter::new(),
             scratch: vec![0u8; 65_536 + 256].into_boxed_slice(),
             local: Local::default(),
             gso_warned: false,
@@ -976,27 +881,9 @@ impl Worker {
                 self.scratch = dst;
             }
         }
-        let tun = self.tun.as_raw_fd();
-        let offload = self.features.offload;
-        let bufs = &self.plain;
-        let wiov = &mut self.wiov;
-        let errors = &mut self.local.tun_write_errors;
-        let mut emit = |e: Emit<'_>| {
-            if write_emit(tun, offload, bufs, wiov, e).is_err() {
-                *errors += 1;
-            }
-        };
-        if self.features.coalesce {
-            for p in &self.inner {
-                let data = &bufs[usize::from(p.buf)][p.off as usize..][..p.len as usize];
-                self.coalescer.push(*p, data, &mut emit);
-            }
-            self.coalescer.flush(&mut emit);
-        } else {
-            for p in &self.inner {
-                emit(Emit::Single(*p));
-            }
-        }
+        let f = self.features;
+        self.local.tun_write_errors +=
+            self.writer.write(self.tun.as_raw_fd(), f.offload, f.coalesce, &self.plain, &self.inner);
         true
     }
 
@@ -1146,160 +1033,9 @@ fn outbound(pkt: &mut [u8], hdr: VnetHdr, table: &Table, out: &mut Out, sock: &U
     }
 }
 
-const FIN: u8 = 0x01;
-const PSH: u8 = 0x08;
-const CWR: u8 = 0x80;
-
-/// Cuts a TCP/IPv4 super-packet into packets of `mss` payload bytes the
-/// way a NIC's TSO would (IP length, identification and checksum; TCP
-/// sequence number, FIN and PSH on the last only, CWR on the first only,
-/// full checksum) and hands each to `each` as one contiguous slice: segment
-/// `i`'s header is written over the end of segment `i - 1`'s payload, which
-/// `each` has consumed by then. Returns false (nothing handed) when the
-/// packet is not something we can cut.
-pub fn cut_in_place(pkt: &mut [u8], mss: usize, each: &mut impl FnMut(&[u8])) -> bool {
-    let Some(ihl) = packet::ipv4_header_len(pkt) else { return false };
-    if packet::protocol(pkt) != PROTO_TCP || mss == 0 || pkt.len() < ihl + 20 {
-        return false;
-    }
-    let thl = usize::from(pkt[ihl + 12] >> 4) * 4;
-    let hl = ihl + thl;
-    if thl < 20 || pkt.len() <= hl || hl > MAX_HEADERS || hl + mss.min(pkt.len() - hl) > usize::from(u16::MAX) {
-        return false;
-    }
-    // A segment's header would overwrite the previous segment's payload
-    // only when that payload is at least a header long.
-    if mss < hl && pkt.len() - hl > mss {
-        return false;
-    }
-    let mut tmpl = [0u8; MAX_HEADERS];
-    tmpl[..hl].copy_from_slice(&pkt[..hl]);
-    let src = [tmpl[12], tmpl[13], tmpl[14], tmpl[15]];
-    let dst = [tmpl[16], tmpl[17], tmpl[18], tmpl[19]];
-    let segments = (pkt.len() - hl).div_ceil(mss);
-    for i in 0..segments {
-        let start = hl + i * mss;
-        let end = (start + mss).min(pkt.len());
-        let (before, rest) = pkt.split_at_mut(start);
-        let h = &mut before[start - hl..];
-        h.copy_from_slice(&tmpl[..hl]);
-        let tot = (hl + end - start) as u16;
-        h[2..4].copy_from_slice(&tot.to_be_bytes());
-        let id = u16::from_be_bytes([h[4], h[5]]).wrapping_add(i as u16);
-        h[4..6].copy_from_slice(&id.to_be_bytes());
-        packet::set_header_checksum(h, ihl);
-        let tcp = &mut h[ihl..];
-        let seq = u32::from_be_bytes([tcp[4], tcp[5], tcp[6], tcp[7]]).wrapping_add((i * mss) as u32);
-        tcp[4..8].copy_from_slice(&seq.to_be_bytes());
-        if i + 1 != segments {
-            tcp[13] &= !(FIN | PSH);
-        }
-        if i != 0 {
-            tcp[13] &= !CWR;
-        }
-        tcp[16] = 0;
-        tcp[17] = 0;
-        let payload = &rest[..end - start];
-        let tcp_len = (thl + payload.len()) as u16;
-        let s = checksum::add(
-            checksum::pseudo_header(src, dst, PROTO_TCP, tcp_len),
-            checksum::add(checksum::sum(tcp), checksum::sum(payload)),
-        );
-        tcp[16..18].copy_from_slice(&checksum::finish(s).to_be_bytes());
-        each(&pkt[start - hl..end]);
-    }
-    true
-}
-
-/// Writes one packet, or one merged packet, to the TUN.
-fn write_emit(
-    tun: RawFd,
-    offload: bool,
-    bufs: &[Box<[u8]>],
-    iov: &mut Vec<libc::iovec>,
-    e: Emit<'_>,
-) -> std::io::Result<()> {
-    static ZERO: [u8; vnet::LEN] = [0; vnet::LEN];
-    let slice = |p: &Pkt| &bufs[usize::from(p.buf)][p.off as usize..][..p.len as usize];
-    let io = |b: &[u8]| libc::iovec { iov_base: b.as_ptr() as *mut libc::c_void, iov_len: b.len() };
-    iov.clear();
-    let vnet_hdr;
-    match e {
-        Emit::Single(p) => {
-            if offload {
-                iov.push(io(&ZERO));
-            }
-            iov.push(io(slice(&p)));
-        }
-        Emit::Super { vnet, header, payloads } => {
-            vnet_hdr = vnet;
-            iov.push(io(&vnet_hdr));
-            iov.push(io(header));
-            iov.extend(payloads.iter().map(|p| io(slice(p))));
-        }
-    }
-    // SAFETY: every iovec points into a buffer borrowed for this call.
-    let rc = unsafe { libc::writev(tun, iov.as_ptr(), iov.len() as libc::c_int) };
-    if rc < 0 {
-        Err(std::io::Error::last_os_error())
-    } else {
-        Ok(())
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::udp::gso::TcpSuper;
-
-    fn tcp_packet(seq: u32, flags: u8, payload: &[u8]) -> Vec<u8> {
-        let mut p = vec![0x45, 0, 0, 0, 0x10, 0x00, 0x40, 0, 64, PROTO_TCP, 0, 0, 10, 244, 1, 2, 10, 244, 2, 2];
-        let mut tcp = vec![0x9c, 0x40, 0x14, 0x51];
-        tcp.extend_from_slice(&seq.to_be_bytes());
-        tcp.extend_from_slice(&7u32.to_be_bytes());
-        tcp.extend_from_slice(&[0x80, flags, 0x01, 0xf5, 0, 0, 0, 0]);
-        tcp.extend_from_slice(&[1, 1, 8, 10, 0, 0, 0, 1, 0, 0, 0, 2]);
-        p.extend_from_slice(&tcp);
-        p.extend_from_slice(payload);
-        let len = p.len() as u16;
-        p[2..4].copy_from_slice(&len.to_be_bytes());
-        p
-    }
-
-    /// Cutting in place gives, byte for byte, the udp backend's cut (the
-    /// one its tests check against TSO's rules).
-    #[test]
-    fn cuts_in_place_like_the_udp_backend() {
-        for (size, mss) in [(10_000usize, 1368usize), (1368 * 3, 1368), (100, 1368), (65_000, 1368), (500, 60)] {
-            let payload: Vec<u8> = (0..size as u32).map(|i| (i * 31 + 7) as u8).collect();
-            let sup = tcp_packet(1000, 0x18 | FIN | CWR, &payload);
-            let reference = TcpSuper::parse(&sup, mss).unwrap();
-            let mut want = Vec::new();
-            for i in 0..reference.segments() {
-                let mut h = [0u8; MAX_HEADERS];
-                let r = reference.segment(i, &mut h);
-                let mut s = h[..reference.header_len()].to_vec();
-                s.extend_from_slice(&sup[r]);
-                want.push(s);
-            }
-            let mut got = Vec::new();
-            let mut copy = sup.clone();
-            assert!(cut_in_place(&mut copy, mss, &mut |s: &[u8]| got.push(s.to_vec())));
-            assert_eq!(got, want, "size {size} mss {mss}");
-        }
-    }
-
-    #[test]
-    fn refuses_what_it_cannot_cut() {
-        let mut none = |_: &[u8]| panic!("nothing to hand");
-        assert!(!cut_in_place(&mut [0x45; 10], 1400, &mut none));
-        let mut p = tcp_packet(1, 0x10, &[0; 100]);
-        assert!(!cut_in_place(&mut p.clone(), 0, &mut none));
-        p[9] = 17;
-        assert!(!cut_in_place(&mut p, 1400, &mut none));
-        // Segments shorter than the header would overwrite one another.
-        assert!(!cut_in_place(&mut tcp_packet(1, 0x10, &[0; 100]), 20, &mut none));
-    }
 
     #[test]
     fn packs_addresses_and_subnets() {

@@ -9,8 +9,9 @@
 //!
 //! The messages are built here by hand (a few attributes, laid out as the
 //! kernel's `include/uapi/linux/wireguard.h` says) and sent on plain
-//! netlink sockets, synchronously: the data path starts on a blocking
-//! thread, and each change is one small request.
+//! netlink sockets, synchronously: the reconcile starts the data path and
+//! hands it peers under `block_in_place`, and each change is one small
+//! request.
 //!
 //! The kernels this project is tested on have no WireGuard module, so this
 //! path has not run here: the message encoding is unit-tested, the fallback
@@ -478,8 +479,9 @@ impl KernelWg {
 impl DataPath for KernelWg {
     fn running(&self) -> bool {
         // The kernel runs it; gone only with its device, which the
-        // reconcile sees and restarts us for.
-        !matches!(link_kind(&self.name), Ok(None))
+        // reconcile's observation sees (a device to create) and restarts
+        // us for, without a netlink request of its own here.
+        true
     }
 
     fn set_peers(&self, table: &[(Ipv4Net, TunnelPeer)]) {

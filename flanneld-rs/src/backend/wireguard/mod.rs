@@ -100,7 +100,9 @@ impl WireguardSpec {
 }
 
 /// The wireguard backend on `ext` with options `cfg`, its private key from
-/// the key file (created on first use).
+/// the key file (created on first use). The file is read off the async
+/// workers (`block_in_place`: the daemon calls this at start and when the
+/// underlay changes, from its multi-threaded runtime).
 pub fn spec(cfg: &WireguardConfig, ext: &ExtIface) -> anyhow::Result<WireguardSpec> {
     let underlay = cfg.mtu.unwrap_or(ext.mtu);
     if underlay < 68 + OVERHEAD {
@@ -111,7 +113,7 @@ pub fn spec(cfg: &WireguardConfig, ext: &ExtIface) -> anyhow::Result<WireguardSp
             68 + OVERHEAD
         );
     }
-    let (private_key, public_key) = keys::load_or_create(&keys::key_file())?;
+    let (private_key, public_key) = tokio::task::block_in_place(|| keys::load_or_create(&keys::key_file()))?;
     Ok(WireguardSpec {
         name: DEVICE_NAME.into(),
         dev: ext.index,
