@@ -336,22 +336,11 @@ mod tests {
         lease("n1", "10.244.1.0/24", "192.0.2.10", "02:00:00:00:00:10")
     }
 
+    /// Our VTEP as the kernel has it after the plan's ops (checksum
+    /// offload already off).
     fn device() -> VxlanLink {
         let s = crate::reconcile::test_vtep_spec();
-        VxlanLink {
-            index: 7,
-            mac: Some(s.mac),
-            mtu: s.mtu,
-            up: true,
-            kind: Some("vxlan".into()),
-            vni: Some(s.vni),
-            local: Some(s.local),
-            dev: Some(s.dev),
-            port: Some(s.port),
-            learning: Some(s.learning),
-            gbp: s.gbp,
-            tx_checksum: s.tx_checksum,
-        }
+        VxlanLink { tx_checksum: s.tx_checksum, ..plan::Device::Vxlan(s).created(7) }
     }
 
     fn full(leases: &[Lease]) -> Full {
