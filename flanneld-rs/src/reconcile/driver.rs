@@ -263,7 +263,7 @@ impl<S: LeaseStore> Driver<S> {
         let node = &self.node;
         let backend = node.backend_of(family);
         let mut full =
-            desired::desired_full(&node.cfg, family, &node.own, backend, node.segment(family), self.leases.iter());
+            desired::desired(&node.cfg, family, &node.own, backend, node.segment(family), self.leases.iter());
         if family == Family::V4 {
             full.desired.blackhole = node.blackhole();
         }

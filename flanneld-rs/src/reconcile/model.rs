@@ -304,7 +304,7 @@ impl Model {
 mod tests {
     use super::*;
     use crate::lease::{BackendType, Family, Lease, Lease4, VxlanData};
-    use crate::reconcile::desired::desired_full;
+    use crate::reconcile::desired::desired;
 
     fn cfg() -> NetworkConfig {
         NetworkConfig::parse(r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#, "test").unwrap()
@@ -344,7 +344,7 @@ mod tests {
     }
 
     fn full(leases: &[Lease]) -> Full {
-        desired_full(&cfg(), Family::V4, &own(), &backend(), segment(), leases)
+        desired(&cfg(), Family::V4, &own(), &backend(), segment(), leases)
     }
 
     /// The model after a full reconcile of `leases` on an existing device,
