@@ -248,7 +248,6 @@ impl<S: LeaseStore> Driver<S> {
             self.last_rejected = rejected_text;
         }
         let m = &self.metrics;
-        m.reconcile_runs.fetch_add(1, Ordering::Relaxed);
         m.reconcile_full_runs.fetch_add(1, Ordering::Relaxed);
         m.reconcile_micros.fetch_add(start.elapsed().as_micros() as u64, Ordering::Relaxed);
         if self.leases.len() >= TRIM_AT_PEERS {
@@ -364,7 +363,6 @@ impl<S: LeaseStore> Driver<S> {
         }
         self.leases = leases.clone();
         let m = &self.metrics;
-        m.reconcile_runs.fetch_add(1, Ordering::Relaxed);
         m.reconcile_incremental_runs.fetch_add(1, Ordering::Relaxed);
         m.reconcile_ops.fetch_add(n_ops as u64, Ordering::Relaxed);
         let micros = start.elapsed().as_micros() as u64;
