@@ -167,8 +167,9 @@ async fn run_with(opts: &Opts, json_out: bool, mut store: impl LeaseStore) -> an
     for family in node.families() {
         let Some((network, _)) = backend::family_network(&cfg, family) else { continue };
         let b = node.backend_of(family);
-        let (mut want, r) = desired::desired(&cfg, family, &own, b, node.segment(family), &leases);
-        rejected.extend(r);
+        let full = desired::desired(&cfg, family, &own, b, node.segment(family), &leases);
+        let mut want = full.desired;
+        rejected.extend(full.rejected);
         if family == Family::V4 {
             want.blackhole = node.blackhole();
         }

@@ -22,8 +22,6 @@ pub struct Metrics {
     pub peers_ipv6: AtomicU64,
     /// Leases rejected (bad data) in the last snapshot.
     pub rejected_leases: AtomicU64,
-    /// Reconcile runs (full and incremental).
-    pub reconcile_runs: AtomicU64,
     /// Full reconcile runs (every entry dumped and planned).
     pub reconcile_full_runs: AtomicU64,
     /// Incremental reconcile runs (only the changed leases' entries, planned
@@ -119,7 +117,9 @@ impl Metrics {
             "Leases not programmed because their data is invalid.",
             g(&self.rejected_leases),
         );
-        metric("flannel_reconcile_runs_total", "counter", "Reconcile runs.", g(&self.reconcile_runs));
+        let runs =
+            self.reconcile_full_runs.load(Ordering::Relaxed) + self.reconcile_incremental_runs.load(Ordering::Relaxed);
+        metric("flannel_reconcile_runs_total", "counter", "Reconcile runs (full and incremental).", runs.to_string());
         metric(
             "flannel_reconcile_full_runs_total",
             "counter",

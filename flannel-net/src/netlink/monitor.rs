@@ -4,7 +4,7 @@
 //! remote) for the daemon to tell the echo of its own change, which agrees
 //! with what it programmed, from someone else's.
 
-use rtnetlink::packet_route::route::{RouteAttribute, RouteMessage, RouteType};
+use rtnetlink::packet_route::route::{RouteMessage, RouteType};
 use rtnetlink::packet_route::AddressFamily;
 
 use super::{Fdb, Neigh, NlError, NlResult, Route};
@@ -51,12 +51,9 @@ pub enum NeighEntry {
 impl Change {
     /// The change a route message reports.
     fn of_route(r: &RouteMessage, deleted: bool) -> Change {
-        let oif = r.attributes.iter().find_map(|a| match a {
-            RouteAttribute::Oif(i) => Some(*i),
-            _ => None,
-        });
-        let main = r.header.table == libc::RT_TABLE_MAIN && r.header.kind == RouteType::Unicast;
-        let route = if main { Route::from_message(r) } else { None };
+        let route = Route::from_message(r);
+        let oif = route.as_ref().and_then(|r| r.oif);
+        let route = route.filter(|_| super::route::in_main_table(r, RouteType::Unicast));
         Change::Route { oif, route, deleted }
     }
 }

@@ -78,6 +78,12 @@ impl Route {
     }
 }
 
+/// Whether `msg` is a route of type `kind` in the main table: flannel-rs
+/// reads and owns unicast and blackhole routes there only.
+pub(super) fn in_main_table(msg: &RouteMessage, kind: RouteType) -> bool {
+    msg.header.table == libc::RT_TABLE_MAIN && msg.header.kind == kind
+}
+
 /// The address in a route attribute, for the two families we use.
 fn route_addr(a: &RouteAddress) -> Option<IpAddr> {
     match a {
@@ -152,11 +158,8 @@ impl Netlink {
         } else {
             self.dump(RouteMessageBuilder::<std::net::Ipv4Addr>::new().build(), "dump IPv4 routes").await?
         };
-        let of_kind = |kind: RouteType| {
-            msgs.iter()
-                .filter(move |m| m.header.table == libc::RT_TABLE_MAIN && m.header.kind == kind)
-                .filter_map(Route::from_message)
-        };
+        let of_kind =
+            |kind: RouteType| msgs.iter().filter(move |m| in_main_table(m, kind)).filter_map(Route::from_message);
         Ok((of_kind(RouteType::Unicast).collect(), of_kind(RouteType::BlackHole).map(|r| r.dst).collect()))
     }
 
@@ -194,7 +197,7 @@ impl Netlink {
             .dump(msg, op)
             .await?
             .iter()
-            .filter(|m| m.header.table == libc::RT_TABLE_MAIN && m.header.kind == RouteType::Unicast)
+            .filter(|m| in_main_table(m, RouteType::Unicast))
             .filter_map(Route::from_message)
             .collect())
     }

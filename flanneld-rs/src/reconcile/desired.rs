@@ -77,8 +77,9 @@ pub fn derive(cfg: &NetworkConfig, own: &FamilyLease, backend: &Backend, segment
     }
 }
 
-/// The desired state of one family with, for the incremental reconcile,
-/// which lease each peer's entries came from.
+/// The desired state of one family ([`desired`]): the kernel state, the
+/// leases not programmed and, for the incremental reconcile, which lease
+/// each peer's entries came from.
 #[derive(Debug, Clone, Default)]
 pub struct Full {
     /// The desired state.
@@ -103,19 +104,6 @@ pub struct Full {
 /// route through the underlay (no tunnel); with host-gw every peer must be
 /// on it.
 pub fn desired<'a>(
-    cfg: &NetworkConfig,
-    family: Family,
-    own: &Lease,
-    backend: &Backend,
-    segment: IpNet,
-    leases: impl IntoIterator<Item = &'a Lease>,
-) -> (Desired, Vec<Rejected>) {
-    let f = desired_full(cfg, family, own, backend, segment, leases);
-    (f.desired, f.rejected)
-}
-
-/// [`desired`], with the sources of the peers' entries.
-pub fn desired_full<'a>(
     cfg: &NetworkConfig,
     family: Family,
     own: &Lease,
@@ -190,7 +178,7 @@ mod tests {
             lease("10.244.7.0/24", "192.0.2.17", None),
             lease("10.244.1.0/24", "192.0.2.99", Some("02:00:00:00:00:99")),
         ];
-        let (d, rejected) = desired(
+        let Full { desired: d, rejected, .. } = desired(
             &cfg(),
             Family::V4,
             &own,
@@ -228,7 +216,7 @@ mod tests {
         let own = lease("10.244.1.0/24", "192.0.2.10", Some("02:00:00:00:00:10"));
         let near = lease("10.244.2.0/24", "192.0.2.11", Some("02:00:00:00:00:11"));
         let far = lease("10.244.3.0/24", "198.51.100.7", Some("02:00:00:00:00:12"));
-        let (d, rejected) = desired(
+        let Full { desired: d, rejected, .. } = desired(
             &cfg,
             Family::V4,
             &own,
@@ -258,7 +246,8 @@ mod tests {
             lease("10.244.4.0/24", "192.0.2.13", Some("02:00:00:00:00:13")),
         ];
         let backend = Backend::HostGw(HostGwSpec { dev: 2, name: "eth0".into(), mtu: 1500 });
-        let (d, rejected) = desired(&cfg, Family::V4, &own, &backend, "192.0.2.0/24".parse().unwrap(), &leases);
+        let Full { desired: d, rejected, .. } =
+            desired(&cfg, Family::V4, &own, &backend, "192.0.2.0/24".parse().unwrap(), &leases);
         assert_eq!(d.device, None);
         assert_eq!(d.addr, None);
         assert_eq!(d.peers.len(), 1);
@@ -301,7 +290,8 @@ mod tests {
             port: 8285,
             mtu: 1472,
         });
-        let (d, rejected) = desired(&cfg, Family::V4, &own, &backend, "192.0.2.0/24".parse().unwrap(), &leases);
+        let Full { desired: d, rejected, .. } =
+            desired(&cfg, Family::V4, &own, &backend, "192.0.2.0/24".parse().unwrap(), &leases);
         assert_eq!(d.peers.len(), 0);
         assert_eq!(d.device, Some(Device::Tun(crate::reconcile::plan::TunSpec { name: "flannel0".into(), mtu: 1472 })));
         assert_eq!(d.routes.len(), 1);
@@ -375,7 +365,7 @@ mod tests {
             ),
         ];
         let backend = Backend::Vxlan { vtep: vtep6(), direct_routing: false };
-        let (d, rejected) =
+        let Full { desired: d, rejected, .. } =
             desired(&cfg6("vxlan"), Family::V6, &own, &backend, "2001:db8::/64".parse().unwrap(), &leases);
         assert_eq!(d.addr.unwrap().to_string(), "2001:db8:10:1::/128");
         assert_eq!(d.peers.keys().map(|k| k.to_string()).collect::<Vec<_>>(), ["2001:db8:10:2::/64"]);
@@ -402,7 +392,7 @@ mod tests {
         crate::reconcile::plan::simulate(&d, &mut o, &ops);
         assert!(crate::reconcile::plan::plan(&d, &o).is_empty());
         // The IPv4 plane of the same leases is untouched by the IPv6 halves.
-        let (d4, _) = desired(
+        let Full { desired: d4, .. } = desired(
             &cfg6("vxlan"),
             Family::V4,
             &own,
@@ -424,7 +414,7 @@ mod tests {
             hg(dual("10.244.3.0/24", "192.0.2.12", Some(("2001:db8:10:3::/64", Some("2001:db8:1::12"), None)))),
         ];
         let backend = Backend::HostGw(HostGwSpec { dev: 2, name: "eth0".into(), mtu: 1500 });
-        let (d, rejected) =
+        let Full { desired: d, rejected, .. } =
             desired(&cfg6("host-gw"), Family::V6, &own, &backend, "2001:db8::/64".parse().unwrap(), &leases);
         assert_eq!((d.device.clone(), d.addr), (None, None));
         let p = &d.peers[&"2001:db8:10:2::/64".parse().unwrap()];
@@ -453,7 +443,7 @@ mod tests {
             Some(("2001:db8:10:3::/64", Some("2001:db8:1::12"), Some("02:00:00:00:01:12"))),
         );
         let backend = Backend::Vxlan { vtep: vtep6(), direct_routing: true };
-        let (d, rejected) = desired(
+        let Full { desired: d, rejected, .. } = desired(
             &cfg6("vxlan"),
             Family::V6,
             &own,

@@ -248,7 +248,6 @@ impl<S: LeaseStore> Driver<S> {
             self.last_rejected = rejected_text;
         }
         let m = &self.metrics;
-        m.reconcile_runs.fetch_add(1, Ordering::Relaxed);
         m.reconcile_full_runs.fetch_add(1, Ordering::Relaxed);
         m.reconcile_micros.fetch_add(start.elapsed().as_micros() as u64, Ordering::Relaxed);
         if self.leases.len() >= TRIM_AT_PEERS {
@@ -263,7 +262,7 @@ impl<S: LeaseStore> Driver<S> {
         let node = &self.node;
         let backend = node.backend_of(family);
         let mut full =
-            desired::desired_full(&node.cfg, family, &node.own, backend, node.segment(family), self.leases.iter());
+            desired::desired(&node.cfg, family, &node.own, backend, node.segment(family), self.leases.iter());
         if family == Family::V4 {
             full.desired.blackhole = node.blackhole();
         }
@@ -297,13 +296,15 @@ impl<S: LeaseStore> Driver<S> {
     /// Takes the lease snapshot `leases`: incrementally when it can (see
     /// [`Model`]), else with a full reconcile.
     async fn lease_change(&mut self, leases: LeaseSet) {
-        if !self.incremental(&leases).await {
-            self.leases = leases;
+        let done = self.incremental(&leases).await;
+        self.leases = leases;
+        if !done {
             self.reconcile("lease change").await;
         }
     }
 
-    /// The incremental run for a new lease snapshot; false (nothing done)
+    /// The incremental run for the new lease snapshot `leases` (the caller
+    /// then takes it as the current one); false (nothing done)
     /// when it needs the full reconcile: no model (the last run had an
     /// error, or none ran yet), the underlay to be chosen again, rejected
     /// leases about, a data path, our own lease among the changes, too many
@@ -362,9 +363,7 @@ impl<S: LeaseStore> Driver<S> {
                 self.models[family as usize] = None;
             }
         }
-        self.leases = leases.clone();
         let m = &self.metrics;
-        m.reconcile_runs.fetch_add(1, Ordering::Relaxed);
         m.reconcile_incremental_runs.fetch_add(1, Ordering::Relaxed);
         m.reconcile_ops.fetch_add(n_ops as u64, Ordering::Relaxed);
         let micros = start.elapsed().as_micros() as u64;

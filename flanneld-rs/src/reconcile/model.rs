@@ -1,6 +1,5 @@
-//! The incremental reconcile: a model of what we programmed in one family
-//! (what the last full reconcile observed, updated by every op applied since)
-//! and the peers it programmed, by subnet, with the lease each came from.
+//! The incremental reconcile: a model of what we programmed in one family,
+//! the peers by subnet with the lease each came from and its entries.
 //!
 //! With it a lease event that changes a few leases costs work for those
 //! leases only: their entries are derived ([`super::desired::derive`]),
@@ -13,11 +12,17 @@
 //! trigger runs in full. A kernel notification that agrees with the model
 //! (the echo of our own op) asks for nothing ([`Model::agrees`]); one that
 //! does not (a hand edit, a deletion) still asks for a full reconcile.
+//!
+//! The model keeps no copy of the kernel's entries: it exists only after
+//! runs whose ops all succeeded, and such a run leaves on our device (and,
+//! with direct routing, on the underlay) exactly the desired entries (the
+//! plan deletes every observed one not desired), so the kernel holds
+//! exactly the programmed peers' entries.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
-use flannel_net::netlink::{Change, Fdb, NeighEntry, Route, VxlanLink};
+use flannel_net::netlink::{Change, Fdb, Neigh, NeighEntry, Route, VxlanLink};
 use flannel_net::MacAddr;
 use ipnet::IpNet;
 
@@ -32,13 +37,8 @@ use crate::lease::{FamilyLease, LeaseChange};
 pub struct Model {
     /// Our device as last observed (`None` for backends without one).
     device: Option<VxlanLink>,
-    /// The routes we own, by destination (with their output interface).
-    routes: BTreeMap<IpNet, Route>,
-    /// Permanent neighbours on our device: address -> MAC.
-    neighs: BTreeMap<IpAddr, MacAddr>,
-    /// Permanent FDB entries on our device.
-    fdbs: BTreeSet<Fdb>,
-    /// The programmed peers: subnet -> (lease source, entries).
+    /// The programmed peers: subnet (their route's destination) -> (lease
+    /// source, entries).
     peers: BTreeMap<IpNet, (String, PeerEntries)>,
     /// Which peer's subnet each neighbour address and FDB MAC belongs to.
     neigh_owner: BTreeMap<IpAddr, IpNet>,
@@ -55,23 +55,24 @@ pub struct Incremental {
 }
 
 impl Model {
-    /// The model after a full reconcile that observed `observed` and applied
-    /// `ops` without an error. `None` when it cannot serve incremental runs:
-    /// the device was (re)created (its index is new), two leases asked for
-    /// one subnet, two peers share a VTEP address or MAC, or the kernel held
-    /// two routes to one destination.
+    /// The model after a full reconcile of `full` that observed `observed`
+    /// and applied `ops` without an error. `None` when it cannot serve
+    /// incremental runs: the device was (re)created (its index is new), two
+    /// leases asked for one subnet, two peers share a VTEP address or MAC,
+    /// the kernel held two routes to one destination (the plan replaces only
+    /// one), or the backend has routes of its own (a data path's).
     pub fn after_full(full: &Full, observed: Observed, ops: &[Op]) -> Option<Model> {
-        if full.duplicates || ops.iter().any(|op| matches!(op, Op::CreateDevice | Op::RecreateDevice(_))) {
+        if full.duplicates
+            || !full.desired.routes.is_empty()
+            || ops.iter().any(|op| matches!(op, Op::CreateDevice | Op::RecreateDevice(_)))
+        {
+            return None;
+        }
+        let mut dsts = BTreeSet::new();
+        if !observed.routes.iter().all(|r| dsts.insert(r.dst)) {
             return None;
         }
         let mut m = Model { device: observed.device, ..Model::default() };
-        for r in observed.routes {
-            if m.routes.insert(r.dst, r).is_some() {
-                return None;
-            }
-        }
-        m.neighs = observed.neighs.iter().map(|n| (n.ip, n.mac)).collect();
-        m.fdbs = observed.fdbs.into_iter().collect();
         for (subnet, entries) in &full.desired.peers {
             let source = full.sources.get(subnet)?.clone();
             if !m.own(*subnet, entries) {
@@ -79,7 +80,6 @@ impl Model {
             }
             m.peers.insert(*subnet, (source, entries.clone()));
         }
-        m.apply_ops(ops);
         Some(m)
     }
 
@@ -104,45 +104,21 @@ impl Model {
         true
     }
 
-    /// Updates the kernel side of the model with ops that were applied
-    /// (the kernel's semantics, as [`plan::simulate`] has them, by key).
-    pub fn apply_ops(&mut self, ops: &[Op]) {
+    /// The route to `dst` in the kernel, as the kernel reports it (a route
+    /// through our device with its index).
+    fn route(&self, dst: IpNet) -> Option<Route> {
         let index = self.device.as_ref().map(|d| d.index);
-        for op in ops {
-            match op {
-                Op::SetNeigh(n) => {
-                    self.neighs.insert(n.ip, n.mac);
-                }
-                Op::DelNeigh(n) => {
-                    self.neighs.remove(&n.ip);
-                }
-                // The kernel keys VXLAN FDB entries by MAC: replace moves the MAC's remote.
-                Op::SetFdb(f) => {
-                    let same_mac: Vec<Fdb> = self.fdbs_of(f.mac).collect();
-                    for old in same_mac {
-                        self.fdbs.remove(&old);
-                    }
-                    self.fdbs.insert(*f);
-                }
-                Op::DelFdb(f) => {
-                    self.fdbs.remove(f);
-                }
-                Op::SetRoute(r) => {
-                    self.routes.insert(r.dst, Route { oif: r.oif.or(index), ..r.clone() });
-                }
-                Op::DelRoute(r) => {
-                    self.routes.remove(&r.dst);
-                }
-                // The device's own state and the blackhole route are not
-                // what incremental runs or echoes are about.
-                _ => {}
-            }
-        }
+        self.peers.get(&dst).map(|(_, e)| Route { oif: e.route.oif.or(index), ..e.route.clone() })
     }
 
-    fn fdbs_of(&self, mac: MacAddr) -> impl Iterator<Item = Fdb> + '_ {
-        let from = Fdb { mac, dst: IpAddr::V4(0.into()) };
-        self.fdbs.range(from..).take_while(move |f| f.mac == mac).copied()
+    /// The permanent neighbour for `ip` on our device.
+    fn neigh(&self, ip: IpAddr) -> Option<Neigh> {
+        self.neigh_owner.get(&ip).and_then(|s| self.peers[s].1.neigh)
+    }
+
+    /// The permanent FDB entry for `mac` on our device.
+    fn fdb(&self, mac: MacAddr) -> Option<Fdb> {
+        self.fdb_owner.get(&mac).and_then(|s| self.peers[s].1.fdb)
     }
 
     /// Whether `subnet` overlaps a programmed peer's subnet other than `except`.
@@ -220,19 +196,19 @@ impl Model {
                 if !subnets.insert(s) {
                     return None;
                 }
-                observed.routes.extend(self.routes.get(&s).cloned());
+                observed.routes.extend(self.route(s));
             }
             for ip in keys_ip {
                 if !ips.insert(ip) {
                     return None;
                 }
-                observed.neighs.extend(self.neighs.get(&ip).map(|&mac| flannel_net::netlink::Neigh { ip, mac }));
+                observed.neighs.extend(self.neigh(ip));
             }
             for mac in keys_mac {
                 if !macs.insert(mac) {
                     return None;
                 }
-                observed.fdbs.extend(self.fdbs_of(mac));
+                observed.fdbs.extend(self.fdb(mac));
             }
         }
         // Without a device in the slice, the plan is only the peers' entries.
@@ -240,7 +216,8 @@ impl Model {
         Some(inc)
     }
 
-    /// Records an incremental plan whose ops were all applied.
+    /// Records an incremental plan whose ops were all applied: the kernel
+    /// now holds the added peers' entries at the keys it touched.
     pub fn commit(&mut self, inc: Incremental) {
         for subnet in &inc.removed {
             if let Some((_, e)) = self.peers.remove(subnet) {
@@ -257,7 +234,6 @@ impl Model {
             debug_assert!(owned, "planned only when no other peer has the keys");
             self.peers.insert(subnet, (source, e));
         }
-        self.apply_ops(&inc.ops);
     }
 
     /// The ops' device (for applying them) as a desired and an observed
@@ -279,20 +255,20 @@ impl Model {
     pub fn agrees(&self, change: &Change) -> bool {
         match change {
             Change::Route { oif, route: Some(r), deleted: false } => {
-                self.routes.get(&r.dst).is_some_and(|m| m.gateway == r.gateway && m.oif == *oif)
+                self.route(r.dst).is_some_and(|m| m.gateway == r.gateway && m.oif == *oif)
             }
-            Change::Route { route: Some(r), deleted: true, .. } => !self.routes.contains_key(&r.dst),
+            Change::Route { route: Some(r), deleted: true, .. } => self.route(r.dst).is_none(),
             Change::Neigh { index, entry: Some(entry), deleted } => {
                 if self.device.as_ref().map(|d| d.index) != Some(*index) {
                     return false;
                 }
                 match (entry, deleted) {
-                    (NeighEntry::Neigh(n, true), false) => self.neighs.get(&n.ip) == Some(&n.mac),
+                    (NeighEntry::Neigh(n, true), false) => self.neigh(n.ip) == Some(*n),
                     // A non-permanent entry is not ours (the full reconcile
                     // reads only permanent ones) unless it took the place of one.
-                    (NeighEntry::Neigh(n, _), _) => !self.neighs.contains_key(&n.ip),
-                    (NeighEntry::Fdb(f, true), false) => self.fdbs.contains(f),
-                    (NeighEntry::Fdb(f, _), _) => !self.fdbs.contains(f),
+                    (NeighEntry::Neigh(n, _), _) => self.neigh(n.ip).is_none(),
+                    (NeighEntry::Fdb(f, true), false) => self.fdb(f.mac) == Some(*f),
+                    (NeighEntry::Fdb(f, _), _) => self.fdb(f.mac) != Some(*f),
                 }
             }
             _ => false,
@@ -304,7 +280,7 @@ impl Model {
 mod tests {
     use super::*;
     use crate::lease::{BackendType, Family, Lease, Lease4, VxlanData};
-    use crate::reconcile::desired::desired_full;
+    use crate::reconcile::desired::desired;
 
     fn cfg() -> NetworkConfig {
         NetworkConfig::parse(r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#, "test").unwrap()
@@ -336,26 +312,15 @@ mod tests {
         lease("n1", "10.244.1.0/24", "192.0.2.10", "02:00:00:00:00:10")
     }
 
+    /// Our VTEP as the kernel has it after the plan's ops (checksum
+    /// offload already off).
     fn device() -> VxlanLink {
         let s = crate::reconcile::test_vtep_spec();
-        VxlanLink {
-            index: 7,
-            mac: Some(s.mac),
-            mtu: s.mtu,
-            up: true,
-            kind: Some("vxlan".into()),
-            vni: Some(s.vni),
-            local: Some(s.local),
-            dev: Some(s.dev),
-            port: Some(s.port),
-            learning: Some(s.learning),
-            gbp: s.gbp,
-            tx_checksum: s.tx_checksum,
-        }
+        VxlanLink { tx_checksum: s.tx_checksum, ..plan::Device::Vxlan(s).created(7) }
     }
 
     fn full(leases: &[Lease]) -> Full {
-        desired_full(&cfg(), Family::V4, &own(), &backend(), segment(), leases)
+        desired(&cfg(), Family::V4, &own(), &backend(), segment(), leases)
     }
 
     /// The model after a full reconcile of `leases` on an existing device,

@@ -46,6 +46,43 @@ pub struct TunSpec {
 }
 
 impl Device {
+    /// The link a new device of this spec is, with index `index` (the
+    /// plan's model of what the kernel makes).
+    pub fn created(&self, index: u32) -> VxlanLink {
+        match self {
+            Device::Vxlan(s) => VxlanLink {
+                index,
+                mac: Some(s.mac),
+                mtu: s.mtu,
+                up: true,
+                kind: Some("vxlan".into()),
+                vni: Some(s.vni),
+                local: Some(s.local),
+                dev: Some(s.dev),
+                port: Some(s.port),
+                learning: Some(s.learning),
+                gbp: s.gbp,
+                // A VTEP is made with transmit checksum offload on.
+                tx_checksum: Some(true),
+            },
+            // A new TUN is down, without address or route.
+            Device::Tun(t) => VxlanLink {
+                index,
+                mac: None,
+                mtu: t.mtu,
+                up: false,
+                kind: Some("tun".into()),
+                vni: None,
+                local: None,
+                dev: None,
+                port: None,
+                learning: None,
+                gbp: false,
+                tx_checksum: None,
+            },
+        }
+    }
+
     /// The device's name.
     pub fn name(&self) -> &str {
         match self {
@@ -349,37 +386,7 @@ pub fn simulate(desired: &Desired, observed: &mut Observed, ops: &[Op]) {
     for op in ops {
         match op {
             Op::CreateDevice | Op::RecreateDevice(_) => {
-                let link = match desired.device.as_ref().expect("only plans with a device create one") {
-                    Device::Vxlan(s) => VxlanLink {
-                        index: 100,
-                        mac: Some(s.mac),
-                        mtu: s.mtu,
-                        up: true,
-                        kind: Some("vxlan".into()),
-                        vni: Some(s.vni),
-                        local: Some(s.local),
-                        dev: Some(s.dev),
-                        port: Some(s.port),
-                        learning: Some(s.learning),
-                        gbp: s.gbp,
-                        tx_checksum: Some(true),
-                    },
-                    // A new TUN is down, without address or route.
-                    Device::Tun(t) => VxlanLink {
-                        index: 100,
-                        mac: None,
-                        mtu: t.mtu,
-                        up: false,
-                        kind: Some("tun".into()),
-                        vni: None,
-                        local: None,
-                        dev: None,
-                        port: None,
-                        learning: None,
-                        gbp: false,
-                        tx_checksum: None,
-                    },
-                };
+                let link = desired.device.as_ref().expect("only plans with a device create one").created(100);
                 *observed = Observed { device: Some(link), blackhole: observed.blackhole, ..Observed::default() };
             }
             Op::SetMtu(m) => observed.device.as_mut().expect("device").mtu = *m,

@@ -296,6 +296,28 @@ fn pick_free(cfg: &Ipv4Config, taken: &HashSet<Ipv4Net>, random: u64) -> Option<
         .find(|s| !taken.contains(s))
 }
 
+/// A key created before our dual-stack key `ours` (created at `created`,
+/// unless `entries` has it) that holds our IPv4 subnet `s4` or our IPv6
+/// subnet `s6` (the same, a wider or a narrower one, as [`occupied`] and
+/// [`occupied6`] count them), and which subnet that is. A dual-stack key
+/// names both subnets, so its create-if-absent guards only the pair:
+/// another node may have created a key with either one beside another
+/// meanwhile. The older key keeps it. (A single-stack key names its only
+/// subnet, so its create guards it; it needs no such check.)
+fn older_holder(entries: &[Entry], ours: &str, s4: Ipv4Net, s6: Ipv6Net, created: i64) -> Option<(String, String)> {
+    let created = entries.iter().find(|e| e.key == ours).map_or(created, |e| e.create_revision);
+    entries.iter().filter(|e| e.key != ours && e.create_revision < created).find_map(|e| {
+        let which = if e.subnet.is_some_and(|o| o.contains(&s4) || s4.contains(&o)) {
+            format!("IPv4 subnet {s4}")
+        } else if e.subnet6.is_some_and(|o| o.contains(&s6) || s6.contains(&o)) {
+            format!("IPv6 subnet {s6}")
+        } else {
+            return None;
+        };
+        Some((e.key.clone(), which))
+    })
+}
+
 /// The `subnet_len`-sized subnets the existing keys occupy (also the ones with
 /// malformed values: the key exists, so creating it would fail).
 fn occupied(cfg: &Ipv4Config, entries: &[Entry]) -> HashSet<Ipv4Net> {
@@ -771,18 +793,14 @@ impl EtcdSubnetManager {
                     continue;
                 }
                 granted = None;
-                // A dual-stack key names both subnets, so its create guards
-                // only the pair: another node may have created a key with
-                // the same IPv4 or IPv6 subnet beside another one meanwhile
-                // (a full run saw two nodes hold 10.5.124.0/24 so). The
-                // older key keeps it.
+                // A dual-stack key's create guards only the pair of subnets
+                // (see `older_holder`; a full run saw two nodes hold
+                // 10.5.124.0/24 beside different IPv6 subnets).
                 if let Some(s6) = subnet6 {
-                    match self.lost_ipv6_race(&key, Some(subnet), s6, resp.header().map_or(0, |h| h.revision())).await {
+                    match self.lost_dual_stack_race(&key, subnet, s6, resp.header().map_or(0, |h| h.revision())).await {
                         Ok(None) => {}
-                        Ok(Some(winner)) => {
-                            log::info!(
-                                "{winner} took IPv4 subnet {subnet} or IPv6 subnet {s6} before our {key}; deleting ours and picking again"
-                            );
+                        Ok(Some((winner, which))) => {
+                            log::info!("{winner} took {which} before our {key}; deleting ours and picking again");
                             let mut c = self.client.clone();
                             if let Err(e) =
                                 self.conn.call(|| format!("delete {key}"), c.delete(key.clone(), None)).await
@@ -808,27 +826,17 @@ impl EtcdSubnetManager {
         result
     }
 
-    /// Another key holding IPv6 subnet `s6` created before ours (created at
-    /// `created`), if any.
-    async fn lost_ipv6_race(
+    /// The key that won the race for our dual-stack key `ours` (created at
+    /// `created`), if one did, and the subnet it holds: see [`older_holder`].
+    async fn lost_dual_stack_race(
         &self,
         ours: &str,
-        subnet4: Option<Ipv4Net>,
+        s4: Ipv4Net,
         s6: Ipv6Net,
         created: i64,
-    ) -> Result<Option<String>, StoreError> {
+    ) -> Result<Option<(String, String)>, StoreError> {
         let (entries, _) = self.list_raw().await?;
-        let created = entries.iter().find(|e| e.key == ours).map_or(created, |e| e.create_revision);
-        Ok(entries
-            .iter()
-            .filter(|e| e.key != ours && e.create_revision < created)
-            .find(|e| {
-                // A dual-stack key names both halves, so its create guards
-                // neither alone: an older key holding either one wins.
-                e.subnet6.is_some_and(|o| o.contains(&s6) || s6.contains(&o))
-                    || (e.subnet.is_some() && e.subnet == subnet4)
-            })
-            .map(|e| e.key.clone()))
+        Ok(older_holder(&entries, ours, s4, s6, created))
     }
 
     /// Makes an existing lease with our PublicIP ours again: writes our
@@ -1560,6 +1568,48 @@ mod tests {
                 && e.contains("IPv6 subnet 2001:db8:99::/64 is outside IPv6Network 2001:db8:10::/56"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn a_dual_stack_key_loses_to_an_older_key_holding_either_of_its_subnets() {
+        let e = |k: &str, created| {
+            let (v4, v6) = parse_lease_key(k).unwrap();
+            Entry {
+                key: k.into(),
+                subnet: Some(v4),
+                subnet6: v6,
+                value: vec![],
+                lease_id: 0,
+                mod_revision: created,
+                create_revision: created,
+            }
+        };
+        let ours = "10.5.1.0-24&2001:db8:10:1::-64";
+        let (s4, s6) = parse_lease_key(ours).unwrap();
+        let s6 = s6.unwrap();
+        let check = |mut entries: Vec<Entry>| {
+            entries.push(e(ours, 10));
+            older_holder(&entries, ours, s4, s6, 0).map(|(k, which)| format!("{k}: {which}"))
+        };
+        assert_eq!(check(vec![]), None);
+        assert_eq!(
+            check(vec![e("10.5.1.0-24&2001:db8:10:9::-64", 5)]).as_deref(),
+            Some("10.5.1.0-24&2001:db8:10:9::-64: IPv4 subnet 10.5.1.0/24")
+        );
+        assert_eq!(
+            check(vec![e("10.5.9.0-24&2001:db8:10:1::-64", 5)]).as_deref(),
+            Some("10.5.9.0-24&2001:db8:10:1::-64: IPv6 subnet 2001:db8:10:1::/64")
+        );
+        // A wider key (another SubnetLen) holds it too; a single-stack one holds its IPv4 subnet.
+        assert!(check(vec![e("10.5.0.0-23&2001:db8:10:9::-64", 5)]).is_some());
+        assert!(check(vec![e("10.5.1.0-24", 5)]).is_some());
+        // A younger key, or one holding neither, loses or does not race.
+        assert_eq!(check(vec![e("10.5.1.0-24&2001:db8:10:9::-64", 11)]), None);
+        assert_eq!(check(vec![e("10.5.9.0-24&2001:db8:10:9::-64", 5)]), None);
+        // Our key not listed (yet): the create's revision counts.
+        let older = e("10.5.1.0-24&2001:db8:10:9::-64", 5);
+        assert!(older_holder(std::slice::from_ref(&older), ours, s4, s6, 10).is_some());
+        assert_eq!(older_holder(std::slice::from_ref(&older), ours, s4, s6, 3), None);
     }
 
     #[test]
