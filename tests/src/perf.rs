@@ -10,6 +10,8 @@ use flannel_net::MacAddr;
 use ipnet::Ipv4Net;
 use netns_fixtures::{wait_until, Netns};
 
+use crate::overlay::Proc;
+
 /// The benchmarks' network: room for thousands of /24 peers.
 pub const NET: &str = r#"{"Network":"10.0.0.0/8","SubnetLen":24,"Backend":{"Type":"vxlan"}}"#;
 
@@ -65,13 +67,17 @@ pub fn iperf_sampled<T>(
     seconds: u32,
     sample: impl Fn() -> T,
 ) -> (f64, T, T) {
-    let mut srv = server
-        .command("iperf3")
-        .args(["-s", "-1", "-p", "5201"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("iperf3 (apt-get install iperf3)");
+    // Killed on drop: a one-shot server whose client never came (the
+    // wait or the client panicked) would otherwise wait on forever.
+    let mut srv = Proc(Some(
+        server
+            .command("iperf3")
+            .args(["-s", "-1", "-p", "5201"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("iperf3 (apt-get install iperf3)"),
+    ));
     wait_until(Duration::from_secs(5), "iperf3 server", || {
         server.run_ok("ss", &["-Hltn", "sport = :5201"]).contains("5201")
     });
@@ -82,7 +88,10 @@ pub fn iperf_sampled<T>(
         &["-c", &addr.to_string(), "-p", "5201", "-t", &seconds.to_string(), "-P", &streams.to_string(), "-J"],
     );
     let after = sample();
-    let _ = srv.wait();
+    // The one-shot server exits after its one test.
+    if let Some(mut c) = srv.0.take() {
+        let _ = c.wait();
+    }
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     let gbps = v["end"]["sum_received"]["bits_per_second"].as_f64().unwrap() / 1e9;
     (gbps, before, after)
