@@ -25,7 +25,7 @@
 //! at a time (started by hand with [`Tuning`]).
 
 use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
-use std::process::{Child, Stdio};
+use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, Receiver};
 use std::sync::Arc;
@@ -33,7 +33,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use e2e_tests::overlay::Overlay;
+use e2e_tests::overlay::{Overlay, Proc};
 use e2e_tests::perf::{daemon_pids, iperf_figure, median_figure, ping, veth_pod, Figure, Relay};
 use e2e_tests::{http_get, metric};
 use flannel_net::netns::NetNs;
@@ -92,8 +92,9 @@ fn start_by_hand(c: &Cluster, i: usize, tuning: Tuning) -> UdpDataPath {
 }
 
 /// socat relaying between a TUN and a UDP socket on each node, one packet
-/// per read and per write (`socat TUN:... UDP-DATAGRAM:peer:port,bind=...`).
-fn socat(c: &Cluster) -> Vec<Child> {
+/// per read and per write (`socat TUN:... UDP-DATAGRAM:peer:port,bind=...`);
+/// killed on drop.
+fn socat(c: &Cluster) -> Vec<Proc> {
     let mut kids = Vec::new();
     for i in 0..2usize {
         let ns = &c.node(i).ns;
@@ -108,9 +109,10 @@ fn socat(c: &Cluster) -> Vec<Child> {
             .stderr(Stdio::null())
             .spawn()
             .expect("socat (apt-get install socat)");
+        // Held (and killed on drop) before the wait can panic.
+        kids.push(Proc(Some(child)));
         wait_until(Duration::from_secs(5), "socat0", || ns.ip(&["link", "show", "socat0"]).is_ok());
         ns.run_ok("ip", &["link", "set", "socat0", "mtu", &UDP_MTU.to_string()]);
-        kids.push(child);
     }
     kids
 }
@@ -471,7 +473,7 @@ fn main() {
     e2e_tests::perf::vxlan_by_hand(&c, 245);
     let spods = [veth_pod(&c, 0, 246, "vs0", UDP_MTU), veth_pod(&c, 1, 246, "vs0", UDP_MTU)];
     let kids = socat(&c);
-    let socat_pids = kids.iter().map(Child::id).collect();
+    let socat_pids = kids.iter().map(|k| k.0.as_ref().expect("socat running").id()).collect();
     {
         let modes = [
             Mode {
@@ -525,9 +527,6 @@ fn main() {
     println!("                                  node1: {}", udp_counters(&udp, 1));
     println!("udp data path by hand, node 0: {:?}", dps[0].stats());
     restarts(&mut udp, &upods, args.restarts);
-    for mut k in kids {
-        let _ = k.kill();
-        let _ = k.wait();
-    }
+    drop(kids);
     drop(vx);
 }

@@ -21,12 +21,12 @@
 
 use std::io::{BufRead, BufReader};
 use std::net::{Ipv4Addr, SocketAddr};
-use std::process::{Child, Stdio};
+use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
-use e2e_tests::overlay::Overlay;
+use e2e_tests::overlay::{Overlay, Proc};
 use e2e_tests::perf::{daemon_pids, iperf_figure, median_figure, ping, veth_pod, Figure, Relay};
 use e2e_tests::{http_get, metric};
 use flanneld_rs::backend::wireguard::datapath::{Counters as WgCounters, Tuning as WgTuning, WgConfig, WgDataPath};
@@ -121,10 +121,22 @@ fn wg_keypair(ns: &Netns) -> (String, String) {
     (private, String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
+/// A shell holding a `wireguard-go`: SIGTERM (its trap stops wireguard-go
+/// and waits for it), then reaped, on drop, so a benchmark that panics
+/// (in a build that unwinds) leaves no wireguard-go behind. A SIGKILL, what
+/// [`Proc`]'s own drop sends, would orphan it.
+struct WgGoShell(Proc);
+
+impl Drop for WgGoShell {
+    fn drop(&mut self) {
+        self.0.stop();
+    }
+}
+
 /// `wireguard-go` on both nodes of `c`, configured with `wg` (overlay
 /// 10.247.0.0/16, node `i` holding 10.247.(i+1).0/24 on `wg0`). Returns the
-/// shells that hold them (a SIGTERM stops each) and wireguard-go's pids.
-fn wireguard_go(c: &Cluster, dir: &std::path::Path) -> (Vec<Child>, Vec<u32>) {
+/// shells that hold them (stopped on drop) and wireguard-go's pids.
+fn wireguard_go(c: &Cluster, dir: &std::path::Path) -> (Vec<WgGoShell>, Vec<u32>) {
     let keys = [wg_keypair(&c.node(0).ns), wg_keypair(&c.node(1).ns)];
     let mut kids = Vec::new();
     let mut pids = Vec::new();
@@ -141,7 +153,9 @@ mkdir -p /run/wireguard
 mount -t tmpfs wg-bench /run/wireguard
 WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD=1 wireguard-go -f wg0 >/dev/null 2>&1 &
 pid=$!
-trap 'kill $pid; wait $pid; exit 0' TERM INT
+# wireguard-go goes with this shell however it ends (SIGTERM, a failed step).
+trap 'kill $pid 2>/dev/null; wait $pid || true' EXIT
+trap 'exit 0' TERM INT
 echo $pid
 n=0
 while [ ! -S /run/wireguard/wg0.sock ]; do n=$((n+1)); [ $n -lt 200 ] || {{ echo 'no control socket'; exit 1; }}; sleep 0.05; done
@@ -170,23 +184,17 @@ wait $pid
             .stderr(Stdio::inherit())
             .spawn()
             .expect("unshare (util-linux)");
-        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let stdout = child.stdout.take().unwrap();
+        // Held (and stopped on drop) before anything here can panic.
+        kids.push(WgGoShell(Proc(Some(child))));
+        let mut lines = BufReader::new(stdout).lines();
         let pid: u32 =
             lines.next().and_then(Result::ok).and_then(|l| l.trim().parse().ok()).expect("wireguard-go's pid");
         let ready = lines.next().and_then(Result::ok).unwrap_or_default();
         assert_eq!(ready.trim(), "ready", "wireguard-go on node {i} did not come up");
         pids.push(pid);
-        kids.push(child);
     }
     (kids, pids)
-}
-
-fn stop_all(kids: Vec<Child>) {
-    for mut k in kids {
-        // SAFETY: kill(2) on our own child's pid.
-        unsafe { libc::kill(k.id() as i32, libc::SIGTERM) };
-        let _ = k.wait();
-    }
 }
 
 /// Two flanneld-rs daemons with `conf`, their metrics on 127.0.0.1:9105 in
@@ -414,7 +422,7 @@ fn main() {
     }
     println!("\nwireguard daemons' counters (non-zero): node0: {}", wg_counters(&wg, 0));
     println!("                                        node1: {}", wg_counters(&wg, 1));
-    stop_all(kids);
+    drop(kids);
     drop(udp);
     drop(wg);
 }
