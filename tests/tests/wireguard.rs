@@ -519,6 +519,7 @@ impl WireguardGo {
     /// tmpfs on /run (= /var/run, where its control sockets go: namespaces
     /// share the host's /run, and other nodes may run one too).
     fn start(ns: &Netns, log: &std::path::Path) -> WireguardGo {
+        let log_file = std::fs::File::create(log).unwrap();
         let child = ns
             .command("unshare")
             .args([
@@ -532,8 +533,10 @@ impl WireguardGo {
             // It refuses to start where the kernel could have the module
             // unless told.
             .env("WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD", "1")
-            .stdout(std::fs::File::create(log).unwrap())
-            .stderr(std::fs::File::create(log).unwrap())
+            // One open file for both streams (two opens would each write
+            // from offset 0 over the other).
+            .stdout(log_file.try_clone().unwrap())
+            .stderr(log_file)
             .spawn()
             .expect("spawn wireguard-go (apt-get install wireguard-go wireguard-tools)");
         // unshare(1) execs sh, which execs wireguard-go: one process.
