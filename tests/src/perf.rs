@@ -1,5 +1,5 @@
 //! Measuring helpers the benchmark harnesses share: percentiles, iperf3 and
-//! ping between two namespaces.
+//! ping between two namespaces, CPU seconds per gigabit, pods on plain veths.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::process::Stdio;
@@ -9,6 +9,8 @@ use flannel_net::netns::NetNs;
 use flannel_net::MacAddr;
 use ipnet::Ipv4Net;
 use netns_fixtures::{wait_until, Netns};
+
+use crate::overlay::Proc;
 
 /// The benchmarks' network: room for thousands of /24 peers.
 pub const NET: &str = r#"{"Network":"10.0.0.0/8","SubnetLen":24,"Backend":{"Type":"vxlan"}}"#;
@@ -65,13 +67,17 @@ pub fn iperf_sampled<T>(
     seconds: u32,
     sample: impl Fn() -> T,
 ) -> (f64, T, T) {
-    let mut srv = server
-        .command("iperf3")
-        .args(["-s", "-1", "-p", "5201"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("iperf3 (apt-get install iperf3)");
+    // Killed on drop: a one-shot server whose client never came (the
+    // wait or the client panicked) would otherwise wait on forever.
+    let mut srv = Proc(Some(
+        server
+            .command("iperf3")
+            .args(["-s", "-1", "-p", "5201"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("iperf3 (apt-get install iperf3)"),
+    ));
     wait_until(Duration::from_secs(5), "iperf3 server", || {
         server.run_ok("ss", &["-Hltn", "sport = :5201"]).contains("5201")
     });
@@ -82,10 +88,118 @@ pub fn iperf_sampled<T>(
         &["-c", &addr.to_string(), "-p", "5201", "-t", &seconds.to_string(), "-P", &streams.to_string(), "-J"],
     );
     let after = sample();
-    let _ = srv.wait();
+    // The one-shot server exits after its one test.
+    if let Some(mut c) = srv.0.take() {
+        let _ = c.wait();
+    }
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     let gbps = v["end"]["sum_received"]["bits_per_second"].as_f64().unwrap() / 1e9;
     (gbps, before, after)
+}
+
+/// Busy CPU seconds of the whole machine so far (/proc/stat: all but idle
+/// and iowait).
+pub fn machine_cpu() -> f64 {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap();
+    let f: Vec<f64> = stat.lines().next().unwrap().split_whitespace().skip(1).map(|v| v.parse().unwrap()).collect();
+    let busy = f[0] + f[1] + f[2] + f[5] + f[6] + f[7];
+    busy / clock_ticks()
+}
+
+fn clock_ticks() -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    unsafe { libc::sysconf(libc::_SC_CLK_TCK) as f64 }
+}
+
+/// utime + stime of a /proc/.../stat file, in seconds (a process's file
+/// counts all its threads); 0 when it is gone.
+pub fn stat_cpu(path: &str) -> f64 {
+    let stat = std::fs::read_to_string(path).unwrap_or_default();
+    let Some(rest) = stat.rsplit(')').next() else { return 0.0 };
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    if f.len() < 13 {
+        return 0.0;
+    }
+    (f[11].parse::<f64>().unwrap_or(0.0) + f[12].parse::<f64>().unwrap_or(0.0)) / clock_ticks()
+}
+
+/// Who a benchmark charges a relay's CPU to.
+pub enum Relay<'a> {
+    /// Threads of this process (a data path started by hand), listed anew
+    /// at each sample: its workers register as they start.
+    Threads(&'a dyn Fn() -> Vec<i32>),
+    /// Whole processes: daemons, wireguard-go, socat.
+    Procs(Vec<u32>),
+    /// The kernel does the work: only the machine-wide figure applies.
+    Kernel,
+}
+
+impl Relay<'_> {
+    /// CPU seconds so far.
+    pub fn cpu(&self) -> f64 {
+        match self {
+            Relay::Threads(tids) => tids().iter().map(|tid| stat_cpu(&format!("/proc/self/task/{tid}/stat"))).sum(),
+            Relay::Procs(pids) => pids.iter().map(|p| stat_cpu(&format!("/proc/{p}/stat"))).sum(),
+            Relay::Kernel => 0.0,
+        }
+    }
+}
+
+/// One iperf3 run's figures.
+#[derive(Clone, Copy, Default, Debug)]
+pub struct Figure {
+    /// Gbit/s received.
+    pub gbps: f64,
+    /// The relay's CPU seconds per gigabit.
+    pub relay_cpu: f64,
+    /// The whole machine's CPU seconds per gigabit.
+    pub machine_cpu: f64,
+}
+
+/// [`iperf`] with the relay's and the machine's CPU per gigabit.
+pub fn iperf_figure(
+    client: &Netns,
+    server: &Netns,
+    addr: impl Into<IpAddr>,
+    streams: u32,
+    seconds: u32,
+    relay: &Relay,
+) -> Figure {
+    let sample = || (relay.cpu(), machine_cpu());
+    let (gbps, (r0, m0), (r1, m1)) = iperf_sampled(client, server, addr, streams, seconds, sample);
+    let gbit = (gbps * f64::from(seconds)).max(1e-9);
+    Figure { gbps, relay_cpu: (r1 - r0) / gbit, machine_cpu: (m1 - m0) / gbit }
+}
+
+/// The median run (by throughput).
+pub fn median_figure(mut v: Vec<Figure>) -> Figure {
+    v.sort_by(|a, b| a.gbps.partial_cmp(&b.gbps).unwrap());
+    v[v.len() / 2]
+}
+
+/// The pids of `o`'s running daemons.
+pub fn daemon_pids(o: &crate::overlay::Overlay) -> Vec<u32> {
+    o.daemons.iter().map(|d| d.proc.0.as_ref().expect("daemon running").id()).collect()
+}
+
+/// A pod of overlay `net` (10.<net>.0.0/16) on node `i` of a hand-built
+/// fixture: a veth `<dev>` in the node with `.1`, `eth0` in the pod with
+/// `.2`, both of MTU `mtu`, the pod's default route via the node's end.
+pub fn veth_pod(c: &netns_fixtures::Cluster, i: usize, net: u8, dev: &str, mtu: u32) -> Netns {
+    let node = c.node(i);
+    let pod = node.add_pod_netns(dev).unwrap();
+    let mtu = mtu.to_string();
+    node.ns.run_ok(
+        "ip",
+        &["link", "add", dev, "mtu", &mtu, "type", "veth", "peer", "name", "eth0", "mtu", &mtu, "netns", pod.name()],
+    );
+    node.ns.run_ok("ip", &["addr", "add", &format!("10.{net}.{}.1/24", i + 1), "dev", dev]);
+    node.ns.run_ok("ip", &["link", "set", dev, "up"]);
+    pod.run_ok("ip", &["addr", "add", &format!("10.{net}.{}.2/24", i + 1), "dev", "eth0"]);
+    pod.run_ok("ip", &["link", "set", "eth0", "up"]);
+    pod.run_ok("ip", &["route", "add", "default", "via", &format!("10.{net}.{}.1", i + 1)]);
+    node.ns.wait_oper_up(&[dev], Duration::from_secs(10)).unwrap();
+    pod
 }
 
 /// Round-trip times of 200 pings, p50 and p99 in ms (NaN when none came back).

@@ -462,7 +462,8 @@ fn probe_paths(paths: &[(String, &Netns, SocketAddr, Proto)]) -> BTreeMap<String
 }
 
 /// Probes until exactly the paths `allowed(path)` says are answered (by
-/// `p1`), at most 20 s; panics with the paths that differ.
+/// `p1`), a round every 100 ms at most, for at most 20 s; panics with the
+/// paths that differ.
 fn wait_reachability(
     paths: &[(String, &Netns, SocketAddr, Proto)],
     what: &str,
@@ -485,6 +486,10 @@ fn wait_reachability(
             return got;
         }
         assert!(std::time::Instant::now() < deadline, "{what}: {} paths differ:\n{}", wrong.len(), wrong.join("\n"));
+        // A round whose probes all came back at once (answers, or refusals)
+        // would start the next at once: pace the rounds as ask_eventually
+        // does, for the policy to reach the kernel.
+        std::thread::sleep(Duration::from_millis(100));
     }
 }
 

@@ -48,7 +48,9 @@ fn wait_peers(o: &Overlay, n: usize) {
 }
 
 /// Frames seen on one interface of a namespace (an AF_PACKET socket),
-/// collected by a thread until dropped.
+/// collected by a thread until [`Capture::finish`]; the thread and its
+/// socket (which holds the namespace) end on drop too, when a test panics
+/// before it finishes.
 struct Capture {
     stop: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<Vec<Vec<u8>>>>,
@@ -87,7 +89,7 @@ impl Capture {
             assert_eq!(rc, 0, "bind AF_PACKET: {}", std::io::Error::last_os_error());
             let tv = libc::timeval { tv_sec: 0, tv_usec: 100_000 };
             // SAFETY: SO_RCVTIMEO takes a timeval.
-            unsafe {
+            let rc = unsafe {
                 libc::setsockopt(
                     std::os::fd::AsRawFd::as_raw_fd(&fd),
                     libc::SOL_SOCKET,
@@ -96,6 +98,8 @@ impl Capture {
                     std::mem::size_of::<libc::timeval>() as u32,
                 )
             };
+            // Without it the thread would never see the stop flag.
+            assert_eq!(rc, 0, "SO_RCVTIMEO: {}", std::io::Error::last_os_error());
             fd
         });
         let stop = Arc::new(AtomicBool::new(false));
@@ -122,6 +126,15 @@ impl Capture {
     }
 }
 
+impl Drop for Capture {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 /// An IPv4 frame's protocol, addresses and (TCP/UDP) ports.
 fn ipv4_of(frame: &[u8]) -> Option<(u8, Ipv4Addr, Ipv4Addr, u16, u16)> {
     if frame.len() < 14 + 20 || frame[12..14] != [0x08, 0x00] {
@@ -136,12 +149,27 @@ fn ipv4_of(frame: &[u8]) -> Option<(u8, Ipv4Addr, Ipv4Addr, u16, u16)> {
     Some((ip[9], src, dst, sp, dp))
 }
 
-/// Echoes one read on every connection to `target` inside `ns`, until the
-/// test ends.
-fn echo_forever(ns: &Netns, target: SocketAddr) {
+/// Echoes one read on every connection to `target` inside `ns` until
+/// dropped (its listener, which holds the pod's namespace, closed and its
+/// thread ended, also when a test panics).
+#[must_use = "the server stops when dropped"]
+struct EchoForever {
+    stop: Arc<AtomicBool>,
+    listener: OwnedFd,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+fn echo_forever(ns: &Netns, target: SocketAddr) -> EchoForever {
     let listener = ns.in_thread(|| std::net::TcpListener::bind(target)).unwrap();
-    std::thread::spawn(move || {
-        for mut c in listener.incoming().flatten() {
+    let fd = OwnedFd::from(listener.try_clone().unwrap());
+    let stop = Arc::new(AtomicBool::new(false));
+    let s = Arc::clone(&stop);
+    let thread = std::thread::spawn(move || {
+        for c in listener.incoming() {
+            if s.load(Ordering::Relaxed) {
+                return;
+            }
+            let Ok(mut c) = c else { continue };
             use std::io::{Read, Write};
             let _ = c.set_read_timeout(Some(Duration::from_secs(5)));
             let mut buf = [0u8; 16];
@@ -150,6 +178,20 @@ fn echo_forever(ns: &Netns, target: SocketAddr) {
             }
         }
     });
+    EchoForever { stop, listener: fd, thread: Some(thread) }
+}
+
+impl Drop for EchoForever {
+    fn drop(&mut self) {
+        use std::os::fd::AsRawFd;
+        self.stop.store(true, Ordering::Relaxed);
+        // shutdown(2) wakes the thread blocked in accept.
+        // SAFETY: a socket we own.
+        unsafe { libc::shutdown(self.listener.as_raw_fd(), libc::SHUT_RDWR) };
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 /// Waits until a TCP round trip from `from` to `target` (an
@@ -271,7 +313,7 @@ fn wireguard_pods_talk_encrypted_across_three_nodes_and_survive_a_restart() {
     assert_eq!(std::fs::metadata(key_file(&o, 1)).unwrap().permissions().mode() & 0o777, 0o400);
     wait_peers(&o, 3);
     let target = SocketAddr::new(pods[1].1.into(), 7500);
-    echo_forever(&pods[1].0, target);
+    let _echo = echo_forever(&pods[1].0, target);
     wait_tcp(&pods[0].0, target, "TCP from node0's pod to node1's pod after node1's restart");
     e2e_tests::all_pods_talk(&pods, 7600);
 }
@@ -286,9 +328,7 @@ fn wireguard_bad_lease_rekey_device_loss_roaming_and_peer_removal() {
     wait_peers(&o, 3);
     let pods: Vec<_> = (0..3).map(|i| o.add_pod(i, &format!("r{i}"))).collect();
     let targets: Vec<SocketAddr> = pods.iter().map(|(_, a)| SocketAddr::new((*a).into(), 7700)).collect();
-    for (i, (ns, _)) in pods.iter().enumerate() {
-        echo_forever(ns, targets[i]);
-    }
+    let _echoes: Vec<EchoForever> = pods.iter().zip(&targets).map(|((ns, _), t)| echo_forever(ns, *t)).collect();
     wait_tcp(&pods[0].0, targets[2], "node0's pod -> node2's pod");
 
     // A lease whose PublicKey is not a key: skipped by name, the others
@@ -441,7 +481,7 @@ fn wireguard_in_kubernetes_mode_annotations_and_encrypted_pod_traffic() {
     let before = sample(&ko.o, 2, "flannel_wireguard_dropped_invalid_total");
     let capture = Capture::start(&ko.o.cluster.node(2).ns, "eth0");
     let target = SocketAddr::new(pods[2].1.into(), 7900);
-    echo_forever(&pods[2].0, target);
+    let _echo = echo_forever(&pods[2].0, target);
     // Node 2 starts handshakes (keepalives every 5 s); the responses, made
     // with the others' PSK, fail authentication there. (Node 0 and 1 only
     // find out when their own re-handshake fails, up to WireGuard's 15 s
@@ -458,7 +498,10 @@ fn wireguard_in_kubernetes_mode_annotations_and_encrypted_pod_traffic() {
     let tried = pods[0].0.in_thread(|| std::net::TcpStream::connect_timeout(&target, Duration::from_secs(3)));
     assert!(tried.is_err(), "a TCP connection across a PSK mismatch");
     let frames = capture.finish();
-    only_wireguard(&frames, &pods, &node_ips);
+    // Node 2's handshake initiations (every 5 s) and the answers to them
+    // crossed its underlay during the waits above: a capture that saw none
+    // would prove nothing.
+    assert!(only_wireguard(&frames, &pods, &node_ips) > 0, "no WireGuard datagram in {} frames", frames.len());
 }
 
 /// A node whose tunnel is an independent WireGuard implementation:
@@ -476,6 +519,7 @@ impl WireguardGo {
     /// tmpfs on /run (= /var/run, where its control sockets go: namespaces
     /// share the host's /run, and other nodes may run one too).
     fn start(ns: &Netns, log: &std::path::Path) -> WireguardGo {
+        let log_file = std::fs::File::create(log).unwrap();
         let child = ns
             .command("unshare")
             .args([
@@ -489,8 +533,10 @@ impl WireguardGo {
             // It refuses to start where the kernel could have the module
             // unless told.
             .env("WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD", "1")
-            .stdout(std::fs::File::create(log).unwrap())
-            .stderr(std::fs::File::create(log).unwrap())
+            // One open file for both streams (two opens would each write
+            // from offset 0 over the other).
+            .stdout(log_file.try_clone().unwrap())
+            .stderr(log_file)
             .spawn()
             .expect("spawn wireguard-go (apt-get install wireguard-go wireguard-tools)");
         // unshare(1) execs sh, which execs wireguard-go: one process.
@@ -649,7 +695,7 @@ fn wireguard_interoperates_with_wireguard_go_configured_as_flannel_does() {
     // And the host-network side: node 2 itself (source flannel-wg's
     // <subnet>.0, as on a flannel node) reaches a pod on node 0.
     let target = SocketAddr::new(pods[0].1.into(), 8200);
-    echo_forever(&pods[0].0, target);
+    let _echo = echo_forever(&pods[0].0, target);
     wait_tcp(ns2, target, "node 2 (wireguard-go) -> node0's pod");
     drop(wg);
 }

@@ -25,7 +25,7 @@
 //! at a time (started by hand with [`Tuning`]).
 
 use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
-use std::process::{Child, Stdio};
+use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, Receiver};
 use std::sync::Arc;
@@ -33,8 +33,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use e2e_tests::overlay::Overlay;
-use e2e_tests::perf::ping;
+use e2e_tests::overlay::{Overlay, Proc};
+use e2e_tests::perf::{daemon_pids, iperf_figure, median_figure, ping, veth_pod, Figure, Relay};
 use e2e_tests::{http_get, metric};
 use flannel_net::netns::NetNs;
 use flanneld_rs::udp::{Tuning, UdpConfig, UdpDataPath};
@@ -74,25 +74,6 @@ fn underlay(i: usize) -> Ipv4Addr {
     Ipv4Addr::new(192, 0, 2, 10 + i as u8)
 }
 
-/// A pod of overlay `net` (10.<net>.0.0/16) on node `i` of a hand-built
-/// fixture: a veth `<dev>` in the node with `.1`, `eth0` in the pod with `.2`.
-fn add_pod(c: &Cluster, i: usize, net: u8, dev: &str, mtu: u32) -> Netns {
-    let node = c.node(i);
-    let pod = node.add_pod_netns(dev).unwrap();
-    let mtu = mtu.to_string();
-    node.ns.run_ok(
-        "ip",
-        &["link", "add", dev, "mtu", &mtu, "type", "veth", "peer", "name", "eth0", "mtu", &mtu, "netns", pod.name()],
-    );
-    node.ns.run_ok("ip", &["addr", "add", &format!("10.{net}.{}.1/24", i + 1), "dev", dev]);
-    node.ns.run_ok("ip", &["link", "set", dev, "up"]);
-    pod.run_ok("ip", &["addr", "add", &format!("10.{net}.{}.2/24", i + 1), "dev", "eth0"]);
-    pod.run_ok("ip", &["link", "set", "eth0", "up"]);
-    pod.run_ok("ip", &["route", "add", "default", "via", &format!("10.{net}.{}.1", i + 1)]);
-    node.ns.wait_oper_up(&[dev], Duration::from_secs(10)).unwrap();
-    pod
-}
-
 /// The udp data path started by hand on node `i` of a hand-built fixture.
 fn start_by_hand(c: &Cluster, i: usize, tuning: Tuning) -> UdpDataPath {
     let cfg = UdpConfig {
@@ -111,8 +92,9 @@ fn start_by_hand(c: &Cluster, i: usize, tuning: Tuning) -> UdpDataPath {
 }
 
 /// socat relaying between a TUN and a UDP socket on each node, one packet
-/// per read and per write (`socat TUN:... UDP-DATAGRAM:peer:port,bind=...`).
-fn socat(c: &Cluster) -> Vec<Child> {
+/// per read and per write (`socat TUN:... UDP-DATAGRAM:peer:port,bind=...`);
+/// killed on drop.
+fn socat(c: &Cluster) -> Vec<Proc> {
     let mut kids = Vec::new();
     for i in 0..2usize {
         let ns = &c.node(i).ns;
@@ -127,9 +109,10 @@ fn socat(c: &Cluster) -> Vec<Child> {
             .stderr(Stdio::null())
             .spawn()
             .expect("socat (apt-get install socat)");
+        // Held (and killed on drop) before the wait can panic.
+        kids.push(Proc(Some(child)));
         wait_until(Duration::from_secs(5), "socat0", || ns.ip(&["link", "show", "socat0"]).is_ok());
         ns.run_ok("ip", &["link", "set", "socat0", "mtu", &UDP_MTU.to_string()]);
-        kids.push(child);
     }
     kids
 }
@@ -166,82 +149,6 @@ fn metrics(o: &Overlay, i: usize) -> String {
     http_get(&o.cluster.node(i).ns, SocketAddr::from(([127, 0, 0, 1], METRICS_PORT)), "/metrics")
 }
 
-fn daemon_pids(o: &Overlay) -> Vec<u32> {
-    o.daemons.iter().map(|d| d.proc.0.as_ref().expect("daemon running").id()).collect()
-}
-
-/// Busy CPU seconds of the whole machine so far (/proc/stat: all but idle
-/// and iowait).
-fn machine_cpu() -> f64 {
-    let stat = std::fs::read_to_string("/proc/stat").unwrap();
-    let f: Vec<f64> = stat.lines().next().unwrap().split_whitespace().skip(1).map(|v| v.parse().unwrap()).collect();
-    let busy = f[0] + f[1] + f[2] + f[5] + f[6] + f[7];
-    busy / hz()
-}
-
-fn hz() -> f64 {
-    // SAFETY: sysconf has no preconditions.
-    unsafe { libc::sysconf(libc::_SC_CLK_TCK) as f64 }
-}
-
-/// utime + stime of a /proc/.../stat file, in seconds (a process's file
-/// counts all its threads).
-fn stat_cpu(path: &str) -> f64 {
-    let stat = std::fs::read_to_string(path).unwrap_or_default();
-    let Some(rest) = stat.rsplit(')').next() else { return 0.0 };
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    if f.len() < 13 {
-        return 0.0;
-    }
-    (f[11].parse::<f64>().unwrap_or(0.0) + f[12].parse::<f64>().unwrap_or(0.0)) / hz()
-}
-
-/// Who to charge the relay's CPU to.
-enum Relay<'a> {
-    /// Threads of this process (the data path started by hand).
-    Threads(&'a [UdpDataPath]),
-    /// Whole processes: the daemons, or socat.
-    Procs(Vec<u32>),
-    /// The kernel does the work: only the machine-wide figure applies.
-    Kernel,
-}
-
-impl Relay<'_> {
-    fn cpu(&self) -> f64 {
-        match self {
-            Relay::Threads(dps) => dps
-                .iter()
-                .flat_map(|d| d.thread_ids())
-                .map(|tid| stat_cpu(&format!("/proc/self/task/{tid}/stat")))
-                .sum(),
-            Relay::Procs(pids) => pids.iter().map(|p| stat_cpu(&format!("/proc/{p}/stat"))).sum(),
-            Relay::Kernel => 0.0,
-        }
-    }
-}
-
-/// One iperf3 run: Gbit/s, relay CPU s/Gbit, machine CPU s/Gbit.
-fn iperf(client: &Netns, server: &Netns, addr: &str, streams: u32, seconds: u32, relay: &Relay) -> Figure {
-    let addr: Ipv4Addr = addr.parse().expect("an IPv4 address");
-    let sample = || (relay.cpu(), machine_cpu());
-    let (gbps, (r0, m0), (r1, m1)) = e2e_tests::perf::iperf_sampled(client, server, addr, streams, seconds, sample);
-    let gbit = (gbps * f64::from(seconds)).max(1e-9);
-    Figure { gbps, relay_cpu: (r1 - r0) / gbit, machine_cpu: (m1 - m0) / gbit }
-}
-
-#[derive(Clone, Copy, Default)]
-struct Figure {
-    gbps: f64,
-    relay_cpu: f64,
-    machine_cpu: f64,
-}
-
-/// Median (by throughput) of runs.
-fn median(mut v: Vec<Figure>) -> Figure {
-    v.sort_by(|a, b| a.gbps.partial_cmp(&b.gbps).unwrap());
-    v[v.len() / 2]
-}
-
 fn stages(c: &Cluster, pods: &[Netns], seconds: u32, rounds: usize) {
     let base = Tuning::per_packet();
     let list = [
@@ -263,11 +170,13 @@ fn stages(c: &Cluster, pods: &[Netns], seconds: u32, rounds: usize) {
         wait_until(Duration::from_secs(5), "ping through the data path", || {
             pods[0].run("ping", &["-c", "1", "-W", "1", "10.244.2.2"]).map(|o| o.status.success()).unwrap_or(false)
         });
+        let tids = || dps.iter().flat_map(UdpDataPath::thread_ids).collect();
         let mut line = format!("  {name:<52}");
         for streams in [1, 4] {
-            let f = median(
+            let to = Ipv4Addr::new(10, 244, 2, 2);
+            let f = median_figure(
                 (0..rounds)
-                    .map(|_| iperf(&pods[0], &pods[1], "10.244.2.2", streams, seconds, &Relay::Threads(&dps)))
+                    .map(|_| iperf_figure(&pods[0], &pods[1], to, streams, seconds, &Relay::Threads(&tids)))
                     .collect(),
             );
             line += &format!("  {streams}x: {:6.2} Gbit/s ({:.3} CPU-s/Gbit)", f.gbps, f.relay_cpu);
@@ -303,10 +212,11 @@ fn compare(modes: &[Mode], seconds: u32, rounds: usize) {
             for k in 0..n {
                 let m = (k + round) % n;
                 let md = &modes[m];
-                runs[m].push(iperf(md.client, md.server, &md.addr, streams, seconds, &md.relay));
+                let addr: Ipv4Addr = md.addr.parse().expect("an IPv4 address");
+                runs[m].push(iperf_figure(md.client, md.server, addr, streams, seconds, &md.relay));
             }
         }
-        let f: Vec<Figure> = runs.into_iter().map(median).collect();
+        let f: Vec<Figure> = runs.into_iter().map(median_figure).collect();
         for (m, md) in modes.iter().enumerate() {
             let relay = match md.relay {
                 Relay::Kernel => "    -    ".to_string(),
@@ -532,7 +442,7 @@ fn main() {
     }
     if args.stages || args.stages_only {
         let c = Cluster::new(2).unwrap();
-        let pods = [add_pod(&c, 0, 244, "vu0", UDP_MTU), add_pod(&c, 1, 244, "vu0", UDP_MTU)];
+        let pods = [veth_pod(&c, 0, 244, "vu0", UDP_MTU), veth_pod(&c, 1, 244, "vu0", UDP_MTU)];
         stages(&c, &pods, args.seconds, args.rounds);
         if args.stages_only {
             return;
@@ -556,13 +466,14 @@ fn main() {
     let (vx, xpods) = vxlan_overlay();
     // The references by hand and socat share one plain two-node fixture.
     let c = Cluster::new(2).unwrap();
-    let hpods = [add_pod(&c, 0, 244, "vu0", UDP_MTU), add_pod(&c, 1, 244, "vu0", UDP_MTU)];
-    let dps = vec![start_by_hand(&c, 0, Tuning::default()), start_by_hand(&c, 1, Tuning::default())];
-    let kpods = [add_pod(&c, 0, 245, "vx0", VXLAN_MTU), add_pod(&c, 1, 245, "vx0", VXLAN_MTU)];
+    let hpods = [veth_pod(&c, 0, 244, "vu0", UDP_MTU), veth_pod(&c, 1, 244, "vu0", UDP_MTU)];
+    let dps = [start_by_hand(&c, 0, Tuning::default()), start_by_hand(&c, 1, Tuning::default())];
+    let by_hand_tids = || dps.iter().flat_map(UdpDataPath::thread_ids).collect();
+    let kpods = [veth_pod(&c, 0, 245, "vx0", VXLAN_MTU), veth_pod(&c, 1, 245, "vx0", VXLAN_MTU)];
     e2e_tests::perf::vxlan_by_hand(&c, 245);
-    let spods = [add_pod(&c, 0, 246, "vs0", UDP_MTU), add_pod(&c, 1, 246, "vs0", UDP_MTU)];
+    let spods = [veth_pod(&c, 0, 246, "vs0", UDP_MTU), veth_pod(&c, 1, 246, "vs0", UDP_MTU)];
     let kids = socat(&c);
-    let socat_pids = kids.iter().map(Child::id).collect();
+    let socat_pids = kids.iter().map(|k| k.0.as_ref().expect("socat running").id()).collect();
     {
         let modes = [
             Mode {
@@ -591,7 +502,7 @@ fn main() {
                 client: &hpods[0],
                 server: &hpods[1],
                 addr: "10.244.2.2".into(),
-                relay: Relay::Threads(&dps),
+                relay: Relay::Threads(&by_hand_tids),
             },
             Mode {
                 name: "kernel VXLAN, by hand",
@@ -616,9 +527,6 @@ fn main() {
     println!("                                  node1: {}", udp_counters(&udp, 1));
     println!("udp data path by hand, node 0: {:?}", dps[0].stats());
     restarts(&mut udp, &upods, args.restarts);
-    for mut k in kids {
-        let _ = k.kill();
-        let _ = k.wait();
-    }
+    drop(kids);
     drop(vx);
 }

@@ -21,13 +21,13 @@
 
 use std::io::{BufRead, BufReader};
 use std::net::{Ipv4Addr, SocketAddr};
-use std::process::{Child, Stdio};
+use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
-use e2e_tests::overlay::Overlay;
-use e2e_tests::perf::ping;
+use e2e_tests::overlay::{Overlay, Proc};
+use e2e_tests::perf::{daemon_pids, iperf_figure, median_figure, ping, veth_pod, Figure, Relay};
 use e2e_tests::{http_get, metric};
 use flanneld_rs::backend::wireguard::datapath::{Counters as WgCounters, Tuning as WgTuning, WgConfig, WgDataPath};
 use flanneld_rs::backend::wireguard::keys::public_of;
@@ -108,25 +108,6 @@ fn underlay(i: usize) -> Ipv4Addr {
     Ipv4Addr::new(192, 0, 2, 10 + i as u8)
 }
 
-/// A pod of overlay `net` (10.<net>.0.0/16) on node `i` of a hand-built
-/// fixture: a veth `<dev>` in the node with `.1`, `eth0` in the pod with `.2`.
-fn add_pod(c: &Cluster, i: usize, net: u8, dev: &str, mtu: u32) -> Netns {
-    let node = c.node(i);
-    let pod = node.add_pod_netns(dev).unwrap();
-    let mtu = mtu.to_string();
-    node.ns.run_ok(
-        "ip",
-        &["link", "add", dev, "mtu", &mtu, "type", "veth", "peer", "name", "eth0", "mtu", &mtu, "netns", pod.name()],
-    );
-    node.ns.run_ok("ip", &["addr", "add", &format!("10.{net}.{}.1/24", i + 1), "dev", dev]);
-    node.ns.run_ok("ip", &["link", "set", dev, "up"]);
-    pod.run_ok("ip", &["addr", "add", &format!("10.{net}.{}.2/24", i + 1), "dev", "eth0"]);
-    pod.run_ok("ip", &["link", "set", "eth0", "up"]);
-    pod.run_ok("ip", &["route", "add", "default", "via", &format!("10.{net}.{}.1", i + 1)]);
-    node.ns.wait_oper_up(&[dev], Duration::from_secs(10)).unwrap();
-    pod
-}
-
 /// A WireGuard key pair from `wg genkey | wg pubkey`: (private, public) in
 /// base64.
 fn wg_keypair(ns: &Netns) -> (String, String) {
@@ -140,10 +121,22 @@ fn wg_keypair(ns: &Netns) -> (String, String) {
     (private, String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
+/// A shell holding a `wireguard-go`: SIGTERM (its trap stops wireguard-go
+/// and waits for it), then reaped, on drop, so a benchmark that panics
+/// (in a build that unwinds) leaves no wireguard-go behind. A SIGKILL, what
+/// [`Proc`]'s own drop sends, would orphan it.
+struct WgGoShell(Proc);
+
+impl Drop for WgGoShell {
+    fn drop(&mut self) {
+        self.0.stop();
+    }
+}
+
 /// `wireguard-go` on both nodes of `c`, configured with `wg` (overlay
 /// 10.247.0.0/16, node `i` holding 10.247.(i+1).0/24 on `wg0`). Returns the
-/// shells that hold them (a SIGTERM stops each) and wireguard-go's pids.
-fn wireguard_go(c: &Cluster, dir: &std::path::Path) -> (Vec<Child>, Vec<u32>) {
+/// shells that hold them (stopped on drop) and wireguard-go's pids.
+fn wireguard_go(c: &Cluster, dir: &std::path::Path) -> (Vec<WgGoShell>, Vec<u32>) {
     let keys = [wg_keypair(&c.node(0).ns), wg_keypair(&c.node(1).ns)];
     let mut kids = Vec::new();
     let mut pids = Vec::new();
@@ -160,7 +153,9 @@ mkdir -p /run/wireguard
 mount -t tmpfs wg-bench /run/wireguard
 WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD=1 wireguard-go -f wg0 >/dev/null 2>&1 &
 pid=$!
-trap 'kill $pid; wait $pid; exit 0' TERM INT
+# wireguard-go goes with this shell however it ends (SIGTERM, a failed step).
+trap 'kill $pid 2>/dev/null; wait $pid || true' EXIT
+trap 'exit 0' TERM INT
 echo $pid
 n=0
 while [ ! -S /run/wireguard/wg0.sock ]; do n=$((n+1)); [ $n -lt 200 ] || {{ echo 'no control socket'; exit 1; }}; sleep 0.05; done
@@ -189,23 +184,17 @@ wait $pid
             .stderr(Stdio::inherit())
             .spawn()
             .expect("unshare (util-linux)");
-        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let stdout = child.stdout.take().unwrap();
+        // Held (and stopped on drop) before anything here can panic.
+        kids.push(WgGoShell(Proc(Some(child))));
+        let mut lines = BufReader::new(stdout).lines();
         let pid: u32 =
             lines.next().and_then(Result::ok).and_then(|l| l.trim().parse().ok()).expect("wireguard-go's pid");
         let ready = lines.next().and_then(Result::ok).unwrap_or_default();
         assert_eq!(ready.trim(), "ready", "wireguard-go on node {i} did not come up");
         pids.push(pid);
-        kids.push(child);
     }
     (kids, pids)
-}
-
-fn stop_all(kids: Vec<Child>) {
-    for mut k in kids {
-        // SAFETY: kill(2) on our own child's pid.
-        unsafe { libc::kill(k.id() as i32, libc::SIGTERM) };
-        let _ = k.wait();
-    }
 }
 
 /// Two flanneld-rs daemons with `conf`, their metrics on 127.0.0.1:9105 in
@@ -231,77 +220,6 @@ fn daemons(conf: &str, pod_prefix: &str) -> (Overlay, [(Netns, Ipv4Addr); 2]) {
 /// Node `i`'s `/metrics` text.
 fn metrics(o: &Overlay, i: usize) -> String {
     http_get(&o.cluster.node(i).ns, SocketAddr::from(([127, 0, 0, 1], METRICS_PORT)), "/metrics")
-}
-
-fn daemon_pids(o: &Overlay) -> Vec<u32> {
-    o.daemons.iter().map(|d| d.proc.0.as_ref().expect("daemon running").id()).collect()
-}
-
-/// Busy CPU seconds of the whole machine so far (/proc/stat: all but idle
-/// and iowait).
-fn machine_cpu() -> f64 {
-    let stat = std::fs::read_to_string("/proc/stat").unwrap();
-    let f: Vec<f64> = stat.lines().next().unwrap().split_whitespace().skip(1).map(|v| v.parse().unwrap()).collect();
-    let busy = f[0] + f[1] + f[2] + f[5] + f[6] + f[7];
-    busy / hz()
-}
-
-fn hz() -> f64 {
-    // SAFETY: sysconf has no preconditions.
-    unsafe { libc::sysconf(libc::_SC_CLK_TCK) as f64 }
-}
-
-/// utime + stime of a /proc/.../stat file, in seconds.
-fn stat_cpu(path: &str) -> f64 {
-    let stat = std::fs::read_to_string(path).unwrap_or_default();
-    let Some(rest) = stat.rsplit(')').next() else { return 0.0 };
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    if f.len() < 13 {
-        return 0.0;
-    }
-    (f[11].parse::<f64>().unwrap_or(0.0) + f[12].parse::<f64>().unwrap_or(0.0)) / hz()
-}
-
-/// Who to charge the relay's CPU to.
-enum Relay<'a> {
-    /// Threads of this process (the data path started by hand).
-    Threads(&'a [WgDataPath]),
-    /// Whole processes: the daemons, or wireguard-go.
-    Procs(Vec<u32>),
-}
-
-impl Relay<'_> {
-    fn cpu(&self) -> f64 {
-        match self {
-            Relay::Threads(dps) => dps
-                .iter()
-                .flat_map(|d| d.thread_ids())
-                .map(|tid| stat_cpu(&format!("/proc/self/task/{tid}/stat")))
-                .sum(),
-            Relay::Procs(pids) => pids.iter().map(|p| stat_cpu(&format!("/proc/{p}/stat"))).sum(),
-        }
-    }
-}
-
-#[derive(Clone, Copy, Default)]
-struct Figure {
-    gbps: f64,
-    relay_cpu: f64,
-    machine_cpu: f64,
-}
-
-/// One iperf3 run: Gbit/s, relay CPU s/Gbit, machine CPU s/Gbit.
-fn iperf(client: &Netns, server: &Netns, addr: Ipv4Addr, streams: u32, seconds: u32, relay: &Relay) -> Figure {
-    let sample = || (relay.cpu(), machine_cpu());
-    let (gbps, (r0, m0), (r1, m1)) = e2e_tests::perf::iperf_sampled(client, server, addr, streams, seconds, sample);
-    let gbit = (gbps * f64::from(seconds)).max(1e-9);
-    Figure { gbps, relay_cpu: (r1 - r0) / gbit, machine_cpu: (m1 - m0) / gbit }
-}
-
-/// Median (by throughput) of runs.
-fn median(mut v: Vec<Figure>) -> Figure {
-    v.sort_by(|a, b| a.gbps.partial_cmp(&b.gbps).unwrap());
-    v[v.len() / 2]
 }
 
 /// One mode of the comparison.
@@ -333,10 +251,10 @@ fn compare(modes: &[Mode], seconds: u32, rounds: usize) {
             for k in 0..n {
                 let m = (k + round) % n;
                 let md = &modes[m];
-                runs[m].push(iperf(md.client, md.server, md.addr, streams, seconds, &md.relay));
+                runs[m].push(iperf_figure(md.client, md.server, md.addr, streams, seconds, &md.relay));
             }
         }
-        let f: Vec<Figure> = runs.into_iter().map(median).collect();
+        let f: Vec<Figure> = runs.into_iter().map(median_figure).collect();
         for (m, md) in modes.iter().enumerate() {
             println!(
                 "  {streams} stream(s)  {:<28} {:6.2} Gbit/s  CPU-s/Gbit: relay {:.3}, machine {:.3}",
@@ -386,7 +304,7 @@ fn start_by_hand(c: &Cluster, i: usize, tuning: WgTuning) -> WgDataPath {
 
 fn stages(seconds: u32, rounds: usize) {
     let c = Cluster::new(2).unwrap();
-    let pods = [add_pod(&c, 0, 248, "vh0", WG_MTU), add_pod(&c, 1, 248, "vh0", WG_MTU)];
+    let pods = [veth_pod(&c, 0, 248, "vh0", WG_MTU), veth_pod(&c, 1, 248, "vh0", WG_MTU)];
     let list = flanneld_rs::backend::wireguard::datapath::stages();
     println!(
         "\nstages of the wireguard data path, started by hand (iperf3 pod to pod, median of {rounds}; CPU = its \
@@ -398,13 +316,13 @@ fn stages(seconds: u32, rounds: usize) {
         wait_until(Duration::from_secs(10), "ping through the data path", || {
             pods[0].run("ping", &["-c", "1", "-W", "1", "10.248.2.2"]).map(|o| o.status.success()).unwrap_or(false)
         });
+        let tids = || dps.iter().flat_map(WgDataPath::thread_ids).collect();
         let mut line = format!("  {name:<46}");
         for streams in [1, 4] {
-            let f = median(
+            let to = Ipv4Addr::new(10, 248, 2, 2);
+            let f = median_figure(
                 (0..rounds)
-                    .map(|_| {
-                        iperf(&pods[0], &pods[1], Ipv4Addr::new(10, 248, 2, 2), streams, seconds, &Relay::Threads(&dps))
-                    })
+                    .map(|_| iperf_figure(&pods[0], &pods[1], to, streams, seconds, &Relay::Threads(&tids)))
                     .collect(),
             );
             line += &format!("  {streams}x: {:6.2} Gbit/s ({:.3} CPU-s/Gbit)", f.gbps, f.relay_cpu);
@@ -470,7 +388,7 @@ fn main() {
     let (udp, upods) = daemons(UDP_CONF, "u");
     let dir = tempfile::tempdir().unwrap();
     let c = Cluster::new(2).unwrap();
-    let gpods = [add_pod(&c, 0, 247, "vg0", WG_MTU), add_pod(&c, 1, 247, "vg0", WG_MTU)];
+    let gpods = [veth_pod(&c, 0, 247, "vg0", WG_MTU), veth_pod(&c, 1, 247, "vg0", WG_MTU)];
     let (kids, go_pids) = wireguard_go(&c, dir.path());
     {
         let modes = [
@@ -504,7 +422,7 @@ fn main() {
     }
     println!("\nwireguard daemons' counters (non-zero): node0: {}", wg_counters(&wg, 0));
     println!("                                        node1: {}", wg_counters(&wg, 1));
-    stop_all(kids);
+    drop(kids);
     drop(udp);
     drop(wg);
 }
