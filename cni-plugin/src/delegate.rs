@@ -360,8 +360,42 @@ pub fn save_for_rollback(
     }
     let delegate = build_from(conf, lease)?;
     let bytes = serde_json::to_vec(&delegate).expect("a JSON value serializes");
-    write(data_dir, container_id, &bytes, false)
+    // Without a runtimeConfig the file is the same for every pod of the
+    // network (the configuration and the lease alone make it): pods share
+    // one copy, each file a hard link to it, which costs a directory entry
+    // where a file of its own costs a new inode (0.1 to 0.3 ms on ext4 here).
+    let template = match conf.get("runtimeConfig").filter(|v| !v.is_null()) {
+        None => conf["name"].as_str().map(|n| crate::ipam::Store::dir_for(data_dir, n).join(ROLLBACK_TEMPLATE)),
+        Some(_) => None,
+    };
+    let path = saved_path(data_dir, container_id);
+    if let Some(template) = &template {
+        match std::fs::hard_link(template, &path) {
+            // The content is checked through the new name: that is the file
+            // this pod now holds, whatever happens to the template meanwhile.
+            Ok(()) if std::fs::read(&path).is_ok_and(|held| held == bytes) => return Ok(()),
+            Ok(()) => {
+                let _ = std::fs::remove_file(&path);
+            }
+            Err(_) => {}
+        }
+    }
+    write(data_dir, container_id, &bytes, false)?;
+    if let Some(template) = &template {
+        // The template is missing or stale (a new lease): this pod's file
+        // becomes it, swapped in whole by a rename under a name of our own.
+        let tmp = template.with_extension(format!("tmp{}", std::process::id()));
+        let _ = std::fs::remove_file(&tmp);
+        if std::fs::hard_link(&path, &tmp).is_ok() && std::fs::rename(&tmp, template).is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+    }
+    Ok(())
 }
+
+/// The shared copy of the configuration saved for a rollback, in our IPAM
+/// directory of the network (its name is no address, so IPAM ignores it).
+pub const ROLLBACK_TEMPLATE: &str = "rollback-delegate.json";
 
 /// Removes a container's saved configuration, if any. GC passes IDs read
 /// from records, and a record cut short by a kill has an empty one: what is
@@ -389,16 +423,23 @@ fn write(data_dir: &Path, container_id: &str, bytes: &[u8], sync: bool) -> Resul
     use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
     let io = |what: String| move |e: std::io::Error| CniError::new(code::IO, format!("{what}: {e}"));
     let path = saved_path(data_dir, container_id);
-    let open = || std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&path);
+    // A file of its own, never written through an existing name: that may be
+    // a hard link to the rollback template (see save_for_rollback), which
+    // other pods' files share.
+    let open = || std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&path);
+    let replace = |e: std::io::Error| match e.kind() {
+        std::io::ErrorKind::AlreadyExists => std::fs::remove_file(&path).and_then(|()| open()),
+        _ => Err(e),
+    };
     // The directory is there but for the first pod: try the file first.
-    let opened = match open() {
+    let opened = match open().or_else(replace) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             std::fs::DirBuilder::new()
                 .recursive(true)
                 .mode(0o700)
                 .create(data_dir)
                 .map_err(io(format!("create {}", data_dir.display())))?;
-            open()
+            open().or_else(replace)
         }
         other => other,
     };
@@ -471,6 +512,48 @@ fn exec(kind: &str, cmd: Command, stdin: &[u8]) -> Result<Option<Value>, CniErro
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pods_share_one_rollback_file_per_configuration_and_lease() {
+        use flannel_net::subnet_env::SubnetEnv;
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path();
+        std::fs::create_dir_all(crate::ipam::Store::dir_for(data, "cbr0")).unwrap();
+        let lease = |subnet: &str| {
+            let text = format!(
+                "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET={subnet}\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=true\n"
+            );
+            SubnetEnv::parse(Path::new("subnet.env"), &text).unwrap()
+        };
+        let conf = json!({"cniVersion":"1.0.0","name":"cbr0","type":"flannel","delegate":{"hairpinMode":true}});
+        let (one, two) = (lease("10.244.1.1/24"), lease("10.244.2.1/24"));
+        let want = |l: &SubnetEnv| serde_json::to_vec(&build_from(&conf, l).unwrap()).unwrap();
+        let meta = |id: &str| std::fs::metadata(saved_path(data, id)).unwrap();
+        save_for_rollback(&conf, &one, data, "a").unwrap();
+        save_for_rollback(&conf, &one, data, "b").unwrap();
+        assert_eq!(std::fs::read(saved_path(data, "b")).unwrap(), want(&one));
+        assert_eq!(meta("a").ino(), meta("b").ino(), "one file, several names");
+        assert_eq!(meta("a").mode() & 0o777, 0o600);
+        // A new lease: the next pod gets the new content, the earlier ones keep theirs.
+        save_for_rollback(&conf, &two, data, "c").unwrap();
+        assert_eq!(std::fs::read(saved_path(data, "c")).unwrap(), want(&two));
+        assert_eq!(std::fs::read(saved_path(data, "a")).unwrap(), want(&one));
+        save_for_rollback(&conf, &two, data, "d").unwrap();
+        assert_eq!(meta("c").ino(), meta("d").ino());
+        // Writing a pod's file (a retried ADD through the delegate) replaces
+        // that name only, never the file the others share.
+        save(data, "c", b"{}").unwrap();
+        assert_eq!(std::fs::read(saved_path(data, "d")).unwrap(), want(&two));
+        assert_eq!(std::fs::read(saved_path(data, "c")).unwrap(), b"{}");
+        // With a runtimeConfig (per pod) each pod has a file of its own.
+        let rc = json!({"cniVersion":"1.0.0","name":"cbr0","runtimeConfig":{"portMappings":[]}});
+        save_for_rollback(&rc, &two, data, "e").unwrap();
+        assert_eq!(meta("e").nlink(), 1);
+        remove_saved(data, "d").unwrap();
+        assert!(!saved_path(data, "d").exists());
+        assert_eq!(std::fs::read(saved_path(data, "c")).unwrap(), b"{}");
+    }
 
     #[test]
     fn only_configurations_we_implement_exactly_take_the_fast_path() {

@@ -71,12 +71,15 @@ fn routes(ns: &Netns, family: &str) -> Vec<String> {
     v
 }
 
-/// Files (name and content, lock excepted) of an IPAM directory, sorted.
+/// Files (name and content) of an IPAM directory, sorted; the lock and the
+/// shared copy of the configuration saved for a rollback excepted.
 fn store_files(dir: &Path) -> Vec<(String, String)> {
     let Ok(entries) = std::fs::read_dir(dir) else { return Vec::new() };
     let mut v: Vec<(String, String)> = entries
         .map(|e| e.unwrap())
-        .filter(|e| e.file_type().unwrap().is_file() && e.file_name() != "lock")
+        .filter(|e| {
+            e.file_type().unwrap().is_file() && e.file_name() != "lock" && e.file_name() != "rollback-delegate.json"
+        })
         .map(|e| {
             let text = std::fs::read_to_string(e.path()).unwrap();
             (e.file_name().to_string_lossy().into_owned(), text.trim_end_matches(' ').to_string())
@@ -157,6 +160,13 @@ fn dual_stack_add_builds_both_families_and_check_del_gc_handle_both() {
     );
     // ...mirrored in host-local's directory in host-local's format.
     assert_eq!(store_files(&node.dir.path().join("networks/cbr0")), files);
+    // The configuration saved for a rollback is the network's shared copy.
+    {
+        use std::os::unix::fs::MetadataExt;
+        let saved = std::fs::metadata(node.data_dir().join("ctr-a")).unwrap();
+        let shared = std::fs::metadata(ours(&node).join("rollback-delegate.json")).unwrap();
+        assert_eq!(saved.ino(), shared.ino());
+    }
 
     // CHECK passes, and names a missing IPv6 address or route.
     let mut conf = node.conf("1.0.0");
