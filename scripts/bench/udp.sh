@@ -5,8 +5,9 @@
 # pod to pod (1 and 4 streams), CPU seconds per gigabit, ping p50/p99, and the
 # time traffic takes to resume after a udp daemon restart. The udp data path
 # started by hand and kernel VXLAN programmed by hand are extra reference
-# lines; --stages also measures the data path with its speed-ups turned on
-# one at a time.
+# lines, and a bare relay with the same system calls and no work per packet
+# is the floor of any user-space relay; --stages also measures the data path
+# with its speed-ups turned on one at a time.
 # Usage: scripts/bench/udp.sh [--seconds 4] [--rounds 3] [--restarts 5] [--stages] [--ours-only]
 set -euo pipefail
 cd "$(dirname "$0")/../.."

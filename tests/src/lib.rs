@@ -2,6 +2,7 @@
 //! `src/bin/`: finding the workspace's binaries, running CNI plugins inside a
 //! node namespace, and moving bytes over TCP between namespaces.
 
+pub mod bare_relay;
 pub mod faults;
 pub mod kube;
 pub mod mixed;

@@ -12,7 +12,13 @@
 //! Two more reference lines come from the socat fixture's nodes: the udp data
 //! path started by hand (`UdpDataPath`, 10.244.0.0/16, pods on plain veths),
 //! which shows what the daemon adds or loses, and kernel VXLAN programmed by
-//! hand (10.245.0.0/16).
+//! hand (10.245.0.0/16). A last line is the floor of any user-space relay
+//! built from these system calls on this machine: the bare relay of
+//! [`e2e_tests::bare_relay`] (10.247.0.0/16, `bare0`, port 8287), which reads,
+//! sends, receives and writes the same bytes with one thread per CPU as the
+//! backend does, but does no work per packet (not wire-compatible: a
+//! measuring device); the figures say how much CPU per gigabit is ours above
+//! it.
 //!
 //! Rounds rotate through the modes. Figures: iperf3 pod to pod with 1 and 4
 //! streams (median of the rounds), CPU seconds per gigabit (the relay's own
@@ -33,6 +39,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
+use e2e_tests::bare_relay::BareRelay;
 use e2e_tests::overlay::{Overlay, Proc};
 use e2e_tests::perf::{daemon_pids, iperf_figure, median_figure, ping, veth_pod, Figure, Relay};
 use e2e_tests::{http_get, metric};
@@ -236,6 +243,17 @@ fn compare(modes: &[Mode], seconds: u32, rounds: usize) {
         }
         if n >= 4 {
             println!("  {streams} stream(s)  ours/udp data path by hand {:.1}%", f[0].gbps / f[3].gbps * 100.0);
+        }
+        if n >= 6 {
+            // The bare relay: the floor of any user-space relay with these
+            // system calls on this machine (see e2e_tests::bare_relay).
+            println!(
+                "  {streams} stream(s)  floor (bare relay)/our VXLAN {:.1}%; CPU-s/Gbit ours - floor: relay {:+.3}, \
+                 machine {:+.3}",
+                f[5].gbps / f[1].gbps * 100.0,
+                f[0].relay_cpu - f[5].relay_cpu,
+                f[0].machine_cpu - f[5].machine_cpu
+            );
         }
     }
     println!("\nping pod to pod (200 x 5 ms):");
@@ -473,6 +491,11 @@ fn main() {
     e2e_tests::perf::vxlan_by_hand(&c, 245);
     let spods = [veth_pod(&c, 0, 246, "vs0", UDP_MTU), veth_pod(&c, 1, 246, "vs0", UDP_MTU)];
     let kids = socat(&c);
+    let bpods = [veth_pod(&c, 0, 247, "vb0", UDP_MTU), veth_pod(&c, 1, 247, "vb0", UDP_MTU)];
+    let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let bare =
+        BareRelay::start([&c.node(0).ns, &c.node(1).ns], [underlay(0), underlay(1)], "bare0", 247, UDP_MTU, 8287, cpus);
+    let bare_tids = || bare.thread_ids();
     let socat_pids = kids.iter().map(|k| k.0.as_ref().expect("socat running").id()).collect();
     {
         let modes = [
@@ -511,6 +534,13 @@ fn main() {
                 addr: "10.245.2.2".into(),
                 relay: Relay::Kernel,
             },
+            Mode {
+                name: "floor: bare relay",
+                client: &bpods[0],
+                server: &bpods[1],
+                addr: "10.247.2.2".into(),
+                relay: Relay::Threads(&bare_tids),
+            },
         ];
         for md in &modes {
             wait_until(Duration::from_secs(10), &format!("{}: first ping", md.name), || {
@@ -519,13 +549,14 @@ fn main() {
         }
         println!(
             "(CPU relay column: ours = both flanneld-rs processes, socat = both socat processes, \
-             by hand = the data path's threads; VXLAN: the kernel, machine-wide only)"
+             by hand and bare relay = their threads; VXLAN: the kernel, machine-wide only)"
         );
         compare(&modes, args.seconds, args.rounds);
     }
     println!("\nudp daemons' counters (non-zero): node0: {}", udp_counters(&udp, 0));
     println!("                                  node1: {}", udp_counters(&udp, 1));
     println!("udp data path by hand, node 0: {:?}", dps[0].stats());
+    println!("bare relay: {} packet(s) dropped (should be 0)", bare.dropped.load(std::sync::atomic::Ordering::Relaxed));
     restarts(&mut udp, &upods, args.restarts);
     drop(kids);
     drop(vx);

@@ -1,0 +1,253 @@
+//! The floor of a user-space TUN-over-UDP relay, for `udp-bench`: the same
+//! system calls as the udp backend moving the same bytes, with none of its
+//! work per packet.
+//!
+//! On each node, one thread per CPU with its own queue of a multi-queue TUN
+//! (`IFF_VNET_HDR`, TSO) and its own `SO_REUSEPORT` socket (UDP GRO on), as
+//! the backend has. A thread reads what the TUN holds (up to 16 reads, or
+//! 64 KB) and sends each read, virtio header included, as it is: one UDP
+//! GSO train of 1472-byte segments per read, all in one `sendmmsg`. It takes
+//! up to 16 messages with one `recvmmsg` and writes each, as received, to
+//! the TUN. So every byte is copied four times (TUN read, UDP send, UDP
+//! receive, TUN write) and the kernel does the rest, as for the backend;
+//! nothing is cut, no header or checksum is written, nothing is merged, no
+//! peer is looked up, no TTL decremented.
+//!
+//! This only works because a GSO train sent over a veth arrives whole, as
+//! one message, at a socket with UDP GRO on: the segments are not IPv4
+//! packets and nothing else could read them. It is a measuring device, not
+//! a data path (not wire-compatible with anything).
+
+use std::net::Ipv4Addr;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use flanneld_rs::udp::sock::UdpSocket;
+use flanneld_rs::udp::tun::{self, TunOptions};
+use netns_fixtures::Netns;
+
+/// Largest UDP payload of one message (the train as a whole).
+const MAX_MSG: usize = 65_507;
+/// UDP payload per segment: an underlay MTU of 1500 less 28.
+const SEGMENT: u16 = 1472;
+/// Reads per round, messages per `recvmmsg`.
+const BATCH: usize = 16;
+/// Send what was read once this much is queued (as the backend does).
+const FLUSH_BYTES: usize = 64 * 1024;
+const BUF: usize = 65_536 + 64;
+
+/// The relay's threads on both nodes; stopped on drop.
+pub struct BareRelay {
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+    tids: Arc<Mutex<Vec<i32>>>,
+    /// Reads too long for one UDP message (dropped), and writes the TUN
+    /// refused: both should stay 0.
+    pub dropped: Arc<AtomicU64>,
+}
+
+impl BareRelay {
+    /// Starts the relay between two nodes: on node `i` (namespace `ns[i]`,
+    /// underlay address `underlay[i]`) a TUN `dev` of MTU `mtu` holding
+    /// 10.`net`.(i+1).0/32 with a route to 10.`net`.0.0/16, `queues`
+    /// threads, UDP port `port`.
+    pub fn start(
+        ns: [&Netns; 2],
+        underlay: [Ipv4Addr; 2],
+        dev: &str,
+        net: u8,
+        mtu: u32,
+        port: u16,
+        queues: usize,
+    ) -> BareRelay {
+        let stop = Arc::new(AtomicBool::new(false));
+        let tids: Arc<Mutex<Vec<i32>>> = Arc::default();
+        let dropped = Arc::new(AtomicU64::new(0));
+        let mut threads = Vec::new();
+        for i in 0..2 {
+            let opts = TunOptions { multi_queue: true, offload: true };
+            let (qs, socks) = ns[i].in_thread(|| {
+                let qs: Vec<OwnedFd> =
+                    (0..queues).map(|_| tun::open_queue(dev, opts).expect("open a queue of the floor's TUN")).collect();
+                let socks: Vec<UdpSocket> = (0..queues)
+                    .map(|_| {
+                        let s = UdpSocket::bind(underlay[i], port).expect("bind the floor's socket");
+                        assert!(s.enable_gro(), "the floor needs UDP GRO");
+                        s
+                    })
+                    .collect();
+                (qs, socks)
+            });
+            ns[i].run_ok("ip", &["link", "set", dev, "mtu", &mtu.to_string(), "up"]);
+            ns[i].run_ok("ip", &["addr", "add", &format!("10.{net}.{}.0/32", i + 1), "dev", dev]);
+            ns[i].run_ok("ip", &["route", "add", &format!("10.{net}.0.0/16"), "dev", dev]);
+            let peer = u32::from(underlay[1 - i]);
+            for (q, s) in qs.into_iter().zip(socks) {
+                let (stop, tids, dropped) = (stop.clone(), tids.clone(), dropped.clone());
+                threads.push(std::thread::spawn(move || {
+                    // SAFETY: gettid has no preconditions.
+                    tids.lock().unwrap().push(unsafe { libc::gettid() });
+                    Worker::new(q, s, peer, port).run(&stop, &dropped);
+                }));
+            }
+        }
+        BareRelay { stop, threads, tids, dropped }
+    }
+
+    /// The threads' kernel ids.
+    pub fn thread_ids(&self) -> Vec<i32> {
+        self.tids.lock().unwrap().clone()
+    }
+}
+
+impl Drop for BareRelay {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+struct Worker {
+    tun: OwnedFd,
+    sock: UdpSocket,
+    peer: libc::sockaddr_in,
+    tx_bufs: Vec<Box<[u8]>>,
+    tx_lens: [usize; BATCH],
+    rx_bufs: Vec<Box<[u8]>>,
+    cmsg: [[u64; 4]; BATCH],
+}
+
+impl Worker {
+    fn new(tun: OwnedFd, sock: UdpSocket, peer: u32, port: u16) -> Worker {
+        let peer = libc::sockaddr_in {
+            sin_family: libc::AF_INET as libc::sa_family_t,
+            sin_port: port.to_be(),
+            sin_addr: libc::in_addr { s_addr: peer.to_be() },
+            sin_zero: [0; 8],
+        };
+        let buf = || vec![0u8; BUF].into_boxed_slice();
+        Worker {
+            tun,
+            sock,
+            peer,
+            tx_bufs: (0..BATCH).map(|_| buf()).collect(),
+            tx_lens: [0; BATCH],
+            rx_bufs: (0..BATCH).map(|_| buf()).collect(),
+            cmsg: [[0; 4]; BATCH],
+        }
+    }
+
+    fn run(mut self, stop: &AtomicBool, dropped: &AtomicU64) {
+        let (tun, sock) = (self.tun.as_raw_fd(), self.sock.raw());
+        while !stop.load(Ordering::Relaxed) {
+            let mut fds = [
+                libc::pollfd { fd: tun, events: libc::POLLIN, revents: 0 },
+                libc::pollfd { fd: sock, events: libc::POLLIN, revents: 0 },
+            ];
+            // SAFETY: two valid pollfd entries. The timeout is how often
+            // the stop flag is looked at when idle.
+            if unsafe { libc::poll(fds.as_mut_ptr(), 2, 100) } <= 0 {
+                continue;
+            }
+            for _ in 0..256 {
+                let tx = self.tun_to_udp(dropped);
+                let rx = self.udp_to_tun(dropped);
+                if !tx && !rx {
+                    break;
+                }
+            }
+        }
+    }
+
+    fn tun_to_udp(&mut self, dropped: &AtomicU64) -> bool {
+        let tun = self.tun.as_raw_fd();
+        let (mut n, mut bytes) = (0, 0);
+        while n < BATCH && bytes < FLUSH_BYTES {
+            let buf = &mut self.tx_bufs[n];
+            // SAFETY: reads into our own buffer, within its length.
+            let len = unsafe { libc::read(tun, buf.as_mut_ptr().cast(), buf.len()) };
+            if len <= 0 {
+                break;
+            }
+            let len = len as usize;
+            if len > MAX_MSG {
+                dropped.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            self.tx_lens[n] = len;
+            bytes += len;
+            n += 1;
+        }
+        if n == 0 {
+            return false;
+        }
+        // SAFETY: plain data for which all-zero is valid.
+        let mut iov: [libc::iovec; BATCH] = unsafe { std::mem::zeroed() };
+        // SAFETY: as above.
+        let mut msgs: [libc::mmsghdr; BATCH] = unsafe { std::mem::zeroed() };
+        for k in 0..n {
+            iov[k] = libc::iovec { iov_base: self.tx_bufs[k].as_mut_ptr().cast(), iov_len: self.tx_lens[k] };
+            let h = &mut msgs[k].msg_hdr;
+            h.msg_name = (&mut self.peer as *mut libc::sockaddr_in).cast();
+            h.msg_namelen = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+            h.msg_iov = &mut iov[k];
+            h.msg_iovlen = 1;
+            if self.tx_lens[k] > usize::from(SEGMENT) {
+                let buf = self.cmsg[k].as_mut_ptr() as *mut u8;
+                // SAFETY: room for CMSG_SPACE(2) (24 of 32 bytes), 8-aligned.
+                unsafe {
+                    let c = buf as *mut libc::cmsghdr;
+                    (*c).cmsg_level = libc::SOL_UDP;
+                    (*c).cmsg_type = libc::UDP_SEGMENT;
+                    (*c).cmsg_len = libc::CMSG_LEN(2) as _;
+                    std::ptr::write_unaligned(libc::CMSG_DATA(c) as *mut u16, SEGMENT);
+                    h.msg_control = buf.cast();
+                    h.msg_controllen = libc::CMSG_SPACE(2) as _;
+                }
+            }
+        }
+        let mut done = 0;
+        while done < n {
+            // SAFETY: msgs[done..n] point at live buffers of this worker.
+            let rc = unsafe { libc::sendmmsg(self.sock.raw(), msgs[done..].as_mut_ptr(), (n - done) as u32, 0) };
+            if rc <= 0 {
+                dropped.fetch_add(1, Ordering::Relaxed);
+                done += 1;
+            } else {
+                done += rc as usize;
+            }
+        }
+        true
+    }
+
+    fn udp_to_tun(&mut self, dropped: &AtomicU64) -> bool {
+        // SAFETY: as above.
+        let mut iov: [libc::iovec; BATCH] = unsafe { std::mem::zeroed() };
+        // SAFETY: as above.
+        let mut msgs: [libc::mmsghdr; BATCH] = unsafe { std::mem::zeroed() };
+        for k in 0..BATCH {
+            iov[k] = libc::iovec { iov_base: self.rx_bufs[k].as_mut_ptr().cast(), iov_len: BUF };
+            msgs[k].msg_hdr.msg_iov = &mut iov[k];
+            msgs[k].msg_hdr.msg_iovlen = 1;
+        }
+        // SAFETY: every message points into this worker's buffers.
+        let rc = unsafe {
+            libc::recvmmsg(self.sock.raw(), msgs.as_mut_ptr(), BATCH as u32, libc::MSG_DONTWAIT, std::ptr::null_mut())
+        };
+        if rc <= 0 {
+            return false;
+        }
+        for (k, m) in msgs.iter().enumerate().take(rc as usize) {
+            // SAFETY: writes bytes the kernel just put in our buffer.
+            let w = unsafe { libc::write(self.tun.as_raw_fd(), self.rx_bufs[k].as_ptr().cast(), m.msg_len as usize) };
+            if w < 0 {
+                dropped.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        true
+    }
+}
