@@ -295,7 +295,7 @@ fn start_by_hand(c: &Cluster, i: usize, tuning: WgTuning) -> WgDataPath {
     dp.set_peers(&[(
         format!("10.248.{}.0/24", peer + 1).parse().unwrap(),
         TunnelPeer {
-            ip: underlay(peer),
+            ip: underlay(peer).into(),
             wireguard: Some(WireguardPeer { public_key: public_of(&secret(peer)), port: BY_HAND_PORT }),
         },
     )]);

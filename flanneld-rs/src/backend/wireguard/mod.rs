@@ -1,6 +1,12 @@
 //! flannel's `wireguard` backend: pod traffic between nodes encrypted with
-//! WireGuard, wire-compatible with flannel's (same device name
-//! `flannel-wg`, key file, ports and lease data).
+//! WireGuard, wire-compatible with flannel's (same device names
+//! `flannel-wg` and, for IPv6, `flannel-wg-v6`, key file, ports and lease
+//! data).
+//!
+//! As flannel's default `Mode` `separate`, each family has its own device,
+//! port (`ListenPort`, `ListenPortV6`), lease data (`BackendData`,
+//! `BackendV6Data`) and underlay: IPv4 pods over IPv4, IPv6 pods over IPv6.
+//! Both devices use the one key file.
 //!
 //! flannel creates a kernel WireGuard device. This slice runs the protocol
 //! in user space instead (the kernels here have no WireGuard module): a TUN
@@ -17,20 +23,23 @@ pub mod datapath;
 pub mod kernel;
 pub mod keys;
 
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 
 use flannel_net::netlink::{Route, Scope};
-use ipnet::{IpNet, Ipv4Net};
+use ipnet::IpNet;
 
 use crate::config::WireguardConfig;
 use crate::iface::ExtIface;
-use crate::lease::{FamilyLease, WireguardData};
+use crate::lease::{Family, FamilyLease, WireguardData};
 use crate::reconcile::plan::TunSpec;
 
 use super::{TunnelPeer, WireguardPeer};
 
 /// flannel's IPv4 device name.
 pub const DEVICE_NAME: &str = "flannel-wg";
+
+/// flannel's IPv6 device name (Mode `separate`).
+pub const DEVICE_NAME_V6: &str = "flannel-wg-v6";
 
 /// flannel's MTU accounting: the device gets the underlay's (or the
 /// configured `MTU`) minus 80 bytes (outer IPv6 40 + UDP 8 + WireGuard 32,
@@ -40,11 +49,13 @@ pub const OVERHEAD: u32 = 80;
 /// The wireguard backend's device, keys and options.
 #[derive(Clone, PartialEq, Eq)]
 pub struct WireguardSpec {
-    /// The device, `flannel-wg`.
+    /// The device, `flannel-wg` or `flannel-wg-v6`.
     pub name: String,
+    /// The family it carries, inside and outside.
+    pub family: Family,
     /// The underlay interface's index.
     pub dev: u32,
-    /// Our UDP port (`ListenPort`), advertised in our lease.
+    /// Our UDP port (`ListenPort`, `ListenPortV6`), advertised in our lease.
     pub port: u16,
     /// The device's MTU.
     pub mtu: u32,
@@ -63,6 +74,7 @@ impl std::fmt::Debug for WireguardSpec {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("WireguardSpec")
             .field("name", &self.name)
+            .field("family", &self.family)
             .field("dev", &self.dev)
             .field("port", &self.port)
             .field("mtu", &self.mtu)
@@ -85,7 +97,7 @@ impl WireguardSpec {
     }
 
     /// The data path's configuration for our lease.
-    pub fn data_path_config(&self, subnet: Ipv4Net, network: Ipv4Net) -> datapath::WgConfig {
+    pub fn data_path_config(&self, subnet: IpNet, network: IpNet) -> datapath::WgConfig {
         datapath::WgConfig {
             tun_name: self.name.clone(),
             subnet,
@@ -99,11 +111,12 @@ impl WireguardSpec {
     }
 }
 
-/// The wireguard backend on `ext` with options `cfg`, its private key from
-/// the key file (created on first use). The file is read off the async
-/// workers (`block_in_place`: the daemon calls this at start and when the
-/// underlay changes, from its multi-threaded runtime).
-pub fn spec(cfg: &WireguardConfig, ext: &ExtIface) -> anyhow::Result<WireguardSpec> {
+/// The wireguard backend of `family` on `ext` with options `cfg`, its
+/// private key from the key file (created on first use; both families use
+/// it, as in flannel). The file is read off the async workers
+/// (`block_in_place`: the daemon calls this at start and when the underlay
+/// changes, from its multi-threaded runtime).
+pub fn spec(cfg: &WireguardConfig, ext: &ExtIface, family: Family) -> anyhow::Result<WireguardSpec> {
     let underlay = cfg.mtu.unwrap_or(ext.mtu);
     if underlay < 68 + OVERHEAD {
         anyhow::bail!(
@@ -114,10 +127,15 @@ pub fn spec(cfg: &WireguardConfig, ext: &ExtIface) -> anyhow::Result<WireguardSp
         );
     }
     let (private_key, public_key) = tokio::task::block_in_place(|| keys::load_or_create(&keys::key_file()))?;
+    let (name, port) = match family {
+        Family::V4 => (DEVICE_NAME, cfg.listen_port),
+        Family::V6 => (DEVICE_NAME_V6, cfg.listen_port_v6),
+    };
     Ok(WireguardSpec {
-        name: DEVICE_NAME.into(),
+        name: name.into(),
+        family,
         dev: ext.index,
-        port: cfg.listen_port,
+        port,
         mtu: underlay - OVERHEAD,
         private_key,
         public_key,
@@ -126,28 +144,29 @@ pub fn spec(cfg: &WireguardConfig, ext: &ExtIface) -> anyhow::Result<WireguardSp
     })
 }
 
-/// A peer for the data path: its public IP, the port its lease gives (our
-/// own `port` when it gives none, as flannel reads a v0.20.2 lease) and its
-/// public key.
+/// A peer for the data path of the lease part's family: its public IP of
+/// that family (`PublicIP`, `PublicIPv6`), the port its lease gives (our
+/// own `port` of that family when it gives none, as flannel reads a v0.20.2
+/// lease) and its public key (`BackendData`, `BackendV6Data`).
 pub fn peer(own_port: u16, l: &FamilyLease) -> Result<TunnelPeer, String> {
-    let Some(std::net::IpAddr::V4(ip)) = l.public_ip else {
-        return Err("the wireguard backend carries IPv4 only so far".into());
+    let (ip_key, data_key) = match l.family {
+        Family::V4 => ("PublicIP", "BackendData"),
+        Family::V6 => ("PublicIPv6", "BackendV6Data"),
+    };
+    let ip = match (l.family, l.public_ip) {
+        (Family::V4, Some(ip @ IpAddr::V4(_))) | (Family::V6, Some(ip @ IpAddr::V6(_))) => ip,
+        _ => return Err(format!("the lease has no {ip_key}")),
     };
     let Some(w) = l.wireguard else {
-        return Err("BackendData has no PublicKey".into());
+        return Err(format!("{data_key} has no PublicKey"));
     };
     Ok(TunnelPeer { ip, wireguard: Some(WireguardPeer { public_key: w.public_key, port: w.port.unwrap_or(own_port) }) })
 }
 
-/// The whole Network into the device, scope link, as flannel's wireguard
-/// backend adds it.
-pub fn network_route(network: Ipv4Net) -> Route {
-    Route { dst: IpNet::V4(network), gateway: None, oif: None, onlink: false, scope: Scope::Link }
-}
-
-/// Our device's address: `<subnet>.0/32`, as flannel gives it.
-pub fn device_addr(subnet: Ipv4Net) -> Ipv4Addr {
-    subnet.network()
+/// The family's whole Network into the device, scope link, as flannel's
+/// wireguard backend adds it.
+pub fn network_route(network: IpNet) -> Route {
+    Route { dst: network, gateway: None, oif: None, onlink: false, scope: Scope::Link }
 }
 
 /// Starts the wireguard data path for our lease: flannel's kernel device
@@ -156,8 +175,8 @@ pub fn device_addr(subnet: Ipv4Net) -> Ipv4Addr {
 /// gets flannel's address, MTU and route through the same plan.
 pub fn start_data_path(
     w: &WireguardSpec,
-    subnet: Ipv4Net,
-    network: Ipv4Net,
+    subnet: IpNet,
+    network: IpNet,
     metrics: &crate::health::Metrics,
 ) -> anyhow::Result<Box<dyn super::DataPath>> {
     static FALLBACK_LOGGED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
