@@ -210,9 +210,20 @@ async fn run_with(opts: &Opts, json_out: bool, mut store: impl LeaseStore) -> an
             });
         }
     }
-    if let Some(Backend::Wireguard(spec)) = &backend {
+    let wireguard: Vec<&crate::backend::WireguardSpec> = [&backend, &backend6]
+        .into_iter()
+        .filter_map(|b| match b {
+            Some(Backend::Wireguard(w)) => Some(w),
+            _ => None,
+        })
+        .collect();
+    for spec in &wireguard {
         let kind = nl.link_by_name(&spec.name).await?.and_then(|l| l.kind);
-        if udp_listening(std::net::Ipv4Addr::UNSPECIFIED, spec.port) {
+        let listening = match spec.family {
+            Family::V4 => udp_listening(std::net::Ipv4Addr::UNSPECIFIED, spec.port),
+            Family::V6 => udp6_listening(spec.port),
+        };
+        if listening {
             let what = if kind.as_deref() == Some("wireguard") {
                 format!(
                     "wireguard: the kernel path runs ({} is a kernel WireGuard device, UDP port {} is bound)",
@@ -236,8 +247,10 @@ async fn run_with(opts: &Opts, json_out: bool, mut store: impl LeaseStore) -> an
                 fix: "start flanneld-rs (or look in its log for why the data path stopped)".into(),
             });
         }
-        // The running daemon's count of failing handshakes per peer, from
-        // its /metrics (when it serves them).
+    }
+    if !wireguard.is_empty() {
+        // The running daemon's count of failing handshakes per peer (of
+        // either family), from its /metrics (when it serves them).
         if opts.healthz_port != 0 {
             match failing_handshakes(&opts.healthz_ip, opts.healthz_port).await {
                 Ok(failing) => {
@@ -392,6 +405,14 @@ fn udp_listening(ip: std::net::Ipv4Addr, port: u16) -> bool {
     // the port big-endian hex.
     let want = [format!("{:08X}:{port:04X}", u32::from_ne_bytes(ip.octets())), format!("00000000:{port:04X}")];
     table.lines().skip(1).filter_map(|l| l.split_whitespace().nth(1)).any(|local| want.iter().any(|w| w == local))
+}
+
+/// Whether an IPv6 socket in this network namespace is bound to the
+/// wildcard address and `port`, from `/proc/net/udp6`.
+fn udp6_listening(port: u16) -> bool {
+    let Ok(table) = std::fs::read_to_string("/proc/net/udp6") else { return false };
+    let want = format!("{}:{port:04X}", "0".repeat(32));
+    table.lines().skip(1).filter_map(|l| l.split_whitespace().nth(1)).any(|local| local == want)
 }
 
 fn report(findings: &[Finding], json_out: bool) -> anyhow::Result<bool> {

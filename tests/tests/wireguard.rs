@@ -1097,6 +1097,7 @@ fn wireguard_ipv6_only_cluster_runs_flannel_wg_v6_alone() {
     assert!(v4 == 0 && v6 > 0, "WireGuard datagrams seen: {v4} over IPv4, {v6} over IPv6 in {} frames", frames.len());
     let (ok, report) = ko.o.diagnose(0, &[]);
     assert!(ok, "{report}");
+    assert!(report.to_string().contains("flannel-wg-v6 is a TUN device, UDP port 51900 is bound"), "{report}");
 }
 
 /// Runs node `i`'s daemon (etcd mode) until it exits, at most 30 s: its
