@@ -519,6 +519,11 @@ impl WireguardGo {
     /// tmpfs on /run (= /var/run, where its control sockets go: namespaces
     /// share the host's /run, and other nodes may run one too).
     fn start(ns: &Netns, log: &std::path::Path) -> WireguardGo {
+        Self::start_named(ns, log, "flannel-wg")
+    }
+
+    /// [`WireguardGo::start`] for device `name` (`flannel-wg-v6`).
+    fn start_named(ns: &Netns, log: &std::path::Path, name: &str) -> WireguardGo {
         let log_file = std::fs::File::create(log).unwrap();
         let child = ns
             .command("unshare")
@@ -528,7 +533,7 @@ impl WireguardGo {
                 "private",
                 "sh",
                 "-c",
-                "mount -t tmpfs -o mode=0755 flt-wg-run /run && exec wireguard-go --foreground flannel-wg",
+                &format!("mount -t tmpfs -o mode=0755 flt-wg-run /run && exec wireguard-go --foreground {name}"),
             ])
             // It refuses to start where the kernel could have the module
             // unless told.
@@ -542,8 +547,8 @@ impl WireguardGo {
         // unshare(1) execs sh, which execs wireguard-go: one process.
         let pid = child.id().to_string();
         let wg = WireguardGo { proc: e2e_tests::overlay::Proc(Some(child)), pid };
-        wait_until(Duration::from_secs(10), "wireguard-go's flannel-wg and control socket", || {
-            wg.try_wg(&["show", "flannel-wg"]).is_ok()
+        wait_until(Duration::from_secs(10), &format!("wireguard-go's {name} and control socket"), || {
+            wg.try_wg(&["show", name]).is_ok()
         });
         wg
     }
@@ -1162,4 +1167,155 @@ fn wireguard_ipv6_options_out_of_range_or_not_built_are_refused_by_name() {
         assert!(!links.contains("flannel-wg"), "{conf}: {links}");
         assert!(!o.dir.path().join("subnet0.env").exists(), "{conf}");
     }
+}
+
+/// The IPv6 device's interoperability: a dual-stack node 2 whose two
+/// devices are Debian's `wireguard-go` (`flannel-wg` and `flannel-wg-v6`,
+/// each its own process), set up with `wg` and `ip` as flannel v0.20.2
+/// sets up its kernel devices (Mode separate: `ListenPortV6` 51821 for
+/// the IPv6 one, `<IPv6 subnet>::/128`, the IPv6 network routed in, peers
+/// at `[PublicIPv6]:51821` with allowed-ips their IPv6 subnet), its lease as
+/// v0.20.2 writes it (no `Port` in either data: flanneld-rs nodes take
+/// their own ports). Pods talk TCP both ways over IPv4 and IPv6; node 2's
+/// underlay carries WireGuard only; `wg show flannel-wg-v6` reports a
+/// handshake and bytes both ways with each flanneld-rs node.
+#[test]
+fn wireguard_v6_interoperates_with_wireguard_go_configured_as_flannel_does() {
+    if !require_root() {
+        return;
+    }
+    for tool in ["wireguard-go", "wg", "unshare", "nsenter"] {
+        let found = std::process::Command::new("sh").args(["-c", &format!("command -v {tool}")]).output().unwrap();
+        if !found.status.success() {
+            netns_fixtures::skip_or_fail(&format!(
+                "{tool} not installed (apt-get install wireguard-go wireguard-tools)"
+            ));
+            return;
+        }
+    }
+    let mut o = Overlay::dual_stack(3, WG_DUAL);
+    with_keys_and_metrics(&mut o);
+    let dir = o.dir.path().join("node2");
+    std::fs::create_dir_all(&dir).unwrap();
+    let ns2 = &o.cluster.node(2).ns;
+    ns2.sysctl("net.ipv6.conf.all.forwarding", "1").unwrap();
+
+    // Node 2's key file (one for both devices, as flannel), the PSK.
+    let genkey = ns2.run_ok("wg", &["genkey"]);
+    let private = genkey.trim();
+    let key_path = dir.join("wgkey");
+    std::fs::write(&key_path, private).unwrap();
+    std::fs::set_permissions(&key_path, std::fs::Permissions::from_mode(0o400)).unwrap();
+    let public = flanneld_rs::config::encode_key(&flanneld_rs::backend::wireguard::keys::public_of(
+        &flanneld_rs::config::decode_key(private).unwrap(),
+    ));
+    let conf: serde_json::Value = serde_json::from_str(WG_DUAL).unwrap();
+    let psk_path = dir.join("psk");
+    std::fs::write(&psk_path, conf["Backend"]["PSK"].as_str().unwrap()).unwrap();
+
+    // Its dual-stack lease as flannel v0.20.2 writes it.
+    let (subnet2, subnet2_6) = ("10.244.200.0/24", "2001:db8:10:c8::/64");
+    let node2_ip6 = e2e_tests::mixed::node_ipv6(2);
+    let grant = etcdctl_ok(o.outside(), &["lease", "grant", "86400"]);
+    let lease_id = grant.split_whitespace().nth(1).unwrap().to_string();
+    let lease2 = format!(
+        r#"{{"PublicIP":"192.0.2.12","PublicIPv6":"{node2_ip6}","BackendType":"wireguard","BackendData":{{"PublicKey":"{public}"}},"BackendV6Data":{{"PublicKey":"{public}"}}}}"#
+    );
+    let key2 = "/coreos.com/network/subnets/10.244.200.0-24&2001:db8:10:c8::-64";
+    etcdctl_ok(o.outside(), &["put", "--lease", &lease_id, key2, &lease2]);
+
+    // Both devices as flannel makes them.
+    let wg4 = WireguardGo::start_named(ns2, &dir.join("wireguard-go.log"), "flannel-wg");
+    let wg6 = WireguardGo::start_named(ns2, &dir.join("wireguard-go-v6.log"), "flannel-wg-v6");
+    wg4.wg(&["set", "flannel-wg", "listen-port", "51820", "private-key", key_path.to_str().unwrap()]);
+    wg6.wg(&["set", "flannel-wg-v6", "listen-port", "51821", "private-key", key_path.to_str().unwrap()]);
+    for (dev, addr, network) in [
+        ("flannel-wg", "10.244.200.0/32", "10.244.0.0/16"),
+        ("flannel-wg-v6", "2001:db8:10:c8::/128", "2001:db8:10::/56"),
+    ] {
+        ns2.run_ok("ip", &["link", "set", dev, "mtu", "1420"]);
+        ns2.run_ok("ip", &["addr", "add", addr, "dev", dev]);
+        ns2.run_ok("ip", &["link", "set", dev, "up"]);
+        ns2.run_ok("ip", &["route", "add", network, "dev", dev, "scope", "link"]);
+    }
+    std::fs::write(
+        &o.daemons[2].subnet_file,
+        "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.200.1/24\nFLANNEL_IPV6_NETWORK=2001:db8:10::/56\n\
+         FLANNEL_IPV6_SUBNET=2001:db8:10:c8::1/64\nFLANNEL_MTU=1420\nFLANNEL_IPMASQ=false\n",
+    )
+    .unwrap();
+
+    o.start(0);
+    o.start(1);
+    let ns2 = &o.cluster.node(2).ns;
+    for i in 0..2 {
+        wait_until(Duration::from_secs(10), &format!("node{i}'s peer tables with both others"), || {
+            sample(&o, i, "flannel_peers") == 2.0 && sample(&o, i, "flannel_peers_ipv6") == 2.0
+        });
+        // A v0.20.2 lease gives no port: our own of each family.
+        let log = o.log(i);
+        assert!(log.contains(&format!("peer {subnet2} at 192.0.2.12:51820")), "node{i}:\n{log}");
+        assert!(log.contains(&format!("peer {subnet2_6} at [{node2_ip6}]:51821")), "node{i}:\n{log}");
+    }
+    // One peer per other lease and device, as flannel's addPeer.
+    let all = e2e_tests::overlay::leases(o.outside());
+    for i in 0..2 {
+        let lease = &all[&o.lease_key(i)];
+        let s6 = o.subnet6(i).unwrap().to_string();
+        let s4 = o.subnet(i).to_string();
+        for (wg, dev, data, endpoint, allowed) in [
+            (&wg4, "flannel-wg", "BackendData", format!("{}:51820", lease["PublicIP"].as_str().unwrap()), &s4),
+            (&wg6, "flannel-wg-v6", "BackendV6Data", format!("[{}]:51821", lease["PublicIPv6"].as_str().unwrap()), &s6),
+        ] {
+            wg.wg(&[
+                "set",
+                dev,
+                "peer",
+                lease[data]["PublicKey"].as_str().unwrap(),
+                "preshared-key",
+                psk_path.to_str().unwrap(),
+                "endpoint",
+                &endpoint,
+                "persistent-keepalive",
+                "5",
+                "allowed-ips",
+                allowed,
+            ]);
+        }
+    }
+
+    let capture = Capture::start(ns2, "eth0");
+    let pods: Vec<(Netns, Vec<std::net::IpAddr>)> = (0..3)
+        .map(|i| {
+            let (ns, v4, v6) = o.add_dual_pod(i, &format!("h{i}"));
+            (ns, vec![v4.into(), v6.into()])
+        })
+        .collect();
+    let s26: ipnet::IpNet = subnet2_6.parse().unwrap();
+    assert!(pods[2].1[1].is_ipv6() && s26.contains(&pods[2].1[1]), "node 2's pod got {:?}", pods[2].1);
+    let refs: Vec<(&Netns, Vec<std::net::IpAddr>)> = pods.iter().map(|(ns, a)| (ns, a.clone())).collect();
+    e2e_tests::all_pods_talk_ips(&refs, 8600);
+    let frames = capture.finish();
+    let pod_addrs: Vec<std::net::IpAddr> = pods.iter().flat_map(|(_, a)| a.clone()).collect();
+    let node_ips: Vec<std::net::IpAddr> = (0..3)
+        .flat_map(|i| [std::net::IpAddr::from(o.cluster.node(i).underlay_ip), e2e_tests::mixed::node_ipv6(i).into()])
+        .collect();
+    let (v4, v6) = only_wireguard_ips(&frames, &pod_addrs, &node_ips, 51820, 51821);
+    assert!(v4 > 0 && v6 > 0, "WireGuard datagrams on node 2's underlay: {v4} over IPv4, {v6} over IPv6");
+
+    // wireguard-go's view of its IPv6 device: a handshake with each
+    // flanneld-rs node and bytes both ways.
+    let handshakes = wg6.wg(&["show", "flannel-wg-v6", "latest-handshakes"]);
+    let transfer = wg6.wg(&["show", "flannel-wg-v6", "transfer"]);
+    assert_eq!(handshakes.lines().count(), 2, "{handshakes}");
+    for line in handshakes.lines() {
+        let t: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+        assert!(t > 0, "no handshake with a peer: {handshakes}");
+    }
+    for line in transfer.lines() {
+        let f: Vec<u64> = line.split_whitespace().skip(1).map(|v| v.parse().unwrap()).collect();
+        assert!(f[0] > 0 && f[1] > 0, "no traffic both ways with a peer: {transfer}");
+    }
+    drop(wg6);
+    drop(wg4);
 }
