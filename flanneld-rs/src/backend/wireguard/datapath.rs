@@ -333,10 +333,6 @@ impl WgDataPath {
             IpNet::V4(_) => (IpAddr::V4(Ipv4Addr::UNSPECIFIED), "Backend.ListenPort"),
             IpNet::V6(_) => (IpAddr::V6(Ipv6Addr::UNSPECIFIED), "Backend.ListenPortV6"),
         };
-        // The udp parts cut and merge IPv4 TCP only: the IPv6 device runs
-        // without TUN offloads (the kernel hands it plain packets).
-        let tuning =
-            if cfg.subnet.addr().is_ipv6() { Tuning { offload: false, coalesce: false, ..tuning } } else { tuning };
         let netns = NetNs::current().context("open the current network namespace")?;
         let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
         let wanted = if tuning.multi_queue { cpus } else { 1 };
@@ -1047,7 +1043,8 @@ fn outbound(pkt: &mut [u8], hdr: VnetHdr, table: &Table, out: &mut Out, sock: &U
             }
             seal(pkt);
         }
-        vnet::GSO_TCPV4 if dst.is_ipv4() => {
+        // IPv6 super-packets come on flannel-wg-v6 only (TUN_F_TSO6).
+        vnet::GSO_TCPV4 | vnet::GSO_TCPV6 if (hdr.gso_type & !vnet::GSO_ECN == vnet::GSO_TCPV6) == dst.is_ipv6() => {
             cut_in_place(pkt, usize::from(hdr.gso_size), &mut seal);
         }
         _ => {}
