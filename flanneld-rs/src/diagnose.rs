@@ -110,6 +110,19 @@ pub async fn run(opts: &Opts, json_out: bool) -> anyhow::Result<bool> {
 async fn run_with(opts: &Opts, json_out: bool, mut store: impl LeaseStore) -> anyhow::Result<bool> {
     let nl = Netlink::connect()?;
     let mut findings = Vec::new();
+    // The start-up below would create a missing WireGuard key file (and
+    // with it a public key no peer knows): diagnose only looks.
+    if let crate::config::BackendConfig::Wireguard(_) = store.network_config().await?.backend {
+        let path = crate::backend::wireguard::keys::key_file();
+        if !path.exists() {
+            findings.push(Finding {
+                kind: "missing",
+                what: format!("the WireGuard key file {} does not exist (diagnose does not create it)", path.display()),
+                fix: "start flanneld-rs: it creates the key file (mode 0400) and advertises its public key".into(),
+            });
+            return report(&findings, json_out);
+        }
+    }
     // The daemon's own start-up, up to the lease.
     let Prepared { cfg, ext, backend, backend6, .. } = start(&nl, opts, &mut store, false).await?;
     let listing = store.list(&cfg).await?;

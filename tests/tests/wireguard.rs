@@ -1369,3 +1369,22 @@ fn wireguard_v6_interoperates_with_wireguard_go_configured_as_flannel_does() {
     drop(wg6);
     drop(wg4);
 }
+
+/// `diagnose` on a node that never ran the daemon: it names the missing
+/// key file and does not create it (a key made there would be one no peer
+/// knows, and the daemon would then advertise it).
+#[test]
+fn diagnose_reports_a_missing_key_file_without_creating_it() {
+    if !require_root() {
+        return;
+    }
+    let o = overlay(1);
+    let key = key_file(&o, 0);
+    assert!(!key.exists());
+    let (ok, report) = o.diagnose(0, &[]);
+    assert!(!ok, "{report}");
+    let text = report.to_string();
+    assert!(text.contains(&format!("the WireGuard key file {} does not exist", key.display())), "{report}");
+    assert!(!key.exists(), "diagnose created {}", key.display());
+    assert!(!key.parent().unwrap().exists(), "diagnose created {}", key.parent().unwrap().display());
+}
