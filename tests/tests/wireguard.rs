@@ -1388,3 +1388,35 @@ fn diagnose_reports_a_missing_key_file_without_creating_it() {
     assert!(!key.exists(), "diagnose created {}", key.display());
     assert!(!key.parent().unwrap().exists(), "diagnose created {}", key.parent().unwrap().display());
 }
+
+/// `EnableIPv6` turned off: the `flannel-wg-v6` of an earlier dual-stack
+/// run (here a TUN of that name with its address) is named by `diagnose`
+/// and deleted at start; `flannel-wg` stays.
+#[test]
+fn wireguard_v6_device_of_an_earlier_dual_stack_run_goes_when_ipv6_is_off() {
+    if !require_root() {
+        return;
+    }
+    let mut o = overlay(2);
+    o.start_all();
+    wait_peers(&o, 2);
+    o.stop(0);
+    let ns = &o.cluster.node(0).ns;
+    for cmd in [
+        "tuntap add dev flannel-wg-v6 mode tun",
+        "-6 addr add 2001:db8:10:7::/128 dev flannel-wg-v6 nodad",
+        "link set flannel-wg-v6 up",
+    ] {
+        ns.run_ok("ip", &cmd.split(' ').collect::<Vec<_>>());
+    }
+    let (ok, report) = o.diagnose(0, &[]);
+    assert!(!ok, "{report}");
+    assert!(report.to_string().contains("device flannel-wg-v6 is an earlier backend's"), "{report}");
+    o.start(0);
+    wait_peers(&o, 2);
+    let links = o.cluster.node(0).ns.run_ok("ip", &["-o", "link", "show"]);
+    assert!(!links.contains("flannel-wg-v6") && links.contains("flannel-wg:"), "{links}");
+    assert!(o.log(0).contains("deleting flannel-wg-v6"), "{}", o.log(0));
+    let (ok, report) = o.diagnose(0, &[]);
+    assert!(ok, "{report}");
+}
