@@ -638,24 +638,26 @@ impl NetworkConfig {
             }
         };
         if let BackendConfig::Wireguard(wg) = &backend {
-            // One device carrying both families (Mode auto, ipv4, ipv6) is
-            // not built yet: refused where it would differ from separate.
-            if ipv6.is_some() && wg.mode != WireguardMode::Separate {
-                return Err(err(format!(
-                    "Backend.Mode {:?} with EnableIPv6 true: one WireGuard device carrying both families is not \
-                     implemented yet in flannel-rs; use \"separate\" (the default: flannel-wg for IPv4 over IPv4, \
-                     flannel-wg-v6 for IPv6 over IPv6)",
-                    wg.mode.name()
-                )));
-            }
-            if wg.mode == WireguardMode::Ipv6 {
+            // Peers over a family the cluster does not run cannot work
+            // (flannel would configure endpoints without an address).
+            if wg.mode == WireguardMode::Ipv6 && ipv6.is_none() {
                 return Err(err(
-                    "Backend.Mode \"ipv6\" (peers over IPv6) is not implemented yet in flannel-rs; use \"separate\" \
-                     (the default)"
+                    "Backend.Mode \"ipv6\" (peers over IPv6) needs EnableIPv6 true; use \"separate\" (the default)"
                         .into(),
                 ));
             }
-            if ipv6.is_some() && ipv4.is_some() && wg.listen_port == wg.listen_port_v6 {
+            if wg.mode == WireguardMode::Ipv4 && ipv4.is_none() {
+                return Err(err(
+                    "Backend.Mode \"ipv4\" (peers over IPv4) in an IPv6-only network (EnableIPv4 false); use \
+                     \"separate\" (the default) or \"ipv6\""
+                        .into(),
+                ));
+            }
+            if ipv6.is_some()
+                && ipv4.is_some()
+                && wg.mode == WireguardMode::Separate
+                && wg.listen_port == wg.listen_port_v6
+            {
                 // Both devices bind their port on the one host: flannel's
                 // second device would fail to come up.
                 return Err(err(format!(
@@ -949,13 +951,16 @@ mod tests {
             (wg(r#""PersistentKeepaliveInterval":65536"#), "Backend.PersistentKeepaliveInterval 65536"),
             (wg(r#""Mode":"Separate""#), "Backend.Mode \"Separate\" is not one of separate, auto, ipv4, ipv6"),
             (wg(r#""Mode":1"#), "Backend.Mode 1 is not a string"),
-            (wg(r#""Mode":"ipv6""#), "Backend.Mode \"ipv6\" (peers over IPv6) is not implemented yet"),
+            (wg(r#""Mode":"ipv6""#), "Backend.Mode \"ipv6\" (peers over IPv6) needs EnableIPv6 true"),
             (wg(r#""MTU":100"#), "Backend.MTU 100 is too small"),
             (wg(r#""psk":"","PSK":"""#), "Backend.PSK is given twice"),
             (wg(r#""ListenPortV6":70000"#), "Backend.ListenPortV6 70000 is not an integer in 0..=65535"),
             (wg(r#""ListenPortV6":0"#), "Backend.ListenPortV6 0: the port is advertised"),
-            (ds(r#""Mode":"auto""#), "Backend.Mode \"auto\" with EnableIPv6 true: one WireGuard device"),
-            (ds(r#""Mode":"ipv4""#), "Backend.Mode \"ipv4\" with EnableIPv6 true"),
+            (
+                r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"2001:db8::/56","Backend":{"Type":"wireguard","Mode":"ipv4"}}"#
+                    .to_string(),
+                "Backend.Mode \"ipv4\" (peers over IPv4) in an IPv6-only network",
+            ),
             (ds(r#""ListenPortV6":51820"#), "Backend.ListenPortV6 51820 is Backend.ListenPort's too"),
         ];
         for (text, want) in cases {

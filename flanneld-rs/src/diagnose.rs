@@ -232,9 +232,10 @@ async fn run_with(opts: &Opts, json_out: bool, mut store: impl LeaseStore) -> an
         .collect();
     for spec in &wireguard {
         let kind = nl.link_by_name(&spec.name).await?.and_then(|l| l.kind);
-        let listening = match spec.family {
-            Family::V4 => udp_listening(std::net::Ipv4Addr::UNSPECIFIED, spec.port),
-            Family::V6 => udp6_listening(spec.port),
+        // One device for both families listens on a dual-stack IPv6 socket.
+        let listening = match (spec.family, spec.one_device) {
+            (Family::V4, None) => udp_listening(std::net::Ipv4Addr::UNSPECIFIED, spec.port),
+            _ => udp6_listening(spec.port),
         };
         if listening {
             let what = if kind.as_deref() == Some("wireguard") {

@@ -1182,7 +1182,7 @@ fn run_to_exit(o: &Overlay, i: usize) -> (bool, String) {
 }
 
 #[test]
-fn wireguard_ipv6_options_out_of_range_or_not_built_are_refused_by_name() {
+fn wireguard_ipv6_options_out_of_range_or_unusable_are_refused_by_name() {
     if !require_root() {
         return;
     }
@@ -1198,8 +1198,8 @@ fn wireguard_ipv6_options_out_of_range_or_not_built_are_refused_by_name() {
             "Backend.ListenPortV6 70000 is not an integer in 0..=65535",
         ),
         (
-            WG_DUAL.replace(r#""Type":"wireguard""#, r#""Type":"wireguard","Mode":"auto""#),
-            r#"Backend.Mode "auto" with EnableIPv6 true: one WireGuard device carrying both families is not implemented yet"#,
+            r#"{"Network":"10.244.0.0/16","Backend":{"Type":"wireguard","Mode":"ipv6"}}"#.to_string(),
+            r#"Backend.Mode "ipv6" (peers over IPv6) needs EnableIPv6 true"#,
         ),
         (
             WG_DUAL.replace(r#""Type":"wireguard""#, r#""Type":"wireguard","ListenPortV6":51820"#),
@@ -1419,4 +1419,79 @@ fn wireguard_v6_device_of_an_earlier_dual_stack_run_goes_when_ipv6_is_off() {
     assert!(o.log(0).contains("deleting flannel-wg-v6"), "{}", o.log(0));
     let (ok, report) = o.diagnose(0, &[]);
     assert!(ok, "{report}");
+}
+
+/// Mode `auto` and `ipv6` in a dual-stack cluster (etcd mode), as flannel:
+/// one device `flannel-wg` on `ListenPort` with both families' addresses
+/// and networks routed into it, no `flannel-wg-v6`, one WireGuard peer per
+/// node whose allowed IPs are both its subnets, reached over IPv4 (`auto`,
+/// our TEST-NET addresses not being private) or over IPv6 (`ipv6`). TCP
+/// between every pair of pods over both families; the underlay carries
+/// only WireGuard on port 51820, over the chosen family only.
+#[test]
+fn wireguard_mode_auto_and_ipv6_run_one_device_for_both_families() {
+    if !require_root() {
+        return;
+    }
+    for (mode, over_v6) in [("auto", false), ("ipv6", true)] {
+        let conf = WG_DUAL.replace(r#""Type":"wireguard""#, &format!(r#""Type":"wireguard","Mode":"{mode}""#));
+        let mut o = Overlay::dual_stack(3, &conf);
+        with_keys_and_metrics(&mut o);
+        o.start_all();
+        wait_peers(&o, 3);
+        wait_peers6(&o, 3);
+        let all = e2e_tests::overlay::leases(o.outside());
+        for i in 0..3 {
+            let public = public_key(&o, i);
+            let v = &all[&o.lease_key(i)];
+            assert_eq!(v["BackendData"], serde_json::json!({"PublicKey": public, "Port": 51820}), "{mode}: {v}");
+            // The port the one device listens on (see the README).
+            assert_eq!(v["BackendV6Data"], serde_json::json!({"PublicKey": public, "Port": 51820}), "{mode}: {v}");
+            let links = o.cluster.node(i).ns.run_ok("ip", &["-o", "link", "show"]);
+            assert!(!links.contains("flannel-wg-v6"), "{mode}: node{i}: {links}");
+            let s6 = o.subnet6(i).unwrap();
+            assert_eq!(dev_addrs(&o, i, "-4", "flannel-wg"), (vec![format!("{}/32", o.subnet(i).network())], 1420));
+            assert_eq!(dev_addrs(&o, i, "-6", "flannel-wg"), (vec![format!("{}/128", s6.network())], 1420));
+            assert_eq!(dev_routes(&o, i, "-4", "flannel-wg"), ["10.244.0.0/16 link"], "{mode}: node{i}");
+            assert_eq!(dev_routes(&o, i, "-6", "flannel-wg"), ["2001:db8:10::/56 global"], "{mode}: node{i}");
+            // One peer per node, both subnets, at the chosen address.
+            let log = o.log(i);
+            for p in (0..3).filter(|p| *p != i) {
+                let at = if over_v6 {
+                    format!("[{}]:51820", e2e_tests::mixed::node_ipv6(p))
+                } else {
+                    format!("{}:51820", o.cluster.node(p).underlay_ip)
+                };
+                let want = format!("peer {},{} at {at}", o.subnet(p), o.subnet6(p).unwrap());
+                wait_until(Duration::from_secs(10), &format!("{mode}: node{i}'s log to say {want}"), || {
+                    o.log(i).contains(&want)
+                });
+            }
+            drop(log);
+        }
+        let capture = Capture::start(&o.cluster.node(1).ns, "eth0");
+        let pods: Vec<(Netns, Vec<std::net::IpAddr>)> = (0..3)
+            .map(|i| {
+                let (ns, v4, v6) = o.add_dual_pod(i, &format!("m{i}"));
+                (ns, vec![v4.into(), v6.into()])
+            })
+            .collect();
+        let refs: Vec<(&Netns, Vec<std::net::IpAddr>)> = pods.iter().map(|(ns, a)| (ns, a.clone())).collect();
+        e2e_tests::all_pods_talk_ips(&refs, 8700);
+        let frames = capture.finish();
+        let pod_addrs: Vec<std::net::IpAddr> = pods.iter().flat_map(|(_, a)| a.clone()).collect();
+        let node_ips: Vec<std::net::IpAddr> = (0..3)
+            .flat_map(|i| {
+                [std::net::IpAddr::from(o.cluster.node(i).underlay_ip), e2e_tests::mixed::node_ipv6(i).into()]
+            })
+            .collect();
+        let (v4, v6) = only_wireguard_ips(&frames, &pod_addrs, &node_ips, 51820, 51820);
+        if over_v6 {
+            assert!(v4 == 0 && v6 > 0, "{mode}: WireGuard datagrams: {v4} over IPv4, {v6} over IPv6");
+        } else {
+            assert!(v4 > 0 && v6 == 0, "{mode}: WireGuard datagrams: {v4} over IPv4, {v6} over IPv6");
+        }
+        let (ok, report) = o.diagnose(0, &[]);
+        assert!(ok, "{mode}: {report}");
+    }
 }

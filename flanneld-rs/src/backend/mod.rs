@@ -131,7 +131,9 @@ impl Backend {
             },
             BackendConfig::HostGw => Backend::HostGw(host_gw::spec(ext, addr, public_ip)?),
             BackendConfig::Udp { port } => Backend::Udp(udp::spec::spec(*port, ext, addr.addr())?),
-            BackendConfig::Wireguard(wg) => Backend::Wireguard(wireguard::spec(wg, ext, Family::V4)?),
+            BackendConfig::Wireguard(wg) => {
+                Backend::Wireguard(wireguard::spec(wg, ext, Family::V4, cfg.ipv6.is_some())?)
+            }
         }))
     }
 
@@ -165,7 +167,9 @@ impl Backend {
             BackendConfig::Udp { .. } => {
                 anyhow::bail!("the udp backend carries IPv4 only; EnableIPv6 needs vxlan or host-gw")
             }
-            BackendConfig::Wireguard(wg) => Ok(Some(Backend::Wireguard(wireguard::spec(wg, ext, Family::V6)?))),
+            BackendConfig::Wireguard(wg) => {
+                Ok(Some(Backend::Wireguard(wireguard::spec(wg, ext, Family::V6, cfg.ipv4.is_some())?)))
+            }
         }
     }
 

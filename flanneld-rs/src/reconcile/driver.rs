@@ -162,8 +162,12 @@ pub struct Driver<S: LeaseStore> {
     device_index: [Option<u32>; 2],
     /// Each family's user-space data path (IPv4, IPv6: wireguard's
     /// `flannel-wg` and `flannel-wg-v6`), and the peer table last given to it.
+    /// With one device for both families (wireguard's Mode auto, ipv4,
+    /// ipv6), the first family's data path carries both.
     data_path: [Option<Box<dyn DataPath>>; 2],
     data_path_peers: [Vec<(IpNet, crate::backend::TunnelPeer)>; 2],
+    /// Each family's peer table as its last reconcile wanted it.
+    tunnel_want: [Vec<(IpNet, crate::backend::TunnelPeer)>; 2],
     /// The underlay must be chosen again before the next reconcile (it
     /// changed, or the periodic check is due).
     underlay_due: bool,
@@ -190,6 +194,7 @@ impl<S: LeaseStore> Driver<S> {
             device_index: [None, None],
             data_path: [None, None],
             data_path_peers: [Vec::new(), Vec::new()],
+            tunnel_want: [Vec::new(), Vec::new()],
             underlay_due: false,
             underlay_missing: false,
             models: [None, None],
@@ -206,9 +211,24 @@ impl<S: LeaseStore> Driver<S> {
     /// the reconcile restarts it when it stops or its device goes.
     pub fn start_data_path(&mut self) -> anyhow::Result<()> {
         for family in self.node.families() {
-            self.start_data_path_of(family)?;
+            if self.data_path_owner(family) == family {
+                self.start_data_path_of(family)?;
+            }
         }
         Ok(())
+    }
+
+    /// The family whose data path carries `family`'s peers: its own, or,
+    /// when both families' backends use one device, the first family's.
+    fn data_path_owner(&self, family: Family) -> Family {
+        match (&self.node.backend, &self.node.backend6) {
+            (Some(b4), Some(b6))
+                if family == Family::V6 && b4.has_data_path() && b4.device_name() == b6.device_name() =>
+            {
+                Family::V4
+            }
+            _ => family,
+        }
     }
 
     /// Starts the data path of `family`, if its backend has one.
@@ -518,7 +538,8 @@ impl<S: LeaseStore> Driver<S> {
                 return Some((observed, ops));
             }
             let gone = ops.iter().any(|op| matches!(op, plan::Op::CreateDevice | plan::Op::RecreateDevice(_)));
-            let slot = family as usize;
+            let owner = self.data_path_owner(family);
+            let slot = owner as usize;
             let stopped = self.data_path[slot].as_ref().is_some_and(|dp| !dp.running());
             if !(gone || stopped || self.data_path[slot].is_none()) {
                 return Some((observed, ops));
@@ -530,7 +551,7 @@ impl<S: LeaseStore> Driver<S> {
                 tokio::task::block_in_place(|| drop(old));
                 self.metrics.udp.restarts.fetch_add(1, Ordering::Relaxed);
             }
-            if let Err(e) = self.start_data_path_of(family) {
+            if let Err(e) = self.start_data_path_of(owner) {
                 // Retried by the next reconcile (at the latest the periodic one).
                 error!("reconcile ({why}): start the data path: {e:#}");
                 return None;
@@ -564,16 +585,26 @@ impl<S: LeaseStore> Driver<S> {
 
     /// Hands `family`'s data path its peer table when it changed.
     fn sync_data_path(&mut self, family: Family, tunnel: &BTreeMap<IpNet, crate::backend::TunnelPeer>, why: &str) {
-        let Some(dp) = &self.data_path[family as usize] else { return };
-        let peers: Vec<_> = tunnel.iter().map(|(s, ip)| (*s, *ip)).collect();
+        self.tunnel_want[family as usize] = tunnel.iter().map(|(s, ip)| (*s, *ip)).collect();
+        let owner = self.data_path_owner(family);
+        let slot = owner as usize;
+        let Some(dp) = &self.data_path[slot] else { return };
+        // The peers of every family the data path carries.
+        let peers: Vec<_> = self
+            .node
+            .families()
+            .into_iter()
+            .filter(|f| self.data_path_owner(*f) == owner)
+            .flat_map(|f| self.tunnel_want[f as usize].iter().copied())
+            .collect();
         // A new data path starts with an empty table.
-        if peers != self.data_path_peers[family as usize] {
+        if peers != self.data_path_peers[slot] {
             info!("reconcile ({why}): {} data path peer table: {} peer(s)", family.name(), peers.len());
             // Off the async workers: the wireguard kernel path sends netlink
             // requests and waits for their answers, the user-space one
             // makes a tunnel (an X25519 agreement) per new peer.
             tokio::task::block_in_place(|| dp.set_peers(&peers));
-            self.data_path_peers[family as usize] = peers;
+            self.data_path_peers[slot] = peers;
         }
     }
 

@@ -295,6 +295,7 @@ fn start_by_hand(c: &Cluster, i: usize, tuning: WgTuning) -> WgDataPath {
         private_key: secret(i),
         psk: None,
         keepalive: 0,
+        one_device: None,
     };
     let dp = c.node(i).ns.in_thread(|| WgDataPath::start_with(cfg, Arc::new(WgCounters::default()), tuning)).unwrap();
     let peer = 1 - i;

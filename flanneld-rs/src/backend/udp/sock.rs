@@ -86,7 +86,9 @@ pub fn sockaddr_of(ip: IpAddr, port: u16) -> (libc::sockaddr_in6, libc::socklen_
 /// The address in a sockaddr of either family that the kernel wrote.
 fn address_in(sa: &libc::sockaddr_in6) -> SocketAddr {
     if i32::from(sa.sin6_family) == libc::AF_INET6 {
-        SocketAddr::new(IpAddr::V6(Ipv6Addr::from(sa.sin6_addr.s6_addr)), u16::from_be(sa.sin6_port))
+        // An IPv4 sender on a dual-stack socket comes as ::ffff:a.b.c.d.
+        let ip = Ipv6Addr::from(sa.sin6_addr.s6_addr).to_canonical();
+        SocketAddr::new(ip, u16::from_be(sa.sin6_port))
     } else {
         // SAFETY: an AF_INET address, which is a sockaddr_in at the start.
         let v4: libc::sockaddr_in = unsafe { std::ptr::read_unaligned((sa as *const libc::sockaddr_in6).cast()) };
@@ -110,6 +112,17 @@ impl UdpSocket {
 
     /// [`UdpSocket::bind`] for either family; an IPv6 socket is IPv6 only.
     pub fn bind_ip(addr: IpAddr, port: u16) -> io::Result<UdpSocket> {
+        Self::bind_with(addr, port, true)
+    }
+
+    /// An IPv6 socket on every address of both families (`IPV6_V6ONLY`
+    /// off): it takes IPv4 destinations as they are, and IPv4 senders
+    /// arrive as IPv4 addresses ([`Received::from`]).
+    pub fn bind_dual(port: u16) -> io::Result<UdpSocket> {
+        Self::bind_with(IpAddr::V6(Ipv6Addr::UNSPECIFIED), port, false)
+    }
+
+    fn bind_with(addr: IpAddr, port: u16, v6only: bool) -> io::Result<UdpSocket> {
         let domain = if addr.is_ipv6() { libc::AF_INET6 } else { libc::AF_INET };
         // SAFETY: plain socket(2) call.
         let raw = unsafe { libc::socket(domain, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
@@ -120,7 +133,7 @@ impl UdpSocket {
         let fd = unsafe { OwnedFd::from_raw_fd(raw) };
         setsockopt_int(raw, libc::SOL_SOCKET, libc::SO_REUSEPORT, 1)?;
         if addr.is_ipv6() {
-            setsockopt_int(raw, libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, 1)?;
+            setsockopt_int(raw, libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, v6only.into())?;
         }
         for (force, plain) in [(libc::SO_SNDBUFFORCE, libc::SO_SNDBUF), (libc::SO_RCVBUFFORCE, libc::SO_RCVBUF)] {
             // The FORCE variants ignore net.core.[rw]mem_max but need

@@ -90,6 +90,9 @@ pub struct WgConfig {
     pub psk: Option<[u8; 32]>,
     /// Persistent keepalive, seconds (0: off).
     pub keepalive: u16,
+    /// One device for both families (Mode auto, ipv4, ipv6): peers of both,
+    /// a dual-stack socket.
+    pub one_device: Option<super::OneDevice>,
 }
 
 impl std::fmt::Debug for WgConfig {
@@ -102,6 +105,7 @@ impl std::fmt::Debug for WgConfig {
             .field("port", &self.port)
             .field("psk", &self.psk.map(|_| "(set)"))
             .field("keepalive", &self.keepalive)
+            .field("one_device", &self.one_device)
             .finish()
     }
 }
@@ -199,8 +203,8 @@ pub fn stages() -> Vec<(&'static str, Tuning)> {
 struct Peer {
     key: [u8; 32],
     tunn: Mutex<Tunn>,
-    /// Its subnet (allowed IPs).
-    subnet: RwLock<IpNet>,
+    /// Its subnets (allowed IPs): one, or one per family with one device.
+    subnets: RwLock<Vec<IpNet>>,
     /// The endpoint its lease gives.
     lease_endpoint: Mutex<SocketAddr>,
     /// Where datagrams go: the lease's, or where it last sent from.
@@ -213,8 +217,14 @@ struct Peer {
 }
 
 impl Peer {
+    /// Its first subnet, which names it in logs and metrics.
     fn subnet(&self) -> IpNet {
-        *self.subnet.read().unwrap_or_else(|p| p.into_inner())
+        self.subnets.read().unwrap_or_else(|p| p.into_inner())[0]
+    }
+
+    /// Whether `ip` is in one of its subnets.
+    fn allows(&self, ip: IpAddr) -> bool {
+        self.subnets.read().unwrap_or_else(|p| p.into_inner()).iter().any(|s| s.contains(&ip))
     }
 
     fn endpoint(&self) -> SocketAddr {
@@ -329,9 +339,10 @@ impl WgDataPath {
         if !cfg.network.contains(&cfg.subnet) {
             bail!("wireguard backend: subnet {} is not inside the Network {}", cfg.subnet, cfg.network);
         }
-        let (any, port_key) = match cfg.subnet {
-            IpNet::V4(_) => (IpAddr::V4(Ipv4Addr::UNSPECIFIED), "Backend.ListenPort"),
-            IpNet::V6(_) => (IpAddr::V6(Ipv6Addr::UNSPECIFIED), "Backend.ListenPortV6"),
+        let (any, port_key) = match (cfg.subnet, cfg.one_device) {
+            (_, Some(_)) => (IpAddr::V6(Ipv6Addr::UNSPECIFIED), "Backend.ListenPort"),
+            (IpNet::V4(_), None) => (IpAddr::V4(Ipv4Addr::UNSPECIFIED), "Backend.ListenPort"),
+            (IpNet::V6(_), None) => (IpAddr::V6(Ipv6Addr::UNSPECIFIED), "Backend.ListenPortV6"),
         };
         let netns = NetNs::current().context("open the current network namespace")?;
         let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
@@ -341,8 +352,12 @@ impl WgDataPath {
         let mut socks = Vec::with_capacity(wanted);
         for _ in 0..wanted {
             socks.push(
-                UdpSocket::bind_ip(any, cfg.port)
-                    .with_context(|| format!("wireguard backend: UDP port {} ({port_key})", cfg.port))?,
+                (if cfg.one_device.is_some() {
+                    UdpSocket::bind_dual(cfg.port)
+                } else {
+                    UdpSocket::bind_ip(any, cfg.port)
+                })
+                .with_context(|| format!("wireguard backend: UDP port {} ({port_key})", cfg.port))?,
             );
         }
         let spec = DeviceSpec {
@@ -403,45 +418,38 @@ impl WgDataPath {
     pub fn set_peers(&self, peers: &[(IpNet, TunnelPeer)]) {
         let mut next_index = self.shared.writer.lock().unwrap_or_else(|p| p.into_inner());
         let (_, old) = self.shared.cell.load();
-        let mut wanted: Vec<([u8; 32], IpNet, SocketAddr)> = Vec::new();
-        let mut seen: HashMap<[u8; 32], usize> = HashMap::new();
         let v6 = self.cfg.subnet.addr().is_ipv6();
-        for (subnet, p) in peers {
-            let Some(w) = p.wireguard else { continue };
-            // Our family only, inside and outside (the reconcile gives each
-            // family's data path its own family's leases).
-            if subnet.addr().is_ipv6() != v6 || p.ip.is_ipv6() != v6 {
-                continue;
-            }
-            let endpoint = SocketAddr::new(p.ip, w.port);
-            if let Some(&i) = seen.get(&w.public_key) {
-                warn!(
-                    "wireguard backend: peers {} and {subnet} advertise the same public key {}; using {subnet}",
-                    wanted[i].1,
-                    crate::config::encode_key(&w.public_key)
-                );
-                wanted[i] = (w.public_key, *subnet, endpoint);
-                continue;
-            }
-            seen.insert(w.public_key, wanted.len());
-            wanted.push((w.public_key, *subnet, endpoint));
-        }
+        // Our family only, inside and outside (the reconcile gives each
+        // family's data path its own family's leases), unless one device
+        // carries both.
+        let ours: Vec<(IpNet, TunnelPeer)> = peers
+            .iter()
+            .filter(|(s, p)| self.cfg.one_device.is_some() || (s.addr().is_ipv6() == v6 && p.ip.is_ipv6() == v6))
+            .copied()
+            .collect();
+        let wanted = super::group(&ours, self.cfg.one_device);
+        let seen: std::collections::HashSet<[u8; 32]> = wanted.iter().map(|g| g.key).collect();
         for p in &old.peers {
-            if !seen.contains_key(&p.key) {
+            if !seen.contains(&p.key) {
                 info!("wireguard backend: peer {} ({}) removed", p.subnet(), crate::config::encode_key(&p.key));
             }
         }
         let mut t = Table::default();
         let mut routes = Vec::with_capacity(wanted.len());
         let mut routes6 = Vec::new();
-        for (key, subnet, endpoint) in wanted {
+        for super::Grouped { key, subnets, endpoint } in wanted {
+            let names = subnets.iter().map(|s| s.to_string()).collect::<Vec<_>>().join(",");
             let peer = match old.by_key.get(&key) {
                 Some(&i) => {
                     let p = Arc::clone(&old.peers[i]);
-                    *p.subnet.write().unwrap_or_else(|e| e.into_inner()) = subnet;
+                    let changed =
+                        std::mem::replace(&mut *p.subnets.write().unwrap_or_else(|e| e.into_inner()), subnets.clone());
+                    if changed != subnets {
+                        info!("wireguard backend: peer {names} at {endpoint}, key {}", crate::config::encode_key(&key));
+                    }
                     let mut lease = p.lease_endpoint.lock().unwrap_or_else(|e| e.into_inner());
                     if *lease != endpoint {
-                        info!("wireguard backend: peer {subnet} now at {endpoint}");
+                        info!("wireguard backend: peer {names} now at {endpoint}");
                         *lease = endpoint;
                         p.set_endpoint(endpoint);
                     }
@@ -459,11 +467,11 @@ impl WgDataPath {
                         index,
                         None,
                     );
-                    info!("wireguard backend: peer {subnet} at {endpoint}, key {}", crate::config::encode_key(&key));
+                    info!("wireguard backend: peer {names} at {endpoint}, key {}", crate::config::encode_key(&key));
                     Arc::new(Peer {
                         key,
                         tunn: Mutex::new(tunn),
-                        subnet: RwLock::new(subnet),
+                        subnets: RwLock::new(subnets.clone()),
                         lease_endpoint: Mutex::new(endpoint),
                         endpoint: RwLock::new(endpoint),
                         index,
@@ -472,9 +480,11 @@ impl WgDataPath {
                 }
             };
             let pos = t.peers.len();
-            match subnet {
-                IpNet::V4(s) => routes.push((s, Ipv4Addr::from(pos as u32))),
-                IpNet::V6(s) => routes6.push((s, pos)),
+            for s in &subnets {
+                match s {
+                    IpNet::V4(s) => routes.push((*s, Ipv4Addr::from(pos as u32))),
+                    IpNet::V6(s) => routes6.push((*s, pos)),
+                }
             }
             t.by_index.insert(peer.index, pos);
             t.by_key.insert(key, pos);
@@ -837,7 +847,7 @@ impl Worker {
                             // peers' subnets are), its source inside the
                             // peer's subnet.
                             Ok((plen, source)) => {
-                                if peer.subnet().contains(&source) && plen <= self.shared.mtu {
+                                if peer.allows(source) && plen <= self.shared.mtu {
                                     self.local.rx_packets += 1;
                                     self.local.rx_bytes += plen as u64;
                                     self.inner.push(Pkt { buf: m as u16, off: off as u32, len: plen as u32 });

@@ -438,6 +438,8 @@ pub struct KernelWg {
     family: u16,
     psk: Option<[u8; 32]>,
     keepalive: u16,
+    /// One device for both families (see [`super::OneDevice`]).
+    one_device: Option<super::OneDevice>,
     peers: Mutex<Peers>,
 }
 
@@ -463,6 +465,7 @@ impl KernelWg {
             family,
             psk: spec.psk,
             keepalive: spec.keepalive,
+            one_device: spec.one_device,
             peers: Mutex::new(Peers::new()),
         })
     }
@@ -472,17 +475,18 @@ impl KernelWg {
     /// sessions, and an endpoint they roamed to, stay).
     pub fn changes(&self, have: &Peers, table: &[(IpNet, TunnelPeer)]) -> (Peers, Vec<PeerConf>) {
         let mut want = Peers::new();
-        for (subnet, p) in table {
-            let Some(w) = p.wireguard else { continue };
-            let e = want.entry(w.public_key).or_insert_with(|| PeerConf {
-                public_key: w.public_key,
-                remove: false,
-                psk: self.psk,
-                endpoint: SocketAddr::new(p.ip, w.port),
-                keepalive: self.keepalive,
-                allowed: Vec::new(),
-            });
-            e.allowed.push(*subnet);
+        for g in super::group(table, self.one_device) {
+            want.insert(
+                g.key,
+                PeerConf {
+                    public_key: g.key,
+                    remove: false,
+                    psk: self.psk,
+                    endpoint: g.endpoint,
+                    keepalive: self.keepalive,
+                    allowed: g.subnets,
+                },
+            );
         }
         let mut send: Vec<PeerConf> = want.values().filter(|p| have.get(&p.public_key) != Some(*p)).cloned().collect();
         for key in have.keys().filter(|k| !want.contains_key(*k)) {
@@ -621,7 +625,14 @@ mod tests {
         let p = attrs(attrs(top[1].1)[0].1);
         assert_eq!(p, [(1, &[3u8; 32][..]), (3, &1u32.to_ne_bytes()[..])]);
 
-        let kw = KernelWg { name: "flannel-wg".into(), family: 0x1d, psk: None, keepalive: 0, peers: Mutex::default() };
+        let kw = KernelWg {
+            name: "flannel-wg".into(),
+            family: 0x1d,
+            psk: None,
+            keepalive: 0,
+            one_device: None,
+            peers: Mutex::default(),
+        };
         let peer = |ip: [u8; 4], key: u8| TunnelPeer {
             ip: ip.into(),
             wireguard: Some(crate::backend::WireguardPeer { public_key: [key; 32], port: 51820 }),
