@@ -175,18 +175,6 @@ pub enum WireguardMode {
     Ipv6,
 }
 
-impl WireguardMode {
-    /// The name in the configuration.
-    pub fn name(self) -> &'static str {
-        match self {
-            WireguardMode::Separate => "separate",
-            WireguardMode::Auto => "auto",
-            WireguardMode::Ipv4 => "ipv4",
-            WireguardMode::Ipv6 => "ipv6",
-        }
-    }
-}
-
 /// The VXLAN backend's options.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct VxlanConfig {

@@ -14,7 +14,8 @@
 //!   initiation, by the initiator's static key (decrypted with ours); a
 //!   datagram of no known peer, or that fails authentication, is dropped
 //!   and counted. A decrypted packet is written to the TUN only when its
-//!   source is in the peer's subnet. An authenticated datagram moves the
+//!   source is in one of the peer's subnets (one; with one device for both
+//!   families, its IPv4 and IPv6 subnets). An authenticated datagram moves the
 //!   peer's endpoint to where it came from, as WireGuard specifies.
 //! - Timers: every [`TICK`] each tunnel's timers run (handshake retries
 //!   and re-keying, `PersistentKeepaliveInterval`, session expiry).
