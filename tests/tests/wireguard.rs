@@ -995,6 +995,12 @@ fn bulk_tcp(from: &Netns, to: &Netns, target: SocketAddr, len: usize) -> (usize,
     server.join().unwrap()
 }
 
+/// A link's received packets, as the kernel counts them (for a TUN: those
+/// its program wrote).
+fn rx_packets(ns: &Netns, dev: &str) -> u64 {
+    ns.ip_json(&["-s", "link", "show", "dev", dev])[0]["stats64"]["rx"]["packets"].as_u64().unwrap()
+}
+
 /// A link's transmitted packets, as the kernel counts them.
 fn tx_packets(ns: &Netns, dev: &str) -> u64 {
     ns.ip_json(&["-s", "link", "show", "dev", dev])[0]["stats64"]["tx"]["packets"].as_u64().unwrap()
@@ -1038,14 +1044,22 @@ fn wireguard_dual_stack_separate_devices_carry_each_family_encrypted() {
     assert!(k.lines().any(|l| l.trim() == "tx-tcp6-segmentation: on"), "{k}");
     let (b0, _, _) = o.add_dual_pod(0, "b0");
     let (b1, _, b1v6) = o.add_dual_pod(1, "b1");
+    let ns1 = &o.cluster.node(1).ns;
     let (dev_before, sent_before) =
         (tx_packets(ns0, "flannel-wg-v6"), sample(&o, 0, "flannel_wireguard_tx_packets_total"));
+    let (written_before, got_before) =
+        (rx_packets(ns1, "flannel-wg-v6"), sample(&o, 1, "flannel_wireguard_rx_packets_total"));
     let len = 8 << 20;
     assert_eq!(bulk_tcp(&b0, &b1, SocketAddr::new(b1v6.into(), 8150), len), (len, true));
     let dev = tx_packets(ns0, "flannel-wg-v6") - dev_before;
     let sent = sample(&o, 0, "flannel_wireguard_tx_packets_total") - sent_before;
     assert!(sent as u64 >= (len / 1400) as u64, "{sent} packets sent for {len} bytes");
     assert!(dev * 3 < sent as u64, "the device got {dev} packets from the kernel, the data path sent {sent}");
+    // And the receive side merges them back: node 1's data path writes far
+    // fewer (super-)packets to flannel-wg-v6 than it decrypts.
+    let written = rx_packets(ns1, "flannel-wg-v6") - written_before;
+    let got = sample(&o, 1, "flannel_wireguard_rx_packets_total") - got_before;
+    assert!(written * 3 < got as u64, "node 1 wrote {written} packets to the device for {got} decrypted");
 
     // A datagram to the IPv6 port from no peer is dropped and counted.
     let rogue = o.outside().in_thread(|| UdpSocket::bind("[2001:db8::200]:0")).unwrap();

@@ -382,7 +382,7 @@ pub(crate) mod tests {
     }
 
     /// A TCP/IPv6 packet with timestamps, a valid checksum, and `payload`.
-    fn tcp6_packet(seq: u32, flags: u8, payload: &[u8]) -> Vec<u8> {
+    pub(crate) fn tcp6_packet(seq: u32, flags: u8, payload: &[u8]) -> Vec<u8> {
         let (src, dst) = (ip6("2001:db8:10:1::2"), ip6("2001:db8:10:2::2"));
         let mut p = vec![0x60, 0, 0, 0, 0, 0, PROTO_TCP, 64];
         p.extend_from_slice(&src);
@@ -400,7 +400,7 @@ pub(crate) mod tests {
         s.parse::<std::net::Ipv6Addr>().unwrap().octets()
     }
 
-    fn tcp6_ok(p: &[u8]) -> bool {
+    pub(crate) fn tcp6_ok(p: &[u8]) -> bool {
         let src: [u8; 16] = p[8..24].try_into().unwrap();
         let dst: [u8; 16] = p[24..40].try_into().unwrap();
         usize::from(u16::from_be_bytes([p[4], p[5]])) == p.len() - 40
