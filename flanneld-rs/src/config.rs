@@ -626,23 +626,36 @@ impl NetworkConfig {
             }
         };
         if let BackendConfig::Wireguard(wg) = &backend {
-            if ipv6.is_some() {
+            // Peers over a family the cluster does not run cannot work
+            // (flannel would configure endpoints without an address).
+            if wg.mode == WireguardMode::Ipv6 && ipv6.is_none() {
                 return Err(err(
-                    "EnableIPv6 true with Backend.Type wireguard: flannel-rs's wireguard backend carries IPv4 only \
-                     so far (flannel-wg-v6 is not implemented yet); use vxlan or host-gw for dual-stack and IPv6-only"
+                    "Backend.Mode \"ipv6\" (peers over IPv6) needs EnableIPv6 true; use \"separate\" (the default)"
                         .into(),
                 ));
             }
-            if wg.mode == WireguardMode::Ipv6 {
+            if wg.mode == WireguardMode::Ipv4 && ipv4.is_none() {
                 return Err(err(
-                    "Backend.Mode \"ipv6\" (peers over IPv6) is not implemented yet in flannel-rs; use \"separate\" \
-                     (the default)"
+                    "Backend.Mode \"ipv4\" (peers over IPv4) in an IPv6-only network (EnableIPv4 false); use \
+                     \"separate\" (the default) or \"ipv6\""
                         .into(),
                 ));
             }
-            // The IPv6 device's port: flannel reads it only with EnableIPv6,
-            // which the wireguard backend refuses above.
-            if b.get("listenportv6").is_some_and(|v| !v.is_null()) {
+            if ipv6.is_some()
+                && ipv4.is_some()
+                && wg.mode == WireguardMode::Separate
+                && wg.listen_port == wg.listen_port_v6
+            {
+                // Both devices bind their port on the one host: flannel's
+                // second device would fail to come up.
+                return Err(err(format!(
+                    "Backend.ListenPortV6 {} is Backend.ListenPort's too: flannel-wg and flannel-wg-v6 each need \
+                     their own port",
+                    wg.listen_port_v6
+                )));
+            }
+            // The IPv6 device's port: flannel reads it only with EnableIPv6.
+            if ipv6.is_none() && b.get("listenportv6").is_some_and(|v| !v.is_null()) {
                 notes
                     .push("Backend.ListenPortV6 has no effect without EnableIPv6 true (flannel ignores it too)".into());
             }
@@ -909,6 +922,11 @@ mod tests {
     #[test]
     fn wireguard_bad_values_are_refused_by_name() {
         let wg = |b: &str| format!(r#"{{"Network":"10.244.0.0/16","Backend":{{"Type":"wireguard",{b}}}}}"#);
+        let ds = |b: &str| {
+            format!(
+                r#"{{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"2001:db8::/56","Backend":{{"Type":"wireguard",{b}}}}}"#
+            )
+        };
         let cases = [
             (wg(r#""PSK":"c2VjcmV0""#), "Backend.PSK is 6 bytes of base64, not 32"),
             (wg(r#""PSK":"not base64 at all!""#), "Backend.PSK is not base64 (18 characters"),
@@ -921,14 +939,17 @@ mod tests {
             (wg(r#""PersistentKeepaliveInterval":65536"#), "Backend.PersistentKeepaliveInterval 65536"),
             (wg(r#""Mode":"Separate""#), "Backend.Mode \"Separate\" is not one of separate, auto, ipv4, ipv6"),
             (wg(r#""Mode":1"#), "Backend.Mode 1 is not a string"),
-            (wg(r#""Mode":"ipv6""#), "Backend.Mode \"ipv6\" (peers over IPv6) is not implemented yet"),
+            (wg(r#""Mode":"ipv6""#), "Backend.Mode \"ipv6\" (peers over IPv6) needs EnableIPv6 true"),
             (wg(r#""MTU":100"#), "Backend.MTU 100 is too small"),
             (wg(r#""psk":"","PSK":"""#), "Backend.PSK is given twice"),
+            (wg(r#""ListenPortV6":70000"#), "Backend.ListenPortV6 70000 is not an integer in 0..=65535"),
+            (wg(r#""ListenPortV6":0"#), "Backend.ListenPortV6 0: the port is advertised"),
             (
-                r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"2001:db8::/56","Backend":{"Type":"wireguard"}}"#
+                r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"2001:db8::/56","Backend":{"Type":"wireguard","Mode":"ipv4"}}"#
                     .to_string(),
-                "EnableIPv6 true with Backend.Type wireguard",
+                "Backend.Mode \"ipv4\" (peers over IPv4) in an IPv6-only network",
             ),
+            (ds(r#""ListenPortV6":51820"#), "Backend.ListenPortV6 51820 is Backend.ListenPort's too"),
         ];
         for (text, want) in cases {
             let e = parse(&text).unwrap_err().to_string();
@@ -938,6 +959,19 @@ mod tests {
         // A PSK is never shown, even a malformed one.
         let e = parse(&wg(r#""PSK":"c2VjcmV0""#)).unwrap_err().to_string();
         assert!(!e.contains("c2VjcmV0"), "{e}");
+    }
+
+    #[test]
+    fn wireguard_runs_dual_stack_and_ipv6_only_with_mode_separate() {
+        for text in [
+            r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"2001:db8::/56","Backend":{"Type":"wireguard","ListenPortV6":51900}}"#,
+            r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"2001:db8::/56","Backend":{"Type":"wireguard","Mode":"separate"}}"#,
+        ] {
+            let mut n = Vec::new();
+            let c = NetworkConfig::parse_noting(text, "net-conf.json", &mut n).unwrap();
+            assert!(c.ipv6.is_some(), "{text}");
+            assert!(n.is_empty(), "{n:?}");
+        }
     }
 
     #[test]

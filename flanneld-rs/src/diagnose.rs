@@ -110,6 +110,19 @@ pub async fn run(opts: &Opts, json_out: bool) -> anyhow::Result<bool> {
 async fn run_with(opts: &Opts, json_out: bool, mut store: impl LeaseStore) -> anyhow::Result<bool> {
     let nl = Netlink::connect()?;
     let mut findings = Vec::new();
+    // The start-up below would create a missing WireGuard key file (and
+    // with it a public key no peer knows): diagnose only looks.
+    if let crate::config::BackendConfig::Wireguard(_) = store.network_config().await?.backend {
+        let path = crate::backend::wireguard::keys::key_file();
+        if !path.exists() {
+            findings.push(Finding {
+                kind: "missing",
+                what: format!("the WireGuard key file {} does not exist (diagnose does not create it)", path.display()),
+                fix: "start flanneld-rs: it creates the key file (mode 0400) and advertises its public key".into(),
+            });
+            return report(&findings, json_out);
+        }
+    }
     // The daemon's own start-up, up to the lease.
     let Prepared { cfg, ext, backend, backend6, .. } = start(&nl, opts, &mut store, false).await?;
     let listing = store.list(&cfg).await?;
@@ -210,9 +223,21 @@ async fn run_with(opts: &Opts, json_out: bool, mut store: impl LeaseStore) -> an
             });
         }
     }
-    if let Some(Backend::Wireguard(spec)) = &backend {
+    let wireguard: Vec<&crate::backend::WireguardSpec> = [&backend, &backend6]
+        .into_iter()
+        .filter_map(|b| match b {
+            Some(Backend::Wireguard(w)) => Some(w),
+            _ => None,
+        })
+        .collect();
+    for spec in &wireguard {
         let kind = nl.link_by_name(&spec.name).await?.and_then(|l| l.kind);
-        if udp_listening(std::net::Ipv4Addr::UNSPECIFIED, spec.port) {
+        // One device for both families listens on a dual-stack IPv6 socket.
+        let listening = match (spec.family, spec.one_device) {
+            (Family::V4, None) => udp_listening(std::net::Ipv4Addr::UNSPECIFIED, spec.port),
+            _ => udp6_listening(spec.port),
+        };
+        if listening {
             let what = if kind.as_deref() == Some("wireguard") {
                 format!(
                     "wireguard: the kernel path runs ({} is a kernel WireGuard device, UDP port {} is bound)",
@@ -236,8 +261,10 @@ async fn run_with(opts: &Opts, json_out: bool, mut store: impl LeaseStore) -> an
                 fix: "start flanneld-rs (or look in its log for why the data path stopped)".into(),
             });
         }
-        // The running daemon's count of failing handshakes per peer, from
-        // its /metrics (when it serves them).
+    }
+    if !wireguard.is_empty() {
+        // The running daemon's count of failing handshakes per peer (of
+        // either family), from its /metrics (when it serves them).
         if opts.healthz_port != 0 {
             match failing_handshakes(&opts.healthz_ip, opts.healthz_port).await {
                 Ok(failing) => {
@@ -392,6 +419,14 @@ fn udp_listening(ip: std::net::Ipv4Addr, port: u16) -> bool {
     // the port big-endian hex.
     let want = [format!("{:08X}:{port:04X}", u32::from_ne_bytes(ip.octets())), format!("00000000:{port:04X}")];
     table.lines().skip(1).filter_map(|l| l.split_whitespace().nth(1)).any(|local| want.iter().any(|w| w == local))
+}
+
+/// Whether an IPv6 socket in this network namespace is bound to the
+/// wildcard address and `port`, from `/proc/net/udp6`.
+fn udp6_listening(port: u16) -> bool {
+    let Ok(table) = std::fs::read_to_string("/proc/net/udp6") else { return false };
+    let want = format!("{}:{port:04X}", "0".repeat(32));
+    table.lines().skip(1).filter_map(|l| l.split_whitespace().nth(1)).any(|local| local == want)
 }
 
 fn report(findings: &[Finding], json_out: bool) -> anyhow::Result<bool> {

@@ -8,7 +8,9 @@
 # p50/p99, and the ratios against the targets (>= 2x wireguard-go, >= 60 %
 # of udp). --stages also measures the data path started by hand with its
 # speed-ups turned on one at a time.
-# Usage: scripts/bench/wireguard.sh [--seconds 4] [--rounds 3] [--stages] [--ours-only]
+# --ipv6 measures only our daemons on a dual-stack pair, pod to pod over
+# IPv4 (flannel-wg) and IPv6 (flannel-wg-v6), same pods, same run.
+# Usage: scripts/bench/wireguard.sh [--seconds 4] [--rounds 3] [--stages] [--ours-only] [--ipv6]
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 source scripts/lib/common.sh

@@ -67,8 +67,8 @@ pub enum PeerWant {
 /// A peer of a user-space data path.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct TunnelPeer {
-    /// Its public IP.
-    pub ip: Ipv4Addr,
+    /// Its public IP (of the family the data path's socket speaks).
+    pub ip: IpAddr,
     /// Its WireGuard port and key (wireguard only).
     pub wireguard: Option<WireguardPeer>,
 }
@@ -86,7 +86,12 @@ impl std::fmt::Display for TunnelPeer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match &self.wireguard {
             None => write!(f, "{}", self.ip),
-            Some(w) => write!(f, "{}:{} key {}", self.ip, w.port, crate::config::encode_key(&w.public_key)),
+            Some(w) => write!(
+                f,
+                "{} key {}",
+                std::net::SocketAddr::new(self.ip, w.port),
+                crate::config::encode_key(&w.public_key)
+            ),
         }
     }
 }
@@ -97,7 +102,7 @@ pub trait DataPath: Send {
     /// Whether all its threads still run.
     fn running(&self) -> bool;
     /// Replaces its peer table (subnet -> peer) without pausing traffic.
-    fn set_peers(&self, peers: &[(Ipv4Net, TunnelPeer)]);
+    fn set_peers(&self, peers: &[(IpNet, TunnelPeer)]);
 }
 
 impl Backend {
@@ -126,15 +131,17 @@ impl Backend {
             },
             BackendConfig::HostGw => Backend::HostGw(host_gw::spec(ext, addr, public_ip)?),
             BackendConfig::Udp { port } => Backend::Udp(udp::spec::spec(*port, ext, addr.addr())?),
-            BackendConfig::Wireguard(wg) => Backend::Wireguard(wireguard::spec(wg, ext)?),
+            BackendConfig::Wireguard(wg) => {
+                Backend::Wireguard(wireguard::spec(wg, ext, Family::V4, cfg.ipv6.is_some())?)
+            }
         }))
     }
 
     /// The IPv6 backend of a dual-stack or IPv6-only network (`None` without
     /// `EnableIPv6`): VXLAN's `flannel-v6.<VNI>` over the interface's IPv6
     /// address with its own MAC `mac`, or host-gw's IPv6 routes on the same
-    /// interface. The udp backend carries no IPv6 (the configuration refuses
-    /// the combination).
+    /// interface, or wireguard's `flannel-wg-v6` (Mode `separate`). The udp
+    /// backend carries no IPv6 (the configuration refuses the combination).
     pub fn for_config_v6(
         cfg: &NetworkConfig,
         ext: &ExtIface,
@@ -160,8 +167,8 @@ impl Backend {
             BackendConfig::Udp { .. } => {
                 anyhow::bail!("the udp backend carries IPv4 only; EnableIPv6 needs vxlan or host-gw")
             }
-            BackendConfig::Wireguard(_) => {
-                anyhow::bail!("the wireguard backend carries IPv4 only so far; EnableIPv6 needs vxlan or host-gw")
+            BackendConfig::Wireguard(wg) => {
+                Ok(Some(Backend::Wireguard(wireguard::spec(wg, ext, Family::V6, cfg.ipv4.is_some())?)))
             }
         }
     }
@@ -250,17 +257,20 @@ impl Backend {
                 vxlan::peer_entries(vtep, *direct_routing, segment, l).map(PeerWant::Kernel)
             }
             Backend::HostGw(h) => host_gw::peer_entries(h, segment, l).map(PeerWant::Kernel),
-            Backend::Udp(_) => udp::spec::peer(l).map(|ip| PeerWant::Tunnel(TunnelPeer { ip, wireguard: None })),
+            Backend::Udp(_) => {
+                udp::spec::peer(l).map(|ip| PeerWant::Tunnel(TunnelPeer { ip: IpAddr::V4(ip), wireguard: None }))
+            }
             Backend::Wireguard(w) => wireguard::peer(w.port, l).map(PeerWant::Tunnel),
         }
     }
 
     /// Routes through our device that are not any peer's: udp routes the
-    /// whole Network into its TUN.
+    /// whole Network into its TUN, wireguard the family's Network into the
+    /// family's device.
     pub fn device_routes(&self, network: IpNet) -> Vec<Route> {
         match (self, network) {
             (Backend::Udp(_), IpNet::V4(network)) => vec![udp::spec::network_route(network)],
-            (Backend::Wireguard(_), IpNet::V4(network)) => vec![wireguard::network_route(network)],
+            (Backend::Wireguard(_), network) => vec![wireguard::network_route(network)],
             _ => Vec::new(),
         }
     }
@@ -281,18 +291,21 @@ impl Backend {
     /// device and brings it in line with the plan.
     pub fn start_data_path(
         &self,
-        subnet: Ipv4Net,
-        network: Ipv4Net,
+        subnet: IpNet,
+        network: IpNet,
         metrics: &Metrics,
     ) -> anyhow::Result<Option<Box<dyn DataPath>>> {
-        match self {
-            Backend::Udp(u) => {
+        match (self, subnet, network) {
+            (Backend::Udp(u), IpNet::V4(subnet), IpNet::V4(network)) => {
                 let dp = udp::UdpDataPath::start(u.data_path_config(subnet, network))?;
                 metrics.udp.attach(dp.stats_reader());
                 Ok(Some(Box::new(dp)))
             }
-            Backend::Wireguard(w) => wireguard::start_data_path(w, subnet, network, metrics).map(Some),
-            Backend::Vxlan { .. } | Backend::HostGw(_) => Ok(None),
+            (Backend::Wireguard(w), subnet, network) => {
+                wireguard::start_data_path(w, subnet, network, metrics).map(Some)
+            }
+            (Backend::Udp(_), ..) => anyhow::bail!("the udp backend carries IPv4 only (subnet {subnet})"),
+            (Backend::Vxlan { .. } | Backend::HostGw(_), ..) => Ok(None),
         }
     }
 
@@ -307,6 +320,10 @@ impl Backend {
 /// runs that family (one of them at least; both are of one type).
 pub fn lease_attrs(v4: Option<(&Backend, Ipv4Addr)>, v6: Option<(&Backend, Ipv6Addr)>) -> LeaseAttrs {
     let vxlan = |b: &Backend| b.vtep().map(|v| VxlanData { vni: v.vni, vtep_mac: v.mac });
+    let wg = |b: &Backend| match b {
+        Backend::Wireguard(w) => Some(w.lease_data()),
+        _ => None,
+    };
     let any = v4.map(|(b, _)| b).or(v6.map(|(b, _)| b)).expect("a cluster runs at least one family");
     LeaseAttrs {
         public_ip: v4.map(|(_, ip)| ip),
@@ -314,11 +331,8 @@ pub fn lease_attrs(v4: Option<(&Backend, Ipv4Addr)>, v6: Option<(&Backend, Ipv6A
         vxlan: v4.and_then(|(b, _)| vxlan(b)),
         public_ipv6: v6.map(|(_, ip)| ip),
         vxlan6: v6.and_then(|(b, _)| vxlan(b)),
-        wireguard: v4.and_then(|(b, _)| match b {
-            Backend::Wireguard(w) => Some(w.lease_data()),
-            _ => None,
-        }),
-        wireguard6: None,
+        wireguard: v4.and_then(|(b, _)| wg(b)),
+        wireguard6: v6.and_then(|(b, _)| wg(b)),
     }
 }
 
@@ -400,7 +414,8 @@ pub async fn leftover_devices(
         let v4 = ((link.name == "flannel0" || link.name == wireguard::DEVICE_NAME) && kind == Some("tun"))
             || (link.name == wireguard::DEVICE_NAME && kind == Some("wireguard"))
             || (link.name.starts_with("flannel.") && kind == Some("vxlan"));
-        let v6 = link.name.starts_with("flannel-v6.") && kind == Some("vxlan");
+        let v6 = (link.name.starts_with("flannel-v6.") && kind == Some("vxlan"))
+            || (link.name == wireguard::DEVICE_NAME_V6 && matches!(kind, Some("tun") | Some("wireguard")));
         if !(v4 || v6) || ours.contains(&link.name.as_str()) {
             continue;
         }

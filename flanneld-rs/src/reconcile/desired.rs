@@ -6,8 +6,6 @@ use std::collections::BTreeMap;
 
 use ipnet::IpNet;
 
-use ipnet::Ipv4Net;
-
 use super::plan::{Desired, PeerEntries};
 use crate::backend::{check_peer, family_network, Backend, PeerWant, TunnelPeer};
 use crate::config::NetworkConfig;
@@ -39,7 +37,7 @@ pub enum Derived {
     /// Kernel entries for the peer's subnet.
     Kernel(IpNet, PeerEntries),
     /// A user-space data path's peer.
-    Tunnel(Ipv4Net, TunnelPeer),
+    Tunnel(IpNet, TunnelPeer),
     /// Not to be programmed, and why.
     Rejected(Rejected),
 }
@@ -63,10 +61,7 @@ pub fn derive(cfg: &NetworkConfig, own: &FamilyLease, backend: &Backend, segment
     }
     match check_peer(cfg, own, backend, &l).and_then(|()| backend.peer(segment, &l)) {
         Ok(PeerWant::Kernel(entries)) => Derived::Kernel(l.subnet, entries),
-        Ok(PeerWant::Tunnel(ip)) => match l.subnet {
-            IpNet::V4(subnet) => Derived::Tunnel(subnet, ip),
-            IpNet::V6(_) => Derived::Nothing,
-        },
+        Ok(PeerWant::Tunnel(ip)) => Derived::Tunnel(l.subnet, ip),
         Err(reason) => {
             let reason = match family {
                 Family::V4 => reason,

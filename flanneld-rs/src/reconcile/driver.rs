@@ -22,7 +22,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::bail;
 use flannel_net::netlink::{Change, Netlink};
-use ipnet::{IpNet, Ipv4Net};
+use ipnet::IpNet;
 use log::{error, info, warn};
 use tokio::sync::mpsc;
 
@@ -160,9 +160,14 @@ pub struct Driver<S: LeaseStore> {
     /// Our devices' indexes (IPv4, IPv6) as last observed, to tell which
     /// notifications concern us.
     device_index: [Option<u32>; 2],
-    /// The backend's user-space data path, and the peer table last given to it.
-    data_path: Option<Box<dyn DataPath>>,
-    data_path_peers: Vec<(Ipv4Net, crate::backend::TunnelPeer)>,
+    /// Each family's user-space data path (IPv4, IPv6: wireguard's
+    /// `flannel-wg` and `flannel-wg-v6`), and the peer table last given to it.
+    /// With one device for both families (wireguard's Mode auto, ipv4,
+    /// ipv6), the first family's data path carries both.
+    data_path: [Option<Box<dyn DataPath>>; 2],
+    data_path_peers: [Vec<(IpNet, crate::backend::TunnelPeer)>; 2],
+    /// Each family's peer table as its last reconcile wanted it.
+    tunnel_want: [Vec<(IpNet, crate::backend::TunnelPeer)>; 2],
     /// The underlay must be chosen again before the next reconcile (it
     /// changed, or the periodic check is due).
     underlay_due: bool,
@@ -187,8 +192,9 @@ impl<S: LeaseStore> Driver<S> {
             timers,
             last_rejected: Vec::new(),
             device_index: [None, None],
-            data_path: None,
-            data_path_peers: Vec::new(),
+            data_path: [None, None],
+            data_path_peers: [Vec::new(), Vec::new()],
+            tunnel_want: [Vec::new(), Vec::new()],
             underlay_due: false,
             underlay_missing: false,
             models: [None, None],
@@ -200,19 +206,43 @@ impl<S: LeaseStore> Driver<S> {
         &mut self.store
     }
 
-    /// Starts the backend's data path, if it has one. At start a data path
-    /// that cannot run (its port is taken, no TUN) is fatal; later the
-    /// reconcile restarts it when it stops or its device goes.
+    /// Starts the backends' data paths, where they have one. At start a
+    /// data path that cannot run (its port is taken, no TUN) is fatal; later
+    /// the reconcile restarts it when it stops or its device goes.
     pub fn start_data_path(&mut self) -> anyhow::Result<()> {
-        let (Some(backend), Some(subnet), Some(c4)) =
-            (&self.node.backend, self.node.own.subnet4(), &self.node.cfg.ipv4)
+        for family in self.node.families() {
+            if self.data_path_owner(family) == family {
+                self.start_data_path_of(family)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The family whose data path carries `family`'s peers: its own, or,
+    /// when both families' backends use one device, the first family's.
+    fn data_path_owner(&self, family: Family) -> Family {
+        match (&self.node.backend, &self.node.backend6) {
+            (Some(b4), Some(b6))
+                if family == Family::V6 && b4.has_data_path() && b4.device_name() == b6.device_name() =>
+            {
+                Family::V4
+            }
+            _ => family,
+        }
+    }
+
+    /// Starts the data path of `family`, if its backend has one.
+    fn start_data_path_of(&mut self, family: Family) -> anyhow::Result<()> {
+        let backend = self.node.backend_of(family);
+        let (Some(own), Some((network, _))) =
+            (self.node.own.family(family), crate::backend::family_network(&self.node.cfg, family))
         else {
             return Ok(());
         };
-        let network = c4.network;
+        let subnet = own.subnet;
         let started = tokio::task::block_in_place(|| backend.start_data_path(subnet, network, &self.metrics))?;
-        self.data_path = started;
-        self.data_path_peers.clear();
+        self.data_path[family as usize] = started;
+        self.data_path_peers[family as usize].clear();
         Ok(())
     }
 
@@ -284,9 +314,7 @@ impl<S: LeaseStore> Driver<S> {
             self.device_index[family as usize] = self.nl.link_by_name(&name).await.ok().flatten().map(|l| l.index);
         }
         let programmed = want.peers.len() + want.tunnel.len();
-        if family == Family::V4 {
-            self.sync_data_path(&full.desired.tunnel, why);
-        }
+        self.sync_data_path(family, &full.desired.tunnel, why);
         if errors.is_empty() && !self.node.backend_of(family).has_data_path() {
             self.models[family as usize] = Model::after_full(&full, observed, &ops);
         }
@@ -315,7 +343,7 @@ impl<S: LeaseStore> Driver<S> {
         let families = self.node.families();
         if self.underlay_due
             || !self.last_rejected.is_empty()
-            || self.data_path.is_some()
+            || self.data_path.iter().any(Option::is_some)
             || families.iter().any(|f| self.models[*f as usize].is_none())
         {
             return false;
@@ -463,10 +491,14 @@ impl<S: LeaseStore> Driver<S> {
                 }
             }
         }
-        if backend != self.node.backend && self.data_path.is_some() {
-            // Its sockets are bound to the old address.
-            let old = self.data_path.take();
-            tokio::task::block_in_place(|| drop(old));
+        for (family, changed) in
+            [(Family::V4, backend != self.node.backend), (Family::V6, backend6 != self.node.backend6)]
+        {
+            if changed && self.data_path[family as usize].is_some() {
+                // Its sockets are bound to the old address.
+                let old = self.data_path[family as usize].take();
+                tokio::task::block_in_place(|| drop(old));
+            }
         }
         self.node.backend = backend;
         self.node.backend6 = backend6;
@@ -506,18 +538,20 @@ impl<S: LeaseStore> Driver<S> {
                 return Some((observed, ops));
             }
             let gone = ops.iter().any(|op| matches!(op, plan::Op::CreateDevice | plan::Op::RecreateDevice(_)));
-            let stopped = self.data_path.as_ref().is_some_and(|dp| !dp.running());
-            if !(gone || stopped || self.data_path.is_none()) {
+            let owner = self.data_path_owner(family);
+            let slot = owner as usize;
+            let stopped = self.data_path[slot].as_ref().is_some_and(|dp| !dp.running());
+            if !(gone || stopped || self.data_path[slot].is_none()) {
                 return Some((observed, ops));
             }
-            if self.data_path.is_some() {
+            if self.data_path[slot].is_some() {
                 let what = if stopped { "a data path thread stopped" } else { "its device is gone" };
                 warn!("reconcile ({why}): {what}; restarting the data path");
-                let old = self.data_path.take();
+                let old = self.data_path[slot].take();
                 tokio::task::block_in_place(|| drop(old));
                 self.metrics.udp.restarts.fetch_add(1, Ordering::Relaxed);
             }
-            if let Err(e) = self.start_data_path() {
+            if let Err(e) = self.start_data_path_of(owner) {
                 // Retried by the next reconcile (at the latest the periodic one).
                 error!("reconcile ({why}): start the data path: {e:#}");
                 return None;
@@ -549,18 +583,28 @@ impl<S: LeaseStore> Driver<S> {
         }
     }
 
-    /// Hands the data path its peer table when it changed.
-    fn sync_data_path(&mut self, tunnel: &BTreeMap<Ipv4Net, crate::backend::TunnelPeer>, why: &str) {
-        let Some(dp) = &self.data_path else { return };
-        let peers: Vec<_> = tunnel.iter().map(|(s, ip)| (*s, *ip)).collect();
+    /// Hands `family`'s data path its peer table when it changed.
+    fn sync_data_path(&mut self, family: Family, tunnel: &BTreeMap<IpNet, crate::backend::TunnelPeer>, why: &str) {
+        self.tunnel_want[family as usize] = tunnel.iter().map(|(s, ip)| (*s, *ip)).collect();
+        let owner = self.data_path_owner(family);
+        let slot = owner as usize;
+        let Some(dp) = &self.data_path[slot] else { return };
+        // The peers of every family the data path carries.
+        let peers: Vec<_> = self
+            .node
+            .families()
+            .into_iter()
+            .filter(|f| self.data_path_owner(*f) == owner)
+            .flat_map(|f| self.tunnel_want[f as usize].iter().copied())
+            .collect();
         // A new data path starts with an empty table.
-        if peers != self.data_path_peers {
-            info!("reconcile ({why}): data path peer table: {} peer(s)", peers.len());
+        if peers != self.data_path_peers[slot] {
+            info!("reconcile ({why}): {} data path peer table: {} peer(s)", family.name(), peers.len());
             // Off the async workers: the wireguard kernel path sends netlink
             // requests and waits for their answers, the user-space one
             // makes a tunnel (an X25519 agreement) per new peer.
             tokio::task::block_in_place(|| dp.set_peers(&peers));
-            self.data_path_peers = peers;
+            self.data_path_peers[slot] = peers;
         }
     }
 

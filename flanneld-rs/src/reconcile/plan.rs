@@ -128,7 +128,7 @@ pub struct Desired {
     pub peers: BTreeMap<IpNet, PeerEntries>,
     /// udp: peers reached through the user-space data path, subnet -> public
     /// IP. They need nothing in the kernel; the plan ignores them.
-    pub tunnel: BTreeMap<Ipv4Net, crate::backend::TunnelPeer>,
+    pub tunnel: BTreeMap<IpNet, crate::backend::TunnelPeer>,
     /// Routes through our device that are not a peer's (udp: the whole
     /// Network into the TUN).
     pub routes: Vec<Route>,

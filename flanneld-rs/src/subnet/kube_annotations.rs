@@ -127,8 +127,9 @@ fn key(prefix: &Prefix, name: &str) -> String {
 /// The annotations a node writes on itself (flannel's exact formats).
 /// `public-ip-overwrite`, when the user set it, is what gets advertised.
 /// Dual-stack, flannel's condition: `backend-v6-data` and `public-ipv6`
-/// are written by a vxlan node with an IPv6 VTEP, or a host-gw node with
-/// an IPv6 address (its `backend-v6-data` is `null`); by no other. An
+/// are written by a vxlan node with an IPv6 VTEP, a wireguard node with
+/// `flannel-wg-v6`, or a host-gw node with an IPv6 address (its
+/// `backend-v6-data` is `null`); by no other. An
 /// IPv6-only node (no IPv4 address in `attrs`) writes no `backend-data`
 /// and `public-ip`: flannel's vxlan node writes none either (its host-gw
 /// node writes `null` and `0.0.0.0`, which no reader of an IPv6-only
@@ -145,7 +146,8 @@ pub fn own_annotations(prefix: &Prefix, attrs: &LeaseAttrs, overwrite: Option<Ip
     let v6 = match attrs.backend {
         BackendType::Vxlan => attrs.vxlan6.is_some(),
         BackendType::HostGw => attrs.public_ipv6.is_some(),
-        _ => false,
+        // wireguard: with its IPv6 device's data (`{"PublicKey","Port"}`).
+        _ => attrs.wireguard6.is_some(),
     };
     if v6 {
         a.insert(key(prefix, keys::BACKEND_V6_DATA), encode_backend_v6_data(attrs));
@@ -414,6 +416,35 @@ mod tests {
             let got = own_annotations(&p, &a, None);
             assert!(!got.keys().any(|k| k.contains("v6")), "{backend}: {got:?}");
         }
+    }
+
+    #[test]
+    fn wireguard_dual_stack_writes_both_devices_data_and_reads_them_back() {
+        let p = Prefix::default();
+        let wg = |port| crate::lease::WireguardData { public_key: [7u8; 32], port: Some(port) };
+        let attrs = LeaseAttrs {
+            backend: BackendType::parse(Some("wireguard")),
+            wireguard: Some(wg(51820)),
+            wireguard6: Some(wg(51821)),
+            ..dual_attrs(BackendType::HostGw)
+        };
+        let a = own_annotations(&p, &attrs, None);
+        let key = crate::config::encode_key(&[7u8; 32]);
+        assert_eq!(a["flannel.alpha.coreos.com/backend-data"], format!(r#"{{"PublicKey":"{key}","Port":51820}}"#));
+        assert_eq!(a["flannel.alpha.coreos.com/backend-v6-data"], format!(r#"{{"PublicKey":"{key}","Port":51821}}"#));
+        assert_eq!(a["flannel.alpha.coreos.com/public-ipv6"], "2001:db8::10");
+        let cfg = NetworkConfig::parse(
+            r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"2001:db8:10::/56","Backend":{"Type":"wireguard"}}"#,
+            "net-conf.json",
+        )
+        .unwrap();
+        let l =
+            lease_from_node("me", Some("10.244.9.0/24"), Some("2001:db8:10:9::/64"), &a, &p, &cfg).unwrap().unwrap();
+        assert_eq!(l.ipv4.unwrap().wireguard, Some(wg(51820)));
+        assert_eq!(l.ipv6.unwrap().wireguard, Some(wg(51821)));
+        // Without the IPv6 device: no IPv6 annotation.
+        let v4 = own_annotations(&p, &LeaseAttrs { wireguard6: None, ..attrs }, None);
+        assert!(!v4.keys().any(|k| k.contains("v6")), "{v4:?}");
     }
 
     #[test]

@@ -20,7 +20,7 @@
 //! its speed-ups turned on one at a time.
 
 use std::io::{BufRead, BufReader};
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
@@ -52,10 +52,16 @@ struct Args {
     /// Only the wireguard daemons (quick iteration).
     #[arg(long)]
     ours_only: bool,
+    /// Only our wireguard daemons on a dual-stack pair of nodes, pod to pod
+    /// over IPv4 (flannel-wg) and over IPv6 (flannel-wg-v6).
+    #[arg(long)]
+    ipv6: bool,
 }
 
 const WG_CONF: &str = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"wireguard"}}"#;
 const UDP_CONF: &str = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"udp"}}"#;
+const WG_DUAL_CONF: &str =
+    r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"2001:db8:10::/56","Backend":{"Type":"wireguard"}}"#;
 const METRICS_PORT: u16 = 9105;
 /// The cryptography's own cost, the floor under any WireGuard data path on
 /// this machine: ChaCha20-Poly1305 from `ring` (what boringtun seals and
@@ -227,7 +233,7 @@ struct Mode<'a> {
     name: &'static str,
     client: &'a Netns,
     server: &'a Netns,
-    addr: Ipv4Addr,
+    addr: IpAddr,
     relay: Relay<'a>,
 }
 
@@ -289,13 +295,14 @@ fn start_by_hand(c: &Cluster, i: usize, tuning: WgTuning) -> WgDataPath {
         private_key: secret(i),
         psk: None,
         keepalive: 0,
+        one_device: None,
     };
     let dp = c.node(i).ns.in_thread(|| WgDataPath::start_with(cfg, Arc::new(WgCounters::default()), tuning)).unwrap();
     let peer = 1 - i;
     dp.set_peers(&[(
         format!("10.248.{}.0/24", peer + 1).parse().unwrap(),
         TunnelPeer {
-            ip: underlay(peer),
+            ip: underlay(peer).into(),
             wireguard: Some(WireguardPeer { public_key: public_of(&secret(peer)), port: BY_HAND_PORT }),
         },
     )]);
@@ -356,6 +363,48 @@ fn daemon_features(o: &Overlay, i: usize) -> String {
     line.split("data path on ").nth(1).unwrap_or(line).to_string()
 }
 
+/// Our wireguard daemons on two dual-stack nodes: the same pods over IPv4
+/// and over IPv6.
+fn ipv6(seconds: u32, rounds: usize) {
+    let mut o = Overlay::dual_stack(2, WG_DUAL_CONF);
+    for i in 0..2 {
+        o.set_flags(i, &["--healthz-ip", "127.0.0.1", "--healthz-port", &METRICS_PORT.to_string()]);
+        let key = o.dir.path().join(format!("node{i}/wgkey"));
+        o.set_env(i, &[("WIREGUARD_KEY_FILE", key.to_str().unwrap())]);
+    }
+    o.start_all();
+    for i in 0..2 {
+        wait_until(Duration::from_secs(10), &format!("node{i}'s peer tables"), || {
+            let m = metrics(&o, i);
+            metric(&m, "flannel_peers") == Some(1.0) && metric(&m, "flannel_peers_ipv6") == Some(1.0)
+        });
+    }
+    let (a, _, _) = o.add_dual_pod(0, "6a");
+    let (b, b4, b6) = o.add_dual_pod(1, "6b");
+    println!("\nthe wireguard daemons' data paths: {}", daemon_features(&o, 0));
+    let modes = [
+        Mode {
+            name: "ours over IPv4 (flannel-wg)",
+            client: &a,
+            server: &b,
+            addr: b4.into(),
+            relay: Relay::Procs(daemon_pids(&o)),
+        },
+        Mode {
+            name: "ours over IPv6 (flannel-wg-v6)",
+            client: &a,
+            server: &b,
+            addr: b6.into(),
+            relay: Relay::Procs(daemon_pids(&o)),
+        },
+    ];
+    for md in &modes {
+        wait_ping(md);
+    }
+    compare(&modes, seconds, rounds);
+    println!("\nwireguard counters (non-zero): node0: {}", wg_counters(&o, 0));
+}
+
 fn main() {
     let args = Args::parse();
     if !netns_fixtures::require_root() {
@@ -370,6 +419,10 @@ fn main() {
             return;
         }
     }
+    if args.ipv6 {
+        ipv6(args.seconds, args.rounds);
+        return;
+    }
     let (wg, wpods) = daemons(WG_CONF, "w");
     println!("\nthe wireguard daemons' data path: {}", daemon_features(&wg, 0));
     if args.ours_only {
@@ -377,7 +430,7 @@ fn main() {
             name: "ours (wireguard daemons)",
             client: &wpods[0].0,
             server: &wpods[1].0,
-            addr: wpods[1].1,
+            addr: wpods[1].1.into(),
             relay: Relay::Procs(daemon_pids(&wg)),
         }];
         wait_ping(&modes[0]);
@@ -396,21 +449,21 @@ fn main() {
                 name: "ours (wireguard daemons)",
                 client: &wpods[0].0,
                 server: &wpods[1].0,
-                addr: wpods[1].1,
+                addr: wpods[1].1.into(),
                 relay: Relay::Procs(daemon_pids(&wg)),
             },
             Mode {
                 name: "our udp (udp daemons)",
                 client: &upods[0].0,
                 server: &upods[1].0,
-                addr: upods[1].1,
+                addr: upods[1].1.into(),
                 relay: Relay::Procs(daemon_pids(&udp)),
             },
             Mode {
                 name: "wireguard-go",
                 client: &gpods[0],
                 server: &gpods[1],
-                addr: Ipv4Addr::new(10, 247, 2, 2),
+                addr: Ipv4Addr::new(10, 247, 2, 2).into(),
                 relay: Relay::Procs(go_pids),
             },
         ];

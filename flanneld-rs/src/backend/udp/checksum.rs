@@ -63,9 +63,27 @@ pub fn pseudo_header(src: [u8; 4], dst: [u8; 4], proto: u8, len: u16) -> u16 {
     )
 }
 
+/// Folded sum of the IPv6 pseudo-header (RFC 8200, section 8.1): source,
+/// destination, upper-layer length and next header.
+pub fn pseudo_header6(src: [u8; 16], dst: [u8; 16], proto: u8, len: u32) -> u16 {
+    add(add(sum(&src), sum(&dst)), fold(u64::from(len >> 16) + u64::from(len & 0xffff) + u64::from(proto)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ipv6_pseudo_header_is_the_sum_of_its_fields() {
+        let src: [u8; 16] = std::array::from_fn(|i| i as u8 * 17);
+        let dst: [u8; 16] = std::array::from_fn(|i| 255 - i as u8);
+        let mut block = Vec::new();
+        block.extend_from_slice(&src);
+        block.extend_from_slice(&dst);
+        block.extend_from_slice(&70_000u32.to_be_bytes());
+        block.extend_from_slice(&[0, 0, 0, 6]);
+        assert_eq!(pseudo_header6(src, dst, 6, 70_000), reference(&block));
+    }
 
     /// Straight from RFC 1071's definition, for comparison.
     fn reference(data: &[u8]) -> u16 {

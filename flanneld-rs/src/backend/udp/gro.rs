@@ -12,6 +12,10 @@
 //! re-verified, because the outer UDP checksum, which the kernel did verify,
 //! already covers every byte of them.
 //!
+//! IPv6 too (the wireguard backend's `flannel-wg-v6`): a 40-byte header
+//! with TCP next (no extension headers), the same traffic class, flow label
+//! and hop limit; written back as a `GSO_TCPV6` super-packet.
+//!
 //! Merge rules (those of Linux's TCP GRO): same addresses and ports, same
 //! IP TOS, TTL and DF, no IP options, not a fragment, same TCP ACK number,
 //! window, header length and options; flags ACK, or ACK|PSH where the PSH
@@ -20,6 +24,10 @@
 //! flow first flushes what was merged so far, so order is kept.
 
 use super::checksum;
+
+/// A flow's key: addresses and ports as on the wire (IPv4: 12 bytes, IPv6:
+/// 36), then the IP version.
+const KEY: usize = 37;
 use super::gso::MAX_HEADERS;
 use super::packet::{self, PROTO_TCP};
 use super::vnet::{self, VnetHdr};
@@ -31,6 +39,9 @@ pub const MAX_FLOWS: usize = 8;
 pub const MAX_SEGMENTS: usize = 64;
 
 const ACK: u8 = 0x10;
+
+/// An IPv6 header without extension headers.
+const IPV6_HEADER: usize = 40;
 const PSH: u8 = 0x08;
 
 /// Where a packet lies in the caller's receive buffers.
@@ -67,7 +78,9 @@ struct Group {
     /// Creation order, to flush the oldest first.
     age: u64,
     /// Addresses and ports, as on the wire.
-    key: [u8; 12],
+    key: [u8; KEY],
+    /// The IP header's length (20, or 40 for IPv6).
+    ihl: usize,
     header: [u8; MAX_HEADERS],
     hl: usize,
     first: Pkt,
@@ -84,7 +97,8 @@ impl Group {
         Group {
             active: false,
             age: 0,
-            key: [0; 12],
+            key: [0; KEY],
+            ihl: 0,
             header: [0; MAX_HEADERS],
             hl: 0,
             first: Pkt { buf: 0, off: 0, len: 0 },
@@ -100,7 +114,8 @@ impl Group {
 
 /// What a TCP segment's header says, as far as merging is concerned.
 struct Seg {
-    key: [u8; 12],
+    key: [u8; KEY],
+    ihl: usize,
     hl: usize,
     seq: u32,
     flags: u8,
@@ -108,25 +123,34 @@ struct Seg {
 }
 
 fn parse(data: &[u8]) -> Option<Seg> {
-    let ihl = packet::ipv4_header_len(data)?;
-    if packet::protocol(data) != PROTO_TCP || data.len() < ihl + 20 {
+    let v6 = *data.first()? >> 4 == 6;
+    let ihl = if v6 {
+        // TCP right after the fixed header; extension headers are not merged.
+        (data.len() >= IPV6_HEADER && data[6] == PROTO_TCP).then_some(IPV6_HEADER)?
+    } else {
+        let ihl = packet::ipv4_header_len(data)?;
+        (packet::protocol(data) == PROTO_TCP).then_some(ihl)?
+    };
+    if data.len() < ihl + 20 {
         return None;
     }
-    let mut key = [0u8; 12];
-    key[..8].copy_from_slice(&data[12..20]);
-    key[8..].copy_from_slice(&data[ihl..ihl + 4]);
+    let mut key = [0u8; KEY];
+    let addrs = if v6 { 8..40 } else { 12..20 };
+    let n = addrs.len();
+    key[..n].copy_from_slice(&data[addrs]);
+    key[n..n + 4].copy_from_slice(&data[ihl..ihl + 4]);
+    key[KEY - 1] = data[0] >> 4;
     let thl = usize::from(data[ihl + 12] >> 4) * 4;
     let hl = ihl + thl;
     let flags = data[ihl + 13];
     let seq = u32::from_be_bytes([data[ihl + 4], data[ihl + 5], data[ihl + 6], data[ihl + 7]]);
-    let mergeable = ihl == 20
-        && !packet::is_fragment(data)
+    let mergeable = (v6 || (ihl == 20 && !packet::is_fragment(data)))
         && thl >= 20
         && hl < data.len()
         && hl <= MAX_HEADERS
         && flags & ACK != 0
         && flags & !(ACK | PSH) == 0;
-    Some(Seg { key, hl, seq, flags, mergeable })
+    Some(Seg { key, ihl, hl, seq, flags, mergeable })
 }
 
 /// Writes a receive batch's inner packets to the TUN: merged by a
@@ -291,24 +315,31 @@ impl Coalescer {
             emit(Emit::Single(g.first));
             return;
         }
-        let hl = g.hl;
+        let (hl, t) = (g.hl, g.ihl);
         let h = &mut g.header[..hl];
-        let tot = (hl + g.payload) as u16;
-        h[2..4].copy_from_slice(&tot.to_be_bytes());
-        packet::set_header_checksum(h, 20);
+        let tcp_len = (hl - t + g.payload) as u16;
+        let v6 = t == IPV6_HEADER;
+        let ph = if v6 {
+            h[4..6].copy_from_slice(&tcp_len.to_be_bytes());
+            let src: [u8; 16] = h[8..24].try_into().expect("16 bytes");
+            let dst: [u8; 16] = h[24..40].try_into().expect("16 bytes");
+            checksum::pseudo_header6(src, dst, PROTO_TCP, u32::from(tcp_len))
+        } else {
+            let tot = (hl + g.payload) as u16;
+            h[2..4].copy_from_slice(&tot.to_be_bytes());
+            packet::set_header_checksum(h, 20);
+            checksum::pseudo_header([h[12], h[13], h[14], h[15]], [h[16], h[17], h[18], h[19]], PROTO_TCP, tcp_len)
+        };
         if g.psh {
-            h[33] |= PSH;
+            h[t + 13] |= PSH;
         }
-        let tcp_len = (hl - 20 + g.payload) as u16;
-        let ph =
-            checksum::pseudo_header([h[12], h[13], h[14], h[15]], [h[16], h[17], h[18], h[19]], PROTO_TCP, tcp_len);
-        h[36..38].copy_from_slice(&ph.to_be_bytes());
+        h[t + 16..t + 18].copy_from_slice(&ph.to_be_bytes());
         let vnet = VnetHdr {
             flags: vnet::F_NEEDS_CSUM,
-            gso_type: vnet::GSO_TCPV4,
+            gso_type: if v6 { vnet::GSO_TCPV6 } else { vnet::GSO_TCPV4 },
             hdr_len: hl as u16,
             gso_size: g.mss as u16,
-            csum_start: 20,
+            csum_start: t as u16,
             csum_offset: 16,
         }
         .encode();
@@ -322,6 +353,7 @@ impl Group {
         self.active = true;
         self.age = age;
         self.key = seg.key;
+        self.ihl = seg.ihl;
         self.hl = seg.hl;
         self.header[..seg.hl].copy_from_slice(&data[..seg.hl]);
         self.first = pkt;
@@ -337,21 +369,28 @@ impl Group {
     fn can_take(&self, seg: &Seg, data: &[u8]) -> bool {
         let plen = data.len() - seg.hl;
         let h = &self.header;
+        let t = self.ihl;
+        let ip_same = if t == IPV6_HEADER {
+            // IPv6: traffic class and flow label, hop limit.
+            data[..4] == h[..4] && data[7] == h[7]
+        } else {
+            // IPv4: TOS, DF/MF and offset, TTL.
+            data[1] == h[1] && data[6..9] == h[6..9]
+        };
         !self.closed
+            && seg.ihl == t
             && seg.hl == self.hl
             && seg.seq == self.next_seq
             && plen <= self.mss
             && self.pieces.len() < MAX_SEGMENTS
             && self.hl + self.payload + plen <= usize::from(u16::MAX)
-            // IP: TOS, DF/MF and offset, TTL.
-            && data[1] == h[1]
-            && data[6..9] == h[6..9]
+            && ip_same
             // TCP: ACK number, data offset, window; flags but PSH.
-            && data[28..33] == h[28..33]
-            && (data[33] & !PSH) == (h[33] & !PSH)
-            && data[34..36] == h[34..36]
+            && data[t + 8..t + 13] == h[t + 8..t + 13]
+            && (data[t + 13] & !PSH) == (h[t + 13] & !PSH)
+            && data[t + 14..t + 16] == h[t + 14..t + 16]
             // TCP options (timestamps must match too, as in Linux's GRO).
-            && data[40..seg.hl] == h[40..seg.hl]
+            && data[t + 20..seg.hl] == h[t + 20..seg.hl]
     }
 
     fn take(&mut self, pkt: Pkt, seg: &Seg, data: &[u8]) {
@@ -428,6 +467,42 @@ mod tests {
         let mut done = bytes.clone();
         assert!(crate::udp::gso::complete_checksum(&mut done, 20, 16));
         assert!(tcp_ok(&done));
+    }
+
+    #[test]
+    fn merges_ipv6_segments_into_a_tcpv6_super_packet() {
+        use crate::udp::gso::tests::{tcp6_ok, tcp6_packet};
+        let payload: Vec<u8> = (0..20_000u32).map(|i| (i * 7) as u8).collect();
+        let sup = tcp6_packet(9000, ACK | PSH, &payload);
+        let t = TcpSuper::parse(&sup, 1400).unwrap();
+        let segs: Vec<Vec<u8>> = (0..t.segments())
+            .map(|i| {
+                let mut h = [0u8; MAX_HEADERS];
+                let r = t.segment(i, &mut h);
+                let mut s = h[..t.header_len()].to_vec();
+                s.extend_from_slice(&sup[r]);
+                s
+            })
+            .collect();
+        // An IPv4 flow in between is a flow of its own.
+        let mut mixed = segs.clone();
+        mixed.insert(3, tcp_packet(1, ACK, &[5; 100]));
+        let out = run(&mixed);
+        assert_eq!(out.len(), 2, "{:?}", out.iter().map(|o| o.0).collect::<Vec<_>>());
+        let (vnet, bytes) = out.iter().find(|o| o.1[0] >> 4 == 6).unwrap();
+        let vnet = vnet.unwrap();
+        assert_eq!((vnet.gso_type, vnet.gso_size, vnet.hdr_len), (vnet::GSO_TCPV6, 1400, 72));
+        assert_eq!((vnet.csum_start, vnet.csum_offset), (40, 16));
+        assert_eq!(usize::from(u16::from_be_bytes([bytes[4], bytes[5]])), bytes.len() - 40);
+        assert_eq!(&bytes[72..], &payload[..]);
+        assert_eq!(bytes[53], ACK | PSH);
+        let mut done = bytes.clone();
+        assert!(crate::udp::gso::complete_checksum(&mut done, 40, 16));
+        assert!(tcp6_ok(&done));
+        // Another hop limit is another merge.
+        let mut other = segs.clone();
+        other[2][7] = 63;
+        assert_eq!(run(&other).len(), 3);
     }
 
     #[test]

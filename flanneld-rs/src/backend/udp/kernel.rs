@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use anyhow::{bail, Context};
 use flannel_net::netlink::Netlink;
 use flannel_net::netns::NetNs;
-use ipnet::{IpNet, Ipv4Net};
+use ipnet::IpNet;
 
 use crate::reconcile::kernel::{self, Sweep};
 use crate::reconcile::plan::{self, Desired, Device, Op, TunSpec};
@@ -19,10 +19,11 @@ use crate::reconcile::plan::{self, Desired, Device, Op, TunSpec};
 pub struct DeviceSpec {
     /// Device name.
     pub name: String,
-    /// Our lease; the device gets its network address with a /32.
-    pub subnet: Ipv4Net,
+    /// Our lease; the device gets its network address with a /32 (IPv6, as
+    /// wireguard's `flannel-wg-v6` has it: a /128).
+    pub subnet: IpNet,
     /// The whole Network, routed through the device.
-    pub network: Ipv4Net,
+    pub network: IpNet,
     /// MTU (underlay - 28).
     pub mtu: u32,
     /// The route's scope: global for udp (as flannel's udp backend makes
@@ -35,7 +36,7 @@ impl DeviceSpec {
     /// route for it; it is the source of the node's own traffic into the
     /// overlay.
     pub fn address(&self) -> IpNet {
-        crate::reconcile::desired::vtep_addr(IpNet::V4(self.subnet))
+        crate::reconcile::desired::vtep_addr(self.subnet)
     }
 
     /// The device alone, as the plan wants it.
@@ -46,8 +47,11 @@ impl DeviceSpec {
             peers: BTreeMap::new(),
             tunnel: BTreeMap::new(),
             routes: vec![flannel_net::netlink::Route {
+                dst: self.network,
+                gateway: None,
+                oif: None,
+                onlink: false,
                 scope: self.route_scope,
-                ..super::spec::network_route(self.network)
             }],
             blackhole: None,
         }
@@ -59,7 +63,7 @@ impl DeviceSpec {
 /// data path must be restarted to recreate it).
 pub async fn ensure(nl: &Netlink, spec: &DeviceSpec) -> anyhow::Result<Vec<String>> {
     let want = spec.desired();
-    let have = kernel::observe(nl, Some(&spec.name), Sweep::None, IpNet::V4(spec.network), None).await?;
+    let have = kernel::observe(nl, Some(&spec.name), Sweep::None, spec.network, None).await?;
     if have.device.is_none() {
         bail!("device {} is gone: restart the udp data path to recreate it", spec.name);
     }

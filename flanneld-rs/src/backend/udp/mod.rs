@@ -43,7 +43,7 @@ use std::thread::JoinHandle;
 
 use anyhow::{bail, Context};
 use flannel_net::netns::NetNs;
-use ipnet::Ipv4Net;
+use ipnet::{IpNet, Ipv4Net};
 use log::{info, warn};
 
 use kernel::DeviceSpec;
@@ -228,8 +228,8 @@ impl UdpDataPath {
         let netns = NetNs::current().context("open the current network namespace")?;
         let spec = DeviceSpec {
             name: cfg.tun_name.clone(),
-            subnet: cfg.subnet,
-            network: cfg.network,
+            subnet: IpNet::V4(cfg.subnet),
+            network: IpNet::V4(cfg.network),
             mtu: cfg.mtu,
             route_scope: flannel_net::netlink::Scope::Global,
         };
@@ -534,8 +534,15 @@ impl crate::backend::DataPath for UdpDataPath {
         UdpDataPath::running(self)
     }
 
-    fn set_peers(&self, peers: &[(Ipv4Net, crate::backend::TunnelPeer)]) {
-        let peers: Vec<(Ipv4Net, Ipv4Addr)> = peers.iter().map(|(s, p)| (*s, p.ip)).collect();
+    fn set_peers(&self, peers: &[(IpNet, crate::backend::TunnelPeer)]) {
+        // IPv4 only: the configuration refuses udp with IPv6.
+        let peers: Vec<(Ipv4Net, Ipv4Addr)> = peers
+            .iter()
+            .filter_map(|(s, p)| match (s, p.ip) {
+                (IpNet::V4(s), std::net::IpAddr::V4(ip)) => Some((*s, ip)),
+                _ => None,
+            })
+            .collect();
         UdpDataPath::set_peers(self, &peers)
     }
 }

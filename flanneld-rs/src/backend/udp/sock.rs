@@ -2,10 +2,12 @@
 //! batch that becomes one `sendmmsg` (each message a UDP GSO train of equal
 //! segments to one peer), and a receive batch filled by one `recvmmsg` (each
 //! message possibly a UDP GRO train of equal segments from one peer).
+//! IPv4 by default; [`UdpSocket::bind_ip`] opens an IPv6 one (the
+//! wireguard backend's `flannel-wg-v6`), and the batches take either.
 
 use std::io;
 use std::mem;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
 /// Messages in one `sendmmsg`.
@@ -57,6 +59,43 @@ fn sockaddr(ip: u32, port: u16) -> libc::sockaddr_in {
     }
 }
 
+/// A sockaddr of either family in the room of the larger one, and its length.
+pub fn sockaddr_of(ip: IpAddr, port: u16) -> (libc::sockaddr_in6, libc::socklen_t) {
+    match ip {
+        IpAddr::V4(v4) => {
+            // SAFETY: sockaddr_in6 is plain data for which all-zero is valid.
+            let mut room: libc::sockaddr_in6 = unsafe { mem::zeroed() };
+            let sa = sockaddr(u32::from(v4), port);
+            // SAFETY: a sockaddr_in (16 bytes) fits in a sockaddr_in6 (28).
+            unsafe { std::ptr::write_unaligned((&mut room as *mut libc::sockaddr_in6).cast(), sa) };
+            (room, mem::size_of::<libc::sockaddr_in>() as libc::socklen_t)
+        }
+        IpAddr::V6(v6) => (
+            libc::sockaddr_in6 {
+                sin6_family: libc::AF_INET6 as libc::sa_family_t,
+                sin6_port: port.to_be(),
+                sin6_flowinfo: 0,
+                sin6_addr: libc::in6_addr { s6_addr: v6.octets() },
+                sin6_scope_id: 0,
+            },
+            mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t,
+        ),
+    }
+}
+
+/// The address in a sockaddr of either family that the kernel wrote.
+fn address_in(sa: &libc::sockaddr_in6) -> SocketAddr {
+    if i32::from(sa.sin6_family) == libc::AF_INET6 {
+        // An IPv4 sender on a dual-stack socket comes as ::ffff:a.b.c.d.
+        let ip = Ipv6Addr::from(sa.sin6_addr.s6_addr).to_canonical();
+        SocketAddr::new(ip, u16::from_be(sa.sin6_port))
+    } else {
+        // SAFETY: an AF_INET address, which is a sockaddr_in at the start.
+        let v4: libc::sockaddr_in = unsafe { std::ptr::read_unaligned((sa as *const libc::sockaddr_in6).cast()) };
+        SocketAddr::new(IpAddr::V4(Ipv4Addr::from(u32::from_be(v4.sin_addr.s_addr))), u16::from_be(v4.sin_port))
+    }
+}
+
 /// Our UDP socket. Blocking for sends (a full send buffer is back-pressure,
 /// not a reason to drop); receives never block (`MSG_DONTWAIT`).
 #[derive(Debug)]
@@ -68,14 +107,34 @@ impl UdpSocket {
     /// Binds `addr:port`, with `SO_REUSEPORT` so that each worker has its own
     /// socket on the same port (the kernel spreads peers over them).
     pub fn bind(addr: Ipv4Addr, port: u16) -> io::Result<UdpSocket> {
+        Self::bind_ip(IpAddr::V4(addr), port)
+    }
+
+    /// [`UdpSocket::bind`] for either family; an IPv6 socket is IPv6 only.
+    pub fn bind_ip(addr: IpAddr, port: u16) -> io::Result<UdpSocket> {
+        Self::bind_with(addr, port, true)
+    }
+
+    /// An IPv6 socket on every address of both families (`IPV6_V6ONLY`
+    /// off): it takes IPv4 destinations as they are, and IPv4 senders
+    /// arrive as IPv4 addresses ([`Received::from`]).
+    pub fn bind_dual(port: u16) -> io::Result<UdpSocket> {
+        Self::bind_with(IpAddr::V6(Ipv6Addr::UNSPECIFIED), port, false)
+    }
+
+    fn bind_with(addr: IpAddr, port: u16, v6only: bool) -> io::Result<UdpSocket> {
+        let domain = if addr.is_ipv6() { libc::AF_INET6 } else { libc::AF_INET };
         // SAFETY: plain socket(2) call.
-        let raw = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+        let raw = unsafe { libc::socket(domain, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
         if raw < 0 {
             return Err(io::Error::last_os_error());
         }
         // SAFETY: `raw` is a fresh descriptor that we own from here on.
         let fd = unsafe { OwnedFd::from_raw_fd(raw) };
         setsockopt_int(raw, libc::SOL_SOCKET, libc::SO_REUSEPORT, 1)?;
+        if addr.is_ipv6() {
+            setsockopt_int(raw, libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, v6only.into())?;
+        }
         for (force, plain) in [(libc::SO_SNDBUFFORCE, libc::SO_SNDBUF), (libc::SO_RCVBUFFORCE, libc::SO_RCVBUF)] {
             // The FORCE variants ignore net.core.[rw]mem_max but need
             // CAP_NET_ADMIN; without it, take what the limit allows.
@@ -83,18 +142,12 @@ impl UdpSocket {
                 let _ = setsockopt_int(raw, libc::SOL_SOCKET, plain, SOCKET_BUFFER);
             }
         }
-        let sa = sockaddr(u32::from(addr), port);
-        // SAFETY: `sa` is a valid sockaddr_in of the given size.
-        let rc = unsafe {
-            libc::bind(
-                raw,
-                &sa as *const libc::sockaddr_in as *const libc::sockaddr,
-                mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
-            )
-        };
+        let (sa, len) = sockaddr_of(addr, port);
+        // SAFETY: `sa` is a valid sockaddr of the given length.
+        let rc = unsafe { libc::bind(raw, &sa as *const libc::sockaddr_in6 as *const libc::sockaddr, len) };
         if rc < 0 {
             let e = io::Error::last_os_error();
-            return Err(io::Error::new(e.kind(), format!("bind UDP {addr}:{port}: {e}")));
+            return Err(io::Error::new(e.kind(), format!("bind UDP {}: {e}", SocketAddr::new(addr, port))));
         }
         Ok(UdpSocket { fd })
     }
@@ -119,7 +172,7 @@ impl UdpSocket {
 /// One message being assembled.
 #[derive(Debug, Clone, Copy)]
 struct Msg {
-    dest: u32,
+    dest: IpAddr,
     port: u16,
     iov_start: usize,
     /// iovecs per segment (1: a packet as read; 2: cut header + payload).
@@ -155,7 +208,7 @@ pub struct TxBatch {
     hdrs: Box<[u8]>,
     nhdr: usize,
     mmsgs: Box<[libc::mmsghdr]>,
-    addrs: Box<[libc::sockaddr_in]>,
+    addrs: Box<[libc::sockaddr_in6]>,
     cmsgs: Box<[[u64; 4]]>,
     /// Totals since the caller last took them.
     pub sent: Sent,
@@ -177,7 +230,7 @@ impl TxBatch {
             nhdr: 0,
             // SAFETY: mmsghdr is plain data for which all-zero is valid.
             mmsgs: (0..TX_MSGS).map(|_| unsafe { mem::zeroed() }).collect(),
-            addrs: vec![sockaddr(0, 0); TX_MSGS].into_boxed_slice(),
+            addrs: vec![sockaddr_of(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0).0; TX_MSGS].into_boxed_slice(),
             cmsgs: vec![[0u64; 4]; TX_MSGS].into_boxed_slice(),
             sent: Sent::default(),
             gso_failed: None,
@@ -220,16 +273,17 @@ impl TxBatch {
     /// pointer to it is kept. Call [`TxBatch::reserve`] before each push.
     pub unsafe fn push(&mut self, dest: u32, hdr_len: usize, data: &[u8]) {
         // SAFETY: the caller keeps the contract of `push_to`.
-        unsafe { self.push_to(dest, self.port, hdr_len, data) }
+        unsafe { self.push_to(IpAddr::V4(Ipv4Addr::from(dest)), self.port, hdr_len, data) }
     }
 
     /// [`TxBatch::push`] to a peer listening on `port` rather than the
-    /// batch's port (WireGuard peers each have theirs).
+    /// batch's port (WireGuard peers each have theirs), of either family
+    /// (the socket's).
     ///
     /// # Safety
     ///
     /// As for [`TxBatch::push`].
-    pub unsafe fn push_to(&mut self, dest: u32, port: u16, hdr_len: usize, data: &[u8]) {
+    pub unsafe fn push_to(&mut self, dest: IpAddr, port: u16, hdr_len: usize, data: &[u8]) {
         let len = hdr_len + data.len();
         let per_seg = if hdr_len > 0 { 2 } else { 1 };
         if hdr_len > 0 {
@@ -274,10 +328,11 @@ impl TxBatch {
     pub fn flush(&mut self, sock: &UdpSocket) {
         let n = self.msgs.len();
         for (i, m) in self.msgs.iter().enumerate() {
-            self.addrs[i] = sockaddr(m.dest, m.port);
+            let (sa, len) = sockaddr_of(m.dest, m.port);
+            self.addrs[i] = sa;
             let hdr = &mut self.mmsgs[i].msg_hdr;
-            hdr.msg_name = (&mut self.addrs[i] as *mut libc::sockaddr_in).cast();
-            hdr.msg_namelen = mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+            hdr.msg_name = (&mut self.addrs[i] as *mut libc::sockaddr_in6).cast();
+            hdr.msg_namelen = len;
             hdr.msg_iov = self.iovs[m.iov_start..].as_mut_ptr();
             hdr.msg_iovlen = m.segs * m.iov_per_seg;
             if m.segs > 1 {
@@ -358,8 +413,10 @@ impl TxBatch {
 /// What one received message holds.
 #[derive(Debug, Clone, Copy)]
 pub struct Received {
-    /// The sender's address.
+    /// The sender's address (IPv4; 0 on an IPv6 socket).
     pub src: u32,
+    /// The sender's address and port, of either family.
+    pub from: SocketAddr,
     /// The sender's port.
     pub src_port: u16,
     /// Bytes received.
@@ -374,7 +431,7 @@ pub struct RxBatch {
     bufs: Vec<Box<[u8]>>,
     mmsgs: Box<[libc::mmsghdr]>,
     iovs: Box<[libc::iovec]>,
-    addrs: Box<[libc::sockaddr_in]>,
+    addrs: Box<[libc::sockaddr_in6]>,
     cmsgs: Box<[[u64; 8]]>,
     n: usize,
 }
@@ -389,7 +446,7 @@ impl RxBatch {
             // SAFETY: mmsghdr is plain data for which all-zero is valid.
             mmsgs: (0..msgs).map(|_| unsafe { mem::zeroed() }).collect(),
             iovs: vec![empty_iov; msgs].into_boxed_slice(),
-            addrs: vec![sockaddr(0, 0); msgs].into_boxed_slice(),
+            addrs: vec![sockaddr_of(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0).0; msgs].into_boxed_slice(),
             cmsgs: vec![[0u64; 8]; msgs].into_boxed_slice(),
             n: 0,
         }
@@ -402,8 +459,8 @@ impl RxBatch {
         for i in 0..cap {
             self.iovs[i] = libc::iovec { iov_base: self.bufs[i].as_mut_ptr().cast(), iov_len: RX_BUF };
             let hdr = &mut self.mmsgs[i].msg_hdr;
-            hdr.msg_name = (&mut self.addrs[i] as *mut libc::sockaddr_in).cast();
-            hdr.msg_namelen = mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+            hdr.msg_name = (&mut self.addrs[i] as *mut libc::sockaddr_in6).cast();
+            hdr.msg_namelen = mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t;
             hdr.msg_iov = &mut self.iovs[i];
             hdr.msg_iovlen = 1;
             hdr.msg_control = self.cmsgs[i].as_mut_ptr().cast();
@@ -441,8 +498,12 @@ impl RxBatch {
     pub fn get(&self, i: usize) -> Received {
         let m = &self.mmsgs[i];
         let len = m.msg_len as usize;
-        let src = u32::from_be(self.addrs[i].sin_addr.s_addr);
-        let src_port = u16::from_be(self.addrs[i].sin_port);
+        let from = address_in(&self.addrs[i]);
+        let src = match from.ip() {
+            IpAddr::V4(v4) => u32::from(v4),
+            IpAddr::V6(_) => 0,
+        };
+        let src_port = from.port();
         let mut seg = len;
         // SAFETY: walks the control messages the kernel wrote into our
         // buffer, within msg_controllen, with the libc helpers.
@@ -458,7 +519,7 @@ impl RxBatch {
                 c = libc::CMSG_NXTHDR(&m.msg_hdr, c);
             }
         }
-        Received { src, src_port, len, seg: seg.max(1) }
+        Received { src, from, src_port, len, seg: seg.max(1) }
     }
 
     /// The buffer of message `i`.

@@ -25,8 +25,9 @@ const CLONE_DEV: &CStr = c"/dev/net/tun";
 pub struct TunOptions {
     /// `IFF_MULTI_QUEUE`: one descriptor (queue) per worker.
     pub multi_queue: bool,
-    /// `IFF_VNET_HDR` with `TUN_F_CSUM | TUN_F_TSO4`: the kernel hands us
-    /// TCP super-packets and accepts them from us.
+    /// `IFF_VNET_HDR` with `TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6`: the
+    /// kernel hands us TCP super-packets and accepts them from us (IPv6 ones
+    /// only on a device that carries IPv6: wireguard's `flannel-wg-v6`).
     pub offload: bool,
 }
 
@@ -98,7 +99,7 @@ pub fn open_queue(name: &str, opts: TunOptions) -> io::Result<OwnedFd> {
     // Offloads are per device too: turn them off explicitly without a
     // virtio header, or the kernel would hand us super-packets we cannot
     // tell apart from plain ones.
-    let offloads = if opts.offload { libc::TUN_F_CSUM | libc::TUN_F_TSO4 } else { 0 };
+    let offloads = if opts.offload { libc::TUN_F_CSUM | libc::TUN_F_TSO4 | libc::TUN_F_TSO6 } else { 0 };
     ioctl(&file, libc::TUNSETOFFLOAD, offloads.into(), "TUNSETOFFLOAD", name)?;
     Ok(OwnedFd::from(file))
 }

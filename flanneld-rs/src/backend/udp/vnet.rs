@@ -15,6 +15,9 @@ pub const F_NEEDS_CSUM: u8 = 1;
 pub const GSO_NONE: u8 = 0;
 /// `gso_type`: an IPv4 TCP super-packet to be cut into `gso_size` payloads.
 pub const GSO_TCPV4: u8 = 1;
+/// `gso_type`: an IPv6 TCP super-packet (the wireguard backend's
+/// `flannel-wg-v6`).
+pub const GSO_TCPV6: u8 = 4;
 /// `gso_type` flag: the sender uses ECN (we do not enable `TUN_F_TSO_ECN`,
 /// so the kernel should never set it; we tolerate it).
 pub const GSO_ECN: u8 = 0x80;

@@ -1,6 +1,8 @@
 //! The user-space WireGuard data path: packets move between the TUN device
 //! `flannel-wg` and UDP sockets on `ListenPort`, one `boringtun` tunnel
-//! (Noise state machine) per peer.
+//! (Noise state machine) per peer. The same code runs `flannel-wg-v6`
+//! (Mode `separate`): IPv6 packets inside, an IPv6 socket on `ListenPortV6`
+//! outside.
 //!
 //! - Out: a packet read from the TUN goes to the peer whose subnet holds
 //!   its destination (WireGuard's cryptokey routing, the peer's allowed IPs
@@ -12,7 +14,8 @@
 //!   initiation, by the initiator's static key (decrypted with ours); a
 //!   datagram of no known peer, or that fails authentication, is dropped
 //!   and counted. A decrypted packet is written to the TUN only when its
-//!   source is in the peer's subnet. An authenticated datagram moves the
+//!   source is in one of the peer's subnets (one; with one device for both
+//!   families, its IPv4 and IPv6 subnets). An authenticated datagram moves the
 //!   peer's endpoint to where it came from, as WireGuard specifies.
 //! - Timers: every [`TICK`] each tunnel's timers run (handshake retries
 //!   and re-keying, `PersistentKeepaliveInterval`, session expiry).
@@ -37,7 +40,7 @@
 //!   wait for a handshake).
 
 use std::collections::HashMap;
-use std::net::{IpAddr, Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
@@ -47,7 +50,7 @@ use anyhow::{bail, Context};
 use boringtun::noise::{handshake::parse_handshake_anon, Packet, Tunn, TunnResult};
 use boringtun::x25519::{PublicKey, StaticSecret};
 use flannel_net::netns::NetNs;
-use ipnet::Ipv4Net;
+use ipnet::{IpNet, Ipv6Net};
 use log::{debug, info, warn};
 
 use crate::backend::udp::gro::{Pkt, TunWriter};
@@ -71,12 +74,13 @@ const COOKIE_REPLY_LEN: usize = 64;
 /// What the data path needs to know.
 #[derive(Clone, PartialEq, Eq)]
 pub struct WgConfig {
-    /// The TUN device, `flannel-wg`.
+    /// The TUN device, `flannel-wg` (`flannel-wg-v6`).
     pub tun_name: String,
-    /// Our lease; the device gets its first address with a /32.
-    pub subnet: Ipv4Net,
+    /// Our lease; the device gets its first address with a /32 (/128). Its
+    /// family is the data path's, inside and outside.
+    pub subnet: IpNet,
     /// The Network, routed into the device.
-    pub network: Ipv4Net,
+    pub network: IpNet,
     /// The device's MTU.
     pub mtu: u32,
     /// Our UDP port.
@@ -87,6 +91,9 @@ pub struct WgConfig {
     pub psk: Option<[u8; 32]>,
     /// Persistent keepalive, seconds (0: off).
     pub keepalive: u16,
+    /// One device for both families (Mode auto, ipv4, ipv6): peers of both,
+    /// a dual-stack socket.
+    pub one_device: Option<super::OneDevice>,
 }
 
 impl std::fmt::Debug for WgConfig {
@@ -99,6 +106,7 @@ impl std::fmt::Debug for WgConfig {
             .field("port", &self.port)
             .field("psk", &self.psk.map(|_| "(set)"))
             .field("keepalive", &self.keepalive)
+            .field("one_device", &self.one_device)
             .finish()
     }
 }
@@ -135,7 +143,7 @@ pub struct Counters {
     /// Per peer subnet, handshake responses that failed authentication
     /// since the last authenticated datagram from it (another PSK, or a
     /// key not its lease's); absent when none.
-    pub failing_handshakes: std::sync::Mutex<std::collections::BTreeMap<Ipv4Net, u64>>,
+    pub failing_handshakes: std::sync::Mutex<std::collections::BTreeMap<IpNet, u64>>,
 }
 
 impl Counters {
@@ -196,13 +204,12 @@ pub fn stages() -> Vec<(&'static str, Tuning)> {
 struct Peer {
     key: [u8; 32],
     tunn: Mutex<Tunn>,
-    /// Its subnet (allowed IPs), packed by [`pack_net`].
-    subnet: AtomicU64,
+    /// Its subnets (allowed IPs): one, or one per family with one device.
+    subnets: RwLock<Vec<IpNet>>,
     /// The endpoint its lease gives.
-    lease_endpoint: Mutex<SocketAddrV4>,
-    /// Where datagrams go, packed by [`pack_addr`]: the lease's, or where
-    /// it last sent from.
-    endpoint: AtomicU64,
+    lease_endpoint: Mutex<SocketAddr>,
+    /// Where datagrams go: the lease's, or where it last sent from.
+    endpoint: RwLock<SocketAddr>,
     /// Our index for it (the upper 24 bits of the receiver index).
     index: u32,
     /// Handshake responses from it that failed since its last
@@ -210,29 +217,23 @@ struct Peer {
     failing: AtomicU64,
 }
 
-fn pack_addr(a: SocketAddrV4) -> u64 {
-    u64::from(u32::from(*a.ip())) << 16 | u64::from(a.port())
-}
-
-fn unpack_addr(v: u64) -> SocketAddrV4 {
-    SocketAddrV4::new(Ipv4Addr::from((v >> 16) as u32), v as u16)
-}
-
-fn pack_net(n: Ipv4Net) -> u64 {
-    u64::from(u32::from(n.network())) << 8 | u64::from(n.prefix_len())
-}
-
-fn unpack_net(v: u64) -> Ipv4Net {
-    Ipv4Net::new(Ipv4Addr::from((v >> 8) as u32), v as u8).expect("packed from an Ipv4Net")
-}
-
 impl Peer {
-    fn subnet(&self) -> Ipv4Net {
-        unpack_net(self.subnet.load(Ordering::Relaxed))
+    /// Its first subnet, which names it in logs and metrics.
+    fn subnet(&self) -> IpNet {
+        self.subnets.read().unwrap_or_else(|p| p.into_inner())[0]
     }
 
-    fn endpoint(&self) -> SocketAddrV4 {
-        unpack_addr(self.endpoint.load(Ordering::Relaxed))
+    /// Whether `ip` is in one of its subnets.
+    fn allows(&self, ip: IpAddr) -> bool {
+        self.subnets.read().unwrap_or_else(|p| p.into_inner()).iter().any(|s| s.contains(&ip))
+    }
+
+    fn endpoint(&self) -> SocketAddr {
+        *self.endpoint.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn set_endpoint(&self, to: SocketAddr) -> SocketAddr {
+        std::mem::replace(&mut *self.endpoint.write().unwrap_or_else(|p| p.into_inner()), to)
     }
 
     fn tunn(&self) -> MutexGuard<'_, Tunn> {
@@ -241,11 +242,13 @@ impl Peer {
 
     /// Moves the endpoint to `from` (an authenticated datagram came from
     /// there).
-    fn roam(&self, from: SocketAddrV4) {
-        let v = pack_addr(from);
-        let old = self.endpoint.swap(v, Ordering::Relaxed);
-        if old != v {
-            info!("wireguard backend: peer {} roamed: {} -> {from}", self.subnet(), unpack_addr(old));
+    fn roam(&self, from: SocketAddr) {
+        if self.endpoint() == from {
+            return;
+        }
+        let old = self.set_endpoint(from);
+        if old != from {
+            info!("wireguard backend: peer {} roamed: {old} -> {from}", self.subnet());
         }
     }
 }
@@ -255,16 +258,22 @@ impl Peer {
 #[derive(Default)]
 struct Table {
     peers: Vec<Arc<Peer>>,
-    /// Subnet -> position in `peers` (the udp backend's longest-prefix
+    /// IPv4 subnet -> position in `peers` (the udp backend's longest-prefix
     /// table, its values used as positions).
     routes: PeerTable,
+    /// IPv6 subnets and positions, longest prefix first (a node has a few
+    /// dozen peers at most in a cluster of that size: a scan is enough).
+    routes6: Vec<(Ipv6Net, usize)>,
     by_index: HashMap<u32, usize>,
     by_key: HashMap<[u8; 32], usize>,
 }
 
 impl Table {
-    fn route(&self, dst: u32) -> Option<&Arc<Peer>> {
-        self.routes.lookup(dst).map(|i| &self.peers[i as usize])
+    fn route(&self, dst: IpAddr) -> Option<&Arc<Peer>> {
+        match dst {
+            IpAddr::V4(v4) => self.routes.lookup(u32::from(v4)).map(|i| &self.peers[i as usize]),
+            IpAddr::V6(v6) => self.routes6.iter().find(|(n, _)| n.contains(&v6)).map(|(_, i)| &self.peers[*i]),
+        }
     }
 }
 
@@ -331,6 +340,11 @@ impl WgDataPath {
         if !cfg.network.contains(&cfg.subnet) {
             bail!("wireguard backend: subnet {} is not inside the Network {}", cfg.subnet, cfg.network);
         }
+        let (any, port_key) = match (cfg.subnet, cfg.one_device) {
+            (_, Some(_)) => (IpAddr::V6(Ipv6Addr::UNSPECIFIED), "Backend.ListenPort"),
+            (IpNet::V4(_), None) => (IpAddr::V4(Ipv4Addr::UNSPECIFIED), "Backend.ListenPort"),
+            (IpNet::V6(_), None) => (IpAddr::V6(Ipv6Addr::UNSPECIFIED), "Backend.ListenPortV6"),
+        };
         let netns = NetNs::current().context("open the current network namespace")?;
         let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
         let wanted = if tuning.multi_queue { cpus } else { 1 };
@@ -339,8 +353,12 @@ impl WgDataPath {
         let mut socks = Vec::with_capacity(wanted);
         for _ in 0..wanted {
             socks.push(
-                UdpSocket::bind(Ipv4Addr::UNSPECIFIED, cfg.port)
-                    .with_context(|| format!("wireguard backend: UDP port {} (Backend.ListenPort)", cfg.port))?,
+                (if cfg.one_device.is_some() {
+                    UdpSocket::bind_dual(cfg.port)
+                } else {
+                    UdpSocket::bind_ip(any, cfg.port)
+                })
+                .with_context(|| format!("wireguard backend: UDP port {} ({port_key})", cfg.port))?,
             );
         }
         let spec = DeviceSpec {
@@ -398,43 +416,43 @@ impl WgDataPath {
     /// sent there, and a peer no longer listed is removed. Tunnels of
     /// unchanged peers keep their sessions. Workers take the new table at
     /// their next round; traffic never pauses.
-    pub fn set_peers(&self, peers: &[(Ipv4Net, TunnelPeer)]) {
+    pub fn set_peers(&self, peers: &[(IpNet, TunnelPeer)]) {
         let mut next_index = self.shared.writer.lock().unwrap_or_else(|p| p.into_inner());
         let (_, old) = self.shared.cell.load();
-        let mut wanted: Vec<([u8; 32], Ipv4Net, SocketAddrV4)> = Vec::new();
-        let mut seen: HashMap<[u8; 32], usize> = HashMap::new();
-        for (subnet, p) in peers {
-            let Some(w) = p.wireguard else { continue };
-            let endpoint = SocketAddrV4::new(p.ip, w.port);
-            if let Some(&i) = seen.get(&w.public_key) {
-                warn!(
-                    "wireguard backend: peers {} and {subnet} advertise the same public key {}; using {subnet}",
-                    wanted[i].1,
-                    crate::config::encode_key(&w.public_key)
-                );
-                wanted[i] = (w.public_key, *subnet, endpoint);
-                continue;
-            }
-            seen.insert(w.public_key, wanted.len());
-            wanted.push((w.public_key, *subnet, endpoint));
-        }
+        let v6 = self.cfg.subnet.addr().is_ipv6();
+        // Our family only, inside and outside (the reconcile gives each
+        // family's data path its own family's leases), unless one device
+        // carries both.
+        let ours: Vec<(IpNet, TunnelPeer)> = peers
+            .iter()
+            .filter(|(s, p)| self.cfg.one_device.is_some() || (s.addr().is_ipv6() == v6 && p.ip.is_ipv6() == v6))
+            .copied()
+            .collect();
+        let wanted = super::group(&ours, self.cfg.one_device);
+        let seen: std::collections::HashSet<[u8; 32]> = wanted.iter().map(|g| g.key).collect();
         for p in &old.peers {
-            if !seen.contains_key(&p.key) {
+            if !seen.contains(&p.key) {
                 info!("wireguard backend: peer {} ({}) removed", p.subnet(), crate::config::encode_key(&p.key));
             }
         }
         let mut t = Table::default();
         let mut routes = Vec::with_capacity(wanted.len());
-        for (key, subnet, endpoint) in wanted {
+        let mut routes6 = Vec::new();
+        for super::Grouped { key, subnets, endpoint } in wanted {
+            let names = subnets.iter().map(|s| s.to_string()).collect::<Vec<_>>().join(",");
             let peer = match old.by_key.get(&key) {
                 Some(&i) => {
                     let p = Arc::clone(&old.peers[i]);
-                    p.subnet.store(pack_net(subnet), Ordering::Relaxed);
+                    let changed =
+                        std::mem::replace(&mut *p.subnets.write().unwrap_or_else(|e| e.into_inner()), subnets.clone());
+                    if changed != subnets {
+                        info!("wireguard backend: peer {names} at {endpoint}, key {}", crate::config::encode_key(&key));
+                    }
                     let mut lease = p.lease_endpoint.lock().unwrap_or_else(|e| e.into_inner());
                     if *lease != endpoint {
-                        info!("wireguard backend: peer {subnet} now at {endpoint}");
+                        info!("wireguard backend: peer {names} now at {endpoint}");
                         *lease = endpoint;
-                        p.endpoint.store(pack_addr(endpoint), Ordering::Relaxed);
+                        p.set_endpoint(endpoint);
                     }
                     drop(lease);
                     p
@@ -450,25 +468,32 @@ impl WgDataPath {
                         index,
                         None,
                     );
-                    info!("wireguard backend: peer {subnet} at {endpoint}, key {}", crate::config::encode_key(&key));
+                    info!("wireguard backend: peer {names} at {endpoint}, key {}", crate::config::encode_key(&key));
                     Arc::new(Peer {
                         key,
                         tunn: Mutex::new(tunn),
-                        subnet: AtomicU64::new(pack_net(subnet)),
+                        subnets: RwLock::new(subnets.clone()),
                         lease_endpoint: Mutex::new(endpoint),
-                        endpoint: AtomicU64::new(pack_addr(endpoint)),
+                        endpoint: RwLock::new(endpoint),
                         index,
                         failing: AtomicU64::new(0),
                     })
                 }
             };
             let pos = t.peers.len();
-            routes.push((subnet, Ipv4Addr::from(pos as u32)));
+            for s in &subnets {
+                match s {
+                    IpNet::V4(s) => routes.push((*s, Ipv4Addr::from(pos as u32))),
+                    IpNet::V6(s) => routes6.push((*s, pos)),
+                }
+            }
             t.by_index.insert(peer.index, pos);
             t.by_key.insert(key, pos);
             t.peers.push(peer);
         }
         t.routes = PeerTable::new(&routes);
+        routes6.sort_by_key(|(n, _)| std::cmp::Reverse(n.prefix_len()));
+        t.routes6 = routes6;
         self.shared.cell.store(t);
     }
 
@@ -488,7 +513,7 @@ impl crate::backend::DataPath for WgDataPath {
         WgDataPath::running(self)
     }
 
-    fn set_peers(&self, peers: &[(Ipv4Net, TunnelPeer)]) {
+    fn set_peers(&self, peers: &[(IpNet, TunnelPeer)]) {
         WgDataPath::set_peers(self, peers)
     }
 }
@@ -566,11 +591,11 @@ impl Out {
 
     /// Queues the `len` bytes just written at the start of [`Out::room`]'s
     /// slice for `to`.
-    fn commit(&mut self, to: SocketAddrV4, len: usize) {
+    fn commit(&mut self, to: SocketAddr, len: usize) {
         let d = &self.arena[self.used..self.used + len];
         // SAFETY: the arena is neither written nor freed before the next
         // flush (room() flushes before it starts over, and so does drop).
-        unsafe { self.tx.push_to(u32::from(*to.ip()), to.port(), 0, d) };
+        unsafe { self.tx.push_to(to.ip(), to.port(), 0, d) };
         self.used += len;
     }
 
@@ -696,23 +721,11 @@ impl Worker {
     }
 
     /// Sends one control datagram (handshake, cookie, keepalive) at once.
-    fn send_now(&mut self, to: SocketAddrV4, d: &[u8]) -> bool {
-        let sa = libc::sockaddr_in {
-            sin_family: libc::AF_INET as libc::sa_family_t,
-            sin_port: to.port().to_be(),
-            sin_addr: libc::in_addr { s_addr: u32::from(*to.ip()).to_be() },
-            sin_zero: [0; 8],
-        };
-        // SAFETY: sends `d` to a valid sockaddr_in of the given size.
+    fn send_now(&mut self, to: SocketAddr, d: &[u8]) -> bool {
+        let (sa, len) = crate::backend::udp::sock::sockaddr_of(to.ip(), to.port());
+        // SAFETY: sends `d` to a valid sockaddr of the given length.
         let rc = unsafe {
-            libc::sendto(
-                self.sock.raw(),
-                d.as_ptr().cast(),
-                d.len(),
-                0,
-                (&sa as *const libc::sockaddr_in).cast(),
-                std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
-            )
+            libc::sendto(self.sock.raw(), d.as_ptr().cast(), d.len(), 0, (&sa as *const libc::sockaddr_in6).cast(), len)
         };
         if rc < 0 {
             self.local.send_errors += 1;
@@ -805,7 +818,7 @@ impl Worker {
         let table = Arc::clone(&self.table);
         for m in 0..n {
             let r = self.rx.get(m);
-            let from = SocketAddrV4::new(Ipv4Addr::from(r.src), r.src_port);
+            let from = r.from;
             let mut off = 0;
             // The peer whose tunnel is locked, kept across the datagrams of
             // a train (they come from one sender).
@@ -824,35 +837,36 @@ impl Worker {
                         }
                         let tunn = &mut held.as_mut().expect("just set").1;
                         let plain = &mut self.plain[m][off..];
-                        match tunn.decapsulate(Some(IpAddr::V4(*from.ip())), d, plain) {
-                            TunnResult::WriteToTunnelV4(pkt, source) => {
-                                let plen = pkt.len();
-                                if peer.subnet().contains(&source) && plen <= self.shared.mtu {
+                        let r = tunn.decapsulate(Some(from.ip()), d, plain);
+                        let r = match r {
+                            TunnResult::WriteToTunnelV4(pkt, source) => Ok((pkt.len(), IpAddr::V4(source))),
+                            TunnResult::WriteToTunnelV6(pkt, source) => Ok((pkt.len(), IpAddr::V6(source))),
+                            other => Err(other),
+                        };
+                        match r {
+                            // The packet's family must be the device's (its
+                            // peers' subnets are), its source inside the
+                            // peer's subnet.
+                            Ok((plen, source)) => {
+                                if peer.allows(source) && plen <= self.shared.mtu {
                                     self.local.rx_packets += 1;
                                     self.local.rx_bytes += plen as u64;
                                     self.inner.push(Pkt { buf: m as u16, off: off as u32, len: plen as u32 });
                                 } else {
                                     self.local.dropped_not_allowed += 1;
                                 }
-                                if peer.endpoint.load(Ordering::Relaxed) != pack_addr(from) {
-                                    peer.roam(from);
-                                }
+                                peer.roam(from);
                             }
                             // A keepalive.
-                            TunnResult::Done => {
-                                if peer.endpoint.load(Ordering::Relaxed) != pack_addr(from) {
-                                    peer.roam(from);
-                                }
-                            }
-                            TunnResult::WriteToTunnelV6(..) => self.local.dropped_not_allowed += 1,
-                            TunnResult::WriteToNetwork(_) => {}
-                            TunnResult::Err(e) => {
+                            Err(TunnResult::Done) => peer.roam(from),
+                            Err(TunnResult::Err(e)) => {
                                 self.local.dropped_invalid += 1;
                                 debug!(
                                     "wireguard backend: datagram from {from} for peer {} dropped: {e:?}",
                                     peer.subnet()
                                 );
                             }
+                            Err(_) => {}
                         }
                     }
                     None if idx.is_some() => {
@@ -889,7 +903,7 @@ impl Worker {
 
     /// A datagram that is not a data message: a handshake initiation or
     /// response, a cookie reply, or junk.
-    fn control(&mut self, table: &Table, d: &[u8], from: SocketAddrV4) {
+    fn control(&mut self, table: &Table, d: &[u8], from: SocketAddr) {
         let parsed = match Tunn::parse_incoming_packet(d) {
             Ok(p) => p,
             Err(_) => {
@@ -921,7 +935,7 @@ impl Worker {
         let mut replies: Vec<Vec<u8>> = Vec::new();
         let authenticated = {
             let mut tunn = peer.tunn();
-            let auth = match tunn.decapsulate(Some(IpAddr::V4(*from.ip())), d, &mut dst) {
+            let auth = match tunn.decapsulate(Some(from.ip()), d, &mut dst) {
                 TunnResult::WriteToNetwork(reply) => {
                     replies.push(reply.to_vec());
                     reply.len() != COOKIE_REPLY_LEN
@@ -969,6 +983,10 @@ impl Worker {
     }
 }
 
+/// An IPv6 header's length (no extension headers counted: the payload
+/// length covers them).
+const IPV6_HEADER: usize = 40;
+
 /// The receiver index of a data message (type 4, at least the header and
 /// the tag), or `None` for anything else.
 fn data_receiver(d: &[u8]) -> Option<u32> {
@@ -981,12 +999,23 @@ fn data_receiver(d: &[u8]) -> Option<u32> {
 /// Handles one packet read from the TUN: to its peer's tunnel, cut into
 /// segments first when it is a super-packet.
 fn outbound(pkt: &mut [u8], hdr: VnetHdr, table: &Table, out: &mut Out, sock: &UdpSocket, local: &mut Local) {
-    if packet::ipv4_header_len(pkt).is_none() {
-        // IPv6 (the kernel's router solicitations on the device) or junk:
-        // the device carries IPv4 only.
-        return;
-    }
-    let Some(peer) = table.route(packet::dst(pkt)) else {
+    // The destination and the packet's length from its header.
+    let (dst, tot) = match pkt.first().map(|b| b >> 4) {
+        Some(4) if packet::ipv4_header_len(pkt).is_some() => {
+            (IpAddr::V4(Ipv4Addr::from(packet::dst(pkt))), packet::total_len(pkt))
+        }
+        Some(6) if pkt.len() >= IPV6_HEADER => {
+            let d: [u8; 16] = pkt[24..40].try_into().expect("16 bytes");
+            if d[0] == 0xff {
+                // Multicast: the kernel's router and neighbour solicitations
+                // on the device, no peer's.
+                return;
+            }
+            (IpAddr::V6(Ipv6Addr::from(d)), IPV6_HEADER + usize::from(u16::from_be_bytes([pkt[4], pkt[5]])))
+        }
+        _ => return,
+    };
+    let Some(peer) = table.route(dst) else {
         local.dropped_no_peer += 1;
         return;
     };
@@ -1014,7 +1043,6 @@ fn outbound(pkt: &mut [u8], hdr: VnetHdr, table: &Table, out: &mut Out, sock: &U
     };
     match hdr.gso_type & !vnet::GSO_ECN {
         vnet::GSO_NONE => {
-            let tot = packet::total_len(pkt);
             if tot < 20 || tot > pkt.len() {
                 return;
             }
@@ -1026,7 +1054,8 @@ fn outbound(pkt: &mut [u8], hdr: VnetHdr, table: &Table, out: &mut Out, sock: &U
             }
             seal(pkt);
         }
-        vnet::GSO_TCPV4 => {
+        // IPv6 super-packets come on flannel-wg-v6 only (TUN_F_TSO6).
+        vnet::GSO_TCPV4 | vnet::GSO_TCPV6 if (hdr.gso_type & !vnet::GSO_ECN == vnet::GSO_TCPV6) == dst.is_ipv6() => {
             cut_in_place(pkt, usize::from(hdr.gso_size), &mut seal);
         }
         _ => {}
@@ -1038,10 +1067,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn packs_addresses_and_subnets() {
-        let a: SocketAddrV4 = "192.0.2.10:51820".parse().unwrap();
-        assert_eq!(unpack_addr(pack_addr(a)), a);
-        let n: Ipv4Net = "10.244.3.0/24".parse().unwrap();
-        assert_eq!(unpack_net(pack_net(n)), n);
+    fn data_receiver_reads_only_data_messages() {
+        let mut d = [0u8; 32];
+        d[0] = 4;
+        d[4..8].copy_from_slice(&0x0102_0304u32.to_le_bytes());
+        assert_eq!(data_receiver(&d), Some(0x0102_0304));
+        d[0] = 1;
+        assert_eq!(data_receiver(&d), None);
+        assert_eq!(data_receiver(&d[..31]), None);
     }
 }

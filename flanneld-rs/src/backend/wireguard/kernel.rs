@@ -19,11 +19,11 @@
 
 use std::collections::BTreeMap;
 use std::io;
-use std::net::SocketAddrV4;
+use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::Mutex;
 
-use ipnet::Ipv4Net;
+use ipnet::IpNet;
 use log::{info, warn};
 
 use super::WireguardSpec;
@@ -158,12 +158,12 @@ pub struct PeerConf {
     pub remove: bool,
     /// `PSK`.
     pub psk: Option<[u8; 32]>,
-    /// Its lease's public IP and port.
-    pub endpoint: SocketAddrV4,
+    /// Its lease's public IP (of the device's family) and port.
+    pub endpoint: SocketAddr,
     /// `PersistentKeepaliveInterval` (0: off).
     pub keepalive: u16,
     /// Its subnets (replacing what it had).
-    pub allowed: Vec<Ipv4Net>,
+    pub allowed: Vec<IpNet>,
 }
 
 /// `WG_CMD_SET_DEVICE` for device `ifname`: with `key` our private key and
@@ -197,13 +197,17 @@ pub fn set_device_msg(
             if let Some(psk) = &p.psk {
                 m.attr(WGPEER_A_PRESHARED_KEY, psk);
             }
-            m.attr(WGPEER_A_ENDPOINT, &sockaddr_in(p.endpoint))
+            m.attr(WGPEER_A_ENDPOINT, &sockaddr(p.endpoint))
                 .u16(WGPEER_A_PERSISTENT_KEEPALIVE_INTERVAL, p.keepalive)
                 .begin(WGPEER_A_ALLOWEDIPS);
             for (j, net) in p.allowed.iter().enumerate() {
+                let (af, addr) = match net {
+                    IpNet::V4(n) => (libc::AF_INET, n.network().octets().to_vec()),
+                    IpNet::V6(n) => (libc::AF_INET6, n.network().octets().to_vec()),
+                };
                 m.begin(j as u16)
-                    .u16(WGALLOWEDIP_A_FAMILY, libc::AF_INET as u16)
-                    .attr(WGALLOWEDIP_A_IPADDR, &net.network().octets())
+                    .u16(WGALLOWEDIP_A_FAMILY, af as u16)
+                    .attr(WGALLOWEDIP_A_IPADDR, &addr)
                     .u8(WGALLOWEDIP_A_CIDR_MASK, net.prefix_len())
                     .end();
             }
@@ -214,14 +218,26 @@ pub fn set_device_msg(
     m.finish()
 }
 
-/// `struct sockaddr_in` as the kernel lays it out (16 bytes, port and
-/// address in network order).
-fn sockaddr_in(a: SocketAddrV4) -> [u8; 16] {
-    let mut b = [0u8; 16];
-    b[..2].copy_from_slice(&(libc::AF_INET as u16).to_ne_bytes());
-    b[2..4].copy_from_slice(&a.port().to_be_bytes());
-    b[4..8].copy_from_slice(&a.ip().octets());
-    b
+/// `struct sockaddr_in` (16 bytes) or `struct sockaddr_in6` (28) as the
+/// kernel lays them out (port and address in network order; flow info and
+/// scope 0).
+fn sockaddr(a: SocketAddr) -> Vec<u8> {
+    match a {
+        SocketAddr::V4(a) => {
+            let mut b = vec![0u8; 16];
+            b[..2].copy_from_slice(&(libc::AF_INET as u16).to_ne_bytes());
+            b[2..4].copy_from_slice(&a.port().to_be_bytes());
+            b[4..8].copy_from_slice(&a.ip().octets());
+            b
+        }
+        SocketAddr::V6(a) => {
+            let mut b = vec![0u8; 28];
+            b[..2].copy_from_slice(&(libc::AF_INET6 as u16).to_ne_bytes());
+            b[2..4].copy_from_slice(&a.port().to_be_bytes());
+            b[8..24].copy_from_slice(&a.ip().octets());
+            b
+        }
+    }
 }
 
 /// `CTRL_CMD_GETFAMILY` for `name`.
@@ -422,6 +438,8 @@ pub struct KernelWg {
     family: u16,
     psk: Option<[u8; 32]>,
     keepalive: u16,
+    /// One device for both families (see [`super::OneDevice`]).
+    one_device: Option<super::OneDevice>,
     peers: Mutex<Peers>,
 }
 
@@ -447,6 +465,7 @@ impl KernelWg {
             family,
             psk: spec.psk,
             keepalive: spec.keepalive,
+            one_device: spec.one_device,
             peers: Mutex::new(Peers::new()),
         })
     }
@@ -454,19 +473,20 @@ impl KernelWg {
     /// What `table` asks of the device beside what it has (`have`): peers
     /// to add or change, and removals. Unchanged peers are not sent (their
     /// sessions, and an endpoint they roamed to, stay).
-    pub fn changes(&self, have: &Peers, table: &[(Ipv4Net, TunnelPeer)]) -> (Peers, Vec<PeerConf>) {
+    pub fn changes(&self, have: &Peers, table: &[(IpNet, TunnelPeer)]) -> (Peers, Vec<PeerConf>) {
         let mut want = Peers::new();
-        for (subnet, p) in table {
-            let Some(w) = p.wireguard else { continue };
-            let e = want.entry(w.public_key).or_insert_with(|| PeerConf {
-                public_key: w.public_key,
-                remove: false,
-                psk: self.psk,
-                endpoint: SocketAddrV4::new(p.ip, w.port),
-                keepalive: self.keepalive,
-                allowed: Vec::new(),
-            });
-            e.allowed.push(*subnet);
+        for g in super::group(table, self.one_device) {
+            want.insert(
+                g.key,
+                PeerConf {
+                    public_key: g.key,
+                    remove: false,
+                    psk: self.psk,
+                    endpoint: g.endpoint,
+                    keepalive: self.keepalive,
+                    allowed: g.subnets,
+                },
+            );
         }
         let mut send: Vec<PeerConf> = want.values().filter(|p| have.get(&p.public_key) != Some(*p)).cloned().collect();
         for key in have.keys().filter(|k| !want.contains_key(*k)) {
@@ -484,7 +504,7 @@ impl DataPath for KernelWg {
         true
     }
 
-    fn set_peers(&self, table: &[(Ipv4Net, TunnelPeer)]) {
+    fn set_peers(&self, table: &[(IpNet, TunnelPeer)]) {
         let mut have = self.peers.lock().unwrap_or_else(|p| p.into_inner());
         let (want, send) = self.changes(&have, table);
         if send.is_empty() {
@@ -512,7 +532,7 @@ impl DataPath for KernelWg {
     }
 }
 
-fn join(nets: &[Ipv4Net]) -> String {
+fn join(nets: &[IpNet]) -> String {
     nets.iter().map(|n| n.to_string()).collect::<Vec<_>>().join(",")
 }
 
@@ -605,13 +625,20 @@ mod tests {
         let p = attrs(attrs(top[1].1)[0].1);
         assert_eq!(p, [(1, &[3u8; 32][..]), (3, &1u32.to_ne_bytes()[..])]);
 
-        let kw = KernelWg { name: "flannel-wg".into(), family: 0x1d, psk: None, keepalive: 0, peers: Mutex::default() };
+        let kw = KernelWg {
+            name: "flannel-wg".into(),
+            family: 0x1d,
+            psk: None,
+            keepalive: 0,
+            one_device: None,
+            peers: Mutex::default(),
+        };
         let peer = |ip: [u8; 4], key: u8| TunnelPeer {
             ip: ip.into(),
             wireguard: Some(crate::backend::WireguardPeer { public_key: [key; 32], port: 51820 }),
         };
-        let a: Ipv4Net = "10.244.1.0/24".parse().unwrap();
-        let b: Ipv4Net = "10.244.2.0/24".parse().unwrap();
+        let a: IpNet = "10.244.1.0/24".parse().unwrap();
+        let b: IpNet = "10.244.2.0/24".parse().unwrap();
         let (have, send) = kw.changes(&Peers::new(), &[(a, peer([192, 0, 2, 11], 1)), (b, peer([192, 0, 2, 12], 2))]);
         assert_eq!(send.len(), 2);
         assert!(send.iter().all(|p| !p.remove && p.allowed.len() == 1));
@@ -637,6 +664,36 @@ mod tests {
         }
         assert_eq!(link_kind("lo").unwrap().as_deref(), Some(""));
         assert_eq!(link_kind("flt-no-such0").unwrap(), None);
+    }
+
+    #[test]
+    fn an_ipv6_peer_gets_a_sockaddr_in6_endpoint_and_an_inet6_allowed_ip() {
+        let peer = PeerConf {
+            public_key: [9u8; 32],
+            remove: false,
+            psk: None,
+            endpoint: "[2001:db8::11]:51821".parse().unwrap(),
+            keepalive: 0,
+            allowed: vec!["2001:db8:10:1::/64".parse().unwrap()],
+        };
+        let m = set_device_msg(0x1d, 1, "flannel-wg-v6", Some((&[7u8; 32], 51821)), &[peer]);
+        let top = attrs(&m[20..]);
+        assert_eq!(top[0].1, b"flannel-wg-v6\0");
+        assert_eq!(top[2].1, &51821u16.to_ne_bytes());
+        let p = attrs(attrs(top[4].1)[0].1);
+        let kinds: Vec<u16> = p.iter().map(|(k, _)| *k).collect();
+        assert_eq!(kinds, [1, 3, 4, 5, 9], "PUBLIC_KEY, FLAGS, ENDPOINT, KEEPALIVE, ALLOWEDIPS");
+        // struct sockaddr_in6: AF_INET6, port, flow info 0, address, scope 0.
+        let mut sin6 = vec![];
+        sin6.extend_from_slice(&(libc::AF_INET6 as u16).to_ne_bytes());
+        sin6.extend_from_slice(&51821u16.to_be_bytes());
+        sin6.extend_from_slice(&[0; 4]);
+        sin6.extend_from_slice(&"2001:db8::11".parse::<std::net::Ipv6Addr>().unwrap().octets());
+        sin6.extend_from_slice(&[0; 4]);
+        assert_eq!(p[2].1, &sin6[..]);
+        let ip = attrs(attrs(p[4].1)[0].1);
+        let want: [u8; 16] = "2001:db8:10:1::".parse::<std::net::Ipv6Addr>().unwrap().octets();
+        assert_eq!(ip, [(1, &(libc::AF_INET6 as u16).to_ne_bytes()[..]), (2, &want[..]), (3, &[64u8][..])]);
     }
 
     #[test]
