@@ -256,6 +256,12 @@ async fn run_with(opts: Opts, mut store: impl LeaseStore, metrics: Arc<Metrics>)
     let env = subnet_env(&cfg, &node.own, node.pod_mtu(), opts.ip_masq);
     let mut driver = Driver::new(nl.clone(), store, node, metrics.clone(), fw, timers);
     driver.start_data_path().context("start the data path")?;
+    // The firewall's set-up (iptables-save/-restore or nft, on the blocking
+    // pool) does not depend on the kernel entries: it runs while the first
+    // reconcile programs them, as flannel sets its rules up beside its
+    // backend's loop. Its result is taken after subnet.env is written, where
+    // it always was.
+    let firewall = tokio::spawn(setup_firewall(fw));
     driver.reconcile_with(leases, "start").await;
     let t_kernel = started.elapsed();
 
@@ -268,7 +274,8 @@ async fn run_with(opts: Opts, mut store: impl LeaseStore, metrics: Arc<Metrics>)
             .map_err(|e| anyhow::anyhow!("enable IPv6 forwarding: {e}"))?;
     }
     env.write_atomic(&opts.subnet_file).with_context(|| format!("write {}", opts.subnet_file.display()))?;
-    for done in setup_firewall(fw).await.map_err(|e| anyhow::anyhow!("{}: {e}", fw.describe()))? {
+    let set_up = firewall.await.unwrap_or_else(|e| Err(format!("firewall task: {e}")));
+    for done in set_up.map_err(|e| anyhow::anyhow!("{}: {e}", fw.describe()))? {
         info!("firewall: {done}");
     }
     let describe = driver.store_mut().describe();
@@ -287,7 +294,7 @@ async fn run_with(opts: Opts, mut store: impl LeaseStore, metrics: Arc<Metrics>)
     metrics.ready.store(true, Ordering::Relaxed);
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
     info!(
-        "ready: {} written, rules in place ({:.0} ms: interface and backend {:.0}, lease and leases {:.0}, kernel {:.0}, files and rules {:.0})",
+        "ready: {} written, rules in place ({:.0} ms: interface and backend {:.0}, lease and leases {:.0}, kernel {:.0} (the firewall meanwhile), files and the rest of the rules {:.0})",
         opts.subnet_file.display(),
         ms(started.elapsed()),
         ms(t_prepared),

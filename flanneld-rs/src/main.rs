@@ -13,6 +13,7 @@ fn main() {
         cli.opts.vmodule.as_ref(),
         cli.opts.log_backtrace_at.as_deref(),
     );
+    limit_malloc_arenas();
     let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -41,4 +42,21 @@ fn main() {
     });
     // Do not wait for background tasks (watchers, servers) to wind down.
     std::process::exit(code);
+}
+
+/// One malloc arena instead of glibc's default of one per thread (up to 8
+/// per core): the runtime's threads each parsed, dumped and freed in their
+/// own arena, and each arena kept its share of the peak (at 5000 peers about
+/// 1 MB of the RSS). The daemon allocates little outside start-up and full
+/// reconciles, so the shared arena's lock is not contended. An explicit
+/// `MALLOC_ARENA_MAX` in the environment is left to glibc.
+fn limit_malloc_arenas() {
+    #[cfg(target_env = "gnu")]
+    if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
+        // SAFETY: mallopt only sets an allocator parameter; called before
+        // any other thread exists.
+        unsafe {
+            libc::mallopt(libc::M_ARENA_MAX, 1);
+        }
+    }
 }

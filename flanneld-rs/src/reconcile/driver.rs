@@ -289,6 +289,7 @@ impl<S: LeaseStore> Driver<S> {
     /// many peers it programs.
     async fn reconcile_family(&mut self, family: Family, why: &str) -> (Vec<String>, usize) {
         self.models[family as usize] = None;
+        let t0 = Instant::now();
         let node = &self.node;
         let backend = node.backend_of(family);
         let mut full =
@@ -298,11 +299,14 @@ impl<S: LeaseStore> Driver<S> {
         }
         let want = &full.desired;
         let rejected_text: Vec<String> = full.rejected.iter().map(|r| format!("{}: {}", r.source, r.reason)).collect();
+        let t_desired = t0.elapsed();
         let Some((observed, ops)) = self.observe_and_plan(family, want, why).await else {
             return (rejected_text, 0);
         };
+        let t_planned = t0.elapsed();
         log_ops(&ops, why);
         let errors = kernel::apply(&self.nl, want, &observed, &ops).await;
+        let t_applied = t0.elapsed();
         for e in &errors {
             error!("reconcile ({why}): {e}");
         }
@@ -318,6 +322,16 @@ impl<S: LeaseStore> Driver<S> {
         if errors.is_empty() && !self.node.backend_of(family).has_data_path() {
             self.models[family as usize] = Model::after_full(&full, observed, &ops);
         }
+        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+        log::debug!(
+            "reconcile ({why}, {family:?}): {} ops in {:.1} ms: desired state {:.1}, observe and plan {:.1}, apply {:.1}, model {:.1}",
+            ops.len(),
+            ms(t0.elapsed()),
+            ms(t_desired),
+            ms(t_planned - t_desired),
+            ms(t_applied - t_planned),
+            ms(t0.elapsed() - t_applied)
+        );
         (rejected_text, programmed)
     }
 

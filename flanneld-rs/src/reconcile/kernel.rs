@@ -136,11 +136,15 @@ pub async fn apply(nl: &Netlink, desired: &Desired, observed: &Observed, ops: &[
         // is not on a device.
         let blackhole = matches!(first, Op::AddBlackhole(_) | Op::DelBlackhole(_));
         let Some(idx) = index.or(blackhole.then_some(0)) else { continue };
+        let t = std::time::Instant::now();
         let results: Vec<NlResult<()>> =
             futures_util::stream::iter(phase.iter().map(|op| apply_one(nl, name, idx, op)))
                 .buffer_unordered(PIPELINE)
                 .collect()
                 .await;
+        if phase.len() > 1000 {
+            log::debug!("apply: {} x {} in {:.1} ms", phase.len(), first.kind(), t.elapsed().as_secs_f64() * 1000.0);
+        }
         errors.extend(results.into_iter().filter_map(Result::err));
     }
     errors

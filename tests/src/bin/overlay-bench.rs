@@ -65,6 +65,10 @@ struct Args {
     /// does not have.
     #[arg(long = "daemon-flag", allow_hyphen_values = true)]
     daemon_flags: Vec<String>,
+    /// `FLANNELD_LOG` for the start-up daemons (e.g. `debug`: the
+    /// reconcile's phases are printed beside the start-up figure).
+    #[arg(long)]
+    daemon_log: Option<String>,
 }
 
 async fn etcd_client() -> etcd_client::Client {
@@ -158,8 +162,11 @@ fn reference_startup(n: usize) -> Duration {
     start.elapsed()
 }
 
-fn startup(n: usize, leases: usize) {
+fn startup(n: usize, leases: usize, daemon_log: Option<&str>) {
     let mut o = Overlay::with_conf(1, NET);
+    if let Some(filter) = daemon_log {
+        o.set_env(0, &[("FLANNELD_LOG", filter)]);
+    }
     in_ns(o.outside(), async {
         let mut c = etcd_client().await;
         for i in 0..n {
@@ -181,6 +188,12 @@ fn startup(n: usize, leases: usize) {
         reference.as_secs_f64(),
         ours.as_secs_f64() / reference.as_secs_f64()
     );
+    // The daemon's own account of its start-up phases (its "ready" line).
+    for line in
+        o.log(0).lines().filter(|l| l.contains("ready: ") || l.contains("reconcile (start, ") || l.contains("apply: "))
+    {
+        println!("start-up, {n} peers, the daemon says: {line}");
+    }
     let pid = o.daemons[0].proc.0.as_ref().unwrap().id();
     let (rss, cpu0) = proc_stat(pid);
     std::thread::sleep(Duration::from_secs(10));
@@ -442,7 +455,7 @@ fn main() {
     if !args.no_control_plane {
         for (k, n) in args.peers.iter().enumerate() {
             // Convergence is measured once, on the first size.
-            startup(*n, if k == 0 { args.leases } else { 0 });
+            startup(*n, if k == 0 { args.leases } else { 0 }, args.daemon_log.as_deref());
         }
     }
     if !args.no_data_path {
