@@ -1201,6 +1201,30 @@ mod tests {
     }
 
     #[test]
+    fn a_kill_between_the_address_list_and_the_index_link_leaves_what_gc_releases() {
+        // The state a SIGKILL leaves after the record (and host-local's
+        // name for it) got its address list but before the index names it:
+        // a record nothing indexes, as a kill before the index always left.
+        let dir = tempfile::tempdir().unwrap();
+        let hl = dir.path().join("hl/cbr0");
+        let s = Store::open(dir.path(), "cbr0").unwrap().with_host_local(hl.clone(), true).unwrap();
+        let r = range("10.244.1.1/24");
+        let ip = s.allocate(&r, "killed", "eth0", false, None).unwrap();
+        std::fs::remove_file(s.dir().join("attachments/killed:eth0")).unwrap();
+        assert!(get_xattr(&s.dir().join(ip.to_string()), INDEX_XATTR).unwrap().is_some());
+        // The address stays taken (no double allocation) ...
+        assert_ne!(s.allocate(&r, "next", "eth0", false, None).unwrap(), ip);
+        // ... DEL of the killed attachment finds nothing to release ...
+        assert!(s.release("killed", "eth0").unwrap().is_empty());
+        // ... and GC, which reads every record, releases it and its mirror.
+        let leaked: Vec<Record> = s.records().unwrap().into_iter().filter(|r| r.container_id == "killed").collect();
+        assert_eq!(leaked.len(), 1);
+        s.release_record(&leaked[0]).unwrap();
+        assert!(!s.dir().join(ip.to_string()).exists() && !hl.join(ip.to_string()).exists());
+        assert_eq!(s.find("next", "eth0").unwrap().len(), 1, "the other attachment keeps its entry");
+    }
+
+    #[test]
     fn an_allocation_costs_one_new_inode() {
         use std::os::unix::fs::MetadataExt;
         let dir = tempfile::tempdir().unwrap();
