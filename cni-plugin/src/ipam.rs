@@ -9,10 +9,15 @@
 //! must not receive traffic meant for the old one); `lock` is taken with
 //! `flock` by every process that reads or changes the directory.
 //!
-//! `attachments/<container id>:<ifname>` is a symlink whose target lists the
-//! attachment's addresses (`10.244.1.5` or `10.244.1.5,fc00::5`): an index, so
-//! ADD and DEL cost the same with 200 pods on the node as with one, instead of
-//! reading every record. `:` can appear in neither a container ID nor an
+//! `attachments/<container id>:<ifname>` is an index, so ADD and DEL cost the
+//! same with 200 pods on the node as with one, instead of reading every
+//! record: a hard link to the attachment's first record, whose extended
+//! attribute `user.flannel-rs.addresses` lists the attachment's addresses
+//! (`10.244.1.5` or `10.244.1.5,fc00::5`). A link is a directory entry where
+//! a file of its own is a new inode (the dearest file operation of an ADD).
+//! Earlier versions wrote a symlink whose target is that list; such entries
+//! are read as they are, and a file system without user extended attributes
+//! still gets symlinks. `:` can appear in neither a container ID nor an
 //! interface name, so the name is unambiguous.
 
 use std::collections::HashSet;
@@ -40,6 +45,9 @@ const FAST_PROBES: u128 = 32;
 
 /// Subdirectory holding the attachment index.
 const INDEX_DIR: &str = "attachments";
+
+/// The extended attribute of an index entry that lists its addresses.
+const INDEX_XATTR: &std::ffi::CStr = c"user.flannel-rs.addresses";
 
 /// The addresses a node may hand to pods: its subnet less the network address,
 /// the gateway and (IPv4) the broadcast address.
@@ -340,9 +348,26 @@ impl Store {
     /// The addresses the index lists for an attachment.
     fn indexed(&self, container_id: &str, ifname: &str) -> Result<Vec<IpAddr>, IpamError> {
         let path = self.index_path(container_id, ifname);
+        let parse = |list: &str| list.split(',').filter_map(|ip| ip.parse().ok()).collect();
+        // A hard link with its list in an extended attribute; a symlink
+        // (earlier versions, or no user extended attributes) has none.
+        match get_xattr(&path, INDEX_XATTR) {
+            Ok(Some(list)) => return Ok(parse(&list)),
+            Ok(None) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(io_err(format!("read {}", path.display()))(e)),
+        }
         match std::fs::read_link(&path) {
-            Ok(target) => Ok(target.to_string_lossy().split(',').filter_map(|ip| ip.parse().ok()).collect()),
+            Ok(target) => Ok(parse(&target.to_string_lossy())),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Vec::new()),
+            // A file without its list (copied without extended attributes):
+            // the records say which addresses are the attachment's.
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok(self
+                .records()?
+                .into_iter()
+                .filter(|r| r.container_id == container_id && r.ifname == ifname)
+                .map(|r| r.ip)
+                .collect()),
             Err(e) => Err(io_err(format!("read {}", path.display()))(e)),
         }
     }
@@ -358,7 +383,16 @@ impl Store {
             };
         }
         let target = ips.iter().map(|ip| ip.to_string()).collect::<Vec<_>>().join(",");
-        // The common case, a new attachment, costs one symlink(2).
+        // The list goes on the first record's inode before the index names
+        // it, so an entry appears only complete. The common case, a new
+        // attachment, costs a setxattr(2) and a link(2), no new inode.
+        let record = self.dir.join(ips[0].to_string());
+        match set_xattr(&record, INDEX_XATTR, &target) {
+            Ok(()) => return self.link_index(&record, &path).map_err(io_err(format!("create {}", path.display()))),
+            // No user extended attributes here (or no record to link to): a symlink.
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP | libc::EPERM | libc::ENOENT)) => {}
+            Err(e) => return Err(io_err(format!("create {}", path.display()))(e)),
+        }
         match self.symlink_in_index(&target, &path) {
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
             other => return other.map_err(io_err(format!("create {}", path.display()))),
@@ -373,6 +407,38 @@ impl Store {
             self.symlink_in_index(&target, &tmp).map_err(io_err(format!("create {}", tmp.display()))).and_then(|()| {
                 std::fs::rename(&tmp, &path).map_err(io_err(format!("rename {} to {}", tmp.display(), path.display())))
             });
+        if replaced.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        replaced
+    }
+
+    /// Makes the index entry `path` a hard link to `record`. An entry that
+    /// exists already (a retried ADD, the second family of a dual-stack one,
+    /// GC releasing one of two records, an earlier version's symlink) is
+    /// replaced with a rename unless it is that very file, so that a failure
+    /// leaves the old entry, and the addresses it lists, indexed.
+    fn link_index(&self, record: &Path, path: &Path) -> io::Result<()> {
+        use std::os::unix::fs::MetadataExt;
+        let link = |to: &Path| match std::fs::hard_link(record, to) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound && record.exists() => {
+                std::fs::create_dir_all(self.dir.join(INDEX_DIR))?;
+                std::fs::hard_link(record, to)
+            }
+            other => other,
+        };
+        match link(path) {
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            other => return other,
+        }
+        let (old, new) = (std::fs::symlink_metadata(path)?, std::fs::metadata(record)?);
+        if (old.dev(), old.ino()) == (new.dev(), new.ino()) {
+            return Ok(());
+        }
+        // One temporary name suffices, since only the lock holder writes.
+        let tmp = self.dir.join(INDEX_DIR).join(".new");
+        let _ = std::fs::remove_file(&tmp);
+        let replaced = link(&tmp).and_then(|()| std::fs::rename(&tmp, path));
         if replaced.is_err() {
             let _ = std::fs::remove_file(&tmp);
         }
@@ -758,6 +824,41 @@ impl Store {
     }
 }
 
+fn c_path(path: &Path) -> io::Result<std::ffi::CString> {
+    use std::os::unix::ffi::OsStrExt;
+    std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))
+}
+
+/// Sets extended attribute `name` of `path` (not following a symlink) to `value`.
+fn set_xattr(path: &Path, name: &std::ffi::CStr, value: &str) -> io::Result<()> {
+    let p = c_path(path)?;
+    // SAFETY: valid C strings and a buffer of the given length.
+    let r = unsafe { libc::lsetxattr(p.as_ptr(), name.as_ptr(), value.as_ptr().cast(), value.len(), 0) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Extended attribute `name` of `path` (not following a symlink); `None`
+/// when it has none, or the file system keeps none.
+fn get_xattr(path: &Path, name: &std::ffi::CStr) -> io::Result<Option<String>> {
+    let p = c_path(path)?;
+    // Two addresses and a comma fit with room to spare.
+    let mut buf = [0u8; 128];
+    // SAFETY: valid C strings and a buffer of the given length.
+    let n = unsafe { libc::lgetxattr(p.as_ptr(), name.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    if n >= 0 {
+        return Ok(Some(String::from_utf8_lossy(&buf[..n as usize]).into_owned()));
+    }
+    let e = io::Error::last_os_error();
+    match e.raw_os_error() {
+        Some(libc::ENODATA | libc::EOPNOTSUPP | libc::ERANGE) => Ok(None),
+        _ => Err(e),
+    }
+}
+
 /// Takes an exclusive `flock` on `file`, waiting at most `timeout`; `false`
 /// when the wait timed out. A contended lock is waited for in the kernel,
 /// which hands it over the moment its holder lets go, rather than polled
@@ -931,7 +1032,7 @@ mod tests {
         let (ours, theirs) = (s.dir().join(&plain), hl.join(&plain));
         assert_eq!(std::fs::read_to_string(&theirs).unwrap(), "plain\r\neth0");
         let (a, b) = (std::fs::metadata(&ours).unwrap(), std::fs::metadata(&theirs).unwrap());
-        assert_eq!((a.ino(), a.nlink()), (b.ino(), 2), "one file, two names");
+        assert_eq!((a.ino(), a.nlink()), (b.ino(), 3), "one file: the record, host-local's name and the index entry");
         // A record with a masq line differs from host-local's word: a file of its own.
         assert_eq!(std::fs::read_to_string(hl.join(&masq)).unwrap(), "masq\r\neth0");
         assert_eq!(std::fs::metadata(hl.join(&masq)).unwrap().nlink(), 1);
@@ -1031,14 +1132,113 @@ mod tests {
         let s = Store::open(dir.path(), "cbr0").unwrap();
         let v4 = s.allocate(&range("10.244.1.1/24"), "c", "eth0", false, None).unwrap();
         let v6 = s.allocate(&range("fc00:0:0:1::1/64"), "c", "eth0", false, None).unwrap();
-        let link = std::fs::read_link(s.dir().join("attachments/c:eth0")).unwrap();
-        assert_eq!(link.to_str().unwrap(), format!("{v4},{v6}"));
+        let entry = s.dir().join("attachments/c:eth0");
+        assert_eq!(get_xattr(&entry, INDEX_XATTR).unwrap().unwrap(), format!("{v4},{v6}"));
+        assert!(same_file(&entry, &s.dir().join(v4.to_string())), "the index entry is the first record's second name");
         let found: Vec<IpAddr> = s.find("c", "eth0").unwrap().iter().map(|r| r.ip).collect();
         assert_eq!(found, vec![v4, v6]);
         assert_eq!(s.release("c", "eth0").unwrap().len(), 2);
         assert!(!s.dir().join("attachments/c:eth0").exists());
         assert!(s.records().unwrap().is_empty());
         assert!(s.release("c", "eth0").unwrap().is_empty());
+    }
+
+    fn same_file(a: &Path, b: &Path) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        let (a, b) = (std::fs::symlink_metadata(a).unwrap(), std::fs::symlink_metadata(b).unwrap());
+        (a.dev(), a.ino()) == (b.dev(), b.ino())
+    }
+
+    #[test]
+    fn symlinked_index_entries_of_earlier_versions_are_read_and_replaced() {
+        // A node upgraded in place: the store as an earlier version left it.
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path(), "cbr0").unwrap();
+        let idx = s.dir().join(INDEX_DIR);
+        std::fs::create_dir_all(&idx).unwrap();
+        std::fs::write(s.dir().join("10.244.1.7"), "old\r\neth0").unwrap();
+        std::fs::write(s.dir().join("fc00:0:0:1::7"), "old\r\neth0").unwrap();
+        std::os::unix::fs::symlink("10.244.1.7,fc00:0:0:1::7", idx.join("old:eth0")).unwrap();
+        std::fs::write(s.dir().join("10.244.1.8"), "gone\r\neth0").unwrap();
+        std::os::unix::fs::symlink("10.244.1.8", idx.join("gone:eth0")).unwrap();
+        // A retried ADD finds what the old entry lists.
+        assert_eq!(s.allocate(&range("10.244.1.1/24"), "old", "eth0", false, None).unwrap().to_string(), "10.244.1.7");
+        assert_eq!(s.find("old", "eth0").unwrap().len(), 2);
+        // GC of one of the two: the entry now names the other, as a link.
+        let v4 = s.find("old", "eth0").unwrap().into_iter().find(|r| r.ip.is_ipv4()).unwrap();
+        s.release_record(&v4).unwrap();
+        let entry = idx.join("old:eth0");
+        assert!(same_file(&entry, &s.dir().join("fc00:0:0:1::7")));
+        assert_eq!(
+            s.find("old", "eth0").unwrap().iter().map(|r| r.ip.to_string()).collect::<Vec<_>>(),
+            ["fc00:0:0:1::7"]
+        );
+        // DEL of an old attachment releases it and its entry.
+        assert_eq!(s.release("gone", "eth0").unwrap().len(), 1);
+        assert!(!idx.join("gone:eth0").exists() && !s.dir().join("10.244.1.8").exists());
+        assert_eq!(s.release("old", "eth0").unwrap().len(), 1);
+        assert!(std::fs::read_dir(&idx).unwrap().next().is_none(), "index empty");
+        assert!(s.records().unwrap().is_empty());
+    }
+
+    #[test]
+    fn an_index_entry_without_its_list_falls_back_to_the_records() {
+        // Copied without extended attributes (a backup restored by a tool
+        // that drops them): the entry is a plain file; DEL still finds the
+        // attachment's records, and only its own.
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path(), "cbr0").unwrap();
+        let r = range("10.244.1.1/24");
+        let a = s.allocate(&r, "a", "eth0", false, None).unwrap();
+        let b = s.allocate(&r, "b", "eth0", false, None).unwrap();
+        let entry = s.dir().join("attachments/a:eth0");
+        std::fs::remove_file(&entry).unwrap();
+        std::fs::write(&entry, "a\r\neth0").unwrap();
+        assert_eq!(s.find("a", "eth0").unwrap().iter().map(|r| r.ip).collect::<Vec<_>>(), [a]);
+        assert_eq!(s.release("a", "eth0").unwrap().len(), 1);
+        assert!(!entry.exists());
+        assert_eq!(s.find("b", "eth0").unwrap().iter().map(|r| r.ip).collect::<Vec<_>>(), [b]);
+    }
+
+    #[test]
+    fn a_kill_between_the_address_list_and_the_index_link_leaves_what_gc_releases() {
+        // The state a SIGKILL leaves after the record (and host-local's
+        // name for it) got its address list but before the index names it:
+        // a record nothing indexes, as a kill before the index always left.
+        let dir = tempfile::tempdir().unwrap();
+        let hl = dir.path().join("hl/cbr0");
+        let s = Store::open(dir.path(), "cbr0").unwrap().with_host_local(hl.clone(), true).unwrap();
+        let r = range("10.244.1.1/24");
+        let ip = s.allocate(&r, "killed", "eth0", false, None).unwrap();
+        std::fs::remove_file(s.dir().join("attachments/killed:eth0")).unwrap();
+        assert!(get_xattr(&s.dir().join(ip.to_string()), INDEX_XATTR).unwrap().is_some());
+        // The address stays taken (no double allocation) ...
+        assert_ne!(s.allocate(&r, "next", "eth0", false, None).unwrap(), ip);
+        // ... DEL of the killed attachment finds nothing to release ...
+        assert!(s.release("killed", "eth0").unwrap().is_empty());
+        // ... and GC, which reads every record, releases it and its mirror.
+        let leaked: Vec<Record> = s.records().unwrap().into_iter().filter(|r| r.container_id == "killed").collect();
+        assert_eq!(leaked.len(), 1);
+        s.release_record(&leaked[0]).unwrap();
+        assert!(!s.dir().join(ip.to_string()).exists() && !hl.join(ip.to_string()).exists());
+        assert_eq!(s.find("next", "eth0").unwrap().len(), 1, "the other attachment keeps its entry");
+    }
+
+    #[test]
+    fn an_allocation_costs_one_new_inode() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let hl = dir.path().join("hl/cbr0");
+        let s = Store::open(dir.path(), "cbr0").unwrap().with_host_local(hl.clone(), true).unwrap();
+        let ip = s.allocate(&range("10.244.1.1/24"), "c", "eth0", false, None).unwrap().to_string();
+        // Record, host-local's reservation and the index entry: one file.
+        let record = std::fs::metadata(s.dir().join(&ip)).unwrap();
+        assert_eq!(record.nlink(), 3);
+        assert!(same_file(&s.dir().join(&ip), &hl.join(&ip)));
+        assert!(same_file(&s.dir().join(&ip), &s.dir().join("attachments/c:eth0")));
+        assert_eq!(std::fs::read_to_string(hl.join(&ip)).unwrap(), "c\r\neth0", "host-local's word, unchanged");
+        s.release("c", "eth0").unwrap();
+        assert!(!hl.join(&ip).exists() && !s.dir().join("attachments/c:eth0").exists());
     }
 
     #[test]

@@ -223,17 +223,31 @@ pub fn store_dir(node: &Node) -> PathBuf {
     node.data_dir().join("networks/cbr0")
 }
 
-/// The attachment index, `attachments/<id>:<ifname>` -> target, as the files
-/// on disk say.
+/// The attachment index, `attachments/<id>:<ifname>` -> the addresses it
+/// lists, as the files on disk say: the extended attribute
+/// `user.flannel-rs.addresses` of a hard link, or an earlier version's
+/// symlink target.
 pub fn index_entries(node: &Node) -> BTreeMap<String, String> {
     let Ok(entries) = std::fs::read_dir(store_dir(node).join("attachments")) else { return BTreeMap::new() };
     entries
         .map(|e| {
             let e = e.unwrap();
-            let target = std::fs::read_link(e.path()).map(|t| t.to_string_lossy().into_owned());
-            (e.file_name().to_string_lossy().into_owned(), target.unwrap_or_else(|e| format!("<not a symlink: {e}>")))
+            let list = index_xattr(&e.path())
+                .or_else(|| std::fs::read_link(e.path()).ok().map(|t| t.to_string_lossy().into_owned()));
+            (e.file_name().to_string_lossy().into_owned(), list.unwrap_or_else(|| "<no address list>".into()))
         })
         .collect()
+}
+
+fn index_xattr(path: &std::path::Path) -> Option<String> {
+    use std::os::unix::ffi::OsStrExt;
+    let p = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
+    let mut buf = [0u8; 256];
+    // SAFETY: valid C strings and a buffer of the given length.
+    let n = unsafe {
+        libc::lgetxattr(p.as_ptr(), c"user.flannel-rs.addresses".as_ptr(), buf.as_mut_ptr().cast(), buf.len())
+    };
+    (n >= 0).then(|| String::from_utf8_lossy(&buf[..n as usize]).into_owned())
 }
 
 /// Whether `nft` runs in `ns`; if not, says so (and fails in CI).
@@ -360,6 +374,16 @@ impl PrivateTmpfs {
     /// which must exist. `None` (or a panic in CI) when `unshare` or
     /// `nsenter` are missing.
     pub fn new(mountpoint: &std::path::Path, size: &str) -> Option<PrivateTmpfs> {
+        Self::with(mountpoint, &["-t", "tmpfs", "-o", &format!("size={size},mode=0755"), "tmpfs"])
+    }
+
+    /// Mounts a ramfs at `mountpoint`: a file system that keeps no user
+    /// extended attributes.
+    pub fn ramfs(mountpoint: &std::path::Path) -> Option<PrivateTmpfs> {
+        Self::with(mountpoint, &["-t", "ramfs", "-o", "mode=0755", "ramfs"])
+    }
+
+    fn with(mountpoint: &std::path::Path, mount_args: &[&str]) -> Option<PrivateTmpfs> {
         for tool in ["unshare", "nsenter", "mount"] {
             let found = std::process::Command::new(tool).arg("--version").output().is_ok_and(|o| o.status.success());
             if !found && !netns_fixtures::skip_or_fail(&format!("`{tool}` (util-linux) is missing")) {
@@ -386,7 +410,7 @@ impl PrivateTmpfs {
         netns_fixtures::wait_until(Duration::from_secs(10), "unshare to enter its mount namespace", || {
             std::fs::read_link(&ns_link).is_ok_and(|l| l != own)
         });
-        fs.mount(&["-t", "tmpfs", "-o", &format!("size={size},mode=0755"), "tmpfs"]);
+        fs.mount(mount_args);
         Some(fs)
     }
 
