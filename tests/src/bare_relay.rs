@@ -62,10 +62,14 @@ impl BareRelay {
         port: u16,
         queues: usize,
     ) -> BareRelay {
-        let stop = Arc::new(AtomicBool::new(false));
-        let tids: Arc<Mutex<Vec<i32>>> = Arc::default();
-        let dropped = Arc::new(AtomicU64::new(0));
-        let mut threads = Vec::new();
+        // Made first, so that a panic half-way (node 1's setup after node
+        // 0's threads started) drops it, which stops and joins them.
+        let mut relay = BareRelay {
+            stop: Arc::new(AtomicBool::new(false)),
+            threads: Vec::new(),
+            tids: Arc::default(),
+            dropped: Arc::new(AtomicU64::new(0)),
+        };
         for i in 0..2 {
             let opts = TunOptions { multi_queue: true, offload: true };
             let (qs, socks) = ns[i].in_thread(|| {
@@ -85,15 +89,15 @@ impl BareRelay {
             ns[i].run_ok("ip", &["route", "add", &format!("10.{net}.0.0/16"), "dev", dev]);
             let peer = u32::from(underlay[1 - i]);
             for (q, s) in qs.into_iter().zip(socks) {
-                let (stop, tids, dropped) = (stop.clone(), tids.clone(), dropped.clone());
-                threads.push(std::thread::spawn(move || {
+                let (stop, tids, dropped) = (relay.stop.clone(), relay.tids.clone(), relay.dropped.clone());
+                relay.threads.push(std::thread::spawn(move || {
                     // SAFETY: gettid has no preconditions.
                     tids.lock().unwrap().push(unsafe { libc::gettid() });
                     Worker::new(q, s, peer, port).run(&stop, &dropped);
                 }));
             }
         }
-        BareRelay { stop, threads, tids, dropped }
+        relay
     }
 
     /// The threads' kernel ids.
