@@ -112,15 +112,18 @@ fn clock_ticks() -> f64 {
 }
 
 /// utime + stime of a /proc/.../stat file, in seconds (a process's file
-/// counts all its threads); 0 when it is gone.
+/// counts all its threads). Panics when the thread or process is gone or
+/// the file cannot be read: a 0 in its place would print a CPU figure
+/// (negative, or too low) that was not measured.
 pub fn stat_cpu(path: &str) -> f64 {
-    let stat = std::fs::read_to_string(path).unwrap_or_default();
-    let Some(rest) = stat.rsplit(')').next() else { return 0.0 };
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    if f.len() < 13 {
-        return 0.0;
-    }
-    (f[11].parse::<f64>().unwrap_or(0.0) + f[12].parse::<f64>().unwrap_or(0.0)) / clock_ticks()
+    let stat = std::fs::read_to_string(path)
+        .unwrap_or_else(|e| panic!("{path}: {e} (the relay's thread or process is gone: its CPU cannot be measured)"));
+    // The fields after the command name, which is in parentheses.
+    let f: Vec<&str> = stat.rsplit(')').next().unwrap_or_default().split_whitespace().collect();
+    let ticks = |i: usize| -> f64 {
+        f.get(i).and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("{path}: no CPU ticks in {stat:?}"))
+    };
+    (ticks(11) + ticks(12)) / clock_ticks()
 }
 
 /// Who a benchmark charges a relay's CPU to.
