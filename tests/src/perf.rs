@@ -69,7 +69,7 @@ pub fn iperf_sampled<T>(
 ) -> (f64, T, T) {
     // Killed on drop: a one-shot server whose client never came (the
     // wait or the client panicked) would otherwise wait on forever.
-    let mut srv = Proc(Some(
+    let srv = Proc(Some(
         server
             .command("iperf3")
             .args(["-s", "-1", "-p", "5201"])
@@ -88,10 +88,10 @@ pub fn iperf_sampled<T>(
         &["-c", &addr.to_string(), "-p", "5201", "-t", &seconds.to_string(), "-P", &streams.to_string(), "-J"],
     );
     let after = sample();
-    // The one-shot server exits after its one test.
-    if let Some(mut c) = srv.0.take() {
-        let _ = c.wait();
-    }
+    // The client has the figures (the server's included): the one-shot
+    // server, done or about to be, is killed and reaped (a wait for it to
+    // exit by itself would have no deadline), freeing port 5201.
+    drop(srv);
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     let gbps = v["end"]["sum_received"]["bits_per_second"].as_f64().unwrap() / 1e9;
     (gbps, before, after)
