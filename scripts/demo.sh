@@ -65,8 +65,9 @@ for i in 0 1 2; do
     pod="flt-$tag-n$i-$p"
     ip netns add "$pod"
     conf="{\"cniVersion\":\"1.0.0\",\"name\":\"cbr0\",\"type\":\"flannel\",\"subnetFile\":\"$work/subnet$i.env\",\"dataDir\":\"$work/cni$i\",\"delegate\":{\"hairpinMode\":true,\"isDefaultGateway\":true}}"
+    # (The plugin's error is its JSON on stdout: shown, not only the exit.)
     res=$(echo "$conf" | CNI_COMMAND=ADD CNI_CONTAINERID="n$i$p" CNI_NETNS="/run/netns/$pod" CNI_IFNAME=eth0 \
-      CNI_PATH=/usr/lib/cni in_ns "flt-$tag-node$i" "$bin/flannel")
+      CNI_PATH=/usr/lib/cni in_ns "flt-$tag-node$i" "$bin/flannel") || { echo "CNI ADD of $pod failed: $res"; exit 1; }
     addr[$i$p]=$(echo "$res" | jq -r '.ips[0].address | split("/")[0]')
     echo "node$i pod $p: ${addr[$i$p]}"
   done
@@ -104,6 +105,7 @@ say "node0: a route deleted by hand comes back"
 # awk and grep read all of ip's output: ip flushes per route, and a reader
 # that quits early would kill it with SIGPIPE, which pipefail makes fatal.
 gone=$(ip -n "flt-$tag-node0" route show dev flannel.1 | awk 'NR == 1 { print $1 }')
+[ -n "$gone" ] || { echo "node0 has no route via flannel.1 to delete"; exit 1; }
 ip -n "flt-$tag-node0" route del "$gone" dev flannel.1
 deadline=$((SECONDS + 10))
 until ip -n "flt-$tag-node0" route show "$gone" dev flannel.1 | grep . >/dev/null; do

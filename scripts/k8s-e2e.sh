@@ -1023,7 +1023,10 @@ say "pod start latency on $lat_node: flannel-rs plugin and the reference bridge 
 env_file=$work/node$ln/fs/run/flannel/subnet.env
 subnet=$(sed -n 's/^FLANNEL_SUBNET=//p' "$env_file")
 mtu=$(sed -n 's/^FLANNEL_MTU=//p' "$env_file")
-read -r netcidr rstart rend <<<"$(python3 -c "import ipaddress; n = ipaddress.ip_interface('$subnet').network; print(n, n[129], n[254])")"
+# (Assigned first: read would hide python's failure.)
+range_out=$(python3 -c "import ipaddress; n = ipaddress.ip_interface('$subnet').network; print(n, n[129], n[254])") \
+  || fail "no reference range from $env_file's FLANNEL_SUBNET '$subnet'"
+read -r netcidr rstart rend <<<"$range_out"
 ref_conf=$work/node$ln/fs/etc/cni/net.d/00-bridge.conflist
 ref_json='{"name":"cbr0","cniVersion":"0.3.1","plugins":[
  {"type":"bridge","bridge":"cni0","isGateway":true,"isDefaultGateway":true,"hairpinMode":true,"mtu":'$mtu',"ipMasq":false,
@@ -1068,7 +1071,9 @@ wait_cni() { # TYPE (fails after 60 s)
 }
 lat_one() { # LABEL K: creates lat-LABEL-K, waits for Running, prints ms and the pod's address
   local name=lat-$1-$2 t0 t1 ip
-  pod_yaml "$name" "$lat_node" e2e-lat | kcq create -f - >/dev/null
+  # (Each step fails the run by itself: this runs in a command substitution,
+  # where set -e does not reach.)
+  pod_yaml "$name" "$lat_node" e2e-lat | kcq create -f - >/dev/null || fail "kubectl create of $name"
   for _ in $(seq 1200); do
     grep -q " $name Running" "$ev" && break
     sleep 0.05
@@ -1076,7 +1081,8 @@ lat_one() { # LABEL K: creates lat-LABEL-K, waits for Running, prints ms and the
   t0=$(awk -v n="$name" '$2 == n { print $1; exit }' "$ev")
   t1=$(awk -v n="$name" '$2 == n && $3 == "Running" { print $1; exit }' "$ev")
   [ -n "$t1" ] || { kc describe pod "$name" | tail -15 >&2; fail "$name not Running"; }
-  ip=$(kcq get pod "$name" -o jsonpath='{.status.podIP}')
+  ip=$(kcq get pod "$name" -o jsonpath='{.status.podIP}') || fail "kubectl get pod $name"
+  [ -n "$ip" ] || fail "$name is Running without a podIP"
   echo "$((t1 - t0)) $ip"
 }
 ours_ms=() ref_ms=()
@@ -1147,8 +1153,8 @@ stats() { # LABEL MS...
   printf '%s\n' "$@" | sort -n | awk -v l="$l" '{ v[NR] = $1; s += $1 } END {
     printf "%s pod (created -> Running): n=%d median=%d ms mean=%d ms min=%d ms max=%d ms\n", l, NR, v[int((NR + 1) / 2)], s / NR, v[1], v[NR] }'
 }
-lat_ours=$(stats flannel-rs "${ours_ms[@]}"; python3 tests/k8s/sandbox-times.py "$work/$lat_node/containerd.log" lat-flannel-rs- flannel-rs)
-lat_ref=$(stats bridge "${ref_ms[@]}"; python3 tests/k8s/sandbox-times.py "$work/$lat_node/containerd.log" lat-bridge- bridge)
+lat_ours=$(stats flannel-rs "${ours_ms[@]}" && python3 tests/k8s/sandbox-times.py "$work/$lat_node/containerd.log" lat-flannel-rs- flannel-rs)
+lat_ref=$(stats bridge "${ref_ms[@]}" && python3 tests/k8s/sandbox-times.py "$work/$lat_node/containerd.log" lat-bridge- bridge)
 printf '%s\n' "$lat_ours" "$lat_ref"
 
 t_end=$(date +%s)

@@ -10,7 +10,7 @@
 # speed-ups turned on one at a time.
 # --ipv6 measures only our daemons on a dual-stack pair, pod to pod over
 # IPv4 (flannel-wg) and IPv6 (flannel-wg-v6), same pods, same run.
-# Usage: scripts/bench/wireguard.sh [--seconds 4] [--rounds 3] [--stages] [--ours-only] [--ipv6]
+# Usage: scripts/bench/wireguard.sh [--seconds 4] [--rounds 3] [--stages | --stages-only] [--ours-only] [--ipv6]
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 source scripts/lib/common.sh

@@ -7,8 +7,8 @@
 //! the backend has. A thread reads what the TUN holds (up to 16 reads, or
 //! 64 KB) and sends each read, virtio header included, as it is: one UDP
 //! GSO train of 1472-byte segments per read, all in one `sendmmsg`. It takes
-//! up to 16 messages with one `recvmmsg` and writes each, as received, to
-//! the TUN. So every byte is copied four times (TUN read, UDP send, UDP
+//! up to 16 messages with one `recvmmsg` (the backend's own [`RxBatch`]) and
+//! writes each, as received, to the TUN. So every byte is copied four times (TUN read, UDP send, UDP
 //! receive, TUN write) and the kernel does the rest, as for the backend;
 //! nothing is cut, no header or checksum is written, nothing is merged, no
 //! peer is looked up, no TTL decremented.
@@ -24,7 +24,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
-use flanneld_rs::udp::sock::UdpSocket;
+use flanneld_rs::udp::sock::{RxBatch, UdpSocket};
 use flanneld_rs::udp::tun::{self, TunOptions};
 use netns_fixtures::Netns;
 
@@ -43,8 +43,8 @@ pub struct BareRelay {
     stop: Arc<AtomicBool>,
     threads: Vec<JoinHandle<()>>,
     tids: Arc<Mutex<Vec<i32>>>,
-    /// Reads too long for one UDP message (dropped), and writes the TUN
-    /// refused: both should stay 0.
+    /// Reads too long for one UDP message (dropped), messages the kernel
+    /// refused to send, and writes the TUN refused: all should stay 0.
     pub dropped: Arc<AtomicU64>,
 }
 
@@ -62,10 +62,14 @@ impl BareRelay {
         port: u16,
         queues: usize,
     ) -> BareRelay {
-        let stop = Arc::new(AtomicBool::new(false));
-        let tids: Arc<Mutex<Vec<i32>>> = Arc::default();
-        let dropped = Arc::new(AtomicU64::new(0));
-        let mut threads = Vec::new();
+        // Made first, so that a panic half-way (node 1's setup after node
+        // 0's threads started) drops it, which stops and joins them.
+        let mut relay = BareRelay {
+            stop: Arc::new(AtomicBool::new(false)),
+            threads: Vec::new(),
+            tids: Arc::default(),
+            dropped: Arc::new(AtomicU64::new(0)),
+        };
         for i in 0..2 {
             let opts = TunOptions { multi_queue: true, offload: true };
             let (qs, socks) = ns[i].in_thread(|| {
@@ -85,15 +89,15 @@ impl BareRelay {
             ns[i].run_ok("ip", &["route", "add", &format!("10.{net}.0.0/16"), "dev", dev]);
             let peer = u32::from(underlay[1 - i]);
             for (q, s) in qs.into_iter().zip(socks) {
-                let (stop, tids, dropped) = (stop.clone(), tids.clone(), dropped.clone());
-                threads.push(std::thread::spawn(move || {
+                let (stop, tids, dropped) = (relay.stop.clone(), relay.tids.clone(), relay.dropped.clone());
+                relay.threads.push(std::thread::spawn(move || {
                     // SAFETY: gettid has no preconditions.
                     tids.lock().unwrap().push(unsafe { libc::gettid() });
                     Worker::new(q, s, peer, port).run(&stop, &dropped);
                 }));
             }
         }
-        BareRelay { stop, threads, tids, dropped }
+        relay
     }
 
     /// The threads' kernel ids.
@@ -117,7 +121,8 @@ struct Worker {
     peer: libc::sockaddr_in,
     tx_bufs: Vec<Box<[u8]>>,
     tx_lens: [usize; BATCH],
-    rx_bufs: Vec<Box<[u8]>>,
+    /// The backend's receive batch: the same `recvmmsg` as its workers.
+    rx: RxBatch,
     cmsg: [[u64; 4]; BATCH],
 }
 
@@ -136,7 +141,7 @@ impl Worker {
             peer,
             tx_bufs: (0..BATCH).map(|_| buf()).collect(),
             tx_lens: [0; BATCH],
-            rx_bufs: (0..BATCH).map(|_| buf()).collect(),
+            rx: RxBatch::new(BATCH),
             cmsg: [[0; 4]; BATCH],
         }
     }
@@ -196,6 +201,10 @@ impl Worker {
             h.msg_namelen = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
             h.msg_iov = &mut iov[k];
             h.msg_iovlen = 1;
+            // Not the backend's TxBatch: it builds a train from segments
+            // pushed one by one (an iovec each, at most 65,000 bytes), the
+            // work per packet this floor leaves out. Here a read is one
+            // iovec, cut by the kernel.
             if self.tx_lens[k] > usize::from(SEGMENT) {
                 let buf = self.cmsg[k].as_mut_ptr() as *mut u8;
                 // SAFETY: room for CMSG_SPACE(2) (24 of 32 bytes), 8-aligned.
@@ -225,29 +234,16 @@ impl Worker {
     }
 
     fn udp_to_tun(&mut self, dropped: &AtomicU64) -> bool {
-        // SAFETY: as above.
-        let mut iov: [libc::iovec; BATCH] = unsafe { std::mem::zeroed() };
-        // SAFETY: as above.
-        let mut msgs: [libc::mmsghdr; BATCH] = unsafe { std::mem::zeroed() };
-        for k in 0..BATCH {
-            iov[k] = libc::iovec { iov_base: self.rx_bufs[k].as_mut_ptr().cast(), iov_len: BUF };
-            msgs[k].msg_hdr.msg_iov = &mut iov[k];
-            msgs[k].msg_hdr.msg_iovlen = 1;
-        }
-        // SAFETY: every message points into this worker's buffers.
-        let rc = unsafe {
-            libc::recvmmsg(self.sock.raw(), msgs.as_mut_ptr(), BATCH as u32, libc::MSG_DONTWAIT, std::ptr::null_mut())
-        };
-        if rc <= 0 {
-            return false;
-        }
-        for (k, m) in msgs.iter().enumerate().take(rc as usize) {
-            // SAFETY: writes bytes the kernel just put in our buffer.
-            let w = unsafe { libc::write(self.tun.as_raw_fd(), self.rx_bufs[k].as_ptr().cast(), m.msg_len as usize) };
+        let n = self.rx.recv(&self.sock).unwrap_or(0);
+        for k in 0..n {
+            let len = self.rx.get(k).len;
+            let buf = &self.rx.buf(k)[..len];
+            // SAFETY: writes bytes the kernel just put in the batch's buffer.
+            let w = unsafe { libc::write(self.tun.as_raw_fd(), buf.as_ptr().cast(), buf.len()) };
             if w < 0 {
                 dropped.fetch_add(1, Ordering::Relaxed);
             }
         }
-        true
+        n > 0
     }
 }

@@ -69,7 +69,7 @@ pub fn iperf_sampled<T>(
 ) -> (f64, T, T) {
     // Killed on drop: a one-shot server whose client never came (the
     // wait or the client panicked) would otherwise wait on forever.
-    let mut srv = Proc(Some(
+    let srv = Proc(Some(
         server
             .command("iperf3")
             .args(["-s", "-1", "-p", "5201"])
@@ -88,10 +88,10 @@ pub fn iperf_sampled<T>(
         &["-c", &addr.to_string(), "-p", "5201", "-t", &seconds.to_string(), "-P", &streams.to_string(), "-J"],
     );
     let after = sample();
-    // The one-shot server exits after its one test.
-    if let Some(mut c) = srv.0.take() {
-        let _ = c.wait();
-    }
+    // The client has the figures (the server's included): the one-shot
+    // server, done or about to be, is killed and reaped (a wait for it to
+    // exit by itself would have no deadline), freeing port 5201.
+    drop(srv);
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     let gbps = v["end"]["sum_received"]["bits_per_second"].as_f64().unwrap() / 1e9;
     (gbps, before, after)
@@ -112,15 +112,18 @@ fn clock_ticks() -> f64 {
 }
 
 /// utime + stime of a /proc/.../stat file, in seconds (a process's file
-/// counts all its threads); 0 when it is gone.
+/// counts all its threads). Panics when the thread or process is gone or
+/// the file cannot be read: a 0 in its place would print a CPU figure
+/// (negative, or too low) that was not measured.
 pub fn stat_cpu(path: &str) -> f64 {
-    let stat = std::fs::read_to_string(path).unwrap_or_default();
-    let Some(rest) = stat.rsplit(')').next() else { return 0.0 };
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    if f.len() < 13 {
-        return 0.0;
-    }
-    (f[11].parse::<f64>().unwrap_or(0.0) + f[12].parse::<f64>().unwrap_or(0.0)) / clock_ticks()
+    let stat = std::fs::read_to_string(path)
+        .unwrap_or_else(|e| panic!("{path}: {e} (the relay's thread or process is gone: its CPU cannot be measured)"));
+    // The fields after the command name, which is in parentheses.
+    let f: Vec<&str> = stat.rsplit(')').next().unwrap_or_default().split_whitespace().collect();
+    let ticks = |i: usize| -> f64 {
+        f.get(i).and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("{path}: no CPU ticks in {stat:?}"))
+    };
+    (ticks(11) + ticks(12)) / clock_ticks()
 }
 
 /// Who a benchmark charges a relay's CPU to.

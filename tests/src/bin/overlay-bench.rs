@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use e2e_tests::overlay::{Overlay, ETCD, NET_CONF_DUAL, VXLAN6_DEV};
 use e2e_tests::perf::{in_ns, peer, NET};
-use e2e_tests::perf::{iperf, pct, ping};
+use e2e_tests::perf::{iperf, pct, ping, stat_cpu};
 use e2e_tests::workspace_bin;
 use flannel_net::netlink::Netlink;
 use flannel_net::netns::NetNs;
@@ -100,6 +100,7 @@ fn counts(ns: &Netns) -> (usize, usize, usize) {
     })
 }
 
+/// A process's resident memory (KiB) and CPU seconds so far.
 fn proc_stat(pid: u32) -> (u64, f64) {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     let rss_kib = status
@@ -107,13 +108,8 @@ fn proc_stat(pid: u32) -> (u64, f64) {
         .find(|l| l.starts_with("VmRSS:"))
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    let fields: Vec<&str> = stat.rsplit(')').next().unwrap().split_whitespace().collect();
-    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    (rss_kib, ticks / hz)
+        .unwrap_or_else(|| panic!("no VmRSS in /proc/{pid}/status:\n{status}"));
+    (rss_kib, stat_cpu(&format!("/proc/{pid}/stat")))
 }
 
 /// `ip -batch` programming of the same entries into an identical device.
