@@ -277,19 +277,7 @@ impl Store {
     /// from a retried call) is left as it is.
     fn reserve_in_host_local(&self, ip: &IpAddr, container_id: &str, ifname: &str) -> Result<(), IpamError> {
         let Some(h) = &self.host_local else { return Ok(()) };
-        let path = h.dir.join(ip.to_string());
-        let mut file = match OpenOptions::new().write(true).create_new(true).open(&path) {
-            Ok(f) => f,
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return Ok(()),
-            Err(e) => return Err(io_err(format!("create {}", path.display()))(e)),
-        };
-        let written = file
-            .write_all(format!("{container_id}\r\n{ifname}").as_bytes())
-            .map_err(io_err(format!("write {}", path.display())));
-        if written.is_err() {
-            let _ = std::fs::remove_file(&path);
-        }
-        written
+        self.write_mirror(&h.dir.join(ip.to_string()), &format!("{container_id}\r\n{ifname}")).map(|_| ())
     }
 
     /// Removes host-local's reservation file for `ip` if it is this
@@ -641,84 +629,42 @@ impl Store {
     }
 
     /// Takes `ip` if nobody holds it: creates our record (`O_EXCL`, so an
-    /// existing one means taken) and, with host-local's directory, its
-    /// reservation file there (an existing one is a pod of flannel's plugin:
-    /// ours goes again), then writes both. `false` when the address is
+    /// existing one means taken) and writes it, then, with host-local's
+    /// directory, its reservation file there (an existing one is a pod of
+    /// flannel's plugin: ours goes again). `false` when the address is
     /// taken. No directory is listed: host-local itself allocates this way.
     fn claim(&self, ip: IpAddr, content: &str, container_id: &str, ifname: &str) -> Result<bool, IpamError> {
         let name = ip.to_string();
         let path = self.dir.join(&name);
-        let mirror_text = format!("{container_id}\r\n{ifname}");
-        if let Some(h) = &self.host_local {
-            if content == mirror_text {
-                // The usual record (no `masq` line) is host-local's
-                // reservation word for word: the mirror is a second name for
-                // the same file. A hard link costs a directory entry, where a
-                // file of its own costs a new inode (about 0.1 ms on ext4
-                // here); and it appears complete, the record written first.
-                let Some(mut ours) = create_new(&path)? else { return Ok(false) };
-                let written = ours.write_all(content.as_bytes()).map_err(io_err(format!("write {}", path.display())));
-                drop(ours);
-                if let Err(e) = written {
-                    let _ = std::fs::remove_file(&path);
-                    return Err(e);
-                }
-                let mirror = h.dir.join(&name);
-                return match std::fs::hard_link(&path, &mirror) {
-                    Ok(()) => Ok(true),
-                    // Taken in host-local's directory (a pod of flannel's plugin).
-                    Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-                        let _ = std::fs::remove_file(&path);
-                        Ok(false)
-                    }
-                    // Another file system, or links refused: a file of its own.
-                    Err(_) => match self.write_mirror(&mirror, &mirror_text) {
-                        Ok(true) => Ok(true),
-                        other => {
-                            let _ = std::fs::remove_file(&path);
-                            other
-                        }
-                    },
-                };
-            }
-        }
         let Some(mut ours) = create_new(&path)? else { return Ok(false) };
-        let theirs = match &self.host_local {
-            None => None,
-            Some(h) => {
-                let mirror = h.dir.join(&name);
-                match create_new(&mirror) {
-                    Ok(Some(f)) => Some((f, mirror)),
-                    Ok(None) => {
-                        drop(ours);
-                        let _ = std::fs::remove_file(&path);
-                        return Ok(false);
-                    }
-                    Err(e) => {
-                        drop(ours);
-                        let _ = std::fs::remove_file(&path);
-                        return Err(e);
-                    }
-                }
-            }
-        };
-        // A partial record would pin its address for good: both go again
-        // when either write fails (a full disk).
-        let mut written = ours.write_all(content.as_bytes()).map_err(io_err(format!("write {}", path.display())));
+        // A partial record would pin its address for good: it goes again
+        // when the write fails (a full disk), and so when the mirror does.
+        let written = ours.write_all(content.as_bytes()).map_err(io_err(format!("write {}", path.display())));
         drop(ours);
-        if let Some((mut f, mirror)) = theirs {
-            written = written.and_then(|()| {
-                f.write_all(mirror_text.as_bytes()).map_err(io_err(format!("write {}", mirror.display())))
-            });
-            if written.is_err() {
-                let _ = std::fs::remove_file(&mirror);
+        let mirrored = written.and_then(|()| {
+            let Some(h) = &self.host_local else { return Ok(true) };
+            let (mirror, text) = (h.dir.join(&name), format!("{container_id}\r\n{ifname}"));
+            if content != text {
+                // A `masq` line: host-local's word is shorter, a file of its own.
+                return self.write_mirror(&mirror, &text);
             }
-        }
-        if let Err(e) = written {
+            // The usual record is host-local's reservation word for word: the
+            // mirror is a second name for the same file. A hard link costs a
+            // directory entry, where a file of its own costs a new inode
+            // (about 0.1 ms on ext4 here); and it appears complete, the
+            // record written first.
+            match std::fs::hard_link(&path, &mirror) {
+                Ok(()) => Ok(true),
+                // Taken in host-local's directory (a pod of flannel's plugin).
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(false),
+                // Another file system, or links refused: a file of its own.
+                Err(_) => self.write_mirror(&mirror, &text),
+            }
+        });
+        if !matches!(mirrored, Ok(true)) {
             let _ = std::fs::remove_file(&path);
-            return Err(e);
         }
-        Ok(true)
+        mirrored
     }
 
     /// Writes host-local's reservation `text` at `mirror` as a file of its
