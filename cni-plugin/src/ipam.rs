@@ -745,12 +745,15 @@ impl Store {
     }
 
     /// Releases one record found by [`Store::records`] (GC): the record and
-    /// its attachment's index entry.
+    /// its attachment's index entry. The entry keeps the attachment's other
+    /// records only, as [`Store::find`] confirms them: an address it lists
+    /// may since belong to another attachment (a DEL killed between its
+    /// records and its entry), whose record, and so whose own entry's
+    /// address list, must not be touched.
     pub fn release_record(&self, r: &Record) -> Result<(), IpamError> {
         self.release_in_host_local(&r.ip, &r.container_id, &r.ifname)?;
         self.remove_record(r.ip)?;
-        let rest: Vec<IpAddr> =
-            self.indexed(&r.container_id, &r.ifname)?.into_iter().filter(|ip| *ip != r.ip).collect();
+        let rest: Vec<IpAddr> = self.find(&r.container_id, &r.ifname)?.into_iter().map(|f| f.ip).collect();
         self.set_index(&r.container_id, &r.ifname, &rest)
     }
 
@@ -1124,6 +1127,29 @@ mod tests {
         assert!(!idx.join("gone:eth0").exists() && !s.dir().join("10.244.1.8").exists());
         assert_eq!(s.release("old", "eth0").unwrap().len(), 1);
         assert!(std::fs::read_dir(&idx).unwrap().next().is_none(), "index empty");
+        assert!(s.records().unwrap().is_empty());
+    }
+
+    #[test]
+    fn gc_never_rewrites_the_index_entry_of_an_attachment_that_took_a_listed_address() {
+        // A DEL of "a" killed after its IPv4 record went, before its IPv6
+        // one and its entry: the entry still lists both. "b" then gets the
+        // IPv4 address, as its first record, so its entry is that file.
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path(), "cbr0").unwrap();
+        let (r4, r6) = (range("10.244.1.1/24"), range("fc00:0:0:1::1/64"));
+        let a4 = s.allocate(&r4, "a", "eth0", false, None).unwrap();
+        let a6 = s.allocate(&r6, "a", "eth0", false, None).unwrap();
+        s.remove_record(a4).unwrap();
+        s.allocate(&r4, "b", "eth0", false, Some(a4)).unwrap();
+        let b6 = s.allocate(&r6, "b", "eth0", false, None).unwrap();
+        // GC releases what is left of "a".
+        let left: Vec<Record> = s.records().unwrap().into_iter().filter(|r| r.container_id == "a").collect();
+        assert_eq!(left.iter().map(|r| r.ip).collect::<Vec<_>>(), [a6]);
+        s.release_record(&left[0]).unwrap();
+        assert!(!s.dir().join("attachments/a:eth0").exists(), "nothing of a's is left to index");
+        assert_eq!(get_xattr(&s.dir().join(a4.to_string()), INDEX_XATTR).unwrap().unwrap(), format!("{a4},{b6}"));
+        assert_eq!(s.release("b", "eth0").unwrap().iter().map(|r| r.ip).collect::<Vec<_>>(), [a4, b6]);
         assert!(s.records().unwrap().is_empty());
     }
 
