@@ -370,79 +370,63 @@ impl Store {
                 Err(e) => Err(io_err(format!("remove {}", path.display()))(e)),
             };
         }
-        let target = ips.iter().map(|ip| ip.to_string()).collect::<Vec<_>>().join(",");
+        let list = ips.iter().map(|ip| ip.to_string()).collect::<Vec<_>>().join(",");
         // The list goes on the first record's inode before the index names
         // it, so an entry appears only complete. The common case, a new
         // attachment, costs a setxattr(2) and a link(2), no new inode.
         let record = self.dir.join(ips[0].to_string());
-        match set_xattr(&record, INDEX_XATTR, &target) {
-            Ok(()) => return self.link_index(&record, &path).map_err(io_err(format!("create {}", path.display()))),
-            // No user extended attributes here (or no record to link to): a symlink.
-            Err(e) if matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP | libc::EPERM | libc::ENOENT)) => {}
-            Err(e) => return Err(io_err(format!("create {}", path.display()))(e)),
-        }
-        match self.symlink_in_index(&target, &path) {
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-            other => return other.map_err(io_err(format!("create {}", path.display()))),
-        }
-        // An entry exists (a retried ADD, or the second family of a dual-stack
-        // one): replace it with a rename, so that a failure (a full disk)
-        // leaves the old entry, and the addresses it lists, indexed. One
-        // temporary name suffices, since only the lock holder writes.
-        let tmp = self.dir.join(INDEX_DIR).join(".new");
-        let _ = std::fs::remove_file(&tmp);
-        let replaced =
-            self.symlink_in_index(&target, &tmp).map_err(io_err(format!("create {}", tmp.display()))).and_then(|()| {
-                std::fs::rename(&tmp, &path).map_err(io_err(format!("rename {} to {}", tmp.display(), path.display())))
-            });
-        if replaced.is_err() {
-            let _ = std::fs::remove_file(&tmp);
-        }
-        replaced
+        let put = match set_xattr(&record, INDEX_XATTR, &list) {
+            Ok(()) => self.put_index(&path, |to| std::fs::hard_link(&record, to), || same_file(&path, &record)),
+            // No user extended attributes here (or no record to link to): a
+            // symlink whose target is the list, as earlier versions wrote.
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP | libc::EPERM | libc::ENOENT)) => self
+                .put_index(
+                    &path,
+                    |to| std::os::unix::fs::symlink(&list, to),
+                    || std::fs::read_link(&path).is_ok_and(|t| t.as_os_str() == list.as_str()),
+                ),
+            Err(e) => Err(e),
+        };
+        put.map_err(io_err(format!("create {}", path.display())))
     }
 
-    /// Makes the index entry `path` a hard link to `record`. An entry that
-    /// exists already (a retried ADD, the second family of a dual-stack one,
-    /// GC releasing one of two records, an earlier version's symlink) is
-    /// replaced with a rename unless it is that very file, so that a failure
-    /// leaves the old entry, and the addresses it lists, indexed.
-    fn link_index(&self, record: &Path, path: &Path) -> io::Result<()> {
-        use std::os::unix::fs::MetadataExt;
-        let link = |to: &Path| match std::fs::hard_link(record, to) {
-            Err(e) if e.kind() == io::ErrorKind::NotFound && record.exists() => {
-                std::fs::create_dir_all(self.dir.join(INDEX_DIR))?;
-                std::fs::hard_link(record, to)
+    /// Makes the index entry `path` what `make` creates (a hard link to the
+    /// first record, or a symlink), creating the index directory when it is
+    /// missing. An entry that exists already (the second family of a
+    /// dual-stack ADD, GC releasing one of two records, an earlier version's
+    /// symlink) is replaced with a rename, unless `current` says it is what
+    /// `make` makes already, so that a failure (a full disk) leaves the old
+    /// entry, and the addresses it lists, indexed.
+    fn put_index(
+        &self,
+        path: &Path,
+        make: impl Fn(&Path) -> io::Result<()>,
+        current: impl FnOnce() -> bool,
+    ) -> io::Result<()> {
+        let index = self.dir.join(INDEX_DIR);
+        let make = |to: &Path| match make(to) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound && !index.is_dir() => {
+                std::fs::create_dir_all(&index)?;
+                make(to)
             }
             other => other,
         };
-        match link(path) {
+        match make(path) {
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
             other => return other,
         }
-        let (old, new) = (std::fs::symlink_metadata(path)?, std::fs::metadata(record)?);
-        if (old.dev(), old.ino()) == (new.dev(), new.ino()) {
+        if current() {
             return Ok(());
         }
-        // One temporary name suffices, since only the lock holder writes.
-        let tmp = self.dir.join(INDEX_DIR).join(".new");
+        // One temporary name suffices, since only the lock holder writes; a
+        // kill before the rename leaves it for the next replacement to clear.
+        let tmp = index.join(".new");
         let _ = std::fs::remove_file(&tmp);
-        let replaced = link(&tmp).and_then(|()| std::fs::rename(&tmp, path));
+        let replaced = make(&tmp).and_then(|()| std::fs::rename(&tmp, path));
         if replaced.is_err() {
             let _ = std::fs::remove_file(&tmp);
         }
         replaced
-    }
-
-    /// `symlink(target, path)` for a path in the index, creating the index
-    /// directory when it is missing.
-    fn symlink_in_index(&self, target: &str, path: &Path) -> io::Result<()> {
-        match std::os::unix::fs::symlink(target, path) {
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                std::fs::create_dir_all(self.dir.join(INDEX_DIR))?;
-                std::os::unix::fs::symlink(target, path)
-            }
-            other => other,
-        }
     }
 
     /// The addresses that have a record, ours or host-local's (file names
@@ -773,6 +757,15 @@ impl Store {
     }
 }
 
+/// Whether two names (not followed if symlinks) are one file.
+fn same_file(a: &Path, b: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::symlink_metadata(a), std::fs::symlink_metadata(b)) {
+        (Ok(a), Ok(b)) => (a.dev(), a.ino()) == (b.dev(), b.ino()),
+        _ => false,
+    }
+}
+
 fn c_path(path: &Path) -> io::Result<std::ffi::CString> {
     use std::os::unix::ffi::OsStrExt;
     std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))
@@ -1090,12 +1083,6 @@ mod tests {
         assert!(!s.dir().join("attachments/c:eth0").exists());
         assert!(s.records().unwrap().is_empty());
         assert!(s.release("c", "eth0").unwrap().is_empty());
-    }
-
-    fn same_file(a: &Path, b: &Path) -> bool {
-        use std::os::unix::fs::MetadataExt;
-        let (a, b) = (std::fs::symlink_metadata(a).unwrap(), std::fs::symlink_metadata(b).unwrap());
-        (a.dev(), a.ino()) == (b.dev(), b.ino())
     }
 
     #[test]

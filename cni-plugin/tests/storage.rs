@@ -192,3 +192,40 @@ fn without_extended_attributes_the_index_is_made_of_symlinks() {
     assert!(left.is_empty(), "{left:?}");
     node.assert_clean();
 }
+
+#[test]
+fn without_extended_attributes_a_dual_stack_entry_is_one_symlink_listing_both() {
+    // The second family's address replaces the entry the first one made
+    // (a symlink swapped in by a rename, no temporary name left behind).
+    let lease = "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.1.1/24\nFLANNEL_IPV6_NETWORK=2001:db8:10::/56\nFLANNEL_IPV6_SUBNET=2001:db8:10:1::1/64\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=true\n";
+    let Some(node) = Node::with_lease(lease) else { return };
+    let pod = Netns::new("pod").expect("pod namespace");
+    std::fs::create_dir_all(node.data_dir()).unwrap();
+    let Some(fs) = PrivateTmpfs::ramfs(&node.data_dir()) else { return };
+    let first = must(verb(&node, &fs, "ADD", "ctr", &pod), "ADD");
+    let addresses: Vec<&str> =
+        first["ips"].as_array().unwrap().iter().map(|ip| ip["address"].as_str().unwrap()).collect();
+    assert_eq!(addresses, ["10.244.1.2/24", "2001:db8:10:1::2/64"]);
+    let entries: Vec<(String, String)> = fs
+        .tree()
+        .into_iter()
+        .filter(|(k, _)| k.starts_with("networks/cbr0/attachments/") && !k.ends_with('/'))
+        .collect();
+    assert_eq!(
+        entries,
+        [("networks/cbr0/attachments/ctr:eth0".to_string(), "-> 10.244.1.2,2001:db8:10:1::2".to_string())]
+    );
+    let again = must(verb(&node, &fs, "ADD", "ctr", &pod), "retried ADD");
+    assert_eq!(again["ips"], first["ips"]);
+    must(verb(&node, &fs, "DEL", "ctr", &pod), "DEL");
+    let left: Vec<String> = fs
+        .tree()
+        .into_keys()
+        .filter(|k| {
+            k.starts_with("networks/cbr0/attachments/") && !k.ends_with('/')
+                || ["networks/cbr0/10.244.1.2", "networks/cbr0/2001:db8:10:1::2"].contains(&k.as_str())
+        })
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+    node.assert_clean();
+}
