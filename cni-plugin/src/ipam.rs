@@ -377,14 +377,14 @@ impl Store {
         let record = self.dir.join(ips[0].to_string());
         let put = match set_xattr(&record, INDEX_XATTR, &list) {
             Ok(()) => self.put_index(&path, |to| std::fs::hard_link(&record, to), || same_file(&path, &record)),
-            // No user extended attributes here (or no record to link to): a
-            // symlink whose target is the list, as earlier versions wrote.
-            Err(e) if matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP | libc::EPERM | libc::ENOENT)) => self
-                .put_index(
-                    &path,
-                    |to| std::os::unix::fs::symlink(&list, to),
-                    || std::fs::read_link(&path).is_ok_and(|t| t.as_os_str() == list.as_str()),
-                ),
+            // No user extended attributes here (or none allowed on this
+            // file): a symlink whose target is the list, as earlier versions
+            // wrote. Every caller passes records it holds, under the lock.
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP | libc::EPERM)) => self.put_index(
+                &path,
+                |to| std::os::unix::fs::symlink(&list, to),
+                || std::fs::read_link(&path).is_ok_and(|t| t.as_os_str() == list.as_str()),
+            ),
             Err(e) => Err(e),
         };
         put.map_err(io_err(format!("create {}", path.display())))
