@@ -368,28 +368,29 @@ pub fn save_for_rollback(
         None => conf["name"].as_str().map(|n| crate::ipam::Store::dir_for(data_dir, n).join(ROLLBACK_TEMPLATE)),
         Some(_) => None,
     };
+    let Some(template) = template else { return write(data_dir, container_id, &bytes, false) };
     let path = saved_path(data_dir, container_id);
-    if let Some(template) = &template {
-        match std::fs::hard_link(template, &path) {
-            // The content is checked through the new name: that is the file
-            // this pod now holds, whatever happens to the template meanwhile.
-            Ok(()) if std::fs::read(&path).is_ok_and(|held| held == bytes) => return Ok(()),
-            Ok(()) => {
-                let _ = std::fs::remove_file(&path);
-            }
-            Err(_) => {}
+    match std::fs::hard_link(&template, &path) {
+        // The content is checked through the new name: that is the file
+        // this pod now holds, whatever happens to the template meanwhile.
+        Ok(()) if std::fs::read(&path).is_ok_and(|held| held == bytes) => return Ok(()),
+        Ok(()) => {
+            let _ = std::fs::remove_file(&path);
         }
+        // This pod's file is there already (a retried ADD): it gets a file
+        // of its own; the template is not in question.
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            return write(data_dir, container_id, &bytes, false);
+        }
+        Err(_) => {}
     }
     write(data_dir, container_id, &bytes, false)?;
-    if let Some(template) = &template {
-        // The template is missing or stale (a new lease): this pod's file
-        // becomes it, swapped in whole by a rename under a name of our own.
-        let tmp = template.with_extension(format!("tmp{}", std::process::id()));
-        let _ = std::fs::remove_file(&tmp);
-        if std::fs::hard_link(&path, &tmp).is_ok() && std::fs::rename(&tmp, template).is_err() {
-            let _ = std::fs::remove_file(&tmp);
-        }
-    }
+    // The template is missing or stale (a new lease): this pod's file
+    // becomes it. Removed, then linked, with no temporary name: a kill in
+    // between leaves no template, which the next pod makes again; ADDs at
+    // once at worst share one copy fewer (each checks what it links).
+    let _ = std::fs::remove_file(&template);
+    let _ = std::fs::hard_link(&path, &template);
     Ok(())
 }
 
@@ -553,6 +554,21 @@ mod tests {
         remove_saved(data, "d").unwrap();
         assert!(!saved_path(data, "d").exists());
         assert_eq!(std::fs::read(saved_path(data, "c")).unwrap(), b"{}");
+        // A template a kill took away (between its removal and its link)
+        // is made again by the next pod; no other name is ever left there.
+        let template = crate::ipam::Store::dir_for(data, "cbr0").join(ROLLBACK_TEMPLATE);
+        std::fs::remove_file(&template).unwrap();
+        save_for_rollback(&conf, &two, data, "f").unwrap();
+        save_for_rollback(&conf, &two, data, "g").unwrap();
+        assert_eq!((meta("f").ino(), meta("f").nlink()), (meta("g").ino(), 3));
+        let names: Vec<_> =
+            std::fs::read_dir(template.parent().unwrap()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(names, [ROLLBACK_TEMPLATE]);
+        // A retried ADD: the pod's name gets a file of its own, the shared one stays.
+        save_for_rollback(&conf, &two, data, "f").unwrap();
+        assert_eq!(std::fs::read(saved_path(data, "f")).unwrap(), want(&two));
+        assert_eq!((meta("f").nlink(), meta("g").nlink()), (1, 2));
+        assert_eq!(meta("g").ino(), std::fs::metadata(&template).unwrap().ino());
     }
 
     #[test]

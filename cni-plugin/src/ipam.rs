@@ -277,19 +277,7 @@ impl Store {
     /// from a retried call) is left as it is.
     fn reserve_in_host_local(&self, ip: &IpAddr, container_id: &str, ifname: &str) -> Result<(), IpamError> {
         let Some(h) = &self.host_local else { return Ok(()) };
-        let path = h.dir.join(ip.to_string());
-        let mut file = match OpenOptions::new().write(true).create_new(true).open(&path) {
-            Ok(f) => f,
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return Ok(()),
-            Err(e) => return Err(io_err(format!("create {}", path.display()))(e)),
-        };
-        let written = file
-            .write_all(format!("{container_id}\r\n{ifname}").as_bytes())
-            .map_err(io_err(format!("write {}", path.display())));
-        if written.is_err() {
-            let _ = std::fs::remove_file(&path);
-        }
-        written
+        self.write_mirror(&h.dir.join(ip.to_string()), &format!("{container_id}\r\n{ifname}")).map(|_| ())
     }
 
     /// Removes host-local's reservation file for `ip` if it is this
@@ -382,79 +370,63 @@ impl Store {
                 Err(e) => Err(io_err(format!("remove {}", path.display()))(e)),
             };
         }
-        let target = ips.iter().map(|ip| ip.to_string()).collect::<Vec<_>>().join(",");
+        let list = ips.iter().map(|ip| ip.to_string()).collect::<Vec<_>>().join(",");
         // The list goes on the first record's inode before the index names
         // it, so an entry appears only complete. The common case, a new
         // attachment, costs a setxattr(2) and a link(2), no new inode.
         let record = self.dir.join(ips[0].to_string());
-        match set_xattr(&record, INDEX_XATTR, &target) {
-            Ok(()) => return self.link_index(&record, &path).map_err(io_err(format!("create {}", path.display()))),
-            // No user extended attributes here (or no record to link to): a symlink.
-            Err(e) if matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP | libc::EPERM | libc::ENOENT)) => {}
-            Err(e) => return Err(io_err(format!("create {}", path.display()))(e)),
-        }
-        match self.symlink_in_index(&target, &path) {
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-            other => return other.map_err(io_err(format!("create {}", path.display()))),
-        }
-        // An entry exists (a retried ADD, or the second family of a dual-stack
-        // one): replace it with a rename, so that a failure (a full disk)
-        // leaves the old entry, and the addresses it lists, indexed. One
-        // temporary name suffices, since only the lock holder writes.
-        let tmp = self.dir.join(INDEX_DIR).join(".new");
-        let _ = std::fs::remove_file(&tmp);
-        let replaced =
-            self.symlink_in_index(&target, &tmp).map_err(io_err(format!("create {}", tmp.display()))).and_then(|()| {
-                std::fs::rename(&tmp, &path).map_err(io_err(format!("rename {} to {}", tmp.display(), path.display())))
-            });
-        if replaced.is_err() {
-            let _ = std::fs::remove_file(&tmp);
-        }
-        replaced
+        let put = match set_xattr(&record, INDEX_XATTR, &list) {
+            Ok(()) => self.put_index(&path, |to| std::fs::hard_link(&record, to), || same_file(&path, &record)),
+            // No user extended attributes here (or none allowed on this
+            // file): a symlink whose target is the list, as earlier versions
+            // wrote. Every caller passes records it holds, under the lock.
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP | libc::EPERM)) => self.put_index(
+                &path,
+                |to| std::os::unix::fs::symlink(&list, to),
+                || std::fs::read_link(&path).is_ok_and(|t| t.as_os_str() == list.as_str()),
+            ),
+            Err(e) => Err(e),
+        };
+        put.map_err(io_err(format!("create {}", path.display())))
     }
 
-    /// Makes the index entry `path` a hard link to `record`. An entry that
-    /// exists already (a retried ADD, the second family of a dual-stack one,
-    /// GC releasing one of two records, an earlier version's symlink) is
-    /// replaced with a rename unless it is that very file, so that a failure
-    /// leaves the old entry, and the addresses it lists, indexed.
-    fn link_index(&self, record: &Path, path: &Path) -> io::Result<()> {
-        use std::os::unix::fs::MetadataExt;
-        let link = |to: &Path| match std::fs::hard_link(record, to) {
-            Err(e) if e.kind() == io::ErrorKind::NotFound && record.exists() => {
-                std::fs::create_dir_all(self.dir.join(INDEX_DIR))?;
-                std::fs::hard_link(record, to)
+    /// Makes the index entry `path` what `make` creates (a hard link to the
+    /// first record, or a symlink), creating the index directory when it is
+    /// missing. An entry that exists already (the second family of a
+    /// dual-stack ADD, GC releasing one of two records, an earlier version's
+    /// symlink) is replaced with a rename, unless `current` says it is what
+    /// `make` makes already, so that a failure (a full disk) leaves the old
+    /// entry, and the addresses it lists, indexed.
+    fn put_index(
+        &self,
+        path: &Path,
+        make: impl Fn(&Path) -> io::Result<()>,
+        current: impl FnOnce() -> bool,
+    ) -> io::Result<()> {
+        let index = self.dir.join(INDEX_DIR);
+        let make = |to: &Path| match make(to) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound && !index.is_dir() => {
+                std::fs::create_dir_all(&index)?;
+                make(to)
             }
             other => other,
         };
-        match link(path) {
+        match make(path) {
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
             other => return other,
         }
-        let (old, new) = (std::fs::symlink_metadata(path)?, std::fs::metadata(record)?);
-        if (old.dev(), old.ino()) == (new.dev(), new.ino()) {
+        if current() {
             return Ok(());
         }
-        // One temporary name suffices, since only the lock holder writes.
-        let tmp = self.dir.join(INDEX_DIR).join(".new");
+        // One temporary name suffices, since only the lock holder writes; a
+        // kill before the rename leaves it for the next replacement to clear.
+        let tmp = index.join(".new");
         let _ = std::fs::remove_file(&tmp);
-        let replaced = link(&tmp).and_then(|()| std::fs::rename(&tmp, path));
+        let replaced = make(&tmp).and_then(|()| std::fs::rename(&tmp, path));
         if replaced.is_err() {
             let _ = std::fs::remove_file(&tmp);
         }
         replaced
-    }
-
-    /// `symlink(target, path)` for a path in the index, creating the index
-    /// directory when it is missing.
-    fn symlink_in_index(&self, target: &str, path: &Path) -> io::Result<()> {
-        match std::os::unix::fs::symlink(target, path) {
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                std::fs::create_dir_all(self.dir.join(INDEX_DIR))?;
-                std::os::unix::fs::symlink(target, path)
-            }
-            other => other,
-        }
     }
 
     /// The addresses that have a record, ours or host-local's (file names
@@ -641,84 +613,42 @@ impl Store {
     }
 
     /// Takes `ip` if nobody holds it: creates our record (`O_EXCL`, so an
-    /// existing one means taken) and, with host-local's directory, its
-    /// reservation file there (an existing one is a pod of flannel's plugin:
-    /// ours goes again), then writes both. `false` when the address is
+    /// existing one means taken) and writes it, then, with host-local's
+    /// directory, its reservation file there (an existing one is a pod of
+    /// flannel's plugin: ours goes again). `false` when the address is
     /// taken. No directory is listed: host-local itself allocates this way.
     fn claim(&self, ip: IpAddr, content: &str, container_id: &str, ifname: &str) -> Result<bool, IpamError> {
         let name = ip.to_string();
         let path = self.dir.join(&name);
-        let mirror_text = format!("{container_id}\r\n{ifname}");
-        if let Some(h) = &self.host_local {
-            if content == mirror_text {
-                // The usual record (no `masq` line) is host-local's
-                // reservation word for word: the mirror is a second name for
-                // the same file. A hard link costs a directory entry, where a
-                // file of its own costs a new inode (about 0.1 ms on ext4
-                // here); and it appears complete, the record written first.
-                let Some(mut ours) = create_new(&path)? else { return Ok(false) };
-                let written = ours.write_all(content.as_bytes()).map_err(io_err(format!("write {}", path.display())));
-                drop(ours);
-                if let Err(e) = written {
-                    let _ = std::fs::remove_file(&path);
-                    return Err(e);
-                }
-                let mirror = h.dir.join(&name);
-                return match std::fs::hard_link(&path, &mirror) {
-                    Ok(()) => Ok(true),
-                    // Taken in host-local's directory (a pod of flannel's plugin).
-                    Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-                        let _ = std::fs::remove_file(&path);
-                        Ok(false)
-                    }
-                    // Another file system, or links refused: a file of its own.
-                    Err(_) => match self.write_mirror(&mirror, &mirror_text) {
-                        Ok(true) => Ok(true),
-                        other => {
-                            let _ = std::fs::remove_file(&path);
-                            other
-                        }
-                    },
-                };
-            }
-        }
         let Some(mut ours) = create_new(&path)? else { return Ok(false) };
-        let theirs = match &self.host_local {
-            None => None,
-            Some(h) => {
-                let mirror = h.dir.join(&name);
-                match create_new(&mirror) {
-                    Ok(Some(f)) => Some((f, mirror)),
-                    Ok(None) => {
-                        drop(ours);
-                        let _ = std::fs::remove_file(&path);
-                        return Ok(false);
-                    }
-                    Err(e) => {
-                        drop(ours);
-                        let _ = std::fs::remove_file(&path);
-                        return Err(e);
-                    }
-                }
-            }
-        };
-        // A partial record would pin its address for good: both go again
-        // when either write fails (a full disk).
-        let mut written = ours.write_all(content.as_bytes()).map_err(io_err(format!("write {}", path.display())));
+        // A partial record would pin its address for good: it goes again
+        // when the write fails (a full disk), and so when the mirror does.
+        let written = ours.write_all(content.as_bytes()).map_err(io_err(format!("write {}", path.display())));
         drop(ours);
-        if let Some((mut f, mirror)) = theirs {
-            written = written.and_then(|()| {
-                f.write_all(mirror_text.as_bytes()).map_err(io_err(format!("write {}", mirror.display())))
-            });
-            if written.is_err() {
-                let _ = std::fs::remove_file(&mirror);
+        let mirrored = written.and_then(|()| {
+            let Some(h) = &self.host_local else { return Ok(true) };
+            let (mirror, text) = (h.dir.join(&name), format!("{container_id}\r\n{ifname}"));
+            if content != text {
+                // A `masq` line: host-local's word is shorter, a file of its own.
+                return self.write_mirror(&mirror, &text);
             }
-        }
-        if let Err(e) = written {
+            // The usual record is host-local's reservation word for word: the
+            // mirror is a second name for the same file. A hard link costs a
+            // directory entry, where a file of its own costs a new inode
+            // (about 0.1 ms on ext4 here); and it appears complete, the
+            // record written first.
+            match std::fs::hard_link(&path, &mirror) {
+                Ok(()) => Ok(true),
+                // Taken in host-local's directory (a pod of flannel's plugin).
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(false),
+                // Another file system, or links refused: a file of its own.
+                Err(_) => self.write_mirror(&mirror, &text),
+            }
+        });
+        if !matches!(mirrored, Ok(true)) {
             let _ = std::fs::remove_file(&path);
-            return Err(e);
         }
-        Ok(true)
+        mirrored
     }
 
     /// Writes host-local's reservation `text` at `mirror` as a file of its
@@ -799,12 +729,15 @@ impl Store {
     }
 
     /// Releases one record found by [`Store::records`] (GC): the record and
-    /// its attachment's index entry.
+    /// its attachment's index entry. The entry keeps the attachment's other
+    /// records only, as [`Store::find`] confirms them: an address it lists
+    /// may since belong to another attachment (a DEL killed between its
+    /// records and its entry), whose record, and so whose own entry's
+    /// address list, must not be touched.
     pub fn release_record(&self, r: &Record) -> Result<(), IpamError> {
         self.release_in_host_local(&r.ip, &r.container_id, &r.ifname)?;
         self.remove_record(r.ip)?;
-        let rest: Vec<IpAddr> =
-            self.indexed(&r.container_id, &r.ifname)?.into_iter().filter(|ip| *ip != r.ip).collect();
+        let rest: Vec<IpAddr> = self.find(&r.container_id, &r.ifname)?.into_iter().map(|f| f.ip).collect();
         self.set_index(&r.container_id, &r.ifname, &rest)
     }
 
@@ -821,6 +754,15 @@ impl Store {
     pub fn has_free(&self, range: &Range) -> Result<bool, IpamError> {
         let used = self.used()?.iter().filter(|ip| range.is_usable(**ip)).count() as u128;
         Ok(used < range.capacity())
+    }
+}
+
+/// Whether two names (not followed if symlinks) are one file.
+fn same_file(a: &Path, b: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::symlink_metadata(a), std::fs::symlink_metadata(b)) {
+        (Ok(a), Ok(b)) => (a.dev(), a.ino()) == (b.dev(), b.ino()),
+        _ => false,
     }
 }
 
@@ -1143,12 +1085,6 @@ mod tests {
         assert!(s.release("c", "eth0").unwrap().is_empty());
     }
 
-    fn same_file(a: &Path, b: &Path) -> bool {
-        use std::os::unix::fs::MetadataExt;
-        let (a, b) = (std::fs::symlink_metadata(a).unwrap(), std::fs::symlink_metadata(b).unwrap());
-        (a.dev(), a.ino()) == (b.dev(), b.ino())
-    }
-
     #[test]
     fn symlinked_index_entries_of_earlier_versions_are_read_and_replaced() {
         // A node upgraded in place: the store as an earlier version left it.
@@ -1178,6 +1114,29 @@ mod tests {
         assert!(!idx.join("gone:eth0").exists() && !s.dir().join("10.244.1.8").exists());
         assert_eq!(s.release("old", "eth0").unwrap().len(), 1);
         assert!(std::fs::read_dir(&idx).unwrap().next().is_none(), "index empty");
+        assert!(s.records().unwrap().is_empty());
+    }
+
+    #[test]
+    fn gc_never_rewrites_the_index_entry_of_an_attachment_that_took_a_listed_address() {
+        // A DEL of "a" killed after its IPv4 record went, before its IPv6
+        // one and its entry: the entry still lists both. "b" then gets the
+        // IPv4 address, as its first record, so its entry is that file.
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path(), "cbr0").unwrap();
+        let (r4, r6) = (range("10.244.1.1/24"), range("fc00:0:0:1::1/64"));
+        let a4 = s.allocate(&r4, "a", "eth0", false, None).unwrap();
+        let a6 = s.allocate(&r6, "a", "eth0", false, None).unwrap();
+        s.remove_record(a4).unwrap();
+        s.allocate(&r4, "b", "eth0", false, Some(a4)).unwrap();
+        let b6 = s.allocate(&r6, "b", "eth0", false, None).unwrap();
+        // GC releases what is left of "a".
+        let left: Vec<Record> = s.records().unwrap().into_iter().filter(|r| r.container_id == "a").collect();
+        assert_eq!(left.iter().map(|r| r.ip).collect::<Vec<_>>(), [a6]);
+        s.release_record(&left[0]).unwrap();
+        assert!(!s.dir().join("attachments/a:eth0").exists(), "nothing of a's is left to index");
+        assert_eq!(get_xattr(&s.dir().join(a4.to_string()), INDEX_XATTR).unwrap().unwrap(), format!("{a4},{b6}"));
+        assert_eq!(s.release("b", "eth0").unwrap().iter().map(|r| r.ip).collect::<Vec<_>>(), [a4, b6]);
         assert!(s.records().unwrap().is_empty());
     }
 

@@ -174,21 +174,42 @@ fn without_extended_attributes_the_index_is_made_of_symlinks() {
     // ramfs keeps no user extended attributes: the index entry is a
     // symlink whose target lists the addresses (what earlier versions
     // always wrote), and ADD, a retried ADD and DEL work as anywhere.
-    let Some(node) = Node::new() else { return };
+    symlinked_index_on_ramfs(common::LEASE, &["10.244.1.2"]);
+}
+
+#[test]
+fn without_extended_attributes_a_dual_stack_entry_is_one_symlink_listing_both() {
+    // The second family's address replaces the entry the first one made
+    // (a symlink swapped in by a rename, no temporary name left behind).
+    let lease = "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.1.1/24\nFLANNEL_IPV6_NETWORK=2001:db8:10::/56\nFLANNEL_IPV6_SUBNET=2001:db8:10:1::1/64\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=true\n";
+    symlinked_index_on_ramfs(lease, &["10.244.1.2", "2001:db8:10:1::2"]);
+}
+
+/// ADD, a retried ADD and DEL of one pod on a node with `lease` whose
+/// dataDir is a ramfs: the pod gets `addresses`, its index entry (the only
+/// one) is a symlink listing them, and DEL leaves neither entry nor record.
+fn symlinked_index_on_ramfs(lease: &str, addresses: &[&str]) {
+    let Some(node) = Node::with_lease(lease) else { return };
     let pod = Netns::new("pod").expect("pod namespace");
     std::fs::create_dir_all(node.data_dir()).unwrap();
     let Some(fs) = PrivateTmpfs::ramfs(&node.data_dir()) else { return };
     let first = must(verb(&node, &fs, "ADD", "ctr", &pod), "ADD");
-    let tree = fs.tree();
-    assert_eq!(tree.get("networks/cbr0/attachments/ctr:eth0").map(String::as_str), Some("-> 10.244.1.2"), "{tree:?}");
+    let got: Vec<&str> = first["ips"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|ip| ip["address"].as_str().unwrap().split('/').next().unwrap())
+        .collect();
+    assert_eq!(got, addresses);
+    let index = |k: &String| k.starts_with("networks/cbr0/attachments/") && !k.ends_with('/');
+    let entries: Vec<(String, String)> = fs.tree().into_iter().filter(|(k, _)| index(k)).collect();
+    let want = format!("-> {}", addresses.join(","));
+    assert_eq!(entries, [("networks/cbr0/attachments/ctr:eth0".to_string(), want)]);
     let again = must(verb(&node, &fs, "ADD", "ctr", &pod), "retried ADD");
     assert_eq!(again["ips"], first["ips"]);
     must(verb(&node, &fs, "DEL", "ctr", &pod), "DEL");
-    let left: Vec<String> = fs
-        .tree()
-        .into_keys()
-        .filter(|k| k.starts_with("networks/cbr0/attachments/") && !k.ends_with('/') || k.ends_with("10.244.1.2"))
-        .collect();
+    let records: Vec<String> = addresses.iter().map(|a| format!("networks/cbr0/{a}")).collect();
+    let left: Vec<String> = fs.tree().into_keys().filter(|k| index(k) || records.contains(k)).collect();
     assert!(left.is_empty(), "{left:?}");
     node.assert_clean();
 }
