@@ -175,6 +175,18 @@ pub enum WireguardMode {
     Ipv6,
 }
 
+impl WireguardMode {
+    /// The mode as `Backend.Mode` spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            WireguardMode::Separate => "separate",
+            WireguardMode::Auto => "auto",
+            WireguardMode::Ipv4 => "ipv4",
+            WireguardMode::Ipv6 => "ipv6",
+        }
+    }
+}
+
 /// The VXLAN backend's options.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct VxlanConfig {
@@ -654,10 +666,30 @@ impl NetworkConfig {
                     wg.listen_port_v6
                 )));
             }
-            // The IPv6 device's port: flannel reads it only with EnableIPv6.
-            if ipv6.is_none() && b.get("listenportv6").is_some_and(|v| !v.is_null()) {
-                notes
-                    .push("Backend.ListenPortV6 has no effect without EnableIPv6 true (flannel ignores it too)".into());
+            // The port of a device this cluster does not make: the IPv6
+            // one's without EnableIPv6 (flannel reads it only then) or with
+            // one device for both families (which listens on ListenPort),
+            // the IPv4 one's in an IPv6-only network with Mode separate.
+            let given = |k: &str| b.get(k).is_some_and(|v| !v.is_null());
+            if given("listenportv6") {
+                if ipv6.is_none() {
+                    notes.push(
+                        "Backend.ListenPortV6 has no effect without EnableIPv6 true (flannel ignores it too)".into(),
+                    );
+                } else if wg.mode != WireguardMode::Separate {
+                    notes.push(format!(
+                        "Backend.ListenPortV6 has no effect with Backend.Mode {:?}: one device, flannel-wg, carries \
+                         both families on Backend.ListenPort",
+                        wg.mode.name()
+                    ));
+                }
+            }
+            if given("listenport") && ipv4.is_none() && wg.mode == WireguardMode::Separate {
+                notes.push(
+                    "Backend.ListenPort has no effect in an IPv6-only network with Backend.Mode \"separate\": \
+                     flannel-wg-v6 listens on Backend.ListenPortV6 (flannel ignores it too)"
+                        .into(),
+                );
             }
         }
         if ipv6.is_some() && matches!(backend, BackendConfig::Udp { .. }) {
@@ -990,6 +1022,29 @@ mod tests {
         assert_eq!(
             notes(r#"{"Network":"10.244.0.0/16","Backend":{"Type":"wireguard","ListenPortV6":51001}}"#),
             ["Backend.ListenPortV6 has no effect without EnableIPv6 true (flannel ignores it too)"]
+        );
+        // One device for both families listens on ListenPort alone.
+        assert_eq!(
+            notes(
+                r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"2001:db8::/56","Backend":{"Type":"wireguard","Mode":"auto","ListenPortV6":51001}}"#
+            ),
+            ["Backend.ListenPortV6 has no effect with Backend.Mode \"auto\": one device, flannel-wg, carries both \
+                 families on Backend.ListenPort"]
+        );
+        assert_eq!(
+            notes(
+                r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"2001:db8::/56","Backend":{"Type":"wireguard","Mode":"ipv6","ListenPortV6":51001,"ListenPort":51002}}"#
+            ),
+            ["Backend.ListenPortV6 has no effect with Backend.Mode \"ipv6\": one device, flannel-wg, carries both \
+                 families on Backend.ListenPort"]
+        );
+        // IPv6-only with a device per family: flannel-wg-v6 alone.
+        assert_eq!(
+            notes(
+                r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"2001:db8::/56","Backend":{"Type":"wireguard","ListenPort":51002}}"#
+            ),
+            ["Backend.ListenPort has no effect in an IPv6-only network with Backend.Mode \"separate\": \
+                 flannel-wg-v6 listens on Backend.ListenPortV6 (flannel ignores it too)"]
         );
         // And the others do not read the wireguard keys.
         assert_eq!(
