@@ -56,7 +56,7 @@ use log::{debug, info, warn};
 use crate::backend::udp::gro::{Pkt, TunWriter};
 use crate::backend::udp::gso::{complete_checksum, cut_in_place};
 use crate::backend::udp::kernel::DeviceSpec;
-use crate::backend::udp::packet;
+use crate::backend::udp::packet::{self, IPV6_HEADER};
 use crate::backend::udp::peers::PeerTable;
 use crate::backend::udp::sock::{RxBatch, TxBatch, UdpSocket};
 use crate::backend::udp::tun::TunOptions;
@@ -982,10 +982,6 @@ impl Worker {
         }
     }
 }
-
-/// An IPv6 header's length (no extension headers counted: the payload
-/// length covers them).
-const IPV6_HEADER: usize = 40;
 
 /// The receiver index of a data message (type 4, at least the header and
 /// the tag), or `None` for anything else.
