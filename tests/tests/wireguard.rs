@@ -410,22 +410,13 @@ fn wireguard_bad_lease_rekey_device_loss_roaming_and_peer_removal() {
     wait_tcp(&pods[1].0, targets[0], "node1's pod -> node0's pod after node2 left");
 }
 
-/// No pod address, no payload in clear, and only WireGuard datagrams
-/// between the nodes in `frames`; returns how many of those there were.
+/// No pod address, no payload in clear, and only WireGuard datagrams (UDP
+/// 51820) between the nodes in `frames` ([`only_wireguard_ips`] for IPv4
+/// pods and nodes); returns how many of those there were.
 fn only_wireguard(frames: &[Vec<u8>], pods: &[(Netns, Ipv4Addr)], node_ips: &[Ipv4Addr]) -> usize {
-    let mut wg = 0;
-    for f in frames {
-        let Some((proto, src, dst, sp, dp)) = ipv4_of(f) else { continue };
-        for addr in pods.iter().map(|(_, a)| *a) {
-            assert!(!f.windows(4).any(|w| w == addr.octets()), "pod address {addr} in clear: {src} -> {dst}");
-        }
-        assert!(!f.windows(5).any(|w| w == b"ping\n"), "payload in clear: {src} -> {dst}");
-        if node_ips.contains(&src) && node_ips.contains(&dst) {
-            assert!(proto == 17 && sp == 51820 && dp == 51820, "not WireGuard: proto {proto} {src}:{sp} -> {dst}:{dp}");
-            wg += 1;
-        }
-    }
-    wg
+    let pod_addrs: Vec<std::net::IpAddr> = pods.iter().map(|(_, a)| (*a).into()).collect();
+    let node_ips: Vec<std::net::IpAddr> = node_ips.iter().map(|a| (*a).into()).collect();
+    only_wireguard_ips(frames, &pod_addrs, &node_ips, 51820, 0).0
 }
 
 #[test]
@@ -942,30 +933,53 @@ fn check_v4_device(o: &Overlay, i: usize) {
 /// clear.
 fn dual_stack_pods_talk_encrypted(o: &Overlay, prefix: &str, port_base: u16) {
     let capture = Capture::start(&o.cluster.node(1).ns, "eth0");
-    let pods: Vec<(Netns, Vec<std::net::IpAddr>)> = (0..3)
-        .map(|i| {
-            let (ns, v4, v6) = o.add_dual_pod(i, &format!("{prefix}{i}"));
-            (ns, vec![v4.into(), v6.into()])
-        })
-        .collect();
-    let refs: Vec<(&Netns, Vec<std::net::IpAddr>)> = pods.iter().map(|(ns, a)| (ns, a.clone())).collect();
-    e2e_tests::all_pods_talk_ips(&refs, port_base);
+    let pods = dual_pods(o, prefix);
     // The IPv6 traffic goes through flannel-wg-v6, the IPv4 through flannel-wg.
     let node0 = &o.cluster.node(0).ns;
     let to6 = node0.run_ok("ip", &["-6", "route", "get", &pods[1].1[1].to_string()]);
     assert!(to6.contains("dev flannel-wg-v6"), "{to6}");
     let to4 = node0.run_ok("ip", &["route", "get", &pods[1].1[0].to_string()]);
     assert!(to4.contains("dev flannel-wg "), "{to4}");
+    let (v4, v6, frames) = talk_captured(capture, &pods, port_base, &dual_node_ips(o), (51820, 51821));
+    assert!(v4 > 0 && v6 > 0, "WireGuard datagrams seen: {v4} over IPv4, {v6} over IPv6 in {frames} frames");
+}
+
+/// A dual-stack pod `<prefix><i>` on each of the three nodes, with its IPv4
+/// and IPv6 address.
+fn dual_pods(o: &Overlay, prefix: &str) -> Vec<(Netns, Vec<std::net::IpAddr>)> {
+    (0..3)
+        .map(|i| {
+            let (ns, v4, v6) = o.add_dual_pod(i, &format!("{prefix}{i}"));
+            (ns, vec![v4.into(), v6.into()])
+        })
+        .collect()
+}
+
+/// The three nodes' underlay addresses, IPv4 and IPv6.
+fn dual_node_ips(o: &Overlay) -> Vec<std::net::IpAddr> {
+    (0..3)
+        .flat_map(|i| [std::net::IpAddr::from(o.cluster.node(i).underlay_ip), e2e_tests::mixed::node_ipv6(i).into()])
+        .collect()
+}
+
+/// Every pod reaches every other at each of its addresses over TCP (ports
+/// from `port_base`) while `capture` runs; then the capture is checked
+/// with [`only_wireguard_ips`] (WireGuard ports `ports`, IPv4 and IPv6).
+/// Returns how many WireGuard datagrams it saw over each family, and how
+/// many frames in all.
+fn talk_captured(
+    capture: Capture,
+    pods: &[(Netns, Vec<std::net::IpAddr>)],
+    port_base: u16,
+    node_ips: &[std::net::IpAddr],
+    ports: (u16, u16),
+) -> (usize, usize, usize) {
+    let refs: Vec<(&Netns, Vec<std::net::IpAddr>)> = pods.iter().map(|(ns, a)| (ns, a.clone())).collect();
+    e2e_tests::all_pods_talk_ips(&refs, port_base);
     let frames = capture.finish();
     let pod_addrs: Vec<std::net::IpAddr> = pods.iter().flat_map(|(_, a)| a.clone()).collect();
-    let node_ips: Vec<std::net::IpAddr> = o
-        .cluster
-        .nodes()
-        .iter()
-        .flat_map(|n| [std::net::IpAddr::from(n.underlay_ip), e2e_tests::mixed::node_ipv6(n.index).into()])
-        .collect();
-    let (v4, v6) = only_wireguard_ips(&frames, &pod_addrs, &node_ips, 51820, 51821);
-    assert!(v4 > 0 && v6 > 0, "WireGuard datagrams seen: {v4} over IPv4, {v6} over IPv6 in {} frames", frames.len());
+    let (v4, v6) = only_wireguard_ips(&frames, &pod_addrs, node_ips, ports.0, ports.1);
+    (v4, v6, frames.len())
 }
 
 /// Sends `len` bytes of a pattern over one TCP connection from `from` to
@@ -1156,14 +1170,10 @@ fn wireguard_ipv6_only_cluster_runs_flannel_wg_v6_alone() {
         "{:?}",
         pods.iter().map(|p| &p.1).collect::<Vec<_>>()
     );
-    let refs: Vec<(&Netns, Vec<std::net::IpAddr>)> = pods.iter().map(|(ns, a)| (ns, a.clone())).collect();
-    e2e_tests::all_pods_talk_ips(&refs, 8500);
-    let frames = capture.finish();
-    let pod_addrs: Vec<std::net::IpAddr> = pods.iter().flat_map(|(_, a)| a.clone()).collect();
     let node_ips: Vec<std::net::IpAddr> =
         ko.o.cluster.nodes().iter().map(|n| std::net::IpAddr::from(e2e_tests::mixed::node_ipv6(n.index))).collect();
-    let (v4, v6) = only_wireguard_ips(&frames, &pod_addrs, &node_ips, 0, 51900);
-    assert!(v4 == 0 && v6 > 0, "WireGuard datagrams seen: {v4} over IPv4, {v6} over IPv6 in {} frames", frames.len());
+    let (v4, v6, frames) = talk_captured(capture, &pods, 8500, &node_ips, (0, 51900));
+    assert!(v4 == 0 && v6 > 0, "WireGuard datagrams seen: {v4} over IPv4, {v6} over IPv6 in {frames} frames");
     let (ok, report) = ko.o.diagnose(0, &[]);
     assert!(ok, "{report}");
     assert!(report.to_string().contains("flannel-wg-v6 is a TUN device, UDP port 51900 is bound"), "{report}");
@@ -1349,22 +1359,10 @@ fn wireguard_v6_interoperates_with_wireguard_go_configured_as_flannel_does() {
     }
 
     let capture = Capture::start(ns2, "eth0");
-    let pods: Vec<(Netns, Vec<std::net::IpAddr>)> = (0..3)
-        .map(|i| {
-            let (ns, v4, v6) = o.add_dual_pod(i, &format!("h{i}"));
-            (ns, vec![v4.into(), v6.into()])
-        })
-        .collect();
+    let pods = dual_pods(&o, "h");
     let s26: ipnet::IpNet = subnet2_6.parse().unwrap();
     assert!(pods[2].1[1].is_ipv6() && s26.contains(&pods[2].1[1]), "node 2's pod got {:?}", pods[2].1);
-    let refs: Vec<(&Netns, Vec<std::net::IpAddr>)> = pods.iter().map(|(ns, a)| (ns, a.clone())).collect();
-    e2e_tests::all_pods_talk_ips(&refs, 8600);
-    let frames = capture.finish();
-    let pod_addrs: Vec<std::net::IpAddr> = pods.iter().flat_map(|(_, a)| a.clone()).collect();
-    let node_ips: Vec<std::net::IpAddr> = (0..3)
-        .flat_map(|i| [std::net::IpAddr::from(o.cluster.node(i).underlay_ip), e2e_tests::mixed::node_ipv6(i).into()])
-        .collect();
-    let (v4, v6) = only_wireguard_ips(&frames, &pod_addrs, &node_ips, 51820, 51821);
+    let (v4, v6, _) = talk_captured(capture, &pods, 8600, &dual_node_ips(&o), (51820, 51821));
     assert!(v4 > 0 && v6 > 0, "WireGuard datagrams on node 2's underlay: {v4} over IPv4, {v6} over IPv6");
 
     // wireguard-go's view of its IPv6 device: a handshake with each
@@ -1484,22 +1482,8 @@ fn wireguard_mode_auto_and_ipv6_run_one_device_for_both_families() {
             drop(log);
         }
         let capture = Capture::start(&o.cluster.node(1).ns, "eth0");
-        let pods: Vec<(Netns, Vec<std::net::IpAddr>)> = (0..3)
-            .map(|i| {
-                let (ns, v4, v6) = o.add_dual_pod(i, &format!("m{i}"));
-                (ns, vec![v4.into(), v6.into()])
-            })
-            .collect();
-        let refs: Vec<(&Netns, Vec<std::net::IpAddr>)> = pods.iter().map(|(ns, a)| (ns, a.clone())).collect();
-        e2e_tests::all_pods_talk_ips(&refs, 8700);
-        let frames = capture.finish();
-        let pod_addrs: Vec<std::net::IpAddr> = pods.iter().flat_map(|(_, a)| a.clone()).collect();
-        let node_ips: Vec<std::net::IpAddr> = (0..3)
-            .flat_map(|i| {
-                [std::net::IpAddr::from(o.cluster.node(i).underlay_ip), e2e_tests::mixed::node_ipv6(i).into()]
-            })
-            .collect();
-        let (v4, v6) = only_wireguard_ips(&frames, &pod_addrs, &node_ips, 51820, 51820);
+        let pods = dual_pods(&o, "m");
+        let (v4, v6, _) = talk_captured(capture, &pods, 8700, &dual_node_ips(&o), (51820, 51820));
         if over_v6 {
             assert!(v4 == 0 && v6 > 0, "{mode}: WireGuard datagrams: {v4} over IPv4, {v6} over IPv6");
         } else {
