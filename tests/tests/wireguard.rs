@@ -1492,5 +1492,8 @@ fn wireguard_mode_auto_and_ipv6_run_one_device_for_both_families() {
         }
         let (ok, report) = o.diagnose(0, &[]);
         assert!(ok, "{mode}: {report}");
+        // The one device is looked at once.
+        let runs = "flannel-wg is a TUN device, UDP port 51820 is bound";
+        assert_eq!(report.to_string().matches(runs).count(), 1, "{mode}: {report}");
     }
 }
