@@ -21,12 +21,7 @@ const HEALTH: &[&str] = &["--healthz-ip", "127.0.0.1", "--healthz-port", "9105"]
 
 fn overlay(nodes: usize) -> Overlay {
     let mut o = Overlay::with_conf(nodes, WG);
-    for i in 0..nodes {
-        o.set_flags(i, HEALTH);
-        // Each node its own key file (the nodes share this machine's /run).
-        let key = key_file(&o, i);
-        o.set_env(i, &[("WIREGUARD_KEY_FILE", key.to_str().unwrap())]);
-    }
+    with_keys_and_metrics(&mut o);
     o
 }
 
@@ -226,8 +221,7 @@ fn wireguard_pods_talk_encrypted_across_three_nodes_and_survive_a_restart() {
         let meta = std::fs::metadata(&path).unwrap();
         assert_eq!(meta.permissions().mode() & 0o777, 0o400, "node{i}'s key file");
         let text = std::fs::read_to_string(&path).unwrap();
-        let private = flanneld_rs::config::decode_key(&text).unwrap();
-        let public = flanneld_rs::config::encode_key(&flanneld_rs::backend::wireguard::keys::public_of(&private));
+        let public = public_of(&text);
         let lease = etcdctl_ok(o.outside(), &["get", "--print-value-only", &o.lease_key(i)]);
         assert_eq!(
             lease.trim(),
@@ -425,13 +419,8 @@ fn wireguard_in_kubernetes_mode_annotations_and_encrypted_pod_traffic() {
         return;
     }
     let mut ko = e2e_tests::kube::KubeOverlay::with_conf(3, WG);
+    with_keys_and_metrics(&mut ko.o);
     for i in 0..3 {
-        let mut flags = ko.o.flags(i);
-        flags.extend(HEALTH.iter().map(|s| s.to_string()));
-        ko.o.set_flags(i, &flags.iter().map(String::as_str).collect::<Vec<_>>());
-        let key = key_file(&ko.o, i);
-        let name = e2e_tests::kube::KubeOverlay::node_name(i);
-        ko.o.set_env(i, &[("NODE_NAME", &name), ("WIREGUARD_KEY_FILE", key.to_str().unwrap())]);
         ko.create_node(i);
     }
     ko.o.start_all();
@@ -441,8 +430,7 @@ fn wireguard_in_kubernetes_mode_annotations_and_encrypted_pod_traffic() {
         let n = ko.api.get_json(&["node", &e2e_tests::kube::KubeOverlay::node_name(i)]);
         let a = &n["metadata"]["annotations"];
         let get = |k: &str| a[format!("{}/{k}", e2e_tests::kube::PREFIX)].as_str().unwrap_or_default().to_string();
-        let private = flanneld_rs::config::decode_key(&std::fs::read_to_string(key_file(&ko.o, i)).unwrap()).unwrap();
-        let public = flanneld_rs::config::encode_key(&flanneld_rs::backend::wireguard::keys::public_of(&private));
+        let public = public_key(&ko.o, i);
         assert_eq!(get("backend-type"), "wireguard", "node{i}: {a}");
         assert_eq!(get("backend-data"), format!(r#"{{"PublicKey":"{public}","Port":51820}}"#), "node{i}");
         assert_eq!(get("public-ip"), ip.to_string(), "node{i}");
@@ -570,37 +558,54 @@ impl Drop for WireguardGo {
     }
 }
 
-#[test]
-fn wireguard_interoperates_with_wireguard_go_configured_as_flannel_does() {
-    if !require_root() {
-        return;
-    }
+/// Whether the tools the `wireguard-go` tests run are installed (else the
+/// test is skipped, or fails under CI).
+fn require_wireguard_go() -> bool {
     for tool in ["wireguard-go", "wg", "unshare", "nsenter"] {
         let found = std::process::Command::new("sh").args(["-c", &format!("command -v {tool}")]).output().unwrap();
         if !found.status.success() {
             netns_fixtures::skip_or_fail(&format!(
                 "{tool} not installed (apt-get install wireguard-go wireguard-tools)"
             ));
-            return;
+            return false;
         }
+    }
+    true
+}
+
+/// A `wireguard-go` node's key file in `dir` as flannel writes it (a key
+/// from `wg genkey` in `ns`: base64, no newline, mode 0400) and the PSK of
+/// net-conf `conf` in a file for `wg`: the key file, its public key, the
+/// PSK file.
+fn wg_go_key_files(ns: &Netns, dir: &std::path::Path, conf: &str) -> (std::path::PathBuf, String, std::path::PathBuf) {
+    let genkey = ns.run_ok("wg", &["genkey"]);
+    let private = genkey.trim();
+    let key_path = dir.join("wgkey");
+    std::fs::write(&key_path, private).unwrap();
+    std::fs::set_permissions(&key_path, std::fs::Permissions::from_mode(0o400)).unwrap();
+    let conf: serde_json::Value = serde_json::from_str(conf).unwrap();
+    let psk_path = dir.join("psk");
+    std::fs::write(&psk_path, conf["Backend"]["PSK"].as_str().unwrap()).unwrap();
+    (key_path, public_of(private), psk_path)
+}
+
+/// The public key of a private key in the key file's format (base64).
+fn public_of(private: &str) -> String {
+    let private = flanneld_rs::config::decode_key(private).unwrap();
+    flanneld_rs::config::encode_key(&flanneld_rs::backend::wireguard::keys::public_of(&private))
+}
+
+#[test]
+fn wireguard_interoperates_with_wireguard_go_configured_as_flannel_does() {
+    if !(require_root() && require_wireguard_go()) {
+        return;
     }
     let mut o = overlay(3);
     let dir = o.dir.path().join("node2");
     std::fs::create_dir_all(&dir).unwrap();
 
-    // Node 2's key file as flannel writes it (the base64 key, no newline,
-    // mode 0400), its PSK from the same net-conf.
-    let genkey = o.cluster.node(2).ns.run_ok("wg", &["genkey"]);
-    let private = genkey.trim();
-    let key_path = dir.join("wgkey");
-    std::fs::write(&key_path, private).unwrap();
-    std::fs::set_permissions(&key_path, std::fs::Permissions::from_mode(0o400)).unwrap();
-    let public = flanneld_rs::config::encode_key(&flanneld_rs::backend::wireguard::keys::public_of(
-        &flanneld_rs::config::decode_key(private).unwrap(),
-    ));
-    let conf: serde_json::Value = serde_json::from_str(WG).unwrap();
-    let psk_path = dir.join("psk");
-    std::fs::write(&psk_path, conf["Backend"]["PSK"].as_str().unwrap()).unwrap();
+    // Node 2's key file as flannel writes it, its PSK from the same net-conf.
+    let (key_path, public, psk_path) = wg_go_key_files(&o.cluster.node(2).ns, &dir, WG);
 
     // Its lease as flannel v0.20.2 writes it (PublicKey only, no Port),
     // with flannel's 24 h TTL, before the other nodes take subnets.
@@ -776,8 +781,7 @@ fn wireguard_switched_to_vxlan_and_back_leaves_nothing_behind_but_the_key() {
         want.sort();
         assert_eq!(overlay_routes(&o, i), want, "node{i}: a route of flannel.1 left behind");
         assert_eq!(&std::fs::read_to_string(key_file(&o, i)).unwrap(), key, "node{i}'s key file");
-        let private = flanneld_rs::config::decode_key(key).unwrap();
-        let public = flanneld_rs::config::encode_key(&flanneld_rs::backend::wireguard::keys::public_of(&private));
+        let public = public_of(key);
         let lease = etcdctl_ok(o.outside(), &["get", "--print-value-only", &o.lease_key(i)]);
         assert!(lease.contains(&format!(r#""PublicKey":"{public}""#)), "node{i}'s lease: {lease}");
     }
@@ -793,8 +797,9 @@ const WG_DUAL: &str = r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Netwo
 /// [`WG`] IPv6-only, with a port of its own for the IPv6 device.
 const WG_V6ONLY: &str = r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"2001:db8:10::/56","Backend":{"Type":"wireguard","ListenPortV6":51900,"PersistentKeepaliveInterval":5}}"#;
 
-/// Each node its key file and `/metrics`, in etcd or Kubernetes mode (the
-/// flags and environment the overlay already has are kept).
+/// Each node its key file (the nodes share this machine's /run) and
+/// `/metrics`, in etcd or Kubernetes mode (the flags and environment the
+/// overlay already has are kept).
 fn with_keys_and_metrics(o: &mut Overlay) {
     for i in 0..o.daemons.len() {
         let mut flags = o.flags(i);
@@ -817,8 +822,7 @@ fn wait_peers6(o: &Overlay, n: usize) {
 
 /// Node `i`'s public key, from its key file.
 fn public_key(o: &Overlay, i: usize) -> String {
-    let private = flanneld_rs::config::decode_key(&std::fs::read_to_string(key_file(o, i)).unwrap()).unwrap();
-    flanneld_rs::config::encode_key(&flanneld_rs::backend::wireguard::keys::public_of(&private))
+    public_of(&std::fs::read_to_string(key_file(o, i)).unwrap())
 }
 
 /// A frame's IP protocol, addresses and (TCP/UDP) ports, IPv4 or IPv6 (an
@@ -1256,17 +1260,8 @@ fn wireguard_ipv6_options_out_of_range_or_unusable_are_refused_by_name() {
 /// handshake and bytes both ways with each flanneld-rs node.
 #[test]
 fn wireguard_v6_interoperates_with_wireguard_go_configured_as_flannel_does() {
-    if !require_root() {
+    if !(require_root() && require_wireguard_go()) {
         return;
-    }
-    for tool in ["wireguard-go", "wg", "unshare", "nsenter"] {
-        let found = std::process::Command::new("sh").args(["-c", &format!("command -v {tool}")]).output().unwrap();
-        if !found.status.success() {
-            netns_fixtures::skip_or_fail(&format!(
-                "{tool} not installed (apt-get install wireguard-go wireguard-tools)"
-            ));
-            return;
-        }
     }
     let mut o = Overlay::dual_stack(3, WG_DUAL);
     with_keys_and_metrics(&mut o);
@@ -1276,17 +1271,7 @@ fn wireguard_v6_interoperates_with_wireguard_go_configured_as_flannel_does() {
     ns2.sysctl("net.ipv6.conf.all.forwarding", "1").unwrap();
 
     // Node 2's key file (one for both devices, as flannel), the PSK.
-    let genkey = ns2.run_ok("wg", &["genkey"]);
-    let private = genkey.trim();
-    let key_path = dir.join("wgkey");
-    std::fs::write(&key_path, private).unwrap();
-    std::fs::set_permissions(&key_path, std::fs::Permissions::from_mode(0o400)).unwrap();
-    let public = flanneld_rs::config::encode_key(&flanneld_rs::backend::wireguard::keys::public_of(
-        &flanneld_rs::config::decode_key(private).unwrap(),
-    ));
-    let conf: serde_json::Value = serde_json::from_str(WG_DUAL).unwrap();
-    let psk_path = dir.join("psk");
-    std::fs::write(&psk_path, conf["Backend"]["PSK"].as_str().unwrap()).unwrap();
+    let (key_path, public, psk_path) = wg_go_key_files(ns2, &dir, WG_DUAL);
 
     // Its dual-stack lease as flannel v0.20.2 writes it.
     let (subnet2, subnet2_6) = ("10.244.200.0/24", "2001:db8:10:c8::/64");
