@@ -992,8 +992,23 @@ fn talk_captured(
 fn bulk_tcp(from: &Netns, to: &Netns, target: SocketAddr, len: usize) -> (usize, bool) {
     use std::io::{Read, Write};
     let listener = to.in_thread(|| std::net::TcpListener::bind(target)).unwrap();
+    // accept(2) waits at most 30 s (Linux applies SO_RCVTIMEO to it): when
+    // the client side panics before it connects, the thread and its socket,
+    // which holds the pod's namespace, do not stay behind.
+    let tv = libc::timeval { tv_sec: 30, tv_usec: 0 };
+    // SAFETY: SO_RCVTIMEO takes a timeval, given with its size.
+    let rc = unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&listener),
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&tv as *const libc::timeval).cast(),
+            std::mem::size_of::<libc::timeval>() as u32,
+        )
+    };
+    assert_eq!(rc, 0, "SO_RCVTIMEO: {}", std::io::Error::last_os_error());
     let server = std::thread::spawn(move || {
-        let (mut c, _) = listener.accept().unwrap();
+        let (mut c, _) = listener.accept().expect("the client connects within 30 s");
         c.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
         let (mut n, mut same) = (0usize, true);
         let mut buf = vec![0u8; 65536];
