@@ -831,6 +831,10 @@ impl Worker {
             // The peer whose tunnel is locked, kept across the datagrams of
             // a train (they come from one sender).
             let mut held: Option<(usize, MutexGuard<'_, Tunn>)> = None;
+            // The peer last moved to `from` in this message: the datagrams of
+            // a train share their sender, so one look at the endpoint (a
+            // lock) per peer and train, not one per packet.
+            let mut roamed: Option<usize> = None;
             while off < r.len {
                 let len = r.seg.min(r.len - off);
                 let d = &self.rx.buf(m)[off..off + len];
@@ -851,7 +855,7 @@ impl Worker {
                             TunnResult::WriteToTunnelV6(pkt, source) => Ok((pkt.len(), IpAddr::V6(source))),
                             other => Err(other),
                         };
-                        match r {
+                        let authenticated = match r {
                             // The packet's family must be the device's (its
                             // peers' subnets are), its source inside the
                             // peer's subnet.
@@ -863,18 +867,23 @@ impl Worker {
                                 } else {
                                     self.local.dropped_not_allowed += 1;
                                 }
-                                peer.roam(from);
+                                true
                             }
                             // A keepalive.
-                            Err(TunnResult::Done) => peer.roam(from),
+                            Err(TunnResult::Done) => true,
                             Err(TunnResult::Err(e)) => {
                                 self.local.dropped_invalid += 1;
                                 debug!(
                                     "wireguard backend: datagram from {from} for peer {} dropped: {e:?}",
                                     peer.subnet()
                                 );
+                                false
                             }
-                            Err(_) => {}
+                            Err(_) => false,
+                        };
+                        if authenticated && roamed != Some(pos) {
+                            peer.roam(from);
+                            roamed = Some(pos);
                         }
                     }
                     None if idx.is_some() => {
