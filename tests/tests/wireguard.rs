@@ -82,19 +82,8 @@ impl Capture {
                 )
             };
             assert_eq!(rc, 0, "bind AF_PACKET: {}", std::io::Error::last_os_error());
-            let tv = libc::timeval { tv_sec: 0, tv_usec: 100_000 };
-            // SAFETY: SO_RCVTIMEO takes a timeval.
-            let rc = unsafe {
-                libc::setsockopt(
-                    std::os::fd::AsRawFd::as_raw_fd(&fd),
-                    libc::SOL_SOCKET,
-                    libc::SO_RCVTIMEO,
-                    (&tv as *const libc::timeval).cast(),
-                    std::mem::size_of::<libc::timeval>() as u32,
-                )
-            };
             // Without it the thread would never see the stop flag.
-            assert_eq!(rc, 0, "SO_RCVTIMEO: {}", std::io::Error::last_os_error());
+            set_recv_timeout(&fd, libc::timeval { tv_sec: 0, tv_usec: 100_000 });
             fd
         });
         let stop = Arc::new(AtomicBool::new(false));
@@ -128,6 +117,22 @@ impl Drop for Capture {
             let _ = t.join();
         }
     }
+}
+
+/// `SO_RCVTIMEO` on `sock`: its receives (and, for a listener, accepts)
+/// give up after `tv`.
+fn set_recv_timeout(sock: &impl std::os::fd::AsRawFd, tv: libc::timeval) {
+    // SAFETY: SO_RCVTIMEO takes a timeval, given with its size.
+    let rc = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&tv as *const libc::timeval).cast(),
+            std::mem::size_of::<libc::timeval>() as u32,
+        )
+    };
+    assert_eq!(rc, 0, "SO_RCVTIMEO: {}", std::io::Error::last_os_error());
 }
 
 /// An IPv4 frame's protocol, addresses and (TCP/UDP) ports.
@@ -995,18 +1000,7 @@ fn bulk_tcp(from: &Netns, to: &Netns, target: SocketAddr, len: usize) -> (usize,
     // accept(2) waits at most 30 s (Linux applies SO_RCVTIMEO to it): when
     // the client side panics before it connects, the thread and its socket,
     // which holds the pod's namespace, do not stay behind.
-    let tv = libc::timeval { tv_sec: 30, tv_usec: 0 };
-    // SAFETY: SO_RCVTIMEO takes a timeval, given with its size.
-    let rc = unsafe {
-        libc::setsockopt(
-            std::os::fd::AsRawFd::as_raw_fd(&listener),
-            libc::SOL_SOCKET,
-            libc::SO_RCVTIMEO,
-            (&tv as *const libc::timeval).cast(),
-            std::mem::size_of::<libc::timeval>() as u32,
-        )
-    };
-    assert_eq!(rc, 0, "SO_RCVTIMEO: {}", std::io::Error::last_os_error());
+    set_recv_timeout(&listener, libc::timeval { tv_sec: 30, tv_usec: 0 });
     let server = std::thread::spawn(move || {
         let (mut c, _) = listener.accept().expect("the client connects within 30 s");
         c.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
