@@ -175,6 +175,18 @@ pub enum WireguardMode {
     Ipv6,
 }
 
+impl WireguardMode {
+    /// The mode as `Backend.Mode` spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            WireguardMode::Separate => "separate",
+            WireguardMode::Auto => "auto",
+            WireguardMode::Ipv4 => "ipv4",
+            WireguardMode::Ipv6 => "ipv6",
+        }
+    }
+}
+
 /// The VXLAN backend's options.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct VxlanConfig {
@@ -654,10 +666,30 @@ impl NetworkConfig {
                     wg.listen_port_v6
                 )));
             }
-            // The IPv6 device's port: flannel reads it only with EnableIPv6.
-            if ipv6.is_none() && b.get("listenportv6").is_some_and(|v| !v.is_null()) {
-                notes
-                    .push("Backend.ListenPortV6 has no effect without EnableIPv6 true (flannel ignores it too)".into());
+            // The port of a device this cluster does not make: the IPv6
+            // one's without EnableIPv6 (flannel reads it only then) or with
+            // one device for both families (which listens on ListenPort),
+            // the IPv4 one's in an IPv6-only network with Mode separate.
+            let given = |k: &str| b.get(k).is_some_and(|v| !v.is_null());
+            if given("listenportv6") {
+                if ipv6.is_none() {
+                    notes.push(
+                        "Backend.ListenPortV6 has no effect without EnableIPv6 true (flannel ignores it too)".into(),
+                    );
+                } else if wg.mode != WireguardMode::Separate {
+                    notes.push(format!(
+                        "Backend.ListenPortV6 has no effect with Backend.Mode {:?}: one device, flannel-wg, carries \
+                         both families on Backend.ListenPort",
+                        wg.mode.name()
+                    ));
+                }
+            }
+            if given("listenport") && ipv4.is_none() && wg.mode == WireguardMode::Separate {
+                notes.push(
+                    "Backend.ListenPort has no effect in an IPv6-only network with Backend.Mode \"separate\": \
+                     flannel-wg-v6 listens on Backend.ListenPortV6 (flannel ignores it too)"
+                        .into(),
+                );
             }
         }
         if ipv6.is_some() && matches!(backend, BackendConfig::Udp { .. }) {
@@ -685,6 +717,13 @@ mod tests {
 
     fn parse(t: &str) -> Result<NetworkConfig, ConfigError> {
         NetworkConfig::parse(t, "/etc/kube-flannel/net-conf.json")
+    }
+
+    /// What parsing `t` notes (keys without effect); `t` must parse.
+    fn notes(t: &str) -> Vec<String> {
+        let mut n = Vec::new();
+        NetworkConfig::parse_noting(t, "net-conf.json", &mut n).unwrap_or_else(|e| panic!("{t}: {e}"));
+        n
     }
 
     #[test]
@@ -750,11 +789,9 @@ mod tests {
         assert_eq!(c.ipv4, None);
         assert_eq!(c.ipv6.unwrap().network.to_string(), "2001:db8:10::/56");
         assert_eq!(c.backend, BackendConfig::HostGw);
-        let mut notes = Vec::new();
         let with_v4 = r#"{"Network":"10.244.0.0/16","SubnetLen":24,"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"2001:db8:10::/56","Backend":{"Type":"vxlan"}}"#;
-        NetworkConfig::parse_noting(with_v4, "net-conf.json", &mut notes).unwrap();
         assert_eq!(
-            notes,
+            notes(with_v4),
             [
                 "Network has no effect with EnableIPv4 false (flannel ignores it too)",
                 "SubnetLen has no effect with EnableIPv4 false (flannel ignores it too)",
@@ -967,56 +1004,57 @@ mod tests {
             r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"2001:db8::/56","Backend":{"Type":"wireguard","ListenPortV6":51900}}"#,
             r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"2001:db8::/56","Backend":{"Type":"wireguard","Mode":"separate"}}"#,
         ] {
-            let mut n = Vec::new();
-            let c = NetworkConfig::parse_noting(text, "net-conf.json", &mut n).unwrap();
-            assert!(c.ipv6.is_some(), "{text}");
-            assert!(n.is_empty(), "{n:?}");
+            assert!(parse(text).unwrap().ipv6.is_some(), "{text}");
+            assert_eq!(notes(text), Vec::<String>::new(), "{text}");
         }
     }
 
     #[test]
     fn wireguard_notes_other_backends_keys() {
-        let mut n = Vec::new();
-        NetworkConfig::parse_noting(
-            r#"{"Network":"10.244.0.0/16","Backend":{"Type":"wireguard","VNI":2,"Port":8285,"MTU":1500}}"#,
-            "net-conf.json",
-            &mut n,
-        )
-        .unwrap();
         assert_eq!(
-            n,
+            notes(r#"{"Network":"10.244.0.0/16","Backend":{"Type":"wireguard","VNI":2,"Port":8285,"MTU":1500}}"#),
             [
                 "Backend.Port has no effect: Type wireguard does not read it",
                 "Backend.VNI has no effect: Type wireguard does not read it",
             ]
         );
         // ListenPortV6 is the IPv6 device's, and this cluster has none.
-        let mut n = Vec::new();
-        NetworkConfig::parse_noting(
-            r#"{"Network":"10.244.0.0/16","Backend":{"Type":"wireguard","ListenPortV6":51001}}"#,
-            "net-conf.json",
-            &mut n,
-        )
-        .unwrap();
-        assert_eq!(n, ["Backend.ListenPortV6 has no effect without EnableIPv6 true (flannel ignores it too)"]);
+        assert_eq!(
+            notes(r#"{"Network":"10.244.0.0/16","Backend":{"Type":"wireguard","ListenPortV6":51001}}"#),
+            ["Backend.ListenPortV6 has no effect without EnableIPv6 true (flannel ignores it too)"]
+        );
+        // One device for both families listens on ListenPort alone.
+        assert_eq!(
+            notes(
+                r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"2001:db8::/56","Backend":{"Type":"wireguard","Mode":"auto","ListenPortV6":51001}}"#
+            ),
+            ["Backend.ListenPortV6 has no effect with Backend.Mode \"auto\": one device, flannel-wg, carries both \
+                 families on Backend.ListenPort"]
+        );
+        assert_eq!(
+            notes(
+                r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"2001:db8::/56","Backend":{"Type":"wireguard","Mode":"ipv6","ListenPortV6":51001,"ListenPort":51002}}"#
+            ),
+            ["Backend.ListenPortV6 has no effect with Backend.Mode \"ipv6\": one device, flannel-wg, carries both \
+                 families on Backend.ListenPort"]
+        );
+        // IPv6-only with a device per family: flannel-wg-v6 alone.
+        assert_eq!(
+            notes(
+                r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"2001:db8::/56","Backend":{"Type":"wireguard","ListenPort":51002}}"#
+            ),
+            ["Backend.ListenPort has no effect in an IPv6-only network with Backend.Mode \"separate\": \
+                 flannel-wg-v6 listens on Backend.ListenPortV6 (flannel ignores it too)"]
+        );
         // And the others do not read the wireguard keys.
-        let mut n = Vec::new();
-        NetworkConfig::parse_noting(
-            r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan","ListenPort":1}}"#,
-            "net-conf.json",
-            &mut n,
-        )
-        .unwrap();
-        assert_eq!(n, ["Backend.ListenPort has no effect: Type vxlan does not read it"]);
+        assert_eq!(
+            notes(r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan","ListenPort":1}}"#),
+            ["Backend.ListenPort has no effect: Type vxlan does not read it"]
+        );
     }
 
     #[test]
     fn keys_without_effect_are_noted_by_name() {
-        let notes = |t: &str| {
-            let mut n = Vec::new();
-            NetworkConfig::parse_noting(t, "net-conf.json", &mut n).unwrap();
-            n
-        };
         assert!(notes(r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan","VNI":4,"MTU":1400}}"#).is_empty());
         assert!(notes(r#"{"network":"10.244.0.0/16","EnableIPv6":false,"EnableIPv4":true}"#).is_empty());
         assert_eq!(

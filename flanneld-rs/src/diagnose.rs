@@ -223,13 +223,15 @@ async fn run_with(opts: &Opts, json_out: bool, mut store: impl LeaseStore) -> an
             });
         }
     }
-    let wireguard: Vec<&crate::backend::WireguardSpec> = [&backend, &backend6]
+    let mut wireguard: Vec<&crate::backend::WireguardSpec> = [&backend, &backend6]
         .into_iter()
         .filter_map(|b| match b {
             Some(Backend::Wireguard(w)) => Some(w),
             _ => None,
         })
         .collect();
+    // One device for both families (Mode auto, ipv4, ipv6) is looked at once.
+    wireguard.dedup_by(|a, b| a.name == b.name);
     for spec in &wireguard {
         let kind = nl.link_by_name(&spec.name).await?.and_then(|l| l.kind);
         // One device for both families listens on a dual-stack IPv6 socket.

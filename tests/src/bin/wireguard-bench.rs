@@ -203,11 +203,18 @@ wait $pid
     (kids, pids)
 }
 
-/// Two flanneld-rs daemons with `conf`, their metrics on 127.0.0.1:9105 in
-/// their nodes, each with its own WireGuard key file, knowing each other; a
-/// pod on each node.
+/// Two flanneld-rs daemons with `conf` ([`start_daemons`]); a pod on each
+/// node.
 fn daemons(conf: &str, pod_prefix: &str) -> (Overlay, [(Netns, Ipv4Addr); 2]) {
-    let mut o = Overlay::with_conf(2, conf);
+    let o = start_daemons(Overlay::with_conf(2, conf), false);
+    let pods = [o.add_pod(0, &format!("{pod_prefix}a")), o.add_pod(1, &format!("{pod_prefix}b"))];
+    (o, pods)
+}
+
+/// Starts the two daemons of `o`, their metrics on 127.0.0.1:9105 in their
+/// nodes, each with its own WireGuard key file, and waits until each knows
+/// the other (in the IPv6 peer table too when `ipv6`).
+fn start_daemons(mut o: Overlay, ipv6: bool) -> Overlay {
     for i in 0..2 {
         o.set_flags(i, &["--healthz-ip", "127.0.0.1", "--healthz-port", &METRICS_PORT.to_string()]);
         let key = o.dir.path().join(format!("node{i}/wgkey"));
@@ -215,12 +222,12 @@ fn daemons(conf: &str, pod_prefix: &str) -> (Overlay, [(Netns, Ipv4Addr); 2]) {
     }
     o.start_all();
     for i in 0..2 {
-        wait_until(Duration::from_secs(10), &format!("node{i}'s peer table"), || {
-            metric(&metrics(&o, i), "flannel_peers") == Some(1.0)
+        wait_until(Duration::from_secs(10), &format!("node{i}'s peer tables"), || {
+            let m = metrics(&o, i);
+            metric(&m, "flannel_peers") == Some(1.0) && (!ipv6 || metric(&m, "flannel_peers_ipv6") == Some(1.0))
         });
     }
-    let pods = [o.add_pod(0, &format!("{pod_prefix}a")), o.add_pod(1, &format!("{pod_prefix}b"))];
-    (o, pods)
+    o
 }
 
 /// Node `i`'s `/metrics` text.
@@ -366,19 +373,7 @@ fn daemon_features(o: &Overlay, i: usize) -> String {
 /// Our wireguard daemons on two dual-stack nodes: the same pods over IPv4
 /// and over IPv6.
 fn ipv6(seconds: u32, rounds: usize) {
-    let mut o = Overlay::dual_stack(2, WG_DUAL_CONF);
-    for i in 0..2 {
-        o.set_flags(i, &["--healthz-ip", "127.0.0.1", "--healthz-port", &METRICS_PORT.to_string()]);
-        let key = o.dir.path().join(format!("node{i}/wgkey"));
-        o.set_env(i, &[("WIREGUARD_KEY_FILE", key.to_str().unwrap())]);
-    }
-    o.start_all();
-    for i in 0..2 {
-        wait_until(Duration::from_secs(10), &format!("node{i}'s peer tables"), || {
-            let m = metrics(&o, i);
-            metric(&m, "flannel_peers") == Some(1.0) && metric(&m, "flannel_peers_ipv6") == Some(1.0)
-        });
-    }
+    let o = start_daemons(Overlay::dual_stack(2, WG_DUAL_CONF), true);
     let (a, _, _) = o.add_dual_pod(0, "6a");
     let (b, b4, b6) = o.add_dual_pod(1, "6b");
     println!("\nthe wireguard daemons' data paths: {}", daemon_features(&o, 0));

@@ -24,13 +24,13 @@
 //! flow first flushes what was merged so far, so order is kept.
 
 use super::checksum;
+use super::gso::MAX_HEADERS;
+use super::packet::{self, IPV6_HEADER, PROTO_TCP};
+use super::vnet::{self, VnetHdr};
 
 /// A flow's key: addresses and ports as on the wire (IPv4: 12 bytes, IPv6:
 /// 36), then the IP version.
 const KEY: usize = 37;
-use super::gso::MAX_HEADERS;
-use super::packet::{self, PROTO_TCP};
-use super::vnet::{self, VnetHdr};
 
 /// Flows merged at the same time; a new flow beyond this flushes the oldest.
 pub const MAX_FLOWS: usize = 8;
@@ -39,9 +39,6 @@ pub const MAX_FLOWS: usize = 8;
 pub const MAX_SEGMENTS: usize = 64;
 
 const ACK: u8 = 0x10;
-
-/// An IPv6 header without extension headers.
-const IPV6_HEADER: usize = 40;
 const PSH: u8 = 0x08;
 
 /// Where a packet lies in the caller's receive buffers.

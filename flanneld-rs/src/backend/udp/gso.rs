@@ -10,14 +10,11 @@
 use std::ops::Range;
 
 use super::checksum;
-use super::packet::{self, Discard, PROTO_TCP, PROTO_UDP};
+use super::packet::{self, Discard, IPV6_HEADER, PROTO_TCP, PROTO_UDP};
 use super::vnet::{self, VnetHdr};
 
 /// Largest IPv4 plus TCP header: both may carry 40 bytes of options.
 pub const MAX_HEADERS: usize = 120;
-
-/// An IPv6 header without extension headers.
-const IPV6_HEADER: usize = 40;
 
 /// TCP flags that belong on one segment only.
 const FIN: u8 = 0x01;
@@ -93,7 +90,7 @@ pub fn prepare_outbound(pkt: &mut [u8], hdr: VnetHdr) -> Result<Outbound<'_>, Di
     }
 }
 
-/// How a TCP/IPv4 super-packet is cut: its header lengths, the segment
+/// How a TCP super-packet (IPv4 or IPv6) is cut: its header lengths, the segment
 /// size and how many segments it makes. Shared by the cut into separate
 /// header slots ([`TcpSuper`]) and the cut in place ([`cut_in_place`]).
 #[derive(Debug, Clone, Copy)]
@@ -107,7 +104,7 @@ struct Cut {
 }
 
 impl Cut {
-    /// Checks `pkt` (an IPv4/TCP packet, without virtio header) and the
+    /// Checks `pkt` (an IPv4/TCP or IPv6/TCP packet, without virtio header) and the
     /// segment size; `None` when it is not something we can cut.
     fn of(pkt: &[u8], mss: usize) -> Option<Cut> {
         let v6 = pkt.first().is_some_and(|b| b >> 4 == 6);
@@ -182,7 +179,7 @@ impl Cut {
     }
 }
 
-/// A TCP/IPv4 super-packet and how to cut it.
+/// A TCP super-packet (IPv4 or IPv6) and how to cut it.
 #[derive(Debug)]
 pub struct TcpSuper<'a> {
     pkt: &'a [u8],
@@ -190,7 +187,7 @@ pub struct TcpSuper<'a> {
 }
 
 impl<'a> TcpSuper<'a> {
-    /// Checks `pkt` (an IPv4/TCP packet, without virtio header) and the
+    /// Checks `pkt` (an IPv4/TCP or IPv6/TCP packet, without virtio header) and the
     /// segment size; `None` when it is not something we can cut.
     pub fn parse(pkt: &'a [u8], mss: usize) -> Option<TcpSuper<'a>> {
         Cut::of(pkt, mss).map(|cut| TcpSuper { pkt, cut })
@@ -230,7 +227,7 @@ impl<'a> TcpSuper<'a> {
     }
 }
 
-/// Cuts a TCP/IPv4 super-packet into packets of `mss` payload bytes as
+/// Cuts a TCP super-packet (IPv4 or IPv6) into packets of `mss` payload bytes as
 /// [`TcpSuper`] does, but hands each to `each` as one contiguous slice (for
 /// an encryption that takes whole packets): segment `i`'s header is written
 /// over the end of segment `i - 1`'s payload, which `each` has consumed by

@@ -16,6 +16,10 @@ pub const PROTO_UDP: u8 = 17;
 /// Length of an IPv4 header without options.
 pub const IPV4_HEADER: usize = 20;
 
+/// An IPv6 header without extension headers (the wireguard backend's
+/// `flannel-wg-v6`; its payload length covers any that follow).
+pub const IPV6_HEADER: usize = 40;
+
 /// Largest ICMP error we build: IPv4 header, ICMP header, and the offender's
 /// header with options (60) plus 8 bytes of its payload.
 pub const ICMP_ERROR_MAX: usize = IPV4_HEADER + 8 + 60 + 8;

@@ -413,17 +413,23 @@ impl TxBatch {
 /// What one received message holds.
 #[derive(Debug, Clone, Copy)]
 pub struct Received {
-    /// The sender's address (IPv4; 0 on an IPv6 socket).
-    pub src: u32,
     /// The sender's address and port, of either family.
     pub from: SocketAddr,
-    /// The sender's port.
-    pub src_port: u16,
     /// Bytes received.
     pub len: usize,
     /// Size of each datagram of a GRO train (the last may be shorter), or
     /// `len` for a single datagram.
     pub seg: usize,
+}
+
+impl Received {
+    /// The sender's IPv4 address as a number (0 for an IPv6 sender).
+    pub fn src(&self) -> u32 {
+        match self.from.ip() {
+            IpAddr::V4(v4) => u32::from(v4),
+            IpAddr::V6(_) => 0,
+        }
+    }
 }
 
 /// Buffers and headers for one `recvmmsg`, allocated once.
@@ -499,11 +505,6 @@ impl RxBatch {
         let m = &self.mmsgs[i];
         let len = m.msg_len as usize;
         let from = address_in(&self.addrs[i]);
-        let src = match from.ip() {
-            IpAddr::V4(v4) => u32::from(v4),
-            IpAddr::V6(_) => 0,
-        };
-        let src_port = from.port();
         let mut seg = len;
         // SAFETY: walks the control messages the kernel wrote into our
         // buffer, within msg_controllen, with the libc helpers.
@@ -519,7 +520,7 @@ impl RxBatch {
                 c = libc::CMSG_NXTHDR(&m.msg_hdr, c);
             }
         }
-        Received { src, from, src_port, len, seg: seg.max(1) }
+        Received { from, len, seg: seg.max(1) }
     }
 
     /// The buffer of message `i`.

@@ -287,7 +287,7 @@ impl Worker {
         let table = self.view.table();
         for m in 0..n {
             let r = self.rx.get(m);
-            if !table.is_peer(r.src) {
+            if !table.is_peer(r.src()) {
                 self.local.not_from_peer += r.len.div_ceil(r.seg) as u64;
                 continue;
             }

@@ -56,7 +56,7 @@ use log::{debug, info, warn};
 use crate::backend::udp::gro::{Pkt, TunWriter};
 use crate::backend::udp::gso::{complete_checksum, cut_in_place};
 use crate::backend::udp::kernel::DeviceSpec;
-use crate::backend::udp::packet;
+use crate::backend::udp::packet::{self, IPV6_HEADER};
 use crate::backend::udp::peers::PeerTable;
 use crate::backend::udp::sock::{RxBatch, TxBatch, UdpSocket};
 use crate::backend::udp::tun::TunOptions;
@@ -204,7 +204,8 @@ pub fn stages() -> Vec<(&'static str, Tuning)> {
 struct Peer {
     key: [u8; 32],
     tunn: Mutex<Tunn>,
-    /// Its subnets (allowed IPs): one, or one per family with one device.
+    /// Its subnets (allowed IPs): one, or one per family with one device;
+    /// for logs and metrics (packets are checked against the table).
     subnets: RwLock<Vec<IpNet>>,
     /// The endpoint its lease gives.
     lease_endpoint: Mutex<SocketAddr>,
@@ -221,11 +222,6 @@ impl Peer {
     /// Its first subnet, which names it in logs and metrics.
     fn subnet(&self) -> IpNet {
         self.subnets.read().unwrap_or_else(|p| p.into_inner())[0]
-    }
-
-    /// Whether `ip` is in one of its subnets.
-    fn allows(&self, ip: IpAddr) -> bool {
-        self.subnets.read().unwrap_or_else(|p| p.into_inner()).iter().any(|s| s.contains(&ip))
     }
 
     fn endpoint(&self) -> SocketAddr {
@@ -269,11 +265,23 @@ struct Table {
 }
 
 impl Table {
-    fn route(&self, dst: IpAddr) -> Option<&Arc<Peer>> {
+    /// The position of the peer whose subnet holds `dst`.
+    fn route_pos(&self, dst: IpAddr) -> Option<usize> {
         match dst {
-            IpAddr::V4(v4) => self.routes.lookup(u32::from(v4)).map(|i| &self.peers[i as usize]),
-            IpAddr::V6(v6) => self.routes6.iter().find(|(n, _)| n.contains(&v6)).map(|(_, i)| &self.peers[*i]),
+            IpAddr::V4(v4) => self.routes.lookup(u32::from(v4)).map(|i| i as usize),
+            IpAddr::V6(v6) => self.routes6.iter().find(|(n, _)| n.contains(&v6)).map(|(_, i)| *i),
         }
+    }
+
+    fn route(&self, dst: IpAddr) -> Option<&Arc<Peer>> {
+        self.route_pos(dst).map(|i| &self.peers[i])
+    }
+
+    /// Whether the peer at `pos` may send from `source`: its allowed IPs
+    /// route `source` back to it (WireGuard's cryptokey routing), read from
+    /// this table alone, without a lock per packet.
+    fn allows(&self, pos: usize, source: IpAddr) -> bool {
+        self.route_pos(source) == Some(pos)
     }
 }
 
@@ -823,6 +831,10 @@ impl Worker {
             // The peer whose tunnel is locked, kept across the datagrams of
             // a train (they come from one sender).
             let mut held: Option<(usize, MutexGuard<'_, Tunn>)> = None;
+            // The peer last moved to `from` in this message: the datagrams of
+            // a train share their sender, so one look at the endpoint (a
+            // lock) per peer and train, not one per packet.
+            let mut roamed: Option<usize> = None;
             while off < r.len {
                 let len = r.seg.min(r.len - off);
                 let d = &self.rx.buf(m)[off..off + len];
@@ -843,30 +855,35 @@ impl Worker {
                             TunnResult::WriteToTunnelV6(pkt, source) => Ok((pkt.len(), IpAddr::V6(source))),
                             other => Err(other),
                         };
-                        match r {
+                        let authenticated = match r {
                             // The packet's family must be the device's (its
                             // peers' subnets are), its source inside the
                             // peer's subnet.
                             Ok((plen, source)) => {
-                                if peer.allows(source) && plen <= self.shared.mtu {
+                                if table.allows(pos, source) && plen <= self.shared.mtu {
                                     self.local.rx_packets += 1;
                                     self.local.rx_bytes += plen as u64;
                                     self.inner.push(Pkt { buf: m as u16, off: off as u32, len: plen as u32 });
                                 } else {
                                     self.local.dropped_not_allowed += 1;
                                 }
-                                peer.roam(from);
+                                true
                             }
                             // A keepalive.
-                            Err(TunnResult::Done) => peer.roam(from),
+                            Err(TunnResult::Done) => true,
                             Err(TunnResult::Err(e)) => {
                                 self.local.dropped_invalid += 1;
                                 debug!(
                                     "wireguard backend: datagram from {from} for peer {} dropped: {e:?}",
                                     peer.subnet()
                                 );
+                                false
                             }
-                            Err(_) => {}
+                            Err(_) => false,
+                        };
+                        if authenticated && roamed != Some(pos) {
+                            peer.roam(from);
+                            roamed = Some(pos);
                         }
                     }
                     None if idx.is_some() => {
@@ -983,10 +1000,6 @@ impl Worker {
     }
 }
 
-/// An IPv6 header's length (no extension headers counted: the payload
-/// length covers them).
-const IPV6_HEADER: usize = 40;
-
 /// The receiver index of a data message (type 4, at least the header and
 /// the tag), or `None` for anything else.
 fn data_receiver(d: &[u8]) -> Option<u32> {
@@ -1065,6 +1078,29 @@ fn outbound(pkt: &mut [u8], hdr: VnetHdr, table: &Table, out: &mut Out, sock: &U
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_peer_may_send_only_from_its_own_subnets() {
+        // Peer 0 has an IPv4 and an IPv6 subnet (one device for both
+        // families), peer 1 an IPv4 one.
+        let v4 = |s: &str| s.parse::<ipnet::Ipv4Net>().unwrap();
+        let t = Table {
+            routes: PeerTable::new(&[
+                (v4("10.244.1.0/24"), Ipv4Addr::from(0u32)),
+                (v4("10.244.2.0/24"), Ipv4Addr::from(1u32)),
+            ]),
+            routes6: vec![("2001:db8:10:1::/64".parse().unwrap(), 0)],
+            ..Table::default()
+        };
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert!(t.allows(0, ip("10.244.1.7")));
+        assert!(t.allows(0, ip("2001:db8:10:1::7")));
+        assert!(t.allows(1, ip("10.244.2.7")));
+        assert!(!t.allows(1, ip("10.244.1.7")), "another peer's subnet");
+        assert!(!t.allows(1, ip("2001:db8:10:1::7")), "another peer's IPv6 subnet");
+        assert!(!t.allows(0, ip("10.244.3.7")), "no peer's");
+        assert!(!t.allows(0, ip("192.0.2.7")), "outside the Network");
+    }
 
     #[test]
     fn data_receiver_reads_only_data_messages() {
