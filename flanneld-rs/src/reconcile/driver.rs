@@ -713,8 +713,8 @@ impl<S: LeaseStore> Driver<S> {
 
 /// Returns the heap's free memory to the kernel. A full reconcile's dumps
 /// (every route, neighbour and FDB entry) are freed when it ends, but the C
-/// allocator keeps the pages, in the arena of whichever runtime thread ran
-/// it, so the resident size stayed at the dumps' peak. Trimming costs a walk
+/// allocator keeps the pages (in its one arena: see `limit_malloc_arenas` in
+/// main.rs), so the resident size stayed at the dumps' peak. Trimming costs a walk
 /// of the free lists, well under a millisecond at this heap's size.
 fn return_free_memory() {
     // SAFETY: malloc_trim only releases free memory; it never touches live
@@ -739,16 +739,9 @@ fn log_ops(ops: &[plan::Op], why: &str) {
     }
 }
 
-/// [`firewall::setup`] runs `iptables-save`, `iptables-restore` and `nft`:
+/// [`firewall::ensure`] runs `iptables-save`, `iptables-restore` and `nft`:
 /// on the blocking pool, not on a runtime worker.
-pub async fn setup_firewall(fw: FirewallSpec) -> Result<Vec<String>, String> {
-    tokio::task::spawn_blocking(move || firewall::setup(&fw))
-        .await
-        .unwrap_or_else(|e| Err(format!("firewall task: {e}")))
-}
-
-/// [`firewall::ensure`], on the blocking pool.
-pub async fn ensure_firewall(fw: FirewallSpec) -> Result<Vec<firewall::Problem>, String> {
+async fn ensure_firewall(fw: FirewallSpec) -> Result<Vec<firewall::Problem>, String> {
     tokio::task::spawn_blocking(move || firewall::ensure(&fw))
         .await
         .unwrap_or_else(|e| Err(format!("firewall task: {e}")))
