@@ -302,8 +302,10 @@ fn pick_free(cfg: &Ipv4Config, taken: &HashSet<Ipv4Net>, random: u64) -> Option<
 /// [`occupied6`] count them), and which subnet that is. A dual-stack key
 /// names both subnets, so its create-if-absent guards only the pair:
 /// another node may have created a key with either one beside another
-/// meanwhile. The older key keeps it. (A single-stack key names its only
-/// subnet, so its create guards it; it needs no such check.)
+/// meanwhile. The older key keeps it: the younger is given up right after
+/// its create, or, when that check did not run, when it is found again as
+/// ours. (A single-stack key names its only subnet, so its create guards
+/// it; it needs no such check.)
 fn older_holder(entries: &[Entry], ours: &str, s4: Ipv4Net, s6: Ipv6Net, created: i64) -> Option<(String, String)> {
     let created = entries.iter().find(|e| e.key == ours).map_or(created, |e| e.create_revision);
     entries.iter().filter(|e| e.key != ours && e.create_revision < created).find_map(|e| {
@@ -671,7 +673,15 @@ impl EtcdSubnetManager {
                     .collect();
                 mine.sort_by_key(|(e, _)| e.lease_id != 0);
                 if let Some((entry, subnet)) = mine.into_iter().next() {
-                    if fits_families(cfg, entry.subnet6) {
+                    // A dual-stack key that lost the race of its create
+                    // (whose check below did not run: etcd failed, or the
+                    // daemon was stopped, right after the create) is not
+                    // ours to keep; a reservation always is.
+                    let lost = match (entry.lease_id, entry.subnet6) {
+                        (0, _) | (_, None) => None,
+                        (_, Some(s6)) => older_holder(&entries, &entry.key, subnet, s6, entry.create_revision),
+                    };
+                    if lost.is_none() && fits_families(cfg, entry.subnet6) {
                         let subnet6 = cfg.ipv6.and(entry.subnet6);
                         match self.take_over(entry, subnet, subnet6, attrs, &value, &mut granted).await {
                             Ok(Some(acquired)) => break 'attempts Ok(acquired),
@@ -686,18 +696,20 @@ impl EtcdSubnetManager {
                     // flannel deletes it and takes a new lease; the deleted
                     // subnets stay taken for this pick (as in flannel, which
                     // picks from the list it read before deleting).
-                    let why = if cfg.ipv6.is_some() {
-                        match entry.subnet6 {
-                            None => "has no IPv6 subnet, and the configuration has EnableIPv6".to_string(),
-                            Some(s6) => {
-                                format!("has IPv6 subnet {s6}, which the configuration's IPv6 range does not allow")
-                            }
+                    let why = match (lost, entry.subnet6) {
+                        (Some((winner, which)), _) => format!("lost {which} to the older {winner} when it was created"),
+                        _ if cfg.ipv6.is_none() => {
+                            "has an IPv6 subnet, and the configuration has no EnableIPv6 (as flannel does)".to_string()
                         }
-                    } else {
-                        "has an IPv6 subnet, and the configuration has no EnableIPv6".to_string()
+                        (None, None) => {
+                            "has no IPv6 subnet, and the configuration has EnableIPv6 (as flannel does)".to_string()
+                        }
+                        (None, Some(s6)) => format!(
+                            "has IPv6 subnet {s6}, which the configuration's IPv6 range does not allow (as flannel does)"
+                        ),
                     };
                     log::warn!(
-                        "this node's lease {} = {} {why}: deleting it and taking a new lease (as flannel does)",
+                        "this node's lease {} = {} {why}: deleting it and taking a new lease",
                         entry.key,
                         shown(&entry.value)
                     );
