@@ -1374,6 +1374,22 @@ mod tests {
 
     const P: &str = "/coreos.com/network";
 
+    /// The entry of key `k` (`10.5.1.0-24`, as under `/subnets/`), created
+    /// and last changed at revision `created`, with the subnets its key
+    /// names (as [`Entry::from_kv`] reads them) and no value or etcd lease.
+    fn entry(k: &str, created: i64) -> Entry {
+        let parsed = parse_lease_key(k);
+        Entry {
+            key: k.into(),
+            subnet: parsed.map(|p| p.0),
+            subnet6: parsed.and_then(|p| p.1),
+            value: vec![],
+            lease_id: 0,
+            mod_revision: created,
+            create_revision: created,
+        }
+    }
+
     #[test]
     fn key_naming_and_parsing() {
         let s: Ipv4Net = "10.5.52.0/24".parse().unwrap();
@@ -1487,15 +1503,7 @@ mod tests {
         assert!(!in_range(&c, "10.5.0.0/24".parse().unwrap())); // below SubnetMin
         assert!(!in_range(&c, "10.5.1.0/25".parse().unwrap()));
         assert!(!in_range(&c, "10.6.1.0/24".parse().unwrap()));
-        let e = |k: &str| Entry {
-            key: k.into(),
-            subnet: parse_subnet_key(k),
-            subnet6: None,
-            value: vec![],
-            lease_id: 0,
-            mod_revision: 1,
-            create_revision: 1,
-        };
+        let e = |k: &str| entry(k, 1);
         let taken = occupied(&c, &[e("10.5.3.0-24"), e("10.5.4.128-25"), e("10.5.8.0-23"), e("junk")]);
         let mut t: Vec<String> = taken.iter().map(|s| s.to_string()).collect();
         t.sort();
@@ -1584,18 +1592,7 @@ mod tests {
 
     #[test]
     fn a_dual_stack_key_loses_to_an_older_key_holding_either_of_its_subnets() {
-        let e = |k: &str, created| {
-            let (v4, v6) = parse_lease_key(k).unwrap();
-            Entry {
-                key: k.into(),
-                subnet: Some(v4),
-                subnet6: v6,
-                value: vec![],
-                lease_id: 0,
-                mod_revision: created,
-                create_revision: created,
-            }
-        };
+        let e = entry;
         let ours = "10.5.1.0-24&2001:db8:10:1::-64";
         let (s4, s6) = parse_lease_key(ours).unwrap();
         let s6 = s6.unwrap();
@@ -1630,18 +1627,7 @@ mod tests {
         let c6 = c.ipv6.unwrap();
         // Default IPv6SubnetMin: the second /64.
         assert_eq!(c6.count(), 255);
-        let e = |k: &str| {
-            let (v4, v6) = parse_lease_key(k).unwrap();
-            Entry {
-                key: k.into(),
-                subnet: Some(v4),
-                subnet6: v6,
-                value: vec![],
-                lease_id: 0,
-                mod_revision: 1,
-                create_revision: 1,
-            }
-        };
+        let e = |k: &str| entry(k, 1);
         let entries: Vec<Entry> = (1..=254u32)
             .map(|i| e(&format!("10.5.{i}.0-24&2001:db8:10:{i:x}::-64")))
             .chain([e("10.5.255.0-24")])
