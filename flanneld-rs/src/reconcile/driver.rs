@@ -322,8 +322,9 @@ impl<S: LeaseStore> Driver<S> {
             self.device_index[family as usize] = self.nl.link_by_name(&name).await.ok().flatten().map(|l| l.index);
         }
         let programmed = want.peers.len() + want.tunnel.len();
+        let tunnel = std::mem::take(&mut full.desired.tunnel);
         if errors.is_empty() && !self.node.backend_of(family).has_data_path() {
-            self.models[family as usize] = Model::after_full(&full, observed, &ops);
+            self.models[family as usize] = Model::after_full(full, observed, &ops);
         }
         let ms = |d: Duration| d.as_secs_f64() * 1000.0;
         log::debug!(
@@ -335,7 +336,7 @@ impl<S: LeaseStore> Driver<S> {
             ms(t_applied - t_planned),
             ms(t0.elapsed() - t_applied)
         );
-        (rejected_text, programmed, full.desired.tunnel)
+        (rejected_text, programmed, tunnel)
     }
 
     /// Takes the lease snapshot `leases`: incrementally when it can (see
