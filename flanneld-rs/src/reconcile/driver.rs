@@ -662,7 +662,8 @@ impl<S: LeaseStore> Driver<S> {
                         let underlay = concerns_underlay(self.node.ext.index, self.underlay_missing, &c);
                         self.underlay_due |= underlay;
                         let ours = self.node.families().into_iter().any(|f| {
-                            concerns_us(self.device_index[f as usize], self.node.backend_of(f).underlay(), &c)
+                            let network = crate::backend::family_network(&self.node.cfg, f).map(|(n, _)| n);
+                            concerns_us(self.device_index[f as usize], self.node.backend_of(f).underlay(), network, &c)
                         });
                         // The echo of our own change asks for nothing.
                         let disagrees = ours && !self.echo(&c);
@@ -755,12 +756,21 @@ async fn ensure_firewall(fw: FirewallSpec) -> Result<Vec<firewall::Problem>, Str
 }
 
 /// Whether a kernel notification is about our device, or about a route
-/// through the underlay (direct routes). Without a device every link event
-/// matters: it may be the device coming back or going.
-fn concerns_us(device_index: Option<u32>, underlay: u32, change: &Change) -> bool {
+/// through the underlay into the family's `network` (direct routes, the
+/// only ones there the reconcile keeps or sweeps: another route on the
+/// underlay, a default route a DHCP client renews, is not ours). Without a
+/// device every link event matters: it may be the device coming back or
+/// going.
+fn concerns_us(device_index: Option<u32>, underlay: u32, network: Option<IpNet>, change: &Change) -> bool {
     match (device_index, change) {
         (_, Change::Overrun) => true,
-        (_, Change::Route { oif, .. }) if *oif == Some(underlay) => true,
+        (_, Change::Route { oif, route, .. }) if *oif == Some(underlay) => {
+            match (route, network) {
+                (Some(r), Some(n)) => n.contains(&r.dst),
+                // Not a main-table unicast route, or no network to tell by.
+                _ => true,
+            }
+        }
         (None, Change::Link(_)) => true,
         (None, _) => false,
         (Some(idx), Change::Link(i) | Change::Neigh { index: i, .. } | Change::Addr(i)) => *i == idx,
@@ -784,10 +794,13 @@ fn concerns_underlay(underlay: u32, missing: bool, change: &Change) -> bool {
 #[cfg(test)]
 mod tests {
     use super::{concerns_underlay, concerns_us};
-    use flannel_net::netlink::Change;
+    use flannel_net::netlink::{Change, Route, Scope};
+    use ipnet::IpNet;
 
     #[test]
     fn notifications_about_our_device_and_the_underlays_routes_concern_us() {
+        let net: Option<IpNet> = Some("10.244.0.0/16".parse().unwrap());
+        let concerns_us = |idx, underlay, c: &Change| concerns_us(idx, underlay, net, c);
         let route = |oif| Change::Route { oif, route: None, deleted: false };
         assert!(concerns_us(Some(7), 2, &Change::Link(7)));
         assert!(!concerns_us(Some(7), 2, &Change::Link(8)));
@@ -797,6 +810,22 @@ mod tests {
         assert!(concerns_us(None, 2, &Change::Link(9)), "without a device any link may be it coming back");
         assert!(!concerns_us(None, 2, &Change::Neigh { index: 9, entry: None, deleted: false }));
         assert!(concerns_us(Some(7), 2, &Change::Overrun));
+        // Of the underlay's main-table routes, those into the network only.
+        let to = |dst: &str, oif| Change::Route {
+            oif,
+            route: Some(Route {
+                dst: dst.parse().unwrap(),
+                gateway: Some("192.0.2.1".parse().unwrap()),
+                oif,
+                onlink: false,
+                scope: Scope::Global,
+            }),
+            deleted: false,
+        };
+        assert!(concerns_us(Some(7), 2, &to("10.244.3.0/24", Some(2))), "a direct route");
+        assert!(!concerns_us(Some(7), 2, &to("0.0.0.0/0", Some(2))), "the default route");
+        assert!(!concerns_us(None, 2, &to("198.51.100.0/24", Some(2))));
+        assert!(concerns_us(Some(7), 2, &to("198.51.100.0/24", Some(7))), "any route through our device");
     }
 
     #[test]
