@@ -15,12 +15,12 @@ use log::info;
 
 use crate::backend::{self, Backend};
 use crate::config::NetworkConfig;
-use crate::firewall::FirewallSpec;
+use crate::firewall::{self, FirewallSpec};
 use crate::flags::Opts;
 use crate::health::{self, Metrics};
 use crate::iface::{self, ExtIface};
 use crate::lease::{Family, Lease};
-use crate::reconcile::driver::{setup_firewall, Driver, Node, Timers};
+use crate::reconcile::driver::{Driver, Node, Timers};
 use crate::subnet::etcd::{EtcdOptions, EtcdStore};
 use crate::subnet::kube::{KubeOptions, KubeStore};
 use crate::subnet::LeaseStore;
@@ -260,21 +260,25 @@ async fn run_with(opts: Opts, mut store: impl LeaseStore, metrics: Arc<Metrics>)
     // pool) does not depend on the kernel entries: it runs while the first
     // reconcile programs them, as flannel sets its rules up beside its
     // backend's loop. Its result is taken after subnet.env is written, where
-    // it always was.
-    let firewall = tokio::spawn(setup_firewall(fw));
+    // it always was, and it has ended before any error is returned.
+    let rules = tokio::task::spawn_blocking(move || firewall::setup(&fw));
     driver.reconcile_with(leases, "start").await;
     let t_kernel = started.elapsed();
 
-    if cfg.ipv4.is_some() {
-        flannel_net::host::ensure_sysctl_on(flannel_net::host::IPV4_FORWARD)
-            .map_err(|e| anyhow::anyhow!("enable IPv4 forwarding: {e}"))?;
-    }
-    if cfg.ipv6.is_some() {
-        flannel_net::host::ensure_sysctl_on(flannel_net::host::IPV6_FORWARD)
-            .map_err(|e| anyhow::anyhow!("enable IPv6 forwarding: {e}"))?;
-    }
-    env.write_atomic(&opts.subnet_file).with_context(|| format!("write {}", opts.subnet_file.display()))?;
-    let set_up = firewall.await.unwrap_or_else(|e| Err(format!("firewall task: {e}")));
+    // Sysctls and an fsync'ed file: off the async workers.
+    let files = tokio::task::block_in_place(|| {
+        if cfg.ipv4.is_some() {
+            flannel_net::host::ensure_sysctl_on(flannel_net::host::IPV4_FORWARD)
+                .map_err(|e| anyhow::anyhow!("enable IPv4 forwarding: {e}"))?;
+        }
+        if cfg.ipv6.is_some() {
+            flannel_net::host::ensure_sysctl_on(flannel_net::host::IPV6_FORWARD)
+                .map_err(|e| anyhow::anyhow!("enable IPv6 forwarding: {e}"))?;
+        }
+        env.write_atomic(&opts.subnet_file).with_context(|| format!("write {}", opts.subnet_file.display()))
+    });
+    let set_up = rules.await.unwrap_or_else(|e| Err(format!("firewall task: {e}")));
+    files?;
     for done in set_up.map_err(|e| anyhow::anyhow!("{}: {e}", fw.describe()))? {
         info!("firewall: {done}");
     }
@@ -289,7 +293,8 @@ async fn run_with(opts: Opts, mut store: impl LeaseStore, metrics: Arc<Metrics>)
         let node_ips = policy_node_ips(&nl, subnet, subnet6).await?;
         tokio::spawn(crate::netpol::run(client, node_name, node_ips, metrics.policy.clone()));
     } else {
-        crate::netpol::remove_leftover_table();
+        // `nft list table`: a process, off the async workers.
+        tokio::task::block_in_place(crate::netpol::remove_leftover_table);
     }
     metrics.ready.store(true, Ordering::Relaxed);
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;

@@ -3,6 +3,9 @@
 use flanneld_rs::flags::{Cli, Cmd};
 
 fn main() {
+    // First: nothing has started a thread yet, whatever the code below
+    // comes to do.
+    limit_malloc_arenas();
     // Go's flag syntax (flannel's) as well as clap's.
     let cli = Cli::parse_go(std::env::args_os()).unwrap_or_else(|e| e.exit());
     // After parsing: the format and -v are flags. Flag errors are clap's own
@@ -13,7 +16,6 @@ fn main() {
         cli.opts.vmodule.as_ref(),
         cli.opts.log_backtrace_at.as_deref(),
     );
-    limit_malloc_arenas();
     let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -53,8 +55,8 @@ fn main() {
 fn limit_malloc_arenas() {
     #[cfg(target_env = "gnu")]
     if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
-        // SAFETY: mallopt only sets an allocator parameter; called before
-        // any other thread exists.
+        // SAFETY: mallopt only sets an allocator parameter; called first in
+        // main, before any other thread exists.
         unsafe {
             libc::mallopt(libc::M_ARENA_MAX, 1);
         }

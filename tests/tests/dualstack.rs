@@ -381,3 +381,43 @@ fn the_ipv6_vtep_of_an_earlier_dual_stack_run_goes_when_ipv6_is_off() {
     assert!(o.log(0).contains("deleting flannel-v6.1"), "{}", o.log(0));
     assert_eq!(o.vtep_state(0), o.expected_state(0));
 }
+
+/// A dual-stack key of this node's that lost the race of its create (an
+/// older key holds its IPv4 subnet beside another IPv6 one) and whose check
+/// did not run (etcd failed, or the daemon was stopped, right after the
+/// create) is given up when the node finds it again by its PublicIP, not
+/// taken over: two nodes never share a subnet.
+#[test]
+fn a_key_of_ours_that_lost_its_dual_stack_race_is_given_up_when_found_again() {
+    if !require_root() {
+        return;
+    }
+    let mut o = Overlay::dual_stack(1, NET_CONF_DUAL);
+    let node = o.cluster.node(0);
+    let (ip, ip6) = (node.underlay_ip.to_string(), node.underlay_ipv6.unwrap().to_string());
+    let value = |ip: &str, ip6: &str| {
+        format!(
+            r#"{{"PublicIP":"{ip}","PublicIPv6":"{ip6}","BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"02:00:00:00:00:50"}},"BackendV6Data":{{"VNI":1,"VtepMAC":"02:00:00:00:00:51"}}}}"#
+        )
+    };
+    let older = "/coreos.com/network/subnets/10.244.7.0-24&2001:db8:10:9::-64";
+    let ours = "/coreos.com/network/subnets/10.244.7.0-24&2001:db8:10:1::-64";
+    // Another node's key (a reservation: bound to no etcd lease)...
+    etcdctl_ok(o.outside(), &["put", older, &value("192.0.2.50", "2001:db8::50")]);
+    // ... then ours, bound to an etcd lease as our creates are.
+    let granted = etcdctl_ok(o.outside(), &["lease", "grant", "600"]);
+    let id = granted.split_whitespace().nth(1).unwrap_or_else(|| panic!("etcdctl lease grant said {granted:?}"));
+    etcdctl_ok(o.outside(), &["put", &format!("--lease={id}"), ours, &value(&ip, &ip6)]);
+    o.start(0);
+    let key = o.lease_key(0);
+    assert_ne!(o.subnet(0).to_string(), "10.244.7.0/24", "node0 kept the subnet it lost ({key})");
+    let all = leases(o.outside());
+    assert!(!all.contains_key(ours), "the lost key is still there: {:?}", all.keys());
+    assert!(all.contains_key(older) && all.contains_key(&key), "{key}, {older}: {:?}", all.keys());
+    let log = o.log(0);
+    assert!(
+        log.contains(&format!("this node's lease {ours} = "))
+            && log.contains(&format!("lost IPv4 subnet 10.244.7.0/24 to the older {older}")),
+        "{log}"
+    );
+}

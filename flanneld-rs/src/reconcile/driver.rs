@@ -28,7 +28,7 @@ use tokio::sync::mpsc;
 
 use super::model::Model;
 use super::{desired, kernel, plan};
-use crate::backend::{Backend, DataPath};
+use crate::backend::{Backend, DataPath, TunnelPeer};
 use crate::config::NetworkConfig;
 use crate::firewall::{self, FirewallSpec};
 use crate::health::Metrics;
@@ -50,6 +50,9 @@ const TRIM_AT_PEERS: usize = 500;
 /// A lease snapshot changing more leases than this runs a full reconcile
 /// (one dump is then cheaper than planning each).
 const INCREMENTAL_MAX: usize = 256;
+
+/// A family's data path peers: subnet -> the peer behind it.
+type Tunnel = BTreeMap<IpNet, TunnelPeer>;
 
 /// A wait that never ends, for timers that are off.
 const NEVER: Duration = Duration::from_secs(86400 * 365);
@@ -165,9 +168,7 @@ pub struct Driver<S: LeaseStore> {
     /// With one device for both families (wireguard's Mode auto, ipv4,
     /// ipv6), the first family's data path carries both.
     data_path: [Option<Box<dyn DataPath>>; 2],
-    data_path_peers: [Vec<(IpNet, crate::backend::TunnelPeer)>; 2],
-    /// Each family's peer table as its last reconcile wanted it.
-    tunnel_want: [Vec<(IpNet, crate::backend::TunnelPeer)>; 2],
+    data_path_peers: [Vec<(IpNet, TunnelPeer)>; 2],
     /// The underlay must be chosen again before the next reconcile (it
     /// changed, or the periodic check is due).
     underlay_due: bool,
@@ -194,7 +195,6 @@ impl<S: LeaseStore> Driver<S> {
             device_index: [None, None],
             data_path: [None, None],
             data_path_peers: [Vec::new(), Vec::new()],
-            tunnel_want: [Vec::new(), Vec::new()],
             underlay_due: false,
             underlay_missing: false,
             models: [None, None],
@@ -261,8 +261,10 @@ impl<S: LeaseStore> Driver<S> {
             self.check_underlay(why).await;
         }
         let mut rejected_text = Vec::new();
+        let mut tunnels: [Tunnel; 2] = Default::default();
         for family in self.node.families() {
-            let (r, n) = self.reconcile_family(family, why).await;
+            let (r, n, tunnel) = self.reconcile_family(family, why).await;
+            tunnels[family as usize] = tunnel;
             rejected_text.extend(r);
             let gauge = match family {
                 Family::V4 => &self.metrics.peers,
@@ -270,6 +272,7 @@ impl<S: LeaseStore> Driver<S> {
             };
             gauge.store(n as u64, Ordering::Relaxed);
         }
+        self.sync_data_paths(&tunnels, why);
         if rejected_text != self.last_rejected {
             for r in &rejected_text {
                 warn!("lease not programmed: {r}");
@@ -285,9 +288,10 @@ impl<S: LeaseStore> Driver<S> {
         }
     }
 
-    /// The reconcile of one family: the rejected leases (in words) and how
-    /// many peers it programs.
-    async fn reconcile_family(&mut self, family: Family, why: &str) -> (Vec<String>, usize) {
+    /// The reconcile of one family: the rejected leases (in words), how many
+    /// peers it programs, and its data path's peers (the leases' alone: for
+    /// the data path even when the kernel could not be read).
+    async fn reconcile_family(&mut self, family: Family, why: &str) -> (Vec<String>, usize, Tunnel) {
         self.models[family as usize] = None;
         let t0 = Instant::now();
         let node = &self.node;
@@ -301,7 +305,7 @@ impl<S: LeaseStore> Driver<S> {
         let rejected_text: Vec<String> = full.rejected.iter().map(|r| format!("{}: {}", r.source, r.reason)).collect();
         let t_desired = t0.elapsed();
         let Some((observed, ops)) = self.observe_and_plan(family, want, why).await else {
-            return (rejected_text, 0);
+            return (rejected_text, 0, full.desired.tunnel);
         };
         let t_planned = t0.elapsed();
         log_ops(&ops, why);
@@ -318,9 +322,9 @@ impl<S: LeaseStore> Driver<S> {
             self.device_index[family as usize] = self.nl.link_by_name(&name).await.ok().flatten().map(|l| l.index);
         }
         let programmed = want.peers.len() + want.tunnel.len();
-        self.sync_data_path(family, &full.desired.tunnel, why);
+        let tunnel = std::mem::take(&mut full.desired.tunnel);
         if errors.is_empty() && !self.node.backend_of(family).has_data_path() {
-            self.models[family as usize] = Model::after_full(&full, observed, &ops);
+            self.models[family as usize] = Model::after_full(full, observed, &ops);
         }
         let ms = |d: Duration| d.as_secs_f64() * 1000.0;
         log::debug!(
@@ -332,7 +336,7 @@ impl<S: LeaseStore> Driver<S> {
             ms(t_applied - t_planned),
             ms(t0.elapsed() - t_applied)
         );
-        (rejected_text, programmed)
+        (rejected_text, programmed, tunnel)
     }
 
     /// Takes the lease snapshot `leases`: incrementally when it can (see
@@ -597,28 +601,31 @@ impl<S: LeaseStore> Driver<S> {
         }
     }
 
-    /// Hands `family`'s data path its peer table when it changed.
-    fn sync_data_path(&mut self, family: Family, tunnel: &BTreeMap<IpNet, crate::backend::TunnelPeer>, why: &str) {
-        self.tunnel_want[family as usize] = tunnel.iter().map(|(s, ip)| (*s, *ip)).collect();
-        let owner = self.data_path_owner(family);
-        let slot = owner as usize;
-        let Some(dp) = &self.data_path[slot] else { return };
-        // The peers of every family the data path carries.
-        let peers: Vec<_> = self
-            .node
-            .families()
-            .into_iter()
-            .filter(|f| self.data_path_owner(*f) == owner)
-            .flat_map(|f| self.tunnel_want[f as usize].iter().copied())
-            .collect();
-        // A new data path starts with an empty table.
-        if peers != self.data_path_peers[slot] {
-            info!("reconcile ({why}): {} data path peer table: {} peer(s)", family.name(), peers.len());
-            // Off the async workers: the wireguard kernel path sends netlink
-            // requests and waits for their answers, the user-space one
-            // makes a tunnel (an X25519 agreement) per new peer.
-            tokio::task::block_in_place(|| dp.set_peers(&peers));
-            self.data_path_peers[slot] = peers;
+    /// Hands each data path the peer table of the families it carries
+    /// (`tunnels`: this run's, per family), when it changed. Once per run,
+    /// after every family's: a data path carrying both families gets both
+    /// tables of the same run.
+    fn sync_data_paths(&mut self, tunnels: &[Tunnel; 2], why: &str) {
+        for owner in self.node.families() {
+            let slot = owner as usize;
+            let Some(dp) = &self.data_path[slot] else { continue };
+            let peers: Vec<_> = self
+                .node
+                .families()
+                .into_iter()
+                .filter(|f| self.data_path_owner(*f) == owner)
+                .flat_map(|f| tunnels[f as usize].iter().map(|(s, p)| (*s, *p)))
+                .collect();
+            // A new data path starts with an empty table.
+            if peers != self.data_path_peers[slot] {
+                let device = self.node.backend_of(owner).device_name();
+                info!("reconcile ({why}): {device}'s data path peer table: {} peer(s)", peers.len());
+                // Off the async workers: the wireguard kernel path sends netlink
+                // requests and waits for their answers, the user-space one
+                // makes a tunnel (an X25519 agreement) per new peer.
+                tokio::task::block_in_place(|| dp.set_peers(&peers));
+                self.data_path_peers[slot] = peers;
+            }
         }
     }
 
@@ -655,7 +662,8 @@ impl<S: LeaseStore> Driver<S> {
                         let underlay = concerns_underlay(self.node.ext.index, self.underlay_missing, &c);
                         self.underlay_due |= underlay;
                         let ours = self.node.families().into_iter().any(|f| {
-                            concerns_us(self.device_index[f as usize], self.node.backend_of(f).underlay(), &c)
+                            let network = crate::backend::family_network(&self.node.cfg, f).map(|(n, _)| n);
+                            concerns_us(self.device_index[f as usize], self.node.backend_of(f).underlay(), network, &c)
                         });
                         // The echo of our own change asks for nothing.
                         let disagrees = ours && !self.echo(&c);
@@ -713,8 +721,8 @@ impl<S: LeaseStore> Driver<S> {
 
 /// Returns the heap's free memory to the kernel. A full reconcile's dumps
 /// (every route, neighbour and FDB entry) are freed when it ends, but the C
-/// allocator keeps the pages, in the arena of whichever runtime thread ran
-/// it, so the resident size stayed at the dumps' peak. Trimming costs a walk
+/// allocator keeps the pages (in its one arena: see `limit_malloc_arenas` in
+/// main.rs), so the resident size stayed at the dumps' peak. Trimming costs a walk
 /// of the free lists, well under a millisecond at this heap's size.
 fn return_free_memory() {
     // SAFETY: malloc_trim only releases free memory; it never touches live
@@ -739,28 +747,30 @@ fn log_ops(ops: &[plan::Op], why: &str) {
     }
 }
 
-/// [`firewall::setup`] runs `iptables-save`, `iptables-restore` and `nft`:
+/// [`firewall::ensure`] runs `iptables-save`, `iptables-restore` and `nft`:
 /// on the blocking pool, not on a runtime worker.
-pub async fn setup_firewall(fw: FirewallSpec) -> Result<Vec<String>, String> {
-    tokio::task::spawn_blocking(move || firewall::setup(&fw))
-        .await
-        .unwrap_or_else(|e| Err(format!("firewall task: {e}")))
-}
-
-/// [`firewall::ensure`], on the blocking pool.
-pub async fn ensure_firewall(fw: FirewallSpec) -> Result<Vec<firewall::Problem>, String> {
+async fn ensure_firewall(fw: FirewallSpec) -> Result<Vec<firewall::Problem>, String> {
     tokio::task::spawn_blocking(move || firewall::ensure(&fw))
         .await
         .unwrap_or_else(|e| Err(format!("firewall task: {e}")))
 }
 
 /// Whether a kernel notification is about our device, or about a route
-/// through the underlay (direct routes). Without a device every link event
-/// matters: it may be the device coming back or going.
-fn concerns_us(device_index: Option<u32>, underlay: u32, change: &Change) -> bool {
+/// through the underlay into the family's `network` (direct routes, the
+/// only ones there the reconcile keeps or sweeps: another route on the
+/// underlay, a default route a DHCP client renews, is not ours). Without a
+/// device every link event matters: it may be the device coming back or
+/// going.
+fn concerns_us(device_index: Option<u32>, underlay: u32, network: Option<IpNet>, change: &Change) -> bool {
     match (device_index, change) {
         (_, Change::Overrun) => true,
-        (_, Change::Route { oif, .. }) if *oif == Some(underlay) => true,
+        (_, Change::Route { oif, route, .. }) if *oif == Some(underlay) => {
+            match (route, network) {
+                (Some(r), Some(n)) => n.contains(&r.dst),
+                // Not a main-table unicast route, or no network to tell by.
+                _ => true,
+            }
+        }
         (None, Change::Link(_)) => true,
         (None, _) => false,
         (Some(idx), Change::Link(i) | Change::Neigh { index: i, .. } | Change::Addr(i)) => *i == idx,
@@ -784,10 +794,13 @@ fn concerns_underlay(underlay: u32, missing: bool, change: &Change) -> bool {
 #[cfg(test)]
 mod tests {
     use super::{concerns_underlay, concerns_us};
-    use flannel_net::netlink::Change;
+    use flannel_net::netlink::{Change, Route, Scope};
+    use ipnet::IpNet;
 
     #[test]
     fn notifications_about_our_device_and_the_underlays_routes_concern_us() {
+        let net: Option<IpNet> = Some("10.244.0.0/16".parse().unwrap());
+        let concerns_us = |idx, underlay, c: &Change| concerns_us(idx, underlay, net, c);
         let route = |oif| Change::Route { oif, route: None, deleted: false };
         assert!(concerns_us(Some(7), 2, &Change::Link(7)));
         assert!(!concerns_us(Some(7), 2, &Change::Link(8)));
@@ -797,6 +810,22 @@ mod tests {
         assert!(concerns_us(None, 2, &Change::Link(9)), "without a device any link may be it coming back");
         assert!(!concerns_us(None, 2, &Change::Neigh { index: 9, entry: None, deleted: false }));
         assert!(concerns_us(Some(7), 2, &Change::Overrun));
+        // Of the underlay's main-table routes, those into the network only.
+        let to = |dst: &str, oif| Change::Route {
+            oif,
+            route: Some(Route {
+                dst: dst.parse().unwrap(),
+                gateway: Some("192.0.2.1".parse().unwrap()),
+                oif,
+                onlink: false,
+                scope: Scope::Global,
+            }),
+            deleted: false,
+        };
+        assert!(concerns_us(Some(7), 2, &to("10.244.3.0/24", Some(2))), "a direct route");
+        assert!(!concerns_us(Some(7), 2, &to("0.0.0.0/0", Some(2))), "the default route");
+        assert!(!concerns_us(None, 2, &to("198.51.100.0/24", Some(2))));
+        assert!(concerns_us(Some(7), 2, &to("198.51.100.0/24", Some(7))), "any route through our device");
     }
 
     #[test]

@@ -60,8 +60,9 @@ impl Model {
     /// incremental runs: the device was (re)created (its index is new), two
     /// leases asked for one subnet, two peers share a VTEP address or MAC,
     /// the kernel held two routes to one destination (the plan replaces only
-    /// one), or the backend has routes of its own (a data path's).
-    pub fn after_full(full: &Full, observed: Observed, ops: &[Op]) -> Option<Model> {
+    /// one), or the backend has routes of its own (a data path's). The
+    /// peers' entries and sources are moved out of `full`, not copied.
+    pub fn after_full(full: Full, observed: Observed, ops: &[Op]) -> Option<Model> {
         if full.duplicates
             || !full.desired.routes.is_empty()
             || ops.iter().any(|op| matches!(op, Op::CreateDevice | Op::RecreateDevice(_)))
@@ -73,12 +74,13 @@ impl Model {
             return None;
         }
         let mut m = Model { device: observed.device, ..Model::default() };
-        for (subnet, entries) in &full.desired.peers {
-            let source = full.sources.get(subnet)?.clone();
-            if !m.own(*subnet, entries) {
+        let Full { desired, mut sources, .. } = full;
+        for (subnet, entries) in desired.peers {
+            let source = sources.remove(&subnet)?;
+            if !m.own(subnet, &entries) {
                 return None;
             }
-            m.peers.insert(*subnet, (source, entries.clone()));
+            m.peers.insert(subnet, (source, entries));
         }
         Some(m)
     }
@@ -334,7 +336,7 @@ mod tests {
         for r in &mut o.routes {
             r.oif = r.oif.or(Some(7));
         }
-        let m = Model::after_full(&f, Observed { device: Some(device()), ..Observed::default() }, &ops).unwrap();
+        let m = Model::after_full(f, Observed { device: Some(device()), ..Observed::default() }, &ops).unwrap();
         (m, o)
     }
 
@@ -448,10 +450,10 @@ mod tests {
         leases.push(lease("n9", "10.244.2.0/24", "192.0.2.9", "02:00:00:00:00:09"));
         let f = full(&leases);
         assert!(f.duplicates);
-        assert_eq!(Model::after_full(&f, Observed { device: Some(device()), ..Observed::default() }, &[]), None);
+        assert_eq!(Model::after_full(f, Observed { device: Some(device()), ..Observed::default() }, &[]), None);
         // A created device has a new index: no model either.
         let f = full(&peers(2));
-        assert_eq!(Model::after_full(&f, Observed::default(), &[Op::CreateDevice]), None);
+        assert_eq!(Model::after_full(f, Observed::default(), &[Op::CreateDevice]), None);
     }
 
     #[test]

@@ -302,8 +302,10 @@ fn pick_free(cfg: &Ipv4Config, taken: &HashSet<Ipv4Net>, random: u64) -> Option<
 /// [`occupied6`] count them), and which subnet that is. A dual-stack key
 /// names both subnets, so its create-if-absent guards only the pair:
 /// another node may have created a key with either one beside another
-/// meanwhile. The older key keeps it. (A single-stack key names its only
-/// subnet, so its create guards it; it needs no such check.)
+/// meanwhile. The older key keeps it: the younger is given up right after
+/// its create, or, when that check did not run, when it is found again as
+/// ours. (A single-stack key names its only subnet, so its create guards
+/// it; it needs no such check.)
 fn older_holder(entries: &[Entry], ours: &str, s4: Ipv4Net, s6: Ipv6Net, created: i64) -> Option<(String, String)> {
     let created = entries.iter().find(|e| e.key == ours).map_or(created, |e| e.create_revision);
     entries.iter().filter(|e| e.key != ours && e.create_revision < created).find_map(|e| {
@@ -671,7 +673,15 @@ impl EtcdSubnetManager {
                     .collect();
                 mine.sort_by_key(|(e, _)| e.lease_id != 0);
                 if let Some((entry, subnet)) = mine.into_iter().next() {
-                    if fits_families(cfg, entry.subnet6) {
+                    // A dual-stack key that lost the race of its create
+                    // (whose check below did not run: etcd failed, or the
+                    // daemon was stopped, right after the create) is not
+                    // ours to keep; a reservation always is.
+                    let lost = match (entry.lease_id, entry.subnet6) {
+                        (0, _) | (_, None) => None,
+                        (_, Some(s6)) => older_holder(&entries, &entry.key, subnet, s6, entry.create_revision),
+                    };
+                    if lost.is_none() && fits_families(cfg, entry.subnet6) {
                         let subnet6 = cfg.ipv6.and(entry.subnet6);
                         match self.take_over(entry, subnet, subnet6, attrs, &value, &mut granted).await {
                             Ok(Some(acquired)) => break 'attempts Ok(acquired),
@@ -686,18 +696,20 @@ impl EtcdSubnetManager {
                     // flannel deletes it and takes a new lease; the deleted
                     // subnets stay taken for this pick (as in flannel, which
                     // picks from the list it read before deleting).
-                    let why = if cfg.ipv6.is_some() {
-                        match entry.subnet6 {
-                            None => "has no IPv6 subnet, and the configuration has EnableIPv6".to_string(),
-                            Some(s6) => {
-                                format!("has IPv6 subnet {s6}, which the configuration's IPv6 range does not allow")
-                            }
+                    let why = match (lost, entry.subnet6) {
+                        (Some((winner, which)), _) => format!("lost {which} to the older {winner} when it was created"),
+                        _ if cfg.ipv6.is_none() => {
+                            "has an IPv6 subnet, and the configuration has no EnableIPv6 (as flannel does)".to_string()
                         }
-                    } else {
-                        "has an IPv6 subnet, and the configuration has no EnableIPv6".to_string()
+                        (None, None) => {
+                            "has no IPv6 subnet, and the configuration has EnableIPv6 (as flannel does)".to_string()
+                        }
+                        (None, Some(s6)) => format!(
+                            "has IPv6 subnet {s6}, which the configuration's IPv6 range does not allow (as flannel does)"
+                        ),
                     };
                     log::warn!(
-                        "this node's lease {} = {} {why}: deleting it and taking a new lease (as flannel does)",
+                        "this node's lease {} = {} {why}: deleting it and taking a new lease",
                         entry.key,
                         shown(&entry.value)
                     );
@@ -1362,6 +1374,22 @@ mod tests {
 
     const P: &str = "/coreos.com/network";
 
+    /// The entry of key `k` (`10.5.1.0-24`, as under `/subnets/`), created
+    /// and last changed at revision `created`, with the subnets its key
+    /// names (as [`Entry::from_kv`] reads them) and no value or etcd lease.
+    fn entry(k: &str, created: i64) -> Entry {
+        let parsed = parse_lease_key(k);
+        Entry {
+            key: k.into(),
+            subnet: parsed.map(|p| p.0),
+            subnet6: parsed.and_then(|p| p.1),
+            value: vec![],
+            lease_id: 0,
+            mod_revision: created,
+            create_revision: created,
+        }
+    }
+
     #[test]
     fn key_naming_and_parsing() {
         let s: Ipv4Net = "10.5.52.0/24".parse().unwrap();
@@ -1475,15 +1503,7 @@ mod tests {
         assert!(!in_range(&c, "10.5.0.0/24".parse().unwrap())); // below SubnetMin
         assert!(!in_range(&c, "10.5.1.0/25".parse().unwrap()));
         assert!(!in_range(&c, "10.6.1.0/24".parse().unwrap()));
-        let e = |k: &str| Entry {
-            key: k.into(),
-            subnet: parse_subnet_key(k),
-            subnet6: None,
-            value: vec![],
-            lease_id: 0,
-            mod_revision: 1,
-            create_revision: 1,
-        };
+        let e = |k: &str| entry(k, 1);
         let taken = occupied(&c, &[e("10.5.3.0-24"), e("10.5.4.128-25"), e("10.5.8.0-23"), e("junk")]);
         let mut t: Vec<String> = taken.iter().map(|s| s.to_string()).collect();
         t.sort();
@@ -1572,18 +1592,7 @@ mod tests {
 
     #[test]
     fn a_dual_stack_key_loses_to_an_older_key_holding_either_of_its_subnets() {
-        let e = |k: &str, created| {
-            let (v4, v6) = parse_lease_key(k).unwrap();
-            Entry {
-                key: k.into(),
-                subnet: Some(v4),
-                subnet6: v6,
-                value: vec![],
-                lease_id: 0,
-                mod_revision: created,
-                create_revision: created,
-            }
-        };
+        let e = entry;
         let ours = "10.5.1.0-24&2001:db8:10:1::-64";
         let (s4, s6) = parse_lease_key(ours).unwrap();
         let s6 = s6.unwrap();
@@ -1618,18 +1627,7 @@ mod tests {
         let c6 = c.ipv6.unwrap();
         // Default IPv6SubnetMin: the second /64.
         assert_eq!(c6.count(), 255);
-        let e = |k: &str| {
-            let (v4, v6) = parse_lease_key(k).unwrap();
-            Entry {
-                key: k.into(),
-                subnet: Some(v4),
-                subnet6: v6,
-                value: vec![],
-                lease_id: 0,
-                mod_revision: 1,
-                create_revision: 1,
-            }
-        };
+        let e = |k: &str| entry(k, 1);
         let entries: Vec<Entry> = (1..=254u32)
             .map(|i| e(&format!("10.5.{i}.0-24&2001:db8:10:{i:x}::-64")))
             .chain([e("10.5.255.0-24")])
