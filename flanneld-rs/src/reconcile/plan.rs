@@ -105,9 +105,12 @@ impl Device {
         match self {
             Device::Vxlan(spec) => link.incompatibilities(spec),
             Device::Tun(_) if link.kind.as_deref() == Some("tun") => Vec::new(),
-            // The wireguard backend's kernel path: flannel's own device.
+            // The wireguard backend's kernel path: flannel's own devices
+            // (`flannel-wg`, and `flannel-wg-v6` in Mode separate).
             Device::Tun(t)
-                if t.name == crate::backend::wireguard::DEVICE_NAME && link.kind.as_deref() == Some("wireguard") =>
+                if [crate::backend::wireguard::DEVICE_NAME, crate::backend::wireguard::DEVICE_NAME_V6]
+                    .contains(&t.name.as_str())
+                    && link.kind.as_deref() == Some("wireguard") =>
             {
                 Vec::new()
             }
@@ -500,6 +503,13 @@ mod tests {
         assert_eq!(plan(&d, &o), [Op::DelAddr("10.244.77.0/32".parse().unwrap()), Op::DelRoute(stray)]);
         o.device.as_mut().unwrap().kind = Some("vxlan".into());
         assert!(matches!(&plan(&d, &o)[0], Op::RecreateDevice(why) if why[0].contains("not a TUN")));
+        // A kernel WireGuard device serves as wireguard's TUN under either
+        // family's name, and under no other.
+        for (name, kept) in [("flannel-wg", true), ("flannel-wg-v6", true), ("flannel0", false)] {
+            let spec = Device::Tun(TunSpec { name: name.into(), mtu: 1420 });
+            let link = VxlanLink { kind: Some("wireguard".into()), ..spec.created(7) };
+            assert_eq!(spec.incompatibilities(&link).is_empty(), kept, "{name}");
+        }
         assert_eq!(Op::SetRoute(d.routes[0].clone()).as_ip("flannel0"), "ip route replace 10.244.0.0/16 dev flannel0");
     }
 
