@@ -25,6 +25,32 @@ pub const NETWORK6: &str = "2001:db8:10::/56";
 /// A child process killed (and reaped) on drop.
 pub struct Proc(pub Option<Child>);
 
+/// Runs `cmd` (a daemon expected to exit by itself, e.g. refusing to start)
+/// until it exits, at most `within`; its status and what it wrote to stderr.
+/// The child is held by a [`Proc`] from its spawn, so a panic here (or a
+/// daemon that does not exit) kills and reaps it.
+pub fn run_to_exit(mut cmd: std::process::Command, within: Duration) -> (std::process::ExitStatus, String) {
+    let err = tempfile::NamedTempFile::new().expect("a temporary file for stderr");
+    let spawned = cmd
+        .stdout(std::process::Stdio::null())
+        .stderr(err.reopen().expect("reopen the stderr file"))
+        .spawn()
+        .unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    let mut child = Proc(Some(spawned));
+    let deadline = std::time::Instant::now() + within;
+    let mut status = None;
+    netns_fixtures::wait_until(within + Duration::from_secs(1), "the daemon to exit", || {
+        status = child.0.as_mut().expect("running").try_wait().expect("try_wait");
+        status.is_some() || std::time::Instant::now() >= deadline
+    });
+    let text = std::fs::read_to_string(err.path()).expect("read the stderr file");
+    let Some(status) = status else {
+        panic!("{cmd:?} still runs after {within:?}; it said:\n{text}");
+    };
+    child.0 = None;
+    (status, text)
+}
+
 impl Proc {
     /// Sends SIGTERM and waits for the exit.
     pub fn stop(&mut self) {

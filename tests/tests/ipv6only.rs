@@ -11,7 +11,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::process::{Command, ExitStatus};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use e2e_tests::kube::{require_kube, KubeOverlay, PREFIX};
 use e2e_tests::mixed::{
@@ -407,26 +407,8 @@ fn host_gw_ipv6_only_pods_reach_every_pod_and_routes_are_kept() {
 
 /// Runs `cmd` (a daemon that must refuse to start) until it exits, at most
 /// 60 s; its status and stderr.
-fn run_to_exit(mut cmd: Command) -> (ExitStatus, String) {
-    let err = tempfile::NamedTempFile::new().unwrap();
-    let mut child = cmd
-        .stdout(std::process::Stdio::null())
-        .stderr(err.reopen().unwrap())
-        .spawn()
-        .unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let mut status = None;
-    netns_fixtures::wait_until(Duration::from_secs(61), "the daemon to exit", || {
-        status = child.try_wait().unwrap();
-        status.is_some() || Instant::now() >= deadline
-    });
-    let text = std::fs::read_to_string(err.path()).unwrap();
-    let Some(status) = status else {
-        let _ = child.kill();
-        let _ = child.wait();
-        panic!("{cmd:?} still runs after 60 s; it said:\n{text}");
-    };
-    (status, text)
+fn run_to_exit(cmd: Command) -> (ExitStatus, String) {
+    e2e_tests::overlay::run_to_exit(cmd, Duration::from_secs(60))
 }
 
 /// IPv6-only vxlan, two nodes (node 2 is kept for the refusals): entries

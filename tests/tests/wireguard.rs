@@ -1195,27 +1195,9 @@ fn wireguard_ipv6_only_cluster_runs_flannel_wg_v6_alone() {
 /// Runs node `i`'s daemon (etcd mode) until it exits, at most 30 s: its
 /// success and what it wrote to stderr.
 fn run_to_exit(o: &Overlay, i: usize) -> (bool, String) {
-    let err = o.dir.path().join(format!("refused{i}.err"));
-    // Held by a Proc from the start: killed and reaped on any panic below.
-    let mut child = e2e_tests::overlay::Proc(Some(
-        o.daemon_command(i)
-            .envs(o.env(i))
-            .stdout(std::process::Stdio::null())
-            .stderr(std::fs::File::create(&err).unwrap())
-            .spawn()
-            .unwrap(),
-    ));
-    let mut status = None;
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    wait_until(Duration::from_secs(31), "the daemon to exit", || {
-        status = child.0.as_mut().expect("running").try_wait().unwrap();
-        status.is_some() || std::time::Instant::now() >= deadline
-    });
-    let text = std::fs::read_to_string(&err).unwrap();
-    let Some(status) = status else {
-        panic!("the daemon still runs after 30 s; it said:\n{text}");
-    };
-    child.0 = None;
+    let mut cmd = o.daemon_command(i);
+    cmd.envs(o.env(i));
+    let (status, text) = e2e_tests::overlay::run_to_exit(cmd, Duration::from_secs(30));
     (status.success(), text)
 }
 
