@@ -87,8 +87,9 @@ pub async fn observe(
     Ok(Observed { device: Some(link), addrs, routes, neighs, fdbs, blackhole })
 }
 
-/// Requests in flight at once within a phase. The kernel handles them one by
-/// one anyway; pipelining saves the round trip between each.
+/// Requests in flight at once within a phase of the device's ops (the
+/// peers' entries go in batches instead). The kernel handles them one by one
+/// anyway; pipelining saves the round trip between each.
 const PIPELINE: usize = 64;
 
 /// Applies `ops` in order. Consecutive ops of the same kind (a phase of the
