@@ -16,7 +16,6 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
-use std::path::Path;
 
 use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
 use rtnetlink::packet_core::{
@@ -107,11 +106,11 @@ pub(crate) struct BulkSocket {
 
 impl BulkSocket {
     /// A routing socket in namespace `ns` (the calling thread's for `None`).
-    fn open(ns: Option<&Path>) -> io::Result<BulkSocket> {
+    fn open(ns: Option<&NetNs>) -> io::Result<BulkSocket> {
         let new = || Socket::new(NETLINK_ROUTE);
         let mut sock = match ns {
             None => new()?,
-            Some(path) => NetNs::open(path)?.in_place(new)?,
+            Some(ns) => ns.in_place(new)?,
         };
         sock.bind_auto()?;
         // An error ack carries its code, not a copy of the request (4.3+).
@@ -503,6 +502,36 @@ mod tests {
     fn handle(rt: &tokio::runtime::Runtime, ns: &netns_fixtures::Netns) -> Netlink {
         let _in = rt.enter();
         Netlink::connect_in(&NetNs::open(ns.path()).unwrap()).unwrap()
+    }
+
+    /// A handle made on a thread inside the namespace from
+    /// `NetNs::current()` (whose path, `/proc/thread-self/ns/net`, names
+    /// another namespace on every other thread), then used from this test's
+    /// thread outside it: the batch socket opens in the handle's namespace,
+    /// never in the caller's. (A batch socket that reopened the path once put
+    /// a route into the root namespace.)
+    #[test]
+    fn a_handle_on_the_current_namespace_keeps_it_on_other_threads() {
+        if !netns_fixtures::require_root() {
+            return;
+        }
+        let (ns, idx) = vtep();
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let inside = NetNs::open(ns.path()).unwrap();
+        let nl = inside
+            .run(|| {
+                let _in = rt.enter();
+                Netlink::connect_in(&NetNs::current().unwrap()).unwrap()
+            })
+            .unwrap();
+        let probe = route(9, idx);
+        let results = nl.apply_bulk(idx, "flannel.1", &[BulkOp::ReplaceRoute(probe.clone())]);
+        assert!(results[0].is_ok(), "{results:?}");
+        let dst = probe.dst.to_string();
+        let here = ns.ip_json(&["route", "show", "dev", "flannel.1"]);
+        assert!(here.as_array().unwrap().iter().any(|r| r["dst"] == dst.as_str()), "{here}");
+        let root = std::process::Command::new("ip").args(["route", "show", &dst]).output().unwrap();
+        assert!(root.stdout.is_empty(), "{dst} in the caller's namespace: {}", String::from_utf8_lossy(&root.stdout));
     }
 
     /// Thousands of entries in a few sends, each op's answer at its place,

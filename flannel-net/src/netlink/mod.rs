@@ -20,7 +20,6 @@
 //! "already there" and "already gone" as success where that is the intent.
 
 use std::os::fd::{FromRawFd, IntoRawFd, OwnedFd};
-use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 
 use rtnetlink::packet_core::{NetlinkMessage, NetlinkPayload};
@@ -63,7 +62,9 @@ pub struct Netlink {
     /// [`Netlink::apply_bulk`], opened (like `ioctl`) at its first use; the
     /// lock also keeps two batches from sharing it at once.
     pub(crate) bulk: Arc<std::sync::Mutex<Option<bulk::BulkSocket>>>,
-    ns: Option<PathBuf>,
+    /// The namespace of a handle made by [`Netlink::connect_in`], held by
+    /// its descriptor (never reopened by path).
+    ns: Option<Arc<NetNs>>,
 }
 
 impl Netlink {
@@ -75,7 +76,7 @@ impl Netlink {
         }
         let opened = match &self.ns {
             None => ioctl_socket(),
-            Some(path) => NetNs::open(path).and_then(|ns| ns.in_place(ioctl_socket)),
+            Some(ns) => ns.in_place(ioctl_socket),
         };
         let fd = opened.map_err(|e| NlError::io("open an ioctl socket", e))?;
         Ok(self.ioctl.get_or_init(|| fd).as_fd())
@@ -126,6 +127,7 @@ impl Netlink {
         let sock = unsafe { <netlink_sys::TokioSocket as std::os::fd::FromRawFd>::from_raw_fd(fd.into_raw_fd()) };
         let (conn, handle, _) = rtnetlink::from_socket(sock);
         tokio::spawn(conn);
-        Ok(Netlink { handle, ioctl: Arc::default(), bulk: Arc::default(), ns: Some(ns.path().to_path_buf()) })
+        let held = ns.try_clone().map_err(|e| NlError::io(op(), e))?;
+        Ok(Netlink { handle, ioctl: Arc::default(), bulk: Arc::default(), ns: Some(Arc::new(held)) })
     }
 }
