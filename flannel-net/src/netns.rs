@@ -35,6 +35,13 @@ impl NetNs {
         Self::open("/proc/thread-self/ns/net")
     }
 
+    /// Another handle on the same namespace (a duplicate of the descriptor,
+    /// not a reopening of the path: `/proc/thread-self/ns/net` names a
+    /// different namespace on another thread).
+    pub fn try_clone(&self) -> io::Result<NetNs> {
+        Ok(NetNs { file: self.file.try_clone()?, path: self.path.clone() })
+    }
+
     /// The path it was opened from.
     pub fn path(&self) -> &Path {
         &self.path

@@ -28,6 +28,12 @@ impl NlError {
         NlError { op: op.into(), errno, detail }
     }
 
+    /// The kernel refused the request with `errno` (positive): the same
+    /// error [`NlError::new`] makes of rtnetlink's report of it.
+    pub(crate) fn kernel(op: impl Into<String>, errno: i32) -> NlError {
+        NlError { op: op.into(), errno: Some(errno), detail: std::io::Error::from_raw_os_error(errno).to_string() }
+    }
+
     /// Wraps an I/O error (opening a socket, a request we could not build).
     pub(crate) fn io(op: impl Into<String>, err: std::io::Error) -> NlError {
         NlError { op: op.into(), errno: err.raw_os_error(), detail: err.to_string() }

@@ -5,12 +5,14 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use futures_util::TryStreamExt;
+use rtnetlink::packet_core::{NLM_F_ACK, NLM_F_CREATE, NLM_F_REPLACE, NLM_F_REQUEST};
 use rtnetlink::packet_route::neighbour::{
     NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState,
 };
-use rtnetlink::packet_route::AddressFamily;
+use rtnetlink::packet_route::route::RouteType;
+use rtnetlink::packet_route::{AddressFamily, RouteNetlinkMessage};
 
-use super::neighbour::is_permanent;
+use super::neighbour::{address_of, is_permanent};
 use super::{Netlink, NlError, NlResult};
 use crate::MacAddr;
 
@@ -69,34 +71,48 @@ impl Netlink {
 
     /// Adds or replaces a permanent FDB entry with a remote.
     pub async fn set_fdb(&self, index: u32, dev: &str, f: &Fdb) -> NlResult<()> {
-        self.handle
-            .neighbours()
-            .add_bridge(index, &f.mac.0)
-            .destination(f.dst)
-            .flags(NeighbourFlags::Own)
-            .state(NeighbourState::Permanent)
-            .replace()
-            .execute()
-            .await
-            .map_err(|e| NlError::new(format!("replace fdb {} dev {dev} dst {} self permanent", f.mac, f.dst), e))
+        let (msg, flags) = set_fdb_request(index, f);
+        self.acked(msg, flags).await.map_err(|e| NlError::new(set_fdb_op(dev, f), e))
     }
 
     /// Deletes an FDB entry.
     pub async fn del_fdb(&self, index: u32, dev: &str, f: &Fdb) -> NlResult<()> {
-        let mut msg = NeighbourMessage::default();
-        msg.header.family = AddressFamily::Bridge;
-        msg.header.ifindex = index;
-        msg.header.flags = NeighbourFlags::Own;
-        msg.attributes.push(NeighbourAttribute::LinkLayerAddress(f.mac.0.to_vec()));
-        msg.attributes.push(NeighbourAttribute::Destination(match f.dst {
-            IpAddr::V4(v4) => NeighbourAddress::Inet(v4),
-            IpAddr::V6(v6) => NeighbourAddress::Inet6(v6),
-        }));
-        self.handle
-            .neighbours()
-            .del(msg)
-            .execute()
-            .await
-            .map_err(|e| NlError::new(format!("delete fdb {} dev {dev} dst {}", f.mac, f.dst), e))
+        let (msg, flags) = del_fdb_request(index, f);
+        self.acked(msg, flags).await.map_err(|e| NlError::new(del_fdb_op(dev, f), e))
     }
+}
+
+/// `bridge fdb replace MAC dev DEV dst IP self permanent` as a request and
+/// its flags (what rtnetlink's `neighbours().add_bridge(..).replace()` sends).
+pub(super) fn set_fdb_request(index: u32, f: &Fdb) -> (RouteNetlinkMessage, u16) {
+    let mut msg = NeighbourMessage::default();
+    msg.header.family = AddressFamily::Bridge;
+    msg.header.ifindex = index;
+    msg.header.state = NeighbourState::Permanent;
+    msg.header.kind = RouteType::Unspec;
+    msg.header.flags = NeighbourFlags::Own;
+    msg.attributes.push(NeighbourAttribute::LinkLayerAddress(f.mac.0.to_vec()));
+    msg.attributes.push(NeighbourAttribute::Destination(address_of(f.dst)));
+    (RouteNetlinkMessage::NewNeighbour(msg), NLM_F_REQUEST | NLM_F_ACK | NLM_F_REPLACE | NLM_F_CREATE)
+}
+
+/// `bridge fdb del MAC dev DEV dst IP self` as a request and its flags.
+pub(super) fn del_fdb_request(index: u32, f: &Fdb) -> (RouteNetlinkMessage, u16) {
+    let mut msg = NeighbourMessage::default();
+    msg.header.family = AddressFamily::Bridge;
+    msg.header.ifindex = index;
+    msg.header.flags = NeighbourFlags::Own;
+    msg.attributes.push(NeighbourAttribute::LinkLayerAddress(f.mac.0.to_vec()));
+    msg.attributes.push(NeighbourAttribute::Destination(address_of(f.dst)));
+    (RouteNetlinkMessage::DelNeighbour(msg), NLM_F_REQUEST | NLM_F_ACK)
+}
+
+/// The replace in `bridge` words, for errors.
+pub(super) fn set_fdb_op(dev: &str, f: &Fdb) -> String {
+    format!("replace fdb {} dev {dev} dst {} self permanent", f.mac, f.dst)
+}
+
+/// The delete in `bridge` words, for errors.
+pub(super) fn del_fdb_op(dev: &str, f: &Fdb) -> String {
+    format!("delete fdb {} dev {dev} dst {}", f.mac, f.dst)
 }

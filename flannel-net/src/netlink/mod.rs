@@ -11,6 +11,8 @@
 //! - `fdb`: forwarding entries towards peers ([`Fdb`]);
 //! - `ethtool`: transmit checksum offload (`SIOCETHTOOL`, not netlink);
 //! - `monitor`: change notifications ([`monitor`], [`Change`]);
+//! - `bulk`: many neighbours, FDB entries and routes per system call
+//!   ([`BulkOp`], [`Netlink::apply_bulk`]);
 //! - `errors`: [`NlError`] and its errno helpers.
 //!
 //! Errors name the operation and the object (`add address 10.244.1.5/24 on
@@ -18,12 +20,15 @@
 //! "already there" and "already gone" as success where that is the intent.
 
 use std::os::fd::{FromRawFd, IntoRawFd, OwnedFd};
-use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
+
+use rtnetlink::packet_core::{NetlinkMessage, NetlinkPayload};
+use rtnetlink::packet_route::RouteNetlinkMessage;
 
 use crate::netns::NetNs;
 
 mod address;
+mod bulk;
 mod errors;
 mod ethtool;
 mod fdb;
@@ -33,6 +38,7 @@ mod neighbour;
 mod route;
 mod vxlan;
 
+pub use bulk::BulkOp;
 pub use errors::{NlError, NlResult};
 pub use fdb::Fdb;
 pub use link::Link;
@@ -52,7 +58,13 @@ pub struct Netlink {
     /// plugin's handles never make one), in the namespace `ns` names (the
     /// calling thread's for [`Netlink::connect`]).
     pub(crate) ioctl: Arc<OnceLock<OwnedFd>>,
-    ns: Option<PathBuf>,
+    /// A plain blocking routing socket of the same namespace for
+    /// [`Netlink::apply_bulk`], opened (like `ioctl`) at its first use; the
+    /// lock also keeps two batches from sharing it at once.
+    pub(crate) bulk: Arc<std::sync::Mutex<Option<bulk::BulkSocket>>>,
+    /// The namespace of a handle made by [`Netlink::connect_in`], held by
+    /// its descriptor (never reopened by path).
+    ns: Option<Arc<NetNs>>,
 }
 
 impl Netlink {
@@ -64,10 +76,26 @@ impl Netlink {
         }
         let opened = match &self.ns {
             None => ioctl_socket(),
-            Some(path) => NetNs::open(path).and_then(|ns| ns.in_place(ioctl_socket)),
+            Some(ns) => ns.in_place(ioctl_socket),
         };
         let fd = opened.map_err(|e| NlError::io("open an ioctl socket", e))?;
         Ok(self.ioctl.get_or_init(|| fd).as_fd())
+    }
+
+    /// Sends one request with `flags` (which ask for an ack) and waits for
+    /// the kernel's answer: what rtnetlink's `execute` does for a change.
+    pub(crate) async fn acked(&self, msg: RouteNetlinkMessage, flags: u16) -> Result<(), rtnetlink::Error> {
+        use futures_util::StreamExt;
+        let mut req = NetlinkMessage::from(msg);
+        req.header.flags = flags;
+        let mut answers = self.handle.clone().request(req)?;
+        while let Some(answer) = answers.next().await {
+            match answer.payload {
+                NetlinkPayload::Error(e) if e.code.is_some() => return Err(rtnetlink::Error::NetlinkError(e)),
+                _ => {}
+            }
+        }
+        Ok(())
     }
 }
 
@@ -88,7 +116,7 @@ impl Netlink {
     pub fn connect() -> NlResult<Netlink> {
         let (conn, handle, _) = rtnetlink::new_connection().map_err(|e| NlError::io("open netlink socket", e))?;
         tokio::spawn(conn);
-        Ok(Netlink { handle, ioctl: Arc::default(), ns: None })
+        Ok(Netlink { handle, ioctl: Arc::default(), bulk: Arc::default(), ns: None })
     }
 
     /// A socket inside namespace `ns` (see [`NetNs::netlink_socket`]).
@@ -99,6 +127,7 @@ impl Netlink {
         let sock = unsafe { <netlink_sys::TokioSocket as std::os::fd::FromRawFd>::from_raw_fd(fd.into_raw_fd()) };
         let (conn, handle, _) = rtnetlink::from_socket(sock);
         tokio::spawn(conn);
-        Ok(Netlink { handle, ioctl: Arc::default(), ns: Some(ns.path().to_path_buf()) })
+        let held = ns.try_clone().map_err(|e| NlError::io(op(), e))?;
+        Ok(Netlink { handle, ioctl: Arc::default(), bulk: Arc::default(), ns: Some(Arc::new(held)) })
     }
 }

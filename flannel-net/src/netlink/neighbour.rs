@@ -4,8 +4,10 @@
 use std::net::IpAddr;
 
 use futures_util::TryStreamExt;
+use rtnetlink::packet_core::{NLM_F_ACK, NLM_F_CREATE, NLM_F_REPLACE, NLM_F_REQUEST};
 use rtnetlink::packet_route::neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourMessage, NeighbourState};
-use rtnetlink::packet_route::AddressFamily;
+use rtnetlink::packet_route::route::RouteType;
+use rtnetlink::packet_route::{AddressFamily, RouteNetlinkMessage};
 
 use super::{Netlink, NlError, NlResult};
 use crate::MacAddr;
@@ -71,36 +73,61 @@ impl Netlink {
 
     /// Adds or replaces a permanent neighbour.
     pub async fn set_neigh(&self, index: u32, dev: &str, n: &Neigh) -> NlResult<()> {
-        self.handle
-            .neighbours()
-            .add(index, n.ip)
-            .link_layer_address(&n.mac.0)
-            .state(NeighbourState::Permanent)
-            .replace()
-            .execute()
-            .await
-            .map_err(|e| NlError::new(format!("replace neigh {} lladdr {} dev {dev} nud permanent", n.ip, n.mac), e))
+        let (msg, flags) = set_neigh_request(index, n);
+        self.acked(msg, flags).await.map_err(|e| NlError::new(set_neigh_op(dev, n), e))
     }
 
     /// Deletes the neighbour of `ip` on link `index`.
     pub async fn del_neigh(&self, index: u32, dev: &str, n: &Neigh) -> NlResult<()> {
-        let mut msg = NeighbourMessage::default();
-        msg.header.ifindex = index;
-        match n.ip {
-            IpAddr::V4(v4) => {
-                msg.header.family = AddressFamily::Inet;
-                msg.attributes.push(NeighbourAttribute::Destination(NeighbourAddress::Inet(v4)));
-            }
-            IpAddr::V6(v6) => {
-                msg.header.family = AddressFamily::Inet6;
-                msg.attributes.push(NeighbourAttribute::Destination(NeighbourAddress::Inet6(v6)));
-            }
-        }
-        self.handle
-            .neighbours()
-            .del(msg)
-            .execute()
-            .await
-            .map_err(|e| NlError::new(format!("delete neigh {} dev {dev}", n.ip), e))
+        let (msg, flags) = del_neigh_request(index, n);
+        self.acked(msg, flags).await.map_err(|e| NlError::new(del_neigh_op(dev, n), e))
+    }
+}
+
+/// `ip neigh replace IP lladdr MAC dev DEV nud permanent` as a request and
+/// its flags (what rtnetlink's `neighbours().add(..).replace()` sends).
+pub(super) fn set_neigh_request(index: u32, n: &Neigh) -> (RouteNetlinkMessage, u16) {
+    let mut msg = NeighbourMessage::default();
+    msg.header.family = family_of(n.ip);
+    msg.header.ifindex = index;
+    msg.header.state = NeighbourState::Permanent;
+    msg.header.kind = RouteType::Unspec;
+    msg.attributes.push(NeighbourAttribute::Destination(address_of(n.ip)));
+    msg.attributes.push(NeighbourAttribute::LinkLayerAddress(n.mac.0.to_vec()));
+    (RouteNetlinkMessage::NewNeighbour(msg), NLM_F_REQUEST | NLM_F_ACK | NLM_F_REPLACE | NLM_F_CREATE)
+}
+
+/// `ip neigh del IP dev DEV` as a request and its flags.
+pub(super) fn del_neigh_request(index: u32, n: &Neigh) -> (RouteNetlinkMessage, u16) {
+    let mut msg = NeighbourMessage::default();
+    msg.header.family = family_of(n.ip);
+    msg.header.ifindex = index;
+    msg.attributes.push(NeighbourAttribute::Destination(address_of(n.ip)));
+    (RouteNetlinkMessage::DelNeighbour(msg), NLM_F_REQUEST | NLM_F_ACK)
+}
+
+/// The replace in `ip` words, for errors.
+pub(super) fn set_neigh_op(dev: &str, n: &Neigh) -> String {
+    format!("replace neigh {} lladdr {} dev {dev} nud permanent", n.ip, n.mac)
+}
+
+/// The delete in `ip` words, for errors.
+pub(super) fn del_neigh_op(dev: &str, n: &Neigh) -> String {
+    format!("delete neigh {} dev {dev}", n.ip)
+}
+
+fn family_of(ip: IpAddr) -> AddressFamily {
+    if ip.is_ipv4() {
+        AddressFamily::Inet
+    } else {
+        AddressFamily::Inet6
+    }
+}
+
+/// `ip` as a neighbour's (or an FDB entry's remote's) address attribute.
+pub(super) fn address_of(ip: IpAddr) -> NeighbourAddress {
+    match ip {
+        IpAddr::V4(v4) => NeighbourAddress::Inet(v4),
+        IpAddr::V6(v6) => NeighbourAddress::Inet6(v6),
     }
 }

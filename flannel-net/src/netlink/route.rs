@@ -208,13 +208,13 @@ impl Netlink {
 
     /// Adds a unicast route in the main table (`ip route add DST [via GW] dev DEV [onlink]`).
     pub async fn add_route(&self, route: &Route, dev_name: &str) -> NlResult<()> {
-        let msg = route_message(route, &route_op("add", route, dev_name))?;
+        let msg = route_message(route, || route_op("add", route, dev_name))?;
         self.handle.route().add(msg).execute().await.map_err(|e| NlError::new(route_op("add", route, dev_name), e))
     }
 
     /// Adds or replaces a route (`ip route replace ...`).
     pub async fn replace_route(&self, route: &Route, dev_name: &str) -> NlResult<()> {
-        let msg = route_message(route, &route_op("replace", route, dev_name))?;
+        let msg = route_message(route, || route_op("replace", route, dev_name))?;
         self.handle
             .route()
             .add(msg)
@@ -226,7 +226,7 @@ impl Netlink {
 
     /// Deletes a route (`ip route del ...`).
     pub async fn del_route(&self, route: &Route, dev_name: &str) -> NlResult<()> {
-        let msg = route_message(route, &route_op("delete", route, dev_name))?;
+        let msg = route_message(route, || route_op("delete", route, dev_name))?;
         self.handle.route().del(msg).execute().await.map_err(|e| NlError::new(route_op("delete", route, dev_name), e))
     }
 }
@@ -245,15 +245,15 @@ fn blackhole_message(dst: IpNet, op: &str) -> NlResult<RouteMessage> {
 }
 
 /// The operation in `ip route` words, for error messages.
-fn route_op(verb: &str, route: &Route, dev_name: &str) -> String {
+pub(super) fn route_op(verb: &str, route: &Route, dev_name: &str) -> String {
     let via = route.gateway.map(|g| format!(" via {g}")).unwrap_or_default();
     let onlink = if route.onlink { " onlink" } else { "" };
     format!("{verb} route {}{via} dev {dev_name}{onlink}", route.dst)
 }
 
 /// The request for `route`; `op` names it in the error if it cannot be built.
-fn route_message(route: &Route, op: &str) -> NlResult<RouteMessage> {
-    let bad = |e: String| NlError::io(op, std::io::Error::other(e));
+pub(super) fn route_message(route: &Route, op: impl Fn() -> String) -> NlResult<RouteMessage> {
+    let bad = |e: String| NlError::io(op(), std::io::Error::other(e));
     let mut b = RouteMessageBuilder::<IpAddr>::new()
         .destination_prefix(route.dst.addr(), route.dst.prefix_len())
         .map_err(|e| bad(e.to_string()))?;

@@ -1,7 +1,8 @@
-//! The thin side of the reconcile loop: dump what we own, apply ops (one
-//! netlink request each).
+//! The thin side of the reconcile loop: dump what we own, apply ops (the
+//! device's one netlink request each, the peers' entries many per system
+//! call).
 
-use flannel_net::netlink::{Netlink, NlError, NlResult, Route};
+use flannel_net::netlink::{BulkOp, Netlink, NlError, NlResult, Route};
 use futures_util::StreamExt;
 use ipnet::IpNet;
 use ipnet::Ipv4Net;
@@ -86,14 +87,17 @@ pub async fn observe(
     Ok(Observed { device: Some(link), addrs, routes, neighs, fdbs, blackhole })
 }
 
-/// Requests in flight at once within a phase. The kernel handles them one by
-/// one anyway; pipelining saves the round trip between each.
+/// Requests in flight at once within a phase of the device's ops (the
+/// peers' entries go in batches instead). The kernel handles them one by one
+/// anyway; pipelining saves the round trip between each.
 const PIPELINE: usize = 64;
 
 /// Applies `ops` in order. Consecutive ops of the same kind (a phase of the
-/// plan) are pipelined: their order among themselves does not matter, and a
+/// plan) go together: their order among themselves does not matter, and a
 /// phase finishes before the next starts, so each peer's neighbour, FDB entry
-/// and route still go in that order. Keeps going past a failed op (a later
+/// and route still go in that order. The peers' entries (neighbours, FDB
+/// entries, routes) go many per system call ([`Netlink::apply_bulk`]); the
+/// device's few ops are pipelined one request each. Keeps going past a failed op (a later
 /// reconcile retries it) and returns every error; "already there" on add and
 /// "already gone" on delete count as success.
 pub async fn apply(nl: &Netlink, desired: &Desired, observed: &Observed, ops: &[Op]) -> Vec<NlError> {
@@ -137,11 +141,14 @@ pub async fn apply(nl: &Netlink, desired: &Desired, observed: &Observed, ops: &[
         let blackhole = matches!(first, Op::AddBlackhole(_) | Op::DelBlackhole(_));
         let Some(idx) = index.or(blackhole.then_some(0)) else { continue };
         let t = std::time::Instant::now();
-        let results: Vec<NlResult<()>> =
+        let results: Vec<NlResult<()>> = if bulk_op(first, idx).is_some() {
+            apply_bulk(nl, name, idx, phase)
+        } else {
             futures_util::stream::iter(phase.iter().map(|op| apply_one(nl, name, idx, op)))
                 .buffer_unordered(PIPELINE)
                 .collect()
-                .await;
+                .await
+        };
         if phase.len() > 1000 {
             log::debug!("apply: {} x {} in {:.1} ms", phase.len(), first.kind(), t.elapsed().as_secs_f64() * 1000.0);
         }
@@ -150,32 +157,71 @@ pub async fn apply(nl: &Netlink, desired: &Desired, observed: &Observed, ops: &[
     errors
 }
 
-async fn apply_one(nl: &Netlink, name: &str, idx: u32, op: &Op) -> NlResult<()> {
-    let tolerate = |r: NlResult<()>, ok_if: fn(&NlError) -> bool| match r {
+/// Phases of at least this many ops are applied off the async workers
+/// (`block_in_place`): the kernel takes about a millisecond per hundred
+/// routes, and the other tasks (the store's watch, metrics) should not wait
+/// behind it. Smaller ones (an incremental run's) cost less than the move.
+const BLOCK_IN_PLACE_AT: usize = 64;
+
+/// Applies a phase of peers' entries in batches, with each op's errors
+/// tolerated as for every op ([`tolerate`]).
+fn apply_bulk(nl: &Netlink, name: &str, idx: u32, phase: &[Op]) -> Vec<NlResult<()>> {
+    let ops: Vec<BulkOp> = phase.iter().map(|op| bulk_op(op, idx).expect("a phase of one kind")).collect();
+    let multi_thread = tokio::runtime::Handle::try_current()
+        .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+    let results = if multi_thread && ops.len() >= BLOCK_IN_PLACE_AT {
+        tokio::task::block_in_place(|| nl.apply_bulk(idx, name, &ops))
+    } else {
+        nl.apply_bulk(idx, name, &ops)
+    };
+    results.into_iter().zip(phase).map(|(r, op)| tolerate(op, r)).collect()
+}
+
+/// The batch form of a peer's entry op (`None` for the device's ops); a
+/// route without a device goes through the VTEP (`idx`), direct routes name
+/// the underlay.
+fn bulk_op(op: &Op, idx: u32) -> Option<BulkOp> {
+    let through = |r: &Route| Route { oif: r.oif.or(Some(idx)), ..r.clone() };
+    Some(match op {
+        Op::SetNeigh(n) => BulkOp::SetNeigh(*n),
+        Op::DelNeigh(n) => BulkOp::DelNeigh(*n),
+        Op::SetFdb(f) => BulkOp::SetFdb(*f),
+        Op::DelFdb(f) => BulkOp::DelFdb(*f),
+        Op::SetRoute(r) => BulkOp::ReplaceRoute(through(r)),
+        Op::DelRoute(r) => BulkOp::DelRoute(through(r)),
+        _ => return None,
+    })
+}
+
+/// `op`'s result with the errors that mean its intent holds taken as
+/// success: "already there" on add, "already gone" on delete.
+fn tolerate(op: &Op, r: NlResult<()>) -> NlResult<()> {
+    let ok_if: fn(&NlError) -> bool = match op {
+        Op::AddAddr(_) => NlError::is_exists,
+        Op::DelAddr(_) | Op::DelNeigh(_) | Op::DelFdb(_) | Op::DelRoute(_) | Op::DelBlackhole(_) => {
+            NlError::is_not_found
+        }
+        _ => return r,
+    };
+    match r {
         Err(e) if ok_if(&e) => Ok(()),
         other => other,
-    };
-    match op {
+    }
+}
+
+async fn apply_one(nl: &Netlink, name: &str, idx: u32, op: &Op) -> NlResult<()> {
+    let r = match op {
         Op::CreateDevice | Op::RecreateDevice(_) => unreachable!("handled by apply"),
         Op::SetMtu(m) => nl.set_mtu(idx, name, *m).await,
         Op::SetUp => nl.set_up(idx, name).await,
         Op::SetTxChecksum(on) => nl.set_tx_checksum(name, *on),
-        Op::AddAddr(a) => tolerate(nl.add_addr(idx, name, *a).await, NlError::is_exists),
-        Op::DelAddr(a) => tolerate(nl.del_addr(idx, name, *a).await, NlError::is_not_found),
-        Op::SetNeigh(n) => nl.set_neigh(idx, name, n).await,
-        Op::DelNeigh(n) => tolerate(nl.del_neigh(idx, name, n).await, NlError::is_not_found),
-        Op::SetFdb(f) => nl.set_fdb(idx, name, f).await,
-        Op::DelFdb(f) => tolerate(nl.del_fdb(idx, name, f).await, NlError::is_not_found),
-        // A route without a device goes through the VTEP; direct routes name the underlay.
-        Op::SetRoute(r) => {
-            let r = Route { oif: r.oif.or(Some(idx)), ..r.clone() };
-            nl.replace_route(&r, name).await
-        }
-        Op::DelRoute(r) => {
-            let r = Route { oif: r.oif.or(Some(idx)), ..r.clone() };
-            tolerate(nl.del_route(&r, name).await, NlError::is_not_found)
+        Op::AddAddr(a) => nl.add_addr(idx, name, *a).await,
+        Op::DelAddr(a) => nl.del_addr(idx, name, *a).await,
+        Op::SetNeigh(_) | Op::DelNeigh(_) | Op::SetFdb(_) | Op::DelFdb(_) | Op::SetRoute(_) | Op::DelRoute(_) => {
+            unreachable!("applied in batches")
         }
         Op::AddBlackhole(n) => nl.add_blackhole_route(IpNet::V4(*n)).await,
-        Op::DelBlackhole(n) => tolerate(nl.del_blackhole_route(IpNet::V4(*n)).await, NlError::is_not_found),
-    }
+        Op::DelBlackhole(n) => nl.del_blackhole_route(IpNet::V4(*n)).await,
+    };
+    tolerate(op, r)
 }
