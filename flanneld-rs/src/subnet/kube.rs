@@ -43,8 +43,12 @@ pub const READ_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// The watch settings of every watch the daemon keeps (Nodes here, and the
 /// NetworkPolicy agent's): the server ends each within [`WATCH_TIMEOUT`].
+/// Each (re)list asks for `resourceVersion=0`, as client-go's informers
+/// (flannel's) do: the API server answers from its watch cache instead of
+/// reading every page through from etcd, and the watch goes on from the
+/// version that answer had.
 pub fn watch_config() -> watcher::Config {
-    watcher::Config::default().timeout(WATCH_TIMEOUT.as_secs() as u32)
+    watcher::Config::default().timeout(WATCH_TIMEOUT.as_secs() as u32).any_semantic()
 }
 
 /// How to reach the API server and which node we are.
