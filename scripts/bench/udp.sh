@@ -7,8 +7,9 @@
 # started by hand and kernel VXLAN programmed by hand are extra reference
 # lines, and a bare relay with the same system calls and no work per packet
 # is the floor of any user-space relay; --stages also measures the data path
-# with its speed-ups turned on one at a time.
-# Usage: scripts/bench/udp.sh [--seconds 4] [--rounds 3] [--restarts 5] [--stages | --stages-only] [--ours-only]
+# with its speed-ups turned on one at a time; --gso-caps measures the udp
+# daemons alone with and without a cap on the TCP super-packets' segments.
+# Usage: scripts/bench/udp.sh [--seconds 4] [--rounds 3] [--restarts 5] [--stages | --stages-only] [--ours-only | --gso-caps]
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 source scripts/lib/common.sh

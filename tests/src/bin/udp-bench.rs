@@ -28,7 +28,9 @@
 //! every millisecond each way between the pods): time from the start of the
 //! new daemon to the first datagram through, and the gap in reception.
 //! `--stages` also measures the data path with its speed-ups turned on one
-//! at a time (started by hand with [`Tuning`]).
+//! at a time (started by hand with [`Tuning`]). `--gso-caps` measures the
+//! udp daemons alone with and without a cap on the size of the TCP
+//! super-packets (see [`gso_caps`]).
 
 use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
 use std::process::Stdio;
@@ -68,6 +70,10 @@ struct Args {
     /// Only the udp daemons, iperf3 and restarts (quick iteration).
     #[arg(long)]
     ours_only: bool,
+    /// Only the udp daemons, interleaving no GSO cap, flannel0's capped and
+    /// the pods' eth0 capped (so that a super-packet fits one UDP GSO train).
+    #[arg(long)]
+    gso_caps: bool,
 }
 
 const UDP_CONF: &str = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"udp"}}"#;
@@ -469,6 +475,10 @@ fn main() {
 
     let (mut udp, upods) = udp_overlay();
     println!("\nthe udp daemons' data path uses: {}", daemon_features(&udp, 0));
+    if args.gso_caps {
+        gso_caps(&udp, &upods, args.seconds, args.rounds);
+        return;
+    }
     if args.ours_only {
         let modes = [Mode {
             name: "ours (udp daemon)",
@@ -560,4 +570,120 @@ fn main() {
     restarts(&mut udp, &upods, args.restarts);
     drop(kids);
     drop(vx);
+}
+
+/// Where `--gso-caps` puts a cap on the TCP super-packets.
+#[derive(Clone, Copy, PartialEq)]
+enum Cap {
+    None,
+    /// `gso_max_segs` of `flannel0` on both nodes.
+    Flannel0,
+    /// `gso_max_segs` of `eth0` in both pods, where the TCP stack sizes them.
+    Pods,
+}
+
+/// Segments of one inner packet each (UDP_MTU bytes) that fit one UDP
+/// message, whose payload is at most 65,507 bytes: 44.
+const SEGS_PER_TRAIN: u32 = 65_507 / UDP_MTU;
+
+fn set_cap(o: &Overlay, pods: &[(Netns, Ipv4Addr); 2], cap: Cap) {
+    let (tun, pod) = match cap {
+        Cap::None => (65_535, 65_535),
+        Cap::Flannel0 => (SEGS_PER_TRAIN, 65_535),
+        Cap::Pods => (65_535, SEGS_PER_TRAIN),
+    };
+    for (i, (pod_ns, _)) in pods.iter().enumerate() {
+        o.cluster.node(i).ns.run_ok("ip", &["link", "set", "dev", "flannel0", "gso_max_segs", &tun.to_string()]);
+        pod_ns.run_ok("ip", &["link", "set", "dev", "eth0", "gso_max_segs", &pod.to_string()]);
+    }
+}
+
+/// Node `i`'s flannel0 counters and UDP messages sent so far.
+#[derive(Clone, Copy)]
+struct Counts {
+    /// Packets the kernel handed the TUN (our reads) and their bytes.
+    tun_reads: u64,
+    tun_read_bytes: u64,
+    /// Packets written to the TUN (our writes) and their bytes.
+    tun_writes: u64,
+    tun_write_bytes: u64,
+    /// UDP messages sent (`Udp: OutDatagrams`: one per GSO train).
+    udp_out: u64,
+}
+
+fn counts(o: &Overlay, i: usize) -> Counts {
+    let ns = &o.cluster.node(i).ns;
+    let dev = ns.run_ok("cat", &["/proc/net/dev"]);
+    let line = dev.lines().find(|l| l.trim_start().starts_with("flannel0:")).expect("flannel0 in /proc/net/dev");
+    let f: Vec<u64> =
+        line.split(':').nth(1).unwrap().split_whitespace().map(|x| x.parse().expect("a counter")).collect();
+    let snmp = ns.run_ok("cat", &["/proc/net/snmp"]);
+    let udp: Vec<&str> = snmp.lines().filter(|l| l.starts_with("Udp:")).collect();
+    let names: Vec<&str> = udp[0].split_whitespace().collect();
+    let vals: Vec<&str> = udp[1].split_whitespace().collect();
+    let k = names.iter().position(|n| *n == "OutDatagrams").expect("Udp OutDatagrams");
+    Counts {
+        tun_reads: f[9],
+        tun_read_bytes: f[8],
+        tun_writes: f[1],
+        tun_write_bytes: f[0],
+        udp_out: vals[k].parse().expect("a counter"),
+    }
+}
+
+/// A 64 KB TCP super-packet cut into MTU-sized packets is ~46 segments,
+/// more than one UDP GSO train holds (44 of 1472 bytes), so the daemon sends
+/// it as two messages. This measures, interleaved in one session, the udp
+/// daemons with no cap, with `flannel0`'s `gso_max_segs` at 44 (the kernel
+/// then cuts forwarded super-packets itself before the TUN, since a device
+/// takes none with more segments than its cap), and with the pods' `eth0`
+/// capped (the TCP stack then builds super-packets that fit one train).
+/// Per run: node0's TUN reads (bytes per read, UDP messages per read) and
+/// node1's TUN writes (bytes per write).
+fn gso_caps(o: &Overlay, pods: &[(Netns, Ipv4Addr); 2], seconds: u32, rounds: usize) {
+    let caps = [(Cap::None, "no cap"), (Cap::Flannel0, "flannel0 capped"), (Cap::Pods, "pods' eth0 capped")];
+    let relay = Relay::Procs(daemon_pids(o));
+    println!("\niperf3 pod to pod, {seconds} s per run, {rounds} rounds rotating the order; cap: gso_max_segs {SEGS_PER_TRAIN}");
+    for streams in [1u32, 4] {
+        let mut runs: Vec<Vec<Figure>> = vec![Vec::new(); caps.len()];
+        for round in 0..rounds {
+            for k in 0..caps.len() {
+                let m = (k + round) % caps.len();
+                set_cap(o, pods, caps[m].0);
+                let (a0, b0) = (counts(o, 0), counts(o, 1));
+                let f = iperf_figure(&pods[0].0, &pods[1].0, pods[1].1, streams, seconds, &relay);
+                let (a1, b1) = (counts(o, 0), counts(o, 1));
+                let reads = (a1.tun_reads - a0.tun_reads).max(1) as f64;
+                let writes = (b1.tun_writes - b0.tun_writes).max(1) as f64;
+                println!(
+                    "  {streams} stream(s) {:<18} {:6.2} Gbit/s  CPU-s/Gbit relay {:.3} machine {:.3}  \
+                     node0: {:.0} B/read, {:.2} UDP messages/read; node1: {:.0} B/write, {:.2} writes/read",
+                    caps[m].1,
+                    f.gbps,
+                    f.relay_cpu,
+                    f.machine_cpu,
+                    (a1.tun_read_bytes - a0.tun_read_bytes) as f64 / reads,
+                    (a1.udp_out - a0.udp_out) as f64 / reads,
+                    (b1.tun_write_bytes - b0.tun_write_bytes) as f64 / writes,
+                    writes / reads
+                );
+                runs[m].push(f);
+            }
+        }
+        for (m, (_, name)) in caps.iter().enumerate() {
+            let spread = |get: fn(&Figure) -> f64| {
+                let mut v: Vec<f64> = runs[m].iter().map(get).collect();
+                v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+                (v[v.len() / 2], v[0], v[v.len() - 1])
+            };
+            let (g, g0, g1) = spread(|f| f.gbps);
+            let (r, r0, r1) = spread(|f| f.relay_cpu);
+            let (c, c0, c1) = spread(|f| f.machine_cpu);
+            println!(
+                "{streams} stream(s) {name:<18} median {g:.2} Gbit/s ({g0:.2}-{g1:.2}); CPU-s/Gbit relay {r:.3} \
+                 ({r0:.3}-{r1:.3}), machine {c:.3} ({c0:.3}-{c1:.3})"
+            );
+        }
+    }
+    set_cap(o, pods, Cap::None);
 }
