@@ -363,13 +363,22 @@ fn rules_with(ns: &Netns, needle: &str) -> Vec<String> {
     v
 }
 
+/// kube-proxy's rules, sorted: each of its full syncs writes the rules of
+/// different Services in a different order (Go's map order), and one may run
+/// at any time, so only the set is compared.
+fn kube_rules(ns: &Netns) -> Vec<String> {
+    let mut v = rules_with(ns, "KUBE");
+    v.sort();
+    v
+}
+
 /// `--ip-masq` with kube-proxy: restarting kube-proxy leaves our chains as
 /// they were; restarting flanneld-rs re-asserts ours and leaves kube-proxy's
 /// alone; traffic is still right afterwards.
 fn restarts(s: &mut Services, npc: &Svc) {
     let n0 = s.node(0);
     let ours = rules_with(n0, "FLANNEL");
-    let theirs = rules_with(n0, "KUBE");
+    let theirs = kube_rules(n0);
     assert!(ours.iter().any(|l| l.contains("-j FLANNEL-POSTRTG")), "{ours:?}");
     assert!(theirs.iter().any(|l| l.contains("-j KUBE-POSTROUTING")), "{theirs:?}");
 
@@ -378,15 +387,15 @@ fn restarts(s: &mut Services, npc: &Svc) {
     wait_programmed(&s.ko, npc);
     let n0 = s.node(0);
     assert_eq!(rules_with(n0, "FLANNEL"), ours, "kube-proxy's restart changed our rules");
-    wait_until_or(Duration::from_secs(20), &|| rules_with(n0, "KUBE") == theirs, &|| {
-        format!("kube-proxy's rules after its restart to be as before:\n{:?}\nvs\n{theirs:?}", rules_with(n0, "KUBE"))
+    wait_until_or(Duration::from_secs(20), &|| kube_rules(n0) == theirs, &|| {
+        format!("kube-proxy's rules after its restart to be as before:\n{:?}\nvs\n{theirs:?}", kube_rules(n0))
     });
 
     s.ko.o.stop(0);
     s.ko.o.start(0);
     let n0 = s.node(0);
     assert_eq!(rules_with(n0, "FLANNEL"), ours, "flanneld-rs's restart: our rules differ");
-    assert_eq!(rules_with(n0, "KUBE"), theirs, "flanneld-rs's restart changed kube-proxy's rules");
+    assert_eq!(kube_rules(n0), theirs, "flanneld-rs's restart changed kube-proxy's rules");
 
     s.pods_keep_their_source();
     s.pods_to_outside_masqueraded();

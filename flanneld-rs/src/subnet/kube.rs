@@ -14,7 +14,7 @@
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::PathBuf;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use futures_util::StreamExt;
 use ipnet::Ipv4Net;
@@ -25,7 +25,7 @@ use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::runtime::watcher::{self, Event};
 use kube::runtime::WatchStreamExt;
 use kube::{Api, Client, Config};
-use log::{info, warn};
+use log::{debug, info, warn};
 use serde_json::json;
 use tokio::sync::mpsc;
 
@@ -408,6 +408,8 @@ impl KubeSubnetManager {
         tokio::spawn(async move {
             let mut watch = NodeWatch::default();
             let mut listing: Option<BTreeMap<String, NodeLease>> = None;
+            // When the current list was asked for, and when its first Node came.
+            let mut listed: Option<(Instant, Option<Duration>)> = None;
             let stream = watcher::watcher(api, watch_config()).backoff(Backoff::default());
             let mut stream = std::pin::pin!(stream);
             while let Some(ev) = stream.next().await {
@@ -418,15 +420,25 @@ impl KubeSubnetManager {
                     }
                     Ok(Event::Init) => {
                         listing = Some(BTreeMap::new());
+                        listed = Some((Instant::now(), None));
                         false
                     }
                     Ok(Event::InitApply(n)) => {
+                        if let Some((t, first @ None)) = listed.as_mut() {
+                            *first = Some(t.elapsed());
+                        }
                         if let (Some(l), Some((k, v))) = (listing.as_mut(), view(&n, &prefix, &cfg)) {
                             l.insert(k, v);
                         }
                         false
                     }
                     Ok(Event::InitDone) => {
+                        if let Some((t, first)) = listed.take() {
+                            let n = listing.as_ref().map_or(0, BTreeMap::len);
+                            let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+                            let first = first.map_or(String::new(), |f| format!(", the first after {:.1} ms", ms(f)));
+                            debug!("node watch: listed {n} Nodes in {:.1} ms{first}", ms(t.elapsed()));
+                        }
                         watch.replace(listing.take().unwrap_or_default());
                         // After a relist, always hand over a snapshot.
                         true

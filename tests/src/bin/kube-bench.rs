@@ -124,13 +124,19 @@ fn main() {
     assert!(netns_fixtures::require_root(), "kube-bench needs root");
     assert!(e2e_tests::kube::require_kube(), "kube-bench needs kube-apiserver and kubectl");
     let n = args.peers;
-    assert!(args.startup_rounds % 2 == 1, "--startup-rounds {}: give an odd number (the median is reported)", args.startup_rounds);
+    assert!(
+        args.startup_rounds % 2 == 1,
+        "--startup-rounds {}: give an odd number (the median is reported)",
+        args.startup_rounds
+    );
     let mut ko = KubeOverlay::with_conf(2, NET);
     // node1 runs in etcd mode.
     ko.o.set_flags(1, &[]);
     for i in 0..2 {
         if let Some(filter) = &args.daemon_log {
-            ko.o.set_env(i, &[("FLANNELD_LOG", filter)]);
+            let mut env = ko.o.env(i);
+            env.push(("FLANNELD_LOG".into(), filter.clone()));
+            ko.o.set_env(i, &env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect::<Vec<_>>());
         }
         let mut f = ko.o.flags(i);
         f.extend(HEALTH.iter().map(|s| s.to_string()));
@@ -225,7 +231,7 @@ fn main() {
             let lines: Vec<&str> = log.lines().collect();
             let readies: Vec<usize> = (0..lines.len()).filter(|&k| lines[k].contains("ready: ")).collect();
             let from = if readies.len() >= 2 { readies[readies.len() - 2] + 1 } else { 0 };
-            let shown = ["lease ", "reconcile (start", "apply: ", "ready: "];
+            let shown = ["lease ", "node watch: listed", "reconcile (start", "apply: ", "ready: "];
             for line in lines[from..].iter().filter(|l| shown.iter().any(|w| l.contains(w))) {
                 println!("start-up, {mode}, the daemon says: {line}");
             }

@@ -211,8 +211,9 @@ fn startup(n: usize, leases: usize, rounds: usize, daemon_log: Option<&str>) {
     let lines: Vec<&str> = log.lines().collect();
     let readies: Vec<usize> = (0..lines.len()).filter(|&k| lines[k].contains("ready: ")).collect();
     let from = if readies.len() >= 2 { readies[readies.len() - 2] + 1 } else { 0 };
-    for line in
-        lines[from..].iter().filter(|l| l.contains("ready: ") || l.contains("reconcile (start, ") || l.contains("apply: "))
+    for line in lines[from..]
+        .iter()
+        .filter(|l| l.contains("ready: ") || l.contains("reconcile (start, ") || l.contains("apply: "))
     {
         println!("start-up, {n} peers, the daemon says: {line}");
     }
