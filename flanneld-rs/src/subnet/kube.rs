@@ -67,6 +67,79 @@ pub struct KubeOptions {
 /// for ones whose annotations do not parse).
 type NodeLease = Result<Option<Lease>, String>;
 
+/// A Node as the Node watch reads it: its name, resource version,
+/// annotations and pod CIDRs. The rest (managed fields, labels, status with
+/// its images and conditions) is skipped while parsing instead of being built
+/// and dropped for every Node of every list.
+#[derive(Clone, Debug)]
+pub struct PeerNode(pub Node);
+
+impl<'de> serde::Deserialize<'de> for PeerNode {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<PeerNode, D::Error> {
+        #[derive(serde::Deserialize)]
+        #[serde(rename_all = "camelCase")]
+        struct Meta {
+            name: Option<String>,
+            resource_version: Option<String>,
+            annotations: Option<BTreeMap<String, String>>,
+        }
+        #[derive(serde::Deserialize)]
+        struct Spec {
+            #[serde(rename = "podCIDR")]
+            pod_cidr: Option<String>,
+            #[serde(rename = "podCIDRs")]
+            pod_cidrs: Option<Vec<String>>,
+        }
+        #[derive(serde::Deserialize)]
+        struct Slim {
+            metadata: Option<Meta>,
+            spec: Option<Spec>,
+        }
+        let slim = Slim::deserialize(d)?;
+        let meta = slim.metadata.map(|m| kube::api::ObjectMeta {
+            name: m.name,
+            resource_version: m.resource_version,
+            annotations: m.annotations,
+            ..Default::default()
+        });
+        let spec = slim.spec.map(|s| k8s_openapi::api::core::v1::NodeSpec {
+            pod_cidr: s.pod_cidr,
+            pod_cidrs: s.pod_cidrs,
+            ..Default::default()
+        });
+        Ok(PeerNode(Node { metadata: meta.unwrap_or_default(), spec, status: None }))
+    }
+}
+
+impl kube::Resource for PeerNode {
+    type DynamicType = ();
+    type Scope = kube::core::ClusterResourceScope;
+
+    fn kind(dt: &()) -> std::borrow::Cow<'_, str> {
+        Node::kind(dt)
+    }
+
+    fn group(dt: &()) -> std::borrow::Cow<'_, str> {
+        Node::group(dt)
+    }
+
+    fn version(dt: &()) -> std::borrow::Cow<'_, str> {
+        Node::version(dt)
+    }
+
+    fn plural(dt: &()) -> std::borrow::Cow<'_, str> {
+        Node::plural(dt)
+    }
+
+    fn meta(&self) -> &kube::api::ObjectMeta {
+        &self.0.metadata
+    }
+
+    fn meta_mut(&mut self) -> &mut kube::api::ObjectMeta {
+        &mut self.0.metadata
+    }
+}
+
 fn view(node: &Node, prefix: &ann::Prefix, cfg: &NetworkConfig) -> Option<(String, NodeLease)> {
     let name = node.metadata.name.clone()?;
     let cidr = pod_cidr(node);
@@ -403,7 +476,7 @@ impl KubeSubnetManager {
     /// Watches all Nodes and sends a full lease snapshot whenever the lease
     /// set changes (and once after every complete list).
     pub fn spawn_watcher(&self, cfg: NetworkConfig, tx: mpsc::Sender<LeaseEvent>) -> tokio::task::JoinHandle<()> {
-        let api = self.nodes.clone();
+        let api: Api<PeerNode> = Api::all(self.client.clone());
         let prefix = self.prefix.clone();
         tokio::spawn(async move {
             let mut watch = NodeWatch::default();
@@ -427,7 +500,7 @@ impl KubeSubnetManager {
                         if let Some((t, first @ None)) = listed.as_mut() {
                             *first = Some(t.elapsed());
                         }
-                        if let (Some(l), Some((k, v))) = (listing.as_mut(), view(&n, &prefix, &cfg)) {
+                        if let (Some(l), Some((k, v))) = (listing.as_mut(), view(&n.0, &prefix, &cfg)) {
                             l.insert(k, v);
                         }
                         false
@@ -443,11 +516,11 @@ impl KubeSubnetManager {
                         // After a relist, always hand over a snapshot.
                         true
                     }
-                    Ok(Event::Apply(n)) => match view(&n, &prefix, &cfg) {
+                    Ok(Event::Apply(n)) => match view(&n.0, &prefix, &cfg) {
                         Some((k, v)) => watch.apply(k, v),
                         None => false,
                     },
-                    Ok(Event::Delete(n)) => n.metadata.name.is_some_and(|k| watch.delete(&k)),
+                    Ok(Event::Delete(n)) => n.0.metadata.name.is_some_and(|k| watch.delete(&k)),
                 };
                 if changed && !super::send_snapshot(&tx, &watch.leases).await {
                     return;
@@ -725,6 +798,58 @@ mod tests {
 
     fn cfg() -> NetworkConfig {
         NetworkConfig::parse(r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#, "net-conf.json").unwrap()
+    }
+
+    /// A Node as a kubelet and the API server write it: managed fields,
+    /// labels, a status with images and conditions.
+    const FULL_NODE: &str = r#"{
+        "apiVersion": "v1", "kind": "Node",
+        "metadata": {
+            "name": "n1", "uid": "6b1f0c1e-0000-4000-8000-000000000001", "resourceVersion": "4242",
+            "creationTimestamp": "2026-12-01T10:00:00Z",
+            "labels": {"kubernetes.io/hostname": "n1", "kubernetes.io/os": "linux"},
+            "annotations": {
+                "flannel.alpha.coreos.com/kube-subnet-manager": "true",
+                "flannel.alpha.coreos.com/backend-type": "vxlan",
+                "flannel.alpha.coreos.com/backend-data": "{\"VNI\":1,\"VtepMAC\":\"02:00:00:00:00:01\"}",
+                "flannel.alpha.coreos.com/public-ip": "192.0.2.11",
+                "node.alpha.kubernetes.io/ttl": "0"
+            },
+            "managedFields": [{"manager": "kubelet", "operation": "Update", "apiVersion": "v1",
+                "time": "2026-12-01T10:00:00Z", "fieldsType": "FieldsV1",
+                "fieldsV1": {"f:metadata": {"f:labels": {".": {}, "f:kubernetes.io/os": {}}}}}]
+        },
+        "spec": {"podCIDR": "10.244.1.0/24", "podCIDRs": ["10.244.1.0/24"], "providerID": "x://n1",
+                 "taints": [{"key": "k", "effect": "NoSchedule"}]},
+        "status": {
+            "capacity": {"cpu": "2", "memory": "24Gi"},
+            "conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady",
+                "lastHeartbeatTime": "2026-12-01T10:00:00Z", "lastTransitionTime": "2026-12-01T10:00:00Z"}],
+            "addresses": [{"type": "InternalIP", "address": "192.0.2.11"}],
+            "images": [{"names": ["registry.example/pause@sha256:00", "registry.example/pause:3.9"], "sizeBytes": 321}],
+            "nodeInfo": {"machineID": "m", "systemUUID": "s", "bootID": "b", "kernelVersion": "6.18",
+                "osImage": "Debian", "containerRuntimeVersion": "containerd://1.6", "kubeletVersion": "v1.20.2",
+                "kubeProxyVersion": "v1.20.2", "operatingSystem": "linux", "architecture": "amd64"}
+        }
+    }"#;
+
+    #[test]
+    fn the_watch_keeps_what_a_lease_needs_of_a_full_node_and_nothing_else() {
+        let full: Node = serde_json::from_str(FULL_NODE).unwrap();
+        let slim: PeerNode = serde_json::from_str(FULL_NODE).unwrap();
+        let p = &ann::Prefix::default();
+        let want = view(&full, p, &cfg()).unwrap();
+        assert!(matches!(&want.1, Ok(Some(_))), "{want:?}");
+        assert_eq!(view(&slim.0, p, &cfg()).unwrap(), want);
+        use kube::{Resource, ResourceExt};
+        assert_eq!(slim.resource_version().as_deref(), Some("4242"));
+        assert_eq!(slim.0.metadata.annotations, full.metadata.annotations);
+        assert!(slim.0.metadata.managed_fields.is_none() && slim.0.metadata.labels.is_none());
+        assert!(slim.0.status.is_none());
+        assert_eq!(PeerNode::url_path(&(), None), Node::url_path(&(), None));
+        // A watch's bookmark carries only a resource version.
+        let bookmark: PeerNode = serde_json::from_str(r#"{"metadata":{"resourceVersion":"9"}}"#).unwrap();
+        assert_eq!(bookmark.resource_version().as_deref(), Some("9"));
     }
 
     #[test]
