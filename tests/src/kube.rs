@@ -100,6 +100,11 @@ pub struct ApiServer {
 }
 
 impl ApiServer {
+    /// The API server's process id (while it runs).
+    pub fn pid(&self) -> Option<u32> {
+        self.proc.0.as_ref().map(std::process::Child::id)
+    }
+
     /// Starts kube-apiserver in `ns` (the outside host) on `port`, with its
     /// files in `dir`, against the overlay's etcd; waits for `/readyz`.
     /// Several servers on the same etcd form one control plane.

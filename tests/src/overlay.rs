@@ -88,6 +88,11 @@ pub struct Etcd {
 }
 
 impl Etcd {
+    /// etcd's process id (while it runs).
+    pub fn pid(&self) -> Option<u32> {
+        self.proc.0.as_ref().map(std::process::Child::id)
+    }
+
     fn args(&self) -> Vec<String> {
         let dir = self.dir.path();
         let mut client_urls = vec![ETCD.to_string()];

@@ -21,7 +21,7 @@ use clap::Parser;
 use e2e_tests::kube::{KubeOverlay, PREFIX};
 use e2e_tests::overlay::ETCD;
 use e2e_tests::perf::pct;
-use e2e_tests::perf::{in_ns, peer, NET};
+use e2e_tests::perf::{in_ns, peer, stat_cpu, NET};
 use flannel_net::netlink::Netlink;
 use flannel_net::netns::NetNs;
 use flanneld_rs::lease::{encode_value, BackendType, LeaseAttrs, VxlanData};
@@ -189,21 +189,50 @@ fn main() {
     ko.api.create_node("node0", Some("10.0.0.0/24"), &[]);
 
     // Cold starts (no flannel.1, so no entry in the kernel), the two modes
-    // one after the other, which goes first alternating by round.
+    // one after the other, which goes first alternating by round, both on
+    // node0: how fast a namespace takes 10,000 routes differs between the
+    // namespaces of one run (node0 took them ~14 % slower than node1 in
+    // etcd mode on both), so a mode per node would measure the node.
     let rounds = args.startup_rounds;
+    let flags = [ko.o.flags(0), ko.o.flags(1)];
+    let set_mode = |ko: &mut KubeOverlay, mode: usize| {
+        ko.o.set_flags(0, &flags[mode].iter().map(String::as_str).collect::<Vec<_>>());
+    };
     let mut startup = [Vec::new(), Vec::new()];
+    // The lines each mode's last start-up wrote to the log.
+    let mut said = [String::new(), String::new()];
+    // CPU seconds of the API server and of etcd during each mode's start-ups:
+    // on this machine they run beside the daemon.
+    let servers = [ko.api.pid().expect("the API server runs"), ko.o.etcd.pid().expect("etcd runs")];
+    let server_cpu = || servers.map(|pid| stat_cpu(&format!("/proc/{pid}/stat")));
+    let mut servers_used = [[0.0; 2]; 2];
+    let mut running = false;
+    // node0's subnet in etcd mode: its lease stays in etcd.
+    let mut etcd_subnet0 = None;
     for round in 0..rounds {
         let order = if round % 2 == 0 { [0, 1] } else { [1, 0] };
-        for i in order {
-            if round > 0 {
-                ko.o.stop(i);
-                ko.o.cluster.node(i).ns.run_ok("ip", &["link", "del", "flannel.1"]);
+        for mode in order {
+            if running {
+                ko.o.stop(0);
+                ko.o.cluster.node(0).ns.run_ok("ip", &["link", "del", "flannel.1"]);
             }
+            set_mode(&mut ko, mode);
+            let logged = ko.o.log(0).len();
+            let cpu0 = server_cpu();
             let t0 = Instant::now();
-            ko.o.start(i);
-            let ns = &ko.o.cluster.node(i).ns;
-            wait_until(Duration::from_secs(120), &format!("{n} routes on node{i}"), || routes(ns) >= n);
-            startup[i].push(t0.elapsed().as_secs_f64());
+            ko.o.start(0);
+            running = true;
+            let ns = &ko.o.cluster.node(0).ns;
+            wait_until(Duration::from_secs(120), &format!("{n} routes on node0"), || routes(ns) >= n);
+            startup[mode].push(t0.elapsed().as_secs_f64());
+            let cpu1 = server_cpu();
+            for s in 0..2 {
+                servers_used[mode][s] += (cpu1[s] - cpu0[s]) / rounds as f64;
+            }
+            said[mode] = ko.o.log(0)[logged..].to_string();
+            if mode == 1 {
+                etcd_subnet0 = Some(ko.o.subnet(0));
+            }
         }
     }
     let median = |v: &[f64]| {
@@ -213,29 +242,44 @@ fn main() {
     };
     let ratios: Vec<f64> = startup[0].iter().zip(&startup[1]).map(|(k, e)| k / e).collect();
     println!(
-        "start-up, {n} peers, median of {rounds} cold starts: kube mode {:.3} s, etcd mode {:.3} s (daemon start to every route in the kernel): ratio {:.2}x; per round kube {:.3?}, etcd {:.3?}, ratios {ratios:.2?}",
+        "start-up, {n} peers, median of {rounds} cold starts on one node: kube mode {:.3} s, etcd mode {:.3} s (daemon start to every route in the kernel): ratio {:.2}x; per round kube {:.3?}, etcd {:.3?}, ratios {ratios:.2?}",
         median(&startup[0]),
         median(&startup[1]),
         median(&startup[0]) / median(&startup[1]),
         startup[0],
         startup[1],
     );
-    // Each daemon's own account of its start-up phases (its ready line).
     for (i, mode) in ["kube mode", "etcd mode"].iter().enumerate() {
-        let log = ko.o.log(i);
-        // The last round's.
-        let ready = log.lines().rfind(|l| l.contains("ready: ")).unwrap_or("(no ready line)");
+        println!(
+            "servers' CPU per start-up, {mode} (mean of {rounds}): API server {:.0} ms, etcd {:.0} ms",
+            servers_used[i][0] * 1000.0,
+            servers_used[i][1] * 1000.0
+        );
+    }
+    // Each mode's own account of its last start-up's phases (its ready line).
+    for (i, mode) in ["kube mode", "etcd mode"].iter().enumerate() {
+        let ready = said[i].lines().rfind(|l| l.contains("ready: ")).unwrap_or("(no ready line)");
         let phases = ready.split_once("ready: ").map_or(ready, |(_, r)| r);
         println!("start-up phases, {mode}: {phases}");
         if args.daemon_log.is_some() {
-            let lines: Vec<&str> = log.lines().collect();
-            let readies: Vec<usize> = (0..lines.len()).filter(|&k| lines[k].contains("ready: ")).collect();
-            let from = if readies.len() >= 2 { readies[readies.len() - 2] + 1 } else { 0 };
             let shown = ["lease ", "node watch: listed", "reconcile (start", "apply: ", "ready: "];
-            for line in lines[from..].iter().filter(|l| shown.iter().any(|w| l.contains(w))) {
+            for line in said[i].lines().filter(|l| shown.iter().any(|w| l.contains(w))) {
                 println!("start-up, {mode}, the daemon says: {line}");
             }
         }
+    }
+    // From here on node0 runs kube mode and node1 etcd mode.
+    // (The last round, an even one as rounds are odd, ended with etcd mode.)
+    {
+        ko.o.stop(0);
+        ko.o.cluster.node(0).ns.run_ok("ip", &["link", "del", "flannel.1"]);
+        set_mode(&mut ko, 0);
+        ko.o.start(0);
+    }
+    ko.o.start(1);
+    for i in 0..2 {
+        let ns = &ko.o.cluster.node(i).ns;
+        wait_until(Duration::from_secs(120), &format!("{n} routes on node{i}"), || routes(ns) >= n);
     }
     let rss: Vec<f64> = (0..2).map(|i| rss_mb(ko.o.daemons[i].proc.0.as_ref().unwrap().id())).collect();
     println!("footprint, {n} peers: RSS kube mode {:.1} MB, etcd mode {:.1} MB", rss[0], rss[1]);
@@ -250,7 +294,7 @@ fn main() {
     // The etcd-mode node took a free subnet, which is often the first one
     // after the peers' block, where the new peers go: skip the subnets the
     // two nodes hold.
-    let held = [ko.o.subnet(0), ko.o.subnet(1)];
+    let held = [Some(ko.o.subnet(0)), Some(ko.o.subnet(1)), etcd_subnet0];
     let (kube_lat, etcd_lat) = NetNs::open(&outside)
         .unwrap()
         .run(move || {
@@ -262,7 +306,7 @@ fn main() {
                 let (nl0, idx0) = node_netlink(&ns0).await;
                 let (nl1, idx1) = node_netlink(&ns1).await;
                 let (mut k, mut e) = (Vec::new(), Vec::new());
-                for i in (n..).filter(|i| !held.contains(&peer(*i).0)).take(new) {
+                for i in (n..).filter(|i| !held.contains(&Some(peer(*i).0))).take(new) {
                     let probe = IpAddr::V4(Ipv4Addr::from(u32::from(peer(i).0.network()) + 5));
                     api.create(&PostParams::default(), &peer_node(i)).await.expect("create Node");
                     k.push(route_appears(&nl0, idx0, probe, Instant::now()).await);
