@@ -116,6 +116,14 @@ fn clock_ticks() -> f64 {
 /// the file cannot be read: a 0 in its place would print a CPU figure
 /// (negative, or too low) that was not measured.
 pub fn stat_cpu(path: &str) -> f64 {
+    let (user, system) = stat_user_system(path);
+    user + system
+}
+
+/// utime and stime of a /proc/.../stat file, in seconds: the time in the
+/// program's own code and in the kernel on its behalf (panics as
+/// [`stat_cpu`]).
+pub fn stat_user_system(path: &str) -> (f64, f64) {
     let stat = std::fs::read_to_string(path)
         .unwrap_or_else(|e| panic!("{path}: {e} (the relay's thread or process is gone: its CPU cannot be measured)"));
     // The fields after the command name, which is in parentheses.
@@ -123,7 +131,7 @@ pub fn stat_cpu(path: &str) -> f64 {
     let ticks = |i: usize| -> f64 {
         f.get(i).and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("{path}: no CPU ticks in {stat:?}"))
     };
-    (ticks(11) + ticks(12)) / clock_ticks()
+    (ticks(11) / clock_ticks(), ticks(12) / clock_ticks())
 }
 
 /// Who a benchmark charges a relay's CPU to.

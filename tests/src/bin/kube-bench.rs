@@ -21,7 +21,7 @@ use clap::Parser;
 use e2e_tests::kube::{KubeOverlay, PREFIX};
 use e2e_tests::overlay::ETCD;
 use e2e_tests::perf::pct;
-use e2e_tests::perf::{in_ns, peer, stat_cpu, NET};
+use e2e_tests::perf::{in_ns, peer, stat_cpu, stat_user_system, NET};
 use flannel_net::netlink::Netlink;
 use flannel_net::netns::NetNs;
 use flanneld_rs::lease::{encode_value, BackendType, LeaseAttrs, VxlanData};
@@ -288,6 +288,8 @@ fn main() {
     // kernel; a lease into etcd to node1's kernel. Timed from the moment the
     // write returned (API server / etcd committed it).
     let work_before: Vec<Work> = (0..2).map(|i| Work::of(&ko.o.cluster.node(i).ns)).collect();
+    let daemon_stat = |i: usize| format!("/proc/{}/stat", ko.o.daemons[i].proc.0.as_ref().unwrap().id());
+    let cpu_before: Vec<(f64, f64)> = (0..2).map(|i| stat_user_system(&daemon_stat(i))).collect();
     let (ns0, ns1) = (ko.o.cluster.node(0).ns.path(), ko.o.cluster.node(1).ns.path());
     let outside = ko.o.outside().path();
     let new = args.new;
@@ -332,6 +334,12 @@ fn main() {
     println!("convergence p50 ratio kube/etcd: {:.2}x", k50 / e50);
     for (i, mode) in ["kube mode", "etcd mode"].iter().enumerate() {
         let w = Work::of(&ko.o.cluster.node(i).ns).since(&work_before[i]);
+        let (user, system) = stat_user_system(&daemon_stat(i));
+        println!(
+            "daemon CPU, {new} new peers with {n} present, {mode}: {:.0} us in its own code and {:.0} us in the kernel per new peer",
+            (user - cpu_before[i].0) * 1e6 / new as f64,
+            (system - cpu_before[i].1) * 1e6 / new as f64
+        );
         let split = match (w.full, w.incremental, w.incremental_s) {
             (Some(f), Some(inc), Some(inc_s)) => format!(
                 "; {f} full runs, {inc} incremental runs, {:.0} us per incremental run",
