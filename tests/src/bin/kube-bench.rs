@@ -21,7 +21,7 @@ use clap::Parser;
 use e2e_tests::kube::{KubeOverlay, PREFIX};
 use e2e_tests::overlay::ETCD;
 use e2e_tests::perf::pct;
-use e2e_tests::perf::{in_ns, peer, stat_cpu, stat_user_system, NET};
+use e2e_tests::perf::{in_ns, median, peer, stat_cpu, stat_user_system, NET};
 use flannel_net::netlink::Netlink;
 use flannel_net::netns::NetNs;
 use flanneld_rs::lease::{encode_value, BackendType, LeaseAttrs, VxlanData};
@@ -160,9 +160,11 @@ fn main() {
         }
     });
     println!("setup: {n} Nodes and {n} etcd leases written in {:.1} s", t.elapsed().as_secs_f64());
-    // What one list of every Node costs a client (the kube-mode floor above
-    // etcd mode's start-up): the API server's answer from its watch cache
-    // (resourceVersion=0, as the daemon asks), and that answer parsed.
+    // A reference for what one list of every Node costs a client: the API
+    // server's answer from its watch cache (resourceVersion=0, as flannel's
+    // informers ask; the daemon reads pages from etcd instead, and its debug
+    // line "node watch: listed" times them), and that answer parsed into
+    // full Node objects.
     let (fetch, parse) = in_ns(ko.o.outside(), async {
         let api = nodes_api(&admin).await;
         let mut best = (f64::MAX, f64::MAX);
@@ -182,7 +184,7 @@ fn main() {
         best
     });
     println!(
-        "list of every Node, best of 3: the API server's answer {:.0} ms, parsing it {:.0} ms",
+        "list of every Node from the watch cache, best of 3: the API server's answer {:.0} ms, parsing it into full Nodes {:.0} ms",
         fetch * 1000.0,
         parse * 1000.0
     );
@@ -235,11 +237,6 @@ fn main() {
             }
         }
     }
-    let median = |v: &[f64]| {
-        let mut v = v.to_vec();
-        v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-        v[v.len() / 2]
-    };
     let ratios: Vec<f64> = startup[0].iter().zip(&startup[1]).map(|(k, e)| k / e).collect();
     println!(
         "start-up, {n} peers, median of {rounds} cold starts on one node: kube mode {:.3} s, etcd mode {:.3} s (daemon start to every route in the kernel): ratio {:.2}x; per round kube {:.3?}, etcd {:.3?}, ratios {ratios:.2?}",
@@ -336,7 +333,7 @@ fn main() {
         let w = Work::of(&ko.o.cluster.node(i).ns).since(&work_before[i]);
         let (user, system) = stat_user_system(&daemon_stat(i));
         println!(
-            "daemon CPU, {new} new peers with {n} present, {mode}: {:.0} us in its own code and {:.0} us in the kernel per new peer",
+            "daemon CPU, {new} new peers with {n} present, {mode}: {:.0} us in its own code and {:.0} us in the kernel per new peer (from clock ticks: coarse below --new 100)",
             (user - cpu_before[i].0) * 1e6 / new as f64,
             (system - cpu_before[i].1) * 1e6 / new as f64
         );

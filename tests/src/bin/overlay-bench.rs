@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use e2e_tests::overlay::{Overlay, ETCD, NET_CONF_DUAL, VXLAN6_DEV};
 use e2e_tests::perf::{in_ns, peer, NET};
-use e2e_tests::perf::{iperf, pct, ping, stat_cpu};
+use e2e_tests::perf::{iperf, median, pct, ping, stat_cpu};
 use e2e_tests::workspace_bin;
 use flannel_net::netlink::Netlink;
 use flannel_net::netns::NetNs;
@@ -159,13 +159,6 @@ fn reference_startup(n: usize) -> Duration {
     ns.run_ok("bridge", &["-batch", dir.path().join("fdb").to_str().unwrap()]);
     ns.run_ok("ip", &["-batch", dir.path().join("ip").to_str().unwrap()]);
     start.elapsed()
-}
-
-/// Median of an odd-length sample.
-fn median(v: &[f64]) -> f64 {
-    let mut v = v.to_vec();
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    v[v.len() / 2]
 }
 
 fn startup(n: usize, leases: usize, rounds: usize, daemon_log: Option<&str>) {
