@@ -232,6 +232,42 @@ fn gc_releases_what_no_valid_attachment_holds() {
     node.assert_clean();
 }
 
+/// An ADD killed after it made the veth and before its address record
+/// (the two are made at once) leaves a veth that no record names: GC
+/// deletes it unless a valid attachment accounts for it, and leaves veths
+/// of other plugins alone.
+#[test]
+fn gc_deletes_our_veths_that_no_record_and_no_valid_attachment_account_for() {
+    let Some(node) = Node::new() else { return };
+    let pods: Vec<Netns> = (0..3).map(|i| pod(&node, &format!("gcv{i}"))).collect();
+    node.add("gcv-0", &pods[0]);
+    // What a killed ADD leaves: our naming (veth + 11 hex digits), on cni0.
+    let veth = |name: &str, p: &Netns| {
+        let ns = p.name().to_string();
+        node.ns.run_ok(
+            "ip",
+            &["link", "add", name, "master", "cni0", "type", "veth", "peer", "name", "eth0", "netns", &ns],
+        );
+    };
+    veth("veth0123456789a", &pods[1]);
+    // The bridge plugin's naming (veth + 8 hex digits): not ours.
+    veth("veth1234abcd", &pods[2]);
+    let mut conf = node.conf("1.1.0");
+    conf["cni.dev/valid-attachments"] = json!([{"containerID": "gcv-0", "ifname": "eth0"}]);
+    let out = node.call(&[("CNI_COMMAND", "GC")], conf.to_string().as_bytes());
+    assert!(out.ok, "{} {}", out.stdout, out.stderr);
+    assert!(out.stderr.contains("GC deleted veth veth0123456789a"), "{}", out.stderr);
+    let mut left = node.veths();
+    left.sort();
+    assert_eq!(left.len(), 2, "{left:?}");
+    assert!(left.contains(&"veth1234abcd".to_string()), "{left:?}");
+    assert!(pod_links(&pods[1]).is_empty(), "GC left the unrecorded veth's pod end");
+    assert_eq!(pod_links(&pods[0]).len(), 1);
+    node.ns.run_ok("ip", &["link", "del", "veth1234abcd"]);
+    node.del("gcv-0", &pods[0]);
+    node.assert_clean();
+}
+
 #[test]
 fn status_reports_availability() {
     let Some(node) = Node::with_lease(
@@ -372,10 +408,13 @@ fn bridge_address_from_an_earlier_lease_is_replaced_only_when_no_pod_uses_it() {
     node.verb("ADD", "new", path(&q), "eth0", &node.conf("1.0.0"))
         .expect_error(999, "carries 10.244.1.1/24 from an earlier lease but the node's lease is now 10.244.7.1/24");
     assert!(pod_links(&q).is_empty());
-    // Once the old pod is gone, the bridge takes the new address.
+    assert_eq!(node.allocations(), ["10.244.1.2"], "the refused ADD kept a reservation");
+    // Once the old pod is gone, the bridge takes the new address. (The
+    // refused ADD held .2 while the bridge was checked; allocation rotates
+    // past a freed address.)
     node.del("old", &p);
     let r = node.add("new", &q);
-    assert_eq!(r["ips"][0]["address"], "10.244.7.2/24");
+    assert_eq!(r["ips"][0]["address"], "10.244.7.3/24");
     assert_eq!(ipv4_of(&node.ns, "cni0"), ["10.244.7.1/24"]);
     node.del("new", &q);
     node.assert_clean();

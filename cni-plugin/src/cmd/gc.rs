@@ -17,20 +17,22 @@ pub async fn run(conf: &NetConf) -> Result<(), CniError> {
         CniError::new(code::INVALID_CONFIG, "network configuration: GC needs cni.dev/valid-attachments")
     })?;
     let valid: HashSet<(&str, &str)> = valid.iter().map(|a| (a.container_id.as_str(), a.ifname.as_str())).collect();
-    let Some(store) = Store::open_existing(&conf.data_dir(), &conf.name)? else {
-        return Ok(());
-    };
-    let store = store.with_host_local(conf.host_local_dir(), false)?;
-    let stale: Vec<_> = store
-        .records()?
-        .into_iter()
-        .filter(|r| !valid.contains(&(r.container_id.as_str(), r.ifname.as_str())))
-        .collect();
-    if stale.is_empty() {
-        return Ok(());
-    }
     let host = Netlink::connect()?;
     let mut errors = Vec::new();
+    let store = match Store::open_existing(&conf.data_dir(), &conf.name)? {
+        Some(store) => Some(store.with_host_local(conf.host_local_dir(), false)?),
+        None => None,
+    };
+    let records = match &store {
+        Some(store) => store.records()?,
+        None => Vec::new(),
+    };
+    let (kept, stale): (Vec<_>, Vec<_>) =
+        records.into_iter().partition(|r| valid.contains(&(r.container_id.as_str(), r.ifname.as_str())));
+    sweep_unrecorded_veths(conf, &host, &valid, &kept, &mut errors).await?;
+    let Some(store) = store.filter(|_| !stale.is_empty()) else {
+        return finish(errors);
+    };
     // Out of the masquerade set before the records go (see cmd::del): when
     // that fails, the masqueraded records stay for the next GC to retry.
     let masqueraded: Vec<_> = stale.iter().filter(|r| r.masq).map(|r| r.ip).collect();
@@ -61,9 +63,77 @@ pub async fn run(conf: &NetConf) -> Result<(), CniError> {
         }
         eprintln!("flannel: GC released {} of {}/{}", r.ip, r.container_id, r.ifname);
     }
+    finish(errors)
+}
+
+fn finish(errors: Vec<String>) -> Result<(), CniError> {
     if errors.is_empty() {
         Ok(())
     } else {
         Err(CniError::new(code::INTERNAL, format!("GC: {}", errors.join("; "))))
+    }
+}
+
+/// Deletes host veths of ours that no valid attachment and no record
+/// accounts for. ADD makes an attachment's veth while another thread
+/// writes its address record (see `cmd::add`), so an ADD killed in between
+/// leaves a veth without a record; the runtime's DEL of the attachment
+/// deletes it (by its derived name), and GC catches the rest. Only links
+/// that are certainly ours: veths named as [`veth_name`] names them (`veth`
+/// and 11 hex digits; the bridge plugin's are `veth` and 8), on this
+/// network's bridge or on none (a DEL detaches its veth before the
+/// deletion). A bridge shared by two networks of ours would lose the other
+/// network's veths here: each network needs a bridge of its own, as with
+/// the reference plugins' GC.
+async fn sweep_unrecorded_veths(
+    conf: &NetConf,
+    host: &Netlink,
+    valid: &HashSet<(&str, &str)>,
+    kept: &[crate::ipam::Record],
+    errors: &mut Vec<String>,
+) -> Result<(), CniError> {
+    let bridge_name = conf.delegate.bridge.as_deref().unwrap_or(crate::config::DEFAULT_BRIDGE);
+    let links = host.links().await?;
+    let Some(bridge) = links.iter().find(|l| l.name == bridge_name).map(|l| l.index) else {
+        // No bridge: every pod veth was made on it, so none is left.
+        return Ok(());
+    };
+    let accounted: HashSet<String> = valid
+        .iter()
+        .map(|(id, ifname)| veth_name(id, ifname))
+        .chain(kept.iter().map(|r| veth_name(&r.container_id, &r.ifname)))
+        .collect();
+    for l in &links {
+        let ours = is_our_veth_name(&l.name)
+            && l.kind.as_deref() == Some("veth")
+            && (l.master == Some(bridge) || l.master.is_none());
+        if !ours || accounted.contains(&l.name) {
+            continue;
+        }
+        match host.del_link(l.index, &l.name).await {
+            Ok(_) => eprintln!("flannel: GC deleted veth {} (no valid attachment and no address record)", l.name),
+            Err(e) => errors.push(e.to_string()),
+        }
+    }
+    Ok(())
+}
+
+/// `veth` and 11 lowercase hex digits: what [`veth_name`] makes.
+fn is_our_veth_name(name: &str) -> bool {
+    name.len() == 15
+        && name.starts_with("veth")
+        && name[4..].bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_names_veth_name_makes_are_ours() {
+        assert!(is_our_veth_name(&veth_name("abc", "eth0")));
+        for other in ["veth1234abcd", "vethABCDEF01234", "veth0123456789a0", "cni0", "eth0", "vethxyz45678901"] {
+            assert!(!is_our_veth_name(other), "{other}");
+        }
     }
 }
