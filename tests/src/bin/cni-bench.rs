@@ -55,6 +55,11 @@ struct Args {
     /// sends; its row shows what the plugin adds on top (IPv4 only).
     #[arg(long)]
     floor: Option<PathBuf>,
+    /// Another build of our plugin (say, from before a change): a row of
+    /// its own with the same configuration and its own data directory,
+    /// measured in the same rounds, so an A/B is not two runs apart.
+    #[arg(long)]
+    compare: Option<PathBuf>,
 }
 
 const LEASE: &str =
@@ -258,7 +263,13 @@ fn main() {
         eprintln!("cni-bench: --floor sends IPv4 requests only; leave it out with --dual-stack");
         std::process::exit(2);
     }
+    let compare = args.compare.as_ref().map(|binary| {
+        let mut conf = ours.conf.clone();
+        conf["dataDir"] = json!(dir.join("compare"));
+        Impl { label: "flannel-rs (--compare)", binary: binary.clone(), conf, env: vec![] }
+    });
     let mut imps = vec![&ours, &reference];
+    imps.extend(compare.as_ref());
     imps.extend(upstream.as_ref());
     imps.extend(floor.as_ref());
     let mut rounds: Vec<Vec<Figures>> = imps.iter().map(|_| Vec::new()).collect();
@@ -329,6 +340,13 @@ fn main() {
         ms(percentile(&baseline, 0.95)),
         ms(percentile(&baseline, 0.99))
     );
+    // The plugin's own time: its ADD less starting a process (the measure).
+    let own = |f: &Figures| ms(percentile(&f.add, 0.5)) - ms(percentile(&baseline, 0.5));
+    let mut line = format!("own time (ADD p50 less /bin/true's): flannel-rs {:.3} ms", own(&a));
+    for (imp, f) in refs.iter().filter(|(imp, _)| compare.as_ref().is_some_and(|c| c.label == imp.label)) {
+        line += &format!(", {} {:.3} ms", imp.label, own(f));
+    }
+    println!("{line}");
     let mut wall = format!("{} concurrent ADDs wall: flannel-rs {:.1} ms", args.concurrent, ms(a.concurrent_wall));
     let mut rss = format!("peak RSS of one plugin process: flannel-rs {:.1} MB", a.max_rss_kib as f64 / 1024.0);
     for (imp, f) in &refs {
