@@ -18,7 +18,10 @@
 //! sends, receives and writes the same bytes with one thread per CPU as the
 //! backend does, but does no work per packet (not wire-compatible: a
 //! measuring device); the figures say how much CPU per gigabit is ours above
-//! it.
+//! it. The same relay with every segment's TCP checksum computed (10.248/16,
+//! `bare1`, port 8288; [`Work::Checksums`]) is the floor of a relay of
+//! flannel's wire format: the one pass over every byte such a relay cannot
+//! leave out.
 //!
 //! Rounds rotate through the modes. Figures: iperf3 pod to pod with 1 and 4
 //! streams (median of the rounds), CPU seconds per gigabit (the relay's own
@@ -41,7 +44,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use e2e_tests::bare_relay::BareRelay;
+use e2e_tests::bare_relay::{BareRelay, Work};
 use e2e_tests::overlay::{Overlay, Proc};
 use e2e_tests::perf::{daemon_pids, iperf_figure, median_figure, ping, veth_pod, Figure, Relay};
 use e2e_tests::{http_get, metric};
@@ -259,6 +262,16 @@ fn compare(modes: &[Mode], seconds: u32, rounds: usize) {
                 f[5].gbps / f[1].gbps * 100.0,
                 f[0].relay_cpu - f[5].relay_cpu,
                 f[0].machine_cpu - f[5].machine_cpu
+            );
+        }
+        if n >= 7 {
+            // The bare relay plus the checksum pass: the floor of a relay
+            // of flannel's wire format (see e2e_tests::bare_relay).
+            println!(
+                "  {streams} stream(s)  wire-compatible floor (bare + checksums)/our VXLAN {:.1}%; CPU-s/Gbit ours -                  it: relay {:+.3}, machine {:+.3}",
+                f[6].gbps / f[1].gbps * 100.0,
+                f[0].relay_cpu - f[6].relay_cpu,
+                f[0].machine_cpu - f[6].machine_cpu
             );
         }
     }
@@ -503,9 +516,13 @@ fn main() {
     let kids = socat(&c);
     let bpods = [veth_pod(&c, 0, 247, "vb0", UDP_MTU), veth_pod(&c, 1, 247, "vb0", UDP_MTU)];
     let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-    let bare =
-        BareRelay::start([&c.node(0).ns, &c.node(1).ns], [underlay(0), underlay(1)], "bare0", 247, UDP_MTU, 8287, cpus);
+    let nodes = [&c.node(0).ns, &c.node(1).ns];
+    let bare = BareRelay::start(nodes, [underlay(0), underlay(1)], "bare0", 247, UDP_MTU, 8287, cpus, Work::None);
     let bare_tids = || bare.thread_ids();
+    let cpods = [veth_pod(&c, 0, 248, "vc0", UDP_MTU), veth_pod(&c, 1, 248, "vc0", UDP_MTU)];
+    let summing =
+        BareRelay::start(nodes, [underlay(0), underlay(1)], "bare1", 248, UDP_MTU, 8288, cpus, Work::Checksums);
+    let summing_tids = || summing.thread_ids();
     let socat_pids = kids.iter().map(|k| k.0.as_ref().expect("socat running").id()).collect();
     {
         let modes = [
@@ -551,6 +568,13 @@ fn main() {
                 addr: "10.247.2.2".into(),
                 relay: Relay::Threads(&bare_tids),
             },
+            Mode {
+                name: "floor: bare + checksums",
+                client: &cpods[0],
+                server: &cpods[1],
+                addr: "10.248.2.2".into(),
+                relay: Relay::Threads(&summing_tids),
+            },
         ];
         for md in &modes {
             wait_until(Duration::from_secs(10), &format!("{}: first ping", md.name), || {
@@ -567,6 +591,10 @@ fn main() {
     println!("                                  node1: {}", udp_counters(&udp, 1));
     println!("udp data path by hand, node 0: {:?}", dps[0].stats());
     println!("bare relay: {} packet(s) dropped (should be 0)", bare.dropped.load(std::sync::atomic::Ordering::Relaxed));
+    println!(
+        "bare relay + checksums: {} packet(s) dropped (should be 0)",
+        summing.dropped.load(std::sync::atomic::Ordering::Relaxed)
+    );
     restarts(&mut udp, &upods, args.restarts);
     drop(kids);
     drop(vx);
