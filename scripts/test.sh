@@ -20,8 +20,13 @@ cargo fmt --all -- --check
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 echo "== Kubernetes binaries (built once from Debian's source package, then cached)"
-ensure_kube_binaries
+# Every one a test or scripts/k8s-e2e.sh below runs (kube-controller-manager:
+# tests/tests/kube.rs's mixed DaemonSets), so that none is missing when a
+# test starts on a fresh machine.
+ensure_kube_binaries cmd/kube-controller-manager cmd/kube-scheduler cmd/kubelet
 echo "using $FLANNEL_RS_KUBE_DIR"
+echo "== upstream flannel (flanneld and its CNI plugin, built once, then cached)"
+ensure_upstream_flannel
 echo "== cargo build"
 cargo build --workspace --bins --quiet
 fixture=target/debug/netns-fixture

@@ -43,12 +43,21 @@ cleanup_leftovers() {
   [ -x "$bin" ] && "$bin" cleanup || true
 }
 
-# Builds (once, cached) kube-apiserver and kube-proxy, and kubectl when the
-# machine has none, from Debian's kubernetes source package; exports
-# FLANNEL_RS_KUBE_DIR.
+# Builds (once, cached) kube-apiserver and kube-proxy, kubectl when the
+# machine has none, and the cmd/... given as arguments, from Debian's
+# kubernetes source package; exports FLANNEL_RS_KUBE_DIR.
 ensure_kube_binaries() {
-  local whats=(cmd/kube-apiserver cmd/kube-proxy)
+  local whats=(cmd/kube-apiserver cmd/kube-proxy "$@")
   command -v kubectl >/dev/null || whats+=(cmd/kubectl)
   FLANNEL_RS_KUBE_DIR=$(scripts/lib/kube-binaries.sh "${whats[@]}")
   export FLANNEL_RS_KUBE_DIR
+}
+
+# Builds (once, cached under /var/cache/flannel-rs/upstream/) upstream
+# flannel's flanneld and CNI plugin with the build script beside the
+# checkout ($UPSTREAM_FLANNEL_BUILD); prints its flanneld=/cni= lines.
+ensure_upstream_flannel() {
+  local build=${UPSTREAM_FLANNEL_BUILD:-../shared/upstream-flannel/build.sh}
+  [ -f "$build" ] || { echo "error: upstream flannel's build script is not at $build (set UPSTREAM_FLANNEL_BUILD)" >&2; return 1; }
+  bash "$build"
 }
