@@ -345,27 +345,19 @@ fn saved_type(path: &Path, saved: &[u8]) -> Result<String, CniError> {
 /// interface, host-local releases the reservation file we mirrored. Not
 /// synced (flannel syncs): our own DEL does not need the file, and ADD does
 /// not pay for a disk flush.
-///
-/// A file this pod already has (a retried ADD, or a pod first added through
-/// a delegate) is replaced with [`Existing::Replace`]; with
-/// [`Existing::Keep`] it is left as it is and `Ok(false)` says nothing was
-/// saved, so that an ADD which may still fail does not touch it. `Ok(true)`:
-/// the pod's file is new (or there is none to make, see below).
 pub fn save_for_rollback(
     conf: &Value,
     lease: &flannel_net::subnet_env::SubnetEnv,
     data_dir: &Path,
     container_id: &str,
-    existing: Existing,
-) -> Result<bool, CniError> {
+) -> Result<(), CniError> {
     if Path::new(container_id) == Path::new(crate::ipam::NETWORKS_DIR) {
         // The one name our own IPAM directory takes in dataDir.
         eprintln!(
             "flannel: container ID {container_id:?} names our IPAM directory: no configuration saved for a rollback"
         );
-        return Ok(true);
+        return Ok(());
     }
-    let replace = existing == Existing::Replace;
     let delegate = build_from(conf, lease)?;
     let bytes = serde_json::to_vec(&delegate).expect("a JSON value serializes");
     // Without a runtimeConfig the file is the same for every pod of the
@@ -376,39 +368,30 @@ pub fn save_for_rollback(
         None => conf["name"].as_str().map(|n| crate::ipam::Store::dir_for(data_dir, n).join(ROLLBACK_TEMPLATE)),
         Some(_) => None,
     };
-    let Some(template) = template else { return write(data_dir, container_id, &bytes, false, replace) };
+    let Some(template) = template else { return write(data_dir, container_id, &bytes, false) };
     let path = saved_path(data_dir, container_id);
     match std::fs::hard_link(&template, &path) {
         // The content is checked through the new name: that is the file
         // this pod now holds, whatever happens to the template meanwhile.
-        Ok(()) if std::fs::read(&path).is_ok_and(|held| held == bytes) => return Ok(true),
+        Ok(()) if std::fs::read(&path).is_ok_and(|held| held == bytes) => return Ok(()),
         Ok(()) => {
             let _ = std::fs::remove_file(&path);
         }
         // This pod's file is there already (a retried ADD): it gets a file
         // of its own; the template is not in question.
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-            return write(data_dir, container_id, &bytes, false, replace);
+            return write(data_dir, container_id, &bytes, false);
         }
         Err(_) => {}
     }
-    if !write(data_dir, container_id, &bytes, false, replace)? {
-        return Ok(false);
-    }
+    write(data_dir, container_id, &bytes, false)?;
     // The template is missing or stale (a new lease): this pod's file
     // becomes it. Removed, then linked, with no temporary name: a kill in
     // between leaves no template, which the next pod makes again; ADDs at
     // once at worst share one copy fewer (each checks what it links).
     let _ = std::fs::remove_file(&template);
     let _ = std::fs::hard_link(&path, &template);
-    Ok(true)
-}
-
-/// What [`save_for_rollback`] does with a file the pod already has.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Existing {
-    Replace,
-    Keep,
+    Ok(())
 }
 
 /// The shared copy of the configuration saved for a rollback, in our IPAM
@@ -434,12 +417,10 @@ pub fn remove_saved(data_dir: &Path, container_id: &str) -> Result<(), CniError>
 
 /// Writes the file flannel writes (mode 0600 in a 0700 directory), synced.
 fn save(data_dir: &Path, container_id: &str, bytes: &[u8]) -> Result<(), CniError> {
-    write(data_dir, container_id, bytes, true, true).map(|_| ())
+    write(data_dir, container_id, bytes, true)
 }
 
-/// Writes the container's file; an existing one is replaced when `replace`,
-/// else left alone (`Ok(false)`).
-fn write(data_dir: &Path, container_id: &str, bytes: &[u8], sync: bool, replace: bool) -> Result<bool, CniError> {
+fn write(data_dir: &Path, container_id: &str, bytes: &[u8], sync: bool) -> Result<(), CniError> {
     use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
     let io = |what: String| move |e: std::io::Error| CniError::new(code::IO, format!("{what}: {e}"));
     let path = saved_path(data_dir, container_id);
@@ -448,7 +429,7 @@ fn write(data_dir: &Path, container_id: &str, bytes: &[u8], sync: bool, replace:
     // other pods' files share.
     let open = || std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&path);
     let replace = |e: std::io::Error| match e.kind() {
-        std::io::ErrorKind::AlreadyExists if replace => std::fs::remove_file(&path).and_then(|()| open()),
+        std::io::ErrorKind::AlreadyExists => std::fs::remove_file(&path).and_then(|()| open()),
         _ => Err(e),
     };
     // The directory is there but for the first pod: try the file first.
@@ -463,16 +444,13 @@ fn write(data_dir: &Path, container_id: &str, bytes: &[u8], sync: bool, replace:
         }
         other => other,
     };
-    let mut f = match opened {
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Ok(false),
-        other => other.map_err(io(format!("create {}", path.display())))?,
-    };
+    let mut f = opened.map_err(io(format!("create {}", path.display())))?;
     let written = f.write_all(bytes).and_then(|()| if sync { f.sync_all() } else { Ok(()) });
     if written.is_err() {
         // Nothing half-made: a truncated configuration would make DEL fail.
         let _ = std::fs::remove_file(&path);
     }
-    written.map(|()| true).map_err(io(format!("write {}", path.display())))
+    written.map_err(io(format!("write {}", path.display())))
 }
 
 /// The plugin `kind` on `CNI_PATH`.
@@ -553,16 +531,16 @@ mod tests {
         let (one, two) = (lease("10.244.1.1/24"), lease("10.244.2.1/24"));
         let want = |l: &SubnetEnv| serde_json::to_vec(&build_from(&conf, l).unwrap()).unwrap();
         let meta = |id: &str| std::fs::metadata(saved_path(data, id)).unwrap();
-        assert!(save_for_rollback(&conf, &one, data, "a", Existing::Replace).unwrap());
-        assert!(save_for_rollback(&conf, &one, data, "b", Existing::Replace).unwrap());
+        save_for_rollback(&conf, &one, data, "a").unwrap();
+        save_for_rollback(&conf, &one, data, "b").unwrap();
         assert_eq!(std::fs::read(saved_path(data, "b")).unwrap(), want(&one));
         assert_eq!(meta("a").ino(), meta("b").ino(), "one file, several names");
         assert_eq!(meta("a").mode() & 0o777, 0o600);
         // A new lease: the next pod gets the new content, the earlier ones keep theirs.
-        assert!(save_for_rollback(&conf, &two, data, "c", Existing::Replace).unwrap());
+        save_for_rollback(&conf, &two, data, "c").unwrap();
         assert_eq!(std::fs::read(saved_path(data, "c")).unwrap(), want(&two));
         assert_eq!(std::fs::read(saved_path(data, "a")).unwrap(), want(&one));
-        assert!(save_for_rollback(&conf, &two, data, "d", Existing::Replace).unwrap());
+        save_for_rollback(&conf, &two, data, "d").unwrap();
         assert_eq!(meta("c").ino(), meta("d").ino());
         // Writing a pod's file (a retried ADD through the delegate) replaces
         // that name only, never the file the others share.
@@ -571,7 +549,7 @@ mod tests {
         assert_eq!(std::fs::read(saved_path(data, "c")).unwrap(), b"{}");
         // With a runtimeConfig (per pod) each pod has a file of its own.
         let rc = json!({"cniVersion":"1.0.0","name":"cbr0","runtimeConfig":{"portMappings":[]}});
-        assert!(save_for_rollback(&rc, &two, data, "e", Existing::Replace).unwrap());
+        save_for_rollback(&rc, &two, data, "e").unwrap();
         assert_eq!(meta("e").nlink(), 1);
         remove_saved(data, "d").unwrap();
         assert!(!saved_path(data, "d").exists());
@@ -580,25 +558,17 @@ mod tests {
         // is made again by the next pod; no other name is ever left there.
         let template = crate::ipam::Store::dir_for(data, "cbr0").join(ROLLBACK_TEMPLATE);
         std::fs::remove_file(&template).unwrap();
-        assert!(save_for_rollback(&conf, &two, data, "f", Existing::Replace).unwrap());
-        assert!(save_for_rollback(&conf, &two, data, "g", Existing::Replace).unwrap());
+        save_for_rollback(&conf, &two, data, "f").unwrap();
+        save_for_rollback(&conf, &two, data, "g").unwrap();
         assert_eq!((meta("f").ino(), meta("f").nlink()), (meta("g").ino(), 3));
         let names: Vec<_> =
             std::fs::read_dir(template.parent().unwrap()).unwrap().map(|e| e.unwrap().file_name()).collect();
         assert_eq!(names, [ROLLBACK_TEMPLATE]);
         // A retried ADD: the pod's name gets a file of its own, the shared one stays.
-        assert!(save_for_rollback(&conf, &two, data, "f", Existing::Replace).unwrap());
+        save_for_rollback(&conf, &two, data, "f").unwrap();
         assert_eq!(std::fs::read(saved_path(data, "f")).unwrap(), want(&two));
         assert_eq!((meta("f").nlink(), meta("g").nlink()), (1, 2));
         assert_eq!(meta("g").ino(), std::fs::metadata(&template).unwrap().ino());
-        // Keep (an ADD that may still fail): a file the pod has is left as
-        // it is, shared or per pod, and nothing is saved.
-        save(data, "k", b"{}").unwrap();
-        assert!(!save_for_rollback(&conf, &two, data, "k", Existing::Keep).unwrap());
-        assert!(!save_for_rollback(&rc, &two, data, "k", Existing::Keep).unwrap());
-        assert_eq!(std::fs::read(saved_path(data, "k")).unwrap(), b"{}");
-        assert!(save_for_rollback(&conf, &two, data, "l", Existing::Keep).unwrap());
-        assert_eq!(meta("l").ino(), meta("g").ino());
     }
 
     #[test]

@@ -232,16 +232,16 @@ fn gc_releases_what_no_valid_attachment_holds() {
     node.assert_clean();
 }
 
-/// An ADD killed after it made the veth and before its address record
-/// (the two are made at once) leaves a veth that no record names: GC
-/// deletes it unless a valid attachment accounts for it, and leaves veths
-/// of other plugins alone.
+/// A veth of ours that no record names (a DEL killed between releasing the
+/// address and deleting the veth, or any other leftover): GC deletes it
+/// unless a valid attachment accounts for it, and leaves veths of other
+/// plugins alone.
 #[test]
 fn gc_deletes_our_veths_that_no_record_and_no_valid_attachment_account_for() {
     let Some(node) = Node::new() else { return };
     let pods: Vec<Netns> = (0..3).map(|i| pod(&node, &format!("gcv{i}"))).collect();
     node.add("gcv-0", &pods[0]);
-    // What a killed ADD leaves: our naming (veth + 11 hex digits), on cni0.
+    // Our naming (veth + 11 hex digits), on cni0, with no record.
     let veth = |name: &str, p: &Netns| {
         let ns = p.name().to_string();
         node.ns.run_ok(
@@ -257,8 +257,7 @@ fn gc_deletes_our_veths_that_no_record_and_no_valid_attachment_account_for() {
     let out = node.call(&[("CNI_COMMAND", "GC")], conf.to_string().as_bytes());
     assert!(out.ok, "{} {}", out.stdout, out.stderr);
     assert!(out.stderr.contains("GC deleted veth veth0123456789a"), "{}", out.stderr);
-    let mut left = node.veths();
-    left.sort();
+    let left = node.veths();
     assert_eq!(left.len(), 2, "{left:?}");
     assert!(left.contains(&"veth1234abcd".to_string()), "{left:?}");
     assert!(pod_links(&pods[1]).is_empty(), "GC left the unrecorded veth's pod end");
@@ -409,12 +408,10 @@ fn bridge_address_from_an_earlier_lease_is_replaced_only_when_no_pod_uses_it() {
         .expect_error(999, "carries 10.244.1.1/24 from an earlier lease but the node's lease is now 10.244.7.1/24");
     assert!(pod_links(&q).is_empty());
     assert_eq!(node.allocations(), ["10.244.1.2"], "the refused ADD kept a reservation");
-    // Once the old pod is gone, the bridge takes the new address. (The
-    // refused ADD held .2 while the bridge was checked; allocation rotates
-    // past a freed address.)
+    // Once the old pod is gone, the bridge takes the new address.
     node.del("old", &p);
     let r = node.add("new", &q);
-    assert_eq!(r["ips"][0]["address"], "10.244.7.3/24");
+    assert_eq!(r["ips"][0]["address"], "10.244.7.2/24");
     assert_eq!(ipv4_of(&node.ns, "cni0"), ["10.244.7.1/24"]);
     node.del("new", &q);
     node.assert_clean();

@@ -16,12 +16,6 @@ use crate::masq;
 use crate::result::{CniResult, Interface, IpConfig, RouteEntry};
 
 /// Runs ADD. On failure, everything this call created is removed again.
-///
-/// The pod's addresses and the configuration saved for a rollback are file
-/// work (0.2-0.4 ms of ext4 metadata here), the bridge check and the veth
-/// pair the kernel's (about 0.5 ms, in this thread's system calls): a second
-/// thread does the former while this one does the latter. The pod's MAC,
-/// made from its address, is set when the pod's end is brought up.
 pub async fn run(conf: &NetConf, env: &CniEnv, raw: &serde_json::Value) -> Result<CniResult, CniError> {
     let lease = load_lease(&conf.subnet_file())?;
     let settings = conf.bridge_settings(lease.mtu, lease.ipmasq);
@@ -29,89 +23,24 @@ pub async fn run(conf: &NetConf, env: &CniEnv, raw: &serde_json::Value) -> Resul
     let networks = networks(&lease);
     let netns = open_netns(&env.netns)?;
     let host = Netlink::connect()?;
-    let veth = veth_name(&env.container_id, &env.ifname);
 
-    let files = FileWork::start(FileJob {
-        conf: conf.clone(),
-        env: env.clone(),
-        raw: raw.clone(),
-        lease: lease.clone(),
-        ranges: ranges.clone(),
-        ip_masq: settings.ip_masq,
-    });
-    // `Err((error, true))`: the veth's creation failed, and a host end of
-    // its name may be left (the retry after a leftover).
-    let links = async {
-        let bridge = ensure_bridge(&host, &settings, &ranges).await.map_err(|e| (e, false))?;
-        if settings.is_gateway {
-            enable_forwarding(&ranges).map_err(|e| (e, false))?;
-        }
-        let host_link = create_veth(&host, &netns, env, &settings, &bridge, &veth).await.map_err(|e| (e, true))?;
-        Ok::<_, (CniError, bool)>((bridge, host_link))
+    let bridge = ensure_bridge(&host, &settings, &ranges).await?;
+    if settings.is_gateway {
+        enable_forwarding(&ranges)?;
     }
-    .await;
-    let files = files.finish();
 
-    let made = Made { veth: matches!(links, Ok(_) | Err((_, true))), files: files.as_ref().ok().cloned() };
-    let ((bridge, host_link), (allocated, saved)) = match (links, files) {
-        (Ok(l), Ok(f)) => (l, f),
-        (Err((err, _)), _) | (Ok(_), Err(err)) => {
-            undo(&host, conf, env, &veth, &made, false).await;
-            return Err(err);
-        }
-    };
-    let plugged = plug(&host, &netns, env, &settings, &bridge, host_link, &veth, &allocated, &networks, conf).await;
-    // A file the pod already had was kept while the ADD could still fail.
-    let plugged = match plugged {
-        Ok(r) if !saved => crate::delegate::save_for_rollback(
-            raw,
-            &lease,
-            &conf.data_dir(),
-            &env.container_id,
-            crate::delegate::Existing::Replace,
-        )
-        .map(|_| r),
-        other => other,
-    };
-    match plugged {
-        Ok(result) => Ok(result),
-        Err(err) => {
-            undo(&host, conf, env, &veth, &made, settings.ip_masq).await;
-            Err(err)
-        }
-    }
-}
-
-/// What the file thread of an ADD gets: owned copies, so that it needs no
-/// borrow of the caller's stack.
-struct FileJob {
-    conf: NetConf,
-    env: CniEnv,
-    raw: serde_json::Value,
-    lease: flannel_net::subnet_env::SubnetEnv,
-    ranges: Vec<Range>,
-    ip_masq: bool,
-}
-
-/// The allocated addresses, each with its range, and whether the
-/// configuration for a rollback was saved (false: the pod had one, kept).
-type Files = (Vec<(IpAddr, Range)>, bool);
-
-impl FileJob {
-    /// Allocates an address in each range (all or nothing), then saves the
-    /// configuration flannel's plugin would have saved for the pod, unless
-    /// the pod has one already; on failure nothing of it is left.
-    fn run(&self) -> Result<Files, CniError> {
-        let (conf, env) = (&self.conf, &self.env);
+    // Allocate first: undoing an allocation is a file removal, while a link
+    // made before a failed allocation would need netlink to clean up.
+    let allocated = {
         let store = Store::open(&conf.data_dir(), &conf.name)?.with_host_local(conf.host_local_dir(), true)?;
         let mut ips = Vec::new();
         // CNI_ARGS IP=: each range gets the requested address of its family
         // (host-local gives each range set the requested address it holds).
         let mut requested = env.args.ips.clone();
-        for r in &self.ranges {
+        for r in &ranges {
             let want =
                 requested.iter().position(|ip| ip.is_ipv4() == r.subnet.addr().is_ipv4()).map(|i| requested.remove(i));
-            match store.allocate(r, &env.container_id, &env.ifname, self.ip_masq, want) {
+            match store.allocate(r, &env.container_id, &env.ifname, settings.ip_masq, want) {
                 Ok(ip) => ips.push((ip, *r)),
                 Err(e) => {
                     let _ = store.release(&env.container_id, &env.ifname);
@@ -121,7 +50,7 @@ impl FileJob {
         }
         if let Some(ip) = requested.first() {
             let _ = store.release(&env.container_id, &env.ifname);
-            let held: Vec<String> = self.ranges.iter().map(|r| r.subnet.to_string()).collect();
+            let held: Vec<String> = ranges.iter().map(|r| r.subnet.to_string()).collect();
             return Err(CniError::new(
                 code::INVALID_ENV,
                 format!(
@@ -130,72 +59,29 @@ impl FileJob {
                 ),
             ));
         }
-        let saved = crate::delegate::save_for_rollback(
-            &self.raw,
-            &self.lease,
-            &conf.data_dir(),
-            &env.container_id,
-            crate::delegate::Existing::Keep,
-        );
-        match saved {
-            Ok(saved) => Ok((ips, saved)),
-            Err(e) => {
-                let _ = store.release(&env.container_id, &env.ifname);
-                Err(e)
-            }
+        ips
+    };
+
+    let veth = veth_name(&env.container_id, &env.ifname);
+    let plugged = plug(&host, &netns, env, &settings, &bridge, &veth, &allocated, &networks, conf)
+        .await
+        .and_then(|r| crate::delegate::save_for_rollback(raw, &lease, &conf.data_dir(), &env.container_id).map(|()| r));
+    match plugged {
+        Ok(result) => Ok(result),
+        Err(err) => {
+            undo(&host, conf, env, &veth, &allocated, settings.ip_masq).await;
+            Err(err)
         }
     }
-}
-
-/// The file work of an ADD, on its own thread, or done at once where no
-/// thread can be started (the process's limit): slower, not failed.
-enum FileWork {
-    Thread(std::thread::JoinHandle<Result<Files, CniError>>),
-    Done(Result<Files, CniError>),
-}
-
-impl FileWork {
-    fn start(job: FileJob) -> FileWork {
-        let job = std::sync::Arc::new(job);
-        let theirs = job.clone();
-        match std::thread::Builder::new().name("ipam".into()).spawn(move || theirs.run()) {
-            Ok(h) => FileWork::Thread(h),
-            Err(e) => {
-                eprintln!("flannel: start a thread for the IPAM files: {e} (done in turn instead)");
-                FileWork::Done(job.run())
-            }
-        }
-    }
-
-    fn finish(self) -> Result<Files, CniError> {
-        match self {
-            FileWork::Done(r) => r,
-            FileWork::Thread(h) => h.join().unwrap_or_else(|_| {
-                Err(CniError::new(code::INTERNAL, "the IPAM thread panicked (see stderr)".to_string()))
-            }),
-        }
-    }
-}
-
-/// What an ADD has made so far, for [`undo`].
-struct Made {
-    /// The host veth may exist (deleting it deletes the pod's end).
-    veth: bool,
-    /// The allocation and whether the rollback file is this ADD's.
-    files: Option<Files>,
 }
 
 /// Removes what a failed ADD made; keeps going past errors, which are
-/// reported on stderr (the runtime shows the original error). `masq`: the
-/// pod's masquerade elements may have been added.
-async fn undo(host: &Netlink, conf: &NetConf, env: &CniEnv, veth: &str, made: &Made, masq: bool) {
+/// reported on stderr (the runtime shows the original error).
+async fn undo(host: &Netlink, conf: &NetConf, env: &CniEnv, veth: &str, allocated: &[(IpAddr, Range)], masq_on: bool) {
     // Deleting the host end destroys the pod end with it.
-    if made.veth {
-        if let Err(e) = host.del_link_by_name(veth).await {
-            eprintln!("flannel: rollback: {e}");
-        }
+    if let Err(e) = host.del_link_by_name(veth).await {
+        eprintln!("flannel: rollback: {e}");
     }
-    let Some((allocated, saved)) = &made.files else { return };
     match Store::open(&conf.data_dir(), &conf.name).and_then(|s| s.with_host_local(conf.host_local_dir(), false)) {
         Ok(store) => {
             if let Err(e) = store.release(&env.container_id, &env.ifname) {
@@ -204,12 +90,7 @@ async fn undo(host: &Netlink, conf: &NetConf, env: &CniEnv, veth: &str, made: &M
         }
         Err(e) => eprintln!("flannel: rollback: {e}"),
     }
-    if *saved {
-        if let Err(e) = crate::delegate::remove_saved(&conf.data_dir(), &env.container_id) {
-            eprintln!("flannel: rollback: {e}");
-        }
-    }
-    if masq {
+    if masq_on {
         let ips: Vec<IpAddr> = allocated.iter().map(|(ip, _)| *ip).collect();
         if let Err(e) = masq::apply(&masq::remove_script(&ips)) {
             eprintln!("flannel: rollback: {e}");
@@ -224,13 +105,21 @@ async fn plug(
     env: &CniEnv,
     settings: &BridgeSettings,
     bridge: &Link,
-    host_link: Link,
     veth: &str,
     allocated: &[(IpAddr, Range)],
     networks: &[IpNet],
     conf: &NetConf,
 ) -> Result<CniResult, CniError> {
     let pod_mac = pod_mac(allocated);
+    // The kernel's echo of the creation describes the host end; an older
+    // kernel (before 6.2) does not echo, and we ask.
+    let host_link = match create_veth(host, netns, env, settings, bridge, veth, pod_mac).await? {
+        Some(link) => link,
+        None => host
+            .link_by_name(veth)
+            .await?
+            .ok_or_else(|| CniError::new(code::INTERNAL, format!("veth {veth} vanished right after it was created")))?,
+    };
     let pod = Netlink::connect_in(netns)?;
     // The host end names its peer's index; no need to ask the pod's namespace.
     let pod_index = match host_link.peer_index {
@@ -253,10 +142,9 @@ async fn plug(
         .map(|r| Route { dst: r.dst, gateway: r.gw, oif: Some(pod_index), onlink: false, scope: Scope::usual(r.gw) })
         .collect();
     // One batch: every request is sent before the first answer is read (the
-    // kernel handles a socket's requests in order, so the link is up, with
-    // its MAC, before its addresses and the addresses before the routes
-    // through them), and the host end's hairpin flag goes out on the host
-    // socket meanwhile.
+    // kernel handles a socket's requests in order, so the link is up before
+    // its addresses and the addresses before the routes through them), and
+    // the host end's hairpin flag goes out on the host socket meanwhile.
     let hairpin = async {
         match settings.hairpin {
             true => host.set_hairpin(host_link.index, veth, true).await,
@@ -265,7 +153,7 @@ async fn plug(
     };
     let (hairpin, up, added, routed) = futures_util::future::join4(
         hairpin,
-        pod.set_up_with_mac(pod_index, &env.ifname, pod_mac),
+        pod.set_up(pod_index, &env.ifname),
         futures_util::future::join_all(addrs.iter().map(|a| pod.add_addr(pod_index, &env.ifname, *a))),
         futures_util::future::join_all(nl_routes.iter().map(|r| pod.add_route(r, &env.ifname))),
     )
@@ -345,11 +233,9 @@ fn enable_ipv6_in_pod(netns: &NetNs, ifname: &str) -> Result<(), CniError> {
         .map_err(|msg| CniError::new(code::IO, msg))
 }
 
-/// Creates the veth pair with the pod end directly in the pod's namespace,
-/// and returns the host end. A host end of the same name is a leftover of an
-/// interrupted ADD of this very attachment (the name is derived from it): it
-/// is replaced. The kernel's echo of the creation describes the host end; an
-/// older kernel (before 6.2) does not echo, and we ask.
+/// Creates the veth pair with the pod end directly in the pod's namespace. A
+/// host end of the same name is a leftover of an interrupted ADD of this very
+/// attachment (the name is derived from it): it is replaced.
 async fn create_veth(
     host: &Netlink,
     netns: &NetNs,
@@ -357,25 +243,19 @@ async fn create_veth(
     settings: &BridgeSettings,
     bridge: &Link,
     veth: &str,
-) -> Result<Link, CniError> {
-    let attempt = || host.add_veth_into_netns(veth, &env.ifname, None, settings.mtu, bridge.index, netns);
-    let echoed = match attempt().await {
-        Ok(link) => link,
+    pod_mac: MacAddr,
+) -> Result<Option<Link>, CniError> {
+    let attempt = || host.add_veth_into_netns(veth, &env.ifname, pod_mac, settings.mtu, bridge.index, netns);
+    match attempt().await {
+        Ok(link) => Ok(link),
         Err(e) if e.is_exists() => {
             if host.del_link_by_name(veth).await? || wait_for_pending_teardown(netns, env).await? {
-                attempt().await.map_err(|e| exists_in_pod(e, env))?
+                attempt().await.map_err(|e| exists_in_pod(e, env))
             } else {
-                return Err(exists_in_pod(e, env));
+                Err(exists_in_pod(e, env))
             }
         }
-        Err(e) => return Err(e.into()),
-    };
-    match echoed {
-        Some(link) => Ok(link),
-        None => host
-            .link_by_name(veth)
-            .await?
-            .ok_or_else(|| CniError::new(code::INTERNAL, format!("veth {veth} vanished right after it was created"))),
+        Err(e) => Err(e.into()),
     }
 }
 

@@ -75,10 +75,11 @@ fn finish(errors: Vec<String>) -> Result<(), CniError> {
 }
 
 /// Deletes host veths of ours that no valid attachment and no record
-/// accounts for. ADD makes an attachment's veth while another thread
-/// writes its address record (see `cmd::add`), so an ADD killed in between
-/// leaves a veth without a record; the runtime's DEL of the attachment
-/// deletes it (by its derived name), and GC catches the rest. Only links
+/// accounts for. ADD writes the record before it makes the veth, but DEL
+/// releases the address before the detached child deletes the veth (see
+/// `cmd::del`), so a DEL killed in between leaves a veth without a record;
+/// a retried DEL of the attachment deletes it (by its derived name), and
+/// GC catches the rest. Only links
 /// that are certainly ours: veths named as [`veth_name`] names them (`veth`
 /// and 11 hex digits; the bridge plugin's are `veth` and 8), on this
 /// network's bridge or on none (a DEL detaches its veth before the

@@ -138,10 +138,8 @@ impl Netlink {
     /// appears in this namespace, so a crash cannot strand it here). The peer
     /// cannot be brought up in the same request: the kernel configures it
     /// before the pair is joined, and opening a veth without a peer fails with
-    /// `ENOTCONN`; the caller sets it up from inside the namespace. With
-    /// `peer_mac` the peer gets that hardware address, so the caller knows it
-    /// without asking; without, the kernel picks one (the caller may set its
-    /// own when it brings the peer up, [`Netlink::set_up_with_mac`]).
+    /// `ENOTCONN`; the caller sets it up from inside the namespace. The peer
+    /// gets hardware address `peer_mac`, so the caller knows it without asking.
     /// `ip link add HOST mtu MTU master M up type veth peer name PEER netns NS`.
     ///
     /// Returns the host end as the kernel announces it when it echoes the
@@ -152,16 +150,17 @@ impl Netlink {
         &self,
         host_name: &str,
         peer_name: &str,
-        peer_mac: Option<MacAddr>,
+        peer_mac: MacAddr,
         mtu: u32,
         master: u32,
         peer_ns: &NetNs,
     ) -> NlResult<Option<Link>> {
-        let mut peer = LinkMessageBuilder::<LinkUnspec>::new().name(peer_name.to_string()).mtu(mtu);
-        if let Some(mac) = peer_mac {
-            peer = peer.address(mac.0.to_vec());
-        }
-        let peer = peer.setns_by_fd(peer_ns.fd().as_raw_fd()).build();
+        let peer = LinkMessageBuilder::<LinkUnspec>::new()
+            .name(peer_name.to_string())
+            .mtu(mtu)
+            .address(peer_mac.0.to_vec())
+            .setns_by_fd(peer_ns.fd().as_raw_fd())
+            .build();
         let msg = LinkMessageBuilder::<LinkUnspec>::new_with_info_kind(InfoKind::Veth)
             .name(host_name.to_string())
             .mtu(mtu)
@@ -206,20 +205,6 @@ impl Netlink {
     pub async fn set_up(&self, index: u32, name: &str) -> NlResult<()> {
         let msg = LinkUnspec::new_with_index(index).up().build();
         self.handle.link().set(msg).execute().await.map_err(|e| NlError::new(format!("set link {name} up"), e))
-    }
-
-    /// Sets the hardware address of link `index` and brings it up, in one
-    /// request (`ip link set DEV address MAC up`); the kernel applies the
-    /// address first, so the link comes up with it (and its IPv6 link-local
-    /// address is made from it).
-    pub async fn set_up_with_mac(&self, index: u32, name: &str, mac: MacAddr) -> NlResult<()> {
-        let msg = LinkUnspec::new_with_index(index).address(mac.0.to_vec()).up().build();
-        self.handle
-            .link()
-            .set(msg)
-            .execute()
-            .await
-            .map_err(|e| NlError::new(format!("set link {name} address {mac} up"), e))
     }
 
     /// Brings link `index` down and takes it off its bridge, in one request
