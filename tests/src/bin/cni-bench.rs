@@ -40,9 +40,11 @@ struct Args {
     #[arg(long, default_value_t = 20)]
     concurrent: usize,
     /// Rounds: each measures every plugin once, starting with a different
-    /// one each round (so that a machine getting busier or quieter during
-    /// the run does not favour whoever runs first); the figures pool all
-    /// rounds' calls, the concurrent wall time is the median round's.
+    /// one each round and, every other cycle of rounds, in the opposite
+    /// order (so that a machine getting busier or quieter during the run
+    /// does not favour whoever runs first, nor a plugin whoever runs before
+    /// it); the figures pool all rounds' calls, the concurrent wall time is
+    /// the median round's.
     #[arg(long, default_value_t = 1)]
     rounds: usize,
     /// A dual-stack lease (FLANNEL_IPV6_NETWORK/FLANNEL_IPV6_SUBNET too):
@@ -272,7 +274,13 @@ fn main() {
     let mut rounds: Vec<Vec<Figures>> = imps.iter().map(|_| Vec::new()).collect();
     let slice = (args.count / imps.len()).max(20);
     for round in 0..args.rounds.max(1) {
+        // Each round starts with a different plugin, and every other cycle
+        // of rounds runs them in the opposite order, so that no plugin
+        // always follows the same one (what runs before a turn, such as
+        // our DEL's detached veth deletions, weighs on it).
+        let reversed = (round / imps.len()) % 2 == 1;
         for k in 0..imps.len() {
+            let k = if reversed { imps.len() - 1 - k } else { k };
             let i = (round + k) % imps.len();
             baseline.extend(
                 (0..slice).map(|j| {
