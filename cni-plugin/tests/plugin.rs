@@ -224,6 +224,9 @@ fn gc_releases_what_no_valid_attachment_holds() {
     conf["cni.dev/valid-attachments"] = json!([{"containerID": "gc-0", "ifname": "eth0"}]);
     let out = node.call(&[("CNI_COMMAND", "GC")], conf.to_string().as_bytes());
     assert!(out.ok, "{} {}", out.stdout, out.stderr);
+    // The stale veths go with their records, not as unrecorded leftovers.
+    assert_eq!(out.stderr.matches("GC released").count(), 2, "{}", out.stderr);
+    assert!(!out.stderr.contains("GC deleted veth"), "{}", out.stderr);
     assert_eq!(node.allocations(), ["10.244.1.2"]);
     assert_eq!(node.veths().len(), 1);
     assert_eq!(pod_links(&pods[0]).len(), 1);

@@ -3,7 +3,7 @@
 
 use std::collections::HashSet;
 
-use flannel_net::netlink::Netlink;
+use flannel_net::netlink::{Link, Netlink};
 
 use super::veth_name;
 use crate::config::NetConf;
@@ -27,9 +27,11 @@ pub async fn run(conf: &NetConf) -> Result<(), CniError> {
         Some(store) => store.records()?,
         None => Vec::new(),
     };
-    let (kept, stale): (Vec<_>, Vec<_>) =
-        records.into_iter().partition(|r| valid.contains(&(r.container_id.as_str(), r.ifname.as_str())));
-    sweep_unrecorded_veths(conf, &host, &valid, &kept, &mut errors).await?;
+    // One dump of the host's links serves the sweep and the stale records.
+    let links = host.links().await?;
+    sweep_unrecorded_veths(conf, &host, &links, &valid, &records, &mut errors).await;
+    let stale: Vec<_> =
+        records.into_iter().filter(|r| !valid.contains(&(r.container_id.as_str(), r.ifname.as_str()))).collect();
     let Some(store) = store.filter(|_| !stale.is_empty()) else {
         return finish(errors);
     };
@@ -46,9 +48,11 @@ pub async fn run(conf: &NetConf) -> Result<(), CniError> {
     for r in &stale {
         // Keep going past errors: one stuck link must not pin every other address.
         let veth = veth_name(&r.container_id, &r.ifname);
-        if let Err(e) = host.del_link_by_name(&veth).await {
-            errors.push(e.to_string());
-            continue;
+        if let Some(l) = links.iter().find(|l| l.name == veth) {
+            if let Err(e) = host.del_link(l.index, &veth).await {
+                errors.push(e.to_string());
+                continue;
+            }
         }
         if r.masq && !masq_removed {
             continue;
@@ -74,37 +78,37 @@ fn finish(errors: Vec<String>) -> Result<(), CniError> {
     }
 }
 
-/// Deletes host veths of ours that no valid attachment and no record
-/// accounts for. ADD writes the record before it makes the veth, but DEL
-/// releases the address before the detached child deletes the veth (see
-/// `cmd::del`), so a DEL killed in between leaves a veth without a record;
-/// a retried DEL of the attachment deletes it (by its derived name), and
-/// GC catches the rest. Only links
-/// that are certainly ours: veths named as [`veth_name`] names them (`veth`
-/// and 11 hex digits; the bridge plugin's are `veth` and 8), on this
-/// network's bridge or on none (a DEL detaches its veth before the
-/// deletion). A bridge shared by two networks of ours would lose the other
-/// network's veths here: each network needs a bridge of its own, as with
-/// the reference plugins' GC.
+/// Deletes host veths of ours (among `links`) that no valid attachment and
+/// no record accounts for (a stale record's veth goes with its record).
+/// ADD writes the record before it makes the veth, but DEL releases the
+/// address before the detached child deletes the veth (see `cmd::del`), so
+/// a DEL killed in between leaves a veth without a record; a retried DEL of
+/// the attachment deletes it (by its derived name), and GC catches the
+/// rest. Only links that are certainly ours: veths named as [`veth_name`]
+/// names them (`veth` and 11 hex digits; the bridge plugin's are `veth` and
+/// 8), on this network's bridge or on none (a DEL detaches its veth before
+/// the deletion). A bridge shared by two networks of ours would lose the
+/// other network's veths here: each network needs a bridge of its own, as
+/// with the reference plugins' GC.
 async fn sweep_unrecorded_veths(
     conf: &NetConf,
     host: &Netlink,
+    links: &[Link],
     valid: &HashSet<(&str, &str)>,
-    kept: &[crate::ipam::Record],
+    records: &[crate::ipam::Record],
     errors: &mut Vec<String>,
-) -> Result<(), CniError> {
+) {
     let bridge_name = conf.delegate.bridge.as_deref().unwrap_or(crate::config::DEFAULT_BRIDGE);
-    let links = host.links().await?;
     let Some(bridge) = links.iter().find(|l| l.name == bridge_name).map(|l| l.index) else {
         // No bridge: every pod veth was made on it, so none is left.
-        return Ok(());
+        return;
     };
     let accounted: HashSet<String> = valid
         .iter()
         .map(|(id, ifname)| veth_name(id, ifname))
-        .chain(kept.iter().map(|r| veth_name(&r.container_id, &r.ifname)))
+        .chain(records.iter().map(|r| veth_name(&r.container_id, &r.ifname)))
         .collect();
-    for l in &links {
+    for l in links {
         let ours = is_our_veth_name(&l.name)
             && l.kind.as_deref() == Some("veth")
             && (l.master == Some(bridge) || l.master.is_none());
@@ -116,7 +120,6 @@ async fn sweep_unrecorded_veths(
             Err(e) => errors.push(e.to_string()),
         }
     }
-    Ok(())
 }
 
 /// `veth` and 11 lowercase hex digits: what [`veth_name`] makes.
