@@ -264,7 +264,10 @@ fn main() {
     }
     let compare = args.compare.as_ref().map(|binary| {
         let mut conf = ours.conf.clone();
-        conf["dataDir"] = json!(dir.join("compare"));
+        // A tree of its own: host-local's store, which our IPAM mirrors
+        // into, is found beside dataDir (`<dataDir>/../networks`), and
+        // would otherwise be ours' too (hints and mirror records shared).
+        conf["dataDir"] = json!(dir.join("compare").join("flannel"));
         Impl { label: "flannel-rs (--compare)", binary: binary.clone(), conf, env: vec![] }
     });
     let mut imps = vec![&ours, &reference];
