@@ -6,6 +6,7 @@
 //! - [`netns`]: opening network namespaces and netlink sockets inside them.
 //! - [`netlink`]: the one typed netlink facade; nothing else talks rtnetlink.
 
+pub mod entry;
 pub mod host;
 pub mod mac;
 pub mod netlink;
