@@ -45,12 +45,15 @@ fn must(out: Outcome, what: &str) -> Value {
 }
 
 /// An ADD and a DEL, so that the store's skeleton (directories, lock, hint)
-/// and the bridge exist before the file system gets into trouble.
+/// and the bridge exist before the file system gets into trouble. The
+/// record DEL kept for reuse goes, so that the next ADD creates a file, as
+/// on a node that never released one.
 fn warm_up(node: &Node, fs: &PrivateTmpfs, pod: &Netns) {
     must(verb(node, fs, "ADD", "warm-up", pod), "warm-up ADD");
     must(verb(node, fs, "DEL", "warm-up", pod), "warm-up DEL");
     node.assert_clean();
     common::wait_pod_empty(pod);
+    std::fs::remove_dir_all(fs.path("networks/cbr0/spare")).unwrap();
 }
 
 /// Fills the tmpfs with data until it is full.
@@ -96,6 +99,28 @@ fn add_on_a_full_disk_fails_naming_the_file_and_leaves_no_partial_record() {
     let result = must(verb(&node, &fs, "ADD", "ctr", &pod), "ADD after freeing space");
     assert_eq!(result["ips"][0]["address"], "10.244.1.3/24");
     must(verb(&node, &fs, "DEL", "ctr", &pod), "DEL");
+    node.assert_clean();
+}
+
+#[test]
+fn a_released_record_lets_add_through_a_full_disk() {
+    // DEL keeps the record's file (spare/), and the next ADD rewrites it in
+    // place: no block and no inode, so ADD works on a full file system.
+    use std::os::unix::fs::MetadataExt;
+    let Some((node, fs, pod, other)) = setup("64k") else { return };
+    must(verb(&node, &fs, "ADD", "first", &pod), "ADD");
+    let ino = std::fs::metadata(fs.path("networks/cbr0/10.244.1.2")).unwrap().ino();
+    must(verb(&node, &fs, "DEL", "first", &pod), "DEL");
+    let spares: Vec<String> = fs.tree().into_keys().filter(|k| k.contains("/spare/") && !k.ends_with('/')).collect();
+    assert_eq!(spares, ["networks/cbr0/spare/10.244.1.2"]);
+    fill_blocks(&fs);
+    let result = must(verb(&node, &fs, "ADD", "second-with-a-longer-id", &other), "ADD on a full disk");
+    assert_eq!(result["ips"][0]["address"], "10.244.1.3/24");
+    let record = fs.path("networks/cbr0/10.244.1.3");
+    assert_eq!(std::fs::metadata(&record).unwrap().ino(), ino, "the spare was not reused");
+    assert_eq!(std::fs::read_to_string(&record).unwrap(), "second-with-a-longer-id\r\neth0");
+    assert!(!fs.tree().keys().any(|k| k.contains("/spare/") && !k.ends_with('/')), "{:?}", fs.tree());
+    must(verb(&node, &fs, "DEL", "second-with-a-longer-id", &other), "DEL");
     node.assert_clean();
 }
 
@@ -162,7 +187,8 @@ fn add_on_a_read_only_data_dir_fails_naming_it_and_changes_nothing() {
         .into_keys()
         .filter(|k| {
             let index_entry = k.starts_with("networks/cbr0/attachments/") && !k.ends_with('/');
-            index_entry || k.rsplit('/').next().unwrap().parse::<std::net::IpAddr>().is_ok()
+            let record = !k.contains("/spare/") && k.rsplit('/').next().unwrap().parse::<std::net::IpAddr>().is_ok();
+            index_entry || record
         })
         .collect();
     assert!(left.is_empty(), "{left:?}");
