@@ -866,15 +866,24 @@ fn list_names(dir: &Path) -> Vec<Spare> {
     entries.filter_map(|e| e.ok()).map(|e| (e.path(), None)).collect()
 }
 
-/// Makes the file at `path` hold exactly `content`: written over in place
-/// and cut to its length, so that no data block is freed and allocated again.
+/// Makes the spare at `path` hold exactly `content`: written over in place
+/// and cut to its length, so that no data block is freed and allocated
+/// again. Refused for a file with another name too: a DEL killed between
+/// retiring an attachment's first record and removing its index entry
+/// leaves the entry linked to the spare, and its retry finds the
+/// attachment's other records through the entry's address list, which
+/// rewriting the spare for another pod would overwrite (also any name
+/// elsewhere, such as host-local's). Such a spare only loses its spare name.
 fn rewrite(path: &Path, content: &str) -> io::Result<()> {
-    use std::os::unix::fs::FileExt;
-    use std::os::unix::fs::OpenOptionsExt;
+    use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
     // Never through a symlink: a spare is a file we renamed there.
     let file = OpenOptions::new().write(true).custom_flags(libc::O_NOFOLLOW).open(path)?;
+    let meta = file.metadata()?;
+    if meta.nlink() != 1 {
+        return Err(io::Error::other("the spare has other names"));
+    }
     file.write_all_at(content.as_bytes(), 0)?;
-    if file.metadata()?.len() != content.len() as u64 {
+    if meta.len() > content.len() as u64 {
         file.set_len(content.len() as u64)?;
     }
     Ok(())
@@ -1163,6 +1172,30 @@ mod tests {
         s.release("b", "eth0").unwrap();
         let c = s.allocate(&r, "c", "eth0", false, None).unwrap();
         assert_eq!(std::fs::metadata(s.dir().join(c.to_string())).unwrap().ino(), ino);
+    }
+
+    #[test]
+    fn a_spare_still_named_by_an_index_entry_is_not_rewritten() {
+        // A dual-stack DEL killed after retiring the first record (which
+        // the index entry links to) and before the second: another pod's
+        // ADD must not take that spare, or the retried DEL would read the
+        // other pod's address list through the entry and leave the IPv6
+        // record allocated.
+        let dir = tempfile::tempdir().unwrap();
+        let (v4, v6) = (range("10.244.1.1/24"), range("fc00:0:0:1::1/64"));
+        let s = Store::open(dir.path(), "cbr0").unwrap();
+        let x = s.allocate(&v4, "a", "eth0", false, None).unwrap();
+        let x6 = s.allocate(&v6, "a", "eth0", false, None).unwrap();
+        s.remove_record(x).unwrap();
+        drop(s);
+        let s = Store::open(dir.path(), "cbr0").unwrap();
+        let z = s.allocate(&v4, "c", "eth0", false, None).unwrap();
+        assert_eq!(s.find("c", "eth0").unwrap().iter().map(|r| r.ip).collect::<Vec<_>>(), [z]);
+        drop(s);
+        let s = Store::open(dir.path(), "cbr0").unwrap();
+        let released: Vec<IpAddr> = s.release("a", "eth0").unwrap().iter().map(|r| r.ip).collect();
+        assert_eq!(released, [x6], "the retried DEL missed a record");
+        assert_eq!(s.records().unwrap().iter().map(|r| r.ip).collect::<Vec<_>>(), [z]);
     }
 
     #[test]
