@@ -31,14 +31,19 @@ use error::{code, CniError};
 
 #[cfg(not(test))]
 #[unsafe(no_mangle)]
-extern "C" fn main(_argc: std::ffi::c_int, _argv: *const *const std::ffi::c_char) -> std::ffi::c_int {
+extern "C" fn main(argc: std::ffi::c_int, argv: *const *const std::ffi::c_char) -> std::ffi::c_int {
     flannel_net::entry::prepare_process();
-    plugin_main()
+    // From main's own arguments, not std::env::args(), which only glibc's
+    // start-up fills without std's.
+    // SAFETY: the C runtime passes argc valid NUL-terminated strings.
+    let args = (1..usize::try_from(argc).unwrap_or(0))
+        .map(|i| unsafe { std::ffi::CStr::from_ptr(*argv.add(i)) }.to_string_lossy().into_owned())
+        .collect();
+    plugin_main(args)
 }
 
 #[cfg_attr(test, allow(dead_code))]
-fn plugin_main() -> ! {
-    let args: Vec<String> = std::env::args().skip(1).collect();
+fn plugin_main(args: Vec<String>) -> ! {
     if args.first().map(String::as_str) == Some(cmd::del::TEARDOWN_ARG) {
         // The detached half of DEL (see cmd::del): nobody reads its output.
         std::process::exit(i32::from(cmd::del::teardown(&args[1..]).is_err()));
