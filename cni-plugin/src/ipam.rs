@@ -294,7 +294,7 @@ impl Store {
     /// from a retried call) is left as it is.
     fn reserve_in_host_local(&self, ip: &IpAddr, container_id: &str, ifname: &str) -> Result<(), IpamError> {
         let Some(h) = &self.host_local else { return Ok(()) };
-        self.write_mirror(&h.dir.join(ip.to_string()), &format!("{container_id}\r\n{ifname}")).map(|_| ())
+        write_new(&h.dir.join(ip.to_string()), &format!("{container_id}\r\n{ifname}")).map(|_| ())
     }
 
     /// Removes host-local's reservation file for `ip` if it is this
@@ -646,7 +646,7 @@ impl Store {
             let (mirror, text) = (h.dir.join(&name), format!("{container_id}\r\n{ifname}"));
             if content != text {
                 // A `masq` line: host-local's word is shorter, a file of its own.
-                return self.write_mirror(&mirror, &text);
+                return write_new(&mirror, &text);
             }
             // The usual record is host-local's reservation word for word: the
             // mirror is a second name for the same file. A hard link costs a
@@ -658,7 +658,7 @@ impl Store {
                 // Taken in host-local's directory (a pod of flannel's plugin).
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(false),
                 // Another file system, or links refused: a file of its own.
-                Err(_) => self.write_mirror(&mirror, &text),
+                Err(_) => write_new(&mirror, &text),
             }
         })();
         if !matches!(mirrored, Ok(true)) {
@@ -688,13 +688,7 @@ impl Store {
                 Err(_) => *self.spares.borrow_mut() = Some(Vec::new()),
             }
         }
-        let Some(mut file) = create_new(path)? else { return Ok(false) };
-        let written = file.write_all(content.as_bytes()).map_err(io_err(format!("write {}", path.display())));
-        if written.is_err() {
-            drop(file);
-            let _ = std::fs::remove_file(path);
-        }
-        written.map(|()| true)
+        write_new(path, content)
     }
 
     /// A spare record holding `content`, rewriting the next one if needed.
@@ -756,17 +750,6 @@ impl Store {
                 other => other,
             },
         }
-    }
-
-    /// Writes host-local's reservation `text` at `mirror` as a file of its
-    /// own; `false` when the name is taken. A failed write removes it again.
-    fn write_mirror(&self, mirror: &Path, text: &str) -> Result<bool, IpamError> {
-        let Some(mut f) = create_new(mirror)? else { return Ok(false) };
-        let written = f.write_all(text.as_bytes()).map_err(io_err(format!("write {}", mirror.display())));
-        if written.is_err() {
-            let _ = std::fs::remove_file(mirror);
-        }
-        written.map(|()| true)
     }
 
     /// Takes the first free address after the last allocation, wrapping
@@ -858,6 +841,19 @@ impl Store {
         let used = self.used()?.iter().filter(|ip| range.is_usable(**ip)).count() as u128;
         Ok(used < range.capacity())
     }
+}
+
+/// Writes `text` at `path` as a new file (`O_EXCL`): a record, or
+/// host-local's reservation as a file of its own; `false` when the name is
+/// taken. A failed write removes the file again, so none is left half written.
+fn write_new(path: &Path, text: &str) -> Result<bool, IpamError> {
+    let Some(mut f) = create_new(path)? else { return Ok(false) };
+    let written = f.write_all(text.as_bytes()).map_err(io_err(format!("write {}", path.display())));
+    if written.is_err() {
+        drop(f);
+        let _ = std::fs::remove_file(path);
+    }
+    written.map(|()| true)
 }
 
 /// The entries of `dir` (none if it cannot be listed), none rewritten yet.
