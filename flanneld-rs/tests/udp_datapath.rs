@@ -489,3 +489,63 @@ fn restart_adopts_the_device_and_traffic_resumes() {
     // The device was adopted, not recreated: still one, same settings.
     assert_eq!(o.dp(1).ensure_kernel().unwrap(), Vec::<String>::new());
 }
+
+/// Sends, through a [`TxBatch`], one GSO train of six segments (five of
+/// 1000 bytes, then 300; each a 40-byte header from the batch's slot and
+/// its payload) and a packet as it is, from node 0's port 9001 to node 1's
+/// 9002; returns what was sent, the datagrams that arrived and what the
+/// batch says about GSO.
+fn send_train(c: &Cluster) -> (Vec<Vec<u8>>, Vec<Vec<u8>>, Option<std::io::Error>) {
+    use flanneld_rs::udp::sock::{self, TxBatch};
+    let rx = c.node(1).ns.in_thread(|| UdpSocket::bind((underlay(1), 9002))).unwrap();
+    rx.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let tx_sock = c.node(0).ns.in_thread(|| sock::UdpSocket::bind(underlay(0), 9001)).unwrap();
+    let to = u32::from(underlay(1));
+    let mut tx = TxBatch::new(9002, true);
+    let payloads: Vec<Vec<u8>> = [960, 960, 960, 960, 960, 260]
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| (0..n).map(|j| (i * 37 + j) as u8).collect())
+        .collect();
+    let mut want = Vec::new();
+    for (i, p) in payloads.iter().enumerate() {
+        tx.reserve(&tx_sock);
+        let h = &mut tx.header()[..40];
+        h.fill(i as u8);
+        want.push([&h[..], &p[..]].concat());
+        // SAFETY: `payloads` outlives the flush below.
+        unsafe { tx.push(to, 40, p) };
+    }
+    let own = vec![0xabu8; 700];
+    tx.reserve(&tx_sock);
+    // SAFETY: as above.
+    unsafe { tx.push(to, 0, &own) };
+    want.push(own.clone());
+    tx.flush(&tx_sock);
+    assert_eq!((tx.sent.packets, tx.sent.errors), (7, 0));
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    for _ in 0..want.len() {
+        let n = rx.recv(&mut buf).expect("every datagram arrives");
+        got.push(buf[..n].to_vec());
+    }
+    (want, got, tx.gso_failed.take())
+}
+
+#[test]
+fn a_gso_train_goes_out_as_queued_and_one_by_one_when_refused() {
+    if !require_root() {
+        return;
+    }
+    let c = Cluster::new(2).unwrap();
+    let (want, got, failed) = send_train(&c);
+    assert!(failed.is_none(), "GSO refused: {failed:?}");
+    assert_eq!(got, want);
+    // With a segment larger than the path MTU the kernel refuses GSO
+    // (EMSGSIZE): the train goes out datagram by datagram, each as it was
+    // queued (and fragmented on the way).
+    c.node(0).ns.run_ok("ip", &["link", "set", "eth0", "mtu", "900"]);
+    let (want, got, failed) = send_train(&c);
+    assert!(failed.is_some(), "GSO was not refused with segments over the MTU");
+    assert_eq!(got, want);
+}

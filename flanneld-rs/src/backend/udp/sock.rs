@@ -372,10 +372,11 @@ impl TxBatch {
                 continue;
             }
             let m = self.msgs[i];
-            // A device without checksum offload refuses GSO with EIO; a path
-            // MTU below a segment makes it EINVAL. Send that train packet by
-            // packet (the kernel fragments if it must) and stop using GSO.
-            if m.segs > 1 && matches!(err.raw_os_error(), Some(libc::EIO) | Some(libc::EINVAL)) {
+            // A device without checksum offload refuses GSO with EIO (older
+            // kernels); a path MTU below a segment makes it EMSGSIZE (EINVAL
+            // on older kernels). Send that train packet by packet (the
+            // kernel fragments if it must) and stop using GSO.
+            if m.segs > 1 && matches!(err.raw_os_error(), Some(libc::EIO | libc::EINVAL | libc::EMSGSIZE)) {
                 self.gso = false;
                 self.gso_failed.get_or_insert(err);
                 self.send_one_by_one(sock, i);
