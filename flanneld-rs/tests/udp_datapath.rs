@@ -490,6 +490,86 @@ fn restart_adopts_the_device_and_traffic_resumes() {
     assert_eq!(o.dp(1).ensure_kernel().unwrap(), Vec::<String>::new());
 }
 
+/// Which of `socks` each payload lands on, sent one at a time from
+/// node 1's port 8285 to node 0's (the way a peer sends).
+fn landings(c: &Cluster, socks: &[flanneld_rs::udp::sock::UdpSocket], payloads: &[Vec<u8>]) -> Vec<usize> {
+    let peer = c.node(1).ns.in_thread(|| UdpSocket::bind((underlay(1), 8285))).unwrap();
+    let to = SocketAddr::from((underlay(0), 8285));
+    let mut got = Vec::new();
+    for p in payloads {
+        peer.send_to(p, to).unwrap();
+        let mut at = None;
+        wait_until(Duration::from_secs(5), "the datagram on one of the sockets", || {
+            for (i, s) in socks.iter().enumerate() {
+                let mut buf = [0u8; 2048];
+                // SAFETY: receives into a local buffer of its length.
+                let n = unsafe { libc::recv(s.raw(), buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
+                if n >= 0 {
+                    assert_eq!(&buf[..n as usize], &p[..], "another datagram than the one sent");
+                    at = Some(i);
+                    return true;
+                }
+            }
+            false
+        });
+        got.push(at.unwrap());
+    }
+    got
+}
+
+/// Both directions of a flow: (there, back).
+fn flow_pair(proto: u8, k: u16) -> (Vec<u8>, Vec<u8>) {
+    let a = SocketAddrV4::new(pod_ip(0), 40_000 + 2 * k);
+    let b = SocketAddrV4::new(pod_ip(1), 5201);
+    let mut there = packet::build_udp(a, b, b"there");
+    let mut back = packet::build_udp(b, a, b"back");
+    for p in [&mut there, &mut back] {
+        p[9] = proto;
+    }
+    (there, back)
+}
+
+#[test]
+fn received_datagrams_spread_over_the_workers_by_inner_flow() {
+    if !require_root() {
+        return;
+    }
+    use flanneld_rs::udp::{sock, steer};
+    let c = Cluster::new(2).unwrap();
+    let socks: Vec<sock::UdpSocket> =
+        c.node(0).ns.in_thread(|| (0..4).map(|_| sock::UdpSocket::bind(underlay(0), 8285).unwrap()).collect());
+    let mut flows = Vec::new();
+    for k in 0..24 {
+        flows.push(flow_pair(libc::IPPROTO_TCP as u8, k));
+        flows.push(flow_pair(libc::IPPROTO_UDP as u8, k));
+    }
+    let there: Vec<Vec<u8>> = flows.iter().map(|f| f.0.clone()).collect();
+    let back: Vec<Vec<u8>> = flows.iter().map(|f| f.1.clone()).collect();
+    // The kernel alone: one peer, one port, so one socket for everything.
+    let plain = landings(&c, &socks, &there);
+    assert!(plain.iter().all(|&s| s == plain[0]), "without the program one peer spread: {plain:?}");
+
+    steer::attach(socks[0].raw(), 4, 0).unwrap();
+    let (t, b) = (landings(&c, &socks, &there), landings(&c, &socks, &back));
+    assert_eq!(t, b, "a flow's two directions landed on different sockets");
+    for s in 0..4 {
+        assert!(t.contains(&s), "socket {s} got none of 48 flows: {t:?}");
+    }
+
+    // A packet's fragments stay together: the first (MF, with the ports)
+    // and a later one (an offset; what stands where the ports were is data).
+    let (mut first, _) = flow_pair(libc::IPPROTO_UDP as u8, 3);
+    first[6] = 0x20;
+    let mut later = first.clone();
+    later[6..8].copy_from_slice(&[0, 185]);
+    later[20..24].copy_from_slice(&[0xde, 0xad, 0xbe, 0xef]);
+    let frags = landings(&c, &socks, &[first, later]);
+    assert_eq!(frags[0], frags[1], "a packet's fragments landed on different sockets");
+
+    // What is not IPv4 (or too short to say) is still delivered.
+    landings(&c, &socks, &[vec![0x60, 0, 0, 0, 0, 8, 17, 64], vec![0x45]]);
+}
+
 /// Sends, through a [`TxBatch`], one GSO train of six segments (five of
 /// 1000 bytes, then 300; each a 40-byte header from the batch's slot and
 /// its payload) and a packet as it is, from node 0's port 9001 to node 1's

@@ -3,8 +3,9 @@
 //! work per packet.
 //!
 //! On each node, one thread per CPU with its own queue of a multi-queue TUN
-//! (`IFF_VNET_HDR`, TSO) and its own `SO_REUSEPORT` socket (UDP GRO on), as
-//! the backend has. A thread reads what the TUN holds (up to 16 reads, or
+//! (`IFF_VNET_HDR`, TSO) and its own `SO_REUSEPORT` socket (UDP GRO on), and
+//! received datagrams spread over the threads by inner flow, as the backend
+//! has. A thread reads what the TUN holds (up to 16 reads, or
 //! 64 KB) and sends each read, virtio header included, as it is: one UDP
 //! GSO train of 1472-byte segments per read, all in one `sendmmsg`. It takes
 //! up to 16 messages with one `recvmmsg` (the backend's own [`RxBatch`]) and
@@ -36,6 +37,7 @@ use std::thread::JoinHandle;
 
 use flanneld_rs::udp::checksum;
 use flanneld_rs::udp::sock::{RxBatch, UdpSocket};
+use flanneld_rs::udp::steer;
 use flanneld_rs::udp::tun::{self, TunOptions};
 use flanneld_rs::udp::vnet::{self, VnetHdr};
 use netns_fixtures::Netns;
@@ -105,6 +107,12 @@ impl BareRelay {
                         s
                     })
                     .collect();
+                if queues > 1 {
+                    // The backend's spreading of flows over the workers; here
+                    // the inner packet follows the virtio header.
+                    steer::attach(socks[0].raw(), queues as u32, vnet::LEN as u32)
+                        .expect("spread the floor's flows over its threads");
+                }
                 (qs, socks)
             });
             ns[i].run_ok("ip", &["link", "set", dev, "mtu", &mtu.to_string(), "up"]);

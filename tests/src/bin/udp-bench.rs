@@ -173,11 +173,9 @@ fn stages(c: &Cluster, pods: &[Netns], seconds: u32, rounds: usize) {
         ("+ multi-queue TUN, a worker per CPU", Tuning { batch: 16, multi_queue: true, ..base }),
         ("+ TUN TSO, segments cut in user space", Tuning { batch: 16, multi_queue: true, offload: true, ..base }),
         ("+ UDP GSO on send", Tuning { batch: 16, multi_queue: true, offload: true, udp_gso: true, ..base }),
-        (
-            "+ UDP GRO on receive",
-            Tuning { batch: 16, multi_queue: true, offload: true, udp_gso: true, udp_gro: true, coalesce: false },
-        ),
-        ("+ TCP coalescing into the TUN (all on)", Tuning::default()),
+        ("+ UDP GRO on receive", Tuning { coalesce: false, steer: false, ..Tuning::default() }),
+        ("+ TCP coalescing into the TUN", Tuning { steer: false, ..Tuning::default() }),
+        ("+ flows spread over the workers (all on)", Tuning::default()),
     ];
     println!("\nstages of the data path, started by hand (iperf3 pod to pod, median of {rounds}; CPU = its threads, s/Gbit):");
     let mut prev: Option<f64> = None;
@@ -232,6 +230,10 @@ fn compare(modes: &[Mode], seconds: u32, rounds: usize) {
                 runs[m].push(iperf_figure(md.client, md.server, addr, streams, seconds, &md.relay));
             }
         }
+        // The target holds "in every round": each round's ratio,
+        // from runs of the same round (the order rotates, so neighbours).
+        let per_round: Vec<f64> =
+            if n >= 2 { (0..rounds).map(|r| runs[0][r].gbps / runs[1][r].gbps * 100.0).collect() } else { Vec::new() };
         let f: Vec<Figure> = runs.into_iter().map(median_figure).collect();
         for (m, md) in modes.iter().enumerate() {
             let relay = match md.relay {
@@ -249,6 +251,11 @@ fn compare(modes: &[Mode], seconds: u32, rounds: usize) {
                 f[0].gbps / f[1].gbps * 100.0,
                 f[0].gbps / f[2].gbps
             );
+        }
+        if !per_round.is_empty() {
+            let each: Vec<String> = per_round.iter().map(|r| format!("{r:.1}%")).collect();
+            let low = per_round.iter().copied().fold(f64::INFINITY, f64::min);
+            println!("  {streams} stream(s)  ours/our VXLAN round by round: {} (lowest {low:.1}%)", each.join(" "));
         }
         if n >= 4 {
             println!("  {streams} stream(s)  ours/udp data path by hand {:.1}%", f[0].gbps / f[3].gbps * 100.0);

@@ -7,7 +7,9 @@
 //!
 //! - batching: one `recvmmsg`/`sendmmsg` per batch of datagrams;
 //! - a multi-queue TUN (`IFF_MULTI_QUEUE`), one worker thread per queue,
-//!   each with its own `SO_REUSEPORT` socket;
+//!   each with its own `SO_REUSEPORT` socket, and received datagrams spread
+//!   over the workers by their inner flow ([`steer`]), so that the flows
+//!   between two nodes use every CPU;
 //! - TUN offloads (`IFF_VNET_HDR`, `TUN_F_TSO4 | TUN_F_CSUM`): one read
 //!   returns a TCP super-packet of up to 64 KB, which [`gso`] cuts into
 //!   MTU-sized packets (headers only are written; payloads are sent from
@@ -20,8 +22,9 @@
 //!   starts.
 //!
 //! Each of these falls back on its own when the kernel refuses it (no UDP
-//! GSO/GRO, no TUN offloads, no multi-queue), down to flannel's own
-//! behaviour; [`Tuning`] turns them off one by one for measurements.
+//! GSO/GRO, no TUN offloads, no multi-queue, no reuseport program), down to
+//! flannel's own behaviour; [`Tuning`] turns them off one by one for
+//! measurements.
 
 pub mod checksum;
 pub mod gro;
@@ -31,6 +34,7 @@ pub mod packet;
 pub mod peers;
 pub mod sock;
 pub mod spec;
+pub mod steer;
 pub mod tun;
 pub mod vnet;
 mod worker;
@@ -100,18 +104,38 @@ pub struct Tuning {
     pub udp_gro: bool,
     /// Merge received TCP segments into super-packets (needs `offload`).
     pub coalesce: bool,
+    /// Spread received datagrams over the workers by their inner flow
+    /// ([`steer`]); off = the kernel's choice by outer addresses, which puts
+    /// each peer on one worker.
+    pub steer: bool,
 }
 
 impl Default for Tuning {
     fn default() -> Self {
-        Tuning { batch: 16, multi_queue: true, offload: true, udp_gso: true, udp_gro: true, coalesce: true }
+        Tuning {
+            batch: 16,
+            multi_queue: true,
+            offload: true,
+            udp_gso: true,
+            udp_gro: true,
+            coalesce: true,
+            steer: true,
+        }
     }
 }
 
 impl Tuning {
     /// flannel's way: one packet per system call, one queue, no offloads.
     pub fn per_packet() -> Tuning {
-        Tuning { batch: 1, multi_queue: false, offload: false, udp_gso: false, udp_gro: false, coalesce: false }
+        Tuning {
+            batch: 1,
+            multi_queue: false,
+            offload: false,
+            udp_gso: false,
+            udp_gro: false,
+            coalesce: false,
+            steer: false,
+        }
     }
 }
 
@@ -178,6 +202,8 @@ pub struct Features {
     pub udp_gro: bool,
     /// Receive-side TCP merging.
     pub coalesce: bool,
+    /// Received datagrams spread over the workers by inner flow.
+    pub steer: bool,
     /// Packets per batch.
     pub batch: usize,
 }
@@ -254,6 +280,15 @@ impl UdpDataPath {
         socks.truncate(queues.len());
         let udp_gso = tuning.udp_gso && socks[0].gso_supported();
         let udp_gro = tuning.udp_gro && socks.iter().all(UdpSocket::enable_gro);
+        let steer = tuning.steer && socks.len() > 1 && {
+            match steer::attach(socks[0].raw(), socks.len() as u32, 0) {
+                Ok(()) => true,
+                Err(e) => {
+                    warn!("udp backend: cannot spread flows over the workers ({e}); each peer stays on one worker");
+                    false
+                }
+            }
+        };
         let features = Features {
             queues: queues.len(),
             multi_queue: opts.multi_queue,
@@ -261,6 +296,7 @@ impl UdpDataPath {
             udp_gso,
             udp_gro,
             coalesce: tuning.coalesce && opts.offload,
+            steer,
             batch: tuning.batch.max(1),
         };
         info!("udp backend on {}: {features:?}", cfg.tun_name);
