@@ -215,6 +215,10 @@ fn tcp_across_three_nodes_with_every_offload() {
         return;
     }
     tcp_across_three_nodes(Tuning::default());
+    // And the flows were spread over the workers wherever there are two.
+    let o = Overlay::new(1, Tuning::default(), false);
+    let f = o.dp(0).features();
+    assert_eq!(f.steer, f.queues > 1, "{f:?}");
 }
 
 #[test]
@@ -490,10 +494,9 @@ fn restart_adopts_the_device_and_traffic_resumes() {
     assert_eq!(o.dp(1).ensure_kernel().unwrap(), Vec::<String>::new());
 }
 
-/// Which of `socks` each payload lands on, sent one at a time from
-/// node 1's port 8285 to node 0's (the way a peer sends).
-fn landings(c: &Cluster, socks: &[flanneld_rs::udp::sock::UdpSocket], payloads: &[Vec<u8>]) -> Vec<usize> {
-    let peer = c.node(1).ns.in_thread(|| UdpSocket::bind((underlay(1), 8285))).unwrap();
+/// Which of `socks` each payload lands on, sent one at a time from `peer`
+/// (node 1's port 8285) to node 0's port 8285 (the way a peer sends).
+fn landings(peer: &UdpSocket, socks: &[flanneld_rs::udp::sock::UdpSocket], payloads: &[Vec<u8>]) -> Vec<usize> {
     let to = SocketAddr::from((underlay(0), 8285));
     let mut got = Vec::new();
     for p in payloads {
@@ -536,6 +539,10 @@ fn received_datagrams_spread_over_the_workers_by_inner_flow() {
     }
     use flanneld_rs::udp::{sock, steer};
     let c = Cluster::new(2).unwrap();
+    // One socket for the whole test: a socket closed while another test's
+    // thread forks is held open by the child until it execs, so binding
+    // the port again at once could fail.
+    let peer = c.node(1).ns.in_thread(|| UdpSocket::bind((underlay(1), 8285))).unwrap();
     let socks: Vec<sock::UdpSocket> =
         c.node(0).ns.in_thread(|| (0..4).map(|_| sock::UdpSocket::bind(underlay(0), 8285).unwrap()).collect());
     let mut flows = Vec::new();
@@ -546,11 +553,11 @@ fn received_datagrams_spread_over_the_workers_by_inner_flow() {
     let there: Vec<Vec<u8>> = flows.iter().map(|f| f.0.clone()).collect();
     let back: Vec<Vec<u8>> = flows.iter().map(|f| f.1.clone()).collect();
     // The kernel alone: one peer, one port, so one socket for everything.
-    let plain = landings(&c, &socks, &there);
+    let plain = landings(&peer, &socks, &there);
     assert!(plain.iter().all(|&s| s == plain[0]), "without the program one peer spread: {plain:?}");
 
     steer::attach(socks[0].raw(), 4, 0).unwrap();
-    let (t, b) = (landings(&c, &socks, &there), landings(&c, &socks, &back));
+    let (t, b) = (landings(&peer, &socks, &there), landings(&peer, &socks, &back));
     assert_eq!(t, b, "a flow's two directions landed on different sockets");
     for s in 0..4 {
         assert!(t.contains(&s), "socket {s} got none of 48 flows: {t:?}");
@@ -563,11 +570,11 @@ fn received_datagrams_spread_over_the_workers_by_inner_flow() {
     let mut later = first.clone();
     later[6..8].copy_from_slice(&[0, 185]);
     later[20..24].copy_from_slice(&[0xde, 0xad, 0xbe, 0xef]);
-    let frags = landings(&c, &socks, &[first, later]);
+    let frags = landings(&peer, &socks, &[first, later]);
     assert_eq!(frags[0], frags[1], "a packet's fragments landed on different sockets");
 
     // What is not IPv4 (or too short to say) is still delivered.
-    landings(&c, &socks, &[vec![0x60, 0, 0, 0, 0, 8, 17, 64], vec![0x45]]);
+    landings(&peer, &socks, &[vec![0x60, 0, 0, 0, 0, 8, 17, 64], vec![0x45]]);
 }
 
 /// Sends, through a [`TxBatch`], one GSO train of six segments (five of
@@ -575,11 +582,11 @@ fn received_datagrams_spread_over_the_workers_by_inner_flow() {
 /// its payload) and a packet as it is, from node 0's port 9001 to node 1's
 /// 9002; returns what was sent, the datagrams that arrived and what the
 /// batch says about GSO.
-fn send_train(c: &Cluster) -> (Vec<Vec<u8>>, Vec<Vec<u8>>, Option<std::io::Error>) {
-    use flanneld_rs::udp::sock::{self, TxBatch};
-    let rx = c.node(1).ns.in_thread(|| UdpSocket::bind((underlay(1), 9002))).unwrap();
-    rx.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    let tx_sock = c.node(0).ns.in_thread(|| sock::UdpSocket::bind(underlay(0), 9001)).unwrap();
+fn send_train(
+    tx_sock: &flanneld_rs::udp::sock::UdpSocket,
+    rx: &UdpSocket,
+) -> (Vec<Vec<u8>>, Vec<Vec<u8>>, Option<std::io::Error>) {
+    use flanneld_rs::udp::sock::TxBatch;
     let to = u32::from(underlay(1));
     let mut tx = TxBatch::new(9002, true);
     let payloads: Vec<Vec<u8>> = [960, 960, 960, 960, 960, 260]
@@ -589,7 +596,7 @@ fn send_train(c: &Cluster) -> (Vec<Vec<u8>>, Vec<Vec<u8>>, Option<std::io::Error
         .collect();
     let mut want = Vec::new();
     for (i, p) in payloads.iter().enumerate() {
-        tx.reserve(&tx_sock);
+        tx.reserve(tx_sock);
         let h = &mut tx.header()[..40];
         h.fill(i as u8);
         want.push([&h[..], &p[..]].concat());
@@ -597,11 +604,11 @@ fn send_train(c: &Cluster) -> (Vec<Vec<u8>>, Vec<Vec<u8>>, Option<std::io::Error
         unsafe { tx.push(to, 40, p) };
     }
     let own = vec![0xabu8; 700];
-    tx.reserve(&tx_sock);
+    tx.reserve(tx_sock);
     // SAFETY: as above.
     unsafe { tx.push(to, 0, &own) };
     want.push(own.clone());
-    tx.flush(&tx_sock);
+    tx.flush(tx_sock);
     assert_eq!((tx.sent.packets, tx.sent.errors), (7, 0));
     let mut got = Vec::new();
     let mut buf = [0u8; 4096];
@@ -618,14 +625,20 @@ fn a_gso_train_goes_out_as_queued_and_one_by_one_when_refused() {
         return;
     }
     let c = Cluster::new(2).unwrap();
-    let (want, got, failed) = send_train(&c);
+    // The sockets once for both sends: a socket closed while another
+    // test's thread forks is held open by the child until it execs, so
+    // binding the port again at once could fail.
+    let rx = c.node(1).ns.in_thread(|| UdpSocket::bind((underlay(1), 9002))).unwrap();
+    rx.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let tx = c.node(0).ns.in_thread(|| flanneld_rs::udp::sock::UdpSocket::bind(underlay(0), 9001)).unwrap();
+    let (want, got, failed) = send_train(&tx, &rx);
     assert!(failed.is_none(), "GSO refused: {failed:?}");
     assert_eq!(got, want);
     // With a segment larger than the path MTU the kernel refuses GSO
     // (EMSGSIZE): the train goes out datagram by datagram, each as it was
     // queued (and fragmented on the way).
-    c.node(0).ns.run_ok("ip", &["link", "set", "eth0", "mtu", "900"]);
-    let (want, got, failed) = send_train(&c);
+    c.node(0).ns.run_ok("ip", &["link", "set", &c.node(0).underlay_if, "mtu", "900"]);
+    let (want, got, failed) = send_train(&tx, &rx);
     assert!(failed.is_some(), "GSO was not refused with segments over the MTU");
     assert_eq!(got, want);
 }

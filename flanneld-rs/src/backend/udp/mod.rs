@@ -314,6 +314,7 @@ impl UdpDataPath {
             icmp_source: icmp_source(&cfg).octets(),
             port: cfg.port,
             udp_gso,
+            steer,
         };
         for (i, (q, sock)) in queues.into_iter().zip(socks).enumerate() {
             let shared = Arc::clone(&shared);

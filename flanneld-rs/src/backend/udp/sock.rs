@@ -105,7 +105,8 @@ pub struct UdpSocket {
 
 impl UdpSocket {
     /// Binds `addr:port`, with `SO_REUSEPORT` so that each worker has its own
-    /// socket on the same port (the kernel spreads peers over them).
+    /// socket on the same port (the kernel spreads peers over them, or
+    /// [`super::steer`]'s program spreads flows).
     pub fn bind(addr: Ipv4Addr, port: u16) -> io::Result<UdpSocket> {
         Self::bind_ip(IpAddr::V4(addr), port)
     }
@@ -183,6 +184,8 @@ struct Msg {
     bytes: usize,
     /// A shorter segment ended the train.
     closed: bool,
+    /// The flow its segments belong to ([`TxBatch::set_flow`]).
+    flow: u64,
 }
 
 /// What a flush achieved.
@@ -214,6 +217,8 @@ pub struct TxBatch {
     pub sent: Sent,
     /// Set when the kernel refused a GSO send, so GSO was turned off.
     pub gso_failed: Option<io::Error>,
+    /// The flow of the segments pushed from now on.
+    flow: u64,
 }
 
 impl TxBatch {
@@ -234,6 +239,7 @@ impl TxBatch {
             cmsgs: vec![[0u64; 4]; TX_MSGS].into_boxed_slice(),
             sent: Sent::default(),
             gso_failed: None,
+            flow: 0,
         }
     }
 
@@ -245,6 +251,14 @@ impl TxBatch {
     /// Whether nothing is queued.
     pub fn is_empty(&self) -> bool {
         self.msgs.is_empty()
+    }
+
+    /// Says that the segments pushed from now on belong to `flow` (any
+    /// number that differs between flows): a GSO train never holds two
+    /// flows, because the receiver picks a worker per train, by its first
+    /// packet ([`super::steer`]). Without a call, everything is one flow.
+    pub fn set_flow(&mut self, flow: u64) {
+        self.flow = flow;
     }
 
     /// Makes room for one more segment (a message, two iovecs and a header
@@ -298,6 +312,7 @@ impl TxBatch {
             && self.msgs.last().is_some_and(|m| {
                 m.dest == dest
                     && m.port == port
+                    && m.flow == self.flow
                     && !m.closed
                     && m.iov_per_seg == per_seg
                     && len <= m.seg
@@ -319,6 +334,7 @@ impl TxBatch {
                 segs: 1,
                 bytes: len,
                 closed: false,
+                flow: self.flow,
             });
         }
     }

@@ -14,9 +14,16 @@
 //! addresses and, for TCP and UDP packets that are not fragments, the ports,
 //! in a way that gives both directions of a flow the same worker. Each flow
 //! then stays on one worker on each node (its packets keep their order) and
-//! different flows spread over the workers. Nothing on the wire changes; a
-//! payload that is not IPv4 (or too short) returns an index the kernel does
-//! not have, and it falls back to its own choice.
+//! different flows spread over the workers. Nothing on the wire changes. A
+//! payload too short for an IPv4 header, or not IPv4, returns an index the
+//! kernel does not have, and it falls back to its own choice; a packet cut
+//! short before its ports is hashed by its addresses.
+//!
+//! The kernel runs the program once per received message, on its first
+//! packet: a UDP GRO train is one message. So a sender must not put packets
+//! of flows with different [`flow_key`]s in one GSO train (the worker keys
+//! its trains by it); trains a NIC's GRO merges from a per-packet sender
+//! (flannel itself) may still mix flows, which then share a worker.
 
 use std::io;
 use std::mem;
@@ -39,21 +46,23 @@ const B: u16 = 0x10;
 const ABS: u16 = 0x20;
 const IND: u16 = 0x40;
 const MEM: u16 = 0x60;
+const LEN: u16 = 0x80;
 const MSH: u16 = 0xa0;
+const SUB: u16 = 0x10;
 const MUL: u16 = 0x20;
 const AND: u16 = 0x50;
 const RSH: u16 = 0x70;
-const MOD: u16 = 0x90;
 const XOR: u16 = 0xa0;
 const JEQ: u16 = 0x10;
+const JGE: u16 = 0x30;
 const JSET: u16 = 0x40;
 const K: u16 = 0x00;
 const X: u16 = 0x08;
 const A: u16 = 0x10;
 const TAX: u16 = 0x00;
 
-/// A multiplier that spreads every input bit into the high half (Knuth's
-/// multiplicative hash).
+/// Knuth's multiplicative hash constant: the product's top bits depend on
+/// every bit of the key.
 const GOLDEN: u32 = 0x9e37_79b1;
 
 fn op(code: u16, k: u32) -> libc::sock_filter {
@@ -64,34 +73,66 @@ fn jump(code: u16, k: u32, jt: u8, jf: u8) -> libc::sock_filter {
     libc::sock_filter { code, jt, jf, k }
 }
 
-/// The program for a group of `sockets` sockets: the index of the socket
-/// for the inner packet that starts `at` bytes into the payload (0 in
-/// flannel's wire format).
+/// What the program hashes for the inner IPv4 packet `p`: the source and
+/// destination addresses XORed, and for TCP and UDP outside a fragment the
+/// two ports XORed into the low half (the same both ways). `None` when the
+/// kernel chooses (too short for an IPv4 header, or not IPv4).
+pub fn flow_key(p: &[u8]) -> Option<u32> {
+    if p.len() < 20 || p[0] >> 4 != 4 {
+        return None;
+    }
+    let word = |i: usize| u32::from_be_bytes([p[i], p[i + 1], p[i + 2], p[i + 3]]);
+    let mut key = word(12) ^ word(16);
+    let ihl = usize::from(p[0] & 0x0f) * 4;
+    let transport = p[9] == libc::IPPROTO_TCP as u8 || p[9] == libc::IPPROTO_UDP as u8;
+    let fragment = u16::from_be_bytes([p[6], p[7]]) & 0x3fff != 0;
+    if transport && !fragment && ihl + 4 <= p.len() {
+        let ports = word(ihl);
+        key ^= (ports ^ (ports >> 16)) & 0xffff;
+    }
+    Some(key)
+}
+
+/// The socket, of `sockets`, that the program picks for `key`: the top bits
+/// of the mixed key, scaled.
+pub fn index(key: u32, sockets: u32) -> u32 {
+    ((key.wrapping_mul(GOLDEN) >> 16) * sockets.max(1)) >> 16
+}
+
+/// The program for a group of `sockets` sockets: [`index`] of the
+/// [`flow_key`] of the inner packet that starts `at` bytes into the payload
+/// (0 in flannel's wire format), or `u32::MAX` where that is `None`.
 pub fn program(sockets: u32, at: u32) -> Vec<libc::sock_filter> {
-    let sockets = sockets.max(1);
+    let sockets = sockets.clamp(1, 65_536);
     vec![
-        // 0: IPv4? Else hand the choice back to the kernel.
+        // 0: too short for an IPv4 header, or not IPv4: the kernel's choice.
+        op(LD | W | LEN, 0),
+        jump(JMP | JGE | K, at + 20, 0, 34), // -> 36
         op(LD | B | ABS, at),
         op(ALU | RSH | K, 4),
-        jump(JMP | JEQ | K, 4, 0, 27), // -> 30
-        // 3: M[0] = source ^ destination address (the same both ways).
+        jump(JMP | JEQ | K, 4, 0, 31), // -> 36
+        // 5: M[0] = source ^ destination address (the same both ways).
         op(LD | W | ABS, at + 12),
         op(MISC | TAX, 0),
         op(LD | W | ABS, at + 16),
         op(ALU | XOR | X, 0),
         op(ST, 0),
-        // 8: the ports only for TCP and UDP, and not in a fragment (later
+        // 10: the ports only for TCP and UDP, and not in a fragment (later
         // fragments have none, and all of a packet's go to one worker).
         op(LD | B | ABS, at + 9),
         jump(JMP | JEQ | K, libc::IPPROTO_TCP as u32, 1, 0),
-        jump(JMP | JEQ | K, libc::IPPROTO_UDP as u32, 0, 14), // -> 25
+        jump(JMP | JEQ | K, libc::IPPROTO_UDP as u32, 0, 17), // -> 30
         op(LD | H | ABS, at + 6),
-        jump(JMP | JSET | K, 0x3fff, 12, 0), // MF or an offset -> 25
-        // 13: X = the IP header's length; A = source port << 16 | dest port.
-        // (`ld [x + k]` adds the header's start; MSH reads the byte at k.)
+        jump(JMP | JSET | K, 0x3fff, 15, 0), // MF or an offset -> 30
+        // 15: X = the IP header's length (MSH reads the byte at k); the
+        // ports must lie within the payload: len - at - 4 >= X.
         op(LDX | B | MSH, at),
+        op(LD | W | LEN, 0),
+        op(ALU | SUB | K, at + 4),
+        jump(JMP | JGE | X, 0, 0, 11), // -> 30
+        // 19: A = source port << 16 | destination port (`ld [x + k]`);
+        // M[0] ^= (sport ^ dport) & 0xffff (the same both ways).
         op(LD | W | IND, at),
-        // 15: M[0] ^= (sport ^ dport) & 0xffff (the same both ways).
         op(ST, 1),
         op(ALU | RSH | K, 16),
         op(MISC | TAX, 0),
@@ -102,13 +143,14 @@ pub fn program(sockets: u32, at: u32) -> Vec<libc::sock_filter> {
         op(LD | MEM, 0),
         op(ALU | XOR | X, 0),
         op(ST, 0),
-        // 25: mix M[0] so that every bit counts, then pick.
+        // 30: index(M[0], sockets).
         op(LD | MEM, 0),
         op(ALU | MUL | K, GOLDEN),
         op(ALU | RSH | K, 16),
-        op(ALU | MOD | K, sockets),
+        op(ALU | MUL | K, sockets),
+        op(ALU | RSH | K, 16),
         op(RET | A, 0),
-        // 30: not IPv4.
+        // 36: the kernel's choice.
         op(RET | K, u32::MAX),
     ]
 }
@@ -132,5 +174,166 @@ pub fn attach(fd: RawFd, sockets: u32, at: u32) -> io::Result<()> {
         Err(io::Error::last_os_error())
     } else {
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Runs a classic BPF program on `pkt` as the kernel does for the
+    /// instructions [`program`] uses: an out-of-range load ends it with 0.
+    fn run(prog: &[libc::sock_filter], pkt: &[u8]) -> u32 {
+        let (mut a, mut x, mut mem, mut pc) = (0u32, 0u32, [0u32; 16], 0usize);
+        let load = |at: usize, size: usize| -> Option<u32> {
+            let b = pkt.get(at..at.checked_add(size)?)?;
+            Some(b.iter().fold(0u32, |v, &byte| (v << 8) | u32::from(byte)))
+        };
+        loop {
+            let i = prog[pc];
+            pc += 1;
+            let size = |code: u16| match code & 0x18 {
+                W => 4,
+                H => 2,
+                _ => 1,
+            };
+            match i.code {
+                c if c & 0x07 == LD && c & 0xe0 == ABS => match load(i.k as usize, size(c)) {
+                    Some(v) => a = v,
+                    None => return 0,
+                },
+                c if c & 0x07 == LD && c & 0xe0 == IND => match load((x + i.k) as usize, size(c)) {
+                    Some(v) => a = v,
+                    None => return 0,
+                },
+                c if c == LD | W | LEN => a = pkt.len() as u32,
+                c if c == LD | MEM => a = mem[i.k as usize],
+                c if c == LDX | B | MSH => match load(i.k as usize, 1) {
+                    Some(v) => x = (v & 0x0f) * 4,
+                    None => return 0,
+                },
+                ST => mem[i.k as usize] = a,
+                c if c == MISC | TAX => x = a,
+                c if c & 0x07 == ALU => {
+                    let v = if c & X != 0 { x } else { i.k };
+                    a = match c & 0xf0 {
+                        SUB => a.wrapping_sub(v),
+                        MUL => a.wrapping_mul(v),
+                        AND => a & v,
+                        RSH => a >> v,
+                        XOR => a ^ v,
+                        other => panic!("ALU op {other:#x}"),
+                    };
+                }
+                c if c & 0x07 == JMP => {
+                    let v = if c & X != 0 { x } else { i.k };
+                    let taken = match c & 0xf0 {
+                        JEQ => a == v,
+                        JGE => a >= v,
+                        JSET => a & v != 0,
+                        other => panic!("jump {other:#x}"),
+                    };
+                    pc += usize::from(if taken { i.jt } else { i.jf });
+                }
+                c if c == RET | A => return a,
+                c if c == RET | K => return i.k,
+                other => panic!("instruction {other:#x}"),
+            }
+        }
+    }
+
+    /// An IPv4 packet: header of `ihl` words, protocol, fragment field,
+    /// addresses, then the ports and some payload.
+    fn packet(ihl: u8, proto: u8, frag: u16, src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16) -> Vec<u8> {
+        let hl = usize::from(ihl) * 4;
+        let mut p = vec![0u8; hl + 24];
+        p[0] = 0x40 | ihl;
+        p[6..8].copy_from_slice(&frag.to_be_bytes());
+        p[9] = proto;
+        p[12..16].copy_from_slice(&src);
+        p[16..20].copy_from_slice(&dst);
+        p[hl..hl + 2].copy_from_slice(&sport.to_be_bytes());
+        p[hl + 2..hl + 4].copy_from_slice(&dport.to_be_bytes());
+        for (i, b) in p[hl + 4..].iter_mut().enumerate() {
+            *b = (i * 29 + 3) as u8;
+        }
+        p
+    }
+
+    /// The program's pick for `p` placed `at` bytes into a payload.
+    fn pick(sockets: u32, at: usize, p: &[u8]) -> u32 {
+        let mut payload = vec![0xa5u8; at];
+        payload.extend_from_slice(p);
+        run(&program(sockets, at as u32), &payload)
+    }
+
+    #[test]
+    fn the_program_picks_what_flow_key_and_index_say() {
+        let mut n = 0u32;
+        for at in [0, 10] {
+            for sockets in [1, 2, 3, 4, 8] {
+                for proto in [6u8, 17, 1, 132] {
+                    for (ihl, frag) in [(5, 0x4000), (6, 0), (5, 0x2000), (5, 0x00b9), (15, 0x4000)] {
+                        for k in 0..40u16 {
+                            n = n.wrapping_mul(1_103_515_245).wrapping_add(12_345);
+                            let src = (0x0af4_0000 | (n >> 16)).to_be_bytes();
+                            let dst = [10, 244, (k % 7) as u8, 2];
+                            let p = packet(ihl, proto, frag, src, dst, 30_000 + 2 * k, 5201);
+                            let want = index(flow_key(&p).unwrap(), sockets);
+                            assert!(want < sockets);
+                            assert_eq!(pick(sockets, at, &p), want, "at {at} {sockets} sockets {p:?}");
+                            // Both directions of a flow pick the same socket.
+                            let back = packet(ihl, proto, frag, dst, src, 5201, 30_000 + 2 * k);
+                            assert_eq!(pick(sockets, at, &back), want, "reverse of {p:?}");
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn ports_count_only_for_tcp_and_udp_outside_fragments() {
+        let (src, dst) = ([10, 244, 1, 2], [10, 244, 2, 2]);
+        let addresses_only = flow_key(&packet(5, 1, 0, src, dst, 0, 0)).unwrap();
+        for (proto, frag, counts) in
+            [(6, 0x4000, true), (17, 0, true), (1, 0, false), (6, 0x2000, false), (17, 0x0010, false)]
+        {
+            let a = flow_key(&packet(5, proto, frag, src, dst, 40_000, 5201)).unwrap();
+            let b = flow_key(&packet(5, proto, frag, src, dst, 40_002, 5201)).unwrap();
+            assert_eq!(a != b, counts, "proto {proto} frag {frag:#x}");
+            if !counts {
+                assert_eq!(a, addresses_only);
+            }
+        }
+    }
+
+    #[test]
+    fn short_or_foreign_payloads_go_to_the_kernel_or_hash_by_address() {
+        let p = packet(5, 6, 0x4000, [10, 244, 1, 2], [10, 244, 2, 2], 40_000, 5201);
+        for at in [0, 10] {
+            // Too short for an IPv4 header, or not IPv4: the kernel's choice.
+            assert_eq!(pick(4, at, &p[..19]), u32::MAX);
+            assert_eq!(pick(4, at, &[]), u32::MAX);
+            let mut v6 = p.clone();
+            v6[0] = 0x60;
+            assert_eq!(pick(4, at, &v6), u32::MAX);
+            assert_eq!(flow_key(&v6), None);
+            // Cut before the ports: hashed by the addresses.
+            let cut = &p[..22];
+            let by_address = index(flow_key(&packet(5, 1, 0, [10, 244, 1, 2], [10, 244, 2, 2], 0, 0)).unwrap(), 4);
+            assert_eq!(flow_key(cut), flow_key(&packet(5, 1, 0, [10, 244, 1, 2], [10, 244, 2, 2], 0, 0)));
+            assert_eq!(pick(4, at, cut), by_address);
+        }
+    }
+
+    #[test]
+    fn every_address_bit_can_move_a_flow() {
+        // The top bits of the mixed key choose: a key differing in one high
+        // bit only must be able to land elsewhere (with `mod` they could not).
+        for bit in 16..32 {
+            let moved = (0..64u32).any(|k| index(k, 4) != index(k ^ (1 << bit), 4));
+            assert!(moved, "bit {bit} never changes the socket");
+        }
     }
 }

@@ -16,6 +16,7 @@ use super::gso::{self, Outbound};
 use super::packet::{self, Discard};
 use super::peers::{PeerCell, PeerView};
 use super::sock::{RxBatch, TxBatch, UdpSocket};
+use super::steer;
 use super::vnet::{self, VnetHdr};
 
 /// Size of a TUN read buffer with offloads: the largest super-packet the
@@ -113,6 +114,9 @@ pub struct WorkerOptions {
     pub port: u16,
     /// Use UDP GSO.
     pub udp_gso: bool,
+    /// The receivers spread flows over their workers ([`super::steer`]):
+    /// a GSO train holds one flow only.
+    pub steer: bool,
 }
 
 /// One worker's state.
@@ -355,6 +359,9 @@ fn outbound(
         }
         return;
     };
+    if opts.steer {
+        tx.set_flow(steer::flow_key(pkt).map_or(u64::MAX, u64::from));
+    }
     match gso::prepare_outbound(pkt, hdr) {
         Ok(Outbound::Single(pkt)) => {
             tx.reserve(sock);
