@@ -32,15 +32,16 @@ pub const RX_BUF: usize = 65_536;
 /// the default (~200 KB) would hold three and drop the rest of a burst.
 const SOCKET_BUFFER: libc::c_int = 8 << 20;
 
-fn setsockopt_int(fd: RawFd, level: libc::c_int, name: libc::c_int, value: libc::c_int) -> io::Result<()> {
-    // SAFETY: passes a pointer to an int and its size, as these options take.
+/// `setsockopt(2)` with `value` as the option's bytes.
+pub(crate) fn setsockopt<T>(fd: RawFd, level: libc::c_int, name: libc::c_int, value: &T) -> io::Result<()> {
+    // SAFETY: passes a pointer to `value` and its size; the kernel copies it.
     let rc = unsafe {
         libc::setsockopt(
             fd,
             level,
             name,
-            &value as *const libc::c_int as *const libc::c_void,
-            mem::size_of::<libc::c_int>() as libc::socklen_t,
+            (value as *const T).cast::<libc::c_void>(),
+            mem::size_of::<T>() as libc::socklen_t,
         )
     };
     if rc < 0 {
@@ -48,6 +49,10 @@ fn setsockopt_int(fd: RawFd, level: libc::c_int, name: libc::c_int, value: libc:
     } else {
         Ok(())
     }
+}
+
+fn setsockopt_int(fd: RawFd, level: libc::c_int, name: libc::c_int, value: libc::c_int) -> io::Result<()> {
+    setsockopt(fd, level, name, &value)
 }
 
 fn sockaddr(ip: u32, port: u16) -> libc::sockaddr_in {

@@ -26,7 +26,6 @@
 //! (flannel itself) may still mix flows, which then share a worker.
 
 use std::io;
-use std::mem;
 use std::os::fd::RawFd;
 
 /// `SO_ATTACH_REUSEPORT_CBPF` (asm-generic/socket.h).
@@ -159,22 +158,8 @@ pub fn program(sockets: u32, at: u32) -> Vec<libc::sock_filter> {
 pub fn attach(fd: RawFd, sockets: u32, at: u32) -> io::Result<()> {
     let mut prog = program(sockets, at);
     let fprog = libc::sock_fprog { len: prog.len() as u16, filter: prog.as_mut_ptr() };
-    // SAFETY: passes a valid sock_fprog whose filter outlives the call (the
-    // kernel copies it).
-    let rc = unsafe {
-        libc::setsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            SO_ATTACH_REUSEPORT_CBPF,
-            &fprog as *const libc::sock_fprog as *const libc::c_void,
-            mem::size_of::<libc::sock_fprog>() as libc::socklen_t,
-        )
-    };
-    if rc < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(())
-    }
+    // The kernel copies the program before the call returns.
+    super::sock::setsockopt(fd, libc::SOL_SOCKET, SO_ATTACH_REUSEPORT_CBPF, &fprog)
 }
 
 #[cfg(test)]
