@@ -180,7 +180,7 @@ impl Metrics {
             format!("{:.6}", p.micros.load(Ordering::Relaxed) as f64 / 1e6),
         );
         if let Some(u) = self.udp.read() {
-            let counters: [(&str, &str, u64); 13] = [
+            let counters: [(&str, &str, u64); 14] = [
                 ("tx_packets", "Inner packets sent to peers.", u.tx_packets),
                 ("tx_bytes", "Bytes of inner packets sent to peers.", u.tx_bytes),
                 ("rx_packets", "Inner packets received from peers.", u.rx_packets),
@@ -193,6 +193,7 @@ impl Metrics {
                 ("ignored_ipv6", "IPv6 packets from the TUN, ignored.", u.ignored_ipv6),
                 ("send_errors", "Inner packets the kernel refused to send.", u.send_errors),
                 ("tun_write_errors", "Writes to the TUN that failed.", u.tun_write_errors),
+                ("flow_moves", "Buckets of flows moved from a busy worker to a less busy one.", u.flow_moves),
                 ("restarts", "Data path restarts (its device had gone).", self.udp.restarts.load(Ordering::Relaxed)),
             ];
             for (name, help, v) in counters {

@@ -31,6 +31,8 @@ struct Overlay {
     pods: Vec<Netns>,
     dps: Vec<Option<UdpDataPath>>,
     tunings: Vec<Tuning>,
+    /// Workers per data path; 0 = one per CPU.
+    queues: usize,
     cluster: Cluster,
 }
 
@@ -41,6 +43,10 @@ impl Overlay {
 
     /// Node i runs with `tunings[i]`.
     fn mixed(tunings: &[Tuning], outside: bool) -> Overlay {
+        Self::build(tunings, outside, 0)
+    }
+
+    fn build(tunings: &[Tuning], outside: bool, queues: usize) -> Overlay {
         let nodes = tunings.len();
         let cluster = if outside { Cluster::with_outside(nodes) } else { Cluster::new(nodes) }.unwrap();
         let mut pods = Vec::new();
@@ -75,7 +81,8 @@ impl Overlay {
             node.ns.wait_oper_up(&["vp0"], Duration::from_secs(10)).unwrap();
             pods.push(pod);
         }
-        let mut o = Overlay { pods, dps: (0..nodes).map(|_| None).collect(), tunings: tunings.to_vec(), cluster };
+        let mut o =
+            Overlay { pods, dps: (0..nodes).map(|_| None).collect(), tunings: tunings.to_vec(), queues, cluster };
         for i in 0..nodes {
             o.start(i);
         }
@@ -83,7 +90,7 @@ impl Overlay {
         o
     }
 
-    fn config(i: usize) -> UdpConfig {
+    fn config(i: usize, queues: usize) -> UdpConfig {
         UdpConfig {
             tun_name: "flannel0".into(),
             subnet: subnet(i),
@@ -91,14 +98,15 @@ impl Overlay {
             mtu: MTU,
             port: 8285,
             bind: underlay(i),
-            queues: 0,
+            queues,
         }
     }
 
     /// Starts node i's data path inside its namespace.
     fn start(&mut self, i: usize) {
-        let tuning = self.tunings[i];
-        let dp = self.cluster.node(i).ns.in_thread(|| UdpDataPath::start_with(Self::config(i), tuning)).unwrap();
+        let (tuning, queues) = (self.tunings[i], self.queues);
+        let dp =
+            self.cluster.node(i).ns.in_thread(|| UdpDataPath::start_with(Self::config(i, queues), tuning)).unwrap();
         self.dps[i] = Some(dp);
     }
 
@@ -556,7 +564,7 @@ fn received_datagrams_spread_over_the_workers_by_inner_flow() {
     let plain = landings(&peer, &socks, &there);
     assert!(plain.iter().all(|&s| s == plain[0]), "without the program one peer spread: {plain:?}");
 
-    steer::attach(socks[0].raw(), 4, 0).unwrap();
+    steer::attach(socks[0].raw(), &steer::Table::spread(4), 0).unwrap();
     let (t, b) = (landings(&peer, &socks, &there), landings(&peer, &socks, &back));
     assert_eq!(t, b, "a flow's two directions landed on different sockets");
     for s in 0..4 {
@@ -575,6 +583,95 @@ fn received_datagrams_spread_over_the_workers_by_inner_flow() {
 
     // What is not IPv4 (or too short to say) is still delivered.
     landings(&peer, &socks, &[vec![0x60, 0, 0, 0, 0, 8, 17, 64], vec![0x45]]);
+
+    // A new table takes over the running group at once: every bucket but
+    // the first flow's to socket 2, that one to socket 1.
+    let mut table = steer::Table::spread(4);
+    let first = steer::bucket(steer::flow_key(&there[0]).unwrap());
+    for b in 0..steer::BUCKETS {
+        table.set(b, if b == first { 1 } else { 2 });
+    }
+    steer::attach(socks[0].raw(), &table, 0).unwrap();
+    let t = landings(&peer, &socks, &there);
+    let want: Vec<usize> =
+        there.iter().map(|p| if steer::bucket(steer::flow_key(p).unwrap()) == first { 1 } else { 2 }).collect();
+    assert_eq!(t, want);
+}
+
+/// Node 0's pod opens TCP streams to node 1's until it has `n` whose
+/// flows sit in different buckets that `Table::spread(2)` gives worker 0.
+fn streams_on_worker_zero(o: &Overlay, n: usize, port: u16) -> Vec<TcpStream> {
+    use flanneld_rs::udp::steer;
+    let addr = SocketAddr::from((pod_ip(1), port));
+    let listener = o.pods[1].in_thread(|| TcpListener::bind(addr)).unwrap();
+    // Reads and drops whatever arrives, on every stream, until it ends.
+    std::thread::spawn(move || {
+        for s in listener.incoming() {
+            let Ok(mut s) = s else { return };
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; 1 << 16];
+                while s.read(&mut buf).is_ok_and(|n| n > 0) {}
+            });
+        }
+    });
+    let table = steer::Table::spread(2);
+    let (mut kept, mut buckets) = (Vec::new(), Vec::new());
+    for _ in 0..1000 {
+        let s = o.pods[0].in_thread(|| TcpStream::connect_timeout(&addr, Duration::from_secs(5))).unwrap();
+        let SocketAddr::V4(local) = s.local_addr().unwrap() else { unreachable!() };
+        let key = steer::flow_key(&packet::build_udp(local, SocketAddrV4::new(pod_ip(1), port), b"")).unwrap();
+        let b = steer::bucket(key);
+        if table.get(b) == 0 && !buckets.contains(&b) {
+            buckets.push(b);
+            kept.push(s);
+            if kept.len() == n {
+                return kept;
+            }
+        }
+    }
+    panic!("no {n} streams on worker 0 in 1000 tries");
+}
+
+#[test]
+fn a_busy_worker_hands_flows_to_an_idle_one_both_ways() {
+    if !require_root() {
+        return;
+    }
+    // Two workers per node, and four TCP streams that the hash alone puts
+    // on worker 0 of both nodes (their two directions hash alike).
+    let o = Overlay::build(&[Tuning::default(); 2], false, 2);
+    assert!(o.dp(0).features().steer, "{:?}", o.dp(0).features());
+    let streams = streams_on_worker_zero(&o, 4, 7400);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writers: Vec<_> = streams
+        .into_iter()
+        .map(|mut s| {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let buf = vec![0x5au8; 1 << 16];
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    s.write_all(&buf).expect("write: the stream broke");
+                }
+            })
+        })
+        .collect();
+    // The balancers move two of the four to worker 1: node 1's receives
+    // them there, and node 0's sends them from there (its TUN follows the
+    // queue that writes the streams' acknowledgements).
+    let before = [o.dp(1).worker_stats()[1].rx_bytes, o.dp(0).worker_stats()[1].tx_bytes];
+    wait_until(Duration::from_secs(30), "worker 1 of both nodes to carry streams", || {
+        o.dp(1).worker_stats()[1].rx_bytes > before[0] + (32 << 20)
+            && o.dp(0).worker_stats()[1].tx_bytes > before[1] + (32 << 20)
+    });
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for w in writers {
+        w.join().unwrap();
+    }
+    for i in 0..2 {
+        let s = o.dp(i).stats();
+        assert!(s.flow_moves >= 1, "node {i}: {s:?}");
+        assert_eq!((s.dropped_bad, s.send_errors, s.tun_write_errors), (0, 0, 0), "node {i}: {s:?}");
+    }
 }
 
 /// Sends, through a [`TxBatch`], one GSO train of six segments (five of

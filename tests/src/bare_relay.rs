@@ -5,7 +5,8 @@
 //! On each node, one thread per CPU with its own queue of a multi-queue TUN
 //! (`IFF_VNET_HDR`, TSO) and its own `SO_REUSEPORT` socket (UDP GRO on), and
 //! received datagrams spread over the threads by inner flow, as the backend
-//! has. A thread reads what the TUN holds (up to 16 reads, or
+//! has, and the backend's balancer moving flows from a busy thread to an
+//! idle one ([`balance`]). A thread reads what the TUN holds (up to 16 reads, or
 //! 64 KB) and sends each read, virtio header included, as it is: one UDP
 //! GSO train of 1472-byte segments per read, all in one `sendmmsg`. It takes
 //! up to 16 messages with one `recvmmsg` (the backend's own [`RxBatch`]) and
@@ -35,6 +36,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
+use flanneld_rs::udp::balance::{self, Load};
 use flanneld_rs::udp::checksum;
 use flanneld_rs::udp::sock::{RxBatch, UdpSocket};
 use flanneld_rs::udp::steer;
@@ -69,6 +71,8 @@ pub struct BareRelay {
     /// Reads too long for one UDP message (dropped), messages the kernel
     /// refused to send, and writes the TUN refused: all should stay 0.
     pub dropped: Arc<AtomicU64>,
+    /// Buckets of flows the balancers moved.
+    pub flow_moves: Arc<AtomicU64>,
 }
 
 impl BareRelay {
@@ -94,6 +98,7 @@ impl BareRelay {
             threads: Vec::new(),
             tids: Arc::default(),
             dropped: Arc::new(AtomicU64::new(0)),
+            flow_moves: Arc::new(AtomicU64::new(0)),
         };
         for i in 0..2 {
             let opts = TunOptions { multi_queue: true, offload: true };
@@ -110,21 +115,40 @@ impl BareRelay {
                 if queues > 1 {
                     // The backend's spreading of flows over the workers; here
                     // the inner packet follows the virtio header.
-                    steer::attach(socks[0].raw(), queues as u32, vnet::LEN as u32)
+                    steer::attach(socks[0].raw(), &steer::Table::spread(queues as u32), vnet::LEN as u32)
                         .expect("spread the floor's flows over its threads");
                 }
                 (qs, socks)
             });
+            let loads: Arc<Vec<Load>> = Arc::new((0..queues).map(|_| Load::default()).collect());
+            if queues > 1 {
+                let group = socks[0].raw();
+                // SAFETY: the socket is open; the borrow ends at once.
+                let group = unsafe { std::os::fd::BorrowedFd::borrow_raw(group) }.try_clone_to_owned().unwrap();
+                let (stop, tids, moves, loads) =
+                    (relay.stop.clone(), relay.tids.clone(), relay.flow_moves.clone(), loads.clone());
+                relay.threads.push(std::thread::spawn(move || {
+                    // SAFETY: gettid has no preconditions.
+                    tids.lock().unwrap().push(unsafe { libc::gettid() });
+                    let table = steer::Table::spread(queues as u32);
+                    balance::run(group.as_raw_fd(), vnet::LEN as u32, table, &loads, &moves, |d| {
+                        // A tick, not a wait for something to happen.
+                        std::thread::sleep(d);
+                        !stop.load(Ordering::Relaxed)
+                    });
+                }));
+            }
             ns[i].run_ok("ip", &["link", "set", dev, "mtu", &mtu.to_string(), "up"]);
             ns[i].run_ok("ip", &["addr", "add", &format!("10.{net}.{}.0/32", i + 1), "dev", dev]);
             ns[i].run_ok("ip", &["route", "add", &format!("10.{net}.0.0/16"), "dev", dev]);
             let peer = u32::from(underlay[1 - i]);
-            for (q, s) in qs.into_iter().zip(socks) {
+            for (k, (q, s)) in qs.into_iter().zip(socks).enumerate() {
                 let (stop, tids, dropped) = (relay.stop.clone(), relay.tids.clone(), relay.dropped.clone());
+                let loads = loads.clone();
                 relay.threads.push(std::thread::spawn(move || {
                     // SAFETY: gettid has no preconditions.
                     tids.lock().unwrap().push(unsafe { libc::gettid() });
-                    Worker::new(q, s, peer, port, work).run(&stop, &dropped);
+                    Worker::new(q, s, peer, port, work).run(&stop, &dropped, &loads[k]);
                 }));
             }
         }
@@ -182,7 +206,7 @@ impl Worker {
         }
     }
 
-    fn run(mut self, stop: &AtomicBool, dropped: &AtomicU64) {
+    fn run(mut self, stop: &AtomicBool, dropped: &AtomicU64, load: &Load) {
         let (tun, sock) = (self.tun.as_raw_fd(), self.sock.raw());
         while !stop.load(Ordering::Relaxed) {
             let mut fds = [
@@ -195,8 +219,8 @@ impl Worker {
                 continue;
             }
             for _ in 0..256 {
-                let tx = self.tun_to_udp(dropped);
-                let rx = self.udp_to_tun(dropped);
+                let tx = self.tun_to_udp(dropped, load);
+                let rx = self.udp_to_tun(dropped, load);
                 if !tx && !rx {
                     break;
                 }
@@ -204,7 +228,7 @@ impl Worker {
         }
     }
 
-    fn tun_to_udp(&mut self, dropped: &AtomicU64) -> bool {
+    fn tun_to_udp(&mut self, dropped: &AtomicU64, load: &Load) -> bool {
         let tun = self.tun.as_raw_fd();
         let (mut n, mut bytes) = (0, 0);
         while n < BATCH && bytes < FLUSH_BYTES {
@@ -218,6 +242,9 @@ impl Worker {
             if len > MAX_MSG {
                 dropped.fetch_add(1, Ordering::Relaxed);
                 continue;
+            }
+            if let Some(key) = steer::flow_key(&self.tx_bufs[n][vnet::LEN.min(len)..len]) {
+                load.sent(key, len);
             }
             if self.work == Work::Checksums {
                 self.sink ^= std::hint::black_box(segment_checksums(&self.tx_bufs[n][..len]));
@@ -272,11 +299,14 @@ impl Worker {
         true
     }
 
-    fn udp_to_tun(&mut self, dropped: &AtomicU64) -> bool {
+    fn udp_to_tun(&mut self, dropped: &AtomicU64, load: &Load) -> bool {
         let n = self.rx.recv(&self.sock).unwrap_or(0);
         for k in 0..n {
             let len = self.rx.get(k).len;
             let buf = &self.rx.buf(k)[..len];
+            if let Some(key) = steer::flow_key(&buf[vnet::LEN.min(len)..]) {
+                load.received(key, len);
+            }
             // SAFETY: writes bytes the kernel just put in the batch's buffer.
             let w = unsafe { libc::write(self.tun.as_raw_fd(), buf.as_ptr().cast(), buf.len()) };
             if w < 0 {

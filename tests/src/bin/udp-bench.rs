@@ -589,11 +589,14 @@ fn main() {
     println!("\nudp daemons' counters (non-zero): node0: {}", udp_counters(&udp, 0));
     println!("                                  node1: {}", udp_counters(&udp, 1));
     println!("udp data path by hand, node 0: {:?}", dps[0].stats());
-    println!("bare relay: {} packet(s) dropped (should be 0)", bare.dropped.load(std::sync::atomic::Ordering::Relaxed));
-    println!(
-        "bare relay + checksums: {} packet(s) dropped (should be 0)",
-        summing.dropped.load(std::sync::atomic::Ordering::Relaxed)
-    );
+    for (name, relay) in [("bare relay", &bare), ("bare relay + checksums", &summing)] {
+        let g = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+        println!(
+            "{name}: {} packet(s) dropped (should be 0), {} bucket(s) of flows moved between its threads",
+            g(&relay.dropped),
+            g(&relay.flow_moves)
+        );
+    }
     restarts(&mut udp, &upods, args.restarts);
     drop(kids);
     drop(vx);

@@ -8,7 +8,8 @@
 //! - batching: one `recvmmsg`/`sendmmsg` per batch of datagrams;
 //! - a multi-queue TUN (`IFF_MULTI_QUEUE`), one worker thread per queue,
 //!   each with its own `SO_REUSEPORT` socket, and received datagrams spread
-//!   over the workers by their inner flow ([`steer`]), so that the flows
+//!   over the workers by their inner flow ([`steer`]), with flows moved
+//!   from a busy worker to an idle one ([`balance`]), so that the flows
 //!   between two nodes use every CPU;
 //! - TUN offloads (`IFF_VNET_HDR`, `TUN_F_TSO4 | TUN_F_CSUM`): one read
 //!   returns a TCP super-packet of up to 64 KB, which [`gso`] cuts into
@@ -26,6 +27,7 @@
 //! flannel's own behaviour; [`Tuning`] turns them off one by one for
 //! measurements.
 
+pub mod balance;
 pub mod checksum;
 pub mod gro;
 pub mod gso;
@@ -168,6 +170,9 @@ pub struct Stats {
     pub send_errors: u64,
     /// Writes to the TUN that failed.
     pub tun_write_errors: u64,
+    /// Buckets of flows moved from a busy worker to a less busy one
+    /// ([`balance`]).
+    pub flow_moves: u64,
 }
 
 impl std::ops::AddAssign for Stats {
@@ -184,6 +189,7 @@ impl std::ops::AddAssign for Stats {
         self.ignored_ipv6 += o.ignored_ipv6;
         self.send_errors += o.send_errors;
         self.tun_write_errors += o.tun_write_errors;
+        self.flow_moves += o.flow_moves;
     }
 }
 
@@ -280,8 +286,9 @@ impl UdpDataPath {
         socks.truncate(queues.len());
         let udp_gso = tuning.udp_gso && socks[0].gso_supported();
         let udp_gro = tuning.udp_gro && socks.iter().all(UdpSocket::enable_gro);
+        let table = steer::Table::spread(socks.len() as u32);
         let steer = tuning.steer && socks.len() > 1 && {
-            match steer::attach(socks[0].raw(), socks.len() as u32, 0) {
+            match steer::attach(socks[0].raw(), &table, 0) {
                 Ok(()) => true,
                 Err(e) => {
                     warn!("udp backend: cannot spread flows over the workers ({e}); each peer stays on one worker");
@@ -305,7 +312,23 @@ impl UdpDataPath {
         let shared = Arc::new(Shared {
             peers: Default::default(),
             counters: (0..queues.len()).map(|_| Counters::default()).collect(),
+            loads: (0..queues.len()).map(|_| Default::default()).collect(),
+            flow_moves: Default::default(),
         });
+        if steer {
+            // Its own descriptor of the group's first socket, for moving
+            // flows between the workers (see [`balance`]).
+            // SAFETY: the socket is open; the borrow ends at once.
+            let group = unsafe { std::os::fd::BorrowedFd::borrow_raw(socks[0].raw()) }
+                .try_clone_to_owned()
+                .context("duplicate the udp socket for the balancer")?;
+            let shared = Arc::clone(&shared);
+            workers.spawn("flannel-udp-bal".into(), move |stop| {
+                balance::run(group.as_raw_fd(), 0, table, &shared.loads, &shared.flow_moves, |d| {
+                    !stop_signalled(stop, d)
+                })
+            })?;
+        }
         let wopts = WorkerOptions {
             batch: features.batch,
             offload: features.offload,
@@ -345,6 +368,11 @@ impl UdpDataPath {
         sum(&self.shared)
     }
 
+    /// Counters since start, worker by worker (without `flow_moves`).
+    pub fn worker_stats(&self) -> Vec<Stats> {
+        self.shared.counters.iter().map(of_worker).collect()
+    }
+
     /// A reader of the counters that outlives borrows of the data path
     /// (for `/metrics`); it reads the final counts once the data path stops.
     pub fn stats_reader(&self) -> impl Fn() -> Stats + Send + Sync + 'static {
@@ -381,25 +409,40 @@ impl UdpDataPath {
     }
 }
 
+/// Waits up to `d` for the stop eventfd; whether it fired.
+fn stop_signalled(stop: RawFd, d: std::time::Duration) -> bool {
+    let mut fds = [libc::pollfd { fd: stop, events: libc::POLLIN, revents: 0 }];
+    // SAFETY: one valid pollfd entry. EINTR counts as a timeout.
+    unsafe { libc::poll(fds.as_mut_ptr(), 1, d.as_millis() as libc::c_int) > 0 }
+}
+
 /// The workers' counters, summed.
 fn sum(shared: &Shared) -> Stats {
-    let mut s = Stats::default();
+    let mut s = Stats { flow_moves: shared.flow_moves.load(Ordering::Relaxed), ..Stats::default() };
     for c in &shared.counters {
-        let g = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
-        s.tx_packets += g(&c.tx_packets);
-        s.tx_bytes += g(&c.tx_bytes);
-        s.rx_packets += g(&c.rx_packets);
-        s.rx_bytes += g(&c.rx_bytes);
-        s.dropped_no_peer += g(&c.no_peer);
-        s.dropped_not_peer += g(&c.not_from_peer);
-        s.dropped_bad += g(&c.bad);
-        s.dropped_ttl += g(&c.ttl_expired);
-        s.icmp_unreachable_sent += g(&c.icmp_sent);
-        s.ignored_ipv6 += g(&c.ipv6);
-        s.send_errors += g(&c.send_errors);
-        s.tun_write_errors += g(&c.tun_write_errors);
+        s += of_worker(c);
     }
     s
+}
+
+/// One worker's counters.
+fn of_worker(c: &Counters) -> Stats {
+    let g = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+    Stats {
+        tx_packets: g(&c.tx_packets),
+        tx_bytes: g(&c.tx_bytes),
+        rx_packets: g(&c.rx_packets),
+        rx_bytes: g(&c.rx_bytes),
+        dropped_no_peer: g(&c.no_peer),
+        dropped_not_peer: g(&c.not_from_peer),
+        dropped_bad: g(&c.bad),
+        dropped_ttl: g(&c.ttl_expired),
+        icmp_unreachable_sent: g(&c.icmp_sent),
+        ignored_ipv6: g(&c.ipv6),
+        send_errors: g(&c.send_errors),
+        tun_write_errors: g(&c.tun_write_errors),
+        flow_moves: 0,
+    }
 }
 
 /// The source of our ICMP errors. flannel uses the TUN's own address,

@@ -12,12 +12,15 @@
 //! picks the socket instead. The kernel runs it on the UDP payload, which in
 //! flannel's wire format is the inner IPv4 packet: it hashes the inner
 //! addresses and, for TCP and UDP packets that are not fragments, the ports,
-//! in a way that gives both directions of a flow the same worker. Each flow
-//! then stays on one worker on each node (its packets keep their order) and
-//! different flows spread over the workers. Nothing on the wire changes. A
-//! payload too short for an IPv4 header, or not IPv4, returns an index the
-//! kernel does not have, and it falls back to its own choice; a packet cut
-//! short before its ports is hashed by its addresses.
+//! in a way that gives both directions of a flow the same worker, and looks
+//! the hash's bucket up in a [`Table`] of 256 entries, as a NIC's RSS
+//! does. Each flow then stays on one worker on each node (its packets keep
+//! their order) and different flows spread over the workers; the table
+//! starts even, and [`super::balance`] moves buckets from a busy worker to
+//! an idle one. Nothing on the wire changes. A payload too short for an
+//! IPv4 header, or not IPv4, returns an index the kernel does not have, and
+//! it falls back to its own choice; a packet cut short before its ports is
+//! hashed by its addresses.
 //!
 //! The kernel runs the program once per received message, on its first
 //! packet: a UDP GRO train is one message. So a sender must not put packets
@@ -59,10 +62,16 @@ const K: u16 = 0x00;
 const X: u16 = 0x08;
 const A: u16 = 0x10;
 const TAX: u16 = 0x00;
+const TXA: u16 = 0x80;
+const IMM: u16 = 0x00;
+const JA: u16 = 0x00;
 
 /// Knuth's multiplicative hash constant: the product's top bits depend on
 /// every bit of the key.
 const GOLDEN: u32 = 0x9e37_79b1;
+
+/// Flows are placed by bucket: the top 8 bits of the mixed [`flow_key`].
+pub const BUCKETS: usize = 256;
 
 fn op(code: u16, k: u32) -> libc::sock_filter {
     libc::sock_filter { code, jt: 0, jf: 0, k }
@@ -92,44 +101,115 @@ pub fn flow_key(p: &[u8]) -> Option<u32> {
     Some(key)
 }
 
-/// The socket, of `sockets`, that the program picks for `key`: the top bits
-/// of the mixed key, scaled.
-pub fn index(key: u32, sockets: u32) -> u32 {
-    ((key.wrapping_mul(GOLDEN) >> 16) * sockets.max(1)) >> 16
+/// The bucket of `key`: the top bits of the mixed key.
+pub fn bucket(key: u32) -> usize {
+    (key.wrapping_mul(GOLDEN) >> 24) as usize
 }
 
-/// The program for a group of `sockets` sockets: [`index`] of the
-/// [`flow_key`] of the inner packet that starts `at` bytes into the payload
-/// (0 in flannel's wire format), or `u32::MAX` where that is `None`.
-pub fn program(sockets: u32, at: u32) -> Vec<libc::sock_filter> {
-    let sockets = sockets.clamp(1, 65_536);
-    vec![
+/// Which socket of the group each bucket's flows go to: the group's
+/// indirection table, as a NIC's RSS has one.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Table {
+    sockets: u32,
+    to: [u16; BUCKETS],
+}
+
+impl std::fmt::Debug for Table {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut per = vec![0usize; self.sockets as usize];
+        for &s in &self.to {
+            per[usize::from(s)] += 1;
+        }
+        write!(f, "Table {{ sockets: {}, buckets per socket: {per:?} }}", self.sockets)
+    }
+}
+
+impl Table {
+    /// Most sockets a table can hold.
+    pub const MAX_SOCKETS: u32 = 1 << 16;
+
+    /// The buckets spread evenly, in runs: socket `s` gets buckets
+    /// `s * 256 / sockets` onwards (a stateless hash spread).
+    pub fn spread(sockets: u32) -> Table {
+        let sockets = sockets.clamp(1, Self::MAX_SOCKETS);
+        let mut to = [0u16; BUCKETS];
+        for (b, t) in to.iter_mut().enumerate() {
+            *t = (b as u64 * u64::from(sockets) / BUCKETS as u64) as u16;
+        }
+        Table { sockets, to }
+    }
+
+    /// Sockets in the group.
+    pub fn sockets(&self) -> u32 {
+        self.sockets
+    }
+
+    /// The socket of bucket `b`.
+    pub fn get(&self, b: usize) -> u32 {
+        u32::from(self.to[b])
+    }
+
+    /// Sends bucket `b`'s flows to `socket`.
+    pub fn set(&mut self, b: usize, socket: u32) {
+        assert!(socket < self.sockets, "socket {socket} of {}", self.sockets);
+        self.to[b] = socket as u16;
+    }
+
+    /// The socket the program picks for `key`.
+    pub fn socket(&self, key: u32) -> u32 {
+        self.get(bucket(key))
+    }
+
+    /// Bits per entry in the program's constants: a power of two, so that
+    /// a 32-bit word holds a whole number of entries.
+    fn entry_bits(&self) -> u32 {
+        match self.sockets {
+            0..=2 => 1,
+            3..=4 => 2,
+            5..=16 => 4,
+            17..=256 => 8,
+            _ => 16,
+        }
+    }
+}
+
+/// The program for a group: the [`Table`] entry of the [`flow_key`] of the
+/// inner packet that starts `at` bytes into the payload (0 in flannel's
+/// wire format), or `u32::MAX` where that is `None`.
+///
+/// Classic BPF cannot index memory, so the table lives in the program as
+/// 32-bit constants of 1 to 16 bits per entry (8 to 128 of them), one of
+/// which a binary tree of jumps on the bucket picks.
+pub fn program(table: &Table, at: u32) -> Vec<libc::sock_filter> {
+    let mut p = vec![
         // 0: too short for an IPv4 header, or not IPv4: the kernel's choice.
         op(LD | W | LEN, 0),
-        jump(JMP | JGE | K, at + 20, 0, 34), // -> 36
+        jump(JMP | JGE | K, at + 20, 1, 0),
+        op(RET | K, u32::MAX),
         op(LD | B | ABS, at),
         op(ALU | RSH | K, 4),
-        jump(JMP | JEQ | K, 4, 0, 31), // -> 36
-        // 5: M[0] = source ^ destination address (the same both ways).
+        jump(JMP | JEQ | K, 4, 1, 0),
+        op(RET | K, u32::MAX),
+        // 7: M[0] = source ^ destination address (the same both ways).
         op(LD | W | ABS, at + 12),
         op(MISC | TAX, 0),
         op(LD | W | ABS, at + 16),
         op(ALU | XOR | X, 0),
         op(ST, 0),
-        // 10: the ports only for TCP and UDP, and not in a fragment (later
+        // 12: the ports only for TCP and UDP, and not in a fragment (later
         // fragments have none, and all of a packet's go to one worker).
         op(LD | B | ABS, at + 9),
         jump(JMP | JEQ | K, libc::IPPROTO_TCP as u32, 1, 0),
-        jump(JMP | JEQ | K, libc::IPPROTO_UDP as u32, 0, 17), // -> 30
+        jump(JMP | JEQ | K, libc::IPPROTO_UDP as u32, 0, 17), // -> 32
         op(LD | H | ABS, at + 6),
-        jump(JMP | JSET | K, 0x3fff, 15, 0), // MF or an offset -> 30
-        // 15: X = the IP header's length (MSH reads the byte at k); the
+        jump(JMP | JSET | K, 0x3fff, 15, 0), // MF or an offset -> 32
+        // 17: X = the IP header's length (MSH reads the byte at k); the
         // ports must lie within the payload: len - at - 4 >= X.
         op(LDX | B | MSH, at),
         op(LD | W | LEN, 0),
         op(ALU | SUB | K, at + 4),
-        jump(JMP | JGE | X, 0, 0, 11), // -> 30
-        // 19: A = source port << 16 | destination port (`ld [x + k]`);
+        jump(JMP | JGE | X, 0, 0, 11), // -> 32
+        // 21: A = source port << 16 | destination port (`ld [x + k]`);
         // M[0] ^= (sport ^ dport) & 0xffff (the same both ways).
         op(LD | W | IND, at),
         op(ST, 1),
@@ -142,21 +222,61 @@ pub fn program(sockets: u32, at: u32) -> Vec<libc::sock_filter> {
         op(LD | MEM, 0),
         op(ALU | XOR | X, 0),
         op(ST, 0),
-        // 30: index(M[0], sockets).
+    ];
+    // 32: the bucket; M[1] = where its entry sits in its word, A = which
+    // word holds it.
+    let bits = table.entry_bits();
+    let per_word = 32 / bits;
+    let words = BUCKETS as u32 / per_word;
+    p.extend([
         op(LD | MEM, 0),
         op(ALU | MUL | K, GOLDEN),
-        op(ALU | RSH | K, 16),
-        op(ALU | MUL | K, sockets),
-        op(ALU | RSH | K, 16),
-        op(RET | A, 0),
-        // 36: the kernel's choice.
-        op(RET | K, u32::MAX),
-    ]
+        op(ALU | RSH | K, 24),
+        op(MISC | TAX, 0),
+        op(ALU | AND | K, per_word - 1),
+        op(ALU | MUL | K, bits),
+        op(ST, 1),
+        op(MISC | TXA, 0),
+        op(ALU | RSH | K, per_word.trailing_zeros()),
+    ]);
+    // The tree: A holds the word's index; each leaf loads its word and
+    // jumps to the tail, which shifts the entry out.
+    let word = |w: u32| -> u32 {
+        (0..per_word).fold(0, |acc, i| acc | (table.get((w * per_word + i) as usize) << (i * bits)))
+    };
+    fn size(lo: u32, hi: u32) -> u32 {
+        if hi - lo == 1 {
+            2
+        } else {
+            let mid = (lo + hi) / 2;
+            1 + size(lo, mid) + size(mid, hi)
+        }
+    }
+    let tail = p.len() as u32 + size(0, words);
+    fn tree(p: &mut Vec<libc::sock_filter>, lo: u32, hi: u32, tail: u32, word: &dyn Fn(u32) -> u32) {
+        if hi - lo == 1 {
+            p.push(op(LD | IMM, word(lo)));
+            let from = p.len() as u32 + 1;
+            p.push(op(JMP | JA, tail - from));
+            return;
+        }
+        let mid = (lo + hi) / 2;
+        // At most 64 leaves on a side: 191 instructions, within a jump.
+        let over = u8::try_from(size(lo, mid)).expect("a table's left half fits a jump");
+        p.push(jump(JMP | JGE | K, mid, over, 0));
+        tree(p, lo, mid, tail, word);
+        tree(p, mid, hi, tail, word);
+    }
+    tree(&mut p, 0, words, tail, &word);
+    debug_assert_eq!(p.len() as u32, tail);
+    p.extend([op(LDX | W | MEM, 1), op(ALU | RSH | X, 0), op(ALU | AND | K, (1 << bits) - 1), op(RET | A, 0)]);
+    p
 }
 
-/// Attaches [`program`] to the reuseport group of `fd` (any member).
-pub fn attach(fd: RawFd, sockets: u32, at: u32) -> io::Result<()> {
-    let mut prog = program(sockets, at);
+/// Attaches the [`program`] of `table` to the reuseport group of `fd` (any
+/// member), in place of the one it has: the kernel swaps them at once.
+pub fn attach(fd: RawFd, table: &Table, at: u32) -> io::Result<()> {
+    let mut prog = program(table, at);
     let fprog = libc::sock_fprog { len: prog.len() as u16, filter: prog.as_mut_ptr() };
     // The kernel copies the program before the call returns.
     super::sock::setsockopt(fd, libc::SOL_SOCKET, SO_ATTACH_REUSEPORT_CBPF, &fprog)
@@ -192,13 +312,17 @@ mod tests {
                     None => return 0,
                 },
                 c if c == LD | W | LEN => a = pkt.len() as u32,
+                c if c == LD | IMM => a = i.k,
                 c if c == LD | MEM => a = mem[i.k as usize],
+                c if c == LDX | W | MEM => x = mem[i.k as usize],
                 c if c == LDX | B | MSH => match load(i.k as usize, 1) {
                     Some(v) => x = (v & 0x0f) * 4,
                     None => return 0,
                 },
                 ST => mem[i.k as usize] = a,
                 c if c == MISC | TAX => x = a,
+                c if c == MISC | TXA => a = x,
+                c if c == JMP | JA => pc += i.k as usize,
                 c if c & 0x07 == ALU => {
                     let v = if c & X != 0 { x } else { i.k };
                     a = match c & 0xf0 {
@@ -245,35 +369,91 @@ mod tests {
         p
     }
 
-    /// The program's pick for `p` placed `at` bytes into a payload.
-    fn pick(sockets: u32, at: usize, p: &[u8]) -> u32 {
+    /// The pick of `table`'s program for `p` placed `at` bytes into a
+    /// payload.
+    fn pick_with(table: &Table, at: usize, p: &[u8]) -> u32 {
         let mut payload = vec![0xa5u8; at];
         payload.extend_from_slice(p);
-        run(&program(sockets, at as u32), &payload)
+        run(&program(table, at as u32), &payload)
+    }
+
+    fn pick(sockets: u32, at: usize, p: &[u8]) -> u32 {
+        pick_with(&Table::spread(sockets), at, p)
+    }
+
+    /// Every size of entry, spread and shuffled tables.
+    fn tables() -> Vec<Table> {
+        let mut n = 7u32;
+        let mut all = Vec::new();
+        for sockets in [1, 2, 3, 4, 5, 8, 16, 17, 256, 300, 65_536] {
+            let spread = Table::spread(sockets);
+            let mut shuffled = spread.clone();
+            for b in 0..BUCKETS {
+                n = n.wrapping_mul(1_103_515_245).wrapping_add(12_345);
+                shuffled.set(b, (n >> 8) % sockets);
+            }
+            all.extend([spread, shuffled]);
+        }
+        all
     }
 
     #[test]
-    fn the_program_picks_what_flow_key_and_index_say() {
+    fn the_program_picks_what_the_table_says() {
         let mut n = 0u32;
-        for at in [0, 10] {
-            for sockets in [1, 2, 3, 4, 8] {
+        for table in tables() {
+            let prog = program(&table, 0);
+            assert!(prog.len() <= 4096, "{} instructions", prog.len());
+            for at in [0, 10] {
                 for proto in [6u8, 17, 1, 132] {
                     for (ihl, frag) in [(5, 0x4000), (6, 0), (5, 0x2000), (5, 0x00b9), (15, 0x4000)] {
-                        for k in 0..40u16 {
+                        for k in 0..16u16 {
                             n = n.wrapping_mul(1_103_515_245).wrapping_add(12_345);
                             let src = (0x0af4_0000 | (n >> 16)).to_be_bytes();
                             let dst = [10, 244, (k % 7) as u8, 2];
                             let p = packet(ihl, proto, frag, src, dst, 30_000 + 2 * k, 5201);
-                            let want = index(flow_key(&p).unwrap(), sockets);
-                            assert!(want < sockets);
-                            assert_eq!(pick(sockets, at, &p), want, "at {at} {sockets} sockets {p:?}");
+                            let want = table.socket(flow_key(&p).unwrap());
+                            assert!(want < table.sockets());
+                            assert_eq!(pick_with(&table, at, &p), want, "at {at} {table:?} {p:?}");
                             // Both directions of a flow pick the same socket.
                             let back = packet(ihl, proto, frag, dst, src, 5201, 30_000 + 2 * k);
-                            assert_eq!(pick(sockets, at, &back), want, "reverse of {p:?}");
+                            assert_eq!(pick_with(&table, at, &back), want, "reverse of {p:?}");
                         }
                     }
                 }
             }
+        }
+    }
+
+    #[test]
+    fn every_bucket_reads_its_own_entry() {
+        // A key for each bucket, then each table's every entry through the
+        // program (the tree's every leaf and every shift).
+        let mut keys = vec![None; BUCKETS];
+        for k in 0u32.. {
+            keys[bucket(k)].get_or_insert(k);
+            if keys.iter().all(Option::is_some) {
+                break;
+            }
+        }
+        for table in tables() {
+            for (b, key) in keys.iter().enumerate() {
+                // Addresses whose XOR is the key; ICMP, so no ports.
+                let src = key.unwrap().to_be_bytes();
+                let p = packet(5, 1, 0, src, [0; 4], 0, 0);
+                assert_eq!(flow_key(&p), *key);
+                assert_eq!(pick_with(&table, 0, &p), table.get(b), "bucket {b} of {table:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn spread_gives_each_socket_its_share() {
+        for sockets in [1, 2, 3, 4, 7, 256] {
+            let t = Table::spread(sockets);
+            let mut per = vec![0usize; sockets as usize];
+            (0..BUCKETS).for_each(|b| per[t.get(b) as usize] += 1);
+            let (lo, hi) = (BUCKETS / sockets as usize, BUCKETS.div_ceil(sockets as usize));
+            assert!(per.iter().all(|&c| (lo..=hi).contains(&c)), "{sockets}: {per:?}");
         }
     }
 
@@ -306,19 +486,20 @@ mod tests {
             assert_eq!(flow_key(&v6), None);
             // Cut before the ports: hashed by the addresses.
             let cut = &p[..22];
-            let by_address = index(flow_key(&packet(5, 1, 0, [10, 244, 1, 2], [10, 244, 2, 2], 0, 0)).unwrap(), 4);
+            let by_address =
+                Table::spread(4).socket(flow_key(&packet(5, 1, 0, [10, 244, 1, 2], [10, 244, 2, 2], 0, 0)).unwrap());
             assert_eq!(flow_key(cut), flow_key(&packet(5, 1, 0, [10, 244, 1, 2], [10, 244, 2, 2], 0, 0)));
             assert_eq!(pick(4, at, cut), by_address);
         }
     }
 
     #[test]
-    fn every_address_bit_can_move_a_flow() {
-        // The top bits of the mixed key choose: a key differing in one high
-        // bit only must be able to land elsewhere (with `mod` they could not).
-        for bit in 16..32 {
-            let moved = (0..64u32).any(|k| index(k, 4) != index(k ^ (1 << bit), 4));
-            assert!(moved, "bit {bit} never changes the socket");
+    fn every_key_bit_can_move_a_flow() {
+        // The top bits of the mixed key choose: a key differing in any one
+        // bit must be able to land in another bucket.
+        for bit in 0..32 {
+            let moved = (0..64u32).any(|k| bucket(k) != bucket(k ^ (1 << bit)));
+            assert!(moved, "bit {bit} never changes the bucket");
         }
     }
 }

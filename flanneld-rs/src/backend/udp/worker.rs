@@ -11,6 +11,7 @@ use std::sync::Arc;
 
 use log::warn;
 
+use super::balance::Load;
 use super::gro::{Pkt, TunWriter};
 use super::gso::{self, Outbound};
 use super::packet::{self, Discard};
@@ -95,6 +96,10 @@ pub struct Shared {
     pub peers: PeerCell,
     /// One set of counters per worker.
     pub counters: Vec<Counters>,
+    /// Bytes per bucket of flows, one per worker, while steering.
+    pub loads: Vec<Load>,
+    /// Buckets the balancer moved to another worker.
+    pub flow_moves: AtomicU64,
 }
 
 /// How a worker runs.
@@ -252,7 +257,8 @@ impl Worker {
             } else {
                 (VnetHdr::default(), &mut buf[..n])
             };
-            outbound(pkt, hdr, tun, &self.opts, &self.view, &mut self.tx, &self.sock, &mut self.local);
+            let load = &self.shared.loads[self.index];
+            outbound(pkt, hdr, tun, &self.opts, &self.view, &mut self.tx, &self.sock, load, &mut self.local);
             if self.tx.queued_bytes() >= TX_FLUSH_BYTES {
                 break;
             }
@@ -296,6 +302,12 @@ impl Worker {
                 continue;
             }
             let buf = self.rx.buf_mut(m);
+            if self.opts.steer {
+                // The program placed the whole message by its first packet.
+                if let Some(key) = steer::flow_key(&buf[..r.len.min(r.seg)]) {
+                    self.shared.loads[self.index].received(key, r.len);
+                }
+            }
             let mut off = 0;
             while off < r.len {
                 let len = r.seg.min(r.len - off);
@@ -330,6 +342,7 @@ fn outbound(
     view: &PeerView,
     tx: &mut TxBatch,
     sock: &UdpSocket,
+    load: &Load,
     local: &mut Local,
 ) {
     if packet::ipv4_header_len(pkt).is_none() {
@@ -360,7 +373,11 @@ fn outbound(
         return;
     };
     if opts.steer {
-        tx.set_flow(steer::flow_key(pkt).map_or(u64::MAX, u64::from));
+        let key = steer::flow_key(pkt);
+        tx.set_flow(key.map_or(u64::MAX, u64::from));
+        if let Some(key) = key {
+            load.sent(key, pkt.len());
+        }
     }
     match gso::prepare_outbound(pkt, hdr) {
         Ok(Outbound::Single(pkt)) => {
