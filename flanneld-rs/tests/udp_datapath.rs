@@ -598,28 +598,56 @@ fn received_datagrams_spread_over_the_workers_by_inner_flow() {
     assert_eq!(t, want);
 }
 
-/// Node 0's pod opens TCP streams to node 1's until it has `n` whose
-/// flows sit in different buckets that `Table::spread(2)` gives worker 0.
-fn streams_on_worker_zero(o: &Overlay, n: usize, port: u16) -> Vec<TcpStream> {
-    use flanneld_rs::udp::steer;
-    let addr = SocketAddr::from((pod_ip(1), port));
-    let listener = o.pods[1].in_thread(|| TcpListener::bind(addr)).unwrap();
-    // Reads and drops whatever arrives, on every stream, until it ends.
-    std::thread::spawn(move || {
-        for s in listener.incoming() {
-            let Ok(mut s) = s else { return };
-            std::thread::spawn(move || {
-                let mut buf = vec![0u8; 1 << 16];
-                while s.read(&mut buf).is_ok_and(|n| n > 0) {}
-            });
+/// A sink in node 1's pod: reads and drops whatever arrives on every
+/// stream to `port`, until dropped.
+struct Sink {
+    addr: SocketAddr,
+    listener: std::os::fd::RawFd,
+    from: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Sink {
+    fn new(o: &Overlay, port: u16) -> Sink {
+        use std::os::fd::AsRawFd;
+        let addr = SocketAddr::from((pod_ip(1), port));
+        let listener = o.pods[1].in_thread(|| TcpListener::bind(addr)).unwrap();
+        let fd = listener.as_raw_fd();
+        let from = std::thread::spawn(move || {
+            // Ends when the listener is shut down (accept fails).
+            while let Ok((mut s, _)) = listener.accept() {
+                std::thread::spawn(move || {
+                    let mut buf = vec![0u8; 1 << 16];
+                    while s.read(&mut buf).is_ok_and(|n| n > 0) {}
+                });
+            }
+        });
+        Sink { addr, listener: fd, from: Some(from) }
+    }
+}
+
+impl Drop for Sink {
+    fn drop(&mut self) {
+        // SAFETY: the accepting thread owns the listener until it returns,
+        // which it does only after this wakes it.
+        unsafe { libc::shutdown(self.listener, libc::SHUT_RDWR) };
+        if let Some(t) = self.from.take() {
+            let _ = t.join();
         }
-    });
+    }
+}
+
+/// Node 0's pod opens TCP streams to `sink` until it has `n` whose flows
+/// sit in different buckets that `Table::spread(2)` gives worker 0.
+fn streams_on_worker_zero(o: &Overlay, n: usize, sink: &Sink) -> Vec<TcpStream> {
+    use flanneld_rs::udp::steer;
     let table = steer::Table::spread(2);
     let (mut kept, mut buckets) = (Vec::new(), Vec::new());
     for _ in 0..1000 {
-        let s = o.pods[0].in_thread(|| TcpStream::connect_timeout(&addr, Duration::from_secs(5))).unwrap();
-        let SocketAddr::V4(local) = s.local_addr().unwrap() else { unreachable!() };
-        let key = steer::flow_key(&packet::build_udp(local, SocketAddrV4::new(pod_ip(1), port), b"")).unwrap();
+        let s = o.pods[0].in_thread(|| TcpStream::connect_timeout(&sink.addr, Duration::from_secs(5))).unwrap();
+        let (SocketAddr::V4(local), SocketAddr::V4(remote)) = (s.local_addr().unwrap(), sink.addr) else {
+            unreachable!()
+        };
+        let key = steer::flow_key(&packet::build_udp(local, remote, b"")).unwrap();
         let b = steer::bucket(key);
         if table.get(b) == 0 && !buckets.contains(&b) {
             buckets.push(b);
@@ -637,20 +665,23 @@ fn a_busy_worker_hands_flows_to_an_idle_one_both_ways() {
     if !require_root() {
         return;
     }
+    use std::sync::atomic::{AtomicBool, Ordering};
     // Two workers per node, and four TCP streams that the hash alone puts
     // on worker 0 of both nodes (their two directions hash alike).
     let o = Overlay::build(&[Tuning::default(); 2], false, 2);
     assert!(o.dp(0).features().steer, "{:?}", o.dp(0).features());
-    let streams = streams_on_worker_zero(&o, 4, 7400);
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sink = Sink::new(&o, 7400);
+    let streams = streams_on_worker_zero(&o, 4, &sink);
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
     let writers: Vec<_> = streams
         .into_iter()
         .map(|mut s| {
             let stop = stop.clone();
+            s.set_write_timeout(Some(Duration::from_secs(20))).unwrap();
             std::thread::spawn(move || {
                 let buf = vec![0x5au8; 1 << 16];
-                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                    s.write_all(&buf).expect("write: the stream broke");
+                while !stop.load(Ordering::Relaxed) {
+                    s.write_all(&buf).expect("write: the stream stalled or broke");
                 }
             })
         })
@@ -658,20 +689,34 @@ fn a_busy_worker_hands_flows_to_an_idle_one_both_ways() {
     // The balancers move two of the four to worker 1: node 1's receives
     // them there, and node 0's sends them from there (its TUN follows the
     // queue that writes the streams' acknowledgements).
-    let before = [o.dp(1).worker_stats()[1].rx_bytes, o.dp(0).worker_stats()[1].tx_bytes];
+    let received = || o.dp(1).worker_stats().iter().map(|s| s.rx_bytes).collect::<Vec<_>>();
+    let sent = || o.dp(0).worker_stats().iter().map(|s| s.tx_bytes).collect::<Vec<_>>();
+    let (rx0, tx0) = (received(), sent());
     wait_until(Duration::from_secs(30), "worker 1 of both nodes to carry streams", || {
-        o.dp(1).worker_stats()[1].rx_bytes > before[0] + (32 << 20)
-            && o.dp(0).worker_stats()[1].tx_bytes > before[1] + (32 << 20)
+        received()[1] > rx0[1] + (32 << 20) && sent()[1] > tx0[1] + (32 << 20)
     });
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    // From then on the two workers share the four streams: each side of
+    // each node carries at least a quarter of the next 256 MB.
+    let (rx1, tx1) = (received(), sent());
+    wait_until(Duration::from_secs(60), "256 MB more", || {
+        received().iter().sum::<u64>() > rx1.iter().sum::<u64>() + (256 << 20)
+    });
+    let (rx2, tx2) = (received(), sent());
+    stop.store(true, Ordering::Relaxed);
     for w in writers {
-        w.join().unwrap();
+        w.join().expect("a writer failed");
+    }
+    for (what, a, b) in [("node 1 received", &rx1, &rx2), ("node 0 sent", &tx1, &tx2)] {
+        let d: Vec<u64> = (0..2).map(|w| b[w] - a[w]).collect();
+        let total: u64 = d.iter().sum();
+        assert!(d.iter().all(|&x| x >= total / 4), "{what} per worker: {d:?}");
     }
     for i in 0..2 {
         let s = o.dp(i).stats();
         assert!(s.flow_moves >= 1, "node {i}: {s:?}");
         assert_eq!((s.dropped_bad, s.send_errors, s.tun_write_errors), (0, 0, 0), "node {i}: {s:?}");
     }
+    drop(sink);
 }
 
 /// Sends, through a [`TxBatch`], one GSO train of six segments (five of

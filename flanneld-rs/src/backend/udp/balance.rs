@@ -5,21 +5,26 @@
 //! land on one worker in one case out of eight, and that node then runs on
 //! one CPU. So every worker counts the bytes it moves per bucket, in both
 //! directions ([`Load`]), and a balancer thread looks at the counts ten
-//! times a second: while the busiest worker carries more than an eighth
-//! above the least busy one, it moves to the latter the bucket that evens
-//! the two best, as long as that lowers the busier side (the kernel swaps
-//! the reuseport program at once). This is what `ethtool -X` does
-//! to a NIC's RSS table, done by the data path itself.
+//! times a second, smoothed over the last second or so. While the busiest
+//! worker's load exceeds the least busy one's by more than an eighth of its
+//! own, it moves to the latter the bucket that evens the two best, provided
+//! that lowers the busiest's load by more than a sixteenth; a moved bucket
+//! then stays put for two seconds (the kernel swaps the reuseport program
+//! at once). This is what `ethtool -X` does to a NIC's RSS table, done by
+//! the data path itself.
 //!
 //! Moving a bucket moves its flows both ways: the worker that receives a
 //! flow writes its packets to its own TUN queue, and a multi-queue TUN
 //! sends a flow's packets out of the queue that last wrote it, so the
 //! node's side of the flow follows on its next packet in. A flow this
 //! node only sends (nothing comes back) has no such lever: the TUN places
-//! it by its own hash, so its bytes count as a fixed load on the worker
-//! that moved them. A bucket's packets in flight when it moves can arrive
-//! out of order, once; that is why a move must be worth it, and why
-//! nothing moves while every worker is quiet.
+//! it by its own hash. What a worker sends in a bucket the table gives to
+//! another worker, or in a bucket nothing arrives in, is therefore counted
+//! as that worker's fixed load; a send-only flow that shares a bucket with
+//! a two-way flow is first counted with the bucket, and once a move shows
+//! it did not follow, as fixed. A bucket's packets in flight when it moves
+//! can arrive out of order, once: that is why a move must be worth it, why
+//! a moved flow is held, and why nothing moves while every worker is quiet.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -66,24 +71,48 @@ fn bump(c: &AtomicU64, bytes: usize) {
     c.store(c.load(Ordering::Relaxed).wrapping_add(bytes as u64), Ordering::Relaxed);
 }
 
+/// A moved bucket stays where it went for this many ticks (2 s): whatever
+/// the noise in the counts, a flow moves at most once in that time.
+pub const HOLD: u8 = 20;
+
+/// For this many ticks after a move, what the bucket's old worker still
+/// sends counts as the bucket's (the TUN follows on the flow's next packet
+/// in, within the tick; the tick's counts hold the bytes sent before).
+const GRACE: u8 = 2;
+
 /// The balancing itself: counts in, table out.
 pub struct Balancer {
     table: Table,
     /// Per bucket, flows that also arrive here (the table places them):
     /// bytes per tick both ways, smoothed.
     movable: [u64; BUCKETS],
-    /// Per worker, flows it only sends (the TUN places them): bytes per
-    /// tick, smoothed.
+    /// Per worker, what it sends that the table does not place (flows
+    /// nothing answers; the TUN places them): bytes per tick, smoothed.
     fixed: Vec<u64>,
     /// Each worker's counts at the last tick: (received, sent) per bucket.
     last: Vec<[(u64, u64); BUCKETS]>,
+    /// Per bucket, ticks until it may move again.
+    held: [u8; BUCKETS],
+}
+
+/// One more sample into a smoothed value: a quarter of the new, three
+/// quarters of the old (the old's share rounded down, so that a value with
+/// no more samples decays to 0).
+fn smooth(old: u64, sample: u64) -> u64 {
+    old - old.div_ceil(4) + sample / 4
 }
 
 impl Balancer {
     /// Starts from `table`, whose sockets are the workers.
     pub fn new(table: Table) -> Balancer {
         let n = table.sockets() as usize;
-        Balancer { table, movable: [0; BUCKETS], fixed: vec![0; n], last: vec![[(0, 0); BUCKETS]; n] }
+        Balancer {
+            table,
+            movable: [0; BUCKETS],
+            fixed: vec![0; n],
+            last: vec![[(0, 0); BUCKETS]; n],
+            held: [0; BUCKETS],
+        }
     }
 
     /// The table in force.
@@ -114,24 +143,36 @@ impl Balancer {
                 rx += now.0.wrapping_sub(was.0);
                 sent[w] = now.1.wrapping_sub(was.1);
             }
-            let sample = if rx > 0 {
-                rx + sent.iter().sum::<u64>()
-            } else {
-                fixed.iter_mut().zip(&sent).for_each(|(f, s)| *f += s);
-                0
-            };
-            self.movable[b] = (self.movable[b] + sample) / 2;
+            // What the bucket's own worker sends follows the table; what
+            // another sends (once a move has settled) does not, and stays
+            // with that worker. A bucket nothing arrives in is all fixed.
+            let owner = self.table.get(b) as usize;
+            let settled = self.held[b] <= HOLD - GRACE;
+            let mut sample = 0;
+            for (w, &s) in sent.iter().enumerate() {
+                if rx > 0 && (w == owner || !settled) {
+                    sample += s;
+                } else {
+                    fixed[w] += s;
+                }
+            }
+            if rx > 0 {
+                sample += rx;
+            }
+            self.movable[b] = smooth(self.movable[b], sample);
         }
         for (f, now) in self.fixed.iter_mut().zip(fixed) {
-            *f = (*f + now) / 2;
+            *f = smooth(*f, now);
         }
         self.rebalance()
     }
 
-    /// While the busiest worker carries more than an eighth above the least
-    /// busy one, moves to the latter the bucket of the busiest that leaves
-    /// the larger of the two lowest, if that is lower than before.
+    /// While the busiest worker's load exceeds the least busy one's by more
+    /// than an eighth of its own, moves to the latter the bucket of the
+    /// busiest that leaves the larger of the two lowest, if that lowers the
+    /// busiest's load by more than a sixteenth (noise does not).
     fn rebalance(&mut self) -> usize {
+        self.held.iter_mut().for_each(|h| *h = h.saturating_sub(1));
         let mut load = self.fixed.clone();
         for b in 0..BUCKETS {
             load[self.table.get(b) as usize] += self.movable[b];
@@ -146,10 +187,11 @@ impl Balancer {
             }
             let peak = |b: usize| (hi - self.movable[b]).max(lo + self.movable[b]);
             let best = (0..BUCKETS)
-                .filter(|&b| self.table.get(b) as usize == busiest && self.movable[b] > 0)
+                .filter(|&b| self.table.get(b) as usize == busiest && self.movable[b] > 0 && self.held[b] == 0)
                 .min_by_key(|&b| peak(b));
-            let Some(b) = best.filter(|&b| peak(b) < hi) else { break };
+            let Some(b) = best.filter(|&b| peak(b) < hi - hi / 16) else { break };
             self.table.set(b, idlest as u32);
+            self.held[b] = HOLD;
             load[busiest] -= self.movable[b];
             load[idlest] += self.movable[b];
             moved += 1;
@@ -158,12 +200,15 @@ impl Balancer {
     }
 }
 
+/// After the kernel refuses a table, ticks before the next try (10 s).
+const PAUSE: u32 = 100;
+
 /// Runs a reuseport group's balancing: `fd` is any member of the group,
 /// `at` where the inner packet starts in the payload, `loads` the workers'
 /// counts (one per socket of `table`, which is attached already). `wait`
 /// sleeps for the time it is given and says whether to go on. Each move
-/// counts in `moves`. A program the kernel refuses keeps the old table in
-/// force; it is logged once.
+/// counts in `moves`. A table the kernel refuses leaves the old one in
+/// force and balancing paused for a while; it is logged once.
 pub fn run(
     fd: std::os::fd::RawFd,
     at: u32,
@@ -172,11 +217,25 @@ pub fn run(
     moves: &AtomicU64,
     mut wait: impl FnMut(Duration) -> bool,
 ) {
+    if loads.len() != table.sockets() as usize {
+        log::warn!(
+            "udp: {} worker loads for {} sockets; flows stay where the hash puts them",
+            loads.len(),
+            table.sockets()
+        );
+        while wait(TICK) {}
+        return;
+    }
     let mut balancer = Balancer::new(table);
     let mut attached = balancer.table().clone();
-    let mut warned = false;
+    let (mut warned, mut paused) = (false, 0);
     while wait(TICK) {
         let moved = balancer.tick(loads);
+        if paused > 0 {
+            paused -= 1;
+            balancer.restore(attached.clone());
+            continue;
+        }
         if moved == 0 {
             continue;
         }
@@ -191,6 +250,7 @@ pub fn run(
                     warned = true;
                 }
                 balancer.restore(attached.clone());
+                paused = PAUSE;
             }
         }
     }
@@ -323,5 +383,97 @@ mod tests {
         assert!(max <= total / n as u64 + total / n as u64 / 8, "{per:?}");
         // And settled: no more moves.
         assert_eq!(drive(&mut bal, &loads, &flows, 10), 0);
+    }
+
+    /// `base` varied by up to `pct` per cent either way, pseudo-randomly.
+    fn noisy(base: u64, pct: u64, seed: &mut u64) -> u64 {
+        *seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+        let r = (*seed >> 33) % (2 * pct + 1);
+        base * (100 - pct + r) / 100
+    }
+
+    /// [`drive`] with every flow's bytes varied by up to `pct` per cent.
+    fn drive_noisy(bal: &mut Balancer, loads: &[Load], flows: &[(usize, u64, u64)], ticks: usize, pct: u64) -> usize {
+        let mut seed = 42;
+        let mut moved = 0;
+        for _ in 0..ticks {
+            let f: Vec<_> =
+                flows.iter().map(|&(b, rx, tx)| (b, noisy(rx, pct, &mut seed), noisy(tx, pct, &mut seed))).collect();
+            moved += drive(bal, loads, &f, 1);
+        }
+        moved
+    }
+
+    #[test]
+    fn noise_moves_nothing_that_is_as_even_as_it_gets() {
+        // Three like flows two to one, each tick's bytes 10 % either way:
+        // swapping which two share a worker gains only noise.
+        let loads: Vec<Load> = (0..2).map(|_| Load::default()).collect();
+        let mut bal = Balancer::new(Table::spread(2));
+        let flows = [(1, 100 << 20, 4 << 20), (2, 100 << 20, 4 << 20), (200, 100 << 20, 4 << 20)];
+        assert_eq!(drive_noisy(&mut bal, &loads, &flows, 300, 10), 0);
+        // Two elephants apart and a hundred mice beside them.
+        let loads: Vec<Load> = (0..2).map(|_| Load::default()).collect();
+        let mut bal = Balancer::new(Table::spread(2));
+        let mut flows = vec![(0, 200 << 20, 1 << 20), (255, 200 << 20, 1 << 20)];
+        flows.extend((0..100).map(|i| (1 + i * 2, 64 << 10, 4 << 10)));
+        assert_eq!(drive_noisy(&mut bal, &loads, &flows, 300, 10), 0);
+        // Four flows on one worker of two: two moves, then none.
+        let loads: Vec<Load> = (0..2).map(|_| Load::default()).collect();
+        let mut bal = Balancer::new(Table::spread(2));
+        let flows: Vec<_> = (0..4).map(|b| (b, 100 << 20, 2 << 20)).collect();
+        assert_eq!(drive_noisy(&mut bal, &loads, &flows, 300, 10), 2);
+    }
+
+    #[test]
+    fn a_moved_bucket_is_held() {
+        let loads: Vec<Load> = (0..2).map(|_| Load::default()).collect();
+        let mut bal = Balancer::new(Table::spread(2));
+        let keys = keys();
+        // Two flows on worker 0: one moves to worker 1.
+        assert_eq!(drive(&mut bal, &loads, &[(0, 100 << 20, 0), (1, 100 << 20, 0)], 1), 1);
+        let moved = if bal.table().get(0) == 1 { 0 } else { 1 };
+        // Worker 0's flow ends, and worker 1 starts sending a flow nothing
+        // answers (it cannot move): the moved flow would even things out
+        // by going back, but stays until its hold is over.
+        let send_only = 128;
+        for t in 1..=u32::from(HOLD) + 1 {
+            loads[1].received(keys[moved], 100 << 20);
+            loads[1].sent(keys[send_only], 100 << 20);
+            let m = bal.tick(&loads);
+            if t < u32::from(HOLD) {
+                assert_eq!((m, bal.table().get(moved)), (0, 1), "tick {t}");
+            }
+        }
+        assert_eq!(bal.table().get(moved), 0, "back once the hold is over");
+    }
+
+    #[test]
+    fn a_send_only_flow_in_a_moved_bucket_counts_where_it_stayed() {
+        // Worker 0 sends an elephant nothing answers, which the TUN keeps
+        // on worker 0 whatever the table says; a two-way mouse shares its
+        // bucket, and two two-way flows sit in other buckets of worker 0.
+        let loads: Vec<Load> = (0..2).map(|_| Load::default()).collect();
+        let mut bal = Balancer::new(Table::spread(2));
+        let keys = keys();
+        let (elephant, f1, f2) = (3, 4, 5);
+        let mut real = [0u64; 2];
+        for _ in 0..60 {
+            real = [0, 0];
+            loads[0].sent(keys[elephant], 200 << 20);
+            real[0] += 200;
+            let w = bal.table().get(elephant) as usize;
+            loads[w].received(keys[elephant], 1 << 20);
+            real[w] += 1;
+            for b in [f1, f2] {
+                let w = bal.table().get(b) as usize;
+                loads[w].received(keys[b], 100 << 20);
+                real[w] += 100;
+            }
+            bal.tick(&loads);
+        }
+        // The best there is: the elephant alone on worker 0.
+        assert_eq!(bal.table().get(f1) + bal.table().get(f2), 2, "{:?}", bal.table());
+        assert!(real[0].abs_diff(real[1]) <= 1, "{real:?}");
     }
 }

@@ -314,6 +314,7 @@ impl UdpDataPath {
             counters: (0..queues.len()).map(|_| Counters::default()).collect(),
             loads: (0..queues.len()).map(|_| Default::default()).collect(),
             flow_moves: Default::default(),
+            exited: Default::default(),
         });
         if steer {
             // Its own descriptor of the group's first socket, for moving
@@ -324,8 +325,10 @@ impl UdpDataPath {
                 .context("duplicate the udp socket for the balancer")?;
             let shared = Arc::clone(&shared);
             workers.spawn("flannel-udp-bal".into(), move |stop| {
+                // It ends with the first worker that ends, so that its
+                // descriptor does not keep that worker's socket in the group.
                 balance::run(group.as_raw_fd(), 0, table, &shared.loads, &shared.flow_moves, |d| {
-                    !stop_signalled(stop, d)
+                    !stop_signalled(stop, d) && shared.exited.load(Ordering::Relaxed) == 0
                 })
             })?;
         }
@@ -343,8 +346,10 @@ impl UdpDataPath {
             let shared = Arc::clone(&shared);
             // Built on its thread: its batches hold raw pointers for the
             // system calls and so never cross threads.
-            workers
-                .spawn(format!("flannel-udp-{i}"), move |stop| Worker::new(i, q, sock, stop, shared, wopts).run())?;
+            workers.spawn(format!("flannel-udp-{i}"), move |stop| {
+                let _end = EndMark(Arc::clone(&shared));
+                Worker::new(i, q, sock, stop, shared, wopts).run()
+            })?;
         }
         Ok(UdpDataPath { cfg, spec, netns, features, shared, workers })
     }
@@ -396,7 +401,8 @@ impl UdpDataPath {
         &self.cfg
     }
 
-    /// Kernel thread ids of the workers (for `/proc/self/task/<tid>/stat`).
+    /// Kernel thread ids of the workers and of the balancer (for
+    /// `/proc/self/task/<tid>/stat`).
     pub fn thread_ids(&self) -> Vec<i32> {
         self.workers.thread_ids()
     }
@@ -406,6 +412,15 @@ impl UdpDataPath {
     pub fn remove(mut self) -> anyhow::Result<()> {
         self.workers.stop();
         kernel::delete_in(&self.netns, &self.cfg.tun_name).map(drop)
+    }
+}
+
+/// Counts a worker's end in [`Shared::exited`], however it ends.
+struct EndMark(Arc<Shared>);
+
+impl Drop for EndMark {
+    fn drop(&mut self) {
+        self.0.exited.fetch_add(1, Ordering::Relaxed);
     }
 }
 

@@ -100,6 +100,8 @@ pub struct Shared {
     pub loads: Vec<Load>,
     /// Buckets the balancer moved to another worker.
     pub flow_moves: AtomicU64,
+    /// Workers that ended.
+    pub exited: std::sync::atomic::AtomicUsize,
 }
 
 /// How a worker runs.
