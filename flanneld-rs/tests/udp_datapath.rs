@@ -218,6 +218,7 @@ fn tcp_across_three_nodes(tuning: Tuning) {
     // Flows were spread over the workers wherever asked and there are two.
     let f = o.dp(0).features();
     assert_eq!(f.steer, tuning.steer && f.queues > 1, "{f:?}");
+    assert_eq!(f.balance, tuning.balance && f.steer, "{f:?}");
 }
 
 #[test]
@@ -669,7 +670,7 @@ fn a_busy_worker_hands_flows_to_an_idle_one_both_ways() {
     // Two workers per node, and four TCP streams that the hash alone puts
     // on worker 0 of both nodes (their two directions hash alike).
     let o = Overlay::build(&[Tuning::default(); 2], false, 2);
-    assert!(o.dp(0).features().steer, "{:?}", o.dp(0).features());
+    assert!(o.dp(0).features().balance, "{:?}", o.dp(0).features());
     let sink = Sink::new(&o, 7400);
     let streams = streams_on_worker_zero(&o, 4, &sink);
     let stop = std::sync::Arc::new(AtomicBool::new(false));

@@ -61,17 +61,20 @@ pub fn summary(mut v: Vec<f64>) -> (f64, f64, f64) {
 /// iperf3 from `client` to a one-shot server in `server` listening on
 /// `addr`:5201 (IPv4 or IPv6), `streams` parallel streams: Gbit/s received.
 pub fn iperf(client: &Netns, server: &Netns, addr: impl Into<IpAddr>, streams: u32, seconds: u32) -> f64 {
-    iperf_sampled(client, server, addr, streams, seconds, || ()).0
+    iperf_sampled(client, server, addr, streams, seconds, &[], || ()).0
 }
 
-/// [`iperf`], with `sample` taken right before and right after the client
-/// runs (CPU counters, for CPU seconds per gigabit): Gbit/s, before, after.
+/// [`iperf`], with `extra` arguments for the client and `sample` taken
+/// right before and right after the client runs (CPU counters, for CPU
+/// seconds per gigabit): Gbit/s, before, after.
+#[allow(clippy::too_many_arguments)]
 pub fn iperf_sampled<T>(
     client: &Netns,
     server: &Netns,
     addr: impl Into<IpAddr>,
     streams: u32,
     seconds: u32,
+    extra: &[&str],
     sample: impl Fn() -> T,
 ) -> (f64, T, T) {
     // Killed on drop: a one-shot server whose client never came (the
@@ -90,10 +93,10 @@ pub fn iperf_sampled<T>(
     });
     let addr: IpAddr = addr.into();
     let before = sample();
-    let out = client.run_ok(
-        "iperf3",
-        &["-c", &addr.to_string(), "-p", "5201", "-t", &seconds.to_string(), "-P", &streams.to_string(), "-J"],
-    );
+    let (addr_s, seconds_s, streams_s) = (addr.to_string(), seconds.to_string(), streams.to_string());
+    let mut args = vec!["-c", &addr_s, "-p", "5201", "-t", &seconds_s, "-P", &streams_s, "-J"];
+    args.extend_from_slice(extra);
+    let out = client.run_ok("iperf3", &args);
     let after = sample();
     // The client has the figures (the server's included): the one-shot
     // server, done or about to be, is killed and reaped (a wait for it to
@@ -174,7 +177,9 @@ pub struct Figure {
     pub machine_cpu: f64,
 }
 
-/// [`iperf`] with the relay's and the machine's CPU per gigabit.
+/// [`iperf`] with the relay's and the machine's CPU per gigabit, and
+/// `extra` arguments for the client.
+#[allow(clippy::too_many_arguments)]
 pub fn iperf_figure(
     client: &Netns,
     server: &Netns,
@@ -182,9 +187,10 @@ pub fn iperf_figure(
     streams: u32,
     seconds: u32,
     relay: &Relay,
+    extra: &[&str],
 ) -> Figure {
     let sample = || (relay.cpu(), machine_cpu());
-    let (gbps, (r0, m0), (r1, m1)) = iperf_sampled(client, server, addr, streams, seconds, sample);
+    let (gbps, (r0, m0), (r1, m1)) = iperf_sampled(client, server, addr, streams, seconds, extra, sample);
     let gbit = (gbps * f64::from(seconds)).max(1e-9);
     Figure { gbps, relay_cpu: (r1 - r0) / gbit, machine_cpu: (m1 - m0) / gbit }
 }

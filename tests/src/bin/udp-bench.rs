@@ -35,7 +35,7 @@
 //! udp daemons alone with and without a cap on the size of the TCP
 //! super-packets (see [`gso_caps`]).
 
-use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
 use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, Receiver};
@@ -49,7 +49,7 @@ use e2e_tests::overlay::{Overlay, Proc};
 use e2e_tests::perf::{daemon_pids, iperf_figure, median_figure, ping, veth_pod, Figure, Relay};
 use e2e_tests::{http_get, metric};
 use flannel_net::netns::NetNs;
-use flanneld_rs::udp::{Tuning, UdpConfig, UdpDataPath};
+use flanneld_rs::udp::{packet, steer, Tuning, UdpConfig, UdpDataPath};
 use netns_fixtures::{wait_until, Cluster, Netns};
 
 #[derive(Parser)]
@@ -173,9 +173,10 @@ fn stages(c: &Cluster, pods: &[Netns], seconds: u32, rounds: usize) {
         ("+ multi-queue TUN, a worker per CPU", Tuning { batch: 16, multi_queue: true, ..base }),
         ("+ TUN TSO, segments cut in user space", Tuning { batch: 16, multi_queue: true, offload: true, ..base }),
         ("+ UDP GSO on send", Tuning { batch: 16, multi_queue: true, offload: true, udp_gso: true, ..base }),
-        ("+ UDP GRO on receive", Tuning { coalesce: false, steer: false, ..Tuning::default() }),
-        ("+ TCP coalescing into the TUN", Tuning { steer: false, ..Tuning::default() }),
-        ("+ flows spread over the workers (all on)", Tuning::default()),
+        ("+ UDP GRO on receive", Tuning { coalesce: false, steer: false, balance: false, ..Tuning::default() }),
+        ("+ TCP coalescing into the TUN", Tuning { steer: false, balance: false, ..Tuning::default() }),
+        ("+ flows spread over the workers by hash", Tuning { balance: false, ..Tuning::default() }),
+        ("+ flows balanced by load (all on)", Tuning::default()),
     ];
     println!("\nstages of the data path, started by hand (iperf3 pod to pod, median of {rounds}; CPU = its threads, s/Gbit):");
     let mut prev: Option<f64> = None;
@@ -190,7 +191,7 @@ fn stages(c: &Cluster, pods: &[Netns], seconds: u32, rounds: usize) {
             let to = Ipv4Addr::new(10, 244, 2, 2);
             let f = median_figure(
                 (0..rounds)
-                    .map(|_| iperf_figure(&pods[0], &pods[1], to, streams, seconds, &Relay::Threads(&tids)))
+                    .map(|_| iperf_figure(&pods[0], &pods[1], to, streams, seconds, &Relay::Threads(&tids), &[]))
                     .collect(),
             );
             line += &format!("  {streams}x: {:6.2} Gbit/s ({:.3} CPU-s/Gbit)", f.gbps, f.relay_cpu);
@@ -202,6 +203,64 @@ fn stages(c: &Cluster, pods: &[Netns], seconds: u32, rounds: usize) {
             }
         }
         println!("{line}");
+        drop(dps);
+    }
+    unlucky(c, pods, seconds, rounds);
+}
+
+/// The first client port of four consecutive ones whose streams from pod
+/// 0 to pod 1's iperf3 the hash alone puts on worker 0 of `workers`, in
+/// four buckets.
+fn unlucky_port(workers: u32) -> u16 {
+    let table = steer::Table::spread(workers);
+    let server = SocketAddrV4::new(Ipv4Addr::new(10, 244, 2, 2), 5201);
+    let bucket = |port: u16| {
+        let p = packet::build_udp(SocketAddrV4::new(Ipv4Addr::new(10, 244, 1, 2), port), server, b"");
+        steer::bucket(steer::flow_key(&p).expect("an IPv4 packet"))
+    };
+    (20_000..60_000)
+        .find(|&first| {
+            let b: Vec<usize> = (first..first + 4).map(bucket).collect();
+            b.iter().all(|&b| table.get(b) == 0) && (1..4).all(|i| !b[..i].contains(&b[i]))
+        })
+        .expect("four such ports")
+}
+
+/// The hash's bad luck, forced: four streams whose client ports (iperf3
+/// `--cport` gives its streams consecutive ones) the hash puts on one
+/// worker per node, with flows balanced by load and without.
+fn unlucky(c: &Cluster, pods: &[Netns], seconds: u32, rounds: usize) {
+    let list = [
+        ("flows spread by hash only", Tuning { balance: false, ..Tuning::default() }),
+        ("flows balanced by load (all on)", Tuning::default()),
+    ];
+    for (k, (name, tuning)) in list.into_iter().enumerate() {
+        let dps = [start_by_hand(c, 0, tuning), start_by_hand(c, 1, tuning)];
+        let cport = unlucky_port(dps[0].features().queues as u32);
+        if k == 0 {
+            println!(
+                "\nfour streams the hash puts on one worker per node (client ports {cport}-{}), median of {rounds}:",
+                cport + 3
+            );
+        }
+        wait_until(Duration::from_secs(5), "ping through the data path", || {
+            pods[0].run("ping", &["-c", "1", "-W", "1", "10.244.2.2"]).map(|o| o.status.success()).unwrap_or(false)
+        });
+        let tids = || dps.iter().flat_map(UdpDataPath::thread_ids).collect();
+        let to = Ipv4Addr::new(10, 244, 2, 2);
+        let port = cport.to_string();
+        let runs: Vec<Figure> = (0..rounds)
+            .map(|_| iperf_figure(&pods[0], &pods[1], to, 4, seconds, &Relay::Threads(&tids), &["--cport", &port]))
+            .collect();
+        let each: Vec<String> = runs.iter().map(|f| format!("{:.2}", f.gbps)).collect();
+        let f = median_figure(runs);
+        let moves: u64 = dps.iter().map(|d| d.stats().flow_moves).sum();
+        println!(
+            "  {name:<40} 4x: {:6.2} Gbit/s ({:.3} CPU-s/Gbit); runs {}; flows moved {moves}",
+            f.gbps,
+            f.relay_cpu,
+            each.join(" ")
+        );
         drop(dps);
     }
 }
@@ -227,7 +286,7 @@ fn compare(modes: &[Mode], seconds: u32, rounds: usize) {
                 let m = (k + round) % n;
                 let md = &modes[m];
                 let addr: Ipv4Addr = md.addr.parse().expect("an IPv4 address");
-                runs[m].push(iperf_figure(md.client, md.server, addr, streams, seconds, &md.relay));
+                runs[m].push(iperf_figure(md.client, md.server, addr, streams, seconds, &md.relay, &[]));
             }
         }
         // The target holds "in every round": each round's ratio,
@@ -681,7 +740,7 @@ fn gso_caps(o: &Overlay, pods: &[(Netns, Ipv4Addr); 2], seconds: u32, rounds: us
                 let m = (k + round) % caps.len();
                 set_cap(o, pods, caps[m].0);
                 let (a0, b0) = (counts(o, 0), counts(o, 1));
-                let f = iperf_figure(&pods[0].0, &pods[1].0, pods[1].1, streams, seconds, &relay);
+                let f = iperf_figure(&pods[0].0, &pods[1].0, pods[1].1, streams, seconds, &relay, &[]);
                 let (a1, b1) = (counts(o, 0), counts(o, 1));
                 let reads = (a1.tun_reads - a0.tun_reads).max(1) as f64;
                 let writes = (b1.tun_writes - b0.tun_writes).max(1) as f64;

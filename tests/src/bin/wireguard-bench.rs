@@ -264,7 +264,7 @@ fn compare(modes: &[Mode], seconds: u32, rounds: usize) {
             for k in 0..n {
                 let m = (k + round) % n;
                 let md = &modes[m];
-                runs[m].push(iperf_figure(md.client, md.server, md.addr, streams, seconds, &md.relay));
+                runs[m].push(iperf_figure(md.client, md.server, md.addr, streams, seconds, &md.relay, &[]));
             }
         }
         let f: Vec<Figure> = runs.into_iter().map(median_figure).collect();
@@ -336,7 +336,7 @@ fn stages(seconds: u32, rounds: usize) {
             let to = Ipv4Addr::new(10, 248, 2, 2);
             let f = median_figure(
                 (0..rounds)
-                    .map(|_| iperf_figure(&pods[0], &pods[1], to, streams, seconds, &Relay::Threads(&tids)))
+                    .map(|_| iperf_figure(&pods[0], &pods[1], to, streams, seconds, &Relay::Threads(&tids), &[]))
                     .collect(),
             );
             line += &format!("  {streams}x: {:6.2} Gbit/s ({:.3} CPU-s/Gbit)", f.gbps, f.relay_cpu);

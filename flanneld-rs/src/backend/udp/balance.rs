@@ -241,6 +241,7 @@ pub fn run(
         }
         match steer::attach(fd, balancer.table(), at) {
             Ok(()) => {
+                log::debug!("udp: moved {moved} bucket(s) of flows: {:?}", balancer.table());
                 moves.fetch_add(moved as u64, Ordering::Relaxed);
                 attached = balancer.table().clone();
             }

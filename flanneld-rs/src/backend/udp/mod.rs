@@ -110,6 +110,9 @@ pub struct Tuning {
     /// ([`steer`]); off = the kernel's choice by outer addresses, which puts
     /// each peer on one worker.
     pub steer: bool,
+    /// Move flows from a busy worker to a less busy one ([`balance`];
+    /// needs `steer`); off = the hash's spread stays.
+    pub balance: bool,
 }
 
 impl Default for Tuning {
@@ -122,6 +125,7 @@ impl Default for Tuning {
             udp_gro: true,
             coalesce: true,
             steer: true,
+            balance: true,
         }
     }
 }
@@ -137,6 +141,7 @@ impl Tuning {
             udp_gro: false,
             coalesce: false,
             steer: false,
+            balance: false,
         }
     }
 }
@@ -210,6 +215,8 @@ pub struct Features {
     pub coalesce: bool,
     /// Received datagrams spread over the workers by inner flow.
     pub steer: bool,
+    /// Flows moved from a busy worker to a less busy one.
+    pub balance: bool,
     /// Packets per batch.
     pub batch: usize,
 }
@@ -304,6 +311,7 @@ impl UdpDataPath {
             udp_gro,
             coalesce: tuning.coalesce && opts.offload,
             steer,
+            balance: steer && tuning.balance,
             batch: tuning.batch.max(1),
         };
         info!("udp backend on {}: {features:?}", cfg.tun_name);
@@ -316,7 +324,7 @@ impl UdpDataPath {
             flow_moves: Default::default(),
             exited: Default::default(),
         });
-        if steer {
+        if features.balance {
             // Its own descriptor of the group's first socket, for moving
             // flows between the workers (see [`balance`]).
             // SAFETY: the socket is open; the borrow ends at once.

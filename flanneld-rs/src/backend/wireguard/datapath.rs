@@ -387,6 +387,7 @@ impl WgDataPath {
             coalesce: tuning.coalesce && opts.offload,
             // Encrypted payloads say nothing about the inner flow.
             steer: false,
+            balance: false,
             batch: tuning.batch.max(1),
         };
         let mut workers = Workers::new()?;
