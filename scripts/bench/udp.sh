@@ -9,7 +9,9 @@
 # is the floor of any user-space relay; --stages also measures the data path
 # with its speed-ups turned on one at a time; --gso-caps measures the udp
 # daemons alone with and without a cap on the TCP super-packets' segments.
-# Usage: scripts/bench/udp.sh [--seconds 4] [--rounds 3] [--restarts 5] [--stages | --stages-only] [--ours-only | --gso-caps]
+# --pair runs only the udp and the VXLAN daemons, printing each round's
+# Gbit/s (many rounds quickly).
+# Usage: scripts/bench/udp.sh [--seconds 4] [--rounds 3] [--restarts 5] [--stages | --stages-only] [--ours-only | --pair | --gso-caps]
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 source scripts/lib/common.sh

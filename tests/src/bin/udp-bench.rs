@@ -73,6 +73,10 @@ struct Args {
     /// Only the udp daemons, iperf3 and restarts (quick iteration).
     #[arg(long)]
     ours_only: bool,
+    /// Only the udp daemons and our VXLAN daemons, round by round (many
+    /// rounds quickly: how often the ratio falls, and on whose side).
+    #[arg(long)]
+    pair: bool,
     /// Only the udp daemons, interleaving no GSO cap, flannel0's capped and
     /// the pods' eth0 capped (so that a super-packet fits one UDP GSO train).
     #[arg(long)]
@@ -293,6 +297,11 @@ fn compare(modes: &[Mode], seconds: u32, rounds: usize) {
         // from runs of the same round (the order rotates, so neighbours).
         let per_round: Vec<f64> =
             if n >= 2 { (0..rounds).map(|r| runs[0][r].gbps / runs[1][r].gbps * 100.0).collect() } else { Vec::new() };
+        let gbps_per_round: Vec<String> = if n >= 2 {
+            (0..rounds).map(|r| format!("{:.2}/{:.2}", runs[0][r].gbps, runs[1][r].gbps)).collect()
+        } else {
+            Vec::new()
+        };
         let f: Vec<Figure> = runs.into_iter().map(median_figure).collect();
         for (m, md) in modes.iter().enumerate() {
             let relay = match md.relay {
@@ -315,6 +324,7 @@ fn compare(modes: &[Mode], seconds: u32, rounds: usize) {
             let each: Vec<String> = per_round.iter().map(|r| format!("{r:.1}%")).collect();
             let low = per_round.iter().copied().fold(f64::INFINITY, f64::min);
             println!("  {streams} stream(s)  ours/our VXLAN round by round: {} (lowest {low:.1}%)", each.join(" "));
+            println!("  {streams} stream(s)  Gbit/s ours/our VXLAN round by round: {}", gbps_per_round.join(" "));
         }
         if n >= 4 {
             println!("  {streams} stream(s)  ours/udp data path by hand {:.1}%", f[0].gbps / f[3].gbps * 100.0);
@@ -563,6 +573,28 @@ fn main() {
         return;
     }
     let (vx, xpods) = vxlan_overlay();
+    // The two modes the target compares, first in every comparison.
+    let ours = || Mode {
+        name: "ours (udp daemon)",
+        client: &upods[0].0,
+        server: &upods[1].0,
+        addr: upods[1].1.to_string(),
+        relay: Relay::Procs(daemon_pids(&udp)),
+    };
+    let vxlan = || Mode {
+        name: "our VXLAN (vxlan daemon)",
+        client: &xpods[0].0,
+        server: &xpods[1].0,
+        addr: xpods[1].1.to_string(),
+        relay: Relay::Kernel,
+    };
+    if args.pair {
+        let modes = [ours(), vxlan()];
+        compare(&modes, args.seconds, args.rounds);
+        println!("\nudp daemons' counters (non-zero): node0: {}", udp_counters(&udp, 0));
+        drop(vx);
+        return;
+    }
     // The references by hand and socat share one plain two-node fixture.
     let c = Cluster::new(2).unwrap();
     let hpods = [veth_pod(&c, 0, 244, "vu0", UDP_MTU), veth_pod(&c, 1, 244, "vu0", UDP_MTU)];
@@ -584,20 +616,8 @@ fn main() {
     let socat_pids = kids.iter().map(|k| k.0.as_ref().expect("socat running").id()).collect();
     {
         let modes = [
-            Mode {
-                name: "ours (udp daemon)",
-                client: &upods[0].0,
-                server: &upods[1].0,
-                addr: upods[1].1.to_string(),
-                relay: Relay::Procs(daemon_pids(&udp)),
-            },
-            Mode {
-                name: "our VXLAN (vxlan daemon)",
-                client: &xpods[0].0,
-                server: &xpods[1].0,
-                addr: xpods[1].1.to_string(),
-                relay: Relay::Kernel,
-            },
+            ours(),
+            vxlan(),
             Mode {
                 name: "socat relay",
                 client: &spods[0],
