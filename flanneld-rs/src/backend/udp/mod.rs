@@ -349,6 +349,7 @@ impl UdpDataPath {
             port: cfg.port,
             udp_gso,
             steer,
+            balance: features.balance,
         };
         for (i, (q, sock)) in queues.into_iter().zip(socks).enumerate() {
             let shared = Arc::clone(&shared);

@@ -96,7 +96,7 @@ pub struct Shared {
     pub peers: PeerCell,
     /// One set of counters per worker.
     pub counters: Vec<Counters>,
-    /// Bytes per bucket of flows, one per worker, while steering.
+    /// Bytes per bucket of flows, one per worker, while balancing.
     pub loads: Vec<Load>,
     /// Buckets the balancer moved to another worker.
     pub flow_moves: AtomicU64,
@@ -124,6 +124,9 @@ pub struct WorkerOptions {
     /// The receivers spread flows over their workers ([`super::steer`]):
     /// a GSO train holds one flow only.
     pub steer: bool,
+    /// A balancer reads the bytes per bucket ([`super::balance`]): count
+    /// them (needs `steer`).
+    pub balance: bool,
 }
 
 /// One worker's state.
@@ -304,7 +307,7 @@ impl Worker {
                 continue;
             }
             let buf = self.rx.buf_mut(m);
-            if self.opts.steer {
+            if self.opts.balance {
                 // The program placed the whole message by its first packet.
                 if let Some(key) = steer::flow_key(&buf[..r.len.min(r.seg)]) {
                     self.shared.loads[self.index].received(key, r.len);
@@ -377,7 +380,7 @@ fn outbound(
     if opts.steer {
         let key = steer::flow_key(pkt);
         tx.set_flow(key.map_or(u64::MAX, u64::from));
-        if let Some(key) = key {
+        if let (true, Some(key)) = (opts.balance, key) {
             load.sent(key, pkt.len());
         }
     }
