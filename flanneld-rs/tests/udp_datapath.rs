@@ -603,34 +603,35 @@ fn received_datagrams_spread_over_the_workers_by_inner_flow() {
 /// stream to `port`, until dropped.
 struct Sink {
     addr: SocketAddr,
-    listener: std::os::fd::RawFd,
+    /// Shared with the accepting thread, so that its descriptor stays
+    /// valid until the drop shuts it down.
+    listener: std::sync::Arc<TcpListener>,
     from: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Sink {
     fn new(o: &Overlay, port: u16) -> Sink {
-        use std::os::fd::AsRawFd;
         let addr = SocketAddr::from((pod_ip(1), port));
-        let listener = o.pods[1].in_thread(|| TcpListener::bind(addr)).unwrap();
-        let fd = listener.as_raw_fd();
+        let listener = std::sync::Arc::new(o.pods[1].in_thread(|| TcpListener::bind(addr)).unwrap());
+        let accepting = listener.clone();
         let from = std::thread::spawn(move || {
             // Ends when the listener is shut down (accept fails).
-            while let Ok((mut s, _)) = listener.accept() {
+            while let Ok((mut s, _)) = accepting.accept() {
                 std::thread::spawn(move || {
                     let mut buf = vec![0u8; 1 << 16];
                     while s.read(&mut buf).is_ok_and(|n| n > 0) {}
                 });
             }
         });
-        Sink { addr, listener: fd, from: Some(from) }
+        Sink { addr, listener, from: Some(from) }
     }
 }
 
 impl Drop for Sink {
     fn drop(&mut self) {
-        // SAFETY: the accepting thread owns the listener until it returns,
-        // which it does only after this wakes it.
-        unsafe { libc::shutdown(self.listener, libc::SHUT_RDWR) };
+        use std::os::fd::AsRawFd;
+        // SAFETY: our listener's descriptor, open while `self` holds it.
+        unsafe { libc::shutdown(self.listener.as_raw_fd(), libc::SHUT_RDWR) };
         if let Some(t) = self.from.take() {
             let _ = t.join();
         }
