@@ -723,9 +723,10 @@ fn a_busy_worker_hands_flows_to_an_idle_one_both_ways() {
 
 /// Sends, through a [`TxBatch`], one GSO train of six segments (five of
 /// 1000 bytes, then 300; each a 40-byte header from the batch's slot and
-/// its payload) and a packet as it is, from node 0's port 9001 to node 1's
-/// 9002; returns what was sent, the datagrams that arrived and what the
-/// batch says about GSO.
+/// its payload), a packet as it is and five segments back to back in one
+/// buffer (four of 1000 bytes, then 500), from node 0's port 9001 to node
+/// 1's 9002; returns what was sent, the datagrams that arrived and what
+/// the batch says about GSO.
 fn send_train(
     tx_sock: &flanneld_rs::udp::sock::UdpSocket,
     rx: &UdpSocket,
@@ -752,8 +753,17 @@ fn send_train(
     // SAFETY: as above.
     unsafe { tx.push(to, 0, &own) };
     want.push(own.clone());
+    // Segments back to back in one buffer (as gso::spread_in_place lays
+    // them out): sent as one iovec, received as the same datagrams.
+    let run: Vec<u8> = (0..4500u32).map(|j| (j * 7 + 3) as u8).collect();
+    for seg in run.chunks(1000) {
+        tx.reserve(tx_sock);
+        // SAFETY: as above.
+        unsafe { tx.push(to, 0, seg) };
+        want.push(seg.to_vec());
+    }
     tx.flush(tx_sock);
-    assert_eq!((tx.sent.packets, tx.sent.errors), (7, 0));
+    assert_eq!((tx.sent.packets, tx.sent.errors), (12, 0));
     let mut got = Vec::new();
     let mut buf = [0u8; 4096];
     for _ in 0..want.len() {

@@ -3,9 +3,12 @@
 //! packets, the way a NIC's TSO would (IPv6/TCP too, for the wireguard
 //! backend's `flannel-wg-v6`: a fixed 40-byte header, no extension headers).
 //!
-//! Nothing is copied but headers: each segment is its own fresh header
-//! (written into a caller's slot) plus a range of the super-packet's
-//! payload, which the sender passes to the kernel as two iovecs.
+//! The udp backend lays the segments out back to back in the read buffer
+//! ([`spread_in_place`]: each payload moves a few header lengths on, its
+//! fresh header goes in front), so that a train of them is one iovec for
+//! the kernel. Where the buffer has no room, each segment is a fresh header
+//! in a caller's slot plus a range of the super-packet's payload: two
+//! iovecs, nothing copied but headers ([`TcpSuper`]).
 
 use std::ops::Range;
 
@@ -253,6 +256,58 @@ pub fn cut_in_place(pkt: &mut [u8], mss: usize, each: &mut impl FnMut(&[u8])) ->
     true
 }
 
+/// A TCP super-packet laid out by [`spread_in_place`]: its segments back
+/// to back, each its headers then its payload.
+#[derive(Debug, Clone, Copy)]
+pub struct Train {
+    /// How many segments.
+    pub segments: usize,
+    /// Length of every segment but the last (which may be shorter).
+    pub seg_len: usize,
+    /// Length of them all.
+    pub len: usize,
+}
+
+impl Train {
+    /// Segment `i`'s bytes in the buffer.
+    pub fn segment(&self, i: usize) -> Range<usize> {
+        let start = i * self.seg_len;
+        start..(start + self.seg_len).min(self.len)
+    }
+}
+
+/// Cuts the TCP super-packet in `buf[..len]` (IPv4 or IPv6) into packets of
+/// `mss` payload bytes as [`TcpSuper`] does, in place, and lays them out
+/// back to back: segment `i`'s payload moves `i` header lengths further on
+/// and its own headers go in front of it, so one train of segments is one
+/// contiguous run of bytes (one iovec for the kernel rather than two per
+/// segment). Payloads move from the last to the first, each before its
+/// header is written, so nothing is overwritten before it has moved; the
+/// first segment's headers, the template, are written last. Returns `None`
+/// (nothing changed) when the packet is not something we can cut, or `buf`
+/// has no room for the extra headers.
+pub fn spread_in_place(buf: &mut [u8], len: usize, mss: usize) -> Option<Train> {
+    let cut = Cut::of(buf.get(..len)?, mss)?;
+    let hl = cut.hl;
+    let seg_len = hl + mss.min(len - hl);
+    let total = len + (cut.segments - 1) * hl;
+    if total > buf.len() {
+        return None;
+    }
+    let train = Train { segments: cut.segments, seg_len, len: total };
+    for i in (0..cut.segments).rev() {
+        let from = cut.payload(i, len);
+        let at = train.segment(i);
+        if i > 0 {
+            buf.copy_within(from, at.start + hl);
+            buf.copy_within(..hl, at.start);
+        }
+        let (h, payload) = buf[at].split_at_mut(hl);
+        cut.fix_header(i, h, payload);
+    }
+    Some(train)
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
@@ -463,5 +518,67 @@ pub(crate) mod tests {
         assert!(!cut_in_place(&mut p, 1400, &mut none));
         // Segments shorter than the header would overwrite one another.
         assert!(!cut_in_place(&mut tcp_packet(1, 0x10, &[0; 100]), 20, &mut none));
+    }
+
+    /// The segments [`TcpSuper`] makes, each its headers then its payload.
+    fn cut_with_slots(sup: &[u8], mss: usize) -> Vec<Vec<u8>> {
+        let cut = TcpSuper::parse(sup, mss).unwrap();
+        let hl = cut.header_len();
+        (0..cut.segments())
+            .map(|i| {
+                let mut hdr = [0u8; MAX_HEADERS];
+                let r = cut.segment(i, &mut hdr);
+                let mut seg = hdr[..hl].to_vec();
+                seg.extend_from_slice(&sup[r]);
+                seg
+            })
+            .collect()
+    }
+
+    #[test]
+    fn spreads_segments_back_to_back_as_tso_cuts_them() {
+        let payload: Vec<u8> = (0..10_000u32).map(|i| (i * 13 + 5) as u8).collect();
+        // IPv4 with timestamps (52-byte headers) and IPv6 (72): a short
+        // last segment, an exact multiple, one segment, and segments
+        // shorter than their headers (each header is then written where
+        // the segment before it lay, which must have moved already).
+        for sup in [tcp_packet(7, 0x18 | FIN, &payload), tcp6_packet(7, 0x18 | FIN, &payload)] {
+            for mss in [1400, 1000, 10_000, 30, 1] {
+                let want = cut_with_slots(&sup, mss);
+                let room: usize = want.iter().map(Vec::len).sum();
+                let mut buf = sup.clone();
+                buf.resize(room + 9, 0xee);
+                let train = spread_in_place(&mut buf, sup.len(), mss).unwrap();
+                assert_eq!((train.segments, train.len), (want.len(), room), "mss {mss}");
+                for (i, w) in want.iter().enumerate() {
+                    assert_eq!(&buf[train.segment(i)], &w[..], "mss {mss}, segment {i}");
+                }
+                assert_eq!(buf[room..], [0xee; 9], "nothing written past the train");
+                if sup[0] >> 4 == 4 {
+                    assert!(want.iter().all(|w| tcp_ok(w)));
+                } else {
+                    assert!(want.iter().all(|w| tcp6_ok(w)));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn spreads_nothing_without_room() {
+        let sup = tcp_packet(1, 0x10, &[9; 5000]);
+        // Four segments of 1400: three more headers than the packet has.
+        let mut buf = sup.clone();
+        buf.resize(sup.len() + 3 * 52 - 1, 0);
+        let before = buf.clone();
+        assert!(spread_in_place(&mut buf, sup.len(), 1400).is_none());
+        assert_eq!(buf, before, "nothing changed");
+        buf.push(0);
+        assert!(spread_in_place(&mut buf, sup.len(), 1400).is_some());
+        // Not cuttable: refused, unchanged.
+        let mut udp = tcp_packet(1, 0x10, &[0; 100]);
+        udp[9] = PROTO_UDP;
+        udp.resize(1000, 0);
+        assert!(spread_in_place(&mut udp, 152, 50).is_none());
+        assert!(spread_in_place(&mut [0; 10], 20, 1400).is_none());
     }
 }

@@ -13,7 +13,7 @@ use log::warn;
 
 use super::balance::Load;
 use super::gro::{Pkt, TunWriter};
-use super::gso::{self, Outbound};
+use super::gso::{self, Outbound, TcpSuper};
 use super::packet::{self, Discard};
 use super::peers::{PeerCell, PeerView};
 use super::sock::{RxBatch, TxBatch, UdpSocket};
@@ -21,8 +21,15 @@ use super::steer;
 use super::vnet::{self, VnetHdr};
 
 /// Size of a TUN read buffer with offloads: the largest super-packet the
-/// kernel hands a TUN (64 KB) and its virtio header.
-const TUN_BUF_OFFLOAD: usize = 65_536 + vnet::LEN + 64;
+/// kernel hands a TUN (64 KB) and its virtio header, then [`SPREAD_ROOM`].
+const TUN_BUF_OFFLOAD: usize = 65_536 + vnet::LEN + 64 + SPREAD_ROOM;
+
+/// Room for a super-packet's segments to be laid out back to back
+/// ([`gso::spread_in_place`]): one more header per segment, for 64
+/// segments of the usual 52 bytes (IPv4 and TCP with timestamps). Where a
+/// read leaves less, its segments take their headers from the batch's
+/// slots instead.
+const SPREAD_ROOM: usize = 64 * 52;
 
 /// Send what was read once this much is queued, rather than reading the
 /// whole batch first: the peer starts on a super-packet while we read the
@@ -253,17 +260,19 @@ impl Worker {
             }
             reads += 1;
             let n = n as usize;
-            let (hdr, pkt) = if self.opts.offload {
-                let Some((h, p)) = buf[..n].split_first_chunk_mut::<{ vnet::LEN }>() else {
+            // The packet, and the room after it (for a super-packet's
+            // segments laid out back to back).
+            let (hdr, room, len) = if self.opts.offload {
+                let Some((h, p)) = buf.split_first_chunk_mut::<{ vnet::LEN }>().filter(|_| n >= vnet::LEN) else {
                     self.local.bad += 1;
                     continue;
                 };
-                (VnetHdr::decode(h), p)
+                (VnetHdr::decode(h), p, n - vnet::LEN)
             } else {
-                (VnetHdr::default(), &mut buf[..n])
+                (VnetHdr::default(), &mut buf[..], n)
             };
             let load = &self.shared.loads[self.index];
-            outbound(pkt, hdr, tun, &self.opts, &self.view, &mut self.tx, &self.sock, load, &mut self.local);
+            outbound(room, len, hdr, tun, &self.opts, &self.view, &mut self.tx, &self.sock, load, &mut self.local);
             if self.tx.queued_bytes() >= TX_FLUSH_BYTES {
                 break;
             }
@@ -335,12 +344,14 @@ impl Worker {
     }
 }
 
-/// Handles one packet read from the TUN: route it to a peer and queue it
-/// (cut into segments when it is a super-packet), or answer it with ICMP
-/// net unreachable, or drop it.
+/// Handles one packet read from the TUN, `room[..len]`: route it to a peer
+/// and queue it (cut into segments when it is a super-packet, laid out
+/// back to back in `room` when it has space), or answer it with ICMP net
+/// unreachable, or drop it.
 #[allow(clippy::too_many_arguments)]
 fn outbound(
-    pkt: &mut [u8],
+    room: &mut [u8],
+    len: usize,
     hdr: VnetHdr,
     tun: RawFd,
     opts: &WorkerOptions,
@@ -350,6 +361,7 @@ fn outbound(
     load: &Load,
     local: &mut Local,
 ) {
+    let pkt = &mut room[..len];
     if packet::ipv4_header_len(pkt).is_none() {
         // The kernel gives the TUN an IPv6 link-local address and sends
         // router solicitations through it: chatter, not bad traffic.
@@ -390,17 +402,30 @@ fn outbound(
             // SAFETY: `pkt` lives in a TUN buffer that the caller does not
             // reuse before it flushes `tx`.
             unsafe { tx.push(peer, 0, pkt) };
+            return;
         }
-        Ok(Outbound::Super(cut)) => {
-            let (hl, pkt) = (cut.header_len(), cut.bytes());
-            for i in 0..cut.segments() {
-                tx.reserve(sock);
-                let range = cut.segment(i, tx.header());
-                // SAFETY: as above.
-                unsafe { tx.push(peer, hl, &pkt[range]) };
-            }
+        Ok(Outbound::Super(_)) => {}
+        Err(Discard::TtlExpired) => return local.ttl_expired += 1,
+        Err(Discard::Bad) => return local.bad += 1,
+    }
+    let mss = usize::from(hdr.gso_size);
+    if let Some(train) = gso::spread_in_place(room, len, mss) {
+        // Contiguous segments: the batch joins them into one iovec per
+        // train.
+        for i in 0..train.segments {
+            tx.reserve(sock);
+            // SAFETY: as above.
+            unsafe { tx.push(peer, 0, &room[train.segment(i)]) };
         }
-        Err(Discard::TtlExpired) => local.ttl_expired += 1,
-        Err(Discard::Bad) => local.bad += 1,
+        return;
+    }
+    // No room (a read near the buffer's end): headers in the batch's slots.
+    let cut = TcpSuper::parse(&room[..len], mss).expect("prepare_outbound parsed it");
+    let (hl, pkt) = (cut.header_len(), cut.bytes());
+    for i in 0..cut.segments() {
+        tx.reserve(sock);
+        let range = cut.segment(i, tx.header());
+        // SAFETY: as above.
+        unsafe { tx.push(peer, hl, &pkt[range]) };
     }
 }
