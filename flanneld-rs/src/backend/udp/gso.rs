@@ -104,6 +104,10 @@ struct Cut {
     hl: usize,
     mss: usize,
     segments: usize,
+    /// IPv4: the folded sum of the header with its total length,
+    /// identification and checksum zeroed; each segment's checksum adds
+    /// its own two fields to it.
+    ip_sum: u16,
 }
 
 impl Cut {
@@ -132,7 +136,16 @@ impl Cut {
             return None;
         }
         let segments = (pkt.len() - hl).div_ceil(mss);
-        Some(Cut { ihl, v6, hl, mss, segments })
+        let ip_sum = if v6 {
+            0
+        } else {
+            let mut h = [0u8; 60];
+            h[..ihl].copy_from_slice(&pkt[..ihl]);
+            h[2..6].fill(0);
+            h[10..12].fill(0);
+            checksum::sum(&h[..ihl])
+        };
+        Some(Cut { ihl, v6, hl, mss, segments, ip_sum })
     }
 
     /// Segment `i`'s payload within a super-packet of `len` bytes.
@@ -162,7 +175,8 @@ impl Cut {
             h[2..4].copy_from_slice(&tot.to_be_bytes());
             let id = u16::from_be_bytes([h[4], h[5]]).wrapping_add(i as u16);
             h[4..6].copy_from_slice(&id.to_be_bytes());
-            packet::set_header_checksum(h, ihl);
+            let ip = checksum::add(self.ip_sum, checksum::fold(u64::from(tot) + u64::from(id)));
+            h[10..12].copy_from_slice(&checksum::finish(ip).to_be_bytes());
             checksum::pseudo_header(src, dst, PROTO_TCP, tcp_len)
         };
 
