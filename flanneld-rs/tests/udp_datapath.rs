@@ -754,9 +754,12 @@ fn send_train(
     unsafe { tx.push(to, 0, &own) };
     want.push(own.clone());
     // Segments back to back in one buffer (as gso::spread_in_place lays
-    // them out): sent as one iovec, received as the same datagrams.
+    // them out): joined into one iovec per message, received as the same
+    // datagrams. A new flow after two segments starts a second message
+    // right where the first ends in memory; the two must stay apart.
     let run: Vec<u8> = (0..4500u32).map(|j| (j * 7 + 3) as u8).collect();
-    for seg in run.chunks(1000) {
+    for (k, seg) in run.chunks(1000).enumerate() {
+        tx.set_flow(if k < 2 { 1 } else { 2 });
         tx.reserve(tx_sock);
         // SAFETY: as above.
         unsafe { tx.push(to, 0, seg) };

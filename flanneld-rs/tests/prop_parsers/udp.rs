@@ -443,11 +443,12 @@ fn check_cut(pkt: &[u8], mss: usize) -> Result<(), TestCaseError> {
         // not be an IPv4 packet (over 65,535 bytes).
         (None, Some((_, hl))) => {
             prop_assert!(hl + mss.min(pkt.len() - hl) > 65_535, "refused a valid cut");
-            return Ok(());
+            return check_spread(pkt, mss, None);
         }
         (Some(_), None) => return Err(TestCaseError::fail("accepted what the rules refuse")),
-        (None, None) => return Ok(()),
+        (None, None) => return check_spread(pkt, mss, None),
     };
+    let mut segs = Vec::with_capacity(cut.segments());
     prop_assert_eq!(cut.header_len(), hl);
     prop_assert_eq!(cut.segments(), (pkt.len() - hl).div_ceil(mss));
     prop_assert!(cut.segment_len() <= 65_535);
@@ -461,6 +462,7 @@ fn check_cut(pkt: &[u8], mss: usize) -> Result<(), TestCaseError> {
         prop_assert!(r.end > r.start && r.end - r.start <= mss && r.end <= pkt.len());
         next = r.end;
         let seg = [&hdr[..hl], &pkt[r.clone()]].concat();
+        segs.push(seg.clone());
         prop_assert_eq!(be16(&seg, 2), seg.len(), "segment {} total length", i);
         prop_assert!(ref_ip_ok(&seg), "segment {} IP checksum", i);
         prop_assert!(ref_transport_ok(&seg), "segment {} TCP checksum", i);
@@ -483,6 +485,40 @@ fn check_cut(pkt: &[u8], mss: usize) -> Result<(), TestCaseError> {
         prop_assert!((0..hl).filter(|&j| same(j) && j != flags && !tcp_csum.contains(&j)).all(|j| seg[j] == pkt[j]));
     }
     prop_assert_eq!(next, pkt.len());
+    check_spread(pkt, mss, Some(&segs))
+}
+
+/// `gso::spread_in_place` lays out, back to back, exactly the segments
+/// [`TcpSuper`] cuts (`want`; `None` when it refuses), given exactly the
+/// room they need and without allocating; it refuses, changing nothing,
+/// what `TcpSuper` refuses and a buffer one byte short.
+fn check_spread(pkt: &[u8], mss: usize, want: Option<&[Vec<u8>]>) -> Result<(), TestCaseError> {
+    let need = want.map_or(pkt.len(), |w| w.iter().map(Vec::len).sum());
+    let mut buf = pkt.to_vec();
+    buf.resize(need, 0xa5);
+    let before = buf.clone();
+    let (train, a) = measure(|| gso::spread_in_place(&mut buf, pkt.len(), mss));
+    prop_assert_eq!(a, NONE);
+    match (train, want) {
+        (None, None) => prop_assert!(buf == before, "a refused spread changed the buffer"),
+        (Some(t), Some(w)) => {
+            prop_assert_eq!((t.segments, t.len), (w.len(), need));
+            for (i, seg) in w.iter().enumerate() {
+                prop_assert!(buf[t.segment(i)] == seg[..], "spread segment {} differs from the cut", i);
+            }
+            if w.len() > 1 {
+                let mut short = pkt.to_vec();
+                short.resize(need - 1, 0);
+                let before = short.clone();
+                prop_assert!(gso::spread_in_place(&mut short, pkt.len(), mss).is_none(), "spread without room");
+                prop_assert!(short == before, "a spread without room changed the buffer");
+            }
+        }
+        (t, w) => {
+            let msg = format!("spread {} where the cut {}", t.is_some(), w.is_some());
+            return Err(TestCaseError::fail(msg));
+        }
+    }
     Ok(())
 }
 

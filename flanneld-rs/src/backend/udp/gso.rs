@@ -85,7 +85,8 @@ pub fn prepare_outbound(pkt: &mut [u8], hdr: VnetHdr) -> Result<Outbound<'_>, Di
             if pkt[8] <= 1 {
                 return Err(Discard::TtlExpired);
             }
-            // Every segment's header checksum is computed afresh when cut.
+            // The header checksum is left as it is: the cut takes the
+            // header's sum (after this decrement) and writes each segment's.
             pkt[8] -= 1;
             TcpSuper::parse(pkt, usize::from(hdr.gso_size)).map(Outbound::Super).ok_or(Discard::Bad)
         }
@@ -554,8 +555,9 @@ pub(crate) mod tests {
         let payload: Vec<u8> = (0..10_000u32).map(|i| (i * 13 + 5) as u8).collect();
         // IPv4 with timestamps (52-byte headers) and IPv6 (72): a short
         // last segment, an exact multiple, one segment, and segments
-        // shorter than their headers (each header is then written where
-        // the segment before it lay, which must have moved already).
+        // shorter than their headers (each header is then written over
+        // where its own and later payloads lay, which must have moved
+        // already).
         for sup in [tcp_packet(7, 0x18 | FIN, &payload), tcp6_packet(7, 0x18 | FIN, &payload)] {
             for mss in [1400, 1000, 10_000, 30, 1] {
                 let want = cut_with_slots(&sup, mss);

@@ -25,9 +25,9 @@ use super::vnet::{self, VnetHdr};
 const TUN_BUF_OFFLOAD: usize = 65_536 + vnet::LEN + 64 + SPREAD_ROOM;
 
 /// Room for a super-packet's segments to be laid out back to back
-/// ([`gso::spread_in_place`]): one more header per segment, for 64
-/// segments of the usual 52 bytes (IPv4 and TCP with timestamps). Where a
-/// read leaves less, its segments take their headers from the batch's
+/// ([`gso::spread_in_place`]): one more header per segment, for at least
+/// 64 segments of the usual 52 bytes (IPv4 and TCP with timestamps). Where
+/// a read leaves less, its segments take their headers from the batch's
 /// slots instead.
 const SPREAD_ROOM: usize = 64 * 52;
 
@@ -420,7 +420,10 @@ fn outbound(
         return;
     }
     // No room (a read near the buffer's end): headers in the batch's slots.
-    let cut = TcpSuper::parse(&room[..len], mss).expect("prepare_outbound parsed it");
+    let Some(cut) = TcpSuper::parse(&room[..len], mss) else {
+        // prepare_outbound parsed it: not reached.
+        return local.bad += 1;
+    };
     let (hl, pkt) = (cut.header_len(), cut.bytes());
     for i in 0..cut.segments() {
         tx.reserve(sock);
