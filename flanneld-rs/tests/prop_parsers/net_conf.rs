@@ -162,8 +162,10 @@ fn model(members: &[(String, Value)]) -> Result<Want, Vec<&'static str>> {
         }
     }
     let backend = model_backend(get("backend"), &mut wrong);
-    // flannel's udp backend carries IPv4 only, ours wireguard too so far.
-    if enable_ipv6 && matches!(backend, Some(BackendConfig::Udp { .. } | BackendConfig::Wireguard(_))) {
+    // flannel's udp backend carries IPv4 only. wireguard carries IPv6 too
+    // (flannel-wg-v6); with the options the generator leaves at their
+    // defaults (Mode separate, ports 51820 and 51821) every layout works.
+    if enable_ipv6 && matches!(backend, Some(BackendConfig::Udp { .. })) {
         wrong.push("EnableIPv6");
     }
     let ipv4 = layout.zip(bounds).map(|((n, len), (min, max))| (n, len, min, max));
@@ -929,6 +931,22 @@ fn the_whole_address_space_stays_lazy() {
     assert_eq!(hint, ((1 << 30) - 1, Some((1 << 30) - 1)));
     assert_eq!(allocated.calls, 0);
     assert_eq!(c.ipv4.as_ref().unwrap().subnets().next_back().unwrap().to_string(), "255.255.255.252/30");
+}
+
+/// Found by net_conf_near_valid (2026-12-06): the model still refused
+/// EnableIPv6 with the wireguard backend, which carries IPv6 since it got
+/// flannel-wg-v6; the parser accepts it, dual-stack and IPv6-only alike.
+#[test]
+fn wireguard_with_ipv6_is_in_the_model() {
+    for text in [
+        r#"{"network":"10.0.0.0/08","ipv6network":"fc00::/48","enableipv6":true,"backend":{"type":"wireguard"}}"#,
+        r#"{"ipv6network":"fc00::/48","enableipv4":false,"enableipv6":true,"backend":{"type":"wireguard"}}"#,
+    ] {
+        let members: Vec<(String, Value)> =
+            serde_json::from_str::<serde_json::Map<String, Value>>(text).unwrap().into_iter().collect();
+        assert!(model(&members).is_ok(), "{text}: model says {:?}", model(&members));
+        check_members(&members).unwrap_or_else(|e| panic!("{text}: {e}"));
+    }
 }
 
 /// Found in a full run (near_valid_configs_match_the_model): an IPv6-only
