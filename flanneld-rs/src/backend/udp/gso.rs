@@ -98,7 +98,7 @@ pub fn prepare_outbound(pkt: &mut [u8], hdr: VnetHdr) -> Result<Outbound<'_>, Di
 /// size and how many segments it makes. Shared by the cut into separate
 /// header slots ([`TcpSuper`]) and the cut in place ([`cut_in_place`]).
 #[derive(Debug, Clone, Copy)]
-struct Cut {
+pub struct Cut {
     /// The IP header's length (40: IPv6).
     ihl: usize,
     v6: bool,
@@ -211,6 +211,11 @@ impl<'a> TcpSuper<'a> {
         Cut::of(pkt, mss).map(|cut| TcpSuper { pkt, cut })
     }
 
+    /// How it is cut, apart from the packet (see [`Cut::spread`]).
+    pub fn cut(&self) -> Cut {
+        self.cut
+    }
+
     /// The whole super-packet, which segments' payload ranges index.
     pub fn bytes(&self) -> &'a [u8] {
         self.pkt
@@ -302,25 +307,39 @@ impl Train {
 /// (nothing changed) when the packet is not something we can cut, or `buf`
 /// has no room for the extra headers.
 pub fn spread_in_place(buf: &mut [u8], len: usize, mss: usize) -> Option<Train> {
-    let cut = Cut::of(buf.get(..len)?, mss)?;
-    let hl = cut.hl;
-    let seg_len = hl + mss.min(len - hl);
-    let total = len + (cut.segments - 1) * hl;
-    if total > buf.len() {
-        return None;
-    }
-    let train = Train { segments: cut.segments, seg_len, len: total };
-    for i in (0..cut.segments).rev() {
-        let from = cut.payload(i, len);
-        let at = train.segment(i);
-        if i > 0 {
-            buf.copy_within(from, at.start + hl);
-            buf.copy_within(..hl, at.start);
+    Cut::of(buf.get(..len)?, mss)?.spread(buf, len)
+}
+
+impl Cut {
+    /// [`spread_in_place`] of the super-packet in `buf[..len]` that this
+    /// cut was parsed from (by [`TcpSuper::parse`]), without parsing it
+    /// again.
+    pub fn spread(self, buf: &mut [u8], len: usize) -> Option<Train> {
+        let hl = self.hl;
+        let seg_len = hl + self.mss.min(len - hl);
+        let total = len + (self.segments - 1) * hl;
+        if total > buf.len() {
+            return None;
         }
-        let (h, payload) = buf[at].split_at_mut(hl);
-        cut.fix_header(i, h, payload);
+        let train = Train { segments: self.segments, seg_len, len: total };
+        for i in (0..self.segments).rev() {
+            let from = self.payload(i, len);
+            let at = train.segment(i);
+            if i > 0 {
+                buf.copy_within(from, at.start + hl);
+                buf.copy_within(..hl, at.start);
+            }
+            let (h, payload) = buf[at].split_at_mut(hl);
+            self.fix_header(i, h, payload);
+        }
+        Some(train)
     }
-    Some(train)
+
+    /// This cut of `pkt`, the bytes it was parsed from, unchanged since.
+    pub fn of_parsed(self, pkt: &[u8]) -> TcpSuper<'_> {
+        debug_assert!(pkt.len() > self.hl, "not the packet this cut was parsed from");
+        TcpSuper { pkt, cut: self }
+    }
 }
 
 #[cfg(test)]

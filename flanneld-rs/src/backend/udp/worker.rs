@@ -13,7 +13,7 @@ use log::warn;
 
 use super::balance::Load;
 use super::gro::{Pkt, TunWriter};
-use super::gso::{self, Outbound, TcpSuper};
+use super::gso::{self, Outbound};
 use super::packet::{self, Discard};
 use super::peers::{PeerCell, PeerView};
 use super::sock::{RxBatch, TxBatch, UdpSocket};
@@ -396,7 +396,7 @@ fn outbound(
             load.sent(key, pkt.len());
         }
     }
-    match gso::prepare_outbound(pkt, hdr) {
+    let cut = match gso::prepare_outbound(pkt, hdr) {
         Ok(Outbound::Single(pkt)) => {
             tx.reserve(sock);
             // SAFETY: `pkt` lives in a TUN buffer that the caller does not
@@ -404,12 +404,11 @@ fn outbound(
             unsafe { tx.push(peer, 0, pkt) };
             return;
         }
-        Ok(Outbound::Super(_)) => {}
+        Ok(Outbound::Super(sup)) => sup.cut(),
         Err(Discard::TtlExpired) => return local.ttl_expired += 1,
         Err(Discard::Bad) => return local.bad += 1,
-    }
-    let mss = usize::from(hdr.gso_size);
-    if let Some(train) = gso::spread_in_place(room, len, mss) {
+    };
+    if let Some(train) = cut.spread(room, len) {
         // Contiguous segments: the batch joins them into one iovec per
         // train.
         for i in 0..train.segments {
@@ -419,15 +418,13 @@ fn outbound(
         }
         return;
     }
-    // No room (a read near the buffer's end): headers in the batch's slots.
-    let Some(cut) = TcpSuper::parse(&room[..len], mss) else {
-        // prepare_outbound parsed it: not reached.
-        return local.bad += 1;
-    };
-    let (hl, pkt) = (cut.header_len(), cut.bytes());
-    for i in 0..cut.segments() {
+    // No room (a read near the buffer's end; `room` is unchanged): headers
+    // in the batch's slots.
+    let sup = cut.of_parsed(&room[..len]);
+    let (hl, pkt) = (sup.header_len(), sup.bytes());
+    for i in 0..sup.segments() {
         tx.reserve(sock);
-        let range = cut.segment(i, tx.header());
+        let range = sup.segment(i, tx.header());
         // SAFETY: as above.
         unsafe { tx.push(peer, hl, &pkt[range]) };
     }
